@@ -1,0 +1,1 @@
+"""SGLang integration of the DeFT decode path."""
