@@ -1,0 +1,122 @@
+"""Tree decode kernels against a plain fp32 per-query reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by `make test`) in fp16/fp32 only: the
+interpreter's bf16 tl.dot is wrong. On a GPU the same tests add bf16 and larger shapes.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernel_trees import make_tree, named_trees, random_forest
+from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
+                                 tree_decode_reference)
+
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# Max abs error allowed against the fp32 reference for unit-normal q/k/v (outputs are averages of
+# values of size ~1): the inputs' rounding dominates, so the bound follows the dtype's epsilon.
+ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TREES = named_trees()
+
+
+def run_case(tree: KVTree, hq: int, hkv: int, d: int, dtype, logit_cap=0.0, seed=0, large_rows=64):
+    g = torch.Generator().manual_seed(seed)
+    slots = int(tree.kv_indices.max()) + 1 if tree.kv_indices.numel() else 1
+    q = torch.randn(tree.num_queries, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(slots, hkv, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(slots, hkv, d, generator=g).to(DEVICE, dtype)
+    sm_scale = d ** -0.5
+    plan = plan_tree_decode(tree, hq, hkv, d, device=DEVICE, kv_dtype=dtype, large_rows=large_rows)
+    out = tree_decode(q, k, v, plan, sm_scale, logit_cap)
+    ref = attention_reference(q, k, v, tree, sm_scale, logit_cap)
+    return out, ref, (q, k, v, plan, sm_scale, logit_cap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(TREES))
+def test_tree_shapes(name, dtype):
+    out, ref, _ = run_case(TREES[name], 8, 2, 64, dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heads_and_dims(hq, hkv, d, dtype):
+    out, ref, _ = run_case(TREES["odd_lengths"], hq, hkv, d, dtype)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_cap(dtype):
+    out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=1.5)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    out_nocap, ref_nocap, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype)
+    # The cap must change the result, or this test could not catch a cap that is ignored.
+    assert (ref - ref_nocap).abs().max() > 10 * ATOL[dtype]
+
+
+@pytest.mark.parametrize("large_rows", [16, 32])
+def test_groups_split_into_query_tiles(large_rows):
+    # 24 queries x GQA 4 = 96 rows: several large tiles over one shared node.
+    tree = make_tree([-1] + [0] * 24, [150] + [3] * 24, list(range(1, 25)))
+    out, ref, _ = run_case(tree, 8, 2, 64, torch.float32, large_rows=large_rows)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_matches_grouped_pytorch_path():
+    out, _, (q, k, v, plan, scale, cap) = run_case(TREES["random_forest"], 8, 2, 64, torch.float32)
+    grouped = tree_decode_reference(q, k, v, TREES["random_forest"], scale, cap)
+    torch.testing.assert_close(out, grouped, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_deterministic_bitwise():
+    out, _, (q, k, v, plan, scale, cap) = run_case(TREES["fanout_256"], 8, 2, 64, torch.float16)
+    again = tree_decode(q, k, v, plan, scale, cap)
+    assert torch.equal(out, again)
+
+
+def test_fixed_capacity_plan_replays_with_new_tree():
+    """A plan written into fixed buffers serves a later, different tree through the same launch."""
+    cap = PlanCapacity(max_queries=16, max_kv_tokens=512, max_items=64, max_partials=256, max_merge=256)
+    first = random_forest(12, 10, 30, seed=1)
+    second = random_forest(9, 7, 25, seed=2)
+    hq, hkv, d = 8, 2, 32
+    plan1 = plan_tree_decode(first, hq, hkv, d, device=DEVICE, kv_dtype=torch.float32, capacity=cap)
+    plan2 = plan_tree_decode(second, hq, hkv, d, device=DEVICE, kv_dtype=torch.float32, reuse=plan1)
+    assert plan2.meta.data_ptr() == plan1.meta.data_ptr()
+    assert plan2.kv_indices.data_ptr() == plan1.kv_indices.data_ptr()
+    assert (plan2.grid_items, plan2.grid_queries) == (64, 16)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(16, hq, d, generator=g).to(DEVICE)  # padded to capacity, like a CUDA graph
+    k = torch.randn(600, hkv, d, generator=g).to(DEVICE)
+    v = torch.randn(600, hkv, d, generator=g).to(DEVICE)
+    out = torch.full_like(q, 7.0)
+    tree_decode(q, k, v, plan2, 0.3, out=out)
+    ref = attention_reference(q[:7], k, v, second, 0.3)
+    torch.testing.assert_close(out[:7], ref, atol=ATOL[torch.float32], rtol=0)
+    assert torch.all(out[7:] == 7.0)  # programs past the device-side count exit untouched
+
+
+def test_capacity_too_small_is_refused():
+    cap = PlanCapacity(max_queries=2, max_kv_tokens=512, max_items=64, max_partials=256, max_merge=256)
+    with pytest.raises(ValueError, match="queries"):
+        plan_tree_decode(TREES["odd_lengths"], 8, 2, 32, device=DEVICE, capacity=cap)
+
+
+def test_bad_shapes_are_refused():
+    tree = TREES["one_node"]
+    plan = plan_tree_decode(tree, 8, 2, 32, device=DEVICE)
+    q = torch.randn(3, 8, 64, device=DEVICE)
+    kv = torch.randn(64, 2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="plan"):
+        tree_decode(q, kv, kv, plan, 0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        plan_tree_decode(tree, 6, 4, 32)
