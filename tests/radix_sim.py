@@ -1,0 +1,135 @@
+"""Real SGLang memory objects driven through the scheduler's calls, without a model.
+
+Builds a real ``RadixCache`` (or ``ChunkCache``) over a real ``ReqToTokenPool`` and
+``TokenToKVPoolAllocator`` on CPU and real ``Req``s, and moves them through the life cycle the
+scheduler gives them in SGLang 0.5.10.post1, call for call:
+
+* admit: ``req.init_next_round_input(tree_cache)`` (``match_prefix`` up to ``len(fill_ids) - 1``
+  tokens; may split a node), ``tree_cache.inc_lock_ref(req.last_node)`` (``PrefillAdder``);
+* prefill: ``req_to_token_pool.alloc``, token slots from the allocator, row = prefix_indices +
+  new slots (``alloc_for_extend`` / ``write_cache_indices``);
+* prefill result: append the sampled token, ``tree_cache.cache_unfinished_req(req)``
+  (``process_batch_result_prefill``). With the overlap scheduler this runs *after* the next decode
+  batch is launched: ``prefill(..., overlap=True)`` keeps it pending until ``flush()``;
+* decode step: one slot per request written at ``row[seq_len]``, ``seq_len += 1``
+  (``prepare_for_decode`` / ``alloc_for_decode``), then the sampled token is appended;
+* finish: ``tree_cache.cache_finished_req(req)`` and ``req_to_token_pool.free(req)``
+  (``release_kv_cache``).
+
+Only the model is missing: sampled tokens come from a seeded generator. Only a ``ScheduleBatch``
+is not used (it needs a model config and server args); its bookkeeping for these objects is the
+few lines above.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.chunk_cache import ChunkCache
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+_rid = itertools.count()
+
+
+class RadixSim:
+    def __init__(self, *, cache: str = "radix", max_reqs: int = 64, max_context: int = 512,
+                 kv_slots: int = 8192, vocab: int = 50, seed: int = 0):
+        self.req_to_token_pool = ReqToTokenPool(size=max_reqs, max_context_len=max_context, device="cpu",
+                                                enable_memory_saver=False)
+        self.allocator = TokenToKVPoolAllocator(size=kv_slots, dtype=torch.float32, device="cpu", kvcache=None,
+                                                need_sort=False)
+        params = CacheInitParams(disable=cache == "disabled", req_to_token_pool=self.req_to_token_pool,
+                                 token_to_kv_pool_allocator=self.allocator, page_size=1)
+        self.tree_cache = ChunkCache(params) if cache == "chunk" else RadixCache(params)
+        self.kv_slots = kv_slots
+        self.vocab = vocab
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seq_len: dict[str, int] = {}  # rid -> tokens whose KV slots are in the row
+        self._marker = vocab  # fresh() tokens start above the random tokens' range
+        self._pending: list[Req] = []  # prefilled, cache_unfinished_req not yet run (overlap)
+
+    @property
+    def req_to_token(self) -> torch.Tensor:
+        return self.req_to_token_pool.req_to_token
+
+    def tokens(self, n: int) -> list[int]:
+        return torch.randint(0, self.vocab, (n,), generator=self.gen).tolist()
+
+    def fresh(self, n: int) -> list[int]:
+        """n random tokens starting with one never used before: no other prompt continues the same way."""
+        self._marker += 1
+        return [self._marker] + self.tokens(n - 1)
+
+    def new_req(self, input_ids: list[int], max_new_tokens: int = 1 << 20) -> Req:
+        return Req(rid=f"r{next(_rid)}", origin_input_text="", origin_input_ids=list(input_ids),
+                   sampling_params=SamplingParams(max_new_tokens=max_new_tokens))
+
+    def prefill(self, reqs: list[Req], overlap: bool = False) -> list[Req]:
+        for req in reqs:
+            req.init_next_round_input(self.tree_cache)
+            self.tree_cache.inc_lock_ref(req.last_node)
+        assert self.req_to_token_pool.alloc(reqs) is not None
+        for req in reqs:
+            prefix = len(req.prefix_indices)
+            total = len(req.fill_ids)
+            slots = self.allocator.alloc(total - prefix)
+            assert slots is not None, "KV pool exhausted: raise kv_slots"
+            row = req.req_pool_idx
+            self.req_to_token_pool.write((row, slice(0, prefix)), req.prefix_indices)
+            self.req_to_token_pool.write((row, slice(prefix, total)), slots)
+            req.kv_committed_len = req.kv_allocated_len = total
+            self.seq_len[req.rid] = total
+            req.output_ids.append(self.tokens(1)[0])
+        self._pending.extend(reqs)
+        if not overlap:
+            self.flush()
+        return reqs
+
+    def flush(self) -> None:
+        """The prefill results' processing: cache_unfinished_req for every pending request."""
+        for req in self._pending:
+            self.tree_cache.cache_unfinished_req(req)
+        self._pending.clear()
+
+    def prepare_decode(self, reqs: list[Req]) -> torch.Tensor:
+        """One decode step's memory side; returns the batch's seq_lens (host, int64)."""
+        slots = self.allocator.alloc(len(reqs))
+        assert slots is not None, "KV pool exhausted: raise kv_slots"
+        for req, slot in zip(reqs, slots.tolist()):
+            n = self.seq_len[req.rid]
+            self.req_to_token_pool.write((req.req_pool_idx, n), slot)
+            self.seq_len[req.rid] = n + 1
+            req.kv_committed_len += 1
+            req.kv_allocated_len += 1
+        return torch.tensor([self.seq_len[r.rid] for r in reqs], dtype=torch.int64)
+
+    def finish_decode(self, reqs: list[Req]) -> None:
+        """The decode step's result: each request gets its sampled token."""
+        for req, tok in zip(reqs, self.tokens(len(reqs))):
+            req.output_ids.append(tok)
+
+    def req_pool_indices(self, reqs: list[Req]) -> torch.Tensor:
+        return torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+
+    def finish(self, req: Req) -> None:
+        """release_kv_cache: the request's tokens go into the radix tree (or are freed)."""
+        self.tree_cache.cache_finished_req(req)
+        self.req_to_token_pool.free(req)
+        del self.seq_len[req.rid]
+
+    def run_to_cache(self, input_ids: list[int]) -> None:
+        """What ``fork()`` and ``n > 1`` do first: send the prefix with max_new_tokens=0 to cache it."""
+        req = self.new_req(input_ids, max_new_tokens=0)
+        self.prefill([req], overlap=True)
+        self._pending.remove(req)  # finished at prefill: release_kv_cache, not cache_unfinished_req
+        self.finish(req)
+
+    def evict_all_unlocked(self) -> None:
+        self.tree_cache.evict(EvictParams(num_tokens=self.kv_slots))

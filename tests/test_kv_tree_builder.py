@@ -1,0 +1,411 @@
+"""The decode KV tree built from real SGLang radix caches.
+
+Every case drives real ``RadixCache`` / ``ChunkCache`` / ``ReqToTokenPool`` / ``Req`` objects through
+the scheduler's calls (``radix_sim.RadixSim``) and checks each decode step's tree with ``check_tree``:
+the tree validates; each query's path KV is exactly its ``req_to_token`` row; sharing is maximal
+(two queries share exactly the longest common prefix of their rows, so each KV slot is read once);
+chains are merged; attention over the tree equals plain per-request attention over the row.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from radix_sim import RadixSim
+from sglang_deft.kernels import attention_reference, tree_decode_reference
+from sglang_deft.kernels.reference import path_nodes
+from sglang_deft.kv_tree_builder import DecodeKVTree, KVTreeBuildError, build_decode_kv_tree
+
+HQ, HKV, D = 4, 2, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second intra-op thread only adds contention (1 ms vs 20 us per op
+    on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def check_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, d: DecodeKVTree) -> DecodeKVTree:
+    tree = d.tree
+    tree.validate()
+    device = sim.req_to_token.device
+    for name in ("kv_indices", "node_indptr", "node_parent", "query_node"):
+        t = getattr(tree, name)
+        assert t.device == device and t.dtype == torch.int32, name
+    assert torch.equal(d.node_indptr_cpu, tree.node_indptr.cpu())
+    assert torch.equal(d.node_parent_cpu, tree.node_parent.cpu())
+    assert torch.equal(d.query_node_cpu, tree.query_node.cpu())
+    assert tree.num_queries == len(reqs)
+
+    lens = seq_lens.tolist()
+    rows = [sim.req_to_token[r.req_pool_idx, :n].tolist() for r, n in zip(reqs, lens)]
+    indptr = tree.node_indptr.tolist()
+    kv = tree.kv_indices.tolist()
+    paths = path_nodes(tree)
+    for b, path in enumerate(paths):
+        got = [s for n in path for s in kv[indptr[n]:indptr[n + 1]]]
+        assert got == rows[b], f"query {b} ({reqs[b].rid}): path KV differs from its req_to_token row"
+
+    # Every node is non-empty and used; a chain link (one child, no query ending there) would have
+    # been merged into its child.
+    n_nodes = tree.num_nodes
+    children = [0] * n_nodes
+    for p in tree.node_parent.tolist():
+        if p >= 0:
+            children[p] += 1
+    ends = [0] * n_nodes
+    for q in tree.query_node.tolist():
+        ends[q] += 1
+    used = {n for path in paths for n in path}
+    for n in range(n_nodes):
+        assert indptr[n + 1] > indptr[n], f"node {n} is empty"
+        assert n in used, f"node {n} serves no query"
+        assert children[n] >= 2 or ends[n] >= 1, f"node {n} is an unmerged chain link"
+
+    # Maximal sharing: private slots are owned by one request, so two rows agree exactly on their
+    # shared radix prefix; the tree must share exactly that much between the two queries.
+    for a in range(len(reqs)):
+        for b in range(a + 1, len(reqs)):
+            common = 0
+            for x, y in zip(paths[a], paths[b]):
+                if x != y:
+                    break
+                common += indptr[x + 1] - indptr[x]
+            assert common == lcp(rows[a], rows[b]), f"queries {a} and {b} share {common} tree tokens, " \
+                                                    f"their rows {lcp(rows[a], rows[b])}"
+    assert len(set(kv)) == len(kv), "a KV slot appears twice in the tree"
+    assert d.unique_tokens == len(kv) == len({s for row in rows for s in row})
+    assert d.attended_tokens == sum(lens)
+
+    # Attention over the tree == plain attention over each request's row.
+    g = torch.Generator().manual_seed(len(kv))
+    k_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
+    v_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
+    q = torch.randn(len(reqs), HQ, D, generator=g)
+    scale = D ** -0.5
+    want = torch.stack([plain_attention(q[b], k_buf[rows[b]], v_buf[rows[b]], scale) for b in range(len(reqs))]) \
+        if reqs else torch.zeros(0, HQ, D)
+    torch.testing.assert_close(attention_reference(q, k_buf, v_buf, tree, scale), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tree_decode_reference(q, k_buf, v_buf, tree, scale), want, rtol=1e-5, atol=1e-5)
+    return d
+
+
+def plain_attention(q, k, v, scale):
+    """One request: q [Hq, D] over its own k/v [L, Hkv, D], fp32."""
+    k = k.repeat_interleave(HQ // HKV, dim=1)
+    v = v.repeat_interleave(HQ // HKV, dim=1)
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", p, v)
+
+
+def decode_step(sim: RadixSim, reqs) -> DecodeKVTree:
+    """One decode step: memory prepared as the scheduler does, tree built and checked, tokens sampled."""
+    seq_lens = sim.prepare_decode(reqs)
+    d = build_decode_kv_tree(reqs, sim.req_to_token, sim.req_pool_indices(reqs), seq_lens)
+    check_tree(sim, reqs, seq_lens, d)
+    sim.finish_decode(reqs)
+    return d
+
+
+def node_lengths(d: DecodeKVTree) -> list[int]:
+    return torch.diff(d.node_indptr_cpu).tolist()
+
+
+def roots(d: DecodeKVTree) -> list[int]:
+    return [n for n, p in enumerate(d.node_parent_cpu.tolist()) if p == -1]
+
+
+# --------------------------------------------------------------------------------------------- forks
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_fork(n):
+    """fork(n): the prompt is cached first, then n branches with the same prompt decode."""
+    sim = RadixSim()
+    prompt = sim.tokens(40)
+    sim.run_to_cache(prompt)
+    branches = sim.prefill([sim.new_req(prompt) for _ in range(n)])
+    for step in range(1, 5):
+        d = decode_step(sim, branches)
+        if n == 1:  # one user: prompt and tail are one node
+            assert node_lengths(d) == [40 + step]
+            assert d.unique_tokens == d.attended_tokens
+        else:
+            assert node_lengths(d) == [40] + [step] * n
+            assert d.node_parent_cpu.tolist() == [-1] + [0] * n
+            assert d.unique_tokens == 40 + n * step < d.attended_tokens == n * (40 + step)
+
+
+@pytest.mark.parametrize("cached_first", [True, False])
+def test_fork_overlap_scheduler(cached_first):
+    """The decode step after a prefill is built before that prefill's cache_unfinished_req runs:
+    branches still hold last_node from match_prefix (one token short of the prompt, or nothing)."""
+    sim = RadixSim()
+    prompt = sim.tokens(33)
+    if cached_first:
+        sim.run_to_cache(prompt)
+    branches = sim.prefill([sim.new_req(prompt) for _ in range(3)], overlap=True)
+    d = decode_step(sim, branches)
+    if cached_first:
+        assert node_lengths(d) == [32, 2, 2, 2]  # prompt[:-1] shared; each branch prefilled its own last token
+    else:
+        assert node_lengths(d) == [34] * 3 and d.unique_tokens == d.attended_tokens
+    sim.flush()  # cache_unfinished_req: duplicates freed, rows rewritten with the tree's slots
+    d = decode_step(sim, branches)
+    assert node_lengths(d) == [33, 2, 2, 2]
+
+
+def test_nested_forks():
+    """Two levels of fork(): each level's prefix cached before its branches run."""
+    sim = RadixSim()
+    p = sim.tokens(30)
+    sim.run_to_cache(p)
+    mids = [p + sim.fresh(10) for _ in range(2)]
+    for m in mids:
+        sim.run_to_cache(m)
+    leaves = sim.prefill([sim.new_req(m + sim.fresh(5)) for m in mids for _ in range(3)])
+    for step in range(1, 4):
+        d = decode_step(sim, leaves)
+        assert sorted(node_lengths(d)) == sorted([30, 10, 10] + [5 + step] * 6)
+        assert len(roots(d)) == 1
+        assert d.unique_tokens == 30 + 20 + 6 * (5 + step)
+
+
+def test_nested_forks_deduplicated_in_one_batch():
+    """Only the root prompt is cached; six leaves of two sub-prompts prefill in one batch and are
+    deduplicated by cache_unfinished_req (splitting the nodes the first leaves inserted)."""
+    sim = RadixSim()
+    p = sim.tokens(25)
+    sim.run_to_cache(p)
+    mids = [p + sim.fresh(8) for _ in range(2)]
+    leaves = sim.prefill([sim.new_req(m + sim.fresh(4)) for m in mids for _ in range(3)])
+    d = decode_step(sim, leaves)
+    assert sorted(node_lengths(d)) == sorted([25, 8, 8] + [5] * 6)
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def test_split_of_a_running_requests_node():
+    """A new request matching part of a running request's last node splits it: SGLang puts the new
+    node above, so the running request keeps its last_node and its path length."""
+    sim = RadixSim()
+    p, q_, r = sim.tokens(20), sim.fresh(15), sim.fresh(6)
+    x = sim.prefill([sim.new_req(p + q_)])[0]
+    d = decode_step(sim, [x])
+    assert node_lengths(d) == [36]
+    last = x.last_node
+    y = sim.prefill([sim.new_req(p + r)])[0]
+    assert x.last_node is last and len(last.key) == 15 and len(last.parent.key) == 20
+    d = decode_step(sim, [x, y])
+    assert node_lengths(d) == [20, 15 + 2, 6 + 1]
+
+
+def test_split_inside_last_node_by_shorter_prompt():
+    """The new prompt is a prefix of a running request's prompt: match_prefix splits at len - 1,
+    cache_unfinished_req splits again one token later."""
+    sim = RadixSim()
+    base = sim.tokens(30)
+    x = sim.prefill([sim.new_req(base)])[0]
+    decode_step(sim, [x])
+    y = sim.prefill([sim.new_req(base[:12])], overlap=True)[0]
+    d = decode_step(sim, [y, x])
+    assert node_lengths(d) == [11, 2, 30 - 11 + 2]
+    sim.flush()
+    d = decode_step(sim, [x, y])
+    assert node_lengths(d) == [12, 30 - 12 + 3, 2]
+
+
+def test_split_above_a_chain():
+    """Splits deep in a shared path: every request's path still matches its row."""
+    sim = RadixSim()
+    p = sim.tokens(40)
+    sim.run_to_cache(p)
+    a = sim.prefill([sim.new_req(p) for _ in range(2)])
+    decode_step(sim, a)
+    b = sim.prefill([sim.new_req(p[:25] + sim.fresh(3)), sim.new_req(p[:10] + sim.fresh(3))])
+    d = decode_step(sim, a + b)
+    assert sorted(node_lengths(d)) == sorted([10, 15, 15, 2, 2, 4, 4])
+
+
+# ---------------------------------------------------------------------------------- request life cycle
+
+
+def test_finished_requests():
+    """Finished branches leave their tokens in the radix tree but not in the batch; a new request
+    that continues one of them shares its decoded tokens too; evicting unlocked nodes changes nothing."""
+    sim = RadixSim()
+    prompt = sim.tokens(24)
+    sim.run_to_cache(prompt)
+    branches = sim.prefill([sim.new_req(prompt) for _ in range(4)])
+    for _ in range(5):
+        decode_step(sim, branches)
+    done = branches[:2]
+    text = done[0].origin_input_ids + done[0].output_ids[:done[0].kv_committed_len - 24]
+    for req in done:
+        sim.finish(req)
+    running = branches[2:]
+    d = decode_step(sim, running)
+    assert node_lengths(d) == [24, 6, 6]
+    follow = sim.prefill([sim.new_req(text + sim.fresh(2))])
+    d = decode_step(sim, running + follow)
+    assert node_lengths(d) == [24, 7, 7, 8]  # follow shares the prompt; the rest of its path is its own
+    sim.evict_all_unlocked()
+    d = decode_step(sim, running + follow)
+    assert node_lengths(d) == [24, 8, 8, 9]
+
+
+def test_no_sharing():
+    sim = RadixSim()
+    reqs = sim.prefill([sim.new_req(sim.fresh(8 + 5 * i)) for i in range(5)])
+    for _ in range(3):
+        d = decode_step(sim, reqs)
+        assert d.unique_tokens == d.attended_tokens
+        assert roots(d) == list(range(5)) and d.query_node_cpu.tolist() == list(range(5))
+
+
+@pytest.mark.parametrize("cache", ["disabled", "chunk"])
+def test_without_radix_cache(cache):
+    """RadixCache(disable=True) leaves last_node at the root; ChunkCache (--disable-radix-cache)
+    leaves it None. Identical prompts then share nothing: every request is one private node."""
+    sim = RadixSim(cache=cache)
+    prompt = sim.tokens(20)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(3)])
+    assert all((r.last_node is None) == (cache == "chunk") for r in reqs)
+    for _ in range(2):
+        d = decode_step(sim, reqs)
+        assert d.unique_tokens == d.attended_tokens and roots(d) == [0, 1, 2]
+    for r in reqs:
+        sim.finish(r)
+
+
+def test_mix():
+    """A fork group, a nested fork, a partial-prefix request and independent requests in one
+    shuffled batch, some still waiting for cache_unfinished_req, with requests finishing midway."""
+    sim = RadixSim(seed=7)
+    rng = random.Random(7)
+    p = sim.tokens(50)
+    sim.run_to_cache(p)
+    fork = sim.prefill([sim.new_req(p) for _ in range(3)])
+    mid = p + sim.tokens(12)
+    sim.run_to_cache(mid)
+    alone = sim.prefill([sim.new_req(sim.fresh(12)) for i in range(2)])
+    nested = sim.prefill([sim.new_req(mid + sim.fresh(3)) for _ in range(2)], overlap=True)
+    partial = sim.prefill([sim.new_req(p[:30] + sim.fresh(9))], overlap=True)
+    batch = fork + nested + partial + alone
+    rng.shuffle(batch)
+    d = decode_step(sim, batch)
+    assert d.unique_tokens < d.attended_tokens
+    sim.flush()
+    for step in range(4):
+        d = decode_step(sim, batch)
+        if step == 1:
+            sim.finish(batch.pop(rng.randrange(len(batch))))
+            sim.finish(batch.pop(rng.randrange(len(batch))))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_schedules(seed):
+    """Random arrivals (forks of a few shared prompts, with and without the overlap scheduler's
+    delay), finishes and evictions; every decode step's tree is checked."""
+    rng = random.Random(seed)
+    sim = RadixSim(seed=seed, kv_slots=16384, max_reqs=96)
+    bases = [sim.tokens(rng.randint(1, 60)) for _ in range(4)]
+    running = []
+    for _ in range(25):
+        new = []
+        for _ in range(rng.randint(0, 3)):
+            base = rng.choice(bases)
+            prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice([0, 0, 1, 5]))
+            if rng.random() < 0.3:
+                sim.run_to_cache(prompt)
+            new += [sim.new_req(prompt) for _ in range(rng.choice([1, 1, 2, 4]))]
+        if new and len(running) + len(new) <= 40:
+            sim.prefill(new, overlap=rng.random() < 0.5)
+            running += new
+        if running:
+            rng.shuffle(running)
+            decode_step(sim, running)
+        sim.flush()
+        for req in [r for r in running if rng.random() < 0.1]:
+            running.remove(req)
+            sim.finish(req)
+        if rng.random() < 0.2:
+            sim.evict_all_unlocked()
+
+
+def test_query_ending_on_a_shared_node():
+    """A path covering the whole sequence (not reached in decode, where the new token is private,
+    but allowed): the query ends on the shared node, which must not absorb the other query's tail."""
+    sim = RadixSim()
+    prompt = sim.tokens(12)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
+    sim.prepare_decode(reqs)
+    seq_lens = torch.tensor([12, 13])
+    d = build_decode_kv_tree(reqs, sim.req_to_token, sim.req_pool_indices(reqs), seq_lens)
+    check_tree(sim, reqs, seq_lens, d)
+    assert node_lengths(d) == [12, 1] and d.query_node_cpu.tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_path_longer_than_sequence_raises():
+    sim = RadixSim()
+    prompt = sim.tokens(10)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
+    sim.prepare_decode(reqs)
+    with pytest.raises(KVTreeBuildError, match="radix path holds 10 tokens but its sequence has 9"):
+        build_decode_kv_tree(reqs, sim.req_to_token, sim.req_pool_indices(reqs), torch.tensor([11, 9]))
+
+
+def test_batch_mismatch_raises():
+    sim = RadixSim()
+    reqs = sim.prefill([sim.new_req(sim.tokens(5)) for _ in range(2)])
+    seq_lens = sim.prepare_decode(reqs)
+    with pytest.raises(KVTreeBuildError, match="batch mismatch"):
+        build_decode_kv_tree(reqs, sim.req_to_token, sim.req_pool_indices(reqs)[:1], seq_lens)
+
+
+def test_evicted_node_on_path_raises():
+    sim = RadixSim()
+    req = sim.prefill([sim.new_req(sim.tokens(8))])[0]
+    seq_lens = sim.prepare_decode([req])
+    req.last_node.value = None  # what HiCache leaves on a node whose KV went to the host
+    with pytest.raises(KVTreeBuildError, match="evicted"):
+        build_decode_kv_tree([req], sim.req_to_token, sim.req_pool_indices([req]), seq_lens)
+
+
+def test_empty_batch():
+    sim = RadixSim()
+    d = build_decode_kv_tree([], sim.req_to_token, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    d.tree.validate()
+    assert d.tree.num_nodes == 0 and d.unique_tokens == d.attended_tokens == 0
+
+
+def test_foreign_nodes_raise():
+    """Nodes of two radix trees in one batch, or a last_node that is not a Python TreeNode
+    (SGLANG_EXPERIMENTAL_CPP_RADIX_TREE), are refused rather than misread."""
+    sims = [RadixSim(), RadixSim()]
+    reqs = [sim.prefill([sim.new_req(sim.tokens(6))])[0] for sim in sims]
+    seq_lens = torch.tensor([sim.prepare_decode([r])[0] for sim, r in zip(sims, reqs)])
+    with pytest.raises(KVTreeBuildError, match="another radix tree"):
+        build_decode_kv_tree(reqs, sims[0].req_to_token, torch.tensor([r.req_pool_idx for r in reqs]), seq_lens)
+    reqs[0].last_node = object()
+    with pytest.raises(KVTreeBuildError, match="must be a radix TreeNode"):
+        build_decode_kv_tree(reqs[:1], sims[0].req_to_token, sims[0].req_pool_indices(reqs[:1]), seq_lens[:1])
