@@ -40,7 +40,7 @@ SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
 LARGE_ROWS = 64  # default rows of the large tile
 FLOP_PER_BYTE = 100.0  # tl.dot FLOP rate / HBM bytes rate Triton reaches on H100/H200 (bf16)
 PROGRAM_LATENCY_BYTES = 16 * 1024  # a program's start-up cost, in bytes the SM could have moved
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 2  # H200 sweep over 1/2/4: 2 best on the long shared prefixes
 MIN_CHUNK_TOKENS = 128
 ITEM_FIELDS = 5  # kv_start, kv_len, q_start, q_count, slot
 

@@ -97,7 +97,7 @@ def _tree_decode_stage1(
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
-    SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+    SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
 ):
     # One launch serves both tile sizes: a second launch for the small tiles would wait for the
     # large ones to drain, and on small trees that ramp-down/ramp-up is most of the step.
@@ -108,11 +108,11 @@ def _tree_decode_stage1(
     if item < num_large:
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                      sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                     stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK_N, USE_CAP, IEEE)
+                     stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
     elif item < num_large + tl.load(counts + 1):
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                      sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                     stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK_N, USE_CAP, IEEE)
+                     stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
 
 @triton.jit
@@ -154,19 +154,23 @@ def _tree_decode_stage2(
 
 @dataclass(frozen=True)
 class Stage1Config:
-    block_n: int
+    block_n_large: int  # KV tokens per block for large tiles
+    block_n_small: int  # KV tokens per block for small tiles
     num_warps: int
     num_stages: int
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
-    """KV block length, warps and pipeline depth of stage 1 (measured on the H200: see README).
+    """KV block lengths, warps and pipeline depth of stage 1.
 
-    The accumulator is rows x head_dim fp32 in registers; the KV block shrinks as head_dim grows so
-    blocks of K and V, double or triple buffered, stay within shared memory.
+    Measured on the H200 (bf16, head_dim 128, 2026-11-29): 64-token blocks suit 64-row tiles (prefix
+    16k x 64: 89 us against 111 with 32), 32-token blocks suit 16-row tiles, whose programs are
+    latency-bound (no sharing 64 x 2k: 142 us against 152 with 64); 128-row tiles with 8 warps were
+    slower in every case. Blocks shrink with head_dim so K and V, four stages deep, fit in shared
+    memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
     """
-    block_n = 64 if head_dim <= 128 else 32
-    return Stage1Config(block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
+    scale = max(1, head_dim // 128)
+    return Stage1Config(64 // scale, 32 // scale, 8 if large_rows * head_dim > 64 * 128 else 4, 4)
 
 
 def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: TreeDecodePlan,
@@ -205,7 +209,8 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
         sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
         GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
-        SMALL_M=SMALL_ROWS, BLOCK_N=cfg.block_n, USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32,
+        SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
+        IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -59,7 +59,7 @@ def test_chunks_balance_a_long_root_against_short_tails():
     tree = make_tree([-1] + [0] * 64, [16000] + [256] * 64, list(range(1, 65)), pool=40000)
     qperm, items, num_large, *_ = schedule(tree)
     large = items[:num_large]
-    assert len(large) >= 32
+    assert len(large) >= 24  # 4 query tiles x 7 chunks at 132 SMs, 8 KV heads
     assert large[:, 1].max() <= 2 * large[:, 1].min() + MIN_CHUNK_TOKENS
     # Query tiles of one chunk sit next to each other (shared KV stays in L2).
     starts = large[:, 0].tolist()
