@@ -1,0 +1,34 @@
+# make venv   .venv with the CPU environment (idempotent: re-runs only when its inputs change)
+# make test   the test suite on CPU (Triton kernels through TRITON_INTERPRET=1)
+# make demo   the tree-of-thought demo against a server with the deft decode backend
+#             (on a GPU host with SGLang already installed: `make demo PYTHON=python3`)
+
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+PYTHON ?= $(VENV_PYTHON)
+PYTEST_ARGS ?=
+
+# SGLang imports sgl_kernel even on CPU; its Python files come from this wheel, its native
+# libraries stay out (sglang_deft/cpu_compat stands in for them).
+SGL_KERNEL_WHEEL := .whl/sglang_kernel-0.4.1-cp310-abi3-manylinux2014_x86_64.whl
+VENV_STAMP := $(VENV)/.sglang-deft-venv
+
+.PHONY: venv test demo
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extract_sgl_kernel.py
+	test -x $(VENV_PYTHON) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --quiet --no-deps -r requirements-cpu.txt
+	$(VENV_PYTHON) -m pip install --quiet --no-deps -e .
+	test -f $(SGL_KERNEL_WHEEL) || $(VENV_PYTHON) -m pip download --quiet --no-deps --dest .whl sglang-kernel==0.4.1
+	$(VENV_PYTHON) -m sglang_deft.cpu_compat.extract_sgl_kernel $(SGL_KERNEL_WHEEL)
+	touch $@
+
+test: venv
+	TRITON_INTERPRET=1 $(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The venv is the CPU environment: a caller passing its own PYTHON brings its own SGLang.
+demo: $(if $(filter $(VENV_PYTHON),$(PYTHON)),venv)
+	$(PYTHON) -m sglang_deft.demo

@@ -1,0 +1,56 @@
+"""A fork tree and its indented printout, shared by the examples.
+
+Each example builds a `Node` tree mirroring its `fork()` calls: the root holds the shared prompt,
+each child the text its branch generated. `format_tree` renders it with ASCII connectors so the
+output survives any terminal or CI log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Node:
+    label: str                      # "prompt", "thought 1", "sample 3", ...
+    text: str = ""                  # what this node added to the shared text
+    children: list["Node"] = field(default_factory=list)
+    note: str = ""                  # e.g. "votes: 2", "<- picked"
+
+    def add(self, label: str, text: str = "") -> "Node":
+        child = Node(label, text)
+        self.children.append(child)
+        return child
+
+    def leaves(self) -> list["Node"]:
+        if not self.children:
+            return [self]
+        return [leaf for c in self.children for leaf in c.leaves()]
+
+    def depth(self) -> int:
+        return 1 + max((c.depth() for c in self.children), default=0)
+
+
+def one_line(text: str, width: int) -> str:
+    # One line, and no control characters (a model may emit any byte; an ESC would reach the terminal).
+    flat = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def format_tree(root: Node, width: int = 72) -> str:
+    """Indented view: one line per node, `label: "text"`, children below their parent."""
+    lines: list[str] = []
+
+    def line(node: Node) -> str:
+        s = f'{node.label}: "{one_line(node.text, width)}"'
+        return s + (f"  [{node.note}]" if node.note else "")
+
+    def walk(node: Node, indent: str) -> None:
+        for i, child in enumerate(node.children):
+            last = i == len(node.children) - 1
+            lines.append(indent + ("`-- " if last else "|-- ") + line(child))
+            walk(child, indent + ("    " if last else "|   "))
+
+    lines.append(line(root))
+    walk(root, "")
+    return "\n".join(lines)

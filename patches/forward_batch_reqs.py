@@ -1,0 +1,36 @@
+"""Give each ForwardBatch the live ``Req`` objects of the batch it was built from.
+
+The deft backend builds its KV tree from the scheduler's radix tree, which it reaches through each
+request's ``last_node``. ``ModelWorkerBatch.reqs`` holds the requests, but ``ForwardBatch.init_new``
+(SGLang 0.5.10.post1, ``sglang/srt/model_executor/forward_batch_info.py``) copies only tensors and
+lists derived from them, and no attention-backend hook sees the ModelWorkerBatch. This patch wraps
+``ForwardBatch.init_new`` to set ``forward_batch.deft_reqs = model_worker_batch.reqs`` (a reference,
+no copy; ``None`` where SGLang passes none). Forward batches built elsewhere (CUDA-graph capture,
+two-batch-overlap splits) do not carry it; the backend refuses those configurations.
+"""
+from __future__ import annotations
+
+import functools
+
+from .sglang_version import require_supported_sglang
+
+ATTRIBUTE = "deft_reqs"
+
+
+def apply() -> None:
+    """Idempotent; raises UnsupportedSGLangVersion on another SGLang release."""
+    require_supported_sglang(__name__)
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    original = ForwardBatch.init_new.__func__
+    if getattr(original, "_sglang_deft_patched", False):
+        return
+
+    @functools.wraps(original)
+    def init_new(cls, batch, model_runner):
+        forward_batch = original(cls, batch, model_runner)
+        setattr(forward_batch, ATTRIBUTE, batch.reqs)
+        return forward_batch
+
+    init_new._sglang_deft_patched = True
+    ForwardBatch.init_new = classmethod(init_new)

@@ -1,0 +1,133 @@
+"""Write the bundled tiny Llama's seeded weights: models/tiny-llama-deft/model.safetensors.
+
+Usage:
+    python scripts/make_tiny_model.py            # (re)write the weights next to config.json
+    python scripts/make_tiny_model.py --check    # regenerate in memory, compare with the file
+
+The model exists so that a wrong decode attention changes the tokens. HF's default init
+(std 0.02) and SGLang's `--load-format dummy` (uniform +-1e-3) make every attention row almost
+uniform: greedy tokens then hardly depend on the context, and a backend that attends to the wrong
+KV slots still produces the "right" text. So the scales here are chosen on purpose:
+
+- embeddings N(0, 1): each token's hidden state is far from the others';
+- q_proj / k_proj N(0, 0.3): with 128 inputs of unit RMS, q.k / sqrt(head_dim) has a standard
+  deviation of about 11 (0.3**2 * 128), so each attention row is close to one-hot and the token it
+  picks depends on the keys of the whole context (tests/test_tiny_model.py shows one changed token
+  early in a 300-token prompt changes the continuation of every branch);
+- v / o / MLP weights with standard deviation 1/sqrt(fan_in): the residual stream stays O(1);
+- lm_head N(0, 0.3) on the tokens that decode to printable ASCII (logits spread about +-3.4).
+  The other ids -- the special tokens (<s>, </s>, <unk>), the byte tokens of control characters,
+  newlines and lone non-ASCII bytes, and the ids past the tokenizer's 326 (the vocabulary is padded
+  to 512) -- must never be produced, also when sampling: a "bias channel" does it. Hidden
+  dimension 0 of every embedding is the constant +3 and no layer writes it (row 0 of every o_proj
+  and down_proj is zero), so after the final RMSNorm it is always positive; the lm_head rows of the
+  excluded ids are -10 on that dimension and 0 elsewhere, so their logits sit far below the
+  printable ones (about -15 against +-3.4). Generations therefore run to `max_tokens` (no EOS) and
+  the (meaningless) text is printable ASCII on one line.
+
+Weights are drawn in float32 from one seeded torch.Generator (CPU, draw order fixed below) and
+stored as bfloat16: bf16 upcasts to fp32 exactly, so the fp32 CPU runs and the bf16 GPU runs use
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
+SEED = 20240402  # DeFT's arXiv id, 2404.00242
+QK_STD = 0.3
+LM_HEAD_STD = 0.3
+BIAS_DIM = 0        # hidden dimension that carries a constant (see the docstring)
+BIAS_VALUE = 3.0    # its value in every embedding
+EXCLUDED_LOGIT_WEIGHT = -10.0  # lm_head weight on BIAS_DIM for the ids never to produce
+
+
+def printable_token_ids(model_dir: Path = MODEL_DIR) -> list[int]:
+    """Ids whose text, decoded alone, is non-empty printable ASCII (space included, no newline)."""
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    special = {t["id"] for t in json.loads((model_dir / "tokenizer.json").read_text())["added_tokens"]}
+    return [i for i in range(tok.get_vocab_size())
+            if i not in special and (s := tok.decode([i])) and all(32 <= ord(c) < 127 for c in s)]
+
+
+def make_state_dict(model_dir: Path = MODEL_DIR) -> dict[str, torch.Tensor]:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden = cfg["hidden_size"]
+    inter = cfg["intermediate_size"]
+    vocab = cfg["vocab_size"]
+    n_q = cfg["num_attention_heads"]
+    n_kv = cfg["num_key_value_heads"]
+    hd = cfg["head_dim"]
+    allowed = torch.tensor(printable_token_ids(model_dir))
+    assert int(allowed.max()) < vocab
+
+    g = torch.Generator().manual_seed(SEED)
+
+    def normal(shape, std):
+        return torch.randn(*shape, generator=g, dtype=torch.float32) * std
+
+    # HF / SGLang Linear weights are [out_features, in_features].
+    sd: dict[str, torch.Tensor] = {}
+    emb = normal((vocab, hidden), 1.0)
+    sd["model.embed_tokens.weight"] = emb
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden)
+        sd[p + "self_attn.q_proj.weight"] = normal((n_q * hd, hidden), QK_STD)
+        sd[p + "self_attn.k_proj.weight"] = normal((n_kv * hd, hidden), QK_STD)
+        sd[p + "self_attn.v_proj.weight"] = normal((n_kv * hd, hidden), 1 / math.sqrt(hidden))
+        sd[p + "self_attn.o_proj.weight"] = normal((hidden, n_q * hd), 1 / math.sqrt(n_q * hd))
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        sd[p + "mlp.gate_proj.weight"] = normal((inter, hidden), 1 / math.sqrt(hidden))
+        sd[p + "mlp.up_proj.weight"] = normal((inter, hidden), 1 / math.sqrt(hidden))
+        sd[p + "mlp.down_proj.weight"] = normal((hidden, inter), 1 / math.sqrt(inter))
+    # The bias channel: constant in the embeddings, never written by a layer.
+    emb[:, BIAS_DIM] = BIAS_VALUE
+    for i in range(cfg["num_hidden_layers"]):
+        sd[f"model.layers.{i}.self_attn.o_proj.weight"][BIAS_DIM] = 0.0
+        sd[f"model.layers.{i}.mlp.down_proj.weight"][BIAS_DIM] = 0.0
+    sd["model.norm.weight"] = torch.ones(hidden)
+    lm_head = normal((vocab, hidden), LM_HEAD_STD)
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    keep[allowed] = True
+    lm_head[~keep] = 0.0
+    lm_head[~keep, BIAS_DIM] = EXCLUDED_LOGIT_WEIGHT
+    sd["lm_head.weight"] = lm_head
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    ap.add_argument("--check", action="store_true", help="compare with the existing file, write nothing")
+    args = ap.parse_args(argv)
+    path = args.model_dir / "model.safetensors"
+    sd = make_state_dict(args.model_dir)
+    if args.check:
+        old = load_file(str(path))
+        bad = sorted(k for k in sd.keys() | old.keys()
+                     if k not in sd or k not in old or not torch.equal(sd[k], old[k]))
+        if bad:
+            print(f"{path}: differs from the generator in {len(bad)} tensors: {bad[:5]}")
+            return 1
+        print(f"{path}: matches the generator ({len(sd)} tensors)")
+        return 0
+    save_file(sd, str(path), metadata={"format": "pt", "generator": "scripts/make_tiny_model.py",
+                                       "seed": str(SEED)})
+    n = sum(v.numel() for v in sd.values())
+    path.chmod(0o644)
+    print(f"wrote {path}: {len(sd)} tensors, {n} parameters, {path.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

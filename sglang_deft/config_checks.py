@@ -1,0 +1,202 @@
+"""Configurations the deft decode path cannot serve correctly, refused at startup with the reason.
+
+Three checks, each where its facts are first known:
+- :func:`check_server_args`: flags, in the launching process before any subprocess starts;
+- :func:`check_model_config`: the Hugging Face config (architecture, sliding window, MLA, ...), in
+  the launching process too;
+- :func:`check_model_runner`: the loaded model's attention layers, in the scheduler process when
+  SGLang creates the backend (the launcher-independent last line, e.g. for ``sglang_deft.Engine``).
+
+Each raises :class:`UnsupportedConfiguration` listing every problem found, each naming the flag or
+the model property and why. None of them does anything when deft is not selected.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "deft"
+
+# KV cache dtypes stored as plain floats: the deft path reads K/V without per-layer scales.
+_PLAIN_KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+
+
+class UnsupportedConfiguration(ValueError):
+    """The deft attention backend was selected for a configuration it cannot serve correctly."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"the `{BACKEND_NAME}` attention backend cannot serve this configuration:\n{lines}")
+
+
+def deft_roles(server_args) -> tuple[bool, bool]:
+    """(deft runs decode, deft runs prefill/extend), from ``--attention-backend`` and its overrides."""
+    decode = server_args.decode_attention_backend or server_args.attention_backend
+    prefill = server_args.prefill_attention_backend or server_args.attention_backend
+    return decode == BACKEND_NAME, prefill == BACKEND_NAME
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise UnsupportedConfiguration(problems)
+
+
+def server_args_problems(server_args) -> list[str]:
+    """Problems of the flags alone (no model config needed); empty when deft is not selected."""
+    decode, prefill = deft_roles(server_args)
+    problems = []
+    if prefill and not decode:
+        decode_name = server_args.decode_attention_backend or server_args.attention_backend
+        problems.append(
+            f"deft selected for prefill/extend only (by --attention-backend or --prefill-attention-backend, "
+            f"with decode on {decode_name}): deft is a decode backend; select it with "
+            f"--attention-backend {BACKEND_NAME} or --decode-attention-backend {BACKEND_NAME}"
+        )
+    if server_args.speculative_draft_attention_backend == BACKEND_NAME:
+        problems.append(f"--speculative-draft-attention-backend {BACKEND_NAME}: speculative decoding is not supported")
+    if not (decode or prefill):
+        return problems
+    a = server_args
+    if a.page_size is not None and a.page_size > 1:
+        problems.append(
+            f"--page-size {a.page_size}: the KV tree is built from per-token KV slots and radix nodes "
+            "of any length; only --page-size 1 is supported"
+        )
+    if a.speculative_algorithm is not None:
+        problems.append(
+            f"--speculative-algorithm {a.speculative_algorithm}: verify and draft steps attend several "
+            "tokens per request with a tree mask; the deft path computes one query token per request"
+        )
+    if a.kv_cache_dtype not in _PLAIN_KV_DTYPES:
+        problems.append(
+            f"--kv-cache-dtype {a.kv_cache_dtype}: quantized KV caches need per-layer K/V scales, which "
+            "the deft path does not apply"
+        )
+    if a.enable_two_batch_overlap:
+        problems.append("--enable-two-batch-overlap: split micro-batches do not carry the requests the KV tree is built from")
+    if a.enable_pdmux:
+        problems.append("--enable-pdmux: not supported by the deft backend")
+    if a.enable_dp_attention:
+        problems.append("--enable-dp-attention: padded DP-attention batches are not supported by the deft backend")
+    if getattr(a, "attn_cp_size", 1) > 1:
+        problems.append(f"--attn-cp-size {a.attn_cp_size}: context-parallel attention is not supported by the deft backend")
+    if a.pp_size > 1:
+        problems.append(f"--pp-size {a.pp_size}: pipeline parallelism is not supported by the deft backend")
+    if a.enable_hierarchical_cache:
+        problems.append(
+            "--enable-hierarchical-cache: the KV tree reads radix nodes' device KV; host-offloaded "
+            "nodes are not supported"
+        )
+    if a.disaggregation_mode != "null":
+        problems.append(f"--disaggregation-mode {a.disaggregation_mode}: not supported by the deft backend")
+    if a.enable_torch_compile:
+        problems.append(
+            "--enable-torch-compile: the deft decode path builds its KV tree on the host every step, "
+            "which compiled graphs cannot capture"
+        )
+    if a.grpc_mode or a.use_ray or a.encoder_only:
+        flag = "--grpc-mode" if a.grpc_mode else "--use-ray" if a.use_ray else "--encoder-only"
+        problems.append(f"{flag}: the deft registration reaches only the HTTP server's and Engine's processes")
+    if a.device not in ("cuda", "cpu"):
+        problems.append(f"--device {a.device}: the deft backend supports cuda and cpu")
+    on_cpu = a.device == "cpu"
+    if on_cpu and a.dp_size > 1:
+        problems.append(
+            f"--dp-size {a.dp_size} with --device cpu: the CPU compatibility layer does not reach "
+            "SGLang's data-parallel controller process"
+        )
+    if not on_cpu and decode and not a.disable_cuda_graph:
+        problems.append(
+            "--disable-cuda-graph is required: the deft decode path builds a new KV tree on the host "
+            "every step and has no CUDA-graph capture yet"
+        )
+    return problems
+
+
+def check_server_args(server_args) -> None:
+    _raise_if(server_args_problems(server_args))
+    decode, _ = deft_roles(server_args)
+    if decode and server_args.disable_radix_cache:
+        logger.warning(
+            "deft with --disable-radix-cache: requests share no KV prefix, so every KV tree is one "
+            "private node per request (correct, but nothing is read once for several requests)"
+        )
+
+
+def _uses_sliding_window(hf_text_config) -> bool:
+    if getattr(hf_text_config, "use_sliding_window", True) is False:
+        return False  # e.g. Qwen2 configs carry a window size they do not use
+    window = getattr(hf_text_config, "sliding_window_size", None) or getattr(hf_text_config, "sliding_window", None)
+    return bool(window) or any(t == "sliding_attention" for t in getattr(hf_text_config, "layer_types", None) or ())
+
+
+def model_config_problems(model_config, server_args) -> list[str]:
+    """Problems of the model (SGLang's ``ModelConfig``); empty when deft is not selected."""
+    if not any(deft_roles(server_args)):
+        return []
+    from sglang.srt.configs.model_config import AttentionArch
+
+    arch = ",".join(model_config.hf_config.architectures or ["?"])
+    model = f"model {server_args.model_path} ({arch})"
+    problems = []
+    if model_config.attention_arch == AttentionArch.MLA:
+        problems.append(f"{model}: MLA attention (compressed latent KV) is not supported; deft needs per-head K/V")
+    if model_config.is_encoder_decoder:
+        problems.append(f"{model}: encoder-decoder models (cross-attention) are not supported")
+    if model_config.is_multimodal:
+        problems.append(f"{model}: multimodal models are not supported (untested with the deft path)")
+    if getattr(model_config, "is_hybrid_swa", False) or _uses_sliding_window(model_config.hf_text_config):
+        problems.append(f"{model}: sliding-window attention is not supported; deft attends every token of the path")
+    if model_config.attention_chunk_size is not None:
+        problems.append(f"{model}: chunked local attention is not supported; deft attends every token of the path")
+    return problems
+
+
+def check_model_config(model_config, server_args) -> None:
+    _raise_if(model_config_problems(model_config, server_args))
+
+
+def model_runner_problems(model_runner) -> list[str]:
+    """Problems of the loaded model's attention layers and runner state."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    problems = server_args_problems(model_runner.server_args)
+    problems += model_config_problems(model_runner.model_config, model_runner.server_args)
+    if model_runner.use_mla_backend:
+        problems.append("the model runner uses an MLA backend; deft needs per-head K/V")
+    if model_runner.sliding_window_size is not None:
+        problems.append(f"the model uses a sliding window of {model_runner.sliding_window_size} tokens")
+    if model_runner.mambaish_config is not None:
+        problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
+    layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
+    for layer in model_runner.model.modules():
+        if isinstance(layer, RadixAttention):
+            for p in _layer_problems(layer):
+                layers_with.setdefault(p, []).append(layer.layer_id)
+    problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
+    return list(dict.fromkeys(problems))  # a problem found twice is reported once
+
+
+def _layer_problems(layer) -> list[str]:
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    problems = []
+    if layer.is_cross_attention or layer.attn_type != AttentionType.DECODER:
+        problems.append(f"{layer.attn_type.value} attention is not supported (causal decoder self-attention only)")
+    if layer.sliding_window_size != -1:
+        problems.append(f"sliding window {layer.sliding_window_size} is not supported")
+    if layer.qk_head_dim != layer.v_head_dim:
+        problems.append(f"Q/K head dim {layer.qk_head_dim} != V head dim {layer.v_head_dim} is not supported")
+    if layer.logit_cap > 0 and layer.logit_capping_method != "tanh":
+        problems.append(f"logit capping method {layer.logit_capping_method!r} is not supported (tanh only)")
+    if layer.use_irope:
+        problems.append("iRoPE chunked attention is not supported")
+    if getattr(layer, "xai_temperature_len", -1) > 0:
+        problems.append("xai temperature scaling is not supported")
+    return problems
+
+
+def check_model_runner(model_runner) -> None:
+    _raise_if(model_runner_problems(model_runner))

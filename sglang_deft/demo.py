@@ -1,0 +1,314 @@
+"""`python -m sglang_deft.demo` (`make demo`): the tree-of-thought example on a deft server.
+
+Starts ``python -m sglang_deft.launch_server`` with the bundled tiny Llama
+(``models/tiny-llama-deft``) and ``--decode-attention-backend deft`` -- on the GPU when
+``torch.cuda.is_available()`` (prefill/extend: ``triton``), else on the CPU (prefill/extend:
+``torch_native``, float32) -- waits until it answers, runs ``examples/tree_of_thought.py``
+against it, prints the tree, the answers and the sharing metrics the deft backend logged (KV tokens
+attended per request summed vs unique KV tokens read), and shuts the server down. The server runs
+in its own process group, which is killed on every way out: normal exit, an exception, Ctrl-C or
+SIGTERM.
+
+The model is random (seeded, see scripts/make_tiny_model.py): its text is meaningless. What the
+demo shows is the tree of forks and how much KV the decode steps shared.
+
+Options: ``--cpu`` forces the CPU, ``--widths 3,2,2`` changes the tree, ``--max-tokens``,
+``--port``, ``--timeout`` (seconds to wait for the server), ``--show-server-log``, ``--keep-log``;
+arguments after ``--`` go to the launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "models" / "tiny-llama-deft"
+EXAMPLES_DIR = REPO / "examples"
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_gpu(force_cpu: bool) -> bool:
+    if force_cpu:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def server_command(model: Path, port: int, gpu: bool, extra: list[str] = ()) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "sglang_deft.launch_server",
+        "--model-path", str(model),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--decode-attention-backend", "deft",
+        "--grammar-backend", "none",   # no constrained decoding here; xgrammar may be absent
+        "--random-seed", "0",
+        "--max-total-tokens", "16384",  # the tiny model needs little KV; don't reserve GBs
+        "--decode-log-interval", "1",  # sharing metrics are logged at this interval (in steps)
+        "--log-level", "info",
+    ]
+    if gpu:
+        # deft has no CUDA-graph capture yet (the launcher refuses a GPU decode without this flag).
+        cmd += ["--attention-backend", "triton", "--disable-cuda-graph"]
+    else:
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
+    return cmd + list(extra)
+
+
+class Server:
+    """The launcher in its own session/process group, its output in a log file."""
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict | None = None):
+        self.cmd = cmd
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, url: str, timeout: float) -> float:
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was "
+                                   f"ready; last lines of its log:\n{tail(self.log_text(), 40)}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"the server was not ready after {timeout:.0f} s; last lines of "
+                                   f"its log:\n{tail(self.log_text(), 40)}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        with urllib.request.urlopen(url + "/get_model_info", timeout=5) as r2:
+                            if r2.status == 200:
+                                return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(1.0)
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if it lingers."""
+        if self.proc.poll() is None or _group_alive(self.proc.pid):
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                    if self.proc.poll() is None:
+                        try:
+                            self.proc.wait(timeout=0.2)
+                        except subprocess.TimeoutExpired:
+                            pass
+                    else:
+                        time.sleep(0.2)
+                if not _group_alive(self.proc.pid):
+                    break
+        if self.proc.poll() is None:
+            self.proc.wait()
+        self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def tail(text: str, n: int) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def sharing_summary(log_before: str, log_after: str) -> dict | None:
+    """Sharing over what was logged between two snapshots of the server log.
+
+    The deft backend logs ``DeFT decode sharing: ... total_steps= total_attended_kv_tokens=
+    total_unique_kv_tokens=`` every ``--decode-log-interval`` decode steps
+    (``sglang_deft.sharing_metrics``); the difference of the running totals is this program's share.
+    """
+    from sglang_deft.sharing_metrics import parse_sharing_lines
+
+    before = parse_sharing_lines(log_before)
+    after = parse_sharing_lines(log_after)
+    new = after[len(before):]
+    if not new:
+        return None
+    base = before[-1] if before else {}
+    last = new[-1]
+    steps = int(last["total_steps"] - base.get("total_steps", 0))
+    attended = int(last["total_attended_kv_tokens"] - base.get("total_attended_kv_tokens", 0))
+    unique = int(last["total_unique_kv_tokens"] - base.get("total_unique_kv_tokens", 0))
+    peak = max(new, key=lambda r: r["ratio"])
+    return {
+        "lines": len(new),
+        "steps": steps,
+        "attended_kv_tokens": attended,
+        "unique_kv_tokens": unique,
+        "ratio": attended / unique if unique else 1.0,
+        "peak_ratio": peak["ratio"],
+        "peak_attended_kv_tokens": int(peak["attended_kv_tokens"]),
+        "peak_unique_kv_tokens": int(peak["unique_kv_tokens"]),
+    }
+
+
+def print_sharing(m: dict | None) -> None:
+    if m is None:
+        say("no 'DeFT decode sharing' line was logged during the program (is the decode backend "
+            "deft? lines come every --decode-log-interval steps)")
+        return
+    say(f"sharing metrics logged by the deft backend over the program's {m['steps']} decode steps:")
+    print(f"  KV tokens attended (summed over requests): {m['attended_kv_tokens']:>8}   "
+          f"= what a per-request decode kernel reads")
+    print(f"  unique KV tokens read:                     {m['unique_kv_tokens']:>8}   "
+          f"= what deft reads (each shared segment once)")
+    print(f"  ratio:                                     {m['ratio']:>8.2f}x")
+    print(f"  busiest logged interval:                   {m['peak_ratio']:>8.2f}x "
+          f"({m['peak_attended_kv_tokens']} attended / {m['peak_unique_kv_tokens']} unique)")
+
+
+def load_example(name: str):
+    path = EXAMPLES_DIR / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the demo runs from a checkout of sglang-deft")
+    spec = importlib.util.spec_from_file_location(f"sglang_deft_example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_demo(url: str, widths=(2, 2), max_tokens: int = 8, read_log=None) -> dict:
+    """Run the tree-of-thought example against `url` and print tree, answers and sharing.
+
+    `read_log()` returns the server log so far (None: no metrics). Returns the example's result
+    plus "sharing" (the summary, or None) and "seconds".
+    """
+    tot = load_example("tree_of_thought")
+    n_leaves = 1
+    for w in widths:
+        n_leaves *= w
+    say(f"running examples/tree_of_thought.py: {len(widths)} levels of fork() "
+        f"({','.join(map(str, widths))}), {n_leaves} answers, {max_tokens} tokens per generation")
+    log_before = read_log() if read_log else ""
+    t0 = time.monotonic()
+    res = tot.main(url, widths=widths, max_tokens=max_tokens, quiet=True)
+    seconds = time.monotonic() - t0
+    print()
+    print(tot.format_tree(res["tree"]))
+    print()
+    say(f"answers ({n_leaves}; the model is random, so the text is too):")
+    for leaf in res["tree"].leaves():
+        print(f"  {leaf.label}: {tot.one_line(leaf.text, 200)}")
+    print()
+    sharing = None
+    if read_log:
+        # The scheduler logs a step's line after the step; the client may see the last tokens first.
+        deadline = time.monotonic() + 3.0
+        while True:
+            sharing = sharing_summary(log_before, read_log())
+            if time.monotonic() > deadline or (sharing and sharing["steps"] > 0 and _quiet_for(read_log)):
+                break
+            time.sleep(0.3)
+        print_sharing(sharing)
+    say(f"program ran in {seconds:.1f} s")
+    return {**res, "sharing": sharing, "seconds": seconds}
+
+
+def _quiet_for(read_log, wait: float = 0.5) -> bool:
+    """True when the log did not grow during `wait` seconds."""
+    n = len(read_log())
+    time.sleep(wait)
+    return len(read_log()) == n
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Run the tree-of-thought example on a deft server "
+                                             "with the bundled tiny model.")
+    ap.add_argument("--cpu", action="store_true", help="use the CPU even if a GPU is available")
+    ap.add_argument("--model-path", type=Path, default=MODEL_DIR)
+    ap.add_argument("--port", type=int, default=0, help="default: a free port")
+    ap.add_argument("--widths", default="2,2", help="branches per fork level (default 2,2)")
+    ap.add_argument("--max-tokens", type=int, default=8, help="tokens per generation")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the server")
+    ap.add_argument("--show-server-log", action="store_true")
+    ap.add_argument("--keep-log", action="store_true", help="keep the server log after a success")
+    ap.add_argument("server_args", nargs="*", help="extra launcher arguments (after --)")
+    args = ap.parse_args(argv)
+
+    t_start = time.monotonic()
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # requests warns at import when neither chardet nor charset_normalizer is installed (the CPU
+    # venv has neither; nothing here decodes unknown charsets).
+    warnings.filterwarnings("ignore", message=".*character detection dependency.*")
+    widths = tuple(int(w) for w in args.widths.split(","))
+    load_example("tree_of_thought")  # fail before starting a server if the checkout lacks it
+    gpu = use_gpu(args.cpu)
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = server_command(args.model_path, port, gpu, args.server_args)
+    log_dir = Path(tempfile.mkdtemp(prefix="sglang-deft-demo-"))
+    log_path = log_dir / "server.log"
+
+    where = ("GPU: prefill/extend on triton" if gpu
+             else "CPU: prefill/extend on torch_native, float32")
+    say(f"starting SGLang with the bundled tiny Llama, decode attention 'deft' ({where})")
+    say(f"command: {' '.join(cmd)}")
+    say(f"server log: {log_path}")
+    server = Server(cmd, log_path)
+    say(f"server pid {server.proc.pid} (its own process group)")
+    ok = False
+    try:
+        say(f"waiting for {url} (the first start imports SGLang and loads the model) ...")
+        ready_s = server.wait_ready(url, args.timeout)
+        say(f"server ready after {ready_s:.1f} s")
+        run_demo(url, widths, args.max_tokens, read_log=server.log_text)
+        if args.show_server_log:
+            print(server.log_text())
+        ok = True
+    except KeyboardInterrupt:
+        print()
+        say("interrupted")
+    finally:
+        say("shutting the server down")
+        server.stop()
+        kept = not ok or args.keep_log
+        say(f"server stopped; total {time.monotonic() - t_start:.1f} s"
+            + (f"; server log kept at {log_path}" if kept else ""))
+        if not kept:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

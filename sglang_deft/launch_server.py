@@ -1,0 +1,78 @@
+"""``python -m sglang_deft.launch_server ARGS``: SGLang's HTTP server with the ``deft`` backend.
+
+Takes every ``python -m sglang.launch_server`` argument; ``deft`` is valid for ``--attention-backend``
+and ``--decode-attention-backend``. On top of SGLang's launcher it:
+1. sets the process up for the device (``--device``, else CUDA if present, else CPU with
+   ``sglang_deft.cpu_compat``) before SGLang loads;
+2. registers ``deft`` (CLI choice, backend registry) before parsing;
+3. turns ``--attention-backend deft`` into deft for decode plus SGLang's triton (GPU) or
+   torch_native (CPU) backend for prefill/extend;
+4. refuses configurations deft cannot serve (``sglang_deft.config_checks``), naming flag and reason;
+5. starts SGLang's HTTP server with scheduler/detokenizer entries from ``sglang_deft.subprocess_entry``,
+   which register ``deft`` in those spawned processes.
+
+Nothing here imports SGLang at module level: spawned processes re-import this module as
+``__mp_main__`` before the CPU compatibility layer is back in place.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _device_arg(argv: list[str]) -> str | None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default=None)
+    return parser.parse_known_args(argv)[0].device
+
+
+def parse_server_args(argv: list[str], device: str):
+    """ServerArgs from the command line, with ``deft`` registered and ``--attention-backend deft``
+    split for ``device`` (``server_setup.split_deft_backend``). Call ``server_setup.prepare_process``
+    first: it returns ``device``."""
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_deft.registration import register
+    from sglang_deft.server_setup import split_deft_backend
+
+    register()
+    parser = argparse.ArgumentParser(prog="python -m sglang_deft.launch_server")
+    ServerArgs.add_cli_args(parser)
+    if "--config" in argv:  # as sglang.srt.server_args.prepare_server_args does
+        from sglang.srt.server_args_config_parser import ConfigArgumentMerger
+
+        argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+    raw_args = parser.parse_args(argv)
+    split_deft_backend(vars(raw_args), device)
+    return ServerArgs.from_cli_args(raw_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sglang_deft.server_setup import check_startup, prepare_process
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    device = prepare_process(_device_arg(argv))
+    from sglang.srt.utils.common import suppress_noisy_warnings
+
+    suppress_noisy_warnings()  # as sglang.launch_server does
+    server_args = parse_server_args(argv, device)
+    check_startup(server_args)
+
+    from sglang.srt.entrypoints.http_server import launch_server
+    from sglang.srt.utils import kill_process_tree
+
+    from sglang_deft.subprocess_entry import run_detokenizer_process, run_scheduler_process
+
+    try:
+        launch_server(
+            server_args,
+            run_scheduler_process_func=run_scheduler_process,
+            run_detokenizer_process_func=run_detokenizer_process,
+        )
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

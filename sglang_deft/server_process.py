@@ -1,0 +1,76 @@
+"""A ``python -m sglang_deft.launch_server`` subprocess for tests and scripts: start, wait, query, stop.
+
+The server runs in its own process group (its scheduler and detokenizer children included), which
+:meth:`ServerProcess.stop` ends; its stdout and stderr (SGLang's log, with the deft sharing lines)
+go to a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
+                 env: dict[str, str] | None = None, python: str = sys.executable):
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        cmd = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Block until ``/health_generate`` answers 200; returns the seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health_generate", timeout=10) as r:
+                    if r.status == 200:
+                        return time.monotonic() - start
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} server not ready after {timeout_s:.0f}s:\n{self.log()[-4000:]}")
+
+    def post(self, route: str, payload: dict, timeout_s: float = 600):
+        request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+            return json.loads(r.read())
+
+    def generate(self, payload: dict, timeout_s: float = 600) -> list[dict]:
+        """``/generate``; always a list (one entry per prompt and per ``n``)."""
+        out = self.post("/generate", payload, timeout_s)
+        return out if isinstance(out, list) else [out]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()

@@ -1,0 +1,71 @@
+"""What the launcher and ``sglang_deft.Engine`` do before SGLang starts: device, backends, checks.
+
+Order matters: :func:`prepare_process` runs before the first ``sglang.srt`` import (SGLang reads
+``SGLANG_USE_CPU_ENGINE`` into module-level constants, and the CPU compatibility layer must be in
+place before ``sglang.srt.utils.common`` loads); the rest works on parsed arguments.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import MutableMapping
+
+import torch
+
+from sglang_deft import cpu_compat
+from sglang_deft.config_checks import BACKEND_NAME
+
+logger = logging.getLogger(__name__)
+
+# SGLang's backends that run prefill/extend when deft runs decode.
+EXTEND_BACKEND = {"cuda": "triton", "cpu": "torch_native"}
+
+
+def prepare_process(device: str | None) -> str:
+    """Set up this process (and the processes it spawns) for ``device``; returns the device.
+
+    No ``--device`` means CUDA when there is one, else CPU. Without CUDA, SGLang runs its CPU engine
+    (``SGLANG_USE_CPU_ENGINE=1``) and imports through ``sglang_deft.cpu_compat``.
+    """
+    has_cuda = torch.cuda.is_available()
+    device = device or ("cuda" if has_cuda else "cpu")
+    if device == "cpu":
+        os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # inherited by the spawned scheduler
+    if not has_cuda:
+        cpu_compat.install()
+    return device
+
+
+def split_deft_backend(args: MutableMapping, device: str) -> None:
+    """Give deft decode SGLang's triton (GPU) or torch_native (CPU) backend for prefill/extend.
+
+    deft computes decode attention only. ``--attention-backend deft`` therefore becomes
+    ``--attention-backend triton|torch_native --decode-attention-backend deft``, so SGLang's
+    HybridAttnBackend sends prefill/extend there, and SGLang code that keys on ``attention_backend``
+    (e.g. whether its Triton helper kernels may run) sees a backend it knows. With
+    ``--decode-attention-backend deft`` and no ``--attention-backend``, the same backend is chosen
+    instead of SGLang's hardware default (fa3 on Hopper, which the devkit's GPU host lacks).
+    ``args`` holds ServerArgs field names (an argparse namespace's ``vars()`` or Engine kwargs).
+    """
+    if device not in EXTEND_BACKEND:
+        return  # the config checks refuse the device
+    attention, decode = args.get("attention_backend"), args.get("decode_attention_backend")
+    if attention == BACKEND_NAME and decode in (None, BACKEND_NAME):
+        args["decode_attention_backend"] = BACKEND_NAME
+    elif not (attention is None and decode == BACKEND_NAME):
+        return  # deft is not the decode backend (or only prefills: the config checks refuse that)
+    args["attention_backend"] = EXTEND_BACKEND[device]
+    logger.warning(
+        "deft runs decode attention; prefill/extend runs on SGLang's %s backend "
+        "(--attention-backend %s --decode-attention-backend %s)",
+        EXTEND_BACKEND[device], EXTEND_BACKEND[device], BACKEND_NAME,
+    )
+
+
+def check_startup(server_args) -> None:
+    """Refuse unsupported configurations (flags and model) before any subprocess starts."""
+    from sglang_deft.config_checks import check_model_config, check_server_args, deft_roles
+
+    check_server_args(server_args)
+    if any(deft_roles(server_args)):
+        check_model_config(server_args.get_model_config(), server_args)

@@ -1,0 +1,66 @@
+"""How much KV the decode steps read once for several requests: counted per step, logged per interval.
+
+Every ``interval`` decode steps (``--decode-log-interval``, SGLang's decode-stats interval) the
+backend logs one line in the scheduler's log:
+
+    DeFT decode sharing: steps=40 attended_kv_tokens=52480 unique_kv_tokens=6170 ratio=8.506 total_steps=120 total_attended_kv_tokens=150000 total_unique_kv_tokens=20000
+
+- ``attended_kv_tokens``: KV tokens the steps attended, summed over requests (what a per-request
+  decode kernel reads);
+- ``unique_kv_tokens``: KV tokens in the steps' KV trees (what the deft path reads: each once);
+- ``ratio``: attended / unique (1.0 means nothing was shared);
+- ``total_*``: the same since the server started.
+
+Tests and tools read the line with :func:`parse_sharing_lines`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+LOG_PREFIX = "DeFT decode sharing:"
+_FIELD = re.compile(r"(\w+)=([0-9.]+)")
+
+
+@dataclass
+class SharingMeter:
+    interval: int  # decode steps per log line
+    steps: int = 0
+    attended: int = 0
+    unique: int = 0
+    total_steps: int = 0
+    total_attended: int = 0
+    total_unique: int = 0
+
+    def record(self, attended_tokens: int, unique_tokens: int) -> None:
+        """Count one decode step; logs and restarts the window every ``interval`` steps."""
+        self.steps += 1
+        self.attended += attended_tokens
+        self.unique += unique_tokens
+        self.total_steps += 1
+        self.total_attended += attended_tokens
+        self.total_unique += unique_tokens
+        if self.steps >= self.interval:
+            logger.info(self.format_line())
+            self.steps = self.attended = self.unique = 0
+
+    def format_line(self) -> str:
+        ratio = self.attended / self.unique if self.unique else 1.0
+        return (
+            f"{LOG_PREFIX} steps={self.steps} attended_kv_tokens={self.attended} "
+            f"unique_kv_tokens={self.unique} ratio={ratio:.3f} total_steps={self.total_steps} "
+            f"total_attended_kv_tokens={self.total_attended} total_unique_kv_tokens={self.total_unique}"
+        )
+
+
+def parse_sharing_lines(log_text: str) -> list[dict[str, float]]:
+    """Every sharing line in ``log_text``, as {field: value}, in order."""
+    rows = []
+    for line in log_text.splitlines():
+        at = line.find(LOG_PREFIX)
+        if at >= 0:
+            rows.append({k: float(v) for k, v in _FIELD.findall(line[at + len(LOG_PREFIX):])})
+    return rows

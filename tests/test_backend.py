@@ -1,0 +1,193 @@
+"""DeftAttnBackend's decode step against plain per-request fp32 attention, on CPU.
+
+Real SGLang objects where the backend touches them (radix cache, request pools, KV pool,
+RadixAttention layers, ServerArgs, ModelConfig of the repo's tiny model); only the ModelRunner and
+the ForwardBatch are stand-ins carrying the fields the backend reads.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.server_args import ServerArgs
+
+import sglang_deft.backend as backend_module
+import sglang_deft.tree_attention as tree_attention
+from radix_sim import RadixSim
+from sglang_deft.backend import DeftAttnBackend
+from sglang_deft.config_checks import UnsupportedConfiguration
+from sglang_deft.kernels import KVTree, attention_reference
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
+
+
+@pytest.fixture(scope="module")
+def server_args():
+    return ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
+                      decode_attention_backend="deft", grammar_backend="none", decode_log_interval=1)
+
+
+@pytest.fixture(scope="module")
+def model_config(server_args):
+    return ModelConfig.from_server_args(server_args)
+
+
+@pytest.fixture(autouse=True)
+def single_rank(monkeypatch):
+    # SGLang's attention TP size is set by its distributed init, which a unit test does not run.
+    monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
+
+
+def make_backend(sim, server_args, model_config, layers, kv_pool):
+    model = torch.nn.ModuleList(layers)
+    runner = SimpleNamespace(
+        server_args=server_args, model_config=model_config, model=model, device="cpu",
+        kv_cache_dtype=kv_pool.dtype, req_to_token_pool=sim.req_to_token_pool, token_to_kv_pool=kv_pool,
+        use_mla_backend=False, sliding_window_size=None, mambaish_config=None,
+    )
+    return DeftAttnBackend(runner)
+
+
+def attention_layers(model_config, logit_cap=0.0):
+    hq, hkv, d = model_config.num_attention_heads, model_config.get_num_kv_heads(1), model_config.head_dim
+    return [RadixAttention(hq, d, d ** -0.5, hkv, layer_id=i, logit_cap=logit_cap)
+            for i in range(model_config.num_hidden_layers)]
+
+
+def forked_batch(sim: RadixSim):
+    """Two prompts: one cached and forked 3 ways (nested: two of them share more), one unrelated."""
+    prompt = sim.fresh(40)
+    sim.run_to_cache(prompt)
+    inner = sim.tokens(9)
+    reqs = sim.prefill([sim.new_req(prompt + inner + sim.tokens(3)), sim.new_req(prompt + inner + sim.tokens(5)),
+                        sim.new_req(prompt + sim.tokens(7)), sim.new_req(sim.fresh(13))])
+    for _ in range(3):  # a few decode steps, so private tails hold decoded tokens too
+        sim.prepare_decode(reqs)
+        sim.finish_decode(reqs)
+    return reqs
+
+
+def decode_forward_batch(sim, reqs, kv_pool):
+    """The memory side of one decode step, as the scheduler prepares it."""
+    before = [sim.seq_len[r.rid] for r in reqs]
+    seq_lens = sim.prepare_decode(reqs)
+    rows = sim.req_pool_indices(reqs)
+    out_cache_loc = sim.req_to_token[rows, torch.tensor(before)].long()
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, deft_reqs=reqs, req_pool_indices=rows,
+                           seq_lens_cpu=seq_lens, seq_lens=seq_lens, out_cache_loc=out_cache_loc,
+                           token_to_kv_pool=kv_pool)
+
+
+def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer):
+    """Each request alone over its own req_to_token row: a one-node tree per request."""
+    rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, seq_lens.tolist())]
+    indptr = torch.tensor([0] + [len(x) for x in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    tree = KVTree(torch.cat(rows).to(torch.int32), indptr, torch.full((len(rows),), -1, dtype=torch.int32),
+                  torch.arange(len(rows), dtype=torch.int32))
+    return attention_reference(q, k_buffer, v_buffer, tree, layer.scaling, layer.logit_cap)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def implementation(request, monkeypatch):
+    """The decode implementation sglang_deft.tree_attention picks (its switch, forced either way)."""
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: request.param == "triton")
+    return request.param
+
+
+@pytest.mark.parametrize("logit_cap", [0.0, 5.0], ids=["plain", "logit_cap"])
+def test_decode_matches_per_request_attention(server_args, model_config, logit_cap, implementation):
+    torch.manual_seed(0)
+    sim = RadixSim(kv_slots=2048)
+    reqs = forked_batch(sim)
+    layers = attention_layers(model_config, logit_cap)
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    kv_pool = MHATokenToKVPool(size=2048, page_size=1, dtype=torch.float32, head_num=hkv, head_dim=d,
+                               layer_num=len(layers), device="cpu", enable_memory_saver=False)
+    for i in range(len(layers)):
+        kv_pool.get_key_buffer(i).normal_()
+        kv_pool.get_value_buffer(i).normal_()
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    meta = backend.forward_metadata
+    assert meta.attended_tokens == int(fb.seq_lens_cpu.sum())
+    assert meta.unique_tokens < meta.attended_tokens  # the forked prompt is in the tree once
+
+    B = len(reqs)
+    for layer in layers:
+        q = torch.randn(B, hq * d) * 3  # scaled up so that attention is far from uniform
+        k, v = torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+        # Expected KV: this step's K/V written by us into a copy of the pool (the backend must write them).
+        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+        k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+
+        out = backend.forward(q, k, v, layer, fb)
+
+        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
+        assert out.shape == (B, hq * d)
+        torch.testing.assert_close(out.view(B, hq, d), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kv_pool.get_key_buffer(layer.layer_id), k_expected)
+
+
+def test_decode_step_logs_sharing(server_args, model_config, caplog):
+    sim = RadixSim(kv_slots=2048)
+    reqs = forked_batch(sim)
+    layers = attention_layers(model_config)
+    kv_pool = MHATokenToKVPool(size=2048, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
+                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
+                               enable_memory_saver=False)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)  # decode_log_interval=1
+    with caplog.at_level("INFO", logger="sglang_deft.sharing_metrics"):
+        backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
+    from sglang_deft.sharing_metrics import parse_sharing_lines
+
+    (row,) = parse_sharing_lines(caplog.text)
+    meta = backend.forward_metadata
+    assert row["attended_kv_tokens"] == meta.attended_tokens
+    assert row["unique_kv_tokens"] == meta.unique_tokens
+    assert row["ratio"] == pytest.approx(meta.attended_tokens / meta.unique_tokens, abs=1e-3)
+
+
+def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    kv_pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
+                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
+                               enable_memory_saver=False)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    with pytest.raises(RuntimeError, match="decode attention only.*--decode-attention-backend deft"):
+        backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.EXTEND))
+
+
+def test_decode_batch_without_requests_is_refused(server_args, model_config):
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    kv_pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
+                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
+                               enable_memory_saver=False)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, deft_reqs=None)
+    with pytest.raises(RuntimeError, match="forward_batch_reqs"):
+        backend.init_forward_metadata(fb)
+
+
+def test_unsupported_layer_is_refused_at_creation(server_args, model_config):
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    layers[1].sliding_window_size = 64
+    kv_pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
+                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
+                               enable_memory_saver=False)
+    with pytest.raises(UnsupportedConfiguration, match=r"attention layers \[1\]: sliding window 64"):
+        make_backend(sim, server_args, model_config, layers, kv_pool)

@@ -1,0 +1,150 @@
+"""Startup refusals: each unsupported configuration is refused with its flag (or model) and reason."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from sglang.srt.configs.model_config import ModelConfig
+
+from sglang_deft.config_checks import (
+    UnsupportedConfiguration,
+    check_model_config,
+    check_server_args,
+    model_config_problems,
+    server_args_problems,
+)
+from sglang_deft.launch_server import parse_server_args
+from sglang_deft.server_setup import split_deft_backend
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
+BASE_ARGV = ["--model-path", str(MODEL), "--device", "cpu", "--grammar-backend", "none"]
+
+
+@pytest.fixture(scope="module")
+def deft_args():
+    """Real ServerArgs through the launcher's parser: torch_native prefill, deft decode, on CPU."""
+    return parse_server_args(BASE_ARGV + ["--attention-backend", "deft"], device="cpu")
+
+
+def with_(server_args, **changes):
+    args = copy.copy(server_args)
+    for name, value in changes.items():
+        setattr(args, name, value)
+    return args
+
+
+def test_attention_backend_deft_becomes_deft_decode_plus_sglang_extend(deft_args):
+    assert (deft_args.attention_backend, deft_args.decode_attention_backend) == ("torch_native", "deft")
+    assert deft_args.get_attention_backends() == ("torch_native", "deft")
+    on_gpu = {"attention_backend": "deft", "decode_attention_backend": None, "prefill_attention_backend": None}
+    split_deft_backend(on_gpu, "cuda")
+    assert (on_gpu["attention_backend"], on_gpu["decode_attention_backend"]) == ("triton", "deft")
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ((None, "deft"), ("triton", "deft")),  # not SGLang's hardware default (fa3 on Hopper)
+        (("flashinfer", "deft"), ("flashinfer", "deft")),  # an explicit prefill choice stays
+        (("deft", "triton"), ("deft", "triton")),  # deft would only prefill: left for the checks to refuse
+        (("triton", None), ("triton", None)),  # no deft at all
+    ],
+)
+def test_split_on_gpu(given, expected):
+    args = {"attention_backend": given[0], "decode_attention_backend": given[1]}
+    split_deft_backend(args, "cuda")
+    assert (args["attention_backend"], args["decode_attention_backend"]) == expected
+
+
+def test_decode_attention_backend_deft_is_a_cli_choice():
+    args = parse_server_args(BASE_ARGV + ["--attention-backend", "torch_native", "--decode-attention-backend", "deft"],
+                             device="cpu")
+    assert args.get_attention_backends() == ("torch_native", "deft")
+    assert server_args_problems(args) == []
+
+
+def test_supported_configuration_passes(deft_args):
+    assert server_args_problems(deft_args) == []
+    assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(page_size=16), "--page-size 16"),
+        (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
+        (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2: quantized KV caches"),
+        (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
+        (dict(enable_pdmux=True), "--enable-pdmux"),
+        (dict(enable_dp_attention=True), "--enable-dp-attention"),
+        (dict(attn_cp_size=2), "--attn-cp-size 2"),
+        (dict(pp_size=2), "--pp-size 2"),
+        (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
+        (dict(disaggregation_mode="decode"), "--disaggregation-mode decode"),
+        (dict(enable_torch_compile=True), "--enable-torch-compile"),
+        (dict(grpc_mode=True), "--grpc-mode"),
+        (dict(dp_size=2), "--dp-size 2 with --device cpu"),
+        (dict(device="xpu"), "--device xpu"),
+        (dict(device="cuda", disable_cuda_graph=False), "--disable-cuda-graph is required"),
+        (dict(attention_backend="torch_native", decode_attention_backend="torch_native",
+              prefill_attention_backend="deft"), "with decode on torch_native): deft is a decode backend"),
+        (dict(attention_backend="deft", decode_attention_backend="triton"), "with decode on triton): deft is a decode"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_unsupported_flag_is_refused_by_name(deft_args, changes, expected):
+    with pytest.raises(UnsupportedConfiguration) as err:
+        check_server_args(with_(deft_args, **changes))
+    assert expected in str(err.value)
+    assert len(err.value.problems) == 1
+
+
+def test_checks_ignore_servers_without_deft(deft_args):
+    plain = with_(deft_args, attention_backend="torch_native", decode_attention_backend=None, page_size=16,
+                  enable_torch_compile=True)
+    assert server_args_problems(plain) == []
+
+
+def test_disabled_radix_cache_is_allowed_with_a_warning(deft_args, caplog):
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
+        check_server_args(with_(deft_args, disable_radix_cache=True))
+    assert "--disable-radix-cache" in caplog.text
+
+
+def model_dir(tmp_path: Path, **overrides) -> str:
+    config = json.loads((MODEL / "config.json").read_text())
+    config.update(overrides)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_repo_model_passes(deft_args):
+    check_model_config(ModelConfig(str(MODEL)), deft_args)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64),
+         "sliding-window attention is not supported"),
+        (dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
+              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=None,
+              first_k_dense_replace=3),
+         "MLA attention"),
+    ],
+    ids=["sliding_window", "mla"],
+)
+def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, expected):
+    path = model_dir(tmp_path, **overrides)
+    problems = model_config_problems(ModelConfig(path), deft_args)
+    assert len(problems) == 1 and expected in problems[0]
+    assert overrides["architectures"][0] in problems[0]
+
+
+def test_unused_sliding_window_field_is_not_a_sliding_window(deft_args, tmp_path):
+    path = model_dir(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096,
+                     use_sliding_window=False)
+    assert model_config_problems(ModelConfig(path), deft_args) == []

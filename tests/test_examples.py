@@ -1,0 +1,127 @@
+"""The three examples and the demo against a real SGLang server on the CPU (deft decode backend).
+
+One server for the module: the bundled tiny Llama, ``--device cpu --attention-backend torch_native
+--decode-attention-backend deft --dtype float32``, started and stopped with the demo's own code
+(`sglang_deft.demo.Server`), so the demo's start / health wait / process-group shutdown is what
+runs here. Generations are a few tokens long: the module takes about a server start plus a few
+seconds. A second test interrupts `python -m sglang_deft.demo` while its server starts and checks
+that no server process survives.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+if importlib.util.find_spec("sglang_deft.launch_server") is None:
+    pytest.skip("sglang_deft.launch_server is not there yet", allow_module_level=True)
+
+from sglang_deft import demo  # noqa: E402
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = demo.free_port()
+    log = tmp_path_factory.mktemp("deft-server") / "server.log"
+    srv = demo.Server(demo.server_command(demo.MODEL_DIR, port, gpu=False), log)
+    try:
+        srv.wait_ready(f"http://127.0.0.1:{port}", timeout=600)
+        srv.url = f"http://127.0.0.1:{port}"
+        yield srv
+    finally:
+        srv.stop()
+    assert not group_alive(srv.proc.pid), "server processes survived Server.stop()"
+
+
+def run_with_sharing(server, fn):
+    before = server.log_text()
+    res = fn()
+    deadline = time.monotonic() + 5
+    while True:  # the scheduler logs a step after the client may have seen its tokens
+        sharing = demo.sharing_summary(before, server.log_text())
+        if (sharing and demo._quiet_for(server.log_text)) or time.monotonic() > deadline:
+            return res, sharing
+
+
+def test_tree_of_thought(server):
+    tot = demo.load_example("tree_of_thought")
+    res, sharing = run_with_sharing(
+        server, lambda: tot.main(server.url, widths=(2, 2), max_tokens=4, quiet=True))
+    root = res["tree"]
+    assert root.depth() == 3 and len(res["answers"]) == 4
+    assert all(a.strip() for a in res["answers"])
+    assert len(set(res["answers"])) > 1  # branch prompts differ, so do greedy continuations
+    for thought in root.children:
+        for answer in thought.children:
+            leaf_text = next(t for t in res["leaf_texts"] if answer.label.split()[1] + " (" in t)
+            assert thought.text in leaf_text and answer.text in leaf_text
+    assert sharing is not None and sharing["steps"] > 0
+    assert sharing["ratio"] > 1.5, sharing  # 2 x 2 branches on one ~450-token question
+
+
+def test_few_shot_parallel_sampling(server):
+    ex = demo.load_example("few_shot_parallel_sampling")
+    res, sharing = run_with_sharing(
+        server, lambda: ex.main(server.url, n=4, shots=12, max_tokens=4, quiet=True))
+    assert len(res["answers"]) == 4 and all(a.strip() for a in res["answers"])
+    # 4 branches decode together over one ~700-token prompt: almost 4x.
+    assert sharing is not None and sharing["peak_ratio"] > 3.0, sharing
+
+
+def test_best_of_n(server):
+    ex = demo.load_example("best_of_n")
+    res = ex.main(server.url, n=3, max_tokens=4, answer_tokens=3, quiet=True)
+    assert len(res["answers"]) == 3 and 0 <= res["best"] < 3
+    assert all(s > float("-inf") and s <= 0 for s in res["scores"]), res["scores"]
+    assert sum(res["votes"].values()) == 3
+
+
+def test_demo_run(server, capsys):
+    res = demo.run_demo(server.url, widths=(2, 2, 2), max_tokens=3, read_log=server.log_text)
+    assert res["tree"].depth() == 4 and len(res["answers"]) == 8
+    out = capsys.readouterr().out
+    assert "sharing metrics logged by the deft backend" in out and "answer 2.2.2" in out
+    assert res["sharing"]["ratio"] > 1.5
+
+
+def test_demo_ctrl_c_during_startup_stops_the_server():
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_deft.demo", "--cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pgid = None
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if m := re.search(r"server pid (\d+)", line):
+                pgid = int(m.group(1))
+            if "waiting for" in line:
+                break
+        assert pgid is not None, "".join(out)
+        time.sleep(8)  # let the launcher get going (imports, scheduler processes)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+        out.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pgid is not None and group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            pytest.fail("the demo left its server running:\n" + "".join(out))
+    text = "".join(out)
+    assert proc.returncode == 1, text
+    assert "interrupted" in text and "server stopped" in text, text

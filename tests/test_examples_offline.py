@@ -1,0 +1,169 @@
+"""The examples' fork programs against a fake `/generate` server (no SGLang runtime, no model).
+
+Checks the tree each example builds and prints, the requests `sglang.lang` sends for it (one
+`max_new_tokens=0` prefix commit per fork, one generation per branch), and best-of-n's selection.
+The fake's completion is a deterministic function of the request text, so the branches'
+texts can be traced back to the prompts they were generated from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+pytest.importorskip("sglang.lang")
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_completion(text: str, n_tokens: int) -> str:
+    h = hashlib.sha256(text.encode()).hexdigest()
+    return "".join(f" w{h[2 * i:2 * i + 2]}" for i in range(n_tokens))
+
+
+class FakeServer:
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/get_model_info":
+                    self._send({"model_path": "fake-model", "is_generation": True})
+                else:
+                    self.send_error(404)
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append(req)
+                n = req["sampling_params"].get("max_new_tokens", 8)
+                out = fake_completion(req["text"], n)
+                meta = {"prompt_tokens": len(req["text"]), "completion_tokens": n}
+                if req.get("return_logprob"):
+                    # Mean logprob decreases with the first hex digit of the hash: deterministic.
+                    lp = -int(hashlib.sha256(req["text"].encode()).hexdigest()[0], 16) / 4
+                    meta["output_token_logprobs"] = [[lp, 7, None]] * n
+                self._send({"text": out, "meta_info": meta})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def generations(self):
+        return [r for r in self.requests if r["sampling_params"].get("max_new_tokens") != 0]
+
+    def commits(self):
+        return [r for r in self.requests if r["sampling_params"].get("max_new_tokens") == 0]
+
+
+@pytest.fixture
+def server():
+    s = FakeServer()
+    s.thread.start()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def test_tree_of_thought_two_levels(server, capsys):
+    tot = load_example("tree_of_thought")
+    res = tot.main(server.url, widths=(3, 2), max_tokens=5)
+    root = res["tree"]
+    assert [c.label.split(" (")[0] for c in root.children] == ["thought 1", "thought 2", "thought 3"]
+    assert root.children[1].label == f"thought 2 ({tot.THOUGHT_ANGLES[1]})"
+    assert [c.label.split(" (")[0] for c in root.children[1].children] == ["answer 2.1", "answer 2.2"]
+    assert root.depth() == 3 and len(res["answers"]) == 6
+    # 3 thoughts + 6 answers generated; 1 commit of the question + 3 of the thoughts.
+    assert len(server.generations()) == 9 and len(server.commits()) == 4
+    assert all(g["sampling_params"]["temperature"] == 0.0 for g in server.generations())
+    # Each answer was generated from the full text of its own path.
+    for leaf_text, answer in zip(res["leaf_texts"], res["answers"]):
+        prompt = leaf_text[: leaf_text.rindex(answer)]
+        assert answer == fake_completion(prompt, 5)
+        assert leaf_text.startswith(tot.HEADER + "Question: " + tot.QUESTION)
+    assert res["leaf_texts"][3].count("Thought 2 (") == 1 and "Answer 2.2 (" in res["leaf_texts"][3]
+    out = capsys.readouterr().out
+    assert out.count("thought ") == 3 and out.count("answer ") == 6 and "|   `-- answer 1.2" in out
+
+
+def test_tree_of_thought_three_levels(server):
+    tot = load_example("tree_of_thought")
+    res = tot.main(server.url, widths=(2, 2, 2), max_tokens=3, temperature=0.5, quiet=True)
+    assert res["tree"].depth() == 4 and len(res["answers"]) == 8
+    assert res["tree"].leaves()[-1].label.startswith("answer 2.2.2 (")
+    assert len(server.generations()) == 2 + 4 + 8 and len(server.commits()) == 1 + 2 + 4
+    assert all(g["sampling_params"]["temperature"] == 0.5 for g in server.generations())
+
+
+def test_few_shot_parallel_sampling(server, capsys):
+    ex = load_example("few_shot_parallel_sampling")
+    res = ex.main(server.url, n=5, shots=12, max_tokens=4)
+    assert len(res["answers"]) == 5 and len(res["tree"].children) == 5
+    gens = server.generations()
+    assert len(gens) == 5 and len(server.commits()) == 1
+    assert len({g["text"] for g in gens}) == 1  # every branch continues the same prompt
+    assert gens[0]["text"].count("Question:") == 13 and res["prompt_chars"] > 1000
+    assert all(abs(g["sampling_params"]["temperature"] - 0.8) < 1e-9 for g in gens)
+    assert capsys.readouterr().out.count("sample ") == 5
+
+
+def test_best_of_n_picks_majority_then_logprob(server, capsys):
+    ex = load_example("best_of_n")
+    res = ex.main(server.url, n=4, max_tokens=3, answer_tokens=2)
+    assert len(res["answers"]) == 4 and res["tree"].depth() == 3
+    # The fake is deterministic and all branches share one prompt: identical reasonings, identical
+    # answers, so all 4 vote for the same answer.
+    assert res["votes"] == {res["answers"][0].strip(): 4}
+    assert sum(1 for g in server.generations() if g.get("return_logprob")) == 4
+    assert "<- picked" in capsys.readouterr().out
+
+    # Selection rule on its own: majority first, then mean logprob, then the earlier path.
+    assert ex.pick(["a", "b", "b", "c"], [0.0, -3.0, -2.0, 1.0])[0] == 2
+    assert ex.pick(["a", "b", "c"], [-1.0, -0.5, -0.7])[0] == 1
+    assert ex.pick(["x", "x"], [-1.0, -1.0])[0] == 0
+
+
+def test_tree_view_format():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from tree_view import Node, format_tree
+    finally:
+        sys.path.pop(0)
+    root = Node("q", "a\nb")
+    t1 = root.add("t1", "x" * 100)
+    t1.add("a1", "y")
+    root.add("t2", "z\x1b[2J").note = "best"
+    assert format_tree(root, width=20).splitlines() == [
+        'q: "a b"',
+        '|-- t1: "xxxxxxxxxxxxxxxxx..."',
+        '|   `-- a1: "y"',
+        '`-- t2: "z?[2J"  [best]',
+    ]

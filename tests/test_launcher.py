@@ -1,0 +1,77 @@
+"""The launcher and sglang_deft.Engine as a user runs them: in their own processes, on CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "tiny-llama-deft"
+
+
+def run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_deft_for_both_backend_flags():
+    result = run(["-m", "sglang_deft.launch_server", "--help"])
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    for flag in ("--attention-backend", "--decode-attention-backend"):
+        choices = flat.split(flag + " {", 1)[1].split("}", 1)[0]
+        assert "deft" in choices.split(","), f"{flag} choices: {choices}"
+
+
+def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
+    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", "cpu",
+                  "--attention-backend", "deft", "--page-size", "16", "--grammar-backend", "none"])
+    assert result.returncode != 0
+    assert "UnsupportedConfiguration" in result.stderr
+    assert "--page-size 16" in result.stderr
+    assert "Load weight" not in result.stdout + result.stderr  # refused before the scheduler started
+
+
+def test_unsupported_model_stops_the_launcher(tmp_path):
+    config = json.loads((MODEL / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((MODEL / name).read_bytes())
+    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", "cpu",
+                  "--decode-attention-backend", "deft", "--grammar-backend", "none"])
+    assert result.returncode != 0
+    assert "MistralForCausalLM" in result.stderr and "sliding-window attention is not supported" in result.stderr
+
+
+ENGINE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from sglang_deft import Engine
+    from sglang_deft.config_checks import UnsupportedConfiguration
+
+    try:
+        Engine(model_path=sys.argv[1], device="cpu", attention_backend="deft", page_size=16)
+    except UnsupportedConfiguration as e:
+        refused = str(e)
+    engine = Engine(model_path=sys.argv[1], device="cpu", dtype="float32", attention_backend="deft",
+                    grammar_backend="none", max_total_tokens=4096, decode_log_interval=1, log_level="info")
+    try:
+        outs = engine.generate("The lighthouse keeper wrote", {"temperature": 0, "max_new_tokens": 6, "n": 3})
+    finally:
+        engine.shutdown()
+    print("RESULT " + json.dumps({"refused": refused, "outputs": [o["output_ids"] for o in outs]}))
+""")
+
+
+def test_engine_registers_deft_in_its_scheduler_and_refuses_unsupported_flags():
+    result = run(["-c", ENGINE_SCRIPT, str(MODEL)], timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    payload = json.loads(line[len("RESULT "):])
+    assert "--page-size 16" in payload["refused"]
+    outputs = payload["outputs"]
+    assert len(outputs) == 3 and all(len(o) == 6 for o in outputs)
+    log = result.stdout + result.stderr
+    assert "decode_backend=deft" in log  # the scheduler process built the deft backend
+    assert "DeFT decode sharing:" in log

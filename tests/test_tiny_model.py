@@ -1,0 +1,162 @@
+"""The bundled tiny Llama (models/tiny-llama-deft) is sharp enough to catch a wrong attention.
+
+Random weights at HF's default scale (or SGLang's `--load-format dummy`) make every attention row
+almost uniform, so greedy tokens barely depend on the context and a decode backend that reads the
+wrong KV slots can still produce the expected tokens. These tests show, with HF transformers in fp32
+on CPU, that the bundled weights don't have that weakness: for a 300-token shared prompt with six
+branches, changing one early prompt token, or hiding one early KV token from every query, changes
+the greedy continuation of every branch, and the branches' continuations differ from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "tiny-llama-deft"
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire. " * 20
+PROMPT_TOKENS = 300
+BRANCHES = [" Answer A:", " Answer B:", " Then", " So the", " First,", " Finally"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Hundreds of tiny single-token forwards: thread hand-offs cost more than they save
+    # (measured: 30 s with 2 threads on a busy 2-core machine, 8 s with 1).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        str(MODEL_DIR), dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tok):
+    ids = tok(PROMPT)["input_ids"][:PROMPT_TOKENS]
+    assert len(ids) == PROMPT_TOKENS
+    return ids
+
+
+def greedy(model, tok, prompt_ids, hidden_key=None):
+    """Greedy continuations of every branch; `hidden_key`: a prompt position no query may attend to
+    (what a decode backend that skipped one shared KV slot would compute)."""
+    outs = []
+    for suffix in BRANCHES:
+        ids = list(prompt_ids) + tok(suffix)["input_ids"]
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        if hidden_key is not None:
+            mask[0, hidden_key] = 0
+        # Explicit positions: a 0 in the mask must not shift the RoPE positions.
+        x, pos, past, new = torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), None, []
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                out = model(input_ids=x, attention_mask=mask, position_ids=pos,
+                            past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                new.append(int(out.logits[0, -1].argmax()))
+                x = torch.tensor([[new[-1]]])
+                pos = pos[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+        outs.append(new)
+    return outs
+
+
+def greedy_no_cache(model, prompt_ids, n, hidden_key=None):
+    """The same without a KV cache (every step recomputes the whole sequence): checks `greedy`."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            mask = torch.ones(1, len(ids), dtype=torch.long)
+            if hidden_key is not None:
+                mask[0, hidden_key] = 0
+            pos = torch.arange(len(ids)).unsqueeze(0)
+            logits = model(input_ids=torch.tensor([ids]), attention_mask=mask, position_ids=pos).logits
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+@pytest.fixture(scope="module")
+def reference(model, tok, prompt_ids):
+    return greedy(model, tok, prompt_ids)
+
+
+def test_config_and_size():
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    assert cfg["num_attention_heads"] == 8 and cfg["num_key_value_heads"] == 2  # GQA 4
+    assert cfg["head_dim"] == 32 and cfg["num_hidden_layers"] == 3 and cfg["vocab_size"] == 512
+    total = sum(f.stat().st_size for f in MODEL_DIR.iterdir())
+    assert total < 2 * 1024 * 1024, total
+
+
+def test_weights_match_the_seeded_generator():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_tiny_model
+    finally:
+        sys.path.pop(0)
+    from safetensors.torch import load_file
+
+    want = make_tiny_model.make_state_dict(MODEL_DIR)
+    have = load_file(str(MODEL_DIR / "model.safetensors"))
+    assert want.keys() == have.keys()
+    for k in want:
+        assert torch.equal(want[k], have[k]), k
+
+
+def test_attention_is_sharp(model, prompt_ids):
+    with torch.no_grad():
+        att = model(torch.tensor([prompt_ids]), output_attentions=True).attentions
+    for layer, a in enumerate(att):
+        # a: [1, heads, q, k]; the median query puts most of its weight on one key.
+        med = a[0, :, 32:].max(-1).values.median().item()
+        assert med > 0.6, (layer, med)
+
+
+def test_branches_differ_and_decode_to_one_printable_line(tok, reference):
+    assert len({tuple(o) for o in reference}) == len(BRANCHES), reference
+    for out in reference:
+        assert len(out) == NEW_TOKENS  # no EOS: the lm_head row of </s> is zero
+        text = tok.decode(out)
+        assert text and all(32 <= ord(c) < 127 for c in text), repr(text)
+
+
+@pytest.mark.parametrize("pos", [3, 40])
+def test_one_early_prompt_token_changes_every_branch(model, tok, prompt_ids, reference, pos):
+    changed = list(prompt_ids)
+    changed[pos] = 100 if prompt_ids[pos] != 100 else 101
+    outs = greedy(model, tok, changed)
+    same = [i for i, (a, b) in enumerate(zip(reference, outs)) if a == b]
+    assert not same, f"branches {same} ignored a change of prompt token {pos}"
+
+
+def test_cached_greedy_matches_full_recompute(model, tok, prompt_ids, reference):
+    ids = list(prompt_ids) + tok(BRANCHES[2])["input_ids"]
+    assert greedy_no_cache(model, ids, 6) == reference[2][:6]
+    hidden = greedy(model, tok, prompt_ids, hidden_key=5)
+    assert greedy_no_cache(model, ids, 6, hidden_key=5) == hidden[2][:6]
+
+
+def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids, reference):
+    outs = greedy(model, tok, prompt_ids, hidden_key=5)
+    same = [i for i, (a, b) in enumerate(zip(reference, outs)) if a == b]
+    assert not same, f"branches {same} did not notice KV token 5 missing"
