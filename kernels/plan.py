@@ -118,7 +118,8 @@ def _num_sms(device: torch.device) -> int:
 
 def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node: np.ndarray, *,
                    group_size: int, head_dim: int, kv_elem_bytes: int, num_kv_heads: int, num_sms: int,
-                   large_rows: int = LARGE_ROWS, max_items: int | None = None):
+                   large_rows: int = LARGE_ROWS, programs_per_sm: int = PROGRAMS_PER_SM,
+                   max_items: int | None = None):
     """The host half of planning: returns (qperm, items [I,5], num_large, merge_indptr, merge_slots,
     num_partials) as numpy int arrays. Pure; exposed for the planner-invariant tests."""
     num_nodes = len(node_parent)
@@ -152,7 +153,7 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
     rows = np.where(t_small, SMALL_ROWS, large_rows)
     t_cost = t_len * (2 * head_dim * kv_elem_bytes + rows * 4 * head_dim / FLOP_PER_BYTE)
     t_fixed = PROGRAM_LATENCY_BYTES + rows * head_dim * kv_elem_bytes + 2 * t_qc * group_size * head_dim * 4
-    target_items = max(1, (PROGRAMS_PER_SM * num_sms) // max(num_kv_heads, 1))
+    target_items = max(1, (programs_per_sm * num_sms) // max(num_kv_heads, 1))
     target = max(float(t_cost.sum() + t_fixed.sum()) / target_items, 1.0)
     max_chunks = np.maximum(1, t_len // MIN_CHUNK_TOKENS)
     nchunks = np.minimum(np.maximum(1, np.ceil(t_cost / target).astype(np.int64)), max_chunks)
@@ -195,8 +196,8 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      device: torch.device | str | None = None, *, kv_dtype: torch.dtype = torch.bfloat16,
-                     large_rows: int = LARGE_ROWS, capacity: PlanCapacity | None = None,
-                     reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
+                     large_rows: int = LARGE_ROWS, programs_per_sm: int = PROGRAMS_PER_SM,
+                     capacity: PlanCapacity | None = None, reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
     """Plan one decode step over ``tree``.
 
     ``device`` defaults to the device of ``tree.kv_indices``. Node and query metadata are read on
@@ -223,7 +224,7 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     qperm, items, num_large, merge_indptr, merge_slots, num_partials = build_schedule(
         node_indptr, node_parent, query_node, group_size=group, head_dim=head_dim,
         kv_elem_bytes=torch.empty(0, dtype=kv_dtype).element_size(), num_kv_heads=num_kv_heads,
-        num_sms=_num_sms(device), large_rows=large_rows,
+        num_sms=_num_sms(device), large_rows=large_rows, programs_per_sm=programs_per_sm,
         max_items=capacity.max_items if capacity else None)
     T = tree.kv_indices.numel()
     if capacity is not None:

@@ -97,22 +97,34 @@ def _tree_decode_stage1(
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
-    SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+    SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr,
 ):
-    # One launch serves both tile sizes: a second launch for the small tiles would wait for the
-    # large ones to drain, and on small trees that ramp-down/ramp-up is most of the step.
+    # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
+    # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
+    # which limits how many small-tile programs an SM keeps resident. TILES 1 / 2: large / small
+    # tiles only, for two launches each sized to its own tiles.
     kv_head = tl.program_id(0)
-    item = tl.program_id(1)
-    num_large = tl.load(counts)
+    pid = tl.program_id(1)
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
-    if item < num_large:
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                     sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                     stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
-    elif item < num_large + tl.load(counts + 1):
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                     sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                     stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+    num_large = tl.load(counts)
+    if TILES == 2:
+        item = num_large + pid
+        is_large = False
+        in_range = pid < tl.load(counts + 1)
+    else:
+        item = pid
+        is_large = pid < num_large
+        in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 1)
+    if in_range:
+        if is_large:
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+        elif TILES != 1:
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
 
 @triton.jit
@@ -158,6 +170,7 @@ class Stage1Config:
     block_n_small: int  # KV tokens per block for small tiles
     num_warps: int
     num_stages: int
+    separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -198,20 +211,24 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
 
 
 def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, logit_cap: float,
-                  cfg: Stage1Config) -> None:
-    """Partial attention of every work item into the plan's partial buffers."""
+                  cfg: Stage1Config):
+    """Partial attention of every work item into the plan's partial buffers; returns Triton's
+    compiled kernel of the (last) launch (its metadata tells shared memory and registers), or None
+    when nothing ran."""
     if not plan.grid_items:
-        return
+        return None
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
-    _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-        q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-        sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
-        v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
-        GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
-        SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-        IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled = None
+    for tiles in ((1, 2) if cfg.separate_launches else (0,)):
+        compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
+            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+            sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+            v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
+            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
+            SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
+            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return compiled
 
 
 def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ interpreter's bf16 tl.dot is wrong. On a GPU the same tests add bf16 and larger 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from kernel_trees import make_tree, named_trees, random_forest
 from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
+from sglang_deft.kernels.tree_decode import stage1_config
 
 CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -120,3 +122,12 @@ def test_bad_shapes_are_refused():
         tree_decode(q, kv, kv, plan, 0.1)
     with pytest.raises(ValueError, match="multiple"):
         plan_tree_decode(tree, 6, 4, 32)
+
+
+@pytest.mark.parametrize("name", ["random_forest", "fanout_256"])
+def test_separate_launches_compute_the_same(name):
+    """Large and small tiles in two launches give bitwise the unified launch's output."""
+    out, _, (q, k, v, plan, scale, cap) = run_case(TREES[name], 8, 2, 64, torch.float16)
+    cfg = stage1_config(64, plan.large_rows)
+    split = tree_decode(q, k, v, plan, scale, cap, config=dataclasses.replace(cfg, separate_launches=True))
+    assert torch.equal(out, split)
