@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import itertools
 import json
 import math
@@ -25,22 +24,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_kernels import T, _kernels  # noqa: E402  (the benchmark's trees and kernel import)
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-T = sys.modules.get("deft_bench_trees") or _load("deft_bench_trees", HERE / "trees.py")
-try:
-    import sglang_deft.kernels as K
-except ImportError:
-    sys.path.insert(0, str(HERE.parent))
-    import kernels as K  # type: ignore[no-redef]
+K = _kernels()
 PLAN = importlib.import_module(K.__name__ + ".plan")
 STAGES = importlib.import_module(K.__name__ + ".tree_decode")
 

@@ -23,12 +23,14 @@ import torch
 
 try:
     from sglang_deft.kernels import KVTree
+    from sglang_deft.kernels.reference import path_nodes
 except ImportError:  # running from a checkout that is not pip-installed: kernels/ is the package
     import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kernels import KVTree  # type: ignore[no-redef]
+    from kernels.reference import path_nodes  # type: ignore[no-redef]
 
 DEFAULT_RUN = 32
 
@@ -214,25 +216,13 @@ def build_tree(shape: TreeShape, pool_slots: int, run: int = DEFAULT_RUN, seed: 
 # Index arrays of the baselines (all CPU int32; the benchmark moves them to the GPU).
 
 
-def query_paths(tree: KVTree) -> list[list[int]]:
-    parent = tree.node_parent.tolist()
-    paths = []
-    for node in tree.query_node.tolist():
-        path = []
-        while node != -1:
-            path.append(node)
-            node = parent[node]
-        paths.append(path[::-1])
-    return paths
-
-
 def query_slots(tree: KVTree) -> list[torch.Tensor]:
     """Each query's KV slots, root first: the ground truth every provider's arrays must expand to."""
     indptr = tree.node_indptr.tolist()
     kv = tree.kv_indices
     empty = kv[:0]
     return [torch.cat([kv[indptr[n]:indptr[n + 1]] for n in path]) if path else empty
-            for path in query_paths(tree)]
+            for path in path_nodes(tree)]
 
 
 def paged_arrays(tree: KVTree) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +268,7 @@ def cascade_layout(tree: KVTree) -> CascadeLayout:
     parent = tree.node_parent.tolist()
     indptr = tree.node_indptr.tolist()
     kv = tree.kv_indices
-    paths = query_paths(tree)
+    paths = path_nodes(tree)
     n = len(parent)
     # Preorder rank of every node (children in index order) so subtrees are contiguous.
     children: list[list[int]] = [[] for _ in range(n)]
