@@ -23,17 +23,10 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, format_tree  # noqa: E402
+from tree_view import Node, format_tree, generated  # noqa: E402
 
 QUESTION = ("Tom has 3 boxes with 12 apples each. He gives away 9 apples and buys 5 more. "
             "How many apples does he have now?")
-
-
-def _value(state, var: str) -> str:
-    err = state.error()
-    if err is not None:
-        raise RuntimeError(f"generation of {var!r} failed: {err!r}") from err
-    return state[var]
 
 
 def _mean_logprob(state, var: str) -> float:
@@ -50,7 +43,7 @@ def self_consistency(s, question, branches=4, max_tokens=8, answer_tokens=4, tem
     forks += sgl.gen("reasoning", max_tokens=max_tokens, temperature=temp)
     forks += "\nAnswer:" + sgl.gen("answer", max_tokens=answer_tokens, temperature=temp,
                                     return_logprob=True)
-    return [(_value(f, "reasoning"), _value(f, "answer"), _mean_logprob(f, "answer"))
+    return [(generated(f, "reasoning"), generated(f, "answer"), _mean_logprob(f, "answer"))
             for f in forks.states]
 
 

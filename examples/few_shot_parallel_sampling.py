@@ -20,7 +20,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, format_tree  # noqa: E402
+from tree_view import Node, format_tree, generated  # noqa: E402
 
 INSTRUCTIONS = "Answer each arithmetic question with a number. Think step by step if needed.\n\n"
 
@@ -35,20 +35,13 @@ def few_shot_prompt(shots: int, seed: int = 0) -> str:
     return "".join(parts)
 
 
-def _value(state, var: str) -> str:
-    err = state.error()
-    if err is not None:
-        raise RuntimeError(f"generation of {var!r} failed: {err!r}") from err
-    return state[var]
-
-
 @sgl.function
 def parallel_sampling(s, prompt, question, branches=4, max_tokens=8, temp=0.8):
     s += prompt + "Question: " + question + "\nAnswer:"
     s.sync()  # so that fork() commits the shared prompt once (see tree_of_thought.py)
     forks = s.fork(branches)
     forks += sgl.gen("answer", max_tokens=max_tokens, temperature=temp)
-    return [_value(f, "answer") for f in forks.states]
+    return [generated(f, "answer") for f in forks.states]
 
 
 def main(url="http://127.0.0.1:30000", n=4, shots=12, question="What is 23 + 41 times 3?",

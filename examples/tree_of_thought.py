@@ -20,7 +20,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, format_tree, one_line  # noqa: E402,F401 (one_line: for the demo)
+from tree_view import Node, format_tree, generated, one_line  # noqa: E402,F401 (one_line: for the demo)
 
 QUESTION = (
     "A farmer has 17 sheep, a dog and two fields. Every morning he moves half of the sheep from "
@@ -38,13 +38,6 @@ HEADER = (
     "Solve the problem by exploring several lines of thought. Write each thought in one line, "
     "then give a short answer under each thought.\n\n"
 )
-
-
-def _value(state, var: str) -> str:
-    err = state.error()
-    if err is not None:
-        raise RuntimeError(f"generation of {var!r} failed: {err!r}") from err
-    return state[var]
 
 
 @sgl.function
@@ -76,7 +69,7 @@ def tree_of_thought(s, question, widths=(2, 2), max_tokens=8, temp=0.0):
                 pending.append((f, child, var))
         frontier = nxt
     for f, node, var in pending:
-        node.text = _value(f, var)
+        node.text = generated(f, var)
     return root, [f for f, _, _ in frontier]
 
 

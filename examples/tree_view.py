@@ -54,3 +54,11 @@ def format_tree(root: Node, width: int = 72) -> str:
     lines.append(line(root))
     walk(root, "")
     return "\n".join(lines)
+
+
+def generated(state, var: str) -> str:
+    """The text a branch generated into ``var``; raises if the branch's generation failed."""
+    err = state.error()
+    if err is not None:
+        raise RuntimeError(f"generation of {var!r} failed: {err!r}") from err
+    return state[var]

@@ -122,7 +122,6 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
                    max_items: int | None = None):
     """The host half of planning: returns (qperm, items [I,5], num_large, merge_indptr, merge_slots,
     num_partials) as numpy int arrays. Pure; exposed for the planner-invariant tests."""
-    num_nodes = len(node_parent)
     B = len(query_node)
     pre, size = _preorder(node_parent.tolist())
     qpre = pre[query_node] if B else np.zeros(0, np.int64)

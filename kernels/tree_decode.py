@@ -145,7 +145,7 @@ def _tree_decode_stage2(
     lo = tl.load(merge_indptr + b)
     hi = tl.load(merge_indptr + b + 1)
     m = float("-inf")
-    l = 0.0
+    denom = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_P):
         p_ok = start + offs_p < hi
@@ -157,10 +157,10 @@ def _tree_decode_stage2(
         w = tl.exp2(lse - m_new)
         alpha = tl.exp2(m - m_new)
         acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        l = l * alpha + tl.sum(w, 0)
+        denom = denom * alpha + tl.sum(w, 0)
         m = m_new
-    # A query whose path holds no KV gets zeros (no partials: l == 0).
-    res = acc / tl.where(l > 0, l, 1.0)
+    # A query whose path holds no KV gets zeros (no partials: denom == 0).
+    res = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
 
 

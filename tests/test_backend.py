@@ -45,6 +45,13 @@ def single_rank(monkeypatch):
     monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
 
 
+def kv_pool_for(layers, size: int) -> MHATokenToKVPool:
+    """A float32 CPU KV pool shaped for ``layers``."""
+    return MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
+                            head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
+                            enable_memory_saver=False)
+
+
 def make_backend(sim, server_args, model_config, layers, kv_pool):
     model = torch.nn.ModuleList(layers)
     runner = SimpleNamespace(
@@ -110,8 +117,7 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
     reqs = forked_batch(sim)
     layers = attention_layers(model_config, logit_cap)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
-    kv_pool = MHATokenToKVPool(size=2048, page_size=1, dtype=torch.float32, head_num=hkv, head_dim=d,
-                               layer_num=len(layers), device="cpu", enable_memory_saver=False)
+    kv_pool = kv_pool_for(layers, 2048)
     for i in range(len(layers)):
         kv_pool.get_key_buffer(i).normal_()
         kv_pool.get_value_buffer(i).normal_()
@@ -144,9 +150,7 @@ def test_decode_step_logs_sharing(server_args, model_config, caplog):
     sim = RadixSim(kv_slots=2048)
     reqs = forked_batch(sim)
     layers = attention_layers(model_config)
-    kv_pool = MHATokenToKVPool(size=2048, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
-                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
-                               enable_memory_saver=False)
+    kv_pool = kv_pool_for(layers, 2048)
     backend = make_backend(sim, server_args, model_config, layers, kv_pool)  # decode_log_interval=1
     with caplog.at_level("INFO", logger="sglang_deft.sharing_metrics"):
         backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
@@ -162,9 +166,7 @@ def test_decode_step_logs_sharing(server_args, model_config, caplog):
 def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):
     sim = RadixSim(kv_slots=256)
     layers = attention_layers(model_config)
-    kv_pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
-                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
-                               enable_memory_saver=False)
+    kv_pool = kv_pool_for(layers, 256)
     backend = make_backend(sim, server_args, model_config, layers, kv_pool)
     with pytest.raises(RuntimeError, match="decode attention only.*--decode-attention-backend deft"):
         backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.EXTEND))
@@ -173,9 +175,7 @@ def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):
 def test_decode_batch_without_requests_is_refused(server_args, model_config):
     sim = RadixSim(kv_slots=256)
     layers = attention_layers(model_config)
-    kv_pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
-                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
-                               enable_memory_saver=False)
+    kv_pool = kv_pool_for(layers, 256)
     backend = make_backend(sim, server_args, model_config, layers, kv_pool)
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, deft_reqs=None)
     with pytest.raises(RuntimeError, match="forward_batch_reqs"):
@@ -186,8 +186,6 @@ def test_unsupported_layer_is_refused_at_creation(server_args, model_config):
     sim = RadixSim(kv_slots=256)
     layers = attention_layers(model_config)
     layers[1].sliding_window_size = 64
-    kv_pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
-                               head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
-                               enable_memory_saver=False)
+    kv_pool = kv_pool_for(layers, 256)
     with pytest.raises(UnsupportedConfiguration, match=r"attention layers \[1\]: sliding window 64"):
         make_backend(sim, server_args, model_config, layers, kv_pool)

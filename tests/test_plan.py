@@ -6,7 +6,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from kernel_trees import make_tree, random_forest
 from sglang_deft.kernels import plan_tree_decode
