@@ -69,14 +69,30 @@ def nested_forks(s, context):
     branches = s.fork(2)
     for i, branch in enumerate(branches):
         branch += f" Idea {i + 1}:"
-        branch += sgl.gen("idea", max_tokens=MAX_TOKENS, temperature=0)
+        branch += sgl.gen("idea", max_tokens=MAX_TOKENS, temperature=0, return_logprob=True)
     leaves = []
     for branch in branches:
         for j, leaf in enumerate(branch.fork(2)):
             leaf += f" Check {j + 1}:"
-            leaf += sgl.gen("check", max_tokens=MAX_TOKENS, temperature=0)
+            leaf += sgl.gen("check", max_tokens=MAX_TOKENS, temperature=0, return_logprob=True)
             leaves.append(leaf)
-    return [b["idea"] for b in branches] + [leaf["check"] for leaf in leaves]
+    generated = [(b, "idea") for b in branches] + [(leaf, "check") for leaf in leaves]
+    return [(state[var], token_logprobs(state.get_meta_info(var))) for state, var in generated]
+
+
+def token_logprobs(meta_info: dict) -> list[float]:
+    return [t[0] for t in meta_info["output_token_logprobs"]]
+
+
+# Same tokens is too weak a check on this model: dropping one KV token of every shared node leaves
+# every greedy token unchanged but moves logprobs by 7e-4 to 0.2 (measured with a broken builder),
+# while deft and torch_native, both fp32, agree far closer than this.
+LOGPROB_ATOL = 2e-4
+
+
+def assert_same_generation(deft_ids, deft_lps, ref_ids, ref_lps):
+    assert deft_ids == ref_ids
+    assert deft_lps == pytest.approx(ref_lps, abs=LOGPROB_ATOL)
 
 
 def greedy(max_new_tokens=MAX_TOKENS, **extra) -> dict:
@@ -88,15 +104,18 @@ def test_nested_fork_program_matches(servers):
     for name, server in servers.items():
         state = nested_forks.run(context=CONTEXT, backend=RuntimeEndpoint(server.url))
         results[name] = state.ret_value
-    assert len(results["deft"]) == 6 and all(results["deft"])
-    assert results["deft"] == results["reference"]
+    assert len(results["deft"]) == 6 and all(text for text, _ in results["deft"])
+    for (deft_text, deft_lps), (ref_text, ref_lps) in zip(results["deft"], results["reference"]):
+        assert_same_generation(deft_text, deft_lps, ref_text, ref_lps)
 
 
 def test_parallel_sampling_n_matches(servers):
-    payload = {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4)}
-    outs = {name: [o["output_ids"] for o in server.generate(payload)] for name, server in servers.items()}
+    payload = {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4), "return_logprob": True}
+    outs = {name: server.generate(payload) for name, server in servers.items()}
     assert len(outs["deft"]) == 4
-    assert outs["deft"] == outs["reference"]
+    for deft, ref in zip(outs["deft"], outs["reference"]):
+        assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
+                               ref["output_ids"], token_logprobs(ref["meta_info"]))
 
 
 def test_shared_prefix_batch_matches(servers):
@@ -104,10 +123,8 @@ def test_shared_prefix_batch_matches(servers):
     payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
     outs = {name: server.generate(payload) for name, server in servers.items()}
     for deft, ref in zip(outs["deft"], outs["reference"]):
-        assert deft["output_ids"] == ref["output_ids"]
-        lp_deft = [t[0] for t in deft["meta_info"]["output_token_logprobs"]]
-        lp_ref = [t[0] for t in ref["meta_info"]["output_token_logprobs"]]
-        assert lp_deft == pytest.approx(lp_ref, abs=1e-3)
+        assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
+                               ref["output_ids"], token_logprobs(ref["meta_info"]))
     assert len({tuple(o["output_ids"]) for o in outs["reference"]}) > 1  # the branches really differ
 
 
