@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# One GPU-host session step, each well inside a 10-minute device call. From the repo root, with .kit
+# carried (the devkit; see ../shared/devkit/README.md):
+#
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh kernels   # pytest kernels+plan on the GPU, kernel benchmark
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e       # gpu_e2e.py, tiny then 8b
+#   bash scripts/gpu_session.sh e2e-tiny | e2e-8b                 # one model (if `e2e` had to skip 8b)
+#   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
+#
+# Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
+# pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
+# `scripts/gpu_e2e.py --make-overlay` (kernels/ and patches/ become subpackages, as pyproject's
+# package-dir does); pytest runs from the overlay directory, because `python -m` puts the cwd first on
+# sys.path and the repo root's own sglang_deft/ has no kernels/. The .kit bootstrap is sourced here
+# (idempotent), so `source .kit/bootstrap.sh &&` in front is optional.
+#
+# Expected wall time on the H200 (fresh machine; a warm one reuses the FlashInfer/Triton caches in $HOME):
+#   kernels  ~4-7 min: bootstrap 10-30 s, pytest 1-3 min (Triton compiles every config; capped at
+#            PYTEST_S=240), benchmark 2.5-4 min (145 s measured on 2026-11-29 + FlashInfer JIT; capped by
+#            what is left of SESSION_S=565).
+#   e2e      ~4-7 min: all 6 servers (per model: triton, flashinfer noise floor, deft) start together
+#            (E2E_PARALLEL=all; `model` starts one model's 3 at a time). Startup ~1 min of SGLang per
+#            server (measured 57-71 s alone, 2026-11-29) plus FlashInfer's JIT of its decode module in the
+#            flashinfer servers (1-2 min on a fresh machine, per model: head_dim 32 fp16 and 128 bf16);
+#            then tiny's workloads ~30 s, 8b's ~1 min. gpu_e2e.py gets the rest of SESSION_S as
+#            --budget-s; with E2E_PARALLEL=model it skips 8b (JSON says so, exit 1) if under 210 s are
+#            left: then run `e2e-8b`.
+# Every command has a timeout under SESSION_S=565 s; server process groups left behind by a killed run
+# are ended by their recorded ids.
+set -uo pipefail
+
+PHASE=${1:-}
+case "$PHASE" in
+  kernels|sweep|e2e|e2e-tiny|e2e-8b) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b" >&2; exit 2 ;;
+esac
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+: "${OUT:=$REPO/gpu_out}"
+: "${SESSION_S:=565}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+left() { echo $(( SESSION_S - (SECONDS - START) )); }
+say() { echo "[session +$((SECONDS - START))s] $*"; }
+
+main() {
+  say "phase $PHASE, OUT=$OUT, budget ${SESSION_S}s"
+  if [ -z "${SKIP_BOOTSTRAP:-}" ]; then  # SKIP_BOOTSTRAP=1: an environment that has SGLang (CPU dry runs)
+    # shellcheck disable=SC1091
+    source .kit/bootstrap.sh || { say "bootstrap failed (is .kit carried?)"; return 2; }
+    say "bootstrap done"
+  fi
+  OVERLAY=$(python3 scripts/gpu_e2e.py --make-overlay /tmp/sglang_deft_overlay) || return 2
+  export PYTHONPATH="$OVERLAY:${PYTHONPATH:-}"
+  COMMIT=${DEFT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+  export DEFT_COMMIT=$COMMIT
+  (cd "$OVERLAY" && python3 - <<'EOF') || { say "preflight failed"; return 2; }
+import importlib.metadata as md, subprocess, sys
+import torch, triton, sglang_deft.kernels, sglang_deft.patches
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+except (OSError, subprocess.SubprocessError) as e:
+    gpu = f"no nvidia-smi ({e})"
+
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+print(f"python {sys.version.split()[0]} torch {torch.__version__} triton {triton.__version__} "
+      f"sglang {v('sglang')} flashinfer {v('flashinfer_python')} | {gpu}")
+print(f"sglang_deft.kernels from {sglang_deft.kernels.__file__}")
+EOF
+  say "preflight done, commit $COMMIT"
+  case "$PHASE" in
+    kernels) phase_kernels ;;
+    sweep) phase_sweep ;;
+    e2e) phase_e2e tiny,8b ;;
+    e2e-tiny) phase_e2e tiny ;;
+    e2e-8b) phase_e2e 8b ;;
+  esac
+}
+
+phase_kernels() {
+  local xdist=() rc_pytest rc_bench t
+  if python3 -c "import xdist" 2>/dev/null; then xdist=(-n "${PYTEST_WORKERS:-4}"); fi
+  t=$SECONDS
+  (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
+      "$REPO/tests/test_plan.py" -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
+  rc_pytest=$?
+  say "pytest rc=$rc_pytest in $((SECONDS - t))s (124: cut at PYTEST_S)"
+  local bench_s=$(( $(left) - 20 ))
+  if [ "$bench_s" -lt 60 ]; then say "no time left for the benchmark"; return 1; fi
+  t=$SECONDS
+  timeout -k 10 "$bench_s" python3 benchmarks/bench_kernels.py --out "$OUT" --commit "$COMMIT"
+  rc_bench=$?
+  say "bench_kernels rc=$rc_bench in $((SECONDS - t))s (limit ${bench_s}s; 124: cut, JSON keeps what it measured)"
+  if [ -f "$OUT/kernels_h200.json" ] && [ "$(left)" -gt 15 ]; then
+    timeout 15 python3 benchmarks/plot_kernels.py "$OUT/kernels_h200.json" -o "$OUT/kernels_h200.png" \
+      || say "plot skipped"
+  fi
+  [ "$rc_pytest" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+}
+
+phase_sweep() {
+  # Stage-1 launch parameters over the benchmark's trees (benchmarks/sweep_stage1.py): 72 configs x 7
+  # cases, ~4-6 min with compiles; the JSON is rewritten after every case, so a cut run keeps them.
+  local t=$SECONDS
+  timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/sweep_stage1.py --out "$OUT" ${SWEEP_ARGS:-}
+  local rc=$?
+  say "sweep_stage1 rc=$rc in $((SECONDS - t))s"
+  return $rc
+}
+
+phase_e2e() {
+  local models=$1 logs=/tmp/gpu_e2e_logs rc budget
+  rm -rf "$logs" && mkdir -p "$logs"
+  budget=$(( $(left) - 30 ))  # leaves time for the cleanup and the log bundle
+  say "gpu_e2e.py --models $models --budget-s $budget"
+  timeout -k 15 $(( budget + 15 )) python3 scripts/gpu_e2e.py --out "$OUT" --log-dir "$logs" --models "$models" \
+      --budget-s "$budget" --parallel "${E2E_PARALLEL:-all}" --commit "$COMMIT" ${E2E_ARGS:-}
+  rc=$?
+  say "gpu_e2e rc=$rc"
+  # Server process groups (recorded by gpu_e2e.py as it launched them) that a hard kill left running.
+  if [ -f "$logs/server_pgids.txt" ]; then
+    while read -r pgid name; do
+      # still alive, and still ours (an SGLang process; setsid made pgid == session id)
+      if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null && ps -o args= -s "$pgid" | grep -q sglang; then
+        say "ending leftover server $name (process group $pgid)"
+        kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null
+      fi
+    done < "$logs/server_pgids.txt"
+  fi
+  tar -czf "$OUT/e2e_logs.tar.gz" -C "$(dirname "$logs")" "$(basename "$logs")" && say "logs in e2e_logs.tar.gz"
+  if [ -f "$OUT/gpu_e2e.json" ]; then
+    python3 - "$OUT/gpu_e2e.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"ok={r.get('ok')} complete={r.get('complete')} wall={r.get('wall_s')}s")
+for name, m in r.get("models", {}).items():
+    print(f"  {name}: ok={m.get('ok')} noise={m.get('noise_backend')} skipped={m.get('skipped')} "
+          f"error={'yes' if m.get('error') else 'no'} context_sensitivity={m.get('context_sensitivity')}")
+    for w, e in m.get("workloads", {}).items():
+        rel = e.get("relative", {})
+        print(f"    {w}: ok={e['ok']} deft diff {e['max_abs_logprob_diff']:.4f} div {e['divergences']}/{e['requests']}"
+              f" | noise diff {rel.get('noise_max_abs_logprob_diff', float('nan')):.4f}"
+              f" div {rel.get('noise_divergences')}"
+              f" | allowed {rel.get('allowed_logprob_diff', float('nan')):.4f} / {rel.get('allowed_divergences')}")
+EOF
+  fi
+  return "$rc"
+}
+
+main 2>&1 | tee "$OUT/session_$PHASE.log"
+rc=${PIPESTATUS[0]}
+echo "[session] phase $PHASE exit $rc after $((SECONDS - START))s"
+exit "$rc"

@@ -1,0 +1,208 @@
+"""The GPU end-to-end criterion (scripts/gpu_e2e.py) on synthetic logprob lists: deft must differ from
+SGLang's triton decode no more than k x SGLang's flashinfer decode does (the measured noise floor)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
+g = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("gpu_e2e", g)  # dataclasses look their module up there
+_spec.loader.exec_module(g)
+
+CRIT = g.Criterion()  # k 2, floor 0.01, divergence floor max(1, ceil(requests / 8)), tie factor 2, pooled
+
+
+def seq(ids, lps, runner_up=None, gap=0.3):
+    """A sequence whose top-k holds the chosen token and, per step, one runner-up ``gap`` below it
+    (``runner_up[t]``, default token 999)."""
+    tops = []
+    for t, (i, lp) in enumerate(zip(ids, lps)):
+        other = runner_up[t] if runner_up else 999
+        tops.append({i: lp, other: lp - gap})
+    return g.Seq(list(ids), list(lps), tops)
+
+
+def reference(n_requests=8, steps=32, seed=0):
+    rng = random.Random(seed)
+    return [seq([rng.randrange(3, 300) for _ in range(steps)], [-rng.uniform(0.2, 2.0) for _ in range(steps)])
+            for _ in range(n_requests)]
+
+
+def jitter(ref, scale, seed):
+    """Same tokens, every logprob moved by up to ``scale`` (what another correct kernel does)."""
+    rng = random.Random(seed)
+    return [seq(r.ids, [lp + rng.uniform(-scale, scale) for lp in r.lps]) for r in ref]
+
+
+def diverge(s: g.Seq, ref: g.Seq, t: int, gap: float) -> g.Seq:
+    """``s`` picks token 7 at step ``t`` where ``ref`` picked ref.ids[t]; in both servers the two tokens are
+    ``gap`` apart (ref's top-k gets token 7 at ``gap`` below its choice, and the other way round)."""
+    ids = s.ids[:t] + [7] + [8] * (len(s.ids) - t - 1)
+    out = seq(ids, s.lps)
+    out.tops[t][ref.ids[t]] = s.lps[t] - gap
+    ref.tops[t][7] = ref.lps[t] - gap
+    return out
+
+
+def test_parse_response_reads_sglang_logprob_fields():
+    resp = {"output_ids": [5, 6], "meta_info": {
+        "output_token_logprobs": [[-0.5, 5, None], [-1.0, 6, None]],
+        "output_top_logprobs": [[[-0.5, 5, None], [-1.2, 9, None]], [[-1.0, 6, None], [-1.1, 4, None]]]}}
+    s = g.parse_response(resp)
+    assert s.ids == [5, 6] and s.lps == [-0.5, -1.0]
+    assert s.tops == [{5: -0.5, 9: -1.2}, {6: -1.0, 4: -1.1}]
+
+
+def test_identical_outputs_pass_on_the_floor():
+    ref = reference()
+    entry = g.judge_workload(ref, ref, ref, CRIT, atol=0.02, tie_tol=0.1)
+    assert entry["ok"] and entry["criterion"] == "relative"
+    assert entry["max_abs_logprob_diff"] == 0 and entry["relative"]["allowed_logprob_diff"] == CRIT.lp_floor
+
+
+def test_deft_as_noisy_as_flashinfer_passes_and_keeps_the_absolute_fields():
+    ref = reference()
+    deft, noise = jitter(ref, 0.015, seed=1), jitter(ref, 0.012, seed=2)
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.02, tie_tol=0.1)
+    assert entry["ok"], entry["failures"]
+    for key in ("requests", "steps", "steps_compared", "divergences", "max_abs_logprob_diff", "absolute_ok",
+                "absolute_failures", "noise", "common_horizon"):
+        assert key in entry
+    assert entry["steps"] == entry["steps_compared"] == 8 * 32
+    assert 0.01 < entry["max_abs_logprob_diff"] <= 0.015
+    assert entry["relative"]["allowed_logprob_diff"] == pytest.approx(2 * entry["noise"]["max_abs_logprob_diff"])
+
+
+def test_bf16_sized_noise_passes_when_flashinfer_is_as_noisy_though_the_absolute_check_fails():
+    """Today's bf16 tiny run: deft-vs-triton up to ~0.1 at agreeing steps (atol 0.05 failed)."""
+    ref = reference()
+    deft, noise = jitter(ref, 0.10, seed=3), jitter(ref, 0.09, seed=4)
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["ok"], entry["failures"]
+    assert not entry["absolute_ok"]
+
+
+def test_logprob_error_beyond_k_times_the_noise_fails():
+    ref = reference()
+    noise = jitter(ref, 0.012, seed=5)
+    deft = jitter(ref, 0.012, seed=6)
+    deft[3].lps[10] += 0.08  # one wrong step, 3x what two correct kernels differ by
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.02, tie_tol=0.1)
+    assert not entry["ok"]
+    assert "logprob diff" in entry["failures"][0]
+
+
+def test_a_wrong_attention_on_the_tiny_model_fails():
+    """Attention over the wrong KV: logprobs off by O(0.3) and tokens that are no near-tie."""
+    ref = reference()
+    noise = jitter(ref, 0.015, seed=7)
+    rng = random.Random(8)
+    deft = [diverge(jitter([r], 0.3, seed=i)[0], r, t=rng.randrange(1, 6), gap=0.8) for i, r in enumerate(ref)]
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.02, tie_tol=0.1)
+    assert not entry["ok"]
+    text = " ".join(entry["failures"])
+    assert "divergences" in text and "not a near-tie" in text
+
+
+def test_divergence_counts_use_k_times_noise_plus_a_floor():
+    ref = reference(n_requests=16)
+    noise = jitter(ref, 0.02, seed=9)
+    deft = jitter(ref, 0.02, seed=10)
+    # noise: 1 near-tie divergence; allowed for deft: 2 * 1 + max(1, ceil(16 / 8)) = 4
+    noise[0] = diverge(noise[0], ref[0], t=5, gap=0.01)
+    for i in range(4):
+        deft[i + 1] = diverge(deft[i + 1], ref[i + 1], t=3 + i, gap=0.01)
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["relative"]["allowed_divergences"] == 4
+    assert entry["ok"], entry["failures"]
+    deft[6] = diverge(deft[6], ref[6], t=9, gap=0.01)
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert not entry["ok"] and "5 divergences > allowed 4" in entry["failures"][0]
+
+
+def test_a_divergence_must_be_a_near_tie_at_the_noise_scale():
+    ref = reference()
+    noise = jitter(ref, 0.015, seed=11)  # allowed diff ~0.03, allowed tie gap ~0.06
+    deft = jitter(ref, 0.015, seed=12)
+    deft[2] = diverge(deft[2], ref[2], t=4, gap=0.04)
+    ok = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert ok["ok"], ok["failures"]
+    deft[2] = diverge(deft[2], ref[2], t=4, gap=0.2)
+    bad = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert not bad["ok"] and "request 2 step 4: not a near-tie" in bad["failures"][0]
+
+
+def test_a_token_outside_the_top_k_counts_with_its_smallest_possible_gap():
+    ref = seq([1, 2, 3], [-0.5, -0.6, -0.7], gap=0.3)
+    x = seq([1, 2, 4], [-0.5, -0.6, -0.7], gap=0.3)
+    stats = g.compare_pair(x, ref)
+    assert stats.diverged_at == 2 and stats.tie_in_top_k is False
+    assert stats.tie_gap == pytest.approx(0.3)  # at least down to the k-th entry in both servers
+    empty = g.Seq([4], [-0.5], [{}])
+    assert math.isinf(g.compare_pair(empty, g.Seq([1], [-0.5], [{}])).tie_gap)
+
+
+def test_without_a_noise_server_the_absolute_check_decides():
+    ref = reference()
+    deft = jitter(ref, 0.03, seed=13)
+    entry = g.judge_workload(deft, ref, None, CRIT, atol=0.02, tie_tol=0.1)
+    assert entry["criterion"] == "absolute" and not entry["ok"]
+    assert entry["failures"] == entry["absolute_failures"]
+
+
+def test_common_horizon_stops_at_the_first_divergence_of_either_pair():
+    ref = reference(n_requests=1, steps=6)
+    deft = [seq(ref[0].ids, [lp + 0.01 * t for t, lp in enumerate(ref[0].lps)])]
+    noise = [diverge(seq(ref[0].ids, ref[0].lps), ref[0], t=3, gap=0.01)]
+    h = g.common_horizon([g.compare_pair(deft[0], ref[0])], [g.compare_pair(noise[0], ref[0])])
+    assert h["steps"] == 3 and h["deft_max_abs_logprob_diff"] == pytest.approx(0.02)
+
+
+def test_defaults_and_overlay_layout(tmp_path):
+    args = g.parse_args(["--out", str(tmp_path)])
+    assert args.tiny_dtype == "float16" and args.noise_backends == "flashinfer,torch_native"
+    assert args.criterion == g.Criterion(2.0, 0.01, 0.125, 2.0, "model")
+    assert g.parse_args(["--device", "cpu"]).noise_backends == "torch_native"
+    base = g.model_base_args("tiny", g.MODELS["tiny"], args)
+    assert base[base.index("--dtype") + 1] == "float16" and "--max-total-tokens" in base
+    assert g.role_args(base, "noise", "flashinfer")[-2:] == ["--decode-attention-backend", "flashinfer"]
+    assert g.role_args(base, "triton", "triton") == base
+    overlay = g.make_overlay(tmp_path / "overlay")
+    pkg = overlay / "sglang_deft"
+    assert (pkg / "kernels").resolve() == REPO / "kernels" and (pkg / "patches").resolve() == REPO / "patches"
+    assert (pkg / "__init__.py").resolve() == REPO / "sglang_deft" / "__init__.py"
+    g.make_overlay(tmp_path / "overlay")  # idempotent
+
+
+def test_model_wide_noise_raises_a_quiet_workloads_band_but_never_tightens_it():
+    """Workload A: flashinfer happened to flip little (0.006); workload B, same model: 0.02. deft's 0.018
+    on A is within 2 x the model's noise, not within 2 x A's own."""
+    ref_a, ref_b = reference(seed=20), reference(n_requests=16, seed=21)
+    noise_a, deft_a = jitter(ref_a, 0.006, seed=22), jitter(ref_a, 0.006, seed=23)
+    deft_a[0].lps[5] = ref_a[0].lps[5] + 0.018
+    noise_b, deft_b = jitter(ref_b, 0.02, seed=24), jitter(ref_b, 0.02, seed=25)
+    noise_b[3] = diverge(noise_b[3], ref_b[3], t=6, gap=0.01)  # 1 divergence in 16 requests: rate 1/16
+    workloads = {"a": (deft_a, ref_a, noise_a), "b": (deft_b, ref_b, noise_b)}
+    own, pooled = g.judge_model(workloads, g.Criterion(noise_pool="workload"), atol=0.05, tie_tol=0.1)
+    assert pooled is None and not own["a"]["ok"] and own["b"]["ok"]
+    entries, pooled = g.judge_model(workloads, CRIT, atol=0.05, tie_tol=0.1)
+    assert pooled["requests"] == 24 and pooled["divergences"] == 1
+    assert entries["a"]["ok"], entries["a"]["failures"]
+    rel_a, rel_b = entries["a"]["relative"], entries["b"]["relative"]
+    assert rel_a["noise_level_used"]["max_abs_logprob_diff"] == pytest.approx(pooled["max_abs_logprob_diff"])
+    assert rel_a["allowed_divergences"] == pytest.approx(2 * 8 / 24 + 1, abs=1e-3)  # the rate, scaled to 8 requests
+    assert rel_b["allowed_divergences"] == 2 * 1 + 2  # its own count is higher than the rate: kept
+    assert rel_b["allowed_logprob_diff"] == own["b"]["relative"]["allowed_logprob_diff"]
+
+
+def test_without_a_noise_server_nothing_is_pooled():
+    ref = reference()
+    entries, pooled = g.judge_model({"a": (jitter(ref, 0.005, seed=30), ref, None)}, CRIT, atol=0.02, tie_tol=0.1)
+    assert pooled is None and entries["a"]["criterion"] == "absolute" and entries["a"]["ok"]
