@@ -347,16 +347,6 @@ class Clock:
         print(f"[gpu_e2e +{self.elapsed():6.1f}s] {name}{took}{(' ' + extra) if extra else ''}", flush=True)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 @dataclass
 class Launched:
     role: str           # triton / deft / noise
@@ -395,6 +385,8 @@ class Fleet:
 
     def stop(self, items: list[Launched]) -> None:
         """SIGTERM to all first, then wait: stopping one after another could take 30 s each."""
+        from sglang_deft.server_process import process_group_alive
+
         alive = [x for x in items if x.server.proc.poll() is None]
         for x in alive:
             try:
@@ -415,7 +407,7 @@ class Fleet:
         # moment; the next model's servers should not start beside them.
         groups = [x.server.proc.pid for x in alive]
         while groups and time.monotonic() < deadline + 10:
-            groups = [g for g in groups if _group_alive(g)]
+            groups = [g for g in groups if process_group_alive(g)]
             if groups:
                 time.sleep(0.2)
         for g in groups:

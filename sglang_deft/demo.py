@@ -33,6 +33,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+from sglang_deft.server_process import process_group_alive
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-llama-deft"
 EXAMPLES_DIR = REPO / "examples"
@@ -111,14 +113,14 @@ class Server:
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if it lingers."""
-        if self.proc.poll() is None or _group_alive(self.proc.pid):
+        if self.proc.poll() is None or process_group_alive(self.proc.pid):
             for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
                 try:
                     os.killpg(self.proc.pid, sig)
                 except ProcessLookupError:
                     break
                 deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                while time.monotonic() < deadline and process_group_alive(self.proc.pid):
                     if self.proc.poll() is None:
                         try:
                             self.proc.wait(timeout=0.2)
@@ -126,21 +128,11 @@ class Server:
                             pass
                     else:
                         time.sleep(0.2)
-                if not _group_alive(self.proc.pid):
+                if not process_group_alive(self.proc.pid):
                     break
         if self.proc.poll() is None:
             self.proc.wait()
         self.log.close()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def tail(text: str, n: int) -> str:

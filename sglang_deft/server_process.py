@@ -18,6 +18,17 @@ import urllib.request
 from pathlib import Path
 
 
+def process_group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still running (a server's children can outlive it)."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but not ours to signal
+        return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
