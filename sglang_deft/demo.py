@@ -24,7 +24,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from sglang_deft.server_process import process_group_alive
+from sglang_deft.server_process import free_port, process_group_alive
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-llama-deft"
@@ -42,12 +41,6 @@ EXAMPLES_DIR = REPO / "examples"
 
 def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_gpu(force_cpu: bool) -> bool:

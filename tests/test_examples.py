@@ -24,14 +24,7 @@ if importlib.util.find_spec("sglang_deft.launch_server") is None:
     pytest.skip("sglang_deft.launch_server is not there yet", allow_module_level=True)
 
 from sglang_deft import demo  # noqa: E402
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+from sglang_deft.server_process import process_group_alive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-    assert not group_alive(srv.proc.pid), "server processes survived Server.stop()"
+    assert not process_group_alive(srv.proc.pid), "server processes survived Server.stop()"
 
 
 def run_with_sharing(server, fn):
@@ -119,7 +112,7 @@ def test_demo_ctrl_c_during_startup_stops_the_server():
     finally:
         if proc.poll() is None:
             proc.kill()
-        if pgid is not None and group_alive(pgid):
+        if pgid is not None and process_group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
             pytest.fail("the demo left its server running:\n" + "".join(out))
     text = "".join(out)
