@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .plan import SMALL_ROWS, TreeDecodePlan
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # scores move to base 2 so the kernels use exp2/log2
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _attend_item(
         s = s * sm_scale
         if USE_CAP:
             s = _soft_cap(s, logit_cap)
-        s = tl.where(n_ok[None, :], s * 1.4426950408889634, float("-inf"))
+        s = tl.where(n_ok[None, :], s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
