@@ -36,7 +36,9 @@ def grid(quick: bool):
     """(large_rows, block_n_large, block_n_small, num_warps, num_stages, programs_per_sm, separate)."""
     if quick:
         return [(64, 64, 32, 4, 4, 2, False), (64, 64, 32, 4, 4, 2, True), (64, 32, 32, 4, 4, 2, False)]
-    return list(itertools.product([64], [32, 64], [32, 64], [4], [2, 3, 4], [1, 2, 4], [False, True]))
+    blocks = [(64, 32), (32, 32), (64, 64)]  # (large, small) KV block lengths; 32/64 mixed never won
+    return [(64, bl, bs, 4, st, pp, sep) for (bl, bs), st, pp, sep in
+            itertools.product(blocks, [2, 3, 4], [1, 2, 4, 8], [False, True])]
 
 
 def main(argv=None) -> int:
