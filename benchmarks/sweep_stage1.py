@@ -4,7 +4,11 @@ Sweeps stage-1 block lengths, pipeline depth, warps and tile rows with the plann
 over the benchmark's trees, timed as bench_kernels.py times (one call in a CUDA graph, replayed
 under do_bench with L2 flushed before each replay).
 
-    python benchmarks/sweep_stage1.py --out $OUT [--cases p4k_16,nosharing] [--quick]
+    python benchmarks/sweep_stage1.py --out $OUT [--cases p4k_16,nosharing] [--grid full|quick|near]
+
+``--grid near`` varies tile rows, warps, block lengths and programs per SM around the current
+default; every grid also times the default's two stages apart (``stage1_us``, ``stage2_us``: a graph
+of one stage's launch each; their sum exceeds the step's median by one launch's overhead).
 
 Writes ``$OUT/sweep_stage1.json`` (every cell, plus the compiled stage-1 kernel's shared memory,
 registers and spills: stage 1 holds both tile sizes in one kernel, so its shared memory is sized by
@@ -32,10 +36,13 @@ PLAN = importlib.import_module(K.__name__ + ".plan")
 STAGES = importlib.import_module(K.__name__ + ".tree_decode")
 
 
-def grid(quick: bool):
+def grid(name: str):
     """(large_rows, block_n_large, block_n_small, num_warps, num_stages, programs_per_sm, separate)."""
-    if quick:
+    if name == "quick":
         return [(64, 64, 32, 4, 4, 2, False), (64, 64, 32, 4, 4, 2, True), (64, 32, 32, 4, 4, 2, False)]
+    if name == "near":
+        return [(lr, bl, bs, w, 3, pp, False) for lr in (32, 64, 128) for bl, bs in ((32, 32), (32, 16), (16, 16))
+                for w in (4, 8) for pp in (4, 6)]
     blocks = [(64, 32), (32, 32), (64, 64)]  # (large, small) KV block lengths; 32/64 mixed never won
     return [(64, bl, bs, 4, st, pp, sep) for (bl, bs), st, pp, sep in
             itertools.product(blocks, [2, 3, 4], [1, 2, 4, 8], [False, True])]
@@ -45,7 +52,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cases", default="p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--grid", choices=("full", "quick", "near"), default="full")
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
     import triton
@@ -57,7 +64,7 @@ def main(argv=None) -> int:
     d = td_mod.stage1_config(128, plan_mod.LARGE_ROWS)
     default = (plan_mod.LARGE_ROWS, d.block_n_large, d.block_n_small, d.num_warps, d.num_stages,
                plan_mod.PROGRAMS_PER_SM, d.separate_launches)
-    configs = grid(args.quick)
+    configs = grid(args.grid)
     if default not in configs:
         configs.insert(0, default)
     report = {"default": default, "fields": "large_rows, block_n_large, block_n_small, num_warps, num_stages, "
@@ -96,6 +103,8 @@ def main(argv=None) -> int:
                     K.tree_decode(q, k, v, plan, scale, out=out, config=cfg)
                 med, p20, p80 = triton.testing.do_bench(g.replay, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
                 cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
+                if (lr, bnl, bns, warps, stages, ppsm, sep) == default:
+                    cell.update(stage_times(q, k, v, plan, scale, cfg, out, args.rep))
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
                 cell["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(cell)
@@ -105,6 +114,19 @@ def main(argv=None) -> int:
     (args.out / "sweep_stage1.md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def stage_times(q, k, v, plan, scale, cfg, out, rep) -> dict:
+    """Median us of each stage alone, each captured in its own graph and timed like the step."""
+    import triton.testing
+    times = {}
+    for name, fn in (("stage1_us", lambda: STAGES.launch_stage1(q, k, v, plan, scale, 0.0, cfg)),
+                     ("stage2_us", lambda: STAGES.launch_stage2(plan, out))):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        times[name] = triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
+    return times
 
 
 def markdown(report) -> str:
@@ -121,6 +143,9 @@ def markdown(report) -> str:
         vals = [f"{cells[k]['median_us']:.1f}" if "median_us" in cells.get(k, {}) else "err" for k in keys]
         smem = max((c.get("shared_bytes", 0) for c in cells.values()), default=0) / 1024
         lines.append(f"| {cfg} | " + " | ".join(vals) + f" | {_geo(cells, default, keys):.3f} | {smem:.0f} |")
+    split = [f"{k} {c['stage1_us']:.1f} + {c['stage2_us']:.1f}" for k, c in default.items() if "stage1_us" in c]
+    if split:
+        lines += ["", "Default, stage 1 + stage 2 alone (us): " + "; ".join(split)]
     return "\n".join(lines) + "\n"
 
 

@@ -176,14 +176,18 @@ class Stage1Config:
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
     """KV block lengths, warps and pipeline depth of stage 1.
 
-    Measured on the H200 (bf16, head_dim 128, 2026-11-29): 64-token blocks suit 64-row tiles (prefix
-    16k x 64: 89 us against 111 with 32), 32-token blocks suit 16-row tiles, whose programs are
-    latency-bound (no sharing 64 x 2k: 142 us against 152 with 64); 128-row tiles with 8 warps were
-    slower in every case. Blocks shrink with head_dim so K and V, four stages deep, fit in shared
-    memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
+    Measured on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
+    SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes in one
+    launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean 0.84x the
+    time of the earlier 64/32-token default). Mixing 64-token blocks for the large tiles with 32 for
+    the small ones sized the kernel's shared memory by the large branch (80 KB against 48), and the
+    latency-bound small-tile programs lost occupancy (no sharing 64 x 2k: 205 us against 152). Two
+    launches (each sized to its tiles) lose more to the second launch waiting for the first to
+    drain than they win back (geomean 0.99). Blocks shrink with head_dim so K and V, three stages
+    deep, fit in shared memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
     """
-    scale = max(1, head_dim // 128)
-    return Stage1Config(64 // scale, 32 // scale, 8 if large_rows * head_dim > 64 * 128 else 4, 4)
+    block_n = 32 // max(1, head_dim // 128)
+    return Stage1Config(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
 
 
 def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: TreeDecodePlan,
