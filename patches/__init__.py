@@ -1,4 +1,6 @@
 """Changes to SGLang internals that its hooks cannot reach; each checks the SGLang version first.
 
 - ``forward_batch_reqs``: ``ForwardBatch.deft_reqs``, the batch's live requests, for the KV tree.
+- ``cuda_graph_replay``: ``CudaGraphRunner.can_run`` lets the decode backend plan a CUDA-graph
+  replay from the step's ForwardBatch (replay itself gets none), or send the step to eager mode.
 """

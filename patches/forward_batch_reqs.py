@@ -5,8 +5,9 @@ request's ``last_node``. ``ModelWorkerBatch.reqs`` holds the requests, but ``For
 (SGLang 0.5.10.post1, ``sglang/srt/model_executor/forward_batch_info.py``) copies only tensors and
 lists derived from them, and no attention-backend hook sees the ModelWorkerBatch. This patch wraps
 ``ForwardBatch.init_new`` to set ``forward_batch.deft_reqs = model_worker_batch.reqs`` (a reference,
-no copy; ``None`` where SGLang passes none). Forward batches built elsewhere (CUDA-graph capture,
-two-batch-overlap splits) do not carry it; the backend refuses those configurations.
+no copy; ``None`` where SGLang passes none). Forward batches built elsewhere do not carry it: the
+CUDA-graph capture's dummy batches need no requests (each replay's real batch reaches the backend
+through ``cuda_graph_replay``), and two-batch-overlap splits are refused by the config checks.
 """
 from __future__ import annotations
 

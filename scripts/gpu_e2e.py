@@ -7,7 +7,8 @@ wraps this with the time limits and log bundling a 10-minute device call needs:
     source .kit/bootstrap.sh && python3 scripts/gpu_e2e.py --out "$OUT" --models 8b              # one of them
 
 Servers (``python -m sglang_deft.launch_server``, one GPU, all ``--attention-backend triton
---disable-cuda-graph``, so prefill/extend is SGLang's triton backend everywhere and only decode differs):
+--disable-cuda-graph``, so prefill/extend is SGLang's triton backend everywhere and only decode differs;
+``--cuda-graph`` keeps SGLang's CUDA graphs on in every server instead):
 - ``triton``: SGLang's triton decode, the reference;
 - ``deft``: ``--decode-attention-backend deft`` (our Triton kernels);
 - ``flashinfer``: ``--decode-attention-backend flashinfer``, SGLang's other built-in decode backend
@@ -532,6 +533,8 @@ def run_lang_program(servers: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 def model_base_args(name: str, spec: dict, args) -> list[str]:
     common = CPU_ARGS if args.device == "cpu" else GPU_ARGS
+    if args.cuda_graph:
+        common = [a for a in common if a != "--disable-cuda-graph"]
     extra = list(spec["extra"])
     if name == "tiny" and args.device != "cpu":
         extra = ["--dtype", args.tiny_dtype] + extra
@@ -715,6 +718,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke run of this script on SGLang's CPU engine (tiny only, torch_native prefill)")
     p.add_argument("--smoke", action="store_true", help="shorter workloads (CPU smoke runs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="servers keep SGLang's CUDA graphs (default: all run with --disable-cuda-graph)")
     p.add_argument("--make-overlay", type=Path, default=None, metavar="DIR",
                    help="only build the sglang_deft overlay in DIR, print DIR, exit (scripts/gpu_session.sh)")
     args = p.parse_args(argv)
@@ -754,6 +759,7 @@ def main(argv=None) -> int:
                              "reference": REFERENCE, "noise_backends": args.noise_backends},
         "absolute_check": "while tokens agree |logprob diff| <= atol; at a divergence both tokens within tie_tol",
         "tiny_dtype": args.tiny_dtype if args.device != "cpu" else "float32",
+        "cuda_graph": args.cuda_graph and args.device != "cpu",
         "parallel": args.parallel, "budget_s": args.budget_s,
         "models": {}, "timings": clock.phases,
     }

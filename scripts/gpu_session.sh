@@ -6,6 +6,8 @@
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e       # gpu_e2e.py, tiny then 8b
 #   bash scripts/gpu_session.sh e2e-tiny | e2e-8b                 # one model (if `e2e` had to skip 8b)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh bench-e2e # end-to-end decode tok/s, benchmarks/bench_e2e.py
+#   bash scripts/gpu_session.sh demo                              # `make demo`'s program on the GPU (CUDA graphs on)
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
@@ -25,14 +27,20 @@
 #            then tiny's workloads ~30 s, 8b's ~1 min. gpu_e2e.py gets the rest of SESSION_S as
 #            --budget-s; with E2E_PARALLEL=model it skips 8b (JSON says so, exit 1) if under 210 s are
 #            left: then run `e2e-8b`.
+#   bench-e2e ~6-8 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
+#            each, CUDA-graph capture up to batch 256 (flashinfer, triton) and FlashInfer's JIT (1-2 min
+#            fresh), so ~2.5-3.5 min until all are up and warmed; then each repetition of the 5 cases
+#            (one backend at a time) ~1.5-2 min; BENCH_E2E_ARGS="--repeats 1" if startup ran long.
+#            bench_e2e.py gets the rest of SESSION_S as --budget-s and skips what would not fit (JSON
+#            says so, exit 1).
 # Every command has a timeout under SESSION_S=565 s; server process groups left behind by a killed run
 # are ended by their recorded ids.
 set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|e2e|e2e-tiny|e2e-8b) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b" >&2; exit 2 ;;
+  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo" >&2; exit 2 ;;
 esac
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -81,6 +89,8 @@ EOF
     e2e) phase_e2e tiny,8b ;;
     e2e-tiny) phase_e2e tiny ;;
     e2e-8b) phase_e2e 8b ;;
+    bench-e2e) phase_bench_e2e ;;
+    demo) phase_demo ;;
   esac
 }
 
@@ -88,8 +98,11 @@ phase_kernels() {
   local xdist=() rc_pytest rc_bench t
   if python3 -c "import xdist" 2>/dev/null; then xdist=(-n "${PYTEST_WORKERS:-4}"); fi
   t=$SECONDS
+  # test_cuda_graph_gpu.py: the backend's graph capture/replay against eager steps, bitwise (its
+  # server comparison starts four servers: run that one on its own, it is deselected here).
   (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
-      "$REPO/tests/test_plan.py" -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
+      "$REPO/tests/test_plan.py" "$REPO/tests/test_cuda_graph_gpu.py" -k "not servers_with_and_without" \
+      -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
   rc_pytest=$?
   say "pytest rc=$rc_pytest in $((SECONDS - t))s (124: cut at PYTEST_S)"
   local bench_s=$(( $(left) - 20 ))
@@ -152,6 +165,54 @@ for name, m in r.get("models", {}).items():
 EOF
   fi
   return "$rc"
+}
+
+phase_bench_e2e() {
+  # Files back: e2e_<tag>.json, e2e_<tag>.md, e2e_<tag>.png, bench_e2e_logs.tar.gz, session_bench-e2e.log.
+  local logs=/tmp/bench_e2e_logs tag=${BENCH_E2E_TAG:-h200} rc budget t=$SECONDS
+  rm -rf "$logs" && mkdir -p "$logs"
+  budget=$(( $(left) - 45 ))  # leaves time for the cleanup, the plot and the log bundle
+  say "bench_e2e.py --budget-s $budget"
+  timeout -k 15 $(( budget + 15 )) python3 benchmarks/bench_e2e.py --out "$OUT" --log-dir "$logs" --tag "$tag" \
+      --budget-s "$budget" --commit "$COMMIT" ${BENCH_E2E_ARGS:-}
+  rc=$?
+  say "bench_e2e rc=$rc in $((SECONDS - t))s (124: cut, the JSON keeps what it measured)"
+  # Server process groups (recorded by bench_e2e.py as it launched them) that a hard kill left running.
+  if [ -f "$logs/server_pgids.txt" ]; then
+    while read -r pgid name; do
+      # still alive, and still ours (an SGLang process; setsid made pgid == session id)
+      if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null && ps -o args= -s "$pgid" | grep -q sglang; then
+        say "ending leftover server $name (process group $pgid)"
+        kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null
+      fi
+    done < "$logs/server_pgids.txt"
+  fi
+  tar -czf "$OUT/bench_e2e_logs.tar.gz" -C "$(dirname "$logs")" "$(basename "$logs")" && say "logs in bench_e2e_logs.tar.gz"
+  if [ -f "$OUT/e2e_$tag.json" ]; then
+    timeout 30 python3 benchmarks/plot_e2e.py "$OUT/e2e_$tag.json" -o "$OUT/e2e_$tag.png" || say "plot skipped"
+    python3 - "$OUT/e2e_$tag.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"complete={r.get('complete')} wall={r.get('wall_s')}s interrupted={r.get('interrupted')}")
+for name, s in r.get("servers", {}).items():
+    print(f"  {name}: ok={s.get('ok')} ready={s.get('ready_s')}s pool={s.get('max_total_num_tokens')} "
+          f"cuda_graph={s.get('cuda_graph')}" + (f" error={s['error'][-200:]!r}" if s.get("error") else ""))
+for c in r.get("cases", []):
+    for b, s in c.get("backends", {}).items():
+        errors = [x.get("error") for x in s.get("runs", []) if not x.get("ok")]
+        print(f"  {c['key']} {b}: tok/s={s.get('tok_s')} ({s.get('tok_s_source')}) client={s.get('client_tok_s')}"
+              f" tpot_ms={s.get('tpot_ms')} sharing={s.get('sharing_ratio')} runs={len(s.get('runs', []))}"
+              + (f" errors={errors[-1][-200:]!r}" if errors else ""))
+    if c.get("skipped"):
+        print(f"  {c['key']} skipped: {c['skipped']}")
+EOF
+  fi
+  return "$rc"
+}
+
+phase_demo() {
+  # The program `make demo` runs (the repo is not installed here: from the overlay, see above).
+  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 5 )) python3 -m sglang_deft.demo)
 }
 
 main 2>&1 | tee "$OUT/session_$PHASE.log"

@@ -1,17 +1,41 @@
 """``DeftAttnBackend``: SGLang decode attention over the batch's KV tree.
 
-Per decode batch (``init_forward_metadata``), the requests' radix-tree paths become a KV tree
-(``sglang_deft.kv_tree_builder``): shared prefix nodes plus each request's private tail. Each layer
-(``forward_decode``) writes the new token's K/V, then computes attention over the tree with
-``sglang_deft.tree_attention`` (the reference PyTorch path, or the Triton kernels where enabled),
-reading each shared KV segment once for every request below it.
+Per decode batch, the requests' radix-tree paths become a KV tree (``sglang_deft.kv_tree_builder``):
+shared prefix nodes plus each request's private tail, planned once (``sglang_deft.tree_attention``).
+Each layer (``forward_decode``) writes the new token's K/V, then computes attention over the tree
+(the reference PyTorch path, or the Triton kernels on CUDA), reading each shared KV segment once
+for every request below it.
 
 deft computes decode attention only: the launcher and ``sglang_deft.Engine`` route prefill/extend
-to SGLang's triton (GPU) or torch_native (CPU) backend through SGLang's HybridAttnBackend.
-CUDA-graph capture is not implemented (the server requires ``--disable-cuda-graph`` on GPU).
+to SGLang's triton (GPU) or torch_native (CPU) backend through SGLang's HybridAttnBackend, which
+hands decode and the CUDA-graph hooks to deft.
+
+CUDA graphs (on by default; ``--disable-cuda-graph`` turns them off). A captured graph replays fixed
+kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no requests to build the
+KV tree from. So:
+- ``init_cuda_graph_state`` allocates one fixed-capacity ``TreeDecodePlan``, shared by every captured
+  batch size: up to ``max_bs`` queries, the KV pool's size in tree tokens, and the server's
+  ``PlanLimits`` of work items and partials. Stages 1 and 2 are launched over the whole capacity;
+  their programs past the plan's device-side counts exit at once.
+- Capture (``init_forward_metadata_capture_cuda_graph``) writes a plan of padding queries only into
+  those buffers, which the warm-up runs compute with (zeros). The captured launches read the buffers,
+  so a replay computes whatever plan was written there last.
+- Before each replay, ``sglang_deft.patches.cuda_graph_replay`` calls ``deft_prepare_graph_replay``
+  from ``CudaGraphRunner.can_run`` with the step's ForwardBatch (``deft_reqs``) and the padded batch
+  size: the KV tree is built and planned into the buffers there, with the padding rows as queries of an
+  empty node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes
+  the step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
+  replayed size is the planned one.
+Eager steps on CUDA are planned under the same ``PlanLimits`` (``tree_attention.plan_step``; they are
+sized by ``--cuda-graph-max-bs``, which SGLang sets with CUDA graphs off too). The limit on work
+items decides the chunking and with it each query's merge order, and the padding queries change
+neither, so a step's attention output is bitwise the same with and without CUDA graphs. (The model's
+outputs are too wherever SGLang's other kernels see the same shapes in both modes: batches that need
+no padding to a captured size.)
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +44,18 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 
 from sglang_deft.config_checks import check_model_runner
+from sglang_deft.kernels import TreeDecodePlanner
 from sglang_deft.kv_tree_builder import build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.sharing_metrics import SharingMeter
-from sglang_deft.tree_attention import plan_step, run_layer
+from sglang_deft.tree_attention import empty_tree, new_graph_plan, plan_graph_step, plan_limits, plan_step, run_layer
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
-    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
     from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,7 +64,7 @@ class DeftDecodeMetadata:
 
     plan: Any  # KVTree (reference path: kv_indices [T] int32 on the KV device, node/query metadata
     #            int32 on the host) or TreeDecodePlan (Triton path: device tensors); see tree_attention
-    num_queries: int  # B: requests (one query token each) in the batch
+    num_queries: int  # B: requests (one query token each) in the batch; a CUDA graph's padded size
     attended_tokens: int  # sum over requests of seq_len
     unique_tokens: int  # KV tokens in the tree (each read once)
 
@@ -54,16 +81,20 @@ class DeftAttnBackend(AttentionBackend):
         self.kv_dtype = model_runner.kv_cache_dtype
         self.device = torch.device(model_runner.device)
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.kv_pool_size = model_runner.token_to_kv_pool.size
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval)
         self.forward_metadata: DeftDecodeMetadata | None = None
+        # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager
+        # steps and graph replays are held to the same limits (see the module docstring).
+        self.plan_limits = plan_limits(model_runner.server_args.cuda_graph_max_bs, self.num_qo_heads,
+                                       self.num_kv_heads, self.device)
+        # One planner per server: it reuses whatever part of the last step's schedule is unchanged
+        # (tails growing by a token change no chunk count), ~85 us less host time per step.
+        self.planner = TreeDecodePlanner(self.num_qo_heads, self.num_kv_heads, self.head_dim, kv_dtype=self.kv_dtype)
+        self.graph_plan = None  # TreeDecodePlan: the fixed buffers every captured graph reads (eager steps too)
+        self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
 
-    def init_forward_metadata(self, forward_batch: ForwardBatch):
-        mode = forward_batch.forward_mode
-        if mode.is_idle():
-            self.forward_metadata = None
-            return
-        if not mode.is_decode():
-            raise _extend_not_routed_away(mode)
+    def _requests(self, forward_batch: ForwardBatch):
         reqs = getattr(forward_batch, REQS_ATTRIBUTE, None)
         if reqs is None:
             raise RuntimeError(
@@ -73,13 +104,26 @@ class DeftAttnBackend(AttentionBackend):
             )
         if forward_batch.seq_lens_cpu is None:
             raise RuntimeError("deft: decode ForwardBatch without seq_lens_cpu; the KV tree is planned on the host")
-        built = build_decode_kv_tree(
-            reqs, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens_cpu
+        return reqs
+
+    def _build_tree(self, forward_batch: ForwardBatch):
+        return build_decode_kv_tree(
+            self._requests(forward_batch), self.req_to_token, forward_batch.req_pool_indices,
+            forward_batch.seq_lens_cpu,
         )
-        plan = plan_step(
-            built.planning_tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device
-        )
-        self.forward_metadata = DeftDecodeMetadata(plan, len(reqs), built.attended_tokens, built.unique_tokens)
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch):
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self.forward_metadata = None
+            return
+        if not mode.is_decode():
+            raise _extend_not_routed_away(mode)
+        built = self._build_tree(forward_batch)
+        plan = plan_step(built.planning_tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
+                         self.device, self.plan_limits, self.planner, self.graph_plan)
+        self.forward_metadata = DeftDecodeMetadata(plan, built.tree.num_queries, built.attended_tokens,
+                                                   built.unique_tokens)
         self.sharing.record(built.attended_tokens, built.unique_tokens)
 
     def forward_decode(
@@ -92,6 +136,8 @@ class DeftAttnBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
+        # Under CUDA-graph capture this runs once per batch size and is recorded: everything here is
+        # the same for every replay (shapes, the plan's fixed buffers and grids).
         unsupported = {name for name, value in kwargs.items() if value is not None}
         if unsupported:
             # e.g. attention sinks: ignoring them would silently change the model's outputs.
@@ -120,11 +166,79 @@ class DeftAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         raise _extend_not_routed_away(forward_batch.forward_mode)
 
+    # CUDA graphs. SGLang's CudaGraphRunner calls init_cuda_graph_state once, then per captured batch
+    # size init_forward_metadata_capture_cuda_graph before capturing; per replay, the patched can_run
+    # calls deft_prepare_graph_replay, then replay_prepare calls init_forward_metadata_replay_cuda_graph.
+
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise NotImplementedError("deft has no CUDA-graph capture yet: start the server with --disable-cuda-graph")
+        if max_num_tokens != max_bs:
+            raise RuntimeError(f"deft: CUDA graphs of {max_num_tokens} tokens for {max_bs} requests; deft decodes "
+                               "one token per request")
+        # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
+        self.graph_plan = new_graph_plan(self.plan_limits, max_bs, self.kv_pool_size, self.num_qo_heads,
+                                         self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
+        logger.info(
+            "deft CUDA-graph plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",
+            max_bs, self.kv_pool_size, self.plan_limits,
+            self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
+        )
+
+    def init_forward_metadata_capture_cuda_graph(
+        self,
+        bs: int,
+        num_tokens: int,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        encoder_lens: torch.Tensor | None,
+        forward_mode: ForwardMode,
+        spec_info,
+    ):
+        if not forward_mode.is_decode() or spec_info is not None:
+            raise RuntimeError(f"deft: CUDA-graph capture of a {forward_mode.name} batch; deft captures decode only")
+        # Padding queries only: valid buffers for the warm-up runs; each replay writes its own plan.
+        plan = plan_graph_step(self.graph_plan, empty_tree(self.device), bs, self.kv_dtype, self.planner)
+        if plan is None:
+            raise RuntimeError(f"deft: CUDA graph of batch size {bs}, past the plan buffers' "
+                               f"{self.graph_plan.qperm.numel()} requests")
+        self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0)
+        self.planned_replay_size = None  # whatever was planned is overwritten
+
+    def deft_prepare_graph_replay(self, forward_batch: ForwardBatch, padded_bs: int) -> bool:
+        """Plan a decode step into the graph's buffers, padded to ``padded_bs`` queries; False (the
+        step runs eagerly) when its tree does not fit them. Called by the patched
+        ``CudaGraphRunner.can_run`` (``sglang_deft.patches.cuda_graph_replay``)."""
+        if not forward_batch.forward_mode.is_decode():
+            return False
+        built = self._build_tree(forward_batch)
+        if plan_graph_step(self.graph_plan, built.planning_tree, padded_bs, self.kv_dtype, self.planner) is None:
+            return False
+        self.planned_replay_size = padded_bs
+        self.sharing.record(built.attended_tokens, built.unique_tokens)
+        return True
+
+    def init_forward_metadata_replay_cuda_graph(
+        self,
+        bs: int,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_sum: int,
+        encoder_lens: torch.Tensor | None,
+        forward_mode: ForwardMode,
+        spec_info,
+        seq_lens_cpu: torch.Tensor | None,
+    ):
+        planned, self.planned_replay_size = self.planned_replay_size, None
+        if planned != bs:
+            raise RuntimeError(
+                f"deft: CUDA-graph replay of batch size {bs}, but the plan buffers hold "
+                f"{'no step' if planned is None else f'a step padded to {planned}'}. deft plans a replay in "
+                "CudaGraphRunner.can_run (sglang_deft.patches.cuda_graph_replay); this replay did not come "
+                "through it, or SGLang padded the batch differently."
+            )
 
     def get_cuda_graph_seq_len_fill_value(self):
-        raise NotImplementedError("deft has no CUDA-graph capture yet: start the server with --disable-cuda-graph")
+        # As SGLang's triton backend. deft reads no seq_lens of padding rows (they attend nothing).
+        return 1
 
 
 def _extend_not_routed_away(mode) -> RuntimeError:

@@ -13,6 +13,7 @@ the model property and why. None of them does anything when deft is not selected
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,12 @@ def server_args_problems(server_args) -> list[str]:
             f"--dp-size {a.dp_size} with --device cpu: the CPU compatibility layer does not reach "
             "SGLang's data-parallel controller process"
         )
-    if not on_cpu and decode and not a.disable_cuda_graph:
+    cuda_graphs = not on_cpu and not a.disable_cuda_graph
+    if decode and cuda_graphs and os.environ.get("SGLANG_DEFT_DECODE_IMPL") == "reference":
         problems.append(
-            "--disable-cuda-graph is required: the deft decode path builds a new KV tree on the host "
-            "every step and has no CUDA-graph capture yet"
+            "SGLANG_DEFT_DECODE_IMPL=reference with CUDA graphs: the PyTorch reference path sizes its "
+            "launches from each step's tree on the host, which a captured graph cannot replay; pass "
+            "--disable-cuda-graph or use the Triton kernels (the default on CUDA)"
         )
     return problems
 

@@ -64,8 +64,7 @@ def server_command(model: Path, port: int, gpu: bool, extra: list[str] = ()) -> 
         "--log-level", "info",
     ]
     if gpu:
-        # deft has no CUDA-graph capture yet (the launcher refuses a GPU decode without this flag).
-        cmd += ["--attention-backend", "triton", "--disable-cuda-graph"]
+        cmd += ["--attention-backend", "triton"]
     else:
         cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
     return cmd + list(extra)

@@ -24,16 +24,21 @@ Facts this relies on (SGLang 0.5.10.post1, page_size 1, no speculative decoding)
 * Nodes on a locked path (every running request locks its ``last_node``) are never evicted.
 
 Host cost: O(B + R) Python steps, R = radix nodes first reached this step (a request's upward walk
-stops at the first node another request already reached), plus one small host->device copy: about
-50 us at B = 64 and 200-350 us at B = 256 on this repo's 2-core CPU box. KV slot ids never leave the
-device: the host plans (request, start, length) segments and the device gathers them from
-``req_to_token`` with a few indexing kernels whose output size is known on the host (no sync).
+stops at the first node another request already reached), plus one small host->device copy. Measured
+on this repo's 2-core CPU box (tests/test_kv_tree_builder.py::test_build_cpu_time, medians): 130-140 us
+at B = 64 and 350 us at B = 256, for a fork batch (a shared path of three radix nodes, each request's
+own node and decoded token below it) and for a 3-level batch: ~1 us per request in Python (radix walk,
+chain merge, host buffer), and ~60 us at B = 256 for the device gathers (run on the CPU here).
+KV slot ids never leave the device: the host plans (request, start, length) segments and the device
+gathers them from ``req_to_token`` with a few indexing kernels whose output size is known on the host
+(no sync).
 Page size 1 only; speculative decoding (bigram keys, several new tokens) is not handled.
 """
 from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -107,28 +112,26 @@ def build_decode_kv_tree(
 
     # Merge: a node with one child and no query ending on it serves exactly its child's queries, so
     # the child's segment continues it in the same row. Local ids are parents-first, so out ids are too.
-    L = len(l_parent)
-    out_of = [0] * L
+    # Sentinels make a root's parent (-1) index the extra last entries: never absorbing, out id -1.
+    l_nchild.append(0)
+    out_of = [0] * len(l_parent) + [-1]
     o_parent: list[int] = []
     o_start: list[int] = []
     o_len: list[int] = []
     o_req: list[int] = []
-    for i in range(L):
-        p = l_parent[i]
-        if p >= 0 and l_nchild[p] == 1 and l_nend[p] == 0:
+    for i, p in enumerate(l_parent):
+        if l_nchild[p] == 1 and l_nend[p] == 0:
             o = out_of[p]
             o_len[o] += l_len[i]
             out_of[i] = o
         else:
             out_of[i] = len(o_parent)
-            o_parent.append(out_of[p] if p >= 0 else -1)
+            o_parent.append(out_of[p])
             o_start.append(l_start[i])
             o_len.append(l_len[i])
             o_req.append(l_req[i])
     N = len(o_parent)
-    indptr = [0] * (N + 1)
-    for o in range(N):
-        indptr[o + 1] = indptr[o] + o_len[o]
+    indptr = [0, *accumulate(o_len)]
     T = indptr[N]
 
     # One host buffer, one copy: [indptr | parent | query_node | seg_req | seg_start].
@@ -138,13 +141,13 @@ def build_decode_kv_tree(
     s_par, s_q, s_req, s_start = N + 1, 2 * N + 1, 2 * N + 1 + B, 3 * N + 1 + B
     device = req_to_token.device
     dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
-    d_indptr, d_start = dev[:s_par], dev[s_start:]
+    d_indptr = dev[:s_par]
+    # Token t of node o is req_to_token[row[o], start[o] + (t - indptr[o])]: flat index base[o] + t.
+    # (One gather by flat index: fewer device ops than indexing rows and columns per token.)
     rows = req_pool_indices.to(device=device, dtype=torch.int64, non_blocking=True)[dev[s_req:s_start].long()]
-    node_of_token = torch.repeat_interleave(torch.arange(N, device=device), d_indptr[1:] - d_indptr[:-1],
-                                            output_size=T)
-    # Position of token t (node o) in its row: start[o] + (t - indptr[o]).
-    col = torch.arange(T, device=device) + (d_start - d_indptr[:-1]).long()[node_of_token]
-    kv_indices = req_to_token[rows[node_of_token], col].to(torch.int32)
+    base = rows * req_to_token.shape[1] + (dev[s_start:] - d_indptr[:-1])
+    flat = torch.repeat_interleave(base, d_indptr[1:] - d_indptr[:-1], output_size=T)
+    kv_indices = torch.take(req_to_token, flat + torch.arange(T, device=device)).to(torch.int32)
 
     tree = KVTree(kv_indices, d_indptr, dev[s_par:s_q], dev[s_q:s_req])
     return DecodeKVTree(

@@ -12,7 +12,8 @@ _registered = False
 
 
 def register() -> None:
-    """Idempotent: registry entry, CLI choice, and the ForwardBatch patch the backend relies on."""
+    """Idempotent: registry entry, CLI choice, and the ForwardBatch patch the backend relies on
+    (the CUDA-graph patch follows when the backend is created)."""
     global _registered
     if _registered:
         return
@@ -30,5 +31,9 @@ def register() -> None:
 
 def _create_deft_backend(model_runner):
     from sglang_deft.backend import DeftAttnBackend
+    from sglang_deft.patches import cuda_graph_replay
 
+    # Applied here rather than in register(): SGLang's CUDA-graph runner is loaded by now (the model
+    # runner imports it), while register() also runs in processes that never load it.
+    cuda_graph_replay.apply()
     return DeftAttnBackend(model_runner)

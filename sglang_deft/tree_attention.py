@@ -4,14 +4,30 @@ The backend plans once per decode step (:func:`plan_step`) and runs every layer 
 (:func:`run_layer`). With the reference path the "plan" is the KV tree itself (node/query metadata
 on the host, KV slots on the device), and each layer runs ``tree_decode_reference`` (grouped
 PyTorch, fp32 math). With the Triton kernels it is a ``TreeDecodePlan``.
+
+Triton plans are held to the server's :class:`PlanLimits` (work items, partial results) in every
+step, eager or replayed from a CUDA graph. The limit on work items is also how the planner chunks:
+it coarsens chunks until they fit ``max_items``, and the chunking fixes the order in which each
+query's partials are merged. Eager steps and graph replays planned under the same limits therefore
+launch the same work items with the same merge lists, and their outputs are bitwise equal.
 """
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
-from sglang_deft.kernels import KVTree, plan_tree_decode, tree_decode, tree_decode_reference
+from sglang_deft.kernels import (KVTree, PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode,
+                                 tree_decode, tree_decode_reference)
+from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
+
+logger = logging.getLogger(__name__)
+
+# Tree nodes on a query's path that the partial-result buffer provides for, averaged over the batch
+# (a prompt, two levels of forks and the private tail make 4).
+PATH_NODES = 8
 
 
 def use_triton_kernels(device: torch.device) -> bool:
@@ -28,12 +44,129 @@ def use_triton_kernels(device: torch.device) -> bool:
     return impl == "triton"
 
 
+@dataclass(frozen=True)
+class PlanLimits:
+    """Work items and partial results every Triton plan of one server is held to."""
+
+    max_items: int  # stage-1 programs per KV head; the planner coarsens chunks to stay within it
+    max_partials: int  # (chunk, query) partial results; also the merge entries (one per partial)
+
+    def capacity(self, max_queries: int, max_kv_tokens: int) -> PlanCapacity:
+        return PlanCapacity(max_queries=max_queries, max_kv_tokens=max_kv_tokens, max_items=self.max_items,
+                            max_partials=self.max_partials, max_merge=self.max_partials)
+
+    def partial_bytes(self, num_qo_heads: int, head_dim: int) -> int:
+        """Device memory of one plan's partial results: output [P, Hq, D] and log-sum-exp [P, Hq], fp32."""
+        return self.max_partials * num_qo_heads * (head_dim + 1) * 4
+
+
+def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: torch.device) -> PlanLimits:
+    """Limits for batches of up to B = ``max_batch`` requests (one query token each).
+
+    Partials: a query gets one per query tile on its path (one tile of every node on it; a tile
+    holds up to ``tile = LARGE_ROWS / GQA group`` of a node's users), plus one per extra chunk of
+    those tiles. Chunking adds at most the planner's target, ``PROGRAMS_PER_SM * SMs / KV heads``,
+    items (each tile gets ceil(its share of the cost) chunks), each with at most ``tile`` queries.
+    Paths of at most ``PATH_NODES`` nodes on average thus need at most
+    ``max_partials = PATH_NODES * B + tile * target``.
+    Items: the builder's tree of B queries has at most 2B - 1 nodes (each ends a query or branches),
+    and a node with n users makes ceil(n / tile) <= 1 + n / tile tiles; within the same path budget
+    that is at most ``2B + PATH_NODES * B / tile`` tiles, plus the target's chunks: ``max_items``.
+    So the planner never has to coarsen the chunks of such a step.
+
+    A step past either limit (its paths averaging more than ``PATH_NODES`` nodes) is refused by the
+    planner before it writes anything: :func:`plan_step` then plans it without limits, and a
+    CUDA-graph replay hands it to an eager step (see the backend).
+
+    Memory: Llama-3-8B heads (32 q / 8 kv, head_dim 128) on an H200 (132 SMs) with B = 256, SGLang's
+    default ``--cuda-graph-max-bs`` there: target 66, max_items 706, max_partials 3104, which is
+    51.3 MB of partial results per plan.
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    target = max(1, PROGRAMS_PER_SM * sms // num_kv_heads)  # build_schedule's item target
+    tile = max(LARGE_ROWS // (num_qo_heads // num_kv_heads), 1)  # queries per large query tile
+    return PlanLimits(max_items=2 * max_batch + -(-PATH_NODES * max_batch // tile) + target,
+                      max_partials=PATH_NODES * max_batch + tile * target)
+
+
+_warned_unlimited = False
+
+
 def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-              device: torch.device):
-    """Everything a decode step's layers share. ``tree``: node/query metadata on the host."""
-    if use_triton_kernels(device):
+              device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None,
+              reuse: TreeDecodePlan | None = None):
+    """Everything a decode step's layers share. ``tree``: node/query metadata on the host.
+
+    ``planner``: the server's ``TreeDecodePlanner`` (it reuses what the last step planned; same
+    result as a fresh plan). ``reuse``: fixed buffers to write the plan into (the CUDA graphs'),
+    used when the step fits them, so no step allocates its own."""
+    if not use_triton_kernels(device):
+        return tree
+    planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
+    if reuse is not None and tree.num_queries > reuse.qperm.numel():
+        reuse = None  # a batch past --cuda-graph-max-bs: buffers of its own, same limits
+    try:
+        if reuse is not None:
+            # The buffers' capacity carries the same limits (PlanLimits.capacity), so the chunking
+            # is the same as with buffers of this step's own size.
+            return planner.plan(tree, device, reuse=reuse)
+        return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
+    except ValueError as exc:
+        # Any other ValueError of the planner (e.g. the head configuration) is raised again below.
+        global _warned_unlimited
+        if not _warned_unlimited:
+            _warned_unlimited = True
+            logger.warning("deft: a decode step of %d requests exceeds the plan limits %s (%s); such steps are "
+                           "planned without limits (and run without CUDA graphs)", tree.num_queries, limits, exc)
         return plan_tree_decode(tree, num_qo_heads, num_kv_heads, head_dim, device, kv_dtype=kv_dtype)
-    return tree
+
+
+def empty_tree(device: torch.device) -> KVTree:
+    """No nodes, no queries (metadata on the host, like a builder's planning tree)."""
+    none = torch.zeros(0, dtype=torch.int32)
+    return KVTree(torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32), none, none)
+
+
+def with_padding_queries(tree: KVTree, num_queries: int) -> KVTree:
+    """``tree`` plus queries up to ``num_queries`` that end at a new, empty root: the rows of a
+    CUDA graph's padded batch. They attend nothing, so stage 2 writes zeros for them. The new root
+    comes last in preorder, which leaves the real queries' work items, merge lists and their order
+    exactly as in ``tree``'s own plan. ``tree``'s node and query metadata must be on the host."""
+    pad = num_queries - tree.num_queries
+    if pad < 0:
+        raise ValueError(f"cannot pad a tree of {tree.num_queries} queries to {num_queries}")
+    if pad == 0:
+        return tree
+    root = tree.num_nodes
+    return KVTree(
+        tree.kv_indices,
+        torch.cat([tree.node_indptr, tree.node_indptr[-1:]]),
+        torch.cat([tree.node_parent, torch.tensor([-1], dtype=torch.int32)]),
+        torch.cat([tree.query_node, torch.full((pad,), root, dtype=torch.int32)]),
+    )
+
+
+def new_graph_plan(limits: PlanLimits, max_queries: int, max_kv_tokens: int, num_qo_heads: int, num_kv_heads: int,
+                   head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> TreeDecodePlan:
+    """Fixed-capacity plan buffers for CUDA graphs: launch grids cover the capacity, and programs
+    past the device-side counts of the plan written last exit at once. Holds a plan of
+    ``max_queries`` padding queries (valid for any captured batch size up to it)."""
+    return plan_tree_decode(with_padding_queries(empty_tree(device), max_queries), num_qo_heads, num_kv_heads,
+                            head_dim, device, kv_dtype=kv_dtype, capacity=limits.capacity(max_queries, max_kv_tokens))
+
+
+def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dtype: torch.dtype,
+                    planner: TreeDecodePlanner | None = None) -> TreeDecodePlan | None:
+    """Plan ``tree``, padded to ``num_queries``, into ``plan``'s fixed buffers (those a CUDA graph
+    was captured with); None, with the buffers untouched, when it does not fit them."""
+    padded = with_padding_queries(tree, num_queries)
+    planner = planner or TreeDecodePlanner(plan.num_qo_heads, plan.num_kv_heads, plan.head_dim, kv_dtype=kv_dtype)
+    try:
+        return planner.plan(padded, plan.meta.device, reuse=plan)
+    except ValueError:
+        # The planner checks every capacity before it writes. An error that is not about capacity
+        # comes back from the eager step that takes over (plan_step raises it there).
+        return None
 
 
 def run_layer(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan, sm_scale: float,

@@ -68,7 +68,16 @@ def test_decode_attention_backend_deft_is_a_cli_choice():
 
 def test_supported_configuration_passes(deft_args):
     assert server_args_problems(deft_args) == []
+    assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=False)) == []  # CUDA graphs
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
+
+
+def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "reference")
+    with pytest.raises(UnsupportedConfiguration, match="SGLANG_DEFT_DECODE_IMPL=reference with CUDA graphs"):
+        check_server_args(with_(deft_args, device="cuda", disable_cuda_graph=False))
+    assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
+    assert server_args_problems(deft_args) == []  # CPU: SGLang's CPU engine captures no CUDA graphs
 
 
 @pytest.mark.parametrize(
@@ -88,7 +97,6 @@ def test_supported_configuration_passes(deft_args):
         (dict(grpc_mode=True), "--grpc-mode"),
         (dict(dp_size=2), "--dp-size 2 with --device cpu"),
         (dict(device="xpu"), "--device xpu"),
-        (dict(device="cuda", disable_cuda_graph=False), "--disable-cuda-graph is required"),
         (dict(attention_backend="torch_native", decode_attention_backend="torch_native",
               prefill_attention_backend="deft"), "with decode on torch_native): deft is a decode backend"),
         (dict(attention_backend="deft", decode_attention_backend="triton"), "with decode on triton): deft is a decode"),

@@ -9,6 +9,7 @@ chains are merged; attention over the tree equals plain per-request attention ov
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -409,3 +410,46 @@ def test_foreign_nodes_raise():
     reqs[0].last_node = object()
     with pytest.raises(KVTreeBuildError, match="must be a radix TreeNode"):
         build_decode_kv_tree(reqs[:1], sims[0].req_to_token, sims[0].req_pool_indices(reqs[:1]), seq_lens[:1])
+
+
+# ------------------------------------------------------------------------------------------- host time
+
+
+def fork_batch(B: int):
+    """B branches of one prompt cached in three pieces (a shared path of radix nodes), each with its
+    own prefilled tokens and decoded token: B private paths below one shared node."""
+    sim = RadixSim(max_reqs=B, kv_slots=300 + 8 * B)
+    prompt = sim.tokens(300)
+    for n in (100, 200, 300):
+        sim.run_to_cache(prompt[:n])
+    return sim, sim.prefill([sim.new_req(prompt + sim.fresh(4)) for _ in range(B)])
+
+
+def three_level_batch(B: int, mids: int = 8):
+    """A cached prompt, `mids` cached continuations of it, B requests spread over those."""
+    sim = RadixSim(max_reqs=B, kv_slots=300 + 50 * mids + 8 * B)
+    prompt = sim.tokens(300)
+    sim.run_to_cache(prompt)
+    middles = [prompt + sim.fresh(50) for _ in range(mids)]
+    for m in middles:
+        sim.run_to_cache(m)
+    return sim, sim.prefill([sim.new_req(middles[i % mids] + sim.fresh(4)) for i in range(B)])
+
+
+@pytest.mark.parametrize("B", [64, 256])
+@pytest.mark.parametrize("shape", ["fork", "3-level"])
+def test_build_cpu_time(shape, B):
+    """Host time of one decode step's tree (reported; loosely bounded: a shared 2-core box is noisy)."""
+    sim, reqs = (fork_batch if shape == "fork" else three_level_batch)(B)
+    seq_lens = sim.prepare_decode(reqs)
+    rows = sim.req_pool_indices(reqs)
+    d = build_decode_kv_tree(reqs, sim.req_to_token, rows, seq_lens)
+    assert d.tree.num_nodes == B + (1 if shape == "fork" else 9)
+    times = []
+    for _ in range(120):
+        t = time.perf_counter()
+        build_decode_kv_tree(reqs, sim.req_to_token, rows, seq_lens)
+        times.append(time.perf_counter() - t)
+    us = sorted(times[20:])[50] * 1e6
+    print(f"build_decode_kv_tree {shape} B={B}: median {us:.0f} us")
+    assert us < 2000

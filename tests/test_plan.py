@@ -1,15 +1,18 @@
 """Planner invariants on random forests: exact coverage, merge lists, balanced chunks."""
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from kernel_trees import make_tree, random_forest
-from sglang_deft.kernels import plan_tree_decode
-from sglang_deft.kernels.plan import MIN_CHUNK_TOKENS, SMALL_ROWS, build_schedule
+from sglang_deft.kernels import KVTree, PlanCapacity, TreeDecodePlan, plan_tree_decode
+from sglang_deft.kernels import plan as plan_module
+from sglang_deft.kernels.plan import MIN_CHUNK_TOKENS, SMALL_ROWS, TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.reference import path_nodes
 
 
@@ -73,19 +76,150 @@ def test_no_split_below_min_chunk():
     assert (items[:, 1] <= MIN_CHUNK_TOKENS).all() and len(items) == 3
 
 
-def test_plan_cpu_time_256_queries_300_nodes():
-    """Issue target: <= 300 us of host time (measured here on the CI CPU; reported, loosely bounded)."""
+def fork_300(step: int = 0):
+    """256 queries on a 300-node tree (a root, 43 mid nodes, 256 private tails), the tails ``step``
+    tokens longer: one decode step after another."""
     parent = [-1] + [0] * 43 + [1 + i % 43 for i in range(256)]
-    tree = make_tree(parent, [1000] + [64] * 43 + [128] * 256, list(range(44, 300)))
-    for _ in range(3):
-        plan_tree_decode(tree, 32, 8, 128, device="cpu")
+    return make_tree(parent, [1000] + [64] * 43 + [128 + step] * 256, list(range(44, 300)), pool=80000)
+
+
+def median_us(fn, runs: int = 200, warmup: int = 20) -> float:
+    for i in range(warmup):
+        fn(i)
     times = []
-    for _ in range(30):
+    for i in range(runs):
         t = time.perf_counter()
-        plan_tree_decode(tree, 32, 8, 128, device="cpu")
+        fn(warmup + i)
         times.append(time.perf_counter() - t)
-    median_us = sorted(times)[len(times) // 2] * 1e6
-    print(f"plan_tree_decode 256 queries / 300 nodes: median {median_us:.0f} us")
+    return sorted(times)[runs // 2] * 1e6
+
+
+def test_plan_cpu_time_256_queries_300_nodes():
+    """Target: <= 150 us of host time here (2-core CPU box), which kept it <= 300 us on the GPU host
+    (where device copies add to it). Reported; loosely bounded."""
+    tree = fork_300()
+    us = median_us(lambda i: plan_tree_decode(tree, 32, 8, 128, device="cpu"))
+    print(f"plan_tree_decode 256 queries / 300 nodes: median {us:.0f} us")
     # A shared 2-core CI box is noisy: bound at 2.7x the target so a regression to per-item Python
     # loops (measured ~1000 us here) still fails.
-    assert median_us < 800
+    assert us < 400
+
+
+# ------------------------------------------------------------------------------ incremental planning
+
+
+def plan_arrays(plan: TreeDecodePlan, num_kv_tokens: int) -> dict:
+    """The plan's contents that a step defines (capacity buffers hold stale entries past them)."""
+    num_large, num_small, B = plan.counts.tolist()
+    indptr = plan.merge_indptr[:B + 1]
+    return dict(qperm=plan.qperm[:B], items=plan.items[:num_large + num_small], counts=plan.counts,
+                merge_indptr=plan.merge_indptr, merge_slots=plan.merge_slots[:int(indptr[-1])],
+                kv_indices=plan.kv_indices[:num_kv_tokens],
+                grid=(plan.grid_items, plan.grid_queries, plan.num_queries),
+                partials=(tuple(plan.partial_out.shape), tuple(plan.partial_lse.shape)))
+
+
+def assert_same_plan(got: TreeDecodePlan, want: TreeDecodePlan, tree: KVTree) -> None:
+    a, b = plan_arrays(got, tree.kv_indices.numel()), plan_arrays(want, tree.kv_indices.numel())
+    for k in a:
+        if isinstance(a[k], tuple):
+            assert a[k] == b[k], k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def decode_steps(seed: int, steps: int = 12):
+    """A random forest whose query nodes grow one token per step; now and then a query joins,
+    leaves, or a node's KV empties: shapes that must be planned afresh."""
+    rng = random.Random(seed)
+    tree = random_forest(num_nodes=20 + seed, num_queries=12 + seed, max_len=400, seed=seed, roots=1 + seed % 3)
+    parent, qnode = tree.node_parent.tolist(), tree.query_node.tolist()
+    lengths = torch.diff(tree.node_indptr).tolist()
+    for step in range(steps):
+        yield make_tree(parent, lengths, qnode, seed=step)
+        for n in set(qnode):
+            lengths[n] += 1
+        change = rng.random()
+        if change < 0.15:
+            qnode = qnode + [rng.randrange(len(parent))]
+        elif change < 0.25 and len(qnode) > 1:
+            qnode = qnode[1:]
+        elif change < 0.3:
+            lengths[rng.randrange(len(parent))] = 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_planner_plans_every_step_as_a_fresh_plan(seed, monkeypatch):
+    """Steps that keep every stage, steps that change the chunking (an H200's 132 SMs make the chunk
+    counts follow the growing tails) or only the item order, and new shapes: all as fresh plans."""
+    monkeypatch.setattr(plan_module, "_num_sms", lambda device: [8, 132][seed % 2])
+    group, large_rows = [(1, 16), (4, 64), (8, 128), (4, 32)][seed % 4]
+    planner = TreeDecodePlanner(8 * group, 8, 64, kv_dtype=torch.float16, large_rows=large_rows)
+    for tree in decode_steps(seed):
+        want = plan_tree_decode(tree, 8 * group, 8, 64, "cpu", kv_dtype=torch.float16, large_rows=large_rows)
+        assert_same_plan(planner.plan(tree, "cpu"), want, tree)
+
+
+def test_planner_reuses_what_the_tree_kept(monkeypatch):
+    """Tails growing by a token keep the groups; the chunking and the item order too, mostly.
+    Each reused stage is exactly what a fresh plan computes (previous test); here: that it is reused."""
+    calls = Counter()
+    for name in ("_tree_groups", "_work_items", "_merge_lists"):
+        def counted(*args, _f=getattr(plan_module, name), _name=name, **kw):
+            calls[_name] += 1
+            return _f(*args, **kw)
+        monkeypatch.setattr(plan_module, name, counted)
+    planner = TreeDecodePlanner(32, 8, 128)
+    steps = 50
+    for step in range(steps):
+        tree = fork_300(step)
+        plan = planner.plan(tree, "cpu")
+        assert_same_plan(plan, plan_tree_decode(tree, 32, 8, 128, "cpu"), tree)
+    assert calls["_tree_groups"] == 1 + steps  # the planner once, each fresh plan once
+    assert calls["_work_items"] < 1.2 * steps and calls["_merge_lists"] < 1.2 * steps
+    # A new shape is planned afresh.
+    planner.plan(make_tree([-1, 0, 0], [300, 5, 5], [1, 2]), "cpu")
+    assert calls["_tree_groups"] == 2 + steps
+
+
+def test_planner_covers_every_pair_exactly_once():
+    """The coverage invariant, read back from the planner's device tensors over a few steps."""
+    planner = TreeDecodePlanner(16, 4, 32, large_rows=16)
+    for tree in decode_steps(3):
+        plan = planner.plan(tree, "cpu")
+        num_large, num_small, _ = plan.counts.tolist()
+        sched = (plan.qperm.numpy(), plan.items[:num_large + num_small].numpy(), num_large,
+                 plan.merge_indptr.numpy(), plan.merge_slots.numpy(), None)
+        indptr = tree.node_indptr.tolist()
+        expected = {(b, pos) for b, path in enumerate(path_nodes(tree)) for n in path
+                    for pos in range(indptr[n], indptr[n + 1])}
+        cover = covered_pairs(tree, sched)
+        assert set(cover) == expected and set(cover.values()) <= {1}
+
+
+def test_planner_into_fixed_buffers():
+    """Capacity and reuse= (CUDA-graph replay) as with plan_tree_decode."""
+    cap = PlanCapacity(max_queries=64, max_kv_tokens=20000, max_items=300, max_partials=600, max_merge=600)
+    planner = TreeDecodePlanner(16, 4, 32, kv_dtype=torch.float32)
+    graph = None
+    for tree in decode_steps(5):
+        want = plan_tree_decode(tree, 16, 4, 32, "cpu", kv_dtype=torch.float32, capacity=cap)
+        if graph is None:
+            graph = planner.plan(tree, "cpu", capacity=cap)
+            assert_same_plan(graph, want, tree)
+        else:
+            got = planner.plan(tree, "cpu", reuse=graph)
+            assert got.meta.data_ptr() == graph.meta.data_ptr()
+            assert_same_plan(got, want, tree)
+
+
+def test_planner_cpu_time_per_decode_step():
+    """The backend's steady state: every tail one token longer each step. The planner's median step
+    must stay well under a fresh plan's (measured here: ~50 us against ~135 us)."""
+    trees = [fork_300(step) for step in range(220)]
+    planner = TreeDecodePlanner(32, 8, 128)
+    incremental = median_us(lambda i: planner.plan(trees[i], "cpu"))
+    fresh = median_us(lambda i: plan_tree_decode(trees[i], 32, 8, 128, device="cpu"))
+    print(f"256 queries / 300 nodes, tails growing: TreeDecodePlanner.plan median {incremental:.0f} us, "
+          f"plan_tree_decode {fresh:.0f} us")
+    assert incremental < 0.75 * fresh

@@ -1,0 +1,740 @@
+"""End-to-end decode throughput: SGLang servers with deft, flashinfer and triton decode, same requests.
+
+On the GPU host, from the repo root, with the devkit carried along (.kit/); ``scripts/gpu_session.sh
+bench-e2e`` wraps this with the time limits, cleanup and log bundle a 10-minute device call needs:
+
+    source .kit/bootstrap.sh && python3 benchmarks/bench_e2e.py --out "$OUT" --budget-s 520 --commit <sha>
+    python3 benchmarks/plot_e2e.py "$OUT/e2e_h200.json"                        # -> e2e_h200.png
+    .venv/bin/python benchmarks/bench_e2e.py --device cpu --smoke --out /tmp/e2e_cpu   # CPU dry run, ~1 min
+
+Servers (``python -m sglang_deft.launch_server``, one per model and decode backend, all started at once):
+``--attention-backend triton --decode-attention-backend {deft,flashinfer,triton}``, so prefill/extend
+is SGLang's triton backend everywhere and only decode differs (flashinfer decode runs in SGLang's
+``HybridAttnBackend``; triton decode is the plain triton backend). Per-backend extra arguments:
+``--deft-args=...``, ``--flashinfer-args=...`` and ``--triton-args=...`` (default none: SGLang's
+defaults, CUDA graphs on, up to ``--cuda-graph-max-bs 256``, for every backend;
+``--deft-args=--disable-cuda-graph`` measures deft's eager steps).
+Models: ``8b`` (``.kit/models/llama3-8b-shape``, dummy weights, bfloat16, ``--skip-tokenizer-init``) and
+``tiny`` (``models/tiny-llama-deft``, float16, with its tokenizer, for the sglang.lang program).
+
+Cases (same request contents for every backend; token ids from a RNG seeded by case and repetition):
+- fork-shaped batches on 8b: the prefix is sent first with ``max_new_tokens=1`` (cached, as ``fork()``
+  does), then ONE ``/generate`` with B prompts (prefix + 8 private tokens each, distinct first private
+  token) and N new tokens each, ``ignore_eos``, greedy: 16000 x 64 x 256, 4000 x 64 x 256, 1000 x 256 x 128;
+- no sharing on 8b: 64 distinct 2048-token prompts, 128 new tokens each (the same request with prefix 0);
+- a 3-level tree-of-thought ``sglang.lang`` program (4 x 4 x 4 forks, 32 tokens per generation) on tiny.
+  Tiny-model numbers measure per-step overhead (scheduling, planning, Python), not attention bandwidth.
+
+Measures (per case and backend; each case is run ``--repeats`` times, the best run is reported, all kept):
+- ``server_log_tok_s_median``: SGLang's own ``Decode batch, #running-req: B, ... gen throughput (token/s): X``
+  lines (every ``--decode-log-interval`` decode steps), median over the lines logged while all B requests
+  ran, without the first of them (its window starts at the previous line, so it spans the batch's
+  prefill and the idle time before it) and the one logged after the batch released its KV (``#token: 0``).
+  The headline ``<backend>_tok_s`` when there are such lines;
+- ``client_tok_s``: B x (N - 1), the tokens decoded after each request's first / (time of the last chunk -
+  time the last request got its first token). The batch is streamed with ``stream_interval`` > N, so each
+  request sends two chunks: its first token (end of its prefill) and its end. SGLang runs every pending
+  prefill before decoding, so from the last first token on, all B requests decode together;
+- ``tpot_ms``: that decode window / (N - 1), the time per output token of every request;
+- ``sharing_ratio``: KV tokens attended / unique KV tokens over the decode steps: measured from the deft
+  server's ``DeFT decode sharing`` lines (but the first, which may hold the previous batch's last steps);
+  for the others the case shape's theoretical value
+  (``sharing_ratio_source`` says which). The sglang.lang case reports client tok/s (tokens / wall) only.
+
+Time and memory: the servers start concurrently (startup is imports, CUDA-graph capture and FlashInfer's
+JIT; caches are file-locked), each with a capped KV pool (``--max-total-tokens``, the largest case's
+tokens + 10%: ~150k tokens, 19 GiB on 8b) and ``--mem-fraction-static 0.8``. SGLang sizes the pool as
+free-after-weights - (1 - fraction) x free-before-weights, capped at ``--max-total-tokens``; other servers'
+allocations shrink both terms, and 0.8 keeps the result above the cap (3 x (15 GiB weights + 19 GiB KV +
+~3 GiB) + 3 tiny servers ~ 115 GiB of the H200's 139). A low fraction would make it negative: the tiny
+servers use 0.8 too and are kept small by their cap. Each server's ``max_total_num_tokens`` is read back and
+a case that would not fit is not run (the JSON says so). Cases run one backend at a time while the other
+servers idle (``--sleep-on-idle``); all repetition-1 runs come before any repetition 2, and ``--budget-s``
+skips what would not finish in time (``skipped`` in the JSON). Expected on the H200: startup with
+FlashInfer JIT 2.5-3.5 min, warm-up ~0.5 min, each repetition of all cases 1.5-2 min, stop 20 s.
+
+Writes ``$OUT/e2e_<tag>.json`` and ``$OUT/e2e_<tag>.md`` (tag ``h200``, ``cpu`` with ``--device cpu``) after
+every measurement, so a killed run keeps what it measured; server logs and process-group ids
+(``server_pgids.txt``, for the session script's cleanup) under ``--log-dir``. Exits 1 unless every case
+has a good run on every backend (``complete``; a skipped second repetition alone does not count).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import statistics
+import sys
+import time
+import traceback
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_gpu_e2e():
+    """scripts/gpu_e2e.py as a module: its server fleet (launch, wait, stop by process group, pgid file),
+    package overlay, clock, device info and SIGTERM handler are reused here, not copied."""
+    spec = importlib.util.spec_from_file_location("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_e2e", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_e2e = _load_gpu_e2e()
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, cases, server arguments
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    args: tuple[str, ...]
+    id_range: tuple[int, int]  # random prompt token ids: clear of special tokens, inside the vocabulary
+    min_pool_tokens: int       # --max-total-tokens at least this (the cases may ask for more)
+
+
+MODELS = {
+    "cuda": {
+        "8b": ModelSpec(REPO / ".kit" / "models" / "llama3-8b-shape",
+                        ("--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init"),
+                        (1000, 128000), 16384),
+        "tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--dtype", "float16"), (3, 300), 16384),
+    },
+    # SGLang's CPU engine; its float32 path is the one the CPU tests use.
+    "cpu": {"tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--device", "cpu", "--dtype", "float32"),
+                              (3, 300), 8192)},
+}
+COMMON_ARGS = {
+    "cuda": ["--attention-backend", "triton", "--grammar-backend", "none", "--log-level", "info",
+             "--decode-log-interval", "16", "--mem-fraction-static", "0.8", "--max-running-requests", "256",
+             "--cuda-graph-max-bs", "256",
+             # idle schedulers (all but the measured one) otherwise spin on a CPU core each
+             "--sleep-on-idle"],
+    "cpu": ["--attention-backend", "torch_native", "--grammar-backend", "none", "--log-level", "info",
+            "--decode-log-interval", "2", "--max-running-requests", "16", "--sleep-on-idle"],
+}
+# triton and flashinfer decode need CUDA: on the CPU, SGLang's torch_native decode is the baseline.
+BACKENDS = {"cuda": ("deft", "flashinfer", "triton"), "cpu": ("deft", "torch_native")}
+BASELINE = {"cuda": "flashinfer", "cpu": "torch_native"}
+DEFAULT_BACKEND_ARGS = {"cuda": {}, "cpu": {}}
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    model: str
+    new_tokens: int
+    prefix: int = 0                       # shared prefix (0: no sharing)
+    branches: int = 0
+    private: int = 0                      # tokens of each branch's own after the prefix
+    widths: tuple[int, ...] = ()          # sglang.lang tree of thought: forks per level
+    target: float | None = None           # the issue's goal: deft tok/s >= target x the baseline's
+    est_s: float = 0.0                    # rough seconds for all backends before a run measured it
+
+    @property
+    def is_lang(self) -> bool:
+        return bool(self.widths)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV slots the batch holds at its end (prefix once, every branch's private part and output)."""
+        return self.prefix + self.branches * (self.private + self.new_tokens)
+
+    def shape(self) -> dict:
+        if self.is_lang:
+            return {"widths": list(self.widths), "new_tokens": self.new_tokens}
+        return {"prefix": self.prefix, "branches": self.branches, "private": self.private,
+                "new_tokens": self.new_tokens}
+
+
+# est_s: the devkit's triton rates (the slowest backend; shared/devkit/README.md) x 3 backends, plus
+# prefill and request overheads. Used only to decide, under --budget-s, whether a first run fits.
+FULL_CASES = (
+    Case("p16k_64", "prefix 16000 x 64 branches x 256 new", "8b", 256, 16000, 64, 8, target=2.5, est_s=45),
+    Case("p4k_64", "prefix 4000 x 64 branches x 256 new", "8b", 256, 4000, 64, 8, target=1.8, est_s=25),
+    Case("p1k_256", "prefix 1000 x 256 branches x 128 new", "8b", 128, 1000, 256, 8, target=1.3, est_s=20),
+    Case("nosharing_64x2k", "no sharing, 64 x 2048 prompt x 128 new", "8b", 128, 0, 64, 2048, target=0.95,
+         est_s=35),
+    Case("tot_3level", "tree of thought (sglang.lang), 4 x 4 x 4 forks x 32 tokens, tiny model", "tiny", 32,
+         widths=(4, 4, 4), est_s=20),
+)
+SMOKE_CASES = (
+    Case("fork_smoke", "prefix 64 x 4 branches x 8 new (smoke)", "tiny", 8, 64, 4, 8),
+    Case("nosharing_smoke", "no sharing, 4 x 48 prompt x 8 new (smoke)", "tiny", 8, 0, 4, 48),
+    Case("tot_smoke", "tree of thought (sglang.lang), 2 x 2 x 2 forks x 4 tokens (smoke)", "tiny", 4,
+         widths=(2, 2, 2)),
+)
+# One small fork batch per server before anything is timed, concurrently on all servers: Triton compiles
+# (deft's kernels, SGLang's triton backend) and FlashInfer JIT happen on first use.
+WARMUP = {"cuda": {"8b": Case("warmup", "warm-up", "8b", 32, 2048, 64, 8),
+                   "tiny": Case("warmup", "warm-up", "tiny", 8, 128, 8, 8)},
+          "cpu": {"tiny": Case("warmup", "warm-up", "tiny", 4, 16, 2, 4)}}
+
+
+def pool_tokens(model: str, spec: ModelSpec, cases: list[Case]) -> int:
+    """--max-total-tokens: the largest case on this model + 10% (SGLang admits a request only when its
+    prompt and max_new_tokens fit), rounded up to 1024."""
+    need = max([c.kv_tokens for c in cases if c.model == model and not c.is_lang], default=0)
+    return max(spec.min_pool_tokens, math.ceil(need * 1.1 / 1024) * 1024)
+
+
+def server_args(device: str, model: str, backend: str, cases: list[Case], backend_args: dict[str, str]) -> list[str]:
+    spec = MODELS[device][model]
+    return ["--model-path", str(spec.path), *spec.args, *COMMON_ARGS[device],
+            "--max-total-tokens", str(pool_tokens(model, spec, cases)),
+            "--decode-attention-backend", backend, *shlex.split(backend_args.get(backend, ""))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the servers' logs
+# --------------------------------------------------------------------------------------------------
+_DECODE_LINE = re.compile(r"Decode batch.*?#running-req:\s*(\d+),\s*#token:\s*(\d+),"
+                          r".*?graph: (True|False), gen throughput \(token/s\):\s*([0-9.]+)")
+
+
+@dataclass(frozen=True)
+class DecodeLine:
+    running: int      # requests in the decode batch
+    tokens: int       # KV slots in use after the step (0: the batch released its KV)
+    graph: bool       # the step replayed a CUDA graph
+    tok_s: float      # tokens generated since the previous line / seconds since it
+
+
+def parse_decode_lines(log_text: str) -> list[DecodeLine]:
+    """Every ``Decode batch`` line SGLang's scheduler logged, in order (format:
+    sglang/srt/observability/scheduler_metrics_mixin.py)."""
+    return [DecodeLine(int(m[1]), int(m[2]), m[3] == "True", float(m[4]))
+            for m in map(_DECODE_LINE.search, log_text.splitlines()) if m]
+
+
+def steady_decode(log_text: str, batch: int) -> dict:
+    """Median gen throughput over the lines logged while all ``batch`` requests ran. Left out: the first
+    such line (its window began at the line before, so it holds the batch's prefill and whatever idle
+    time preceded it) and lines with ``#token: 0`` (logged after the batch's last step released its KV;
+    on the CPU they read 2x the others)."""
+    lines = [x for x in parse_decode_lines(log_text) if x.running == batch and x.tokens > 0][1:]
+    median = round(statistics.median(x.tok_s for x in lines), 1) if lines else None
+    return {"server_log_tok_s_median": median, "server_log_lines": len(lines),
+            "server_log_cuda_graph": all(x.graph for x in lines) if lines else None,
+            "tpot_ms_server_log": round(1000 * batch / median, 3) if median else None}
+
+
+def steady_sharing_ratio(log_text: str) -> float | None:
+    """Attended / unique KV tokens over the deft sharing lines in ``log_text`` but the first: the
+    backend counts steps across batches, so the first line may hold the previous batch's last steps."""
+    # imported here: on the GPU host sglang_deft imports once main() has put the overlay on the path
+    from sglang_deft.sharing_metrics import parse_sharing_lines
+
+    rows = parse_sharing_lines(log_text)[1:]
+    unique = sum(r["unique_kv_tokens"] for r in rows)
+    return round(sum(r["attended_kv_tokens"] for r in rows) / unique, 3) if unique else None
+
+
+def settled_log(server, quiet_s: float = 0.3, max_wait_s: float = 3.0) -> str:
+    """The server log once it stopped growing: the scheduler logs a step's lines after the step, and the
+    client may have read the last tokens first."""
+    deadline = time.monotonic() + max_wait_s
+    text = server.log()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        newer = server.log()
+        if len(newer) == len(text):
+            break
+        text = newer
+    return text
+
+
+def theoretical_sharing_ratio(case: Case) -> float | None:
+    """KV tokens attended / unique KV tokens summed over the batch's decode steps. At decode step k
+    (1..N-1; token 0 comes from the prefill) every request attends prefix + private + k tokens; the
+    shared prefix is one node, each branch's own tokens are its own."""
+    if case.is_lang:
+        return None
+    steps = range(1, case.new_tokens)
+    attended = sum(case.branches * (case.prefix + case.private + k) for k in steps)
+    unique = sum(case.prefix + case.branches * (case.private + k) for k in steps)
+    return round(attended / unique, 3) if unique else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+def batch_prompts(case: Case, id_range: tuple[int, int], seed: str) -> tuple[list[int], list[list[int]]]:
+    """(prefix, one prompt per branch). Branches' first own tokens are distinct, so the radix tree
+    splits right after the prefix (and shares nothing at all when there is no prefix)."""
+    rng = random.Random(seed)
+    lo, hi = id_range
+    prefix = [rng.randrange(lo, hi) for _ in range(case.prefix)]
+    firsts = rng.sample(range(lo, hi), case.branches)
+    return prefix, [prefix + [first] + [rng.randrange(lo, hi) for _ in range(case.private - 1)] for first in firsts]
+
+
+def greedy(max_new_tokens: int, **extra) -> dict:
+    return {"temperature": 0, "max_new_tokens": max_new_tokens, **extra}
+
+
+@dataclass
+class StreamTiming:
+    """Monotonic times of one streamed batch, per request index."""
+    sent: float
+    first: dict[int, float] = field(default_factory=dict)  # its first chunk: the prefill's token
+    last: dict[int, float] = field(default_factory=dict)   # its last chunk: finished
+    tokens: dict[int, int] = field(default_factory=dict)   # completion tokens
+
+
+def stream_generate(url: str, prompts: list[list[int]], new_tokens: int, timeout_s: float) -> StreamTiming:
+    """One streamed ``/generate`` of all prompts. ``stream_interval`` > N makes SGLang send a request's
+    first token and its end only (a chunk at every step would cost the server per-token JSON work)."""
+    payload = {"input_ids": prompts, "stream": True,
+               "sampling_params": greedy(new_tokens, ignore_eos=True, stream_interval=new_tokens + 1)}
+    request = urllib.request.Request(f"{url}/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    timing = StreamTiming(sent=time.monotonic())
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            now = time.monotonic()
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"server error: {chunk['error']}")
+            index = chunk.get("index", 0)
+            timing.first.setdefault(index, now)
+            timing.last[index] = now
+            timing.tokens[index] = chunk["meta_info"]["completion_tokens"]
+    return timing
+
+
+def decode_figures(timing: StreamTiming, batch: int, new_tokens: int) -> dict:
+    """Client-side figures of a streamed batch (see the module docstring)."""
+    if len(timing.tokens) != batch or any(n != new_tokens for n in timing.tokens.values()):
+        raise RuntimeError(f"expected {batch} requests x {new_tokens} tokens, got {sorted(timing.tokens.values())}")
+    all_prefilled, end = max(timing.first.values()), max(timing.last.values())
+    window = end - all_prefilled
+    if window <= 0:
+        raise RuntimeError("no decode window (first and last chunks arrived together)")
+    return {"wall_s": round(end - timing.sent, 3),
+            "ttft_s": round(min(timing.first.values()) - timing.sent, 3),
+            "prefill_done_s": round(all_prefilled - timing.sent, 3),
+            "decode_window_s": round(window, 3),
+            "client_tok_s": round(batch * (new_tokens - 1) / window, 1),
+            "tpot_ms": round(1000 * window / (new_tokens - 1), 3)}
+
+
+def make_tree_of_thought():
+    import sglang as sgl
+
+    @sgl.function
+    def tree_of_thought(s, question, widths, max_tokens):
+        """Question -> thoughts -> sub-thoughts -> answers, a fork per node; returns every generation's
+        completion tokens (ignore_eos: each is max_tokens long, whatever the random model says)."""
+        s += "Think step by step, in several directions.\nQuestion: " + question + "\n"
+        frontier, generated = [s], []
+        for level, width in enumerate(widths):
+            var, following = f"level{level}", []
+            for state in frontier:
+                # fork() caches the prefix first only when the state's text is committed (see
+                # examples/tree_of_thought.py); sync() waits for this state's own generation alone.
+                state.sync()
+                for i, branch in enumerate(state.fork(width)):
+                    branch += f" Step {level + 1}, idea {i + 1}:"
+                    branch += sgl.gen(var, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                    following.append(branch)
+                    generated.append((branch, var))
+            frontier = following
+        return [state.get_meta_info(var)["completion_tokens"] for state, var in generated]
+
+    return tree_of_thought
+
+
+QUESTION = ("A ferry crosses a river eleven times a day, carrying at most forty passengers and six carts. "
+            "On market days twice as many people travel in the morning as in the evening. "
+            "How many crossings are needed on a market day when three hundred people come?")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+def measure_batch(server, backend: str, case: Case, id_range: tuple[int, int], seed: str, timeout_s: float) -> dict:
+    prefix, prompts = batch_prompts(case, id_range, seed)
+    if prefix:
+        server.generate({"input_ids": prefix, "sampling_params": greedy(1)}, timeout_s=timeout_s)
+    before = settled_log(server)
+    figures = decode_figures(stream_generate(server.url, prompts, case.new_tokens, timeout_s),
+                             case.branches, case.new_tokens)
+    after = settled_log(server)
+    new_log = after[len(before):]
+    figures.update(steady_decode(new_log, case.branches), **sharing(backend, case, new_log))
+    median = figures["server_log_tok_s_median"]
+    figures["tok_s"], figures["tok_s_source"] = ((median, "server_log_median") if median
+                                                 else (figures["client_tok_s"], "client"))
+    return figures
+
+
+def measure_lang(server, backend: str, case: Case, program) -> dict:
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+    endpoint = RuntimeEndpoint(server.url)
+    before = settled_log(server)
+    start = time.monotonic()
+    counts = program.run(question=QUESTION, widths=case.widths, max_tokens=case.new_tokens, backend=endpoint).ret_value
+    wall = time.monotonic() - start
+    after = settled_log(server)
+    tok_s = round(sum(counts) / wall, 1)
+    return {"wall_s": round(wall, 3), "generations": len(counts), "completion_tokens": sum(counts),
+            "client_tok_s": tok_s, "server_log_tok_s_median": None, "tpot_ms": None,
+            **sharing(backend, case, after[len(before):]), "tok_s": tok_s, "tok_s_source": "client"}
+
+
+def sharing(backend: str, case: Case, new_log: str) -> dict:
+    if backend == "deft":
+        return {"sharing_ratio": steady_sharing_ratio(new_log), "sharing_ratio_source": "deft log"}
+    ratio = theoretical_sharing_ratio(case)
+    return {"sharing_ratio": ratio,
+            "sharing_ratio_source": "theoretical (case shape)" if ratio else None}
+
+
+def server_info(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/server_info", timeout=30) as r:
+        return json.loads(r.read())
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def summarize_backend(runs: list[dict]) -> dict:
+    """The best ok run's figures (highest tok/s), every run kept under ``runs``."""
+    ok = [r for r in runs if r.get("ok")]
+    if not ok:
+        return {"ok": False, "error": runs[-1].get("error") if runs else "not run", "runs": runs}
+    best = max(ok, key=lambda r: r["tok_s"])
+    keys = ("tok_s", "tok_s_source", "client_tok_s", "server_log_tok_s_median", "server_log_cuda_graph", "tpot_ms",
+            "sharing_ratio", "sharing_ratio_source", "wall_s")
+    return {"ok": True, **{k: best.get(k) for k in keys}, "runs": runs}
+
+
+def summarize_case(entry: dict, case: Case, backends: tuple[str, ...], baseline: str) -> None:
+    """Fill the case's top-level fields from its per-backend runs."""
+    for backend in backends:
+        summary = summarize_backend(entry["runs"].get(backend, []))
+        entry["backends"][backend] = summary
+        entry[f"{backend}_tok_s"] = summary.get("tok_s")
+    deft, base = entry.get("deft_tok_s"), entry.get(f"{baseline}_tok_s")
+    ratio = round(deft / base, 3) if deft and base else None
+    entry[f"deft_vs_{baseline}"] = ratio
+    entry["meets_target"] = (ratio >= case.target) if ratio is not None and case.target is not None else None
+
+
+def _num(x, digits=0) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    backends, baseline = report["backends"], report["baseline"]
+    cuda_graph = {b: report["cuda_graph"].get(b) for b in backends}
+    lines = [f"# End-to-end decode throughput ({report.get('gpu') or report['device_mode']})", "",
+             f"{report['date']}, commit {report.get('commit')}, sglang {report['versions'].get('sglang')}. "
+             "Decode tok/s: SGLang's logged gen throughput while the whole batch ran (median), else client-side "
+             "(`*`). Tiny-model rows measure per-step overhead. CUDA graphs: "
+             + ", ".join(f"{b} {'on' if cuda_graph[b] else 'off'}" for b in backends) + ".", "",
+             "| case | " + " | ".join(f"{b} tok/s" for b in backends) + f" | deft / {baseline} (target) | "
+             + " | ".join(f"TPOT {b} ms" for b in backends) + " | sharing ratio |",
+             "|---|" + "---|" * (2 * len(backends) + 2)]
+    for c in report["cases"]:
+        cells = []
+        for b in backends:
+            s = c["backends"].get(b, {})
+            mark = "*" if s.get("tok_s_source") == "client" else ""
+            cells.append(_num(s.get("tok_s")) + mark if s.get("ok") else ("error" if s.get("runs") else "—"))
+        ratio = c.get(f"deft_vs_{baseline}")
+        target = f" (≥ {c['target']:g})" if c.get("target") else ""
+        verdict = {True: " ✓", False: " ✗"}.get(c.get("meets_target"), "")
+        tpots = [_num(c["backends"].get(b, {}).get("tpot_ms"), 2) for b in backends]
+        deft_share = c["backends"].get("deft", {}).get("sharing_ratio")
+        share = f"{_num(deft_share, 2)} (shape {_num(c.get('theoretical_sharing_ratio'), 2)})"
+        lines.append(f"| {c['case']}{' (skipped: ' + c['skipped'][-1] + ')' if c.get('skipped') else ''} | "
+                     + " | ".join(cells) + f" | {_num(ratio, 2)}{target}{verdict} | " + " | ".join(tpots)
+                     + f" | {share} |")
+    return "\n".join(lines) + "\n"
+
+
+class Report:
+    """The JSON and markdown files, rewritten whole (write + rename) after every measurement."""
+
+    def __init__(self, out: Path, tag: str, data: dict):
+        self.json_path, self.md_path, self.data = out / f"e2e_{tag}.json", out / f"e2e_{tag}.md", data
+
+    def save(self, clock) -> None:
+        self.data["wall_s"] = round(clock.elapsed(), 1)
+        for path, text in ((self.json_path, json.dumps(self.data, indent=2)), (self.md_path, markdown(self.data))):
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+
+
+def versions() -> dict:
+    found = {}
+    for name in ("sglang", "torch", "triton", "flashinfer-python"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------------
+class Budget:
+    def __init__(self, seconds: float, reserve_s: float):
+        self.deadline = time.monotonic() + (seconds if seconds > 0 else 10 ** 9)
+        self.reserve_s = reserve_s  # stopping the servers and the last save
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic() - self.reserve_s
+
+
+class Bench:
+    def __init__(self, args, cases: list[Case], report: Report, fleet, clock):
+        self.args, self.cases, self.report, self.fleet, self.clock = args, cases, report, fleet, clock
+        self.device = args.device
+        self.backends = tuple(args.backends)
+        self.models = sorted({c.model for c in cases})
+        self.servers: dict[tuple[str, str], object] = {}  # (model, backend) -> ServerProcess, once ready
+        self.budget = Budget(args.budget_s, reserve_s=30)
+        self.program = make_tree_of_thought() if any(c.is_lang for c in cases) else None
+
+    def save(self) -> None:
+        self.report.save(self.clock)
+
+    def request_timeout(self) -> float:
+        """Seconds one request may take: the budget's rest, but never unbounded (a hung server)."""
+        return max(30.0, min(600.0, self.budget.left()))
+
+    def start_servers(self) -> None:
+        """All servers at once; each is awaited, checked and warmed up in its own thread."""
+        launched = {}
+        for model in self.models:
+            for backend in self.backends:
+                cmd = server_args(self.device, model, backend, self.cases, self.args.backend_args)
+                self.report.data["server_args"].setdefault(model, {})[backend] = cmd
+                launched[(model, backend)] = self.fleet.launch(model, backend, backend, cmd)
+        self.save()
+        pool = ThreadPoolExecutor(max_workers=len(launched))
+        try:
+            results = dict(zip(launched, pool.map(self.ready_and_warm, launched, launched.values())))
+        finally:
+            # Not `with`: on SIGTERM its exit would wait for every server to come up. main() stops the
+            # servers instead, and the waiting threads then end at once.
+            pool.shutdown(wait=False, cancel_futures=True)
+        for (model, backend), (result, server) in results.items():
+            self.report.data["servers"][f"{model}-{backend}"] = result
+            if server is not None:
+                self.servers[(model, backend)] = server
+        self.report.data["cuda_graph"] = {
+            b: any(result.get("cuda_graph") for (_, backend), (result, _) in results.items() if backend == b)
+            for b in self.backends}
+        self.save()
+
+    def ready_and_warm(self, key: tuple[str, str], launched) -> tuple[dict, object]:
+        """(the server's entry for the report, its ServerProcess or None if it did not come up)."""
+        model, backend = key
+        try:
+            launched = self.wait_ready(key, launched)
+            info = server_info(launched.server.url)
+            start = time.monotonic()
+            # the timed runs' own path (prefix cached, then the streamed batch), on a smaller fork
+            measure_batch(launched.server, backend, WARMUP[self.device][model], MODELS[self.device][model].id_range,
+                          "warmup", self.request_timeout())
+            warm_s = time.monotonic() - start
+            self.clock.note(f"{launched.server.name} warmed up", warm_s)
+            return {"ok": True, "ready_s": round(launched.ready_s, 1), "warmup_s": round(warm_s, 1),
+                    "max_total_num_tokens": info.get("max_total_num_tokens"),
+                    "cuda_graph": self.device == "cuda" and not info.get("disable_cuda_graph", True)}, launched.server
+        except Exception as e:  # noqa: BLE001 -- one server failing must not stop the others' cases
+            self.clock.note(f"{launched.server.name} FAILED", extra=str(e)[-300:])
+            return {"ok": False, "error": f"{type(e).__name__}: {str(e)[-3000:]}"}, None
+
+    def wait_ready(self, key: tuple[str, str], launched):
+        """The launched server once ready; relaunched once if its port was taken between picking and
+        binding it (servers starting together pick free ports at the same time), as gpu_e2e.py does."""
+        try:
+            self.fleet.wait(launched, min(self.args.startup_timeout, self.budget.left()))
+            return launched
+        except (RuntimeError, TimeoutError) as e:
+            if "address already in use" not in launched.server.log().lower():
+                raise
+            self.clock.note(f"{launched.server.name} port clash, relaunching", extra=str(e)[-200:])
+            self.fleet.stop([launched])
+            model, backend = key
+            launched = self.fleet.launch(model, backend, backend, self.report.data["server_args"][model][backend])
+            self.fleet.wait(launched, min(self.args.startup_timeout, self.budget.left()))
+            return launched
+
+    def case_entry(self, case: Case) -> dict:
+        entries = self.report.data["cases"]
+        for entry in entries:
+            if entry["key"] == case.key:
+                return entry
+        entry = {"case": case.label, "key": case.key, "model": case.model, "shape": case.shape(),
+                 "target": case.target, "theoretical_sharing_ratio": theoretical_sharing_ratio(case),
+                 "runs": {}, "backends": {}}
+        entries.append(entry)
+        return entry
+
+    def run_all(self) -> None:
+        """Repetition 1 of every case before any repetition 2; within a case, one backend at a time."""
+        spent: dict[str, float] = {}
+        for rep in range(1, self.args.repeats + 1):
+            for case in self.cases:
+                entry = self.case_entry(case)
+                need = spent.get(case.key, case.est_s)
+                if self.budget.left() < need:
+                    entry.setdefault("skipped", []).append(
+                        f"repetition {rep}: {self.budget.left():.0f}s of the budget left, about {need:.0f}s needed")
+                    self.clock.note(f"{case.key} rep {rep} skipped", extra=entry["skipped"][-1])
+                    summarize_case(entry, case, self.backends, self.report.data["baseline"])
+                    self.save()
+                    continue
+                start = time.monotonic()
+                for backend in self.backends:
+                    self.run_one(case, backend, rep, entry)
+                spent[case.key] = 1.1 * (time.monotonic() - start)
+
+    def run_one(self, case: Case, backend: str, rep: int, entry: dict) -> None:
+        runs = entry["runs"].setdefault(backend, [])
+        server = self.servers.get((case.model, backend))
+        name = f"{case.model}-{backend}"
+        if server is None:
+            runs.append({"rep": rep, "ok": False, "error": f"server {name} did not start (see servers.{name})"})
+        elif case.kv_tokens > (self.report.data["servers"][name].get("max_total_num_tokens") or 0):
+            runs.append({"rep": rep, "ok": False, "error": (
+                f"KV pool of {self.report.data['servers'][name].get('max_total_num_tokens')} tokens < the "
+                f"{case.kv_tokens} the case holds (GPU memory shared with the other servers)")})
+        else:
+            start = time.monotonic()
+            try:
+                figures = (measure_lang(server, backend, case, self.program) if case.is_lang else
+                           measure_batch(server, backend, case, MODELS[self.device][case.model].id_range,
+                                         f"{case.key}:{rep}", self.request_timeout()))
+                runs.append({"rep": rep, "ok": True, **figures})
+                self.clock.note(f"{case.key} {backend} rep {rep}", time.monotonic() - start,
+                                f"{figures['tok_s']:.0f} tok/s ({figures['tok_s_source']}), "
+                                f"client {figures['client_tok_s']:.0f}")
+            except Exception as e:  # noqa: BLE001 -- recorded; the other backends and cases go on
+                runs.append({"rep": rep, "ok": False, "error": f"{type(e).__name__}: {e}"[-3000:],
+                             "traceback": traceback.format_exc()[-3000:]})
+                self.clock.note(f"{case.key} {backend} rep {rep} FAILED", time.monotonic() - start, str(e)[-300:])
+        summarize_case(entry, case, self.backends, self.report.data["baseline"])
+        self.save()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="End-to-end decode throughput: deft vs SGLang's flashinfer and "
+                                            "triton decode backends, same requests")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_e2e_out")))
+    p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
+    p.add_argument("--tag", default=None, help="file names e2e_TAG.* (default h200; cpu with --device cpu)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a dry run of the whole flow on SGLang's CPU engine (needs --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the tiny model only")
+    p.add_argument("--cases", default=None, help="comma-separated case keys (default: all of the profile)")
+    p.add_argument("--backends", default=None, help="comma-separated (default deft,flashinfer,triton on cuda)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per case and backend; the best is reported")
+    p.add_argument("--budget-s", type=float, default=0, help="wall-clock budget; skip what would overrun (0: none)")
+    p.add_argument("--startup-timeout", type=float, default=420)
+    p.add_argument("--commit", default=os.environ.get("DEFT_COMMIT"))
+    for backend in ("deft", "flashinfer", "triton", "torch_native"):
+        p.add_argument(f"--{backend.replace('_', '-')}-args", default=None, metavar="ARGS",
+                       help=f"extra launcher arguments for the {backend} servers, one string; write "
+                            f"--{backend.replace('_', '-')}-args='...' (an empty one: --{backend.replace('_', '-')}"
+                            "-args=)")
+    args = p.parse_args(argv)
+    if args.device == "cpu" and not args.smoke:
+        p.error("--device cpu runs the smoke shapes only: add --smoke")
+    args.tag = args.tag or ("h200" if args.device == "cuda" else "cpu")
+    args.backends = args.backends.split(",") if args.backends else list(BACKENDS[args.device])
+    args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
+    for backend in ("deft", "flashinfer", "triton", "torch_native"):
+        given = getattr(args, f"{backend}_args")
+        if given is not None:
+            args.backend_args[backend] = given
+    return args
+
+
+def select_cases(args) -> list[Case]:
+    profile = SMOKE_CASES if args.smoke else FULL_CASES
+    if not args.cases:
+        return list(profile)
+    keys = args.cases.split(",")
+    unknown = sorted(set(keys) - {c.key for c in profile})
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {[c.key for c in profile]}")
+    return [c for c in profile if c.key in keys]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, gpu_e2e._sigterm)  # private there; unwinds through our finally too
+    cases = select_cases(args)
+    clock = gpu_e2e.Clock()
+    log_dir = args.log_dir or args.out / "logs"
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "server_pgids.txt").write_text("")
+    env, cwd = gpu_e2e.importable_package_env()
+    info = gpu_e2e.device_info(args.commit)
+    report = Report(args.out, args.tag, {
+        "gpu": info["gpu"], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": info["commit"], "versions": versions(), "device_mode": args.device, "smoke": args.smoke,
+        "backends": args.backends, "baseline": BASELINE[args.device], "backend_extra_args": args.backend_args,
+        "repeats": args.repeats, "budget_s": args.budget_s,
+        "method": ("tok_s: median of SGLang's 'gen throughput' log lines while all B requests ran (first one "
+                   "left out), else client-side; client_tok_s: B x (N-1) / (last chunk - last first token), "
+                   "streamed; tpot_ms: that window / (N-1); best of the repetitions. sharing_ratio: deft's "
+                   "logged attended/unique KV tokens, or the case shape's for the other backends. Tiny-model "
+                   "cases measure per-step overhead."),
+        "server_args": {}, "servers": {}, "cuda_graph": {}, "cases": [], "complete": False,
+        "timings": clock.phases})
+    fleet = gpu_e2e.Fleet(env, cwd, log_dir, clock)
+    bench = Bench(args, cases, report, fleet, clock)
+    try:
+        bench.start_servers()
+        bench.run_all()
+    except BaseException as e:  # SIGTERM (SystemExit) or Ctrl-C: keep what was measured, say why it stopped
+        report.data["interrupted"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        start = time.monotonic()
+        fleet.stop_all()
+        clock.note("servers stopped", time.monotonic() - start)
+        report.save(clock)
+    done = [c for c in report.data["cases"] if all(c["backends"].get(b, {}).get("ok") for b in args.backends)]
+    report.data["complete"] = len(done) == len(cases)
+    report.save(clock)
+    print(markdown(report.data))
+    clock.note(f"done: complete={report.data['complete']} -> {report.json_path}")
+    return 0 if report.data["complete"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

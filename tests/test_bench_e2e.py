@@ -1,0 +1,228 @@
+"""benchmarks/bench_e2e.py: its log parsing and figures on literal lines and synthetic timings, and its
+whole flow on the CPU (``--device cpu --smoke``: a deft and a torch_native server on the tiny model,
+~40 s here, most of it the servers' startup)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
+b = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("bench_e2e", b)  # dataclasses look their module up there
+_spec.loader.exec_module(b)
+
+# Lines as SGLang 0.5.10.post1 and the deft backend write them (GPU and CPU engine).
+GPU_LOG = """\
+[2026-11-29 10:00:00] Prefill batch, #new-seq: 64, #new-token: 512, #cached-token: 1024000, token usage: 0.11, #running-req: 0, #queue-req: 0, cuda graph: False, input throughput (token/s): 1200.00
+[2026-11-29 10:00:01] Decode batch, #running-req: 64, #token: 16600, token usage: 0.11, cuda graph: True, gen throughput (token/s): 310.55, #queue-req: 0
+[2026-11-29 10:00:01] Decode batch, #running-req: 64, #token: 17624, token usage: 0.12, cuda graph: True, gen throughput (token/s): 2868.00, #queue-req: 0
+[2026-11-29 10:00:02] Decode batch, #running-req: 64, #token: 18648, token usage: 0.12, cuda graph: True, gen throughput (token/s): 2900.50, #queue-req: 0
+[2026-11-29 10:00:02] Decode batch, #running-req: 64, #token: 19672, token usage: 0.13, cuda graph: True, gen throughput (token/s): 2850.25, #queue-req: 0
+[2026-11-29 10:00:03] Decode batch, #running-req: 64, #token: 0, token usage: 0.00, cuda graph: True, gen throughput (token/s): 5400.00, #queue-req: 0
+[2026-11-29 10:00:04] Decode batch, #running-req: 1, #token: 300, token usage: 0.00, cuda graph: True, gen throughput (token/s): 80.00, #queue-req: 0
+"""
+CPU_LINE = ("[2026-11-29 23:58:25] Decode batch, #running-req: 4, #token: 116, token usage: 0.01, cpu graph: False, "
+            "gen throughput (token/s): 662.55, #queue-req: 0")
+SHARING_LOG = """\
+[2026-11-29 10:00:01] DeFT decode sharing: steps=16 attended_kv_tokens=99999 unique_kv_tokens=99999 ratio=1.000 total_steps=16 total_attended_kv_tokens=99999 total_unique_kv_tokens=99999
+[2026-11-29 10:00:02] DeFT decode sharing: steps=16 attended_kv_tokens=1000 unique_kv_tokens=100 ratio=10.000 total_steps=32 total_attended_kv_tokens=100999 total_unique_kv_tokens=100099
+[2026-11-29 10:00:03] DeFT decode sharing: steps=16 attended_kv_tokens=3000 unique_kv_tokens=500 ratio=6.000 total_steps=48 total_attended_kv_tokens=103999 total_unique_kv_tokens=100599
+"""
+
+
+def test_parse_decode_lines_reads_gpu_and_cpu_lines():
+    lines = b.parse_decode_lines(GPU_LOG + CPU_LINE)
+    assert len(lines) == 7  # the prefill line is not a decode line
+    assert lines[1] == b.DecodeLine(running=64, tokens=17624, graph=True, tok_s=2868.0)
+    assert lines[-1] == b.DecodeLine(running=4, tokens=116, graph=False, tok_s=662.55)
+
+
+def test_steady_decode_skips_the_first_line_released_batches_and_other_batch_sizes():
+    steady = b.steady_decode(GPU_LOG, batch=64)
+    # 310.55 (first: its window holds the prefill), 5400 (#token: 0) and the 1-request line are left out
+    assert steady["server_log_lines"] == 3
+    assert steady["server_log_tok_s_median"] == 2868.0
+    assert steady["server_log_cuda_graph"] is True
+    assert steady["tpot_ms_server_log"] == pytest.approx(1000 * 64 / 2868.0, abs=1e-3)
+
+
+def test_steady_decode_without_full_batch_lines():
+    assert b.steady_decode(GPU_LOG, batch=256) == {"server_log_tok_s_median": None, "server_log_lines": 0,
+                                                   "server_log_cuda_graph": None, "tpot_ms_server_log": None}
+
+
+def test_steady_sharing_ratio_leaves_out_the_first_line():
+    # the first line may hold the previous batch's steps: (1000 + 3000) / (100 + 500)
+    assert b.steady_sharing_ratio(SHARING_LOG) == pytest.approx(4000 / 600, abs=1e-3)
+    assert b.steady_sharing_ratio(SHARING_LOG.splitlines()[0]) is None
+
+
+def test_theoretical_sharing_ratio():
+    fork = b.Case("f", "f", "tiny", new_tokens=3, prefix=10, branches=2, private=1)
+    # steps k = 1, 2: attended 2 x (11 + k), unique 10 + 2 x (1 + k)
+    assert b.theoretical_sharing_ratio(fork) == pytest.approx((24 + 26) / (14 + 16), abs=1e-3)
+    nosharing = b.Case("n", "n", "8b", new_tokens=128, prefix=0, branches=64, private=2048)
+    assert b.theoretical_sharing_ratio(nosharing) == 1.0
+    assert b.theoretical_sharing_ratio(b.FULL_CASES[0]) > 40  # 16000-token prefix, 64 branches
+    assert b.theoretical_sharing_ratio(b.SMOKE_CASES[-1]) is None  # the sglang.lang program
+
+
+def test_batch_prompts_share_the_prefix_only():
+    case = b.Case("f", "f", "tiny", new_tokens=4, prefix=50, branches=8, private=8)
+    prefix, prompts = b.batch_prompts(case, (3, 300), "seed")
+    assert len(prefix) == 50 and len(prompts) == 8
+    assert all(p[:50] == prefix and len(p) == 58 for p in prompts)
+    assert len({p[50] for p in prompts}) == 8  # the tree splits right after the prefix
+    assert all(3 <= t < 300 for p in prompts for t in p)
+    assert b.batch_prompts(case, (3, 300), "seed") == (prefix, prompts)  # same contents for every backend
+    assert b.batch_prompts(case, (3, 300), "other")[0] != prefix
+
+
+def test_pool_fits_the_largest_case():
+    spec = b.MODELS["cuda"]["8b"]
+    pool = b.pool_tokens("8b", spec, list(b.FULL_CASES))
+    assert max(c.kv_tokens for c in b.FULL_CASES if c.model == "8b") == 64 * (2048 + 128)
+    assert 64 * (2048 + 128) < pool <= 160_000
+    assert b.pool_tokens("tiny", b.MODELS["cuda"]["tiny"], list(b.FULL_CASES)) == 16384
+
+
+def test_server_args_per_backend():
+    cases = list(b.FULL_CASES)
+    deft = b.server_args("cuda", "8b", "deft", cases, b.DEFAULT_BACKEND_ARGS["cuda"])
+    fi = b.server_args("cuda", "8b", "flashinfer", cases, b.DEFAULT_BACKEND_ARGS["cuda"])
+    assert "--disable-cuda-graph" not in deft and "--disable-cuda-graph" not in fi  # CUDA graphs for all
+    assert fi[fi.index("--decode-attention-backend") + 1] == "flashinfer"
+    assert fi[fi.index("--attention-backend") + 1] == "triton"
+    assert "--skip-tokenizer-init" in fi and fi[fi.index("--cuda-graph-max-bs") + 1] == "256"
+    overridden = b.server_args("cuda", "8b", "deft", cases, {"deft": "--disable-cuda-graph"})
+    assert "--disable-cuda-graph" in overridden
+
+
+def test_decode_figures_from_a_streamed_batch():
+    timing = b.StreamTiming(sent=100.0, first={0: 100.5, 1: 101.0}, last={0: 103.0, 1: 103.5},
+                            tokens={0: 11, 1: 11})
+    fig = b.decode_figures(timing, batch=2, new_tokens=11)
+    assert fig["ttft_s"] == 0.5 and fig["prefill_done_s"] == 1.0 and fig["wall_s"] == 3.5
+    assert fig["decode_window_s"] == 2.5
+    assert fig["client_tok_s"] == pytest.approx(2 * 10 / 2.5)
+    assert fig["tpot_ms"] == pytest.approx(250.0)
+    with pytest.raises(RuntimeError, match="expected 2 requests x 12 tokens"):
+        b.decode_figures(timing, batch=2, new_tokens=12)
+
+
+def run(rep, tok_s, ok=True, **extra):
+    return {"rep": rep, "ok": ok, "tok_s": tok_s, "tok_s_source": "server_log_median", "client_tok_s": tok_s,
+            "tpot_ms": 1.0, "wall_s": 1.0, **extra}
+
+
+def test_summarize_case_takes_the_best_run_and_the_ratio():
+    case = b.FULL_CASES[0]
+    entry = {"runs": {"deft": [run(1, 7000.0), run(2, 7500.0)], "flashinfer": [run(1, 3000.0)],
+                      "triton": [{"rep": 1, "ok": False, "error": "boom"}]}, "backends": {}}
+    b.summarize_case(entry, case, ("deft", "flashinfer", "triton"), "flashinfer")
+    assert entry["deft_tok_s"] == 7500.0 and entry["flashinfer_tok_s"] == 3000.0
+    assert entry["triton_tok_s"] is None and entry["backends"]["triton"]["error"] == "boom"
+    assert entry["deft_vs_flashinfer"] == 2.5 and entry["meets_target"] is True
+    assert len(entry["backends"]["deft"]["runs"]) == 2
+
+
+def gpu_like_report() -> dict:
+    entry = {"case": "prefix 16000 x 64", "target": 2.5, "theoretical_sharing_ratio": 48.1,
+             "runs": {"deft": [run(1, 7000.0, sharing_ratio=47.9)], "flashinfer": [run(1, 2800.0)],
+                      "triton": [{"rep": 1, "ok": False, "error": "x"}]}, "backends": {}}
+    b.summarize_case(entry, b.FULL_CASES[0], ("deft", "flashinfer", "triton"), "flashinfer")
+    return {"backends": ["deft", "flashinfer", "triton"], "baseline": "flashinfer", "gpu": "NVIDIA H200",
+            "device_mode": "cuda", "date": "2026-11-29", "commit": "abc", "versions": {"sglang": "0.5.10.post1"},
+            "cuda_graph": {"deft": False, "flashinfer": True, "triton": True}, "cases": [entry]}
+
+
+def test_markdown_shows_missing_and_failed_cells():
+    text = b.markdown(gpu_like_report())
+    row = text.strip().splitlines()[-1]
+    assert row.startswith("| prefix 16000 x 64 | 7,000 | 2,800 | error | 2.50 (≥ 2.5) ✓ |")
+    assert "47.90 (shape 48.10)" in row
+    assert "deft off, flashinfer on, triton on" in text
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("plot_e2e", REPO / "benchmarks" / "plot_e2e.py")
+    plot_e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_e2e)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(gpu_like_report()))
+    assert plot_e2e.main([str(path)]) == 0
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_cpu_smoke_end_to_end(tmp_path):
+    """The whole flow on SGLang's CPU engine: servers, warm-up, the three kinds of case, JSON and table."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--device", "cpu", "--smoke",
+                           "--out", str(out)], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "e2e_cpu.json").read_text())
+    assert report["complete"] is True and report["baseline"] == "torch_native"
+    assert report["versions"]["sglang"] and report["commit"]
+    assert set(report["server_args"]["tiny"]) == {"deft", "torch_native"}
+    assert [c["key"] for c in report["cases"]] == [c.key for c in b.SMOKE_CASES]
+    for case in report["cases"]:
+        assert case["case"] and case["deft_tok_s"] > 0 and case["torch_native_tok_s"] > 0
+        assert case["deft_vs_torch_native"] > 0
+        for backend in ("deft", "torch_native"):
+            s = case["backends"][backend]
+            assert s["ok"] and s["client_tok_s"] > 0 and s["wall_s"] > 0 and len(s["runs"]) == 2
+            if case["key"] != "tot_smoke":
+                assert s["server_log_tok_s_median"] > 0 and s["tpot_ms"] > 0
+    fork, nosharing, lang = report["cases"]
+    assert fork["backends"]["deft"]["sharing_ratio"] == pytest.approx(fork["theoretical_sharing_ratio"], rel=0.15)
+    assert nosharing["backends"]["deft"]["sharing_ratio"] == pytest.approx(1.0)
+    assert lang["backends"]["deft"]["sharing_ratio"] > 1.5  # 3 levels of forks over one question
+    assert "| prefix 64 x 4 branches x 8 new (smoke) |" in (out / "e2e_cpu.md").read_text()
+    assert (out / "logs" / "server_pgids.txt").read_text().strip()  # recorded for the session cleanup
+
+
+class FakeServer:
+    def __init__(self, name, log):
+        self.name, self._log = name, log
+
+    def log(self):
+        return self._log
+
+
+class FakeFleet:
+    """Fleet's interface: the first server's port was taken, the relaunched one comes up."""
+
+    def __init__(self):
+        self.launched, self.stopped = [], []
+
+    def launch(self, model, role, backend, args):
+        log = "OSError: [Errno 98] Address already in use" if not self.launched else "ready"
+        launched = b.gpu_e2e.Launched(role, backend, FakeServer(f"{model}-{role}", log), t0=0.0)
+        self.launched.append((launched, args))
+        return launched
+
+    def wait(self, launched, timeout_s):
+        if "Address already in use" in launched.server.log():
+            raise RuntimeError("tiny-deft server exited with 1")
+        launched.ready_s = 1.0
+
+    def stop(self, items):
+        self.stopped.extend(items)
+
+
+def test_wait_ready_relaunches_once_after_a_port_clash(tmp_path):
+    args = b.parse_args(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
+    report = b.Report(tmp_path, "cpu", {"server_args": {"tiny": {"deft": ["--model-path", "m"]}}})
+    fleet = FakeFleet()
+    bench = b.Bench(args, [b.SMOKE_CASES[0]], report, fleet, b.gpu_e2e.Clock())
+    first = fleet.launch("tiny", "deft", "deft", ["--model-path", "m"])
+    ready = bench.wait_ready(("tiny", "deft"), first)
+    assert fleet.stopped == [first] and ready is fleet.launched[1][0] and ready.ready_s == 1.0
+    assert fleet.launched[1][1] == ["--model-path", "m"]  # the same arguments again

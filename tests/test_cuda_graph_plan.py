@@ -1,0 +1,370 @@
+"""CUDA-graph decode, on CPU: the plan written into fixed buffers before each replay, and the patch
+that hands the replay's ForwardBatch to the backend.
+
+A CUDA graph cannot run here, but what it replays can be: the kernel launches recorded at capture
+read the fixed plan buffers, so calling ``forward_decode`` with the metadata captured for a batch
+size, after ``deft_prepare_graph_replay`` has rewritten those buffers, is what a replay computes.
+The Triton kernels run under TRITON_INTERPRET=1 in fp32, and the eager step must give bitwise the
+same output.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+from sglang.srt.server_args import ServerArgs
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+import sglang_deft.backend as backend_module
+import sglang_deft.tree_attention as tree_attention
+from kernel_trees import make_tree
+from radix_sim import RadixSim
+from sglang_deft.backend import DeftAttnBackend
+from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
+from sglang_deft.kernels.plan import build_schedule
+from sglang_deft.patches import cuda_graph_replay, sglang_version
+from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
+from test_backend import MODEL, attention_layers, decode_forward_batch, kv_pool_for, make_backend, per_request_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+CAPTURE_BS = [1, 2, 4, 8]  # SGLang's smallest capture sizes; the largest is init_cuda_graph_state's max_bs
+
+
+@pytest.fixture(scope="module")
+def server_args():
+    args = ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
+                      decode_attention_backend="deft", grammar_backend="none")
+    args.cuda_graph_max_bs = max(CAPTURE_BS)
+    return args
+
+
+@pytest.fixture(scope="module")
+def model_config(server_args):
+    return ModelConfig.from_server_args(server_args)
+
+
+@pytest.fixture(autouse=True)
+def single_rank_triton(monkeypatch):
+    monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan limits
+# --------------------------------------------------------------------------------------------------
+def h200(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    return torch.device("cuda")
+
+
+def test_limits_of_the_documented_example(monkeypatch):
+    limits = plan_limits(256, 32, 8, h200(monkeypatch))
+    assert limits == PlanLimits(max_items=706, max_partials=3104)
+    assert limits.partial_bytes(32, 128) / 1e6 == pytest.approx(51.3, abs=0.05)
+    cap = limits.capacity(256, 1000)
+    assert (cap.max_queries, cap.max_kv_tokens, cap.max_merge) == (256, 1000, 3104)
+
+
+def fork_trees(B: int) -> dict:
+    """Trees of B queries shaped like the builder's: merged chains, and the B private tails last."""
+
+    def tree(parent, lengths):
+        return make_tree(parent, lengths, list(range(len(parent) - B, len(parent))))
+
+    # prompt -> 4 branches -> B / 4 sub-branches in all -> 4 tails each
+    nested = tree([-1] + [0] * 4 + [1 + i % 4 for i in range(B // 4)] + [5 + i % (B // 4) for i in range(B)],
+                  [2000] + [1000] * 4 + [256] * (B // 4) + [3] * B)
+    # binary forks down to B / 4 nodes, 4 tails each: paths of log2(B) nodes
+    parent, level = [-1], [0]
+    while len(level) < B // 4:
+        parent += [p for p in level for _ in range(2)]
+        level = list(range(len(parent) - 2 * len(level), len(parent)))
+    binary = tree(parent + [p for p in level for _ in range(4)], [500] + [40] * (len(parent) - 1) + [7] * B)
+    return {
+        "fork": tree([-1] + [0] * B, [2000] + [1 + i % 50 for i in range(B)]),
+        "nested": nested,
+        "binary": binary,
+        "no_sharing": make_tree([-1] * B, [300 + i for i in range(B)], list(range(B))),
+    }
+
+
+@pytest.mark.parametrize("name", ["fork", "nested", "binary", "no_sharing"])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 32), (8, 1)], ids=["gqa4", "mha", "gqa8_tp"])
+def test_fork_trees_fit_without_coarser_chunks(monkeypatch, name, heads):
+    """At B = max_batch on an H200, the limits hold the usual fork shapes, and the plan they allow is
+    the plan without limits: the limits never change the chunking of such a step."""
+    B, (hq, hkv) = 256, heads
+    limits = plan_limits(B, hq, hkv, h200(monkeypatch))
+    tree = fork_trees(B)[name]
+    args = [tree.node_indptr.numpy().astype(np.int64), tree.node_parent.numpy().astype(np.int64),
+            tree.query_node.numpy().astype(np.int64)]
+    kw = dict(group_size=hq // hkv, head_dim=128, kv_elem_bytes=2, num_kv_heads=hkv, num_sms=132)
+    limited = build_schedule(*args, **kw, max_items=limits.max_items)
+    free = build_schedule(*args, **kw)
+    for a, b in zip(limited, free):
+        np.testing.assert_array_equal(a, b)
+    assert limited[-1] <= limits.max_partials
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans written into the fixed buffers
+# --------------------------------------------------------------------------------------------------
+def qkv(tree, n_rows, hq=8, hkv=2, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    slots = int(tree.kv_indices.max()) + 1
+    return (torch.randn(n_rows, hq, d, generator=g) * 3, torch.randn(slots, hkv, d, generator=g),
+            torch.randn(slots, hkv, d, generator=g))
+
+
+@needs_interpreter
+def test_padding_queries_leave_the_real_plan_unchanged():
+    tree = fork_trees(16)["nested"]
+    q, k, v = qkv(tree, 24)
+    q[16:] = 1e4  # padding rows hold whatever the previous replay left
+    limits = PlanLimits(max_items=64, max_partials=256)
+    plain = plan_tree_decode(tree, 8, 2, 32, "cpu", kv_dtype=torch.float32, capacity=limits.capacity(16, 20000))
+    padded = plan_tree_decode(with_padding_queries(tree, 24), 8, 2, 32, "cpu", kv_dtype=torch.float32,
+                              capacity=limits.capacity(24, 20000))
+    eager = tree_decode(q[:16], k, v, plain, 0.2)
+    graph = tree_decode(q, k, v, padded, 0.2)
+    assert torch.equal(graph[:16], eager)
+    assert torch.equal(graph[16:], torch.zeros_like(graph[16:]))
+
+
+@needs_interpreter
+def test_a_tree_past_the_limits_is_refused_untouched_and_planned_eagerly():
+    # A caterpillar: query i branches off a chain at depth i, so paths average B / 2 nodes.
+    B = 12
+    parent = [-1] + list(range(B - 1)) + list(range(B))
+    tree = make_tree(parent, [20] * B + [2] * B, list(range(B, 2 * B)))
+    limits = PlanLimits(max_items=40, max_partials=48)
+    graph = tree_attention.new_graph_plan(limits, 16, 512, 8, 2, 32, torch.float32, torch.device("cpu"))
+    before = [t.clone() for t in (graph.meta, graph.kv_indices)]
+    assert plan_graph_step(graph, tree, 16, torch.float32) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, (graph.meta, graph.kv_indices)))
+
+    eager = plan_step(tree, 8, 2, 32, torch.float32, torch.device("cpu"), limits)
+    q, k, v = qkv(tree, B)
+    torch.testing.assert_close(tree_decode(q, k, v, eager, 0.2), attention_reference(q, k, v, tree, 0.2),
+                               atol=2e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend through capture and replays
+# --------------------------------------------------------------------------------------------------
+class GraphEmulator:
+    """What CudaGraphRunner does with the backend, minus the graph: per captured size the metadata
+    its recorded launches read; per replay, the patched can_run's call and replay_prepare's."""
+
+    def __init__(self, backend, kv_pool, max_bs=max(CAPTURE_BS)):
+        self.backend, self.kv_pool = backend, kv_pool
+        backend.init_cuda_graph_state(max_bs, max_bs)
+        self.capture()
+
+    def capture(self):
+        """Largest size first, as SGLang captures; the dummy inputs are its buffers' initial values."""
+        self.captured = {}
+        for bs in reversed(CAPTURE_BS):
+            self.backend.init_forward_metadata_capture_cuda_graph(bs, bs, torch.zeros(bs, dtype=torch.int64),
+                                                                  torch.ones(bs, dtype=torch.int32), None,
+                                                                  ForwardMode.DECODE, None)
+            self.captured[bs] = self.backend.forward_metadata
+
+    def padded_size(self, batch_size):
+        return CAPTURE_BS[bisect.bisect_left(CAPTURE_BS, batch_size)]
+
+    def prepare(self, fb) -> int | None:
+        bs = self.padded_size(len(fb.deft_reqs))
+        if not self.backend.deft_prepare_graph_replay(fb, bs):
+            return None
+        self.backend.init_forward_metadata_replay_cuda_graph(bs, None, None, 0, None, ForwardMode.DECODE, None, None)
+        return bs
+
+    def forward(self, bs, fb, q, k, v, layer):
+        """One layer as the replayed graph computes it: padded inputs, the captured metadata."""
+        B = q.shape[0]
+        pad = bs - B
+        self.backend.forward_metadata = self.captured[bs]
+        # Padding rows: SGLang zeroes their out_cache_loc (slot 0, never handed out); q, k and v hold
+        # whatever the graph's buffers last had.
+        loc = torch.cat([fb.out_cache_loc, torch.zeros(pad, dtype=torch.int64)])
+        graph_fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, out_cache_loc=loc, token_to_kv_pool=self.kv_pool)
+        junk = torch.full((pad, *q.shape[1:]), 1e4)
+        return self.backend.forward_decode(torch.cat([q, junk]), torch.cat([k, junk[:, :k.shape[1]]]),
+                                           torch.cat([v, junk[:, :v.shape[1]]]), layer, graph_fb)
+
+
+def graph_setup(server_args, model_config, kv_slots=4096):
+    torch.manual_seed(0)
+    sim = RadixSim(kv_slots=kv_slots)
+    layers = attention_layers(model_config)[:2]
+    kv_pool = kv_pool_for(layers, kv_slots)
+    for i in range(len(layers)):
+        kv_pool.get_key_buffer(i).normal_()
+        kv_pool.get_value_buffer(i).normal_()
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    return sim, layers, kv_pool, backend
+
+
+def step_both_ways(sim, reqs, layers, kv_pool, backend, emulator):
+    """One decode step replayed (if the tree fits the buffers) and eagerly; returns the padded size
+    (None: the step ran eagerly only) after checking the two outputs are bitwise equal."""
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    bs = emulator.prepare(fb)
+    B, layer0 = len(reqs), layers[0]
+    hq, hkv, d = layer0.tp_q_head_num, layer0.tp_k_head_num, layer0.head_dim
+    for layer in layers:
+        q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+        k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+        if bs is not None:
+            replayed = emulator.forward(bs, fb, q.view(B, hq, d), k, v, layer).view(bs, hq, d)
+        backend.init_forward_metadata(fb)
+        eager = backend.forward(q, k, v, layer, fb).view(B, hq, d)
+        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
+        torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
+        if bs is not None:
+            assert torch.equal(replayed[:B], eager)
+            assert torch.equal(replayed[B:], torch.zeros_like(replayed[B:]))
+    sim.finish_decode(reqs)
+    return bs
+
+
+@needs_interpreter
+def test_replays_match_eager_steps_bitwise(server_args, model_config):
+    """Consecutive steps with new trees: tails grow, requests join and leave, batches smaller than
+    the captured size (padded) and equal to it."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    emulator = GraphEmulator(backend, kv_pool)
+    for bs, meta in emulator.captured.items():  # every captured size reads the same fixed buffers
+        assert meta.num_queries == bs and meta.plan.meta.data_ptr() == backend.graph_plan.meta.data_ptr()
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(3)])
+    sizes = []
+    for step in range(6):
+        if step == 2:  # a nested fork joins: two requests sharing more than the prompt
+            inner = prompt + sim.tokens(20)
+            reqs += sim.prefill([sim.new_req(inner + sim.tokens(2)), sim.new_req(inner + sim.tokens(4))])
+        if step == 4:  # one leaves; its tokens enter the radix tree
+            sim.finish(reqs.pop(0))
+        if step == 5:  # an unrelated request joins: 5 queries, padded to 8
+            reqs += sim.prefill([sim.new_req(sim.fresh(30))])
+        sizes.append(step_both_ways(sim, reqs, layers, kv_pool, backend, emulator))
+    assert sizes == [4, 4, 8, 8, 4, 8]
+    assert backend.planned_replay_size is None  # every plan was consumed by its replay
+
+
+@needs_interpreter
+def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, model_config):
+    """Limits tight enough that the planner coarsens chunks: an eager step must coarsen them the same
+    way (it is planned under the same limits), or the merge order, and the last bits, would differ."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    backend.plan_limits = PlanLimits(max_items=4, max_partials=64)
+    emulator = GraphEmulator(backend, kv_pool)
+    prompt = sim.fresh(400)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    # The same step's tree, planned with and without the limit: the limit does change the chunks.
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    tree = backend._build_tree(fb).planning_tree
+    args = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
+    kw = dict(group_size=4, head_dim=layers[0].head_dim, kv_elem_bytes=4, num_kv_heads=2, num_sms=8)
+    assert len(build_schedule(*args, **kw, max_items=4)[1]) < len(build_schedule(*args, **kw)[1])
+    sim.finish_decode(reqs)
+    for _ in range(2):
+        assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == 4
+
+
+@needs_interpreter
+def test_step_past_the_buffers_runs_eagerly(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    backend.plan_limits = PlanLimits(max_items=64, max_partials=6)  # 6 partials: fewer than 2 paths of 4
+    emulator = GraphEmulator(backend, kv_pool)
+    prompt = sim.fresh(40)
+    sim.run_to_cache(prompt)
+    inner = prompt + sim.tokens(9)
+    reqs = sim.prefill([sim.new_req(inner + sim.tokens(3)), sim.new_req(inner + sim.tokens(5)),
+                        sim.new_req(prompt + sim.tokens(7))])
+    meta_before = backend.graph_plan.meta.clone()
+    assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None
+    assert torch.equal(backend.graph_plan.meta, meta_before)
+    assert backend.planned_replay_size is None
+
+
+def test_replay_without_a_plan_for_it_is_refused(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    emulator = GraphEmulator(backend, kv_pool)
+    with pytest.raises(RuntimeError, match="batch size 4.*hold no step"):
+        backend.init_forward_metadata_replay_cuda_graph(4, None, None, 0, None, ForwardMode.DECODE, None, None)
+    reqs = sim.prefill([sim.new_req(sim.fresh(10)) for _ in range(3)])
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    assert backend.deft_prepare_graph_replay(fb, 4)
+    with pytest.raises(RuntimeError, match="batch size 8.*padded to 4"):
+        backend.init_forward_metadata_replay_cuda_graph(8, None, None, 0, None, ForwardMode.DECODE, None, None)
+    # A recapture between the plan and its replay overwrites the buffers: the replay must not run.
+    assert backend.deft_prepare_graph_replay(fb, 4)
+    emulator.capture()
+    with pytest.raises(RuntimeError, match="hold no step"):
+        backend.init_forward_metadata_replay_cuda_graph(4, None, None, 0, None, ForwardMode.DECODE, None, None)
+
+
+def test_fill_value_and_one_token_per_request(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    assert backend.get_cuda_graph_seq_len_fill_value() == 1
+    with pytest.raises(RuntimeError, match="one token per request"):
+        backend.init_cuda_graph_state(8, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The patch
+# --------------------------------------------------------------------------------------------------
+def fake_graph_runner(attn_backend, max_bs=8):
+    """The fields CudaGraphRunner.can_run (0.5.10.post1) reads, for a plain decode server."""
+    return SimpleNamespace(
+        require_mlp_tp_gather=False, enable_pdmux=False, disable_padding=False, graphs={}, max_bs=max_bs,
+        capture_bs=[b for b in CAPTURE_BS if b <= max_bs], require_mlp_sync=False, is_encoder_decoder=False,
+        capture_hidden_mode=CaptureHiddenMode.NULL, enable_two_batch_overlap=False, num_tokens_per_bs=1,
+        model_runner=SimpleNamespace(spec_algorithm=SpeculativeAlgorithm.NONE, attn_backend=attn_backend),
+    )
+
+
+def decode_batch(batch_size):
+    return SimpleNamespace(batch_size=batch_size, forward_mode=ForwardMode.DECODE,
+                           capture_hidden_mode=CaptureHiddenMode.NULL, spec_info=None)
+
+
+def test_patched_can_run_asks_the_decode_backend():
+    from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    cuda_graph_replay.apply()
+    cuda_graph_replay.apply()  # idempotent
+    calls = []
+
+    class Deft:
+        def deft_prepare_graph_replay(self, forward_batch, padded_bs):
+            calls.append((forward_batch.batch_size, padded_bs))
+            return forward_batch.batch_size != 2
+
+    hybrid = SimpleNamespace(decode_backend=Deft(), prefill_backend=object())
+    runner = fake_graph_runner(hybrid)
+    assert [CudaGraphRunner.can_run(runner, decode_batch(n)) for n in (1, 2, 3, 5, 8, 9)] == \
+        [True, False, True, True, True, False]
+    assert calls == [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8)]  # 9 > max_bs: SGLang says no, deft is not asked
+    assert CudaGraphRunner.can_run(fake_graph_runner(Deft()), decode_batch(3))  # deft as the only backend
+    assert CudaGraphRunner.can_run(fake_graph_runner(object()), decode_batch(3))  # another backend: not asked
+    assert hasattr(DeftAttnBackend, cuda_graph_replay.HOOK)
+
+
+def test_patch_refuses_another_sglang_version(monkeypatch):
+    monkeypatch.setattr(sglang_version, "version", lambda name: "0.5.11")
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match="cuda_graph_replay.*0.5.10.post1"):
+        cuda_graph_replay.apply()
