@@ -212,7 +212,14 @@ EOF
 
 phase_demo() {
   # The program `make demo` runs (the repo is not installed here: from the overlay, see above).
-  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 5 )) python3 -m sglang_deft.demo)
+  local rc
+  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo)
+  rc=$?
+  # The server's own log stays on this machine: its tail is what explains a failure.
+  if [ "$rc" -ne 0 ]; then
+    for f in /tmp/sglang-deft-demo-*/server.log; do [ -f "$f" ] && { say "tail of $f"; tail -n 120 "$f"; }; done
+  fi
+  return "$rc"
 }
 
 main 2>&1 | tee "$OUT/session_$PHASE.log"
