@@ -353,6 +353,11 @@ def _host_int32(t: torch.Tensor) -> np.ndarray:
     return np.asarray(t.numpy(force=True), np.int32)
 
 
+def _aligned(offset: int) -> int:
+    """``offset`` (in int32 elements) rounded up to 16 bytes."""
+    return -(-offset // 4) * 4
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -403,19 +408,22 @@ class TreeDecodePlanner:
             cap_b, cap_t, cap_i, cap_p, cap_m = B, T, I, merge.num_partials, M
 
         # Field offsets inside the packed metadata buffer (fixed by the capacity, so views stay put
-        # across steps when a plan is written into an earlier plan's buffers).
-        o_items = cap_b
-        o_counts = o_items + cap_i * ITEM_FIELDS
-        o_indptr = o_counts + 3
-        o_slots = o_indptr + cap_b + 1
+        # across steps when a plan is written into an earlier plan's buffers). Each field starts on
+        # 16 bytes: Triton specialises a kernel on whether each pointer argument is 16-byte aligned,
+        # so offsets that follow the batch size would compile new kernel variants as batches change
+        # (seconds each, in the middle of serving).
+        o_items = _aligned(cap_b)
+        o_counts = _aligned(o_items + cap_i * ITEM_FIELDS)
+        o_indptr = _aligned(o_counts + 3)
+        o_slots = _aligned(o_indptr + cap_b + 1)
         # Every field in one host buffer, in its place: one host-to-device copy moves them all.
         host = np.zeros(o_slots + M, np.int32)
         host[:B] = qperm
         _write_items(host[o_items:o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS), kv_start, kv_len, order,
                      merge)
-        host[o_counts:o_indptr] = (merge.num_large, I - merge.num_large, B)
+        host[o_counts:o_counts + 3] = (merge.num_large, I - merge.num_large, B)
         host[o_indptr:o_indptr + B + 1] = merge.merge_indptr
-        host[o_indptr + B + 1:o_slots] = merge.merge_indptr[-1]  # queries past B merge nothing
+        host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing
         host[o_slots:] = merge.merge_slots
         if capacity is None:
             meta = torch.from_numpy(host).to(device, non_blocking=True)
@@ -436,11 +444,11 @@ class TreeDecodePlanner:
             kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
             # The gaps between the fields (entries past this step's sizes) are never read.
             meta[:len(host)].copy_(torch.from_numpy(host), non_blocking=True)
-        qperm_v, items_v, counts_v, indptr_v, slots_v = meta.split_with_sizes(
-            (o_items, o_counts - o_items, o_indptr - o_counts, o_slots - o_indptr, meta.numel() - o_slots))
         return TreeDecodePlan(
-            meta=meta, kv_indices=kv_indices, qperm=qperm_v, items=items_v.view(cap_i, ITEM_FIELDS),
-            counts=counts_v, merge_indptr=indptr_v, merge_slots=slots_v, partial_out=partial_out,
+            meta=meta, kv_indices=kv_indices, qperm=meta[:cap_b],
+            items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
+            counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
+            merge_slots=meta[o_slots:], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 

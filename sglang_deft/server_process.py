@@ -53,6 +53,10 @@ class ServerProcess:
         while time.monotonic() - start < timeout_s:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            # uvicorn logs a failed bind but SGLang's scheduler processes live on: without this the
+            # wait would run to its timeout (callers relaunch on another port).
+            if "address already in use" in self.log().lower():
+                raise RuntimeError(f"{self.name} server could not bind port {self.port}:\n{self.log()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health_generate", timeout=10) as r:
                     if r.status == 200:

@@ -215,25 +215,28 @@ def graph_setup(server_args, model_config, kv_slots=4096):
 
 def step_both_ways(sim, reqs, layers, kv_pool, backend, emulator):
     """One decode step replayed (if the tree fits the buffers) and eagerly; returns the padded size
-    (None: the step ran eagerly only) after checking the two outputs are bitwise equal."""
+    (None: the step ran eagerly only) after checking the two outputs are bitwise equal. The replay
+    runs all layers first: eager steps plan into the same buffers (as in a server, where a step is
+    either replayed or eager, never both)."""
     fb = decode_forward_batch(sim, reqs, kv_pool)
     bs = emulator.prepare(fb)
     B, layer0 = len(reqs), layers[0]
     hq, hkv, d = layer0.tp_q_head_num, layer0.tp_k_head_num, layer0.head_dim
-    for layer in layers:
-        q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+    inputs = [(torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)) for _ in layers]
+    if bs is not None:
+        replayed = [emulator.forward(bs, fb, q.view(B, hq, d), k, v, layer).view(bs, hq, d)
+                    for layer, (q, k, v) in zip(layers, inputs)]
+    backend.init_forward_metadata(fb)
+    for i, (layer, (q, k, v)) in enumerate(zip(layers, inputs)):
         k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
         v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
         k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
-        if bs is not None:
-            replayed = emulator.forward(bs, fb, q.view(B, hq, d), k, v, layer).view(bs, hq, d)
-        backend.init_forward_metadata(fb)
         eager = backend.forward(q, k, v, layer, fb).view(B, hq, d)
         expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
         torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
         if bs is not None:
-            assert torch.equal(replayed[:B], eager)
-            assert torch.equal(replayed[B:], torch.zeros_like(replayed[B:]))
+            assert torch.equal(replayed[i][:B], eager)
+            assert torch.equal(replayed[i][B:], torch.zeros_like(replayed[i][B:]))
     sim.finish_decode(reqs)
     return bs
 

@@ -223,3 +223,20 @@ def test_planner_cpu_time_per_decode_step():
     print(f"256 queries / 300 nodes, tails growing: TreeDecodePlanner.plan median {incremental:.0f} us, "
           f"plan_tree_decode {fresh:.0f} us")
     assert incremental < 0.75 * fresh
+
+
+@pytest.mark.parametrize("capacity", [None, PlanCapacity(max_queries=37, max_kv_tokens=4096, max_items=53,
+                                                         max_partials=999, max_merge=999)], ids=["exact", "capacity"])
+@pytest.mark.parametrize("num_queries", [1, 2, 3, 5, 17])
+def test_metadata_fields_start_on_16_bytes(num_queries, capacity):
+    # Triton compiles a kernel variant per alignment class of each pointer argument; a field offset
+    # that followed the batch size would recompile stage 1/2 in the middle of serving.
+    B = num_queries
+    tree = KVTree(torch.arange(8 + 3 * B, dtype=torch.int32),
+                  torch.tensor([0, 8] + [8 + 3 * (i + 1) for i in range(B)], dtype=torch.int32),
+                  torch.tensor([-1] + [0] * B, dtype=torch.int32), torch.arange(1, B + 1, dtype=torch.int32))
+    plan = plan_tree_decode(tree, 8, 2, 32, "cpu", kv_dtype=torch.float16, capacity=capacity)
+    base = plan.meta.data_ptr()
+    for field in (plan.qperm, plan.items, plan.counts, plan.merge_indptr, plan.merge_slots):
+        assert (field.data_ptr() - base) % 16 == 0
+    assert plan.counts.tolist()[2] == B and plan.qperm.numel() == (capacity.max_queries if capacity else B)
