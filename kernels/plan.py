@@ -32,8 +32,8 @@ so the host code keeps their number down (about a hundred per plan): the preorde
 doubling rather than a Python walk over the nodes, one stable sort of one key for the item order,
 16-bit radix sorts, one packed int32 buffer (one host-to-device copy). Measured on this repo's
 2-core CPU box (medians, ``tests/test_plan.py``): ``plan_tree_decode`` for 256 queries on a 300-node
-tree takes ~135 us (243 us before this layout, which took 375 us on the GPU host, device copies
-included); a one-node tree still takes ~90 us: the cost is the number of numpy and torch calls.
+tree takes ~135 us (243 us before this layout); on the H200 host, device copies included, 230 us
+(375 before); a one-node tree still takes ~90 us: the cost is the number of numpy and torch calls.
 
 Incremental planning. Between decode steps the tree usually keeps its shape and only the private
 tails grow. The schedule is computed in three stages, each a pure function of fewer inputs than the
