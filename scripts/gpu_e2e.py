@@ -53,6 +53,12 @@ run gave 0.012-0.020 and 0-1 divergences: every step is compared and the band K 
 must stay inside is ~5x narrower. ``--tiny-dtype bfloat16`` keeps the bf16 run (float32 is impossible
 on CUDA: sgl_kernel's rmsnorm has no float32).
 
+Kernel path vs reference path in the same server (``kernel_check`` per model): the deft server runs
+with ``SGLANG_DEFT_VERIFY_EVERY=--kernel-check-every`` (16), so every 16th eager decode step computes
+layer 0 with the Triton kernels and with the fp32 PyTorch reference on the same inputs and logs the
+difference (``sglang_deft.kernel_check``). Reported with its tolerance, two roundings of the output
+to the model's dtype at its magnitude (``within_tolerance``); it does not enter ``ok``.
+
 Time: the servers of a model start concurrently (``--parallel model``; ``all`` starts both models'
 six at once, as ``scripts/gpu_session.sh e2e`` does; startup is mostly imports and JIT compiles, and
 FlashInfer/Triton caches are file-locked), each with a capped KV pool (``--max-total-tokens``) and
@@ -541,6 +547,26 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
     return ["--model-path", str(spec["path"]), *extra, *common, "--max-total-tokens", str(spec["max_total_tokens"])]
 
 
+# Kernel check (sglang_deft.kernel_check): the deft server's Triton output against the fp32
+# reference on the same inputs, layer 0 of every N-th eager step. Tolerance: two roundings of the
+# output to the model's dtype (unit roundoff 2^-8 bf16, 2^-11 fp16) at the output's magnitude.
+KERNEL_CHECK_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -20}
+
+
+def kernel_check_summary(deft_log: str) -> dict | None:
+    """The deft server's kernel-check lines, summarised; None when it logged none (CPU: reference path)."""
+    from sglang_deft.kernel_check import parse_kernel_check_lines
+
+    rows = parse_kernel_check_lines(deft_log)
+    if not rows:
+        return None
+    worst = max(rows, key=lambda r: r["max_abs_diff"] / max(r["max_abs_out"], 1e-30))
+    allowed = 2 * KERNEL_CHECK_ROUNDOFF.get(worst["dtype"], 2.0 ** -8) * max(r["max_abs_out"] for r in rows)
+    return {"checks": len(rows), "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+            "max_abs_out": max(r["max_abs_out"] for r in rows), "dtype": worst["dtype"], "allowed": allowed,
+            "within_tolerance": all(r["max_abs_diff"] <= allowed for r in rows)}
+
+
 def role_args(base: list[str], role: str, backend: str) -> list[str]:
     return base if role == "triton" else base + ["--decode-attention-backend", backend]
 
@@ -655,6 +681,7 @@ class ModelRun:
                                      "unique_kv_tokens": last["total_unique_kv_tokens"],
                                      "ratio": (last["total_attended_kv_tokens"]
                                                / max(1.0, last["total_unique_kv_tokens"]))}
+            result["kernel_check"] = kernel_check_summary(servers["deft"].log())
             result["ok"] = all(w["ok"] for w in result["workloads"].values()) and bool(rows)
             if self.name == "tiny":  # the criterion is meaningful there only if the prefix drives the tokens
                 result["ok"] = result["ok"] and result["context_sensitivity"] >= 0.5
@@ -718,6 +745,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke run of this script on SGLang's CPU engine (tiny only, torch_native prefill)")
     p.add_argument("--smoke", action="store_true", help="shorter workloads (CPU smoke runs)")
+    p.add_argument("--kernel-check-every", type=int, default=16, metavar="N",
+                   help="the deft server checks layer 0 of every N-th eager decode step against the fp32 "
+                        "reference (sglang_deft.kernel_check; 0: off); reported as kernel_check")
     p.add_argument("--cuda-graph", action="store_true",
                    help="servers keep SGLang's CUDA graphs (default: all run with --disable-cuda-graph)")
     p.add_argument("--make-overlay", type=Path, default=None, metavar="DIR",
@@ -746,6 +776,7 @@ def main(argv=None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "server_pgids.txt").write_text("")
     env, cwd = importable_package_env()
+    env["SGLANG_DEFT_VERIFY_EVERY"] = str(args.kernel_check_every)  # read by the deft server only
     names = [n for n in args.models.split(",") if n]
     if args.device == "cpu":
         names = [n for n in names if n == "tiny"]

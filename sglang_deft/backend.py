@@ -10,6 +10,9 @@ deft computes decode attention only: the launcher and ``sglang_deft.Engine`` rou
 to SGLang's triton (GPU) or torch_native (CPU) backend through SGLang's HybridAttnBackend, which
 hands decode and the CUDA-graph hooks to deft.
 
+``SGLANG_DEFT_VERIFY_EVERY=N`` checks layer 0 of every N-th eager step against the fp32 reference
+in the same server and logs the error (``sglang_deft.kernel_check``; a diagnostic: it synchronises).
+
 CUDA graphs (on by default; ``--disable-cuda-graph`` turns them off). A captured graph replays fixed
 kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no requests to build the
 KV tree from. So:
@@ -44,7 +47,8 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 
 from sglang_deft.config_checks import check_model_runner
-from sglang_deft.kernels import TreeDecodePlanner
+from sglang_deft.kernel_check import check_layer, verify_every
+from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kv_tree_builder import build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.sharing_metrics import SharingMeter
@@ -67,6 +71,8 @@ class DeftDecodeMetadata:
     num_queries: int  # B: requests (one query token each) in the batch; a CUDA graph's padded size
     attended_tokens: int  # sum over requests of seq_len
     unique_tokens: int  # KV tokens in the tree (each read once)
+    check_tree: KVTree | None = None  # set on the steps whose layer 0 is checked (sglang_deft.kernel_check)
+    step: int = 0  # eager decode steps so far, this one included
 
 
 class DeftAttnBackend(AttentionBackend):
@@ -84,6 +90,8 @@ class DeftAttnBackend(AttentionBackend):
         self.kv_pool_size = model_runner.token_to_kv_pool.size
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval)
         self.forward_metadata: DeftDecodeMetadata | None = None
+        self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
+        self.eager_steps = 0
         # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager
         # steps and graph replays are held to the same limits (see the module docstring).
         self.plan_limits = plan_limits(model_runner.server_args.cuda_graph_max_bs, self.num_qo_heads,
@@ -122,8 +130,12 @@ class DeftAttnBackend(AttentionBackend):
         built = self._build_tree(forward_batch)
         plan = plan_step(built.planning_tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                          self.device, self.plan_limits, self.planner, self.graph_plan)
+        self.eager_steps += 1
+        check = (self.verify_every > 0 and isinstance(plan, TreeDecodePlan)
+                 and self.eager_steps % self.verify_every == 0)
         self.forward_metadata = DeftDecodeMetadata(plan, built.tree.num_queries, built.attended_tokens,
-                                                   built.unique_tokens)
+                                                   built.unique_tokens, built.planning_tree if check else None,
+                                                   self.eager_steps)
         self.sharing.record(built.attended_tokens, built.unique_tokens)
 
     def forward_decode(
@@ -152,15 +164,11 @@ class DeftAttnBackend(AttentionBackend):
                 f"{q.shape[0]} tokens (one query token per request)"
             )
         out = q.new_empty(q.shape[0], layer.tp_q_head_num, layer.v_head_dim)
-        run_layer(
-            q,
-            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            meta.plan,
-            layer.scaling,
-            layer.logit_cap,
-            out,
-        )
+        k_buffer = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        run_layer(q, k_buffer, v_buffer, meta.plan, layer.scaling, layer.logit_cap, out)
+        if meta.check_tree is not None and layer.layer_id == 0:
+            check_layer(out, q, k_buffer, v_buffer, meta.check_tree, layer.scaling, layer.logit_cap, meta.step, 0)
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

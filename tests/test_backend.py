@@ -146,6 +146,58 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
         assert torch.equal(kv_pool.get_key_buffer(layer.layer_id), k_expected)
 
 
+def test_kernel_check_reports_the_kernels_error_against_the_reference(server_args, model_config, caplog,
+                                                                      monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "2")
+    torch.manual_seed(0)
+    sim = RadixSim(kv_slots=2048)
+    reqs = forked_batch(sim)
+    layers = attention_layers(model_config)
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    kv_pool = kv_pool_for(layers, 2048)
+    for i in range(len(layers)):
+        kv_pool.get_key_buffer(i).normal_()
+        kv_pool.get_value_buffer(i).normal_()
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    # A planted kernel bug on the last step: the check must see it (and only layer 0 is checked).
+    real_run_layer, broken = backend_module.run_layer, []
+
+    def run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out):
+        real_run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out)
+        if broken:
+            out[0, 0, 0] += 0.25
+
+    monkeypatch.setattr(backend_module, "run_layer", run_layer)
+    B = len(reqs)
+    with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
+        for step in range(1, 5):
+            if step == 4:
+                broken.append(True)
+            fb = decode_forward_batch(sim, reqs, kv_pool)
+            backend.init_forward_metadata(fb)
+            for layer in layers:
+                backend.forward(torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d), layer, fb)
+            sim.finish_decode(reqs)
+    from sglang_deft.kernel_check import parse_kernel_check_lines
+
+    rows = parse_kernel_check_lines(caplog.text)
+    assert [(r["step"], r["layer"], r["queries"], r["dtype"]) for r in rows] == [(2, 0, B, "float32"),
+                                                                                 (4, 0, B, "float32")]
+    assert rows[0]["max_abs_diff"] < 1e-4 < rows[0]["max_abs_out"]
+    assert rows[1]["max_abs_diff"] >= 0.2
+
+
+def test_kernel_check_interval_must_be_a_step_count(server_args, model_config, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "often")
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    with pytest.raises(ValueError, match="SGLANG_DEFT_VERIFY_EVERY='often'"):
+        make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256))
+
+
 def test_decode_step_logs_sharing(server_args, model_config, caplog):
     sim = RadixSim(kv_slots=2048)
     reqs = forked_batch(sim)

@@ -206,3 +206,12 @@ def test_without_a_noise_server_nothing_is_pooled():
     ref = reference()
     entries, pooled = g.judge_model({"a": (jitter(ref, 0.005, seed=30), ref, None)}, CRIT, atol=0.02, tie_tol=0.1)
     assert pooled is None and entries["a"]["criterion"] == "absolute" and entries["a"]["ok"]
+
+
+def test_kernel_check_summary_states_its_tolerance():
+    line = "[x] DeFT kernel check: step={} layer=0 queries=8 max_abs_diff={} max_abs_out=2.0 dtype=bfloat16"
+    ok = g.kernel_check_summary("\n".join([line.format(16, 0.004), "unrelated", line.format(32, 0.01)]))
+    assert ok["checks"] == 2 and ok["max_abs_diff"] == 0.01 and ok["dtype"] == "bfloat16"
+    assert ok["allowed"] == pytest.approx(2 * 2 ** -8 * 2.0) and ok["within_tolerance"]
+    assert not g.kernel_check_summary(line.format(16, 0.5))["within_tolerance"]  # a wrong attention
+    assert g.kernel_check_summary("no check lines") is None

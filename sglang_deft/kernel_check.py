@@ -1,0 +1,73 @@
+"""Checking the Triton kernels against the fp32 PyTorch reference inside a running server.
+
+``SGLANG_DEFT_VERIFY_EVERY=N`` (default 0: off) makes every N-th eager decode step compute layer 0's
+attention twice, with the Triton kernels (whose output the model uses) and with
+``tree_decode_reference`` (fp32, grouped PyTorch) on the same q and KV pool, and log
+
+    DeFT kernel check: step=120 layer=0 queries=64 max_abs_diff=0.0039 max_abs_out=0.93 dtype=bfloat16
+
+``max_abs_diff`` is the kernels' error against the fp32 reference in the model's dtype: expect
+bf16/fp16 rounding of the output (a few 1e-3 at |out| ~ 1 in bf16), where a wrong tree, slot or
+mask gives O(|out|). The check reads the result on the host (a device synchronisation) and costs a
+reference attention, so it is a diagnostic, not a serving mode; CUDA-graph replays are not checked
+(run with ``--disable-cuda-graph`` to check every N-th step). Tools read the lines back with
+:func:`parse_kernel_check_lines`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+from sglang_deft.kernels import KVTree, tree_decode_reference
+
+logger = logging.getLogger(__name__)
+
+ENV = "SGLANG_DEFT_VERIFY_EVERY"
+LOG_PREFIX = "DeFT kernel check:"
+_FIELD = re.compile(r"(\w+)=([0-9.e+-]+|\w+)")
+
+
+def verify_every() -> int:
+    """Decode steps between two checks (0: never), from ``SGLANG_DEFT_VERIFY_EVERY``."""
+    raw = os.environ.get(ENV, "0")
+    try:
+        every = int(raw)
+    except ValueError:
+        every = -1
+    if every < 0:
+        raise ValueError(f"{ENV}={raw!r}: expected a number of decode steps >= 0 (0 turns the check off)")
+    return every
+
+
+def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                tree: KVTree, sm_scale: float, logit_cap: float, step: int, layer_id: int) -> dict:
+    """Compare the kernels' ``out`` [B, Hq, D] with the fp32 reference on the same inputs; logs and
+    returns the figures."""
+    reference = tree_decode_reference(q, k_buffer, v_buffer, tree, sm_scale, logit_cap,
+                                      out=torch.empty(out.shape, dtype=torch.float32, device=out.device))
+    row = {"step": step, "layer": layer_id, "queries": out.shape[0],
+           "max_abs_diff": (out.float() - reference).abs().max().item() if out.numel() else 0.0,
+           "max_abs_out": reference.abs().max().item() if out.numel() else 0.0,
+           "dtype": str(out.dtype).removeprefix("torch.")}
+    logger.info("%s step=%d layer=%d queries=%d max_abs_diff=%.6g max_abs_out=%.6g dtype=%s", LOG_PREFIX,
+                row["step"], row["layer"], row["queries"], row["max_abs_diff"], row["max_abs_out"], row["dtype"])
+    return row
+
+
+def parse_kernel_check_lines(text: str) -> list[dict]:
+    """Every kernel-check line in a log, as dicts (numbers as int/float, dtype as str)."""
+    rows = []
+    for line in text.splitlines():
+        if LOG_PREFIX not in line:
+            continue
+        row = {}
+        for key, value in _FIELD.findall(line.split(LOG_PREFIX, 1)[1]):
+            if key == "dtype":
+                row[key] = value
+            else:
+                row[key] = int(value) if key in ("step", "layer", "queries") else float(value)
+        rows.append(row)
+    return rows
