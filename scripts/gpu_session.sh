@@ -8,6 +8,8 @@
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh bench-e2e # end-to-end decode tok/s, benchmarks/bench_e2e.py
 #   bash scripts/gpu_session.sh demo                              # `make demo`'s program on the GPU (CUDA graphs on)
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh graphs    # deft with CUDA graphs: whole servers bitwise with/without
+#                                                                 # graphs, then gpu_e2e.py --cuda-graph on tiny
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
@@ -39,8 +41,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo" >&2; exit 2 ;;
+  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs" >&2; exit 2 ;;
 esac
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -91,6 +93,7 @@ EOF
     e2e-8b) phase_e2e 8b ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
+    graphs) phase_graphs ;;
   esac
 }
 
@@ -208,6 +211,20 @@ for c in r.get("cases", []):
 EOF
   fi
   return "$rc"
+}
+
+phase_graphs() {
+  # tests/test_cuda_graph_gpu.py: the backend's captures replayed against eager steps, then four tiny
+  # servers (deft and triton, each with and without CUDA graphs; ~2-3 min) compared bitwise. Then the
+  # e2e criterion with graphs on in every server (tiny: its servers start together, ~2-3 min).
+  local rc_pytest rc_e2e t=$SECONDS
+  (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-300}" python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" -v -rs \
+      -p no:cacheprovider --junitxml="$OUT/pytest_cuda_graph.xml")
+  rc_pytest=$?
+  say "pytest cuda graphs rc=$rc_pytest in $((SECONDS - t))s"
+  E2E_ARGS="--cuda-graph ${E2E_ARGS:-}" phase_e2e tiny
+  rc_e2e=$?
+  [ "$rc_pytest" -eq 0 ] && [ "$rc_e2e" -eq 0 ]
 }
 
 phase_demo() {
