@@ -39,6 +39,7 @@ no padding to a captured size.)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,7 @@ class DeftAttnBackend(AttentionBackend):
             return
         if not mode.is_decode():
             raise _extend_not_routed_away(mode)
+        started = time.perf_counter()
         built = self._build_tree(forward_batch)
         plan = plan_step(built.planning_tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                          self.device, self.plan_limits, self.planner, self.graph_plan)
@@ -136,7 +138,7 @@ class DeftAttnBackend(AttentionBackend):
         self.forward_metadata = DeftDecodeMetadata(plan, built.tree.num_queries, built.attended_tokens,
                                                    built.unique_tokens, built.planning_tree if check else None,
                                                    self.eager_steps)
-        self.sharing.record(built.attended_tokens, built.unique_tokens)
+        self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)
 
     def forward_decode(
         self,
@@ -217,11 +219,12 @@ class DeftAttnBackend(AttentionBackend):
         ``CudaGraphRunner.can_run`` (``sglang_deft.patches.cuda_graph_replay``)."""
         if not forward_batch.forward_mode.is_decode():
             return False
+        started = time.perf_counter()
         built = self._build_tree(forward_batch)
         if plan_graph_step(self.graph_plan, built.planning_tree, padded_bs, self.kv_dtype, self.planner) is None:
             return False
         self.planned_replay_size = padded_bs
-        self.sharing.record(built.attended_tokens, built.unique_tokens)
+        self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)
         return True
 
     def init_forward_metadata_replay_cuda_graph(

@@ -213,6 +213,7 @@ def test_decode_step_logs_sharing(server_args, model_config, caplog):
     assert row["attended_kv_tokens"] == meta.attended_tokens
     assert row["unique_kv_tokens"] == meta.unique_tokens
     assert row["ratio"] == pytest.approx(meta.attended_tokens / meta.unique_tokens, abs=1e-3)
+    assert 0 < row["plan_host_us"] < 1e6  # the step's tree build + plan, timed on the host
 
 
 def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):

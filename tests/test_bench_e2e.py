@@ -30,9 +30,9 @@ GPU_LOG = """\
 CPU_LINE = ("[2026-11-29 23:58:25] Decode batch, #running-req: 4, #token: 116, token usage: 0.01, cpu graph: False, "
             "gen throughput (token/s): 662.55, #queue-req: 0")
 SHARING_LOG = """\
-[2026-11-29 10:00:01] DeFT decode sharing: steps=16 attended_kv_tokens=99999 unique_kv_tokens=99999 ratio=1.000 total_steps=16 total_attended_kv_tokens=99999 total_unique_kv_tokens=99999
-[2026-11-29 10:00:02] DeFT decode sharing: steps=16 attended_kv_tokens=1000 unique_kv_tokens=100 ratio=10.000 total_steps=32 total_attended_kv_tokens=100999 total_unique_kv_tokens=100099
-[2026-11-29 10:00:03] DeFT decode sharing: steps=16 attended_kv_tokens=3000 unique_kv_tokens=500 ratio=6.000 total_steps=48 total_attended_kv_tokens=103999 total_unique_kv_tokens=100599
+[2026-11-29 10:00:01] DeFT decode sharing: steps=16 attended_kv_tokens=99999 unique_kv_tokens=99999 ratio=1.000 plan_host_us=9999.0 total_steps=16 total_attended_kv_tokens=99999 total_unique_kv_tokens=99999
+[2026-11-29 10:00:02] DeFT decode sharing: steps=16 attended_kv_tokens=1000 unique_kv_tokens=100 ratio=10.000 plan_host_us=100.0 total_steps=32 total_attended_kv_tokens=100999 total_unique_kv_tokens=100099
+[2026-11-29 10:00:03] DeFT decode sharing: steps=8 attended_kv_tokens=3000 unique_kv_tokens=500 ratio=6.000 plan_host_us=400.0 total_steps=40 total_attended_kv_tokens=103999 total_unique_kv_tokens=100599
 """
 
 
@@ -57,10 +57,10 @@ def test_steady_decode_without_full_batch_lines():
                                                    "server_log_cuda_graph": None, "tpot_ms_server_log": None}
 
 
-def test_steady_sharing_ratio_leaves_out_the_first_line():
-    # the first line may hold the previous batch's steps: (1000 + 3000) / (100 + 500)
-    assert b.steady_sharing_ratio(SHARING_LOG) == pytest.approx(4000 / 600, abs=1e-3)
-    assert b.steady_sharing_ratio(SHARING_LOG.splitlines()[0]) is None
+def test_steady_sharing_leaves_out_the_first_line():
+    # ratio over the kept lines' tokens; host us averaged per step (16 steps at 100, 8 at 400)
+    assert b.steady_sharing(SHARING_LOG) == (pytest.approx(4000 / 600, abs=1e-3), pytest.approx(200.0))
+    assert b.steady_sharing(SHARING_LOG.splitlines()[0]) == (None, None)
 
 
 def test_theoretical_sharing_ratio():
