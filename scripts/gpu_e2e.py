@@ -79,6 +79,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -567,8 +568,10 @@ def kernel_check_summary(deft_log: str) -> dict | None:
             "within_tolerance": all(r["max_abs_diff"] <= allowed for r in rows)}
 
 
-def role_args(base: list[str], role: str, backend: str) -> list[str]:
-    return base if role == "triton" else base + ["--decode-attention-backend", backend]
+def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = ()) -> list[str]:
+    if role == "triton":
+        return base
+    return base + ["--decode-attention-backend", backend] + (list(deft_args) if role == "deft" else [])
 
 
 class ModelRun:
@@ -578,12 +581,14 @@ class ModelRun:
         self.name, self.spec, self.fleet, self.args, self.result = name, spec, fleet, args, result
         self.base = model_base_args(name, spec, args)
         self.result["server_args"] = self.base
+        self.result["deft_extra_args"] = shlex.split(args.deft_args)
         self.noise_queue = [b for b in args.noise_backends.split(",") if b]
         self.launched: dict[str, Launched] = {}
         self.retried: set[str] = set()
 
     def launch(self, role: str, backend: str) -> Launched:
-        launched = self.fleet.launch(self.name, role, backend, role_args(self.base, role, backend))
+        launched = self.fleet.launch(self.name, role, backend,
+                                     role_args(self.base, role, backend, shlex.split(self.args.deft_args)))
         self.launched[role] = launched
         return launched
 
@@ -748,6 +753,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel-check-every", type=int, default=16, metavar="N",
                    help="the deft server checks layer 0 of every N-th eager decode step against the fp32 "
                         "reference (sglang_deft.kernel_check; 0: off); reported as kernel_check")
+    p.add_argument("--deft-args", default="", metavar="ARGS",
+                   help="extra launcher arguments for the deft server only, one string, e.g. "
+                        "--deft-args='--tp 2' (TP=2 deft against TP=1 triton and flashinfer)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="servers keep SGLang's CUDA graphs (default: all run with --disable-cuda-graph)")
     p.add_argument("--make-overlay", type=Path, default=None, metavar="DIR",

@@ -174,6 +174,10 @@ def test_defaults_and_overlay_layout(tmp_path):
     assert base[base.index("--dtype") + 1] == "float16" and "--max-total-tokens" in base
     assert g.role_args(base, "noise", "flashinfer")[-2:] == ["--decode-attention-backend", "flashinfer"]
     assert g.role_args(base, "triton", "triton") == base
+    tp2 = g.parse_args(["--out", str(tmp_path), "--deft-args=--tp 2"]).deft_args  # only the deft server gets it
+    assert g.role_args(base, "deft", "deft", g.shlex.split(tp2))[-4:] == ["--decode-attention-backend", "deft",
+                                                                         "--tp", "2"]
+    assert "--tp" not in g.role_args(base, "noise", "flashinfer", g.shlex.split(tp2))
     overlay = g.make_overlay(tmp_path / "overlay")
     pkg = overlay / "sglang_deft"
     assert (pkg / "kernels").resolve() == REPO / "kernels" and (pkg / "patches").resolve() == REPO / "patches"
