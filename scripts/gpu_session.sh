@@ -131,16 +131,10 @@ phase_sweep() {
   return $rc
 }
 
-phase_e2e() {
-  local models=$1 logs=/tmp/gpu_e2e_logs rc budget
-  rm -rf "$logs" && mkdir -p "$logs"
-  budget=$(( $(left) - 30 ))  # leaves time for the cleanup and the log bundle
-  say "gpu_e2e.py --models $models --budget-s $budget"
-  timeout -k 15 $(( budget + 15 )) python3 scripts/gpu_e2e.py --out "$OUT" --log-dir "$logs" --models "$models" \
-      --budget-s "$budget" --parallel "${E2E_PARALLEL:-all}" --commit "$COMMIT" ${E2E_ARGS:-}
-  rc=$?
-  say "gpu_e2e rc=$rc"
-  # Server process groups (recorded by gpu_e2e.py as it launched them) that a hard kill left running.
+end_servers_and_bundle_logs() {
+  # $1: the log directory whose server_pgids.txt gpu_e2e.py / bench_e2e.py wrote as they launched
+  # servers; ends those a hard kill left running, then packs the logs into $OUT/$2.
+  local logs=$1 tar=$2
   if [ -f "$logs/server_pgids.txt" ]; then
     while read -r pgid name; do
       # still alive, and still ours (an SGLang process; setsid made pgid == session id)
@@ -150,7 +144,19 @@ phase_e2e() {
       fi
     done < "$logs/server_pgids.txt"
   fi
-  tar -czf "$OUT/e2e_logs.tar.gz" -C "$(dirname "$logs")" "$(basename "$logs")" && say "logs in e2e_logs.tar.gz"
+  tar -czf "$OUT/$tar" -C "$(dirname "$logs")" "$(basename "$logs")" && say "logs in $tar"
+}
+
+phase_e2e() {
+  local models=$1 logs=/tmp/gpu_e2e_logs rc budget
+  rm -rf "$logs" && mkdir -p "$logs"
+  budget=$(( $(left) - 30 ))  # leaves time for the cleanup and the log bundle
+  say "gpu_e2e.py --models $models --budget-s $budget"
+  timeout -k 15 $(( budget + 15 )) python3 scripts/gpu_e2e.py --out "$OUT" --log-dir "$logs" --models "$models" \
+      --budget-s "$budget" --parallel "${E2E_PARALLEL:-all}" --commit "$COMMIT" ${E2E_ARGS:-}
+  rc=$?
+  say "gpu_e2e rc=$rc"
+  end_servers_and_bundle_logs "$logs" e2e_logs.tar.gz
   if [ -f "$OUT/gpu_e2e.json" ]; then
     python3 - "$OUT/gpu_e2e.json" <<'EOF'
 import json, sys
@@ -180,17 +186,7 @@ phase_bench_e2e() {
       --budget-s "$budget" --commit "$COMMIT" ${BENCH_E2E_ARGS:-}
   rc=$?
   say "bench_e2e rc=$rc in $((SECONDS - t))s (124: cut, the JSON keeps what it measured)"
-  # Server process groups (recorded by bench_e2e.py as it launched them) that a hard kill left running.
-  if [ -f "$logs/server_pgids.txt" ]; then
-    while read -r pgid name; do
-      # still alive, and still ours (an SGLang process; setsid made pgid == session id)
-      if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null && ps -o args= -s "$pgid" | grep -q sglang; then
-        say "ending leftover server $name (process group $pgid)"
-        kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null
-      fi
-    done < "$logs/server_pgids.txt"
-  fi
-  tar -czf "$OUT/bench_e2e_logs.tar.gz" -C "$(dirname "$logs")" "$(basename "$logs")" && say "logs in bench_e2e_logs.tar.gz"
+  end_servers_and_bundle_logs "$logs" bench_e2e_logs.tar.gz
   if [ -f "$OUT/e2e_$tag.json" ]; then
     timeout 30 python3 benchmarks/plot_e2e.py "$OUT/e2e_$tag.json" -o "$OUT/e2e_$tag.png" || say "plot skipped"
     python3 - "$OUT/e2e_$tag.json" <<'EOF'
