@@ -62,6 +62,17 @@ def make_backend(sim, server_args, model_config, layers, kv_pool):
     return DeftAttnBackend(runner)
 
 
+def random_kv_setup(server_args, model_config, layers, kv_slots: int):
+    """A radix simulator, a KV pool for ``layers`` filled with seeded random K/V, and a backend over them."""
+    torch.manual_seed(0)
+    sim = RadixSim(kv_slots=kv_slots)
+    kv_pool = kv_pool_for(layers, kv_slots)
+    for i in range(len(layers)):
+        kv_pool.get_key_buffer(i).normal_()
+        kv_pool.get_value_buffer(i).normal_()
+    return sim, kv_pool, make_backend(sim, server_args, model_config, layers, kv_pool)
+
+
 def attention_layers(model_config, logit_cap=0.0):
     hq, hkv, d = model_config.num_attention_heads, model_config.get_num_kv_heads(1), model_config.head_dim
     return [RadixAttention(hq, d, d ** -0.5, hkv, layer_id=i, logit_cap=logit_cap)
@@ -112,16 +123,10 @@ def implementation(request, monkeypatch):
 
 @pytest.mark.parametrize("logit_cap", [0.0, 5.0], ids=["plain", "logit_cap"])
 def test_decode_matches_per_request_attention(server_args, model_config, logit_cap, implementation):
-    torch.manual_seed(0)
-    sim = RadixSim(kv_slots=2048)
-    reqs = forked_batch(sim)
     layers = attention_layers(model_config, logit_cap)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    reqs = forked_batch(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
-    kv_pool = kv_pool_for(layers, 2048)
-    for i in range(len(layers)):
-        kv_pool.get_key_buffer(i).normal_()
-        kv_pool.get_value_buffer(i).normal_()
-    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
 
     fb = decode_forward_batch(sim, reqs, kv_pool)
     backend.init_forward_metadata(fb)
@@ -152,16 +157,10 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
         pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
     monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
     monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "2")
-    torch.manual_seed(0)
-    sim = RadixSim(kv_slots=2048)
-    reqs = forked_batch(sim)
     layers = attention_layers(model_config)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    reqs = forked_batch(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
-    kv_pool = kv_pool_for(layers, 2048)
-    for i in range(len(layers)):
-        kv_pool.get_key_buffer(i).normal_()
-        kv_pool.get_value_buffer(i).normal_()
-    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
     # A planted kernel bug on the last step: the check must see it (and only layer 0 is checked).
     real_run_layer, broken = backend_module.run_layer, []
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import importlib.util
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +35,7 @@ from radix_sim import RadixSim  # noqa: E402
 from sglang_deft.backend import DeftAttnBackend  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
+from server_group import serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
@@ -207,15 +207,8 @@ def servers(tmp_path_factory):
                 "triton_graph": [], "triton_eager": ["--disable-cuda-graph"]}
     running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", cwd=cwd, env=env)
                for name, extra in variants.items()}
-    try:
-        started = time.monotonic()
-        for server in running.values():
-            server.wait_ready(600)
-        print(f"\nfour servers ready in {time.monotonic() - started:.0f}s")
+    with serving(running, 600):
         yield running
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 def generations(server, payload):

@@ -24,13 +24,12 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 import sglang_deft.backend as backend_module
 import sglang_deft.tree_attention as tree_attention
 from kernel_trees import make_tree
-from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
 from sglang_deft.kernels.plan import build_schedule
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
-from test_backend import MODEL, attention_layers, decode_forward_batch, kv_pool_for, make_backend, per_request_reference
+from test_backend import MODEL, attention_layers, decode_forward_batch, per_request_reference, random_kv_setup
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -204,14 +203,8 @@ class GraphEmulator:
 
 
 def graph_setup(server_args, model_config, kv_slots=4096):
-    torch.manual_seed(0)
-    sim = RadixSim(kv_slots=kv_slots)
     layers = attention_layers(model_config)[:2]
-    kv_pool = kv_pool_for(layers, kv_slots)
-    for i in range(len(layers)):
-        kv_pool.get_key_buffer(i).normal_()
-        kv_pool.get_value_buffer(i).normal_()
-    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, kv_slots)
     return sim, layers, kv_pool, backend
 
 

@@ -13,7 +13,6 @@ prompt token changes the reference's tokens, so attending to the wrong KV would 
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
+from server_group import serving
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
@@ -49,18 +49,11 @@ CONTEXT = (
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("servers")
-    started = time.monotonic()
     running = {name: ServerProcess(name, SERVER_ARGS + ["--decode-attention-backend", backend], log_dir / f"{name}.log",
                                    cwd=REPO)
                for name, backend in DECODE_BACKENDS.items()}
-    try:
-        for server in running.values():
-            server.wait_ready(STARTUP_TIMEOUT_S)
-        print(f"\nboth servers ready in {time.monotonic() - started:.1f}s")
+    with serving(running, STARTUP_TIMEOUT_S):
         yield running
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 @sgl.function

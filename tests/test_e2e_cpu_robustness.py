@@ -37,6 +37,7 @@ from test_e2e_cpu import CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
+from server_group import serving
 
 CHUNK = 64  # --chunked-prefill-size: every prompt below is longer
 LOGPROB_TOL = 2e-4  # float32; see assert_same
@@ -60,21 +61,15 @@ def greedy(max_new_tokens: int = 12, **extra) -> dict:
 def servers(tmp_path_factory):
     """The deft server (radix cache on) and its radix-off twin, booted side by side."""
     log_dir = tmp_path_factory.mktemp("robust")
-    started = time.monotonic()
     running = {
         "radix": ServerProcess("deft-radix", ARGS, log_dir / "radix.log", cwd=REPO, env=ENV),
         "noradix": ServerProcess("deft-noradix", ARGS + ["--disable-radix-cache"], log_dir / "noradix.log",
                                  cwd=REPO, env=ENV),
     }
-    try:
+    with serving(running, STARTUP_TIMEOUT_S):
         for server in running.values():
-            server.wait_ready(STARTUP_TIMEOUT_S)
             server.ready_at = len(server.log())  # startup logs a harmless traceback (an optional openai import)
-        print(f"\nboth servers ready in {time.monotonic() - started:.1f}s")
         yield running
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ same logprobs up to the all-reduce's summation order). SGLang's CPU engine binds
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
+from server_group import serving
 from test_e2e_cpu import CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, greedy, token_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,17 +25,10 @@ def tp_servers(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("tp_servers")
     args = SERVER_ARGS + ["--decode-attention-backend", "deft"]
     env = dict(os.environ, SGLANG_CPU_OMP_THREADS_BIND="0|1")
-    started = time.monotonic()
     running = {"tp1": ServerProcess("tp1", args, log_dir / "tp1.log", cwd=REPO),
                "tp2": ServerProcess("tp2", args + ["--tp", "2"], log_dir / "tp2.log", cwd=REPO, env=env)}
-    try:
-        for server in running.values():
-            server.wait_ready(STARTUP_TIMEOUT_S)
-        print(f"\nTP=1 and TP=2 servers ready in {time.monotonic() - started:.1f}s")
+    with serving(running, STARTUP_TIMEOUT_S):
         yield running
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 def test_tp2_generates_what_tp1_does(tp_servers):
