@@ -85,7 +85,6 @@ class TreeDecodePlan:
     grid_items: int  # programs per KV head stage 1 is launched with (>= counts[0] + counts[1])
     grid_queries: int  # queries stage 2 is launched for (>= counts[2])
     num_queries: int  # B of this step (host copy of counts[2], for shape checks)
-    num_items: int  # work items of this step (host copy of counts[0] + counts[1]): an exact grid_items
 
     @property
     def group_size(self) -> int:
@@ -451,7 +450,7 @@ class TreeDecodePlanner:
             counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
             merge_slots=meta[o_slots:], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
-            grid_items=cap_i, grid_queries=cap_b, num_queries=B, num_items=I)
+            grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,

@@ -18,10 +18,8 @@ kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no 
 KV tree from. So:
 - ``init_cuda_graph_state`` allocates one fixed-capacity ``TreeDecodePlan``, shared by every captured
   batch size: up to ``max_bs`` queries, the KV pool's size in tree tokens, and the server's
-  ``PlanLimits`` of work items and partials. A graph of batch size bs launches stage 1 over
-  ``PlanLimits.graph_items(bs)`` items per KV head (the limits' bound for bs queries) and stage 2
-  over bs queries; programs past the plan's device-side counts exit at once, and a replay whose plan
-  has more items than its graph launches runs eagerly. Eager steps launch exactly their programs.
+  ``PlanLimits`` of work items and partials. Stages 1 and 2 are launched over the whole capacity;
+  their programs past the plan's device-side counts exit at once.
 - Capture (``init_forward_metadata_capture_cuda_graph``) writes a plan of padding queries only into
   those buffers, which the warm-up runs compute with (zeros). The captured launches read the buffers,
   so a replay computes whatever plan was written there last.
@@ -42,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,7 +101,6 @@ class DeftAttnBackend(AttentionBackend):
         # (tails growing by a token change no chunk count), ~85 us less host time per step.
         self.planner = TreeDecodePlanner(self.num_qo_heads, self.num_kv_heads, self.head_dim, kv_dtype=self.kv_dtype)
         self.graph_plan = None  # TreeDecodePlan: the fixed buffers every captured graph reads (eager steps too)
-        self.graph_grid_items: dict[int, int] = {}  # captured batch size -> stage-1 programs per KV head
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
 
     def _requests(self, forward_batch: ForwardBatch):
@@ -213,9 +210,6 @@ class DeftAttnBackend(AttentionBackend):
         if plan is None:
             raise RuntimeError(f"deft: CUDA graph of batch size {bs}, past the plan buffers' "
                                f"{self.graph_plan.qperm.numel()} requests")
-        # The captured launches cover this batch size's bound, not the buffers' whole capacity.
-        plan = replace(plan, grid_items=self.plan_limits.graph_items(bs), grid_queries=bs)
-        self.graph_grid_items[bs] = plan.grid_items
         self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0)
         self.planned_replay_size = None  # whatever was planned is overwritten
 
@@ -227,9 +221,8 @@ class DeftAttnBackend(AttentionBackend):
             return False
         started = time.perf_counter()
         built = self._build_tree(forward_batch)
-        plan = plan_graph_step(self.graph_plan, built.planning_tree, padded_bs, self.kv_dtype, self.planner)
-        if plan is None or plan.num_items > self.graph_grid_items.get(padded_bs, 0):
-            return False  # past the buffers, or more items than this graph launches: an eager step
+        if plan_graph_step(self.graph_plan, built.planning_tree, padded_bs, self.kv_dtype, self.planner) is None:
+            return False
         self.planned_replay_size = padded_bs
         self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)
         return True

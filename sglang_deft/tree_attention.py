@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -50,15 +50,6 @@ class PlanLimits:
 
     max_items: int  # stage-1 programs per KV head; the planner coarsens chunks to stay within it
     max_partials: int  # (chunk, query) partial results; also the merge entries (one per partial)
-    queries_per_tile: int = 1  # queries in a large query tile (LARGE_ROWS / GQA group)
-    chunk_items: int = 0  # items chunking adds at most (the planner's target)
-
-    def graph_items(self, batch: int) -> int:
-        """Stage-1 programs per KV head a CUDA graph of ``batch`` queries is captured with: the bound
-        of ``plan_limits`` for that batch (a replay whose plan has more items runs eagerly instead).
-        Small batches thus launch a few dozen programs, not the whole buffers' capacity."""
-        tiles = 2 * batch + -(-PATH_NODES * batch // self.queries_per_tile)
-        return min(self.max_items, tiles + self.chunk_items)
 
     def capacity(self, max_queries: int, max_kv_tokens: int) -> PlanCapacity:
         return PlanCapacity(max_queries=max_queries, max_kv_tokens=max_kv_tokens, max_items=self.max_items,
@@ -95,7 +86,7 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
     target = max(1, PROGRAMS_PER_SM * sms // num_kv_heads)  # build_schedule's item target
     tile = max(LARGE_ROWS // (num_qo_heads // num_kv_heads), 1)  # queries per large query tile
     return PlanLimits(max_items=2 * max_batch + -(-PATH_NODES * max_batch // tile) + target,
-                      max_partials=PATH_NODES * max_batch + tile * target, queries_per_tile=tile, chunk_items=target)
+                      max_partials=PATH_NODES * max_batch + tile * target)
 
 
 _warned_unlimited = False
@@ -118,12 +109,8 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
         if reuse is not None:
             # The buffers' capacity carries the same limits (PlanLimits.capacity), so the chunking
             # is the same as with buffers of this step's own size.
-            plan = planner.plan(tree, device, reuse=reuse)
-        else:
-            plan = planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
-        # An eager step launches exactly its programs (the grid decides no result: every program
-        # computes the same item either way, so this stays bitwise equal to a replay).
-        return replace(plan, grid_items=plan.num_items, grid_queries=plan.num_queries)
+            return planner.plan(tree, device, reuse=reuse)
+        return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
     except ValueError as exc:
         # Any other ValueError of the planner (e.g. the head configuration) is raised again below.
         global _warned_unlimited

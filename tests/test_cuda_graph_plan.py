@@ -65,9 +65,7 @@ def h200(monkeypatch):
 
 def test_limits_of_the_documented_example(monkeypatch):
     limits = plan_limits(256, 32, 8, h200(monkeypatch))
-    assert limits == PlanLimits(max_items=706, max_partials=3104, queries_per_tile=16, chunk_items=66)
-    # CUDA graphs launch each batch size's bound: 2B + ceil(8B / 16) tiles + 66 chunks, at most max_items.
-    assert [limits.graph_items(b) for b in (1, 8, 64, 256)] == [69, 86, 226, 706]
+    assert limits == PlanLimits(max_items=706, max_partials=3104)
     assert limits.partial_bytes(32, 128) / 1e6 == pytest.approx(51.3, abs=0.05)
     cap = limits.capacity(256, 1000)
     assert (cap.max_queries, cap.max_kv_tokens, cap.max_merge) == (256, 1000, 3104)
@@ -295,21 +293,6 @@ def test_step_past_the_buffers_runs_eagerly(server_args, model_config):
     meta_before = backend.graph_plan.meta.clone()
     assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None
     assert torch.equal(backend.graph_plan.meta, meta_before)
-    assert backend.planned_replay_size is None
-
-
-@needs_interpreter
-def test_step_with_more_items_than_its_graph_launches_runs_eagerly(server_args, model_config):
-    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
-    emulator = GraphEmulator(backend, kv_pool)
-    assert backend.graph_grid_items == {bs: backend.plan_limits.graph_items(bs) for bs in emulator.captured}
-    prompt = sim.fresh(300)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(3)])
-    assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == 4
-    # The same tree against a graph that launches fewer programs than its items: eager, and correct.
-    backend.graph_grid_items[4] = 2
-    assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None
     assert backend.planned_replay_size is None
 
 
