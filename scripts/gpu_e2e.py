@@ -542,7 +542,7 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
     common = CPU_ARGS if args.device == "cpu" else GPU_ARGS
     if args.cuda_graph:
         common = [a for a in common if a != "--disable-cuda-graph"]
-    extra = list(spec["extra"])
+    extra = list(spec["extra"]) + shlex.split(args.server_args)
     if name == "tiny" and args.device != "cpu":
         extra = ["--dtype", args.tiny_dtype] + extra
     return ["--model-path", str(spec["path"]), *extra, *common, "--max-total-tokens", str(spec["max_total_tokens"])]
@@ -571,7 +571,12 @@ def kernel_check_summary(deft_log: str) -> dict | None:
 def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = ()) -> list[str]:
     if role == "triton":
         return base
-    return base + ["--decode-attention-backend", backend] + (list(deft_args) if role == "deft" else [])
+    args = base + ["--decode-attention-backend", backend] + (list(deft_args) if role == "deft" else [])
+    if backend == "torch_native" and "--disable-cuda-graph" not in args:
+        # torch_native has no CUDA-graph support (init_cuda_graph_state raises): as the noise
+        # server it only has to decode the same requests, so it runs eagerly under --cuda-graph.
+        args.append("--disable-cuda-graph")
+    return args
 
 
 class ModelRun:
@@ -756,6 +761,10 @@ def parse_args(argv=None):
     p.add_argument("--deft-args", default="", metavar="ARGS",
                    help="extra launcher arguments for the deft server only, one string, e.g. "
                         "--deft-args='--tp 2' (TP=2 deft against TP=1 triton and flashinfer)")
+    p.add_argument("--server-args", default="", metavar="ARGS",
+                   help="extra launcher arguments for every server, one string, e.g. --server-args='--tp 2' "
+                        "(the 8b shape with dummy weights: TP=2 changes the model's rounding, so its TP=2 "
+                        "check compares TP=2 servers)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="servers keep SGLang's CUDA graphs (default: all run with --disable-cuda-graph)")
     p.add_argument("--make-overlay", type=Path, default=None, metavar="DIR",
