@@ -463,7 +463,9 @@ def markdown(report: dict) -> str:
              f"{report['date']}, commit {report.get('commit')}, sglang {report['versions'].get('sglang')}. "
              "Decode tok/s: SGLang's logged gen throughput while the whole batch ran (median), else client-side "
              "(`*`). Tiny-model rows measure per-step overhead. CUDA graphs: "
-             + ", ".join(f"{b} {'on' if cuda_graph[b] else 'off'}" for b in backends) + ".", "",
+             + ", ".join(f"{b} {'on' if cuda_graph[b] else 'off'}" for b in backends) + "."
+             + "".join(f" {b} launched with `{a}`." for b, a in report.get("backend_extra_args", {}).items()
+                       if a and b in backends), "",
              "| case | " + " | ".join(f"{b} tok/s" for b in backends) + f" | deft / {baseline} (target) | "
              + " | ".join(f"TPOT {b} ms" for b in backends) + " | sharing ratio | deft host µs/step (share) |",
              "|---|" + "---|" * (2 * len(backends) + 3)]

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .kv_tree import KVTree
+from .staging import PinnedStagingRing
 
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
 LARGE_ROWS = 64  # default rows of the large tile
@@ -385,6 +386,12 @@ class TreeDecodePlanner:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.kv_dtype, self.large_rows, self.programs_per_sm = kv_dtype, large_rows, programs_per_sm
         self._cache = _ScheduleCache()
+        self._staging: PinnedStagingRing | None = None  # for the plan's device, made at the first plan
+
+    def _upload(self, host: np.ndarray, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._staging is None or self._staging.device != device:
+            self._staging = PinnedStagingRing(device)
+        return self._staging.upload(host, out)
 
     def plan(self, tree: KVTree, device: torch.device | str | None = None, *, capacity: PlanCapacity | None = None,
              reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
@@ -426,7 +433,7 @@ class TreeDecodePlanner:
         host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing
         host[o_slots:] = merge.merge_slots
         if capacity is None:
-            meta = torch.from_numpy(host).to(device, non_blocking=True)
+            meta = self._upload(host, device)
             kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32)
             partial_out = torch.empty(max(cap_p, 1), Hq, D, dtype=torch.float32, device=device)
             partial_lse = torch.empty(max(cap_p, 1), Hq, dtype=torch.float32, device=device)
@@ -441,9 +448,11 @@ class TreeDecodePlanner:
                     raise ValueError("reuse= plan was made for another head configuration")
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
-            kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
+            if tree.kv_indices.data_ptr() != kv_indices.data_ptr():
+                kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
+            # else the tree was built in place (DecodeKVTreeBuilder's kv_out)
             # The gaps between the fields (entries past this step's sizes) are never read.
-            meta[:len(host)].copy_(torch.from_numpy(host), non_blocking=True)
+            self._upload(host, device, meta)
         return TreeDecodePlan(
             meta=meta, kv_indices=kv_indices, qperm=meta[:cap_b],
             items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),

@@ -568,10 +568,12 @@ def kernel_check_summary(deft_log: str) -> dict | None:
             "within_tolerance": all(r["max_abs_diff"] <= allowed for r in rows)}
 
 
-def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = ()) -> list[str]:
+def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = (),
+              noise_args: list[str] = ()) -> list[str]:
     if role == "triton":
         return base
-    args = base + ["--decode-attention-backend", backend] + (list(deft_args) if role == "deft" else [])
+    own = {"deft": list(deft_args), "noise": list(noise_args)}.get(role, [])
+    args = base + ["--decode-attention-backend", backend] + own
     if backend == "torch_native" and "--disable-cuda-graph" not in args:
         # torch_native has no CUDA-graph support (init_cuda_graph_state raises): as the noise
         # server it only has to decode the same requests, so it runs eagerly under --cuda-graph.
@@ -587,13 +589,15 @@ class ModelRun:
         self.base = model_base_args(name, spec, args)
         self.result["server_args"] = self.base
         self.result["deft_extra_args"] = shlex.split(args.deft_args)
+        self.result["noise_extra_args"] = shlex.split(args.noise_args)
         self.noise_queue = [b for b in args.noise_backends.split(",") if b]
         self.launched: dict[str, Launched] = {}
         self.retried: set[str] = set()
 
     def launch(self, role: str, backend: str) -> Launched:
         launched = self.fleet.launch(self.name, role, backend,
-                                     role_args(self.base, role, backend, shlex.split(self.args.deft_args)))
+                                     role_args(self.base, role, backend, shlex.split(self.args.deft_args),
+                                               shlex.split(self.args.noise_args)))
         self.launched[role] = launched
         return launched
 
@@ -761,6 +765,10 @@ def parse_args(argv=None):
     p.add_argument("--deft-args", default="", metavar="ARGS",
                    help="extra launcher arguments for the deft server only, one string, e.g. "
                         "--deft-args='--tp 2' (TP=2 deft against TP=1 triton and flashinfer)")
+    p.add_argument("--noise-args", default="", metavar="ARGS",
+                   help="extra launcher arguments for the noise-floor server only, e.g. --deft-args='--tp 2' "
+                        "--noise-backends triton --noise-args='--tp 2': deft at TP=2 may differ from TP=1 "
+                        "triton by as much as triton at TP=2 does")
     p.add_argument("--server-args", default="", metavar="ARGS",
                    help="extra launcher arguments for every server, one string, e.g. --server-args='--tp 2' "
                         "(the 8b shape with dummy weights: TP=2 changes the model's rounding, so its TP=2 "

@@ -10,6 +10,9 @@
 #   bash scripts/gpu_session.sh demo                              # `make demo`'s program on the GPU (CUDA graphs on)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh graphs    # deft with CUDA graphs: whole servers bitwise with/without
 #                                                                 # graphs, then gpu_e2e.py --cuda-graph on tiny
+#   bash scripts/gpu_session.sh step-host                         # per-step host time outside a server
+#                                                                 # (benchmarks/bench_step_host.py), then the backend's
+#                                                                 # CUDA-graph replays vs eager steps (no servers)
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
@@ -41,8 +44,9 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs" >&2; exit 2 ;;
+  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host" >&2
+     exit 2 ;;
 esac
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -94,6 +98,7 @@ EOF
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;
+    step-host) phase_step_host ;;
   esac
 }
 
@@ -221,6 +226,22 @@ phase_graphs() {
   E2E_ARGS="--cuda-graph ${E2E_ARGS:-}" phase_e2e tiny
   rc_e2e=$?
   [ "$rc_pytest" -eq 0 ] && [ "$rc_e2e" -eq 0 ]
+}
+
+phase_step_host() {
+  # ~1 min: the KV-tree build + plan of bench_e2e's cases, device idle and busy (step_host_cuda.json;
+  # each case's device-built tree is checked against a fresh host build), then test_cuda_graph_gpu's
+  # backend-level part (captured graphs replayed vs eager steps, bitwise).
+  local rc_bench rc_pytest t=$SECONDS
+  timeout -k 10 "${STEP_HOST_S:-150}" python3 benchmarks/bench_step_host.py --out "$OUT"
+  rc_bench=$?
+  say "bench_step_host rc=$rc_bench in $((SECONDS - t))s"
+  t=$SECONDS
+  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" \
+      -k "not servers_with_and_without" -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda_graph_backend.xml")
+  rc_pytest=$?
+  say "pytest cuda graphs (backend) rc=$rc_pytest in $((SECONDS - t))s"
+  [ "$rc_bench" -eq 0 ] && [ "$rc_pytest" -eq 0 ]
 }
 
 phase_demo() {

@@ -50,7 +50,7 @@ from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang_deft.config_checks import check_model_runner
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
-from sglang_deft.kv_tree_builder import build_decode_kv_tree
+from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.sharing_metrics import SharingMeter
 from sglang_deft.tree_attention import empty_tree, new_graph_plan, plan_graph_step, plan_limits, plan_step, run_layer
@@ -87,7 +87,8 @@ class DeftAttnBackend(AttentionBackend):
         self.head_dim = config.head_dim
         self.kv_dtype = model_runner.kv_cache_dtype
         self.device = torch.device(model_runner.device)
-        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        # Keeps the last step's radix structure: a step whose requests only grew their tails reuses it.
+        self.tree_builder = DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
         self.kv_pool_size = model_runner.token_to_kv_pool.size
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval)
         self.forward_metadata: DeftDecodeMetadata | None = None
@@ -116,10 +117,9 @@ class DeftAttnBackend(AttentionBackend):
         return reqs
 
     def _build_tree(self, forward_batch: ForwardBatch):
-        return build_decode_kv_tree(
-            self._requests(forward_batch), self.req_to_token, forward_batch.req_pool_indices,
-            forward_batch.seq_lens_cpu,
-        )
+        # Into the CUDA graphs' plan buffer when there is one: the plan then needs no copy of it.
+        kv_out = self.graph_plan.kv_indices if self.graph_plan is not None else None
+        return self.tree_builder.build(self._requests(forward_batch), forward_batch.seq_lens_cpu, kv_out)
 
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         mode = forward_batch.forward_mode
@@ -130,13 +130,13 @@ class DeftAttnBackend(AttentionBackend):
             raise _extend_not_routed_away(mode)
         started = time.perf_counter()
         built = self._build_tree(forward_batch)
-        plan = plan_step(built.planning_tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
+        plan = plan_step(built.tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                          self.device, self.plan_limits, self.planner, self.graph_plan)
         self.eager_steps += 1
         check = (self.verify_every > 0 and isinstance(plan, TreeDecodePlan)
                  and self.eager_steps % self.verify_every == 0)
         self.forward_metadata = DeftDecodeMetadata(plan, built.tree.num_queries, built.attended_tokens,
-                                                   built.unique_tokens, built.planning_tree if check else None,
+                                                   built.unique_tokens, built.tree if check else None,
                                                    self.eager_steps)
         self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)
 
@@ -221,7 +221,7 @@ class DeftAttnBackend(AttentionBackend):
             return False
         started = time.perf_counter()
         built = self._build_tree(forward_batch)
-        if plan_graph_step(self.graph_plan, built.planning_tree, padded_bs, self.kv_dtype, self.planner) is None:
+        if plan_graph_step(self.graph_plan, built.tree, padded_bs, self.kv_dtype, self.planner) is None:
             return False
         self.planned_replay_size = padded_bs
         self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)

@@ -23,27 +23,32 @@ Facts this relies on (SGLang 0.5.10.post1, page_size 1, no speculative decoding)
   end and its place in every row: a request holding it sees a longer path of the same total length.
 * Nodes on a locked path (every running request locks its ``last_node``) are never evicted.
 
-Host cost: O(B + R) Python steps, R = radix nodes first reached this step (a request's upward walk
-stops at the first node another request already reached), plus one small host->device copy. Measured
-on this repo's 2-core CPU box (tests/test_kv_tree_builder.py::test_build_cpu_time, medians): 130-140 us
-at B = 64 and 350 us at B = 256, for a fork batch (a shared path of three radix nodes, each request's
-own node and decoded token below it) and for a 3-level batch: ~1 us per request in Python (radix walk,
-chain merge, host buffer), and ~60 us at B = 256 for the device gathers (run on the CPU here).
-KV slot ids never leave the device: the host plans (request, start, length) segments and the device
-gathers them from ``req_to_token`` with a few indexing kernels whose output size is known on the host
-(no sync).
+Host cost. The radix part of the tree (which nodes, who shares them) changes only when requests
+join, leave or move to another radix node; between those steps only the private tails grow.
+:class:`DecodeKVTreeBuilder` keeps the last step's radix part (:class:`_BatchShape`) and reuses it
+when the batch is the same requests on the same ``last_node`` objects (compared by identity), each
+with a private tail as before: the step then costs a few numpy operations on arrays of B and N
+entries, not a Python walk per request. Reuse is exact: with the same requests on the same nodes
+the only radix change possible is a split of a node on a path by a request outside the batch
+(``_split_node``), which changes no batch request's shared prefix; locked nodes are never evicted.
+A full build is O(B + R) Python steps, R = radix nodes first reached this step (a request's upward
+walk stops at the first node another request already reached).
+KV slot ids never leave the device: the host plans (row, start, length) segments and the device
+gathers them from ``req_to_token`` (one upload of two int32 arrays through page-locked staging,
+``repeat_interleave``, an add, one ``index_select``, written straight into the caller's buffer).
+Node and query metadata stay on the host, where the planner reads them (no device sync).
 Page size 1 only; speculative decoding (bigram keys, several new tokens) is not handled.
 """
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from sglang_deft.kernels import KVTree
+from sglang_deft.kernels.staging import PinnedStagingRing
 
 
 class KVTreeBuildError(ValueError):
@@ -52,61 +57,122 @@ class KVTreeBuildError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeKVTree:
-    """The KV tree of one decode batch and its sharing counts.
+    """The KV tree of one decode batch and its sharing counts."""
 
-    ``tree``'s tensors live on ``req_to_token``'s device; the ``*_cpu`` fields are the same node and
-    query metadata on the host (they are built there first), for planners that must not sync.
-    """
-
-    tree: KVTree  # int32 tensors on req_to_token's device; query b = reqs[b]
+    tree: KVTree  # kv_indices on req_to_token's device; node/query metadata int32 on the host; query b = reqs[b]
     attended_tokens: int  # sum over requests of seq_len: KV tokens a per-request kernel reads
     unique_tokens: int  # tree.kv_indices.numel(): KV tokens read once each
-    node_indptr_cpu: torch.Tensor  # [N + 1] int32, cpu: == tree.node_indptr
-    node_parent_cpu: torch.Tensor  # [N] int32, cpu: == tree.node_parent
-    query_node_cpu: torch.Tensor  # [B] int32, cpu: == tree.query_node
-    segment_req_cpu: torch.Tensor  # [N] int32, cpu: node i's KV is reqs[segment_req[i]]'s row
-    segment_start_cpu: torch.Tensor  # [N] int32, cpu: from position segment_start[i] (node_indptr gives the length)
-
-    @property
-    def planning_tree(self) -> KVTree:
-        """``tree`` with its node and query metadata on the host (``kv_indices`` stays on the device):
-        what ``plan_tree_decode`` reads without a device sync."""
-        return KVTree(self.tree.kv_indices, self.node_indptr_cpu, self.node_parent_cpu, self.query_node_cpu)
+    reused_shape: bool  # the radix part came from the previous step (DecodeKVTreeBuilder)
 
 
-def build_decode_kv_tree(
-    reqs: Sequence,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens_cpu: torch.Tensor | Sequence[int],
-) -> DecodeKVTree:
-    """Build the KV tree of a decode batch.
+@dataclass(frozen=True)
+class _BatchShape:
+    """A batch's KV tree without its tails' lengths: what stays while only the private tails grow."""
 
-    Args:
-        reqs: the batch's ``Req`` objects in batch order (``ModelWorkerBatch.reqs``); only
-            ``req.last_node`` is read (a radix ``TreeNode``, the root, or ``None``).
-        req_to_token: ``[pool_size, max_context_len]`` int32, ``ReqToTokenPool.req_to_token``.
-        req_pool_indices: ``[B]`` integer tensor (any device): request b's row.
-        seq_lens_cpu: ``[B]`` host sequence lengths, the new token included (its slot is already
-            written at position ``seq_len - 1``).
+    reqs: list  # the requests, in batch order (identity)
+    last_nodes: list  # each request's req.last_node (identity)
+    end: np.ndarray  # [B] int64: radix path length of each request
+    has_tail: np.ndarray  # [B] bool: seq_len > end (a private tail node)
+    parent: np.ndarray  # [N] int32: node parents (-1: root), parents first
+    query_node: np.ndarray  # [B] int32
+    start: np.ndarray  # [N] int64: the node's first position in its row
+    row: np.ndarray  # [N] int64: req_to_token row of one request whose path holds the node
+    fixed_len: np.ndarray  # [N] int64: the node's length without the private tail it may end with
+    tail_node: np.ndarray  # [Bt] int64: the node holding request tail_req[j]'s tail (each node holds <= 1)
+    tail_req: np.ndarray  # [Bt] int64
 
-    Query b attends its whole path, whose KV concatenated is ``req_to_token[row_b, :seq_len_b]``.
-    Nodes are the radix nodes on the batch's paths and each request's non-empty private tail; a
-    chain of nodes that serve the same queries is one node (so a request that shares nothing is a
-    single node). ``node_parent[i] < i``.
+    def matches(self, reqs: list, last_nodes: list, seq: np.ndarray) -> bool:
+        """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc)."""
+        return (len(reqs) == len(self.reqs) and reqs == self.reqs and last_nodes == self.last_nodes
+                and bool(np.array_equal(seq > self.end, self.has_tail)) and bool((seq >= self.end).all()))
 
-    Raises:
-        KVTreeBuildError: a path longer than its request's sequence, an evicted node on a path, or
-            paths from two different radix trees.
-    """
+
+class DecodeKVTreeBuilder:
+    """Builds each decode step's KV tree over one ``req_to_token`` table, reusing the last step's
+    radix part when it still holds (module doc). Hold one per server and call :meth:`build` per step."""
+
+    def __init__(self, req_to_token: torch.Tensor):
+        if req_to_token.dtype != torch.int32 or req_to_token.dim() != 2:
+            raise ValueError(f"req_to_token must be a 2-D int32 tensor, got {req_to_token.dtype} "
+                             f"{tuple(req_to_token.shape)}")
+        if req_to_token.numel() >= 1 << 31:  # the gather's flat positions are int32
+            raise ValueError(f"req_to_token has {req_to_token.numel()} entries; deft indexes it with int32 "
+                             "(at most 2^31 - 1): lower --max-running-requests or --context-length")
+        self.req_to_token = req_to_token
+        self.device = req_to_token.device
+        self._flat = req_to_token.view(-1)
+        self._staging = PinnedStagingRing(self.device)
+        self._arange = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self._shape: _BatchShape | None = None
+
+    def build(self, reqs: Sequence, seq_lens_cpu: torch.Tensor | Sequence[int],
+              kv_out: torch.Tensor | None = None) -> DecodeKVTree:
+        """The KV tree of a decode batch.
+
+        Args:
+            reqs: the batch's ``Req`` objects in batch order (``ModelWorkerBatch.reqs``); read:
+                ``req.last_node`` (a radix ``TreeNode``, the root, or ``None``) and ``req.req_pool_idx``
+                (its ``req_to_token`` row, as in ``ForwardBatch.req_pool_indices``).
+            seq_lens_cpu: ``[B]`` host sequence lengths, the new token included (its slot is already
+                written at position ``seq_len - 1``).
+            kv_out: optional int32 device buffer the KV slots are written into (``kv_out[:T]``; the
+                tree's ``kv_indices`` is then that view), e.g. a CUDA graph's plan buffer; one that
+                is too small is not used.
+
+        Query b attends its whole path, whose KV concatenated is ``req_to_token[row_b, :seq_len_b]``.
+        Nodes are the radix nodes on the batch's paths and each request's non-empty private tail; a
+        chain of nodes that serve the same queries is one node (so a request that shares nothing is a
+        single node). ``node_parent[i] < i``.
+
+        Raises:
+            KVTreeBuildError: a path longer than its request's sequence, an evicted node on a path, or
+                paths from two different radix trees.
+        """
+        reqs = list(reqs)
+        seq = (seq_lens_cpu.numpy() if isinstance(seq_lens_cpu, torch.Tensor) else np.asarray(seq_lens_cpu))
+        seq = seq.astype(np.int64, copy=False)
+        if len(seq) != len(reqs):
+            raise KVTreeBuildError(f"batch mismatch: {len(reqs)} reqs, {len(seq)} seq_lens")
+        last_nodes = [r.last_node for r in reqs]
+        shape = self._shape
+        reused = shape is not None and shape.matches(reqs, last_nodes, seq)
+        if not reused:
+            shape = self._shape = _batch_shape(reqs, last_nodes, seq.tolist())
+
+        lens = shape.fixed_len.copy()
+        lens[shape.tail_node] += seq[shape.tail_req] - shape.end[shape.tail_req]
+        indptr = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        T = int(indptr[-1])
+        # Token t of node o is flat[row[o] * width + start[o] + (t - indptr[o])]: base[o] + t.
+        base = shape.row * self.req_to_token.shape[1] + shape.start - indptr[:-1]
+        host = np.concatenate([base, lens]).astype(np.int32)
+        N = len(lens)
+        dev = self._staging.upload(host)
+        if self._arange.numel() < T:
+            self._arange = torch.arange(max(T, 2 * self._arange.numel()), dtype=torch.int32, device=self.device)
+        flat = torch.repeat_interleave(dev[:N], dev[N:], output_size=T)
+        flat += self._arange[:T]
+        if kv_out is not None and kv_out.numel() >= T:
+            kv_indices = torch.index_select(self._flat, 0, flat, out=kv_out[:T])
+        else:
+            kv_indices = torch.index_select(self._flat, 0, flat)
+        tree = KVTree(kv_indices, torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(shape.parent),
+                      torch.from_numpy(shape.query_node))
+        return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=T, reused_shape=reused)
+
+
+def build_decode_kv_tree(reqs: Sequence, req_to_token: torch.Tensor,
+                         seq_lens_cpu: torch.Tensor | Sequence[int]) -> DecodeKVTree:
+    """One decode step's KV tree, built from scratch (:meth:`DecodeKVTreeBuilder.build`)."""
+    return DecodeKVTreeBuilder(req_to_token).build(reqs, seq_lens_cpu)
+
+
+def _batch_shape(reqs: list, last_nodes: list, seq_lens: list[int]) -> _BatchShape:
+    """The radix part of the batch's KV tree (a full build)."""
     B = len(reqs)
-    seq_lens = seq_lens_cpu.tolist() if isinstance(seq_lens_cpu, torch.Tensor) else [int(s) for s in seq_lens_cpu]
-    if len(seq_lens) != B or req_pool_indices.numel() != B:
-        raise KVTreeBuildError(
-            f"batch mismatch: {B} reqs, {len(seq_lens)} seq_lens, {req_pool_indices.numel()} req_pool_indices")
-
     try:
-        l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local = _radix_paths(reqs, seq_lens)
+        l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, end, tail_local = _radix_paths(reqs, seq_lens)
     except AttributeError as e:  # e.g. RadixCacheCpp (SGLANG_EXPERIMENTAL_CPP_RADIX_TREE): opaque nodes
         raise KVTreeBuildError(f"req.last_node must be a radix TreeNode (.parent, .key, .value) or None: {e}") from e
 
@@ -130,41 +196,29 @@ def build_decode_kv_tree(
             o_start.append(l_start[i])
             o_len.append(l_len[i])
             o_req.append(l_req[i])
-    N = len(o_parent)
-    indptr = [0, *accumulate(o_len)]
-    T = indptr[N]
-
-    # One host buffer, one copy: [indptr | parent | query_node | seg_req | seg_start].
-    # (array -> frombuffer is ~3x cheaper than torch.tensor(list); the tensor keeps the array alive.)
-    host = torch.frombuffer(array("i", indptr + o_parent + [out_of[i] for i in q_local] + o_req + o_start),
-                            dtype=torch.int32)
-    s_par, s_q, s_req, s_start = N + 1, 2 * N + 1, 2 * N + 1 + B, 3 * N + 1 + B
-    device = req_to_token.device
-    dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
-    d_indptr = dev[:s_par]
-    # Token t of node o is req_to_token[row[o], start[o] + (t - indptr[o])]: flat index base[o] + t.
-    # (One gather by flat index: fewer device ops than indexing rows and columns per token.)
-    rows = req_pool_indices.to(device=device, dtype=torch.int64, non_blocking=True)[dev[s_req:s_start].long()]
-    base = rows * req_to_token.shape[1] + (dev[s_start:] - d_indptr[:-1])
-    flat = torch.repeat_interleave(base, d_indptr[1:] - d_indptr[:-1], output_size=T)
-    kv_indices = torch.take(req_to_token, flat + torch.arange(T, device=device)).to(torch.int32)
-
-    tree = KVTree(kv_indices, d_indptr, dev[s_par:s_q], dev[s_q:s_req])
-    return DecodeKVTree(
-        tree=tree,
-        attended_tokens=sum(seq_lens),
-        unique_tokens=T,
-        node_indptr_cpu=host[:s_par],
-        node_parent_cpu=host[s_par:s_q],
-        query_node_cpu=host[s_q:s_req],
-        segment_req_cpu=host[s_req:s_start],
-        segment_start_cpu=host[s_start:],
-    )
+    tail_req = [b for b in range(B) if tail_local[b] >= 0]
+    tail_node = [out_of[tail_local[b]] for b in tail_req]
+    fixed_len = np.array(o_len, np.int64)
+    end_arr = np.array(end, np.int64)
+    seq = np.array(seq_lens, np.int64)
+    tail_req_arr = np.array(tail_req, np.int64)
+    tail_node_arr = np.array(tail_node, np.int64)
+    fixed_len[tail_node_arr] -= seq[tail_req_arr] - end_arr[tail_req_arr]
+    try:
+        rows = [reqs[r].req_pool_idx for r in o_req]
+    except AttributeError as e:
+        raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row): {e}") from e
+    return _BatchShape(
+        reqs=reqs, last_nodes=last_nodes, end=end_arr, has_tail=seq > end_arr,
+        parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
+        start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
+        tail_node=tail_node_arr, tail_req=tail_req_arr)
 
 
 def _radix_paths(reqs, seq_lens):
     """The radix nodes on the batch's paths plus the private tails, as parallel lists (local ids,
-    parents first), and the local node each query ends at. O(B + radix nodes first reached)."""
+    parents first), the local node each query ends at, each request's radix path length and its
+    private tail's local id (-1: none). O(B + radix nodes first reached)."""
     # Radix nodes reached this step, in discovery order (parents first). Per local node:
     # parent local id (-1: child of the root), start position along the path, length, one request
     # whose path contains it, number of children in this batch (tails included), queries ending there.
@@ -176,6 +230,8 @@ def _radix_paths(reqs, seq_lens):
     l_nchild: list[int] = []
     l_nend: list[int] = []
     q_local: list[int] = []  # the local node query b ends at
+    ends: list[int] = []  # request b's radix path length
+    tails: list[int] = []  # request b's private tail node (-1: none)
     root = None
     chain: list = []
     for b, req in enumerate(reqs):
@@ -228,11 +284,14 @@ def _radix_paths(reqs, seq_lens):
             if above >= 0:
                 l_nchild[above] += 1
             q_local.append(i)
+            tails.append(i)
         else:  # empty tail: the query ends at its last radix node (or has no KV at all)
             if above < 0:
                 raise KVTreeBuildError(f"request {b} (rid={getattr(req, 'rid', '?')}) has seq_len {seq_len}: "
                                        "a decode query attends at least its own token")
             l_nend[above] += 1
             q_local.append(above)
+            tails.append(-1)
+        ends.append(end)
 
-    return l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local
+    return l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, ends, tails

@@ -271,7 +271,7 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
     # The same step's tree, planned with and without the limit: the limit does change the chunks.
     fb = decode_forward_batch(sim, reqs, kv_pool)
-    tree = backend._build_tree(fb).planning_tree
+    tree = backend._build_tree(fb).tree
     args = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
     kw = dict(group_size=4, head_dim=layers[0].head_dim, kv_elem_bytes=4, num_kv_heads=2, num_sms=8)
     assert len(build_schedule(*args, **kw, max_items=4)[1]) < len(build_schedule(*args, **kw)[1])

@@ -178,6 +178,9 @@ def test_defaults_and_overlay_layout(tmp_path):
     assert g.role_args(base, "deft", "deft", g.shlex.split(tp2))[-4:] == ["--decode-attention-backend", "deft",
                                                                          "--tp", "2"]
     assert "--tp" not in g.role_args(base, "noise", "flashinfer", g.shlex.split(tp2))
+    assert g.role_args(base, "noise", "triton", (), ["--tp", "2"])[-4:] == ["--decode-attention-backend", "triton",
+                                                                          "--tp", "2"]
+    assert "--tp" not in g.role_args(base, "deft", "deft", (), ["--tp", "2"])
     graphs = g.parse_args(["--out", str(tmp_path), "--cuda-graph", "--server-args=--tp 2"])
     base_graphs = g.model_base_args("8b", g.MODELS["8b"], graphs)  # every server gets --server-args
     assert "--disable-cuda-graph" not in base_graphs and base_graphs[base_graphs.index("--tp") + 1] == "2"
