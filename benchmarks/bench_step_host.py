@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         (args.out / f"step_host_{device.type}.json").write_text(json.dumps(
-            {"device": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows}, indent=1))
+            {"device": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": os.environ.get("DEFT_COMMIT"),
+             "rows": rows}, indent=1))
     return 0
 
 
