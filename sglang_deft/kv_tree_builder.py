@@ -83,7 +83,7 @@ class _BatchShape:
 
     def matches(self, reqs: list, last_nodes: list, seq: np.ndarray) -> bool:
         """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc)."""
-        return (len(reqs) == len(self.reqs) and reqs == self.reqs and last_nodes == self.last_nodes
+        return (reqs == self.reqs and last_nodes == self.last_nodes
                 and bool(np.array_equal(seq > self.end, self.has_tail)) and bool((seq >= self.end).all()))
 
 
@@ -137,7 +137,7 @@ class DecodeKVTreeBuilder:
         shape = self._shape
         reused = shape is not None and shape.matches(reqs, last_nodes, seq)
         if not reused:
-            shape = self._shape = _batch_shape(reqs, last_nodes, seq.tolist())
+            shape = self._shape = _batch_shape(reqs, last_nodes, seq)
 
         lens = shape.fixed_len.copy()
         lens[shape.tail_node] += seq[shape.tail_req] - shape.end[shape.tail_req]
@@ -168,11 +168,10 @@ def build_decode_kv_tree(reqs: Sequence, req_to_token: torch.Tensor,
     return DecodeKVTreeBuilder(req_to_token).build(reqs, seq_lens_cpu)
 
 
-def _batch_shape(reqs: list, last_nodes: list, seq_lens: list[int]) -> _BatchShape:
-    """The radix part of the batch's KV tree (a full build)."""
-    B = len(reqs)
+def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
+    """The radix part of the batch's KV tree (a full build); ``seq`` [B] int64."""
     try:
-        l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, end, tail_local = _radix_paths(reqs, seq_lens)
+        l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, end, tail_local = _radix_paths(reqs, seq.tolist())
     except AttributeError as e:  # e.g. RadixCacheCpp (SGLANG_EXPERIMENTAL_CPP_RADIX_TREE): opaque nodes
         raise KVTreeBuildError(f"req.last_node must be a radix TreeNode (.parent, .key, .value) or None: {e}") from e
 
@@ -196,20 +195,18 @@ def _batch_shape(reqs: list, last_nodes: list, seq_lens: list[int]) -> _BatchSha
             o_start.append(l_start[i])
             o_len.append(l_len[i])
             o_req.append(l_req[i])
-    tail_req = [b for b in range(B) if tail_local[b] >= 0]
-    tail_node = [out_of[tail_local[b]] for b in tail_req]
-    fixed_len = np.array(o_len, np.int64)
     end_arr = np.array(end, np.int64)
-    seq = np.array(seq_lens, np.int64)
-    tail_req_arr = np.array(tail_req, np.int64)
-    tail_node_arr = np.array(tail_node, np.int64)
+    has_tail = seq > end_arr  # exactly the requests _radix_paths gave a tail node
+    tail_req_arr = np.flatnonzero(has_tail)
+    tail_node_arr = np.array(out_of, np.int64)[np.array(tail_local, np.int64)[tail_req_arr]]
+    fixed_len = np.array(o_len, np.int64)
     fixed_len[tail_node_arr] -= seq[tail_req_arr] - end_arr[tail_req_arr]
     try:
         rows = [reqs[r].req_pool_idx for r in o_req]
     except AttributeError as e:
         raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row): {e}") from e
     return _BatchShape(
-        reqs=reqs, last_nodes=last_nodes, end=end_arr, has_tail=seq > end_arr,
+        reqs=reqs, last_nodes=last_nodes, end=end_arr, has_tail=has_tail,
         parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
         start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
         tail_node=tail_node_arr, tail_req=tail_req_arr)
