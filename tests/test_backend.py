@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -26,23 +25,21 @@ from sglang_deft.config_checks import UnsupportedConfiguration
 from sglang_deft.kernels import KVTree, attention_reference
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
+pytestmark = pytest.mark.usefixtures("single_rank")  # conftest.py
+
+
+def cpu_server_args(**overrides) -> ServerArgs:
+    """The tiny model on SGLang's CPU engine, prefill torch_native and decode deft: what the backend's
+    unit tests build it under."""
+    return ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
+                      decode_attention_backend="deft", grammar_backend="none", **overrides)
 
 
 @pytest.fixture(scope="module")
 def server_args():
-    return ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
-                      decode_attention_backend="deft", grammar_backend="none", decode_log_interval=1)
+    return cpu_server_args(decode_log_interval=1)
 
 
-@pytest.fixture(scope="module")
-def model_config(server_args):
-    return ModelConfig.from_server_args(server_args)
-
-
-@pytest.fixture(autouse=True)
-def single_rank(monkeypatch):
-    # SGLang's attention TP size is set by its distributed init, which a unit test does not run.
-    monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
 
 
 def kv_pool_for(layers, size: int) -> MHATokenToKVPool:

@@ -16,12 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
-from sglang.srt.server_args import ServerArgs
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-import sglang_deft.backend as backend_module
 import sglang_deft.tree_attention as tree_attention
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
@@ -29,7 +26,8 @@ from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_deco
 from sglang_deft.kernels.plan import build_schedule
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
-from test_backend import MODEL, attention_layers, decode_forward_batch, per_request_reference, random_kv_setup
+from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, per_request_reference,
+                          random_kv_setup)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -38,20 +36,13 @@ CAPTURE_BS = [1, 2, 4, 8]  # SGLang's smallest capture sizes; the largest is ini
 
 @pytest.fixture(scope="module")
 def server_args():
-    args = ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
-                      decode_attention_backend="deft", grammar_backend="none")
+    args = cpu_server_args()
     args.cuda_graph_max_bs = max(CAPTURE_BS)
     return args
 
 
-@pytest.fixture(scope="module")
-def model_config(server_args):
-    return ModelConfig.from_server_args(server_args)
-
-
 @pytest.fixture(autouse=True)
-def single_rank_triton(monkeypatch):
-    monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
+def single_rank_triton(monkeypatch, single_rank):
     monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
 
 
