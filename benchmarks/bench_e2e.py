@@ -594,7 +594,7 @@ class Bench:
             self.fleet.wait(launched, min(self.args.startup_timeout, self.budget.left()))
             return launched
         except (RuntimeError, TimeoutError) as e:
-            if "address already in use" not in launched.server.log().lower():
+            if not launched.server.port_taken():
                 raise
             self.clock.note(f"{launched.server.name} port clash, relaunching", extra=str(e)[-200:])
             self.fleet.stop([launched])

@@ -631,12 +631,12 @@ class ModelRun:
                 self.result[f"{role}_startup_s"] = round(launched.ready_s, 1)
                 return True
             except (RuntimeError, TimeoutError, OSError, ValueError) as e:  # urllib errors are OSErrors
-                log = launched.server.log()
+                port_taken = launched.server.port_taken()
                 self.fleet.stop([launched])
                 self.result.setdefault("server_errors", []).append(
                     {"role": role, "decode_backend": launched.backend, "error": str(e)[-3000:]})
                 self.fleet.clock.note(f"{launched.server.name} FAILED", time.monotonic() - launched.t0)
-                if "address already in use" in log.lower() and role not in self.retried:
+                if port_taken and role not in self.retried:
                     self.retried.add(role)
                     self.launch(role, launched.backend)
                 elif role == "noise" and self.noise_queue:

@@ -38,7 +38,7 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
                  env: dict[str, str] | None = None, python: str = sys.executable):
-        self.name = name
+        self.name, self.args, self._cwd, self._env, self._python = name, list(args), cwd, env, python
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -55,7 +55,7 @@ class ServerProcess:
                 raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             # uvicorn logs a failed bind but SGLang's scheduler processes live on: without this the
             # wait would run to its timeout (callers relaunch on another port).
-            if "address already in use" in self.log().lower():
+            if self.port_taken():
                 raise RuntimeError(f"{self.name} server could not bind port {self.port}:\n{self.log()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health_generate", timeout=10) as r:
@@ -65,6 +65,16 @@ class ServerProcess:
                 pass
             time.sleep(1)
         raise TimeoutError(f"{self.name} server not ready after {timeout_s:.0f}s:\n{self.log()[-4000:]}")
+
+    def port_taken(self) -> bool:
+        """Its port was taken between ``free_port`` and the server's bind (servers starting together
+        pick ports at the same time, and each SGLang server opens more)."""
+        return "address already in use" in self.log().lower()
+
+    def relaunched(self) -> ServerProcess:
+        """Stops this server and starts the same command on a new port (same log path)."""
+        self.stop()
+        return ServerProcess(self.name, self.args, self.log_path, cwd=self._cwd, env=self._env, python=self._python)
 
     def post(self, route: str, payload: dict, timeout_s: float = 600):
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode(),

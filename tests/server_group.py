@@ -9,12 +9,19 @@ from sglang_deft.server_process import ServerProcess
 
 @contextlib.contextmanager
 def serving(servers: dict[str, ServerProcess], timeout_s: float):
-    """Yield ``servers`` once each answers (their startups overlap); stops every one on exit, also
+    """Yield ``servers`` once each answers (their startups overlap; one whose port was taken before
+    it bound it is relaunched on another, in place in ``servers``); stops every one on exit, also
     when one fails to start."""
     started = time.monotonic()
     try:
-        for server in servers.values():
-            server.wait_ready(timeout_s)
+        for name, server in list(servers.items()):
+            try:
+                server.wait_ready(timeout_s)
+            except RuntimeError:
+                if not server.port_taken():
+                    raise
+                servers[name] = server = server.relaunched()  # once: its port went to another process
+                server.wait_ready(timeout_s)
         print(f"\n{', '.join(servers)} ready in {time.monotonic() - started:.1f}s")
         yield servers
     finally:

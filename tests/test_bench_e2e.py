@@ -195,6 +195,9 @@ class FakeServer:
     def log(self):
         return self._log
 
+    def port_taken(self):  # ServerProcess.port_taken reads its log the same way
+        return "address already in use" in self._log.lower()
+
 
 class FakeFleet:
     """Fleet's interface: the first server's port was taken, the relaunched one comes up."""
