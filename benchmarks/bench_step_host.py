@@ -1,11 +1,13 @@
 """Host time of the deft backend's per-step work, outside a server: what ``plan_host_us`` in the
 server's sharing line measures, broken down.
 
-Per decode step of a CUDA-graph replay (the default), ``DeftAttnBackend.deft_prepare_graph_replay``
-builds the KV tree from the radix tree (``DecodeKVTreeBuilder``) and plans it into the graphs'
-fixed buffers (``plan_graph_step``). This script makes the same calls on the batches of
-``bench_e2e.py``'s fork cases, driven through real SGLang memory objects (``tests/radix_sim.py``:
-radix cache, request-to-token pool, requests), and times them per step:
+Per decode step (graph replay or eager) the backend calls ``DecodeStepPlanner.plan``: a full plan
+(KV tree from the radix tree, plan into the fixed buffers, room after every tail) or a steady step
+(the last plan updated on the device). This script makes the same call on the batches of
+``bench_e2e.py``'s cases, driven through real SGLang memory objects (``tests/radix_sim.py``: radix
+cache, request-to-token pool, requests), checks what some steps' plans read, and times the calls
+(medians of steady steps and of full plans, and the mean over all steps, what ``plan_host_us``
+averages):
 
 * ``idle``: the device has nothing queued;
 * ``busy`` (CUDA only): a ~3 ms device kernel is queued first, as in the server, where the previous
@@ -43,8 +45,9 @@ MAX_BS = 256  # --cuda-graph-max-bs on the H200
 def make_batch(prefix: int, branches: int, private: int, steps: int):
     from radix_sim import RadixSim
 
-    sim = RadixSim(max_reqs=branches, max_context=prefix + private + steps + 8,
-                   kv_slots=prefix + branches * (private + steps + 8))
+    room = 64  # past the last step: a full row would cut the steady steps' room short
+    sim = RadixSim(max_reqs=branches, max_context=prefix + private + steps + room,
+                   kv_slots=prefix + branches * (private + steps + room))
     prompt = sim.tokens(prefix)
     if prefix:
         sim.run_to_cache(prompt)
@@ -54,18 +57,21 @@ def make_batch(prefix: int, branches: int, private: int, steps: int):
 
 def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool) -> dict:
     from sglang_deft.kernels import TreeDecodePlanner
-    from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
-    from sglang_deft.tree_attention import new_graph_plan, plan_graph_step, plan_limits
+    from sglang_deft.kernels.reference import plan_kv_reads
+    from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
+    from sglang_deft.step_planner import DecodeStepPlanner
+    from sglang_deft.tree_attention import new_graph_plan, plan_limits
 
     prefix, branches, private = CASES[key]
     sim, reqs = make_batch(prefix, branches, private, steps + warmup)
     hq, hkv, d = HEADS
-    limits = plan_limits(MAX_BS, hq, hkv, device)
-    graph_plan = new_graph_plan(limits, MAX_BS, sim.kv_slots, hq, hkv, d, torch.bfloat16, device)
-    planner = TreeDecodePlanner(hq, hkv, d, kv_dtype=torch.bfloat16)
+    buffers = new_graph_plan(plan_limits(MAX_BS, hq, hkv, device), MAX_BS, sim.kv_slots, hq, hkv, d,
+                             torch.bfloat16, device)
     r2t = sim.req_to_token.to(device)
-    builder = DecodeKVTreeBuilder(r2t)  # the backend's: keeps the last step's radix part
-    build_us, plan_us, total_us = [], [], []
+    # The backend's: tree builder + planner writing the CUDA graphs' buffers, steady steps in place.
+    step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), TreeDecodePlanner(hq, hkv, d), buffers,
+                                     torch.bfloat16)
+    times = {True: [], False: []}  # steady steps, full plans
     for step in range(steps + warmup):
         seq_lens = sim.prepare_decode(reqs)
         r2t.copy_(sim.req_to_token)  # the server's table lives on the device (not timed)
@@ -74,28 +80,28 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
             if busy:
                 torch.cuda._sleep(6_000_000)  # ~3 ms at H200 clocks: the previous step, still running
         t0 = time.perf_counter()
-        built = builder.build(reqs, seq_lens, kv_out=graph_plan.kv_indices)
+        planned = step_planner.plan(reqs, seq_lens, branches)
         t1 = time.perf_counter()
-        if plan_graph_step(graph_plan, built.tree, branches, torch.bfloat16, planner) is None:
-            raise RuntimeError(f"{key}: the step does not fit the graph buffers")
-        t2 = time.perf_counter()
-        if step in (0, 1, steps + warmup - 1):  # the device-built tree against a fresh host build
-            want = build_decode_kv_tree(reqs, sim.req_to_token, seq_lens).tree
-            for name in ("kv_indices", "node_indptr", "node_parent", "query_node"):
-                if not torch.equal(getattr(built.tree, name).cpu(), getattr(want, name)):
-                    raise AssertionError(f"{key} step {step}: {name} differs from a fresh build on the host")
+        if planned is None:
+            raise RuntimeError(f"{key}: the step does not fit the plan buffers")
+        if step in (0, 1, steps + warmup - 1):  # what the plan reads: each query's row, once
+            reads = plan_kv_reads(planned.plan)
+            for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
+                if sorted(reads[b]) != sorted(sim.req_to_token[req.req_pool_idx, :n].tolist()):
+                    raise AssertionError(f"{key} step {step}: query {b} does not read its row once")
         if step >= warmup:
-            build_us.append(1e6 * (t1 - t0))
-            plan_us.append(1e6 * (t2 - t1))
-            total_us.append(1e6 * (t2 - t0))
+            times[planned.steady].append(1e6 * (t1 - t0))
         sim.finish_decode(reqs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     med = statistics.median
-    return {"case": key, "batch": branches, "nodes": built.tree.num_nodes, "kv_tokens": built.unique_tokens,
-            "mode": "busy" if busy else "idle", "checked_against_fresh_build": True, "build_us": round(med(build_us), 1),
-            "plan_us": round(med(plan_us), 1), "total_us": round(med(total_us), 1),
-            "total_us_p90": round(sorted(total_us)[int(0.9 * len(total_us))], 1)}
+    every = times[True] + times[False]
+    return {"case": key, "batch": branches, "kv_tokens": planned.unique_tokens,
+            "mode": "busy" if busy else "idle", "checked_reads": True,
+            "steady_steps": len(times[True]), "full_steps": len(times[False]),
+            "steady_us": round(med(times[True]), 1) if times[True] else None,
+            "full_us": round(med(times[False]), 1) if times[False] else None,
+            "mean_us": round(statistics.fmean(every), 1)}
 
 
 def main(argv=None) -> int:
@@ -116,9 +122,9 @@ def main(argv=None) -> int:
         for busy in ([False, True] if device.type == "cuda" else [False]):
             r = run_case(key, device, args.steps, args.warmup, busy)
             rows.append(r)
-            print(f"{r['case']:>16} B={r['batch']:<4} {r['mode']:<4} nodes={r['nodes']:<4} "
-                  f"build {r['build_us']:7.1f} us  plan {r['plan_us']:7.1f} us  total {r['total_us']:7.1f} us "
-                  f"(p90 {r['total_us_p90']:.1f})", flush=True)
+            print(f"{r['case']:>16} B={r['batch']:<4} {r['mode']:<4} steady {r['steady_us']} us "
+                  f"x{r['steady_steps']}, full {r['full_us']} us x{r['full_steps']}, mean {r['mean_us']} us",
+                  flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -387,6 +387,22 @@ class TreeDecodePlanner:
         self.kv_dtype, self.large_rows, self.programs_per_sm = kv_dtype, large_rows, programs_per_sm
         self._cache = _ScheduleCache()
         self._staging: PinnedStagingRing | None = None  # for the plan's device, made at the first plan
+        self._item_end: np.ndarray | None = None  # the last plan's items' KV ends, in item order
+
+    def items_ending_at(self, positions: np.ndarray) -> np.ndarray | None:
+        """For each KV position, the index (in the last plan's ``items``) of the one item whose KV
+        range ends there; None when some position has no such item or several (a node split into
+        query tiles). Lets a caller grow a node in place: its last item's ``kv_len`` + 1."""
+        ends = self._item_end
+        if ends is None:
+            return None
+        order = np.argsort(ends, kind="stable")
+        sorted_ends = ends[order]
+        lo = np.searchsorted(sorted_ends, positions, "left")
+        hi = np.searchsorted(sorted_ends, positions, "right")
+        if not np.all(hi - lo == 1):
+            return None
+        return order[lo]
 
     def _upload(self, host: np.ndarray, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._staging is None or self._staging.device != device:
@@ -428,6 +444,7 @@ class TreeDecodePlanner:
         host[:B] = qperm
         _write_items(host[o_items:o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS), kv_start, kv_len, order,
                      merge)
+        self._item_end = kv_start[order] + kv_len[order]
         host[o_counts:o_counts + 3] = (merge.num_large, I - merge.num_large, B)
         host[o_indptr:o_indptr + B + 1] = merge.merge_indptr
         host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing

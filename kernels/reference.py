@@ -98,3 +98,28 @@ def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, 
         out = torch.empty_like(q)
     out.copy_(result.to(out.dtype))
     return out
+
+
+def plan_kv_reads(plan) -> list[list[int]]:
+    """Per query of a ``TreeDecodePlan``, the KV slots its partials cover, in merge order, read back
+    from the plan's buffers (synchronises; for tests and checks). A correct plan gives each query
+    exactly the slots of its path, once each."""
+    num_large, num_small, num_queries = plan.counts.tolist()
+    items = plan.items[:num_large + num_small].tolist()
+    qperm, indptr = plan.qperm.tolist(), plan.merge_indptr.tolist()
+    slots, kv = plan.merge_slots.tolist(), plan.kv_indices.tolist()
+    owner = {}
+    for i, (_, _, _, q_count, base) in enumerate(items):
+        for p in range(base, base + q_count):
+            owner[p] = i
+    reads = []
+    for b in range(num_queries):
+        got = []
+        for p in slots[indptr[b]:indptr[b + 1]]:
+            kv_start, kv_len, q_start, _, base = items[owner[p]]
+            if qperm[q_start + p - base] != b:
+                raise AssertionError(f"partial {p} in query {b}'s merge list belongs to query "
+                                     f"{qperm[q_start + p - base]}")
+            got += kv[kv_start:kv_start + kv_len]
+        reads.append(got)
+    return reads

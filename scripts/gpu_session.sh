@@ -229,9 +229,10 @@ phase_graphs() {
 }
 
 phase_step_host() {
-  # ~1 min: the KV-tree build + plan of bench_e2e's cases, device idle and busy (step_host_cuda.json;
-  # each case's device-built tree is checked against a fresh host build), then test_cuda_graph_gpu's
-  # backend-level part (captured graphs replayed vs eager steps, bitwise).
+  # ~1 min: the backend's per-step planning (DecodeStepPlanner: full plans and steady steps) on
+  # bench_e2e's cases, device idle and busy (step_host_cuda.json; some steps' plans are read back:
+  # each query must read its row once), then test_cuda_graph_gpu's backend-level part (captured
+  # graphs replayed vs eager steps, bitwise).
   local rc_bench rc_pytest t=$SECONDS
   timeout -k 10 "${STEP_HOST_S:-150}" python3 benchmarks/bench_step_host.py --out "$OUT"
   rc_bench=$?

@@ -13,25 +13,30 @@ hands decode and the CUDA-graph hooks to deft.
 ``SGLANG_DEFT_VERIFY_EVERY=N`` checks layer 0 of every N-th eager step against the fp32 reference
 in the same server and logs the error (``sglang_deft.kernel_check``; a diagnostic: it synchronises).
 
+Plans (``sglang_deft.step_planner.DecodeStepPlanner``) go into one fixed-capacity ``TreeDecodePlan``:
+up to ``--cuda-graph-max-bs`` queries, the KV pool's size in tree tokens, and the server's
+``PlanLimits`` of work items and partials. A steady step (the same requests, one token longer each)
+updates the last plan on the device instead of planning on the host (see that module).
+
 CUDA graphs (on by default; ``--disable-cuda-graph`` turns them off). A captured graph replays fixed
 kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no requests to build the
 KV tree from. So:
-- ``init_cuda_graph_state`` allocates one fixed-capacity ``TreeDecodePlan``, shared by every captured
-  batch size: up to ``max_bs`` queries, the KV pool's size in tree tokens, and the server's
-  ``PlanLimits`` of work items and partials. Stages 1 and 2 are launched over the whole capacity;
-  their programs past the plan's device-side counts exit at once.
+- ``init_cuda_graph_state`` allocates the plan buffers, shared by every captured batch size. Stages 1
+  and 2 are launched over the whole capacity; their programs past the plan's device-side counts exit
+  at once.
 - Capture (``init_forward_metadata_capture_cuda_graph``) writes a plan of padding queries only into
   those buffers, which the warm-up runs compute with (zeros). The captured launches read the buffers,
   so a replay computes whatever plan was written there last.
 - Before each replay, ``sglang_deft.patches.cuda_graph_replay`` calls ``deft_prepare_graph_replay``
   from ``CudaGraphRunner.can_run`` with the step's ForwardBatch (``deft_reqs``) and the padded batch
-  size: the KV tree is built and planned into the buffers there, with the padding rows as queries of an
-  empty node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes
-  the step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
+  size: the step is planned into the buffers there, with the padding rows as queries of an empty
+  node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes the
+  step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
   replayed size is the planned one.
-Eager steps on CUDA are planned under the same ``PlanLimits`` (``tree_attention.plan_step``; they are
-sized by ``--cuda-graph-max-bs``, which SGLang sets with CUDA graphs off too). The limit on work
-items decides the chunking and with it each query's merge order, and the padding queries change
+Eager steps use the same buffers (without CUDA graphs the backend makes them at its first decode
+step), the same limits and the same steady-step decisions; steps the buffers cannot take are
+planned under the same limits into buffers of their own (``tree_attention.plan_step``). The limit on
+work items decides the chunking and with it each query's merge order, and the padding queries change
 neither, so a step's attention output is bitwise the same with and without CUDA graphs. (The model's
 outputs are too wherever SGLang's other kernels see the same shapes in both modes: batches that need
 no padding to a captured size.)
@@ -50,9 +55,11 @@ from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang_deft.config_checks import check_model_runner
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
-from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
+from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.sharing_metrics import SharingMeter
+from sglang_deft.step_planner import DecodeStepPlanner
+from sglang_deft import tree_attention
 from sglang_deft.tree_attention import empty_tree, new_graph_plan, plan_graph_step, plan_limits, plan_step, run_layer
 
 if TYPE_CHECKING:
@@ -96,13 +103,28 @@ class DeftAttnBackend(AttentionBackend):
         self.eager_steps = 0
         # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager
         # steps and graph replays are held to the same limits (see the module docstring).
-        self.plan_limits = plan_limits(model_runner.server_args.cuda_graph_max_bs, self.num_qo_heads,
-                                       self.num_kv_heads, self.device)
+        self.max_bs = model_runner.server_args.cuda_graph_max_bs
+        self.plan_limits = plan_limits(self.max_bs, self.num_qo_heads, self.num_kv_heads, self.device)
         # One planner per server: it reuses whatever part of the last step's schedule is unchanged
         # (tails growing by a token change no chunk count), ~85 us less host time per step.
         self.planner = TreeDecodePlanner(self.num_qo_heads, self.num_kv_heads, self.head_dim, kv_dtype=self.kv_dtype)
-        self.graph_plan = None  # TreeDecodePlan: the fixed buffers every captured graph reads (eager steps too)
+        # The fixed plan buffers every captured graph reads, and eager steps of up to max_bs requests
+        # too (made by init_cuda_graph_state, or at the first decode step without CUDA graphs), and
+        # the step planner that writes them (steady steps update the last plan in place).
+        self.graph_plan: TreeDecodePlan | None = None
+        self.step_planner: DecodeStepPlanner | None = None
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
+
+    def _make_plan_buffers(self, max_bs: int) -> None:
+        # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
+        self.graph_plan = new_graph_plan(self.plan_limits, max_bs, self.kv_pool_size, self.num_qo_heads,
+                                         self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
+        self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan, self.kv_dtype)
+        logger.info(
+            "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",
+            max_bs, self.kv_pool_size, self.plan_limits,
+            self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
+        )
 
     def _requests(self, forward_batch: ForwardBatch):
         reqs = getattr(forward_batch, REQS_ATTRIBUTE, None)
@@ -116,11 +138,6 @@ class DeftAttnBackend(AttentionBackend):
             raise RuntimeError("deft: decode ForwardBatch without seq_lens_cpu; the KV tree is planned on the host")
         return reqs
 
-    def _build_tree(self, forward_batch: ForwardBatch):
-        # Into the CUDA graphs' plan buffer when there is one: the plan then needs no copy of it.
-        kv_out = self.graph_plan.kv_indices if self.graph_plan is not None else None
-        return self.tree_builder.build(self._requests(forward_batch), forward_batch.seq_lens_cpu, kv_out)
-
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         mode = forward_batch.forward_mode
         if mode.is_idle():
@@ -129,16 +146,32 @@ class DeftAttnBackend(AttentionBackend):
         if not mode.is_decode():
             raise _extend_not_routed_away(mode)
         started = time.perf_counter()
-        built = self._build_tree(forward_batch)
-        plan = plan_step(built.tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
-                         self.device, self.plan_limits, self.planner, self.graph_plan)
+        reqs = self._requests(forward_batch)
         self.eager_steps += 1
-        check = (self.verify_every > 0 and isinstance(plan, TreeDecodePlan)
-                 and self.eager_steps % self.verify_every == 0)
-        self.forward_metadata = DeftDecodeMetadata(plan, built.tree.num_queries, built.attended_tokens,
-                                                   built.unique_tokens, built.tree if check else None,
-                                                   self.eager_steps)
-        self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)
+        check = self.verify_every > 0 and self.eager_steps % self.verify_every == 0
+        if self.step_planner is None and tree_attention.use_triton_kernels(self.device):
+            self._make_plan_buffers(self.max_bs)  # no CUDA graphs: eager steps keep the same buffers
+        step = None
+        if self.step_planner is not None and len(reqs) <= self.graph_plan.qperm.numel():
+            step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, len(reqs))
+        if step is not None:
+            plan, attended, unique = step.plan, step.attended_tokens, step.unique_tokens
+            check_tree = None
+            if check:  # the reference needs the tree, which a steady step does not build
+                check_tree = (step.built or build_decode_kv_tree(reqs, self.tree_builder.req_to_token,
+                                                                 forward_batch.seq_lens_cpu)).tree
+        else:
+            # The reference path (CPU), a batch past the buffers or a tree past the plan limits: a
+            # plan of its own, under the same limits where they hold.
+            if self.step_planner is not None:
+                self.step_planner.invalidate()
+            built = self.tree_builder.build(reqs, forward_batch.seq_lens_cpu)
+            plan = plan_step(built.tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
+                             self.device, self.plan_limits, self.planner)
+            attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
+        check_tree = check_tree if check and isinstance(plan, TreeDecodePlan) else None
+        self.forward_metadata = DeftDecodeMetadata(plan, len(reqs), attended, unique, check_tree, self.eager_steps)
+        self.sharing.record(attended, unique, time.perf_counter() - started)
 
     def forward_decode(
         self,
@@ -184,14 +217,7 @@ class DeftAttnBackend(AttentionBackend):
         if max_num_tokens != max_bs:
             raise RuntimeError(f"deft: CUDA graphs of {max_num_tokens} tokens for {max_bs} requests; deft decodes "
                                "one token per request")
-        # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
-        self.graph_plan = new_graph_plan(self.plan_limits, max_bs, self.kv_pool_size, self.num_qo_heads,
-                                         self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
-        logger.info(
-            "deft CUDA-graph plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",
-            max_bs, self.kv_pool_size, self.plan_limits,
-            self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
-        )
+        self._make_plan_buffers(max_bs)
 
     def init_forward_metadata_capture_cuda_graph(
         self,
@@ -212,6 +238,7 @@ class DeftAttnBackend(AttentionBackend):
                                f"{self.graph_plan.qperm.numel()} requests")
         self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0)
         self.planned_replay_size = None  # whatever was planned is overwritten
+        self.step_planner.invalidate()
 
     def deft_prepare_graph_replay(self, forward_batch: ForwardBatch, padded_bs: int) -> bool:
         """Plan a decode step into the graph's buffers, padded to ``padded_bs`` queries; False (the
@@ -220,11 +247,11 @@ class DeftAttnBackend(AttentionBackend):
         if not forward_batch.forward_mode.is_decode():
             return False
         started = time.perf_counter()
-        built = self._build_tree(forward_batch)
-        if plan_graph_step(self.graph_plan, built.tree, padded_bs, self.kv_dtype, self.planner) is None:
+        step = self.step_planner.plan(self._requests(forward_batch), forward_batch.seq_lens_cpu, padded_bs)
+        if step is None:
             return False
         self.planned_replay_size = padded_bs
-        self.sharing.record(built.attended_tokens, built.unique_tokens, time.perf_counter() - started)
+        self.sharing.record(step.attended_tokens, step.unique_tokens, time.perf_counter() - started)
         return True
 
     def init_forward_metadata_replay_cuda_graph(

@@ -56,6 +56,18 @@ class KVTreeBuildError(ValueError):
 
 
 @dataclass(frozen=True)
+class TailSlack:
+    """Where each private tail may grow in place: an unused node of ``slack`` KV positions follows
+    every tail node (its child, next in node order), holding the row's next positions."""
+
+    req: np.ndarray  # [Bt] int64: the request (batch index) whose tail it is
+    tail_node: np.ndarray  # [Bt] int64: its tail node
+    end: np.ndarray  # [Bt] int64: kv position just past the tail = the first slack position
+    next_flat: np.ndarray  # [Bt] int64: req_to_token flat index of the request's next token
+    slack: np.ndarray  # [Bt] int64: slack positions (the row's width may leave fewer than asked)
+
+
+@dataclass(frozen=True)
 class DecodeKVTree:
     """The KV tree of one decode batch and its sharing counts."""
 
@@ -63,6 +75,7 @@ class DecodeKVTree:
     attended_tokens: int  # sum over requests of seq_len: KV tokens a per-request kernel reads
     unique_tokens: int  # tree.kv_indices.numel(): KV tokens read once each
     reused_shape: bool  # the radix part came from the previous step (DecodeKVTreeBuilder)
+    tails: TailSlack | None = None  # build(tail_slack=...): the unused nodes after the tails
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,8 @@ class DecodeKVTreeBuilder:
         self._shape: _BatchShape | None = None
 
     def build(self, reqs: Sequence, seq_lens_cpu: torch.Tensor | Sequence[int],
-              kv_out: torch.Tensor | None = None) -> DecodeKVTree:
+              kv_out: torch.Tensor | None = None, tail_slack: int = 0,
+              max_kv_tokens: int | None = None) -> DecodeKVTree:
         """The KV tree of a decode batch.
 
         Args:
@@ -118,6 +132,9 @@ class DecodeKVTreeBuilder:
             kv_out: optional int32 device buffer the KV slots are written into (``kv_out[:T]``; the
                 tree's ``kv_indices`` is then that view), e.g. a CUDA graph's plan buffer; one that
                 is too small is not used.
+            tail_slack: up to this many positions of room after every private tail, as an unused
+                node (see :class:`TailSlack`; ``unique_tokens`` does not count them); none when the
+                tree would then hold more than ``max_kv_tokens`` positions.
 
         Query b attends its whole path, whose KV concatenated is ``req_to_token[row_b, :seq_len_b]``.
         Nodes are the radix nodes on the batch's paths and each request's non-empty private tail; a
@@ -141,11 +158,18 @@ class DecodeKVTreeBuilder:
 
         lens = shape.fixed_len.copy()
         lens[shape.tail_node] += seq[shape.tail_req] - shape.end[shape.tail_req]
+        unique = int(lens.sum())
+        parent, query_node, start, row = shape.parent, shape.query_node, shape.start, shape.row
+        tails = None
+        if (tail_slack > 0 and len(shape.tail_node)
+                and (max_kv_tokens is None or unique + tail_slack * len(shape.tail_node) <= max_kv_tokens)):
+            tails, (parent, query_node, start, row, lens) = _with_slack_nodes(
+                shape, seq, lens, tail_slack, self.req_to_token.shape[1])
         indptr = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=indptr[1:])
         T = int(indptr[-1])
         # Token t of node o is flat[row[o] * width + start[o] + (t - indptr[o])]: base[o] + t.
-        base = shape.row * self.req_to_token.shape[1] + shape.start - indptr[:-1]
+        base = row * self.req_to_token.shape[1] + start - indptr[:-1]
         host = np.concatenate([base, lens]).astype(np.int32)
         N = len(lens)
         dev = self._staging.upload(host)
@@ -157,9 +181,33 @@ class DecodeKVTreeBuilder:
             kv_indices = torch.index_select(self._flat, 0, flat, out=kv_out[:T])
         else:
             kv_indices = torch.index_select(self._flat, 0, flat)
-        tree = KVTree(kv_indices, torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(shape.parent),
-                      torch.from_numpy(shape.query_node))
-        return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=T, reused_shape=reused)
+        tree = KVTree(kv_indices, torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(parent),
+                      torch.from_numpy(query_node))
+        return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=unique, reused_shape=reused,
+                            tails=tails)
+
+
+def _with_slack_nodes(shape: _BatchShape, seq: np.ndarray, lens: np.ndarray, tail_slack: int, width: int):
+    """Insert an unused child after every tail node: its positions are the row's next ones, so the
+    steps that follow can write their new token there (no query reads an unused node)."""
+    N, tail_node, tail_req = len(lens), shape.tail_node, shape.tail_req
+    is_tail = np.zeros(N, np.int64)
+    is_tail[tail_node] = 1
+    new_id = np.arange(N) + np.cumsum(is_tail) - is_tail  # one slack node after each earlier tail
+    slack_id = new_id[tail_node] + 1
+    total = N + len(tail_node)
+    slack = np.minimum(tail_slack, width - seq[tail_req])
+    parent = np.empty(total, np.int32)
+    parent[new_id] = np.where(shape.parent >= 0, new_id[shape.parent], -1)
+    parent[slack_id] = new_id[tail_node]
+    start, row, new_lens = (np.empty(total, np.int64) for _ in range(3))
+    start[new_id], start[slack_id] = shape.start, seq[tail_req]
+    row[new_id], row[slack_id] = shape.row, shape.row[tail_node]
+    new_lens[new_id], new_lens[slack_id] = lens, slack
+    indptr_end = np.cumsum(new_lens)
+    tails = TailSlack(req=tail_req, tail_node=new_id[tail_node], end=indptr_end[new_id[tail_node]],
+                      next_flat=shape.row[tail_node] * width + seq[tail_req], slack=slack)
+    return tails, (parent, new_id[shape.query_node].astype(np.int32), start, row, new_lens)
 
 
 def build_decode_kv_tree(reqs: Sequence, req_to_token: torch.Tensor,

@@ -1,7 +1,8 @@
 """Which implementation computes decode attention over the KV tree: the one switch point.
 
-The backend plans once per decode step (:func:`plan_step`) and runs every layer with that plan
-(:func:`run_layer`). With the reference path the "plan" is the KV tree itself (node/query metadata
+The backend plans once per decode step (``sglang_deft.step_planner.DecodeStepPlanner``, into its
+fixed plan buffers; :func:`plan_step` for a step they do not take) and runs every layer with that
+plan (:func:`run_layer`). With the reference path the "plan" is the KV tree itself (node/query metadata
 on the host, KV slots on the device), and each layer runs ``tree_decode_reference`` (grouped
 PyTorch, fp32 math). With the Triton kernels it is a ``TreeDecodePlan``.
 
@@ -93,23 +94,16 @@ _warned_unlimited = False
 
 
 def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-              device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None,
-              reuse: TreeDecodePlan | None = None):
-    """Everything a decode step's layers share. ``tree``: node/query metadata on the host.
-
-    ``planner``: the server's ``TreeDecodePlanner`` (it reuses what the last step planned; same
-    result as a fresh plan). ``reuse``: fixed buffers to write the plan into (the CUDA graphs'),
-    used when the step fits them, so no step allocates its own."""
+              device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None):
+    """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
+    take: a batch past their size, a tree past the limits), or the tree itself on the reference
+    path. ``tree``: node/query metadata on the host. ``planner``: the server's
+    ``TreeDecodePlanner`` (it reuses what the last step planned; same result as a fresh plan)."""
     if not use_triton_kernels(device):
         return tree
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
-    if reuse is not None and tree.num_queries > reuse.qperm.numel():
-        reuse = None  # a batch past --cuda-graph-max-bs: buffers of its own, same limits
     try:
-        if reuse is not None:
-            # The buffers' capacity carries the same limits (PlanLimits.capacity), so the chunking
-            # is the same as with buffers of this step's own size.
-            return planner.plan(tree, device, reuse=reuse)
+        # Under the server's limits: the chunking is the one the fixed buffers would get.
         return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
     except ValueError as exc:
         # Any other ValueError of the planner (e.g. the head configuration) is raised again below.

@@ -26,7 +26,8 @@ from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_deco
 from sglang_deft.kernels.plan import build_schedule
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
-from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, per_request_reference,
+from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
+                          per_request_reference,
                           random_kv_setup)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -262,7 +263,7 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
     # The same step's tree, planned with and without the limit: the limit does change the chunks.
     fb = decode_forward_batch(sim, reqs, kv_pool)
-    tree = backend._build_tree(fb).tree
+    tree = backend.tree_builder.build(fb.deft_reqs, fb.seq_lens_cpu).tree
     args = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
     kw = dict(group_size=4, head_dim=layers[0].head_dim, kv_elem_bytes=4, num_kv_heads=2, num_sms=8)
     assert len(build_schedule(*args, **kw, max_items=4)[1]) < len(build_schedule(*args, **kw)[1])
@@ -355,3 +356,53 @@ def test_patch_refuses_another_sglang_version(monkeypatch):
     monkeypatch.setattr(sglang_version, "version", lambda name: "0.5.11")
     with pytest.raises(sglang_version.UnsupportedSGLangVersion, match="cuda_graph_replay.*0.5.10.post1"):
         cuda_graph_replay.apply()
+
+
+def record_steady(backend) -> list:
+    """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
+    log, plan = [], backend.step_planner.plan
+
+    def recorded(*args):
+        step = plan(*args)
+        log.append(None if step is None else step.steady)
+        return step
+
+    backend.step_planner.plan = recorded
+    return log
+
+
+@needs_interpreter
+def test_steady_steps_replayed_and_eager_agree_bitwise(server_args, model_config):
+    """Two backends over the same steps, as two servers: one replays every step from its graphs, the
+    other runs every step eagerly (--disable-cuda-graph). Both take the same steady steps (plan
+    updated in place on the device), and their outputs are bitwise equal and per-request exact."""
+    sim, layers, kv_pool, graphs = graph_setup(server_args, model_config)
+    eager = make_backend(sim, server_args, model_config, layers, kv_pool)
+    emulator = GraphEmulator(graphs, kv_pool)
+    eager._make_plan_buffers(eager.max_bs)  # what its first decode step would do
+    graphs.step_planner.slack = eager.step_planner.slack = 3  # room runs out within the test
+    logs = record_steady(graphs), record_steady(eager)
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(4)])
+    layer0 = layers[0]
+    hq, hkv, d = layer0.tp_q_head_num, layer0.tp_k_head_num, layer0.head_dim
+    for step in range(9):
+        if step == 5:  # an unrelated request joins: 5 queries, padded to 8 in the graphs
+            reqs += sim.prefill([sim.new_req(sim.fresh(30))])
+        fb = decode_forward_batch(sim, reqs, kv_pool)
+        B = len(reqs)
+        bs = emulator.prepare(fb)
+        assert bs is not None
+        eager.init_forward_metadata(fb)
+        for layer in layers:
+            q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+            replayed = emulator.forward(bs, fb, q.view(B, hq, d), k, v, layer).view(bs, hq, d)
+            out = eager.forward(q, k, v, layer, fb).view(B, hq, d)
+            assert torch.equal(replayed[:B], out)
+            expected = per_request_reference(q.view(B, hq, d), kv_pool.get_key_buffer(layer.layer_id),
+                                             kv_pool.get_value_buffer(layer.layer_id), sim, reqs, fb.seq_lens_cpu,
+                                             layer)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        sim.finish_decode(reqs)
+    assert logs[0] == logs[1] == [False, True, True, True, False, False, True, True, True]

@@ -1,0 +1,124 @@
+"""DecodeStepPlanner: full plans with room after every tail, and steady steps that update the last
+plan on the device. Every step's plan is read back from the buffers: each query must read exactly
+its req_to_token row, once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radix_sim import RadixSim
+from sglang_deft.kernels import TreeDecodePlanner
+from sglang_deft.kernels.reference import plan_kv_reads
+from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
+from sglang_deft.step_planner import DecodeStepPlanner
+from sglang_deft.tree_attention import PlanLimits, new_graph_plan
+
+HQ, HKV, D = 8, 2, 16
+
+
+def step_planner(sim: RadixSim, slack: int, max_queries: int = 16) -> DecodeStepPlanner:
+    limits = PlanLimits(max_items=256, max_partials=512)
+    buffers = new_graph_plan(limits, max_queries, sim.kv_slots, HQ, HKV, D, torch.float32, torch.device("cpu"))
+    planner = TreeDecodePlanner(HQ, HKV, D, kv_dtype=torch.float32)
+    return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, torch.float32, slack=slack)
+
+
+def check(sim: RadixSim, reqs, seq_lens, step, num_queries: int) -> None:
+    got = plan_kv_reads(step.plan)
+    assert len(got) == num_queries
+    for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
+        assert sorted(got[b]) == sorted(sim.req_to_token[req.req_pool_idx, :n].tolist()), f"query {b}"
+    for b in range(len(reqs), num_queries):
+        assert got[b] == []  # padding rows read nothing
+    assert step.attended_tokens == int(seq_lens.sum())
+    assert step.unique_tokens == len({s for row in got for s in row})
+
+
+def run(sim, sp, reqs, num_queries=None):
+    seq_lens = sim.prepare_decode(reqs)
+    step = sp.plan(reqs, seq_lens, num_queries or len(reqs))
+    check(sim, reqs, seq_lens, step, num_queries or len(reqs))
+    sim.finish_decode(reqs)
+    return step.steady
+
+
+def fork(sim: RadixSim, n: int, prompt_len: int = 50):
+    prompt = sim.tokens(prompt_len)
+    sim.run_to_cache(prompt)
+    return sim.prefill([sim.new_req(prompt + sim.fresh(2 + i)) for i in range(n)])
+
+
+@pytest.mark.parametrize("padded", [None, 8], ids=["eager", "graph_padded"])
+def test_steady_steps_until_the_room_runs_out(padded):
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4)
+    reqs = fork(sim, 3) + sim.prefill([sim.new_req(sim.fresh(9))])  # a fork and an unrelated request
+    steady = [run(sim, sp, reqs, padded) for _ in range(11)]
+    assert steady == [False, True, True, True, True] * 2 + [False]
+
+
+def test_a_changed_batch_is_planned_in_full():
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    reqs = fork(sim, 3)
+    assert [run(sim, sp, reqs) for _ in range(3)] == [False, True, True]
+    late = sim.prefill([sim.new_req(sim.fresh(5))], overlap=True)
+    assert not run(sim, sp, reqs + late)  # a request joined
+    assert run(sim, sp, reqs + late)
+    sim.flush()  # cache_unfinished_req: the late request moves to a radix node of its own
+    assert not run(sim, sp, reqs + late)
+    assert not run(sim, sp, (reqs + late)[::-1])  # another order
+    sim.finish(late[0])
+    assert not run(sim, sp, reqs[::-1])  # one left
+    assert run(sim, sp, reqs[::-1])
+    assert not run(sim, sp, reqs[::-1], num_queries=8)  # another padded size
+    sp.invalidate()
+    assert not run(sim, sp, reqs[::-1], num_queries=8)
+    assert run(sim, sp, reqs[::-1], num_queries=8)
+
+
+def test_a_skipped_step_is_planned_in_full():
+    """The plan is for seq_lens one shorter: a batch two tokens further on cannot be advanced."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    reqs = fork(sim, 2)
+    assert [run(sim, sp, reqs) for _ in range(2)] == [False, True]
+    sim.prepare_decode(reqs)  # a step that this planner did not see
+    sim.finish_decode(reqs)
+    assert not run(sim, sp, reqs)
+
+
+def test_no_room_near_the_end_of_the_row():
+    """The row's width bounds the room: a request four positions from its row's end gets four steady
+    steps, not eight."""
+    sim = RadixSim(kv_slots=4096, max_context=64)
+    sp = step_planner(sim, slack=8)
+    prompt = sim.tokens(55)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(4)), sim.new_req(sim.fresh(10))])
+    assert not run(sim, sp, reqs)  # seq_len 60: positions 60-63 are left of request 0's row
+    assert sp._state.room == 4
+    assert [run(sim, sp, reqs) for _ in range(4)] == [True] * 4  # up to seq_len 64, the row's end
+
+
+def test_no_room_in_a_full_pool_means_full_plans():
+    """Room counts against the buffers' KV capacity (the pool): without it every step is a full plan."""
+    sim = RadixSim(kv_slots=200)
+    sp = step_planner(sim, slack=64)  # 3 tails x 64 > what is left of a 200-slot pool
+    reqs = fork(sim, 3, prompt_len=40)
+    assert [run(sim, sp, reqs) for _ in range(3)] == [False, False, False]
+
+
+def test_query_without_a_private_tail_gets_no_steady_steps():
+    """A query ending on a radix node (no private tail: allowed by the tree, not reached in decode,
+    where the new token is private) cannot grow in place, so its batch is planned in full."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    prompt = sim.tokens(12)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
+    sim.prepare_decode(reqs)
+    step = sp.plan(reqs, torch.tensor([12, 13]), 2)
+    check(sim, reqs, torch.tensor([12, 13]), step, 2)
+    assert not step.steady and sp._state is None
+    step = sp.plan(reqs, torch.tensor([13, 14]), 2)  # both have tails now: a full plan with room
+    check(sim, reqs, torch.tensor([13, 14]), step, 2)
+    assert not step.steady and sp._state is not None
