@@ -18,7 +18,7 @@ import torch
 
 
 class PinnedStagingRing:
-    """Uploads int32 host arrays to one device through a ring of page-locked buffers."""
+    """Uploads host arrays (int32 or int64) to one device through a ring of page-locked buffers."""
 
     def __init__(self, device: torch.device | str, slots: int = 4) -> None:
         self.device = torch.device(device)
@@ -28,11 +28,13 @@ class PinnedStagingRing:
         self._next = 0
 
     def upload(self, host: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``host`` (1-D int32) on the device: written into ``out[:len(host)]`` when given, else into a
-        new tensor. Asynchronous on CUDA; ``host`` may be reused as soon as this returns."""
+        """``host`` (1-D, int32 or int64) on the device, same dtype: written into ``out[:len(host)]``
+        when given, else into a new tensor. Asynchronous on CUDA; ``host`` may be reused as soon as
+        this returns."""
         n = len(host)
+        dtype = _TORCH_DTYPE[host.dtype]
         if out is None:
-            out = torch.empty(n, dtype=torch.int32, device=self.device)
+            out = torch.empty(n, dtype=dtype, device=self.device)
         if not self._pinned:
             out[:n].copy_(torch.from_numpy(host))
             return out
@@ -41,13 +43,18 @@ class PinnedStagingRing:
         event = self._events[i]
         if event is not None:
             event.synchronize()  # the copy that last read this buffer (``slots`` uploads ago) is done
-        buf = self._buffers[i]
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[i] = torch.empty(max(n, 1 << 12, 2 * (0 if buf is None else buf.numel())),
-                                                 dtype=torch.int32, pin_memory=True)
-        buf.numpy()[:n] = host
-        out[:n].copy_(buf[:n], non_blocking=True)
+        buf = self._buffers[i]  # bytes, viewed as the upload's dtype
+        nbytes = host.nbytes
+        if buf is None or buf.numel() < nbytes:
+            buf = self._buffers[i] = torch.empty(max(nbytes, 1 << 14, 2 * (0 if buf is None else buf.numel())),
+                                                 dtype=torch.uint8, pin_memory=True)
+        staged = buf[:nbytes].view(dtype)
+        staged.numpy()[:] = host
+        out[:n].copy_(staged, non_blocking=True)
         if event is None:
             event = self._events[i] = torch.cuda.Event()
         event.record()
         return out
+
+
+_TORCH_DTYPE = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}

@@ -119,7 +119,7 @@ class DecodeStepPlanner:
         if items is None:
             return None
         n = len(tails.req)
-        host = np.concatenate([tails.next_flat, tails.end, items * ITEM_FIELDS + 1]).astype(np.int32)
-        self._tail_index[:3 * n].copy_(self._staging.upload(host))
+        host = np.concatenate([tails.next_flat, tails.end, items * ITEM_FIELDS + 1]).astype(np.int64)
+        self._staging.upload(host, self._tail_index)
         return _SteadyState(reqs=reqs, last_nodes=[r.last_node for r in reqs], seq=seq, num_queries=num_queries,
                             unique=built.unique_tokens, room=int(tails.slack.min()), num_tails=n)
