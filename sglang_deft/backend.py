@@ -171,7 +171,7 @@ class DeftAttnBackend(AttentionBackend):
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
         check_tree = check_tree if check and isinstance(plan, TreeDecodePlan) else None
         self.forward_metadata = DeftDecodeMetadata(plan, len(reqs), attended, unique, check_tree, self.eager_steps)
-        self.sharing.record(attended, unique, time.perf_counter() - started)
+        self.sharing.record(attended, unique, time.perf_counter() - started, step is not None and step.steady)
 
     def forward_decode(
         self,
@@ -251,7 +251,7 @@ class DeftAttnBackend(AttentionBackend):
         if step is None:
             return False
         self.planned_replay_size = padded_bs
-        self.sharing.record(step.attended_tokens, step.unique_tokens, time.perf_counter() - started)
+        self.sharing.record(step.attended_tokens, step.unique_tokens, time.perf_counter() - started, step.steady)
         return True
 
     def init_forward_metadata_replay_cuda_graph(

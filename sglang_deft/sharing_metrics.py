@@ -3,7 +3,7 @@
 Every ``interval`` decode steps (``--decode-log-interval``, SGLang's decode-stats interval) the
 backend logs one line in the scheduler's log:
 
-    DeFT decode sharing: steps=40 attended_kv_tokens=52480 unique_kv_tokens=6170 ratio=8.506 plan_host_us=182.4 total_steps=120 total_attended_kv_tokens=150000 total_unique_kv_tokens=20000
+    DeFT decode sharing: steps=40 attended_kv_tokens=52480 unique_kv_tokens=6170 ratio=8.506 plan_host_us=182.4 steady_steps=38 total_steps=120 total_attended_kv_tokens=150000 total_unique_kv_tokens=20000
 
 - ``attended_kv_tokens``: KV tokens the steps attended, summed over requests (what a per-request
   decode kernel reads);
@@ -12,6 +12,8 @@ backend logs one line in the scheduler's log:
 - ``plan_host_us``: host time per step of the backend's per-step work (KV tree from the radix
   tree, plan, metadata copies enqueued), averaged over the steps; wall-clock time of the scheduler's
   thread, without waiting for the device (nothing there synchronises);
+- ``steady_steps``: steps of the window whose plan was the last one updated on the device, not
+  planned on the host (``sglang_deft.step_planner``);
 - ``total_*``: the same since the server started.
 
 Tests and tools read the line with :func:`parse_sharing_lines`.
@@ -38,11 +40,13 @@ class SharingMeter:
     total_attended: int = 0
     total_unique: int = 0
     host_s: float = 0.0  # per-step host time of the steps in the window, summed
+    steady: int = 0  # steady steps in the window
 
-    def record(self, attended_tokens: int, unique_tokens: int, host_s: float = 0.0) -> None:
-        """Count one decode step (``host_s``: its per-step host time); logs and restarts the window
-        every ``interval`` steps."""
+    def record(self, attended_tokens: int, unique_tokens: int, host_s: float = 0.0, steady: bool = False) -> None:
+        """Count one decode step (``host_s``: its per-step host time; ``steady``: its plan was updated
+        on the device); logs and restarts the window every ``interval`` steps."""
         self.steps += 1
+        self.steady += steady
         self.attended += attended_tokens
         self.unique += unique_tokens
         self.host_s += host_s
@@ -51,7 +55,7 @@ class SharingMeter:
         self.total_unique += unique_tokens
         if self.steps >= self.interval:
             logger.info(self.format_line())
-            self.steps = self.attended = self.unique = 0
+            self.steps = self.attended = self.unique = self.steady = 0
             self.host_s = 0.0
 
     def format_line(self) -> str:
@@ -59,7 +63,8 @@ class SharingMeter:
         return (
             f"{LOG_PREFIX} steps={self.steps} attended_kv_tokens={self.attended} "
             f"unique_kv_tokens={self.unique} ratio={ratio:.3f} "
-            f"plan_host_us={1e6 * self.host_s / max(self.steps, 1):.1f} total_steps={self.total_steps} "
+            f"plan_host_us={1e6 * self.host_s / max(self.steps, 1):.1f} steady_steps={self.steady} "
+            f"total_steps={self.total_steps} "
             f"total_attended_kv_tokens={self.total_attended} total_unique_kv_tokens={self.total_unique}"
         )
 

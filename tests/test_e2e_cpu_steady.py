@@ -1,0 +1,71 @@
+"""End to end on CPU with the Triton kernels (interpreted): the GPU decode path in a live SGLang
+scheduler, steady steps included.
+
+The deft server runs with ``SGLANG_DEFT_DECODE_IMPL=triton TRITON_INTERPRET=1``, so its decode
+steps go through what a GPU server runs (the plan buffers, ``DecodeStepPlanner``'s full plans and
+steady steps, stage 1 and 2) instead of the PyTorch reference; the reference server decodes with
+SGLang's torch_native. A long ``n > 1`` request (more steps than a full plan's room: steady steps
+and full re-plans) with a second request joining it midway (a full plan, then steady steps of the
+new batch) must give the reference's tokens and logprobs. The interpreter makes a decode step take
+~1 s, so the workload is small.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from sglang_deft.server_process import ServerProcess
+from sglang_deft.sharing_metrics import parse_sharing_lines
+from server_group import serving
+from test_e2e_cpu import CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, greedy, token_logprobs
+
+LONG = 40  # tokens: past SLACK_TOKENS (32), so the first batch is re-planned once along the way
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("servers")
+    triton = dict(os.environ, SGLANG_DEFT_DECODE_IMPL="triton", TRITON_INTERPRET="1")
+    running = {
+        "deft": ServerProcess("deft", SERVER_ARGS + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
+                              cwd=REPO, env=triton),
+        "reference": ServerProcess("reference", SERVER_ARGS + ["--decode-attention-backend", "torch_native"],
+                                   log_dir / "reference.log", cwd=REPO),
+    }
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running
+
+
+def test_steady_steps_in_a_live_scheduler_match_the_reference(servers):
+    forked = {"text": CONTEXT + " Summary:", "sampling_params": greedy(LONG, n=3), "return_logprob": True}
+    joining = {"text": CONTEXT + " Question:", "sampling_params": greedy(12), "return_logprob": True}
+    outs = {}
+
+    def send(name, key, payload, delay_s=0.0):
+        time.sleep(delay_s)
+        outs[(name, key)] = servers[name].generate(payload)
+
+    threads = [threading.Thread(target=send, args=("deft", "forked", forked)),
+               threading.Thread(target=send, args=("deft", "joining", joining, 8.0))]  # joins midway
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, payload in (("forked", forked), ("joining", joining)):
+        send("reference", key, payload)
+        deft, ref = outs[("deft", key)], outs[("reference", key)]
+        deft, ref = (deft if isinstance(deft, list) else [deft]), (ref if isinstance(ref, list) else [ref])
+        assert len(deft) == len(ref) == (3 if key == "forked" else 1)
+        for d, r in zip(deft, ref):
+            assert_same_generation(d["output_ids"], token_logprobs(d["meta_info"]),
+                                   r["output_ids"], token_logprobs(r["meta_info"]))
+
+    rows = parse_sharing_lines(servers["deft"].log())
+    steps = sum(r["steps"] for r in rows)
+    steady = sum(r["steady_steps"] for r in rows)
+    assert steady > 0.5 * steps, f"{steady} of {steps} decode steps were steady"
+    assert steady < steps  # and full plans: the first, the join, the room running out
+    print(f"\n{steady} of {steps} decode steps steady")
