@@ -2,10 +2,11 @@
 scheduler.
 
 The deft server runs with ``SGLANG_DEFT_DECODE_IMPL=triton TRITON_INTERPRET=1``, so its decode
-steps go through what a GPU server runs (the KV-tree builder reusing the last step's radix part,
-plans under the server's limits, stage 1 and 2) instead of the PyTorch reference; the reference
-server decodes with SGLang's torch_native. A long ``n > 1`` request with a second request joining
-it midway must give the reference's tokens and logprobs. The interpreter makes a decode step take
+steps go through what a GPU server runs (the plan buffers, ``DecodeStepPlanner``'s full plans and
+steady steps, stage 1 and 2) instead of the PyTorch reference; the reference server decodes with
+SGLang's torch_native. A long ``n > 1`` request (more steps than a full plan's room: steady steps
+and full re-plans) with a second request joining it midway (a full plan, then steady steps of the
+new batch) must give the reference's tokens and logprobs. The interpreter makes a decode step take
 ~1 s, so the workload is small.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import serving
 from test_e2e_cpu import CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, greedy, token_logprobs
 
-LONG = 40  # tokens
+LONG = 40  # tokens: past SLACK_TOKENS (32), so the first batch is re-planned once along the way
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,6 @@ def test_triton_path_in_a_live_scheduler_matches_the_reference(servers):
 
     rows = parse_sharing_lines(servers["deft"].log())
     assert sum(r["steps"] for r in rows) >= LONG and max(r["ratio"] for r in rows) > 2.0
+    steps, steady = sum(r["steps"] for r in rows), sum(r["steady_steps"] for r in rows)
+    assert steady > 0.5 * steps, f"{steady} of {steps} decode steps were steady"
+    assert steady < steps  # and full plans: the first, the join, the room running out
