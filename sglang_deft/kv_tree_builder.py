@@ -118,6 +118,11 @@ class DecodeKVTreeBuilder:
         self._arange = torch.zeros(0, dtype=torch.int32, device=self.device)
         self._shape: _BatchShape | None = None
 
+    def same_batch_as_last(self, reqs: list, seq_lens: np.ndarray) -> bool:
+        """The last build's requests, in the same order on the same radix nodes, tails only grown:
+        a build of this batch would reuse the last radix part."""
+        return self._shape is not None and self._shape.matches(reqs, [r.last_node for r in reqs], seq_lens)
+
     def build(self, reqs: Sequence, seq_lens_cpu: torch.Tensor | Sequence[int],
               kv_out: torch.Tensor | None = None, tail_slack: int = 0,
               max_kv_tokens: int | None = None) -> DecodeKVTree:

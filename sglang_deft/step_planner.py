@@ -6,8 +6,9 @@ same radix nodes) with every sequence one token longer: every request has a priv
 only change to its KV tree is that each tail gains its new token. The plan then stays what it was
 except that the last work item of each tail covers one more KV position. So a full plan lays every
 tail out with room to grow (``DecodeKVTreeBuilder.build(tail_slack=...)``: an unused node after each
-tail holds the row's next positions, and unused nodes cost nothing), and each steady step after it
-runs four small device operations instead of a KV-tree build and a plan on the host:
+tail holds the row's next positions, and unused nodes cost nothing at run time) once the batch has
+stayed the same for a step, and each steady step after it runs four small device operations instead
+of a KV-tree build and a plan on the host:
 
     kv_indices[tail_end] = req_to_token[row, seq - 1]   (gather + index_copy: the new tokens' slots)
     items[tail_last_item].kv_len += 1                  (index_add)
@@ -85,7 +86,11 @@ class DecodeStepPlanner:
             self._advance(st, seq)
             return StepPlan(self.buffers, int(seq.sum()), st.unique, True, None)
         self._state = None
-        built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=self.slack,
+        # Room costs a full plan ~1.6x the host time (twice the nodes), so it is laid out only for a
+        # batch that already stayed the same for a step: a batch that changes every step (requests
+        # joining and finishing all the time) plans as without steady steps.
+        slack = self.slack if self.builder.same_batch_as_last(reqs, seq) else 0
+        built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
                                    max_kv_tokens=self.buffers.kv_indices.numel())
         try:
             plan = self.planner.plan(with_padding_queries(built.tree, num_queries), self.device, reuse=self.buffers)

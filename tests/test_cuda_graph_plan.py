@@ -405,4 +405,4 @@ def test_steady_steps_replayed_and_eager_agree_bitwise(server_args, model_config
                                              layer)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         sim.finish_decode(reqs)
-    assert logs[0] == logs[1] == [False, True, True, True, False, False, True, True, True]
+    assert logs[0] == logs[1] == [False, False, True, True, True, False, False, True, True]

@@ -53,25 +53,25 @@ def test_steady_steps_until_the_room_runs_out(padded):
     sim = RadixSim(kv_slots=4096)
     sp = step_planner(sim, slack=4)
     reqs = fork(sim, 3) + sim.prefill([sim.new_req(sim.fresh(9))])  # a fork and an unrelated request
-    steady = [run(sim, sp, reqs, padded) for _ in range(11)]
-    assert steady == [False, True, True, True, True] * 2 + [False]
+    steady = [run(sim, sp, reqs, padded) for _ in range(12)]
+    # A new batch is planned without room; once it stayed the same for a step, with room for 4.
+    assert steady == [False] + [False, True, True, True, True] * 2 + [False]
 
 
 def test_a_changed_batch_is_planned_in_full():
     sim = RadixSim(kv_slots=4096)
     sp = step_planner(sim, slack=8)
     reqs = fork(sim, 3)
-    assert [run(sim, sp, reqs) for _ in range(3)] == [False, True, True]
+    assert [run(sim, sp, reqs) for _ in range(4)] == [False, False, True, True]
     late = sim.prefill([sim.new_req(sim.fresh(5))], overlap=True)
-    assert not run(sim, sp, reqs + late)  # a request joined
-    assert run(sim, sp, reqs + late)
+    assert [run(sim, sp, reqs + late) for _ in range(3)] == [False, False, True]  # a request joined
     sim.flush()  # cache_unfinished_req: the late request moves to a radix node of its own
-    assert not run(sim, sp, reqs + late)
+    assert [run(sim, sp, reqs + late) for _ in range(2)] == [False, False]
     assert not run(sim, sp, (reqs + late)[::-1])  # another order
     sim.finish(late[0])
-    assert not run(sim, sp, reqs[::-1])  # one left
-    assert run(sim, sp, reqs[::-1])
-    assert not run(sim, sp, reqs[::-1], num_queries=8)  # another padded size
+    assert [run(sim, sp, reqs[::-1]) for _ in range(3)] == [False, False, True]  # one left
+    assert not run(sim, sp, reqs[::-1], num_queries=8)  # another padded size (same batch: room)
+    assert run(sim, sp, reqs[::-1], num_queries=8)
     sp.invalidate()
     assert not run(sim, sp, reqs[::-1], num_queries=8)
     assert run(sim, sp, reqs[::-1], num_queries=8)
@@ -82,22 +82,22 @@ def test_a_skipped_step_is_planned_in_full():
     sim = RadixSim(kv_slots=4096)
     sp = step_planner(sim, slack=8)
     reqs = fork(sim, 2)
-    assert [run(sim, sp, reqs) for _ in range(2)] == [False, True]
+    assert [run(sim, sp, reqs) for _ in range(3)] == [False, False, True]
     sim.prepare_decode(reqs)  # a step that this planner did not see
     sim.finish_decode(reqs)
     assert not run(sim, sp, reqs)
 
 
 def test_no_room_near_the_end_of_the_row():
-    """The row's width bounds the room: a request four positions from its row's end gets four steady
-    steps, not eight."""
+    """The row's width bounds the room: a request three positions from its row's end gets three
+    steady steps, not eight."""
     sim = RadixSim(kv_slots=4096, max_context=64)
     sp = step_planner(sim, slack=8)
     prompt = sim.tokens(55)
     reqs = sim.prefill([sim.new_req(prompt + sim.fresh(4)), sim.new_req(sim.fresh(10))])
-    assert not run(sim, sp, reqs)  # seq_len 60: positions 60-63 are left of request 0's row
-    assert sp._state.room == 4
-    assert [run(sim, sp, reqs) for _ in range(4)] == [True] * 4  # up to seq_len 64, the row's end
+    assert [run(sim, sp, reqs) for _ in range(2)] == [False, False]  # seq_len 61: 62-64 left in the row
+    assert sp._state.room == 3
+    assert [run(sim, sp, reqs) for _ in range(3)] == [True] * 3  # up to seq_len 64, the row's end
 
 
 def test_no_room_in_a_full_pool_means_full_plans():
@@ -106,6 +106,7 @@ def test_no_room_in_a_full_pool_means_full_plans():
     sp = step_planner(sim, slack=64)  # 3 tails x 64 > what is left of a 200-slot pool
     reqs = fork(sim, 3, prompt_len=40)
     assert [run(sim, sp, reqs) for _ in range(3)] == [False, False, False]
+    assert sp._state is None
 
 
 def test_query_without_a_private_tail_gets_no_steady_steps():
@@ -116,9 +117,18 @@ def test_query_without_a_private_tail_gets_no_steady_steps():
     prompt = sim.tokens(12)
     reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
     sim.prepare_decode(reqs)
-    step = sp.plan(reqs, torch.tensor([12, 13]), 2)
-    check(sim, reqs, torch.tensor([12, 13]), step, 2)
-    assert not step.steady and sp._state is None
-    step = sp.plan(reqs, torch.tensor([13, 14]), 2)  # both have tails now: a full plan with room
-    check(sim, reqs, torch.tensor([13, 14]), step, 2)
-    assert not step.steady and sp._state is not None
+    for lens in ([12, 13], [12, 14]):  # the batch stayed the same: its second plan would get room
+        step = sp.plan(reqs, torch.tensor(lens), 2)
+        check(sim, reqs, torch.tensor(lens), step, 2)
+        assert not step.steady and sp._state is None
+
+
+def test_a_batch_changing_every_step_gets_no_room():
+    """Room doubles the nodes a full plan handles: a batch that changes every step (requests joining
+    and leaving all the time) is planned without it, as it would get no steady step from it."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    reqs = fork(sim, 4)
+    for i in range(4):
+        assert not run(sim, sp, reqs[:3 + i % 2])
+        assert sp._state is None
