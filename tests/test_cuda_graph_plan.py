@@ -27,8 +27,7 @@ from sglang_deft.kernels.plan import build_schedule
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
-                          per_request_reference,
-                          random_kv_setup)
+                          per_request_reference, random_kv_setup)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
