@@ -36,6 +36,7 @@ from sglang_deft.backend import DeftAttnBackend  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 from server_group import serving  # noqa: E402
+from test_backend import per_request_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
@@ -72,6 +73,7 @@ class CudaDecodeSetup:
             kv_cache_dtype=dtype, req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token),
             token_to_kv_pool=self.kv_pool, use_mla_backend=False, sliding_window_size=None, mambaish_config=None,
         )
+        self.runner = runner
         self.backend = DeftAttnBackend(runner)
         self.hq, self.hkv, self.d, self.dtype = hq, hkv, d, dtype
 
@@ -140,23 +142,43 @@ class Graphs:
         return [o.clone() for o in outs]
 
 
+def record_steady(backend) -> list:
+    """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
+    log, plan = [], backend.step_planner.plan
+
+    def recorded(*args):
+        step = plan(*args)
+        log.append(None if step is None else step.steady)
+        return step
+
+    backend.step_planner.plan = recorded
+    return log
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_replayed_steps_equal_eager_steps_bitwise(dtype, monkeypatch):
+    """Two backends over the same steps, as two servers: one replays every step from its graphs, the
+    other runs every step eagerly (--disable-cuda-graph). Both take the same full plans and steady
+    steps (the last plan updated on the device); their outputs are bitwise equal, padding rows zero,
+    and within the dtype's rounding of per-request fp32 attention."""
     setup = CudaDecodeSetup(dtype, monkeypatch)
     graphs = Graphs(setup)
     sim, backend = setup.sim, setup.backend
+    eager = DeftAttnBackend(setup.runner)
+    eager._make_plan_buffers(eager.max_bs)  # what its first decode step would do
+    logs = record_steady(backend), record_steady(eager)
     prompt = sim.fresh(300)
     sim.run_to_cache(prompt)
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(3)])
     g = torch.Generator(device="cuda").manual_seed(1)
-    replayed_steps = 0
-    for step in range(8):
-        if step == 2:  # a nested fork joins
+    atol = {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    for step in range(14):
+        if step == 5:  # a nested fork joins
             inner = prompt + sim.tokens(40)
             reqs += sim.prefill([sim.new_req(inner + sim.tokens(2)), sim.new_req(inner + sim.tokens(5))])
-        if step == 4:  # a request leaves
+        if step == 9:  # a request leaves
             sim.finish(reqs.pop(1))
-        if step == 6:  # an unrelated one joins
+        if step == 12:  # an unrelated one joins
             reqs += sim.prefill([sim.new_req(sim.fresh(50))])
         fb = setup.decode_batch(reqs)
         B, L = len(reqs), len(setup.layers)
@@ -164,17 +186,22 @@ def test_replayed_steps_equal_eager_steps_bitwise(dtype, monkeypatch):
         k = torch.randn(L, B, setup.hkv, setup.d, generator=g, device="cuda").to(dtype)
         v = torch.randn(L, B, setup.hkv, setup.d, generator=g, device="cuda").to(dtype)
         replayed = graphs.replay(fb, q, k, v)
-        backend.init_forward_metadata(fb)
-        eager = [backend.forward_decode(q, k[i], v[i], layer, fb) for i, layer in enumerate(setup.layers)]
+        eager.init_forward_metadata(fb)
+        outs = [eager.forward_decode(q, k[i], v[i], layer, fb) for i, layer in enumerate(setup.layers)]
         torch.cuda.synchronize()
         assert replayed is not None, f"step {step}: the tree of {B} requests did not fit the graph's plan buffers"
-        replayed_steps += 1
-        for out_graph, out_eager in zip(replayed, eager):
+        for layer, out_graph, out_eager in zip(setup.layers, replayed, outs):
             assert torch.equal(out_graph[:B], out_eager), f"step {step}: replay and eager step differ"
             assert torch.equal(out_graph[B:], torch.zeros_like(out_graph[B:]))
-            assert torch.isfinite(out_eager).all()
+            expected = per_request_reference(q.view(B, setup.hq, setup.d), setup.kv_pool.get_key_buffer(layer.layer_id),
+                                             setup.kv_pool.get_value_buffer(layer.layer_id), sim, reqs,
+                                             fb.seq_lens_cpu, layer)
+            torch.testing.assert_close(out_eager.view(B, setup.hq, setup.d).float(), expected, rtol=0, atol=atol,
+                                       msg=lambda m: f"step {step} (steady: {logs[1][-1]}): {m}")
         sim.finish_decode(reqs)
-    assert replayed_steps == 8
+    # Full plans on a change and the step after it (room laid out), steady steps while nothing changes.
+    assert logs[0] == logs[1] == [False, False, True, True, True, False, False, True, True, False, False, True,
+                                  False, False]
 
 
 # --------------------------------------------------------------------------------------------------
