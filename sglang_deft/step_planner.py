@@ -7,7 +7,7 @@ only change to its KV tree is that each tail gains its new token. The plan then 
 except that the last work item of each tail covers one more KV position. So a full plan lays every
 tail out with room to grow (``DecodeKVTreeBuilder.build(tail_slack=...)``: an unused node after each
 tail holds the row's next positions, and unused nodes cost nothing at run time) once the batch has
-stayed the same for a step, and each steady step after it runs four small device operations instead
+stayed the same for a step, and each steady step after it runs a few small device operations instead
 of a KV-tree build and a plan on the host:
 
     kv_indices[tail_end] = req_to_token[row, seq - 1]   (gather + index_copy: the new tokens' slots)
@@ -15,7 +15,10 @@ of a KV-tree build and a plan on the host:
     tail_end += 1; next position += 1                  (add)
 
 until a tail's room runs out (``SLACK_TOKENS`` steps) or the batch changes; then the next step is
-planned in full. The chunking of a steady step is the full plan's with the tails' last chunks
+planned in full. The update has a fixed shape (one entry per possible request; unused entries add
+zero and write a scratch position past the plan's KV), so on CUDA it is captured once into a CUDA
+graph and a steady step's device work is one graph launch: on the GPU host four eager tensor ops
+cost ~100 us of Python and launches per step. The chunking of a steady step is the full plan's with the tails' last chunks
 longer: still exact attention (every query reads its whole path once), a slightly different split
 of the work than a fresh plan. Graph replays and eager steps of the same batch sequence make the
 same decisions, so their outputs stay bitwise equal (the backend keeps these buffers without CUDA
@@ -35,7 +38,11 @@ from sglang_deft.kernels.staging import PinnedStagingRing
 from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
 from sglang_deft.tree_attention import with_padding_queries
 
-SLACK_TOKENS = 32  # steady steps a full plan leaves room for (a full plan every 33 steps of one batch)
+# Steady steps a full plan leaves room for: a full plan every 65 steps of one batch. More room
+# amortises the full plans (~1.2 ms each on the H200 host, with room) over more steps; the cost is
+# B x SLACK_TOKENS unused entries in the plan's KV buffer and tails' last chunks up to that much
+# longer than a fresh plan would cut them.
+SLACK_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,46 @@ class DecodeStepPlanner:
         self.device = buffers.meta.device
         cap = buffers.qperm.numel()
         self._staging = PinnedStagingRing(self.device)
-        self._tail_index = torch.zeros(3 * cap, dtype=torch.int64, device=self.device)  # next | end | kv_len entry
-        self._ones = torch.ones(cap, dtype=torch.int32, device=self.device)
+        # The update's operands, one entry per possible tail (at most one per query row):
+        # next (req_to_token flat index of the tail's next token) | end (its kv_indices position) |
+        # its last item's kv_len field | 1 for a tail, 0 for an unused entry. Unused entries point
+        # at scratch: next 0, end the kv buffer's last entry (plans leave it free: ``plan``), kv_len
+        # any field (+0).
+        self._scratch = buffers.kv_indices.numel() - 1
+        self._operands = torch.zeros(4 * cap, dtype=torch.int64, device=self.device)
+        self._idle_operands = np.concatenate([np.zeros(cap), np.full(cap, self._scratch), np.ones(cap),
+                                              np.zeros(cap)]).astype(np.int64)
+        self._staging.upload(self._idle_operands, self._operands)
+        self._inc32 = torch.zeros(cap, dtype=torch.int32, device=self.device)
+        self._new_slots = torch.zeros(cap, dtype=builder.req_to_token.dtype, device=self.device)
         self._items = buffers.items.view(-1)
         self._state: _SteadyState | None = None
+        self._graph = self._capture_update() if self.device.type == "cuda" else None
+
+    def _update(self) -> None:
+        """A steady step's device work (fixed shapes): the tails' new KV slots into the room after
+        them, their last items' kv_len + 1, their next/end positions + 1."""
+        cap = self._inc32.numel()
+        pos, kv_len, inc = self._operands[:2 * cap].view(2, cap), self._operands[2 * cap:3 * cap], self._operands[3 * cap:]
+        torch.index_select(self.builder.req_to_token.view(-1), 0, pos[0], out=self._new_slots)
+        self.buffers.kv_indices.index_copy_(0, pos[1], self._new_slots)
+        self._inc32.copy_(inc)
+        self._items.index_add_(0, kv_len, self._inc32)
+        pos += inc
+
+    def _capture_update(self) -> torch.cuda.CUDAGraph:
+        # Run once on the idle operands first (lazy initialisation stays out of the capture); it
+        # writes only the scratch entry. thread_local: other threads' CUDA calls (SGLang's) are not
+        # an error during the capture.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._update()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            self._update()
+        return graph
 
     def invalidate(self) -> None:
         """Something else wrote the buffers: the next step is planned in full."""
@@ -90,8 +133,9 @@ class DecodeStepPlanner:
         # batch that already stayed the same for a step: a batch that changes every step (requests
         # joining and finishing all the time) plans as without steady steps.
         slack = self.slack if self.builder.same_batch_as_last(reqs, seq) else 0
+        # Room stops one short of the buffer's end: the steady update's unused entries write there.
         built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
-                                   max_kv_tokens=self.buffers.kv_indices.numel())
+                                   max_kv_tokens=self._scratch)
         try:
             plan = self.planner.plan(with_padding_queries(built.tree, num_queries), self.device, reuse=self.buffers)
         except ValueError:
@@ -106,14 +150,11 @@ class DecodeStepPlanner:
                 and [r.last_node for r in reqs] == st.last_nodes and np.array_equal(seq, st.seq + 1))
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
-        n = st.num_tails
-        index = self._tail_index[:3 * n]
-        nxt, end, kv_len = index[:n], index[n:2 * n], index[2 * n:]
-        new_slots = torch.index_select(self.builder.req_to_token.view(-1), 0, nxt)
-        self.buffers.kv_indices.index_copy_(0, end, new_slots)
-        self._items.index_add_(0, kv_len, self._ones[:n])
-        index[:2 * n] += 1
-        st.seq, st.room, st.unique = seq, st.room - 1, st.unique + n
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._update()
+        st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails
 
     def _steady_state(self, built: DecodeKVTree, reqs: list, seq: np.ndarray, num_queries: int) -> _SteadyState | None:
         """What later steady steps need, set up on the device; None when they cannot follow this plan."""
@@ -123,8 +164,10 @@ class DecodeStepPlanner:
         items = self.planner.items_ending_at(tails.end)
         if items is None:
             return None
-        n = len(tails.req)
-        host = np.concatenate([tails.next_flat, tails.end, items * ITEM_FIELDS + 1]).astype(np.int64)
-        self._staging.upload(host, self._tail_index)
+        n, cap = len(tails.req), self._inc32.numel()
+        host = self._idle_operands.copy()
+        for k, column in enumerate((tails.next_flat, tails.end, items * ITEM_FIELDS + 1, 1)):
+            host[k * cap:k * cap + n] = column
+        self._staging.upload(host, self._operands)
         return _SteadyState(reqs=reqs, last_nodes=[r.last_node for r in reqs], seq=seq, num_queries=num_queries,
                             unique=built.unique_tokens, room=int(tails.slack.min()), num_tails=n)

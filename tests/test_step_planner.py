@@ -16,9 +16,10 @@ from sglang_deft.tree_attention import PlanLimits, new_graph_plan
 HQ, HKV, D = 8, 2, 16
 
 
-def step_planner(sim: RadixSim, slack: int, max_queries: int = 16) -> DecodeStepPlanner:
+def step_planner(sim: RadixSim, slack: int, max_queries: int = 16, kv_capacity: int | None = None) -> DecodeStepPlanner:
     limits = PlanLimits(max_items=256, max_partials=512)
-    buffers = new_graph_plan(limits, max_queries, sim.kv_slots, HQ, HKV, D, torch.float32, torch.device("cpu"))
+    buffers = new_graph_plan(limits, max_queries, kv_capacity or sim.kv_slots, HQ, HKV, D, torch.float32,
+                             torch.device("cpu"))
     planner = TreeDecodePlanner(HQ, HKV, D, kv_dtype=torch.float32)
     return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, torch.float32, slack=slack)
 
@@ -107,6 +108,27 @@ def test_no_room_in_a_full_pool_means_full_plans():
     reqs = fork(sim, 3, prompt_len=40)
     assert [run(sim, sp, reqs) for _ in range(3)] == [False, False, False]
     assert sp._state is None
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_room_leaves_the_last_buffer_entry_to_the_update(spare):
+    """The steady update's unused entries (the buffers hold one per possible request) write the KV
+    buffer's last entry, so room must end before it: a tree plus its room that fills the buffer
+    exactly gets no room; one entry more and it does."""
+    slack = 5
+
+    def tree_size_when_room_is_laid_out() -> int:
+        sim = RadixSim(kv_slots=4096)
+        sp, reqs = step_planner(sim, slack=0), fork(sim, 3, prompt_len=40)
+        run(sim, sp, reqs)
+        seq_lens = sim.prepare_decode(reqs)
+        return sp.plan(reqs, seq_lens, 3).unique_tokens
+
+    capacity = tree_size_when_room_is_laid_out() + 3 * slack + spare
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=slack, kv_capacity=capacity)
+    reqs = fork(sim, 3, prompt_len=40)
+    assert [run(sim, sp, reqs) for _ in range(4)] == [False, False] + [bool(spare)] * 2
 
 
 def test_query_without_a_private_tail_gets_no_steady_steps():
