@@ -118,10 +118,14 @@ MODELS = {
     "cpu": {"tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--device", "cpu", "--dtype", "float32"),
                               (3, 300), 8192)},
 }
+# --sampling-backend pytorch: a batch mixing greedy requests (top_k=1) with sampled ones (sglang.lang's
+# fork sends its prefix-caching requests with default sampling params) takes the top-k/top-p sampler,
+# whose FlashInfer kernel is JIT-compiled on first use: ~80 s, stalling the first server on a fresh
+# GPU host mid-program (measured in the e2e logs of 2026-11-30). Greedy batches use argmax either way.
 COMMON_ARGS = {
     "cuda": ["--attention-backend", "triton", "--grammar-backend", "none", "--log-level", "info",
              "--decode-log-interval", "16", "--mem-fraction-static", "0.8", "--max-running-requests", "256",
-             "--cuda-graph-max-bs", "256",
+             "--cuda-graph-max-bs", "256", "--sampling-backend", "pytorch",
              # idle schedulers (all but the measured one) otherwise spin on a CPU core each
              "--sleep-on-idle"],
     "cpu": ["--attention-backend", "torch_native", "--grammar-backend", "none", "--log-level", "info",
