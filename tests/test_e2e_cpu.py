@@ -1,12 +1,13 @@
 """End to end on CPU: a real SGLang server with deft decode gives the tokens SGLang's own backend gives.
 
-Two servers from ``python -m sglang_deft.launch_server`` on the repo's tiny Llama (float32), both
-with torch_native prefill; decode runs on ``deft`` in one and on ``torch_native`` in the other. Both
-get the same greedy workloads:
+Three servers from ``python -m sglang_deft.launch_server`` on the repo's tiny Llama (float32), all
+with torch_native prefill; decode runs on ``deft`` in two, one with SGLang's overlap scheduler (its
+default) and one with ``--disable-overlap-schedule``, and on ``torch_native`` in the third. All get
+the same greedy workloads:
 - a nested ``fork()`` program (sglang.lang): a prompt forked 2 ways, each branch forked 2 ways;
 - an ``n > 1`` request (SGLang's parallel sampling: the prompt cached once, 4 branches);
 - a batch of 4 prompts sharing a long prefix (branches that differ, with token logprobs).
-Tokens must be identical (and logprobs close); the deft server's sharing log lines must show the
+Each deft server's tokens must be the reference's (and logprobs close); its sharing log lines must show the
 decode steps read less KV than they attended. The tiny model's attention is sharp (see
 scripts/make_tiny_model.py): :func:`test_workload_is_sensitive_to_context` shows that one early
 prompt token changes the reference's tokens, so attending to the wrong KV would not pass unseen.
@@ -34,7 +35,10 @@ SERVER_ARGS = [
     "--decode-log-interval", "2", "--attention-backend", "torch_native",
     "--sleep-on-idle",  # two idle schedulers polling would share the CI machine's 2 cores with the busy one
 ]
-DECODE_BACKENDS = {"deft": "deft", "reference": "torch_native"}
+SERVERS = {"deft": ["--decode-attention-backend", "deft"],
+           "deft_no_overlap": ["--decode-attention-backend", "deft", "--disable-overlap-schedule"],
+           "reference": ["--decode-attention-backend", "torch_native"]}
+DEFT_SERVERS = ("deft", "deft_no_overlap")
 
 # ~300 tokens of the tiny byte-level tokenizer; the shared prefix of every workload.
 CONTEXT = (
@@ -49,9 +53,8 @@ CONTEXT = (
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("servers")
-    running = {name: ServerProcess(name, SERVER_ARGS + ["--decode-attention-backend", backend], log_dir / f"{name}.log",
-                                   cwd=REPO)
-               for name, backend in DECODE_BACKENDS.items()}
+    running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", cwd=REPO)
+               for name, extra in SERVERS.items()}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
 
@@ -97,27 +100,30 @@ def test_nested_fork_program_matches(servers):
     for name, server in servers.items():
         state = nested_forks.run(context=CONTEXT, backend=RuntimeEndpoint(server.url))
         results[name] = state.ret_value
-    assert len(results["deft"]) == 6 and all(text for text, _ in results["deft"])
-    for (deft_text, deft_lps), (ref_text, ref_lps) in zip(results["deft"], results["reference"]):
-        assert_same_generation(deft_text, deft_lps, ref_text, ref_lps)
+    for deft in DEFT_SERVERS:
+        assert len(results[deft]) == 6 and all(text for text, _ in results[deft])
+        for (deft_text, deft_lps), (ref_text, ref_lps) in zip(results[deft], results["reference"]):
+            assert_same_generation(deft_text, deft_lps, ref_text, ref_lps)
 
 
 def test_parallel_sampling_n_matches(servers):
     payload = {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4), "return_logprob": True}
     outs = {name: server.generate(payload) for name, server in servers.items()}
-    assert len(outs["deft"]) == 4
-    for deft, ref in zip(outs["deft"], outs["reference"]):
-        assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
-                               ref["output_ids"], token_logprobs(ref["meta_info"]))
+    for name in DEFT_SERVERS:
+        assert len(outs[name]) == 4
+        for deft, ref in zip(outs[name], outs["reference"]):
+            assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
+                                   ref["output_ids"], token_logprobs(ref["meta_info"]))
 
 
 def test_shared_prefix_batch_matches(servers):
     prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
     payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
     outs = {name: server.generate(payload) for name, server in servers.items()}
-    for deft, ref in zip(outs["deft"], outs["reference"]):
-        assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
-                               ref["output_ids"], token_logprobs(ref["meta_info"]))
+    for name in DEFT_SERVERS:
+        for deft, ref in zip(outs[name], outs["reference"]):
+            assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
+                                   ref["output_ids"], token_logprobs(ref["meta_info"]))
     assert len({tuple(o["output_ids"]) for o in outs["reference"]}) > 1  # the branches really differ
 
 
@@ -132,12 +138,19 @@ def test_workload_is_sensitive_to_context(servers):
     assert all(x != y for x, y in zip(a, b))
 
 
-def test_sharing_metrics_show_shared_kv(servers):
-    """Runs after the workloads (file order): the deft server's decode steps read shared KV once."""
-    rows = parse_sharing_lines(servers["deft"].log())
-    assert rows, "the deft server logged no sharing line"
+@pytest.mark.parametrize("name", DEFT_SERVERS)
+def test_sharing_metrics_show_shared_kv(servers, name):
+    """Runs after the workloads (file order): the deft servers' decode steps read shared KV once."""
+    rows = parse_sharing_lines(servers[name].log())
+    assert rows, f"the {name} server logged no sharing line"
     last = rows[-1]
     assert last["total_unique_kv_tokens"] < last["total_attended_kv_tokens"]
     assert max(r["ratio"] for r in rows) > 2.0  # 4 branches over a ~300-token prompt share most of it
-    assert "decode_backend=deft" in servers["deft"].log()
+    assert "decode_backend=deft" in servers[name].log()
     assert parse_sharing_lines(servers["reference"].log()) == []  # only deft decodes produce them
+
+
+@pytest.mark.parametrize("name, overlap", [("deft", True), ("deft_no_overlap", False)])
+def test_the_deft_servers_differ_in_the_overlap_scheduler(servers, name, overlap):
+    """SGLang may turn the overlap scheduler off by itself: its logged arguments show it did not."""
+    assert f"disable_overlap_schedule={not overlap}," in servers[name].log()
