@@ -100,6 +100,19 @@ def decode_forward_batch(sim, reqs, kv_pool):
                            token_to_kv_pool=kv_pool)
 
 
+def record_steady(backend) -> list:
+    """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
+    log, plan = [], backend.step_planner.plan
+
+    def recorded(*args):
+        step = plan(*args)
+        log.append(None if step is None else step.steady)
+        return step
+
+    backend.step_planner.plan = recorded
+    return log
+
+
 def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer):
     """Each request alone over its own req_to_token row: a one-node tree per request."""
     rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, seq_lens.tolist())]

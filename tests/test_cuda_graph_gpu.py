@@ -36,7 +36,7 @@ from sglang_deft.backend import DeftAttnBackend  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 from server_group import serving  # noqa: E402
-from test_backend import per_request_reference  # noqa: E402
+from test_backend import per_request_reference, record_steady  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
@@ -140,19 +140,6 @@ class Graphs:
         graph, outs = self.graphs[bs]
         graph.replay()
         return [o.clone() for o in outs]
-
-
-def record_steady(backend) -> list:
-    """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
-    log, plan = [], backend.step_planner.plan
-
-    def recorded(*args):
-        step = plan(*args)
-        log.append(None if step is None else step.steady)
-        return step
-
-    backend.step_planner.plan = recorded
-    return log
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

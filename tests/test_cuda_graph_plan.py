@@ -27,7 +27,7 @@ from sglang_deft.kernels.plan import build_schedule
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
-                          per_request_reference, random_kv_setup)
+                          per_request_reference, random_kv_setup, record_steady)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -355,19 +355,6 @@ def test_patch_refuses_another_sglang_version(monkeypatch):
     monkeypatch.setattr(sglang_version, "version", lambda name: "0.5.11")
     with pytest.raises(sglang_version.UnsupportedSGLangVersion, match="cuda_graph_replay.*0.5.10.post1"):
         cuda_graph_replay.apply()
-
-
-def record_steady(backend) -> list:
-    """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
-    log, plan = [], backend.step_planner.plan
-
-    def recorded(*args):
-        step = plan(*args)
-        log.append(None if step is None else step.steady)
-        return step
-
-    backend.step_planner.plan = recorded
-    return log
 
 
 @needs_interpreter
