@@ -69,8 +69,7 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
                              torch.bfloat16, device)
     r2t = sim.req_to_token.to(device)
     # The backend's: tree builder + planner writing the CUDA graphs' buffers, steady steps in place.
-    step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), TreeDecodePlanner(hq, hkv, d), buffers,
-                                     torch.bfloat16)
+    step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), TreeDecodePlanner(hq, hkv, d), buffers)
     times = {True: [], False: []}  # steady steps, full plans
     for step in range(steps + warmup):
         seq_lens = sim.prepare_decode(reqs)

@@ -119,7 +119,7 @@ class DeftAttnBackend(AttentionBackend):
         # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
         self.graph_plan = new_graph_plan(self.plan_limits, max_bs, self.kv_pool_size, self.num_qo_heads,
                                          self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
-        self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan, self.kv_dtype)
+        self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",
             max_bs, self.kv_pool_size, self.plan_limits,

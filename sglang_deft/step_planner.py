@@ -57,8 +57,9 @@ class StepPlan:
 
 @dataclass
 class _SteadyState:
-    reqs: list
-    last_nodes: list
+    # The batch itself (its requests on their radix nodes) is the builder's last build, which is this
+    # plan's: steady steps build nothing, so DecodeKVTreeBuilder.same_batch_as_last tells whether a
+    # step is still that batch.
     seq: np.ndarray  # [B] the sequence lengths the buffers' plan is for
     num_queries: int  # rows planned (B plus graph padding)
     unique: int
@@ -70,8 +71,8 @@ class DecodeStepPlanner:
     """Plans decode steps into ``buffers`` (a fixed-capacity ``TreeDecodePlan``); see the module doc."""
 
     def __init__(self, builder: DecodeKVTreeBuilder, planner: TreeDecodePlanner, buffers: TreeDecodePlan,
-                 kv_dtype: torch.dtype, slack: int = SLACK_TOKENS):
-        self.builder, self.planner, self.buffers, self.kv_dtype, self.slack = builder, planner, buffers, kv_dtype, slack
+                 slack: int = SLACK_TOKENS):
+        self.builder, self.planner, self.buffers, self.slack = builder, planner, buffers, slack
         self.device = buffers.meta.device
         cap = buffers.qperm.numel()
         self._staging = PinnedStagingRing(self.device)
@@ -125,15 +126,17 @@ class DecodeStepPlanner:
         padding rows); None, the buffers' plan unchanged, when the step does not fit them."""
         reqs = list(reqs)
         seq = seq_lens_cpu.numpy().astype(np.int64, copy=False)
+        same_batch = self.builder.same_batch_as_last(reqs, seq)
         st = self._state
-        if st is not None and self._is_steady(st, reqs, seq, num_queries):
+        if (st is not None and same_batch and st.room > 0 and num_queries == st.num_queries
+                and np.array_equal(seq, st.seq + 1)):
             self._advance(st, seq)
             return StepPlan(self.buffers, int(seq.sum()), st.unique, True, None)
         self._state = None
         # Room costs a full plan ~1.6x the host time (twice the nodes), so it is laid out only for a
         # batch that already stayed the same for a step: a batch that changes every step (requests
         # joining and finishing all the time) plans as without steady steps.
-        slack = self.slack if self.builder.same_batch_as_last(reqs, seq) else 0
+        slack = self.slack if same_batch else 0
         # Room stops one short of the buffer's end: the steady update's unused entries write there.
         built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
                                    max_kv_tokens=self._scratch)
@@ -143,12 +146,8 @@ class DecodeStepPlanner:
             # Capacity (checked before anything is written): the caller runs the step eagerly with
             # a plan of its own. Any other error comes back from that plan.
             return None
-        self._state = self._steady_state(built, reqs, seq, num_queries)
+        self._state = self._steady_state(built, len(reqs), seq, num_queries)
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)
-
-    def _is_steady(self, st: _SteadyState, reqs: list, seq: np.ndarray, num_queries: int) -> bool:
-        return (st.room > 0 and num_queries == st.num_queries and len(reqs) == len(st.reqs) and reqs == st.reqs
-                and [r.last_node for r in reqs] == st.last_nodes and np.array_equal(seq, st.seq + 1))
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
         if self._graph is not None:
@@ -157,10 +156,11 @@ class DecodeStepPlanner:
             self._update()
         st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails
 
-    def _steady_state(self, built: DecodeKVTree, reqs: list, seq: np.ndarray, num_queries: int) -> _SteadyState | None:
+    def _steady_state(self, built: DecodeKVTree, batch_size: int, seq: np.ndarray,
+                      num_queries: int) -> _SteadyState | None:
         """What later steady steps need, set up on the device; None when they cannot follow this plan."""
         tails = built.tails
-        if tails is None or len(tails.req) != len(reqs) or int(tails.slack.min()) <= 0:
+        if tails is None or len(tails.req) != batch_size or int(tails.slack.min()) <= 0:
             return None  # a request without a private tail (or without room) cannot grow in place
         items = self.planner.items_ending_at(tails.end)
         if items is None:
@@ -170,5 +170,5 @@ class DecodeStepPlanner:
         for k, column in enumerate((tails.next_flat, tails.end, items * ITEM_FIELDS + 1, 1)):
             host[k * cap:k * cap + n] = column
         self._staging.upload(host, self._operands)
-        return _SteadyState(reqs=reqs, last_nodes=[r.last_node for r in reqs], seq=seq, num_queries=num_queries,
-                            unique=built.unique_tokens, room=int(tails.slack.min()), num_tails=n)
+        return _SteadyState(seq=seq, num_queries=num_queries, unique=built.unique_tokens, room=int(tails.slack.min()),
+                            num_tails=n)

@@ -21,7 +21,7 @@ def step_planner(sim: RadixSim, slack: int, max_queries: int = 16, kv_capacity: 
     buffers = new_graph_plan(limits, max_queries, kv_capacity or sim.kv_slots, HQ, HKV, D, torch.float32,
                              torch.device("cpu"))
     planner = TreeDecodePlanner(HQ, HKV, D, kv_dtype=torch.float32)
-    return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, torch.float32, slack=slack)
+    return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, slack=slack)
 
 
 def check(sim: RadixSim, reqs, seq_lens, step, num_queries: int) -> None:
