@@ -2,7 +2,7 @@
 from .kv_tree import KVTree
 from .plan import PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode
 from .reference import attention_reference, tree_decode_reference
-from .tree_decode import TreeDecodeConfig, tree_decode
+from .tree_decode import Stage1Config, tree_decode
 
-__all__ = ["KVTree", "PlanCapacity", "TreeDecodeConfig", "TreeDecodePlan", "TreeDecodePlanner", "attention_reference",
+__all__ = ["KVTree", "PlanCapacity", "Stage1Config", "TreeDecodePlan", "TreeDecodePlanner", "attention_reference",
            "plan_tree_decode", "tree_decode", "tree_decode_reference"]

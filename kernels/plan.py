@@ -77,8 +77,7 @@ class TreeDecodePlan:
     counts: torch.Tensor  # [3] int32, device: (large items, small items, queries) in this step
     merge_indptr: torch.Tensor  # [B_cap + 1] int32, device: query b's partials are
     merge_slots: torch.Tensor  # [M_cap] int32, device:   merge_slots[merge_indptr[b]:merge_indptr[b+1]]
-    partial_out: torch.Tensor  # [P_cap, Hq, D] device: per (chunk, query) normalised output, in
-    #                            partial_dtype(kv_dtype)
+    partial_out: torch.Tensor  # [P_cap, Hq, D] float32, device: per (chunk, query) normalised output
     partial_lse: torch.Tensor  # [P_cap, Hq] float32, device: per (chunk, query) log2-sum-exp
     num_qo_heads: int
     num_kv_heads: int
@@ -351,15 +350,6 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
     return qperm, items, merge.num_large, merge.merge_indptr, merge.merge_slots, merge.num_partials
 
 
-def partial_dtype(kv_dtype: torch.dtype) -> torch.dtype:
-    """The dtype partial outputs are kept in between the two stages: fp16/bf16 KV keeps them in
-    its own dtype, as FlashInfer's split-KV decode does. A partial is a softmax-weighted mean of V
-    rows, so it lies in V's range, and one more rounding at V's precision costs at most that
-    precision; it halves what stage 1 writes and stage 2 reads (the partials of a 64-query 16k
-    prefix are ~18 MB in fp32). Other dtypes keep fp32."""
-    return kv_dtype if kv_dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
 def _host_int32(t: torch.Tensor) -> np.ndarray:
     return np.asarray(t.numpy(force=True), np.int32)
 
@@ -395,7 +385,6 @@ class TreeDecodePlanner:
                              f"{large_rows} rows")
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.kv_dtype, self.large_rows, self.programs_per_sm = kv_dtype, large_rows, programs_per_sm
-        self.partial_dtype = partial_dtype(kv_dtype)
         self._cache = _ScheduleCache()
         self._staging: PinnedStagingRing | None = None  # for the plan's device, made at the first plan
         self._item_end: np.ndarray | None = None  # the last plan's items' KV ends, in item order
@@ -463,20 +452,17 @@ class TreeDecodePlanner:
         if capacity is None:
             meta = self._upload(host, device)
             kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32)
-            partial_out = torch.empty(max(cap_p, 1), Hq, D, dtype=self.partial_dtype, device=device)
+            partial_out = torch.empty(max(cap_p, 1), Hq, D, dtype=torch.float32, device=device)
             partial_lse = torch.empty(max(cap_p, 1), Hq, dtype=torch.float32, device=device)
         else:
             if reuse is None:
                 meta = torch.zeros(o_slots + cap_m, dtype=torch.int32, device=device)
                 kv_indices = torch.empty(cap_t, dtype=torch.int32, device=device)
-                partial_out = torch.empty(cap_p, Hq, D, dtype=self.partial_dtype, device=device)
+                partial_out = torch.empty(cap_p, Hq, D, dtype=torch.float32, device=device)
                 partial_lse = torch.empty(cap_p, Hq, dtype=torch.float32, device=device)
             else:
                 if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim) != (Hq, Hkv, D):
                     raise ValueError("reuse= plan was made for another head configuration")
-                if reuse.partial_out.dtype != self.partial_dtype:
-                    raise ValueError(f"reuse= plan keeps partials in {reuse.partial_out.dtype}, this planner in "
-                                     f"{self.partial_dtype}")
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
             if tree.kv_indices.data_ptr() != kv_indices.data_ptr():

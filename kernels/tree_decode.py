@@ -11,7 +11,6 @@ plan's fixed order with the online-softmax rule. Gathers only: no atomics, deter
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +30,46 @@ def _soft_cap(scores, logit_cap):
 
 
 @triton.jit
+def _attend_block(q, K, V, kv_indices, kv_start, kv_len, start, kv_head, m_i, l_i, acc, sm_scale, logit_cap,
+                  stride_kn, stride_kh, stride_vn, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr):
+    """One block of BLOCK_N KV tokens folded into the running (max, sum, output) of every row."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = start + offs_n < kv_len
+    kv_mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
+    k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if USE_CAP:
+        s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
+    else:
+        s = s * (sm_scale * LOG2E)  # one multiply per score: the scale and the move to base 2
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kv_slot[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _attend_item(
     Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -57,39 +90,21 @@ def _attend_item(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, kv_len, BLOCK_N):
-        n_ok = start + offs_n < kv_len
-        kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * sm_scale
-        if USE_CAP:
-            s = _soft_cap(s, logit_cap)
-        s = tl.where(n_ok[None, :], s * LOG2E, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_slot[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    if LOOP_STAGES > 0:  # every load of the loop pipelined, not only those feeding tl.dot
+        for start in tl.range(0, kv_len, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
+            m_i, l_i, acc = _attend_block(q, K, V, kv_indices, kv_start, kv_len, start, kv_head, m_i, l_i, acc,
+                                          sm_scale, logit_cap, stride_kn, stride_kh, stride_vn, stride_vh,
+                                          HEAD_DIM, BLOCK_D, BLOCK_N, USE_CAP, IEEE)
+    else:
+        for start in range(0, kv_len, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, K, V, kv_indices, kv_start, kv_len, start, kv_head, m_i, l_i, acc,
+                                          sm_scale, logit_cap, stride_kn, stride_kh, stride_vn, stride_vh,
+                                          HEAD_DIM, BLOCK_D, BLOCK_N, USE_CAP, IEEE)
 
     # kv_len >= 1 for every item, so l_i > 0 on every row.
     out_row = (slot + q_local).to(tl.int64)
-    # Stored in the partial buffer's dtype (the KV dtype for fp16/bf16 KV, see TreeDecodePlan).
     tl.store(partial_out + out_row[:, None] * stride_pp + head[:, None] * stride_ph + offs_d[None, :],
-             (acc / l_i[:, None]).to(partial_out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+             acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -100,16 +115,12 @@ def _tree_decode_stage1(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
     # which limits how many small-tile programs an SM keeps resident. TILES 1 / 2: large / small
     # tiles only, for two launches each sized to its own tiles.
-    if PDL:
-        # Stage 2 may launch once every stage-1 program has started: its programs load their merge
-        # lists while the last stage-1 programs run, then wait for them (gdc_wait in stage 2).
-        tl.extra.cuda.gdc_launch_dependents()
     kv_head = tl.program_id(0)
     pid = tl.program_id(1)
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
@@ -126,102 +137,83 @@ def _tree_decode_stage1(
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE,
+                         LOOP_STAGES, WARP_SPEC)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE,
+                         LOOP_STAGES, WARP_SPEC)
 
 
 @triton.jit
 def _tree_decode_stage2(
     partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_P: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (query, block of BLOCK_H heads). BLOCK_P partials of all BLOCK_H heads are
-    # loaded at once, so a query's merge costs one or two memory round trips rather than one per
-    # partial along its path, and its merge list is read once for all the block's heads.
+    # One program per (query, head). BLOCK_P partials are loaded at once, so a query's merge costs
+    # one or two memory round trips rather than one per partial along its path.
     b = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    # The plan's fields were written before stage 1 started, so they may be read before the wait.
-    num_queries = tl.load(counts + 2)
-    lo = tl.load(merge_indptr + b)
-    hi = tl.load(merge_indptr + b + 1)
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # every program waits, so stage 2 never completes before stage 1
-    if b >= num_queries:
+    head = tl.program_id(1)
+    if b >= tl.load(counts + 2):
         return
-    h_ok = offs_h < NUM_HEADS
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_p = tl.arange(0, BLOCK_P)
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    lo = tl.load(merge_indptr + b)
+    hi = tl.load(merge_indptr + b + 1)
+    m = float("-inf")
+    denom = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_P):
         p_ok = start + offs_p < hi
         slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
-        ph_ok = p_ok[:, None] & h_ok[None, :]
-        lse = tl.load(partial_lse + slot[:, None] * stride_lp + offs_h[None, :], mask=ph_ok,
-                      other=float("-inf"))
-        o = tl.load(partial_out + slot[:, None, None] * stride_pp + offs_h[None, :, None] * stride_ph
-                    + offs_d[None, None, :], mask=ph_ok[:, :, None] & d_ok[None, None, :], other=0.0)
-        # Heads past NUM_HEADS see only -inf here and turn NaN; they are never stored.
+        lse = tl.load(partial_lse + slot * stride_lp + head, mask=p_ok, other=float("-inf"))
+        o = tl.load(partial_out + slot[:, None] * stride_pp + head * stride_ph + offs_d[None, :],
+                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new[None, :])
+        w = tl.exp2(lse - m_new)
         alpha = tl.exp2(m - m_new)
-        acc = acc * alpha[:, None] + tl.sum(o.to(tl.float32) * w[:, :, None], 0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
         denom = denom * alpha + tl.sum(w, 0)
         m = m_new
     # A query whose path holds no KV gets zeros (no partials: denom == 0).
-    res = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    tl.store(Out + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], res.to(Out.dtype.element_ty),
-             mask=h_ok[:, None] & d_ok[None, :])
+    res = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
 
 
 @dataclass(frozen=True)
-class TreeDecodeConfig:
-    """Launch parameters of both stages (``tree_decode_config`` gives the measured defaults)."""
-
+class Stage1Config:
     block_n_large: int  # KV tokens per block for large tiles
     block_n_small: int  # KV tokens per block for small tiles
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
-    small_num_warps: int | None = None  # warps of the small-tile launch when separate (None: num_warps)
-    merge_heads: int = 1  # stage 2: heads per program
-    merge_partials: int = 16  # stage 2: partials loaded at once
-    merge_warps: int = 2
-    pdl: bool = False  # stage 2 by programmatic dependent launch (on sm_90+; ignored elsewhere)
+    loop_stages: int = 0  # > 0: the KV loop as tl.range(num_stages=...), which pipelines all its loads
+    warp_specialize: bool = False  # tl.range(warp_specialize=True) (with loop_stages > 0)
 
 
-def tree_decode_config(head_dim: int, large_rows: int) -> TreeDecodeConfig:
-    """Launch parameters of both stages.
+def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
+    """KV block lengths, warps and pipeline depth of stage 1.
 
-    Stage 1, measured on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4
-    programs per SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes
-    in one launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean
-    0.84x the time of the earlier 64/32-token default). Mixing 64-token blocks for the large tiles
-    with 32 for the small ones sized the kernel's shared memory by the large branch (80 KB against
-    48), and the latency-bound small-tile programs lost occupancy (no sharing 64 x 2k: 205 us against
-    152). Two launches (each sized to its tiles) lose more to the second launch waiting for the first
-    to drain than they win back (geomean 0.99). Blocks shrink with head_dim so K and V, three stages
+    Measured on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
+    SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes in one
+    launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean 0.84x the
+    time of the earlier 64/32-token default). Mixing 64-token blocks for the large tiles with 32 for
+    the small ones sized the kernel's shared memory by the large branch (80 KB against 48), and the
+    latency-bound small-tile programs lost occupancy (no sharing 64 x 2k: 205 us against 152). Two
+    launches (each sized to its tiles) lose more to the second launch waiting for the first to
+    drain than they win back (geomean 0.99). Blocks shrink with head_dim so K and V, three stages
     deep, fit in shared memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
     """
     block_n = 32 // max(1, head_dim // 128)
-    return TreeDecodeConfig(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return Stage1Config(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
 
 
 def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: TreeDecodePlan,
                 sm_scale: float, logit_cap: float = 0.0, out: torch.Tensor | None = None,
-                config: TreeDecodeConfig | None = None) -> torch.Tensor:
+                config: Stage1Config | None = None) -> torch.Tensor:
     """Attention of every query over its KV-tree path. q [B, Hq, D]; k/v_buffer [S, Hkv, D].
 
     Never synchronises with the host: the plan's device tensors carry all the data-dependent sizes.
@@ -235,19 +227,16 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                          f"{plan.num_kv_heads} KV heads of dim {D}")
     if q.stride(-1) != 1 or k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
         raise ValueError("q, k_buffer and v_buffer need a contiguous last dimension")
-    if q.dtype == torch.float32 and plan.partial_out.dtype != torch.float32:
-        raise ValueError(f"q is float32 but the plan keeps partial results in {plan.partial_out.dtype} "
-                         "(plan with kv_dtype=torch.float32 for full precision)")
     if out is None:
         out = torch.empty_like(q)
-    cfg = config or tree_decode_config(D, plan.large_rows)
+    cfg = config or stage1_config(D, plan.large_rows)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg)
-    launch_stage2(plan, out, cfg)
+    launch_stage2(plan, out)
     return out
 
 
 def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, logit_cap: float,
-                  cfg: TreeDecodeConfig):
+                  cfg: Stage1Config):
     """Partial attention of every work item into the plan's partial buffers; returns Triton's
     compiled kernel of the (last) launch (its metadata tells shared memory and registers), or None
     when nothing ran."""
@@ -255,31 +244,26 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
         return None
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
-    pdl = cfg.pdl and _has_pdl(q.device)
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
-        warps = cfg.small_num_warps or cfg.num_warps if tiles == 2 else cfg.num_warps
         compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, PDL=pdl and tiles != 1, num_warps=warps,
-            num_stages=cfg.num_stages)
+            IEEE=q.dtype == torch.float32, TILES=tiles, LOOP_STAGES=cfg.loop_stages, WARP_SPEC=cfg.warp_specialize,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 
-def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor, cfg: TreeDecodeConfig) -> None:
+def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
     """Merge every query's partials into ``out``."""
     if not plan.grid_queries:
         return
     po, pl = plan.partial_out, plan.partial_lse
-    D, Hq = out.shape[2], out.shape[1]
-    pdl = cfg.pdl and _has_pdl(out.device)
-    extra = {"launch_pdl": True} if pdl else {}
-    _tree_decode_stage2[(plan.grid_queries, triton.cdiv(Hq, cfg.merge_heads))](
+    D = out.shape[2]
+    _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        NUM_HEADS=Hq, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_H=cfg.merge_heads,
-        BLOCK_P=cfg.merge_partials, PDL=pdl, num_warps=cfg.merge_warps, **extra)
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=16, num_warps=2)

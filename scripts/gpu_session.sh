@@ -5,7 +5,7 @@
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh kernels   # pytest kernels+plan on the GPU, kernel benchmark
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e       # gpu_e2e.py, tiny then 8b
 #   bash scripts/gpu_session.sh e2e-tiny | e2e-8b                 # one model (if `e2e` had to skip 8b)
-#   bash scripts/gpu_session.sh sweep                             # launch-parameter sweep (both stages)
+#   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh bench-e2e # end-to-end decode tok/s, benchmarks/bench_e2e.py
 #   bash scripts/gpu_session.sh demo                              # `make demo`'s program on the GPU (CUDA graphs on)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh graphs    # deft with CUDA graphs: whole servers bitwise with/without
@@ -127,13 +127,13 @@ phase_kernels() {
 }
 
 phase_sweep() {
-  # Launch parameters of both stages over the benchmark's trees (benchmarks/sweep_launch.py; SWEEP_ARGS
-  # picks grids and cases): stage2 then stage1, 38 configs x 7 cases, ~5 min with compiles; the JSON
-  # and table are rewritten after every config, so a cut run keeps what it measured.
+  # Stage-1 launch parameters over the benchmark's trees (benchmarks/sweep_stage1.py; SWEEP_ARGS picks
+  # grids and cases): ~17 configs x 7 cases, 1-3 min with compiles; the JSON and table are rewritten
+  # after every config, so a cut run keeps what it measured.
   local t=$SECONDS
-  timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/sweep_launch.py --out "$OUT" ${SWEEP_ARGS:-}
+  timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/sweep_stage1.py --out "$OUT" ${SWEEP_ARGS:-}
   local rc=$?
-  say "sweep_launch rc=$rc in $((SECONDS - t))s"
+  say "sweep_stage1 rc=$rc in $((SECONDS - t))s"
   return $rc
 }
 

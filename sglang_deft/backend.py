@@ -123,7 +123,7 @@ class DeftAttnBackend(AttentionBackend):
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",
             max_bs, self.kv_pool_size, self.plan_limits,
-            self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim, self.kv_dtype) / 1e6,
+            self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
         )
 
     def _requests(self, forward_batch: ForwardBatch):

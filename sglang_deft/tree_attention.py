@@ -22,7 +22,7 @@ import torch
 
 from sglang_deft.kernels import (KVTree, PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode,
                                  tree_decode, tree_decode_reference)
-from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM, partial_dtype
+from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,9 @@ class PlanLimits:
         return PlanCapacity(max_queries=max_queries, max_kv_tokens=max_kv_tokens, max_items=self.max_items,
                             max_partials=self.max_partials, max_merge=self.max_partials)
 
-    def partial_bytes(self, num_qo_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
-        """Device memory of one plan's partial results: output [P, Hq, D] in ``partial_dtype(kv_dtype)``
-        and log-sum-exp [P, Hq] in fp32."""
-        return self.max_partials * num_qo_heads * (head_dim * partial_dtype(kv_dtype).itemsize + 4)
+    def partial_bytes(self, num_qo_heads: int, head_dim: int) -> int:
+        """Device memory of one plan's partial results: output [P, Hq, D] and log-sum-exp [P, Hq], fp32."""
+        return self.max_partials * num_qo_heads * (head_dim + 1) * 4
 
 
 def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: torch.device) -> PlanLimits:
@@ -82,7 +81,7 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
 
     Memory: Llama-3-8B heads (32 q / 8 kv, head_dim 128) on an H200 (132 SMs) with B = 256, SGLang's
     default ``--cuda-graph-max-bs`` there: target 66, max_items 706, max_partials 3104, which is
-    25.8 MB of partial results per plan with bf16 KV (51.3 with fp32).
+    51.3 MB of partial results per plan.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     target = max(1, PROGRAMS_PER_SM * sms // num_kv_heads)  # build_schedule's item target

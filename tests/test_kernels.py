@@ -14,7 +14,7 @@ import torch
 from kernel_trees import make_tree, named_trees, random_forest
 from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
-from sglang_deft.kernels.tree_decode import tree_decode_config
+from sglang_deft.kernels.tree_decode import stage1_config
 
 CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -128,6 +128,6 @@ def test_bad_shapes_are_refused():
 def test_separate_launches_compute_the_same(name):
     """Large and small tiles in two launches give bitwise the unified launch's output."""
     out, _, (q, k, v, plan, scale, cap) = run_case(TREES[name], 8, 2, 64, torch.float16)
-    cfg = tree_decode_config(64, plan.large_rows)
+    cfg = stage1_config(64, plan.large_rows)
     split = tree_decode(q, k, v, plan, scale, cap, config=dataclasses.replace(cfg, separate_launches=True))
     assert torch.equal(out, split)

@@ -1,21 +1,21 @@
-"""Tune DeFT's launch parameters (both stages) and the planner's tiles on a GPU.
+"""Tune DeFT's stage-1 launch parameters and the planner's tiles on a GPU.
 
-A config is the planner's (large_rows, programs_per_sm), the dtype partial results are kept in
-between the stages (``kv``: the KV dtype, as the planner does; ``fp32``), and a ``TreeDecodeConfig``.
-Each is timed over the benchmark's trees as bench_kernels.py times (one call in a CUDA graph,
-replayed under do_bench with L2 flushed before each replay), and checked against the fp32 reference.
+A config is the planner's (large_rows, programs_per_sm) and a ``Stage1Config``. Each is timed over
+the benchmark's trees as bench_kernels.py times (one call in a CUDA graph, replayed under do_bench
+with L2 flushed before each replay), and its output checked against the fp32 reference.
 
-    python benchmarks/sweep_launch.py --out $OUT [--cases p4k_16,nosharing] [--grids stage2,stage1]
+    python benchmarks/sweep_stage1.py --out $OUT [--cases p4k_16,nosharing] [--grids loop,tiles]
 
-Grids run in the order given. ``stage2`` varies the merge (heads and partials per program, warps,
-programmatic dependent launch) and the partials' dtype around the current default; ``stage1`` varies
-tile rows, KV block lengths, warps, pipeline depth and separate launches, each with the best stage-2
-settings found so far (the lowest geomean over the cases). ``quick`` is three configs for a smoke run.
-The current default is always timed first, and its two stages apart (``stage1_us``, ``stage2_us``:
-a graph of one stage's launch each; their sum exceeds the step's median by one launch's overhead).
+Grids run in the order given, each around the best config so far (the lowest geomean time over the
+cases): ``loop`` varies how the KV loop is pipelined (kernel-level ``num_stages``, which pipelines the
+loads feeding tl.dot, or ``tl.range(num_stages=...)``, which pipelines every load of the loop,
+with or without warp specialization) and its block length; ``tiles`` varies tile rows, KV block
+lengths, warps, separate launches and programs per SM; ``quick`` is two configs for a smoke run. The
+current default is always timed first, and its two stages apart (``stage1_us``, ``stage2_us``: a
+graph of one stage's launch each; their sum exceeds the step's median by one launch's overhead).
 
-Writes ``$OUT/sweep_launch.json`` (every cell, with the compiled stage-1 kernel's shared memory,
-registers and spills; rewritten after every config) and ``$OUT/sweep_launch.md`` (per config: each
+Writes ``$OUT/sweep_stage1.json`` (every cell, with the compiled stage-1 kernel's shared memory,
+registers and spills; rewritten after every config) and ``$OUT/sweep_stage1.md`` (per config: each
 case's median and the geomean ratio against the current default).
 """
 from __future__ import annotations
@@ -43,46 +43,44 @@ STAGES = importlib.import_module(K.__name__ + ".tree_decode")
 class Config:
     large_rows: int
     programs_per_sm: int
-    partials: str  # "kv" or "fp32"
-    launch: K.TreeDecodeConfig
+    launch: K.Stage1Config
 
     def key(self) -> str:
         c = self.launch
-        sep = f" sep(w{c.small_num_warps or c.num_warps})" if c.separate_launches else ""
+        loop = f" range(s{c.loop_stages}{' ws' if c.warp_specialize else ''})" if c.loop_stages else ""
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{sep}; merge h{c.merge_heads} p{c.merge_partials} "
-                f"w{c.merge_warps}{' pdl' if c.pdl else ''}; partials {self.partials}")
+                f"w{c.num_warps} s{c.num_stages}{loop}{' sep' if c.separate_launches else ''}")
 
 
 def default_config() -> Config:
-    return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, "kv", STAGES.tree_decode_config(128, PLAN.LARGE_ROWS))
+    return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, STAGES.stage1_config(128, PLAN.LARGE_ROWS))
 
 
-def stage2_grid(base: Config) -> list[Config]:
-    merges = [(1, 16, 2), (2, 16, 2), (4, 8, 4), (4, 16, 4), (8, 4, 4), (8, 8, 4), (8, 8, 8)]
-    return [dataclasses.replace(base, partials=p, launch=dataclasses.replace(
-                base.launch, merge_heads=h, merge_partials=n, merge_warps=w, pdl=pdl))
-            for p in ("kv", "fp32") for h, n, w in merges for pdl in (False, True)]
+def _with(base: Config, large_rows=None, programs_per_sm=None, **launch) -> Config:
+    return Config(large_rows or base.large_rows, programs_per_sm or base.programs_per_sm,
+                  dataclasses.replace(base.launch, **launch))
 
 
-def stage1_grid(base: Config) -> list[Config]:
-    # (rows, N large, N small, warps, stages, separate, small warps, programs per SM)
-    shapes = [(64, 32, 32, 4, 3, False, None, 4), (64, 64, 32, 4, 3, True, 4, 4), (64, 64, 64, 4, 3, False, None, 4),
-              (128, 32, 32, 8, 3, True, 4, 4), (128, 64, 32, 8, 2, True, 4, 4), (128, 64, 32, 8, 3, True, 4, 4),
-              (128, 64, 32, 8, 3, True, 4, 2), (128, 128, 32, 8, 2, True, 4, 4), (64, 32, 32, 4, 3, True, 4, 4),
-              (64, 32, 32, 4, 4, False, None, 4)]
-    return [dataclasses.replace(base, large_rows=r, programs_per_sm=pp, launch=dataclasses.replace(
-                base.launch, block_n_large=nl, block_n_small=ns, num_warps=w, num_stages=st, separate_launches=sep,
-                small_num_warps=sw))
-            for r, nl, ns, w, st, sep, sw, pp in shapes]
+def loop_grid(base: Config) -> list[Config]:
+    out = [_with(base, loop_stages=ls) for ls in (2, 3, 4)]
+    out += [_with(base, loop_stages=3, warp_specialize=True, num_warps=w) for w in (4, 8)]
+    out += [_with(base, block_n_large=n, block_n_small=n, num_stages=st, loop_stages=ls)
+            for n, st, ls in ((64, 2, 0), (64, 3, 2), (64, 3, 3), (16, 4, 4))]
+    out += [_with(base, block_n_large=64, loop_stages=3), _with(base, block_n_large=64, loop_stages=2)]
+    return out
+
+
+def tiles_grid(base: Config) -> list[Config]:
+    return [_with(base, large_rows=128, num_warps=8), _with(base, large_rows=128, num_warps=8, block_n_large=64),
+            _with(base, large_rows=32), _with(base, programs_per_sm=2), _with(base, programs_per_sm=6),
+            _with(base, separate_launches=True)]
 
 
 def quick_grid(base: Config) -> list[Config]:
-    return [dataclasses.replace(base, launch=dataclasses.replace(base.launch, merge_heads=4, merge_partials=8,
-                                                                  merge_warps=4, pdl=pdl)) for pdl in (False, True)]
+    return [_with(base, loop_stages=3)]
 
 
-GRIDS = {"stage2": stage2_grid, "stage1": stage1_grid, "quick": quick_grid}
+GRIDS = {"loop": loop_grid, "tiles": tiles_grid, "quick": quick_grid}
 
 
 class Case:
@@ -103,11 +101,8 @@ class Case:
 
     def plan(self, cfg: Config):
         c = self.case
-        plan = K.plan_tree_decode(self.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim,
+        return K.plan_tree_decode(self.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim,
                                   large_rows=cfg.large_rows, programs_per_sm=cfg.programs_per_sm)
-        if cfg.partials == "fp32":
-            plan = dataclasses.replace(plan, partial_out=torch.empty_like(plan.partial_out, dtype=torch.float32))
-        return plan
 
 
 def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
@@ -118,7 +113,7 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
     cell = {"items": plan.grid_items}
     try:
         compiled = STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc)
-        STAGES.launch_stage2(plan, out, lc)
+        STAGES.launch_stage2(plan, out)
         torch.cuda.synchronize()
         if compiled is not None:
             cell.update(shared_bytes=compiled.metadata.shared, regs=compiled.n_regs, spills=compiled.n_spills)
@@ -131,7 +126,7 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
         cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, max_abs_err=err, ok=err < 2e-2)
         if split:
             for name, fn in (("stage1_us", lambda: STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc)),
-                             ("stage2_us", lambda: STAGES.launch_stage2(plan, out, lc))):
+                             ("stage2_us", lambda: STAGES.launch_stage2(plan, out))):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     fn()
@@ -145,7 +140,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cases", default="p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec")
-    ap.add_argument("--grids", default="stage2,stage1")
+    ap.add_argument("--grids", default="loop,tiles")
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -161,8 +156,8 @@ def main(argv=None) -> int:
         cells = {key: measure(case, cfg, args.rep, split=cfg == default) for key, case in cases.items()}
         report["configs"][cfg.key()] = cells
         print(cfg.key(), {k: round(c.get("median_us", float("nan")), 1) for k, c in cells.items()}, flush=True)
-        (args.out / "sweep_launch.json").write_text(json.dumps(report, indent=1))
-        (args.out / "sweep_launch.md").write_text(markdown(report))
+        (args.out / "sweep_stage1.json").write_text(json.dumps(report, indent=1))
+        (args.out / "sweep_stage1.md").write_text(markdown(report))
 
     run(default)
     best = default
@@ -172,8 +167,8 @@ def main(argv=None) -> int:
         best = min((c for c in [best, *GRIDS[name](best)]), key=lambda c: _geo(report, c.key(), default.key()))
         print(f"best after {name}: {best.key()} ({_geo(report, best.key(), default.key()):.3f})", flush=True)
     report["best"] = best.key()
-    (args.out / "sweep_launch.json").write_text(json.dumps(report, indent=1))
-    (args.out / "sweep_launch.md").write_text(markdown(report))
+    (args.out / "sweep_stage1.json").write_text(json.dumps(report, indent=1))
+    (args.out / "sweep_stage1.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
