@@ -4,13 +4,11 @@ A config is the planner's (large_rows, programs_per_sm) and a ``Stage1Config``. 
 the benchmark's trees as bench_kernels.py times (one call in a CUDA graph, replayed under do_bench
 with L2 flushed before each replay), and its output checked against the fp32 reference.
 
-    python benchmarks/sweep_stage1.py --out $OUT [--cases p4k_16,nosharing] [--grids loop,tiles]
+    python benchmarks/sweep_stage1.py --out $OUT [--cases p4k_16,nosharing] [--grids blocks,tiles]
 
 Grids run in the order given, each around the best config so far (the lowest geomean time over the
-cases): ``loop`` varies how the KV loop is pipelined (kernel-level ``num_stages``, which pipelines the
-loads feeding tl.dot, or ``tl.range(num_stages=...)``, which pipelines every load of the loop,
-with or without warp specialization) and its block length; ``tiles`` varies tile rows, KV block
-lengths, warps, separate launches and programs per SM; ``quick`` is two configs for a smoke run. The
+cases): ``blocks`` varies the KV block lengths and the pipeline depth; ``tiles`` varies tile rows
+(with their warps), separate launches and programs per SM; ``quick`` is one config for a smoke run. The
 current default is always timed first, and its two stages apart (``stage1_us``, ``stage2_us``: a
 graph of one stage's launch each; their sum exceeds the step's median by one launch's overhead).
 
@@ -47,9 +45,8 @@ class Config:
 
     def key(self) -> str:
         c = self.launch
-        loop = f" range(s{c.loop_stages}{' ws' if c.warp_specialize else ''})" if c.loop_stages else ""
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{loop}{' sep' if c.separate_launches else ''}")
+                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
 
 
 def default_config() -> Config:
@@ -61,13 +58,9 @@ def _with(base: Config, large_rows=None, programs_per_sm=None, **launch) -> Conf
                   dataclasses.replace(base.launch, **launch))
 
 
-def loop_grid(base: Config) -> list[Config]:
-    out = [_with(base, loop_stages=ls) for ls in (2, 3, 4)]
-    out += [_with(base, loop_stages=3, warp_specialize=True, num_warps=w) for w in (4, 8)]
-    out += [_with(base, block_n_large=n, block_n_small=n, num_stages=st, loop_stages=ls)
-            for n, st, ls in ((64, 2, 0), (64, 3, 2), (64, 3, 3), (16, 4, 4))]
-    out += [_with(base, block_n_large=64, loop_stages=3), _with(base, block_n_large=64, loop_stages=2)]
-    return out
+def blocks_grid(base: Config) -> list[Config]:
+    return [_with(base, block_n_large=nl, block_n_small=ns, num_stages=st)
+            for nl, ns, st in ((32, 32, 2), (32, 32, 4), (64, 32, 3), (64, 64, 2), (64, 64, 3), (32, 16, 3), (16, 16, 4))]
 
 
 def tiles_grid(base: Config) -> list[Config]:
@@ -77,10 +70,10 @@ def tiles_grid(base: Config) -> list[Config]:
 
 
 def quick_grid(base: Config) -> list[Config]:
-    return [_with(base, loop_stages=3)]
+    return [_with(base, num_stages=4)]
 
 
-GRIDS = {"loop": loop_grid, "tiles": tiles_grid, "quick": quick_grid}
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
 
 
 class Case:
@@ -140,7 +133,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cases", default="p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec")
-    ap.add_argument("--grids", default="loop,tiles")
+    ap.add_argument("--grids", default="blocks,tiles")
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")

@@ -30,46 +30,12 @@ def _soft_cap(scores, logit_cap):
 
 
 @triton.jit
-def _attend_block(q, K, V, kv_indices, kv_start, kv_len, start, kv_head, m_i, l_i, acc, sm_scale, logit_cap,
-                  stride_kn, stride_kh, stride_vn, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr):
-    """One block of BLOCK_N KV tokens folded into the running (max, sum, output) of every row."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = start + offs_n < kv_len
-    kv_mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
-    k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    if USE_CAP:
-        s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
-    else:
-        s = s * (sm_scale * LOG2E)  # one multiply per score: the scale and the move to base 2
-    s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + kv_slot[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
-
-
-@triton.jit
 def _attend_item(
     Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -90,16 +56,35 @@ def _attend_item(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if LOOP_STAGES > 0:  # every load of the loop pipelined, not only those feeding tl.dot
-        for start in tl.range(0, kv_len, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
-            m_i, l_i, acc = _attend_block(q, K, V, kv_indices, kv_start, kv_len, start, kv_head, m_i, l_i, acc,
-                                          sm_scale, logit_cap, stride_kn, stride_kh, stride_vn, stride_vh,
-                                          HEAD_DIM, BLOCK_D, BLOCK_N, USE_CAP, IEEE)
-    else:
-        for start in range(0, kv_len, BLOCK_N):
-            m_i, l_i, acc = _attend_block(q, K, V, kv_indices, kv_start, kv_len, start, kv_head, m_i, l_i, acc,
-                                          sm_scale, logit_cap, stride_kn, stride_kh, stride_vn, stride_vh,
-                                          HEAD_DIM, BLOCK_D, BLOCK_N, USE_CAP, IEEE)
+    offs_n = tl.arange(0, BLOCK_N)
+    qk_scale = sm_scale * LOG2E  # without a cap, one multiply per score scales and moves it to base 2
+    for start in range(0, kv_len, BLOCK_N):
+        n_ok = start + offs_n < kv_len
+        kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if USE_CAP:
+            s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
+        else:
+            s = s * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_slot[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
 
     # kv_len >= 1 for every item, so l_i > 0 on every row.
     out_row = (slot + q_local).to(tl.int64)
@@ -115,7 +100,7 @@ def _tree_decode_stage1(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
@@ -137,13 +122,11 @@ def _tree_decode_stage1(
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE,
-                         LOOP_STAGES, WARP_SPEC)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE,
-                         LOOP_STAGES, WARP_SPEC)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
 
 @triton.jit
@@ -190,8 +173,6 @@ class Stage1Config:
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
-    loop_stages: int = 0  # > 0: the KV loop as tl.range(num_stages=...), which pipelines all its loads
-    warp_specialize: bool = False  # tl.range(warp_specialize=True) (with loop_stages > 0)
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -252,8 +233,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, LOOP_STAGES=cfg.loop_stages, WARP_SPEC=cfg.warp_specialize,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 

@@ -128,7 +128,7 @@ phase_kernels() {
 
 phase_sweep() {
   # Stage-1 launch parameters over the benchmark's trees (benchmarks/sweep_stage1.py; SWEEP_ARGS picks
-  # grids and cases): ~17 configs x 7 cases, 1-3 min with compiles; the JSON and table are rewritten
+  # grids and cases): ~14 configs x 7 cases, 1-3 min with compiles; the JSON and table are rewritten
   # after every config, so a cut run keeps what it measured.
   local t=$SECONDS
   timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/sweep_stage1.py --out "$OUT" ${SWEEP_ARGS:-}
