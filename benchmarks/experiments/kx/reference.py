@@ -1,0 +1,125 @@
+"""Attention over a KV tree in plain PyTorch.
+
+``tree_decode_reference`` is the grouped algorithm on the host-free PyTorch path: each node's KV is
+gathered once for all the queries under it, each (node, query) pair yields a partial output and its
+log-sum-exp, and each query's partials along its path are merged exactly. SGLang's decode backend
+uses it on CPU. ``attention_reference`` is the per-query fp32 textbook version tests compare against.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kv_tree import KVTree
+
+
+def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
+    # SGLang's definition: logit_cap * tanh(scores / logit_cap), applied after sm_scale.
+    return logit_cap * torch.tanh(scores / logit_cap) if logit_cap > 0 else scores
+
+
+def path_nodes(tree: KVTree) -> list[list[int]]:
+    """Root-to-node path (node ids, root first) of every query, on the host."""
+    parent = tree.node_parent.tolist()
+    paths = []
+    for node in tree.query_node.tolist():
+        path = []
+        while node != -1:
+            path.append(node)
+            node = parent[node]
+        paths.append(path[::-1])
+    return paths
+
+
+def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0):
+    """Per query: gather its path's KV, softmax in fp32. Returns fp32 [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv = k_buffer.shape[1]
+    group = Hq // Hkv
+    indptr = tree.node_indptr.tolist()
+    kv_indices = tree.kv_indices.to(q.device).long()
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    for b, path in enumerate(path_nodes(tree)):
+        slots = torch.cat([kv_indices[indptr[n]:indptr[n + 1]] for n in path]) if path else kv_indices[:0]
+        if slots.numel() == 0:
+            continue  # a query with no KV gets zeros, like the kernels
+        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_buffer[slots].float().repeat_interleave(group, dim=1)
+        scores = _soft_cap(torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale, logit_cap)
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v)
+    return out
+
+
+def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0,
+                          out: torch.Tensor | None = None):
+    """Grouped KV-tree attention: every node's KV is read once for all queries below it.
+
+    Computes in fp32 and writes ``out`` (allocated in q's dtype when None). Queries with an empty
+    path get zeros.
+    """
+    B, Hq, D = q.shape
+    Hkv = k_buffer.shape[1]
+    group = Hq // Hkv
+    device = q.device
+    indptr = tree.node_indptr.tolist()
+    kv_indices = tree.kv_indices.to(device).long()
+    users: dict[int, list[int]] = {}
+    for b, path in enumerate(path_nodes(tree)):
+        for node in path:
+            users.setdefault(node, []).append(b)
+
+    m = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=device)  # running max
+    s = torch.zeros(B, Hq, dtype=torch.float32, device=device)  # running sum of exp
+    acc = torch.zeros(B, Hq, D, dtype=torch.float32, device=device)
+    qf = q.float()
+    for node, queries in users.items():
+        lo, hi = indptr[node], indptr[node + 1]
+        if hi == lo:
+            continue
+        slots = kv_indices[lo:hi]
+        k = k_buffer[slots].float()  # [L, Hkv, D], loaded once for the whole group
+        v = v_buffer[slots].float()
+        qi = torch.tensor(queries, device=device)
+        qg = qf[qi].view(len(queries), Hkv, group, D)
+        scores = _soft_cap(torch.einsum("nhgd,lhd->nhgl", qg, k) * sm_scale, logit_cap)
+        node_max = scores.amax(dim=-1)  # [n, Hkv, G]
+        p = torch.exp(scores - node_max[..., None])
+        node_sum = p.sum(-1).view(len(queries), Hq)
+        node_acc = torch.einsum("nhgl,lhd->nhgd", p, v).reshape(len(queries), Hq, D)
+        node_max = node_max.view(len(queries), Hq)
+        # Online-softmax merge of this node's partial into each query's running state.
+        new_m = torch.maximum(m[qi], node_max)
+        a_old = torch.exp(m[qi] - new_m)
+        a_new = torch.exp(node_max - new_m)
+        s[qi] = s[qi] * a_old + node_sum * a_new
+        acc[qi] = acc[qi] * a_old[..., None] + node_acc * a_new[..., None]
+        m[qi] = new_m
+    result = torch.where(s[..., None] > 0, acc / s.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
+    if out is None:
+        out = torch.empty_like(q)
+    out.copy_(result.to(out.dtype))
+    return out
+
+
+def plan_kv_reads(plan) -> list[list[int]]:
+    """Per query of a ``TreeDecodePlan``, the KV slots its partials cover, in merge order, read back
+    from the plan's buffers (synchronises; for tests and checks). A correct plan gives each query
+    exactly the slots of its path, once each."""
+    num_large, num_small, num_queries = plan.counts.tolist()
+    items = plan.items[:num_large + num_small].tolist()
+    qperm, indptr = plan.qperm.tolist(), plan.merge_indptr.tolist()
+    slots, kv = plan.merge_slots.tolist(), plan.kv_indices.tolist()
+    owner = {}
+    for i, (_, _, _, q_count, base) in enumerate(items):
+        for p in range(base, base + q_count):
+            owner[p] = i
+    reads = []
+    for b in range(num_queries):
+        got = []
+        for p in slots[indptr[b]:indptr[b + 1]]:
+            kv_start, kv_len, q_start, _, base = items[owner[p]]
+            if qperm[q_start + p - base] != b:
+                raise AssertionError(f"partial {p} in query {b}'s merge list belongs to query "
+                                     f"{qperm[q_start + p - base]}")
+            got += kv[kv_start:kv_start + kv_len]
+        reads.append(got)
+    return reads
