@@ -1,8 +1,0 @@
-"""Tree decode attention kernels (torch and triton only: this package never imports sglang)."""
-from .kv_tree import KVTree
-from .plan import PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode
-from .reference import attention_reference, tree_decode_reference
-from .tree_decode import Stage1Config, tree_decode
-
-__all__ = ["KVTree", "PlanCapacity", "Stage1Config", "TreeDecodePlan", "TreeDecodePlanner", "attention_reference",
-           "plan_tree_decode", "tree_decode", "tree_decode_reference"]
