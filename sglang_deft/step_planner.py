@@ -37,7 +37,7 @@ from sglang_deft.kernels import TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import ITEM_FIELDS
 from sglang_deft.kernels.staging import PinnedStagingRing
 from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
-from sglang_deft.tree_attention import with_padding_queries
+from sglang_deft.tree_attention import plan_graph_step
 
 # Steady steps a full plan leaves room for: a full plan every 65 steps of one batch. More room
 # amortises the full plans (~1.2 ms each on the H200 host, with room) over more steps; the cost is
@@ -140,11 +140,10 @@ class DecodeStepPlanner:
         # Room stops one short of the buffer's end: the steady update's unused entries write there.
         built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
                                    max_kv_tokens=self._scratch)
-        try:
-            plan = self.planner.plan(with_padding_queries(built.tree, num_queries), self.device, reuse=self.buffers)
-        except ValueError:
-            # Capacity (checked before anything is written): the caller runs the step eagerly with
-            # a plan of its own. Any other error comes back from that plan.
+        # None past the buffers' capacity (checked before anything is written): the caller runs
+        # the step eagerly with a plan of its own.
+        plan = plan_graph_step(self.buffers, built.tree, num_queries, self.planner.kv_dtype, self.planner)
+        if plan is None:
             return None
         self._state = self._steady_state(built, len(reqs), seq, num_queries)
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)
