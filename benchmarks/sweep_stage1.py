@@ -8,7 +8,8 @@ with L2 flushed before each replay), and its output checked against the fp32 ref
 
 Grids run in the order given, each around the best config so far (the lowest geomean time over the
 cases): ``blocks`` varies the KV block lengths and the pipeline depth; ``tiles`` varies tile rows
-(with their warps), separate launches and programs per SM; ``quick`` is one config for a smoke run. The
+(with their warps), separate launches and programs per SM; ``pack`` tries small items unpacked, the
+scores prefetch and programs per SM 2 and 8; ``quick`` is one config for a smoke run. The
 current default is always timed first, and its two stages apart (``stage1_us``, ``stage2_us``: a
 graph of one stage's launch each; their sum exceeds the step's median by one launch's overhead).
 
@@ -42,20 +43,23 @@ class Config:
     large_rows: int
     programs_per_sm: int
     launch: K.Stage1Config
+    pack_small_items: bool = True
 
     def key(self) -> str:
         c = self.launch
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
+                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}"
+                f"{'' if self.pack_small_items else ' unpacked'}{' prefetch' if c.prefetch_scores else ''}")
 
 
 def default_config() -> Config:
     return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, STAGES.stage1_config(128, PLAN.LARGE_ROWS))
 
 
-def _with(base: Config, large_rows=None, programs_per_sm=None, **launch) -> Config:
+def _with(base: Config, large_rows=None, programs_per_sm=None, pack_small_items=None, **launch) -> Config:
     return Config(large_rows or base.large_rows, programs_per_sm or base.programs_per_sm,
-                  dataclasses.replace(base.launch, **launch))
+                  dataclasses.replace(base.launch, **launch),
+                  base.pack_small_items if pack_small_items is None else pack_small_items)
 
 
 def blocks_grid(base: Config) -> list[Config]:
@@ -73,7 +77,12 @@ def quick_grid(base: Config) -> list[Config]:
     return [_with(base, num_stages=4)]
 
 
-GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
+def pack_grid(base: Config) -> list[Config]:
+    return [_with(base, pack_small_items=False), _with(base, prefetch_scores=True),
+            _with(base, programs_per_sm=2), _with(base, programs_per_sm=8)]
+
+
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "pack": pack_grid}
 
 
 class Case:
@@ -95,7 +104,8 @@ class Case:
     def plan(self, cfg: Config):
         c = self.case
         return K.plan_tree_decode(self.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim,
-                                  large_rows=cfg.large_rows, programs_per_sm=cfg.programs_per_sm)
+                                  large_rows=cfg.large_rows, programs_per_sm=cfg.programs_per_sm,
+                                  pack_small_items=cfg.pack_small_items)
 
 
 def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:

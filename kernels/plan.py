@@ -14,6 +14,14 @@ bigger groups use the large tile and, past ``large_rows`` rows, are split into s
 Each query tile reads the group's KV again: the cost is that KV's bytes once more per extra tile.
 Tiles of one chunk are launched next to each other so the repeat reads mostly hit L2.
 
+Packed small tiles. A small item of one query fills only ``group_size`` of the small tile's rows,
+and a short one (a private tail of a few hundred tokens) is a program that mostly waits: for its
+metadata, its first KV block, its stores. So consecutive one-query small items are packed into one
+program, up to ``SMALL_ROWS // group_size`` of them (one per ``group_size`` rows) and as many as fit
+the cost target below; the program walks their KV ranges back to back as one pipelined stream and
+each row attends only to its own item's tokens. Items keep their own partial slots, so the merge
+lists do not change.
+
 Chunks. Each (group, query tile) segment is cut into chunks of near-equal cost, from the model
     cost(chunk) = tokens * (KV_BYTES + padded_rows * 4 * head_dim / FLOP_PER_BYTE) + fixed(rows)
 in "bytes of HBM traffic" units: KV_BYTES is the chunk's K and V for one head; the math term
@@ -74,7 +82,9 @@ class TreeDecodePlan:
     qperm: torch.Tensor  # [B] int32, device: queries in tree preorder; groups are ranges of it
     items: torch.Tensor  # [I_cap, 5] int32, device: (kv_start, kv_len, q_start, q_count, slot);
     #                      large-tile items first, then small-tile items
-    counts: torch.Tensor  # [3] int32, device: (large items, small items, queries) in this step
+    counts: torch.Tensor  # [4] int32, device: (large items, small items, queries, small programs) in this step
+    small_programs: torch.Tensor  # [I_cap + 1] int32, device: small program p runs the small items
+    #                               [small_programs[p], small_programs[p + 1]) (counted from the first)
     merge_indptr: torch.Tensor  # [B_cap + 1] int32, device: query b's partials are
     merge_slots: torch.Tensor  # [M_cap] int32, device:   merge_slots[merge_indptr[b]:merge_indptr[b+1]]
     partial_out: torch.Tensor  # [P_cap, Hq, D] float32, device: per (chunk, query) normalised output
@@ -192,9 +202,10 @@ def _tree_groups(node_parent: np.ndarray, query_node: np.ndarray, nonempty: np.n
 
 
 def _chunk_counts(groups: _Groups, g_len: np.ndarray, *, num_kv_heads: int, num_sms: int, programs_per_sm: int,
-                  max_items: int | None) -> np.ndarray:
+                  max_items: int | None) -> tuple[np.ndarray, float]:
     """Chunks per group (every query tile of a group is cut alike), sized so that the step makes
-    about programs_per_sm programs per SM; see the module doc."""
+    about programs_per_sm programs per SM; see the module doc. Also returns the cost target of one
+    program."""
     n_tiles = len(groups.tile_group)
     if max_items is not None and n_tiles > max_items:
         raise ValueError(f"the tree needs {n_tiles} work items, more than the plan capacity {max_items}")
@@ -210,7 +221,7 @@ def _chunk_counts(groups: _Groups, g_len: np.ndarray, *, num_kv_heads: int, num_
     while max_items is not None and int(np.add.reduce(nchunks * groups.tiles)) > max_items:
         target *= 1.5
         nchunks = np.minimum(np.ceil(cost / target).astype(np.int64), max_chunks)
-    return nchunks
+    return nchunks, target
 
 
 class _Items(NamedTuple):
@@ -255,6 +266,30 @@ def _item_order(items: _Items, kv_len: np.ndarray, num_kv_tokens: int) -> np.nda
     return (items.small * (num_kv_tokens + 1) - kv_len).argsort(kind="stable")
 
 
+def _small_programs(items: _Items, order: np.ndarray, kv_len: np.ndarray, num_large: int, target: float, *,
+                    head_dim: int, kv_elem_bytes: int, per_program: int) -> np.ndarray:
+    """Packs the ordered small items into programs (module doc, "Packed small tiles"); returns the
+    programs' boundaries [P + 1], counted from the first small item.
+
+    Consecutive one-query items share a program while the midpoints of their costs fall in the same
+    multiple of ``target`` (so a program costs about ``target``, a long item stays alone) and at
+    most ``per_program`` of them; any other small item is a program of its own."""
+    small = order[num_large:]
+    n = len(small)
+    if per_program <= 1 or n <= 1:
+        return np.arange(n + 1)
+    cost = kv_len[small] * (2 * head_dim * kv_elem_bytes + SMALL_ROWS * 4 * head_dim / FLOP_PER_BYTE) \
+        + PROGRAM_LATENCY_BYTES
+    bins = ((np.add.accumulate(cost) - cost / 2) // target).astype(np.int64)
+    packable = items.q_count[small] == 1
+    breaks = np.ones(n, bool)
+    breaks[1:] = (bins[1:] != bins[:-1]) | ~packable[1:] | ~packable[:-1]
+    idx = np.arange(n)
+    run_start = np.maximum.accumulate(np.where(breaks, idx, 0))
+    starts = (breaks | ((idx - run_start) % per_program == 0)).nonzero()[0]
+    return np.append(starts, n)
+
+
 class _Merge(NamedTuple):
     """Everything an item order fixes: the items' query fields and the merge lists."""
 
@@ -297,8 +332,9 @@ class _ScheduleCache:
 
     def schedule(self, node_indptr: np.ndarray, node_parent: np.ndarray, query_node: np.ndarray, *,
                  group_size: int, head_dim: int, kv_elem_bytes: int, num_kv_heads: int, num_sms: int,
-                 large_rows: int, programs_per_sm: int, max_items: int | None):
-        """(qperm, kv_start [I], kv_len [I], order [I], merge): items before ordering and their order."""
+                 large_rows: int, programs_per_sm: int, max_items: int | None, per_program: int = 1):
+        """(qperm, kv_start [I], kv_len [I], order [I], merge, small_programs): items before
+        ordering, their order, the merge lists and the small programs' boundaries."""
         seg_len = node_indptr[1:] - node_indptr[:-1]
         nonempty = seg_len > 0
         # Everything the groups are a function of (an array is its dtype and bytes).
@@ -309,8 +345,8 @@ class _ScheduleCache:
                                         head_dim=head_dim, kv_elem_bytes=kv_elem_bytes, large_rows=large_rows)
             self._groups_key, self._nchunks = key, None
         groups = self._groups
-        nchunks = _chunk_counts(groups, seg_len[groups.node], num_kv_heads=num_kv_heads, num_sms=num_sms,
-                                programs_per_sm=programs_per_sm, max_items=max_items)
+        nchunks, target = _chunk_counts(groups, seg_len[groups.node], num_kv_heads=num_kv_heads, num_sms=num_sms,
+                                        programs_per_sm=programs_per_sm, max_items=max_items)
         nchunks_key = nchunks.tobytes()
         if nchunks_key != self._nchunks:
             self._items = _work_items(groups, nchunks, group_size=group_size, large_rows=large_rows)
@@ -322,7 +358,10 @@ class _ScheduleCache:
         if order_key != self._order:
             self._merge = _merge_lists(groups.qperm, items, order)
             self._order = order_key
-        return groups.qperm, kv_start, kv_len, order, self._merge
+        merge = self._merge
+        programs = _small_programs(items, order, kv_len, merge.num_large, target, head_dim=head_dim,
+                                   kv_elem_bytes=kv_elem_bytes, per_program=per_program)
+        return groups.qperm, kv_start, kv_len, order, merge, programs
 
 
 def _write_items(out: np.ndarray, kv_start: np.ndarray, kv_len: np.ndarray, order: np.ndarray,
@@ -341,7 +380,7 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
                    max_items: int | None = None):
     """The host half of planning: returns (qperm, items [I,5], num_large, merge_indptr, merge_slots,
     num_partials) as numpy int arrays. Pure; exposed for the planner-invariant tests."""
-    qperm, kv_start, kv_len, order, merge = _ScheduleCache().schedule(
+    qperm, kv_start, kv_len, order, merge, _ = _ScheduleCache().schedule(
         node_indptr, node_parent, query_node, group_size=group_size, head_dim=head_dim,
         kv_elem_bytes=kv_elem_bytes, num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,
         programs_per_sm=programs_per_sm, max_items=max_items)
@@ -375,7 +414,7 @@ class TreeDecodePlanner:
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
                  kv_dtype: torch.dtype = torch.bfloat16, large_rows: int = LARGE_ROWS,
-                 programs_per_sm: int = PROGRAMS_PER_SM) -> None:
+                 programs_per_sm: int = PROGRAMS_PER_SM, pack_small_items: bool = True) -> None:
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if large_rows < SMALL_ROWS or large_rows & (large_rows - 1):
@@ -385,6 +424,8 @@ class TreeDecodePlanner:
                              f"{large_rows} rows")
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.kv_dtype, self.large_rows, self.programs_per_sm = kv_dtype, large_rows, programs_per_sm
+        # One query's rows per packed item (module doc, "Packed small tiles"); 1: no packing.
+        self.items_per_small_program = max(1, SMALL_ROWS // (num_qo_heads // num_kv_heads)) if pack_small_items else 1
         self._cache = _ScheduleCache()
         self._staging: PinnedStagingRing | None = None  # for the plan's device, made at the first plan
         self._item_end: np.ndarray | None = None  # the last plan's items' KV ends, in item order
@@ -417,11 +458,11 @@ class TreeDecodePlanner:
         if reuse is not None:
             capacity = capacity or _capacity_of(reuse)
         query_node = _host_int32(tree.query_node)
-        qperm, kv_start, kv_len, order, merge = self._cache.schedule(
+        qperm, kv_start, kv_len, order, merge, programs = self._cache.schedule(
             _host_int32(tree.node_indptr), _host_int32(tree.node_parent), query_node,
             group_size=Hq // Hkv, head_dim=D, kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv,
             num_sms=_num_sms(device), large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
-            max_items=capacity.max_items if capacity else None)
+            max_items=capacity.max_items if capacity else None, per_program=self.items_per_small_program)
         B, T, I, M = len(query_node), tree.kv_indices.numel(), len(order), len(merge.merge_slots)
         if capacity is not None:
             _check_capacity(capacity, B, T, M, merge.num_partials)
@@ -437,7 +478,8 @@ class TreeDecodePlanner:
         # (seconds each, in the middle of serving).
         o_items = _aligned(cap_b)
         o_counts = _aligned(o_items + cap_i * ITEM_FIELDS)
-        o_indptr = _aligned(o_counts + 3)
+        o_programs = _aligned(o_counts + 4)
+        o_indptr = _aligned(o_programs + cap_i + 1)
         o_slots = _aligned(o_indptr + cap_b + 1)
         # Every field in one host buffer, in its place: one host-to-device copy moves them all.
         host = np.zeros(o_slots + M, np.int32)
@@ -445,7 +487,9 @@ class TreeDecodePlanner:
         _write_items(host[o_items:o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS), kv_start, kv_len, order,
                      merge)
         self._item_end = kv_start[order] + kv_len[order]
-        host[o_counts:o_counts + 3] = (merge.num_large, I - merge.num_large, B)
+        num_programs = len(programs) - 1
+        host[o_counts:o_counts + 4] = (merge.num_large, I - merge.num_large, B, num_programs)
+        host[o_programs:o_programs + num_programs + 1] = programs
         host[o_indptr:o_indptr + B + 1] = merge.merge_indptr
         host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing
         host[o_slots:] = merge.merge_slots
@@ -473,7 +517,8 @@ class TreeDecodePlanner:
         return TreeDecodePlan(
             meta=meta, kv_indices=kv_indices, qperm=meta[:cap_b],
             items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
-            counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
+            counts=meta[o_counts:o_counts + 4], small_programs=meta[o_programs:o_programs + cap_i + 1],
+            merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
             merge_slots=meta[o_slots:], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
@@ -482,7 +527,8 @@ class TreeDecodePlanner:
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      device: torch.device | str | None = None, *, kv_dtype: torch.dtype = torch.bfloat16,
                      large_rows: int = LARGE_ROWS, programs_per_sm: int = PROGRAMS_PER_SM,
-                     capacity: PlanCapacity | None = None, reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
+                     pack_small_items: bool = True, capacity: PlanCapacity | None = None,
+                     reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
     """Plan one decode step over ``tree``.
 
     ``device`` defaults to the device of ``tree.kv_indices``. Node and query metadata are read on
@@ -492,7 +538,7 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     later plan written into the same buffers via ``reuse=plan``.
     """
     planner = TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype, large_rows=large_rows,
-                                programs_per_sm=programs_per_sm)
+                                programs_per_sm=programs_per_sm, pack_small_items=pack_small_items)
     return planner.plan(tree, device, capacity=capacity, reuse=reuse)
 
 

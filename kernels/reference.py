@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .kv_tree import KVTree
+from .plan import SMALL_ROWS
 
 
 def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
@@ -100,12 +101,23 @@ def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, 
     return out
 
 
+def _check_small_programs(bounds: list[int], small_items: list[list[int]], group_size: int) -> None:
+    """The small programs run every small item once, in order; a program of several items holds
+    one-query items whose rows fit the small tile together."""
+    if bounds[0] != 0 or bounds[-1] != len(small_items) or any(b >= e for b, e in zip(bounds, bounds[1:])):
+        raise AssertionError(f"small programs {bounds} do not split the {len(small_items)} small items")
+    for b, e in zip(bounds, bounds[1:]):
+        if e - b > 1 and (any(small_items[i][3] != 1 for i in range(b, e)) or (e - b) * group_size > SMALL_ROWS):
+            raise AssertionError(f"small program over items {b}..{e - 1} packs what does not fit one tile")
+
+
 def plan_kv_reads(plan) -> list[list[int]]:
     """Per query of a ``TreeDecodePlan``, the KV slots its partials cover, in merge order, read back
     from the plan's buffers (synchronises; for tests and checks). A correct plan gives each query
     exactly the slots of its path, once each."""
-    num_large, num_small, num_queries = plan.counts.tolist()
+    num_large, num_small, num_queries, num_programs = plan.counts.tolist()
     items = plan.items[:num_large + num_small].tolist()
+    _check_small_programs(plan.small_programs[:num_programs + 1].tolist(), items[num_large:], plan.group_size)
     qperm, indptr = plan.qperm.tolist(), plan.merge_indptr.tolist()
     slots, kv = plan.merge_slots.tolist(), plan.kv_indices.tolist()
     owner = {}

@@ -3,7 +3,9 @@
 Stage 1, one program per (KV head, work item): a work item is a chunk of one node's KV and a tile
 of the queries that attend it (TreeDecodePlan). The tile's rows are (query, GQA head) pairs, so one
 load of a KV block feeds every query and every query head sharing that KV head through one
-tensor-core product. It writes each row's output normalised by its own softmax sum and the base-2
+tensor-core product. A small-tile program may run several one-query items back to back (the plan's
+small programs): their KV ranges form one stream of blocks and each row masks out the tokens of the
+other items. It writes each row's output normalised by its own softmax sum and the base-2
 log-sum-exp of its scores.
 
 Stage 2, one program per (query, block of heads): folds the query's partials along its path in the
@@ -36,6 +38,7 @@ def _attend_item(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -58,16 +61,32 @@ def _attend_item(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     qk_scale = sm_scale * LOG2E  # without a cap, one multiply per score scales and moves it to base 2
+    if PREFETCH:
+        n_ok0 = offs_n < kv_len
+        slot0 = tl.load(kv_indices + kv_start + offs_n, mask=n_ok0, other=0).to(tl.int64)
+        k0 = tl.load(K + slot0[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                     mask=n_ok0[:, None] & d_ok[None, :], other=0.0)
+        s_next = tl.dot(q, tl.trans(k0))
     for start in range(0, kv_len, BLOCK_N):
         n_ok = start + offs_n < kv_len
         kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if PREFETCH:
+            # The next block's scores are issued before this block's softmax, so the tensor cores
+            # work on them while the warps exponentiate (the result is only read next iteration).
+            s = s_next
+            nn_ok = start + BLOCK_N + offs_n < kv_len
+            slot_n = tl.load(kv_indices + kv_start + start + BLOCK_N + offs_n, mask=nn_ok, other=0).to(tl.int64)
+            k_n = tl.load(K + slot_n[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                          mask=nn_ok[:, None] & d_ok[None, :], other=0.0)
+            s_next = tl.dot(q, tl.trans(k_n))
         else:
-            s = tl.dot(q, tl.trans(k))
+            k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
         if USE_CAP:
             s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
         else:
@@ -94,13 +113,97 @@ def _attend_item(
 
 
 @triton.jit
+def _attend_small_program(
+    Q, K, V, kv_indices, qperm, items, first, count, kv_head, partial_out, partial_lse,
+    sm_scale, logit_cap,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGS: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+):
+    # Items first .. first + count - 1. Several (count > 1) are one-query items, item s owning rows
+    # [s * GROUP, (s + 1) * GROUP); one item may hold several queries, as in _attend_item.
+    segs = tl.arange(0, SEGS)
+    seg_ok = segs < count
+    seg_start = tl.load(items + (first + segs) * 5, mask=seg_ok, other=0)
+    seg_len = tl.load(items + (first + segs) * 5 + 1, mask=seg_ok, other=0)
+    # The items' KV ranges laid end to end: item s holds stream positions [seg_end - seg_len, seg_end).
+    seg_end = tl.cumsum(seg_len, 0)
+    seg_shift = seg_start - (seg_end - seg_len)  # stream position + shift = position in kv_indices
+    total = tl.sum(seg_len, 0)
+
+    rows = tl.arange(0, BLOCK_M)
+    packed = count > 1
+    row_seg = tl.where(packed, rows // GROUP, 0)
+    q_local = tl.where(packed, 0, rows // GROUP)
+    head = kv_head * GROUP + rows % GROUP
+    row_item = first + row_seg
+    row_has_item = row_seg < count
+    q_start = tl.load(items + row_item * 5 + 2, mask=row_has_item, other=0)
+    q_count = tl.load(items + row_item * 5 + 3, mask=row_has_item, other=0)
+    slot = tl.load(items + row_item * 5 + 4, mask=row_has_item, other=0)
+    row_ok = row_has_item & (q_local < q_count)
+    qid = tl.load(qperm + q_start + q_local, mask=row_ok, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + qid[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # A finite start: a row sees blocks with none of its tokens (all scores -inf), where -inf - -inf
+    # would make the rescale NaN. Real scores are far above -1e30, so the first real block resets it.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    qk_scale = sm_scale * LOG2E
+    for start in range(0, total, BLOCK_N):
+        pos = start + offs_n
+        n_ok = pos < total
+        # Each token's item, and its place in kv_indices, from the (few) items' stream ranges.
+        in_seg = (pos[:, None] >= seg_end[None, :] - seg_len[None, :]) & (pos[:, None] < seg_end[None, :])
+        tok_seg = tl.sum(tl.where(in_seg, segs[None, :], 0), 1)
+        tok_pos = pos + tl.sum(tl.where(in_seg, seg_shift[None, :], 0), 1)
+        kv_slot = tl.load(kv_indices + tok_pos, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if USE_CAP:
+            s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
+        else:
+            s = s * qk_scale
+        s = tl.where(n_ok[None, :] & (row_seg[:, None] == tok_seg[None, :]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_slot[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # Every item has kv_len >= 1, so l_i > 0 on every row that is stored; rows of no item saw no
+    # token (l_i == 0) and are not stored.
+    l_i = tl.where(row_ok, l_i, 1.0)
+    out_row = (slot + q_local).to(tl.int64)
+    tl.store(partial_out + out_row[:, None] * stride_pp + head[:, None] * stride_ph + offs_d[None, :],
+             acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
 def _tree_decode_stage1(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, items, counts, small_programs, partial_out, partial_lse,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
-    SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr,
+    SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, SEGS: tl.constexpr,
+    USE_CAP: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
@@ -111,22 +214,26 @@ def _tree_decode_stage1(
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
     num_large = tl.load(counts)
     if TILES == 2:
-        item = num_large + pid
+        program = pid
         is_large = False
-        in_range = pid < tl.load(counts + 1)
+        in_range = pid < tl.load(counts + 3)
     else:
-        item = pid
+        program = pid - num_large
         is_large = pid < num_large
-        in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 1)
+        in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 3)
     if in_range:
         if is_large:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, items, pid, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE,
+                         PREFETCH)
         elif TILES != 1:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+            lo = tl.load(small_programs + program)
+            hi = tl.load(small_programs + program + 1)
+            _attend_small_program(Q, K, V, kv_indices, qperm, items, num_large + lo, hi - lo, kv_head,
+                                  partial_out, partial_lse, sm_scale, logit_cap, stride_qb, stride_qh, stride_kn,
+                                  stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM,
+                                  BLOCK_D, SMALL_M, SMALL_N, SEGS, USE_CAP, IEEE)
 
 
 @triton.jit
@@ -173,6 +280,7 @@ class Stage1Config:
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
+    prefetch_scores: bool = False  # experiment: large tiles issue the next block's QK before the softmax
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -228,12 +336,14 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
         compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, plan.small_programs, po, pl,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
-            SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small,
+            SEGS=triton.next_power_of_2(max(1, SMALL_ROWS // plan.group_size)), USE_CAP=logit_cap > 0,
+            IEEE=q.dtype == torch.float32, TILES=tiles, PREFETCH=cfg.prefetch_scores and q.dtype != torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 

@@ -73,6 +73,35 @@ def test_groups_split_into_query_tiles(large_rows):
     torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
 
 
+def packed_tails_tree() -> KVTree:
+    # A shared root, a node two queries end at (a small item that cannot be packed: two queries),
+    # and twelve one-query tails of lengths around and off every block size.
+    tails = [1, 7, 33, 5, 129, 2, 64, 3, 17, 40, 1, 90]
+    return make_tree([-1, 0] + [0] * len(tails), [40, 9] + tails, [1, 1] + list(range(2, len(tails) + 2)))
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (16, 2)], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("dtype,cap", [(torch.float32, 0.0), (torch.float16, 0.0), (torch.float32, 2.0)],
+                         ids=["fp32", "fp16", "fp32-cap"])
+def test_small_programs_pack_one_query_items(hq, hkv, dtype, cap):
+    tree = packed_tails_tree()
+    g = torch.Generator().manual_seed(1)
+    slots = int(tree.kv_indices.max()) + 1
+    q = torch.randn(tree.num_queries, hq, 64, generator=g).to(DEVICE, dtype)
+    k = torch.randn(slots, hkv, 64, generator=g).to(DEVICE, dtype)
+    v = torch.randn(slots, hkv, 64, generator=g).to(DEVICE, dtype)
+    ref = attention_reference(q, k, v, tree, 0.125, cap)
+    # One program per SM: the tails are far below a program's cost target, so they are packed.
+    plan = plan_tree_decode(tree, hq, hkv, 64, device=DEVICE, kv_dtype=dtype, programs_per_sm=1)
+    bounds = plan.small_programs[:int(plan.counts[3]) + 1].tolist()
+    assert max(e - b for b, e in zip(bounds, bounds[1:])) > 1
+    torch.testing.assert_close(tree_decode(q, k, v, plan, 0.125, cap).float(), ref, atol=ATOL[dtype], rtol=0)
+    unpacked = plan_tree_decode(tree, hq, hkv, 64, device=DEVICE, kv_dtype=dtype, programs_per_sm=1,
+                                pack_small_items=False)
+    assert int(unpacked.counts[3]) == int(unpacked.counts[1])  # one program per small item
+    torch.testing.assert_close(tree_decode(q, k, v, unpacked, 0.125, cap).float(), ref, atol=ATOL[dtype], rtol=0)
+
+
 def test_matches_grouped_pytorch_path():
     out, _, (q, k, v, plan, scale, cap) = run_case(TREES["random_forest"], 8, 2, 64, torch.float32)
     grouped = tree_decode_reference(q, k, v, TREES["random_forest"], scale, cap)

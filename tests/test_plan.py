@@ -110,9 +110,10 @@ def test_plan_cpu_time_256_queries_300_nodes():
 
 def plan_arrays(plan: TreeDecodePlan, num_kv_tokens: int) -> dict:
     """The plan's contents that a step defines (capacity buffers hold stale entries past them)."""
-    num_large, num_small, B = plan.counts.tolist()
+    num_large, num_small, B, num_programs = plan.counts.tolist()
     indptr = plan.merge_indptr[:B + 1]
     return dict(qperm=plan.qperm[:B], items=plan.items[:num_large + num_small], counts=plan.counts,
+                small_programs=plan.small_programs[:num_programs + 1],
                 merge_indptr=plan.merge_indptr, merge_slots=plan.merge_slots[:int(indptr[-1])],
                 kv_indices=plan.kv_indices[:num_kv_tokens],
                 grid=(plan.grid_items, plan.grid_queries, plan.num_queries),
@@ -187,7 +188,7 @@ def test_planner_covers_every_pair_exactly_once():
     planner = TreeDecodePlanner(16, 4, 32, large_rows=16)
     for tree in decode_steps(3):
         plan = planner.plan(tree, "cpu")
-        num_large, num_small, _ = plan.counts.tolist()
+        num_large, num_small, *_ = plan.counts.tolist()
         sched = (plan.qperm.numpy(), plan.items[:num_large + num_small].numpy(), num_large,
                  plan.merge_indptr.numpy(), plan.merge_slots.numpy(), None)
         indptr = tree.node_indptr.tolist()
