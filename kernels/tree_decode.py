@@ -126,10 +126,17 @@ def _attend_small_program(
     seg_ok = segs < count
     seg_start = tl.load(items + (first + segs) * 5, mask=seg_ok, other=0)
     seg_len = tl.load(items + (first + segs) * 5 + 1, mask=seg_ok, other=0)
-    # The items' KV ranges laid end to end: item s holds stream positions [seg_end - seg_len, seg_end).
+    # The items' KV ranges laid end to end as one stream: item s holds stream positions
+    # [seg_begin, seg_begin + seg_len); a position p >= seg_begin of the last item that starts at or
+    # before it reads kv_indices[p + shift of that item]. Items past ``count`` begin at ``total``.
     seg_end = tl.cumsum(seg_len, 0)
-    seg_shift = seg_start - (seg_end - seg_len)  # stream position + shift = position in kv_indices
+    seg_begin = seg_end - seg_len
     total = tl.sum(seg_len, 0)
+    prev_ok = seg_ok & (segs > 0)
+    prev_start = tl.load(items + (first + segs - 1) * 5, mask=prev_ok, other=0)
+    prev_len = tl.load(items + (first + segs - 1) * 5 + 1, mask=prev_ok, other=0)
+    # Each item's shift minus the previous item's: a token's shift is the sum over the items begun.
+    shift_step = (seg_start - seg_begin) - tl.where(prev_ok, prev_start - (seg_begin - prev_len), 0)
 
     rows = tl.arange(0, BLOCK_M)
     packed = count > 1
@@ -142,6 +149,10 @@ def _attend_small_program(
     q_count = tl.load(items + row_item * 5 + 3, mask=row_has_item, other=0)
     slot = tl.load(items + row_item * 5 + 4, mask=row_has_item, other=0)
     row_ok = row_has_item & (q_local < q_count)
+    # The stream positions each row attends: its own item's.
+    row_len = tl.load(items + row_item * 5 + 1, mask=row_has_item, other=0)
+    row_begin = tl.sum(tl.where(row_seg[:, None] == segs[None, :], seg_begin[None, :], 0), 1)
+    row_end = row_begin + row_len
     qid = tl.load(qperm + q_start + q_local, mask=row_ok, other=0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -158,11 +169,8 @@ def _attend_small_program(
     for start in range(0, total, BLOCK_N):
         pos = start + offs_n
         n_ok = pos < total
-        # Each token's item, and its place in kv_indices, from the (few) items' stream ranges.
-        in_seg = (pos[:, None] >= seg_end[None, :] - seg_len[None, :]) & (pos[:, None] < seg_end[None, :])
-        tok_seg = tl.sum(tl.where(in_seg, segs[None, :], 0), 1)
-        tok_pos = pos + tl.sum(tl.where(in_seg, seg_shift[None, :], 0), 1)
-        kv_slot = tl.load(kv_indices + tok_pos, mask=n_ok, other=0).to(tl.int64)
+        shift = tl.sum(tl.where(pos[:, None] >= seg_begin[None, :], shift_step[None, :], 0), 1)
+        kv_slot = tl.load(kv_indices + pos + shift, mask=n_ok, other=0).to(tl.int64)
         k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if IEEE:
@@ -173,7 +181,7 @@ def _attend_small_program(
             s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
         else:
             s = s * qk_scale
-        s = tl.where(n_ok[None, :] & (row_seg[:, None] == tok_seg[None, :]), s, float("-inf"))
+        s = tl.where((pos[None, :] >= row_begin[:, None]) & (pos[None, :] < row_end[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
