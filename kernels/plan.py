@@ -24,8 +24,11 @@ sized so that the whole step makes about ``PROGRAMS_PER_SM`` programs per SM (of
 never shorter than ``MIN_CHUNK_TOKENS``.
 
 Merge. Every (chunk, query) produces one partial (output normalised by its own softmax sum, plus
-its log-sum-exp in base 2). Query b's partials are listed in ``merge_slots[merge_indptr[b]:...]``
-in a fixed order, which stage 2 folds sequentially: no atomics, bitwise deterministic.
+its log-sum-exp in base 2). Stage 1 stores it in the row ``partial_rows[slot]`` of the partial
+buffers, where ``slot`` numbers the partials item after item; the rows are in merge order, so query
+b's partials are rows ``merge_indptr[b]:merge_indptr[b + 1]``, in a fixed order (the items'), which
+stage 2 folds sequentially: no atomics, bitwise deterministic. Contiguous rows spare stage 2 a
+dependent load per partial (a merge list of slots to gather through).
 
 Host cost. At decode sizes (hundreds of nodes) a numpy operation costs ~0.5 us whatever it computes,
 so the host code keeps their number down (about a hundred per plan): the preorder by pointer
@@ -75,8 +78,9 @@ class TreeDecodePlan:
     items: torch.Tensor  # [I_cap, 5] int32, device: (kv_start, kv_len, q_start, q_count, slot);
     #                      large-tile items first, then small-tile items
     counts: torch.Tensor  # [3] int32, device: (large items, small items, queries) in this step
-    merge_indptr: torch.Tensor  # [B_cap + 1] int32, device: query b's partials are
-    merge_slots: torch.Tensor  # [M_cap] int32, device:   merge_slots[merge_indptr[b]:merge_indptr[b+1]]
+    merge_indptr: torch.Tensor  # [B_cap + 1] int32, device: query b's partials are the partial rows
+    #                             merge_indptr[b]:merge_indptr[b + 1]
+    partial_rows: torch.Tensor  # [M_cap] int32, device: the partial row of each slot (module doc, "Merge")
     partial_out: torch.Tensor  # [P_cap, Hq, D] float32, device: per (chunk, query) normalised output
     partial_lse: torch.Tensor  # [P_cap, Hq] float32, device: per (chunk, query) log2-sum-exp
     num_qo_heads: int
@@ -263,7 +267,8 @@ class _Merge(NamedTuple):
     slot: np.ndarray  # [I] the item's first partial
     num_large: int
     merge_indptr: np.ndarray  # [B + 1]
-    merge_slots: np.ndarray  # [M]
+    merge_slots: np.ndarray  # [M] the slots in merge order
+    partial_rows: np.ndarray  # [M] the inverse: each slot's place in merge order
     num_partials: int
 
 
@@ -280,7 +285,9 @@ def _merge_lists(qperm: np.ndarray, items: _Items, order: np.ndarray) -> _Merge:
     merge_indptr = np.zeros(B + 1, dtype=np.int64)
     np.add.accumulate(np.bincount(query_of_slot, minlength=B), out=merge_indptr[1:])
     num_large = len(order) - int(np.count_nonzero(items.small))
-    return _Merge(q_start, q_count, slot, num_large, merge_indptr, merge_slots, num_partials)
+    partial_rows = np.empty_like(merge_slots)
+    partial_rows[merge_slots] = np.arange(len(merge_slots))
+    return _Merge(q_start, q_count, slot, num_large, merge_indptr, merge_slots, partial_rows, num_partials)
 
 
 class _ScheduleCache:
@@ -448,7 +455,7 @@ class TreeDecodePlanner:
         host[o_counts:o_counts + 3] = (merge.num_large, I - merge.num_large, B)
         host[o_indptr:o_indptr + B + 1] = merge.merge_indptr
         host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing
-        host[o_slots:] = merge.merge_slots
+        host[o_slots:] = merge.partial_rows
         if capacity is None:
             meta = self._upload(host, device)
             kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32)
@@ -474,7 +481,7 @@ class TreeDecodePlanner:
             meta=meta, kv_indices=kv_indices, qperm=meta[:cap_b],
             items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
             counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
-            merge_slots=meta[o_slots:], partial_out=partial_out,
+            partial_rows=meta[o_slots:], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 
@@ -499,7 +506,7 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
 def _capacity_of(plan: TreeDecodePlan) -> PlanCapacity:
     return PlanCapacity(max_queries=plan.qperm.numel(), max_kv_tokens=plan.kv_indices.numel(),
                         max_items=plan.items.shape[0], max_partials=plan.partial_out.shape[0],
-                        max_merge=plan.merge_slots.numel())
+                        max_merge=plan.partial_rows.numel())
 
 
 def _check_capacity(cap: PlanCapacity, B: int, T: int, M: int, P: int) -> None:

@@ -107,15 +107,21 @@ def plan_kv_reads(plan) -> list[list[int]]:
     num_large, num_small, num_queries = plan.counts.tolist()
     items = plan.items[:num_large + num_small].tolist()
     qperm, indptr = plan.qperm.tolist(), plan.merge_indptr.tolist()
-    slots, kv = plan.merge_slots.tolist(), plan.kv_indices.tolist()
+    kv = plan.kv_indices.tolist()
     owner = {}
     for i, (_, _, _, q_count, base) in enumerate(items):
         for p in range(base, base + q_count):
             owner[p] = i
+    # Stage 1 stores slot p's partial in row partial_rows[p]; stage 2 reads rows in order.
+    rows = plan.partial_rows[:len(owner)].tolist()
+    slot_of_row = {r: p for p, r in enumerate(rows)}
+    if len(owner) != indptr[num_queries] or sorted(slot_of_row) != list(range(len(owner))):
+        raise AssertionError(f"the {len(owner)} partials are not stored one per row of the "
+                             f"{indptr[num_queries]} rows stage 2 merges")
     reads = []
     for b in range(num_queries):
         got = []
-        for p in slots[indptr[b]:indptr[b + 1]]:
+        for p in (slot_of_row[r] for r in range(indptr[b], indptr[b + 1])):
             kv_start, kv_len, q_start, _, base = items[owner[p]]
             if qperm[q_start + p - base] != b:
                 raise AssertionError(f"partial {p} in query {b}'s merge list belongs to query "

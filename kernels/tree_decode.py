@@ -6,8 +6,9 @@ load of a KV block feeds every query and every query head sharing that KV head t
 tensor-core product. It writes each row's output normalised by its own softmax sum and the base-2
 log-sum-exp of its scores.
 
-Stage 2, one program per (query, block of heads): folds the query's partials along its path in the
-plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
+Stage 2, one program per (query, head): folds the query's partials along its path in the plan's
+fixed order with the online-softmax rule. Stage 1 stores each partial in its row of merge order,
+so a query's partials are contiguous rows. Gathers only: no atomics, deterministic.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _soft_cap(scores, logit_cap):
 
 @triton.jit
 def _attend_item(
-    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_rows, partial_out, partial_lse,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -86,8 +87,10 @@ def _attend_item(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # kv_len >= 1 for every item, so l_i > 0 on every row.
-    out_row = (slot + q_local).to(tl.int64)
+    # kv_len >= 1 for every item, so l_i > 0 on every row. Each row's partial goes to its row of
+    # merge order (loaded here: held across the loop, the rows cost 20 more registers per thread,
+    # past the 128 that four programs per SM allow).
+    out_row = tl.load(partial_rows + slot + q_local, mask=row_ok, other=0).to(tl.int64)
     tl.store(partial_out + out_row[:, None] * stride_pp + head[:, None] * stride_ph + offs_d[None, :],
              acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
@@ -95,7 +98,7 @@ def _attend_item(
 
 @triton.jit
 def _tree_decode_stage1(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, items, counts, partial_rows, partial_out, partial_lse,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
@@ -120,23 +123,24 @@ def _tree_decode_stage1(
         in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 1)
     if in_range:
         if is_large:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_rows, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
         elif TILES != 1:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_rows, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
 
 @triton.jit
 def _tree_decode_stage2(
-    partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
+    partial_out, partial_lse, merge_indptr, counts, Out,
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (query, head). BLOCK_P partials are loaded at once, so a query's merge costs
-    # one or two memory round trips rather than one per partial along its path.
+    # One program per (query, head). The query's partials are the contiguous rows lo..hi (stage 1
+    # stored them in merge order), loaded BLOCK_P at once: one memory round trip after the bounds
+    # for most queries, not one per partial along the path.
     b = tl.program_id(0)
     head = tl.program_id(1)
     if b >= tl.load(counts + 2):
@@ -151,9 +155,9 @@ def _tree_decode_stage2(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_P):
         p_ok = start + offs_p < hi
-        slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
-        lse = tl.load(partial_lse + slot * stride_lp + head, mask=p_ok, other=float("-inf"))
-        o = tl.load(partial_out + slot[:, None] * stride_pp + head * stride_ph + offs_d[None, :],
+        row = (start + offs_p).to(tl.int64)
+        lse = tl.load(partial_lse + row * stride_lp + head, mask=p_ok, other=float("-inf"))
+        o = tl.load(partial_out + row[:, None] * stride_pp + head * stride_ph + offs_d[None, :],
                     mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
         w = tl.exp2(lse - m_new)
@@ -228,7 +232,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
         compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, plan.partial_rows, po, pl,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
@@ -244,6 +248,6 @@ def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
     _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
-        po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
+        po, pl, plan.merge_indptr, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=16, num_warps=2)

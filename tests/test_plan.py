@@ -113,7 +113,7 @@ def plan_arrays(plan: TreeDecodePlan, num_kv_tokens: int) -> dict:
     num_large, num_small, B = plan.counts.tolist()
     indptr = plan.merge_indptr[:B + 1]
     return dict(qperm=plan.qperm[:B], items=plan.items[:num_large + num_small], counts=plan.counts,
-                merge_indptr=plan.merge_indptr, merge_slots=plan.merge_slots[:int(indptr[-1])],
+                merge_indptr=plan.merge_indptr, partial_rows=plan.partial_rows[:int(indptr[-1])],
                 kv_indices=plan.kv_indices[:num_kv_tokens],
                 grid=(plan.grid_items, plan.grid_queries, plan.num_queries),
                 partials=(tuple(plan.partial_out.shape), tuple(plan.partial_lse.shape)))
@@ -188,8 +188,10 @@ def test_planner_covers_every_pair_exactly_once():
     for tree in decode_steps(3):
         plan = planner.plan(tree, "cpu")
         num_large, num_small, _ = plan.counts.tolist()
+        # The slots in merge order: the inverse of the rows the slots are stored in.
+        merge_slots = np.argsort(plan.partial_rows[:int(plan.merge_indptr[-1])].numpy())
         sched = (plan.qperm.numpy(), plan.items[:num_large + num_small].numpy(), num_large,
-                 plan.merge_indptr.numpy(), plan.merge_slots.numpy(), None)
+                 plan.merge_indptr.numpy(), merge_slots, None)
         indptr = tree.node_indptr.tolist()
         expected = {(b, pos) for b, path in enumerate(path_nodes(tree)) for n in path
                     for pos in range(indptr[n], indptr[n + 1])}
@@ -237,6 +239,6 @@ def test_metadata_fields_start_on_16_bytes(num_queries, capacity):
                   torch.tensor([-1] + [0] * B, dtype=torch.int32), torch.arange(1, B + 1, dtype=torch.int32))
     plan = plan_tree_decode(tree, 8, 2, 32, "cpu", kv_dtype=torch.float16, capacity=capacity)
     base = plan.meta.data_ptr()
-    for field in (plan.qperm, plan.items, plan.counts, plan.merge_indptr, plan.merge_slots):
+    for field in (plan.qperm, plan.items, plan.counts, plan.merge_indptr, plan.partial_rows):
         assert (field.data_ptr() - base) % 16 == 0
     assert plan.counts.tolist()[2] == B and plan.qperm.numel() == (capacity.max_queries if capacity else B)
