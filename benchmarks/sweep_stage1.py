@@ -46,7 +46,7 @@ class Config:
     def key(self) -> str:
         c = self.launch
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
+                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''} idx{c.index_mode}")
 
 
 def default_config() -> Config:
@@ -73,7 +73,12 @@ def quick_grid(base: Config) -> list[Config]:
     return [_with(base, num_stages=4)]
 
 
-GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
+def idx_grid(base: Config) -> list[Config]:
+    return [_with(base, index_mode=1), _with(base, index_mode=2), _with(base, index_mode=1, num_stages=4),
+            _with(base, index_mode=1, num_stages=2)]
+
+
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "idx": idx_grid}
 
 
 class Case:

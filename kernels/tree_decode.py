@@ -36,6 +36,7 @@ def _attend_item(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+    IDX: tl.constexpr = 0,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -58,9 +59,22 @@ def _attend_item(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     qk_scale = sm_scale * LOG2E  # without a cap, one multiply per score scales and moves it to base 2
+    if IDX == 1:
+        idx0 = tl.load(kv_indices + kv_start + offs_n, mask=offs_n < kv_len, other=0)
+        idx1 = tl.load(kv_indices + kv_start + BLOCK_N + offs_n, mask=BLOCK_N + offs_n < kv_len, other=0)
     for start in range(0, kv_len, BLOCK_N):
         n_ok = start + offs_n < kv_len
-        kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
+        if IDX == 1:
+            # indices carried two blocks ahead: the K/V addresses depend on no load of this iteration
+            kv_slot = idx0.to(tl.int64)
+            idx0 = idx1
+            nxt = start + 2 * BLOCK_N + offs_n
+            idx1 = tl.load(kv_indices + kv_start + nxt, mask=nxt < kv_len, other=0)
+        elif IDX == 2:
+            # timing probe only (wrong unless the slots are contiguous): no indirection at all
+            kv_slot = (tl.load(kv_indices + kv_start) + start + offs_n).to(tl.int64)
+        else:
+            kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
         k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
@@ -100,7 +114,7 @@ def _tree_decode_stage1(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr, IDX: tl.constexpr = 0,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
@@ -122,11 +136,11 @@ def _tree_decode_stage1(
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE, IDX)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE, IDX)
 
 
 @triton.jit
@@ -173,6 +187,7 @@ class Stage1Config:
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
+    index_mode: int = 0  # experiment: 1 carried indices, 2 contiguous probe
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -233,7 +248,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            IEEE=q.dtype == torch.float32, TILES=tiles, IDX=cfg.index_mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 
