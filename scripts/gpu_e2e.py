@@ -101,11 +101,8 @@ MODELS = {
                prefix=2000, branches=16, new_tokens=32, nested_tokens=16, tokenizer=False,
                max_total_tokens=32768, min_budget_s=210),
 }
-# --sampling-backend pytorch: a batch mixing greedy requests (top_k=1) with sampled ones (sglang.lang's
-# fork sends its prefix-caching requests with default sampling params) takes the top-k/top-p sampler,
-# whose FlashInfer kernel is JIT-compiled on first use: ~80 s, stalling the first server on a fresh
-# GPU host mid-program (measured in the e2e logs of 2026-11-30; with this flag the program took 2.5 s on a
-# fresh host, d49ecce). Greedy batches use argmax either way.
+# --sampling-backend pytorch: FlashInfer's top-k/top-p sampler would be JIT-compiled mid-program (~80 s) on
+# a fresh GPU host; measured and explained at COMMON_ARGS in benchmarks/bench_e2e.py.
 GPU_ARGS = ["--attention-backend", "triton", "--disable-cuda-graph", "--grammar-backend", "none",
             "--log-level", "info", "--decode-log-interval", "8", "--mem-fraction-static", "0.8",
             "--max-running-requests", "64", "--sampling-backend", "pytorch"]
