@@ -45,35 +45,55 @@ class Config:
 
     def key(self) -> str:
         c = self.launch
-        return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
+
+        def tile(t):
+            return f"N{t.block_n} w{t.num_warps} s{t.num_stages}{f' r{t.maxnreg}' if t.maxnreg else ''}"
+        split = (f"; {'small' if c.small_first else 'large'} first{' pdl' if c.pdl else ''}"
+                 if c.separate_launches else "")
+        return f"rows {self.large_rows} ppsm {self.programs_per_sm}; large {tile(c.large)}, small {tile(c.small)}{split}"
 
 
 def default_config() -> Config:
     return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, STAGES.stage1_config(128, PLAN.LARGE_ROWS))
 
 
-def _with(base: Config, large_rows=None, programs_per_sm=None, **launch) -> Config:
-    return Config(large_rows or base.large_rows, programs_per_sm or base.programs_per_sm,
-                  dataclasses.replace(base.launch, **launch))
+def _with(base: Config, large_rows=None, programs_per_sm=None, large=None, small=None, **launch) -> Config:
+    """``base`` with the given fields replaced; ``large`` / ``small``: dicts of TileLaunch fields."""
+    c = base.launch
+    c = dataclasses.replace(c, large=dataclasses.replace(c.large, **(large or {})),
+                            small=dataclasses.replace(c.small, **(small or {})), **launch)
+    return Config(large_rows or base.large_rows, programs_per_sm or base.programs_per_sm, c)
+
+
+def _both(**fields) -> dict:
+    return dict(large=fields, small=fields)
 
 
 def blocks_grid(base: Config) -> list[Config]:
-    return [_with(base, block_n_large=nl, block_n_small=ns, num_stages=st)
+    return [_with(base, large=dict(block_n=nl, num_stages=st), small=dict(block_n=ns, num_stages=st))
             for nl, ns, st in ((32, 32, 2), (32, 32, 4), (64, 32, 3), (64, 64, 2), (64, 64, 3), (32, 16, 3), (16, 16, 4))]
 
 
 def tiles_grid(base: Config) -> list[Config]:
-    return [_with(base, large_rows=128, num_warps=8), _with(base, large_rows=128, num_warps=8, block_n_large=64),
+    return [_with(base, large_rows=128, **_both(num_warps=8)),
+            _with(base, large_rows=128, large=dict(num_warps=8, block_n=64), small=dict(num_warps=8)),
             _with(base, large_rows=32), _with(base, programs_per_sm=2), _with(base, programs_per_sm=6),
-            _with(base, separate_launches=True)]
+            _with(base, separate_launches=True, pdl=False)]
+
+
+def split_grid(base: Config) -> list[Config]:
+    """Two launches: 128-row tiles on 8 warps with 64-token blocks, two stages and 128 registers
+    (two programs per SM), beside the small tiles as they are; in both orders, with and without PDL."""
+    big = dict(block_n=64, num_warps=8, num_stages=2, maxnreg=128)
+    return [_with(base, large_rows=128, large=big, separate_launches=True, small_first=sf, pdl=pdl, programs_per_sm=pp)
+            for sf, pdl, pp in ((True, True, 4), (False, True, 4), (True, False, 4), (True, True, 3), (True, True, 2))]
 
 
 def quick_grid(base: Config) -> list[Config]:
-    return [_with(base, num_stages=4)]
+    return [_with(base, **_both(num_stages=4))]
 
 
-GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "split": split_grid, "quick": quick_grid}
 
 
 class Case:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .plan import SMALL_ROWS, TreeDecodePlan
 
@@ -100,12 +101,19 @@ def _tree_decode_stage1(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
     # which limits how many small-tile programs an SM keeps resident. TILES 1 / 2: large / small
     # tiles only, for two launches each sized to its own tiles.
+    # PDL (two launches, programmatic dependent launch): 1, the first launch lets the second start
+    # at once, so the second's programs take the SM slots the first's free as it drains (otherwise
+    # the second launch starts only after the first's slowest program); 2, the second launch waits
+    # at its end for the first to finish, so that its completion, which stage 2 waits for, implies
+    # the first's.
+    if PDL == 1:
+        gdc_launch_dependents()
     kv_head = tl.program_id(0)
     pid = tl.program_id(1)
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
@@ -127,6 +135,8 @@ def _tree_decode_stage1(
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+    if PDL == 2:
+        gdc_wait()
 
 
 @triton.jit
@@ -167,12 +177,24 @@ def _tree_decode_stage2(
 
 
 @dataclass(frozen=True)
-class Stage1Config:
-    block_n_large: int  # KV tokens per block for large tiles
-    block_n_small: int  # KV tokens per block for small tiles
+class TileLaunch:
+    """How one tile size's programs run: KV tokens per block, warps, pipeline depth, register cap."""
+
+    block_n: int
     num_warps: int
     num_stages: int
-    separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
+    maxnreg: int | None = None
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    large: TileLaunch
+    small: TileLaunch
+    # Large and small tiles in two launches, each with its own warps and shared memory; with one
+    # launch, the large tiles' warps, stages and register cap apply to both.
+    separate_launches: bool = False
+    small_first: bool = True  # order of the two launches
+    pdl: bool = True  # the second launch overlaps the first's tail (PDL in _tree_decode_stage1)
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -189,7 +211,8 @@ def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
     deep, fit in shared memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
     """
     block_n = 32 // max(1, head_dim // 128)
-    return Stage1Config(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
+    warps = 8 if large_rows * head_dim > 64 * 128 else 4
+    return Stage1Config(TileLaunch(block_n, warps, 3), TileLaunch(block_n, warps, 3))
 
 
 def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: TreeDecodePlan,
@@ -225,15 +248,27 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
         return None
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
+    if cfg.separate_launches:
+        launches = [(1, cfg.large), (2, cfg.small)]
+        if cfg.small_first:
+            launches.reverse()
+    else:
+        launches = [(0, cfg.large)]
+    # PDL needs Hopper or later; the CPU interpreter runs no inline assembly.
+    pdl = cfg.pdl and len(launches) == 2 and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     compiled = None
-    for tiles in ((1, 2) if cfg.separate_launches else (0,)):
+    for n, (tiles, tl_cfg) in enumerate(launches):
+        extra = {"maxnreg": tl_cfg.maxnreg} if tl_cfg.maxnreg and q.is_cuda else {}
+        if pdl and n == 1:
+            extra["launch_pdl"] = True
         compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
-            SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SMALL_M=SMALL_ROWS, LARGE_N=cfg.large.block_n, SMALL_N=cfg.small.block_n, USE_CAP=logit_cap > 0,
+            IEEE=q.dtype == torch.float32, TILES=tiles, PDL=n + 1 if pdl else 0, num_warps=tl_cfg.num_warps,
+            num_stages=tl_cfg.num_stages, **extra)
     return compiled
 
 
