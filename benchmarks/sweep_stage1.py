@@ -46,7 +46,7 @@ class Config:
     def key(self) -> str:
         c = self.launch
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
+                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}{' mix' if c.interleave else ''}")
 
 
 def default_config() -> Config:
@@ -69,11 +69,17 @@ def tiles_grid(base: Config) -> list[Config]:
             _with(base, separate_launches=True)]
 
 
+def mix_grid(base: Config) -> list[Config]:
+    """Large and small items interleaved in launch order, at 4 and 2 programs per SM, 64 and 128 rows."""
+    return [_with(base, interleave=True), _with(base, interleave=True, programs_per_sm=2),
+            _with(base, interleave=True, large_rows=128, num_warps=8)]
+
+
 def quick_grid(base: Config) -> list[Config]:
     return [_with(base, num_stages=4)]
 
 
-GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "mix": mix_grid, "quick": quick_grid}
 
 
 class Case:

@@ -100,7 +100,7 @@ def _tree_decode_stage1(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr, INTERLEAVE: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
@@ -114,6 +114,16 @@ def _tree_decode_stage1(
         item = num_large + pid
         is_large = False
         in_range = pid < tl.load(counts + 1)
+    elif INTERLEAVE and TILES == 0:
+        # Large and small items alternate in launch order in proportion to their numbers, so the
+        # SMs run both kinds side by side (large tiles bound by the tensor-core chain, small ones by
+        # DRAM) instead of all large, then all small. Each kind keeps its own order.
+        total = num_large + tl.load(counts + 1)
+        n_large = num_large.to(tl.int64)
+        lo = (pid * n_large) // tl.maximum(total, 1)
+        is_large = ((pid + 1) * n_large) // tl.maximum(total, 1) > lo
+        item = tl.where(is_large, lo, num_large + pid - lo).to(tl.int32)
+        in_range = pid < total
     else:
         item = pid
         is_large = pid < num_large
@@ -173,6 +183,7 @@ class Stage1Config:
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
+    interleave: bool = False  # large and small items alternate in launch order (one launch only)
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -233,7 +244,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            IEEE=q.dtype == torch.float32, TILES=tiles, INTERLEAVE=cfg.interleave, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 

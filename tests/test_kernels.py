@@ -131,3 +131,11 @@ def test_separate_launches_compute_the_same(name):
     cfg = stage1_config(64, plan.large_rows)
     split = tree_decode(q, k, v, plan, scale, cap, config=dataclasses.replace(cfg, separate_launches=True))
     assert torch.equal(out, split)
+
+
+@pytest.mark.parametrize("name", ["random_forest", "fanout_256", "one_node"])
+def test_interleaved_launch_order_computes_the_same(name):
+    """Large and small items interleaved in launch order run the same items: bitwise the same output."""
+    out, _, (q, k, v, plan, scale, cap) = run_case(TREES[name], 8, 2, 64, torch.float16)
+    cfg = dataclasses.replace(stage1_config(64, plan.large_rows), interleave=True)
+    assert torch.equal(out, tree_decode(q, k, v, plan, scale, cap, config=cfg))
