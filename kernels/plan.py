@@ -79,6 +79,8 @@ class TreeDecodePlan:
     merge_slots: torch.Tensor  # [M_cap] int32, device:   merge_slots[merge_indptr[b]:merge_indptr[b+1]]
     partial_out: torch.Tensor  # [P_cap, Hq, D] float32, device: per (chunk, query) normalised output
     partial_lse: torch.Tensor  # [P_cap, Hq] float32, device: per (chunk, query) log2-sum-exp
+    merge_count: torch.Tensor  # [B_cap, Hq] int32, device: partials stage 1 has stored per (query, head)
+    #                            in this launch; zero between launches (stage 2 resets what it read)
     num_qo_heads: int
     num_kv_heads: int
     head_dim: int
@@ -454,17 +456,19 @@ class TreeDecodePlanner:
             kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32)
             partial_out = torch.empty(max(cap_p, 1), Hq, D, dtype=torch.float32, device=device)
             partial_lse = torch.empty(max(cap_p, 1), Hq, dtype=torch.float32, device=device)
+            merge_count = torch.zeros(max(B, 1), Hq, dtype=torch.int32, device=device)
         else:
             if reuse is None:
                 meta = torch.zeros(o_slots + cap_m, dtype=torch.int32, device=device)
                 kv_indices = torch.empty(cap_t, dtype=torch.int32, device=device)
                 partial_out = torch.empty(cap_p, Hq, D, dtype=torch.float32, device=device)
                 partial_lse = torch.empty(cap_p, Hq, dtype=torch.float32, device=device)
+                merge_count = torch.zeros(cap_b, Hq, dtype=torch.int32, device=device)
             else:
                 if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim) != (Hq, Hkv, D):
                     raise ValueError("reuse= plan was made for another head configuration")
                 meta, kv_indices = reuse.meta, reuse.kv_indices
-                partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
+                partial_out, partial_lse, merge_count = reuse.partial_out, reuse.partial_lse, reuse.merge_count
             if tree.kv_indices.data_ptr() != kv_indices.data_ptr():
                 kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
             # else the tree was built in place (DecodeKVTreeBuilder's kv_out)
@@ -475,7 +479,8 @@ class TreeDecodePlanner:
             items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
             counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
             merge_slots=meta[o_slots:], partial_out=partial_out,
-            partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
+            partial_lse=partial_lse, merge_count=merge_count, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+            large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 
 

@@ -6,16 +6,28 @@ load of a KV block feeds every query and every query head sharing that KV head t
 tensor-core product. It writes each row's output normalised by its own softmax sum and the base-2
 log-sum-exp of its scores.
 
-Stage 2, one program per (query, block of heads): folds the query's partials along its path in the
-plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
+Stage 2, one program per (query, head): folds the query's partials along its path in the plan's
+fixed order with the online-softmax rule. Gathers only, in a fixed order: deterministic.
+
+Overlap. Stage 2 would otherwise start only once stage 1's slowest program is done, and then spend
+its own start-up (merge lists, partials from L2) while the SMs idle. On Hopper and later it is
+launched as a programmatic dependent of stage 1 instead: its programs take the SM slots stage 1's
+programs free as they finish, and each waits only for its own (query, head)'s partials. Stage 1
+counts the partials it has stored per (query, head) (``plan.merge_count``: one atomic add per row,
+with release semantics, after a barrier that orders every thread's stores before it); a stage-2
+program polls its count until it reaches its number of partials, reads it with acquire semantics
+and resets it to zero for the next launch. No stage-1 program ever waits on stage 2, and stage 2 is
+launched only after every stage-1 program has started, so the wait cannot deadlock.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .plan import SMALL_ROWS, TreeDecodePlan
 
@@ -31,9 +43,9 @@ def _soft_cap(scores, logit_cap):
 
 @triton.jit
 def _attend_item(
-    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, merge_count,
     sm_scale, logit_cap,
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp, stride_cb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -91,21 +103,26 @@ def _attend_item(
     tl.store(partial_out + out_row[:, None] * stride_pp + head[:, None] * stride_ph + offs_d[None, :],
              acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
+    # Count the rows for stage 2 once every thread's stores are done (see the module doc).
+    tl.debug_barrier()
+    tl.atomic_add(merge_count + qid * stride_cb + head, 1, mask=row_ok, sem="release", scope="gpu")
 
 
 @triton.jit
 def _tree_decode_stage1(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, merge_count,
     sm_scale, logit_cap,
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp, stride_cb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr, OVERLAP: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
     # which limits how many small-tile programs an SM keeps resident. TILES 1 / 2: large / small
     # tiles only, for two launches each sized to its own tiles.
+    if OVERLAP:
+        gdc_launch_dependents()  # stage 2 may launch once every program of this grid has started
     kv_head = tl.program_id(0)
     pid = tl.program_id(1)
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
@@ -120,20 +137,25 @@ def _tree_decode_stage1(
         in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 1)
     if in_range:
         if is_large:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, merge_count,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, stride_cb, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
         elif TILES != 1:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, merge_count,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+                         stride_pp, stride_ph, stride_lp, stride_cb, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+
+
+@triton.jit
+def _backoff():
+    tl.inline_asm_elementwise("nanosleep.u32 128; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _tree_decode_stage2(
-    partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
-    stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    partial_out, partial_lse, merge_indptr, merge_slots, counts, merge_count, Out,
+    stride_pp, stride_ph, stride_lp, stride_cb, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, OVERLAP: tl.constexpr,
 ):
     # One program per (query, head). BLOCK_P partials are loaded at once, so a query's merge costs
     # one or two memory round trips rather than one per partial along its path.
@@ -146,15 +168,24 @@ def _tree_decode_stage2(
     offs_p = tl.arange(0, BLOCK_P)
     lo = tl.load(merge_indptr + b)
     hi = tl.load(merge_indptr + b + 1)
+    count = merge_count + b * stride_cb + head
+    if OVERLAP:  # stage 1 may still be running: wait for this (query, head)'s partials
+        while tl.load(count, volatile=True) < hi - lo:
+            _backoff()
+    # Acquire: the counted partials are visible below. Reset: the next launch counts from zero.
+    tl.atomic_xchg(count, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
     m = float("-inf")
     denom = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_P):
         p_ok = start + offs_p < hi
         slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
-        lse = tl.load(partial_lse + slot * stride_lp + head, mask=p_ok, other=float("-inf"))
+        # .cg: from L2, never from this SM's L1, which may hold lines read before stage 1 wrote them
+        # (the log-sum-exps of several heads share a line).
+        lse = tl.load(partial_lse + slot * stride_lp + head, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
         o = tl.load(partial_out + slot[:, None] * stride_pp + head * stride_ph + offs_d[None, :],
-                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=p_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m, tl.max(lse, 0))
         w = tl.exp2(lse - m_new)
         alpha = tl.exp2(m - m_new)
@@ -228,12 +259,13 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
         compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, plan.merge_count,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
-            v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
+            v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0), plan.merge_count.stride(0),
             GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            IEEE=q.dtype == torch.float32, TILES=tiles, OVERLAP=overlap_stages(q.device), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
     return compiled
 
 
@@ -243,7 +275,20 @@ def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
         return
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
+    overlap = overlap_stages(out.device)
     _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
-        po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
-        po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=16, num_warps=2)
+        po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, plan.merge_count, out,
+        po.stride(0), po.stride(1), pl.stride(0), plan.merge_count.stride(0), out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=16, OVERLAP=overlap, num_warps=2,
+        **({"launch_pdl": True} if overlap else {}))
+
+
+def overlap_stages(device: torch.device) -> bool:
+    """Whether stage 2 overlaps stage 1 (module doc): programmatic dependent launch needs Hopper or
+    later, and the CPU interpreter runs no inline assembly."""
+    return device.type == "cuda" and _compute_major(device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
