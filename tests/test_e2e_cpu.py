@@ -91,6 +91,12 @@ def assert_same_generation(deft_ids, deft_lps, ref_ids, ref_lps):
     assert deft_lps == pytest.approx(ref_lps, abs=LOGPROB_ATOL)
 
 
+def assert_same_output(out: dict, ref: dict) -> None:
+    """Two ``/generate`` responses (with ``return_logprob``): the same tokens, logprobs close."""
+    assert_same_generation(out["output_ids"], token_logprobs(out["meta_info"]),
+                           ref["output_ids"], token_logprobs(ref["meta_info"]))
+
+
 def greedy(max_new_tokens=MAX_TOKENS, **extra) -> dict:
     return {"temperature": 0, "max_new_tokens": max_new_tokens, **extra}
 
@@ -112,8 +118,7 @@ def test_parallel_sampling_n_matches(servers):
     for name in DEFT_SERVERS:
         assert len(outs[name]) == 4
         for deft, ref in zip(outs[name], outs["reference"]):
-            assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
-                                   ref["output_ids"], token_logprobs(ref["meta_info"]))
+            assert_same_output(deft, ref)
 
 
 def test_shared_prefix_batch_matches(servers):
@@ -122,8 +127,7 @@ def test_shared_prefix_batch_matches(servers):
     outs = {name: server.generate(payload) for name, server in servers.items()}
     for name in DEFT_SERVERS:
         for deft, ref in zip(outs[name], outs["reference"]):
-            assert_same_generation(deft["output_ids"], token_logprobs(deft["meta_info"]),
-                                   ref["output_ids"], token_logprobs(ref["meta_info"]))
+            assert_same_output(deft, ref)
     assert len({tuple(o["output_ids"]) for o in outs["reference"]}) > 1  # the branches really differ
 
 

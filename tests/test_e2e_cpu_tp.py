@@ -15,7 +15,7 @@ import pytest
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import serving
-from test_e2e_cpu import CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, greedy, token_logprobs
+from test_e2e_cpu import CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_output, greedy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,7 @@ def test_tp2_generates_what_tp1_does(tp_servers):
     for payload in (batch, sampled):
         outs = {name: server.generate(payload) for name, server in tp_servers.items()}
         for tp2, tp1 in zip(outs["tp2"], outs["tp1"]):
-            assert_same_generation(tp2["output_ids"], token_logprobs(tp2["meta_info"]),
-                                   tp1["output_ids"], token_logprobs(tp1["meta_info"]))
+            assert_same_output(tp2, tp1)
     rows = parse_sharing_lines(tp_servers["tp2"].log())
     assert rows and max(r["ratio"] for r in rows) > 2.0  # the branches' shared prompt was read once
     assert "TP1" in tp_servers["tp2"].log()  # a second rank really ran

@@ -21,7 +21,7 @@ import pytest
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import serving
-from test_e2e_cpu import CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, greedy, token_logprobs
+from test_e2e_cpu import CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_output, greedy
 
 LONG = 40  # tokens
 
@@ -61,8 +61,7 @@ def test_triton_path_in_a_live_scheduler_matches_the_reference(servers):
         deft, ref = (deft if isinstance(deft, list) else [deft]), (ref if isinstance(ref, list) else [ref])
         assert len(deft) == len(ref) == (3 if key == "forked" else 1)
         for d, r in zip(deft, ref):
-            assert_same_generation(d["output_ids"], token_logprobs(d["meta_info"]),
-                                   r["output_ids"], token_logprobs(r["meta_info"]))
+            assert_same_output(d, r)
 
     rows = parse_sharing_lines(servers["deft"].log())
     steps, steady = sum(r["steps"] for r in rows), sum(r["steady_steps"] for r in rows)
