@@ -2,7 +2,8 @@
 
 A config is the planner's (large_rows, programs_per_sm) and a ``Stage1Config``. Each is timed over
 the benchmark's trees as bench_kernels.py times (one call in a CUDA graph, replayed under do_bench
-with L2 flushed before each replay), and its output checked against the fp32 reference (bench_kernels.check: absolute and per-query relative error).
+with L2 flushed before each replay), and its output checked against the fp32 reference (bench_kernels.check: absolute and per-query relative error)
+and against the eager step's, bitwise (``replays_equal_eager``).
 
     python benchmarks/sweep_stage1.py --out $OUT [--cases p4k_16,nosharing] [--grids blocks,tiles]
 
@@ -108,6 +109,7 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
         compiled = STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc)
         STAGES.launch_stage2(plan, out)
         torch.cuda.synchronize()
+        eager = out.clone()
         if compiled is not None:
             cell.update(shared_bytes=compiled.metadata.shared, regs=compiled.n_regs, spills=compiled.n_spills)
         g = torch.cuda.CUDAGraph()
@@ -116,7 +118,8 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
             K.tree_decode(q, k, v, plan, scale, out=out, config=lc)
         med, p20, p80 = triton.testing.do_bench(g.replay, rep=rep, quantiles=[0.5, 0.2, 0.8])
         # The output of the timed replays, against bench_kernels' criterion (absolute and per-query relative)
-        cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, **check(out, case.ref))
+        cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, **check(out, case.ref),
+                    replays_equal_eager=bool(torch.equal(out, eager)))
         if split:
             for name, fn in (("stage1_us", lambda: STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc)),
                              ("stage2_us", lambda: STAGES.launch_stage2(plan, out))):
