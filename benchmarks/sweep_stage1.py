@@ -46,7 +46,8 @@ class Config:
     def key(self) -> str:
         c = self.launch
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
-                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
+                f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}"
+                f"{'' if c.merge_in_stage1 else ' stage2'}")
 
 
 def default_config() -> Config:
@@ -73,7 +74,13 @@ def quick_grid(base: Config) -> list[Config]:
     return [_with(base, num_stages=4)]
 
 
-GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
+def merge_grid(base: Config) -> list[Config]:
+    """The merge as its own launch (stage 2) after stage 1, against the default's merge by the last
+    program to store a query's partial."""
+    return [_with(base, merge_in_stage1=not base.launch.merge_in_stage1)]
+
+
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "merge": merge_grid}
 
 
 class Case:
@@ -105,9 +112,11 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
     out = torch.full_like(q, float("nan"))
     cell = {"items": plan.grid_items}
     try:
-        compiled = STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc)
-        STAGES.launch_stage2(plan, out)
+        compiled = STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc, out)
+        if not lc.merge_in_stage1:
+            STAGES.launch_stage2(plan, out)
         torch.cuda.synchronize()
+        eager = out.clone()
         if compiled is not None:
             cell.update(shared_bytes=compiled.metadata.shared, regs=compiled.n_regs, spills=compiled.n_spills)
         g = torch.cuda.CUDAGraph()
@@ -116,9 +125,10 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
             K.tree_decode(q, k, v, plan, scale, out=out, config=lc)
         med, p20, p80 = triton.testing.do_bench(g.replay, rep=rep, quantiles=[0.5, 0.2, 0.8])
         # The output of the timed replays, against bench_kernels' criterion (absolute and per-query relative)
-        cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, **check(out, case.ref))
-        if split:
-            for name, fn in (("stage1_us", lambda: STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc)),
+        cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, **check(out, case.ref),
+                    replays_equal_eager=bool(torch.equal(out, eager)))
+        if split and not lc.merge_in_stage1:
+            for name, fn in (("stage1_us", lambda: STAGES.launch_stage1(q, k, v, plan, scale, 0.0, lc, out)),
                              ("stage2_us", lambda: STAGES.launch_stage2(plan, out))):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):

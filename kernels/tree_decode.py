@@ -30,12 +30,52 @@ def _soft_cap(scores, logit_cap):
 
 
 @triton.jit
+def _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out,
+                 stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+                 GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    # Folds query b's partials merge_slots[lo:hi] for the GROUP heads of one KV head, BLOCK_P
+    # partials per load, in list order (so the result does not depend on which program merges).
+    # Loads go to L2 (.cg): other programs wrote the partials during this launch, and an L1 line
+    # read earlier by this SM could be stale.
+    offs_p = tl.arange(0, BLOCK_P)
+    g = tl.arange(0, GROUP_P)
+    g_ok = g < GROUP
+    heads = kv_head * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_P):
+        p_ok = start + offs_p < hi
+        slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
+        lse = tl.load(partial_lse + slot[:, None] * stride_lp + heads[None, :],
+                      mask=p_ok[:, None] & g_ok[None, :], other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(partial_out + slot[:, None, None] * stride_pp + heads[None, :, None] * stride_ph
+                    + offs_d[None, None, :],
+                    mask=p_ok[:, None, None] & g_ok[None, :, None] & d_ok[None, None, :], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        w = tl.exp2(lse - m_new[None, :])
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        denom = denom * alpha + tl.sum(w, 0)
+        m = m_new
+    res = acc / denom[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             res.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _attend_item(
     Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-    sm_scale, logit_cap,
+    merge_indptr, merge_slots, arrivals, Out, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
+    stride_ob, stride_oh, stride_ab,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_CAP: tl.constexpr, IEEE: tl.constexpr, MERGE: tl.constexpr,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -91,16 +131,72 @@ def _attend_item(
     tl.store(partial_out + out_row[:, None] * stride_pp + head[:, None] * stride_ph + offs_d[None, :],
              acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
+    if MERGE:
+        _arrive_and_merge(qperm, q_start, q_count, kv_head, partial_out, partial_lse, merge_indptr,
+                          merge_slots, arrivals, Out, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+                          stride_ab, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_P)
+
+
+@triton.jit
+def _arrive_and_merge(qperm, q_start, q_count, kv_head, partial_out, partial_lse, merge_indptr, merge_slots,
+                      arrivals, Out, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
+                      GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Stage 2 inside stage 1: every (query, KV head) counts the partials stored for it, and the
+    # program that stores the last one merges them. Nothing ever waits for another program, so no
+    # schedule of the grid (or a CUDA graph's replay of it) can deadlock. The barrier orders every
+    # thread's partial stores before the arrival (an acq_rel atomic at GPU scope, as CUTLASS's
+    # split-K semaphore does); the arrival's acquire orders the merge's loads after the others'.
+    qi = tl.arange(0, BLOCK_Q)
+    qi_ok = qi < q_count
+    b = tl.load(qperm + q_start + qi, mask=qi_ok, other=0)
+    lo = tl.load(merge_indptr + b, mask=qi_ok, other=0)
+    hi = tl.load(merge_indptr + b + 1, mask=qi_ok, other=0)
+    tl.debug_barrier()
+    counter = arrivals + b.to(tl.int64) * stride_ab + kv_head
+    seen = tl.atomic_add(counter, 1, mask=qi_ok, sem="acq_rel", scope="gpu")
+    last = qi_ok & (seen + 1 == hi - lo)
+    if tl.max(last.to(tl.int32), 0) > 0:
+        # Back to zero for the next launch (a later layer of the step): nobody else arrives here now.
+        tl.store(counter, 0, mask=last)
+        for i in range(0, q_count):
+            mine = qi == i
+            if tl.max((mine & last).to(tl.int32), 0) > 0:
+                _merge_query(tl.sum(tl.where(mine, b, 0), 0), kv_head, tl.sum(tl.where(mine, lo, 0), 0),
+                             tl.sum(tl.where(mine, hi, 0), 0), partial_out, partial_lse, merge_slots, Out,
+                             stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+                             GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P)
+
+
+@triton.jit
+def _zero_rows(qperm, items, item, kv_head, Out, stride_ob, stride_oh,
+               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # An item over no KV: its queries' paths hold no KV at all (CUDA-graph padding queries, or an
+    # all-empty path), so no partial will ever arrive for them; their output is zeros.
+    q_start = tl.load(items + item * 5 + 2)
+    q_count = tl.load(items + item * 5 + 3)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for r0 in range(0, q_count * GROUP, BLOCK_M):
+        r = r0 + rows
+        ok = r < q_count * GROUP
+        qid = tl.load(qperm + q_start + r // GROUP, mask=ok, other=0).to(tl.int64)
+        head = kv_head * GROUP + r % GROUP
+        tl.store(Out + qid[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty),
+                 mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
 def _tree_decode_stage1(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
-    SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr,
+    stride_ob, stride_oh, stride_ab,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    LARGE_M: tl.constexpr, SMALL_M: tl.constexpr, LARGE_Q: tl.constexpr, SMALL_Q: tl.constexpr,
+    LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, BLOCK_P: tl.constexpr, USE_CAP: tl.constexpr,
+    IEEE: tl.constexpr, TILES: tl.constexpr, MERGE: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
@@ -121,12 +217,23 @@ def _tree_decode_stage1(
     if in_range:
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+                         merge_indptr, merge_slots, arrivals, Out, sm_scale, logit_cap,
+                         stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
+                         GROUP, GROUP_P, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_Q, LARGE_N, BLOCK_P, USE_CAP, IEEE,
+                         MERGE)
         elif TILES != 1:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+            # Items over no KV come last (the planner appends them to the small items).
+            if tl.load(items + item * 5 + 1) == 0:
+                _zero_rows(qperm, items, item, kv_head, Out, stride_ob, stride_oh, GROUP, HEAD_DIM, BLOCK_D,
+                           SMALL_M)
+            else:
+                _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+                             merge_indptr, merge_slots, arrivals, Out, sm_scale, logit_cap,
+                             stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                             stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
+                             GROUP, GROUP_P, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_Q, SMALL_N, BLOCK_P, USE_CAP,
+                             IEEE, MERGE)
 
 
 @triton.jit
@@ -173,6 +280,7 @@ class Stage1Config:
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
+    merge_in_stage1: bool = True  # the last program to store a query's partial merges them (no stage-2 launch)
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -211,29 +319,38 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if out is None:
         out = torch.empty_like(q)
     cfg = config or stage1_config(D, plan.large_rows)
-    launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg)
-    launch_stage2(plan, out)
+    launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg, out)
+    if not cfg.merge_in_stage1:
+        launch_stage2(plan, out)
     return out
 
 
 def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, logit_cap: float,
-                  cfg: Stage1Config):
-    """Partial attention of every work item into the plan's partial buffers; returns Triton's
-    compiled kernel of the (last) launch (its metadata tells shared memory and registers), or None
-    when nothing ran."""
+                  cfg: Stage1Config, out: torch.Tensor):
+    """Partial attention of every work item into the plan's partial buffers (and, with
+    ``cfg.merge_in_stage1``, their merge into ``out``); returns Triton's compiled kernel of the
+    (last) launch (its metadata tells shared memory and registers), or None when nothing ran."""
     if not plan.grid_items:
         return None
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
+    group = plan.group_size
+    group_p = triton.next_power_of_2(group)
+    block_d = triton.next_power_of_2(D)
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
         compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+            plan.merge_indptr, plan.merge_slots, plan.arrivals, out,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
-            SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out.stride(0), out.stride(1), plan.arrivals.stride(0),
+            GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_D=block_d, LARGE_M=plan.large_rows,
+            SMALL_M=SMALL_ROWS, LARGE_Q=triton.next_power_of_2(max(plan.large_rows // group, 1)),
+            SMALL_Q=triton.next_power_of_2(max(SMALL_ROWS // group, 1)), LARGE_N=cfg.block_n_large,
+            SMALL_N=cfg.block_n_small, BLOCK_P=max(1, min(16, 4096 // (group_p * block_d))),
+            USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32, TILES=tiles, MERGE=cfg.merge_in_stage1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 

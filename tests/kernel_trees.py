@@ -37,6 +37,8 @@ def named_trees() -> dict[str, KVTree]:
         "inner_queries": make_tree([-1, 0, 1, 1, 2], [40, 1, 1, 1, 1], [0, 1, 2, 3, 4, 4]),
         "forest": make_tree([-1, -1, 0, 1, 1], [20, 31, 5, 6, 7], [2, 3, 4, 0]),
         "unused_and_empty_nodes": make_tree([-1, 0, 0, 1, 2], [17, 0, 9, 5, 3], [3, 3]),
+        # Queries 0, 2, 3, 5 have no KV on their paths (as CUDA-graph padding queries): zeros.
+        "empty_paths": make_tree([-1, 0, -1, 2, -1], [0, 5, 0, 0, 4], [0, 1, 2, 3, 1, 3, 4]),
         "no_sharing": make_tree([-1, -1, -1], [70, 1, 130], [0, 1, 2]),
         "random_forest": random_forest(30, 24, 40, seed=3),
     }

@@ -85,6 +85,18 @@ def test_deterministic_bitwise():
     assert torch.equal(out, again)
 
 
+def test_every_launch_leaves_the_arrival_counters_at_zero():
+    """The program storing a query's last partial merges and resets its counter, so the next layer's
+    launch with the same plan counts from zero; queries without KV are written (zeros), not skipped."""
+    tree = TREES["empty_paths"]
+    out, ref, (q, k, v, plan, scale, cap) = run_case(tree, 8, 2, 64, torch.float32)
+    assert not plan.arrivals.any()
+    again = torch.full_like(out, float("nan"))
+    tree_decode(q, k, v, plan, scale, cap, out=again)
+    assert torch.equal(again, out)
+    assert torch.all(out[[0, 2, 3, 5]] == 0) and torch.all(out[[1, 4, 6]] != 0)
+
+
 def test_fixed_capacity_plan_replays_with_new_tree():
     """A plan written into fixed buffers serves a later, different tree through the same launch."""
     cap = PlanCapacity(max_queries=16, max_kv_tokens=512, max_items=64, max_partials=256, max_merge=256)
