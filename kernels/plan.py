@@ -62,10 +62,6 @@ FLOP_PER_BYTE = 100.0  # tl.dot FLOP rate / HBM bytes rate Triton reaches on H10
 PROGRAM_LATENCY_BYTES = 16 * 1024  # a program's start-up cost, in bytes the SM could have moved
 PROGRAMS_PER_SM = 4  # H200 sweep over 1/2/4/8 (benchmarks/results/sweep_stage1_h200.md): 4 best overall
 MIN_CHUNK_TOKENS = 128
-# Items a fixed capacity keeps for the queries without KV (one item per run of them in preorder: a
-# CUDA graph's padding queries are one run). Kept whether or not a step has such queries, so that
-# eager steps and graph replays under one capacity chunk alike.
-ZERO_ITEMS_RESERVED = 1
 ITEM_FIELDS = 5  # kv_start, kv_len, q_start, q_count, slot
 
 
@@ -78,12 +74,12 @@ class TreeDecodePlan:
     qperm: torch.Tensor  # [B] int32, device: queries in tree preorder; groups are ranges of it
     items: torch.Tensor  # [I_cap, 5] int32, device: (kv_start, kv_len, q_start, q_count, slot);
     #                      large-tile items first, then small-tile items
-    counts: torch.Tensor  # [3] int32, device: (large items, small items, queries) in this step; the
-    #                       small items end with the items over no KV (see _Groups.zero_q_start)
+    counts: torch.Tensor  # [3] int32, device: (large items, small items, queries) in this step
     merge_indptr: torch.Tensor  # [B_cap + 1] int32, device: query b's partials are
     merge_slots: torch.Tensor  # [M_cap] int32, device:   merge_slots[merge_indptr[b]:merge_indptr[b+1]]
-    arrivals: torch.Tensor  # [B_cap, Hkv] int32, device: partials stored so far per (query, KV head);
-    #                         zero between launches (the program that stores the last one resets it)
+    tickets: torch.Tensor  # [1] int32, device: programs started in the running launch (0 between launches)
+    arrivals: torch.Tensor  # [B_cap, Hkv] int32, device: partials stored per (query, KV head) in the
+    #                         running launch (0 between launches)
     partial_out: torch.Tensor  # [P_cap, Hq, D] float32, device: per (chunk, query) normalised output
     partial_lse: torch.Tensor  # [P_cap, Hq] float32, device: per (chunk, query) log2-sum-exp
     num_qo_heads: int
@@ -105,7 +101,7 @@ class PlanCapacity:
 
     max_queries: int
     max_kv_tokens: int
-    max_items: int  # work items per KV head, ZERO_ITEMS_RESERVED of them kept for queries without KV
+    max_items: int
     max_partials: int
     max_merge: int
 
@@ -129,8 +125,6 @@ class _Groups(NamedTuple):
     tile_group: np.ndarray  # [n_tiles] every query tile's group, group after group
     cost_per_token: np.ndarray  # [G] float: the cost model's per-token term of the group's tiles
     fixed_cost: int  # the cost model's fixed terms, summed over all tiles
-    zero_q_start: np.ndarray  # [Z] runs of queries (qperm positions) whose paths hold no KV: they get
-    zero_q_count: np.ndarray  # [Z]  an item over no KV each, which writes their zeros
 
 
 def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
@@ -197,16 +191,7 @@ def _tree_groups(node_parent: np.ndarray, query_node: np.ndarray, nonempty: np.n
     rows = n_small * SMALL_ROWS + (n_tiles - n_small) * large_rows
     fixed_cost = (n_tiles * PROGRAM_LATENCY_BYTES + rows * head_dim * kv_elem_bytes
                   + 2 * int(np.add.reduce(q_n)) * group_size * head_dim * 4)
-    # Queries no group covers (no KV on their path), as runs of qperm positions.
-    B = len(query_node)
-    cover = np.add.accumulate((np.bincount(q_lo, minlength=B + 1) - np.bincount(q_hi, minlength=B + 1))[:B])
-    zero = (cover == 0).nonzero()[0]
-    run_start = np.ones(len(zero), bool)
-    run_start[1:] = zero[1:] != zero[:-1] + 1
-    zero_q_start = zero[run_start]
-    zero_q_count = np.diff(np.append(run_start.nonzero()[0], len(zero)))
-    return _Groups(qperm, node, q_lo, q_hi, small, tiles, tile_group, cost_per_token, fixed_cost, zero_q_start,
-                   zero_q_count)
+    return _Groups(qperm, node, q_lo, q_hi, small, tiles, tile_group, cost_per_token, fixed_cost)
 
 
 def _chunk_counts(groups: _Groups, g_len: np.ndarray, *, num_kv_heads: int, num_sms: int, programs_per_sm: int,
@@ -316,7 +301,7 @@ class _ScheduleCache:
     def schedule(self, node_indptr: np.ndarray, node_parent: np.ndarray, query_node: np.ndarray, *,
                  group_size: int, head_dim: int, kv_elem_bytes: int, num_kv_heads: int, num_sms: int,
                  large_rows: int, programs_per_sm: int, max_items: int | None):
-        """(groups, kv_start [I], kv_len [I], order [I], merge): items before ordering and their order."""
+        """(qperm, kv_start [I], kv_len [I], order [I], merge): items before ordering and their order."""
         seg_len = node_indptr[1:] - node_indptr[:-1]
         nonempty = seg_len > 0
         # Everything the groups are a function of (an array is its dtype and bytes).
@@ -340,7 +325,7 @@ class _ScheduleCache:
         if order_key != self._order:
             self._merge = _merge_lists(groups.qperm, items, order)
             self._order = order_key
-        return groups, kv_start, kv_len, order, self._merge
+        return groups.qperm, kv_start, kv_len, order, self._merge
 
 
 def _write_items(out: np.ndarray, kv_start: np.ndarray, kv_len: np.ndarray, order: np.ndarray,
@@ -359,13 +344,13 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
                    max_items: int | None = None):
     """The host half of planning: returns (qperm, items [I,5], num_large, merge_indptr, merge_slots,
     num_partials) as numpy int arrays. Pure; exposed for the planner-invariant tests."""
-    groups, kv_start, kv_len, order, merge = _ScheduleCache().schedule(
+    qperm, kv_start, kv_len, order, merge = _ScheduleCache().schedule(
         node_indptr, node_parent, query_node, group_size=group_size, head_dim=head_dim,
         kv_elem_bytes=kv_elem_bytes, num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,
         programs_per_sm=programs_per_sm, max_items=max_items)
     items = np.empty((len(order), ITEM_FIELDS), np.int64)
     _write_items(items, kv_start, kv_len, order, merge)
-    return groups.qperm, items, merge.num_large, merge.merge_indptr, merge.merge_slots, merge.num_partials
+    return qperm, items, merge.num_large, merge.merge_indptr, merge.merge_slots, merge.num_partials
 
 
 def _host_int32(t: torch.Tensor) -> np.ndarray:
@@ -435,22 +420,18 @@ class TreeDecodePlanner:
         if reuse is not None:
             capacity = capacity or _capacity_of(reuse)
         query_node = _host_int32(tree.query_node)
-        groups, kv_start, kv_len, order, merge = self._cache.schedule(
+        qperm, kv_start, kv_len, order, merge = self._cache.schedule(
             _host_int32(tree.node_indptr), _host_int32(tree.node_parent), query_node,
             group_size=Hq // Hkv, head_dim=D, kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv,
             num_sms=_num_sms(device), large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
-            max_items=capacity.max_items - ZERO_ITEMS_RESERVED if capacity else None)
+            max_items=capacity.max_items if capacity else None)
         B, T, I, M = len(query_node), tree.kv_indices.numel(), len(order), len(merge.merge_slots)
-        Z = len(groups.zero_q_start)
-        if capacity is not None and I + Z > capacity.max_items:
-            raise ValueError(f"the tree needs {I} work items and {Z} for its queries without KV, more than "
-                             f"the plan capacity {capacity.max_items}")
         if capacity is not None:
             _check_capacity(capacity, B, T, M, merge.num_partials)
             cap_b, cap_t, cap_i = capacity.max_queries, capacity.max_kv_tokens, capacity.max_items
             cap_p, cap_m = capacity.max_partials, capacity.max_merge
         else:
-            cap_b, cap_t, cap_i, cap_p, cap_m = B, T, I + Z, merge.num_partials, M
+            cap_b, cap_t, cap_i, cap_p, cap_m = B, T, I, merge.num_partials, M
 
         # Field offsets inside the packed metadata buffer (fixed by the capacity, so views stay put
         # across steps when a plan is written into an earlier plan's buffers). Each field starts on
@@ -460,18 +441,16 @@ class TreeDecodePlanner:
         o_items = _aligned(cap_b)
         o_counts = _aligned(o_items + cap_i * ITEM_FIELDS)
         o_indptr = _aligned(o_counts + 3)
-        o_arrivals = _aligned(o_indptr + cap_b + 1)
-        o_slots = _aligned(o_arrivals + cap_b * Hkv)
+        o_sync = _aligned(o_indptr + cap_b + 1)
+        o_slots = _aligned(o_sync + 1 + cap_b * Hkv)
         # Every field in one host buffer, in its place: one host-to-device copy moves them all (and
-        # sets the arrival counters to zero, which every launch leaves them at anyway).
+        # zeroes the ticket and arrival counters, which every launch leaves at zero anyway).
         host = np.zeros(o_slots + M, np.int32)
-        host[:B] = groups.qperm
-        item_rows = host[o_items:o_items + (I + Z) * ITEM_FIELDS].reshape(I + Z, ITEM_FIELDS)
-        _write_items(item_rows[:I], kv_start, kv_len, order, merge)
-        item_rows[I:, 2] = groups.zero_q_start  # after the small items; kv_start, kv_len, slot stay 0
-        item_rows[I:, 3] = groups.zero_q_count
+        host[:B] = qperm
+        _write_items(host[o_items:o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS), kv_start, kv_len, order,
+                     merge)
         self._item_end = kv_start[order] + kv_len[order]
-        host[o_counts:o_counts + 3] = (merge.num_large, I + Z - merge.num_large, B)
+        host[o_counts:o_counts + 3] = (merge.num_large, I - merge.num_large, B)
         host[o_indptr:o_indptr + B + 1] = merge.merge_indptr
         host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing
         host[o_slots:] = merge.merge_slots
@@ -500,8 +479,8 @@ class TreeDecodePlanner:
             meta=meta, kv_indices=kv_indices, qperm=meta[:cap_b],
             items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
             counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
-            arrivals=meta[o_arrivals:o_arrivals + cap_b * Hkv].view(cap_b, Hkv),
-            merge_slots=meta[o_slots:], partial_out=partial_out,
+            merge_slots=meta[o_slots:], tickets=meta[o_sync:o_sync + 1],
+            arrivals=meta[o_sync + 1:o_sync + 1 + cap_b * Hkv].view(cap_b, Hkv), partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 

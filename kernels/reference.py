@@ -109,8 +109,8 @@ def plan_kv_reads(plan) -> list[list[int]]:
     qperm, indptr = plan.qperm.tolist(), plan.merge_indptr.tolist()
     slots, kv = plan.merge_slots.tolist(), plan.kv_indices.tolist()
     owner = {}
-    for i, (_, kv_len, _, q_count, base) in enumerate(items):
-        for p in range(base, base + q_count if kv_len else base):  # items over no KV store no partials
+    for i, (_, _, _, q_count, base) in enumerate(items):
+        for p in range(base, base + q_count):
             owner[p] = i
     reads = []
     for b in range(num_queries):

@@ -62,20 +62,17 @@ def _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out,
         acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
         denom = denom * alpha + tl.sum(w, 0)
         m = m_new
-    res = acc / denom[:, None]
+    res = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # no partials (no KV on the path): zeros
     tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              res.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _attend_item(
-    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-    merge_indptr, merge_slots, arrivals, Out, sm_scale, logit_cap,
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-    stride_ob, stride_oh, stride_ab,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    USE_CAP: tl.constexpr, IEEE: tl.constexpr, MERGE: tl.constexpr,
+    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, arrivals, sm_scale, logit_cap,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp, stride_ab,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr, MERGE: tl.constexpr,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -132,80 +129,72 @@ def _attend_item(
              acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
     if MERGE:
-        _arrive_and_merge(qperm, q_start, q_count, kv_head, partial_out, partial_lse, merge_indptr,
-                          merge_slots, arrivals, Out, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-                          stride_ab, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_P)
+        # Count the partials stored per (query, KV head) for the merge programs (_merge_program).
+        # The barrier orders every thread's stores before the release add, as CUTLASS's split-K
+        # semaphore does (bar.sync, then one release per counter).
+        qi = tl.arange(0, BLOCK_Q)
+        qi_ok = qi < q_count
+        b = tl.load(qperm + q_start + qi, mask=qi_ok, other=0).to(tl.int64)
+        tl.debug_barrier()
+        tl.atomic_add(arrivals + b * stride_ab + kv_head, 1, mask=qi_ok, sem="release", scope="gpu")
 
 
 @triton.jit
-def _arrive_and_merge(qperm, q_start, q_count, kv_head, partial_out, partial_lse, merge_indptr, merge_slots,
-                      arrivals, Out, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
-                      GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
-    # Stage 2 inside stage 1: every (query, KV head) counts the partials stored for it, and the
-    # program that stores the last one merges them. Nothing ever waits for another program, so no
-    # schedule of the grid (or a CUDA graph's replay of it) can deadlock. The barrier orders every
-    # thread's partial stores before the arrival (an acq_rel atomic at GPU scope, as CUTLASS's
-    # split-K semaphore does); the arrival's acquire orders the merge's loads after the others'.
-    qi = tl.arange(0, BLOCK_Q)
-    qi_ok = qi < q_count
-    b = tl.load(qperm + q_start + qi, mask=qi_ok, other=0)
-    lo = tl.load(merge_indptr + b, mask=qi_ok, other=0)
-    hi = tl.load(merge_indptr + b + 1, mask=qi_ok, other=0)
-    tl.debug_barrier()
+def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
+                   stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
+                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_P: tl.constexpr, SLEEP: tl.constexpr):
+    # Waits until every partial of (query b, this KV head) is stored, then merges them. It waits
+    # only on attention items, whose programs took their tickets before this one (see
+    # _tree_decode_stage1): they are running or done, and never wait on anything.
+    lo = tl.load(merge_indptr + b)
+    hi = tl.load(merge_indptr + b + 1)
     counter = arrivals + b.to(tl.int64) * stride_ab + kv_head
-    seen = tl.atomic_add(counter, 1, mask=qi_ok, sem="acq_rel", scope="gpu")
-    last = qi_ok & (seen + 1 == hi - lo)
-    if tl.max(last.to(tl.int32), 0) > 0:
-        # Back to zero for the next launch (a later layer of the step): nobody else arrives here now.
-        tl.store(counter, 0, mask=last)
-        for i in range(0, q_count):
-            mine = qi == i
-            if tl.max((mine & last).to(tl.int32), 0) > 0:
-                _merge_query(tl.sum(tl.where(mine, b, 0), 0), kv_head, tl.sum(tl.where(mine, lo, 0), 0),
-                             tl.sum(tl.where(mine, hi, 0), 0), partial_out, partial_lse, merge_slots, Out,
-                             stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-                             GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P)
-
-
-@triton.jit
-def _zero_rows(qperm, items, item, kv_head, Out, stride_ob, stride_oh,
-               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # An item over no KV: its queries' paths hold no KV at all (CUDA-graph padding queries, or an
-    # all-empty path), so no partial will ever arrive for them; their output is zeros.
-    q_start = tl.load(items + item * 5 + 2)
-    q_count = tl.load(items + item * 5 + 3)
-    rows = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    for r0 in range(0, q_count * GROUP, BLOCK_M):
-        r = r0 + rows
-        ok = r < q_count * GROUP
-        qid = tl.load(qperm + q_start + r // GROUP, mask=ok, other=0).to(tl.int64)
-        head = kv_head * GROUP + r % GROUP
-        tl.store(Out + qid[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty),
-                 mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if hi > lo:
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        while seen < hi - lo:
+            if SLEEP:
+                tl.inline_asm_elementwise("nanosleep.u32 200; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+    _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out, stride_pp, stride_ph, stride_lp,
+                 stride_ob, stride_oh, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P)
 
 
 @triton.jit
 def _tree_decode_stage1(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
-    sm_scale, logit_cap,
+    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, merge_indptr, merge_slots, tickets,
+    arrivals, Out, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     stride_ob, stride_oh, stride_ab,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    LARGE_M: tl.constexpr, SMALL_M: tl.constexpr, LARGE_Q: tl.constexpr, SMALL_Q: tl.constexpr,
-    LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, BLOCK_P: tl.constexpr, USE_CAP: tl.constexpr,
-    IEEE: tl.constexpr, TILES: tl.constexpr, MERGE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr, SMALL_M: tl.constexpr, LARGE_Q: tl.constexpr,
+    SMALL_Q: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_CAP: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr, MERGE: tl.constexpr, SLEEP: tl.constexpr,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
     # which limits how many small-tile programs an SM keeps resident. TILES 1 / 2: large / small
     # tiles only, for two launches each sized to its own tiles.
-    kv_head = tl.program_id(0)
-    pid = tl.program_id(1)
-    # Counts live on the device, so a captured launch covers whatever a later plan writes.
+    #
+    # MERGE (with TILES 0): the merge runs in this launch too. A program's work is not its program
+    # id but a ticket taken from a counter when it starts: tickets hand out every attention item
+    # (per KV head) first, then one merge per (query, KV head). A merge program waits for its
+    # query's partials, but only attention items that running programs hold can still be missing,
+    # so the launch finishes however the hardware (or a CUDA graph's replay) schedules the grid;
+    # CUB's decoupled look-back rests on the same argument. The last ticket resets the counter.
     num_large = tl.load(counts)
+    if MERGE:
+        ticket = tl.atomic_add(tickets, 1, sem="relaxed", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            tl.atomic_xchg(tickets, 0, sem="relaxed", scope="gpu")
+        kv_head = ticket % NUM_KV_HEADS
+        pid = ticket // NUM_KV_HEADS
+    else:
+        kv_head = tl.program_id(0)
+        pid = tl.program_id(1)
+    # Counts live on the device, so a captured launch covers whatever a later plan writes.
     if TILES == 2:
         item = num_large + pid
         is_large = False
@@ -217,23 +206,22 @@ def _tree_decode_stage1(
     if in_range:
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         merge_indptr, merge_slots, arrivals, Out, sm_scale, logit_cap,
+                         arrivals, sm_scale, logit_cap,
                          stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
-                         GROUP, GROUP_P, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_Q, LARGE_N, BLOCK_P, USE_CAP, IEEE,
-                         MERGE)
+                         stride_pp, stride_ph, stride_lp, stride_ab,
+                         GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_Q, LARGE_N, USE_CAP, IEEE, MERGE)
         elif TILES != 1:
-            # Items over no KV come last (the planner appends them to the small items).
-            if tl.load(items + item * 5 + 1) == 0:
-                _zero_rows(qperm, items, item, kv_head, Out, stride_ob, stride_oh, GROUP, HEAD_DIM, BLOCK_D,
-                           SMALL_M)
-            else:
-                _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                             merge_indptr, merge_slots, arrivals, Out, sm_scale, logit_cap,
-                             stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                             stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
-                             GROUP, GROUP_P, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_Q, SMALL_N, BLOCK_P, USE_CAP,
-                             IEEE, MERGE)
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+                         arrivals, sm_scale, logit_cap,
+                         stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_pp, stride_ph, stride_lp, stride_ab,
+                         GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_Q, SMALL_N, USE_CAP, IEEE, MERGE)
+    elif MERGE:
+        b = pid - num_large - tl.load(counts + 1)
+        if b < tl.load(counts + 2):
+            _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
+                           stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
+                           GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P, SLEEP)
 
 
 @triton.jit
@@ -320,7 +308,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         out = torch.empty_like(q)
     cfg = config or stage1_config(D, plan.large_rows)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg, out)
-    if not cfg.merge_in_stage1:
+    if cfg.separate_launches or not cfg.merge_in_stage1:
         launch_stage2(plan, out)
     return out
 
@@ -330,7 +318,8 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     """Partial attention of every work item into the plan's partial buffers (and, with
     ``cfg.merge_in_stage1``, their merge into ``out``); returns Triton's compiled kernel of the
     (last) launch (its metadata tells shared memory and registers), or None when nothing ran."""
-    if not plan.grid_items:
+    merge = cfg.merge_in_stage1 and not cfg.separate_launches
+    if not plan.grid_items and not (merge and plan.grid_queries):
         return None
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
@@ -339,18 +328,20 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     block_d = triton.next_power_of_2(D)
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
-        compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
+        H = plan.num_kv_heads
+        grid = (H * (plan.grid_items + plan.grid_queries),) if merge else (H, plan.grid_items)
+        compiled = _tree_decode_stage1[grid](
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-            plan.merge_indptr, plan.merge_slots, plan.arrivals, out,
+            plan.merge_indptr, plan.merge_slots, plan.tickets, plan.arrivals, out,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             out.stride(0), out.stride(1), plan.arrivals.stride(0),
-            GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_D=block_d, LARGE_M=plan.large_rows,
+            NUM_KV_HEADS=H, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_D=block_d, LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_Q=triton.next_power_of_2(max(plan.large_rows // group, 1)),
             SMALL_Q=triton.next_power_of_2(max(SMALL_ROWS // group, 1)), LARGE_N=cfg.block_n_large,
             SMALL_N=cfg.block_n_small, BLOCK_P=max(1, min(16, 4096 // (group_p * block_d))),
-            USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32, TILES=tiles, MERGE=cfg.merge_in_stage1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32, TILES=tiles, MERGE=merge,
+            SLEEP=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 

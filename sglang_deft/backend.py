@@ -30,7 +30,7 @@ KV tree from. So:
 - Before each replay, ``sglang_deft.patches.cuda_graph_replay`` calls ``deft_prepare_graph_replay``
   from ``CudaGraphRunner.can_run`` with the step's ForwardBatch (``deft_reqs``) and the padded batch
   size: the step is planned into the buffers there, with the padding rows as queries of an empty
-  node (they read no KV; one work item writes zeros for them). A tree past the buffers' capacity makes the
+  node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes the
   step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
   replayed size is the planned one.
 Eager steps use the same buffers (without CUDA graphs the backend makes them at its first decode

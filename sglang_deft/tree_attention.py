@@ -22,7 +22,7 @@ import torch
 
 from sglang_deft.kernels import (KVTree, PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode,
                                  tree_decode, tree_decode_reference)
-from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM, ZERO_ITEMS_RESERVED
+from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
 
 logger = logging.getLogger(__name__)
 
@@ -72,22 +72,21 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
     ``max_partials = PATH_NODES * B + tile * target``.
     Items: the builder's tree of B queries has at most 2B - 1 nodes (each ends a query or branches),
     and a node with n users makes ceil(n / tile) <= 1 + n / tile tiles; within the same path budget
-    that is at most ``2B + PATH_NODES * B / tile`` tiles, plus the target's chunks, plus the item
-    that writes the padding queries' zeros (``ZERO_ITEMS_RESERVED``): ``max_items``. So the planner
-    never has to coarsen the chunks of such a step.
+    that is at most ``2B + PATH_NODES * B / tile`` tiles, plus the target's chunks: ``max_items``.
+    So the planner never has to coarsen the chunks of such a step.
 
     A step past either limit (its paths averaging more than ``PATH_NODES`` nodes) is refused by the
     planner before it writes anything: :func:`plan_step` then plans it without limits, and a
     CUDA-graph replay hands it to an eager step (see the backend).
 
     Memory: Llama-3-8B heads (32 q / 8 kv, head_dim 128) on an H200 (132 SMs) with B = 256, SGLang's
-    default ``--cuda-graph-max-bs`` there: target 66, max_items 707, max_partials 3104, which is
+    default ``--cuda-graph-max-bs`` there: target 66, max_items 706, max_partials 3104, which is
     51.3 MB of partial results per plan.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     target = max(1, PROGRAMS_PER_SM * sms // num_kv_heads)  # build_schedule's item target
     tile = max(LARGE_ROWS // (num_qo_heads // num_kv_heads), 1)  # queries per large query tile
-    return PlanLimits(max_items=2 * max_batch + -(-PATH_NODES * max_batch // tile) + target + ZERO_ITEMS_RESERVED,
+    return PlanLimits(max_items=2 * max_batch + -(-PATH_NODES * max_batch // tile) + target,
                       max_partials=PATH_NODES * max_batch + tile * target)
 
 
@@ -124,7 +123,7 @@ def empty_tree(device: torch.device) -> KVTree:
 
 def with_padding_queries(tree: KVTree, num_queries: int) -> KVTree:
     """``tree`` plus queries up to ``num_queries`` that end at a new, empty root: the rows of a
-    CUDA graph's padded batch. They attend nothing, so one work item writes zeros for them. The new root
+    CUDA graph's padded batch. They attend nothing, so stage 2 writes zeros for them. The new root
     comes last in preorder, which leaves the real queries' work items, merge lists and their order
     exactly as in ``tree``'s own plan. ``tree``'s node and query metadata must be on the host."""
     pad = num_queries - tree.num_queries

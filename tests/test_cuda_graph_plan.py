@@ -23,7 +23,7 @@ import sglang_deft.tree_attention as tree_attention
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
-from sglang_deft.kernels.plan import ZERO_ITEMS_RESERVED, build_schedule
+from sglang_deft.kernels.plan import build_schedule
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
@@ -56,7 +56,7 @@ def h200(monkeypatch):
 
 def test_limits_of_the_documented_example(monkeypatch):
     limits = plan_limits(256, 32, 8, h200(monkeypatch))
-    assert limits == PlanLimits(max_items=707, max_partials=3104)
+    assert limits == PlanLimits(max_items=706, max_partials=3104)
     assert limits.partial_bytes(32, 128) / 1e6 == pytest.approx(51.3, abs=0.05)
     cap = limits.capacity(256, 1000)
     assert (cap.max_queries, cap.max_kv_tokens, cap.max_merge) == (256, 1000, 3104)
@@ -96,7 +96,7 @@ def test_fork_trees_fit_without_coarser_chunks(monkeypatch, name, heads):
     args = [tree.node_indptr.numpy().astype(np.int64), tree.node_parent.numpy().astype(np.int64),
             tree.query_node.numpy().astype(np.int64)]
     kw = dict(group_size=hq // hkv, head_dim=128, kv_elem_bytes=2, num_kv_heads=hkv, num_sms=132)
-    limited = build_schedule(*args, **kw, max_items=limits.max_items - ZERO_ITEMS_RESERVED)
+    limited = build_schedule(*args, **kw, max_items=limits.max_items)
     free = build_schedule(*args, **kw)
     for a, b in zip(limited, free):
         np.testing.assert_array_equal(a, b)
@@ -255,7 +255,7 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     """Limits tight enough that the planner coarsens chunks: an eager step must coarsen them the same
     way (it is planned under the same limits), or the merge order, and the last bits, would differ."""
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
-    backend.plan_limits = PlanLimits(max_items=5, max_partials=64)  # 4 work items, 1 for padding
+    backend.plan_limits = PlanLimits(max_items=4, max_partials=64)
     emulator = GraphEmulator(backend, kv_pool)
     prompt = sim.fresh(400)
     sim.run_to_cache(prompt)
@@ -265,7 +265,7 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     tree = backend.tree_builder.build(fb.deft_reqs, fb.seq_lens_cpu).tree
     args = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
     kw = dict(group_size=4, head_dim=layers[0].head_dim, kv_elem_bytes=4, num_kv_heads=2, num_sms=8)
-    assert len(build_schedule(*args, **kw, max_items=5 - ZERO_ITEMS_RESERVED)[1]) < len(build_schedule(*args, **kw)[1])
+    assert len(build_schedule(*args, **kw, max_items=4)[1]) < len(build_schedule(*args, **kw)[1])
     sim.finish_decode(reqs)
     for _ in range(2):
         assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == 4
