@@ -47,7 +47,7 @@ class Config:
         c = self.launch
         return (f"rows {self.large_rows} ppsm {self.programs_per_sm}; N {c.block_n_large}/{c.block_n_small} "
                 f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}"
-                f"{'' if c.merge_in_stage1 else ' stage2'}")
+                f"{'' if c.merge_in_stage1 else ' stage2'}{f' mv{c.merge_variant}' if c.merge_variant else ''}")
 
 
 def default_config() -> Config:
@@ -77,7 +77,8 @@ def quick_grid(base: Config) -> list[Config]:
 def merge_grid(base: Config) -> list[Config]:
     """The merge as its own launch (stage 2) after stage 1, against the default's merge by the last
     program to store a query's partial."""
-    return [_with(base, merge_in_stage1=not base.launch.merge_in_stage1)]
+    return [_with(base, merge_in_stage1=not base.launch.merge_in_stage1), _with(base, merge_variant=1),
+            _with(base, merge_variant=2)]
 
 
 GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "merge": merge_grid}

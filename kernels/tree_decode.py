@@ -143,14 +143,14 @@ def _attend_item(
 def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
                    stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SLEEP: tl.constexpr):
+                   BLOCK_P: tl.constexpr, SLEEP: tl.constexpr, VARIANT: tl.constexpr):
     # Waits until every partial of (query b, this KV head) is stored, then merges them. It waits
     # only on attention items, whose programs took their tickets before this one (see
     # _tree_decode_stage1): they are running or done, and never wait on anything.
     lo = tl.load(merge_indptr + b)
     hi = tl.load(merge_indptr + b + 1)
     counter = arrivals + b.to(tl.int64) * stride_ab + kv_head
-    if hi > lo:
+    if hi > lo and VARIANT == 0:
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while seen < hi - lo:
             if SLEEP:
@@ -172,6 +172,7 @@ def _tree_decode_stage1(
     BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr, SMALL_M: tl.constexpr, LARGE_Q: tl.constexpr,
     SMALL_Q: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_CAP: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr, MERGE: tl.constexpr, SLEEP: tl.constexpr,
+    VARIANT: tl.constexpr = 0,
 ):
     # TILES 0: one launch serves both tile sizes (a separate launch for the small tiles waits for
     # the large ones to drain); but then the kernel's shared memory is sized by the larger branch,
@@ -218,10 +219,10 @@ def _tree_decode_stage1(
                          GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_Q, SMALL_N, USE_CAP, IEEE, MERGE)
     elif MERGE:
         b = pid - num_large - tl.load(counts + 1)
-        if b < tl.load(counts + 2):
+        if b < tl.load(counts + 2) and VARIANT != 1:
             _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
                            stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
-                           GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P, SLEEP)
+                           GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P, SLEEP, VARIANT)
 
 
 @triton.jit
@@ -269,6 +270,7 @@ class Stage1Config:
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
     merge_in_stage1: bool = True  # the last program to store a query's partial merges them (no stage-2 launch)
+    merge_variant: int = 0  # EXPERIMENT: 1 merge programs exit at once, 2 merge without waiting
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -341,7 +343,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             SMALL_Q=triton.next_power_of_2(max(SMALL_ROWS // group, 1)), LARGE_N=cfg.block_n_large,
             SMALL_N=cfg.block_n_small, BLOCK_P=max(1, min(16, 4096 // (group_p * block_d))),
             USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32, TILES=tiles, MERGE=merge,
-            SLEEP=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SLEEP=q.is_cuda, VARIANT=cfg.merge_variant, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
 
 
