@@ -150,7 +150,7 @@ def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slo
     lo = tl.load(merge_indptr + b)
     hi = tl.load(merge_indptr + b + 1)
     counter = arrivals + b.to(tl.int64) * stride_ab + kv_head
-    if hi > lo and VARIANT == 0:
+    if hi > lo and (VARIANT == 0 or VARIANT == 3):
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while seen < hi - lo:
             if SLEEP:
@@ -187,9 +187,12 @@ def _tree_decode_stage1(
     # CUB's decoupled look-back rests on the same argument. The last ticket resets the counter.
     num_large = tl.load(counts)
     if MERGE:
-        ticket = tl.atomic_add(tickets, 1, sem="relaxed", scope="gpu")
-        if ticket == tl.num_programs(0) - 1:
-            tl.atomic_xchg(tickets, 0, sem="relaxed", scope="gpu")
+        if VARIANT == 3:
+            ticket = tl.program_id(0)
+        else:
+            ticket = tl.atomic_add(tickets, 1, sem="relaxed", scope="gpu")
+            if ticket == tl.num_programs(0) - 1:
+                tl.atomic_xchg(tickets, 0, sem="relaxed", scope="gpu")
         kv_head = ticket % NUM_KV_HEADS
         pid = ticket // NUM_KV_HEADS
     else:
