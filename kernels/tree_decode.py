@@ -33,7 +33,7 @@ def _soft_cap(scores, logit_cap):
 def _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out,
                  stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
+                 BLOCK_P: tl.constexpr, CACHE: tl.constexpr = ".cg"):
     # Folds query b's partials merge_slots[lo:hi] for the GROUP heads of one KV head, BLOCK_P
     # partials per load, in list order (so the result does not depend on which program merges).
     # Loads go to L2 (.cg): other programs wrote the partials during this launch, and an L1 line
@@ -51,11 +51,11 @@ def _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out,
         p_ok = start + offs_p < hi
         slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
         lse = tl.load(partial_lse + slot[:, None] * stride_lp + heads[None, :],
-                      mask=p_ok[:, None] & g_ok[None, :], other=float("-inf"), cache_modifier=".cg")
+                      mask=p_ok[:, None] & g_ok[None, :], other=float("-inf"), cache_modifier=CACHE)
         o = tl.load(partial_out + slot[:, None, None] * stride_pp + heads[None, :, None] * stride_ph
                     + offs_d[None, None, :],
                     mask=p_ok[:, None, None] & g_ok[None, :, None] & d_ok[None, None, :], other=0.0,
-                    cache_modifier=".cg")
+                    cache_modifier=CACHE)
         m_new = tl.maximum(m, tl.max(lse, 0))
         w = tl.exp2(lse - m_new[None, :])
         alpha = tl.exp2(m - m_new)
@@ -150,7 +150,7 @@ def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slo
     lo = tl.load(merge_indptr + b)
     hi = tl.load(merge_indptr + b + 1)
     counter = arrivals + b.to(tl.int64) * stride_ab + kv_head
-    if hi > lo and (VARIANT == 0 or VARIANT == 3):
+    if hi > lo and (VARIANT == 0 or VARIANT == 3 or VARIANT == 5):
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while seen < hi - lo:
             if SLEEP:
@@ -159,7 +159,7 @@ def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slo
             seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
     _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out, stride_pp, stride_ph, stride_lp,
-                 stride_ob, stride_oh, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P)
+                 stride_ob, stride_oh, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P, ".cg" if VARIANT != 4 else "")
 
 
 @triton.jit
@@ -274,6 +274,7 @@ class Stage1Config:
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
     merge_in_stage1: bool = True  # the last program to store a query's partial merges them (no stage-2 launch)
     merge_variant: int = 0  # EXPERIMENT: 1 merge programs exit at once, 2 merge without waiting
+    merge_block_p: int = 0
 
 
 def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
@@ -344,7 +345,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             NUM_KV_HEADS=H, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_D=block_d, LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_Q=triton.next_power_of_2(max(plan.large_rows // group, 1)),
             SMALL_Q=triton.next_power_of_2(max(SMALL_ROWS // group, 1)), LARGE_N=cfg.block_n_large,
-            SMALL_N=cfg.block_n_small, BLOCK_P=max(1, min(16, 4096 // (group_p * block_d))),
+            SMALL_N=cfg.block_n_small, BLOCK_P=cfg.merge_block_p or max(1, min(16, 4096 // (group_p * block_d))),
             USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32, TILES=tiles, MERGE=merge,
             SLEEP=q.is_cuda, VARIANT=cfg.merge_variant, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
