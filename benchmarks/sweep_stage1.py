@@ -78,7 +78,7 @@ def merge_grid(base: Config) -> list[Config]:
     """The merge as its own launch (stage 2) after stage 1, against the default's merge by the last
     program to store a query's partial."""
     return [_with(base, merge_in_stage1=not base.launch.merge_in_stage1), _with(base, merge_variant=1),
-            _with(base, merge_variant=2), _with(base, merge_variant=3)]
+            _with(base, merge_variant=2)]
 
 
 GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "merge": merge_grid}

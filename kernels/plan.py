@@ -78,7 +78,7 @@ class TreeDecodePlan:
     merge_indptr: torch.Tensor  # [B_cap + 1] int32, device: query b's partials are
     merge_slots: torch.Tensor  # [M_cap] int32, device:   merge_slots[merge_indptr[b]:merge_indptr[b+1]]
     tickets: torch.Tensor  # [1] int32, device: programs started in the running launch (0 between launches)
-    arrivals: torch.Tensor  # [B_cap, Hkv] int32, device: partials stored per (query, KV head) in the
+    arrivals: torch.Tensor  # [B_cap, Hq] int32, device: partials stored per (query, head) in the
     #                         running launch (0 between launches)
     partial_out: torch.Tensor  # [P_cap, Hq, D] float32, device: per (chunk, query) normalised output
     partial_lse: torch.Tensor  # [P_cap, Hq] float32, device: per (chunk, query) log2-sum-exp
@@ -442,7 +442,7 @@ class TreeDecodePlanner:
         o_counts = _aligned(o_items + cap_i * ITEM_FIELDS)
         o_indptr = _aligned(o_counts + 3)
         o_sync = _aligned(o_indptr + cap_b + 1)
-        o_slots = _aligned(o_sync + 1 + cap_b * Hkv)
+        o_slots = _aligned(o_sync + 1 + cap_b * Hq)
         # Every field in one host buffer, in its place: one host-to-device copy moves them all (and
         # zeroes the ticket and arrival counters, which every launch leaves at zero anyway).
         host = np.zeros(o_slots + M, np.int32)
@@ -480,7 +480,7 @@ class TreeDecodePlanner:
             items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
             counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
             merge_slots=meta[o_slots:], tickets=meta[o_sync:o_sync + 1],
-            arrivals=meta[o_sync + 1:o_sync + 1 + cap_b * Hkv].view(cap_b, Hkv), partial_out=partial_out,
+            arrivals=meta[o_sync + 1:o_sync + 1 + cap_b * Hq].view(cap_b, Hq), partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 

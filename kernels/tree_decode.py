@@ -30,41 +30,32 @@ def _soft_cap(scores, logit_cap):
 
 
 @triton.jit
-def _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out,
-                 stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-                 GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_P: tl.constexpr, CACHE: tl.constexpr = ".cg"):
-    # Folds query b's partials merge_slots[lo:hi] for the GROUP heads of one KV head, BLOCK_P
-    # partials per load, in list order (so the result does not depend on which program merges).
-    # Loads go to L2 (.cg): other programs wrote the partials during this launch, and an L1 line
-    # read earlier by this SM could be stale.
-    offs_p = tl.arange(0, BLOCK_P)
-    g = tl.arange(0, GROUP_P)
-    g_ok = g < GROUP
-    heads = kv_head * GROUP + g
+def _merge_head(b, head, lo, hi, partial_out, partial_lse, merge_slots, Out, stride_pp, stride_ph, stride_lp,
+                stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Folds query b's partials merge_slots[lo:hi] for one head in list order (so the result does not
+    # depend on which program merges). BLOCK_P partials are loaded at once, so a query's merge costs
+    # one or two memory round trips rather than one per partial along its path.
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([GROUP_P], dtype=tl.float32)
-    acc = tl.zeros([GROUP_P, BLOCK_D], dtype=tl.float32)
+    offs_p = tl.arange(0, BLOCK_P)
+    m = float("-inf")
+    denom = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_P):
         p_ok = start + offs_p < hi
         slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
-        lse = tl.load(partial_lse + slot[:, None] * stride_lp + heads[None, :],
-                      mask=p_ok[:, None] & g_ok[None, :], other=float("-inf"), cache_modifier=CACHE)
-        o = tl.load(partial_out + slot[:, None, None] * stride_pp + heads[None, :, None] * stride_ph
-                    + offs_d[None, None, :],
-                    mask=p_ok[:, None, None] & g_ok[None, :, None] & d_ok[None, None, :], other=0.0,
-                    cache_modifier=CACHE)
+        lse = tl.load(partial_lse + slot * stride_lp + head, mask=p_ok, other=float("-inf"))
+        o = tl.load(partial_out + slot[:, None] * stride_pp + head * stride_ph + offs_d[None, :],
+                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new[None, :])
+        w = tl.exp2(lse - m_new)
         alpha = tl.exp2(m - m_new)
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
         denom = denom * alpha + tl.sum(w, 0)
         m = m_new
-    res = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # no partials (no KV on the path): zeros
-    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             res.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    # A query whose path holds no KV gets zeros (no partials: denom == 0).
+    res = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(Out + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -72,7 +63,7 @@ def _attend_item(
     Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, arrivals, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp, stride_ab,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr, MERGE: tl.constexpr,
 ):
     kv_start = tl.load(items + item * 5)
     kv_len = tl.load(items + item * 5 + 1)
@@ -129,28 +120,26 @@ def _attend_item(
              acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_lse + out_row * stride_lp + head, m_i + tl.log2(l_i), mask=row_ok)
     if MERGE:
-        # Count the partials stored per (query, KV head) for the merge programs (_merge_program).
-        # The barrier orders every thread's stores before the release add, as CUTLASS's split-K
-        # semaphore does (bar.sync, then one release per counter).
-        qi = tl.arange(0, BLOCK_Q)
-        qi_ok = qi < q_count
-        b = tl.load(qperm + q_start + qi, mask=qi_ok, other=0).to(tl.int64)
+        # Count the partials stored per (query, head) for the merge programs (_merge_program). The
+        # barrier orders every thread's stores before the release adds, as CUTLASS's split-K
+        # semaphore does (bar.sync, then a release per counter).
+        qid = tl.load(qperm + q_start + q_local, mask=row_ok, other=0).to(tl.int64)
         tl.debug_barrier()
-        tl.atomic_add(arrivals + b * stride_ab + kv_head, 1, mask=qi_ok, sem="release", scope="gpu")
+        tl.atomic_add(arrivals + qid * stride_ab + head, 1, mask=row_ok, sem="release", scope="gpu")
 
 
 @triton.jit
-def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
+def _merge_program(b, head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
                    stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
-                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SLEEP: tl.constexpr, VARIANT: tl.constexpr):
-    # Waits until every partial of (query b, this KV head) is stored, then merges them. It waits
-    # only on attention items, whose programs took their tickets before this one (see
-    # _tree_decode_stage1): they are running or done, and never wait on anything.
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SLEEP: tl.constexpr,
+                   VARIANT: tl.constexpr):
+    # Waits until every partial of (query b, head) is stored, then merges them. It waits only on
+    # attention items, whose programs took their tickets before this one (see _tree_decode_stage1):
+    # they are running or done, and never wait on anything.
     lo = tl.load(merge_indptr + b)
     hi = tl.load(merge_indptr + b + 1)
-    counter = arrivals + b.to(tl.int64) * stride_ab + kv_head
-    if hi > lo and (VARIANT == 0 or VARIANT == 3 or VARIANT == 5):
+    counter = arrivals + b.to(tl.int64) * stride_ab + head
+    if hi > lo and VARIANT == 0:
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while seen < hi - lo:
             if SLEEP:
@@ -158,8 +147,8 @@ def _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slo
                                           is_pure=False, pack=1)
             seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
-    _merge_query(b, kv_head, lo, hi, partial_out, partial_lse, merge_slots, Out, stride_pp, stride_ph, stride_lp,
-                 stride_ob, stride_oh, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P, ".cg" if VARIANT != 4 else "")
+    _merge_head(b, head, lo, hi, partial_out, partial_lse, merge_slots, Out, stride_pp, stride_ph, stride_lp,
+                stride_ob, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_P)
 
 
 @triton.jit
@@ -168,9 +157,9 @@ def _tree_decode_stage1(
     arrivals, Out, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     stride_ob, stride_oh, stride_ab,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr, SMALL_M: tl.constexpr, LARGE_Q: tl.constexpr,
-    SMALL_Q: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr, SMALL_M: tl.constexpr, LARGE_N: tl.constexpr,
+    SMALL_N: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_CAP: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr, MERGE: tl.constexpr, SLEEP: tl.constexpr,
     VARIANT: tl.constexpr = 0,
 ):
@@ -186,13 +175,11 @@ def _tree_decode_stage1(
     # so the launch finishes however the hardware (or a CUDA graph's replay) schedules the grid;
     # CUB's decoupled look-back rests on the same argument. The last ticket resets the counter.
     num_large = tl.load(counts)
+    num_items = num_large + tl.load(counts + 1)
     if MERGE:
-        if VARIANT == 3:
-            ticket = tl.program_id(0)
-        else:
-            ticket = tl.atomic_add(tickets, 1, sem="relaxed", scope="gpu")
-            if ticket == tl.num_programs(0) - 1:
-                tl.atomic_xchg(tickets, 0, sem="relaxed", scope="gpu")
+        ticket = tl.atomic_add(tickets, 1, sem="relaxed", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            tl.atomic_xchg(tickets, 0, sem="relaxed", scope="gpu")
         kv_head = ticket % NUM_KV_HEADS
         pid = ticket // NUM_KV_HEADS
     else:
@@ -206,26 +193,27 @@ def _tree_decode_stage1(
     else:
         item = pid
         is_large = pid < num_large
-        in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 1)
+        in_range = is_large if TILES == 1 else pid < num_items
     if in_range:
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          arrivals, sm_scale, logit_cap,
                          stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, stride_ab,
-                         GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_Q, LARGE_N, USE_CAP, IEEE, MERGE)
+                         GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE, MERGE)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
                          arrivals, sm_scale, logit_cap,
                          stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, stride_ab,
-                         GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_Q, SMALL_N, USE_CAP, IEEE, MERGE)
+                         GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE, MERGE)
     elif MERGE:
-        b = pid - num_large - tl.load(counts + 1)
+        merge = ticket - num_items * NUM_KV_HEADS
+        b = merge // (NUM_KV_HEADS * GROUP)
         if b < tl.load(counts + 2) and VARIANT != 1:
-            _merge_program(b, kv_head, partial_out, partial_lse, merge_indptr, merge_slots, arrivals, Out,
-                           stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
-                           GROUP, GROUP_P, HEAD_DIM, BLOCK_D, BLOCK_P, SLEEP, VARIANT)
+            _merge_program(b, merge % (NUM_KV_HEADS * GROUP), partial_out, partial_lse, merge_indptr, merge_slots,
+                           arrivals, Out, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, stride_ab,
+                           HEAD_DIM, BLOCK_D, BLOCK_P, SLEEP, VARIANT)
 
 
 @triton.jit
@@ -234,35 +222,13 @@ def _tree_decode_stage2(
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (query, head). BLOCK_P partials are loaded at once, so a query's merge costs
-    # one or two memory round trips rather than one per partial along its path.
+    # One program per (query, head).
     b = tl.program_id(0)
     head = tl.program_id(1)
     if b >= tl.load(counts + 2):
         return
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    offs_p = tl.arange(0, BLOCK_P)
-    lo = tl.load(merge_indptr + b)
-    hi = tl.load(merge_indptr + b + 1)
-    m = float("-inf")
-    denom = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_P):
-        p_ok = start + offs_p < hi
-        slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
-        lse = tl.load(partial_lse + slot * stride_lp + head, mask=p_ok, other=float("-inf"))
-        o = tl.load(partial_out + slot[:, None] * stride_pp + head * stride_ph + offs_d[None, :],
-                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new)
-        alpha = tl.exp2(m - m_new)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        denom = denom * alpha + tl.sum(w, 0)
-        m = m_new
-    # A query whose path holds no KV gets zeros (no partials: denom == 0).
-    res = acc / tl.where(denom > 0, denom, 1.0)
-    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
+    _merge_head(b, head, tl.load(merge_indptr + b), tl.load(merge_indptr + b + 1), partial_out, partial_lse,
+                merge_slots, Out, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_P)
 
 
 @dataclass(frozen=True)
@@ -329,23 +295,19 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
         return None
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
-    group = plan.group_size
-    group_p = triton.next_power_of_2(group)
-    block_d = triton.next_power_of_2(D)
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
         H = plan.num_kv_heads
-        grid = (H * (plan.grid_items + plan.grid_queries),) if merge else (H, plan.grid_items)
+        grid = (H * plan.grid_items + plan.num_qo_heads * plan.grid_queries,) if merge else (H, plan.grid_items)
         compiled = _tree_decode_stage1[grid](
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
             plan.merge_indptr, plan.merge_slots, plan.tickets, plan.arrivals, out,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
             out.stride(0), out.stride(1), plan.arrivals.stride(0),
-            NUM_KV_HEADS=H, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_D=block_d, LARGE_M=plan.large_rows,
-            SMALL_M=SMALL_ROWS, LARGE_Q=triton.next_power_of_2(max(plan.large_rows // group, 1)),
-            SMALL_Q=triton.next_power_of_2(max(SMALL_ROWS // group, 1)), LARGE_N=cfg.block_n_large,
-            SMALL_N=cfg.block_n_small, BLOCK_P=cfg.merge_block_p or max(1, min(16, 4096 // (group_p * block_d))),
+            NUM_KV_HEADS=H, GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+            LARGE_M=plan.large_rows, SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large,
+            SMALL_N=cfg.block_n_small, BLOCK_P=cfg.merge_block_p or 16,
             USE_CAP=logit_cap > 0, IEEE=q.dtype == torch.float32, TILES=tiles, MERGE=merge,
             SLEEP=q.is_cuda, VARIANT=cfg.merge_variant, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
