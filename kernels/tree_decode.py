@@ -31,18 +31,12 @@ def _soft_cap(scores, logit_cap):
 
 @triton.jit
 def _attend_item(
-    Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+    Q, K, V, kv_indices, qperm, kv_start, kv_len, q_start, q_count, slot, kv_head, partial_out, partial_lse,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    kv_start = tl.load(items + item * 5)
-    kv_len = tl.load(items + item * 5 + 1)
-    q_start = tl.load(items + item * 5 + 2)
-    q_count = tl.load(items + item * 5 + 3)
-    slot = tl.load(items + item * 5 + 4)
-
     rows = tl.arange(0, BLOCK_M)
     q_local = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -118,13 +112,25 @@ def _tree_decode_stage1(
         item = pid
         is_large = pid < num_large
         in_range = is_large if TILES == 1 else pid < num_large + tl.load(counts + 1)
+    # Row pid of the items buffer exists (the grid never exceeds its capacity), so with TILES != 2 the
+    # item is loaded at once, next to the counts, instead of one memory round trip after them.
+    fields = items + item.to(tl.int64) * 5
+    if TILES == 2:
+        fields = tl.where(in_range, fields, items)
+    kv_start = tl.load(fields)
+    kv_len = tl.load(fields + 1)
+    q_start = tl.load(fields + 2)
+    q_count = tl.load(fields + 3)
+    slot = tl.load(fields + 4)
     if in_range:
         if is_large:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, kv_start, kv_len, q_start, q_count, slot, kv_head,
+                         partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
         elif TILES != 1:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
+            _attend_item(Q, K, V, kv_indices, qperm, kv_start, kv_len, q_start, q_count, slot, kv_head,
+                         partial_out, partial_lse,
                          sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
@@ -139,13 +145,15 @@ def _tree_decode_stage2(
     # one or two memory round trips rather than one per partial along its path.
     b = tl.program_id(0)
     head = tl.program_id(1)
+    # merge_indptr has an entry for every program (queries past the count merge nothing), so it is
+    # loaded next to the count instead of after it.
+    lo = tl.load(merge_indptr + b)
+    hi = tl.load(merge_indptr + b + 1)
     if b >= tl.load(counts + 2):
         return
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_p = tl.arange(0, BLOCK_P)
-    lo = tl.load(merge_indptr + b)
-    hi = tl.load(merge_indptr + b + 1)
     m = float("-inf")
     denom = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
