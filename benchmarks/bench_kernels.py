@@ -507,7 +507,8 @@ def markdown(report: dict) -> str:
            "Median µs of one decode-attention step (p20/p80 in the JSON). floor = unique KV bytes (+q, out) / "
            f"measured copy rate {_fmt(meta['copy_gbps'], 0)} GB/s; FLOP floor = FLOPs / measured {meta['dtype']} "
            f"matmul rate {_fmt(meta['matmul_tflops'], 0)} TFLOP/s. ᵉ = timed eagerly (not capturable in a CUDA graph); "
-           "✗ = output check failed. Speedup = best correct baseline / deft.", ""]
+           "✗ = output check failed. Speedup = best correct baseline / deft. deft's stage-1 kernel: "
+           f"{meta.get('deft_stage1_kernel', 'triton')}.", ""]
     out += lines
     if gm:
         out += ["", f"Geomean deft speedup over the best baseline on DESIGN.md's shared trees "
@@ -745,7 +746,7 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
             _print_case(row)
 
 
-DEVICE_FIELDS = ("gpu", "sm_count", "copy_gbps", "matmul_tflops", "plan_300node_256q_us", "plan_300node_256q_error")
+DEVICE_FIELDS = ("gpu", "sm_count", "deft_stage1_kernel", "copy_gbps", "matmul_tflops", "plan_300node_256q_us", "plan_300node_256q_error")
 
 
 def measure_plan_300(args, device, meta) -> None:
@@ -813,6 +814,7 @@ def main(argv=None) -> int:
         "flashinfer": _version("flashinfer-python") or _version("flashinfer_python"),
         "sglang": _version("sglang"),
         "dtype": args.dtype,
+        "deft_stage1_kernel": None,
         "providers": providers,
         "argv": sys.argv[1:] if argv is None else list(argv),
         "timing": "CUDA graph of one call, replayed under triton.testing.do_bench (L2 flushed before every "
@@ -836,6 +838,10 @@ def main(argv=None) -> int:
             meta["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
         else:
             meta["gpu"] = platform.processor() or "cpu"
+        # Which stage-1 kernel deft runs here (stage1_config; the benchmark's heads are all of dim 128).
+        kmod = _kernels()
+        meta["deft_stage1_kernel"] = importlib.import_module(kmod.__name__ + ".tree_decode").stage1_config(
+            128, importlib.import_module(kmod.__name__ + ".plan").LARGE_ROWS, dtype, device).kernel
         if args.rates:
             meta["copy_gbps"], meta["matmul_tflops"] = (float(x) for x in args.rates.split(","))
         else:

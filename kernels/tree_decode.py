@@ -1,16 +1,20 @@
-"""Tree decode attention in two Triton stages.
+"""Tree decode attention in two stages.
 
 Stage 1, one program per (KV head, work item): a work item is a chunk of one node's KV and a tile
 of the queries that attend it (TreeDecodePlan). The tile's rows are (query, GQA head) pairs, so one
 load of a KV block feeds every query and every query head sharing that KV head through one
 tensor-core product. It writes each row's output normalised by its own softmax sum and the base-2
-log-sum-exp of its scores.
+log-sum-exp of its scores. This module's Triton kernel runs everywhere (the CPU interpreter
+included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
+deeper KV pipeline (``stage1_config`` chooses).
 
 Stage 2, one program per (query, block of heads): folds the query's partials along its path in the
 plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,7 @@ import triton.language as tl
 
 from .plan import SMALL_ROWS, TreeDecodePlan
 
+logger = logging.getLogger(__name__)
 LOG2E = tl.constexpr(1.4426950408889634)  # scores move to base 2 so the kernels use exp2/log2
 
 
@@ -173,12 +178,21 @@ class Stage1Config:
     num_warps: int
     num_stages: int
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
+    kernel: str = "triton"  # "triton": _tree_decode_stage1 here; "hopper": stage1_hopper's Gluon kernel
 
 
-def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
-    """KV block lengths, warps and pipeline depth of stage 1.
+HOPPER_CONFIG = Stage1Config(32, 32, 4, 2, kernel="hopper")  # stage1_hopper's fixed shape, for reference
 
-    Measured on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
+
+def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> Stage1Config:
+    """Which stage-1 kernel runs, with its KV block lengths, warps and pipeline depth.
+
+    On an H200 with Triton 3.6, for float16/bfloat16, head_dim 64/128 and the default 64-row large
+    tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x the Triton kernel's step time on every
+    benchmark tree, `benchmarks/results/kernels_h200.md`). Elsewhere (CPU interpreter, other GPUs or
+    Triton versions, float32, head_dim 256) the Triton kernel of this module, in its measured shape:
+    on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
     SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes in one
     launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean 0.84x the
     time of the earlier 64/32-token default). Mixing 64-token blocks for the large tiles with 32 for
@@ -188,8 +202,27 @@ def stage1_config(head_dim: int, large_rows: int) -> Stage1Config:
     drain than they win back (geomean 0.99). Blocks shrink with head_dim so K and V, three stages
     deep, fit in shared memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
     """
+    if device is not None and dtype is not None and _hopper_unsupported(device, dtype, head_dim, large_rows) is None:
+        return HOPPER_CONFIG
     block_n = 32 // max(1, head_dim // 128)
     return Stage1Config(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, large_rows: int) -> str | None:
+    """Why the Hopper kernel cannot serve this configuration (None if it can); logged once per configuration."""
+    if device.type != "cuda":
+        return "not a CUDA device"  # never imports Gluon off the GPU
+    try:
+        from . import stage1_hopper
+    except ImportError as e:  # a Triton without Gluon, or with another Gluon API
+        reason = f"Gluon unavailable ({e})"
+    else:
+        reason = stage1_hopper.unsupported_reason(device, dtype, head_dim, large_rows)
+    which = "Gluon kernel for Hopper" if reason is None else f"Triton kernel: the Hopper kernel does not serve {reason}"
+    logger.info("tree decode stage 1 on %s, %s, head_dim %d, %d-row large tiles: %s", device, dtype, head_dim,
+                large_rows, which)
+    return reason
 
 
 def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: TreeDecodePlan,
@@ -197,6 +230,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                 config: Stage1Config | None = None) -> torch.Tensor:
     """Attention of every query over its KV-tree path. q [B, Hq, D]; k/v_buffer [S, Hkv, D].
 
+    ``config`` picks stage 1's kernel and shape; by default ``stage1_config`` for q's dtype and device.
     Never synchronises with the host: the plan's device tensors carry all the data-dependent sizes.
     """
     B, Hq, D = q.shape
@@ -210,7 +244,9 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise ValueError("q, k_buffer and v_buffer need a contiguous last dimension")
     if out is None:
         out = torch.empty_like(q)
-    cfg = config or stage1_config(D, plan.large_rows)
+    # The Hopper kernel reads q, K and V in one dtype; anything else takes the Triton kernel.
+    dtype = k_buffer.dtype if q.dtype == k_buffer.dtype == v_buffer.dtype else None
+    cfg = config or stage1_config(D, plan.large_rows, dtype, k_buffer.device)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg)
     launch_stage2(plan, out)
     return out
@@ -223,6 +259,14 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     when nothing ran."""
     if not plan.grid_items:
         return None
+    if cfg.kernel == "hopper":
+        reason = _hopper_unsupported(k_buffer.device, k_buffer.dtype, q.shape[2], plan.large_rows)
+        if reason is not None:
+            raise ValueError(f"the Hopper stage-1 kernel does not serve {reason}")
+        if cfg != HOPPER_CONFIG:
+            raise ValueError(f"the Hopper stage-1 kernel has one shape, {HOPPER_CONFIG}; got {cfg}")
+        from . import stage1_hopper
+        return stage1_hopper.launch(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, SMALL_ROWS)
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
     compiled = None

@@ -10,11 +10,12 @@ import os
 
 import pytest
 import torch
+import triton
 
 from kernel_trees import make_tree, named_trees, random_forest
 from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
-from sglang_deft.kernels.tree_decode import stage1_config
+from sglang_deft.kernels.tree_decode import HOPPER_CONFIG, stage1_config
 
 CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -136,7 +137,59 @@ def test_bad_shapes_are_refused():
 @pytest.mark.parametrize("name", ["random_forest", "fanout_256"])
 def test_separate_launches_compute_the_same(name):
     """Large and small tiles in two launches give bitwise the unified launch's output."""
-    out, _, (q, k, v, plan, scale, cap) = run_case(TREES[name], 8, 2, 64, torch.float16)
-    cfg = stage1_config(64, plan.large_rows)
+    _, _, (q, k, v, plan, scale, cap) = run_case(TREES[name], 8, 2, 64, torch.float16)
+    cfg = stage1_config(64, plan.large_rows)  # without dtype and device: the Triton kernel
+    assert cfg.kernel == "triton"
+    unified = tree_decode(q, k, v, plan, scale, cap, config=cfg)
     split = tree_decode(q, k, v, plan, scale, cap, config=dataclasses.replace(cfg, separate_launches=True))
-    assert torch.equal(out, split)
+    assert torch.equal(unified, split)
+
+
+HOPPER = CUDA and stage1_config(128, 64, torch.bfloat16, torch.device(DEVICE)).kernel == "hopper"
+
+
+def test_h200_runs_the_hopper_kernel():
+    """On an H200 with the Triton it was built for, the default path must be the Gluon kernel, so
+    that the GPU run of this file tests it rather than silently the Triton one."""
+    if not CUDA or torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
+        pytest.skip("needs sm_90 and Triton 3.6")
+    assert HOPPER
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.6)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,hq,hkv,d,cap", [("random_forest", 8, 2, 128, 0.0), ("fanout_256", 32, 8, 128, 0.0),
+                                               ("deep_chain_64", 16, 2, 64, 0.0), ("inner_queries", 4, 4, 128, 2.0),
+                                               ("odd_lengths", 16, 2, 128, 0.0)])
+def test_hopper_kernel_matches_triton_kernel(name, hq, hkv, d, cap, dtype):
+    hopper, ref, (q, k, v, plan, scale, cap) = run_case(TREES[name], hq, hkv, d, dtype, logit_cap=cap)
+    assert stage1_config(d, plan.large_rows, dtype, q.device).kernel == "hopper"
+    portable = tree_decode(q, k, v, plan, scale, cap, config=stage1_config(d, plan.large_rows))
+    torch.testing.assert_close(hopper.float(), ref, atol=ATOL[dtype], rtol=0)
+    torch.testing.assert_close(hopper.float(), portable.float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_hopper_kernel_refuses_what_it_does_not_serve():
+    """Asked for explicitly where it cannot run, the Hopper kernel says why instead of falling back."""
+    _, _, (q, k, v, plan, scale, cap) = run_case(TREES["one_node"], 8, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="Hopper stage-1 kernel does not serve"):
+        tree_decode(q, k, v, plan, scale, cap, config=HOPPER_CONFIG)
+
+
+@pytest.mark.parametrize("capability,version,dtype,d,rows,why", [
+    ((9, 0), "3.6.0", torch.bfloat16, 128, 64, None),
+    ((9, 0), "3.6.1", torch.float16, 64, 64, None),
+    ((9, 0), "3.9.0", torch.bfloat16, 128, 64, "Triton 3.9.0"),
+    ((8, 0), "3.6.0", torch.bfloat16, 128, 64, "needs sm_90"),
+    ((10, 0), "3.6.0", torch.bfloat16, 128, 64, "needs sm_90"),
+    ((9, 0), "3.6.0", torch.float32, 128, 64, "float16 or bfloat16"),
+    ((9, 0), "3.6.0", torch.bfloat16, 256, 64, "head_dim 256"),
+    ((9, 0), "3.6.0", torch.bfloat16, 128, 32, "32 rows"),
+])
+def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability, version, dtype, d, rows, why):
+    from sglang_deft.kernels import stage1_hopper
+    monkeypatch.setattr(stage1_hopper.triton, "__version__", version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    reason = stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows)
+    assert reason is None if why is None else why in reason
+    assert stage1_hopper.unsupported_reason(torch.device("cpu"), dtype, d, rows) == "not a CUDA device"
