@@ -60,8 +60,11 @@ SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
 LARGE_ROWS = 64  # default rows of the large tile
 FLOP_PER_BYTE = 100.0  # tl.dot FLOP rate / HBM bytes rate Triton reaches on H100/H200 (bf16)
 PROGRAM_LATENCY_BYTES = 16 * 1024  # a program's start-up cost, in bytes the SM could have moved
-PROGRAMS_PER_SM = 4  # H200 sweep over 1/2/4/8 (benchmarks/results/sweep_stage1_h200.md): 4 best overall
-MIN_CHUNK_TOKENS = 128
+PROGRAMS_PER_SM = 4  # H200 sweeps over 1-8 (sweep_stage1_h200.md, plan_knobs_h200.json): 4 best overall
+# H200, the Hopper stage-1 kernel, 2026-11-30 (benchmarks/results/plan_knobs_h200.json): 256 against 128
+# made prefix 4k x 16 and the speculative tree 5% faster (fewer partials to merge for the same
+# wave of programs), every other case within 1%; 64 and 512 were slower.
+MIN_CHUNK_TOKENS = 256
 ITEM_FIELDS = 5  # kv_start, kv_len, q_start, q_count, slot
 
 

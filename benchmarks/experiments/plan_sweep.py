@@ -1,0 +1,59 @@
+"""Planner knobs (programs per SM, minimum chunk tokens) with the default kernels, on the benchmark's trees.
+
+On the GPU host (the repo's overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
+    COMBOS=4:128,4:256 OUT=$OUT python3 benchmarks/experiments/plan_sweep.py
+Writes $OUT/plan_sweep.json: per case, the step's median us per "ppP_minM" (3 alternating rounds).
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import sweep_stage1 as S  # noqa: E402
+
+K, PLAN, check = S.K, S.PLAN, S.check
+
+
+def graph_time(fn, rep=50):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
+
+
+combos = [tuple(int(x) for x in c.split(":")) for c in
+          os.environ.get("COMBOS", "4:128,3:128,5:128,6:128,8:128,4:64,4:256,8:64,6:64").split(",")]
+cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
+by_key = {c.key: c for c in S.T.all_cases()}
+report = {}
+for key in cases:
+    case = S.Case(by_key[key], torch.device("cuda"))
+    q, k, v, scale = case.q, case.k, case.v, case.scale
+    fns, res = {}, report.setdefault(key, {})
+    for ppsm, mct in combos:
+        PLAN.MIN_CHUNK_TOKENS = mct
+        p = K.plan_tree_decode(case.tree, case.case.num_qo_heads, case.case.num_kv_heads, case.case.head_dim,
+                               programs_per_sm=ppsm)
+        o = torch.full_like(q, float("nan"))
+        K.tree_decode(q, k, v, p, scale, out=o)
+        torch.cuda.synchronize()
+        name = f"pp{ppsm}_min{mct}"
+        res[name + "_ok"] = check(o, case.ref)["ok"]
+        res[name + "_items"] = p.grid_items
+        fns[name] = (lambda p=p, o=o: K.tree_decode(q, k, v, p, scale, out=o))
+    PLAN.MIN_CHUNK_TOKENS = 128
+    times = {n: [] for n in fns}
+    for _ in range(3):
+        for n, fn in fns.items():
+            times[n].append(graph_time(fn))
+    for n, t in times.items():
+        res[n] = sorted(t)[1]
+    print(key, {n: round(res[n], 1) for n in fns}, flush=True)
+json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "plan_sweep.json", "w"), indent=1)
