@@ -9,7 +9,8 @@ iteration, and each block costs a whole gathered-load round trip (~2 us per bloc
 `benchmarks/results/kernel_experiments_h200.md`). Here the indices are plain loads made two blocks
 before their use and carried in registers, and each iteration first issues the next block's K/V and
 only then computes, so the copy overlaps a whole iteration's math. On the H200 this made the step
-0.83-0.96x main's Triton time on every benchmark tree (`benchmarks/results/kernels_h200.md`).
+0.83-0.96x the Triton kernel's time on every benchmark tree
+(`benchmarks/results/ab_hopper_stage1_h200.json`; the whole table in `kernels_h200.md`).
 
 Tiles, as in the Triton kernel: large tiles (``LARGE_M`` = 64 rows of (query, GQA head)) on one
 warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) with mma.sync, the
