@@ -19,6 +19,7 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
+import sglang_deft.kernels.plan as kernel_plan
 import sglang_deft.tree_attention as tree_attention
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
@@ -251,9 +252,11 @@ def test_replays_match_eager_steps_bitwise(server_args, model_config):
 
 
 @needs_interpreter
-def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, model_config):
+def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, model_config, monkeypatch):
     """Limits tight enough that the planner coarsens chunks: an eager step must coarsen them the same
     way (it is planned under the same limits), or the merge order, and the last bits, would differ."""
+    # Chunks down to 64 tokens, so that this short prompt (the pool's rows hold 512) is split at all.
+    monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 64)
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
     backend.plan_limits = PlanLimits(max_items=4, max_partials=64)
     emulator = GraphEmulator(backend, kv_pool)
