@@ -2,7 +2,8 @@
 
 On the GPU host (the repo's overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
     COMBOS=4:128,4:256 OUT=$OUT python3 benchmarks/experiments/plan_sweep.py
-Writes $OUT/plan_sweep.json: per case, the step's median us per "ppP_minM" (3 alternating rounds).
+    COMBOS=4:256:100:16384,4:256:50:32768 ...   # also the cost model's FLOP_PER_BYTE, PROGRAM_LATENCY_BYTES
+Writes $OUT/plan_sweep.json: per case, the step's median us per "ppP_minM[_fF_lL]" (3 alternating rounds).
 """
 import json
 import os
@@ -28,8 +29,9 @@ def graph_time(fn, rep=50):
     return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
 
 
-combos = [tuple(int(x) for x in c.split(":")) for c in
+combos = [tuple(float(x) for x in c.split(":")) for c in
           os.environ.get("COMBOS", "4:128,3:128,5:128,6:128,8:128,4:64,4:256,8:64,6:64").split(",")]
+DEFAULTS = (PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES)
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
 by_key = {c.key: c for c in S.T.all_cases()}
 report = {}
@@ -37,18 +39,20 @@ for key in cases:
     case = S.Case(by_key[key], torch.device("cuda"))
     q, k, v, scale = case.q, case.k, case.v, case.scale
     fns, res = {}, report.setdefault(key, {})
-    for ppsm, mct in combos:
-        PLAN.MIN_CHUNK_TOKENS = mct
+    for combo in combos:
+        ppsm, mct = int(combo[0]), int(combo[1])
+        fpb, plb = (combo[2], int(combo[3])) if len(combo) == 4 else DEFAULTS[1:]
+        PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES = mct, fpb, plb
         p = K.plan_tree_decode(case.tree, case.case.num_qo_heads, case.case.num_kv_heads, case.case.head_dim,
                                programs_per_sm=ppsm)
         o = torch.full_like(q, float("nan"))
         K.tree_decode(q, k, v, p, scale, out=o)
         torch.cuda.synchronize()
-        name = f"pp{ppsm}_min{mct}"
+        name = f"pp{ppsm}_min{mct}" + (f"_f{fpb:g}_l{plb}" if len(combo) == 4 else "")
         res[name + "_ok"] = check(o, case.ref)["ok"]
         res[name + "_items"] = p.grid_items
         fns[name] = (lambda p=p, o=o: K.tree_decode(q, k, v, p, scale, out=o))
-    PLAN.MIN_CHUNK_TOKENS = 128
+    PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES = DEFAULTS
     times = {n: [] for n in fns}
     for _ in range(3):
         for n, fn in fns.items():
