@@ -21,6 +21,7 @@ is used only where it was built and measured: sm_90, Triton 3.6 (``unsupported_r
 """
 from __future__ import annotations
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -38,8 +39,6 @@ TRITON_VERSIONS = ("3.6",)
 
 def unsupported_reason(device, dtype, head_dim: int, large_rows: int) -> str | None:
     """Why this kernel cannot serve the call (None when it can)."""
-    import torch
-
     if getattr(device, "type", device) != "cuda":
         return "not a CUDA device"
     major_minor = ".".join(triton.__version__.split(".")[:2])
