@@ -2,7 +2,11 @@
 stage1_hopper_rings.py whose K and V rings have their own depths, on the benchmark's trees.
 
 On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
-    VARIANTS=3:2:2,2:2:2 OUT=$OUT python3 benchmarks/experiments/ab_rings.py
+    VARIANTS=3:2:2,2:2:2,2:2:2:64:1 OUT=$OUT python3 benchmarks/experiments/ab_rings.py
+    (K ring : V ring : small-tile ring [: large-tile block tokens : Q in registers])
+Compiled for sm_90 with Triton 3.6 on the CPU box (registers, shared memory -> programs per SM):
+3:2:2 118, 56 KB -> 4; 2:2:2 118, 48 KB -> 4; 3:2:2:32:1 146, 48 KB -> 3; 2:2:2:64:1 177, 72 KB -> 2;
+2:2:2:64:0 156, 80 KB -> 2.
 Writes $OUT/ab_rings.json: per case, median us of one step (stage 1 + main's stage 2, one CUDA graph,
 L2 flushed), middle of 3 alternating rounds, and each variant's output check.
 """
@@ -45,12 +49,14 @@ for key in cases:
     res = report.setdefault(key, {})
     out_main = torch.empty_like(q)
     fns = {"main": lambda: K.tree_decode(q, k, v, plan, scale, out=out_main)}
-    for ks, vs, ss in variants:
-        name = f"k{ks}_v{vs}_s{ss}"
+    for var in variants:
+        ks, vs, ss = var[:3]
+        lb, qreg = (var[3], bool(var[4])) if len(var) == 5 else (R.BLOCK_N, False)
+        name = f"k{ks}_v{vs}_s{ss}" + (f"_n{lb}_qreg{int(qreg)}" if len(var) == 5 else "")
         o = torch.full_like(q, float("nan"))
 
-        def step(o=o, ks=ks, vs=vs, ss=ss):
-            R.launch(q, k, v, plan, scale, 0.0, 16, ks, vs, ss)
+        def step(o=o, ks=ks, vs=vs, ss=ss, lb=lb, qreg=qreg):
+            R.launch(q, k, v, plan, scale, 0.0, 16, ks, vs, ss, lb, qreg)
             STAGES.launch_stage2(plan, o)
         step()
         torch.cuda.synchronize()

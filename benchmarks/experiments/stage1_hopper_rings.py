@@ -1,5 +1,6 @@
 """EXPERIMENT (not measured yet): kernels/stage1_hopper.py with the K and V rings of different depths
-(KS, VS; small tiles SS for both), K and V in separate cp.async groups and a second barrier before P.V.
+(KS, VS; small tiles SS for both), K and V in separate cp.async groups and a second barrier before P.V;
+optionally the large tiles' Q as wgmma's register operand (QREG) and their own KV block length.
 
 Stage 1 for Hopper (sm_90) as a Gluon kernel: the same work items and partials as the Triton
 kernel in ``tree_decode.py``, with a KV pipeline that keeps gathered loads in flight.
@@ -88,7 +89,7 @@ def _issue_k(K, k_buf, kv_len, blk, idx, offs_n, offs_d, kv_head, stride_kn, str
 def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                  stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK: gl.constexpr,
-                 KS: gl.constexpr, VS: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr):
+                 KS: gl.constexpr, VS: gl.constexpr, WGMMA: gl.constexpr, QREG: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_start = gl.load(items + item * 5)
     kv_len = gl.load(items + item * 5 + 1)
@@ -136,10 +137,10 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
     head = kv_head * GROUP + rows % GROUP
     q = gl.load(Q + qid[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    if WGMMA:
+    if WGMMA and not QREG:
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         q_op = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl, q)
-    else:
+    else:  # registers: mma.sync's A operand, or wgmma's with QREG (frees 16 KB of shared memory)
         q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
 
     qk_scale = sm_scale * LOG2E
@@ -220,7 +221,7 @@ def _tree_decode_stage1_hopper(
     Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, LARGE_M: gl.constexpr, SMALL_M: gl.constexpr,
-    BLOCK: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr, SS: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
+    LBLOCK: gl.constexpr, SBLOCK: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr, SS: gl.constexpr, QREG: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
 ):
     kv_head = gl.program_id(0)
     item = gl.program_id(1)
@@ -229,19 +230,20 @@ def _tree_decode_stage1_hopper(
     if item < num_large:
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, LARGE_M, BLOCK, KS, VS, True, USE_CAP, WARPS)
+                     GROUP, HEAD_DIM, LARGE_M, LBLOCK, KS, VS, True, QREG, USE_CAP, WARPS)
     elif item < num_large + gl.load(counts + 1):
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, SMALL_M, BLOCK, SS, SS, False, USE_CAP, WARPS)
+                     GROUP, HEAD_DIM, SMALL_M, SBLOCK, SS, SS, False, False, USE_CAP, WARPS)
 
 
-def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int = 16, ks=3, vs=2, ss=2):
+def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int = 16, ks=3, vs=2, ss=2,
+           large_block=BLOCK_N, qreg=False):
     """One launch over every work item of ``plan``; returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
-        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=BLOCK_N,
-        KS=ks, VS=vs, SS=ss, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)
+        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, LBLOCK=large_block, SBLOCK=BLOCK_N,
+        KS=ks, VS=vs, SS=ss, QREG=qreg, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)
