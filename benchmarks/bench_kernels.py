@@ -746,7 +746,8 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
             _print_case(row)
 
 
-DEVICE_FIELDS = ("gpu", "sm_count", "deft_stage1_kernel", "copy_gbps", "matmul_tflops", "plan_300node_256q_us", "plan_300node_256q_error")
+DEVICE_FIELDS = ("gpu", "sm_count", "deft_stage1_kernel", "copy_gbps", "matmul_tflops", "plan_300node_256q_us",
+                 "plan_300node_256q_error")
 
 
 def measure_plan_300(args, device, meta) -> None:

@@ -208,6 +208,11 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     return Stage1Config(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
 
 
+def _common_dtype(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> torch.dtype | None:
+    """The one dtype of q, K and V, or None: the Hopper kernel reads them in one dtype."""
+    return k_buffer.dtype if q.dtype == k_buffer.dtype == v_buffer.dtype else None
+
+
 @functools.lru_cache(maxsize=None)
 def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, large_rows: int) -> str | None:
     """Why the Hopper kernel cannot serve this configuration (None if it can); logged once per configuration."""
@@ -244,9 +249,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise ValueError("q, k_buffer and v_buffer need a contiguous last dimension")
     if out is None:
         out = torch.empty_like(q)
-    # The Hopper kernel reads q, K and V in one dtype; anything else takes the Triton kernel.
-    dtype = k_buffer.dtype if q.dtype == k_buffer.dtype == v_buffer.dtype else None
-    cfg = config or stage1_config(D, plan.large_rows, dtype, k_buffer.device)
+    cfg = config or stage1_config(D, plan.large_rows, _common_dtype(q, k_buffer, v_buffer), k_buffer.device)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg)
     launch_stage2(plan, out)
     return out
@@ -260,7 +263,9 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     if not plan.grid_items:
         return None
     if cfg.kernel == "hopper":
-        reason = _hopper_unsupported(k_buffer.device, k_buffer.dtype, q.shape[2], plan.large_rows)
+        dtype = _common_dtype(q, k_buffer, v_buffer)
+        reason = ("q, K and V in different dtypes" if dtype is None
+                  else _hopper_unsupported(k_buffer.device, dtype, q.shape[2], plan.large_rows))
         if reason is not None:
             raise ValueError(f"the Hopper stage-1 kernel does not serve {reason}")
         if cfg != HOPPER_CONFIG:

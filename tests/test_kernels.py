@@ -174,6 +174,8 @@ def test_hopper_kernel_refuses_what_it_does_not_serve():
     _, _, (q, k, v, plan, scale, cap) = run_case(TREES["one_node"], 8, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="Hopper stage-1 kernel does not serve"):
         tree_decode(q, k, v, plan, scale, cap, config=HOPPER_CONFIG)
+    with pytest.raises(ValueError, match="q, K and V in different dtypes"):
+        tree_decode(q.half(), k, v, plan, scale, cap, config=HOPPER_CONFIG)
 
 
 @pytest.mark.parametrize("capability,version,dtype,d,rows,why", [
