@@ -18,7 +18,7 @@ Chunks. Each (group, query tile) segment is cut into chunks of near-equal cost, 
     cost(chunk) = tokens * (KV_BYTES + padded_rows * 4 * head_dim / FLOP_PER_BYTE) + fixed(rows)
 in "bytes of HBM traffic" units: KV_BYTES is the chunk's K and V for one head; the math term
 converts the tile's tensor-core FLOPs (padded rows count: the hardware computes them) at the rate
-Triton's tl.dot sustains relative to HBM bandwidth on Hopper; ``fixed`` is the Q tile load, the
+the stage-1 kernel sustains relative to HBM bandwidth on Hopper; ``fixed`` is the Q tile load, the
 partial result written and read back by stage 2, and a per-program start-up latency. Chunks are
 sized so that the whole step makes about ``PROGRAMS_PER_SM`` programs per SM (of all KV heads), and
 never shorter than ``MIN_CHUNK_TOKENS``.
@@ -58,8 +58,15 @@ from .staging import PinnedStagingRing
 
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
 LARGE_ROWS = 64  # default rows of the large tile
-FLOP_PER_BYTE = 100.0  # tl.dot FLOP rate / HBM bytes rate Triton reaches on H100/H200 (bf16)
-PROGRAM_LATENCY_BYTES = 16 * 1024  # a program's start-up cost, in bytes the SM could have moved
+# The cost model's two constants, refitted to the Hopper stage-1 kernel on the H200 (2026-11-30,
+# benchmarks/results/plan_knobs_h200.json, session 10): against 100 and 16 KB (fitted to the Triton
+# kernel), 200 and 64 KB made the five shared trees 2.4% faster (geomean; prefix 4k x 64 6%, 1k x 256
+# 3%), no sharing 1.4%, the rest within 1%. Both agree with how the kernel spends its time
+# (benchmarks/experiments/block_latency.py): a 64-row tile costs a program about what a 16-row one
+# does per KV block (0.72 against 0.71 us alone on an SM), so the math term is small, and a program's
+# start-up (item, indices, first K/V, Q, and the partials' store) costs several blocks' worth of loads.
+FLOP_PER_BYTE = 200.0  # tensor-core FLOP rate / HBM bytes rate the stage-1 kernel reaches (bf16)
+PROGRAM_LATENCY_BYTES = 64 * 1024  # a program's start-up cost, in bytes the SM could have moved
 PROGRAMS_PER_SM = 4  # H200 sweeps over 1-8 (sweep_stage1_h200.md, plan_knobs_h200.json): 4 best overall
 # H200, the Hopper stage-1 kernel, 2026-11-30 (benchmarks/results/plan_knobs_h200.json): 256 against 128
 # made prefix 4k x 16 and the speculative tree 5% faster (fewer partials to merge for the same

@@ -12,6 +12,10 @@ only then computes, so the copy overlaps a whole iteration's math. On the H200 t
 0.83-0.96x the Triton kernel's time on every benchmark tree
 (`benchmarks/results/ab_hopper_stage1_h200.json`; the whole table in `kernels_h200.md`).
 
+Per block, the softmax scale rides in exp2's argument (one FFMA per score instead of a multiply and a
+subtract) and only an item's last block masks tokens past its end: 1-3% off the step on the larger
+trees (`benchmarks/results/ab_stage1_h200.json`).
+
 Tiles, as in the Triton kernel: large tiles (``LARGE_M`` = 64 rows of (query, GQA head)) on one
 warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) with mma.sync, the
 four warps splitting the block's tokens. Both run in one launch, large items first.
@@ -73,16 +77,66 @@ def _issue_kv(K, V, k_buf, v_buf, kv_len, blk, idx, offs_n, offs_d, kv_head,
 
 
 @gluon.jit
+def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK: gl.constexpr,
+                    USE_CAP: gl.constexpr):
+    """Block j's scores -> (P, alpha, running max, running sum), all in base 2."""
+    if USE_CAP:
+        # SGLang's cap, logit_cap * tanh(x / logit_cap), written as the Triton kernel writes it.
+        s = logit_cap * (1.0 - 2.0 / (1.0 + gl.exp(2.0 * (s * sm_scale) / logit_cap))) * LOG2E
+        s_mul = 1.0
+    else:
+        s_mul = sm_scale * LOG2E  # folded into exp2's argument: one FFMA per score, not FMUL + FADD
+    if (j + 1) * BLOCK > kv_len:  # only an item's last block has tokens past its end
+        s = gl.where((j * BLOCK + offs_n_s < kv_len)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * s_mul)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * s_mul - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _item_fields(items, item):
+    return (gl.load(items + item * 5), gl.load(items + item * 5 + 1), gl.load(items + item * 5 + 2),
+            gl.load(items + item * 5 + 3), gl.load(items + item * 5 + 4))
+
+
+@gluon.jit
+def _load_q(Q, qperm, q_start, q_count, kv_head, offs_d, stride_qb, stride_qh, GROUP: gl.constexpr,
+            BLOCK_M: gl.constexpr, ld: gl.constexpr):
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    q_local = rows // GROUP
+    row_ok = q_local < q_count
+    qid = gl.load(qperm + q_start + q_local, mask=row_ok, other=0).to(gl.int64)
+    head = kv_head * GROUP + rows % GROUP
+    return gl.load(Q + qid[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                   mask=row_ok[:, None], other=0.0)
+
+
+@gluon.jit
+def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_lse, stride_pp, stride_ph,
+                    stride_lp, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    o_l: gl.constexpr):
+    # kv_len >= 1 for every item, so l_i > 0 on every row.
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_l))[:, None]
+    rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+    d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+    ql_o = rows_o // GROUP
+    ok_o = ql_o < q_count
+    out_row = (slot + ql_o).to(gl.int64)
+    head_o = kv_head * GROUP + rows_o % GROUP
+    gl.store(partial_out + out_row[:, None] * stride_pp + head_o[:, None] * stride_ph + d_o[None, :], out,
+             mask=ok_o[:, None])
+    lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, o_l))
+    gl.store(partial_lse + out_row * stride_lp + head_o, lse, mask=ok_o)
+
+
+@gluon.jit
 def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                  stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK: gl.constexpr,
                  STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
-    kv_start = gl.load(items + item * 5)
-    kv_len = gl.load(items + item * 5 + 1)
-    q_start = gl.load(items + item * 5 + 2)
-    q_count = gl.load(items + item * 5 + 3)
-    slot = gl.load(items + item * 5 + 4)
+    kv_start, kv_len, q_start, q_count, slot = _item_fields(items, item)
 
     # Gathers and Q in 16-byte vectors; scores S [M, N] and output O [M, D] in the MMA's layouts.
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
@@ -111,20 +165,13 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
     idx1 = _load_idx(kv_indices, kv_start, kv_len, STAGES - 1, offs_n, BLOCK)
     idx2 = _load_idx(kv_indices, kv_start, kv_len, STAGES, offs_n, BLOCK)
 
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
-    q_local = rows // GROUP
-    row_ok = q_local < q_count
-    qid = gl.load(qperm + q_start + q_local, mask=row_ok, other=0).to(gl.int64)
-    head = kv_head * GROUP + rows % GROUP
-    q = gl.load(Q + qid[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _load_q(Q, qperm, q_start, q_count, kv_head, offs_d, stride_qb, stride_qh, GROUP, BLOCK_M, ld)
     if WGMMA:
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         q_op = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl, q)
     else:
         q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
 
-    qk_scale = sm_scale * LOG2E
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l)
@@ -151,17 +198,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         else:
             kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
             s = mma_v2(q_op, kt, s_zero)
-        if USE_CAP:
-            # SGLang's cap, logit_cap * tanh(x / logit_cap), written as the Triton kernel writes it.
-            s = logit_cap * (1.0 - 2.0 / (1.0 + gl.exp(2.0 * (s * sm_scale) / logit_cap))) * LOG2E
-        else:
-            s = s * qk_scale
-        s = gl.where((j * BLOCK + offs_n_s < kv_len)[None, :], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK, USE_CAP)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
         if WGMMA:
@@ -171,19 +208,8 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
             vv = v_bufs.index(cur).load(gl.DotOperandLayout(operand_index=1, parent=o_l, k_width=2))
             acc = mma_v2(p_op, vv, acc)
     cp.wait_group(0)
-
-    # kv_len >= 1 for every item, so l_i > 0 on every row.
-    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_l))[:, None]
-    rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
-    d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-    ql_o = rows_o // GROUP
-    ok_o = ql_o < q_count
-    out_row = (slot + ql_o).to(gl.int64)
-    head_o = kv_head * GROUP + rows_o % GROUP
-    gl.store(partial_out + out_row[:, None] * stride_pp + head_o[:, None] * stride_ph + d_o[None, :], out,
-             mask=ok_o[:, None])
-    lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, o_l))
-    gl.store(partial_lse + out_row * stride_lp + head_o, lse, mask=ok_o)
+    _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_lse, stride_pp, stride_ph,
+                    stride_lp, GROUP, BLOCK_M, HEAD_DIM, o_l)
 
 
 @gluon.jit

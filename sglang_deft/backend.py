@@ -39,7 +39,8 @@ planned under the same limits into buffers of their own (``tree_attention.plan_s
 work items decides the chunking and with it each query's merge order, and the padding queries change
 neither, so a step's attention output is bitwise the same with and without CUDA graphs. (The model's
 outputs are too wherever SGLang's other kernels see the same shapes in both modes: batches that need
-no padding to a captured size.)
+no padding to a captured size. And only for the same batches: a request's bits depend on the tree of
+the batch it decodes in, and SGLang batches requests as they happen to arrive.)
 """
 from __future__ import annotations
 

@@ -125,7 +125,9 @@ class DecodeStepPlanner:
         """The step's plan in the buffers, for ``num_queries`` rows (the batch, plus a CUDA graph's
         padding rows); None, the buffers' plan unchanged, when the step does not fit them."""
         reqs = list(reqs)
-        seq = seq_lens_cpu.numpy().astype(np.int64, copy=False)
+        # A copy: the steady state keeps these lengths, and SGLang without the overlap scheduler
+        # advances the batch's seq_lens_cpu in place (a view would already hold the next step's).
+        seq = np.array(seq_lens_cpu.numpy(), dtype=np.int64)
         same_batch = self.builder.same_batch_as_last(reqs, seq)
         st = self._state
         if (st is not None and same_batch and st.room > 0 and num_queries == st.num_queries

@@ -7,13 +7,20 @@
 2. Whole servers on the repo's tiny model (float16): deft with CUDA graphs against deft with
    ``--disable-cuda-graph``, same greedy requests, token ids and logprobs bitwise. Every batch size
    has its own graph (``--disable-cuda-graph-padding``), so SGLang's other kernels see the same
-   shapes in both servers. SGLang's triton decode, with and without graphs, is the control: if it
+   shapes in both servers. deft's bits for a request depend on the batch it decodes in (the KV
+   tree's nodes are the batch's shared prefixes; each node is a partial result, merged in the plan's
+   order), so both servers must form the same batches: each workload reaches the scheduler as one
+   message (``--enable-tokenizer-batch-encode``; ``n > 1`` and a text list without it are sent
+   request by request, and the scheduler admits whatever has arrived: the same 8 requests were
+   prefilled as 4 + 4 in one server and 3 + 5 in another), and the servers' logged prefill batches
+   are compared first. SGLang's triton decode, with and without graphs, is the control: if it
    differs itself, a whole-model comparison says nothing about deft and the test is skipped.
 """
 from __future__ import annotations
 
 import bisect
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,7 +204,9 @@ def test_replayed_steps_equal_eager_steps_bitwise(dtype, monkeypatch):
 SERVER_ARGS = ["--model-path", str(MODEL), "--dtype", "float16", "--attention-backend", "triton",
                "--grammar-backend", "none", "--max-total-tokens", "16384", "--max-running-requests", "16",
                "--mem-fraction-static", "0.8", "--cuda-graph-max-bs", "16", "--disable-cuda-graph-padding",
-               "--log-level", "info", "--decode-log-interval", "4"]
+               "--log-level", "info", "--decode-log-interval", "4",
+               # A text list reaches the scheduler as one message: its requests share a prefill batch.
+               "--enable-tokenizer-batch-encode"]
 CONTEXT = ("The archive held letters from seven harbours, each sealed with wax of a different colour. Mira "
            "sorted them by the tides recorded in their margins, then by the names of the ships, and finally "
            "by the faint smell of salt that clung to the oldest pages. ") * 2
@@ -230,9 +239,20 @@ def generations(server, payload):
             for o in server.generate(payload)]
 
 
-# One request at a time, each forming its own decode batches (of 8, 6 and 3 requests).
+# Prefill batches as the scheduler logs them: (#new-seq, #new-token, #cached-token, #running-req).
+PREFILL_BATCH = re.compile(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+), "
+                           r".*?#running-req: (\d+)")
+
+
+def prefill_batches(server) -> list[tuple[str, ...]]:
+    return PREFILL_BATCH.findall(server.log())
+
+
+# Prompts cached first, as n > 1 does (its own copies would be sent one by one, not as one message).
+PRIMING = {"n8": {"text": CONTEXT + " Summary:", "sampling_params": {"temperature": 0, "max_new_tokens": 0}}}
+# One workload at a time, each one message, each forming its own decode batches (of 8, 6 and 3 requests).
 WORKLOADS = {
-    "n8": {"text": CONTEXT + " Summary:", "sampling_params": {"temperature": 0, "max_new_tokens": 24, "n": 8}},
+    "n8": {"text": [CONTEXT + " Summary:"] * 8, "sampling_params": {"temperature": 0, "max_new_tokens": 24}},
     "shared_prefix_6": {"text": [CONTEXT + f" Question {c}:" for c in "ABCDEF"],
                         "sampling_params": {"temperature": 0, "max_new_tokens": 24}},
     "nested_3": {"text": [CONTEXT + " Idea 1: the tide" + s for s in (" rose.", " fell.", " turned.")],
@@ -240,12 +260,27 @@ WORKLOADS = {
 }
 
 
+def run_workloads(server) -> dict:
+    results = {}
+    for w, payload in WORKLOADS.items():
+        if w in PRIMING:
+            server.generate(PRIMING[w])
+        results[w] = generations(server, {**payload, "return_logprob": True})
+    return results
+
+
 def test_servers_with_and_without_cuda_graphs_agree_bitwise(servers):
-    results = {name: {w: generations(server, {**payload, "return_logprob": True})
-                      for w, payload in WORKLOADS.items()}
-               for name, server in servers.items()}
+    # Startup's warm-up and health checks are logged too, as many as each server's startup took.
+    startup = {name: len(prefill_batches(server)) for name, server in servers.items()}
+    results = {name: run_workloads(server) for name, server in servers.items()}
     for name in ("deft_graph", "triton_graph"):
         assert "cuda graph: True" in servers[name].log(), f"{name} ran no decode step in a CUDA graph"
+    batches = {name: prefill_batches(server)[startup[name]:] for name, server in servers.items()}
+    for graph, eager in (("deft_graph", "deft_eager"), ("triton_graph", "triton_eager")):
+        # The premise, not deft: other batches give other trees, hence other (still exact) bits.
+        assert batches[graph] == batches[eager], (
+            f"{graph} and {eager} formed different prefill batches, so their outputs cannot be compared "
+            f"bitwise: {batches[graph]} vs {batches[eager]}")
     deft_same = {w: results["deft_graph"][w] == results["deft_eager"][w] for w in WORKLOADS}
     triton_same = {w: results["triton_graph"][w] == results["triton_eager"][w] for w in WORKLOADS}
     print(f"\nbitwise equal with/without CUDA graphs: deft {deft_same}, triton (control) {triton_same}")

@@ -395,3 +395,34 @@ def test_steady_steps_replayed_and_eager_agree_bitwise(server_args, model_config
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         sim.finish_decode(reqs)
     assert logs[0] == logs[1] == [False, False, True, True, True, False, False, True, True]
+
+
+@needs_interpreter
+def test_a_requests_bits_depend_on_its_batch_not_on_graphs(server_args, model_config):
+    """Why comparing whole servers bitwise (test_cuda_graph_gpu) needs both to form the same batches.
+    One request, same q and KV: decoded alone, its path is one tree node (one partial result); next to
+    a request sharing its prompt, it is the prompt's partial merged with its own tail's. Both are exact
+    attention, equal to rounding but not bitwise. A graph replay and an eager step of one batch are
+    bitwise equal."""
+    sim, layers, kv_pool, graphs = graph_setup(server_args, model_config)
+    eager = make_backend(sim, server_args, model_config, layers, kv_pool)
+    emulator = GraphEmulator(graphs, kv_pool)
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3)), sim.new_req(prompt + sim.tokens(4))])
+    pair = decode_forward_batch(sim, reqs, kv_pool)
+    alone = SimpleNamespace(**{**vars(pair), "deft_reqs": reqs[:1], "seq_lens_cpu": pair.seq_lens_cpu[:1],
+                               "seq_lens": pair.seq_lens[:1], "req_pool_indices": pair.req_pool_indices[:1],
+                               "out_cache_loc": pair.out_cache_loc[:1]})
+    layer = layers[0]
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    q, k, v = torch.randn(2, hq * d) * 3, torch.randn(2, hkv, d), torch.randn(2, hkv, d)
+    eager.init_forward_metadata(alone)
+    out_alone = eager.forward(q[:1], k[:1], v[:1], layer, alone).view(1, hq, d)
+    bs = emulator.prepare(pair)
+    replayed = emulator.forward(bs, pair, q.view(2, hq, d), k, v, layer).view(bs, hq, d)
+    eager.init_forward_metadata(pair)
+    out_pair = eager.forward(q, k, v, layer, pair).view(2, hq, d)
+    assert torch.equal(replayed[:2], out_pair)  # the same batch: graphs or not, the same bits
+    torch.testing.assert_close(out_alone[0], out_pair[0], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out_alone[0], out_pair[0])  # another batch: other (exact) bits

@@ -154,3 +154,27 @@ def test_a_batch_changing_every_step_gets_no_room():
     for i in range(4):
         assert not run(sim, sp, reqs[:3 + i % 2])
         assert sp._state is None
+
+
+def test_seq_lens_incremented_in_place_still_give_steady_steps():
+    """Without the overlap scheduler SGLang advances the batch's host seq_lens in place
+    (``ScheduleBatch.prepare_for_decode``: ``seq_lens_cpu.add_(1)``), and every ForwardBatch holds
+    that same tensor. The planner must keep its own copy of the lengths it planned for: a view of
+    that tensor would already hold the next step's lengths, and no step would ever be steady."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4)
+    reqs = fork(sim, 3)
+    seq_lens = None
+    steady = []
+    for _ in range(6):
+        fresh = sim.prepare_decode(reqs)
+        if seq_lens is None:
+            seq_lens = fresh  # the batch's one tensor, from now on advanced in place
+        else:
+            seq_lens.add_(1)
+            assert torch.equal(seq_lens, fresh)
+        step = sp.plan(reqs, seq_lens, len(reqs))
+        check(sim, reqs, seq_lens, step, len(reqs))
+        steady.append(step.steady)
+        sim.finish_decode(reqs)
+    assert steady == [False, False, True, True, True, True]

@@ -1,0 +1,83 @@
+"""A/B of Hopper stage-1 variants on the benchmark's trees, in one process (alternating rounds).
+
+Each variant is ``name=module:large_rows:programs_per_sm``; ``module`` is ``main`` (the package's
+kernels/stage1_hopper.py) or a path to a copy of it (a baseline kept beside the change measured).
+On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
+    VARIANTS="base=/path/old.py:64:4,new=main:64:4" OUT=$OUT python3 benchmarks/experiments/ab_stage1.py
+Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
+one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds) and its output check.
+"""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import sweep_stage1 as S  # noqa: E402
+
+K, STAGES, check = S.K, S.STAGES, S.check
+
+
+def module(spec: str):
+    if spec == "main":
+        return __import__(K.__name__ + ".stage1_hopper", fromlist=["launch"])
+    loader = importlib.util.spec_from_file_location(Path(spec).stem, spec)
+    mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(mod)
+    return mod
+
+
+def graph_time(fn, rep=50):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
+
+
+variants = {}
+for item in os.environ["VARIANTS"].split(","):
+    name, spec = item.split("=")
+    mod, *nums = spec.split(":")
+    variants[name] = (module(mod), [int(x) for x in nums])
+cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
+by_key = {c.key: c for c in S.T.all_cases()}
+report = {"variants": os.environ["VARIANTS"]}
+for key in cases:
+    case = S.Case(by_key[key], torch.device("cuda"))
+    c = case.case
+    q, k, v, scale = case.q, case.k, case.v, case.scale
+    res = report.setdefault(key, {})
+    fns = {}
+    for name, (mod, nums) in variants.items():
+        lr, pps = nums
+        plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, large_rows=lr,
+                                  programs_per_sm=pps)
+        o = torch.full_like(q, float("nan"))
+
+        def step(o=o, plan=plan, mod=mod):
+            mod.launch(q, k, v, plan, scale, 0.0, 16)
+            STAGES.launch_stage2(plan, o)
+        try:
+            step()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result
+            res[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(key, name, res[name + "_error"], flush=True)
+            continue
+        res[name + "_check"] = check(o, case.ref)
+        fns[name] = step
+    times = {n: [] for n in fns}
+    for _ in range(3):
+        for n, fn in fns.items():
+            times[n].append(graph_time(fn))
+    for n, t in times.items():
+        res[n + "_us"] = sorted(t)[1]
+    print(key, {n: round(res[n + "_us"], 1) for n in fns}, {n: res[n + "_check"]["ok"] for n in fns}, flush=True)
+    json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage1.json", "w"), indent=1)
