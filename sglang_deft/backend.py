@@ -37,15 +37,17 @@ Eager steps use the same buffers (without CUDA graphs the backend makes them at 
 step), the same limits and the same steady-step decisions; steps the buffers cannot take are
 planned under the same limits into buffers of their own (``tree_attention.plan_step``). The limit on
 work items decides the chunking and with it each query's merge order, and the padding queries change
-neither, so a step's attention output is bitwise the same with and without CUDA graphs. (The model's
-outputs are too wherever SGLang's other kernels see the same shapes in both modes: batches that need
-no padding to a captured size. And only for the same batches: a request's bits depend on the tree of
-the batch it decodes in, and SGLang batches requests as they happen to arrive.)
+neither, so a step's attention output is bitwise the same with and without CUDA graphs (a request's
+bits depend on the tree of the batch it decodes in, so only for the same batches). Whole servers'
+outputs were bitwise equal too at f2bfb2e but are not at 2768491, although both servers plan every
+step identically (``SGLANG_DEFT_TRACE_PLANS=1`` logs each step's plan fingerprint): the cause is open.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +71,8 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+# SGLANG_DEFT_TRACE_PLANS=1: log a fingerprint of every decode step's plan (``_trace_plan``).
+TRACE_PLANS = os.environ.get("SGLANG_DEFT_TRACE_PLANS", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,8 @@ class DeftAttnBackend(AttentionBackend):
         if self.step_planner is not None and len(reqs) <= self.graph_plan.qperm.numel():
             step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, len(reqs))
         if step is not None:
+            if TRACE_PLANS:
+                self._trace_plan("eager", step.steady, forward_batch.seq_lens_cpu)
             plan, attended, unique = step.plan, step.attended_tokens, step.unique_tokens
             check_tree = None
             if check:  # the reference needs the tree, which a steady step does not build
@@ -251,6 +257,8 @@ class DeftAttnBackend(AttentionBackend):
         step = self.step_planner.plan(self._requests(forward_batch), forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
             return False
+        if TRACE_PLANS:
+            self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu)
         self.planned_replay_size = padded_bs
         self.sharing.record(step.attended_tokens, step.unique_tokens, time.perf_counter() - started, step.steady)
         return True
@@ -274,6 +282,24 @@ class DeftAttnBackend(AttentionBackend):
                 "CudaGraphRunner.can_run (sglang_deft.patches.cuda_graph_replay); this replay did not come "
                 "through it, or SGLang padded the batch differently."
             )
+
+    def _trace_plan(self, mode: str, steady: bool, seq_lens_cpu: torch.Tensor) -> None:
+        """One log line per planned decode step with a fingerprint of what stage 1 and stage 2 will
+        read (items, merge lists, and the KV slots of every item's range), so that two servers'
+        steps can be compared line by line. Waits for the device: a debugging aid only."""
+        plan = self.graph_plan
+        if plan.meta.is_cuda:
+            torch.cuda.synchronize(plan.meta.device)
+        n_large, n_small, n_q = plan.counts.tolist()
+        items = plan.items[:n_large + n_small].cpu().numpy()
+        indptr = plan.merge_indptr[:n_q + 1].cpu().numpy()
+        slots = plan.merge_slots[:int(indptr[-1])].cpu().numpy()
+        kv = plan.kv_indices.cpu().numpy()
+        kv_read = [kv[start:start + length] for start, length in items[:, :2]]
+        crc = [zlib.crc32(a.tobytes()) for a in (items, indptr, slots)]
+        crc.append(zlib.crc32(b"".join(a.tobytes() for a in kv_read)))
+        logger.info("deft trace %s: queries=%d steady=%d seq_lens=%s items=%d+%d crc items=%08x merge=%08x/%08x "
+                    "kv=%08x", mode, n_q, steady, seq_lens_cpu.tolist(), n_large, n_small, *crc)
 
     def get_cuda_graph_seq_len_fill_value(self):
         # As SGLang's triton backend. deft reads no seq_lens of padding rows (they attend nothing).

@@ -426,3 +426,29 @@ def test_a_requests_bits_depend_on_its_batch_not_on_graphs(server_args, model_co
     assert torch.equal(replayed[:2], out_pair)  # the same batch: graphs or not, the same bits
     torch.testing.assert_close(out_alone[0], out_pair[0], rtol=1e-5, atol=1e-5)
     assert not torch.equal(out_alone[0], out_pair[0])  # another batch: other (exact) bits
+
+
+def test_plan_trace_fingerprints_what_the_kernels_read(caplog):
+    """SGLANG_DEFT_TRACE_PLANS's line: equal for equal plans written into other buffers, different when
+    one KV slot an item reads changes, blind to buffer entries no item reads."""
+    from sglang_deft.kernels import KVTree
+    from sglang_deft.kernels.plan import PlanCapacity
+
+    def traced(kv: torch.Tensor, unread: int = 0) -> str:
+        tree = KVTree(kv, torch.tensor([0, 6, 8, 10], dtype=torch.int32), torch.tensor([-1, 0, 0], dtype=torch.int32),
+                      torch.tensor([1, 2], dtype=torch.int32))
+        plan = plan_tree_decode(tree, 8, 2, 64, capacity=PlanCapacity(4, 64, 32, 64, 64))
+        plan.kv_indices[10:].fill_(unread)  # past every item's range
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sglang_deft.backend"):
+            DeftAttnBackend._trace_plan(SimpleNamespace(graph_plan=plan), "eager", False, torch.tensor([7, 8]))
+        (line,) = [r.getMessage() for r in caplog.records if "deft trace" in r.getMessage()]
+        return line
+
+    kv = torch.arange(10, dtype=torch.int32)
+    first = traced(kv)
+    assert "queries=2 steady=0 seq_lens=[7, 8]" in first
+    assert traced(kv.clone(), unread=99) == first
+    other = kv.clone()
+    other[7] = 42
+    assert traced(other).split(" kv=")[0] == first.split(" kv=")[0] and traced(other) != first
