@@ -1,0 +1,80 @@
+"""Diagnosis (prepared in session 10, not yet run): which deft tiny-model servers agree bitwise.
+
+``tests/test_cuda_graph_gpu.py::test_servers_with_and_without_cuda_graphs_agree_bitwise`` fails
+since e66257d: a deft server with CUDA graphs and one without return different tokens/logprobs,
+although both form the same batches and plan every decode step identically (SGLANG_DEFT_TRACE_PLANS
+at 2768491: 81 of 81 step fingerprints equal). This runs the test's servers and workloads with two
+servers per mode, so it tells apart "deft's whole-server output is not deterministic" (two eager or
+two graphed servers already differ) from "graphs change it" (each mode agrees with itself only), and
+where each pair first differs (the first generated token whose id or logprob differs).
+
+On the GPU host, with .kit carried (the overlay makes sglang_deft.kernels importable, as in
+scripts/gpu_session.sh):
+    source .kit/bootstrap.sh && OV=$(python3 scripts/gpu_e2e.py --make-overlay /tmp/ov) \
+      && PYTHONPATH=$OV:$PYTHONPATH OUT=$OUT python3 scripts/diagnose_graph_bitwise.py
+Writes $OUT/graph_bitwise.json and each server's deft/batch log lines ($OUT/<server>.txt); ~2-3 min
+(4 servers start together, ~90 s on the H200).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import test_cuda_graph_gpu as T  # noqa: E402  (the test's server arguments, workloads and helpers)
+from server_group import serving  # noqa: E402
+from sglang_deft.server_process import ServerProcess  # noqa: E402
+
+KEEP = re.compile(r"deft trace|deft plan buffers|Prefill batch|Decode batch|DeFT decode sharing|tree decode stage 1")
+
+
+def first_difference(a: list, b: list) -> dict | None:
+    """The first (request, token) whose id or logprob differs between two servers' generations."""
+    for r, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(a, b)):
+        for t, (ia, ib, la, lb) in enumerate(zip(ids_a, ids_b, lp_a, lp_b)):
+            if ia != ib or la != lb:
+                return {"request": r, "token": t, "ids_differ": ia != ib, "logprobs": [la, lb]}
+    return None
+
+
+def main() -> int:
+    out = Path(os.environ.get("OUT", "graph_bitwise_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    env, cwd = T._importable_package_env()
+    env["SGLANG_DEFT_TRACE_PLANS"] = "1"
+    modes = {"graph": ["--decode-attention-backend", "deft"],
+             "eager": ["--decode-attention-backend", "deft", "--disable-cuda-graph"]}
+    servers = {f"deft_{mode}_{i}": ServerProcess(f"deft_{mode}_{i}", T.SERVER_ARGS + extra, out / f"deft_{mode}_{i}.log",
+                                                cwd=cwd, env=env)
+               for mode, extra in modes.items() for i in "ab"}
+    with serving(servers, 600):
+        startup = {name: len(T.prefill_batches(s)) for name, s in servers.items()}
+        results = {name: T.run_workloads(s) for name, s in servers.items()}
+        batches = {name: T.prefill_batches(s)[startup[name]:] for name, s in servers.items()}
+        logs = {name: s.log() for name, s in servers.items()}
+    report = {"pairs": {}, "same_prefill_batches": {}}
+    for a, b in itertools.combinations(servers, 2):
+        report["same_prefill_batches"][f"{a} vs {b}"] = batches[a] == batches[b]
+        report["pairs"][f"{a} vs {b}"] = {w: first_difference(results[a][w], results[b][w]) for w in T.WORKLOADS}
+    traces = {name: [re.sub(r"^\[[^]]*\] |deft trace \w+", "", line) for line in log.splitlines() if "deft trace" in line]
+              for name, log in logs.items()}
+    report["plans_equal"] = {f"{a} vs {b}": traces[a] == traces[b] for a, b in itertools.combinations(servers, 2)}
+    for name, log in logs.items():
+        (out / f"{name}.txt").write_text("\n".join(line for line in log.splitlines() if KEEP.search(line)))
+        (out / f"{name}.log").unlink()
+    (out / "graph_bitwise.json").write_text(json.dumps(report, indent=1))
+    for pair, diffs in report["pairs"].items():
+        print(pair, "plans equal" if report["plans_equal"][pair] else "PLANS DIFFER",
+              {w: "equal" if d is None else f"differs at request {d['request']} token {d['token']}"
+               for w, d in diffs.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
