@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -36,6 +37,25 @@ from bench_kernels import T, _kernels, check  # noqa: E402  (the benchmark's tre
 K = _kernels()
 PLAN = importlib.import_module(K.__name__ + ".plan")
 STAGES = importlib.import_module(K.__name__ + ".tree_decode")
+
+
+def graph_time(fn, rep: int = 50) -> float:
+    """Median us of ``fn`` captured in one CUDA graph and replayed under do_bench (L2 flushed)."""
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
+
+
+def load_module(path: str):
+    """A kernel module from a file (a baseline or experiment copy beside the package's)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,14 +7,12 @@ On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
 Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
 one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds) and its output check.
 """
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -26,19 +24,7 @@ K, STAGES, check = S.K, S.STAGES, S.check
 def module(spec: str):
     if spec == "main":
         return __import__(K.__name__ + ".stage1_hopper", fromlist=["launch"])
-    loader = importlib.util.spec_from_file_location(Path(spec).stem, spec)
-    mod = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(mod)
-    return mod
-
-
-def graph_time(fn, rep=50):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
+    return S.load_module(spec)
 
 
 variants = {}
@@ -76,7 +62,7 @@ for key in cases:
     times = {n: [] for n in fns}
     for _ in range(3):
         for n, fn in fns.items():
-            times[n].append(graph_time(fn))
+            times[n].append(S.graph_time(fn))
     for n, t in times.items():
         res[n + "_us"] = sorted(t)[1]
     print(key, {n: round(res[n + "_us"], 1) for n in fns}, {n: res[n + "_check"]["ok"] for n in fns}, flush=True)

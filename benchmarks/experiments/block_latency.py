@@ -11,7 +11,6 @@ time per block, the intercept start-up and the partials' store.
 RINGS=path/to/stage1_hopper_rings.py VARIANTS=3:2:2,3:3:3 (K:V:small ring depths) adds that kernel's
 variants (branch s9-next), and ROOTS=1,33,66 / KINDS=large,small pick the trees.
 """
-import importlib.util
 import json
 import os
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import triton.testing
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -33,9 +31,7 @@ torch.manual_seed(0)
 dev = torch.device("cuda")
 kernels = {"main": None}
 if os.environ.get("RINGS"):
-    spec = importlib.util.spec_from_file_location("rings", os.environ["RINGS"])
-    R = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(R)
+    R = S.load_module(os.environ["RINGS"])
     for var in os.environ.get("VARIANTS", "3:2:2").split(","):
         kernels["rings" + var.replace(":", "")] = tuple(int(x) for x in var.split(":"))
 roots_list = [int(x) for x in os.environ.get("ROOTS", "1,66").split(",")]
@@ -61,12 +57,7 @@ for kind, nq, roots, kname, ring in runs:
             fn = lambda: STAGES.launch_stage1(q, k, v, plan, D ** -0.5, 0.0, cfg)  # noqa: E731
         else:
             fn = lambda: R.launch(q, k, v, plan, D ** -0.5, 0.0, 16, *ring)  # noqa: E731
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        res[L] = triton.testing.do_bench(g.replay, rep=40, return_mode="median") * 1e3
+        res[L] = S.graph_time(fn, rep=40)
         assert plan.grid_items == roots, (plan.grid_items, roots)
     Ls = np.array(sorted(res), dtype=float)
     ts = np.array([res[x] for x in sorted(res)])

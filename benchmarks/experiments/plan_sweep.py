@@ -11,22 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import sweep_stage1 as S  # noqa: E402
 
 K, PLAN, check = S.K, S.PLAN, S.check
-
-
-def graph_time(fn, rep=50):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
 
 
 combos = [tuple(float(x) for x in c.split(":")) for c in
@@ -56,7 +46,7 @@ for key in cases:
     times = {n: [] for n in fns}
     for _ in range(3):
         for n, fn in fns.items():
-            times[n].append(graph_time(fn))
+            times[n].append(S.graph_time(fn))
     for n, t in times.items():
         res[n] = sorted(t)[1]
     print(key, {n: round(res[n], 1) for n in fns}, flush=True)
