@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from .kv_tree import KVTree
-from .staging import PinnedStagingRing
+from .staging import PinnedStagingRing, thread_staging_ring
 
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
 LARGE_ROWS = 64  # default rows of the large tile
@@ -335,11 +335,10 @@ class _ScheduleCache:
         return groups.qperm, kv_start, kv_len, order, self._merge
 
 
-def _write_items(out: np.ndarray, kv_start: np.ndarray, kv_len: np.ndarray, order: np.ndarray,
-                 merge: _Merge) -> None:
-    """The ordered items into ``out`` [I, 5] (of any integer dtype)."""
-    out[:, 0] = kv_start[order]
-    out[:, 1] = kv_len[order]
+def _write_items(out: np.ndarray, kv_start: np.ndarray, kv_len: np.ndarray, merge: _Merge) -> None:
+    """The items into ``out`` [I, 5] (of any integer dtype); kv_start and kv_len in item order."""
+    out[:, 0] = kv_start
+    out[:, 1] = kv_len
     out[:, 2] = merge.q_start
     out[:, 3] = merge.q_count
     out[:, 4] = merge.slot
@@ -356,7 +355,7 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
         kv_elem_bytes=kv_elem_bytes, num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,
         programs_per_sm=programs_per_sm, max_items=max_items)
     items = np.empty((len(order), ITEM_FIELDS), np.int64)
-    _write_items(items, kv_start, kv_len, order, merge)
+    _write_items(items, kv_start[order], kv_len[order], merge)
     return qperm, items, merge.num_large, merge.merge_indptr, merge.merge_slots, merge.num_partials
 
 
@@ -385,7 +384,7 @@ class TreeDecodePlanner:
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
                  kv_dtype: torch.dtype = torch.bfloat16, large_rows: int = LARGE_ROWS,
-                 programs_per_sm: int = PROGRAMS_PER_SM) -> None:
+                 programs_per_sm: int = PROGRAMS_PER_SM, staging: PinnedStagingRing | None = None) -> None:
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if large_rows < SMALL_ROWS or large_rows & (large_rows - 1):
@@ -396,7 +395,8 @@ class TreeDecodePlanner:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.kv_dtype, self.large_rows, self.programs_per_sm = kv_dtype, large_rows, programs_per_sm
         self._cache = _ScheduleCache()
-        self._staging: PinnedStagingRing | None = None  # for the plan's device, made at the first plan
+        # For the plan's device: the one given, else made at the first plan.
+        self._staging: PinnedStagingRing | None = staging
         self._item_end: np.ndarray | None = None  # the last plan's items' KV ends, in item order
 
     def items_ending_at(self, positions: np.ndarray) -> np.ndarray | None:
@@ -452,9 +452,9 @@ class TreeDecodePlanner:
         # Every field in one host buffer, in its place: one host-to-device copy moves them all.
         host = np.zeros(o_slots + M, np.int32)
         host[:B] = qperm
-        _write_items(host[o_items:o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS), kv_start, kv_len, order,
-                     merge)
-        self._item_end = kv_start[order] + kv_len[order]
+        kv_start, kv_len = kv_start[order], kv_len[order]
+        _write_items(host[o_items:o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS), kv_start, kv_len, merge)
+        self._item_end = kv_start + kv_len
         host[o_counts:o_counts + 3] = (merge.num_large, I - merge.num_large, B)
         host[o_indptr:o_indptr + B + 1] = merge.merge_indptr
         host[o_indptr + B + 1:o_indptr + cap_b + 1] = merge.merge_indptr[-1]  # queries past B merge nothing
@@ -501,8 +501,12 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any
     later plan written into the same buffers via ``reuse=plan``.
     """
+    device = torch.device(device) if device is not None else tree.kv_indices.device
+    # A fresh planner (no memory of earlier steps: this plans from scratch) with this thread's staging
+    # ring, so that a call allocates no page-locked memory and no event (with the ring's cached views,
+    # 249 -> 242 and 318 -> 304 us a plan on two H200 hosts: benchmarks/experiments/plan_host_time.py).
     planner = TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype, large_rows=large_rows,
-                                programs_per_sm=programs_per_sm)
+                                programs_per_sm=programs_per_sm, staging=thread_staging_ring(device))
     return planner.plan(tree, device, capacity=capacity, reuse=reuse)
 
 

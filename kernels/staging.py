@@ -13,6 +13,8 @@ the event has long completed and the check costs a query.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -25,6 +27,7 @@ class PinnedStagingRing:
         self._pinned = self.device.type == "cuda"
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._events: list[torch.cuda.Event | None] = [None] * slots
+        self._views: list[dict] = [{} for _ in range(slots)]  # per buffer: dtype -> (tensor, ndarray) of it all
         self._next = 0
 
     def upload(self, host: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,18 +46,41 @@ class PinnedStagingRing:
         event = self._events[i]
         if event is not None:
             event.synchronize()  # the copy that last read this buffer (``slots`` uploads ago) is done
-        buf = self._buffers[i]  # bytes, viewed as the upload's dtype
+        buf = self._buffers[i]  # bytes
         nbytes = host.nbytes
         if buf is None or buf.numel() < nbytes:
             buf = self._buffers[i] = torch.empty(max(nbytes, 1 << 14, 2 * (0 if buf is None else buf.numel())),
                                                  dtype=torch.uint8, pin_memory=True)
-        staged = buf[:nbytes].view(dtype)
-        staged.numpy()[:] = host
-        out[:n].copy_(staged, non_blocking=True)
+            self._views[i] = {}
+        # Whole-buffer views per dtype, made once: each torch view costs microseconds of host time.
+        views = self._views[i]
+        view = views.get(dtype)
+        if view is None:
+            t = buf[:buf.numel() // host.itemsize * host.itemsize].view(dtype)
+            view = views[dtype] = (t, t.numpy())
+        view[1][:n] = host
+        (out if out.numel() == n else out[:n]).copy_(view[0][:n], non_blocking=True)
         if event is None:
             event = self._events[i] = torch.cuda.Event()
         event.record()
         return out
+
+
+_THREAD_RINGS = threading.local()
+
+
+def thread_staging_ring(device: torch.device | str) -> PinnedStagingRing:
+    """This thread's ring for ``device``, made at its first use: for callers that plan one step and
+    keep no state (``plan_tree_decode``), so that each call does not allocate page-locked memory and
+    events of its own. Per thread because a ring hands out its buffers in turn without a lock."""
+    device = torch.device(device)
+    rings = getattr(_THREAD_RINGS, "rings", None)
+    if rings is None:
+        rings = _THREAD_RINGS.rings = {}
+    ring = rings.get(device)
+    if ring is None:
+        ring = rings[device] = PinnedStagingRing(device)
+    return ring
 
 
 _TORCH_DTYPE = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}

@@ -43,22 +43,34 @@ def first_difference(a: list, b: list) -> dict | None:
     return None
 
 
+# Server variants: name -> arguments added to the test's SERVER_ARGS.
+VARIANTS = {
+    "deft_graph": ["--decode-attention-backend", "deft"],
+    "deft_eager": ["--decode-attention-backend", "deft", "--disable-cuda-graph"],
+    "triton_graph": [],
+    "triton_eager": ["--disable-cuda-graph"],
+    # SGLang 0.5.10 runs prefill in piecewise CUDA graphs by default, with or without --disable-cuda-graph.
+    "deft_graph_nopcg": ["--decode-attention-backend", "deft", "--disable-piecewise-cuda-graph"],
+    "deft_eager_nopcg": ["--decode-attention-backend", "deft", "--disable-cuda-graph",
+                         "--disable-piecewise-cuda-graph"],
+}
+
+
 def main() -> int:
     out = Path(os.environ.get("OUT", "graph_bitwise_out"))
     out.mkdir(parents=True, exist_ok=True)
     env, cwd = T._importable_package_env()
     env["SGLANG_DEFT_TRACE_PLANS"] = "1"
-    modes = {"graph": ["--decode-attention-backend", "deft"],
-             "eager": ["--decode-attention-backend", "deft", "--disable-cuda-graph"]}
-    servers = {f"deft_{mode}_{i}": ServerProcess(f"deft_{mode}_{i}", T.SERVER_ARGS + extra, out / f"deft_{mode}_{i}.log",
-                                                cwd=cwd, env=env)
-               for mode, extra in modes.items() for i in "ab"}
+    names = os.environ.get("SERVERS", ",".join(VARIANTS)).split(",")
+    servers = {name: ServerProcess(name, T.SERVER_ARGS + VARIANTS[name], out / f"{name}.log", cwd=cwd, env=env)
+               for name in names}
     with serving(servers, 600):
         startup = {name: len(T.prefill_batches(s)) for name, s in servers.items()}
         results = {name: T.run_workloads(s) for name, s in servers.items()}
         batches = {name: T.prefill_batches(s)[startup[name]:] for name, s in servers.items()}
         logs = {name: s.log() for name, s in servers.items()}
-    report = {"pairs": {}, "same_prefill_batches": {}}
+    report = {"pairs": {}, "same_prefill_batches": {},
+              "first_token": {name: {w: r[w][0][1][0] for w in T.WORKLOADS} for name, r in results.items()}}
     for a, b in itertools.combinations(servers, 2):
         report["same_prefill_batches"][f"{a} vs {b}"] = batches[a] == batches[b]
         report["pairs"][f"{a} vs {b}"] = {w: first_difference(results[a][w], results[b][w]) for w in T.WORKLOADS}

@@ -109,7 +109,7 @@ phase_kernels() {
   # test_cuda_graph_gpu.py: the backend's graph capture/replay against eager steps, bitwise (its
   # server comparison starts four servers: run that one on its own, it is deselected here).
   (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
-      "$REPO/tests/test_plan.py" "$REPO/tests/test_cuda_graph_gpu.py" -k "not servers_with_and_without" \
+      "$REPO/tests/test_plan.py" "$REPO/tests/test_staging.py" "$REPO/tests/test_cuda_graph_gpu.py" -k "not servers_with_and_without" \
       -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
   rc_pytest=$?
   say "pytest rc=$rc_pytest in $((SECONDS - t))s (124: cut at PYTEST_S)"

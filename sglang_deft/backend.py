@@ -21,9 +21,9 @@ updates the last plan on the device instead of planning on the host (see that mo
 CUDA graphs (on by default; ``--disable-cuda-graph`` turns them off). A captured graph replays fixed
 kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no requests to build the
 KV tree from. So:
-- ``init_cuda_graph_state`` allocates the plan buffers, shared by every captured batch size. Stages 1
-  and 2 are launched over the whole capacity; their programs past the plan's device-side counts exit
-  at once.
+- The backend allocates the plan buffers when it is made (before SGLang captures anything), shared
+  by every captured batch size. Stages 1 and 2 are launched over the whole capacity; their programs
+  past the plan's device-side counts exit at once.
 - Capture (``init_forward_metadata_capture_cuda_graph``) writes a plan of padding queries only into
   those buffers, which the warm-up runs compute with (zeros). The captured launches read the buffers,
   so a replay computes whatever plan was written there last.
@@ -33,14 +33,12 @@ KV tree from. So:
   node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes the
   step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
   replayed size is the planned one.
-Eager steps use the same buffers (without CUDA graphs the backend makes them at its first decode
-step), the same limits and the same steady-step decisions; steps the buffers cannot take are
-planned under the same limits into buffers of their own (``tree_attention.plan_step``). The limit on
-work items decides the chunking and with it each query's merge order, and the padding queries change
-neither, so a step's attention output is bitwise the same with and without CUDA graphs (a request's
-bits depend on the tree of the batch it decodes in, so only for the same batches). Whole servers'
-outputs were bitwise equal too at f2bfb2e but are not at 2768491, although both servers plan every
-step identically (``SGLANG_DEFT_TRACE_PLANS=1`` logs each step's plan fingerprint): the cause is open.
+Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
+buffers cannot take are planned under the same limits into buffers of their own
+(``tree_attention.plan_step``). The limit on work items decides the chunking and with it each query's
+merge order, and the padding queries change neither, so a step's attention output is bitwise the same
+with and without CUDA graphs (a request's bits depend on the tree of the batch it decodes in, so only
+for the same batches), and so are whole servers' outputs (``tests/test_cuda_graph_gpu.py``).
 """
 from __future__ import annotations
 
@@ -119,6 +117,12 @@ class DeftAttnBackend(AttentionBackend):
         self.graph_plan: TreeDecodePlan | None = None
         self.step_planner: DecodeStepPlanner | None = None
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
+        if tree_attention.use_triton_kernels(self.device):
+            # Made here, with or without CUDA graphs, before SGLang captures any graph: made at the first
+            # decode step instead (after SGLang 0.5.10 has captured its piecewise CUDA graphs for prefill,
+            # on by default), a --disable-cuda-graph server's prefill outputs changed from then on
+            # (scripts/diagnose_graph_bitwise.py: first tokens differed from every other server's).
+            self._make_plan_buffers(self.max_bs)
 
     def _make_plan_buffers(self, max_bs: int) -> None:
         # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
@@ -154,8 +158,6 @@ class DeftAttnBackend(AttentionBackend):
         reqs = self._requests(forward_batch)
         self.eager_steps += 1
         check = self.verify_every > 0 and self.eager_steps % self.verify_every == 0
-        if self.step_planner is None and tree_attention.use_triton_kernels(self.device):
-            self._make_plan_buffers(self.max_bs)  # no CUDA graphs: eager steps keep the same buffers
         step = None
         if self.step_planner is not None and len(reqs) <= self.graph_plan.qperm.numel():
             step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, len(reqs))
@@ -224,7 +226,8 @@ class DeftAttnBackend(AttentionBackend):
         if max_num_tokens != max_bs:
             raise RuntimeError(f"deft: CUDA graphs of {max_num_tokens} tokens for {max_bs} requests; deft decodes "
                                "one token per request")
-        self._make_plan_buffers(max_bs)
+        if self.graph_plan is None or self.graph_plan.qperm.numel() != max_bs:
+            self._make_plan_buffers(max_bs)
 
     def init_forward_metadata_capture_cuda_graph(
         self,

@@ -207,6 +207,23 @@ def test_kernel_check_interval_must_be_a_step_count(server_args, model_config, m
         make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256))
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_plan_buffers_exist_before_the_first_step_where_the_kernels_run(server_args, model_config, monkeypatch,
+                                                                          impl):
+    """Made with the backend, before SGLang captures its (piecewise) CUDA graphs: made at the first decode
+    step of a --disable-cuda-graph server, they changed that server's prefill outputs (SGLang 0.5.10)."""
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", impl)
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256))
+    if impl == "triton":
+        assert backend.graph_plan is not None and backend.step_planner is not None
+        assert backend.graph_plan.qperm.numel() == server_args.cuda_graph_max_bs
+        assert backend.graph_plan.kv_indices.numel() == backend.kv_pool_size
+    else:  # the reference path plans each step on its own
+        assert backend.graph_plan is None
+
+
 def test_decode_step_logs_sharing(server_args, model_config, caplog):
     sim = RadixSim(kv_slots=2048)
     reqs = forked_batch(sim)

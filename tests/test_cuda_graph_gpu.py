@@ -159,7 +159,6 @@ def test_replayed_steps_equal_eager_steps_bitwise(dtype, monkeypatch):
     graphs = Graphs(setup)
     sim, backend = setup.sim, setup.backend
     eager = DeftAttnBackend(setup.runner)
-    eager._make_plan_buffers(eager.max_bs)  # what its first decode step would do
     logs = record_steady(backend), record_steady(eager)
     prompt = sim.fresh(300)
     sim.run_to_cache(prompt)

@@ -259,6 +259,7 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 64)
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
     backend.plan_limits = PlanLimits(max_items=4, max_partials=64)
+    backend._make_plan_buffers(backend.max_bs)  # under these limits
     emulator = GraphEmulator(backend, kv_pool)
     prompt = sim.fresh(400)
     sim.run_to_cache(prompt)
@@ -278,6 +279,7 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
 def test_step_past_the_buffers_runs_eagerly(server_args, model_config):
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
     backend.plan_limits = PlanLimits(max_items=64, max_partials=6)  # 6 partials: fewer than 2 paths of 4
+    backend._make_plan_buffers(backend.max_bs)  # under these limits
     emulator = GraphEmulator(backend, kv_pool)
     prompt = sim.fresh(40)
     sim.run_to_cache(prompt)
@@ -368,7 +370,7 @@ def test_steady_steps_replayed_and_eager_agree_bitwise(server_args, model_config
     sim, layers, kv_pool, graphs = graph_setup(server_args, model_config)
     eager = make_backend(sim, server_args, model_config, layers, kv_pool)
     emulator = GraphEmulator(graphs, kv_pool)
-    eager._make_plan_buffers(eager.max_bs)  # what its first decode step would do
+    eager._make_plan_buffers(eager.max_bs)  # what __init__ does where the Triton kernels run
     graphs.step_planner.slack = eager.step_planner.slack = 3  # room runs out within the test
     logs = record_steady(graphs), record_steady(eager)
     prompt = sim.fresh(150)

@@ -95,6 +95,33 @@ def test_queries_without_kv_get_zeros_whatever_out_held():
     assert torch.all(out[[0, 2, 3, 5]] == 0) and torch.all(out[[1, 4, 6]] != 0)
 
 
+@pytest.mark.parametrize("d", [32, 128])  # on the H200, 128 runs the Hopper stage-1 kernel, 32 the Triton one
+@pytest.mark.parametrize("name", ["random_forest", "odd_lengths", "empty_paths", "inner_queries"]
+                         + (["fanout_256"] if CUDA else []))  # 256 queries: 30 s in the interpreter
+def test_kernels_write_nothing_but_the_output_and_the_partials(name, d):
+    """Every buffer the kernels may write sits between canaries, and every one they only read is
+    compared after the call: a stray store would corrupt another tensor of the server silently."""
+    tree, hq, hkv, pad = TREES[name], 8, 2, 64
+    _, ref, (q, k, v, plan, scale, cap) = run_case(tree, hq, hkv, d, torch.float16)
+    fill = 1234.5
+
+    def fenced(rows, *shape, dtype):
+        whole = torch.full((rows + 2 * pad, *shape), fill, dtype=dtype, device=DEVICE)
+        return whole, whole[pad:pad + rows]
+
+    po_whole, po = fenced(plan.partial_out.shape[0], hq, d, dtype=torch.float32)
+    lse_whole, lse = fenced(plan.partial_lse.shape[0], hq, dtype=torch.float32)
+    out_whole, out = fenced(tree.num_queries, hq, d, dtype=torch.float16)
+    plan = dataclasses.replace(plan, partial_out=po, partial_lse=lse)
+    read_only = [t.clone() for t in (q, k, v, plan.meta, plan.kv_indices)]
+    tree_decode(q, k, v, plan, scale, cap, out=out)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[torch.float16], rtol=0)
+    for whole in (po_whole, lse_whole, out_whole):
+        assert torch.all(whole[:pad] == fill) and torch.all(whole[-pad:] == fill)
+    for before, after in zip(read_only, (q, k, v, plan.meta, plan.kv_indices)):
+        assert torch.equal(before, after)
+
+
 def test_fixed_capacity_plan_replays_with_new_tree():
     """A plan written into fixed buffers serves a later, different tree through the same launch."""
     cap = PlanCapacity(max_queries=16, max_kv_tokens=512, max_items=64, max_partials=256, max_merge=256)

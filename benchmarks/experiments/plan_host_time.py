@@ -1,0 +1,67 @@
+"""Where ``plan_tree_decode``'s host time goes on the GPU host (issue 3's 300-node, 256-query target).
+
+Times, in one process and alternating rounds, the whole call as ``bench_kernels.py`` does (metadata on
+the CPU, kv_indices on the device, synchronised after) for this checkout's kernels and, with
+``OLD=dir``, for the kernels package in ``dir`` (e.g. ``git archive <sha> kernels | tar -x -C dir``);
+then its parts: a planner re-planning the same tree (its schedule reused: what the rest costs), the
+numpy schedule alone, the device allocations, the upload, an empty synchronise.
+
+On the GPU host (the overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
+    OLD=.scratch/old OUT=$OUT python3 benchmarks/experiments/plan_host_time.py
+Writes $OUT/plan_host_time.json (medians in us).
+"""
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import trees as T  # noqa: E402
+from sglang_deft import kernels as K  # noqa: E402
+from sglang_deft.kernels import plan as P  # noqa: E402
+
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+shape = T.plan_tree_300()
+built = T.build_tree(shape, 2 * T.runs_needed(shape) * T.DEFAULT_RUN)
+tree = K.KVTree(built.kv_indices.to(dev), built.node_indptr, built.node_parent, built.query_node)
+ni, npar, qn = (np.asarray(t.numpy(), np.int32) for t in (built.node_indptr, built.node_parent, built.query_node))
+
+variants = {"plan_tree_decode": lambda: K.plan_tree_decode(tree, 32, 8, 128, device=dev)}
+if os.environ.get("OLD"):
+    sys.path.insert(0, os.environ["OLD"])
+    old = importlib.import_module("kernels")
+    old_tree = old.KVTree(tree.kv_indices, tree.node_indptr, tree.node_parent, tree.query_node)
+    variants["plan_tree_decode_old"] = lambda: old.plan_tree_decode(old_tree, 32, 8, 128, device=dev)
+warm = K.TreeDecodePlanner(32, 8, 128)
+variants["planner_same_tree"] = lambda: warm.plan(tree, dev)  # the schedule's stages reused: the rest of a plan
+variants["schedule_numpy"] = lambda: P.build_schedule(ni, npar, qn, group_size=4, head_dim=128, kv_elem_bytes=2,
+                                                      num_kv_heads=8, num_sms=132)
+host = np.zeros(4096, np.int32)
+ring = P.thread_staging_ring(dev)
+variants["upload_16KB"] = lambda: ring.upload(host)
+variants["three_empty"] = lambda: (torch.empty(1000, 32, 128, device=dev), torch.empty(1000, 32, device=dev),
+                                   torch.empty(4096, dtype=torch.int32, device=dev))
+variants["sync_only"] = lambda: None
+
+times = {n: [] for n in variants}
+for _ in range(5):
+    for name, fn in variants.items():
+        for _ in range(60):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e6)
+report = {n: {"median_us": statistics.median(t), "p20_us": float(np.percentile(t, 20)),
+              "p80_us": float(np.percentile(t, 80))} for n, t in times.items()}
+report["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+print(json.dumps(report, indent=1))
+json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "plan_host_time.json", "w"), indent=1)
