@@ -480,11 +480,13 @@ class TreeDecodePlanner:
             # else the tree was built in place (DecodeKVTreeBuilder's kv_out)
             # The gaps between the fields (entries past this step's sizes) are never read.
             self._upload(host, device, meta)
+        # The fields as views of meta, cut by one split (each torch call costs microseconds of host time).
+        ends = (cap_b, o_items, o_items + cap_i * ITEM_FIELDS, o_counts, o_counts + 3, o_indptr,
+                o_indptr + cap_b + 1, o_slots, meta.numel())
+        parts = meta.split([b - a for a, b in zip((0,) + ends[:-1], ends)])
         return TreeDecodePlan(
-            meta=meta, kv_indices=kv_indices, qperm=meta[:cap_b],
-            items=meta[o_items:o_items + cap_i * ITEM_FIELDS].view(cap_i, ITEM_FIELDS),
-            counts=meta[o_counts:o_counts + 3], merge_indptr=meta[o_indptr:o_indptr + cap_b + 1],
-            merge_slots=meta[o_slots:], partial_out=partial_out,
+            meta=meta, kv_indices=kv_indices, qperm=parts[0], items=parts[2].view(cap_i, ITEM_FIELDS),
+            counts=parts[4], merge_indptr=parts[6], merge_slots=parts[8], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B)
 

@@ -4,12 +4,16 @@ Times, in one process and alternating rounds, the whole call as ``bench_kernels.
 the CPU, kv_indices on the device, synchronised after) for this checkout's kernels and, with
 ``OLD=dir``, for the kernels package in ``dir`` (e.g. ``git archive <sha> kernels | tar -x -C dir``);
 then its parts: a planner re-planning the same tree (its schedule reused: what the rest costs), the
-numpy schedule alone, the device allocations, the upload, an empty synchronise.
+numpy schedule alone, the device allocations, the upload, an empty synchronise. Last, 100 calls back to
+back (as the benchmark times them) in four conditions: as they come, right after ~1 s of waiting for the
+device, without the garbage collector, and with flashinfer's and SGLang's modules loaded (with and
+without the collector's objects frozen); wall time and the thread's CPU time (``cpu_*``).
 
 On the GPU host (the overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
     OLD=.scratch/old OUT=$OUT python3 benchmarks/experiments/plan_host_time.py
 Writes $OUT/plan_host_time.json (medians in us).
 """
+import gc
 import importlib
 import json
 import os
@@ -60,6 +64,53 @@ for _ in range(5):
             fn()
             sync()
             times[name].append((time.perf_counter() - t0) * 1e6)
+
+
+def straight(fn, reps=100):
+    """As bench_kernels.time_plan at 2768491: one call, then reps timed back to back (wall time; the
+    thread's CPU time of the same calls goes to times["cpu_last"])."""
+    fn()
+    out, cpu = [], []
+    for _ in range(reps):
+        sync()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e6)
+        cpu.append((time.thread_time() - c0) * 1e6)
+    times["cpu_last"] = cpu
+    return out
+
+
+# The same call in the conditions bench_kernels.py measures it in (its median of 100 straight calls came
+# out 573 us at 8691874, twice this script's): after the device kept the host waiting, without the
+# garbage collector, and with the benchmark's other imports loaded.
+new_plan = variants["plan_tree_decode"]
+
+
+def timed(name):
+    times[name] = straight(new_plan)
+    times["cpu_" + name] = times.pop("cpu_last")
+
+
+timed("straight")
+if dev.type == "cuda":
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of device work the host waits for, as after the rate tests
+    sync()
+    timed("straight_after_device_wait")
+gc.disable()
+timed("straight_gc_disabled")
+gc.enable()
+for mod in ("flashinfer", "sglang.srt.layers.attention.triton_ops.decode_attention"):
+    try:
+        importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001
+        print(f"import {mod}: {e}")
+timed("straight_with_imports")
+gc.collect()
+gc.freeze()
+timed("straight_with_imports_gc_frozen")
+gc.unfreeze()
 report = {n: {"median_us": statistics.median(t), "p20_us": float(np.percentile(t, 20)),
               "p80_us": float(np.percentile(t, 80))} for n, t in times.items()}
 report["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
