@@ -1,19 +1,20 @@
-"""Diagnosis (prepared in session 10, not yet run): which deft tiny-model servers agree bitwise.
+"""Which tiny-model servers agree bitwise, and from which generated token on they differ.
 
-``tests/test_cuda_graph_gpu.py::test_servers_with_and_without_cuda_graphs_agree_bitwise`` fails
-since e66257d: a deft server with CUDA graphs and one without return different tokens/logprobs,
-although both form the same batches and plan every decode step identically (SGLANG_DEFT_TRACE_PLANS
-at 2768491: 81 of 81 step fingerprints equal). This runs the test's servers and workloads with two
-servers per mode, so it tells apart "deft's whole-server output is not deterministic" (two eager or
-two graphed servers already differ) from "graphs change it" (each mode agrees with itself only), and
-where each pair first differs (the first generated token whose id or logprob differs).
+Written when ``tests/test_cuda_graph_gpu.py::test_servers_with_and_without_cuda_graphs_agree_bitwise``
+failed (e66257d to 8691874) although the graphed and the eager deft server planned every decode step
+identically (SGLANG_DEFT_TRACE_PLANS). It runs the test's workloads on several servers at once
+(``VARIANTS`` below; ``SERVERS=a,b`` picks some) and reports, per pair, the first token whose id or
+logprob differs, each server's first logprob per workload, and whether the plan traces are equal.
+Its run on the H200 (benchmarks/results/graph_bitwise_diagnosis_h200.json) found the cause: only the
+eager deft server with SGLang's piecewise prefill graphs differed, from its first token (a prefill
+output); that server made its plan buffers after those graphs were captured.
 
 On the GPU host, with .kit carried (the overlay makes sglang_deft.kernels importable, as in
 scripts/gpu_session.sh):
     source .kit/bootstrap.sh && OV=$(python3 scripts/gpu_e2e.py --make-overlay /tmp/ov) \
       && PYTHONPATH=$OV:$PYTHONPATH OUT=$OUT python3 scripts/diagnose_graph_bitwise.py
 Writes $OUT/graph_bitwise.json and each server's deft/batch log lines ($OUT/<server>.txt); ~2-3 min
-(4 servers start together, ~90 s on the H200).
+(six servers start together, ~135 s on the H200).
 """
 from __future__ import annotations
 
