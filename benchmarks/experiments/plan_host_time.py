@@ -7,7 +7,8 @@ then its parts: a planner re-planning the same tree (its schedule reused: what t
 numpy schedule alone, the device allocations, the upload, an empty synchronise. Last, 100 calls back to
 back (as the benchmark times them) in four conditions: as they come, right after ~1 s of waiting for the
 device, without the garbage collector, and with flashinfer's and SGLang's modules loaded (with and
-without the collector's objects frozen); wall time and the thread's CPU time (``cpu_*``).
+without the collector's objects frozen), by ``bench_kernels.time_plan``: wall time and the thread's
+CPU time (``cpu_*``).
 
 On the GPU host (the overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
     OLD=.scratch/old OUT=$OUT python3 benchmarks/experiments/plan_host_time.py
@@ -17,7 +18,6 @@ import gc
 import importlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import bench_kernels as B  # noqa: E402
 import trees as T  # noqa: E402
 from sglang_deft import kernels as K  # noqa: E402
 from sglang_deft.kernels import plan as P  # noqa: E402
@@ -66,31 +67,16 @@ for _ in range(5):
             times[name].append((time.perf_counter() - t0) * 1e6)
 
 
-def straight(fn, reps=100):
-    """As bench_kernels.time_plan at 2768491: one call, then reps timed back to back (wall time; the
-    thread's CPU time of the same calls goes to times["cpu_last"])."""
-    fn()
-    out, cpu = [], []
-    for _ in range(reps):
-        sync()
-        t0, c0 = time.perf_counter(), time.thread_time()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e6)
-        cpu.append((time.thread_time() - c0) * 1e6)
-    times["cpu_last"] = cpu
-    return out
-
-
-# The same call in the conditions bench_kernels.py measures it in (its median of 100 straight calls came
-# out 573 us at 8691874, twice this script's): after the device kept the host waiting, without the
-# garbage collector, and with the benchmark's other imports loaded.
-new_plan = variants["plan_tree_decode"]
+report = {n: B._quantiles_us(t) for n, t in times.items()}
+# The same call timed as bench_kernels.py times it (its median of 100 calls came out 573 us at 8691874,
+# twice this script's; then with one untimed call first, as here), in the conditions it meets there:
+# after the device kept the host waiting, without the garbage collector, and with the benchmark's other
+# imports loaded. time_plan reports the thread's CPU time of the same calls too (cpu_*).
+case = T.Case("plan", "plan", shape)
 
 
 def timed(name):
-    times[name] = straight(new_plan)
-    times["cpu_" + name] = times.pop("cpu_last")
+    report[name] = B.time_plan(K, tree, case, dev, 100, warmup=1)
 
 
 timed("straight")
@@ -111,8 +97,6 @@ gc.collect()
 gc.freeze()
 timed("straight_with_imports_gc_frozen")
 gc.unfreeze()
-report = {n: {"median_us": statistics.median(t), "p20_us": float(np.percentile(t, 20)),
-              "p80_us": float(np.percentile(t, 80))} for n, t in times.items()}
 report["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
 print(json.dumps(report, indent=1))
 json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "plan_host_time.json", "w"), indent=1)
