@@ -25,6 +25,7 @@ from .plan import SMALL_ROWS, TreeDecodePlan
 
 logger = logging.getLogger(__name__)
 LOG2E = tl.constexpr(1.4426950408889634)  # scores move to base 2 so the kernels use exp2/log2
+STAGE2_PARTIALS_PER_LOAD = 8  # see _tree_decode_stage2
 
 
 @triton.jit
@@ -140,8 +141,12 @@ def _tree_decode_stage2(
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (query, head). BLOCK_P partials are loaded at once, so a query's merge costs
-    # one or two memory round trips rather than one per partial along its path.
+    # One program per (query, head), on one warp. BLOCK_P partials are loaded at once, so a query's
+    # merge costs a few memory round trips rather than one per partial along its path. The shape is
+    # measured, not derived: on the H200, 8 partials per load on 1 warp made the whole step 1-6% faster
+    # on every benchmark tree than 16 on 2 warps (the two warps split head_dim, so the cause is not a
+    # cross-warp reduction). 4 per load tied with 8, 2 and 16 were slower, and 32 was faster only where
+    # queries merge more than 16 partials (benchmarks/results/ab_stage2_h200.json).
     b = tl.program_id(0)
     head = tl.program_id(1)
     if b >= tl.load(counts + 2):
@@ -295,4 +300,4 @@ def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
     _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=16, num_warps=2)
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=STAGE2_PARTIALS_PER_LOAD, num_warps=1)

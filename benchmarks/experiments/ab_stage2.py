@@ -1,0 +1,68 @@
+"""A/B of stage-2 launch shapes (partials per load, warps) on the benchmark's trees, in one process.
+
+Each variant is ``BLOCK_P:num_warps``; every step is main's stage 1 followed by ``_tree_decode_stage2``
+in that shape, one CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records
+how many partials each case's queries merge (the loop runs ceil(partials / BLOCK_P) times).
+On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
+    VARIANTS=16:2,32:2,32:4 OUT=$OUT python3 benchmarks/experiments/ab_stage2.py
+Writes $OUT/ab_stage2.json.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import sweep_stage1 as S  # noqa: E402
+
+K, STAGES, check = S.K, S.STAGES, S.check
+
+variants = [tuple(int(x) for x in v.split(":")) for v in os.environ.get("VARIANTS", "16:2,32:2").split(",")]
+cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
+by_key = {c.key: c for c in S.T.all_cases()}
+report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
+
+
+def stage2(plan, out, block_p, warps):
+    po, pl = plan.partial_out, plan.partial_lse
+    D = out.shape[2]
+    STAGES._tree_decode_stage2[(plan.grid_queries, out.shape[1])](
+        po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
+        po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps)
+
+
+for key in cases:
+    case = S.Case(by_key[key], torch.device("cuda"))
+    c = case.case
+    q, k, v, scale = case.q, case.k, case.v, case.scale
+    plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim)
+    cfg = STAGES.stage1_config(c.head_dim, plan.large_rows, q.dtype, q.device)
+    n = plan.merge_indptr[1:q.shape[0] + 1] - plan.merge_indptr[:q.shape[0]]
+    res = report.setdefault(key, {"partials_per_query": {"min": int(n.min()), "max": int(n.max()),
+                                                         "mean": float(n.float().mean())}})
+    fns = {}
+    for bp, w in variants:
+        o = torch.full_like(q, float("nan"))
+
+        def step(o=o, bp=bp, w=w):
+            STAGES.launch_stage1(q, k, v, plan, scale, 0.0, cfg)
+            stage2(plan, o, bp, w)
+        name = f"p{bp}w{w}"
+        step()
+        torch.cuda.synchronize()
+        res[name + "_check"] = check(o, case.ref)
+        fns[name] = step
+    times = {n: [] for n in fns}
+    for _ in range(3):
+        for name, fn in fns.items():
+            times[name].append(S.graph_time(fn))
+    for name, t in times.items():
+        res[name + "_us"] = sorted(t)[1]
+    print(key, res["partials_per_query"], {n: round(res[n + "_us"], 1) for n in fns},
+          all(res[n + "_check"]["ok"] for n in fns), flush=True)
+    json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage2.json", "w"), indent=1)
