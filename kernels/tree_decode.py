@@ -142,11 +142,13 @@ def _tree_decode_stage2(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # One program per (query, head), on one warp. BLOCK_P partials are loaded at once, so a query's
-    # merge costs a few memory round trips rather than one per partial along its path. The shape is
-    # measured, not derived: on the H200, 8 partials per load on 1 warp made the whole step 1-6% faster
-    # on every benchmark tree than 16 on 2 warps (the two warps split head_dim, so the cause is not a
-    # cross-warp reduction). 4 per load tied with 8, 2 and 16 were slower, and 32 was faster only where
-    # queries merge more than 16 partials (benchmarks/results/ab_stage2_h200.json).
+    # merge costs a few memory round trips rather than one per partial along its path. A merge is a
+    # short chain of dependent loads, so the step's merge time goes with how many programs an SM holds:
+    # at most 32, which one warp reaches at <= 64 registers. 8 partials on 1 warp take 64 registers
+    # for sm_90 (32 programs per SM); 16 on 2 warps, the shape before, 71 (14 programs). On the H200
+    # the whole step was 1-6% faster on every benchmark tree. 4 per load tied; 2, 16 (107 registers) and
+    # 32 were slower overall (32 won only where queries merge more than 16 partials); loading the next
+    # block before folding this one (118 registers) gained nothing (benchmarks/results/ab_stage2_h200.json).
     b = tl.program_id(0)
     head = tl.program_id(1)
     if b >= tl.load(counts + 2):

@@ -1,6 +1,7 @@
 """A/B of stage-2 launch shapes (partials per load, warps) on the benchmark's trees, in one process.
 
-Each variant is ``BLOCK_P:num_warps``; every step is main's stage 1 followed by ``_tree_decode_stage2``
+Each variant is ``BLOCK_P:num_warps`` or ``BLOCK_P:num_warps:path`` (a file defining another
+``_tree_decode_stage2`` with the same arguments, e.g. a copy under change); every step is main's stage 1 followed by ``_tree_decode_stage2``
 in that shape, one CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records
 how many partials each case's queries merge (the loop runs ceil(partials / BLOCK_P) times).
 On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
@@ -21,16 +22,20 @@ import sweep_stage1 as S  # noqa: E402
 
 K, STAGES, check = S.K, S.STAGES, S.check
 
-variants = [tuple(int(x) for x in v.split(":")) for v in os.environ.get("VARIANTS", "16:2,32:2").split(",")]
+variants = []
+for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
+    bp, w, *path = v.split(":")
+    kernel = S.load_module(path[0])._tree_decode_stage2 if path else STAGES._tree_decode_stage2
+    variants.append((int(bp), int(w), kernel, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
 by_key = {c.key: c for c in S.T.all_cases()}
 report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
 
 
-def stage2(plan, out, block_p, warps):
+def stage2(plan, out, block_p, warps, kernel):
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
-    STAGES._tree_decode_stage2[(plan.grid_queries, out.shape[1])](
+    kernel[(plan.grid_queries, out.shape[1])](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps)
@@ -46,17 +51,20 @@ for key in cases:
     res = report.setdefault(key, {"partials_per_query": {"min": int(n.min()), "max": int(n.max()),
                                                          "mean": float(n.float().mean())}})
     fns = {}
-    for bp, w in variants:
+    outs = {}
+    for bp, w, kernel, name in variants:
         o = torch.full_like(q, float("nan"))
 
-        def step(o=o, bp=bp, w=w):
+        def step(o=o, bp=bp, w=w, kernel=kernel):
             STAGES.launch_stage1(q, k, v, plan, scale, 0.0, cfg)
-            stage2(plan, o, bp, w)
-        name = f"p{bp}w{w}"
+            stage2(plan, o, bp, w, kernel)
         step()
+        outs[name] = o
         torch.cuda.synchronize()
         res[name + "_check"] = check(o, case.ref)
         fns[name] = step
+    first = next(iter(outs.values()))
+    res["bitwise_as_first"] = {n: bool(torch.equal(o, first)) for n, o in outs.items()}
     times = {n: [] for n in fns}
     for _ in range(3):
         for name, fn in fns.items():
@@ -64,5 +72,5 @@ for key in cases:
     for name, t in times.items():
         res[name + "_us"] = sorted(t)[1]
     print(key, res["partials_per_query"], {n: round(res[n + "_us"], 1) for n in fns},
-          all(res[n + "_check"]["ok"] for n in fns), flush=True)
+          all(res[n + "_check"]["ok"] for n in fns), res["bitwise_as_first"], flush=True)
     json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage2.json", "w"), indent=1)
