@@ -1,7 +1,8 @@
 """A/B of stage-2 launch shapes (partials per load, warps) on the benchmark's trees, in one process.
 
 Each variant is ``BLOCK_P:num_warps`` or ``BLOCK_P:num_warps:path`` (a file defining another
-``_tree_decode_stage2`` with the same arguments, e.g. a copy under change); every step is main's stage 1 followed by ``_tree_decode_stage2``
+``_tree_decode_stage2`` with the same arguments, and ``HEADS_PER_PROGRAM`` if it merges several heads
+per program); every step is main's stage 1 followed by ``_tree_decode_stage2``
 in that shape, one CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records
 how many partials each case's queries merge (the loop runs ceil(partials / BLOCK_P) times).
 On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
@@ -25,17 +26,20 @@ K, STAGES, check = S.K, S.STAGES, S.check
 variants = []
 for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
     bp, w, *path = v.split(":")
-    kernel = S.load_module(path[0])._tree_decode_stage2 if path else STAGES._tree_decode_stage2
-    variants.append((int(bp), int(w), kernel, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
+    mod = S.load_module(path[0]) if path else STAGES
+    variants.append((int(bp), int(w), mod, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
 by_key = {c.key: c for c in S.T.all_cases()}
 report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
 
 
-def stage2(plan, out, block_p, warps, kernel):
+def stage2(plan, out, block_p, warps, mod):
+    """Stage 2 of ``mod`` (a module with ``_tree_decode_stage2``; ``HEADS_PER_PROGRAM`` heads per program
+    if it says so)."""
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
-    kernel[(plan.grid_queries, out.shape[1])](
+    heads = getattr(mod, "HEADS_PER_PROGRAM", 1)
+    mod._tree_decode_stage2[(plan.grid_queries, out.shape[1] // heads)](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps)
@@ -52,12 +56,12 @@ for key in cases:
                                                          "mean": float(n.float().mean())}})
     fns = {}
     outs = {}
-    for bp, w, kernel, name in variants:
+    for bp, w, mod, name in variants:
         o = torch.full_like(q, float("nan"))
 
-        def step(o=o, bp=bp, w=w, kernel=kernel):
+        def step(o=o, bp=bp, w=w, mod=mod):
             STAGES.launch_stage1(q, k, v, plan, scale, 0.0, cfg)
-            stage2(plan, o, bp, w, kernel)
+            stage2(plan, o, bp, w, mod)
         step()
         outs[name] = o
         torch.cuda.synchronize()
