@@ -178,3 +178,36 @@ def test_seq_lens_incremented_in_place_still_give_steady_steps():
         steady.append(step.steady)
         sim.finish_decode(reqs)
     assert steady == [False, False, True, True, True, True]
+
+
+def test_a_steady_step_writes_only_the_new_slots_and_the_tails_last_item_lengths():
+    """The steady update writes through index lists into the plan's packed buffer; anything it wrote
+    beyond its targets would corrupt a later step's plan. Every element of the buffers is compared:
+    only each tail's next KV entry (and the scratch entry unused update lanes write) and each tail's
+    last item's kv_len (+1) may change, and the partial buffers are not touched."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4)
+    reqs = fork(sim, 3) + sim.prefill([sim.new_req(sim.fresh(9))])
+    assert [run(sim, sp, reqs) for _ in range(2)] == [False, False]  # the second lays out room
+    buffers = sp.buffers
+    meta0, out0, lse0 = buffers.meta.clone(), buffers.partial_out.clone(), buffers.partial_lse.clone()
+    cap = buffers.qperm.numel()
+    ops = sp._operands.clone()
+    kv_pos, kv_len_field, live = ops[cap:2 * cap], ops[2 * cap:3 * cap], ops[3 * cap:] == 1
+    assert int(live.sum()) == len(reqs)  # one update lane per tail
+
+    assert run(sim, sp, reqs)  # a steady step (its plan read back by check())
+
+    base = buffers.meta.storage_offset()
+
+    def meta_index(view: torch.Tensor, flat: torch.Tensor) -> set[int]:
+        return {view.storage_offset() - base + int(i) for i in flat}
+
+    allowed_kv = meta_index(buffers.kv_indices, torch.cat([kv_pos[live], torch.tensor([sp._scratch])]))
+    lengths = meta_index(buffers.items, kv_len_field[live])
+    changed = set((buffers.meta != meta0).nonzero().flatten().tolist())
+    assert changed - allowed_kv == lengths  # every tail's last item changed, and nothing else did
+    for i in lengths:
+        assert int(buffers.meta[i]) == int(meta0[i]) + 1
+    assert torch.equal(buffers.partial_out.nan_to_num(), out0.nan_to_num())
+    assert torch.equal(buffers.partial_lse.nan_to_num(), lse0.nan_to_num())
