@@ -505,3 +505,27 @@ def test_build_cpu_time(shape, B):
     full_us, steady_us = (sorted(x[10:])[25] * 1e6 for x in (full, steady))
     print(f"KV tree {shape} B={B}: full build median {full_us:.0f} us, steady step {steady_us:.0f} us")
     assert full_us < 2000 and steady_us < full_us
+
+
+@pytest.mark.parametrize("tail_slack", [0, 3])
+def test_build_into_a_buffer_writes_only_the_trees_entries(tail_slack):
+    """``kv_out`` is a CUDA graph's plan buffer, shared with the rest of the plan: the build writes
+    its T slots at the front and nothing past them or before the view (sentinels on both sides), and
+    the slots equal a build into fresh memory. Too small a buffer is left alone."""
+    sim = RadixSim()
+    prompt = sim.tokens(40)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(i + 1)) for i in range(3)])
+    seq_lens = sim.prepare_decode(reqs)
+    fresh = DecodeKVTreeBuilder(sim.req_to_token).build(reqs, seq_lens, tail_slack=tail_slack)
+    T = fresh.tree.kv_indices.numel()
+    for size in (T + 7, T - 1):
+        backing = torch.full((size + 2,), -7, dtype=torch.int32)
+        kv_out = backing[1:-1]
+        built = DecodeKVTreeBuilder(sim.req_to_token).build(reqs, seq_lens, kv_out=kv_out, tail_slack=tail_slack)
+        assert torch.equal(built.tree.kv_indices, fresh.tree.kv_indices)
+        if size >= T:
+            assert built.tree.kv_indices.data_ptr() == kv_out.data_ptr()  # written in place
+            assert (backing[1 + T:] == -7).all() and backing[0] == -7
+        else:
+            assert (backing == -7).all()  # not used at all
