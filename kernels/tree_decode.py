@@ -8,7 +8,7 @@ log-sum-exp of its scores. This module's Triton kernel runs everywhere (the CPU 
 included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
 deeper KV pipeline (``stage1_config`` chooses).
 
-Stage 2, one program per (query, block of heads): folds the query's partials along its path in the
+Stage 2, one program per (query, head) on one warp: folds the query's partials along its path in the
 plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
 """
 from __future__ import annotations
