@@ -50,6 +50,16 @@ def graph_time(fn, rep: int = 50) -> float:
     return triton.testing.do_bench(g.replay, rep=rep, return_mode="median") * 1e3
 
 
+def alternating_graph_times(fns: dict, rounds: int = 3) -> dict:
+    """``graph_time`` of every function, in ``rounds`` rounds that alternate between them (so drifts
+    in clocks and temperature fall on all alike); per name the middle round's median us."""
+    times = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            times[n].append(graph_time(fn))
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+
+
 def load_module(path: str):
     """A kernel module from a file (a baseline or experiment copy beside the package's)."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)

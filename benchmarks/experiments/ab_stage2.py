@@ -69,12 +69,8 @@ for key in cases:
         fns[name] = step
     first = next(iter(outs.values()))
     res["bitwise_as_first"] = {n: bool(torch.equal(o, first)) for n, o in outs.items()}
-    times = {n: [] for n in fns}
-    for _ in range(3):
-        for name, fn in fns.items():
-            times[name].append(S.graph_time(fn))
-    for name, t in times.items():
-        res[name + "_us"] = sorted(t)[1]
+    for name, us in S.alternating_graph_times(fns).items():
+        res[name + "_us"] = us
     print(key, res["partials_per_query"], {n: round(res[n + "_us"], 1) for n in fns},
           all(res[n + "_check"]["ok"] for n in fns), res["bitwise_as_first"], flush=True)
     json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage2.json", "w"), indent=1)

@@ -37,7 +37,7 @@ def main() -> None:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     fn = getattr(mod, name)
-    consts, options = dict(CONSTEXPRS), {"num_warps": CONSTEXPRS["WARPS"]}
+    consts, options = dict(CONSTEXPRS), {}
     for a in args:
         k, v = a.split("=")
         (options if k == "maxnreg" else consts)[k] = int(v)

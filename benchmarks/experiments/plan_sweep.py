@@ -43,11 +43,6 @@ for key in cases:
         res[name + "_items"] = p.grid_items
         fns[name] = (lambda p=p, o=o: K.tree_decode(q, k, v, p, scale, out=o))
     PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES = DEFAULTS
-    times = {n: [] for n in fns}
-    for _ in range(3):
-        for n, fn in fns.items():
-            times[n].append(S.graph_time(fn))
-    for n, t in times.items():
-        res[n] = sorted(t)[1]
+    res.update(S.alternating_graph_times(fns))
     print(key, {n: round(res[n], 1) for n in fns}, flush=True)
 json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "plan_sweep.json", "w"), indent=1)
