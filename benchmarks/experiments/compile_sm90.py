@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qperm": "*i32", "items": "*i32",
-            "counts": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
+            "counts": "*i32", "sched": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
 FLOATS = ("sm_scale", "logit_cap")
 # stage1_hopper's launch for Llama-3-8B's attention shape (32 q / 8 kv heads of 128).
 CONSTEXPRS = dict(GROUP=4, HEAD_DIM=128, LARGE_M=64, SMALL_M=16, BLOCK=32, STAGES=2, USE_CAP=0, WARPS=4)
