@@ -12,15 +12,18 @@ and scalar types follow stage 1's signature (bf16 q/K/V, int32 metadata, fp32 pa
 arguments are taken as multiples of 16, as Triton specialises them at run time. Prints ptxas's register,
 spill and shared-memory report; the PTX is left in $OUT_PTX (default /tmp/compile_sm90.ptx).
 """
-import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sweep_stage1 import load_module  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qperm": "*i32", "items": "*i32",
             "counts": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
@@ -33,10 +36,7 @@ def main() -> None:
     path = sys.argv[1]
     args = sys.argv[2:]
     name = args.pop(0) if args and "=" not in args[0] else "_tree_decode_stage1_hopper"
-    spec = importlib.util.spec_from_file_location("variant", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    fn = getattr(mod, name)
+    fn = getattr(load_module(path), name)
     consts, options = dict(CONSTEXPRS), {}
     for a in args:
         k, v = a.split("=")
