@@ -112,7 +112,8 @@ phase_kernels() {
   # would time a VM's CPU under the other pytest workers (440 us at 58e450f): bench_kernels.py measures
   # the GPU host's planning time alone instead (plan_300node_256q_us).
   (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
-      "$REPO/tests/test_plan.py" "$REPO/tests/test_staging.py" "$REPO/tests/test_cuda_graph_gpu.py" \
+      "$REPO/tests/test_plan.py" "$REPO/tests/test_plan_reference.py" "$REPO/tests/test_schedule_c.py" \
+      "$REPO/tests/test_staging.py" "$REPO/tests/test_cuda_graph_gpu.py" \
       -k "not servers_with_and_without and not plan_cpu_time_256_queries" \
       -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
   rc_pytest=$?

@@ -98,7 +98,7 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
     """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
     take: a batch past their size, a tree past the limits), or the tree itself on the reference
     path. ``tree``: node/query metadata on the host. ``planner``: the server's
-    ``TreeDecodePlanner`` (it reuses what the last step planned; same result as a fresh plan)."""
+    ``TreeDecodePlanner`` (it reuses its host buffers; same result as a fresh plan)."""
     if not use_triton_kernels(device):
         return tree
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)

@@ -95,17 +95,17 @@ def median_us(fn, runs: int = 200, warmup: int = 20) -> float:
 
 
 def test_plan_cpu_time_256_queries_300_nodes():
-    """Target: <= 150 us of host time here (2-core CPU box), which kept it <= 300 us on the GPU host
-    (where device copies add to it). Reported; loosely bounded."""
+    """Issue 3's target is <= 300 us on the GPU host, where device copies add to the host work and
+    hosts differ 2.5x in speed; here (2-core CPU box) a plan measures ~50 us (C schedule) against
+    ~170 us with the numpy schedule it replaced. Reported; loosely bounded."""
     tree = fork_300()
     us = median_us(lambda i: plan_tree_decode(tree, 32, 8, 128, device="cpu"))
     print(f"plan_tree_decode 256 queries / 300 nodes: median {us:.0f} us")
-    # A shared 2-core CI box is noisy: bound at 2.7x the target so a regression to per-item Python
-    # loops (measured ~1000 us here) still fails.
-    assert us < 400
+    # A shared 2-core CI box is noisy: bound at 3x what it measures, under the numpy schedule's time.
+    assert us < 150
 
 
-# ------------------------------------------------------------------------------ incremental planning
+# ------------------------------------------------------------------------ a planner over decode steps
 
 
 def plan_arrays(plan: TreeDecodePlan, num_kv_tokens: int) -> dict:
@@ -150,36 +150,15 @@ def decode_steps(seed: int, steps: int = 12):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_planner_plans_every_step_as_a_fresh_plan(seed, monkeypatch):
-    """Steps that keep every stage, steps that change the chunking (an H200's 132 SMs make the chunk
-    counts follow the growing tails) or only the item order, and new shapes: all as fresh plans."""
+    """A planner reuses its host buffers from step to step (growing them for bigger trees): steps that
+    keep the shape, steps that change the chunking (an H200's 132 SMs make the chunk counts follow the
+    growing tails), and new shapes all plan as fresh plans do."""
     monkeypatch.setattr(plan_module, "_num_sms", lambda device: [8, 132][seed % 2])
     group, large_rows = [(1, 16), (4, 64), (8, 128), (4, 32)][seed % 4]
     planner = TreeDecodePlanner(8 * group, 8, 64, kv_dtype=torch.float16, large_rows=large_rows)
     for tree in decode_steps(seed):
         want = plan_tree_decode(tree, 8 * group, 8, 64, "cpu", kv_dtype=torch.float16, large_rows=large_rows)
         assert_same_plan(planner.plan(tree, "cpu"), want, tree)
-
-
-def test_planner_reuses_what_the_tree_kept(monkeypatch):
-    """Tails growing by a token keep the groups; the chunking and the item order too, mostly.
-    Each reused stage is exactly what a fresh plan computes (previous test); here: that it is reused."""
-    calls = Counter()
-    for name in ("_tree_groups", "_work_items", "_merge_lists"):
-        def counted(*args, _f=getattr(plan_module, name), _name=name, **kw):
-            calls[_name] += 1
-            return _f(*args, **kw)
-        monkeypatch.setattr(plan_module, name, counted)
-    planner = TreeDecodePlanner(32, 8, 128)
-    steps = 50
-    for step in range(steps):
-        tree = fork_300(step)
-        plan = planner.plan(tree, "cpu")
-        assert_same_plan(plan, plan_tree_decode(tree, 32, 8, 128, "cpu"), tree)
-    assert calls["_tree_groups"] == 1 + steps  # the planner once, each fresh plan once
-    assert calls["_work_items"] < 1.2 * steps and calls["_merge_lists"] < 1.2 * steps
-    # A new shape is planned afresh.
-    planner.plan(make_tree([-1, 0, 0], [300, 5, 5], [1, 2]), "cpu")
-    assert calls["_tree_groups"] == 2 + steps
 
 
 def test_planner_covers_every_pair_exactly_once():
@@ -211,18 +190,6 @@ def test_planner_into_fixed_buffers():
             got = planner.plan(tree, "cpu", reuse=graph)
             assert got.meta.data_ptr() == graph.meta.data_ptr()
             assert_same_plan(got, want, tree)
-
-
-def test_planner_cpu_time_per_decode_step():
-    """The backend's steady state: every tail one token longer each step. The planner's median step
-    must stay well under a fresh plan's (measured here: ~50 us against ~135 us)."""
-    trees = [fork_300(step) for step in range(220)]
-    planner = TreeDecodePlanner(32, 8, 128)
-    incremental = median_us(lambda i: planner.plan(trees[i], "cpu"))
-    fresh = median_us(lambda i: plan_tree_decode(trees[i], 32, 8, 128, device="cpu"))
-    print(f"256 queries / 300 nodes, tails growing: TreeDecodePlanner.plan median {incremental:.0f} us, "
-          f"plan_tree_decode {fresh:.0f} us")
-    assert incremental < 0.75 * fresh
 
 
 @pytest.mark.parametrize("capacity", [None, PlanCapacity(max_queries=37, max_kv_tokens=4096, max_items=53,

@@ -3,8 +3,8 @@
 Times, in one process and alternating rounds, the whole call as ``bench_kernels.py`` does (metadata on
 the CPU, kv_indices on the device, synchronised after) for this checkout's kernels and, with
 ``OLD=dir``, for the kernels package in ``dir`` (e.g. ``git archive <sha> kernels | tar -x -C dir``);
-then its parts: a planner re-planning the same tree (its schedule reused: what the rest costs), the
-numpy schedule alone, the device allocations, the upload, an empty synchronise. Last, 100 calls back to
+then its parts: a planner re-planning the same tree, the schedule alone (``build_schedule``: with OLD,
+also the old one), the device allocations, the upload, an empty synchronise. Last, 100 calls back to
 back (as the benchmark times them) in four conditions: as they come, right after ~1 s of waiting for the
 device, without the garbage collector, and with flashinfer's and SGLang's modules loaded (with and
 without the collector's objects frozen), by ``bench_kernels.time_plan``: wall time and the thread's
@@ -46,9 +46,12 @@ if os.environ.get("OLD"):
     old_tree = old.KVTree(tree.kv_indices, tree.node_indptr, tree.node_parent, tree.query_node)
     variants["plan_tree_decode_old"] = lambda: old.plan_tree_decode(old_tree, 32, 8, 128, device=dev)
 warm = K.TreeDecodePlanner(32, 8, 128)
-variants["planner_same_tree"] = lambda: warm.plan(tree, dev)  # the schedule's stages reused: the rest of a plan
-variants["schedule_numpy"] = lambda: P.build_schedule(ni, npar, qn, group_size=4, head_dim=128, kv_elem_bytes=2,
-                                                      num_kv_heads=8, num_sms=132)
+variants["planner_same_tree"] = lambda: warm.plan(tree, dev)  # a held planner (the server's way)
+sched_kw = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132)
+variants["schedule"] = lambda: P.build_schedule(ni, npar, qn, **sched_kw)  # unpacked, as the tests use it
+if os.environ.get("OLD"):
+    old_plan = importlib.import_module("kernels.plan")
+    variants["schedule_old"] = lambda: old_plan.build_schedule(ni, npar, qn, **sched_kw)
 host = np.zeros(4096, np.int32)
 ring = P.thread_staging_ring(dev)
 variants["upload_16KB"] = lambda: ring.upload(host)

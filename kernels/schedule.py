@@ -1,0 +1,88 @@
+"""``schedule.c`` (the host half of planning a decode step) bound through ctypes.
+
+``Schedule.run`` plans one step into a packed int32 host buffer laid out as the plan's device
+metadata (see ``plan.py``); the buffer is the caller's and grows when a step needs more.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import numpy as np
+
+from . import c_library
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+# schedule.c's status codes, as the errors the planner raises.
+_ERRORS = {
+    -1: "KVTree.node_indptr must not start below 0 nor decrease",
+    -2: "KVTree.node_parent[i] must be -1 (a root) or a node index smaller than i",
+    -3: "KVTree.query_node must index a node of the tree",
+}
+_TOO_MANY_TILES, _BAD_CAPACITY, _NO_MEMORY = -4, -5, -6
+
+
+class ScheduleSizes(NamedTuple):
+    """What a step's schedule came to; offsets are in int32 elements of the packed buffer."""
+
+    packed_len: int  # elements of the packed buffer this step fills
+    items: int
+    large_items: int
+    partials: int  # also the merge entries: each partial is merged once
+    tiles: int
+    o_items: int
+    o_counts: int
+    o_indptr: int
+    o_slots: int
+
+
+def _library() -> ctypes.CDLL:
+    lib = c_library.load("schedule.c")
+    fn = lib.deft_schedule
+    if fn.restype is not _I64:
+        fn.restype = _I64
+        fn.argtypes = [_PTR, _PTR, _I64, _PTR, _I64] + [_I64] * 9 + [ctypes.c_double] + [_I64] * 3 + [_PTR, _I64, _PTR]
+    return lib
+
+
+class Schedule:
+    """One caller's binding of ``deft_schedule`` with its host buffers (not thread-safe: one per planner)."""
+
+    def __init__(self) -> None:
+        self._fn = _library().deft_schedule
+        self._info = np.zeros(9, np.int64)
+        self._info_ptr = self._info.ctypes.data
+        self.out = np.empty(1 << 12, np.int32)  # the packed buffer of the last step
+
+    def run(self, node_indptr: int, node_parent: int, num_nodes: int, query_node: int, num_queries: int, *,
+            group_size: int, head_dim: int, kv_elem_bytes: int, num_kv_heads: int, num_sms: int, large_rows: int,
+            programs_per_sm: int, small_rows: int, min_chunk_tokens: int, flop_per_byte: float,
+            program_latency_bytes: int, cap_queries: int | None, cap_items: int | None) -> ScheduleSizes:
+        """Plan one step into ``self.out``: the tree's arrays are addresses of contiguous int32 host
+        memory (``node_indptr`` [num_nodes + 1], ``node_parent`` [num_nodes], ``query_node``
+        [num_queries]). The layout has room for ``cap_queries`` queries and ``cap_items`` items (None:
+        this step's numbers); chunks are coarsened until the items fit ``cap_items``. Raises
+        ValueError for a malformed tree, more queries than ``cap_queries`` or more query tiles than
+        ``cap_items``."""
+        args = (node_indptr, node_parent, num_nodes, query_node, num_queries, group_size, head_dim, kv_elem_bytes,
+                num_kv_heads, num_sms, large_rows, programs_per_sm, small_rows, min_chunk_tokens, flop_per_byte, program_latency_bytes,
+                -1 if cap_queries is None else cap_queries, -1 if cap_items is None else cap_items)
+        status = self._fn(*args, self.out.ctypes.data, len(self.out), self._info_ptr)
+        sizes = ScheduleSizes(*self._info.tolist())
+        if status == 0 and sizes.packed_len > len(self.out):
+            # Too small a buffer: plan again into one that fits (buffers only grow, so this is rare).
+            self.out = np.empty(max(sizes.packed_len, 2 * len(self.out)), np.int32)
+            status = self._fn(*args, self.out.ctypes.data, len(self.out), self._info_ptr)
+            sizes = ScheduleSizes(*self._info.tolist())
+        if status == 0:
+            return sizes
+        if status in _ERRORS:
+            raise ValueError(_ERRORS[status])
+        if status == _TOO_MANY_TILES:
+            raise ValueError(f"the tree needs {sizes.tiles} work items, more than the plan capacity {cap_items}")
+        if status == _BAD_CAPACITY:
+            raise ValueError(f"the tree needs {num_queries} queries, more than the plan capacity {cap_queries}")
+        if status == _NO_MEMORY:
+            raise MemoryError("sglang-deft's planner could not allocate its host scratch memory")
+        raise RuntimeError(f"deft_schedule returned an unknown status {status}")

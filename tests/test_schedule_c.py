@@ -1,0 +1,107 @@
+"""schedule.c's own contracts: numpy's float summation, malformed trees, growing buffers, and how the
+C library is built (tests/test_plan_reference.py holds its plans to the specification)."""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from kernel_trees import make_tree, random_forest
+from sglang_deft.kernels import KVTree, PlanCapacity, plan_tree_decode
+from sglang_deft.kernels import c_library
+from sglang_deft.kernels.plan import TreeDecodePlanner, build_schedule
+from sglang_deft.kernels.schedule import Schedule
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 127, 128, 129, 300, 1000, 8191, 8193, 20000])
+def test_pairwise_sum_is_numpys_sum(n):
+    # The chunk target is a float sum over the tiles' costs; a sum in another order rounds differently
+    # (sequential addition differs from numpy's in most of these), and a chunk count may follow.
+    fn = c_library.load("schedule.c").deft_pairwise_sum
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64]
+    rng = np.random.default_rng(n)
+    for scale in (1.0, 675.84, 1e7):
+        a = rng.random(n) * scale
+        assert fn(a.ctypes.data, n) == float(a.sum())
+
+
+def tree_of(indptr, parent, qnode):
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    return KVTree(torch.arange(max(indptr[-1], 0), dtype=torch.int32), i32(indptr), i32(parent), i32(qnode))
+
+
+@pytest.mark.parametrize("indptr,parent,qnode,match", [
+    ([0, 5, 3], [-1, 0], [1], "node_indptr"),
+    ([-2, 5, 8], [-1, 0], [1], "node_indptr"),
+    ([0, 5], [-1, 0], [0], "entries for 2 nodes"),
+    ([0, 5, 8], [-1, 1], [1], "node_parent"),
+    ([0, 5, 8], [1, -1], [1], "node_parent"),
+    ([0, 5, 8], [-1, -3], [1], "node_parent"),
+    ([0, 5, 8], [-1, 0], [2], "query_node"),
+    ([0, 5, 8], [-1, 0], [-1], "query_node"),
+    ([0], [], [0], "query_node"),
+])
+def test_malformed_trees_raise_before_anything_is_planned(indptr, parent, qnode, match):
+    with pytest.raises(ValueError, match=match):
+        plan_tree_decode(tree_of(indptr, parent, qnode), 8, 2, 32, "cpu")
+
+
+def test_capacity_errors_name_what_overflows():
+    tree = make_tree([-1] + [0] * 6, [600] + [3] * 6, list(range(1, 7)))
+    cap = PlanCapacity(max_queries=4, max_kv_tokens=10000, max_items=100, max_partials=100, max_merge=100)
+    with pytest.raises(ValueError, match="needs 6 queries, more than the plan capacity 4"):
+        plan_tree_decode(tree, 8, 2, 32, "cpu", capacity=cap)
+    with pytest.raises(ValueError, match="work items, more than the plan capacity 3"):
+        plan_tree_decode(tree, 8, 2, 32, "cpu", capacity=dataclasses.replace(cap, max_queries=8, max_items=3))
+
+
+def test_a_planner_grows_its_buffer_and_plans_as_fresh():
+    """Small, big (past the host buffer a planner starts with), small again."""
+    planner = TreeDecodePlanner(32, 8, 128, schedule=Schedule())
+    start = len(planner._schedule.out)
+    trees = [random_forest(num_nodes=10, num_queries=5, max_len=50, seed=1),
+             make_tree([-1] + [0] * 2000, [5000] + [300] * 2000, list(range(1, 2001)), pool=700000),
+             random_forest(num_nodes=30, num_queries=20, max_len=500, seed=2)]
+    for tree in trees:
+        got = planner.plan(tree, "cpu")
+        want = build_schedule(*(t.numpy() for t in (tree.node_indptr, tree.node_parent, tree.query_node)),
+                              group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=8)
+        num_large, num_small, B = got.counts.tolist()
+        assert torch.equal(got.items[:num_large + num_small], torch.from_numpy(want[1]).to(torch.int32))
+        assert torch.equal(got.merge_slots, torch.from_numpy(want[4]).to(torch.int32))
+    assert len(planner._schedule.out) > start
+
+
+def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="found no C compiler"):
+        c_library.load("schedule.c")
+
+
+def test_a_failed_build_says_why_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    monkeypatch.setattr(c_library, "HERE", tmp_path)
+    (tmp_path / "broken.c").write_text("int f( {")
+    with pytest.raises(c_library.CLibraryError, match="building broken.c failed"):
+        c_library.load("broken.c")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    lib = c_library.load("schedule.c")
+    assert c_library.load("schedule.c") is lib
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("schedule_")
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    mtime = built[0].stat().st_mtime_ns
+    c_library.load("schedule.c")  # a new process: loads the cached file, builds nothing
+    assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
