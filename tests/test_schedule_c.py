@@ -82,6 +82,9 @@ def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(c_library, "_LOADED", {})
     with pytest.raises(c_library.CLibraryError, match="found no C compiler"):
         c_library.load("schedule.c")
+    # A planner (the backend makes one when the server starts) fails at construction, not mid-serving.
+    with pytest.raises(c_library.CLibraryError, match="found no C compiler"):
+        TreeDecodePlanner(32, 8, 128)
 
 
 def test_a_failed_build_says_why_and_leaves_no_file(tmp_path, monkeypatch):
