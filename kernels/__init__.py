@@ -1,4 +1,4 @@
-"""Tree decode attention kernels (torch and triton only: this package never imports sglang)."""
+"""Tree decode attention kernels (torch, triton and the planner's C schedule: this package never imports sglang)."""
 from .kv_tree import KVTree
 from .plan import PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode
 from .reference import attention_reference, tree_decode_reference
