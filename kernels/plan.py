@@ -166,10 +166,13 @@ _SMS: dict[torch.device, int] = {}
 
 
 def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # CPU / interpreter: only the shape of the plan matters
+    if device.index is None:  # "cuda" means the current device, which a process may change
+        device = torch.device("cuda", torch.cuda.current_device())
     sms = _SMS.get(device)
     if sms is None:  # per device once: the properties call costs microseconds of every plan
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        _SMS[device] = sms  # (CPU / interpreter: only the shape of the plan matters)
+        sms = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return sms
 
 

@@ -53,7 +53,11 @@ class Schedule:
         self._fn = _library().deft_schedule
         self._info = np.zeros(9, np.int64)
         self._info_ptr = self._info.ctypes.data
-        self.out = np.empty(1 << 12, np.int32)  # the packed buffer of the last step
+        self._grow(1 << 12)
+
+    def _grow(self, n: int) -> None:
+        self.out = np.empty(n, np.int32)  # the packed buffer of the last step
+        self._out_ptr = self.out.ctypes.data  # (the ctypes attribute costs a microsecond a call)
 
     def run(self, node_indptr: int, node_parent: int, num_nodes: int, query_node: int, num_queries: int, *,
             group_size: int, head_dim: int, kv_elem_bytes: int, num_kv_heads: int, num_sms: int, large_rows: int,
@@ -68,12 +72,12 @@ class Schedule:
         args = (node_indptr, node_parent, num_nodes, query_node, num_queries, group_size, head_dim, kv_elem_bytes,
                 num_kv_heads, num_sms, large_rows, programs_per_sm, small_rows, min_chunk_tokens, flop_per_byte, program_latency_bytes,
                 -1 if cap_queries is None else cap_queries, -1 if cap_items is None else cap_items)
-        status = self._fn(*args, self.out.ctypes.data, len(self.out), self._info_ptr)
+        status = self._fn(*args, self._out_ptr, len(self.out), self._info_ptr)
         sizes = ScheduleSizes(*self._info.tolist())
         if status == 0 and sizes.packed_len > len(self.out):
             # Too small a buffer: plan again into one that fits (buffers only grow, so this is rare).
-            self.out = np.empty(max(sizes.packed_len, 2 * len(self.out)), np.int32)
-            status = self._fn(*args, self.out.ctypes.data, len(self.out), self._info_ptr)
+            self._grow(max(sizes.packed_len, 2 * len(self.out)))
+            status = self._fn(*args, self._out_ptr, len(self.out), self._info_ptr)
             sizes = ScheduleSizes(*self._info.tolist())
         if status == 0:
             return sizes
