@@ -84,7 +84,10 @@ def _build(source: Path, cc: str) -> Path:
             continue
         logger.info("sglang-deft: building %s with %s into %s", source.name, cc, target)
         cmd = [cc, *CFLAGS, str(source), "-o", tmp, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:  # e.g. $CC names no program
+            done = subprocess.CompletedProcess(cmd, -1, "", str(e))
         if done.returncode != 0:
             os.unlink(tmp)
             raise CLibraryError(f"building {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()}")

@@ -97,6 +97,15 @@ def test_a_failed_build_says_why_and_leaves_no_file(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+def test_a_compiler_that_does_not_run_is_a_build_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="building schedule.c failed"):
+        c_library.load("schedule.c")
+    assert list(tmp_path.iterdir()) == []  # its temporary file is gone too
+
+
 def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(c_library, "_LOADED", {})
