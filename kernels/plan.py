@@ -113,7 +113,8 @@ def _plan_schedule(schedule: Schedule, tree: KVTree, *, group_size: int, head_di
     indptr, parent, qnode = _host_int32(tree.node_indptr), _host_int32(tree.node_parent), _host_int32(tree.query_node)
     num_nodes = parent.numel()
     if indptr.numel() != num_nodes + 1:
-        raise ValueError(f"KVTree.node_indptr has {indptr.numel()} entries for {num_nodes} nodes (needs {num_nodes + 1})")
+        raise ValueError(f"KVTree.node_indptr has {indptr.numel()} entries for {num_nodes} nodes "
+                         f"(needs {num_nodes + 1})")
     return schedule.run(indptr.data_ptr(), parent.data_ptr(), num_nodes, qnode.data_ptr(), qnode.numel(),
                         group_size=group_size, head_dim=head_dim, kv_elem_bytes=kv_elem_bytes,
                         num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,

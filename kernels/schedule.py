@@ -70,8 +70,9 @@ class Schedule:
         ValueError for a malformed tree, more queries than ``cap_queries`` or more query tiles than
         ``cap_items``."""
         args = (node_indptr, node_parent, num_nodes, query_node, num_queries, group_size, head_dim, kv_elem_bytes,
-                num_kv_heads, num_sms, large_rows, programs_per_sm, small_rows, min_chunk_tokens, flop_per_byte, program_latency_bytes,
-                -1 if cap_queries is None else cap_queries, -1 if cap_items is None else cap_items)
+                num_kv_heads, num_sms, large_rows, programs_per_sm, small_rows, min_chunk_tokens, flop_per_byte,
+                program_latency_bytes, -1 if cap_queries is None else cap_queries,
+                -1 if cap_items is None else cap_items)
         status = self._fn(*args, self._out_ptr, len(self.out), self._info_ptr)
         sizes = ScheduleSizes(*self._info.tolist())
         if status == 0 and sizes.packed_len > len(self.out):
