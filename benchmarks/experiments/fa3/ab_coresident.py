@@ -3,8 +3,9 @@ stage1_small_pdl.py launched by programmatic dependent launch so that they run b
 stage 2 -- against main's one-launch step, in one process (alternating rounds, CUDA graphs).
     SPECS=num_sms:pps,... CASES=... OUT=$OUT python3 benchmarks/experiments/fa3/ab_coresident.py
 Each spec plans with large_rows=128 as if the GPU had num_sms SMs (how many chunks the large groups
-get). Variants per spec: 'co' (PDL), 'serial' (the same two launches without PDL), 'large' (the large
-units alone, stage 1 only). Writes $OUT/ab_coresident.json."""
+get). Variants per spec (MODES): 'co' (PDL, small units strided over one program per SM), 'coq' (PDL,
+small units from a work queue, four programs per SM), 'serial' (co's launches without PDL), 'large' (the
+large units alone, stage 1 only). Writes $OUT/ab_coresident.json."""
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ K, STAGES, PLAN, check = S.K, S.STAGES, S.PLAN, S.check
 main_s1 = __import__(K.__name__ + ".stage1_hopper", fromlist=["launch"])
 co = S.load_module(str(HERE / "stage1_fa3co.py"))
 small = S.load_module(str(HERE / "stage1_small_pdl.py"))
+smallq = S.load_module(str(HERE / "stage1_small_queue.py"))
 specs = [tuple(int(x) for x in s.split(":")) for s in os.environ.get("SPECS", "132:1,176:1").split(",")]
 small_grid = int(os.environ.get("SMALL_GRID", "0")) or None
 cases = os.environ.get("CASES", "p16k_64,p4k_64,p1k_256,tree3,p4k_16,spec,nosharing").split(",")
@@ -54,14 +56,17 @@ for key in cases:
         tag = f"{sms}x{pps}"
         res[tag + "_units"] = [n_large * c.num_kv_heads, n_small * c.num_kv_heads]
         large = dataclasses.replace(plan, counts=torch.tensor([n_large, 0, B], dtype=torch.int32, device=q.device))
-        for mode in ("co", "serial", "large"):
+        for mode in os.environ.get("MODES", "co,coq,large").split(","):
             o = torch.full_like(q, float("nan"))
 
             def step(o=o, plan=plan, large=large, mode=mode):
                 co.launch(q, k, v, large, scale, 0.0, 16)
                 if mode == "large":
                     return
-                small.launch(q, k, v, plan, scale, 0.0, 16, programs=small_grid, pdl=mode == "co")
+                if mode == "coq":
+                    smallq.launch(q, k, v, plan, scale, 0.0, 16, programs=small_grid)
+                else:
+                    small.launch(q, k, v, plan, scale, 0.0, 16, programs=small_grid, pdl=mode == "co")
                 STAGES.launch_stage2(plan, o)
             name = f"{mode}_{tag}"
             try:
