@@ -25,7 +25,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sweep_stage1 import load_module  # noqa: E402
 
-POINTERS = {"queue": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qperm": "*i32", "items": "*i32",
+POINTERS = {"times": "*i64", "queue": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qperm": "*i32", "items": "*i32",
             "counts": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
 FLOATS = ("sm_scale", "logit_cap")
 # stage1_hopper's launch for Llama-3-8B's attention shape (32 q / 8 kv heads of 128).

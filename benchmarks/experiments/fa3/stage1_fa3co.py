@@ -242,8 +242,12 @@ def _tree_decode_stage1_fa3co(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, LARGE_M: gl.constexpr,
     SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr,
-    WARPS: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CREGS: gl.constexpr,
+    WARPS: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CREGS: gl.constexpr, times,
+    TIMED: gl.constexpr,
 ):
+    if TIMED:  # (start, end, SM) per CTA, for timeline_coresident.py
+        gl.store(times + gl.program_id(0) * 3, _globaltimer())
+        gl.store(times + gl.program_id(0) * 3 + 2, _smid().to(gl.int64))
     # Let the small-tile launch start now: its programs take the room this CTA leaves on each SM.
     gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                               is_pure=False, pack=1)
@@ -270,9 +274,21 @@ def _tree_decode_stage1_fa3co(
         (_producer, (K, V, kv_indices, items, counts, k_bufs, v_bufs, ready, empty, stride_kn, stride_kh, stride_vn,
                      stride_vh, NUM_KV_HEADS, HEAD_DIM, BLOCK, STAGES, PWARPS)),
     ], [4, PWARPS], [CREGS, PREGS])
+    if TIMED:
+        gl.store(times + gl.program_id(0) * 3 + 1, _globaltimer())
 
 
-def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int):
+@gluon.jit
+def _globaltimer():
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _smid():
+    return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, times=None):
     assert plan.large_rows == 128, "plan with large_rows=128"
     po, pl = plan.partial_out, plan.partial_lse
     grid = torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -282,4 +298,5 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
         po.stride(0), po.stride(1), pl.stride(0),
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows,
         SMALL_M=small_rows, BLOCK=BLOCK_N, STAGES=RING, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS,
-        PWARPS=PRODUCER_WARPS, PREGS=PRODUCER_REGS, CREGS=CONSUMER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        PWARPS=PRODUCER_WARPS, PREGS=PRODUCER_REGS, CREGS=CONSUMER_REGS, times=times if times is not None else pl,
+        TIMED=times is not None, num_warps=NUM_WARPS, maxnreg=MAXNREG)

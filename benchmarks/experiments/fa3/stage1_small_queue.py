@@ -6,6 +6,7 @@ counter) resets both counters, so a captured launch replays. Then `griddepcontro
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from bench_kernels import _kernels  # noqa: E402
 
 H = importlib.import_module(_kernels().__name__ + ".stage1_hopper")
 _attend_item = H._attend_item
+_spec = importlib.util.spec_from_file_location("fa3co_timers", Path(__file__).resolve().parent / "stage1_fa3co.py")
+CO = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(CO)
 
 
 @gluon.jit
@@ -25,16 +29,22 @@ def _tree_decode_stage1_small_queue(
     Q, K, V, kv_indices, qperm, items, counts, queue, partial_out, partial_lse, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, SMALL_M: gl.constexpr,
-    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
+    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr, times,
+    TIMED: gl.constexpr,
 ):
     num_large = gl.load(counts)
     total = gl.load(counts + 1) * NUM_KV_HEADS
     u = gl.atomic_add(queue, 1)
     while u < total:
+        if TIMED:  # (start, end, SM) per unit, for timeline_coresident.py
+            gl.store(times + u * 3, CO._globaltimer())
+            gl.store(times + u * 3 + 2, CO._smid().to(gl.int64))
         _attend_item(Q, K, V, kv_indices, qperm, items, num_large + u // NUM_KV_HEADS, u % NUM_KV_HEADS,
                      partial_out, partial_lse, sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh,
                      stride_vn, stride_vh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, SMALL_M, BLOCK,
                      STAGES, False, USE_CAP, WARPS)
+        if TIMED:
+            gl.store(times + u * 3 + 1, CO._globaltimer())
         u = gl.atomic_add(queue, 1)
     if gl.atomic_add(queue + 1, 1) == gl.num_programs(0) - 1:
         # every other program has left its loop: no ticket is taken after this
@@ -47,7 +57,7 @@ _QUEUES = {}
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, programs: int | None = None,
-           pdl: bool = True):
+           pdl: bool = True, times=None):
     po, pl = plan.partial_out, plan.partial_lse
     grid = programs or 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
     queue = _QUEUES.get(q.device)
@@ -58,5 +68,6 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group_size, HEAD_DIM=q.shape[2], SMALL_M=small_rows,
-        BLOCK=H.BLOCK_N, STAGES=H.RING, USE_CAP=logit_cap > 0, WARPS=H.NUM_WARPS, num_warps=H.NUM_WARPS,
+        BLOCK=H.BLOCK_N, STAGES=H.RING, USE_CAP=logit_cap > 0, WARPS=H.NUM_WARPS, times=times if times is not None else pl,
+        TIMED=times is not None, num_warps=H.NUM_WARPS,
         launch_pdl=pdl)
