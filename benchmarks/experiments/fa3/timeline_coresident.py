@@ -1,6 +1,6 @@
 """Session 15: where the co-resident step's time goes. Runs stage1_fa3co (large units) and
-stage1_small_queue (small units, PDL) eagerly with %globaltimer probes: per fa3co CTA its start, end and
-SM, per small unit its start, end and SM; also the large units alone and the small units alone.
+stage1_small_queue (small units, PDL) with %globaltimer probes: per fa3co CTA its start, end and
+SM, per small unit its start, end and SM, replayed as one CUDA graph; also the large units alone and the small units alone.
     SPECS=num_sms:pps,... CASES=... OUT=$OUT python3 benchmarks/experiments/fa3/timeline_coresident.py
 Prints and writes $OUT/timeline_coresident.json (µs from the first fa3co CTA's start)."""
 import dataclasses
@@ -73,10 +73,18 @@ for key in cases:
         st = torch.zeros(max(n_small * c.num_kv_heads, 1), 3, dtype=torch.int64, device=q.device)
         res = report.setdefault(key, {})
         for mode in ("co", "large", "small"):
-            for _ in range(5):
+            def run(mode=mode):
                 co.launch(q, k, v, none if mode == "small" else large, scale, 0.0, 16, times=ct)
                 if mode != "large":
                     smallq.launch(q, k, v, plan, scale, 0.0, 16, times=st)
+            run()  # compile
+            torch.cuda.synchronize()
+            # replayed as one CUDA graph, as the step runs: eager launches leave the GPU waiting on the host
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+            for _ in range(5):
+                g.replay()
             torch.cuda.synchronize()
             out = summary(ct.cpu(), st.cpu() if mode != "large" else None, n_sms)
             out["units"] = [n_large * c.num_kv_heads, n_small * c.num_kv_heads]
