@@ -60,7 +60,7 @@ for key in cases:
             o = torch.full_like(q, float("nan"))
 
             def step(o=o, plan=plan, large=large, mode=mode):
-                co.launch(q, k, v, large, scale, 0.0, 16)
+                co.launch(q, k, v, large, scale, 0.0, 16, units=n_large * c.num_kv_heads)
                 if mode == "large":
                     return
                 if mode == "coq":

@@ -288,10 +288,13 @@ def _smid():
     return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
-def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, times=None):
+def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, times=None,
+           units: int | None = None):
     assert plan.large_rows == 128, "plan with large_rows=128"
     po, pl = plan.partial_out, plan.partial_lse
     grid = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if units:  # one CTA per unit when they are fewer than the SMs: the SMs left over run small units only
+        grid = min(grid, units)
     return _tree_decode_stage1_fa3co[(grid,)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
