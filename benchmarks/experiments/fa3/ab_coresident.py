@@ -5,7 +5,8 @@ stage 2 -- against main's one-launch step, in one process (alternating rounds, C
 Each spec plans with large_rows=128 as if the GPU had num_sms SMs (how many chunks the large groups
 get). Variants per spec (MODES): 'co' (PDL, small units strided over one program per SM), 'coq' (PDL,
 small units from a work queue, four programs per SM), 'serial' (co's launches without PDL), 'large' (the
-large units alone, stage 1 only). Writes $OUT/ab_coresident.json."""
+large units alone, stage 1 only); a mode ending in '_u' launches fa3co with one CTA per large unit
+when they are fewer than the SMs (else one per SM). Writes $OUT/ab_coresident.json."""
 import dataclasses
 import json
 import os
@@ -57,13 +58,14 @@ for key in cases:
         res[tag + "_units"] = [n_large * c.num_kv_heads, n_small * c.num_kv_heads]
         large = dataclasses.replace(plan, counts=torch.tensor([n_large, 0, B], dtype=torch.int32, device=q.device))
         for mode in os.environ.get("MODES", "co,coq,large").split(","):
+            units = n_large * c.num_kv_heads if mode.endswith("_u") else None
             o = torch.full_like(q, float("nan"))
 
             def step(o=o, plan=plan, large=large, mode=mode):
-                co.launch(q, k, v, large, scale, 0.0, 16, units=n_large * c.num_kv_heads)
-                if mode == "large":
+                co.launch(q, k, v, large, scale, 0.0, 16, units=units)
+                if mode.startswith("large"):
                     return
-                if mode == "coq":
+                if mode.startswith("coq"):
                     smallq.launch(q, k, v, plan, scale, 0.0, 16, programs=small_grid)
                 else:
                     small.launch(q, k, v, plan, scale, 0.0, 16, programs=small_grid, pdl=mode == "co")
@@ -76,7 +78,7 @@ for key in cases:
                 res[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(key, name, res[name + "_error"], flush=True)
                 continue
-            if mode != "large":
+            if not mode.startswith("large"):
                 res[name + "_check"] = check(o, case.ref)
                 # repeated launches must agree bitwise
                 o1 = o.clone()
