@@ -61,7 +61,7 @@ for key in cases:
             units = n_large * c.num_kv_heads if mode.endswith("_u") else None
             o = torch.full_like(q, float("nan"))
 
-            def step(o=o, plan=plan, large=large, mode=mode):
+            def step(o=o, plan=plan, large=large, mode=mode, units=units):
                 co.launch(q, k, v, large, scale, 0.0, 16, units=units)
                 if mode.startswith("large"):
                     return
