@@ -23,6 +23,8 @@ Small items (16 rows) run on the same 8 consumer warps with mma.sync. Same items
 launch() as kernels/stage1_hopper.py; plans must use large_rows=128."""
 from __future__ import annotations
 
+import os
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -32,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 LOG2E = gl.constexpr(1.4426950408889634)
 BLOCK_N = 64
-RING = 4
+RING = int(os.environ.get("FA3CO_RING", "4"))  # 3 leaves room for two small programs beside (162 -> 130 KB)
 NUM_WARPS = 4  # the first consumer; the second and the producer are worker partitions
 CONSUMER_REGS = 144  # the second consumer; the first gets what is left of 12 warps x 128
 MAXNREG = 128

@@ -5,6 +5,8 @@ per SM), share what remains instead of a fixed stride's equal shares. The last p
 counter) resets both counters, so a captured launch replays. Then `griddepcontrol.wait`, as there."""
 from __future__ import annotations
 
+import os
+
 import importlib
 import importlib.util
 import sys
@@ -54,6 +56,8 @@ def _tree_decode_stage1_small_queue(
 
 
 _QUEUES = {}
+# SMALL_MAXNREG=64: two programs fit beside an fa3co CTA's 48K registers (ptxas spills ~170 B)
+_REGS = {"maxnreg": int(os.environ["SMALL_MAXNREG"])} if os.environ.get("SMALL_MAXNREG") else {}
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, programs: int | None = None,
@@ -70,4 +74,4 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group_size, HEAD_DIM=q.shape[2], SMALL_M=small_rows,
         BLOCK=H.BLOCK_N, STAGES=H.RING, USE_CAP=logit_cap > 0, WARPS=H.NUM_WARPS, times=times if times is not None else pl,
         TIMED=times is not None, num_warps=H.NUM_WARPS,
-        launch_pdl=pdl)
+        launch_pdl=pdl, **_REGS)

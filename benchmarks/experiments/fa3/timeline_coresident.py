@@ -27,11 +27,11 @@ report = {}
 
 
 def summary(ct, st, n_sms):
-    t0 = int(ct[:, 0].min()) if ct is not None else int(st[:, 0].min())
+    t0 = int(ct[ct[:, 2] >= 0, 0].min()) if ct is not None else int(st[:, 0].min())
     out = {}
     fa3_end_by_sm = {}
     if ct is not None:
-        ct = ct.clone()
+        ct = ct[ct[:, 2] >= 0].clone()  # CTAs that ran
         ct[:, :2] -= t0
         ends = (ct[:, 1] / 1000).tolist()
         out["fa3_start_max"] = float(ct[:, 0].max()) / 1000
@@ -69,12 +69,13 @@ for key in cases:
         n_large, n_small, B = plan.counts.tolist()
         large = dataclasses.replace(plan, counts=torch.tensor([n_large, 0, B], dtype=torch.int32, device=q.device))
         none = dataclasses.replace(plan, counts=torch.tensor([0, 0, B], dtype=torch.int32, device=q.device))
-        ct = torch.zeros(n_sms, 3, dtype=torch.int64, device=q.device)
+        ct = torch.full((n_sms, 3), -1, dtype=torch.int64, device=q.device)
         st = torch.zeros(max(n_small * c.num_kv_heads, 1), 3, dtype=torch.int64, device=q.device)
         res = report.setdefault(key, {})
         for mode in ("co", "large", "small"):
             def run(mode=mode):
-                co.launch(q, k, v, none if mode == "small" else large, scale, 0.0, 16, times=ct)
+                co.launch(q, k, v, none if mode == "small" else large, scale, 0.0, 16, times=ct,
+                          units=None if mode == "small" else n_large * c.num_kv_heads)
                 if mode != "large":
                     smallq.launch(q, k, v, plan, scale, 0.0, 16, times=st)
             run()  # compile
