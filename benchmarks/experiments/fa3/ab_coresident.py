@@ -5,7 +5,7 @@ stage 2 -- against main's one-launch step, in one process (alternating rounds, C
 Each spec plans with large_rows=128 as if the GPU had num_sms SMs (how many chunks the large groups
 get). Variants per spec (MODES): 'co' (PDL, small units strided over one program per SM), 'coq' (PDL,
 small units from a work queue, four programs per SM), 'serial' (co's launches without PDL), 'large' (the
-large units alone, stage 1 only); a mode ending in '_u' launches fa3co with one CTA per large unit
+large units alone, stage 1 only). TAIL_PIECE=128 plans the hybrid on split_tails(tree, 128). A mode ending in '_u' launches fa3co with one CTA per large unit
 when they are fewer than the SMs (else one per SM). Writes $OUT/ab_coresident.json."""
 import dataclasses
 import json
@@ -26,9 +26,42 @@ small = S.load_module(str(HERE / "stage1_small_pdl.py"))
 smallq = S.load_module(str(HERE / "stage1_small_queue.py"))
 specs = [tuple(int(x) for x in s.split(":")) for s in os.environ.get("SPECS", "132:1,176:1").split(",")]
 small_grid = int(os.environ.get("SMALL_GRID", "0")) or None
+tail_piece = int(os.environ.get("TAIL_PIECE", "0"))  # split_tails() for the hybrid's plans
 cases = os.environ.get("CASES", "p16k_64,p4k_64,p1k_256,tree3,p4k_16,spec,nosharing").split(",")
 by_key = {c.key: c for c in S.T.all_cases()}
-report = {"specs": os.environ.get("SPECS"), "small_grid": small_grid}
+report = {"specs": os.environ.get("SPECS"), "small_grid": small_grid, "tail_piece": tail_piece}
+
+def split_tails(tree, piece: int):
+    """The same attention as ``tree`` with every query's own node (a leaf no other query's path holds)
+    cut into a chain of nodes of at most ``piece`` tokens, the query at the last: the planner then
+    makes shorter small items (more, shorter units for the small launch's queue)."""
+    indptr, parent, qnode = tree.node_indptr.tolist(), tree.node_parent.tolist(), tree.query_node.tolist()
+    kv = tree.kv_indices
+    n = len(parent)
+    children = [0] * n
+    for p_ in parent:
+        if p_ >= 0:
+            children[p_] += 1
+    users = [0] * n
+    for q in qnode:
+        users[q] += 1
+    segs = [kv[indptr[i]:indptr[i + 1]] for i in range(n)]
+    new_parent, new_segs, new_q = list(parent), list(segs), list(qnode)
+    for b, q in enumerate(qnode):
+        if children[q] or users[q] != 1 or indptr[q + 1] - indptr[q] <= piece:
+            continue
+        seg = segs[q]
+        new_segs[q] = seg[:piece]
+        last = q
+        for s0 in range(piece, seg.numel(), piece):
+            new_parent.append(last)
+            new_segs.append(seg[s0:s0 + piece])
+            last = len(new_parent) - 1
+        new_q[b] = last
+    lens = torch.tensor([0] + [x.numel() for x in new_segs])
+    return K.KVTree(torch.cat(new_segs), torch.cumsum(lens, 0).to(torch.int32),
+                    torch.tensor(new_parent, dtype=torch.int32), torch.tensor(new_q, dtype=torch.int32))
+
 real_num_sms = PLAN._num_sms
 for key in cases:
     case = S.Case(by_key[key], torch.device("cuda"))
@@ -49,8 +82,8 @@ for key in cases:
     for sms, pps in specs:
         PLAN._num_sms = lambda device, sms=sms: sms
         try:
-            plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, large_rows=128,
-                                      programs_per_sm=pps)
+            plan = K.plan_tree_decode(split_tails(case.tree, tail_piece) if tail_piece else case.tree, c.num_qo_heads,
+                                      c.num_kv_heads, c.head_dim, large_rows=128, programs_per_sm=pps)
         finally:
             PLAN._num_sms = real_num_sms
         n_large, n_small, B = plan.counts.tolist()
