@@ -2,7 +2,7 @@
 
 Starts ``python -m sglang_deft.launch_server`` with the bundled tiny Llama
 (``models/tiny-llama-deft``) and ``--decode-attention-backend deft`` -- on the GPU when
-``torch.cuda.is_available()`` (prefill/extend: ``triton``), else on the CPU (prefill/extend:
+``torch.cuda.is_available()`` (prefill/extend: ``triton``; sampling: ``pytorch``), else on the CPU (prefill/extend:
 ``torch_native``, float32) -- waits until it answers, runs ``examples/tree_of_thought.py``
 against it, prints the tree, the answers and the sharing metrics the deft backend logged (KV tokens
 attended per request summed vs unique KV tokens read), and shuts the server down. The server runs
@@ -64,7 +64,12 @@ def server_command(model: Path, port: int, gpu: bool, extra: list[str] = ()) -> 
         "--log-level", "info",
     ]
     if gpu:
-        cmd += ["--attention-backend", "triton"]
+        # --sampling-backend pytorch: sglang.lang's fork() sends its prefix-caching requests with default
+        # (sampled) params, so the program's batches take SGLang's top-k/top-p sampler, whose FlashInfer
+        # kernel is JIT-compiled at first use: on a fresh GPU host the demo sat silent for 77-86 s in the
+        # middle of the program (nvcc building FlashInfer's cached_ops/sampling, H200, 2026-12-01). The
+        # demo's own generations are greedy (argmax under either backend). Same flag in bench_e2e.py.
+        cmd += ["--attention-backend", "triton", "--sampling-backend", "pytorch"]
     else:
         cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
     return cmd + list(extra)

@@ -118,3 +118,12 @@ def test_demo_ctrl_c_during_startup_stops_the_server():
     text = "".join(out)
     assert proc.returncode == 1, text
     assert "interrupted" in text and "server stopped" in text, text
+
+
+def test_demo_gpu_server_samples_without_flashinfer_jit():
+    # FlashInfer's sampler is JIT-compiled at first use, mid-program (77-86 s of silence on a fresh H200);
+    # the demo's GPU server must use SGLang's PyTorch sampler instead (demo.server_command's comment).
+    cmd = demo.server_command(demo.MODEL_DIR, 30000, gpu=True)
+    assert cmd[cmd.index("--sampling-backend") + 1] == "pytorch"
+    assert cmd[cmd.index("--decode-attention-backend") + 1] == "deft"
+    assert "--sampling-backend" not in demo.server_command(demo.MODEL_DIR, 30000, gpu=False)
