@@ -252,14 +252,14 @@ phase_step_host() {
 }
 
 phase_demo() {
-  # The program `make demo` runs (the repo is not installed here: from the overlay, see above).
-  local rc
-  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo)
+  # The program `make demo` runs (the repo is not installed here: from the overlay, see above), its
+  # server log kept and brought back (demo_server.log: where a first start's minute or two goes).
+  local rc f
+  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo --keep-log)
   rc=$?
-  # The server's own log stays on this machine: its tail is what explains a failure.
-  if [ "$rc" -ne 0 ]; then
-    for f in /tmp/sglang-deft-demo-*/server.log; do [ -f "$f" ] && { say "tail of $f"; tail -n 120 "$f"; }; done
-  fi
+  for f in /tmp/sglang-deft-demo-*/server.log; do
+    [ -f "$f" ] && { cp "$f" "$OUT/demo_server.log"; [ "$rc" -ne 0 ] && { say "tail of $f"; tail -n 120 "$f"; }; }
+  done
   return "$rc"
 }
 

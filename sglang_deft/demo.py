@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -89,9 +90,12 @@ class Server:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, url: str, timeout: float) -> float:
+    def wait_ready(self, url: str, timeout: float, on_poll=None) -> float:
+        """Seconds until /health and /get_model_info answer; `on_poll(elapsed)` is called about once a second."""
         t0 = time.monotonic()
         while True:
+            if on_poll is not None:
+                on_poll(time.monotonic() - t0)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was "
                                    f"ready; last lines of its log:\n{tail(self.log_text(), 40)}")
@@ -130,6 +134,54 @@ class Server:
         if self.proc.poll() is None:
             self.proc.wait()
         self.log.close()
+
+
+class StartupProgress:
+    """SGLang's startup milestones, picked out of the server log as it grows.
+
+    A first start on a GPU takes one to two minutes (weights, Triton compiles, CUDA-graph capture for
+    every batch size) and the launcher's output goes to the log file, so without this the demo would
+    sit silent that long. Milestone lines are reported as they appear; when none has appeared for
+    `heartbeat_s`, the log's last line is, so a stuck start shows where it stuck.
+    """
+
+    # SGLang 0.5.10's own startup lines (model_runner, cuda_graph_runner, http_server) and the deft
+    # backend's (the stage-1 kernel it chose; the planner's C library when it is built).
+    # A log line may follow a progress bar's text on the same line (tqdm writes no newline).
+    MILESTONE = re.compile(r"\[\d{4}-\d\d-\d\d [^\]]*\]\s*(Load weight (?:begin|end)|KV Cache is allocated|Capture .*\b(?:begin|end)\b"
+                           r"|Using hybrid attention backend|tree decode stage 1 on|sglang-deft: building"
+                           r"|The server is fired up)")
+
+    def __init__(self, heartbeat_s: float = 30.0, width: int = 150):
+        self.heartbeat_s = heartbeat_s
+        self.width = width
+        self.consumed = 0        # characters of the log already looked at (whole lines only)
+        self.last_line = ""
+        self.last_report = 0.0
+
+    def update(self, log_text: str, elapsed: float) -> list[str]:
+        """Messages for what the log gained since the last call, `elapsed` seconds into the start."""
+        end = log_text.rfind("\n") + 1
+        new = log_text[self.consumed:end] if end > self.consumed else ""
+        self.consumed = max(self.consumed, end)
+        messages = []
+        for raw in new.splitlines():
+            line = raw.rsplit("\r", 1)[-1].strip()  # a progress bar rewrites its line with \r
+            if not line:
+                continue
+            self.last_line = line
+            if m := self.MILESTONE.search(line):
+                messages.append(f"server +{elapsed:.0f} s: {self._short(line[m.start(1):])}")
+        if messages:
+            self.last_report = elapsed
+        elif elapsed - self.last_report >= self.heartbeat_s:
+            self.last_report = elapsed
+            messages.append(f"still starting after {elapsed:.0f} s; the server log's last line: "
+                            f"{self._short(self.last_line) or '(empty)'}")
+        return messages
+
+    def _short(self, text: str) -> str:
+        return text if len(text) <= self.width else text[: self.width - 3] + "..."
 
 
 def tail(text: str, n: int) -> str:
@@ -279,7 +331,9 @@ def main(argv=None) -> int:
     ok = False
     try:
         say(f"waiting for {url} (the first start imports SGLang and loads the model) ...")
-        ready_s = server.wait_ready(url, args.timeout)
+        progress = StartupProgress()
+        ready_s = server.wait_ready(url, args.timeout, on_poll=lambda elapsed: [
+            say(m) for m in progress.update(server.log_text(), elapsed)])
         say(f"server ready after {ready_s:.1f} s")
         run_demo(url, widths, args.max_tokens, read_log=server.log_text)
         if args.show_server_log:

@@ -32,8 +32,11 @@ def server(tmp_path_factory):
     port = demo.free_port()
     log = tmp_path_factory.mktemp("deft-server") / "server.log"
     srv = demo.Server(demo.server_command(demo.MODEL_DIR, port, gpu=False), log)
+    progress = demo.StartupProgress()
+    srv.startup_messages = []
     try:
-        srv.wait_ready(f"http://127.0.0.1:{port}", timeout=600)
+        srv.wait_ready(f"http://127.0.0.1:{port}", timeout=600, on_poll=lambda elapsed: srv.startup_messages.extend(
+            progress.update(srv.log_text(), elapsed)))
         srv.url = f"http://127.0.0.1:{port}"
         yield srv
     finally:
@@ -90,6 +93,35 @@ def test_demo_run(server, capsys):
     out = capsys.readouterr().out
     assert "sharing metrics logged by the deft backend" in out and "answer 2.2.2" in out
     assert res["sharing"]["ratio"] > 1.5
+
+
+def test_demo_reports_a_real_servers_startup_milestones(server):
+    # The milestone patterns are SGLang 0.5.10's log lines: this fails if the real server's differ.
+    said = "\n".join(server.startup_messages)
+    for milestone in ("Load weight end", "KV Cache is allocated", "decode_backend=deft"):
+        assert milestone in said, said
+
+
+def test_startup_progress_reports_milestones_once_and_a_heartbeat_when_quiet():
+    p = demo.StartupProgress(heartbeat_s=30, width=60)
+    log = ("[2026-12-01 04:14:28] Init torch distributed begin.\n"
+           "[2026-12-01 04:14:28 TP0] Load weight begin. avail mem=22.00 GB\n"
+           "Capturing batches (bs=4):  10%|#\rCapturing batches (bs=2):  50%|#####\n"
+           "Capturing batches (bs=256):   0%|   | 0/36 [00:00<?, ?it/s][2026-12-01 04:19:18] tree decode stage 1 "
+           "on cuda:0\n"
+           "[2026-12-01 04:14:29 TP0] Capture cuda graph begin. This can take up to several minutes. "
+           "avail mem=21.00 GB\n"
+           "[2026-12-01 04:14:30 TP0] Load weight e")  # a line still being written
+    assert p.update(log, 2.0) == ["server +2 s: Load weight begin. avail mem=22.00 GB",
+                                  "server +2 s: tree decode stage 1 on cuda:0",
+                                  "server +2 s: Capture cuda graph begin. This can take up to several min..."]
+    assert p.update(log, 20.0) == []  # nothing new, and under the heartbeat
+    assert p.update(log, 33.0) == ["still starting after 33 s; the server log's last line: [2026-12-01 "
+                                   "04:14:29 TP0] Capture cuda graph begin. This ..."]
+    log += "nd. elapsed=0.03 s\nCapturing batches (bs=1):  90%|#########\n"
+    assert p.update(log, 40.0) == ["server +40 s: Load weight end. elapsed=0.03 s"]
+    assert p.update(log, 75.0) == ["still starting after 75 s; the server log's last line: Capturing "
+                                   "batches (bs=1):  90%|#########"]
 
 
 def test_demo_ctrl_c_during_startup_stops_the_server():
