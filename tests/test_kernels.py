@@ -57,6 +57,13 @@ def test_heads_and_dims(hq, hkv, d, dtype):
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("d", [80, 96])  # Phi-2's and Phi-3-mini's head dims: the kernels pad D to 128 and mask
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dims_not_a_power_of_two(d, dtype):
+    out, ref, _ = run_case(TREES["odd_lengths"], 8, 2, d, dtype)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logit_cap(dtype):
     out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=1.5)
