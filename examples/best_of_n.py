@@ -86,5 +86,7 @@ if __name__ == "__main__":
     ap.add_argument("--answer-tokens", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.8)
     a = ap.parse_args()
+    if min(a.n, a.max_tokens, a.answer_tokens) < 1:
+        ap.error("-n, --max-tokens and --answer-tokens must be at least 1")
     main(a.url, n=a.n, max_tokens=a.max_tokens, answer_tokens=a.answer_tokens,
          temperature=a.temperature)

@@ -68,4 +68,6 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.8)
     a = ap.parse_args()
+    if min(a.n, a.max_tokens) < 1 or a.shots < 0:
+        ap.error("-n and --max-tokens must be at least 1, --shots at least 0")
     main(a.url, n=a.n, shots=a.shots, max_tokens=a.max_tokens, temperature=a.temperature)

@@ -92,16 +92,25 @@ def main(url="http://127.0.0.1:30000", question=QUESTION, widths=(2, 2), max_tok
     return result
 
 
-def _parse_widths(text: str) -> tuple[int, ...]:
-    return tuple(int(w) for w in text.split(","))
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``--widths``: branches per fork level, comma separated, each at least 1."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected branch counts per level, such as 2,2") from None
+    if min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every level needs at least 1 branch")
+    return widths
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:30000")
-    ap.add_argument("--widths", type=_parse_widths, default=(2, 2),
+    ap.add_argument("--widths", type=parse_widths, default=(2, 2),
                     help="branches per level, comma separated (default 2,2: two levels of fork())")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.0)
     a = ap.parse_args()
+    if a.max_tokens < 1:
+        ap.error("--max-tokens must be at least 1")
     main(a.url, widths=a.widths, max_tokens=a.max_tokens, temperature=a.temperature)

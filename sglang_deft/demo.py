@@ -294,26 +294,28 @@ def _raise_on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Run the tree-of-thought example on a deft server "
+    tot = load_example("tree_of_thought")  # fail before starting a server if the checkout lacks it
+    ap = argparse.ArgumentParser(prog="python -m sglang_deft.demo", description="Run the tree-of-thought example on a deft server "
                                              "with the bundled tiny model.")
     ap.add_argument("--cpu", action="store_true", help="use the CPU even if a GPU is available")
     ap.add_argument("--model-path", type=Path, default=MODEL_DIR)
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
-    ap.add_argument("--widths", default="2,2", help="branches per fork level (default 2,2)")
+    ap.add_argument("--widths", type=tot.parse_widths, default=(2, 2), help="branches per fork level (default 2,2)")
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens per generation")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the server")
     ap.add_argument("--show-server-log", action="store_true")
     ap.add_argument("--keep-log", action="store_true", help="keep the server log after a success")
     ap.add_argument("server_args", nargs="*", help="extra launcher arguments (after --)")
     args = ap.parse_args(argv)
+    if args.max_tokens < 1:
+        ap.error("--max-tokens must be at least 1")
 
     t_start = time.monotonic()
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     # requests warns at import when neither chardet nor charset_normalizer is installed (the CPU
     # venv has neither; nothing here decodes unknown charsets).
     warnings.filterwarnings("ignore", message=".*character detection dependency.*")
-    widths = tuple(int(w) for w in args.widths.split(","))
-    load_example("tree_of_thought")  # fail before starting a server if the checkout lacks it
+    widths = args.widths
     gpu = use_gpu(args.cpu)
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"

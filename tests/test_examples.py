@@ -152,6 +152,20 @@ def test_demo_ctrl_c_during_startup_stops_the_server():
     assert "interrupted" in text and "server stopped" in text, text
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--widths", "abc"], "expected branch counts per level"),
+    (["--widths", "2,,2"], "expected branch counts per level"),
+    (["--widths", "2,0"], "every level needs at least 1 branch"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+])
+def test_demo_refuses_bad_arguments_before_starting_a_server(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "Server", lambda *a, **k: pytest.fail("the demo started a server"))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--cpu", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_demo_gpu_server_samples_without_flashinfer_jit():
     # FlashInfer's sampler is JIT-compiled at first use, mid-program (77-86 s of silence on a fresh H200);
     # the demo's GPU server must use SGLang's PyTorch sampler instead (demo.server_command's comment).
