@@ -91,7 +91,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, url: str, timeout: float, on_poll=None) -> float:
-        """Seconds until /health and /get_model_info answer; `on_poll(elapsed)` is called about once a second."""
+        """Seconds until /health and /get_model_info answer; calls `on_poll(elapsed)` about once a second."""
         t0 = time.monotonic()
         while True:
             if on_poll is not None:
@@ -148,9 +148,9 @@ class StartupProgress:
     # SGLang 0.5.10's own startup lines (model_runner, cuda_graph_runner, http_server) and the deft
     # backend's (the stage-1 kernel it chose; the planner's C library when it is built).
     # A log line may follow a progress bar's text on the same line (tqdm writes no newline).
-    MILESTONE = re.compile(r"\[\d{4}-\d\d-\d\d [^\]]*\]\s*(Load weight (?:begin|end)|KV Cache is allocated|Capture .*\b(?:begin|end)\b"
-                           r"|Using hybrid attention backend|tree decode stage 1 on|sglang-deft: building"
-                           r"|The server is fired up)")
+    MILESTONE = re.compile(r"\[\d{4}-\d\d-\d\d [^\]]*\]\s*(Load weight (?:begin|end)|KV Cache is allocated"
+                           r"|Capture .*\b(?:begin|end)\b|Using hybrid attention backend|tree decode stage 1 on"
+                           r"|sglang-deft: building|The server is fired up)")
 
     def __init__(self, heartbeat_s: float = 30.0, width: int = 150):
         self.heartbeat_s = heartbeat_s
@@ -295,12 +295,14 @@ def _raise_on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     tot = load_example("tree_of_thought")  # fail before starting a server if the checkout lacks it
-    ap = argparse.ArgumentParser(prog="python -m sglang_deft.demo", description="Run the tree-of-thought example on a deft server "
-                                             "with the bundled tiny model.")
+    ap = argparse.ArgumentParser(prog="python -m sglang_deft.demo",
+                                 description="Run the tree-of-thought example on a deft server with the bundled "
+                                             "tiny model.")
     ap.add_argument("--cpu", action="store_true", help="use the CPU even if a GPU is available")
     ap.add_argument("--model-path", type=Path, default=MODEL_DIR)
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
-    ap.add_argument("--widths", type=tot.parse_widths, default=(2, 2), help="branches per fork level (default 2,2)")
+    ap.add_argument("--widths", type=tot.parse_widths, default=(2, 2),
+                    help="branches per fork level (default 2,2)")
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens per generation")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the server")
     ap.add_argument("--show-server-log", action="store_true")
@@ -315,7 +317,6 @@ def main(argv=None) -> int:
     # requests warns at import when neither chardet nor charset_normalizer is installed (the CPU
     # venv has neither; nothing here decodes unknown charsets).
     warnings.filterwarnings("ignore", message=".*character detection dependency.*")
-    widths = args.widths
     gpu = use_gpu(args.cpu)
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
@@ -334,10 +335,14 @@ def main(argv=None) -> int:
     try:
         say(f"waiting for {url} (the first start imports SGLang and loads the model) ...")
         progress = StartupProgress()
-        ready_s = server.wait_ready(url, args.timeout, on_poll=lambda elapsed: [
-            say(m) for m in progress.update(server.log_text(), elapsed)])
+
+        def report_startup(elapsed: float) -> None:
+            for message in progress.update(server.log_text(), elapsed):
+                say(message)
+
+        ready_s = server.wait_ready(url, args.timeout, on_poll=report_startup)
         say(f"server ready after {ready_s:.1f} s")
-        run_demo(url, widths, args.max_tokens, read_log=server.log_text)
+        run_demo(url, args.widths, args.max_tokens, read_log=server.log_text)
         if args.show_server_log:
             print(server.log_text())
         ok = True
