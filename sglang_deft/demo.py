@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
-from sglang_deft.server_process import free_port, process_group_alive
+from sglang_deft.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-llama-deft"
@@ -52,11 +49,11 @@ def use_gpu(force_cpu: bool) -> bool:
     return torch.cuda.is_available()
 
 
-def server_command(model: Path, port: int, gpu: bool, extra: list[str] = ()) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "sglang_deft.launch_server",
+def server_args(model: Path, gpu: bool, extra: list[str] = ()) -> list[str]:
+    """The launcher's arguments (ServerProcess adds the port)."""
+    args = [
         "--model-path", str(model),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1",
         "--decode-attention-backend", "deft",
         "--grammar-backend", "none",   # no constrained decoding here; xgrammar may be absent
         "--random-seed", "0",
@@ -70,70 +67,10 @@ def server_command(model: Path, port: int, gpu: bool, extra: list[str] = ()) -> 
         # kernel is JIT-compiled at first use: on a fresh GPU host the demo sat silent for 77-86 s in the
         # middle of the program (nvcc building FlashInfer's cached_ops/sampling, H200, 2026-12-01). The
         # demo's own generations are greedy (argmax under either backend). Same flag in bench_e2e.py.
-        cmd += ["--attention-backend", "triton", "--sampling-backend", "pytorch"]
+        args += ["--attention-backend", "triton", "--sampling-backend", "pytorch"]
     else:
-        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
-    return cmd + list(extra)
-
-
-class Server:
-    """The launcher in its own session/process group, its output in a log file."""
-
-    def __init__(self, cmd: list[str], log_path: Path, env: dict | None = None):
-        self.cmd = cmd
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, url: str, timeout: float, on_poll=None) -> float:
-        """Seconds until /health and /get_model_info answer; calls `on_poll(elapsed)` about once a second."""
-        t0 = time.monotonic()
-        while True:
-            if on_poll is not None:
-                on_poll(time.monotonic() - t0)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was "
-                                   f"ready; last lines of its log:\n{tail(self.log_text(), 40)}")
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"the server was not ready after {timeout:.0f} s; last lines of "
-                                   f"its log:\n{tail(self.log_text(), 40)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        with urllib.request.urlopen(url + "/get_model_info", timeout=5) as r2:
-                            if r2.status == 200:
-                                return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(1.0)
-
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if it lingers."""
-        if self.proc.poll() is None or process_group_alive(self.proc.pid):
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and process_group_alive(self.proc.pid):
-                    if self.proc.poll() is None:
-                        try:
-                            self.proc.wait(timeout=0.2)
-                        except subprocess.TimeoutExpired:
-                            pass
-                    else:
-                        time.sleep(0.2)
-                if not process_group_alive(self.proc.pid):
-                    break
-        if self.proc.poll() is None:
-            self.proc.wait()
-        self.log.close()
+        args += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
+    return args + list(extra)
 
 
 class StartupProgress:
@@ -182,10 +119,6 @@ class StartupProgress:
 
     def _short(self, text: str) -> str:
         return text if len(text) <= self.width else text[: self.width - 3] + "..."
-
-
-def tail(text: str, n: int) -> str:
-    return "\n".join(text.splitlines()[-n:])
 
 
 def sharing_summary(log_before: str, log_after: str) -> dict | None:
@@ -318,33 +251,31 @@ def main(argv=None) -> int:
     # venv has neither; nothing here decodes unknown charsets).
     warnings.filterwarnings("ignore", message=".*character detection dependency.*")
     gpu = use_gpu(args.cpu)
-    port = args.port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = server_command(args.model_path, port, gpu, args.server_args)
     log_dir = Path(tempfile.mkdtemp(prefix="sglang-deft-demo-"))
     log_path = log_dir / "server.log"
 
     where = ("GPU: prefill/extend on triton" if gpu
              else "CPU: prefill/extend on torch_native, float32")
     say(f"starting SGLang with the bundled tiny Llama, decode attention 'deft' ({where})")
-    say(f"command: {' '.join(cmd)}")
+    server = ServerProcess("demo", server_args(args.model_path, gpu, args.server_args), log_path,
+                           port=args.port or None)
+    say(f"command: {' '.join(server.command)}")
     say(f"server log: {log_path}")
-    server = Server(cmd, log_path)
     say(f"server pid {server.proc.pid} (its own process group)")
     ok = False
     try:
-        say(f"waiting for {url} (the first start imports SGLang and loads the model) ...")
+        say(f"waiting for {server.url} (the first start imports SGLang and loads the model) ...")
         progress = StartupProgress()
 
         def report_startup(elapsed: float) -> None:
-            for message in progress.update(server.log_text(), elapsed):
+            for message in progress.update(server.log(), elapsed):
                 say(message)
 
-        ready_s = server.wait_ready(url, args.timeout, on_poll=report_startup)
+        ready_s = server.wait_ready(args.timeout, on_poll=report_startup)
         say(f"server ready after {ready_s:.1f} s")
-        run_demo(url, args.widths, args.max_tokens, read_log=server.log_text)
+        run_demo(server.url, args.widths, args.max_tokens, read_log=server.log)
         if args.show_server_log:
-            print(server.log_text())
+            print(server.log())
         ok = True
     except KeyboardInterrupt:
         print()

@@ -1,4 +1,4 @@
-"""A ``python -m sglang_deft.launch_server`` subprocess for tests and scripts: start, wait, query, stop.
+"""A ``python -m sglang_deft.launch_server`` subprocess for the demo, tests and scripts: start, wait, query, stop.
 
 The server runs in its own process group (its scheduler and detokenizer children included), which
 :meth:`ServerProcess.stop` ends; its stdout and stderr (SGLang's log, with the deft sharing lines)
@@ -37,20 +37,23 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None, python: str = sys.executable):
+                 env: dict[str, str] | None = None, python: str = sys.executable, port: int | None = None):
         self.name, self.args, self._cwd, self._env, self._python = name, list(args), cwd, env, python
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        cmd = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                     start_new_session=True)
+        self.command = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
 
-    def wait_ready(self, timeout_s: float) -> float:
-        """Block until ``/health_generate`` answers 200; returns the seconds waited."""
+    def wait_ready(self, timeout_s: float, on_poll=None) -> float:
+        """Block until ``/health_generate`` answers 200; returns the seconds waited. ``on_poll(elapsed)``
+        is called about once a second (the demo reports startup progress with it)."""
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
+            if on_poll is not None:
+                on_poll(time.monotonic() - start)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             # uvicorn logs a failed bind but SGLang's scheduler processes live on: without this the
@@ -90,12 +93,25 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if any of it lingers
+        after ``grace_s``: a scheduler that outlives its launcher would keep its GPU memory."""
+        if self.proc.poll() is None or process_group_alive(self.proc.pid):
+            for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline and process_group_alive(self.proc.pid):
+                    try:
+                        self.proc.wait(timeout=0.2)  # reaps the launcher; returns at once once it is reaped
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if self.proc.poll() is not None:
+                        time.sleep(0.2)
+                if not process_group_alive(self.proc.pid):
+                    break
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            self.proc.wait()
         self._log.close()

@@ -2,8 +2,8 @@
 
 One server for the module: the bundled tiny Llama, ``--device cpu --attention-backend torch_native
 --decode-attention-backend deft --dtype float32``, started and stopped with the demo's own code
-(`sglang_deft.demo.Server`), so the demo's start / health wait / process-group shutdown is what
-runs here. Generations are a few tokens long: the module takes about a server start plus a few
+(`sglang_deft.server_process.ServerProcess` with `demo.server_args`), so the demo's start / health wait /
+process-group shutdown is what runs here. Generations are a few tokens long: the module takes about a server start plus a few
 seconds. A second test interrupts `python -m sglang_deft.demo` while its server starts and checks
 that no server process survives.
 """
@@ -24,33 +24,30 @@ if importlib.util.find_spec("sglang_deft.launch_server") is None:
     pytest.skip("sglang_deft.launch_server is not there yet", allow_module_level=True)
 
 from sglang_deft import demo  # noqa: E402
-from sglang_deft.server_process import process_group_alive  # noqa: E402
+from sglang_deft.server_process import ServerProcess, process_group_alive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = demo.free_port()
     log = tmp_path_factory.mktemp("deft-server") / "server.log"
-    srv = demo.Server(demo.server_command(demo.MODEL_DIR, port, gpu=False), log)
+    srv = ServerProcess("demo", demo.server_args(demo.MODEL_DIR, gpu=False), log)
     progress = demo.StartupProgress()
     srv.startup_messages = []
     try:
-        srv.wait_ready(f"http://127.0.0.1:{port}", timeout=600, on_poll=lambda elapsed: srv.startup_messages.extend(
-            progress.update(srv.log_text(), elapsed)))
-        srv.url = f"http://127.0.0.1:{port}"
+        srv.wait_ready(600, on_poll=lambda elapsed: srv.startup_messages.extend(progress.update(srv.log(), elapsed)))
         yield srv
     finally:
         srv.stop()
-    assert not process_group_alive(srv.proc.pid), "server processes survived Server.stop()"
+    assert not process_group_alive(srv.proc.pid), "server processes survived ServerProcess.stop()"
 
 
 def run_with_sharing(server, fn):
-    before = server.log_text()
+    before = server.log()
     res = fn()
     deadline = time.monotonic() + 5
     while True:  # the scheduler logs a step after the client may have seen its tokens
-        sharing = demo.sharing_summary(before, server.log_text())
-        if (sharing and demo._quiet_for(server.log_text)) or time.monotonic() > deadline:
+        sharing = demo.sharing_summary(before, server.log())
+        if (sharing and demo._quiet_for(server.log)) or time.monotonic() > deadline:
             return res, sharing
 
 
@@ -88,7 +85,7 @@ def test_best_of_n(server):
 
 
 def test_demo_run(server, capsys):
-    res = demo.run_demo(server.url, widths=(2, 2, 2), max_tokens=3, read_log=server.log_text)
+    res = demo.run_demo(server.url, widths=(2, 2, 2), max_tokens=3, read_log=server.log)
     assert res["tree"].depth() == 4 and len(res["answers"]) == 8
     out = capsys.readouterr().out
     assert "sharing metrics logged by the deft backend" in out and "answer 2.2.2" in out
@@ -159,7 +156,7 @@ def test_demo_ctrl_c_during_startup_stops_the_server():
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
 ])
 def test_demo_refuses_bad_arguments_before_starting_a_server(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(demo, "Server", lambda *a, **k: pytest.fail("the demo started a server"))
+    monkeypatch.setattr(demo, "ServerProcess", lambda *a, **k: pytest.fail("the demo started a server"))
     with pytest.raises(SystemExit) as e:
         demo.main(["--cpu", *argv])
     assert e.value.code == 2
@@ -168,8 +165,8 @@ def test_demo_refuses_bad_arguments_before_starting_a_server(argv, message, caps
 
 def test_demo_gpu_server_samples_without_flashinfer_jit():
     # FlashInfer's sampler is JIT-compiled at first use, mid-program (77-86 s of silence on a fresh H200);
-    # the demo's GPU server must use SGLang's PyTorch sampler instead (demo.server_command's comment).
-    cmd = demo.server_command(demo.MODEL_DIR, 30000, gpu=True)
-    assert cmd[cmd.index("--sampling-backend") + 1] == "pytorch"
-    assert cmd[cmd.index("--decode-attention-backend") + 1] == "deft"
-    assert "--sampling-backend" not in demo.server_command(demo.MODEL_DIR, 30000, gpu=False)
+    # the demo's GPU server must use SGLang's PyTorch sampler instead (demo.server_args's comment).
+    args = demo.server_args(demo.MODEL_DIR, gpu=True)
+    assert args[args.index("--sampling-backend") + 1] == "pytorch"
+    assert args[args.index("--decode-attention-backend") + 1] == "deft"
+    assert "--sampling-backend" not in demo.server_args(demo.MODEL_DIR, gpu=False)
