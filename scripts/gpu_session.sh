@@ -255,6 +255,7 @@ phase_demo() {
   # The program `make demo` runs (the repo is not installed here: from the overlay, see above), its
   # server log kept and brought back (demo_server.log: where a first start's minute or two goes).
   local rc f
+  rm -rf /tmp/sglang-deft-demo-*  # kept logs of earlier runs on a warm machine: the copy below takes this run's
   (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo --keep-log)
   rc=$?
   for f in /tmp/sglang-deft-demo-*/server.log; do

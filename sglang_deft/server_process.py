@@ -105,11 +105,10 @@ class ServerProcess:
                 deadline = time.monotonic() + wait_s
                 while time.monotonic() < deadline and process_group_alive(self.proc.pid):
                     try:
-                        self.proc.wait(timeout=0.2)  # reaps the launcher; returns at once once it is reaped
+                        self.proc.wait(timeout=0.2)  # reaps the launcher (a zombie stays in the group)
                     except subprocess.TimeoutExpired:
-                        pass
-                    if self.proc.poll() is not None:
-                        time.sleep(0.2)
+                        continue
+                    time.sleep(0.2)  # the launcher is gone; its children are still exiting
                 if not process_group_alive(self.proc.pid):
                     break
         if self.proc.poll() is None:

@@ -4,8 +4,8 @@ One server for the module: the bundled tiny Llama, ``--device cpu --attention-ba
 --decode-attention-backend deft --dtype float32``, started and stopped with the demo's own code
 (`sglang_deft.server_process.ServerProcess` with `demo.server_args`), so the demo's start / health
 wait / process-group shutdown is what runs here. Generations are a few tokens long: the module takes
-about a server start plus a few seconds. A second test interrupts `python -m sglang_deft.demo` while its server starts and checks
-that no server process survives.
+about a server start plus a few seconds. A second test interrupts `python -m sglang_deft.demo` while
+its server starts and checks that no server process survives.
 """
 
 from __future__ import annotations
