@@ -13,6 +13,9 @@
 #   bash scripts/gpu_session.sh step-host                         # per-step host time outside a server
 #                                                                 # (benchmarks/bench_step_host.py), then the backend's
 #                                                                 # CUDA-graph replays vs eager steps (no servers)
+#   bash scripts/gpu_session.sh features                          # the CPU end-to-end tests on the GPU: forks, overlap
+#                                                                 # off, chunked prefill, abort, streaming, KV-slot
+#                                                                 # accounting, radix off (tiny model, fp32, CUDA graphs)
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
@@ -44,8 +47,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host" >&2
+  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features" >&2
      exit 2 ;;
 esac
 
@@ -99,6 +102,7 @@ EOF
     demo) phase_demo ;;
     graphs) phase_graphs ;;
     step-host) phase_step_host ;;
+    features) phase_features ;;
   esac
 }
 
@@ -249,6 +253,21 @@ phase_step_host() {
   rc_pytest=$?
   say "pytest cuda graphs (backend) rc=$rc_pytest in $((SECONDS - t))s"
   [ "$rc_bench" -eq 0 ] && [ "$rc_pytest" -eq 0 ]
+}
+
+phase_features() {
+  # tests/test_e2e_cpu.py and test_e2e_cpu_robustness.py with their servers on the GPU
+  # (SGLANG_DEFT_E2E_DEVICE=cuda: float32 tiny model, triton prefill, CUDA graphs; 3 then 2 servers,
+  # ~1-2 min to start each group on a fresh machine, the tests themselves well under a minute).
+  local rc t=$SECONDS tmp=/tmp/deft_features
+  rm -rf "$tmp"
+  (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -k 10 $(( $(left) - 20 )) python3 -m pytest \
+      "$REPO/tests/test_e2e_cpu.py" "$REPO/tests/test_e2e_cpu_robustness.py" -v -rs -p no:cacheprovider \
+      --durations=10 --basetemp="$tmp" --junitxml="$OUT/pytest_features.xml")
+  rc=$?
+  say "pytest features rc=$rc in $((SECONDS - t))s"
+  (cd "$tmp" && find . -name '*.log' | tar -czf "$OUT/features_server_logs.tar.gz" -T -) && say "server logs packed"
+  return "$rc"
 }
 
 phase_demo() {

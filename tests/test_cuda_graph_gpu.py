@@ -19,9 +19,7 @@
 from __future__ import annotations
 
 import bisect
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,7 +40,7 @@ from radix_sim import RadixSim  # noqa: E402
 from sglang_deft.backend import DeftAttnBackend  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
-from server_group import serving  # noqa: E402
+from server_group import gpu_package_env, serving  # noqa: E402
 from test_backend import per_request_reference, record_steady  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,18 +209,9 @@ CONTEXT = ("The archive held letters from seven harbours, each sealed with wax o
            "by the faint smell of salt that clung to the oldest pages. ") * 2
 
 
-def _importable_package_env():
-    """scripts/gpu_e2e.py's overlay: the servers import sglang_deft.kernels without an install."""
-    spec = importlib.util.spec_from_file_location("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_e2e", module)
-    spec.loader.exec_module(module)
-    return module.importable_package_env()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    env, cwd = _importable_package_env()
+    env, cwd = gpu_package_env()
     log_dir = tmp_path_factory.mktemp("graph_servers")
     variants = {"deft_graph": ["--decode-attention-backend", "deft"],
                 "deft_eager": ["--decode-attention-backend", "deft", "--disable-cuda-graph"],

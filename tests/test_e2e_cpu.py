@@ -11,9 +11,15 @@ Each deft server's tokens must be the reference's (and logprobs close); its shar
 decode steps read less KV than they attended. The tiny model's attention is sharp (see
 scripts/make_tiny_model.py): :func:`test_workload_is_sensitive_to_context` shows that one early
 prompt token changes the reference's tokens, so attending to the wrong KV would not pass unseen.
+
+``SGLANG_DEFT_E2E_DEVICE=cuda`` runs these servers, and ``test_e2e_cpu_robustness.py``'s, on a GPU
+(``bash scripts/gpu_session.sh features``) with what a GPU server runs: SGLang's triton prefill,
+CUDA graphs and deft's Triton kernels (still float32, so the same comparisons hold); the reference
+then decodes with SGLang's triton backend.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,22 +28,46 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
-from server_group import serving
+from server_group import gpu_package_env, serving
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
 STARTUP_TIMEOUT_S = 240
 MAX_TOKENS = 12
 
+# SGLANG_DEFT_E2E_DEVICE=cuda: the same tests on a GPU (see the module docstring).
+ON_GPU = os.environ.get("SGLANG_DEFT_E2E_DEVICE", "cpu") == "cuda"
+DEVICE_ARGS = (
+    # --sampling-backend pytorch: see GPU_ARGS in scripts/gpu_e2e.py (the nested forks below mix greedy
+    # and default sampling, which would JIT-compile FlashInfer's sampler mid-test on a fresh host).
+    ["--attention-backend", "triton", "--mem-fraction-static", "0.8", "--sampling-backend", "pytorch"] if ON_GPU
+    else ["--device", "cpu", "--attention-backend", "torch_native",
+          "--sleep-on-idle"])  # two idle schedulers polling would share the CI machine's 2 cores with the busy one
 SERVER_ARGS = [
-    "--model-path", str(MODEL), "--device", "cpu", "--dtype", "float32", "--grammar-backend", "none",
+    "--model-path", str(MODEL), "--dtype", "float32", "--grammar-backend", "none",
     "--max-total-tokens", "8192", "--max-running-requests", "16", "--log-level", "info",
-    "--decode-log-interval", "2", "--attention-backend", "torch_native",
-    "--sleep-on-idle",  # two idle schedulers polling would share the CI machine's 2 cores with the busy one
+    "--decode-log-interval", "2", *DEVICE_ARGS,
 ]
+# On a GPU SGLang runs CUDA graphs, which its torch_native backend can't be captured in (SGLang would
+# turn graphs off): the reference there is SGLang's triton decode.
+REFERENCE_DECODE = "triton" if ON_GPU else "torch_native"
 SERVERS = {"deft": ["--decode-attention-backend", "deft"],
            "deft_no_overlap": ["--decode-attention-backend", "deft", "--disable-overlap-schedule"],
-           "reference": ["--decode-attention-backend", "torch_native"]}
+           "reference": ["--decode-attention-backend", REFERENCE_DECODE]}
+
+
+def server_launch(**env: str) -> dict:
+    """``ServerProcess``'s cwd and env for these servers, with ``env`` added."""
+    if ON_GPU:
+        base, cwd = gpu_package_env()
+        # Triton's float32 dots are TF32 unless told otherwise; SGLang's triton prefill would then give
+        # a prompt prefilled in other chunks (a batch vs alone) logprobs further apart than LOGPROB_ATOL.
+        base["TRITON_F32_DEFAULT"] = "ieee"
+    else:
+        base, cwd = dict(os.environ), REPO
+    return {"cwd": cwd, "env": {**base, **env}}
+
+
 DEFT_SERVERS = ("deft", "deft_no_overlap")
 
 # ~300 tokens of the tiny byte-level tokenizer; the shared prefix of every workload.
@@ -53,7 +83,8 @@ CONTEXT = (
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("servers")
-    running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", cwd=REPO)
+    launch = server_launch()
+    running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", **launch)
                for name, extra in SERVERS.items()}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running

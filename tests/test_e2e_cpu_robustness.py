@@ -1,7 +1,7 @@
 """End to end on CPU: the deft decode backend under the server features forked traffic meets.
 
 One real deft server (``python -m sglang_deft.launch_server``, the tiny Llama in float32, the
-arguments of ``test_e2e_cpu.py``) with ``--chunked-prefill-size 64``, so every prompt here is
+arguments of ``test_e2e_cpu.py``, on its device: a GPU with ``SGLANG_DEFT_E2E_DEVICE=cuda``) with ``--chunked-prefill-size 64``, so every prompt here is
 prefilled in several chunks, and the overlap scheduler on (SGLang's default). A second one with
 ``--disable-radix-cache`` boots next to it for the radix-off checks. Both run with
 ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``: SGLang's scheduler then asserts after every step
@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import threading
 import time
 import urllib.request
 from typing import NamedTuple
 
 import pytest
-from test_e2e_cpu import CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S
+from test_e2e_cpu import CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, server_launch
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
@@ -42,7 +41,6 @@ from server_group import serving
 CHUNK = 64  # --chunked-prefill-size: every prompt below is longer
 LOGPROB_TOL = 2e-4  # float32; see assert_same
 ARGS = SERVER_ARGS + ["--decode-attention-backend", "deft", "--chunked-prefill-size", str(CHUNK)]
-ENV = {**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
 
 # ~570 tokens; prefilled in 9 chunks of 64.
 LONG_PREFIX = CONTEXT + CONTEXT.replace("Mira", "Oren")[:240]
@@ -61,10 +59,10 @@ def greedy(max_new_tokens: int = 12, **extra) -> dict:
 def servers(tmp_path_factory):
     """The deft server (radix cache on) and its radix-off twin, booted side by side."""
     log_dir = tmp_path_factory.mktemp("robust")
+    launch = server_launch(SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY="1")
     running = {
-        "radix": ServerProcess("deft-radix", ARGS, log_dir / "radix.log", cwd=REPO, env=ENV),
-        "noradix": ServerProcess("deft-noradix", ARGS + ["--disable-radix-cache"], log_dir / "noradix.log",
-                                 cwd=REPO, env=ENV),
+        "radix": ServerProcess("deft-radix", ARGS, log_dir / "radix.log", **launch),
+        "noradix": ServerProcess("deft-noradix", ARGS + ["--disable-radix-cache"], log_dir / "noradix.log", **launch),
     }
     with serving(running, STARTUP_TIMEOUT_S):
         for server in running.values():
