@@ -14,11 +14,12 @@ prompt token changes the reference's tokens, so attending to the wrong KV would 
 
 ``SGLANG_DEFT_E2E_DEVICE=cuda`` runs these servers, and ``test_e2e_cpu_robustness.py``'s, on a GPU
 (``bash scripts/gpu_session.sh features``) with what a GPU server runs: SGLang's triton prefill,
-CUDA graphs and deft's Triton kernels (still float32, so the same comparisons hold); the reference
-then decodes with SGLang's triton backend.
+CUDA graphs and deft's Hopper kernels, in float16; the reference then decodes with SGLang's triton
+backend, and the comparison allows float16's rounding (:func:`assert_same_generation`).
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,7 +45,7 @@ DEVICE_ARGS = (
     else ["--device", "cpu", "--attention-backend", "torch_native",
           "--sleep-on-idle"])  # two idle schedulers polling would share the CI machine's 2 cores with the busy one
 SERVER_ARGS = [
-    "--model-path", str(MODEL), "--dtype", "float32", "--grammar-backend", "none",
+    "--model-path", str(MODEL), "--dtype", "float16" if ON_GPU else "float32", "--grammar-backend", "none",
     "--max-total-tokens", "8192", "--max-running-requests", "16", "--log-level", "info",
     "--decode-log-interval", "2", *DEVICE_ARGS,
 ]
@@ -58,13 +59,7 @@ SERVERS = {"deft": ["--decode-attention-backend", "deft"],
 
 def server_launch(**env: str) -> dict:
     """``ServerProcess``'s cwd and env for these servers, with ``env`` added."""
-    if ON_GPU:
-        base, cwd = gpu_package_env()
-        # Triton's float32 dots are TF32 unless told otherwise; SGLang's triton prefill would then give
-        # a prompt prefilled in other chunks (a batch vs alone) logprobs further apart than LOGPROB_ATOL.
-        base["TRITON_F32_DEFAULT"] = "ieee"
-    else:
-        base, cwd = dict(os.environ), REPO
+    base, cwd = gpu_package_env() if ON_GPU else (dict(os.environ), REPO)
     return {"cwd": cwd, "env": {**base, **env}}
 
 
@@ -104,28 +99,55 @@ def nested_forks(s, context):
             leaf += sgl.gen("check", max_tokens=MAX_TOKENS, temperature=0, return_logprob=True)
             leaves.append(leaf)
     generated = [(b, "idea") for b in branches] + [(leaf, "check") for leaf in leaves]
-    return [(state[var], token_logprobs(state.get_meta_info(var))) for state, var in generated]
+    return [(state[var], *ids_and_logprobs(state.get_meta_info(var))) for state, var in generated]
 
 
-def token_logprobs(meta_info: dict) -> list[float]:
-    return [t[0] for t in meta_info["output_token_logprobs"]]
+def ids_and_logprobs(meta_info: dict) -> tuple[list[int], list[float]]:
+    """The generated token ids and their logprobs (SGLang's entries: logprob, token id, text)."""
+    entries = meta_info["output_token_logprobs"]
+    return [t[1] for t in entries], [t[0] for t in entries]
 
 
 # Same tokens is too weak a check on this model: dropping one KV token of every shared node leaves
 # every greedy token unchanged but moves logprobs by 7e-4 to 0.2 (measured with a broken builder),
-# while deft and torch_native, both fp32, agree far closer than this.
-LOGPROB_ATOL = 2e-4
+# while deft and torch_native, both fp32, agree far closer than this. On a GPU the model runs in
+# float16 (SGLang's CUDA rmsnorm has no float32), where deft and SGLang's triton decode differ by up
+# to 0.017 (benchmarks/results/e2e_correctness_cuda_graph_tiny_h200_246b6ca.json), and so do two runs
+# of one server that batch a request differently.
+# A greedy pick that two roundings within it can flip is between two tokens whose logprobs are that
+# close, so neither is above log(0.5) + LOGPROB_ATOL.
+LOGPROB_ATOL = 0.05 if ON_GPU else 2e-4
 
 
-def assert_same_generation(deft_ids, deft_lps, ref_ids, ref_lps):
-    assert deft_ids == ref_ids
-    assert deft_lps == pytest.approx(ref_lps, abs=LOGPROB_ATOL)
+def assert_same_generation(ids, lps, ref_ids, ref_lps, *, near_ties: bool = ON_GPU, atol: float = LOGPROB_ATOL):
+    """The same tokens, logprobs within ``atol``. With ``near_ties`` (float16, on a GPU) the two may
+    part at a near tie: a step where both picks have a logprob of at most log(0.5) + atol; what
+    follows is then not compared (the contexts differ)."""
+    same = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+    if near_ties and same < min(len(ids), len(ref_ids)):
+        assert max(lps[same], ref_lps[same]) <= math.log(0.5) + atol, (
+            f"tokens part at step {same} where a pick was not a near tie: {ids} vs {ref_ids}, "
+            f"logprobs {lps[same]:.4f} vs {ref_lps[same]:.4f}")
+    else:
+        assert ids == ref_ids
+    assert lps[:same] == pytest.approx(ref_lps[:same], abs=atol)
+
+
+def test_generations_may_part_only_at_a_near_tie():
+    lps, ref = [-0.1, -0.69, -0.2], [-0.1, -0.70, -0.3]
+    assert_same_generation([1, 2, 3], lps, [1, 5, 6], ref, near_ties=True, atol=0.05)  # parts at a tie
+    with pytest.raises(AssertionError, match="not a near tie"):  # parts at a confident pick
+        assert_same_generation([1, 2, 3], [-0.1, -0.3, -0.2], [1, 5, 6], ref, near_ties=True, atol=0.05)
+    with pytest.raises(AssertionError):  # logprobs apart before they part
+        assert_same_generation([1, 2, 3], [-0.2, -0.69, -0.2], [1, 5, 6], ref, near_ties=True, atol=0.05)
+    with pytest.raises(AssertionError):  # float32: no parting at all
+        assert_same_generation([1, 2, 3], lps, [1, 5, 6], ref, near_ties=False, atol=0.05)
+    assert_same_generation([1, 2, 3], lps, [1, 2, 3], ref, near_ties=False, atol=0.15)
 
 
 def assert_same_output(out: dict, ref: dict) -> None:
     """Two ``/generate`` responses (with ``return_logprob``): the same tokens, logprobs close."""
-    assert_same_generation(out["output_ids"], token_logprobs(out["meta_info"]),
-                           ref["output_ids"], token_logprobs(ref["meta_info"]))
+    assert_same_generation(*ids_and_logprobs(out["meta_info"]), *ids_and_logprobs(ref["meta_info"]))
 
 
 def greedy(max_new_tokens=MAX_TOKENS, **extra) -> dict:
@@ -138,9 +160,9 @@ def test_nested_fork_program_matches(servers):
         state = nested_forks.run(context=CONTEXT, backend=RuntimeEndpoint(server.url))
         results[name] = state.ret_value
     for deft in DEFT_SERVERS:
-        assert len(results[deft]) == 6 and all(text for text, _ in results[deft])
-        for (deft_text, deft_lps), (ref_text, ref_lps) in zip(results[deft], results["reference"]):
-            assert_same_generation(deft_text, deft_lps, ref_text, ref_lps)
+        assert len(results[deft]) == 6 and all(text for text, _, _ in results[deft])
+        for (_, ids, lps), (_, ref_ids, ref_lps) in zip(results[deft], results["reference"]):
+            assert_same_generation(ids, lps, ref_ids, ref_lps)
 
 
 def test_parallel_sampling_n_matches(servers):

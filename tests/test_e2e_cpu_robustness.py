@@ -32,14 +32,14 @@ import urllib.request
 from typing import NamedTuple
 
 import pytest
-from test_e2e_cpu import CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, server_launch
+from test_e2e_cpu import (CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, ids_and_logprobs,
+                          server_launch)
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import serving
 
 CHUNK = 64  # --chunked-prefill-size: every prompt below is longer
-LOGPROB_TOL = 2e-4  # float32; see assert_same
 ARGS = SERVER_ARGS + ["--decode-attention-backend", "deft", "--chunked-prefill-size", str(CHUNK)]
 
 # ~570 tokens; prefilled in 9 chunks of 64.
@@ -133,7 +133,7 @@ class Out(NamedTuple):
 
 
 def to_out(result: dict) -> Out:
-    return Out(result["output_ids"], [t[0] for t in result["meta_info"]["output_token_logprobs"]])
+    return Out(*ids_and_logprobs(result["meta_info"]))
 
 
 def generate(server: ServerProcess, payload: dict) -> list[Out]:
@@ -145,12 +145,13 @@ def output_ids(server: ServerProcess, payload: dict) -> list[list[int]]:
 
 
 def assert_same(got: list[Out], want: list[Out]) -> None:
-    """Tokens equal and logprobs within LOGPROB_TOL. The logprobs matter: dropping the last token of
+    """Each request's tokens and logprobs as test_e2e_cpu's :func:`assert_same_generation` compares
+    them (float32: tokens equal, logprobs within 2e-4). The logprobs matter: dropping the last token of
     every shared KV node (an off-by-one in the tree builder) left all greedy tokens of these
     workloads unchanged but moved logprobs by 7e-4 to 0.2; shared vs alone differ by <= 3e-5."""
-    assert [o.ids for o in got] == [o.ids for o in want]
+    assert len(got) == len(want)
     for g, w in zip(got, want):
-        assert g.logprobs == pytest.approx(w.logprobs, abs=LOGPROB_TOL, rel=0)
+        assert_same_generation(g.ids, g.logprobs, w.ids, w.logprobs)
 
 
 def cache_prefix(server: ServerProcess, prefix: str) -> int:
@@ -322,8 +323,10 @@ def test_abort_mid_generation(server):
     assert stream.finish[0]["type"] == stream.finish[1]["type"] == "abort"
     assert_same([stream.out(i) for i in (2, 3)], baseline[2:])
     for i in (0, 1):  # what the aborted branches produced is their greedy continuation
-        got, n = stream.tokens(i), min(len(stream.tokens(i)), len(baseline[i].ids))
-        assert len(got) >= 4 and got[:n] == baseline[i].ids[:n]
+        got = stream.out(i)
+        n = min(len(got.ids), len(baseline[i].ids))
+        assert len(got.ids) >= 4
+        assert_same([Out(got.ids[:n], got.logprobs[:n])], [Out(baseline[i].ids[:n], baseline[i].logprobs[:n])])
     assert_no_leak(server)
 
     # Client goes away: SGLang aborts every request of the batch (after ~2 s).
@@ -341,20 +344,21 @@ def test_abort_mid_generation(server):
 
 
 def test_streaming_matches_non_streaming(server):
-    """Greedy: the chunks of a stream grow by appending, and end at the non-streamed tokens; for a
-    single request and for a fork-shaped batch."""
+    """Greedy: the chunks of a stream grow by appending, and end at the non-streamed tokens (and
+    logprobs); for a single request and for a fork-shaped batch."""
     prompts = [CONTEXT + b for b in BRANCHES[:3]]
-    want = output_ids(server, {"text": prompts, "sampling_params": greedy(12)})
+    want = generate(server, {"text": prompts, "sampling_params": greedy(12)})
     cache_prefix(server, CONTEXT)
     for payload, expected in (({"text": prompts[0], "sampling_params": greedy(12)}, want[:1]),
                               ({"text": prompts, "sampling_params": greedy(12)}, want)):
+        payload["return_logprob"] = True
         stream = Stream(server, payload)
         try:
             stream.read_all()
         finally:
             stream.close()
         assert sorted(stream.chunks) == list(range(len(expected)))
-        for i, tokens in enumerate(expected):
+        for i, wanted in enumerate(expected):
             chunks = stream.chunks[i]
             assert len(chunks) > 1, "nothing was streamed incrementally"
             pieces, seen = [], []
@@ -362,7 +366,7 @@ def test_streaming_matches_non_streaming(server):
                 assert c[: len(seen)] == seen
                 pieces += c[len(seen):]
                 seen = c
-            assert pieces == tokens
+            assert_same([Out(pieces, stream.logprobs[i])], [wanted])
     assert_no_leak(server)
 
 
