@@ -14,8 +14,9 @@ averages):
   step is still running while the next one is planned. A host-to-device copy that waits for the
   device shows up here.
 
-Run: ``python benchmarks/bench_step_host.py [--device cuda] [--out DIR]`` (CPU: the device ops run
-on the host, so only the Python/numpy part means anything).
+Run: ``python benchmarks/bench_step_host.py [--device cuda] [--out DIR]`` (CPU: with
+``TRITON_INTERPRET=1``, for the steady steps' kernel; the device ops run on the host, so only the
+Python/numpy part means anything).
 """
 from __future__ import annotations
 

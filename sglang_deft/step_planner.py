@@ -10,16 +10,15 @@ tail holds the row's next positions, and unused nodes cost nothing at run time) 
 stayed the same for a step, and each steady step after it runs a few small device operations instead
 of a KV-tree build and a plan on the host:
 
-    kv_indices[tail_end] = req_to_token[row, seq - 1]   (gather + index_copy: the new tokens' slots)
-    items[tail_last_item].kv_len += 1                  (index_add)
-    tail_end += 1; next position += 1                  (add)
+    kv_indices[tail_end] = req_to_token[row, seq - 1]   (the new tokens' slots)
+    items[tail_last_item].kv_len += 1
+    tail_end += 1; next position += 1
 
 until a tail's room runs out (``SLACK_TOKENS`` steps) or the batch changes; then the next step is
 planned in full. The update has a fixed shape (one entry per possible request; unused entries add
-zero and write a scratch position past the plan's KV), so on CUDA it is captured once into a CUDA
-graph and a steady step's device work is one graph launch (as four eager tensor ops it cost ~100-200
-us of Python and launches per step on the H200 host; as a graph the whole steady step takes 24-82
-us there). The chunking of a steady step is the full plan's with the tails' last chunks longer:
+zero and write a scratch position past the plan's KV) and is one kernel launch
+(``kernels/tail_update.py``; as four eager tensor ops it cost ~100-200 us of Python and launches
+per step on the H200 host). The chunking of a steady step is the full plan's with the tails' last chunks longer:
 still exact attention (every query reads its whole path once), a slightly different split
 of the work than a fresh plan. Graph replays and eager steps of the same batch sequence make the
 same decisions, so their outputs stay bitwise equal (the backend keeps these buffers without CUDA
@@ -36,6 +35,7 @@ import torch
 from sglang_deft.kernels import TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import ITEM_FIELDS
 from sglang_deft.kernels.staging import PinnedStagingRing
+from sglang_deft.kernels.tail_update import advance_tails
 from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
 from sglang_deft.tree_attention import plan_graph_step
 
@@ -82,40 +82,13 @@ class DecodeStepPlanner:
         # at scratch: next 0, end the kv buffer's last entry (plans leave it free: ``plan``), kv_len
         # any field (+0).
         self._scratch = buffers.kv_indices.numel() - 1
+        self._cap = cap
         self._operands = torch.zeros(4 * cap, dtype=torch.int64, device=self.device)
         self._idle_operands = np.concatenate([np.zeros(cap), np.full(cap, self._scratch), np.ones(cap),
                                               np.zeros(cap)]).astype(np.int64)
         self._staging.upload(self._idle_operands, self._operands)
-        self._inc32 = torch.zeros(cap, dtype=torch.int32, device=self.device)
-        self._new_slots = torch.zeros(cap, dtype=builder.req_to_token.dtype, device=self.device)
         self._items = buffers.items.view(-1)
         self._state: _SteadyState | None = None
-        self._graph = self._capture_update() if self.device.type == "cuda" else None
-
-    def _update(self) -> None:
-        """A steady step's device work (fixed shapes): the tails' new KV slots into the room after
-        them, their last items' kv_len + 1, their next/end positions + 1."""
-        cap = self._inc32.numel()
-        pos, kv_len, inc = self._operands[:2 * cap].view(2, cap), self._operands[2 * cap:3 * cap], self._operands[3 * cap:]
-        torch.index_select(self.builder.req_to_token.view(-1), 0, pos[0], out=self._new_slots)
-        self.buffers.kv_indices.index_copy_(0, pos[1], self._new_slots)
-        self._inc32.copy_(inc)
-        self._items.index_add_(0, kv_len, self._inc32)
-        pos += inc
-
-    def _capture_update(self) -> torch.cuda.CUDAGraph:
-        # Run once on the idle operands first (lazy initialisation stays out of the capture); it
-        # writes only the scratch entry. thread_local: other threads' CUDA calls (SGLang's) are not
-        # an error during the capture.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._update()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            self._update()
-        return graph
 
     def invalidate(self) -> None:
         """Something else wrote the buffers: the next step is planned in full."""
@@ -151,10 +124,7 @@ class DecodeStepPlanner:
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self._update()
+        advance_tails(self.builder.req_to_token, self._operands, self.buffers.kv_indices, self._items)
         st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails
 
     def _steady_state(self, built: DecodeKVTree, batch_size: int, seq: np.ndarray,
@@ -166,7 +136,7 @@ class DecodeStepPlanner:
         items = self.planner.items_ending_at(tails.end)
         if items is None:
             return None
-        n, cap = len(tails.req), self._inc32.numel()
+        n, cap = len(tails.req), self._cap
         host = self._idle_operands.copy()
         for k, column in enumerate((tails.next_flat, tails.end, items * ITEM_FIELDS + 1, 1)):
             host[k * cap:k * cap + n] = column

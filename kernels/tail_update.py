@@ -1,0 +1,51 @@
+"""One launch that grows every private tail of a plan by its newest KV token (a steady decode step).
+
+A plan's tails can grow in place when the plan left room after each of them. The update's operands
+are one int64 tensor of four equal parts, one entry per possible tail:
+
+    next   flat index into req_to_token of the tail's next token's KV slot
+    end    the tail's next position in the plan's kv_indices
+    field  flat index into the plan's items of the tail's last item's kv_len
+    inc    1 for a tail, 0 for an unused entry
+
+Per entry: ``kv_indices[end] = req_to_token[next]``, ``items[field] += inc``, ``next += inc``,
+``end += inc``. Unused entries point at a scratch position past the plan's KV (all of them write
+it; what they write is never read) and add zero to any field. The fields are added atomically
+because an unused entry's field may be a tail's: a plain read-modify-write could lose the tail's
++1.
+
+It is one Triton kernel rather than four torch ops (index_select, index_copy_, index_add_, add) in a
+CUDA graph of the backend's own: with that graph captured, SGLang 0.5.10's first prefill after a
+``/flush_cache`` (which calls ``torch.cuda.empty_cache()``) failed with an illegal memory access in
+its piecewise CUDA graphs, on the H200, with and without SGLang's decode graphs; without it the
+same server went on. Which memory the graph left behind is not established.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256
+
+
+@triton.jit
+def _advance_tails_kernel(req_to_token, operands, kv_indices, items, cap, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cap
+    nxt = tl.load(operands + offs, mask=mask, other=0)
+    end = tl.load(operands + cap + offs, mask=mask, other=0)
+    field = tl.load(operands + 2 * cap + offs, mask=mask, other=0)
+    inc = tl.load(operands + 3 * cap + offs, mask=mask, other=0)
+    slot = tl.load(req_to_token + nxt, mask=mask, other=0)
+    tl.store(kv_indices + end, slot.to(kv_indices.dtype.element_ty), mask=mask)
+    tl.atomic_add(items + field, inc.to(tl.int32), mask=mask)
+    tl.store(operands + offs, nxt + inc, mask=mask)
+    tl.store(operands + cap + offs, end + inc, mask=mask)
+
+
+def advance_tails(req_to_token: torch.Tensor, operands: torch.Tensor, kv_indices: torch.Tensor,
+                  items: torch.Tensor) -> None:
+    """The update above, in place (``operands`` int64 [4 x cap]; ``items`` the plan's int32 items)."""
+    cap = operands.numel() // 4
+    _advance_tails_kernel[(triton.cdiv(cap, BLOCK),)](req_to_token, operands, kv_indices, items, cap, BLOCK=BLOCK)
