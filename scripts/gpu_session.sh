@@ -15,7 +15,7 @@
 #                                                                 # CUDA-graph replays vs eager steps (no servers)
 #   bash scripts/gpu_session.sh features                          # the CPU end-to-end tests on the GPU: forks, overlap
 #                                                                 # off, chunked prefill, abort, streaming, KV-slot
-#                                                                 # accounting, radix off (tiny model, fp32, CUDA graphs)
+#                                                                 # accounting, radix off (tiny model, fp16, CUDA graphs)
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
@@ -257,7 +257,7 @@ phase_step_host() {
 
 phase_features() {
   # tests/test_e2e_cpu.py and test_e2e_cpu_robustness.py with their servers on the GPU
-  # (SGLANG_DEFT_E2E_DEVICE=cuda: float32 tiny model, triton prefill, CUDA graphs; 3 then 2 servers,
+  # (SGLANG_DEFT_E2E_DEVICE=cuda: float16 tiny model, triton prefill, CUDA graphs; 3 then 2 servers,
   # ~1-2 min to start each group on a fresh machine, the tests themselves well under a minute).
   local rc t=$SECONDS tmp=/tmp/deft_features
   rm -rf "$tmp"

@@ -112,8 +112,8 @@ def ids_and_logprobs(meta_info: dict) -> tuple[list[int], list[float]]:
 # every greedy token unchanged but moves logprobs by 7e-4 to 0.2 (measured with a broken builder),
 # while deft and torch_native, both fp32, agree far closer than this. On a GPU the model runs in
 # float16 (SGLang's CUDA rmsnorm has no float32), where deft and SGLang's triton decode differ by up
-# to 0.017 (benchmarks/results/e2e_correctness_cuda_graph_tiny_h200_8e3fc22.json), and so do two runs
-# of one server that batch a request differently.
+# to 0.017 (benchmarks/results/e2e_correctness_cuda_graph_tiny_h200_8e3fc22.json); one server's runs
+# of a request in different batches round differently too (deft's chunks follow the batch's tree).
 # A greedy pick that two roundings within it can flip is between two tokens whose logprobs are that
 # close, so neither is above log(0.5) + LOGPROB_ATOL.
 LOGPROB_ATOL = 0.05 if ON_GPU else 2e-4

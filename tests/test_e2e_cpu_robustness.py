@@ -1,9 +1,10 @@
 """End to end on CPU: the deft decode backend under the server features forked traffic meets.
 
-One real deft server (``python -m sglang_deft.launch_server``, the tiny Llama in float32, the
-arguments of ``test_e2e_cpu.py``, on its device: a GPU with ``SGLANG_DEFT_E2E_DEVICE=cuda``) with ``--chunked-prefill-size 64``, so every prompt here is
-prefilled in several chunks, and the overlap scheduler on (SGLang's default). A second one with
-``--disable-radix-cache`` boots next to it for the radix-off checks. Both run with
+One real deft server (``python -m sglang_deft.launch_server``, the tiny Llama, the arguments of
+``test_e2e_cpu.py``: float32 on the CPU, float16 on a GPU with ``SGLANG_DEFT_E2E_DEVICE=cuda``)
+with ``--chunked-prefill-size 64``, so every prompt here is prefilled in several chunks, and the
+overlap scheduler on (SGLang's default). A second one with ``--disable-radix-cache`` boots next to
+it for the radix-off checks. Both run with
 ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``: SGLang's scheduler then asserts after every step
 that free + cached + locked + in-flight KV slots add up to the pool (its idle check,
 ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE``, is on by default); a failed check kills the server,
