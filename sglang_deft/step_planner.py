@@ -89,6 +89,12 @@ class DecodeStepPlanner:
         self._staging.upload(self._idle_operands, self._operands)
         self._items = buffers.items.view(-1)
         self._state: _SteadyState | None = None
+        # Compiled here (Triton's JIT: about a second on a fresh host) rather than at a server's first
+        # steady step; on the idle operands the update writes only the scratch entry.
+        self._advance_tails()
+
+    def _advance_tails(self) -> None:
+        advance_tails(self.builder.req_to_token, self._operands, self.buffers.kv_indices, self._items)
 
     def invalidate(self) -> None:
         """Something else wrote the buffers: the next step is planned in full."""
@@ -124,7 +130,7 @@ class DecodeStepPlanner:
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
-        advance_tails(self.builder.req_to_token, self._operands, self.buffers.kv_indices, self._items)
+        self._advance_tails()
         st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails
 
     def _steady_state(self, built: DecodeKVTree, batch_size: int, seq: np.ndarray,
