@@ -18,9 +18,9 @@ until a tail's room runs out (``SLACK_TOKENS`` steps) or the batch changes; then
 planned in full. The update has a fixed shape (one entry per possible request; unused entries add
 zero and write a scratch position past the plan's KV) and is one kernel launch
 (``kernels/tail_update.py``; as four eager tensor ops it cost ~100-200 us of Python and launches
-per step on the H200 host). The chunking of a steady step is the full plan's with the tails' last chunks longer:
-still exact attention (every query reads its whole path once), a slightly different split
-of the work than a fresh plan. Graph replays and eager steps of the same batch sequence make the
+per step on the H200 host). The chunking of a steady step is the full plan's with the tails' last
+chunks longer: still exact attention (every query reads its whole path once), a slightly different
+split of the work than a fresh plan. Graph replays and eager steps of the same batch sequence make the
 same decisions, so their outputs stay bitwise equal (the backend keeps these buffers without CUDA
 graphs too).
 """

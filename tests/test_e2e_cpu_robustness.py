@@ -33,8 +33,8 @@ import urllib.request
 from typing import NamedTuple
 
 import pytest
-from test_e2e_cpu import (CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, ids_and_logprobs,
-                          server_launch)
+from test_e2e_cpu import (CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation, greedy,
+                          ids_and_logprobs, server_launch)
 
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
@@ -48,10 +48,6 @@ LONG_PREFIX = CONTEXT + CONTEXT.replace("Mira", "Oren")[:240]
 BRANCHES = [" Idea one:", " Idea two, briefly:", " A third idea:", " Idea 4 -"]
 UNRELATED = ["Quantum ledgers balance in the dark; count them twice. ",
              "Zebras paint stripes on the moon while the tide sleeps, and nobody asks why. "]
-
-
-def greedy(max_new_tokens: int = 12, **extra) -> dict:
-    return {"temperature": 0, "max_new_tokens": max_new_tokens, **extra}
 
 
 # ---------------------------------------------------------------- server plumbing

@@ -17,7 +17,8 @@ from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import serving
 from test_e2e_cpu import ON_GPU, CONTEXT, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_output, greedy
 
-pytestmark = pytest.mark.skipif(ON_GPU, reason="CPU only: its two ranks are CPU processes (TP on GPUs: scripts/gpu_e2e.py)")
+pytestmark = pytest.mark.skipif(
+    ON_GPU, reason="CPU only: its two ranks are CPU processes (TP on GPUs: scripts/gpu_e2e.py)")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,9 @@ from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import serving
 from test_e2e_cpu import ON_GPU, CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_output, greedy
 
-pytestmark = pytest.mark.skipif(ON_GPU, reason="CPU only: the Triton interpreter's run of the GPU path (on a GPU the features tests run it compiled)")
+pytestmark = pytest.mark.skipif(
+    ON_GPU, reason="CPU only: the Triton interpreter's run of the GPU path (on a GPU the features tests run it "
+                   "compiled)")
 
 LONG = 40  # tokens
 
