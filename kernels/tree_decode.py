@@ -8,8 +8,9 @@ log-sum-exp of its scores. This module's Triton kernel runs everywhere (the CPU 
 included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
 deeper KV pipeline (``stage1_config`` chooses).
 
-Stage 2, one program per (query, head) on one warp: folds the query's partials along its path in the
-plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
+Stage 2, one program per (query, head) on one warp (two heads per program in steps with more merges
+than the SMs hold at once): folds the query's partials along its path in the plan's fixed order with
+the online-softmax rule. Gathers only: no atomics, deterministic.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import SMALL_ROWS, TreeDecodePlan
+from .plan import SMALL_ROWS, TreeDecodePlan, _num_sms
 
 logger = logging.getLogger(__name__)
 LOG2E = tl.constexpr(1.4426950408889634)  # scores move to base 2 so the kernels use exp2/log2
 STAGE2_PARTIALS_PER_LOAD = 8  # see _tree_decode_stage2
+STAGE2_PAIR_PARTIALS_PER_LOAD = 4  # two heads per program: [4, 2, D] per load, as many registers as [8, D]
+STAGE2_PAIRS_ABOVE_PER_SM = 32  # merges per SM above which stage 2 pairs heads (one wave of one-warp programs)
 
 
 @triton.jit
@@ -136,23 +139,9 @@ def _tree_decode_stage1(
 
 
 @triton.jit
-def _tree_decode_stage2(
-    partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
-    stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    # One program per (query, head), on one warp. BLOCK_P partials are loaded at once, so a query's
-    # merge costs a few memory round trips rather than one per partial along its path. A merge is a
-    # short chain of dependent loads, so the step's merge time goes with how many programs an SM holds:
-    # at most 32, which one warp reaches at <= 64 registers. 8 partials on 1 warp take 64 registers
-    # for sm_90 (32 programs per SM); 16 on 2 warps, the shape before, 71 (14 programs). On the H200
-    # the whole step was 1-6% faster on every benchmark tree. 4 per load tied; 2, 16 (107 registers) and
-    # 32 were slower overall (32 won only where queries merge more than 16 partials); loading the next
-    # block before folding this one (118 registers) gained nothing (benchmarks/results/ab_stage2_h200.json).
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    if b >= tl.load(counts + 2):
-        return
+def _merge_one_head(partial_out, partial_lse, merge_indptr, merge_slots, Out, b, head,
+                    stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_p = tl.arange(0, BLOCK_P)
@@ -176,6 +165,72 @@ def _tree_decode_stage2(
     # A query whose path holds no KV gets zeros (no partials: denom == 0).
     res = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _merge_two_heads(partial_out, partial_lse, merge_indptr, merge_slots, Out, b, h0,
+                     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    # _merge_one_head for heads h0 and h0 + 1 of query b, as [partials, heads, D] tiles: the same fold.
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_p = tl.arange(0, BLOCK_P)
+    heads = h0 + tl.arange(0, 2)
+    lo = tl.load(merge_indptr + b)
+    hi = tl.load(merge_indptr + b + 1)
+    m = tl.full([2], float("-inf"), tl.float32)
+    denom = tl.zeros([2], tl.float32)
+    acc = tl.zeros([2, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_P):
+        p_ok = start + offs_p < hi
+        slot = tl.load(merge_slots + start + offs_p, mask=p_ok, other=0).to(tl.int64)
+        lse = tl.load(partial_lse + slot[:, None] * stride_lp + heads[None, :], mask=p_ok[:, None],
+                      other=float("-inf"))
+        o = tl.load(partial_out + slot[:, None, None] * stride_pp + heads[None, :, None] * stride_ph
+                    + offs_d[None, None, :], mask=p_ok[:, None, None] & d_ok[None, None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        w = tl.exp2(lse - m_new[None, :])
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        denom = denom * alpha + tl.sum(w, 0)
+        m = m_new
+    res = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], res.to(Out.dtype.element_ty),
+             mask=d_ok[None, :])
+
+
+@triton.jit
+def _tree_decode_stage2(
+    partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
+    stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    PAIR_BLOCK_P: tl.constexpr, PAIRS_ABOVE: tl.constexpr,
+):
+    # Launched over (query capacity, head), on one warp per program. A merge is a short chain of
+    # dependent loads, so the step's merge time goes with how many merges the SMs hold at once: at most
+    # 32 one-warp programs per SM (the CTA limit, also what 64 registers allow). BLOCK_P partials are
+    # loaded at once, so a merge costs a few round trips rather than one per partial. 8 partials on 1
+    # warp (64 registers for sm_90) was the best shape on the H200 (1-6% off the whole step on every
+    # benchmark tree against 16 on 2 warps; benchmarks/results/ab_stage2_h200.json).
+    # A step with more (query, head) merges than PAIRS_ABOVE (one wave of programs) merges two heads
+    # of a query per program instead, PAIR_BLOCK_P partials per load: half the programs, each with two
+    # independent chains, so the merges take one wave instead of two (the H200, 256 queries x 32 heads:
+    # -2.5 us, 4% of the step; with 64 heads -4.8 us). Fewer merges keep one head per program, where
+    # pairs were slower (up to +1 us). The choice reads the step's query count on the device, so a
+    # captured graph takes it per replay and eager and graphed steps take the same one.
+    num_queries = tl.load(counts + 2)
+    if num_queries * NUM_HEADS > PAIRS_ABOVE:
+        # Program ids in launch order (axis 0 fastest) cover the pairs first; the rest exit at once.
+        pair = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        if pair < num_queries * (NUM_HEADS // 2):
+            _merge_two_heads(partial_out, partial_lse, merge_indptr, merge_slots, Out, pair // (NUM_HEADS // 2),
+                             (pair % (NUM_HEADS // 2)) * 2, stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
+                             HEAD_DIM, BLOCK_D, PAIR_BLOCK_P)
+    else:
+        b = tl.program_id(0)
+        if b < num_queries:
+            _merge_one_head(partial_out, partial_lse, merge_indptr, merge_slots, Out, b, tl.program_id(1),
+                            stride_pp, stride_ph, stride_lp, stride_ob, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_P)
 
 
 @dataclass(frozen=True)
@@ -298,8 +353,11 @@ def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
     if not plan.grid_queries:
         return
     po, pl = plan.partial_out, plan.partial_lse
-    D = out.shape[2]
-    _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
+    Hq, D = out.shape[1], out.shape[2]
+    # Pairs of heads need an even head count; never with an odd one.
+    pairs_above = STAGE2_PAIRS_ABOVE_PER_SM * _num_sms(out.device) if Hq % 2 == 0 else 2 ** 31 - 1
+    _tree_decode_stage2[(plan.grid_queries, Hq)](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=STAGE2_PARTIALS_PER_LOAD, num_warps=1)
+        NUM_HEADS=Hq, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=STAGE2_PARTIALS_PER_LOAD,
+        PAIR_BLOCK_P=STAGE2_PAIR_PARTIALS_PER_LOAD, PAIRS_ABOVE=pairs_above, num_warps=1)

@@ -6,6 +6,7 @@ interpreter's bf16 tl.dot is wrong. On a GPU the same tests add bf16 and larger 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 
 import pytest
@@ -94,6 +95,49 @@ def test_queries_without_kv_get_zeros_whatever_out_held():
     tree_decode(q, k, v, plan, scale, cap, out=again)
     assert torch.equal(again, out)
     assert torch.all(out[[0, 2, 3, 5]] == 0) and torch.all(out[[1, 4, 6]] != 0)
+
+
+def _merge_chain(num_queries: int) -> KVTree:
+    # Queries along a 12-node chain merge 1 to 12 partials: more than one load in either stage-2 shape.
+    return make_tree([-1] + list(range(11)), [3] * 12, [i % 12 for i in range(num_queries)])
+
+
+def _stage2_paths(monkeypatch, tree, hq, hkv, capacity=None):
+    """The step's output with stage 2 forced to one head per program, forced to pairs, and as chosen."""
+    td = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package exports a function of that name
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, 64, generator=g).to(DEVICE) for n, h in
+               ((tree.num_queries, hq), (int(tree.kv_indices.max()) + 1, hkv), (int(tree.kv_indices.max()) + 1, hkv)))
+    plan = plan_tree_decode(tree, hq, hkv, 64, device=DEVICE, kv_dtype=torch.float32, capacity=capacity)
+    outs = {}
+    for name, per_sm in (("one", 2 ** 20), ("pairs", 0), ("chosen", td.STAGE2_PAIRS_ABOVE_PER_SM)):
+        monkeypatch.setattr(td, "STAGE2_PAIRS_ABOVE_PER_SM", per_sm)
+        outs[name] = tree_decode(q, k, v, plan, 0.125, out=torch.full_like(q, float("nan")))
+    return outs, attention_reference(q, k, v, tree, 0.125)
+
+
+def test_stage2_pairs_heads_in_steps_with_more_merges_than_the_sms_hold(monkeypatch):
+    """Both stage-2 shapes match the reference; the step picks pairs above 32 merges per SM (8 SMs for
+    the CPU), and its pick follows the step's query count, not the launch grid (a graph's capacity)."""
+    many = _merge_chain(40)
+    outs, ref = _stage2_paths(monkeypatch, many, 8, 2)  # 40 x 8 = 320 merges > 8 x 32
+    for name in ("one", "pairs"):
+        torch.testing.assert_close(outs[name], ref, atol=ATOL[torch.float32], rtol=0)
+    # The two fold the partials in blocks of 8 and 4: rounding tells which one ran.
+    assert not torch.equal(outs["one"], outs["pairs"])
+    assert torch.equal(outs["chosen"], outs["pairs"])
+    few = _merge_chain(24)  # 192 merges
+    cap = PlanCapacity(max_queries=64, max_kv_tokens=64, max_items=128, max_partials=512, max_merge=512)
+    outs, ref = _stage2_paths(monkeypatch, few, 8, 2, capacity=cap)  # a grid for 64 x 8 = 512 merges
+    torch.testing.assert_close(outs["pairs"], ref, atol=ATOL[torch.float32], rtol=0)
+    assert not torch.equal(outs["one"], outs["pairs"])
+    assert torch.equal(outs["chosen"], outs["one"])
+
+
+def test_stage2_never_pairs_an_odd_number_of_heads(monkeypatch):
+    outs, ref = _stage2_paths(monkeypatch, _merge_chain(40), 3, 1)
+    torch.testing.assert_close(outs["pairs"], ref, atol=ATOL[torch.float32], rtol=0)
+    assert torch.equal(outs["pairs"], outs["one"])
 
 
 @pytest.mark.parametrize("d", [32, 128])  # on the H200, 128 runs the Hopper stage-1 kernel, 32 the Triton one
