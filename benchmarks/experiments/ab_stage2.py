@@ -1,13 +1,16 @@
 """A/B of stage-2 launch shapes (partials per load, warps) on the benchmark's trees, in one process.
 
-Each variant is ``BLOCK_P:num_warps`` or ``BLOCK_P:num_warps:path`` (a file defining another
-``_tree_decode_stage2`` with the same arguments, and ``HEADS_PER_PROGRAM`` if it merges several heads
-per program); every step is main's stage 1 followed by ``_tree_decode_stage2``
-in that shape, one CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records
-how many partials each case's queries merge (the loop runs ceil(partials / BLOCK_P) times).
+Each variant is ``main`` (the package's ``launch_stage2``) or ``BLOCK_P:num_warps:path``: a file
+defining a ``_tree_decode_stage2`` with the arguments of main's (``stage2/s2one.py`` is a copy of main's,
+kept as the baseline of a change to it), and ``HEADS_PER_PROGRAM`` if it merges several heads per program
+(``stage2/s2heads2.py``, ``s2heads4.py``). Every step is main's stage 1 followed by that stage 2, one
+CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records how many partials each
+case's queries merge (the loop runs ceil(partials / BLOCK_P) times) and which outputs are bitwise those
+of the first variant.
 On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
-    VARIANTS=16:2,32:2,32:4 OUT=$OUT python3 benchmarks/experiments/ab_stage2.py
-Writes $OUT/ab_stage2.json.
+    VARIANTS=8:1:benchmarks/experiments/stage2/s2one.py,main OUT=$OUT python3 benchmarks/experiments/ab_stage2.py
+``CAP_QUERIES=N`` plans into fixed-capacity buffers for N queries, so the launch grids cover N as in a
+server's CUDA graphs (programs past the step's queries exit at once). Writes $OUT/ab_stage2.json.
 """
 import json
 import os
@@ -24,18 +27,22 @@ import sweep_stage1 as S  # noqa: E402
 K, STAGES, check = S.K, S.STAGES, S.check
 
 variants = []
-for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
-    bp, w, *path = v.split(":")
-    mod = S.load_module(path[0]) if path else STAGES
-    variants.append((int(bp), int(w), mod, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
+for v in os.environ["VARIANTS"].split(","):
+    if v == "main":
+        variants.append((0, 0, None, "main"))
+        continue
+    bp, w, path = v.split(":")
+    variants.append((int(bp), int(w), S.load_module(path), f"p{bp}w{w}_{Path(path).stem}"))
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
 by_key = {c.key: c for c in S.T.all_cases()}
-report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
+report = {"variants": os.environ["VARIANTS"]}
 
 
 def stage2(plan, out, block_p, warps, mod):
     """Stage 2 of ``mod`` (a module with ``_tree_decode_stage2``; ``HEADS_PER_PROGRAM`` heads per program
-    if it says so)."""
+    if it says so), or the package's own for ``mod`` None."""
+    if mod is None:
+        return STAGES.launch_stage2(plan, out)
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
     heads = getattr(mod, "HEADS_PER_PROGRAM", 1)
@@ -50,6 +57,11 @@ for key in cases:
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim)
+    if os.environ.get("CAP_QUERIES"):  # launch grids over a capacity, as a server's CUDA graphs do
+        cap = K.PlanCapacity(max_queries=int(os.environ["CAP_QUERIES"]), max_kv_tokens=plan.kv_indices.numel(),
+                             max_items=plan.items.shape[0], max_partials=plan.partial_out.shape[0],
+                             max_merge=plan.merge_slots.numel())
+        plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, capacity=cap)
     cfg = STAGES.stage1_config(c.head_dim, plan.large_rows, q.dtype, q.device)
     n = plan.merge_indptr[1:q.shape[0] + 1] - plan.merge_indptr[:q.shape[0]]
     res = report.setdefault(key, {"partials_per_query": {"min": int(n.min()), "max": int(n.max()),
@@ -73,4 +85,5 @@ for key in cases:
         res[name + "_us"] = us
     print(key, res["partials_per_query"], {n: round(res[n + "_us"], 1) for n in fns},
           all(res[n + "_check"]["ok"] for n in fns), res["bitwise_as_first"], flush=True)
-    json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage2.json", "w"), indent=1)
+    json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / os.environ.get("AB_NAME", "ab_stage2.json"), "w"),
+              indent=1)
