@@ -1,10 +1,12 @@
 """A/B of stage-2 launch shapes (partials per load, warps) on the benchmark's trees, in one process.
 
-Each variant is ``main`` (the package's ``launch_stage2``) or ``BLOCK_P:num_warps:path`` (a file
-defining another ``_tree_decode_stage2`` with the arguments of the one-shape kernel before 2026-12-01,
-as ``stage2/s2one.py`` does, and ``HEADS_PER_PROGRAM`` if it merges several heads per program); every step is main's stage 1 followed by ``_tree_decode_stage2``
-in that shape, one CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records
-how many partials each case's queries merge (the loop runs ceil(partials / BLOCK_P) times).
+Each variant is ``main`` (the package's ``launch_stage2``) or ``BLOCK_P:num_warps:path``: a file
+defining a ``_tree_decode_stage2`` with the arguments of main's (``stage2/s2one.py`` is a copy of main's,
+kept as the baseline of a change to it), and ``HEADS_PER_PROGRAM`` if it merges several heads per program
+(``stage2/s2heads2.py``, ``s2heads4.py``). Every step is main's stage 1 followed by that stage 2, one
+CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records how many partials each
+case's queries merge (the loop runs ceil(partials / BLOCK_P) times) and which outputs are bitwise those
+of the first variant.
 On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
     VARIANTS=8:1:benchmarks/experiments/stage2/s2one.py,main OUT=$OUT python3 benchmarks/experiments/ab_stage2.py
 ``CAP_QUERIES=N`` plans into fixed-capacity buffers for N queries, so the launch grids cover N as in a

@@ -1,4 +1,4 @@
-"""Stage 2 as on main before 2026-12-01 (one head per program, on one warp), the baseline of ab_stage2.py."""
+"""Main's stage 2 (kernels/tree_decode.py, one head per program on one warp) as a file: ab_stage2.py's baseline."""
 import triton
 import triton.language as tl
 
