@@ -1,14 +1,13 @@
 """A/B of stage-2 launch shapes (partials per load, warps) on the benchmark's trees, in one process.
 
-Each variant is ``main`` (the package's ``launch_stage2``) or ``BLOCK_P:num_warps:path``: a file
-defining a ``_tree_decode_stage2`` with the arguments of main's (``stage2/s2one.py`` is a copy of main's,
-kept as the baseline of a change to it), and ``HEADS_PER_PROGRAM`` if it merges several heads per program
-(``stage2/s2heads2.py``, ``s2heads4.py``). Every step is main's stage 1 followed by that stage 2, one
-CUDA graph, do_bench's L2 flush, the middle of 3 alternating rounds. Also records how many partials each
-case's queries merge (the loop runs ceil(partials / BLOCK_P) times) and which outputs are bitwise those
-of the first variant.
+Each variant is ``BLOCK_P:num_warps`` (main's ``_tree_decode_stage2`` in that shape) or
+``BLOCK_P:num_warps:path`` (a file defining another ``_tree_decode_stage2`` with the same arguments, and
+``HEADS_PER_PROGRAM`` if it merges several heads per program, passed as its ``HEADS``: ``stage2/s2heads2.py``,
+``s2heads4.py``). Every step is main's stage 1 followed by that stage 2, one CUDA graph, do_bench's L2
+flush, the middle of 3 alternating rounds. Also records how many partials each case's queries merge (the
+loop runs ceil(partials / BLOCK_P) times) and which outputs are bitwise those of the first variant.
 On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
-    VARIANTS=8:1:benchmarks/experiments/stage2/s2one.py,main OUT=$OUT python3 benchmarks/experiments/ab_stage2.py
+    VARIANTS=8:1,4:1:benchmarks/experiments/stage2/s2heads2.py OUT=$OUT python3 benchmarks/experiments/ab_stage2.py
 ``CAP_QUERIES=N`` plans into fixed-capacity buffers for N queries, so the launch grids cover N as in a
 server's CUDA graphs (programs past the step's queries exit at once). Writes $OUT/ab_stage2.json.
 """
@@ -27,29 +26,26 @@ import sweep_stage1 as S  # noqa: E402
 K, STAGES, check = S.K, S.STAGES, S.check
 
 variants = []
-for v in os.environ["VARIANTS"].split(","):
-    if v == "main":
-        variants.append((0, 0, None, "main"))
-        continue
-    bp, w, path = v.split(":")
-    variants.append((int(bp), int(w), S.load_module(path), f"p{bp}w{w}_{Path(path).stem}"))
+for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
+    bp, w, *path = v.split(":")
+    mod = S.load_module(path[0]) if path else STAGES
+    variants.append((int(bp), int(w), mod, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
 by_key = {c.key: c for c in S.T.all_cases()}
-report = {"variants": os.environ["VARIANTS"]}
+report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
 
 
 def stage2(plan, out, block_p, warps, mod):
     """Stage 2 of ``mod`` (a module with ``_tree_decode_stage2``; ``HEADS_PER_PROGRAM`` heads per program
-    if it says so), or the package's own for ``mod`` None."""
-    if mod is None:
-        return STAGES.launch_stage2(plan, out)
+    if it says so)."""
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
     heads = getattr(mod, "HEADS_PER_PROGRAM", 1)
     mod._tree_decode_stage2[(plan.grid_queries, out.shape[1] // heads)](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps)
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps,
+        **({"HEADS": heads} if heads > 1 else {}))
 
 
 for key in cases:

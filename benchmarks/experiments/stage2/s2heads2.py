@@ -10,7 +10,7 @@ HEADS_PER_PROGRAM = 2
 def _tree_decode_stage2(
     partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, HEADS: tl.constexpr = 2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, HEADS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
