@@ -485,8 +485,9 @@ def three_level_batch(B: int, mids: int = 8):
 @pytest.mark.parametrize("shape", ["fork", "3-level"])
 def test_build_cpu_time(shape, B):
     """Host time of one decode step's tree, built from scratch and as a steady decode step (the
-    builder reuses the radix part; the tails grew). Reported; loosely bounded: a shared 2-core box
-    is noisy. The steady step must cost less than the full build."""
+    builder reuses the radix part; the tails grew), timed in turns. This 2-core box's speed drifts
+    3x from one run to the next, so only the ratio is bounded (measured 0.2-0.4); the host time the
+    target counts is measured on the GPU host (``gpu_session.sh step-host``)."""
     sim, reqs = (fork_batch if shape == "fork" else three_level_batch)(B)
     builder = DecodeKVTreeBuilder(sim.req_to_token)
     full, steady = [], []
@@ -504,7 +505,7 @@ def test_build_cpu_time(shape, B):
     assert d.tree.num_nodes == B + (1 if shape == "fork" else 9)
     full_us, steady_us = (sorted(x[10:])[25] * 1e6 for x in (full, steady))
     print(f"KV tree {shape} B={B}: full build median {full_us:.0f} us, steady step {steady_us:.0f} us")
-    assert full_us < 2000 and steady_us < full_us
+    assert steady_us < 0.7 * full_us
 
 
 @pytest.mark.parametrize("tail_slack", [0, 3])

@@ -83,26 +83,29 @@ def fork_300(step: int = 0):
     return make_tree(parent, [1000] + [64] * 43 + [128 + step] * 256, list(range(44, 300)), pool=80000)
 
 
-def median_us(fn, runs: int = 200, warmup: int = 20) -> float:
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(runs):
-        t = time.perf_counter()
-        fn(warmup + i)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[runs // 2] * 1e6
-
-
 def test_plan_cpu_time_256_queries_300_nodes():
-    """Issue 3's target is <= 300 us on the GPU host, where device copies add to the host work and
-    hosts differ 2.5x in speed; here (2-core CPU box) a plan measures ~50 us (C schedule) against
-    ~170 us with the numpy schedule it replaced. Reported; loosely bounded."""
+    """Issue 3's target (<= 300 us) is measured on the GPU host (``gpu_session.sh step-host``). Here
+    the whole plan is timed against the numpy schedule it replaced (the schedule alone, no tensors),
+    in turns within one test: this 2-core box's speed drifts 3x between runs (50 to 180 us for the
+    plan), so an absolute bound fails on a slow day while the ratio (~0.3) holds."""
+    from test_plan_reference import build_schedule_reference
+
     tree = fork_300()
-    us = median_us(lambda i: plan_tree_decode(tree, 32, 8, 128, device="cpu"))
-    print(f"plan_tree_decode 256 queries / 300 nodes: median {us:.0f} us")
-    # A shared 2-core CI box is noisy: bound at 3x what it measures, under the numpy schedule's time.
-    assert us < 150
+    arrays = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
+    sizes = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132)
+    plan = lambda: plan_tree_decode(tree, 32, 8, 128, device="cpu")
+    numpy_schedule = lambda: build_schedule_reference(*arrays, **sizes)
+    # Alternate the two call by call, so both see the same drift of the box's speed.
+    times = {plan: [], numpy_schedule: []}
+    for i in range(105):
+        for fn in times:
+            t = time.perf_counter()
+            fn()
+            if i >= 5:
+                times[fn].append(time.perf_counter() - t)
+    plan_us, numpy_us = (sorted(t)[len(t) // 2] * 1e6 for t in times.values())
+    print(f"plan_tree_decode 256 queries / 300 nodes: {plan_us:.0f} us; numpy schedule alone {numpy_us:.0f} us")
+    assert plan_us < 0.6 * numpy_us
 
 
 # ------------------------------------------------------------------------ a planner over decode steps
