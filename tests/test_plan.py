@@ -86,8 +86,8 @@ def fork_300(step: int = 0):
 def test_plan_cpu_time_256_queries_300_nodes():
     """Issue 3's target (<= 300 us) is measured on the GPU host (``gpu_session.sh step-host``). Here
     the whole plan is timed against the numpy schedule it replaced (the schedule alone, no tensors),
-    in turns within one test: this 2-core box's speed drifts 3x between runs (50 to 180 us for the
-    plan), so an absolute bound fails on a slow day while the ratio (~0.3) holds."""
+    in turns within one test: this 2-core box's speed drifts 3x between runs (50 to 230 us for the
+    plan), so an absolute bound fails on a slow day while the ratio (0.3-0.5) holds."""
     from test_plan_reference import build_schedule_reference
 
     tree = fork_300()
@@ -95,7 +95,7 @@ def test_plan_cpu_time_256_queries_300_nodes():
     sizes = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132)
     plan = lambda: plan_tree_decode(tree, 32, 8, 128, device="cpu")
     numpy_schedule = lambda: build_schedule_reference(*arrays, **sizes)
-    # Alternate the two call by call, so both see the same drift of the box's speed.
+    # Alternate the two, call by call, so both see the same drift of the box's speed.
     times = {plan: [], numpy_schedule: []}
     for i in range(105):
         for fn in times:
