@@ -11,6 +11,8 @@ On the GPU host (overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
 ``CAP_QUERIES=N`` plans into fixed-capacity buffers for N queries, so the launch grids cover N as in a
 server's CUDA graphs (programs past the step's queries exit at once). Writes $OUT/ab_stage2.json.
 """
+import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 import sweep_stage1 as S  # noqa: E402
 
 K, STAGES, check = S.K, S.STAGES, S.check
+PLAN = importlib.import_module(K.__name__ + ".plan")
 
 variants = []
 for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
@@ -54,9 +57,7 @@ for key in cases:
     q, k, v, scale = case.q, case.k, case.v, case.scale
     plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim)
     if os.environ.get("CAP_QUERIES"):  # launch grids over a capacity, as a server's CUDA graphs do
-        cap = K.PlanCapacity(max_queries=int(os.environ["CAP_QUERIES"]), max_kv_tokens=plan.kv_indices.numel(),
-                             max_items=plan.items.shape[0], max_partials=plan.partial_out.shape[0],
-                             max_merge=plan.merge_slots.numel())
+        cap = dataclasses.replace(PLAN._capacity_of(plan), max_queries=int(os.environ["CAP_QUERIES"]))
         plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, capacity=cap)
     cfg = STAGES.stage1_config(c.head_dim, plan.large_rows, q.dtype, q.device)
     n = plan.merge_indptr[1:q.shape[0] + 1] - plan.merge_indptr[:q.shape[0]]
