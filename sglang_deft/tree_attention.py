@@ -14,6 +14,7 @@ launch the same work items with the same merge lists, and their outputs are bitw
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -142,8 +143,8 @@ def with_padding_queries(tree: KVTree, num_queries: int) -> KVTree:
 
 def new_graph_plan(limits: PlanLimits, max_queries: int, max_kv_tokens: int, num_qo_heads: int, num_kv_heads: int,
                    head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> TreeDecodePlan:
-    """Fixed-capacity plan buffers for CUDA graphs: launch grids cover the capacity, and programs
-    past the device-side counts of the plan written last exit at once. Holds a plan of
+    """Fixed-capacity plan buffers for CUDA graphs: stage 1's launch grid covers the capacity, and
+    programs past the device-side counts of the plan written last exit at once. Holds a plan of
     ``max_queries`` padding queries (valid for any captured batch size up to it)."""
     return plan_tree_decode(with_padding_queries(empty_tree(device), max_queries), num_qo_heads, num_kv_heads,
                             head_dim, device, kv_dtype=kv_dtype, capacity=limits.capacity(max_queries, max_kv_tokens))
@@ -152,15 +153,24 @@ def new_graph_plan(limits: PlanLimits, max_queries: int, max_kv_tokens: int, num
 def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dtype: torch.dtype,
                     planner: TreeDecodePlanner | None = None) -> TreeDecodePlan | None:
     """Plan ``tree``, padded to ``num_queries``, into ``plan``'s fixed buffers (those a CUDA graph
-    was captured with); None, with the buffers untouched, when it does not fit them."""
+    was captured with); None, with the buffers untouched, when it does not fit them.
+
+    Stage 2 is launched over the ``num_queries`` rows only, not over the buffers' capacity: a graph
+    captured with this plan replays at its own batch size, always planned to exactly that many rows
+    (``init_forward_metadata_replay_cuda_graph`` checks it), so a larger grid would only add programs
+    that exit at once. On the H200 those cost 1.4-2.8 us a layer on the benchmark's trees of 16-64
+    queries in buffers for 256 (benchmarks/results/ab_launch_grids_h200.json). Stage 1's grid stays at
+    the capacity: how many work items a step has depends on its tree, and exiting stage-1 programs
+    measured no cost there."""
     padded = with_padding_queries(tree, num_queries)
     planner = planner or TreeDecodePlanner(plan.num_qo_heads, plan.num_kv_heads, plan.head_dim, kv_dtype=kv_dtype)
     try:
-        return planner.plan(padded, plan.meta.device, reuse=plan)
+        planned = planner.plan(padded, plan.meta.device, reuse=plan)
     except ValueError:
         # The planner checks every capacity before it writes. An error that is not about capacity
         # comes back from the eager step that takes over (plan_step raises it there).
         return None
+    return dataclasses.replace(planned, grid_queries=num_queries)
 
 
 def run_layer(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan, sm_scale: float,

@@ -234,6 +234,7 @@ def test_replays_match_eager_steps_bitwise(server_args, model_config):
     emulator = GraphEmulator(backend, kv_pool)
     for bs, meta in emulator.captured.items():  # every captured size reads the same fixed buffers
         assert meta.num_queries == bs and meta.plan.meta.data_ptr() == backend.graph_plan.meta.data_ptr()
+        assert meta.plan.grid_queries == bs  # stage 2 over the graph's own rows (the buffers hold 8)
     prompt = sim.fresh(150)
     sim.run_to_cache(prompt)
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(3)])

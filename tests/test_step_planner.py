@@ -27,6 +27,7 @@ def step_planner(sim: RadixSim, slack: int, max_queries: int = 16, kv_capacity: 
 def check(sim: RadixSim, reqs, seq_lens, step, num_queries: int) -> None:
     got = plan_kv_reads(step.plan)
     assert len(got) == num_queries
+    assert step.plan.grid_queries == num_queries  # stage 2 over the step's rows, not the buffers' 16
     for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
         assert sorted(got[b]) == sorted(sim.req_to_token[req.req_pool_idx, :n].tolist()), f"query {b}"
     for b in range(len(reqs), num_queries):
