@@ -148,5 +148,5 @@ class DecodeStepPlanner:
         for k, column in enumerate((tails.next_flat, tails.end, items * ITEM_FIELDS + 1, 1)):
             host[k * cap:k * cap + n] = column
         self._staging.upload(host, self._operands)
-        return _SteadyState(seq=seq, plan=plan, num_queries=num_queries, unique=built.unique_tokens, room=int(tails.slack.min()),
-                            num_tails=n)
+        return _SteadyState(seq=seq, plan=plan, num_queries=num_queries, unique=built.unique_tokens,
+                            room=int(tails.slack.min()), num_tails=n)
