@@ -61,8 +61,8 @@ class _SteadyState:
     # plan's: steady steps build nothing, so DecodeKVTreeBuilder.same_batch_as_last tells whether a
     # step is still that batch.
     seq: np.ndarray  # [B] the sequence lengths the buffers' plan is for
-    plan: TreeDecodePlan  # the full step's plan, which steady steps update in place
-    num_queries: int  # rows planned (B plus graph padding)
+    plan: TreeDecodePlan  # the full step's plan, which steady steps update in place; its
+    #                       num_queries: the rows planned (B plus graph padding)
     unique: int
     room: int  # steady steps left before a tail's slack runs out
     num_tails: int
@@ -110,7 +110,7 @@ class DecodeStepPlanner:
         seq = np.array(seq_lens_cpu.numpy(), dtype=np.int64)
         same_batch = self.builder.same_batch_as_last(reqs, seq)
         st = self._state
-        if (st is not None and same_batch and st.room > 0 and num_queries == st.num_queries
+        if (st is not None and same_batch and st.room > 0 and num_queries == st.plan.num_queries
                 and np.array_equal(seq, st.seq + 1)):
             self._advance(st, seq)
             return StepPlan(st.plan, int(seq.sum()), st.unique, True, None)
@@ -127,15 +127,15 @@ class DecodeStepPlanner:
         plan = plan_graph_step(self.buffers, built.tree, num_queries, self.planner.kv_dtype, self.planner)
         if plan is None:
             return None
-        self._state = self._steady_state(built, plan, len(reqs), seq, num_queries)
+        self._state = self._steady_state(built, plan, len(reqs), seq)
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
         self._advance_tails()
         st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails
 
-    def _steady_state(self, built: DecodeKVTree, plan: TreeDecodePlan, batch_size: int, seq: np.ndarray,
-                      num_queries: int) -> _SteadyState | None:
+    def _steady_state(self, built: DecodeKVTree, plan: TreeDecodePlan, batch_size: int,
+                      seq: np.ndarray) -> _SteadyState | None:
         """What later steady steps need, set up on the device; None when they cannot follow this plan."""
         tails = built.tails
         if tails is None or len(tails.req) != batch_size or int(tails.slack.min()) <= 0:
@@ -148,5 +148,5 @@ class DecodeStepPlanner:
         for k, column in enumerate((tails.next_flat, tails.end, items * ITEM_FIELDS + 1, 1)):
             host[k * cap:k * cap + n] = column
         self._staging.upload(host, self._operands)
-        return _SteadyState(seq=seq, plan=plan, num_queries=num_queries, unique=built.unique_tokens,
-                            room=int(tails.slack.min()), num_tails=n)
+        return _SteadyState(seq=seq, plan=plan, unique=built.unique_tokens, room=int(tails.slack.min()),
+                            num_tails=n)
