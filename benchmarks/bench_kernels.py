@@ -551,7 +551,8 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default="h200", help="file name tag: kernels_<tag>.json/.md")
     ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT/$GIT_COMMIT, else git)")
     ap.add_argument("--cases", default="all",
-                    help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six)")
+                    help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six), "
+                         "or 'low_concurrency' (batches of 1-16 queries, not in 'all')")
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                     help=f"comma-separated; default {','.join(DEFAULT_PROVIDERS)}; debug: {','.join(DEBUG_PROVIDERS)}")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 cases, short timing")
@@ -772,22 +773,32 @@ def measure_plan_300(args, device, meta) -> None:
         meta["plan_300node_256q_error"] = f"{type(e).__name__}: {e}"[:300]
 
 
+def select_cases(spec: str) -> list:
+    """The cases ``--cases`` names, in run order: keys and the sets ``all``, ``design`` and
+    ``low_concurrency``."""
+    known = T.all_cases() + T.low_concurrency_cases()
+    if spec == "all":
+        return T.all_cases()
+    keys = set()
+    for key in (k.strip() for k in spec.split(",") if k.strip()):
+        if key == "design":
+            keys |= {c.key for c in known if c.design_shared} | {"nosharing"}
+        elif key == "low_concurrency":
+            keys |= {c.key for c in T.low_concurrency_cases()}
+        elif key in {c.key for c in known}:
+            keys.add(key)
+        else:
+            raise SystemExit(f"unknown case {key!r}; --list shows them")
+    return [c for c in known if c.key in keys]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cases = T.all_cases()
     if args.list:
-        for c in cases:
+        for c in T.all_cases() + T.low_concurrency_cases():
             print(f"{c.key:14s} {c.name}  [{c.num_qo_heads}q/{c.num_kv_heads}kv/{c.head_dim}]")
         return 0
-    if args.cases != "all":
-        keys = [k.strip() for k in args.cases.split(",") if k.strip()]
-        if "design" in keys:
-            keys.remove("design")
-            keys += [c.key for c in cases if c.design_shared] + ["nosharing"]
-        unknown = set(keys) - {c.key for c in cases}
-        if unknown:
-            raise SystemExit(f"unknown case(s) {sorted(unknown)}; --list shows them")
-        cases = [c for c in cases if c.key in keys]
+    cases = select_cases(args.cases)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     for p in providers:
         if p not in SETUP:

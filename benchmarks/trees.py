@@ -175,6 +175,20 @@ def all_cases() -> list[Case]:
     ]
 
 
+def low_concurrency_cases() -> list[Case]:
+    """Small batches a single-user or lightly loaded server decodes (``--cases low_concurrency``, not
+    in ``all``): the README's "always deft" rule was measured at 64 requests; these check it where
+    a step has too few queries to fill the GPU without splitting each request's KV."""
+    return [
+        Case("b1_4k", "1 request, 4k", no_sharing(1, 4096)),
+        Case("b1_32k", "1 request, 32k", no_sharing(1, 32768)),
+        Case("b4_8k", "no sharing, 4 x 8k", no_sharing(4, 8192)),
+        Case("b16_2k", "no sharing, 16 x 2k", no_sharing(16, 2048)),
+        Case("n4_p2k", "n = 4: prefix 2k, 4 x 256", fork_tree([(1, 2048), (4, 256)])),
+        Case("n8_p8k", "n = 8: prefix 8k, 8 x 128", fork_tree([(1, 8192), (8, 128)])),
+    ]
+
+
 def quick_cases() -> list[str]:
     return ["p4k_16", "tree3", "spec"]
 

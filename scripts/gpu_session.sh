@@ -6,6 +6,8 @@
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e       # gpu_e2e.py, tiny then 8b
 #   bash scripts/gpu_session.sh e2e-tiny | e2e-8b                 # one model (if `e2e` had to skip 8b)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
+#                                                                 # queries, then the planner's knobs on them
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh bench-e2e # end-to-end decode tok/s, benchmarks/bench_e2e.py
 #   bash scripts/gpu_session.sh demo                              # `make demo`'s program on the GPU (CUDA graphs on)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh graphs    # deft with CUDA graphs: whole servers bitwise with/without
@@ -47,8 +49,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features" >&2
+  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features" >&2
      exit 2 ;;
 esac
 
@@ -95,6 +97,7 @@ EOF
   case "$PHASE" in
     kernels) phase_kernels ;;
     sweep) phase_sweep ;;
+    low-concurrency) phase_low_concurrency ;;
     e2e) phase_e2e tiny,8b ;;
     e2e-tiny) phase_e2e tiny ;;
     e2e-8b) phase_e2e 8b ;;
@@ -104,6 +107,21 @@ EOF
     step-host) phase_step_host ;;
     features) phase_features ;;
   esac
+}
+
+phase_low_concurrency() {
+  local rc_bench rc_sweep t
+  t=$SECONDS
+  timeout -k 10 $(( $(left) - 150 )) python3 benchmarks/bench_kernels.py --cases low_concurrency \
+      --tag h200_low_concurrency --out "$OUT" --commit "$COMMIT"
+  rc_bench=$?
+  say "bench_kernels rc=$rc_bench in $((SECONDS - t))s"
+  t=$SECONDS
+  (cd "$OVERLAY" && OUT="$OUT" CASES=b1_4k,b1_32k,b4_8k,b16_2k,n4_p2k,n8_p8k COMBOS="${COMBOS:-4:256,4:128,4:64,8:128,8:64,2:256}" \
+      timeout -k 10 $(( $(left) - 10 )) python3 "$REPO/benchmarks/experiments/plan_sweep.py")
+  rc_sweep=$?
+  say "plan_sweep rc=$rc_sweep in $((SECONDS - t))s"
+  [ "$rc_bench" -eq 0 ] && [ "$rc_sweep" -eq 0 ]
 }
 
 phase_kernels() {

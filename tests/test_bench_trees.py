@@ -34,7 +34,7 @@ def _load(name: str, path: Path):
 T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
 BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 
-CASES = {c.key: c for c in T.all_cases()}
+CASES = {c.key: c for c in T.all_cases() + T.low_concurrency_cases()}
 POOL = 1 << 18
 
 # key: (queries, nodes, unique KV tokens, path tokens of every query or None, heads q/kv/dim)
@@ -49,6 +49,12 @@ EXPECTED = {
     "p16k_64_h64": (64, 65, 16384 + 64 * 256, 16384 + 256, (64, 8, 128)),
     "p1k_256_h64": (256, 257, 1024 + 256 * 128, 1024 + 128, (64, 8, 128)),
     "spec": (64, 65, 2048 + 64, None, (32, 8, 128)),
+    "b1_4k": (1, 1, 4096, 4096, (32, 8, 128)),
+    "b1_32k": (1, 1, 32768, 32768, (32, 8, 128)),
+    "b4_8k": (4, 4, 4 * 8192, 8192, (32, 8, 128)),
+    "b16_2k": (16, 16, 16 * 2048, 2048, (32, 8, 128)),
+    "n4_p2k": (4, 5, 2048 + 4 * 256, 2048 + 256, (32, 8, 128)),
+    "n8_p8k": (8, 9, 8192 + 8 * 128, 8192 + 128, (32, 8, 128)),
 }
 
 
@@ -256,6 +262,18 @@ def test_sglang_split_count_copy_matches_sglang_kernel(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = [T.sglang_num_kv_splits(*x) for x in inputs]
     assert got == want
+
+
+def test_case_selection():
+    assert [c.key for c in BENCH.select_cases("all")] == [c.key for c in T.all_cases()]
+    low = [c.key for c in T.low_concurrency_cases()]
+    assert [c.key for c in BENCH.select_cases("low_concurrency")] == low
+    assert not set(low) & {c.key for c in T.all_cases()}
+    assert [c.key for c in BENCH.select_cases("spec, p4k_16,b1_4k")] == ["p4k_16", "spec", "b1_4k"]
+    design = {c.key for c in BENCH.select_cases("design")}
+    assert len(design) == 6 and "nosharing" in design
+    with pytest.raises(SystemExit, match="b1_5k"):
+        BENCH.select_cases("p4k_16,b1_5k")
 
 
 def test_bench_script_runs_on_cpu(tmp_path):
