@@ -21,7 +21,11 @@ converts the tile's tensor-core FLOPs (padded rows count: the hardware computes 
 the stage-1 kernel sustains relative to HBM bandwidth on Hopper; ``fixed`` is the Q tile load, the
 partial result written and read back by stage 2, and a per-program start-up latency. Chunks are
 sized so that the whole step makes about ``PROGRAMS_PER_SM`` programs per SM (of all KV heads), and
-never shorter than ``MIN_CHUNK_TOKENS``.
+never shorter than ``MIN_CHUNK_TOKENS``. Each segment's chunk count is its cost over the target,
+rounded up; when that passes one wave (``PROGRAMS_PER_SM`` x SMs programs) but rounding down fits,
+the segments with the largest remainders get the spare chunks instead, so that the step does not
+end with a few programs in a second wave (4 requests of 8k tokens: 68 items per KV head where 66
+fit; measured in ``benchmarks/results/kernels_h200_low_concurrency.md``).
 
 Merge. Every (chunk, query) produces one partial (output normalised by its own softmax sum, plus
 its log-sum-exp in base 2). Query b's partials are listed in ``merge_slots[merge_indptr[b]:...]``

@@ -71,12 +71,57 @@ double deft_pairwise_sum(const double *a, int64_t n) { return pairwise_sum(a, n)
  * argument's 16-byte alignment, so fields must not move with the batch size (see plan.py). */
 static int64_t aligned(int64_t offset) { return (offset + 3) / 4 * 4; }
 
-static int64_t chunks_of(double cost, double target, int64_t len, int64_t min_chunk_tokens) {
-    int64_t n = (int64_t)ceil(cost / target);
-    int64_t most = len / min_chunk_tokens;
-    if (n < 1) n = 1;
-    if (most < 1) most = 1;
-    return n < most ? n : most;
+/* A tile's chunk count: ``n`` rounded as the caller chose, at least 1, at most one per
+ * ``min_chunk_tokens`` of its ``len`` tokens. */
+static int64_t clamp_chunks(double n, int64_t len, int64_t min_chunk_tokens) {
+    const int64_t most = len / min_chunk_tokens > 1 ? len / min_chunk_tokens : 1;
+    if (!(n >= 1.0)) return 1;
+    return n < (double)most ? (int64_t)n : most;
+}
+
+typedef struct {
+    double frac;
+    int64_t tile, tiles; /* the group's first tile and its number of tiles */
+} Remainder;
+
+static int by_remainder(const void *a, const void *b) {
+    const Remainder *x = a, *y = b;
+    if (x->frac != y->frac) return x->frac > y->frac ? -1 : 1;
+    return x->tile < y->tile ? -1 : x->tile > y->tile;
+}
+
+/* One wave of programs: when rounding every tile's chunk count up (``t_chunks``, ``n_items`` in all)
+ * passes ``target_items`` but rounding down fits, the groups with the largest remainders (ties: the
+ * lower tile) get one chunk more while their tiles fit in the spare items. A group's tiles keep one
+ * chunk count (the items are laid out chunk by chunk). A few items past the wave would run as a
+ * second wave of whole programs (4 x 8k tokens, no sharing: 68 items where 66 fit, 60.6 us against
+ * 51.7 with half the chunks). Returns the items; -1 when out of memory. */
+static int64_t fit_one_wave(const double *tile_cost, const int64_t *tile_len, const int64_t *tile_node,
+                            int64_t n_tiles, double target, int64_t target_items, int64_t min_chunk_tokens,
+                            int64_t *t_chunks, int64_t n_items) {
+    if (n_items <= target_items) return n_items;
+    int64_t floors = 0;
+    for (int64_t t = 0; t < n_tiles; t++) floors += clamp_chunks(floor(tile_cost[t] / target), tile_len[t], min_chunk_tokens);
+    if (floors > target_items) return n_items;
+    Remainder *rem = malloc(sizeof(Remainder) * (n_tiles + 1));
+    if (!rem) return -1;
+    int64_t n_rem = 0;
+    for (int64_t t = 0, g_end; t < n_tiles; t = g_end) {
+        for (g_end = t + 1; g_end < n_tiles && tile_node[g_end] == tile_node[t];) g_end++;
+        const double x = tile_cost[t] / target;
+        const int64_t down = clamp_chunks(floor(x), tile_len[t], min_chunk_tokens);
+        if (down < t_chunks[t]) rem[n_rem++] = (Remainder){x - floor(x), t, g_end - t};
+        for (int64_t u = t; u < g_end; u++) t_chunks[u] = down;
+    }
+    qsort(rem, n_rem, sizeof(Remainder), by_remainder);
+    int64_t spare = target_items - floors;
+    for (int64_t k = 0; k < n_rem; k++) {
+        if (rem[k].tiles > spare) continue;
+        for (int64_t u = rem[k].tile; u < rem[k].tile + rem[k].tiles; u++) t_chunks[u]++;
+        spare -= rem[k].tiles;
+    }
+    free(rem);
+    return target_items - spare;
 }
 
 /* Plans one step into ``out`` (int32, ``out_len`` elements): qperm at 0, then the items, the counts,
@@ -151,15 +196,15 @@ int64_t deft_schedule(const int32_t *node_indptr, const int32_t *node_parent, in
         status = DEFT_TOO_MANY_TILES;
         goto done;
     }
-    /* Per tile: node, query start, query count, small?, chunks. */
-    tile_mem = malloc(sizeof(int64_t) * (5 * n_tiles + 1));
+    /* Per tile: node, query start, query count, small?, chunks, KV length. */
+    tile_mem = malloc(sizeof(int64_t) * (6 * n_tiles + 1));
     tile_cost = malloc(sizeof(double) * (n_tiles + 1));
     if (!tile_mem || !tile_cost) {
         status = DEFT_NO_MEMORY;
         goto done;
     }
     int64_t *t_node = tile_mem, *t_qs = tile_mem + n_tiles, *t_qc = tile_mem + 2 * n_tiles;
-    int64_t *t_small = tile_mem + 3 * n_tiles, *t_chunks = tile_mem + 4 * n_tiles;
+    int64_t *t_small = tile_mem + 3 * n_tiles, *t_chunks = tile_mem + 4 * n_tiles, *t_len = tile_mem + 5 * n_tiles;
     int64_t fixed = 0, t = 0;
     for (int64_t i = 0; i < N; i++) {
         const int64_t len = node_indptr[i + 1] - node_indptr[i];
@@ -184,12 +229,18 @@ int64_t deft_schedule(const int32_t *node_indptr, const int32_t *node_parent, in
     double target = (pairwise_sum(tile_cost, n_tiles) + (double)fixed) / (double)target_items;
     if (!(target >= 1.0)) target = 1.0;
     int64_t n_items;
+    for (t = 0; t < n_tiles; t++) t_len[t] = node_indptr[t_node[t] + 1] - node_indptr[t_node[t]];
     for (;;) {
         n_items = 0;
         for (t = 0; t < n_tiles; t++) {
-            t_chunks[t] = chunks_of(tile_cost[t], target, node_indptr[t_node[t] + 1] - node_indptr[t_node[t]],
-                                    min_chunk_tokens);
+            t_chunks[t] = clamp_chunks(ceil(tile_cost[t] / target), t_len[t], min_chunk_tokens);
             n_items += t_chunks[t];
+        }
+        n_items = fit_one_wave(tile_cost, t_len, t_node, n_tiles, target, target_items, min_chunk_tokens, t_chunks,
+                               n_items);
+        if (n_items < 0) {
+            status = DEFT_NO_MEMORY;
+            goto done;
         }
         if (cap_items < 0 || n_items <= cap_items) break;
         target *= 1.5; /* coarsen the chunks until the plan fits a fixed capacity */

@@ -70,6 +70,35 @@ def test_chunks_balance_a_long_root_against_short_tails():
         assert idx == list(range(idx[0], idx[0] + len(idx)))
 
 
+@pytest.mark.parametrize("lengths,num_items", [
+    ([8192] * 4, 66),  # 4 x 16.5 chunks: 17 each would be 68 items, two past one wave
+    ([8192] * 8, 66),  # 8 x 8.25: 72
+    ([16384] * 32, 66),  # 32 x 2.06: 96
+    ([8192] * 3, 66),  # 3 x 22: exact, never rounded
+    ([4096] * 4, 64),  # 16 each, capped by the minimum chunk: nothing to fit
+])
+def test_chunk_counts_fit_one_wave(lengths, num_items):
+    """Rounding each request's chunk count up must not push a few programs into a second wave
+    (132 SMs x 4 programs / 8 KV heads = 66 items) when rounding down fits: the largest remainders
+    take the spare items instead."""
+    n = len(lengths)
+    tree = make_tree([-1] * n, lengths, list(range(n)), pool=2 * sum(lengths))
+    items = schedule(tree)[1]
+    assert len(items) == num_items
+    per_request = np.unique(items[:, 2], return_counts=True)[1]  # q_start: the request's position
+    assert per_request.max() - per_request.min() <= 1
+
+
+def test_chunk_counts_fit_one_wave_keep_a_groups_tiles_alike():
+    # 40 queries x GQA 4 share a 8k root: three query tiles, which must be cut alike (the items are
+    # laid out chunk by chunk), beside two private 8k and 4k requests.
+    tree = make_tree([-1, 0, -1, -1], [8192, 300, 8192, 4000], [1] * 40 + [2, 3], pool=60000)
+    qperm, items, num_large, *_ = schedule(tree)
+    assert len(items) == 66
+    per_tile = Counter(int(q) for q in items[:num_large][items[:num_large, 1] > 300][:, 2])
+    assert sorted(per_tile) == [0, 16, 32] and len(set(per_tile.values())) == 1
+
+
 def test_no_split_below_min_chunk():
     tree = make_tree([-1, 0, 0], [MIN_CHUNK_TOKENS - 1, 5, 5], [1, 2])
     items = schedule(tree, num_sms=1000)[1]

@@ -1,7 +1,8 @@
 """The planner's host code against the implementation it replaced, bit for bit.
 
 ``build_schedule_reference`` below is ``build_schedule`` as it was before its host time was cut
-(commit 478fb4e: a Python preorder walk, then numpy per tile and per item). It is the specification:
+(commit 478fb4e: a Python preorder walk, then numpy per tile and per item), with the one-wave
+rounding of the chunk counts added since. It is the specification:
 the faster ``build_schedule`` must return the very same arrays (values and dtypes), so plans, the
 kernels' work and the merge order are unchanged.
 """
@@ -43,7 +44,8 @@ def build_schedule_reference(node_indptr: np.ndarray, node_parent: np.ndarray, q
                              large_rows: int = LARGE_ROWS, programs_per_sm: int = PROGRAMS_PER_SM,
                              max_items: int | None = None):
     """Returns (qperm, items [I,5], num_large, merge_indptr, merge_slots, num_partials), as the
-    planner did before its host time was cut. Kept verbatim: the specification of build_schedule."""
+    planner did before its host time was cut, plus the one-wave rounding of the chunk counts added
+    since (``chunk_counts``). The specification of build_schedule."""
     B = len(query_node)
     pre, size = _preorder_reference(node_parent.tolist())
     qpre = pre[query_node] if B else np.zeros(0, np.int64)
@@ -77,11 +79,31 @@ def build_schedule_reference(node_indptr: np.ndarray, node_parent: np.ndarray, q
     target_items = max(1, (programs_per_sm * num_sms) // max(num_kv_heads, 1))
     target = max(float(t_cost.sum() + t_fixed.sum()) / target_items, 1.0)
     max_chunks = np.maximum(1, t_len // MIN_CHUNK_TOKENS)
-    nchunks = np.minimum(np.maximum(1, np.ceil(t_cost / target).astype(np.int64)), max_chunks)
+
+    def chunk_counts(target):
+        x = t_cost / target
+        n = np.minimum(np.maximum(1, np.ceil(x).astype(np.int64)), max_chunks)
+        # One wave: if rounding every tile up passes target_items but rounding down fits, the
+        # largest remainders take the spare items (ties: the lower tile).
+        base = np.minimum(np.maximum(1, np.floor(x).astype(np.int64)), max_chunks)
+        if n.sum() > target_items and base.sum() <= target_items:
+            # Per group (its tiles share a chunk count), while its tiles fit in the spare items.
+            first = np.nonzero(np.r_[True, t_group[1:] != t_group[:-1]])[0] if len(t_group) else t_group
+            frac = x - np.floor(x)
+            spare = target_items - base.sum()
+            for t in first[np.lexsort((first, -frac[first]))]:
+                tiles = t_group == t_group[t]
+                if base[t] < n[t] and tiles.sum() <= spare:
+                    base[tiles] += 1
+                    spare -= tiles.sum()
+            n = base
+        return n
+
+    nchunks = chunk_counts(target)
     # Coarsen the chunks until the plan fits a fixed capacity.
     while max_items is not None and nchunks.sum() > max_items:
         target *= 1.5
-        nchunks = np.minimum(np.maximum(1, np.ceil(t_cost / target).astype(np.int64)), max_chunks)
+        nchunks = chunk_counts(target)
 
     i_tile = np.repeat(np.arange(len(t_node)), nchunks)
     i_k = np.arange(len(i_tile)) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
