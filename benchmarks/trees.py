@@ -183,7 +183,9 @@ def low_concurrency_cases() -> list[Case]:
         Case("b1_4k", "1 request, 4k", no_sharing(1, 4096)),
         Case("b1_32k", "1 request, 32k", no_sharing(1, 32768)),
         Case("b4_8k", "no sharing, 4 x 8k", no_sharing(4, 8192)),
+        Case("b8_8k", "no sharing, 8 x 8k", no_sharing(8, 8192)),
         Case("b16_2k", "no sharing, 16 x 2k", no_sharing(16, 2048)),
+        Case("b16_8k", "no sharing, 16 x 8k", no_sharing(16, 8192)),
         Case("n4_p2k", "n = 4: prefix 2k, 4 x 256", fork_tree([(1, 2048), (4, 256)])),
         Case("n8_p8k", "n = 8: prefix 8k, 8 x 128", fork_tree([(1, 8192), (8, 128)])),
     ]
