@@ -519,9 +519,11 @@ def markdown(report: dict) -> str:
     if gm:
         out += ["", f"Geomean deft speedup over the best baseline on DESIGN.md's shared trees "
                     f"({n_design} of 5 run): {gm:.2f}x"]
-    else:
+    elif n_design:
         out += ["", "Geomean speedup: not available (a shared DESIGN.md tree without a correct deft and "
-                    "baseline pair, or none run)."]
+                    "baseline pair)."]
+    else:
+        out.append("")
     if meta.get("plan_300node_256q_us"):
         out.append(f"`plan_tree_decode`, 256 queries on a 300-node tree (host, until the device buffers are "
                    f"ready): {meta['plan_300node_256q_us']['median_us']:.0f} µs median wall time"
