@@ -93,9 +93,10 @@ static int by_remainder(const void *a, const void *b) {
 /* One wave of programs: when rounding every tile's chunk count up (``t_chunks``, ``n_items`` in all)
  * passes ``target_items`` but rounding down fits, the groups with the largest remainders (ties: the
  * lower tile) get one chunk more while their tiles fit in the spare items. A group's tiles keep one
- * chunk count (the items are laid out chunk by chunk). A few items past the wave would run as a
- * second wave of whole programs (4 x 8k tokens, no sharing: 68 items where 66 fit, 60.6 us against
- * 51.7 with half the chunks). Returns the items; -1 when out of memory. */
+ * chunk count (the items are laid out chunk by chunk). A few items past the wave run as a second
+ * wave of whole programs: on the H200, 4 requests of 8k tokens planned into 68 items per KV head where
+ * 66 fit took 60.3 us a step, and 50.3 in 66 (benchmarks/results/ab_one_wave_h200.json). Returns the
+ * items; -1 when out of memory. */
 static int64_t fit_one_wave(const double *tile_cost, const int64_t *tile_len, const int64_t *tile_node,
                             int64_t n_tiles, double target, int64_t target_items, int64_t min_chunk_tokens,
                             int64_t *t_chunks, int64_t n_items) {
