@@ -554,7 +554,8 @@ def parse_args(argv=None):
     ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT/$GIT_COMMIT, else git)")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six), "
-                         "or 'low_concurrency' (batches of 1-16 queries, not in 'all')")
+                         "or 'low_concurrency' (batches of 1-16 queries) or 'head_dims' (head dims 64, 96, 256), "
+                         "neither in 'all'")
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                     help=f"comma-separated; default {','.join(DEFAULT_PROVIDERS)}; debug: {','.join(DEBUG_PROVIDERS)}")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 cases, short timing")
@@ -776,9 +777,9 @@ def measure_plan_300(args, device, meta) -> None:
 
 
 def select_cases(spec: str) -> list:
-    """The cases ``--cases`` names, in run order: keys and the sets ``all``, ``design`` and
-    ``low_concurrency``."""
-    known = T.all_cases() + T.low_concurrency_cases()
+    """The cases ``--cases`` names, in run order: keys and the sets ``all``, ``design``,
+    ``low_concurrency`` and ``head_dims``."""
+    known = T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases()
     if spec == "all":
         return T.all_cases()
     keys = set()
@@ -787,6 +788,8 @@ def select_cases(spec: str) -> list:
             keys |= {c.key for c in known if c.design_shared} | {"nosharing"}
         elif key == "low_concurrency":
             keys |= {c.key for c in T.low_concurrency_cases()}
+        elif key == "head_dims":
+            keys |= {c.key for c in T.head_dim_cases()}
         elif key in {c.key for c in known}:
             keys.add(key)
         else:
@@ -797,7 +800,7 @@ def select_cases(spec: str) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
-        for c in T.all_cases() + T.low_concurrency_cases():
+        for c in T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases():
             print(f"{c.key:14s} {c.name}  [{c.num_qo_heads}q/{c.num_kv_heads}kv/{c.head_dim}]")
         return 0
     cases = select_cases(args.cases)

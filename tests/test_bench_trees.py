@@ -34,7 +34,7 @@ def _load(name: str, path: Path):
 T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
 BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 
-CASES = {c.key: c for c in T.all_cases() + T.low_concurrency_cases()}
+CASES = {c.key: c for c in T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases()}
 POOL = 1 << 18
 
 # key: (queries, nodes, unique KV tokens, path tokens of every query or None, heads q/kv/dim)
@@ -57,6 +57,10 @@ EXPECTED = {
     "b16_8k": (16, 16, 16 * 8192, 8192, (32, 8, 128)),
     "n4_p2k": (4, 5, 2048 + 4 * 256, 2048 + 256, (32, 8, 128)),
     "n8_p8k": (8, 9, 8192 + 8 * 128, 8192 + 128, (32, 8, 128)),
+    **{f"p4k_64_d{d}": (64, 65, 4096 + 64 * 256, 4096 + 256, heads)
+       for d, heads in [(64, (32, 8, 64)), (96, (32, 32, 96)), (256, (16, 16, 256))]},
+    **{f"nosharing_d{d}": (64, 64, 64 * 2048, 2048, heads)
+       for d, heads in [(64, (32, 8, 64)), (96, (32, 32, 96)), (256, (16, 16, 256))]},
 }
 
 
@@ -272,6 +276,7 @@ def test_case_selection():
     assert [c.key for c in BENCH.select_cases("low_concurrency")] == low
     assert not set(low) & {c.key for c in T.all_cases()}
     assert [c.key for c in BENCH.select_cases("spec, p4k_16,b1_4k")] == ["p4k_16", "spec", "b1_4k"]
+    assert [c.key for c in BENCH.select_cases("head_dims")] == [c.key for c in T.head_dim_cases()]
     design = {c.key for c in BENCH.select_cases("design")}
     assert len(design) == 6 and "nosharing" in design
     with pytest.raises(SystemExit, match="b1_5k"):
