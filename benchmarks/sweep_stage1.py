@@ -80,8 +80,8 @@ class Config:
                 f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
 
 
-def default_config() -> Config:
-    return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, STAGES.stage1_config(128, PLAN.LARGE_ROWS))
+def default_config(head_dim: int = 128) -> Config:
+    return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, STAGES.stage1_config(head_dim, PLAN.LARGE_ROWS))
 
 
 def _with(base: Config, large_rows=None, programs_per_sm=None, **launch) -> Config:
@@ -104,7 +104,15 @@ def quick_grid(base: Config) -> list[Config]:
     return [_with(base, num_stages=4)]
 
 
-GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid}
+def d256_grid(base: Config) -> list[Config]:
+    """Head dim 256 (the Triton kernel there): 16- or 32-token blocks, 4 or 8 warps, 2-4 stages, and
+    each tile size in its own launch."""
+    return [_with(base, block_n_large=nl, block_n_small=ns, num_warps=w, num_stages=st)
+            for nl, ns, w, st in ((16, 16, 4, 3), (16, 16, 4, 4), (16, 16, 8, 4), (16, 16, 8, 2), (32, 32, 8, 2),
+                                  (32, 16, 8, 2), (16, 32, 8, 2))] + [_with(base, separate_launches=True)]
+
+
+GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "d256": d256_grid}
 
 
 class Case:
@@ -170,9 +178,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
-    by_key = {c.key: c for c in T.all_cases()}
+    by_key = {c.key: c for c in T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases()}
     cases = {key: Case(by_key[key], device) for key in args.cases.split(",")}
-    default = default_config()
+    head_dims = {case.case.head_dim for case in cases.values()}
+    if len(head_dims) != 1:
+        raise SystemExit(f"one head dim per sweep (its default config depends on it): {sorted(head_dims)}")
+    default = default_config(head_dims.pop())
     report = {"default": default.key(), "configs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 
