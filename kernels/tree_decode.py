@@ -207,12 +207,15 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     latency-bound small-tile programs lost occupancy (no sharing 64 x 2k: 205 us against 152). Two
     launches (each sized to its tiles) lose more to the second launch waiting for the first to
     drain than they win back (geomean 0.99). Blocks shrink with head_dim so K and V, three stages
-    deep, fit in shared memory; the accumulator (rows x head_dim fp32) needs 8 warps past 64 x 128.
+    deep, fit in shared memory. 128-row tiles take 8 warps (row 6 of the experiments); 64-row tiles 4,
+    also at head_dim 256 (200 registers, no spills), where 8 warps took 1.27-1.34x the time (prefix 4k
+    x 64: 192 against 151 us, no sharing 64 x 2k: 1049 against 781;
+    `benchmarks/results/sweep_stage1_d256_h200.md`).
     """
     if device is not None and dtype is not None and _hopper_unsupported(device, dtype, head_dim, large_rows) is None:
         return HOPPER_CONFIG
     block_n = 32 // max(1, head_dim // 128)
-    return Stage1Config(block_n, block_n, 8 if large_rows * head_dim > 64 * 128 else 4, 3)
+    return Stage1Config(block_n, block_n, 8 if large_rows > 64 else 4, 3)
 
 
 def _common_dtype(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> torch.dtype | None:
