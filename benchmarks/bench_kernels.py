@@ -779,7 +779,7 @@ def measure_plan_300(args, device, meta) -> None:
 def select_cases(spec: str) -> list:
     """The cases ``--cases`` names, in run order: keys and the sets ``all``, ``design``,
     ``low_concurrency`` and ``head_dims``."""
-    known = T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases()
+    known = T.every_case()
     if spec == "all":
         return T.all_cases()
     keys = set()
@@ -800,7 +800,7 @@ def select_cases(spec: str) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
-        for c in T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases():
+        for c in T.every_case():
             print(f"{c.key:14s} {c.name}  [{c.num_qo_heads}q/{c.num_kv_heads}kv/{c.head_dim}]")
         return 0
     cases = select_cases(args.cases)

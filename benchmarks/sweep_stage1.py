@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
-    by_key = {c.key: c for c in T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases()}
+    by_key = {c.key: c for c in T.every_case()}
     cases = {key: Case(by_key[key], device) for key in args.cases.split(",")}
     head_dims = {case.case.head_dim for case in cases.values()}
     if len(head_dims) != 1:

@@ -202,6 +202,11 @@ def head_dim_cases() -> list[Case]:
         Case(f"nosharing_d{d}", f"no sharing, 64 x 2k ({hq} q / {hkv} kv heads of {d})", flat, hq, hkv, d))]
 
 
+def every_case() -> list[Case]:
+    """All cases any script can name: ``all_cases`` and the sets outside it."""
+    return all_cases() + low_concurrency_cases() + head_dim_cases()
+
+
 def quick_cases() -> list[str]:
     return ["p4k_16", "tree3", "spec"]
 

@@ -34,7 +34,7 @@ def _load(name: str, path: Path):
 T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
 BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 
-CASES = {c.key: c for c in T.all_cases() + T.low_concurrency_cases() + T.head_dim_cases()}
+CASES = {c.key: c for c in T.every_case()}
 POOL = 1 << 18
 
 # key: (queries, nodes, unique KV tokens, path tokens of every query or None, heads q/kv/dim)

@@ -34,7 +34,7 @@ for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
     mod = S.load_module(path[0]) if path else STAGES
     variants.append((int(bp), int(w), mod, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
-by_key = {c.key: c for c in S.T.all_cases() + S.T.low_concurrency_cases()}
+by_key = {c.key: c for c in S.T.every_case()}
 report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
 
 

@@ -23,7 +23,7 @@ combos = [tuple(float(x) for x in c.split(":")) for c in
           os.environ.get("COMBOS", "4:128,3:128,5:128,6:128,8:128,4:64,4:256,8:64,6:64").split(",")]
 DEFAULTS = (PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES)
 cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
-by_key = {c.key: c for c in S.T.all_cases() + S.T.low_concurrency_cases()}
+by_key = {c.key: c for c in S.T.every_case()}
 report = {}
 for key in cases:
     case = S.Case(by_key[key], torch.device("cuda"))
