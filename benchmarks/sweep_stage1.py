@@ -32,7 +32,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_kernels import T, _kernels, check  # noqa: E402  (the benchmark's trees, kernel import, output check)
+# The benchmark's trees, kernel import, output check and --cases names.
+from bench_kernels import T, _kernels, check, select_cases  # noqa: E402
 
 K = _kernels()
 PLAN = importlib.import_module(K.__name__ + ".plan")
@@ -80,7 +81,7 @@ class Config:
                 f"w{c.num_warps} s{c.num_stages}{' sep' if c.separate_launches else ''}")
 
 
-def default_config(head_dim: int = 128) -> Config:
+def default_config(head_dim: int) -> Config:
     return Config(PLAN.LARGE_ROWS, PLAN.PROGRAMS_PER_SM, STAGES.stage1_config(head_dim, PLAN.LARGE_ROWS))
 
 
@@ -178,8 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
-    by_key = {c.key: c for c in T.every_case()}
-    cases = {key: Case(by_key[key], device) for key in args.cases.split(",")}
+    cases = {c.key: Case(c, device) for c in select_cases(args.cases)}
     head_dims = {case.case.head_dim for case in cases.values()}
     if len(head_dims) != 1:
         raise SystemExit(f"one head dim per sweep (its default config depends on it): {sorted(head_dims)}")

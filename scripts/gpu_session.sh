@@ -117,7 +117,7 @@ phase_low_concurrency() {
   rc_bench=$?
   say "bench_kernels rc=$rc_bench in $((SECONDS - t))s"
   t=$SECONDS
-  (cd "$OVERLAY" && OUT="$OUT" CASES=b1_4k,b1_32k,b4_8k,b8_8k,b16_2k,b16_8k,n4_p2k,n8_p8k COMBOS="${COMBOS:-4:256,4:128,4:64,8:128,8:64,2:256}" \
+  (cd "$OVERLAY" && OUT="$OUT" CASES=low_concurrency COMBOS="${COMBOS:-4:256,4:128,4:64,8:128,8:64,2:256}" \
       timeout -k 10 $(( $(left) - 10 )) python3 "$REPO/benchmarks/experiments/plan_sweep.py")
   rc_sweep=$?
   say "plan_sweep rc=$rc_sweep in $((SECONDS - t))s"

@@ -27,14 +27,14 @@ from sglang_deft.tree_attention import plan_limits  # noqa: E402
 
 K = S.K
 MAX_BS = int(os.environ.get("MAX_BS", "256"))
-cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
-by_key = {c.key: c for c in S.T.all_cases()}
+cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
 device = torch.device("cuda")
 report = {"gpu": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
           "commit": os.environ.get("DEFT_COMMIT", "?"), "max_bs": MAX_BS}
 
-for key in cases:
-    case = S.Case(by_key[key], device)
+for bench_case in cases:
+    key = bench_case.key
+    case = S.Case(bench_case, device)
     c = case.case
     B, T = case.q.shape[0], case.tree.kv_indices.numel()
     limits = plan_limits(MAX_BS, c.num_qo_heads, c.num_kv_heads, device)

@@ -32,11 +32,11 @@ for item in os.environ["VARIANTS"].split(","):
     name, spec = item.split("=")
     mod, *nums = spec.split(":")
     variants[name] = (module(mod), [int(x) for x in nums])
-cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
-by_key = {c.key: c for c in S.T.all_cases()}
+cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
 report = {"variants": os.environ["VARIANTS"]}
-for key in cases:
-    case = S.Case(by_key[key], torch.device("cuda"))
+for bench_case in cases:
+    key = bench_case.key
+    case = S.Case(bench_case, torch.device("cuda"))
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     res = report.setdefault(key, {})

@@ -33,8 +33,7 @@ for v in os.environ.get("VARIANTS", "16:2,32:2").split(","):
     bp, w, *path = v.split(":")
     mod = S.load_module(path[0]) if path else STAGES
     variants.append((int(bp), int(w), mod, f"p{bp}w{w}" + (f"_{Path(path[0]).stem}" if path else "")))
-cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
-by_key = {c.key: c for c in S.T.every_case()}
+cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
 report = {"variants": os.environ.get("VARIANTS", "16:2,32:2")}
 
 
@@ -51,8 +50,9 @@ def stage2(plan, out, block_p, warps, mod):
         **({"HEADS": heads} if heads > 1 else {}))
 
 
-for key in cases:
-    case = S.Case(by_key[key], torch.device("cuda"))
+for bench_case in cases:
+    key = bench_case.key
+    case = S.Case(bench_case, torch.device("cuda"))
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim)

@@ -3,6 +3,7 @@
 On the GPU host (the repo's overlay on PYTHONPATH, as scripts/gpu_session.sh builds it):
     COMBOS=4:128,4:256 OUT=$OUT python3 benchmarks/experiments/plan_sweep.py
     COMBOS=4:256:100:16384,4:256:50:32768 ...   # also the cost model's FLOP_PER_BYTE, PROGRAM_LATENCY_BYTES
+CASES takes bench_kernels.py's --cases names (keys, or a set such as low_concurrency).
 Writes $OUT/plan_sweep.json: per case, the step's median us per "ppP_minM[_fF_lL]" (3 alternating rounds).
 """
 import json
@@ -22,11 +23,11 @@ K, PLAN, check = S.K, S.PLAN, S.check
 combos = [tuple(float(x) for x in c.split(":")) for c in
           os.environ.get("COMBOS", "4:128,3:128,5:128,6:128,8:128,4:64,4:256,8:64,6:64").split(",")]
 DEFAULTS = (PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES)
-cases = os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec").split(",")
-by_key = {c.key: c for c in S.T.every_case()}
+cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
 report = {}
-for key in cases:
-    case = S.Case(by_key[key], torch.device("cuda"))
+for bench_case in cases:
+    key = bench_case.key
+    case = S.Case(bench_case, torch.device("cuda"))
     q, k, v, scale = case.q, case.k, case.v, case.scale
     fns, res = {}, report.setdefault(key, {})
     for combo in combos:
