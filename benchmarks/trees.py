@@ -193,13 +193,14 @@ def low_concurrency_cases() -> list[Case]:
 
 def head_dim_cases() -> list[Case]:
     """Other models' head shapes (``--cases head_dims``, not in ``all``): Llama-3.2-1B's 32 q / 8 kv heads
-    of 64 (the Hopper kernel), Phi-3-mini's 32 / 32 of 96 (padded to 128) and 16 / 16 of 256 (the
-    Triton kernel), each on the 4k prefix shared by 64 requests and without sharing."""
+    of 64, Phi-3-mini's 32 / 32 of 96 (padded to 128), 16 / 16 of 256 and Gemma-2-9B's 16 / 8 of 256, each
+    on the 4k prefix shared by 64 requests and without sharing."""
     p4k = fork_tree([(1, 4096), (64, 256)])
     flat = no_sharing(64, 2048)
-    return [case for hq, hkv, d in [(32, 8, 64), (32, 32, 96), (16, 16, 256)] for case in (
-        Case(f"p4k_64_d{d}", f"prefix 4k, 64 x 256 ({hq} q / {hkv} kv heads of {d})", p4k, hq, hkv, d),
-        Case(f"nosharing_d{d}", f"no sharing, 64 x 2k ({hq} q / {hkv} kv heads of {d})", flat, hq, hkv, d))]
+    return [case for hq, hkv, d, tag in [(32, 8, 64, ""), (32, 32, 96, ""), (16, 16, 256, ""), (16, 8, 256, "_g2")]
+            for case in (
+        Case(f"p4k_64_d{d}{tag}", f"prefix 4k, 64 x 256 ({hq} q / {hkv} kv heads of {d})", p4k, hq, hkv, d),
+        Case(f"nosharing_d{d}{tag}", f"no sharing, 64 x 2k ({hq} q / {hkv} kv heads of {d})", flat, hq, hkv, d))]
 
 
 def every_case() -> list[Case]:

@@ -217,28 +217,40 @@ def _tree_decode_stage1_hopper(
     Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, LARGE_M: gl.constexpr, SMALL_M: gl.constexpr,
-    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
+    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr, TILES: gl.constexpr,
 ):
+    # TILES 0: large and small items in one launch; 1 / 2: large / small items only (a launch per kind,
+    # each compiled to its own registers and shared memory).
     kv_head = gl.program_id(0)
-    item = gl.program_id(1)
+    pid = gl.program_id(1)
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
     num_large = gl.load(counts)
-    if item < num_large:
+    if TILES == 2:
+        if pid < gl.load(counts + 1):
+            _attend_item(Q, K, V, kv_indices, qperm, items, num_large + pid, kv_head, partial_out, partial_lse,
+                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, SMALL_M, BLOCK, STAGES, False, USE_CAP,
+                         WARPS)
+    elif pid < num_large:
+        item = pid
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS)
-    elif item < num_large + gl.load(counts + 1):
+    elif TILES == 0 and pid < num_large + gl.load(counts + 1):
+        item = pid
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS)
 
 
-def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int):
-    """One launch over every work item of ``plan``; returns the compiled kernel."""
+def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, tiles: int = 0,
+           block: int = BLOCK_N, stages: int = RING):
+    """One launch over the work items of ``plan`` (both kinds, or only large / small ones for ``tiles`` 1 / 2);
+    returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
-        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=BLOCK_N,
-        STAGES=RING, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)
+        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=block,
+        STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, TILES=tiles, num_warps=NUM_WARPS)
