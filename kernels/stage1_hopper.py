@@ -16,6 +16,12 @@ Per block, the softmax scale rides in exp2's argument (one FFMA per score instea
 subtract) and only an item's last block masks tokens past its end: 1-3% off the step on the larger
 trees (`benchmarks/results/ab_stage1_h200.json`).
 
+At head_dim 256 the same shape holds a [64, 256] fp32 accumulator (~190 registers) and 96 KB of shared
+memory: two programs per SM. It still took 0.63-0.69x the Triton kernel's step time on the H200 (no sharing
+64 x 2k, 16 q / 16 kv heads: 494 against 784 us, the Triton loop paying a gathered-load round trip per
+16-token block); a launch per tile kind, each compiled to its own registers, or 16-token blocks were
+slower (`benchmarks/results/ab_head_dim_256_h200.json`).
+
 Tiles, as in the Triton kernel: large tiles (``LARGE_M`` = 64 rows of (query, GQA head)) on one
 warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) with mma.sync, the
 four warps splitting the block's tokens. Both run in one launch, large items first.
@@ -36,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
 LARGE_ROWS = 64  # one warpgroup's wgmma tile
 BLOCK_N = 32  # KV tokens per block, both tile kinds
-RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q: 4 programs per SM)
+RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
 NUM_WARPS = 4
 TRITON_VERSIONS = ("3.6",)
 
@@ -52,8 +58,8 @@ def unsupported_reason(device, dtype, head_dim: int, large_rows: int) -> str | N
         return f"compute capability {torch.cuda.get_device_capability(device)} (needs sm_90)"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{dtype} (needs float16 or bfloat16)"
-    if head_dim not in (64, 128):
-        return f"head_dim {head_dim} (needs 64 or 128)"
+    if head_dim not in (64, 128, 256):
+        return f"head_dim {head_dim} (needs 64, 128 or 256)"
     if large_rows != LARGE_ROWS:
         return f"large tiles of {large_rows} rows (needs {LARGE_ROWS})"
     return None
@@ -217,40 +223,28 @@ def _tree_decode_stage1_hopper(
     Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, LARGE_M: gl.constexpr, SMALL_M: gl.constexpr,
-    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr, TILES: gl.constexpr,
+    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
 ):
-    # TILES 0: large and small items in one launch; 1 / 2: large / small items only (a launch per kind,
-    # each compiled to its own registers and shared memory).
     kv_head = gl.program_id(0)
-    pid = gl.program_id(1)
+    item = gl.program_id(1)
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
     num_large = gl.load(counts)
-    if TILES == 2:
-        if pid < gl.load(counts + 1):
-            _attend_item(Q, K, V, kv_indices, qperm, items, num_large + pid, kv_head, partial_out, partial_lse,
-                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, SMALL_M, BLOCK, STAGES, False, USE_CAP,
-                         WARPS)
-    elif pid < num_large:
-        item = pid
+    if item < num_large:
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS)
-    elif TILES == 0 and pid < num_large + gl.load(counts + 1):
-        item = pid
+    elif item < num_large + gl.load(counts + 1):
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS)
 
 
-def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, tiles: int = 0,
-           block: int = BLOCK_N, stages: int = RING):
-    """One launch over the work items of ``plan`` (both kinds, or only large / small ones for ``tiles`` 1 / 2);
-    returns the compiled kernel."""
+def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int):
+    """One launch over every work item of ``plan``; returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
-        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=block,
-        STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, TILES=tiles, num_warps=NUM_WARPS)
+        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=BLOCK_N,
+        STAGES=RING, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)

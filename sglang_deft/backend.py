@@ -124,8 +124,6 @@ class DeftAttnBackend(AttentionBackend):
             # on by default), a --disable-cuda-graph server's prefill outputs changed from then on
             # (scripts/diagnose_graph_bitwise.py: first tokens differed from every other server's).
             self._make_plan_buffers(self.max_bs)
-            if warning := tree_attention.slow_decode_warning(self.head_dim):
-                logger.warning(warning)
 
     def _make_plan_buffers(self, max_bs: int) -> None:
         # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.

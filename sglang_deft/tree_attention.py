@@ -32,17 +32,6 @@ logger = logging.getLogger(__name__)
 PATH_NODES = 8
 
 
-def slow_decode_warning(head_dim: int) -> str | None:
-    """What a server with this head dim should know about deft's speed, where it is measured to lose
-    to a plain decode kernel (None where it is not)."""
-    if head_dim > 128:
-        return (f"deft: head_dim {head_dim} runs the portable Triton stage-1 kernel, which decodes batches that "
-                "share no prefix slower than FlashInfer's decode (H200, head_dim 256, 64 requests x 2k tokens "
-                "without sharing: 0.65x; with a 4k prefix shared by the 64: 3.7x; "
-                "benchmarks/results/kernels_h200_head_dims.md)")
-    return None
-
-
 def use_triton_kernels(device: torch.device) -> bool:
     """True where the Triton tree-decode kernels replace the PyTorch reference: on CUDA devices.
 

@@ -1,16 +1,17 @@
 """A/B of stage-1 launches at head_dim 256, in one process (alternating rounds).
 
 At 256 the Hopper kernel's large tiles need ~190 registers (a [64, 256] fp32 accumulator on one
-warpgroup: two programs per SM) while its small tiles need ~150-175, so one launch of both kinds would
-run the small tiles, all that a batch without sharing has, at the large tiles' occupancy. The variants:
-the Triton kernel as on main; the Hopper kernel over both kinds; and a launch per kind, each compiled
-to its own shape (Triton or Hopper large tiles, Hopper small tiles with 16- or 32-token blocks and a
-2-4 deep ring), in both orders, at the planner's 2-4 programs per SM.
+warpgroup) and 96 KB of shared memory: two programs per SM. Variants: the Triton kernel (main's before
+the Hopper kernel served 256) and the Hopper kernel over both tile kinds with 32-token blocks, ring 2
+(main's shape) or 16-token blocks, ring 3. The committed run (``ab_head_dim_256_h200.json``) also timed a
+launch per tile kind, each compiled to its own registers (Triton or Hopper large tiles, Hopper small
+tiles with 16- or 32-token blocks, a 2-4 deep ring, `maxnreg` 168, either order, the planner at 2-4
+programs per SM): that needed a TILES switch in the Hopper kernel, which only commit bb7db11 has.
 
     OUT=$OUT python3 benchmarks/experiments/ab_head_dim_256.py
 Writes $OUT/ab_head_dim_256.json: per case, each variant's median us of one step (stage 1 + stage 2,
 one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds), its output check and the
-compiled stage-1 kernels' registers and shared memory.
+compiled stage-1 kernel's registers and shared memory.
 """
 import json
 import os
@@ -28,52 +29,26 @@ HOP = __import__(K.__name__ + ".stage1_hopper", fromlist=["launch"])
 SMALL_ROWS = S.PLAN.SMALL_ROWS
 
 
-def hopper(tiles, block, stages, maxnreg=None):
+def hopper(block, stages):
     def run(q, k, v, plan, scale):
         po, pl = plan.partial_out, plan.partial_lse
-        opts = {"maxnreg": maxnreg} if maxnreg else {}
         return HOP._tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
             q, k, v, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, scale, 0.0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             po.stride(0), po.stride(1), pl.stride(0),
             GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=SMALL_ROWS, BLOCK=block,
-            STAGES=stages, USE_CAP=False, WARPS=HOP.NUM_WARPS, TILES=tiles, num_warps=HOP.NUM_WARPS, **opts)
+            STAGES=stages, USE_CAP=False, WARPS=HOP.NUM_WARPS, num_warps=HOP.NUM_WARPS)
     return run
 
 
-def triton_kernel(tiles):
-    """main's Triton stage 1 at head_dim 256 (its stage1_config), over both kinds (0) or large items only (1)."""
+def triton_kernel():
+    """The Triton stage 1 in its head_dim-256 shape (stage1_config without a device)."""
     def run(q, k, v, plan, scale):
-        cfg = STAGES.stage1_config(q.shape[2], plan.large_rows)
-        po, pl = plan.partial_out, plan.partial_lse
-        D = q.shape[2]
-        return STAGES._tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-            q, k, v, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, scale, 0.0,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=D, LARGE_M=plan.large_rows, SMALL_M=SMALL_ROWS,
-            LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=False, IEEE=False, TILES=tiles,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return STAGES.launch_stage1(q, k, v, plan, scale, 0.0, STAGES.stage1_config(q.shape[2], plan.large_rows))
     return run
 
 
-# name -> (programs per SM for the planner, stage-1 launches in order)
-VARIANTS = {
-    "triton": (4, [triton_kernel(0)]),
-    "hop_both_b32r2": (4, [hopper(0, 32, 2)]),
-    "hop_both_b16r3": (4, [hopper(0, 16, 3)]),
-    "tri_large+hop_small_b32r2": (4, [triton_kernel(1), hopper(2, 32, 2)]),
-    "tri_large+hop_small_b32r2_r168": (4, [triton_kernel(1), hopper(2, 32, 2, 168)]),
-    "tri_large+hop_small_b16r4": (4, [triton_kernel(1), hopper(2, 16, 4)]),
-    "tri_large+hop_small_b16r3": (4, [triton_kernel(1), hopper(2, 16, 3)]),
-    "hop_small_b16r4+tri_large": (4, [hopper(2, 16, 4), triton_kernel(1)]),
-    "hop_large_b32r2+hop_small_b16r4": (4, [hopper(1, 32, 2), hopper(2, 16, 4)]),
-    "hop_large_b16r3+hop_small_b16r4": (4, [hopper(1, 16, 3), hopper(2, 16, 4)]),
-    "tri_large+hop_small_b16r4_pps3": (3, [triton_kernel(1), hopper(2, 16, 4)]),
-    "tri_large+hop_small_b16r4_pps2": (2, [triton_kernel(1), hopper(2, 16, 4)]),
-    "hop_large_b32r2+hop_small_b16r4_pps3": (3, [hopper(1, 32, 2), hopper(2, 16, 4)]),
-    "triton_pps3": (3, [triton_kernel(0)]),
-}
+VARIANTS = {"triton": triton_kernel(), "hop_both_b32r2": hopper(32, 2), "hop_both_b16r3": hopper(16, 3)}
 only = os.environ.get("VARIANTS")
 if only:
     VARIANTS = {n: VARIANTS[n] for n in only.split(",")}
@@ -86,12 +61,12 @@ for bench_case in cases:
     q, k, v, scale = case.q, case.k, case.v, case.scale
     res = report["cases"].setdefault(bench_case.key, {})
     fns = {}
-    for name, (pps, launches) in VARIANTS.items():
-        plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, programs_per_sm=pps)
+    plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim)
+    for name, launch in VARIANTS.items():
         o = torch.full_like(q, float("nan"))
 
-        def step(o=o, plan=plan, launches=launches):
-            compiled = [launch(q, k, v, plan, scale) for launch in launches]
+        def step(o=o, launch=launch):
+            compiled = launch(q, k, v, plan, scale)
             STAGES.launch_stage2(plan, o)
             return compiled
         try:
@@ -101,8 +76,8 @@ for bench_case in cases:
             res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(bench_case.key, name, res[name]["error"], flush=True)
             continue
-        res[name] = dict(check(o, case.ref), kernels=[{"regs": ck.n_regs, "spills": ck.n_spills,
-                                                        "shared": ck.metadata.shared} for ck in compiled])
+        res[name] = dict(check(o, case.ref), regs=compiled.n_regs, spills=compiled.n_spills,
+                         shared=compiled.metadata.shared)
         fns[name] = step
     for n, us in S.alternating_graph_times(fns).items():
         res[n]["median_us"] = us
