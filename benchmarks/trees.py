@@ -193,7 +193,7 @@ def low_concurrency_cases() -> list[Case]:
 
 def head_dim_cases() -> list[Case]:
     """Other models' head shapes (``--cases head_dims``, not in ``all``): Llama-3.2-1B's 32 q / 8 kv heads
-    of 64, Phi-3-mini's 32 / 32 of 96 (padded to 128), 16 / 16 of 256 and Gemma-2-9B's 16 / 8 of 256, each
+    of 64, Phi-3-mini's 32 / 32 of 96 (padded to 128), Gemma-7B's 16 / 16 of 256 and 16 / 8 of 256, each
     on the 4k prefix shared by 64 requests and without sharing."""
     p4k = fork_tree([(1, 4096), (64, 256)])
     flat = no_sharing(64, 2048)
