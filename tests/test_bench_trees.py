@@ -37,6 +37,8 @@ BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 CASES = {c.key: c for c in T.every_case()}
 POOL = 1 << 18
 
+# the head-dim cases' key suffixes and heads q/kv/dim
+HEAD_DIMS = [("d64", (32, 8, 64)), ("d96", (32, 32, 96)), ("d256", (16, 16, 256)), ("d256_g2", (16, 8, 256))]
 # key: (queries, nodes, unique KV tokens, path tokens of every query or None, heads q/kv/dim)
 EXPECTED = {
     "p4k_16": (16, 17, 4096 + 16 * 256, 4096 + 256, (32, 8, 128)),
@@ -57,10 +59,10 @@ EXPECTED = {
     "b16_8k": (16, 16, 16 * 8192, 8192, (32, 8, 128)),
     "n4_p2k": (4, 5, 2048 + 4 * 256, 2048 + 256, (32, 8, 128)),
     "n8_p8k": (8, 9, 8192 + 8 * 128, 8192 + 128, (32, 8, 128)),
-    **{f"p4k_64_d{d}": (64, 65, 4096 + 64 * 256, 4096 + 256, heads)
-       for d, heads in [(64, (32, 8, 64)), (96, (32, 32, 96)), (256, (16, 16, 256))]},
-    **{f"nosharing_d{d}": (64, 64, 64 * 2048, 2048, heads)
-       for d, heads in [(64, (32, 8, 64)), (96, (32, 32, 96)), (256, (16, 16, 256))]},
+    **{f"p4k_64_{tag}": (64, 65, 4096 + 64 * 256, 4096 + 256, heads)
+       for tag, heads in HEAD_DIMS},
+    **{f"nosharing_{tag}": (64, 64, 64 * 2048, 2048, heads)
+       for tag, heads in HEAD_DIMS},
 }
 
 
