@@ -20,7 +20,9 @@ At head_dim 256 the same shape holds a [64, 256] fp32 accumulator (~190 register
 memory: two programs per SM. It still took 0.63-0.69x the Triton kernel's step time on the H200 (no sharing
 64 x 2k, 16 q / 16 kv heads: 494 against 784 us, the Triton loop paying a gathered-load round trip per
 16-token block); a launch per tile kind, each compiled to its own registers, or 16-token blocks were
-slower (`benchmarks/results/ab_head_dim_256_h200.json`).
+slower (`benchmarks/results/ab_head_dim_256_h200.json`). Head dims 80 and 96 run padded to 128 (``BLOCK_D``): the
+masked columns are neither loaded nor stored, and the copies fill them with zeros, which add nothing to
+the scores or the output.
 
 Tiles, as in the Triton kernel: large tiles (``LARGE_M`` = 64 rows of (query, GQA head)) on one
 warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) with mma.sync, the
@@ -45,6 +47,8 @@ BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
 NUM_WARPS = 4
 TRITON_VERSIONS = ("3.6",)
+# Measured on the H200; 80 and 96 (Phi-2's and Phi-3-mini's heads) run padded to 128, masked.
+HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
 def unsupported_reason(device, dtype, head_dim: int, large_rows: int) -> str | None:
@@ -58,8 +62,8 @@ def unsupported_reason(device, dtype, head_dim: int, large_rows: int) -> str | N
         return f"compute capability {torch.cuda.get_device_capability(device)} (needs sm_90)"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{dtype} (needs float16 or bfloat16)"
-    if head_dim not in (64, 128, 256):
-        return f"head_dim {head_dim} (needs 64, 128 or 256)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (needs one of {', '.join(map(str, HEAD_DIMS))})"
     if large_rows != LARGE_ROWS:
         return f"large tiles of {large_rows} rows (needs {LARGE_ROWS})"
     return None
@@ -73,11 +77,12 @@ def _load_idx(kv_indices, kv_start, kv_len, blk, offs_n, BLOCK: gl.constexpr):
 
 @gluon.jit
 def _issue_kv(K, V, k_buf, v_buf, kv_len, blk, idx, offs_n, offs_d, kv_head,
-              stride_kn, stride_kh, stride_vn, stride_vh, BLOCK: gl.constexpr):
-    # Masked copies write zeros: V rows past the item's end must be finite (their P is 0).
+              stride_kn, stride_kh, stride_vn, stride_vh, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr):
+    # Masked copies write zeros: V rows past the item's end must be finite (their P is 0), and the
+    # columns past a head dim padded to a power of two must add nothing to the scores or the output.
     ok = blk * BLOCK + offs_n < kv_len
     s = idx.to(gl.int64)
-    m = ok[:, None] & (offs_d >= 0)[None, :]
+    m = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     cp.async_copy_global_to_shared(k_buf, K + s[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=m)
     cp.async_copy_global_to_shared(v_buf, V + s[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=m)
 
@@ -108,30 +113,30 @@ def _item_fields(items, item):
 
 @gluon.jit
 def _load_q(Q, qperm, q_start, q_count, kv_head, offs_d, stride_qb, stride_qh, GROUP: gl.constexpr,
-            BLOCK_M: gl.constexpr, ld: gl.constexpr):
+            BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, ld: gl.constexpr):
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     q_local = rows // GROUP
     row_ok = q_local < q_count
     qid = gl.load(qperm + q_start + q_local, mask=row_ok, other=0).to(gl.int64)
     head = kv_head * GROUP + rows % GROUP
     return gl.load(Q + qid[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-                   mask=row_ok[:, None], other=0.0)
+                   mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
 
 @gluon.jit
 def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_lse, stride_pp, stride_ph,
                     stride_lp, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    o_l: gl.constexpr):
+                    BLOCK_D: gl.constexpr, o_l: gl.constexpr):
     # kv_len >= 1 for every item, so l_i > 0 on every row.
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_l))[:, None]
     rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
-    d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+    d_o = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_l))
     ql_o = rows_o // GROUP
     ok_o = ql_o < q_count
     out_row = (slot + ql_o).to(gl.int64)
     head_o = kv_head * GROUP + rows_o % GROUP
     gl.store(partial_out + out_row[:, None] * stride_pp + head_o[:, None] * stride_ph + d_o[None, :], out,
-             mask=ok_o[:, None])
+             mask=ok_o[:, None] & (d_o < HEAD_DIM)[None, :])
     lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, o_l))
     gl.store(partial_lse + out_row * stride_lp + head_o, lse, mask=ok_o)
 
@@ -139,48 +144,49 @@ def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_
 @gluon.jit
 def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                  stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                 GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK: gl.constexpr,
-                 STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr):
+                 GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK: gl.constexpr, STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr,
+                 WARPS: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_start, kv_len, q_start, q_count, slot = _item_fields(items, item)
 
     # Gathers and Q in 16-byte vectors; scores S [M, N] and output O [M, D] in the MMA's layouts.
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
-    kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+    kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK_D], dtype)
     if WGMMA:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, BLOCK, 16])
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                      instr_shape=[16, HEAD_DIM, 16])
+                                                      instr_shape=[16, BLOCK_D, 16])
     else:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
         o_l: gl.constexpr = s_l
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
 
     # The first blocks' copies go out before Q is fetched, so the two loads overlap.
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], kv_sl)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], kv_sl)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, BLOCK_D], kv_sl)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, BLOCK_D], kv_sl)
     offs_n = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ld))
     for b in gl.static_range(STAGES - 1):
         idx = _load_idx(kv_indices, kv_start, kv_len, b, offs_n, BLOCK)
         _issue_kv(K, V, k_bufs.index(b), v_bufs.index(b), kv_len, b, idx, offs_n, offs_d, kv_head,
-                  stride_kn, stride_kh, stride_vn, stride_vh, BLOCK)
+                  stride_kn, stride_kh, stride_vn, stride_vh, BLOCK, HEAD_DIM)
         cp.commit_group()
     # Slot indices of the next two blocks to issue: loaded two iterations before they are used.
     idx1 = _load_idx(kv_indices, kv_start, kv_len, STAGES - 1, offs_n, BLOCK)
     idx2 = _load_idx(kv_indices, kv_start, kv_len, STAGES, offs_n, BLOCK)
 
-    q = _load_q(Q, qperm, q_start, q_count, kv_head, offs_d, stride_qb, stride_qh, GROUP, BLOCK_M, ld)
+    q = _load_q(Q, qperm, q_start, q_count, kv_head, offs_d, stride_qb, stride_qh, GROUP, BLOCK_M, HEAD_DIM, ld)
     if WGMMA:
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        q_op = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl, q)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], dtype)
+        q_op = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], q_sl, q)
     else:
         q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l)
+    acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, layout=o_l)
     s_zero = gl.zeros([BLOCK_M, BLOCK], gl.float32, layout=s_l)
     offs_n_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l))
     for j in range(gl.cdiv(kv_len, BLOCK)):
@@ -192,7 +198,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
             fence_async_shared()
         nxt = j + STAGES - 1
         _issue_kv(K, V, k_bufs.index(nxt % STAGES), v_bufs.index(nxt % STAGES), kv_len, nxt, idx1, offs_n, offs_d,
-                  kv_head, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK)
+                  kv_head, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK, HEAD_DIM)
         cp.commit_group()
         idx1 = idx2
         idx2 = _load_idx(kv_indices, kv_start, kv_len, nxt + 2, offs_n, BLOCK)
@@ -215,15 +221,15 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
             acc = mma_v2(p_op, vv, acc)
     cp.wait_group(0)
     _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_lse, stride_pp, stride_ph,
-                    stride_lp, GROUP, BLOCK_M, HEAD_DIM, o_l)
+                    stride_lp, GROUP, BLOCK_M, HEAD_DIM, BLOCK_D, o_l)
 
 
 @gluon.jit
 def _tree_decode_stage1_hopper(
     Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, LARGE_M: gl.constexpr, SMALL_M: gl.constexpr,
-    BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, LARGE_M: gl.constexpr,
+    SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
 ):
     kv_head = gl.program_id(0)
     item = gl.program_id(1)
@@ -232,11 +238,11 @@ def _tree_decode_stage1_hopper(
     if item < num_large:
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS)
+                     GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS)
     elif item < num_large + gl.load(counts + 1):
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS)
+                     GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int):
@@ -246,5 +252,6 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
-        GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=BLOCK_N,
+        GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
+        LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=BLOCK_N,
         STAGES=RING, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)

@@ -195,7 +195,7 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
                   device: torch.device | None = None) -> Stage1Config:
     """Which stage-1 kernel runs, with its KV block lengths, warps and pipeline depth.
 
-    On an H200 with Triton 3.6, for float16/bfloat16, head_dim 64/128/256 and the default 64-row large
+    On an H200 with Triton 3.6, for float16/bfloat16, head_dim 64/80/96/128/256 and the default 64-row large
     tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x the Triton kernel's step time on every
     benchmark tree, `benchmarks/results/ab_hopper_stage1_h200.json`; 0.63-0.69x at head_dim 256,
     `ab_head_dim_256_h200.json`). Elsewhere (CPU interpreter, other GPUs or Triton versions, float32,

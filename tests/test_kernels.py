@@ -101,8 +101,8 @@ def test_queries_without_kv_get_zeros_whatever_out_held():
     assert torch.all(out[[0, 2, 3, 5]] == 0) and torch.all(out[[1, 4, 6]] != 0)
 
 
-# on the H200, 128 and 256 run the Hopper stage-1 kernel, 32 the Triton one
-@pytest.mark.parametrize("d", [32, 128] + ([256] if CUDA else []))
+# on the H200, 96, 128 and 256 run the Hopper stage-1 kernel (96 padded to 128), 32 the Triton one
+@pytest.mark.parametrize("d", [32, 128] + ([96, 256] if CUDA else []))
 @pytest.mark.parametrize("name", ["random_forest", "odd_lengths", "empty_paths", "inner_queries"]
                          + (["fanout_256"] if CUDA else []))  # see BIG_TREE
 def test_kernels_write_nothing_but_the_output_and_the_partials(name, d):
@@ -196,7 +196,9 @@ def test_h200_runs_the_hopper_kernel():
 @pytest.mark.parametrize("name,hq,hkv,d,cap", [("random_forest", 8, 2, 128, 0.0), ("fanout_256", 32, 8, 128, 0.0),
                                                ("deep_chain_64", 16, 2, 64, 0.0), ("inner_queries", 4, 4, 128, 2.0),
                                                ("odd_lengths", 16, 2, 128, 0.0), ("random_forest", 8, 4, 256, 0.0),
-                                               ("inner_queries", 4, 4, 256, 2.0), ("fanout_256", 16, 8, 256, 0.0)])
+                                               ("inner_queries", 4, 4, 256, 2.0), ("fanout_256", 16, 8, 256, 0.0),
+                                               ("random_forest", 32, 32, 96, 0.0), ("inner_queries", 8, 2, 80, 2.0),
+                                               ("fanout_256", 32, 8, 96, 0.0)])
 def test_hopper_kernel_matches_triton_kernel(name, hq, hkv, d, cap, dtype):
     hopper, ref, (q, k, v, plan, scale, cap) = run_case(TREES[name], hq, hkv, d, dtype, logit_cap=cap)
     assert stage1_config(d, plan.large_rows, dtype, q.device).kernel == "hopper"
@@ -222,7 +224,8 @@ def test_hopper_kernel_refuses_what_it_does_not_serve():
     ((10, 0), "3.6.0", torch.bfloat16, 128, 64, "needs sm_90"),
     ((9, 0), "3.6.0", torch.float32, 128, 64, "float16 or bfloat16"),
     ((9, 0), "3.6.0", torch.bfloat16, 256, 64, None),
-    ((9, 0), "3.6.0", torch.bfloat16, 96, 64, "head_dim 96"),
+    ((9, 0), "3.6.0", torch.float16, 96, 64, None),
+    ((9, 0), "3.6.0", torch.bfloat16, 32, 64, "head_dim 32"),
     ((9, 0), "3.6.0", torch.bfloat16, 128, 32, "32 rows"),
 ])
 def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability, version, dtype, d, rows, why):

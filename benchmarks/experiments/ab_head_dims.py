@@ -1,15 +1,16 @@
-"""A/B of stage-1 launches at head_dim 256, in one process (alternating rounds).
+"""A/B of stage 1 at head dims the Hopper kernel did not serve at first (256, then 80 and 96), in one
+process (alternating rounds): the Triton kernel against the Hopper kernel in main's shape (32-token
+blocks, ring 2) and with 16-token blocks, ring 3.
 
 At 256 the Hopper kernel's large tiles need ~190 registers (a [64, 256] fp32 accumulator on one
-warpgroup) and 96 KB of shared memory: two programs per SM. Variants: the Triton kernel (main's before
-the Hopper kernel served 256) and the Hopper kernel over both tile kinds with 32-token blocks, ring 2
-(main's shape) or 16-token blocks, ring 3. The committed run (``ab_head_dim_256_h200.json``) also timed a
-launch per tile kind, each compiled to its own registers (Triton or Hopper large tiles, Hopper small
-tiles with 16- or 32-token blocks, a 2-4 deep ring, `maxnreg` 168, either order, the planner at 2-4
-programs per SM): that needed a TILES switch in the Hopper kernel, which only commit bb7db11 has.
+warpgroup) and 96 KB of shared memory: two programs per SM. 80 and 96 run padded to 128. The committed
+run at 256 (``ab_head_dim_256_h200.json``) also timed a launch per tile kind, each compiled to its own
+registers (Triton or Hopper large tiles, Hopper small tiles with 16- or 32-token blocks, a 2-4 deep ring,
+`maxnreg` 168, either order, the planner at 2-4 programs per SM): that needed a TILES switch in the
+Hopper kernel, which only commit bb7db11 has.
 
-    OUT=$OUT python3 benchmarks/experiments/ab_head_dim_256.py
-Writes $OUT/ab_head_dim_256.json: per case, each variant's median us of one step (stage 1 + stage 2,
+    CASES=p4k_64_d96,nosharing_d96 OUT=$OUT python3 benchmarks/experiments/ab_head_dims.py
+Writes $OUT/ab_head_dims.json: per case, each variant's median us of one step (stage 1 + stage 2,
 one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds), its output check and the
 compiled stage-1 kernel's registers and shared memory.
 """
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -36,13 +38,14 @@ def hopper(block, stages):
             q, k, v, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, scale, 0.0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=plan.group_size, HEAD_DIM=q.shape[2], LARGE_M=plan.large_rows, SMALL_M=SMALL_ROWS, BLOCK=block,
+            GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
+            LARGE_M=plan.large_rows, SMALL_M=SMALL_ROWS, BLOCK=block,
             STAGES=stages, USE_CAP=False, WARPS=HOP.NUM_WARPS, num_warps=HOP.NUM_WARPS)
     return run
 
 
 def triton_kernel():
-    """The Triton stage 1 in its head_dim-256 shape (stage1_config without a device)."""
+    """The Triton stage 1 in its shape for the head dim (stage1_config without a device)."""
     def run(q, k, v, plan, scale):
         return STAGES.launch_stage1(q, k, v, plan, scale, 0.0, STAGES.stage1_config(q.shape[2], plan.large_rows))
     return run
@@ -53,7 +56,7 @@ only = os.environ.get("VARIANTS")
 if only:
     VARIANTS = {n: VARIANTS[n] for n in only.split(",")}
 cases = S.select_cases(os.environ.get("CASES", "p4k_64_d256,nosharing_d256,p4k_64_d256_g2,nosharing_d256_g2"))
-out_path = Path(os.environ.get("OUT", "/tmp")) / "ab_head_dim_256.json"
+out_path = Path(os.environ.get("OUT", "/tmp")) / "ab_head_dims.json"
 report = {"gpu": torch.cuda.get_device_name(), "variants": list(VARIANTS), "cases": {}}
 for bench_case in cases:
     case = S.Case(bench_case, torch.device("cuda"))
