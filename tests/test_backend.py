@@ -19,6 +19,7 @@ from sglang.srt.server_args import ServerArgs
 
 import sglang_deft.backend as backend_module
 import sglang_deft.tree_attention as tree_attention
+from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.config_checks import UnsupportedConfiguration
@@ -131,6 +132,7 @@ def implementation(request, monkeypatch):
     return request.param
 
 
+@cpu_only
 @pytest.mark.parametrize("logit_cap", [0.0, 5.0], ids=["plain", "logit_cap"])
 def test_decode_matches_per_request_attention(server_args, model_config, logit_cap, implementation):
     layers = attention_layers(model_config, logit_cap)
@@ -207,6 +209,7 @@ def test_kernel_check_interval_must_be_a_step_count(server_args, model_config, m
         make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256))
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_plan_buffers_exist_before_the_first_step_where_the_kernels_run(server_args, model_config, monkeypatch,
                                                                           impl):

@@ -139,8 +139,8 @@ def test_repo_model_passes(deft_args):
         (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64),
          "sliding-window attention is not supported"),
         (dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
-              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=None,
-              first_k_dense_replace=3),
+              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
+              first_k_dense_replace=3),  # every layer dense; the experts count must be an int (transformers 5.x)
          "MLA attention"),
     ],
     ids=["sliding_window", "mla"],

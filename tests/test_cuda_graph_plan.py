@@ -21,6 +21,7 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
 import sglang_deft.kernels.plan as kernel_plan
 import sglang_deft.tree_attention as tree_attention
+from cpu_only import cpu_only
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
@@ -293,6 +294,7 @@ def test_step_past_the_buffers_runs_eagerly(server_args, model_config):
     assert backend.planned_replay_size is None
 
 
+@cpu_only
 def test_replay_without_a_plan_for_it_is_refused(server_args, model_config):
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
     emulator = GraphEmulator(backend, kv_pool)
@@ -310,6 +312,7 @@ def test_replay_without_a_plan_for_it_is_refused(server_args, model_config):
         backend.init_forward_metadata_replay_cuda_graph(4, None, None, 0, None, ForwardMode.DECODE, None, None)
 
 
+@cpu_only
 def test_fill_value_and_one_token_per_request(server_args, model_config):
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
     assert backend.get_cuda_graph_seq_len_fill_value() == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.kernels import TreeDecodePlanner
 from sglang_deft.kernels.reference import plan_kv_reads
@@ -13,6 +14,7 @@ from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
 from sglang_deft.step_planner import DecodeStepPlanner
 from sglang_deft.tree_attention import PlanLimits, new_graph_plan
 
+pytestmark = cpu_only
 HQ, HKV, D = 8, 2, 16
 
 
