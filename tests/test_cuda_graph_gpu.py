@@ -3,7 +3,8 @@
 1. The backend alone, through real ``torch.cuda.CUDAGraph`` captures of its decode layers, in the
    order SGLang's CudaGraphRunner uses (capture per batch size, largest first, into one memory pool;
    per step: ``deft_prepare_graph_replay``, ``init_forward_metadata_replay_cuda_graph``, replay):
-   every replayed step against the same step run eagerly, bitwise, padding rows zero.
+   every replayed step against the same step run eagerly, bitwise, padding rows zero; at the tiny
+   model's heads (the Triton stage-1 kernel) and at head dims 96, 128 and 256 (the Hopper kernel).
 2. Whole servers on the repo's tiny model (float16): deft with CUDA graphs against deft with
    ``--disable-cuda-graph``, same greedy requests, token ids and logprobs bitwise. Every batch size
    has its own graph (``--disable-cuda-graph-padding``), so SGLang's other kernels see the same
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,11 +56,13 @@ CAPTURE_BS = [1, 2, 4, 8]
 class CudaDecodeSetup:
     """The backend on the GPU over a RadixSim (CPU bookkeeping, mirrored to a CUDA req_to_token)."""
 
-    def __init__(self, dtype, monkeypatch, kv_slots=4096):
+    def __init__(self, dtype, monkeypatch, heads=None, kv_slots=4096):
         register()
         monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
+        # heads (q, kv, dim) other than the tiny model's go into its config as SGLang's override does
+        override = {} if heads is None else dict(zip(("num_attention_heads", "num_key_value_heads", "head_dim"), heads))
         args = ServerArgs(model_path=str(MODEL), attention_backend="triton", decode_attention_backend="deft",
-                          grammar_backend="none", dtype="float16")
+                          grammar_backend="none", dtype="float16", json_model_override_args=json.dumps(override))
         args.cuda_graph_max_bs = max(CAPTURE_BS)
         config = ModelConfig.from_server_args(args)
         hq, hkv, d = config.num_attention_heads, config.get_num_kv_heads(1), config.head_dim
@@ -147,13 +151,17 @@ class Graphs:
         return [o.clone() for o in outs]
 
 
+# The tiny model's heads (32 wide: the Triton stage-1 kernel) and heads the Hopper kernel serves on the H200.
+@pytest.mark.parametrize("heads", [None, (32, 8, 128), (32, 32, 96), (16, 8, 256)],
+                         ids=["tiny", "h128", "h96", "h256"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_replayed_steps_equal_eager_steps_bitwise(dtype, monkeypatch):
+def test_replayed_steps_equal_eager_steps_bitwise(dtype, heads, monkeypatch):
     """Two backends over the same steps, as two servers: one replays every step from its graphs, the
     other runs every step eagerly (--disable-cuda-graph). Both take the same full plans and steady
     steps (the last plan updated on the device); their outputs are bitwise equal, padding rows zero,
     and within the dtype's rounding of per-request fp32 attention."""
-    setup = CudaDecodeSetup(dtype, monkeypatch)
+    setup = CudaDecodeSetup(dtype, monkeypatch, heads)
+    assert heads is None or (setup.hq, setup.hkv, setup.d) == heads
     graphs = Graphs(setup)
     sim, backend = setup.sim, setup.backend
     eager = DeftAttnBackend(setup.runner)
