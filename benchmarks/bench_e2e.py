@@ -113,6 +113,13 @@ MODELS = {
                         ("--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init"),
                         (1000, 128000), 16384),
         "tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--dtype", "float16"), (3, 300), 16384),
+        # The 8b shape with 16 q / 8 kv heads of 256 (Gemma-2-9B's attention; the same hidden size, 4096;
+        # 256 KB of KV per token, so that two servers' pools fit one H200 beside each other).
+        "8b_d256": ModelSpec(REPO / ".kit" / "models" / "llama3-8b-shape",
+                             ("--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init",
+                              "--json-model-override-args",
+                              json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256})),
+                             (1000, 128000), 16384),
     },
     # SGLang's CPU engine; its float32 path is the one the CPU tests use.
     "cpu": {"tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--device", "cpu", "--dtype", "float32"),
@@ -178,6 +185,13 @@ FULL_CASES = (
     Case("tot_3level", "tree of thought (sglang.lang), 4 x 4 x 4 forks x 32 tokens, tiny model", "tiny", 32,
          widths=(4, 4, 4), est_s=20),
 )
+# Head dim 256 (`--cases p4k_64_d256,nosharing_d256`; not in the default run).
+HEAD_DIM_CASES = (
+    Case("p4k_64_d256", "prefix 4000 x 64 branches x 256 new, 16 q / 8 kv heads of 256", "8b_d256", 256,
+         4000, 64, 8, est_s=35),
+    Case("nosharing_d256", "no sharing, 64 x 2048 prompt x 128 new, 16 q / 8 kv heads of 256", "8b_d256", 128,
+         0, 64, 2048, est_s=60),
+)
 SMOKE_CASES = (
     Case("fork_smoke", "prefix 64 x 4 branches x 8 new (smoke)", "tiny", 8, 64, 4, 8),
     Case("nosharing_smoke", "no sharing, 4 x 48 prompt x 8 new (smoke)", "tiny", 8, 0, 4, 48),
@@ -187,6 +201,7 @@ SMOKE_CASES = (
 # One small fork batch per server before anything is timed, concurrently on all servers: Triton compiles
 # (deft's kernels, SGLang's triton backend) and FlashInfer JIT happen on first use.
 WARMUP = {"cuda": {"8b": Case("warmup", "warm-up", "8b", 32, 2048, 64, 8),
+                   "8b_d256": Case("warmup", "warm-up", "8b_d256", 32, 2048, 64, 8),
                    "tiny": Case("warmup", "warm-up", "tiny", 8, 128, 8, 8)},
           "cpu": {"tiny": Case("warmup", "warm-up", "tiny", 4, 16, 2, 4)}}
 
@@ -703,6 +718,8 @@ def select_cases(args) -> list[Case]:
     profile = SMOKE_CASES if args.smoke else FULL_CASES
     if not args.cases:
         return list(profile)
+    if not args.smoke:
+        profile += HEAD_DIM_CASES
     keys = args.cases.split(",")
     unknown = sorted(set(keys) - {c.key for c in profile})
     if unknown:
