@@ -92,6 +92,19 @@ def test_pool_fits_the_largest_case():
     assert b.pool_tokens("tiny", b.MODELS["cuda"]["tiny"], list(b.FULL_CASES)) == 16384
 
 
+def test_head_dim_cases_only_by_name():
+    """The head-dim-256 cases run when named, on the 8b shape overridden to 16 q / 8 kv heads of 256."""
+    assert b.select_cases(b.parse_args([])) == list(b.FULL_CASES)
+    cases = b.select_cases(b.parse_args(["--cases", "p4k_64_d256,nosharing_d256"]))
+    assert [c.model for c in cases] == ["8b_d256", "8b_d256"]
+    args = b.server_args("cuda", "8b_d256", "deft", cases, {})
+    override = json.loads(args[args.index("--json-model-override-args") + 1])
+    assert override == {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256}
+    assert args[args.index("--model-path") + 1] == str(b.MODELS["cuda"]["8b"].path)
+    with pytest.raises(SystemExit, match="unknown cases"):
+        b.select_cases(b.parse_args(["--smoke", "--cases", "p4k_64_d256"]))
+
+
 def test_server_args_per_backend():
     cases = list(b.FULL_CASES)
     deft = b.server_args("cuda", "8b", "deft", cases, b.DEFAULT_BACKEND_ARGS["cuda"])
