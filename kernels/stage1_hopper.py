@@ -17,12 +17,13 @@ subtract) and only an item's last block masks tokens past its end: 1-3% off the 
 trees (`benchmarks/results/ab_stage1_h200.json`).
 
 At head_dim 256 the same shape holds a [64, 256] fp32 accumulator (~190 registers) and 96 KB of shared
-memory: two programs per SM. It still took 0.63-0.69x the Triton kernel's step time on the H200 (no sharing
-64 x 2k, 16 q / 16 kv heads: 494 against 784 us, the Triton loop paying a gathered-load round trip per
-16-token block); a launch per tile kind, each compiled to its own registers, or 16-token blocks were
-slower (`benchmarks/results/ab_head_dim_256_h200.json`). Head dims 80 and 96 run padded to 128 (``BLOCK_D``): the
-masked columns are neither loaded nor stored, and the copies fill them with zeros, which add nothing to
-the scores or the output.
+memory: two programs per SM. It still took 0.63-0.69x the Triton kernel's step time on the H200 (no
+sharing 64 x 2k, 16 q / 16 kv heads: 494 against 784 us, the Triton loop paying a gathered-load round
+trip per 16-token block); a launch per tile kind, each compiled to its own registers, or 16-token
+blocks were slower (`benchmarks/results/ab_head_dim_256_h200.json`). Head dims 80 and 96 run padded to
+128 (``BLOCK_D``): the masked columns are neither loaded nor stored, and the copies fill them with zeros,
+which add nothing to the scores or the output (96: 0.56-0.59x the Triton kernel's step,
+`ab_head_dim_96_h200.json`).
 
 Tiles, as in the Triton kernel: large tiles (``LARGE_M`` = 64 rows of (query, GQA head)) on one
 warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) with mma.sync, the
