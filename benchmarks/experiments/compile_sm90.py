@@ -29,7 +29,7 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qpe
             "counts": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
 FLOATS = ("sm_scale", "logit_cap")
 # stage1_hopper's launch for Llama-3-8B's attention shape (32 q / 8 kv heads of 128).
-CONSTEXPRS = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, LARGE_M=64, SMALL_M=16, BLOCK=32, STAGES=2, USE_CAP=0, WARPS=4)
+CONSTEXPRS = dict(GROUP=4, HEAD_DIM=128, LARGE_M=64, SMALL_M=16, BLOCK=32, STAGES=2, USE_CAP=0, WARPS=4)
 
 
 def main() -> None:
@@ -41,6 +41,8 @@ def main() -> None:
     for a in args:
         k, v = a.split("=")
         (options if k == "maxnreg" else consts)[k] = int(v)
+    if not any(a.startswith("BLOCK_D=") for a in args):  # the head dim padded as stage1_hopper.launch pads it
+        consts["BLOCK_D"] = triton.next_power_of_2(consts["HEAD_DIM"])
     options["num_warps"] = consts["WARPS"]
     params = fn.arg_names
     sig = {p: "constexpr" if p in consts else POINTERS.get(p, "fp32" if p in FLOATS else "i32") for p in params}
