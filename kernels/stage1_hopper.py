@@ -246,13 +246,15 @@ def _tree_decode_stage1_hopper(
                      GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS)
 
 
-def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int):
-    """One launch over every work item of ``plan``; returns the compiled kernel."""
+def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
+           stages: int = RING):
+    """One launch over every work item of ``plan`` (``block`` tokens per KV block in a ring of ``stages``:
+    the shipped shape unless an experiment asks for another); returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
         GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
-        LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=BLOCK_N,
-        STAGES=RING, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)
+        LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=block,
+        STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)

@@ -199,7 +199,7 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x the Triton kernel's step time on every
     benchmark tree, `benchmarks/results/ab_hopper_stage1_h200.json`; 0.63-0.69x at head_dim 256,
     `ab_head_dim_256_h200.json`). Elsewhere (CPU interpreter, other GPUs or Triton versions, float32,
-    other head dims) the Triton kernel of this module, in its shape measured on the H200:
+    other head dims) the Triton kernel of this module, in its shape measured
     on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
     SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes in one
     launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean 0.84x the

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -33,14 +32,7 @@ SMALL_ROWS = S.PLAN.SMALL_ROWS
 
 def hopper(block, stages):
     def run(q, k, v, plan, scale):
-        po, pl = plan.partial_out, plan.partial_lse
-        return HOP._tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
-            q, k, v, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, scale, 0.0,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
-            LARGE_M=plan.large_rows, SMALL_M=SMALL_ROWS, BLOCK=block,
-            STAGES=stages, USE_CAP=False, WARPS=HOP.NUM_WARPS, num_warps=HOP.NUM_WARPS)
+        return HOP.launch(q, k, v, plan, scale, 0.0, SMALL_ROWS, block=block, stages=stages)
     return run
 
 
