@@ -1,8 +1,8 @@
 """Session 24: what FlashInfer's prefill kernels (fa2, and fa3 = its Hopper FA3 port) take for the 16k
 prefix's shared part alone: 64 queries x 32 q heads attending one contiguous 16k-token KV (8 kv heads of
 128, bf16, no gather), split into C equal chunks as C ragged requests that repeat the 64 queries (so the
-grid covers the SMs), outputs with their LSE (the merge not included). A reference for what the best
-available Hopper kernels take on the part of prefix 16k x 64 that deft's large tiles compute.
+grid covers the SMs), outputs with their LSE (the merge not included). A reference for what FlashInfer's
+Hopper prefill kernels take on the part of prefix 16k x 64 that deft's large tiles compute.
     OUT=$OUT python3 benchmarks/experiments/fa3_reference.py
 """
 import json
