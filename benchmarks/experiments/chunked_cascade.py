@@ -9,6 +9,7 @@ Median us of one step in one CUDA graph, L2 flushed (sweep_stage1.graph_time); e
 built and again after every configuration was timed.
     CASES=p4k_16,p4k_64,p16k_64,p1k_256,tree3 OUT=$OUT python3 benchmarks/experiments/chunked_cascade.py
 """
+import importlib
 import json
 import os
 import sys
@@ -24,17 +25,17 @@ sys.path.insert(0, str(HERE.parent))
 import sweep_stage1 as S  # noqa: E402
 
 K = S.K
+PATH_NODES = importlib.import_module(K.__name__ + ".reference").path_nodes
 
 
 def build(case, chunk: int, backend: str, ws: torch.Tensor):
     c, tree, dev = case.case, case.tree, case.q.device
-    indptr, parent, qnode = tree.node_indptr.tolist(), tree.node_parent.tolist(), tree.query_node.tolist()
+    indptr, qnode = tree.node_indptr.tolist(), tree.query_node.tolist()
     kv = tree.kv_indices
-    users = [[] for _ in parent]
-    for b, n in enumerate(qnode):
-        while n >= 0:
+    users = [[] for _ in range(tree.num_nodes)]  # each node's queries, in query order
+    for b, path in enumerate(PATH_NODES(tree)):
+        for n in path:
             users[n].append(b)
-            n = parent[n]
     rows, qo_indptr, kv_indptr, kv_parts, partials = [], [0], [0], [], [[] for _ in qnode]
     tails = {}
     for n, us in enumerate(users):
