@@ -92,6 +92,7 @@ class TreeDecodePlan:
     grid_items: int  # programs per KV head stage 1 is launched with (>= counts[0] + counts[1])
     grid_queries: int  # queries stage 2 is launched for (>= counts[2])
     num_queries: int  # B of this step (host copy of counts[2], for shape checks)
+    num_sms: int  # SMs of the plan's device (8 on the CPU), for launch shapes
 
     @property
     def group_size(self) -> int:
@@ -235,8 +236,9 @@ class TreeDecodePlanner:
         device = torch.device(device) if device is not None else tree.kv_indices.device
         if reuse is not None:
             capacity = capacity or _capacity_of(reuse)
+        num_sms = _num_sms(device)
         s = _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
-                           kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=_num_sms(device),
+                           kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=num_sms,
                            large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
                            cap_queries=capacity.max_queries if capacity else None,
                            cap_items=capacity.max_items if capacity else None)
@@ -280,7 +282,7 @@ class TreeDecodePlanner:
             meta=meta, kv_indices=kv_indices, qperm=parts[0], items=parts[2].view(cap_i, ITEM_FIELDS),
             counts=parts[4], merge_indptr=parts[6], merge_slots=parts[8], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
-            grid_items=cap_i, grid_queries=cap_b, num_queries=B)
+            grid_items=cap_i, grid_queries=cap_b, num_queries=B, num_sms=num_sms)
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,

@@ -8,7 +8,7 @@ log-sum-exp of its scores. This module's Triton kernel runs everywhere (the CPU 
 included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
 deeper KV pipeline (``stage1_config`` chooses).
 
-Stage 2, one program per (query, head) on one warp: folds the query's partials along its path in the
+Stage 2, one program per (query, head) on one warp (four when the step has at most one merge per SM): folds the query's partials along its path in the
 plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
 """
 from __future__ import annotations
@@ -25,7 +25,9 @@ from .plan import SMALL_ROWS, TreeDecodePlan
 
 logger = logging.getLogger(__name__)
 LOG2E = tl.constexpr(1.4426950408889634)  # scores move to base 2 so the kernels use exp2/log2
-STAGE2_PARTIALS_PER_LOAD = 8  # see _tree_decode_stage2
+# Stage 2's launch shape, (partials per load, warps): see _tree_decode_stage2 and launch_stage2.
+STAGE2_SHAPE = (8, 1)
+STAGE2_SHAPE_FEW_MERGES = (32, 4)
 
 
 @triton.jit
@@ -141,14 +143,15 @@ def _tree_decode_stage2(
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (query, head), on one warp. BLOCK_P partials are loaded at once, so a query's
-    # merge costs a few memory round trips rather than one per partial along its path. A merge is a
-    # short chain of dependent loads, so the step's merge time goes with how many programs an SM holds:
-    # at most 32, which one warp reaches at <= 64 registers. 8 partials on 1 warp take 64 registers
-    # for sm_90 (32 programs per SM); 16 on 2 warps, the shape before, 71 (14 programs). On the H200
-    # the whole step was 1-6% faster on every benchmark tree. 4 per load tied; 2, 16 (107 registers) and
-    # 32 were slower overall (32 won only where queries merge more than 16 partials); loading the next
-    # block before folding this one (118 registers) gained nothing (benchmarks/results/ab_stage2_h200.json).
+    # One program per (query, head), on one warp (four on steps of few merges: stage2_shape). BLOCK_P
+    # partials are loaded at once, so a query's merge costs a few memory round trips rather than one
+    # per partial along its path. A merge is a short chain of dependent loads, so the step's merge
+    # time goes with how many programs an SM holds: at most 32, which one warp reaches at <= 64
+    # registers. 8 partials on 1 warp take 64 registers for sm_90 (32 programs per SM); 16 on 2 warps,
+    # the shape before, 71 (14 programs). On the H200 the whole step was 1-6% faster on every benchmark
+    # tree. 4 per load tied; 2, 16 (107 registers) and 32 were slower overall (32 won only where
+    # queries merge more than 16 partials: stage2_shape); loading the next block before folding this
+    # one (118 registers) gained nothing (benchmarks/results/ab_stage2_h200.json).
     b = tl.program_id(0)
     head = tl.program_id(1)
     if b >= tl.load(counts + 2):
@@ -297,13 +300,29 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     return compiled
 
 
+def stage2_shape(plan: TreeDecodePlan) -> tuple[int, int]:
+    """(partials per load, warps) of stage 2's programs for ``plan``.
+
+    One-warp programs with 8 partials per load suit steps with more merges than SMs: 32 of them share
+    an SM. A step with at most one (query, head) merge per SM (a single request: 32 merges on 132
+    SMs) has SMs to spare, and its queries merge many partials each (1 x 32k tokens: 66, nine
+    dependent loads at 8 per load); there 32 partials per load on 4 warps made the step 5% faster
+    (52.1 against 54.6 us, H200, benchmarks/results/ab_stage2_low_concurrency_h200.json). The rule reads
+    only the launch grid, which a CUDA graph fixes at capture, so a graph and an eager step of the same
+    batch merge alike."""
+    if plan.grid_queries * plan.num_qo_heads <= plan.num_sms:
+        return STAGE2_SHAPE_FEW_MERGES
+    return STAGE2_SHAPE
+
+
 def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
     """Merge every query's partials into ``out``."""
     if not plan.grid_queries:
         return
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
+    block_p, warps = stage2_shape(plan)
     _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=STAGE2_PARTIALS_PER_LOAD, num_warps=1)
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps)

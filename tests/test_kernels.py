@@ -15,7 +15,8 @@ import triton
 from kernel_trees import make_tree, named_trees, random_forest
 from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
-from sglang_deft.kernels.tree_decode import HOPPER_CONFIG, stage1_config
+from sglang_deft.kernels.tree_decode import (HOPPER_CONFIG, STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage1_config,
+                                             stage2_shape)
 
 CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -178,6 +179,24 @@ def test_separate_launches_compute_the_same(name):
     unified = tree_decode(q, k, v, plan, scale, cap, config=cfg)
     split = tree_decode(q, k, v, plan, scale, cap, config=dataclasses.replace(cfg, separate_launches=True))
     assert torch.equal(unified, split)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_both_stage2_shapes_merge_long_paths(dtype):
+    """Stage 2 runs 32 partials per load on 4 warps when the step has at most one merge per SM, else 8 on
+    one warp; on the deep chain (up to 64 partials per query, several loads either way) both shapes
+    match the reference, each is repeatable bitwise, and the rule picks by the launch grid."""
+    out, ref, (q, k, v, plan, scale, cap) = run_case(TREES["deep_chain_64"], 8, 2, 64, dtype)
+    merges = plan.grid_queries * plan.num_qo_heads
+    outs = {}
+    for num_sms in (merges - 1, merges):
+        p = dataclasses.replace(plan, num_sms=num_sms)
+        outs[stage2_shape(p)] = [tree_decode(q, k, v, p, scale, cap) for _ in range(2)]
+    assert set(outs) == {STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES}
+    for first, again in outs.values():
+        torch.testing.assert_close(first.float(), ref, atol=ATOL[dtype], rtol=0)
+        assert torch.equal(first, again)
+    assert int(plan.merge_indptr.diff().max()) > STAGE2_SHAPE_FEW_MERGES[0]  # more than one load per merge
 
 
 HOPPER = CUDA and stage1_config(128, 64, torch.bfloat16, torch.device(DEVICE)).kernel == "hopper"
