@@ -307,9 +307,12 @@ def stage2_shape(plan: TreeDecodePlan) -> tuple[int, int]:
     an SM. A step with at most one (query, head) merge per SM (a single request: 32 merges on 132
     SMs) has SMs to spare, and its queries merge many partials each (1 x 32k tokens: 66, nine
     dependent loads at 8 per load); there 32 partials per load on 4 warps made the step 5% faster
-    (52.1 against 54.6 us, H200, benchmarks/results/ab_stage2_low_concurrency_h200.json). The rule reads
-    only the launch grid, which a CUDA graph fixes at capture, so a graph and an eager step of the same
-    batch merge alike."""
+    (52.1 and 51.8 against 54.6 us in two runs, H200, benchmarks/results/ab_stage2_low_concurrency_h200.json).
+    The two shapes round differently (not bitwise equal; both within the dtype's tolerance). The rule
+    reads only the launch grid, which a captured graph fixes at its batch size, so a graph replay and an
+    eager step on the same side of the threshold merge bitwise alike; they can differ only for a batch
+    between the threshold and the graph size it is padded to (at 32 q heads on 132 SMs the threshold, 4
+    queries, is itself a graph size)."""
     if plan.grid_queries * plan.num_qo_heads <= plan.num_sms:
         return STAGE2_SHAPE_FEW_MERGES
     return STAGE2_SHAPE
