@@ -192,6 +192,11 @@ HEAD_DIM_CASES = (
     Case("nosharing_d256", "no sharing, 64 x 2048 prompt x 128 new, 16 q / 8 kv heads of 256", "8b_d256", 128,
          0, 64, 2048, est_s=60),
 )
+# One request decoding after a long prompt (`--cases single_32k`; not in the default run): a single user's
+# long-context chat, where the step has 32 (query, head) merges and each query's KV is split over the SMs.
+LOW_CONCURRENCY_CASES = (
+    Case("single_32k", "one request, 32000 prompt x 256 new", "8b", 256, 0, 1, 32000, est_s=40),
+)
 SMOKE_CASES = (
     Case("fork_smoke", "prefix 64 x 4 branches x 8 new (smoke)", "tiny", 8, 64, 4, 8),
     Case("nosharing_smoke", "no sharing, 4 x 48 prompt x 8 new (smoke)", "tiny", 8, 0, 4, 48),
@@ -719,7 +724,7 @@ def select_cases(args) -> list[Case]:
     if not args.cases:
         return list(profile)
     if not args.smoke:
-        profile += HEAD_DIM_CASES
+        profile += HEAD_DIM_CASES + LOW_CONCURRENCY_CASES
     keys = args.cases.split(",")
     unknown = sorted(set(keys) - {c.key for c in profile})
     if unknown:
