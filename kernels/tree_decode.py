@@ -8,8 +8,9 @@ log-sum-exp of its scores. This module's Triton kernel runs everywhere (the CPU 
 included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
 deeper KV pipeline (``stage1_config`` chooses).
 
-Stage 2, one program per (query, head) on one warp (four when the step has at most one merge per SM): folds the query's partials along its path in the
-plan's fixed order with the online-softmax rule. Gathers only: no atomics, deterministic.
+Stage 2, one program per (query, head) on one warp (four when the step has at most one merge per
+SM): folds the query's partials along its path in the plan's fixed order with the online-softmax
+rule. Gathers only: no atomics, deterministic.
 """
 from __future__ import annotations
 
@@ -312,7 +313,7 @@ def stage2_shape(plan: TreeDecodePlan) -> tuple[int, int]:
     reads only the launch grid, which a captured graph fixes at its batch size, so a graph replay and an
     eager step on the same side of the threshold merge bitwise alike; they can differ only for a batch
     between the threshold and the graph size it is padded to (at 32 q heads on 132 SMs the threshold, 4
-    queries, is itself a graph size)."""
+    queries, is itself one of SGLang's default graph sizes: 1, 2, 4, 8, 12, 16, ...)."""
     if plan.grid_queries * plan.num_qo_heads <= plan.num_sms:
         return STAGE2_SHAPE_FEW_MERGES
     return STAGE2_SHAPE
