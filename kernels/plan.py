@@ -43,6 +43,7 @@ us, against ~170 us with the numpy schedule; the rest is the torch calls that al
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,8 @@ class TreeDecodePlan:
     grid_items: int  # programs per KV head stage 1 is launched with (>= counts[0] + counts[1])
     grid_queries: int  # queries stage 2 is launched for (>= counts[2])
     num_queries: int  # B of this step (host copy of counts[2], for shape checks)
-    num_sms: int  # SMs of the plan's device (8 on the CPU), for launch shapes
+    few_merges_max_queries: int  # stage 2 takes its shape for few merges on grids of at most this many
+    #                              queries (few_merges_max_queries below; 0: never)
 
     @property
     def group_size(self) -> int:
@@ -182,6 +184,21 @@ def _num_sms(device: torch.device) -> int:
     return sms
 
 
+def few_merges_max_queries(num_sms: int, num_qo_heads: int, graph_batch_sizes: Sequence[int] | None = None) -> int:
+    """The largest grid of queries whose stage 2 takes its shape for few merges: at most one (query,
+    head) merge per SM (``tree_decode.stage2_shape``), and one of ``graph_batch_sizes``, the batch
+    sizes a CUDA-graph runner captures and pads every batch up to (default: every power of two, all of
+    which are among SGLang's default sizes 1, 2, 4, 8, 12, 16, 24, ...). Because the threshold is itself
+    a captured size, a batch of B queries and the graph it replays in (padded to the smallest captured
+    size >= B) fall on the same side of it, so an eager step and a graph replay merge bitwise alike. On
+    132 SMs at 40 heads per rank one merge per SM allows 3 queries, but a batch of 3 replays in the graph
+    of 4; the threshold is then 2. 0 when not even one query fits."""
+    fit = num_sms // num_qo_heads
+    if graph_batch_sizes is None:
+        return 1 << (fit.bit_length() - 1) if fit else 0
+    return max((size for size in graph_batch_sizes if size <= fit), default=0)
+
+
 class TreeDecodePlanner:
     """Plans the decode steps of one head configuration into device buffers.
 
@@ -194,7 +211,7 @@ class TreeDecodePlanner:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
                  kv_dtype: torch.dtype = torch.bfloat16, large_rows: int = LARGE_ROWS,
                  programs_per_sm: int = PROGRAMS_PER_SM, staging: PinnedStagingRing | None = None,
-                 schedule: Schedule | None = None) -> None:
+                 schedule: Schedule | None = None, graph_batch_sizes: Sequence[int] | None = None) -> None:
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if large_rows < SMALL_ROWS or large_rows & (large_rows - 1):
@@ -208,6 +225,15 @@ class TreeDecodePlanner:
         # For the plan's device: the one given, else made at the first plan.
         self._staging: PinnedStagingRing | None = staging
         self._item_end: np.ndarray | None = None  # the last plan's items' KV ends, in item order
+        self.graph_batch_sizes = None if graph_batch_sizes is None else sorted(set(graph_batch_sizes))
+        self._few_merges: dict[int, int] = {}  # few_merges_max_queries by SM count
+
+    def _few_merges_max_queries(self, num_sms: int) -> int:
+        few = self._few_merges.get(num_sms)
+        if few is None:
+            few = self._few_merges[num_sms] = few_merges_max_queries(num_sms, self.num_qo_heads,
+                                                                     self.graph_batch_sizes)
+        return few
 
     def items_ending_at(self, positions: np.ndarray) -> np.ndarray | None:
         """For each KV position, the index (in the last plan's ``items``) of the one item whose KV
@@ -282,20 +308,23 @@ class TreeDecodePlanner:
             meta=meta, kv_indices=kv_indices, qperm=parts[0], items=parts[2].view(cap_i, ITEM_FIELDS),
             counts=parts[4], merge_indptr=parts[6], merge_slots=parts[8], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
-            grid_items=cap_i, grid_queries=cap_b, num_queries=B, num_sms=num_sms)
+            grid_items=cap_i, grid_queries=cap_b, num_queries=B,
+            few_merges_max_queries=self._few_merges_max_queries(num_sms))
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      device: torch.device | str | None = None, *, kv_dtype: torch.dtype = torch.bfloat16,
                      large_rows: int = LARGE_ROWS, programs_per_sm: int = PROGRAMS_PER_SM,
-                     capacity: PlanCapacity | None = None, reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
+                     capacity: PlanCapacity | None = None, reuse: TreeDecodePlan | None = None,
+                     graph_batch_sizes: Sequence[int] | None = None) -> TreeDecodePlan:
     """Plan one decode step over ``tree``.
 
     ``device`` defaults to the device of ``tree.kv_indices``. Node and query metadata are read on
     the host (pass them as CPU tensors to avoid a device sync); ``kv_indices`` is used where it is.
     With ``capacity``, buffers have fixed sizes and launch grids cover the capacity (programs past
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any
-    later plan written into the same buffers via ``reuse=plan``.
+    later plan written into the same buffers via ``reuse=plan``. ``graph_batch_sizes``: the batch
+    sizes a CUDA-graph runner pads batches to, if not every power of two (``few_merges_max_queries``).
     """
     device = torch.device(device) if device is not None else tree.kv_indices.device
     # A fresh planner with this thread's staging ring and schedule buffers, so that a call allocates no
@@ -303,7 +332,7 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     # a plan on two H200 hosts: benchmarks/experiments/plan_host_time.py).
     planner = TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype, large_rows=large_rows,
                                 programs_per_sm=programs_per_sm, staging=thread_staging_ring(device),
-                                schedule=_thread_schedule())
+                                schedule=_thread_schedule(), graph_batch_sizes=graph_batch_sizes)
     return planner.plan(tree, device, capacity=capacity, reuse=reuse)
 
 

@@ -310,11 +310,10 @@ def stage2_shape(plan: TreeDecodePlan) -> tuple[int, int]:
     dependent loads at 8 per load); there 32 partials per load on 4 warps made the step 5% faster
     (52.1 and 51.8 against 54.6 us in two runs, H200, benchmarks/results/ab_stage2_low_concurrency_h200.json).
     The two shapes round differently (not bitwise equal; both within the dtype's tolerance). The rule
-    reads only the launch grid, which a captured graph fixes at its batch size, so a graph replay and an
-    eager step on the same side of the threshold merge bitwise alike; they can differ only for a batch
-    between the threshold and the graph size it is padded to (at 32 q heads on 132 SMs the threshold, 4
-    queries, is itself one of SGLang's default graph sizes: 1, 2, 4, 8, 12, 16, ...)."""
-    if plan.grid_queries * plan.num_qo_heads <= plan.num_sms:
+    reads only the launch grid, which a captured graph fixes at its batch size, against a threshold that
+    is itself a captured batch size (``plan.few_merges_max_queries``), so a graph replay and an eager
+    step of the same batch merge bitwise alike."""
+    if plan.grid_queries <= plan.few_merges_max_queries:
         return STAGE2_SHAPE_FEW_MERGES
     return STAGE2_SHAPE
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
+from sglang.srt.utils import require_gathered_buffer
 
 from sglang_deft.config_checks import check_model_runner
 from sglang_deft.kernel_check import check_layer, verify_every
@@ -62,7 +63,8 @@ from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.sharing_metrics import SharingMeter
 from sglang_deft.step_planner import DecodeStepPlanner
 from sglang_deft import tree_attention
-from sglang_deft.tree_attention import empty_tree, new_graph_plan, plan_graph_step, plan_limits, plan_step, run_layer
+from sglang_deft.tree_attention import (empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step, plan_limits,
+                                        plan_step, run_layer)
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -111,7 +113,13 @@ class DeftAttnBackend(AttentionBackend):
         self.plan_limits = plan_limits(self.max_bs, self.num_qo_heads, self.num_kv_heads, self.device)
         # One planner per server: it reuses whatever part of the last step's schedule is unchanged
         # (tails growing by a token change no chunk count), ~85 us less host time per step.
-        self.planner = TreeDecodePlanner(self.num_qo_heads, self.num_kv_heads, self.head_dim, kv_dtype=self.kv_dtype)
+        # With the batch sizes SGLang captures graphs for (set with or without --disable-cuda-graph), so
+        # that stage 2's launch shape is the same for a batch and the graph size it is padded to.
+        args = model_runner.server_args
+        sizes = graph_batch_sizes(args.cuda_graph_bs, model_runner.req_to_token_pool.size,
+                                  get_attention_tp_size() if require_gathered_buffer(args) else 1)
+        self.planner = TreeDecodePlanner(self.num_qo_heads, self.num_kv_heads, self.head_dim, kv_dtype=self.kv_dtype,
+                                         graph_batch_sizes=sizes)
         # The fixed plan buffers every captured graph reads, and eager steps of up to max_bs requests
         # too (made by init_cuda_graph_state, or at the first decode step without CUDA graphs), and
         # the step planner that writes them (steady steps update the last plan in place).
@@ -128,7 +136,8 @@ class DeftAttnBackend(AttentionBackend):
     def _make_plan_buffers(self, max_bs: int) -> None:
         # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
         self.graph_plan = new_graph_plan(self.plan_limits, max_bs, self.kv_pool_size, self.num_qo_heads,
-                                         self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
+                                         self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
+                                         self.planner.graph_batch_sizes)
         self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",

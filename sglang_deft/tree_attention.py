@@ -10,7 +10,9 @@ Triton plans are held to the server's :class:`PlanLimits` (work items, partial r
 step, eager or replayed from a CUDA graph. The limit on work items is also how the planner chunks:
 it coarsens chunks until they fit ``max_items``, and the chunking fixes the order in which each
 query's partials are merged. Eager steps and graph replays planned under the same limits therefore
-launch the same work items with the same merge lists, and their outputs are bitwise equal.
+launch the same work items with the same merge lists, and their outputs are bitwise equal. Stage 2's
+launch shape is chosen against a threshold that is one of the captured batch sizes
+(:func:`graph_batch_sizes`), so it is the same for a batch and the graph size it is padded to.
 """
 from __future__ import annotations
 
@@ -91,6 +93,22 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
                       max_partials=PATH_NODES * max_batch + tile * target)
 
 
+def graph_batch_sizes(cuda_graph_bs: list[int] | None, max_requests: int, multiple: int = 1) -> list[int] | None:
+    """The batch sizes SGLang 0.5.10 captures decode graphs for, each batch padded up to the smallest
+    that holds it (``cuda_graph_runner.get_batch_sizes_to_capture``): ``--cuda-graph-bs`` (or its
+    defaults; ServerArgs fills them in with or without --disable-cuda-graph) with the request pool's
+    size rounded up to ``multiple`` added when the largest passes it, then those that are multiples of
+    ``multiple`` (the attention-TP size where SGLang gathers attention inputs) and within the pool's
+    size. None when unset."""
+    if not cuda_graph_bs:
+        return None
+    max_requests = -(-max_requests // multiple) * multiple
+    sizes = set(cuda_graph_bs)
+    if max(sizes) > max_requests:
+        sizes.add(max_requests)
+    return sorted(size for size in sizes if size % multiple == 0 and size <= max_requests)
+
+
 _warned_unlimited = False
 
 
@@ -113,7 +131,8 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
             _warned_unlimited = True
             logger.warning("deft: a decode step of %d requests exceeds the plan limits %s (%s); such steps are "
                            "planned without limits (and run without CUDA graphs)", tree.num_queries, limits, exc)
-        return plan_tree_decode(tree, num_qo_heads, num_kv_heads, head_dim, device, kv_dtype=kv_dtype)
+        return plan_tree_decode(tree, num_qo_heads, num_kv_heads, head_dim, device, kv_dtype=kv_dtype,
+                                graph_batch_sizes=planner.graph_batch_sizes)
 
 
 def empty_tree(device: torch.device) -> KVTree:
@@ -142,12 +161,14 @@ def with_padding_queries(tree: KVTree, num_queries: int) -> KVTree:
 
 
 def new_graph_plan(limits: PlanLimits, max_queries: int, max_kv_tokens: int, num_qo_heads: int, num_kv_heads: int,
-                   head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> TreeDecodePlan:
+                   head_dim: int, kv_dtype: torch.dtype, device: torch.device,
+                   graph_batch_sizes: list[int] | None = None) -> TreeDecodePlan:
     """Fixed-capacity plan buffers for CUDA graphs: stage 1's launch grid covers the capacity, and
     programs past the device-side counts of the plan written last exit at once. Holds a plan of
     ``max_queries`` padding queries (valid for any captured batch size up to it)."""
     return plan_tree_decode(with_padding_queries(empty_tree(device), max_queries), num_qo_heads, num_kv_heads,
-                            head_dim, device, kv_dtype=kv_dtype, capacity=limits.capacity(max_queries, max_kv_tokens))
+                            head_dim, device, kv_dtype=kv_dtype, capacity=limits.capacity(max_queries, max_kv_tokens),
+                            graph_batch_sizes=graph_batch_sizes)
 
 
 def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dtype: torch.dtype,

@@ -38,8 +38,11 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 import sglang_deft.backend as backend_module  # noqa: E402
+import sglang_deft.kernels.plan as kernel_plan  # noqa: E402
 from radix_sim import RadixSim  # noqa: E402
 from sglang_deft.backend import DeftAttnBackend  # noqa: E402
+from sglang_deft.kernels.plan import few_merges_max_queries  # noqa: E402
+from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 from server_group import gpu_package_env, serving  # noqa: E402
@@ -79,7 +82,8 @@ class CudaDecodeSetup:
                                                                device="cuda"))
         runner = SimpleNamespace(
             server_args=args, model_config=config, model=torch.nn.ModuleList(self.layers), device="cuda",
-            kv_cache_dtype=dtype, req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token),
+            kv_cache_dtype=dtype, req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token,
+                                                                size=self.sim.req_to_token_pool.size),
             token_to_kv_pool=self.kv_pool, use_mla_backend=False, sliding_window_size=None, mambaish_config=None,
         )
         self.runner = runner
@@ -201,6 +205,41 @@ def test_replayed_steps_equal_eager_steps_bitwise(dtype, heads, monkeypatch):
     # Full plans on a change and the step after it (room laid out), steady steps while nothing changes.
     assert logs[0] == logs[1] == [False, False, True, True, True, False, False, True, True, False, False, True,
                                   False, False]
+
+
+def test_stage2_shape_is_the_graphs_in_eager_steps(monkeypatch):
+    """40 query heads (10 KV heads of 128): on the H200 their merges fit one per SM for up to 3 queries,
+    but a batch of 3 replays in the graph of 4, so the threshold for stage 2's shape for few merges is
+    the captured size below, 2. A step at the threshold and one past it (each query merging more
+    partials than one load of the narrow shape takes) replay bitwise what the eager backend computes,
+    each in the shape its graph was captured with."""
+    monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 16)  # many chunks of the prompt: many partials
+    setup = CudaDecodeSetup(torch.bfloat16, monkeypatch, (40, 10, 128))
+    sizes = setup.backend.planner.graph_batch_sizes
+    threshold = few_merges_max_queries(torch.cuda.get_device_properties(0).multi_processor_count, 40, sizes)
+    assert 0 < threshold < max(CAPTURE_BS) and threshold in CAPTURE_BS
+    graphs = Graphs(setup)
+    sim, eager = setup.sim, DeftAttnBackend(setup.runner)
+    prompt = sim.fresh(300)
+    sim.run_to_cache(prompt)
+    reqs = []
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for count, shape in ((threshold, STAGE2_SHAPE_FEW_MERGES), (threshold + 1, STAGE2_SHAPE)):
+        reqs += sim.prefill([sim.new_req(prompt + sim.tokens(3 + len(reqs) + i)) for i in range(count - len(reqs))])
+        fb = setup.decode_batch(reqs)
+        L = len(setup.layers)
+        q = torch.randn(count, 40 * 128, generator=g, device="cuda").to(torch.bfloat16) * 3
+        k = torch.randn(L, count, 10, 128, generator=g, device="cuda").to(torch.bfloat16)
+        v = torch.randn(L, count, 10, 128, generator=g, device="cuda").to(torch.bfloat16)
+        replayed = graphs.replay(fb, q, k, v)
+        eager.init_forward_metadata(fb)
+        outs = [eager.forward_decode(q, k[i], v[i], layer, fb) for i, layer in enumerate(setup.layers)]
+        torch.cuda.synchronize()
+        plan = eager.forward_metadata.plan
+        assert stage2_shape(plan) == shape and int(plan.merge_indptr[:count + 1].diff().max()) > STAGE2_SHAPE[0]
+        for out_graph, out_eager in zip(replayed, outs):
+            assert torch.equal(out_graph[:count], out_eager), f"{count} queries: replay and eager step differ"
+        sim.finish_decode(reqs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from cpu_only import cpu_only
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
-from sglang_deft.kernels.plan import build_schedule
+from sglang_deft.kernels.plan import build_schedule, few_merges_max_queries
+from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape
 from sglang_deft.patches import cuda_graph_replay, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
@@ -39,7 +40,7 @@ CAPTURE_BS = [1, 2, 4, 8]  # SGLang's smallest capture sizes; the largest is ini
 @pytest.fixture(scope="module")
 def server_args():
     args = cpu_server_args()
-    args.cuda_graph_max_bs = max(CAPTURE_BS)
+    args.cuda_graph_max_bs, args.cuda_graph_bs = max(CAPTURE_BS), list(CAPTURE_BS)
     return args
 
 
@@ -275,6 +276,54 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     sim.finish_decode(reqs)
     for _ in range(2):
         assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == 4
+
+
+@needs_interpreter
+def test_stage2_shape_is_the_graphs_in_eager_steps(server_args, model_config, monkeypatch):
+    """On 48 SMs the 8 heads' merges fit one per SM for up to 6 queries, which is no captured size: a
+    batch of 5 replays in the graph of 8. The threshold for stage 2's shape for few merges is therefore 4,
+    and eager steps of 3 and 5 queries merge as their graphs of 4 and 8 do, bitwise. (With the threshold
+    at 6, the step of 5 took the wide shape eagerly and the narrow one in its graph, and differed.)"""
+    monkeypatch.setattr(kernel_plan, "_num_sms", lambda device: 48)
+    monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 16)  # more partials per query than one load takes
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    emulator = GraphEmulator(backend, kv_pool)
+    assert {bs: stage2_shape(meta.plan) for bs, meta in emulator.captured.items()} == {
+        8: STAGE2_SHAPE, 4: STAGE2_SHAPE_FEW_MERGES, 2: STAGE2_SHAPE_FEW_MERGES, 1: STAGE2_SHAPE_FEW_MERGES}
+    prompt = sim.fresh(400)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    for count, graph_size, shape in ((3, 4, STAGE2_SHAPE_FEW_MERGES), (5, 8, STAGE2_SHAPE)):
+        if count > len(reqs):
+            reqs += sim.prefill([sim.new_req(prompt + sim.tokens(9 + i)) for i in range(count - len(reqs))])
+        assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == graph_size
+        eager = backend.forward_metadata.plan
+        assert eager.grid_queries == count and stage2_shape(eager) == shape
+        assert int(eager.merge_indptr[:count + 1].diff().max()) > STAGE2_SHAPE[0]
+
+
+@pytest.mark.parametrize("sms", [132, 114, 108, 78, 8])
+@pytest.mark.parametrize("heads", [8, 12, 20, 28, 32, 40, 64])
+@pytest.mark.parametrize("sizes", ["sglang", "powers_of_two", "odd", "every"])
+def test_few_merges_threshold_is_a_captured_size(sms, heads, sizes):
+    """For every batch up to the largest graph, the batch and the graph size it is padded to fall on the
+    same side of the threshold, and the threshold is the largest such size with one merge per SM."""
+    capture = {"sglang": [1, 2, 4, 8, 12, *range(16, 257, 8)], "powers_of_two": None, "odd": [1, 3, 5, 7, 9, 33],
+               "every": list(range(1, 65))}[sizes]
+    graph = tree_attention.graph_batch_sizes(capture, 4096)
+    threshold = few_merges_max_queries(sms, heads, graph)
+    graph = graph or [1 << i for i in range(9)]
+    assert threshold == max((size for size in graph if size * heads <= sms), default=0)
+    for batch in range(1, graph[-1] + 1):
+        padded = graph[bisect.bisect_left(graph, batch)]
+        assert (batch <= threshold) == (padded <= threshold)
+
+
+def test_graph_batch_sizes_as_sglang_captures_them():
+    assert tree_attention.graph_batch_sizes(None, 64) is None
+    assert tree_attention.graph_batch_sizes([1, 2, 4, 8, 12, 16], 10) == [1, 2, 4, 8, 10]
+    assert tree_attention.graph_batch_sizes([1, 2, 4, 8, 12, 16], 64) == [1, 2, 4, 8, 12, 16]
+    assert tree_attention.graph_batch_sizes([1, 2, 4, 6, 8], 5, multiple=2) == [2, 4, 6]
 
 
 @needs_interpreter

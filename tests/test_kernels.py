@@ -187,10 +187,9 @@ def test_both_stage2_shapes_merge_long_paths(dtype):
     one warp; on the deep chain (up to 64 partials per query, several loads either way) both shapes
     match the reference, each is repeatable bitwise, and the rule picks by the launch grid."""
     out, ref, (q, k, v, plan, scale, cap) = run_case(TREES["deep_chain_64"], 8, 2, 64, dtype)
-    merges = plan.grid_queries * plan.num_qo_heads
     outs = {}
-    for num_sms in (merges - 1, merges):
-        p = dataclasses.replace(plan, num_sms=num_sms)
+    for threshold in (plan.grid_queries - 1, plan.grid_queries):
+        p = dataclasses.replace(plan, few_merges_max_queries=threshold)
         outs[stage2_shape(p)] = [tree_decode(q, k, v, p, scale, cap) for _ in range(2)]
     assert set(outs) == {STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES}
     for first, again in outs.values():
