@@ -235,10 +235,10 @@ def test_stage2_shape_is_the_graphs_in_eager_steps(monkeypatch):
         eager.init_forward_metadata(fb)
         outs = [eager.forward_decode(q, k[i], v[i], layer, fb) for i, layer in enumerate(setup.layers)]
         torch.cuda.synchronize()
-        plan = eager.forward_metadata.plan
-        assert stage2_shape(plan) == shape and int(plan.merge_indptr[:count + 1].diff().max()) > STAGE2_SHAPE[0]
         for out_graph, out_eager in zip(replayed, outs):
             assert torch.equal(out_graph[:count], out_eager), f"{count} queries: replay and eager step differ"
+        plan = eager.forward_metadata.plan
+        assert stage2_shape(plan) == shape and int(plan.merge_indptr[:count + 1].diff().max()) > STAGE2_SHAPE[0]
         sim.finish_decode(reqs)
 
 
