@@ -140,9 +140,11 @@ class DeftAttnBackend(AttentionBackend):
                                          self.planner.graph_batch_sizes)
         self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
         logger.info(
-            "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results",
+            "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results; merges of batches "
+            "of up to %d requests on 4 warps (one merge per SM, a captured batch size)",
             max_bs, self.kv_pool_size, self.plan_limits,
             self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
+            self.graph_plan.few_merges_max_queries,
         )
 
     def _requests(self, forward_batch: ForwardBatch):
