@@ -163,6 +163,16 @@ def test_markdown_shows_missing_and_failed_cells():
     assert "deft off, flashinfer on, triton on" in text
 
 
+def test_markdown_without_the_baseline_compares_with_the_other_backend():
+    report = gpu_like_report()
+    report["backends"] = ["deft", "triton"]
+    report["cases"][0]["triton_tok_s"] = 3500.0
+    report["cases"][0]["backends"]["triton"] = {"ok": True, "tok_s": 3500.0}
+    text = b.markdown(report)
+    assert "| deft / triton |" in text and "(target)" not in text
+    assert text.strip().splitlines()[-1].startswith("| prefix 16000 x 64 | 7,000 | 3,500 | 2.00 |")
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     spec = importlib.util.spec_from_file_location("plot_e2e", REPO / "benchmarks" / "plot_e2e.py")
