@@ -9,8 +9,9 @@ included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the 
 deeper KV pipeline (``stage1_config`` chooses).
 
 Stage 2, one program per (query, head) on one warp (four when the step has at most one merge per
-SM): folds the query's partials along its path in the plan's fixed order with the online-softmax
-rule. Gathers only: no atomics, deterministic.
+SM and its batch is at most a captured graph size that fits: ``stage2_shape``): folds the query's
+partials along its path in the plan's fixed order with the online-softmax rule. Gathers only: no
+atomics, deterministic.
 """
 from __future__ import annotations
 
