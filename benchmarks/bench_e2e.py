@@ -471,10 +471,14 @@ def summarize_case(entry: dict, case: Case, backends: tuple[str, ...], baseline:
         summary = summarize_backend(entry["runs"].get(backend, []))
         entry["backends"][backend] = summary
         entry[f"{backend}_tok_s"] = summary.get("tok_s")
-    deft, base = entry.get("deft_tok_s"), entry.get(f"{baseline}_tok_s")
-    ratio = round(deft / base, 3) if deft and base else None
-    entry[f"deft_vs_{baseline}"] = ratio
+    ratio = entry[f"deft_vs_{baseline}"] = deft_ratio(entry, baseline)
     entry["meets_target"] = (ratio >= case.target) if ratio is not None and case.target is not None else None
+
+
+def deft_ratio(entry: dict, other: str) -> float | None:
+    """deft's decode tok/s over ``other``'s in a summarized case; None when either is missing."""
+    deft, base = entry.get("deft_tok_s"), entry.get(f"{other}_tok_s")
+    return round(deft / base, 3) if deft and base else None
 
 
 def _num(x, digits=0) -> str:
@@ -508,8 +512,7 @@ def markdown(report: dict) -> str:
             target = f" (≥ {c['target']:g})" if c.get("target") else ""
             verdict = {True: " ✓", False: " ✗"}.get(c.get("meets_target"), "")
         else:
-            deft_tok, other_tok = c.get("deft_tok_s"), c.get(f"{compared}_tok_s")
-            ratio, target, verdict = (deft_tok / other_tok if deft_tok and other_tok else None), "", ""
+            ratio, target, verdict = deft_ratio(c, compared), "", ""
         tpots = [_num(c["backends"].get(b, {}).get("tpot_ms"), 2) for b in backends]
         deft_share = c["backends"].get("deft", {}).get("sharing_ratio")
         share = f"{_num(deft_share, 2)} (shape {_num(c.get('theoretical_sharing_ratio'), 2)})"
