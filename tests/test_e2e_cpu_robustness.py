@@ -4,7 +4,9 @@ One real deft server (``python -m sglang_deft.launch_server``, the tiny Llama, t
 ``test_e2e_cpu.py``: float32 on the CPU, float16 on a GPU with ``SGLANG_DEFT_E2E_DEVICE=cuda``)
 with ``--chunked-prefill-size 64``, so every prompt here is prefilled in several chunks, and the
 overlap scheduler on (SGLang's default). A second one with ``--disable-radix-cache`` boots next to
-it for the radix-off checks. Both run with
+it for the radix-off checks, and a third with ``SGLANG_TEST_RETRACT=1`` for retraction (SGLang's
+scheduler then retracts a request from every third batch, as it does when the KV pool runs out).
+All run with
 ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``: SGLang's scheduler then asserts after every step
 that free + cached + locked + in-flight KV slots add up to the pool (its idle check,
 ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE``, is on by default); a failed check kills the server,
@@ -54,12 +56,14 @@ UNRELATED = ["Quantum ledgers balance in the dark; count them twice. ",
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """The deft server (radix cache on) and its radix-off twin, booted side by side."""
+    """The deft server (radix cache on), its radix-off twin and its retracting twin, booted side by side."""
     log_dir = tmp_path_factory.mktemp("robust")
     launch = server_launch(SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY="1")
+    retracting = server_launch(SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY="1", SGLANG_TEST_RETRACT="1")
     running = {
         "radix": ServerProcess("deft-radix", ARGS, log_dir / "radix.log", **launch),
         "noradix": ServerProcess("deft-noradix", ARGS + ["--disable-radix-cache"], log_dir / "noradix.log", **launch),
+        "retract": ServerProcess("deft-retract", ARGS, log_dir / "retract.log", **retracting),
     }
     with serving(running, STARTUP_TIMEOUT_S):
         for server in running.values():
@@ -419,3 +423,22 @@ def test_radix_cache_off(servers):
     assert all(r["ratio"] == 1.0 and r["unique_kv_tokens"] == r["attended_kv_tokens"] for r in rows), rows
     assert rows[-1]["total_unique_kv_tokens"] == rows[-1]["total_attended_kv_tokens"]
     assert_no_leak(off)
+
+
+def test_retracted_branches_rejoin_their_fork(servers):
+    """Retraction (what SGLang does when decode outgrows the KV pool): a retracted branch gives back
+    its KV slots, waits, is prefilled again over the cached prefix and decodes on. Every branch of a
+    fork still gets its tokens (and logprobs) from when it runs alone, the re-prefilled branches read
+    the shared prefix with the others again, and no slot leaks."""
+    ref, retract = servers["radix"], servers["retract"]
+    prompts = [CONTEXT + b for b in BRANCHES]
+    expected = [alone(ref, p, ALONE_TOKENS) for p in prompts]
+    offset = len(retract.log())
+    cache_prefix(retract, CONTEXT)
+    assert_same(generate(retract, {"text": prompts, "sampling_params": greedy(ALONE_TOKENS)}), expected)
+    log = retract.log()[offset:]
+    first = log.find("Testing retraction. #retracted_reqs: 1")
+    assert first >= 0 and log.count("Testing retraction. #retracted_reqs: 1") >= 2, log[-3000:]
+    rows = parse_sharing_lines(log[first:])  # decode steps after the first retraction
+    assert rows and max(r["ratio"] for r in rows) > 3.0  # 4 branches on the ~300-token prefix again
+    assert_no_leak(retract)
