@@ -59,11 +59,12 @@ def test_heads_and_dims(hq, hkv, d, dtype):
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
 
 
-# GQA groups of real models besides 1/4/8: 5 (Qwen2.5-14B/32B, 40 q / 8 kv heads), 6 (Qwen2-1.5B,
-# 12 / 2), 7 (Qwen2.5-7B, 28 / 4) and 16 (ChatGLM3-6B, 32 / 2). A tile's rows are then not a multiple
-# of the group (at 7: a 64-row large tile holds 9 queries, 63 rows), and at 16 one query fills a
-# small tile. Head dim 128: the Hopper kernel on the H200.
-@pytest.mark.parametrize("hq,hkv", [(10, 2), (12, 2), (14, 2), (32, 2)], ids=["gqa5", "gqa6", "gqa7", "gqa16"])
+# GQA groups besides 1/4/8: 2, 3 (Llama-3.2-3B's 24 q / 8 kv heads),
+# 5 (Qwen2.5-14B/32B, 40 / 8), 6 (Qwen2-1.5B, 12 / 2), 7 (Qwen2.5-7B, 28 / 4) and 16 (ChatGLM3-6B,
+# 32 / 2). A tile's rows are then not a multiple of the group (at 7: a 64-row large tile holds 9
+# queries, 63 rows), and at 16 one query fills a small tile. Head dim 128: the Hopper kernel on the H200.
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 2), (10, 2), (12, 2), (14, 2), (32, 2)],
+                         ids=["gqa2", "gqa3", "gqa5", "gqa6", "gqa7", "gqa16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gqa_groups_of_any_size(hq, hkv, dtype):
     out, ref, _ = run_case(TREES["random_forest"], hq, hkv, 128, dtype)
