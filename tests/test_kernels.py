@@ -70,6 +70,7 @@ def test_gqa_groups_of_any_size(hq, hkv, dtype):
     out, ref, _ = run_case(TREES["random_forest"], hq, hkv, 128, dtype)
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logit_cap(dtype):
     out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=1.5)
