@@ -89,7 +89,8 @@ def fork_trees(B: int) -> dict:
 
 
 @pytest.mark.parametrize("name", ["fork", "nested", "binary", "no_sharing"])
-@pytest.mark.parametrize("heads", [(32, 8), (32, 32), (8, 1)], ids=["gqa4", "mha", "gqa8_tp"])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 32), (8, 1), (28, 4), (40, 8), (24, 8)],
+                         ids=["gqa4", "mha", "gqa8_tp", "gqa7", "gqa5", "gqa3"])
 def test_fork_trees_fit_without_coarser_chunks(monkeypatch, name, heads):
     """At B = max_batch on an H200, the limits hold the usual fork shapes, and the plan they allow is
     the plan without limits: the limits never change the chunking of such a step."""
