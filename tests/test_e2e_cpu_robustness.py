@@ -435,10 +435,24 @@ def test_retracted_branches_rejoin_their_fork(servers):
     expected = [alone(ref, p, ALONE_TOKENS) for p in prompts]
     offset = len(retract.log())
     cache_prefix(retract, CONTEXT)
-    assert_same(generate(retract, {"text": prompts, "sampling_params": greedy(ALONE_TOKENS)}), expected)
+    results = retract.generate({"text": prompts, "sampling_params": greedy(ALONE_TOKENS), "return_logprob": True})
+    assert_same(*zip(*(_retracted_and_expected(r, e) for r, e in zip(results, expected))))
     log = retract.log()[offset:]
     first = log.find("Testing retraction. #retracted_reqs: 1")
     assert first >= 0 and log.count("Testing retraction. #retracted_reqs: 1") >= 2, log[-3000:]
     rows = parse_sharing_lines(log[first:])  # decode steps after the first retraction
     assert rows and max(r["ratio"] for r in rows) > 3.0  # 4 branches on the ~300-token prefix again
     assert_no_leak(retract)
+
+
+def _retracted_and_expected(result: dict, want: Out) -> tuple[Out, Out]:
+    """A retracted request's result and its reference, as far as SGLang reports logprobs for it.
+    SGLang 0.5.10 sometimes leaves the first output token's logprob entry out for a request it
+    retracts (``output_ids`` still holds every token): measured with this fork and the same
+    retraction, 4 of 100 requests with SGLang's torch_native decode and 5 of 100 with deft's, always
+    entry 0. Every token is still compared (the first one without its logprob)."""
+    ids, entries = result["output_ids"], result["meta_info"]["output_token_logprobs"]
+    lost = len(ids) - len(entries)
+    assert lost in (0, 1) and [t[1] for t in entries] == ids[lost:], (ids, entries)
+    assert ids[:lost] == want.ids[:lost]
+    return Out(ids[lost:], [t[0] for t in entries]), Out(want.ids[lost:], want.logprobs[lost:])
