@@ -309,7 +309,10 @@ class TreeDecodePlanner:
             counts=parts[4], merge_indptr=parts[6], merge_slots=parts[8], partial_out=partial_out,
             partial_lse=partial_lse, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, large_rows=self.large_rows,
             grid_items=cap_i, grid_queries=cap_b, num_queries=B,
-            few_merges_max_queries=self._few_merges_max_queries(num_sms))
+            # Written into reuse's buffers, the plan keeps their threshold too: a graph captured with
+            # them merges in that shape whatever graph sizes this planner was given.
+            few_merges_max_queries=(reuse.few_merges_max_queries if reuse is not None
+                                    else self._few_merges_max_queries(num_sms)))
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -323,8 +326,9 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     the host (pass them as CPU tensors to avoid a device sync); ``kv_indices`` is used where it is.
     With ``capacity``, buffers have fixed sizes and launch grids cover the capacity (programs past
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any
-    later plan written into the same buffers via ``reuse=plan``. ``graph_batch_sizes``: the batch
-    sizes a CUDA-graph runner pads batches to, if not every power of two (``few_merges_max_queries``).
+    later plan written into the same buffers via ``reuse=plan`` (which keeps that plan's capacity and
+    stage-2 threshold). ``graph_batch_sizes``: the batch sizes a CUDA-graph runner pads batches to, if
+    not every power of two (``few_merges_max_queries``).
     """
     device = torch.device(device) if device is not None else tree.kv_indices.device
     # A fresh planner with this thread's staging ring and schedule buffers, so that a call allocates no

@@ -182,10 +182,8 @@ def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dty
     that exit at once. On the H200 those cost 1.4-2.8 us a layer on the benchmark's trees of 16-64
     queries in buffers for 256 (benchmarks/results/ab_launch_grids_h200.json). Stage 1's grid stays at
     the capacity: how many work items a step has depends on its tree, and exiting stage-1 programs
-    measured no cost there.
-
-    The plan keeps the buffers' ``few_merges_max_queries`` (set from the graph batch sizes when
-    they were made), so stage 2's shape is the captured one whichever planner writes the step."""
+    measured no cost there. The plan keeps the buffers' stage-2 threshold (``plan_tree_decode``'s
+    ``reuse``), so stage 2's shape is the captured one whichever planner writes the step."""
     padded = with_padding_queries(tree, num_queries)
     planner = planner or TreeDecodePlanner(plan.num_qo_heads, plan.num_kv_heads, plan.head_dim, kv_dtype=kv_dtype)
     try:
@@ -194,7 +192,7 @@ def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dty
         # The planner checks every capacity before it writes. An error that is not about capacity
         # comes back from the eager step that takes over (plan_step raises it there).
         return None
-    return dataclasses.replace(planned, grid_queries=num_queries, few_merges_max_queries=plan.few_merges_max_queries)
+    return dataclasses.replace(planned, grid_queries=num_queries)
 
 
 def run_layer(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan, sm_scale: float,

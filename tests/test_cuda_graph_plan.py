@@ -322,13 +322,16 @@ def test_few_merges_threshold_is_a_captured_size(sms, heads, sizes):
 
 def test_a_step_in_graph_buffers_keeps_their_threshold():
     """The threshold is the graph buffers': a step written into them by a planner without the graph
-    sizes (powers of two by default: 4 on the CPU's 8 "SMs" at 2 heads) keeps the captured 3."""
+    sizes (powers of two by default: 4 on the CPU's 8 "SMs" at 2 heads) keeps the captured 3, through
+    plan_graph_step and through plan_tree_decode's reuse= alike."""
     cpu = torch.device("cpu")
     graph = tree_attention.new_graph_plan(plan_limits(8, 2, 2, cpu), 8, 512, 2, 2, 32, torch.float32, cpu,
                                           graph_batch_sizes=[1, 3, 8])
     assert graph.few_merges_max_queries == 3 and few_merges_max_queries(8, 2) == 4
-    step = plan_graph_step(graph, make_tree([-1, 0, 0], [9, 4, 5], [1, 2, 2]), 3, torch.float32)
+    tree = make_tree([-1, 0, 0], [9, 4, 5], [1, 2, 2])
+    step = plan_graph_step(graph, tree, 3, torch.float32)
     assert step.grid_queries == 3 and step.few_merges_max_queries == 3
+    assert plan_tree_decode(tree, 2, 2, 32, cpu, kv_dtype=torch.float32, reuse=graph).few_merges_max_queries == 3
 
 
 def test_graph_batch_sizes_as_sglang_captures_them():
