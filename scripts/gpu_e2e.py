@@ -16,7 +16,8 @@ Servers (``python -m sglang_deft.launch_server``, one GPU, all ``--attention-bac
   two correct decode kernels differ from each other. If it does not start (e.g. a head_dim FlashInfer
   was not built for), the next of ``--noise-backends`` (``torch_native``) takes its place.
 Models: ``tiny`` (the repo's ``models/tiny-llama-deft``, seeded weights with sharp attention; float16 by
-default, see below) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
+default, see below), its variants with real models' attention heads (``TINY_VARIANTS``: ``tiny-d128``,
+``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
 --skip-tokenizer-init``, bfloat16). Requests (token ids, greedy, chosen-token logprobs and top-10):
 a fork (prefix cached first, then k branches in one batch, as ``fork()`` does), a nested fork (each
 branch's prompt plus triton's output, forked 2 ways), and an ``n > 1`` request; on ``tiny`` also a
@@ -95,12 +96,40 @@ TOP_K = 10
 
 MODELS = {
     "tiny": dict(path=REPO / "models" / "tiny-llama-deft", extra=[], vocab=300, prefix=300, branches=8,
-                 new_tokens=32, nested_tokens=16, tokenizer=True, max_total_tokens=16384, min_budget_s=100),
+                 new_tokens=32, nested_tokens=16, tokenizer=True, max_total_tokens=16384, min_budget_s=100,
+                 sharp=True),
     "8b": dict(path=REPO / ".kit" / "models" / "llama3-8b-shape",
                extra=["--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init"], vocab=128000,
                prefix=2000, branches=16, new_tokens=32, nested_tokens=16, tokenizer=False,
                max_total_tokens=32768, min_budget_s=210),
 }
+# The tiny model with real models' attention heads (q heads, kv heads, head_dim), generated at the start of a
+# run by scripts/make_tiny_model.py (same seed, scales and tokenizer; a few MB, so not shipped). The bundled
+# model's head_dim 32 runs deft's portable Triton kernel on the GPU; these run the Hopper kernel that serves
+# real models, under the same context-sensitive check: Llama-3-8B's heads (issue 3's shape), Llama-3.2-1B's,
+# a Gemma-like head_dim 256 and Qwen2.5-7B's GQA group of 7.
+TINY_VARIANTS = {"tiny-d128": (32, 8, 128), "tiny-d64": (32, 8, 64), "tiny-d256": (16, 8, 256),
+                 "tiny-gqa7": (28, 4, 128)}
+for _name, _heads in TINY_VARIANTS.items():
+    MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads)
+
+
+def variant_dir(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / "sglang_deft_models" / name
+
+
+def materialize_model(name: str, spec: dict) -> Path:
+    """The model's directory; a variant of the tiny model is written there first (deterministic, ~5 s)."""
+    if spec.get("heads") is None:
+        return spec["path"]
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import make_tiny_model
+    finally:
+        sys.path.pop(0)
+    return make_tiny_model.write_variant(variant_dir(name), *spec["heads"])
+
+
 # --sampling-backend pytorch: FlashInfer's top-k/top-p sampler would be JIT-compiled mid-program (~80 s) on
 # a fresh GPU host; measured and explained at COMMON_ARGS in benchmarks/bench_e2e.py.
 GPU_ARGS = ["--attention-backend", "triton", "--disable-cuda-graph", "--grammar-backend", "none",
@@ -545,7 +574,7 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
     if args.cuda_graph:
         common = [a for a in common if a != "--disable-cuda-graph"]
     extra = list(spec["extra"]) + shlex.split(args.server_args)
-    if name == "tiny" and args.device != "cpu":
+    if spec.get("sharp") and args.device != "cpu":
         extra = ["--dtype", args.tiny_dtype] + extra
     return ["--model-path", str(spec["path"]), *extra, *common, "--max-total-tokens", str(spec["max_total_tokens"])]
 
@@ -672,7 +701,7 @@ class ModelRun:
             if self.args.smoke:
                 spec.update(branches=4, new_tokens=8, nested_tokens=4)
             atol = self.args.atol if self.args.atol is not None else (
-                0.02 if (self.name == "tiny" and self.args.tiny_dtype == "float16") else 0.05)
+                0.02 if (spec.get("sharp") and self.args.tiny_dtype == "float16") else 0.05)
             result["atol"], result["tie_tol"] = atol, self.args.tie_tol
 
             def save_partial(partial):
@@ -699,7 +728,7 @@ class ModelRun:
                                                / max(1.0, last["total_unique_kv_tokens"]))}
             result["kernel_check"] = kernel_check_summary(servers["deft"].log())
             result["ok"] = all(w["ok"] for w in result["workloads"].values()) and bool(rows)
-            if self.name == "tiny":  # the criterion is meaningful there only if the prefix drives the tokens
+            if spec.get("sharp"):  # the criterion is meaningful there only if the prefix drives the tokens
                 result["ok"] = result["ok"] and result["context_sensitivity"] >= 0.5
         except Exception:
             result.update(ok=False, error=traceback.format_exc())
@@ -736,7 +765,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="deft vs SGLang's triton and flashinfer decode on the GPU, same requests")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
-    p.add_argument("--models", default="tiny,8b", help="comma-separated: tiny, 8b")
+    p.add_argument("--models", default="tiny,8b", help="comma-separated: tiny, 8b, " + ", ".join(TINY_VARIANTS))
     p.add_argument("--tiny-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="float16 (default) rounds 8x finer than bfloat16: a narrower noise band (module docstring)")
     p.add_argument("--noise-backends", default=None,
@@ -750,7 +779,7 @@ def parse_args(argv=None):
     p.add_argument("--noise-pool", default=Criterion.noise_pool, choices=["model", "workload"],
                    help="noise level per workload: max(its own, the model's over all workloads), or its own")
     p.add_argument("--atol", type=float, default=None,
-                   help="absolute check (reported): 0.02 for float16 tiny, else 0.05")
+                   help="absolute check (reported): 0.02 for the tiny models in float16, else 0.05")
     p.add_argument("--tie-tol", type=float, default=0.1, help="absolute check: near-tie logprob gap")
     p.add_argument("--parallel", default="model", choices=["none", "model", "all"],
                    help="start servers one at a time, a model's servers together, or every server at once")
@@ -759,7 +788,7 @@ def parse_args(argv=None):
     p.add_argument("--startup-timeout", type=float, default=360)
     p.add_argument("--commit", default=os.environ.get("DEFT_COMMIT"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: a smoke run of this script on SGLang's CPU engine (tiny only, torch_native prefill)")
+                   help="cpu: a smoke run of this script on SGLang's CPU engine (tiny models only, torch_native prefill)")
     p.add_argument("--smoke", action="store_true", help="shorter workloads (CPU smoke runs)")
     p.add_argument("--kernel-check-every", type=int, default=16, metavar="N",
                    help="the deft server checks layer 0 of every N-th eager decode step against the fp32 "
@@ -795,6 +824,11 @@ def main(argv=None) -> int:
     if args.make_overlay is not None:
         print(make_overlay(args.make_overlay))
         return 0
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"gpu_e2e.py: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _sigterm)
     clock = Clock()
     deadline = clock.start + (args.budget_s if args.budget_s > 0 else 10 ** 9)
@@ -804,9 +838,8 @@ def main(argv=None) -> int:
     (log_dir / "server_pgids.txt").write_text("")
     env, cwd = importable_package_env()
     env["SGLANG_DEFT_VERIFY_EVERY"] = str(args.kernel_check_every)  # read by the deft server only
-    names = [n for n in args.models.split(",") if n]
     if args.device == "cpu":
-        names = [n for n in names if n == "tiny"]
+        names = [n for n in names if MODELS[n].get("sharp")]
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **device_info(args.commit),
@@ -833,7 +866,10 @@ def main(argv=None) -> int:
     try:
         for name in names:
             spec = MODELS[name]
-            report["models"][name] = {}
+            report["models"][name] = {"heads": list(spec["heads"])} if spec.get("heads") else {}
+            if spec.get("heads"):
+                spec = dict(spec, path=materialize_model(name, spec))
+                clock.note(f"{name}: generated at {spec['path']}")
             if not spec["path"].exists():
                 report["models"][name] = {"ok": False, "error": f"model not found: {spec['path']} "
                                                                 f"(carry .kit for the 8b shape)"}

@@ -5,6 +5,10 @@
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh kernels   # pytest kernels+plan on the GPU, kernel benchmark
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e       # gpu_e2e.py, tiny then 8b
 #   bash scripts/gpu_session.sh e2e-tiny | e2e-8b                 # one model (if `e2e` had to skip 8b)
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-heads # gpu_e2e.py on the tiny model's variants with real
+#                                                                 # models' heads (64, 128, 256; GQA 2, 4, 7): the Hopper
+#                                                                 # kernel under the context-sensitive check
+#                                                                 # (E2E_ARGS=--cuda-graph for SGLang's graphs)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
@@ -49,8 +53,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|bench-e2e|demo|graphs|step-host|features" >&2
+  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|bench-e2e|demo|graphs|step-host|features) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|bench-e2e|demo|graphs|step-host|features" >&2
      exit 2 ;;
 esac
 
@@ -101,6 +105,7 @@ EOF
     e2e) phase_e2e tiny,8b ;;
     e2e-tiny) phase_e2e tiny ;;
     e2e-8b) phase_e2e 8b ;;
+    e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;

@@ -3,6 +3,15 @@
 Usage:
     python scripts/make_tiny_model.py            # (re)write the weights next to config.json
     python scripts/make_tiny_model.py --check    # regenerate in memory, compare with the file
+    python scripts/make_tiny_model.py --heads 32,8,128 --out /tmp/tiny-d128   # a variant, see below
+
+Variants (``--heads Q,KV,D``, ``write_variant``): the same model, tokenizer and scales with other
+attention heads, written to another directory (never shipped: a few MB, regenerated in seconds).
+They exist because the bundled model's head_dim 32 runs deft's portable Triton kernel on the GPU,
+while real models' heads (64, 128, 256) run the Hopper kernel: a variant with Llama-3-8B's 32 q /
+8 kv heads of 128 puts the shipped kernel under the same context-sensitive end-to-end check
+(scripts/gpu_e2e.py ``tiny-d128``). The sharpness below does not depend on the heads: the std of
+q.k / sqrt(head_dim) is QK_STD**2 * hidden whatever head_dim is.
 
 The model exists so that a wrong decode attention changes the tokens. HF's default init
 (std 0.02) and SGLang's `--load-format dummy` (uniform +-1e-3) make every attention row almost
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -105,11 +115,41 @@ def make_state_dict(model_dir: Path = MODEL_DIR) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
 
 
+def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int) -> Path:
+    """The bundled model with other attention heads, written to ``out_dir`` (config, tokenizer, weights)."""
+    if num_q_heads < 1 or num_kv_heads < 1 or head_dim < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"heads {num_q_heads},{num_kv_heads},{head_dim}: need Q, KV, D >= 1 with KV dividing Q")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(MODEL_DIR / name, out_dir / name)
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    cfg.update(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    save_file(make_state_dict(out_dir), str(out_dir / "model.safetensors"),
+              metadata={"format": "pt", "generator": "scripts/make_tiny_model.py", "seed": str(SEED),
+                        "heads": f"{num_q_heads},{num_kv_heads},{head_dim}"})
+    return out_dir
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     ap.add_argument("--check", action="store_true", help="compare with the existing file, write nothing")
+    ap.add_argument("--heads", default=None, metavar="Q,KV,D",
+                    help="write a variant with these attention heads to --out instead")
+    ap.add_argument("--out", type=Path, default=None, help="the variant's directory (with --heads)")
     args = ap.parse_args(argv)
+    if (args.heads is None) != (args.out is None):
+        ap.error("--heads and --out go together")
+    if args.heads is not None:
+        try:
+            q, kv, d = (int(x) for x in args.heads.split(","))
+            out = write_variant(args.out, q, kv, d)
+        except ValueError as e:
+            ap.error(f"--heads {args.heads}: {e}")
+        print(f"wrote {out}: {q} q / {kv} kv heads of {d}")
+        return 0
     path = args.model_dir / "model.safetensors"
     sd = make_state_dict(args.model_dir)
     if args.check:

@@ -227,3 +227,20 @@ def test_kernel_check_summary_states_its_tolerance():
     assert ok["allowed"] == pytest.approx(2 * 2 ** -8 * 2.0) and ok["within_tolerance"]
     assert not g.kernel_check_summary(line.format(16, 0.5))["within_tolerance"]  # a wrong attention
     assert g.kernel_check_summary("no check lines") is None
+
+
+def test_tiny_variants_are_generated_and_judged_like_tiny(tmp_path, monkeypatch):
+    args = g.parse_args(["--out", str(tmp_path)])
+    for name, heads in g.TINY_VARIANTS.items():
+        spec = g.MODELS[name]
+        assert spec["sharp"] and spec["heads"] == heads and spec["path"] is None
+        base = g.model_base_args(name, dict(spec, path=tmp_path), args)
+        assert base[base.index("--dtype") + 1] == "float16"  # as tiny: the narrower noise band
+    assert not g.MODELS["8b"].get("sharp")
+    monkeypatch.setattr(g, "variant_dir", lambda name: tmp_path / name)
+    path = g.materialize_model("tiny-gqa7", g.MODELS["tiny-gqa7"])
+    cfg = g.json.loads((path / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (28, 4, 128)
+    assert (path / "model.safetensors").stat().st_size > 0 and (path / "tokenizer.json").exists()
+    assert g.materialize_model("tiny", g.MODELS["tiny"]) == g.MODELS["tiny"]["path"]
+    assert g.main(["--out", str(tmp_path / "out"), "--models", "tiny,nope"]) == 2

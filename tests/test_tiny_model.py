@@ -6,6 +6,8 @@ wrong KV slots can still produce the expected tokens. These tests show, with HF 
 on CPU, that the bundled weights don't have that weakness: for a 300-token shared prompt with six
 branches, changing one early prompt token, or hiding one early KV token from every query, changes
 the greedy continuation of every branch, and the branches' continuations differ from each other.
+The variants with real models' attention heads (``make_tiny_model.write_variant``, which the GPU
+end-to-end check runs to put the Hopper kernel under the same test) keep those properties.
 """
 
 from __future__ import annotations
@@ -108,12 +110,17 @@ def test_config_and_size():
     assert total < 2 * 1024 * 1024, total
 
 
-def test_weights_match_the_seeded_generator():
+def _make_tiny_model():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import make_tiny_model
     finally:
         sys.path.pop(0)
+    return make_tiny_model
+
+
+def test_weights_match_the_seeded_generator():
+    make_tiny_model = _make_tiny_model()
     from safetensors.torch import load_file
 
     want = make_tiny_model.make_state_dict(MODEL_DIR)
@@ -160,3 +167,37 @@ def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids,
     outs = greedy(model, tok, prompt_ids, hidden_key=5)
     same = [i for i, (a, b) in enumerate(zip(reference, outs)) if a == b]
     assert not same, f"branches {same} did not notice KV token 5 missing"
+
+
+# scripts/gpu_e2e.py's TINY_VARIANTS: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7.
+VARIANT_HEADS = [(32, 8, 128), (32, 8, 64), (16, 8, 256), (28, 4, 128)]
+
+
+@pytest.fixture(scope="module", params=VARIANT_HEADS, ids=lambda h: "q{}_kv{}_d{}".format(*h))
+def variant(request, tmp_path_factory):
+    heads = request.param
+    out = _make_tiny_model().write_variant(tmp_path_factory.mktemp("variant"), *heads)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == heads
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+def test_a_variant_with_real_heads_is_as_sharp(variant, tok, prompt_ids):
+    """What makes the end-to-end check catch a wrong attention: one changed prompt token or one hidden
+    KV token changes every branch. (Two branches may continue alike: " Answer A:" and " Answer B:" did
+    at 32 / 8 heads of 128, which takes nothing from that.)"""
+    test_attention_is_sharp(variant, prompt_ids)
+    reference = greedy(variant, tok, prompt_ids)
+    assert all(len(o) == NEW_TOKENS and all(32 <= ord(c) < 127 for c in tok.decode(o)) for o in reference)
+    changed = list(prompt_ids)
+    changed[3] = 100 if prompt_ids[3] != 100 else 101
+    for what, outs in (("a change of prompt token 3", greedy(variant, tok, changed)),
+                       ("KV token 5 missing", greedy(variant, tok, prompt_ids, hidden_key=5))):
+        same = [i for i, (a, b) in enumerate(zip(reference, outs)) if a == b]
+        assert not same, f"branches {same} did not notice {what}"
+
+
+def test_variant_heads_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="KV dividing Q"):
+        _make_tiny_model().write_variant(tmp_path, 32, 6, 128)
