@@ -107,9 +107,10 @@ MODELS = {
 # run by scripts/make_tiny_model.py (same seed, scales and tokenizer; a few MB, so not shipped). The bundled
 # model's head_dim 32 runs deft's portable Triton kernel on the GPU; these run the Hopper kernel that serves
 # real models, under the same context-sensitive check: Llama-3-8B's heads (issue 3's shape), Llama-3.2-1B's,
-# a Gemma-like head_dim 256 and Qwen2.5-7B's GQA group of 7.
+# a Gemma-like head_dim 256 and Qwen2.5-7B's GQA group of 7 (hidden 112: a multiple of its 28 q heads,
+# which transformers requires).
 TINY_VARIANTS = {"tiny-d128": (32, 8, 128), "tiny-d64": (32, 8, 64), "tiny-d256": (16, 8, 256),
-                 "tiny-gqa7": (28, 4, 128)}
+                 "tiny-gqa7": (28, 4, 128, 112)}
 for _name, _heads in TINY_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads)
 

@@ -5,13 +5,15 @@ Usage:
     python scripts/make_tiny_model.py --check    # regenerate in memory, compare with the file
     python scripts/make_tiny_model.py --heads 32,8,128 --out /tmp/tiny-d128   # a variant, see below
 
-Variants (``--heads Q,KV,D``, ``write_variant``): the same model, tokenizer and scales with other
-attention heads, written to another directory (never shipped: a few MB, regenerated in seconds).
+Variants (``--heads Q,KV,D[,HIDDEN]``, ``write_variant``): the same model, tokenizer and scales with
+other attention heads, written to another directory (never shipped: a few MB, regenerated in seconds).
+The hidden size stays 128 unless given; transformers requires it to be a multiple of the q heads
+(28 heads: 112).
 They exist because the bundled model's head_dim 32 runs deft's portable Triton kernel on the GPU,
 while real models' heads (64, 128, 256) run the Hopper kernel: a variant with Llama-3-8B's 32 q /
 8 kv heads of 128 puts the shipped kernel under the same context-sensitive end-to-end check
 (scripts/gpu_e2e.py ``tiny-d128``). The sharpness below does not depend on the heads: the std of
-q.k / sqrt(head_dim) is QK_STD**2 * hidden whatever head_dim is.
+q.k / sqrt(head_dim) is QK_STD**2 * hidden whatever head_dim is (10 at hidden 112, 11.5 at 128).
 
 The model exists so that a wrong decode attention changes the tokens. HF's default init
 (std 0.02) and SGLang's `--load-format dummy` (uniform +-1e-3) make every attention row almost
@@ -115,20 +117,24 @@ def make_state_dict(model_dir: Path = MODEL_DIR) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
 
 
-def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int) -> Path:
+def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128) -> Path:
     """The bundled model with other attention heads, written to ``out_dir`` (config, tokenizer, weights)."""
     if num_q_heads < 1 or num_kv_heads < 1 or head_dim < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"heads {num_q_heads},{num_kv_heads},{head_dim}: need Q, KV, D >= 1 with KV dividing Q")
+    if hidden <= BIAS_DIM or hidden % num_q_heads:
+        # transformers' LlamaConfig refuses it on load (SGLang's server then fails at startup)
+        raise ValueError(f"hidden size {hidden} is not a multiple of the {num_q_heads} q heads")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(MODEL_DIR / name, out_dir / name)
     cfg = json.loads((MODEL_DIR / "config.json").read_text())
-    cfg.update(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim)
+    cfg.update(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+               hidden_size=hidden)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     save_file(make_state_dict(out_dir), str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "generator": "scripts/make_tiny_model.py", "seed": str(SEED),
-                        "heads": f"{num_q_heads},{num_kv_heads},{head_dim}"})
+                        "heads": f"{num_q_heads},{num_kv_heads},{head_dim}", "hidden": str(hidden)})
     return out_dir
 
 
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     ap.add_argument("--check", action="store_true", help="compare with the existing file, write nothing")
-    ap.add_argument("--heads", default=None, metavar="Q,KV,D",
+    ap.add_argument("--heads", default=None, metavar="Q,KV,D[,HIDDEN]",
                     help="write a variant with these attention heads to --out instead")
     ap.add_argument("--out", type=Path, default=None, help="the variant's directory (with --heads)")
     args = ap.parse_args(argv)
@@ -144,11 +150,13 @@ def main(argv=None) -> int:
         ap.error("--heads and --out go together")
     if args.heads is not None:
         try:
-            q, kv, d = (int(x) for x in args.heads.split(","))
-            out = write_variant(args.out, q, kv, d)
+            dims = [int(x) for x in args.heads.split(",")]
+            if len(dims) not in (3, 4):
+                raise ValueError("give three or four integers")
+            out = write_variant(args.out, *dims)
         except ValueError as e:
             ap.error(f"--heads {args.heads}: {e}")
-        print(f"wrote {out}: {q} q / {kv} kv heads of {d}")
+        print(f"wrote {out}: {dims[0]} q / {dims[1]} kv heads of {dims[2]}, hidden {dims[3] if len(dims) > 3 else 128}")
         return 0
     path = args.model_dir / "model.safetensors"
     sd = make_state_dict(args.model_dir)

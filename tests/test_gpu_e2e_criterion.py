@@ -240,7 +240,8 @@ def test_tiny_variants_are_generated_and_judged_like_tiny(tmp_path, monkeypatch)
     monkeypatch.setattr(g, "variant_dir", lambda name: tmp_path / name)
     path = g.materialize_model("tiny-gqa7", g.MODELS["tiny-gqa7"])
     cfg = g.json.loads((path / "config.json").read_text())
-    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (28, 4, 128)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["hidden_size"]) == \
+        (28, 4, 128, 112)
     assert (path / "model.safetensors").stat().st_size > 0 and (path / "tokenizer.json").exists()
     assert g.materialize_model("tiny", g.MODELS["tiny"]) == g.MODELS["tiny"]["path"]
     assert g.main(["--out", str(tmp_path / "out"), "--models", "tiny,nope"]) == 2

@@ -170,15 +170,16 @@ def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids,
 
 
 # scripts/gpu_e2e.py's TINY_VARIANTS: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7.
-VARIANT_HEADS = [(32, 8, 128), (32, 8, 64), (16, 8, 256), (28, 4, 128)]
+VARIANT_HEADS = [(32, 8, 128), (32, 8, 64), (16, 8, 256), (28, 4, 128, 112)]
 
 
-@pytest.fixture(scope="module", params=VARIANT_HEADS, ids=lambda h: "q{}_kv{}_d{}".format(*h))
+@pytest.fixture(scope="module", params=VARIANT_HEADS, ids=lambda h: "q{}_kv{}_d{}".format(*h[:3]))
 def variant(request, tmp_path_factory):
     heads = request.param
     out = _make_tiny_model().write_variant(tmp_path_factory.mktemp("variant"), *heads)
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == heads
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == heads[:3]
+    assert cfg["hidden_size"] == (heads[3] if len(heads) > 3 else 128)
     m = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager")
     return m.eval()
 
@@ -201,3 +202,5 @@ def test_a_variant_with_real_heads_is_as_sharp(variant, tok, prompt_ids):
 def test_variant_heads_are_checked(tmp_path):
     with pytest.raises(ValueError, match="KV dividing Q"):
         _make_tiny_model().write_variant(tmp_path, 32, 6, 128)
+    with pytest.raises(ValueError, match="not a multiple of the 28 q heads"):
+        _make_tiny_model().write_variant(tmp_path, 28, 4, 128)
