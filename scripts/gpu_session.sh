@@ -21,7 +21,9 @@
 #                                                                 # CUDA-graph replays vs eager steps (no servers)
 #   bash scripts/gpu_session.sh features                          # the CPU end-to-end tests on the GPU: forks, overlap
 #                                                                 # off, chunked prefill, abort, streaming, KV-slot
-#                                                                 # accounting, radix off, retraction (tiny model, fp16, CUDA graphs)
+#                                                                 # accounting, radix off, retraction (tiny model, fp16, CUDA graphs;
+#                                                                 # SGLANG_DEFT_E2E_HEADS=32,8,128 for its variant with those heads,
+#                                                                 # which runs the Hopper kernel)
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
