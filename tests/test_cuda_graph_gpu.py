@@ -5,7 +5,8 @@
    per step: ``deft_prepare_graph_replay``, ``init_forward_metadata_replay_cuda_graph``, replay):
    every replayed step against the same step run eagerly, bitwise, padding rows zero; at the tiny
    model's heads (the Triton stage-1 kernel) and at head dims 96, 128 and 256 (the Hopper kernel).
-2. Whole servers on the repo's tiny model (float16): deft with CUDA graphs against deft with
+2. Whole servers on the repo's tiny model (float16; ``SGLANG_DEFT_E2E_HEADS`` serves its variant with
+   other heads, e.g. 32,8,128 for the Hopper kernel: ``tiny_models.py``): deft with CUDA graphs against deft with
    ``--disable-cuda-graph``, same greedy requests, token ids and logprobs bitwise. Every batch size
    has its own graph (``--disable-cuda-graph-padding``), so SGLang's other kernels see the same
    shapes in both servers. deft's bits for a request depend on the batch it decodes in (the KV
@@ -47,6 +48,7 @@ from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 from server_group import gpu_package_env, serving  # noqa: E402
 from test_backend import per_request_reference, record_steady  # noqa: E402
+from tiny_models import server_test_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
@@ -245,7 +247,7 @@ def test_stage2_shape_is_the_graphs_in_eager_steps(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # 2. Whole servers, with and without CUDA graphs
 # --------------------------------------------------------------------------------------------------
-SERVER_ARGS = ["--model-path", str(MODEL), "--dtype", "float16", "--attention-backend", "triton",
+SERVER_ARGS = ["--model-path", str(server_test_model()), "--dtype", "float16", "--attention-backend", "triton",
                "--grammar-backend", "none", "--max-total-tokens", "16384", "--max-running-requests", "16",
                "--mem-fraction-static", "0.8", "--cuda-graph-max-bs", "16", "--disable-cuda-graph-padding",
                "--log-level", "info", "--decode-log-interval", "4",

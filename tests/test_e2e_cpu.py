@@ -16,16 +16,13 @@ prompt token changes the reference's tokens, so attending to the wrong KV would 
 (``bash scripts/gpu_session.sh features``) with what a GPU server runs: SGLang's triton prefill and
 CUDA graphs, in float16; the reference then decodes with SGLang's triton backend, and the comparison
 allows float16's rounding (:func:`assert_same_generation`). The tiny model's heads of 32 run deft's
-portable Triton stage 1 there; ``SGLANG_DEFT_E2E_HEADS=32,8,128`` (q heads, kv heads, head_dim[, hidden])
-serves a variant of the tiny model with those heads instead (``scripts/make_tiny_model.py --heads``:
-the same seeded, sharp weights), whose head dims of 64-256 run the Hopper kernel that real models get.
+portable Triton stage 1 there; ``SGLANG_DEFT_E2E_HEADS=32,8,128`` serves its variant with those heads,
+which runs the Hopper kernel (``tiny_models.py``).
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,25 +32,10 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import gpu_package_env, serving
+from tiny_models import server_test_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(heads: str | None) -> Path:
-    """The bundled tiny model, or (``heads`` = "Q,KV,D[,HIDDEN]") its variant with those attention heads,
-    written to a directory of this process's own (a few seconds)."""
-    if not heads:
-        return REPO / "models" / "tiny-llama-deft"
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import make_tiny_model
-    finally:
-        sys.path.pop(0)
-    dims = [int(x) for x in heads.split(",")]
-    return make_tiny_model.write_variant(Path(tempfile.mkdtemp(prefix="sglang_deft_e2e_model_")), *dims)
-
-
-MODEL = tiny_model(os.environ.get("SGLANG_DEFT_E2E_HEADS"))
+MODEL = server_test_model()
 STARTUP_TIMEOUT_S = 240
 MAX_TOKENS = 12
 

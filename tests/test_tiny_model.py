@@ -13,11 +13,11 @@ end-to-end check runs to put the Hopper kernel under the same test) keep those p
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny_model_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "tiny-llama-deft"
@@ -110,17 +110,8 @@ def test_config_and_size():
     assert total < 2 * 1024 * 1024, total
 
 
-def _make_tiny_model():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import make_tiny_model
-    finally:
-        sys.path.pop(0)
-    return make_tiny_model
-
-
 def test_weights_match_the_seeded_generator():
-    make_tiny_model = _make_tiny_model()
+    make_tiny_model = make_tiny_model_module()
     from safetensors.torch import load_file
 
     want = make_tiny_model.make_state_dict(MODEL_DIR)
@@ -176,7 +167,7 @@ VARIANT_HEADS = [(32, 8, 128), (32, 8, 64), (16, 8, 256), (28, 4, 128, 112)]
 @pytest.fixture(scope="module", params=VARIANT_HEADS, ids=lambda h: "q{}_kv{}_d{}".format(*h[:3]))
 def variant(request, tmp_path_factory):
     heads = request.param
-    out = _make_tiny_model().write_variant(tmp_path_factory.mktemp("variant"), *heads)
+    out = make_tiny_model_module().write_variant(tmp_path_factory.mktemp("variant"), *heads)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == heads[:3]
     assert cfg["hidden_size"] == (heads[3] if len(heads) > 3 else 128)
@@ -201,6 +192,6 @@ def test_a_variant_with_real_heads_is_as_sharp(variant, tok, prompt_ids):
 
 def test_variant_heads_are_checked(tmp_path):
     with pytest.raises(ValueError, match="KV dividing Q"):
-        _make_tiny_model().write_variant(tmp_path, 32, 6, 128)
+        make_tiny_model_module().write_variant(tmp_path, 32, 6, 128)
     with pytest.raises(ValueError, match="not a multiple of the 28 q heads"):
-        _make_tiny_model().write_variant(tmp_path, 28, 4, 128)
+        make_tiny_model_module().write_variant(tmp_path, 28, 4, 128)

@@ -1,0 +1,40 @@
+"""The repo's tiny model for server tests, or its variant with other attention heads.
+
+``SGLANG_DEFT_E2E_HEADS=Q,KV,D[,HIDDEN]`` makes the server tests that read it (``test_e2e_cpu.py`` and the
+modules built on it, and the server part of ``test_cuda_graph_gpu.py``) serve the tiny model's variant
+with those heads (``scripts/make_tiny_model.py --heads``: the same seeded, sharp weights). On a GPU the
+bundled model's head_dim 32 runs deft's portable Triton stage 1; head dims of 64-256 run the Hopper kernel
+that real models get.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "models" / "tiny-llama-deft"
+
+
+def make_tiny_model_module():
+    """``scripts/make_tiny_model.py`` (scripts/ is not a package)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import make_tiny_model
+    finally:
+        sys.path.pop(0)
+    return make_tiny_model
+
+
+def tiny_model(heads: str | None) -> Path:
+    """The bundled tiny model, or (``heads`` = "Q,KV,D[,HIDDEN]") its variant with those attention heads,
+    written to a directory of this process's own (a few seconds)."""
+    if not heads:
+        return BUNDLED
+    dims = [int(x) for x in heads.split(",")]
+    return make_tiny_model_module().write_variant(Path(tempfile.mkdtemp(prefix="sglang_deft_e2e_model_")), *dims)
+
+
+def server_test_model() -> Path:
+    return tiny_model(os.environ.get("SGLANG_DEFT_E2E_HEADS"))
