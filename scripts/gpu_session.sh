@@ -43,6 +43,8 @@
 #            then tiny's workloads ~30 s, 8b's ~1 min. gpu_e2e.py gets the rest of SESSION_S as
 #            --budget-s; with E2E_PARALLEL=model it skips 8b (JSON says so, exit 1) if under 210 s are
 #            left: then run `e2e-8b`.
+#   e2e-heads ~2-3 min: 12 servers (4 tiny variants x triton, flashinfer, deft) start together, ~2-2.5 min on a
+#            fresh machine, then ~5 s of workloads per model (124-175 s in all, 2026-12-02).
 #   bench-e2e ~6-8 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
 #            each, CUDA-graph capture up to batch 256 (flashinfer, triton) and FlashInfer's JIT (1-2 min
 #            fresh), so ~2.5-3.5 min until all are up and warmed; then each repetition of the 5 cases
