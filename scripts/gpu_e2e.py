@@ -867,8 +867,9 @@ def main(argv=None) -> int:
     try:
         for name in names:
             spec = MODELS[name]
-            report["models"][name] = {"heads": list(spec["heads"])} if spec.get("heads") else {}
+            report["models"][name] = {}
             if spec.get("heads"):
+                report["models"][name]["heads"] = list(spec["heads"])
                 spec = dict(spec, path=materialize_model(name, spec))
                 clock.note(f"{name}: generated at {spec['path']}")
             if not spec["path"].exists():

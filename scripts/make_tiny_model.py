@@ -117,6 +117,14 @@ def make_state_dict(model_dir: Path = MODEL_DIR) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
 
 
+def parse_heads(text: str) -> list[int]:
+    """``Q,KV,D[,HIDDEN]`` (``--heads``, ``SGLANG_DEFT_E2E_HEADS``) as ``write_variant``'s arguments."""
+    dims = [int(x) for x in text.split(",")]
+    if len(dims) not in (3, 4):
+        raise ValueError("give three or four integers")
+    return dims
+
+
 def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128) -> Path:
     """The bundled model with other attention heads, written to ``out_dir`` (config, tokenizer, weights)."""
     if num_q_heads < 1 or num_kv_heads < 1 or head_dim < 1 or num_q_heads % num_kv_heads:
@@ -150,9 +158,7 @@ def main(argv=None) -> int:
         ap.error("--heads and --out go together")
     if args.heads is not None:
         try:
-            dims = [int(x) for x in args.heads.split(",")]
-            if len(dims) not in (3, 4):
-                raise ValueError("give three or four integers")
+            dims = parse_heads(args.heads)
             out = write_variant(args.out, *dims)
         except ValueError as e:
             ap.error(f"--heads {args.heads}: {e}")

@@ -247,7 +247,7 @@ def test_stage2_shape_is_the_graphs_in_eager_steps(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # 2. Whole servers, with and without CUDA graphs
 # --------------------------------------------------------------------------------------------------
-SERVER_ARGS = ["--model-path", str(server_test_model()), "--dtype", "float16", "--attention-backend", "triton",
+SERVER_ARGS = ["--dtype", "float16", "--attention-backend", "triton",
                "--grammar-backend", "none", "--max-total-tokens", "16384", "--max-running-requests", "16",
                "--mem-fraction-static", "0.8", "--cuda-graph-max-bs", "16", "--disable-cuda-graph-padding",
                "--log-level", "info", "--decode-log-interval", "4",
@@ -265,7 +265,8 @@ def servers(tmp_path_factory):
     variants = {"deft_graph": ["--decode-attention-backend", "deft"],
                 "deft_eager": ["--decode-attention-backend", "deft", "--disable-cuda-graph"],
                 "triton_graph": [], "triton_eager": ["--disable-cuda-graph"]}
-    running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", cwd=cwd, env=env)
+    model = ["--model-path", str(server_test_model())]
+    running = {name: ServerProcess(name, model + SERVER_ARGS + extra, log_dir / f"{name}.log", cwd=cwd, env=env)
                for name, extra in variants.items()}
     with serving(running, 600):
         yield running

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_model_module
+from tiny_models import make_tiny_model_module, script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "tiny-llama-deft"
@@ -160,8 +160,8 @@ def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids,
     assert not same, f"branches {same} did not notice KV token 5 missing"
 
 
-# scripts/gpu_e2e.py's TINY_VARIANTS: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7.
-VARIANT_HEADS = [(32, 8, 128), (32, 8, 64), (16, 8, 256), (28, 4, 128, 112)]
+# The variants the GPU end-to-end check runs: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7.
+VARIANT_HEADS = list(script_module("gpu_e2e").TINY_VARIANTS.values())
 
 
 @pytest.fixture(scope="module", params=VARIANT_HEADS, ids=lambda h: "q{}_kv{}_d{}".format(*h[:3]))

@@ -8,6 +8,7 @@ that real models get.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
@@ -17,14 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "tiny-llama-deft"
 
 
-def make_tiny_model_module():
-    """``scripts/make_tiny_model.py`` (scripts/ is not a package)."""
+def script_module(name: str):
+    """``scripts/<name>.py`` as a module (scripts/ is not a package)."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
-        import make_tiny_model
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return make_tiny_model
+
+
+def make_tiny_model_module():
+    return script_module("make_tiny_model")
 
 
 def tiny_model(heads: str | None) -> Path:
@@ -32,8 +36,9 @@ def tiny_model(heads: str | None) -> Path:
     written to a directory of this process's own (a few seconds)."""
     if not heads:
         return BUNDLED
-    dims = [int(x) for x in heads.split(",")]
-    return make_tiny_model_module().write_variant(Path(tempfile.mkdtemp(prefix="sglang_deft_e2e_model_")), *dims)
+    make_tiny_model = make_tiny_model_module()
+    dims = make_tiny_model.parse_heads(heads)
+    return make_tiny_model.write_variant(Path(tempfile.mkdtemp(prefix="sglang_deft_e2e_model_")), *dims)
 
 
 def server_test_model() -> Path:
