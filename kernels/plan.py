@@ -95,6 +95,7 @@ class TreeDecodePlan:
     num_queries: int  # B of this step (host copy of counts[2], for shape checks)
     few_merges_max_queries: int  # stage 2 takes its shape for few merges on grids of at most this many
     #                              queries (few_merges_max_queries below; 0: never)
+    fixed_buffers: bool  # made with a capacity: buffers a later plan may be written into (reuse=)
 
     @property
     def group_size(self) -> int:
@@ -111,17 +112,26 @@ class PlanCapacity:
     max_partials: int
     max_merge: int
 
+    def __post_init__(self) -> None:
+        bad = {name: value for name, value in vars(self).items() if value < 0}
+        if bad:
+            raise ValueError(f"PlanCapacity sizes must be >= 0, got {bad}")
+
 
 def _plan_schedule(schedule: Schedule, tree: KVTree, *, group_size: int, head_dim: int, kv_elem_bytes: int,
                    num_kv_heads: int, num_sms: int, large_rows: int, programs_per_sm: int, cap_queries: int | None,
-                   cap_items: int | None) -> ScheduleSizes:
+                   cap_items: int | None, kv_tokens: int | None) -> ScheduleSizes:
     """The tree's schedule into ``schedule.out`` (the packed layout), by schedule.c with this module's
-    cost-model constants (read at each call: experiments and tests set them)."""
+    cost-model constants (read at each call: experiments and tests set them). ``kv_tokens``: the
+    length of the tree's ``kv_indices``, which its ``node_indptr`` must end at (None: not checked)."""
     indptr, parent, qnode = _host_int32(tree.node_indptr), _host_int32(tree.node_parent), _host_int32(tree.query_node)
     num_nodes = parent.numel()
     if indptr.numel() != num_nodes + 1:
         raise ValueError(f"KVTree.node_indptr has {indptr.numel()} entries for {num_nodes} nodes "
                          f"(needs {num_nodes + 1})")
+    # Items index kv_indices up to indptr[-1]: past its end the kernels would gather from wild slot ids.
+    if kv_tokens is not None and int(indptr[-1]) != kv_tokens:
+        raise ValueError(f"KVTree.node_indptr ends at {int(indptr[-1])} but kv_indices has {kv_tokens} slots")
     return schedule.run(indptr.data_ptr(), parent.data_ptr(), num_nodes, qnode.data_ptr(), qnode.numel(),
                         group_size=group_size, head_dim=head_dim, kv_elem_bytes=kv_elem_bytes,
                         num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,
@@ -142,7 +152,7 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
     schedule = Schedule()
     s = _plan_schedule(schedule, tree, group_size=group_size, head_dim=head_dim, kv_elem_bytes=kv_elem_bytes,
                        num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,
-                       programs_per_sm=programs_per_sm, cap_queries=None, cap_items=max_items)
+                       programs_per_sm=programs_per_sm, cap_queries=None, cap_items=max_items, kv_tokens=None)
     out, B = schedule.out.astype(np.int64), len(query_node)
     items = out[s.o_items:s.o_items + s.items * ITEM_FIELDS].reshape(s.items, ITEM_FIELDS)
     return (out[:B], items, s.large_items, out[s.o_indptr:s.o_indptr + B + 1], out[s.o_slots:s.o_slots + s.partials],
@@ -212,6 +222,9 @@ class TreeDecodePlanner:
                  kv_dtype: torch.dtype = torch.bfloat16, large_rows: int = LARGE_ROWS,
                  programs_per_sm: int = PROGRAMS_PER_SM, staging: PinnedStagingRing | None = None,
                  schedule: Schedule | None = None, graph_batch_sizes: Sequence[int] | None = None) -> None:
+        if min(num_qo_heads, num_kv_heads, head_dim) < 1:
+            raise ValueError(f"heads and head_dim must be >= 1, got num_qo_heads={num_qo_heads}, "
+                             f"num_kv_heads={num_kv_heads}, head_dim={head_dim}")
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if large_rows < SMALL_ROWS or large_rows & (large_rows - 1):
@@ -260,14 +273,25 @@ class TreeDecodePlanner:
         """Plan one decode step over ``tree``; arguments as in ``plan_tree_decode``."""
         Hq, Hkv, D = self.num_qo_heads, self.num_kv_heads, self.head_dim
         device = torch.device(device) if device is not None else tree.kv_indices.device
+        if tree.kv_indices.dim() != 1:
+            raise ValueError(f"KVTree.kv_indices must be 1-D, got shape {tuple(tree.kv_indices.shape)}")
         if reuse is not None:
-            capacity = capacity or _capacity_of(reuse)
+            # Its buffers are written in place: they must be a plan's own (not a caller's kv_indices,
+            # which a plan made without capacity holds), and their sizes are the capacity.
+            if not reuse.fixed_buffers:
+                raise ValueError("reuse= takes a plan made with capacity= (one without holds the caller's "
+                                 "kv_indices, which would be overwritten)")
+            if capacity is not None and capacity != _capacity_of(reuse):
+                raise ValueError(f"capacity={capacity} differs from the reused plan's buffers "
+                                 f"{_capacity_of(reuse)}; pass one of them")
+            capacity = _capacity_of(reuse)
         num_sms = _num_sms(device)
         s = _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
                            kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=num_sms,
                            large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
                            cap_queries=capacity.max_queries if capacity else None,
-                           cap_items=capacity.max_items if capacity else None)
+                           cap_items=capacity.max_items if capacity else None,
+                           kv_tokens=tree.kv_indices.numel())
         B, T, I, P = tree.num_queries, tree.kv_indices.numel(), s.items, s.partials
         if capacity is not None:
             _check_capacity(capacity, B, T, P, P)
@@ -281,7 +305,8 @@ class TreeDecodePlanner:
         self._item_end = items[:, 0] + items[:, 1]
         if capacity is None:
             meta = self._upload(host, device)
-            kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32)
+            # The kernels index it as contiguous int32 (.to returns the tensor itself when it already is).
+            kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32).contiguous()
             partial_out = torch.empty(max(cap_p, 1), Hq, D, dtype=torch.float32, device=device)
             partial_lse = torch.empty(max(cap_p, 1), Hq, dtype=torch.float32, device=device)
         else:
@@ -291,8 +316,11 @@ class TreeDecodePlanner:
                 partial_out = torch.empty(cap_p, Hq, D, dtype=torch.float32, device=device)
                 partial_lse = torch.empty(cap_p, Hq, dtype=torch.float32, device=device)
             else:
-                if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim) != (Hq, Hkv, D):
-                    raise ValueError("reuse= plan was made for another head configuration")
+                # A graph captured with reuse's buffers keeps its tile shape: a plan cut for other
+                # tiles would leave rows uncomputed.
+                if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim, reuse.large_rows) != (
+                        Hq, Hkv, D, self.large_rows):
+                    raise ValueError("reuse= plan was made for another head configuration or tile size")
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
             if tree.kv_indices.data_ptr() != kv_indices.data_ptr():
@@ -312,7 +340,8 @@ class TreeDecodePlanner:
             # Written into reuse's buffers, the plan keeps their threshold too: a graph captured with
             # them merges in that shape whatever graph sizes this planner was given.
             few_merges_max_queries=(reuse.few_merges_max_queries if reuse is not None
-                                    else self._few_merges_max_queries(num_sms)))
+                                    else self._few_merges_max_queries(num_sms)),
+            fixed_buffers=capacity is not None)
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -327,8 +356,8 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     With ``capacity``, buffers have fixed sizes and launch grids cover the capacity (programs past
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any
     later plan written into the same buffers via ``reuse=plan`` (which keeps that plan's capacity and
-    stage-2 threshold). ``graph_batch_sizes``: the batch sizes a CUDA-graph runner pads batches to, if
-    not every power of two (``few_merges_max_queries``).
+    stage-2 threshold; ``plan`` must have been made with a capacity). ``graph_batch_sizes``: the batch
+    sizes a CUDA-graph runner pads batches to, if not every power of two (``few_merges_max_queries``).
     """
     device = torch.device(device) if device is not None else tree.kv_indices.device
     # A fresh planner with this thread's staging ring and schedule buffers, so that a call allocates no

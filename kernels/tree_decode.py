@@ -255,16 +255,24 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     Never synchronises with the host: the plan's device tensors carry all the data-dependent sizes.
     """
     B, Hq, D = q.shape
-    if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or B > plan.qperm.numel():
-        raise ValueError(f"q has shape {tuple(q.shape)} but the plan is for <= {plan.qperm.numel()} queries, "
-                         f"{plan.num_qo_heads} heads of dim {plan.head_dim}")
+    # Stage 1 reads q's rows of the plan's queries and stage 2 writes those rows of out; rows past them
+    # (a CUDA graph's padding up to the plan's capacity) are left as they are.
+    if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not plan.num_queries <= B <= plan.qperm.numel():
+        raise ValueError(f"q has shape {tuple(q.shape)} but the plan is for {plan.num_queries} queries (at most "
+                         f"{plan.qperm.numel()} rows), {plan.num_qo_heads} heads of dim {plan.head_dim}")
     if k_buffer.shape[1:] != (plan.num_kv_heads, D) or v_buffer.shape[1:] != (plan.num_kv_heads, D):
         raise ValueError(f"k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} do not match the plan's "
                          f"{plan.num_kv_heads} KV heads of dim {D}")
     if q.stride(-1) != 1 or k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
         raise ValueError("q, k_buffer and v_buffer need a contiguous last dimension")
+    device = plan.meta.device
+    if q.device != device or k_buffer.device != v_buffer.device or k_buffer.device != device:
+        raise ValueError(f"q on {q.device}, k/v buffers on {k_buffer.device}/{v_buffer.device}, the plan on {device}")
     if out is None:
         out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1 or out.device != device:
+        raise ValueError(f"out must be like q, {tuple(q.shape)} with a contiguous last dimension on {device}; "
+                         f"got {tuple(out.shape)}, strides {out.stride()}, on {out.device}")
     cfg = config or stage1_config(D, plan.large_rows, _common_dtype(q, k_buffer, v_buffer), k_buffer.device)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg)
     launch_stage2(plan, out)

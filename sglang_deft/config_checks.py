@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "deft"
 
+# SGLang's attention backends that run prefill on a CPU (intel_amx falls back to torch_native
+# without AMX).
+_CPU_PREFILL_BACKENDS = ("torch_native", "intel_amx")
 # KV cache dtypes stored as plain floats: the deft path reads K/V without per-layer scales.
 _PLAIN_KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 
@@ -55,6 +58,17 @@ def server_args_problems(server_args) -> list[str]:
             f"with decode on {decode_name}): deft is a decode backend; select it with "
             f"--attention-backend {BACKEND_NAME} or --decode-attention-backend {BACKEND_NAME}"
         )
+    elif prefill:
+        # SGLang would run prefill on deft too, whose forward_extend cannot compute it (on CPU the
+        # server died at its first request). The launcher and Engine(**kwargs) split
+        # --attention-backend deft; --prefill-attention-backend deft, or a ServerArgs of the caller's
+        # own, reach here unsplit.
+        problems.append(
+            f"deft selected for prefill/extend as well as decode (--prefill-attention-backend {BACKEND_NAME}, or "
+            f"attention_backend='{BACKEND_NAME}' in a ServerArgs passed as Engine(server_args=...)): deft computes "
+            f"decode attention only; leave prefill to an SGLang backend (--attention-backend triton on GPU, "
+            f"torch_native on CPU, with --decode-attention-backend {BACKEND_NAME})"
+        )
     if server_args.speculative_draft_attention_backend == BACKEND_NAME:
         problems.append(f"--speculative-draft-attention-backend {BACKEND_NAME}: speculative decoding is not supported")
     if not (decode or prefill):
@@ -62,7 +76,8 @@ def server_args_problems(server_args) -> list[str]:
     a = server_args
     if a.page_size is not None and a.page_size > 1:
         problems.append(
-            f"--page-size {a.page_size}: the KV tree is built from per-token KV slots and radix nodes "
+            f"--page-size {a.page_size} (given, or SGLang's default for attention backend {a.attention_backend}): "
+            "the KV tree is built from per-token KV slots and radix nodes "
             "of any length; only --page-size 1 is supported"
         )
     if a.speculative_algorithm is not None:
@@ -103,10 +118,23 @@ def server_args_problems(server_args) -> list[str]:
     if a.device not in ("cuda", "cpu"):
         problems.append(f"--device {a.device}: the deft backend supports cuda and cpu")
     on_cpu = a.device == "cpu"
+    cpu_prefill = a.prefill_attention_backend or a.attention_backend
+    if on_cpu and decode and cpu_prefill not in (None, BACKEND_NAME, *_CPU_PREFILL_BACKENDS):
+        flag = "--prefill-attention-backend" if a.prefill_attention_backend else "--attention-backend"
+        problems.append(
+            f"{flag} {cpu_prefill} with --device cpu: SGLang's {cpu_prefill} backend needs a GPU (the server "
+            f"died at its first prefill); on CPU use {' or '.join(_CPU_PREFILL_BACKENDS)} for prefill, or "
+            f"--attention-backend {BACKEND_NAME}, which picks torch_native"
+        )
     if on_cpu and a.dp_size > 1:
         problems.append(
             f"--dp-size {a.dp_size} with --device cpu: the CPU compatibility layer does not reach "
             "SGLang's data-parallel controller process"
+        )
+    if decode and _cpp_radix_tree():
+        problems.append(
+            "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE: the C++ radix tree's nodes are opaque to Python, and the deft "
+            "path reads each request's shared prefix from its radix nodes"
         )
     cuda_graphs = not on_cpu and not a.disable_cuda_graph
     if decode and cuda_graphs and os.environ.get("SGLANG_DEFT_DECODE_IMPL") == "reference":
@@ -116,6 +144,12 @@ def server_args_problems(server_args) -> list[str]:
             "--disable-cuda-graph or use the Triton kernels (the default on CUDA)"
         )
     return problems
+
+
+def _cpp_radix_tree() -> bool:
+    from sglang.srt.environ import envs  # SGLang's own parsing of the variable
+
+    return bool(envs.SGLANG_EXPERIMENTAL_CPP_RADIX_TREE.get())
 
 
 def check_server_args(server_args) -> None:
@@ -128,11 +162,15 @@ def check_server_args(server_args) -> None:
         )
 
 
-def _uses_sliding_window(hf_text_config) -> bool:
+def _sliding_window_field(hf_text_config) -> int | None:
+    """The window size a config declares, if it declares one in use."""
     if getattr(hf_text_config, "use_sliding_window", True) is False:
-        return False  # e.g. Qwen2 configs carry a window size they do not use
-    window = getattr(hf_text_config, "sliding_window_size", None) or getattr(hf_text_config, "sliding_window", None)
-    return bool(window) or any(t == "sliding_attention" for t in getattr(hf_text_config, "layer_types", None) or ())
+        return None  # e.g. Qwen2 configs carry a window size they do not use
+    return getattr(hf_text_config, "sliding_window_size", None) or getattr(hf_text_config, "sliding_window", None)
+
+
+def _has_sliding_layers(hf_text_config) -> bool:
+    return any(t == "sliding_attention" for t in getattr(hf_text_config, "layer_types", None) or ())
 
 
 def model_config_problems(model_config, server_args) -> list[str]:
@@ -150,7 +188,10 @@ def model_config_problems(model_config, server_args) -> list[str]:
         problems.append(f"{model}: encoder-decoder models (cross-attention) are not supported")
     if model_config.is_multimodal:
         problems.append(f"{model}: multimodal models are not supported (untested with the deft path)")
-    if getattr(model_config, "is_hybrid_swa", False) or _uses_sliding_window(model_config.hf_text_config):
+    # A plain ``sliding_window`` field is not refused here: whether SGLang applies it depends on the
+    # model class (Gemma-2's does; Llama's, which serves Mistral and Phi-3, ignores it), and where it
+    # is applied the loaded layers say so (``check_model_runner``).
+    if getattr(model_config, "is_hybrid_swa", False) or _has_sliding_layers(model_config.hf_text_config):
         problems.append(f"{model}: sliding-window attention is not supported; deft attends every token of the path")
     if model_config.attention_chunk_size is not None:
         problems.append(f"{model}: chunked local attention is not supported; deft attends every token of the path")
@@ -159,6 +200,13 @@ def model_config_problems(model_config, server_args) -> list[str]:
 
 def check_model_config(model_config, server_args) -> None:
     _raise_if(model_config_problems(model_config, server_args))
+    window = _sliding_window_field(model_config.hf_text_config)
+    if window and any(deft_roles(server_args)):
+        logger.warning(
+            "model %s declares sliding_window=%s: deft attends every token of the path, as SGLang's own attention "
+            "backends do for models whose SGLang implementation does not apply the window (Mistral, Phi-3: "
+            "SGLang's Llama); a model whose layers do apply it is refused when the scheduler loads it",
+            server_args.model_path, window)
 
 
 def model_runner_problems(model_runner) -> list[str]:

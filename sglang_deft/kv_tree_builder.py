@@ -13,6 +13,10 @@ Facts this relies on (SGLang 0.5.10.post1, page_size 1, no speculative decoding)
 * ``req.last_node`` is the root when nothing matched, and stays the root with
   ``--disable-radix-cache --chunked-prefill-size -1`` (``RadixCache(disable=True)``); it is ``None``
   with ``--disable-radix-cache`` and chunked prefill on, the default (``ChunkCache``). No sharing then.
+  A streaming session's later turns (``--enable-streaming-session``) carry a ``_VirtualNode`` and
+  continue in the session's own row: no sharing for them either.
+* Every running request's ``req_to_token`` row holds its whole context (SGLang's own decode
+  backends read nothing else), so treating a request as sharing less than it could is always correct.
 * During decode the path covers at most ``seq_len - 1`` tokens: matching stops one token short of
   the prompt (``init_next_round_input``), ``cache_unfinished_req`` inserts ``fill_ids`` (the tokens
   prefilled so far), and the decode step's new token is always private. With the overlap scheduler
@@ -26,11 +30,14 @@ Facts this relies on (SGLang 0.5.10.post1, page_size 1, no speculative decoding)
 Host cost. The radix part of the tree (which nodes, who shares them) changes only when requests
 join, leave or move to another radix node; between those steps only the private tails grow.
 :class:`DecodeKVTreeBuilder` keeps the last step's radix part (:class:`_BatchShape`) and reuses it
-when the batch is the same requests on the same ``last_node`` objects (compared by identity), each
-with a private tail as before: the step then costs a few numpy operations on arrays of B and N
+when the batch is the same requests on the same ``last_node`` objects (compared by identity) in the
+same ``req_to_token`` rows, each with a private tail as before: the step then costs a few numpy operations on arrays of B and N
 entries, not a Python walk per request. Reuse is exact: with the same requests on the same nodes
 the only radix change possible is a split of a node on a path by a request outside the batch
 (``_split_node``), which changes no batch request's shared prefix; locked nodes are never evicted.
+The rows are compared too: a batch retracted as a whole (``/pause_generation`` with ``mode=retract``)
+comes back, after its re-prefill, as the same requests on the same nodes in new rows, and with the
+overlap scheduler its first decode step is built before ``cache_unfinished_req`` moves the nodes.
 A full build is O(B + R) Python steps, R = radix nodes first reached this step (a request's upward
 walk stops at the first node another request already reached).
 KV slot ids never leave the device: the host plans (row, start, length) segments and the device
@@ -84,6 +91,7 @@ class _BatchShape:
 
     reqs: list  # the requests, in batch order (identity)
     last_nodes: list  # each request's req.last_node (identity)
+    pool_rows: list  # each request's req.req_pool_idx: a retracted request comes back in another row
     end: np.ndarray  # [B] int64: radix path length of each request
     has_tail: np.ndarray  # [B] bool: seq_len > end (a private tail node)
     parent: np.ndarray  # [N] int32: node parents (-1: root), parents first
@@ -97,6 +105,7 @@ class _BatchShape:
     def matches(self, reqs: list, last_nodes: list, seq: np.ndarray) -> bool:
         """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc)."""
         return (reqs == self.reqs and last_nodes == self.last_nodes
+                and [r.req_pool_idx for r in reqs] == self.pool_rows
                 and bool(np.array_equal(seq > self.end, self.has_tail)) and bool((seq >= self.end).all()))
 
 
@@ -225,7 +234,7 @@ def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
     """The radix part of the batch's KV tree (a full build); ``seq`` [B] int64."""
     try:
         l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, end, tail_local = _radix_paths(reqs, seq.tolist())
-    except AttributeError as e:  # e.g. RadixCacheCpp (SGLANG_EXPERIMENTAL_CPP_RADIX_TREE): opaque nodes
+    except AttributeError as e:  # a node with .parent but not .key/.value
         raise KVTreeBuildError(f"req.last_node must be a radix TreeNode (.parent, .key, .value) or None: {e}") from e
 
     # Merge: a node with one child and no query ending on it serves exactly its child's queries, so
@@ -255,11 +264,12 @@ def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
     fixed_len = np.array(o_len, np.int64)
     fixed_len[tail_node_arr] -= seq[tail_req_arr] - end_arr[tail_req_arr]
     try:
-        rows = [reqs[r].req_pool_idx for r in o_req]
+        pool_rows = [r.req_pool_idx for r in reqs]
     except AttributeError as e:
         raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row): {e}") from e
+    rows = [pool_rows[r] for r in o_req]
     return _BatchShape(
-        reqs=reqs, last_nodes=last_nodes, end=end_arr, has_tail=has_tail,
+        reqs=reqs, last_nodes=last_nodes, pool_rows=pool_rows, end=end_arr, has_tail=has_tail,
         parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
         start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
         tail_node=tail_node_arr, tail_req=tail_req_arr)
@@ -287,6 +297,11 @@ def _radix_paths(reqs, seq_lens):
     for b, req in enumerate(reqs):
         seq_len = seq_lens[b]
         node = req.last_node
+        if node is not None and not hasattr(node, "parent"):
+            # Not a radix node: a streaming session's later turns continue from the session's own
+            # req_to_token row (SessionAwareCache's _VirtualNode). The row holds the whole context,
+            # so the request is one private node: correct, it just shares nothing.
+            node = None
         # Walk up to the root or to a node another request already reached.
         chain.clear()
         while node is not None and node.parent is not None and node not in local_of:

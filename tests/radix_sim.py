@@ -14,7 +14,7 @@ scheduler gives them in SGLang 0.5.10.post1, call for call:
 * decode step: one slot per request written at ``row[seq_len]``, ``seq_len += 1``
   (``prepare_for_decode`` / ``alloc_for_decode``), then the sampled token is appended;
 * finish: ``tree_cache.cache_finished_req(req)`` and ``req_to_token_pool.free(req)``
-  (``release_kv_cache``).
+  (``release_kv_cache``); retract: the same without inserting, then ``req.reset_for_retract()``.
 
 Only the model is missing: sampled tokens come from a seeded generator. Only a ``ScheduleBatch``
 is not used (it needs a model config and server args); its bookkeeping for these objects is the
@@ -123,6 +123,15 @@ class RadixSim:
         self.tree_cache.cache_finished_req(req)
         self.req_to_token_pool.free(req)
         del self.seq_len[req.rid]
+
+    def retract(self, reqs: list[Req]) -> None:
+        """``retract_all`` (``/pause_generation`` with ``mode=retract``): each request's KV is released
+        without inserting its decoded tokens, its row freed, its state reset for a new prefill."""
+        for req in reqs:
+            self.tree_cache.cache_finished_req(req, is_insert=False)
+            self.req_to_token_pool.free(req)
+            del self.seq_len[req.rid]
+            req.reset_for_retract()
 
     def run_to_cache(self, input_ids: list[int]) -> None:
         """What ``fork()`` and ``n > 1`` do first: send the prefix with max_new_tokens=0 to cache it."""

@@ -100,6 +100,14 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(attention_backend="torch_native", decode_attention_backend="torch_native",
               prefill_attention_backend="deft"), "with decode on torch_native): deft is a decode backend"),
         (dict(attention_backend="deft", decode_attention_backend="triton"), "with decode on triton): deft is a decode"),
+        # deft for prefill too: SGLang would send prefill to deft's forward_extend (on CPU the server died
+        # at its first request).
+        (dict(prefill_attention_backend="deft"), "prefill/extend as well as decode"),
+        # A ServerArgs the caller made (Engine(server_args=...)) is not split like the launcher's flags.
+        (dict(attention_backend="deft", decode_attention_backend=None), "Engine(server_args=...)"),
+        # GPU-only prefill backends on CPU: the server died at its first prefill.
+        (dict(attention_backend="triton"), "--attention-backend triton with --device cpu"),
+        (dict(prefill_attention_backend="flashinfer"), "--prefill-attention-backend flashinfer with --device cpu"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -108,6 +116,23 @@ def test_unsupported_flag_is_refused_by_name(deft_args, changes, expected):
         check_server_args(with_(deft_args, **changes))
     assert expected in str(err.value)
     assert len(err.value.problems) == 1
+
+
+@pytest.mark.parametrize("flags", [["--prefill-attention-backend", "deft", "--decode-attention-backend", "deft"],
+                                   ["--attention-backend", "deft", "--prefill-attention-backend", "deft"]])
+def test_prefill_on_deft_from_the_command_line_is_refused(flags):
+    """Through the launcher's parser: SGLang makes equal prefill and decode backends the attention backend."""
+    args = parse_server_args(BASE_ARGV + flags, device="cpu")
+    with pytest.raises(UnsupportedConfiguration, match="prefill/extend as well as decode"):
+        check_server_args(args)
+
+
+def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
+    """Its nodes are opaque to Python: the first decode step would have raised in the scheduler."""
+    monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")
+    assert any("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE" in p for p in server_args_problems(deft_args))
+    monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "0")
+    assert server_args_problems(deft_args) == []
 
 
 def test_checks_ignore_servers_without_deft(deft_args):
@@ -136,7 +161,7 @@ def test_repo_model_passes(deft_args):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64),
+        (dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=64),
          "sliding-window attention is not supported"),
         (dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
@@ -149,7 +174,17 @@ def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, ex
     path = model_dir(tmp_path, **overrides)
     problems = model_config_problems(ModelConfig(path), deft_args)
     assert len(problems) == 1 and expected in problems[0]
-    assert overrides["architectures"][0] in problems[0]
+    assert ",".join(overrides.get("architectures", ["LlamaForCausalLM"])) in problems[0]
+
+
+def test_sliding_window_field_sglang_ignores_is_served_with_a_warning(deft_args, tmp_path, caplog):
+    """SGLang serves Mistral (and Phi-3) with its Llama class, which applies no window: its own backends
+    attend every token, and so does deft. Models whose layers do apply one are refused when the
+    scheduler loads them (test_backend's test_unsupported_layer_is_refused_at_creation)."""
+    path = model_dir(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
+        check_model_config(ModelConfig(path), deft_args)
+    assert "declares sliding_window=64" in caplog.text
 
 
 def test_unused_sliding_window_field_is_not_a_sliding_window(deft_args, tmp_path):

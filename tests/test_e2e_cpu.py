@@ -21,8 +21,10 @@ which runs the Hopper kernel (``tiny_models.py``).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,9 @@ SERVER_ARGS = [
 # On a GPU SGLang runs CUDA graphs, which its torch_native backend can't be captured in (SGLang would
 # turn graphs off): the reference there is SGLang's triton decode.
 REFERENCE_DECODE = "triton" if ON_GPU else "torch_native"
-SERVERS = {"deft": ["--decode-attention-backend", "deft"],
+# Streaming sessions on one deft server (test_streaming_session_turn_matches_one_request); they leave
+# every other request as it was.
+SERVERS = {"deft": ["--decode-attention-backend", "deft", "--enable-streaming-session"],
            "deft_no_overlap": ["--decode-attention-backend", "deft", "--disable-overlap-schedule"],
            "reference": ["--decode-attention-backend", REFERENCE_DECODE]}
 
@@ -185,6 +189,30 @@ def test_shared_prefix_batch_matches(servers):
         for deft, ref in zip(outs[name], outs["reference"]):
             assert_same_output(deft, ref)
     assert len({tuple(o["output_ids"]) for o in outs["reference"]}) > 1  # the branches really differ
+
+
+def test_streaming_session_turn_matches_one_request(servers):
+    """A streaming session's second turn continues in the session's own KV row, with SessionAwareCache's
+    _VirtualNode as its last node: deft serves it as a private request (before, the tree builder raised
+    and the scheduler died). It equals the reference server's one request of the whole context: turn
+    1's input and output, then turn 2's input. (Not on the strict-memory-check servers of
+    test_e2e_cpu_robustness: SGLang's busy check counts a session's held slots as a leak, with its own
+    torch_native decode too.)"""
+    deft = servers["deft"]
+    sid = deft.post("/open_session", {"capacity_of_str_len": 8192, "streaming": True})
+    ids1 = [(7 * i + 3) % 200 + 20 for i in range(150)]
+    ids2 = [(11 * i + 5) % 200 + 20 for i in range(90)]
+    try:
+        first = deft.generate({"input_ids": ids1, "sampling_params": greedy(), "session_params": {"id": sid}})[0]
+        turn2 = deft.generate({"input_ids": ids2, "sampling_params": greedy(), "return_logprob": True,
+                               "session_params": {"id": sid, "rid": first["meta_info"]["id"]}})[0]
+    finally:  # answers with an empty body, not JSON
+        urllib.request.urlopen(urllib.request.Request(f"{deft.url}/close_session", data=json.dumps(
+            {"session_id": sid}).encode(), headers={"Content-Type": "application/json"}), timeout=60).close()
+    whole = servers["reference"].generate({"input_ids": ids1 + first["output_ids"] + ids2, "sampling_params": greedy(),
+                                           "return_logprob": True})[0]
+    assert turn2["meta_info"]["prompt_tokens"] == whole["meta_info"]["prompt_tokens"] == 150 + MAX_TOKENS + 90
+    assert_same_output(turn2, whole)
 
 
 def test_workload_is_sensitive_to_context(servers):

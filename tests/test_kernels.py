@@ -181,6 +181,34 @@ def test_bad_shapes_are_refused():
         plan_tree_decode(tree, 6, 4, 32)
 
 
+def test_strided_kv_indices_are_read_as_given():
+    """kv_indices as a view with stride 2 (every other slot of a bigger tensor): the plan takes a
+    contiguous copy, since the kernels index it as contiguous (before, it kept the view: error 1.8)."""
+    strided = torch.arange(0, 80, dtype=torch.int32)[::2]
+    tree = KVTree(strided, torch.tensor([0, 12, 40], dtype=torch.int32), torch.tensor([-1, 0], dtype=torch.int32),
+                  torch.tensor([1, 0], dtype=torch.int32))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, 32, generator=g).to(DEVICE) for n, h in ((2, 8), (80, 2), (80, 2)))
+    plan = plan_tree_decode(tree, 8, 2, 32, device=DEVICE, kv_dtype=torch.float32)
+    torch.testing.assert_close(tree_decode(q, k, v, plan, 0.2), attention_reference(q, k, v, tree, 0.2),
+                               atol=ATOL[torch.float32], rtol=0)
+
+
+def test_q_and_out_are_checked_against_the_plan():
+    """Stage 1 reads q's rows of the plan's queries and stage 2 writes out's: too few rows, or an out
+    of another shape or layout, would read or write past them (before, all were accepted)."""
+    tree = TREES["odd_lengths"]  # 4 queries
+    plan = plan_tree_decode(tree, 8, 2, 32, device=DEVICE, kv_dtype=torch.float32)
+    q = torch.randn(4, 8, 32, device=DEVICE)
+    kv = torch.randn(512, 2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="plan is for 4 queries"):
+        tree_decode(q[:1], kv, kv, plan, 0.1)
+    for out in (torch.empty(1, 8, 32, device=DEVICE), torch.empty(4, 16, 32, device=DEVICE),
+                torch.empty(4, 32, 8, device=DEVICE).transpose(1, 2)):
+        with pytest.raises(ValueError, match="out must be like q"):
+            tree_decode(q, kv, kv, plan, 0.1, out=out)
+
+
 @pytest.mark.parametrize("name", sorted({"random_forest", BIG_TREE}))
 def test_separate_launches_compute_the_same(name):
     """Large and small tiles in two launches give bitwise the unified launch's output."""

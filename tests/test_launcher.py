@@ -35,14 +35,14 @@ def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
 
 def test_unsupported_model_stops_the_launcher(tmp_path):
     config = json.loads((MODEL / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    config.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=64)
     (tmp_path / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((MODEL / name).read_bytes())
     result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", "cpu",
                   "--decode-attention-backend", "deft", "--grammar-backend", "none"])
     assert result.returncode != 0
-    assert "MistralForCausalLM" in result.stderr and "sliding-window attention is not supported" in result.stderr
+    assert "LlamaForCausalLM" in result.stderr and "sliding-window attention is not supported" in result.stderr
 
 
 ENGINE_SCRIPT = textwrap.dedent("""
@@ -54,13 +54,19 @@ ENGINE_SCRIPT = textwrap.dedent("""
         Engine(model_path=sys.argv[1], device="cpu", attention_backend="deft", page_size=16)
     except UnsupportedConfiguration as e:
         refused = str(e)
+    from sglang.srt.server_args import ServerArgs
+    try:  # a ServerArgs of the caller's own is not split: SGLang would prefill on deft
+        Engine(server_args=ServerArgs(model_path=sys.argv[1], device="cpu", attention_backend="deft",
+                                      grammar_backend="none"))
+    except UnsupportedConfiguration as e:
+        unsplit = str(e)
     engine = Engine(model_path=sys.argv[1], device="cpu", dtype="float32", attention_backend="deft",
                     grammar_backend="none", max_total_tokens=4096, decode_log_interval=1, log_level="info")
     try:
         outs = engine.generate("The lighthouse keeper wrote", {"temperature": 0, "max_new_tokens": 6, "n": 3})
     finally:
         engine.shutdown()
-    print("RESULT " + json.dumps({"refused": refused, "outputs": [o["output_ids"] for o in outs]}))
+    print("RESULT " + json.dumps({"refused": refused, "unsplit": unsplit, "outputs": [o["output_ids"] for o in outs]}))
 """)
 
 
@@ -70,6 +76,7 @@ def test_engine_registers_deft_in_its_scheduler_and_refuses_unsupported_flags():
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     payload = json.loads(line[len("RESULT "):])
     assert "--page-size 16" in payload["refused"]
+    assert "prefill/extend as well as decode" in payload["unsplit"]
     outputs = payload["outputs"]
     assert len(outputs) == 3 and all(len(o) == 6 for o in outputs)
     log = result.stdout + result.stderr

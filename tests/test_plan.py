@@ -239,3 +239,70 @@ def test_metadata_fields_start_on_16_bytes(num_queries, capacity):
     for field in (plan.qperm, plan.items, plan.counts, plan.merge_indptr, plan.merge_slots):
         assert (field.data_ptr() - base) % 16 == 0
     assert plan.counts.tolist()[2] == B and plan.qperm.numel() == (capacity.max_queries if capacity else B)
+
+
+def _tiny_tree(indptr=(0, 4, 6), kv=6):
+    return KVTree(torch.arange(kv, dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32),
+                  torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32))
+
+
+CAP = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=64, max_merge=64)
+
+
+@pytest.mark.parametrize("case,match", [
+    # Items would index kv_indices up to 300: out-of-bounds reads (a segfault on the CPU).
+    ("indptr_past_kv", "ends at 300 but kv_indices has 6"),
+    ("zero_qo_heads", "must be >= 1"),  # a division by zero in schedule.c killed the process
+    ("zero_kv_heads", "must be >= 1"),
+    ("kv_indices_2d", "must be 1-D"),
+    ("negative_capacity", "must be >= 0"),
+    # A plan without capacity holds the caller's kv_indices: reusing it overwrote them.
+    ("reuse_plain_plan", "made with capacity"),
+    # Sizes other than the reused buffers': writes past them.
+    ("reuse_other_capacity", "differs from the reused plan's buffers"),
+    ("reuse_other_tiles", "tile size"),
+])
+def test_malformed_calls_are_refused(case, match):
+    def call():
+        if case == "indptr_past_kv":
+            plan_tree_decode(_tiny_tree((0, 4, 300)), 8, 2, 32, "cpu")
+        elif case == "zero_qo_heads":
+            plan_tree_decode(_tiny_tree(), 0, 2, 32, "cpu")
+        elif case == "zero_kv_heads":
+            plan_tree_decode(_tiny_tree(), 8, 0, 32, "cpu")
+        elif case == "kv_indices_2d":
+            t = _tiny_tree()
+            plan_tree_decode(KVTree(t.kv_indices.view(2, 3), t.node_indptr, t.node_parent, t.query_node), 8, 2, 32,
+                             "cpu")
+        elif case == "negative_capacity":
+            PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=-1, max_partials=64, max_merge=64)
+        elif case == "reuse_plain_plan":
+            plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", reuse=plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu"))
+        elif case == "reuse_other_capacity":
+            graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+            bigger = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=1000, max_merge=64)
+            plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=bigger, reuse=graph)
+        else:
+            graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+            plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", large_rows=32, reuse=graph)
+
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_reuse_with_its_own_capacity_is_accepted():
+    graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+    again = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP, reuse=graph)
+    assert again.meta.data_ptr() == graph.meta.data_ptr() and again.fixed_buffers
+
+
+@pytest.mark.parametrize("parent,query_node,match", [
+    ([-1, 1], [1], "smaller than i"),  # a cycle: the walk never ended
+    ([-1, 0], [-2], "must index a node"),  # Python's negative indexing took node 0
+    ([-1, 0], [2], "must index a node"),
+])
+def test_reference_paths_refuse_malformed_trees(parent, query_node, match):
+    tree = KVTree(torch.arange(6, dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32),
+                  torch.tensor(parent, dtype=torch.int32), torch.tensor(query_node, dtype=torch.int32))
+    with pytest.raises(ValueError, match=match):
+        path_nodes(tree)
