@@ -103,7 +103,10 @@ class DecodeStepPlanner:
 
     def plan(self, reqs: Sequence, seq_lens_cpu: torch.Tensor, num_queries: int) -> StepPlan | None:
         """The step's plan in the buffers, for ``num_queries`` rows (the batch, plus a CUDA graph's
-        padding rows); None, the buffers' plan unchanged, when the step does not fit them."""
+        padding rows); None when the step does not fit them. Then the buffers hold no valid plan (the
+        tree's KV slots may already be written into them) and no steady state is kept: the step runs
+        eagerly with a plan of its own, and whatever step comes next is planned in full before any
+        replay reads the buffers."""
         reqs = list(reqs)
         # A copy: the steady state keeps these lengths, and SGLang without the overlap scheduler
         # advances the batch's seq_lens_cpu in place (a view would already hold the next step's).
@@ -122,8 +125,8 @@ class DecodeStepPlanner:
         # Room stops one short of the buffer's end: the steady update's unused entries write there.
         built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
                                    max_kv_tokens=self._scratch)
-        # None past the buffers' capacity (checked before anything is written): the caller runs
-        # the step eagerly with a plan of its own.
+        # None past the buffers' capacity (checked before the plan's metadata is written; the KV
+        # slots above may be): the caller runs the step eagerly with a plan of its own.
         plan = plan_graph_step(self.buffers, built.tree, num_queries, self.planner.kv_dtype, self.planner)
         if plan is None:
             return None
