@@ -31,8 +31,8 @@ Host cost. The radix part of the tree (which nodes, who shares them) changes onl
 join, leave or move to another radix node; between those steps only the private tails grow.
 :class:`DecodeKVTreeBuilder` keeps the last step's radix part (:class:`_BatchShape`) and reuses it
 when the batch is the same requests on the same ``last_node`` objects (compared by identity) in the
-same ``req_to_token`` rows, each with a private tail as before: the step then costs a few numpy operations on arrays of B and N
-entries, not a Python walk per request. Reuse is exact: with the same requests on the same nodes
+same ``req_to_token`` rows, each with a private tail as before: the step then costs a few numpy
+operations on arrays of B and N entries, not a Python walk per request. Reuse is exact: with the same requests on the same nodes
 the only radix change possible is a split of a node on a path by a request outside the batch
 (``_split_node``), which changes no batch request's shared prefix; locked nodes are never evicted.
 The rows are compared too: a batch retracted as a whole (``/pause_generation`` with ``mode=retract``)
