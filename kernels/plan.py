@@ -281,10 +281,10 @@ class TreeDecodePlanner:
             if not reuse.fixed_buffers:
                 raise ValueError("reuse= takes a plan made with capacity= (one without holds the caller's "
                                  "kv_indices, which would be overwritten)")
-            if capacity is not None and capacity != _capacity_of(reuse):
-                raise ValueError(f"capacity={capacity} differs from the reused plan's buffers "
-                                 f"{_capacity_of(reuse)}; pass one of them")
-            capacity = _capacity_of(reuse)
+            own = _capacity_of(reuse)
+            if capacity is not None and capacity != own:
+                raise ValueError(f"capacity={capacity} differs from the reused plan's buffers {own}; pass one of them")
+            capacity = own
         num_sms = _num_sms(device)
         s = _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
                            kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=num_sms,

@@ -18,31 +18,19 @@ def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
 
 
 def path_nodes(tree: KVTree) -> list[list[int]]:
-    """Root-to-node path (node ids, root first) of every query, on the host. Raises ValueError for a
-    query node out of range or a parent that breaks ``parent[i] < i`` (a cycle would never end)."""
+    """Root-to-node path (node ids, root first) of every query, on the host. The tree is validated
+    first (``KVTree.validate``): a parent cycle would never end, a negative query node would index
+    from the end, and node bounds past ``kv_indices`` would read fewer tokens than the path holds."""
+    tree.validate()
     parent = tree.node_parent.tolist()
-    n = len(parent)
     paths = []
     for node in tree.query_node.tolist():
-        if not 0 <= node < n:
-            raise ValueError(f"KVTree.query_node must index a node in [0, {n}), got {node}")
         path = []
         while node != -1:
-            if not -1 <= parent[node] < node:
-                raise ValueError("KVTree.node_parent[i] must be -1 (a root) or a node index smaller than i")
             path.append(node)
             node = parent[node]
         paths.append(path[::-1])
     return paths
-
-
-def _node_bounds(tree: KVTree) -> list[int]:
-    """``node_indptr`` on the host, checked against the nodes and ``kv_indices``."""
-    indptr = tree.node_indptr.tolist()
-    if len(indptr) != tree.num_nodes + 1 or indptr[-1] != tree.kv_indices.numel():
-        raise ValueError(f"KVTree.node_indptr ({len(indptr)} entries, ending at {indptr[-1] if indptr else None}) "
-                         f"does not match {tree.num_nodes} nodes and {tree.kv_indices.numel()} KV slots")
-    return indptr
 
 
 def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0):
@@ -50,7 +38,7 @@ def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, lo
     B, Hq, D = q.shape
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv
-    indptr = _node_bounds(tree)
+    indptr = tree.node_indptr.tolist()
     kv_indices = tree.kv_indices.to(q.device).long()
     out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
     for b, path in enumerate(path_nodes(tree)):
@@ -75,7 +63,7 @@ def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, 
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv
     device = q.device
-    indptr = _node_bounds(tree)
+    indptr = tree.node_indptr.tolist()
     kv_indices = tree.kv_indices.to(device).long()
     users: dict[int, list[int]] = {}
     for b, path in enumerate(path_nodes(tree)):
