@@ -80,10 +80,12 @@ class ServerProcess:
         return ServerProcess(self.name, self.args, self.log_path, cwd=self._cwd, env=self._env, python=self._python)
 
     def post(self, route: str, payload: dict, timeout_s: float = 600):
+        """The route's JSON answer; None for an empty one (e.g. ``/close_session``)."""
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout_s) as r:
-            return json.loads(r.read())
+            body = r.read()
+        return json.loads(body) if body else None
 
     def generate(self, payload: dict, timeout_s: float = 600) -> list[dict]:
         """``/generate``; always a list (one entry per prompt and per ``n``)."""

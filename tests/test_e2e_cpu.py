@@ -21,10 +21,8 @@ which runs the Hopper kernel (``tiny_models.py``).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -206,9 +204,8 @@ def test_streaming_session_turn_matches_one_request(servers):
         first = deft.generate({"input_ids": ids1, "sampling_params": greedy(), "session_params": {"id": sid}})[0]
         turn2 = deft.generate({"input_ids": ids2, "sampling_params": greedy(), "return_logprob": True,
                                "session_params": {"id": sid, "rid": first["meta_info"]["id"]}})[0]
-    finally:  # answers with an empty body, not JSON
-        urllib.request.urlopen(urllib.request.Request(f"{deft.url}/close_session", data=json.dumps(
-            {"session_id": sid}).encode(), headers={"Content-Type": "application/json"}), timeout=60).close()
+    finally:
+        deft.post("/close_session", {"session_id": sid})
     whole = servers["reference"].generate({"input_ids": ids1 + first["output_ids"] + ids2, "sampling_params": greedy(),
                                            "return_logprob": True})[0]
     assert turn2["meta_info"]["prompt_tokens"] == whole["meta_info"]["prompt_tokens"] == 150 + MAX_TOKENS + 90
