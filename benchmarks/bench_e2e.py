@@ -40,6 +40,12 @@ Measures (per case and backend; each case is run ``--repeats`` times, the best r
   server's ``DeFT decode sharing`` lines (but the first, which may hold the previous batch's last steps);
   for the others the case shape's theoretical value
   (``sharing_ratio_source`` says which). The sglang.lang case reports client tok/s (tokens / wall) only.
+- ``same_outputs``: the output check. Every request's generated ids are digested (``output_digests`` per
+  run); per backend, how many of a case's requests decoded to the same ids as the reference backend's (the
+  baseline's first run) in that backend's worst run. Greedy decoding of the same requests should agree, up
+  to near ties that a backend's rounding can flip; the table shows it as ``equal / requests``. A weak
+  check on dummy weights (the 8B shape's attention barely moves its tokens): the correctness criterion
+  is ``scripts/gpu_e2e.py``'s; this one catches a backend that decodes garbage or nothing.
 
 Time and memory: the servers start concurrently (startup is imports, CUDA-graph capture and FlashInfer's
 JIT; caches are file-locked), each with a capped KV pool (``--max-total-tokens``, the largest case's
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -324,6 +331,7 @@ class StreamTiming:
     first: dict[int, float] = field(default_factory=dict)  # its first chunk: the prefill's token
     last: dict[int, float] = field(default_factory=dict)   # its last chunk: finished
     tokens: dict[int, int] = field(default_factory=dict)   # completion tokens
+    output_ids: dict[int, list[int]] = field(default_factory=dict)  # the generated ids (cumulative chunks)
 
 
 def stream_generate(url: str, prompts: list[list[int]], new_tokens: int, timeout_s: float) -> StreamTiming:
@@ -350,7 +358,17 @@ def stream_generate(url: str, prompts: list[list[int]], new_tokens: int, timeout
             timing.first.setdefault(index, now)
             timing.last[index] = now
             timing.tokens[index] = chunk["meta_info"]["completion_tokens"]
+            timing.output_ids[index] = chunk.get("output_ids", [])
     return timing
+
+
+def output_digests(timing: StreamTiming, batch: int, new_tokens: int) -> list[str]:
+    """A short digest of each request's generated ids, in request order: what the report compares between
+    backends (greedy: the same requests should decode to the same tokens, up to near ties)."""
+    got = [timing.output_ids.get(i, []) for i in range(batch)]
+    if any(len(ids) != new_tokens for ids in got):
+        raise RuntimeError(f"expected {new_tokens} output ids per request, got {sorted(len(ids) for ids in got)}")
+    return [hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:12] for ids in got]
 
 
 def decode_figures(timing: StreamTiming, batch: int, new_tokens: int) -> dict:
@@ -408,8 +426,9 @@ def measure_batch(server, backend: str, case: Case, id_range: tuple[int, int], s
     if prefix:
         server.generate({"input_ids": prefix, "sampling_params": greedy(1)}, timeout_s=timeout_s)
     before = settled_log(server)
-    figures = decode_figures(stream_generate(server.url, prompts, case.new_tokens, timeout_s),
-                             case.branches, case.new_tokens)
+    timing = stream_generate(server.url, prompts, case.new_tokens, timeout_s)
+    figures = decode_figures(timing, case.branches, case.new_tokens)
+    figures["output_digests"] = output_digests(timing, case.branches, case.new_tokens)
     after = settled_log(server)
     new_log = after[len(before):]
     figures.update(steady_decode(new_log, case.branches), **sharing(backend, case, new_log))
@@ -473,6 +492,21 @@ def summarize_case(entry: dict, case: Case, backends: tuple[str, ...], baseline:
         entry[f"{backend}_tok_s"] = summary.get("tok_s")
     ratio = entry[f"deft_vs_{baseline}"] = deft_ratio(entry, baseline)
     entry["meets_target"] = (ratio >= case.target) if ratio is not None and case.target is not None else None
+    entry["same_outputs"] = same_outputs(entry["runs"], backends, baseline)
+
+
+def same_outputs(runs: dict[str, list[dict]], backends: tuple[str, ...], baseline: str) -> dict | None:
+    """Each backend's generated tokens against the reference's (the baseline, else the first other
+    backend than deft, as in the table): per backend, how many requests decoded to the same ids in its
+    worst run, of how many; None when no two backends have digests (lang cases, failed runs)."""
+    digests = {b: [r["output_digests"] for r in runs.get(b, []) if r.get("ok") and r.get("output_digests")]
+               for b in backends}
+    reference = baseline if digests.get(baseline) else next((b for b in backends if b != "deft" and digests.get(b)), None)
+    if reference is None:
+        return None
+    ref = digests[reference][0]
+    counts = {b: min(sum(x == y for x, y in zip(d, ref)) for d in ds) for b, ds in digests.items() if ds and b != reference}
+    return {"reference": reference, "requests": len(ref), "equal": counts} if counts else None
 
 
 def deft_ratio(entry: dict, other: str) -> float | None:
@@ -499,8 +533,9 @@ def markdown(report: dict) -> str:
              + "".join(f" {b} launched with `{a}`." for b, a in report.get("backend_extra_args", {}).items()
                        if a and b in backends), "",
              "| case | " + " | ".join(f"{b} tok/s" for b in backends) + f" | deft / {compared}{' (target)' if compared == baseline else ''} | "
-             + " | ".join(f"TPOT {b} ms" for b in backends) + " | sharing ratio | deft host µs/step (share) |",
-             "|---|" + "---|" * (2 * len(backends) + 3)]
+             + " | ".join(f"TPOT {b} ms" for b in backends) + " | sharing ratio | deft host µs/step (share) "
+             "| same tokens as the reference |",
+             "|---|" + "---|" * (2 * len(backends) + 4)]
     for c in report["cases"]:
         cells = []
         for b in backends:
@@ -519,8 +554,14 @@ def markdown(report: dict) -> str:
         host = _num(deft.get("plan_host_us"), 0) + (f" ({100 * host_share:.1f}%)" if host_share else "")
         lines.append(f"| {c['case']}{' (skipped: ' + c['skipped'][-1] + ')' if c.get('skipped') else ''} | "
                      + " | ".join(cells) + f" | {_num(ratio, 2)}{target}{verdict} | " + " | ".join(tpots)
-                     + f" | {share} | {host} |")
+                     + f" | {share} | {host} | {_same_outputs_cell(c.get('same_outputs'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _same_outputs_cell(same: dict | None) -> str:
+    if not same:
+        return "—"
+    return f"{same['reference']}: " + ", ".join(f"{b} {n}/{same['requests']}" for b, n in same["equal"].items())
 
 
 class Report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,26 @@ def test_summarize_case_takes_the_best_run_and_the_ratio():
     assert len(entry["backends"]["deft"]["runs"]) == 2
 
 
+def test_same_outputs_counts_requests_equal_to_the_reference_in_each_backends_worst_run():
+    timing = b.StreamTiming(sent=0.0, output_ids={0: [5, 6, 7], 1: [5, 6, 8], 2: [5, 6, 7]})
+    digests = b.output_digests(timing, batch=3, new_tokens=3)
+    assert digests[0] != digests[1] and digests[0] == digests[2]
+    with pytest.raises(RuntimeError, match=re.escape("expected 3 output ids per request, got [0, 3, 3, 3]")):
+        b.output_digests(timing, batch=4, new_tokens=3)  # request 3 sent no ids back
+    ref, other = ["a", "b", "c"], ["a", "x", "c"]
+    runs = {"deft": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests=other)],
+            "flashinfer": [run(1, 1.0, output_digests=ref)],
+            "triton": [{"rep": 1, "ok": False, "error": "boom"}]}
+    same = b.same_outputs(runs, ("deft", "flashinfer", "triton"), "flashinfer")
+    assert same == {"reference": "flashinfer", "requests": 3, "equal": {"deft": 2}}
+    # without the baseline's digests, the first other backend's are the reference
+    runs["triton"] = [run(1, 1.0, output_digests=other)]
+    del runs["flashinfer"]
+    assert b.same_outputs(runs, ("deft", "flashinfer", "triton"), "flashinfer") == {
+        "reference": "triton", "requests": 3, "equal": {"deft": 2}}
+    assert b.same_outputs({"deft": runs["deft"]}, ("deft",), "flashinfer") is None  # nothing to compare with
+
+
 def gpu_like_report() -> dict:
     entry = {"case": "prefix 16000 x 64", "target": 2.5, "theoretical_sharing_ratio": 48.1,
              "runs": {"deft": [run(1, 7000.0, sharing_ratio=47.9)], "flashinfer": [run(1, 2800.0)],
@@ -160,6 +181,10 @@ def test_markdown_shows_missing_and_failed_cells():
     row = text.strip().splitlines()[-1]
     assert row.startswith("| prefix 16000 x 64 | 7,000 | 2,800 | error | 2.50 (≥ 2.5) ✓ |")
     assert "47.90 (shape 48.10)" in row
+    assert row.endswith("| — |")  # no digests in these runs: no output check to show
+    report = gpu_like_report()
+    report["cases"][0]["same_outputs"] = {"reference": "flashinfer", "requests": 64, "equal": {"deft": 63}}
+    assert b.markdown(report).strip().splitlines()[-1].endswith("| flashinfer: deft 63/64 |")
     assert "deft off, flashinfer on, triton on" in text
 
 
@@ -173,14 +198,18 @@ def test_markdown_without_the_baseline_compares_with_the_other_backend():
     assert text.strip().splitlines()[-1].startswith("| prefix 16000 x 64 | 7,000 | 3,500 | 2.00 |")
 
 
-def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    spec = importlib.util.spec_from_file_location("plot_e2e", REPO / "benchmarks" / "plot_e2e.py")
-    plot_e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_e2e)
+@pytest.mark.parametrize("script", ["plot_e2e", "plot_kernels"])
+def test_plot_writes_a_png(tmp_path, script):
+    """The README's plots, from a report like the GPU host's (e2e) and from the committed kernel table
+    (matplotlib is in requirements-cpu.txt: the plots are made here from the GPU host's JSON)."""
+    spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
     path = tmp_path / "report.json"
-    path.write_text(json.dumps(gpu_like_report()))
-    assert plot_e2e.main([str(path)]) == 0
+    report = (gpu_like_report() if script == "plot_e2e"
+              else json.loads((REPO / "benchmarks" / "results" / "kernels_h200.json").read_text()))
+    path.write_text(json.dumps(report))
+    assert plot.main([str(path)]) == 0
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
@@ -207,6 +236,10 @@ def test_cpu_smoke_end_to_end(tmp_path):
     assert fork["backends"]["deft"]["sharing_ratio"] == pytest.approx(fork["theoretical_sharing_ratio"], rel=0.15)
     assert nosharing["backends"]["deft"]["sharing_ratio"] == pytest.approx(1.0)
     assert lang["backends"]["deft"]["sharing_ratio"] > 1.5  # 3 levels of forks over one question
+    for case in (fork, nosharing):  # fp32 greedy on the tiny model's sharp attention: the same tokens
+        assert case["same_outputs"] == {"reference": "torch_native", "requests": case["shape"]["branches"],
+                                        "equal": {"deft": case["shape"]["branches"]}}
+    assert lang["same_outputs"] is None  # the sglang.lang program reports counts only
     assert "| prefix 64 x 4 branches x 8 new (smoke) |" in (out / "e2e_cpu.md").read_text()
     assert (out / "logs" / "server_pgids.txt").read_text().strip()  # recorded for the session cleanup
 

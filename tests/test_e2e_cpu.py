@@ -21,6 +21,7 @@ which runs the Hopper kernel (``tiny_models.py``).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = server_test_model()
 STARTUP_TIMEOUT_S = 240
 MAX_TOKENS = 12
+MISTRAL_WINDOW = 64  # test_mistral_sliding_window_config_is_served_as_sglang_serves_it
 
 # SGLANG_DEFT_E2E_DEVICE=cuda: the same tests on a GPU (see the module docstring).
 ON_GPU = os.environ.get("SGLANG_DEFT_E2E_DEVICE", "cpu") == "cuda"
@@ -88,6 +90,23 @@ def servers(tmp_path_factory):
                for name, extra in SERVERS.items()}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
+
+
+@pytest.fixture(scope="module")
+def mistral_server(tmp_path_factory):
+    """A deft server on the test model's weights under a Mistral config with a 64-token sliding window
+    (started when the one test that uses it runs)."""
+    model = tmp_path_factory.mktemp("mistral_model")
+    for f in MODEL.iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f.resolve())
+    config = json.loads((MODEL / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=MISTRAL_WINDOW)
+    (model / "config.json").write_text(json.dumps(config))
+    args = [str(model) if a == str(MODEL) else a for a in SERVER_ARGS] + ["--decode-attention-backend", "deft"]
+    running = {"deft_mistral": ServerProcess("deft_mistral", args, model / "server.log", **server_launch())}
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running["deft_mistral"]
 
 
 @sgl.function
@@ -210,6 +229,20 @@ def test_streaming_session_turn_matches_one_request(servers):
                                            "return_logprob": True})[0]
     assert turn2["meta_info"]["prompt_tokens"] == whole["meta_info"]["prompt_tokens"] == 150 + MAX_TOKENS + 90
     assert_same_output(turn2, whole)
+
+
+def test_mistral_sliding_window_config_is_served_as_sglang_serves_it(servers, mistral_server):
+    """SGLang serves Mistral with its Llama class, which ignores the config's ``sliding_window``: its own
+    backends attend every token. deft serves such a config (with a warning) instead of refusing it, and
+    must attend every token too: on the same weights its generations equal the reference server's (the
+    Llama config, torch_native or triton decode) over prompts four times the window."""
+    prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
+    payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
+    outs, refs = mistral_server.generate(payload), servers["reference"].generate(payload)
+    assert min(o["meta_info"]["prompt_tokens"] for o in outs) > 4 * MISTRAL_WINDOW
+    for out, ref in zip(outs, refs):
+        assert_same_output(out, ref)
+    assert f"declares sliding_window={MISTRAL_WINDOW}" in mistral_server.log()
 
 
 def test_workload_is_sensitive_to_context(servers):
