@@ -90,6 +90,14 @@ def server_args_problems(server_args) -> list[str]:
             f"--kv-cache-dtype {a.kv_cache_dtype}: quantized KV caches need per-layer K/V scales, which "
             "the deft path does not apply"
         )
+    if decode and getattr(a, "enable_deterministic_inference", False):
+        # SGLang checks only --attention-backend here (triton passes), not the decode backend.
+        problems.append(
+            "--enable-deterministic-inference: deft splits each decode step's attention by that batch's KV tree "
+            "(shared prefixes, chunks cut for the batch), so a request's output bits depend on what it is batched "
+            "with; deterministic inference needs batch-invariant decode attention (SGLang's flashinfer, fa3 or "
+            "triton decode)"
+        )
     if a.enable_two_batch_overlap:
         problems.append("--enable-two-batch-overlap: split micro-batches do not carry the requests the KV tree is built from")
     if a.enable_pdmux:

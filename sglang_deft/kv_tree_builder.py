@@ -38,6 +38,10 @@ the only radix change possible is a split of a node on a path by a request outsi
 The rows are compared too: a batch retracted as a whole (``/pause_generation`` with ``mode=retract``)
 comes back, after its re-prefill, as the same requests on the same nodes in new rows, and with the
 overlap scheduler its first decode step is built before ``cache_unfinished_req`` moves the nodes.
+And so are the requests' ``retraction_count``: with a request pool no larger than the batch, a batch
+preempted as a whole (``--enable-priority-scheduling``: a prefill-only request of higher priority)
+comes back in the same rows, one token on (the overlap scheduler drops the in-flight step's token),
+but with new KV slots in those rows, which a steady step (``step_planner``) would not read.
 A full build is O(B + R) Python steps, R = radix nodes first reached this step (a request's upward
 walk stops at the first node another request already reached).
 KV slot ids never leave the device: the host plans (row, start, length) segments and the device
@@ -92,6 +96,8 @@ class _BatchShape:
     reqs: list  # the requests, in batch order (identity)
     last_nodes: list  # each request's req.last_node (identity)
     pool_rows: list  # each request's req.req_pool_idx: a retracted request comes back in another row
+    retractions: list  # each request's req.retraction_count: a retracted request may also come back in
+    #                    the same row (a request pool no larger than the batch), with new KV slots in it
     end: np.ndarray  # [B] int64: radix path length of each request
     has_tail: np.ndarray  # [B] bool: seq_len > end (a private tail node)
     parent: np.ndarray  # [N] int32: node parents (-1: root), parents first
@@ -106,6 +112,7 @@ class _BatchShape:
         """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc)."""
         return (reqs == self.reqs and last_nodes == self.last_nodes
                 and [r.req_pool_idx for r in reqs] == self.pool_rows
+                and _retractions(reqs) == self.retractions
                 and bool(np.array_equal(seq > self.end, self.has_tail)) and bool((seq >= self.end).all()))
 
 
@@ -269,10 +276,17 @@ def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
         raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row): {e}") from e
     rows = [pool_rows[r] for r in o_req]
     return _BatchShape(
-        reqs=reqs, last_nodes=last_nodes, pool_rows=pool_rows, end=end_arr, has_tail=has_tail,
+        reqs=reqs, last_nodes=last_nodes, pool_rows=pool_rows, retractions=_retractions(reqs), end=end_arr,
+        has_tail=has_tail,
         parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
         start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
         tail_node=tail_node_arr, tail_req=tail_req_arr)
+
+
+def _retractions(reqs) -> list[int]:
+    """How often each request was retracted or preempted (``Req.reset_for_retract`` counts them): its KV
+    slots were freed and its re-prefill wrote new ones into its row, wherever that row is."""
+    return [getattr(r, "retraction_count", 0) for r in reqs]
 
 
 def _radix_paths(reqs, seq_lens):

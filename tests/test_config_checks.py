@@ -86,6 +86,7 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(page_size=16), "--page-size 16"),
         (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
         (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2: quantized KV caches"),
+        (dict(enable_deterministic_inference=True), "--enable-deterministic-inference: deft splits"),
         (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
         (dict(enable_pdmux=True), "--enable-pdmux"),
         (dict(enable_dp_attention=True), "--enable-dp-attention"),

@@ -214,3 +214,33 @@ def test_a_steady_step_writes_only_the_new_slots_and_the_tails_last_item_lengths
         assert int(buffers.meta[i]) == int(meta0[i]) + 1
     assert torch.equal(buffers.partial_out.nan_to_num(), out0.nan_to_num())
     assert torch.equal(buffers.partial_lse.nan_to_num(), lse0.nan_to_num())
+
+
+@pytest.mark.parametrize("cache", ["radix", "disabled"])
+def test_a_preempted_request_back_in_its_row_is_planned_in_full(cache):
+    """Priority preemption with the overlap scheduler (SGLang's default): a high-priority request that
+    only prefills (max_new_tokens=0, as the prefix request of every fork or n > 1) preempts the whole
+    running batch while its last decode step is in flight; that step's token is dropped (the request
+    is retracted), so after its re-prefill the request decodes exactly one token further on, as the
+    same Req, on the same radix node (its first decode step is built before cache_unfinished_req),
+    and, with a request pool no larger than the batch, in the same req_to_token row. But the re-prefill
+    wrote new KV slots into that row: a steady step would keep reading the old ones (freed, and by
+    then holding another request's KV: a live CPU server with --enable-priority-scheduling
+    --max-running-requests 1 gave other tokens from the first step after the preemption on)."""
+    sim = RadixSim(cache=cache, max_reqs=1, kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    prompt = sim.tokens(40)
+    if cache == "radix":
+        sim.run_to_cache(prompt)
+    batch = sim.prefill([sim.new_req(prompt + sim.fresh(5))])
+    assert [run(sim, sp, batch) for _ in range(3)] == [False, False, True]
+    row, node = batch[0].req_pool_idx, batch[0].last_node
+    seq_lens = sim.prepare_decode(batch)  # a decode step launched ...
+    assert sp.plan(batch, seq_lens, 1).steady
+    sim.retract(batch)  # ... and its request preempted before its result is processed: its token dropped
+    sim.run_to_cache(sim.fresh(30))  # the high-priority, prefill-only request
+    sim.prefill(batch, overlap=True)  # re-prefilled: its first decode step is built before cache_unfinished_req
+    assert batch[0].req_pool_idx == row and batch[0].last_node is node
+    assert sim.seq_len[batch[0].rid] == int(seq_lens[0])  # its next decode step is one token on
+    assert not run(sim, sp, batch)  # check(): the plan reads the row's new slots
+    assert [run(sim, sp, batch) for _ in range(2)] == [False, True]
