@@ -497,16 +497,18 @@ def summarize_case(entry: dict, case: Case, backends: tuple[str, ...], baseline:
 
 def same_outputs(runs: dict[str, list[dict]], backends: tuple[str, ...], baseline: str) -> dict | None:
     """Each backend's generated tokens against the reference's (the baseline, else the first other
-    backend than deft, as in the table): per backend, how many requests decoded to the same ids in its
-    worst run, of how many; None when no two backends have digests (lang cases, failed runs)."""
-    digests = {b: [r["output_digests"] for r in runs.get(b, []) if r.get("ok") and r.get("output_digests")]
+    backend than deft, as in the table), repetition by repetition (each repetition has prompts of its
+    own): per backend, how many requests decoded to the same ids in its worst repetition, of how many;
+    None when no two backends have digests of the same repetition (lang cases, failed runs)."""
+    digests = {b: {r["rep"]: r["output_digests"] for r in runs.get(b, []) if r.get("ok") and r.get("output_digests")}
                for b in backends}
     reference = baseline if digests.get(baseline) else next((b for b in backends if b != "deft" and digests.get(b)), None)
     if reference is None:
         return None
-    ref = digests[reference][0]
-    counts = {b: min(sum(x == y for x, y in zip(d, ref)) for d in ds) for b, ds in digests.items() if ds and b != reference}
-    return {"reference": reference, "requests": len(ref), "equal": counts} if counts else None
+    ref = digests[reference]
+    counts = {b: min(sum(x == y for x, y in zip(d, ref[rep])) for rep, d in ds.items() if rep in ref)
+              for b, ds in digests.items() if b != reference and set(ds) & set(ref)}
+    return {"reference": reference, "requests": len(next(iter(ref.values()))), "equal": counts} if counts else None
 
 
 def deft_ratio(entry: dict, other: str) -> float | None:

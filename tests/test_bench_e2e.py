@@ -152,12 +152,14 @@ def test_same_outputs_counts_requests_equal_to_the_reference_in_each_backends_wo
     assert digests[0] != digests[1] and digests[0] == digests[2]
     with pytest.raises(RuntimeError, match=re.escape("expected 3 output ids per request, got [0, 3, 3, 3]")):
         b.output_digests(timing, batch=4, new_tokens=3)  # request 3 sent no ids back
-    ref, other = ["a", "b", "c"], ["a", "x", "c"]
-    runs = {"deft": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests=other)],
-            "flashinfer": [run(1, 1.0, output_digests=ref)],
+    ref, other, rep2 = ["a", "b", "c"], ["a", "x", "c"], ["d", "e", "f"]  # each repetition has its own prompts
+    runs = {"deft": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests=["d", "e", "x"])],
+            "flashinfer": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests=rep2)],
             "triton": [{"rep": 1, "ok": False, "error": "boom"}]}
     same = b.same_outputs(runs, ("deft", "flashinfer", "triton"), "flashinfer")
-    assert same == {"reference": "flashinfer", "requests": 3, "equal": {"deft": 2}}
+    assert same == {"reference": "flashinfer", "requests": 3, "equal": {"deft": 2}}  # repetition 2's 2 of 3
+    runs["deft"][1]["output_digests"] = rep2
+    assert b.same_outputs(runs, ("deft", "flashinfer", "triton"), "flashinfer")["equal"] == {"deft": 3}
     # without the baseline's digests, the first other backend's are the reference
     runs["triton"] = [run(1, 1.0, output_digests=other)]
     del runs["flashinfer"]
