@@ -244,6 +244,7 @@ for c in r.get("cases", []):
         print(f"  {c['key']} {b}: tok/s={s.get('tok_s')} ({s.get('tok_s_source')}) client={s.get('client_tok_s')}"
               f" tpot_ms={s.get('tpot_ms')} sharing={s.get('sharing_ratio')} runs={len(s.get('runs', []))}"
               + (f" errors={errors[-1][-200:]!r}" if errors else ""))
+    print(f"  {c['key']} same tokens as the reference: {c.get('same_outputs')}")
     if c.get("skipped"):
         print(f"  {c['key']} skipped: {c['skipped']}")
 EOF
