@@ -80,6 +80,19 @@ def test_logit_cap(dtype):
     assert (ref - ref_nocap).abs().max() > 10 * ATOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,large_rows", [(64, 1, 64), (16, 1, 16)], ids=["mqa64_rows64", "gqa16_rows16"])
+def test_a_gqa_group_as_large_as_the_large_tile(hq, hkv, large_rows, dtype):
+    """A group that fills the large tile exactly (one query per tile, and none fits the small tile)
+    is served, not refused: only a group larger than the tile is. (Head dim 128 on a GPU: the Hopper
+    kernel's, in bf16/fp16.)"""
+    d = 128 if CUDA else 32
+    out, ref, _ = run_case(TREES["odd_lengths"], hq, hkv, d, dtype, large_rows=large_rows)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    with pytest.raises(ValueError, match="do not fit a tile"):
+        plan_tree_decode(TREES["odd_lengths"], 2 * large_rows, 1, 32, device=DEVICE, large_rows=large_rows)
+
+
 @pytest.mark.parametrize("large_rows", [16, 32])
 def test_groups_split_into_query_tiles(large_rows):
     # 24 queries x GQA 4 = 96 rows: several large tiles over one shared node.
@@ -293,3 +306,30 @@ def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability
     reason = stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows)
     assert reason is None if why is None else why in reason
     assert stage1_hopper.unsupported_reason(torch.device("cpu"), dtype, d, rows) == "not a CUDA device"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("few_merges", [False, True], ids=["8_per_load", "32_per_load"])
+def test_scores_far_apart_along_a_path(few_merges, dtype):
+    """Online softmax must rescale by the running maximum: a query whose first KV block (and first
+    partials) score ~+58 and every later one ~-58 (base e; 2^167 apart in base 2, past fp32's range)
+    still gets the softmax over its whole path. Stage 1 folds two 32-token blocks of the root, stage 2
+    more than one load of partials on the chain below it. (Head dim 128 on a GPU: the Hopper kernel's,
+    in bf16/fp16.)"""
+    d, depth = (128 if CUDA else 32), 40
+    tree = make_tree([-1] + list(range(depth - 1)), [64] + [3] * (depth - 1), [depth - 1])
+    slots = int(tree.kv_indices.max()) + 1
+    g = torch.Generator().manual_seed(0)
+    c = (58.0 / d ** 0.5) ** 0.5  # q . k * d^-0.5 = +-58
+    q = torch.full((1, 8, d), c)
+    k = torch.full((slots, 2, d), -c)
+    k[tree.kv_indices[:32].long()] = c  # the root's first block
+    v = torch.randn(slots, 2, d, generator=g)
+    q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
+    plan = plan_tree_decode(tree, 8, 2, d, device=DEVICE, kv_dtype=dtype)
+    plan = dataclasses.replace(plan, few_merges_max_queries=plan.grid_queries if few_merges else 0)
+    assert int(plan.merge_indptr[1]) > STAGE2_SHAPE_FEW_MERGES[0]  # several loads in either shape
+    out = tree_decode(q, k, v, plan, d ** -0.5)
+    ref = attention_reference(q, k, v, tree, d ** -0.5)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)

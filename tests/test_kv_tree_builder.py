@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -308,6 +309,24 @@ def test_shape_is_rebuilt_when_a_retracted_batch_returns_in_new_rows():
     assert decode_step(sim, batch).reused_shape
 
 
+def test_other_requests_in_the_same_rows_on_the_same_nodes_are_another_batch():
+    """The batch is compared by request identity, not only by rows and nodes: another request that
+    took a finished one's row and radix node has its own private tail in that row, so the step planner
+    must not take it for the last batch grown by a token (it would continue the old request's plan)."""
+    sim = RadixSim()
+    p = sim.tokens(20)
+    sim.run_to_cache(p)
+    batch = sim.prefill([sim.new_req(p + sim.fresh(2)) for _ in range(2)])
+    seq_lens = sim.prepare_decode(batch)
+    builder = DecodeKVTreeBuilder(sim.req_to_token)
+    builder.build(batch, seq_lens)
+    assert builder.same_batch_as_last(batch, seq_lens.numpy())
+    others = [SimpleNamespace(last_node=r.last_node, req_pool_idx=r.req_pool_idx, rid=f"other-{r.rid}")
+              for r in batch]
+    assert not builder.same_batch_as_last(others, seq_lens.numpy())
+    assert not builder.build(others, seq_lens).reused_shape
+
+
 # ---------------------------------------------------------------------------------- request life cycle
 
 
@@ -425,6 +444,25 @@ def test_query_ending_on_a_shared_node():
     d = build_decode_kv_tree(reqs, sim.req_to_token, seq_lens)
     check_tree(sim, reqs, seq_lens, d)
     assert node_lengths(d) == [12, 1] and d.tree.query_node.tolist() == [0, 1]
+
+
+def test_a_kept_shape_is_not_reused_when_a_query_gains_or_loses_its_tail():
+    """The builder reuses the last step's radix part only while every request keeps a private tail
+    (or keeps none) and no sequence got shorter than its radix path: a query that gains a tail needs
+    a tail node (else its new token is never read), and a path longer than the sequence must raise
+    as in a fresh build (else the query reads KV past its sequence)."""
+    sim = RadixSim()
+    prompt = sim.tokens(12)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
+    sim.prepare_decode(reqs)
+    builder = DecodeKVTreeBuilder(sim.req_to_token)
+    builder.build(reqs, torch.tensor([12, 13]))  # query 0 ends on the shared node
+    lens = torch.tensor([13, 13])  # now it has a private token
+    kept = builder.build(reqs, lens)
+    assert_same_tree(kept, check_tree(sim, reqs, lens, build_decode_kv_tree(reqs, sim.req_to_token, lens)))
+    builder.build(reqs, torch.tensor([12, 13]))
+    with pytest.raises(KVTreeBuildError, match="radix path holds 12 tokens but its sequence has 11"):
+        builder.build(reqs, torch.tensor([11, 13]))
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -1,6 +1,7 @@
 """Planner invariants on random forests: exact coverage, merge lists, balanced chunks."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import Counter
@@ -208,6 +209,20 @@ def test_planner_covers_every_pair_exactly_once():
         assert set(cover) == expected and set(cover.values()) <= {1}
 
 
+def test_items_ending_at_finds_one_item_per_position_or_none():
+    """The step planner grows a tail in place through the one item whose KV range ends at the tail's
+    end; a position where several items end (a node split into query tiles) or none has no such item."""
+    tree = make_tree([-1] + [0] * 24, [150] + [3] * 24, list(range(1, 25)))  # 24 x GQA 4: root in 6 tiles
+    planner = TreeDecodePlanner(8, 2, 32, large_rows=16)
+    plan = planner.plan(tree, "cpu")
+    items = plan.items[:int(plan.counts[0] + plan.counts[1])].numpy()
+    tails = np.array([153, 156, 150 + 3 * 24])  # ends of three private tails
+    found = planner.items_ending_at(tails)
+    assert found is not None and (items[found, 0] + items[found, 1] == tails).all()
+    assert planner.items_ending_at(np.array([150])) is None  # the root's last chunk: one item per tile
+    assert planner.items_ending_at(np.array([151])) is None  # inside a tail
+
+
 def test_planner_into_fixed_buffers():
     """Capacity and reuse= (CUDA-graph replay) as with plan_tree_decode."""
     cap = PlanCapacity(max_queries=64, max_kv_tokens=20000, max_items=300, max_partials=600, max_merge=600)
@@ -256,6 +271,8 @@ CAP = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=6
     ("zero_kv_heads", "must be >= 1"),
     ("kv_indices_2d", "must be 1-D"),
     ("negative_capacity", "must be >= 0"),
+    # More KV slots than the capacity's: copied past the plan's kv_indices buffer.
+    ("kv_past_capacity", "needs 6 KV tokens, more than the plan capacity 5"),
     # A plan without capacity holds the caller's kv_indices: reusing it overwrote them.
     ("reuse_plain_plan", "made with capacity"),
     # Sizes other than the reused buffers': writes past them.
@@ -274,6 +291,8 @@ def test_malformed_calls_are_refused(case, match):
             t = _tiny_tree()
             plan_tree_decode(KVTree(t.kv_indices.view(2, 3), t.node_indptr, t.node_parent, t.query_node), 8, 2, 32,
                              "cpu")
+        elif case == "kv_past_capacity":
+            plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=dataclasses.replace(CAP, max_kv_tokens=5))
         elif case == "negative_capacity":
             PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=-1, max_partials=64, max_merge=64)
         elif case == "reuse_plain_plan":
