@@ -362,13 +362,14 @@ def stream_generate(url: str, prompts: list[list[int]], new_tokens: int, timeout
     return timing
 
 
-def output_digests(timing: StreamTiming, batch: int, new_tokens: int) -> list[str]:
-    """A short digest of each request's generated ids, in request order: what the report compares between
-    backends (greedy: the same requests should decode to the same tokens, up to near ties)."""
+def output_digests(timing: StreamTiming, batch: int, new_tokens: int) -> str:
+    """A short digest of each request's generated ids, in request order, space-separated (one JSON line
+    per run): what the report compares between backends (greedy: the same requests should decode to the
+    same tokens, up to near ties)."""
     got = [timing.output_ids.get(i, []) for i in range(batch)]
     if any(len(ids) != new_tokens for ids in got):
         raise RuntimeError(f"expected {new_tokens} output ids per request, got {sorted(len(ids) for ids in got)}")
-    return [hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:12] for ids in got]
+    return " ".join(hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:12] for ids in got)
 
 
 def decode_figures(timing: StreamTiming, batch: int, new_tokens: int) -> dict:
@@ -500,8 +501,8 @@ def same_outputs(runs: dict[str, list[dict]], backends: tuple[str, ...], baselin
     backend than deft, as in the table), repetition by repetition (each repetition has prompts of its
     own): per backend, how many requests decoded to the same ids in its worst repetition, of how many;
     None when no two backends have digests of the same repetition (lang cases, failed runs)."""
-    digests = {b: {r["rep"]: r["output_digests"] for r in runs.get(b, []) if r.get("ok") and r.get("output_digests")}
-               for b in backends}
+    digests = {b: {r["rep"]: r["output_digests"].split() for r in runs.get(b, [])
+                   if r.get("ok") and r.get("output_digests")} for b in backends}
     reference = baseline if digests.get(baseline) else next((b for b in backends if b != "deft" and digests.get(b)), None)
     if reference is None:
         return None

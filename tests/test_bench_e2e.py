@@ -148,12 +148,13 @@ def test_summarize_case_takes_the_best_run_and_the_ratio():
 
 def test_same_outputs_counts_requests_equal_to_the_reference_in_each_backends_worst_run():
     timing = b.StreamTiming(sent=0.0, output_ids={0: [5, 6, 7], 1: [5, 6, 8], 2: [5, 6, 7]})
-    digests = b.output_digests(timing, batch=3, new_tokens=3)
+    digests = b.output_digests(timing, batch=3, new_tokens=3).split()
+    assert len(digests) == 3
     assert digests[0] != digests[1] and digests[0] == digests[2]
     with pytest.raises(RuntimeError, match=re.escape("expected 3 output ids per request, got [0, 3, 3, 3]")):
         b.output_digests(timing, batch=4, new_tokens=3)  # request 3 sent no ids back
-    ref, other, rep2 = ["a", "b", "c"], ["a", "x", "c"], ["d", "e", "f"]  # each repetition has its own prompts
-    runs = {"deft": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests=["d", "e", "x"])],
+    ref, other, rep2 = "a b c", "a x c", "d e f"  # each repetition has its own prompts
+    runs = {"deft": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests="d e x")],
             "flashinfer": [run(1, 1.0, output_digests=ref), run(2, 1.0, output_digests=rep2)],
             "triton": [{"rep": 1, "ok": False, "error": "boom"}]}
     same = b.same_outputs(runs, ("deft", "flashinfer", "triton"), "flashinfer")
