@@ -128,7 +128,7 @@ def test_queries_without_kv_get_zeros_whatever_out_held():
 
 
 # on the H200, 96, 128 and 256 run the Hopper stage-1 kernel (96 padded to 128), 32 the Triton one
-@pytest.mark.parametrize("d", [32, 128] + ([96, 256] if CUDA else []))
+@pytest.mark.parametrize("d", [32, 80, 128] + ([96, 256] if CUDA else []))  # 80 and 96: padded to 128, masked
 @pytest.mark.parametrize("name", ["random_forest", "odd_lengths", "empty_paths", "inner_queries"]
                          + (["fanout_256"] if CUDA else []))  # see BIG_TREE
 def test_kernels_write_nothing_but_the_output_and_the_partials(name, d):
