@@ -90,7 +90,7 @@ def server_args_problems(server_args) -> list[str]:
             f"--kv-cache-dtype {a.kv_cache_dtype}: quantized KV caches need per-layer K/V scales, which "
             "the deft path does not apply"
         )
-    if decode and getattr(a, "enable_deterministic_inference", False):
+    if decode and a.enable_deterministic_inference:
         # SGLang checks only --attention-backend here (triton passes), not the decode backend.
         problems.append(
             "--enable-deterministic-inference: deft splits each decode step's attention by that batch's KV tree "

@@ -32,9 +32,10 @@ join, leave or move to another radix node; between those steps only the private 
 :class:`DecodeKVTreeBuilder` keeps the last step's radix part (:class:`_BatchShape`) and reuses it
 when the batch is the same requests on the same ``last_node`` objects (compared by identity) in the
 same ``req_to_token`` rows, each with a private tail as before: the step then costs a few numpy
-operations on arrays of B and N entries, not a Python walk per request. Reuse is exact: with the same requests on the same nodes
-the only radix change possible is a split of a node on a path by a request outside the batch
-(``_split_node``), which changes no batch request's shared prefix; locked nodes are never evicted.
+operations on arrays of B and N entries, not a Python walk per request. Reuse is exact: with the
+same requests on the same nodes the only radix change possible is a split of a node on a path by a
+request outside the batch (``_split_node``), which changes no batch request's shared prefix; locked
+nodes are never evicted.
 The rows are compared too: a batch retracted as a whole (``/pause_generation`` with ``mode=retract``)
 comes back, after its re-prefill, as the same requests on the same nodes in new rows, and with the
 overlap scheduler its first decode step is built before ``cache_unfinished_req`` moves the nodes.
@@ -95,9 +96,7 @@ class _BatchShape:
 
     reqs: list  # the requests, in batch order (identity)
     last_nodes: list  # each request's req.last_node (identity)
-    pool_rows: list  # each request's req.req_pool_idx: a retracted request comes back in another row
-    retractions: list  # each request's req.retraction_count: a retracted request may also come back in
-    #                    the same row (a request pool no larger than the batch), with new KV slots in it
+    placement: list  # each request's (req_pool_idx, retraction_count): where its KV slots are (_placement)
     end: np.ndarray  # [B] int64: radix path length of each request
     has_tail: np.ndarray  # [B] bool: seq_len > end (a private tail node)
     parent: np.ndarray  # [N] int32: node parents (-1: root), parents first
@@ -111,8 +110,7 @@ class _BatchShape:
     def matches(self, reqs: list, last_nodes: list, seq: np.ndarray) -> bool:
         """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc)."""
         return (reqs == self.reqs and last_nodes == self.last_nodes
-                and [r.req_pool_idx for r in reqs] == self.pool_rows
-                and _retractions(reqs) == self.retractions
+                and _placement(reqs) == self.placement
                 and bool(np.array_equal(seq > self.end, self.has_tail)) and bool((seq >= self.end).all()))
 
 
@@ -271,22 +269,23 @@ def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
     fixed_len = np.array(o_len, np.int64)
     fixed_len[tail_node_arr] -= seq[tail_req_arr] - end_arr[tail_req_arr]
     try:
-        pool_rows = [r.req_pool_idx for r in reqs]
+        placement = _placement(reqs)
     except AttributeError as e:
-        raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row): {e}") from e
-    rows = [pool_rows[r] for r in o_req]
+        raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row) or retraction_count: {e}") from e
+    rows = [placement[r][0] for r in o_req]
     return _BatchShape(
-        reqs=reqs, last_nodes=last_nodes, pool_rows=pool_rows, retractions=_retractions(reqs), end=end_arr,
-        has_tail=has_tail,
+        reqs=reqs, last_nodes=last_nodes, placement=placement, end=end_arr, has_tail=has_tail,
         parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
         start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
         tail_node=tail_node_arr, tail_req=tail_req_arr)
 
 
-def _retractions(reqs) -> list[int]:
-    """How often each request was retracted or preempted (``Req.reset_for_retract`` counts them): its KV
-    slots were freed and its re-prefill wrote new ones into its row, wherever that row is."""
-    return [getattr(r, "retraction_count", 0) for r in reqs]
+def _placement(reqs) -> list[tuple[int, int]]:
+    """Each request's ``req_to_token`` row and how often it was retracted or preempted
+    (``Req.reset_for_retract`` counts them). Either changes when its KV slots do: a retracted request
+    comes back in another row, or in the same one (a request pool no larger than the batch) with new
+    slots written by its re-prefill."""
+    return [(r.req_pool_idx, r.retraction_count) for r in reqs]
 
 
 def _radix_paths(reqs, seq_lens):

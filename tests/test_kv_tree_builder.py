@@ -321,8 +321,8 @@ def test_other_requests_in_the_same_rows_on_the_same_nodes_are_another_batch():
     builder = DecodeKVTreeBuilder(sim.req_to_token)
     builder.build(batch, seq_lens)
     assert builder.same_batch_as_last(batch, seq_lens.numpy())
-    others = [SimpleNamespace(last_node=r.last_node, req_pool_idx=r.req_pool_idx, rid=f"other-{r.rid}")
-              for r in batch]
+    others = [SimpleNamespace(last_node=r.last_node, req_pool_idx=r.req_pool_idx,
+                              retraction_count=r.retraction_count, rid=f"other-{r.rid}") for r in batch]
     assert not builder.same_batch_as_last(others, seq_lens.numpy())
     assert not builder.build(others, seq_lens).reused_shape
 
