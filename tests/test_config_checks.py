@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from sglang_deft.config_checks import (
 )
 from sglang_deft.launch_server import parse_server_args
 from sglang_deft.server_setup import split_deft_backend
+from tiny_models import with_config
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
 BASE_ARGV = ["--model-path", str(MODEL), "--device", "cpu", "--grammar-backend", "none"]
@@ -149,10 +149,7 @@ def test_disabled_radix_cache_is_allowed_with_a_warning(deft_args, caplog):
 
 
 def model_dir(tmp_path: Path, **overrides) -> str:
-    config = json.loads((MODEL / "config.json").read_text())
-    config.update(overrides)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return str(tmp_path)
+    return str(with_config(tmp_path, MODEL, **overrides))
 
 
 def test_repo_model_passes(deft_args):

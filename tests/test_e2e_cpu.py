@@ -21,7 +21,6 @@ which runs the Hopper kernel (``tiny_models.py``).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -33,7 +32,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import gpu_package_env, serving
-from tiny_models import server_test_model
+from tiny_models import server_test_model, with_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = server_test_model()
@@ -96,13 +95,8 @@ def servers(tmp_path_factory):
 def mistral_server(tmp_path_factory):
     """A deft server on the test model's weights under a Mistral config with a 64-token sliding window
     (started when the one test that uses it runs)."""
-    model = tmp_path_factory.mktemp("mistral_model")
-    for f in MODEL.iterdir():
-        if f.name != "config.json":
-            (model / f.name).symlink_to(f.resolve())
-    config = json.loads((MODEL / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=MISTRAL_WINDOW)
-    (model / "config.json").write_text(json.dumps(config))
+    model = with_config(tmp_path_factory.mktemp("mistral_model"), MODEL, architectures=["MistralForCausalLM"],
+                        model_type="mistral", sliding_window=MISTRAL_WINDOW)
     args = [str(model) if a == str(MODEL) else a for a in SERVER_ARGS] + ["--decode-attention-backend", "deft"]
     running = {"deft_mistral": ServerProcess("deft_mistral", args, model / "server.log", **server_launch())}
     with serving(running, STARTUP_TIMEOUT_S):

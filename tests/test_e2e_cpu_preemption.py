@@ -12,15 +12,13 @@ before). The reference server (torch_native decode, same flags) is given the req
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 
-from sglang_deft.server_process import ServerProcess
-from server_group import serving
-from test_e2e_cpu import ON_GPU, CONTEXT, REPO, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_output, greedy
+from test_e2e_cpu import ON_GPU, CONTEXT, SERVER_ARGS, assert_same_output, greedy
+from test_e2e_cpu_triton import interpreted_deft_and_reference
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="CPU only: the Triton interpreter's run of the GPU path")
 
@@ -32,16 +30,8 @@ URGENT = " ".join(f"Quantum ledger {i} balances in the dark; count it twice." fo
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("preemption")
-    triton = dict(os.environ, SGLANG_DEFT_DECODE_IMPL="triton", TRITON_INTERPRET="1", SGLANG_DEFT_TRACE_PLANS="1")
-    running = {
-        "deft": ServerProcess("deft", ARGS + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
-                              cwd=REPO, env=triton),
-        "reference": ServerProcess("reference", ARGS + ["--decode-attention-backend", "torch_native"],
-                                   log_dir / "reference.log", cwd=REPO),
-    }
-    with serving(running, STARTUP_TIMEOUT_S):
-        yield running
+    yield from interpreted_deft_and_reference(ARGS, tmp_path_factory.mktemp("preemption"),
+                                              SGLANG_DEFT_TRACE_PLANS="1")
 
 
 def test_a_batch_preempted_into_its_own_row_decodes_on_correctly(servers):

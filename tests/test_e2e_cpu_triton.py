@@ -30,18 +30,23 @@ pytestmark = pytest.mark.skipif(
 LONG = 40  # tokens
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("servers")
-    triton = dict(os.environ, SGLANG_DEFT_DECODE_IMPL="triton", TRITON_INTERPRET="1")
+def interpreted_deft_and_reference(args: list[str], log_dir, **deft_env: str):
+    """A deft server on the interpreted Triton path and a torch_native-decode reference, both with
+    ``args``, started; yields them by name ("deft", "reference") and stops them."""
+    triton = dict(os.environ, SGLANG_DEFT_DECODE_IMPL="triton", TRITON_INTERPRET="1", **deft_env)
     running = {
-        "deft": ServerProcess("deft", SERVER_ARGS + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
+        "deft": ServerProcess("deft", args + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
                               cwd=REPO, env=triton),
-        "reference": ServerProcess("reference", SERVER_ARGS + ["--decode-attention-backend", "torch_native"],
+        "reference": ServerProcess("reference", args + ["--decode-attention-backend", "torch_native"],
                                    log_dir / "reference.log", cwd=REPO),
     }
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    yield from interpreted_deft_and_reference(SERVER_ARGS, tmp_path_factory.mktemp("servers"))
 
 
 def test_triton_path_in_a_live_scheduler_matches_the_reference(servers):

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tiny_models import with_config
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
 
@@ -34,11 +36,8 @@ def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
 
 
 def test_unsupported_model_stops_the_launcher(tmp_path):
-    config = json.loads((MODEL / "config.json").read_text())
-    config.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=64)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((MODEL / name).read_bytes())
+    with_config(tmp_path, MODEL, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                sliding_window=64)
     result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", "cpu",
                   "--decode-attention-backend", "deft", "--grammar-backend", "none"])
     assert result.returncode != 0

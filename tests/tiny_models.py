@@ -9,6 +9,7 @@ that real models get.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -43,3 +44,15 @@ def tiny_model(heads: str | None) -> Path:
 
 def server_test_model() -> Path:
     return tiny_model(os.environ.get("SGLANG_DEFT_E2E_HEADS"))
+
+
+def with_config(directory: Path, model: Path = BUNDLED, **overrides) -> Path:
+    """``model`` under its config with ``overrides``, in ``directory``: its other files (weights,
+    tokenizer) symlinked, the config written anew."""
+    for f in model.iterdir():
+        if f.name != "config.json":
+            (directory / f.name).symlink_to(f.resolve())
+    config = json.loads((model / "config.json").read_text())
+    config.update(overrides)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
