@@ -21,7 +21,8 @@
 #                                                                 # CUDA-graph replays vs eager steps (no servers)
 #   bash scripts/gpu_session.sh features                          # the CPU end-to-end tests on the GPU: forks, overlap
 #                                                                 # off, chunked prefill, abort, streaming, KV-slot
-#                                                                 # accounting, radix off, retraction (tiny model, fp16, CUDA graphs;
+#                                                                 # accounting, radix off, retraction, priority
+#                                                                 # preemption (tiny model, fp16, CUDA graphs;
 #                                                                 # SGLANG_DEFT_E2E_HEADS=32,8,128 for its variant with those heads,
 #                                                                 # which runs the Hopper kernel)
 #
@@ -284,13 +285,14 @@ phase_step_host() {
 }
 
 phase_features() {
-  # tests/test_e2e_cpu.py and test_e2e_cpu_robustness.py with their servers on the GPU
-  # (SGLANG_DEFT_E2E_DEVICE=cuda: float16 tiny model, triton prefill, CUDA graphs; 3 then 2 servers,
+  # tests/test_e2e_cpu.py, test_e2e_cpu_robustness.py and test_e2e_cpu_preemption.py with their servers on
+  # the GPU (SGLANG_DEFT_E2E_DEVICE=cuda: float16 tiny model, triton prefill, CUDA graphs; 3, 2, then 2 servers,
   # ~1-2 min to start each group on a fresh machine, the tests themselves well under a minute).
   local rc t=$SECONDS tmp=/tmp/deft_features
   rm -rf "$tmp"
   (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -k 10 $(( $(left) - 20 )) python3 -m pytest \
-      "$REPO/tests/test_e2e_cpu.py" "$REPO/tests/test_e2e_cpu_robustness.py" -v -rs -p no:cacheprovider \
+      "$REPO/tests/test_e2e_cpu.py" "$REPO/tests/test_e2e_cpu_robustness.py" "$REPO/tests/test_e2e_cpu_preemption.py" \
+      -v -rs -p no:cacheprovider \
       --durations=10 --basetemp="$tmp" --junitxml="$OUT/pytest_features.xml")
   rc=$?
   say "pytest features rc=$rc in $((SECONDS - t))s"

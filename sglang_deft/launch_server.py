@@ -39,6 +39,10 @@ def parse_server_args(argv: list[str], device: str):
     register()
     parser = argparse.ArgumentParser(prog="python -m sglang_deft.launch_server")
     ServerArgs.add_cli_args(parser)
+    # SGLang's merger finds only a separate "--config FILE"; "--config=FILE" would parse, and its file
+    # be ignored without a word (sglang.launch_server does that).
+    argv = [part for arg in argv for part in
+            (["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg])]
     if "--config" in argv:  # as sglang.srt.server_args.prepare_server_args does
         from sglang.srt.server_args_config_parser import ConfigArgumentMerger
 

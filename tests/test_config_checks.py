@@ -66,6 +66,17 @@ def test_decode_attention_backend_deft_is_a_cli_choice():
     assert server_args_problems(args) == []
 
 
+@pytest.mark.parametrize("form", ["--config FILE", "--config=FILE"])
+def test_config_file_is_read_in_either_form(tmp_path, form):
+    config = tmp_path / "server.yaml"
+    config.write_text("attention-backend: deft\npage-size: 16\nmax-running-requests: 3\n")
+    flag = form.replace("FILE", str(config)).split(" ")
+    args = parse_server_args(BASE_ARGV + flag + ["--max-running-requests", "5"], device="cpu")
+    assert args.get_attention_backends() == ("torch_native", "deft")  # split as if given on the command line
+    assert args.max_running_requests == 5  # the command line overrides the file
+    assert any("--page-size 16" in p for p in server_args_problems(args))
+
+
 def test_supported_configuration_passes(deft_args):
     assert server_args_problems(deft_args) == []
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=False)) == []  # CUDA graphs

@@ -1,6 +1,5 @@
-"""End to end on CPU with the Triton kernels (interpreted): a decode batch preempted as a whole by a
-higher-priority request (``--enable-priority-scheduling``) and re-prefilled into the same
-``req_to_token`` row.
+"""End to end: a decode batch preempted as a whole by a higher-priority request
+(``--enable-priority-scheduling``) and re-prefilled into the same ``req_to_token`` row.
 
 With the overlap scheduler (SGLang's default) the preempted request's in-flight decode step is
 dropped, so after its re-prefill it decodes exactly one token on, as the same ``Req``; with
@@ -8,19 +7,25 @@ dropped, so after its re-prefill it decodes exactly one token on, as the same ``
 ``None`` both times. Every check of a steady step held, but the re-prefill had written new KV slots
 into the row, and the old ones (freed; here, in a 1024-token pool, reused by the high-priority
 prompt) were read: other tokens from the first step after the preemption on (logprobs 0.1 off
-before). The reference server (torch_native decode, same flags) is given the request alone.
+before). The reference server (SGLang's own decode, same flags) is given the request alone.
+
+On CPU the deft server runs the GPU path's Triton kernels interpreted; with
+``SGLANG_DEFT_E2E_DEVICE=cuda`` (``scripts/gpu_session.sh features``) both servers run on the GPU as
+``test_e2e_cpu.py``'s do (float16, CUDA graphs, SGLang's triton decode as the reference).
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 
-from test_e2e_cpu import ON_GPU, CONTEXT, SERVER_ARGS, assert_same_output, greedy
+from sglang_deft.server_process import ServerProcess
+from server_group import serving
+from test_e2e_cpu import (CONTEXT, ON_GPU, REFERENCE_DECODE, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation,
+                          greedy, ids_and_logprobs, server_launch)
 from test_e2e_cpu_triton import interpreted_deft_and_reference
-
-pytestmark = pytest.mark.skipif(ON_GPU, reason="CPU only: the Triton interpreter's run of the GPU path")
 
 ARGS = SERVER_ARGS + ["--enable-priority-scheduling", "--max-running-requests", "1", "--max-total-tokens", "1024",
                       "--disable-radix-cache"]
@@ -28,15 +33,32 @@ ARGS = SERVER_ARGS + ["--enable-priority-scheduling", "--max-running-requests", 
 URGENT = " ".join(f"Quantum ledger {i} balances in the dark; count it twice." for i in range(13))
 
 
+# On a GPU 40 tokens are decoded before the test has read the log once.
+NEW_TOKENS = 300 if ON_GPU else 40
+POLL_S = 0.02 if ON_GPU else 0.5
+TRACE = {"SGLANG_DEFT_TRACE_PLANS": "1"}  # a log line per planned step: steady or planned in full
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    yield from interpreted_deft_and_reference(ARGS, tmp_path_factory.mktemp("preemption"),
-                                              SGLANG_DEFT_TRACE_PLANS="1")
+    log_dir = tmp_path_factory.mktemp("preemption")
+    if not ON_GPU:
+        yield from interpreted_deft_and_reference(ARGS, log_dir, **TRACE)
+        return
+    running = {
+        "deft": ServerProcess("deft", ARGS + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
+                              **server_launch(**TRACE)),
+        "reference": ServerProcess("reference", ARGS + ["--decode-attention-backend", REFERENCE_DECODE],
+                                   log_dir / "reference.log", **server_launch()),
+    }
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running
 
 
 def test_a_batch_preempted_into_its_own_row_decodes_on_correctly(servers):
     deft = servers["deft"]
-    low = {"text": CONTEXT + " Summary:", "sampling_params": greedy(40), "return_logprob": True, "priority": 0}
+    low = {"text": CONTEXT + " Summary:", "sampling_params": greedy(NEW_TOKENS), "return_logprob": True,
+           "priority": 0}
     urgent = {"text": URGENT, "sampling_params": greedy(0), "priority": 100}  # prefill only, as a fork's prefix
     offset = len(deft.log())
     out = {}
@@ -45,9 +67,21 @@ def test_a_batch_preempted_into_its_own_row_decodes_on_correctly(servers):
     deadline = time.monotonic() + 300
     while deft.log()[offset:].count("steady=1") < 4:  # mid-decode, on steady steps
         assert time.monotonic() < deadline and worker.is_alive(), deft.log()[-3000:]
-        time.sleep(0.5)
+        time.sleep(POLL_S)
+    sent_at = len(deft.log())
     deft.generate(urgent)
     worker.join()
-    log = deft.log()[offset:]
-    assert "#queue-req: 1" in log  # the urgent prefill ran with the low-priority request preempted
-    assert_same_output(out["low"], servers["reference"].generate(low)[0])
+    log = deft.log()
+    assert "#queue-req: 1" in log[offset:]  # the urgent prefill ran with the low-priority request preempted
+    # The step after the re-prefill is planned in full (steady=0), not as the next step of the old plan.
+    replanned = re.search(r"steady=0 seq_lens=\[(\d+)\]", log[sent_at:])
+    assert replanned, log[sent_at:][-3000:]
+    ids, lps = ids_and_logprobs(out["low"]["meta_info"])
+    ref_ids, ref_lps = ids_and_logprobs(servers["reference"].generate(low)[0]["meta_info"])
+    assert_same_generation(ids, lps, ref_ids, ref_lps)
+    # In float16 the two may part at a near tie (assert_same_generation); the tokens compared must
+    # still reach past the preemption. Output token i (i >= 1) is decoded at seq_len prompt + i.
+    resumed_at = int(replanned.group(1)) - out["low"]["meta_info"]["prompt_tokens"]
+    compared = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), len(ids))
+    print(f"preempted before token {resumed_at}; tokens 0-{compared - 1} of {len(ids)} equal the reference's")
+    assert 0 < resumed_at < compared - 4, (resumed_at, compared)
