@@ -222,6 +222,14 @@ def model_runner_problems(model_runner) -> list[str]:
     from sglang.srt.layers.radix_attention import RadixAttention
 
     problems = server_args_problems(model_runner.server_args)
+    kv_quant = getattr(getattr(model_runner.model, "quant_config", None), "kv_cache_quant_algo", None)
+    if model_runner.server_args.kv_cache_dtype not in _PLAIN_KV_DTYPES and isinstance(kv_quant, str):
+        # SGLang's ModelRunner.configure_kv_cache_dtype turns --kv-cache-dtype auto into fp8 for such a
+        # checkpoint and rewrites the flag, so the line above may name a value the user never gave.
+        problems.append(
+            f"the checkpoint's quantization config sets kv_cache_quant_algo={kv_quant!r}, for which SGLang stores "
+            f"the KV cache as {model_runner.server_args.kv_cache_dtype} even with --kv-cache-dtype auto"
+        )
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
     if model_runner.use_mla_backend:
         problems.append("the model runner uses an MLA backend; deft needs per-head K/V")
@@ -243,7 +251,8 @@ def _layer_problems(layer) -> list[str]:
 
     problems = []
     if layer.is_cross_attention or layer.attn_type != AttentionType.DECODER:
-        problems.append(f"{layer.attn_type.value} attention is not supported (causal decoder self-attention only)")
+        kind = "cross-attention" if layer.is_cross_attention else f"{layer.attn_type.value} attention"
+        problems.append(f"{kind} is not supported (causal decoder self-attention only)")
     if layer.sliding_window_size != -1:
         problems.append(f"sliding window {layer.sliding_window_size} is not supported")
     if layer.qk_head_dim != layer.v_head_dim:

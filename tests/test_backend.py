@@ -6,13 +6,14 @@ the ForwardBatch are stand-ins carrying the fields the backend reads.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.server_args import ServerArgs
@@ -22,7 +23,7 @@ import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
-from sglang_deft.config_checks import UnsupportedConfiguration
+from sglang_deft.config_checks import UnsupportedConfiguration, model_runner_problems
 from sglang_deft.kernels import KVTree, attention_reference
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
@@ -50,14 +51,17 @@ def kv_pool_for(layers, size: int) -> MHATokenToKVPool:
                             enable_memory_saver=False)
 
 
+def model_runner(server_args, model_config, layers, sim=None, kv_pool=None, **overrides):
+    """The ModelRunner fields the backend and its checks read."""
+    fields = dict(server_args=server_args, model_config=model_config, model=torch.nn.ModuleList(layers),
+                  device="cpu", kv_cache_dtype=kv_pool.dtype if kv_pool else None,
+                  req_to_token_pool=sim.req_to_token_pool if sim else None, token_to_kv_pool=kv_pool,
+                  use_mla_backend=False, sliding_window_size=None, mambaish_config=None)
+    return SimpleNamespace(**{**fields, **overrides})
+
+
 def make_backend(sim, server_args, model_config, layers, kv_pool):
-    model = torch.nn.ModuleList(layers)
-    runner = SimpleNamespace(
-        server_args=server_args, model_config=model_config, model=model, device="cpu",
-        kv_cache_dtype=kv_pool.dtype, req_to_token_pool=sim.req_to_token_pool, token_to_kv_pool=kv_pool,
-        use_mla_backend=False, sliding_window_size=None, mambaish_config=None,
-    )
-    return DeftAttnBackend(runner)
+    return DeftAttnBackend(model_runner(server_args, model_config, layers, sim, kv_pool))
 
 
 def random_kv_setup(server_args, model_config, layers, kv_slots: int):
@@ -121,6 +125,22 @@ def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer):
     tree = KVTree(torch.cat(rows).to(torch.int32), indptr, torch.full((len(rows),), -1, dtype=torch.int32),
                   torch.arange(len(rows), dtype=torch.int32))
     return attention_reference(q, k_buffer, v_buffer, tree, layer.scaling, layer.logit_cap)
+
+
+@pytest.mark.parametrize("impl, device, triton", [(None, "cpu", False), (None, "cuda", True), ("auto", "cpu", False),
+                                                 ("reference", "cuda", False), ("triton", "cpu", True)])
+def test_decode_implementation_switch(monkeypatch, impl, device, triton):
+    if impl is None:
+        monkeypatch.delenv("SGLANG_DEFT_DECODE_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", impl)
+    assert tree_attention.use_triton_kernels(torch.device(device)) is triton
+
+
+def test_unknown_decode_implementation_is_refused(monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "kernels")
+    with pytest.raises(ValueError, match="SGLANG_DEFT_DECODE_IMPL='kernels': expected auto, reference or triton"):
+        tree_attention.use_triton_kernels(torch.device("cpu"))
 
 
 @pytest.fixture(params=["reference", "triton"])
@@ -201,6 +221,45 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     assert rows[1]["max_abs_diff"] >= 0.2
 
 
+@pytest.mark.parametrize("raw, every", [(None, 0), ("0", 0), ("3", 3), ("often", None), ("-2", None), ("1.5", None)])
+def test_kernel_check_interval(monkeypatch, raw, every):
+    from sglang_deft.kernel_check import ENV, verify_every
+
+    if raw is None:
+        monkeypatch.delenv(ENV, raising=False)
+    else:
+        monkeypatch.setenv(ENV, raw)
+    if every is None:
+        with pytest.raises(ValueError, match=f"{ENV}={raw!r}: expected a number of decode steps >= 0"):
+            verify_every()
+    else:
+        assert verify_every() == every
+
+
+@pytest.mark.parametrize("logit_cap", [0.0, 5.0], ids=["plain", "logit_cap"])
+def test_kernel_check_compares_with_the_reference_of_the_same_layer(logit_cap, caplog):
+    """check_layer's reference attends with the layer's scale and logit cap: an exact ``out`` shows no
+    error, a zero ``out`` an error of the reference's magnitude."""
+    from sglang_deft.kernel_check import check_layer, parse_kernel_check_lines
+
+    torch.manual_seed(0)
+    B, hq, hkv, d = 3, 8, 2, 32
+    tree = KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
+                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    q, k, v = torch.randn(B, hq, d) * 3, torch.randn(30, hkv, d), torch.randn(30, hkv, d)
+    exact = attention_reference(q, k, v, tree, d ** -0.5, logit_cap)
+    with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
+        ok = check_layer(exact, q, k, v, tree, d ** -0.5, logit_cap, step=7, layer_id=0)
+        wrong = check_layer(torch.zeros_like(exact), q, k, v, tree, d ** -0.5, logit_cap, step=8, layer_id=0)
+    assert ok["max_abs_diff"] < 1e-5
+    assert ok["max_abs_out"] == pytest.approx(exact.abs().max().item())
+    assert wrong["max_abs_diff"] == wrong["max_abs_out"] == pytest.approx(exact.abs().max().item())
+    rows = parse_kernel_check_lines(caplog.text)
+    assert [(r["step"], r["layer"], r["queries"], r["dtype"]) for r in rows] == [(7, 0, B, "float32"),
+                                                                                 (8, 0, B, "float32")]
+    assert all(type(r[key]) is int for r in rows for key in ("step", "layer", "queries"))
+
+
 def test_kernel_check_interval_must_be_a_step_count(server_args, model_config, monkeypatch):
     monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "often")
     sim = RadixSim(kv_slots=256)
@@ -271,3 +330,58 @@ def test_unsupported_layer_is_refused_at_creation(server_args, model_config):
     kv_pool = kv_pool_for(layers, 256)
     with pytest.raises(UnsupportedConfiguration, match=r"attention layers \[1\]: sliding window 64"):
         make_backend(sim, server_args, model_config, layers, kv_pool)
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(sliding_window_size=64), "sliding window 64 is not supported"),
+        (dict(attn_type=AttentionType.ENCODER_ONLY), "encoder_only attention is not supported"),
+        (dict(attn_type=AttentionType.DECODER_BIDIRECTIONAL), "decoder_bidirectional attention is not supported"),
+        (dict(is_cross_attention=True), "cross-attention is not supported (causal decoder self-attention only)"),
+        (dict(v_head_dim=16), "Q/K head dim 32 != V head dim 16 is not supported"),
+        (dict(logit_cap=30.0, logit_capping_method="sigmoid"), "logit capping method 'sigmoid' is not supported"),
+        (dict(use_irope=True), "iRoPE chunked attention is not supported"),
+        (dict(xai_temperature_len=1024), "xai temperature scaling is not supported"),
+        (dict(logit_cap=30.0), None),  # tanh capping (Gemma-2, Grok) is supported
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_unsupported_layers_are_named_once_with_their_ids(server_args, model_config, changes, expected):
+    layers = attention_layers(model_config)
+    for layer in layers[1:]:
+        for name, value in changes.items():
+            setattr(layer, name, value)
+    problems = model_runner_problems(model_runner(server_args, model_config, layers))
+    if expected is None:
+        assert problems == []
+    else:  # one line for all the layers
+        ids = [layer.layer_id for layer in layers[1:]]
+        assert len(problems) == 1 and problems[0].startswith(f"attention layers {ids}: ") and expected in problems[0]
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(use_mla_backend=True), "the model runner uses an MLA backend"),
+        (dict(sliding_window_size=4096), "the model uses a sliding window of 4096 tokens"),
+        (dict(mambaish_config=object()), "hybrid linear-attention / Mamba models are not supported"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_unsupported_model_runner_is_refused_by_name(server_args, model_config, changes, expected):
+    runner = model_runner(server_args, model_config, attention_layers(model_config), **changes)
+    problems = model_runner_problems(runner)
+    assert len(problems) == 1 and problems[0].startswith(expected)
+
+
+def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_explained(server_args, model_config):
+    """With --kv-cache-dtype auto, SGLang's model runner stores an FP8-quantized checkpoint's KV cache in
+    fp8_e4m3 and rewrites the flag: the refusal says where the value came from."""
+    runner = model_runner(copy.copy(server_args), model_config, attention_layers(model_config))
+    runner.model.quant_config = SimpleNamespace(kv_cache_quant_algo="FP8")
+    assert model_runner_problems(runner) == []  # the checkpoint's choice alone: SGLang has not applied it
+    runner.server_args.kv_cache_dtype = "fp8_e4m3"
+    problems = model_runner_problems(runner)
+    assert len(problems) == 2 and problems[0].startswith("--kv-cache-dtype fp8_e4m3: quantized KV caches")
+    assert problems[1].startswith("the checkpoint's quantization config sets kv_cache_quant_algo='FP8'")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from sglang_deft.config_checks import (
     model_config_problems,
     server_args_problems,
 )
-from sglang_deft.launch_server import parse_server_args
-from sglang_deft.server_setup import split_deft_backend
+from sglang_deft import cpu_compat
+from sglang_deft.launch_server import _device_arg, parse_server_args
+from sglang_deft.server_setup import check_startup, prepare_process, split_deft_backend
 from tiny_models import with_config
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
@@ -51,12 +53,48 @@ def test_attention_backend_deft_becomes_deft_decode_plus_sglang_extend(deft_args
         (("flashinfer", "deft"), ("flashinfer", "deft")),  # an explicit prefill choice stays
         (("deft", "triton"), ("deft", "triton")),  # deft would only prefill: left for the checks to refuse
         (("triton", None), ("triton", None)),  # no deft at all
+        (("deft", "deft"), ("triton", "deft")),  # deft named twice: still decode only
     ],
 )
 def test_split_on_gpu(given, expected):
     args = {"attention_backend": given[0], "decode_attention_backend": given[1]}
     split_deft_backend(args, "cuda")
     assert (args["attention_backend"], args["decode_attention_backend"]) == expected
+
+
+def test_split_leaves_other_devices_to_the_checks(deft_args):
+    args = {"attention_backend": "deft", "decode_attention_backend": None}
+    split_deft_backend(args, "xpu")
+    assert args == {"attention_backend": "deft", "decode_attention_backend": None}
+    with pytest.raises(UnsupportedConfiguration, match="--device xpu: the deft backend supports cuda and cpu"):
+        check_server_args(with_(deft_args, device="xpu"))
+
+
+@pytest.mark.parametrize(
+    "device, has_cuda, expected, cpu_engine, compat",
+    [
+        (None, True, "cuda", False, False),
+        (None, False, "cpu", True, True),
+        ("cpu", True, "cpu", True, False),  # SGLang's CPU engine on a CUDA host
+        ("cuda", False, "cuda", False, True),  # SGLang must import; the checks and SGLang say the rest
+    ],
+)
+def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, compat):
+    installed = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: has_cuda)
+    monkeypatch.setattr(cpu_compat, "install", lambda: installed.append(True))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")  # so that teardown restores it, set or not, after the call
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    assert prepare_process(device) == expected
+    assert ("SGLANG_USE_CPU_ENGINE" in os.environ) == cpu_engine
+    assert bool(installed) == compat
+
+
+@pytest.mark.parametrize("argv, device", [(["--model-path", "m", "--device", "cpu", "--port", "1"], "cpu"),
+                                          (["--device=cuda", "--model-path", "m"], "cuda"),
+                                          (["--model-path", "m"], None)])
+def test_launcher_reads_the_device_before_sglang_loads(argv, device):
+    assert _device_arg(argv) == device
 
 
 def test_decode_attention_backend_deft_is_a_cli_choice():
@@ -83,6 +121,22 @@ def test_supported_configuration_passes(deft_args):
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(attention_backend="triton"),  # the launcher's split on GPU
+        dict(attention_backend="flashinfer"),
+        dict(attention_backend="triton", prefill_attention_backend="fa3"),
+        dict(dp_size=2),  # SGLang's DP controller spawns the schedulers through sglang_deft.subprocess_entry
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_gpu_prefill_backends_and_dp_are_served_on_cuda(deft_args, changes):
+    """Refused with --device cpu only (the GPU backends died there at the first prefill; the DP controller
+    misses the CPU compatibility layer)."""
+    assert server_args_problems(with_(deft_args, device="cuda", **changes)) == []
+
+
 def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatch):
     monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "reference")
     with pytest.raises(UnsupportedConfiguration, match="SGLANG_DEFT_DECODE_IMPL=reference with CUDA graphs"):
@@ -95,8 +149,12 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
     "changes, expected",
     [
         (dict(page_size=16), "--page-size 16"),
+        (dict(page_size=2), "--page-size 2"),  # the smallest paged layout
         (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
         (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2: quantized KV caches"),
+        (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3: quantized KV caches"),
+        (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1: quantized KV caches"),
+        (dict(speculative_draft_attention_backend="deft"), "--speculative-draft-attention-backend deft"),
         (dict(enable_deterministic_inference=True), "--enable-deterministic-inference: deft splits"),
         (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
         (dict(enable_pdmux=True), "--enable-pdmux"),
@@ -107,6 +165,8 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(disaggregation_mode="decode"), "--disaggregation-mode decode"),
         (dict(enable_torch_compile=True), "--enable-torch-compile"),
         (dict(grpc_mode=True), "--grpc-mode"),
+        (dict(use_ray=True), "--use-ray"),
+        (dict(encoder_only=True), "--encoder-only"),
         (dict(dp_size=2), "--dp-size 2 with --device cpu"),
         (dict(device="xpu"), "--device xpu"),
         (dict(attention_backend="torch_native", decode_attention_backend="torch_native",
@@ -184,6 +244,49 @@ def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, ex
     problems = model_config_problems(ModelConfig(path), deft_args)
     assert len(problems) == 1 and expected in problems[0]
     assert ",".join(overrides.get("architectures", ["LlamaForCausalLM"])) in problems[0]
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(is_multimodal=True), "multimodal models are not supported"),
+        (dict(is_encoder_decoder=True), "encoder-decoder models (cross-attention) are not supported"),
+        (dict(attention_chunk_size=8192), "chunked local attention is not supported"),
+        (dict(is_hybrid_swa=True), "sliding-window attention is not supported"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_unsupported_model_property_is_refused_by_name(deft_args, changes, expected):
+    """Properties SGLang's ModelConfig derives (from the architecture, the config's fields), set directly."""
+    config = copy.copy(ModelConfig(str(MODEL)))
+    for name, value in changes.items():
+        setattr(config, name, value)
+    problems = model_config_problems(config, deft_args)
+    assert len(problems) == 1 and expected in problems[0] and "(LlamaForCausalLM)" in problems[0]
+
+
+def test_model_checks_ignore_servers_without_deft(deft_args, tmp_path, caplog):
+    plain = with_(deft_args, attention_backend="torch_native", decode_attention_backend=None)
+    (tmp_path / "sliding").mkdir(), (tmp_path / "mistral").mkdir()
+    sliding = model_dir(tmp_path / "sliding", layer_types=["sliding_attention"] * 3, sliding_window=64)
+    assert model_config_problems(ModelConfig(sliding), plain) == []
+    mistral = model_dir(tmp_path / "mistral", architectures=["MistralForCausalLM"], model_type="mistral",
+                        sliding_window=64)
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
+        check_model_config(ModelConfig(mistral), plain)
+    assert "sliding_window" not in caplog.text
+
+
+@pytest.mark.parametrize("flags, refused", [(["--attention-backend", "deft"], True),
+                                            (["--attention-backend", "torch_native"], False)], ids=["deft", "no_deft"])
+def test_startup_checks_the_model_of_a_deft_server(tmp_path, flags, refused):
+    sliding = model_dir(tmp_path, layer_types=["sliding_attention"] * 3, sliding_window=64)
+    args = parse_server_args(["--model-path", sliding, *BASE_ARGV[2:], *flags], device="cpu")
+    if refused:
+        with pytest.raises(UnsupportedConfiguration, match="sliding-window attention is not supported"):
+            check_startup(args)
+    else:
+        check_startup(args)
 
 
 def test_sliding_window_field_sglang_ignores_is_served_with_a_warning(deft_args, tmp_path, caplog):

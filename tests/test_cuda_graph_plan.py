@@ -27,7 +27,7 @@ from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
 from sglang_deft.kernels.plan import build_schedule, few_merges_max_queries
 from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape
-from sglang_deft.patches import cuda_graph_replay, sglang_version
+from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
                           per_request_reference, random_kv_setup, record_steady)
@@ -130,6 +130,13 @@ def test_padding_queries_leave_the_real_plan_unchanged():
     graph = tree_decode(q, k, v, padded, 0.2)
     assert torch.equal(graph[:16], eager)
     assert torch.equal(graph[16:], torch.zeros_like(graph[16:]))
+
+
+def test_padding_to_fewer_queries_is_refused():
+    tree = make_tree([-1, 0, 0], [9, 4, 5], [1, 2, 2])
+    assert with_padding_queries(tree, 3) is tree
+    with pytest.raises(ValueError, match="cannot pad a tree of 3 queries to 2"):
+        with_padding_queries(tree, 2)
 
 
 @needs_interpreter
@@ -424,10 +431,13 @@ def test_patched_can_run_asks_the_decode_backend():
     assert hasattr(DeftAttnBackend, cuda_graph_replay.HOOK)
 
 
-def test_patch_refuses_another_sglang_version(monkeypatch):
-    monkeypatch.setattr(sglang_version, "version", lambda name: "0.5.11")
-    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match="cuda_graph_replay.*0.5.10.post1"):
-        cuda_graph_replay.apply()
+@pytest.mark.parametrize("patch", [cuda_graph_replay, forward_batch_reqs], ids=lambda m: m.__name__.rsplit(".", 1)[1])
+@pytest.mark.parametrize("installed", ["0.5.11", "0.5.10", "0.5.10.post2"])
+def test_patch_refuses_another_sglang_version(monkeypatch, patch, installed):
+    monkeypatch.setattr(sglang_version, "version", lambda name: installed)
+    name = patch.__name__.rsplit(".", 1)[1]
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match=f"{name}.*0.5.10.post1.*SGLang {installed} is"):
+        patch.apply()
 
 
 @needs_interpreter

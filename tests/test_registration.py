@@ -1,0 +1,51 @@
+"""sglang_deft.registration and the ForwardBatch patch: what the scheduler process relies on."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import sglang_deft.backend as backend_module
+from sglang_deft import registration
+from sglang_deft.patches import forward_batch_reqs
+
+
+def test_register_adds_the_backend_the_cli_choice_and_the_forward_batch_patch(monkeypatch):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    def unpatched(cls, batch, model_runner):
+        return SimpleNamespace()
+
+    monkeypatch.setattr(ForwardBatch, "init_new", classmethod(unpatched))
+    monkeypatch.setattr(registration, "_registered", False)
+    monkeypatch.delitem(ATTENTION_BACKENDS, "deft", raising=False)
+    registration.register()
+    registration.register()  # idempotent
+    assert ATTENTION_BACKENDS["deft"] is registration._create_deft_backend
+    assert ATTENTION_BACKEND_CHOICES.count("deft") == 1
+    assert getattr(ForwardBatch.init_new.__func__, "_sglang_deft_patched", False)
+
+
+def test_creating_the_backend_patches_cuda_graph_replays(monkeypatch):
+    from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    monkeypatch.setattr(CudaGraphRunner, "can_run", lambda self, forward_batch: True)
+    monkeypatch.setattr(backend_module, "DeftAttnBackend", lambda runner: ("deft", runner))
+    assert registration._create_deft_backend("runner") == ("deft", "runner")
+    assert getattr(CudaGraphRunner.can_run, "_sglang_deft_patched", False)
+
+
+def test_forward_batch_carries_the_batch_requests(monkeypatch):
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    def init_new(cls, batch, model_runner):  # SGLang's, minus the tensors
+        return SimpleNamespace(cls=cls, model_runner=model_runner)
+
+    monkeypatch.setattr(ForwardBatch, "init_new", classmethod(init_new))
+    forward_batch_reqs.apply()
+    forward_batch_reqs.apply()  # idempotent
+    reqs = [object(), object()]
+    fb = ForwardBatch.init_new(SimpleNamespace(reqs=reqs), "runner")
+    assert fb.deft_reqs is reqs  # the live requests, not a copy
+    assert (fb.cls, fb.model_runner) == (ForwardBatch, "runner")
+    assert ForwardBatch.init_new(SimpleNamespace(reqs=None), "runner").deft_reqs is None

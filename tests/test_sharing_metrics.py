@@ -1,0 +1,38 @@
+"""The decode-sharing log line: windows of ``--decode-log-interval`` steps, running totals, parsed back."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sglang_deft.sharing_metrics import LOG_PREFIX, SharingMeter, parse_sharing_lines
+
+
+def test_each_window_restarts_and_the_totals_run_on(caplog):
+    meter = SharingMeter(interval=2)
+    steps = [(100, 10, 1e-4, False), (50, 10, 3e-4, True),  # window 1
+             (30, 30, 5e-4, True), (20, 10, 7e-4, False)]  # window 2
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        meter.record(*steps[0])
+        assert parse_sharing_lines(caplog.text) == []  # nothing before the window is full
+        for step in steps[1:]:
+            meter.record(*step)
+    assert parse_sharing_lines(caplog.text) == [
+        pytest.approx(dict(steps=2, attended_kv_tokens=150, unique_kv_tokens=20, ratio=7.5, plan_host_us=200.0,
+                           steady_steps=1, total_steps=2, total_attended_kv_tokens=150, total_unique_kv_tokens=20)),
+        pytest.approx(dict(steps=2, attended_kv_tokens=50, unique_kv_tokens=40, ratio=1.25, plan_host_us=600.0,
+                           steady_steps=1, total_steps=4, total_attended_kv_tokens=200, total_unique_kv_tokens=60)),
+    ]
+
+
+def test_an_empty_window_reads_as_no_sharing():
+    (row,) = parse_sharing_lines(SharingMeter(interval=8).format_line())
+    assert (row["steps"], row["ratio"], row["plan_host_us"]) == (0, 1.0, 0.0)
+
+
+def test_parse_reads_bare_and_decorated_lines_only():
+    line = SharingMeter(interval=1, steps=1, attended=9, unique=3, total_steps=1, total_attended=9,
+                        total_unique=3).format_line()
+    assert line.startswith(LOG_PREFIX)
+    rows = parse_sharing_lines(f"{line}\nDecode batch, #running-req: 3, #token: 9\n[2026-01-01 00:00:00] {line}")
+    assert [(r["attended_kv_tokens"], r["unique_kv_tokens"], r["ratio"]) for r in rows] == [(9, 3, 3.0)] * 2
