@@ -1,5 +1,6 @@
 """Plot bench_e2e.py's JSON: per case, each backend's decode tok/s relative to the baseline (flashinfer on
-the GPU), the absolute tok/s on the bars and the issue's target for deft as a dashed line.
+the GPU; in a run without it, the first other backend), the absolute tok/s on the bars and the issue's
+target for deft as a dashed line.
 
     python benchmarks/plot_e2e.py [benchmarks/results/e2e_h200.json] [-o e2e_h200.png]
 
@@ -30,10 +31,13 @@ def plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     backends, baseline, cases = report["backends"], report["baseline"], report["cases"]
+    # As bench_e2e.markdown: a run without the baseline (`--backends deft,triton`) is drawn relative to the
+    # first other backend, without the baseline's targets.
+    compared = baseline if baseline in backends else next((b for b in backends if b != "deft"), baseline)
     width = 0.8 / len(backends)
     fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(cases) + 2), 6))
     for j, case in enumerate(cases):
-        base = case.get(f"{baseline}_tok_s")
+        base = case.get(f"{compared}_tok_s")
         for i, backend in enumerate(backends):
             tok_s = case.get(f"{backend}_tok_s")
             if not (tok_s and base):  # missing: the markdown table says why
@@ -43,11 +47,11 @@ def plot(report: dict, out: Path) -> None:
             source = case["backends"][backend].get("tok_s_source")
             ax.text(x, tok_s / base, f"{tok_s:,.0f}{'*' if source == 'client' else ''}", ha="center",
                     va="bottom", fontsize=7, rotation=90)
-        if case.get("target"):
+        if case.get("target") and compared == baseline:
             ax.hlines(case["target"], j - 0.45, j + 0.45, colors=COLOR["deft"], linestyles="dashed", linewidth=1)
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(cases)), [_wrap(c["case"]) for c in cases], fontsize=8)
-    ax.set_ylabel(f"decode tok/s relative to {baseline}")
+    ax.set_ylabel(f"decode tok/s relative to {compared}")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the rotated tok/s labels
     cuda_graph = report.get("cuda_graph", {})
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOR.get(b, "#bcbd22")) for b in backends]

@@ -305,21 +305,34 @@ def common_horizon(deft: list[PairStats], noise: list[PairStats]) -> dict:
     return {"steps": steps, "deft_max_abs_logprob_diff": dm, "noise_max_abs_logprob_diff": zm}
 
 
+def count_failures(deft: list[Seq], ref: list[Seq], stats: list[PairStats]) -> list[str]:
+    """What the pairwise comparison cannot see: it zips the requests and compares up to the shorter
+    sequence, so a missing request or a generation cut short (or run on) with the same tokens would pass.
+    After a divergence the lengths may differ (the contexts do)."""
+    out = [] if len(deft) == len(ref) else [f"{len(deft)} requests answered, the reference {len(ref)}"]
+    for i, (x, r, s) in enumerate(zip(deft, ref, stats)):
+        if s.diverged_at is None and len(x.ids) != len(r.ids):
+            out.append(f"request {i}: {len(x.ids)} tokens, the reference {len(r.ids)}, the same up to there")
+    return out
+
+
 def judge_workload(deft: list[Seq], ref: list[Seq], noise: list[Seq] | None, crit: Criterion,
                    atol: float, tie_tol: float, pooled: dict | None = None) -> dict:
     """The report entry for one workload: deft-vs-triton absolute fields (as in earlier reports), the
-    noise pair's, and the verdict (relative when a noise server ran, else absolute)."""
+    noise pair's, and the verdict (relative when a noise server ran, else absolute). Either fails on
+    requests or tokens missing from deft's answer (:func:`count_failures`)."""
     ds = [compare_pair(x, r) for x, r in zip(deft, ref)]
     entry = summarize(ds)
-    abs_fail = absolute_failures(ds, atol, tie_tol)
+    counts = count_failures(deft, ref, ds)
+    abs_fail = counts + absolute_failures(ds, atol, tie_tol)
     entry.update(absolute_ok=not abs_fail, absolute_failures=abs_fail)
     if noise is None:
         entry.update(criterion="absolute", ok=not abs_fail, failures=abs_fail)
         return entry
     ns = [compare_pair(x, r) for x, r in zip(noise, ref)]
     verdict = relative_verdict(ds, ns, crit, pooled)
-    entry.update(criterion="relative", ok=verdict["ok"], failures=verdict["failures"], relative=verdict,
-                 noise=summarize(ns), common_horizon=common_horizon(ds, ns))
+    entry.update(criterion="relative", ok=verdict["ok"] and not counts, failures=counts + verdict["failures"],
+                 relative=verdict, noise=summarize(ns), common_horizon=common_horizon(ds, ns))
     return entry
 
 

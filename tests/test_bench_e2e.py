@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,150 @@ def test_wait_ready_relaunches_once_after_a_port_clash(tmp_path):
     ready = bench.wait_ready(("tiny", "deft"), first)
     assert fleet.stopped == [first] and ready is fleet.launched[1][0] and ready.ready_s == 1.0
     assert fleet.launched[1][1] == ["--model-path", "m"]  # the same arguments again
+
+
+def test_markdown_cells_are_the_jsons_headline_figures():
+    """The table's tok/s is each backend's headline ``tok_s`` (not the client-side figure), its TPOT
+    each backend's own, its ratio ``deft_vs_<baseline>``."""
+    entry = {"case": "prefix 16000 x 64", "target": 2.5, "theoretical_sharing_ratio": 48.1,
+             "runs": {"deft": [run(1, 7000.0, client_tok_s=6500.0, tpot_ms=9.14)],
+                      "flashinfer": [run(1, 2800.0, client_tok_s=2700.0, tpot_ms=22.86)],
+                      "triton": [run(1, 1400.0, client_tok_s=1300.0, tpot_ms=45.71)]}, "backends": {}}
+    b.summarize_case(entry, b.FULL_CASES[0], ("deft", "flashinfer", "triton"), "flashinfer")
+    report = gpu_like_report()
+    report["cases"] = [entry]
+    row = b.markdown(report).strip().splitlines()[-1]
+    cells = [x.strip() for x in row.strip("|").split("|")]
+    assert cells[1:4] == ["7,000", "2,800", "1,400"]
+    assert cells[4] == f"{entry['deft_vs_flashinfer']:.2f} (≥ 2.5) ✓" == "2.50 (≥ 2.5) ✓"
+    assert cells[5:8] == ["9.14", "22.86", "45.71"]
+
+
+def test_summarize_case_compares_outputs_with_the_baseline():
+    entry = {"runs": {"deft": [run(1, 7000.0, output_digests="a b x")],
+                      "flashinfer": [run(1, 3000.0, output_digests="a b c")],
+                      "triton": [run(1, 2000.0, output_digests="a y c")]}, "backends": {}}
+    b.summarize_case(entry, b.FULL_CASES[0], ("deft", "flashinfer", "triton"), "flashinfer")
+    assert entry["same_outputs"] == {"reference": "flashinfer", "requests": 3, "equal": {"deft": 2, "triton": 2}}
+
+
+class StreamingServer:
+    """SGLang's /generate as measure_batch uses it: a cached prefix request, then one streamed batch (a first
+    chunk per request, then its last, ``data: [DONE]``); the server log gains decode and sharing lines as
+    the batch runs. Request i decodes ``ids_of(prompt)``."""
+
+    def __init__(self, new_tokens):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.text, self.new_tokens, outer = "", new_tokens, self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert req["stream"] and req["sampling_params"]["stream_interval"] > outer.new_tokens
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                outs = [outer.ids_of(p) for p in req["input_ids"]]
+                for i, ids in enumerate(outs):
+                    self._chunk({"index": i, "output_ids": ids[:1], "meta_info": {"completion_tokens": 1}})
+                time.sleep(0.05)
+                outer.text += outer.batch_log(len(outs))
+                for i, ids in enumerate(outs):
+                    self._chunk({"index": i, "output_ids": ids, "meta_info": {"completion_tokens": len(ids)}})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def _chunk(self, obj):
+                self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                self.wfile.flush()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.prefix_requests = []
+
+    def ids_of(self, prompt):
+        return [(sum(prompt) + 7 * j) % 500 for j in range(self.new_tokens)]
+
+    @staticmethod
+    def batch_log(batch):
+        lines = [f"[t] Decode batch, #running-req: {batch}, #token: {900 + i}, token usage: 0.01, cuda graph: True, "
+                 f"gen throughput (token/s): {tok_s}, #queue-req: 0" for i, tok_s in enumerate((50.0, 100.0, 300.0, 200.0))]
+        lines.append(f"[t] Decode batch, #running-req: {batch}, #token: 0, token usage: 0.00, cuda graph: True, "
+                     "gen throughput (token/s): 900.0, #queue-req: 0")
+        return "\n".join(lines + SHARING_LOG.splitlines()) + "\n"
+
+    def generate(self, payload, timeout_s=None):
+        self.prefix_requests.append(payload)
+        self.text += "[t] Prefill batch, #new-seq: 1\n"
+        return {"output_ids": [1]}
+
+    def log(self):
+        return self.text
+
+
+@pytest.mark.parametrize("backend", ["deft", "flashinfer"])
+def test_measure_batch_records_digests_the_logged_rate_and_sharing(backend, monkeypatch):
+    """One streamed batch against a fake SGLang: the run's digests are its requests' generated ids, its
+    headline tok/s the median of the steady log lines (not the client's), its sharing ratio deft's
+    logged one (else the shape's)."""
+    monkeypatch.setattr(b, "settled_log", lambda server, **kw: server.log())
+    case = b.Case("f", "f", "tiny", new_tokens=6, prefix=20, branches=4, private=3)
+    server = StreamingServer(case.new_tokens)
+    try:
+        fig = b.measure_batch(server, backend, case, (3, 300), "seed", timeout_s=30)
+    finally:
+        server.httpd.shutdown()
+    prefix, prompts = b.batch_prompts(case, (3, 300), "seed")
+    assert server.prefix_requests == [{"input_ids": prefix, "sampling_params": b.greedy(1)}]
+    want = b.StreamTiming(sent=0.0, output_ids={i: server.ids_of(p) for i, p in enumerate(prompts)})
+    assert fig["output_digests"] == b.output_digests(want, 4, 6)
+    assert len(set(fig["output_digests"].split())) == 4
+    assert fig["server_log_lines"] == 3 and fig["tok_s"] == 200.0 and fig["tok_s_source"] == "server_log_median"
+    assert fig["client_tok_s"] != fig["tok_s"] and fig["tpot_ms_server_log"] == pytest.approx(1000 * 4 / 200.0)
+    if backend == "deft":
+        assert (fig["sharing_ratio"], fig["sharing_ratio_source"]) == (pytest.approx(4000 / 600, abs=1e-3), "deft log")
+        assert fig["plan_host_us"] == pytest.approx(200.0)
+        assert fig["plan_host_share"] == pytest.approx(200.0 / (1e3 * fig["tpot_ms"]), abs=1e-4)
+    else:
+        assert fig["sharing_ratio"] == b.theoretical_sharing_ratio(case)
+        assert fig["sharing_ratio_source"] == "theoretical (case shape)" and "plan_host_us" not in fig
+
+
+def test_output_digests_refuse_a_short_output():
+    timing = b.StreamTiming(sent=0.0, output_ids={0: [5, 6, 7], 1: [5, 6]})
+    with pytest.raises(RuntimeError, match=re.escape("got [2, 3]")):
+        b.output_digests(timing, batch=2, new_tokens=3)
+
+
+@pytest.mark.parametrize("triton_ok", [True, False])
+def test_main_is_complete_only_when_every_backend_has_a_good_run(tmp_path, monkeypatch, triton_ok):
+    """main()'s verdict without servers: Bench's phases replaced by their results."""
+    class Fleet:
+        def __init__(self, *a):
+            pass
+
+        def stop_all(self):
+            pass
+
+    def run_all(self):
+        for case in self.cases:
+            entry = self.case_entry(case)
+            for backend in self.backends:
+                ok = backend != "torch_native" or triton_ok
+                entry["runs"][backend] = [run(1, 100.0) if ok else {"rep": 1, "ok": False, "error": "boom"}]
+            b.summarize_case(entry, case, self.backends, self.report.data["baseline"])
+
+    monkeypatch.setattr(b.gpu_e2e, "Fleet", Fleet)
+    monkeypatch.setattr(b.gpu_e2e, "importable_package_env", lambda: ({}, tmp_path))
+    monkeypatch.setattr(b.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(b.Bench, "start_servers", lambda self: None)
+    monkeypatch.setattr(b.Bench, "run_all", run_all)
+    rc = b.main(["--device", "cpu", "--smoke", "--cases", "fork_smoke,nosharing_smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "e2e_cpu.json").read_text())
+    assert report["complete"] is triton_ok and rc == (0 if triton_ok else 1)
+    assert len(report["cases"]) == 2

@@ -209,6 +209,21 @@ def test_baseline_math_matches_reference(name):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_cascade_merge_is_stable_for_large_scores():
+    """The cascade's log-sum-exp merge across levels with scores in the hundreds (exp would overflow
+    without subtracting the running maximum)."""
+    shape = T.fork_tree([(1, 40), (3, 7), (2, 5)])
+    tree = T.build_tree(shape, 1 << 12, seed=5)
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(1 << 12, 2, 16, generator=g)
+    v = torch.randn(1 << 12, 2, 16, generator=g)
+    q = torch.randn(tree.num_queries, 8, 16, generator=g)
+    ref = attention_reference(q, k, v, tree, 40.0)
+    got = T.cascade_attention_torch(q, k, v, T.cascade_layout(tree), 40.0)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_check_catches_a_dropped_leaf_but_passes_bf16_rounding():
     shape = T.fork_tree([(1, 4096), (4, 256)])
     tree = T.build_tree(shape, 1 << 14, seed=3)
@@ -242,6 +257,7 @@ def test_sglang_split_count_copy_matches_sglang_kernel(tmp_path):
         inputs.append([lens, c.num_qo_heads, c.num_kv_heads, 8, 132])
     inputs.append([[100, 5000, 37, 2049], 32, 8, 8, 132])
     inputs.append([[300] * 7, 32, 32, 8, 78])
+    inputs.append([[80, 100], 32, 8, 8, 1])  # max_len * 8 == min_len * 10: the boundary of the min_len rule
     # The interpreter re-reads a kernel's source from its file: give the lifted kernel a file.
     text = path.read_text()
     fn = next(n for n in ast.parse(text).body

@@ -122,6 +122,7 @@ def test_divergence_counts_use_k_times_noise_plus_a_floor():
     entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
     assert entry["relative"]["allowed_divergences"] == 4
     assert entry["ok"], entry["failures"]
+    assert [CRIT.div_floor(n) for n in (4, 8, 12, 17)] == [1, 1, 2, 3]  # max(1, ceil(requests / 8))
     deft[6] = diverge(deft[6], ref[6], t=9, gap=0.01)
     entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
     assert not entry["ok"] and "5 divergences > allowed 4" in entry["failures"][0]
@@ -243,5 +244,152 @@ def test_tiny_variants_are_generated_and_judged_like_tiny(tmp_path, monkeypatch)
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["hidden_size"]) == \
         (28, 4, 128, 112)
     assert (path / "model.safetensors").stat().st_size > 0 and (path / "tokenizer.json").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors"))  # drawn for the variant's heads, not the bundled ones
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (28 * 128, 112)
+    assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (4 * 128, 112)
     assert g.materialize_model("tiny", g.MODELS["tiny"]) == g.MODELS["tiny"]["path"]
     assert g.main(["--out", str(tmp_path / "out"), "--models", "tiny,nope"]) == 2
+
+
+def test_the_tie_gap_is_the_larger_of_the_two_servers_gaps():
+    """At a divergence, a near-tie must hold in *both* servers: ref's token 2 is 0.05 below deft's choice in
+    deft's top-k, but deft's token 4 is 0.5 below ref's choice in ref's: gap 0.5, not a near-tie."""
+    ref = g.Seq([1, 2], [-0.5, -0.6], [{1: -0.5}, {2: -0.6, 4: -1.1}])
+    x = g.Seq([1, 4], [-0.5, -0.7], [{1: -0.5}, {4: -0.7, 2: -0.75, 9: -2.0}])
+    stats = g.compare_pair(x, ref)
+    assert stats.diverged_at == 1 and stats.tie_gap == pytest.approx(0.5) and stats.tie_in_top_k is True
+    # ref's token outside deft's top-k: a lower bound, said so
+    x.tops[1] = {4: -0.7, 9: -0.72}
+    stats = g.compare_pair(x, ref)
+    assert stats.tie_in_top_k is False and stats.tie_gap == pytest.approx(0.5)
+
+
+def test_kernel_check_summary_needs_every_check_within_the_tolerance():
+    line = "[x] DeFT kernel check: step={} layer=0 queries=8 max_abs_diff={} max_abs_out={} dtype=float16"
+    log = "\n".join([line.format(16, 0.0001, 4.0), line.format(32, 0.01, 4.0), line.format(48, 0.0002, 1.0)])
+    s = g.kernel_check_summary(log)
+    assert s["checks"] == 3 and s["max_abs_out"] == 4.0 and s["dtype"] == "float16"
+    assert s["allowed"] == pytest.approx(2 * 2 ** -11 * 4.0)  # at the largest output's magnitude
+    assert not s["within_tolerance"]  # the second check is 2.5x over
+
+
+class FakeModelServer:
+    """A decode server over token ids: request p decodes ids that depend on its whole prompt (or only on its
+    last tokens: ``sensitive=False``), logprobs shifted by ``shift``, each step's top-2."""
+
+    def __init__(self, shift=0.0, sensitive=True, log=""):
+        self.shift, self.sensitive, self._log, self.payloads = shift, sensitive, log, []
+
+    def _one(self, prompt, n):
+        seed = sum(prompt) if self.sensitive else sum(prompt[-4:])
+        ids = [(seed * 31 + 17 * j) % 290 + 3 for j in range(n)]
+        lps = [-0.4 - 0.05 * j + self.shift for j in range(n)]
+        tops = [[[lp, i, None], [lp - 0.5, 2, None]] for i, lp in zip(ids, lps)]
+        return {"output_ids": ids, "meta_info": {"output_token_logprobs": [[lp, i, None] for i, lp in zip(ids, lps)],
+                                                 "output_top_logprobs": tops}}
+
+    def generate(self, payload, timeout_s=None):
+        self.payloads.append(payload)
+        ids, sp = payload["input_ids"], payload["sampling_params"]
+        if ids and isinstance(ids[0], list):
+            return [self._one(p, sp["max_new_tokens"]) for p in ids]
+        if "n" in sp:
+            return [self._one(ids, sp["max_new_tokens"]) for _ in range(sp["n"])]
+        return self._one(ids, sp["max_new_tokens"])
+
+    def log(self):
+        return self._log
+
+
+SMALL = dict(g.MODELS["tiny"], prefix=24, branches=4, new_tokens=6, nested_tokens=3, tokenizer=False)
+
+
+def workloads(deft, noise=None, ref=None):
+    servers = {"triton": ref or FakeModelServer(), "noise": noise or FakeModelServer(shift=0.004), "deft": deft}
+    return g.run_workloads(servers, SMALL, CRIT, 0.02, 0.1, g.Clock(), "tiny", lambda partial: None), servers
+
+
+def test_run_workloads_judges_deft_against_the_reference_with_the_noise_server():
+    report, servers = workloads(FakeModelServer(shift=0.006))
+    assert set(report["workloads"]) == {"fork", "nested_fork", "n_gt_1"}
+    for name, entry in report["workloads"].items():
+        assert entry["ok"] and entry["criterion"] == "relative", (name, entry["failures"])
+        assert entry["max_abs_logprob_diff"] == pytest.approx(0.006)
+        assert entry["noise"]["max_abs_logprob_diff"] == pytest.approx(0.004)
+    assert report["workloads"]["nested_fork"]["requests"] == 8 and report["workloads"]["n_gt_1"]["requests"] == 4
+    assert report["context_sensitivity"] == 1.0
+    # every server got the same requests
+    assert servers["deft"].payloads == servers["noise"].payloads == servers["triton"].payloads[:-1]
+    bad, _ = workloads(FakeModelServer(shift=0.3))  # deft far off while the two built-in backends agree
+    assert not any(e["ok"] for e in bad["workloads"].values())
+    assert all("logprob diff 0.3000 > allowed 0.0100" in e["failures"][0] for e in bad["workloads"].values())
+
+
+def test_run_workloads_context_sensitivity_of_a_model_that_ignores_its_prefix():
+    report, _ = workloads(FakeModelServer(sensitive=False), FakeModelServer(sensitive=False),
+                          FakeModelServer(sensitive=False))
+    assert report["context_sensitivity"] == 0.0
+
+
+SHARING = ("[x] DeFT decode sharing: steps=8 attended_kv_tokens=800 unique_kv_tokens=200 ratio=4.000 "
+           "plan_host_us=10.0 total_steps=24 total_attended_kv_tokens=3000 total_unique_kv_tokens=1000\n")
+
+
+class FakeFleet:
+    def __init__(self):
+        self.clock, self.stopped = g.Clock(), []
+
+    def stop(self, items):
+        self.stopped.extend(items)
+
+
+def model_run(tmp_path, deft, ref=None):
+    """ModelRun.run over servers that are already up (what run() does after the startup waits)."""
+    args = g.parse_args(["--out", str(tmp_path)])
+    fleet, result = FakeFleet(), {}
+    run = g.ModelRun("tiny", SMALL, fleet, args, result)
+    servers = {"triton": ref or FakeModelServer(), "noise": FakeModelServer(shift=0.004), "deft": deft}
+    run.launched = {role: g.Launched(role, role, s, t0=0.0, ready_s=1.0) for role, s in servers.items()}
+    run.run(deadline=g.time.monotonic() + 600, save=lambda: None)
+    assert len(fleet.stopped) == 3  # every server stopped
+    return result
+
+
+def test_model_run_verdict(tmp_path):
+    good = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING))
+    assert good["ok"], good.get("error") or good["workloads"]
+    assert good["criterion_mode"] == "relative" and good["noise_backend"] == "noise"
+    assert good["sharing"] == {"decode_steps": 24, "attended_kv_tokens": 3000, "unique_kv_tokens": 1000, "ratio": 3.0}
+    # deft logged no sharing line: the backend did not run
+    assert not model_run(tmp_path, FakeModelServer(shift=0.006))["ok"]
+    # a tiny model whose tokens ignore the prefix cannot catch a wrong attention: not ok
+    flat = model_run(tmp_path, FakeModelServer(shift=0.006, sensitive=False, log=SHARING),
+                     ref=FakeModelServer(sensitive=False))
+    assert flat["context_sensitivity"] == 0.0 and all(w["ok"] for w in flat["workloads"].values())
+    assert not flat["ok"]
+    assert not model_run(tmp_path, FakeModelServer(shift=0.3, log=SHARING))["ok"]
+
+
+def test_a_run_that_checks_no_model_is_not_ok(tmp_path, monkeypatch):
+    """--device cpu keeps only the tiny models: asked for 8b alone, nothing runs, and that must not pass."""
+    monkeypatch.setattr(g.signal, "signal", lambda *a: None)  # main's SIGTERM handler: not in pytest's process
+    monkeypatch.setattr(g, "importable_package_env", lambda: (dict(g.os.environ), tmp_path))
+    assert g.main(["--out", str(tmp_path), "--device", "cpu", "--models", "8b"]) == 1
+    report = g.json.loads((tmp_path / "gpu_e2e.json").read_text())
+    assert report["models"] == {} and report["complete"] is False and report["ok"] is False
+
+
+@pytest.mark.parametrize("with_noise", [True, False], ids=["relative", "absolute"])
+def test_a_deft_answer_shorter_than_the_reference_fails(with_noise):
+    """compare_pair compares up to the shorter sequence and the requests are zipped: the counts are
+    checked on their own (before, 2 tokens of 32, or 1 request of 8, passed)."""
+    ref = reference()
+    noise = jitter(ref, 0.01, seed=40) if with_noise else None
+    truncated = [seq(r.ids[:2], r.lps[:2]) for r in ref]  # 2 of 32 tokens per request
+    entry = g.judge_workload(truncated, ref, noise, CRIT, atol=0.02, tie_tol=0.1)
+    assert not entry["ok"] and not entry["absolute_ok"] and "request 0: 2 tokens, the reference" in entry["failures"][0]
+    entry = g.judge_workload(jitter(ref, 0.01, seed=41)[:1], ref, noise, CRIT, atol=0.02, tie_tol=0.1)
+    assert not entry["ok"] and entry["failures"][0] == f"1 requests answered, the reference {len(ref)}"
+    assert g.judge_workload(jitter(ref, 0.01, seed=41), ref, noise, CRIT, atol=0.02, tie_tol=0.1)["ok"]

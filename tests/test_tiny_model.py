@@ -195,3 +195,31 @@ def test_variant_heads_are_checked(tmp_path):
         make_tiny_model_module().write_variant(tmp_path, 32, 6, 128)
     with pytest.raises(ValueError, match="not a multiple of the 28 q heads"):
         make_tiny_model_module().write_variant(tmp_path, 28, 4, 128)
+
+
+def test_check_mode_catches_weights_that_differ_from_the_generator(tmp_path, capsys):
+    """``make_tiny_model.py --check``: passes on the bundled weights, fails on one changed value."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_model = make_tiny_model_module()
+    assert make_tiny_model.main(["--check"]) == 0
+    for f in MODEL_DIR.iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(MODEL_DIR / "model.safetensors"))
+    w = sd["model.layers.1.self_attn.k_proj.weight"].clone()
+    w[3, 5] = w[3, 5] * 1.01 + 0.01
+    sd["model.layers.1.self_attn.k_proj.weight"] = w
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    capsys.readouterr()
+    assert make_tiny_model.main(["--check", "--model-dir", str(tmp_path)]) == 1
+    assert "differs from the generator in 1 tensors: ['model.layers.1.self_attn.k_proj.weight']" in capsys.readouterr().out
+
+
+def test_parse_heads():
+    make_tiny_model = make_tiny_model_module()
+    assert make_tiny_model.parse_heads("32,8,128") == [32, 8, 128]
+    assert make_tiny_model.parse_heads("28,4,128,112") == [28, 4, 128, 112]
+    for bad in ("32,8", "1,2,3,4,5"):
+        with pytest.raises(ValueError, match="three or four integers"):
+            make_tiny_model.parse_heads(bad)

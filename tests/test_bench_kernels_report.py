@@ -1,0 +1,235 @@
+"""benchmarks/bench_kernels.py's bookkeeping on the CPU: that every provider's *own* output is what gets
+checked (a wrong provider fails, a permuted one is put back first), that the check needs both its bounds,
+the floors and device rates, the best-baseline pick and speedups, the geomean rule and the table's marks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_deft.kernels import attention_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    if name in sys.modules:  # test_bench_trees.py loads the same files under the same names
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
+BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+
+
+def test_check_fails_one_large_error_that_the_relative_bound_lets_through():
+    """One element off by 0.03 in a query of 8 x 64 values of magnitude 1: relative error ~1.3e-3 (under
+    1e-2), max |err| 0.03 (over 2e-2). Either bound alone must fail a cell."""
+    ref = torch.ones(2, 8, 64)
+    out = ref.clone()
+    out[1, 3, 7] += 0.03
+    res = BENCH.check(out, ref)
+    assert res["max_rel_err"] < BENCH.MAX_REL_ERR and res["max_abs_err"] == pytest.approx(0.03, abs=1e-6)
+    assert not res["ok"]
+    out[1, 3, 7] = ref[1, 3, 7] + 0.015
+    assert BENCH.check(out, ref)["ok"]
+    inf = ref.clone()
+    inf[0, 0, 0] = float("inf")
+    assert BENCH.check(inf, ref) == {"ok": False, "finite": False, "max_abs_err": None, "max_rel_err": None}
+
+
+@pytest.fixture
+def ctx():
+    """A small case as run_cases_here builds it, on the CPU."""
+    shape = T.fork_tree([(1, 40), (3, 7), (2, 5)])
+    tree = T.build_tree(shape, 1 << 12, seed=4)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1 << 12, 2, 16, generator=g)
+    v = torch.randn(1 << 12, 2, 16, generator=g)
+    q = torch.randn(tree.num_queries, 8, 16, generator=g)
+    case = T.Case("small", "small", shape, 8, 2, 16)
+    args = argparse.Namespace(cpu_reps=1, no_graph=True, hot=False)
+    c = BENCH.Ctx(case, tree, tree.kv_indices, q, k, v, 0.25, torch.device("cpu"), args, None)
+    return c, attention_reference(q, k, v, tree, 0.25)
+
+
+def test_run_provider_checks_the_providers_own_output(ctx, monkeypatch):
+    """A provider that computes something else (a dropped node: attention over the paths without their
+    leaves) is flagged ``failed_check`` and still timed; a correct one passes. Not the reference against
+    itself."""
+    c, ref = ctx
+    parents = c.tree.node_parent.tolist()
+    wrong_tree = T.KVTree(c.tree.kv_indices, c.tree.node_indptr, c.tree.node_parent,
+                          torch.tensor([parents[n] for n in c.tree.query_node.tolist()], dtype=torch.int32))
+    wrong = attention_reference(c.q, c.k_buffer, c.v_buffer, wrong_tree, c.sm_scale)
+    monkeypatch.setitem(BENCH.SETUP, "wrong", lambda ctx: BENCH.Prepared(fn=lambda: wrong.clone()))
+    monkeypatch.setitem(BENCH.SETUP, "right", lambda ctx: BENCH.Prepared(fn=lambda: ref.clone()))
+    bad = BENCH.run_provider("wrong", c, ref)
+    assert bad["status"] == "failed_check" and bad["ok"] is False and bad["max_rel_err"] > 10 * BENCH.MAX_REL_ERR
+    assert bad["median_us"] > 0  # failed cells are still timed
+    good = BENCH.run_provider("right", c, ref)
+    assert good["status"] == "ok" and good["ok"] and good["max_abs_err"] == 0
+
+
+def test_run_provider_puts_a_permuted_output_back_before_the_check(ctx, monkeypatch):
+    """The cascade's output comes in tree preorder (``to_original`` undoes it): the check must see the
+    output in the reference's query order, and a missing to_original must fail."""
+    c, ref = ctx
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+
+    def setup(ctx):
+        def back(o):
+            res = torch.empty_like(o)
+            res[perm] = o
+            return res
+        return BENCH.Prepared(fn=lambda: ref[perm].clone(), to_original=back)
+
+    monkeypatch.setitem(BENCH.SETUP, "permuted", setup)
+    assert BENCH.run_provider("permuted", c, ref)["ok"]
+    monkeypatch.setitem(BENCH.SETUP, "permuted", lambda ctx: BENCH.Prepared(fn=lambda: ref[perm].clone()))
+    assert not BENCH.run_provider("permuted", c, ref)["ok"]
+
+
+def test_torch_cascade_provider_runs_the_permuted_path(ctx):
+    c, ref = ctx
+    for name in ("torch_paged", "torch_cascade"):
+        cell = BENCH.run_provider(name, c, ref)
+        assert cell["status"] == "ok" and cell["max_abs_err"] < 1e-5, (name, cell)
+
+
+def _cell(us, ok=True):
+    return {"status": "ok" if ok else "failed_check", "ok": ok, "median_us": us, "p20_us": us * 0.9,
+            "p80_us": us * 1.1}
+
+
+def _row(cells: dict, floor_us=5.0) -> dict:
+    return {"case": "c", "key": "c", "design_shared": True, "floor_us": floor_us, "providers": cells}
+
+
+PROVIDERS = ["deft", "flashinfer_decode", "flashinfer_cascade", "sglang_triton", "torch_paged"]
+
+
+def test_summarize_picks_the_fastest_correct_baseline():
+    row = _row({"deft": {**_cell(10.0), "plan_us": {"median_us": 40.0}},
+                "flashinfer_decode": _cell(30.0),
+                "flashinfer_cascade": _cell(5.0, ok=False),  # fastest, but wrong: never the best baseline
+                "sglang_triton": _cell(20.0),
+                "torch_paged": _cell(1.0)})  # a debug provider: never a baseline
+    BENCH.summarize(row, PROVIDERS)
+    assert (row["best_baseline"], row["best_baseline_us"]) == ("sglang_triton", 20.0)
+    assert row["speedup_vs_best"] == pytest.approx(2.0) and row["deft_over_floor"] == pytest.approx(2.0)
+    assert row["deft_us"] == 10.0 and row["deft_plan_us"] == 40.0
+    assert row["flashinfer_cascade_ok"] is False and row["flashinfer_cascade_us"] == 5.0
+    assert row["sglang_triton_ok"] is True and row["sglang_triton_p80_us"] == pytest.approx(22.0)
+    assert row["flashinfer_decode_ok"] is True
+    # sglang_triton is a baseline too: alone, it is the best one
+    only = _row({"deft": _cell(10.0), "sglang_triton": _cell(20.0)})
+    BENCH.summarize(only, ["deft", "sglang_triton"])
+    assert only["best_baseline"] == "sglang_triton"
+
+
+def test_summarize_gives_no_speedup_for_a_failed_deft():
+    row = _row({"deft": _cell(10.0, ok=False), "flashinfer_decode": _cell(30.0),
+                "sglang_triton": {"status": "error", "reason": "boom"}})
+    BENCH.summarize(row, ["deft", "flashinfer_decode", "sglang_triton"])
+    assert row["best_baseline"] == "flashinfer_decode"
+    assert row["speedup_vs_best"] is None and row["deft_over_floor"] is None
+    assert row["deft_ok"] is False and row["sglang_triton_ok"] is None and row["sglang_triton_us"] is None
+
+
+def test_make_row_floors_from_the_measured_rates():
+    case = T.all_cases()[0]  # p4k_16
+    meta = {"copy_gbps": 4000.0, "matmul_tflops": 500.0}
+    row = BENCH.make_row(case, case.shape, meta, 2)
+    model = T.byte_flop_model(case.shape, 32, 8, 128)
+    assert row["unique_bytes"] == model["unique_bytes"] < row["path_bytes"] == model["path_bytes"]
+    assert row["floor_us"] == pytest.approx(model["unique_bytes"] / 4000e9 * 1e6)
+    assert row["path_bytes_floor_us"] == pytest.approx(model["path_bytes"] / 4000e9 * 1e6)
+    assert row["flop_floor_us"] == pytest.approx(model["flops"] / 500e12 * 1e6)
+    # p4k_16: 4096 + 16 x 256 unique tokens; 16 paths of 4096 + 256
+    kv = 2 * 8 * 128 * 2
+    qo = 2 * 16 * 32 * 128 * 2
+    assert row["path_bytes"] == 16 * (4096 + 256) * kv + qo
+    none = BENCH.make_row(case, case.shape, {"copy_gbps": None, "matmul_tflops": None}, 2)
+    assert none["floor_us"] is None and none["flop_floor_us"] is None
+
+
+def test_device_rates_count_what_the_timed_call_moves(monkeypatch):
+    """copy: read + write bytes; matmul: 2 n^3 FLOPs; from the median of the timed call, which must
+    really do the work (no no-op timed)."""
+    calls = []
+
+    def fake_bench(fn, device, args):
+        out = fn()
+        calls.append(out)
+        return {"median_us": 1000.0, "p20_us": 900.0, "p80_us": 1100.0}
+
+    monkeypatch.setattr(BENCH, "bench", fake_bench)
+    args = argparse.Namespace(cpu_reps=1)
+    cpu = torch.device("cpu")
+    assert BENCH.measure_copy_gbps(cpu, args) == pytest.approx(2 * (64 << 20) / 1e-3 / 1e9)
+    assert calls[-1].numel() == 64 << 20
+    assert BENCH.measure_matmul_tflops(cpu, torch.float32, args) == pytest.approx(2 * 512 ** 3 / 1e-3 / 1e12)
+    assert calls[-1].shape == (512, 512)
+
+
+def test_quantiles():
+    q = BENCH._quantiles_us([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert q == {"median_us": 3.0, "p20_us": pytest.approx(1.8), "p80_us": pytest.approx(4.2), "n": 5}
+    assert BENCH._quantiles_us([7.0])["median_us"] == 7.0
+
+
+def test_shrink_never_empties_a_node():
+    shape = T.TreeShape((4096, 40, 1, 63), (-1, 0, 1, 0), (2, 3))
+    assert BENCH.shrink_shape(shape, 64).node_len == (64, 1, 1, 1)
+    assert BENCH.shrink_shape(shape, 1) is shape
+
+
+def _report(rows, providers=("deft", "flashinfer_decode")):
+    meta = {"gpu": "cpu", "dtype": "float32", "date": "d", "commit": "c", "copy_gbps": 10.0, "matmul_tflops": 1.0,
+            "providers": list(providers), "complete": True}
+    return {"metadata": meta, "cases": rows}
+
+
+def test_geomean_only_when_every_shared_tree_has_a_speedup(tmp_path):
+    a = _row({"deft": _cell(10.0), "flashinfer_decode": _cell(40.0)})
+    b = _row({"deft": _cell(10.0), "flashinfer_decode": _cell(10.0)})
+    for r in (a, b):
+        BENCH.summarize(r, ["deft", "flashinfer_decode"])
+        r["flop_floor_us"] = 1.0
+    report = _report([a, b])
+    BENCH.write_report(report, tmp_path, "t")
+    assert report["geomean_speedup_design_shared"] == pytest.approx(2.0)
+    saved = json.loads((tmp_path / "kernels_t.json").read_text())
+    assert saved["geomean_speedup_design_shared"] == pytest.approx(2.0)
+    assert "(2 of 5 run): 2.00x" in (tmp_path / "kernels_t.md").read_text()
+    b["providers"]["deft"] = _cell(10.0, ok=False)  # deft wrong on one shared tree: no geomean at all
+    BENCH.summarize(b, ["deft", "flashinfer_decode"])
+    BENCH.write_report(report, tmp_path, "t")
+    assert report["geomean_speedup_design_shared"] is None
+    md = (tmp_path / "kernels_t.md").read_text()
+    assert "Geomean speedup: not available" in md
+
+
+def test_markdown_marks_failed_and_skipped_cells_and_agrees_with_the_json():
+    row = _row({"deft": _cell(12.5), "flashinfer_decode": {**_cell(30.0, ok=False), "finite": True,
+                                                           "max_rel_err": 0.12, "max_abs_err": 0.007},
+                "sglang_triton": {"status": "skipped", "reason": "cannot express it"}})
+    BENCH.summarize(row, ["deft", "flashinfer_decode", "sglang_triton"])
+    row["flop_floor_us"] = 1.0
+    md = BENCH.markdown(_report([row], ("deft", "flashinfer_decode", "sglang_triton")))
+    line = next(x for x in md.splitlines() if x.startswith("| c |"))
+    cells = [x.strip() for x in line.strip("|").split("|")]
+    assert cells[:7] == ["c", "5.0", "1.0", "12.5", "30.0 ✗", "skipped", "—"]  # no correct baseline
+    assert "c / flashinfer_decode: output check failed (finite: True, max rel err 1.20e-01" in md
+    assert "c / sglang_triton: skipped: cannot express it" in md

@@ -1,0 +1,71 @@
+"""benchmarks/bench_step_host.py on the CPU (``TRITON_INTERPRET=1`` runs the steady steps' kernel): every
+measured step is counted once as a full plan or a steady step, warm-up steps are not, the mean is over all
+measured steps, and the check of what the plans read fails when a plan reads the wrong slots."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_step_host", REPO / "benchmarks" / "bench_step_host.py")
+sh = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sh)
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("the steady steps' Triton kernel needs TRITON_INTERPRET=1 on the CPU", allow_module_level=True)
+
+
+def fresh_clock(monkeypatch):
+    """Call i of the clock returns sum(1..i) us: step s (calls 2s+1, 2s+2) takes 2s + 2 us."""
+    calls = iter(range(1, 10 ** 6))
+    total = [0.0]
+
+    def clock():
+        total[0] += next(calls) * 1e-6
+        return total[0]
+
+    monkeypatch.setattr(sh, "time", SimpleNamespace(perf_counter=clock))
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setitem(sh.CASES, "small", (40, 4, 3))
+    fresh_clock(monkeypatch)
+    return "small"
+
+
+def test_step_counts_and_mean(small, monkeypatch):
+    r = sh.run_case(small, torch.device("cpu"), steps=5, warmup=2, busy=False)
+    assert r["full_steps"] + r["steady_steps"] == 5  # the 2 warm-up steps are not timed
+    assert r["full_steps"] == 0 and r["checked_reads"] and r["batch"] == 4
+    # steps 2..6 took 6, 8, 10, 12, 14 us (the warm-up's first call is the full plan)
+    assert r["steady_us"] == 10.0 and r["full_us"] is None and r["mean_us"] == 10.0
+    fresh_clock(monkeypatch)
+    r = sh.run_case(small, torch.device("cpu"), steps=4, warmup=0, busy=False)
+    # steps 0 and 1 are full plans (2 and 4 us), steps 2 and 3 steady (6 and 8 us)
+    assert (r["full_steps"], r["steady_steps"], r["full_us"], r["steady_us"]) == (2, 2, 3.0, 7.0)
+    assert r["mean_us"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("bad_call", [0, 1, 2])
+def test_a_plan_that_reads_the_wrong_slots_fails(small, monkeypatch, bad_call):
+    """The plans of steps 0, 1 and the last are checked (calls 0, 1, 2 of plan_kv_reads)."""
+    import sglang_deft.kernels.reference as reference
+
+    real, seen = reference.plan_kv_reads, []
+
+    def reads(plan):
+        out = real(plan)
+        seen.append(len(seen))
+        if seen[-1] == bad_call:
+            out[1] = out[1][:-1]  # query 1 misses its newest token
+        return out
+
+    monkeypatch.setattr(reference, "plan_kv_reads", reads)
+    with pytest.raises(AssertionError, match="query 1 does not read its row once"):
+        sh.run_case(small, torch.device("cpu"), steps=4, warmup=1, busy=False)
