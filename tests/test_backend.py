@@ -385,3 +385,51 @@ def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_explained(server
     problems = model_runner_problems(runner)
     assert len(problems) == 2 and problems[0].startswith("--kv-cache-dtype fp8_e4m3: quantized KV caches")
     assert problems[1].startswith("the checkpoint's quantization config sets kv_cache_quant_algo='FP8'")
+
+
+def reference_step(server_args, model_config, monkeypatch):
+    """A backend on the reference path after one decode step of the forked batch: (backend, layers, fb)."""
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: False)
+    layers = attention_layers(model_config)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    reqs = forked_batch(sim)
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    return backend, layers, fb
+
+
+def test_unsupported_forward_arguments_are_refused_not_ignored(server_args, model_config, monkeypatch):
+    backend, layers, fb = reference_step(server_args, model_config, monkeypatch)
+    layer, B = layers[0], len(fb.deft_reqs)
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    q, k, v = torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+    with pytest.raises(NotImplementedError, match=r"does not support \['sinks'\]"):
+        backend.forward_decode(q, k, v, layer, fb, sinks=torch.zeros(hq))
+    assert backend.forward_decode(q, k, v, layer, fb, sinks=None).shape == (B, hq * d)  # None: not in use
+
+
+def test_queries_other_than_the_planned_requests_are_refused(server_args, model_config, monkeypatch):
+    backend, layers, fb = reference_step(server_args, model_config, monkeypatch)
+    layer, B = layers[0], len(fb.deft_reqs)
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    with pytest.raises(RuntimeError, match=f"metadata is for {B} requests but q has {B - 1} tokens"):
+        backend.forward_decode(torch.randn(B - 1, hq * d), torch.randn(B - 1, hkv, d), torch.randn(B - 1, hkv, d),
+                               layer, fb, save_kv_cache=False)  # (with it, the KV write's shape error comes first)
+    backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.IDLE))  # an idle batch plans nothing
+    with pytest.raises(RuntimeError, match=f"metadata is for 0 requests but q has {B} tokens"):
+        backend.forward_decode(torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d), layer, fb)
+
+
+def test_the_kernel_check_is_off_on_the_reference_path(server_args, model_config, monkeypatch, caplog):
+    """SGLANG_DEFT_VERIFY_EVERY compares the kernels with the reference: where the reference itself runs,
+    nothing is checked (nor logged)."""
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "1")
+    with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
+        backend, layers, fb = reference_step(server_args, model_config, monkeypatch)
+        B, layer = len(fb.deft_reqs), layers[0]
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        backend.forward_decode(torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d), layer, fb)
+    assert backend.verify_every == 1 and backend.forward_metadata.check_tree is None
+    from sglang_deft.kernel_check import parse_kernel_check_lines
+
+    assert parse_kernel_check_lines(caplog.text) == []

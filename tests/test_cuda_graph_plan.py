@@ -532,3 +532,53 @@ def test_plan_trace_fingerprints_what_the_kernels_read(caplog):
     other = kv.clone()
     other[7] = 42
     assert traced(other).split(" kv=")[0] == first.split(" kv=")[0] and traced(other) != first
+
+
+@needs_interpreter
+@pytest.mark.parametrize("batch", [7, 8, 9])
+def test_eager_steps_up_to_max_bs_use_the_plan_buffers_and_steady_steps(server_args, model_config, batch):
+    """--cuda-graph-max-bs requests (8 here) fit the plan buffers: their eager steps go through the step
+    planner (steady steps included), as their graph replays would; one request more gets a plan of its own."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    log = record_steady(backend)
+    prompt = sim.fresh(60)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(batch)])
+    in_buffers = []
+    for _ in range(3):
+        backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
+        in_buffers.append(backend.forward_metadata.plan.meta.data_ptr() == backend.graph_plan.meta.data_ptr())
+        sim.finish_decode(reqs)
+    fits = batch <= server_args.cuda_graph_max_bs
+    assert in_buffers == [fits] * 3
+    assert log == ([False, False, True] if fits else [])
+    assert backend.sharing.total_steps == 3 and backend.sharing.steady == log.count(True)  # the meter's steady_steps
+
+
+@needs_interpreter
+def test_a_capture_after_steady_steps_makes_the_next_step_a_full_plan(server_args, model_config):
+    """Capture writes padding-only plans into the buffers: a step right after it must not update the
+    overwritten plan in place as if it were the last step's."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    emulator = GraphEmulator(backend, kv_pool)
+    log = record_steady(backend)
+    prompt = sim.fresh(60)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    for step in range(4):
+        if step == 3:
+            emulator.capture()
+        backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
+        sim.finish_decode(reqs)
+    assert log == [False, False, True, False]
+
+
+@cpu_only
+def test_graph_state_for_more_requests_than_the_buffers_remakes_them(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    assert backend.graph_plan.qperm.numel() == server_args.cuda_graph_max_bs == 8
+    backend.init_cuda_graph_state(16, 16)
+    assert backend.graph_plan.qperm.numel() == 16 and backend.step_planner.buffers is backend.graph_plan
+    backend.init_forward_metadata_capture_cuda_graph(16, 16, torch.zeros(16, dtype=torch.int64),
+                                                     torch.ones(16, dtype=torch.int32), None, ForwardMode.DECODE, None)
+    assert backend.forward_metadata.num_queries == 16

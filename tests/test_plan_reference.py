@@ -199,3 +199,18 @@ def test_builder_shaped_trees_match_the_reference():
         for cfg in CONFIGS:
             check(tree, *cfg)
         check(tree, 4, 64, 132, None, head_dim=64, kv_elem_bytes=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("lengths", [[8192] * 4, [8192] * 8, [16384] * 32, [8192, 6000] * 3],
+                         ids=["4x8k", "8x8k", "32x16k", "alternating"])
+def test_one_wave_ties_go_to_the_lower_tile_as_in_the_reference(lengths):
+    """Requests of equal length have equal chunk-count remainders: when only some of them fit in the
+    spare items of the wave, the lower tiles take them (the specification's tie rule); the random
+    forests almost never tie."""
+    n = len(lengths)
+    tree = make_tree([-1] * n, lengths, list(range(n)), pool=2 * sum(lengths))
+    kw = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132, large_rows=64)
+    got = build_schedule(*arrays(tree), **kw)
+    assert_same_schedule(got, build_schedule_reference(*arrays(tree), **kw))
+    chunks = np.unique(got[1][:, 2], return_counts=True)[1]  # per request, in query (= tile) order
+    assert chunks.max() > chunks.min() and list(chunks) == sorted(chunks, reverse=True) or len(set(lengths)) > 1

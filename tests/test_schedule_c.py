@@ -117,3 +117,110 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     c_library.load("schedule.c")  # a new process: loads the cached file, builds nothing
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+
+
+VALUE_SOURCE = "#ifndef VALUE\n#define VALUE 1\n#endif\nint deft_value(void) { return VALUE; }\n"
+
+
+def _wrapper_cc(path, define: str):
+    """A compiler that is the system's with one more -D: a library it builds answers differently."""
+    import shutil
+
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    path.write_text(f'#!/bin/sh\nexec {real} {define} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("change", ["source", "flags", "compiler_path", "compiler_replaced_in_place"])
+def test_whatever_changes_the_build_builds_the_library_anew(tmp_path, monkeypatch, change):
+    """The cache key covers the source, the flags and the compiler (its path and its mtime): a later
+    process after any of them changed must load a library built anew, never the stale one."""
+    import os
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(cache))
+    monkeypatch.setattr(c_library, "HERE", tmp_path)
+    source = tmp_path / "value.c"
+    source.write_text(VALUE_SOURCE)
+    cc = _wrapper_cc(tmp_path / "cc1", "-DUNUSED=1")
+    monkeypatch.setenv("CC", str(cc))
+
+    def value() -> int:
+        monkeypatch.setattr(c_library, "_LOADED", {})  # a new process
+        return c_library.load("value.c").deft_value()
+
+    assert value() == 1 and len(list(cache.iterdir())) == 1
+    if change == "source":
+        source.write_text(VALUE_SOURCE.replace("define VALUE 1", "define VALUE 2"))
+    elif change == "flags":
+        monkeypatch.setattr(c_library, "CFLAGS", [*c_library.CFLAGS, "-DVALUE=2"])
+    elif change == "compiler_path":  # another compiler, even one of the same mtime
+        other = _wrapper_cc(tmp_path / "cc2", "-DVALUE=2")
+        os.utime(other, ns=(cc.stat().st_atime_ns, cc.stat().st_mtime_ns))
+        monkeypatch.setenv("CC", str(other))
+    else:  # an upgraded compiler at the same path
+        mtime = cc.stat().st_mtime_ns
+        _wrapper_cc(cc, "-DVALUE=2")
+        os.utime(cc, ns=(mtime + 10**9, mtime + 10**9))
+    assert value() == 2
+    assert len(list(cache.iterdir())) == 2
+
+
+@pytest.mark.parametrize("env, expected", [
+    (dict(SGLANG_DEFT_CACHE_DIR="/a/deft", XDG_CACHE_HOME="/b", HOME="/c"), "/a/deft"),
+    (dict(XDG_CACHE_HOME="/b", HOME="/c"), "/b/sglang_deft"),
+    (dict(HOME="/c"), "/c/.cache/sglang_deft"),
+])
+def test_cache_dir_is_the_documented_one(monkeypatch, env, expected):
+    from pathlib import Path
+
+    for name in ("SGLANG_DEFT_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert c_library._cache_dir() == Path(expected)
+
+
+def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # the cache directory cannot be made: a file is in its place
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    lib = c_library.load("schedule.c")
+    assert lib.deft_schedule is not None
+    (built,) = (tmp_path / "tmp" / f"sglang_deft_{os.getuid()}").iterdir()
+    assert built.name.startswith("schedule_")
+    # With the temp dir blocked too, the error names the variable to set.
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="no writable cache directory.*SGLANG_DEFT_CACHE_DIR"):
+        c_library.load("schedule.c")
+
+
+@pytest.mark.parametrize("cap_queries, cap_items", [(5, 9), (8, 16), (13, 30), (None, None)])
+def test_packed_layout_is_tight_and_queries_past_the_step_merge_nothing(cap_queries, cap_items):
+    """Each field starts at the previous one's end rounded up to 16 bytes (4 int32), no further; the
+    merge_indptr entries of queries past the step's B (a fixed capacity's unused rows) all equal the
+    partial count, so that every such row's merge list is empty."""
+    from sglang_deft.kernels.plan import ITEM_FIELDS, _plan_schedule
+
+    tree = make_tree([-1, 0, 0, -1], [300, 5, 7, 40], [1, 2, 2, 3])
+    sched = Schedule()
+    s = _plan_schedule(sched, tree, group_size=4, head_dim=32, kv_elem_bytes=2, num_kv_heads=2, num_sms=8,
+                       large_rows=64, programs_per_sm=4, cap_queries=cap_queries, cap_items=cap_items, kv_tokens=None)
+    B = tree.num_queries
+    cap_b, cap_i = cap_queries or B, cap_items or s.items
+    up = lambda n: -(-n // 4) * 4  # noqa: E731
+    assert (s.o_items, s.o_counts, s.o_indptr, s.o_slots) == (
+        up(cap_b), up(up(cap_b) + cap_i * ITEM_FIELDS), up(up(up(cap_b) + cap_i * ITEM_FIELDS) + 3),
+        up(up(up(up(cap_b) + cap_i * ITEM_FIELDS) + 3) + cap_b + 1))
+    assert s.packed_len == s.o_slots + s.partials
+    indptr = sched.out[s.o_indptr:s.o_indptr + cap_b + 1]
+    assert indptr[0] == 0 and (np.diff(indptr[:B + 1]) > 0).all()
+    assert (indptr[B:] == s.partials).all()

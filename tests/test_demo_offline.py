@@ -1,0 +1,145 @@
+"""The demo's parts that need no server: the launcher arguments, the device choice, the sharing
+summary over two snapshots of a server log, and the end of main() (tests/test_examples.py runs the
+demo against a real server)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_deft import demo
+from sglang_deft.sharing_metrics import SharingMeter
+
+
+def log_of(steps: list[tuple[int, int]], interval: int, meter: SharingMeter | None = None):
+    """(log text, meter): the lines a backend's meter logs for these (attended, unique) steps."""
+    import logging
+
+    meter = meter or SharingMeter(interval=interval)
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(f"[2026-12-01 04:14:28 TP0] {record.getMessage()}\n")
+    logger = logging.getLogger("sglang_deft.sharing_metrics")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for attended, unique in steps:
+            meter.record(attended, unique)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return "".join(lines), meter
+
+
+def test_sharing_summary_counts_only_the_program_between_the_snapshots():
+    # Before the program: 3 steps of another client, logged every step.
+    before, meter = log_of([(100, 100), (300, 100), (50, 50)], interval=1)
+    during, _ = log_of([(400, 100), (900, 100), (30, 10), (40, 40)], interval=1, meter=meter)
+    # The meter formats the window's counts, the summary takes the running totals' difference.
+    s = demo.sharing_summary(before, before + "unrelated line\n" + during)
+    assert (s["lines"], s["steps"], s["attended_kv_tokens"], s["unique_kv_tokens"]) == (4, 4, 1370, 250)
+    assert s["ratio"] == pytest.approx(1370 / 250)
+    assert (s["peak_ratio"], s["peak_attended_kv_tokens"], s["peak_unique_kv_tokens"]) == (9.0, 900, 100)
+
+
+def test_sharing_summary_from_the_server_start_and_without_new_lines():
+    log, _ = log_of([(400, 100), (200, 100)], interval=2)  # one line for both steps
+    s = demo.sharing_summary("", log)
+    assert (s["lines"], s["steps"], s["attended_kv_tokens"], s["unique_kv_tokens"]) == (1, 2, 600, 200)
+    assert s["ratio"] == 3.0 and s["peak_ratio"] == 3.0
+    assert demo.sharing_summary(log, log) is None  # nothing logged during the program
+
+
+def test_print_sharing_reports_the_summary_or_its_absence(capsys):
+    demo.print_sharing(None)
+    assert "no 'DeFT decode sharing' line was logged" in capsys.readouterr().out
+    demo.print_sharing({"steps": 4, "attended_kv_tokens": 1370, "unique_kv_tokens": 250, "ratio": 5.48,
+                        "peak_ratio": 9.0, "peak_attended_kv_tokens": 900, "peak_unique_kv_tokens": 100})
+    out = capsys.readouterr().out
+    assert "over the program's 4 decode steps" in out and "1370" in out and "5.48x" in out
+    assert "9.00x (900 attended / 100 unique)" in out
+
+
+@pytest.mark.parametrize("force_cpu, cuda, gpu", [(True, True, False), (False, True, True), (False, False, False)])
+def test_the_demo_uses_the_gpu_when_there_is_one_unless_told_otherwise(monkeypatch, force_cpu, cuda, gpu):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert demo.use_gpu(force_cpu) is gpu
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_server_args_pick_the_prefill_backend_of_the_device(gpu, tmp_path):
+    args = demo.server_args(tmp_path, gpu, ["--max-running-requests", "4"])
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert flag("--model-path") == str(tmp_path) and flag("--decode-attention-backend") == "deft"
+    assert flag("--attention-backend") == ("triton" if gpu else "torch_native")
+    assert ("--device" in args) is (not gpu) and ("--dtype" in args) is (not gpu)
+    if not gpu:
+        assert (flag("--device"), flag("--dtype")) == ("cpu", "float32")
+    assert flag("--decode-log-interval") == "1"  # the summary needs a line per step
+    assert args[-2:] == ["--max-running-requests", "4"]  # the user's arguments last: they win
+
+
+class FakeServer:
+    """ServerProcess's surface as main() uses it; ``fail`` makes wait_ready raise it."""
+
+    def __init__(self, fail=None):
+        self.fail, self.stopped = fail, False
+        self.url, self.command, self.proc = "http://127.0.0.1:1", ["launcher"], SimpleNamespace(pid=1)
+
+    def __call__(self, name, args, log_path, port=None):
+        self.args, self.log_path, self.port = args, log_path, port
+        log_path.write_text("server log\n")
+        return self
+
+    def wait_ready(self, timeout_s, on_poll=None):
+        if self.fail:
+            raise self.fail
+        return 0.5
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def stop(self):
+        self.stopped = True
+
+
+@pytest.mark.parametrize("outcome, argv, code, log_kept", [
+    ("ok", [], 0, False),
+    ("ok", ["--keep-log"], 0, True),
+    ("interrupted", [], 1, True),
+    ("error", [], None, True),
+])
+def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monkeypatch, capsys, outcome, argv, code,
+                                                                         log_kept):
+    fail = {"ok": None, "interrupted": KeyboardInterrupt(), "error": TimeoutError("not ready")}[outcome]
+    server = FakeServer(fail)
+    monkeypatch.setattr(demo, "ServerProcess", server)
+    monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log: {"url": url, "widths": widths})
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+    if code is None:
+        with pytest.raises(TimeoutError):
+            demo.main(["--cpu", "--port", "1234", *argv])
+    else:
+        assert demo.main(["--cpu", "--port", "1234", *argv]) == code
+    assert server.stopped and server.port == 1234
+    assert server.args[server.args.index("--attention-backend") + 1] == "torch_native"
+    assert server.log_path.parent.exists() is log_kept
+    out = capsys.readouterr().out
+    assert ("server log kept at" in out) is log_kept
+
+
+def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limits():
+    """A progress bar's \\r rewrites are one line in the log: the last rewrite is what it says. The
+    heartbeat comes at exactly ``heartbeat_s`` of silence; a text of exactly ``width`` is not cut."""
+    p = demo.StartupProgress(heartbeat_s=10, width=24)
+    log = "Capturing batches (bs=4):\rLoading 3/3\r[2026-12-01 04:14:28] Load weight end. ok\n"
+    assert p.update(log, 1.0) == ["server +1 s: Load weight end. ok"]
+    assert p.update(log, 10.9) == []
+    assert p.update(log, 11.0) == ["still starting after 11 s; the server log's last line: [2026-12-01 04:14:28]..."]
+    log += "Capturing batches 8/36\rCapturing batches 9/36\n"
+    assert p.update(log, 21.0) == ["still starting after 21 s; the server log's last line: Capturing batches 9/36"]
+    p.width = len("Capturing batches 9/36")
+    assert p.update(log, 31.0) == ["still starting after 31 s; the server log's last line: Capturing batches 9/36"]

@@ -1,0 +1,142 @@
+"""ServerProcess (the demo's, the tests' and the scripts' way to run a launcher) against a fake
+launcher: a small script in place of ``python -m sglang_deft.launch_server``, so that starting,
+waiting, querying and stopping are checked without SGLang."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sglang_deft.server_process import ServerProcess, process_group_alive
+
+FAKE_LAUNCHER = textwrap.dedent('''
+    import http.server, json, os, signal, subprocess, sys, time
+    mode, port = sys.argv[3], int(sys.argv[sys.argv.index("--port") + 1])
+    print("fake launcher", mode, flush=True)
+    if mode == "exit":
+        sys.exit(3)
+    if mode == "exit_leaving_child":  # a scheduler that outlives its launcher
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        sys.exit(0)
+    if mode == "port_taken":
+        print(f"ERROR: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
+              "Address already in use", flush=True)
+    if mode in ("port_taken", "silent"):
+        time.sleep(600)
+    if mode == "stubborn":  # it and its child ignore SIGTERM, as a wedged scheduler would
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                          "signal.SIG_IGN); time.sleep(600)"])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, body):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send(b"ok" if self.path == "/health_generate" else b"")
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/close_session":
+                self._send(b"")
+            elif isinstance(req.get("text"), list):
+                self._send(json.dumps([{"text": t + "!"} for t in req["text"]]).encode())
+            else:
+                self._send(json.dumps({"text": req["text"] + "!"}).encode())
+
+    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+''')
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """A 'python' whose ``-m sglang_deft.launch_server MODE --port N`` runs the fake launcher."""
+    script = tmp_path / "fake_launcher.py"
+    script.write_text(FAKE_LAUNCHER)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+
+    started = []
+
+    def start(mode: str) -> ServerProcess:
+        server = ServerProcess(mode, [mode], tmp_path / f"{mode}.log", python=str(python))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(grace_s=1)
+
+
+def test_wait_query_and_stop(launcher):
+    server = launcher("serve")
+    assert server.command[1:3] == ["-m", "sglang_deft.launch_server"] and server.command[-2:] == ["--port",
+                                                                                                  str(server.port)]
+    polls = []
+    waited = server.wait_ready(60, on_poll=polls.append)
+    assert 0 <= waited < 60 and polls and polls == sorted(polls)
+    assert server.generate({"text": "a"}) == [{"text": "a!"}]  # one answer: a list all the same
+    assert server.generate({"text": ["a", "b"]}) == [{"text": "a!"}, {"text": "b!"}]
+    assert server.post("/close_session", {"session_id": "x"}) is None  # an empty answer
+    assert "fake launcher serve" in server.log()
+    server.stop()
+    assert server.proc.poll() is not None and not process_group_alive(server.proc.pid)
+
+
+def test_a_launcher_that_exits_is_reported_with_its_log(launcher):
+    server = launcher("exit")
+    with pytest.raises(RuntimeError, match=r"(?s)exit server exited with 3:.*fake launcher exit"):
+        server.wait_ready(60)
+
+
+def test_a_port_taken_before_the_bind_is_reported_at_once(launcher):
+    server = launcher("port_taken")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"could not bind port {server.port}"):
+        server.wait_ready(60)
+    assert time.monotonic() - started < 30 and server.port_taken()
+
+
+def test_a_server_that_never_answers_times_out(launcher):
+    server = launcher("silent")
+    with pytest.raises(TimeoutError, match="silent server not ready after 3s"):
+        server.wait_ready(3)
+    assert not server.port_taken()
+
+
+def test_relaunched_stops_the_old_server_and_starts_the_same_command_on_another_port(launcher):
+    server = launcher("silent")
+    again = server.relaunched()
+    try:
+        assert server.proc.poll() is not None and not process_group_alive(server.proc.pid)
+        assert again.port != server.port and again.args == server.args and again.log_path == server.log_path
+        assert again.command[:-1] == server.command[:-1]  # the same python, launcher and arguments
+        assert again.proc.poll() is None
+    finally:
+        again.stop(grace_s=1)
+
+
+def test_stop_kills_the_whole_group_when_sigterm_is_ignored(launcher):
+    server = launcher("stubborn")
+    server.wait_ready(60)  # the child is started by now
+    started = time.monotonic()
+    server.stop(grace_s=1)
+    assert not process_group_alive(server.proc.pid)
+    assert time.monotonic() - started < 15
+
+
+def test_stop_ends_the_children_of_a_launcher_that_already_exited(launcher):
+    server = launcher("exit_leaving_child")
+    server.proc.wait(timeout=60)
+    assert process_group_alive(server.proc.pid)  # its child lives on in the group
+    server.stop(grace_s=5)
+    assert not process_group_alive(server.proc.pid)
