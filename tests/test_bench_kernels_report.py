@@ -5,31 +5,18 @@ the floors and device rates, the best-baseline pick and speedups, the geomean ru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench_modules import BENCH, T
 from sglang_deft.kernels import attention_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:  # test_bench_trees.py loads the same files under the same names
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
-BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 
 
 def test_check_fails_one_large_error_that_the_relative_bound_lets_through():

@@ -18,21 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_modules import BENCH, T
 from sglang_deft.kernels import attention_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
-BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 
 CASES = {c.key: c for c in T.every_case()}
 POOL = 1 << 18
