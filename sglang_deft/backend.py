@@ -210,15 +210,16 @@ class DeftAttnBackend(AttentionBackend):
         if unsupported:
             # e.g. attention sinks: ignoring them would silently change the model's outputs.
             raise NotImplementedError(f"deft forward_decode does not support {sorted(unsupported)}")
-        if save_kv_cache:
-            forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         meta = self.forward_metadata
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        # Checked before the KV write: a batch that is not the planned one must not touch the cache.
         if meta is None or q.shape[0] != meta.num_queries:
             raise RuntimeError(
                 f"deft: decode metadata is for {meta.num_queries if meta else 0} requests but q has "
                 f"{q.shape[0]} tokens (one query token per request)"
             )
+        if save_kv_cache:
+            forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         out = q.new_empty(q.shape[0], layer.tp_q_head_num, layer.v_head_dim)
         k_buffer = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id)

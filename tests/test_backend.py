@@ -412,9 +412,13 @@ def test_queries_other_than_the_planned_requests_are_refused(server_args, model_
     backend, layers, fb = reference_step(server_args, model_config, monkeypatch)
     layer, B = layers[0], len(fb.deft_reqs)
     hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    pool = fb.token_to_kv_pool
+    before = pool.get_key_buffer(0).clone(), pool.get_value_buffer(0).clone()
     with pytest.raises(RuntimeError, match=f"metadata is for {B} requests but q has {B - 1} tokens"):
         backend.forward_decode(torch.randn(B - 1, hq * d), torch.randn(B - 1, hkv, d), torch.randn(B - 1, hkv, d),
-                               layer, fb, save_kv_cache=False)  # (with it, the KV write's shape error comes first)
+                               layer, fb)
+    # Refused before the KV write: the cache holds what it held.
+    assert torch.equal(pool.get_key_buffer(0), before[0]) and torch.equal(pool.get_value_buffer(0), before[1])
     backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.IDLE))  # an idle batch plans nothing
     with pytest.raises(RuntimeError, match=f"metadata is for 0 requests but q has {B} tokens"):
         backend.forward_decode(torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d), layer, fb)
