@@ -323,6 +323,23 @@ def test_decode_batch_without_requests_is_refused(server_args, model_config):
         backend.init_forward_metadata(fb)
 
 
+def test_decode_batch_without_host_sequence_lengths_is_refused(server_args, model_config):
+    """The KV tree is built on the host from seq_lens_cpu; a batch without it is refused by name, and the
+    step before it stays the backend's metadata untouched by the refused one."""
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    kv_pool = kv_pool_for(layers, 256)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    reqs = sim.prefill([sim.new_req(sim.fresh(5))])
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    planned, steps = backend.forward_metadata, backend.eager_steps
+    fb.seq_lens_cpu = None
+    with pytest.raises(RuntimeError, match="without seq_lens_cpu; the KV tree is planned on the host"):
+        backend.init_forward_metadata(fb)
+    assert backend.forward_metadata is planned and backend.eager_steps == steps
+
+
 def test_unsupported_layer_is_refused_at_creation(server_args, model_config):
     sim = RadixSim(kv_slots=256)
     layers = attention_layers(model_config)
