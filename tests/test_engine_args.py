@@ -1,0 +1,101 @@
+"""What ``sglang_deft.Engine`` hands SGLang's Engine, without starting one.
+
+In a process of its own: importing ``sglang_deft.engine`` sets ``SGLANG_USE_CPU_ENGINE`` and
+SGLang's import-time constants, which must not leak into (or depend on) the other tests' process.
+SGLang's ``Engine.__init__`` is replaced by one that records its ``server_args``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "tiny-llama-deft"
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import sglang_deft.engine as deft_engine
+    import sglang.srt.entrypoints.engine as sglang_engine
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import ServerArgs
+    from sglang_deft.config_checks import UnsupportedConfiguration
+
+    seen = []
+    sglang_engine.Engine.__init__ = lambda self, **kw: seen.append(kw["server_args"])
+    model = sys.argv[1]
+    result = {"import_device": deft_engine._IMPORT_DEVICE, "cpu_engine": os.environ.get("SGLANG_USE_CPU_ENGINE")}
+
+    def args(a):
+        return {k: getattr(a, k) for k in ("attention_backend", "decode_attention_backend", "prefill_attention_backend",
+                                           "log_level", "device")}
+
+    result["registered_before"] = "deft" in ATTENTION_BACKENDS
+    deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
+    result["registered_after"] = "deft" in ATTENTION_BACKENDS
+    result["split"] = args(seen[-1])
+    deft_engine.Engine(model_path=model, decode_attention_backend="deft", grammar_backend="none", log_level="info")
+    result["decode_only"] = args(seen[-1])
+    own = ServerArgs(model_path=model, device="cpu", attention_backend="torch_native",
+                     decode_attention_backend="deft", grammar_backend="none", log_level="warning")
+    deft_engine.Engine(server_args=own)
+    result["own_args_passed_as_given"] = seen[-1] is own
+    try:
+        deft_engine.Engine(model_path=model, attention_backend="deft", page_size=16, grammar_backend="none")
+    except UnsupportedConfiguration as e:
+        result["refused"] = str(e)
+    result["calls"] = len(seen)
+    deft_engine._IMPORT_DEVICE = "cuda"  # as imported on a machine with CUDA
+    try:
+        deft_engine.Engine(model_path=model, device="cpu", attention_backend="deft")
+    except ValueError as e:
+        result["cpu_on_cuda"] = str(e)
+    print("RESULT " + json.dumps(result))
+""")
+
+
+@pytest.fixture(scope="module")
+def engine_args():
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_the_import_chooses_the_cpu_engine_on_a_machine_without_cuda(engine_args):
+    assert engine_args["import_device"] == "cpu" and engine_args["cpu_engine"] == "1"
+
+
+def test_the_first_engine_registers_deft(engine_args):
+    assert not engine_args["registered_before"] and engine_args["registered_after"]
+
+
+def test_attention_backend_deft_prefills_on_sglangs_cpu_backend(engine_args):
+    split = engine_args["split"]
+    assert (split["attention_backend"], split["decode_attention_backend"]) == ("torch_native", "deft")
+    assert split["device"] == "cpu"
+    assert split["log_level"] == "error"  # SGLang's Engine default, not ServerArgs' "info"
+
+
+def test_decode_attention_backend_alone_gets_the_same_prefill_and_the_callers_log_level(engine_args):
+    decode_only = engine_args["decode_only"]
+    assert (decode_only["attention_backend"], decode_only["decode_attention_backend"]) == ("torch_native", "deft")
+    assert decode_only["log_level"] == "info"
+
+
+def test_a_callers_server_args_are_passed_on_as_given(engine_args):
+    assert engine_args["own_args_passed_as_given"]
+
+
+def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
+    assert "--page-size 16" in engine_args.get("refused", "")
+    assert engine_args["calls"] == 3  # the refused Engine never reached SGLang's constructor
+
+
+def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_args):
+    assert "SGLANG_USE_CPU_ENGINE=1 before importing" in engine_args.get("cpu_on_cuda", "")
