@@ -13,9 +13,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
+# Where Engine runs when not told: CUDA when there is one, prefill on SGLang's backend for that device.
+DEVICE, PREFILL = ("cuda", "triton") if torch.cuda.is_available() else ("cpu", "torch_native")
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -40,7 +43,7 @@ SCRIPT = textwrap.dedent("""
     result["split"] = args(seen[-1])
     deft_engine.Engine(model_path=model, decode_attention_backend="deft", grammar_backend="none", log_level="info")
     result["decode_only"] = args(seen[-1])
-    own = ServerArgs(model_path=model, device="cpu", attention_backend="torch_native",
+    own = ServerArgs(model_path=model, device=sys.argv[2], attention_backend=sys.argv[3],
                      decode_attention_backend="deft", grammar_backend="none", log_level="warning")
     deft_engine.Engine(server_args=own)
     result["own_args_passed_as_given"] = seen[-1] is own
@@ -60,31 +63,32 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def engine_args():
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL)], cwd=REPO, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
-def test_the_import_chooses_the_cpu_engine_on_a_machine_without_cuda(engine_args):
-    assert engine_args["import_device"] == "cpu" and engine_args["cpu_engine"] == "1"
+def test_the_import_chooses_the_device_and_sglangs_engine_for_it(engine_args):
+    assert engine_args["import_device"] == DEVICE
+    assert engine_args["cpu_engine"] == ("1" if DEVICE == "cpu" else None)
 
 
 def test_the_first_engine_registers_deft(engine_args):
     assert not engine_args["registered_before"] and engine_args["registered_after"]
 
 
-def test_attention_backend_deft_prefills_on_sglangs_cpu_backend(engine_args):
+def test_attention_backend_deft_prefills_on_sglangs_backend_for_the_device(engine_args):
     split = engine_args["split"]
-    assert (split["attention_backend"], split["decode_attention_backend"]) == ("torch_native", "deft")
-    assert split["device"] == "cpu"
+    assert (split["attention_backend"], split["decode_attention_backend"]) == (PREFILL, "deft")
+    assert split["device"] == DEVICE
     assert split["log_level"] == "error"  # SGLang's Engine default, not ServerArgs' "info"
 
 
 def test_decode_attention_backend_alone_gets_the_same_prefill_and_the_callers_log_level(engine_args):
     decode_only = engine_args["decode_only"]
-    assert (decode_only["attention_backend"], decode_only["decode_attention_backend"]) == ("torch_native", "deft")
+    assert (decode_only["attention_backend"], decode_only["decode_attention_backend"]) == (PREFILL, "deft")
     assert decode_only["log_level"] == "info"
 
 
