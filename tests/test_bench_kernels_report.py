@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench_modules import BENCH, T
+from bench_modules import BENCH, T, random_qkv
 from sglang_deft.kernels import attention_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +40,7 @@ def ctx():
     """A small case as run_cases_here builds it, on the CPU."""
     shape = T.fork_tree([(1, 40), (3, 7), (2, 5)])
     tree = T.build_tree(shape, 1 << 12, seed=4)
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(1 << 12, 2, 16, generator=g)
-    v = torch.randn(1 << 12, 2, 16, generator=g)
-    q = torch.randn(tree.num_queries, 8, 16, generator=g)
+    q, k, v = random_qkv(tree.num_queries, 1 << 12, seed=0)
     case = T.Case("small", "small", shape, 8, 2, 16)
     args = argparse.Namespace(cpu_reps=1, no_graph=True, hot=False)
     c = BENCH.Ctx(case, tree, tree.kv_indices, q, k, v, 0.25, torch.device("cpu"), args, None)

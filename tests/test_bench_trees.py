@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench_modules import BENCH, T
+from bench_modules import BENCH, T, random_qkv
 from sglang_deft.kernels import attention_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,10 +189,7 @@ def test_baseline_math_matches_reference(name):
     log-sum-exp merge and empty-KV requests) equals the fp32 reference, on small trees."""
     shape = SMALL_SHAPES[name]()
     tree = T.build_tree(shape, 1 << 14, seed=2)
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(1 << 14, 2, 16, generator=g)
-    v = torch.randn(1 << 14, 2, 16, generator=g)
-    q = torch.randn(tree.num_queries, 8, 16, generator=g)
+    q, k, v = random_qkv(tree.num_queries, 1 << 14, seed=0)
     ref = attention_reference(q, k, v, tree, 0.25)
     indptr, idx = T.paged_arrays(tree)
     torch.testing.assert_close(T.paged_attention_torch(q, k, v, indptr, idx, 0.25), ref, atol=1e-5, rtol=1e-5)
@@ -205,10 +202,7 @@ def test_cascade_merge_is_stable_for_large_scores():
     without subtracting the running maximum)."""
     shape = T.fork_tree([(1, 40), (3, 7), (2, 5)])
     tree = T.build_tree(shape, 1 << 12, seed=5)
-    g = torch.Generator().manual_seed(1)
-    k = torch.randn(1 << 12, 2, 16, generator=g)
-    v = torch.randn(1 << 12, 2, 16, generator=g)
-    q = torch.randn(tree.num_queries, 8, 16, generator=g)
+    q, k, v = random_qkv(tree.num_queries, 1 << 12, seed=1)
     ref = attention_reference(q, k, v, tree, 40.0)
     got = T.cascade_attention_torch(q, k, v, T.cascade_layout(tree), 40.0)
     assert bool(torch.isfinite(got).all())
@@ -218,10 +212,7 @@ def test_cascade_merge_is_stable_for_large_scores():
 def test_check_catches_a_dropped_leaf_but_passes_bf16_rounding():
     shape = T.fork_tree([(1, 4096), (4, 256)])
     tree = T.build_tree(shape, 1 << 14, seed=3)
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(1 << 14, 2, 64, generator=g).bfloat16()
-    v = torch.randn(1 << 14, 2, 64, generator=g).bfloat16()
-    q = torch.randn(4, 8, 64, generator=g).bfloat16()
+    q, k, v = random_qkv(4, 1 << 14, seed=0, dim=64, dtype=torch.bfloat16)
     ref = attention_reference(q, k, v, tree, 0.125)
     assert BENCH.check(ref.bfloat16(), ref)["ok"]
     # Query 3 loses its 256-token leaf: a kernel that skipped a node.
