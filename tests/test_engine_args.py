@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sglang_deft
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
 # Where Engine runs when not told: CUDA when there is one, prefill on SGLang's backend for that device.
@@ -63,8 +65,11 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def engine_args():
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    # Run where this process imports sglang_deft from (the installed repo, or the GPU host's overlay:
+    # scripts/gpu_e2e.py --make-overlay), so that the child imports the same package.
+    package_root = Path(sglang_deft.__file__).parent.parent  # not resolved: the overlay is symlinks
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=package_root,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
