@@ -10,6 +10,7 @@ same output.
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_deco
 from sglang_deft.kernels.plan import build_schedule, few_merges_max_queries
 from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape
 from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version
+from sglang_deft.sharing_metrics import parse_sharing_lines
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
                           per_request_reference, random_kv_setup, record_steady)
@@ -582,3 +584,132 @@ def test_graph_state_for_more_requests_than_the_buffers_remakes_them(server_args
     backend.init_forward_metadata_capture_cuda_graph(16, 16, torch.zeros(16, dtype=torch.int64),
                                                      torch.ones(16, dtype=torch.int32), None, ForwardMode.DECODE, None)
     assert backend.forward_metadata.num_queries == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph hooks' contracts
+# --------------------------------------------------------------------------------------------------
+def capture_graph(backend, bs, mode=ForwardMode.DECODE, spec_info=None):
+    backend.init_forward_metadata_capture_cuda_graph(bs, bs, torch.zeros(bs, dtype=torch.int64),
+                                                     torch.ones(bs, dtype=torch.int32), None, mode, spec_info)
+
+
+@cpu_only
+@pytest.mark.parametrize("max_bs, max_num_tokens", [(8, 4), (8, 16), (4, 8)])
+def test_graph_state_for_other_than_one_token_per_request_is_refused_before_any_buffer_is_made(
+        server_args, model_config, max_bs, max_num_tokens):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    buffers = backend.graph_plan
+    with pytest.raises(RuntimeError, match=f"CUDA graphs of {max_num_tokens} tokens for {max_bs} requests"):
+        backend.init_cuda_graph_state(max_bs, max_num_tokens)
+    assert backend.graph_plan is buffers
+
+
+@cpu_only
+def test_graph_state_for_the_buffers_own_size_keeps_them_and_fewer_requests_remakes_them(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    buffers, planner = backend.graph_plan, backend.step_planner
+    # SGLang's max_bs is --cuda-graph-max-bs here: the buffers made with the backend (before any capture) stay.
+    backend.init_cuda_graph_state(8, 8)
+    assert backend.graph_plan is buffers and backend.step_planner is planner
+    # Graphs of at most 4 requests (a small request pool): buffers of their size, eager steps alike.
+    backend.init_cuda_graph_state(4, 4)
+    assert backend.graph_plan.qperm.numel() == 4 and backend.step_planner.buffers is backend.graph_plan
+    assert backend.graph_plan.kv_indices.numel() == kv_pool.size  # the pool's slots bound a tree's tokens
+
+
+@cpu_only
+@pytest.mark.parametrize("mode, spec_info", [(ForwardMode.EXTEND, None), (ForwardMode.TARGET_VERIFY, None),
+                                             (ForwardMode.IDLE, None), (ForwardMode.DECODE, SimpleNamespace())],
+                         ids=["extend", "target_verify", "idle", "decode_with_spec_info"])
+def test_capture_of_anything_but_a_plain_decode_batch_is_refused(server_args, model_config, mode, spec_info):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    meta = backend.graph_plan.meta.clone()
+    with pytest.raises(RuntimeError, match=f"capture of a {mode.name} batch; deft captures decode only"):
+        capture_graph(backend, 4, mode, spec_info)
+    assert backend.forward_metadata is None and torch.equal(backend.graph_plan.meta, meta)
+
+
+@cpu_only
+def test_capture_of_a_batch_size_past_the_buffers_is_refused(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    with pytest.raises(RuntimeError, match="CUDA graph of batch size 9, past the plan buffers' 8 requests"):
+        capture_graph(backend, 9)
+    assert backend.forward_metadata is None
+    capture_graph(backend, 8)
+    assert backend.forward_metadata.num_queries == 8
+
+
+@cpu_only
+def test_a_replay_asked_for_a_batch_that_is_not_decode_declines_and_plans_nothing(server_args, model_config):
+    """deft plans decode batches only: any other batch SGLang would replay runs eagerly instead, and
+    nothing is planned into the buffers or counted for it."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
+    meta = backend.graph_plan.meta.clone()
+    idle = SimpleNamespace(forward_mode=ForwardMode.IDLE, deft_reqs=[], seq_lens_cpu=torch.zeros(0, dtype=torch.int64))
+    assert backend.deft_prepare_graph_replay(idle, 1) is False
+    assert backend.planned_replay_size is None and backend.sharing.total_steps == 0
+    assert torch.equal(backend.graph_plan.meta, meta)
+
+
+@needs_interpreter
+def test_a_batch_of_exactly_max_bs_replays_unpadded_in_the_largest_graph(server_args, model_config):
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    emulator = GraphEmulator(backend, kv_pool)
+    prompt = sim.fresh(40)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(server_args.cuda_graph_max_bs)])
+    assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == 8  # bitwise as its eager step
+    assert backend.forward_metadata.plan.meta.data_ptr() == backend.graph_plan.meta.data_ptr()
+
+
+@needs_interpreter
+def test_replays_are_metered_and_logged_as_the_eager_steps_they_stand_for(server_args, model_config, caplog):
+    """A server's sharing line must not depend on CUDA graphs: each replayed step is counted once, with
+    the KV tokens its requests attend, the tokens of its tree and its steady flag, as the eager step of
+    a --disable-cuda-graph server over the same batches counts it."""
+    sim, layers, kv_pool, graphs = graph_setup(server_args, model_config)
+    eager = make_backend(sim, server_args, model_config, layers, kv_pool)
+    emulator = GraphEmulator(graphs, kv_pool)
+    graphs.step_planner.slack = eager.step_planner.slack = 2
+    recorded = {}
+    for name, backend in (("graphs", graphs), ("eager", eager)):
+        backend.sharing.interval = 3
+        record, recorded[name] = backend.sharing.record, []
+
+        def counted(attended, unique, host_s, steady, record=record, log=recorded[name]):
+            log.append((attended, unique, steady))
+            record(attended, unique, host_s, steady)
+
+        backend.sharing.record = counted
+    prompt = sim.fresh(60)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    expected = []
+    with caplog.at_level("INFO", logger="sglang_deft.sharing_metrics"):
+        for step in range(6):
+            if step == 4:  # a request joins: a full plan, and the graph of 4
+                reqs += sim.prefill([sim.new_req(sim.fresh(20))])
+            fb = decode_forward_batch(sim, reqs, kv_pool)
+            rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, fb.seq_lens_cpu.tolist())]
+            expected.append((int(fb.seq_lens_cpu.sum()), len(set(torch.cat(rows).tolist()))))
+            assert emulator.prepare(fb) == 4
+            eager.init_forward_metadata(fb)
+            sim.finish_decode(reqs)
+    assert recorded["graphs"] == recorded["eager"]
+    assert [r[:2] for r in recorded["graphs"]] == expected
+    assert [r[2] for r in recorded["graphs"]] == [False, False, True, True, False, False]
+    lines = [{k: v for k, v in row.items() if k != "plan_host_us"} for row in parse_sharing_lines(caplog.text)]
+    assert len(lines) == 4 and lines[0::2] == lines[1::2]  # each window: the graphs' line, then the eager one
+    assert [line["steady_steps"] for line in lines[0::2]] == [1, 1]
+
+
+@cpu_only
+def test_the_plan_buffers_take_stage2s_threshold_from_the_servers_graph_sizes(server_args, model_config, monkeypatch):
+    """On 48 SMs at 8 heads one merge per SM fits 6 queries: with graphs of 1, 3 and 8 requests the
+    threshold is 3, not the 4 of the default powers of two (a batch of 4 replays in the graph of 8)."""
+    monkeypatch.setattr(kernel_plan, "_num_sms", lambda device: 48)
+    args = copy.copy(server_args)
+    args.cuda_graph_bs = [1, 3, 8]
+    sim, layers, kv_pool, backend = graph_setup(args, model_config, kv_slots=256)
+    assert backend.graph_plan.few_merges_max_queries == 3

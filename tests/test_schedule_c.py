@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_trees import make_tree, random_forest
+from kernel_trees import make_tree, named_trees, random_forest
 from sglang_deft.kernels import KVTree, PlanCapacity, plan_tree_decode
 from sglang_deft.kernels import c_library
 from sglang_deft.kernels.plan import TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.schedule import Schedule
+from test_plan_reference import build_schedule_reference
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 127, 128, 129, 300, 1000, 8191, 8193, 20000])
@@ -224,3 +225,60 @@ def test_packed_layout_is_tight_and_queries_past_the_step_merge_nothing(cap_quer
     indptr = sched.out[s.o_indptr:s.o_indptr + cap_b + 1]
     assert indptr[0] == 0 and (np.diff(indptr[:B + 1]) > 0).all()
     assert (indptr[B:] == s.partials).all()
+
+
+def _reference_schedule(tree, **kw):
+    arrays = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
+    return build_schedule_reference(*arrays, **kw)
+
+
+@pytest.mark.parametrize("capacity", [None, PlanCapacity(max_queries=300, max_kv_tokens=1 << 20, max_items=400,
+                                                         max_partials=4096, max_merge=4096)], ids=["exact", "capacity"])
+@pytest.mark.parametrize("name", ["fanout_256", "odd_lengths", "inner_queries", "forest", "empty_paths"])
+def test_every_packed_field_is_where_the_plan_reads_it(name, capacity):
+    """The plan's device fields are views of the packed buffer at schedule.c's offsets: each must hold
+    the specification's values, counts included (large items, small items, queries), which
+    build_schedule does not read back from the buffer (it takes them from info[])."""
+    tree = named_trees()[name]
+    plan = plan_tree_decode(tree, 8, 2, 32, "cpu", kv_dtype=torch.float16, capacity=capacity)
+    qperm, items, num_large, indptr, slots, partials = _reference_schedule(
+        tree, group_size=4, head_dim=32, kv_elem_bytes=2, num_kv_heads=2, num_sms=8)
+    B, n = tree.num_queries, len(items)
+    assert plan.counts.tolist() == [num_large, n - num_large, B]
+    assert plan.qperm[:B].tolist() == qperm.tolist()
+    assert plan.items[:n].tolist() == items.tolist()
+    assert plan.merge_indptr[:B + 1].tolist() == indptr.tolist()
+    assert (plan.merge_indptr[B:] == partials).all()  # a capacity's rows past B merge nothing
+    assert plan.merge_slots[:partials].tolist() == slots.tolist()
+    assert plan.merge_slots.numel() == (capacity.max_merge if capacity else partials)
+
+
+@pytest.mark.parametrize("root_len", [40, 300, 40000], ids=["one_radix_pass", "two_passes", "three_passes"])
+def test_items_of_equal_cost_keep_kv_then_query_order(root_len):
+    """The documented order: large items before small, longer before shorter, and among items of one
+    length (equal cost) kv_start, then q_start: a chunk's query tiles stay adjacent. The sort is a
+    stable byte-wise radix sort whose pass count follows the KV size, so ties are checked at 1-3 passes."""
+    # A root shared by 12 queries at GQA 4 (three query tiles of 16 rows) and their 12 private tails of
+    # two lengths, interleaved so that equal lengths are not adjacent in KV order. The KV size (70,
+    # 330, 40030 tokens) sets the sort keys' bytes.
+    tree = make_tree([-1] + [0] * 12, [root_len] + [2 + i % 2 for i in range(12)], list(range(1, 13)),
+                     pool=2 * root_len + 400)
+    kw = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132, large_rows=16)
+    qperm, items, num_large, *_ = build_schedule(*(t.numpy() for t in (tree.node_indptr, tree.node_parent,
+                                                                          tree.query_node)), **kw)
+    is_small = np.arange(len(items)) >= num_large
+    documented = sorted(range(len(items)), key=lambda i: (is_small[i], -items[i, 1], items[i, 0], items[i, 2]))
+    assert documented == list(range(len(items)))
+    assert num_large >= 3 and len(items) - num_large == 12 and (items[num_large:, 1] <= 3).all()
+    np.testing.assert_array_equal(items, _reference_schedule(tree, **kw)[1])
+
+
+def test_the_schedule_itself_refuses_more_queries_than_its_layout_holds():
+    """schedule.c lays qperm out for cap_queries entries, the items right after: more queries would
+    overwrite them. plan.py checks the capacity again, but Schedule.run must not return such a layout."""
+    from sglang_deft.kernels.plan import _plan_schedule
+
+    tree = make_tree([-1, 0, 0], [300, 5, 7], [1, 2, 2])
+    with pytest.raises(ValueError, match="needs 3 queries, more than the plan capacity 2"):
+        _plan_schedule(Schedule(), tree, group_size=4, head_dim=32, kv_elem_bytes=2, num_kv_heads=2, num_sms=8,
+                       large_rows=64, programs_per_sm=4, cap_queries=2, cap_items=16, kv_tokens=None)
