@@ -121,8 +121,8 @@ class DeftAttnBackend(AttentionBackend):
         self.planner = TreeDecodePlanner(self.num_qo_heads, self.num_kv_heads, self.head_dim, kv_dtype=self.kv_dtype,
                                          graph_batch_sizes=sizes)
         # The fixed plan buffers every captured graph reads, and eager steps of up to max_bs requests
-        # too (made by init_cuda_graph_state, or at the first decode step without CUDA graphs), and
-        # the step planner that writes them (steady steps update the last plan in place).
+        # too (made below where the kernels run, remade by init_cuda_graph_state for other graph sizes),
+        # and the step planner that writes them (steady steps update the last plan in place).
         self.graph_plan: TreeDecodePlan | None = None
         self.step_planner: DecodeStepPlanner | None = None
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
@@ -253,7 +253,9 @@ class DeftAttnBackend(AttentionBackend):
         spec_info,
     ):
         if not forward_mode.is_decode() or spec_info is not None:
-            raise RuntimeError(f"deft: CUDA-graph capture of a {forward_mode.name} batch; deft captures decode only")
+            batch = f"a {forward_mode.name} batch" + (" with spec_info (speculative decoding)" if spec_info is not None
+                                                      else "")
+            raise RuntimeError(f"deft: CUDA-graph capture of {batch}; deft captures plain decode only")
         # Padding queries only: valid buffers for the warm-up runs; each replay writes its own plan.
         plan = plan_graph_step(self.graph_plan, empty_tree(self.device), bs, self.kv_dtype, self.planner)
         if plan is None:

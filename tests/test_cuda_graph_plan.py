@@ -625,7 +625,8 @@ def test_graph_state_for_the_buffers_own_size_keeps_them_and_fewer_requests_rema
 def test_capture_of_anything_but_a_plain_decode_batch_is_refused(server_args, model_config, mode, spec_info):
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config, kv_slots=256)
     meta = backend.graph_plan.meta.clone()
-    with pytest.raises(RuntimeError, match=f"capture of a {mode.name} batch; deft captures decode only"):
+    batch = f"a {mode.name} batch" + (r" with spec_info \(speculative decoding\)" if spec_info else "")
+    with pytest.raises(RuntimeError, match=f"capture of {batch}; deft captures plain decode only"):
         capture_graph(backend, 4, mode, spec_info)
     assert backend.forward_metadata is None and torch.equal(backend.graph_plan.meta, meta)
 
