@@ -132,6 +132,8 @@ def ids_and_logprobs(meta_info: dict) -> tuple[list[int], list[float]]:
 # float16 (SGLang's CUDA rmsnorm has no float32), where deft and SGLang's triton decode differ by up
 # to 0.017 (benchmarks/results/e2e_correctness_cuda_graph_tiny_h200_8e3fc22.json); one server's runs
 # of a request in different batches round differently too (deft's chunks follow the batch's tree).
+# Over all the comparisons of `gpu_session.sh features` the largest gap was 0.016 (tiny model) and
+# 0.021 (its 32/8/128 variant, the Hopper kernel) at 2e57a20 / 021448d (features_gpu_h200.json).
 # A greedy pick that two roundings within it can flip is between two tokens whose logprobs are that
 # close, so neither is above log(0.5) + LOGPROB_ATOL.
 LOGPROB_ATOL = 0.03 if ON_GPU else 2e-4
