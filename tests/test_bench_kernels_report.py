@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from bench_modules import BENCH, T, random_qkv
 from sglang_deft.kernels import attention_reference
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
 
 
 def test_check_fails_one_large_error_that_the_relative_bound_lets_through():

@@ -21,10 +21,6 @@ import torch
 from bench_modules import BENCH, T, random_qkv
 from sglang_deft.kernels import attention_reference
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-
 CASES = {c.key: c for c in T.every_case()}
 POOL = 1 << 18
 
