@@ -162,6 +162,13 @@ def test_a_tree_past_the_limits_is_refused_untouched_and_planned_eagerly():
 # --------------------------------------------------------------------------------------------------
 # The backend through capture and replays
 # --------------------------------------------------------------------------------------------------
+def capture_graph(backend, bs, mode=ForwardMode.DECODE, spec_info=None):
+    """What SGLang's CudaGraphRunner calls before capturing a graph of ``bs`` requests, with its buffers'
+    initial values as the dummy inputs."""
+    backend.init_forward_metadata_capture_cuda_graph(bs, bs, torch.zeros(bs, dtype=torch.int64),
+                                                     torch.ones(bs, dtype=torch.int32), None, mode, spec_info)
+
+
 class GraphEmulator:
     """What CudaGraphRunner does with the backend, minus the graph: per captured size the metadata
     its recorded launches read; per replay, the patched can_run's call and replay_prepare's."""
@@ -175,9 +182,7 @@ class GraphEmulator:
         """Largest size first, as SGLang captures; the dummy inputs are its buffers' initial values."""
         self.captured = {}
         for bs in reversed(CAPTURE_BS):
-            self.backend.init_forward_metadata_capture_cuda_graph(bs, bs, torch.zeros(bs, dtype=torch.int64),
-                                                                  torch.ones(bs, dtype=torch.int32), None,
-                                                                  ForwardMode.DECODE, None)
+            capture_graph(self.backend, bs)
             self.captured[bs] = self.backend.forward_metadata
 
     def padded_size(self, batch_size):
@@ -581,19 +586,13 @@ def test_graph_state_for_more_requests_than_the_buffers_remakes_them(server_args
     assert backend.graph_plan.qperm.numel() == server_args.cuda_graph_max_bs == 8
     backend.init_cuda_graph_state(16, 16)
     assert backend.graph_plan.qperm.numel() == 16 and backend.step_planner.buffers is backend.graph_plan
-    backend.init_forward_metadata_capture_cuda_graph(16, 16, torch.zeros(16, dtype=torch.int64),
-                                                     torch.ones(16, dtype=torch.int32), None, ForwardMode.DECODE, None)
+    capture_graph(backend, 16)
     assert backend.forward_metadata.num_queries == 16
 
 
 # --------------------------------------------------------------------------------------------------
 # The graph hooks' contracts
 # --------------------------------------------------------------------------------------------------
-def capture_graph(backend, bs, mode=ForwardMode.DECODE, spec_info=None):
-    backend.init_forward_metadata_capture_cuda_graph(bs, bs, torch.zeros(bs, dtype=torch.int64),
-                                                     torch.ones(bs, dtype=torch.int32), None, mode, spec_info)
-
-
 @cpu_only
 @pytest.mark.parametrize("max_bs, max_num_tokens", [(8, 4), (8, 16), (4, 8)])
 def test_graph_state_for_other_than_one_token_per_request_is_refused_before_any_buffer_is_made(

@@ -212,5 +212,6 @@ def test_one_wave_ties_go_to_the_lower_tile_as_in_the_reference(lengths):
     kw = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132, large_rows=64)
     got = build_schedule(*arrays(tree), **kw)
     assert_same_schedule(got, build_schedule_reference(*arrays(tree), **kw))
-    chunks = np.unique(got[1][:, 2], return_counts=True)[1]  # per request, in query (= tile) order
-    assert chunks.max() > chunks.min() and list(chunks) == sorted(chunks, reverse=True) or len(set(lengths)) > 1
+    if len(set(lengths)) == 1:  # equal requests: some took a spare item, the lower tiles first
+        chunks = np.unique(got[1][:, 2], return_counts=True)[1]  # per request, in query (= tile) order
+        assert chunks.max() > chunks.min() and list(chunks) == sorted(chunks, reverse=True)

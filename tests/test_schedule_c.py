@@ -14,7 +14,7 @@ from sglang_deft.kernels import KVTree, PlanCapacity, plan_tree_decode
 from sglang_deft.kernels import c_library
 from sglang_deft.kernels.plan import TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.schedule import Schedule
-from test_plan_reference import build_schedule_reference
+from test_plan_reference import arrays, build_schedule_reference
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 127, 128, 129, 300, 1000, 8191, 8193, 20000])
@@ -227,11 +227,6 @@ def test_packed_layout_is_tight_and_queries_past_the_step_merge_nothing(cap_quer
     assert (indptr[B:] == s.partials).all()
 
 
-def _reference_schedule(tree, **kw):
-    arrays = [t.numpy().astype(np.int64) for t in (tree.node_indptr, tree.node_parent, tree.query_node)]
-    return build_schedule_reference(*arrays, **kw)
-
-
 @pytest.mark.parametrize("capacity", [None, PlanCapacity(max_queries=300, max_kv_tokens=1 << 20, max_items=400,
                                                          max_partials=4096, max_merge=4096)], ids=["exact", "capacity"])
 @pytest.mark.parametrize("name", ["fanout_256", "odd_lengths", "inner_queries", "forest", "empty_paths"])
@@ -241,8 +236,8 @@ def test_every_packed_field_is_where_the_plan_reads_it(name, capacity):
     build_schedule does not read back from the buffer (it takes them from info[])."""
     tree = named_trees()[name]
     plan = plan_tree_decode(tree, 8, 2, 32, "cpu", kv_dtype=torch.float16, capacity=capacity)
-    qperm, items, num_large, indptr, slots, partials = _reference_schedule(
-        tree, group_size=4, head_dim=32, kv_elem_bytes=2, num_kv_heads=2, num_sms=8)
+    qperm, items, num_large, indptr, slots, partials = build_schedule_reference(
+        *arrays(tree), group_size=4, head_dim=32, kv_elem_bytes=2, num_kv_heads=2, num_sms=8)
     B, n = tree.num_queries, len(items)
     assert plan.counts.tolist() == [num_large, n - num_large, B]
     assert plan.qperm[:B].tolist() == qperm.tolist()
@@ -264,13 +259,12 @@ def test_items_of_equal_cost_keep_kv_then_query_order(root_len):
     tree = make_tree([-1] + [0] * 12, [root_len] + [2 + i % 2 for i in range(12)], list(range(1, 13)),
                      pool=2 * root_len + 400)
     kw = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=132, large_rows=16)
-    qperm, items, num_large, *_ = build_schedule(*(t.numpy() for t in (tree.node_indptr, tree.node_parent,
-                                                                          tree.query_node)), **kw)
+    qperm, items, num_large, *_ = build_schedule(*arrays(tree), **kw)
     is_small = np.arange(len(items)) >= num_large
     documented = sorted(range(len(items)), key=lambda i: (is_small[i], -items[i, 1], items[i, 0], items[i, 2]))
     assert documented == list(range(len(items)))
     assert num_large >= 3 and len(items) - num_large == 12 and (items[num_large:, 1] <= 3).all()
-    np.testing.assert_array_equal(items, _reference_schedule(tree, **kw)[1])
+    np.testing.assert_array_equal(items, build_schedule_reference(*arrays(tree), **kw)[1])
 
 
 def test_the_schedule_itself_refuses_more_queries_than_its_layout_holds():
