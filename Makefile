@@ -26,8 +26,13 @@ $(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extrac
 	$(VENV_PYTHON) -m sglang_deft.cpu_compat.extract_sgl_kernel $(SGL_KERNEL_WHEEL)
 	touch $@
 
+# Two pytest-xdist workers: the suite is mostly SGLang servers starting and decoding, whose processes
+# leave one of CI's 2 cores idle much of the time under one worker. Each module's servers start on
+# one worker (tests/conftest.py); `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
+
 test: venv
-	TRITON_INTERPRET=1 $(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(VENV_PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The venv is the CPU environment: a caller passing its own PYTHON brings its own SGLang, and must have
 # installed this package into it (kernels/ and patches/ become sglang_deft.* only through the install).

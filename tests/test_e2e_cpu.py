@@ -21,6 +21,7 @@ which runs the Hopper kernel (``tiny_models.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -34,6 +35,8 @@ from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import gpu_package_env, serving
 from tiny_models import server_test_model, with_config
 
+# The SERVERS run as conftest's session fixture tiny_servers: test_e2e_cpu_triton and _tp compare
+# against them too.
 REPO = Path(__file__).resolve().parents[1]
 MODEL = server_test_model()
 STARTUP_TIMEOUT_S = 240
@@ -81,9 +84,9 @@ CONTEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("servers")
+@contextlib.contextmanager
+def serving_tiny_servers(log_dir: Path):
+    """The three SERVERS, started side by side; stopped on exit."""
     launch = server_launch()
     running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", **launch)
                for name, extra in SERVERS.items()}
@@ -187,9 +190,9 @@ def greedy(max_new_tokens=MAX_TOKENS, **extra) -> dict:
     return {"temperature": 0, "max_new_tokens": max_new_tokens, **extra}
 
 
-def test_nested_fork_program_matches(servers):
+def test_nested_fork_program_matches(tiny_servers):
     results = {}
-    for name, server in servers.items():
+    for name, server in tiny_servers.items():
         state = nested_forks.run(context=CONTEXT, backend=RuntimeEndpoint(server.url))
         results[name] = state.ret_value
     for deft in DEFT_SERVERS:
@@ -198,33 +201,33 @@ def test_nested_fork_program_matches(servers):
             assert_same_generation(ids, lps, ref_ids, ref_lps)
 
 
-def test_parallel_sampling_n_matches(servers):
+def test_parallel_sampling_n_matches(tiny_servers):
     payload = {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4), "return_logprob": True}
-    outs = {name: server.generate(payload) for name, server in servers.items()}
+    outs = {name: server.generate(payload) for name, server in tiny_servers.items()}
     for name in DEFT_SERVERS:
         assert len(outs[name]) == 4
         for deft, ref in zip(outs[name], outs["reference"]):
             assert_same_output(deft, ref)
 
 
-def test_shared_prefix_batch_matches(servers):
+def test_shared_prefix_batch_matches(tiny_servers):
     prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
     payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
-    outs = {name: server.generate(payload) for name, server in servers.items()}
+    outs = {name: server.generate(payload) for name, server in tiny_servers.items()}
     for name in DEFT_SERVERS:
         for deft, ref in zip(outs[name], outs["reference"]):
             assert_same_output(deft, ref)
     assert len({tuple(o["output_ids"]) for o in outs["reference"]}) > 1  # the branches really differ
 
 
-def test_streaming_session_turn_matches_one_request(servers):
+def test_streaming_session_turn_matches_one_request(tiny_servers):
     """A streaming session's second turn continues in the session's own KV row, with SessionAwareCache's
     _VirtualNode as its last node: deft serves it as a private request (before, the tree builder raised
     and the scheduler died). It equals the reference server's one request of the whole context: turn
     1's input and output, then turn 2's input. (Not on the strict-memory-check servers of
     test_e2e_cpu_robustness: SGLang's busy check counts a session's held slots as a leak, with its own
     torch_native decode too.)"""
-    deft = servers["deft"]
+    deft = tiny_servers["deft"]
     sid = deft.post("/open_session", {"capacity_of_str_len": 8192, "streaming": True})
     ids1 = [(7 * i + 3) % 200 + 20 for i in range(150)]
     ids2 = [(11 * i + 5) % 200 + 20 for i in range(90)]
@@ -234,30 +237,30 @@ def test_streaming_session_turn_matches_one_request(servers):
                                "session_params": {"id": sid, "rid": first["meta_info"]["id"]}})[0]
     finally:
         deft.post("/close_session", {"session_id": sid})
-    whole = servers["reference"].generate({"input_ids": ids1 + first["output_ids"] + ids2, "sampling_params": greedy(),
-                                           "return_logprob": True})[0]
+    whole = tiny_servers["reference"].generate({"input_ids": ids1 + first["output_ids"] + ids2,
+                                                "sampling_params": greedy(), "return_logprob": True})[0]
     assert turn2["meta_info"]["prompt_tokens"] == whole["meta_info"]["prompt_tokens"] == 150 + MAX_TOKENS + 90
     assert_same_output(turn2, whole)
 
 
-def test_mistral_sliding_window_config_is_served_as_sglang_serves_it(servers, mistral_server):
+def test_mistral_sliding_window_config_is_served_as_sglang_serves_it(tiny_servers, mistral_server):
     """SGLang serves Mistral with its Llama class, which ignores the config's ``sliding_window``: its own
     backends attend every token. deft serves such a config (with a warning) instead of refusing it, and
     must attend every token too: on the same weights its generations equal the reference server's (the
     Llama config, torch_native or triton decode) over prompts four times the window."""
     prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
     payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
-    outs, refs = mistral_server.generate(payload), servers["reference"].generate(payload)
+    outs, refs = mistral_server.generate(payload), tiny_servers["reference"].generate(payload)
     assert min(o["meta_info"]["prompt_tokens"] for o in outs) > 4 * MISTRAL_WINDOW
     for out, ref in zip(outs, refs):
         assert_same_output(out, ref)
     assert f"declares sliding_window={MISTRAL_WINDOW}" in mistral_server.log()
 
 
-def test_workload_is_sensitive_to_context(servers):
+def test_workload_is_sensitive_to_context(tiny_servers):
     """One early token changed: the reference's continuations change. So token equality above is a
     check of the attention over the shared prefix, not of the last few prompt tokens alone."""
-    ref = servers["reference"]
+    ref = tiny_servers["reference"]
     perturbed = CONTEXT.replace("seven", "eight", 1)
     prompts = [f" Question {c}:" for c in "ABCD"]
     a = [o["output_ids"] for o in ref.generate({"text": [CONTEXT + p for p in prompts], "sampling_params": greedy()})]
@@ -266,18 +269,18 @@ def test_workload_is_sensitive_to_context(servers):
 
 
 @pytest.mark.parametrize("name", DEFT_SERVERS)
-def test_sharing_metrics_show_shared_kv(servers, name):
+def test_sharing_metrics_show_shared_kv(tiny_servers, name):
     """Runs after the workloads (file order): the deft servers' decode steps read shared KV once."""
-    rows = parse_sharing_lines(servers[name].log())
+    rows = parse_sharing_lines(tiny_servers[name].log())
     assert rows, f"the {name} server logged no sharing line"
     last = rows[-1]
     assert last["total_unique_kv_tokens"] < last["total_attended_kv_tokens"]
     assert max(r["ratio"] for r in rows) > 2.0  # 4 branches over a ~300-token prompt share most of it
-    assert "decode_backend=deft" in servers[name].log()
-    assert parse_sharing_lines(servers["reference"].log()) == []  # only deft decodes produce them
+    assert "decode_backend=deft" in tiny_servers[name].log()
+    assert parse_sharing_lines(tiny_servers["reference"].log()) == []  # only deft decodes produce them
 
 
 @pytest.mark.parametrize("name, overlap", [("deft", True), ("deft_no_overlap", False)])
-def test_the_deft_servers_differ_in_the_overlap_scheduler(servers, name, overlap):
+def test_the_deft_servers_differ_in_the_overlap_scheduler(tiny_servers, name, overlap):
     """SGLang may turn the overlap scheduler off by itself: its logged arguments show it did not."""
-    assert f"disable_overlap_schedule={not overlap}," in servers[name].log()
+    assert f"disable_overlap_schedule={not overlap}," in tiny_servers[name].log()

@@ -25,7 +25,7 @@ from sglang_deft.server_process import ServerProcess
 from server_group import serving
 from test_e2e_cpu import (CONTEXT, ON_GPU, REFERENCE_DECODE, SERVER_ARGS, STARTUP_TIMEOUT_S, assert_same_generation,
                           greedy, ids_and_logprobs, server_launch)
-from test_e2e_cpu_triton import interpreted_deft_and_reference
+from test_e2e_cpu_triton import interpreted_deft
 
 ARGS = SERVER_ARGS + ["--enable-priority-scheduling", "--max-running-requests", "1", "--max-total-tokens", "1024",
                       "--disable-radix-cache"]
@@ -42,15 +42,11 @@ TRACE = {"SGLANG_DEFT_TRACE_PLANS": "1"}  # a log line per planned step: steady 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("preemption")
-    if not ON_GPU:
-        yield from interpreted_deft_and_reference(ARGS, log_dir, **TRACE)
-        return
-    running = {
-        "deft": ServerProcess("deft", ARGS + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
-                              **server_launch(**TRACE)),
-        "reference": ServerProcess("reference", ARGS + ["--decode-attention-backend", REFERENCE_DECODE],
-                                   log_dir / "reference.log", **server_launch()),
-    }
+    deft = (ServerProcess("deft", ARGS + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
+                          **server_launch(**TRACE)) if ON_GPU else interpreted_deft(ARGS, log_dir, **TRACE))
+    running = {"deft": deft,
+               "reference": ServerProcess("reference", ARGS + ["--decode-attention-backend", REFERENCE_DECODE],
+                                          log_dir / "reference.log", **server_launch())}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
 

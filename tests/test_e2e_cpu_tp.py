@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tp_servers(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("tp_servers")
-    args = SERVER_ARGS + ["--decode-attention-backend", "deft"]
+def tp_servers(tmp_path_factory, tiny_servers):
+    """The TP=2 server, and test_e2e_cpu's deft server as TP=1 (the same arguments but for
+    ``--enable-streaming-session``, which leaves other requests as they are)."""
+    args = SERVER_ARGS + ["--decode-attention-backend", "deft", "--tp", "2"]
     env = dict(os.environ, SGLANG_CPU_OMP_THREADS_BIND="0|1")
-    running = {"tp1": ServerProcess("tp1", args, log_dir / "tp1.log", cwd=REPO),
-               "tp2": ServerProcess("tp2", args + ["--tp", "2"], log_dir / "tp2.log", cwd=REPO, env=env)}
+    running = {"tp2": ServerProcess("tp2", args, tmp_path_factory.mktemp("tp2") / "tp2.log", cwd=REPO, env=env)}
     with serving(running, STARTUP_TIMEOUT_S):
-        yield running
+        yield {**running, "tp1": tiny_servers["deft"]}
 
 
 def test_tp2_generates_what_tp1_does(tp_servers):

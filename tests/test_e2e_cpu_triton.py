@@ -30,23 +30,19 @@ pytestmark = pytest.mark.skipif(
 LONG = 40  # tokens
 
 
-def interpreted_deft_and_reference(args: list[str], log_dir, **deft_env: str):
-    """A deft server on the interpreted Triton path and a torch_native-decode reference, both with
-    ``args``, started; yields them by name ("deft", "reference") and stops them."""
-    triton = dict(os.environ, SGLANG_DEFT_DECODE_IMPL="triton", TRITON_INTERPRET="1", **deft_env)
-    running = {
-        "deft": ServerProcess("deft", args + ["--decode-attention-backend", "deft"], log_dir / "deft.log",
-                              cwd=REPO, env=triton),
-        "reference": ServerProcess("reference", args + ["--decode-attention-backend", "torch_native"],
-                                   log_dir / "reference.log", cwd=REPO),
-    }
-    with serving(running, STARTUP_TIMEOUT_S):
-        yield running
+def interpreted_deft(args: list[str], log_dir, **env: str) -> ServerProcess:
+    """A deft server with ``args`` on the interpreted Triton path, launched."""
+    triton = dict(os.environ, SGLANG_DEFT_DECODE_IMPL="triton", TRITON_INTERPRET="1", **env)
+    return ServerProcess("deft", args + ["--decode-attention-backend", "deft"], log_dir / "deft.log", cwd=REPO,
+                         env=triton)
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    yield from interpreted_deft_and_reference(SERVER_ARGS, tmp_path_factory.mktemp("servers"))
+def servers(tmp_path_factory, tiny_servers):
+    """The interpreted deft server, and test_e2e_cpu's torch_native-decode reference (same arguments)."""
+    running = {"deft": interpreted_deft(SERVER_ARGS, tmp_path_factory.mktemp("servers"))}
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield {**running, "reference": tiny_servers["reference"]}
 
 
 def test_triton_path_in_a_live_scheduler_matches_the_reference(servers):

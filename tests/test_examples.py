@@ -10,7 +10,6 @@ its server starts and checks that no server process survives.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -20,11 +19,8 @@ import time
 
 import pytest
 
-if importlib.util.find_spec("sglang_deft.launch_server") is None:
-    pytest.skip("sglang_deft.launch_server is not there yet", allow_module_level=True)
-
-from sglang_deft import demo  # noqa: E402
-from sglang_deft.server_process import ServerProcess, process_group_alive  # noqa: E402
+from sglang_deft import demo
+from sglang_deft.server_process import ServerProcess, process_group_alive
 
 
 @pytest.fixture(scope="module")

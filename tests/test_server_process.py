@@ -1,14 +1,17 @@
-"""ServerProcess (the demo's, the tests' and the scripts' way to run a launcher) against a fake
-launcher: a small script in place of ``python -m sglang_deft.launch_server``, so that starting,
-waiting, querying and stopping are checked without SGLang."""
+"""ServerProcess (the demo's, the tests' and the scripts' way to run a launcher), and tests/server_group's
+``serving``, against a fake launcher: a small script in place of ``python -m sglang_deft.launch_server``,
+so that starting, waiting, querying, stopping and relaunching are checked without SGLang."""
 from __future__ import annotations
 
+import socket
 import sys
 import textwrap
 import time
 
 import pytest
 
+import sglang_deft.server_process as server_process
+from server_group import serving
 from sglang_deft.server_process import ServerProcess, process_group_alive
 
 FAKE_LAUNCHER = textwrap.dedent('''
@@ -20,10 +23,15 @@ FAKE_LAUNCHER = textwrap.dedent('''
     if mode == "exit_leaving_child":  # a scheduler that outlives its launcher
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         sys.exit(0)
-    if mode == "port_taken":
+
+    def port_taken():  # what SGLang logs when uvicorn's bind fails; its scheduler lives on
         print(f"ERROR: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
               "Address already in use", flush=True)
-    if mode in ("port_taken", "silent"):
+        time.sleep(600)
+
+    if mode == "port_taken":
+        port_taken()
+    if mode == "silent":
         time.sleep(600)
     if mode == "stubborn":  # it and its child ignore SIGTERM, as a wedged scheduler would
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -52,7 +60,11 @@ FAKE_LAUNCHER = textwrap.dedent('''
             else:
                 self._send(json.dumps({"text": req["text"] + "!"}).encode())
 
-    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    except OSError:
+        port_taken()
+    server.serve_forever()
 ''')
 
 
@@ -140,3 +152,21 @@ def test_stop_ends_the_children_of_a_launcher_that_already_exited(launcher):
     assert process_group_alive(server.proc.pid)  # its child lives on in the group
     server.stop(grace_s=5)
     assert not process_group_alive(server.proc.pid)
+
+
+def test_serving_relaunches_a_server_whose_port_was_taken(launcher, monkeypatch):
+    """Servers started side by side pick their ports at once, and another process may take one before
+    its server binds it: ``serving`` relaunches that server on another port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        real_free_port = server_process.free_port
+        picks = iter([port])  # the first pick is the taken port, as when two servers race for one
+        monkeypatch.setattr(server_process, "free_port", lambda: next(picks, None) or real_free_port())
+        first = launcher("serve")
+        with serving({"deft": first}, 60) as running:
+            server = running["deft"]
+            assert server is not first and server.port != port
+            assert first.proc.poll() is not None  # the first launch was stopped
+            assert server.generate({"text": "a"}) == [{"text": "a!"}]
