@@ -44,47 +44,79 @@ def test_thread_rings_are_per_thread_and_per_device():
     assert other[0] is not mine
 
 
-class InFlightCopy:
-    """Stands in for torch.cuda.Event: record() marks the slot's buffer as read by a queued copy (a
-    snapshot of what it must deliver); the copy counts as done only at synchronize()."""
+class Stream:
+    """Stands in for the CUDA stream and its events: a non-blocking copy into a ``QueuedOut`` is queued,
+    not done; an event recorded after it completes it when synchronized, reading its source then, as
+    the DMA would. A buffer rewritten before that delivers the new bytes."""
 
-    def __init__(self, ring, slot, log, clock):
-        self.ring, self.slot, self.log, self.clock = ring, slot, log, clock
-        self.buf = self.snap = self.at = None
+    def __init__(self, slots: int):
+        self.slots, self.queued, self.uploads, self.log, self.events = slots, [], 0, [], []
+        stream = self
 
-    def record(self):
-        self.check()  # the last copy from this slot was never waited for: was its buffer rewritten?
-        self.buf, self.at = self.ring._buffers[self.slot], self.clock[0]
-        self.snap = self.buf.clone()
+        class Event:
+            def __init__(self):
+                self.copies = []
+                stream.events.append(self)
 
-    def check(self):
-        if self.buf is not None and not torch.equal(self.buf, self.snap):
-            self.log.append(("rewritten in flight", self.slot))
+            def record(self):
+                self.copies, stream.queued = stream.queued, []
+                self.at, stream.uploads = stream.uploads, stream.uploads + 1
 
-    def synchronize(self):
-        if self.buf is not None and self.clock[0] - self.at < len(self.ring._buffers):
-            self.log.append(("waited for a recent copy", self.slot))  # the ring's point is not to
-        self.check()
-        self.buf = None
+            def synchronize(self):
+                if stream.uploads - self.at < stream.slots:  # the ring's point is never to wait on these
+                    stream.log.append(f"waited for the copy of upload {self.at} at upload {stream.uploads}")
+                self.complete()
+
+            def complete(self):
+                for dest, src in self.copies:
+                    torch.Tensor.copy_(dest.as_subclass(torch.Tensor), src)
+                self.copies = []
+
+        self.Event = Event
+
+    def drain(self):
+        """The device catches up: every copy still queued is done."""
+        assert not self.queued  # every copy was followed by its event
+        for event in self.events:
+            event.complete()
+
+    def out(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        stream = self
+
+        class QueuedOut(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.Tensor.copy_ and kwargs.get("non_blocking"):
+                    stream.queued.append(args)
+                    return args[0]
+                return super().__torch_function__(func, types, args, kwargs)
+
+        return torch.full((n,), -1, dtype=dtype).as_subclass(QueuedOut)
 
 
 def test_a_pinned_buffer_is_not_rewritten_before_its_copy_is_done(monkeypatch):
-    """The page-locked path (CUDA only) with its copies emulated: a buffer is written again only
-    after the copy that last read it is done, and that copy is ``slots`` uploads old (the ring takes
-    its buffers in turn, so it never waits on a copy just queued)."""
+    """The page-locked path (CUDA's) on the CPU, its copies queued until an event completes them: every
+    upload delivers what was sent, and a buffer is written again only after the copy that last read it
+    is done, that copy being ``slots`` uploads old (the ring takes its buffers in turn, so it never
+    waits on a copy just queued)."""
+    slots = 3
+    stream = Stream(slots)
     empty = torch.empty
     monkeypatch.setattr(staging.torch, "empty",
                         lambda *a, pin_memory=False, **kw: empty(*a, **kw))  # no pinned allocator on CPU
-    slots, log, clock = 3, [], [0]
-    ring = staging.PinnedStagingRing("cpu", slots=slots)
-    ring._pinned = True  # the CUDA path: ring buffers, events
-    ring._events = [InFlightCopy(ring, i, log, clock) for i in range(slots)]
+    monkeypatch.setattr(staging.torch.cuda, "Event", stream.Event)
+    ring = staging.PinnedStagingRing("cuda", slots=slots)  # the device's type picks the path; no CUDA call
     rng = np.random.default_rng(0)
-    for i, n in enumerate([7, 5, 9, 3, 8, 6, 4, 70_000, 2, 11]):
-        clock[0] = i
+    sent, outs = [], []
+    for i, n in enumerate([7, 5, 9, 3, 8, 6, 4, 70_000, 2, 11]):  # 70_000: a buffer grows
         host = rng.integers(-2**31, 2**31 - 1, n, dtype=np.int64 if i % 2 else np.int32)
-        out = ring.upload(host)
-        np.testing.assert_array_equal(out.numpy(), host)
-    for event in ring._events:
-        event.check()
-    assert log == []
+        outs.append(ring.upload(host, stream.out(n + i % 2, torch.from_numpy(host).dtype)))
+        sent.append(host.copy())
+        host[:] = 0  # the caller may reuse its array as soon as upload returns
+    stream.drain()
+    assert stream.log == [] and len(stream.events) == slots
+    for host, out in zip(sent, outs):
+        got = out.as_subclass(torch.Tensor).numpy()
+        np.testing.assert_array_equal(got[:len(host)], host)
+        assert (got[len(host):] == -1).all()
