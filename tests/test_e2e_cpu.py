@@ -35,8 +35,6 @@ from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import gpu_package_env, serving
 from tiny_models import server_test_model, with_config
 
-# The SERVERS run as conftest's session fixture tiny_servers: test_e2e_cpu_triton and _tp compare
-# against them too.
 REPO = Path(__file__).resolve().parents[1]
 MODEL = server_test_model()
 STARTUP_TIMEOUT_S = 240
@@ -60,7 +58,8 @@ SERVER_ARGS = [
 # turn graphs off): the reference there is SGLang's triton decode.
 REFERENCE_DECODE = "triton" if ON_GPU else "torch_native"
 # Streaming sessions on one deft server (test_streaming_session_turn_matches_one_request); they leave
-# every other request as it was.
+# every other request as it was. These servers run as conftest's session fixture tiny_servers:
+# test_e2e_cpu_triton and _tp compare against them too.
 SERVERS = {"deft": ["--decode-attention-backend", "deft", "--enable-streaming-session"],
            "deft_no_overlap": ["--decode-attention-backend", "deft", "--disable-overlap-schedule"],
            "reference": ["--decode-attention-backend", REFERENCE_DECODE]}
