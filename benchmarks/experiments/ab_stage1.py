@@ -5,7 +5,8 @@ kernels/stage1_hopper.py) or a path to a copy of it (a baseline kept beside the 
 On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
     VARIANTS="base=/path/old.py:64:4,new=main:64:4" OUT=$OUT python3 benchmarks/experiments/ab_stage1.py
 Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
-one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds) and its output check.
+one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds), its output check and whether
+its output is bitwise the first variant's (``_bitwise_first``; meaningful where both plans are alike).
 """
 import json
 import os
@@ -40,7 +41,7 @@ for bench_case in cases:
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     res = report.setdefault(key, {})
-    fns = {}
+    fns, first = {}, None
     for name, (mod, nums) in variants.items():
         lr, pps = nums
         plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, large_rows=lr,
@@ -58,8 +59,11 @@ for bench_case in cases:
             print(key, name, res[name + "_error"], flush=True)
             continue
         res[name + "_check"] = check(o, case.ref)
+        first = first if fns else o
+        res[name + "_bitwise_first"] = bool(torch.equal(o, first))
         fns[name] = step
     for n, us in S.alternating_graph_times(fns).items():
         res[n + "_us"] = us
-    print(key, {n: round(res[n + "_us"], 1) for n in fns}, {n: res[n + "_check"]["ok"] for n in fns}, flush=True)
+    print(key, {n: round(res[n + "_us"], 1) for n in fns}, {n: res[n + "_check"]["ok"] for n in fns},
+          {n: res[n + "_bitwise_first"] for n in fns}, flush=True)
     json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage1.json", "w"), indent=1)
