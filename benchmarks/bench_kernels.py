@@ -131,7 +131,8 @@ def setup_deft(ctx: Ctx) -> Prepared:
     K = _kernels()
     c = ctx.case
     tree = K.KVTree(ctx.kv_dev, ctx.tree.node_indptr, ctx.tree.node_parent, ctx.tree.query_node)
-    plan = K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=ctx.device)
+    plan = K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=ctx.device,
+                              kv_dtype=ctx.k_buffer.dtype)
     plan_us = time_plan(K, tree, c, ctx.device, ctx.args.plan_reps)
     out = torch.empty_like(ctx.q)
     q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
@@ -547,6 +548,9 @@ def write_report(report: dict, out_dir: Path, tag: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
@@ -562,6 +566,9 @@ def parse_args(argv=None):
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="float32 only for CPU smoke runs")
+    ap.add_argument("--kv-dtype", default="same", choices=["same", "fp8_e4m3", "fp8_e5m2"],
+                    help="the KV pool's dtype: the benchmark dtype, or an fp8 cache (--kv-cache-dtype's names) "
+                         "that every provider reads with scales 1.0")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--run-len", type=int, default=T.DEFAULT_RUN, help="KV slot run length (1 = fully random slots)")
     ap.add_argument("--seed", type=int, default=0)
@@ -593,7 +600,8 @@ def parse_args(argv=None):
 def child_argv(args, case_keys: str, out_dir: Path, tag: str, meta: dict, providers: list[str]) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--isolate", "no", "--cases", case_keys,
             "--out", str(out_dir), "--tag", tag,
-            "--providers", ",".join(providers), "--dtype", args.dtype, "--device", args.device,
+            "--providers", ",".join(providers), "--dtype", args.dtype, "--kv-dtype", args.kv_dtype,
+            "--device", args.device,
             "--run-len", str(args.run_len), "--seed", str(args.seed), "--shrink", str(args.shrink),
             "--warmup", str(args.warmup), "--rep", str(args.rep), "--cpu-reps", str(args.cpu_reps),
             "--plan-reps", str(args.plan_reps), "--cascade-empty-levels", args.cascade_empty_levels,
@@ -670,8 +678,9 @@ def run_cases_here(args, cases, shapes, providers, device, dtype, report) -> Non
     hd = max(c.head_dim for c in cases)
     runs = max(T.runs_needed(shapes[c.key], args.run_len) for c in cases)
     pool_slots = 2 * runs * args.run_len
-    k_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device)
-    v_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device)
+    kv_dtype = KV_DTYPES.get(args.kv_dtype, dtype)
+    k_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device).to(kv_dtype)
+    v_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device).to(kv_dtype)
     meta["pool_slots"] = pool_slots
     meta["pool_bytes"] = 2 * k_pool.numel() * k_pool.element_size()
     workspace = (torch.zeros(FLASHINFER_WORKSPACE, dtype=torch.uint8, device=device)
@@ -689,7 +698,7 @@ def run_cases_here(args, cases, shapes, providers, device, dtype, report) -> Non
         q = torch.randn(shape.num_queries, case.num_qo_heads, case.head_dim, dtype=dtype, device=device)
         sm_scale = 1.0 / math.sqrt(case.head_dim)
         ref = K.attention_reference(q, k_buffer, v_buffer, tree, sm_scale)
-        row = make_row(case, shape, meta, q.element_size())
+        row = make_row(case, shape, meta, k_buffer.element_size())  # the floors count the KV cache's bytes
         report["cases"].append(row)
         write_report(report, args.out, args.tag)  # the parent learns which case a crash hit
         watchdog.arm(args.case_timeout)
@@ -718,7 +727,7 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
 
     meta = report["metadata"]
     tmp = Path(tempfile.mkdtemp(prefix="deft_bench_"))
-    elem = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    elem = torch.empty(0, dtype=KV_DTYPES.get(args.kv_dtype, getattr(torch, args.dtype))).element_size()
     remaining = list(cases)
     attempt = 0
     while remaining:
@@ -839,6 +848,7 @@ def main(argv=None) -> int:
         "flashinfer": _version("flashinfer-python") or _version("flashinfer_python"),
         "sglang": _version("sglang"),
         "dtype": args.dtype,
+        "kv_dtype": args.kv_dtype,
         "deft_stage1_kernel": None,
         "providers": providers,
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -866,7 +876,8 @@ def main(argv=None) -> int:
         # Which stage-1 kernel deft runs here (stage1_config; the benchmark's heads are all of dim 128).
         kmod = _kernels()
         meta["deft_stage1_kernel"] = importlib.import_module(kmod.__name__ + ".tree_decode").stage1_config(
-            128, importlib.import_module(kmod.__name__ + ".plan").LARGE_ROWS, dtype, device).kernel
+            128, importlib.import_module(kmod.__name__ + ".plan").LARGE_ROWS, dtype, device,
+            KV_DTYPES.get(args.kv_dtype, dtype)).kernel
         if args.rates:
             meta["copy_gbps"], meta["matmul_tflops"] = (float(x) for x in args.rates.split(","))
         else:

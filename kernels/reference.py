@@ -33,8 +33,10 @@ def path_nodes(tree: KVTree) -> list[list[int]]:
     return paths
 
 
-def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0):
-    """Per query: gather its path's KV, softmax in fp32. Returns fp32 [B, Hq, D]."""
+def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0,
+                        k_scale: float = 1.0, v_scale: float = 1.0):
+    """Per query: gather its path's KV, softmax in fp32. Returns fp32 [B, Hq, D]. K and V stand for their
+    values times ``k_scale`` / ``v_scale`` (an fp8 KV cache's scales, as in ``tree_decode``)."""
     B, Hq, D = q.shape
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv
@@ -45,19 +47,19 @@ def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, lo
         slots = torch.cat([kv_indices[indptr[n]:indptr[n + 1]] for n in path]) if path else kv_indices[:0]
         if slots.numel() == 0:
             continue  # a query with no KV gets zeros, like the kernels
-        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        v = v_buffer[slots].float().repeat_interleave(group, dim=1)
+        k = (k_buffer[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = (v_buffer[slots].float() * v_scale).repeat_interleave(group, dim=1)
         scores = _soft_cap(torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale, logit_cap)
         out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v)
     return out
 
 
 def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0,
-                          out: torch.Tensor | None = None):
+                          out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
     """Grouped KV-tree attention: every node's KV is read once for all queries below it.
 
     Computes in fp32 and writes ``out`` (allocated in q's dtype when None). Queries with an empty
-    path get zeros.
+    path get zeros. K and V stand for their values times ``k_scale`` / ``v_scale`` (an fp8 KV cache).
     """
     B, Hq, D = q.shape
     Hkv = k_buffer.shape[1]
@@ -79,8 +81,8 @@ def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, 
         if hi == lo:
             continue
         slots = kv_indices[lo:hi]
-        k = k_buffer[slots].float()  # [L, Hkv, D], loaded once for the whole group
-        v = v_buffer[slots].float()
+        k = k_buffer[slots].float() * k_scale  # [L, Hkv, D], loaded once for the whole group
+        v = v_buffer[slots].float() * v_scale
         qi = torch.tensor(queries, device=device)
         qg = qf[qi].view(len(queries), Hkv, group, D)
         scores = _soft_cap(torch.einsum("nhgd,lhd->nhgl", qg, k) * sm_scale, logit_cap)

@@ -71,8 +71,10 @@ def _attend_item(
     for start in range(0, kv_len, BLOCK_N):
         n_ok = start + offs_n < kv_len
         kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
+        # An fp8 KV cache is read as stored and computed in q's dtype (a no-op when they are the same);
+        # its K scale is in sm_scale and its V scale in stage 2 (tree_decode).
         k = tl.load(K + kv_slot[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(Q.dtype.element_ty)
         # fp32 inputs would run as TF32 on tensor cores by default; IEEE keeps fp32 exact.
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -88,7 +90,7 @@ def _attend_item(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_slot[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(Q.dtype.element_ty)
         if IEEE:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -141,9 +143,9 @@ def _tree_decode_stage1(
 
 @triton.jit
 def _tree_decode_stage2(
-    partial_out, partial_lse, merge_indptr, merge_slots, counts, Out,
+    partial_out, partial_lse, merge_indptr, merge_slots, counts, Out, v_scale,
     stride_pp, stride_ph, stride_lp, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SCALE_V: tl.constexpr,
 ):
     # One program per (query, head), on one warp (four on steps of few merges: stage2_shape). BLOCK_P
     # partials are loaded at once, so a query's merge costs a few memory round trips rather than one
@@ -180,6 +182,8 @@ def _tree_decode_stage2(
         m = m_new
     # A query whose path holds no KV gets zeros (no partials: denom == 0).
     res = acc / tl.where(denom > 0, denom, 1.0)
+    if SCALE_V:  # an fp8 KV cache's V scale (compiled out at 1.0, so other caches merge as before)
+        res = res * v_scale
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
 
 
@@ -197,14 +201,14 @@ HOPPER_CONFIG = Stage1Config(32, 32, 4, 2, kernel="hopper")  # stage1_hopper's f
 
 
 def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> Stage1Config:
+                  device: torch.device | None = None, kv_dtype: torch.dtype | None = None) -> Stage1Config:
     """Which stage-1 kernel runs, with its KV block lengths, warps and pipeline depth.
 
     On an H200 with Triton 3.6, for float16/bfloat16, head_dim 64/80/96/128/256 and the default 64-row large
     tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x the Triton kernel's step time on every
     benchmark tree, `benchmarks/results/ab_hopper_stage1_h200.json`; 0.63-0.69x at head_dim 256,
     `ab_head_dim_256_h200.json`). Elsewhere (CPU interpreter, other GPUs or Triton versions, float32,
-    other head dims) the Triton kernel of this module, in its shape measured
+    other head dims, an fp8 KV cache) the Triton kernel of this module, in its shape measured
     on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
     SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes in one
     launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean 0.84x the
@@ -218,28 +222,34 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     x 64: 192 against 151 us, no sharing 64 x 2k: 1049 against 781;
     `benchmarks/results/sweep_stage1_d256_h200.md`).
     """
-    if device is not None and dtype is not None and _hopper_unsupported(device, dtype, head_dim, large_rows) is None:
+    if device is not None and dtype is not None and _hopper_unsupported(device, dtype, head_dim, large_rows,
+                                                                        kv_dtype) is None:
         return HOPPER_CONFIG
     block_n = 32 // max(1, head_dim // 128)
     return Stage1Config(block_n, block_n, 8 if large_rows > 64 else 4, 3)
 
 
-def _common_dtype(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> torch.dtype | None:
-    """The one dtype of q, K and V, or None: the Hopper kernel reads them in one dtype."""
-    return k_buffer.dtype if q.dtype == k_buffer.dtype == v_buffer.dtype else None
+# KV caches read in their own dtype: q's, or one of SGLang's fp8 formats (--kv-cache-dtype fp8_e4m3 / fp8_e5m2).
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, large_rows: int) -> str | None:
-    """Why the Hopper kernel cannot serve this configuration (None if it can); logged once per configuration."""
+def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, large_rows: int,
+                        kv_dtype: torch.dtype | None = None) -> str | None:
+    """Why the Hopper kernel cannot serve this configuration (None if it can); logged once per configuration.
+    ``dtype`` is q's, ``kv_dtype`` the KV cache's when it differs (fp8)."""
     if device.type != "cuda":
         return "not a CUDA device"  # never imports Gluon off the GPU
-    try:
-        from . import stage1_hopper
-    except ImportError as e:  # a Triton without Gluon, or with another Gluon API
-        reason = f"Gluon unavailable ({e})"
+    if kv_dtype is not None and kv_dtype != dtype:
+        # Its wgmma reads K and V from shared memory in q's dtype, as the copies land them.
+        reason = f"a {kv_dtype} KV cache (it reads K/V in q's dtype)"
     else:
-        reason = stage1_hopper.unsupported_reason(device, dtype, head_dim, large_rows)
+        try:
+            from . import stage1_hopper
+        except ImportError as e:  # a Triton without Gluon, or with another Gluon API
+            reason = f"Gluon unavailable ({e})"
+        else:
+            reason = stage1_hopper.unsupported_reason(device, dtype, head_dim, large_rows)
     which = "Gluon kernel for Hopper" if reason is None else f"Triton kernel: the Hopper kernel does not serve {reason}"
     logger.info("tree decode stage 1 on %s, %s, head_dim %d, %d-row large tiles: %s", device, dtype, head_dim,
                 large_rows, which)
@@ -248,10 +258,12 @@ def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int,
 
 def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: TreeDecodePlan,
                 sm_scale: float, logit_cap: float = 0.0, out: torch.Tensor | None = None,
-                config: Stage1Config | None = None) -> torch.Tensor:
+                config: Stage1Config | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of every query over its KV-tree path. q [B, Hq, D]; k/v_buffer [S, Hkv, D].
 
-    ``config`` picks stage 1's kernel and shape; by default ``stage1_config`` for q's dtype and device.
+    K and V are in q's dtype or, for an fp8 KV cache, in float8_e4m3fn / float8_e5m2, standing for their
+    values times ``k_scale`` / ``v_scale`` (SGLang's per-layer scales; 1.0 without a calibrated checkpoint).
+    ``config`` picks stage 1's kernel and shape; by default ``stage1_config`` for the dtypes and device.
     Never synchronises with the host: the plan's device tensors carry all the data-dependent sizes.
     """
     B, Hq, D = q.shape
@@ -263,6 +275,11 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if k_buffer.shape[1:] != (plan.num_kv_heads, D) or v_buffer.shape[1:] != (plan.num_kv_heads, D):
         raise ValueError(f"k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} do not match the plan's "
                          f"{plan.num_kv_heads} KV heads of dim {D}")
+    if k_buffer.dtype != v_buffer.dtype or k_buffer.dtype not in (q.dtype, *FP8_KV_DTYPES):
+        raise ValueError(f"k/v buffers in {k_buffer.dtype}/{v_buffer.dtype} for q in {q.dtype}: K and V need one dtype, "
+                         f"q's or an fp8 one ({', '.join(map(str, FP8_KV_DTYPES))})")
+    if (k_scale, v_scale) != (1.0, 1.0) and k_buffer.dtype not in FP8_KV_DTYPES:
+        raise ValueError(f"k_scale {k_scale} / v_scale {v_scale} apply to an fp8 KV cache, not to {k_buffer.dtype}")
     if q.stride(-1) != 1 or k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
         raise ValueError("q, k_buffer and v_buffer need a contiguous last dimension")
     device = plan.meta.device
@@ -273,9 +290,9 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     elif out.shape != q.shape or out.stride(-1) != 1 or out.device != device:
         raise ValueError(f"out must be like q, {tuple(q.shape)} with a contiguous last dimension on {device}; "
                          f"got {tuple(out.shape)}, strides {out.stride()}, on {out.device}")
-    cfg = config or stage1_config(D, plan.large_rows, _common_dtype(q, k_buffer, v_buffer), k_buffer.device)
-    launch_stage1(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, cfg)
-    launch_stage2(plan, out)
+    cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
+    launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
+    launch_stage2(plan, out, v_scale)
     return out
 
 
@@ -287,9 +304,8 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     if not plan.grid_items:
         return None
     if cfg.kernel == "hopper":
-        dtype = _common_dtype(q, k_buffer, v_buffer)
-        reason = ("q, K and V in different dtypes" if dtype is None
-                  else _hopper_unsupported(k_buffer.device, dtype, q.shape[2], plan.large_rows))
+        reason = ("K and V in different dtypes" if k_buffer.dtype != v_buffer.dtype
+                  else _hopper_unsupported(k_buffer.device, q.dtype, q.shape[2], plan.large_rows, k_buffer.dtype))
         if reason is not None:
             raise ValueError(f"the Hopper stage-1 kernel does not serve {reason}")
         if cfg != HOPPER_CONFIG:
@@ -327,14 +343,14 @@ def stage2_shape(plan: TreeDecodePlan) -> tuple[int, int]:
     return STAGE2_SHAPE
 
 
-def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor) -> None:
-    """Merge every query's partials into ``out``."""
+def launch_stage2(plan: TreeDecodePlan, out: torch.Tensor, v_scale: float = 1.0) -> None:
+    """Merge every query's partials into ``out`` (times ``v_scale``: an fp8 KV cache's V scale)."""
     if not plan.grid_queries:
         return
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
     block_p, warps = stage2_shape(plan)
     _tree_decode_stage2[(plan.grid_queries, out.shape[1])](
-        po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
+        po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out, v_scale,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps)
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, SCALE_V=v_scale != 1.0, num_warps=warps)

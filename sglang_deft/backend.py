@@ -58,6 +58,7 @@ from sglang.srt.utils import require_gathered_buffer
 from sglang_deft.config_checks import check_model_runner
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
+from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.sharing_metrics import SharingMeter
@@ -219,13 +220,17 @@ class DeftAttnBackend(AttentionBackend):
                 f"{q.shape[0]} tokens (one query token per request)"
             )
         if save_kv_cache:
-            forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+            # As SGLang's triton backend stores it: an fp8 pool divides by the layer's scales (None: a cast).
+            forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale,
+                                                         layer.v_scale)
         out = q.new_empty(q.shape[0], layer.tp_q_head_num, layer.v_head_dim)
         k_buffer = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        run_layer(q, k_buffer, v_buffer, meta.plan, layer.scaling, layer.logit_cap, out)
+        k_scale, v_scale = kv_scales(layer, k_buffer.dtype)
+        run_layer(q, k_buffer, v_buffer, meta.plan, layer.scaling, layer.logit_cap, out, k_scale, v_scale)
         if meta.check_tree is not None and layer.layer_id == 0:
-            check_layer(out, q, k_buffer, v_buffer, meta.check_tree, layer.scaling, layer.logit_cap, meta.step, 0)
+            check_layer(out, q, k_buffer, v_buffer, meta.check_tree, layer.scaling, layer.logit_cap, meta.step, 0,
+                        k_scale, v_scale)
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -322,6 +327,15 @@ class DeftAttnBackend(AttentionBackend):
     def get_cuda_graph_seq_len_fill_value(self):
         # As SGLang's triton backend. deft reads no seq_lens of padding rows (they attend nothing).
         return 1
+
+
+def kv_scales(layer, kv_dtype: torch.dtype) -> tuple[float, float]:
+    """The layer's (K, V) scales for a KV pool of ``kv_dtype``: in an fp8 pool, a checkpoint's calibrated
+    per-tensor scales (``k_scale_float``, which SGLang's pool divided the values by as it stored them), else
+    1.0 (the values were cast as they are). A pool in the model's dtype stores them unscaled either way."""
+    if kv_dtype in FP8_KV_DTYPES and layer.k_scale is not None and layer.v_scale is not None:
+        return layer.k_scale_float, layer.v_scale_float
+    return 1.0, 1.0
 
 
 def _extend_not_routed_away(mode) -> RuntimeError:

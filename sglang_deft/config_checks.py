@@ -23,7 +23,10 @@ BACKEND_NAME = "deft"
 # without AMX).
 _CPU_PREFILL_BACKENDS = ("torch_native", "intel_amx")
 # KV cache dtypes stored as plain floats: the deft path reads K/V without per-layer scales.
-_PLAIN_KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+# KV cache dtypes deft reads: the model's, or fp8 (read as stored, computed in the model's dtype, with the
+# layers' K/V scales as SGLang's triton decode applies them).
+_SERVED_KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float", "fp8_e4m3",
+                     "fp8_e5m2")
 
 
 class UnsupportedConfiguration(ValueError):
@@ -85,10 +88,10 @@ def server_args_problems(server_args) -> list[str]:
             f"--speculative-algorithm {a.speculative_algorithm}: verify and draft steps attend several "
             "tokens per request with a tree mask; the deft path computes one query token per request"
         )
-    if a.kv_cache_dtype not in _PLAIN_KV_DTYPES:
+    if a.kv_cache_dtype not in _SERVED_KV_DTYPES:
         problems.append(
-            f"--kv-cache-dtype {a.kv_cache_dtype}: quantized KV caches need per-layer K/V scales, which "
-            "the deft path does not apply"
+            f"--kv-cache-dtype {a.kv_cache_dtype}: deft reads KV caches in the model's dtype or in fp8 "
+            "(fp8_e4m3, fp8_e5m2), not this format"
         )
     if decode and a.enable_deterministic_inference:
         # SGLang checks only --attention-backend here (triton passes), not the decode backend.
@@ -222,14 +225,6 @@ def model_runner_problems(model_runner) -> list[str]:
     from sglang.srt.layers.radix_attention import RadixAttention
 
     problems = server_args_problems(model_runner.server_args)
-    kv_quant = getattr(getattr(model_runner.model, "quant_config", None), "kv_cache_quant_algo", None)
-    if model_runner.server_args.kv_cache_dtype not in _PLAIN_KV_DTYPES and isinstance(kv_quant, str):
-        # SGLang's ModelRunner.configure_kv_cache_dtype turns --kv-cache-dtype auto into fp8 for such a
-        # checkpoint and rewrites the flag, so the line above may name a value the user never gave.
-        problems.append(
-            f"the checkpoint's quantization config sets kv_cache_quant_algo={kv_quant!r}, for which SGLang stores "
-            f"the KV cache as {model_runner.server_args.kv_cache_dtype} even with --kv-cache-dtype auto"
-        )
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
     if model_runner.use_mla_backend:
         problems.append("the model runner uses an MLA backend; deft needs per-head K/V")

@@ -43,11 +43,13 @@ def verify_every() -> int:
 
 
 def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                tree: KVTree, sm_scale: float, logit_cap: float, step: int, layer_id: int) -> dict:
+                tree: KVTree, sm_scale: float, logit_cap: float, step: int, layer_id: int,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> dict:
     """Compare the kernels' ``out`` [B, Hq, D] with the fp32 reference on the same inputs; logs and
     returns the figures."""
     reference = tree_decode_reference(q, k_buffer, v_buffer, tree, sm_scale, logit_cap,
-                                      out=torch.empty(out.shape, dtype=torch.float32, device=out.device))
+                                      out=torch.empty(out.shape, dtype=torch.float32, device=out.device),
+                                      k_scale=k_scale, v_scale=v_scale)
     row = {"step": step, "layer": layer_id, "queries": out.shape[0],
            "max_abs_diff": (out.float() - reference).abs().max().item() if out.numel() else 0.0,
            "max_abs_out": reference.abs().max().item() if out.numel() else 0.0,

@@ -196,8 +196,9 @@ def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dty
 
 
 def run_layer(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan, sm_scale: float,
-              logit_cap: float, out: torch.Tensor) -> torch.Tensor:
-    """q, out [B, Hq, D]; k/v_buffer [S, Hkv, D] (one layer's KV pool)."""
+              logit_cap: float, out: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """q, out [B, Hq, D]; k/v_buffer [S, Hkv, D] (one layer's KV pool; an fp8 pool with its K/V scales)."""
     if isinstance(plan, KVTree):
-        return tree_decode_reference(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out=out)
-    return tree_decode(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out=out)
+        return tree_decode_reference(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out=out, k_scale=k_scale,
+                                     v_scale=v_scale)
+    return tree_decode(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out=out, k_scale=k_scale, v_scale=v_scale)

@@ -44,9 +44,9 @@ def server_args():
 
 
 
-def kv_pool_for(layers, size: int) -> MHATokenToKVPool:
-    """A float32 CPU KV pool shaped for ``layers``."""
-    return MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=layers[0].tp_k_head_num,
+def kv_pool_for(layers, size: int, dtype: torch.dtype = torch.float32) -> MHATokenToKVPool:
+    """A CPU KV pool shaped for ``layers`` (float32 unless ``dtype`` says otherwise: an fp8 cache)."""
+    return MHATokenToKVPool(size=size, page_size=1, dtype=dtype, head_num=layers[0].tp_k_head_num,
                             head_dim=layers[0].head_dim, layer_num=len(layers), device="cpu",
                             enable_memory_saver=False)
 
@@ -183,6 +183,52 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
         assert torch.equal(kv_pool.get_key_buffer(layer.layer_id), k_expected)
 
 
+@cpu_only
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("scales", [None, (0.5, 2.0)], ids=["uncalibrated", "calibrated"])
+def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, model_config, kv_dtype, scales,
+                                                                   implementation):
+    """--kv-cache-dtype fp8_e4m3 / fp8_e5m2: the backend stores this step's K/V as SGLang's pool does (divided by
+    a checkpoint's scales, then cast) and attends the pool's values times those scales."""
+    layers = attention_layers(model_config)
+    for layer in layers:
+        if scales is not None:  # as SGLang's kv_cache quantization method leaves a calibrated layer
+            layer.k_scale, layer.v_scale = torch.tensor(scales[0]), torch.tensor(scales[1])
+            layer.k_scale_float, layer.v_scale_float = scales
+    k_scale, v_scale = scales or (1.0, 1.0)
+    torch.manual_seed(0)
+    sim = RadixSim(kv_slots=2048)
+    kv_pool = kv_pool_for(layers, 2048, kv_dtype)
+    for i in range(len(layers)):
+        kv_pool.get_key_buffer(i).copy_(torch.randn(kv_pool.get_key_buffer(i).shape).to(kv_dtype))
+        kv_pool.get_value_buffer(i).copy_(torch.randn(kv_pool.get_value_buffer(i).shape).to(kv_dtype))
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    reqs = forked_batch(sim)
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    B = len(reqs)
+    for layer in layers:
+        q = torch.randn(B, hq * d) * 3
+        k, v = torch.randn(B, hkv, d) * k_scale, torch.randn(B, hkv, d) * v_scale
+        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+        k_expected[fb.out_cache_loc] = (k / k_scale).to(kv_dtype)
+        v_expected[fb.out_cache_loc] = (v / v_scale).to(kv_dtype)
+
+        out = backend.forward(q, k.clone(), v.clone(), layer, fb)  # SGLang's pool divides in place
+
+        rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, fb.seq_lens_cpu.tolist())]
+        tree = KVTree(torch.cat(rows).to(torch.int32),
+                      torch.tensor([0] + [len(x) for x in rows]).cumsum(0).to(torch.int32),
+                      torch.full((B,), -1, dtype=torch.int32), torch.arange(B, dtype=torch.int32))
+        expected = attention_reference(q.view(B, hq, d), k_expected, v_expected, tree, layer.scaling,
+                                       k_scale=k_scale, v_scale=v_scale)
+        assert torch.equal(kv_pool.get_key_buffer(layer.layer_id).view(torch.uint8), k_expected.view(torch.uint8))
+        assert torch.equal(kv_pool.get_value_buffer(layer.layer_id).view(torch.uint8), v_expected.view(torch.uint8))
+        torch.testing.assert_close(out.view(B, hq, d), expected, rtol=1e-5, atol=1e-5 * max(v_scale, 1.0))
+
+
 def test_kernel_check_reports_the_kernels_error_against_the_reference(server_args, model_config, caplog,
                                                                       monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -196,8 +242,8 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     # A planted kernel bug on the last step: the check must see it (and only layer 0 is checked).
     real_run_layer, broken = backend_module.run_layer, []
 
-    def run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out):
-        real_run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out)
+    def run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out, *kv_scales):
+        real_run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out, *kv_scales)
         if broken:
             out[0, 0, 0] += 0.25
 
@@ -392,16 +438,17 @@ def test_unsupported_model_runner_is_refused_by_name(server_args, model_config, 
     assert len(problems) == 1 and problems[0].startswith(expected)
 
 
-def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_explained(server_args, model_config):
+def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_served(server_args, model_config):
     """With --kv-cache-dtype auto, SGLang's model runner stores an FP8-quantized checkpoint's KV cache in
-    fp8_e4m3 and rewrites the flag: the refusal says where the value came from."""
+    fp8_e4m3 and rewrites the flag; deft serves that cache (fp4, which it does not read, stays refused)."""
     runner = model_runner(copy.copy(server_args), model_config, attention_layers(model_config))
     runner.model.quant_config = SimpleNamespace(kv_cache_quant_algo="FP8")
-    assert model_runner_problems(runner) == []  # the checkpoint's choice alone: SGLang has not applied it
     runner.server_args.kv_cache_dtype = "fp8_e4m3"
-    problems = model_runner_problems(runner)
-    assert len(problems) == 2 and problems[0].startswith("--kv-cache-dtype fp8_e4m3: quantized KV caches")
-    assert problems[1].startswith("the checkpoint's quantization config sets kv_cache_quant_algo='FP8'")
+    assert model_runner_problems(runner) == []
+    runner.server_args.kv_cache_dtype = "fp4_e2m1"
+    assert model_runner_problems(runner) == [
+        "--kv-cache-dtype fp4_e2m1: deft reads KV caches in the model's dtype or in fp8 (fp8_e4m3, fp8_e5m2), "
+        "not this format"]
 
 
 def reference_step(server_args, model_config, monkeypatch):

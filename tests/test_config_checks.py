@@ -119,6 +119,8 @@ def test_supported_configuration_passes(deft_args):
     assert server_args_problems(deft_args) == []
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=False)) == []  # CUDA graphs
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
+    for kv_cache_dtype in ("fp8_e4m3", "fp8_e5m2", "bfloat16"):  # fp8: read as stored, with the layers' scales
+        assert server_args_problems(with_(deft_args, kv_cache_dtype=kv_cache_dtype)) == []
 
 
 @pytest.mark.parametrize(
@@ -151,9 +153,7 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(page_size=16), "--page-size 16"),
         (dict(page_size=2), "--page-size 2"),  # the smallest paged layout
         (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
-        (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2: quantized KV caches"),
-        (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3: quantized KV caches"),
-        (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1: quantized KV caches"),
+        (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1: deft reads KV caches in the model's dtype or in fp8"),
         (dict(speculative_draft_attention_backend="deft"), "--speculative-draft-attention-backend deft"),
         (dict(enable_deterministic_inference=True), "--enable-deterministic-inference: deft splits"),
         (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),

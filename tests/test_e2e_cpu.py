@@ -105,6 +105,18 @@ def mistral_server(tmp_path_factory):
         yield running["deft_mistral"]
 
 
+@pytest.fixture(scope="module")
+def fp8_servers(tmp_path_factory):
+    """deft and the reference decode with --kv-cache-dtype fp8_e4m3 (started when the test that uses them
+    runs)."""
+    log_dir = tmp_path_factory.mktemp("fp8_servers")
+    running = {name: ServerProcess(name, SERVER_ARGS + ["--kv-cache-dtype", "fp8_e4m3"] + SERVERS[base],
+                                   log_dir / f"{name}.log", **server_launch())
+               for name, base in (("deft_fp8", "deft_no_overlap"), ("reference_fp8", "reference"))}
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running
+
+
 @sgl.function
 def nested_forks(s, context):
     s += context
@@ -254,6 +266,22 @@ def test_mistral_sliding_window_config_is_served_as_sglang_serves_it(tiny_server
     for out, ref in zip(outs, refs):
         assert_same_output(out, ref)
     assert f"declares sliding_window={MISTRAL_WINDOW}" in mistral_server.log()
+
+
+def test_fp8_kv_cache_decodes_as_sglang_decodes_it(fp8_servers):
+    """--kv-cache-dtype fp8_e4m3: both servers store the KV cache in fp8; deft reads it as stored and gives
+    the reference decode's tokens on forked and shared-prefix requests."""
+    prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
+    for payload in ({"text": prompts, "sampling_params": greedy(), "return_logprob": True},
+                    {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4), "return_logprob": True}):
+        outs, refs = fp8_servers["deft_fp8"].generate(payload), fp8_servers["reference_fp8"].generate(payload)
+        assert len(outs) == len(refs) == 4
+        for out, ref in zip(outs, refs):
+            assert_same_output(out, ref)
+    for server in fp8_servers.values():
+        assert "kv_cache_dtype='fp8_e4m3'" in server.log()
+    assert "decode_backend=deft" in fp8_servers["deft_fp8"].log()
+    assert parse_sharing_lines(fp8_servers["deft_fp8"].log())  # deft's own decode steps ran
 
 
 def test_workload_is_sensitive_to_context(tiny_servers):

@@ -283,8 +283,42 @@ def test_hopper_kernel_refuses_what_it_does_not_serve():
     _, _, (q, k, v, plan, scale, cap) = run_case(TREES["one_node"], 8, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="Hopper stage-1 kernel does not serve"):
         tree_decode(q, k, v, plan, scale, cap, config=HOPPER_CONFIG)
-    with pytest.raises(ValueError, match="q, K and V in different dtypes"):
+    with pytest.raises(ValueError, match="K and V need one dtype, q's or an fp8 one"):
         tree_decode(q.half(), k, v, plan, scale, cap, config=HOPPER_CONFIG)
+    fp8 = k.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="K and V need one dtype"):
+        tree_decode(q.half(), fp8, v.to(torch.float8_e5m2), plan, scale, cap)
+    if HOPPER:  # on the H200: an fp8 cache goes to the Triton kernel, and asked for, the Hopper one says why
+        assert stage1_config(64, plan.large_rows, torch.float16, q.device, fp8.dtype).kernel == "triton"
+        with pytest.raises(ValueError, match="float8_e4m3fn KV cache"):
+            tree_decode(q.half(), fp8, fp8, plan, scale, cap, config=HOPPER_CONFIG)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("name,hq,hkv,d,cap,scales", [("odd_lengths", 8, 2, 64, 0.0, (1.0, 1.0)),
+                                                      ("inner_queries", 8, 2, 128, 0.0, (0.5, 2.0)),
+                                                      ("forest", 16, 2, 64, 5.0, (2.0, 0.25))])
+def test_fp8_kv_cache(name, hq, hkv, d, cap, scales, kv_dtype, dtype):
+    """An fp8 KV cache (SGLang's --kv-cache-dtype fp8_e4m3 / fp8_e5m2): K and V read as stored, standing
+    for their values times the layer's scales, computed in q's dtype (exact: fp8 converts to fp16 and bf16
+    without rounding), so the error is that of the dtype's own path."""
+    tree = TREES[name]
+    g = torch.Generator().manual_seed(3)
+    slots = int(tree.kv_indices.max()) + 1
+    q = torch.randn(tree.num_queries, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    v = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    k_scale, v_scale = scales
+    plan = plan_tree_decode(tree, hq, hkv, d, device=DEVICE, kv_dtype=kv_dtype)
+    out = tree_decode(q, k, v, plan, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
+    ref = attention_reference(q, k, v, tree, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype] * max(1.0, v_scale), rtol=0)
+    grouped = tree_decode_reference(q, k, v, tree, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(grouped.float(), ref, atol=ATOL[dtype] * max(1.0, v_scale), rtol=0)
+    with pytest.raises(ValueError, match="apply to an fp8 KV cache"):
+        tree_decode(q, k.to(dtype), v.to(dtype), plan, d ** -0.5, cap, k_scale=k_scale, v_scale=2 * v_scale)
 
 
 @pytest.mark.parametrize("capability,version,dtype,d,rows,why", [

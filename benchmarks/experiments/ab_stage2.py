@@ -43,11 +43,14 @@ def stage2(plan, out, block_p, warps, mod):
     po, pl = plan.partial_out, plan.partial_lse
     D = out.shape[2]
     heads = getattr(mod, "HEADS_PER_PROGRAM", 1)
-    mod._tree_decode_stage2[(plan.grid_queries, out.shape[1] // heads)](
+    kernel = mod._tree_decode_stage2
+    # Main's kernel takes an fp8 KV cache's V scale; the variants here predate it.
+    v_scale = {"v_scale": 1.0, "SCALE_V": False} if "v_scale" in kernel.arg_names else {}
+    kernel[(plan.grid_queries, out.shape[1] // heads)](
         po, pl, plan.merge_indptr, plan.merge_slots, plan.counts, out,
-        po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps,
-        **({"HEADS": heads} if heads > 1 else {}))
+        stride_pp=po.stride(0), stride_ph=po.stride(1), stride_lp=pl.stride(0), stride_ob=out.stride(0),
+        stride_oh=out.stride(1), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=block_p, num_warps=warps,
+        **v_scale, **({"HEADS": heads} if heads > 1 else {}))
 
 
 for bench_case in cases:
