@@ -510,7 +510,8 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     gm = report.get("geomean_speedup_design_shared")
     n_design = sum(1 for r in rows if r.get("design_shared"))
-    out = [f"# Tree decode attention, {meta['gpu']} ({meta['dtype']}), {meta['date']}, commit {meta['commit']}", "",
+    kv = "" if meta.get("kv_dtype", "same") == "same" else f", KV cache {meta['kv_dtype']}"
+    out = [f"# Tree decode attention, {meta['gpu']} ({meta['dtype']}{kv}), {meta['date']}, commit {meta['commit']}", "",
            "Median µs of one decode-attention step (p20/p80 in the JSON). floor = unique KV bytes (+q, out) / "
            f"measured copy rate {_fmt(meta['copy_gbps'], 0)} GB/s; FLOP floor = FLOPs / measured {meta['dtype']} "
            f"matmul rate {_fmt(meta['matmul_tflops'], 0)} TFLOP/s. ᵉ = timed eagerly (not capturable in a CUDA graph); "
