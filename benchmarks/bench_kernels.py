@@ -552,6 +552,11 @@ def write_report(report: dict, out_dir: Path, tag: str) -> None:
 KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+def pool_dtype(args) -> torch.dtype:
+    """The KV pool's dtype: --kv-dtype's fp8, or the benchmark dtype."""
+    return KV_DTYPES.get(args.kv_dtype, getattr(torch, args.dtype))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
@@ -679,9 +684,8 @@ def run_cases_here(args, cases, shapes, providers, device, dtype, report) -> Non
     hd = max(c.head_dim for c in cases)
     runs = max(T.runs_needed(shapes[c.key], args.run_len) for c in cases)
     pool_slots = 2 * runs * args.run_len
-    kv_dtype = KV_DTYPES.get(args.kv_dtype, dtype)
-    k_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device).to(kv_dtype)
-    v_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device).to(kv_dtype)
+    k_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device).to(pool_dtype(args))
+    v_pool = torch.randn(pool_slots, hkv, hd, dtype=dtype, device=device).to(pool_dtype(args))
     meta["pool_slots"] = pool_slots
     meta["pool_bytes"] = 2 * k_pool.numel() * k_pool.element_size()
     workspace = (torch.zeros(FLASHINFER_WORKSPACE, dtype=torch.uint8, device=device)
@@ -728,7 +732,7 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
 
     meta = report["metadata"]
     tmp = Path(tempfile.mkdtemp(prefix="deft_bench_"))
-    elem = torch.empty(0, dtype=KV_DTYPES.get(args.kv_dtype, getattr(torch, args.dtype))).element_size()
+    elem = torch.empty(0, dtype=pool_dtype(args)).element_size()
     remaining = list(cases)
     attempt = 0
     while remaining:
@@ -878,7 +882,7 @@ def main(argv=None) -> int:
         kmod = _kernels()
         meta["deft_stage1_kernel"] = importlib.import_module(kmod.__name__ + ".tree_decode").stage1_config(
             128, importlib.import_module(kmod.__name__ + ".plan").LARGE_ROWS, dtype, device,
-            KV_DTYPES.get(args.kv_dtype, dtype)).kernel
+            pool_dtype(args)).kernel
         if args.rates:
             meta["copy_gbps"], meta["matmul_tflops"] = (float(x) for x in args.rates.split(","))
         else:

@@ -64,14 +64,15 @@ def make_backend(sim, server_args, model_config, layers, kv_pool):
     return DeftAttnBackend(model_runner(server_args, model_config, layers, sim, kv_pool))
 
 
-def random_kv_setup(server_args, model_config, layers, kv_slots: int):
-    """A radix simulator, a KV pool for ``layers`` filled with seeded random K/V, and a backend over them."""
+def random_kv_setup(server_args, model_config, layers, kv_slots: int, kv_dtype: torch.dtype = torch.float32):
+    """A radix simulator, a KV pool for ``layers`` filled with seeded random K/V (cast to ``kv_dtype``), and a
+    backend over them."""
     torch.manual_seed(0)
     sim = RadixSim(kv_slots=kv_slots)
-    kv_pool = kv_pool_for(layers, kv_slots)
+    kv_pool = kv_pool_for(layers, kv_slots, kv_dtype)
     for i in range(len(layers)):
-        kv_pool.get_key_buffer(i).normal_()
-        kv_pool.get_value_buffer(i).normal_()
+        for buf in (kv_pool.get_key_buffer(i), kv_pool.get_value_buffer(i)):
+            buf.copy_(torch.randn(buf.shape))
     return sim, kv_pool, make_backend(sim, server_args, model_config, layers, kv_pool)
 
 
@@ -118,13 +119,13 @@ def record_steady(backend) -> list:
     return log
 
 
-def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer):
+def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer, k_scale=1.0, v_scale=1.0):
     """Each request alone over its own req_to_token row: a one-node tree per request."""
     rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, seq_lens.tolist())]
     indptr = torch.tensor([0] + [len(x) for x in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     tree = KVTree(torch.cat(rows).to(torch.int32), indptr, torch.full((len(rows),), -1, dtype=torch.int32),
                   torch.arange(len(rows), dtype=torch.int32))
-    return attention_reference(q, k_buffer, v_buffer, tree, layer.scaling, layer.logit_cap)
+    return attention_reference(q, k_buffer, v_buffer, tree, layer.scaling, layer.logit_cap, k_scale, v_scale)
 
 
 @pytest.mark.parametrize("impl, device, triton", [(None, "cpu", False), (None, "cuda", True), ("auto", "cpu", False),
@@ -196,13 +197,7 @@ def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, 
             layer.k_scale, layer.v_scale = torch.tensor(scales[0]), torch.tensor(scales[1])
             layer.k_scale_float, layer.v_scale_float = scales
     k_scale, v_scale = scales or (1.0, 1.0)
-    torch.manual_seed(0)
-    sim = RadixSim(kv_slots=2048)
-    kv_pool = kv_pool_for(layers, 2048, kv_dtype)
-    for i in range(len(layers)):
-        kv_pool.get_key_buffer(i).copy_(torch.randn(kv_pool.get_key_buffer(i).shape).to(kv_dtype))
-        kv_pool.get_value_buffer(i).copy_(torch.randn(kv_pool.get_value_buffer(i).shape).to(kv_dtype))
-    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048, kv_dtype)
     reqs = forked_batch(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
     fb = decode_forward_batch(sim, reqs, kv_pool)
@@ -218,12 +213,8 @@ def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, 
 
         out = backend.forward(q, k.clone(), v.clone(), layer, fb)  # SGLang's pool divides in place
 
-        rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, fb.seq_lens_cpu.tolist())]
-        tree = KVTree(torch.cat(rows).to(torch.int32),
-                      torch.tensor([0] + [len(x) for x in rows]).cumsum(0).to(torch.int32),
-                      torch.full((B,), -1, dtype=torch.int32), torch.arange(B, dtype=torch.int32))
-        expected = attention_reference(q.view(B, hq, d), k_expected, v_expected, tree, layer.scaling,
-                                       k_scale=k_scale, v_scale=v_scale)
+        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu,
+                                         layer, k_scale, v_scale)
         assert torch.equal(kv_pool.get_key_buffer(layer.layer_id).view(torch.uint8), k_expected.view(torch.uint8))
         assert torch.equal(kv_pool.get_value_buffer(layer.layer_id).view(torch.uint8), v_expected.view(torch.uint8))
         torch.testing.assert_close(out.view(B, hq, d), expected, rtol=1e-5, atol=1e-5 * max(v_scale, 1.0))
