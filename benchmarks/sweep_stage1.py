@@ -117,17 +117,18 @@ GRIDS = {"blocks": blocks_grid, "tiles": tiles_grid, "quick": quick_grid, "d256"
 
 
 class Case:
-    """One benchmark tree with its q, KV pool and fp32 reference, on the GPU."""
+    """One benchmark tree with its q, KV pool and fp32 reference, on the GPU (the pool in ``kv_dtype``,
+    bf16 by default; the reference over the pool as stored)."""
 
-    def __init__(self, case, device):
+    def __init__(self, case, device, kv_dtype=torch.bfloat16):
         shape = case.shape
         pool = max(2 * T.runs_needed(shape) * T.DEFAULT_RUN, 1 << 16)
         tree = T.build_tree(shape, pool)
         torch.manual_seed(0)
         self.case = case
         self.q = torch.randn(shape.num_queries, case.num_qo_heads, case.head_dim, device=device, dtype=torch.bfloat16)
-        self.k = torch.randn(pool, case.num_kv_heads, case.head_dim, device=device, dtype=torch.bfloat16)
-        self.v = torch.randn_like(self.k)
+        self.k = torch.randn(pool, case.num_kv_heads, case.head_dim, device=device, dtype=torch.bfloat16).to(kv_dtype)
+        self.v = torch.randn(self.k.shape, device=device, dtype=torch.bfloat16).to(kv_dtype)
         self.tree = K.KVTree(tree.kv_indices.to(device), tree.node_indptr, tree.node_parent, tree.query_node)
         self.scale = case.head_dim ** -0.5
         self.ref = K.attention_reference(self.q, self.k, self.v, self.tree, self.scale)

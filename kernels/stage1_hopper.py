@@ -48,12 +48,15 @@ BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
 NUM_WARPS = 4
 TRITON_VERSIONS = ("3.6",)
+# An fp8 KV cache (SGLang's fp8_e4m3 / fp8_e5m2) is converted to q's dtype in shared memory, block by block.
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Measured on the H200; 80 and 96 (Phi-2's and Phi-3-mini's heads) run padded to 128, masked.
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
-def unsupported_reason(device, dtype, head_dim: int, large_rows: int) -> str | None:
-    """Why this kernel cannot serve the call (None when it can)."""
+def unsupported_reason(device, dtype, head_dim: int, large_rows: int, kv_dtype=None) -> str | None:
+    """Why this kernel cannot serve the call (None when it can); ``kv_dtype`` is the KV cache's when it is
+    not q's ``dtype``."""
     if getattr(device, "type", device) != "cuda":
         return "not a CUDA device"
     major_minor = ".".join(triton.__version__.split(".")[:2])
@@ -63,6 +66,8 @@ def unsupported_reason(device, dtype, head_dim: int, large_rows: int) -> str | N
         return f"compute capability {torch.cuda.get_device_capability(device)} (needs sm_90)"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{dtype} (needs float16 or bfloat16)"
+    if kv_dtype not in (None, dtype, *FP8_KV_DTYPES):
+        return f"a {kv_dtype} KV cache for {dtype} queries (needs q's dtype or {' or '.join(map(str, FP8_KV_DTYPES))})"
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} (needs one of {', '.join(map(str, HEAD_DIMS))})"
     if large_rows != LARGE_ROWS:
@@ -147,13 +152,20 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
                  stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK: gl.constexpr, STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr,
-                 WARPS: gl.constexpr):
+                 WARPS: gl.constexpr, CONVERT: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
+    kv_dtype: gl.constexpr = K.dtype.element_ty
     kv_start, kv_len, q_start, q_count, slot = _item_fields(items, item)
 
-    # Gathers and Q in 16-byte vectors; scores S [M, N] and output O [M, D] in the MMA's layouts.
+    # Gathers and Q in 16-byte vectors (8 elements of q's dtype, 16 of an fp8 cache's); scores S [M, N]
+    # and output O [M, D] in the MMA's layouts.
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    if CONVERT:
+        ld_kv: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
+    else:
+        ld_kv: gl.constexpr = ld
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK_D], dtype)
+    raw_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK_D], kv_dtype)
     if WGMMA:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, BLOCK, 16])
@@ -165,13 +177,20 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
 
     # The first blocks' copies go out before Q is fetched, so the two loads overlap.
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, BLOCK_D], kv_sl)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, BLOCK_D], kv_sl)
-    offs_n = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
+    # The ring holds K/V as stored. An fp8 cache's block is then converted once into q's dtype in
+    # k_op/v_op, which the MMAs read: wgmma takes fp8 only with an fp8 Q (which would round q), so the
+    # conversion goes through shared memory, and the ring's blocks are half the bytes.
+    k_bufs = gl.allocate_shared_memory(kv_dtype, [STAGES, BLOCK, BLOCK_D], raw_sl)
+    v_bufs = gl.allocate_shared_memory(kv_dtype, [STAGES, BLOCK, BLOCK_D], raw_sl)
+    if CONVERT:
+        k_op = gl.allocate_shared_memory(dtype, [BLOCK, BLOCK_D], kv_sl)
+        v_op = gl.allocate_shared_memory(dtype, [BLOCK, BLOCK_D], kv_sl)
+    offs_n = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld_kv))
+    offs_d_kv = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ld_kv))
     offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ld))
     for b in gl.static_range(STAGES - 1):
         idx = _load_idx(kv_indices, kv_start, kv_len, b, offs_n, BLOCK)
-        _issue_kv(K, V, k_bufs.index(b), v_bufs.index(b), kv_len, b, idx, offs_n, offs_d, kv_head,
+        _issue_kv(K, V, k_bufs.index(b), v_bufs.index(b), kv_len, b, idx, offs_n, offs_d_kv, kv_head,
                   stride_kn, stride_kh, stride_vn, stride_vh, BLOCK, HEAD_DIM)
         cp.commit_group()
     # Slot indices of the next two blocks to issue: loaded two iterations before they are used.
@@ -198,27 +217,40 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         if WGMMA:
             fence_async_shared()
         nxt = j + STAGES - 1
-        _issue_kv(K, V, k_bufs.index(nxt % STAGES), v_bufs.index(nxt % STAGES), kv_len, nxt, idx1, offs_n, offs_d,
-                  kv_head, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK, HEAD_DIM)
+        _issue_kv(K, V, k_bufs.index(nxt % STAGES), v_bufs.index(nxt % STAGES), kv_len, nxt, idx1, offs_n,
+                  offs_d_kv, kv_head, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK, HEAD_DIM)
         cp.commit_group()
         idx1 = idx2
         idx2 = _load_idx(kv_indices, kv_start, kv_len, nxt + 2, offs_n, BLOCK)
 
         cur = j % STAGES
+        if CONVERT:
+            # k_op/v_op were last read by block j-1's MMAs, which every warp finished before the barrier
+            # above. The fence orders these stores before wgmma's reads (another proxy).
+            k_op.store(k_bufs.index(cur).load(ld_kv).to(dtype))
+            v_op.store(v_bufs.index(cur).load(ld_kv).to(dtype))
+            if WGMMA:
+                fence_async_shared()
+            gl.thread_barrier()
+            k_cur = k_op
+            v_cur = v_op
+        else:
+            k_cur = k_bufs.index(cur)
+            v_cur = v_bufs.index(cur)
         if WGMMA:
-            s = warpgroup_mma(q_op, k_bufs.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_op, k_cur.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         else:
-            kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
+            kt = k_cur.permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
             s = mma_v2(q_op, kt, s_zero)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK, USE_CAP)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
         if WGMMA:
-            acc = warpgroup_mma(p_op, v_bufs.index(cur), acc, is_async=True)
+            acc = warpgroup_mma(p_op, v_cur, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         else:
-            vv = v_bufs.index(cur).load(gl.DotOperandLayout(operand_index=1, parent=o_l, k_width=2))
+            vv = v_cur.load(gl.DotOperandLayout(operand_index=1, parent=o_l, k_width=2))
             acc = mma_v2(p_op, vv, acc)
     cp.wait_group(0)
     _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_lse, stride_pp, stride_ph,
@@ -231,6 +263,7 @@ def _tree_decode_stage1_hopper(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, LARGE_M: gl.constexpr,
     SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
+    CONVERT: gl.constexpr,
 ):
     kv_head = gl.program_id(0)
     item = gl.program_id(1)
@@ -239,11 +272,11 @@ def _tree_decode_stage1_hopper(
     if item < num_large:
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS)
+                     GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS)
+                     GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS, CONVERT)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
@@ -257,4 +290,5 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
         po.stride(0), po.stride(1), pl.stride(0),
         GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
         LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=block,
-        STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, num_warps=NUM_WARPS)
+        STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, CONVERT=k_buffer.dtype != q.dtype,
+        num_warps=NUM_WARPS)

@@ -240,19 +240,16 @@ def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int,
     ``dtype`` is q's, ``kv_dtype`` the KV cache's when it differs (fp8)."""
     if device.type != "cuda":
         return "not a CUDA device"  # never imports Gluon off the GPU
-    if kv_dtype is not None and kv_dtype != dtype:
-        # Its wgmma reads K and V from shared memory in q's dtype, as the copies land them.
-        reason = f"a {kv_dtype} KV cache (it reads K/V in q's dtype)"
+    try:
+        from . import stage1_hopper
+    except ImportError as e:  # a Triton without Gluon, or with another Gluon API
+        reason = f"Gluon unavailable ({e})"
     else:
-        try:
-            from . import stage1_hopper
-        except ImportError as e:  # a Triton without Gluon, or with another Gluon API
-            reason = f"Gluon unavailable ({e})"
-        else:
-            reason = stage1_hopper.unsupported_reason(device, dtype, head_dim, large_rows)
+        reason = stage1_hopper.unsupported_reason(device, dtype, head_dim, large_rows, kv_dtype)
     which = "Gluon kernel for Hopper" if reason is None else f"Triton kernel: the Hopper kernel does not serve {reason}"
-    logger.info("tree decode stage 1 on %s, %s, head_dim %d, %d-row large tiles: %s", device, dtype, head_dim,
-                large_rows, which)
+    cache = "" if kv_dtype in (None, dtype) else f" over a {kv_dtype} KV cache"
+    logger.info("tree decode stage 1 on %s, %s%s, head_dim %d, %d-row large tiles: %s", device, dtype, cache,
+                head_dim, large_rows, which)
     return reason
 
 

@@ -41,7 +41,7 @@ from sglang.srt.server_args import ServerArgs  # noqa: E402
 import sglang_deft.backend as backend_module  # noqa: E402
 import sglang_deft.kernels.plan as kernel_plan  # noqa: E402
 from radix_sim import RadixSim  # noqa: E402
-from sglang_deft.backend import DeftAttnBackend  # noqa: E402
+from sglang_deft.backend import DeftAttnBackend, kv_scales  # noqa: E402
 from sglang_deft.kernels.plan import few_merges_max_queries  # noqa: E402
 from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
@@ -61,7 +61,7 @@ CAPTURE_BS = [1, 2, 4, 8]
 class CudaDecodeSetup:
     """The backend on the GPU over a RadixSim (CPU bookkeeping, mirrored to a CUDA req_to_token)."""
 
-    def __init__(self, dtype, monkeypatch, heads=None, kv_slots=4096):
+    def __init__(self, dtype, monkeypatch, heads=None, kv_slots=4096, kv_dtype=None, scales=None):
         register()
         monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
         # heads (q, kv, dim) other than the tiny model's go into its config as SGLang's override does
@@ -72,9 +72,14 @@ class CudaDecodeSetup:
         config = ModelConfig.from_server_args(args)
         hq, hkv, d = config.num_attention_heads, config.get_num_kv_heads(1), config.head_dim
         self.layers = [RadixAttention(hq, d, d ** -0.5, hkv, layer_id=i) for i in range(config.num_hidden_layers)]
+        if scales is not None:  # a calibrated fp8 checkpoint's layers, as SGLang's kv-cache quantization leaves them
+            for layer in self.layers:
+                layer.k_scale, layer.v_scale = torch.tensor(scales[0]), torch.tensor(scales[1])
+                layer.k_scale_float, layer.v_scale_float = scales
+        self.kv_dtype = kv_dtype = kv_dtype or dtype
         self.sim = RadixSim(kv_slots=kv_slots)
         self.req_to_token = self.sim.req_to_token.cuda()
-        self.kv_pool = MHATokenToKVPool(size=kv_slots, page_size=1, dtype=dtype, head_num=hkv, head_dim=d,
+        self.kv_pool = MHATokenToKVPool(size=kv_slots, page_size=1, dtype=kv_dtype, head_num=hkv, head_dim=d,
                                         layer_num=len(self.layers), device="cuda", enable_memory_saver=False)
         g = torch.Generator(device="cuda").manual_seed(0)
         for i in range(len(self.layers)):
@@ -84,7 +89,7 @@ class CudaDecodeSetup:
                                                                device="cuda"))
         runner = SimpleNamespace(
             server_args=args, model_config=config, model=torch.nn.ModuleList(self.layers), device="cuda",
-            kv_cache_dtype=dtype, req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token,
+            kv_cache_dtype=kv_dtype, req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token,
                                                                 size=self.sim.req_to_token_pool.size),
             token_to_kv_pool=self.kv_pool, use_mla_backend=False, sliding_window_size=None, mambaish_config=None,
         )
@@ -168,6 +173,23 @@ def test_replayed_steps_equal_eager_steps_bitwise(dtype, heads, monkeypatch):
     and within the dtype's rounding of per-request fp32 attention."""
     setup = CudaDecodeSetup(dtype, monkeypatch, heads)
     assert heads is None or (setup.hq, setup.hkv, setup.d) == heads
+    replay_and_compare(setup)
+
+
+# --kv-cache-dtype fp8_e4m3 / fp8_e5m2, uncalibrated and with a checkpoint's scales: the Hopper kernel (h128)
+# and the Triton one (the tiny model's heads) convert the cache to q's dtype.
+@pytest.mark.parametrize("heads,kv_dtype,scales", [((32, 8, 128), torch.float8_e4m3fn, None),
+                                                   ((32, 8, 128), torch.float8_e5m2, (0.5, 2.0)),
+                                                   (None, torch.float8_e4m3fn, (2.0, 0.25))],
+                         ids=["h128-e4m3", "h128-e5m2-scaled", "tiny-e4m3-scaled"])
+def test_replayed_steps_over_an_fp8_kv_cache_equal_eager_steps_bitwise(heads, kv_dtype, scales, monkeypatch):
+    setup = CudaDecodeSetup(torch.bfloat16, monkeypatch, heads, kv_dtype=kv_dtype, scales=scales)
+    assert kv_scales(setup.layers[0], setup.kv_pool.dtype) == (scales or (1.0, 1.0))
+    replay_and_compare(setup)
+
+
+def replay_and_compare(setup: CudaDecodeSetup):
+    dtype = setup.dtype
     graphs = Graphs(setup)
     sim, backend = setup.sim, setup.backend
     eager = DeftAttnBackend(setup.runner)
@@ -198,10 +220,12 @@ def test_replayed_steps_equal_eager_steps_bitwise(dtype, heads, monkeypatch):
         for layer, out_graph, out_eager in zip(setup.layers, replayed, outs):
             assert torch.equal(out_graph[:B], out_eager), f"step {step}: replay and eager step differ"
             assert torch.equal(out_graph[B:], torch.zeros_like(out_graph[B:]))
+            k_scale, v_scale = kv_scales(layer, setup.kv_dtype)
             expected = per_request_reference(q.view(B, setup.hq, setup.d), setup.kv_pool.get_key_buffer(layer.layer_id),
                                              setup.kv_pool.get_value_buffer(layer.layer_id), sim, reqs,
-                                             fb.seq_lens_cpu, layer)
-            torch.testing.assert_close(out_eager.view(B, setup.hq, setup.d).float(), expected, rtol=0, atol=atol,
+                                             fb.seq_lens_cpu, layer, k_scale, v_scale)
+            torch.testing.assert_close(out_eager.view(B, setup.hq, setup.d).float(), expected, rtol=0,
+                                       atol=atol * max(1.0, v_scale),
                                        msg=lambda m: f"step {step} (steady: {logs[1][-1]}): {m}")
         sim.finish_decode(reqs)
     # Full plans on a change and the step after it (room laid out), steady steps while nothing changes.

@@ -288,10 +288,49 @@ def test_hopper_kernel_refuses_what_it_does_not_serve():
     fp8 = k.to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="K and V need one dtype"):
         tree_decode(q.half(), fp8, v.to(torch.float8_e5m2), plan, scale, cap)
-    if HOPPER:  # on the H200: an fp8 cache goes to the Triton kernel, and asked for, the Hopper one says why
-        assert stage1_config(64, plan.large_rows, torch.float16, q.device, fp8.dtype).kernel == "triton"
-        with pytest.raises(ValueError, match="float8_e4m3fn KV cache"):
-            tree_decode(q.half(), fp8, fp8, plan, scale, cap, config=HOPPER_CONFIG)
+    if HOPPER:  # on the H200 an fp8 cache goes to the Hopper kernel too
+        assert stage1_config(64, plan.large_rows, torch.float16, q.device, fp8.dtype).kernel == "hopper"
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.6)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("name,hq,hkv,d,cap,scales", [("random_forest", 8, 2, 128, 0.0, (1.0, 1.0)),
+                                                      ("fanout_256", 32, 8, 128, 0.0, (0.5, 2.0)),
+                                                      ("deep_chain_64", 16, 2, 64, 0.0, (2.0, 0.25)),
+                                                      ("inner_queries", 4, 4, 128, 2.0, (1.0, 1.0)),
+                                                      ("odd_lengths", 16, 2, 128, 0.0, (0.5, 2.0)),
+                                                      ("random_forest", 8, 4, 256, 0.0, (2.0, 0.25)),
+                                                      ("fanout_256", 16, 8, 256, 0.0, (1.0, 1.0)),
+                                                      ("random_forest", 32, 32, 96, 0.0, (0.5, 2.0)),
+                                                      ("inner_queries", 8, 2, 80, 2.0, (1.0, 1.0))])
+def test_hopper_kernel_reads_an_fp8_kv_cache(name, hq, hkv, d, cap, scales, kv_dtype, dtype):
+    """The Hopper kernel converts an fp8 cache's blocks to q's dtype in shared memory: against the fp32
+    reference and the portable Triton kernel (which converts in registers) on both tile kinds, head dims
+    64-256 (96 and 80 padded), with the layer's scales."""
+    tree = TREES[name]
+    g = torch.Generator().manual_seed(5)
+    slots = int(tree.kv_indices.max()) + 1
+    q = torch.randn(tree.num_queries, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    v = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    k_scale, v_scale = scales
+    plan = plan_tree_decode(tree, hq, hkv, d, device=DEVICE, kv_dtype=kv_dtype)
+    assert stage1_config(d, plan.large_rows, dtype, q.device, kv_dtype).kernel == "hopper"
+    out = tree_decode(q, k, v, plan, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
+    portable = tree_decode(q, k, v, plan, d ** -0.5, cap, config=stage1_config(d, plan.large_rows),
+                           k_scale=k_scale, v_scale=v_scale)
+    ref = attention_reference(q, k, v, tree, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
+    atol = ATOL[dtype] * max(1.0, v_scale)
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(out.float(), portable.float(), atol=atol, rtol=0)
+    assert torch.equal(out, tree_decode(q, k, v, plan, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale))
+
+
+def test_both_kernel_modules_take_the_same_fp8_caches():
+    from sglang_deft.kernels import stage1_hopper
+    from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
+    assert stage1_hopper.FP8_KV_DTYPES == FP8_KV_DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -323,6 +362,10 @@ def test_fp8_kv_cache(name, hq, hkv, d, cap, scales, kv_dtype, dtype):
 
 @pytest.mark.parametrize("capability,version,dtype,d,rows,why", [
     ((9, 0), "3.6.0", torch.bfloat16, 128, 64, None),
+    ((9, 0), "3.6.0", (torch.bfloat16, torch.float8_e4m3fn), 128, 64, None),
+    ((9, 0), "3.6.0", (torch.float16, torch.float8_e5m2), 64, 64, None),
+    ((9, 0), "3.6.0", (torch.bfloat16, torch.float16), 128, 64, "float16 KV cache for torch.bfloat16 queries"),
+    ((9, 0), "3.6.0", (torch.float32, torch.float8_e4m3fn), 128, 64, "float16 or bfloat16"),
     ((9, 0), "3.6.1", torch.float16, 64, 64, None),
     ((9, 0), "3.9.0", torch.bfloat16, 128, 64, "Triton 3.9.0"),
     ((8, 0), "3.6.0", torch.bfloat16, 128, 64, "needs sm_90"),
@@ -337,9 +380,10 @@ def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability
     from sglang_deft.kernels import stage1_hopper
     monkeypatch.setattr(stage1_hopper.triton, "__version__", version)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    reason = stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows)
+    dtype, kv_dtype = dtype if isinstance(dtype, tuple) else (dtype, None)
+    reason = stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows, kv_dtype)
     assert reason is None if why is None else why in reason
-    assert stage1_hopper.unsupported_reason(torch.device("cpu"), dtype, d, rows) == "not a CUDA device"
+    assert stage1_hopper.unsupported_reason(torch.device("cpu"), dtype, d, rows, kv_dtype) == "not a CUDA device"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,7 +1,9 @@
 """A/B of Hopper stage-1 variants on the benchmark's trees, in one process (alternating rounds).
 
-Each variant is ``name=module:large_rows:programs_per_sm``; ``module`` is ``main`` (the package's
-kernels/stage1_hopper.py) or a path to a copy of it (a baseline kept beside the change measured).
+Each variant is ``name=module:large_rows:programs_per_sm[:block]``; ``module`` is ``main`` (the package's
+kernels/stage1_hopper.py), a path to a copy of it (a baseline kept beside the change measured) or
+``triton`` (the portable Triton stage 1 in its default shape); ``block`` is the Gluon kernel's KV tokens
+per block (its default otherwise). ``KV=fp8_e4m3`` / ``fp8_e5m2`` stores the KV pool in fp8.
 On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
     VARIANTS="base=/path/old.py:64:4,new=main:64:4" OUT=$OUT python3 benchmarks/experiments/ab_stage1.py
 Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
@@ -22,9 +24,20 @@ import sweep_stage1 as S  # noqa: E402
 K, STAGES, check = S.K, S.STAGES, S.check
 
 
+class PortableStage1:
+    """The Triton stage 1 (tree_decode's launch_stage1 in stage1_config's portable shape) behind the Gluon
+    module's ``launch``."""
+
+    @staticmethod
+    def launch(q, k, v, plan, scale, cap, small_rows, **_):
+        S.STAGES.launch_stage1(q, k, v, plan, scale, cap, S.STAGES.stage1_config(q.shape[2], plan.large_rows))
+
+
 def module(spec: str):
     if spec == "main":
         return __import__(K.__name__ + ".stage1_hopper", fromlist=["launch"])
+    if spec == "triton":
+        return PortableStage1
     return S.load_module(spec)
 
 
@@ -34,22 +47,25 @@ for item in os.environ["VARIANTS"].split(","):
     mod, *nums = spec.split(":")
     variants[name] = (module(mod), [int(x) for x in nums])
 cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
-report = {"variants": os.environ["VARIANTS"]}
+kv = os.environ.get("KV", "bf16")
+kv_dtype = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv]
+report = {"variants": os.environ["VARIANTS"], "kv_dtype": kv}
 for bench_case in cases:
     key = bench_case.key
-    case = S.Case(bench_case, torch.device("cuda"))
+    case = S.Case(bench_case, torch.device("cuda"), kv_dtype)
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     res = report.setdefault(key, {})
     fns, first = {}, None
     for name, (mod, nums) in variants.items():
-        lr, pps = nums
+        lr, pps, *block = nums
         plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, large_rows=lr,
                                   programs_per_sm=pps)
         o = torch.full_like(q, float("nan"))
+        shape = {"block": block[0]} if block else {}
 
-        def step(o=o, plan=plan, mod=mod):
-            mod.launch(q, k, v, plan, scale, 0.0, 16)
+        def step(o=o, plan=plan, mod=mod, shape=shape):
+            mod.launch(q, k, v, plan, scale, 0.0, 16, **shape)
             STAGES.launch_stage2(plan, o)
         try:
             step()

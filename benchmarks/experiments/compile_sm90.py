@@ -7,8 +7,9 @@ PYTHONPATH, e.g. ``pip download triton==3.6.0 --no-deps`` and unzip it to /tmp/t
     PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/experiments/compile_sm90.py kernels/stage1_hopper.py
     PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/experiments/compile_sm90.py path/to/variant.py \\
         _kernel_name STAGES=3 maxnreg=112
-Arguments after the kernel name set its constexprs (NAME=int) or the compile option ``maxnreg``. Pointer
-and scalar types follow stage 1's signature (bf16 q/K/V, int32 metadata, fp32 partials); stride
+Arguments after the kernel name set its constexprs (NAME=int), the compile option ``maxnreg``, or the KV
+cache's type (``KV=fp8e4nv`` or ``KV=fp8e5``: an fp8 cache, converted in the kernel). Pointer and scalar
+types follow stage 1's signature (bf16 q/K/V, int32 metadata, fp32 partials); stride
 arguments are taken as multiples of 16, as Triton specialises them at run time. Prints ptxas's register,
 spill and shared-memory report; the PTX is left in $OUT_PTX (default /tmp/compile_sm90.ptx).
 """
@@ -29,7 +30,7 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qpe
             "counts": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
 FLOATS = ("sm_scale", "logit_cap")
 # stage1_hopper's launch for Llama-3-8B's attention shape (32 q / 8 kv heads of 128).
-CONSTEXPRS = dict(GROUP=4, HEAD_DIM=128, LARGE_M=64, SMALL_M=16, BLOCK=32, STAGES=2, USE_CAP=0, WARPS=4)
+CONSTEXPRS = dict(GROUP=4, HEAD_DIM=128, LARGE_M=64, SMALL_M=16, BLOCK=32, STAGES=2, USE_CAP=0, WARPS=4, CONVERT=0)
 
 
 def main() -> None:
@@ -37,15 +38,19 @@ def main() -> None:
     args = sys.argv[2:]
     name = args.pop(0) if args and "=" not in args[0] else "_tree_decode_stage1_hopper"
     fn = getattr(load_module(path), name)
-    consts, options = dict(CONSTEXPRS), {}
+    consts, options, pointers = dict(CONSTEXPRS), {}, dict(POINTERS)
     for a in args:
         k, v = a.split("=")
-        (options if k == "maxnreg" else consts)[k] = int(v)
+        if k == "KV":
+            pointers["K"] = pointers["V"] = f"*{v}"
+            consts["CONVERT"] = 1
+        else:
+            (options if k == "maxnreg" else consts)[k] = int(v)
     if not any(a.startswith("BLOCK_D=") for a in args):  # the head dim padded as stage1_hopper.launch pads it
         consts["BLOCK_D"] = triton.next_power_of_2(consts["HEAD_DIM"])
     options["num_warps"] = consts["WARPS"]
     params = fn.arg_names
-    sig = {p: "constexpr" if p in consts else POINTERS.get(p, "fp32" if p in FLOATS else "i32") for p in params}
+    sig = {p: "constexpr" if p in consts else pointers.get(p, "fp32" if p in FLOATS else "i32") for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
              if sig[p].startswith("*") or (sig[p] == "i32" and p.startswith("stride"))}
     src = GluonASTSource(fn, sig, {k: v for k, v in consts.items() if k in params}, attrs)
