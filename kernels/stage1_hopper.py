@@ -94,6 +94,21 @@ def _issue_kv(K, V, k_buf, v_buf, kv_len, blk, idx, offs_n, offs_d, kv_head,
 
 
 @gluon.jit
+def _in_dtype(x, dtype: gl.constexpr):
+    """K/V values in q's ``dtype``: as they are, or an fp8 cache's converted (exactly: every fp8 value is a
+    float16 and a bfloat16). To bfloat16 the conversion goes through float32: Triton's own goes through
+    float16 with two F2F per pair, which run at a quarter of the FMA pipe's rate; fp32 to bf16 packs a pair
+    in one F2FP."""
+    if x.dtype == dtype:
+        y = x
+    elif dtype == gl.bfloat16:
+        y = x.to(gl.float16).to(gl.float32).to(dtype)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@gluon.jit
 def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK: gl.constexpr,
                     USE_CAP: gl.constexpr):
     """Block j's scores -> (P, alpha, running max, running sum), all in base 2."""
@@ -176,13 +191,13 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         o_l: gl.constexpr = s_l
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
 
-    # The first blocks' copies go out before Q is fetched, so the two loads overlap.
-    # The ring holds K/V as stored. An fp8 cache's block is then converted once into q's dtype in
-    # k_op/v_op, which the MMAs read: wgmma takes fp8 only with an fp8 Q (which would round q), so the
-    # conversion goes through shared memory, and the ring's blocks are half the bytes.
+    # The first blocks' copies go out before Q is fetched, so the two loads overlap. The ring holds K/V as
+    # stored: an fp8 cache's blocks are half the bytes, converted to q's dtype after they land (_in_dtype).
     k_bufs = gl.allocate_shared_memory(kv_dtype, [STAGES, BLOCK, BLOCK_D], raw_sl)
     v_bufs = gl.allocate_shared_memory(kv_dtype, [STAGES, BLOCK, BLOCK_D], raw_sl)
-    if CONVERT:
+    if CONVERT and WGMMA:
+        # wgmma reads its B operand from shared memory and takes fp8 only with an fp8 A (Q or P, which
+        # would be rounded), so a large tile's block is converted once into these, for the warpgroup.
         k_op = gl.allocate_shared_memory(dtype, [BLOCK, BLOCK_D], kv_sl)
         v_op = gl.allocate_shared_memory(dtype, [BLOCK, BLOCK_D], kv_sl)
     offs_n = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld_kv))
@@ -214,8 +229,8 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         # read in iteration j-1, which every warp has finished once past the barrier.
         cp.wait_group(STAGES - 2)
         gl.thread_barrier()
-        if WGMMA:
-            fence_async_shared()
+        if WGMMA and not CONVERT:
+            fence_async_shared()  # the copies' writes, before wgmma reads them (another proxy)
         nxt = j + STAGES - 1
         _issue_kv(K, V, k_bufs.index(nxt % STAGES), v_bufs.index(nxt % STAGES), kv_len, nxt, idx1, offs_n,
                   offs_d_kv, kv_head, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK, HEAD_DIM)
@@ -224,34 +239,37 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         idx2 = _load_idx(kv_indices, kv_start, kv_len, nxt + 2, offs_n, BLOCK)
 
         cur = j % STAGES
-        if CONVERT:
-            # k_op/v_op were last read by block j-1's MMAs, which every warp finished before the barrier
-            # above. The fence orders these stores before wgmma's reads (another proxy).
-            k_op.store(k_bufs.index(cur).load(ld_kv).to(dtype))
-            v_op.store(v_bufs.index(cur).load(ld_kv).to(dtype))
-            if WGMMA:
-                fence_async_shared()
-            gl.thread_barrier()
-            k_cur = k_op
-            v_cur = v_op
-        else:
-            k_cur = k_bufs.index(cur)
-            v_cur = v_bufs.index(cur)
         if WGMMA:
-            s = warpgroup_mma(q_op, k_cur.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if CONVERT:
+                # k_op/v_op were last read by block j-1's MMAs, which every warp finished before the
+                # barrier above. V is converted while the scores' wgmma runs, and waited for before PV.
+                k_op.store(_in_dtype(k_bufs.index(cur).load(ld_kv), dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                s = warpgroup_mma(q_op, k_op.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            else:
+                s = warpgroup_mma(q_op, k_bufs.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            if CONVERT:
+                v_op.store(_in_dtype(v_bufs.index(cur).load(ld_kv), dtype))
+                fence_async_shared()
         else:
-            kt = k_cur.permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
-            s = mma_v2(q_op, kt, s_zero)
+            # A small tile's warps each load their own slice of the block into registers: converted there.
+            kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
+            s = mma_v2(q_op, _in_dtype(kt, dtype), s_zero)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK, USE_CAP)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
         if WGMMA:
-            acc = warpgroup_mma(p_op, v_cur, acc, is_async=True)
+            if CONVERT:
+                gl.thread_barrier()  # every warp's part of V is in v_op
+                acc = warpgroup_mma(p_op, v_op, acc, is_async=True)
+            else:
+                acc = warpgroup_mma(p_op, v_bufs.index(cur), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         else:
-            vv = v_cur.load(gl.DotOperandLayout(operand_index=1, parent=o_l, k_width=2))
-            acc = mma_v2(p_op, vv, acc)
+            vv = v_bufs.index(cur).load(gl.DotOperandLayout(operand_index=1, parent=o_l, k_width=2))
+            acc = mma_v2(p_op, _in_dtype(vv, dtype), acc)
     cp.wait_group(0)
     _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_lse, stride_pp, stride_ph,
                     stride_lp, GROUP, BLOCK_M, HEAD_DIM, BLOCK_D, o_l)

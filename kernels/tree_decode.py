@@ -204,11 +204,11 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
                   device: torch.device | None = None, kv_dtype: torch.dtype | None = None) -> Stage1Config:
     """Which stage-1 kernel runs, with its KV block lengths, warps and pipeline depth.
 
-    On an H200 with Triton 3.6, for float16/bfloat16, head_dim 64/80/96/128/256 and the default 64-row large
-    tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x the Triton kernel's step time on every
-    benchmark tree, `benchmarks/results/ab_hopper_stage1_h200.json`; 0.63-0.69x at head_dim 256,
-    `ab_head_dim_256_h200.json`). Elsewhere (CPU interpreter, other GPUs or Triton versions, float32,
-    other head dims, an fp8 KV cache) the Triton kernel of this module, in its shape measured
+    On an H200 with Triton 3.6, for float16/bfloat16 (over a KV cache in q's dtype or in fp8), head_dim
+    64/80/96/128/256 and the default 64-row large tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x
+    the Triton kernel's step time on every benchmark tree, `benchmarks/results/ab_hopper_stage1_h200.json`;
+    0.63-0.69x at head_dim 256, `ab_head_dim_256_h200.json`). Elsewhere (CPU interpreter, other GPUs or
+    Triton versions, float32, other head dims) the Triton kernel of this module, in its shape measured
     on the H200 (bf16, head_dim 128, L2 flushed, 2026-11-29; the planner at 4 programs per
     SM; `benchmarks/results/sweep_stage1_h200.md`): 32-token blocks for both tile sizes in one
     launch, 3 stages, was the best of 72 configurations over the benchmark's trees (geomean 0.84x the
