@@ -25,6 +25,16 @@ blocks were slower (`benchmarks/results/ab_head_dim_256_h200.json`). Head dims 8
 which add nothing to the scores or the output (96: 0.56-0.59x the Triton kernel's step,
 `ab_head_dim_96_h200.json`).
 
+An fp8 KV cache (SGLang's fp8_e4m3 / fp8_e5m2, with q in float16 or bfloat16) lands in the ring as
+stored, half the bytes of a bf16 block, and is converted to q's dtype after it lands, exactly (every fp8
+value is a float16 and a bfloat16). A large tile's warpgroup converts each block once into shared memory
+for wgmma (whose B operand lives there, and which takes fp8 only with an fp8 A: Q or P rounded); a small
+tile's warps convert their own slices of the block in registers. To bfloat16 the conversion goes through
+float32, not Triton's float16 route, whose F2F instructions run at a quarter of the FMA pipe's rate. On
+the H200 (bf16 q, fp8_e4m3, `benchmarks/results/ab_fp8_hopper_h200.json`) this is 0.67-0.88x the Triton
+kernel's step on the benchmark's trees (no sharing 100.9 against 149.4 us, prefix 16k x 64 88.8 against
+116.0); converting both tile kinds through shared memory with Triton's conversion was 0.91-0.97x.
+
 Tiles, as in the Triton kernel: large tiles (``LARGE_M`` = 64 rows of (query, GQA head)) on one
 warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) with mma.sync, the
 four warps splitting the block's tokens. Both run in one launch, large items first.
@@ -242,17 +252,18 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         if WGMMA:
             if CONVERT:
                 # k_op/v_op were last read by block j-1's MMAs, which every warp finished before the
-                # barrier above. V is converted while the scores' wgmma runs, and waited for before PV.
+                # barrier above. Both are converted before the scores' wgmma: converting V during it (after
+                # its wait, beside the softmax) was 2.4% slower over the benchmark's trees (0.98-1.07x,
+                # ab_fp8_hopper_h200.json), and V's stores
+                # between the wgmma and its wait crash Triton 3.6's ptxas.
                 k_op.store(_in_dtype(k_bufs.index(cur).load(ld_kv), dtype))
+                v_op.store(_in_dtype(v_bufs.index(cur).load(ld_kv), dtype))
                 fence_async_shared()
                 gl.thread_barrier()
                 s = warpgroup_mma(q_op, k_op.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             else:
                 s = warpgroup_mma(q_op, k_bufs.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            if CONVERT:
-                v_op.store(_in_dtype(v_bufs.index(cur).load(ld_kv), dtype))
-                fence_async_shared()
         else:
             # A small tile's warps each load their own slice of the block into registers: converted there.
             kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
@@ -261,11 +272,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
         if WGMMA:
-            if CONVERT:
-                gl.thread_barrier()  # every warp's part of V is in v_op
-                acc = warpgroup_mma(p_op, v_op, acc, is_async=True)
-            else:
-                acc = warpgroup_mma(p_op, v_bufs.index(cur), acc, is_async=True)
+            acc = warpgroup_mma(p_op, v_op if CONVERT else v_bufs.index(cur), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         else:
             vv = v_bufs.index(cur).load(gl.DotOperandLayout(operand_index=1, parent=o_l, k_width=2))
