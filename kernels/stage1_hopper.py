@@ -58,7 +58,8 @@ BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
 NUM_WARPS = 4
 TRITON_VERSIONS = ("3.6",)
-# An fp8 KV cache (SGLang's fp8_e4m3 / fp8_e5m2) is converted to q's dtype in shared memory, block by block.
+# fp8 KV caches read as stored and converted to q's dtype (SGLang's fp8_e4m3 / fp8_e5m2): tree_decode's
+# FP8_KV_DTYPES (a test checks), repeated so that this module loads on its own, as the experiments load it.
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Measured on the H200; 80 and 96 (Phi-2's and Phi-3-mini's heads) run padded to 128, masked.
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -252,10 +253,10 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
         if WGMMA:
             if CONVERT:
                 # k_op/v_op were last read by block j-1's MMAs, which every warp finished before the
-                # barrier above. Both are converted before the scores' wgmma: converting V during it (after
-                # its wait, beside the softmax) was 2.4% slower over the benchmark's trees (0.98-1.07x,
-                # ab_fp8_hopper_h200.json), and V's stores
-                # between the wgmma and its wait crash Triton 3.6's ptxas.
+                # barrier above. Both are converted before the scores' wgmma: converting V after its wait,
+                # beside the softmax, was 2.4% slower over the benchmark's trees (0.98-1.07x,
+                # ab_fp8_hopper_h200.json), and V's stores between the wgmma and its wait crash Triton
+                # 3.6's ptxas.
                 k_op.store(_in_dtype(k_bufs.index(cur).load(ld_kv), dtype))
                 v_op.store(_in_dtype(v_bufs.index(cur).load(ld_kv), dtype))
                 fence_async_shared()
