@@ -22,7 +22,6 @@ BACKEND_NAME = "deft"
 # SGLang's attention backends that run prefill on a CPU (intel_amx falls back to torch_native
 # without AMX).
 _CPU_PREFILL_BACKENDS = ("torch_native", "intel_amx")
-# KV cache dtypes stored as plain floats: the deft path reads K/V without per-layer scales.
 # KV cache dtypes deft reads: the model's, or fp8 (read as stored, computed in the model's dtype, with the
 # layers' K/V scales as SGLang's triton decode applies them).
 _SERVED_KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float", "fp8_e4m3",

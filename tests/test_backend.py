@@ -119,6 +119,14 @@ def record_steady(backend) -> list:
     return log
 
 
+def calibrate(layers, scales: tuple[float, float]) -> None:
+    """Give ``layers`` a calibrated fp8 checkpoint's per-tensor (K, V) scales, as SGLang's kv-cache
+    quantization method leaves them."""
+    for layer in layers:
+        layer.k_scale, layer.v_scale = torch.tensor(scales[0]), torch.tensor(scales[1])
+        layer.k_scale_float, layer.v_scale_float = scales
+
+
 def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer, k_scale=1.0, v_scale=1.0):
     """Each request alone over its own req_to_token row: a one-node tree per request."""
     rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, seq_lens.tolist())]
@@ -192,10 +200,8 @@ def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, 
     """--kv-cache-dtype fp8_e4m3 / fp8_e5m2: the backend stores this step's K/V as SGLang's pool does (divided by
     a checkpoint's scales, then cast) and attends the pool's values times those scales."""
     layers = attention_layers(model_config)
-    for layer in layers:
-        if scales is not None:  # as SGLang's kv_cache quantization method leaves a calibrated layer
-            layer.k_scale, layer.v_scale = torch.tensor(scales[0]), torch.tensor(scales[1])
-            layer.k_scale_float, layer.v_scale_float = scales
+    if scales is not None:
+        calibrate(layers, scales)
     k_scale, v_scale = scales or (1.0, 1.0)
     sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048, kv_dtype)
     reqs = forked_batch(sim)

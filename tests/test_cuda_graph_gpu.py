@@ -47,7 +47,7 @@ from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGE
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 from server_group import gpu_package_env, serving  # noqa: E402
-from test_backend import per_request_reference, record_steady  # noqa: E402
+from test_backend import calibrate, per_request_reference, record_steady  # noqa: E402
 from tiny_models import server_test_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,8 @@ class CudaDecodeSetup:
         config = ModelConfig.from_server_args(args)
         hq, hkv, d = config.num_attention_heads, config.get_num_kv_heads(1), config.head_dim
         self.layers = [RadixAttention(hq, d, d ** -0.5, hkv, layer_id=i) for i in range(config.num_hidden_layers)]
-        if scales is not None:  # a calibrated fp8 checkpoint's layers, as SGLang's kv-cache quantization leaves them
-            for layer in self.layers:
-                layer.k_scale, layer.v_scale = torch.tensor(scales[0]), torch.tensor(scales[1])
-                layer.k_scale_float, layer.v_scale_float = scales
+        if scales is not None:
+            calibrate(self.layers, scales)
         self.kv_dtype = kv_dtype = kv_dtype or dtype
         self.sim = RadixSim(kv_slots=kv_slots)
         self.req_to_token = self.sim.req_to_token.cuda()

@@ -29,6 +29,16 @@ ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 TREES = named_trees()
 
 
+def fp8_case(tree: KVTree, hq: int, hkv: int, d: int, dtype, kv_dtype, seed: int):
+    """q in ``dtype``, an fp8 KV pool (unit-normal values cast to ``kv_dtype``) and the tree's plan."""
+    g = torch.Generator().manual_seed(seed)
+    slots = int(tree.kv_indices.max()) + 1
+    q = torch.randn(tree.num_queries, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    v = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    return q, k, v, plan_tree_decode(tree, hq, hkv, d, device=DEVICE, kv_dtype=kv_dtype)
+
+
 def run_case(tree: KVTree, hq: int, hkv: int, d: int, dtype, logit_cap=0.0, seed=0, large_rows=64):
     g = torch.Generator().manual_seed(seed)
     slots = int(tree.kv_indices.max()) + 1 if tree.kv_indices.numel() else 1
@@ -305,17 +315,12 @@ def test_hopper_kernel_refuses_what_it_does_not_serve():
                                                       ("random_forest", 32, 32, 96, 0.0, (0.5, 2.0)),
                                                       ("inner_queries", 8, 2, 80, 2.0, (1.0, 1.0))])
 def test_hopper_kernel_reads_an_fp8_kv_cache(name, hq, hkv, d, cap, scales, kv_dtype, dtype):
-    """The Hopper kernel converts an fp8 cache's blocks to q's dtype in shared memory: against the fp32
-    reference and the portable Triton kernel (which converts in registers) on both tile kinds, head dims
-    64-256 (96 and 80 padded), with the layer's scales."""
+    """The Hopper kernel converts an fp8 cache's blocks to q's dtype (large tiles in shared memory, small
+    tiles in registers): against the fp32 reference and the portable Triton kernel on both tile kinds, head
+    dims 64-256 (96 and 80 padded), with the layer's scales."""
     tree = TREES[name]
-    g = torch.Generator().manual_seed(5)
-    slots = int(tree.kv_indices.max()) + 1
-    q = torch.randn(tree.num_queries, hq, d, generator=g).to(DEVICE, dtype)
-    k = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
-    v = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    q, k, v, plan = fp8_case(tree, hq, hkv, d, dtype, kv_dtype, seed=5)
     k_scale, v_scale = scales
-    plan = plan_tree_decode(tree, hq, hkv, d, device=DEVICE, kv_dtype=kv_dtype)
     assert stage1_config(d, plan.large_rows, dtype, q.device, kv_dtype).kernel == "hopper"
     out = tree_decode(q, k, v, plan, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
     portable = tree_decode(q, k, v, plan, d ** -0.5, cap, config=stage1_config(d, plan.large_rows),
@@ -343,13 +348,8 @@ def test_fp8_kv_cache(name, hq, hkv, d, cap, scales, kv_dtype, dtype):
     for their values times the layer's scales, computed in q's dtype (exact: fp8 converts to fp16 and bf16
     without rounding), so the error is that of the dtype's own path."""
     tree = TREES[name]
-    g = torch.Generator().manual_seed(3)
-    slots = int(tree.kv_indices.max()) + 1
-    q = torch.randn(tree.num_queries, hq, d, generator=g).to(DEVICE, dtype)
-    k = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
-    v = torch.randn(slots, hkv, d, generator=g).to(DEVICE).to(kv_dtype)
+    q, k, v, plan = fp8_case(tree, hq, hkv, d, dtype, kv_dtype, seed=3)
     k_scale, v_scale = scales
-    plan = plan_tree_decode(tree, hq, hkv, d, device=DEVICE, kv_dtype=kv_dtype)
     out = tree_decode(q, k, v, plan, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
     ref = attention_reference(q, k, v, tree, d ** -0.5, cap, k_scale=k_scale, v_scale=v_scale)
     assert out.dtype == dtype

@@ -20,6 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import sweep_stage1 as S  # noqa: E402
+from bench_kernels import KV_DTYPES  # noqa: E402
 
 K, STAGES, check = S.K, S.STAGES, S.check
 
@@ -48,7 +49,7 @@ for item in os.environ["VARIANTS"].split(","):
     variants[name] = (module(mod), [int(x) for x in nums])
 cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
 kv = os.environ.get("KV", "bf16")
-kv_dtype = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv]
+kv_dtype = {"bf16": torch.bfloat16, **KV_DTYPES}[kv]
 report = {"variants": os.environ["VARIANTS"], "kv_dtype": kv}
 for bench_case in cases:
     key = bench_case.key
