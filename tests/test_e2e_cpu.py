@@ -105,14 +105,26 @@ def mistral_server(tmp_path_factory):
         yield running["deft_mistral"]
 
 
+# The fp8 test's servers: deft as SERVERS' deft_no_overlap, and a reference that decodes on torch_native,
+# which reads the fp8 cache into the model's dtype and runs SDPA. SGLang's triton decode (the GPU reference
+# elsewhere) rounds the softmax weights to the cache's dtype before multiplying them into V (``p.to(v.dtype)``
+# in its decode_attention.py): 2.5e-2 (relative) from the fp32 attention at kernel level where deft is 2.3e-3
+# (benchmarks/results/kernels_h200_fp8.json), logprob gaps to deft of up to 0.070 on the tiny model
+# (benchmarks/results/fp8_kv_gpu_tests_h200.json). torch_native cannot be captured in a CUDA graph: on a GPU
+# that server runs eagerly (deft's logprobs there were the same with its graphs as without).
+FP8_SERVERS = {"deft_fp8": SERVERS["deft_no_overlap"],
+               "reference_fp8": ["--decode-attention-backend", "torch_native",
+                                 *(["--disable-cuda-graph"] if ON_GPU else [])]}
+
+
 @pytest.fixture(scope="module")
 def fp8_servers(tmp_path_factory):
     """deft and the reference decode with --kv-cache-dtype fp8_e4m3 (started when the test that uses them
     runs)."""
     log_dir = tmp_path_factory.mktemp("fp8_servers")
-    running = {name: ServerProcess(name, SERVER_ARGS + ["--kv-cache-dtype", "fp8_e4m3"] + SERVERS[base],
+    running = {name: ServerProcess(name, SERVER_ARGS + ["--kv-cache-dtype", "fp8_e4m3"] + extra,
                                    log_dir / f"{name}.log", **server_launch())
-               for name, base in (("deft_fp8", "deft_no_overlap"), ("reference_fp8", "reference"))}
+               for name, extra in FP8_SERVERS.items()}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
 
@@ -151,6 +163,12 @@ def ids_and_logprobs(meta_info: dict) -> tuple[list[int], list[float]]:
 # A greedy pick that two roundings within it can flip is between two tokens whose logprobs are that
 # close, so neither is above log(0.5) + LOGPROB_ATOL.
 LOGPROB_ATOL = 0.03 if ON_GPU else 2e-4
+# On a GPU (float16) the two servers' logprobs differed by up to 0.043 over an fp8 cache (0.014-0.043 with heads
+# of 32, 64 and 128) where the same comparison over a float16 cache stays under 0.009
+# (fp8_kv_gpu_tests_h200.json). The kernels read an fp8 cache within the float16 tolerance of the fp32
+# attention (test_kernels.py's fp8 tests), so this is the two decodes' rounding carried further through the
+# model over an fp8 cache; why it carries further is not established.
+FP8_LOGPROB_ATOL = 0.06 if ON_GPU else LOGPROB_ATOL
 # Every gap compared by assert_same_generation in this session (the margin LOGPROB_ATOL leaves is
 # reported: the JUnit XML's largest_logprob_gap property, see report_logprob_gaps).
 LOGPROB_GAPS: list[float] = []
@@ -270,18 +288,24 @@ def test_mistral_sliding_window_config_is_served_as_sglang_serves_it(tiny_server
 
 def test_fp8_kv_cache_decodes_as_sglang_decodes_it(fp8_servers):
     """--kv-cache-dtype fp8_e4m3: both servers store the KV cache in fp8; deft reads it as stored and gives
-    the reference decode's tokens on forked and shared-prefix requests. On the GPU the reference is SGLang's
-    triton decode, whose fp8 path is ten times further from the fp32 attention than deft's (max relative
-    error 2.5e-2 against 2.3e-3 at kernel level on the H200, benchmarks/results/kernels_h200_fp8.json): its
-    logprobs are allowed 0.1 there (a first run at 0.03 saw a gap of 0.070)."""
-    atol = 0.1 if ON_GPU else LOGPROB_ATOL
-    prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
+    the reference decode's tokens and logprobs on forked and shared-prefix requests.
+
+    Both servers first prefill the prompts' common prefix alone, so that every prompt's prefill reads that
+    prefix from the radix cache. Without it the comparison depends on scheduling: SGLang's triton prefill
+    attends the tokens it is extending in the model's dtype but a cached prefix as stored, in fp8, and
+    whether a prompt's prefix is already cached when it is prefilled depends on when the scheduler took the
+    batch's requests. The two servers then differed from the first generated token on (a prefill's), by up
+    to 0.229 in logprob with 128-wide heads on the H200 (benchmarks/results/fp8_kv_gpu_tests_h200.json)."""
+    common = CONTEXT + " Question "
+    prompts = [common + f"{c}:" for c in "ABCD"]
+    for server in fp8_servers.values():
+        server.generate({"text": common, "sampling_params": greedy(max_new_tokens=0)})
     for payload in ({"text": prompts, "sampling_params": greedy(), "return_logprob": True},
                     {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4), "return_logprob": True}):
         outs, refs = fp8_servers["deft_fp8"].generate(payload), fp8_servers["reference_fp8"].generate(payload)
         assert len(outs) == len(refs) == 4
         for out, ref in zip(outs, refs):
-            assert_same_output(out, ref, atol)
+            assert_same_output(out, ref, FP8_LOGPROB_ATOL)
     for server in fp8_servers.values():
         assert "kv_cache_dtype='fp8_e4m3'" in server.log()
     assert "decode_backend=deft" in fp8_servers["deft_fp8"].log()
