@@ -1,9 +1,9 @@
 """A C source file next to this module, built into a shared library at first use and loaded by ctypes.
 
 The same arrangement Triton uses for its kernel launchers: the system C compiler (``$CC``, else the
-first of cc, gcc, clang on PATH) builds the library once, into a cache directory keyed by the source's
-and the compiler's contents, so later processes load it at once. A machine that runs Triton's GPU
-kernels has such a compiler already (Triton needs it).
+first of cc, gcc, clang on PATH) builds the library once, into a cache file named by a hash of the
+source, the flags and the compiler's path and modification time, so later processes load it at once.
+A machine that runs Triton's GPU kernels has such a compiler already (Triton needs it).
 
 Cache directory: ``$SGLANG_DEFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sglang_deft``, else
 ``~/.cache/sglang_deft``. Several processes (tensor-parallel ranks) may build at once: each writes its

@@ -36,9 +36,10 @@ Host cost. The schedule (everything above, into the packed metadata layout) is c
 specification is the numpy implementation in ``tests/test_plan_reference.py``, which it equals bit for
 bit. At decode sizes a numpy operation costs ~0.5-2 us whatever it computes, and the vectorised numpy
 schedule this replaced needed about a hundred: 130-240 us of a 230-620 us plan on the H200 hosts. In C
-every pass is a linear loop (counting and radix sorts). Measured on this repo's 2-core CPU box
-(medians, ``tests/test_plan.py``): ``plan_tree_decode`` for 256 queries on a 300-node tree takes ~50
-us, against ~170 us with the numpy schedule; the rest is the torch calls that allocate and upload.
+every pass is a linear loop (counting and radix sorts) but one sort of the groups' remainders (qsort).
+Measured on this repo's 2-core CPU box (medians, ``tests/test_plan.py``): ``plan_tree_decode`` for 256
+queries on a 300-node tree takes ~50 us, against ~170 us with the numpy schedule; the rest is the torch
+calls that allocate and upload.
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ from .schedule import Schedule, ScheduleSizes
 from .staging import PinnedStagingRing, thread_staging_ring
 
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
+# The largest head dim the kernels serve: the Triton kernel's KV blocks shrink with head_dim to fit shared
+# memory (32 tokens up to 255, 16 up to 383) and must stay a power of two of at least 16 tokens (tl.arange,
+# tl.dot); the Hopper kernel serves 64-256.
+MAX_HEAD_DIM = 256
 LARGE_ROWS = 64  # default rows of the large tile
 # The cost model's two constants, refitted to the Hopper stage-1 kernel on the H200 (2026-11-30,
 # benchmarks/results/plan_knobs_h200.json, session 10): against 100 and 16 KB (fitted to the Triton
@@ -227,6 +232,8 @@ class TreeDecodePlanner:
                              f"num_kv_heads={num_kv_heads}, head_dim={head_dim}")
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim={head_dim} is above the {MAX_HEAD_DIM} deft's kernels serve")
         if large_rows < SMALL_ROWS or large_rows & (large_rows - 1):
             raise ValueError(f"large_rows must be a power of two >= {SMALL_ROWS}, got {large_rows}")
         if num_qo_heads // num_kv_heads > large_rows:

@@ -5,7 +5,8 @@
  * implementation in tests/test_plan_reference.py, which this must equal bit for bit (the tests check
  * it on random forests). It is C because at decode sizes (hundreds of nodes) the same steps as numpy
  * calls cost ~0.5-2 us each whatever they compute: about a hundred of them took 130-240 us of a plan
- * on the H200 hosts, this takes a few. Every pass is linear (counting and radix sorts) and stable.
+ * on the H200 hosts, this takes a few. Every pass is linear (counting and radix sorts) and stable, but
+ * the one-wave fit, which sorts the groups' remainders with qsort (ties broken by tile: deterministic).
  *
  * Built at first use by schedule.py with the system C compiler (as Triton builds its launchers);
  * plain C99, no Python or numpy headers: called through ctypes.

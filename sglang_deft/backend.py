@@ -214,9 +214,12 @@ class DeftAttnBackend(AttentionBackend):
         meta = self.forward_metadata
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         # Checked before the KV write: a batch that is not the planned one must not touch the cache.
-        if meta is None or q.shape[0] != meta.num_queries:
+        if meta is None:
+            raise RuntimeError("deft: forward_decode without decode metadata (init_forward_metadata did not run, "
+                               "or ran for an idle batch)")
+        if q.shape[0] != meta.num_queries:
             raise RuntimeError(
-                f"deft: decode metadata is for {meta.num_queries if meta else 0} requests but q has "
+                f"deft: decode metadata is for {meta.num_queries} requests but q has "
                 f"{q.shape[0]} tokens (one query token per request)"
             )
         if save_kv_cache:

@@ -22,10 +22,10 @@ BACKEND_NAME = "deft"
 # SGLang's attention backends that run prefill on a CPU (intel_amx falls back to torch_native
 # without AMX).
 _CPU_PREFILL_BACKENDS = ("torch_native", "intel_amx")
-# KV cache dtypes deft reads: the model's, or fp8 (read as stored, computed in the model's dtype, with the
-# layers' K/V scales as SGLang's triton decode applies them).
-_SERVED_KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float", "fp8_e4m3",
-                     "fp8_e5m2")
+# --kv-cache-dtype values deft reads (SGLang's choices less fp4_e2m1): the model's dtype, or fp8 (read as
+# stored, computed in the model's dtype, with the layers' K/V scales as SGLang's triton decode applies them).
+# bf16 is the model's dtype only for a bf16 model: model_runner_problems checks the pool against the model.
+_SERVED_KV_DTYPES = ("auto", "bfloat16", "bf16", "fp8_e4m3", "fp8_e5m2")
 
 
 class UnsupportedConfiguration(ValueError):
@@ -223,6 +223,8 @@ def model_runner_problems(model_runner) -> list[str]:
     """Problems of the loaded model's attention layers and runner state."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
+    from .kernels.tree_decode import FP8_KV_DTYPES
+
     problems = server_args_problems(model_runner.server_args)
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
     if model_runner.use_mla_backend:
@@ -231,6 +233,10 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append(f"the model uses a sliding window of {model_runner.sliding_window_size} tokens")
     if model_runner.mambaish_config is not None:
         problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
+    kv_dtype, model_dtype = model_runner.kv_cache_dtype, model_runner.model_config.dtype
+    if kv_dtype is not None and kv_dtype != model_dtype and kv_dtype not in FP8_KV_DTYPES:
+        problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: a {kv_dtype} KV cache under a "
+                        f"{model_dtype} model; deft reads a KV cache in the model's dtype or in fp8")
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
     for layer in model_runner.model.modules():
         if isinstance(layer, RadixAttention):
@@ -243,6 +249,8 @@ def model_runner_problems(model_runner) -> list[str]:
 def _layer_problems(layer) -> list[str]:
     from sglang.srt.layers.radix_attention import AttentionType
 
+    from .kernels.plan import MAX_HEAD_DIM
+
     problems = []
     if layer.is_cross_attention or layer.attn_type != AttentionType.DECODER:
         kind = "cross-attention" if layer.is_cross_attention else f"{layer.attn_type.value} attention"
@@ -251,6 +259,8 @@ def _layer_problems(layer) -> list[str]:
         problems.append(f"sliding window {layer.sliding_window_size} is not supported")
     if layer.qk_head_dim != layer.v_head_dim:
         problems.append(f"Q/K head dim {layer.qk_head_dim} != V head dim {layer.v_head_dim} is not supported")
+    elif layer.qk_head_dim > MAX_HEAD_DIM:
+        problems.append(f"head dim {layer.qk_head_dim} is not supported (deft's kernels serve up to {MAX_HEAD_DIM})")
     if layer.logit_cap > 0 and layer.logit_capping_method != "tanh":
         problems.append(f"logit capping method {layer.logit_capping_method!r} is not supported (tanh only)")
     if layer.use_irope:

@@ -73,7 +73,6 @@ class TailSlack:
     every tail node (its child, next in node order), holding the row's next positions."""
 
     req: np.ndarray  # [Bt] int64: the request (batch index) whose tail it is
-    tail_node: np.ndarray  # [Bt] int64: its tail node
     end: np.ndarray  # [Bt] int64: kv position just past the tail = the first slack position
     next_flat: np.ndarray  # [Bt] int64: req_to_token flat index of the request's next token
     slack: np.ndarray  # [Bt] int64: slack positions (the row's width may leave fewer than asked)
@@ -224,7 +223,7 @@ def _with_slack_nodes(shape: _BatchShape, seq: np.ndarray, lens: np.ndarray, tai
     row[new_id], row[slack_id] = shape.row, shape.row[tail_node]
     new_lens[new_id], new_lens[slack_id] = lens, slack
     indptr_end = np.cumsum(new_lens)
-    tails = TailSlack(req=tail_req, tail_node=new_id[tail_node], end=indptr_end[new_id[tail_node]],
+    tails = TailSlack(req=tail_req, end=indptr_end[new_id[tail_node]],
                       next_flat=shape.row[tail_node] * width + seq[tail_req], slack=slack)
     return tails, (parent, new_id[shape.query_node].astype(np.int32), start, row, new_lens)
 

@@ -24,11 +24,13 @@ EXTEND_BACKEND = {"cuda": "triton", "cpu": "torch_native"}
 def prepare_process(device: str | None) -> str:
     """Set up this process (and the processes it spawns) for ``device``; returns the device.
 
-    No ``--device`` means CUDA when there is one, else CPU. Without CUDA, SGLang runs its CPU engine
-    (``SGLANG_USE_CPU_ENGINE=1``) and imports through ``sglang_deft.cpu_compat``.
+    No ``--device`` means CUDA when there is one and ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's switch to its CPU
+    engine) is not already set, else CPU. Without CUDA, SGLang runs its CPU engine and imports through
+    ``sglang_deft.cpu_compat``.
     """
     has_cuda = torch.cuda.is_available()
-    device = device or ("cuda" if has_cuda else "cpu")
+    cpu_engine_asked = os.environ.get("SGLANG_USE_CPU_ENGINE", "").lower() in ("1", "true")
+    device = device or ("cuda" if has_cuda and not cpu_engine_asked else "cpu")
     if device == "cpu":
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # inherited by the spawned scheduler
     if not has_cuda:

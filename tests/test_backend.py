@@ -34,7 +34,7 @@ def cpu_server_args(**overrides) -> ServerArgs:
     """The tiny model on SGLang's CPU engine, prefill torch_native and decode deft: what the backend's
     unit tests build it under."""
     return ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
-                      decode_attention_backend="deft", grammar_backend="none", **overrides)
+                      decode_attention_backend="deft", grammar_backend="none", dtype="float32", **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +400,7 @@ def test_unsupported_layer_is_refused_at_creation(server_args, model_config):
         (dict(attn_type=AttentionType.DECODER_BIDIRECTIONAL), "decoder_bidirectional attention is not supported"),
         (dict(is_cross_attention=True), "cross-attention is not supported (causal decoder self-attention only)"),
         (dict(v_head_dim=16), "Q/K head dim 32 != V head dim 16 is not supported"),
+        (dict(qk_head_dim=384, v_head_dim=384), "head dim 384 is not supported (deft's kernels serve up to 256)"),
         (dict(logit_cap=30.0, logit_capping_method="sigmoid"), "logit capping method 'sigmoid' is not supported"),
         (dict(use_irope=True), "iRoPE chunked attention is not supported"),
         (dict(xai_temperature_len=1024), "xai temperature scaling is not supported"),
@@ -448,6 +449,20 @@ def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_served(server_ar
         "not this format"]
 
 
+def test_a_bf16_kv_cache_under_another_model_dtype_is_refused(server_args, model_config):
+    """--kv-cache-dtype bf16 under a float16/float32 model: the kernels read K/V in q's dtype or fp8, so this
+    would fail at the first decode step; it is refused when the backend is made instead."""
+    runner = model_runner(copy.copy(server_args), model_config, attention_layers(model_config),
+                          kv_cache_dtype=torch.bfloat16)
+    runner.server_args.kv_cache_dtype = "bf16"
+    assert model_config.dtype != torch.bfloat16
+    assert model_runner_problems(runner) == [
+        f"--kv-cache-dtype bf16: a torch.bfloat16 KV cache under a {model_config.dtype} model; deft reads a KV "
+        "cache in the model's dtype or in fp8"]
+    runner.kv_cache_dtype = model_config.dtype
+    assert model_runner_problems(runner) == []
+
+
 def reference_step(server_args, model_config, monkeypatch):
     """A backend on the reference path after one decode step of the forked batch: (backend, layers, fb)."""
     monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: False)
@@ -482,7 +497,7 @@ def test_queries_other_than_the_planned_requests_are_refused(server_args, model_
     # Refused before the KV write: the cache holds what it held.
     assert torch.equal(pool.get_key_buffer(0), before[0]) and torch.equal(pool.get_value_buffer(0), before[1])
     backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.IDLE))  # an idle batch plans nothing
-    with pytest.raises(RuntimeError, match=f"metadata is for 0 requests but q has {B} tokens"):
+    with pytest.raises(RuntimeError, match=r"forward_decode without decode metadata .* or ran for an idle batch"):
         backend.forward_decode(torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d), layer, fb)
 
 

@@ -71,20 +71,24 @@ def test_split_leaves_other_devices_to_the_checks(deft_args):
 
 
 @pytest.mark.parametrize(
-    "device, has_cuda, expected, cpu_engine, compat",
+    "device, has_cuda, expected, cpu_engine, compat, env",
     [
-        (None, True, "cuda", False, False),
-        (None, False, "cpu", True, True),
-        ("cpu", True, "cpu", True, False),  # SGLang's CPU engine on a CUDA host
-        ("cuda", False, "cuda", False, True),  # SGLang must import; the checks and SGLang say the rest
+        (None, True, "cuda", False, False, None),
+        # set before the import (the advice of sglang_deft.Engine's device='cpu' error): honoured on a CUDA host
+        (None, True, "cpu", True, False, "1"),
+        (None, False, "cpu", True, True, None),
+        ("cpu", True, "cpu", True, False, None),  # SGLang's CPU engine on a CUDA host
+        ("cuda", False, "cuda", False, True, None),  # SGLang must import; the checks and SGLang say the rest
     ],
 )
-def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, compat):
+def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, compat, env):
     installed = []
     monkeypatch.setattr("torch.cuda.is_available", lambda: has_cuda)
     monkeypatch.setattr(cpu_compat, "install", lambda: installed.append(True))
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")  # so that teardown restores it, set or not, after the call
     monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    if env is not None:
+        monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", env)
     assert prepare_process(device) == expected
     assert ("SGLANG_USE_CPU_ENGINE" in os.environ) == cpu_engine
     assert bool(installed) == compat

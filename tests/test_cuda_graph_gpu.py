@@ -67,7 +67,8 @@ class CudaDecodeSetup:
         # heads (q, kv, dim) other than the tiny model's go into its config as SGLang's override does
         override = {} if heads is None else dict(zip(("num_attention_heads", "num_key_value_heads", "head_dim"), heads))
         args = ServerArgs(model_path=str(MODEL), attention_backend="triton", decode_attention_backend="deft",
-                          grammar_backend="none", dtype="float16", json_model_override_args=json.dumps(override))
+                          grammar_backend="none", dtype=str(dtype).removeprefix("torch."),
+                          json_model_override_args=json.dumps(override))
         args.cuda_graph_max_bs = max(CAPTURE_BS)
         config = ModelConfig.from_server_args(args)
         hq, hkv, d = config.num_attention_heads, config.get_num_kv_heads(1), config.head_dim

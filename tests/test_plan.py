@@ -269,6 +269,8 @@ CAP = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=6
     ("indptr_past_kv", "ends at 300 but kv_indices has 6"),
     ("zero_qo_heads", "must be >= 1"),  # a division by zero in schedule.c killed the process
     ("zero_kv_heads", "must be >= 1"),
+    # The Triton kernel's KV block for head_dim 384 would be 10 tokens: Triton's arange refused it.
+    ("head_dim_384", "head_dim=384 is above the 256"),
     ("kv_indices_2d", "must be 1-D"),
     ("negative_capacity", "must be >= 0"),
     # More KV slots than the capacity's: copied past the plan's kv_indices buffer.
@@ -287,6 +289,8 @@ def test_malformed_calls_are_refused(case, match):
             plan_tree_decode(_tiny_tree(), 0, 2, 32, "cpu")
         elif case == "zero_kv_heads":
             plan_tree_decode(_tiny_tree(), 8, 0, 32, "cpu")
+        elif case == "head_dim_384":
+            plan_tree_decode(_tiny_tree(), 8, 2, 384, "cpu")
         elif case == "kv_indices_2d":
             t = _tiny_tree()
             plan_tree_decode(KVTree(t.kv_indices.view(2, 3), t.node_indptr, t.node_parent, t.query_node), 8, 2, 32,
