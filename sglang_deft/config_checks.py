@@ -92,6 +92,15 @@ def server_args_problems(server_args) -> list[str]:
             f"--kv-cache-dtype {a.kv_cache_dtype}: deft reads KV caches in the model's dtype or in fp8 "
             "(fp8_e4m3, fp8_e5m2), not this format"
         )
+    if a.quantization_param_path is not None and a.kv_cache_dtype == "fp8_e4m3":
+        # ModelRunner hands the file to the model's load_kv_cache_scales, which sets each layer's k_scale and
+        # v_scale but not the k_scale_float / v_scale_float that SGLang's triton prefill (the one deft runs
+        # beside on a GPU) and deft's decode read: the prefill fails on its first request (None * float).
+        problems.append(
+            "--quantization-param-path with --kv-cache-dtype fp8_e4m3: SGLang sets the layers' KV scales from "
+            "it without the float copies its triton prefill and deft's decode read; serve a checkpoint whose "
+            "quantization config carries the KV scales, or leave the flag out (scales 1.0)"
+        )
     if decode and a.enable_deterministic_inference:
         # SGLang checks only --attention-backend here (triton passes), not the decode backend.
         problems.append(
