@@ -233,6 +233,11 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def reads_kv_dtype(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> bool:
+    """Whether the kernels read a KV cache of ``kv_dtype`` under q in ``q_dtype``: q's own, or an fp8 one."""
+    return kv_dtype == q_dtype or kv_dtype in FP8_KV_DTYPES
+
+
 @functools.lru_cache(maxsize=None)
 def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, large_rows: int,
                         kv_dtype: torch.dtype | None = None) -> str | None:
@@ -272,7 +277,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if k_buffer.shape[1:] != (plan.num_kv_heads, D) or v_buffer.shape[1:] != (plan.num_kv_heads, D):
         raise ValueError(f"k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} do not match the plan's "
                          f"{plan.num_kv_heads} KV heads of dim {D}")
-    if k_buffer.dtype != v_buffer.dtype or k_buffer.dtype not in (q.dtype, *FP8_KV_DTYPES):
+    if k_buffer.dtype != v_buffer.dtype or not reads_kv_dtype(k_buffer.dtype, q.dtype):
         raise ValueError(f"k/v buffers in {k_buffer.dtype}/{v_buffer.dtype} for q in {q.dtype}: K and V need one dtype, "
                          f"q's or an fp8 one ({', '.join(map(str, FP8_KV_DTYPES))})")
     if (k_scale, v_scale) != (1.0, 1.0) and k_buffer.dtype not in FP8_KV_DTYPES:

@@ -232,7 +232,7 @@ def model_runner_problems(model_runner) -> list[str]:
     """Problems of the loaded model's attention layers and runner state."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    from .kernels.tree_decode import FP8_KV_DTYPES
+    from .kernels.tree_decode import reads_kv_dtype
 
     problems = server_args_problems(model_runner.server_args)
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
@@ -243,7 +243,7 @@ def model_runner_problems(model_runner) -> list[str]:
     if model_runner.mambaish_config is not None:
         problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
     kv_dtype, model_dtype = model_runner.kv_cache_dtype, model_runner.model_config.dtype
-    if kv_dtype is not None and kv_dtype != model_dtype and kv_dtype not in FP8_KV_DTYPES:
+    if kv_dtype is not None and not reads_kv_dtype(kv_dtype, model_dtype):
         problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: a {kv_dtype} KV cache under a "
                         f"{model_dtype} model; deft reads a KV cache in the model's dtype or in fp8")
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
