@@ -29,7 +29,7 @@ def prepare_process(device: str | None) -> str:
     ``sglang_deft.cpu_compat``.
     """
     has_cuda = torch.cuda.is_available()
-    cpu_engine_asked = os.environ.get("SGLANG_USE_CPU_ENGINE", "").lower() in ("1", "true")
+    cpu_engine_asked = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"  # as SGLang's is_cpu() reads it
     device = device or ("cuda" if has_cuda and not cpu_engine_asked else "cpu")
     if device == "cpu":
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # inherited by the spawned scheduler
