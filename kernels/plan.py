@@ -57,7 +57,7 @@ from .staging import PinnedStagingRing, thread_staging_ring
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
 # The largest head dim the kernels serve: the Triton kernel's KV blocks shrink with head_dim to fit shared
 # memory (32 tokens up to 255, 16 up to 383) and must stay a power of two of at least 16 tokens (tl.arange,
-# tl.dot); the Hopper kernel serves 64-256.
+# tl.dot); the Hopper kernel serves head dims 64, 80, 96, 128 and 256 (stage1_hopper.HEAD_DIMS).
 MAX_HEAD_DIM = 256
 LARGE_ROWS = 64  # default rows of the large tile
 # The cost model's two constants, refitted to the Hopper stage-1 kernel on the H200 (2026-11-30,
@@ -129,11 +129,13 @@ def _plan_schedule(schedule: Schedule, tree: KVTree, *, group_size: int, head_di
     """The tree's schedule into ``schedule.out`` (the packed layout), by schedule.c with this module's
     cost-model constants (read at each call: experiments and tests set them). ``kv_tokens``: the
     length of the tree's ``kv_indices``, which its ``node_indptr`` must end at (None: not checked)."""
-    indptr, parent, qnode = _host_int32(tree.node_indptr), _host_int32(tree.node_parent), _host_int32(tree.query_node)
+    indptr, parent, qnode = (_host_int32(tree, name) for name in ("node_indptr", "node_parent", "query_node"))
     num_nodes = parent.numel()
     if indptr.numel() != num_nodes + 1:
         raise ValueError(f"KVTree.node_indptr has {indptr.numel()} entries for {num_nodes} nodes "
                          f"(needs {num_nodes + 1})")
+    if int(indptr[0]) != 0:  # items address kv_indices from node_indptr: a shifted start would misplace them
+        raise ValueError("KVTree.node_indptr must start at 0 and never decrease")
     # Items index kv_indices up to indptr[-1]: past its end the kernels would gather from wild slot ids.
     if kv_tokens is not None and int(indptr[-1]) != kv_tokens:
         raise ValueError(f"KVTree.node_indptr ends at {int(indptr[-1])} but kv_indices has {kv_tokens} slots")
@@ -176,13 +178,18 @@ def _thread_schedule() -> Schedule:
     return schedule
 
 
-def _host_int32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as contiguous int32 on the host (a copy from the device synchronises: pass host tensors)."""
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype != torch.int32:
-        t = t.to(torch.int32)
-    return t.contiguous()
+def _check_int32_vector(tree: KVTree, name: str) -> torch.Tensor:
+    """``tree.<name>``, refused unless a 1-D int32 tensor (checked without reading it). A cast would be
+    wrong, not lenient: an int64 slot or node id past 2**31 would wrap into another, valid one."""
+    t = getattr(tree, name)
+    if t.dtype != torch.int32 or t.dim() != 1:
+        raise ValueError(f"KVTree.{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def _host_int32(tree: KVTree, name: str) -> torch.Tensor:
+    """``tree.<name>`` as a contiguous host tensor (a copy from the device synchronises: pass host tensors)."""
+    return _check_int32_vector(tree, name).cpu().contiguous()
 
 
 _SMS: dict[torch.device, int] = {}
@@ -280,14 +287,18 @@ class TreeDecodePlanner:
         """Plan one decode step over ``tree``; arguments as in ``plan_tree_decode``."""
         Hq, Hkv, D = self.num_qo_heads, self.num_kv_heads, self.head_dim
         device = torch.device(device) if device is not None else tree.kv_indices.device
-        if tree.kv_indices.dim() != 1:
-            raise ValueError(f"KVTree.kv_indices must be 1-D, got shape {tuple(tree.kv_indices.shape)}")
+        _check_int32_vector(tree, "kv_indices")
         if reuse is not None:
             # Its buffers are written in place: they must be a plan's own (not a caller's kv_indices,
             # which a plan made without capacity holds), and their sizes are the capacity.
             if not reuse.fixed_buffers:
                 raise ValueError("reuse= takes a plan made with capacity= (one without holds the caller's "
                                  "kv_indices, which would be overwritten)")
+            # A graph captured with reuse's buffers keeps its tile shape: a plan cut for other tiles
+            # would leave rows uncomputed.
+            if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim, reuse.large_rows) != (
+                    Hq, Hkv, D, self.large_rows):
+                raise ValueError("reuse= plan was made for another head configuration or tile size")
             own = _capacity_of(reuse)
             if capacity is not None and capacity != own:
                 raise ValueError(f"capacity={capacity} differs from the reused plan's buffers {own}; pass one of them")
@@ -323,11 +334,6 @@ class TreeDecodePlanner:
                 partial_out = torch.empty(cap_p, Hq, D, dtype=torch.float32, device=device)
                 partial_lse = torch.empty(cap_p, Hq, dtype=torch.float32, device=device)
             else:
-                # A graph captured with reuse's buffers keeps its tile shape: a plan cut for other
-                # tiles would leave rows uncomputed.
-                if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim, reuse.large_rows) != (
-                        Hq, Hkv, D, self.large_rows):
-                    raise ValueError("reuse= plan was made for another head configuration or tile size")
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
             if tree.kv_indices.data_ptr() != kv_indices.data_ptr():

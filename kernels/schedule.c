@@ -69,7 +69,8 @@ static double pairwise_sum(const double *a, int64_t n) {
 double deft_pairwise_sum(const double *a, int64_t n) { return pairwise_sum(a, n); }
 
 /* Offsets in int32 elements rounded up to 16 bytes: Triton specialises a kernel on each pointer
- * argument's 16-byte alignment, so fields must not move with the batch size (see plan.py). */
+ * argument's 16-byte alignment, and the plan's fields are views into one buffer at these offsets, so
+ * a field's alignment must not change with the batch size (or a captured kernel would meet another). */
 static int64_t aligned(int64_t offset) { return (offset + 3) / 4 * 4; }
 
 /* A tile's chunk count: ``n`` rounded as the caller chose, at least 1, at most one per
@@ -139,7 +140,7 @@ int64_t deft_schedule(const int32_t *node_indptr, const int32_t *node_parent, in
                       int32_t *out, int64_t out_len, int64_t *info) {
     const int64_t N = num_nodes, B = num_queries;
     for (int k = 0; k < INFO_LEN; k++) info[k] = 0;
-    if (node_indptr[0] < 0) return DEFT_BAD_INDPTR;
+    if (node_indptr[0] != 0) return DEFT_BAD_INDPTR;
     for (int64_t i = 0; i < N; i++) {
         if (node_indptr[i + 1] < node_indptr[i]) return DEFT_BAD_INDPTR;
         if (node_parent[i] < -1 || node_parent[i] >= i) return DEFT_BAD_PARENT;

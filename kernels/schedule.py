@@ -16,7 +16,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 # schedule.c's status codes, as the errors the planner raises.
 _ERRORS = {
-    -1: "KVTree.node_indptr must not start below 0 nor decrease",
+    -1: "KVTree.node_indptr must start at 0 and never decrease",
     -2: "KVTree.node_parent[i] must be -1 (a root) or a node index smaller than i",
     -3: "KVTree.query_node must index a node of the tree",
 }

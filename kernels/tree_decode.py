@@ -289,9 +289,9 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise ValueError(f"q on {q.device}, k/v buffers on {k_buffer.device}/{v_buffer.device}, the plan on {device}")
     if out is None:
         out = torch.empty_like(q)
-    elif out.shape != q.shape or out.stride(-1) != 1 or out.device != device:
-        raise ValueError(f"out must be like q, {tuple(q.shape)} with a contiguous last dimension on {device}; "
-                         f"got {tuple(out.shape)}, strides {out.stride()}, on {out.device}")
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != device:
+        raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} with a contiguous last dimension on "
+                         f"{device}; got {tuple(out.shape)} {out.dtype}, strides {out.stride()}, on {out.device}")
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
     launch_stage2(plan, out, v_scale)

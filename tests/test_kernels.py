@@ -219,7 +219,8 @@ def test_strided_kv_indices_are_read_as_given():
 
 def test_q_and_out_are_checked_against_the_plan():
     """Stage 1 reads q's rows of the plan's queries and stage 2 writes out's: too few rows, or an out
-    of another shape or layout, would read or write past them (before, all were accepted)."""
+    of another shape, layout or dtype, would read or write past them or truncate into it (before, all were
+    accepted)."""
     tree = TREES["odd_lengths"]  # 4 queries
     plan = plan_tree_decode(tree, 8, 2, 32, device=DEVICE, kv_dtype=torch.float32)
     q = torch.randn(4, 8, 32, device=DEVICE)
@@ -227,7 +228,8 @@ def test_q_and_out_are_checked_against_the_plan():
     with pytest.raises(ValueError, match="plan is for 4 queries"):
         tree_decode(q[:1], kv, kv, plan, 0.1)
     for out in (torch.empty(1, 8, 32, device=DEVICE), torch.empty(4, 16, 32, device=DEVICE),
-                torch.empty(4, 32, 8, device=DEVICE).transpose(1, 2)):
+                torch.empty(4, 32, 8, device=DEVICE).transpose(1, 2),
+                torch.empty(4, 8, 32, dtype=torch.int32, device=DEVICE)):  # was truncated into
         with pytest.raises(ValueError, match="out must be like q"):
             tree_decode(q, kv, kv, plan, 0.1, out=out)
 

@@ -271,7 +271,13 @@ CAP = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=6
     ("zero_kv_heads", "must be >= 1"),
     # The Triton kernel's KV block for head_dim 384 would be 10 tokens: Triton's arange refused it.
     ("head_dim_384", "head_dim=384 is above the 256"),
-    ("kv_indices_2d", "must be 1-D"),
+    ("kv_indices_2d", "kv_indices must be a 1-D int32 tensor"),
+    # Cast to int32 before, an int64 id past 2**31 wrapped into another, valid slot or node.
+    ("kv_indices_int64", "kv_indices must be a 1-D int32 tensor, got torch.int64"),
+    ("query_node_int64", "query_node must be a 1-D int32 tensor, got torch.int64"),
+    ("node_parent_2d", r"node_parent must be a 1-D int32 tensor, got torch.int32 \(1, 2\)"),
+    # Items address kv_indices from node_indptr: a start past 0 shifted every node's slots.
+    ("indptr_start", "must start at 0"),
     ("negative_capacity", "must be >= 0"),
     # More KV slots than the capacity's: copied past the plan's kv_indices buffer.
     ("kv_past_capacity", "needs 6 KV tokens, more than the plan capacity 5"),
@@ -295,6 +301,19 @@ def test_malformed_calls_are_refused(case, match):
             t = _tiny_tree()
             plan_tree_decode(KVTree(t.kv_indices.view(2, 3), t.node_indptr, t.node_parent, t.query_node), 8, 2, 32,
                              "cpu")
+        elif case in ("kv_indices_int64", "query_node_int64", "node_parent_2d"):
+            t = _tiny_tree()
+            kv, parent, qnode = t.kv_indices, t.node_parent, t.query_node
+            if case == "kv_indices_int64":
+                kv = kv.long() + 2**32  # wraps to the same slots
+            elif case == "query_node_int64":
+                qnode = qnode.long()
+            else:
+                parent = parent.view(1, 2)
+            plan_tree_decode(KVTree(kv, t.node_indptr, parent, qnode), 8, 2, 32, "cpu")
+        elif case == "indptr_start":
+            t = _tiny_tree((2, 4, 6))
+            plan_tree_decode(t, 8, 2, 32, "cpu")
         elif case == "kv_past_capacity":
             plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=dataclasses.replace(CAP, max_kv_tokens=5))
         elif case == "negative_capacity":
@@ -311,6 +330,21 @@ def test_malformed_calls_are_refused(case, match):
 
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_refused_reuse_leaves_the_planner_as_it_was():
+    """items_ending_at describes the last plan made: a refused call must not change it (it did when the
+    reused plan's tile shape was checked after the new schedule was taken)."""
+    planner = TreeDecodePlanner(8, 2, 32, kv_dtype=torch.float32)
+    planner.plan(_tiny_tree(), "cpu")
+    before = planner.items_ending_at(np.array([4, 6]))
+    assert before is not None
+    other = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP, large_rows=32)
+    longer = KVTree(torch.arange(12, dtype=torch.int32), torch.tensor([0, 3, 12], dtype=torch.int32),
+                    torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="tile size"):
+        planner.plan(longer, "cpu", reuse=other)
+    assert np.array_equal(planner.items_ending_at(np.array([4, 6])), before)
 
 
 def test_reuse_with_its_own_capacity_is_accepted():
