@@ -65,7 +65,7 @@ from sglang_deft.sharing_metrics import SharingMeter
 from sglang_deft.step_planner import DecodeStepPlanner
 from sglang_deft import tree_attention
 from sglang_deft.tree_attention import (empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step, plan_limits,
-                                        plan_step, run_layer)
+                                        plan_step, run_layer, with_padding_queries)
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -169,30 +169,36 @@ class DeftAttnBackend(AttentionBackend):
             raise _extend_not_routed_away(mode)
         started = time.perf_counter()
         reqs = self._requests(forward_batch)
+        # Rows past the requests are padding: SGLang pads an eager decode batch to a multiple of the
+        # attention-TP size when its MLP gathers across ranks (--moe-a2a-backend, --moe-dense-tp-size 1 at
+        # --tp > 1), seq_lens_cpu included. They attend nothing, as a CUDA graph's padding rows.
+        rows = forward_batch.seq_lens_cpu.numel()
+        if rows < len(reqs):
+            raise RuntimeError(f"deft: decode batch of {len(reqs)} requests with {rows} seq_lens")
+        seq_lens = forward_batch.seq_lens_cpu[:len(reqs)]
         self.eager_steps += 1
         check = self.verify_every > 0 and self.eager_steps % self.verify_every == 0
         step = None
-        if self.step_planner is not None and len(reqs) <= self.graph_plan.qperm.numel():
-            step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, len(reqs))
+        if self.step_planner is not None and rows <= self.graph_plan.qperm.numel():
+            step = self.step_planner.plan(reqs, seq_lens, rows)
         if step is not None:
             if TRACE_PLANS:
-                self._trace_plan("eager", step.steady, forward_batch.seq_lens_cpu)
+                self._trace_plan("eager", step.steady, seq_lens)
             plan, attended, unique = step.plan, step.attended_tokens, step.unique_tokens
             check_tree = None
             if check:  # the reference needs the tree, which a steady step does not build
-                check_tree = (step.built or build_decode_kv_tree(reqs, self.tree_builder.req_to_token,
-                                                                 forward_batch.seq_lens_cpu)).tree
+                check_tree = (step.built or build_decode_kv_tree(reqs, self.tree_builder.req_to_token, seq_lens)).tree
         else:
             # The reference path (CPU), a batch past the buffers or a tree past the plan limits: a
             # plan of its own, under the same limits where they hold.
             if self.step_planner is not None:
                 self.step_planner.invalidate()
-            built = self.tree_builder.build(reqs, forward_batch.seq_lens_cpu)
-            plan = plan_step(built.tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
-                             self.device, self.plan_limits, self.planner)
+            built = self.tree_builder.build(reqs, seq_lens)
+            plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
+                             self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
-        check_tree = check_tree if check and isinstance(plan, TreeDecodePlan) else None
-        self.forward_metadata = DeftDecodeMetadata(plan, len(reqs), attended, unique, check_tree, self.eager_steps)
+        check_tree = with_padding_queries(check_tree, rows) if check and isinstance(plan, TreeDecodePlan) else None
+        self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps)
         self.sharing.record(attended, unique, time.perf_counter() - started, step is not None and step.steady)
 
     def forward_decode(

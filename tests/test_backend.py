@@ -193,6 +193,36 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
 
 
 @cpu_only
+def test_a_padded_eager_batch_decodes_its_requests(server_args, model_config, implementation):
+    """SGLang pads an eager decode batch to a multiple of the attention-TP size when the MLP gathers across
+    ranks (ForwardBatch.prepare_mlp_sync_batch: --moe-a2a-backend, --moe-dense-tp-size 1 at --tp > 1):
+    seq_lens_cpu gets rows of the fill value, out_cache_loc rows of slot 0, q rows past the requests. The
+    requests decode as unpadded, the padding rows attend nothing (zeros). Before, the tree builder refused
+    the batch (3 requests, 4 seq_lens) and the scheduler died."""
+    layers = attention_layers(model_config)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    reqs = forked_batch(sim)[:3]
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    B, pad = len(reqs), 1
+    fb.seq_lens_cpu = torch.cat([fb.seq_lens_cpu, torch.full((pad,), backend.get_cuda_graph_seq_len_fill_value(),
+                                                             dtype=fb.seq_lens_cpu.dtype)])
+    fb.out_cache_loc = torch.cat([fb.out_cache_loc, torch.zeros(pad, dtype=fb.out_cache_loc.dtype)])
+    backend.init_forward_metadata(fb)
+    layer = layers[0]
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    q = torch.randn(B + pad, hq * d) * 3
+    k, v = torch.randn(B + pad, hkv, d), torch.randn(B + pad, hkv, d)
+    k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+    v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+    k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+    out = backend.forward(q, k, v, layer, fb).view(B + pad, hq, d)
+    expected = per_request_reference(q.view(B + pad, hq, d)[:B], k_expected, v_expected, sim, reqs,
+                                     fb.seq_lens_cpu[:B], layer)
+    torch.testing.assert_close(out[:B], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[B:], torch.zeros_like(out[B:]))
+
+
+@cpu_only
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("scales", [None, (0.5, 2.0)], ids=["uncalibrated", "calibrated"])
 def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, model_config, kv_dtype, scales,
