@@ -92,15 +92,6 @@ def server_args_problems(server_args) -> list[str]:
             f"--kv-cache-dtype {a.kv_cache_dtype}: deft reads KV caches in the model's dtype or in fp8 "
             "(fp8_e4m3, fp8_e5m2), not this format"
         )
-    if a.quantization_param_path is not None and a.kv_cache_dtype == "fp8_e4m3":
-        # ModelRunner hands the file to the model's load_kv_cache_scales, which sets each layer's k_scale and
-        # v_scale but not the k_scale_float / v_scale_float that SGLang's triton prefill (the one deft runs
-        # beside on a GPU) and deft's decode read: the prefill fails on its first request (None * float).
-        problems.append(
-            "--quantization-param-path with --kv-cache-dtype fp8_e4m3: SGLang sets the layers' KV scales from "
-            "it without the float copies its triton prefill and deft's decode read; serve a checkpoint whose "
-            "quantization config carries the KV scales, or leave the flag out (scales 1.0)"
-        )
     if decode and a.enable_deterministic_inference:
         # SGLang checks only --attention-backend here (triton passes), not the decode backend.
         problems.append(
@@ -171,8 +162,28 @@ def _cpp_radix_tree() -> bool:
     return bool(envs.SGLANG_EXPERIMENTAL_CPP_RADIX_TREE.get())
 
 
+def user_flag_problems(server_args) -> list[str]:
+    """Problems of flags as the user gave them, which SGLang may rewrite before the model runner starts (so
+    ``model_runner_problems`` does not read them again: it checks what they would have caused instead)."""
+    if not deft_roles(server_args)[0]:
+        return []
+    problems = []
+    if server_args.quantization_param_path is not None and server_args.kv_cache_dtype == "fp8_e4m3":
+        # ModelRunner hands the file to the model's load_kv_cache_scales, which sets each layer's k_scale and
+        # v_scale but not the k_scale_float / v_scale_float that SGLang's triton prefill (the one deft runs
+        # beside on a GPU) and deft's decode read: the prefill fails on its first request (None * float).
+        # SGLang reads the file only for a flag of fp8_e4m3: under "auto", which it rewrites to fp8_e4m3 for an
+        # FP8 checkpoint after loading, the checkpoint's own scales stand.
+        problems.append(
+            "--quantization-param-path with --kv-cache-dtype fp8_e4m3: SGLang sets the layers' KV scales from "
+            "it without the float copies its triton prefill and deft's decode read; serve a checkpoint whose "
+            "quantization config carries the KV scales, or leave the flag out (scales 1.0)"
+        )
+    return problems
+
+
 def check_server_args(server_args) -> None:
-    _raise_if(server_args_problems(server_args))
+    _raise_if(server_args_problems(server_args) + user_flag_problems(server_args))
     decode, _ = deft_roles(server_args)
     if decode and server_args.disable_radix_cache:
         logger.warning(
@@ -232,7 +243,7 @@ def model_runner_problems(model_runner) -> list[str]:
     """Problems of the loaded model's attention layers and runner state."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    from .kernels.tree_decode import reads_kv_dtype
+    from .kernels.tree_decode import FP8_KV_DTYPES, reads_kv_dtype
 
     problems = server_args_problems(model_runner.server_args)
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
@@ -246,10 +257,12 @@ def model_runner_problems(model_runner) -> list[str]:
     if kv_dtype is not None and not reads_kv_dtype(kv_dtype, model_dtype):
         problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: a {kv_dtype} KV cache under a "
                         f"{model_dtype} model; deft reads a KV cache in the model's dtype or in fp8")
+    a = model_runner.server_args
+    fp8_prefill = (a.prefill_attention_backend or a.attention_backend) if kv_dtype in FP8_KV_DTYPES else None
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
     for layer in model_runner.model.modules():
         if isinstance(layer, RadixAttention):
-            for p in _layer_problems(layer):
+            for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
                 layers_with.setdefault(p, []).append(layer.layer_id)
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
@@ -277,6 +290,24 @@ def _layer_problems(layer) -> list[str]:
     if getattr(layer, "xai_temperature_len", -1) > 0:
         problems.append("xai temperature scaling is not supported")
     return problems
+
+
+def _fp8_scale_problems(layer, prefill_backend: str) -> list[str]:
+    """An fp8 pool's per-layer K/V scales, which deft applies as SGLang's triton backend does: divided out as
+    a token is stored, multiplied back as it is read."""
+    if layer.k_scale is None:
+        return []  # uncalibrated: values cast as they are, read as they are
+    if layer.k_scale_float is None or layer.v_scale_float is None:
+        # --quantization-param-path sets k_scale / v_scale without these (under a flag of fp8_e4m3, which
+        # check_server_args refuses; this is the same hazard reached another way)
+        return ["KV scales without their float copies (k_scale_float), which SGLang's triton prefill and deft's "
+                "decode read (e.g. set from --quantization-param-path)"]
+    if (layer.k_scale_float, layer.v_scale_float) != (1.0, 1.0) and prefill_backend in _CPU_PREFILL_BACKENDS:
+        return [f"calibrated fp8 KV scales (K {layer.k_scale_float:g}, V {layer.v_scale_float:g}) with prefill on "
+                f"{prefill_backend}: SGLang's {prefill_backend} backend stores and reads the cache without the scales, "
+                f"deft's decode divides them out and multiplies them back (as SGLang's triton backend), so every "
+                f"prompt token would be read scaled; prefill on triton (GPU), or an fp8 cache without scales"]
+    return []
 
 
 def check_model_runner(model_runner) -> None:

@@ -22,9 +22,23 @@ import sys
 
 
 def _device_arg(argv: list[str]) -> str | None:
+    """``--device`` from the command line, else from a ``--config`` file (SGLang's merge lets the command
+    line override the file); read before SGLang loads, so without its parser."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--device", default=None)
-    return parser.parse_known_args(argv)[0].device
+    parser.add_argument("--config", default=None)
+    known = parser.parse_known_args(argv)[0]
+    if known.device is not None or known.config is None:
+        return known.device
+    import yaml  # an SGLang dependency, which its own config merger reads the file with
+
+    try:
+        with open(known.config) as f:
+            config = yaml.safe_load(f)
+    except OSError:
+        return None  # SGLang's merger reports the missing file
+    device = config.get("device") if isinstance(config, dict) else None
+    return None if device is None else str(device)
 
 
 def parse_server_args(argv: list[str], device: str):

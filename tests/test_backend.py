@@ -127,6 +127,14 @@ def calibrate(layers, scales: tuple[float, float]) -> None:
         layer.k_scale_float, layer.v_scale_float = scales
 
 
+def triton_prefill(server_args):
+    """``server_args`` as a GPU server's: prefill on SGLang's triton backend, which stores and reads an fp8 cache
+    with the layers' scales as deft does (the backend itself still runs on the CPU)."""
+    args = copy.copy(server_args)
+    args.device, args.attention_backend = "cuda", "triton"
+    return args
+
+
 def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer, k_scale=1.0, v_scale=1.0):
     """Each request alone over its own req_to_token row: a one-node tree per request."""
     rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, seq_lens.tolist())]
@@ -232,6 +240,7 @@ def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, 
     layers = attention_layers(model_config)
     if scales is not None:
         calibrate(layers, scales)
+        server_args = triton_prefill(server_args)  # torch_native's prefill stores without the scales: refused
     k_scale, v_scale = scales or (1.0, 1.0)
     sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048, kv_dtype)
     reqs = forked_batch(sim)
@@ -477,6 +486,38 @@ def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_served(server_ar
     assert model_runner_problems(runner) == [
         "--kv-cache-dtype fp4_e2m1: deft reads KV caches in the model's dtype or in fp8 (fp8_e4m3, fp8_e5m2), "
         "not this format"]
+
+
+def test_fp8_scales_are_refused_where_the_cache_would_be_read_unlike_it_was_written(server_args, model_config):
+    """deft divides a calibrated checkpoint's K/V scales out as it stores a token and multiplies them back as it
+    reads one, as SGLang's triton backend does. SGLang's torch_native prefill (deft's on CPU) stores and reads
+    without them, so deft would read every prompt token scaled (1.33 off at |out| 2.2 with scales 0.5 / 2.0);
+    and scales set without their float copies (--quantization-param-path) crash the triton prefill. Both are
+    refused when the backend is made; an uncalibrated cache, or calibrated scales beside triton's prefill, are
+    served."""
+    layers = attention_layers(model_config)
+    fp8_runner = lambda args: model_runner(args, model_config, layers, kv_cache_dtype=torch.float8_e4m3fn)  # noqa: E731
+    assert model_runner_problems(fp8_runner(server_args)) == []  # uncalibrated
+    calibrate(layers, (0.5, 2.0))
+    problems = model_runner_problems(fp8_runner(server_args))
+    assert len(problems) == 1 and ("calibrated fp8 KV scales (K 0.5, V 2) with prefill on torch_native" in problems[0])
+    assert model_runner_problems(fp8_runner(triton_prefill(server_args))) == []
+    assert model_runner_problems(model_runner(server_args, model_config, layers)) == []  # a float32 cache: unscaled
+    for layer in layers:
+        layer.k_scale_float = layer.v_scale_float = None
+    problems = model_runner_problems(fp8_runner(triton_prefill(server_args)))
+    assert len(problems) == 1 and "KV scales without their float copies (k_scale_float)" in problems[0]
+
+
+def test_a_scales_file_sglang_did_not_load_is_not_refused(server_args, model_config):
+    """--quantization-param-path under --kv-cache-dtype auto: SGLang reads the file only for a flag of fp8_e4m3,
+    then rewrites auto to fp8_e4m3 for an FP8 checkpoint, whose own scales stand. The backend's check sees the
+    rewritten flag; it used to refuse the file it took for loaded."""
+    layers = attention_layers(model_config)
+    calibrate(layers, (0.5, 2.0))
+    args = triton_prefill(server_args)
+    args.quantization_param_path, args.kv_cache_dtype = "scales.json", "fp8_e4m3"
+    assert model_runner_problems(model_runner(args, model_config, layers, kv_cache_dtype=torch.float8_e4m3fn)) == []
 
 
 def test_a_bf16_kv_cache_under_another_model_dtype_is_refused(server_args, model_config):

@@ -101,6 +101,21 @@ def test_launcher_reads_the_device_before_sglang_loads(argv, device):
     assert _device_arg(argv) == device
 
 
+@pytest.mark.parametrize("flag", ["--config FILE", "--config=FILE"])
+def test_launcher_reads_the_device_of_a_config_file(tmp_path, flag):
+    """Read from the command line alone, a config file's `device: cpu` went unseen on a CUDA host: the process
+    was set up for CUDA, --attention-backend deft split for triton prefill, and the checks then refused triton
+    with --device cpu, a flag the user never gave."""
+    config = tmp_path / "server.yaml"
+    config.write_text("device: cpu\nattention-backend: deft\n")
+    argv = ["--model-path", "m", *flag.replace("FILE", str(config)).split(" ")]
+    assert _device_arg(argv) == "cpu"
+    assert _device_arg(argv + ["--device", "cuda"]) == "cuda"  # the command line overrides the file
+    config.write_text("attention-backend: deft\n")
+    assert _device_arg(argv) is None
+    assert _device_arg(["--config", str(tmp_path / "missing.yaml")]) is None  # SGLang's merger reports it
+
+
 def test_decode_attention_backend_deft_is_a_cli_choice():
     args = parse_server_args(BASE_ARGV + ["--attention-backend", "torch_native", "--decode-attention-backend", "deft"],
                              device="cpu")
