@@ -61,6 +61,7 @@ from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
+from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter
 from sglang_deft.step_planner import DecodeStepPlanner
 from sglang_deft import tree_attention
@@ -167,6 +168,9 @@ class DeftAttnBackend(AttentionBackend):
             return
         if not mode.is_decode():
             raise _extend_not_routed_away(mode)
+        if getattr(forward_batch, REQS_ATTRIBUTE, None) is None and in_warmup_dummy_run():
+            self._plan_warmup_batch(forward_batch)
+            return
         started = time.perf_counter()
         reqs = self._requests(forward_batch)
         # Rows past the requests are padding: SGLang pads an eager decode batch to a multiple of the
@@ -200,6 +204,19 @@ class DeftAttnBackend(AttentionBackend):
         check_tree = with_padding_queries(check_tree, rows) if check and isinstance(plan, TreeDecodePlan) else None
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps)
         self.sharing.record(attended, unique, time.perf_counter() - started, step is not None and step.steady)
+
+    def _plan_warmup_batch(self, forward_batch: ForwardBatch) -> None:
+        """SGLang's warm-up forward pass (FlashInfer's autotune, ``patches.warmup_dummy_run``): a decode batch
+        of placeholder rows and no requests. Its rows attend nothing (zeros), as a CUDA graph's capture batch's
+        do; the pass only tunes the model's other kernels."""
+        rows = forward_batch.batch_size
+        logger.info("deft: SGLang's warm-up decode batch of %d rows (FlashInfer autotune) attends nothing", rows)
+        if self.step_planner is not None:
+            self.step_planner.invalidate()
+        tree = with_padding_queries(empty_tree(self.device), rows)
+        plan = plan_step(tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
+                         self.plan_limits, self.planner)
+        self.forward_metadata = DeftDecodeMetadata(plan, rows, 0, 0)
 
     def forward_decode(
         self,

@@ -31,9 +31,11 @@ def register() -> None:
 
 def _create_deft_backend(model_runner):
     from sglang_deft.backend import DeftAttnBackend
-    from sglang_deft.patches import cuda_graph_replay
+    from sglang_deft.patches import cuda_graph_replay, warmup_dummy_run
 
-    # Applied here rather than in register(): SGLang's CUDA-graph runner is loaded by now (the model
-    # runner imports it), while register() also runs in processes that never load it.
+    # Applied here rather than in register(): SGLang's CUDA-graph runner and model runner are loaded by
+    # now, while register() also runs in processes that never load them. The model runner calls
+    # kernel_warmup (and with it _dummy_run) after it has made the backend.
     cuda_graph_replay.apply()
+    warmup_dummy_run.apply()
     return DeftAttnBackend(model_runner)

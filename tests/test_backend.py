@@ -201,6 +201,26 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
 
 
 @cpu_only
+def test_sglangs_warmup_decode_batch_attends_nothing(server_args, model_config, implementation, monkeypatch):
+    """ModelRunner._dummy_run (FlashInfer's autotune, before graph capture) builds a decode ForwardBatch of
+    placeholder rows without init_new, so without requests: deft used to stop the server at startup there. In
+    that pass the rows attend nothing (zeros); a request-less decode batch at any other time is still refused."""
+    layers = attention_layers(model_config)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    rows = 5
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=rows, seq_lens_cpu=torch.ones(rows, dtype=torch.int64),
+                         out_cache_loc=torch.zeros(rows, dtype=torch.int64), token_to_kv_pool=kv_pool)
+    with pytest.raises(RuntimeError, match="carries no requests"):
+        backend.init_forward_metadata(fb)
+    monkeypatch.setattr(backend_module, "in_warmup_dummy_run", lambda: True)
+    backend.init_forward_metadata(fb)
+    layer = layers[0]
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    out = backend.forward(torch.randn(rows, hq * d), torch.randn(rows, hkv, d), torch.randn(rows, hkv, d), layer, fb)
+    assert out.shape == (rows, hq * d) and torch.equal(out, torch.zeros_like(out))
+
+
+@cpu_only
 def test_a_padded_eager_batch_decodes_its_requests(server_args, model_config, implementation):
     """SGLang pads an eager decode batch to a multiple of the attention-TP size when the MLP gathers across
     ranks (ForwardBatch.prepare_mlp_sync_batch: --moe-a2a-backend, --moe-dense-tp-size 1 at --tp > 1):

@@ -35,6 +35,23 @@ def test_creating_the_backend_patches_cuda_graph_replays(monkeypatch):
     assert getattr(CudaGraphRunner.can_run, "_sglang_deft_patched", False)
 
 
+def test_creating_the_backend_marks_sglangs_warmup_dummy_run(monkeypatch):
+    """ModelRunner._dummy_run (FlashInfer's autotune at startup) runs with in_warmup_dummy_run() true, and only
+    it: the decode backend tells its request-less batch from a real one by that."""
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    from sglang_deft.patches import warmup_dummy_run
+
+    seen = []
+    monkeypatch.setattr(ModelRunner, "_dummy_run",
+                        lambda self, batch_size, run_ctx=None: seen.append(warmup_dummy_run.in_warmup_dummy_run()))
+    monkeypatch.setattr(backend_module, "DeftAttnBackend", lambda runner: ("deft", runner))
+    registration._create_deft_backend("runner")
+    registration._create_deft_backend("runner")  # idempotent: wrapped once
+    ModelRunner._dummy_run(object(), 8)
+    assert seen == [True] and not warmup_dummy_run.in_warmup_dummy_run()
+
+
 def test_forward_batch_carries_the_batch_requests(monkeypatch):
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
