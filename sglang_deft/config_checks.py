@@ -55,10 +55,12 @@ def server_args_problems(server_args) -> list[str]:
     problems = []
     if prefill and not decode:
         decode_name = server_args.decode_attention_backend or server_args.attention_backend
+        fix = (f"drop --prefill-attention-backend {BACKEND_NAME} and pass --decode-attention-backend {BACKEND_NAME}"
+               if server_args.prefill_attention_backend == BACKEND_NAME else
+               f"drop --decode-attention-backend {decode_name} (or make it {BACKEND_NAME})")
         problems.append(
             f"deft selected for prefill/extend only (by --attention-backend or --prefill-attention-backend, "
-            f"with decode on {decode_name}): deft is a decode backend; select it with "
-            f"--attention-backend {BACKEND_NAME} or --decode-attention-backend {BACKEND_NAME}"
+            f"with decode on {decode_name}): deft is a decode backend; {fix}"
         )
     elif prefill:
         # SGLang would run prefill on deft too, whose forward_extend cannot compute it (on CPU the

@@ -20,6 +20,7 @@ arguments after ``--`` go to the launcher.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import re
 import shutil
@@ -42,7 +43,8 @@ def say(msg: str) -> None:
 
 
 def use_gpu(force_cpu: bool) -> bool:
-    if force_cpu:
+    # SGLANG_USE_CPU_ENGINE=1 puts the launcher on the CPU (server_setup.prepare_process): GPU flags would be refused
+    if force_cpu or os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
         return False
     import torch
 

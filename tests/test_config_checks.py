@@ -191,8 +191,12 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(dp_size=2), "--dp-size 2 with --device cpu"),
         (dict(device="xpu"), "--device xpu"),
         (dict(attention_backend="torch_native", decode_attention_backend="torch_native",
-              prefill_attention_backend="deft"), "with decode on torch_native): deft is a decode backend"),
-        (dict(attention_backend="deft", decode_attention_backend="triton"), "with decode on triton): deft is a decode"),
+              prefill_attention_backend="deft"),
+         "with decode on torch_native): deft is a decode backend; drop --prefill-attention-backend deft and pass "
+         "--decode-attention-backend deft"),
+        # The advice was to pass --attention-backend deft, which this user had.
+        (dict(attention_backend="deft", decode_attention_backend="triton"),
+         "with decode on triton): deft is a decode backend; drop --decode-attention-backend triton (or make it deft)"),
         # deft for prefill too: SGLang would send prefill to deft's forward_extend (on CPU the server died
         # at its first request).
         (dict(prefill_attention_backend="deft"), "prefill/extend as well as decode"),

@@ -61,11 +61,17 @@ def test_print_sharing_reports_the_summary_or_its_absence(capsys):
     assert "9.00x (900 attended / 100 unique)" in out
 
 
-@pytest.mark.parametrize("force_cpu, cuda, gpu", [(True, True, False), (False, True, True), (False, False, False)])
-def test_the_demo_uses_the_gpu_when_there_is_one_unless_told_otherwise(monkeypatch, force_cpu, cuda, gpu):
+@pytest.mark.parametrize("force_cpu, cuda, cpu_engine, gpu", [(True, True, None, False), (False, True, None, True),
+                                                         (False, False, None, False), (False, True, "1", False)])
+def test_the_demo_uses_the_gpu_when_there_is_one_unless_told_otherwise(monkeypatch, force_cpu, cuda, cpu_engine, gpu):
+    """SGLANG_USE_CPU_ENGINE=1 puts the launcher on the CPU: the demo's GPU flags (triton prefill) were refused there."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if cpu_engine is None:
+        monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", cpu_engine)
     assert demo.use_gpu(force_cpu) is gpu
 
 

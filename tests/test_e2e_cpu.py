@@ -108,7 +108,7 @@ def mistral_server(tmp_path_factory):
 # The fp8 test's servers: deft as SERVERS' deft_no_overlap, and a reference that decodes on torch_native,
 # which reads the fp8 cache into the model's dtype and runs SDPA. SGLang's triton decode (the GPU reference
 # elsewhere) rounds the softmax weights to the cache's dtype before multiplying them into V (``p.to(v.dtype)``
-# in its decode_attention.py): 2.5e-2 (relative) from the fp32 attention at kernel level where deft is 2.3e-3
+# in its decode_attention.py): 2.4e-2 to 2.6e-2 (relative) from the fp32 attention at kernel level where deft is 2.4e-3
 # (benchmarks/results/kernels_h200_fp8.json), logprob gaps to deft of up to 0.070 on the tiny model
 # (benchmarks/results/fp8_kv_gpu_tests_h200.json). torch_native cannot be captured in a CUDA graph: on a GPU
 # that server runs eagerly (deft's logprobs there were the same with its graphs as without).
