@@ -558,6 +558,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {c['case']}{' (skipped: ' + c['skipped'][-1] + ')' if c.get('skipped') else ''} | "
                      + " | ".join(cells) + f" | {_num(ratio, 2)}{target}{verdict} | " + " | ".join(tpots)
                      + f" | {share} | {host} | {_same_outputs_cell(c.get('same_outputs'))} |")
+    if not report.get("complete", True):
+        failed = [name for name, s in report.get("servers", {}).items() if not s.get("ok")]
+        lines += ["", "**Incomplete run**: not every case has a good run on every backend"
+                  + (f"; servers that did not start: {', '.join(failed)}" if failed else "") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -133,24 +133,26 @@ def setup_deft(ctx: Ctx) -> Prepared:
     tree = K.KVTree(ctx.kv_dev, ctx.tree.node_indptr, ctx.tree.node_parent, ctx.tree.query_node)
     plan = K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=ctx.device,
                               kv_dtype=ctx.k_buffer.dtype)
-    plan_us = time_plan(K, tree, c, ctx.device, ctx.args.plan_reps)
+    plan_us = time_plan(K, tree, c, ctx.device, ctx.args.plan_reps, kv_dtype=ctx.k_buffer.dtype)
     out = torch.empty_like(ctx.q)
     q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
     return Prepared(fn=lambda: K.tree_decode(q, k, v, plan, s, out=out), out_buffers=(out,),
                     info={"plan_us": plan_us})
 
 
-def time_plan(K, tree, c, device, reps: int, warmup: int = 20) -> dict:
+def time_plan(K, tree, c, device, reps: int, warmup: int = 20, kv_dtype: torch.dtype | None = None) -> dict:
     """Host wall time of plan_tree_decode (metadata on the CPU, kv_indices on the device, as the
     server has them) until its device buffers are ready (synchronised), and the planning thread's CPU
     time of the same calls (``cpu_*``: what issue 3's target names; on the GPU host, a VM, the wall
     time of the same code varies by up to 2x between runs). Medians over ``reps`` calls after
-    ``warmup`` untimed ones (a server plans every step: the timed calls find the host warm)."""
+    ``warmup`` untimed ones (a server plans every step: the timed calls find the host warm). ``kv_dtype``: the
+    KV cache's, which the planner's cost model reads (None: the planner's default, bf16)."""
+    dtype_arg = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
     wall, cpu = [], []
     for i in range(warmup + max(reps, 1)):
         _sync(device)
         t0, c0 = time.perf_counter(), time.thread_time()
-        K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=device)
+        K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=device, **dtype_arg)
         _sync(device)
         if i >= warmup:
             wall.append((time.perf_counter() - t0) * 1e6)
@@ -629,8 +631,8 @@ def shrink_shape(shape, factor: int):
                        shape.node_parent, shape.query_node)
 
 
-def make_row(case, shape, meta: dict, elem_bytes: int) -> dict:
-    model = T.byte_flop_model(shape, case.num_qo_heads, case.num_kv_heads, case.head_dim, elem_bytes)
+def make_row(case, shape, meta: dict, elem_bytes: int, qo_elem_bytes: int) -> dict:
+    model = T.byte_flop_model(shape, case.num_qo_heads, case.num_kv_heads, case.head_dim, elem_bytes, qo_elem_bytes)
     row = {"case": case.name, "key": case.key, "design_shared": case.design_shared,
            "num_qo_heads": case.num_qo_heads, "num_kv_heads": case.num_kv_heads, "head_dim": case.head_dim,
            **model,
@@ -703,7 +705,8 @@ def run_cases_here(args, cases, shapes, providers, device, dtype, report) -> Non
         q = torch.randn(shape.num_queries, case.num_qo_heads, case.head_dim, dtype=dtype, device=device)
         sm_scale = 1.0 / math.sqrt(case.head_dim)
         ref = K.attention_reference(q, k_buffer, v_buffer, tree, sm_scale)
-        row = make_row(case, shape, meta, k_buffer.element_size())  # the floors count the KV cache's bytes
+        # The floors count the KV cache's bytes and q's and out's (the model's dtype; they differ over fp8).
+        row = make_row(case, shape, meta, k_buffer.element_size(), q.element_size())
         report["cases"].append(row)
         write_report(report, args.out, args.tag)  # the parent learns which case a crash hit
         watchdog.arm(args.case_timeout)
@@ -733,6 +736,7 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
     meta = report["metadata"]
     tmp = Path(tempfile.mkdtemp(prefix="deft_bench_"))
     elem = torch.empty(0, dtype=pool_dtype(args)).element_size()
+    qo_elem = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     remaining = list(cases)
     attempt = 0
     while remaining:
@@ -757,11 +761,11 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
             meta.setdefault("pool_slots_per_child", []).append(child["metadata"]["pool_slots"])
         if rc == 0:
             by_key = {r["key"]: r for r in rows}
-            finished = [by_key.get(c.key) or make_row(c, shapes[c.key], meta, elem) for c in remaining]
+            finished = [by_key.get(c.key) or make_row(c, shapes[c.key], meta, elem, qo_elem) for c in remaining]
             remaining = []
         else:
             # Died on its last row's case (or, with no row, before the first case began).
-            finished = rows or [make_row(remaining[0], shapes[remaining[0].key], meta, elem)]
+            finished = rows or [make_row(remaining[0], shapes[remaining[0].key], meta, elem, qo_elem)]
             for p in providers:
                 finished[-1]["providers"].setdefault(p, {"provider": p, "status": "error", "reason": why})
             remaining = remaining[len(finished):]
@@ -783,8 +787,9 @@ def measure_plan_300(args, device, meta) -> None:
         shape = T.plan_tree_300()
         tr = T.build_tree(shape, 2 * T.runs_needed(shape, args.run_len) * args.run_len, args.run_len, args.seed)
         tr = K.KVTree(tr.kv_indices.to(device), tr.node_indptr, tr.node_parent, tr.query_node)
-        K.plan_tree_decode(tr, 32, 8, 128, device=device)
-        meta["plan_300node_256q_us"] = time_plan(K, tr, T.Case("plan", "plan", shape), device, 100)
+        K.plan_tree_decode(tr, 32, 8, 128, device=device, kv_dtype=pool_dtype(args))
+        meta["plan_300node_256q_us"] = time_plan(K, tr, T.Case("plan", "plan", shape), device, 100,
+                                                 kv_dtype=pool_dtype(args))
     except Exception as e:  # noqa: BLE001
         meta["plan_300node_256q_us"] = None
         meta["plan_300node_256q_error"] = f"{type(e).__name__}: {e}"[:300]

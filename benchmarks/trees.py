@@ -404,15 +404,17 @@ def sglang_num_kv_splits(seq_lens: list[int], num_qo_heads: int, num_kv_heads: i
 
 
 def byte_flop_model(shape: TreeShape, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                    elem_bytes: int = 2) -> dict:
+                    elem_bytes: int = 2, qo_elem_bytes: int | None = None) -> dict:
     """The byte and FLOP model next to every timing.
 
     unique_bytes: K and V of every attended node once, plus q read and out written (the floor).
     path_bytes: K and V summed over queries' paths (a per-sequence kernel with no L2 reuse), plus q/out.
     flops: 2 (QK^T) + 2 (PV) multiply-adds per (query head, path token, head dim element).
+    ``elem_bytes``: the KV cache's element size; ``qo_elem_bytes``: q's and out's (the model's dtype; default
+    ``elem_bytes``), which differ over an fp8 cache.
     """
     kv_per_token = 2 * num_kv_heads * head_dim * elem_bytes
-    qo = 2 * shape.num_queries * num_qo_heads * head_dim * elem_bytes
+    qo = 2 * shape.num_queries * num_qo_heads * head_dim * (elem_bytes if qo_elem_bytes is None else qo_elem_bytes)
     return {
         "num_queries": shape.num_queries,
         "num_nodes": shape.num_nodes,

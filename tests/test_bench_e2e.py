@@ -192,6 +192,17 @@ def test_markdown_shows_missing_and_failed_cells():
     assert "deft off, flashinfer on, triton on" in text
 
 
+def test_markdown_says_when_a_run_is_incomplete():
+    """The JSON's complete flag and the servers that failed reach the table (e2e_h200.md showed one 'error'
+    cell and nothing else for a server that never started)."""
+    report = gpu_like_report()
+    assert "Incomplete run" not in b.markdown(report)
+    report.update(complete=False, servers={"8b-deft": {"ok": True}, "tiny-flashinfer": {"ok": False, "error": "x"}})
+    last = b.markdown(report).strip().splitlines()[-1]
+    assert last == ("**Incomplete run**: not every case has a good run on every backend; servers that did not "
+                    "start: tiny-flashinfer.")
+
+
 def test_markdown_without_the_baseline_compares_with_the_other_backend():
     report = gpu_like_report()
     report["backends"] = ["deft", "triton"]

@@ -129,7 +129,7 @@ def test_summarize_gives_no_speedup_for_a_failed_deft():
 def test_make_row_floors_from_the_measured_rates():
     case = T.all_cases()[0]  # p4k_16
     meta = {"copy_gbps": 4000.0, "matmul_tflops": 500.0}
-    row = BENCH.make_row(case, case.shape, meta, 2)
+    row = BENCH.make_row(case, case.shape, meta, 2, 2)
     model = T.byte_flop_model(case.shape, 32, 8, 128)
     assert row["unique_bytes"] == model["unique_bytes"] < row["path_bytes"] == model["path_bytes"]
     assert row["floor_us"] == pytest.approx(model["unique_bytes"] / 4000e9 * 1e6)
@@ -139,8 +139,11 @@ def test_make_row_floors_from_the_measured_rates():
     kv = 2 * 8 * 128 * 2
     qo = 2 * 16 * 32 * 128 * 2
     assert row["path_bytes"] == 16 * (4096 + 256) * kv + qo
-    none = BENCH.make_row(case, case.shape, {"copy_gbps": None, "matmul_tflops": None}, 2)
+    none = BENCH.make_row(case, case.shape, {"copy_gbps": None, "matmul_tflops": None}, 2, 2)
     assert none["floor_us"] is None and none["flop_floor_us"] is None
+    # Over an fp8 cache K/V count 1 byte each, q and out still 2 (they were counted at the cache's 1 byte)
+    fp8 = BENCH.make_row(case, case.shape, meta, 1, 2)
+    assert fp8["path_bytes"] == 16 * (4096 + 256) * kv // 2 + qo
 
 
 def test_device_rates_count_what_the_timed_call_moves(monkeypatch):
