@@ -390,12 +390,15 @@ def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("few_merges", [False, True], ids=["8_per_load", "32_per_load"])
-def test_scores_far_apart_along_a_path(few_merges, dtype):
-    """Online softmax must rescale by the running maximum: a query whose first KV block (and first
-    partials) score ~+58 and every later one ~-58 (base e; 2^167 apart in base 2, past fp32's range)
-    still gets the softmax over its whole path. Stage 1 folds two 32-token blocks of the root, stage 2
-    more than one load of partials on the chain below it. (Head dim 128 on a GPU: the Hopper kernel's,
-    in bf16/fp16.)"""
+@pytest.mark.parametrize("high", ["first_block", "second_block", "last_node"])
+def test_scores_far_apart_along_a_path(high, few_merges, dtype):
+    """Online softmax must rescale by the running maximum: a query whose KV scores ~+58 in one place and ~-58
+    everywhere else (base e; 2^167 apart in base 2, past fp32's range) still gets the softmax over its whole
+    path. Stage 1 folds two 32-token blocks of the root, stage 2 more than one load of partials on the chain
+    below it. With the high scores in the root's first block the maximum never grows, which checks only that
+    nothing overflows; in its second block stage 1's rescale of what it folded before must bring that to ~0,
+    and on the last node stage 2's rescale of every earlier partial must (a kernel without the rescale passed
+    the first placement alone). (Head dim 128 on a GPU: the Hopper kernel's, in bf16/fp16.)"""
     d, depth = (128 if CUDA else 32), 40
     tree = make_tree([-1] + list(range(depth - 1)), [64] + [3] * (depth - 1), [depth - 1])
     slots = int(tree.kv_indices.max()) + 1
@@ -403,7 +406,9 @@ def test_scores_far_apart_along_a_path(few_merges, dtype):
     c = (58.0 / d ** 0.5) ** 0.5  # q . k * d^-0.5 = +-58
     q = torch.full((1, 8, d), c)
     k = torch.full((slots, 2, d), -c)
-    k[tree.kv_indices[:32].long()] = c  # the root's first block
+    high_slots = {"first_block": tree.kv_indices[:32], "second_block": tree.kv_indices[32:64],
+                  "last_node": tree.kv_indices[-3:]}[high]
+    k[high_slots.long()] = c
     v = torch.randn(slots, 2, d, generator=g)
     q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
     plan = plan_tree_decode(tree, 8, 2, d, device=DEVICE, kv_dtype=dtype)

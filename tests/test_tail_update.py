@@ -31,7 +31,9 @@ def test_advance_tails_matches_reference(cap, tails):
     inc = np.zeros(cap, np.int64)
     nxt[:tails] = np.arange(tails) * width + rng.integers(0, width - 1, tails)
     end[:tails] = rng.permutation(scratch)[:tails]
-    field[:tails] = rng.permutation(np.arange(n_items) // 8 * 8 + 1)[:tails]  # distinct per tail
+    # Item fields (the kv_len field of every 8th item), some shared by several tails: the kernel adds
+    # atomically, as np.add.at does in the reference.
+    field[:tails] = rng.permutation(np.arange(n_items) // 8 * 8 + 1)[:tails]
     field[:tails][0] = 1  # a tail sharing its field with every unused entry: the +1 must survive
     inc[:tails] = 1
     operands = np.concatenate([nxt, end, field, inc])
