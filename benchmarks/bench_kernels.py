@@ -140,19 +140,18 @@ def setup_deft(ctx: Ctx) -> Prepared:
                     info={"plan_us": plan_us})
 
 
-def time_plan(K, tree, c, device, reps: int, warmup: int = 20, kv_dtype: torch.dtype | None = None) -> dict:
+def time_plan(K, tree, c, device, reps: int, warmup: int = 20, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Host wall time of plan_tree_decode (metadata on the CPU, kv_indices on the device, as the
     server has them) until its device buffers are ready (synchronised), and the planning thread's CPU
     time of the same calls (``cpu_*``: what issue 3's target names; on the GPU host, a VM, the wall
     time of the same code varies by up to 2x between runs). Medians over ``reps`` calls after
     ``warmup`` untimed ones (a server plans every step: the timed calls find the host warm). ``kv_dtype``: the
-    KV cache's, which the planner's cost model reads (None: the planner's default, bf16)."""
-    dtype_arg = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
+    KV cache's, which the planner's cost model reads (plan_tree_decode's default, bf16, unless given)."""
     wall, cpu = [], []
     for i in range(warmup + max(reps, 1)):
         _sync(device)
         t0, c0 = time.perf_counter(), time.thread_time()
-        K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=device, **dtype_arg)
+        K.plan_tree_decode(tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, device=device, kv_dtype=kv_dtype)
         _sync(device)
         if i >= warmup:
             wall.append((time.perf_counter() - t0) * 1e6)
@@ -787,9 +786,9 @@ def measure_plan_300(args, device, meta) -> None:
         shape = T.plan_tree_300()
         tr = T.build_tree(shape, 2 * T.runs_needed(shape, args.run_len) * args.run_len, args.run_len, args.seed)
         tr = K.KVTree(tr.kv_indices.to(device), tr.node_indptr, tr.node_parent, tr.query_node)
-        K.plan_tree_decode(tr, 32, 8, 128, device=device, kv_dtype=pool_dtype(args))
-        meta["plan_300node_256q_us"] = time_plan(K, tr, T.Case("plan", "plan", shape), device, 100,
-                                                 kv_dtype=pool_dtype(args))
+        kv_dtype = pool_dtype(args)
+        K.plan_tree_decode(tr, 32, 8, 128, device=device, kv_dtype=kv_dtype)
+        meta["plan_300node_256q_us"] = time_plan(K, tr, T.Case("plan", "plan", shape), device, 100, kv_dtype=kv_dtype)
     except Exception as e:  # noqa: BLE001
         meta["plan_300node_256q_us"] = None
         meta["plan_300node_256q_error"] = f"{type(e).__name__}: {e}"[:300]

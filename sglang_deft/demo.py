@@ -20,7 +20,6 @@ arguments after ``--`` go to the launcher.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
 import re
 import shutil
@@ -43,12 +42,11 @@ def say(msg: str) -> None:
 
 
 def use_gpu(force_cpu: bool) -> bool:
-    # SGLANG_USE_CPU_ENGINE=1 puts the launcher on the CPU (server_setup.prepare_process): GPU flags would be refused
-    if force_cpu or os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
-        return False
-    import torch
+    """Whether the launcher will run on the GPU: its choice without ``--device`` (the demo's GPU flags would
+    be refused on the CPU, e.g. under SGLANG_USE_CPU_ENGINE=1)."""
+    from sglang_deft.server_setup import default_device
 
-    return torch.cuda.is_available()
+    return not force_cpu and default_device() == "cuda"
 
 
 def server_args(model: Path, gpu: bool, extra: list[str] = ()) -> list[str]:

@@ -21,16 +21,20 @@ logger = logging.getLogger(__name__)
 EXTEND_BACKEND = {"cuda": "triton", "cpu": "torch_native"}
 
 
-def prepare_process(device: str | None) -> str:
-    """Set up this process (and the processes it spawns) for ``device``; returns the device.
+def default_device() -> str:
+    """The device without ``--device``: CUDA when there is one and ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's switch
+    to its CPU engine) is not already set, else CPU."""
+    cpu_engine_asked = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"  # as SGLang's is_cpu() reads it
+    return "cuda" if torch.cuda.is_available() and not cpu_engine_asked else "cpu"
 
-    No ``--device`` means CUDA when there is one and ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's switch to its CPU
-    engine) is not already set, else CPU. Without CUDA, SGLang runs its CPU engine and imports through
+
+def prepare_process(device: str | None) -> str:
+    """Set up this process (and the processes it spawns) for ``device`` (None: :func:`default_device`);
+    returns the device. Without CUDA, SGLang runs its CPU engine and imports through
     ``sglang_deft.cpu_compat``.
     """
     has_cuda = torch.cuda.is_available()
-    cpu_engine_asked = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"  # as SGLang's is_cpu() reads it
-    device = device or ("cuda" if has_cuda and not cpu_engine_asked else "cpu")
+    device = device or default_device()
     if device == "cpu":
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # inherited by the spawned scheduler
     if not has_cuda:
