@@ -91,6 +91,9 @@ def _build(source: Path, cc: str) -> Path:
         if done.returncode != 0:
             os.unlink(tmp)
             raise CLibraryError(f"building {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()}")
+        # mkstemp made the file 0600 and the linker adds only execute bits: readable by all, as a library
+        # the linker writes itself, so that other users sharing the cache directory can load it.
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)
         return target
     raise CLibraryError(f"no writable cache directory for {source.name} (tried {_cache_dir()} and the temp dir); "
@@ -104,5 +107,10 @@ def load(source_name: str) -> ctypes.CDLL:
         if lib is None:
             if sys.platform == "win32":
                 raise CLibraryError("sglang-deft's C planner is built for Linux and macOS only")
-            lib = _LOADED[source_name] = ctypes.CDLL(str(_build(HERE / source_name, _compiler())))
+            path = _build(HERE / source_name, _compiler())
+            try:
+                lib = _LOADED[source_name] = ctypes.CDLL(str(path))
+            except OSError as e:
+                raise CLibraryError(f"cannot load {path} ({e}); delete it to have it rebuilt, or set "
+                                    "SGLANG_DEFT_CACHE_DIR to a directory of your own") from e
         return lib

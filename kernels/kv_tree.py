@@ -44,7 +44,7 @@ class KVTree:
         qnode = self.query_node.cpu()
         if indptr.numel() != n + 1:
             raise ValueError(f"KVTree.node_indptr has {indptr.numel()} entries for {n} nodes (needs {n + 1})")
-        if n and (int(indptr[0]) != 0 or bool((indptr[1:] < indptr[:-1]).any())):
+        if int(indptr[0]) != 0 or bool((indptr[1:] < indptr[:-1]).any()):
             raise ValueError("KVTree.node_indptr must start at 0 and never decrease")
         if int(indptr[-1]) != self.kv_indices.numel():
             raise ValueError(

@@ -77,6 +77,18 @@ MIN_CHUNK_TOKENS = 256
 ITEM_FIELDS = 5  # kv_start, kv_len, q_start, q_count, slot
 
 
+class PlanBuffers:
+    """What a set of fixed-capacity plan buffers holds now, shared by every plan written into them. A CUDA
+    graph captured with one plan replays whatever plan was written into its buffers last, so an earlier
+    plan object stays valid for the buffers, but its host fields may no longer describe their step:
+    ``tree_decode`` sizes its checks of q and out by the step the buffers hold."""
+
+    __slots__ = ("num_queries",)
+
+    def __init__(self) -> None:
+        self.num_queries = 0  # the queries of the plan written last (its device-side counts[2])
+
+
 @dataclass(frozen=True)
 class TreeDecodePlan:
     """Everything stage 1 and stage 2 need, on the device, reused by every layer of a step."""
@@ -101,6 +113,12 @@ class TreeDecodePlan:
     few_merges_max_queries: int  # stage 2 takes its shape for few merges on grids of at most this many
     #                              queries (few_merges_max_queries below; 0: never)
     fixed_buffers: bool  # made with a capacity: buffers a later plan may be written into (reuse=)
+    buffers: PlanBuffers | None = None  # fixed buffers: the step they hold now (a later plan's, after reuse=)
+
+    @property
+    def buffered_queries(self) -> int:
+        """The queries of the step this plan's buffers hold now: what its kernels read and write."""
+        return self.num_queries if self.buffers is None else self.buffers.num_queries
 
     @property
     def group_size(self) -> int:
@@ -286,9 +304,17 @@ class TreeDecodePlanner:
              reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
         """Plan one decode step over ``tree``; arguments as in ``plan_tree_decode``."""
         Hq, Hkv, D = self.num_qo_heads, self.num_kv_heads, self.head_dim
-        device = torch.device(device) if device is not None else tree.kv_indices.device
+        if device is not None:
+            device = torch.device(device)
+        else:  # the buffers' device when writing into them: the tree's metadata may well be on the host
+            device = reuse.meta.device if reuse is not None else tree.kv_indices.device
         _check_int32_vector(tree, "kv_indices")
         if reuse is not None:
+            where = device
+            if where.type == "cuda" and where.index is None:  # the current device
+                where = torch.device("cuda", torch.cuda.current_device())
+            if reuse.meta.device != where:
+                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {device}")
             # Its buffers are written in place: they must be a plan's own (not a caller's kv_indices,
             # which a plan made without capacity holds), and their sizes are the capacity.
             if not reuse.fixed_buffers:
@@ -333,9 +359,12 @@ class TreeDecodePlanner:
                 kv_indices = torch.empty(cap_t, dtype=torch.int32, device=device)
                 partial_out = torch.empty(cap_p, Hq, D, dtype=torch.float32, device=device)
                 partial_lse = torch.empty(cap_p, Hq, dtype=torch.float32, device=device)
+                buffers = PlanBuffers()
             else:
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
+                buffers = reuse.buffers
+            buffers.num_queries = B  # from here on the buffers hold this step
             if tree.kv_indices.data_ptr() != kv_indices.data_ptr():
                 kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
             # else the tree was built in place (DecodeKVTreeBuilder's kv_out)
@@ -354,7 +383,7 @@ class TreeDecodePlanner:
             # them merges in that shape whatever graph sizes this planner was given.
             few_merges_max_queries=(reuse.few_merges_max_queries if reuse is not None
                                     else self._few_merges_max_queries(num_sms)),
-            fixed_buffers=capacity is not None)
+            fixed_buffers=capacity is not None, buffers=buffers if capacity is not None else None)
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -364,15 +393,19 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
                      graph_batch_sizes: Sequence[int] | None = None) -> TreeDecodePlan:
     """Plan one decode step over ``tree``.
 
-    ``device`` defaults to the device of ``tree.kv_indices``. Node and query metadata are read on
-    the host (pass them as CPU tensors to avoid a device sync); ``kv_indices`` is used where it is.
+    ``device`` defaults to the device of ``reuse``'s buffers, else of ``tree.kv_indices``. Node and
+    query metadata are read on the host (pass them as CPU tensors to avoid a device sync);
+    ``kv_indices`` is used where it is.
     With ``capacity``, buffers have fixed sizes and launch grids cover the capacity (programs past
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any
     later plan written into the same buffers via ``reuse=plan`` (which keeps that plan's capacity and
     stage-2 threshold; ``plan`` must have been made with a capacity). ``graph_batch_sizes``: the batch
     sizes a CUDA-graph runner pads batches to, if not every power of two (``few_merges_max_queries``).
     """
-    device = torch.device(device) if device is not None else tree.kv_indices.device
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = reuse.meta.device if reuse is not None else tree.kv_indices.device
     # A fresh planner with this thread's staging ring and schedule buffers, so that a call allocates no
     # page-locked memory, event or host buffer (with the ring's cached views, 249 -> 242 and 318 -> 304 us
     # a plan on two H200 hosts: benchmarks/experiments/plan_host_time.py).

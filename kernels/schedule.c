@@ -18,7 +18,7 @@
 
 enum {
     DEFT_OK = 0,
-    DEFT_BAD_INDPTR = -1,      /* node_indptr decreases or starts below 0 */
+    DEFT_BAD_INDPTR = -1,      /* node_indptr does not start at 0, or decreases */
     DEFT_BAD_PARENT = -2,      /* node_parent[i] is not -1 or a node index below i */
     DEFT_BAD_QUERY_NODE = -3,  /* query_node[b] is not a node index */
     DEFT_TOO_MANY_TILES = -4,  /* more query tiles than cap_items (info[4] says how many) */

@@ -269,11 +269,16 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     Never synchronises with the host: the plan's device tensors carry all the data-dependent sizes.
     """
     B, Hq, D = q.shape
-    # Stage 1 reads q's rows of the plan's queries and stage 2 writes those rows of out; rows past them
-    # (a CUDA graph's padding up to the plan's capacity) are left as they are.
-    if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not plan.num_queries <= B <= plan.qperm.numel():
-        raise ValueError(f"q has shape {tuple(q.shape)} but the plan is for {plan.num_queries} queries (at most "
+    # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
+    # (a CUDA graph's padding up to the plan's capacity) are left as they are. The buffers' queries, not
+    # the plan's: after reuse= the buffers hold a later plan's step, which is what the kernels read.
+    n = plan.buffered_queries
+    if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not n <= B <= plan.qperm.numel():
+        raise ValueError(f"q has shape {tuple(q.shape)} but the plan's buffers hold a step of {n} queries (at most "
                          f"{plan.qperm.numel()} rows), {plan.num_qo_heads} heads of dim {plan.head_dim}")
+    if n > plan.grid_queries:
+        raise ValueError(f"the plan's buffers hold a step of {n} queries, but this plan launches stage 2 for "
+                         f"{plan.grid_queries}: pass the plan that wrote them (reuse= returns it)")
     if k_buffer.shape[1:] != (plan.num_kv_heads, D) or v_buffer.shape[1:] != (plan.num_kv_heads, D):
         raise ValueError(f"k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} do not match the plan's "
                          f"{plan.num_kv_heads} KV heads of dim {D}")

@@ -31,6 +31,9 @@ def test_valid_trees_pass(t):
     (tree(indptr=(0, 4, 5, 6)), "node_indptr has 4 entries for 2 nodes"),
     (tree(indptr=(0, 6)), "node_indptr has 2 entries for 2 nodes"),
     (tree(indptr=(2, 4, 6)), "must start at 0"),
+    # No nodes: the one entry must still be 0 (the planner refused what validate accepted).
+    (KVTree(torch.arange(3, dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+            torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)), "must start at 0"),
     (tree(indptr=(0, 5, 4, 6), parent=(-1, 0, 0)), "never decrease"),
     (tree(kv=7), "ends at 6 but kv_indices has 7 slots"),
     (tree(kv=5), "ends at 6 but kv_indices has 5 slots"),
@@ -39,7 +42,8 @@ def test_valid_trees_pass(t):
     (tree(parent=(-1, -2)), "node_parent"),
     (tree(qnode=(1, -1)), r"query_node must index a node in \[0, 2\)"),
     (tree(qnode=(2,)), r"query_node must index a node in \[0, 2\)"),
-], ids=["int64", "kv_2d", "parent_int64", "indptr_long", "indptr_short", "indptr_start", "indptr_decreases",
+], ids=["int64", "kv_2d", "parent_int64", "indptr_long", "indptr_short", "indptr_start", "indptr_start_no_nodes",
+         "indptr_decreases",
         "kv_longer", "kv_shorter", "parent_self", "parent_later", "parent_below_root", "query_negative",
         "query_past_nodes"])
 def test_a_broken_invariant_is_named(t, match):

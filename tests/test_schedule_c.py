@@ -118,6 +118,21 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     c_library.load("schedule.c")  # a new process: loads the cached file, builds nothing
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+    # Readable by everyone, as a library the linker writes itself: other users sharing the cache load it
+    # (mkstemp's 0600 plus the linker's execute bits made it 0711).
+    assert built[0].stat().st_mode & 0o777 == 0o755
+
+
+def test_a_library_that_does_not_load_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+
+    def refuse(path):
+        raise OSError(f"{path}: cannot open shared object file: Permission denied")
+
+    monkeypatch.setattr(c_library.ctypes, "CDLL", refuse)
+    with pytest.raises(c_library.CLibraryError, match="cannot load .*Permission denied.*delete it"):
+        c_library.load("schedule.c")
 
 
 VALUE_SOURCE = "#ifndef VALUE\n#define VALUE 1\n#endif\nint deft_value(void) { return VALUE; }\n"
