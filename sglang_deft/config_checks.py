@@ -143,6 +143,12 @@ def server_args_problems(server_args) -> list[str]:
             f"--dp-size {a.dp_size} with --device cpu: the CPU compatibility layer does not reach "
             "SGLang's data-parallel controller process"
         )
+    if on_cpu and a.tokenizer_worker_num > 1:
+        # uvicorn spawns its workers, which import SGLang's HTTP server without the layer (no torchvision).
+        problems.append(
+            f"--tokenizer-worker-num {a.tokenizer_worker_num} with --device cpu: the CPU compatibility layer does "
+            "not reach the tokenizer worker processes"
+        )
     if decode and _cpp_radix_tree():
         problems.append(
             "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE: the C++ radix tree's nodes are opaque to Python, and the deft "

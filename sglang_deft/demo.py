@@ -1,8 +1,9 @@
 """`python -m sglang_deft.demo` (`make demo`): the tree-of-thought example on a deft server.
 
 Starts ``python -m sglang_deft.launch_server`` with the bundled tiny Llama
-(``models/tiny-llama-deft``) and ``--decode-attention-backend deft`` -- on the GPU when
-``torch.cuda.is_available()`` (prefill/extend: ``triton``; sampling: ``pytorch``), else on the CPU (prefill/extend:
+(``models/tiny-llama-deft``) and ``--decode-attention-backend deft`` -- on the GPU when there is one and
+``SGLANG_USE_CPU_ENGINE=1`` is not set (``server_setup.default_device``; prefill/extend: ``triton``; sampling:
+``pytorch``), else on the CPU (prefill/extend:
 ``torch_native``, float32) -- waits until it answers, runs ``examples/tree_of_thought.py``
 against it, prints the tree, the answers and the sharing metrics the deft backend logged (KV tokens
 attended per request summed vs unique KV tokens read), and shuts the server down. The server runs

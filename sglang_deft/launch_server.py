@@ -2,14 +2,16 @@
 
 Takes every ``python -m sglang.launch_server`` argument; ``deft`` is valid for ``--attention-backend``
 and ``--decode-attention-backend``. On top of SGLang's launcher it:
-1. sets the process up for the device (``--device``, else CUDA if present, else CPU with
-   ``sglang_deft.cpu_compat``) before SGLang loads;
+1. sets the process up for the device (``--device``, else a ``--config`` file's ``device:``, else CUDA if
+   present and ``SGLANG_USE_CPU_ENGINE=1`` is not set, else CPU with ``sglang_deft.cpu_compat``) before
+   SGLang loads;
 2. registers ``deft`` (CLI choice, backend registry) before parsing;
 3. turns ``--attention-backend deft`` into deft for decode plus SGLang's triton (GPU) or
    torch_native (CPU) backend for prefill/extend;
 4. refuses configurations deft cannot serve (``sglang_deft.config_checks``), naming flag and reason;
 5. starts SGLang's HTTP server with scheduler/detokenizer entries from ``sglang_deft.subprocess_entry``,
-   which register ``deft`` in those spawned processes.
+   which register ``deft`` in those spawned processes; without deft, ``--grpc-mode``, ``--use-ray`` and
+   ``--encoder-only`` start SGLang's own server for them (``sglang.launch_server.run_server``).
 
 Nothing here imports SGLang at module level: spawned processes re-import this module as
 ``__mp_main__`` before the CPU compatibility layer is back in place.
@@ -19,6 +21,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+
+def config_flag_spelled_out(argv: list[str]) -> list[str]:
+    """``argv`` with the config file flag as SGLang's merger finds it, a separate ``--config FILE``:
+    argparse also takes ``--config=FILE`` and abbreviations (``--conf FILE``), whose file the merger would
+    skip without a word while the rest of the launcher read it."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if len(flag) >= len("--conf") and "--config".startswith(flag):  # "--con" is ambiguous to argparse
+            out += ["--config", value] if eq else ["--config"]
+        else:
+            out.append(arg)
+    return out
 
 
 def _device_arg(argv: list[str]) -> str | None:
@@ -53,10 +69,8 @@ def parse_server_args(argv: list[str], device: str):
     register()
     parser = argparse.ArgumentParser(prog="python -m sglang_deft.launch_server")
     ServerArgs.add_cli_args(parser)
-    # SGLang's merger finds only a separate "--config FILE"; "--config=FILE" would parse, and its file
-    # be ignored without a word (sglang.launch_server does that).
-    argv = [part for arg in argv for part in
-            (["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg])]
+    # sglang.launch_server parses "--config=FILE" and "--conf FILE" and ignores their files.
+    argv = config_flag_spelled_out(argv)
     if "--config" in argv:  # as sglang.srt.server_args.prepare_server_args does
         from sglang.srt.server_args_config_parser import ConfigArgumentMerger
 
@@ -69,7 +83,7 @@ def parse_server_args(argv: list[str], device: str):
 def main(argv: list[str] | None = None) -> None:
     from sglang_deft.server_setup import check_startup, prepare_process
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = config_flag_spelled_out(list(sys.argv[1:] if argv is None else argv))
     device = prepare_process(_device_arg(argv))
     from sglang.srt.utils.common import suppress_noisy_warnings
 
@@ -83,11 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     from sglang_deft.subprocess_entry import run_detokenizer_process, run_scheduler_process
 
     try:
-        launch_server(
-            server_args,
-            run_scheduler_process_func=run_scheduler_process,
-            run_detokenizer_process_func=run_detokenizer_process,
-        )
+        if server_args.grpc_mode or server_args.use_ray or server_args.encoder_only:
+            # Servers other than the HTTP one, which check_startup refuses for deft: SGLang's own launch.
+            from sglang.launch_server import run_server
+
+            run_server(server_args)
+        else:
+            launch_server(
+                server_args,
+                run_scheduler_process_func=run_scheduler_process,
+                run_detokenizer_process_func=run_detokenizer_process,
+            )
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
 

@@ -35,10 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 (where the launcher's server listens by default)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class ServerProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
                  env: dict[str, str] | None = None, python: str = sys.executable, port: int | None = None):
         self.name, self.args, self._cwd, self._env, self._python = name, list(args), cwd, env, python
+        if port and not port_free(port):
+            # SGLang binds its HTTP port only once the model is loaded, so until then wait_ready would take
+            # whatever already answers there for this server.
+            raise RuntimeError(f"port {port} is in use (another server?): pick another port, or leave it out "
+                               "for a free one")
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)

@@ -17,7 +17,7 @@ from sglang_deft.config_checks import (
     server_args_problems,
 )
 from sglang_deft import cpu_compat
-from sglang_deft.launch_server import _device_arg, parse_server_args
+from sglang_deft.launch_server import _device_arg, config_flag_spelled_out, parse_server_args
 from sglang_deft.server_setup import check_startup, prepare_process, split_deft_backend
 from tiny_models import with_config
 
@@ -101,14 +101,14 @@ def test_launcher_reads_the_device_before_sglang_loads(argv, device):
     assert _device_arg(argv) == device
 
 
-@pytest.mark.parametrize("flag", ["--config FILE", "--config=FILE"])
+@pytest.mark.parametrize("flag", ["--config FILE", "--config=FILE", "--conf FILE", "--confi=FILE"])
 def test_launcher_reads_the_device_of_a_config_file(tmp_path, flag):
     """Read from the command line alone, a config file's `device: cpu` went unseen on a CUDA host: the process
     was set up for CUDA, --attention-backend deft split for triton prefill, and the checks then refused triton
     with --device cpu, a flag the user never gave."""
     config = tmp_path / "server.yaml"
     config.write_text("device: cpu\nattention-backend: deft\n")
-    argv = ["--model-path", "m", *flag.replace("FILE", str(config)).split(" ")]
+    argv = config_flag_spelled_out(["--model-path", "m", *flag.replace("FILE", str(config)).split(" ")])
     assert _device_arg(argv) == "cpu"
     assert _device_arg(argv + ["--device", "cuda"]) == "cuda"  # the command line overrides the file
     config.write_text("attention-backend: deft\n")
@@ -123,7 +123,9 @@ def test_decode_attention_backend_deft_is_a_cli_choice():
     assert server_args_problems(args) == []
 
 
-@pytest.mark.parametrize("form", ["--config FILE", "--config=FILE"])
+# argparse takes "--conf" for "--config" (an abbreviation); SGLang's merger read only the exact "--config FILE",
+# so the file was dropped without a word while the launcher's device came from it.
+@pytest.mark.parametrize("form", ["--config FILE", "--config=FILE", "--conf FILE", "--confi=FILE"])
 def test_config_file_is_read_in_either_form(tmp_path, form):
     config = tmp_path / "server.yaml"
     config.write_text("attention-backend: deft\npage-size: 16\nmax-running-requests: 3\n")
@@ -149,6 +151,7 @@ def test_supported_configuration_passes(deft_args):
         dict(attention_backend="flashinfer"),
         dict(attention_backend="triton", prefill_attention_backend="fa3"),
         dict(dp_size=2),  # SGLang's DP controller spawns the schedulers through sglang_deft.subprocess_entry
+        dict(tokenizer_worker_num=2),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()),
 )
@@ -189,6 +192,8 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(use_ray=True), "--use-ray"),
         (dict(encoder_only=True), "--encoder-only"),
         (dict(dp_size=2), "--dp-size 2 with --device cpu"),
+        # uvicorn spawns the workers, which import SGLang without the CPU compatibility layer.
+        (dict(tokenizer_worker_num=2), "--tokenizer-worker-num 2 with --device cpu"),
         (dict(device="xpu"), "--device xpu"),
         (dict(attention_backend="torch_native", decode_attention_backend="torch_native",
               prefill_attention_backend="deft"),
@@ -328,3 +333,8 @@ def test_unused_sliding_window_field_is_not_a_sliding_window(deft_args, tmp_path
     path = model_dir(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096,
                      use_sliding_window=False)
     assert model_config_problems(ModelConfig(path), deft_args) == []
+
+
+def test_config_flag_spelled_out_leaves_other_flags_alone():
+    assert config_flag_spelled_out(["--con", "x", "--context-length", "8", "--config-x", "--conf=a=b.yaml"]) == [
+        "--con", "x", "--context-length", "8", "--config-x", "--config", "a=b.yaml"]

@@ -170,3 +170,14 @@ def test_serving_relaunches_a_server_whose_port_was_taken(launcher, monkeypatch)
             assert server is not first and server.port != port
             assert first.proc.poll() is not None  # the first launch was stopped
             assert server.generate({"text": "a"}) == [{"text": "a!"}]
+
+
+def test_a_port_in_use_is_refused_before_launching(tmp_path):
+    """SGLang binds its HTTP port only once the model is loaded: a server already answering on a given port
+    (the README's example server, say) would have passed wait_ready for this one, and the demo reported on it."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} is in use"):
+            ServerProcess("busy", [], tmp_path / "busy.log", python="/nonexistent/python", port=port)
