@@ -72,12 +72,15 @@ def _kernels():
     return k
 
 
-BASELINES = ("flashinfer_decode", "flashinfer_cascade", "sglang_triton")
-DEFAULT_PROVIDERS = ("deft", "sglang_triton", "flashinfer_decode", "flashinfer_cascade")
+# FlashInfer's decode both ways: with tensor cores (issue 3's baseline; SGLang's choice for an fp8 cache or a GQA
+# group of 4 or more) and without (SGLang's choice otherwise: flashinfer_backend.should_use_tensor_core).
+BASELINES = ("flashinfer_decode", "flashinfer_decode_cc", "flashinfer_cascade", "sglang_triton")
+DEFAULT_PROVIDERS = ("deft", "sglang_triton", "flashinfer_decode", "flashinfer_decode_cc", "flashinfer_cascade")
 DEBUG_PROVIDERS = ("torch_paged", "torch_cascade")  # plain PyTorch over the baselines' arrays
 PROVIDER_LABEL = {
     "deft": "deft (ours)",
     "flashinfer_decode": "FlashInfer decode (TC)",
+    "flashinfer_decode_cc": "FlashInfer decode (CUDA cores)",
     "flashinfer_cascade": "FlashInfer cascade",
     "sglang_triton": "SGLang triton",
     "torch_paged": "torch paged (debug)",
@@ -118,7 +121,10 @@ class Ctx:
 class Prepared:
     fn: Callable[[], torch.Tensor]  # the timed call; returns the output in the provider's query order
     to_original: Callable[[torch.Tensor], torch.Tensor] = lambda o: o
-    out_buffers: tuple = ()  # preallocated outputs, filled with NaN before the checked replay
+    # What the timed call writes before it reads it (its output, and intermediates such as partial results
+    # that an earlier call left correct): filled with NaN before the checked replay, so that the check sees
+    # what the replay computed.
+    out_buffers: tuple = ()
     info: dict | None = None
     capturable: bool = True
 
@@ -136,8 +142,8 @@ def setup_deft(ctx: Ctx) -> Prepared:
     plan_us = time_plan(K, tree, c, ctx.device, ctx.args.plan_reps, kv_dtype=ctx.k_buffer.dtype)
     out = torch.empty_like(ctx.q)
     q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
-    return Prepared(fn=lambda: K.tree_decode(q, k, v, plan, s, out=out), out_buffers=(out,),
-                    info={"plan_us": plan_us})
+    return Prepared(fn=lambda: K.tree_decode(q, k, v, plan, s, out=out),
+                    out_buffers=(out, plan.partial_out, plan.partial_lse), info={"plan_us": plan_us})
 
 
 def time_plan(K, tree, c, device, reps: int, warmup: int = 20, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -160,13 +166,13 @@ def time_plan(K, tree, c, device, reps: int, warmup: int = 20, kv_dtype: torch.d
     return {**_quantiles_us(wall), **{f"cpu_{k}": v for k, v in q_cpu.items() if k != "n"}}
 
 
-def setup_flashinfer_decode(ctx: Ctx) -> Prepared:
+def setup_flashinfer_decode(ctx: Ctx, tensor_cores: bool = True) -> Prepared:
     import flashinfer
 
     c = ctx.case
     indptr, idx = ctx.paged()
     B = ctx.q.shape[0]
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ctx.workspace, "NHD", use_tensor_cores=True)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ctx.workspace, "NHD", use_tensor_cores=tensor_cores)
     w.plan(indptr.to(ctx.device), idx.to(ctx.device), torch.ones(B, dtype=torch.int32, device=ctx.device),
            c.num_qo_heads, c.num_kv_heads, c.head_dim, 1, pos_encoding_mode="NONE",
            q_data_type=ctx.q.dtype, kv_data_type=ctx.k_buffer.dtype, sm_scale=ctx.sm_scale)
@@ -247,7 +253,7 @@ def setup_sglang_triton(ctx: Ctx) -> Prepared:
                              SGLANG_MAX_KV_SPLITS, s, 1.0, 1.0)
         return out
 
-    return Prepared(fn=fn, out_buffers=(out,), info=info)
+    return Prepared(fn=fn, out_buffers=(out, attn_logits, attn_lse), info=info)
 
 
 def setup_torch_paged(ctx: Ctx) -> Prepared:
@@ -265,6 +271,7 @@ def setup_torch_cascade(ctx: Ctx) -> Prepared:
 SETUP = {
     "deft": setup_deft,
     "flashinfer_decode": setup_flashinfer_decode,
+    "flashinfer_decode_cc": lambda ctx: setup_flashinfer_decode(ctx, tensor_cores=False),
     "flashinfer_cascade": setup_flashinfer_cascade,
     "sglang_triton": setup_sglang_triton,
     "torch_paged": setup_torch_paged,

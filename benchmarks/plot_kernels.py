@@ -19,10 +19,11 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["deft", "flashinfer_decode", "flashinfer_cascade", "sglang_triton", "torch_paged", "torch_cascade"]
+ORDER = ["deft", "flashinfer_decode", "flashinfer_decode_cc", "flashinfer_cascade", "sglang_triton", "torch_paged", "torch_cascade"]
 LABEL = {
     "deft": "DeFT (ours)",
     "flashinfer_decode": "FlashInfer decode (tensor cores)",
+    "flashinfer_decode_cc": "FlashInfer decode (CUDA cores)",
     "flashinfer_cascade": "FlashInfer multi-level cascade",
     "sglang_triton": "SGLang triton decode",
     "torch_paged": "torch paged (debug)",
@@ -31,6 +32,7 @@ LABEL = {
 COLOR = {
     "deft": "#d62728",
     "flashinfer_decode": "#1f77b4",
+    "flashinfer_decode_cc": "#17becf",
     "flashinfer_cascade": "#9467bd",
     "sglang_triton": "#2ca02c",
     "torch_paged": "#7f7f7f",

@@ -135,7 +135,8 @@ class Case:
 
     def plan(self, cfg: Config):
         c = self.case
-        return K.plan_tree_decode(self.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim,
+        # The pool's dtype: the planner's cost model counts its bytes per KV element.
+        return K.plan_tree_decode(self.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, kv_dtype=self.k.dtype,
                                   large_rows=cfg.large_rows, programs_per_sm=cfg.programs_per_sm)
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .kv_tree import KVTree
-from .schedule import Schedule, ScheduleSizes
+from .schedule import PlanCapacityError, Schedule, ScheduleSizes
 from .staging import PinnedStagingRing, thread_staging_ring
 
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
@@ -425,4 +425,4 @@ def _check_capacity(cap: PlanCapacity, B: int, T: int, M: int, P: int) -> None:
     for what, need, have in (("queries", B, cap.max_queries), ("KV tokens", T, cap.max_kv_tokens),
                              ("merge entries", M, cap.max_merge), ("partials", P, cap.max_partials)):
         if need > have:
-            raise ValueError(f"the tree needs {need} {what}, more than the plan capacity {have}")
+            raise PlanCapacityError(f"the tree needs {need} {what}, more than the plan capacity {have}")

@@ -23,6 +23,11 @@ _ERRORS = {
 _TOO_MANY_TILES, _BAD_CAPACITY, _NO_MEMORY = -4, -5, -6
 
 
+class PlanCapacityError(ValueError):
+    """A tree past a plan's capacity (fixed buffers, or the limits they were sized by): a valid step that
+    needs buffers of its own, unlike a malformed tree or call."""
+
+
 class ScheduleSizes(NamedTuple):
     """What a step's schedule came to; offsets are in int32 elements of the packed buffer."""
 
@@ -67,8 +72,8 @@ class Schedule:
         memory (``node_indptr`` [num_nodes + 1], ``node_parent`` [num_nodes], ``query_node``
         [num_queries]). The layout has room for ``cap_queries`` queries and ``cap_items`` items (None:
         this step's numbers); chunks are coarsened until the items fit ``cap_items``. Raises
-        ValueError for a malformed tree, more queries than ``cap_queries`` or more query tiles than
-        ``cap_items``."""
+        ValueError for a malformed tree, PlanCapacityError (a ValueError) for more queries than
+        ``cap_queries`` or more query tiles than ``cap_items``."""
         args = (node_indptr, node_parent, num_nodes, query_node, num_queries, group_size, head_dim, kv_elem_bytes,
                 num_kv_heads, num_sms, large_rows, programs_per_sm, small_rows, min_chunk_tokens, flop_per_byte,
                 program_latency_bytes, -1 if cap_queries is None else cap_queries,
@@ -85,9 +90,11 @@ class Schedule:
         if status in _ERRORS:
             raise ValueError(_ERRORS[status])
         if status == _TOO_MANY_TILES:
-            raise ValueError(f"the tree needs {sizes.tiles} work items, more than the plan capacity {cap_items}")
+            raise PlanCapacityError(f"the tree needs {sizes.tiles} work items, more than the plan capacity "
+                                    f"{cap_items}")
         if status == _BAD_CAPACITY:
-            raise ValueError(f"the tree needs {num_queries} queries, more than the plan capacity {cap_queries}")
+            raise PlanCapacityError(f"the tree needs {num_queries} queries, more than the plan capacity "
+                                    f"{cap_queries}")
         if status == _NO_MEMORY:
             raise MemoryError("sglang-deft's planner could not allocate its host scratch memory")
         raise RuntimeError(f"deft_schedule returned an unknown status {status}")

@@ -102,10 +102,17 @@ class DeftAttnBackend(AttentionBackend):
         self.head_dim = config.head_dim
         self.kv_dtype = model_runner.kv_cache_dtype
         self.device = torch.device(model_runner.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # SGLang's "cuda" means the scheduler's GPU, set current: named, as the plan buffers' device is, so
+            # that the planner keeps one staging ring for both (it made a new one whenever they alternated).
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # Every TP rank runs the same steps: one logs them, as SGLang logs its decode stats (without DP
+        # attention, which deft refuses, the attention-TP rank is the TP rank).
+        self.logging_rank = model_runner.tp_rank == 0
         # Keeps the last step's radix structure: a step whose requests only grew their tails reuses it.
         self.tree_builder = DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
         self.kv_pool_size = model_runner.token_to_kv_pool.size
-        self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval)
+        self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, log=self.logging_rank)
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
         self.eager_steps = 0
@@ -141,6 +148,8 @@ class DeftAttnBackend(AttentionBackend):
                                          self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
                                          self.planner.graph_batch_sizes)
         self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
+        if not self.logging_rank:
+            return
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results; merges of batches "
             "of up to %d requests on 4 warps (one merge per SM, a captured batch size)",

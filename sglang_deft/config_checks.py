@@ -89,6 +89,11 @@ def server_args_problems(server_args) -> list[str]:
             f"--speculative-algorithm {a.speculative_algorithm}: verify and draft steps attend several "
             "tokens per request with a tree mask; the deft path computes one query token per request"
         )
+    if getattr(a, "dllm_algorithm", None) is not None:
+        problems.append(
+            f"--dllm-algorithm {a.dllm_algorithm}: diffusion LLM decoding attends a block of tokens per request; "
+            "the deft path computes one query token per request"
+        )
     if a.kv_cache_dtype not in _SERVED_KV_DTYPES:
         problems.append(
             f"--kv-cache-dtype {a.kv_cache_dtype}: deft reads KV caches in the model's dtype or in fp8 "

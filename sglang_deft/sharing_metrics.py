@@ -1,7 +1,7 @@
 """How much KV the decode steps read once for several requests: counted per step, logged per interval.
 
 Every ``interval`` decode steps (``--decode-log-interval``, SGLang's decode-stats interval) the
-backend logs one line in the scheduler's log:
+backend logs one line in the scheduler's log (TP rank 0's, as SGLang logs its decode stats):
 
     DeFT decode sharing: steps=40 attended_kv_tokens=52480 unique_kv_tokens=6170 ratio=8.506 plan_host_us=182.4 steady_steps=38 total_steps=120 total_attended_kv_tokens=150000 total_unique_kv_tokens=20000
 
@@ -41,6 +41,7 @@ class SharingMeter:
     total_unique: int = 0
     host_s: float = 0.0  # per-step host time of the steps in the window, summed
     steady: int = 0  # steady steps in the window
+    log: bool = True  # this process logs the lines (one TP rank of several does)
 
     def record(self, attended_tokens: int, unique_tokens: int, host_s: float = 0.0, steady: bool = False) -> None:
         """Count one decode step (``host_s``: its per-step host time; ``steady``: its plan was updated
@@ -54,7 +55,8 @@ class SharingMeter:
         self.total_attended += attended_tokens
         self.total_unique += unique_tokens
         if self.steps >= self.interval:
-            logger.info(self.format_line())
+            if self.log:
+                logger.info(self.format_line())
             self.steps = self.attended = self.unique = self.steady = 0
             self.host_s = 0.0
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_deft.kernels import (KVTree, PlanCapacity, TreeDecodePlan, TreeDecodePlanner, plan_tree_decode,
-                                 tree_decode, tree_decode_reference)
+from sglang_deft.kernels import (KVTree, PlanCapacity, PlanCapacityError, TreeDecodePlan, TreeDecodePlanner,
+                                 plan_tree_decode, tree_decode, tree_decode_reference)
 from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
     try:
         # Under the server's limits: the chunking is the one the fixed buffers would get.
         return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
-    except ValueError as exc:
-        # Any other ValueError of the planner (e.g. the head configuration) is raised again below.
+    except PlanCapacityError as exc:
         global _warned_unlimited
         if not _warned_unlimited:
             _warned_unlimited = True
@@ -188,9 +187,7 @@ def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dty
     planner = planner or TreeDecodePlanner(plan.num_qo_heads, plan.num_kv_heads, plan.head_dim, kv_dtype=kv_dtype)
     try:
         planned = planner.plan(padded, plan.meta.device, reuse=plan)
-    except ValueError:
-        # The planner checks every capacity before it writes. An error that is not about capacity
-        # comes back from the eager step that takes over (plan_step raises it there).
+    except PlanCapacityError:  # checked before anything is written
         return None
     return dataclasses.replace(planned, grid_queries=num_queries)
 

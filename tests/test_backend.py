@@ -56,7 +56,7 @@ def model_runner(server_args, model_config, layers, sim=None, kv_pool=None, **ov
     fields = dict(server_args=server_args, model_config=model_config, model=torch.nn.ModuleList(layers),
                   device="cpu", kv_cache_dtype=kv_pool.dtype if kv_pool else None,
                   req_to_token_pool=sim.req_to_token_pool if sim else None, token_to_kv_pool=kv_pool,
-                  use_mla_backend=False, sliding_window_size=None, mambaish_config=None)
+                  use_mla_backend=False, sliding_window_size=None, mambaish_config=None, tp_rank=0)
     return SimpleNamespace(**{**fields, **overrides})
 
 
@@ -404,6 +404,19 @@ def test_decode_step_logs_sharing(server_args, model_config, caplog):
     assert row["unique_kv_tokens"] == meta.unique_tokens
     assert row["ratio"] == pytest.approx(meta.attended_tokens / meta.unique_tokens, abs=1e-3)
     assert 0 < row["plan_host_us"] < 1e6  # the step's tree build + plan, timed on the host
+
+
+def test_one_tp_rank_logs_sharing(server_args, model_config, caplog):
+    """Every TP rank runs the same steps; only rank 0 logs them (each rank did: N lines per interval at TP=N)."""
+    sim = RadixSim(kv_slots=2048)
+    reqs = forked_batch(sim)
+    layers = attention_layers(model_config)
+    kv_pool = kv_pool_for(layers, 2048)
+    backend = DeftAttnBackend(model_runner(server_args, model_config, layers, sim, kv_pool, tp_rank=1))
+    with caplog.at_level("INFO", logger="sglang_deft.sharing_metrics"):
+        backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
+    assert "DeFT decode sharing" not in caplog.text
+    assert backend.sharing.total_steps == 1  # still counted
 
 
 def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):

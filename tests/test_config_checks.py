@@ -175,6 +175,8 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(page_size=16), "--page-size 16"),
         (dict(page_size=2), "--page-size 2"),  # the smallest paged layout
         (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
+        # Reached deft's CUDA-graph setup, which named the graphs' token count, not the flag.
+        (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm LowConfidence: diffusion LLM decoding"),
         (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1: deft reads KV caches in the model's dtype or in fp8"),
         (dict(kv_cache_dtype="fp8_e4m3", quantization_param_path="scales.json"),
          "--quantization-param-path with --kv-cache-dtype fp8_e4m3: SGLang sets the layers' KV scales"),

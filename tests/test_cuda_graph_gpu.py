@@ -91,6 +91,7 @@ class CudaDecodeSetup:
             kv_cache_dtype=kv_dtype, req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token,
                                                                 size=self.sim.req_to_token_pool.size),
             token_to_kv_pool=self.kv_pool, use_mla_backend=False, sliding_window_size=None, mambaish_config=None,
+            tp_rank=0,
         )
         self.runner = runner
         self.backend = DeftAttnBackend(runner)

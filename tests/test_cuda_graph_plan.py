@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import logging
 import os
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
-from sglang_deft.kernels import attention_reference, plan_tree_decode, tree_decode
+from sglang_deft.kernels import KVTree, attention_reference, plan_tree_decode, tree_decode
 from sglang_deft.kernels.plan import build_schedule, few_merges_max_queries
 from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape
 from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version
@@ -157,6 +158,28 @@ def test_a_tree_past_the_limits_is_refused_untouched_and_planned_eagerly():
     q, k, v = qkv(tree, B)
     torch.testing.assert_close(tree_decode(q, k, v, eager, 0.2), attention_reference(q, k, v, tree, 0.2),
                                atol=2e-5, rtol=0)
+
+
+@needs_interpreter
+def test_only_a_tree_past_the_limits_takes_the_unlimited_path(monkeypatch, caplog):
+    """plan_step's fallback (a plan without limits) and its one warning are for trees past the limits only:
+    a malformed call was caught as well, warned about as past the limits (spending the one warning), and
+    plan_graph_step took it for a tree that does not fit."""
+    monkeypatch.setattr(tree_attention, "_warned_unlimited", False)
+    limits = PlanLimits(max_items=40, max_partials=48)
+    graph = tree_attention.new_graph_plan(limits, 16, 512, 8, 2, 32, torch.float32, torch.device("cpu"))
+    ok = make_tree([-1, 0], [9, 4], [1])
+    bad = KVTree(ok.kv_indices.long(), ok.node_indptr, ok.node_parent, ok.query_node)
+    with caplog.at_level(logging.WARNING, logger=tree_attention.__name__):
+        for call in (lambda: plan_step(bad, 8, 2, 32, torch.float32, torch.device("cpu"), limits),
+                     lambda: plan_graph_step(graph, bad, 2, torch.float32)):
+            with pytest.raises(ValueError, match="kv_indices must be a 1-D int32 tensor"):
+                call()
+        assert "exceeds the plan limits" not in caplog.text
+        B = 12  # the caterpillar above: past the limits
+        tree = make_tree([-1] + list(range(B - 1)) + list(range(B)), [20] * B + [2] * B, list(range(B, 2 * B)))
+        plan_step(tree, 8, 2, 32, torch.float32, torch.device("cpu"), limits)
+        assert "a decode step of 12 requests exceeds the plan limits" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,8 +60,8 @@ for bench_case in cases:
     fns, first = {}, None
     for name, (mod, nums) in variants.items():
         lr, pps, *block = nums
-        plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, large_rows=lr,
-                                  programs_per_sm=pps)
+        plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, kv_dtype=k.dtype,
+                                  large_rows=lr, programs_per_sm=pps)
         o = torch.full_like(q, float("nan"))
         shape = {"block": block[0]} if block else {}
 
