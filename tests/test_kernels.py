@@ -217,6 +217,40 @@ def test_strided_kv_indices_are_read_as_given():
                                atol=ATOL[torch.float32], rtol=0)
 
 
+def test_a_plan_is_checked_against_the_step_its_buffers_hold():
+    """After reuse=, the earlier plan object's host fields (num_queries) describe a step its buffers no
+    longer hold: tree_decode sized its checks of q and out by them while the kernels read the new device
+    counts, and wrote rows past out. The checks now use the step the buffers hold; a captured graph's plan
+    still runs a later step of its own size (what a replay computes)."""
+    small = KVTree(torch.arange(6, dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32),
+                   torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32))
+    big = KVTree(torch.arange(10, dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32),
+                 torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.int32))
+    same_size = KVTree(torch.arange(9, dtype=torch.int32), torch.tensor([0, 5, 9], dtype=torch.int32),
+                       torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32))
+    cap = PlanCapacity(max_queries=8, max_kv_tokens=16, max_items=32, max_partials=64, max_merge=64)
+    old = plan_tree_decode(small, 8, 2, 16, DEVICE, kv_dtype=torch.float32, capacity=cap)
+    new = plan_tree_decode(big, 8, 2, 16, kv_dtype=torch.float32, reuse=old)
+    assert new.meta.data_ptr() == old.meta.data_ptr() and old.buffered_queries == new.buffered_queries == 6
+    kv = torch.randn(10, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="the plan's buffers hold a step of 6 queries"):
+        tree_decode(torch.randn(2, 8, 16, device=DEVICE), kv, kv, old, 0.25)
+    q = torch.randn(6, 8, 16, device=DEVICE)
+    torch.testing.assert_close(tree_decode(q, kv, kv, new, 0.25), attention_reference(q, kv, kv, big, 0.25),
+                               atol=ATOL[torch.float32], rtol=0)
+    # A refused reuse (here: a tree past the capacity) writes nothing: the buffers keep their step.
+    with pytest.raises(ValueError, match="more than the plan capacity"):
+        plan_tree_decode(KVTree(torch.arange(20, dtype=torch.int32), torch.tensor([0, 20], dtype=torch.int32),
+                                torch.tensor([-1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)),
+                         8, 2, 16, kv_dtype=torch.float32, reuse=new)
+    assert new.buffered_queries == 6
+    # A later step of the first plan's size: the first plan computes it, as a graph captured with it would.
+    plan_tree_decode(same_size, 8, 2, 16, kv_dtype=torch.float32, reuse=new)
+    q = torch.randn(2, 8, 16, device=DEVICE)
+    torch.testing.assert_close(tree_decode(q, kv, kv, old, 0.25), attention_reference(q, kv, kv, same_size, 0.25),
+                               atol=ATOL[torch.float32], rtol=0)
+
+
 def test_q_and_out_are_checked_against_the_plan():
     """Stage 1 reads q's rows of the plan's queries and stage 2 writes out's: too few rows, or an out
     of another shape, layout or dtype, would read or write past them or truncate into it (before, all were
@@ -225,7 +259,7 @@ def test_q_and_out_are_checked_against_the_plan():
     plan = plan_tree_decode(tree, 8, 2, 32, device=DEVICE, kv_dtype=torch.float32)
     q = torch.randn(4, 8, 32, device=DEVICE)
     kv = torch.randn(512, 2, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="plan is for 4 queries"):
+    with pytest.raises(ValueError, match="the plan's buffers hold a step of 4 queries"):
         tree_decode(q[:1], kv, kv, plan, 0.1)
     for out in (torch.empty(1, 8, 32, device=DEVICE), torch.empty(4, 16, 32, device=DEVICE),
                 torch.empty(4, 32, 8, device=DEVICE).transpose(1, 2),

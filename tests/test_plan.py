@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernel_trees import make_tree, random_forest
-from sglang_deft.kernels import KVTree, PlanCapacity, TreeDecodePlan, attention_reference, plan_tree_decode, tree_decode
+from sglang_deft.kernels import KVTree, PlanCapacity, TreeDecodePlan, plan_tree_decode
 from sglang_deft.kernels import plan as plan_module
 from sglang_deft.kernels.plan import MIN_CHUNK_TOKENS, SMALL_ROWS, TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.reference import path_nodes
@@ -237,38 +237,6 @@ def test_planner_into_fixed_buffers():
             got = planner.plan(tree, "cpu", reuse=graph)
             assert got.meta.data_ptr() == graph.meta.data_ptr()
             assert_same_plan(got, want, tree)
-
-
-def test_a_plan_is_checked_against_the_step_its_buffers_hold():
-    """After reuse=, the earlier plan object's host fields (num_queries) describe a step its buffers no
-    longer hold: tree_decode sized its checks of q and out by them while the kernels read the new device
-    counts, and wrote rows past out. The checks now use the step the buffers hold; a captured graph's plan
-    still runs a later step of its own size (what a replay computes)."""
-    small = KVTree(torch.arange(6, dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32),
-                   torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32))
-    big = KVTree(torch.arange(10, dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32),
-                 torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.int32))
-    same_size = KVTree(torch.arange(9, dtype=torch.int32), torch.tensor([0, 5, 9], dtype=torch.int32),
-                       torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32))
-    old = plan_tree_decode(small, 8, 2, 16, "cpu", kv_dtype=torch.float32,
-                           capacity=dataclasses.replace(CAP, max_queries=8))
-    new = plan_tree_decode(big, 8, 2, 16, "cpu", kv_dtype=torch.float32, reuse=old)
-    assert new.meta.data_ptr() == old.meta.data_ptr() and old.buffered_queries == new.buffered_queries == 6
-    kv = torch.randn(10, 2, 16)
-    with pytest.raises(ValueError, match="the plan's buffers hold a step of 6 queries"):
-        tree_decode(torch.randn(2, 8, 16), kv, kv, old, 0.25)
-    q = torch.randn(6, 8, 16)
-    torch.testing.assert_close(tree_decode(q, kv, kv, new, 0.25), attention_reference(q, kv, kv, big, 0.25))
-    # A refused reuse (here: a tree past the capacity) writes nothing: the buffers keep their step.
-    with pytest.raises(ValueError, match="more than the plan capacity"):
-        plan_tree_decode(KVTree(torch.arange(20, dtype=torch.int32), torch.tensor([0, 20], dtype=torch.int32),
-                                torch.tensor([-1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)),
-                         8, 2, 16, "cpu", kv_dtype=torch.float32, reuse=new)
-    assert new.buffered_queries == 6
-    # A later step of the first plan's size: the first plan computes it, as a graph captured with it would.
-    plan_tree_decode(same_size, 8, 2, 16, "cpu", kv_dtype=torch.float32, reuse=new)
-    q = torch.randn(2, 8, 16)
-    torch.testing.assert_close(tree_decode(q, kv, kv, old, 0.25), attention_reference(q, kv, kv, same_size, 0.25))
 
 
 @pytest.mark.parametrize("capacity", [None, PlanCapacity(max_queries=37, max_kv_tokens=4096, max_items=53,
