@@ -37,7 +37,8 @@ test: venv
 # The venv is the CPU environment: a caller passing its own PYTHON brings its own SGLang, and must have
 # installed this package into it (kernels/ and patches/ become sglang_deft.* only through the install).
 demo: $(if $(filter $(VENV_PYTHON),$(PYTHON)),venv)
-	@$(PYTHON) -c 'import sglang_deft.kernels, sglang_deft.patches' 2>/dev/null || { \
-	  echo "sglang-deft is not installed for $(PYTHON): run '$(PYTHON) -m pip install --no-deps -e .' here first" >&2; \
+	@$(PYTHON) -c 'import sglang_deft.kernels, sglang_deft.patches' || { \
+	  echo "$(PYTHON) cannot import sglang_deft.kernels and sglang_deft.patches (above). If sglang-deft is not" \
+	    "installed for it, run '$(PYTHON) -m pip install --no-deps -e .' here first" >&2; \
 	  exit 2; }
 	$(PYTHON) -m sglang_deft.demo

@@ -4,5 +4,5 @@ from .plan import PlanCapacity, PlanCapacityError, TreeDecodePlan, TreeDecodePla
 from .reference import attention_reference, tree_decode_reference
 from .tree_decode import Stage1Config, tree_decode
 
-__all__ = ["KVTree", "PlanCapacity", "PlanCapacityError", "Stage1Config", "TreeDecodePlan", "TreeDecodePlanner", "attention_reference",
-           "plan_tree_decode", "tree_decode", "tree_decode_reference"]
+__all__ = ["KVTree", "PlanCapacity", "PlanCapacityError", "Stage1Config", "TreeDecodePlan", "TreeDecodePlanner",
+           "attention_reference", "plan_tree_decode", "tree_decode", "tree_decode_reference"]

@@ -109,7 +109,7 @@ class TreeDecodePlan:
     large_rows: int  # rows of the large tile (a power of two >= 16)
     grid_items: int  # programs per KV head stage 1 is launched with (>= counts[0] + counts[1])
     grid_queries: int  # queries stage 2 is launched for (>= counts[2])
-    num_queries: int  # B of this step (host copy of counts[2], for shape checks)
+    num_queries: int  # B of this step (host copy of counts[2] when planned; buffered_queries: what they hold now)
     few_merges_max_queries: int  # stage 2 takes its shape for few merges on grids of at most this many
     #                              queries (few_merges_max_queries below; 0: never)
     fixed_buffers: bool  # made with a capacity: buffers a later plan may be written into (reuse=)
@@ -314,7 +314,7 @@ class TreeDecodePlanner:
             if where.type == "cuda" and where.index is None:  # the current device
                 where = torch.device("cuda", torch.cuda.current_device())
             if reuse.meta.device != where:
-                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {device}")
+                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {where}")
             # Its buffers are written in place: they must be a plan's own (not a caller's kv_indices,
             # which a plan made without capacity holds), and their sizes are the capacity.
             if not reuse.fixed_buffers:

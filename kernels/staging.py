@@ -62,7 +62,10 @@ class PinnedStagingRing:
         (out if out.numel() == n else out[:n]).copy_(view[0][:n], non_blocking=True)
         if event is None:
             event = self._events[i] = torch.cuda.Event()
-        event.record()
+        # On the stream the copy went to, the current one of the ring's device (not of the current device,
+        # which may be another GPU: the event would then not wait for this copy, and the buffer be refilled
+        # while it is read).
+        event.record(torch.cuda.current_stream(self.device))
         return out
 
 

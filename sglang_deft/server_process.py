@@ -38,6 +38,9 @@ def free_port() -> int:
 def port_free(port: int) -> bool:
     """Whether ``port`` can be bound on 127.0.0.1 (where the launcher's server listens by default)."""
     with socket.socket() as s:
+        # As uvicorn binds: a port whose last connection is in TIME_WAIT (a server stopped a minute ago) is
+        # free to it, and one something listens on is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -340,3 +340,28 @@ def test_unused_sliding_window_field_is_not_a_sliding_window(deft_args, tmp_path
 def test_config_flag_spelled_out_leaves_other_flags_alone():
     assert config_flag_spelled_out(["--con", "x", "--context-length", "8", "--config-x", "--conf=a=b.yaml"]) == [
         "--con", "x", "--context-length", "8", "--config-x", "--config", "a=b.yaml"]
+
+
+# --encoder-only too, which SGLang's own checks refuse for the tiny Llama (Qwen models only).
+@pytest.mark.parametrize("flag", ["--grpc-mode", "--use-ray"])
+def test_servers_other_than_http_start_as_sglang_starts_them(flag, monkeypatch):
+    """Without deft, the launcher hands these modes to sglang.launch_server.run_server (it started the HTTP
+    server whatever they said); with deft they are refused (test_unsupported_flag_is_refused_by_name)."""
+    import sglang.launch_server
+    import sglang.srt.entrypoints.http_server
+    import sglang.srt.utils
+
+    from sglang_deft import launch_server, server_setup
+
+    started = []
+    monkeypatch.setattr(server_setup, "prepare_process", lambda device: "cpu")  # the test process is set up
+    monkeypatch.setattr(sglang.launch_server, "run_server", lambda args: started.append(("sglang", args)))
+    monkeypatch.setattr(sglang.srt.entrypoints.http_server, "launch_server",
+                        lambda args, **kw: started.append(("http", args)))
+    monkeypatch.setattr(sglang.srt.utils, "kill_process_tree", lambda *a, **kw: None)  # pytest's workers
+    launch_server.main(BASE_ARGV + ["--attention-backend", "torch_native", flag])
+    (how, args), = started
+    assert how == "sglang" and getattr(args, flag[2:].replace("-", "_"))
+    started.clear()
+    launch_server.main(BASE_ARGV + ["--attention-backend", "torch_native"])
+    assert [how for how, _ in started] == ["http"]

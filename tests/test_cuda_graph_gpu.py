@@ -95,6 +95,9 @@ class CudaDecodeSetup:
         )
         self.runner = runner
         self.backend = DeftAttnBackend(runner)
+        # SGLang's "cuda" named as the plan buffers' device, so that eager and graph plans share one staging ring.
+        named = torch.device("cuda", torch.cuda.current_device())
+        assert self.backend.device == self.backend.graph_plan.meta.device == named
         self.hq, self.hkv, self.d, self.dtype = hq, hkv, d, dtype
 
     def decode_batch(self, reqs):

@@ -238,6 +238,10 @@ def test_a_plan_is_checked_against_the_step_its_buffers_hold():
     q = torch.randn(6, 8, 16, device=DEVICE)
     torch.testing.assert_close(tree_decode(q, kv, kv, new, 0.25), attention_reference(q, kv, kv, big, 0.25),
                                atol=ATOL[torch.float32], rtol=0)
+    # A plan whose stage 2 covers fewer queries than the buffers hold (plan_graph_step's grid: a graph of 4)
+    # would leave the last rows of out unwritten.
+    with pytest.raises(ValueError, match="hold a step of 6 queries, but this plan launches stage 2 for 4"):
+        tree_decode(q, kv, kv, dataclasses.replace(new, grid_queries=4), 0.25)
     # A refused reuse (here: a tree past the capacity) writes nothing: the buffers keep their step.
     with pytest.raises(ValueError, match="more than the plan capacity"):
         plan_tree_decode(KVTree(torch.arange(20, dtype=torch.int32), torch.tensor([0, 20], dtype=torch.int32),

@@ -51,6 +51,7 @@ class Stream:
 
     def __init__(self, slots: int):
         self.slots, self.queued, self.uploads, self.log, self.events = slots, [], 0, [], []
+        self.device_stream = object()  # torch.cuda.current_stream of the ring's device
         stream = self
 
         class Event:
@@ -58,7 +59,8 @@ class Stream:
                 self.copies = []
                 stream.events.append(self)
 
-            def record(self):
+            def record(self, on=None):
+                assert on is stream.device_stream  # the ring device's stream, which the copies went to
                 self.copies, stream.queued = stream.queued, []
                 self.at, stream.uploads = stream.uploads, stream.uploads + 1
 
@@ -106,7 +108,10 @@ def test_a_pinned_buffer_is_not_rewritten_before_its_copy_is_done(monkeypatch):
     monkeypatch.setattr(staging.torch, "empty",
                         lambda *a, pin_memory=False, **kw: empty(*a, **kw))  # no pinned allocator on CPU
     monkeypatch.setattr(staging.torch.cuda, "Event", stream.Event)
-    ring = staging.PinnedStagingRing("cuda", slots=slots)  # the device's type picks the path; no CUDA call
+    # The current device may be another GPU than the ring's: its stream is not the one the copies went to.
+    monkeypatch.setattr(staging.torch.cuda, "current_stream",
+                        lambda device=None: stream.device_stream if device == torch.device("cuda:1") else object())
+    ring = staging.PinnedStagingRing("cuda:1", slots=slots)  # the device's type picks the path; no CUDA call
     rng = np.random.default_rng(0)
     sent, outs = [], []
     for i, n in enumerate([7, 5, 9, 3, 8, 6, 4, 70_000, 2, 11]):  # 70_000: a buffer grows
