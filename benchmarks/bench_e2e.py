@@ -41,8 +41,8 @@ Measures (per case and backend; each case is run ``--repeats`` times, the best r
   for the others the case shape's theoretical value
   (``sharing_ratio_source`` says which). The sglang.lang case reports client tok/s (tokens / wall) only.
 - ``same_outputs``: the output check. Every request's generated ids are digested (``output_digests`` per
-  run); per backend, how many of a case's requests decoded to the same ids as the reference backend's (the
-  baseline's first run) in that backend's worst run. Greedy decoding of the same requests should agree, up
+  run); per backend, how many of a case's requests decoded to the same ids as the reference backend's run
+  of the same repetition, in that backend's worst repetition. Greedy decoding of the same requests should agree, up
   to near ties that a backend's rounding can flip; the table shows it as ``equal / requests``. A weak
   check on dummy weights (the 8B shape's attention barely moves its tokens): the correctness criterion
   is ``scripts/gpu_e2e.py``'s; this one catches a backend that decodes garbage or nothing.
@@ -174,6 +174,10 @@ class Case:
         """KV slots the batch holds at its end (prefix once, every branch's private part and output)."""
         return self.prefix + self.branches * (self.private + self.new_tokens)
 
+    def kv_tokens_held(self, radix_cache: bool) -> int:
+        """``kv_tokens`` on a server with the radix cache; without it every branch holds the prefix too."""
+        return self.kv_tokens if radix_cache else self.branches * (self.prefix + self.private + self.new_tokens)
+
     def shape(self) -> dict:
         if self.is_lang:
             return {"widths": list(self.widths), "new_tokens": self.new_tokens}
@@ -218,18 +222,24 @@ WARMUP = {"cuda": {"8b": Case("warmup", "warm-up", "8b", 32, 2048, 64, 8),
           "cpu": {"tiny": Case("warmup", "warm-up", "tiny", 4, 16, 2, 4)}}
 
 
-def pool_tokens(model: str, spec: ModelSpec, cases: list[Case]) -> int:
+def pool_tokens(model: str, spec: ModelSpec, cases: list[Case], radix_cache: bool = True) -> int:
     """--max-total-tokens: the largest case on this model + 10% (SGLang admits a request only when its
     prompt and max_new_tokens fit), rounded up to 1024."""
-    need = max([c.kv_tokens for c in cases if c.model == model and not c.is_lang], default=0)
+    need = max([c.kv_tokens_held(radix_cache) for c in cases if c.model == model and not c.is_lang], default=0)
     return max(spec.min_pool_tokens, math.ceil(need * 1.1 / 1024) * 1024)
+
+
+def radix_cache_on(extra_args: str | None) -> bool:
+    """Whether a server started with these extra arguments keeps SGLang's radix cache (shared prefixes)."""
+    return "--disable-radix-cache" not in shlex.split(extra_args or "")
 
 
 def server_args(device: str, model: str, backend: str, cases: list[Case], backend_args: dict[str, str]) -> list[str]:
     spec = MODELS[device][model]
+    extra = backend_args.get(backend, "")
     return ["--model-path", str(spec.path), *spec.args, *COMMON_ARGS[device],
-            "--max-total-tokens", str(pool_tokens(model, spec, cases)),
-            "--decode-attention-backend", backend, *shlex.split(backend_args.get(backend, ""))]
+            "--max-total-tokens", str(pool_tokens(model, spec, cases, radix_cache_on(extra))),
+            "--decode-attention-backend", backend, *shlex.split(extra)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,6 +442,12 @@ def measure_batch(server, backend: str, case: Case, id_range: tuple[int, int], s
     figures["output_digests"] = output_digests(timing, case.branches, case.new_tokens)
     after = settled_log(server)
     new_log = after[len(before):]
+    running = [x.running for x in parse_decode_lines(new_log)]
+    if max(running, default=0) < case.branches:
+        # Admitted in waves (a KV pool too small for the batch): no step decoded the workload as described, and
+        # the client's figure would time only the last wave's decode.
+        raise RuntimeError(f"the batch of {case.branches} requests never decoded together (at most "
+                           f"{max(running, default=0)} at once in the server's log)")
     figures.update(steady_decode(new_log, case.branches), **sharing(backend, case, new_log))
     if figures.get("plan_host_us") and figures.get("tpot_ms"):
         # The backend's per-step host work against the step: the issue's <= 3% budget.
@@ -531,12 +547,13 @@ def markdown(report: dict) -> str:
     lines = [f"# End-to-end decode throughput ({report.get('gpu') or report['device_mode']})", "",
              f"{report['date']}, commit {report.get('commit')}, sglang {report['versions'].get('sglang')}. "
              "Decode tok/s: SGLang's logged gen throughput while the whole batch ran (median), else client-side "
-             "(`*`). Tiny-model rows measure per-step overhead. CUDA graphs: "
+             "(`*`); per backend the run with the highest, whose client-side TPOT is shown (so a TPOT ratio need "
+             "not equal the tok/s ratio). Tiny-model rows measure per-step overhead. CUDA graphs: "
              + ", ".join(f"{b} {'on' if cuda_graph[b] else 'off'}" for b in backends) + "."
              + "".join(f" {b} launched with `{a}`." for b, a in report.get("backend_extra_args", {}).items()
                        if a and b in backends), "",
              "| case | " + " | ".join(f"{b} tok/s" for b in backends) + f" | deft / {compared}{' (target)' if compared == baseline else ''} | "
-             + " | ".join(f"TPOT {b} ms" for b in backends) + " | sharing ratio | deft host µs/step (share) "
+             + " | ".join(f"client TPOT {b} ms" for b in backends) + " | sharing ratio | deft host µs/step (share) "
              "| same tokens as the reference |",
              "|---|" + "---|" * (2 * len(backends) + 4)]
     for c in report["cases"]:
@@ -720,10 +737,11 @@ class Bench:
         name = f"{case.model}-{backend}"
         if server is None:
             runs.append({"rep": rep, "ok": False, "error": f"server {name} did not start (see servers.{name})"})
-        elif case.kv_tokens > (self.report.data["servers"][name].get("max_total_num_tokens") or 0):
+        elif (held := case.kv_tokens_held(radix_cache_on(self.args.backend_args.get(backend)))) > (
+                self.report.data["servers"][name].get("max_total_num_tokens") or 0):
             runs.append({"rep": rep, "ok": False, "error": (
                 f"KV pool of {self.report.data['servers'][name].get('max_total_num_tokens')} tokens < the "
-                f"{case.kv_tokens} the case holds (GPU memory shared with the other servers)")})
+                f"{held} the case holds (GPU memory shared with the other servers)")})
         else:
             start = time.monotonic()
             try:
@@ -806,7 +824,8 @@ def main(argv=None) -> int:
         "repeats": args.repeats, "budget_s": args.budget_s,
         "method": ("tok_s: median of SGLang's 'gen throughput' log lines while all B requests ran (first one "
                    "left out), else client-side; client_tok_s: B x (N-1) / (last chunk - last first token), "
-                   "streamed; tpot_ms: that window / (N-1); best of the repetitions. sharing_ratio: deft's "
+                   "streamed; tpot_ms: that window / (N-1); per backend the repetition with the highest tok_s, "
+                   "all its figures from that run. sharing_ratio: deft's "
                    "logged attended/unique KV tokens, or the case shape's for the other backends. Tiny-model "
                    "cases measure per-step overhead."),
         "server_args": {}, "servers": {}, "cuda_graph": {}, "cases": [], "complete": False,

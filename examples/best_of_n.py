@@ -23,7 +23,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, format_tree, generated  # noqa: E402
+from tree_view import Node, connect, format_tree, generated, temperature_arg  # noqa: E402
 
 QUESTION = ("Tom has 3 boxes with 12 apples each. He gives away 9 apples and buys 5 more. "
             "How many apples does he have now?")
@@ -56,7 +56,7 @@ def pick(answers: list[str], scores: list[float]) -> tuple[int, Counter]:
 
 def main(url="http://127.0.0.1:30000", n=4, question=QUESTION, max_tokens=8, answer_tokens=4,
          temperature=0.8, quiet=False):
-    sgl.set_default_backend(sgl.RuntimeEndpoint(url))
+    sgl.set_default_backend(connect(url))
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).
     state = self_consistency.run(question=question, branches=n, max_tokens=max_tokens,
                                  answer_tokens=answer_tokens, temp=temperature)
@@ -84,7 +84,7 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=4, help="number of sampled paths")
     ap.add_argument("--max-tokens", type=int, default=8, help="reasoning tokens per path")
     ap.add_argument("--answer-tokens", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--temperature", type=temperature_arg, default=0.8)
     a = ap.parse_args()
     if min(a.n, a.max_tokens, a.answer_tokens) < 1:
         ap.error("-n, --max-tokens and --answer-tokens must be at least 1")

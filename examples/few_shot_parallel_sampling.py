@@ -20,7 +20,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, format_tree, generated  # noqa: E402
+from tree_view import Node, connect, format_tree, generated, temperature_arg  # noqa: E402
 
 INSTRUCTIONS = "Answer each arithmetic question with a number. Think step by step if needed.\n\n"
 
@@ -46,7 +46,7 @@ def parallel_sampling(s, prompt, question, branches=4, max_tokens=8, temp=0.8):
 
 def main(url="http://127.0.0.1:30000", n=4, shots=12, question="What is 23 + 41 times 3?",
          max_tokens=8, temperature=0.8, quiet=False):
-    sgl.set_default_backend(sgl.RuntimeEndpoint(url))
+    sgl.set_default_backend(connect(url))
     prompt = few_shot_prompt(shots)
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).
     state = parallel_sampling.run(prompt=prompt, question=question, branches=n,
@@ -66,7 +66,7 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=4, help="number of parallel samples")
     ap.add_argument("--shots", type=int, default=12, help="worked examples in the prompt")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--temperature", type=temperature_arg, default=0.8)
     a = ap.parse_args()
     if min(a.n, a.max_tokens) < 1 or a.shots < 0:
         ap.error("-n and --max-tokens must be at least 1, --shots at least 0")

@@ -20,7 +20,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, format_tree, generated, one_line  # noqa: E402,F401 (one_line: for the demo)
+from tree_view import Node, connect, format_tree, generated, one_line, temperature_arg  # noqa: E402,F401 (one_line: for the demo)
 
 QUESTION = (
     "A farmer has 17 sheep, a dog and two fields. Every morning he moves half of the sheep from "
@@ -58,6 +58,9 @@ def tree_of_thought(s, question, widths=(2, 2), max_tokens=8, temp=0.0):
             # often not committed and concurrent branches prefill private copies of it). The
             # wait is for this state alone: the other states of this level keep decoding.
             state.sync()
+            if state.error() is not None:
+                # A failed gen ends the branch's worker thread, and fork() would wait for it forever.
+                generated(state, f"level{level - 1}")  # raises with the server's error
             for i, f in enumerate(state.fork(width)):
                 label = f"{path}{i + 1}"
                 angle = angles[i % len(angles)]
@@ -77,7 +80,7 @@ def main(url="http://127.0.0.1:30000", question=QUESTION, widths=(2, 2), max_tok
          temperature=0.0, quiet=False):
     if len(widths) < 1:
         raise ValueError("widths needs at least one level")
-    sgl.set_default_backend(sgl.RuntimeEndpoint(url))
+    sgl.set_default_backend(connect(url))
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).
     state = tree_of_thought.run(question=question, widths=tuple(widths), max_tokens=max_tokens,
                                 temp=temperature)
@@ -109,7 +112,7 @@ if __name__ == "__main__":
     ap.add_argument("--widths", type=parse_widths, default=(2, 2),
                     help="branches per level, comma separated (default 2,2: two levels of fork())")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=temperature_arg, default=0.0)
     a = ap.parse_args()
     if a.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")

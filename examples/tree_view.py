@@ -7,6 +7,8 @@ output survives any terminal or CI log.
 
 from __future__ import annotations
 
+import argparse
+import urllib.error
 from dataclasses import dataclass, field
 
 
@@ -62,3 +64,23 @@ def generated(state, var: str) -> str:
     if err is not None:
         raise RuntimeError(f"generation of {var!r} failed: {err!r}") from err
     return state[var]
+
+
+def connect(url: str):
+    """SGLang's frontend endpoint for the server at ``url``; exits with what to do when nothing answers there."""
+    import sglang as sgl
+
+    try:
+        return sgl.RuntimeEndpoint(url)
+    except (urllib.error.URLError, ConnectionError) as e:
+        raise SystemExit(f"no SGLang server answers at {url} ({getattr(e, 'reason', e)}): start one with "
+                         "`python -m sglang_deft.launch_server --model-path MODEL --decode-attention-backend deft` "
+                         "(or `make demo`, which starts one and runs tree_of_thought.py), or pass --url") from None
+
+
+def temperature_arg(text: str) -> float:
+    """``--temperature``: SGLang refuses a negative one (HTTP 400)."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: the temperature must be >= 0")
+    return value

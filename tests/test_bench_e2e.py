@@ -92,6 +92,14 @@ def test_pool_fits_the_largest_case():
     assert max(c.kv_tokens for c in b.FULL_CASES if c.model == "8b") == 64 * (2048 + 128)
     assert 64 * (2048 + 128) < pool <= 160_000
     assert b.pool_tokens("tiny", b.MODELS["cuda"]["tiny"], list(b.FULL_CASES)) == 16384
+    # Without the radix cache every branch holds the prefix: the radix-off run's pool (39,936 tokens) took
+    # p4k_64's 64 requests in waves, and its tok/s timed only the last one's decode.
+    p4k = next(c for c in b.FULL_CASES if c.key == "p4k_64")
+    assert p4k.kv_tokens_held(radix_cache=False) == 64 * (4000 + 8 + 256) > 39_936
+    off = b.server_args("cuda", "8b", "deft", [p4k], {"deft": "--disable-radix-cache"})
+    assert int(off[off.index("--max-total-tokens") + 1]) >= 64 * (4000 + 8 + 256)
+    on = b.server_args("cuda", "8b", "deft", [p4k], {})
+    assert int(on[on.index("--max-total-tokens") + 1]) < 64 * (4000 + 8 + 256)
 
 
 def test_head_dim_cases_only_by_name():
@@ -384,6 +392,20 @@ class StreamingServer:
 
     def log(self):
         return self.text
+
+
+def test_a_batch_that_never_decoded_together_is_not_measured(monkeypatch):
+    """Admitted in waves, no step ran the whole batch: the client's figure timed only the last wave's decode and
+    was reported as the workload's (the radix-off run). Now the run fails and says why."""
+    monkeypatch.setattr(b, "settled_log", lambda server, **kw: server.log())
+    case = b.Case("f", "f", "tiny", new_tokens=6, prefix=20, branches=4, private=3)
+    server = StreamingServer(case.new_tokens)
+    monkeypatch.setattr(server, "batch_log", lambda batch: StreamingServer.batch_log(batch - 1))
+    try:
+        with pytest.raises(RuntimeError, match="batch of 4 requests never decoded together .at most 3 at once"):
+            b.measure_batch(server, "deft", case, (3, 300), "seed", timeout_s=30)
+    finally:
+        server.httpd.shutdown()
 
 
 @pytest.mark.parametrize("backend", ["deft", "flashinfer"])

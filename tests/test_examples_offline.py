@@ -37,7 +37,7 @@ def fake_completion(text: str, n_tokens: int) -> str:
 
 
 class FakeServer:
-    def __init__(self):
+    def __init__(self, refuse_generations: bool = False):
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         outer = self
@@ -65,6 +65,14 @@ class FakeServer:
                 with outer.lock:
                     outer.requests.append(req)
                 n = req["sampling_params"].get("max_new_tokens", 8)
+                if refuse_generations and n:  # what SGLang answers to, e.g., a negative temperature
+                    body = json.dumps({"error": {"message": "temperature must be non-negative"}}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 out = fake_completion(req["text"], n)
                 meta = {"prompt_tokens": len(req["text"]), "completion_tokens": n}
                 if req.get("return_logprob"):
@@ -167,3 +175,45 @@ def test_tree_view_format():
         '|   `-- a1: "y"',
         '`-- t2: "z?[2J"  [best]',
     ]
+
+
+@pytest.mark.parametrize("name", ["tree_of_thought", "best_of_n", "few_shot_parallel_sampling"])
+def test_a_failed_generation_is_raised_not_waited_for(name):
+    """A branch whose gen the server refuses ends its worker thread: tree_of_thought's next fork() of it waited
+    forever. Every example raises the server's error instead."""
+    s = FakeServer(refuse_generations=True)
+    s.thread.start()
+    outcome = []
+
+    def run():
+        try:
+            load_example(name).main(s.url, quiet=True)
+            outcome.append("returned")
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    try:
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        assert outcome, f"{name} still waiting after 60 s"
+        assert "failed" in outcome[0] and "temperature must be non-negative" in outcome[0], outcome
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+
+
+def test_no_server_and_a_negative_temperature_are_clear_errors():
+    import argparse
+    import socket
+
+    load_example("tree_of_thought")  # puts examples/ on the path, as every example does
+    import tree_view
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(SystemExit, match=f"no SGLang server answers at http://127.0.0.1:{port}"):
+        tree_view.connect(f"http://127.0.0.1:{port}")
+    assert tree_view.temperature_arg("0.5") == 0.5
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 0"):
+        tree_view.temperature_arg("-1")

@@ -345,15 +345,19 @@ class FakeFleet:
         self.stopped.extend(items)
 
 
-def model_run(tmp_path, deft, ref=None):
+def model_run(tmp_path, deft, ref=None, noise=True, argv=()):
     """ModelRun.run over servers that are already up (what run() does after the startup waits)."""
-    args = g.parse_args(["--out", str(tmp_path)])
+    args = g.parse_args(["--out", str(tmp_path), *argv])
+    if args.noise_backends is None:
+        args.noise_backends = "flashinfer,torch_native"  # main's default on a GPU
     fleet, result = FakeFleet(), {}
     run = g.ModelRun("tiny", SMALL, fleet, args, result)
-    servers = {"triton": ref or FakeModelServer(), "noise": FakeModelServer(shift=0.004), "deft": deft}
+    servers = {"triton": ref or FakeModelServer(), "deft": deft}
+    if noise:
+        servers["noise"] = FakeModelServer(shift=0.004)
     run.launched = {role: g.Launched(role, role, s, t0=0.0, ready_s=1.0) for role, s in servers.items()}
     run.run(deadline=g.time.monotonic() + 600, save=lambda: None)
-    assert len(fleet.stopped) == 3  # every server stopped
+    assert len(fleet.stopped) == len(servers)  # every server stopped
     return result
 
 
@@ -370,6 +374,12 @@ def test_model_run_verdict(tmp_path):
     assert flat["context_sensitivity"] == 0.0 and all(w["ok"] for w in flat["workloads"].values())
     assert not flat["ok"]
     assert not model_run(tmp_path, FakeModelServer(shift=0.3, log=SHARING))["ok"]
+    # No noise server served though one was asked for (a slow JIT past its timeout, say): the run fell back to
+    # the absolute check and passed; now it is not ok. Without one asked for (--noise-backends ''), it may be.
+    alone = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING), noise=False)
+    assert alone["criterion_mode"] == "absolute" and not alone["ok"] and "no noise server" in alone["not_ok_because"]
+    assert model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING), noise=False,
+                     argv=["--noise-backends", ""])["ok"]
 
 
 def test_a_run_that_checks_no_model_is_not_ok(tmp_path, monkeypatch):
@@ -393,3 +403,17 @@ def test_a_deft_answer_shorter_than_the_reference_fails(with_noise):
     entry = g.judge_workload(jitter(ref, 0.01, seed=41)[:1], ref, noise, CRIT, atol=0.02, tie_tol=0.1)
     assert not entry["ok"] and entry["failures"][0] == f"1 requests answered, the reference {len(ref)}"
     assert g.judge_workload(jitter(ref, 0.01, seed=41), ref, noise, CRIT, atol=0.02, tie_tol=0.1)["ok"]
+
+
+def test_repeated_requests_count_once_in_the_model_wide_noise():
+    """n > 1 greedy samples of one prompt are the same request k times: a divergence of the noise server there
+    counted k times in the model-wide rate, and gave every other workload k times the allowance."""
+    ref_a, ref_b = reference(seed=40), reference(n_requests=1, seed=41) * 8  # b: 8 identical samples
+    noise_a, deft_a = jitter(ref_a, 0.01, seed=42), jitter(ref_a, 0.01, seed=43)
+    noise_b = [diverge(jitter(ref_b[:1], 0.01, seed=44)[0], ref_b[0], t=6, gap=0.01)] * 8
+    deft_b = jitter(ref_b[:1], 0.01, seed=45) * 8
+    entries, pooled = g.judge_model({"a": (deft_a, ref_a, noise_a), "b": (deft_b, ref_b, noise_b)}, CRIT,
+                                    atol=0.05, tie_tol=0.1)
+    assert pooled["requests"] == 9 and pooled["divergences"] == 1  # not 16 and 8
+    assert entries["a"]["relative"]["allowed_divergences"] == pytest.approx(2 * 8 / 9 + 1, abs=1e-3)
+    assert entries["b"]["relative"]["noise_divergences"] == 8  # the workload's own count is its own
