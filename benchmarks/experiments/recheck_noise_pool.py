@@ -1,0 +1,58 @@
+"""Recompute the divergence allowance of every committed ``e2e_correctness*.json`` with the ``n_gt_1``
+workload's identical greedy copies counted once in the model-wide noise rate (``scripts/gpu_e2e.py``'s
+``distinct_pairs``, session 38); before, its k samples of one prompt counted k times. Prints each workload
+whose allowance changes and whether deft's divergences are still within it; exits 1 if any is not.
+
+    python3 benchmarks/experiments/recheck_noise_pool.py
+
+From the JSON alone (it keeps each request's ``diverged_at``, not its tokens): the n_gt_1 copies count
+as one request when they all diverged at the same step or none did, which is what identical copies do.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def main() -> int:
+    failed = 0
+    for path in sorted(glob.glob(str(RESULTS / "e2e_correctness*.json"))):
+        report = json.loads(Path(path).read_text())
+        params = report.get("criterion_params") or {}
+        k, frac = params.get("k", 2.0), params.get("div_floor_frac", 0.125)
+        if params.get("noise_pool", "model") != "model":
+            continue
+        lines = []
+        for model, m in (report.get("models") or {}).items():
+            workloads = m.get("workloads") or {}
+            if not workloads or any("noise" not in w for w in workloads.values()):
+                continue  # absolute criterion: nothing pooled
+            divergences = requests = 0
+            for name, w in workloads.items():
+                at = w["noise"]["diverged_at"]
+                if name == "n_gt_1" and len(set(map(str, at))) == 1:
+                    at = at[:1]
+                requests += len(at)
+                divergences += sum(x is not None for x in at)
+            rate = divergences / max(1, requests)
+            for name, w in workloads.items():
+                rel, n = w["relative"], w["requests"]
+                allowed = round(k * max(rel["noise_divergences"], rate * n) + max(1, math.ceil(frac * n)), 3)
+                ok = rel["deft_divergences"] <= allowed
+                failed += not ok
+                if allowed != rel["allowed_divergences"] or not ok:
+                    lines.append(f"  {model}/{name}: deft {rel['deft_divergences']} divergences, allowed "
+                                 f"{rel['allowed_divergences']} -> {allowed:g}: {'ok' if ok else 'FAILS'}")
+        if lines:
+            print(Path(path).name, *lines, sep="\n")
+    print("every verdict holds" if not failed else f"{failed} workloads fail with n_gt_1 counted once")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
