@@ -5,4 +5,6 @@
   replay from the step's ForwardBatch (replay itself gets none), or send the step to eager mode.
 - ``warmup_dummy_run``: ``ModelRunner._dummy_run`` (FlashInfer's autotune at startup) is marked, so that the
   decode backend can tell its request-less decode batch from a real one.
+
+Each installs its wrapper with ``wrapping.wrap_once``.
 """

@@ -18,9 +18,9 @@ for a batch larger than every captured graph.
 from __future__ import annotations
 
 import bisect
-import functools
 
 from .sglang_version import require_supported_sglang
+from .wrapping import wrap_once
 
 HOOK = "deft_prepare_graph_replay"
 
@@ -30,23 +30,19 @@ def apply() -> None:
     require_supported_sglang(__name__)
     from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
-    original = CudaGraphRunner.can_run
-    if getattr(original, "_sglang_deft_patched", False):
-        return
+    def wrap(original):
+        def can_run(self, forward_batch):
+            if not original(self, forward_batch):
+                return False
+            backend = self.model_runner.attn_backend
+            # HybridAttnBackend (deft decode, another backend's prefill) keeps the decode backend here.
+            hook = getattr(getattr(backend, "decode_backend", backend), HOOK, None)
+            if hook is None:
+                return True
+            # replay_prepare's padding for a batch-size key (DP attention's token-count key is refused
+            # by sglang_deft.config_checks; the backend checks the size again when the replay comes).
+            padded = self.capture_bs[bisect.bisect_left(self.capture_bs, forward_batch.batch_size)]
+            return hook(forward_batch, padded)
+        return can_run
 
-    @functools.wraps(original)
-    def can_run(self, forward_batch):
-        if not original(self, forward_batch):
-            return False
-        backend = self.model_runner.attn_backend
-        # HybridAttnBackend (deft decode, another backend's prefill) keeps the decode backend here.
-        hook = getattr(getattr(backend, "decode_backend", backend), HOOK, None)
-        if hook is None:
-            return True
-        # replay_prepare's padding for a batch-size key (DP attention's token-count key is refused
-        # by sglang_deft.config_checks; the backend checks the size again when the replay comes).
-        padded = self.capture_bs[bisect.bisect_left(self.capture_bs, forward_batch.batch_size)]
-        return hook(forward_batch, padded)
-
-    can_run._sglang_deft_patched = True
-    CudaGraphRunner.can_run = can_run
+    wrap_once(CudaGraphRunner, "can_run", wrap)

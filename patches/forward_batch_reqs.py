@@ -11,9 +11,8 @@ through ``cuda_graph_replay``), and two-batch-overlap splits are refused by the 
 """
 from __future__ import annotations
 
-import functools
-
 from .sglang_version import require_supported_sglang
+from .wrapping import wrap_once
 
 ATTRIBUTE = "deft_reqs"
 
@@ -23,15 +22,11 @@ def apply() -> None:
     require_supported_sglang(__name__)
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
-    original = ForwardBatch.init_new.__func__
-    if getattr(original, "_sglang_deft_patched", False):
-        return
+    def wrap(original):
+        def init_new(cls, batch, model_runner):
+            forward_batch = original(cls, batch, model_runner)
+            setattr(forward_batch, ATTRIBUTE, batch.reqs)
+            return forward_batch
+        return init_new
 
-    @functools.wraps(original)
-    def init_new(cls, batch, model_runner):
-        forward_batch = original(cls, batch, model_runner)
-        setattr(forward_batch, ATTRIBUTE, batch.reqs)
-        return forward_batch
-
-    init_new._sglang_deft_patched = True
-    ForwardBatch.init_new = classmethod(init_new)
+    wrap_once(ForwardBatch, "init_new", wrap)

@@ -13,9 +13,9 @@ nothing, as a CUDA graph's capture batch does), and still refuses a request-less
 from __future__ import annotations
 
 import contextvars
-import functools
 
 from .sglang_version import require_supported_sglang
+from .wrapping import wrap_once
 
 _IN_DUMMY_RUN = contextvars.ContextVar("sglang_deft_in_warmup_dummy_run", default=False)
 
@@ -29,17 +29,13 @@ def apply() -> None:
     require_supported_sglang(__name__)
     from sglang.srt.model_executor.model_runner import ModelRunner
 
-    original = ModelRunner._dummy_run
-    if getattr(original, "_sglang_deft_patched", False):
-        return
+    def wrap(original):
+        def _dummy_run(self, *args, **kwargs):
+            token = _IN_DUMMY_RUN.set(True)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _IN_DUMMY_RUN.reset(token)
+        return _dummy_run
 
-    @functools.wraps(original)
-    def _dummy_run(self, *args, **kwargs):
-        token = _IN_DUMMY_RUN.set(True)
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            _IN_DUMMY_RUN.reset(token)
-
-    _dummy_run._sglang_deft_patched = True
-    ModelRunner._dummy_run = _dummy_run
+    wrap_once(ModelRunner, "_dummy_run", wrap)
