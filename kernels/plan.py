@@ -213,11 +213,25 @@ def _host_int32(tree: KVTree, name: str) -> torch.Tensor:
 _SMS: dict[torch.device, int] = {}
 
 
+def named_device(device: torch.device) -> torch.device:
+    """``device`` with its index: "cuda" means the current device, which a process may change."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _plan_device(device: torch.device | str | None, tree: KVTree, reuse: TreeDecodePlan | None) -> torch.device:
+    """The device a plan is made for: the one given, else the buffers' when writing into ``reuse``'s (the
+    tree's metadata may well be on the host), else that of ``tree.kv_indices``."""
+    if device is not None:
+        return torch.device(device)
+    return reuse.meta.device if reuse is not None else tree.kv_indices.device
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # CPU / interpreter: only the shape of the plan matters
-    if device.index is None:  # "cuda" means the current device, which a process may change
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = named_device(device)
     sms = _SMS.get(device)
     if sms is None:  # per device once: the properties call costs microseconds of every plan
         sms = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -304,17 +318,11 @@ class TreeDecodePlanner:
              reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
         """Plan one decode step over ``tree``; arguments as in ``plan_tree_decode``."""
         Hq, Hkv, D = self.num_qo_heads, self.num_kv_heads, self.head_dim
-        if device is not None:
-            device = torch.device(device)
-        else:  # the buffers' device when writing into them: the tree's metadata may well be on the host
-            device = reuse.meta.device if reuse is not None else tree.kv_indices.device
+        device = _plan_device(device, tree, reuse)
         _check_int32_vector(tree, "kv_indices")
         if reuse is not None:
-            where = device
-            if where.type == "cuda" and where.index is None:  # the current device
-                where = torch.device("cuda", torch.cuda.current_device())
-            if reuse.meta.device != where:
-                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {where}")
+            if reuse.meta.device != named_device(device):
+                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {named_device(device)}")
             # Its buffers are written in place: they must be a plan's own (not a caller's kv_indices,
             # which a plan made without capacity holds), and their sizes are the capacity.
             if not reuse.fixed_buffers:
@@ -402,10 +410,7 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     stage-2 threshold; ``plan`` must have been made with a capacity). ``graph_batch_sizes``: the batch
     sizes a CUDA-graph runner pads batches to, if not every power of two (``few_merges_max_queries``).
     """
-    if device is not None:
-        device = torch.device(device)
-    else:
-        device = reuse.meta.device if reuse is not None else tree.kv_indices.device
+    device = _plan_device(device, tree, reuse)
     # A fresh planner with this thread's staging ring and schedule buffers, so that a call allocates no
     # page-locked memory, event or host buffer (with the ring's cached views, 249 -> 242 and 318 -> 304 us
     # a plan on two H200 hosts: benchmarks/experiments/plan_host_time.py).

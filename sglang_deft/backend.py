@@ -58,6 +58,7 @@ from sglang.srt.utils import require_gathered_buffer
 from sglang_deft.config_checks import check_model_runner
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
+from sglang_deft.kernels.plan import named_device
 from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
@@ -101,11 +102,9 @@ class DeftAttnBackend(AttentionBackend):
         self.num_kv_heads = config.get_num_kv_heads(tp)
         self.head_dim = config.head_dim
         self.kv_dtype = model_runner.kv_cache_dtype
-        self.device = torch.device(model_runner.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # SGLang's "cuda" means the scheduler's GPU, set current: named, as the plan buffers' device is, so
-            # that the planner keeps one staging ring for both (it made a new one whenever they alternated).
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        # SGLang's "cuda" is the scheduler's GPU, set current: named, as the plan buffers' device is, so that
+        # the planner keeps one staging ring for both (it made a new one whenever they alternated).
+        self.device = named_device(torch.device(model_runner.device))
         # Every TP rank runs the same steps: one logs them, as SGLang logs its decode stats (without DP
         # attention, which deft refuses, the attention-TP rank is the TP rank).
         self.logging_rank = model_runner.tp_rank == 0
