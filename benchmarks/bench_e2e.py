@@ -442,12 +442,12 @@ def measure_batch(server, backend: str, case: Case, id_range: tuple[int, int], s
     figures["output_digests"] = output_digests(timing, case.branches, case.new_tokens)
     after = settled_log(server)
     new_log = after[len(before):]
-    running = [x.running for x in parse_decode_lines(new_log)]
-    if max(running, default=0) < case.branches:
+    most = max((x.running for x in parse_decode_lines(new_log)), default=0)
+    if most < case.branches:
         # Admitted in waves (a KV pool too small for the batch): no step decoded the workload as described, and
         # the client's figure would time only the last wave's decode.
-        raise RuntimeError(f"the batch of {case.branches} requests never decoded together (at most "
-                           f"{max(running, default=0)} at once in the server's log)")
+        raise RuntimeError(f"the batch of {case.branches} requests never decoded together (at most {most} at "
+                           "once in the server's log)")
     figures.update(steady_decode(new_log, case.branches), **sharing(backend, case, new_log))
     if figures.get("plan_host_us") and figures.get("tpot_ms"):
         # The backend's per-step host work against the step: the issue's <= 3% budget.

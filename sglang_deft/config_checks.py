@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
+from sglang_deft import cpu_compat
+
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "deft"
@@ -148,8 +150,9 @@ def server_args_problems(server_args) -> list[str]:
             f"--dp-size {a.dp_size} with --device cpu: the CPU compatibility layer does not reach "
             "SGLang's data-parallel controller process"
         )
-    if on_cpu and a.tokenizer_worker_num > 1 and _cpu_compat_in_use():
-        # uvicorn spawns its workers, which import SGLang's HTTP server without the layer (no torchvision).
+    if on_cpu and a.tokenizer_worker_num > 1 and cpu_compat.is_installed():
+        # uvicorn spawns its workers, which import SGLang's HTTP server without the layer (installed by
+        # server_setup.prepare_process where torch has no CUDA): no torchvision there.
         problems.append(
             f"--tokenizer-worker-num {a.tokenizer_worker_num} with --device cpu: the CPU compatibility layer does "
             "not reach the tokenizer worker processes"
@@ -167,14 +170,6 @@ def server_args_problems(server_args) -> list[str]:
             "--disable-cuda-graph or use the Triton kernels (the default on CUDA)"
         )
     return problems
-
-
-def _cpu_compat_in_use() -> bool:
-    """Whether SGLang runs through ``sglang_deft.cpu_compat`` here (``server_setup.prepare_process``: a torch
-    without CUDA)."""
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def _cpp_radix_tree() -> bool:

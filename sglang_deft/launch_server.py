@@ -39,7 +39,8 @@ def config_flag_spelled_out(argv: list[str]) -> list[str]:
 
 def _device_arg(argv: list[str]) -> str | None:
     """``--device`` from the command line, else from a ``--config`` file (SGLang's merge lets the command
-    line override the file); read before SGLang loads, so without its parser."""
+    line override the file); read before SGLang loads, so without its parser. argparse takes the file
+    as ``--config=FILE`` and abbreviated (``--conf FILE``) too, as ``parse_server_args`` does."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--device", default=None)
     parser.add_argument("--config", default=None)
@@ -83,7 +84,7 @@ def parse_server_args(argv: list[str], device: str):
 def main(argv: list[str] | None = None) -> None:
     from sglang_deft.server_setup import check_startup, prepare_process
 
-    argv = config_flag_spelled_out(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     device = prepare_process(_device_arg(argv))
     from sglang.srt.utils.common import suppress_noisy_warnings
 

@@ -108,7 +108,7 @@ def test_launcher_reads_the_device_of_a_config_file(tmp_path, flag):
     with --device cpu, a flag the user never gave."""
     config = tmp_path / "server.yaml"
     config.write_text("device: cpu\nattention-backend: deft\n")
-    argv = config_flag_spelled_out(["--model-path", "m", *flag.replace("FILE", str(config)).split(" ")])
+    argv = ["--model-path", "m", *flag.replace("FILE", str(config)).split(" ")]
     assert _device_arg(argv) == "cpu"
     assert _device_arg(argv + ["--device", "cuda"]) == "cuda"  # the command line overrides the file
     config.write_text("attention-backend: deft\n")
