@@ -139,13 +139,14 @@ phase_kernels() {
   if python3 -c "import xdist" 2>/dev/null; then xdist=(-n "${PYTEST_WORKERS:-4}"); fi
   t=$SECONDS
   # test_cuda_graph_gpu.py: the backend's graph capture/replay against eager steps, bitwise (its
-  # server comparison starts four servers: run that one on its own, it is deselected here).
+  # server comparison starts four servers: run that one on its own, it is deselected here);
+  # test_backend_gpu.py: padded eager batches and SGLang's warm-up batch on the GPU kernels.
   # test_plan_cpu_time_256_queries_300_nodes bounds the planner's time on the 2-core CI box; here it
   # would time a VM's CPU under the other pytest workers (440 us at 58e450f): bench_kernels.py measures
   # the GPU host's planning time alone instead (plan_300node_256q_us).
   (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
       "$REPO/tests/test_plan.py" "$REPO/tests/test_plan_reference.py" "$REPO/tests/test_schedule_c.py" \
-      "$REPO/tests/test_staging.py" "$REPO/tests/test_cuda_graph_gpu.py" \
+      "$REPO/tests/test_staging.py" "$REPO/tests/test_cuda_graph_gpu.py" "$REPO/tests/test_backend_gpu.py" \
       -k "not servers_with_and_without and not plan_cpu_time_256_queries" \
       -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
   rc_pytest=$?
