@@ -3,6 +3,7 @@ whole flow on the CPU (``--device cpu --smoke``: a deft and a torch_native serve
 ~40 s here, most of it the servers' startup)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -145,10 +146,11 @@ def run(rep, tok_s, ok=True, **extra):
 
 
 def test_summarize_case_takes_the_best_run_and_the_ratio():
-    case = b.FULL_CASES[0]
-    entry = {"runs": {"deft": [run(1, 7000.0), run(2, 7500.0)], "flashinfer": [run(1, 3000.0)],
-                      "triton": [{"rep": 1, "ok": False, "error": "boom"}]}, "backends": {}}
-    b.summarize_case(entry, case, ("deft", "flashinfer", "triton"), "flashinfer")
+    entry = {"target": b.FULL_CASES[0].target, "runs": {"deft": [run(1, 7000.0), run(2, 7500.0)],
+                                                         "flashinfer": [run(1, 3000.0)],
+                                                         "triton": [{"rep": 1, "ok": False, "error": "boom"}]},
+             "backends": {}}
+    b.summarize_case(entry, ("deft", "flashinfer", "triton"), "flashinfer")
     assert entry["deft_tok_s"] == 7500.0 and entry["flashinfer_tok_s"] == 3000.0
     assert entry["triton_tok_s"] is None and entry["backends"]["triton"]["error"] == "boom"
     assert entry["deft_vs_flashinfer"] == 2.5 and entry["meets_target"] is True
@@ -182,7 +184,7 @@ def gpu_like_report() -> dict:
     entry = {"case": "prefix 16000 x 64", "target": 2.5, "theoretical_sharing_ratio": 48.1,
              "runs": {"deft": [run(1, 7000.0, sharing_ratio=47.9)], "flashinfer": [run(1, 2800.0)],
                       "triton": [{"rep": 1, "ok": False, "error": "x"}]}, "backends": {}}
-    b.summarize_case(entry, b.FULL_CASES[0], ("deft", "flashinfer", "triton"), "flashinfer")
+    b.summarize_case(entry, ("deft", "flashinfer", "triton"), "flashinfer")
     return {"backends": ["deft", "flashinfer", "triton"], "baseline": "flashinfer", "gpu": "NVIDIA H200",
             "device_mode": "cuda", "date": "2026-11-29", "commit": "abc", "versions": {"sglang": "0.5.10.post1"},
             "cuda_graph": {"deft": False, "flashinfer": True, "triton": True}, "cases": [entry]}
@@ -317,7 +319,7 @@ def test_markdown_cells_are_the_jsons_headline_figures():
              "runs": {"deft": [run(1, 7000.0, client_tok_s=6500.0, tpot_ms=9.14)],
                       "flashinfer": [run(1, 2800.0, client_tok_s=2700.0, tpot_ms=22.86)],
                       "triton": [run(1, 1400.0, client_tok_s=1300.0, tpot_ms=45.71)]}, "backends": {}}
-    b.summarize_case(entry, b.FULL_CASES[0], ("deft", "flashinfer", "triton"), "flashinfer")
+    b.summarize_case(entry, ("deft", "flashinfer", "triton"), "flashinfer")
     report = gpu_like_report()
     report["cases"] = [entry]
     row = b.markdown(report).strip().splitlines()[-1]
@@ -331,7 +333,7 @@ def test_summarize_case_compares_outputs_with_the_baseline():
     entry = {"runs": {"deft": [run(1, 7000.0, output_digests="a b x")],
                       "flashinfer": [run(1, 3000.0, output_digests="a b c")],
                       "triton": [run(1, 2000.0, output_digests="a y c")]}, "backends": {}}
-    b.summarize_case(entry, b.FULL_CASES[0], ("deft", "flashinfer", "triton"), "flashinfer")
+    b.summarize_case(entry, ("deft", "flashinfer", "triton"), "flashinfer")
     assert entry["same_outputs"] == {"reference": "flashinfer", "requests": 3, "equal": {"deft": 2, "triton": 2}}
 
 
@@ -442,9 +444,9 @@ def test_output_digests_refuse_a_short_output():
         b.output_digests(timing, batch=2, new_tokens=3)
 
 
-@pytest.mark.parametrize("triton_ok", [True, False])
-def test_main_is_complete_only_when_every_backend_has_a_good_run(tmp_path, monkeypatch, triton_ok):
-    """main()'s verdict without servers: Bench's phases replaced by their results."""
+def main_without_servers(tmp_path, monkeypatch, argv, ok=lambda backend: True) -> tuple[int, dict, str]:
+    """main() with Bench's phases replaced by their results: every backend's run of every case at 100 tok/s
+    (a failed run where ``ok`` says so); (exit code, JSON report, markdown)."""
     class Fleet:
         def __init__(self, *a):
             pass
@@ -456,16 +458,39 @@ def test_main_is_complete_only_when_every_backend_has_a_good_run(tmp_path, monke
         for case in self.cases:
             entry = self.case_entry(case)
             for backend in self.backends:
-                ok = backend != "torch_native" or triton_ok
-                entry["runs"][backend] = [run(1, 100.0) if ok else {"rep": 1, "ok": False, "error": "boom"}]
-            b.summarize_case(entry, case, self.backends, self.report.data["baseline"])
+                entry["runs"][backend] = [run(1, 100.0) if ok(backend) else {"rep": 1, "ok": False, "error": "boom"}]
+            b.summarize_case(entry, self.backends, self.report.data["baseline"])
 
     monkeypatch.setattr(b.gpu_e2e, "Fleet", Fleet)
     monkeypatch.setattr(b.gpu_e2e, "importable_package_env", lambda: ({}, tmp_path))
     monkeypatch.setattr(b.signal, "signal", lambda *a: None)
     monkeypatch.setattr(b.Bench, "start_servers", lambda self: None)
     monkeypatch.setattr(b.Bench, "run_all", run_all)
-    rc = b.main(["--device", "cpu", "--smoke", "--cases", "fork_smoke,nosharing_smoke", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "e2e_cpu.json").read_text())
+    rc = b.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), *argv])
+    return rc, json.loads((tmp_path / "e2e_cpu.json").read_text()), (tmp_path / "e2e_cpu.md").read_text()
+
+
+@pytest.mark.parametrize("triton_ok", [True, False])
+def test_main_is_complete_only_when_every_backend_has_a_good_run(tmp_path, monkeypatch, triton_ok):
+    rc, report, _ = main_without_servers(tmp_path, monkeypatch, ["--cases", "fork_smoke,nosharing_smoke"],
+                                         ok=lambda backend: backend != "torch_native" or triton_ok)
     assert report["complete"] is triton_ok and rc == (0 if triton_ok else 1)
     assert len(report["cases"]) == 2
+
+
+@pytest.mark.parametrize("radix_off", [False, True], ids=["radix", "radix_off"])
+def test_targets_apply_only_to_a_deft_server_with_the_radix_cache(tmp_path, monkeypatch, radix_off):
+    """The cases' targets are for their shared prefixes: a deft server without the radix cache shares nothing,
+    and the table says the targets do not apply instead of marking them missed (the radix-off run's 1.8x ✗)."""
+    monkeypatch.setattr(b, "SMOKE_CASES", tuple(dataclasses.replace(c, target=1.8) for c in b.SMOKE_CASES))
+    argv = ["--cases", "fork_smoke"] + (["--deft-args=--disable-radix-cache"] if radix_off else [])
+    _, report, md = main_without_servers(tmp_path, monkeypatch, argv)
+    [case] = report["cases"]
+    assert case["deft_vs_" + report["baseline"]] == 1.0
+    if radix_off:
+        assert case["target"] is None and case["meets_target"] is None
+        assert "(target)" not in md and "(≥" not in md
+        assert "targets (set for their shared prefixes) do not apply" in md
+    else:
+        assert case["target"] == 1.8 and case["meets_target"] is False
+        assert "1.00 (≥ 1.8) ✗" in md and "do not apply" not in md
