@@ -75,6 +75,9 @@ PROGRAMS_PER_SM = 4  # H200 sweeps over 1-8 (sweep_stage1_h200.md, plan_knobs_h2
 # wave of programs), every other case within 1%; 64 and 512 were slower.
 MIN_CHUNK_TOKENS = 256
 ITEM_FIELDS = 5  # kv_start, kv_len, q_start, q_count, slot
+# Stage 1 launches a (KV heads, work items) grid, and CUDA holds at most this many programs on a grid's
+# second axis: ~22-30k queries of private tails in one step at most, far past a server's decode batches.
+MAX_GRID_ITEMS = 65535
 
 
 class PlanBuffers:
@@ -351,6 +354,9 @@ class TreeDecodePlanner:
             cap_p, cap_m = capacity.max_partials, capacity.max_merge
         else:
             cap_b, cap_t, cap_i, cap_p, cap_m = B, T, I, P, P
+        if cap_i > MAX_GRID_ITEMS:
+            raise ValueError(f"{cap_i} work items per KV head: stage 1's launch grid holds at most {MAX_GRID_ITEMS} "
+                             f"(CUDA's limit on a grid's second axis); plan fewer queries per step")
         # Every field in one host buffer, in its place (schedule.c's layout): one copy moves them all.
         host = self._schedule.out[:s.packed_len]
         items = host[s.o_items:s.o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS)

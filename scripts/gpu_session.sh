@@ -46,10 +46,11 @@
 #            left: then run `e2e-8b`.
 #   e2e-heads ~2-3 min: 12 servers (4 tiny variants x triton, flashinfer, deft) start together, ~2-2.5 min on a
 #            fresh machine, then ~5 s of workloads per model (124-175 s in all, 2026-12-02).
-#   bench-e2e ~6-8 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
+#   bench-e2e ~4-5 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
 #            each, CUDA-graph capture up to batch 256 (flashinfer, triton) and FlashInfer's JIT (1-2 min
-#            fresh), so ~2.5-3.5 min until all are up and warmed; then each repetition of the 5 cases
-#            (one backend at a time) ~1.5-2 min; BENCH_E2E_ARGS="--repeats 1" if startup ran long.
+#            fresh), so ~2-2.5 min until all are up (107-146 s at 895a55d and a47c255); then each
+#            repetition of the 5 cases (one backend at a time) ~1 min; BENCH_E2E_ARGS="--repeats 1" if
+#            startup ran long.
 #            bench_e2e.py gets the rest of SESSION_S as --budget-s and skips what would not fit (JSON
 #            says so, exit 1).
 # Every command has a timeout under SESSION_S=565 s; server process groups left behind by a killed run

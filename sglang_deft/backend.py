@@ -119,8 +119,9 @@ class DeftAttnBackend(AttentionBackend):
         # steps and graph replays are held to the same limits (see the module docstring).
         self.max_bs = model_runner.server_args.cuda_graph_max_bs
         self.plan_limits = plan_limits(self.max_bs, self.num_qo_heads, self.num_kv_heads, self.device)
-        # One planner per server: it reuses whatever part of the last step's schedule is unchanged
-        # (tails growing by a token change no chunk count), ~85 us less host time per step.
+        # One planner per server: its host schedule buffer and page-locked staging ring are allocated once,
+        # and the last plan's item ends (items_ending_at) let the step planner update a steady step on the
+        # device instead of planning it again.
         # With the batch sizes SGLang captures graphs for (set with or without --disable-cuda-graph), so
         # that stage 2's launch shape is the same for a batch and the graph size it is padded to.
         args = model_runner.server_args

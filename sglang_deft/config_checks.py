@@ -82,7 +82,8 @@ def server_args_problems(server_args) -> list[str]:
     a = server_args
     if a.page_size is not None and a.page_size > 1:
         problems.append(
-            f"--page-size {a.page_size} (given, or SGLang's default for attention backend {a.attention_backend}): "
+            f"--page-size {a.page_size} (given, or SGLang's default for attention backend "
+            f"{a.prefill_attention_backend or a.attention_backend}): "
             "the KV tree is built from per-token KV slots and radix nodes "
             "of any length; only --page-size 1 is supported"
         )
@@ -102,12 +103,22 @@ def server_args_problems(server_args) -> list[str]:
             "(fp8_e4m3, fp8_e5m2), not this format"
         )
     if decode and a.enable_deterministic_inference:
-        # SGLang checks only --attention-backend here (triton passes), not the decode backend.
+        # SGLang checks only --attention-backend here (triton passes), not the decode backend. It turns the flag
+        # on itself for --rl-on-policy-target (ServerArgs._handle_deterministic_inference): name what was given.
+        flag = ("--enable-deterministic-inference" if a.rl_on_policy_target is None else
+                f"--rl-on-policy-target {a.rl_on_policy_target} (which turns on --enable-deterministic-inference)")
         problems.append(
-            "--enable-deterministic-inference: deft splits each decode step's attention by that batch's KV tree "
+            f"{flag}: deft splits each decode step's attention by that batch's KV tree "
             "(shared prefixes, chunks cut for the batch), so a request's output bits depend on what it is batched "
             "with; deterministic inference needs batch-invariant decode attention (SGLang's flashinfer, fa3 or "
             "triton decode)"
+        )
+    if a.enable_double_sparsity:
+        # SGLang then allocates a DoubleSparseTokenToKVPool, whose set_kv_buffer takes a label buffer and no
+        # KV scales: the first decode step raised in the scheduler.
+        problems.append(
+            "--enable-double-sparsity: double-sparsity attention reads a per-token label cache and attends a "
+            "selection of tokens; deft computes dense decode attention over an MHA KV pool"
         )
     if a.enable_two_batch_overlap:
         problems.append("--enable-two-batch-overlap: split micro-batches do not carry the requests the KV tree is built from")
@@ -205,6 +216,14 @@ def check_server_args(server_args) -> None:
         logger.warning(
             "deft with --disable-radix-cache: requests share no KV prefix, so every KV tree is one "
             "private node per request (correct, but nothing is read once for several requests)"
+        )
+    if decode and server_args.enable_mixed_chunk:
+        # HybridAttnBackend sends every forward mode but DECODE/IDLE to the prefill backend.
+        logger.warning(
+            "deft with --enable-mixed-chunk: a step that mixes running decodes into a prefill chunk runs all its "
+            "attention, the decodes' too, on the prefill backend (%s), which reads shared prefixes once per "
+            "request; steps of decodes alone run on deft",
+            server_args.prefill_attention_backend or server_args.attention_backend,
         )
 
 

@@ -61,11 +61,18 @@ def split_deft_backend(args: MutableMapping, device: str) -> None:
     elif not (attention is None and decode == BACKEND_NAME):
         return  # deft is not the decode backend (or only prefills: the config checks refuse that)
     args["attention_backend"] = EXTEND_BACKEND[device]
-    logger.warning(
-        "deft runs decode attention; prefill/extend runs on SGLang's %s backend "
-        "(--attention-backend %s --decode-attention-backend %s)",
-        EXTEND_BACKEND[device], EXTEND_BACKEND[device], BACKEND_NAME,
-    )
+    prefill = args.get("prefill_attention_backend")
+    if prefill is None:
+        logger.warning(
+            "deft runs decode attention; prefill/extend runs on SGLang's %s backend "
+            "(--attention-backend %s --decode-attention-backend %s)",
+            EXTEND_BACKEND[device], EXTEND_BACKEND[device], BACKEND_NAME,
+        )
+    elif prefill != BACKEND_NAME:  # deft for prefill too: the config checks refuse it
+        logger.warning(
+            "deft runs decode attention; prefill/extend runs on SGLang's %s backend (--prefill-attention-backend "
+            "%s; --attention-backend %s for SGLang's code that reads it)", prefill, prefill, EXTEND_BACKEND[device],
+        )
 
 
 def check_startup(server_args) -> None:

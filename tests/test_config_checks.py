@@ -182,6 +182,14 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
          "--quantization-param-path with --kv-cache-dtype fp8_e4m3: SGLang sets the layers' KV scales"),
         (dict(speculative_draft_attention_backend="deft"), "--speculative-draft-attention-backend deft"),
         (dict(enable_deterministic_inference=True), "--enable-deterministic-inference: deft splits"),
+        # SGLang turns deterministic inference on for this flag itself: the user is told the flag they gave.
+        (dict(enable_deterministic_inference=True, rl_on_policy_target="fsdp"),
+         "--rl-on-policy-target fsdp (which turns on --enable-deterministic-inference): deft splits"),
+        # Its KV pool's set_kv_buffer takes no scales: the first decode step raised in the scheduler.
+        (dict(enable_double_sparsity=True), "--enable-double-sparsity: double-sparsity attention reads"),
+        # The page size came from the prefill backend's default, not the split's triton.
+        (dict(page_size=64, attention_backend="triton", prefill_attention_backend="torch_native"),
+         "SGLang's default for attention backend torch_native"),
         (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
         (dict(enable_pdmux=True), "--enable-pdmux"),
         (dict(enable_dp_attention=True), "--enable-dp-attention"),
@@ -249,6 +257,33 @@ def test_disabled_radix_cache_is_allowed_with_a_warning(deft_args, caplog):
     with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
         check_server_args(with_(deft_args, disable_radix_cache=True))
     assert "--disable-radix-cache" in caplog.text
+
+
+def test_mixed_chunk_is_allowed_with_a_warning_that_says_where_mixed_steps_attend(deft_args, caplog):
+    """HybridAttnBackend sends a MIXED step (decodes merged into a prefill chunk) to the prefill backend."""
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
+        check_server_args(deft_args)
+        assert "--enable-mixed-chunk" not in caplog.text
+        check_server_args(with_(deft_args, enable_mixed_chunk=True))
+    assert "--enable-mixed-chunk: a step that mixes running decodes into a prefill chunk" in caplog.text
+    assert "on the prefill backend (torch_native)" in caplog.text
+
+
+@pytest.mark.parametrize("prefill, logged", [(None, "runs on SGLang's triton backend (--attention-backend triton"),
+                                             ("flashinfer", "runs on SGLang's flashinfer backend "
+                                                            "(--prefill-attention-backend flashinfer"),
+                                             ("deft", None)])
+def test_the_split_logs_the_backend_that_prefills(prefill, logged, caplog):
+    """SGLang prefills on --prefill-attention-backend when it is given; deft there is refused by the checks, so
+    the split says nothing of it."""
+    args = {"attention_backend": None, "decode_attention_backend": "deft", "prefill_attention_backend": prefill}
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.server_setup"):
+        split_deft_backend(args, "cuda")
+    assert args["attention_backend"] == "triton"
+    if logged is None:
+        assert "prefill/extend runs on" not in caplog.text
+    else:
+        assert logged in caplog.text
 
 
 def model_dir(tmp_path: Path, **overrides) -> str:

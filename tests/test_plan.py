@@ -13,7 +13,7 @@ import torch
 from kernel_trees import make_tree, random_forest
 from sglang_deft.kernels import KVTree, PlanCapacity, TreeDecodePlan, plan_tree_decode
 from sglang_deft.kernels import plan as plan_module
-from sglang_deft.kernels.plan import MIN_CHUNK_TOKENS, SMALL_ROWS, TreeDecodePlanner, build_schedule
+from sglang_deft.kernels.plan import MAX_GRID_ITEMS, MIN_CHUNK_TOKENS, SMALL_ROWS, TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.reference import path_nodes
 
 
@@ -368,3 +368,16 @@ def test_reference_paths_refuse_malformed_trees(parent, query_node, match):
                   torch.tensor(parent, dtype=torch.int32), torch.tensor(query_node, dtype=torch.int32))
     with pytest.raises(ValueError, match=match):
         path_nodes(tree)
+
+
+def test_a_plan_past_the_launch_grid_is_refused_by_name():
+    """Stage 1's grid puts the work items on CUDA's second axis (at most 65535 programs): a step with more
+    items per KV head is refused at planning, with the limit named, not by the launch's bare error."""
+    n = MAX_GRID_ITEMS + 1  # one-token roots, one query each: an item per root
+    tree = KVTree(torch.arange(n, dtype=torch.int32), torch.arange(n + 1, dtype=torch.int32),
+                  torch.full((n,), -1, dtype=torch.int32), torch.arange(n, dtype=torch.int32))
+    with pytest.raises(ValueError, match=f"{n} work items per KV head.*at most {MAX_GRID_ITEMS}"):
+        plan_tree_decode(tree, 8, 8, 64)
+    small = KVTree(tree.kv_indices[:8], tree.node_indptr[:9], tree.node_parent[:8], tree.query_node[:8])
+    with pytest.raises(ValueError, match="at most 65535"):
+        plan_tree_decode(small, 8, 8, 64, capacity=PlanCapacity(8, 8, MAX_GRID_ITEMS + 1, 8, 8))
