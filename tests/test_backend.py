@@ -198,6 +198,7 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
         assert out.shape == (B, hq * d)
         torch.testing.assert_close(out.view(B, hq, d), expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(kv_pool.get_key_buffer(layer.layer_id), k_expected)
+        assert torch.equal(kv_pool.get_value_buffer(layer.layer_id), v_expected)
 
 
 @cpu_only

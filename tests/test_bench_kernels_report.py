@@ -79,8 +79,17 @@ def test_run_provider_puts_a_permuted_output_back_before_the_check(ctx, monkeypa
     assert not BENCH.run_provider("permuted", c, ref)["ok"]
 
 
-def test_torch_cascade_provider_runs_the_permuted_path(ctx):
-    c, ref = ctx
+def test_torch_cascade_provider_runs_the_permuted_path():
+    """A speculative-style tree, whose cascade layout orders the queries otherwise than the batch (ctx's fork
+    tree keeps them in order): the torch providers' outputs, put back through to_original, pass the check."""
+    shape = T.spec_tree(30, (3, 4, 5, 5), seed=1)
+    tree = T.build_tree(shape, 1 << 12, seed=4)
+    assert not torch.equal(T.cascade_layout(tree).perm, torch.arange(tree.num_queries))
+    q, k, v = random_qkv(tree.num_queries, 1 << 12, seed=0)
+    args = argparse.Namespace(cpu_reps=1, no_graph=True, hot=False)
+    c = BENCH.Ctx(T.Case("spec", "spec", shape, 8, 2, 16), tree, tree.kv_indices, q, k, v, 0.25,
+                  torch.device("cpu"), args, None)
+    ref = attention_reference(q, k, v, tree, 0.25)
     for name in ("torch_paged", "torch_cascade"):
         cell = BENCH.run_provider(name, c, ref)
         assert cell["status"] == "ok" and cell["max_abs_err"] < 1e-5, (name, cell)
@@ -115,6 +124,20 @@ def test_summarize_picks_the_fastest_correct_baseline():
     only = _row({"deft": _cell(10.0), "sglang_triton": _cell(20.0)})
     BENCH.summarize(only, ["deft", "sglang_triton"])
     assert only["best_baseline"] == "sglang_triton"
+
+
+def test_summarize_takes_neither_an_errored_cell_nor_the_lower_floor():
+    """A cell whose run raised after its check (ok still set, status "error") is no baseline and gives deft no
+    speedup; deft / floor is over the higher of the byte and FLOP floors."""
+    errored = {**_cell(5.0), "status": "error", "reason": "run: after the check"}
+    row = {**_row({"deft": _cell(10.0), "flashinfer_decode": errored, "sglang_triton": _cell(20.0)}),
+           "flop_floor_us": 8.0}
+    BENCH.summarize(row, ["deft", "flashinfer_decode", "sglang_triton"])
+    assert (row["best_baseline"], row["speedup_vs_best"]) == ("sglang_triton", pytest.approx(2.0))
+    assert row["deft_over_floor"] == pytest.approx(10.0 / 8.0)
+    row["providers"]["deft"] = {**_cell(10.0), "status": "error"}
+    BENCH.summarize(row, ["deft", "flashinfer_decode", "sglang_triton"])
+    assert row["speedup_vs_best"] is None and row["deft_over_floor"] is None
 
 
 def test_summarize_gives_no_speedup_for_a_failed_deft():

@@ -294,8 +294,10 @@ def test_replays_match_eager_steps_bitwise(server_args, model_config):
 
 @needs_interpreter
 def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, model_config, monkeypatch):
-    """Limits tight enough that the planner coarsens chunks: an eager step must coarsen them the same
-    way (it is planned under the same limits), or the merge order, and the last bits, would differ."""
+    """Limits tight enough that the planner coarsens chunks: replays and eager steps (both planned into the
+    fixed buffers) agree bitwise, and plan_step, the path of an eager step the buffers do not take, coarsens
+    the same tree the same way under the same limits (else a batch's merge order, and its last bits, would
+    depend on which path planned it)."""
     # Chunks down to 64 tokens, so that this short prompt (the pool's rows hold 512) is split at all.
     monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 64)
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
@@ -314,6 +316,23 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     sim.finish_decode(reqs)
     for _ in range(2):
         assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) == 4
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    buffered = backend.forward_metadata.plan
+    tree = with_padding_queries(backend.tree_builder.build(fb.deft_reqs, fb.seq_lens_cpu).tree, len(reqs))
+    own = plan_step(tree, backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.kv_dtype,
+                    backend.device, backend.plan_limits, backend.planner)
+    assert torch.equal(own.counts, buffered.counts)
+    items, B = int(own.counts[0] + own.counts[1]), len(reqs)
+    assert 1 < items <= 4  # coarsened to the limit, as in the steps above
+    # The same chunks (lengths, query ranges, partial slots) reading the same KV slots; kv_start differs, as
+    # the step planner lays out room for the tails to grow.
+    assert torch.equal(own.items[:items, 1:], buffered.items[:items, 1:])
+    for (start, length), (start_b, _) in zip(own.items[:items, :2].tolist(), buffered.items[:items, :2].tolist()):
+        assert torch.equal(own.kv_indices[start:start + length], buffered.kv_indices[start_b:start_b + length])
+    merges = int(own.merge_indptr[B])
+    assert torch.equal(own.merge_indptr[:B + 1], buffered.merge_indptr[:B + 1])
+    assert torch.equal(own.merge_slots[:merges], buffered.merge_slots[:merges])
 
 
 @needs_interpreter

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -438,11 +439,15 @@ def test_pause_with_retract_then_continue_matches_uninterrupted(server):
     stream = Stream(server, payload)
     try:
         stream.read_until(lambda s: len(s.tokens(0)) >= 12)
+        offset = len(server.log())  # past the fork's own prefill
         server.post("/pause_generation", {"mode": "retract"})
         server.post("/continue_generation", {})
         stream.read_all()
     finally:
         stream.close()
+    # The retraction happened: both branches were prefilled again (else this compares two plain runs).
+    prefilled = re.findall(r"Prefill batch[^,]*, #new-seq: (\d+)", server.log()[offset:])
+    assert sum(map(int, prefilled)) == 2, prefilled
     for i, wanted in enumerate(want):
         got = stream.out(i)
         assert got.ids == wanted.ids

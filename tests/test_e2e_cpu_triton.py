@@ -13,6 +13,7 @@ test_step_planner and test_cuda_graph_plan). The interpreter makes a decode step
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -68,7 +69,10 @@ def test_triton_path_in_a_live_scheduler_matches_the_reference(servers):
         for d, r in zip(deft, ref):
             assert_same_output(d, r)
 
-    rows = parse_sharing_lines(servers["deft"].log())
+    log = servers["deft"].log()
+    # The join really joined: the three branches and the new request decoded as one batch of four.
+    assert re.search(r"Decode batch[^\n]*#running-req: 4,", log), "the joining request never decoded with the fork"
+    rows = parse_sharing_lines(log)
     steps, steady = sum(r["steps"] for r in rows), sum(r["steady_steps"] for r in rows)
     assert steps >= LONG and max(r["ratio"] for r in rows) > 2.0
     assert steady > 0.5 * steps, f"{steady} of {steps} decode steps were steady"

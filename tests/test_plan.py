@@ -52,8 +52,10 @@ def test_every_query_token_pair_covered_exactly_once(seed):
     qperm, items, num_large, *_ = sched
     assert sorted(qperm.tolist()) == list(range(tree.num_queries))
     assert (items[:, 1] > 0).all()  # no empty chunk is ever launched
-    # Small items fit the small tile; every tile's rows fit its tile.
-    assert (items[num_large:, 3] * [1, 4, 8][seed % 3] <= SMALL_ROWS).all()
+    # Small items fit the small tile, large items the large one.
+    group, large_rows = [1, 4, 8][seed % 3], [16, 64, 128][seed % 3]
+    assert (items[num_large:, 3] * group <= SMALL_ROWS).all()
+    assert (items[:num_large, 3] * group <= large_rows).all()
 
 
 def test_chunks_balance_a_long_root_against_short_tails():
