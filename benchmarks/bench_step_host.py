@@ -6,8 +6,9 @@ Per decode step (graph replay or eager) the backend calls ``DecodeStepPlanner.pl
 (the last plan updated on the device). This script makes the same call on the batches of
 ``bench_e2e.py``'s cases, driven through real SGLang memory objects (``tests/radix_sim.py``: radix
 cache, request-to-token pool, requests), checks what some steps' plans read, and times the calls
-(medians of steady steps and of full plans, and the mean over all steps, what ``plan_host_us``
-averages):
+(medians of steady steps and of full plans, and the mean over the timed steps, what ``plan_host_us``
+averages over a server's steps; the warm-up steps, the batch's first full plan among them, are not
+timed, so over a long decode the server's mean is this one plus that plan's share):
 
 * ``idle``: the device has nothing queued;
 * ``busy`` (CUDA only): a ~3 ms device kernel is queued first, as in the server, where the previous

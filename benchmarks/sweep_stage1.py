@@ -1,6 +1,9 @@
 """Tune DeFT's stage-1 launch parameters and the planner's tiles on a GPU.
 
-A config is the planner's (large_rows, programs_per_sm) and a ``Stage1Config``. Each is timed over
+A config is the planner's (large_rows, programs_per_sm) and a ``Stage1Config`` of the Triton stage-1 kernel
+(``stage1_config``'s choice without a device: on an H200 ``tree_decode`` runs the Gluon kernel of
+``stage1_hopper`` instead, whose shape is fixed there and whose variants were measured by
+``benchmarks/experiments/ab_stage1.py``). Each is timed over
 the benchmark's trees as bench_kernels.py times (one call in a CUDA graph, replayed under do_bench
 with L2 flushed before each replay), and its output checked against the fp32 reference (bench_kernels.check: absolute and per-query relative error)
 and against the eager step's, bitwise (``replays_equal_eager``).
@@ -157,6 +160,9 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
         out.fill_(float("nan"))
         with torch.cuda.graph(g):
             K.tree_decode(q, k, v, plan, scale, out=out, config=lc)
+        # The eager run's partials too: stage 2 in the replays must read what stage 1 in the replays wrote.
+        plan.partial_out.fill_(float("nan"))
+        plan.partial_lse.fill_(float("nan"))
         med, p20, p80 = triton.testing.do_bench(g.replay, rep=rep, quantiles=[0.5, 0.2, 0.8])
         # The output of the timed replays, against bench_kernels' criterion (absolute and per-query relative)
         cell.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, **check(out, case.ref),

@@ -329,6 +329,21 @@ def test_markdown_cells_are_the_jsons_headline_figures():
     assert cells[5:8] == ["9.14", "22.86", "45.71"]
 
 
+def test_the_ratio_compares_one_measure_on_both_sides():
+    """A deft run with SGLang's logged rate against a baseline with only the client's figure (which runs lower)
+    would inflate the ratio: both sides' client figures are compared then; a run with the logged rate is taken
+    over a faster client-only one."""
+    entry = {"target": 1.0, "runs": {"deft": [run(1, 3000.0, client_tok_s=2400.0),
+                                              run(2, 3100.0, tok_s_source="client")],
+                                     "flashinfer": [run(1, 2000.0, tok_s_source="client")]}, "backends": {}}
+    b.summarize_case(entry, ("deft", "flashinfer"), "flashinfer")
+    assert entry["backends"]["deft"]["tok_s"] == 3000.0  # the logged rate, not rep 2's higher client-only figure
+    assert entry["deft_vs_flashinfer"] == 1.2  # 2400 / 2000, not 3000 / 2000
+    entry["runs"]["flashinfer"] = [run(1, 2500.0)]
+    b.summarize_case(entry, ("deft", "flashinfer"), "flashinfer")
+    assert entry["deft_vs_flashinfer"] == 1.2  # 3000 / 2500: both logged
+
+
 def test_summarize_case_compares_outputs_with_the_baseline():
     entry = {"runs": {"deft": [run(1, 7000.0, output_digests="a b x")],
                       "flashinfer": [run(1, 3000.0, output_digests="a b c")],

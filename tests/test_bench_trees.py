@@ -285,7 +285,8 @@ def test_bench_script_runs_on_cpu(tmp_path):
                      "--providers", "torch_paged,torch_cascade", "--cases", "spec", "--cpu-reps", "1",
                      "--out", str(tmp_path), "--commit", "test"])
     assert rc == 0
-    report = json.loads((tmp_path / "kernels_h200.json").read_text())
+    assert not (tmp_path / "kernels_h200.json").exists()  # a CPU run is tagged cpu: it never replaces the GPU's
+    report = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert report["metadata"]["complete"] and report["metadata"]["commit"] == "test"
     rows = {r["key"]: r for r in report["cases"]}
     assert set(rows) == {"spec"}
@@ -295,4 +296,4 @@ def test_bench_script_runs_on_cpu(tmp_path):
             assert field in r
         assert r["floor_us"] > 0 and r["torch_paged_ok"] and r["torch_cascade_ok"]
         assert r["best_baseline"] is None  # debug providers are never a baseline
-    assert "| spec: prefix 2k" in (tmp_path / "kernels_h200.md").read_text()
+    assert "| spec: prefix 2k" in (tmp_path / "kernels_cpu.md").read_text()

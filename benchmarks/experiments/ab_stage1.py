@@ -7,8 +7,10 @@ per block (its default otherwise). ``KV=fp8_e4m3`` / ``fp8_e5m2`` stores the KV 
 On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
     VARIANTS="base=/path/old.py:64:4,new=main:64:4" OUT=$OUT python3 benchmarks/experiments/ab_stage1.py
 Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
-one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds), its output check and whether
-its output is bitwise the first variant's (``_bitwise_first``; meaningful where both plans are alike).
+one CUDA graph, do_bench's L2 flush; the middle of 3 alternating rounds), its eager step's output check,
+whether that output is bitwise the first variant's (``_bitwise_first``; meaningful where both plans are
+alike), and whether the timed replays left bitwise the eager output, their output and partials NaN-filled
+before the timing (``_replays_equal_eager``).
 """
 import json
 import os
@@ -57,7 +59,7 @@ for bench_case in cases:
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     res = report.setdefault(key, {})
-    fns, first = {}, None
+    fns, first, eager = {}, None, {}
     for name, (mod, nums) in variants.items():
         lr, pps, *block = nums
         plan = K.plan_tree_decode(case.tree, c.num_qo_heads, c.num_kv_heads, c.head_dim, kv_dtype=k.dtype,
@@ -79,8 +81,15 @@ for bench_case in cases:
         first = first if fns else o
         res[name + "_bitwise_first"] = bool(torch.equal(o, first))
         fns[name] = step
+        eager[name] = (o.clone(), o, plan)
+    # The timed replays write the same buffers: NaN first (partials too), so what they leave is theirs alone.
+    for _, o, plan in eager.values():
+        for buf in (o, plan.partial_out, plan.partial_lse):
+            buf.fill_(float("nan"))
     for n, us in S.alternating_graph_times(fns).items():
         res[n + "_us"] = us
+    for name, (once, o, _) in eager.items():
+        res[name + "_replays_equal_eager"] = bool(torch.equal(o, once))
     print(key, {n: round(res[n + "_us"], 1) for n in fns}, {n: res[n + "_check"]["ok"] for n in fns},
-          {n: res[n + "_bitwise_first"] for n in fns}, flush=True)
+          {n: res[n + "_bitwise_first"] for n in fns}, {n: res[n + "_replays_equal_eager"] for n in fns}, flush=True)
     json.dump(report, open(Path(os.environ.get("OUT", "/tmp")) / "ab_stage1.json", "w"), indent=1)
