@@ -13,7 +13,7 @@ def require_supported_sglang(patch_name: str) -> None:
     installed = version("sglang")
     if installed != SUPPORTED_SGLANG:
         raise UnsupportedSGLangVersion(
-            f"sglang_deft patch `{patch_name}` patches SGLang {SUPPORTED_SGLANG} internals, but SGLang "
+            f"`{patch_name}` is written against SGLang {SUPPORTED_SGLANG} internals, but SGLang "
             f"{installed} is installed. Install sglang=={SUPPORTED_SGLANG}, or re-check the patched "
             "code against this release and update the patch."
         )

@@ -105,7 +105,7 @@ class StartupProgress:
         messages = []
         for raw in new.splitlines():
             line = raw.rsplit("\r", 1)[-1].strip()  # a progress bar rewrites its line with \r
-            if not line:
+            if not line or line.startswith("warnings.warn("):  # a Python warning's echo of its own source line
                 continue
             self.last_line = line
             if m := self.MILESTONE.search(line):
@@ -223,7 +223,7 @@ def _quiet_for(read_log, wait: float = 0.5) -> bool:
     return len(read_log()) == n
 
 
-def _raise_on_sigterm(signum, frame):
+def _raise_on_sigterm(signum, frame):  # SIGTERM, SIGHUP
     raise SystemExit(128 + signum)
 
 
@@ -247,10 +247,10 @@ def main(argv=None) -> int:
         ap.error("--max-tokens must be at least 1")
 
     t_start = time.monotonic()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    # requests warns at import when neither chardet nor charset_normalizer is installed (the CPU
-    # venv has neither; nothing here decodes unknown charsets).
-    warnings.filterwarnings("ignore", message=".*character detection dependency.*")
+    # The server runs in a process group of its own, which a closed terminal's SIGHUP does not reach: the
+    # demo must stop it then too.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_on_sigterm)
     gpu = use_gpu(args.cpu)
     log_dir = Path(tempfile.mkdtemp(prefix="sglang-deft-demo-"))
     log_path = log_dir / "server.log"
@@ -283,10 +283,12 @@ def main(argv=None) -> int:
         say("interrupted")
     finally:
         say("shutting the server down")
+        # sglang.lang's worker threads report their requests cut off by the stop (an interrupted run).
+        warnings.filterwarnings("ignore", message=".*Error in stream_executor.*")
         server.stop()
         kept = not ok or args.keep_log
         say(f"server stopped; total {time.monotonic() - t_start:.1f} s"
-            + (f"; server log kept at {log_path}" if kept else ""))
+            + (f"; server log kept at {log_path}" if kept else "; server log removed (--keep-log keeps it)"))
         if not kept:
             shutil.rmtree(log_dir, ignore_errors=True)
     return 0 if ok else 1

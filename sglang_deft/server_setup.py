@@ -14,6 +14,7 @@ import torch
 
 from sglang_deft import cpu_compat
 from sglang_deft.config_checks import BACKEND_NAME
+from sglang_deft.patches.sglang_version import require_supported_sglang
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def prepare_process(device: str | None) -> str:
     returns the device. Without CUDA, SGLang runs its CPU engine and imports through
     ``sglang_deft.cpu_compat``.
     """
+    # Before anything imports SGLang's modules by their 0.5.10.post1 names (the CPU layer among them): another
+    # release fails here, by name, not on a moved module.
+    require_supported_sglang("sglang_deft (its launcher, Engine, CPU layer and patches)")
     has_cuda = torch.cuda.is_available()
     device = device or default_device()
     if device == "cpu":

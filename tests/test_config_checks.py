@@ -400,3 +400,16 @@ def test_servers_other_than_http_start_as_sglang_starts_them(flag, monkeypatch):
     started.clear()
     launch_server.main(BASE_ARGV + ["--attention-backend", "torch_native"])
     assert [how for how, _ in started] == ["http"]
+
+
+def test_prepare_process_refuses_another_sglang_release_first(monkeypatch):
+    """The launcher and Engine set the process up before SGLang's modules load, the CPU layer by their
+    0.5.10.post1 names: another release is refused there, by name, before anything else changes."""
+    from sglang_deft.patches import sglang_version
+
+    monkeypatch.setattr(sglang_version, "version", lambda name: "0.5.9")
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion,
+                       match=r"launcher, Engine.*0\.5\.10\.post1 internals, but SGLang 0\.5\.9 is installed"):
+        prepare_process("cpu")
+    assert "SGLANG_USE_CPU_ENGINE" not in os.environ

@@ -118,8 +118,9 @@ class FakeServer:
     ("interrupted", [], 1, True),
     ("error", [], None, True),
 ])
-def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monkeypatch, capsys, outcome, argv, code,
-                                                                         log_kept):
+def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monkeypatch, capsys, tmp_path, outcome,
+                                                                         argv, code, log_kept):
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))  # a kept log stays in pytest's tmp_path
     fail = {"ok": None, "interrupted": KeyboardInterrupt(), "error": TimeoutError("not ready")}[outcome]
     server = FakeServer(fail)
     monkeypatch.setattr(demo, "ServerProcess", server)
@@ -135,6 +136,7 @@ def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monke
     assert server.log_path.parent.exists() is log_kept
     out = capsys.readouterr().out
     assert ("server log kept at" in out) is log_kept
+    assert ("server log removed (--keep-log keeps it)" in out) is not log_kept
 
 
 def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limits():
@@ -149,3 +151,8 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     assert p.update(log, 21.0) == ["still starting after 21 s; the server log's last line: Capturing batches 9/36"]
     p.width = len("Capturing batches 9/36")
     assert p.update(log, 31.0) == ["still starting after 31 s; the server log's last line: Capturing batches 9/36"]
+    # A Python warning prints its message, then its source line: the message is the last line worth showing.
+    p.width = 150
+    log += "/x/y.py:3: UserWarning: no Triton here\n  warnings.warn(\n"
+    assert p.update(log, 41.0) == ["still starting after 41 s; the server log's last line: /x/y.py:3: UserWarning: "
+                                   "no Triton here"]

@@ -117,9 +117,10 @@ def test_startup_progress_reports_milestones_once_and_a_heartbeat_when_quiet():
                                    "batches (bs=1):  90%|#########"]
 
 
-def test_demo_ctrl_c_during_startup_stops_the_server():
-    proc = subprocess.Popen([sys.executable, "-m", "sglang_deft.demo", "--cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_demo_ctrl_c_during_startup_stops_the_server(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_deft.demo", "--cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))  # the kept log: in pytest's tmp_path
     pgid = None
     out = []
     try:
