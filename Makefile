@@ -50,7 +50,8 @@ test: venv
 demo: $(if $(filter $(VENV_PYTHON),$(PYTHON)),venv)
 	@$(PYTHON) -c 'import sglang_deft.kernels, sglang_deft.patches' || { \
 	  echo "$(PYTHON) cannot import sglang_deft.kernels and sglang_deft.patches (above). If sglang-deft is not" \
-	    "installed for it, run '$(PYTHON) -m pip install --no-deps -e .' here first" >&2; \
+	    "installed for it, run '$(PYTHON) -m pip install --no-deps -e .' here first (with --no-build-isolation" \
+	    "where no package index is reachable)" >&2; \
 	  exit 2; }
 	@$(PYTHON) $(C_LIBRARY_CHECK)
 	$(PYTHON) -m sglang_deft.demo $(DEMO_ARGS)
