@@ -36,11 +36,16 @@ KEEP = re.compile(r"deft trace|deft plan buffers|Prefill batch|Decode batch|DeFT
 
 
 def first_difference(a: list, b: list) -> dict | None:
-    """The first (request, token) whose id or logprob differs between two servers' generations."""
+    """The first (request, token) whose id or logprob differs between two servers' generations, or where one
+    answered fewer requests or tokens than the other."""
     for r, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(a, b)):
         for t, (ia, ib, la, lb) in enumerate(zip(ids_a, ids_b, lp_a, lp_b)):
             if ia != ib or la != lb:
                 return {"request": r, "token": t, "ids_differ": ia != ib, "logprobs": [la, lb]}
+        if (len(ids_a), len(lp_a)) != (len(ids_b), len(lp_b)):
+            return {"request": r, "token": min(len(ids_a), len(ids_b)), "lengths": [len(ids_a), len(ids_b)]}
+    if len(a) != len(b):
+        return {"request": min(len(a), len(b)), "requests": [len(a), len(b)]}
     return None
 
 

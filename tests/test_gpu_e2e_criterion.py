@@ -150,6 +150,34 @@ def test_a_token_outside_the_top_k_counts_with_its_smallest_possible_gap():
     assert math.isinf(g.compare_pair(empty, g.Seq([1], [-0.5], [{}])).tie_gap)
 
 
+def test_a_divergence_to_a_token_outside_the_top_k_is_no_near_tie():
+    """Its gap is only known to be at least the k-th logprob's: in a flat top-k (dummy weights) any token would
+    pass, however far below the chosen one it is."""
+    ref = reference()
+    noise = jitter(ref, 0.015, seed=11)
+    deft = jitter(ref, 0.015, seed=12)
+    flat = seq(deft[2].ids[:4] + [7] * 28, deft[2].lps, gap=0.001)  # token 7: in no top-k of the reference
+    deft[2] = flat
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["divergences_outside_top_k"] == 1
+    assert not entry["ok"] and "request 2 step 4: not a near-tie (a token outside the top-k" in entry["failures"][0]
+
+
+def test_a_noise_server_that_is_itself_wrong_sets_no_band():
+    """A broken noise backend would widen the band to its own error: its divergences must be near-ties at its own
+    scale and its logprob difference within what two correct backends show (0.3)."""
+    ref = reference()
+    noise = jitter(ref, 0.2, seed=11)  # the band would allow ~0.4
+    for i in (1, 3, 5):
+        noise[i] = diverge(noise[i], ref[i], t=6, gap=1.5)  # three divergences, none a near-tie
+    deft = jitter(ref, 0.2, seed=12)
+    entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert not entry["ok"] and sum("noise floor unusable" in f for f in entry["failures"]) == 3
+    noise = jitter(ref, 0.5, seed=11)  # no divergence, but as far off as a wrong attention
+    entry = g.judge_workload(jitter(ref, 0.4, seed=12), ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert not entry["ok"] and "noise floor unusable: the noise server's logprob diff" in entry["failures"][0]
+
+
 def test_without_a_noise_server_the_absolute_check_decides():
     ref = reference()
     deft = jitter(ref, 0.03, seed=13)
@@ -346,7 +374,8 @@ class FakeFleet:
 
 
 def model_run(tmp_path, deft, ref=None, noise=True, argv=()):
-    """ModelRun.run over servers that are already up (what run() does after the startup waits)."""
+    """ModelRun.run over servers that are already up (what run() does after the startup waits); ``noise``: the
+    default noise server (True), none (False) or this one."""
     args = g.parse_args(["--out", str(tmp_path), *argv])
     if args.noise_backends is None:
         args.noise_backends = "flashinfer,torch_native"  # main's default on a GPU
@@ -354,7 +383,7 @@ def model_run(tmp_path, deft, ref=None, noise=True, argv=()):
     run = g.ModelRun("tiny", SMALL, fleet, args, result)
     servers = {"triton": ref or FakeModelServer(), "deft": deft}
     if noise:
-        servers["noise"] = FakeModelServer(shift=0.004)
+        servers["noise"] = FakeModelServer(shift=0.004) if noise is True else noise
     run.launched = {role: g.Launched(role, role, s, t0=0.0, ready_s=1.0) for role, s in servers.items()}
     run.run(deadline=g.time.monotonic() + 600, save=lambda: None)
     assert len(fleet.stopped) == len(servers)  # every server stopped
@@ -370,7 +399,7 @@ def test_model_run_verdict(tmp_path):
     assert not model_run(tmp_path, FakeModelServer(shift=0.006))["ok"]
     # a tiny model whose tokens ignore the prefix cannot catch a wrong attention: not ok
     flat = model_run(tmp_path, FakeModelServer(shift=0.006, sensitive=False, log=SHARING),
-                     ref=FakeModelServer(sensitive=False))
+                     ref=FakeModelServer(sensitive=False), noise=FakeModelServer(shift=0.004, sensitive=False))
     assert flat["context_sensitivity"] == 0.0 and all(w["ok"] for w in flat["workloads"].values())
     assert not flat["ok"]
     assert not model_run(tmp_path, FakeModelServer(shift=0.3, log=SHARING))["ok"]

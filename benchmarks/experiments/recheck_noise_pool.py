@@ -1,7 +1,8 @@
 """Recompute the divergence allowance of every committed ``e2e_correctness*.json`` with the ``n_gt_1``
 workload's identical greedy copies counted once in the model-wide noise rate (``scripts/gpu_e2e.py``'s
 ``distinct_pairs``, session 38); before, its k samples of one prompt counted k times. Prints each workload
-whose allowance changes and whether deft's divergences are still within it; exits 1 if any is not.
+whose allowance changes and whether deft's divergences are still within it, and (session 39) whether each
+noise pair passes the noise-floor check as far as the JSON records it; exits 1 if any does not.
 
     python3 benchmarks/experiments/recheck_noise_pool.py
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+NOISE_LP_MAX = 0.3  # scripts/gpu_e2e.py's Criterion.noise_lp_max
 
 
 def main() -> int:
@@ -44,13 +46,23 @@ def main() -> int:
                 rel, n = w["relative"], w["requests"]
                 allowed = round(k * max(rel["noise_divergences"], rate * n) + max(1, math.ceil(frac * n)), 3)
                 ok = rel["deft_divergences"] <= allowed
+                # Session 39's noise-floor check, as far as the JSON shows it: the noise pair's difference at
+                # most noise_lp_max and its widest divergence a near-tie at the workload's scale (whether its
+                # tokens were in the top-k is not recorded before session 39).
+                noise_gap = w["noise"].get("max_tie_gap")
+                noise_ok = (w["noise"]["max_abs_logprob_diff"] <= NOISE_LP_MAX
+                            and (noise_gap is None or noise_gap <= rel["allowed_tie_gap"]))
+                if not noise_ok:
+                    lines.append(f"  {model}/{name}: noise floor unusable (diff {w['noise']['max_abs_logprob_diff']:.4f},"
+                                 f" widest divergence gap {noise_gap} against {rel['allowed_tie_gap']:.4f})")
+                ok = ok and noise_ok
                 failed += not ok
                 if allowed != rel["allowed_divergences"] or not ok:
                     lines.append(f"  {model}/{name}: deft {rel['deft_divergences']} divergences, allowed "
                                  f"{rel['allowed_divergences']} -> {allowed:g}: {'ok' if ok else 'FAILS'}")
         if lines:
             print(Path(path).name, *lines, sep="\n")
-    print("every verdict holds" if not failed else f"{failed} workloads fail with n_gt_1 counted once")
+    print("every verdict holds" if not failed else f"{failed} workloads fail (n_gt_1 counted once, noise floor checked)")
     return 1 if failed else 0
 
 
