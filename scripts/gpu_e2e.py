@@ -270,6 +270,12 @@ def pooled_noise(noise_by_workload: list[list[PairStats]]) -> dict:
             "requests": len(flat), "divergence_rate": z["divergences"] / max(1, len(flat))}
 
 
+def _no_near_tie(s: PairStats, allowed_gap: float) -> bool:
+    """A divergence whose two tokens are not known to be within ``allowed_gap`` in both servers (outside a
+    top-k, tie_gap is only a lower bound: in a flat top-k any token would pass)."""
+    return s.diverged_at is not None and not (s.tie_in_top_k and s.tie_gap <= allowed_gap)
+
+
 def relative_verdict(deft: list[PairStats], noise: list[PairStats], crit: Criterion,
                      pooled: dict | None = None) -> dict:
     """The relative criterion for one workload. ``pooled`` (``pooled_noise`` of the model's workloads)
@@ -292,7 +298,7 @@ def relative_verdict(deft: list[PairStats], noise: list[PairStats], crit: Criter
         failures.append(f"noise floor unusable: the noise server's logprob diff {z['max_abs_logprob_diff']:.4f} > "
                         f"{crit.noise_lp_max:g}")
     for i, s in enumerate(noise):
-        if s.diverged_at is not None and not (s.tie_in_top_k and s.tie_gap <= allowed_gap):
+        if _no_near_tie(s, allowed_gap):
             failures.append(f"noise floor unusable: noise request {i} step {s.diverged_at} is no near-tie "
                             f"(gap {s.tie_gap:.4f} > {allowed_gap:.4f}{'' if s.tie_in_top_k else ', outside the top-k'})")
     if d["max_abs_logprob_diff"] > allowed_lp:
@@ -301,8 +307,7 @@ def relative_verdict(deft: list[PairStats], noise: list[PairStats], crit: Criter
     if d["divergences"] > allowed_div:
         failures.append(f"{d['divergences']} divergences > allowed {allowed_div:g} (noise {z['divergences']})")
     for i, s in enumerate(deft):
-        # Outside a top-k, tie_gap is only a lower bound: in a flat top-k any token would pass.
-        if s.diverged_at is not None and not (s.tie_in_top_k and s.tie_gap <= allowed_gap):
+        if _no_near_tie(s, allowed_gap):
             failures.append(f"request {i} step {s.diverged_at}: not a near-tie ("
                             + (f"gap {s.tie_gap:.4f} > {allowed_gap:.4f})" if s.tie_in_top_k else
                                f"a token outside the top-k: its gap is at least {s.tie_gap:.4f}, not known)"))

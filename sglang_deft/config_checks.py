@@ -39,10 +39,15 @@ class UnsupportedConfiguration(ValueError):
         super().__init__(f"the `{BACKEND_NAME}` attention backend cannot serve this configuration:\n{lines}")
 
 
+def backend_names(server_args) -> tuple[str | None, str | None]:
+    """(the decode backend, the prefill/extend backend): ``--attention-backend`` where no override names one."""
+    return (server_args.decode_attention_backend or server_args.attention_backend,
+            server_args.prefill_attention_backend or server_args.attention_backend)
+
+
 def deft_roles(server_args) -> tuple[bool, bool]:
     """(deft runs decode, deft runs prefill/extend), from ``--attention-backend`` and its overrides."""
-    decode = server_args.decode_attention_backend or server_args.attention_backend
-    prefill = server_args.prefill_attention_backend or server_args.attention_backend
+    decode, prefill = backend_names(server_args)
     return decode == BACKEND_NAME, prefill == BACKEND_NAME
 
 
@@ -56,7 +61,7 @@ def server_args_problems(server_args) -> list[str]:
     decode, prefill = deft_roles(server_args)
     problems = []
     if prefill and not decode:
-        decode_name = server_args.decode_attention_backend or server_args.attention_backend
+        decode_name = backend_names(server_args)[0]
         fix = (f"drop --prefill-attention-backend {BACKEND_NAME} and pass --decode-attention-backend {BACKEND_NAME}"
                if server_args.prefill_attention_backend == BACKEND_NAME else
                f"drop --decode-attention-backend {decode_name} (or make it {BACKEND_NAME})")
@@ -83,7 +88,7 @@ def server_args_problems(server_args) -> list[str]:
     if a.page_size is not None and a.page_size > 1:
         problems.append(
             f"--page-size {a.page_size} (given, or SGLang's default for attention backend "
-            f"{a.prefill_attention_backend or a.attention_backend}): "
+            f"{backend_names(a)[1]}): "
             "the KV tree is built from per-token KV slots and radix nodes "
             "of any length; only --page-size 1 is supported"
         )
@@ -148,7 +153,7 @@ def server_args_problems(server_args) -> list[str]:
     if a.device not in ("cuda", "cpu"):
         problems.append(f"--device {a.device}: the deft backend supports cuda and cpu")
     on_cpu = a.device == "cpu"
-    cpu_prefill = a.prefill_attention_backend or a.attention_backend
+    cpu_prefill = backend_names(a)[1]
     if on_cpu and decode and cpu_prefill not in (None, BACKEND_NAME, *_CPU_PREFILL_BACKENDS):
         flag = "--prefill-attention-backend" if a.prefill_attention_backend else "--attention-backend"
         problems.append(
@@ -223,7 +228,7 @@ def check_server_args(server_args) -> None:
             "deft with --enable-mixed-chunk: a step that mixes running decodes into a prefill chunk runs all its "
             "attention, the decodes' too, on the prefill backend (%s), which reads shared prefixes once per "
             "request; steps of decodes alone run on deft",
-            server_args.prefill_attention_backend or server_args.attention_backend,
+            backend_names(server_args)[1],
         )
 
 
@@ -293,7 +298,7 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: a {kv_dtype} KV cache under a "
                         f"{model_dtype} model; deft reads a KV cache in the model's dtype or in fp8")
     a = model_runner.server_args
-    fp8_prefill = (a.prefill_attention_backend or a.attention_backend) if kv_dtype in FP8_KV_DTYPES else None
+    fp8_prefill = backend_names(a)[1] if kv_dtype in FP8_KV_DTYPES else None
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
     for layer in model_runner.model.modules():
         if isinstance(layer, RadixAttention):

@@ -106,6 +106,14 @@ def decode_forward_batch(sim, reqs, kv_pool):
                            token_to_kv_pool=kv_pool)
 
 
+def padded(fb, pad: int, fill: int) -> SimpleNamespace:
+    """``fb`` as ``ForwardBatch._pad_inputs_to_size`` leaves it, ``pad`` rows longer."""
+    def cat(t, value):
+        return torch.cat([t, torch.full((pad,), value, dtype=t.dtype, device=t.device)])
+    return SimpleNamespace(**{**vars(fb), "seq_lens_cpu": cat(fb.seq_lens_cpu, fill), "seq_lens": cat(fb.seq_lens, fill),
+                              "req_pool_indices": cat(fb.req_pool_indices, 0), "out_cache_loc": cat(fb.out_cache_loc, 0)})
+
+
 def record_steady(backend) -> list:
     """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
     log, plan = [], backend.step_planner.plan
@@ -233,9 +241,7 @@ def test_a_padded_eager_batch_decodes_its_requests(server_args, model_config, im
     reqs = forked_batch(sim)[:3]
     fb = decode_forward_batch(sim, reqs, kv_pool)
     B, pad = len(reqs), 1
-    fb.seq_lens_cpu = torch.cat([fb.seq_lens_cpu, torch.full((pad,), backend.get_cuda_graph_seq_len_fill_value(),
-                                                             dtype=fb.seq_lens_cpu.dtype)])
-    fb.out_cache_loc = torch.cat([fb.out_cache_loc, torch.zeros(pad, dtype=fb.out_cache_loc.dtype)])
+    fb = padded(fb, pad, backend.get_cuda_graph_seq_len_fill_value())
     backend.init_forward_metadata(fb)
     layer = layers[0]
     hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim

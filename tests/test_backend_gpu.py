@@ -27,19 +27,11 @@ import sglang_deft.backend as backend_module  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 from sglang_deft.backend import DeftAttnBackend  # noqa: E402
 from sglang_deft.kernels.tree_decode import stage2_shape  # noqa: E402
-from test_backend import per_request_reference, record_steady  # noqa: E402
+from test_backend import padded, per_request_reference, record_steady  # noqa: E402
 from test_cuda_graph_gpu import CudaDecodeSetup  # noqa: E402
 
 HEADS = pytest.mark.parametrize("heads", [None, (32, 8, 128)], ids=["tiny", "h128"])
 ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def padded(fb, pad: int, fill: int) -> SimpleNamespace:
-    """``fb`` as ``ForwardBatch._pad_inputs_to_size`` leaves it, ``pad`` rows longer."""
-    def cat(t, value):
-        return torch.cat([t, torch.full((pad,), value, dtype=t.dtype, device=t.device)])
-    return SimpleNamespace(**{**vars(fb), "seq_lens_cpu": cat(fb.seq_lens_cpu, fill), "seq_lens": cat(fb.seq_lens, fill),
-                              "req_pool_indices": cat(fb.req_pool_indices, 0), "out_cache_loc": cat(fb.out_cache_loc, 0)})
 
 
 def assert_matches_reference(setup, q, outs, reqs, seq_lens_cpu, atol, what):

@@ -33,10 +33,14 @@ def test_check_fails_one_large_error_that_the_relative_bound_lets_through():
 @pytest.fixture
 def ctx():
     """A small case as run_cases_here builds it, on the CPU."""
-    shape = T.fork_tree([(1, 40), (3, 7), (2, 5)])
+    return small_ctx("small", T.fork_tree([(1, 40), (3, 7), (2, 5)]))
+
+
+def small_ctx(key, shape):
+    """(a provider's context for ``shape`` on the CPU, the reference output)."""
     tree = T.build_tree(shape, 1 << 12, seed=4)
     q, k, v = random_qkv(tree.num_queries, 1 << 12, seed=0)
-    case = T.Case("small", "small", shape, 8, 2, 16)
+    case = T.Case(key, key, shape, 8, 2, 16)
     args = argparse.Namespace(cpu_reps=1, no_graph=True, hot=False)
     c = BENCH.Ctx(case, tree, tree.kv_indices, q, k, v, 0.25, torch.device("cpu"), args, None)
     return c, attention_reference(q, k, v, tree, 0.25)
@@ -82,14 +86,8 @@ def test_run_provider_puts_a_permuted_output_back_before_the_check(ctx, monkeypa
 def test_torch_cascade_provider_runs_the_permuted_path():
     """A speculative-style tree, whose cascade layout orders the queries otherwise than the batch (ctx's fork
     tree keeps them in order): the torch providers' outputs, put back through to_original, pass the check."""
-    shape = T.spec_tree(30, (3, 4, 5, 5), seed=1)
-    tree = T.build_tree(shape, 1 << 12, seed=4)
-    assert not torch.equal(T.cascade_layout(tree).perm, torch.arange(tree.num_queries))
-    q, k, v = random_qkv(tree.num_queries, 1 << 12, seed=0)
-    args = argparse.Namespace(cpu_reps=1, no_graph=True, hot=False)
-    c = BENCH.Ctx(T.Case("spec", "spec", shape, 8, 2, 16), tree, tree.kv_indices, q, k, v, 0.25,
-                  torch.device("cpu"), args, None)
-    ref = attention_reference(q, k, v, tree, 0.25)
+    c, ref = small_ctx("spec", T.spec_tree(30, (3, 4, 5, 5), seed=1))
+    assert not torch.equal(T.cascade_layout(c.tree).perm, torch.arange(c.tree.num_queries))
     for name in ("torch_paged", "torch_cascade"):
         cell = BENCH.run_provider(name, c, ref)
         assert cell["status"] == "ok" and cell["max_abs_err"] < 1e-5, (name, cell)

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-NOISE_LP_MAX = 0.3  # scripts/gpu_e2e.py's Criterion.noise_lp_max
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from gpu_e2e import Criterion  # noqa: E402  (stdlib only at import)
 
 
 def main() -> int:
@@ -50,7 +51,7 @@ def main() -> int:
                 # most noise_lp_max and its widest divergence a near-tie at the workload's scale (whether its
                 # tokens were in the top-k is not recorded before session 39).
                 noise_gap = w["noise"].get("max_tie_gap")
-                noise_ok = (w["noise"]["max_abs_logprob_diff"] <= NOISE_LP_MAX
+                noise_ok = (w["noise"]["max_abs_logprob_diff"] <= Criterion.noise_lp_max
                             and (noise_gap is None or noise_gap <= rel["allowed_tie_gap"]))
                 if not noise_ok:
                     lines.append(f"  {model}/{name}: noise floor unusable (diff {w['noise']['max_abs_logprob_diff']:.4f},"
