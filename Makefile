@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 # SGLang imports sgl_kernel even on CPU; its Python files come from this wheel, its native
 # libraries stay out (sglang_deft/cpu_compat stands in for them).
-SGL_KERNEL_WHEEL := .whl/sglang_kernel-0.4.1-cp310-abi3-manylinux2014_x86_64.whl
+# The wheel for this machine (x86_64 or aarch64: PyPI has both; only its Python files are used).
+SGL_KERNEL_WHEEL := .whl/sglang_kernel-0.4.1-cp310-abi3-manylinux2014_$(shell uname -m).whl
 VENV_STAMP := $(VENV)/.sglang-deft-venv
 
 .PHONY: venv test demo

@@ -78,8 +78,8 @@ def tree_of_thought(s, question, widths=(2, 2), max_tokens=8, temp=0.0):
 
 def main(url="http://127.0.0.1:30000", question=QUESTION, widths=(2, 2), max_tokens=8,
          temperature=0.0, quiet=False):
-    if len(widths) < 1:
-        raise ValueError("widths needs at least one level")
+    if len(widths) < 1 or min(widths) < 1:
+        raise ValueError(f"widths {tuple(widths)}: at least one level, each of at least 1 branch")
     sgl.set_default_backend(connect(url))
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).
     state = tree_of_thought.run(question=question, widths=tuple(widths), max_tokens=max_tokens,

@@ -8,6 +8,7 @@ output survives any terminal or CI log.
 from __future__ import annotations
 
 import argparse
+import math
 import urllib.error
 from dataclasses import dataclass, field
 
@@ -79,8 +80,8 @@ def connect(url: str):
 
 
 def temperature_arg(text: str) -> float:
-    """``--temperature``: SGLang refuses a negative one (HTTP 400)."""
+    """``--temperature``: SGLang refuses a negative one (HTTP 400); nan and inf are no temperature."""
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: the temperature must be >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: the temperature must be a finite number >= 0")
     return value

@@ -85,6 +85,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -655,6 +656,15 @@ def kernel_check_summary(deft_log: str) -> dict | None:
             "within_tolerance": all(r["max_abs_diff"] <= allowed for r in rows)}
 
 
+STAGE1_LINE = re.compile(r"tree decode stage 1 on (\S+), (.*?): (Gluon kernel for Hopper|Triton kernel.*)$", re.M)
+
+
+def stage1_kernels(deft_log: str) -> list[dict]:
+    """Which stage-1 kernel served each configuration the deft server decoded (``kernels.tree_decode`` logs
+    its choice once per configuration), so that a verdict says which kernel it is about."""
+    return [{"device": m[1], "configuration": m[2], "kernel": m[3]} for m in STAGE1_LINE.finditer(deft_log)]
+
+
 def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = (),
               noise_args: list[str] = ()) -> list[str]:
     if role == "triton":
@@ -701,17 +711,19 @@ class ModelRun:
 
     def wait_role(self, role: str, timeout_s: float) -> bool:
         """Wait for ``role``'s server; on failure retry once after a port clash, and for the noise server
-        fall back to the next ``--noise-backends`` entry. False if the role has no server in the end."""
+        fall back to the next ``--noise-backends`` entry. False if the role has no server in the end.
+        ``timeout_s`` bounds the whole wait, retries and fallbacks included (the run's budget set it)."""
+        deadline = time.monotonic() + timeout_s
         while True:
             launched = self.launched[role]
             try:
                 if launched.ready_s is None:
-                    self.fleet.wait(launched, timeout_s)
+                    self.fleet.wait(launched, deadline - time.monotonic())
                     # /health_generate decodes at most a token: a few decode steps show the decode backend runs
                     # (FlashInfer may JIT-compile its decode module here: 1-2 min on a fresh machine).
                     start = time.monotonic()
                     launched.server.generate({"input_ids": [5, 6, 7, 8], "sampling_params": greedy(4)},
-                                             timeout_s=max(60.0, min(300.0, timeout_s)))
+                                             timeout_s=max(1.0, min(300.0, deadline - time.monotonic())))
                     self.fleet.clock.note(f"{launched.server.name} first decode", time.monotonic() - start)
                 self.result.setdefault("servers", {})[role] = {
                     "decode_backend": launched.backend, "ready_s": round(launched.ready_s, 1)}
@@ -783,6 +795,7 @@ class ModelRun:
                                      "ratio": (last["total_attended_kv_tokens"]
                                                / max(1.0, last["total_unique_kv_tokens"]))}
             result["kernel_check"] = kernel_check_summary(servers["deft"].log())
+            result["stage1_kernels"] = stage1_kernels(servers["deft"].log())
             result["ok"] = all(w["ok"] for w in result["workloads"].values()) and bool(rows)
             if spec.get("sharp"):  # the criterion is meaningful there only if the prefix drives the tokens
                 result["ok"] = result["ok"] and result["context_sensitivity"] >= 0.5
@@ -846,7 +859,8 @@ def parse_args(argv=None):
                    help="start servers one at a time, a model's servers together, or every server at once")
     p.add_argument("--budget-s", type=float, default=0,
                    help="wall-clock budget; skip models that would overrun (0: none)")
-    p.add_argument("--startup-timeout", type=float, default=360)
+    p.add_argument("--startup-timeout", type=float, default=360,
+                   help="seconds for each role's server to answer its first decode, retries and fallbacks included")
     p.add_argument("--commit", default=os.environ.get("DEFT_COMMIT"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke run of this script on SGLang's CPU engine (tiny models only, torch_native prefill)")

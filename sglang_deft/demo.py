@@ -42,6 +42,19 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def say_if_possible(msg: str) -> None:
+    """``say`` where nothing may stop what follows: stdout may be a closed pipe (``make demo | head``) or a
+    hung-up terminal, and the print then raises."""
+    try:
+        say(msg)
+    except OSError:
+        pass
+
+
+# The demo reads the sharing lines from the log: one per decode step, at info level.
+DEMO_LOGGING = {"--decode-log-interval": "1", "--log-level": "info"}
+
+
 def use_gpu(force_cpu: bool) -> bool:
     """Whether the launcher will run on the GPU: its choice without ``--device`` (the demo's GPU flags would
     be refused on the CPU, e.g. under SGLANG_USE_CPU_ENGINE=1)."""
@@ -59,8 +72,7 @@ def server_args(model: Path, gpu: bool, extra: list[str] = ()) -> list[str]:
         "--grammar-backend", "none",   # no constrained decoding here; xgrammar may be absent
         "--random-seed", "0",
         "--max-total-tokens", "16384",  # the tiny model needs little KV; don't reserve GBs
-        "--decode-log-interval", "1",  # sharing metrics are logged at this interval (in steps)
-        "--log-level", "info",
+        *[x for flag, value in DEMO_LOGGING.items() for x in (flag, value)],
     ]
     if gpu:
         # --sampling-backend pytorch: sglang.lang's fork() sends its prefix-caching requests with default
@@ -131,16 +143,22 @@ def sharing_summary(log_before: str, log_after: str) -> dict | None:
     """
     from sglang_deft.sharing_metrics import parse_sharing_lines
 
-    before = parse_sharing_lines(log_before)
-    after = parse_sharing_lines(log_after)
+    def complete(text: str) -> str:  # the server may be writing the log's last line as it is read
+        return text[:text.rfind("\n") + 1]
+
+    before = parse_sharing_lines(complete(log_before))
+    after = parse_sharing_lines(complete(log_after))
     new = after[len(before):]
     if not new:
         return None
-    base = before[-1] if before else {}
-    last = new[-1]
-    steps = int(last["total_steps"] - base.get("total_steps", 0))
-    attended = int(last["total_attended_kv_tokens"] - base.get("total_attended_kv_tokens", 0))
-    unique = int(last["total_unique_kv_tokens"] - base.get("total_unique_kv_tokens", 0))
+    # With data parallelism (--dp-size) each DP rank's scheduler logs its own running totals.
+    steps = attended = unique = 0
+    for rank in {r.get("dp_rank") for r in new}:
+        base = next((r for r in reversed(before) if r.get("dp_rank") == rank), {})
+        last = next(r for r in reversed(new) if r.get("dp_rank") == rank)
+        steps += int(last["total_steps"] - base.get("total_steps", 0))
+        attended += int(last["total_attended_kv_tokens"] - base.get("total_attended_kv_tokens", 0))
+        unique += int(last["total_unique_kv_tokens"] - base.get("total_unique_kv_tokens", 0))
     peak = max(new, key=lambda r: r["ratio"])
     return {
         "lines": len(new),
@@ -165,7 +183,7 @@ def print_sharing(m: dict | None) -> None:
     print(f"  unique KV tokens read:                     {m['unique_kv_tokens']:>8}   "
           f"= what deft reads (each shared segment once)")
     print(f"  ratio:                                     {m['ratio']:>8.2f}x")
-    print(f"  busiest logged interval:                   {m['peak_ratio']:>8.2f}x "
+    print(f"  highest-sharing step:                      {m['peak_ratio']:>8.2f}x "
           f"({m['peak_attended_kv_tokens']} attended / {m['peak_unique_kv_tokens']} unique)")
 
 
@@ -245,6 +263,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port {args.port}: a TCP port is 1-65535 (0 or none: a free one)")
+    if not args.timeout > 0:
+        ap.error(f"--timeout {args.timeout}: seconds to wait for the server, more than 0")
+    for flag in DEMO_LOGGING:
+        if any(a == flag or a.startswith(flag + "=") for a in args.server_args):
+            ap.error(f"{flag} after --: the demo sets {flag} {DEMO_LOGGING[flag]}, as it reads the server's "
+                     "per-step sharing lines from its log")
 
     t_start = time.monotonic()
     # The server runs in a process group of its own, which a closed terminal's SIGHUP does not reach: the
@@ -258,13 +284,18 @@ def main(argv=None) -> int:
     where = ("GPU: prefill/extend on triton" if gpu
              else "CPU: prefill/extend on torch_native, float32")
     say(f"starting SGLang with the bundled tiny Llama, decode attention 'deft' ({where})")
-    server = ServerProcess("demo", server_args(args.model_path, gpu, args.server_args), log_path,
-                           port=args.port or None)
-    say(f"command: {' '.join(server.command)}")
-    say(f"server log: {log_path}")
-    say(f"server pid {server.proc.pid} (its own process group)")
-    ok = False
     try:
+        server = ServerProcess("demo", server_args(args.model_path, gpu, args.server_args), log_path,
+                               port=args.port or None)
+    except (RuntimeError, OSError) as e:  # the port is in use, or the launcher cannot start
+        shutil.rmtree(log_dir, ignore_errors=True)
+        say(f"could not start the server: {e}")
+        return 1
+    ok = False
+    try:  # from here on every way out stops the server
+        say(f"command: {' '.join(server.command)}")
+        say(f"server log: {log_path}")
+        say(f"server pid {server.proc.pid} (its own process group)")
         say(f"waiting for {server.url} (the first start imports SGLang and loads the model) ...")
         progress = StartupProgress()
 
@@ -279,18 +310,27 @@ def main(argv=None) -> int:
             print(server.log())
         ok = True
     except KeyboardInterrupt:
-        print()
-        say("interrupted")
+        say_if_possible("interrupted")
+    except (RuntimeError, TimeoutError) as e:  # the server exited or did not answer in time (its log says why)
+        say_if_possible(str(e))
     finally:
-        say("shutting the server down")
-        # sglang.lang's worker threads report their requests cut off by the stop (an interrupted run).
-        warnings.filterwarnings("ignore", message=".*Error in stream_executor.*")
-        server.stop()
+        # The stop comes before anything is printed, and a second Ctrl-C, SIGTERM or SIGHUP cannot cut it
+        # short: it sends SIGKILL to whatever outlives SIGTERM's grace, which an interrupted stop would skip.
+        say_if_possible("shutting the server down")
+        handlers = {signum: signal.signal(signum, signal.SIG_IGN)
+                    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            # sglang.lang's worker threads report their requests cut off by the stop (an interrupted run).
+            warnings.filterwarnings("ignore", message=".*Error in stream_executor.*")
+            server.stop()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
         kept = not ok or args.keep_log
-        say(f"server stopped; total {time.monotonic() - t_start:.1f} s"
-            + (f"; server log kept at {log_path}" if kept else "; server log removed (--keep-log keeps it)"))
         if not kept:
             shutil.rmtree(log_dir, ignore_errors=True)
+        say_if_possible(f"server stopped; total {time.monotonic() - t_start:.1f} s"
+                        + (f"; server log kept at {log_path}" if kept else "; server log removed (--keep-log keeps it)"))
     return 0 if ok else 1
 
 

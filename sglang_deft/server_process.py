@@ -48,6 +48,41 @@ def port_free(port: int) -> bool:
     return True
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """The inodes of the TCP sockets listening on ``port`` (any address); None where /proc/net is not there."""
+    inodes, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... inode; st 0A is LISTEN
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if readable else None
+
+
+def _group_socket_inodes(pgid: int) -> set[str]:
+    """The inodes of every socket a process of group ``pgid`` holds open."""
+    inodes = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, the last ")" ends it
+            if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for fd in os.scandir(Path(entry.path, "fd")):
+                target = os.readlink(fd.path)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        except (OSError, ValueError, IndexError):  # a process that exited meanwhile, or not ours to read
+            continue
+    return inodes
+
+
 class ServerProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
                  env: dict[str, str] | None = None, python: str = sys.executable, port: int | None = None):
@@ -76,8 +111,13 @@ class ServerProcess:
                 raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             # uvicorn logs a failed bind but SGLang's scheduler processes live on: without this the
             # wait would run to its timeout (callers relaunch on another port).
-            if self.port_taken():
+            if self.bind_failed():
                 raise RuntimeError(f"{self.name} server could not bind port {self.port}:\n{self.log()[-4000:]}")
+            # SGLang binds its port only once the model is loaded: until then another process that took the
+            # port (a server started beside this one that drew the same free port) would answer for it.
+            if self.port_held_by_another_process():
+                raise RuntimeError(f"{self.name} server's port {self.port} is held by a process outside its own "
+                                   "process group, which would answer for it")
             try:
                 with urllib.request.urlopen(f"{self.url}/health_generate", timeout=10) as r:
                     if r.status == 200:
@@ -90,7 +130,15 @@ class ServerProcess:
     def port_taken(self) -> bool:
         """Its port was taken between ``free_port`` and the server's bind (servers starting together
         pick ports at the same time, and each SGLang server opens more)."""
+        return self.bind_failed() or self.port_held_by_another_process()
+
+    def bind_failed(self) -> bool:
         return "address already in use" in self.log().lower()
+
+    def port_held_by_another_process(self) -> bool:
+        """A process outside this server's process group listens on its port (False where /proc cannot say)."""
+        listening = _listening_inodes(self.port)
+        return bool(listening) and not listening & _group_socket_inodes(self.proc.pid)
 
     def relaunched(self) -> ServerProcess:
         """Stops this server and starts the same command on a new port (same log path)."""

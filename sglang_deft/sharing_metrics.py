@@ -14,9 +14,11 @@ backend logs one line in the scheduler's log (TP rank 0's, as SGLang logs its de
   thread, without waiting for the device (nothing there synchronises);
 - ``steady_steps``: steps of the window whose plan was the last one updated on the device, not
   planned on the host (``sglang_deft.step_planner``);
-- ``total_*``: the same since the server started.
+- ``total_*``: the same from the server's start to the end of this line's window (steps after the last
+  line are in no line yet).
 
-Tests and tools read the line with :func:`parse_sharing_lines`.
+With data parallelism (``--dp-size``) every DP rank's scheduler keeps its own meter; SGLang prefixes its lines
+with ``DPn``. Tests and tools read the lines with :func:`parse_sharing_lines`.
 """
 from __future__ import annotations
 
@@ -71,11 +73,21 @@ class SharingMeter:
         )
 
 
+_DP_RANK = re.compile(r"\bDP(\d+)\b")
+_LAST_FIELD = "total_unique_kv_tokens"
+
+
 def parse_sharing_lines(log_text: str) -> list[dict[str, float]]:
-    """Every sharing line in ``log_text``, as {field: value}, in order."""
+    """Every sharing line in ``log_text``, as {field: value}, in order; ``dp_rank`` too where SGLang's prefix
+    names one. A line cut short (a log read while the server writes it) lacks its last field and is left out."""
     rows = []
     for line in log_text.splitlines():
         at = line.find(LOG_PREFIX)
         if at >= 0:
-            rows.append({k: float(v) for k, v in _FIELD.findall(line[at + len(LOG_PREFIX):])})
+            row = {k: float(v) for k, v in _FIELD.findall(line[at + len(LOG_PREFIX):])}
+            if _LAST_FIELD not in row:
+                continue
+            if rank := _DP_RANK.search(line[:at]):
+                row["dp_rank"] = float(rank[1])
+            rows.append(row)
     return rows

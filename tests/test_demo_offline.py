@@ -51,6 +51,23 @@ def test_sharing_summary_from_the_server_start_and_without_new_lines():
     assert demo.sharing_summary(log, log) is None  # nothing logged during the program
 
 
+def test_sharing_summary_ignores_a_half_written_last_line_and_sums_dp_ranks():
+    log, meter = log_of([(400, 100)], interval=1)
+    partial, _ = log_of([(900, 100)], interval=1, meter=meter)
+    cut = partial[:partial.rindex("=") + 2]  # inside the last number: a wrong total if it were read
+    s = demo.sharing_summary("", log + cut)
+    assert (s["lines"], s["steps"], s["attended_kv_tokens"], s["unique_kv_tokens"]) == (1, 1, 400, 100)
+    # Two DP ranks' schedulers, each with its own running totals, interleaved in one log.
+    rank0, m0 = log_of([(400, 100)], interval=1)
+    rank1, m1 = log_of([(30, 10)], interval=1)
+    more0, _ = log_of([(200, 100)], interval=1, meter=m0)
+    more1, _ = log_of([(60, 20)], interval=1, meter=m1)
+    dp = lambda text, rank: "".join(f"[2026-01-01 00:00:00 DP{rank} TP0] {x}\n" for x in text.splitlines())  # noqa: E731
+    before = dp(rank0, 0) + dp(rank1, 1)
+    s = demo.sharing_summary(before, before + dp(more1, 1) + dp(more0, 0))
+    assert (s["steps"], s["attended_kv_tokens"], s["unique_kv_tokens"]) == (2, 260, 120)
+
+
 def test_print_sharing_reports_the_summary_or_its_absence(capsys):
     demo.print_sharing(None)
     assert "no 'DeFT decode sharing' line was logged" in capsys.readouterr().out
@@ -116,7 +133,7 @@ class FakeServer:
     ("ok", [], 0, False),
     ("ok", ["--keep-log"], 0, True),
     ("interrupted", [], 1, True),
-    ("error", [], None, True),
+    ("error", [], 1, True),
 ])
 def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monkeypatch, capsys, tmp_path, outcome,
                                                                          argv, code, log_kept):
@@ -126,15 +143,12 @@ def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monke
     monkeypatch.setattr(demo, "ServerProcess", server)
     monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log: {"url": url, "widths": widths})
     monkeypatch.setattr(demo.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
-    if code is None:
-        with pytest.raises(TimeoutError):
-            demo.main(["--cpu", "--port", "1234", *argv])
-    else:
-        assert demo.main(["--cpu", "--port", "1234", *argv]) == code
+    assert demo.main(["--cpu", "--port", "1234", *argv]) == code
     assert server.stopped and server.port == 1234
     assert server.args[server.args.index("--attention-backend") + 1] == "torch_native"
     assert server.log_path.parent.exists() is log_kept
     out = capsys.readouterr().out
+    assert ("[demo] not ready" in out) is (outcome == "error")  # the reason, not a traceback
     assert ("server log kept at" in out) is log_kept
     assert ("server log removed (--keep-log keeps it)" in out) is not log_kept
 
@@ -156,3 +170,58 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     log += "/x/y.py:3: UserWarning: no Triton here\n  warnings.warn(\n"
     assert p.update(log, 41.0) == ["still starting after 41 s; the server log's last line: /x/y.py:3: UserWarning: "
                                    "no Triton here"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port 70000: a TCP port is 1-65535"),
+    (["--port", "-3"], "--port -3: a TCP port is 1-65535"),
+    (["--timeout", "0"], "--timeout 0.0: seconds to wait for the server"),
+    (["--", "--decode-log-interval", "40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
+    (["--", "--log-level=warning"], "--log-level after --: the demo sets --log-level info"),
+])
+def test_main_refuses_arguments_it_cannot_run_with_before_starting_anything(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(demo, "ServerProcess", lambda *a, **k: pytest.fail("a server was started"))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--cpu", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_main_reports_a_port_in_use_and_leaves_no_log_dir(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+
+    def in_use(*args, **kwargs):
+        raise RuntimeError("port 1234 is in use (another server?)")
+
+    monkeypatch.setattr(demo, "ServerProcess", in_use)
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    assert demo.main(["--cpu", "--port", "1234"]) == 1
+    assert "could not start the server: port 1234 is in use" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("lines_out", [0, 1, 3, 5, 6])
+def test_main_stops_the_server_when_stdout_is_a_closed_pipe(monkeypatch, tmp_path, lines_out):
+    """``make demo | head -2``: once head exits every print raises; a started server must be stopped anyway,
+    whichever print is the first to fail."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    server = FakeServer()
+    monkeypatch.setattr(demo, "ServerProcess", server)
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+
+    def broken_pipe(url, widths, max_tokens, read_log):
+        demo.say("a line")  # what run_demo prints first
+        return {}
+
+    printed = []
+
+    def print_to_closed_pipe(*args, **kwargs):
+        printed.append(args)
+        if len(printed) > lines_out:  # the first lines went out before head exited
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(demo, "run_demo", broken_pipe)
+    monkeypatch.setattr("builtins.print", print_to_closed_pipe)
+    with pytest.raises(BrokenPipeError):
+        demo.main(["--cpu"])
+    started = hasattr(server, "args")  # the first line is printed before the server starts
+    assert started is (lines_out > 0) and server.stopped is started

@@ -37,8 +37,10 @@ def fake_completion(text: str, n_tokens: int) -> str:
 
 
 class FakeServer:
-    def __init__(self, refuse_generations: bool = False):
+    def __init__(self, refuse_generations: bool = False, scored_answers: list[tuple[str, float]] | None = None):
+        """``scored_answers``: (text, logprob) for the requests that ask for logprobs, in the order they come."""
         self.requests: list[dict] = []
+        scored = list(scored_answers or [])
         self.lock = threading.Lock()
         outer = self
 
@@ -78,6 +80,9 @@ class FakeServer:
                 if req.get("return_logprob"):
                     # Mean logprob decreases with the first hex digit of the hash: deterministic.
                     lp = -int(hashlib.sha256(req["text"].encode()).hexdigest()[0], 16) / 4
+                    if scored:
+                        with outer.lock:
+                            out, lp = scored.pop(0)
                     meta["output_token_logprobs"] = [[lp, 7, None]] * n
                 self._send({"text": out, "meta_info": meta})
 
@@ -153,6 +158,19 @@ def test_best_of_n_picks_majority_then_logprob(server, capsys):
     assert sum(1 for g in server.generations() if g.get("return_logprob")) == 4
     assert "<- picked" in capsys.readouterr().out
 
+    # Through the program, with answers that differ: majority ("b"), then the higher mean logprob of the two
+    # paths that answered it (-2 against -3; "c" has the best logprob, but one vote). The branches run on
+    # threads, so which path sends which answer request varies; the pick's answer and score do not.
+    s = FakeServer(scored_answers=[(" a", 0.0), (" b", -3.0), (" b ", -2.0), (" c", 1.0)])
+    s.thread.start()
+    try:
+        res = ex.main(s.url, n=4, max_tokens=3, answer_tokens=2, quiet=True)
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+    assert res["votes"] == {"a": 1, "b": 2, "c": 1}
+    assert res["answers"][res["best"]].strip() == "b" and res["scores"][res["best"]] == -2.0
+
     # Selection rule on its own: majority first, then mean logprob, then the earlier path.
     assert ex.pick(["a", "b", "b", "c"], [0.0, -3.0, -2.0, 1.0])[0] == 2
     assert ex.pick(["a", "b", "c"], [-1.0, -0.5, -0.7])[0] == 1
@@ -215,5 +233,10 @@ def test_no_server_and_a_negative_temperature_are_clear_errors():
     with pytest.raises(SystemExit, match=f"no SGLang server answers at http://127.0.0.1:{port}"):
         tree_view.connect(f"http://127.0.0.1:{port}")
     assert tree_view.temperature_arg("0.5") == 0.5
-    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 0"):
-        tree_view.temperature_arg("-1")
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number >= 0"):
+            tree_view.temperature_arg(bad)
+    tot = load_example("tree_of_thought")
+    for widths in ((), (2, 0)):  # through the Python API, past --widths' parser
+        with pytest.raises(ValueError, match="each of at least 1 branch"):
+            tot.main("http://127.0.0.1:1", widths=widths)

@@ -258,6 +258,43 @@ def test_kernel_check_summary_states_its_tolerance():
     assert g.kernel_check_summary("no check lines") is None
 
 
+def test_stage1_kernels_reads_the_kernels_own_log_line(caplog, monkeypatch):
+    """The report names the stage-1 kernel that served (Hopper's Gluon kernel or the Triton one), from the
+    line kernels.tree_decode logs on a GPU; the lines here are the ones it logs (with the Hopper module's
+    answer faked, as this machine has no GPU), not copies of its format."""
+    import importlib
+    import logging
+    import types
+
+    import torch
+
+    tree_decode = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package exports the function
+    kernels = importlib.import_module("sglang_deft.kernels")
+
+    class Cuda:  # hashable, as the lru_cache needs
+        type = "cuda"
+
+        def __str__(self):
+            return "cuda:0"
+
+    fake = types.ModuleType("sglang_deft.kernels.stage1_hopper")
+    fake.unsupported_reason = lambda device, dtype, head_dim, *rest: None if head_dim == 128 else f"head_dim {head_dim}"
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setattr(kernels, "stage1_hopper", fake, raising=False)
+    tree_decode._hopper_unsupported.cache_clear()  # logged once per configuration
+    with caplog.at_level(logging.INFO, logger=tree_decode.logger.name):
+        tree_decode._hopper_unsupported(Cuda(), torch.bfloat16, 128, 64)
+        tree_decode._hopper_unsupported(Cuda(), torch.float16, 72, 64)
+    tree_decode._hopper_unsupported.cache_clear()
+    log = "\n".join(["unrelated"] + [f"[2026-12-03 10:00:0{i}] {r.getMessage()}" for i, r in enumerate(caplog.records)])
+    assert g.stage1_kernels(log) == [
+        {"device": "cuda:0", "configuration": "torch.bfloat16, head_dim 128, 64-row large tiles",
+         "kernel": "Gluon kernel for Hopper"},
+        {"device": "cuda:0", "configuration": "torch.float16, head_dim 72, 64-row large tiles",
+         "kernel": "Triton kernel: the Hopper kernel does not serve head_dim 72"}]
+    assert g.stage1_kernels("no kernel line") == []
+
+
 def test_tiny_variants_are_generated_and_judged_like_tiny(tmp_path, monkeypatch):
     args = g.parse_args(["--out", str(tmp_path)])
     for name, heads in g.TINY_VARIANTS.items():

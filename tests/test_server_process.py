@@ -181,3 +181,35 @@ def test_a_port_in_use_is_refused_before_launching(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"port {port} is in use"):
             ServerProcess("busy", [], tmp_path / "busy.log", python="/nonexistent/python", port=port)
+
+
+def test_a_port_another_process_answers_on_is_not_taken_for_this_server(launcher, monkeypatch):
+    """Two servers that draw the same free port: the one that loads first binds it, and the other's
+    wait_ready, polling while its model loads, would get the first one's /health_generate answer and take it
+    for its own. The listener is checked to belong to the server's process group."""
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        port = other.server_address[1]
+        monkeypatch.setattr(server_process, "free_port", lambda: port)
+        server = launcher("silent")  # never binds, as an SGLang server still loading its model
+        assert server.port == port and server.port_held_by_another_process() and server.port_taken()
+        with pytest.raises(RuntimeError, match=f"port {port} is held by a process outside"):
+            server.wait_ready(30)
+        assert not server.bind_failed()  # it was found out by the listener, not by a log line
+    finally:
+        other.shutdown()
+        other.server_close()

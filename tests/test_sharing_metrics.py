@@ -36,3 +36,14 @@ def test_parse_reads_bare_and_decorated_lines_only():
     assert line.startswith(LOG_PREFIX)
     rows = parse_sharing_lines(f"{line}\nDecode batch, #running-req: 3, #token: 9\n[2026-01-01 00:00:00] {line}")
     assert [(r["attended_kv_tokens"], r["unique_kv_tokens"], r["ratio"]) for r in rows] == [(9, 3, 3.0)] * 2
+
+
+def test_a_line_cut_short_is_left_out_and_dp_ranks_are_read():
+    """A log read while the server writes it may end inside a line; with --dp-size every DP rank's scheduler
+    logs its own totals, under SGLang's ``DPn`` prefix."""
+    line = SharingMeter(interval=1, steps=1, attended=9, unique=3, total_steps=1, total_attended=9,
+                        total_unique=3).format_line()
+    cut = line[:line.index("total_unique_kv_tokens")]
+    assert parse_sharing_lines(f"{line}\n{cut}") == parse_sharing_lines(line)
+    rows = parse_sharing_lines(f"[2026-01-01 00:00:00 DP1 TP0] {line}\n[2026-01-01 00:00:00] {line}")
+    assert rows[0]["dp_rank"] == 1 and "dp_rank" not in rows[1]
