@@ -33,6 +33,11 @@ class Engine(_sglang_engine.Engine):
                     "device='cpu' on a machine with CUDA: set SGLANG_USE_CPU_ENGINE=1 before importing "
                     "sglang_deft.Engine (SGLang reads it at import time)"
                 )
+            if device == "cuda" and _IMPORT_DEVICE != "cuda":
+                raise ValueError(
+                    "device='cuda', but sglang_deft.Engine was imported for the CPU (no CUDA device, or "
+                    "SGLANG_USE_CPU_ENGINE=1 set; SGLang reads it at import time)"
+                )
             split_deft_backend(kwargs, device)
             kwargs.setdefault("log_level", "error")  # SGLang's Engine default
             kwargs = {"server_args": ServerArgs(**kwargs)}

@@ -37,25 +37,48 @@ def config_flag_spelled_out(argv: list[str]) -> list[str]:
     return out
 
 
-def _device_arg(argv: list[str]) -> str | None:
-    """``--device`` from the command line, else from a ``--config`` file (SGLang's merge lets the command
-    line override the file); read before SGLang loads, so without its parser. argparse takes the file
-    as ``--config=FILE`` and abbreviated (``--conf FILE``) too, as ``parse_server_args`` does."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--config", default=None)
-    known = parser.parse_known_args(argv)[0]
-    if known.device is not None or known.config is None:
-        return known.device
+class _PreParseError(Exception):
+    pass
+
+
+class _PreParser(argparse.ArgumentParser):
+    def error(self, message):  # a malformed command line is SGLang's parser's to report, with its usage
+        raise _PreParseError(message)
+
+
+def _config_as_args(path: str) -> list[str] | None:
+    """A config file's scalar entries as SGLang's merger writes them (``key: v`` as ``--key v``); None for a
+    file it will report itself (missing, not YAML, not a mapping)."""
     import yaml  # an SGLang dependency, which its own config merger reads the file with
 
     try:
-        with open(known.config) as f:
+        with open(path) as f:
             config = yaml.safe_load(f)
-    except OSError:
-        return None  # SGLang's merger reports the missing file
-    device = config.get("device") if isinstance(config, dict) else None
-    return None if device is None else str(device)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return [x for key, value in config.items() if not isinstance(value, (bool, list, dict))
+            for x in (f"--{key}", str(value))]
+
+
+def _device_arg(argv: list[str]) -> str | None:
+    """``--device`` from the command line, else from a ``--config`` file (SGLang's merge lets the command
+    line override the file); read before SGLang loads, so without its parser. argparse takes the file
+    as ``--config=FILE`` and abbreviated (``--conf FILE``) too, as ``parse_server_args`` does, and a file's
+    key as abbreviated as a flag (``dev: cpu``). None where SGLang's parser will refuse the arguments."""
+    parser = _PreParser(add_help=False)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--config", default=None)
+    try:
+        known = parser.parse_known_args(argv)[0]
+        if known.config is None:
+            return known.device
+        config = _config_as_args(known.config)
+        # As SGLang's merger: the file's entries first, the command line after them (it wins).
+        return parser.parse_known_args(config + argv)[0].device if config else known.device
+    except _PreParseError:
+        return None
 
 
 def parse_server_args(argv: list[str], device: str):

@@ -12,14 +12,37 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 
+def _group_members(pgid: int) -> list[tuple[str, str]] | None:
+    """(pid, state) of every process of group ``pgid`` from /proc; None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, the last ")" ends it
+            state, _ppid, pgrp = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+        if int(pgrp) == pgid:
+            members.append((entry.name, state))
+    return members
+
+
 def process_group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` is still running (a server's children can outlive it)."""
+    """Whether any process of group ``pgid`` is still running (a server's children can outlive it). Zombies
+    do not count: under PID 1 or a subreaper that does not reap, a dead scheduler stays one for good."""
+    members = _group_members(pgid)
+    if members is not None:
+        return any(state != "Z" for _, state in members)
     try:
         os.killpg(pgid, 0)
         return True
@@ -27,6 +50,22 @@ def process_group_alive(pgid: int) -> bool:
         return False
     except PermissionError:  # alive, but not ours to signal
         return True
+
+
+def _end_with_parent() -> None:
+    """In the launcher, before it runs (Linux): SIGTERM when the process that started it dies, even by SIGKILL.
+    Its own session keeps it out of the terminal's signals, so nothing else would stop it; SGLang's launcher
+    then stops its scheduler and detokenizer (they die with it too)."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+try:  # resolved here, not in the forked child
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
 
 
 def free_port() -> int:
@@ -67,18 +106,13 @@ def _listening_inodes(port: int) -> set[str] | None:
 def _group_socket_inodes(pgid: int) -> set[str]:
     """The inodes of every socket a process of group ``pgid`` holds open."""
     inodes = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid, _ in _group_members(pgid) or []:
         try:
-            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, the last ")" ends it
-            if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            for fd in os.scandir(Path(entry.path, "fd")):
+            for fd in os.scandir(f"/proc/{pid}/fd"):
                 target = os.readlink(fd.path)
                 if target.startswith("socket:["):
                     inodes.add(target[len("socket:["):-1])
-        except (OSError, ValueError, IndexError):  # a process that exited meanwhile, or not ours to read
+        except OSError:  # exited meanwhile, or not ours to read
             continue
     return inodes
 
@@ -97,8 +131,12 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.command = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
+        # The parent-death signal comes when the *thread* that forked ends: only the main thread's end is the
+        # process's (bench_e2e relaunches servers from pool threads that end before their servers should).
+        in_main_thread = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
+                                     preexec_fn=_end_with_parent if _prctl is not None and in_main_thread else None)
 
     def wait_ready(self, timeout_s: float, on_poll=None) -> float:
         """Block until ``/health_generate`` answers 200; returns the seconds waited. ``on_poll(elapsed)``
@@ -111,8 +149,9 @@ class ServerProcess:
                 raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             # uvicorn logs a failed bind but SGLang's scheduler processes live on: without this the
             # wait would run to its timeout (callers relaunch on another port).
-            if self.bind_failed():
-                raise RuntimeError(f"{self.name} server could not bind port {self.port}:\n{self.log()[-4000:]}")
+            if line := self.bind_failed():
+                what = f"port {self.port}" if f", {self.port})" in line else f"a port ({line.strip()[-200:]})"
+                raise RuntimeError(f"{self.name} server could not bind {what}:\n{self.log()[-4000:]}")
             # SGLang binds its port only once the model is loaded: until then another process that took the
             # port (a server started beside this one that drew the same free port) would answer for it.
             if self.port_held_by_another_process():
@@ -130,10 +169,12 @@ class ServerProcess:
     def port_taken(self) -> bool:
         """Its port was taken between ``free_port`` and the server's bind (servers starting together
         pick ports at the same time, and each SGLang server opens more)."""
-        return self.bind_failed() or self.port_held_by_another_process()
+        return bool(self.bind_failed()) or self.port_held_by_another_process()
 
-    def bind_failed(self) -> bool:
-        return "address already in use" in self.log().lower()
+    def bind_failed(self) -> str:
+        """The log's first "address already in use" line ("" if none): uvicorn's on the HTTP port, or another
+        port's (SGLang's own, NCCL's), which a relaunch picks anew too."""
+        return next((line for line in self.log().splitlines() if "address already in use" in line.lower()), "")
 
     def port_held_by_another_process(self) -> bool:
         """A process outside this server's process group listens on its port (False where /proc cannot say)."""

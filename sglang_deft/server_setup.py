@@ -39,6 +39,12 @@ def prepare_process(device: str | None) -> str:
     require_supported_sglang("sglang_deft (its launcher, Engine, CPU layer and patches)")
     has_cuda = torch.cuda.is_available()
     device = device or default_device()
+    if device == "cuda" and not has_cuda:
+        raise ValueError("--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False); "
+                         "leave --device out for SGLang's CPU engine")
+    if device == "cuda" and os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
+        raise ValueError("--device cuda with SGLANG_USE_CPU_ENGINE=1 set: SGLang reads that variable when it loads "
+                         "and would pick its CPU kernels; unset it for the GPU")
     if device == "cpu":
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # inherited by the spawned scheduler
     if not has_cuda:

@@ -78,7 +78,7 @@ def test_split_leaves_other_devices_to_the_checks(deft_args):
         (None, True, "cpu", True, False, "1"),
         (None, False, "cpu", True, True, None),
         ("cpu", True, "cpu", True, False, None),  # SGLang's CPU engine on a CUDA host
-        ("cuda", False, "cuda", False, True, None),  # SGLang must import; the checks and SGLang say the rest
+        ("cuda", True, "cuda", False, False, None),
     ],
 )
 def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, compat, env):
@@ -92,6 +92,21 @@ def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, co
     assert prepare_process(device) == expected
     assert ("SGLANG_USE_CPU_ENGINE" in os.environ) == cpu_engine
     assert bool(installed) == compat
+
+
+@pytest.mark.parametrize("has_cuda, env, message", [
+    (False, None, r"--device cuda: torch finds no CUDA device here"),
+    # left over in the shell: SGLang's import-time constants would pick CPU kernels under a GPU setup
+    (True, "1", r"--device cuda with SGLANG_USE_CPU_ENGINE=1 set"),
+])
+def test_prepare_process_refuses_cuda_it_cannot_set_up(monkeypatch, has_cuda, env, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: has_cuda)
+    monkeypatch.setattr(cpu_compat, "install", lambda: pytest.fail("set up for the CPU"))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", env or "")
+    if env is None:
+        monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    with pytest.raises(ValueError, match=message):
+        prepare_process("cuda")
 
 
 @pytest.mark.parametrize("argv, device", [(["--model-path", "m", "--device", "cpu", "--port", "1"], "cpu"),
@@ -114,6 +129,24 @@ def test_launcher_reads_the_device_of_a_config_file(tmp_path, flag):
     config.write_text("attention-backend: deft\n")
     assert _device_arg(argv) is None
     assert _device_arg(["--config", str(tmp_path / "missing.yaml")]) is None  # SGLang's merger reports it
+
+
+@pytest.mark.parametrize("config, argv, device", [
+    ("dev: cpu\n", [], "cpu"),  # the merger writes --dev cpu, which SGLang's parser takes as --device
+    ("device: cpu\n", ["--dev", "cuda"], "cuda"),  # an abbreviated flag on the command line still wins
+    ("model-path: m\ndevice: cpu\nenable-metrics: true\nfoo: [1, 2]\n", [], "cpu"),
+    ("device: [cpu\n", [], None),  # not YAML: SGLang's merger reports it
+    ("- device\n", [], None),  # not a mapping: the same
+    ("device: cpu\n", ["--device"], None),  # no value: SGLang's parser says so, with its usage
+])
+def test_launcher_reads_the_device_as_sglang_will(tmp_path, config, argv, device):
+    path = tmp_path / "server.yaml"
+    path.write_text(config)
+    assert _device_arg(["--config", str(path), *argv]) == device
+
+
+def test_launcher_leaves_a_malformed_command_line_to_sglangs_parser():
+    assert _device_arg(["--model-path", "m", "--config"]) is None  # not "usage: launch_server.py [--device ..."
 
 
 def test_decode_attention_backend_deft_is_a_cli_choice():
@@ -400,6 +433,21 @@ def test_servers_other_than_http_start_as_sglang_starts_them(flag, monkeypatch):
     started.clear()
     launch_server.main(BASE_ARGV + ["--attention-backend", "torch_native"])
     assert [how for how, _ in started] == ["http"]
+
+
+def test_a_source_tree_imported_before_the_installed_release_is_refused(monkeypatch, tmp_path):
+    """PYTHONPATH=~/src/sglang/python with 0.5.10.post1 installed: the metadata names the installed release, the
+    code that loads is another's."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from sglang_deft.patches import sglang_version
+
+    sglang_version.require_supported_sglang("p")  # the installed release, as installed
+    elsewhere = str(tmp_path / "src" / "sglang" / "__init__.py")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=elsewhere))
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match=f"`p` .* but `import sglang` loads {elsewhere}"):
+        sglang_version.require_supported_sglang("p")
 
 
 def test_prepare_process_refuses_another_sglang_release_first(monkeypatch):

@@ -16,14 +16,21 @@ def test_register_adds_the_backend_the_cli_choice_and_the_forward_batch_patch(mo
     def unpatched(cls, batch, model_runner):
         return SimpleNamespace()
 
+    import sglang.srt.server_args as server_args_module
+
     monkeypatch.setattr(ForwardBatch, "init_new", classmethod(unpatched))
     monkeypatch.setattr(registration, "_registered", False)
     monkeypatch.delitem(ATTENTION_BACKENDS, "deft", raising=False)
+    # Another test of this worker may have registered deft already: the choice must come from this register().
+    without = [c for c in ATTENTION_BACKEND_CHOICES if c != "deft"]
+    monkeypatch.setattr(server_args_module, "ATTENTION_BACKEND_CHOICES", without)
     registration.register()
     registration.register()  # idempotent
     assert ATTENTION_BACKENDS["deft"] is registration._create_deft_backend
-    assert ATTENTION_BACKEND_CHOICES.count("deft") == 1
-    assert getattr(ForwardBatch.init_new.__func__, "_sglang_deft_patched", False)
+    assert server_args_module.ATTENTION_BACKEND_CHOICES.count("deft") == 1
+    patched = ForwardBatch.init_new.__func__
+    assert getattr(patched, "_sglang_deft_patched", False)
+    assert patched.__wrapped__ is unpatched  # one layer: wrapped once
 
 
 def test_creating_the_backend_patches_cuda_graph_replays(monkeypatch):
@@ -46,8 +53,10 @@ def test_creating_the_backend_marks_sglangs_warmup_dummy_run(monkeypatch):
     monkeypatch.setattr(ModelRunner, "_dummy_run",
                         lambda self, batch_size, run_ctx=None: seen.append(warmup_dummy_run.in_warmup_dummy_run()))
     monkeypatch.setattr(backend_module, "DeftAttnBackend", lambda runner: ("deft", runner))
+    original = ModelRunner._dummy_run
     registration._create_deft_backend("runner")
     registration._create_deft_backend("runner")  # idempotent: wrapped once
+    assert ModelRunner._dummy_run.__wrapped__ is original
     ModelRunner._dummy_run(object(), 8)
     assert seen == [True] and not warmup_dummy_run.in_warmup_dummy_run()
 
@@ -61,6 +70,7 @@ def test_forward_batch_carries_the_batch_requests(monkeypatch):
     monkeypatch.setattr(ForwardBatch, "init_new", classmethod(init_new))
     forward_batch_reqs.apply()
     forward_batch_reqs.apply()  # idempotent
+    assert ForwardBatch.init_new.__func__.__wrapped__ is init_new  # one layer
     reqs = [object(), object()]
     fb = ForwardBatch.init_new(SimpleNamespace(reqs=reqs), "runner")
     assert fb.deft_reqs is reqs  # the live requests, not a copy

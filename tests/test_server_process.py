@@ -213,3 +213,59 @@ def test_a_port_another_process_answers_on_is_not_taken_for_this_server(launcher
     finally:
         other.shutdown()
         other.server_close()
+
+
+def test_a_zombie_is_not_a_live_process():
+    """Under PID 1 or a subreaper that does not reap, a server's exited children stay zombies in its group:
+    counting them, every stop() would wait out its whole grace and still find the group alive."""
+    import os
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # exited, not reaped: a zombie, which killpg(pgid, 0) still finds
+        if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    try:
+        os.killpg(child.pid, 0)  # the signal check alone would call the group alive
+        assert not process_group_alive(child.pid)
+    finally:
+        child.wait()
+
+
+def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_path):
+    """A test run or script killed by SIGKILL (or SIGTERM past pytest's teardown) runs no stop(): the server,
+    in a session of its own, would keep running (and its GPU memory) into whatever runs next."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    server = launcher("serve")  # the fixture's fake python, reused by the owner below
+    python = server.command[0]
+    server.stop(grace_s=1)
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import json, sys, time
+        from pathlib import Path
+        from sglang_deft.server_process import ServerProcess
+        s = ServerProcess("owned", ["serve"], Path({str(tmp_path / "owned.log")!r}), python={python!r})
+        s.wait_ready(60)
+        print(json.dumps(s.proc.pid), flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = json.loads(owner.stdout.readline())
+        assert process_group_alive(pgid)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 20
+        while process_group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_group_alive(pgid)
+    finally:
+        owner.kill()
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, NameError):
+            pass
