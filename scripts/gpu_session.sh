@@ -182,8 +182,9 @@ end_servers_and_bundle_logs() {
   local logs=$1 tar=$2
   if [ -f "$logs/server_pgids.txt" ]; then
     while read -r pgid name; do
-      # still alive, and still ours (an SGLang process; setsid made pgid == session id)
-      if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null && ps -o args= -s "$pgid" | grep -q sglang; then
+      # still alive, and still ours (an SGLang process; setsid made pgid == session id). Zombies do not count:
+      # this host's PID 1 leaves a stopped server's exited scheduler unreaped, named [sglang::scheduler].
+      if [ -n "$pgid" ] && ps -o stat=,args= -s "$pgid" | awk '$1 !~ /^Z/' | grep -q sglang; then
         say "ending leftover server $name (process group $pgid)"
         kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null
       fi
