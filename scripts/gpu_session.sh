@@ -183,7 +183,8 @@ end_servers_and_bundle_logs() {
   if [ -f "$logs/server_pgids.txt" ]; then
     while read -r pgid name; do
       # still alive, and still ours (an SGLang process; setsid made pgid == session id). Zombies do not count:
-      # this host's PID 1 leaves a stopped server's exited scheduler unreaped, named [sglang::scheduler].
+      # this host's PID 1 (process_api) does not reap, so a stopped server's exited children stay (python3,
+      # sglang::detoken: seen after the demo at ccabf0e) and kill -0 still finds their group.
       if [ -n "$pgid" ] && ps -o stat=,args= -s "$pgid" | awk '$1 !~ /^Z/' | grep -q sglang; then
         say "ending leftover server $name (process group $pgid)"
         kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null
