@@ -1,21 +1,29 @@
 """A C source file next to this module, built into a shared library at first use and loaded by ctypes.
 
-The same arrangement Triton uses for its kernel launchers: the system C compiler (``$CC``, else the
-first of cc, gcc, clang on PATH) builds the library once, into a cache file named by a hash of the
-source, the flags and the compiler's path and modification time, so later processes load it at once.
+The same arrangement Triton uses for its kernel launchers: the system C compiler (``$CC``, which may
+carry arguments such as ``ccache gcc``, else the first of cc, gcc, clang on PATH) builds the library once,
+into a cache file named by a hash of the source, the flags, the machine's architecture and the compiler's
+path and modification time, so later processes load it at once.
 A machine that runs Triton's GPU kernels has such a compiler already (Triton needs it).
 
 Cache directory: ``$SGLANG_DEFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sglang_deft``, else
 ``~/.cache/sglang_deft``. Several processes (tensor-parallel ranks) may build at once: each writes its
-own temporary file and renames it into place, so a reader never sees a partial library.
+own temporary file and renames it into place, so a reader never sees a partial library; a library in the
+cache that does not load (a file cut short by a crash) is built again once. The temp-dir fallback (a cache
+directory that cannot be written) is used only if it is this user's and no one else can write it: a
+library there is code this process runs.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import logging
+import contextlib
 import os
+import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -38,14 +46,15 @@ class CLibraryError(RuntimeError):
     """The C library could not be built or loaded; the message says why and what to do."""
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC")
+def _compiler() -> list[str]:
+    """The compiler command: ``$CC`` split as a shell would (``ccache gcc``), else cc, gcc or clang."""
+    cc = shlex.split(os.environ.get("CC") or "")
     if cc:
         return cc
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     raise CLibraryError(
         "sglang-deft plans decode steps with a small C library built at first use, and found no C compiler "
         "(none of $CC, cc, gcc, clang). Install one (e.g. `apt install gcc`; Triton's GPU kernels need it too) "
@@ -60,36 +69,55 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "sglang_deft"
 
 
-def _build(source: Path, cc: str) -> Path:
-    cc_path = shutil.which(cc) or cc
+def _private(root: Path) -> bool:
+    """Whether ``root`` is this user's and no one else can write to it (or replace what it holds)."""
+    st = root.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _cache_roots() -> list[tuple[Path, bool]]:
+    """(directory, must be private) in the order tried: the cache directory, then one under the temp dir."""
+    return [(_cache_dir(), False), (Path(tempfile.gettempdir()) / f"sglang_deft_{os.getuid()}", True)]
+
+
+def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
+    """The cached library for ``source``, built first if missing (or if it is ``rebuild``: it did not load)."""
+    cc_path = shutil.which(cc[0]) or cc[0]
     key = hashlib.sha256()
     key.update(source.read_bytes())
     key.update(" ".join(CFLAGS).encode())
-    key.update(cc_path.encode())
+    # The compiler's modification time tells two builds of it apart, but a reproducible build dates both
+    # architectures' packages alike: a home directory shared by x86_64 and aarch64 hosts needs the machine too.
+    key.update(" ".join([cc_path, *cc[1:], platform.machine(), sys.platform]).encode())
     try:
         key.update(str(os.stat(cc_path).st_mtime_ns).encode())  # a changed compiler builds anew
     except OSError:
         pass
     suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
-    for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"sglang_deft_{os.getuid()}"):
+    for root, must_be_private in _cache_roots():
         target = root / f"{source.stem}_{key.hexdigest()[:16]}{suffix}"
-        if target.exists():
-            return target
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=suffix, dir=root)
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if must_be_private and not _private(root):
+                logger.warning("sglang-deft: %s is not this user's alone; not loading or building a library there",
+                               root)
+                continue
+            if target.exists() and target != rebuild:
+                return target
+            fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=suffix, dir=root)
             os.close(fd)
         except OSError as e:
             logger.warning("sglang-deft: cannot write the C library cache in %s (%s); trying the next place", root, e)
             continue
-        logger.info("sglang-deft: building %s with %s into %s", source.name, cc, target)
-        cmd = [cc, *CFLAGS, str(source), "-o", tmp, "-lm"]
+        logger.info("sglang-deft: building %s with %s into %s", source.name, " ".join(cc), target)
+        cmd = [*cc, *CFLAGS, str(source), "-o", tmp, "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:  # e.g. $CC names no program
             done = subprocess.CompletedProcess(cmd, -1, "", str(e))
         if done.returncode != 0:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # a failed link removes its output itself
+                os.unlink(tmp)
             raise CLibraryError(f"building {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()}")
         # mkstemp made the file 0600 and the linker adds only execute bits: readable by all, as a library
         # the linker writes itself, so that other users sharing the cache directory can load it.
@@ -107,10 +135,18 @@ def load(source_name: str) -> ctypes.CDLL:
         if lib is None:
             if sys.platform == "win32":
                 raise CLibraryError("sglang-deft's C planner is built for Linux and macOS only")
-            path = _build(HERE / source_name, _compiler())
+            cc = _compiler()
+            path = _build(HERE / source_name, cc)
             try:
-                lib = _LOADED[source_name] = ctypes.CDLL(str(path))
-            except OSError as e:
-                raise CLibraryError(f"cannot load {path} ({e}); delete it to have it rebuilt, or set "
-                                    "SGLANG_DEFT_CACHE_DIR to a directory of your own") from e
+                lib = ctypes.CDLL(str(path))
+            except OSError as first:
+                # A cached file that does not load (cut short by a crash before it reached the disk): once more.
+                logger.warning("sglang-deft: %s does not load (%s); building it again", path, first)
+                path = _build(HERE / source_name, cc, rebuild=path)
+                try:
+                    lib = ctypes.CDLL(str(path))
+                except OSError as e:
+                    raise CLibraryError(f"cannot load {path} ({e}), built again just now; set SGLANG_DEFT_CACHE_DIR "
+                                        "to a directory of your own (one not mounted noexec)") from e
+            _LOADED[source_name] = lib
         return lib

@@ -19,6 +19,7 @@ _ERRORS = {
     -1: "KVTree.node_indptr must start at 0 and never decrease",
     -2: "KVTree.node_parent[i] must be -1 (a root) or a node index smaller than i",
     -3: "KVTree.query_node must index a node of the tree",
+    -7: "the planner's sizes and constants (MIN_CHUNK_TOKENS, SMALL_ROWS, programs per SM, ...) must be positive",
 }
 _TOO_MANY_TILES, _BAD_CAPACITY, _NO_MEMORY = -4, -5, -6
 
@@ -46,8 +47,9 @@ def _library() -> ctypes.CDLL:
     lib = c_library.load("schedule.c")
     fn = lib.deft_schedule
     if fn.restype is not _I64:
-        fn.restype = _I64
+        # argtypes first: another thread that sees restype set takes the prototype as complete.
         fn.argtypes = [_PTR, _PTR, _I64, _PTR, _I64] + [_I64] * 9 + [ctypes.c_double] + [_I64] * 3 + [_PTR, _I64, _PTR]
+        fn.restype = _I64
     return lib
 
 

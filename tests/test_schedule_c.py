@@ -131,27 +131,74 @@ def test_a_library_that_does_not_load_is_a_clear_error(tmp_path, monkeypatch):
         raise OSError(f"{path}: cannot open shared object file: Permission denied")
 
     monkeypatch.setattr(c_library.ctypes, "CDLL", refuse)
-    with pytest.raises(c_library.CLibraryError, match="cannot load .*Permission denied.*delete it"):
+    with pytest.raises(c_library.CLibraryError, match="cannot load .*Permission denied.*built again just now"):
         c_library.load("schedule.c")
+
+
+def test_a_cached_library_cut_short_is_built_again(tmp_path, monkeypatch):
+    """A crash before the rename's data reached the disk can leave the cached file empty: every later process
+    would fail to load it until someone deleted it by hand."""
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    # Built, not loaded: dlopen would hand this process the library it already has at that path.
+    built = c_library._build(c_library.HERE / "schedule.c", c_library._compiler())
+    built.write_bytes(b"")
+    assert list(tmp_path.iterdir()) == [built]
+    assert c_library.load("schedule.c").deft_schedule is not None
+    assert list(tmp_path.iterdir()) == [built] and built.stat().st_size > 0
+
+
+def test_a_failed_link_reports_the_linkers_error(tmp_path, monkeypatch):
+    """The linker removes its output when it fails: cleaning up must not hide its message behind a missing file."""
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{_system_cc()} -lsglang_deft_no_such_library")
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="(?s)building schedule.c failed.*sglang_deft_no_such_library"):
+        c_library.load("schedule.c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temp_dir_others_can_write_is_not_used(tmp_path, monkeypatch):
+    """The fallback's name is predictable: a directory another user made (or can write) could hold a library
+    this process would run."""
+    import os
+    import tempfile
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"sglang_deft_{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="no writable cache directory"):
+        c_library.load("schedule.c")
+    assert list(shared.iterdir()) == []
 
 
 VALUE_SOURCE = "#ifndef VALUE\n#define VALUE 1\n#endif\nint deft_value(void) { return VALUE; }\n"
 
 
-def _wrapper_cc(path, define: str):
-    """A compiler that is the system's with one more -D: a library it builds answers differently."""
+def _system_cc() -> str:
     import shutil
 
-    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    path.write_text(f'#!/bin/sh\nexec {real} {define} "$@"\n')
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _wrapper_cc(path, define: str):
+    """A compiler that is the system's with one more -D: a library it builds answers differently."""
+    path.write_text(f'#!/bin/sh\nexec {_system_cc()} {define} "$@"\n')
     path.chmod(0o755)
     return path
 
 
-@pytest.mark.parametrize("change", ["source", "flags", "compiler_path", "compiler_replaced_in_place"])
+@pytest.mark.parametrize("change", ["source", "flags", "compiler_path", "compiler_replaced_in_place",
+                                    "compiler_arguments", "machine"])
 def test_whatever_changes_the_build_builds_the_library_anew(tmp_path, monkeypatch, change):
-    """The cache key covers the source, the flags and the compiler (its path and its mtime): a later
-    process after any of them changed must load a library built anew, never the stale one."""
+    """The cache key covers the source, the flags, the compiler (its path, its arguments in $CC, its mtime) and
+    the machine (a cache shared by x86_64 and aarch64 hosts): a later process after any of them changed must
+    load a library built anew, never the stale one."""
     import os
 
     cache = tmp_path / "cache"
@@ -175,6 +222,15 @@ def test_whatever_changes_the_build_builds_the_library_anew(tmp_path, monkeypatc
         other = _wrapper_cc(tmp_path / "cc2", "-DVALUE=2")
         os.utime(other, ns=(cc.stat().st_atime_ns, cc.stat().st_mtime_ns))
         monkeypatch.setenv("CC", str(other))
+    elif change == "compiler_arguments":  # $CC with arguments, as "ccache gcc"
+        monkeypatch.setenv("CC", f"{cc} -DVALUE=2")
+    elif change == "machine":  # the same compiler path and mtime on another architecture
+        monkeypatch.setattr(c_library.platform, "machine", lambda: "aarch64-elsewhere")
+        cache_before = set(cache.iterdir())
+        monkeypatch.setattr(c_library, "_LOADED", {})
+        c_library.load("value.c")
+        assert len(set(cache.iterdir()) - cache_before) == 1  # its own file, not the x86_64 one
+        return
     else:  # an upgraded compiler at the same path
         mtime = cc.stat().st_mtime_ns
         _wrapper_cc(cc, "-DVALUE=2")
@@ -291,3 +347,15 @@ def test_the_schedule_itself_refuses_more_queries_than_its_layout_holds():
     with pytest.raises(ValueError, match="needs 3 queries, more than the plan capacity 2"):
         _plan_schedule(Schedule(), tree, group_size=4, head_dim=32, kv_elem_bytes=2, num_kv_heads=2, num_sms=8,
                        large_rows=64, programs_per_sm=4, cap_queries=2, cap_items=16, kv_tokens=None)
+
+
+@pytest.mark.parametrize("constant, value", [("MIN_CHUNK_TOKENS", 0), ("SMALL_ROWS", -16)])
+def test_a_planner_constant_set_out_of_range_is_a_clear_error(monkeypatch, constant, value):
+    """Experiments change the planner's module constants; a zero chunk length divided by zero in C (SIGFPE:
+    the process died)."""
+    from sglang_deft.kernels import plan
+
+    monkeypatch.setattr(plan, constant, value)
+    tree = make_tree([-1, 0, 0], [300, 5, 7], [1, 2])
+    with pytest.raises(ValueError, match="must be positive"):
+        plan.plan_tree_decode(tree, 32, 8, 128)
