@@ -144,8 +144,8 @@ def server_args_problems(server_args) -> list[str]:
         problems.append(f"--disaggregation-mode {a.disaggregation_mode}: not supported by the deft backend")
     if a.enable_torch_compile:
         problems.append(
-            "--enable-torch-compile: the deft decode path builds its KV tree on the host every step, "
-            "which compiled graphs cannot capture"
+            "--enable-torch-compile: untested with the deft decode path (torch.compile would trace deft's "
+            "forward_decode, its Triton launches over a per-step plan, inside SGLang's captured graphs)"
         )
     if a.grpc_mode or a.use_ray or a.encoder_only:
         flag = "--grpc-mode" if a.grpc_mode else "--use-ray" if a.use_ray else "--encoder-only"
@@ -265,7 +265,27 @@ def model_config_problems(model_config, server_args) -> list[str]:
         problems.append(f"{model}: sliding-window attention is not supported; deft attends every token of the path")
     if model_config.attention_chunk_size is not None:
         problems.append(f"{model}: chunked local attention is not supported; deft attends every token of the path")
+    if getattr(model_config.hf_config, "dual_chunk_attention_config", None):
+        problems.append(f"{model}: dual-chunk attention (a query per chunk position, with chunk-relative RoPE) is "
+                        "not supported; deft attends one query per head over the whole path")
+    if _linear_attention_config(model_config) is not None:
+        problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
     return problems
+
+
+# SGLang's ModelRunner decides which models run linear-attention or Mamba layers by these properties, which read
+# only the model config: asked here, such a model is refused before its weights load, not by the scheduler.
+_LINEAR_ATTENTION_PROPERTIES = ("mamba2_config", "hybrid_gdn_config", "kimi_linear_config", "hybrid_lightning_config")
+
+
+def _linear_attention_config(model_config):
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    runner = SimpleNamespace(model_config=model_config, is_draft_worker=False)
+    return next((c for name in _LINEAR_ATTENTION_PROPERTIES
+                 if (c := getattr(ModelRunner, name).fget(runner)) is not None), None)
 
 
 def check_model_config(model_config, server_args) -> None:

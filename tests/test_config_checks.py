@@ -336,8 +336,15 @@ def test_repo_model_passes(deft_args):
               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
               first_k_dense_replace=3),  # every layer dense; the experts count must be an int (transformers 5.x)
          "MLA attention"),
+        # Qwen2.5-*-Instruct-1M: five query variants per token (chunk-relative RoPE) reach the decode backend
+        (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", dual_chunk_attention_config={
+            "chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 32768}),
+         "dual-chunk attention"),
+        # refused before its weights load, no longer only when the scheduler makes the backend
+        (dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next"),
+         "hybrid linear-attention / Mamba models are not supported"),
     ],
-    ids=["sliding_window", "mla"],
+    ids=["sliding_window", "mla", "dual_chunk", "linear_attention"],
 )
 def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, expected):
     path = model_dir(tmp_path, **overrides)
