@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,7 @@ class DeftAttnBackend(AttentionBackend):
         self.tree_builder = DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
         self.kv_pool_size = model_runner.token_to_kv_pool.size
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, log=self.logging_rank)
+        self._recorded_batch = None  # a weak reference to the ForwardBatch whose step was last counted
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
         self.eager_steps = 0
@@ -212,7 +214,18 @@ class DeftAttnBackend(AttentionBackend):
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
         check_tree = with_padding_queries(check_tree, rows) if check and isinstance(plan, TreeDecodePlan) else None
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps)
-        self.sharing.record(attended, unique, time.perf_counter() - started, step is not None and step.steady)
+        self._record(forward_batch, attended, unique, started, step is not None and step.steady)
+
+    def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool) -> None:
+        """Count the step in the sharing metrics once: after a rank fault under elastic expert parallelism,
+        ``ModelRunner.forward`` runs the same ForwardBatch again (planned again, rightly, but one step)."""
+        if self._recorded_batch is not None and self._recorded_batch() is forward_batch:
+            return
+        try:  # SGLang's ForwardBatch (a dataclass) takes a weak reference: the backend keeps no batch alive
+            self._recorded_batch = weakref.ref(forward_batch)
+        except TypeError:  # a stand-in without __weakref__ (the CPU tests' namespaces)
+            self._recorded_batch = lambda: forward_batch
+        self.sharing.record(attended, unique, time.perf_counter() - started, steady)
 
     def _plan_warmup_batch(self, forward_batch: ForwardBatch) -> None:
         """SGLang's warm-up forward pass (FlashInfer's autotune, ``patches.warmup_dummy_run``): a decode batch
@@ -318,7 +331,7 @@ class DeftAttnBackend(AttentionBackend):
         if TRACE_PLANS:
             self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu)
         self.planned_replay_size = padded_bs
-        self.sharing.record(step.attended_tokens, step.unique_tokens, time.perf_counter() - started, step.steady)
+        self._record(forward_batch, step.attended_tokens, step.unique_tokens, started, step.steady)
         return True
 
     def init_forward_metadata_replay_cuda_graph(

@@ -426,6 +426,23 @@ def test_one_tp_rank_logs_sharing(server_args, model_config, caplog):
     assert backend.sharing.total_steps == 1  # still counted
 
 
+def test_a_forward_batch_run_again_counts_as_one_step(server_args, model_config):
+    """Elastic expert parallelism re-runs ModelRunner._forward_raw on the same ForwardBatch after a rank fault:
+    planned again (the output must be right), counted once; the next step's batch counts again."""
+    sim = RadixSim(kv_slots=2048)
+    reqs = forked_batch(sim)
+    layers = attention_layers(model_config)
+    kv_pool = kv_pool_for(layers, 2048)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    batch = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(batch)
+    first = backend.forward_metadata
+    backend.init_forward_metadata(batch)
+    assert backend.forward_metadata is not first and backend.sharing.total_steps == 1
+    backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))  # another batch of the same step
+    assert backend.sharing.total_steps == 2
+
+
 def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):
     sim = RadixSim(kv_slots=256)
     layers = attention_layers(model_config)
