@@ -15,10 +15,10 @@ library there is code this process runs.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
-import contextlib
 import os
 import platform
 import shlex
