@@ -786,7 +786,8 @@ class ModelRun:
                 clock.note(f"{self.name} sglang.lang program", time.monotonic() - start)
             from sglang_deft.sharing_metrics import parse_sharing_lines
 
-            rows = parse_sharing_lines(servers["deft"].log())
+            deft_log = servers["deft"].log()
+            rows = parse_sharing_lines(deft_log)
             if rows:
                 last = rows[-1]
                 result["sharing"] = {"decode_steps": last["total_steps"],
@@ -794,8 +795,8 @@ class ModelRun:
                                      "unique_kv_tokens": last["total_unique_kv_tokens"],
                                      "ratio": (last["total_attended_kv_tokens"]
                                                / max(1.0, last["total_unique_kv_tokens"]))}
-            result["kernel_check"] = kernel_check_summary(servers["deft"].log())
-            result["stage1_kernels"] = stage1_kernels(servers["deft"].log())
+            result["kernel_check"] = kernel_check_summary(deft_log)
+            result["stage1_kernels"] = stage1_kernels(deft_log)
             result["ok"] = all(w["ok"] for w in result["workloads"].values()) and bool(rows)
             if spec.get("sharp"):  # the criterion is meaningful there only if the prefix drives the tokens
                 result["ok"] = result["ok"] and result["context_sensitivity"] >= 0.5

@@ -311,7 +311,8 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append("the model runner uses an MLA backend; deft needs per-head K/V")
     if model_runner.sliding_window_size is not None:
         problems.append(f"the model uses a sliding window of {model_runner.sliding_window_size} tokens")
-    if model_runner.mambaish_config is not None:
+    # model_config_problems above asks SGLang's rules of a main worker; this catches only what they did not.
+    if model_runner.mambaish_config is not None and _linear_attention_config(model_runner.model_config) is None:
         problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
     kv_dtype, model_dtype = model_runner.kv_cache_dtype, model_runner.model_config.dtype
     if kv_dtype is not None and not reads_kv_dtype(kv_dtype, model_dtype):

@@ -86,6 +86,11 @@ def server_args(model: Path, gpu: bool, extra: list[str] = ()) -> list[str]:
     return args + list(extra)
 
 
+def complete_lines(log_text: str) -> str:
+    """``log_text`` up to its last newline: the server may be writing the line after it."""
+    return log_text[:log_text.rfind("\n") + 1]
+
+
 class StartupProgress:
     """SGLang's startup milestones, picked out of the server log as it grows.
 
@@ -111,7 +116,7 @@ class StartupProgress:
 
     def update(self, log_text: str, elapsed: float) -> list[str]:
         """Messages for what the log gained since the last call, `elapsed` seconds into the start."""
-        end = log_text.rfind("\n") + 1
+        end = len(complete_lines(log_text))
         new = log_text[self.consumed:end] if end > self.consumed else ""
         self.consumed = max(self.consumed, end)
         messages = []
@@ -143,11 +148,8 @@ def sharing_summary(log_before: str, log_after: str) -> dict | None:
     """
     from sglang_deft.sharing_metrics import parse_sharing_lines
 
-    def complete(text: str) -> str:  # the server may be writing the log's last line as it is read
-        return text[:text.rfind("\n") + 1]
-
-    before = parse_sharing_lines(complete(log_before))
-    after = parse_sharing_lines(complete(log_after))
+    before = parse_sharing_lines(complete_lines(log_before))
+    after = parse_sharing_lines(complete_lines(log_after))
     new = after[len(before):]
     if not new:
         return None
