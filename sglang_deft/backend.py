@@ -221,10 +221,7 @@ class DeftAttnBackend(AttentionBackend):
         ``ModelRunner.forward`` runs the same ForwardBatch again (planned again, rightly, but one step)."""
         if self._recorded_batch is not None and self._recorded_batch() is forward_batch:
             return
-        try:  # SGLang's ForwardBatch (a dataclass) takes a weak reference: the backend keeps no batch alive
-            self._recorded_batch = weakref.ref(forward_batch)
-        except TypeError:  # a stand-in without __weakref__ (the CPU tests' namespaces)
-            self._recorded_batch = lambda: forward_batch
+        self._recorded_batch = weakref.ref(forward_batch)  # the backend keeps no batch alive
         self.sharing.record(attended, unique, time.perf_counter() - started, steady)
 
     def _plan_warmup_batch(self, forward_batch: ForwardBatch) -> None:

@@ -95,22 +95,27 @@ def forked_batch(sim: RadixSim):
     return reqs
 
 
+class ForwardBatchStub(SimpleNamespace):
+    """SGLang's ForwardBatch as far as the backend reads it; a class of its own, as SGLang's dataclass is, so that the
+    backend can hold a weak reference to the batch it last counted."""
+
+
 def decode_forward_batch(sim, reqs, kv_pool):
     """The memory side of one decode step, as the scheduler prepares it."""
     before = [sim.seq_len[r.rid] for r in reqs]
     seq_lens = sim.prepare_decode(reqs)
     rows = sim.req_pool_indices(reqs)
     out_cache_loc = sim.req_to_token[rows, torch.tensor(before)].long()
-    return SimpleNamespace(forward_mode=ForwardMode.DECODE, deft_reqs=reqs, req_pool_indices=rows,
+    return ForwardBatchStub(forward_mode=ForwardMode.DECODE, deft_reqs=reqs, req_pool_indices=rows,
                            seq_lens_cpu=seq_lens, seq_lens=seq_lens, out_cache_loc=out_cache_loc,
                            token_to_kv_pool=kv_pool)
 
 
-def padded(fb, pad: int, fill: int) -> SimpleNamespace:
+def padded(fb, pad: int, fill: int) -> ForwardBatchStub:
     """``fb`` as ``ForwardBatch._pad_inputs_to_size`` leaves it, ``pad`` rows longer."""
     def cat(t, value):
         return torch.cat([t, torch.full((pad,), value, dtype=t.dtype, device=t.device)])
-    return SimpleNamespace(**{**vars(fb), "seq_lens_cpu": cat(fb.seq_lens_cpu, fill), "seq_lens": cat(fb.seq_lens, fill),
+    return ForwardBatchStub(**{**vars(fb), "seq_lens_cpu": cat(fb.seq_lens_cpu, fill), "seq_lens": cat(fb.seq_lens, fill),
                               "req_pool_indices": cat(fb.req_pool_indices, 0), "out_cache_loc": cat(fb.out_cache_loc, 0)})
 
 

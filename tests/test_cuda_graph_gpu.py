@@ -47,7 +47,7 @@ from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGE
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 from server_group import gpu_package_env, serving  # noqa: E402
-from test_backend import calibrate, per_request_reference, record_steady  # noqa: E402
+from test_backend import ForwardBatchStub, calibrate, per_request_reference, record_steady  # noqa: E402
 from tiny_models import server_test_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,9 +107,9 @@ class CudaDecodeSetup:
         self.req_to_token.copy_(self.sim.req_to_token)
         rows = self.sim.req_pool_indices(reqs)
         loc = self.sim.req_to_token[rows, torch.tensor(before)].long().cuda()
-        return SimpleNamespace(forward_mode=ForwardMode.DECODE, deft_reqs=reqs, req_pool_indices=rows.cuda(),
-                               seq_lens_cpu=seq_lens, seq_lens=seq_lens.cuda(), out_cache_loc=loc,
-                               token_to_kv_pool=self.kv_pool)
+        return ForwardBatchStub(forward_mode=ForwardMode.DECODE, deft_reqs=reqs, req_pool_indices=rows.cuda(),
+                                seq_lens_cpu=seq_lens, seq_lens=seq_lens.cuda(), out_cache_loc=loc,
+                                token_to_kv_pool=self.kv_pool)
 
 
 class Graphs:

@@ -32,7 +32,7 @@ from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGE
 from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
-from test_backend import (attention_layers, cpu_server_args, decode_forward_batch, make_backend,
+from test_backend import (ForwardBatchStub, attention_layers, cpu_server_args, decode_forward_batch, make_backend,
                           per_request_reference, random_kv_setup, record_steady)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -540,7 +540,7 @@ def test_a_requests_bits_depend_on_its_batch_not_on_graphs(server_args, model_co
     sim.run_to_cache(prompt)
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3)), sim.new_req(prompt + sim.tokens(4))])
     pair = decode_forward_batch(sim, reqs, kv_pool)
-    alone = SimpleNamespace(**{**vars(pair), "deft_reqs": reqs[:1], "seq_lens_cpu": pair.seq_lens_cpu[:1],
+    alone = ForwardBatchStub(**{**vars(pair), "deft_reqs": reqs[:1], "seq_lens_cpu": pair.seq_lens_cpu[:1],
                                "seq_lens": pair.seq_lens[:1], "req_pool_indices": pair.req_pool_indices[:1],
                                "out_cache_loc": pair.out_cache_loc[:1]})
     layer = layers[0]
