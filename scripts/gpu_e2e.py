@@ -17,7 +17,9 @@ Servers (``python -m sglang_deft.launch_server``, one GPU, all ``--attention-bac
   was not built for), the next of ``--noise-backends`` (``torch_native``) takes its place.
 Models: ``tiny`` (the repo's ``models/tiny-llama-deft``, seeded weights with sharp attention; float16 by
 default, see below), its variants with real models' attention heads (``TINY_VARIANTS``: ``tiny-d128``,
-``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
+``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them), the same under other
+model families' code (``FAMILY_VARIANTS``: ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-qwen3-moe``, ``tiny-mixtral``)
+and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
 --skip-tokenizer-init``, bfloat16). Requests (token ids, greedy, chosen-token logprobs and top-10):
 a fork (prefix cached first, then k branches in one batch, as ``fork()`` does), a nested fork (each
 branch's prompt plus triton's output, forked 2 ways), and an ``n > 1`` request; on ``tiny`` also a
@@ -117,8 +119,17 @@ MODELS = {
 # which transformers requires).
 TINY_VARIANTS = {"tiny-d128": (32, 8, 128), "tiny-d64": (32, 8, 64), "tiny-d256": (16, 8, 256),
                  "tiny-gqa7": (28, 4, 128, 112)}
+# The same tiny model under other families' model code (make_tiny_model.ARCHITECTURES), each with a real
+# model's heads: Qwen2.5-7B's (q/k/v biases), Qwen3-8B's (q/k RMSNorm), Qwen3-30B-A3B's (mixture of experts
+# in place of the MLP). SGLang's Mixtral derives head_dim from the hidden size (hidden / q heads), so Mixtral's
+# 32 / 8 heads of 128 would need a hidden size of 4096; its variant keeps GQA 4 at 8 / 2 heads of 64 (the
+# Hopper kernel serves 64 as well). Same prompts, criterion and context-sensitivity check as tiny.
+FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("qwen3", (32, 8, 128)),
+                   "tiny-qwen3-moe": ("qwen3_moe", (32, 4, 128)), "tiny-mixtral": ("mixtral", (8, 2, 64, 512))}
 for _name, _heads in TINY_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads)
+for _name, (_architecture, _heads) in FAMILY_VARIANTS.items():
+    MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture)
 
 
 def variant_dir(name: str) -> Path:
@@ -134,7 +145,8 @@ def materialize_model(name: str, spec: dict) -> Path:
         import make_tiny_model
     finally:
         sys.path.pop(0)
-    return make_tiny_model.write_variant(variant_dir(name), *spec["heads"])
+    return make_tiny_model.write_variant(variant_dir(name), *spec["heads"],
+                                         architecture=spec.get("architecture", "llama"))
 
 
 # --sampling-backend pytorch: FlashInfer's top-k/top-p sampler would be JIT-compiled mid-program (~80 s) on
@@ -840,7 +852,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="deft vs SGLang's triton and flashinfer decode on the GPU, same requests")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
-    p.add_argument("--models", default="tiny,8b", help="comma-separated: tiny, 8b, " + ", ".join(TINY_VARIANTS))
+    p.add_argument("--models", default="tiny,8b",
+                   help="comma-separated: tiny, 8b, " + ", ".join([*TINY_VARIANTS, *FAMILY_VARIANTS]))
     p.add_argument("--tiny-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="float16 (default) rounds 8x finer than bfloat16: a narrower noise band (module docstring)")
     p.add_argument("--noise-backends", default=None,
@@ -946,6 +959,7 @@ def main(argv=None) -> int:
             report["models"][name] = {}
             if spec.get("heads"):
                 report["models"][name]["heads"] = list(spec["heads"])
+                report["models"][name]["architecture"] = spec.get("architecture", "llama")
                 spec = dict(spec, path=materialize_model(name, spec))
                 clock.note(f"{name}: generated at {spec['path']}")
             if not spec["path"].exists():

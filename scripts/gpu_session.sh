@@ -9,6 +9,8 @@
 #                                                                 # models' heads (64, 128, 256; GQA 2, 4, 7): the Hopper
 #                                                                 # kernel under the context-sensitive check
 #                                                                 # (E2E_ARGS=--cuda-graph for SGLang's graphs)
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-families # the same under Qwen2, Qwen3, Qwen3-MoE and
+#                                                                 # Mixtral model code (gpu_e2e.py FAMILY_VARIANTS)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
@@ -46,6 +48,7 @@
 #            left: then run `e2e-8b`.
 #   e2e-heads ~2-3 min: 12 servers (4 tiny variants x triton, flashinfer, deft) start together, ~2-2.5 min on a
 #            fresh machine, then ~5 s of workloads per model (124-175 s in all, 2026-12-02).
+#   e2e-families: as e2e-heads (4 models x 3 servers), plus the MoE models' Triton fused-MoE compiles.
 #   bench-e2e ~4-5 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
 #            each, CUDA-graph capture up to batch 256 (flashinfer, triton) and FlashInfer's JIT (1-2 min
 #            fresh), so ~2-2.5 min until all are up (107-146 s at 895a55d and a47c255); then each
@@ -59,8 +62,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|bench-e2e|demo|graphs|step-host|features) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|bench-e2e|demo|graphs|step-host|features" >&2
+  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|bench-e2e|demo|graphs|step-host|features) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|bench-e2e|demo|graphs|step-host|features" >&2
      exit 2 ;;
 esac
 
@@ -112,6 +115,7 @@ EOF
     e2e-tiny) phase_e2e tiny ;;
     e2e-8b) phase_e2e 8b ;;
     e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
+    e2e-families) phase_e2e tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;

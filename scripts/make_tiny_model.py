@@ -4,6 +4,7 @@ Usage:
     python scripts/make_tiny_model.py            # (re)write the weights next to config.json
     python scripts/make_tiny_model.py --check    # regenerate in memory, compare with the file
     python scripts/make_tiny_model.py --heads 32,8,128 --out /tmp/tiny-d128   # a variant, see below
+    python scripts/make_tiny_model.py --heads 32,4,128 --architecture qwen3_moe --out /tmp/tiny-qwen3-moe
 
 Variants (``--heads Q,KV,D[,HIDDEN]``, ``write_variant``): the same model, tokenizer and scales with
 other attention heads, written to another directory (never shipped: a few MB, regenerated in seconds).
@@ -14,6 +15,14 @@ while real models' heads (64, 128, 256) run the Hopper kernel: a variant with Ll
 8 kv heads of 128 puts the shipped kernel under the same context-sensitive end-to-end check
 (scripts/gpu_e2e.py ``tiny-d128``). The sharpness below does not depend on the heads: the std of
 q.k / sqrt(head_dim) is QK_STD**2 * hidden whatever head_dim is (10 at hidden 112, 11.5 at 128).
+
+A variant may also take another model family's architecture (``--architecture``, ``ARCHITECTURES``), so
+that the decode path is checked under the model code SGLang runs for that family, not only its Llama:
+Qwen2 (q/k/v biases, zero here), Qwen3 (an RMSNorm over each head of q and k, whose weights are set to
+QK_STD * sqrt(hidden) so that the scores keep the same spread), and the mixture-of-experts Qwen3-MoE and
+Mixtral (the dense MLP replaced by EXPERTS experts, EXPERTS_PER_TOKEN of them per token, with a router).
+The attention weights are the Llama variant's, drawn in the same order; what the families add is drawn
+from a second generator.
 
 The model exists so that a wrong decode attention changes the tokens. HF's default init
 (std 0.02) and SGLang's `--load-format dummy` (uniform +-1e-3) make every attention row almost
@@ -61,6 +70,26 @@ LM_HEAD_STD = 0.3
 BIAS_DIM = 0        # hidden dimension that carries a constant (see the docstring)
 BIAS_VALUE = 3.0    # its value in every embedding
 EXCLUDED_LOGIT_WEIGHT = -10.0  # lm_head weight on BIAS_DIM for the ids never to produce
+EXPERTS, EXPERTS_PER_TOKEN, EXPERT_INTERMEDIATE = 4, 2, 128  # the MoE families' experts
+
+# Model families a variant can take: the config fields that make SGLang (and transformers) run that family's
+# model code. Qwen2 and Qwen3 configs carry a sliding_window that use_sliding_window=False leaves unused.
+ARCHITECTURES = {
+    "llama": {},
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", use_sliding_window=False,
+                      num_experts=EXPERTS, num_experts_per_tok=EXPERTS_PER_TOKEN,
+                      moe_intermediate_size=EXPERT_INTERMEDIATE, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=EXPERTS,
+                    num_experts_per_tok=EXPERTS_PER_TOKEN),
+}
+# Each MoE family's checkpoint names: the router, then an expert's (gate, up, down) projections.
+MOE_WEIGHTS = {
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
+}
 
 
 def printable_token_ids(model_dir: Path = MODEL_DIR) -> list[int]:
@@ -114,7 +143,42 @@ def make_state_dict(model_dir: Path = MODEL_DIR) -> dict[str, torch.Tensor]:
     lm_head[~keep] = 0.0
     lm_head[~keep, BIAS_DIM] = EXCLUDED_LOGIT_WEIGHT
     sd["lm_head.weight"] = lm_head
+    add_family_weights(sd, cfg)
     return {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+
+
+def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
+    """What ``cfg``'s model family (``ARCHITECTURES``) has beyond the Llama's weights, in ``sd``: drawn from
+    a generator of their own, so that the Llama weights stay the bundled model's draws."""
+    family = cfg.get("model_type", "llama")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"model_type {family!r}: the tiny model is made for {', '.join(ARCHITECTURES)}")
+    g = torch.Generator().manual_seed(SEED + 1)
+    hidden, hd = cfg["hidden_size"], cfg["head_dim"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        if family == "qwen2":
+            for name, heads in (("q", cfg["num_attention_heads"]), ("k", cfg["num_key_value_heads"]),
+                                ("v", cfg["num_key_value_heads"])):
+                sd[p + f"self_attn.{name}_proj.bias"] = torch.zeros(heads * hd)
+        if family in ("qwen3", "qwen3_moe"):
+            # Normalised heads have unit RMS; this weight gives q and k the spread QK_STD gives the Llama's
+            # (q.k / sqrt(head_dim) with std QK_STD**2 * hidden).
+            for name in ("q_norm", "k_norm"):
+                sd[p + f"self_attn.{name}.weight"] = torch.full((hd,), QK_STD * math.sqrt(hidden))
+        if family in MOE_WEIGHTS:
+            router, expert, (gate, up, down) = MOE_WEIGHTS[family]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                del sd[p + f"mlp.{name}.weight"]
+            inter = cfg["moe_intermediate_size"] if family == "qwen3_moe" else cfg["intermediate_size"]
+            sd[p + router + ".weight"] = torch.randn(EXPERTS, hidden, generator=g) / math.sqrt(hidden)
+            for e in range(EXPERTS):
+                q = p + expert.format(e=e)
+                sd[q + gate + ".weight"] = torch.randn(inter, hidden, generator=g) / math.sqrt(hidden)
+                sd[q + up + ".weight"] = torch.randn(inter, hidden, generator=g) / math.sqrt(hidden)
+                w_down = torch.randn(hidden, inter, generator=g) / math.sqrt(inter)
+                w_down[BIAS_DIM] = 0.0  # the bias channel: no layer writes it
+                sd[q + down + ".weight"] = w_down
 
 
 def parse_heads(text: str) -> list[int]:
@@ -125,24 +189,33 @@ def parse_heads(text: str) -> list[int]:
     return dims
 
 
-def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128) -> Path:
-    """The bundled model with other attention heads, written to ``out_dir`` (config, tokenizer, weights)."""
+def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128,
+                  architecture: str = "llama") -> Path:
+    """The bundled model with other attention heads, and maybe another family's architecture
+    (``ARCHITECTURES``), written to ``out_dir`` (config, tokenizer, weights)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r}: choose from {', '.join(ARCHITECTURES)}")
     if num_q_heads < 1 or num_kv_heads < 1 or head_dim < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"heads {num_q_heads},{num_kv_heads},{head_dim}: need Q, KV, D >= 1 with KV dividing Q")
     if hidden <= BIAS_DIM or hidden % num_q_heads:
         # transformers' LlamaConfig refuses it on load (SGLang's server then fails at startup)
         raise ValueError(f"hidden size {hidden} is not a multiple of the {num_q_heads} q heads")
+    if architecture == "mixtral" and hidden != num_q_heads * head_dim:
+        # SGLang's Mixtral ignores the config's head_dim (hidden_size // heads): its first prefill would fail
+        raise ValueError(f"hidden size {hidden}: SGLang's Mixtral takes head_dim as hidden_size // q heads, "
+                         f"so it must be {num_q_heads} x {head_dim}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(MODEL_DIR / name, out_dir / name)
     cfg = json.loads((MODEL_DIR / "config.json").read_text())
     cfg.update(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
-               hidden_size=hidden)
+               hidden_size=hidden, **ARCHITECTURES[architecture])
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     save_file(make_state_dict(out_dir), str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "generator": "scripts/make_tiny_model.py", "seed": str(SEED),
-                        "heads": f"{num_q_heads},{num_kv_heads},{head_dim}", "hidden": str(hidden)})
+                        "heads": f"{num_q_heads},{num_kv_heads},{head_dim}", "hidden": str(hidden),
+                        "architecture": architecture})
     return out_dir
 
 
@@ -152,17 +225,22 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the existing file, write nothing")
     ap.add_argument("--heads", default=None, metavar="Q,KV,D[,HIDDEN]",
                     help="write a variant with these attention heads to --out instead")
+    ap.add_argument("--architecture", default="llama", choices=list(ARCHITECTURES),
+                    help="the variant's model family (with --heads)")
     ap.add_argument("--out", type=Path, default=None, help="the variant's directory (with --heads)")
     args = ap.parse_args(argv)
     if (args.heads is None) != (args.out is None):
         ap.error("--heads and --out go together")
+    if args.architecture != "llama" and args.heads is None:
+        ap.error("--architecture makes a variant: give --heads and --out")
     if args.heads is not None:
         try:
             dims = parse_heads(args.heads)
-            out = write_variant(args.out, *dims)
+            out = write_variant(args.out, *dims, architecture=args.architecture)
         except ValueError as e:
             ap.error(f"--heads {args.heads}: {e}")
-        print(f"wrote {out}: {dims[0]} q / {dims[1]} kv heads of {dims[2]}, hidden {dims[3] if len(dims) > 3 else 128}")
+        print(f"wrote {out}: {args.architecture}, {dims[0]} q / {dims[1]} kv heads of {dims[2]}, "
+              f"hidden {dims[3] if len(dims) > 3 else 128}")
         return 0
     path = args.model_dir / "model.safetensors"
     sd = make_state_dict(args.model_dir)

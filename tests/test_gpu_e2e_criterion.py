@@ -318,6 +318,22 @@ def test_tiny_variants_are_generated_and_judged_like_tiny(tmp_path, monkeypatch)
     assert g.main(["--out", str(tmp_path / "out"), "--models", "tiny,nope"]) == 2
 
 
+def test_family_variants_are_generated_under_their_model_code(tmp_path, monkeypatch):
+    """tiny-qwen3-moe and the other family variants: a sharp tiny variant whose config names the family's
+    architecture, so that SGLang runs that family's model code around deft's decode."""
+    monkeypatch.setattr(g, "variant_dir", lambda name: tmp_path / name)
+    architectures = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+    assert {family for family, _ in g.FAMILY_VARIANTS.values()} == set(architectures)
+    for name, (family, heads) in g.FAMILY_VARIANTS.items():
+        spec = g.MODELS[name]
+        assert spec["sharp"] and spec["heads"] == heads and spec["architecture"] == family
+    path = g.materialize_model("tiny-qwen3-moe", g.MODELS["tiny-qwen3-moe"])
+    cfg = g.json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == [architectures["qwen3_moe"]] and cfg["num_experts"] == 4
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (32, 4, 128)
+
+
 def test_the_tie_gap_is_the_larger_of_the_two_servers_gaps():
     """At a divergence, a near-tie must hold in *both* servers: ref's token 2 is 0.05 below deft's choice in
     deft's top-k, but deft's token 4 is 0.5 below ref's choice in ref's: gap 0.5, not a near-tie."""

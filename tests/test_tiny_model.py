@@ -160,18 +160,26 @@ def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids,
     assert not same, f"branches {same} did not notice KV token 5 missing"
 
 
-# The variants the GPU end-to-end check runs: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7.
-VARIANT_HEADS = list(script_module("gpu_e2e").TINY_VARIANTS.values())
+# The variants the GPU end-to-end check runs: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7, and
+# the Qwen2, Qwen3, Qwen3-MoE and Mixtral families with their models' heads.
+GPU_E2E = script_module("gpu_e2e")
+VARIANTS = [("llama", heads) for heads in GPU_E2E.TINY_VARIANTS.values()] + list(GPU_E2E.FAMILY_VARIANTS.values())
 
 
-@pytest.fixture(scope="module", params=VARIANT_HEADS, ids=lambda h: "q{}_kv{}_d{}".format(*h[:3]))
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: "{}_q{}_kv{}_d{}".format(v[0], *v[1][:3]))
 def variant(request, tmp_path_factory):
-    heads = request.param
-    out = make_tiny_model_module().write_variant(tmp_path_factory.mktemp("variant"), *heads)
+    architecture, heads = request.param
+    out = make_tiny_model_module().write_variant(tmp_path_factory.mktemp("variant"), *heads,
+                                                 architecture=architecture)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == heads[:3]
     assert cfg["hidden_size"] == (heads[3] if len(heads) > 3 else 128)
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager")
+    m, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    # every weight the family's model has is in the file, and nothing else (a misnamed one would be left at
+    # transformers' random init here and at SGLang's dummy values or a load error in a server)
+    assert not any(info.values()), info
+    assert type(m).__name__ == cfg["architectures"][0]
     return m.eval()
 
 
@@ -195,6 +203,27 @@ def test_variant_heads_are_checked(tmp_path):
         make_tiny_model_module().write_variant(tmp_path, 32, 6, 128)
     with pytest.raises(ValueError, match="not a multiple of the 28 q heads"):
         make_tiny_model_module().write_variant(tmp_path, 28, 4, 128)
+    with pytest.raises(ValueError, match="architecture 'gemma'"):
+        make_tiny_model_module().write_variant(tmp_path, 8, 2, 32, architecture="gemma")
+    with pytest.raises(ValueError, match="must be 32 x 128"):
+        make_tiny_model_module().write_variant(tmp_path, 32, 8, 128, architecture="mixtral")
+
+
+def test_family_variants_keep_the_llama_attention_weights(tmp_path):
+    """The families change the model code around attention, not the attention's weights: a failure in one
+    family but not the Llama variant then points at that family's code path."""
+    from safetensors.torch import load_file
+
+    make_tiny_model = make_tiny_model_module()
+    for family, heads in GPU_E2E.FAMILY_VARIANTS.values():
+        llama, other = (load_file(str(make_tiny_model.write_variant(tmp_path / f"{family}_{arch}", *heads,
+                                                                    architecture=arch) / "model.safetensors"))
+                        for arch in ("llama", family))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            key = f"model.layers.2.self_attn.{name}.weight"
+            assert torch.equal(other[key], llama[key]), (family, key)
+        moe = family in ("qwen3_moe", "mixtral")
+        assert ("model.layers.0.mlp.gate_proj.weight" in other) != moe
 
 
 def test_check_mode_catches_weights_that_differ_from_the_generator(tmp_path, capsys):
