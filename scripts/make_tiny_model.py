@@ -14,12 +14,15 @@ They exist because the bundled model's head_dim 32 runs deft's portable Triton k
 while real models' heads (64, 128, 256) run the Hopper kernel: a variant with Llama-3-8B's 32 q /
 8 kv heads of 128 puts the shipped kernel under the same context-sensitive end-to-end check
 (scripts/gpu_e2e.py ``tiny-d128``). The sharpness below does not depend on the heads: the std of
-q.k / sqrt(head_dim) is QK_STD**2 * hidden whatever head_dim is (10 at hidden 112, 11.5 at 128).
+q.k / sqrt(head_dim) is QK_STD**2 * hidden whatever head_dim is (10 at hidden 112, 11.5 at 128). Above a
+hidden size of 128 the q/k weights shrink (``qk_std``) to keep it at 11.5: at 512, QK_STD would give 46, and
+scores that far apart in float16 (an absolute precision of ~0.06 at 100) tie often enough that two correct
+kernels' roundings pick different keys.
 
 A variant may also take another model family's architecture (``--architecture``, ``ARCHITECTURES``), so
 that the decode path is checked under the model code SGLang runs for that family, not only its Llama:
 Qwen2 (q/k/v biases, zero here), Qwen3 (an RMSNorm over each head of q and k, whose weights are set to
-QK_STD * sqrt(hidden) so that the scores keep the same spread), and the mixture-of-experts Qwen3-MoE and
+qk_std(hidden) * sqrt(hidden) so that the scores keep the same spread), and the mixture-of-experts Qwen3-MoE and
 Mixtral (the dense MLP replaced by EXPERTS experts, EXPERTS_PER_TOKEN of them per token, with a router).
 The attention weights are the Llama variant's, drawn in the same order; what the families add is drawn
 from a second generator.
@@ -71,6 +74,13 @@ BIAS_DIM = 0        # hidden dimension that carries a constant (see the docstrin
 BIAS_VALUE = 3.0    # its value in every embedding
 EXCLUDED_LOGIT_WEIGHT = -10.0  # lm_head weight on BIAS_DIM for the ids never to produce
 EXPERTS, EXPERTS_PER_TOKEN, EXPERT_INTERMEDIATE = 4, 2, 128  # the MoE families' experts
+# The router's logits have this std, so that which experts a token takes is rarely a near-tie: a routing
+# decision is a step function of the hidden state, and where two experts' logits nearly tie, the rounding of
+# two correct attention kernels picks different experts, changes that token's K/V in the later layers by
+# O(1) and every step after it. At std 1 SGLang's own two GPU decode backends parted that way at steps that
+# were no near-tie of the output tokens (H200, fp16, f152b1c), which the end-to-end criterion reads as an
+# unusable noise floor.
+ROUTER_LOGIT_STD = 8.0
 
 # Model families a variant can take: the config fields that make SGLang (and transformers) run that family's
 # model code. Qwen2 and Qwen3 configs carry a sliding_window that use_sliding_window=False leaves unused.
@@ -90,6 +100,11 @@ MOE_WEIGHTS = {
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
 }
+
+
+def qk_std(hidden: int) -> float:
+    """The q/k weights' std: QK_STD, or less above a hidden size of 128 (the docstring says why)."""
+    return QK_STD * math.sqrt(min(1.0, 128 / hidden))
 
 
 def printable_token_ids(model_dir: Path = MODEL_DIR) -> list[int]:
@@ -123,8 +138,8 @@ def make_state_dict(model_dir: Path = MODEL_DIR) -> dict[str, torch.Tensor]:
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = torch.ones(hidden)
-        sd[p + "self_attn.q_proj.weight"] = normal((n_q * hd, hidden), QK_STD)
-        sd[p + "self_attn.k_proj.weight"] = normal((n_kv * hd, hidden), QK_STD)
+        sd[p + "self_attn.q_proj.weight"] = normal((n_q * hd, hidden), qk_std(hidden))
+        sd[p + "self_attn.k_proj.weight"] = normal((n_kv * hd, hidden), qk_std(hidden))
         sd[p + "self_attn.v_proj.weight"] = normal((n_kv * hd, hidden), 1 / math.sqrt(hidden))
         sd[p + "self_attn.o_proj.weight"] = normal((hidden, n_q * hd), 1 / math.sqrt(n_q * hd))
         sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
@@ -162,16 +177,17 @@ def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
                                 ("v", cfg["num_key_value_heads"])):
                 sd[p + f"self_attn.{name}_proj.bias"] = torch.zeros(heads * hd)
         if family in ("qwen3", "qwen3_moe"):
-            # Normalised heads have unit RMS; this weight gives q and k the spread QK_STD gives the Llama's
-            # (q.k / sqrt(head_dim) with std QK_STD**2 * hidden).
+            # Normalised heads have unit RMS; this weight gives q and k the spread qk_std gives the Llama's
+            # (q.k / sqrt(head_dim) with std qk_std**2 * hidden).
             for name in ("q_norm", "k_norm"):
-                sd[p + f"self_attn.{name}.weight"] = torch.full((hd,), QK_STD * math.sqrt(hidden))
+                sd[p + f"self_attn.{name}.weight"] = torch.full((hd,), qk_std(hidden) * math.sqrt(hidden))
         if family in MOE_WEIGHTS:
             router, expert, (gate, up, down) = MOE_WEIGHTS[family]
             for name in ("gate_proj", "up_proj", "down_proj"):
                 del sd[p + f"mlp.{name}.weight"]
             inter = cfg["moe_intermediate_size"] if family == "qwen3_moe" else cfg["intermediate_size"]
-            sd[p + router + ".weight"] = torch.randn(EXPERTS, hidden, generator=g) / math.sqrt(hidden)
+            sd[p + router + ".weight"] = torch.randn(EXPERTS, hidden, generator=g) * (ROUTER_LOGIT_STD
+                                                                                     / math.sqrt(hidden))
             for e in range(EXPERTS):
                 q = p + expert.format(e=e)
                 sd[q + gate + ".weight"] = torch.randn(inter, hidden, generator=g) / math.sqrt(hidden)
