@@ -22,7 +22,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpu_only import cpu_only
 
+# SGLang's CPU engine; on the GPU host the same families run on the device: gpu_session.sh e2e-families.
+pytestmark = cpu_only
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe", "tiny-mixtral"]
 ARCHITECTURES = {"tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3-moe": "qwen3_moe",
