@@ -18,7 +18,8 @@ Servers (``python -m sglang_deft.launch_server``, one GPU, all ``--attention-bac
 Models: ``tiny`` (the repo's ``models/tiny-llama-deft``, seeded weights with sharp attention; float16 by
 default, see below), its variants with real models' attention heads (``TINY_VARIANTS``: ``tiny-d128``,
 ``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them), the same under other
-model families' code (``FAMILY_VARIANTS``: ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-qwen3-moe``, ``tiny-mixtral``)
+model families' code (``FAMILY_VARIANTS``: ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-qwen3-moe``, ``tiny-mixtral``,
+``tiny-phi3``)
 and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
 --skip-tokenizer-init``, bfloat16). Requests (token ids, greedy, chosen-token logprobs and top-10):
 a fork (prefix cached first, then k branches in one batch, as ``fork()`` does), a nested fork (each
@@ -123,9 +124,11 @@ TINY_VARIANTS = {"tiny-d128": (32, 8, 128), "tiny-d64": (32, 8, 64), "tiny-d256"
 # model's heads: Qwen2.5-7B's (q/k/v biases), Qwen3-8B's (q/k RMSNorm), Qwen3-30B-A3B's (mixture of experts
 # in place of the MLP). SGLang's Mixtral derives head_dim from the hidden size (hidden / q heads), so Mixtral's
 # 32 / 8 heads of 128 would need a hidden size of 4096; its variant keeps GQA 4 at 8 / 2 heads of 64 (the
-# Hopper kernel serves 64 as well). Same prompts, criterion and context-sensitivity check as tiny.
+# Hopper kernel serves 64 as well). Phi-3-mini's 32 / 32 heads of 96 (no GQA; a head dim the Hopper kernel pads to
+# 128). Same prompts, criterion and context-sensitivity check as tiny.
 FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("qwen3", (32, 8, 128)),
-                   "tiny-qwen3-moe": ("qwen3_moe", (32, 4, 128)), "tiny-mixtral": ("mixtral", (8, 2, 64, 512))}
+                   "tiny-qwen3-moe": ("qwen3_moe", (32, 4, 128)), "tiny-mixtral": ("mixtral", (8, 2, 64, 512)),
+                   "tiny-phi3": ("phi3", (32, 32, 96))}
 for _name, _heads in TINY_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads)
 for _name, (_architecture, _heads) in FAMILY_VARIANTS.items():

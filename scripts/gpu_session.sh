@@ -9,8 +9,8 @@
 #                                                                 # models' heads (64, 128, 256; GQA 2, 4, 7): the Hopper
 #                                                                 # kernel under the context-sensitive check
 #                                                                 # (E2E_ARGS=--cuda-graph for SGLang's graphs)
-#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-families # the same under Qwen2, Qwen3, Qwen3-MoE and
-#                                                                 # Mixtral model code (gpu_e2e.py FAMILY_VARIANTS)
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-families # the same under Qwen2, Qwen3, Qwen3-MoE,
+#                                                                 # Mixtral and Phi-3 model code (gpu_e2e.py FAMILY_VARIANTS)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
@@ -48,7 +48,8 @@
 #            left: then run `e2e-8b`.
 #   e2e-heads ~2-3 min: 12 servers (4 tiny variants x triton, flashinfer, deft) start together, ~2-2.5 min on a
 #            fresh machine, then ~5 s of workloads per model (124-175 s in all, 2026-12-02).
-#   e2e-families: as e2e-heads (4 models x 3 servers), plus the MoE models' Triton fused-MoE compiles.
+#   e2e-families ~3-4 min: 5 models x 3 servers start together (200-216 s for 4 of them, 2026-12-04), plus
+#            the MoE models' Triton fused-MoE compiles.
 #   bench-e2e ~4-5 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
 #            each, CUDA-graph capture up to batch 256 (flashinfer, triton) and FlashInfer's JIT (1-2 min
 #            fresh), so ~2-2.5 min until all are up (107-146 s at 895a55d and a47c255); then each
@@ -115,7 +116,7 @@ EOF
     e2e-tiny) phase_e2e tiny ;;
     e2e-8b) phase_e2e 8b ;;
     e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
-    e2e-families) phase_e2e tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral ;;
+    e2e-families) phase_e2e tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral,tiny-phi3 ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;

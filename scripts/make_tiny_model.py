@@ -21,9 +21,11 @@ kernels' roundings pick different keys.
 
 A variant may also take another model family's architecture (``--architecture``, ``ARCHITECTURES``), so
 that the decode path is checked under the model code SGLang runs for that family, not only its Llama:
-Qwen2 (q/k/v biases, zero here), Qwen3 (an RMSNorm over each head of q and k, whose weights are set to
-qk_std(hidden) * sqrt(hidden) so that the scores keep the same spread), and the mixture-of-experts Qwen3-MoE and
-Mixtral (the dense MLP replaced by EXPERTS experts, EXPERTS_PER_TOKEN of them per token, with a router).
+Qwen2 (q/k/v biases), Qwen3 (an RMSNorm over each head of q and k, whose weights are set to
+qk_std(hidden) * sqrt(hidden) so that the scores keep the same spread), the mixture-of-experts Qwen3-MoE and
+Mixtral (the dense MLP replaced by EXPERTS experts, EXPERTS_PER_TOKEN of them per token, with a router), and
+Phi-3 (q/k/v and gate/up stored fused, as its checkpoints are; a sliding_window of 2047 in the config, as
+Phi-3-mini-4k's, which SGLang's Llama class that serves Phi-3 does not apply).
 The attention weights are the Llama variant's, drawn in the same order; what the families add is drawn
 from a second generator.
 
@@ -73,7 +75,9 @@ LM_HEAD_STD = 0.3
 BIAS_DIM = 0        # hidden dimension that carries a constant (see the docstring)
 BIAS_VALUE = 3.0    # its value in every embedding
 EXCLUDED_LOGIT_WEIGHT = -10.0  # lm_head weight on BIAS_DIM for the ids never to produce
-EXPERTS, EXPERTS_PER_TOKEN, EXPERT_INTERMEDIATE = 4, 2, 128  # the MoE families' experts
+EXPERTS, EXPERTS_PER_TOKEN = 4, 2  # the MoE families' experts
+EXPERT_INTERMEDIATE = 128  # Qwen3-MoE's moe_intermediate_size; Mixtral's experts take intermediate_size (256)
+QWEN2_BIAS_STD = 0.5  # Qwen2's q/k/v biases (a k bias shifts every score of a query alike: softmax ignores it)
 # The router's logits have this std, so that which experts a token takes is rarely a near-tie: a routing
 # decision is a step function of the hidden state, and where two experts' logits nearly tie, the rounding of
 # two correct attention kernels picks different experts, changes that token's K/V in the later layers by
@@ -94,6 +98,8 @@ ARCHITECTURES = {
                       mlp_only_layers=[]),
     "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=EXPERTS,
                     num_experts_per_tok=EXPERTS_PER_TOKEN),
+    # pad_token_id: Phi3Config's default (32000) lies outside the tiny vocabulary
+    "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=2047, pad_token_id=None),
 }
 # Each MoE family's checkpoint names: the router, then an expert's (gate, up, down) projections.
 MOE_WEIGHTS = {
@@ -175,12 +181,16 @@ def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
         if family == "qwen2":
             for name, heads in (("q", cfg["num_attention_heads"]), ("k", cfg["num_key_value_heads"]),
                                 ("v", cfg["num_key_value_heads"])):
-                sd[p + f"self_attn.{name}_proj.bias"] = torch.zeros(heads * hd)
+                sd[p + f"self_attn.{name}_proj.bias"] = torch.randn(heads * hd, generator=g) * QWEN2_BIAS_STD
         if family in ("qwen3", "qwen3_moe"):
             # Normalised heads have unit RMS; this weight gives q and k the spread qk_std gives the Llama's
             # (q.k / sqrt(head_dim) with std qk_std**2 * hidden).
             for name in ("q_norm", "k_norm"):
                 sd[p + f"self_attn.{name}.weight"] = torch.full((hd,), qk_std(hidden) * math.sqrt(hidden))
+        if family == "phi3":
+            attn, mlp = p + "self_attn.", p + "mlp."
+            sd[attn + "qkv_proj.weight"] = torch.cat([sd.pop(attn + f"{x}_proj.weight") for x in "qkv"])
+            sd[mlp + "gate_up_proj.weight"] = torch.cat([sd.pop(mlp + f"{x}_proj.weight") for x in ("gate", "up")])
         if family in MOE_WEIGHTS:
             router, expert, (gate, up, down) = MOE_WEIGHTS[family]
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -217,7 +227,8 @@ def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: 
         # transformers' LlamaConfig refuses it on load (SGLang's server then fails at startup)
         raise ValueError(f"hidden size {hidden} is not a multiple of the {num_q_heads} q heads")
     if architecture == "mixtral" and hidden != num_q_heads * head_dim:
-        # SGLang's Mixtral ignores the config's head_dim (hidden_size // heads): its first prefill would fail
+        # SGLang's Mixtral ignores the config's head_dim (hidden_size // heads): it would load the weights
+        # wrongly (cut to its sizes) or fail
         raise ValueError(f"hidden size {hidden}: SGLang's Mixtral takes head_dim as hidden_size // q heads, "
                          f"so it must be {num_q_heads} x {head_dim}")
     out_dir = Path(out_dir)
