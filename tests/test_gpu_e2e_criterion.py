@@ -334,6 +334,15 @@ def test_family_variants_are_generated_under_their_model_code(tmp_path, monkeypa
     assert g.json.loads((tmp_path / "tiny-qwen3-moe" / "config.json").read_text())["num_experts"] == 4
 
 
+def test_a_noise_backend_that_cannot_serve_a_model_is_not_queued(tmp_path):
+    """FlashInfer cannot merge head_dim 96 (Phi-3's heads): tiny-phi3's noise server is torch_native."""
+    args = g.parse_args(["--out", str(tmp_path)])
+    args.noise_backends = "flashinfer,torch_native"  # main's GPU default
+    queues = {name: g.ModelRun(name, dict(g.MODELS[name], path=tmp_path), None, args, {}).noise_queue
+              for name in ("tiny-phi3", "tiny-qwen3")}
+    assert queues == {"tiny-phi3": ["torch_native"], "tiny-qwen3": ["flashinfer", "torch_native"]}
+
+
 def test_the_tie_gap_is_the_larger_of_the_two_servers_gaps():
     """At a divergence, a near-tie must hold in *both* servers: ref's token 2 is 0.05 below deft's choice in
     deft's top-k, but deft's token 4 is 0.5 below ref's choice in ref's: gap 0.5, not a near-tie."""
