@@ -707,8 +707,10 @@ class ModelRun:
         self.result["noise_extra_args"] = shlex.split(args.noise_args)
         # a backend that cannot serve this model is left out of the queue (it could start and pass the first
         # decodes, then fail mid-workload, past the point where the next one takes its place)
-        unsupported = spec.get("noise_unsupported", ())
-        self.noise_queue = [b for b in args.noise_backends.split(",") if b and b not in unsupported]
+        asked = [b for b in args.noise_backends.split(",") if b]
+        self.noise_queue = [b for b in asked if b not in spec.get("noise_unsupported", ())]
+        if len(self.noise_queue) < len(asked):
+            self.result["noise_not_queued"] = [b for b in asked if b not in self.noise_queue]
         self.launched: dict[str, Launched] = {}
         self.retried: set[str] = set()
 
@@ -826,6 +828,9 @@ class ModelRun:
                 # starting when the budget's timeout came): the absolute check alone is not what the run is for.
                 result["ok"] = False
                 result["not_ok_because"] = "no noise server served: the relative criterion was not applied"
+                if result.get("noise_not_queued"):
+                    result["not_ok_because"] += (f" ({', '.join(result['noise_not_queued'])} cannot serve this "
+                                                 "model and was not started)")
         except Exception:
             result.update(ok=False, error=traceback.format_exc())
         finally:

@@ -48,7 +48,7 @@
 #            left: then run `e2e-8b`.
 #   e2e-heads ~2-3 min: 12 servers (4 tiny variants x triton, flashinfer, deft) start together, ~2-2.5 min on a
 #            fresh machine, then ~5 s of workloads per model (124-175 s in all, 2026-12-02).
-#   e2e-families ~3-4 min: 5 models x 3 servers start together (200-216 s for 4 of them, 2026-12-04), plus
+#   e2e-families ~3-4 min: 5 models x 3 servers start together (199-216 s for 4 of them, 2026-12-04), plus
 #            the MoE models' Triton fused-MoE compiles.
 #   bench-e2e ~4-5 min: 6 servers (8b and tiny x deft/flashinfer/triton) start together: ~1 min of SGLang
 #            each, CUDA-graph capture up to batch 256 (flashinfer, triton) and FlashInfer's JIT (1-2 min

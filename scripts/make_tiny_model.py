@@ -77,7 +77,7 @@ BIAS_VALUE = 3.0    # its value in every embedding
 EXCLUDED_LOGIT_WEIGHT = -10.0  # lm_head weight on BIAS_DIM for the ids never to produce
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2  # the MoE families' experts
 EXPERT_INTERMEDIATE = 128  # Qwen3-MoE's moe_intermediate_size; Mixtral's experts take intermediate_size (256)
-QWEN2_BIAS_STD = 0.5  # Qwen2's q/k/v biases (a k bias shifts every score of a query alike: softmax ignores it)
+QWEN2_BIAS_STD = 0.5  # Qwen2's q/k/v biases
 # The router's logits have this std, so that which experts a token takes is rarely a near-tie: a routing
 # decision is a step function of the hidden state, and where two experts' logits nearly tie, the rounding of
 # two correct attention kernels picks different experts, changes that token's K/V in the later layers by

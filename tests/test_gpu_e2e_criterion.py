@@ -338,9 +338,12 @@ def test_a_noise_backend_that_cannot_serve_a_model_is_not_queued(tmp_path):
     """FlashInfer cannot merge head_dim 96 (Phi-3's heads): tiny-phi3's noise server is torch_native."""
     args = g.parse_args(["--out", str(tmp_path)])
     args.noise_backends = "flashinfer,torch_native"  # main's GPU default
-    queues = {name: g.ModelRun(name, dict(g.MODELS[name], path=tmp_path), None, args, {}).noise_queue
-              for name in ("tiny-phi3", "tiny-qwen3")}
-    assert queues == {"tiny-phi3": ["torch_native"], "tiny-qwen3": ["flashinfer", "torch_native"]}
+    runs = {name: g.ModelRun(name, dict(g.MODELS[name], path=tmp_path), None, args, {})
+            for name in ("tiny-phi3", "tiny-qwen3")}
+    assert {name: run.noise_queue for name, run in runs.items()} == {
+        "tiny-phi3": ["torch_native"], "tiny-qwen3": ["flashinfer", "torch_native"]}
+    assert runs["tiny-phi3"].result["noise_not_queued"] == ["flashinfer"]  # the report says what was left out
+    assert "noise_not_queued" not in runs["tiny-qwen3"].result
 
 
 def test_the_tie_gap_is_the_larger_of_the_two_servers_gaps():

@@ -256,3 +256,18 @@ def test_parse_heads():
     for bad in ("32,8", "1,2,3,4,5"):
         with pytest.raises(ValueError, match="three or four integers"):
             make_tiny_model.parse_heads(bad)
+
+
+def test_phi3_variant_computes_what_its_llama_twin_does(tmp_path, prompt_ids):
+    """Phi-3's fused q/k/v and gate/up weights are the Llama variant's in the order the model splits them: the
+    two give the same logits (transformers, fp32; the 2047-token sliding window is longer than the prompt)."""
+    make_tiny_model = make_tiny_model_module()
+    logits = {}
+    for arch in ("llama", "phi3"):
+        path = make_tiny_model.write_variant(tmp_path / arch, 32, 32, 96, architecture=arch)
+        m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits[arch] = m(torch.tensor([prompt_ids[:64]])).logits
+    assert torch.allclose(logits["phi3"], logits["llama"], atol=1e-4, rtol=0), \
+        (logits["phi3"] - logits["llama"]).abs().max()
