@@ -19,8 +19,7 @@ Models: ``tiny`` (the repo's ``models/tiny-llama-deft``, seeded weights with sha
 default, see below), its variants with real models' attention heads (``TINY_VARIANTS``: ``tiny-d128``,
 ``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them), the same under other
 model families' code (``FAMILY_VARIANTS``: ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-qwen3-moe``, ``tiny-mixtral``,
-``tiny-phi3``)
-and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
+``tiny-phi3``) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
 --skip-tokenizer-init``, bfloat16). Requests (token ids, greedy, chosen-token logprobs and top-10):
 a fork (prefix cached first, then k branches in one batch, as ``fork()`` does), a nested fork (each
 branch's prompt plus triton's output, forked 2 ways), and an ``n > 1`` request; on ``tiny`` also a

@@ -161,7 +161,7 @@ def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids,
 
 
 # The variants the GPU end-to-end check runs: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7, and
-# the Qwen2, Qwen3, Qwen3-MoE and Mixtral families with their models' heads.
+# the Qwen2, Qwen3, Qwen3-MoE, Mixtral and Phi-3 families with their models' heads.
 GPU_E2E = script_module("gpu_e2e")
 VARIANTS = [("llama", heads) for heads in GPU_E2E.TINY_VARIANTS.values()] + list(GPU_E2E.FAMILY_VARIANTS.values())
 
