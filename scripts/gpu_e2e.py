@@ -101,6 +101,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_K = 10
+# The prompts' seed; more seeds (--workload-seeds) run the same workloads on other prompts against the same servers,
+# so that a divergence count of a few requests (the fork's 8) can be read against more of them.
+WORKLOAD_SEEDS = (1234,)
 
 MODELS = {
     "tiny": dict(path=REPO / "models" / "tiny-llama-deft", extra=[], vocab=300, prefix=300, branches=8,
@@ -559,15 +562,16 @@ def _line(entry: dict) -> str:
 
 
 def run_workloads(servers: dict, spec: dict, crit: Criterion, atol: float, tie_tol: float, clock: Clock,
-                  model: str, save) -> dict:
-    """``servers``: role -> ServerProcess, the reference first; noise optional."""
+                  model: str, save, seed: int = WORKLOAD_SEEDS[0]) -> dict:
+    """``servers``: role -> ServerProcess, the reference first; noise optional. ``seed`` draws the prompts."""
     import random
 
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     ids = lambda n: [rng.randrange(3, spec["vocab"]) for _ in range(n)]  # noqa: E731
     prefix, k, T = ids(spec["prefix"]), spec["branches"], spec["new_tokens"]
     suffixes = [ids(4) for _ in range(k)]
     report, outputs, seqs_by_workload = {"workloads": {}}, {}, {}
+    tag = "" if seed == WORKLOAD_SEEDS[0] else f" seed {seed}"
 
     def on_all(name, payload):
         per_server, seconds = {}, {}
@@ -582,7 +586,7 @@ def run_workloads(servers: dict, spec: dict, crit: Criterion, atol: float, tie_t
         entry = judge_workload(*seqs_by_workload[name], crit, atol, tie_tol)  # final verdicts below
         entry["seconds"] = seconds
         report["workloads"][name] = entry
-        clock.note(f"{model} {name}", sum(seconds.values()), _line(entry))
+        clock.note(f"{model}{tag} {name}", sum(seconds.values()), _line(entry))
         save(report)
 
     on_all("fork", logprob_request([prefix + s for s in suffixes], T))
@@ -596,7 +600,7 @@ def run_workloads(servers: dict, spec: dict, crit: Criterion, atol: float, tie_t
     for name, entry in entries.items():
         entry["seconds"] = report["workloads"][name]["seconds"]
         report["workloads"][name] = entry
-        clock.note(f"{model} {name} verdict", extra=_line(entry))
+        clock.note(f"{model}{tag} {name} verdict", extra=_line(entry))
     save(report)
 
     # How much the reference's tokens depend on the shared prefix: one early token changed.
@@ -607,6 +611,23 @@ def run_workloads(servers: dict, spec: dict, crit: Criterion, atol: float, tie_t
     base = outputs["fork"][REFERENCE]
     report["context_sensitivity"] = sum(x["output_ids"] != y["output_ids"] for x, y in zip(changed, base)) / k
     return report
+
+
+def seed_totals(result: dict) -> dict:
+    """Per workload, over the primary seed (``result``'s own workloads) and ``result["extra_seeds"]``: requests,
+    deft's and the noise server's divergences from the reference, and how many seeds passed the criterion."""
+    runs = {str(result["workload_seed"]): result, **result["extra_seeds"]}
+    out = {}
+    for name in result["workloads"]:
+        entries = [r["workloads"][name] for r in runs.values() if name in r.get("workloads", {})]
+        out[name] = {"seeds": len(entries), "seeds_ok": sum(e["ok"] for e in entries),
+                     "requests": sum(e["requests"] for e in entries),
+                     "deft_divergences": sum(e["divergences"] for e in entries),
+                     "noise_divergences": sum(e["relative"]["noise_divergences"] for e in entries
+                                              if "relative" in e) if all("relative" in e for e in entries) else None,
+                     "failed_seeds": [seed for seed, r in runs.items()
+                                      if name in r.get("workloads", {}) and not r["workloads"][name]["ok"]]}
+    return out
 
 
 def run_lang_program(servers: dict) -> dict:
@@ -799,8 +820,19 @@ class ModelRun:
                 save()
 
             start = time.monotonic()
+            seeds = self.args.workload_seeds
             result.update(run_workloads(servers, spec, self.args.criterion, atol, self.args.tie_tol, clock,
-                                        self.name, save_partial))
+                                        self.name, save_partial, seeds[0]))
+            if len(seeds) > 1:
+                result["workload_seed"], extra = seeds[0], result.setdefault("extra_seeds", {})
+                for seed in seeds[1:]:
+                    def save_seed(partial, key=str(seed)):
+                        extra[key] = partial
+                        save()
+
+                    extra[str(seed)] = run_workloads(servers, spec, self.args.criterion, atol, self.args.tie_tol,
+                                                     clock, self.name, save_seed, seed)
+                result["seed_totals"] = seed_totals(result)
             clock.note(f"{self.name} workloads", time.monotonic() - start)
             if spec["tokenizer"]:
                 start = time.monotonic()
@@ -819,9 +851,10 @@ class ModelRun:
                                                / max(1.0, last["total_unique_kv_tokens"]))}
             result["kernel_check"] = kernel_check_summary(deft_log)
             result["stage1_kernels"] = stage1_kernels(deft_log)
-            result["ok"] = all(w["ok"] for w in result["workloads"].values()) and bool(rows)
+            per_seed = [result, *result.get("extra_seeds", {}).values()]
+            result["ok"] = all(w["ok"] for r in per_seed for w in r["workloads"].values()) and bool(rows)
             if spec.get("sharp"):  # the criterion is meaningful there only if the prefix drives the tokens
-                result["ok"] = result["ok"] and result["context_sensitivity"] >= 0.5
+                result["ok"] = result["ok"] and all(r["context_sensitivity"] >= 0.5 for r in per_seed)
             if self.args.noise_backends and result["criterion_mode"] != "relative":
                 # A noise server was asked for and none served (server_errors: a failed start, or one still
                 # starting when the budget's timeout came): the absolute check alone is not what the run is for.
@@ -906,6 +939,10 @@ def parse_args(argv=None):
                    help="extra launcher arguments for every server, one string, e.g. --server-args='--tp 2' "
                         "(the 8b shape with dummy weights: TP=2 changes the model's rounding, so its TP=2 "
                         "check compares TP=2 servers)")
+    p.add_argument("--workload-seeds", default=",".join(map(str, WORKLOAD_SEEDS)), metavar="S1,S2,...",
+                   help="the prompts' seeds: the first gives the report's workloads as always, each further one the "
+                        "same workloads on other prompts against the same servers (extra_seeds, seed_totals); "
+                        "the model is ok only if every seed passes")
     p.add_argument("--cuda-graph", action="store_true",
                    help="servers keep SGLang's CUDA graphs (default: all run with --disable-cuda-graph)")
     p.add_argument("--make-overlay", type=Path, default=None, metavar="DIR",
@@ -914,6 +951,12 @@ def parse_args(argv=None):
     if args.noise_backends is None:
         args.noise_backends = "torch_native" if args.device == "cpu" else "flashinfer,torch_native"
     args.criterion = Criterion(args.k, args.lp_floor, args.div_floor_frac, args.tie_factor, args.noise_pool)
+    try:
+        args.workload_seeds = [int(x) for x in args.workload_seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--workload-seeds takes comma-separated integers, not {args.workload_seeds!r}")
+    if not args.workload_seeds or len(set(args.workload_seeds)) < len(args.workload_seeds):
+        p.error(f"--workload-seeds needs at least one seed and no repeats: {args.workload_seeds}")
     return args
 
 
@@ -954,6 +997,7 @@ def main(argv=None) -> int:
         "absolute_check": "while tokens agree |logprob diff| <= atol; at a divergence both tokens within tie_tol",
         "tiny_dtype": args.tiny_dtype if args.device != "cpu" else "float32",
         "cuda_graph": args.cuda_graph and args.device != "cpu",
+        "workload_seeds": args.workload_seeds,
         "parallel": args.parallel, "budget_s": args.budget_s,
         "models": {}, "timings": clock.phases,
     }

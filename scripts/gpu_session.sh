@@ -10,7 +10,8 @@
 #                                                                 # kernel under the context-sensitive check
 #                                                                 # (E2E_ARGS=--cuda-graph for SGLang's graphs)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-families # the same under Qwen2, Qwen3, Qwen3-MoE,
-#                                                                 # Mixtral and Phi-3 model code (gpu_e2e.py FAMILY_VARIANTS)
+#                                                                 # Mixtral and Phi-3 model code (gpu_e2e.py FAMILY_VARIANTS;
+#                                                                 # E2E_MODELS=tiny-qwen2,... for some of them)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
@@ -116,7 +117,7 @@ EOF
     e2e-tiny) phase_e2e tiny ;;
     e2e-8b) phase_e2e 8b ;;
     e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
-    e2e-families) phase_e2e tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral,tiny-phi3 ;;
+    e2e-families) phase_e2e "${E2E_MODELS:-tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral,tiny-phi3}" ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;
@@ -223,6 +224,9 @@ for name, m in r.get("models", {}).items():
               f" | noise diff {rel.get('noise_max_abs_logprob_diff', float('nan')):.4f}"
               f" div {rel.get('noise_divergences')}"
               f" | allowed {rel.get('allowed_logprob_diff', float('nan')):.4f} / {rel.get('allowed_divergences')}")
+    for w, t in m.get("seed_totals", {}).items():
+        print(f"    {w}, {t['seeds']} seeds: {t['seeds_ok']} ok, divergences deft {t['deft_divergences']} /"
+              f" noise {t['noise_divergences']} of {t['requests']} requests, failed seeds {t['failed_seeds']}")
 EOF
   fi
   return "$rc"

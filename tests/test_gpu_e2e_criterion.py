@@ -476,6 +476,41 @@ def test_model_run_verdict(tmp_path):
                      argv=["--noise-backends", ""])["ok"]
 
 
+class FlakyOnPrompt(FakeModelServer):
+    """deft's tokens part from the reference's on every prompt whose first token is ``bad_first`` (one seed's
+    prompts), at a step no near-tie could explain."""
+
+    def __init__(self, bad_first, **kw):
+        super().__init__(**kw)
+        self.bad_first = bad_first
+
+    def _one(self, prompt, n):
+        out = super()._one(prompt, n)
+        if prompt[0] == self.bad_first and n > 1:
+            out["output_ids"][1] = out["output_ids"][1] % 290 + 4
+        return out
+
+
+def test_model_run_workload_seeds(tmp_path):
+    import random
+
+    two = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING), argv=["--workload-seeds", "1234,7"])
+    assert two["ok"] and two["workload_seed"] == 1234 and set(two["extra_seeds"]) == {"7"}
+    seven = two["extra_seeds"]["7"]
+    assert set(seven["workloads"]) == set(two["workloads"]) and seven["context_sensitivity"] == 1.0
+    totals = two["seed_totals"]["fork"]
+    assert totals == {"seeds": 2, "seeds_ok": 2, "requests": 8, "deft_divergences": 0, "noise_divergences": 0,
+                      "failed_seeds": []}
+    # a wrong answer on the second seed's prompts alone fails the model, and the totals say which seed
+    first_of_7 = random.Random(7).randrange(3, SMALL["vocab"])
+    bad = model_run(tmp_path, FlakyOnPrompt(first_of_7, shift=0.006, log=SHARING), argv=["--workload-seeds", "1234,7"])
+    assert all(w["ok"] for w in bad["workloads"].values()) and not bad["ok"] and "error" not in bad, bad.get("error")
+    assert bad["seed_totals"]["fork"]["failed_seeds"] == ["7"] and bad["seed_totals"]["fork"]["deft_divergences"] == 4
+    for argv in (["--workload-seeds", "1,x"], ["--workload-seeds", "3,3"], ["--workload-seeds", ""]):
+        with pytest.raises(SystemExit):
+            g.parse_args(argv)
+
+
 def test_a_run_that_checks_no_model_is_not_ok(tmp_path, monkeypatch):
     """--device cpu keeps only the tiny models: asked for 8b alone, nothing runs, and that must not pass."""
     monkeypatch.setattr(g.signal, "signal", lambda *a: None)  # main's SIGTERM handler: not in pytest's process
