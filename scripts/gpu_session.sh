@@ -301,11 +301,12 @@ phase_features() {
   # tests/test_e2e_cpu.py, test_e2e_cpu_robustness.py and test_e2e_cpu_preemption.py with their servers on
   # the GPU (SGLANG_DEFT_E2E_DEVICE=cuda: float16 tiny model, triton prefill, CUDA graphs; 3, 2, then 2 servers,
   # ~1-2 min to start each group on a fresh machine, the tests themselves well under a minute).
+  # FEATURES_K=<pytest -k expression> runs some of them (FEATURES_K=paged: the --page-size 16 servers only).
   local rc t=$SECONDS tmp=/tmp/deft_features
   rm -rf "$tmp"
   (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -k 10 $(( $(left) - 20 )) python3 -m pytest \
       "$REPO/tests/test_e2e_cpu.py" "$REPO/tests/test_e2e_cpu_robustness.py" "$REPO/tests/test_e2e_cpu_preemption.py" \
-      -v -rs -p no:cacheprovider \
+      -v -rs -p no:cacheprovider ${FEATURES_K:+-k "$FEATURES_K"} \
       --durations=10 --basetemp="$tmp" --junitxml="$OUT/pytest_features.xml")
   rc=$?
   say "pytest features rc=$rc in $((SECONDS - t))s"

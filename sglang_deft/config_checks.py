@@ -85,13 +85,6 @@ def server_args_problems(server_args) -> list[str]:
     if not (decode or prefill):
         return problems
     a = server_args
-    if a.page_size is not None and a.page_size > 1:
-        problems.append(
-            f"--page-size {a.page_size} (given, or SGLang's default for attention backend "
-            f"{backend_names(a)[1]}): "
-            "the KV tree is built from per-token KV slots and radix nodes "
-            "of any length; only --page-size 1 is supported"
-        )
     if a.speculative_algorithm is not None:
         problems.append(
             f"--speculative-algorithm {a.speculative_algorithm}: verify and draft steps attend several "

@@ -8,7 +8,7 @@ Positions ``[prefix_len, seq_len)`` are the request's own (decoded tokens enter 
 when the request finishes). So the KV tree is: the radix nodes on the batch's paths, plus one
 private-tail node per request under its last radix node.
 
-Facts this relies on (SGLang 0.5.10.post1, page_size 1, no speculative decoding):
+Facts this relies on (SGLang 0.5.10.post1, any ``--page-size``, no speculative decoding):
 
 * ``req.last_node`` is the root when nothing matched, and stays the root with
   ``--disable-radix-cache --chunked-prefill-size -1`` (``RadixCache(disable=True)``); it is ``None``
@@ -23,6 +23,12 @@ Facts this relies on (SGLang 0.5.10.post1, page_size 1, no speculative decoding)
   the decode step after a prefill is built before that prefill's ``cache_unfinished_req`` runs, so
   new requests may still carry ``last_node`` from ``match_prefix`` (a shorter path, a longer private
   tail): still a correct tree, it merely shares less for one step.
+* With ``--page-size`` > 1 the radix tree holds whole pages only: ``match_prefix`` and
+  ``cache_unfinished_req`` stop at the last whole page (``page_align_keys``), and a request's partial
+  last page stays its own (in ``prefix_indices`` past ``cache_protected_len``, never in a node). So a
+  path is page-aligned and everything after it in the row is private, as with page size 1; the paged
+  allocator only decides which slots the row holds, and the tree is built from the row's token slots.
+  Sharing is whole pages: a fork's branches each hold their own copy of the prompt's partial page.
 * ``_split_node`` inserts the new node *above* the split one, which keeps its identity, its key's
   end and its place in every row: a request holding it sees a longer path of the same total length.
 * Nodes on a locked path (every running request locks its ``last_node``) are never evicted.
@@ -49,7 +55,7 @@ KV slot ids never leave the device: the host plans (row, start, length) segments
 gathers them from ``req_to_token`` (one upload of two int32 arrays through page-locked staging,
 ``repeat_interleave``, an add, one ``index_select``, written straight into the caller's buffer).
 Node and query metadata stay on the host, where the planner reads them (no device sync).
-Page size 1 only; speculative decoding (bigram keys, several new tokens) is not handled.
+Speculative decoding (bigram keys, several new tokens) is not handled.
 """
 from __future__ import annotations
 

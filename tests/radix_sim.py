@@ -16,6 +16,10 @@ scheduler gives them in SGLang 0.5.10.post1, call for call:
 * finish: ``tree_cache.cache_finished_req(req)`` and ``req_to_token_pool.free(req)``
   (``release_kv_cache``); retract: the same without inserting, then ``req.reset_for_retract()``.
 
+With ``page_size`` > 1 the cache and allocator are the paged ones (``--page-size``), and slots come as
+``alloc_for_extend`` / ``alloc_for_decode`` take them: ``alloc_extend`` / ``alloc_decode`` after the
+request's last slot (``last_loc``), so a request's partial page fills before it takes a new one.
+
 Only the model is missing: sampled tokens come from a seeded generator. Only a ``ScheduleBatch``
 is not used (it needs a model config and server args); its bookkeeping for these objects is the
 few lines above.
@@ -27,7 +31,7 @@ import itertools
 import torch
 
 from sglang.srt.managers.schedule_batch import Req
-from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.chunk_cache import ChunkCache
@@ -40,13 +44,18 @@ _rid = itertools.count()
 
 class RadixSim:
     def __init__(self, *, cache: str = "radix", max_reqs: int = 64, max_context: int = 512,
-                 kv_slots: int = 8192, vocab: int = 50, seed: int = 0):
+                 kv_slots: int = 8192, vocab: int = 50, seed: int = 0, page_size: int = 1):
         self.req_to_token_pool = ReqToTokenPool(size=max_reqs, max_context_len=max_context, device="cpu",
                                                 enable_memory_saver=False)
-        self.allocator = TokenToKVPoolAllocator(size=kv_slots, dtype=torch.float32, device="cpu", kvcache=None,
-                                                need_sort=False)
+        self.page_size = page_size
+        if page_size == 1:
+            self.allocator = TokenToKVPoolAllocator(size=kv_slots, dtype=torch.float32, device="cpu", kvcache=None,
+                                                    need_sort=False)
+        else:
+            self.allocator = PagedTokenToKVPoolAllocator(size=kv_slots, page_size=page_size, dtype=torch.float32,
+                                                         device="cpu", kvcache=None, need_sort=False)
         params = CacheInitParams(disable=cache == "disabled", req_to_token_pool=self.req_to_token_pool,
-                                 token_to_kv_pool_allocator=self.allocator, page_size=1)
+                                 token_to_kv_pool_allocator=self.allocator, page_size=page_size)
         self.tree_cache = ChunkCache(params) if cache == "chunk" else RadixCache(params)
         self.kv_slots = kv_slots
         self.vocab = vocab
@@ -79,7 +88,7 @@ class RadixSim:
         for req in reqs:
             prefix = len(req.prefix_indices)
             total = len(req.fill_ids)
-            slots = self.allocator.alloc(total - prefix)
+            slots = self._alloc_after(req.prefix_indices[-1:], prefix, total)
             assert slots is not None, "KV pool exhausted: raise kv_slots"
             row = req.req_pool_idx
             self.req_to_token_pool.write((row, slice(0, prefix)), req.prefix_indices)
@@ -98,9 +107,23 @@ class RadixSim:
             self.tree_cache.cache_unfinished_req(req)
         self._pending.clear()
 
+    def _alloc_after(self, last_slot: torch.Tensor, have: int, want: int) -> torch.Tensor | None:
+        """Slots for positions [have, want) of one request whose last slot so far is ``last_slot`` (empty:
+        none yet). Paged: ``alloc_extend`` continues the request's partial page, as the scheduler's does."""
+        if self.page_size == 1:
+            return self.allocator.alloc(want - have)
+        last_loc = last_slot.to(torch.int64) if len(last_slot) else torch.tensor([-1], dtype=torch.int64)
+        prefix, seq = torch.tensor([have], dtype=torch.int64), torch.tensor([want], dtype=torch.int64)
+        return self.allocator.alloc_extend(prefix, prefix, seq, seq, last_loc, want - have)
+
     def prepare_decode(self, reqs: list[Req]) -> torch.Tensor:
         """One decode step's memory side; returns the batch's seq_lens (host, int64)."""
-        slots = self.allocator.alloc(len(reqs))
+        if self.page_size == 1:
+            slots = self.allocator.alloc(len(reqs))
+        else:
+            seq = torch.tensor([self.seq_len[r.rid] for r in reqs], dtype=torch.int64)
+            last_loc = self.req_to_token[self.req_pool_indices(reqs), seq - 1].to(torch.int64)
+            slots = self.allocator.alloc_decode(seq + 1, seq + 1, last_loc)
         assert slots is not None, "KV pool exhausted: raise kv_slots"
         for req, slot in zip(reqs, slots.tolist()):
             n = self.seq_len[req.rid]

@@ -161,12 +161,12 @@ def test_decode_attention_backend_deft_is_a_cli_choice():
 @pytest.mark.parametrize("form", ["--config FILE", "--config=FILE", "--conf FILE", "--confi=FILE"])
 def test_config_file_is_read_in_either_form(tmp_path, form):
     config = tmp_path / "server.yaml"
-    config.write_text("attention-backend: deft\npage-size: 16\nmax-running-requests: 3\n")
+    config.write_text("attention-backend: deft\nenable-hierarchical-cache: true\nmax-running-requests: 3\n")
     flag = form.replace("FILE", str(config)).split(" ")
     args = parse_server_args(BASE_ARGV + flag + ["--max-running-requests", "5"], device="cpu")
     assert args.get_attention_backends() == ("torch_native", "deft")  # split as if given on the command line
     assert args.max_running_requests == 5  # the command line overrides the file
-    assert any("--page-size 16" in p for p in server_args_problems(args))
+    assert any("--enable-hierarchical-cache" in p for p in server_args_problems(args))
 
 
 def test_supported_configuration_passes(deft_args):
@@ -175,6 +175,8 @@ def test_supported_configuration_passes(deft_args):
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
     for kv_cache_dtype in ("fp8_e4m3", "fp8_e5m2", "bfloat16"):  # fp8: read as stored, with the layers' scales
         assert server_args_problems(with_(deft_args, kv_cache_dtype=kv_cache_dtype)) == []
+    for page_size in (2, 16, 64):  # paged KV: the radix tree shares whole pages, the tree builder reads token slots
+        assert server_args_problems(with_(deft_args, page_size=page_size)) == []
 
 
 @pytest.mark.parametrize(
@@ -205,8 +207,6 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        (dict(page_size=16), "--page-size 16"),
-        (dict(page_size=2), "--page-size 2"),  # the smallest paged layout
         (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
         # Reached deft's CUDA-graph setup, which named the graphs' token count, not the flag.
         (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm LowConfidence: diffusion LLM decoding"),
@@ -220,9 +220,6 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
          "--rl-on-policy-target fsdp (which turns on --enable-deterministic-inference): deft splits"),
         # Its KV pool's set_kv_buffer takes no scales: the first decode step raised in the scheduler.
         (dict(enable_double_sparsity=True), "--enable-double-sparsity: double-sparsity attention reads"),
-        # The page size came from the prefill backend's default, not the split's triton.
-        (dict(page_size=64, attention_backend="triton", prefill_attention_backend="torch_native"),
-         "SGLang's default for attention backend torch_native"),
         (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
         (dict(enable_pdmux=True), "--enable-pdmux"),
         (dict(enable_dp_attention=True), "--enable-dp-attention"),

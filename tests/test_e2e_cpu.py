@@ -129,6 +129,22 @@ def fp8_servers(tmp_path_factory):
         yield running
 
 
+# --page-size 16 (test_paged_kv_cache_decodes_as_sglang_decodes_it): deft and the reference decode on paged KV.
+PAGE_SIZE = 16
+PAGED_SERVERS = {"deft_paged": SERVERS["deft"][:2], "reference_paged": SERVERS["reference"]}
+
+
+@pytest.fixture(scope="module")
+def paged_servers(tmp_path_factory):
+    """deft and the reference decode with --page-size 16 (started when the test that uses them runs)."""
+    log_dir = tmp_path_factory.mktemp("paged_servers")
+    running = {name: ServerProcess(name, SERVER_ARGS + ["--page-size", str(PAGE_SIZE)] + extra,
+                                   log_dir / f"{name}.log", **server_launch())
+               for name, extra in PAGED_SERVERS.items()}
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running
+
+
 @sgl.function
 def nested_forks(s, context):
     s += context
@@ -312,6 +328,30 @@ def test_fp8_kv_cache_decodes_as_sglang_decodes_it(fp8_servers):
         assert "kv_cache_dtype='fp8_e4m3'" in server.log()
     assert "decode_backend=deft" in fp8_servers["deft_fp8"].log()
     assert parse_sharing_lines(fp8_servers["deft_fp8"].log())  # deft's own decode steps ran
+
+
+def test_paged_kv_cache_decodes_as_sglang_decodes_it(paged_servers):
+    """--page-size 16: the radix cache holds whole pages only, so a fork's branches share the prompt's whole
+    pages and each re-prefills its partial last page into its own. deft gives the reference decode's tokens
+    on the nested fork() program, an ``n > 1`` request and prompts sharing a prefix, and its decode steps
+    share KV (the tree is built from the rows' token slots, whatever the page size)."""
+    deft, ref = paged_servers["deft_paged"], paged_servers["reference_paged"]
+    prompts = [CONTEXT + f" Question {c}:" for c in "ABCD"]
+    for payload in ({"text": prompts, "sampling_params": greedy(), "return_logprob": True},
+                    {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=4), "return_logprob": True}):
+        outs, refs = deft.generate(payload), ref.generate(payload)
+        assert len(outs) == len(refs) == 4
+        for out, want in zip(outs, refs):
+            assert_same_output(out, want)
+    results = {name: nested_forks.run(context=CONTEXT, backend=RuntimeEndpoint(server.url)).ret_value
+               for name, server in paged_servers.items()}
+    assert len(results["deft_paged"]) == 6
+    for (_, ids, lps), (_, ref_ids, ref_lps) in zip(results["deft_paged"], results["reference_paged"]):
+        assert_same_generation(ids, lps, ref_ids, ref_lps)
+    for server in paged_servers.values():
+        assert f"page_size={PAGE_SIZE}" in server.log()
+    rows = parse_sharing_lines(deft.log())
+    assert rows and rows[-1]["total_unique_kv_tokens"] < rows[-1]["total_attended_kv_tokens"]
 
 
 def test_workload_is_sensitive_to_context(tiny_servers):

@@ -465,6 +465,94 @@ def test_a_kept_shape_is_not_reused_when_a_query_gains_or_loses_its_tail():
         builder.build(reqs, torch.tensor([11, 13]))
 
 
+# ------------------------------------------------------------------------------------- paged caches
+# --page-size > 1: the radix tree holds whole pages only (page_align_keys), a request's partial last page is its
+# own (prefix_indices keeps it, cache_protected_len stops the tree at the page), and the paged allocator
+# continues a request's partial page. Sharing is page-aligned; check_tree still requires that the tree
+# shares exactly what the rows share and that attention over it is the rows' attention.
+PAGE_SIZES = [2, 4, 16]
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES)
+@pytest.mark.parametrize("n", [1, 3])
+def test_fork_paged(page, n):
+    sim = RadixSim(page_size=page)
+    prompt = sim.tokens(40)
+    sim.run_to_cache(prompt)
+    branches = sim.prefill([sim.new_req(prompt) for _ in range(n)])
+    shared = 40 // page * page  # cache_unfinished_req inserts the prompt's whole pages
+    for step in range(1, 2 * page + 2):  # across the tails' page boundaries
+        d = decode_step(sim, branches)
+        if n == 1:
+            assert node_lengths(d) == [40 + step]
+        else:
+            assert node_lengths(d) == [shared] + [40 - shared + step] * n
+            assert d.unique_tokens == shared + n * (40 - shared + step)
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES)
+@pytest.mark.parametrize("cached_first", [True, False])
+def test_fork_overlap_scheduler_paged(page, cached_first):
+    sim = RadixSim(page_size=page)
+    prompt = sim.tokens(37)
+    if cached_first:
+        sim.run_to_cache(prompt)
+    branches = sim.prefill([sim.new_req(prompt) for _ in range(3)], overlap=True)
+    d = decode_step(sim, branches)
+    if cached_first:  # match_prefix: prompt[:-1]'s whole pages
+        assert node_lengths(d) == [36 // page * page] + [38 - 36 // page * page] * 3
+    else:
+        assert d.unique_tokens == d.attended_tokens
+    sim.flush()
+    for _ in range(page + 1):
+        d = decode_step(sim, branches)
+    assert node_lengths(d)[0] == 37 // page * page and len(node_lengths(d)) == 4
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES)
+def test_nested_forks_paged(page):
+    sim = RadixSim(page_size=page)
+    p = sim.tokens(30)
+    sim.run_to_cache(p)
+    mids = [p + sim.fresh(10) for _ in range(2)]
+    for m in mids:
+        sim.run_to_cache(m)
+    leaves = sim.prefill([sim.new_req(m + sim.fresh(5)) for m in mids for _ in range(3)])
+    for _ in range(page + 2):
+        d = decode_step(sim, leaves)
+        assert len(roots(d)) == 1 and d.unique_tokens < d.attended_tokens
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES)
+@pytest.mark.parametrize("seed", range(3))
+def test_random_schedules_paged(page, seed):
+    """test_random_schedules' arrivals, finishes and evictions on a paged cache."""
+    rng = random.Random(seed)
+    sim = RadixSim(seed=seed, kv_slots=16384, max_reqs=96, page_size=page)
+    bases = [sim.tokens(rng.randint(1, 60)) for _ in range(4)]
+    running = []
+    for _ in range(25):
+        new = []
+        for _ in range(rng.randint(0, 3)):
+            base = rng.choice(bases)
+            prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice([0, 0, 1, 5]))
+            if rng.random() < 0.3:
+                sim.run_to_cache(prompt)
+            new += [sim.new_req(prompt) for _ in range(rng.choice([1, 1, 2, 4]))]
+        if new and len(running) + len(new) <= 40:
+            sim.prefill(new, overlap=rng.random() < 0.5)
+            running += new
+        if running:
+            rng.shuffle(running)
+            decode_step(sim, running)
+        sim.flush()
+        for req in [r for r in running if rng.random() < 0.1]:
+            running.remove(req)
+            sim.finish(req)
+        if rng.random() < 0.2:
+            sim.evict_all_unlocked()
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 

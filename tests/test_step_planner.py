@@ -52,9 +52,10 @@ def fork(sim: RadixSim, n: int, prompt_len: int = 50):
     return sim.prefill([sim.new_req(prompt + sim.fresh(2 + i)) for i in range(n)])
 
 
+@pytest.mark.parametrize("page", [1, 4], ids=["page1", "page4"])  # --page-size 4: tails cross pages in steady steps
 @pytest.mark.parametrize("padded", [None, 8], ids=["eager", "graph_padded"])
-def test_steady_steps_until_the_room_runs_out(padded):
-    sim = RadixSim(kv_slots=4096)
+def test_steady_steps_until_the_room_runs_out(padded, page):
+    sim = RadixSim(kv_slots=4096, page_size=page)
     sp = step_planner(sim, slack=4)
     reqs = fork(sim, 3) + sim.prefill([sim.new_req(sim.fresh(9))])  # a fork and an unrelated request
     steady = [run(sim, sp, reqs, padded) for _ in range(12)]
