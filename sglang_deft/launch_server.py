@@ -107,6 +107,9 @@ def parse_server_args(argv: list[str], device: str):
 def main(argv: list[str] | None = None) -> None:
     from sglang_deft.server_setup import check_startup, prepare_process
 
+    from sglang_deft.server_process import end_with_parent_process
+
+    end_with_parent_process()  # started by a ServerProcess: end with that process, from whichever thread it came
     argv = list(sys.argv[1:] if argv is None else argv)
     device = prepare_process(_device_arg(argv))
     from sglang.srt.utils.common import suppress_noisy_warnings

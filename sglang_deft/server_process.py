@@ -60,6 +60,31 @@ def _end_with_parent() -> None:
         _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# The pid of the process that started a launcher through ServerProcess, for its watch (end_with_parent_process).
+PARENT_PID_ENV = "SGLANG_DEFT_PARENT_PID"
+
+
+def end_with_parent_process(poll_s: float = 0.5) -> None:
+    """In the launcher: SIGTERM itself once the process named by ``PARENT_PID_ENV`` is gone (its parent pid
+    changes: the orphan is reparented). The parent-death signal cannot cover a launcher started from a thread
+    other than the main one (it comes when that *thread* ends); this watch covers every launcher, polling
+    from a daemon thread. A no-op without the variable (a launcher a user started by hand)."""
+    pid = os.environ.pop(PARENT_PID_ENV, None)  # popped: SGLang's own subprocesses are the launcher's to end
+    if not pid or not pid.isdigit():
+        return
+    parent = int(pid)
+    if os.getppid() != parent:  # gone before the launcher got here
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
 try:  # resolved here, not in the forked child
     import ctypes
 
@@ -133,9 +158,11 @@ class ServerProcess:
         self.command = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
         # The parent-death signal comes when the *thread* that forked ends: only the main thread's end is the
         # process's (bench_e2e relaunches servers from pool threads that end before their servers should).
+        # The launcher's own watch of this process (end_with_parent_process) covers every thread.
         in_main_thread = threading.current_thread() is threading.main_thread()
+        child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
+                                     stdin=subprocess.DEVNULL, cwd=cwd, env=child_env, start_new_session=True,
                                      preexec_fn=_end_with_parent if _prctl is not None and in_main_thread else None)
 
     def wait_ready(self, timeout_s: float, on_poll=None) -> float:

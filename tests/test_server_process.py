@@ -16,6 +16,8 @@ from sglang_deft.server_process import ServerProcess, process_group_alive
 
 FAKE_LAUNCHER = textwrap.dedent('''
     import http.server, json, os, signal, subprocess, sys, time
+    from sglang_deft.server_process import end_with_parent_process
+    end_with_parent_process(poll_s=0.1)  # as launch_server.main does first
     mode, port = sys.argv[3], int(sys.argv[sys.argv.index("--port") + 1])
     print("fake launcher", mode, flush=True)
     if mode == "exit":
@@ -234,9 +236,12 @@ def test_a_zombie_is_not_a_live_process():
         child.wait()
 
 
-def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_path):
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_path, thread):
     """A test run or script killed by SIGKILL (or SIGTERM past pytest's teardown) runs no stop(): the server,
-    in a session of its own, would keep running (and its GPU memory) into whatever runs next."""
+    in a session of its own, would keep running (and its GPU memory) into whatever runs next. Started from a
+    worker thread that has ended by then (bench_e2e's relaunches), the parent-death signal cannot cover it:
+    the launcher's watch of its parent does (end_with_parent_process)."""
     import json
     import os
     import signal
@@ -249,7 +254,16 @@ def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_
         import json, sys, time
         from pathlib import Path
         from sglang_deft.server_process import ServerProcess
-        s = ServerProcess("owned", ["serve"], Path({str(tmp_path / "owned.log")!r}), python={python!r})
+        import threading
+        start = lambda: ServerProcess("owned", ["serve"], Path({str(tmp_path / "owned.log")!r}), python={python!r})
+        if {thread!r} == "main":
+            s = start()
+        else:
+            box = []
+            t = threading.Thread(target=lambda: box.append(start()))
+            t.start()
+            t.join()
+            s = box[0]
         s.wait_ready(60)
         print(json.dumps(s.proc.pid), flush=True)
         time.sleep(600)
@@ -269,3 +283,24 @@ def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, NameError):
             pass
+
+
+def test_the_launcher_starts_its_parent_watch_first(monkeypatch):
+    """launch_server.main starts the watch before anything else (a launcher that fails later still ends with
+    its parent), and the watch is a no-op without ServerProcess's variable."""
+    from sglang_deft import launch_server
+
+    class Started(Exception):
+        pass
+
+    def started():
+        raise Started
+
+    monkeypatch.setattr(server_process, "end_with_parent_process", started)
+    with pytest.raises(Started):
+        launch_server.main(["--model-path", "unused"])
+    monkeypatch.undo()
+    monkeypatch.delenv(server_process.PARENT_PID_ENV, raising=False)
+    before = {t.name for t in __import__("threading").enumerate()}
+    server_process.end_with_parent_process()
+    assert "end-with-parent" not in {t.name for t in __import__("threading").enumerate()} - before
