@@ -128,11 +128,6 @@ def server_args_problems(server_args) -> list[str]:
         problems.append(f"--attn-cp-size {a.attn_cp_size}: context-parallel attention is not supported by the deft backend")
     if a.pp_size > 1:
         problems.append(f"--pp-size {a.pp_size}: pipeline parallelism is not supported by the deft backend")
-    if a.enable_hierarchical_cache:
-        problems.append(
-            "--enable-hierarchical-cache: the KV tree reads radix nodes' device KV; host-offloaded "
-            "nodes are not supported"
-        )
     if a.disaggregation_mode != "null":
         problems.append(f"--disaggregation-mode {a.disaggregation_mode}: not supported by the deft backend")
     if a.enable_torch_compile:

@@ -161,12 +161,12 @@ def test_decode_attention_backend_deft_is_a_cli_choice():
 @pytest.mark.parametrize("form", ["--config FILE", "--config=FILE", "--conf FILE", "--confi=FILE"])
 def test_config_file_is_read_in_either_form(tmp_path, form):
     config = tmp_path / "server.yaml"
-    config.write_text("attention-backend: deft\nenable-hierarchical-cache: true\nmax-running-requests: 3\n")
+    config.write_text("attention-backend: deft\nenable-torch-compile: true\nmax-running-requests: 3\n")
     flag = form.replace("FILE", str(config)).split(" ")
     args = parse_server_args(BASE_ARGV + flag + ["--max-running-requests", "5"], device="cpu")
     assert args.get_attention_backends() == ("torch_native", "deft")  # split as if given on the command line
     assert args.max_running_requests == 5  # the command line overrides the file
-    assert any("--enable-hierarchical-cache" in p for p in server_args_problems(args))
+    assert any("--enable-torch-compile" in p for p in server_args_problems(args))
 
 
 def test_supported_configuration_passes(deft_args):
@@ -175,6 +175,8 @@ def test_supported_configuration_passes(deft_args):
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
     for kv_cache_dtype in ("fp8_e4m3", "fp8_e5m2", "bfloat16"):  # fp8: read as stored, with the layers' scales
         assert server_args_problems(with_(deft_args, kv_cache_dtype=kv_cache_dtype)) == []
+    # HiCache: a running request's path is locked on the device; load-back fills nodes before their prefill
+    assert server_args_problems(with_(deft_args, enable_hierarchical_cache=True)) == []
     for page_size in (2, 16, 64):  # paged KV: the radix tree shares whole pages, the tree builder reads token slots
         assert server_args_problems(with_(deft_args, page_size=page_size)) == []
 
@@ -225,7 +227,6 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         (dict(enable_dp_attention=True), "--enable-dp-attention"),
         (dict(attn_cp_size=2), "--attn-cp-size 2"),
         (dict(pp_size=2), "--pp-size 2"),
-        (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
         (dict(disaggregation_mode="decode"), "--disaggregation-mode decode"),
         (dict(enable_torch_compile=True), "--enable-torch-compile"),
         (dict(grpc_mode=True), "--grpc-mode"),

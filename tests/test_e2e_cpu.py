@@ -145,6 +145,25 @@ def paged_servers(tmp_path_factory):
         yield running
 
 
+# --enable-hierarchical-cache (test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it): a device
+# pool small enough that filler prompts push the shared prefix out to the host pool (write-through), from where
+# the fork's prefill loads it back. GPU only: HiCache's host pool is pinned memory with CUDA copy streams.
+HICACHE_DEVICE_TOKENS = 2048
+HICACHE_ARGS = ["--enable-hierarchical-cache", "--hicache-write-policy", "write_through"]
+HICACHE_SERVERS = {"deft_hicache": SERVERS["deft"][:2], "reference_hicache": SERVERS["reference"]}
+
+
+@pytest.fixture(scope="module")
+def hicache_servers(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("hicache_servers")
+    base = list(SERVER_ARGS)
+    base[base.index("--max-total-tokens") + 1] = str(HICACHE_DEVICE_TOKENS)
+    running = {name: ServerProcess(name, base + HICACHE_ARGS + extra, log_dir / f"{name}.log", **server_launch())
+               for name, extra in HICACHE_SERVERS.items()}
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running
+
+
 @sgl.function
 def nested_forks(s, context):
     s += context
@@ -351,6 +370,30 @@ def test_paged_kv_cache_decodes_as_sglang_decodes_it(paged_servers):
     for server in paged_servers.values():
         assert f"page_size={PAGE_SIZE}" in server.log()
     rows = parse_sharing_lines(deft.log())
+    assert rows and rows[-1]["total_unique_kv_tokens"] < rows[-1]["total_attended_kv_tokens"]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="HiCache's host KV pool needs CUDA (pinned memory, copy streams): "
+                    "runs on the GPU host (SGLANG_DEFT_E2E_DEVICE=cuda, scripts/gpu_session.sh features)")
+def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hicache_servers):
+    """--enable-hierarchical-cache: the prompt's prefix is cached, pushed out of the device pool to the host pool
+    by filler prompts, then loaded back by the fork's prefill; deft decodes the branches over the loaded-back
+    nodes (shared) and gives the reference decode's tokens."""
+    common = CONTEXT + " Question "
+    prompts = [common + f"{c}:" for c in "ABCD"]
+    # distinct first tokens: the fillers share no prefix with the context or with each other
+    fillers = [f"{i}{i} " + CONTEXT[17 * i:] + CONTEXT[:17 * i] for i in range(9)]
+    outs = {}
+    for name, server in hicache_servers.items():
+        server.generate({"text": common, "sampling_params": greedy(max_new_tokens=0)})
+        for filler in fillers:
+            server.generate({"text": filler, "sampling_params": greedy(max_new_tokens=1)})
+        outs[name] = server.generate({"text": prompts, "sampling_params": greedy(), "return_logprob": True})
+    for out, ref in zip(outs["deft_hicache"], outs["reference_hicache"]):
+        assert_same_output(out, ref)
+    host_hits = [(o["meta_info"].get("cached_tokens_details") or {}).get("host", 0) for o in outs["deft_hicache"]]
+    assert max(host_hits) > 0, f"no prefix came back from the host pool: {host_hits}"
+    rows = parse_sharing_lines(hicache_servers["deft_hicache"].log())
     assert rows and rows[-1]["total_unique_kv_tokens"] < rows[-1]["total_attended_kv_tokens"]
 
 
