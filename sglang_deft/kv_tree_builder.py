@@ -31,7 +31,10 @@ Facts this relies on (SGLang 0.5.10.post1, any ``--page-size``, no speculative d
   Sharing is whole pages: a fork's branches each hold their own copy of the prompt's partial page.
 * ``_split_node`` inserts the new node *above* the split one, which keeps its identity, its key's
   end and its place in every row: a request holding it sees a longer path of the same total length.
-* Nodes on a locked path (every running request locks its ``last_node``) are never evicted.
+* Nodes on a locked path (every running request locks its ``last_node``) are never evicted. With
+  ``--enable-hierarchical-cache`` an unlocked node may lose its device KV to the host pool (``value``
+  None); a request whose prefix is there gets it loaded back (new device slots in ``value`` and its
+  row) before its prefill, so a decoding request's path is on the device as without it.
 
 Host cost. The radix part of the tree (which nodes, who shares them) changes only when requests
 join, leave or move to another radix node; between those steps only the private tails grow.
