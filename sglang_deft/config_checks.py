@@ -161,6 +161,17 @@ def server_args_problems(server_args) -> list[str]:
             f"--tokenizer-worker-num {a.tokenizer_worker_num} with --device cpu: the CPU compatibility layer does "
             "not reach the tokenizer worker processes"
         )
+    if on_cpu and (a.page_size or 1) > 1 and os.environ.get("TRITON_INTERPRET") != "1":
+        # SGLang's own limitation (its torch_native decode hits it too), named here instead of at the first prefill.
+        problems.append(
+            f"--page-size {a.page_size} with --device cpu: SGLang's paged KV allocator (alloc_extend, alloc_decode) "
+            "runs Triton kernels, which on a CPU run only under TRITON_INTERPRET=1; set it, or use --page-size 1"
+        )
+    if on_cpu and a.enable_hierarchical_cache:
+        problems.append(
+            "--enable-hierarchical-cache with --device cpu: SGLang's host KV pool is pinned memory filled by CUDA "
+            "copy streams; the hierarchical cache needs a GPU"
+        )
     if decode and _cpp_radix_tree():
         problems.append(
             "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE: the C++ radix tree's nodes are opaque to Python, and the deft "

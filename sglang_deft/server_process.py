@@ -64,21 +64,35 @@ def _end_with_parent() -> None:
 PARENT_PID_ENV = "SGLANG_DEFT_PARENT_PID"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, not ours to signal
+        return True
+
+
 def end_with_parent_process(poll_s: float = 0.5) -> None:
-    """In the launcher: SIGTERM itself once the process named by ``PARENT_PID_ENV`` is gone (its parent pid
-    changes: the orphan is reparented). The parent-death signal cannot cover a launcher started from a thread
-    other than the main one (it comes when that *thread* ends); this watch covers every launcher, polling
-    from a daemon thread. A no-op without the variable (a launcher a user started by hand)."""
+    """In the launcher: SIGTERM itself once the process named by ``PARENT_PID_ENV`` (the ServerProcess's owner)
+    is gone. The parent-death signal cannot cover a launcher started from a thread other than the main one (it
+    comes when that *thread* ends); this watch covers every launcher, polling from a daemon thread: its parent
+    pid changes (the orphan is reparented) or, where a wrapper that did not exec stands between them (a shell
+    script as ``python``), the owner's pid is gone. A no-op without the variable (a launcher started by hand)."""
     pid = os.environ.pop(PARENT_PID_ENV, None)  # popped: SGLang's own subprocesses are the launcher's to end
     if not pid or not pid.isdigit():
         return
-    parent = int(pid)
-    if os.getppid() != parent:  # gone before the launcher got here
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
+    owner, parent = int(pid), os.getppid()
+    if parent != owner:
+        if not _pid_alive(owner):  # gone before the launcher got here
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        print(f"[sglang_deft] the launcher's parent is pid {parent}, not the process that started it ({owner}): "
+              f"it ends when either is gone", file=sys.stderr, flush=True)
 
     def watch():
-        while os.getppid() == parent:
+        while os.getppid() == parent and (parent == owner or _pid_alive(owner)):
             time.sleep(poll_s)
         os.kill(os.getpid(), signal.SIGTERM)
 

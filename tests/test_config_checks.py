@@ -175,10 +175,6 @@ def test_supported_configuration_passes(deft_args):
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
     for kv_cache_dtype in ("fp8_e4m3", "fp8_e5m2", "bfloat16"):  # fp8: read as stored, with the layers' scales
         assert server_args_problems(with_(deft_args, kv_cache_dtype=kv_cache_dtype)) == []
-    # HiCache: a running request's path is locked on the device; load-back fills nodes before their prefill
-    assert server_args_problems(with_(deft_args, enable_hierarchical_cache=True)) == []
-    for page_size in (2, 16, 64):  # paged KV: the radix tree shares whole pages, the tree builder reads token slots
-        assert server_args_problems(with_(deft_args, page_size=page_size)) == []
 
 
 @pytest.mark.parametrize(
@@ -196,6 +192,24 @@ def test_gpu_prefill_backends_and_dp_are_served_on_cuda(deft_args, changes):
     """Refused with --device cpu only (the GPU backends died there at the first prefill; the DP controller
     misses the CPU compatibility layer)."""
     assert server_args_problems(with_(deft_args, device="cuda", **changes)) == []
+
+
+def test_paged_kv_and_the_hierarchical_cache_are_served(deft_args, monkeypatch):
+    """Paged KV: the radix tree shares whole pages and the tree builder reads the rows' token slots. HiCache: a
+    running request's path is locked on the device, and load-back fills nodes before their prefill. On a CPU,
+    SGLang's paged allocator is Triton (TRITON_INTERPRET=1 runs it) and its host pool needs CUDA: named there."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    on_gpu = with_(deft_args, device="cuda")
+    for page_size in (2, 16, 64):
+        assert server_args_problems(with_(on_gpu, page_size=page_size)) == []
+        assert server_args_problems(with_(deft_args, page_size=page_size)) == [
+            f"--page-size {page_size} with --device cpu: SGLang's paged KV allocator (alloc_extend, alloc_decode) "
+            "runs Triton kernels, which on a CPU run only under TRITON_INTERPRET=1; set it, or use --page-size 1"]
+    assert server_args_problems(with_(on_gpu, enable_hierarchical_cache=True, page_size=16)) == []
+    assert any("--enable-hierarchical-cache with --device cpu" in p
+               for p in server_args_problems(with_(deft_args, enable_hierarchical_cache=True)))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert server_args_problems(with_(deft_args, page_size=16)) == []
 
 
 def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatch):

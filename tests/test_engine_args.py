@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     deft_engine.Engine(server_args=own)
     result["own_args_passed_as_given"] = seen[-1] is own
     try:
-        deft_engine.Engine(model_path=model, attention_backend="deft", page_size=16, grammar_backend="none")
+        deft_engine.Engine(model_path=model, attention_backend="deft", enable_torch_compile=True, grammar_backend="none")
     except UnsupportedConfiguration as e:
         result["refused"] = str(e)
     result["calls"] = len(seen)
@@ -108,7 +108,7 @@ def test_a_callers_server_args_are_passed_on_as_given(engine_args):
 
 
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
-    assert "--page-size 16" in engine_args.get("refused", "")
+    assert "--enable-torch-compile" in engine_args.get("refused", "")
     assert engine_args["calls"] == 3  # the refused Engine never reached SGLang's constructor
 
 

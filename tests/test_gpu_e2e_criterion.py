@@ -438,7 +438,7 @@ class FakeFleet:
         self.stopped.extend(items)
 
 
-def model_run(tmp_path, deft, ref=None, noise=True, argv=()):
+def model_run(tmp_path, deft, ref=None, noise=True, argv=(), deadline_s=600):
     """ModelRun.run over servers that are already up (what run() does after the startup waits); ``noise``: the
     default noise server (True), none (False) or this one."""
     args = g.parse_args(["--out", str(tmp_path), *argv])
@@ -450,7 +450,7 @@ def model_run(tmp_path, deft, ref=None, noise=True, argv=()):
     if noise:
         servers["noise"] = FakeModelServer(shift=0.004) if noise is True else noise
     run.launched = {role: g.Launched(role, role, s, t0=0.0, ready_s=1.0) for role, s in servers.items()}
-    run.run(deadline=g.time.monotonic() + 600, save=lambda: None)
+    run.run(deadline=g.time.monotonic() + deadline_s, save=lambda: None)
     assert len(fleet.stopped) == len(servers)  # every server stopped
     return result
 
@@ -506,6 +506,10 @@ def test_model_run_workload_seeds(tmp_path):
     bad = model_run(tmp_path, FlakyOnPrompt(first_of_7, shift=0.006, log=SHARING), argv=["--workload-seeds", "1234,7"])
     assert all(w["ok"] for w in bad["workloads"].values()) and not bad["ok"] and "error" not in bad, bad.get("error")
     assert bad["seed_totals"]["fork"]["failed_seeds"] == ["7"] and bad["seed_totals"]["fork"]["deft_divergences"] == 4
+    # past the budget, the remaining seeds are skipped, said so, and the model is not ok
+    late = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING), argv=["--workload-seeds", "1234,7,8"],
+                     deadline_s=g.SEED_MIN_S - 1)
+    assert late["seeds_skipped"] == [7, 8] and "extra_seeds" in late and not late["extra_seeds"] and not late["ok"]
     for argv in (["--workload-seeds", "1,x"], ["--workload-seeds", "3,3"], ["--workload-seeds", ""]):
         with pytest.raises(SystemExit):
             g.parse_args(argv)

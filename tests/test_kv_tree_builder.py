@@ -8,6 +8,7 @@ chains are merged; attention over the tree equals plain per-request attention ov
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from types import SimpleNamespace
@@ -471,8 +472,12 @@ def test_a_kept_shape_is_not_reused_when_a_query_gains_or_loses_its_tail():
 # continues a request's partial page. Sharing is page-aligned; check_tree still requires that the tree
 # shares exactly what the rows share and that attention over it is the rows' attention.
 PAGE_SIZES = [2, 4, 16]
+# SGLang's paged allocator is Triton: on a CPU it runs under the interpreter only (make test sets it).
+paged = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                           reason="SGLang's paged KV allocator runs Triton kernels: TRITON_INTERPRET=1 on a CPU")
 
 
+@paged
 @pytest.mark.parametrize("page", PAGE_SIZES)
 @pytest.mark.parametrize("n", [1, 3])
 def test_fork_paged(page, n):
@@ -490,25 +495,27 @@ def test_fork_paged(page, n):
             assert d.unique_tokens == shared + n * (40 - shared + step)
 
 
+@paged
 @pytest.mark.parametrize("page", PAGE_SIZES)
 @pytest.mark.parametrize("cached_first", [True, False])
 def test_fork_overlap_scheduler_paged(page, cached_first):
     sim = RadixSim(page_size=page)
-    prompt = sim.tokens(37)
+    prompt = sim.tokens(32)  # whole pages: the flush moves the shared part from prompt[:-1]'s pages to all 32
     if cached_first:
         sim.run_to_cache(prompt)
     branches = sim.prefill([sim.new_req(prompt) for _ in range(3)], overlap=True)
     d = decode_step(sim, branches)
     if cached_first:  # match_prefix: prompt[:-1]'s whole pages
-        assert node_lengths(d) == [36 // page * page] + [38 - 36 // page * page] * 3
+        assert node_lengths(d) == [31 // page * page] + [33 - 31 // page * page] * 3
     else:
         assert d.unique_tokens == d.attended_tokens
     sim.flush()
-    for _ in range(page + 1):
+    for step in range(1, page + 2):
         d = decode_step(sim, branches)
-    assert node_lengths(d)[0] == 37 // page * page and len(node_lengths(d)) == 4
+        assert node_lengths(d) == [32] + [1 + step] * 3
 
 
+@paged
 @pytest.mark.parametrize("page", PAGE_SIZES)
 def test_nested_forks_paged(page):
     sim = RadixSim(page_size=page)
@@ -523,6 +530,7 @@ def test_nested_forks_paged(page):
         assert len(roots(d)) == 1 and d.unique_tokens < d.attended_tokens
 
 
+@paged
 @pytest.mark.parametrize("page", PAGE_SIZES)
 @pytest.mark.parametrize("seed", range(3))
 def test_random_schedules_paged(page, seed):

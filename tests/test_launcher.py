@@ -28,10 +28,10 @@ def test_help_lists_deft_for_both_backend_flags():
 
 def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
     result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", "cpu",
-                  "--attention-backend", "deft", "--page-size", "16", "--grammar-backend", "none"])
+                  "--attention-backend", "deft", "--enable-torch-compile", "--grammar-backend", "none"])
     assert result.returncode != 0
     assert "UnsupportedConfiguration" in result.stderr
-    assert "--page-size 16" in result.stderr
+    assert "--enable-torch-compile" in result.stderr
     assert "Load weight" not in result.stdout + result.stderr  # refused before the scheduler started
 
 
@@ -50,7 +50,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
     from sglang_deft.config_checks import UnsupportedConfiguration
 
     try:
-        Engine(model_path=sys.argv[1], device="cpu", attention_backend="deft", page_size=16)
+        Engine(model_path=sys.argv[1], device="cpu", attention_backend="deft", enable_torch_compile=True)
     except UnsupportedConfiguration as e:
         refused = str(e)
     from sglang.srt.server_args import ServerArgs
@@ -74,7 +74,7 @@ def test_engine_registers_deft_in_its_scheduler_and_refuses_unsupported_flags():
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     payload = json.loads(line[len("RESULT "):])
-    assert "--page-size 16" in payload["refused"]
+    assert "--enable-torch-compile" in payload["refused"]
     assert "prefill/extend as well as decode" in payload["unsplit"]
     outputs = payload["outputs"]
     assert len(outputs) == 3 and all(len(o) == 6 for o in outputs)

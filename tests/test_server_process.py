@@ -7,6 +7,7 @@ import socket
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -236,12 +237,13 @@ def test_a_zombie_is_not_a_live_process():
         child.wait()
 
 
-@pytest.mark.parametrize("thread", ["main", "worker"])
-def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_path, thread):
+@pytest.mark.parametrize("thread, wrapper", [("main", "exec"), ("worker", "exec"), ("worker", "sh")])
+def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_path, thread, wrapper):
     """A test run or script killed by SIGKILL (or SIGTERM past pytest's teardown) runs no stop(): the server,
     in a session of its own, would keep running (and its GPU memory) into whatever runs next. Started from a
     worker thread that has ended by then (bench_e2e's relaunches), the parent-death signal cannot cover it:
-    the launcher's watch of its parent does (end_with_parent_process)."""
+    the launcher's watch of its owner does (end_with_parent_process), also through a ``python`` wrapper that
+    runs it as a child instead of exec'ing it (the launcher's parent is then the wrapper, which lives on)."""
     import json
     import os
     import signal
@@ -250,6 +252,11 @@ def test_a_server_ends_when_the_process_that_started_it_is_killed(launcher, tmp_
     server = launcher("serve")  # the fixture's fake python, reused by the owner below
     python = server.command[0]
     server.stop(grace_s=1)
+    if wrapper == "sh":
+        script = Path(python).read_text().split("exec ", 1)[1]
+        python = str(tmp_path / "python_no_exec")
+        Path(python).write_text(f"#!/bin/sh\n{script}")
+        Path(python).chmod(0o755)
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import json, sys, time
         from pathlib import Path
