@@ -50,7 +50,9 @@ Criterion (``relative_verdict``; stated in the report), per workload, against th
   KV, and a backend that swapped the copies' KV would give the same logprobs (it checks that the path serves
   n > 1, not which copy reads which slots; the forks check that); and ``context_sensitivity`` counts
   branches whose tokens change from the first generated one, which the prefill (triton in every server)
-  decides, so it shows the tiny model reads its context, not by itself that decode attention does.
+  decides, so it shows the tiny model reads its context, not by itself that decode attention does;
+  ``decode_context_sensitivity`` (reported, not required) counts the branches that keep their first token
+  under the changed prefix and still part later, which only the decode steps' attention over it can do.
   The absolute check of earlier runs (|diff| <= --atol while tokens agree, near-ties within --tie-tol)
   is still reported (``absolute_ok``); it decides only when no noise server started.
 
@@ -611,7 +613,20 @@ def run_workloads(servers: dict, spec: dict, crit: Criterion, atol: float, tie_t
                                            "sampling_params": greedy(T)})
     base = outputs["fork"][REFERENCE]
     report["context_sensitivity"] = sum(x["output_ids"] != y["output_ids"] for x, y in zip(changed, base)) / k
+    report["decode_context_sensitivity"] = decode_context_sensitivity(changed, base)
     return report
+
+
+def decode_context_sensitivity(changed: list[dict], base: list[dict]) -> dict:
+    """What ``context_sensitivity`` cannot show: a branch's first generated token comes from the prefill, but a
+    branch that keeps its first token under the changed prefix and parts later does so through the decode
+    steps' attention over the prefix. Information, not a criterion: ``fraction`` is None when every branch's
+    first token changed."""
+    same_first = [(x["output_ids"], y["output_ids"]) for x, y in zip(changed, base)
+                  if x["output_ids"][:1] == y["output_ids"][:1]]
+    parted = sum(a != b for a, b in same_first)
+    return {"same_first_token": len(same_first), "parted_later": parted,
+            "fraction": parted / len(same_first) if same_first else None}
 
 
 def seed_totals(result: dict) -> dict:

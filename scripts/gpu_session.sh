@@ -217,7 +217,8 @@ r = json.load(open(sys.argv[1]))
 print(f"ok={r.get('ok')} complete={r.get('complete')} wall={r.get('wall_s')}s")
 for name, m in r.get("models", {}).items():
     print(f"  {name}: ok={m.get('ok')} noise={m.get('noise_backend')} skipped={m.get('skipped')} "
-          f"error={'yes' if m.get('error') else 'no'} context_sensitivity={m.get('context_sensitivity')}")
+          f"error={'yes' if m.get('error') else 'no'} context_sensitivity={m.get('context_sensitivity')} "
+          f"decode_context_sensitivity={m.get('decode_context_sensitivity')}")
     for w, e in m.get("workloads", {}).items():
         rel = e.get("relative", {})
         print(f"    {w}: ok={e['ok']} deft diff {e['max_abs_logprob_diff']:.4f} div {e['divergences']}/{e['requests']}"

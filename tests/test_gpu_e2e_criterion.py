@@ -420,6 +420,15 @@ def test_run_workloads_judges_deft_against_the_reference_with_the_noise_server()
     assert all("logprob diff 0.3000 > allowed 0.0100" in e["failures"][0] for e in bad["workloads"].values())
 
 
+def test_decode_context_sensitivity_counts_branches_that_part_after_their_first_token():
+    out = lambda *ids: {"output_ids": list(ids)}  # noqa: E731
+    base = [out(1, 2, 3), out(4, 5, 6), out(7, 8, 9), out(1, 1, 1)]
+    changed = [out(1, 2, 3), out(4, 0, 6), out(0, 8, 9), out(1, 1, 2)]  # same; parted at 1; first changed; at 2
+    assert g.decode_context_sensitivity(changed, base) == {"same_first_token": 3, "parted_later": 2,
+                                                           "fraction": 2 / 3}
+    assert g.decode_context_sensitivity([out(0, 2)], [out(1, 2)])["fraction"] is None
+
+
 def test_run_workloads_context_sensitivity_of_a_model_that_ignores_its_prefix():
     report, _ = workloads(FakeModelServer(sensitive=False), FakeModelServer(sensitive=False),
                           FakeModelServer(sensitive=False))
