@@ -531,6 +531,20 @@ def test_nested_forks_paged(page):
 
 
 @paged
+@pytest.mark.parametrize("cache", ["disabled", "chunk"])
+def test_without_radix_cache_paged(cache):
+    """--disable-radix-cache with --page-size 16: nothing shared, each request one private node."""
+    sim = RadixSim(cache=cache, page_size=16)
+    prompt = sim.tokens(40)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(3)])
+    for _ in range(17):  # across a page boundary of the tails
+        d = decode_step(sim, reqs)
+        assert d.unique_tokens == d.attended_tokens and roots(d) == [0, 1, 2]
+    for r in reqs:
+        sim.finish(r)
+
+
+@paged
 @pytest.mark.parametrize("page", PAGE_SIZES)
 @pytest.mark.parametrize("seed", range(3))
 def test_random_schedules_paged(page, seed):
