@@ -84,13 +84,18 @@ CONTEXT = (
 
 
 @contextlib.contextmanager
-def serving_tiny_servers(log_dir: Path):
-    """The three SERVERS, started side by side; stopped on exit."""
+def serving_servers(log_dir: Path, servers: dict[str, list[str]], base: list[str] = SERVER_ARGS):
+    """``servers`` (name -> its own arguments after ``base``), started side by side; stopped on exit."""
     launch = server_launch()
-    running = {name: ServerProcess(name, SERVER_ARGS + extra, log_dir / f"{name}.log", **launch)
-               for name, extra in SERVERS.items()}
+    running = {name: ServerProcess(name, base + extra, log_dir / f"{name}.log", **launch)
+               for name, extra in servers.items()}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
+
+
+def serving_tiny_servers(log_dir: Path):
+    """The three SERVERS, started side by side; stopped on exit."""
+    return serving_servers(log_dir, SERVERS)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +126,8 @@ FP8_SERVERS = {"deft_fp8": SERVERS["deft_no_overlap"],
 def fp8_servers(tmp_path_factory):
     """deft and the reference decode with --kv-cache-dtype fp8_e4m3 (started when the test that uses them
     runs)."""
-    log_dir = tmp_path_factory.mktemp("fp8_servers")
-    running = {name: ServerProcess(name, SERVER_ARGS + ["--kv-cache-dtype", "fp8_e4m3"] + extra,
-                                   log_dir / f"{name}.log", **server_launch())
-               for name, extra in FP8_SERVERS.items()}
-    with serving(running, STARTUP_TIMEOUT_S):
+    with serving_servers(tmp_path_factory.mktemp("fp8_servers"), FP8_SERVERS,
+                         SERVER_ARGS + ["--kv-cache-dtype", "fp8_e4m3"]) as running:
         yield running
 
 
@@ -137,11 +139,8 @@ PAGED_SERVERS = {"deft_paged": SERVERS["deft"][:2], "reference_paged": SERVERS["
 @pytest.fixture(scope="module")
 def paged_servers(tmp_path_factory):
     """deft and the reference decode with --page-size 16 (started when the test that uses them runs)."""
-    log_dir = tmp_path_factory.mktemp("paged_servers")
-    running = {name: ServerProcess(name, SERVER_ARGS + ["--page-size", str(PAGE_SIZE)] + extra,
-                                   log_dir / f"{name}.log", **server_launch())
-               for name, extra in PAGED_SERVERS.items()}
-    with serving(running, STARTUP_TIMEOUT_S):
+    with serving_servers(tmp_path_factory.mktemp("paged_servers"), PAGED_SERVERS,
+                         SERVER_ARGS + ["--page-size", str(PAGE_SIZE)]) as running:
         yield running
 
 
@@ -155,12 +154,9 @@ HICACHE_SERVERS = {"deft_hicache": SERVERS["deft"][:2], "reference_hicache": SER
 
 @pytest.fixture(scope="module")
 def hicache_servers(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("hicache_servers")
     base = list(SERVER_ARGS)
     base[base.index("--max-total-tokens") + 1] = str(HICACHE_DEVICE_TOKENS)
-    running = {name: ServerProcess(name, base + HICACHE_ARGS + extra, log_dir / f"{name}.log", **server_launch())
-               for name, extra in HICACHE_SERVERS.items()}
-    with serving(running, STARTUP_TIMEOUT_S):
+    with serving_servers(tmp_path_factory.mktemp("hicache_servers"), HICACHE_SERVERS, base + HICACHE_ARGS) as running:
         yield running
 
 

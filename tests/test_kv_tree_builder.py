@@ -408,8 +408,13 @@ def test_mix():
 def test_random_schedules(seed):
     """Random arrivals (forks of a few shared prompts, with and without the overlap scheduler's
     delay), finishes and evictions; every decode step's tree is checked."""
+    run_random_schedule(seed)
+
+
+def run_random_schedule(seed: int, page_size: int = 1) -> None:
+    """test_random_schedules' schedule, on a cache of ``page_size``."""
     rng = random.Random(seed)
-    sim = RadixSim(seed=seed, kv_slots=16384, max_reqs=96)
+    sim = RadixSim(seed=seed, kv_slots=16384, max_reqs=96, page_size=page_size)
     bases = [sim.tokens(rng.randint(1, 60)) for _ in range(4)]
     running = []
     for _ in range(25):
@@ -549,30 +554,7 @@ def test_without_radix_cache_paged(cache):
 @pytest.mark.parametrize("seed", range(3))
 def test_random_schedules_paged(page, seed):
     """test_random_schedules' arrivals, finishes and evictions on a paged cache."""
-    rng = random.Random(seed)
-    sim = RadixSim(seed=seed, kv_slots=16384, max_reqs=96, page_size=page)
-    bases = [sim.tokens(rng.randint(1, 60)) for _ in range(4)]
-    running = []
-    for _ in range(25):
-        new = []
-        for _ in range(rng.randint(0, 3)):
-            base = rng.choice(bases)
-            prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice([0, 0, 1, 5]))
-            if rng.random() < 0.3:
-                sim.run_to_cache(prompt)
-            new += [sim.new_req(prompt) for _ in range(rng.choice([1, 1, 2, 4]))]
-        if new and len(running) + len(new) <= 40:
-            sim.prefill(new, overlap=rng.random() < 0.5)
-            running += new
-        if running:
-            rng.shuffle(running)
-            decode_step(sim, running)
-        sim.flush()
-        for req in [r for r in running if rng.random() < 0.1]:
-            running.remove(req)
-            sim.finish(req)
-        if rng.random() < 0.2:
-            sim.evict_all_unlocked()
+    run_random_schedule(seed, page)
 
 
 # ------------------------------------------------------------------------------------------- errors

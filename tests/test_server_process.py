@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -308,6 +309,6 @@ def test_the_launcher_starts_its_parent_watch_first(monkeypatch):
         launch_server.main(["--model-path", "unused"])
     monkeypatch.undo()
     monkeypatch.delenv(server_process.PARENT_PID_ENV, raising=False)
-    before = {t.name for t in __import__("threading").enumerate()}
+    before = {t.name for t in threading.enumerate()}
     server_process.end_with_parent_process()
-    assert "end-with-parent" not in {t.name for t in __import__("threading").enumerate()} - before
+    assert "end-with-parent" not in {t.name for t in threading.enumerate()} - before

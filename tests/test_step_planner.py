@@ -3,8 +3,6 @@ plan on the device. Every step's plan is read back from the buffers: each query 
 its req_to_token row, once."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -54,10 +52,7 @@ def fork(sim: RadixSim, n: int, prompt_len: int = 50):
     return sim.prefill([sim.new_req(prompt + sim.fresh(2 + i)) for i in range(n)])
 
 
-# --page-size 4: tails cross pages in steady steps (SGLang's paged allocator is Triton: the interpreter on a CPU)
-@pytest.mark.parametrize("page", [1, pytest.param(4, marks=pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="SGLang's paged KV allocator needs TRITON_INTERPRET=1 on a CPU"))],
-    ids=["page1", "page4"])
+@pytest.mark.parametrize("page", [1, 4], ids=["page1", "page4"])  # --page-size 4: tails cross pages in steady steps
 @pytest.mark.parametrize("padded", [None, 8], ids=["eager", "graph_padded"])
 def test_steady_steps_until_the_room_runs_out(padded, page):
     sim = RadixSim(kv_slots=4096, page_size=page)
