@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -150,14 +151,36 @@ def paged_servers(tmp_path_factory):
 HICACHE_DEVICE_TOKENS = 2048
 HICACHE_ARGS = ["--enable-hierarchical-cache", "--hicache-write-policy", "write_through"]
 HICACHE_SERVERS = {"deft_hicache": SERVERS["deft"][:2], "reference_hicache": SERVERS["reference"]}
+# Each configuration's arguments beyond HICACHE_ARGS, and the tier the prefix comes back from.
+# "storage": SGLang's file storage tier behind a host pool only 1.2x the device pool (the least it allows is
+# more than 1x), so that the fillers push the prefix out of the host pool too and the fork's prefill fetches
+# it from the files (wait_complete: the request waits for the whole fetch; prefetch_threshold 64: SGLang
+# fetches nothing under 256 tokens by default, about the prefix's length here).
+HICACHE_CONFIGS = {
+    "host": ([], "host"),
+    "host_paged": (["--page-size", str(PAGE_SIZE)], "host"),
+    "storage_paged": (["--page-size", str(PAGE_SIZE), "--hicache-ratio", "1.2",
+                       "--hicache-storage-backend", "file", "--hicache-storage-prefetch-policy", "wait_complete",
+                       "--hicache-storage-backend-extra-config", '{"prefetch_threshold": 64}'], "storage"),
+}
 
 
-@pytest.fixture(scope="module")
-def hicache_servers(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(HICACHE_CONFIGS))
+def hicache_servers(request, tmp_path_factory):
+    """deft and the reference with the hierarchical cache in one of HICACHE_CONFIGS; yields (servers, the tier
+    the prefix comes back from, each server's storage directory). Each server gets its own directory: the file
+    tier names a page by its tokens' hash and the model, so two servers of one model would share their pages."""
+    extra, tier = HICACHE_CONFIGS[request.param]
+    log_dir = tmp_path_factory.mktemp(f"hicache_{request.param}")
     base = list(SERVER_ARGS)
     base[base.index("--max-total-tokens") + 1] = str(HICACHE_DEVICE_TOKENS)
-    with serving_servers(tmp_path_factory.mktemp("hicache_servers"), HICACHE_SERVERS, base + HICACHE_ARGS) as running:
-        yield running
+    storage = {name: log_dir / f"{name}_storage" for name in HICACHE_SERVERS}
+    running = {}
+    for name, own in HICACHE_SERVERS.items():
+        launch = server_launch(SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(storage[name]))
+        running[name] = ServerProcess(name, base + HICACHE_ARGS + extra + own, log_dir / f"{name}.log", **launch)
+    with serving(running, STARTUP_TIMEOUT_S):
+        yield running, tier, storage
 
 
 @sgl.function
@@ -372,25 +395,37 @@ def test_paged_kv_cache_decodes_as_sglang_decodes_it(paged_servers):
 @pytest.mark.skipif(not ON_GPU, reason="HiCache's host KV pool needs CUDA (pinned memory, copy streams): "
                     "runs on the GPU host (SGLANG_DEFT_E2E_DEVICE=cuda, scripts/gpu_session.sh features)")
 def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hicache_servers):
-    """--enable-hierarchical-cache: the prompt's prefix is cached, pushed out of the device pool to the host pool
-    by filler prompts, then loaded back by the fork's prefill; deft decodes the branches over the loaded-back
-    nodes (shared) and gives the reference decode's tokens."""
+    """--enable-hierarchical-cache: the prompt's prefix is cached, pushed out of the device pool (and, with the
+    storage tier, out of the host pool) by filler prompts, then loaded back by the fork's prefill; deft decodes the
+    branches over the loaded-back nodes (shared) and gives the reference decode's tokens."""
+    servers, tier, storage = hicache_servers
     common = CONTEXT + " Question "
     prompts = [common + f"{c}:" for c in "ABCD"]
-    # distinct first tokens: the fillers share no prefix with the context or with each other
-    fillers = [f"{i}{i} " + CONTEXT[17 * i:] + CONTEXT[:17 * i] for i in range(9)]
+    # distinct first tokens: the fillers share no prefix with the context or with each other; 12 of ~330 tokens
+    # are more than the device pool (2048) and the storage configuration's host pool (1.2x) hold
+    fillers = [f"{c}{c} " + CONTEXT[17 * i:] + CONTEXT[:17 * i] for i, c in enumerate("0123456789!#")]
     outs = {}
-    for name, server in hicache_servers.items():
-        server.generate({"text": common, "sampling_params": greedy(max_new_tokens=0)})
+    for name, server in servers.items():
+        cached = server.generate({"text": common, "sampling_params": greedy(max_new_tokens=0)})[0]
+        if tier == "storage":  # the host pool backs its pages up to the files asynchronously
+            wait_for_storage_pages(storage[name], cached["meta_info"]["prompt_tokens"] // PAGE_SIZE)
         for filler in fillers:
             server.generate({"text": filler, "sampling_params": greedy(max_new_tokens=1)})
         outs[name] = server.generate({"text": prompts, "sampling_params": greedy(), "return_logprob": True})
     for out, ref in zip(outs["deft_hicache"], outs["reference_hicache"]):
         assert_same_output(out, ref)
-    host_hits = [(o["meta_info"].get("cached_tokens_details") or {}).get("host", 0) for o in outs["deft_hicache"]]
-    assert max(host_hits) > 0, f"no prefix came back from the host pool: {host_hits}"
-    rows = parse_sharing_lines(hicache_servers["deft_hicache"].log())
+    details = [o["meta_info"].get("cached_tokens_details") or {} for o in outs["deft_hicache"]]
+    assert max(d.get(tier, 0) for d in details) > 0, f"no prefix came back from the {tier} tier: {details}"
+    rows = parse_sharing_lines(servers["deft_hicache"].log())
     assert rows and rows[-1]["total_unique_kv_tokens"] < rows[-1]["total_attended_kv_tokens"]
+
+
+def wait_for_storage_pages(directory: Path, pages: int, timeout_s: float = 60) -> None:
+    """Until SGLang's file tier holds ``pages`` page files in ``directory`` (it writes one per page)."""
+    deadline = time.monotonic() + timeout_s
+    while (found := len(list(directory.glob("*.bin"))) if directory.exists() else 0) < pages:
+        assert time.monotonic() < deadline, f"{directory} holds {found} page files after {timeout_s}s, not {pages}"
+        time.sleep(0.2)
 
 
 def test_workload_is_sensitive_to_context(tiny_servers):
