@@ -151,26 +151,28 @@ def paged_servers(tmp_path_factory):
 HICACHE_DEVICE_TOKENS = 2048
 HICACHE_ARGS = ["--enable-hierarchical-cache", "--hicache-write-policy", "write_through"]
 HICACHE_SERVERS = {"deft_hicache": SERVERS["deft"][:2], "reference_hicache": SERVERS["reference"]}
-# Each configuration's arguments beyond HICACHE_ARGS, and the tier the prefix comes back from.
-# "storage": SGLang's file storage tier behind a host pool only 1.2x the device pool (the least it allows is
-# more than 1x), so that the fillers push the prefix out of the host pool too and the fork's prefill fetches
-# it from the files (wait_complete: the request waits for the whole fetch; prefetch_threshold 64: SGLang
-# fetches nothing under 256 tokens by default, about the prefix's length here).
+# Each configuration's arguments beyond HICACHE_ARGS, the tier the prefix comes back from, and how many filler
+# prompts (~330 tokens each) push it there: 9 fill more than the device pool (2048) and less than the host pool
+# (2x by default), so the prefix stays on the host (with 12 it left the host pool too and nothing came back);
+# "storage": SGLang's file storage tier behind a host pool only 1.2x the device pool (it allows no less than
+# more than 1x), where 12 fillers push the prefix out of the host pool too and the fork's prefill fetches it from
+# the files (wait_complete: the request waits for the whole fetch; prefetch_threshold 64: SGLang fetches nothing
+# under 256 tokens by default, about the prefix's length here).
 HICACHE_CONFIGS = {
-    "host": ([], "host"),
-    "host_paged": (["--page-size", str(PAGE_SIZE)], "host"),
+    "host": ([], "host", 9),
+    "host_paged": (["--page-size", str(PAGE_SIZE)], "host", 9),
     "storage_paged": (["--page-size", str(PAGE_SIZE), "--hicache-ratio", "1.2",
                        "--hicache-storage-backend", "file", "--hicache-storage-prefetch-policy", "wait_complete",
-                       "--hicache-storage-backend-extra-config", '{"prefetch_threshold": 64}'], "storage"),
+                       "--hicache-storage-backend-extra-config", '{"prefetch_threshold": 64}'], "storage", 12),
 }
 
 
 @pytest.fixture(scope="module", params=list(HICACHE_CONFIGS))
 def hicache_servers(request, tmp_path_factory):
     """deft and the reference with the hierarchical cache in one of HICACHE_CONFIGS; yields (servers, the tier
-    the prefix comes back from, each server's storage directory). Each server gets its own directory: the file
+    the prefix comes back from, the number of fillers, each server's storage directory). Each server gets its own directory: the file
     tier names a page by its tokens' hash and the model, so two servers of one model would share their pages."""
-    extra, tier = HICACHE_CONFIGS[request.param]
+    extra, tier, fillers = HICACHE_CONFIGS[request.param]
     log_dir = tmp_path_factory.mktemp(f"hicache_{request.param}")
     base = list(SERVER_ARGS)
     base[base.index("--max-total-tokens") + 1] = str(HICACHE_DEVICE_TOKENS)
@@ -180,7 +182,7 @@ def hicache_servers(request, tmp_path_factory):
         launch = server_launch(SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(storage[name]))
         running[name] = ServerProcess(name, base + HICACHE_ARGS + extra + own, log_dir / f"{name}.log", **launch)
     with serving(running, STARTUP_TIMEOUT_S):
-        yield running, tier, storage
+        yield running, tier, fillers, storage
 
 
 @sgl.function
@@ -398,12 +400,11 @@ def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hica
     """--enable-hierarchical-cache: the prompt's prefix is cached, pushed out of the device pool (and, with the
     storage tier, out of the host pool) by filler prompts, then loaded back by the fork's prefill; deft decodes the
     branches over the loaded-back nodes (shared) and gives the reference decode's tokens."""
-    servers, tier, storage = hicache_servers
+    servers, tier, n_fillers, storage = hicache_servers
     common = CONTEXT + " Question "
     prompts = [common + f"{c}:" for c in "ABCD"]
-    # distinct first tokens: the fillers share no prefix with the context or with each other; 12 of ~330 tokens
-    # are more than the device pool (2048) and the storage configuration's host pool (1.2x) hold
-    fillers = [f"{c}{c} " + CONTEXT[17 * i:] + CONTEXT[:17 * i] for i, c in enumerate("0123456789!#")]
+    # distinct first tokens: the fillers share no prefix with the context or with each other
+    fillers = [f"{c}{c} " + CONTEXT[17 * i:] + CONTEXT[:17 * i] for i, c in enumerate("0123456789!#"[:n_fillers])]
     outs = {}
     for name, server in servers.items():
         cached = server.generate({"text": common, "sampling_params": greedy(max_new_tokens=0)})[0]
