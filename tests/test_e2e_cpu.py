@@ -154,8 +154,8 @@ HICACHE_SERVERS = {"deft_hicache": SERVERS["deft"][:2], "reference_hicache": SER
 # Each configuration's arguments beyond HICACHE_ARGS, the tier the prefix comes back from, and how many filler
 # prompts (~330 tokens each) push it there: 9 fill more than the device pool (2048) and less than the host pool
 # (2x by default), so the prefix stays on the host (with 12 it left the host pool too and nothing came back);
-# "storage": SGLang's file storage tier behind a host pool only 1.2x the device pool (it allows no less than
-# more than 1x), where 12 fillers push the prefix out of the host pool too and the fork's prefill fetches it from
+# "storage": SGLang's file storage tier behind a host pool only 1.2x the device pool (SGLang wants it larger
+# than the device pool), where 12 fillers push the prefix out of the host pool too and the fork's prefill fetches it from
 # the files (wait_complete: the request waits for the whole fetch; prefetch_threshold 64: SGLang fetches nothing
 # under 256 tokens by default, about the prefix's length here).
 HICACHE_CONFIGS = {
