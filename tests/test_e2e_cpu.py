@@ -396,7 +396,7 @@ def test_paged_kv_cache_decodes_as_sglang_decodes_it(paged_servers):
 
 @pytest.mark.skipif(not ON_GPU, reason="HiCache's host KV pool needs CUDA (pinned memory, copy streams): "
                     "runs on the GPU host (SGLANG_DEFT_E2E_DEVICE=cuda, scripts/gpu_session.sh features)")
-def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hicache_servers):
+def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hicache_servers, record_property):
     """--enable-hierarchical-cache: the prompt's prefix is cached, pushed out of the device pool (and, with the
     storage tier, out of the host pool) by filler prompts, then loaded back by the fork's prefill; deft decodes the
     branches over the loaded-back nodes (shared) and gives the reference decode's tokens."""
@@ -416,6 +416,7 @@ def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hica
     for out, ref in zip(outs["deft_hicache"], outs["reference_hicache"]):
         assert_same_output(out, ref)
     details = [o["meta_info"].get("cached_tokens_details") or {} for o in outs["deft_hicache"]]
+    record_property("deft_cached_tokens_details", details)  # where each branch's prefix came from, in the junit XML
     assert max(d.get(tier, 0) for d in details) > 0, f"no prefix came back from the {tier} tier: {details}"
     rows = parse_sharing_lines(servers["deft_hicache"].log())
     assert rows and rows[-1]["total_unique_kv_tokens"] < rows[-1]["total_attended_kv_tokens"]
