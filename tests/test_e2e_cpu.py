@@ -155,9 +155,9 @@ HICACHE_SERVERS = {"deft_hicache": SERVERS["deft"][:2], "reference_hicache": SER
 # prompts (~330 tokens each) push it there: 9 fill more than the device pool (2048) and less than the host pool
 # (2x by default), so the prefix stays on the host (with 12 it left the host pool too and nothing came back);
 # "storage": SGLang's file storage tier behind a host pool only 1.2x the device pool (SGLang wants it larger
-# than the device pool), where 12 fillers push the prefix out of the host pool too and the fork's prefill fetches it from
-# the files (wait_complete: the request waits for the whole fetch; prefetch_threshold 64: SGLang fetches nothing
-# under 256 tokens by default, about the prefix's length here).
+# than the device pool), where 12 fillers push the prefix out of the host pool too and the fork's prefill fetches
+# it from the files (wait_complete: the request waits for the whole fetch; prefetch_threshold 64: SGLang fetches
+# nothing under 256 tokens by default, about the prefix's length here).
 HICACHE_CONFIGS = {
     "host": ([], "host", 9),
     "host_paged": (["--page-size", str(PAGE_SIZE)], "host", 9),
@@ -170,8 +170,9 @@ HICACHE_CONFIGS = {
 @pytest.fixture(scope="module", params=list(HICACHE_CONFIGS))
 def hicache_servers(request, tmp_path_factory):
     """deft and the reference with the hierarchical cache in one of HICACHE_CONFIGS; yields (servers, the tier
-    the prefix comes back from, the number of fillers, each server's storage directory). Each server gets its own directory: the file
-    tier names a page by its tokens' hash and the model, so two servers of one model would share their pages."""
+    the prefix comes back from, the number of fillers, each server's storage directory). Each server gets its own
+    directory: the file tier names a page by its tokens' hash and the model, so two servers of one model would
+    share their pages."""
     extra, tier, fillers = HICACHE_CONFIGS[request.param]
     log_dir = tmp_path_factory.mktemp(f"hicache_{request.param}")
     base = list(SERVER_ARGS)
