@@ -55,9 +55,9 @@ from .schedule import PlanCapacityError, Schedule, ScheduleSizes
 from .staging import PinnedStagingRing, thread_staging_ring
 
 SMALL_ROWS = 16  # rows of the small tile: tl.dot needs M >= 16
-# The largest head dim the kernels serve: the Triton kernel's KV blocks shrink with head_dim to fit shared
-# memory (32 tokens up to 255, 16 up to 383) and must stay a power of two of at least 16 tokens (tl.arange,
-# tl.dot); the Hopper kernel serves head dims 64, 80, 96, 128 and 256 (stage1_hopper.HEAD_DIMS).
+# The largest head dim the kernels serve: the Triton kernel's KV blocks shrink with head_dim (padded to a power
+# of two) to fit shared memory (32 tokens up to 128, 16 up to 256) and must stay a power of two of at least 16
+# tokens (tl.arange, tl.dot); the Hopper kernel serves head dims 64, 80, 96, 128 and 256 (stage1_hopper.HEAD_DIMS).
 MAX_HEAD_DIM = 256
 LARGE_ROWS = 64  # default rows of the large tile
 # The cost model's two constants, refitted to the Hopper stage-1 kernel on the H200 (2026-11-30,

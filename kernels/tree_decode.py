@@ -225,7 +225,8 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     if device is not None and dtype is not None and _hopper_unsupported(device, dtype, head_dim, large_rows,
                                                                         kv_dtype) is None:
         return HOPPER_CONFIG
-    block_n = 32 // max(1, head_dim // 128)
+    # by the padded width the kernel loads (BLOCK_D, a power of two): head_dim 192 moves 256-wide rows
+    block_n = 32 // max(1, triton.next_power_of_2(head_dim) // 128)
     return Stage1Config(block_n, block_n, 8 if large_rows > 64 else 4, 3)
 
 

@@ -61,8 +61,8 @@ def test_tree_shapes(name, dtype):
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)], ids=["gqa1", "gqa4", "gqa8"])
-# 80 and 96: Phi-2's and Phi-3-mini's head dims, which the kernels pad to 128 and mask.
-@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+# 80 and 96: Phi-2's and Phi-3-mini's head dims, which the kernels pad to 128 and mask; 192 pads to 256.
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 192, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_heads_and_dims(hq, hkv, d, dtype):
     out, ref, _ = run_case(TREES["odd_lengths"], hq, hkv, d, dtype)
@@ -282,6 +282,16 @@ def test_separate_launches_compute_the_same(name):
     unified = tree_decode(q, k, v, plan, scale, cap, config=cfg)
     split = tree_decode(q, k, v, plan, scale, cap, config=dataclasses.replace(cfg, separate_launches=True))
     assert torch.equal(unified, split)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 160, 192, 256])
+def test_triton_kv_blocks_fit_the_padded_head_dim(head_dim):
+    """The Triton kernel loads rows padded to a power of two: its K/V blocks hold no more elements at any head
+    dim than at 128 (32 tokens x 128), so head dim 192 (256-wide rows) stages what 256 does, not twice that."""
+    for large_rows in (64, 128):
+        cfg = stage1_config(head_dim, large_rows)
+        for block_n in (cfg.block_n_large, cfg.block_n_small):
+            assert block_n >= 16 and block_n * triton.next_power_of_2(head_dim) <= 32 * 128
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
