@@ -328,7 +328,8 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), LARGE_M=plan.large_rows,
+            # tl.dot's inner dim is BLOCK_D for QK^T: at least 16 for 16-bit types on NVIDIA GPUs (masked past D)
+            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
             IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
