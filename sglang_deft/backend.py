@@ -114,6 +114,9 @@ class DeftAttnBackend(AttentionBackend):
         self.kv_pool_size = model_runner.token_to_kv_pool.size
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, log=self.logging_rank)
         self._recorded_batch = None  # a weak reference to the ForwardBatch whose step was last counted
+        # (a weak reference to the ForwardBatch whose graph plan did not fit the buffers, when that started):
+        # SGLang then runs that batch eagerly, which need not try the buffers again
+        self._refused_batch: tuple[weakref.ref, float] | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
         self.eager_steps = 0
@@ -183,6 +186,11 @@ class DeftAttnBackend(AttentionBackend):
             self._plan_warmup_batch(forward_batch)
             return
         started = time.perf_counter()
+        refused, self._refused_batch = self._refused_batch, None
+        if refused is not None and refused[0]() is forward_batch:
+            started = refused[1]  # the step's host time includes the graph plan that did not fit
+        else:
+            refused = None
         reqs = self._requests(forward_batch)
         # Rows past the requests are padding: SGLang pads an eager decode batch to a multiple of the
         # attention-TP size when its MLP gathers across ranks (--moe-a2a-backend, --moe-dense-tp-size 1 at
@@ -194,7 +202,9 @@ class DeftAttnBackend(AttentionBackend):
         self.eager_steps += 1
         check = self.verify_every > 0 and self.eager_steps % self.verify_every == 0
         step = None
-        if self.step_planner is not None and rows <= self.graph_plan.qperm.numel():
+        # Not where this very batch's graph plan just failed to fit the buffers: the step planner would build
+        # and schedule the same tree again to fail again (on every step of a batch past the plan limits).
+        if self.step_planner is not None and rows <= self.graph_plan.qperm.numel() and refused is None:
             step = self.step_planner.plan(reqs, seq_lens, rows)
         if step is not None:
             if TRACE_PLANS:
@@ -324,6 +334,7 @@ class DeftAttnBackend(AttentionBackend):
         started = time.perf_counter()
         step = self.step_planner.plan(self._requests(forward_batch), forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
+            self._refused_batch = (weakref.ref(forward_batch), started)
             return False
         if TRACE_PLANS:
             self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu)

@@ -336,6 +336,28 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
 
 
 @needs_interpreter
+def test_a_step_the_buffers_refused_runs_eagerly_without_trying_them_again(server_args, model_config, monkeypatch):
+    """A step whose tree is past the plan limits: its graph plan is refused (the step planner builds and schedules
+    it once), and the eager step SGLang then runs plans it on its own path, correctly, without building and
+    scheduling it into the buffers a second time. A later batch still tries the buffers."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    backend.plan_limits = PlanLimits(max_items=2, max_partials=64)  # a shared prompt and 3 tails: 4 items
+    backend._make_plan_buffers(backend.max_bs)
+    emulator = GraphEmulator(backend, kv_pool)
+    tried = []
+    step_plan = backend.step_planner.plan
+    monkeypatch.setattr(backend.step_planner, "plan", lambda *a: tried.append(len(a[0])) or step_plan(*a))
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None  # eager only, checked
+    assert tried == [3]
+    one = sim.prefill([sim.new_req(sim.fresh(30))])  # one request, one item: fits
+    assert step_both_ways(sim, one, layers, kv_pool, backend, emulator) == 1
+    assert tried == [3, 1, 1]  # its replay, then its eager twin (step_both_ways runs both)
+
+
+@needs_interpreter
 def test_stage2_shape_is_the_graphs_in_eager_steps(server_args, model_config, monkeypatch):
     """On 48 SMs the 8 heads' merges fit one per SM for up to 6 queries, which is no captured size: a
     batch of 5 replays in the graph of 8. The threshold for stage 2's shape for few merges is therefore 4,
