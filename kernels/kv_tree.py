@@ -32,7 +32,8 @@ class KVTree:
         """Check the structural invariants on the host; raises ValueError naming the broken one.
 
         Synchronises with the device when the tensors live there: call it when building trees in
-        tests or at the edge of the API, never in the per-layer path.
+        tests or at the edge of the API, never in the kernels' per-layer path (the reference path,
+        ``reference.path_nodes``, validates at every call: its trees are host tensors).
         """
         for name in ("kv_indices", "node_indptr", "node_parent", "query_node"):
             t = getattr(self, name)

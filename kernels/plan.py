@@ -300,7 +300,9 @@ class TreeDecodePlanner:
     def items_ending_at(self, positions: np.ndarray) -> np.ndarray | None:
         """For each KV position, the index (in the last plan's ``items``) of the one item whose KV
         range ends there; None when some position has no such item or several (a node split into
-        query tiles). Lets a caller grow a node in place: its last item's ``kv_len`` + 1."""
+        query tiles). Lets a caller grow a node in place: its last item's ``kv_len`` + 1. Empty nodes
+        have no items: the end of an empty node is answered with the item of whichever node ends
+        there (its parent's), so ask only for nodes that hold tokens (the step planner's tails do)."""
         ends = self._item_end
         if ends is None:
             return None

@@ -11,7 +11,8 @@ backend logs one line in the scheduler's log (TP rank 0's, as SGLang logs its de
 - ``ratio``: attended / unique (1.0 means nothing was shared);
 - ``plan_host_us``: host time per step of the backend's per-step work (KV tree from the radix
   tree, plan, metadata copies enqueued), averaged over the steps; wall-clock time of the scheduler's
-  thread, without waiting for the device (nothing there synchronises);
+  thread, without waiting for the device (nothing there waits for the GPU's work, but an upload may wait for
+  the pinned staging slot it reuses, whose copy four uploads earlier is normally long done);
 - ``steady_steps``: steps of the window whose plan was the last one updated on the device, not
   planned on the host (``sglang_deft.step_planner``);
 - ``total_*``: the same from the server's start to the end of this line's window (steps after the last
