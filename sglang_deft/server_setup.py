@@ -26,19 +26,22 @@ def default_device() -> str:
     """The device without ``--device``: CUDA when there is one and ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's switch
     to its CPU engine) is not already set, else CPU."""
     cpu_engine_asked = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"  # as SGLang's is_cpu() reads it
-    return "cuda" if torch.cuda.is_available() and not cpu_engine_asked else "cpu"
+    # In this order: asked for the CPU, CUDA is not looked at, so prepare_process can still hide it
+    return "cuda" if not cpu_engine_asked and torch.cuda.is_available() else "cpu"
 
 
 def prepare_process(device: str | None) -> str:
     """Set up this process (and the processes it spawns) for ``device`` (None: :func:`default_device`);
-    returns the device. Without CUDA, SGLang runs its CPU engine and imports through
-    ``sglang_deft.cpu_compat``.
+    returns the device. On the CPU, SGLang runs its CPU engine and imports through ``sglang_deft.cpu_compat``,
+    with the GPUs hidden from this process and those it spawns.
     """
     # Before anything imports SGLang's modules by their 0.5.10.post1 names (the CPU layer among them): another
     # release fails here, by name, not on a moved module.
     require_supported_sglang("sglang_deft (its launcher, Engine, CPU layer and patches)")
-    has_cuda = torch.cuda.is_available()
     device = device or default_device()
+    if device == "cpu":
+        _hide_cuda_for_the_cpu_engine()
+    has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         raise ValueError("--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False); "
                          "leave --device out for SGLang's CPU engine")
@@ -50,6 +53,21 @@ def prepare_process(device: str | None) -> str:
     if not has_cuda:
         cpu_compat.install()
     return device
+
+
+def _hide_cuda_for_the_cpu_engine() -> None:
+    """SGLang's CPU engine on a host with a GPU picks CUDA kernels all the same: its layers choose their code at
+    import by ``is_cuda()`` (``torch.cuda.is_available()``), whatever SGLANG_USE_CPU_ENGINE says, and e.g. RMSNorm's
+    CUDA kernel then gets CPU tensors. So ``--device cpu`` hides the GPUs (``CUDA_VISIBLE_DEVICES=``, inherited by
+    the scheduler) before CUDA is first looked at; a process that already uses CUDA cannot unsee it."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if torch.cuda.is_available():
+            raise ValueError(
+                "--device cpu in a process that has already initialised CUDA: SGLang would run its CUDA kernels "
+                "on CPU tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, or with "
+                "CUDA_VISIBLE_DEVICES= set (for sglang_deft.Engine: SGLANG_USE_CPU_ENGINE=1 before importing it)")
+        logger.info("--device cpu: CUDA devices hidden (CUDA_VISIBLE_DEVICES=) from SGLang's CPU engine")
 
 
 def split_deft_backend(args: MutableMapping, device: str) -> None:

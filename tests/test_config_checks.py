@@ -74,16 +74,20 @@ def test_split_leaves_other_devices_to_the_checks(deft_args):
     "device, has_cuda, expected, cpu_engine, compat, env",
     [
         (None, True, "cuda", False, False, None),
-        # set before the import (the advice of sglang_deft.Engine's device='cpu' error): honoured on a CUDA host
-        (None, True, "cpu", True, False, "1"),
+        # set before the import (the advice of sglang_deft.Engine's device='cpu' error): honoured on a CUDA host,
+        # the GPUs hidden as for --device cpu
+        (None, True, "cpu", True, True, "1"),
         (None, False, "cpu", True, True, None),
-        ("cpu", True, "cpu", True, False, None),  # SGLang's CPU engine on a CUDA host
+        # SGLang's CPU engine on a CUDA host: the GPUs hidden, so that SGLang's layers take their CPU code
+        ("cpu", True, "cpu", True, True, None),
         ("cuda", True, "cuda", False, False, None),
     ],
 )
 def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, compat, env):
     installed = []
-    monkeypatch.setattr("torch.cuda.is_available", lambda: has_cuda)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # restored after the call, which may hide the GPUs
+    # torch in a fresh process: it reads CUDA_VISIBLE_DEVICES when it first looks for a GPU
+    monkeypatch.setattr("torch.cuda.is_available", lambda: has_cuda and os.environ["CUDA_VISIBLE_DEVICES"] != "")
     monkeypatch.setattr(cpu_compat, "install", lambda: installed.append(True))
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")  # so that teardown restores it, set or not, after the call
     monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
@@ -92,6 +96,18 @@ def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, co
     assert prepare_process(device) == expected
     assert ("SGLANG_USE_CPU_ENGINE" in os.environ) == cpu_engine
     assert bool(installed) == compat
+    assert (os.environ["CUDA_VISIBLE_DEVICES"] == "") == (expected == "cpu")
+
+
+def test_prepare_process_refuses_the_cpu_where_cuda_is_already_in_use(monkeypatch):
+    """A process that has looked at its GPU keeps seeing it whatever CUDA_VISIBLE_DEVICES says later; SGLang's
+    layers would then pick CUDA kernels for CPU tensors."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(cpu_compat, "install", lambda: pytest.fail("set up for the CPU"))
+    with pytest.raises(ValueError, match="--device cpu in a process that has already initialised CUDA"):
+        prepare_process("cpu")
 
 
 @pytest.mark.parametrize("has_cuda, env, message", [
