@@ -56,6 +56,19 @@ def _raise_if(problems: list[str]) -> None:
         raise UnsupportedConfiguration(problems)
 
 
+def deterministic_inference_problem(enabled: bool, rl_on_policy_target: str | None) -> str | None:
+    """Why deft decode cannot serve deterministic inference, naming the flag the user gave (SGLang turns it on
+    itself for --rl-on-policy-target, ServerArgs._handle_deterministic_inference); None when it is off."""
+    if not (enabled or rl_on_policy_target is not None):
+        return None
+    flag = ("--enable-deterministic-inference" if rl_on_policy_target is None else
+            f"--rl-on-policy-target {rl_on_policy_target} (which turns on --enable-deterministic-inference)")
+    return (f"{flag}: deft splits each decode step's attention by that batch's KV tree "
+            "(shared prefixes, chunks cut for the batch), so a request's output bits depend on what it is batched "
+            "with; deterministic inference needs batch-invariant decode attention (SGLang's flashinfer, fa3 or "
+            "triton decode)")
+
+
 def server_args_problems(server_args) -> list[str]:
     """Problems of the flags alone (no model config needed); empty when deft is not selected."""
     decode, prefill = deft_roles(server_args)
@@ -100,17 +113,10 @@ def server_args_problems(server_args) -> list[str]:
             f"--kv-cache-dtype {a.kv_cache_dtype}: deft reads KV caches in the model's dtype or in fp8 "
             "(fp8_e4m3, fp8_e5m2), not this format"
         )
-    if decode and a.enable_deterministic_inference:
-        # SGLang checks only --attention-backend here (triton passes), not the decode backend. It turns the flag
-        # on itself for --rl-on-policy-target (ServerArgs._handle_deterministic_inference): name what was given.
-        flag = ("--enable-deterministic-inference" if a.rl_on_policy_target is None else
-                f"--rl-on-policy-target {a.rl_on_policy_target} (which turns on --enable-deterministic-inference)")
-        problems.append(
-            f"{flag}: deft splits each decode step's attention by that batch's KV tree "
-            "(shared prefixes, chunks cut for the batch), so a request's output bits depend on what it is batched "
-            "with; deterministic inference needs batch-invariant decode attention (SGLang's flashinfer, fa3 or "
-            "triton decode)"
-        )
+    if decode and (problem := deterministic_inference_problem(a.enable_deterministic_inference,
+                                                              a.rl_on_policy_target)):
+        # SGLang checks only --attention-backend here (triton passes), not the decode backend.
+        problems.append(problem)
     if a.enable_double_sparsity:
         # SGLang then allocates a DoubleSparseTokenToKVPool, whose set_kv_buffer takes a label buffer and no
         # KV scales: the first decode step raised in the scheduler.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,18 @@ def test_prefill_on_deft_from_the_command_line_is_refused(flags):
     args = parse_server_args(BASE_ARGV + flags, device="cpu")
     with pytest.raises(UnsupportedConfiguration, match="prefill/extend as well as decode"):
         check_server_args(args)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--enable-deterministic-inference"], "--enable-deterministic-inference: deft splits"),
+    (["--rl-on-policy-target", "fsdp"], "--rl-on-policy-target fsdp (which turns on --enable-deterministic-inference)"),
+])
+@pytest.mark.parametrize("backend_flags", [["--attention-backend", "deft"], ["--decode-attention-backend", "deft"]])
+def test_deterministic_inference_is_refused_for_deft_before_sglang_blames_torch_native(flags, expected, backend_flags):
+    """Through the launcher's parser on CPU: SGLang's own check (in ServerArgs) raised first, saying the user had
+    specified torch_native, the extend backend deft's split chose."""
+    with pytest.raises(UnsupportedConfiguration, match=re.escape(expected)):
+        parse_server_args(BASE_ARGV + backend_flags + flags, device="cpu")
 
 
 def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
