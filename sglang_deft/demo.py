@@ -53,6 +53,16 @@ def say_if_possible(msg: str) -> None:
 
 # The demo reads the sharing lines from the log: one per decode step, at info level.
 DEMO_LOGGING = {"--decode-log-interval": "1", "--log-level": "info"}
+# The shortest spelling of each that SGLang 0.5.10's parser takes for it (argparse accepts any unambiguous
+# abbreviation: "--decode-l" is no other option's, while any "--log-level" shorter than itself is also
+# "--log-level-http"'s).
+DEMO_LOGGING_SHORTEST = {"--decode-log-interval": "--decode-l", "--log-level": "--log-level"}
+
+
+def names_flag(arg: str, flag: str) -> bool:
+    """Whether the command-line word ``arg`` gives SGLang's ``flag`` (also abbreviated, also as ``--flag=value``)."""
+    option = arg.split("=", 1)[0]
+    return flag.startswith(option) and option.startswith(DEMO_LOGGING_SHORTEST[flag])
 
 
 def use_gpu(force_cpu: bool) -> bool:
@@ -270,7 +280,7 @@ def main(argv=None) -> int:
     if not args.timeout > 0:
         ap.error(f"--timeout {args.timeout}: seconds to wait for the server, more than 0")
     for flag in DEMO_LOGGING:
-        if any(a == flag or a.startswith(flag + "=") for a in args.server_args):
+        if any(names_flag(a, flag) for a in args.server_args):
             ap.error(f"{flag} after --: the demo sets {flag} {DEMO_LOGGING[flag]}, as it reads the server's "
                      "per-step sharing lines from its log")
 

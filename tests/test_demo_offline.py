@@ -178,12 +178,22 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     (["--timeout", "0"], "--timeout 0.0: seconds to wait for the server"),
     (["--", "--decode-log-interval", "40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
     (["--", "--log-level=warning"], "--log-level after --: the demo sets --log-level info"),
+    # argparse takes an unambiguous abbreviation: SGLang's parser read this one as --decode-log-interval 40
+    (["--", "--decode-log", "40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
+    (["--", "--decode-l=40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
 ])
 def test_main_refuses_arguments_it_cannot_run_with_before_starting_anything(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(demo, "ServerProcess", lambda *a, **k: pytest.fail("a server was started"))
     with pytest.raises(SystemExit) as e:
         demo.main(["--cpu", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arg", ["--decode", "--decode-attention-backend", "--log-level-http", "--log-lev",
+                                 "--log-requests", "--dec=3"])
+def test_other_flags_are_not_taken_for_the_demos_logging_flags(arg):
+    """Words that are other SGLang options, or ambiguous prefixes its parser refuses itself."""
+    assert not any(demo.names_flag(arg, flag) for flag in demo.DEMO_LOGGING)
 
 
 def test_main_reports_a_port_in_use_and_leaves_no_log_dir(monkeypatch, capsys, tmp_path):
