@@ -14,15 +14,16 @@ hands decode and the CUDA-graph hooks to deft.
 in the same server and logs the error (``sglang_deft.kernel_check``; a diagnostic: it synchronises).
 
 Plans (``sglang_deft.step_planner.DecodeStepPlanner``) go into one fixed-capacity ``TreeDecodePlan``:
-up to ``--cuda-graph-max-bs`` queries, the KV pool's size in tree tokens, and the server's
+up to ``--cuda-graph-max-bs`` queries (or the largest batch SGLang captures, when it captures less: with
+``--max-running-requests`` below it), the KV pool's size in tree tokens, and the server's
 ``PlanLimits`` of work items and partials. A steady step (the same requests, one token longer each)
 updates the last plan on the device instead of planning on the host (see that module).
 
 CUDA graphs (on by default; ``--disable-cuda-graph`` turns them off). A captured graph replays fixed
 kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no requests to build the
 KV tree from. So:
-- The backend allocates the plan buffers when it is made (before SGLang captures anything), shared
-  by every captured batch size. Stage 1 is launched over the whole capacity of work items, stage 2
+- The backend allocates the plan buffers when it is made (before SGLang captures anything; again in
+  ``init_cuda_graph_state`` if SGLang's largest captured size differs), shared by every captured batch size. Stage 1 is launched over the whole capacity of work items, stage 2
   over the graph's batch size (``tree_attention.plan_graph_step``); programs past the plan's
   device-side counts exit at once.
 - Capture (``init_forward_metadata_capture_cuda_graph``) writes a plan of padding queries only into
