@@ -23,9 +23,9 @@ CUDA graphs (on by default; ``--disable-cuda-graph`` turns them off). A captured
 kernel launches on fixed buffers, and its replay gets no ForwardBatch, hence no requests to build the
 KV tree from. So:
 - The backend allocates the plan buffers when it is made (before SGLang captures anything; again in
-  ``init_cuda_graph_state`` if SGLang's largest captured size differs), shared by every captured batch size. Stage 1 is launched over the whole capacity of work items, stage 2
-  over the graph's batch size (``tree_attention.plan_graph_step``); programs past the plan's
-  device-side counts exit at once.
+  ``init_cuda_graph_state`` if SGLang's largest captured size differs), shared by every captured batch
+  size. Stage 1 is launched over the whole capacity of work items, stage 2 over the graph's batch size
+  (``tree_attention.plan_graph_step``); programs past the plan's device-side counts exit at once.
 - Capture (``init_forward_metadata_capture_cuda_graph``) writes a plan of padding queries only into
   those buffers, which the warm-up runs compute with (zeros). The captured launches read the buffers,
   so a replay computes whatever plan was written there last.
