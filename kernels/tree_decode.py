@@ -283,6 +283,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if k_buffer.shape[1:] != (plan.num_kv_heads, D) or v_buffer.shape[1:] != (plan.num_kv_heads, D):
         raise ValueError(f"k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} do not match the plan's "
                          f"{plan.num_kv_heads} KV heads of dim {D}")
+    if k_buffer.shape[0] != v_buffer.shape[0]:  # one slot id indexes both: V would be read past its end
+        raise ValueError(f"k/v buffers of {k_buffer.shape[0]} and {v_buffer.shape[0]} slots: a KV slot indexes both")
     if k_buffer.dtype != v_buffer.dtype or not reads_kv_dtype(k_buffer.dtype, q.dtype):
         raise ValueError(f"k/v buffers in {k_buffer.dtype}/{v_buffer.dtype} for q in {q.dtype}: K and V need one dtype, "
                          f"q's or an fp8 one ({', '.join(map(str, FP8_KV_DTYPES))})")

@@ -203,6 +203,9 @@ def test_bad_shapes_are_refused():
         tree_decode(q, kv, kv, plan, 0.1)
     with pytest.raises(ValueError, match="multiple"):
         plan_tree_decode(tree, 6, 4, 32)
+    q = torch.randn(tree.num_queries, 8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="k/v buffers of 64 and 32 slots: a KV slot indexes both"):
+        tree_decode(q, kv, kv[:32], plan, 0.1)
 
 
 def test_strided_kv_indices_are_read_as_given():
