@@ -85,10 +85,12 @@ CONTEXT = (
 
 
 @contextlib.contextmanager
-def serving_servers(log_dir: Path, servers: dict[str, list[str]], base: list[str] = SERVER_ARGS):
-    """``servers`` (name -> its own arguments after ``base``), started side by side; stopped on exit."""
-    launch = server_launch()
-    running = {name: ServerProcess(name, base + extra, log_dir / f"{name}.log", **launch)
+def serving_servers(log_dir: Path, servers: dict[str, list[str]], base: list[str] = SERVER_ARGS,
+                    env: dict[str, dict[str, str]] | None = None):
+    """``servers`` (name -> its own arguments after ``base``; ``env``: name -> variables of its own), started side
+    by side; stopped on exit."""
+    env = env or {}
+    running = {name: ServerProcess(name, base + extra, log_dir / f"{name}.log", **server_launch(**env.get(name, {})))
                for name, extra in servers.items()}
     with serving(running, STARTUP_TIMEOUT_S):
         yield running
@@ -178,11 +180,8 @@ def hicache_servers(request, tmp_path_factory):
     base = list(SERVER_ARGS)
     base[base.index("--max-total-tokens") + 1] = str(HICACHE_DEVICE_TOKENS)
     storage = {name: log_dir / f"{name}_storage" for name in HICACHE_SERVERS}
-    running = {}
-    for name, own in HICACHE_SERVERS.items():
-        launch = server_launch(SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(storage[name]))
-        running[name] = ServerProcess(name, base + HICACHE_ARGS + extra + own, log_dir / f"{name}.log", **launch)
-    with serving(running, STARTUP_TIMEOUT_S):
+    env = {name: {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": str(path)} for name, path in storage.items()}
+    with serving_servers(log_dir, HICACHE_SERVERS, base + HICACHE_ARGS + extra, env) as running:
         yield running, tier, fillers, storage
 
 
