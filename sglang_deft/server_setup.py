@@ -39,9 +39,21 @@ def prepare_process(device: str | None) -> str:
     # release fails here, by name, not on a moved module.
     require_supported_sglang("sglang_deft (its launcher, Engine, CPU layer and patches)")
     device = device or default_device()
-    if device == "cpu":
-        _hide_cuda_for_the_cpu_engine()
+    # SGLang's CPU engine on a host with a GPU picks CUDA kernels all the same: its layers choose their code at
+    # import by is_cuda() (torch.cuda.is_available()), whatever SGLANG_USE_CPU_ENGINE says, and e.g. RMSNorm's
+    # CUDA kernel then gets CPU tensors. So the CPU hides the GPUs (inherited by the scheduler) before CUDA is
+    # first looked at; a process that already uses CUDA cannot unsee it (refused below).
+    hiding = device == "cpu" and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    if hiding:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     has_cuda = torch.cuda.is_available()
+    if device == "cpu" and has_cuda:
+        raise ValueError(
+            "--device cpu in a process that has already initialised CUDA: SGLang would run its CUDA kernels "
+            "on CPU tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, or with "
+            "CUDA_VISIBLE_DEVICES= set (for sglang_deft.Engine: SGLANG_USE_CPU_ENGINE=1 before importing it)")
+    if hiding:
+        logger.info("--device cpu: CUDA devices hidden (CUDA_VISIBLE_DEVICES=) from SGLang's CPU engine")
     if device == "cuda" and not has_cuda:
         raise ValueError("--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False); "
                          "leave --device out for SGLang's CPU engine")
@@ -53,21 +65,6 @@ def prepare_process(device: str | None) -> str:
     if not has_cuda:
         cpu_compat.install()
     return device
-
-
-def _hide_cuda_for_the_cpu_engine() -> None:
-    """SGLang's CPU engine on a host with a GPU picks CUDA kernels all the same: its layers choose their code at
-    import by ``is_cuda()`` (``torch.cuda.is_available()``), whatever SGLANG_USE_CPU_ENGINE says, and e.g. RMSNorm's
-    CUDA kernel then gets CPU tensors. So ``--device cpu`` hides the GPUs (``CUDA_VISIBLE_DEVICES=``, inherited by
-    the scheduler) before CUDA is first looked at; a process that already uses CUDA cannot unsee it."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        if torch.cuda.is_available():
-            raise ValueError(
-                "--device cpu in a process that has already initialised CUDA: SGLang would run its CUDA kernels "
-                "on CPU tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, or with "
-                "CUDA_VISIBLE_DEVICES= set (for sglang_deft.Engine: SGLANG_USE_CPU_ENGINE=1 before importing it)")
-        logger.info("--device cpu: CUDA devices hidden (CUDA_VISIBLE_DEVICES=) from SGLang's CPU engine")
 
 
 def split_deft_backend(args: MutableMapping, device: str) -> None:
