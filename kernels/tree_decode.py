@@ -200,6 +200,12 @@ class Stage1Config:
 HOPPER_CONFIG = Stage1Config(32, 32, 4, 2, kernel="hopper")  # stage1_hopper's fixed shape, for reference
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The row width the Triton stage-1 kernel loads (BLOCK_D, masked past ``head_dim``): a power of two for
+    tl.arange, and at least 16, tl.dot's least inner dim for 16-bit types on NVIDIA GPUs (QK^T's is BLOCK_D)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = None,
                   device: torch.device | None = None, kv_dtype: torch.dtype | None = None) -> Stage1Config:
     """Which stage-1 kernel runs, with its KV block lengths, warps and pipeline depth.
@@ -225,8 +231,8 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     if device is not None and dtype is not None and _hopper_unsupported(device, dtype, head_dim, large_rows,
                                                                         kv_dtype) is None:
         return HOPPER_CONFIG
-    # by the padded width the kernel loads (BLOCK_D, a power of two): head_dim 192 moves 256-wide rows
-    block_n = 32 // max(1, triton.next_power_of_2(head_dim) // 128)
+    # by the padded width the kernel loads: head_dim 192 moves 256-wide rows
+    block_n = 32 // max(1, padded_head_dim(head_dim) // 128)
     return Stage1Config(block_n, block_n, 8 if large_rows > 64 else 4, 3)
 
 
@@ -330,8 +336,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
             sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
-            # tl.dot's inner dim is BLOCK_D for QK^T: at least 16 for 16-bit types on NVIDIA GPUs (masked past D)
-            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), LARGE_M=plan.large_rows,
+            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
             SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
             IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compiled
