@@ -46,38 +46,24 @@ class _PreParser(argparse.ArgumentParser):
         raise _PreParseError(message)
 
 
-def _config_as_args(path: str) -> list[str] | None:
-    """A config file's scalar entries as SGLang's merger writes them (``key: v`` as ``--key v``); None for a
-    file it will report itself (missing, not YAML, not a mapping)."""
-    import yaml  # an SGLang dependency, which its own config merger reads the file with
-
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    return [x for key, value in config.items() if not isinstance(value, (bool, list, dict))
-            for x in (f"--{key}", str(value))]
-
-
 def _device_arg(argv: list[str]) -> str | None:
     """``--device`` from the command line, else from a ``--config`` file (SGLang's merge lets the command
     line override the file); read before SGLang loads, so without its parser. argparse takes the file
     as ``--config=FILE`` and abbreviated (``--conf FILE``) too, as ``parse_server_args`` does, and a file's
-    key as abbreviated as a flag (``dev: cpu``). None where SGLang's parser will refuse the arguments."""
+    key as abbreviated as a flag (``dev: cpu``). None where SGLang's parser or merger will refuse the
+    arguments (with its own message)."""
+    import yaml
+    # SGLang's own merger, so that the file is read as it will be. Importing it loads SGLang's frontend
+    # package but not torch: nothing has looked for a device yet. Without SGLang's parser, the entries
+    # it writes are only searched for --device.
+    from sglang.srt.server_args_config_parser import ConfigArgumentMerger
+
     parser = _PreParser(add_help=False)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--config", default=None)
     try:
-        known = parser.parse_known_args(argv)[0]
-        if known.config is None:
-            return known.device
-        config = _config_as_args(known.config)
-        # As SGLang's merger: the file's entries first, the command line after them (it wins).
-        return parser.parse_known_args(config + argv)[0].device if config else known.device
-    except _PreParseError:
+        argv = ConfigArgumentMerger().merge_config_with_args(config_flag_spelled_out(argv))
+        return parser.parse_known_args(argv)[0].device
+    except (OSError, ValueError, yaml.YAMLError, _PreParseError):
         return None
 
 

@@ -5,6 +5,8 @@ import copy
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,22 @@ def test_launcher_reads_the_device_as_sglang_will(tmp_path, config, argv, device
     path = tmp_path / "server.yaml"
     path.write_text(config)
     assert _device_arg(["--config", str(path), *argv]) == device
+
+
+def test_launcher_reads_the_device_without_loading_torch(tmp_path):
+    """prepare_process hides the GPUs for --device cpu; that must happen before torch first looks for them."""
+    path = tmp_path / "server.yaml"
+    path.write_text("device: cpu\n")
+    code = ("import sys; from sglang_deft.launch_server import _device_arg; "
+            f"print(_device_arg(['--config', {str(path)!r}]), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["cpu", "False"]
+
+
+def test_launcher_leaves_a_config_file_sglang_refuses_to_its_merger(tmp_path):
+    path = tmp_path / "server.json"  # SGLang's merger takes .yaml and .yml files only
+    path.write_text("device: cpu\n")
+    assert _device_arg(["--config", str(path)]) is None
 
 
 def test_launcher_leaves_a_malformed_command_line_to_sglangs_parser():
