@@ -246,6 +246,19 @@ def reads_kv_dtype(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def kv_dtype_unsupported_on(kv_dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the kernels cannot read a ``kv_dtype`` cache on ``device`` (None if they can). Triton compiles
+    float8_e4m3fn (its fp8e4nv) only for sm_89 and newer; before, the first launch would fail to compile."""
+    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 9):
+        return None
+    return (f"a float8_e4m3fn KV cache on {torch.cuda.get_device_name(device)} (sm_{major}{minor}): Triton reads "
+            "that format on sm_89 and newer only (Ada, Hopper); fp8_e5m2 or the model's dtype work here")
+
+
+@functools.lru_cache(maxsize=None)
 def _hopper_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, large_rows: int,
                         kv_dtype: torch.dtype | None = None) -> str | None:
     """Why the Hopper kernel cannot serve this configuration (None if it can); logged once per configuration.
@@ -294,6 +307,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if k_buffer.dtype != v_buffer.dtype or not reads_kv_dtype(k_buffer.dtype, q.dtype):
         raise ValueError(f"k/v buffers in {k_buffer.dtype}/{v_buffer.dtype} for q in {q.dtype}: K and V need one dtype, "
                          f"q's or an fp8 one ({', '.join(map(str, FP8_KV_DTYPES))})")
+    if (reason := kv_dtype_unsupported_on(k_buffer.dtype, k_buffer.device)) is not None:
+        raise ValueError(f"tree_decode cannot read {reason}")
     if (k_scale, v_scale) != (1.0, 1.0) and k_buffer.dtype not in FP8_KV_DTYPES:
         raise ValueError(f"k_scale {k_scale} / v_scale {v_scale} apply to an fp8 KV cache, not to {k_buffer.dtype}")
     if q.stride(-1) != 1 or k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:

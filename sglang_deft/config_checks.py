@@ -306,9 +306,10 @@ def check_model_config(model_config, server_args) -> None:
 
 def model_runner_problems(model_runner) -> list[str]:
     """Problems of the loaded model's attention layers and runner state."""
+    import torch
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    from .kernels.tree_decode import FP8_KV_DTYPES, reads_kv_dtype
+    from .kernels.tree_decode import FP8_KV_DTYPES, kv_dtype_unsupported_on, reads_kv_dtype
 
     problems = server_args_problems(model_runner.server_args)
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
@@ -323,6 +324,8 @@ def model_runner_problems(model_runner) -> list[str]:
     if kv_dtype is not None and not reads_kv_dtype(kv_dtype, model_dtype):
         problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: a {kv_dtype} KV cache under a "
                         f"{model_dtype} model; deft reads a KV cache in the model's dtype or in fp8")
+    elif kv_dtype is not None and (reason := kv_dtype_unsupported_on(kv_dtype, torch.device(model_runner.device))):
+        problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: deft cannot read {reason}")
     a = model_runner.server_args
     fp8_prefill = backend_names(a)[1] if kv_dtype in FP8_KV_DTYPES else None
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line

@@ -550,6 +550,30 @@ def test_an_fp8_kv_cache_chosen_by_sglang_for_the_checkpoint_is_served(server_ar
         "not this format"]
 
 
+@pytest.mark.parametrize("capability, kv_dtype, refused", [
+    ((8, 0), torch.float8_e4m3fn, True), ((8, 6), torch.float8_e4m3fn, True), ((8, 9), torch.float8_e4m3fn, False),
+    ((9, 0), torch.float8_e4m3fn, False), ((8, 0), torch.float8_e5m2, False)])
+def test_an_fp8_e4m3_cache_is_refused_on_gpus_triton_cannot_compile_it_for(server_args, model_config, monkeypatch,
+                                                                          capability, kv_dtype, refused):
+    """Triton compiles float8_e4m3fn for sm_89+ only: on an A100 the first decode step failed to compile
+    instead of the server refusing the flag."""
+    from sglang_deft.kernels.tree_decode import kv_dtype_unsupported_on
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    kv_dtype_unsupported_on.cache_clear()
+    try:
+        runner = model_runner(server_args, model_config, attention_layers(model_config), device="cuda",
+                              kv_cache_dtype=kv_dtype)
+        problems = model_runner_problems(runner)
+    finally:
+        kv_dtype_unsupported_on.cache_clear()  # the fake capability must not outlive the test
+    expected = [f"--kv-cache-dtype {server_args.kv_cache_dtype}: deft cannot read a float8_e4m3fn KV cache on "
+                f"NVIDIA A100-SXM4-80GB (sm_{capability[0]}{capability[1]}): Triton reads that format on sm_89 and "
+                "newer only (Ada, Hopper); fp8_e5m2 or the model's dtype work here"]
+    assert problems == (expected if refused else [])
+
+
 def test_fp8_scales_are_refused_where_the_cache_would_be_read_unlike_it_was_written(server_args, model_config):
     """deft divides a calibrated checkpoint's K/V scales out as it stores a token and multiplies them back as it
     reads one, as SGLang's triton backend does. SGLang's torch_native prefill (deft's on CPU) stores and reads
