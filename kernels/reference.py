@@ -33,6 +33,16 @@ def path_nodes(tree: KVTree) -> list[list[int]]:
     return paths
 
 
+def _slots(tree: KVTree, num_slots: int, device: torch.device) -> torch.Tensor:
+    """``tree.kv_indices`` as int64 on ``device``, each checked to index one of the buffers' ``num_slots``
+    slots: torch would take a negative id from the end of the buffer without a word."""
+    kv_indices = tree.kv_indices.to(device).long()
+    if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= num_slots):
+        bad = kv_indices[(kv_indices < 0) | (kv_indices >= num_slots)]
+        raise ValueError(f"KVTree.kv_indices holds slot {int(bad[0])}, outside the KV buffers' {num_slots} slots")
+    return kv_indices
+
+
 def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0,
                         k_scale: float = 1.0, v_scale: float = 1.0):
     """Per query: gather its path's KV, softmax in fp32. Returns fp32 [B, Hq, D]. K and V stand for their
@@ -41,7 +51,7 @@ def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, lo
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv
     indptr = tree.node_indptr.tolist()
-    kv_indices = tree.kv_indices.to(q.device).long()
+    kv_indices = _slots(tree, k_buffer.shape[0], q.device)
     out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
     for b, path in enumerate(path_nodes(tree)):
         slots = torch.cat([kv_indices[indptr[n]:indptr[n + 1]] for n in path]) if path else kv_indices[:0]
@@ -66,7 +76,7 @@ def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, 
     group = Hq // Hkv
     device = q.device
     indptr = tree.node_indptr.tolist()
-    kv_indices = tree.kv_indices.to(device).long()
+    kv_indices = _slots(tree, k_buffer.shape[0], device)
     users: dict[int, list[int]] = {}
     for b, path in enumerate(path_nodes(tree)):
         for node in path:

@@ -49,3 +49,18 @@ def test_valid_trees_pass(t):
 def test_a_broken_invariant_is_named(t, match):
     with pytest.raises(ValueError, match=match):
         t.validate()
+
+
+@pytest.mark.parametrize("slot", [-1, 6, 2**31 - 1])
+@pytest.mark.parametrize("which", ["attention_reference", "tree_decode_reference"])
+def test_the_reference_refuses_a_slot_outside_the_buffers(which, slot):
+    """torch indexing takes slot -1 as the buffers' last slot: the reference (deft's CPU decode path) read
+    another token's K/V without a word where the kernels read out of bounds."""
+    from sglang_deft.kernels import reference
+
+    kv = torch.arange(6, dtype=torch.int32)
+    kv[3] = slot
+    q, k = torch.randn(2, 4, 8), torch.randn(6, 2, 8)
+    with pytest.raises(ValueError, match=f"holds slot {slot}, outside the KV buffers' 6 slots"):
+        getattr(reference, which)(q, k, k, tree(kv=kv), 0.3)
+    getattr(reference, which)(q, k, k, tree(), 0.3)  # every slot in range
