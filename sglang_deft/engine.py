@@ -28,18 +28,26 @@ class Engine(_sglang_engine.Engine):
         register()
         if "server_args" not in kwargs:
             device = kwargs.get("device") or _IMPORT_DEVICE
-            if device == "cpu" and _IMPORT_DEVICE != "cpu":
-                raise ValueError(
-                    "device='cpu' on a machine with CUDA: set SGLANG_USE_CPU_ENGINE=1 before importing "
-                    "sglang_deft.Engine (SGLang reads it at import time)"
-                )
-            if device == "cuda" and _IMPORT_DEVICE != "cuda":
-                raise ValueError(
-                    "device='cuda', but sglang_deft.Engine was imported for the CPU (no CUDA device, or "
-                    "SGLANG_USE_CPU_ENGINE=1 set; SGLang reads it at import time)"
-                )
+            _check_device(device)
             split_deft_backend(kwargs, device)
             kwargs.setdefault("log_level", "error")  # SGLang's Engine default
             kwargs = {"server_args": ServerArgs(**kwargs)}
+        else:
+            _check_device(kwargs["server_args"].device)
         check_startup(kwargs["server_args"])
         super().__init__(**kwargs)
+
+
+def _check_device(device: str) -> None:
+    """The process was set up for ``_IMPORT_DEVICE`` at import: SGLang's layers would run the other
+    device's kernels (CUDA ones on CPU tensors: the scheduler dies at its first RMSNorm)."""
+    if device == "cpu" and _IMPORT_DEVICE != "cpu":
+        raise ValueError(
+            "device='cpu' on a machine with CUDA: set SGLANG_USE_CPU_ENGINE=1 before importing "
+            "sglang_deft.Engine (SGLang reads it at import time)"
+        )
+    if device == "cuda" and _IMPORT_DEVICE != "cuda":
+        raise ValueError(
+            "device='cuda', but sglang_deft.Engine was imported for the CPU (no CUDA device, or "
+            "SGLANG_USE_CPU_ENGINE=1 set; SGLang reads it at import time)"
+        )

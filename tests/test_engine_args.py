@@ -59,11 +59,21 @@ SCRIPT = textwrap.dedent("""
         deft_engine.Engine(model_path=model, device="cpu", attention_backend="deft")
     except ValueError as e:
         result["cpu_on_cuda"] = str(e)
+    try:
+        deft_engine.Engine(server_args=ServerArgs(model_path=model, device="cpu", attention_backend="torch_native",
+                                                  decode_attention_backend="deft", grammar_backend="none"))
+    except ValueError as e:
+        result["cpu_args_on_cuda"] = str(e)
     deft_engine._IMPORT_DEVICE = "cpu"  # as imported without CUDA, or with SGLANG_USE_CPU_ENGINE=1
     try:
         deft_engine.Engine(model_path=model, device="cuda", attention_backend="deft")
     except ValueError as e:
         result["cuda_on_cpu"] = str(e)
+    try:
+        deft_engine.Engine(server_args=ServerArgs(model_path=model, device="cuda", attention_backend="triton",
+                                                  decode_attention_backend="deft", grammar_backend="none"))
+    except ValueError as e:
+        result["cuda_args_on_cpu"] = str(e)
     result["calls_at_end"] = len(seen)
     print("RESULT " + json.dumps(result))
 """)
@@ -114,8 +124,11 @@ def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args)
 
 def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_args):
     assert "SGLANG_USE_CPU_ENGINE=1 before importing" in engine_args.get("cpu_on_cuda", "")
+    # the same in a caller's own ServerArgs, which skipped the check: SGLang then ran CUDA kernels on CPU tensors
+    assert "SGLANG_USE_CPU_ENGINE=1 before importing" in engine_args.get("cpu_args_on_cuda", "")
 
 
 def test_device_cuda_after_a_cpu_import_is_refused_by_name(engine_args):
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_on_cpu", "")
+    assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_args_on_cpu", "")
     assert engine_args["calls_at_end"] == 3
