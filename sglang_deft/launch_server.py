@@ -52,12 +52,14 @@ def _device_arg(argv: list[str]) -> str | None:
     as ``--config=FILE`` and abbreviated (``--conf FILE``) too, as ``parse_server_args`` does, and a file's
     key as abbreviated as a flag (``dev: cpu``). None where SGLang's parser or merger will refuse the
     arguments (with its own message)."""
-    import yaml
-    # SGLang's own merger, so that the file is read as it will be. Importing it loads SGLang's frontend
-    # package but not torch: nothing has looked for a device yet. Without SGLang's parser, the entries
-    # it writes are only searched for --device.
-    from sglang.srt.server_args_config_parser import ConfigArgumentMerger
-
+    try:
+        import yaml
+        # SGLang's own merger, so that the file is read as it will be. Importing it loads SGLang's frontend
+        # package but not torch: nothing has looked for a device yet.
+        from sglang.srt.server_args_config_parser import ConfigArgumentMerger
+    except ImportError:  # no SGLang, or another release: prepare_process names the one deft needs
+        return None
+    # Without SGLang's parser: the entries the merger writes are only searched for --device.
     parser = _PreParser(add_help=False)
     parser.add_argument("--device", default=None)
     try:

@@ -180,6 +180,13 @@ def test_launcher_leaves_a_config_file_sglang_refuses_to_its_merger(tmp_path):
     assert _device_arg(["--config", str(path)]) is None
 
 
+def test_launcher_leaves_an_sglang_without_the_merger_to_the_version_check(monkeypatch):
+    """Imported before prepare_process checks SGLang's version: a release without the module must not end the
+    launcher with a bare ModuleNotFoundError instead of the version deft was written against."""
+    monkeypatch.setitem(sys.modules, "sglang.srt.server_args_config_parser", None)  # import raises ImportError
+    assert _device_arg(["--device", "cpu"]) is None
+
+
 def test_launcher_leaves_a_malformed_command_line_to_sglangs_parser():
     assert _device_arg(["--model-path", "m", "--config"]) is None  # not "usage: launch_server.py [--device ..."
 
