@@ -684,10 +684,13 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
     common = CPU_ARGS if args.device == "cpu" else GPU_ARGS
     if args.cuda_graph:
         common = [a for a in common if a != "--disable-cuda-graph"]
-    extra = list(spec["extra"]) + shlex.split(args.server_args)
+    extra = list(spec["extra"])
     if spec.get("sharp") and args.device != "cpu":
         extra = ["--dtype", args.tiny_dtype] + extra
-    return ["--model-path", str(spec["path"]), *extra, *common, "--max-total-tokens", str(spec["max_total_tokens"])]
+    # --server-args last, where argparse's last value wins over the defaults above (the role's backend and
+    # --deft-args / --noise-args still come after them: role_args)
+    return ["--model-path", str(spec["path"]), *extra, *common, "--max-total-tokens", str(spec["max_total_tokens"]),
+            *shlex.split(args.server_args)]
 
 
 # Kernel check (sglang_deft.kernel_check): the deft server's Triton output against the fp32
@@ -960,7 +963,8 @@ def parse_args(argv=None):
     p.add_argument("--server-args", default="", metavar="ARGS",
                    help="extra launcher arguments for every server, one string, e.g. --server-args='--tp 2' "
                         "(the 8b shape with dummy weights: TP=2 changes the model's rounding, so its TP=2 "
-                        "check compares TP=2 servers)")
+                        "check compares TP=2 servers); they override this script's defaults (--dtype excepted: "
+                        "--tiny-dtype)")
     p.add_argument("--workload-seeds", default=",".join(map(str, WORKLOAD_SEEDS)), metavar="S1,S2,...",
                    help="the prompts' seeds: the first gives the report's workloads as always, each further one the "
                         "same workloads on other prompts against the same servers (extra_seeds, seed_totals); "
@@ -979,6 +983,10 @@ def parse_args(argv=None):
         p.error(f"--workload-seeds takes comma-separated integers, not {args.workload_seeds!r}")
     if not args.workload_seeds or len(set(args.workload_seeds)) < len(args.workload_seeds):
         p.error(f"--workload-seeds needs at least one seed and no repeats: {args.workload_seeds}")
+    for flag, value in (("--server-args", args.server_args), ("--deft-args", args.deft_args),
+                        ("--noise-args", args.noise_args)):
+        if any(a == "--dtype" or a.startswith("--dtype=") for a in shlex.split(value)):
+            p.error(f"{flag} --dtype: the tiny models' dtype is --tiny-dtype (the report's tolerances follow it)")
     return args
 
 

@@ -215,6 +215,12 @@ def test_defaults_and_overlay_layout(tmp_path):
     assert "--disable-cuda-graph" not in base_graphs and base_graphs[base_graphs.index("--tp") + 1] == "2"
     assert "--disable-cuda-graph" in g.role_args(base_graphs, "noise", "torch_native")  # it has no graphs
     assert "--disable-cuda-graph" not in g.role_args(base_graphs, "noise", "flashinfer")
+    # --server-args override the script's defaults (before, argparse kept the defaults that came after them)
+    raised = g.model_base_args("tiny", g.MODELS["tiny"], g.parse_args(["--server-args=--max-running-requests 256"]))
+    assert raised[-2:] == ["--max-running-requests", "256"]
+    for flag in ("--server-args", "--deft-args", "--noise-args"):  # the report's tolerances follow --tiny-dtype
+        with pytest.raises(SystemExit):
+            g.parse_args([f"{flag}=--dtype=bfloat16"])
     overlay = g.make_overlay(tmp_path / "overlay")
     pkg = overlay / "sglang_deft"
     assert (pkg / "kernels").resolve() == REPO / "kernels" and (pkg / "patches").resolve() == REPO / "patches"
