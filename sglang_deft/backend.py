@@ -37,7 +37,7 @@ KV tree from. So:
   replayed size is the planned one.
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own
-(``tree_attention.plan_step``). The limit on work items decides the chunking and with it each query's
+(``tree_attention.plan_step``), or without them for a tree past them. The limit on work items decides the chunking and with it each query's
 merge order, and the padding queries change neither, so a step's attention output is bitwise the same
 with and without CUDA graphs (a request's bits depend on the tree of the batch it decodes in, so only
 for the same batches), and so are whole servers' outputs (``tests/test_cuda_graph_gpu.py``).
@@ -220,8 +220,11 @@ class DeftAttnBackend(AttentionBackend):
             if self.step_planner is not None:
                 self.step_planner.invalidate()
             built = self.tree_builder.build(reqs, seq_lens)
+            # After a refused graph plan, not under the limits again: padding rows add no items or partials,
+            # so they would refuse it again.
             plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
-                             self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner)
+                             self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner,
+                             past_limits=refused is not None)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
         check_tree = with_padding_queries(check_tree, rows) if check and isinstance(plan, TreeDecodePlan) else None
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps)

@@ -113,15 +113,19 @@ _warned_unlimited = False
 
 
 def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-              device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None):
+              device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None,
+              past_limits: bool = False):
     """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
     take: a batch past their size, a tree past the limits), or the tree itself on the reference
     path. ``tree``: node/query metadata on the host. ``planner``: the server's
-    ``TreeDecodePlanner`` (it reuses its host buffers; same result as a fresh plan)."""
+    ``TreeDecodePlanner`` (it reuses its host buffers; same result as a fresh plan). ``past_limits``:
+    the caller already knows the tree is past ``limits`` (its graph plan was refused for them)."""
     if not use_triton_kernels(device):
         return tree
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
     try:
+        if past_limits:
+            raise PlanCapacityError("its CUDA-graph plan was refused for them")
         # Under the server's limits: the chunking is the one the fixed buffers would get.
         return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
     except PlanCapacityError as exc:

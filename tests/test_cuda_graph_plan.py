@@ -347,11 +347,16 @@ def test_a_step_the_buffers_refused_runs_eagerly_without_trying_them_again(serve
     tried = []
     step_plan = backend.step_planner.plan
     monkeypatch.setattr(backend.step_planner, "plan", lambda *a: tried.append(len(a[0])) or step_plan(*a))
+    under_limits = []  # plans made under the limits on the eager path (plan_step through the server's planner)
+    planner_plan = backend.planner.plan
+    monkeypatch.setattr(backend.planner, "plan", lambda *a, **kw: (under_limits.append("capacity" in kw)
+                                                                   and None) or planner_plan(*a, **kw))
     prompt = sim.fresh(150)
     sim.run_to_cache(prompt)
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
     assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None  # eager only, checked
     assert tried == [3]
+    assert True not in under_limits  # nor under the same limits a third time, to be refused again
     one = sim.prefill([sim.new_req(sim.fresh(30))])  # one request, one item: fits
     assert step_both_ways(sim, one, layers, kv_pool, backend, emulator) == 1
     assert tried == [3, 1, 1]  # its replay, then its eager twin (step_both_ways runs both)
