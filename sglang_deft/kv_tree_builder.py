@@ -93,7 +93,7 @@ class DecodeKVTree:
 
     tree: KVTree  # kv_indices on req_to_token's device; node/query metadata int32 on the host; query b = reqs[b]
     attended_tokens: int  # sum over requests of seq_len: KV tokens a per-request kernel reads
-    unique_tokens: int  # tree.kv_indices.numel(): KV tokens read once each
+    unique_tokens: int  # KV tokens read once each: tree.kv_indices.numel() less the tails' unused room (tails)
     reused_shape: bool  # the radix part came from the previous step (DecodeKVTreeBuilder)
     tails: TailSlack | None = None  # build(tail_slack=...): the unused nodes after the tails
 

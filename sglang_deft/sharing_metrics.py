@@ -80,7 +80,9 @@ _LAST_FIELD = "total_unique_kv_tokens"
 
 def parse_sharing_lines(log_text: str) -> list[dict[str, float]]:
     """Every sharing line in ``log_text``, as {field: value}, in order; ``dp_rank`` too where SGLang's prefix
-    names one. A line cut short (a log read while the server writes it) lacks its last field and is left out."""
+    names one. A line cut short before its last field (a log read while the server writes it) is left out; one cut
+    inside its last number cannot be told from a whole one, so a log still being written is passed up to its last
+    newline (``demo.complete_lines``)."""
     rows = []
     for line in log_text.splitlines():
         at = line.find(LOG_PREFIX)
