@@ -310,7 +310,10 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
-def test_unsupported_flag_is_refused_by_name(deft_args, changes, expected):
+def test_unsupported_flag_is_refused_by_name(deft_args, changes, expected, monkeypatch):
+    # As in a process set up for --device cpu (launcher, Engine), on a GPU host too, where this test process
+    # has no CPU layer: the --tokenizer-worker-num refusal is about that layer's absence in uvicorn's workers.
+    monkeypatch.setattr(cpu_compat, "is_installed", lambda: True)
     with pytest.raises(UnsupportedConfiguration) as err:
         check_server_args(with_(deft_args, **changes))
     assert expected in str(err.value)
