@@ -5,9 +5,14 @@ so it runs here, at collection start. On a CUDA machine it is not needed and not
 
 ``make test`` runs two pytest-xdist workers, scheduled as ``pytest_xdist_make_scheduler`` below says.
 """
+import os
+
 import torch
 
 if not torch.cuda.is_available():
+    # The Triton kernels (deft's, SGLang's paged allocator) run on CPU buffers only under the interpreter,
+    # which `make test` sets; a bare `pytest` gets it too, before anything creates a kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     import sglang_deft.cpu_compat
 
     sglang_deft.cpu_compat.install()
