@@ -9,6 +9,7 @@ import torch
 from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.kernels import TreeDecodePlanner
+from sglang_deft.kernels.plan import MIN_CHUNK_TOKENS
 from sglang_deft.kernels.reference import plan_kv_reads
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
 from sglang_deft.step_planner import DecodeStepPlanner
@@ -245,3 +246,26 @@ def test_a_preempted_request_back_in_its_row_is_planned_in_full(cache):
     assert sim.seq_len[batch[0].rid] == int(seq_lens[0])  # its next decode step is one token on
     assert not run(sim, sp, batch)  # check(): the plan reads the row's new slots
     assert [run(sim, sp, batch) for _ in range(2)] == [False, True]
+
+
+def test_a_tail_cut_into_chunks_grows_in_its_last_chunk():
+    """An unshared request of 1,200 tokens: the planner cuts its tail into chunks, and steady steps add each
+    new token to the last chunk's length alone (what every long generation does), each step reading back
+    exactly the request's row."""
+    sim = RadixSim(kv_slots=4096, max_context=2048)
+    sp = step_planner(sim, slack=4)
+    reqs = fork(sim, 2) + sim.prefill([sim.new_req(sim.fresh(1200))])
+    lengths = []
+    for _ in range(6):
+        seq_lens = sim.prepare_decode(reqs)
+        step = sp.plan(reqs, seq_lens, len(reqs))
+        check(sim, reqs, seq_lens, step, len(reqs))
+        sim.finish_decode(reqs)
+        items = step.plan.items[:int(step.plan.counts[0] + step.plan.counts[1])].numpy()
+        long_tail = items[items[:, 1] >= MIN_CHUNK_TOKENS]  # the shared prompt and the fork's tails are shorter
+        lengths.append((step.steady, sorted(long_tail[:, 1].tolist())))
+    assert len(lengths[0][1]) > 1  # cut into chunks
+    assert [steady for steady, _ in lengths] == [False, False, True, True, True, True]
+    for (_, before), (steady, after) in zip(lengths[1:], lengths[2:]):  # steady: the last chunk grows by one
+        assert steady and sum(after) == sum(before) + 1 and len(after) == len(before)
+        assert sum(a != b for a, b in zip(before, after)) == 1  # one chunk grew, the others kept their lengths
