@@ -157,6 +157,7 @@ def test_cascade_arrays_expand_to_paths(built):
     assert [s.tolist() for s in T.cascade_query_slots(lay)] == _truth(tree)
     if case.key == "spec":
         assert lay.empty_requests > 0 and lay.inner_queries > 0
+        assert f"{lay.inner_queries} of the {B} end at inner nodes" in case.note  # the note the JSON records
     else:
         assert lay.empty_requests == 0 and lay.inner_queries == 0
     # Sharing is kept: at every level, one request per node (its queries contiguous), so each
