@@ -530,14 +530,19 @@ def same_outputs(runs: dict[str, list[dict]], backends: tuple[str, ...], baselin
     return {"reference": reference, "requests": len(next(iter(ref.values()))), "equal": counts} if counts else None
 
 
+def tok_s_ratio(entry: dict, backend: str, other: str) -> float | None:
+    """``backend``'s decode tok/s over ``other``'s in a summarized case, by one measure: when one side has
+    SGLang's logged rate and the other only the client's, the client's figures of both; None when either is
+    missing."""
+    mine, base = entry.get(f"{backend}_tok_s"), entry.get(f"{other}_tok_s")
+    m, b = (entry.get("backends", {}).get(x, {}) for x in (backend, other))
+    if m.get("tok_s_source") and b.get("tok_s_source") and m["tok_s_source"] != b["tok_s_source"]:
+        mine, base = m.get("client_tok_s"), b.get("client_tok_s")
+    return round(mine / base, 3) if mine and base else None
+
+
 def deft_ratio(entry: dict, other: str) -> float | None:
-    """deft's decode tok/s over ``other``'s in a summarized case, by one measure: when one side has SGLang's
-    logged rate and the other only the client's, the client's figures of both; None when either is missing."""
-    deft, base = entry.get("deft_tok_s"), entry.get(f"{other}_tok_s")
-    d, b = (entry.get("backends", {}).get(x, {}) for x in ("deft", other))
-    if d.get("tok_s_source") and b.get("tok_s_source") and d["tok_s_source"] != b["tok_s_source"]:
-        deft, base = d.get("client_tok_s"), b.get("client_tok_s")
-    return round(deft / base, 3) if deft and base else None
+    return tok_s_ratio(entry, "deft", other)
 
 
 def _num(x, digits=0) -> str:
