@@ -184,7 +184,8 @@ def _tree_decode_stage2(
     res = acc / tl.where(denom > 0, denom, 1.0)
     if SCALE_V:  # an fp8 KV cache's V scale (compiled out at 1.0, so other caches merge as before)
         res = res * v_scale
-    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
+    # b in int64: B x Hq x D may pass 2^31 elements (stage 1 widens its rows the same way)
+    tl.store(Out + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=d_ok)
 
 
 @dataclass(frozen=True)
