@@ -1,6 +1,6 @@
 """The SGLang release every patch here was written against, and the check each patch runs first."""
 import importlib.util
-from importlib.metadata import distribution, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
 SUPPORTED_SGLANG = "0.5.10.post1"
@@ -26,7 +26,12 @@ def _loaded_from_elsewhere() -> str | None:
 def require_supported_sglang(patch_name: str) -> None:
     """Raise unless the installed SGLang, the one that imports, is the release ``patch_name`` was written
     against."""
-    installed = version("sglang")
+    try:
+        installed = version("sglang")
+    except PackageNotFoundError:
+        raise UnsupportedSGLangVersion(
+            f"`{patch_name}` is written against SGLang {SUPPORTED_SGLANG} internals, but no SGLang is installed "
+            f"here: install sglang=={SUPPORTED_SGLANG}") from None
     if installed != SUPPORTED_SGLANG:
         raise UnsupportedSGLangVersion(
             f"`{patch_name}` is written against SGLang {SUPPORTED_SGLANG} internals, but SGLang "

@@ -526,6 +526,19 @@ def test_a_source_tree_imported_before_the_installed_release_is_refused(monkeypa
         sglang_version.require_supported_sglang("p")
 
 
+def test_no_installed_sglang_is_refused_by_name(monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    from sglang_deft.patches import sglang_version
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(sglang_version, "version", missing)
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match=r"`p` .* but no SGLang is installed here"):
+        sglang_version.require_supported_sglang("p")
+
+
 def test_prepare_process_refuses_another_sglang_release_first(monkeypatch):
     """The launcher and Engine set the process up before SGLang's modules load, the CPU layer by their
     0.5.10.post1 names: another release is refused there, by name, before anything else changes."""
