@@ -7,12 +7,14 @@ one-warp merges fit on an SM (kernels/tree_decode.py); run it after a change to 
 import sys
 from pathlib import Path
 
+import importlib
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trees  # noqa: E402
 from sglang_deft.kernels import plan_tree_decode, tree_decode  # noqa: E402
-import sglang_deft.kernels.tree_decode as td  # noqa: E402
+td = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package exports a function of that name
 
 
 def main() -> None:
