@@ -37,10 +37,11 @@ KV tree from. So:
   replayed size is the planned one.
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own
-(``tree_attention.plan_step``), or without them for a tree past them. The limit on work items decides the chunking and with it each query's
-merge order, and the padding queries change neither, so a step's attention output is bitwise the same
-with and without CUDA graphs (a request's bits depend on the tree of the batch it decodes in, so only
-for the same batches), and so are whole servers' outputs (``tests/test_cuda_graph_gpu.py``).
+(``tree_attention.plan_step``), or without them for a tree past them. The limit on work items decides
+the chunking and with it each query's merge order, and the padding queries change neither, so a step's
+attention output is bitwise the same with and without CUDA graphs (a request's bits depend on the tree
+of the batch it decodes in, so only for the same batches), and so are whole servers' outputs
+(``tests/test_cuda_graph_gpu.py``).
 """
 from __future__ import annotations
 

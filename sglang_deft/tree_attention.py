@@ -123,19 +123,20 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
     if not use_triton_kernels(device):
         return tree
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
-    try:
-        if past_limits:
-            raise PlanCapacityError("its CUDA-graph plan was refused for them")
-        # Under the server's limits: the chunking is the one the fixed buffers would get.
-        return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
-    except PlanCapacityError as exc:
-        global _warned_unlimited
-        if not _warned_unlimited:
-            _warned_unlimited = True
-            logger.warning("deft: a decode step of %d requests exceeds the plan limits %s (%s); such steps are "
-                           "planned without limits (and run without CUDA graphs)", tree.num_queries, limits, exc)
-        return plan_tree_decode(tree, num_qo_heads, num_kv_heads, head_dim, device, kv_dtype=kv_dtype,
-                                graph_batch_sizes=planner.graph_batch_sizes)
+    reason = "its CUDA-graph plan was refused for them"
+    if not past_limits:
+        try:
+            # Under the server's limits: the chunking is the one the fixed buffers would get.
+            return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
+        except PlanCapacityError as exc:
+            reason = exc
+    global _warned_unlimited
+    if not _warned_unlimited:
+        _warned_unlimited = True
+        logger.warning("deft: a decode step of %d requests exceeds the plan limits %s (%s); such steps are "
+                       "planned without limits (and run without CUDA graphs)", tree.num_queries, limits, reason)
+    return plan_tree_decode(tree, num_qo_heads, num_kv_heads, head_dim, device, kv_dtype=kv_dtype,
+                            graph_batch_sizes=planner.graph_batch_sizes)
 
 
 def empty_tree(device: torch.device) -> KVTree:
