@@ -561,9 +561,9 @@ def markdown(report: dict) -> str:
              "Decode tok/s: SGLang's logged gen throughput while the whole batch ran (median), else client-side "
              "(`*`); per backend the run with the highest, whose client-side TPOT is shown (so a TPOT ratio need "
              "not equal the tok/s ratio). Tiny-model rows measure per-step overhead. Sharing ratio and host "
-             "µs/step: over the deft sharing lines logged during the batch but its first (one per --decode-log-interval steps: 16 on the GPU), "
-             "so not over the same steps as the shape, which covers all of them: either may be the higher. "
-             "CUDA graphs: "
+             "µs/step: over the deft sharing lines logged during the batch but its first (one per "
+             "--decode-log-interval steps: 16 on the GPU), so not over the same steps as the shape, which covers "
+             "all of them: either may be the higher. CUDA graphs: "
              + ", ".join(f"{b} {'on' if cuda_graph[b] else 'off'}" for b in backends) + "."
              + "".join(f" {b} launched with `{a}`." for b, a in report.get("backend_extra_args", {}).items()
                        if a and b in backends), "",

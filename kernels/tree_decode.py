@@ -308,7 +308,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if k_buffer.dtype != v_buffer.dtype or not reads_kv_dtype(k_buffer.dtype, q.dtype):
         raise ValueError(f"k/v buffers in {k_buffer.dtype}/{v_buffer.dtype} for q in {q.dtype}: K and V need one dtype, "
                          f"q's or an fp8 one ({', '.join(map(str, FP8_KV_DTYPES))})")
-    if (reason := kv_dtype_unsupported_on(k_buffer.dtype, k_buffer.device)) is not None:
+    # (the dtype first: other caches skip the cached lookup on this per-layer path)
+    if k_buffer.dtype == torch.float8_e4m3fn and (reason := kv_dtype_unsupported_on(k_buffer.dtype, k_buffer.device)):
         raise ValueError(f"tree_decode cannot read {reason}")
     if (k_scale, v_scale) != (1.0, 1.0) and k_buffer.dtype not in FP8_KV_DTYPES:
         raise ValueError(f"k_scale {k_scale} / v_scale {v_scale} apply to an fp8 KV cache, not to {k_buffer.dtype}")
