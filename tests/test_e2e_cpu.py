@@ -284,7 +284,7 @@ def test_nested_fork_program_matches(tiny_servers):
         results[name] = state.ret_value
     for deft in DEFT_SERVERS:
         assert len(results[deft]) == 6 and all(text for text, _, _ in results[deft])
-        for (_, ids, lps), (_, ref_ids, ref_lps) in zip(results[deft], results["reference"]):
+        for (_, ids, lps), (_, ref_ids, ref_lps) in zip(results[deft], results["reference"], strict=True):
             assert_same_generation(ids, lps, ref_ids, ref_lps)
 
 
@@ -293,7 +293,7 @@ def test_parallel_sampling_n_matches(tiny_servers):
     outs = {name: server.generate(payload) for name, server in tiny_servers.items()}
     for name in DEFT_SERVERS:
         assert len(outs[name]) == 4
-        for deft, ref in zip(outs[name], outs["reference"]):
+        for deft, ref in zip(outs[name], outs["reference"], strict=True):
             assert_same_output(deft, ref)
 
 
@@ -302,7 +302,8 @@ def test_shared_prefix_batch_matches(tiny_servers):
     payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
     outs = {name: server.generate(payload) for name, server in tiny_servers.items()}
     for name in DEFT_SERVERS:
-        for deft, ref in zip(outs[name], outs["reference"]):
+        assert len(outs[name]) == len(prompts)
+        for deft, ref in zip(outs[name], outs["reference"], strict=True):
             assert_same_output(deft, ref)
     assert len({tuple(o["output_ids"]) for o in outs["reference"]}) > 1  # the branches really differ
 
@@ -339,7 +340,8 @@ def test_mistral_sliding_window_config_is_served_as_sglang_serves_it(tiny_server
     payload = {"text": prompts, "sampling_params": greedy(), "return_logprob": True}
     outs, refs = mistral_server.generate(payload), tiny_servers["reference"].generate(payload)
     assert min(o["meta_info"]["prompt_tokens"] for o in outs) > 4 * MISTRAL_WINDOW
-    for out, ref in zip(outs, refs):
+    assert len(outs) == len(prompts)
+    for out, ref in zip(outs, refs, strict=True):
         assert_same_output(out, ref)
     assert f"declares sliding_window={MISTRAL_WINDOW}" in mistral_server.log()
 
@@ -386,7 +388,7 @@ def test_paged_kv_cache_decodes_as_sglang_decodes_it(paged_servers):
     results = {name: nested_forks.run(context=CONTEXT, backend=RuntimeEndpoint(server.url)).ret_value
                for name, server in paged_servers.items()}
     assert len(results["deft_paged"]) == 6
-    for (_, ids, lps), (_, ref_ids, ref_lps) in zip(results["deft_paged"], results["reference_paged"]):
+    for (_, ids, lps), (_, ref_ids, ref_lps) in zip(results["deft_paged"], results["reference_paged"], strict=True):
         assert_same_generation(ids, lps, ref_ids, ref_lps)
     for server in paged_servers.values():
         assert f"page_size={PAGE_SIZE}" in server.log()
@@ -413,7 +415,8 @@ def test_hierarchical_cache_loaded_back_prefix_decodes_as_sglang_decodes_it(hica
         for filler in fillers:
             server.generate({"text": filler, "sampling_params": greedy(max_new_tokens=1)})
         outs[name] = server.generate({"text": prompts, "sampling_params": greedy(), "return_logprob": True})
-    for out, ref in zip(outs["deft_hicache"], outs["reference_hicache"]):
+    assert len(outs["deft_hicache"]) == len(prompts)
+    for out, ref in zip(outs["deft_hicache"], outs["reference_hicache"], strict=True):
         assert_same_output(out, ref)
     details = [o["meta_info"].get("cached_tokens_details") or {} for o in outs["deft_hicache"]]
     record_property("deft_cached_tokens_details", details)  # where each branch's prefix came from, in the junit XML

@@ -468,7 +468,7 @@ def test_retracted_branches_rejoin_their_fork(servers):
     offset = len(retract.log())
     cache_prefix(retract, CONTEXT)
     results = retract.generate({"text": prompts, "sampling_params": greedy(ALONE_TOKENS), "return_logprob": True})
-    assert_same(*zip(*(_retracted_and_expected(r, e) for r, e in zip(results, expected))))
+    assert_same(*zip(*(_retracted_and_expected(r, e) for r, e in zip(results, expected, strict=True))))
     log = retract.log()[offset:]
     first = log.find("Testing retraction. #retracted_reqs: 1")
     assert first >= 0 and log.count("Testing retraction. #retracted_reqs: 1") >= 2, log[-3000:]

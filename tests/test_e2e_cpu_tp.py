@@ -40,7 +40,8 @@ def test_tp2_generates_what_tp1_does(tp_servers):
     sampled = {"text": CONTEXT + " Summary:", "sampling_params": greedy(n=3), "return_logprob": True}
     for payload in (batch, sampled):
         outs = {name: server.generate(payload) for name, server in tp_servers.items()}
-        for tp2, tp1 in zip(outs["tp2"], outs["tp1"]):
+        assert len(outs["tp2"]) == (len(prompts) if payload is batch else 3)
+        for tp2, tp1 in zip(outs["tp2"], outs["tp1"], strict=True):
             assert_same_output(tp2, tp1)
     rows = parse_sharing_lines(tp_servers["tp2"].log())
     assert rows and max(r["ratio"] for r in rows) > 2.0  # the branches' shared prompt was read once
