@@ -75,7 +75,8 @@ def connect(url: str):
         return sgl.RuntimeEndpoint(url)
     except (urllib.error.URLError, ConnectionError) as e:
         raise SystemExit(f"no SGLang server answers at {url} ({getattr(e, 'reason', e)}): start one with "
-                         "`python -m sglang_deft.launch_server --model-path MODEL --decode-attention-backend deft` "
+                         "`python -m sglang_deft.launch_server --model-path MODEL --decode-attention-backend deft "
+                         "--grammar-backend none` "
                          "(or `make demo`, which starts one and runs tree_of_thought.py), or pass --url") from None
 
 

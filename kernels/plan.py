@@ -86,10 +86,11 @@ class PlanBuffers:
     plan object stays valid for the buffers, but its host fields may no longer describe their step:
     ``tree_decode`` sizes its checks of q and out by the step the buffers hold."""
 
-    __slots__ = ("num_queries",)
+    __slots__ = ("num_queries", "max_kv_slot")
 
     def __init__(self) -> None:
         self.num_queries = 0  # the queries of the plan written last (its device-side counts[2])
+        self.max_kv_slot: int | None = None  # and its TreeDecodePlan.max_kv_slot
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,19 @@ class TreeDecodePlan:
     #                              queries (few_merges_max_queries below; 0: never)
     fixed_buffers: bool  # made with a capacity: buffers a later plan may be written into (reuse=)
     buffers: PlanBuffers | None = None  # fixed buffers: the step they hold now (a later plan's, after reuse=)
+    # The largest KV slot id of the tree, when its kv_indices came on the host (tree_decode checks it against
+    # the buffers without a sync); None when they came on the device, where checking would need one.
+    max_kv_slot: int | None = None
 
     @property
     def buffered_queries(self) -> int:
         """The queries of the step this plan's buffers hold now: what its kernels read and write."""
         return self.num_queries if self.buffers is None else self.buffers.num_queries
+
+    @property
+    def buffered_max_kv_slot(self) -> int | None:
+        """``max_kv_slot`` of the step this plan's buffers hold now."""
+        return self.max_kv_slot if self.buffers is None else self.buffers.max_kv_slot
 
     @property
     def group_size(self) -> int:
@@ -350,6 +359,7 @@ class TreeDecodePlanner:
                            cap_items=capacity.max_items if capacity else None,
                            kv_tokens=tree.kv_indices.numel())
         B, T, I, P = tree.num_queries, tree.kv_indices.numel(), s.items, s.partials
+        max_kv_slot = _host_max_slot(tree.kv_indices)
         if capacity is not None:
             _check_capacity(capacity, B, T, P, P)
             cap_b, cap_t, cap_i = capacity.max_queries, capacity.max_kv_tokens, capacity.max_items
@@ -380,7 +390,7 @@ class TreeDecodePlanner:
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
                 buffers = reuse.buffers
-            buffers.num_queries = B  # from here on the buffers hold this step
+            buffers.num_queries, buffers.max_kv_slot = B, max_kv_slot  # from here on the buffers hold this step
             if tree.kv_indices.data_ptr() != kv_indices.data_ptr():
                 kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
             # else the tree was built in place (DecodeKVTreeBuilder's kv_out)
@@ -399,7 +409,8 @@ class TreeDecodePlanner:
             # them merges in that shape whatever graph sizes this planner was given.
             few_merges_max_queries=(reuse.few_merges_max_queries if reuse is not None
                                     else self._few_merges_max_queries(num_sms)),
-            fixed_buffers=capacity is not None, buffers=buffers if capacity is not None else None)
+            fixed_buffers=capacity is not None, buffers=buffers if capacity is not None else None,
+            max_kv_slot=max_kv_slot)
 
 
 def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -432,6 +443,22 @@ def _capacity_of(plan: TreeDecodePlan) -> PlanCapacity:
     return PlanCapacity(max_queries=plan.qperm.numel(), max_kv_tokens=plan.kv_indices.numel(),
                         max_items=plan.items.shape[0], max_partials=plan.partial_out.shape[0],
                         max_merge=plan.merge_slots.numel())
+
+
+def _host_max_slot(kv_indices: torch.Tensor) -> int | None:
+    """The largest slot id of host ``kv_indices`` (-1 when empty), refusing negative ones; None on a device.
+
+    The kernels gather K/V rows at these ids unchecked (a per-layer check would need a sync), so on the
+    host, where it costs one pass and no sync, a wrong id becomes an error instead of a read out of bounds."""
+    if kv_indices.device.type != "cpu":
+        return None
+    if not kv_indices.numel():
+        return -1
+    ids = kv_indices.numpy()
+    low = int(ids.min())
+    if low < 0:
+        raise ValueError(f"KVTree.kv_indices holds slot {low}: KV slot ids must be >= 0")
+    return int(ids.max())
 
 
 def _check_capacity(cap: PlanCapacity, B: int, T: int, M: int, P: int) -> None:

@@ -291,7 +291,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     """
     B, Hq, D = q.shape
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
-    # (a CUDA graph's padding up to the plan's capacity) are left as they are. The buffers' queries, not
+    # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
+    # made here. The buffers' queries, not
     # the plan's: after reuse= the buffers hold a later plan's step, which is what the kernels read.
     n = plan.buffered_queries
     if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not n <= B <= plan.qperm.numel():
@@ -305,6 +306,9 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                          f"{plan.num_kv_heads} KV heads of dim {D}")
     if k_buffer.shape[0] != v_buffer.shape[0]:  # one slot id indexes both: V would be read past its end
         raise ValueError(f"k/v buffers of {k_buffer.shape[0]} and {v_buffer.shape[0]} slots: a KV slot indexes both")
+    if (top := plan.buffered_max_kv_slot) is not None and top >= k_buffer.shape[0]:
+        raise ValueError(f"the plan's KVTree.kv_indices holds slot {top}, outside the KV buffers' "
+                         f"{k_buffer.shape[0]} slots")
     if k_buffer.dtype != v_buffer.dtype or not reads_kv_dtype(k_buffer.dtype, q.dtype):
         raise ValueError(f"k/v buffers in {k_buffer.dtype}/{v_buffer.dtype} for q in {q.dtype}: K and V need one dtype, "
                          f"q's or an fp8 one ({', '.join(map(str, FP8_KV_DTYPES))})")
@@ -319,14 +323,26 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if q.device != device or k_buffer.device != v_buffer.device or k_buffer.device != device:
         raise ValueError(f"q on {q.device}, k/v buffers on {k_buffer.device}/{v_buffer.device}, the plan on {device}")
     if out is None:
-        out = torch.empty_like(q)
+        # Stage 2 writes the step's rows only: rows past them (a smaller step in a graph's buffers) are zeros.
+        out = torch.empty_like(q) if n == B else torch.zeros_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != device:
         raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} with a contiguous last dimension on "
                          f"{device}; got {tuple(out.shape)} {out.dtype}, strides {out.stride()}, on {out.device}")
+    _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
     launch_stage2(plan, out, v_scale)
     return out
+
+
+def _check_head_offsets(*tensors: torch.Tensor) -> None:
+    """q, k_buffer, v_buffer, out. The kernels add a row's offset in int64 but a head's (head index x head
+    stride) in int32, which is exact for SGLang's [S, H, D] buffers (a head stride of D); a head-major view
+    of a buffer past 2^31 elements would wrap it and read another head's memory, so it is refused."""
+    for name, t in zip(("q", "k_buffer", "v_buffer", "out"), tensors):
+        if (t.shape[1] - 1) * t.stride(1) >= 1 << 31:
+            raise ValueError(f"{name} has head stride {t.stride(1)} over {t.shape[1]} heads: the kernels need "
+                             "(heads - 1) x head stride < 2^31 (make it contiguous, [rows, heads, dim])")
 
 
 def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, logit_cap: float,

@@ -148,6 +148,10 @@ class DeftAttnBackend(AttentionBackend):
             # on by default), a --disable-cuda-graph server's prefill outputs changed from then on
             # (scripts/diagnose_graph_bitwise.py: first tokens differed from every other server's).
             self._make_plan_buffers(self.max_bs)
+        elif (self.verify_every or TRACE_PLANS) and self.logging_rank:
+            logger.warning("deft: SGLANG_DEFT_VERIFY_EVERY and SGLANG_DEFT_TRACE_PLANS check and trace the GPU "
+                           "kernels' plans; this server decodes with the PyTorch reference on %s, so neither "
+                           "logs anything", self.device)
 
     def _make_plan_buffers(self, max_bs: int) -> None:
         # The tree's KV slots are distinct slots of the pool, so the pool's size bounds its tokens.
@@ -206,7 +210,8 @@ class DeftAttnBackend(AttentionBackend):
         step = None
         # Not where this very batch's graph plan just failed to fit the buffers: the step planner would build
         # and schedule the same tree again to fail again (on every step of a batch past the plan limits).
-        if self.step_planner is not None and rows <= self.graph_plan.qperm.numel() and refused is None:
+        tried = self.step_planner is not None and rows <= self.graph_plan.qperm.numel() and refused is None
+        if tried:
             step = self.step_planner.plan(reqs, seq_lens, rows)
         if step is not None:
             if TRACE_PLANS:
@@ -221,11 +226,12 @@ class DeftAttnBackend(AttentionBackend):
             if self.step_planner is not None:
                 self.step_planner.invalidate()
             built = self.tree_builder.build(reqs, seq_lens)
-            # After a refused graph plan, not under the limits again: padding rows add no items or partials,
-            # so they would refuse it again.
+            # After a refused graph plan, or one the step planner just refused, not under the limits again:
+            # it refuses only trees past the limits (its buffers take every row count and KV token below
+            # them), and padding rows add no items or partials, so they would refuse it again.
             plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
                              self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner,
-                             past_limits=refused is not None)
+                             past_limits=refused is not None or tried)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
         check_tree = with_padding_queries(check_tree, rows) if check and isinstance(plan, TreeDecodePlan) else None
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps)
@@ -334,6 +340,9 @@ class DeftAttnBackend(AttentionBackend):
         """Plan a decode step into the graph's buffers, padded to ``padded_bs`` queries; False (the
         step runs eagerly) when its tree does not fit them. Called by the patched
         ``CudaGraphRunner.can_run`` (``sglang_deft.patches.cuda_graph_replay``)."""
+        # A replay never reads forward_metadata: drop the last eager step's plan, whose buffers of its own
+        # would stay allocated for as long as graphs replay.
+        self.forward_metadata = None
         if not forward_batch.forward_mode.is_decode():
             return False
         started = time.perf_counter()

@@ -12,6 +12,7 @@ the model property and why. None of them does anything when deft is not selected
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -216,7 +217,23 @@ def user_flag_problems(server_args) -> list[str]:
             "it without the float copies its triton prefill and deft's decode read; serve a checkpoint whose "
             "quantization config carries the KV scales, or leave the flag out (scales 1.0)"
         )
+    grammar = server_args.grammar_backend
+    if grammar in _GRAMMAR_PACKAGES and importlib.util.find_spec(_GRAMMAR_PACKAGES[grammar]) is None:
+        from sglang.srt.constrained.base_grammar_backend import GRAMMAR_BACKEND_REGISTRY
+
+        if grammar not in GRAMMAR_BACKEND_REGISTRY:  # a registered backend of that name brings its own
+            # The scheduler imports it as it starts and dies with a bare ModuleNotFoundError.
+            default = " (SGLang's default)" if grammar == "xgrammar" else ""
+            problems.append(
+                f"--grammar-backend {grammar}{default} needs the {_GRAMMAR_PACKAGES[grammar]} package, which is not "
+                "installed (the CPU package set leaves it out): pass --grammar-backend none (no constrained "
+                "decoding) or install it"
+            )
     return problems
+
+
+# SGLang's built-in grammar backends and the package each imports when the scheduler starts.
+_GRAMMAR_PACKAGES = {"xgrammar": "xgrammar", "outlines": "outlines", "llguidance": "llguidance"}
 
 
 def check_server_args(server_args) -> None:
@@ -321,11 +338,12 @@ def model_runner_problems(model_runner) -> list[str]:
     if model_runner.mambaish_config is not None and _linear_attention_config(model_runner.model_config) is None:
         problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
     kv_dtype, model_dtype = model_runner.kv_cache_dtype, model_runner.model_config.dtype
+    kv_flag = _kv_cache_dtype_source(model_runner)
     if kv_dtype is not None and not reads_kv_dtype(kv_dtype, model_dtype):
-        problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: a {kv_dtype} KV cache under a "
-                        f"{model_dtype} model; deft reads a KV cache in the model's dtype or in fp8")
+        problems.append(f"{kv_flag}: a {kv_dtype} KV cache under a {model_dtype} model; deft reads a KV cache in "
+                        "the model's dtype or in fp8")
     elif kv_dtype is not None and (reason := kv_dtype_unsupported_on(kv_dtype, torch.device(model_runner.device))):
-        problems.append(f"--kv-cache-dtype {model_runner.server_args.kv_cache_dtype}: deft cannot read {reason}")
+        problems.append(f"{kv_flag}: deft cannot read {reason}")
     a = model_runner.server_args
     fp8_prefill = backend_names(a)[1] if kv_dtype in FP8_KV_DTYPES else None
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
@@ -335,6 +353,17 @@ def model_runner_problems(model_runner) -> list[str]:
                 layers_with.setdefault(p, []).append(layer.layer_id)
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
+
+
+def _kv_cache_dtype_source(model_runner) -> str:
+    """Where the KV cache's dtype came from, for a refusal to name: the flag, or, under ``auto``, which SGLang's
+    ``configure_kv_cache_dtype`` rewrites to fp8_e4m3 for a checkpoint that quantizes its KV cache, the checkpoint."""
+    flag = model_runner.server_args.kv_cache_dtype
+    algo = getattr(getattr(model_runner.model, "quant_config", None), "kv_cache_quant_algo", None)
+    if flag == "fp8_e4m3" and isinstance(algo, str) and algo.upper() == "FP8":
+        return ("the checkpoint's FP8 KV cache (its quantization config's kv_cache_quant_algo, which SGLang "
+                "applies under --kv-cache-dtype auto or fp8_e4m3)")
+    return f"--kv-cache-dtype {flag}"
 
 
 def _layer_problems(layer) -> list[str]:

@@ -62,6 +62,7 @@ Speculative decoding (bigram keys, several new tokens) is not handled.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -102,7 +103,7 @@ class DecodeKVTree:
 class _BatchShape:
     """A batch's KV tree without its tails' lengths: what stays while only the private tails grow."""
 
-    reqs: list  # the requests, in batch order (identity)
+    req_refs: list  # weak references to the requests, in batch order (identity; see matches)
     last_nodes: list  # each request's req.last_node (identity)
     placement: list  # each request's (req_pool_idx, retraction_count): where its KV slots are (_placement)
     end: np.ndarray  # [B] int64: radix path length of each request
@@ -116,8 +117,13 @@ class _BatchShape:
     tail_req: np.ndarray  # [Bt] int64
 
     def matches(self, reqs: list, last_nodes: list, seq: np.ndarray) -> bool:
-        """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc)."""
-        return (reqs == self.reqs and last_nodes == self.last_nodes
+        """This shape describes a step of ``reqs`` with these ``seq`` lengths (see the module doc).
+
+        The requests are held weakly: a builder must not keep a finished batch's requests (their token
+        lists, their ``prefix_indices`` on the device) alive while the server idles or only prefills, as
+        SGLang itself does not. A dead reference gives None, which no request equals, so an id reused by
+        a new request can never match. (Their last nodes are held: a few small radix nodes.)"""
+        return ([ref() for ref in self.req_refs] == reqs and last_nodes == self.last_nodes
                 and _placement(reqs) == self.placement
                 and bool(np.array_equal(seq > self.end, self.has_tail)) and bool((seq >= self.end).all()))
 
@@ -282,10 +288,18 @@ def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
         raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row) or retraction_count: {e}") from e
     rows = [placement[r][0] for r in o_req]
     return _BatchShape(
-        reqs=reqs, last_nodes=last_nodes, placement=placement, end=end_arr, has_tail=has_tail,
+        req_refs=[_weak(r) for r in reqs], last_nodes=last_nodes, placement=placement, end=end_arr, has_tail=has_tail,
         parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
         start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
         tail_node=tail_node_arr, tail_req=tail_req_arr)
+
+
+def _weak(obj):
+    """A weak reference to ``obj``, or a strong one where it takes none (test stubs, e.g. SimpleNamespace)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _placement(reqs) -> list[tuple[int, int]]:

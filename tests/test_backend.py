@@ -574,6 +574,27 @@ def test_an_fp8_e4m3_cache_is_refused_on_gpus_triton_cannot_compile_it_for(serve
     assert problems == (expected if refused else [])
 
 
+def test_an_fp8_cache_the_checkpoint_chose_is_refused_naming_the_checkpoint(server_args, model_config, monkeypatch):
+    """Under --kv-cache-dtype auto SGLang rewrites the flag to fp8_e4m3 for an FP8 checkpoint before deft
+    checks it: an A100's refusal named a flag value the user never gave."""
+    from sglang_deft.kernels.tree_decode import kv_dtype_unsupported_on
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    kv_dtype_unsupported_on.cache_clear()
+    try:
+        runner = model_runner(copy.copy(server_args), model_config, attention_layers(model_config), device="cuda",
+                              kv_cache_dtype=torch.float8_e4m3fn)
+        runner.model.quant_config = SimpleNamespace(kv_cache_quant_algo="FP8")
+        runner.server_args.kv_cache_dtype = "fp8_e4m3"
+        problems = model_runner_problems(runner)
+    finally:
+        kv_dtype_unsupported_on.cache_clear()
+    assert len(problems) == 1 and problems[0].startswith(
+        "the checkpoint's FP8 KV cache (its quantization config's kv_cache_quant_algo, which SGLang applies under "
+        "--kv-cache-dtype auto or fp8_e4m3): deft cannot read a float8_e4m3fn KV cache on NVIDIA A100")
+
+
 def test_fp8_scales_are_refused_where_the_cache_would_be_read_unlike_it_was_written(server_args, model_config):
     """deft divides a calibrated checkpoint's K/V scales out as it stores a token and multiplies them back as it
     reads one, as SGLang's triton backend does. SGLang's torch_native prefill (deft's on CPU) stores and reads
@@ -662,7 +683,7 @@ def test_the_kernel_check_is_off_on_the_reference_path(server_args, model_config
     """SGLANG_DEFT_VERIFY_EVERY compares the kernels with the reference: where the reference itself runs,
     nothing is checked (nor logged)."""
     monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "1")
-    with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
+    with caplog.at_level("INFO"):
         backend, layers, fb = reference_step(server_args, model_config, monkeypatch)
         B, layer = len(fb.deft_reqs), layers[0]
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
@@ -672,3 +693,4 @@ def test_the_kernel_check_is_off_on_the_reference_path(server_args, model_config
     from sglang_deft.kernel_check import parse_kernel_check_lines
 
     assert parse_kernel_check_lines(caplog.text) == []
+    assert "this server decodes with the PyTorch reference on cpu, so neither logs anything" in caplog.text

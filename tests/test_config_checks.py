@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import re
@@ -260,6 +261,17 @@ def test_reference_decode_path_is_refused_with_cuda_graphs(deft_args, monkeypatc
         check_server_args(with_(deft_args, device="cuda", disable_cuda_graph=False))
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
     assert server_args_problems(deft_args) == []  # CPU: SGLang's CPU engine captures no CUDA graphs
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "outlines", "llguidance"])
+def test_a_grammar_backend_whose_package_is_missing_is_refused_by_name(deft_args, backend, monkeypatch):
+    """The CPU package set has no grammar package: SGLang's default, xgrammar, made the scheduler die at
+    start with a bare ModuleNotFoundError (the launch command the examples printed did exactly that)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == backend else find_spec(name, *a))
+    with pytest.raises(UnsupportedConfiguration, match=f"--grammar-backend {backend}.* needs the {backend} package"):
+        check_server_args(with_(deft_args, grammar_backend=backend))
+    check_server_args(deft_args)  # none
 
 
 @pytest.mark.parametrize(

@@ -363,6 +363,58 @@ def test_a_step_the_buffers_refused_runs_eagerly_without_trying_them_again(serve
 
 
 @needs_interpreter
+def test_an_eager_step_the_step_planner_refused_is_not_scheduled_under_the_limits_again(
+        server_args, model_config, monkeypatch):
+    """Without CUDA graphs (no replay asked first), an eager step goes to the step planner, which refuses a tree
+    only past the limits: the step is then planned without them, not scheduled under them a second time to be
+    refused again (before, every step of such a batch was built twice and scheduled three times)."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    backend.plan_limits = PlanLimits(max_items=2, max_partials=64)  # a shared prompt and 3 tails: 4 items
+    backend._make_plan_buffers(backend.max_bs)
+    tried = []
+    step_plan = backend.step_planner.plan
+    monkeypatch.setattr(backend.step_planner, "plan", lambda *a: tried.append(len(a[0])) or step_plan(*a))
+    under_limits = []
+    planner_plan = backend.planner.plan
+    monkeypatch.setattr(backend.planner, "plan", lambda *a, **kw: (under_limits.append("capacity" in kw)
+                                                                   and None) or planner_plan(*a, **kw))
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    assert tried == [3] and True not in under_limits
+    B, layer = len(reqs), layers[0]
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+    k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+    v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+    k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+    out = backend.forward(q, k, v, layer, fb).view(B, hq, d)
+    expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_a_replay_drops_the_last_eager_steps_plan(server_args, model_config):
+    """A step past the buffers (9 requests, graphs up to 8) runs eagerly with a plan of its own; the replays
+    that follow never read forward_metadata, and holding that plan would keep its buffers allocated for as
+    long as graphs replay."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    emulator = GraphEmulator(backend, kv_pool)
+    prompt = sim.fresh(40)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(9)])
+    backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))  # can_run refuses 9 before asking deft
+    sim.finish_decode(reqs)
+    own = backend.forward_metadata.plan
+    assert own.meta.data_ptr() != backend.graph_plan.meta.data_ptr()
+    sim.finish(reqs[8])
+    assert emulator.prepare(decode_forward_batch(sim, reqs[:8], kv_pool)) == 8
+    assert backend.forward_metadata is None
+
+
+@needs_interpreter
 def test_stage2_shape_is_the_graphs_in_eager_steps(server_args, model_config, monkeypatch):
     """On 48 SMs the 8 heads' merges fit one per SM for up to 6 queries, which is no captured size: a
     batch of 5 replays in the graph of 8. The threshold for stage 2's shape for few merges is therefore 4,

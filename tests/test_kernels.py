@@ -209,6 +209,62 @@ def test_bad_shapes_are_refused():
         tree_decode(q, kv, kv[:32], plan, 0.1)
 
 
+def one_node_tree(slots: list[int]) -> KVTree:
+    return KVTree(torch.tensor(slots, dtype=torch.int32), torch.tensor([0, len(slots)], dtype=torch.int32),
+                  torch.tensor([-1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32))
+
+
+def test_kv_slot_ids_outside_the_buffers_are_refused():
+    """The kernels gather K/V at the slot ids unchecked: ids that came on the host are checked by the plan
+    (negative ones) and by tree_decode against the buffers (too large), without a sync; before, slot 11 of
+    an 8-slot buffer was read past its end and the result returned."""
+    bad = one_node_tree([0, 1, 11])
+    plan = plan_tree_decode(bad, 8, 2, 16, DEVICE, kv_dtype=torch.float32)
+    assert plan.max_kv_slot == 11
+    q = torch.randn(2, 8, 16, device=DEVICE)
+    kv = torch.randn(8, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="kv_indices holds slot 11, outside the KV buffers' 8 slots"):
+        tree_decode(q, kv, kv, plan, 0.25)
+    kv = torch.randn(12, 2, 16, device=DEVICE)
+    torch.testing.assert_close(tree_decode(q, kv, kv, plan, 0.25), attention_reference(q, kv, kv, bad, 0.25),
+                               atol=ATOL[torch.float32], rtol=0)
+    with pytest.raises(ValueError, match="kv_indices holds slot -1: KV slot ids must be >= 0"):
+        plan_tree_decode(one_node_tree([0, -1, 2]), 8, 2, 16, DEVICE, kv_dtype=torch.float32)
+    # Fixed buffers: the check follows the step they hold, whichever plan object tree_decode is given.
+    cap = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=64, max_merge=64)
+    old = plan_tree_decode(one_node_tree([0, 1, 2]), 8, 2, 16, DEVICE, kv_dtype=torch.float32, capacity=cap)
+    plan_tree_decode(one_node_tree([0, 1, 11]), 8, 2, 16, kv_dtype=torch.float32, reuse=old)
+    with pytest.raises(ValueError, match="holds slot 11"):
+        tree_decode(q, kv[:8], kv[:8], old, 0.25)
+    if CUDA:  # ids already on the device are not checked: that would need a sync on every layer
+        assert plan_tree_decode(dataclasses.replace(bad, kv_indices=bad.kv_indices.cuda()), 8, 2, 16,
+                                kv_dtype=torch.float32).max_kv_slot is None
+
+
+def test_head_offsets_past_int32_are_refused():
+    """A head's offset (head x head stride) is int32 in the kernels: a head-major view of a buffer past 2^31
+    elements would wrap it. Meta tensors stand for such buffers (8 GiB each) without their memory."""
+    from sglang_deft.kernels.tree_decode import _check_head_offsets
+    q = torch.empty(4, 8, 128, device="meta")
+    kv = torch.empty(1 << 22, 8, 128, device="meta")
+    _check_head_offsets(q, kv, kv, q)  # SGLang's [S, H, D] layout, 2^32 elements: the head stride is D
+    head_major = torch.empty(8, 1 << 22, 128, device="meta").transpose(0, 1)
+    with pytest.raises(ValueError, match=r"v_buffer has head stride 536870912 over 8 heads"):
+        _check_head_offsets(q, kv, head_major, q)
+
+
+def test_rows_past_the_step_are_zeros_in_an_out_made_by_tree_decode():
+    cap = PlanCapacity(max_queries=8, max_kv_tokens=16, max_items=32, max_partials=64, max_merge=64)
+    tree = one_node_tree([0, 1, 2, 3])
+    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32, capacity=cap)
+    q = torch.randn(5, 8, 16, device=DEVICE)  # a graph's padded batch: 2 queries of the step, 3 rows past it
+    kv = torch.randn(4, 2, 16, device=DEVICE)
+    out = tree_decode(q, kv, kv, plan, 0.25)
+    torch.testing.assert_close(out[:2], attention_reference(q[:2], kv, kv, tree, 0.25), atol=ATOL[torch.float32],
+                               rtol=0)
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+
+
 def test_strided_kv_indices_are_read_as_given():
     """kv_indices as a view with stride 2 (every other slot of a bigger tensor): the plan takes a
     contiguous copy, since the kernels index it as contiguous (before, it kept the view: error 1.8)."""

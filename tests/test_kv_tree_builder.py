@@ -8,9 +8,11 @@ chains are merged; attention over the tree equals plain per-request attention ov
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -326,6 +328,27 @@ def test_other_requests_in_the_same_rows_on_the_same_nodes_are_another_batch():
                               retraction_count=r.retraction_count, rid=f"other-{r.rid}") for r in batch]
     assert not builder.same_batch_as_last(others, seq_lens.numpy())
     assert not builder.build(others, seq_lens).reused_shape
+
+
+def test_the_builder_keeps_no_finished_request_alive():
+    """The kept shape compares requests by identity but holds them weakly: once the scheduler drops a
+    finished batch, nothing of it stays alive through the builder (before, the last batch's requests, with
+    their token lists and device prefix_indices, lived until the next decode step)."""
+    sim = RadixSim()
+    p = sim.tokens(20)
+    sim.run_to_cache(p)
+    batch = sim.prefill([sim.new_req(p + sim.fresh(2)) for _ in range(3)])
+    seq_lens = sim.prepare_decode(batch)
+    builder = DecodeKVTreeBuilder(sim.req_to_token)
+    builder.build(batch, seq_lens)
+    assert builder.same_batch_as_last(batch, seq_lens.numpy())
+    sim.finish_decode(batch)
+    refs = [weakref.ref(r) for r in batch]
+    for req in batch:
+        sim.finish(req)
+    del req, batch
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 3
 
 
 # ---------------------------------------------------------------------------------- request life cycle
