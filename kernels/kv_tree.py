@@ -12,7 +12,9 @@ class KVTree:
 
     Node i owns the KV slots ``kv_indices[node_indptr[i]:node_indptr[i+1]]`` (slot ids into the
     per-layer ``k_buffer``/``v_buffer``), in token order along the path. A node may be empty (length
-    0) and a node may be used by no query; both cost nothing at run time.
+    0) and a node may be used by no query; both cost nothing at run time. Slot ids that come on the
+    host are checked (``plan_tree_decode`` refuses negative ones, ``tree_decode`` ones past the buffers);
+    ids already on the device are trusted: checking them would synchronise every layer.
     """
 
     kv_indices: torch.Tensor  # [T] int32, any device: KV slots of all nodes, node after node
