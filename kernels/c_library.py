@@ -2,8 +2,9 @@
 
 The same arrangement Triton uses for its kernel launchers: the system C compiler (``$CC``, which may
 carry arguments such as ``ccache gcc``, else the first of cc, gcc, clang on PATH) builds the library once,
-into a cache file named by a hash of the source, the flags, the machine's architecture and the compiler's
-path and modification time, so later processes load it at once.
+into a cache file named by a hash of the source, the flags and the machine's architecture, then one of the
+compiler's path and modification time, so later processes load it at once. A machine without a compiler
+loads a library built earlier from the same source (by any compiler) if the cache holds one.
 A machine that runs Triton's GPU kernels has such a compiler already (Triton needs it).
 
 Cache directory: ``$SGLANG_DEFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sglang_deft``, else
@@ -80,22 +81,37 @@ def _cache_roots() -> list[tuple[Path, bool]]:
     return [(_cache_dir(), False), (Path(tempfile.gettempdir()) / f"sglang_deft_{os.getuid()}", True)]
 
 
-def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
-    """The cached library for ``source``, built first if missing (or if it is ``rebuild``: it did not load)."""
-    cc_path = shutil.which(cc[0]) or cc[0]
+def _suffix() -> str:
+    return sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
+
+
+def _source_key(source: Path) -> str:
+    """What a library is built from, whatever the compiler: the source, the flags and the machine (a home
+    directory shared by x86_64 and aarch64 hosts holds both builds). The first part of a cache file's name."""
     key = hashlib.sha256()
     key.update(source.read_bytes())
     key.update(" ".join(CFLAGS).encode())
-    # The compiler's modification time tells two builds of it apart, but a reproducible build dates both
-    # architectures' packages alike: a home directory shared by x86_64 and aarch64 hosts needs the machine too.
-    key.update(" ".join([cc_path, *cc[1:], platform.machine(), sys.platform]).encode())
+    key.update(" ".join([platform.machine(), sys.platform]).encode())
+    return key.hexdigest()[:16]
+
+
+def _compiler_key(cc: list[str]) -> str:
+    """Which compiler builds it: its path, arguments and modification time (a changed compiler builds anew)."""
+    cc_path = shutil.which(cc[0]) or cc[0]
+    key = hashlib.sha256(" ".join([cc_path, *cc[1:]]).encode())
     try:
-        key.update(str(os.stat(cc_path).st_mtime_ns).encode())  # a changed compiler builds anew
+        key.update(str(os.stat(cc_path).st_mtime_ns).encode())
     except OSError:
         pass
-    suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
+    return key.hexdigest()[:8]
+
+
+def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
+    """The cached library for ``source``, built first if missing (or if it is ``rebuild``: it did not load)."""
+    name = f"{source.stem}_{_source_key(source)}_{_compiler_key(cc)}{_suffix()}"
+    suffix = _suffix()
     for root, must_be_private in _cache_roots():
-        target = root / f"{source.stem}_{key.hexdigest()[:16]}{suffix}"
+        target = root / name
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             if must_be_private and not _private(root):
@@ -128,6 +144,22 @@ def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
                         "set SGLANG_DEFT_CACHE_DIR")
 
 
+def _cached_build(source: Path) -> Path | None:
+    """The newest library in the cache built from ``source`` by any compiler (None: none is): what a machine
+    without a compiler loads, e.g. an image whose compiler was removed after the first start built it."""
+    pattern = f"{source.stem}_{_source_key(source)}_*{_suffix()}"
+    for root, must_be_private in _cache_roots():
+        try:
+            if not root.is_dir() or (must_be_private and not _private(root)):
+                continue
+            found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+        except OSError:
+            continue
+        if found:
+            return found[-1]
+    return None
+
+
 def load(source_name: str) -> ctypes.CDLL:
     """The library built from ``source_name`` (a C file next to this module), loaded once per process."""
     with _LOCK:
@@ -135,14 +167,28 @@ def load(source_name: str) -> ctypes.CDLL:
         if lib is None:
             if sys.platform == "win32":
                 raise CLibraryError("sglang-deft's C planner is built for Linux and macOS only")
-            cc = _compiler()
-            path = _build(HERE / source_name, cc)
+            source = HERE / source_name
+            try:
+                cc = _compiler()
+            except CLibraryError as no_compiler:
+                path = _cached_build(source)
+                if path is None:
+                    raise CLibraryError(f"{no_compiler} No build of {source_name} is cached either "
+                                        f"({_cache_dir()}).") from None
+                logger.info("sglang-deft: no C compiler; loading %s, built earlier from this %s", path, source_name)
+                try:
+                    lib = _LOADED[source_name] = ctypes.CDLL(str(path))
+                except OSError as e:
+                    raise CLibraryError(f"cannot load {path} ({e}) and there is no C compiler to build "
+                                        f"{source_name} again: {no_compiler}") from e
+                return lib
+            path = _build(source, cc)
             try:
                 lib = ctypes.CDLL(str(path))
             except OSError as first:
                 # A cached file that does not load (cut short by a crash before it reached the disk): once more.
                 logger.warning("sglang-deft: %s does not load (%s); building it again", path, first)
-                path = _build(HERE / source_name, cc, rebuild=path)
+                path = _build(source, cc, rebuild=path)
                 try:
                     lib = ctypes.CDLL(str(path))
                 except OSError as e:

@@ -88,6 +88,28 @@ def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
         TreeDecodePlanner(32, 8, 128)
 
 
+def test_without_a_compiler_a_build_cached_earlier_is_loaded(tmp_path, monkeypatch):
+    """A compiler built the library once (an image's first start); without one (removed afterwards, or another
+    user's process with no compiler on PATH), that build is loaded instead of refusing to plan. Before, the
+    cache file's name hashed the compiler, so nothing could be found without one."""
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    monkeypatch.setattr(c_library, "HERE", tmp_path)
+    (tmp_path / "one.c").write_text("int one(void) { return 1; }\n")
+    assert c_library.load("one.c").one() == 1
+    built = list((tmp_path / "cache").iterdir())
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    assert c_library.load("one.c").one() == 1
+    assert list((tmp_path / "cache").iterdir()) == built
+    # Another source (a new sglang-deft version) finds no build of its own: the error says so.
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    (tmp_path / "one.c").write_text("int one(void) { return 2 - 1; }\n")
+    with pytest.raises(c_library.CLibraryError, match="found no C compiler.*No build of one.c is cached either"):
+        c_library.load("one.c")
+
+
 def test_a_failed_build_says_why_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(c_library, "_LOADED", {})
