@@ -390,7 +390,11 @@ def test_h200_runs_the_hopper_kernel():
                                                ("odd_lengths", 16, 2, 128, 0.0), ("random_forest", 8, 4, 256, 0.0),
                                                ("inner_queries", 4, 4, 256, 2.0), ("fanout_256", 16, 8, 256, 0.0),
                                                ("random_forest", 32, 32, 96, 0.0), ("inner_queries", 8, 2, 80, 2.0),
-                                               ("fanout_256", 32, 8, 96, 0.0)])
+                                               ("fanout_256", 32, 8, 96, 0.0),
+                                               # GQA groups that do not divide the tiles: 7 (Qwen2.5-7B's 28 / 4
+                                               # heads), 5 (40 / 8), and 64 (large tiles only: above 16 rows)
+                                               ("random_forest", 28, 4, 128, 0.0), ("odd_lengths", 40, 8, 128, 2.0),
+                                               ("fanout_256", 64, 1, 64, 0.0)])
 def test_hopper_kernel_matches_triton_kernel(name, hq, hkv, d, cap, dtype):
     hopper, ref, (q, k, v, plan, scale, cap) = run_case(TREES[name], hq, hkv, d, dtype, logit_cap=cap)
     assert stage1_config(d, plan.large_rows, dtype, q.device).kernel == "hopper"
