@@ -292,8 +292,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     B, Hq, D = q.shape
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
-    # made here. The buffers' queries, not
-    # the plan's: after reuse= the buffers hold a later plan's step, which is what the kernels read.
+    # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
+    # which is what the kernels read.
     n = plan.buffered_queries
     if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not n <= B <= plan.qperm.numel():
         raise ValueError(f"q has shape {tuple(q.shape)} but the plan's buffers hold a step of {n} queries (at most "

@@ -200,6 +200,10 @@ def _cpp_radix_tree() -> bool:
     return bool(envs.SGLANG_EXPERIMENTAL_CPP_RADIX_TREE.get())
 
 
+# SGLang's built-in grammar backends and the package each imports when the scheduler starts.
+_GRAMMAR_PACKAGES = {"xgrammar": "xgrammar", "outlines": "outlines", "llguidance": "llguidance"}
+
+
 def user_flag_problems(server_args) -> list[str]:
     """Problems of flags as the user gave them, which SGLang may rewrite before the model runner starts (so
     ``model_runner_problems`` does not read them again: it checks what they would have caused instead)."""
@@ -230,10 +234,6 @@ def user_flag_problems(server_args) -> list[str]:
                 "decoding) or install it"
             )
     return problems
-
-
-# SGLang's built-in grammar backends and the package each imports when the scheduler starts.
-_GRAMMAR_PACKAGES = {"xgrammar": "xgrammar", "outlines": "outlines", "llguidance": "llguidance"}
 
 
 def check_server_args(server_args) -> None:
