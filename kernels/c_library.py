@@ -108,8 +108,8 @@ def _compiler_key(cc: list[str]) -> str:
 
 def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
     """The cached library for ``source``, built first if missing (or if it is ``rebuild``: it did not load)."""
-    name = f"{source.stem}_{_source_key(source)}_{_compiler_key(cc)}{_suffix()}"
     suffix = _suffix()
+    name = f"{source.stem}_{_source_key(source)}_{_compiler_key(cc)}{suffix}"
     for root, must_be_private in _cache_roots():
         target = root / name
         try:

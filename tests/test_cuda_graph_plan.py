@@ -246,24 +246,39 @@ def step_both_ways(sim, reqs, layers, kv_pool, backend, emulator):
     fb = decode_forward_batch(sim, reqs, kv_pool)
     bs = emulator.prepare(fb)
     B, layer0 = len(reqs), layers[0]
-    hq, hkv, d = layer0.tp_q_head_num, layer0.tp_k_head_num, layer0.head_dim
-    inputs = [(torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)) for _ in layers]
+    hq, d = layer0.tp_q_head_num, layer0.head_dim
+    inputs = step_inputs(B, layers)
     if bs is not None:
         replayed = [emulator.forward(bs, fb, q.view(B, hq, d), k, v, layer).view(bs, hq, d)
                     for layer, (q, k, v) in zip(layers, inputs)]
-    backend.init_forward_metadata(fb)
-    for i, (layer, (q, k, v)) in enumerate(zip(layers, inputs)):
-        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
-        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
-        k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
-        eager = backend.forward(q, k, v, layer, fb).view(B, hq, d)
-        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
-        torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
+    for i, eager in enumerate(eager_step(sim, reqs, layers, kv_pool, backend, fb, inputs)):
         if bs is not None:
             assert torch.equal(replayed[i][:B], eager)
             assert torch.equal(replayed[i][B:], torch.zeros_like(replayed[i][B:]))
     sim.finish_decode(reqs)
     return bs
+
+
+def step_inputs(B, layers):
+    """Random q, k, v of one decode step of ``B`` requests for each layer."""
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    return [(torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)) for _ in layers]
+
+
+def eager_step(sim, reqs, layers, kv_pool, backend, fb, inputs):
+    """The step of ``fb`` run eagerly (planned, then every layer) on ``inputs``; each layer's output, checked
+    against the per-request reference."""
+    backend.init_forward_metadata(fb)
+    B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
+    outs = []
+    for layer, (q, k, v) in zip(layers, inputs):
+        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+        k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+        outs.append(backend.forward(q, k, v, layer, fb).view(B, hq, d))
+        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
+        torch.testing.assert_close(outs[-1], expected, rtol=1e-5, atol=1e-5)
+    return outs
 
 
 @needs_interpreter
@@ -335,25 +350,33 @@ def test_coarser_chunks_are_the_same_in_eager_steps_and_replays(server_args, mod
     assert torch.equal(own.merge_slots[:merges], buffered.merge_slots[:merges])
 
 
-@needs_interpreter
-def test_a_step_the_buffers_refused_runs_eagerly_without_trying_them_again(server_args, model_config, monkeypatch):
-    """A step whose tree is past the plan limits: its graph plan is refused (the step planner builds and schedules
-    it once), and the eager step SGLang then runs plans it on its own path, correctly, without building and
-    scheduling it into the buffers a second time. A later batch still tries the buffers."""
+def past_limits_setup(server_args, model_config, monkeypatch):
+    """A backend whose plan limits a forked batch of 3 is past (a shared prompt and 3 tails: 4 items, 2
+    allowed), that batch, and what the backend tries: the batch sizes the step planner is asked to plan and,
+    for each plan the server's planner makes, whether it was made under the limits (``capacity=``)."""
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
-    backend.plan_limits = PlanLimits(max_items=2, max_partials=64)  # a shared prompt and 3 tails: 4 items
+    backend.plan_limits = PlanLimits(max_items=2, max_partials=64)
     backend._make_plan_buffers(backend.max_bs)
-    emulator = GraphEmulator(backend, kv_pool)
-    tried = []
+    tried, under_limits = [], []
     step_plan = backend.step_planner.plan
     monkeypatch.setattr(backend.step_planner, "plan", lambda *a: tried.append(len(a[0])) or step_plan(*a))
-    under_limits = []  # plans made under the limits on the eager path (plan_step through the server's planner)
     planner_plan = backend.planner.plan
     monkeypatch.setattr(backend.planner, "plan", lambda *a, **kw: (under_limits.append("capacity" in kw)
                                                                    and None) or planner_plan(*a, **kw))
     prompt = sim.fresh(150)
     sim.run_to_cache(prompt)
     reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    return sim, layers, kv_pool, backend, reqs, tried, under_limits
+
+
+@needs_interpreter
+def test_a_step_the_buffers_refused_runs_eagerly_without_trying_them_again(server_args, model_config, monkeypatch):
+    """A step whose tree is past the plan limits: its graph plan is refused (the step planner builds and schedules
+    it once), and the eager step SGLang then runs plans it on its own path, correctly, without building and
+    scheduling it into the buffers a second time. A later batch still tries the buffers."""
+    sim, layers, kv_pool, backend, reqs, tried, under_limits = past_limits_setup(server_args, model_config,
+                                                                                 monkeypatch)
+    emulator = GraphEmulator(backend, kv_pool)
     assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None  # eager only, checked
     assert tried == [3]
     assert True not in under_limits  # nor under the same limits a third time, to be refused again
@@ -368,31 +391,11 @@ def test_an_eager_step_the_step_planner_refused_is_not_scheduled_under_the_limit
     """Without CUDA graphs (no replay asked first), an eager step goes to the step planner, which refuses a tree
     only past the limits: the step is then planned without them, not scheduled under them a second time to be
     refused again (before, every step of such a batch was built twice and scheduled three times)."""
-    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
-    backend.plan_limits = PlanLimits(max_items=2, max_partials=64)  # a shared prompt and 3 tails: 4 items
-    backend._make_plan_buffers(backend.max_bs)
-    tried = []
-    step_plan = backend.step_planner.plan
-    monkeypatch.setattr(backend.step_planner, "plan", lambda *a: tried.append(len(a[0])) or step_plan(*a))
-    under_limits = []
-    planner_plan = backend.planner.plan
-    monkeypatch.setattr(backend.planner, "plan", lambda *a, **kw: (under_limits.append("capacity" in kw)
-                                                                   and None) or planner_plan(*a, **kw))
-    prompt = sim.fresh(150)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
-    fb = decode_forward_batch(sim, reqs, kv_pool)
-    backend.init_forward_metadata(fb)
+    sim, layers, kv_pool, backend, reqs, tried, under_limits = past_limits_setup(server_args, model_config,
+                                                                                 monkeypatch)
+    eager_step(sim, reqs, layers, kv_pool, backend, decode_forward_batch(sim, reqs, kv_pool),
+               step_inputs(len(reqs), layers))  # checked against the reference
     assert tried == [3] and True not in under_limits
-    B, layer = len(reqs), layers[0]
-    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
-    q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
-    k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
-    v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
-    k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
-    out = backend.forward(q, k, v, layer, fb).view(B, hq, d)
-    expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter

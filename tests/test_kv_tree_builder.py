@@ -312,18 +312,25 @@ def test_shape_is_rebuilt_when_a_retracted_batch_returns_in_new_rows():
     assert decode_step(sim, batch).reused_shape
 
 
-def test_other_requests_in_the_same_rows_on_the_same_nodes_are_another_batch():
-    """The batch is compared by request identity, not only by rows and nodes: another request that
-    took a finished one's row and radix node has its own private tail in that row, so the step planner
-    must not take it for the last batch grown by a token (it would continue the old request's plan)."""
+def kept_shape(n: int):
+    """(sim, batch, seq_lens, builder): ``n`` requests on a cached prompt, prepared for a decode step, and a
+    builder that built that step and keeps its shape."""
     sim = RadixSim()
     p = sim.tokens(20)
     sim.run_to_cache(p)
-    batch = sim.prefill([sim.new_req(p + sim.fresh(2)) for _ in range(2)])
+    batch = sim.prefill([sim.new_req(p + sim.fresh(2)) for _ in range(n)])
     seq_lens = sim.prepare_decode(batch)
     builder = DecodeKVTreeBuilder(sim.req_to_token)
     builder.build(batch, seq_lens)
     assert builder.same_batch_as_last(batch, seq_lens.numpy())
+    return sim, batch, seq_lens, builder
+
+
+def test_other_requests_in_the_same_rows_on_the_same_nodes_are_another_batch():
+    """The batch is compared by request identity, not only by rows and nodes: another request that
+    took a finished one's row and radix node has its own private tail in that row, so the step planner
+    must not take it for the last batch grown by a token (it would continue the old request's plan)."""
+    sim, batch, seq_lens, builder = kept_shape(2)
     others = [SimpleNamespace(last_node=r.last_node, req_pool_idx=r.req_pool_idx,
                               retraction_count=r.retraction_count, rid=f"other-{r.rid}") for r in batch]
     assert not builder.same_batch_as_last(others, seq_lens.numpy())
@@ -334,14 +341,7 @@ def test_the_builder_keeps_no_finished_request_alive():
     """The kept shape compares requests by identity but holds them weakly: once the scheduler drops a
     finished batch, nothing of it stays alive through the builder (before, the last batch's requests, with
     their token lists and device prefix_indices, lived until the next decode step)."""
-    sim = RadixSim()
-    p = sim.tokens(20)
-    sim.run_to_cache(p)
-    batch = sim.prefill([sim.new_req(p + sim.fresh(2)) for _ in range(3)])
-    seq_lens = sim.prepare_decode(batch)
-    builder = DecodeKVTreeBuilder(sim.req_to_token)
-    builder.build(batch, seq_lens)
-    assert builder.same_batch_as_last(batch, seq_lens.numpy())
+    sim, batch, seq_lens, builder = kept_shape(3)
     sim.finish_decode(batch)
     refs = [weakref.ref(r) for r in batch]
     for req in batch:
