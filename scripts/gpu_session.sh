@@ -12,6 +12,9 @@
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-families # the same under Qwen2, Qwen3, Qwen3-MoE,
 #                                                                 # Mixtral and Phi-3 model code (gpu_e2e.py FAMILY_VARIANTS;
 #                                                                 # E2E_MODELS=tiny-qwen2,... for some of them)
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-windows # the same for sliding-window layers: Gemma-2's
+#                                                                 # code (gpu_e2e.py WINDOW_VARIANTS) against
+#                                                                 # FlashInfer's decode
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
@@ -64,8 +67,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|bench-e2e|demo|graphs|step-host|features) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|bench-e2e|demo|graphs|step-host|features" >&2
+  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features" >&2
      exit 2 ;;
 esac
 
@@ -118,6 +121,7 @@ EOF
     e2e-8b) phase_e2e 8b ;;
     e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
     e2e-families) phase_e2e "${E2E_MODELS:-tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral,tiny-phi3}" ;;
+    e2e-windows) phase_e2e tiny-gemma2 ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;

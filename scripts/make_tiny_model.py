@@ -25,9 +25,10 @@ Qwen2 (q/k/v biases), Qwen3 (an RMSNorm over each head of q and k, whose weights
 qk_std(hidden) * sqrt(hidden) so that the scores keep the same spread), the mixture-of-experts Qwen3-MoE and
 Mixtral (the dense MLP replaced by EXPERTS experts, EXPERTS_PER_TOKEN of them per token, with a router), and
 Phi-3 (q/k/v and gate/up stored fused, as its checkpoints are; a sliding_window of 2047 in the config, as
-Phi-3-mini-4k's, which SGLang's Llama class that serves Phi-3 does not apply).
-The attention weights are the Llama variant's, drawn in the same order; what the families add is drawn
-from a second generator.
+Phi-3-mini-4k's, which SGLang's Llama class that serves Phi-3 does not apply), and Gemma-2 (sliding-window
+attention on every even layer, logit soft caps, GeGLU and tied embeddings; its scales, ``GEMMA2_*``, differ).
+The attention weights are the Llama variant's, drawn in the same order (Gemma-2's values read no bias
+channel); what the families add is drawn from a second generator.
 
 The model exists so that a wrong decode attention changes the tokens. HF's default init
 (std 0.02) and SGLang's `--load-format dummy` (uniform +-1e-3) make every attention row almost
@@ -100,7 +101,27 @@ ARCHITECTURES = {
                     num_experts_per_tok=EXPERTS_PER_TOKEN),
     # pad_token_id: Phi3Config's default (32000) lies outside the tiny vocabulary
     "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=2047, pad_token_id=None),
+    # Gemma-2: every even layer attends its last GEMMA2_WINDOW tokens (SGLang's sliding_window_size is one
+    # less), Gemma-2's logit soft caps, GeGLU, tied embeddings; query_pre_attn_scalar is set to the head dim
+    # (write_variant), so that the scores' scale is the Llama's.
+    "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", sliding_window=64,
+                   hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, tie_word_embeddings=True, pad_token_id=None),
 }
+# Gemma-2's residual stream differs (its layers' outputs are RMS-normalised before they are added, its embeddings
+# scaled up by sqrt(hidden), its lm_head the embeddings), and the Llama's scales made its tiny model repeat one or
+# two tokens whatever the context. So: embeddings stored 1/sqrt(hidden) as large (they enter at unit RMS); the
+# post-layer norms scale the layers' outputs to GEMMA2_OUTPUT_SCALE, so that what the layers read from the context
+# outweighs the current token's own embedding, which tied embeddings favour as the next token; and the bias
+# channel's constant kept out of the values' and the MLP's inputs (GEMMA2_BIAS_FREE_INPUTS), where the post-layer
+# norms scaled it up into one output for every context. Measured with transformers on CPU (HF eager attention):
+# the median query's largest attention weight 0.72 / 0.81 / 0.88 in the three layers, and every branch of the
+# prompt of tests/test_tiny_model.py changes with one early prompt token or one hidden KV token.
+# The ids never to produce get an embedding of GEMMA2_EXCLUDED_EMBEDDING on the bias channel only: their logits
+# sit ~40 below the printable ones (before the final soft cap).
+GEMMA2_OUTPUT_SCALE = 10.0
+GEMMA2_BIAS_FREE_INPUTS = ("self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+GEMMA2_EXCLUDED_EMBEDDING = -30.0
 # Each MoE family's checkpoint names: the router, then an expert's (gate, up, down) projections.
 MOE_WEIGHTS = {
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
@@ -176,6 +197,13 @@ def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
         raise ValueError(f"model_type {family!r}: the tiny model is made for {', '.join(ARCHITECTURES)}")
     g = torch.Generator().manual_seed(SEED + 1)
     hidden, hd = cfg["hidden_size"], cfg["head_dim"]
+    if family == "gemma2":  # tied embeddings: the lm_head's exclusions move into them (GEMMA2_* above)
+        sd["model.norm.weight"] = torch.zeros(hidden)
+        excluded = sd.pop("lm_head.weight")[:, BIAS_DIM] == EXCLUDED_LOGIT_WEIGHT
+        emb = sd["model.embed_tokens.weight"]
+        emb[:, torch.arange(hidden) != BIAS_DIM] /= math.sqrt(hidden)
+        emb[excluded] = 0.0
+        emb[excluded, BIAS_DIM] = GEMMA2_EXCLUDED_EMBEDDING
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         if family == "qwen2":
@@ -191,6 +219,13 @@ def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
             attn, mlp = p + "self_attn.", p + "mlp."
             sd[attn + "qkv_proj.weight"] = torch.cat([sd.pop(attn + f"{x}_proj.weight") for x in "qkv"])
             sd[mlp + "gate_up_proj.weight"] = torch.cat([sd.pop(mlp + f"{x}_proj.weight") for x in ("gate", "up")])
+        if family == "gemma2":  # GemmaRMSNorm multiplies by (1 + weight)
+            for name in GEMMA2_BIAS_FREE_INPUTS:
+                sd[p + name + ".weight"][:, BIAS_DIM] = 0.0
+            for name in ("input_layernorm", "pre_feedforward_layernorm"):
+                sd[p + name + ".weight"] = torch.zeros(hidden)
+            for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                sd[p + name + ".weight"] = torch.full((hidden,), GEMMA2_OUTPUT_SCALE - 1)
         if family in MOE_WEIGHTS:
             router, expert, (gate, up, down) = MOE_WEIGHTS[family]
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -238,6 +273,8 @@ def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: 
     cfg = json.loads((MODEL_DIR / "config.json").read_text())
     cfg.update(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                hidden_size=hidden, **ARCHITECTURES[architecture])
+    if architecture == "gemma2":
+        cfg["query_pre_attn_scalar"] = head_dim
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     save_file(make_state_dict(out_dir), str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "generator": "scripts/make_tiny_model.py", "seed": str(SEED),

@@ -35,6 +35,13 @@ KV tree from. So:
   node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes the
   step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
   replayed size is the planned one.
+Sliding-window layers (Gemma-2's and Gemma-3's local layers: SGLang's ``layer.sliding_window_size`` w, a
+query attends its last w + 1 tokens, as FlashInfer's ``window_left`` and Hugging Face's models define it)
+get a second plan per step, of the same batch's KV tree cut to each query's window
+(``DecodeKVTreeBuilder.build_window``), in plan buffers of their own; every layer runs the plan of its kind.
+The window plan is planned in full every step (a window's start moves with its query's end, so there is no
+steady update), after the full layers' plan, in the eager step and before a replay alike.
+
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own
 (``tree_attention.plan_step``), or without them for a tree past them. The limit on work items decides
@@ -58,7 +65,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang.srt.utils import require_gathered_buffer
 
-from sglang_deft.config_checks import check_model_runner
+from sglang_deft.config_checks import check_model_runner, layer_window, sliding_windows
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import named_device
@@ -93,6 +100,18 @@ class DeftDecodeMetadata:
     unique_tokens: int  # KV tokens in the tree (each read once)
     check_tree: KVTree | None = None  # set on the steps whose layer 0 is checked (sglang_deft.kernel_check)
     step: int = 0  # eager decode steps so far, this one included
+    window_plan: Any = None  # the sliding-window layers' plan (models with such layers; see the module doc)
+    check_window_tree: KVTree | None = None  # check_tree's window tree, when layer 0 is a sliding-window layer
+
+
+@dataclass(frozen=True)
+class _RefusedStep:
+    """A batch whose CUDA-graph plan did not fit the buffers: SGLang then runs it eagerly, which need not
+    try the buffers again (a weak reference: the backend keeps no batch alive)."""
+
+    batch: weakref.ref
+    started: float  # when its graph plan started: the step's host time includes it
+    window_only: bool  # only its sliding-window plan did not fit (planned first: the full plan was not tried)
 
 
 class DeftAttnBackend(AttentionBackend):
@@ -105,6 +124,9 @@ class DeftAttnBackend(AttentionBackend):
         self.num_kv_heads = config.get_num_kv_heads(tp)
         self.head_dim = config.head_dim
         self.kv_dtype = model_runner.kv_cache_dtype
+        # Tokens a sliding-window layer's query attends (check_model_runner allows one window per model).
+        windows = sliding_windows(model_runner.model)
+        self.window_tokens = next(iter(windows)) + 1 if windows else None
         # SGLang's "cuda" is the scheduler's GPU, set current: named, as the plan buffers' device is, so that
         # the planner keeps one staging ring for both (it made a new one whenever they alternated).
         self.device = named_device(torch.device(model_runner.device))
@@ -113,12 +135,14 @@ class DeftAttnBackend(AttentionBackend):
         self.logging_rank = model_runner.tp_rank == 0
         # Keeps the last step's radix structure: a step whose requests only grew their tails reuses it.
         self.tree_builder = DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
+        # The window trees' own builder: its kept radix part must not tell the step planner that a batch is the
+        # last one (a window build of a new batch would, before that batch's full plan).
+        self.window_builder = (DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
+                               if self.window_tokens is not None else None)
         self.kv_pool_size = model_runner.token_to_kv_pool.size
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, log=self.logging_rank)
         self._recorded_batch = None  # a weak reference to the ForwardBatch whose step was last counted
-        # (a weak reference to the ForwardBatch whose graph plan did not fit the buffers, when that started):
-        # SGLang then runs that batch eagerly, which need not try the buffers again
-        self._refused_batch: tuple[weakref.ref, float] | None = None
+        self._refused_batch: _RefusedStep | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
         self.eager_steps = 0
@@ -140,6 +164,7 @@ class DeftAttnBackend(AttentionBackend):
         # too (made below where the kernels run, remade by init_cuda_graph_state for other graph sizes),
         # and the step planner that writes them (steady steps update the last plan in place).
         self.graph_plan: TreeDecodePlan | None = None
+        self.window_graph_plan: TreeDecodePlan | None = None  # the sliding-window layers' buffers
         self.step_planner: DecodeStepPlanner | None = None
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
         if tree_attention.use_triton_kernels(self.device):
@@ -159,8 +184,17 @@ class DeftAttnBackend(AttentionBackend):
                                          self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
                                          self.planner.graph_batch_sizes)
         self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
+        if self.window_tokens is not None:
+            # A window tree holds at most every query's window: max_bs x window tokens (a slot may appear
+            # under two different window starts, so the pool's size does not bound it).
+            self.window_graph_plan = new_graph_plan(self.plan_limits, max_bs, max_bs * self.window_tokens,
+                                                    self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
+                                                    self.device, self.planner.graph_batch_sizes)
         if not self.logging_rank:
             return
+        if self.window_tokens is not None:
+            logger.info("deft: sliding-window layers attend each query's last %d tokens, with a plan of their own per "
+                        "step", self.window_tokens)
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results; merges of batches "
             "of up to %d requests on 4 warps (one merge per SM, a captured batch size)",
@@ -193,8 +227,8 @@ class DeftAttnBackend(AttentionBackend):
             return
         started = time.perf_counter()
         refused, self._refused_batch = self._refused_batch, None
-        if refused is not None and refused[0]() is forward_batch:
-            started = refused[1]  # the step's host time includes the graph plan that did not fit
+        if refused is not None and refused.batch() is forward_batch:
+            started = refused.started  # the step's host time includes the graph plan that did not fit
         else:
             refused = None
         reqs = self._requests(forward_batch)
@@ -210,7 +244,9 @@ class DeftAttnBackend(AttentionBackend):
         step = None
         # Not where this very batch's graph plan just failed to fit the buffers: the step planner would build
         # and schedule the same tree again to fail again (on every step of a batch past the plan limits).
-        tried = self.step_planner is not None and rows <= self.graph_plan.qperm.numel() and refused is None
+        window_refused = refused is not None and refused.window_only
+        tried = (self.step_planner is not None and rows <= self.graph_plan.qperm.numel()
+                 and (refused is None or window_refused))
         if tried:
             step = self.step_planner.plan(reqs, seq_lens, rows)
         if step is not None:
@@ -233,9 +269,41 @@ class DeftAttnBackend(AttentionBackend):
                              self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner,
                              past_limits=refused is not None or tried)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
-        check_tree = with_padding_queries(check_tree, rows) if check and isinstance(plan, TreeDecodePlan) else None
-        self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps)
+        window_plan = check_window_tree = None
+        if self.window_tokens is not None:
+            # Into the window buffers where the full plan went into its buffers (as before a replay), unless
+            # they already refused this step's window plan: it is past the limits.
+            window_plan, check_window_tree = self._window_plan(reqs, seq_lens, rows, buffers=step is not None and
+                                                               not window_refused, past_limits=window_refused)
+        if check and isinstance(plan, TreeDecodePlan):
+            check_tree = with_padding_queries(check_tree, rows)
+            if check_window_tree is not None:
+                check_window_tree = with_padding_queries(check_window_tree, rows)
+        else:
+            check_tree = check_window_tree = None
+        self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps,
+                                                   window_plan, check_window_tree)
         self._record(forward_batch, attended, unique, started, step is not None and step.steady)
+
+    def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
+        """The step's sliding-window plan and its (unpadded) tree: in the window buffers when ``buffers`` and it
+        fits them, else in buffers of its own (or the tree itself, on the reference path); ``past_limits``: the
+        buffers already refused it."""
+        if buffers:
+            plan, tree = self._window_graph_step(reqs, seq_lens, rows)
+            if plan is not None:
+                return plan, tree
+        built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
+        # The buffers refuse only trees past the limits (as the full plan's), so not under them again.
+        plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                         self.kv_dtype, self.device, self.plan_limits, self.planner, past_limits=buffers or past_limits)
+        return plan, built.tree
+
+    def _window_graph_step(self, reqs, seq_lens: torch.Tensor, rows: int):
+        """The step's sliding-window plan in the window buffers (None when it does not fit them), and its tree."""
+        built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens,
+                                                 kv_out=self.window_graph_plan.kv_indices)
+        return plan_graph_step(self.window_graph_plan, built.tree, rows, self.kv_dtype, self.planner), built.tree
 
     def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool) -> None:
         """Count the step in the sharing metrics once: after a rank fault under elastic expert parallelism,
@@ -256,7 +324,8 @@ class DeftAttnBackend(AttentionBackend):
         tree = with_padding_queries(empty_tree(self.device), rows)
         plan = plan_step(tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
                          self.plan_limits, self.planner)
-        self.forward_metadata = DeftDecodeMetadata(plan, rows, 0, 0)
+        # No KV at all: the sliding-window layers' tree is the same tree.
+        self.forward_metadata = DeftDecodeMetadata(plan, rows, 0, 0, window_plan=plan)
 
     def forward_decode(
         self,
@@ -293,9 +362,15 @@ class DeftAttnBackend(AttentionBackend):
         k_buffer = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id)
         k_scale, v_scale = kv_scales(layer, k_buffer.dtype)
-        run_layer(q, k_buffer, v_buffer, meta.plan, layer.scaling, layer.logit_cap, out, k_scale, v_scale)
-        if meta.check_tree is not None and layer.layer_id == 0:
-            check_layer(out, q, k_buffer, v_buffer, meta.check_tree, layer.scaling, layer.logit_cap, meta.step, 0,
+        windowed = layer_window(layer) is not None
+        plan = meta.window_plan if windowed else meta.plan
+        if plan is None:
+            raise RuntimeError(f"deft: layer {layer.layer_id} has a sliding window of {layer.sliding_window_size} "
+                               "but the backend was made for a model without one")
+        run_layer(q, k_buffer, v_buffer, plan, layer.scaling, layer.logit_cap, out, k_scale, v_scale)
+        check_tree = meta.check_window_tree if windowed else meta.check_tree
+        if check_tree is not None and layer.layer_id == 0:
+            check_layer(out, q, k_buffer, v_buffer, check_tree, layer.scaling, layer.logit_cap, meta.step, 0,
                         k_scale, v_scale)
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -332,7 +407,11 @@ class DeftAttnBackend(AttentionBackend):
         if plan is None:
             raise RuntimeError(f"deft: CUDA graph of batch size {bs}, past the plan buffers' "
                                f"{self.graph_plan.qperm.numel()} requests")
-        self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0)
+        window_plan = None
+        if self.window_graph_plan is not None:
+            window_plan = plan_graph_step(self.window_graph_plan, empty_tree(self.device), bs, self.kv_dtype,
+                                          self.planner)
+        self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0, window_plan=window_plan)
         self.planned_replay_size = None  # whatever was planned is overwritten
         self.step_planner.invalidate()
 
@@ -346,9 +425,17 @@ class DeftAttnBackend(AttentionBackend):
         if not forward_batch.forward_mode.is_decode():
             return False
         started = time.perf_counter()
-        step = self.step_planner.plan(self._requests(forward_batch), forward_batch.seq_lens_cpu, padded_bs)
+        reqs = self._requests(forward_batch)
+        # The window plan first: one that does not fit leaves the step planner untouched, so that the eager step
+        # plans the full layers as a server without CUDA graphs does. (The full plan is still planned last, as in
+        # an eager step: the step planner reads the planner's last plan for its steady steps.)
+        if (self.window_tokens is not None
+                and self._window_graph_step(reqs, forward_batch.seq_lens_cpu, padded_bs)[0] is None):
+            self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
+            return False
+        step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
-            self._refused_batch = (weakref.ref(forward_batch), started)
+            self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)
             return False
         if TRACE_PLANS:
             self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu)

@@ -25,6 +25,8 @@ BACKEND_NAME = "deft"
 # SGLang's attention backends that run prefill on a CPU (intel_amx falls back to torch_native
 # without AMX).
 _CPU_PREFILL_BACKENDS = ("torch_native", "intel_amx")
+# SGLang 0.5.10's prefill backends that apply a layer's sliding window (torch_native and intel_amx ignore it).
+_WINDOW_PREFILL_BACKENDS = ("triton", "flashinfer", "fa3")
 # --kv-cache-dtype values deft reads (SGLang's choices less fp4_e2m1): the model's dtype, or fp8 (read as
 # stored, computed in the model's dtype, with the layers' K/V scales as SGLang's triton decode applies them).
 # bf16 is the model's dtype only for a bf16 model: model_runner_problems checks the pool against the model.
@@ -254,17 +256,6 @@ def check_server_args(server_args) -> None:
         )
 
 
-def _sliding_window_field(hf_text_config) -> int | None:
-    """The window size a config declares, if it declares one in use."""
-    if getattr(hf_text_config, "use_sliding_window", True) is False:
-        return None  # e.g. Qwen2 configs carry a window size they do not use
-    return getattr(hf_text_config, "sliding_window_size", None) or getattr(hf_text_config, "sliding_window", None)
-
-
-def _has_sliding_layers(hf_text_config) -> bool:
-    return any(t == "sliding_attention" for t in getattr(hf_text_config, "layer_types", None) or ())
-
-
 def model_config_problems(model_config, server_args) -> list[str]:
     """Problems of the model (SGLang's ``ModelConfig``); empty when deft is not selected."""
     if not any(deft_roles(server_args)):
@@ -280,11 +271,13 @@ def model_config_problems(model_config, server_args) -> list[str]:
         problems.append(f"{model}: encoder-decoder models (cross-attention) are not supported")
     if model_config.is_multimodal:
         problems.append(f"{model}: multimodal models are not supported (untested with the deft path)")
-    # A plain ``sliding_window`` field is not refused here: whether SGLang applies it depends on the
-    # model class (Gemma-2's does; Llama's, which serves Mistral and Phi-3, ignores it), and where it
-    # is applied the loaded layers say so (``check_model_runner``).
-    if getattr(model_config, "is_hybrid_swa", False) or _has_sliding_layers(model_config.hf_text_config):
-        problems.append(f"{model}: sliding-window attention is not supported; deft attends every token of the path")
+    # Sliding windows are served (the backend plans their layers' trees cut to each query's window), as
+    # SGLang's layers apply them: whether a config's ``sliding_window`` is applied depends on the model
+    # class (Gemma-2's does; Llama's, which serves Mistral and Phi-3, ignores it), so the loaded layers
+    # decide (``model_runner_problems``). Not SGLang's hybrid SWA memory, where those layers' KV is elsewhere.
+    if getattr(model_config, "is_hybrid_swa", False):
+        problems.append(f"{model}: hybrid sliding-window memory (SGLang keeps the sliding-window layers' KV in a pool "
+                        "of their own, with slot ids of their own) is not supported; deft reads one KV pool")
     if model_config.attention_chunk_size is not None:
         problems.append(f"{model}: chunked local attention is not supported; deft attends every token of the path")
     if getattr(model_config.hf_config, "dual_chunk_attention_config", None):
@@ -312,13 +305,6 @@ def _linear_attention_config(model_config):
 
 def check_model_config(model_config, server_args) -> None:
     _raise_if(model_config_problems(model_config, server_args))
-    window = _sliding_window_field(model_config.hf_text_config)
-    if window and any(deft_roles(server_args)):
-        logger.warning(
-            "model %s declares sliding_window=%s: deft attends every token of the path, as SGLang's own attention "
-            "backends do for models whose SGLang implementation does not apply the window (Mistral, Phi-3: "
-            "SGLang's Llama); a model whose layers do apply it is refused when the scheduler loads it",
-            server_args.model_path, window)
 
 
 def model_runner_problems(model_runner) -> list[str]:
@@ -332,8 +318,6 @@ def model_runner_problems(model_runner) -> list[str]:
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
     if model_runner.use_mla_backend:
         problems.append("the model runner uses an MLA backend; deft needs per-head K/V")
-    if model_runner.sliding_window_size is not None:
-        problems.append(f"the model uses a sliding window of {model_runner.sliding_window_size} tokens")
     # model_config_problems above asks SGLang's rules of a main worker; this catches only what they did not.
     if model_runner.mambaish_config is not None and _linear_attention_config(model_runner.model_config) is None:
         problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
@@ -352,6 +336,7 @@ def model_runner_problems(model_runner) -> list[str]:
             for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
                 layers_with.setdefault(p, []).append(layer.layer_id)
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
+    problems += _sliding_window_problems(model_runner.model, backend_names(a)[1])
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 
 
@@ -375,8 +360,6 @@ def _layer_problems(layer) -> list[str]:
     if layer.is_cross_attention or layer.attn_type != AttentionType.DECODER:
         kind = "cross-attention" if layer.is_cross_attention else f"{layer.attn_type.value} attention"
         problems.append(f"{kind} is not supported (causal decoder self-attention only)")
-    if layer.sliding_window_size != -1:
-        problems.append(f"sliding window {layer.sliding_window_size} is not supported")
     if layer.qk_head_dim != layer.v_head_dim:
         problems.append(f"Q/K head dim {layer.qk_head_dim} != V head dim {layer.v_head_dim} is not supported")
     elif layer.qk_head_dim > MAX_HEAD_DIM:
@@ -387,6 +370,41 @@ def _layer_problems(layer) -> list[str]:
         problems.append("iRoPE chunked attention is not supported")
     if getattr(layer, "xai_temperature_len", -1) > 0:
         problems.append("xai temperature scaling is not supported")
+    return problems
+
+
+def sliding_windows(model) -> dict[int, list[int]]:
+    """The model's sliding windows, as SGLang's attention layers set them (``sliding_window_size``: a query
+    attends its last ``sliding_window_size + 1`` tokens, FlashInfer's ``window_left``), each with its layer ids;
+    empty when every layer attends the whole sequence (-1, or None)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    windows: dict[int, list[int]] = {}
+    for layer in model.modules():
+        if isinstance(layer, RadixAttention) and (window := layer_window(layer)) is not None:
+            windows.setdefault(window, []).append(layer.layer_id)
+    return windows
+
+
+def layer_window(layer) -> int | None:
+    """The layer's ``sliding_window_size`` (SGLang: -1 or None for none)."""
+    window = layer.sliding_window_size
+    return window if window is not None and window > -1 else None
+
+
+def _sliding_window_problems(model, prefill_backend: str | None) -> list[str]:
+    windows = sliding_windows(model)
+    if not windows:
+        return []
+    problems = []
+    if len(windows) > 1:
+        sizes = ", ".join(f"{w} in layers {ids}" for w, ids in sorted(windows.items()))
+        problems.append(f"sliding windows of {len(windows)} sizes ({sizes}): deft plans one window per decode step")
+    if prefill_backend not in _WINDOW_PREFILL_BACKENDS:
+        problems.append(f"sliding windows ({', '.join(map(str, sorted(windows)))}) with prefill on {prefill_backend}: "
+                        f"SGLang's {prefill_backend} backend does not apply them (it attends every prompt token), so "
+                        f"prompts longer than the window would be prefilled wrong; prefill on "
+                        f"{' or '.join(_WINDOW_PREFILL_BACKENDS)}")
     return problems
 
 

@@ -178,6 +178,46 @@ class DecodeKVTreeBuilder:
             KVTreeBuildError: a path longer than its request's sequence, an evicted node on a path, or
                 paths from two different radix trees.
         """
+        reqs, seq, shape, reused = self._batch_shape(reqs, seq_lens_cpu)
+        lens = _node_lengths(shape, seq)
+        unique = int(lens.sum())
+        parent, query_node, start, row = shape.parent, shape.query_node, shape.start, shape.row
+        tails = None
+        if (tail_slack > 0 and len(shape.tail_node)
+                and (max_kv_tokens is None or unique + tail_slack * len(shape.tail_node) <= max_kv_tokens)):
+            tails, (parent, query_node, start, row, lens) = _with_slack_nodes(
+                shape, seq, lens, tail_slack, self.req_to_token.shape[1])
+        tree = self._gather(parent, query_node, start, row, lens, kv_out)
+        return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=unique, reused_shape=reused,
+                            tails=tails)
+
+    def build_window(self, reqs: Sequence, seq_lens_cpu: torch.Tensor | Sequence[int], window: int,
+                     kv_out: torch.Tensor | None = None) -> DecodeKVTree:
+        """The KV tree of a sliding-window layer: query b attends only the last ``window`` tokens of its
+        path, ``req_to_token[row_b, max(seq_len_b - window, 0):seq_len_b]``.
+
+        A node's part inside a query's window starts where that window does, so queries whose windows
+        start at the same position of a node (a fork's branches, which grow in step) still share it and
+        everything below it; a node whose users' windows start at different positions is split into one
+        node per start, and what lies below such a node is repeated under each start that reaches it
+        (read once per distinct start, which is still exact). Every query whose window covers its whole
+        path keeps the tree of :meth:`build`. Arguments and errors as :meth:`build`; the radix part is
+        :meth:`build`'s (reused, or kept for the next step, the same way)."""
+        if window < 1:
+            raise ValueError(f"a sliding window of {window} tokens; a decode query attends at least its own token")
+        reqs, seq, shape, reused = self._batch_shape(reqs, seq_lens_cpu)
+        lens = _node_lengths(shape, seq)
+        cut = np.maximum(seq - window, 0)
+        if cut.any():
+            parent, query_node, start, row, lens = _window_nodes(shape, lens, cut)
+        else:
+            parent, query_node, start, row = shape.parent, shape.query_node, shape.start, shape.row
+        tree = self._gather(parent, query_node, start, row, lens, kv_out)
+        return DecodeKVTree(tree=tree, attended_tokens=int(np.minimum(seq, window).sum()),
+                            unique_tokens=int(lens.sum()), reused_shape=reused)
+
+    def _batch_shape(self, reqs: Sequence, seq_lens_cpu) -> tuple[list, np.ndarray, _BatchShape, bool]:
+        """The batch's requests, int64 lengths and radix part (the last one when it still holds)."""
         reqs = list(reqs)
         seq = (seq_lens_cpu.numpy() if isinstance(seq_lens_cpu, torch.Tensor) else np.asarray(seq_lens_cpu))
         seq = seq.astype(np.int64, copy=False)
@@ -188,16 +228,11 @@ class DecodeKVTreeBuilder:
         reused = shape is not None and shape.matches(reqs, last_nodes, seq)
         if not reused:
             shape = self._shape = _batch_shape(reqs, last_nodes, seq)
+        return reqs, seq, shape, reused
 
-        lens = shape.fixed_len.copy()
-        lens[shape.tail_node] += seq[shape.tail_req] - shape.end[shape.tail_req]
-        unique = int(lens.sum())
-        parent, query_node, start, row = shape.parent, shape.query_node, shape.start, shape.row
-        tails = None
-        if (tail_slack > 0 and len(shape.tail_node)
-                and (max_kv_tokens is None or unique + tail_slack * len(shape.tail_node) <= max_kv_tokens)):
-            tails, (parent, query_node, start, row, lens) = _with_slack_nodes(
-                shape, seq, lens, tail_slack, self.req_to_token.shape[1])
+    def _gather(self, parent: np.ndarray, query_node: np.ndarray, start: np.ndarray, row: np.ndarray,
+                lens: np.ndarray, kv_out: torch.Tensor | None) -> KVTree:
+        """The tree whose node o holds ``req_to_token[row[o], start[o]:start[o] + lens[o]]``."""
         indptr = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=indptr[1:])
         T = int(indptr[-1])
@@ -214,10 +249,55 @@ class DecodeKVTreeBuilder:
             kv_indices = torch.index_select(self._flat, 0, flat, out=kv_out[:T])
         else:
             kv_indices = torch.index_select(self._flat, 0, flat)
-        tree = KVTree(kv_indices, torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(parent),
+        return KVTree(kv_indices, torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(parent),
                       torch.from_numpy(query_node))
-        return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=unique, reused_shape=reused,
-                            tails=tails)
+
+
+def _node_lengths(shape: _BatchShape, seq: np.ndarray) -> np.ndarray:
+    """The shape's node lengths at these sequence lengths (its private tails grown to them)."""
+    lens = shape.fixed_len.copy()
+    lens[shape.tail_node] += seq[shape.tail_req] - shape.end[shape.tail_req]
+    return lens
+
+
+def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
+    """(parent, query_node, start, row, lens) of the tree in which query b attends its path from position
+    ``cut[b]`` on (``build_window``): nodes keyed by (parent in the new tree, node, first position used),
+    so that equal window starts share and different ones part. O(B x path nodes) Python steps."""
+    parent, start, row = shape.parent.tolist(), shape.start.tolist(), shape.row.tolist()
+    length = lens.tolist()
+    paths: dict[int, list[int]] = {}
+
+    def path(n: int) -> list[int]:  # root first
+        p = paths.get(n)
+        if p is None:
+            p = paths[n] = ([] if parent[n] < 0 else path(parent[n])) + [n]
+        return p
+
+    ids: dict[tuple[int, int, int], int] = {}
+    o_parent: list[int] = []
+    o_start: list[int] = []
+    o_row: list[int] = []
+    o_len: list[int] = []
+    query_node = []
+    for qn, c in zip(shape.query_node.tolist(), cut.tolist()):
+        above = -1
+        for n in path(qn):
+            skip = max(c - start[n], 0)  # the node's tokens before the window
+            if c > 0 and skip >= length[n]:
+                continue
+            key = (above, n, skip)
+            i = ids.get(key)
+            if i is None:
+                i = ids[key] = len(o_parent)
+                o_parent.append(above)
+                o_start.append(start[n] + skip)
+                o_row.append(row[n])
+                o_len.append(length[n] - skip)
+            above = i
+        query_node.append(above)
+    return (np.array(o_parent, np.int32), np.array(query_node, np.int32), np.array(o_start, np.int64),
+            np.array(o_row, np.int64), np.array(o_len, np.int64))
 
 
 def _with_slack_nodes(shape: _BatchShape, seq: np.ndarray, lens: np.ndarray, tail_slack: int, width: int):

@@ -23,7 +23,7 @@ import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
-from sglang_deft.config_checks import UnsupportedConfiguration, model_runner_problems
+from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems
 from sglang_deft.kernels import KVTree, attention_reference
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
@@ -149,8 +149,11 @@ def triton_prefill(server_args):
 
 
 def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer, k_scale=1.0, v_scale=1.0):
-    """Each request alone over its own req_to_token row: a one-node tree per request."""
-    rows = [sim.req_to_token[r.req_pool_idx, :n] for r, n in zip(reqs, seq_lens.tolist())]
+    """Each request alone over its own req_to_token row (a sliding-window layer: the row's last
+    ``sliding_window_size + 1`` slots, as FlashInfer's ``window_left``): a one-node tree per request."""
+    window = layer_window(layer)
+    first = [0 if window is None else max(n - window - 1, 0) for n in seq_lens.tolist()]
+    rows = [sim.req_to_token[r.req_pool_idx, f:n] for r, f, n in zip(reqs, first, seq_lens.tolist())]
     indptr = torch.tensor([0] + [len(x) for x in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     tree = KVTree(torch.cat(rows).to(torch.int32), indptr, torch.full((len(rows),), -1, dtype=torch.int32),
                   torch.arange(len(rows), dtype=torch.int32))
@@ -260,6 +263,61 @@ def test_a_padded_eager_batch_decodes_its_requests(server_args, model_config, im
                                      fb.seq_lens_cpu[:B], layer)
     torch.testing.assert_close(out[:B], expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[B:], torch.zeros_like(out[B:]))
+
+
+def windowed_layers(model_config, window: int):
+    """The model's layers with every other one a sliding-window layer, as Gemma-2's (the even ones)."""
+    layers = attention_layers(model_config)
+    for layer in layers[::2]:
+        layer.sliding_window_size = window
+    return layers
+
+
+@cpu_only
+@pytest.mark.parametrize("window", [0, 4, 30, 1000])
+def test_sliding_window_layers_attend_each_querys_window(server_args, model_config, window, implementation):
+    """SGLang's sliding_window_size w (Gemma-2/3's local layers; a query attends its last w + 1 tokens) beside
+    full-attention layers: windows of the query's own token, inside the private tails, inside the forked prompt
+    (49-62 tokens by the first step), and past every sequence (the full tree). Over several steps, so that with the
+    kernels the full layers' plan takes steady steps while the windows move."""
+    layers = windowed_layers(model_config, window)
+    sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
+    assert backend.window_tokens == window + 1
+    reqs = forked_batch(sim)
+    B, hq, hkv, d = len(reqs), layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    for _ in range(4):
+        fb = decode_forward_batch(sim, reqs, kv_pool)
+        backend.init_forward_metadata(fb)
+        for layer in layers:
+            q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+            k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+            v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+            k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+            out = backend.forward(q, k, v, layer, fb).view(B, hq, d)
+            expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu,
+                                             layer)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            if layer.sliding_window_size == window and window < 30:  # the window matters: the whole row differs
+                layer.sliding_window_size = -1
+                whole = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu,
+                                              layer)
+                layer.sliding_window_size = window
+                assert not torch.allclose(out, whole, rtol=1e-3, atol=1e-3)
+        sim.finish_decode(reqs)
+
+
+def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, model_config):
+    """One window per model (a plan per window per step would be needed for more), and a prefill backend that
+    applies it: SGLang's torch_native prefill attends every prompt token."""
+    layers = windowed_layers(model_config, 64)
+    assert model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers)) == []
+    problems = model_runner_problems(model_runner(server_args, model_config, layers))
+    assert len(problems) == 1 and problems[0].startswith("sliding windows (64) with prefill on torch_native: SGLang's "
+                                                         "torch_native backend does not apply them")
+    layers[2].sliding_window_size = 32
+    problems = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers))
+    assert problems == ["sliding windows of 2 sizes (32 in layers [2], 64 in layers [0]): deft plans one window per "
+                        "decode step"]
 
 
 @cpu_only
@@ -487,16 +545,15 @@ def test_decode_batch_without_host_sequence_lengths_is_refused(server_args, mode
 def test_unsupported_layer_is_refused_at_creation(server_args, model_config):
     sim = RadixSim(kv_slots=256)
     layers = attention_layers(model_config)
-    layers[1].sliding_window_size = 64
+    layers[1].use_irope = True
     kv_pool = kv_pool_for(layers, 256)
-    with pytest.raises(UnsupportedConfiguration, match=r"attention layers \[1\]: sliding window 64"):
+    with pytest.raises(UnsupportedConfiguration, match=r"attention layers \[1\]: iRoPE chunked attention"):
         make_backend(sim, server_args, model_config, layers, kv_pool)
 
 
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        (dict(sliding_window_size=64), "sliding window 64 is not supported"),
         (dict(attn_type=AttentionType.ENCODER_ONLY), "encoder_only attention is not supported"),
         (dict(attn_type=AttentionType.DECODER_BIDIRECTIONAL), "decoder_bidirectional attention is not supported"),
         (dict(is_cross_attention=True), "cross-attention is not supported (causal decoder self-attention only)"),
@@ -526,7 +583,6 @@ def test_unsupported_layers_are_named_once_with_their_ids(server_args, model_con
     "changes, expected",
     [
         (dict(use_mla_backend=True), "the model runner uses an MLA backend"),
-        (dict(sliding_window_size=4096), "the model uses a sliding window of 4096 tokens"),
         (dict(mambaish_config=object()), "hybrid linear-attention / Mamba models are not supported"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,

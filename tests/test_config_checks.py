@@ -411,8 +411,6 @@ def test_repo_model_passes(deft_args):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=64),
-         "sliding-window attention is not supported"),
         (dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
               first_k_dense_replace=3),  # every layer dense; the experts count must be an int (transformers 5.x)
@@ -425,7 +423,7 @@ def test_repo_model_passes(deft_args):
         (dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next"),
          "hybrid linear-attention / Mamba models are not supported"),
     ],
-    ids=["sliding_window", "mla", "dual_chunk", "linear_attention"],
+    ids=["mla", "dual_chunk", "linear_attention"],
 )
 def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, expected):
     path = model_dir(tmp_path, **overrides)
@@ -440,7 +438,8 @@ def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, ex
         (dict(is_multimodal=True), "multimodal models are not supported"),
         (dict(is_encoder_decoder=True), "encoder-decoder models (cross-attention) are not supported"),
         (dict(attention_chunk_size=8192), "chunked local attention is not supported"),
-        (dict(is_hybrid_swa=True), "sliding-window attention is not supported"),
+        (dict(is_hybrid_swa=True), "hybrid sliding-window memory (SGLang keeps the sliding-window layers' KV in a "
+                                   "pool of their own, with slot ids of their own) is not supported"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -453,38 +452,36 @@ def test_unsupported_model_property_is_refused_by_name(deft_args, changes, expec
     assert len(problems) == 1 and expected in problems[0] and "(LlamaForCausalLM)" in problems[0]
 
 
-def test_model_checks_ignore_servers_without_deft(deft_args, tmp_path, caplog):
+def test_model_checks_ignore_servers_without_deft(deft_args, tmp_path):
     plain = with_(deft_args, attention_backend="torch_native", decode_attention_backend=None)
-    (tmp_path / "sliding").mkdir(), (tmp_path / "mistral").mkdir()
-    sliding = model_dir(tmp_path / "sliding", layer_types=["sliding_attention"] * 3, sliding_window=64)
-    assert model_config_problems(ModelConfig(sliding), plain) == []
-    mistral = model_dir(tmp_path / "mistral", architectures=["MistralForCausalLM"], model_type="mistral",
-                        sliding_window=64)
-    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
-        check_model_config(ModelConfig(mistral), plain)
-    assert "sliding_window" not in caplog.text
+    dual_chunk = model_dir(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                           dual_chunk_attention_config={"chunk_size": 8192, "local_size": 1024,
+                                                        "original_max_position_embeddings": 32768})
+    assert len(model_config_problems(ModelConfig(dual_chunk), deft_args)) == 1
+    assert model_config_problems(ModelConfig(dual_chunk), plain) == []
 
 
 @pytest.mark.parametrize("flags, refused", [(["--attention-backend", "deft"], True),
                                             (["--attention-backend", "torch_native"], False)], ids=["deft", "no_deft"])
 def test_startup_checks_the_model_of_a_deft_server(tmp_path, flags, refused):
-    sliding = model_dir(tmp_path, layer_types=["sliding_attention"] * 3, sliding_window=64)
-    args = parse_server_args(["--model-path", sliding, *BASE_ARGV[2:], *flags], device="cpu")
+    linear = model_dir(tmp_path, architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next")
+    args = parse_server_args(["--model-path", linear, *BASE_ARGV[2:], *flags], device="cpu")
     if refused:
-        with pytest.raises(UnsupportedConfiguration, match="sliding-window attention is not supported"):
+        with pytest.raises(UnsupportedConfiguration, match="hybrid linear-attention / Mamba models"):
             check_startup(args)
     else:
         check_startup(args)
 
 
-def test_sliding_window_field_sglang_ignores_is_served_with_a_warning(deft_args, tmp_path, caplog):
-    """SGLang serves Mistral (and Phi-3) with its Llama class, which applies no window: its own backends
-    attend every token, and so does deft. Models whose layers do apply one are refused when the
-    scheduler loads them (test_backend's test_unsupported_layer_is_refused_at_creation)."""
-    path = model_dir(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
-    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
-        check_model_config(ModelConfig(path), deft_args)
-    assert "declares sliding_window=64" in caplog.text
+@pytest.mark.parametrize("overrides", [
+    dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64),
+    dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=64),
+], ids=["mistral", "layer_types"])
+def test_sliding_window_models_are_served(deft_args, tmp_path, overrides):
+    """Whether a window applies is the model class's business (SGLang's Llama, which serves Mistral and Phi-3,
+    applies none; Gemma-2's and Gemma-3's layers do): deft follows each loaded layer's sliding_window_size
+    (test_backend's test_sliding_window_layers_attend_each_querys_window), so the config alone refuses nothing."""
+    check_model_config(ModelConfig(model_dir(tmp_path, **overrides)), deft_args)
 
 
 def test_unused_sliding_window_field_is_not_a_sliding_window(deft_args, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
+import sglang_deft.backend as backend_module
 import sglang_deft.kernels.plan as kernel_plan
 import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
@@ -33,7 +34,7 @@ from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_ve
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (ForwardBatchStub, attention_layers, cpu_server_args, decode_forward_batch, make_backend,
-                          per_request_reference, random_kv_setup, record_steady)
+                          per_request_reference, random_kv_setup, record_steady, triton_prefill, windowed_layers)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -837,3 +838,54 @@ def test_the_plan_buffers_take_stage2s_threshold_from_the_servers_graph_sizes(se
     args.cuda_graph_bs = [1, 3, 8]
     sim, layers, kv_pool, backend = graph_setup(args, model_config, kv_slots=256)
     assert backend.graph_plan.few_merges_max_queries == 3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("refuse_windows", [False, True], ids=["windows_fit", "windows_refused"])
+def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model_config, monkeypatch, refuse_windows):
+    """test_steady_steps_replayed_and_eager_agree_bitwise with a sliding-window layer (a window of 41 tokens,
+    starting inside the 150-token prompt at a different place for each branch) beside a full one: both servers plan
+    the window tree into its own buffers after the full plan, which takes its steady steps, and the replays read
+    both. ``windows_refused``: the window buffers take no step (as a window tree past the limits), so the graph
+    server runs every step eagerly, its full layers planned as the eager server's (the same steady steps); still
+    bitwise the eager server's."""
+    args = triton_prefill(server_args)  # torch_native's prefill ignores windows: refused
+    layers = windowed_layers(model_config, 40)[:2]
+    sim, kv_pool, graphs = random_kv_setup(args, model_config, layers, 4096)
+    eager = make_backend(sim, args, model_config, layers, kv_pool)
+    emulator = GraphEmulator(graphs, kv_pool)
+    eager._make_plan_buffers(eager.max_bs)  # what __init__ does where the Triton kernels run
+    graphs.step_planner.slack = eager.step_planner.slack = 3
+    logs = record_steady(graphs), record_steady(eager)
+    if refuse_windows:
+        fits = backend_module.plan_graph_step
+        monkeypatch.setattr(backend_module, "plan_graph_step", lambda plan, *a: None if any(
+            plan is b.window_graph_plan for b in (graphs, eager)) else fits(plan, *a))
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(4)])
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    for step in range(7):
+        if step == 4:  # an unrelated request joins: 5 queries, padded to 8 in the graphs
+            reqs += sim.prefill([sim.new_req(sim.fresh(30))])
+        fb = decode_forward_batch(sim, reqs, kv_pool)
+        B = len(reqs)
+        bs = emulator.prepare(fb)
+        assert (bs is None) == refuse_windows
+        if bs is None:
+            graphs.init_forward_metadata(fb)  # SGLang runs the step eagerly
+        eager.init_forward_metadata(fb)
+        for layer in layers:
+            q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
+            if bs is None:
+                served = graphs.forward(q, k, v, layer, fb).view(B, hq, d)
+            else:
+                served = emulator.forward(bs, fb, q.view(B, hq, d), k, v, layer).view(bs, hq, d)[:B]
+            out = eager.forward(q, k, v, layer, fb).view(B, hq, d)
+            assert torch.equal(served, out)
+            expected = per_request_reference(q.view(B, hq, d), kv_pool.get_key_buffer(layer.layer_id),
+                                             kv_pool.get_value_buffer(layer.layer_id), sim, reqs, fb.seq_lens_cpu,
+                                             layer)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        sim.finish_decode(reqs)
+    assert logs[0] == logs[1] == [False, False, True, True, False, False, True]

@@ -127,8 +127,52 @@ def decode_step(sim: RadixSim, reqs) -> DecodeKVTree:
         sim.builder = DecodeKVTreeBuilder(sim.req_to_token)
     kept = sim.builder.build(reqs, seq_lens)
     assert_same_tree(kept, d)
+    for window in WINDOWS:
+        check_window_tree(sim, reqs, seq_lens, window, sim.builder.build_window(reqs, seq_lens, window))
     sim.finish_decode(reqs)
     return kept
+
+
+# Sliding windows every decode step's tree is also cut to (build_window): a query's own token only, a few
+# tokens (windows that start inside the private tails), and windows that start inside shared prompts.
+WINDOWS = (1, 3, 9, 40)
+
+
+def check_window_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, window: int, d: DecodeKVTree) -> None:
+    """Each query's path is the last ``window`` slots of its row; two queries share exactly the slots
+    their windows have in common when their windows start at the same position (nothing when not: a
+    node is attended from its start by every query below it); attention over the tree equals plain
+    attention over each window."""
+    tree = d.tree
+    tree.validate()
+    lens = seq_lens.tolist()
+    cut = [max(n - window, 0) for n in lens]
+    rows = [sim.req_to_token[r.req_pool_idx, c:n].tolist() for r, c, n in zip(reqs, cut, lens)]
+    indptr = tree.node_indptr.tolist()
+    kv = tree.kv_indices.tolist()
+    paths = path_nodes(tree)
+    for b, path in enumerate(paths):
+        assert [s for n in path for s in kv[indptr[n]:indptr[n + 1]]] == rows[b], f"query {b}: window {window}"
+    for a in range(len(reqs)):
+        for b in range(a + 1, len(reqs)):
+            common = 0
+            for x, y in zip(paths[a], paths[b]):
+                if x != y:
+                    break
+                common += indptr[x + 1] - indptr[x]
+            want = lcp(rows[a], rows[b]) if cut[a] == cut[b] else 0
+            assert common == want, f"window {window}: queries {a} and {b} share {common} tree tokens, not {want}"
+    assert d.attended_tokens == sum(len(r) for r in rows)
+    assert d.unique_tokens == len(kv)
+    if reqs and not any(cut):  # nothing to cut: the tree of build
+        assert_same_tree(d, build_decode_kv_tree(reqs, sim.req_to_token, seq_lens))
+    g = torch.Generator().manual_seed(window)
+    k_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
+    v_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
+    q = torch.randn(len(reqs), HQ, D, generator=g)
+    want = torch.stack([plain_attention(q[b], k_buf[rows[b]], v_buf[rows[b]], D ** -0.5) for b in range(len(reqs))]) \
+        if reqs else torch.zeros(0, HQ, D)
+    torch.testing.assert_close(tree_decode_reference(q, k_buf, v_buf, tree, D ** -0.5), want, rtol=1e-5, atol=1e-5)
 
 
 def assert_same_tree(a: DecodeKVTree, b: DecodeKVTree) -> None:

@@ -36,12 +36,12 @@ def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
 
 
 def test_unsupported_model_stops_the_launcher(tmp_path):
-    with_config(tmp_path, MODEL, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                sliding_window=64)
+    with_config(tmp_path, MODEL, architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next")
     result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", "cpu",
                   "--decode-attention-backend", "deft", "--grammar-backend", "none"])
     assert result.returncode != 0
-    assert "LlamaForCausalLM" in result.stderr and "sliding-window attention is not supported" in result.stderr
+    assert ("Qwen3NextForCausalLM" in result.stderr
+            and "hybrid linear-attention / Mamba models are not supported" in result.stderr)
 
 
 ENGINE_SCRIPT = textwrap.dedent("""
