@@ -133,6 +133,9 @@ class DeftAttnBackend(AttentionBackend):
         # Every TP rank runs the same steps: one logs them, as SGLang logs its decode stats (without DP
         # attention, which deft refuses, the attention-TP rank is the TP rank).
         self.logging_rank = model_runner.tp_rank == 0
+        if self.window_tokens is not None and self.logging_rank:
+            logger.info("deft: sliding-window layers %s attend each query's last %d tokens, with a plan of their own "
+                        "per step", windows[self.window_tokens - 1], self.window_tokens)
         # Keeps the last step's radix structure: a step whose requests only grew their tails reuses it.
         self.tree_builder = DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
         # The window trees' own builder: its kept radix part must not tell the step planner that a batch is the
@@ -192,9 +195,6 @@ class DeftAttnBackend(AttentionBackend):
                                                     self.device, self.planner.graph_batch_sizes)
         if not self.logging_rank:
             return
-        if self.window_tokens is not None:
-            logger.info("deft: sliding-window layers attend each query's last %d tokens, with a plan of their own per "
-                        "step", self.window_tokens)
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results; merges of batches "
             "of up to %d requests on 4 warps (one merge per SM, a captured batch size)",

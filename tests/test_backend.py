@@ -7,6 +7,7 @@ the ForwardBatch are stand-ins carrying the fields the backend reads.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,14 +276,16 @@ def windowed_layers(model_config, window: int):
 
 @cpu_only
 @pytest.mark.parametrize("window", [0, 4, 30, 1000])
-def test_sliding_window_layers_attend_each_querys_window(server_args, model_config, window, implementation):
+def test_sliding_window_layers_attend_each_querys_window(server_args, model_config, window, implementation, caplog):
     """SGLang's sliding_window_size w (Gemma-2/3's local layers; a query attends its last w + 1 tokens) beside
     full-attention layers: windows of the query's own token, inside the private tails, inside the forked prompt
     (49-62 tokens by the first step), and past every sequence (the full tree). Over several steps, so that with the
     kernels the full layers' plan takes steady steps while the windows move."""
     layers = windowed_layers(model_config, window)
-    sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.backend"):
+        sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
     assert backend.window_tokens == window + 1
+    assert f"sliding-window layers [0, 2] attend each query's last {window + 1} tokens" in caplog.text
     reqs = forked_batch(sim)
     B, hq, hkv, d = len(reqs), layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
     for _ in range(4):
