@@ -143,6 +143,9 @@ FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("q
 # measure a noise floor with: the absolute check decides (``criterion_mode`` absolute), at the band the relative
 # criterion allowed the same heads' full attention (tiny-d256, fp16: 2 x FlashInfer's 0.0275 from triton,
 # benchmarks/results/e2e_correctness_heads_h200.md).
+# ``tiny-gemma2-full`` is its control: the same model with a window no sequence reaches, so deft's sliding-window
+# plan is the full tree and triton's decode reads the same tokens as FlashInfer's: the usual three servers and
+# relative criterion check everything of Gemma-2's path but the windows (soft caps, head dim 256, its layers).
 WINDOW_VARIANTS = {"tiny-gemma2": ("gemma2", (16, 8, 256))}
 WINDOW_ATOL = 0.055
 for _name, _heads in TINY_VARIANTS.items():
@@ -156,6 +159,8 @@ for _name, (_architecture, _heads) in WINDOW_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
                          reference_decode="flashinfer", noise_unsupported=("flashinfer", "torch_native", "triton"),
                          atol=WINDOW_ATOL)
+    MODELS[_name + "-full"] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
+                                   sliding_window=4096)
 
 
 def variant_dir(name: str) -> Path:
@@ -172,7 +177,8 @@ def materialize_model(name: str, spec: dict) -> Path:
     finally:
         sys.path.pop(0)
     return make_tiny_model.write_variant(variant_dir(name), *spec["heads"],
-                                         architecture=spec.get("architecture", "llama"))
+                                         architecture=spec.get("architecture", "llama"),
+                                         sliding_window=spec.get("sliding_window"))
 
 
 # --sampling-backend pytorch: FlashInfer's top-k/top-p sampler would be JIT-compiled mid-program (~80 s) on

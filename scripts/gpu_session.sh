@@ -121,7 +121,7 @@ EOF
     e2e-8b) phase_e2e 8b ;;
     e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
     e2e-families) phase_e2e "${E2E_MODELS:-tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral,tiny-phi3}" ;;
-    e2e-windows) phase_e2e tiny-gemma2 ;;
+    e2e-windows) phase_e2e tiny-gemma2,tiny-gemma2-full ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;

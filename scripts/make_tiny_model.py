@@ -251,9 +251,10 @@ def parse_heads(text: str) -> list[int]:
 
 
 def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128,
-                  architecture: str = "llama") -> Path:
+                  architecture: str = "llama", sliding_window: int | None = None) -> Path:
     """The bundled model with other attention heads, and maybe another family's architecture
-    (``ARCHITECTURES``), written to ``out_dir`` (config, tokenizer, weights)."""
+    (``ARCHITECTURES``; ``sliding_window`` replaces its config's), written to ``out_dir`` (config, tokenizer,
+    weights)."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: choose from {', '.join(ARCHITECTURES)}")
     if num_q_heads < 1 or num_kv_heads < 1 or head_dim < 1 or num_q_heads % num_kv_heads:
@@ -275,6 +276,8 @@ def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: 
                hidden_size=hidden, **ARCHITECTURES[architecture])
     if architecture == "gemma2":
         cfg["query_pre_attn_scalar"] = head_dim
+    if sliding_window is not None:
+        cfg["sliding_window"] = sliding_window
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     save_file(make_state_dict(out_dir), str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "generator": "scripts/make_tiny_model.py", "seed": str(SEED),
