@@ -136,18 +136,16 @@ FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("q
                    "tiny-phi3": ("phi3", (32, 32, 96))}
 # Models with sliding-window layers: Gemma-2's code with Gemma-2-9B's heads (16 / 8 of 256), every even layer
 # attending its last 64 tokens, so that on the 300-token prompts each query's window starts inside the shared
-# prefix (at a different place per branch). The reference there is FlashInfer's decode, whose window
-# (window_left = SGLang's sliding_window_size, the last w + 1 tokens) is deft's, Hugging Face's and SGLang's triton
-# prefill's; SGLang 0.5.10's triton decode reads one token fewer (update_sliding_window_buffer:
-# min(seq_len, w)) and torch_native none of the window, so no second backend computes the same attention to
-# measure a noise floor with: the absolute check decides (``criterion_mode`` absolute), at the band the relative
-# criterion allowed the same heads' full attention (tiny-d256, fp16: 2 x FlashInfer's 0.0275 from triton,
-# benchmarks/results/e2e_correctness_heads_h200.md).
+# prefix. deft attends a window of w + 1 tokens (SGLang's sliding_window_size w), as SGLang's triton prefill,
+# FlashInfer's window_left and Hugging Face's models do; SGLang 0.5.10's triton decode reads one token fewer
+# (update_sliding_window_buffer: min(seq_len, w)), so the reference server's decode window is made its prefill's
+# (REFERENCE_WINDOW_PATCH, eager). No noise server: torch_native ignores windows, and FlashInfer's decode parted
+# from both triton's and deft's on Gemma-2 without any window (tiny-gemma2-full below, H200, f7c37d7: logprobs
+# 0.15-0.23 away, tokens outside the other servers' top 10), so the absolute check decides (``criterion_mode``).
 # ``tiny-gemma2-full`` is its control: the same model with a window no sequence reaches, so deft's sliding-window
-# plan is the full tree and triton's decode reads the same tokens as FlashInfer's: the usual three servers and
-# relative criterion check everything of Gemma-2's path but the windows (soft caps, head dim 256, its layers).
+# plan is the full tree and the usual servers check everything of Gemma-2's path but the windows.
 WINDOW_VARIANTS = {"tiny-gemma2": ("gemma2", (16, 8, 256))}
-WINDOW_ATOL = 0.055
+REFERENCE_WINDOW_PATCH = REPO / "scripts" / "reference_window"
 for _name, _heads in TINY_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads)
 for _name, (_architecture, _heads) in FAMILY_VARIANTS.items():
@@ -157,8 +155,7 @@ for _name, (_architecture, _heads) in FAMILY_VARIANTS.items():
 MODELS["tiny-phi3"]["noise_unsupported"] = ("flashinfer",)
 for _name, (_architecture, _heads) in WINDOW_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
-                         reference_decode="flashinfer", noise_unsupported=("flashinfer", "torch_native", "triton"),
-                         atol=WINDOW_ATOL)
+                         reference_window_patch=True, noise_unsupported=("flashinfer", "torch_native", "triton"))
     MODELS[_name + "-full"] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
                                    sliding_window=4096)
 
@@ -505,11 +502,15 @@ class Fleet:
     clock: Clock
     running: list = field(default_factory=list)
 
-    def launch(self, model: str, role: str, backend: str, args: list[str]) -> Launched:
+    def launch(self, model: str, role: str, backend: str, args: list[str], pythonpath: Path | None = None) -> Launched:
+        """``pythonpath``: a directory put first on this server's PYTHONPATH (its processes' sitecustomize)."""
         from sglang_deft.server_process import ServerProcess
 
         name = f"{model}-{role}" + (f"-{backend}" if role == "noise" else "")
-        server = ServerProcess(name, args, self.log_dir / f"{name}.log", cwd=self.cwd, env=self.env)
+        env = self.env
+        if pythonpath is not None:
+            env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))}
+        server = ServerProcess(name, args, self.log_dir / f"{name}.log", cwd=self.cwd, env=env)
         launched = Launched(role, backend, server, time.monotonic())
         self.running.append(launched)
         with open(self.log_dir / "server_pgids.txt", "a") as f:  # start_new_session: pid == pgid
@@ -745,8 +746,8 @@ def stage1_kernels(deft_log: str) -> list[dict]:
 
 def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = (),
               noise_args: list[str] = ()) -> list[str]:
-    if role == "triton":  # the reference: the base's own decode (triton; torch_native on CPU), or the model's
-        return base if backend in ("triton", "torch_native") else base + ["--decode-attention-backend", backend]
+    if role == "triton":
+        return base
     own = {"deft": list(deft_args), "noise": list(noise_args)}.get(role, [])
     args = base + ["--decode-attention-backend", backend] + own
     if backend == "torch_native" and "--disable-cuda-graph" not in args:
@@ -776,15 +777,20 @@ class ModelRun:
         self.retried: set[str] = set()
 
     def launch(self, role: str, backend: str) -> Launched:
-        launched = self.fleet.launch(self.name, role, backend,
-                                     role_args(self.base, role, backend, shlex.split(self.args.deft_args),
-                                               shlex.split(self.args.noise_args)))
+        args = role_args(self.base, role, backend, shlex.split(self.args.deft_args), shlex.split(self.args.noise_args))
+        patch = None
+        if role == REFERENCE and self.spec.get("reference_window_patch"):
+            patch = REFERENCE_WINDOW_PATCH
+            if "--disable-cuda-graph" not in args:
+                args.append("--disable-cuda-graph")  # its graph buffers hold w tokens a request
+            self.result["reference_window_patch"] = str(patch.relative_to(REPO))
+        launched = self.fleet.launch(self.name, role, backend, args, pythonpath=patch)
         self.launched[role] = launched
         return launched
 
     def launch_all(self, wait_each_s: float | None = None) -> None:
         """Reference, noise, deft; with ``wait_each_s`` one after another (``--parallel none``)."""
-        plan = [("triton", "torch_native" if self.args.device == "cpu" else self.spec.get("reference_decode", "triton"))]
+        plan = [("triton", "torch_native" if self.args.device == "cpu" else "triton")]
         if self.noise_queue:
             plan.append(("noise", self.noise_queue.pop(0)))
         plan.append(("deft", "deft"))
@@ -852,8 +858,8 @@ class ModelRun:
             spec = dict(spec)
             if self.args.smoke:
                 spec.update(branches=4, new_tokens=8, nested_tokens=4)
-            atol = self.args.atol if self.args.atol is not None else spec.get("atol", (
-                0.02 if (spec.get("sharp") and self.args.tiny_dtype == "float16") else 0.05))
+            atol = self.args.atol if self.args.atol is not None else (
+                0.02 if (spec.get("sharp") and self.args.tiny_dtype == "float16") else 0.05)
             result["atol"], result["tie_tol"] = atol, self.args.tie_tol
 
             def save_partial(partial):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -565,3 +567,40 @@ def test_repeated_requests_count_once_in_the_model_wide_noise():
     assert pooled["requests"] == 9 and pooled["divergences"] == 1  # not 16 and 8
     assert entries["a"]["relative"]["allowed_divergences"] == pytest.approx(2 * 8 / 9 + 1, abs=1e-3)
     assert entries["b"]["relative"]["noise_divergences"] == 8  # the workload's own count is its own
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="SGLang's Triton index kernel on CPU needs "
+                    "TRITON_INTERPRET=1 (make test sets it)")
+def test_reference_window_patch_gives_triton_decode_the_prefills_window(monkeypatch):
+    """The reference server of a sliding-window model (gpu_e2e.py REFERENCE_WINDOW_PATCH, its sitecustomize) reads
+    w + 1 tokens a request in decode steps, as its triton prefill masks in and deft attends, and SGLang's w in
+    everything else (its extend steps' prefix windows)."""
+    import torch
+    import sglang.srt.layers.attention.triton_backend as triton_backend
+
+    # the patch replaces these two attributes; monkeypatch puts SGLang's back afterwards
+    monkeypatch.setattr(triton_backend, "update_sliding_window_buffer", triton_backend.update_sliding_window_buffer)
+    monkeypatch.setattr(triton_backend.TritonAttnBackend, "init_forward_metadata",
+                        triton_backend.TritonAttnBackend.init_forward_metadata)
+    spec = importlib.util.spec_from_file_location("reference_window", g.REFERENCE_WINDOW_PATCH / "sitecustomize.py")
+    patch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patch)
+    req_to_token = torch.arange(200, dtype=torch.int32).view(2, 100)
+    seq_lens, rows = torch.tensor([80, 30]), torch.tensor([0, 1])
+
+    def window(decoding: bool):
+        patch._decoding.on = decoding
+        try:
+            _, indices, lens, start = triton_backend.update_sliding_window_buffer(
+                torch.zeros(3, dtype=torch.int32), req_to_token, 63, seq_lens, rows, 2, "cpu")
+        finally:
+            patch._decoding.on = False
+        return lens.tolist(), start.tolist(), indices[:lens[0]].tolist()
+
+    assert window(decoding=False) == ([63, 30], [17, 0], list(range(17, 80)))
+    assert window(decoding=True) == ([64, 30], [16, 0], list(range(16, 80)))
+    batch = SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: True))
+    seen = []
+    monkeypatch.setattr(patch, "_init", lambda self, fb: seen.append(patch._decoding.on))
+    triton_backend.TritonAttnBackend.init_forward_metadata(None, batch)
+    assert seen == [True] and not patch._decoding.on  # set for a decode batch's metadata only
