@@ -143,7 +143,8 @@ FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("q
 # from both triton's and deft's on Gemma-2 without any window (tiny-gemma2-full below, H200, f7c37d7: logprobs
 # 0.15-0.23 away, tokens outside the other servers' top 10), so the absolute check decides (``criterion_mode``).
 # ``tiny-gemma2-full`` is its control: the same model with a window no sequence reaches, so deft's sliding-window
-# plan is the full tree and the usual servers check everything of Gemma-2's path but the windows.
+# plan is the full tree and the relative criterion, with torch_native as the noise server (which no window changes
+# there), checks everything of Gemma-2's path but the windows.
 WINDOW_VARIANTS = {"tiny-gemma2": ("gemma2", (16, 8, 256))}
 REFERENCE_WINDOW_PATCH = REPO / "scripts" / "reference_window"
 for _name, _heads in TINY_VARIANTS.items():
@@ -157,7 +158,7 @@ for _name, (_architecture, _heads) in WINDOW_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
                          reference_window_patch=True, noise_unsupported=("flashinfer", "torch_native", "triton"))
     MODELS[_name + "-full"] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
-                                   sliding_window=4096)
+                                   sliding_window=4096, noise_unsupported=("flashinfer",))
 
 
 def variant_dir(name: str) -> Path:
@@ -777,7 +778,9 @@ class ModelRun:
         self.retried: set[str] = set()
 
     def launch(self, role: str, backend: str) -> Launched:
-        args = role_args(self.base, role, backend, shlex.split(self.args.deft_args), shlex.split(self.args.noise_args))
+        # a copy: role_args hands the reference the base list itself, which every role's args start from
+        args = list(role_args(self.base, role, backend, shlex.split(self.args.deft_args),
+                              shlex.split(self.args.noise_args)))
         patch = None
         if role == REFERENCE and self.spec.get("reference_window_patch"):
             patch = REFERENCE_WINDOW_PATCH
