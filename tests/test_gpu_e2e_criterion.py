@@ -604,3 +604,28 @@ def test_reference_window_patch_gives_triton_decode_the_prefills_window(monkeypa
     monkeypatch.setattr(patch, "_init", lambda self, fb: seen.append(patch._decoding.on))
     triton_backend.TritonAttnBackend.init_forward_metadata(None, batch)
     assert seen == [True] and not patch._decoding.on  # set for a decode batch's metadata only
+
+
+def test_a_windowed_models_reference_runs_eagerly_with_the_patch_and_alone(tmp_path):
+    """tiny-gemma2's reference server gets the window patch on its PYTHONPATH and --disable-cuda-graph (its graph
+    buffers hold w tokens a request); under --cuda-graph the deft server keeps its graphs (the reference's flag once
+    leaked into the base arguments every role starts from)."""
+    launched = {}
+
+    class Fleet:
+        def launch(self, model, role, backend, args, pythonpath=None):
+            launched[role] = (backend, args, pythonpath)
+            return SimpleNamespace(role=role)
+
+    args = g.parse_args(["--out", str(tmp_path), "--cuda-graph"])
+    run = g.ModelRun("tiny-gemma2", g.MODELS["tiny-gemma2"], Fleet(), args, {})
+    run.launch_all()
+    assert set(launched) == {"triton", "deft"}  # no noise server: none computes the same windows
+    backend, ref_args, path = launched["triton"]
+    assert backend == "triton" and "--disable-cuda-graph" in ref_args and path == g.REFERENCE_WINDOW_PATCH
+    _, deft_args, path = launched["deft"]
+    assert "--disable-cuda-graph" not in deft_args and path is None
+    assert "--disable-cuda-graph" not in run.base
+    launched.clear()
+    g.ModelRun("tiny-gemma2-full", g.MODELS["tiny-gemma2-full"], Fleet(), args, {}).launch_all()
+    assert launched["noise"][0] == "torch_native" and launched["triton"][2] is None
