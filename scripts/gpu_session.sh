@@ -14,7 +14,7 @@
 #                                                                 # E2E_MODELS=tiny-qwen2,... for some of them)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-windows # the same for sliding-window layers: Gemma-2's
 #                                                                 # code (gpu_e2e.py WINDOW_VARIANTS) against
-#                                                                 # FlashInfer's decode
+#                                                                 # SGLang's triton decode given its prefill's window
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them

@@ -38,9 +38,13 @@ KV tree from. So:
 Sliding-window layers (Gemma-2's and Gemma-3's local layers: SGLang's ``layer.sliding_window_size`` w, a
 query attends its last w + 1 tokens, as FlashInfer's ``window_left`` and Hugging Face's models define it)
 get a second plan per step, of the same batch's KV tree cut to each query's window
-(``DecodeKVTreeBuilder.build_window``), in plan buffers of their own; every layer runs the plan of its kind.
-The window plan is planned in full every step (a window's start moves with its query's end, so there is no
-steady update), after the full layers' plan, in the eager step and before a replay alike.
+(``DecodeKVTreeBuilder.build_window``, with a builder of its own), in plan buffers of their own; every layer
+runs the plan of its kind. The window plan is planned in full every step (a window's start moves with its
+query's end, so there is no steady update): after the full layers' plan in an eager step, before it ahead of a
+replay (so that a window plan past the buffers leaves the step planner untouched), the same plans either way.
+A step whose window plan does not fit runs eagerly; in a server with CUDA graphs the full layers' plans of the
+steps after it may then be chunked unlike a server without graphs (the step planner's steady steps follow the
+row count, a replay's padded, an eager step's not): exact either way, not bitwise the same.
 
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own
@@ -85,7 +89,7 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-# SGLANG_DEFT_TRACE_PLANS=1: log a fingerprint of every decode step's plan (``_trace_plan``).
+# SGLANG_DEFT_TRACE_PLANS=1: log a fingerprint of every decode step's plan (``_trace_plan``; the full layers').
 TRACE_PLANS = os.environ.get("SGLANG_DEFT_TRACE_PLANS", "0") == "1"
 
 
@@ -197,10 +201,12 @@ class DeftAttnBackend(AttentionBackend):
             return
         logger.info(
             "deft plan buffers: %d requests, %d KV tokens, %s; %.1f MB of partial results; merges of batches "
-            "of up to %d requests on 4 warps (one merge per SM, a captured batch size)",
+            "of up to %d requests on 4 warps (one merge per SM, a captured batch size)%s",
             max_bs, self.kv_pool_size, self.plan_limits,
             self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
             self.graph_plan.few_merges_max_queries,
+            "" if self.window_tokens is None else
+            f"; the same again for the sliding-window layers' plan, with {max_bs * self.window_tokens} KV tokens",
         )
 
     def _requests(self, forward_batch: ForwardBatch):

@@ -2,7 +2,7 @@
 
 Three checks, each where its facts are first known:
 - :func:`check_server_args`: flags, in the launching process before any subprocess starts;
-- :func:`check_model_config`: the Hugging Face config (architecture, sliding window, MLA, ...), in
+- :func:`check_model_config`: the Hugging Face config (architecture, hybrid SWA memory, MLA, ...), in
   the launching process too;
 - :func:`check_model_runner`: the loaded model's attention layers, in the scheduler process when
   SGLang creates the backend (the launcher-independent last line, e.g. for ``sglang_deft.Engine``).
@@ -25,8 +25,10 @@ BACKEND_NAME = "deft"
 # SGLang's attention backends that run prefill on a CPU (intel_amx falls back to torch_native
 # without AMX).
 _CPU_PREFILL_BACKENDS = ("torch_native", "intel_amx")
-# SGLang 0.5.10's prefill backends that apply a layer's sliding window (torch_native and intel_amx ignore it).
-_WINDOW_PREFILL_BACKENDS = ("triton", "flashinfer", "fa3")
+# SGLang 0.5.10's prefill backends that apply a layer's sliding window in every extend step. Not torch_native and
+# intel_amx (no window at all), nor flashinfer: its ragged prefill (every extend outside a piecewise CUDA graph:
+# --disable-piecewise-cuda-graph, LoRA, input logprobs, ...) is planned and run without window_left.
+_WINDOW_PREFILL_BACKENDS = ("triton", "fa3")
 # --kv-cache-dtype values deft reads (SGLang's choices less fp4_e2m1): the model's dtype, or fp8 (read as
 # stored, computed in the model's dtype, with the layers' K/V scales as SGLang's triton decode applies them).
 # bf16 is the model's dtype only for a bf16 model: model_runner_problems checks the pool against the model.
@@ -336,6 +338,8 @@ def model_runner_problems(model_runner) -> list[str]:
             for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
                 layers_with.setdefault(p, []).append(layer.layer_id)
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
+    if not layers_with:  # (a layer refused for its own heads already says what differs)
+        problems += _head_shape_problems(model_runner.model)
     problems += _sliding_window_problems(model_runner.model, backend_names(a)[1])
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 
@@ -390,6 +394,23 @@ def layer_window(layer) -> int | None:
     """The layer's ``sliding_window_size`` (SGLang: -1 or None for none)."""
     window = layer.sliding_window_size
     return window if window is not None and window > -1 else None
+
+
+def _head_shape_problems(model) -> list[str]:
+    """deft plans a step once for every layer: they must share their heads (some models' sliding-window layers
+    have others, e.g. Step-3.5's, served by SGLang with --disable-hybrid-swa-memory)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for layer in model.modules():
+        if isinstance(layer, RadixAttention):
+            shape = (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim)
+            shapes.setdefault(shape, []).append(layer.layer_id)
+    if len(shapes) < 2:
+        return []
+    kinds = "; ".join(f"{q} q / {kv} kv heads of {d} in layers {ids}" for (q, kv, d), ids in shapes.items())
+    return [f"attention layers of {len(shapes)} head shapes ({kinds}): deft plans each decode step once for "
+            "layers of one shape"]
 
 
 def _sliding_window_problems(model, prefill_backend: str | None) -> list[str]:

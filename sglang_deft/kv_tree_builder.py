@@ -263,7 +263,10 @@ def _node_lengths(shape: _BatchShape, seq: np.ndarray) -> np.ndarray:
 def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
     """(parent, query_node, start, row, lens) of the tree in which query b attends its path from position
     ``cut[b]`` on (``build_window``): nodes keyed by (parent in the new tree, node, first position used),
-    so that equal window starts share and different ones part. O(B x path nodes) Python steps."""
+    so that equal window starts share and different ones part; then, as in a full build, a node with one
+    child and no query ending there is one segment with that child (a window that starts at its own place
+    would otherwise leave a chain of nodes serving one query, past the node count ``plan_limits`` provides
+    for). O(B x path nodes) Python steps."""
     parent, start, row = shape.parent.tolist(), shape.start.tolist(), shape.row.tolist()
     length = lens.tolist()
     paths: dict[int, list[int]] = {}
@@ -296,8 +299,33 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
                 o_len.append(length[n] - skip)
             above = i
         query_node.append(above)
-    return (np.array(o_parent, np.int32), np.array(query_node, np.int32), np.array(o_start, np.int64),
-            np.array(o_row, np.int64), np.array(o_len, np.int64))
+    # Merge chains. Ids are parents-first, so a node's segment is settled before its children's; a merged
+    # child's row is the segment's row from then on (its queries' rows hold every position above it too,
+    # and its positions follow its parent's: below a window's first node nothing is cut).
+    children = [0] * (len(o_parent) + 1)  # the extra entry: a root's parent (-1), never merged into
+    ending = [0] * (len(o_parent) + 1)
+    for p in o_parent:
+        children[p] += 1
+    for q in query_node:
+        ending[q] += 1
+    out_of = [0] * len(o_parent)
+    m_parent: list[int] = []
+    m_start: list[int] = []
+    m_row: list[int] = []
+    m_len: list[int] = []
+    for i, p in enumerate(o_parent):
+        if p >= 0 and children[p] == 1 and ending[p] == 0:
+            o = out_of[i] = out_of[p]
+            m_len[o] += o_len[i]
+            m_row[o] = o_row[i]
+        else:
+            out_of[i] = len(m_parent)
+            m_parent.append(out_of[p] if p >= 0 else -1)
+            m_start.append(o_start[i])
+            m_row.append(o_row[i])
+            m_len.append(o_len[i])
+    return (np.array(m_parent, np.int32), np.array([out_of[q] for q in query_node], np.int32),
+            np.array(m_start, np.int64), np.array(m_row, np.int64), np.array(m_len, np.int64))
 
 
 def _with_slack_nodes(shape: _BatchShape, seq: np.ndarray, lens: np.ndarray, tail_slack: int, width: int):

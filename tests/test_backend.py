@@ -311,16 +311,32 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
 
 def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, model_config):
     """One window per model (a plan per window per step would be needed for more), and a prefill backend that
-    applies it: SGLang's torch_native prefill attends every prompt token."""
+    applies it: SGLang's torch_native prefill attends every prompt token, its flashinfer prefill does outside
+    piecewise CUDA graphs (its ragged path has no window_left)."""
     layers = windowed_layers(model_config, 64)
     assert model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers)) == []
-    problems = model_runner_problems(model_runner(server_args, model_config, layers))
-    assert len(problems) == 1 and problems[0].startswith("sliding windows (64) with prefill on torch_native: SGLang's "
-                                                         "torch_native backend does not apply them")
+    for prefill in ("torch_native", "flashinfer"):
+        args = copy.copy(triton_prefill(server_args))
+        args.prefill_attention_backend = prefill
+        problems = model_runner_problems(model_runner(args, model_config, layers))
+        assert len(problems) == 1 and problems[0].startswith(
+            f"sliding windows (64) with prefill on {prefill}: SGLang's {prefill} backend does not apply them"), problems
     layers[2].sliding_window_size = 32
     problems = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers))
     assert problems == ["sliding windows of 2 sizes (32 in layers [2], 64 in layers [0]): deft plans one window per "
                         "decode step"]
+
+
+def test_layers_of_other_head_shapes_are_refused(server_args, model_config):
+    """One plan serves every layer of a step, so the layers must share their heads (Step-3.5's window layers do
+    not; SGLang serves it with --disable-hybrid-swa-memory)."""
+    layers = attention_layers(model_config)
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    layers[1] = RadixAttention(hq // 2, d, d ** -0.5, hkv, layer_id=1)
+    problems = model_runner_problems(model_runner(server_args, model_config, layers))
+    assert problems == [f"attention layers of 2 head shapes ({hq} q / {hkv} kv heads of {d} in layers [0, 2]; "
+                        f"{hq // 2} q / {hkv} kv heads of {d} in layers [1]): deft plans each decode step once for "
+                        "layers of one shape"]
 
 
 @cpu_only

@@ -484,12 +484,6 @@ def test_sliding_window_models_are_served(deft_args, tmp_path, overrides):
     check_model_config(ModelConfig(model_dir(tmp_path, **overrides)), deft_args)
 
 
-def test_unused_sliding_window_field_is_not_a_sliding_window(deft_args, tmp_path):
-    path = model_dir(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096,
-                     use_sliding_window=False)
-    assert model_config_problems(ModelConfig(path), deft_args) == []
-
-
 def test_config_flag_spelled_out_leaves_other_flags_alone():
     assert config_flag_spelled_out(["--con", "x", "--context-length", "8", "--config-x", "--conf=a=b.yaml"]) == [
         "--con", "x", "--context-length", "8", "--config-x", "--config", "a=b.yaml"]

@@ -845,10 +845,11 @@ def test_the_plan_buffers_take_stage2s_threshold_from_the_servers_graph_sizes(se
 def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model_config, monkeypatch, refuse_windows):
     """test_steady_steps_replayed_and_eager_agree_bitwise with a sliding-window layer (a window of 41 tokens,
     starting inside the 150-token prompt at a different place for each branch) beside a full one: both servers plan
-    the window tree into its own buffers after the full plan, which takes its steady steps, and the replays read
+    the window tree into its own buffers besides the full plan, which takes its steady steps, and the replays read
     both. ``windows_refused``: the window buffers take no step (as a window tree past the limits), so the graph
     server runs every step eagerly, its full layers planned as the eager server's (the same steady steps); still
-    bitwise the eager server's."""
+    bitwise the eager server's. (A window plan refused on some steps only would part the two servers' steady
+    steps after it: the backend's module docstring.)"""
     args = triton_prefill(server_args)  # torch_native's prefill ignores windows: refused
     layers = windowed_layers(model_config, 40)[:2]
     sim, kv_pool, graphs = random_kv_setup(args, model_config, layers, 4096)

@@ -153,6 +153,14 @@ def check_window_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, window: int, 
     paths = path_nodes(tree)
     for b, path in enumerate(paths):
         assert [s for n in path for s in kv[indptr[n]:indptr[n + 1]]] == rows[b], f"query {b}: window {window}"
+    # As in a full build, chains are merged (plan_limits counts on at most 2B - 1 nodes)
+    children, ends = [0] * tree.num_nodes, [0] * tree.num_nodes
+    for p in tree.node_parent.tolist():
+        if p >= 0:
+            children[p] += 1
+    for q in tree.query_node.tolist():
+        ends[q] += 1
+    assert all(c >= 2 or e >= 1 for c, e in zip(children, ends)), f"window {window}: an unmerged chain link"
     for a in range(len(reqs)):
         for b in range(a + 1, len(reqs)):
             common = 0
