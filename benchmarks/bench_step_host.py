@@ -15,7 +15,11 @@ timed, so over a long decode the server's mean is this one plus that plan's shar
   step is still running while the next one is planned. A host-to-device copy that waits for the
   device shows up here.
 
-Run: ``python benchmarks/bench_step_host.py [--device cuda] [--out DIR]`` (CPU: with
+``--window W``: a model with sliding-window layers of W tokens (the backend's ``window_tokens``): each step also
+builds the window tree (its own builder) and plans it into buffers of its own, as the backend does, timed apart
+(``window_us``: it is planned in full every step).
+
+Run: ``python benchmarks/bench_step_host.py [--device cuda] [--window W] [--out DIR]`` (CPU: with
 ``TRITON_INTERPRET=1``, for the steady steps' kernel; the device ops run on the host, so only the
 Python/numpy part means anything).
 """
@@ -57,12 +61,12 @@ def make_batch(prefix: int, branches: int, private: int, steps: int):
     return sim, reqs
 
 
-def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool) -> dict:
+def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool, window: int | None = None) -> dict:
     from sglang_deft.kernels import TreeDecodePlanner
     from sglang_deft.kernels.reference import plan_kv_reads
     from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
     from sglang_deft.step_planner import DecodeStepPlanner
-    from sglang_deft.tree_attention import new_graph_plan, plan_limits
+    from sglang_deft.tree_attention import new_graph_plan, plan_graph_step, plan_limits
 
     prefix, branches, private = CASES[key]
     sim, reqs = make_batch(prefix, branches, private, steps + warmup)
@@ -71,8 +75,14 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
                              torch.bfloat16, device)
     r2t = sim.req_to_token.to(device)
     # The backend's: tree builder + planner writing the CUDA graphs' buffers, steady steps in place.
-    step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), TreeDecodePlanner(hq, hkv, d), buffers)
+    planner = TreeDecodePlanner(hq, hkv, d)
+    step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, buffers)
+    if window is not None:
+        window_builder = DecodeKVTreeBuilder(r2t)
+        window_buffers = new_graph_plan(plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * window, hq, hkv, d,
+                                        torch.bfloat16, device)
     times = {True: [], False: []}  # steady steps, full plans
+    window_times = []
     for step in range(steps + warmup):
         seq_lens = sim.prepare_decode(reqs)
         r2t.copy_(sim.req_to_token)  # the server's table lives on the device (not timed)
@@ -85,13 +95,25 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
         t1 = time.perf_counter()
         if planned is None:
             raise RuntimeError(f"{key}: the step does not fit the plan buffers")
-        if step in (0, 1, steps + warmup - 1):  # what the plan reads: each query's row, once
+        if window is not None:
+            built = window_builder.build_window(reqs, seq_lens, window, kv_out=window_buffers.kv_indices)
+            window_plan = plan_graph_step(window_buffers, built.tree, branches, torch.bfloat16, planner)
+            t2 = time.perf_counter()
+            if window_plan is None:
+                raise RuntimeError(f"{key}: the window tree does not fit its plan buffers")
+        if step in (0, 1, steps + warmup - 1):  # what the plan reads: each query's row (its window), once
             reads = plan_kv_reads(planned.plan)
+            window_reads = plan_kv_reads(window_plan) if window is not None else None
             for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
-                if sorted(reads[b]) != sorted(sim.req_to_token[req.req_pool_idx, :n].tolist()):
+                row = sim.req_to_token[req.req_pool_idx, :n].tolist()
+                if sorted(reads[b]) != sorted(row):
                     raise AssertionError(f"{key} step {step}: query {b} does not read its row once")
+                if window is not None and sorted(window_reads[b]) != sorted(row[-window:]):
+                    raise AssertionError(f"{key} step {step}: query {b} does not read its window once")
         if step >= warmup:
             times[planned.steady].append(1e6 * (t1 - t0))
+            if window is not None:
+                window_times.append(1e6 * (t2 - t1))
         sim.finish_decode(reqs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,7 +124,8 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
             "steady_steps": len(times[True]), "full_steps": len(times[False]),
             "steady_us": round(med(times[True]), 1) if times[True] else None,
             "full_us": round(med(times[False]), 1) if times[False] else None,
-            "mean_us": round(statistics.fmean(every), 1)}
+            "mean_us": round(statistics.fmean(every), 1), "window": window,
+            "window_us": round(med(window_times), 1) if window_times else None}
 
 
 def main(argv=None) -> int:
@@ -111,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="sliding-window layers attending W tokens: also time each step's window plan")
     p.add_argument("--out", type=Path, default=None, help="writes step_host_<device>.json there")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -121,11 +146,11 @@ def main(argv=None) -> int:
     rows = []
     for key in args.cases.split(","):
         for busy in ([False, True] if device.type == "cuda" else [False]):
-            r = run_case(key, device, args.steps, args.warmup, busy)
+            r = run_case(key, device, args.steps, args.warmup, busy, args.window)
             rows.append(r)
             print(f"{r['case']:>16} B={r['batch']:<4} {r['mode']:<4} steady {r['steady_us']} us "
-                  f"x{r['steady_steps']}, full {r['full_us']} us x{r['full_steps']}, mean {r['mean_us']} us",
-                  flush=True)
+                  f"x{r['steady_steps']}, full {r['full_us']} us x{r['full_steps']}, mean {r['mean_us']} us"
+                  + (f", window plan {r['window_us']} us" if args.window else ""), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

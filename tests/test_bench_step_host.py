@@ -69,3 +69,31 @@ def test_a_plan_that_reads_the_wrong_slots_fails(small, monkeypatch, bad_call):
     monkeypatch.setattr(reference, "plan_kv_reads", reads)
     with pytest.raises(AssertionError, match="query 1 does not read its row once"):
         sh.run_case(small, torch.device("cpu"), steps=4, warmup=1, busy=False)
+
+
+def test_window_plans_are_timed_apart_and_checked(small, monkeypatch):
+    """--window: each step's window tree is planned into buffers of its own and timed apart (the clock's third
+    call per step); its reads are each query's last W slots, and a plan that misses one fails."""
+    calls = iter(range(1, 10 ** 6))
+    total = [0.0]
+
+    def clock():  # call i returns sum(1..i) us: step s (calls 3s+1 .. 3s+3) plans its window in 3s + 3 us
+        total[0] += next(calls) * 1e-6
+        return total[0]
+
+    monkeypatch.setattr(sh, "time", SimpleNamespace(perf_counter=clock))
+    r = sh.run_case(small, torch.device("cpu"), steps=3, warmup=1, busy=False, window=10)
+    assert r["window"] == 10 and r["window_us"] == pytest.approx(9.0)  # steps 1..3: 6, 9, 12 us
+    import sglang_deft.kernels.reference as reference
+
+    real = reference.plan_kv_reads
+
+    def reads(plan):
+        out = real(plan)
+        if plan.kv_indices.numel() == sh.MAX_BS * 10:  # the window plan's buffers: MAX_BS windows of 10
+            out[2] = out[2][1:]
+        return out
+
+    monkeypatch.setattr(reference, "plan_kv_reads", reads)
+    with pytest.raises(AssertionError, match="query 2 does not read its window once"):
+        sh.run_case(small, torch.device("cpu"), steps=2, warmup=0, busy=False, window=10)
