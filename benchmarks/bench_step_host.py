@@ -17,7 +17,8 @@ timed, so over a long decode the server's mean is this one plus that plan's shar
 
 ``--window W``: a model with sliding-window layers of W tokens (the backend's ``window_tokens``): each step also
 builds the window tree (its own builder) and plans it into buffers of its own, as the backend does, timed apart
-(``window_us``: it is planned in full every step).
+(``window_us``: it is planned in full every step). After the full plan and for the batch's rows, as an eager step
+does; before a CUDA-graph replay the backend plans it first and for the padded rows: the same work.
 
 Run: ``python benchmarks/bench_step_host.py [--device cuda] [--window W] [--out DIR]`` (CPU: with
 ``TRITON_INTERPRET=1``, for the steady steps' kernel; the device ops run on the host, so only the

@@ -147,6 +147,7 @@ FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("q
 # there), checks everything of Gemma-2's path but the windows.
 WINDOW_VARIANTS = {"tiny-gemma2": ("gemma2", (16, 8, 256))}
 REFERENCE_WINDOW_PATCH = REPO / "scripts" / "reference_window"
+REFERENCE_WINDOW_MARKER = "sglang-deft reference_window: triton decode reads its prefill's window"
 for _name, _heads in TINY_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads)
 for _name, (_architecture, _heads) in FAMILY_VARIANTS.items():
@@ -856,6 +857,9 @@ class ModelRun:
                     save()
             servers = {role: self.launched[role].server for role in (REFERENCE, "noise", "deft")
                        if role in self.launched}
+            if self.spec.get("reference_window_patch") and REFERENCE_WINDOW_MARKER not in servers[REFERENCE].log():
+                raise RuntimeError("the reference server did not apply scripts/reference_window (its line is not in "
+                                   "the server's log): its triton decode would read one token fewer than deft")
             result["noise_backend"] = self.launched["noise"].backend if "noise" in self.launched else None
             result["criterion_mode"] = "relative" if result["noise_backend"] else "absolute"
             spec = dict(spec)

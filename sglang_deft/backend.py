@@ -35,16 +35,16 @@ KV tree from. So:
   node (they read no KV; stage 2 writes zeros for them). A tree past the buffers' capacity makes the
   step run eagerly instead. ``init_forward_metadata_replay_cuda_graph`` only checks that the
   replayed size is the planned one.
-Sliding-window layers (Gemma-2's and Gemma-3's local layers: SGLang's ``layer.sliding_window_size`` w, a
+Sliding-window layers (Gemma-2's local layers: SGLang's ``layer.sliding_window_size`` w, a
 query attends its last w + 1 tokens, as FlashInfer's ``window_left`` and Hugging Face's models define it)
 get a second plan per step, of the same batch's KV tree cut to each query's window
 (``DecodeKVTreeBuilder.build_window``, with a builder of its own), in plan buffers of their own; every layer
 runs the plan of its kind. The window plan is planned in full every step (a window's start moves with its
 query's end, so there is no steady update): after the full layers' plan in an eager step, before it ahead of a
 replay (so that a window plan past the buffers leaves the step planner untouched), the same plans either way.
-A step whose window plan does not fit runs eagerly; in a server with CUDA graphs the full layers' plans of the
-steps after it may then be chunked unlike a server without graphs (the step planner's steady steps follow the
-row count, a replay's padded, an eager step's not): exact either way, not bitwise the same.
+A step whose window plan does not fit runs eagerly; in a server with CUDA graphs the full layers' plans of that
+step and the steps after it may then be chunked unlike a server without graphs (the step planner's steady steps
+follow the row count, a replay's padded, an eager step's not): exact either way, not bitwise the same.
 
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own
@@ -433,8 +433,7 @@ class DeftAttnBackend(AttentionBackend):
         started = time.perf_counter()
         reqs = self._requests(forward_batch)
         # The window plan first: one that does not fit leaves the step planner untouched, so that the eager step
-        # plans the full layers as a server without CUDA graphs does. (The full plan is still planned last, as in
-        # an eager step: the step planner reads the planner's last plan for its steady steps.)
+        # plans the full layers as a server without CUDA graphs does (up to the row count: the module doc).
         if (self.window_tokens is not None
                 and self._window_graph_step(reqs, forward_batch.seq_lens_cpu, padded_bs)[0] is None):
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)

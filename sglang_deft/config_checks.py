@@ -340,6 +340,13 @@ def model_runner_problems(model_runner) -> list[str]:
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
     if not layers_with:  # (a layer refused for its own heads already says what differs)
         problems += _head_shape_problems(model_runner.model)
+    sinks = [name for name, module in model_runner.model.named_modules() if isinstance(getattr(module, "sinks", None),
+                                                                                      torch.Tensor)]
+    if sinks:
+        # gpt-oss and MiMo-V2-Flash pass them to every attention call (with --disable-hybrid-swa-memory nothing
+        # else refuses them); forward_decode would raise at the first decode or graph capture
+        problems.append(f"attention sinks ({sinks[0]}.sinks{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
+                        "are not supported: deft's softmax has no sink term")
     problems += _sliding_window_problems(model_runner.model, backend_names(a)[1])
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 

@@ -269,13 +269,13 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
     for). O(B x path nodes) Python steps."""
     parent, start, row = shape.parent.tolist(), shape.start.tolist(), shape.row.tolist()
     length = lens.tolist()
-    paths: dict[int, list[int]] = {}
 
-    def path(n: int) -> list[int]:  # root first
-        p = paths.get(n)
-        if p is None:
-            p = paths[n] = ([] if parent[n] < 0 else path(parent[n])) + [n]
-        return p
+    def path(n: int) -> list[int]:  # root first; a loop, as _radix_paths: a tree may be as deep as the batch is wide
+        nodes = []
+        while n >= 0:
+            nodes.append(n)
+            n = parent[n]
+        return nodes[::-1]
 
     ids: dict[tuple[int, int, int], int] = {}
     o_parent: list[int] = []

@@ -327,6 +327,17 @@ def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, mo
                         "decode step"]
 
 
+def test_attention_sinks_are_refused_at_startup(server_args, model_config):
+    """gpt-oss's and MiMo-V2-Flash's attention modules hold sinks they pass to every attention call; with
+    --disable-hybrid-swa-memory nothing else refuses those models, and forward_decode would raise mid-capture."""
+    runner = model_runner(server_args, model_config, attention_layers(model_config))
+    holder = torch.nn.Module()
+    holder.sinks = torch.nn.Parameter(torch.zeros(8), requires_grad=False)
+    runner.model.append(holder)
+    assert model_runner_problems(runner) == ["attention sinks (3.sinks) are not supported: deft's softmax has no "
+                                             "sink term"]
+
+
 def test_layers_of_other_head_shapes_are_refused(server_args, model_config):
     """One plan serves every layer of a step, so the layers must share their heads (Step-3.5's window layers do
     not; SGLang serves it with --disable-hybrid-swa-memory)."""

@@ -479,7 +479,7 @@ def test_startup_checks_the_model_of_a_deft_server(tmp_path, flags, refused):
 ], ids=["mistral", "layer_types"])
 def test_sliding_window_models_are_served(deft_args, tmp_path, overrides):
     """Whether a window applies is the model class's business (SGLang's Llama, which serves Mistral and Phi-3,
-    applies none; Gemma-2's and Gemma-3's layers do): deft follows each loaded layer's sliding_window_size
+    applies none; Gemma-2's layers do): deft follows each loaded layer's sliding_window_size
     (test_backend's test_sliding_window_layers_attend_each_querys_window), so the config alone refuses nothing."""
     check_model_config(ModelConfig(model_dir(tmp_path, **overrides)), deft_args)
 

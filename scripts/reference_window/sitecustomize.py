@@ -8,6 +8,7 @@ SGLang 0.5.10.post1's triton decode reads the last ``sliding_window_size`` token
 attention, this server's triton decode steps read w + 1 (its prefill is unchanged). Eager decode only: the CUDA-graph
 buffers are sized for w tokens a request, so the server runs with --disable-cuda-graph (gpu_e2e.py adds it).
 """
+import sys
 import threading
 
 import sglang.srt.layers.attention.triton_backend as _triton_backend
@@ -37,3 +38,7 @@ def _init_forward_metadata(self, forward_batch):
 
 _triton_backend.update_sliding_window_buffer = _update_sliding_window_buffer
 _triton_backend.TritonAttnBackend.init_forward_metadata = _init_forward_metadata
+# Python's startup swallows an exception raised here (it prints "Error in sitecustomize" and goes on), so
+# gpu_e2e.py requires this line in the server's log instead (MARKER there).
+print("sglang-deft reference_window: triton decode reads its prefill's window (w + 1 tokens)", file=sys.stderr,
+      flush=True)
