@@ -312,7 +312,6 @@ def check_model_config(model_config, server_args) -> None:
 def model_runner_problems(model_runner) -> list[str]:
     """Problems of the loaded model's attention layers and runner state."""
     import torch
-    from sglang.srt.layers.radix_attention import RadixAttention
 
     from .kernels.tree_decode import FP8_KV_DTYPES, kv_dtype_unsupported_on, reads_kv_dtype
 
@@ -332,14 +331,14 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append(f"{kv_flag}: deft cannot read {reason}")
     a = model_runner.server_args
     fp8_prefill = backend_names(a)[1] if kv_dtype in FP8_KV_DTYPES else None
+    layers = _attention_layers(model_runner.model)
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
-    for layer in model_runner.model.modules():
-        if isinstance(layer, RadixAttention):
-            for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
-                layers_with.setdefault(p, []).append(layer.layer_id)
+    for layer in layers:
+        for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
+            layers_with.setdefault(p, []).append(layer.layer_id)
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
     if not layers_with:  # (a layer refused for its own heads already says what differs)
-        problems += _head_shape_problems(model_runner.model)
+        problems += _head_shape_problems(layers)
     sinks = [name for name, module in model_runner.model.named_modules() if isinstance(getattr(module, "sinks", None),
                                                                                       torch.Tensor)]
     if sinks:
@@ -347,7 +346,7 @@ def model_runner_problems(model_runner) -> list[str]:
         # else refuses them); forward_decode would raise at the first decode or graph capture
         problems.append(f"attention sinks ({sinks[0]}.sinks{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
                         "are not supported: deft's softmax has no sink term")
-    problems += _sliding_window_problems(model_runner.model, backend_names(a)[1])
+    problems += _sliding_window_problems(_windows(layers), backend_names(a)[1])
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 
 
@@ -388,11 +387,20 @@ def sliding_windows(model) -> dict[int, list[int]]:
     """The model's sliding windows, as SGLang's attention layers set them (``sliding_window_size``: a query
     attends its last ``sliding_window_size + 1`` tokens, FlashInfer's ``window_left``), each with its layer ids;
     empty when every layer attends the whole sequence (-1, or None)."""
+    return _windows(_attention_layers(model))
+
+
+def _attention_layers(model) -> list:
+    """The model's attention layers (SGLang's ``RadixAttention`` modules), in module order."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
+    return [module for module in model.modules() if isinstance(module, RadixAttention)]
+
+
+def _windows(layers) -> dict[int, list[int]]:
     windows: dict[int, list[int]] = {}
-    for layer in model.modules():
-        if isinstance(layer, RadixAttention) and (window := layer_window(layer)) is not None:
+    for layer in layers:
+        if (window := layer_window(layer)) is not None:
             windows.setdefault(window, []).append(layer.layer_id)
     return windows
 
@@ -403,16 +411,13 @@ def layer_window(layer) -> int | None:
     return window if window is not None and window > -1 else None
 
 
-def _head_shape_problems(model) -> list[str]:
+def _head_shape_problems(layers) -> list[str]:
     """deft plans a step once for every layer: they must share their heads (some models' sliding-window layers
     have others, e.g. Step-3.5's, served by SGLang with --disable-hybrid-swa-memory)."""
-    from sglang.srt.layers.radix_attention import RadixAttention
-
     shapes: dict[tuple[int, int, int], list[int]] = {}
-    for layer in model.modules():
-        if isinstance(layer, RadixAttention):
-            shape = (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim)
-            shapes.setdefault(shape, []).append(layer.layer_id)
+    for layer in layers:
+        shape = (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim)
+        shapes.setdefault(shape, []).append(layer.layer_id)
     if len(shapes) < 2:
         return []
     kinds = "; ".join(f"{q} q / {kv} kv heads of {d} in layers {ids}" for (q, kv, d), ids in shapes.items())
@@ -420,8 +425,7 @@ def _head_shape_problems(model) -> list[str]:
             "layers of one shape"]
 
 
-def _sliding_window_problems(model, prefill_backend: str | None) -> list[str]:
-    windows = sliding_windows(model)
+def _sliding_window_problems(windows: dict[int, list[int]], prefill_backend: str | None) -> list[str]:
     if not windows:
         return []
     problems = []
