@@ -141,7 +141,7 @@ FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("q
 # (update_sliding_window_buffer: min(seq_len, w)), so the reference server's decode window is made its prefill's
 # (REFERENCE_WINDOW_PATCH, eager). No noise server: torch_native ignores windows, and FlashInfer's decode parted
 # from both triton's and deft's on Gemma-2 without any window (tiny-gemma2-full below, H200, f7c37d7: logprobs
-# 0.15-0.23 away, tokens outside the other servers' top 10), so the absolute check decides (``criterion_mode``).
+# 0.15-0.23 away, divergences that are no near-ties), so the absolute check decides (``criterion_mode``).
 # ``tiny-gemma2-full`` is its control: the same model with a window no sequence reaches, so deft's sliding-window
 # plan is the full tree and the relative criterion, with torch_native as the noise server (which no window changes
 # there), checks everything of Gemma-2's path but the windows.
@@ -749,7 +749,7 @@ def stage1_kernels(deft_log: str) -> list[dict]:
 def role_args(base: list[str], role: str, backend: str, deft_args: list[str] = (),
               noise_args: list[str] = ()) -> list[str]:
     if role == "triton":
-        return base
+        return list(base)  # a copy: a caller may add to it (the window patch's flag), and every role starts from base
     own = {"deft": list(deft_args), "noise": list(noise_args)}.get(role, [])
     args = base + ["--decode-attention-backend", backend] + own
     if backend == "torch_native" and "--disable-cuda-graph" not in args:
@@ -779,9 +779,7 @@ class ModelRun:
         self.retried: set[str] = set()
 
     def launch(self, role: str, backend: str) -> Launched:
-        # a copy: role_args hands the reference the base list itself, which every role's args start from
-        args = list(role_args(self.base, role, backend, shlex.split(self.args.deft_args),
-                              shlex.split(self.args.noise_args)))
+        args = role_args(self.base, role, backend, shlex.split(self.args.deft_args), shlex.split(self.args.noise_args))
         patch = None
         if role == REFERENCE and self.spec.get("reference_window_patch"):
             patch = REFERENCE_WINDOW_PATCH

@@ -101,7 +101,7 @@ ARCHITECTURES = {
                     num_experts_per_tok=EXPERTS_PER_TOKEN),
     # pad_token_id: Phi3Config's default (32000) lies outside the tiny vocabulary
     "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=2047, pad_token_id=None),
-    # Gemma-2: every even layer attends its last GEMMA2_WINDOW tokens (SGLang's sliding_window_size is one
+    # Gemma-2: every even layer attends its last sliding_window tokens (SGLang's sliding_window_size is one
     # less), Gemma-2's logit soft caps, GeGLU, tied embeddings; query_pre_attn_scalar is set to the head dim
     # (write_variant), so that the scores' scale is the Llama's.
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", sliding_window=64,
