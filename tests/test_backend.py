@@ -161,6 +161,28 @@ def per_request_reference(q, k_buffer, v_buffer, sim, reqs, seq_lens, layer, k_s
     return attention_reference(q, k_buffer, v_buffer, tree, layer.scaling, layer.logit_cap, k_scale, v_scale)
 
 
+def step_inputs(B, layers):
+    """Random q, k, v of one decode step of ``B`` requests for each layer."""
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    return [(torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)) for _ in layers]
+
+
+def eager_step(sim, reqs, layers, kv_pool, backend, fb, inputs):
+    """The step of ``fb`` run eagerly (planned, then every layer) on ``inputs``; each layer's output, checked
+    against the per-request reference."""
+    backend.init_forward_metadata(fb)
+    B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
+    outs = []
+    for layer, (q, k, v) in zip(layers, inputs):
+        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
+        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
+        k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
+        outs.append(backend.forward(q, k, v, layer, fb).view(B, hq, d))
+        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
+        torch.testing.assert_close(outs[-1], expected, rtol=1e-5, atol=1e-5)
+    return outs
+
+
 @pytest.mark.parametrize("impl, device, triton", [(None, "cpu", False), (None, "cuda", True), ("auto", "cpu", False),
                                                  ("reference", "cuda", False), ("triton", "cpu", True)])
 def test_decode_implementation_switch(monkeypatch, impl, device, triton):
@@ -277,7 +299,7 @@ def windowed_layers(model_config, window: int):
 @cpu_only
 @pytest.mark.parametrize("window", [0, 4, 30, 1000])
 def test_sliding_window_layers_attend_each_querys_window(server_args, model_config, window, implementation, caplog):
-    """SGLang's sliding_window_size w (Gemma-2/3's local layers; a query attends its last w + 1 tokens) beside
+    """SGLang's sliding_window_size w (Gemma-2's local layers; a query attends its last w + 1 tokens) beside
     full-attention layers: windows of the query's own token, inside the private tails, inside the forked prompt
     (49-62 tokens by the first step), and past every sequence (the full tree). Over several steps, so that with the
     kernels the full layers' plan takes steady steps while the windows move."""
@@ -287,22 +309,16 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
     assert backend.window_tokens == window + 1
     assert f"sliding-window layers [0, 2] attend each query's last {window + 1} tokens" in caplog.text
     reqs = forked_batch(sim)
-    B, hq, hkv, d = len(reqs), layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
     for _ in range(4):
         fb = decode_forward_batch(sim, reqs, kv_pool)
-        backend.init_forward_metadata(fb)
-        for layer in layers:
-            q, k, v = torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)
-            k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
-            v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
-            k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
-            out = backend.forward(q, k, v, layer, fb).view(B, hq, d)
-            expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu,
-                                             layer)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        inputs = step_inputs(B, layers)
+        outs = eager_step(sim, reqs, layers, kv_pool, backend, fb, inputs)  # checked against each window
+        for layer, out, (q, _, _) in zip(layers, outs, inputs):
             if layer.sliding_window_size == window and window < 30:  # the window matters: the whole row differs
-                layer.sliding_window_size = -1
-                whole = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu,
+                layer.sliding_window_size = -1  # (the pool holds this step's K/V now)
+                whole = per_request_reference(q.view(B, hq, d), kv_pool.get_key_buffer(layer.layer_id),
+                                              kv_pool.get_value_buffer(layer.layer_id), sim, reqs, fb.seq_lens_cpu,
                                               layer)
                 layer.sliding_window_size = window
                 assert not torch.allclose(out, whole, rtol=1e-3, atol=1e-3)

@@ -33,8 +33,9 @@ from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGE
 from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
-from test_backend import (ForwardBatchStub, attention_layers, cpu_server_args, decode_forward_batch, make_backend,
-                          per_request_reference, random_kv_setup, record_steady, triton_prefill, windowed_layers)
+from test_backend import (ForwardBatchStub, attention_layers, cpu_server_args, decode_forward_batch, eager_step,
+                          make_backend, per_request_reference, random_kv_setup, record_steady, step_inputs,
+                          triton_prefill, windowed_layers)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -258,28 +259,6 @@ def step_both_ways(sim, reqs, layers, kv_pool, backend, emulator):
             assert torch.equal(replayed[i][B:], torch.zeros_like(replayed[i][B:]))
     sim.finish_decode(reqs)
     return bs
-
-
-def step_inputs(B, layers):
-    """Random q, k, v of one decode step of ``B`` requests for each layer."""
-    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
-    return [(torch.randn(B, hq * d) * 3, torch.randn(B, hkv, d), torch.randn(B, hkv, d)) for _ in layers]
-
-
-def eager_step(sim, reqs, layers, kv_pool, backend, fb, inputs):
-    """The step of ``fb`` run eagerly (planned, then every layer) on ``inputs``; each layer's output, checked
-    against the per-request reference."""
-    backend.init_forward_metadata(fb)
-    B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
-    outs = []
-    for layer, (q, k, v) in zip(layers, inputs):
-        k_expected = kv_pool.get_key_buffer(layer.layer_id).clone()
-        v_expected = kv_pool.get_value_buffer(layer.layer_id).clone()
-        k_expected[fb.out_cache_loc], v_expected[fb.out_cache_loc] = k, v
-        outs.append(backend.forward(q, k, v, layer, fb).view(B, hq, d))
-        expected = per_request_reference(q.view(B, hq, d), k_expected, v_expected, sim, reqs, fb.seq_lens_cpu, layer)
-        torch.testing.assert_close(outs[-1], expected, rtol=1e-5, atol=1e-5)
-    return outs
 
 
 @needs_interpreter
@@ -572,20 +551,32 @@ def test_patch_refuses_another_sglang_version(monkeypatch, patch, installed):
         patch.apply()
 
 
+def graphs_and_eager(graphs, server_args, model_config, layers, sim, kv_pool):
+    """Beside ``graphs`` (a backend whose steps SGLang replays from CUDA graphs: the emulator), a backend of
+    another server over the same requests and KV pool that runs every step eagerly (--disable-cuda-graph); both
+    with room for 3 steady steps (it runs out within a test); the lists of their steady-step flags."""
+    eager = make_backend(sim, server_args, model_config, layers, kv_pool)
+    emulator = GraphEmulator(graphs, kv_pool)
+    eager._make_plan_buffers(eager.max_bs)  # what __init__ does where the Triton kernels run
+    graphs.step_planner.slack = eager.step_planner.slack = 3
+    return eager, emulator, (record_steady(graphs), record_steady(eager))
+
+
+def four_branches(sim):
+    """Four requests forked from a cached 150-token prompt, with 3-6 tokens of their own."""
+    prompt = sim.fresh(150)
+    sim.run_to_cache(prompt)
+    return sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(4)])
+
+
 @needs_interpreter
 def test_steady_steps_replayed_and_eager_agree_bitwise(server_args, model_config):
     """Two backends over the same steps, as two servers: one replays every step from its graphs, the
     other runs every step eagerly (--disable-cuda-graph). Both take the same steady steps (plan
     updated in place on the device), and their outputs are bitwise equal and per-request exact."""
     sim, layers, kv_pool, graphs = graph_setup(server_args, model_config)
-    eager = make_backend(sim, server_args, model_config, layers, kv_pool)
-    emulator = GraphEmulator(graphs, kv_pool)
-    eager._make_plan_buffers(eager.max_bs)  # what __init__ does where the Triton kernels run
-    graphs.step_planner.slack = eager.step_planner.slack = 3  # room runs out within the test
-    logs = record_steady(graphs), record_steady(eager)
-    prompt = sim.fresh(150)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(4)])
+    eager, emulator, logs = graphs_and_eager(graphs, server_args, model_config, layers, sim, kv_pool)
+    reqs = four_branches(sim)
     layer0 = layers[0]
     hq, hkv, d = layer0.tp_q_head_num, layer0.tp_k_head_num, layer0.head_dim
     for step in range(9):
@@ -853,18 +844,12 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
     args = triton_prefill(server_args)  # torch_native's prefill ignores windows: refused
     layers = windowed_layers(model_config, 40)[:2]
     sim, kv_pool, graphs = random_kv_setup(args, model_config, layers, 4096)
-    eager = make_backend(sim, args, model_config, layers, kv_pool)
-    emulator = GraphEmulator(graphs, kv_pool)
-    eager._make_plan_buffers(eager.max_bs)  # what __init__ does where the Triton kernels run
-    graphs.step_planner.slack = eager.step_planner.slack = 3
-    logs = record_steady(graphs), record_steady(eager)
+    eager, emulator, logs = graphs_and_eager(graphs, args, model_config, layers, sim, kv_pool)
     if refuse_windows:
         fits = backend_module.plan_graph_step
         monkeypatch.setattr(backend_module, "plan_graph_step", lambda plan, *a: None if any(
             plan is b.window_graph_plan for b in (graphs, eager)) else fits(plan, *a))
-    prompt = sim.fresh(150)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(3 + i)) for i in range(4)])
+    reqs = four_branches(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
     for step in range(7):
         if step == 4:  # an unrelated request joins: 5 queries, padded to 8 in the graphs

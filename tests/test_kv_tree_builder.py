@@ -65,13 +65,7 @@ def check_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, d: DecodeKVTree) -> 
     # Every node is non-empty and used; a chain link (one child, no query ending there) would have
     # been merged into its child.
     n_nodes = tree.num_nodes
-    children = [0] * n_nodes
-    for p in tree.node_parent.tolist():
-        if p >= 0:
-            children[p] += 1
-    ends = [0] * n_nodes
-    for q in tree.query_node.tolist():
-        ends[q] += 1
+    children, ends = children_and_ends(tree)
     used = {n for path in paths for n in path}
     for n in range(n_nodes):
         assert indptr[n + 1] > indptr[n], f"node {n} is empty"
@@ -82,28 +76,49 @@ def check_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, d: DecodeKVTree) -> 
     # shared radix prefix; the tree must share exactly that much between the two queries.
     for a in range(len(reqs)):
         for b in range(a + 1, len(reqs)):
-            common = 0
-            for x, y in zip(paths[a], paths[b]):
-                if x != y:
-                    break
-                common += indptr[x + 1] - indptr[x]
+            common = shared_tokens(indptr, paths[a], paths[b])
             assert common == lcp(rows[a], rows[b]), f"queries {a} and {b} share {common} tree tokens, " \
                                                     f"their rows {lcp(rows[a], rows[b])}"
     assert len(set(kv)) == len(kv), "a KV slot appears twice in the tree"
     assert d.unique_tokens == len(kv) == len({s for row in rows for s in row})
     assert d.attended_tokens == sum(lens)
 
-    # Attention over the tree == plain attention over each request's row.
-    g = torch.Generator().manual_seed(len(kv))
+    assert_attends_rows(sim, tree, rows, seed=len(kv))
+    return d
+
+
+def children_and_ends(tree) -> tuple[list[int], list[int]]:
+    """Per node: its children, and the queries ending there."""
+    children, ends = [0] * tree.num_nodes, [0] * tree.num_nodes
+    for p in tree.node_parent.tolist():
+        if p >= 0:
+            children[p] += 1
+    for q in tree.query_node.tolist():
+        ends[q] += 1
+    return children, ends
+
+
+def shared_tokens(indptr: list[int], path_a: list[int], path_b: list[int]) -> int:
+    """KV tokens of the nodes two root-first paths have in common."""
+    common = 0
+    for x, y in zip(path_a, path_b):
+        if x != y:
+            break
+        common += indptr[x + 1] - indptr[x]
+    return common
+
+
+def assert_attends_rows(sim: RadixSim, tree, rows: list[list[int]], seed: int) -> None:
+    """Attention over the tree (both reference implementations) == plain attention over each query's slots."""
+    g = torch.Generator().manual_seed(seed)
     k_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
     v_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
-    q = torch.randn(len(reqs), HQ, D, generator=g)
+    q = torch.randn(len(rows), HQ, D, generator=g)
     scale = D ** -0.5
-    want = torch.stack([plain_attention(q[b], k_buf[rows[b]], v_buf[rows[b]], scale) for b in range(len(reqs))]) \
-        if reqs else torch.zeros(0, HQ, D)
+    want = torch.stack([plain_attention(q[b], k_buf[rows[b]], v_buf[rows[b]], scale) for b in range(len(rows))]) \
+        if rows else torch.zeros(0, HQ, D)
     torch.testing.assert_close(attention_reference(q, k_buf, v_buf, tree, scale), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tree_decode_reference(q, k_buf, v_buf, tree, scale), want, rtol=1e-5, atol=1e-5)
-    return d
 
 
 def plain_attention(q, k, v, scale):
@@ -154,33 +169,18 @@ def check_window_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, window: int, 
     for b, path in enumerate(paths):
         assert [s for n in path for s in kv[indptr[n]:indptr[n + 1]]] == rows[b], f"query {b}: window {window}"
     # As in a full build, chains are merged (plan_limits counts on at most 2B - 1 nodes)
-    children, ends = [0] * tree.num_nodes, [0] * tree.num_nodes
-    for p in tree.node_parent.tolist():
-        if p >= 0:
-            children[p] += 1
-    for q in tree.query_node.tolist():
-        ends[q] += 1
+    children, ends = children_and_ends(tree)
     assert all(c >= 2 or e >= 1 for c, e in zip(children, ends)), f"window {window}: an unmerged chain link"
     for a in range(len(reqs)):
         for b in range(a + 1, len(reqs)):
-            common = 0
-            for x, y in zip(paths[a], paths[b]):
-                if x != y:
-                    break
-                common += indptr[x + 1] - indptr[x]
+            common = shared_tokens(indptr, paths[a], paths[b])
             want = lcp(rows[a], rows[b]) if cut[a] == cut[b] else 0
             assert common == want, f"window {window}: queries {a} and {b} share {common} tree tokens, not {want}"
     assert d.attended_tokens == sum(len(r) for r in rows)
     assert d.unique_tokens == len(kv)
     if reqs and not any(cut):  # nothing to cut: the tree of build
         assert_same_tree(d, build_decode_kv_tree(reqs, sim.req_to_token, seq_lens))
-    g = torch.Generator().manual_seed(window)
-    k_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
-    v_buf = torch.randn(sim.kv_slots + 1, HKV, D, generator=g)
-    q = torch.randn(len(reqs), HQ, D, generator=g)
-    want = torch.stack([plain_attention(q[b], k_buf[rows[b]], v_buf[rows[b]], D ** -0.5) for b in range(len(reqs))]) \
-        if reqs else torch.zeros(0, HQ, D)
-    torch.testing.assert_close(tree_decode_reference(q, k_buf, v_buf, tree, D ** -0.5), want, rtol=1e-5, atol=1e-5)
+    assert_attends_rows(sim, tree, rows, seed=window)
 
 
 def assert_same_tree(a: DecodeKVTree, b: DecodeKVTree) -> None:
