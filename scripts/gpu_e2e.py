@@ -19,7 +19,8 @@ Models: ``tiny`` (the repo's ``models/tiny-llama-deft``, seeded weights with sha
 default, see below), its variants with real models' attention heads (``TINY_VARIANTS``: ``tiny-d128``,
 ``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them), the same under other
 model families' code (``FAMILY_VARIANTS``: ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-qwen3-moe``, ``tiny-mixtral``,
-``tiny-phi3``) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
+``tiny-phi3``), with sliding windows (``WINDOW_VARIANTS``: ``tiny-gemma2``, ``tiny-gemma3``, each with a ``-full``
+control; ``tiny-gemma3-global``) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
 --skip-tokenizer-init``, bfloat16). Requests (token ids, greedy, chosen-token logprobs and top-10):
 a fork (prefix cached first, then k branches in one batch, as ``fork()`` does), a nested fork (each
 branch's prompt plus triton's output, forked 2 ways), and an ``n > 1`` request; on ``tiny`` also a
@@ -145,7 +146,11 @@ FAMILY_VARIANTS = {"tiny-qwen2": ("qwen2", (28, 4, 128, 112)), "tiny-qwen3": ("q
 # ``tiny-gemma2-full`` is its control: the same model with a window no sequence reaches, so deft's sliding-window
 # plan is the full tree and the relative criterion, with torch_native as the noise server (which no window changes
 # there), checks everything of Gemma-2's path but the windows.
-WINDOW_VARIANTS = {"tiny-gemma2": ("gemma2", (16, 8, 256))}
+# tiny-gemma3 is the same under Gemma-3's code (Gemma-3-12B's heads, also 16 / 8 of 256; its windowed layers 0 and 2)
+# with its control; ``tiny-gemma3-global`` has every layer global (no window), which the CPU can serve
+# (tests/test_e2e_cpu_families.py): Gemma-3's model code around deft's decode (q/k RMSNorm, no soft caps, layers
+# of SGLang's DECODER_BIDIRECTIONAL type) against SGLang's torch_native decode.
+WINDOW_VARIANTS = {"tiny-gemma2": ("gemma2", (16, 8, 256)), "tiny-gemma3": ("gemma3", (16, 8, 256))}
 REFERENCE_WINDOW_PATCH = REPO / "scripts" / "reference_window"
 REFERENCE_WINDOW_MARKER = "sglang-deft reference_window: triton decode reads its prefill's window"
 for _name, _heads in TINY_VARIANTS.items():
@@ -159,7 +164,9 @@ for _name, (_architecture, _heads) in WINDOW_VARIANTS.items():
     MODELS[_name] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
                          reference_window_patch=True, noise_unsupported=("flashinfer", "torch_native", "triton"))
     MODELS[_name + "-full"] = dict(MODELS["tiny"], path=None, heads=_heads, architecture=_architecture,
-                                   sliding_window=4096, noise_unsupported=("flashinfer",))
+                                   config=dict(sliding_window=4096), noise_unsupported=("flashinfer",))
+MODELS["tiny-gemma3-global"] = dict(MODELS["tiny"], path=None, heads=WINDOW_VARIANTS["tiny-gemma3"][1],
+                                    architecture="gemma3", config=dict(layer_types=["full_attention"] * 3))
 
 
 def variant_dir(name: str) -> Path:
@@ -177,7 +184,7 @@ def materialize_model(name: str, spec: dict) -> Path:
         sys.path.pop(0)
     return make_tiny_model.write_variant(variant_dir(name), *spec["heads"],
                                          architecture=spec.get("architecture", "llama"),
-                                         sliding_window=spec.get("sliding_window"))
+                                         config=spec.get("config"))
 
 
 # --sampling-backend pytorch: FlashInfer's top-k/top-p sampler would be JIT-compiled mid-program (~80 s) on
@@ -957,7 +964,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
     p.add_argument("--models", default="tiny,8b",
-                   help="comma-separated: tiny, 8b, " + ", ".join([*TINY_VARIANTS, *FAMILY_VARIANTS]))
+                   help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--tiny-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="float16 (default) rounds 8x finer than bfloat16: a narrower noise band (module docstring)")
     p.add_argument("--noise-backends", default=None,

@@ -13,8 +13,9 @@
 #                                                                 # Mixtral and Phi-3 model code (gpu_e2e.py FAMILY_VARIANTS;
 #                                                                 # E2E_MODELS=tiny-qwen2,... for some of them)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-windows # the same for sliding-window layers: Gemma-2's
-#                                                                 # code (gpu_e2e.py WINDOW_VARIANTS) against
-#                                                                 # SGLang's triton decode given its prefill's window
+#                                                                 # and Gemma-3's code (gpu_e2e.py WINDOW_VARIANTS)
+#                                                                 # against SGLang's triton decode given its prefill's
+#                                                                 # window (E2E_MODELS=tiny-gemma2,... for some of them)
 #   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
@@ -121,7 +122,7 @@ EOF
     e2e-8b) phase_e2e 8b ;;
     e2e-heads) phase_e2e tiny-d128,tiny-d64,tiny-d256,tiny-gqa7 ;;
     e2e-families) phase_e2e "${E2E_MODELS:-tiny-qwen2,tiny-qwen3,tiny-qwen3-moe,tiny-mixtral,tiny-phi3}" ;;
-    e2e-windows) phase_e2e tiny-gemma2,tiny-gemma2-full ;;
+    e2e-windows) phase_e2e "${E2E_MODELS:-tiny-gemma2,tiny-gemma2-full,tiny-gemma3,tiny-gemma3-full}" ;;
     bench-e2e) phase_bench_e2e ;;
     demo) phase_demo ;;
     graphs) phase_graphs ;;

@@ -25,9 +25,10 @@ Qwen2 (q/k/v biases), Qwen3 (an RMSNorm over each head of q and k, whose weights
 qk_std(hidden) * sqrt(hidden) so that the scores keep the same spread), the mixture-of-experts Qwen3-MoE and
 Mixtral (the dense MLP replaced by EXPERTS experts, EXPERTS_PER_TOKEN of them per token, with a router), and
 Phi-3 (q/k/v and gate/up stored fused, as its checkpoints are; a sliding_window of 2047 in the config, as
-Phi-3-mini-4k's, which SGLang's Llama class that serves Phi-3 does not apply), and Gemma-2 (sliding-window
-attention on every even layer, logit soft caps, GeGLU and tied embeddings; its scales, ``GEMMA2_*``, differ).
-The attention weights are the Llama variant's, drawn in the same order (Gemma-2's values read no bias
+Phi-3-mini-4k's, which SGLang's Llama class that serves Phi-3 does not apply), Gemma-2 (sliding-window
+attention on every even layer, logit soft caps, GeGLU and tied embeddings; its scales, ``GEMMA2_*``, differ)
+and Gemma-3 (Gemma-2's stream and windows with an RMSNorm over each head of q and k, and no soft caps).
+The attention weights are the Llama variant's, drawn in the same order (the Gemmas' values read no bias
 channel); what the families add is drawn from a second generator.
 
 The model exists so that a wrong decode attention changes the tokens. HF's default init
@@ -107,7 +108,17 @@ ARCHITECTURES = {
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", sliding_window=64,
                    hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", attn_logit_softcapping=50.0,
                    final_logit_softcapping=30.0, tie_word_embeddings=True, pad_token_id=None),
+    # Gemma-3 (text): Gemma-2's residual stream and scales (GEMMA2_*) with Gemma-3's RMSNorm over each head of q
+    # and k and no soft caps; its layers' kinds named by layer_types (Gemma-3's pattern is five sliding layers to
+    # one global; three layers here, sliding, global, sliding), its local layers' RoPE base 10000 as Gemma-3's.
+    "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", sliding_window=64,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+                   attn_logit_softcapping=None, final_logit_softcapping=None, rope_local_base_freq=10000.0,
+                   tie_word_embeddings=True, pad_token_id=None),
 }
+# The families built on Gemma-2's residual stream (their model_type)
+GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Gemma-2's residual stream differs (its layers' outputs are RMS-normalised before they are added, its embeddings
 # scaled up by sqrt(hidden), its lm_head the embeddings), and the Llama's scales made its tiny model repeat one or
 # two tokens whatever the context. So: embeddings stored 1/sqrt(hidden) as large (they enter at unit RMS); the
@@ -193,11 +204,11 @@ def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
     """What ``cfg``'s model family (``ARCHITECTURES``) has beyond the Llama's weights, in ``sd``: drawn from
     a generator of their own, so that the Llama weights stay the bundled model's draws."""
     family = cfg.get("model_type", "llama")
-    if family not in ARCHITECTURES:
+    if family not in {spec.get("model_type", "llama") for spec in ARCHITECTURES.values()}:
         raise ValueError(f"model_type {family!r}: the tiny model is made for {', '.join(ARCHITECTURES)}")
     g = torch.Generator().manual_seed(SEED + 1)
     hidden, hd = cfg["hidden_size"], cfg["head_dim"]
-    if family == "gemma2":  # tied embeddings: the lm_head's exclusions move into them (GEMMA2_* above)
+    if family in GEMMA_FAMILIES:  # tied embeddings: the lm_head's exclusions move into them (GEMMA2_* above)
         sd["model.norm.weight"] = torch.zeros(hidden)
         excluded = sd.pop("lm_head.weight")[:, BIAS_DIM] == EXCLUDED_LOGIT_WEIGHT
         emb = sd["model.embed_tokens.weight"]
@@ -210,16 +221,17 @@ def add_family_weights(sd: dict[str, torch.Tensor], cfg: dict) -> None:
             for name, heads in (("q", cfg["num_attention_heads"]), ("k", cfg["num_key_value_heads"]),
                                 ("v", cfg["num_key_value_heads"])):
                 sd[p + f"self_attn.{name}_proj.bias"] = torch.randn(heads * hd, generator=g) * QWEN2_BIAS_STD
-        if family in ("qwen3", "qwen3_moe"):
+        if family in ("qwen3", "qwen3_moe", "gemma3_text"):
             # Normalised heads have unit RMS; this weight gives q and k the spread qk_std gives the Llama's
-            # (q.k / sqrt(head_dim) with std qk_std**2 * hidden).
+            # (q.k / sqrt(head_dim) with std qk_std**2 * hidden). Gemma's RMSNorm multiplies by (1 + weight).
+            gain = qk_std(hidden) * math.sqrt(hidden)
             for name in ("q_norm", "k_norm"):
-                sd[p + f"self_attn.{name}.weight"] = torch.full((hd,), qk_std(hidden) * math.sqrt(hidden))
+                sd[p + f"self_attn.{name}.weight"] = torch.full((hd,), gain - (family == "gemma3_text"))
         if family == "phi3":
             attn, mlp = p + "self_attn.", p + "mlp."
             sd[attn + "qkv_proj.weight"] = torch.cat([sd.pop(attn + f"{x}_proj.weight") for x in "qkv"])
             sd[mlp + "gate_up_proj.weight"] = torch.cat([sd.pop(mlp + f"{x}_proj.weight") for x in ("gate", "up")])
-        if family == "gemma2":  # GemmaRMSNorm multiplies by (1 + weight)
+        if family in GEMMA_FAMILIES:  # GemmaRMSNorm multiplies by (1 + weight)
             for name in GEMMA2_BIAS_FREE_INPUTS:
                 sd[p + name + ".weight"][:, BIAS_DIM] = 0.0
             for name in ("input_layernorm", "pre_feedforward_layernorm"):
@@ -251,10 +263,10 @@ def parse_heads(text: str) -> list[int]:
 
 
 def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128,
-                  architecture: str = "llama", sliding_window: int | None = None) -> Path:
+                  architecture: str = "llama", config: dict | None = None) -> Path:
     """The bundled model with other attention heads, and maybe another family's architecture
-    (``ARCHITECTURES``; ``sliding_window`` replaces its config's), written to ``out_dir`` (config, tokenizer,
-    weights)."""
+    (``ARCHITECTURES``; ``config``'s fields replace its config's, e.g. ``sliding_window`` or ``layer_types``),
+    written to ``out_dir`` (config, tokenizer, weights)."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: choose from {', '.join(ARCHITECTURES)}")
     if num_q_heads < 1 or num_kv_heads < 1 or head_dim < 1 or num_q_heads % num_kv_heads:
@@ -274,10 +286,9 @@ def write_variant(out_dir: Path, num_q_heads: int, num_kv_heads: int, head_dim: 
     cfg = json.loads((MODEL_DIR / "config.json").read_text())
     cfg.update(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                hidden_size=hidden, **ARCHITECTURES[architecture])
-    if architecture == "gemma2":
+    if architecture in ("gemma2", "gemma3"):
         cfg["query_pre_attn_scalar"] = head_dim
-    if sliding_window is not None:
-        cfg["sliding_window"] = sliding_window
+    cfg.update(config or {})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     save_file(make_state_dict(out_dir), str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "generator": "scripts/make_tiny_model.py", "seed": str(SEED),

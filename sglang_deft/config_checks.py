@@ -367,7 +367,10 @@ def _layer_problems(layer) -> list[str]:
     from .kernels.plan import MAX_HEAD_DIM
 
     problems = []
-    if layer.is_cross_attention or layer.attn_type != AttentionType.DECODER:
+    # DECODER_BIDIRECTIONAL (every Gemma-3 layer) changes extend only: SGLang's triton prefill lets image tokens
+    # attend each other, under --disable-cuda-graph and --chunked-prefill-size -1. A decode token attends every
+    # earlier token of its request in either type, as SGLang's own decode backends read it, so deft serves both.
+    if layer.is_cross_attention or layer.attn_type not in (AttentionType.DECODER, AttentionType.DECODER_BIDIRECTIONAL):
         kind = "cross-attention" if layer.is_cross_attention else f"{layer.attn_type.value} attention"
         problems.append(f"{kind} is not supported (causal decoder self-attention only)")
     if layer.qk_head_dim != layer.v_head_dim:

@@ -1,8 +1,10 @@
-"""End to end on CPU under other model families' code: Qwen2, Qwen3, Qwen3-MoE, Mixtral and Phi-3.
+"""End to end on CPU under other model families' code: Qwen2, Qwen3, Qwen3-MoE, Mixtral, Phi-3 and Gemma-3.
 
 SGLang runs each family's own model class around the attention backend (Qwen2's q/k/v biases, Qwen3's
 RMSNorm over each head of q and k, the MoE families' routed experts, Phi-3's fused checkpoint weights and a
-sliding_window that SGLang's Llama class does not apply), so a family that builds its
+sliding_window that SGLang's Llama class does not apply; Gemma-3's q/k RMSNorm and its layers of SGLang's
+``DECODER_BIDIRECTIONAL`` type, in ``tiny-gemma3-global`` with every layer global: the CPU's torch_native prefill
+applies no window, so windowed models are refused here and checked on the GPU host), so a family that builds its
 attention layers or batches differently from the Llama would show here. Each case is the sharp tiny model
 under that family's architecture with a real model's heads (``scripts/gpu_e2e.py``'s ``FAMILY_VARIANTS``,
 ``scripts/make_tiny_model.py``'s ``ARCHITECTURES``), run through ``gpu_e2e.py``'s CPU smoke run: a deft
@@ -30,10 +32,11 @@ from tiny_models import script_module
 # SGLang's CPU engine; on the GPU host the same families run on the device: gpu_session.sh e2e-families.
 pytestmark = cpu_only
 REPO = Path(__file__).resolve().parents[1]
-FAMILY_VARIANTS = script_module("gpu_e2e").FAMILY_VARIANTS  # name -> (architecture, heads)
+GPU_E2E = script_module("gpu_e2e")
+CPU_FAMILIES = [*GPU_E2E.FAMILY_VARIANTS, "tiny-gemma3-global"]
 
 
-@pytest.mark.parametrize("name", list(FAMILY_VARIANTS))
+@pytest.mark.parametrize("name", CPU_FAMILIES)
 def test_family_decodes_as_sglang_decodes_it(tmp_path, name):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_e2e.py"), "--device", "cpu", "--smoke",
@@ -42,7 +45,7 @@ def test_family_decodes_as_sglang_decodes_it(tmp_path, name):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "gpu_e2e.json").read_text())
     model = report["models"][name]
-    assert report["ok"] and model["architecture"] == FAMILY_VARIANTS[name][0]
+    assert report["ok"] and model["architecture"] == GPU_E2E.MODELS[name]["architecture"]
     assert model["servers"]["deft"]["decode_backend"] == "deft"
     assert model["servers"]["triton"]["decode_backend"] == "torch_native"  # the CPU reference
     assert set(model["workloads"]) == {"fork", "nested_fork", "n_gt_1"}

@@ -342,6 +342,22 @@ def test_family_variants_are_generated_under_their_model_code(tmp_path, monkeypa
     assert g.json.loads((tmp_path / "tiny-qwen3-moe" / "config.json").read_text())["num_experts"] == 4
 
 
+def test_window_variants_are_generated_with_their_windows(tmp_path, monkeypatch):
+    """The Gemma variants' windows as their configs give them to SGLang: windowed layers 0 and 2 (Gemma-2's even
+    layers; Gemma-3's layer_types), a window no prompt reaches in the -full controls, no window in
+    tiny-gemma3-global."""
+    monkeypatch.setattr(g, "variant_dir", lambda name: tmp_path / name)
+    sliding = ["sliding_attention", "full_attention", "sliding_attention"]
+    expected = {"tiny-gemma2": ("Gemma2ForCausalLM", 64, None), "tiny-gemma2-full": ("Gemma2ForCausalLM", 4096, None),
+                "tiny-gemma3": ("Gemma3ForCausalLM", 64, sliding), "tiny-gemma3-full": ("Gemma3ForCausalLM", 4096, sliding),
+                "tiny-gemma3-global": ("Gemma3ForCausalLM", 64, ["full_attention"] * 3)}
+    for name, (architecture, window, layer_types) in expected.items():
+        cfg = g.json.loads((g.materialize_model(name, g.MODELS[name]) / "config.json").read_text())
+        assert (cfg["architectures"], cfg["sliding_window"], cfg.get("layer_types")) == ([architecture], window,
+                                                                                        layer_types), name
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (16, 8, 256), name
+
+
 def test_a_noise_backend_that_cannot_serve_a_model_is_not_queued(tmp_path):
     """FlashInfer cannot merge head_dim 96 (Phi-3's heads): tiny-phi3's noise server is torch_native."""
     args = g.parse_args(["--out", str(tmp_path)])

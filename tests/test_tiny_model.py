@@ -161,7 +161,7 @@ def test_hiding_one_shared_kv_token_changes_every_branch(model, tok, prompt_ids,
 
 
 # The variants the GPU end-to-end check runs: Llama-3-8B's heads, Llama-3.2-1B's, head_dim 256, GQA 7, and
-# the Qwen2, Qwen3, Qwen3-MoE, Mixtral and Phi-3 families with their models' heads.
+# the Qwen2, Qwen3, Qwen3-MoE, Mixtral, Phi-3, Gemma-2 and Gemma-3 families with their models' heads.
 GPU_E2E = script_module("gpu_e2e")
 VARIANTS = ([("llama", heads) for heads in GPU_E2E.TINY_VARIANTS.values()] + list(GPU_E2E.FAMILY_VARIANTS.values())
             + list(GPU_E2E.WINDOW_VARIANTS.values()))
@@ -204,8 +204,8 @@ def test_variant_heads_are_checked(tmp_path):
         make_tiny_model_module().write_variant(tmp_path, 32, 6, 128)
     with pytest.raises(ValueError, match="not a multiple of the 28 q heads"):
         make_tiny_model_module().write_variant(tmp_path, 28, 4, 128)
-    with pytest.raises(ValueError, match="architecture 'gemma3'"):
-        make_tiny_model_module().write_variant(tmp_path, 8, 2, 32, architecture="gemma3")
+    with pytest.raises(ValueError, match="architecture 'mamba'"):
+        make_tiny_model_module().write_variant(tmp_path, 8, 2, 32, architecture="mamba")
     with pytest.raises(ValueError, match="must be 32 x 128"):
         make_tiny_model_module().write_variant(tmp_path, 32, 8, 128, architecture="mixtral")
 
