@@ -69,12 +69,12 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang.srt.utils import require_gathered_buffer
 
-from sglang_deft.config_checks import check_model_runner, layer_window, sliding_windows
+from sglang_deft.config_checks import attention_layers, check_model_runner, layer_window, sliding_windows
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import named_device
 from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
-from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
+from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder, build_decode_kv_tree
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter
@@ -147,7 +147,10 @@ class DeftAttnBackend(AttentionBackend):
         self.window_builder = (DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
                                if self.window_tokens is not None else None)
         self.kv_pool_size = model_runner.token_to_kv_pool.size
-        self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, log=self.logging_rank)
+        window_share = (len(windows[self.window_tokens - 1]) / len(attention_layers(model_runner.model))
+                        if windows else 0.0)
+        self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, window_share=window_share,
+                                    log=self.logging_rank)
         self._recorded_batch = None  # a weak reference to the ForwardBatch whose step was last counted
         self._refused_batch: _RefusedStep | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None
@@ -275,12 +278,13 @@ class DeftAttnBackend(AttentionBackend):
                              self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner,
                              past_limits=refused is not None or tried)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
-        window_plan = check_window_tree = None
+        window_plan = check_window_tree = window_counts = None
         if self.window_tokens is not None:
             # Into the window buffers where the full plan went into its buffers (as before a replay), unless
             # they already refused this step's window plan: it is past the limits.
-            window_plan, check_window_tree = self._window_plan(reqs, seq_lens, rows, buffers=step is not None and
-                                                               not window_refused, past_limits=window_refused)
+            window_plan, window_built = self._window_plan(reqs, seq_lens, rows, buffers=step is not None and
+                                                          not window_refused, past_limits=window_refused)
+            check_window_tree, window_counts = window_built.tree, _counts(window_built)
         if check and isinstance(plan, TreeDecodePlan):
             check_tree = with_padding_queries(check_tree, rows)
             if check_window_tree is not None:
@@ -289,35 +293,38 @@ class DeftAttnBackend(AttentionBackend):
             check_tree = check_window_tree = None
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps,
                                                    window_plan, check_window_tree)
-        self._record(forward_batch, attended, unique, started, step is not None and step.steady)
+        self._record(forward_batch, attended, unique, started, step is not None and step.steady, window_counts)
 
     def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
-        """The step's sliding-window plan and its (unpadded) tree: in the window buffers when ``buffers`` and it
-        fits them, else in buffers of its own (or the tree itself, on the reference path); ``past_limits``: the
-        buffers already refused it."""
+        """The step's sliding-window plan and its (unpadded) window tree: in the window buffers when ``buffers``
+        and it fits them, else in buffers of its own (or the tree itself, on the reference path);
+        ``past_limits``: the buffers already refused it."""
         if buffers:
-            plan, tree = self._window_graph_step(reqs, seq_lens, rows)
+            plan, built = self._window_graph_step(reqs, seq_lens, rows)
             if plan is not None:
-                return plan, tree
+                return plan, built
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
         # The buffers refuse only trees past the limits (as the full plan's), so not under them again.
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                          self.kv_dtype, self.device, self.plan_limits, self.planner, past_limits=buffers or past_limits)
-        return plan, built.tree
+        return plan, built
 
     def _window_graph_step(self, reqs, seq_lens: torch.Tensor, rows: int):
-        """The step's sliding-window plan in the window buffers (None when it does not fit them), and its tree."""
+        """The step's sliding-window plan in the window buffers (None when it does not fit them), and its window
+        tree."""
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens,
                                                  kv_out=self.window_graph_plan.kv_indices)
-        return plan_graph_step(self.window_graph_plan, built.tree, rows, self.kv_dtype, self.planner), built.tree
+        return plan_graph_step(self.window_graph_plan, built.tree, rows, self.kv_dtype, self.planner), built
 
-    def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool) -> None:
+    def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool,
+                window: tuple[int, int] | None) -> None:
         """Count the step in the sharing metrics once: after a rank fault under elastic expert parallelism,
-        ``ModelRunner.forward`` runs the same ForwardBatch again (planned again, rightly, but one step)."""
+        ``ModelRunner.forward`` runs the same ForwardBatch again (planned again, rightly, but one step).
+        ``window``: the window layers' attended and unique tokens (models with such layers)."""
         if self._recorded_batch is not None and self._recorded_batch() is forward_batch:
             return
         self._recorded_batch = weakref.ref(forward_batch)  # the backend keeps no batch alive
-        self.sharing.record(attended, unique, time.perf_counter() - started, steady)
+        self.sharing.record(attended, unique, time.perf_counter() - started, steady, window)
 
     def _plan_warmup_batch(self, forward_batch: ForwardBatch) -> None:
         """SGLang's warm-up forward pass (FlashInfer's autotune, ``patches.warmup_dummy_run``): a decode batch
@@ -434,10 +441,13 @@ class DeftAttnBackend(AttentionBackend):
         reqs = self._requests(forward_batch)
         # The window plan first: one that does not fit leaves the step planner untouched, so that the eager step
         # plans the full layers as a server without CUDA graphs does (up to the row count: the module doc).
-        if (self.window_tokens is not None
-                and self._window_graph_step(reqs, forward_batch.seq_lens_cpu, padded_bs)[0] is None):
-            self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
-            return False
+        window_counts = None
+        if self.window_tokens is not None:
+            window_plan, window_built = self._window_graph_step(reqs, forward_batch.seq_lens_cpu, padded_bs)
+            if window_plan is None:
+                self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
+                return False
+            window_counts = _counts(window_built)
         step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)
@@ -445,7 +455,7 @@ class DeftAttnBackend(AttentionBackend):
         if TRACE_PLANS:
             self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu)
         self.planned_replay_size = padded_bs
-        self._record(forward_batch, step.attended_tokens, step.unique_tokens, started, step.steady)
+        self._record(forward_batch, step.attended_tokens, step.unique_tokens, started, step.steady, window_counts)
         return True
 
     def init_forward_metadata_replay_cuda_graph(
@@ -498,6 +508,11 @@ def kv_scales(layer, kv_dtype: torch.dtype) -> tuple[float, float]:
     if kv_dtype in FP8_KV_DTYPES and layer.k_scale is not None and layer.v_scale is not None:
         return layer.k_scale_float, layer.v_scale_float
     return 1.0, 1.0
+
+
+def _counts(built: DecodeKVTree) -> tuple[int, int]:
+    """A KV tree's attended and unique tokens, as the sharing metrics count them."""
+    return built.attended_tokens, built.unique_tokens
 
 
 def _extend_not_routed_away(mode) -> RuntimeError:

@@ -331,7 +331,7 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append(f"{kv_flag}: deft cannot read {reason}")
     a = model_runner.server_args
     fp8_prefill = backend_names(a)[1] if kv_dtype in FP8_KV_DTYPES else None
-    layers = _attention_layers(model_runner.model)
+    layers = attention_layers(model_runner.model)
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
     for layer in layers:
         for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
@@ -390,10 +390,10 @@ def sliding_windows(model) -> dict[int, list[int]]:
     """The model's sliding windows, as SGLang's attention layers set them (``sliding_window_size``: a query
     attends its last ``sliding_window_size + 1`` tokens, FlashInfer's ``window_left``), each with its layer ids;
     empty when every layer attends the whole sequence (-1, or None)."""
-    return _windows(_attention_layers(model))
+    return _windows(attention_layers(model))
 
 
-def _attention_layers(model) -> list:
+def attention_layers(model) -> list:
     """The model's attention layers (SGLang's ``RadixAttention`` modules), in module order."""
     from sglang.srt.layers.radix_attention import RadixAttention
 

@@ -9,12 +9,17 @@ backend logs one line in the scheduler's log (TP rank 0's, as SGLang logs its de
   decode kernel reads);
 - ``unique_kv_tokens``: KV tokens in the steps' KV trees (what the deft path reads: each once);
 - ``ratio``: attended / unique (1.0 means nothing was shared);
+- ``window_ratio`` (models with sliding-window layers only): the same for those layers alone, whose queries
+  attend their windows. Then the three fields above are per attention layer, averaged over the model's layers
+  (a window layer counts its windows' tokens), so that they say what the whole model's decode reads: on Gemma-3,
+  five layers in six are window layers;
 - ``plan_host_us``: host time per step of the backend's per-step work (KV tree from the radix
   tree, plan, metadata copies enqueued), averaged over the steps; wall-clock time of the scheduler's
   thread, without waiting for the device (nothing there waits for the GPU's work, but an upload may wait for
   the pinned staging slot it reuses, whose copy four uploads earlier is normally long done);
 - ``steady_steps``: steps of the window whose plan was the last one updated on the device, not
-  planned on the host (``sglang_deft.step_planner``);
+  planned on the host (``sglang_deft.step_planner``; the layers without a window: window layers' plans are
+  planned every step);
 - ``total_*``: the same from the server's start to the end of this line's window (steps after the last
   line are in no line yet).
 
@@ -36,41 +41,67 @@ _FIELD = re.compile(r"(\w+)=([0-9.]+)")
 @dataclass
 class SharingMeter:
     interval: int  # decode steps per log line
+    # The fraction of the model's attention layers that are sliding-window layers (0: none, and no window counts)
+    window_share: float = 0.0
+    # KV tokens of the layers without a window, and of the window layers (window_*): this line's steps, and all
     steps: int = 0
     attended: int = 0
     unique: int = 0
+    window_attended: int = 0
+    window_unique: int = 0
     total_steps: int = 0
     total_attended: int = 0
     total_unique: int = 0
+    total_window_attended: int = 0
+    total_window_unique: int = 0
     host_s: float = 0.0  # per-step host time of the steps in the window, summed
     steady: int = 0  # steady steps in the window
     log: bool = True  # this process logs the lines (one TP rank of several does)
 
-    def record(self, attended_tokens: int, unique_tokens: int, host_s: float = 0.0, steady: bool = False) -> None:
+    def record(self, attended_tokens: int, unique_tokens: int, host_s: float = 0.0, steady: bool = False,
+               window: tuple[int, int] | None = None) -> None:
         """Count one decode step (``host_s``: its per-step host time; ``steady``: its plan was updated
-        on the device); logs and restarts the window every ``interval`` steps."""
+        on the device; ``window``: the window layers' attended and unique tokens, which a meter with
+        ``window_share`` needs); logs and restarts the window every ``interval`` steps."""
+        if (window is None) != (self.window_share == 0):
+            raise ValueError(f"a step's window counts {window} for a model whose window layers are "
+                             f"{self.window_share:.3f} of its layers")
+        window_attended, window_unique = window or (0, 0)
         self.steps += 1
         self.steady += steady
         self.attended += attended_tokens
         self.unique += unique_tokens
+        self.window_attended += window_attended
+        self.window_unique += window_unique
         self.host_s += host_s
         self.total_steps += 1
         self.total_attended += attended_tokens
         self.total_unique += unique_tokens
+        self.total_window_attended += window_attended
+        self.total_window_unique += window_unique
         if self.steps >= self.interval:
             if self.log:
                 logger.info(self.format_line())
-            self.steps = self.attended = self.unique = self.steady = 0
+            self.steps = self.attended = self.unique = self.window_attended = self.window_unique = self.steady = 0
             self.host_s = 0.0
 
+    def _per_layer(self, tokens: int, window_tokens: int) -> float:
+        return (1 - self.window_share) * tokens + self.window_share * window_tokens
+
     def format_line(self) -> str:
-        ratio = self.attended / self.unique if self.unique else 1.0
+        attended = self._per_layer(self.attended, self.window_attended)
+        unique = self._per_layer(self.unique, self.window_unique)
+        ratio = attended / unique if unique else 1.0
+        window = ""
+        if self.window_share:
+            window = f" window_ratio={self.window_attended / self.window_unique if self.window_unique else 1.0:.3f}"
         return (
-            f"{LOG_PREFIX} steps={self.steps} attended_kv_tokens={self.attended} "
-            f"unique_kv_tokens={self.unique} ratio={ratio:.3f} "
+            f"{LOG_PREFIX} steps={self.steps} attended_kv_tokens={attended:.0f} "
+            f"unique_kv_tokens={unique:.0f} ratio={ratio:.3f}{window} "
             f"plan_host_us={1e6 * self.host_s / max(self.steps, 1):.1f} steady_steps={self.steady} "
             f"total_steps={self.total_steps} "
-            f"total_attended_kv_tokens={self.total_attended} total_unique_kv_tokens={self.total_unique}"
+            f"total_attended_kv_tokens={self._per_layer(self.total_attended, self.total_window_attended):.0f} "
+            f"total_unique_kv_tokens={self._per_layer(self.total_unique, self.total_window_unique):.0f}"
         )
 
 

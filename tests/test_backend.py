@@ -26,6 +26,7 @@ from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems
 from sglang_deft.kernels import KVTree, attention_reference
+from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-deft"
 pytestmark = pytest.mark.usefixtures("single_rank")  # conftest.py
@@ -520,6 +521,29 @@ def test_decode_step_logs_sharing(server_args, model_config, caplog):
     assert row["unique_kv_tokens"] == meta.unique_tokens
     assert row["ratio"] == pytest.approx(meta.attended_tokens / meta.unique_tokens, abs=1e-3)
     assert 0 < row["plan_host_us"] < 1e6  # the step's tree build + plan, timed on the host
+
+
+def test_a_windowed_models_sharing_counts_its_window_layers(server_args, model_config, caplog):
+    """With sliding-window layers (two of the three here) the line's counts are per layer over the model's layers,
+    a window layer counting its windows' tokens, and window_ratio is the window layers' own ratio."""
+    from sglang_deft.sharing_metrics import parse_sharing_lines
+
+    window = 4
+    layers = windowed_layers(model_config, window)
+    sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
+    reqs = forked_batch(sim)
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    full = build_decode_kv_tree(reqs, sim.req_to_token, fb.seq_lens_cpu)
+    windowed = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, fb.seq_lens_cpu, window + 1)
+    with caplog.at_level("INFO", logger="sglang_deft.sharing_metrics"):
+        backend.init_forward_metadata(fb)
+    (row,) = parse_sharing_lines(caplog.text)
+    attended = (full.attended_tokens + 2 * windowed.attended_tokens) / 3
+    unique = (full.unique_tokens + 2 * windowed.unique_tokens) / 3
+    assert windowed.attended_tokens == len(reqs) * (window + 1) < full.attended_tokens
+    assert (row["attended_kv_tokens"], row["unique_kv_tokens"]) == (round(attended), round(unique))
+    assert row["ratio"] == pytest.approx(attended / unique, abs=1e-3)
+    assert row["window_ratio"] == pytest.approx(windowed.attended_tokens / windowed.unique_tokens, abs=1e-3)
 
 
 def test_one_tp_rank_logs_sharing(server_args, model_config, caplog):

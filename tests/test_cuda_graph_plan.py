@@ -793,9 +793,9 @@ def test_replays_are_metered_and_logged_as_the_eager_steps_they_stand_for(server
         backend.sharing.interval = 3
         record, recorded[name] = backend.sharing.record, []
 
-        def counted(attended, unique, host_s, steady, record=record, log=recorded[name]):
+        def counted(attended, unique, host_s, steady, window, record=record, log=recorded[name]):
             log.append((attended, unique, steady))
-            record(attended, unique, host_s, steady)
+            record(attended, unique, host_s, steady, window)
 
         backend.sharing.record = counted
     prompt = sim.fresh(60)
@@ -851,10 +851,12 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
             plan is b.window_graph_plan for b in (graphs, eager)) else fits(plan, *a))
     reqs = four_branches(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    window_attended = 0
     for step in range(7):
         if step == 4:  # an unrelated request joins: 5 queries, padded to 8 in the graphs
             reqs += sim.prefill([sim.new_req(sim.fresh(30))])
         fb = decode_forward_batch(sim, reqs, kv_pool)
+        window_attended += int(fb.seq_lens_cpu.clamp(max=41).sum())
         B = len(reqs)
         bs = emulator.prepare(fb)
         assert (bs is None) == refuse_windows
@@ -875,3 +877,7 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         sim.finish_decode(reqs)
     assert logs[0] == logs[1] == [False, False, True, True, False, False, True]
+    # Both servers' sharing metrics count the window layer's trees, replayed or eager: each branch's window starts
+    # at a place of its own, so nothing in them is shared
+    assert [(m.total_window_attended, m.total_window_unique) for m in (graphs.sharing, eager.sharing)] == [
+        (window_attended, window_attended)] * 2

@@ -47,3 +47,25 @@ def test_a_line_cut_short_is_left_out_and_dp_ranks_are_read():
     assert parse_sharing_lines(f"{line}\n{cut}") == parse_sharing_lines(line)
     rows = parse_sharing_lines(f"[2026-01-01 00:00:00 DP1 TP0] {line}\n[2026-01-01 00:00:00] {line}")
     assert rows[0]["dp_rank"] == 1 and "dp_rank" not in rows[1]
+
+
+def test_a_windowed_models_counts_are_per_layer_over_its_layers(caplog):
+    """Sliding-window layers (here 3 in 4: window_share 0.75) count their windows' tokens: the line's counts are
+    the per-layer average over the model's layers, window_ratio the window layers' own."""
+    meter = SharingMeter(interval=2, window_share=0.75)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        meter.record(100, 20, window=(40, 10))
+        meter.record(100, 20, window=(40, 30))
+    (row,) = parse_sharing_lines(caplog.text)
+    # attended 0.25 * 200 + 0.75 * 80 = 110, unique 0.25 * 40 + 0.75 * 40 = 40
+    assert row == pytest.approx(dict(steps=2, attended_kv_tokens=110, unique_kv_tokens=40, ratio=2.75, window_ratio=2.0,
+                                     plan_host_us=0.0, steady_steps=0, total_steps=2, total_attended_kv_tokens=110,
+                                     total_unique_kv_tokens=40))
+
+
+def test_window_counts_go_with_window_layers_only():
+    with pytest.raises(ValueError, match="window counts None for a model whose window layers are 0.500"):
+        SharingMeter(interval=2, window_share=0.5).record(10, 5)
+    with pytest.raises(ValueError, match=r"window counts \(4, 2\) for a model whose window layers are 0.000"):
+        SharingMeter(interval=2).record(10, 5, window=(4, 2))
+    assert "window_ratio" not in SharingMeter(interval=2).format_line()
