@@ -16,9 +16,12 @@ timed, so over a long decode the server's mean is this one plus that plan's shar
   device shows up here.
 
 ``--window W``: a model with sliding-window layers of W tokens (the backend's ``window_tokens``): each step also
-builds the window tree (its own builder) and plans it into buffers of its own, as the backend does, timed apart
-(``window_us``: it is planned in full every step). After the full plan and for the batch's rows, as an eager step
-does; before a CUDA-graph replay the backend plans it first and for the padded rows: the same work.
+plans the window layers' step as the backend does (a step planner of its own, ``window=W``, into buffers of its
+own: full plans and steady steps that move the windows on the device), timed apart (``window_steady_us``,
+``window_full_us``, ``window_mean_us``); and, for comparison in the same run, the window tree built and planned in
+full (``window_replan_us``: what the backend did every step before its window plans took steady steps). After
+the full plan and for the batch's rows, as an eager step does; before a CUDA-graph replay the backend plans it
+first and for the padded rows: the same work.
 
 Run: ``python benchmarks/bench_step_host.py [--device cuda] [--window W] [--out DIR]`` (CPU: with
 ``TRITON_INTERPRET=1``, for the steady steps' kernel; the device ops run on the host, so only the
@@ -66,7 +69,7 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
     from sglang_deft.kernels import TreeDecodePlanner
     from sglang_deft.kernels.reference import plan_kv_reads
     from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
-    from sglang_deft.step_planner import DecodeStepPlanner
+    from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
     from sglang_deft.tree_attention import new_graph_plan, plan_graph_step, plan_limits
 
     prefix, branches, private = CASES[key]
@@ -78,12 +81,16 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
     # The backend's: tree builder + planner writing the CUDA graphs' buffers, steady steps in place.
     planner = TreeDecodePlanner(hq, hkv, d)
     step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, buffers)
-    if window is not None:
-        window_builder = DecodeKVTreeBuilder(r2t)
-        window_buffers = new_graph_plan(plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * window, hq, hkv, d,
+    if window is not None:  # the backend's window buffers, and a replan's (as before steady window steps)
+        window_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, new_graph_plan(
+            plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * (window + SLACK_TOKENS) + 1, hq, hkv, d,
+            torch.bfloat16, device), window=window)
+        replan_builder = DecodeKVTreeBuilder(r2t)
+        replan_buffers = new_graph_plan(plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * window, hq, hkv, d,
                                         torch.bfloat16, device)
     times = {True: [], False: []}  # steady steps, full plans
-    window_times = []
+    window_times = {True: [], False: []}
+    replan_times = []
     for step in range(steps + warmup):
         seq_lens = sim.prepare_decode(reqs)
         r2t.copy_(sim.req_to_token)  # the server's table lives on the device (not timed)
@@ -97,36 +104,44 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
         if planned is None:
             raise RuntimeError(f"{key}: the step does not fit the plan buffers")
         if window is not None:
-            built = window_builder.build_window(reqs, seq_lens, window, kv_out=window_buffers.kv_indices)
-            window_plan = plan_graph_step(window_buffers, built.tree, branches, torch.bfloat16, planner)
+            window_step = window_planner.plan(reqs, seq_lens, branches)
             t2 = time.perf_counter()
-            if window_plan is None:
+            built = replan_builder.build_window(reqs, seq_lens, window, kv_out=replan_buffers.kv_indices)
+            replanned = plan_graph_step(replan_buffers, built.tree, branches, torch.bfloat16, planner)
+            t3 = time.perf_counter()
+            if window_step is None or replanned is None:
                 raise RuntimeError(f"{key}: the window tree does not fit its plan buffers")
-        if step in (0, 1, steps + warmup - 1):  # what the plan reads: each query's row (its window), once
+        if step in (0, 1, steps + warmup - 1):  # what the plans read: each query's row (its window), once
             reads = plan_kv_reads(planned.plan)
-            window_reads = plan_kv_reads(window_plan) if window is not None else None
+            window_reads = [plan_kv_reads(p) for p in (window_step.plan, replanned)] if window is not None else []
             for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
                 row = sim.req_to_token[req.req_pool_idx, :n].tolist()
                 if sorted(reads[b]) != sorted(row):
                     raise AssertionError(f"{key} step {step}: query {b} does not read its row once")
-                if window is not None and sorted(window_reads[b]) != sorted(row[-window:]):
+                if any(sorted(r[b]) != sorted(row[-window:]) for r in window_reads):
                     raise AssertionError(f"{key} step {step}: query {b} does not read its window once")
         if step >= warmup:
             times[planned.steady].append(1e6 * (t1 - t0))
             if window is not None:
-                window_times.append(1e6 * (t2 - t1))
+                window_times[window_step.steady].append(1e6 * (t2 - t1))
+                replan_times.append(1e6 * (t3 - t2))
         sim.finish_decode(reqs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    med = statistics.median
-    every = times[True] + times[False]
-    return {"case": key, "batch": branches, "kv_tokens": planned.unique_tokens,
-            "mode": "busy" if busy else "idle", "checked_reads": True,
-            "steady_steps": len(times[True]), "full_steps": len(times[False]),
-            "steady_us": round(med(times[True]), 1) if times[True] else None,
-            "full_us": round(med(times[False]), 1) if times[False] else None,
-            "mean_us": round(statistics.fmean(every), 1), "window": window,
-            "window_us": round(med(window_times), 1) if window_times else None}
+    row = {"case": key, "batch": branches, "kv_tokens": planned.unique_tokens,
+           "mode": "busy" if busy else "idle", "checked_reads": True, **_medians(times, ""), "window": window}
+    if window is not None:
+        row.update(_medians(window_times, "window_"), window_replan_us=round(statistics.median(replan_times), 1))
+    return row
+
+
+def _medians(times: dict, prefix: str) -> dict:
+    """Steady and full steps' counts and medians, and the mean over both (``times``: us by steady flag)."""
+    med, every = statistics.median, times[True] + times[False]
+    return {f"{prefix}steady_steps": len(times[True]), f"{prefix}full_steps": len(times[False]),
+            f"{prefix}steady_us": round(med(times[True]), 1) if times[True] else None,
+            f"{prefix}full_us": round(med(times[False]), 1) if times[False] else None,
+            f"{prefix}mean_us": round(statistics.fmean(every), 1)}
 
 
 def main(argv=None) -> int:
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--window", type=int, default=None, metavar="W",
-                   help="sliding-window layers attending W tokens: also time each step's window plan")
+                   help="sliding-window layers attending W tokens: also time each step's window plan, and a replan")
     p.add_argument("--out", type=Path, default=None, help="writes step_host_<device>.json there")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -151,7 +166,9 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{r['case']:>16} B={r['batch']:<4} {r['mode']:<4} steady {r['steady_us']} us "
                   f"x{r['steady_steps']}, full {r['full_us']} us x{r['full_steps']}, mean {r['mean_us']} us"
-                  + (f", window plan {r['window_us']} us" if args.window else ""), flush=True)
+                  + (f"; window plan: steady {r['window_steady_us']} us x{r['window_steady_steps']}, full "
+                     f"{r['window_full_us']} us x{r['window_full_steps']}, mean {r['window_mean_us']} us, planned "
+                     f"in full every step {r['window_replan_us']} us" if args.window else ""), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

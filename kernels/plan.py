@@ -295,7 +295,8 @@ class TreeDecodePlanner:
         self._schedule = schedule or Schedule()
         # For the plan's device: the one given, else made at the first plan.
         self._staging: PinnedStagingRing | None = staging
-        self._item_end: np.ndarray | None = None  # the last plan's items' KV ends, in item order
+        self._item_start: np.ndarray | None = None  # the last plan's items' KV starts and ends, in item order
+        self._item_end: np.ndarray | None = None
         self.graph_batch_sizes = None if graph_batch_sizes is None else sorted(set(graph_batch_sizes))
         self._few_merges: dict[int, int] = {}  # few_merges_max_queries by SM count
 
@@ -322,6 +323,20 @@ class TreeDecodePlanner:
         if not np.all(hi - lo == 1):
             return None
         return order[lo]
+
+    def items_starting_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every item (index in the last plan's ``items``) whose KV range starts at one of ``positions``, and its
+        kv_len; None when some position has none. A node split into query tiles starts one item per tile there.
+        Lets a caller move a node's start in place: each such item's ``kv_start`` + 1, ``kv_len`` - 1. Ask only
+        for nodes that hold tokens (an empty node has no items; another node's may start where it does)."""
+        starts = self._item_start
+        if starts is None:
+            return None
+        hit = np.isin(starts, positions)
+        if not np.isin(positions, starts[hit]).all():
+            return None
+        items = np.flatnonzero(hit)
+        return items, self._item_end[items] - starts[items]
 
     def _upload(self, host: np.ndarray, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._staging is None or self._staging.device != device:
@@ -372,7 +387,7 @@ class TreeDecodePlanner:
         # Every field in one host buffer, in its place (schedule.c's layout): one copy moves them all.
         host = self._schedule.out[:s.packed_len]
         items = host[s.o_items:s.o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS)
-        self._item_end = items[:, 0] + items[:, 1]
+        self._item_start, self._item_end = items[:, 0].copy(), items[:, 0] + items[:, 1]
         if capacity is None:
             meta = self._upload(host, device)
             # The kernels index it as contiguous int32 (.to returns the tensor itself when it already is).

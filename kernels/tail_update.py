@@ -1,4 +1,5 @@
-"""One launch that grows every private tail of a plan by its newest KV token (a steady decode step).
+"""One launch that grows every private tail of a plan by its newest KV token (a steady decode step), and one
+that moves nodes' starts one position on (a sliding-window plan's windows, ``advance_starts``).
 
 A plan's tails can grow in place when the plan left room after each of them. The update's operands
 are one int64 tensor of four equal parts, one entry per possible tail:
@@ -49,3 +50,23 @@ def advance_tails(req_to_token: torch.Tensor, operands: torch.Tensor, kv_indices
     """The update above, in place (``operands`` int64 [4 x cap]; ``items`` the plan's int32 items)."""
     cap = operands.numel() // 4
     _advance_tails_kernel[(triton.cdiv(cap, BLOCK),)](req_to_token, operands, kv_indices, items, cap, BLOCK=BLOCK)
+
+
+@triton.jit
+def _advance_starts_kernel(operands, items, cap, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cap
+    field = tl.load(operands + offs, mask=mask, other=0)
+    inc = tl.load(operands + cap + offs, mask=mask, other=0).to(tl.int32)
+    tl.atomic_add(items + field, inc, mask=mask)
+    tl.atomic_add(items + field + 1, -inc, mask=mask)
+
+
+def advance_starts(operands: torch.Tensor, items: torch.Tensor) -> None:
+    """Move items' KV ranges' starts on, in place: ``operands`` int64 [2 x cap] is, per entry, the flat index in
+    ``items`` (the plan's int32 items) of an item's kv_start and 1 (0 for an unused entry, which may name any
+    item); per entry ``items[field] += inc``, ``items[field + 1] -= inc`` (kv_start, then kv_len). Atomically,
+    as advance_tails: an unused entry's item may be a used one's, and a tail's last item may be this one (its
+    kv_len grown by advance_tails in another launch)."""
+    cap = operands.numel() // 2
+    _advance_starts_kernel[(triton.cdiv(cap, BLOCK),)](operands, items, cap, BLOCK=BLOCK)

@@ -292,9 +292,9 @@ phase_step_host() {
   # ~1 min: the backend's per-step planning (DecodeStepPlanner: full plans and steady steps) on
   # bench_e2e's cases, device idle and busy (step_host_cuda.json; some steps' plans are read back:
   # each query must read its row once), then test_cuda_graph_gpu's backend-level part (captured
-  # graphs replayed vs eager steps, bitwise).
+  # graphs replayed vs eager steps, bitwise). STEP_HOST_ARGS="--window 1024": with a sliding-window plan.
   local rc_bench rc_pytest t=$SECONDS
-  timeout -k 10 "${STEP_HOST_S:-150}" python3 benchmarks/bench_step_host.py --out "$OUT"
+  timeout -k 10 "${STEP_HOST_S:-150}" python3 benchmarks/bench_step_host.py --out "$OUT" ${STEP_HOST_ARGS:-}
   rc_bench=$?
   say "bench_step_host rc=$rc_bench in $((SECONDS - t))s"
   t=$SECONDS

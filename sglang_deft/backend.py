@@ -38,13 +38,14 @@ KV tree from. So:
 Sliding-window layers (Gemma-2's local layers: SGLang's ``layer.sliding_window_size`` w, a
 query attends its last w + 1 tokens, as FlashInfer's ``window_left`` and Hugging Face's models define it)
 get a second plan per step, of the same batch's KV tree cut to each query's window
-(``DecodeKVTreeBuilder.build_window``, with a builder of its own), in plan buffers of their own; every layer
-runs the plan of its kind. The window plan is planned in full every step (a window's start moves with its
-query's end, so there is no steady update): after the full layers' plan in an eager step, before it ahead of a
-replay (so that a window plan past the buffers leaves the step planner untouched), the same plans either way.
-A step whose window plan does not fit runs eagerly; in a server with CUDA graphs the full layers' plans of that
-step and the steps after it may then be chunked unlike a server without graphs (the step planner's steady steps
-follow the row count, a replay's padded, an eager step's not): exact either way, not bitwise the same.
+(``DecodeKVTreeBuilder.build_window``, with a builder of its own), in plan buffers of their own, by a step
+planner of its own whose steady steps also move each window's start (``step_planner``); every layer runs the
+plan of its kind. The window plan comes after the full layers' plan in an eager step, before it ahead of a
+replay (so that a window plan past the buffers leaves the full layers' step planner untouched), the same plans
+either way. A step whose window plan does not fit runs eagerly; in a server with CUDA graphs the full layers'
+plans of that step and the steps after it may then be chunked unlike a server without graphs (the step
+planner's steady steps follow the row count, a replay's padded, an eager step's not): exact either way, not
+bitwise the same.
 
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own
@@ -78,7 +79,7 @@ from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder, build
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter
-from sglang_deft.step_planner import DecodeStepPlanner
+from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
 from sglang_deft import tree_attention
 from sglang_deft.tree_attention import (empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step, plan_limits,
                                         plan_step, run_layer, with_padding_queries)
@@ -176,6 +177,7 @@ class DeftAttnBackend(AttentionBackend):
         self.graph_plan: TreeDecodePlan | None = None
         self.window_graph_plan: TreeDecodePlan | None = None  # the sliding-window layers' buffers
         self.step_planner: DecodeStepPlanner | None = None
+        self.window_step_planner: DecodeStepPlanner | None = None  # the sliding-window layers' (window buffers)
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
         if tree_attention.use_triton_kernels(self.device):
             # Made here, with or without CUDA graphs, before SGLang captures any graph: made at the first
@@ -196,10 +198,14 @@ class DeftAttnBackend(AttentionBackend):
         self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
         if self.window_tokens is not None:
             # A window tree holds at most every query's window: max_bs x window tokens (a slot may appear
-            # under two different window starts, so the pool's size does not bound it).
-            self.window_graph_plan = new_graph_plan(self.plan_limits, max_bs, max_bs * self.window_tokens,
+            # under two different window starts, so the pool's size does not bound it), plus its tails' room
+            # for steady steps and the steady update's scratch entry.
+            self.window_graph_plan = new_graph_plan(self.plan_limits, max_bs,
+                                                    max_bs * (self.window_tokens + SLACK_TOKENS) + 1,
                                                     self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                                                     self.device, self.planner.graph_batch_sizes)
+            self.window_step_planner = DecodeStepPlanner(self.window_builder, self.planner, self.window_graph_plan,
+                                                         window=self.window_tokens)
         if not self.logging_rank:
             return
         logger.info(
@@ -282,9 +288,11 @@ class DeftAttnBackend(AttentionBackend):
         if self.window_tokens is not None:
             # Into the window buffers where the full plan went into its buffers (as before a replay), unless
             # they already refused this step's window plan: it is past the limits.
-            window_plan, window_built = self._window_plan(reqs, seq_lens, rows, buffers=step is not None and
-                                                          not window_refused, past_limits=window_refused)
-            check_window_tree, window_counts = window_built.tree, _counts(window_built)
+            window_plan, window_counts, window_built = self._window_plan(
+                reqs, seq_lens, rows, buffers=step is not None and not window_refused, past_limits=window_refused)
+            if check:  # as the full layers' check: a steady step built no tree
+                check_window_tree = (window_built or DecodeKVTreeBuilder(self.window_builder.req_to_token)
+                                     .build_window(reqs, seq_lens, self.window_tokens)).tree
         if check and isinstance(plan, TreeDecodePlan):
             check_tree = with_padding_queries(check_tree, rows)
             if check_window_tree is not None:
@@ -296,25 +304,21 @@ class DeftAttnBackend(AttentionBackend):
         self._record(forward_batch, attended, unique, started, step is not None and step.steady, window_counts)
 
     def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
-        """The step's sliding-window plan and its (unpadded) window tree: in the window buffers when ``buffers``
-        and it fits them, else in buffers of its own (or the tree itself, on the reference path);
-        ``past_limits``: the buffers already refused it."""
+        """The step's sliding-window plan, its (attended, unique) tokens and its (unpadded) window tree (None on a
+        steady step): by the window step planner into the window buffers when ``buffers`` and it fits them, else
+        in buffers of its own (or the tree itself, on the reference path); ``past_limits``: the buffers already
+        refused it."""
         if buffers:
-            plan, built = self._window_graph_step(reqs, seq_lens, rows)
-            if plan is not None:
-                return plan, built
+            step = self.window_step_planner.plan(reqs, seq_lens, rows)
+            if step is not None:
+                return step.plan, (step.attended_tokens, step.unique_tokens), step.built
+        if self.window_step_planner is not None:
+            self.window_step_planner.invalidate()
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
         # The buffers refuse only trees past the limits (as the full plan's), so not under them again.
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                          self.kv_dtype, self.device, self.plan_limits, self.planner, past_limits=buffers or past_limits)
-        return plan, built
-
-    def _window_graph_step(self, reqs, seq_lens: torch.Tensor, rows: int):
-        """The step's sliding-window plan in the window buffers (None when it does not fit them), and its window
-        tree."""
-        built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens,
-                                                 kv_out=self.window_graph_plan.kv_indices)
-        return plan_graph_step(self.window_graph_plan, built.tree, rows, self.kv_dtype, self.planner), built
+        return plan, _counts(built), built
 
     def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool,
                 window: tuple[int, int] | None) -> None:
@@ -332,8 +336,7 @@ class DeftAttnBackend(AttentionBackend):
         do; the pass only tunes the model's other kernels."""
         rows = forward_batch.batch_size
         logger.info("deft: SGLang's warm-up decode batch of %d rows (FlashInfer autotune) attends nothing", rows)
-        if self.step_planner is not None:
-            self.step_planner.invalidate()
+        self._invalidate_step_planners()
         tree = with_padding_queries(empty_tree(self.device), rows)
         plan = plan_step(tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
                          self.plan_limits, self.planner)
@@ -426,7 +429,13 @@ class DeftAttnBackend(AttentionBackend):
                                           self.planner)
         self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0, window_plan=window_plan)
         self.planned_replay_size = None  # whatever was planned is overwritten
-        self.step_planner.invalidate()
+        self._invalidate_step_planners()
+
+    def _invalidate_step_planners(self) -> None:
+        """Something else wrote the plan buffers: the next step is planned in full."""
+        for planner in (self.step_planner, self.window_step_planner):
+            if planner is not None:
+                planner.invalidate()
 
     def deft_prepare_graph_replay(self, forward_batch: ForwardBatch, padded_bs: int) -> bool:
         """Plan a decode step into the graph's buffers, padded to ``padded_bs`` queries; False (the
@@ -443,11 +452,11 @@ class DeftAttnBackend(AttentionBackend):
         # plans the full layers as a server without CUDA graphs does (up to the row count: the module doc).
         window_counts = None
         if self.window_tokens is not None:
-            window_plan, window_built = self._window_graph_step(reqs, forward_batch.seq_lens_cpu, padded_bs)
-            if window_plan is None:
+            window_step = self.window_step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
+            if window_step is None:
                 self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
                 return False
-            window_counts = _counts(window_built)
+            window_counts = (window_step.attended_tokens, window_step.unique_tokens)
         step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)

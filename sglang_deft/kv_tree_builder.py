@@ -89,6 +89,19 @@ class TailSlack:
 
 
 @dataclass(frozen=True)
+class MovingStarts:
+    """How a window tree (``build_window``) follows its windows for the next steps of the same batch: each query
+    whose window starts past its path's first token has one root node, the segment its window starts in (queries
+    whose windows start at the same place share it), and one step later each of those roots starts one position
+    further on; every other node stays as it is, and the tails grow (``tails``). That holds for ``room`` steps:
+    until a query whose window covers its whole path reaches its window's length (then its window starts
+    moving too, at a place no other query's root starts)."""
+
+    start: np.ndarray  # [R] int64: kv position of each moving root's first token
+    room: int  # steps of one more token each for which the tree's shape stays this one
+
+
+@dataclass(frozen=True)
 class DecodeKVTree:
     """The KV tree of one decode batch and its sharing counts."""
 
@@ -97,6 +110,7 @@ class DecodeKVTree:
     unique_tokens: int  # KV tokens read once each: tree.kv_indices.numel() less the tails' unused room (tails)
     reused_shape: bool  # the radix part came from the previous step (DecodeKVTreeBuilder)
     tails: TailSlack | None = None  # build(tail_slack=...): the unused nodes after the tails
+    moving: MovingStarts | None = None  # build_window(tail_slack=...): the roots that move with their windows
 
 
 @dataclass(frozen=True)
@@ -181,18 +195,18 @@ class DecodeKVTreeBuilder:
         reqs, seq, shape, reused = self._batch_shape(reqs, seq_lens_cpu)
         lens = _node_lengths(shape, seq)
         unique = int(lens.sum())
-        parent, query_node, start, row = shape.parent, shape.query_node, shape.start, shape.row
         tails = None
-        if (tail_slack > 0 and len(shape.tail_node)
-                and (max_kv_tokens is None or unique + tail_slack * len(shape.tail_node) <= max_kv_tokens)):
-            tails, (parent, query_node, start, row, lens) = _with_slack_nodes(
-                shape, seq, lens, tail_slack, self.req_to_token.shape[1])
-        tree = self._gather(parent, query_node, start, row, lens, kv_out)
+        nodes = (shape.parent, shape.query_node, shape.start, shape.row, lens)
+        if self._room_for(tail_slack, len(shape.tail_node), unique, max_kv_tokens):
+            tails, nodes, _ = _with_slack_nodes(nodes, shape.tail_node, shape.tail_req, seq, tail_slack,
+                                                self.req_to_token.shape[1])
+        tree = self._gather(*nodes, kv_out)
         return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=unique, reused_shape=reused,
                             tails=tails)
 
     def build_window(self, reqs: Sequence, seq_lens_cpu: torch.Tensor | Sequence[int], window: int,
-                     kv_out: torch.Tensor | None = None) -> DecodeKVTree:
+                     kv_out: torch.Tensor | None = None, tail_slack: int = 0,
+                     max_kv_tokens: int | None = None) -> DecodeKVTree:
         """The KV tree of a sliding-window layer: query b attends only the last ``window`` tokens of its
         path, ``req_to_token[row_b, max(seq_len_b - window, 0):seq_len_b]``.
 
@@ -202,19 +216,39 @@ class DecodeKVTreeBuilder:
         node per start, and what lies below such a node is repeated under each start that reaches it
         (read once per distinct start, which is still exact). Every query whose window covers its whole
         path keeps the tree of :meth:`build`. Arguments and errors as :meth:`build`; the radix part is
-        :meth:`build`'s (reused, or kept for the next step, the same way)."""
+        :meth:`build`'s (reused, or kept for the next step, the same way). With ``tail_slack`` (and room
+        for it) the tails get their unused nodes as in :meth:`build`, and ``moving`` says which roots move
+        with their windows (:class:`MovingStarts`)."""
         if window < 1:
             raise ValueError(f"a sliding window of {window} tokens; a decode query attends at least its own token")
         reqs, seq, shape, reused = self._batch_shape(reqs, seq_lens_cpu)
         lens = _node_lengths(shape, seq)
         cut = np.maximum(seq - window, 0)
         if cut.any():
-            parent, query_node, start, row, lens = _window_nodes(shape, lens, cut)
+            nodes = _window_nodes(shape, lens, cut)
         else:
-            parent, query_node, start, row = shape.parent, shape.query_node, shape.start, shape.row
-        tree = self._gather(parent, query_node, start, row, lens, kv_out)
-        return DecodeKVTree(tree=tree, attended_tokens=int(np.minimum(seq, window).sum()),
-                            unique_tokens=int(lens.sum()), reused_shape=reused)
+            nodes = (shape.parent, shape.query_node, shape.start, shape.row, lens)
+        unique = int(nodes[4].sum())
+        tails = moving = None
+        if self._room_for(tail_slack, len(shape.tail_node), unique, max_kv_tokens):
+            parent, query_node = nodes[0], nodes[1]
+            # A tail's node in the window tree is its query's (what a chain merge joined it to ends with it).
+            tails, nodes, new_id = _with_slack_nodes(nodes, query_node[shape.tail_req], shape.tail_req, seq,
+                                                     tail_slack, self.req_to_token.shape[1])
+            roots = np.unique(_roots(parent)[query_node[cut > 0]])
+            first = np.cumsum(nodes[4]) - nodes[4]  # each node's first kv position
+            covered = seq[cut == 0]
+            moving = MovingStarts(start=first[new_id[roots]],
+                                  room=int((window - covered).min()) if len(covered) else tail_slack)
+        tree = self._gather(*nodes, kv_out)
+        return DecodeKVTree(tree=tree, attended_tokens=int(np.minimum(seq, window).sum()), unique_tokens=unique,
+                            reused_shape=reused, tails=tails, moving=moving)
+
+    @staticmethod
+    def _room_for(tail_slack: int, tails: int, unique: int, max_kv_tokens: int | None) -> bool:
+        """Whether a tree of ``unique`` tokens gets ``tail_slack`` positions of room after each of its tails."""
+        return (tail_slack > 0 and tails > 0
+                and (max_kv_tokens is None or unique + tail_slack * tails <= max_kv_tokens))
 
     def _batch_shape(self, reqs: Sequence, seq_lens_cpu) -> tuple[list, np.ndarray, _BatchShape, bool]:
         """The batch's requests, int64 lengths and radix part (the last one when it still holds)."""
@@ -331,10 +365,14 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
             o_row[last], np.bincount(merged, weights=o_len).astype(np.int64))
 
 
-def _with_slack_nodes(shape: _BatchShape, seq: np.ndarray, lens: np.ndarray, tail_slack: int, width: int):
-    """Insert an unused child after every tail node: its positions are the row's next ones, so the
-    steps that follow can write their new token there (no query reads an unused node)."""
-    N, tail_node, tail_req = len(lens), shape.tail_node, shape.tail_req
+def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray, seq: np.ndarray, tail_slack: int,
+                      width: int):
+    """Insert an unused child after every tail node (``nodes``: parent, query_node, start, row, lens; request
+    ``tail_req[j]``'s tail is node ``tail_node[j]``, which ends at its sequence's end): its positions are the
+    row's next ones, so the steps that follow can write their new token there (no query reads an unused node).
+    Returns the tails, the new nodes and each old node's new id."""
+    old_parent, query_node, old_start, old_row, lens = nodes
+    N = len(lens)
     is_tail = np.zeros(N, np.int64)
     is_tail[tail_node] = 1
     new_id = np.arange(N) + np.cumsum(is_tail) - is_tail  # one slack node after each earlier tail
@@ -342,16 +380,26 @@ def _with_slack_nodes(shape: _BatchShape, seq: np.ndarray, lens: np.ndarray, tai
     total = N + len(tail_node)
     slack = np.minimum(tail_slack, width - seq[tail_req])
     parent = np.empty(total, np.int32)
-    parent[new_id] = np.where(shape.parent >= 0, new_id[shape.parent], -1)
+    parent[new_id] = np.where(old_parent >= 0, new_id[old_parent], -1)
     parent[slack_id] = new_id[tail_node]
     start, row, new_lens = (np.empty(total, np.int64) for _ in range(3))
-    start[new_id], start[slack_id] = shape.start, seq[tail_req]
-    row[new_id], row[slack_id] = shape.row, shape.row[tail_node]
+    start[new_id], start[slack_id] = old_start, seq[tail_req]
+    row[new_id], row[slack_id] = old_row, old_row[tail_node]
     new_lens[new_id], new_lens[slack_id] = lens, slack
     indptr_end = np.cumsum(new_lens)
     tails = TailSlack(req=tail_req, end=indptr_end[new_id[tail_node]],
-                      next_flat=shape.row[tail_node] * width + seq[tail_req], slack=slack)
-    return tails, (parent, new_id[shape.query_node].astype(np.int32), start, row, new_lens)
+                      next_flat=old_row[tail_node] * width + seq[tail_req], slack=slack)
+    return tails, (parent, new_id[query_node].astype(np.int32), start, row, new_lens), new_id
+
+
+def _roots(parent: np.ndarray) -> np.ndarray:
+    """Each node's root (``parent`` -1 at a root), by pointer jumping: a few rounds for any depth."""
+    up = np.where(parent >= 0, parent, np.arange(len(parent))).astype(np.int64)
+    while True:
+        nxt = up[up]
+        if np.array_equal(nxt, up):
+            return up
+        up = nxt
 
 
 def build_decode_kv_tree(reqs: Sequence, req_to_token: torch.Tensor,

@@ -23,6 +23,14 @@ chunks longer: still exact attention (every query reads its whole path once), a 
 split of the work than a fresh plan. Graph replays and eager steps of the same batch sequence make the
 same decisions, so their outputs stay bitwise equal (the backend keeps these buffers without CUDA
 graphs too).
+
+A sliding-window layer's plan (``window``: each query attends its last ``window`` tokens,
+``DecodeKVTreeBuilder.build_window``) takes steady steps too. One token on, every query's window starts one
+position further: in the window tree that moves the first position of each root a window starts in, and
+nothing else but the tails. So the update also moves those roots' first items on
+(``kv_start += 1; kv_len -= 1``, ``kernels/tail_update.advance_starts``), for as long as each of those items
+keeps a token and no query whose window still covers its whole path reaches its window's length
+(``MovingStarts``); then the step is planned in full.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ import torch
 from sglang_deft.kernels import TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import ITEM_FIELDS
 from sglang_deft.kernels.staging import PinnedStagingRing
-from sglang_deft.kernels.tail_update import advance_tails
+from sglang_deft.kernels.tail_update import advance_starts, advance_tails
 from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
 from sglang_deft.tree_attention import plan_graph_step
 
@@ -64,16 +72,19 @@ class _SteadyState:
     plan: TreeDecodePlan  # the full step's plan, which steady steps update in place; its
     #                       num_queries: the rows planned (B plus graph padding)
     unique: int
-    room: int  # steady steps left before a tail's slack runs out
+    room: int  # steady steps left before a tail's slack runs out (or a window plan's shape changes)
     num_tails: int
+    num_moving: int  # a window plan's roots that move one position a step (MovingStarts)
 
 
 class DecodeStepPlanner:
-    """Plans decode steps into ``buffers`` (a fixed-capacity ``TreeDecodePlan``); see the module doc."""
+    """Plans decode steps into ``buffers`` (a fixed-capacity ``TreeDecodePlan``); see the module doc.
+    ``window``: the plan of a sliding-window layer whose queries attend their last ``window`` tokens."""
 
     def __init__(self, builder: DecodeKVTreeBuilder, planner: TreeDecodePlanner, buffers: TreeDecodePlan,
-                 slack: int = SLACK_TOKENS):
+                 slack: int = SLACK_TOKENS, window: int | None = None):
         self.builder, self.planner, self.buffers, self.slack = builder, planner, buffers, slack
+        self.window = window
         self.device = buffers.meta.device
         cap = buffers.qperm.numel()
         self._staging = PinnedStagingRing(self.device)
@@ -89,10 +100,17 @@ class DecodeStepPlanner:
                                               np.zeros(cap)]).astype(np.int64)
         self._staging.upload(self._idle_operands, self._operands)
         self._items = buffers.items.view(-1)
+        # A window plan's moving items: field (flat index of an item's kv_start) | 1 for a moving item, 0 for an
+        # unused entry (field 0, + 0). One entry per item the buffers hold (a root split into query tiles moves
+        # each tile's item).
+        self._start_cap = buffers.items.shape[0]
+        self._start_operands = torch.zeros(2 * self._start_cap, dtype=torch.int64, device=self.device)
         self._state: _SteadyState | None = None
         # Compiled here (Triton's JIT: about a second on a fresh host) rather than at a server's first
-        # steady step; on the idle operands the update writes only the scratch entry.
+        # steady step; on the idle operands the updates write only the scratch entry and add zeros.
         self._advance_tails()
+        if window is not None:
+            advance_starts(self._start_operands, self._items)
 
     def _advance_tails(self) -> None:
         advance_tails(self.builder.req_to_token, self._operands, self.buffers.kv_indices, self._items)
@@ -116,15 +134,20 @@ class DecodeStepPlanner:
         if (st is not None and same_batch and st.room > 0 and num_queries == st.plan.num_queries
                 and np.array_equal(seq, st.seq + 1)):
             self._advance(st, seq)
-            return StepPlan(st.plan, int(seq.sum()), st.unique, True, None)
+            attended = seq if self.window is None else np.minimum(seq, self.window)
+            return StepPlan(st.plan, int(attended.sum()), st.unique, True, None)
         self._state = None
         # Room costs a full plan ~1.6x the host time (twice the nodes), so it is laid out only for a
         # batch that already stayed the same for a step: a batch that changes every step (requests
         # joining and finishing all the time) plans as without steady steps.
         slack = self.slack if same_batch else 0
         # Room stops one short of the buffer's end: the steady update's unused entries write there.
-        built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
-                                   max_kv_tokens=self._scratch)
+        if self.window is None:
+            built = self.builder.build(reqs, seq_lens_cpu, kv_out=self.buffers.kv_indices, tail_slack=slack,
+                                       max_kv_tokens=self._scratch)
+        else:
+            built = self.builder.build_window(reqs, seq_lens_cpu, self.window, kv_out=self.buffers.kv_indices,
+                                              tail_slack=slack, max_kv_tokens=self._scratch)
         # None past the buffers' capacity (checked before the plan's metadata is written; the KV
         # slots above may be): the caller runs the step eagerly with a plan of its own.
         plan = plan_graph_step(self.buffers, built.tree, num_queries, self.planner.kv_dtype, self.planner)
@@ -135,7 +158,9 @@ class DecodeStepPlanner:
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
         self._advance_tails()
-        st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails
+        if st.num_moving:
+            advance_starts(self._start_operands, self._items)
+        st.seq, st.room, st.unique = seq, st.room - 1, st.unique + st.num_tails - st.num_moving
 
     def _steady_state(self, built: DecodeKVTree, plan: TreeDecodePlan, batch_size: int,
                       seq: np.ndarray) -> _SteadyState | None:
@@ -146,10 +171,36 @@ class DecodeStepPlanner:
         items = self.planner.items_ending_at(tails.end)
         if items is None:
             return None
+        room, moving = int(tails.slack.min()), None
+        if self.window is not None:
+            moving = self._moving_items(built)
+            if moving is None:
+                return None
+            # Each moved item must keep a token, unless it is also a tail's last item (a window inside a tail of
+            # one item), which grows by the token it loses.
+            shrinking = moving[1][~np.isin(moving[0], items)]
+            room = min(room, built.moving.room, int(shrinking.min(initial=room + 1)) - 1)
+            if room <= 0:
+                return None
         n, cap = len(tails.req), self._cap
         host = self._idle_operands.copy()
         for k, column in enumerate((tails.next_flat, tails.end, items * ITEM_FIELDS + 1, 1)):
             host[k * cap:k * cap + n] = column
         self._staging.upload(host, self._operands)
-        return _SteadyState(seq=seq, plan=plan, unique=built.unique_tokens, room=int(tails.slack.min()),
-                            num_tails=n)
+        num_moving = 0
+        if moving is not None and len(moving[0]):
+            num_moving = len(built.moving.start)
+            starts = np.zeros(2 * self._start_cap, np.int64)
+            starts[:len(moving[0])] = moving[0] * ITEM_FIELDS
+            starts[self._start_cap:self._start_cap + len(moving[0])] = 1
+            self._staging.upload(starts, self._start_operands)
+        return _SteadyState(seq=seq, plan=plan, unique=built.unique_tokens, room=room, num_tails=n,
+                            num_moving=num_moving)
+
+    def _moving_items(self, built: DecodeKVTree) -> tuple[np.ndarray, np.ndarray] | None:
+        """The window plan's items that start at a moving root, and their lengths (none when no root moves)."""
+        if built.moving is None:
+            return None
+        if not len(built.moving.start):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return self.planner.items_starting_at(built.moving.start)

@@ -121,16 +121,18 @@ def padded(fb, pad: int, fill: int) -> ForwardBatchStub:
                               "req_pool_indices": cat(fb.req_pool_indices, 0), "out_cache_loc": cat(fb.out_cache_loc, 0)})
 
 
-def record_steady(backend) -> list:
-    """Wraps the backend's step planner: the list gets each step's steady flag (None: no fit)."""
-    log, plan = [], backend.step_planner.plan
+def record_steady(backend, planner: str = "step_planner") -> list:
+    """Wraps the backend's step planner (or its window_step_planner): the list gets each step's steady flag (None:
+    no fit)."""
+    step_planner = getattr(backend, planner)
+    log, plan = [], step_planner.plan
 
     def recorded(*args):
         step = plan(*args)
         log.append(None if step is None else step.steady)
         return step
 
-    backend.step_planner.plan = recorded
+    step_planner.plan = recorded
     return log
 
 
@@ -303,7 +305,7 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
     """SGLang's sliding_window_size w (Gemma-2's local layers; a query attends its last w + 1 tokens) beside
     full-attention layers: windows of the query's own token, inside the private tails, inside the forked prompt
     (49-62 tokens by the first step), and past every sequence (the full tree). Over several steps, so that with the
-    kernels the full layers' plan takes steady steps while the windows move."""
+    kernels the full layers' plan and the window plan take steady steps."""
     layers = windowed_layers(model_config, window)
     with caplog.at_level(logging.INFO, logger="sglang_deft.backend"):
         sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
@@ -311,6 +313,7 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
     assert f"sliding-window layers [0, 2] attend each query's last {window + 1} tokens" in caplog.text
     reqs = forked_batch(sim)
     B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
+    window_steps = record_steady(backend, "window_step_planner") if backend.window_step_planner else None
     for _ in range(4):
         fb = decode_forward_batch(sim, reqs, kv_pool)
         inputs = step_inputs(B, layers)
@@ -324,6 +327,8 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
                 layer.sliding_window_size = window
                 assert not torch.allclose(out, whole, rtol=1e-3, atol=1e-3)
         sim.finish_decode(reqs)
+    # With the kernels, the window plan's last two steps were steady: moved on the device
+    assert window_steps in (None, [False, False, True, True])
 
 
 def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, model_config):

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sglang_deft.step_planner import SLACK_TOKENS
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_step_host", REPO / "benchmarks" / "bench_step_host.py")
 sh = importlib.util.module_from_spec(_spec)
@@ -72,28 +74,32 @@ def test_a_plan_that_reads_the_wrong_slots_fails(small, monkeypatch, bad_call):
 
 
 def test_window_plans_are_timed_apart_and_checked(small, monkeypatch):
-    """--window: each step's window tree is planned into buffers of its own and timed apart (the clock's third
-    call per step); its reads are each query's last W slots, and a plan that misses one fails."""
+    """--window: each step's window plan (the backend's window step planner: full plans, then steady steps) and a
+    replan of the window tree are timed apart (the clock's third and fourth calls per step); their reads are each
+    query's last W slots, and a plan that misses one fails."""
     calls = iter(range(1, 10 ** 6))
     total = [0.0]
 
-    def clock():  # call i returns sum(1..i) us: step s (calls 3s+1 .. 3s+3) plans its window in 3s + 3 us
-        total[0] += next(calls) * 1e-6
+    def clock():  # call i returns sum(1..i) us: step s (calls 4s+1 .. 4s+4) plans its window in 4s + 3 us and
+        total[0] += next(calls) * 1e-6  # replans it in 4s + 4 us
         return total[0]
 
     monkeypatch.setattr(sh, "time", SimpleNamespace(perf_counter=clock))
     r = sh.run_case(small, torch.device("cpu"), steps=3, warmup=1, busy=False, window=10)
-    assert r["window"] == 10 and r["window_us"] == pytest.approx(9.0)  # steps 1..3: 6, 9, 12 us
+    # steps 1..3: window plans of 7 (full, with room), 11 and 15 us (steady); replans of 8, 12, 16 us
+    assert r["window"] == 10 and (r["window_full_steps"], r["window_steady_steps"]) == (1, 2)
+    assert (r["window_full_us"], r["window_steady_us"], r["window_replan_us"]) == (7.0, 13.0, 12.0)
+    assert r["window_mean_us"] == pytest.approx(11.0)
     import sglang_deft.kernels.reference as reference
 
     real = reference.plan_kv_reads
 
     def reads(plan):
         out = real(plan)
-        if plan.kv_indices.numel() == sh.MAX_BS * 10:  # the window plan's buffers: MAX_BS windows of 10
+        if plan.kv_indices.numel() == sh.MAX_BS * (10 + SLACK_TOKENS) + 1:  # the window step planner's buffers
             out[2] = out[2][1:]
         return out
 
     monkeypatch.setattr(reference, "plan_kv_reads", reads)
     with pytest.raises(AssertionError, match="query 2 does not read its window once"):
-        sh.run_case(small, torch.device("cpu"), steps=2, warmup=0, busy=False, window=10)
+        sh.run_case(small, torch.device("cpu"), steps=3, warmup=0, busy=False, window=10)

@@ -21,8 +21,8 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-import sglang_deft.backend as backend_module
 import sglang_deft.kernels.plan as kernel_plan
+import sglang_deft.step_planner as step_planner_module
 import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from kernel_trees import make_tree
@@ -836,8 +836,8 @@ def test_the_plan_buffers_take_stage2s_threshold_from_the_servers_graph_sizes(se
 def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model_config, monkeypatch, refuse_windows):
     """test_steady_steps_replayed_and_eager_agree_bitwise with a sliding-window layer (a window of 41 tokens,
     starting inside the 150-token prompt at a different place for each branch) beside a full one: both servers plan
-    the window tree into its own buffers besides the full plan, which takes its steady steps, and the replays read
-    both. ``windows_refused``: the window buffers take no step (as a window tree past the limits), so the graph
+    the window tree into its own buffers besides the full plan, both plans take the same steady steps, and the
+    replays read both. ``windows_refused``: the window buffers take no step (as a window tree past the limits), so the graph
     server runs every step eagerly, its full layers planned as the eager server's (the same steady steps); still
     bitwise the eager server's. (A window plan refused on some steps only would part the two servers' steady
     steps after it: the backend's module docstring.)"""
@@ -846,9 +846,10 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
     sim, kv_pool, graphs = random_kv_setup(args, model_config, layers, 4096)
     eager, emulator, logs = graphs_and_eager(graphs, args, model_config, layers, sim, kv_pool)
     if refuse_windows:
-        fits = backend_module.plan_graph_step
-        monkeypatch.setattr(backend_module, "plan_graph_step", lambda plan, *a: None if any(
+        fits = step_planner_module.plan_graph_step
+        monkeypatch.setattr(step_planner_module, "plan_graph_step", lambda plan, *a: None if any(
             plan is b.window_graph_plan for b in (graphs, eager)) else fits(plan, *a))
+    window_logs = [record_steady(backend, "window_step_planner") for backend in (graphs, eager)]
     reqs = four_branches(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
     window_attended = 0
@@ -877,6 +878,8 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         sim.finish_decode(reqs)
     assert logs[0] == logs[1] == [False, False, True, True, False, False, True]
+    # The window plan's steady steps too (its roots start at each branch's own place and move with the windows)
+    assert window_logs[0] == window_logs[1] == ([None] * 7 if refuse_windows else logs[0])
     # Both servers' sharing metrics count the window layer's trees, replayed or eager: each branch's window starts
     # at a place of its own, so nothing in them is shared
     assert [(m.total_window_attended, m.total_window_unique) for m in (graphs.sharing, eager.sharing)] == [

@@ -225,6 +225,18 @@ def test_items_ending_at_finds_one_item_per_position_or_none():
     assert planner.items_ending_at(np.array([151])) is None  # inside a tail
 
 
+def test_items_starting_at_finds_every_tile_of_a_node_or_none():
+    """A sliding-window plan moves a root's start through every item that starts there: one per query tile of a
+    node split into tiles; None when some position starts no item."""
+    tree = make_tree([-1] + [0] * 24, [150] + [3] * 24, list(range(1, 25)))  # 24 x GQA 4: root in 6 tiles
+    planner = TreeDecodePlanner(8, 2, 32, large_rows=16)
+    plan = planner.plan(tree, "cpu")
+    items = plan.items[:int(plan.counts[0] + plan.counts[1])].numpy()
+    found, lens = planner.items_starting_at(np.array([0, 153]))
+    assert sorted(items[found, 0].tolist()) == [0] * 6 + [153] and (lens == items[found, 1]).all()
+    assert planner.items_starting_at(np.array([0, 152])) is None  # inside a tail
+
+
 def test_planner_into_fixed_buffers():
     """Capacity and reuse= (CUDA-graph replay) as with plan_tree_decode."""
     cap = PlanCapacity(max_queries=64, max_kv_tokens=20000, max_items=300, max_partials=600, max_merge=600)

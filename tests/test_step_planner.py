@@ -19,12 +19,13 @@ pytestmark = cpu_only
 HQ, HKV, D = 8, 2, 16
 
 
-def step_planner(sim: RadixSim, slack: int, max_queries: int = 16, kv_capacity: int | None = None) -> DecodeStepPlanner:
+def step_planner(sim: RadixSim, slack: int, max_queries: int = 16, kv_capacity: int | None = None,
+                 window: int | None = None) -> DecodeStepPlanner:
     limits = PlanLimits(max_items=256, max_partials=512)
     buffers = new_graph_plan(limits, max_queries, kv_capacity or sim.kv_slots, HQ, HKV, D, torch.float32,
                              torch.device("cpu"))
     planner = TreeDecodePlanner(HQ, HKV, D, kv_dtype=torch.float32)
-    return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, slack=slack)
+    return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, slack=slack, window=window)
 
 
 def check(sim: RadixSim, reqs, seq_lens, step, num_queries: int) -> None:
@@ -269,3 +270,70 @@ def test_a_tail_cut_into_chunks_grows_in_its_last_chunk():
     for (_, before), (steady, after) in zip(lengths[1:], lengths[2:]):  # steady: the last chunk grows by one
         assert steady and sum(after) == sum(before) + 1 and len(after) == len(before)
         assert sum(a != b for a, b in zip(before, after)) == 1  # one chunk grew, the others kept their lengths
+
+
+def run_window(sim, sp, reqs, num_queries=None):
+    """One step of a sliding-window planner: each query reads exactly its window, once, and the step's counts are
+    a fresh window tree's."""
+    seq_lens = sim.prepare_decode(reqs)
+    rows = num_queries or len(reqs)
+    step = sp.plan(reqs, seq_lens, rows)
+    got = plan_kv_reads(step.plan)
+    assert len(got) == rows and all(g == [] for g in got[len(reqs):])
+    for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
+        window = sim.req_to_token[req.req_pool_idx, max(n - sp.window, 0):n].tolist()
+        assert sorted(got[b]) == sorted(window), f"query {b}, step {'steady' if step.steady else 'planned'}"
+    fresh = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, sp.window)
+    assert (step.attended_tokens, step.unique_tokens) == (fresh.attended_tokens, fresh.unique_tokens)
+    sim.finish_decode(reqs)
+    return step.steady
+
+
+@pytest.mark.parametrize("padded", [None, 8], ids=["eager", "graph_padded"])
+@pytest.mark.parametrize("window, steady", [
+    (3, [False, False] + [True] * 4 + [False] + [True] * 4 + [False]),  # inside every tail: each root is a tail
+    (20, [False, False] + [True] * 4 + [False] + [True] * 4 + [False]),  # inside the prompt, one start per branch
+    (57, [False, False, True, False, False, False, True, True, True, True, False, True]),  # reached mid-run
+    (1000, [False, False] + [True] * 4 + [False] + [True] * 4 + [False]),  # never reached: a full tree
+], ids=["tails", "prompt", "reached", "whole"])
+def test_window_steady_steps_read_each_querys_window(window, steady, padded):
+    """A sliding-window plan's steady steps: every query's window moves one token on, its root's first item
+    with it, as long as the tails have room and no query whose window still covers its whole path reaches the
+    window's length (57: the fork's branches, 53-55 tokens long at the first step, reach it one after another,
+    and until the last has, every step is planned in full). A window inside a tail of one item: that item loses a
+    token at its start and gains one at its end."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4, window=window)
+    reqs = fork(sim, 3) + sim.prefill([sim.new_req(sim.fresh(9))])  # a fork and an unrelated request
+    assert [run_window(sim, sp, reqs, padded) for _ in range(12)] == steady
+
+
+def test_branches_whose_windows_start_together_share_a_moving_root_split_into_tiles():
+    """36 branches of one length forked from a 300-token prompt: their 200-token windows start at the same
+    place, one root read once for all of them, which in 64-row tiles (36 x GQA 4 rows) is three items that move
+    together."""
+    sim = RadixSim(kv_slots=16384)
+    sp = step_planner(sim, slack=4, window=200, max_queries=40)
+    prompt = sim.tokens(300)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(5)) for _ in range(36)])
+    assert [run_window(sim, sp, reqs) for _ in range(6)] == [False, False, True, True, True, True]
+    assert sp._state.num_moving == 1  # one root ...
+    assert int(sp._start_operands[sp._start_cap:].sum()) == 3  # ... whose three tiles' items move
+
+
+def test_a_window_root_cut_into_chunks_moves_its_first_chunk_only():
+    """A 1,100-token window inside a 1,200-token request: the planner cuts it into chunks; steady steps move the
+    first chunk's start and grow the last chunk, the others keep their ranges."""
+    sim = RadixSim(kv_slots=4096, max_context=2048)
+    sp = step_planner(sim, slack=4, window=1100)
+    reqs = sim.prefill([sim.new_req(sim.fresh(1200)), sim.new_req(sim.fresh(30))])
+    ranges = []
+    for _ in range(5):
+        steady = run_window(sim, sp, reqs)
+        items = sp.buffers.items[:int(sp.buffers.counts[0] + sp.buffers.counts[1])].numpy()
+        ranges.append((steady, sorted(map(tuple, items[items[:, 1] >= MIN_CHUNK_TOKENS][:, :2].tolist()))))
+    assert [steady for steady, _ in ranges] == [False, False, True, True, True] and len(ranges[1][1]) > 2
+    for (_, before), (_, after) in zip(ranges[1:], ranges[2:]):
+        assert after[0] == (before[0][0] + 1, before[0][1] - 1)  # the first chunk starts one token later
+        assert after[1:-1] == before[1:-1] and after[-1] == (before[-1][0], before[-1][1] + 1)

@@ -1,11 +1,12 @@
-"""kernels/tail_update.advance_tails against a NumPy reference (Triton interpreter on CPU, compiled on a GPU)."""
+"""kernels/tail_update.advance_tails and advance_starts against NumPy references (Triton interpreter on CPU,
+compiled on a GPU)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from sglang_deft.kernels.tail_update import BLOCK, advance_tails
+from sglang_deft.kernels.tail_update import BLOCK, advance_starts, advance_tails
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,3 +49,24 @@ def test_advance_tails_matches_reference(cap, tails):
     np.testing.assert_array_equal(t["items"].cpu().numpy(), want_items)
     got_kv = t["kv"].cpu().numpy()
     np.testing.assert_array_equal(np.delete(got_kv, scratch), np.delete(want_kv, scratch))
+
+
+@pytest.mark.parametrize("cap, moving", [(1, 1), (16, 5), (BLOCK + 3, BLOCK)])  # the last: two programs
+def test_advance_starts_matches_reference(cap, moving):
+    """Each moving item's kv_start + 1 and kv_len - 1; unused entries (field 0, + 0) name item 0, which may itself
+    move: its change must survive theirs."""
+    rng = np.random.default_rng(cap)
+    n_items = 2 * cap
+    items = rng.integers(10, 1000, (n_items, 5)).astype(np.int32)
+    field = np.zeros(cap, np.int64)
+    inc = np.zeros(cap, np.int64)
+    field[:moving] = rng.permutation(np.arange(1, n_items))[:moving] * 5
+    field[0] = 0
+    inc[:moving] = 1
+    want = items.copy()
+    np.add.at(want[:, 0], field // 5, inc.astype(np.int32))
+    np.add.at(want[:, 1], field // 5, -inc.astype(np.int32))
+    operands = torch.from_numpy(np.concatenate([field, inc])).to(DEVICE)
+    got = torch.from_numpy(items).to(DEVICE)
+    advance_starts(operands, got.view(-1))
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
