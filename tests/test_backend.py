@@ -407,14 +407,22 @@ def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, 
         torch.testing.assert_close(out.view(B, hq, d), expected, rtol=1e-5, atol=1e-5 * max(v_scale, 1.0))
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window"])
 def test_kernel_check_reports_the_kernels_error_against_the_reference(server_args, model_config, caplog,
-                                                                      monkeypatch):
+                                                                      monkeypatch, window):
+    """Steps 2 (planned in full), 4 (steady) and 6 (steady, with a planted bug) are checked. ``window``: layer 0 a
+    sliding-window layer, checked against its window tree, built afresh on the steady steps (the kernels read the
+    plan moved on the device)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
     monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
     monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "2")
-    layers = attention_layers(model_config)
+    layers = attention_layers(model_config) if window is None else windowed_layers(model_config, window)
+    if window is not None:
+        server_args = triton_prefill(server_args)
     sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    if window is not None:
+        window_steps = record_steady(backend, "window_step_planner")
     reqs = forked_batch(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
     # A planted kernel bug on the last step: the check must see it (and only layer 0 is checked).
@@ -428,8 +436,8 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     monkeypatch.setattr(backend_module, "run_layer", run_layer)
     B = len(reqs)
     with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
-        for step in range(1, 5):
-            if step == 4:
+        for step in range(1, 7):
+            if step == 6:
                 broken.append(True)
             fb = decode_forward_batch(sim, reqs, kv_pool)
             backend.init_forward_metadata(fb)
@@ -439,10 +447,12 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     from sglang_deft.kernel_check import parse_kernel_check_lines
 
     rows = parse_kernel_check_lines(caplog.text)
-    assert [(r["step"], r["layer"], r["queries"], r["dtype"]) for r in rows] == [(2, 0, B, "float32"),
-                                                                                 (4, 0, B, "float32")]
-    assert rows[0]["max_abs_diff"] < 1e-4 < rows[0]["max_abs_out"]
-    assert rows[1]["max_abs_diff"] >= 0.2
+    assert [(r["step"], r["layer"], r["queries"], r["dtype"]) for r in rows] == [
+        (2, 0, B, "float32"), (4, 0, B, "float32"), (6, 0, B, "float32")]
+    assert all(r["max_abs_diff"] < 1e-4 < r["max_abs_out"] for r in rows[:2])
+    assert rows[2]["max_abs_diff"] >= 0.2
+    if window is not None:
+        assert window_steps == [False, False, True, True, True, True]
 
 
 @pytest.mark.parametrize("raw, every", [(None, 0), ("0", 0), ("3", 3), ("often", None), ("-2", None), ("1.5", None)])
