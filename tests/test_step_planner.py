@@ -3,6 +3,8 @@ plan on the device. Every step's plan is read back from the buffers: each query 
 its req_to_token row, once."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -337,3 +339,37 @@ def test_a_window_root_cut_into_chunks_moves_its_first_chunk_only():
     for (_, before), (_, after) in zip(ranges[1:], ranges[2:]):
         assert after[0] == (before[0][0] + 1, before[0][1] - 1)  # the first chunk starts one token later
         assert after[1:-1] == before[1:-1] and after[-1] == (before[-1][0], before[-1][1] + 1)
+
+
+@pytest.mark.parametrize("page", [1, 4], ids=["page1", "page4"])
+@pytest.mark.parametrize("window", [1, 3, 9, 40])
+def test_window_steps_on_random_schedules(window, page):
+    """Random forks of a few shared prompts joining (with and without the overlap scheduler's delay), decoding a
+    few steps in the same batch, finishing, and evictions: every step of the window plan, steady or planned in
+    full, reads each query's window exactly."""
+    rng = random.Random(window * 10 + page)
+    sim = RadixSim(seed=window, kv_slots=16384, max_reqs=48, page_size=page)
+    sp = step_planner(sim, slack=3, max_queries=48, window=window)
+    bases = [sim.tokens(rng.randint(20, 80)) for _ in range(3)]
+    running, steady = [], []
+    for _ in range(12):
+        new = []
+        for _ in range(rng.randint(0, 2)):
+            base = rng.choice(bases)
+            prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice([0, 1, 5]))
+            if rng.random() < 0.5:
+                sim.run_to_cache(prompt)
+            new += [sim.new_req(prompt) for _ in range(rng.choice([1, 2, 4]))]
+        if new and len(running) + len(new) <= 40:
+            sim.prefill(new, overlap=rng.random() < 0.5)
+            running += new
+        rows = rng.choice([None, 48])  # eager, or a CUDA graph's padded batch
+        for _ in range(rng.randint(1, 6) if running else 0):
+            steady.append(run_window(sim, sp, running, rows))
+        sim.flush()
+        for req in [r for r in running if rng.random() < 0.2]:
+            running.remove(req)
+            sim.finish(req)
+        if rng.random() < 0.2:
+            sim.evict_all_unlocked()
+    assert sum(steady) >= 5 and not all(steady)
