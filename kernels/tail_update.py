@@ -58,6 +58,8 @@ def _advance_starts_kernel(operands, items, cap, BLOCK: tl.constexpr):
     mask = offs < cap
     field = tl.load(operands + offs, mask=mask, other=0)
     inc = tl.load(operands + cap + offs, mask=mask, other=0).to(tl.int32)
+    # Unused entries (inc 0) all name item 0: hundreds of atomic +0s on one address, skipped.
+    mask = mask & (inc != 0)
     tl.atomic_add(items + field, inc, mask=mask)
     tl.atomic_add(items + field + 1, -inc, mask=mask)
 
@@ -65,8 +67,8 @@ def _advance_starts_kernel(operands, items, cap, BLOCK: tl.constexpr):
 def advance_starts(operands: torch.Tensor, items: torch.Tensor) -> None:
     """Move items' KV ranges' starts on, in place: ``operands`` int64 [2 x cap] is, per entry, the flat index in
     ``items`` (the plan's int32 items) of an item's kv_start and 1 (0 for an unused entry, which may name any
-    item); per entry ``items[field] += inc``, ``items[field + 1] -= inc`` (kv_start, then kv_len). Atomically,
-    as advance_tails: an unused entry's item may be a used one's, and a tail's last item may be this one (its
-    kv_len grown by advance_tails in another launch)."""
+    item); per entry ``items[field] += inc``, ``items[field + 1] -= inc`` (kv_start, then kv_len); unused entries
+    write nothing. (A tail's last item may be one of these: advance_tails grows its kv_len in a launch of its
+    own.)"""
     cap = operands.numel() // 2
     _advance_starts_kernel[(triton.cdiv(cap, BLOCK),)](operands, items, cap, BLOCK=BLOCK)

@@ -90,7 +90,7 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-# SGLANG_DEFT_TRACE_PLANS=1: log a fingerprint of every decode step's plan (``_trace_plan``; the full layers').
+# SGLANG_DEFT_TRACE_PLANS=1: log a fingerprint of every decode step's plans (``_trace_plan``).
 TRACE_PLANS = os.environ.get("SGLANG_DEFT_TRACE_PLANS", "0") == "1"
 
 
@@ -156,6 +156,7 @@ class DeftAttnBackend(AttentionBackend):
         self._refused_batch: _RefusedStep | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
+        self._check_window_builder: DecodeKVTreeBuilder | None = None  # the checks' window trees on steady steps
         self.eager_steps = 0
         # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager
         # steps and graph replays are held to the same limits (see the module docstring).
@@ -215,7 +216,8 @@ class DeftAttnBackend(AttentionBackend):
             self.plan_limits.partial_bytes(self.num_qo_heads, self.head_dim) / 1e6,
             self.graph_plan.few_merges_max_queries,
             "" if self.window_tokens is None else
-            f"; the same again for the sliding-window layers' plan, with {max_bs * self.window_tokens} KV tokens",
+            f"; the same again for the sliding-window layers' plan, with {self.window_graph_plan.kv_indices.numel()} "
+            "KV tokens",
         )
 
     def _requests(self, forward_batch: ForwardBatch):
@@ -265,8 +267,6 @@ class DeftAttnBackend(AttentionBackend):
         if tried:
             step = self.step_planner.plan(reqs, seq_lens, rows)
         if step is not None:
-            if TRACE_PLANS:
-                self._trace_plan("eager", step.steady, seq_lens)
             plan, attended, unique = step.plan, step.attended_tokens, step.unique_tokens
             check_tree = None
             if check:  # the reference needs the tree, which a steady step does not build
@@ -284,41 +284,46 @@ class DeftAttnBackend(AttentionBackend):
                              self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner,
                              past_limits=refused is not None or tried)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
-        window_plan = check_window_tree = window_counts = None
+        window_plan = check_window_tree = window_counts = window_steady = None
         if self.window_tokens is not None:
             # Into the window buffers where the full plan went into its buffers (as before a replay), unless
             # they already refused this step's window plan: it is past the limits.
-            window_plan, window_counts, window_built = self._window_plan(
+            window_plan, window_counts, window_built, window_steady = self._window_plan(
                 reqs, seq_lens, rows, buffers=step is not None and not window_refused, past_limits=window_refused)
             if check:  # as the full layers' check: a steady step built no tree
-                check_window_tree = (window_built or DecodeKVTreeBuilder(self.window_builder.req_to_token)
-                                     .build_window(reqs, seq_lens, self.window_tokens)).tree
+                if window_built is None:
+                    if self._check_window_builder is None:  # its own: the step planner's keeps its batch
+                        self._check_window_builder = DecodeKVTreeBuilder(self.window_builder.req_to_token)
+                    window_built = self._check_window_builder.build_window(reqs, seq_lens, self.window_tokens)
+                check_window_tree = window_built.tree
         if check and isinstance(plan, TreeDecodePlan):
             check_tree = with_padding_queries(check_tree, rows)
             if check_window_tree is not None:
                 check_window_tree = with_padding_queries(check_window_tree, rows)
         else:
             check_tree = check_window_tree = None
+        if TRACE_PLANS and step is not None:
+            self._trace_plan("eager", step.steady, seq_lens, window_steady)
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps,
                                                    window_plan, check_window_tree)
         self._record(forward_batch, attended, unique, started, step is not None and step.steady, window_counts)
 
     def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
-        """The step's sliding-window plan, its (attended, unique) tokens and its (unpadded) window tree (None on a
-        steady step): by the window step planner into the window buffers when ``buffers`` and it fits them, else
-        in buffers of its own (or the tree itself, on the reference path); ``past_limits``: the buffers already
-        refused it."""
+        """The step's sliding-window plan, its (attended, unique) tokens, its (unpadded) window tree (None on a
+        steady step) and its steady flag (None: not in the window buffers): by the window step planner into the
+        window buffers when ``buffers`` and it fits them, else in buffers of its own (or the tree itself, on the
+        reference path); ``past_limits``: the buffers already refused it."""
         if buffers:
             step = self.window_step_planner.plan(reqs, seq_lens, rows)
             if step is not None:
-                return step.plan, (step.attended_tokens, step.unique_tokens), step.built
+                return step.plan, (step.attended_tokens, step.unique_tokens), step.built, step.steady
         if self.window_step_planner is not None:
             self.window_step_planner.invalidate()
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
         # The buffers refuse only trees past the limits (as the full plan's), so not under them again.
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                          self.kv_dtype, self.device, self.plan_limits, self.planner, past_limits=buffers or past_limits)
-        return plan, _counts(built), built
+        return plan, _counts(built), built, None
 
     def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool,
                 window: tuple[int, int] | None) -> None:
@@ -450,19 +455,19 @@ class DeftAttnBackend(AttentionBackend):
         reqs = self._requests(forward_batch)
         # The window plan first: one that does not fit leaves the step planner untouched, so that the eager step
         # plans the full layers as a server without CUDA graphs does (up to the row count: the module doc).
-        window_counts = None
+        window_counts = window_steady = None
         if self.window_tokens is not None:
             window_step = self.window_step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
             if window_step is None:
                 self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
                 return False
-            window_counts = (window_step.attended_tokens, window_step.unique_tokens)
+            window_counts, window_steady = (window_step.attended_tokens, window_step.unique_tokens), window_step.steady
         step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)
             return False
         if TRACE_PLANS:
-            self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu)
+            self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu, window_steady)
         self.planned_replay_size = padded_bs
         self._record(forward_batch, step.attended_tokens, step.unique_tokens, started, step.steady, window_counts)
         return True
@@ -487,23 +492,18 @@ class DeftAttnBackend(AttentionBackend):
                 "through it, or SGLang padded the batch differently."
             )
 
-    def _trace_plan(self, mode: str, steady: bool, seq_lens_cpu: torch.Tensor) -> None:
+    def _trace_plan(self, mode: str, steady: bool, seq_lens_cpu: torch.Tensor, window_steady: bool | None = None
+                    ) -> None:
         """One log line per planned decode step with a fingerprint of what stage 1 and stage 2 will
         read (items, merge lists, and the KV slots of every item's range), so that two servers'
-        steps can be compared line by line. Waits for the device: a debugging aid only."""
-        plan = self.graph_plan
-        if plan.meta.is_cuda:
-            torch.cuda.synchronize(plan.meta.device)
-        n_large, n_small, n_q = plan.counts.tolist()
-        items = plan.items[:n_large + n_small].cpu().numpy()
-        indptr = plan.merge_indptr[:n_q + 1].cpu().numpy()
-        slots = plan.merge_slots[:int(indptr[-1])].cpu().numpy()
-        kv = plan.kv_indices.cpu().numpy()
-        kv_read = [kv[start:start + length] for start, length in items[:, :2]]
-        crc = [zlib.crc32(a.tobytes()) for a in (items, indptr, slots)]
-        crc.append(zlib.crc32(b"".join(a.tobytes() for a in kv_read)))
-        logger.info("deft trace %s: queries=%d steady=%d seq_lens=%s items=%d+%d crc items=%08x merge=%08x/%08x "
-                    "kv=%08x", mode, n_q, steady, seq_lens_cpu.tolist(), n_large, n_small, *crc)
+        steps can be compared line by line; ``window_steady``: the window plan's steady flag, when it is in the
+        window buffers (fingerprinted too). Waits for the device: a debugging aid only."""
+        n_q = int(self.graph_plan.counts[2])
+        line = (f"deft trace {mode}: queries={n_q} steady={int(steady)} seq_lens={seq_lens_cpu.tolist()} "
+                f"{_fingerprint(self.graph_plan)}")
+        if window_steady is not None:  # not "steady=": tests and tools count the full plan's steady steps by it
+            line += f" window_in_place={int(window_steady)} window_{_fingerprint(self.window_graph_plan)}"
+        logger.info(line)
 
     def get_cuda_graph_seq_len_fill_value(self):
         # As SGLang's triton backend. deft reads no seq_lens of padding rows (they attend nothing).
@@ -517,6 +517,22 @@ def kv_scales(layer, kv_dtype: torch.dtype) -> tuple[float, float]:
     if kv_dtype in FP8_KV_DTYPES and layer.k_scale is not None and layer.v_scale is not None:
         return layer.k_scale_float, layer.v_scale_float
     return 1.0, 1.0
+
+
+def _fingerprint(plan: TreeDecodePlan) -> str:
+    """``_trace_plan``'s fingerprint of one plan's buffers: its item counts and CRCs of its items, merge lists and
+    the KV slots every item reads (entries nothing reads do not count)."""
+    if plan.meta.is_cuda:
+        torch.cuda.synchronize(plan.meta.device)
+    n_large, n_small, n_q = plan.counts.tolist()
+    items = plan.items[:n_large + n_small].cpu().numpy()
+    indptr = plan.merge_indptr[:n_q + 1].cpu().numpy()
+    slots = plan.merge_slots[:int(indptr[-1])].cpu().numpy()
+    kv = plan.kv_indices.cpu().numpy()
+    kv_read = [kv[start:start + length] for start, length in items[:, :2]]
+    crc = [zlib.crc32(a.tobytes()) for a in (items, indptr, slots)]
+    crc.append(zlib.crc32(b"".join(a.tobytes() for a in kv_read)))
+    return "items={}+{} crc items={:08x} merge={:08x}/{:08x} kv={:08x}".format(n_large, n_small, *crc)
 
 
 def _counts(built: DecodeKVTree) -> tuple[int, int]:

@@ -367,9 +367,10 @@ def _layer_problems(layer) -> list[str]:
     from .kernels.plan import MAX_HEAD_DIM
 
     problems = []
-    # DECODER_BIDIRECTIONAL (every Gemma-3 layer) changes extend only: SGLang's triton prefill lets image tokens
-    # attend each other, under --disable-cuda-graph and --chunked-prefill-size -1. A decode token attends every
-    # earlier token of its request in either type, as SGLang's own decode backends read it, so deft serves both.
+    # DECODER_BIDIRECTIONAL (every Gemma-3 layer) changes extend only: SGLang's triton prefill drops the causal
+    # mask under --disable-cuda-graph and --chunked-prefill-size -1 (_warn_of_bidirectional_prefill). A decode
+    # token attends every earlier token of its request in either type, as SGLang's own decode backends read it,
+    # so deft serves both.
     if layer.is_cross_attention or layer.attn_type not in (AttentionType.DECODER, AttentionType.DECODER_BIDIRECTIONAL):
         kind = "cross-attention" if layer.is_cross_attention else f"{layer.attn_type.value} attention"
         problems.append(f"{kind} is not supported (causal decoder self-attention only)")
@@ -463,3 +464,27 @@ def _fp8_scale_problems(layer, prefill_backend: str) -> list[str]:
 
 def check_model_runner(model_runner) -> None:
     _raise_if(model_runner_problems(model_runner))
+    _warn_of_bidirectional_prefill(model_runner)
+
+
+def _warn_of_bidirectional_prefill(model_runner) -> None:
+    """SGLang 0.5.10's triton prefill runs layers of the DECODER_BIDIRECTIONAL type (every Gemma-3 layer) without a
+    causal mask under --disable-cuda-graph --chunked-prefill-size -1, for image tokens (Gemma-3's multimodal model
+    then passes a mask of its own) and, with no mask, for text too: every prompt token attends the whole prompt.
+    deft's decode reads the KV that prefill wrote, as SGLang's own decode does, so the output is SGLang's; the
+    user is told, as it is not what a causal language model computes."""
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    args = model_runner.server_args
+    if not (backend_names(args)[1] == "triton" and args.disable_cuda_graph and args.chunked_prefill_size == -1
+            and model_runner.tp_rank == 0):
+        return
+    layers = [layer.layer_id for layer in attention_layers(model_runner.model)
+              if layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL]
+    if layers:
+        logger.warning(
+            "deft: attention layers %s are of SGLang's decoder_bidirectional type (Gemma-3's), which SGLang's triton "
+            "prefill runs without a causal mask under --disable-cuda-graph --chunked-prefill-size -1: a text "
+            "prompt's tokens then attend the whole prompt, later tokens too. deft decodes over the KV that prefill "
+            "wrote, as SGLang's own decode would; leave --chunked-prefill-size at its default for causal prefill",
+            layers)

@@ -18,8 +18,8 @@ backend logs one line in the scheduler's log (TP rank 0's, as SGLang logs its de
   thread, without waiting for the device (nothing there waits for the GPU's work, but an upload may wait for
   the pinned staging slot it reuses, whose copy four uploads earlier is normally long done);
 - ``steady_steps``: steps of the window whose plan was the last one updated on the device, not
-  planned on the host (``sglang_deft.step_planner``; the layers without a window: window layers' plans are
-  planned every step);
+  planned on the host (``sglang_deft.step_planner``; the plan of the layers without a sliding window: the window
+  layers' plan takes steady steps of its own, which this line does not count);
 - ``total_*``: the same from the server's start to the end of this line's window (steps after the last
   line are in no line yet).
 

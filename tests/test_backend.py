@@ -665,6 +665,28 @@ def test_unsupported_layers_are_named_once_with_their_ids(server_args, model_con
         assert len(problems) == 1 and problems[0].startswith(f"attention layers {ids}: ") and expected in problems[0]
 
 
+@pytest.mark.parametrize("prefill_flags, warned", [
+    (dict(disable_cuda_graph=True, chunked_prefill_size=-1), True),
+    (dict(disable_cuda_graph=True, chunked_prefill_size=8192), False),
+    (dict(disable_cuda_graph=False, chunked_prefill_size=-1), False),
+], ids=["bidirectional_prefill", "chunked", "graphs"])
+def test_gemma3s_layers_are_served_with_a_warning_where_sglang_prefills_them_bidirectionally(
+        server_args, model_config, caplog, prefill_flags, warned):
+    """Gemma-3's layers (SGLang's DECODER_BIDIRECTIONAL type) decode as any other; SGLang's triton prefill runs
+    them without a causal mask under --disable-cuda-graph --chunked-prefill-size -1, which the user is told."""
+    from sglang_deft.config_checks import check_model_runner
+
+    layers = attention_layers(model_config)
+    for layer in layers:
+        layer.attn_type = AttentionType.DECODER_BIDIRECTIONAL
+    args = triton_prefill(server_args)
+    for name, value in prefill_flags.items():
+        setattr(args, name, value)
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
+        check_model_runner(model_runner(args, model_config, layers))
+    assert ("attention layers [0, 1, 2] are of SGLang's decoder_bidirectional type" in caplog.text) == warned
+
+
 @pytest.mark.parametrize(
     "changes, expected",
     [

@@ -650,11 +650,22 @@ def test_plan_trace_fingerprints_what_the_kernels_read(caplog):
 
     kv = torch.arange(10, dtype=torch.int32)
     first = traced(kv)
-    assert "queries=2 steady=0 seq_lens=[7, 8]" in first
+    assert "queries=2 steady=0 seq_lens=[7, 8]" in first and "window" not in first
     assert traced(kv.clone(), unread=99) == first
     other = kv.clone()
     other[7] = 42
     assert traced(other).split(" kv=")[0] == first.split(" kv=")[0] and traced(other) != first
+    # With a sliding-window plan in its buffers, its fingerprint follows (here the same plan's)
+    plan = plan_tree_decode(KVTree(kv, torch.tensor([0, 6, 8, 10], dtype=torch.int32),
+                                   torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32)),
+                            8, 2, 64)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sglang_deft.backend"):
+        DeftAttnBackend._trace_plan(SimpleNamespace(graph_plan=plan, window_graph_plan=plan), "graph", True,
+                                    torch.tensor([7, 8]), window_steady=True)
+    line = caplog.records[-1].getMessage()
+    full, window = line.split(" window_in_place=1 window_")
+    assert full.endswith(window) and window.startswith("items=")
 
 
 @needs_interpreter
