@@ -83,7 +83,7 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
     step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, buffers)
     if window is not None:  # the backend's window buffers, and a replan's (as before steady window steps)
         window_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, new_graph_plan(
-            plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * (window + SLACK_TOKENS) + 1, hq, hkv, d,
+            plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * (window + 2 * SLACK_TOKENS) + 1, hq, hkv, d,
             torch.bfloat16, device), window=window)
         replan_builder = DecodeKVTreeBuilder(r2t)
         replan_buffers = new_graph_plan(plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * window, hq, hkv, d,

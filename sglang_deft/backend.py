@@ -199,10 +199,11 @@ class DeftAttnBackend(AttentionBackend):
         self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
         if self.window_tokens is not None:
             # A window tree holds at most every query's window: max_bs x window tokens (a slot may appear
-            # under two different window starts, so the pool's size does not bound it), plus its tails' room
-            # for steady steps and the steady update's scratch entry.
+            # under two different window starts, so the pool's size does not bound it), plus the room for steady
+            # steps after its tails and its queries' private nodes (one each at most) and the steady update's
+            # scratch entry.
             self.window_graph_plan = new_graph_plan(self.plan_limits, max_bs,
-                                                    max_bs * (self.window_tokens + SLACK_TOKENS) + 1,
+                                                    max_bs * (self.window_tokens + 2 * SLACK_TOKENS) + 1,
                                                     self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                                                     self.device, self.planner.graph_batch_sizes)
             self.window_step_planner = DecodeStepPlanner(self.window_builder, self.planner, self.window_graph_plan,

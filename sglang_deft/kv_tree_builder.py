@@ -80,11 +80,12 @@ class KVTreeBuildError(ValueError):
 @dataclass(frozen=True)
 class TailSlack:
     """Where each private tail may grow in place: an unused node of ``slack`` KV positions follows
-    every tail node (its child, next in node order), holding the row's next positions."""
+    every tail node (its child, next in node order), holding the row's next positions. In a window tree the
+    queries' private nodes (``_WindowExtras``) grow the same way, after the tails."""
 
-    req: np.ndarray  # [Bt] int64: the request (batch index) whose tail it is
+    req: np.ndarray  # [Bt] int64: the request (batch index) in whose row it grows: one per request with a tail, first
     end: np.ndarray  # [Bt] int64: kv position just past the tail = the first slack position
-    next_flat: np.ndarray  # [Bt] int64: req_to_token flat index of the request's next token
+    next_flat: np.ndarray  # [Bt] int64: req_to_token flat index of the node's next token
     slack: np.ndarray  # [Bt] int64: slack positions (the row's width may leave fewer than asked)
 
 
@@ -198,8 +199,8 @@ class DecodeKVTreeBuilder:
         tails = None
         nodes = (shape.parent, shape.query_node, shape.start, shape.row, lens)
         if self._room_for(tail_slack, len(shape.tail_node), unique, max_kv_tokens):
-            tails, nodes, _ = _with_slack_nodes(nodes, shape.tail_node, shape.tail_req, seq, tail_slack,
-                                                self.req_to_token.shape[1])
+            tails, nodes, _ = _with_slack_nodes(nodes, shape.tail_node, shape.tail_req, seq[shape.tail_req],
+                                                tail_slack, self.req_to_token.shape[1])
         tree = self._gather(*nodes, kv_out)
         return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=unique, reused_shape=reused,
                             tails=tails)
@@ -225,20 +226,24 @@ class DecodeKVTreeBuilder:
         lens = _node_lengths(shape, seq)
         cut = np.maximum(seq - window, 0)
         if cut.any():
-            nodes = _window_nodes(shape, lens, cut)
+            nodes, extras = _window_nodes(shape, lens, cut)
         else:
             nodes = (shape.parent, shape.query_node, shape.start, shape.row, lens)
+            extras = _WindowExtras(*(np.zeros(0, np.int64) for _ in range(3)), leaf=shape.query_node)
         unique = int(nodes[4].sum())
         tails = moving = None
-        if self._room_for(tail_slack, len(shape.tail_node), unique, max_kv_tokens):
+        if self._room_for(tail_slack, len(shape.tail_node) + len(extras.node), unique, max_kv_tokens):
             parent, query_node = nodes[0], nodes[1]
-            # A tail's node in the window tree is its query's (what a chain merge joined it to ends with it).
-            tails, nodes, new_id = _with_slack_nodes(nodes, query_node[shape.tail_req], shape.tail_req, seq,
-                                                     tail_slack, self.req_to_token.shape[1])
+            # What grows by a position a step: each tail (the node its query's path ends with but for a private
+            # node: what a chain merge joined the tail to ends with it), and each private node, whose start moves
+            # on too (a step later its query's window starts a position later, and its run's too).
+            grown = (np.concatenate([extras.leaf[shape.tail_req], extras.node]),
+                     np.concatenate([shape.tail_req, extras.req]), np.concatenate([seq[shape.tail_req], extras.end]))
+            tails, nodes, new_id = _with_slack_nodes(nodes, *grown, tail_slack, self.req_to_token.shape[1])
             roots = np.unique(_roots(parent)[query_node[cut > 0]])
             first = np.cumsum(nodes[4]) - nodes[4]  # each node's first kv position
             covered = seq[cut == 0]
-            moving = MovingStarts(start=first[new_id[roots]],
+            moving = MovingStarts(start=first[new_id[np.concatenate([roots, extras.node])]],
                                   room=int((window - covered).min()) if len(covered) else tail_slack)
         tree = self._gather(*nodes, kv_out)
         return DecodeKVTree(tree=tree, attended_tokens=int(np.minimum(seq, window).sum()), unique_tokens=unique,
@@ -294,17 +299,33 @@ def _node_lengths(shape: _BatchShape, seq: np.ndarray) -> np.ndarray:
     return lens
 
 
+@dataclass(frozen=True)
+class _WindowExtras:
+    """The private nodes of a window tree (``_window_nodes``): query ``req[e]`` reads positions
+    ``[its cut, end[e])`` of its top node on its own, as node ``node[e]``, the last of its path."""
+
+    node: np.ndarray  # [E] int64 node ids (the tree's last E nodes)
+    req: np.ndarray  # [E] int64 the query (batch index)
+    end: np.ndarray  # [E] int64 the row position just past it: where the query's run starts to share its top node
+    leaf: np.ndarray  # [B] int64 each query's last node but its extra one (its private tail, where it has one)
+
+
 def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
-    """(parent, query_node, start, row, lens) of the tree in which query b attends its path from position
-    ``cut[b]`` on (``build_window``), in numpy (a walk per query cost ~1 ms a step at 256 queries).
+    """((parent, query_node, start, row, lens), extras) of the tree in which query b attends its path from
+    position ``cut[b]`` on (``build_window``), in numpy (a walk per query cost ~1 ms a step at 256 queries).
 
     Query b keeps the nodes of its path that end past its cut (all of them when it has none): the top one
-    from the cut on, the rest whole (the positions below a window's start are all in it). Its node n is then
-    identified by (its top kept node, where that one starts being read, n): the path between the two is n's,
-    so equal window starts share n and everything below it, and different ones part. Then, as in a full
-    build, a node with one child and no query ending there is one segment with that child (a window that
-    starts at its own place would otherwise leave a chain of nodes serving one query, past the node count
-    ``plan_limits`` provides for)."""
+    from the cut on, the rest whole (the positions below a window's start are all in it). The queries whose
+    windows start in one top node at different places (a fork's branches of different lengths) would share
+    nothing if each read the top node from its own start. So they share it from the latest start of a *run*
+    of them (``_run_skips``), and each query that starts earlier reads the positions up to there as a private
+    node at the end of its path (attention is a softmax over a set of positions: their order on the path does
+    not matter): its node n is identified by (its top kept node, its run's start in it, n), so the queries of
+    a run share the top node from the run's start and everything below it, and different runs part. Queries
+    whose windows cover their whole sequence (cut 0) never join a run whose windows start later (their
+    windows do not move with the others'). Then, as in a full build, a node with one child and no query
+    ending there is one segment with that child (a window that starts at its own place would otherwise leave
+    a chain of nodes serving one query); the private nodes come after that, one per query at most."""
     parent = shape.parent.astype(np.int64)
     start, row = shape.start, shape.row
     end = start + lens
@@ -318,8 +339,11 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
     depth = kept.sum(1)  # a query's kept nodes are its path's first `depth` (an ancestor ends before its child)
     top = path[np.arange(len(cut)), depth - 1]
     top_skip = np.maximum(cut - start[top], 0)
+    moving = cut > 0
+    run_skip = top_skip.copy()
+    run_skip[moving] = _run_skips(top[moving], top_skip[moving], lens[top[moving]])
     qb, qj = np.nonzero(kept)
-    node, first, skip = path[qb, qj], top[qb], top_skip[qb]
+    node, first, skip = path[qb, qj], top[qb], run_skip[qb]
     # Parents first: within one (top node, skip), an ancestor is fewer levels below the top.
     order = np.lexsort((node, depth[qb] - qj, skip, first))
     keys = np.stack([first[order], skip[order], node[order]])
@@ -361,16 +385,93 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
     last = np.zeros(int(heads.sum()), np.int64)
     np.maximum.at(last, merged, np.arange(n_nodes))
     m_parent = np.where(has_parent[heads], merged[up_node[heads]], -1)
-    return (m_parent.astype(np.int32), merged[query_node].astype(np.int32), o_start[heads],
-            o_row[last], np.bincount(merged, weights=o_len).astype(np.int64))
+    leaf = merged[query_node]
+    m_start, m_row, m_len = o_start[heads], o_row[last], np.bincount(merged, weights=o_len).astype(np.int64)
+
+    # Each query that starts before its run: its positions up to the run's start, in its own row, under its leaf.
+    req = np.flatnonzero(run_skip > top_skip)
+    ids = len(m_start) + np.arange(len(req))
+    query = leaf.copy()
+    query[req] = ids
+    extra_start = start[top[req]] + top_skip[req]
+    extra_end = start[top[req]] + run_skip[req]
+    nodes = (np.concatenate([m_parent, leaf[req]]).astype(np.int32), query.astype(np.int32),
+             np.concatenate([m_start, extra_start]), np.concatenate([m_row, row[shape.query_node[req]]]),
+             np.concatenate([m_len, extra_end - extra_start]))
+    return nodes, _WindowExtras(node=ids, req=req, end=extra_end, leaf=leaf)
 
 
-def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray, seq: np.ndarray, tail_slack: int,
-                      width: int):
-    """Insert an unused child after every tail node (``nodes``: parent, query_node, start, row, lens; request
-    ``tail_req[j]``'s tail is node ``tail_node[j]``, which ends at its sequence's end): its positions are the
-    row's next ones, so the steps that follow can write their new token there (no query reads an unused node).
-    Returns the tails, the new nodes and each old node's new id."""
+def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray) -> np.ndarray:
+    """For queries whose windows start ``skip`` positions into their top node ``top`` (of ``top_len``
+    positions), where each one's run starts sharing that node (``_window_nodes``). A run is a range of one
+    top node's distinct starts, shared from its latest: it reads the node from there once, and each of its
+    queries reads its positions before that privately. The runs minimise the positions read (the nodes below
+    the top one, which every further run repeats, are left out of the count, so it errs towards more runs):
+    over a node's starts s_0 < s_1 < ... with m_l queries each, Q and P the prefix sums of m_l and m_l s_l,
+
+        best[j + 1] = (len - s_j) + s_j Q[j + 1] - P[j + 1] + min over i <= j of (best[i] + P[i] - s_j Q[i]),
+
+    the minimum of lines of falling slope -Q[i] at rising s_j: a monotone convex-hull walk, linear in the
+    starts (a Python loop over at most one entry per query: ~0.36 ms for 256 starts in one node on the 2-core
+    box, against several ms for a numpy minimum per start). Full plans only: steady steps keep the runs."""
+    run = skip.copy()
+    if len(skip) < 2:
+        return run
+    width = int(skip.max()) + 1
+    keys, inverse, counts = np.unique(top * width + skip, return_inverse=True, return_counts=True)
+    if not (keys[1:] // width == keys[:-1] // width).any():
+        return run  # one start per top node: every run is one start
+    length = np.zeros(len(keys), np.int64)
+    length[inverse] = top_len
+    tops, starts = (keys // width).tolist(), (keys % width).tolist()
+    counts, length = counts.tolist(), length.tolist()
+    run_of = list(starts)
+    lo = 0
+    while lo < len(keys):
+        hi = lo + 1
+        while hi < len(keys) and tops[hi] == tops[lo]:
+            hi += 1
+        if hi - lo > 1:
+            _runs_of_one_node(starts[lo:hi], counts[lo:hi], length[lo], run_of, lo)
+        lo = hi
+    return np.asarray(run_of, np.int64)[inverse]
+
+
+def _runs_of_one_node(s: list[int], m: list[int], top_length: int, run_of: list[int], offset: int) -> None:
+    """``_run_skips``' programme for one top node's starts ``s`` (ascending) with ``m`` queries each: writes each
+    start's run start into ``run_of[offset + l]``."""
+    n = len(s)
+    best, first = [0] * (n + 1), [0] * n
+    # The lower envelope of the lines so far (slopes falling), as parallel lists; `head`: the best at s_j
+    slope, intercept, index = [], [], []
+    head = q = p = 0  # q, p: Q[j], P[j]
+    for j in range(n):
+        k3, b3 = -q, best[j] + p  # the line of i = j
+        while len(slope) - head >= 2:  # drop the last line where it is nowhere below both neighbours
+            k1, b1, k2, b2 = slope[-2], intercept[-2], slope[-1], intercept[-1]
+            if (b3 - b1) * (k1 - k2) > (b2 - b1) * (k1 - k3):
+                break
+            slope.pop(), intercept.pop(), index.pop()
+        slope.append(k3), intercept.append(b3), index.append(j)
+        x = s[j]
+        while len(slope) - head >= 2 and slope[head + 1] * x + intercept[head + 1] <= slope[head] * x + intercept[head]:
+            head += 1
+        q, p = q + m[j], p + m[j] * x
+        best[j + 1] = (top_length - x) + x * q - p + slope[head] * x + intercept[head]
+        first[j] = index[head]
+    j = n - 1
+    while j >= 0:
+        for l in range(first[j], j + 1):
+            run_of[offset + l] = s[j]
+        j = first[j] - 1
+
+
+def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray, tail_end: np.ndarray,
+                      tail_slack: int, width: int):
+    """Insert an unused child after every tail node (``nodes``: parent, query_node, start, row, lens; node
+    ``tail_node[j]`` grows in request ``tail_req[j]``'s row, where it ends at position ``tail_end[j]``): its
+    positions are the row's next ones, so the steps that follow can write their new token there (no query
+    reads an unused node). Returns the tails, the new nodes and each old node's new id."""
     old_parent, query_node, old_start, old_row, lens = nodes
     N = len(lens)
     is_tail = np.zeros(N, np.int64)
@@ -378,17 +479,17 @@ def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray,
     new_id = np.arange(N) + np.cumsum(is_tail) - is_tail  # one slack node after each earlier tail
     slack_id = new_id[tail_node] + 1
     total = N + len(tail_node)
-    slack = np.minimum(tail_slack, width - seq[tail_req])
+    slack = np.minimum(tail_slack, width - tail_end)
     parent = np.empty(total, np.int32)
     parent[new_id] = np.where(old_parent >= 0, new_id[old_parent], -1)
     parent[slack_id] = new_id[tail_node]
     start, row, new_lens = (np.empty(total, np.int64) for _ in range(3))
-    start[new_id], start[slack_id] = old_start, seq[tail_req]
+    start[new_id], start[slack_id] = old_start, tail_end
     row[new_id], row[slack_id] = old_row, old_row[tail_node]
     new_lens[new_id], new_lens[slack_id] = lens, slack
     indptr_end = np.cumsum(new_lens)
     tails = TailSlack(req=tail_req, end=indptr_end[new_id[tail_node]],
-                      next_flat=old_row[tail_node] * width + seq[tail_req], slack=slack)
+                      next_flat=old_row[tail_node] * width + tail_end, slack=slack)
     return tails, (parent, new_id[query_node].astype(np.int32), start, row, new_lens), new_id
 
 

@@ -166,7 +166,8 @@ class DecodeStepPlanner:
                       seq: np.ndarray) -> _SteadyState | None:
         """What later steady steps need, set up on the device; None when they cannot follow this plan."""
         tails = built.tails
-        if tails is None or len(tails.req) != batch_size or int(tails.slack.min()) <= 0:
+        if (tails is None or not np.array_equal(np.sort(tails.req[:batch_size]), np.arange(batch_size))
+                or int(tails.slack.min()) <= 0):
             return None  # a request without a private tail (or without room) cannot grow in place
         items = self.planner.items_ending_at(tails.end)
         if items is None:

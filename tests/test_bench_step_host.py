@@ -96,7 +96,7 @@ def test_window_plans_are_timed_apart_and_checked(small, monkeypatch):
 
     def reads(plan):
         out = real(plan)
-        if plan.kv_indices.numel() == sh.MAX_BS * (10 + SLACK_TOKENS) + 1:  # the window step planner's buffers
+        if plan.kv_indices.numel() == sh.MAX_BS * (10 + 2 * SLACK_TOKENS) + 1:  # the window step planner's buffers
             out[2] = out[2][1:]
         return out
 

@@ -15,6 +15,7 @@ import time
 import weakref
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,10 +155,11 @@ WINDOWS = (1, 3, 9, 40)
 
 
 def check_window_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, window: int, d: DecodeKVTree) -> None:
-    """Each query's path is the last ``window`` slots of its row; two queries share exactly the slots
-    their windows have in common when their windows start at the same position (nothing when not: a
-    node is attended from its start by every query below it); attention over the tree equals plain
-    attention over each window."""
+    """Each query's path is the last ``window`` slots of its row, in order, except that a private node at its
+    end may hold the window's first slots (the query starts before its run shares the top node); two queries
+    share exactly the slots their windows have in common from where their runs start when those are the same
+    position (nothing when not: a node is attended from its start by every query below it); attention over
+    the tree equals plain attention over each window."""
     tree = d.tree
     tree.validate()
     lens = seq_lens.tolist()
@@ -166,21 +168,87 @@ def check_window_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, window: int, 
     indptr = tree.node_indptr.tolist()
     kv = tree.kv_indices.tolist()
     paths = path_nodes(tree)
-    for b, path in enumerate(paths):
-        assert [s for n in path for s in kv[indptr[n]:indptr[n + 1]]] == rows[b], f"query {b}: window {window}"
-    # As in a full build, chains are merged (plan_limits counts on at most 2B - 1 nodes)
     children, ends = children_and_ends(tree)
-    assert all(c >= 2 or e >= 1 for c, e in zip(children, ends)), f"window {window}: an unmerged chain link"
+    private = [0] * len(reqs)  # the length of each query's private first slots
+    for b, path in enumerate(paths):
+        read = [s for n in path for s in kv[indptr[n]:indptr[n + 1]]]
+        if read != rows[b]:
+            last = path[-1]
+            private[b] = k = indptr[last + 1] - indptr[last]
+            assert read == rows[b][k:] + rows[b][:k], f"query {b}: window {window}"
+            assert cut[b] > 0 and children[last] == 0 and ends[last] == 1 and len(path) > 1, f"query {b}"
+    # As in a full build, chains are merged (plan_limits counts on at most 2B - 1 nodes; the private nodes add
+    # one per query at most, each the only child of its query's leaf)
+    parents_of_private = {paths[b][-2] for b in range(len(reqs)) if private[b]}
+    assert all(c >= 2 or e >= 1 or n in parents_of_private for n, (c, e) in enumerate(zip(children, ends))), \
+        f"window {window}: an unmerged chain link"
+    run_start = [c + k for c, k in zip(cut, private)]
     for a in range(len(reqs)):
         for b in range(a + 1, len(reqs)):
             common = shared_tokens(indptr, paths[a], paths[b])
-            want = lcp(rows[a], rows[b]) if cut[a] == cut[b] else 0
+            want = lcp(rows[a][private[a]:], rows[b][private[b]:]) if run_start[a] == run_start[b] else 0
             assert common == want, f"window {window}: queries {a} and {b} share {common} tree tokens, not {want}"
     assert d.attended_tokens == sum(len(r) for r in rows)
     assert d.unique_tokens == len(kv)
     if reqs and not any(cut):  # nothing to cut: the tree of build
         assert_same_tree(d, build_decode_kv_tree(reqs, sim.req_to_token, seq_lens))
     assert_attends_rows(sim, tree, rows, seed=window)
+
+
+@pytest.mark.parametrize("suffixes, window, runs", [
+    ([3, 4, 5, 6], 41, [[0, 1, 2, 3]]),  # one run from the latest start: 3 + 2 + 1 private positions
+    ([5] * 8 + [6, 60], 100, [list(range(9)), [9]]),  # the far one alone; the 8 join the one a position on
+])
+def test_windows_starting_at_different_places_of_a_prompt_share_it_in_runs(suffixes, window, runs):
+    """A fork's branches of different lengths: their windows start at different places of the shared prompt, and
+    they still share it from the latest start of their run, each reading its earlier positions privately. The
+    runs minimise the positions read: a branch far ahead of the others reads the prompt on its own rather than
+    leave all the others that many private positions."""
+    sim = RadixSim()
+    prompt = sim.fresh(300 if window == 100 else 150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in suffixes])
+    seq_lens = sim.prepare_decode(reqs)
+    d = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, window)
+    check_window_tree(sim, reqs, seq_lens, window, d)
+    cut = [n - window for n in seq_lens.tolist()]
+    want = 0
+    for run in runs:
+        start = max(cut[b] for b in run)
+        want += len(prompt) - start + sum(start - cut[b] for b in run)  # the prompt from the run's start, once
+    want += sum(n + 1 for n in suffixes)  # the private tails, each with this step's token
+    assert d.unique_tokens == want < d.attended_tokens
+
+
+def test_window_runs_read_the_fewest_positions():
+    """_run_skips against every partition of a node's starts into runs (random nodes of 1-9 starts): each start's
+    run begins at or after it, and the positions read are the fewest possible."""
+    from itertools import combinations
+
+    from sglang_deft.kv_tree_builder import _run_skips
+
+    rng = random.Random(5)
+    for _ in range(200):
+        length = rng.randint(20, 400)
+        starts = sorted(rng.sample(range(length), rng.randint(1, 9)))
+        counts = [rng.randint(1, 5) for _ in starts]
+        skip = np.repeat(starts, counts)
+        run = _run_skips(np.full(len(skip), 7), skip, np.full(len(skip), length))
+        got = {int(s): int(r) for s, r in zip(skip, run)}
+        assert all(r >= s for s, r in got.items())
+
+        def positions(ends: list[int]) -> int:  # runs ending at these starts (indices), the last one included
+            total, lo = 0, 0
+            for hi in ends:
+                total += length - starts[hi] + sum(c * (starts[hi] - s) for s, c in zip(starts[lo:hi + 1],
+                                                                                     counts[lo:hi + 1]))
+                lo = hi + 1
+            return total
+
+        n = len(starts)
+        fewest = min(positions([*cuts, n - 1]) for k in range(n) for cuts in combinations(range(n - 1), k))
+        runs = sorted({starts.index(r) for r in got.values()})
+        assert positions(runs) == fewest
 
 
 def assert_same_tree(a: DecodeKVTree, b: DecodeKVTree) -> None:
