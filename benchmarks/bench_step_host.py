@@ -70,7 +70,7 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
     from sglang_deft.kernels.reference import plan_kv_reads
     from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
     from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
-    from sglang_deft.tree_attention import new_graph_plan, plan_graph_step, plan_limits
+    from sglang_deft.tree_attention import new_graph_plan, plan_graph_step, plan_limits, window_plan_limits
 
     prefix, branches, private = CASES[key]
     sim, reqs = make_batch(prefix, branches, private, steps + warmup)
@@ -83,10 +83,12 @@ def run_case(key: str, device: torch.device, steps: int, warmup: int, busy: bool
     step_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, buffers)
     if window is not None:  # the backend's window buffers, and a replan's (as before steady window steps)
         window_planner = DecodeStepPlanner(DecodeKVTreeBuilder(r2t), planner, new_graph_plan(
-            plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * (window + 2 * SLACK_TOKENS) + 1, hq, hkv, d,
+            window_plan_limits(plan_limits(MAX_BS, hq, hkv, device), MAX_BS), MAX_BS,
+            MAX_BS * (window + 2 * SLACK_TOKENS) + 1, hq, hkv, d,
             torch.bfloat16, device), window=window)
         replan_builder = DecodeKVTreeBuilder(r2t)
-        replan_buffers = new_graph_plan(plan_limits(MAX_BS, hq, hkv, device), MAX_BS, MAX_BS * window, hq, hkv, d,
+        replan_buffers = new_graph_plan(window_plan_limits(plan_limits(MAX_BS, hq, hkv, device), MAX_BS), MAX_BS,
+                                        MAX_BS * window, hq, hkv, d,
                                         torch.bfloat16, device)
     times = {True: [], False: []}  # steady steps, full plans
     window_times = {True: [], False: []}

@@ -82,7 +82,7 @@ from sglang_deft.sharing_metrics import SharingMeter
 from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
 from sglang_deft import tree_attention
 from sglang_deft.tree_attention import (empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step, plan_limits,
-                                        plan_step, run_layer, with_padding_queries)
+                                        plan_step, run_layer, window_plan_limits, with_padding_queries)
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -162,6 +162,7 @@ class DeftAttnBackend(AttentionBackend):
         # steps and graph replays are held to the same limits (see the module docstring).
         self.max_bs = model_runner.server_args.cuda_graph_max_bs
         self.plan_limits = plan_limits(self.max_bs, self.num_qo_heads, self.num_kv_heads, self.device)
+        self.window_plan_limits = window_plan_limits(self.plan_limits, self.max_bs)
         # One planner per server: its host schedule buffer and page-locked staging ring are allocated once,
         # and the last plan's item ends (items_ending_at) let the step planner update a steady step on the
         # device instead of planning it again.
@@ -202,7 +203,7 @@ class DeftAttnBackend(AttentionBackend):
             # under two different window starts, so the pool's size does not bound it), plus the room for steady
             # steps after its tails and its queries' private nodes (one each at most) and the steady update's
             # scratch entry.
-            self.window_graph_plan = new_graph_plan(self.plan_limits, max_bs,
+            self.window_graph_plan = new_graph_plan(self.window_plan_limits, max_bs,
                                                     max_bs * (self.window_tokens + 2 * SLACK_TOKENS) + 1,
                                                     self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                                                     self.device, self.planner.graph_batch_sizes)
@@ -323,7 +324,8 @@ class DeftAttnBackend(AttentionBackend):
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
         # The buffers refuse only trees past the limits (as the full plan's), so not under them again.
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
-                         self.kv_dtype, self.device, self.plan_limits, self.planner, past_limits=buffers or past_limits)
+                         self.kv_dtype, self.device, self.window_plan_limits, self.planner,
+                         past_limits=buffers or past_limits)
         return plan, _counts(built), built, None
 
     def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool,

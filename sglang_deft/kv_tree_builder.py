@@ -92,13 +92,14 @@ class TailSlack:
 @dataclass(frozen=True)
 class MovingStarts:
     """How a window tree (``build_window``) follows its windows for the next steps of the same batch: each query
-    whose window starts past its path's first token has one root node, the segment its window starts in (queries
-    whose windows start at the same place share it), and one step later each of those roots starts one position
-    further on; every other node stays as it is, and the tails grow (``tails``). That holds for ``room`` steps:
-    until a query whose window covers its whole path reaches its window's length (then its window starts
-    moving too, at a place no other query's root starts)."""
+    whose window starts past its path's first token has one root node, where its run shares its top node from
+    (the queries of a run share it), and maybe a private node of its earlier positions; one step later each of
+    those roots and private nodes starts one position further on, and the private nodes and the tails grow by
+    one (``tails``); every other node stays as it is. That holds for ``room`` steps: until a query whose window
+    covers its whole sequence reaches its window's length (then its window starts moving too, at a place no
+    other query's root starts)."""
 
-    start: np.ndarray  # [R] int64: kv position of each moving root's first token
+    start: np.ndarray  # [R] int64: kv position of each moving root's and private node's first token
     room: int  # steps of one more token each for which the tree's shape stays this one
 
 
@@ -211,15 +212,15 @@ class DecodeKVTreeBuilder:
         """The KV tree of a sliding-window layer: query b attends only the last ``window`` tokens of its
         path, ``req_to_token[row_b, max(seq_len_b - window, 0):seq_len_b]``.
 
-        A node's part inside a query's window starts where that window does, so queries whose windows
-        start at the same position of a node (a fork's branches, which grow in step) still share it and
-        everything below it; a node whose users' windows start at different positions is split into one
-        node per start, and what lies below such a node is repeated under each start that reaches it
-        (read once per distinct start, which is still exact). Every query whose window covers its whole
-        path keeps the tree of :meth:`build`. Arguments and errors as :meth:`build`; the radix part is
+        Queries whose windows start at the same position of a node (a fork's branches, which grow in step)
+        share it from there and everything below it. Queries whose windows start at different positions of
+        one node (branches of different lengths) share it from the latest start of their run and each reads
+        its positions before that as a private node at the end of its path; different runs of one node part,
+        and what lies below it is repeated under each run (``_window_nodes``, ``_run_skips``: exact either
+        way). Every query whose window covers its whole path keeps the tree of :meth:`build`. Arguments and errors as :meth:`build`; the radix part is
         :meth:`build`'s (reused, or kept for the next step, the same way). With ``tail_slack`` (and room
-        for it) the tails get their unused nodes as in :meth:`build`, and ``moving`` says which roots move
-        with their windows (:class:`MovingStarts`)."""
+        for it) the tails and the private nodes get their unused nodes as in :meth:`build`, and ``moving``
+        says which roots and private nodes move with their windows (:class:`MovingStarts`)."""
         if window < 1:
             raise ValueError(f"a sliding window of {window} tokens; a decode query attends at least its own token")
         reqs, seq, shape, reused = self._batch_shape(reqs, seq_lens_cpu)

@@ -26,11 +26,12 @@ graphs too).
 
 A sliding-window layer's plan (``window``: each query attends its last ``window`` tokens,
 ``DecodeKVTreeBuilder.build_window``) takes steady steps too. One token on, every query's window starts one
-position further: in the window tree that moves the first position of each root a window starts in, and
-nothing else but the tails. So the update also moves those roots' first items on
-(``kv_start += 1; kv_len -= 1``, ``kernels/tail_update.advance_starts``), for as long as each of those items
-keeps a token and no query whose window still covers its whole path reaches its window's length
-(``MovingStarts``); then the step is planned in full.
+position further: in the window tree that moves the first position of each root a window run starts in and of
+each query's private node of earlier positions, and grows those private nodes and the tails by one (the
+private nodes have room after them as the tails do: up to two growing nodes per query). So the update also
+moves those nodes' first items on (``kv_start += 1; kv_len -= 1``, ``kernels/tail_update.advance_starts``),
+for as long as each of those items keeps a token and no query whose window still covers its whole path
+reaches its window's length (``MovingStarts``); then the step is planned in full.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class _SteadyState:
     unique: int
     room: int  # steady steps left before a tail's slack runs out (or a window plan's shape changes)
     num_tails: int
-    num_moving: int  # a window plan's roots that move one position a step (MovingStarts)
+    num_moving: int  # a window plan's roots and private nodes that move one position a step (MovingStarts)
 
 
 class DecodeStepPlanner:
@@ -86,9 +87,11 @@ class DecodeStepPlanner:
         self.builder, self.planner, self.buffers, self.slack = builder, planner, buffers, slack
         self.window = window
         self.device = buffers.meta.device
-        cap = buffers.qperm.numel()
+        # Nodes that grow in a steady step: a tail per query row at most, and in a window plan a private node
+        # per query too (TailSlack).
+        cap = buffers.qperm.numel() * (1 if window is None else 2)
         self._staging = PinnedStagingRing(self.device)
-        # The update's operands, one entry per possible tail (at most one per query row):
+        # The update's operands, one entry per possible growing node:
         # next (req_to_token flat index of the tail's next token) | end (its kv_indices position) |
         # its last item's kv_len field | 1 for a tail, 0 for an unused entry. Unused entries point
         # at scratch: next 0, end the kv buffer's last entry (plans leave it free: ``plan``), kv_len
@@ -169,6 +172,8 @@ class DecodeStepPlanner:
         if (tails is None or not np.array_equal(np.sort(tails.req[:batch_size]), np.arange(batch_size))
                 or int(tails.slack.min()) <= 0):
             return None  # a request without a private tail (or without room) cannot grow in place
+        if len(tails.req) > self._cap:  # not from a builder's tree (at most 2 growing nodes a query): no update
+            return None
         items = self.planner.items_ending_at(tails.end)
         if items is None:
             return None

@@ -76,7 +76,8 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
     Items: the builder's tree of B queries has at most 2B - 1 nodes (each ends a query or branches),
     and a node with n users makes ceil(n / tile) <= 1 + n / tile tiles; within the same path budget
     that is at most ``2B + PATH_NODES * B / tile`` tiles, plus the target's chunks: ``max_items``.
-    So the planner never has to coarsen the chunks of such a step.
+    So the planner never has to coarsen the chunks of such a step. (A sliding-window layer's trees have a
+    private node per query more: ``window_plan_limits``.)
 
     A step past either limit (its paths averaging more than ``PATH_NODES`` nodes) is refused by the
     planner before it writes anything: :func:`plan_step` then plans it without limits, and a
@@ -91,6 +92,13 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
     tile = max(LARGE_ROWS // (num_qo_heads // num_kv_heads), 1)  # queries per large query tile
     return PlanLimits(max_items=2 * max_batch + -(-PATH_NODES * max_batch // tile) + target,
                       max_partials=PATH_NODES * max_batch + tile * target)
+
+
+def window_plan_limits(limits: PlanLimits, max_batch: int) -> PlanLimits:
+    """``limits`` (``plan_limits``) for a sliding-window layer's plans: a window tree is a tree of the builder's
+    (at most 2B - 1 nodes) plus a private node per query at most (``DecodeKVTreeBuilder.build_window``), each
+    with one user, so one more tile and one more node on that query's path: B more items and partials."""
+    return PlanLimits(max_items=limits.max_items + max_batch, max_partials=limits.max_partials + max_batch)
 
 
 def graph_batch_sizes(cuda_graph_bs: list[int] | None, max_requests: int, multiple: int = 1) -> list[int] | None:

@@ -310,6 +310,8 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
     with caplog.at_level(logging.INFO, logger="sglang_deft.backend"):
         sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
     assert backend.window_tokens == window + 1
+    if backend.window_graph_plan is not None:  # a private node per query beyond a builder's tree: one item each
+        assert backend.window_graph_plan.items.shape[0] == backend.plan_limits.max_items + backend.max_bs
     assert f"sliding-window layers [0, 2] attend each query's last {window + 1} tokens" in caplog.text
     reqs = forked_batch(sim)
     B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim

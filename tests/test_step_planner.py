@@ -310,6 +310,20 @@ def test_window_steady_steps_read_each_querys_window(window, steady, padded):
     assert [run_window(sim, sp, reqs, padded) for _ in range(12)] == steady
 
 
+@pytest.mark.parametrize("padded", [None, 8], ids=["eager", "graph_padded"])
+def test_window_steady_steps_when_most_queries_have_a_private_node(padded):
+    """Branches of 3-6 tokens on a 150-token prompt, windows of 41 starting at four places of it: one run, three
+    queries with a private node of earlier positions. In buffers for as many queries as the batch (or the padded
+    size), tails and private nodes are more growing nodes than query rows: every one of them grows."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4, max_queries=padded or 4, window=41)
+    prompt = sim.tokens(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in (3, 4, 5, 6)])
+    assert [run_window(sim, sp, reqs, padded) for _ in range(7)] == [False, False, True, True, True, True, False]
+    assert sp._state is not None and sp._state.num_tails == 7
+
+
 def test_branches_whose_windows_start_together_share_a_moving_root_split_into_tiles():
     """36 branches of one length forked from a 300-token prompt: their 200-token windows start at the same
     place, one root read once for all of them, which in 64-row tiles (36 x GQA 4 rows) is three items that move
