@@ -1,0 +1,75 @@
+"""Sliding-window KV trees on the host: what a full window plan's tree build costs and how much of the windows it
+shares, on forks of one cached prompt whose branches have the same or different lengths.
+
+Per case, ``DecodeKVTreeBuilder.build_window`` (the tree a window layer's plan is made from when it is planned in
+full; steady steps build nothing) is timed over repeated builds of one decode step's batch (median), and its
+``attended_tokens`` (every query's window, what a per-request kernel reads) and ``unique_tokens`` (what the tree
+holds: each position once per run that reads it, plus the private nodes) are reported with their ratio:
+
+* ``same_256``: 256 branches of 8 tokens on a 1000-token prompt: every window starts at one place;
+* ``distinct_256``: 256 branches of 8-263 tokens: 256 different starts inside the prompt;
+* ``mixed_64``: 64 branches of 3-9 tokens: 7 starts.
+
+Run: ``python benchmarks/bench_window_tree.py [--window 512] [--repeats 50]`` (the CPU's KV slots; on a CUDA host
+the gather of the slots runs on the device: ``--device cuda``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # radix_sim: real SGLang memory objects on the host
+
+PROMPT = 1000
+CASES = {"same_256": [8] * 256, "distinct_256": list(range(8, 264)), "mixed_64": [3 + i % 7 for i in range(64)]}
+
+
+def run_case(branch_tokens: list[int], window: int, repeats: int, device: torch.device) -> dict:
+    from radix_sim import RadixSim
+
+    from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
+
+    sim = RadixSim(kv_slots=PROMPT + sum(branch_tokens) + 2 * len(branch_tokens), max_reqs=len(branch_tokens),
+                   max_context=PROMPT + max(branch_tokens) + 8)
+    prompt = sim.tokens(PROMPT)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in branch_tokens])
+    seq_lens = sim.prepare_decode(reqs)
+    builder = DecodeKVTreeBuilder(sim.req_to_token.to(device))
+    built = builder.build_window(reqs, seq_lens, window)  # the radix part is kept from here on, as in a server
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        built = builder.build_window(reqs, seq_lens, window)
+        times.append(1e6 * (time.perf_counter() - t0))
+    return {"branches": len(branch_tokens), "starts": len({n for n in branch_tokens}), "window": window,
+            "build_us": round(statistics.median(times), 1), "attended_tokens": built.attended_tokens,
+            "unique_tokens": built.unique_tokens, "ratio": round(built.attended_tokens / built.unique_tokens, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():  # SGLang importable without CUDA, as in the tests
+        import sglang_deft.cpu_compat
+
+        sglang_deft.cpu_compat.install()
+    for name, branch_tokens in CASES.items():
+        r = run_case(branch_tokens, args.window, args.repeats, torch.device(args.device))
+        print(f"{name:>13}: {r['branches']} branches, {r['starts']} starts, window {r['window']}: build "
+              f"{r['build_us']} us, attended {r['attended_tokens']}, unique {r['unique_tokens']}, "
+              f"ratio {r['ratio']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
