@@ -165,3 +165,32 @@ class RadixSim:
 
     def evict_all_unlocked(self) -> None:
         self.tree_cache.evict(EvictParams(num_tokens=self.kv_slots))
+
+
+def join_random_forks(sim: RadixSim, rng, bases: list[list[int]], running: list[Req], forks: int, extra: list[int],
+                      cached: float, copies: list[int], max_running: int = 40) -> None:
+    """A random schedule's arrivals: up to ``forks`` prompts, each a prefix of one of ``bases`` plus ``extra``
+    fresh tokens (a choice), cached first with probability ``cached``, requested ``copies`` times (a choice);
+    prefilled together, with or without the overlap scheduler's delay, and added to ``running`` unless that
+    would pass ``max_running``."""
+    new = []
+    for _ in range(rng.randint(0, forks)):
+        base = rng.choice(bases)
+        prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice(extra))
+        if rng.random() < cached:
+            sim.run_to_cache(prompt)
+        new += [sim.new_req(prompt) for _ in range(rng.choice(copies))]
+    if new and len(running) + len(new) <= max_running:
+        sim.prefill(new, overlap=rng.random() < 0.5)
+        running += new
+
+
+def retire_random(sim: RadixSim, rng, running: list[Req], finished: float) -> None:
+    """A random schedule's end of a round: the radix cache updated, each running request finished with
+    probability ``finished``, and every unlocked node evicted one time in five."""
+    sim.flush()
+    for req in [r for r in running if rng.random() < finished]:
+        running.remove(req)
+        sim.finish(req)
+    if rng.random() < 0.2:
+        sim.evict_all_unlocked()

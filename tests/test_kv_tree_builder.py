@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from radix_sim import RadixSim
+from radix_sim import RadixSim, join_random_forks, retire_random
 from sglang_deft.kernels import attention_reference, tree_decode_reference
 from sglang_deft.kernels.reference import path_nodes
 from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder, KVTreeBuildError, build_decode_kv_tree
@@ -561,25 +561,11 @@ def run_random_schedule(seed: int, page_size: int = 1) -> None:
     bases = [sim.tokens(rng.randint(1, 60)) for _ in range(4)]
     running = []
     for _ in range(25):
-        new = []
-        for _ in range(rng.randint(0, 3)):
-            base = rng.choice(bases)
-            prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice([0, 0, 1, 5]))
-            if rng.random() < 0.3:
-                sim.run_to_cache(prompt)
-            new += [sim.new_req(prompt) for _ in range(rng.choice([1, 1, 2, 4]))]
-        if new and len(running) + len(new) <= 40:
-            sim.prefill(new, overlap=rng.random() < 0.5)
-            running += new
+        join_random_forks(sim, rng, bases, running, forks=3, extra=[0, 0, 1, 5], cached=0.3, copies=[1, 1, 2, 4])
         if running:
             rng.shuffle(running)
             decode_step(sim, running)
-        sim.flush()
-        for req in [r for r in running if rng.random() < 0.1]:
-            running.remove(req)
-            sim.finish(req)
-        if rng.random() < 0.2:
-            sim.evict_all_unlocked()
+        retire_random(sim, rng, running, finished=0.1)
 
 
 def test_query_ending_on_a_shared_node():

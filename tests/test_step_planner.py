@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cpu_only import cpu_only
-from radix_sim import RadixSim
+from radix_sim import RadixSim, join_random_forks, retire_random
 from sglang_deft.kernels import TreeDecodePlanner
 from sglang_deft.kernels.plan import MIN_CHUNK_TOKENS
 from sglang_deft.kernels.reference import plan_kv_reads
@@ -367,23 +367,9 @@ def test_window_steps_on_random_schedules(window, page):
     bases = [sim.tokens(rng.randint(20, 80)) for _ in range(3)]
     running, steady = [], []
     for _ in range(12):
-        new = []
-        for _ in range(rng.randint(0, 2)):
-            base = rng.choice(bases)
-            prompt = base[:rng.randint(1, len(base))] + sim.tokens(rng.choice([0, 1, 5]))
-            if rng.random() < 0.5:
-                sim.run_to_cache(prompt)
-            new += [sim.new_req(prompt) for _ in range(rng.choice([1, 2, 4]))]
-        if new and len(running) + len(new) <= 40:
-            sim.prefill(new, overlap=rng.random() < 0.5)
-            running += new
+        join_random_forks(sim, rng, bases, running, forks=2, extra=[0, 1, 5], cached=0.5, copies=[1, 2, 4])
         rows = rng.choice([None, 48])  # eager, or a CUDA graph's padded batch
         for _ in range(rng.randint(1, 6) if running else 0):
             steady.append(run_window(sim, sp, running, rows))
-        sim.flush()
-        for req in [r for r in running if rng.random() < 0.2]:
-            running.remove(req)
-            sim.finish(req)
-        if rng.random() < 0.2:
-            sim.evict_all_unlocked()
+        retire_random(sim, rng, running, finished=0.2)
     assert sum(steady) >= 5 and not all(steady)
