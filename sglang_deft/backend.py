@@ -79,7 +79,7 @@ from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder, build
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter
-from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
+from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner, StepPlan
 from sglang_deft import tree_attention
 from sglang_deft.tree_attention import (empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step, plan_limits,
                                         plan_step, run_layer, window_plan_limits, with_padding_queries)
@@ -318,7 +318,7 @@ class DeftAttnBackend(AttentionBackend):
         if buffers:
             step = self.window_step_planner.plan(reqs, seq_lens, rows)
             if step is not None:
-                return step.plan, (step.attended_tokens, step.unique_tokens), step.built, step.steady
+                return step.plan, _counts(step), step.built, step.steady
         if self.window_step_planner is not None:
             self.window_step_planner.invalidate()
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
@@ -464,7 +464,7 @@ class DeftAttnBackend(AttentionBackend):
             if window_step is None:
                 self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
                 return False
-            window_counts, window_steady = (window_step.attended_tokens, window_step.unique_tokens), window_step.steady
+            window_counts, window_steady = _counts(window_step), window_step.steady
         step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
         if step is None:
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)
@@ -538,8 +538,8 @@ def _fingerprint(plan: TreeDecodePlan) -> str:
     return "items={}+{} crc items={:08x} merge={:08x}/{:08x} kv={:08x}".format(n_large, n_small, *crc)
 
 
-def _counts(built: DecodeKVTree) -> tuple[int, int]:
-    """A KV tree's attended and unique tokens, as the sharing metrics count them."""
+def _counts(built: DecodeKVTree | StepPlan) -> tuple[int, int]:
+    """A KV tree's (or a planned step's) attended and unique tokens, as the sharing metrics count them."""
     return built.attended_tokens, built.unique_tokens
 
 

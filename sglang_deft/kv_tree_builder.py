@@ -112,7 +112,7 @@ class DecodeKVTree:
     unique_tokens: int  # KV tokens read once each: tree.kv_indices.numel() less the tails' unused room (tails)
     reused_shape: bool  # the radix part came from the previous step (DecodeKVTreeBuilder)
     tails: TailSlack | None = None  # build(tail_slack=...): the unused nodes after the tails
-    moving: MovingStarts | None = None  # build_window(tail_slack=...): the roots that move with their windows
+    moving: MovingStarts | None = None  # build_window(tail_slack=...): the nodes that move with their windows
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,9 @@ class DecodeKVTreeBuilder:
         one node (branches of different lengths) share it from the latest start of their run and each reads
         its positions before that as a private node at the end of its path; different runs of one node part,
         and what lies below it is repeated under each run (``_window_nodes``, ``_run_skips``: exact either
-        way). Every query whose window covers its whole path keeps the tree of :meth:`build`. Arguments and errors as :meth:`build`; the radix part is
-        :meth:`build`'s (reused, or kept for the next step, the same way). With ``tail_slack`` (and room
+        way). Every query whose window covers its whole path keeps the tree of :meth:`build`. Arguments and
+        errors as :meth:`build`; the radix part is :meth:`build`'s (reused, or kept for the next step, the same
+        way). With ``tail_slack`` (and room
         for it) the tails and the private nodes get their unused nodes as in :meth:`build`, and ``moving``
         says which roots and private nodes move with their windows (:class:`MovingStarts`)."""
         if window < 1:
