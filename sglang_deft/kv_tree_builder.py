@@ -367,26 +367,9 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
     o_start, o_len, o_row = start[o_node] + o_skip, lens[o_node] - o_skip, row[o_node]
     query_node = entry[:, 0]
 
-    # Merge chains: a node whose parent has it as its only child and no query ending there joins that parent's
-    # segment. Its positions follow the parent's in every row that holds it, so the segment is read from its
-    # deepest node's row (the largest id: parents first), which holds every position above it too.
-    has_parent = o_parent >= 0
-    up_node = np.maximum(o_parent, 0)
-    children = np.bincount(o_parent[has_parent], minlength=n_nodes)
-    ending = np.bincount(query_node, minlength=n_nodes)
-    joins = has_parent & (children[up_node] == 1) & (ending[up_node] == 0)
-    head = np.where(joins, o_parent, np.arange(n_nodes))
-    while True:  # each node's chain head: pointer jumping, a few rounds for any chain length
-        nxt = head[head]
-        if np.array_equal(nxt, head):
-            break
-        head = nxt
-    heads = ~joins
-    new_id = np.cumsum(heads) - 1
-    merged = new_id[head]
-    last = np.zeros(int(heads.sum()), np.int64)
-    np.maximum.at(last, merged, np.arange(n_nodes))
-    m_parent = np.where(has_parent[heads], merged[up_node[heads]], -1)
+    # The positions of a chain's nodes follow each other in the row of its deepest node (the largest id: parents
+    # first), which holds every position above it too.
+    heads, merged, m_parent, last = _merge_chains(o_parent, query_node)
     leaf = merged[query_node]
     m_start, m_row, m_len = o_start[heads], o_row[last], np.bincount(merged, weights=o_len).astype(np.int64)
 
@@ -401,6 +384,32 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
              np.concatenate([m_start, extra_start]), np.concatenate([m_row, row[shape.query_node[req]]]),
              np.concatenate([m_len, extra_end - extra_start]))
     return nodes, _WindowExtras(node=ids, req=req, end=extra_end, leaf=leaf)
+
+
+def _merge_chains(parent: np.ndarray, query_node: np.ndarray):
+    """Chains of nodes as single segments: a node whose parent has it as its only child and no query ending there
+    serves exactly its parent's queries, so it continues its parent's segment (a request that shares nothing is
+    one node, and a tree has at most 2B - 1 segments). ``parent`` [N] int64, parents first (-1: a root);
+    ``query_node`` [B]. Returns (heads [N] bool: the nodes that start a segment, each node's segment [N] int64,
+    the segments' parents [M] int64 (-1: a root), each segment's deepest node [M] int64); segments are numbered
+    in their heads' order, so parents first too."""
+    n = len(parent)
+    has_parent = parent >= 0
+    up = np.maximum(parent, 0)
+    children = np.bincount(parent[has_parent], minlength=n)
+    ending = np.bincount(query_node, minlength=n)
+    joins = has_parent & (children[up] == 1) & (ending[up] == 0)
+    head = np.where(joins, parent, np.arange(n))
+    while True:  # each node's chain head: pointer jumping, a few rounds for any chain length
+        nxt = head[head]
+        if np.array_equal(nxt, head):
+            break
+        head = nxt
+    heads = ~joins
+    merged = (np.cumsum(heads) - 1)[head]
+    last = np.zeros(int(heads.sum()), np.int64)
+    np.maximum.at(last, merged, np.arange(n))
+    return heads, merged, np.where(has_parent[heads], merged[up[heads]], -1), last
 
 
 def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray) -> np.ndarray:
@@ -514,45 +523,28 @@ def build_decode_kv_tree(reqs: Sequence, req_to_token: torch.Tensor,
 def _batch_shape(reqs: list, last_nodes: list, seq: np.ndarray) -> _BatchShape:
     """The radix part of the batch's KV tree (a full build); ``seq`` [B] int64."""
     try:
-        l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, end, tail_local = _radix_paths(reqs, seq.tolist())
+        l_parent, l_start, l_len, l_req, q_local, end, tail_local = _radix_paths(reqs, seq.tolist())
     except AttributeError as e:  # a node with .parent but not .key/.value
         raise KVTreeBuildError(f"req.last_node must be a radix TreeNode (.parent, .key, .value) or None: {e}") from e
 
-    # Merge: a node with one child and no query ending on it serves exactly its child's queries, so
-    # the child's segment continues it in the same row. Local ids are parents-first, so out ids are too.
-    # Sentinels make a root's parent (-1) index the extra last entries: never absorbing, out id -1.
-    l_nchild.append(0)
-    out_of = [0] * len(l_parent) + [-1]
-    o_parent: list[int] = []
-    o_start: list[int] = []
-    o_len: list[int] = []
-    o_req: list[int] = []
-    for i, p in enumerate(l_parent):
-        if l_nchild[p] == 1 and l_nend[p] == 0:
-            o = out_of[p]
-            o_len[o] += l_len[i]
-            out_of[i] = o
-        else:
-            out_of[i] = len(o_parent)
-            o_parent.append(out_of[p])
-            o_start.append(l_start[i])
-            o_len.append(l_len[i])
-            o_req.append(l_req[i])
+    # A chain's segment is read from its deepest node's request's row, which holds every position above it too.
+    q_local = np.array(q_local, np.int64)
+    heads, out_of, o_parent, last = _merge_chains(np.array(l_parent, np.int64), q_local)
+    fixed_len = np.bincount(out_of, weights=np.array(l_len, np.int64)).astype(np.int64)
     end_arr = np.array(end, np.int64)
     has_tail = seq > end_arr  # exactly the requests _radix_paths gave a tail node
     tail_req_arr = np.flatnonzero(has_tail)
-    tail_node_arr = np.array(out_of, np.int64)[np.array(tail_local, np.int64)[tail_req_arr]]
-    fixed_len = np.array(o_len, np.int64)
+    tail_node_arr = out_of[np.array(tail_local, np.int64)[tail_req_arr]]
     fixed_len[tail_node_arr] -= seq[tail_req_arr] - end_arr[tail_req_arr]
     try:
         placement = _placement(reqs)
     except AttributeError as e:
         raise KVTreeBuildError(f"a request without req_pool_idx (its req_to_token row) or retraction_count: {e}") from e
-    rows = [placement[r][0] for r in o_req]
+    rows = np.array([placement[r][0] for r in np.array(l_req, np.int64)[last].tolist()], np.int64)
     return _BatchShape(
         req_refs=[_weak(r) for r in reqs], last_nodes=last_nodes, placement=placement, end=end_arr, has_tail=has_tail,
-        parent=np.array(o_parent, np.int32), query_node=np.array([out_of[i] for i in q_local], np.int32),
-        start=np.array(o_start, np.int64), row=np.array(rows, np.int64), fixed_len=fixed_len,
+        parent=o_parent.astype(np.int32), query_node=out_of[q_local].astype(np.int32),
+        start=np.array(l_start, np.int64)[heads], row=rows, fixed_len=fixed_len,
         tail_node=tail_node_arr, tail_req=tail_req_arr)
 
 
@@ -578,14 +570,12 @@ def _radix_paths(reqs, seq_lens):
     private tail's local id (-1: none). O(B + radix nodes first reached)."""
     # Radix nodes reached this step, in discovery order (parents first). Per local node:
     # parent local id (-1: child of the root), start position along the path, length, one request
-    # whose path contains it, number of children in this batch (tails included), queries ending there.
+    # whose path contains it.
     local_of: dict = {}
     l_parent: list[int] = []
     l_start: list[int] = []
     l_len: list[int] = []
     l_req: list[int] = []
-    l_nchild: list[int] = []
-    l_nend: list[int] = []
     q_local: list[int] = []  # the local node query b ends at
     ends: list[int] = []  # request b's radix path length
     tails: list[int] = []  # request b's private tail node (-1: none)
@@ -625,10 +615,6 @@ def _radix_paths(reqs, seq_lens):
             l_start.append(end)
             l_len.append(n)
             l_req.append(b)
-            l_nchild.append(0)
-            l_nend.append(0)
-            if above >= 0:
-                l_nchild[above] += 1
             above, end = i, end + n
         # `above` is now req.last_node's local id (-1: nothing shared), `end` its path length.
         if end > seq_len:
@@ -641,19 +627,14 @@ def _radix_paths(reqs, seq_lens):
             l_start.append(end)
             l_len.append(seq_len - end)
             l_req.append(b)
-            l_nchild.append(0)
-            l_nend.append(1)
-            if above >= 0:
-                l_nchild[above] += 1
             q_local.append(i)
             tails.append(i)
         else:  # empty tail: the query ends at its last radix node (or has no KV at all)
             if above < 0:
                 raise KVTreeBuildError(f"request {b} (rid={getattr(req, 'rid', '?')}) has seq_len {seq_len}: "
                                        "a decode query attends at least its own token")
-            l_nend[above] += 1
             q_local.append(above)
             tails.append(-1)
         ends.append(end)
 
-    return l_parent, l_start, l_len, l_req, l_nchild, l_nend, q_local, ends, tails
+    return l_parent, l_start, l_len, l_req, q_local, ends, tails
