@@ -87,6 +87,7 @@ class TailSlack:
     end: np.ndarray  # [Bt] int64: kv position just past the tail = the first slack position
     next_flat: np.ndarray  # [Bt] int64: req_to_token flat index of the node's next token
     slack: np.ndarray  # [Bt] int64: slack positions (the row's width may leave fewer than asked)
+    num_tails: int  # the first num_tails entries are private tails; a window tree's private nodes follow them
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,10 @@ class MovingStarts:
     whose window starts past its path's first token has one root node, where its run shares its top node from
     (the queries of a run share it), and maybe a private node of its earlier positions; one step later each of
     those roots and private nodes starts one position further on, and the private nodes and the tails grow by
-    one (``tails``); every other node stays as it is. That holds for ``room`` steps: until a query whose window
-    covers its whole sequence reaches its window's length (then its window starts moving too, at a place no
-    other query's root starts)."""
+    one (``tails``); every other node stays as it is. That holds for ``room`` steps (at most the slack asked for):
+    until a query whose window covers its whole sequence reaches its window's length (then its window starts
+    moving too, at a place no other query's root starts), or a moving root that does not grow would lose its
+    last position (a plan's first chunk of it may run out sooner: ``step_planner`` checks its items)."""
 
     start: np.ndarray  # [R] int64: kv position of each moving root's and private node's first token
     room: int  # steps of one more token each for which the tree's shape stays this one
@@ -201,7 +203,7 @@ class DecodeKVTreeBuilder:
         nodes = (shape.parent, shape.query_node, shape.start, shape.row, lens)
         if self._room_for(tail_slack, len(shape.tail_node), unique, max_kv_tokens):
             tails, nodes, _ = _with_slack_nodes(nodes, shape.tail_node, shape.tail_req, seq[shape.tail_req],
-                                                tail_slack, self.req_to_token.shape[1])
+                                                tail_slack, self.req_to_token.shape[1], num_tails=len(shape.tail_node))
         tree = self._gather(*nodes, kv_out)
         return DecodeKVTree(tree=tree, attended_tokens=int(seq.sum()), unique_tokens=unique, reused_shape=reused,
                             tails=tails)
@@ -241,12 +243,18 @@ class DecodeKVTreeBuilder:
             # on too (a step later its query's window starts a position later, and its run's too).
             grown = (np.concatenate([extras.leaf[shape.tail_req], extras.node]),
                      np.concatenate([shape.tail_req, extras.req]), np.concatenate([seq[shape.tail_req], extras.end]))
-            tails, nodes, new_id = _with_slack_nodes(nodes, *grown, tail_slack, self.req_to_token.shape[1])
+            lens_before = nodes[4]
+            tails, nodes, new_id = _with_slack_nodes(nodes, *grown, tail_slack, self.req_to_token.shape[1],
+                                                     num_tails=len(shape.tail_node))
             roots = np.unique(_roots(parent)[query_node[cut > 0]])
             first = np.cumsum(nodes[4]) - nodes[4]  # each node's first kv position
+            # The shape holds while each query that still attends its whole sequence stays within its window and
+            # each moving root that does not grow (a root that is its query's tail loses and gains a position a
+            # step) keeps a position.
             covered = seq[cut == 0]
-            moving = MovingStarts(start=first[new_id[np.concatenate([roots, extras.node])]],
-                                  room=int((window - covered).min()) if len(covered) else tail_slack)
+            shrinking = lens_before[np.setdiff1d(roots, grown[0])]
+            room = min(int((window - covered).min(initial=tail_slack)), int(shrinking.min(initial=tail_slack + 1)) - 1)
+            moving = MovingStarts(start=first[new_id[np.concatenate([roots, extras.node])]], room=room)
         tree = self._gather(*nodes, kv_out)
         return DecodeKVTree(tree=tree, attended_tokens=int(np.minimum(seq, window).sum()), unique_tokens=unique,
                             reused_shape=reused, tails=tails, moving=moving)
@@ -478,7 +486,7 @@ def _runs_of_one_node(s: list[int], m: list[int], top_length: int, run_of: list[
 
 
 def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray, tail_end: np.ndarray,
-                      tail_slack: int, width: int):
+                      tail_slack: int, width: int, num_tails: int):
     """Insert an unused child after every tail node (``nodes``: parent, query_node, start, row, lens; node
     ``tail_node[j]`` grows in request ``tail_req[j]``'s row, where it ends at position ``tail_end[j]``): its
     positions are the row's next ones, so the steps that follow can write their new token there (no query
@@ -500,7 +508,7 @@ def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray,
     new_lens[new_id], new_lens[slack_id] = lens, slack
     indptr_end = np.cumsum(new_lens)
     tails = TailSlack(req=tail_req, end=indptr_end[new_id[tail_node]],
-                      next_flat=old_row[tail_node] * width + tail_end, slack=slack)
+                      next_flat=old_row[tail_node] * width + tail_end, slack=slack, num_tails=num_tails)
     return tails, (parent, new_id[query_node].astype(np.int32), start, row, new_lens), new_id
 
 

@@ -169,7 +169,7 @@ class DecodeStepPlanner:
                       seq: np.ndarray) -> _SteadyState | None:
         """What later steady steps need, set up on the device; None when they cannot follow this plan."""
         tails = built.tails
-        if (tails is None or not np.array_equal(np.sort(tails.req[:batch_size]), np.arange(batch_size))
+        if (tails is None or not np.array_equal(np.sort(tails.req[:tails.num_tails]), np.arange(batch_size))
                 or int(tails.slack.min()) <= 0):
             return None  # a request without a private tail (or without room) cannot grow in place
         if len(tails.req) > self._cap:  # not from a builder's tree (at most 2 growing nodes a query): no update

@@ -220,6 +220,25 @@ def test_windows_starting_at_different_places_of_a_prompt_share_it_in_runs(suffi
     assert d.unique_tokens == want < d.attended_tokens
 
 
+@pytest.mark.parametrize("window, room", [(4, 0), (5, 1), (7, 3), (9, 5)])
+def test_window_room_keeps_every_moving_root_a_position(window, room):
+    """Two branches of 2 tokens on a 10-token prompt, 13 tokens each with this step's: windows of 4-9 start in
+    the prompt, the two together, so the window tree's root is the prompt from there (window - 3 positions).
+    It moves a position a step and does not grow, so the shape holds for one step less than its length
+    (``MovingStarts.room``), whatever slack the tails get."""
+    sim = RadixSim()
+    prompt = sim.fresh(10)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(2)) for _ in range(2)])
+    seq_lens = sim.prepare_decode(reqs)
+    assert seq_lens.tolist() == [13, 13]
+    d = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, window)
+    check_window_tree(sim, reqs, seq_lens, window, d)
+    assert roots(d) == [0] and node_lengths(d)[0] == window - 3
+    slack = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, window, tail_slack=8)
+    assert slack.moving.room == room
+
+
 def test_window_runs_read_the_fewest_positions():
     """_run_skips against every partition of a node's starts into runs (random nodes of 1-9 starts): each start's
     run begins at or after it, and the positions read are the fewest possible."""

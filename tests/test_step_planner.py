@@ -153,6 +153,24 @@ def test_query_without_a_private_tail_gets_no_steady_steps():
         assert not step.steady and sp._state is None
 
 
+def test_window_query_without_a_private_tail_gets_no_steady_steps():
+    """As above, in a window plan, where each query that starts before its run also has a private node that grows
+    (here query 0's positions 7-8 of the 12-token prompt, its run sharing it from 8): those nodes must not count as
+    the missing tail, or a steady step would leave query 0's new token out of its window."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8, window=5)
+    prompt = sim.tokens(12)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
+    sim.prepare_decode(reqs)
+    for lens in ([12, 13], [12, 13], [13, 14]):  # the same batch twice (room), then a token on
+        lens = torch.tensor(lens)
+        step = sp.plan(reqs, lens, 2)
+        got = plan_kv_reads(step.plan)
+        for b, (req, n) in enumerate(zip(reqs, lens.tolist())):
+            assert sorted(got[b]) == sorted(sim.req_to_token[req.req_pool_idx, n - 5:n].tolist()), f"query {b}"
+        assert not step.steady and sp._state is None
+
+
 def test_a_batch_changing_every_step_gets_no_room():
     """Room doubles the nodes a full plan handles: a batch that changes every step (requests joining
     and leaving all the time) is planned without it, as it would get no steady step from it."""
