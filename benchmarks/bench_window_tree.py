@@ -10,8 +10,15 @@ holds: each position once per run that reads it, plus the private nodes) are rep
 * ``distinct_256``: 256 branches of 8-263 tokens: 256 different starts inside the prompt;
 * ``mixed_64``: 64 branches of 3-9 tokens: 7 starts.
 
-Run: ``python benchmarks/bench_window_tree.py [--window 512] [--repeats 50]`` (the CPU's KV slots; on a CUDA host
-the gather of the slots runs on the device: ``--device cuda``).
+With ``--steps N``, each case also decodes N steps through a window ``DecodeStepPlanner`` (full plans with room,
+then steady steps that move the windows in place: ``sglang_deft/step_planner.py``) and reports the KV positions its
+plans read in all (``steady_read_tokens``; ``steady_steps`` of them steady) against what a fresh tree would read at
+every step (``fresh_read_tokens``). Steady steps keep the runs of their full plan while every window start moves on,
+and each run's shared part shrinks; a fresh tree may then choose other runs.
+
+Run: ``python benchmarks/bench_window_tree.py [--window 512] [--repeats 50] [--steps 130]`` (the CPU's KV slots; on a
+CUDA host the gather of the slots runs on the device: ``--device cuda``; on the CPU the steady steps' update kernel
+runs under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -53,11 +60,47 @@ def run_case(branch_tokens: list[int], window: int, repeats: int, device: torch.
             "unique_tokens": built.unique_tokens, "ratio": round(built.attended_tokens / built.unique_tokens, 3)}
 
 
+def steady_reads(branch_tokens: list[int], window: int, steps: int, device: torch.device,
+                 prompt_len: int = PROMPT) -> dict:
+    """KV positions read over ``steps`` decode steps of one fork through a window step planner, and by fresh trees."""
+    from radix_sim import RadixSim
+
+    from sglang_deft.kernels import TreeDecodePlanner
+    from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
+    from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
+    from sglang_deft.tree_attention import PlanLimits, new_graph_plan
+
+    B = len(branch_tokens)
+    sim = RadixSim(kv_slots=prompt_len + sum(branch_tokens) + (steps + 2) * B + 64, max_reqs=B,
+                   max_context=prompt_len + max(branch_tokens) + steps + 8)
+    # The shapes of attention do not change the tree or the plan's reads; small heads keep the buffers small.
+    heads, kv_heads, head_dim = 8, 2, 16
+    buffers = new_graph_plan(PlanLimits(max_items=16 * B + 64, max_partials=64 * B + 256), B,
+                             B * (window + 2 * SLACK_TOKENS) + 1, heads, kv_heads, head_dim, torch.float32, device)
+    planner = DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token.to(device)),
+                                TreeDecodePlanner(heads, kv_heads, head_dim, kv_dtype=torch.float32), buffers,
+                                window=window)
+    prompt = sim.tokens(prompt_len)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in branch_tokens])
+    read = fresh = steady = 0
+    for _ in range(steps):
+        seq_lens = sim.prepare_decode(reqs)
+        planner.builder.req_to_token.copy_(sim.req_to_token)
+        step = planner.plan(reqs, seq_lens, B)
+        read, steady = read + step.unique_tokens, steady + step.steady
+        fresh += DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, window).unique_tokens
+        sim.finish_decode(reqs)
+    return {"steps": steps, "steady_steps": steady, "steady_read_tokens": read, "fresh_read_tokens": fresh,
+            "read_ratio": round(read / fresh, 4)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=0, help="also decode this many steps through a window step planner")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():  # SGLang importable without CUDA, as in the tests
         import sglang_deft.cpu_compat
@@ -68,6 +111,10 @@ def main(argv=None) -> int:
         print(f"{name:>13}: {r['branches']} branches, {r['starts']} starts, window {r['window']}: build "
               f"{r['build_us']} us, attended {r['attended_tokens']}, unique {r['unique_tokens']}, "
               f"ratio {r['ratio']}", flush=True)
+        if args.steps:
+            r = steady_reads(branch_tokens, args.window, args.steps, torch.device(args.device))
+            print(f"{'':>13}  {r['steps']} steps ({r['steady_steps']} steady): read {r['steady_read_tokens']}, "
+                  f"fresh trees {r['fresh_read_tokens']}, ratio {r['read_ratio']}", flush=True)
     return 0
 
 

@@ -21,3 +21,18 @@ def test_a_fork_of_different_lengths_is_reported_with_its_sharing():
     latest = max(seq) - 41
     want = (bw.PROMPT - latest) + sum(latest - (n - 41) for n in seq) + sum(n + 1 for n in (3, 4, 5, 6))
     assert r["unique_tokens"] == want and r["ratio"] == round(4 * 41 / want, 3)
+
+
+def test_steady_steps_read_what_fresh_trees_read_while_the_runs_hold():
+    """Branches of 3-6 tokens on the 1000-token prompt, windows of 41 starting at four places of it: one run,
+    which a fresh tree keeps choosing, so the steady steps read exactly what fresh trees would."""
+    r = bw.steady_reads([3, 4, 5, 6], window=41, steps=8, device=torch.device("cpu"))
+    assert r["steady_steps"] == 6 and r["steady_read_tokens"] == r["fresh_read_tokens"]
+
+
+def test_steady_steps_keep_runs_a_fresh_tree_would_split():
+    """Four branches of 3 tokens and one of 13 on a 100-token prompt, 53-token windows: one run at first. Every
+    step each run's shared part of the prompt shrinks by a position, so after a few steps a fresh tree reads
+    fewer positions with two runs, while the steady steps keep the full plan's one."""
+    r = bw.steady_reads([3] * 4 + [13], window=53, steps=24, device=torch.device("cpu"), prompt_len=100)
+    assert r["steady_steps"] >= 20 and r["steady_read_tokens"] > r["fresh_read_tokens"]
