@@ -465,6 +465,31 @@ def _fp8_scale_problems(layer, prefill_backend: str) -> list[str]:
 def check_model_runner(model_runner) -> None:
     _raise_if(model_runner_problems(model_runner))
     _warn_of_bidirectional_prefill(model_runner)
+    _warn_of_uncapped_prefill(model_runner)
+
+
+# SGLang 0.5.10's prefill backends that apply a layer's tanh logit soft cap (Gemma-2's 50, Grok's 30). Not
+# torch_native (no cap at all), nor flashinfer: it passes the cap to its wrappers' deprecated forward() only, while
+# FlashInfer picks the capped kernel at plan(), which SGLang calls without it (sgl-project/sglang#33915).
+_CAPPED_PREFILL_BACKENDS = ("triton", "fa3")
+
+
+def _warn_of_uncapped_prefill(model_runner) -> None:
+    """deft's decode applies each layer's logit soft cap, as the model defines it and as SGLang's triton decode
+    does. A prefill backend that does not (above) computes the prompt without it, and the KV it writes follows
+    from that; deft decodes over that KV, as SGLang's own decode would. The user is told, since SGLang's own
+    decode on that backend would leave the cap out too, so outputs differ from that server's."""
+    args = model_runner.server_args
+    prefill = backend_names(args)[1]
+    if prefill in _CAPPED_PREFILL_BACKENDS or model_runner.tp_rank != 0:
+        return
+    caps = sorted({layer.logit_cap for layer in attention_layers(model_runner.model) if layer.logit_cap > 0})
+    if caps:
+        logger.warning(
+            "deft: the model's attention layers cap their scores (tanh soft cap %s), which SGLang's %s prefill "
+            "does not apply (for flashinfer: sgl-project/sglang#33915), so prompts are prefilled without it; deft's "
+            "decode applies it, as the model and SGLang's triton decode do. Prefill on %s for the model's own "
+            "attention", ", ".join(f"{c:g}" for c in caps), prefill, " or ".join(_CAPPED_PREFILL_BACKENDS))
 
 
 def _warn_of_bidirectional_prefill(model_runner) -> None:

@@ -689,6 +689,26 @@ def test_gemma3s_layers_are_served_with_a_warning_where_sglang_prefills_them_bid
     assert ("attention layers [0, 1, 2] are of SGLang's decoder_bidirectional type" in caplog.text) == warned
 
 
+@pytest.mark.parametrize("prefill, cap, warned", [
+    ("flashinfer", 30.0, True), ("torch_native", 50.0, True), ("triton", 30.0, False), ("fa3", 50.0, False),
+    ("flashinfer", 0.0, False),
+])
+def test_a_prefill_backend_that_drops_the_soft_cap_is_served_with_a_warning(server_args, model_config, caplog,
+                                                                             prefill, cap, warned):
+    """Grok's and Gemma-2's layers cap their scores; SGLang's flashinfer and torch_native prefills leave the cap
+    out, deft's decode applies it (as triton's does), which the user is told."""
+    from sglang_deft.config_checks import check_model_runner
+
+    layers = attention_layers(model_config)
+    for layer in layers:
+        layer.logit_cap = cap
+    args = triton_prefill(server_args)
+    args.prefill_attention_backend = prefill
+    with caplog.at_level(logging.WARNING, logger="sglang_deft.config_checks"):
+        check_model_runner(model_runner(args, model_config, layers))
+    assert (f"tanh soft cap {cap:g}), which SGLang's {prefill} prefill does not apply" in caplog.text) == warned
+
+
 @pytest.mark.parametrize(
     "changes, expected",
     [
