@@ -42,10 +42,10 @@ get a second plan per step, of the same batch's KV tree cut to each query's wind
 planner of its own whose steady steps also move each window's start (``step_planner``); every layer runs the
 plan of its kind. The window plan comes after the full layers' plan in an eager step, before it ahead of a
 replay (so that a window plan past the buffers leaves the full layers' step planner untouched), the same plans
-either way. A step whose window plan does not fit runs eagerly; in a server with CUDA graphs the full layers'
-plans of that step and the steps after it may then be chunked unlike a server without graphs (the step
-planner's steady steps follow the row count, a replay's padded, an eager step's not): exact either way, not
-bitwise the same.
+either way. A step whose window plan does not fit runs eagerly, with the batch's own rows where the replays before
+and after it have the graph's padded rows; the step planners' steady steps carry on across such changes (only the
+padding rows' merge ranges change: ``step_planner._with_rows``), so the full layers are chunked as in a server
+without graphs.
 
 Eager steps use the same buffers, the same limits and the same steady-step decisions; steps the
 buffers cannot take are planned under the same limits into buffers of their own

@@ -40,6 +40,7 @@ may choose more runs and read less: exact either way. Over 130 steps of the fork
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -129,7 +130,8 @@ class DecodeStepPlanner:
 
     def plan(self, reqs: Sequence, seq_lens_cpu: torch.Tensor, num_queries: int) -> StepPlan | None:
         """The step's plan in the buffers, for ``num_queries`` rows (the batch, plus a CUDA graph's
-        padding rows); None when the step does not fit them. Then the buffers hold no valid plan (the
+        padding rows; a steady step may have other rows than the last, ``_with_rows``); None when the step does
+        not fit them. Then the buffers hold no valid plan (the
         tree's KV slots may already be written into them) and no steady state is kept: the step runs
         eagerly with a plan of its own, and whatever step comes next is planned in full before any
         replay reads the buffers."""
@@ -139,8 +141,9 @@ class DecodeStepPlanner:
         seq = np.array(seq_lens_cpu.numpy(), dtype=np.int64)
         same_batch = self.builder.same_batch_as_last(reqs, seq)
         st = self._state
-        if (st is not None and same_batch and st.room > 0 and num_queries == st.plan.num_queries
-                and np.array_equal(seq, st.seq + 1)):
+        if st is not None and same_batch and st.room > 0 and np.array_equal(seq, st.seq + 1):
+            if num_queries != st.plan.num_queries:
+                st.plan = _with_rows(st.plan, len(reqs), num_queries)
             self._advance(st, seq)
             attended = seq if self.window is None else np.minimum(seq, self.window)
             return StepPlan(st.plan, int(attended.sum()), st.unique, True, None)
@@ -215,3 +218,18 @@ class DecodeStepPlanner:
         if not len(built.moving.start):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return self.planner.items_starting_at(built.moving.start)
+
+
+def _with_rows(plan: TreeDecodePlan, batch_size: int, rows: int) -> TreeDecodePlan:
+    """``plan`` (in the buffers) for ``rows`` rows instead of its own: only its padding rows change, queries of an
+    empty node past the batch's (``tree_attention.with_padding_queries``) with no work items and no partials, so its
+    items and every real query's merge list stay what a plan for these rows would hold. That happens when a batch
+    that replays a CUDA graph at its padded size runs a step eagerly (a graph plan refused past its limits, e.g.
+    the sliding-window layers'), or back: the step stays steady there as in a server without graphs, so both
+    chunk it alike. Two small device writes, no host sync: the padding rows' merge ranges (empty, where the
+    real queries' end) and the query count stage 2 reads."""
+    merge_end = plan.merge_indptr[batch_size]  # a view: the device's value, copied on the device
+    plan.merge_indptr[batch_size + 1:rows + 1].copy_(merge_end.expand(rows - batch_size))
+    plan.counts[2].fill_(rows)
+    plan.buffers.num_queries = rows
+    return dataclasses.replace(plan, num_queries=rows, grid_queries=rows)

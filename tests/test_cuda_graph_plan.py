@@ -843,35 +843,38 @@ def test_the_plan_buffers_take_stage2s_threshold_from_the_servers_graph_sizes(se
 
 
 @needs_interpreter
-@pytest.mark.parametrize("refuse_windows", [False, True], ids=["windows_fit", "windows_refused"])
-def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model_config, monkeypatch, refuse_windows):
+@pytest.mark.parametrize("refused_steps", [(), tuple(range(8)), (5,)],
+                         ids=["windows_fit", "windows_refused", "windows_refused_once"])
+def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model_config, monkeypatch, refused_steps):
     """test_steady_steps_replayed_and_eager_agree_bitwise with a sliding-window layer (a window of 41 tokens,
     starting inside the 150-token prompt at a different place for each branch) beside a full one: both servers plan
     the window tree into its own buffers besides the full plan, both plans take the same steady steps, and the
-    replays read both. ``windows_refused``: the window buffers take no step (as a window tree past the limits), so the graph
-    server runs every step eagerly, its full layers planned as the eager server's (the same steady steps); still
-    bitwise the eager server's. (A window plan refused on some steps only would part the two servers' steady
-    steps after it: the backend's module docstring.)"""
+    replays read both. ``windows_refused``: the window buffers take no step (as a window tree past the limits), so the
+    graph server runs every step eagerly, its full layers planned as the eager server's (the same steady steps);
+    still bitwise the eager server's. ``windows_refused_once``: only step 5, where the graph server's batch of 5 is
+    padded to 8 in its graphs: its eager step plans the full layers for 5 rows, and the replay after it steps that
+    plan on at 8 (``step_planner._with_rows``): steady as in the eager server, whose chunking it keeps."""
     args = triton_prefill(server_args)  # torch_native's prefill ignores windows: refused
     layers = windowed_layers(model_config, 40)[:2]
     sim, kv_pool, graphs = random_kv_setup(args, model_config, layers, 4096)
     eager, emulator, logs = graphs_and_eager(graphs, args, model_config, layers, sim, kv_pool)
-    if refuse_windows:
-        fits = step_planner_module.plan_graph_step
-        monkeypatch.setattr(step_planner_module, "plan_graph_step", lambda plan, *a: None if any(
-            plan is b.window_graph_plan for b in (graphs, eager)) else fits(plan, *a))
+    refusing = [False]
+    fits = step_planner_module.plan_graph_step
+    monkeypatch.setattr(step_planner_module, "plan_graph_step", lambda plan, *a: None if refusing[0] and any(
+        plan is b.window_graph_plan for b in (graphs, eager)) else fits(plan, *a))
     window_logs = [record_steady(backend, "window_step_planner") for backend in (graphs, eager)]
     reqs = four_branches(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
     window_attended = 0
-    for step in range(7):
+    for step in range(8):
         if step == 4:  # an unrelated request joins: 5 queries, padded to 8 in the graphs
             reqs += sim.prefill([sim.new_req(sim.fresh(30))])
+        refusing[0] = step in refused_steps
         fb = decode_forward_batch(sim, reqs, kv_pool)
         window_attended += int(fb.seq_lens_cpu.clamp(max=41).sum())
         B = len(reqs)
         bs = emulator.prepare(fb)
-        assert (bs is None) == refuse_windows
+        assert (bs is None) == refusing[0]
         if bs is None:
             graphs.init_forward_metadata(fb)  # SGLang runs the step eagerly
         eager.init_forward_metadata(fb)
@@ -888,9 +891,12 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
                                              layer)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         sim.finish_decode(reqs)
-    assert logs[0] == logs[1] == [False, False, True, True, False, False, True]
-    # The window plan's steady steps too (its roots start at each branch's own place and move with the windows)
-    assert window_logs[0] == window_logs[1] == ([None] * 7 if refuse_windows else logs[0])
+    steady = [False, False, True, True, False, False, True, True]
+    assert logs[0] == logs[1] == steady
+    # The window plan's steady steps too (its roots start at each branch's own place and move with the windows):
+    # none in buffers that take no step, and after a refused step a full plan (with room: the same batch)
+    assert window_logs[0] == window_logs[1] == [None if i in refused_steps else
+                                                False if i - 1 in refused_steps else s for i, s in enumerate(steady)]
     # Both servers' sharing metrics count the window layer's trees, replayed or eager: each branch's window starts
     # at a place of its own, and they share the prompt from the latest of those places on
     unique = eager.sharing.total_window_unique

@@ -79,11 +79,33 @@ def test_a_changed_batch_is_planned_in_full():
     assert not run(sim, sp, (reqs + late)[::-1])  # another order
     sim.finish(late[0])
     assert [run(sim, sp, reqs[::-1]) for _ in range(3)] == [False, False, True]  # one left
-    assert not run(sim, sp, reqs[::-1], num_queries=8)  # another padded size (same batch: room)
-    assert run(sim, sp, reqs[::-1], num_queries=8)
+    assert run(sim, sp, reqs[::-1], num_queries=8)  # padded: the same batch, its padding rows only change
     sp.invalidate()
     assert not run(sim, sp, reqs[::-1], num_queries=8)
     assert run(sim, sp, reqs[::-1], num_queries=8)
+
+
+def test_steady_steps_at_other_row_counts_keep_the_plan():
+    """A batch that a graph server replays padded to 8 rows and runs eagerly at its own 3 on some steps: every
+    steady step keeps the full plan's work items and the real queries' merge lists whatever the rows, as a planner
+    that always has 3 rows does (what keeps a graph server's chunking the eager server's)."""
+    sim = RadixSim(kv_slots=4096)
+    padded, plain = step_planner(sim, slack=6), step_planner(sim, slack=6)
+    reqs = fork(sim, 3)
+    for rows in (8, 8, 3, 8, 3, 3, 8, 8):
+        seq_lens = sim.prepare_decode(reqs)
+        a, b = padded.plan(reqs, seq_lens, rows), plain.plan(reqs, seq_lens, 3)
+        check(sim, reqs, seq_lens, a, rows)
+        assert a.steady == b.steady and a.plan.num_queries == a.plan.buffers.num_queries == rows
+        n = int(b.plan.counts[0] + b.plan.counts[1])
+        assert a.plan.counts.tolist() == b.plan.counts[:2].tolist() + [rows]
+        assert torch.equal(a.plan.items[:n], b.plan.items[:n])
+        merges = int(b.plan.merge_indptr[3])
+        assert torch.equal(a.plan.merge_indptr[:4], b.plan.merge_indptr[:4])
+        assert (a.plan.merge_indptr[4:rows + 1] == merges).all()  # the padding rows merge nothing
+        assert torch.equal(a.plan.merge_slots[:merges], b.plan.merge_slots[:merges])
+        sim.finish_decode(reqs)
+    assert b.steady
 
 
 def test_a_skipped_step_is_planned_in_full():
