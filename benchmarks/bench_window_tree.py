@@ -8,7 +8,10 @@ holds: each position once per run that reads it, plus the private nodes) are rep
 
 * ``same_256``: 256 branches of 8 tokens on a 1000-token prompt: every window starts at one place;
 * ``distinct_256``: 256 branches of 8-263 tokens: 256 different starts inside the prompt;
-* ``mixed_64``: 64 branches of 3-9 tokens: 7 starts.
+* ``mixed_64``: 64 branches of 3-9 tokens: 7 starts;
+* ``nested_64``: tree of thought: 8 groups of 200 tokens each on the prompt, each forked into 8 branches of 3-73
+  tokens: 8 starts in the prompt, each shared by one branch of every group (runs that part a group's branches read
+  its 200 tokens again: ``_run_skips`` counts them).
 
 With ``--steps N``, each case also decodes N steps through a window ``DecodeStepPlanner`` (full plans with room,
 then steady steps that move the windows in place: ``sglang_deft/step_planner.py``) and reports the KV positions its
@@ -34,19 +37,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # radix_sim: real SGLang memory objects on the host
 
 PROMPT = 1000
-CASES = {"same_256": [8] * 256, "distinct_256": list(range(8, 264)), "mixed_64": [3 + i % 7 for i in range(64)]}
+GROUP_TOKENS = 200
+# Each case: the branches' own tokens, and how many groups (each GROUP_TOKENS on the prompt) fork into them.
+CASES = {"same_256": ([8] * 256, 1), "distinct_256": (list(range(8, 264)), 1),
+         "mixed_64": ([3 + i % 7 for i in range(64)], 1), "nested_64": ([3 + 10 * i for i in range(8)], 8)}
 
 
-def run_case(branch_tokens: list[int], window: int, repeats: int, device: torch.device) -> dict:
+def fork(branch_tokens: list[int], groups: int, prompt_len: int, steps: int):
+    """A radix simulator holding a cached prompt forked into ``branch_tokens`` (under each of ``groups`` cached
+    groups of GROUP_TOKENS when more than one), room for ``steps`` decode steps, and the branches prefilled."""
     from radix_sim import RadixSim
 
+    B = groups * len(branch_tokens)
+    group_tokens = GROUP_TOKENS if groups > 1 else 0
+    sim = RadixSim(kv_slots=prompt_len + groups * (group_tokens + sum(branch_tokens)) + (steps + 2) * B + 64,
+                   max_reqs=B, max_context=prompt_len + group_tokens + max(branch_tokens) + steps + 8)
+    prompt = sim.tokens(prompt_len)
+    sim.run_to_cache(prompt)
+    ids = []
+    for _ in range(groups):
+        group = prompt + (sim.tokens(group_tokens) if group_tokens else [])
+        if group_tokens:
+            sim.run_to_cache(group)
+        ids += [group + sim.fresh(n) for n in branch_tokens]
+    return sim, sim.prefill([sim.new_req(i) for i in ids])
+
+
+def run_case(branch_tokens: list[int], window: int, repeats: int, device: torch.device, groups: int = 1) -> dict:
     from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
 
-    sim = RadixSim(kv_slots=PROMPT + sum(branch_tokens) + 2 * len(branch_tokens), max_reqs=len(branch_tokens),
-                   max_context=PROMPT + max(branch_tokens) + 8)
-    prompt = sim.tokens(PROMPT)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in branch_tokens])
+    sim, reqs = fork(branch_tokens, groups, PROMPT, 0)
     seq_lens = sim.prepare_decode(reqs)
     builder = DecodeKVTreeBuilder(sim.req_to_token.to(device))
     built = builder.build_window(reqs, seq_lens, window)  # the radix part is kept from here on, as in a server
@@ -55,24 +75,21 @@ def run_case(branch_tokens: list[int], window: int, repeats: int, device: torch.
         t0 = time.perf_counter()
         built = builder.build_window(reqs, seq_lens, window)
         times.append(1e6 * (time.perf_counter() - t0))
-    return {"branches": len(branch_tokens), "starts": len({n for n in branch_tokens}), "window": window,
+    return {"branches": len(reqs), "starts": len({n for n in branch_tokens}), "window": window,
             "build_us": round(statistics.median(times), 1), "attended_tokens": built.attended_tokens,
             "unique_tokens": built.unique_tokens, "ratio": round(built.attended_tokens / built.unique_tokens, 3)}
 
 
 def steady_reads(branch_tokens: list[int], window: int, steps: int, device: torch.device,
-                 prompt_len: int = PROMPT) -> dict:
+                 prompt_len: int = PROMPT, groups: int = 1) -> dict:
     """KV positions read over ``steps`` decode steps of one fork through a window step planner, and by fresh trees."""
-    from radix_sim import RadixSim
-
     from sglang_deft.kernels import TreeDecodePlanner
     from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder
     from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner
     from sglang_deft.tree_attention import PlanLimits, new_graph_plan
 
-    B = len(branch_tokens)
-    sim = RadixSim(kv_slots=prompt_len + sum(branch_tokens) + (steps + 2) * B + 64, max_reqs=B,
-                   max_context=prompt_len + max(branch_tokens) + steps + 8)
+    sim, reqs = fork(branch_tokens, groups, prompt_len, steps)
+    B = len(reqs)
     # The shapes of attention do not change the tree or the plan's reads; small heads keep the buffers small.
     heads, kv_heads, head_dim = 8, 2, 16
     buffers = new_graph_plan(PlanLimits(max_items=16 * B + 64, max_partials=64 * B + 256), B,
@@ -80,9 +97,6 @@ def steady_reads(branch_tokens: list[int], window: int, steps: int, device: torc
     planner = DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token.to(device)),
                                 TreeDecodePlanner(heads, kv_heads, head_dim, kv_dtype=torch.float32), buffers,
                                 window=window)
-    prompt = sim.tokens(prompt_len)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in branch_tokens])
     read = fresh = steady = 0
     for _ in range(steps):
         seq_lens = sim.prepare_decode(reqs)
@@ -106,13 +120,13 @@ def main(argv=None) -> int:
         import sglang_deft.cpu_compat
 
         sglang_deft.cpu_compat.install()
-    for name, branch_tokens in CASES.items():
-        r = run_case(branch_tokens, args.window, args.repeats, torch.device(args.device))
+    for name, (branch_tokens, groups) in CASES.items():
+        r = run_case(branch_tokens, args.window, args.repeats, torch.device(args.device), groups)
         print(f"{name:>13}: {r['branches']} branches, {r['starts']} starts, window {r['window']}: build "
               f"{r['build_us']} us, attended {r['attended_tokens']}, unique {r['unique_tokens']}, "
               f"ratio {r['ratio']}", flush=True)
         if args.steps:
-            r = steady_reads(branch_tokens, args.window, args.steps, torch.device(args.device))
+            r = steady_reads(branch_tokens, args.window, args.steps, torch.device(args.device), groups=groups)
             print(f"{'':>13}  {r['steps']} steps ({r['steady_steps']} steady): read {r['steady_read_tokens']}, "
                   f"fresh trees {r['fresh_read_tokens']}, ratio {r['read_ratio']}", flush=True)
     return 0

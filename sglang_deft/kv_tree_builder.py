@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -351,7 +351,22 @@ def _window_nodes(shape: _BatchShape, lens: np.ndarray, cut: np.ndarray):
     top_skip = np.maximum(cut - start[top], 0)
     moving = cut > 0
     run_skip = top_skip.copy()
-    run_skip[moving] = _run_skips(top[moving], top_skip[moving], lens[top[moving]])
+    mq = np.flatnonzero(moving)
+    has_tail = np.zeros(len(cut), bool)
+    has_tail[shape.tail_req] = True
+
+    def below():
+        """The nodes below each moving query's top node (its kept path but the top): each run of the top node
+        repeats those its queries use, so parting a node's users between runs reads the node once more. Not the
+        private tails, which have one user each."""
+        under = kept[mq]
+        under[np.arange(len(mq)), depth[mq] - 1] = False
+        under[:, 0] &= ~has_tail[mq]  # a query's tail is its leaf (column 0)
+        bq, bj = np.nonzero(under)
+        node = path[mq[bq], bj]
+        return bq, node, lens[node]
+
+    run_skip[mq] = _run_skips(top[mq], top_skip[mq], lens[top[mq]], below)
     qb, qj = np.nonzero(kept)
     node, first, skip = path[qb, qj], top[qb], run_skip[qb]
     # Parents first: within one (top node, skip), an ancestor is fewer levels below the top.
@@ -420,19 +435,25 @@ def _merge_chains(parent: np.ndarray, query_node: np.ndarray):
     return heads, merged, np.where(has_parent[heads], merged[up[heads]], -1), last
 
 
-def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray) -> np.ndarray:
+def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray,
+               below: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """For queries whose windows start ``skip`` positions into their top node ``top`` (of ``top_len``
     positions), where each one's run starts sharing that node (``_window_nodes``). A run is a range of one
     top node's distinct starts, shared from its latest: it reads the node from there once, and each of its
-    queries reads its positions before that privately. The runs minimise the positions read (the nodes below
-    the top one, which every further run repeats, are left out of the count, so it errs towards more runs):
-    over a node's starts s_0 < s_1 < ... with m_l queries each, Q and P the prefix sums of m_l and m_l s_l,
+    queries reads its positions before that privately, and the nodes below the top node that its queries use
+    (``below()``: entries (query, node, node length); asked for only where some top node has two starts). The runs minimise the positions read. Over a node's starts
+    s_0 < s_1 < ... with m_l queries each, Q and P the prefix sums of m_l and m_l s_l, and C[i] what a run
+    starting at s_i reads again below the top node (the nodes whose users' starts lie on both sides of it;
+    C[0] = 0),
 
-        best[j + 1] = (len - s_j) + s_j Q[j + 1] - P[j + 1] + min over i <= j of (best[i] + P[i] - s_j Q[i]),
+        best[j + 1] = (len - s_j) + s_j Q[j + 1] - P[j + 1] + min over i <= j of (best[i] + C[i] + P[i] - s_j Q[i]),
 
     the minimum of lines of falling slope -Q[i] at rising s_j: a monotone convex-hull walk, linear in the
     starts (a Python loop over at most one entry per query: ~0.36 ms for 256 starts in one node on the 2-core
-    box, against several ms for a numpy minimum per start). Full plans only: steady steps keep the runs."""
+    box, against several ms for a numpy minimum per start). C counts a node below the top once per run that
+    overlaps the range of its users' starts: exact when no other start lies among them (a nested fork's
+    groups each spanning the same lengths, or each its own), else it errs towards fewer runs. Full plans only:
+    steady steps keep the runs."""
     run = skip.copy()
     if len(skip) < 2:
         return run
@@ -442,6 +463,24 @@ def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray) -> np.nda
         return run  # one start per top node: every run is one start
     length = np.zeros(len(keys), np.int64)
     length[inverse] = top_len
+    # C of every start: a node below a top node adds its length to the starts after the first of its users' and
+    # up to the last (a run starting there parts them). The ranges' ends by (top node, node) pair, as a difference
+    # array over the keys, which are sorted by top node: each range stays within its top node's starts.
+    again = [0] * len(keys)
+    entries = below() if below is not None else None
+    if entries is not None and len(entries[0]):
+        q, node, node_len = entries
+        pair = top[q] * (int(node.max()) + 1) + node
+        k = inverse[q]
+        order = np.lexsort((k, pair))
+        pair, k, node_len = pair[order], k[order], node_len[order]
+        first = np.ones(len(pair), bool)
+        first[1:] = pair[1:] != pair[:-1]
+        last = np.ones(len(pair), bool)
+        last[:-1] = first[1:]
+        diff = (np.bincount(k[first] + 1, weights=node_len[first], minlength=len(keys) + 1)
+                - np.bincount(k[last] + 1, weights=node_len[last], minlength=len(keys) + 1))
+        again = np.cumsum(diff[:-1]).astype(np.int64).tolist()
     tops, starts = (keys // width).tolist(), (keys % width).tolist()
     counts, length = counts.tolist(), length.tolist()
     run_of = list(starts)
@@ -451,21 +490,22 @@ def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray) -> np.nda
         while hi < len(keys) and tops[hi] == tops[lo]:
             hi += 1
         if hi - lo > 1:
-            _runs_of_one_node(starts[lo:hi], counts[lo:hi], length[lo], run_of, lo)
+            _runs_of_one_node(starts[lo:hi], counts[lo:hi], again[lo:hi], length[lo], run_of, lo)
         lo = hi
     return np.asarray(run_of, np.int64)[inverse]
 
 
-def _runs_of_one_node(s: list[int], m: list[int], top_length: int, run_of: list[int], offset: int) -> None:
-    """``_run_skips``' programme for one top node's starts ``s`` (ascending) with ``m`` queries each: writes each
-    start's run start into ``run_of[offset + l]``."""
+def _runs_of_one_node(s: list[int], m: list[int], again: list[int], top_length: int, run_of: list[int],
+                      offset: int) -> None:
+    """``_run_skips``' programme for one top node's starts ``s`` (ascending) with ``m`` queries each and ``again``
+    (C) each: writes each start's run start into ``run_of[offset + l]``."""
     n = len(s)
     best, first = [0] * (n + 1), [0] * n
     # The lower envelope of the lines so far (slopes falling), as parallel lists; `head`: the best at s_j
     slope, intercept, index = [], [], []
     head = q = p = 0  # q, p: Q[j], P[j]
     for j in range(n):
-        k3, b3 = -q, best[j] + p  # the line of i = j
+        k3, b3 = -q, best[j] + again[j] + p  # the line of i = j
         while len(slope) - head >= 2:  # drop the last line where it is nowhere below both neighbours
             k1, b1, k2, b2 = slope[-2], intercept[-2], slope[-1], intercept[-1]
             if (b3 - b1) * (k1 - k2) > (b2 - b1) * (k1 - k3):
