@@ -452,8 +452,9 @@ def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray,
     starts (a Python loop over at most one entry per query: ~0.36 ms for 256 starts in one node on the 2-core
     box, against several ms for a numpy minimum per start). C counts a node below the top once per run that
     overlaps the range of its users' starts: exact when no other start lies among them (a nested fork's
-    groups each spanning the same lengths, or each its own), else it errs towards fewer runs. Full plans only:
-    steady steps keep the runs."""
+    groups each spanning the same lengths, or each its own). Else it may count a node for a run that holds none
+    of its users, so where C is not zero the runs without it are found too, and whichever reads fewer positions
+    (counted exactly) is kept. Full plans only: steady steps keep the runs."""
     run = skip.copy()
     if len(skip) < 2:
         return run
@@ -467,6 +468,7 @@ def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray,
     # up to the last (a run starting there parts them). The ranges' ends by (top node, node) pair, as a difference
     # array over the keys, which are sorted by top node: each range stays within its top node's starts.
     again = [0] * len(keys)
+    shared: list[tuple[int, int, int]] = []  # (start index, pair, length) of every node below a top node, by user
     entries = below() if below is not None else None
     if entries is not None and len(entries[0]):
         q, node, node_len = entries
@@ -481,24 +483,44 @@ def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray,
         diff = (np.bincount(k[first] + 1, weights=node_len[first], minlength=len(keys) + 1)
                 - np.bincount(k[last] + 1, weights=node_len[last], minlength=len(keys) + 1))
         again = np.cumsum(diff[:-1]).astype(np.int64).tolist()
+        shared = sorted(zip(k.tolist(), pair.tolist(), node_len.tolist()))
     tops, starts = (keys // width).tolist(), (keys % width).tolist()
     counts, length = counts.tolist(), length.tolist()
     run_of = list(starts)
-    lo = 0
+    lo = e = 0
     while lo < len(keys):
         hi = lo + 1
         while hi < len(keys) and tops[hi] == tops[lo]:
             hi += 1
+        e0 = e
+        while e < len(shared) and shared[e][0] < hi:
+            e += 1
         if hi - lo > 1:
-            _runs_of_one_node(starts[lo:hi], counts[lo:hi], again[lo:hi], length[lo], run_of, lo)
+            s, m = starts[lo:hi], counts[lo:hi]
+            runs = _runs_of_one_node(s, m, again[lo:hi], length[lo])
+            if any(again[lo + 1:hi]):
+                # C overcounts a node whose users' starts have another's among them: keep whichever of the runs
+                # with and without C reads fewer positions, counted exactly (never more than without C).
+                below_here = [(k - lo, pair, size) for k, pair, size in shared[e0:e]]
+                plain = _runs_of_one_node(s, m, [0] * (hi - lo), length[lo])
+                if _positions(s, m, plain, length[lo], below_here) < _positions(s, m, runs, length[lo], below_here):
+                    runs = plain
+            run_of[lo:hi] = runs
         lo = hi
     return np.asarray(run_of, np.int64)[inverse]
 
 
-def _runs_of_one_node(s: list[int], m: list[int], again: list[int], top_length: int, run_of: list[int],
-                      offset: int) -> None:
+def _positions(s: list[int], m: list[int], runs: list[int], top_length: int, below: list[tuple[int, int, int]]) -> int:
+    """The positions one top node's runs read: the node from each run's start, each query's private positions before
+    its run's, and each node below it once per run that holds one of its users (``below``: (start index, node,
+    length) per user start)."""
+    top = sum(top_length - r for r in set(runs)) + sum(c * (r - x) for x, c, r in zip(s, m, runs))
+    return top + sum({(node, runs[k]): size for k, node, size in below}.values())
+
+
+def _runs_of_one_node(s: list[int], m: list[int], again: list[int], top_length: int) -> list[int]:
     """``_run_skips``' programme for one top node's starts ``s`` (ascending) with ``m`` queries each and ``again``
-    (C) each: writes each start's run start into ``run_of[offset + l]``."""
+    (C) each: each start's run start."""
     n = len(s)
     best, first = [0] * (n + 1), [0] * n
     # The lower envelope of the lines so far (slopes falling), as parallel lists; `head`: the best at s_j
@@ -518,11 +540,13 @@ def _runs_of_one_node(s: list[int], m: list[int], again: list[int], top_length: 
         q, p = q + m[j], p + m[j] * x
         best[j + 1] = (top_length - x) + x * q - p + slope[head] * x + intercept[head]
         first[j] = index[head]
+    run_of = list(s)
     j = n - 1
     while j >= 0:
         for l in range(first[j], j + 1):
-            run_of[offset + l] = s[j]
+            run_of[l] = s[j]
         j = first[j] - 1
+    return run_of
 
 
 def _with_slack_nodes(nodes: tuple, tail_node: np.ndarray, tail_req: np.ndarray, tail_end: np.ndarray,

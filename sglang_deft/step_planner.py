@@ -141,7 +141,8 @@ class DecodeStepPlanner:
         seq = np.array(seq_lens_cpu.numpy(), dtype=np.int64)
         same_batch = self.builder.same_batch_as_last(reqs, seq)
         st = self._state
-        if st is not None and same_batch and st.room > 0 and np.array_equal(seq, st.seq + 1):
+        if (st is not None and same_batch and st.room > 0 and np.array_equal(seq, st.seq + 1)
+                and num_queries <= self.buffers.qperm.numel()):
             if num_queries != st.plan.num_queries:
                 st.plan = _with_rows(st.plan, len(reqs), num_queries)
             self._advance(st, seq)

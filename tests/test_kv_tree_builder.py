@@ -301,6 +301,27 @@ def test_nested_forks_keep_their_groups_in_one_run():
     assert d.unique_tokens == one_run
 
 
+def test_window_runs_never_read_more_than_runs_chosen_without_the_nodes_below():
+    """Two groups (6 and 20 tokens of their own on a 39-token prompt) whose branches' 100-token windows start at
+    12, 19, 37 (group A) and 29, 31 (group B) of the prompt: B's starts lie among A's, so counting A's node once
+    per run boundary between its users' starts counts it for a run of B's alone too, and those runs would hold
+    450 positions. The runs without that count hold 446 (the fewest here), and are kept (found by review)."""
+    sim = RadixSim(kv_slots=2048, max_reqs=8, max_context=256)
+    prompt = sim.fresh(39)
+    sim.run_to_cache(prompt)
+    ids = []
+    for own, branches in ((6, (66, 73, 91)), (20, (69, 71))):
+        group = prompt + sim.fresh(own)
+        sim.run_to_cache(group)
+        ids += [group + sim.fresh(n) for n in branches]
+    reqs = sim.prefill([sim.new_req(i) for i in ids])
+    seq_lens = sim.prepare_decode(reqs)
+    assert [n - 100 for n in seq_lens.tolist()] == [12, 19, 37, 29, 31]
+    d = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, 100)
+    check_window_tree(sim, reqs, seq_lens, window=100, d=d)
+    assert d.unique_tokens == 446
+
+
 def assert_same_tree(a: DecodeKVTree, b: DecodeKVTree) -> None:
     for name in ("kv_indices", "node_indptr", "node_parent", "query_node"):
         assert torch.equal(getattr(a.tree, name), getattr(b.tree, name)), name

@@ -90,7 +90,7 @@ def test_steady_steps_at_other_row_counts_keep_the_plan():
     steady step keeps the full plan's work items and the real queries' merge lists whatever the rows, as a planner
     that always has 3 rows does (what keeps a graph server's chunking the eager server's)."""
     sim = RadixSim(kv_slots=4096)
-    padded, plain = step_planner(sim, slack=6), step_planner(sim, slack=6)
+    padded, plain = step_planner(sim, slack=8), step_planner(sim, slack=8)
     reqs = fork(sim, 3)
     for rows in (8, 8, 3, 8, 3, 3, 8, 8):
         seq_lens = sim.prepare_decode(reqs)
@@ -106,6 +106,8 @@ def test_steady_steps_at_other_row_counts_keep_the_plan():
         assert torch.equal(a.plan.merge_slots[:merges], b.plan.merge_slots[:merges])
         sim.finish_decode(reqs)
     assert b.steady
+    # More rows than the buffers hold (with room left for steady steps): no step there
+    assert padded.plan(reqs, sim.prepare_decode(reqs), 17) is None
 
 
 def test_a_skipped_step_is_planned_in_full():
