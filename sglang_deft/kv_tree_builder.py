@@ -441,10 +441,10 @@ def _run_skips(top: np.ndarray, skip: np.ndarray, top_len: np.ndarray,
     positions), where each one's run starts sharing that node (``_window_nodes``). A run is a range of one
     top node's distinct starts, shared from its latest: it reads the node from there once, and each of its
     queries reads its positions before that privately, and the nodes below the top node that its queries use
-    (``below()``: entries (query, node, node length); asked for only where some top node has two starts). The runs minimise the positions read. Over a node's starts
-    s_0 < s_1 < ... with m_l queries each, Q and P the prefix sums of m_l and m_l s_l, and C[i] what a run
-    starting at s_i reads again below the top node (the nodes whose users' starts lie on both sides of it;
-    C[0] = 0),
+    (``below()``: entries (query, node, node length); asked for only where some top node has two starts). The
+    runs are chosen to read few positions. Over a node's starts s_0 < s_1 < ... with m_l queries each, Q and P
+    the prefix sums of m_l and m_l s_l, and C[i] what a run starting at s_i reads again below the top node (the
+    nodes whose users' starts lie on both sides of it; C[0] = 0),
 
         best[j + 1] = (len - s_j) + s_j Q[j + 1] - P[j + 1] + min over i <= j of (best[i] + C[i] + P[i] - s_j Q[i]),
 
