@@ -15,7 +15,9 @@ is SGLang's triton backend everywhere and only decode differs (flashinfer decode
 defaults, CUDA graphs on, up to ``--cuda-graph-max-bs 256``, for every backend;
 ``--deft-args=--disable-cuda-graph`` measures deft's eager steps).
 Models: ``8b`` (``.kit/models/llama3-8b-shape``, dummy weights, bfloat16, ``--skip-tokenizer-init``) and
-``tiny`` (``models/tiny-llama-deft``, float16, with its tokenizer, for the sglang.lang program).
+``tiny`` (``models/tiny-llama-deft``, float16, with its tokenizer, for the sglang.lang program); by name only,
+``8b_d256`` (the 8b shape with 16 q / 8 kv heads of 256) and ``gemma3_12b`` (Gemma-3-12B's text model with dummy
+weights: sliding-window layers at their real size; ``--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3``).
 
 Cases (same request contents for every backend; token ids from a RNG seeded by case and repetition):
 - fork-shaped batches on 8b: the prefix is sent first with ``max_new_tokens=1`` (cached, as ``fork()``
@@ -80,6 +82,7 @@ import shlex
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import urllib.request
@@ -112,6 +115,31 @@ class ModelSpec:
     args: tuple[str, ...]
     id_range: tuple[int, int]  # random prompt token ids: clear of special tokens, inside the vocabulary
     min_pool_tokens: int       # --max-total-tokens at least this (the cases may ask for more)
+    # A config.json written to ``path`` before the servers start (``materialize_model``): a shape no kit holds
+    config: dict | None = None
+    # Sliding-window layers: the tokens a window layer's query attends and those layers' share of all attention
+    # layers (``theoretical_sharing_ratio``)
+    window: int | None = None
+    window_share: float = 0.0
+
+
+# Gemma-3-12B's text model (Gemma3ForCausalLM, as google/gemma-3-12b's text_config): 48 layers, five sliding-window
+# layers of 1024 tokens to one global, 16 q / 8 kv heads of 256, hidden 3840, a 262k vocabulary; dummy weights.
+# Its global layers' linear RoPE scaling (x8) is left out: it changes no shape and no cost, and transformers 4 and 5
+# spell it differently. SGLang keeps this model's KV in one pool (Gemma-3 is not among its hybrid SWA models), so
+# every layer's KV stays: 48 x 8 x 256 x 2 x 2 bytes = 384 KiB a token.
+GEMMA3_12B_LAYERS = 48
+GEMMA3_12B_CONFIG = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 3840,
+    "intermediate_size": 15360, "num_hidden_layers": GEMMA3_12B_LAYERS, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256, "vocab_size": 262208,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0, "sliding_window": 1024,
+    "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(GEMMA3_12B_LAYERS)],
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh", "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "attention_bias": False, "tie_word_embeddings": True, "bos_token_id": 2,
+    "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+}
 
 
 MODELS = {
@@ -127,6 +155,13 @@ MODELS = {
                               "--json-model-override-args",
                               json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256})),
                              (1000, 128000), 16384),
+        # A sliding-window model at its real size (Gemma-3-12B's text model, above). The config is written to a
+        # temporary directory; the servers read no tokenizer (--skip-tokenizer-init: prompts are token ids).
+        "gemma3_12b": ModelSpec(Path(tempfile.gettempdir()) / "sglang_deft_bench_models" / "gemma3-12b-shape",
+                                ("--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init"),
+                                (1000, 200000), 16384, config=GEMMA3_12B_CONFIG, window=GEMMA3_12B_CONFIG["sliding_window"],
+                                window_share=GEMMA3_12B_CONFIG["layer_types"].count("sliding_attention")
+                                / GEMMA3_12B_LAYERS),
     },
     # SGLang's CPU engine; its float32 path is the one the CPU tests use.
     "cpu": {"tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--device", "cpu", "--dtype", "float32"),
@@ -203,6 +238,18 @@ HEAD_DIM_CASES = (
     Case("nosharing_d256", "no sharing, 64 x 2048 prompt x 128 new, 16 q / 8 kv heads of 256", "8b_d256", 128,
          0, 64, 2048, est_s=60),
 )
+# A sliding-window model at its real size (`--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3`; not in the default
+# run): Gemma-3-12B's shape, five layers in six attending each query's last 1024 tokens. The forks' branches grow in
+# step, so their windows start at the same place and share the prompt's part of them; the global layers share the
+# whole prompt. Without sharing every window layer still reads its 1024 tokens per request.
+GEMMA3_CASES = (
+    Case("p16k_64_gemma3", "prefix 16000 x 64 branches x 256 new, Gemma-3-12B's shape (1024-token windows)",
+         "gemma3_12b", 256, 16000, 64, 8, est_s=90),
+    Case("p4k_64_gemma3", "prefix 4000 x 64 branches x 256 new, Gemma-3-12B's shape (1024-token windows)",
+         "gemma3_12b", 256, 4000, 64, 8, est_s=60),
+    Case("nosharing_gemma3", "no sharing, 32 x 1024 prompt x 128 new, Gemma-3-12B's shape (1024-token windows)",
+         "gemma3_12b", 128, 0, 32, 1024, est_s=45),
+)
 # One request decoding after a long prompt (`--cases single_32k`; not in the default run): a single user's
 # long-context chat, where the step has 32 (query, head) merges and each query's KV is split over the SMs.
 LOW_CONCURRENCY_CASES = (
@@ -218,6 +265,7 @@ SMOKE_CASES = (
 # (deft's kernels, SGLang's triton backend) and FlashInfer JIT happen on first use.
 WARMUP = {"cuda": {"8b": Case("warmup", "warm-up", "8b", 32, 2048, 64, 8),
                    "8b_d256": Case("warmup", "warm-up", "8b_d256", 32, 2048, 64, 8),
+                   "gemma3_12b": Case("warmup", "warm-up", "gemma3_12b", 32, 2048, 64, 8),
                    "tiny": Case("warmup", "warm-up", "tiny", 8, 128, 8, 8)},
           "cpu": {"tiny": Case("warmup", "warm-up", "tiny", 4, 16, 2, 4)}}
 
@@ -305,16 +353,36 @@ def settled_log(server, quiet_s: float = 0.3, max_wait_s: float = 3.0) -> str:
     return text
 
 
-def theoretical_sharing_ratio(case: Case) -> float | None:
+def theoretical_sharing_ratio(case: Case, spec: ModelSpec | None = None) -> float | None:
     """KV tokens attended / unique KV tokens summed over the batch's decode steps. At decode step k
     (1..N-1; token 0 comes from the prefill) every request attends prefix + private + k tokens; the
-    shared prefix is one node, each branch's own tokens are its own."""
+    shared prefix is one node, each branch's own tokens are its own. On a model with sliding-window layers
+    (``spec.window``) those layers attend each request's last ``window`` tokens, which start at the same place
+    for every branch: the prefix's part of them is shared. Per attention layer, averaged over the model's layers,
+    as deft's sharing lines count them (``sglang_deft.sharing_metrics``)."""
     if case.is_lang:
         return None
-    steps = range(1, case.new_tokens)
-    attended = sum(case.branches * (case.prefix + case.private + k) for k in steps)
-    unique = sum(case.prefix + case.branches * (case.private + k) for k in steps)
+    window = spec.window if spec is not None else None
+    share = spec.window_share if window else 0.0
+    attended = unique = 0.0
+    for k in range(1, case.new_tokens):
+        own = case.private + k
+        length = case.prefix + own
+        attended += (1 - share) * case.branches * length
+        unique += (1 - share) * (case.prefix + case.branches * own)
+        if window:
+            start = max(0, length - window)
+            attended += share * case.branches * min(length, window)
+            unique += share * (max(0, case.prefix - start) + case.branches * min(own, window))
     return round(attended / unique, 3) if unique else None
+
+
+def materialize_model(spec: ModelSpec) -> Path:
+    """The model's directory, with ``spec.config`` written there first when it has one."""
+    if spec.config is not None:
+        spec.path.mkdir(parents=True, exist_ok=True)
+        (spec.path / "config.json").write_text(json.dumps(spec.config, indent=1) + "\n")
+    return spec.path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -663,6 +731,7 @@ class Bench:
         """All servers at once; each is awaited, checked and warmed up in its own thread."""
         launched = {}
         for model in self.models:
+            materialize_model(MODELS[self.device][model])
             for backend in self.backends:
                 cmd = server_args(self.device, model, backend, self.cases, self.args.backend_args)
                 self.report.data["server_args"].setdefault(model, {})[backend] = cmd
@@ -728,7 +797,8 @@ class Bench:
         # nothing, and is compared with the baseline without one.
         target = case.target if radix_cache_on(self.args.backend_args.get("deft")) else None
         entry = {"case": case.label, "key": case.key, "model": case.model, "shape": case.shape(),
-                 "target": target, "theoretical_sharing_ratio": theoretical_sharing_ratio(case),
+                 "target": target,
+                 "theoretical_sharing_ratio": theoretical_sharing_ratio(case, MODELS[self.device][case.model]),
                  "runs": {}, "backends": {}}
         entries.append(entry)
         return entry
@@ -819,7 +889,7 @@ def select_cases(args) -> list[Case]:
     if not args.cases:
         return list(profile)
     if not args.smoke:
-        profile += HEAD_DIM_CASES + LOW_CONCURRENCY_CASES
+        profile += HEAD_DIM_CASES + GEMMA3_CASES + LOW_CONCURRENCY_CASES
     keys = args.cases.split(",")
     unknown = sorted(set(keys) - {c.key for c in profile})
     if unknown:

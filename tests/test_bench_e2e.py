@@ -512,3 +512,44 @@ def test_targets_apply_only_to_a_deft_server_with_the_radix_cache(tmp_path, monk
     else:
         assert case["target"] == 1.8 and case["meets_target"] is False
         assert "1.00 (≥ 1.8) ✗" in md and "do not apply" not in md
+
+
+def test_gemma3_cases_only_by_name_on_a_written_config(tmp_path, monkeypatch):
+    """Gemma-3-12B's shape: its config written before the servers start, read back by transformers as a
+    Gemma-3 text model with five window layers in six; the cases run only when named."""
+    assert not any(c.model == "gemma3_12b" for c in b.select_cases(b.parse_args([])))
+    cases = b.select_cases(b.parse_args(["--cases", "p4k_64_gemma3,nosharing_gemma3"]))
+    assert [c.model for c in cases] == ["gemma3_12b", "gemma3_12b"]
+    spec = dataclasses.replace(b.MODELS["cuda"]["gemma3_12b"], path=tmp_path / "gemma3")
+    monkeypatch.setitem(b.MODELS["cuda"], "gemma3_12b", spec)
+    path = b.materialize_model(spec)
+    assert path == spec.path and b.materialize_model(b.MODELS["cuda"]["8b"]) == b.MODELS["cuda"]["8b"].path
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.from_pretrained(path)
+    assert type(config).__name__ == "Gemma3TextConfig" and config.sliding_window == 1024
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (16, 8, 256)
+    assert config.layer_types.count("full_attention") == 8 and config.layer_types[5] == "full_attention"
+    assert spec.window == 1024 and spec.window_share == pytest.approx(40 / 48)
+    args = b.server_args("cuda", "gemma3_12b", "deft", cases, {})
+    assert args[args.index("--model-path") + 1] == str(path) and "--skip-tokenizer-init" in args
+    # the largest case's KV (32 x (1024 + 128) tokens) + 10%, in 1024s
+    assert int(args[args.index("--max-total-tokens") + 1]) == 40960
+
+
+def test_theoretical_sharing_ratio_with_windows():
+    """Window layers attend each request's last W tokens; the branches' windows start at the same place."""
+    spec = b.ModelSpec(Path("x"), (), (0, 1), 0, window=12, window_share=0.5)
+    fork = b.Case("f", "f", "x", new_tokens=3, prefix=10, branches=2, private=1)
+    # steps k = 1, 2: lengths 12, 13. Full layers: attended 2 x length, unique 10 + 2 x (1 + k).
+    # Window layers: attended 2 x 12; the windows start at 0 and 1: unique (10 - start) + 2 x (1 + k).
+    attended = 0.5 * (24 + 26) + 0.5 * (24 + 24)
+    unique = 0.5 * (14 + 16) + 0.5 * ((10 + 4) + (9 + 6))
+    assert b.theoretical_sharing_ratio(fork, spec) == pytest.approx(attended / unique, abs=1e-3)
+    assert b.theoretical_sharing_ratio(fork, spec) < b.theoretical_sharing_ratio(fork)
+    # windows past the prefix: nothing shared in those layers
+    assert b.theoretical_sharing_ratio(b.Case("n", "n", "x", 3, 0, 4, 30), spec) == 1.0
+    only_windows = dataclasses.replace(spec, window_share=1.0)
+    late = b.Case("l", "l", "x", new_tokens=2, prefix=10, branches=2, private=12)  # windows hold no prefix
+    assert b.theoretical_sharing_ratio(late, only_windows) == 1.0
+    gemma = b.theoretical_sharing_ratio(b.GEMMA3_CASES[1], b.MODELS["cuda"]["gemma3_12b"])
+    assert 1.0 < gemma < b.theoretical_sharing_ratio(b.GEMMA3_CASES[1])
