@@ -359,9 +359,12 @@ def theoretical_sharing_ratio(case: Case, spec: ModelSpec | None = None) -> floa
     shared prefix is one node, each branch's own tokens are its own. On a model with sliding-window layers
     (``spec.window``) those layers attend each request's last ``window`` tokens, which start at the same place
     for every branch: the prefix's part of them is shared. Per attention layer, averaged over the model's layers,
-    as deft's sharing lines count them (``sglang_deft.sharing_metrics``)."""
+    as deft's sharing lines count them (``sglang_deft.sharing_metrics``). ``spec``: the case's model by
+    default (a model's name means the same model on every device)."""
     if case.is_lang:
         return None
+    if spec is None:
+        spec = next((models[case.model] for models in MODELS.values() if case.model in models), None)
     window = spec.window if spec is not None else None
     share = spec.window_share if window else 0.0
     attended = unique = 0.0
@@ -798,7 +801,7 @@ class Bench:
         target = case.target if radix_cache_on(self.args.backend_args.get("deft")) else None
         entry = {"case": case.label, "key": case.key, "model": case.model, "shape": case.shape(),
                  "target": target,
-                 "theoretical_sharing_ratio": theoretical_sharing_ratio(case, MODELS[self.device][case.model]),
+                 "theoretical_sharing_ratio": theoretical_sharing_ratio(case),
                  "runs": {}, "backends": {}}
         entries.append(entry)
         return entry
