@@ -74,6 +74,51 @@ def deterministic_inference_problem(enabled: bool, rl_on_policy_target: str | No
             "triton decode)")
 
 
+def model_file_problems(model_path: str | None) -> list[str]:
+    """Problems of a local model directory's ``config.json`` that SGLang's ServerArgs would otherwise report first,
+    in terms of the prefill backend deft chose for the user: it refuses dual-chunk attention unless the attention
+    backend is dual_chunk_flash_attn, and gpt-oss unless the decode backend is one of its own. Read from the file
+    (before ServerArgs exists); a model SGLang fetches from a hub is checked later, with the rest of the model."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_path or "") / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []  # not a local model (or not readable yet): SGLang's loader says what is wrong with it
+    if not isinstance(config, dict):
+        return []
+    arch = ",".join(config.get("architectures") or ["?"])
+    model = f"model {model_path} ({arch})"
+    problems = []
+    if config.get("dual_chunk_attention_config"):
+        problems.append(_dual_chunk_problem(model))
+    if "GptOssForCausalLM" in (config.get("architectures") or []):
+        problems.append(f"{model}: attention sinks (gpt-oss passes them to every attention call) are not "
+                        "supported: deft's softmax has no sink term")
+    return problems
+
+
+def _dual_chunk_problem(model: str) -> str:
+    return (f"{model}: dual-chunk attention (a query per chunk position, with chunk-relative RoPE) is not supported; "
+            "deft attends one query per head over the whole path")
+
+
+def decode_impl_problem(device: str, decode: bool) -> str | None:
+    """``SGLANG_DEFT_DECODE_IMPL`` the scheduler could not use (it reads it when it makes the backend): an unknown
+    value, or the Triton kernels on a CPU server without Triton's interpreter, which has no driver there."""
+    impl = os.environ.get("SGLANG_DEFT_DECODE_IMPL")
+    if not decode or impl is None:
+        return None
+    if impl not in ("auto", "reference", "triton"):
+        return f"SGLANG_DEFT_DECODE_IMPL={impl!r}: expected auto, reference or triton"
+    if impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("SGLANG_DEFT_DECODE_IMPL=triton with --device cpu: the Triton kernels run on a CPU only in Triton's "
+                "interpreter; set TRITON_INTERPRET=1 too (slow: for tests), or unset it for the PyTorch reference path")
+    return None
+
+
 def server_args_problems(server_args) -> list[str]:
     """Problems of the flags alone (no model config needed); empty when deft is not selected."""
     decode, prefill = deft_roles(server_args)
@@ -188,6 +233,8 @@ def server_args_problems(server_args) -> list[str]:
             "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE: the C++ radix tree's nodes are opaque to Python, and the deft "
             "path reads each request's shared prefix from its radix nodes"
         )
+    if problem := decode_impl_problem(a.device, decode):
+        problems.append(problem)
     cuda_graphs = not on_cpu and not a.disable_cuda_graph
     if decode and cuda_graphs and os.environ.get("SGLANG_DEFT_DECODE_IMPL") == "reference":
         problems.append(
@@ -283,8 +330,7 @@ def model_config_problems(model_config, server_args) -> list[str]:
     if model_config.attention_chunk_size is not None:
         problems.append(f"{model}: chunked local attention is not supported; deft attends every token of the path")
     if getattr(model_config.hf_config, "dual_chunk_attention_config", None):
-        problems.append(f"{model}: dual-chunk attention (a query per chunk position, with chunk-relative RoPE) is "
-                        "not supported; deft attends one query per head over the whole path")
+        problems.append(_dual_chunk_problem(model))
     if _linear_attention_config(model_config) is not None:
         problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
     return problems

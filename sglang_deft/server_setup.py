@@ -13,7 +13,8 @@ from typing import MutableMapping
 import torch
 
 from sglang_deft import cpu_compat
-from sglang_deft.config_checks import BACKEND_NAME, UnsupportedConfiguration, deterministic_inference_problem
+from sglang_deft.config_checks import (BACKEND_NAME, UnsupportedConfiguration, deterministic_inference_problem,
+                                       model_file_problems)
 from sglang_deft.patches.sglang_version import require_supported_sglang
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,15 @@ def split_deft_backend(args: MutableMapping, device: str) -> None:
         args["decode_attention_backend"] = BACKEND_NAME
     elif not (attention is None and decode == BACKEND_NAME):
         return  # deft is not the decode backend (or only prefills: the config checks refuse that)
-    # Refused here, before ServerArgs: its own check of deterministic inference would blame the extend backend
-    # chosen below (torch_native on CPU), which the user never named.
+    # Refused here, before ServerArgs: its own checks of deterministic inference, dual-chunk attention and
+    # gpt-oss's backends would blame the extend backend chosen below (torch_native on CPU), which the user never
+    # named, or send them to a backend deft then refuses.
+    problems = model_file_problems(args.get("model_path"))
     if problem := deterministic_inference_problem(args.get("enable_deterministic_inference"),
                                                   args.get("rl_on_policy_target")):
-        raise UnsupportedConfiguration([problem])
+        problems.append(problem)
+    if problems:
+        raise UnsupportedConfiguration(problems)
     args["attention_backend"] = EXTEND_BACKEND[device]
     prefill = args.get("prefill_attention_backend")
     if prefill is None:

@@ -353,6 +353,57 @@ def test_deterministic_inference_is_refused_for_deft_before_sglang_blames_torch_
         parse_server_args(BASE_ARGV + backend_flags + flags, device="cpu")
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", dual_chunk_attention_config={
+        "chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 32768}),
+     "(Qwen2ForCausalLM): dual-chunk attention"),
+    (dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", sliding_window=64,
+          layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_local_experts=4,
+          num_experts_per_tok=2), "(GptOssForCausalLM): attention sinks"),
+], ids=["dual_chunk", "gpt_oss"])
+@pytest.mark.parametrize("backend_flags", [["--attention-backend", "deft"], ["--decode-attention-backend", "deft"]])
+def test_models_sglang_refuses_first_are_refused_for_deft_by_name(tmp_path, overrides, expected, backend_flags):
+    """Through the launcher's parser on CPU: SGLang's own checks (in ServerArgs) raised first, telling the user to
+    set dual_chunk_flash_attn instead of the torch_native deft's split chose (which deft then refuses too), or
+    that gpt-oss needs another backend, without saying why deft cannot serve it."""
+    path = model_dir(tmp_path, **overrides)
+    with pytest.raises(UnsupportedConfiguration, match=re.escape(expected)):
+        parse_server_args(["--model-path", path, *BASE_ARGV[2:], *backend_flags], device="cpu")
+    # not a deft server: SGLang's own rules, as before
+    with pytest.raises(ValueError, match="dual_chunk_flash_attn") if "dual" in expected else pytest.raises(
+            AssertionError, match="GptOssForCausalLM requires"):
+        parse_server_args(["--model-path", path, *BASE_ARGV[2:], "--attention-backend", "torch_native"], device="cpu")
+
+
+def test_model_file_problems_skip_what_is_not_a_local_model(tmp_path):
+    from sglang_deft.config_checks import model_file_problems
+
+    assert model_file_problems(None) == model_file_problems("org/model-on-a-hub") == []
+    (tmp_path / "config.json").write_text("not json")
+    assert model_file_problems(str(tmp_path)) == []
+    assert model_file_problems(str(MODEL)) == []
+
+
+def test_decode_impl_the_scheduler_cannot_use_is_refused_at_launch(deft_args, monkeypatch):
+    """The scheduler read it only when it made the backend: a typo failed there, and the Triton kernels on a CPU
+    without Triton's interpreter died with Triton's '0 active drivers', naming neither the variable nor the fix."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "Reference")
+    assert server_args_problems(deft_args) == ["SGLANG_DEFT_DECODE_IMPL='Reference': expected auto, reference or triton"]
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "triton")
+    with pytest.raises(UnsupportedConfiguration, match="SGLANG_DEFT_DECODE_IMPL=triton with --device cpu"):
+        check_server_args(deft_args)
+    assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert server_args_problems(deft_args) == []
+    for impl in ("auto", "reference"):
+        monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", impl)
+        assert server_args_problems(deft_args) == []
+    plain = with_(deft_args, attention_backend="torch_native", decode_attention_backend=None)
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "bogus")
+    assert server_args_problems(plain) == []  # not a deft server: not its variable
+
+
 def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
     """Its nodes are opaque to Python: the first decode step would have raised in the scheduler."""
     monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")
