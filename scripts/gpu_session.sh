@@ -62,6 +62,10 @@
 #            startup ran long.
 #            bench_e2e.py gets the rest of SESSION_S as --budget-s and skips what would not fit (JSON
 #            says so, exit 1).
+#            Gemma-3-12B's shape (sliding windows at a real size) on its own, ~4.5 min (3 servers ready in ~190 s,
+#            2026-12-05): BENCH_E2E_TAG=h200_gemma3 BENCH_E2E_ARGS="--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3
+#            --repeats 1". Three 24 GB servers starting together can leave the last one's KV pool too small for the
+#            16k and no-sharing cases (29,562 of 40,960 tokens once): the JSON then says so per case.
 # Every command has a timeout under SESSION_S=565 s; server process groups left behind by a killed run
 # are ended by their recorded ids.
 set -uo pipefail

@@ -316,9 +316,20 @@ def test_a_tail_cut_into_chunks_grows_in_its_last_chunk():
         assert sum(a != b for a, b in zip(before, after)) == 1  # one chunk grew, the others kept their lengths
 
 
+def plan_positions(plan) -> int:
+    """KV positions (entries of the plan's kv_indices) the plan's work items cover: what stage 1 reads per KV head.
+    Query tiles of one node cover the same positions; a slot under two window starts is two positions."""
+    num_large, num_small, _ = plan.counts.tolist()
+    covered = set()
+    for kv_start, kv_len, *_ in plan.items[:num_large + num_small].tolist():
+        covered.update(range(kv_start, kv_start + kv_len))
+    return len(covered)
+
+
 def run_window(sim, sp, reqs, num_queries=None):
-    """One step of a sliding-window planner: each query reads exactly its window, once, and the step's counts are
-    a fresh window tree's."""
+    """One step of a sliding-window planner: each query reads exactly its window, once; the step's unique tokens
+    are the positions its plan reads, a fresh window tree's on a planned step, and never fewer on a steady one
+    (which keeps its full plan's runs: ``test_steady_steps_keep_runs_a_fresh_tree_would_split``)."""
     seq_lens = sim.prepare_decode(reqs)
     rows = num_queries or len(reqs)
     step = sp.plan(reqs, seq_lens, rows)
@@ -327,8 +338,10 @@ def run_window(sim, sp, reqs, num_queries=None):
     for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
         window = sim.req_to_token[req.req_pool_idx, max(n - sp.window, 0):n].tolist()
         assert sorted(got[b]) == sorted(window), f"query {b}, step {'steady' if step.steady else 'planned'}"
+    assert step.unique_tokens == plan_positions(step.plan)
     fresh = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, sp.window)
-    assert (step.attended_tokens, step.unique_tokens) == (fresh.attended_tokens, fresh.unique_tokens)
+    assert step.attended_tokens == fresh.attended_tokens
+    assert (step.unique_tokens >= fresh.unique_tokens if step.steady else step.unique_tokens == fresh.unique_tokens)
     sim.finish_decode(reqs)
     return step.steady
 
