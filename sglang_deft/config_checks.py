@@ -74,27 +74,32 @@ def deterministic_inference_problem(enabled: bool, rl_on_policy_target: str | No
             "triton decode)")
 
 
-def model_file_problems(model_path: str | None) -> list[str]:
+def model_file_problems(model_path: str | None, override_args: str | None = None) -> list[str]:
     """Problems of a local model directory's ``config.json`` that SGLang's ServerArgs would otherwise report first,
     in terms of the prefill backend deft chose for the user: it refuses dual-chunk attention unless the attention
     backend is dual_chunk_flash_attn, and gpt-oss unless the decode backend is one of its own. Read from the file
-    (before ServerArgs exists); a model SGLang fetches from a hub is checked later, with the rest of the model."""
+    (before ServerArgs exists) with ``--json-model-override-args`` over it, as SGLang reads it; a model SGLang
+    fetches from a hub is checked later, with the rest of the model."""
     import json
     from pathlib import Path
 
-    path = Path(model_path or "") / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []  # not a local model (or not readable yet): SGLang's loader says what is wrong with it
-    if not isinstance(config, dict):
+    if not model_path:
         return []
-    arch = ",".join(config.get("architectures") or ["?"])
-    model = f"model {model_path} ({arch})"
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        overrides = json.loads(override_args or "{}")
+    except (OSError, ValueError):
+        return []  # not a local model (or not readable yet): SGLang's loader and parser say what is wrong
+    if not isinstance(config, dict) or not isinstance(overrides, dict):
+        return []
+    config.update(overrides)
+    architectures = config.get("architectures")
+    architectures = [str(a) for a in architectures] if isinstance(architectures, list) else []
+    model = f"model {model_path} ({','.join(architectures or ['?'])})"
     problems = []
-    if config.get("dual_chunk_attention_config"):
+    if config.get("dual_chunk_attention_config") is not None:  # SGLang's own test
         problems.append(_dual_chunk_problem(model))
-    if "GptOssForCausalLM" in (config.get("architectures") or []):
+    if "GptOssForCausalLM" in architectures:
         problems.append(f"{model}: attention sinks (gpt-oss passes them to every attention call) are not "
                         "supported: deft's softmax has no sink term")
     return problems

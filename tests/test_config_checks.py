@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -369,6 +370,9 @@ def test_models_sglang_refuses_first_are_refused_for_deft_by_name(tmp_path, over
     path = model_dir(tmp_path, **overrides)
     with pytest.raises(UnsupportedConfiguration, match=re.escape(expected)):
         parse_server_args(["--model-path", path, *BASE_ARGV[2:], *backend_flags], device="cpu")
+    if "dual" in expected:  # the override SGLang applies to the config turns it off: served
+        parse_server_args(["--model-path", path, *BASE_ARGV[2:], *backend_flags, "--json-model-override-args",
+                           json.dumps({"dual_chunk_attention_config": None})], device="cpu")
     # not a deft server: SGLang's own rules, as before
     with pytest.raises(ValueError, match="dual_chunk_flash_attn") if "dual" in expected else pytest.raises(
             AssertionError, match="GptOssForCausalLM requires"):
@@ -382,6 +386,11 @@ def test_model_file_problems_skip_what_is_not_a_local_model(tmp_path):
     (tmp_path / "config.json").write_text("not json")
     assert model_file_problems(str(tmp_path)) == []
     assert model_file_problems(str(MODEL)) == []
+    (tmp_path / "config.json").write_text('{"architectures": [null], "dual_chunk_attention_config": {}}')
+    assert len(model_file_problems(str(tmp_path))) == 1  # SGLang tests "is not None"
+    # --json-model-override-args applies first, as SGLang reads the config
+    assert model_file_problems(str(tmp_path), '{"dual_chunk_attention_config": null}') == []
+    assert model_file_problems(str(MODEL), '{"architectures": ["GptOssForCausalLM"]}') != []
 
 
 def test_decode_impl_the_scheduler_cannot_use_is_refused_at_launch(deft_args, monkeypatch):
