@@ -13,8 +13,8 @@ SIGTERM.
 The model is random (seeded, see scripts/make_tiny_model.py): its text is meaningless. What the
 demo shows is the tree of forks and how much KV the decode steps shared.
 
-Options: ``--cpu`` forces the CPU, ``--widths 3,2,2`` changes the tree, ``--max-tokens``,
-``--port``, ``--timeout`` (seconds to wait for the server), ``--show-server-log``, ``--keep-log``;
+Options: ``--cpu`` forces the CPU, ``--widths 3,2,2`` changes the tree, ``--max-tokens``, ``--model-path``
+(another model; the bundled one by default), ``--port``, ``--timeout`` (seconds to wait for the server), ``--show-server-log``, ``--keep-log``;
 arguments after ``--`` go to the launcher.
 """
 
@@ -209,11 +209,12 @@ def load_example(name: str):
     return mod
 
 
-def run_demo(url: str, widths=(2, 2), max_tokens: int = 8, read_log=None) -> dict:
+def run_demo(url: str, widths=(2, 2), max_tokens: int = 8, read_log=None, random_model: bool = True) -> dict:
     """Run the tree-of-thought example against `url` and print tree, answers and sharing.
 
-    `read_log()` returns the server log so far (None: no metrics). Returns the example's result
-    plus "sharing" (the summary, or None) and "seconds".
+    `read_log()` returns the server log so far (None: no metrics). `random_model`: the server runs the
+    bundled tiny model, whose random weights make random text (the answers' header says so). Returns the
+    example's result plus "sharing" (the summary, or None) and "seconds".
     """
     tot = load_example("tree_of_thought")
     n_leaves = 1
@@ -228,7 +229,7 @@ def run_demo(url: str, widths=(2, 2), max_tokens: int = 8, read_log=None) -> dic
     print()
     print(tot.format_tree(res["tree"]))
     print()
-    say(f"answers ({n_leaves}; the model is random, so the text is too):")
+    say(f"answers ({n_leaves}" + ("; the model is random, so the text is too):" if random_model else "):"))
     for leaf in res["tree"].leaves():
         print(f"  {leaf.label}: {tot.one_line(leaf.text, 200)}")
     print()
@@ -295,7 +296,9 @@ def main(argv=None) -> int:
 
     where = ("GPU: prefill/extend on triton" if gpu
              else "CPU: prefill/extend on torch_native, float32")
-    say(f"starting SGLang with the bundled tiny Llama, decode attention 'deft' ({where})")
+    bundled = args.model_path.resolve() == MODEL_DIR.resolve()
+    model = "the bundled tiny Llama" if bundled else f"model {args.model_path}"
+    say(f"starting SGLang with {model}, decode attention 'deft' ({where})")
     try:
         server = ServerProcess("demo", server_args(args.model_path, gpu, args.server_args), log_path,
                                port=args.port or None)
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
 
         ready_s = server.wait_ready(args.timeout, on_poll=report_startup)
         say(f"server ready after {ready_s:.1f} s")
-        run_demo(server.url, args.widths, args.max_tokens, read_log=server.log)
+        run_demo(server.url, args.widths, args.max_tokens, read_log=server.log, random_model=bundled)
         if args.show_server_log:
             print(server.log())
         ok = True

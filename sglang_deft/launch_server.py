@@ -105,6 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     suppress_noisy_warnings()  # as sglang.launch_server does
     server_args = parse_server_args(argv, device)
     check_startup(server_args)
+    from sglang_deft.server_process import port_free
+
+    if not (server_args.grpc_mode or server_args.use_ray or server_args.encoder_only) and not port_free(
+            server_args.port, server_args.host):
+        # SGLang binds its HTTP port only after loading the model, and on failure its launcher then polls the
+        # port it could not bind for minutes (120 tries of 5 s) before it exits.
+        sys.exit(f"sglang_deft.launch_server: {server_args.host}:{server_args.port} is in use (another server?); "
+                 "pass --port with a free port")
 
     from sglang.srt.entrypoints.http_server import launch_server
     from sglang.srt.utils import kill_process_tree

@@ -6,6 +6,7 @@ go to a file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -113,16 +114,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1 (where the launcher's server listens by default)."""
-    with socket.socket() as s:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be bound on ``host`` (127.0.0.1: where the launcher's server listens by default)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         # As uvicorn binds: a port whose last connection is in TIME_WAIT (a server stopped a minute ago) is
         # free to it, and one something listens on is not.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+            s.bind((host, port))
+        except OSError as e:
+            # Only a port in use: a host this machine cannot bind, or a privileged port, is the server's to report
+            return e.errno != errno.EADDRINUSE
     return True
 
 

@@ -141,7 +141,9 @@ def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monke
     fail = {"ok": None, "interrupted": KeyboardInterrupt(), "error": TimeoutError("not ready")}[outcome]
     server = FakeServer(fail)
     monkeypatch.setattr(demo, "ServerProcess", server)
-    monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log: {"url": url, "widths": widths})
+    ran = {}
+    monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log, random_model: ran.update(
+        random_model=random_model))
     monkeypatch.setattr(demo.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
     assert demo.main(["--cpu", "--port", "1234", *argv]) == code
     assert server.stopped and server.port == 1234
@@ -151,6 +153,23 @@ def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monke
     assert ("[demo] not ready" in out) is (outcome == "error")  # the reason, not a traceback
     assert ("server log kept at" in out) is log_kept
     assert ("server log removed (--keep-log keeps it)" in out) is not log_kept
+    assert "starting SGLang with the bundled tiny Llama" in out
+    assert ran == ({"random_model": True} if outcome == "ok" else {})
+
+
+def test_main_names_the_model_it_was_given(monkeypatch, capsys, tmp_path):
+    """--model-path: the start line names that model, and the answers are not called random."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    server, ran = FakeServer(), {}
+    monkeypatch.setattr(demo, "ServerProcess", server)
+    monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log, random_model: ran.update(
+        random_model=random_model))
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    assert demo.main(["--cpu", "--model-path", str(tmp_path / "my-model")]) == 0
+    assert server.args[server.args.index("--model-path") + 1] == str(tmp_path / "my-model")
+    out = capsys.readouterr().out
+    assert f"starting SGLang with model {tmp_path / 'my-model'}" in out and "tiny Llama" not in out
+    assert ran == {"random_model": False}
 
 
 def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limits():
@@ -218,7 +237,7 @@ def test_main_stops_the_server_when_stdout_is_a_closed_pipe(monkeypatch, tmp_pat
     monkeypatch.setattr(demo, "ServerProcess", server)
     monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
 
-    def broken_pipe(url, widths, max_tokens, read_log):
+    def broken_pipe(url, widths, max_tokens, read_log, random_model):
         demo.say("a line")  # what run_demo prints first
         return {}
 

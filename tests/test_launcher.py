@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,20 @@ def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
     assert "UnsupportedConfiguration" in result.stderr
     assert "--enable-torch-compile" in result.stderr
     assert "Load weight" not in result.stdout + result.stderr  # refused before the scheduler started
+
+
+def test_a_port_in_use_stops_the_launcher_before_any_server_starts():
+    """SGLang binds its HTTP port only after loading the model, and then its launcher polled the port it could not
+    bind for minutes (120 tries of 5 s) before exiting, its scheduler alive meanwhile."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", "cpu",
+                      "--attention-backend", "deft", "--grammar-backend", "none", "--port", str(port)], timeout=120)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is in use (another server?); pass --port with a free port" in result.stderr
+    assert "Load weight" not in result.stdout + result.stderr
 
 
 def test_unsupported_model_stops_the_launcher(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 import sglang_deft.server_process as server_process
 from server_group import serving
-from sglang_deft.server_process import ServerProcess, process_group_alive
+from sglang_deft.server_process import ServerProcess, port_free, process_group_alive
 
 FAKE_LAUNCHER = textwrap.dedent('''
     import http.server, json, os, signal, subprocess, sys, time
@@ -185,6 +185,10 @@ def test_a_port_in_use_is_refused_before_launching(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"port {port} is in use"):
             ServerProcess("busy", [], tmp_path / "busy.log", python="/nonexistent/python", port=port)
+        assert not port_free(port) and not port_free(port, "127.0.0.1")
+    assert port_free(port)
+    # a host this machine cannot bind is not "in use": the server says what is wrong with it
+    assert port_free(port, "192.0.2.1")
 
 
 def test_a_port_another_process_answers_on_is_not_taken_for_this_server(launcher, monkeypatch):
