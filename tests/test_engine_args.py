@@ -40,9 +40,10 @@ SCRIPT = textwrap.dedent("""
                                            "log_level", "device")}
 
     result["registered_before"] = "deft" in ATTENTION_BACKENDS
-    deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
+    deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none", max_total_tokens=16384)
     result["registered_after"] = "deft" in ATTENTION_BACKENDS
     result["split"] = args(seen[-1])
+    result["max_total_tokens"] = seen[-1].max_total_tokens
     deft_engine.Engine(model_path=model, decode_attention_backend="deft", grammar_backend="none", log_level="info")
     result["decode_only"] = args(seen[-1])
     own = ServerArgs(model_path=model, device=sys.argv[2], attention_backend=sys.argv[3],
@@ -132,3 +133,18 @@ def test_device_cuda_after_a_cpu_import_is_refused_by_name(engine_args):
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_on_cpu", "")
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_args_on_cpu", "")
     assert engine_args["calls_at_end"] == 3
+
+
+def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):
+    """README.md's offline example: the same keywords as the first Engine above (which SGLang's ServerArgs
+    took), its pool capped as given (on the CPU SGLang would size it from the free RAM)."""
+    import ast
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("from sglang_deft import Engine", 1)[1].split("```", 1)[0]
+    call = next(n for n in ast.walk(ast.parse(textwrap.dedent(block))) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "Engine")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    assert kwargs == {"model_path": "models/tiny-llama-deft", "attention_backend": "deft", "grammar_backend": "none",
+                      "max_total_tokens": 16384}
+    assert engine_args["max_total_tokens"] == 16384
