@@ -14,8 +14,8 @@ The model is random (seeded, see scripts/make_tiny_model.py): its text is meanin
 demo shows is the tree of forks and how much KV the decode steps shared.
 
 Options: ``--cpu`` forces the CPU, ``--widths 3,2,2`` changes the tree, ``--max-tokens``, ``--model-path``
-(another model; the bundled one by default), ``--port``, ``--timeout`` (seconds to wait for the server), ``--show-server-log``, ``--keep-log``;
-arguments after ``--`` go to the launcher.
+(another model; the bundled one by default), ``--port``, ``--timeout`` (seconds to wait for the server),
+``--show-server-log``, ``--keep-log``; arguments after ``--`` go to the launcher.
 """
 
 from __future__ import annotations
