@@ -110,14 +110,24 @@ def _dual_chunk_problem(model: str) -> str:
             "deft attends one query per head over the whole path")
 
 
+def decode_impl() -> str:
+    """``SGLANG_DEFT_DECODE_IMPL``: auto (the default), reference or triton (``tree_attention.use_triton_kernels``);
+    ValueError for anything else."""
+    impl = os.environ.get("SGLANG_DEFT_DECODE_IMPL", "auto")
+    if impl not in ("auto", "reference", "triton"):
+        raise ValueError(f"SGLANG_DEFT_DECODE_IMPL={impl!r}: expected auto, reference or triton")
+    return impl
+
+
 def decode_impl_problem(device: str, decode: bool) -> str | None:
     """``SGLANG_DEFT_DECODE_IMPL`` the scheduler could not use (it reads it when it makes the backend): an unknown
     value, or the Triton kernels on a CPU server without Triton's interpreter, which has no driver there."""
-    impl = os.environ.get("SGLANG_DEFT_DECODE_IMPL")
-    if not decode or impl is None:
+    if not decode:
         return None
-    if impl not in ("auto", "reference", "triton"):
-        return f"SGLANG_DEFT_DECODE_IMPL={impl!r}: expected auto, reference or triton"
+    try:
+        impl = decode_impl()
+    except ValueError as e:
+        return str(e)
     if impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("SGLANG_DEFT_DECODE_IMPL=triton with --device cpu: the Triton kernels run on a CPU only in Triton's "
                 "interpreter; set TRITON_INTERPRET=1 too (slow: for tests), or unset it for the PyTorch reference path")

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
+from sglang_deft.config_checks import decode_impl
 from sglang_deft.kernels import (KVTree, PlanCapacity, PlanCapacityError, TreeDecodePlan, TreeDecodePlanner,
                                  plan_tree_decode, tree_decode, tree_decode_reference)
 from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
@@ -40,9 +40,7 @@ def use_triton_kernels(device: torch.device) -> bool:
     ``SGLANG_DEFT_DECODE_IMPL=reference`` forces the reference on a GPU too (to compare the two
     paths in one setup); ``=triton`` forces the kernels (on CPU they need TRITON_INTERPRET=1).
     """
-    impl = os.environ.get("SGLANG_DEFT_DECODE_IMPL", "auto")
-    if impl not in ("auto", "reference", "triton"):
-        raise ValueError(f"SGLANG_DEFT_DECODE_IMPL={impl!r}: expected auto, reference or triton")
+    impl = decode_impl()
     if impl == "auto":
         return device.type == "cuda"
     return impl == "triton"
