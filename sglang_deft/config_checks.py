@@ -13,8 +13,10 @@ the model property and why. None of them does anything when deft is not selected
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+from pathlib import Path
 
 from sglang_deft import cpu_compat
 
@@ -80,9 +82,6 @@ def model_file_problems(model_path: str | None, override_args: str | None = None
     backend is dual_chunk_flash_attn, and gpt-oss unless the decode backend is one of its own. Read from the file
     (before ServerArgs exists) with ``--json-model-override-args`` over it, as SGLang reads it; a model SGLang
     fetches from a hub is checked later, with the rest of the model."""
-    import json
-    from pathlib import Path
-
     if not model_path:
         return []
     try:
