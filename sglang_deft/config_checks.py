@@ -76,19 +76,21 @@ def deterministic_inference_problem(enabled: bool, rl_on_policy_target: str | No
             "triton decode)")
 
 
-def model_file_problems(model_path: str | None, override_args: str | None = None) -> list[str]:
-    """Problems of a local model directory's ``config.json`` that SGLang's ServerArgs would otherwise report first,
-    in terms of the prefill backend deft chose for the user: it refuses dual-chunk attention unless the attention
-    backend is dual_chunk_flash_attn, and gpt-oss unless the decode backend is one of its own. Read from the file
-    (before ServerArgs exists) with ``--json-model-override-args`` over it, as SGLang reads it; a model SGLang
-    fetches from a hub is checked later, with the rest of the model."""
+def model_file_problems(model_path: str | None, override_args: str | None = None,
+                        revision: str | None = None) -> list[str]:
+    """Problems of a model's ``config.json`` that SGLang's ServerArgs would otherwise report first, in terms of the
+    prefill backend deft chose for the user: it refuses dual-chunk attention unless the attention backend is
+    dual_chunk_flash_attn, and gpt-oss unless the decode backend is one of its own. Read from the file (before
+    ServerArgs exists) with ``--json-model-override-args`` over it, as SGLang reads it: a local model directory's,
+    or a hub model's already in the Hugging Face cache (at ``--revision``); a model not downloaded yet is checked
+    later, with the rest of the model, after SGLang fetched it."""
     if not model_path:
         return []
     try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
+        config = json.loads(_config_file(model_path, revision).read_text())
         overrides = json.loads(override_args or "{}")
     except (OSError, ValueError):
-        return []  # not a local model (or not readable yet): SGLang's loader and parser say what is wrong
+        return []  # not a model here (or not readable yet): SGLang's loader and parser say what is wrong
     if not isinstance(config, dict) or not isinstance(overrides, dict):
         return []
     config.update(overrides)
@@ -102,6 +104,23 @@ def model_file_problems(model_path: str | None, override_args: str | None = None
         problems.append(f"{model}: attention sinks (gpt-oss passes them to every attention call) are not "
                         "supported: deft's softmax has no sink term")
     return problems
+
+
+def _config_file(model_path: str, revision: str | None) -> Path:
+    """``config.json`` of a local model directory, else of a hub model in the Hugging Face cache (no download:
+    this runs before SGLang's own fetch, which may be offline or use ModelScope); FileNotFoundError otherwise."""
+    local = Path(model_path)
+    if local.is_dir():
+        return local / "config.json"
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model_path, "config.json", revision=revision)
+    except ValueError:  # not a repo id either (e.g. a path that does not exist)
+        cached = None
+    if not isinstance(cached, str):  # None (not cached) or the marker of a file the repo lacks
+        raise FileNotFoundError(model_path)
+    return Path(cached)
 
 
 def _dual_chunk_problem(model: str) -> str:

@@ -89,7 +89,8 @@ def split_deft_backend(args: MutableMapping, device: str) -> None:
     # Refused here, before ServerArgs: its own checks of deterministic inference, dual-chunk attention and
     # gpt-oss's backends would blame the extend backend chosen below (torch_native on CPU), which the user never
     # named, or send them to a backend deft then refuses.
-    problems = model_file_problems(args.get("model_path"), args.get("json_model_override_args"))
+    problems = model_file_problems(args.get("model_path"), args.get("json_model_override_args"),
+                                   args.get("revision"))
     if problem := deterministic_inference_problem(args.get("enable_deterministic_inference"),
                                                   args.get("rl_on_policy_target")):
         problems.append(problem)

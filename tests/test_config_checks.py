@@ -393,6 +393,24 @@ def test_model_file_problems_skip_what_is_not_a_local_model(tmp_path):
     assert model_file_problems(str(MODEL), '{"architectures": ["GptOssForCausalLM"]}') != []
 
 
+def test_model_file_problems_read_a_hub_model_in_the_cache(tmp_path, monkeypatch):
+    """A hub model already downloaded is checked from its cached config.json, at the revision asked for; one not in
+    the cache is left to SGLang (no download here)."""
+    import huggingface_hub.constants
+    from sglang_deft.config_checks import model_file_problems
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--long-context"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text('{"dual_chunk_attention_config": {}}')
+    assert "dual-chunk attention" in model_file_problems("org/long-context")[0]
+    assert model_file_problems("org/long-context", revision="abc123") != []
+    assert model_file_problems("org/long-context", revision="v2") == []  # that revision is not cached
+    assert model_file_problems("org/not-downloaded") == []
+
+
 def test_decode_impl_the_scheduler_cannot_use_is_refused_at_launch(deft_args, monkeypatch):
     """The scheduler read it only when it made the backend: a typo failed there, and the Triton kernels on a CPU
     without Triton's interpreter died with Triton's '0 active drivers', naming neither the variable nor the fix."""
