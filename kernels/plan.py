@@ -43,6 +43,7 @@ calls that allocate and upload.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,6 +279,9 @@ class TreeDecodePlanner:
                  kv_dtype: torch.dtype = torch.bfloat16, large_rows: int = LARGE_ROWS,
                  programs_per_sm: int = PROGRAMS_PER_SM, staging: PinnedStagingRing | None = None,
                  schedule: Schedule | None = None, graph_batch_sizes: Sequence[int] | None = None) -> None:
+        # Python ints (operator.index takes numpy's and refuses floats): they reach the C schedule and int methods.
+        num_qo_heads, num_kv_heads, head_dim = map(operator.index, (num_qo_heads, num_kv_heads, head_dim))
+        large_rows, programs_per_sm = operator.index(large_rows), operator.index(programs_per_sm)
         if min(num_qo_heads, num_kv_heads, head_dim) < 1:
             raise ValueError(f"heads and head_dim must be >= 1, got num_qo_heads={num_qo_heads}, "
                              f"num_kv_heads={num_kv_heads}, head_dim={head_dim}")

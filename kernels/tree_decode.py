@@ -237,8 +237,27 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
     return Stage1Config(block_n, block_n, 8 if large_rows > 64 else 4, 3)
 
 
-# KV caches read in their own dtype: q's, or one of SGLang's fp8 formats (--kv-cache-dtype fp8_e4m3 / fp8_e5m2).
+# q's dtypes the kernels compute in (fp32 accumulation; the Triton loop's running max is fp32, so fp64 would not
+# compile). KV caches are read in their own dtype: q's, or one of SGLang's fp8 formats (--kv-cache-dtype fp8_e4m3 /
+# fp8_e5m2).
+Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 when this module was imported (Triton
+    decides as it decorates a kernel, so setting the variable later changes nothing)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_tree_decode_stage2, InterpretedFunction)
+
+
+def _scalar(name: str, value) -> float:
+    """A Python float for a kernel's scalar argument: Triton's launcher takes no numpy scalar, and a tensor would be
+    passed as a pointer (reading it on the host would synchronise, which the per-layer path must not)."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, not a tensor (reading it would synchronise with the device)")
+    return float(value)
 
 
 def reads_kv_dtype(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> bool:
@@ -289,7 +308,14 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     ``config`` picks stage 1's kernel and shape; by default ``stage1_config`` for the dtypes and device.
     Never synchronises with the host: the plan's device tensors carry all the data-dependent sizes.
     """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [queries, heads, head_dim] (SGLang's [B, heads x head_dim] viewed per head); "
+                         f"got shape {tuple(q.shape)}")
     B, Hq, D = q.shape
+    if q.dtype not in Q_DTYPES:
+        raise ValueError(f"q in {q.dtype}: the kernels compute in {', '.join(map(str, Q_DTYPES))}")
+    sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
+    k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
@@ -322,17 +348,35 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     device = plan.meta.device
     if q.device != device or k_buffer.device != v_buffer.device or k_buffer.device != device:
         raise ValueError(f"q on {q.device}, k/v buffers on {k_buffer.device}/{v_buffer.device}, the plan on {device}")
+    if device.type == "cpu" and (reason := interpreter_problem(q.dtype)):
+        raise ValueError(f"tree_decode on CPU tensors: {reason}")
     if out is None:
         # Stage 2 writes the step's rows only: rows past them (a smaller step in a graph's buffers) are zeros.
         out = torch.empty_like(q) if n == B else torch.zeros_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != device:
         raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} with a contiguous last dimension on "
                          f"{device}; got {tuple(out.shape)} {out.dtype}, strides {out.stride()}, on {out.device}")
+    elif torch._debug_has_internal_overlap(out) == 1:  # e.g. an expanded tensor: rows would overwrite each other
+        raise ValueError(f"out has rows that share memory (strides {out.stride()}): each (query, head) needs its own")
     _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
     launch_stage2(plan, out, v_scale)
     return out
+
+
+INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
+
+
+def interpreter_problem(dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot compute in ``dtype`` on the CPU (None if they can): Triton runs them there only in its
+    interpreter, whose bf16 ``tl.dot`` is wrong (off by orders of magnitude)."""
+    if not interpreted():
+        return ("Triton runs its kernels on a CPU only in its interpreter: set TRITON_INTERPRET=1 before importing "
+                "sglang_deft (slow: for tests)")
+    if dtype == torch.bfloat16:
+        return INTERPRETER_BF16
+    return None
 
 
 def _check_head_offsets(*tensors: torch.Tensor) -> None:

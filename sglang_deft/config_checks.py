@@ -366,7 +366,27 @@ def model_config_problems(model_config, server_args) -> list[str]:
         problems.append(_dual_chunk_problem(model))
     if _linear_attention_config(model_config) is not None:
         problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
+    if problem := _interpreter_dtype_problem(model_config.dtype, server_args.device, deft_roles(server_args)[0]):
+        problems.append(problem)
     return problems
+
+
+def _interpreter_dtype_problem(dtype, device: str, decode: bool) -> str | None:
+    """The Triton kernels on a CPU (SGLANG_DEFT_DECODE_IMPL=triton, in Triton's interpreter) in a dtype the
+    interpreter computes wrongly: the first decode step would fail (``tree_decode`` refuses it)."""
+    try:
+        impl = decode_impl()
+    except ValueError:
+        return None  # server_args_problems reports the value
+    if not decode or device != "cpu" or impl != "triton":
+        return None
+    import torch
+
+    from .kernels.tree_decode import INTERPRETER_BF16
+
+    if dtype == torch.bfloat16:
+        return f"SGLANG_DEFT_DECODE_IMPL=triton with --device cpu and a bfloat16 model: {INTERPRETER_BF16} (--dtype)"
+    return None
 
 
 # SGLang's ModelRunner decides which models run linear-attention or Mamba layers by these properties, which read

@@ -431,6 +431,21 @@ def test_decode_impl_the_scheduler_cannot_use_is_refused_at_launch(deft_args, mo
     assert server_args_problems(plain) == []  # not a deft server: not its variable
 
 
+def test_triton_kernels_on_a_cpu_refuse_a_bf16_model(deft_args, monkeypatch):
+    """Triton's interpreter computes a bf16 tl.dot wrongly: the first decode step would fail (tree_decode refuses
+    it) where it used to return garbage."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "triton")
+    bf16, fp32 = ModelConfig(str(MODEL), dtype="bfloat16"), ModelConfig(str(MODEL), dtype="float32")
+    assert model_config_problems(bf16, deft_args) == [
+        "SGLANG_DEFT_DECODE_IMPL=triton with --device cpu and a bfloat16 model: Triton's interpreter computes a bf16 "
+        "tl.dot wrongly; use float16 or float32 on a CPU (--dtype)"]
+    assert model_config_problems(fp32, deft_args) == []
+    assert model_config_problems(bf16, with_(deft_args, device="cuda")) == []
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "auto")  # the PyTorch reference path on a CPU
+    assert model_config_problems(bf16, deft_args) == []
+
+
 def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
     """Its nodes are opaque to Python: the first decode step would have raised in the scheduler."""
     monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")

@@ -209,6 +209,51 @@ def test_bad_shapes_are_refused():
         tree_decode(q, kv, kv[:32], plan, 0.1)
 
 
+def test_arguments_the_kernels_cannot_take_are_refused():
+    """Each failed inside Triton (an interpreter assertion, a launcher TypeError, a compile error on the GPU) or,
+    for an out whose rows share memory, returned every query the last writer's result."""
+    import numpy as np
+
+    tree = one_node_tree([0, 1, 2])
+    plan = plan_tree_decode(tree, np.int64(8), np.int64(2), np.int64(16), DEVICE, kv_dtype=torch.float32)
+    assert type(plan.num_qo_heads) is int
+    with pytest.raises(TypeError):
+        plan_tree_decode(tree, 8.0, 2, 16, DEVICE)
+    q = torch.randn(2, 8, 16, device=DEVICE)
+    kv = torch.randn(3, 2, 16, device=DEVICE)
+    ref = attention_reference(q, kv, kv, tree, 0.25, 30.0)
+    # numpy scalars (SGLang's layers hold floats, but a config may hold numpy's) are taken as Python floats
+    out = tree_decode(q, kv, kv, plan, np.float32(0.25), np.float32(30.0))
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+    with pytest.raises(TypeError, match="sm_scale must be a Python number, not a tensor"):
+        tree_decode(q, kv, kv, plan, torch.tensor(0.25, device=DEVICE))
+    for dtype in (torch.int32, torch.float64):
+        with pytest.raises(ValueError, match=f"q in {dtype}: the kernels compute in"):
+            tree_decode(q.to(dtype), kv.to(dtype), kv.to(dtype), plan, 0.25)
+    with pytest.raises(ValueError, match=r"q must be \[queries, heads, head_dim\]"):
+        tree_decode(q.view(2, 128), kv, kv, plan, 0.25)
+    with pytest.raises(ValueError, match="out has rows that share memory"):
+        tree_decode(q, kv, kv, plan, 0.25, out=torch.zeros(1, 8, 16, device=DEVICE).expand(2, 8, 16))
+    torch.testing.assert_close(tree_decode(q, kv, kv, plan, 0.25, 30.0, out=q.clone()), ref,
+                               atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's limits, on CPU tensors")
+def test_what_the_interpreter_cannot_compute_is_refused(monkeypatch):
+    """bf16 under Triton's interpreter came back off by orders of magnitude, with no error; CPU tensors without the
+    interpreter died in Triton with '0 active drivers'."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package's name is the function's
+    tree = one_node_tree([0, 1, 2])
+    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.bfloat16)
+    q = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    kv = torch.randn(3, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter computes a bf16 tl.dot wrongly; use float16 or float32"):
+        tree_decode(q, kv, kv, plan, 0.25)
+    monkeypatch.setattr(module, "interpreted", lambda: False)
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 before importing sglang_deft"):
+        tree_decode(q.float(), kv.float(), kv.float(), plan, 0.25)
+
+
 def one_node_tree(slots: list[int]) -> KVTree:
     return KVTree(torch.tensor(slots, dtype=torch.int32), torch.tensor([0, len(slots)], dtype=torch.int32),
                   torch.tensor([-1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32))
