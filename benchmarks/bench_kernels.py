@@ -578,10 +578,11 @@ def pool_dtype(args) -> torch.dtype:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_kernels_out")),
+                    help="output folder (default $OUT, else ./bench_kernels_out; results to commit are copied to "
+                         "benchmarks/results by hand)")
     ap.add_argument("--tag", default=None,
-                    help="file name tag: kernels_<tag>.json/.md (default h200 on CUDA, cpu with --device cpu: a CPU "
-                         "smoke run never replaces the committed GPU results)")
+                    help="file name tag: kernels_<tag>.json/.md (default h200 on CUDA, cpu with --device cpu)")
     ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT/$GIT_COMMIT, else git)")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six), "
@@ -851,14 +852,13 @@ def main(argv=None) -> int:
     risk = {"deft": 1, "flashinfer_cascade": 2}
     providers.sort(key=lambda p: risk.get(p, 0))
     want_cuda = args.device.startswith("cuda")
+    if want_cuda and not torch.cuda.is_available():  # the results would be a CPU run's under a GPU's name
+        raise SystemExit(f"--device {args.device}, but torch sees no CUDA device here; for a CPU smoke run pass "
+                         "--device cpu --dtype float16 with TRITON_INTERPRET=1 (benchmarks/README.md)")
     if args.tag is None:
         args.tag = "h200" if want_cuda else "cpu"
     isolated = not args.child and (args.isolate == "yes" or (args.isolate == "auto" and want_cuda))
-    # An isolating parent never touches the GPU (no context of its own next to the child's).
-    if isolated:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(args.device if (not want_cuda or torch.cuda.is_available()) else "cpu")
+    device = torch.device(args.device)  # (an isolating parent never touches it: no context next to the child's)
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

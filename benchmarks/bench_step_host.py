@@ -23,9 +23,9 @@ full (``window_replan_us``: what the backend did every step before its window pl
 the full plan and for the batch's rows, as an eager step does; before a CUDA-graph replay the backend plans it
 first and for the padded rows: the same work.
 
-Run: ``python benchmarks/bench_step_host.py [--device cuda] [--window W] [--out DIR]`` (CPU: with
-``TRITON_INTERPRET=1``, for the steady steps' kernel; the device ops run on the host, so only the
-Python/numpy part means anything).
+Run: ``python benchmarks/bench_step_host.py [--device cuda] [--window W] [--out DIR]`` (on a CPU it sets
+``TRITON_INTERPRET=1`` for the steady steps' kernel; the device ops run on the host, so only the Python/numpy part
+means anything).
 """
 from __future__ import annotations
 
@@ -157,6 +157,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="writes step_host_<device>.json there")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        # The steady steps' kernel (kernels/tail_update.py) runs on CPU tensors only in Triton's interpreter, which
+        # Triton chooses as the kernels are defined: before sglang_deft.kernels is imported (run_case).
+        os.environ["TRITON_INTERPRET"] = "1"
     if not torch.cuda.is_available():  # SGLang importable without CUDA, as in the tests
         import sglang_deft.cpu_compat
 

@@ -71,6 +71,7 @@ def connect(url: str):
     """SGLang's frontend endpoint for the server at ``url``; exits with what to do when nothing answers there."""
     import sglang as sgl
 
+    url = url.rstrip("/")  # SGLang appends "/get_model_info": a trailing slash would ask for "//get_model_info"
     try:
         return sgl.RuntimeEndpoint(url)
     except (urllib.error.URLError, ConnectionError) as e:
@@ -78,6 +79,9 @@ def connect(url: str):
                          "`python -m sglang_deft.launch_server --model-path MODEL --decode-attention-backend deft "
                          "--grammar-backend none` "
                          "(or `make demo`, which starts one and runs tree_of_thought.py), or pass --url") from None
+    except (RuntimeError, ValueError) as e:  # an HTTP error status or a body that is not SGLang's JSON
+        raise SystemExit(f"the server at {url} does not answer GET /get_model_info as an SGLang server does "
+                         f"({str(e)[:200]}): is --url an SGLang server's address?") from None
 
 
 def temperature_arg(text: str) -> float:

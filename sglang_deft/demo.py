@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.error
 import warnings
 from pathlib import Path
 
@@ -254,6 +255,18 @@ def _quiet_for(read_log, wait: float = 0.5) -> bool:
     return len(read_log()) == n
 
 
+def _is_bundled(model_path: Path) -> bool:
+    return model_path.resolve() == MODEL_DIR.resolve()
+
+
+def describe_server(info: dict) -> str:
+    """One line of what the server runs, from its ``/server_info``."""
+    prefill = info.get("prefill_attention_backend") or info.get("attention_backend")
+    dtype = "the model's dtype" if info.get("dtype") == "auto" else info.get("dtype")
+    return (f"serving {info.get('model_path')} on {info.get('device')} in {dtype}: prefill/extend on {prefill}, "
+            f"decode on {info.get('decode_attention_backend')}")
+
+
 def _raise_on_sigterm(signum, frame):  # SIGTERM, SIGHUP
     raise SystemExit(128 + signum)
 
@@ -296,9 +309,9 @@ def main(argv=None) -> int:
 
     where = ("GPU: prefill/extend on triton" if gpu
              else "CPU: prefill/extend on torch_native, float32")
-    bundled = args.model_path.resolve() == MODEL_DIR.resolve()
-    model = "the bundled tiny Llama" if bundled else f"model {args.model_path}"
-    say(f"starting SGLang with {model}, decode attention 'deft' ({where})")
+    model = "the bundled tiny Llama" if _is_bundled(args.model_path) else f"model {args.model_path}"
+    extra = f"; then the arguments after --: {' '.join(args.server_args)}" if args.server_args else ""
+    say(f"starting SGLang with {model}, decode attention 'deft' ({where}{extra})")
     try:
         server = ServerProcess("demo", server_args(args.model_path, gpu, args.server_args), log_path,
                                port=args.port or None)
@@ -320,13 +333,21 @@ def main(argv=None) -> int:
 
         ready_s = server.wait_ready(args.timeout, on_poll=report_startup)
         say(f"server ready after {ready_s:.1f} s")
-        run_demo(server.url, args.widths, args.max_tokens, read_log=server.log, random_model=bundled)
+        # What the server runs, from the server: arguments after -- may have changed the demo's.
+        info = server.server_info()
+        say(describe_server(info))
+        if info.get("decode_attention_backend") != "deft":
+            raise RuntimeError("the server does not decode with deft (an argument after -- changed it), so there is "
+                               "no deft decode to show")
+        run_demo(server.url, args.widths, args.max_tokens, read_log=server.log,
+                 random_model=_is_bundled(Path(info["model_path"])))
         if args.show_server_log:
             print(server.log())
         ok = True
     except KeyboardInterrupt:
         say_if_possible("interrupted")
-    except (RuntimeError, TimeoutError) as e:  # the server exited or did not answer in time (its log says why)
+    # the server exited or did not answer in time (its log says why), or it is not what the demo shows
+    except (RuntimeError, TimeoutError, urllib.error.URLError) as e:
         say_if_possible(str(e))
     finally:
         # The stop comes before anything is printed, and a second Ctrl-C, SIGTERM or SIGHUP cannot cut it

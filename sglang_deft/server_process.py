@@ -237,6 +237,11 @@ class ServerProcess:
             body = r.read()
         return json.loads(body) if body else None
 
+    def server_info(self, timeout_s: float = 30) -> dict:
+        """SGLang's ``/server_info``: the ServerArgs the server runs with (after its launcher's rewrites) and more."""
+        with urllib.request.urlopen(f"{self.url}/server_info", timeout=timeout_s) as r:
+            return json.loads(r.read())
+
     def generate(self, payload: dict, timeout_s: float = 600) -> list[dict]:
         """``/generate``; always a list (one entry per prompt and per ``n``)."""
         out = self.post("/generate", payload, timeout_s)

@@ -298,3 +298,15 @@ def test_bench_script_runs_on_cpu(tmp_path):
         assert r["floor_us"] > 0 and r["torch_paged_ok"] and r["torch_cascade_ok"]
         assert r["best_baseline"] is None  # debug providers are never a baseline
     assert "| spec: prefix 2k" in (tmp_path / "kernels_cpu.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_script_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
+    """It ran on the CPU instead and, with its default output folder then benchmarks/results, rewrote the committed
+    kernels_h200.json with a CPU run's numbers."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OUT", raising=False)
+    with pytest.raises(SystemExit, match="--device cuda, but torch sees no CUDA device here"):
+        BENCH.main(["--cases", "spec", "--providers", "torch_paged"])
+    assert BENCH.parse_args([]).out == Path("bench_kernels_out")  # never the committed results' folder
+    assert list(tmp_path.iterdir()) == []

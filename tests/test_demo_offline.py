@@ -108,8 +108,8 @@ def test_server_args_pick_the_prefill_backend_of_the_device(gpu, tmp_path):
 class FakeServer:
     """ServerProcess's surface as main() uses it; ``fail`` makes wait_ready raise it."""
 
-    def __init__(self, fail=None):
-        self.fail, self.stopped = fail, False
+    def __init__(self, fail=None, **info):
+        self.fail, self.stopped, self.info = fail, False, info
         self.url, self.command, self.proc = "http://127.0.0.1:1", ["launcher"], SimpleNamespace(pid=1)
 
     def __call__(self, name, args, log_path, port=None):
@@ -124,6 +124,12 @@ class FakeServer:
 
     def log(self):
         return self.log_path.read_text()
+
+    def server_info(self):
+        """What SGLang's /server_info says of the arguments: the last of each flag, unless ``info`` says otherwise."""
+        flags = {name: self.args[len(self.args) - 1 - self.args[::-1].index(f"--{name.replace('_', '-')}") + 1]
+                 for name in ("model_path", "device", "dtype", "attention_backend", "decode_attention_backend")}
+        return {**flags, "prefill_attention_backend": None, **self.info}
 
     def stop(self):
         self.stopped = True
@@ -170,6 +176,28 @@ def test_main_names_the_model_it_was_given(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"starting SGLang with model {tmp_path / 'my-model'}" in out and "tiny Llama" not in out
     assert ran == {"random_model": False}
+
+
+def test_main_reports_what_the_server_runs_and_refuses_a_server_without_deft(monkeypatch, capsys, tmp_path):
+    """Arguments after -- may change the demo's: its description of the server and whether it calls the answers
+    random come from the server's /server_info, and a server that does not decode with deft shows nothing of it."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    ran = {}
+    monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log, random_model: ran.update(
+        random_model=random_model))
+    server = FakeServer()
+    monkeypatch.setattr(demo, "ServerProcess", server)
+    assert demo.main(["--cpu", "--", "--model-path", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"then the arguments after --: --model-path {tmp_path}" in out
+    assert f"serving {tmp_path} on cpu in float32: prefill/extend on torch_native, decode on deft" in out
+    assert ran == {"random_model": False}
+    ran.clear()
+    monkeypatch.setattr(demo, "ServerProcess", FakeServer())
+    assert demo.main(["--cpu", "--", "--decode-attention-backend", "torch_native"]) == 1
+    out = capsys.readouterr().out
+    assert "decode on torch_native" in out and "the server does not decode with deft" in out and ran == {}
 
 
 def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limits():

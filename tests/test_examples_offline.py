@@ -232,6 +232,24 @@ def test_no_server_and_a_negative_temperature_are_clear_errors():
         port = free.getsockname()[1]  # closed again: nothing listens there
     with pytest.raises(SystemExit, match=f"no SGLang server answers at http://127.0.0.1:{port}"):
         tree_view.connect(f"http://127.0.0.1:{port}")
+    # Something else answers there: an HTTP 404 (a plain file server), or SGLang's error raised as a traceback before
+    s = FakeServer()
+    s.thread.start()
+    try:
+        assert tree_view.connect(s.url + "/") is not None  # a trailing slash asked for //get_model_info
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+    import http.server
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit, match="does not answer GET /get_model_info as an SGLang server does"):
+            tree_view.connect(f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
     assert tree_view.temperature_arg("0.5") == 0.5
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number >= 0"):
