@@ -679,7 +679,8 @@ def _radix_paths(reqs, seq_lens):
         for x in reversed(chain):
             if x.value is None:
                 raise KVTreeBuildError(f"request {b} (rid={getattr(req, 'rid', '?')}): a node on its radix path "
-                                       "is evicted (value None); a running request's path must stay on the device")
+                                       "was evicted from the device (value None: the hierarchical cache moved its KV "
+                                       "to the host); a running request's path must stay on the device")
             n = len(x.key)
             i = len(l_parent)
             local_of[x] = i

@@ -30,7 +30,7 @@ from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import KVTree, attention_reference, plan_tree_decode, tree_decode
 from sglang_deft.kernels.plan import build_schedule, few_merges_max_queries
 from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape
-from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version
+from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version, warmup_dummy_run
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (ForwardBatchStub, attention_layers, cpu_server_args, decode_forward_batch, eager_step,
@@ -542,7 +542,8 @@ def test_patched_can_run_asks_the_decode_backend():
     assert hasattr(DeftAttnBackend, cuda_graph_replay.HOOK)
 
 
-@pytest.mark.parametrize("patch", [cuda_graph_replay, forward_batch_reqs], ids=lambda m: m.__name__.rsplit(".", 1)[1])
+@pytest.mark.parametrize("patch", [cuda_graph_replay, forward_batch_reqs, warmup_dummy_run],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[1])
 @pytest.mark.parametrize("installed", ["0.5.11", "0.5.10", "0.5.10.post2"])
 def test_patch_refuses_another_sglang_version(monkeypatch, patch, installed):
     monkeypatch.setattr(sglang_version, "version", lambda name: installed)
