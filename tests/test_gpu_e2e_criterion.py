@@ -163,6 +163,11 @@ def test_a_divergence_to_a_token_outside_the_top_k_is_no_near_tie():
     entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
     assert entry["divergences_outside_top_k"] == 1
     assert not entry["ok"] and "request 2 step 4: not a near-tie (a token outside the top-k" in entry["failures"][0]
+    # the absolute check too, which alone decides where no noise server runs (the window models): it took the
+    # gap's lower bound (0.3 here, the reference's k-th entry) for the gap, within a tie_tol of 0.5
+    entry = g.judge_workload(deft, ref, None, CRIT, atol=0.05, tie_tol=0.5)
+    assert entry["criterion"] == "absolute" and not entry["ok"]
+    assert entry["failures"] == ["request 2 step 4: not a near-tie (a token outside the top-k; gap at least 0.3000)"]
 
 
 def test_a_noise_server_that_is_itself_wrong_sets_no_band():
