@@ -529,13 +529,20 @@ def measure_batch(server, backend: str, case: Case, id_range: tuple[int, int], s
     return figures
 
 
-def measure_lang(server, backend: str, case: Case, program) -> dict:
+def lang_question(rep: int) -> str:
+    """The tree of thought's question in repetition ``rep``: the same for every backend, another for every repetition
+    (as the batch cases' prompts), so that no repetition finds its prompts in the server's radix cache."""
+    return f"Puzzle {rep}. {QUESTION}"
+
+
+def measure_lang(server, backend: str, case: Case, program, rep: int) -> dict:
     from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
     endpoint = RuntimeEndpoint(server.url)
     before = settled_log(server)
     start = time.monotonic()
-    counts = program.run(question=QUESTION, widths=case.widths, max_tokens=case.new_tokens, backend=endpoint).ret_value
+    counts = program.run(question=lang_question(rep), widths=case.widths, max_tokens=case.new_tokens,
+                         backend=endpoint).ret_value
     wall = time.monotonic() - start
     after = settled_log(server)
     tok_s = round(sum(counts) / wall, 1)
@@ -839,7 +846,7 @@ class Bench:
         else:
             start = time.monotonic()
             try:
-                figures = (measure_lang(server, backend, case, self.program) if case.is_lang else
+                figures = (measure_lang(server, backend, case, self.program, rep) if case.is_lang else
                            measure_batch(server, backend, case, MODELS[self.device][case.model].id_range,
                                          f"{case.key}:{rep}", self.request_timeout()))
                 runs.append({"rep": rep, "ok": True, **figures})
@@ -884,6 +891,10 @@ def parse_args(argv=None):
         given = getattr(args, f"{backend}_args")
         if given is not None:
             args.backend_args[backend] = given
+        if any(a.split("=", 1)[0] in ("--dp-size", "--dp", "--data-parallel-size") for a in shlex.split(given or "")):
+            # Each DP scheduler logs its own share of the batch: no decode line would show the case's batch.
+            p.error(f"--{backend.replace('_', '-')}-args with data parallelism: each DP rank logs only its share of "
+                    "the batch, which this benchmark's figures (SGLang's decode lines of the whole batch) cannot use")
     return args
 
 
@@ -931,6 +942,7 @@ def main(argv=None) -> int:
         bench.run_all()
     except BaseException as e:  # SIGTERM (SystemExit) or Ctrl-C: keep what was measured, say why it stopped
         report.data["interrupted"] = f"{type(e).__name__}: {e}"
+        report.save(clock)  # before the servers' stop, which may outlast the caller's grace
         raise
     finally:
         start = time.monotonic()

@@ -1076,8 +1076,11 @@ def main(argv=None) -> int:
     out_json = args.out / "gpu_e2e.json"
 
     def save():
+        # Written beside and renamed: a kill mid-write (gpu_session.sh's timeout -k) leaves the last whole report.
         report["wall_s"] = round(clock.elapsed(), 1)
-        out_json.write_text(json.dumps(report, indent=2))
+        tmp = out_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out_json)
 
     fleet = Fleet(env, cwd, log_dir, clock)
     runs: dict[str, ModelRun] = {}
@@ -1112,6 +1115,7 @@ def main(argv=None) -> int:
     except BaseException as e:  # SIGTERM (SystemExit) or Ctrl-C: keep what was measured, say why it stopped
         report.update(ok=False, complete=False, interrupted=f"{type(e).__name__}: {e}")
         clock.note(f"interrupted ({type(e).__name__})")
+        save()  # before the servers' stop, which may outlast the caller's grace (up to 30 s)
         raise
     finally:
         fleet.stop_all()

@@ -87,6 +87,19 @@ def test_batch_prompts_share_the_prefix_only():
     assert b.batch_prompts(case, (3, 300), "other")[0] != prefix
 
 
+def test_the_tree_of_thought_asks_another_question_each_repetition():
+    """The same one for every backend; the second repetition found the first's prompts in the radix cache."""
+    assert b.lang_question(1) == b.lang_question(1) != b.lang_question(2)
+    assert b.QUESTION in b.lang_question(2)
+
+
+def test_data_parallel_servers_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        b.parse_args(["--deft-args=--dp-size 2"])
+    assert "each DP rank logs only its share of the batch" in capsys.readouterr().err
+    assert b.parse_args(["--deft-args=--tp 2"]).backend_args["deft"] == "--tp 2"
+
+
 def test_pool_fits_the_largest_case():
     spec = b.MODELS["cuda"]["8b"]
     pool = b.pool_tokens("8b", spec, list(b.FULL_CASES))
