@@ -15,6 +15,7 @@ from sglang_deft.kernels import KVTree, PlanCapacity, TreeDecodePlan, plan_tree_
 from sglang_deft.kernels import plan as plan_module
 from sglang_deft.kernels.plan import MAX_GRID_ITEMS, MIN_CHUNK_TOKENS, SMALL_ROWS, TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.reference import path_nodes
+from sglang_deft.kernels.schedule import Schedule
 
 
 def schedule(tree, group=4, head_dim=128, num_sms=132, hkv=8, large_rows=64):
@@ -192,8 +193,10 @@ def test_planner_plans_every_step_as_a_fresh_plan(seed, monkeypatch):
     group, large_rows = [(1, 16), (4, 64), (8, 128), (4, 32)][seed % 4]
     planner = TreeDecodePlanner(8 * group, 8, 64, kv_dtype=torch.float16, large_rows=large_rows)
     for tree in decode_steps(seed):
-        want = plan_tree_decode(tree, 8 * group, 8, 64, "cpu", kv_dtype=torch.float16, large_rows=large_rows)
-        assert_same_plan(planner.plan(tree, "cpu"), want, tree)
+        # A Schedule of its own: plan_tree_decode's is the thread's, which would have planned the same steps before
+        # and so carry whatever state the long-lived planner's does.
+        fresh = TreeDecodePlanner(8 * group, 8, 64, kv_dtype=torch.float16, large_rows=large_rows, schedule=Schedule())
+        assert_same_plan(planner.plan(tree, "cpu"), fresh.plan(tree, "cpu"), tree)
 
 
 def test_planner_covers_every_pair_exactly_once():
@@ -243,7 +246,7 @@ def test_planner_into_fixed_buffers():
     planner = TreeDecodePlanner(16, 4, 32, kv_dtype=torch.float32)
     graph = None
     for tree in decode_steps(5):
-        want = plan_tree_decode(tree, 16, 4, 32, "cpu", kv_dtype=torch.float32, capacity=cap)
+        want = TreeDecodePlanner(16, 4, 32, kv_dtype=torch.float32, schedule=Schedule()).plan(tree, "cpu", capacity=cap)
         if graph is None:
             graph = planner.plan(tree, "cpu", capacity=cap)
             assert_same_plan(graph, want, tree)

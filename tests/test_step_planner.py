@@ -30,7 +30,15 @@ def step_planner(sim: RadixSim, slack: int, max_queries: int = 16, kv_capacity: 
     return DecodeStepPlanner(DecodeKVTreeBuilder(sim.req_to_token), planner, buffers, slack=slack, window=window)
 
 
+def assert_items_read_tokens(plan) -> None:
+    """Every work item of the step reads at least one KV position: plan_kv_reads would take an empty one for "reads
+    nothing", where stage 1 divides 0 by 0 and the query's output becomes NaN."""
+    items = plan.items[:int(plan.counts[0] + plan.counts[1])]
+    assert (items[:, 1] > 0).all(), f"a work item without a KV position: {items.tolist()}"
+
+
 def check(sim: RadixSim, reqs, seq_lens, step, num_queries: int) -> None:
+    assert_items_read_tokens(step.plan)
     got = plan_kv_reads(step.plan)
     assert len(got) == num_queries
     assert step.plan.grid_queries == num_queries  # stage 2 over the step's rows, not the buffers' 16
@@ -333,6 +341,7 @@ def run_window(sim, sp, reqs, num_queries=None):
     seq_lens = sim.prepare_decode(reqs)
     rows = num_queries or len(reqs)
     step = sp.plan(reqs, seq_lens, rows)
+    assert_items_read_tokens(step.plan)
     got = plan_kv_reads(step.plan)
     assert len(got) == rows and all(g == [] for g in got[len(reqs):])
     for b, (req, n) in enumerate(zip(reqs, seq_lens.tolist())):
@@ -363,6 +372,25 @@ def test_window_steady_steps_read_each_querys_window(window, steady, padded):
     sp = step_planner(sim, slack=4, window=window)
     reqs = fork(sim, 3) + sim.prefill([sim.new_req(sim.fresh(9))])  # a fork and an unrelated request
     assert [run_window(sim, sp, reqs, padded) for _ in range(12)] == steady
+
+
+def test_window_steady_steps_stop_before_a_moving_chunk_runs_out(monkeypatch):
+    """A window root cut into chunks shorter than the room (the planner's minimum chunk and start-up cost lowered):
+    each steady step takes a token from the root's first chunk, so the room stops one token short of emptying it.
+    With the default constants a chunk holds at least MIN_CHUNK_TOKENS (256) positions, more than SLACK_TOKENS
+    (64), so no other test reaches this limit."""
+    import sglang_deft.kernels.plan as kernel_plan
+
+    monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(kernel_plan, "PROGRAM_LATENCY_BYTES", 1)
+    sim = RadixSim(kv_slots=4096, max_context=512)
+    sp = step_planner(sim, slack=40, window=60)
+    reqs = sim.prefill([sim.new_req(sim.fresh(100)), sim.new_req(sim.fresh(20))])
+    first = sp.plan(reqs, sim.prepare_decode(reqs), 2)  # to see the chunks the window root is cut into
+    assert int(first.plan.items[:int(first.plan.counts[0] + first.plan.counts[1]), 1].min()) < 10
+    sim.finish_decode(reqs)
+    steady = [run_window(sim, sp, reqs) for _ in range(45)]
+    assert 10 < sum(steady) < 44  # steady steps, and planned steps where a chunk would have run out
 
 
 @pytest.mark.parametrize("padded", [None, 8], ids=["eager", "graph_padded"])
