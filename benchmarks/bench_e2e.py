@@ -353,6 +353,16 @@ def settled_log(server, quiet_s: float = 0.3, max_wait_s: float = 3.0) -> str:
     return text
 
 
+def abort_requests(server) -> None:
+    """End whatever a failed run left on ``server`` (the client gave up on its requests, the server did not): the
+    next runs on this GPU would share it with them, and read their late lines in the log as their own."""
+    try:
+        server.post("/abort_request", {"abort_all": True}, timeout_s=30)
+    except Exception:  # noqa: BLE001 -- a server that died with the run has nothing left to abort
+        return
+    settled_log(server, max_wait_s=10)
+
+
 def theoretical_sharing_ratio(case: Case, spec: ModelSpec | None = None) -> float | None:
     """KV tokens attended / unique KV tokens summed over the batch's decode steps. At decode step k
     (1..N-1; token 0 comes from the prefill) every request attends prefix + private + k tokens; the
@@ -780,6 +790,7 @@ class Bench:
                     "cuda_graph": self.device == "cuda" and not info.get("disable_cuda_graph", True)}, launched.server
         except Exception as e:  # noqa: BLE001 -- one server failing must not stop the others' cases
             self.clock.note(f"{launched.server.name} FAILED", extra=str(e)[-300:])
+            abort_requests(launched.server)  # a warm-up cut off by its timeout would decode beside the others
             return {"ok": False, "error": f"{type(e).__name__}: {str(e)[-3000:]}"}, None
 
     def wait_ready(self, key: tuple[str, str], launched):
@@ -857,6 +868,7 @@ class Bench:
                 runs.append({"rep": rep, "ok": False, "error": f"{type(e).__name__}: {e}"[-3000:],
                              "traceback": traceback.format_exc()[-3000:]})
                 self.clock.note(f"{case.key} {backend} rep {rep} FAILED", time.monotonic() - start, str(e)[-300:])
+                abort_requests(server)
         summarize_case(entry, self.backends, self.report.data["baseline"])
         self.save()
 

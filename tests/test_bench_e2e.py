@@ -469,6 +469,26 @@ def test_measure_batch_records_digests_the_logged_rate_and_sharing(backend, monk
         assert fig["sharing_ratio_source"] == "theoretical (case shape)" and "plan_host_us" not in fig
 
 
+def test_a_failed_run_aborts_what_it_left_on_the_server():
+    """A run that timed out left its requests decoding: the next backends' runs shared the GPU with them."""
+    class Server:
+        def __init__(self, fail=False):
+            self.fail, self.posts = fail, []
+
+        def post(self, route, payload, timeout_s):
+            if self.fail:
+                raise ConnectionRefusedError("down")
+            self.posts.append((route, payload))
+
+        def log(self):
+            return ""
+
+    server = Server()
+    b.abort_requests(server)
+    assert server.posts == [("/abort_request", {"abort_all": True})]
+    b.abort_requests(Server(fail=True))  # a server that died with the run: nothing to do, no error
+
+
 def test_output_digests_refuse_a_short_output():
     timing = b.StreamTiming(sent=0.0, output_ids={0: [5, 6, 7], 1: [5, 6]})
     with pytest.raises(RuntimeError, match=re.escape("got [2, 3]")):
