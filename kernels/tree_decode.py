@@ -314,8 +314,9 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     B, Hq, D = q.shape
     if q.dtype not in Q_DTYPES:
         raise ValueError(f"q in {q.dtype}: the kernels compute in {', '.join(map(str, Q_DTYPES))}")
-    sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
-    k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
+    if not type(sm_scale) is type(logit_cap) is type(k_scale) is type(v_scale) is float:  # (per layer: the cheap test)
+        sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
+        k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
@@ -356,7 +357,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != device:
         raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} with a contiguous last dimension on "
                          f"{device}; got {tuple(out.shape)} {out.dtype}, strides {out.stride()}, on {out.device}")
-    elif torch._debug_has_internal_overlap(out) == 1:  # e.g. an expanded tensor: rows would overwrite each other
+    elif not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:  # e.g. expanded: rows overwrite
         raise ValueError(f"out has rows that share memory (strides {out.stride()}): each (query, head) needs its own")
     _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
