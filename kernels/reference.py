@@ -3,9 +3,12 @@
 ``tree_decode_reference`` is the grouped algorithm on the host-free PyTorch path: each node's KV is
 gathered once for all the queries under it, each (node, query) pair yields a partial output and its
 log-sum-exp, and each query's partials along its path are merged exactly. SGLang's decode backend
-uses it on CPU. ``attention_reference`` is the per-query fp32 textbook version tests compare against.
+uses it on CPU, with a ``ReferencePlan`` made once per step (``plan_reference``) for every layer.
+``attention_reference`` is the per-query fp32 textbook version tests compare against.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -64,9 +67,35 @@ def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, lo
     return out
 
 
-def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, logit_cap: float = 0.0,
-                          out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
-    """Grouped KV-tree attention: every node's KV is read once for all queries below it.
+@dataclass(frozen=True)
+class ReferencePlan:
+    """``tree_decode_reference``'s work for one step, the same for every layer: the tree validated, and per node with
+    KV its slots (int64, on the KV device) and the queries below it (an index on that device), and the range of the
+    slots, checked against each layer's buffers without reading them again."""
+    num_queries: int
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (slots [L], queries [n]) per node with KV
+    slot_range: tuple[int, int] | None  # (lowest, highest) slot of the tree; None without KV
+
+
+def plan_reference(tree: KVTree, device: torch.device | str) -> ReferencePlan:
+    """The step's ``ReferencePlan`` (reads ``kv_indices`` on the host once: it synchronises on a GPU)."""
+    indptr = tree.node_indptr.tolist()
+    kv_indices = tree.kv_indices.to(device).long()
+    slot_range = (int(kv_indices.min()), int(kv_indices.max())) if kv_indices.numel() else None
+    users: dict[int, list[int]] = {}
+    for b, path in enumerate(path_nodes(tree)):
+        for node in path:
+            users.setdefault(node, []).append(b)
+    groups = tuple((kv_indices[indptr[n]:indptr[n + 1]], torch.tensor(queries, device=device))
+                   for n, queries in users.items() if indptr[n + 1] > indptr[n])
+    return ReferencePlan(tree.num_queries, groups, slot_range)
+
+
+def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, sm_scale: float,
+                          logit_cap: float = 0.0, out: torch.Tensor | None = None, k_scale: float = 1.0,
+                          v_scale: float = 1.0):
+    """Grouped KV-tree attention: every node's KV is read once for all queries below it. ``plan``: the tree, or
+    its ``plan_reference`` (made once for all of a step's layers).
 
     Computes in fp32 and writes ``out`` (allocated in q's dtype when None). Queries with an empty
     path get zeros. K and V stand for their values times ``k_scale`` / ``v_scale`` (an fp8 KV cache).
@@ -75,32 +104,28 @@ def tree_decode_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, 
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv
     device = q.device
-    indptr = tree.node_indptr.tolist()
-    kv_indices = _slots(tree, k_buffer.shape[0], device)
-    users: dict[int, list[int]] = {}
-    for b, path in enumerate(path_nodes(tree)):
-        for node in path:
-            users.setdefault(node, []).append(b)
+    if isinstance(plan, KVTree):
+        plan = plan_reference(plan, device)
+    num_slots = k_buffer.shape[0]
+    if plan.slot_range is not None and (plan.slot_range[0] < 0 or plan.slot_range[1] >= num_slots):
+        bad = plan.slot_range[0] if plan.slot_range[0] < 0 else plan.slot_range[1]
+        raise ValueError(f"KVTree.kv_indices holds slot {bad}, outside the KV buffers' {num_slots} slots")
 
     m = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=device)  # running max
     s = torch.zeros(B, Hq, dtype=torch.float32, device=device)  # running sum of exp
     acc = torch.zeros(B, Hq, D, dtype=torch.float32, device=device)
     qf = q.float()
-    for node, queries in users.items():
-        lo, hi = indptr[node], indptr[node + 1]
-        if hi == lo:
-            continue
-        slots = kv_indices[lo:hi]
+    for slots, qi in plan.groups:
+        n = qi.numel()
         k = k_buffer[slots].float() * k_scale  # [L, Hkv, D], loaded once for the whole group
         v = v_buffer[slots].float() * v_scale
-        qi = torch.tensor(queries, device=device)
-        qg = qf[qi].view(len(queries), Hkv, group, D)
+        qg = qf[qi].view(n, Hkv, group, D)
         scores = _soft_cap(torch.einsum("nhgd,lhd->nhgl", qg, k) * sm_scale, logit_cap)
         node_max = scores.amax(dim=-1)  # [n, Hkv, G]
         p = torch.exp(scores - node_max[..., None])
-        node_sum = p.sum(-1).view(len(queries), Hq)
-        node_acc = torch.einsum("nhgl,lhd->nhgd", p, v).reshape(len(queries), Hq, D)
-        node_max = node_max.view(len(queries), Hq)
+        node_sum = p.sum(-1).view(n, Hq)
+        node_acc = torch.einsum("nhgl,lhd->nhgd", p, v).reshape(n, Hq, D)
+        node_max = node_max.view(n, Hq)
         # Online-softmax merge of this node's partial into each query's running state.
         new_m = torch.maximum(m[qi], node_max)
         a_old = torch.exp(m[qi] - new_m)

@@ -98,8 +98,7 @@ TRACE_PLANS = os.environ.get("SGLANG_DEFT_TRACE_PLANS", "0") == "1"
 class DeftDecodeMetadata:
     """One decode step's attention plan, shared by every layer."""
 
-    plan: Any  # KVTree (reference path: kv_indices [T] int32 on the KV device, node/query metadata
-    #            int32 on the host) or TreeDecodePlan (Triton path: device tensors); see tree_attention
+    plan: Any  # ReferencePlan (reference path) or TreeDecodePlan (Triton path): device tensors; see tree_attention
     num_queries: int  # B: requests (one query token each) in the batch; a CUDA graph's padded size
     attended_tokens: int  # sum over requests of seq_len
     unique_tokens: int  # KV tokens in the tree (each read once)

@@ -2,8 +2,8 @@
 
 The backend plans once per decode step (``sglang_deft.step_planner.DecodeStepPlanner``, into its
 fixed plan buffers; :func:`plan_step` for a step they do not take) and runs every layer with that
-plan (:func:`run_layer`). With the reference path the "plan" is the KV tree itself (node/query metadata
-on the host, KV slots on the device), and each layer runs ``tree_decode_reference`` (grouped
+plan (:func:`run_layer`). With the reference path the plan is a ``ReferencePlan`` (the tree's node groups, KV
+slots and query indices on the device, made once per step), and each layer runs ``tree_decode_reference`` (grouped
 PyTorch, fp32 math). With the Triton kernels it is a ``TreeDecodePlan``.
 
 Triton plans are held to the server's :class:`PlanLimits` (work items, partial results) in every
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from sglang_deft.config_checks import decode_impl
-from sglang_deft.kernels import (KVTree, PlanCapacity, PlanCapacityError, TreeDecodePlan, TreeDecodePlanner,
-                                 plan_tree_decode, tree_decode, tree_decode_reference)
+from sglang_deft.kernels import (KVTree, PlanCapacity, PlanCapacityError, ReferencePlan, TreeDecodePlan,
+                                 TreeDecodePlanner, plan_reference, plan_tree_decode, tree_decode, tree_decode_reference)
 from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
 
 logger = logging.getLogger(__name__)
@@ -122,12 +122,12 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
               device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None,
               past_limits: bool = False):
     """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
-    take: a batch past their size, a tree past the limits), or the tree itself on the reference
+    take: a batch past their size, a tree past the limits), or its ``ReferencePlan`` on the reference
     path. ``tree``: node/query metadata on the host. ``planner``: the server's
     ``TreeDecodePlanner`` (it reuses its host buffers; same result as a fresh plan). ``past_limits``:
     the caller already knows the tree is past ``limits`` (its graph plan was refused for them)."""
     if not use_triton_kernels(device):
-        return tree
+        return plan_reference(tree, device)
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
     reason = "its CUDA-graph plan was refused for them"
     if not past_limits:
@@ -206,7 +206,7 @@ def plan_graph_step(plan: TreeDecodePlan, tree: KVTree, num_queries: int, kv_dty
 def run_layer(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan, sm_scale: float,
               logit_cap: float, out: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q, out [B, Hq, D]; k/v_buffer [S, Hkv, D] (one layer's KV pool; an fp8 pool with its K/V scales)."""
-    if isinstance(plan, KVTree):
+    if isinstance(plan, ReferencePlan):
         return tree_decode_reference(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out=out, k_scale=k_scale,
                                      v_scale=v_scale)
     return tree_decode(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out=out, k_scale=k_scale, v_scale=v_scale)
