@@ -257,6 +257,9 @@ class DeftAttnBackend(AttentionBackend):
         if rows < len(reqs):
             raise RuntimeError(f"deft: decode batch of {len(reqs)} requests with {rows} seq_lens")
         seq_lens = forward_batch.seq_lens_cpu[:len(reqs)]
+        # The batch is one deft plans: the last step's plan goes now, not when this one is made, or a plan in buffers
+        # of its own (a batch past the graph buffers) would stay allocated beside this step's.
+        self.forward_metadata = None
         self.eager_steps += 1
         check = self.verify_every > 0 and self.eager_steps % self.verify_every == 0
         step = None
