@@ -740,7 +740,9 @@ def kernel_check_summary(deft_log: str) -> dict | None:
         return None
     worst = max(rows, key=lambda r: r["max_abs_diff"] / max(r["max_abs_out"], 1e-30))
     allowed = 2 * KERNEL_CHECK_ROUNDOFF.get(worst["dtype"], 2.0 ** -8) * max(r["max_abs_out"] for r in rows)
-    return {"checks": len(rows), "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+    # One line per rank and checked step (each TP rank checks its own heads): checks = checked steps x ranks.
+    return {"checks": len(rows), "checked_steps": len({r["step"] for r in rows}),
+            "ranks": len({r.get("rank", 0) for r in rows}), "max_abs_diff": max(r["max_abs_diff"] for r in rows),
             "max_abs_out": max(r["max_abs_out"] for r in rows), "dtype": worst["dtype"], "allowed": allowed,
             "within_tolerance": all(r["max_abs_diff"] <= allowed for r in rows)}
 

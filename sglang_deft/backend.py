@@ -136,7 +136,8 @@ class DeftAttnBackend(AttentionBackend):
         self.device = named_device(torch.device(model_runner.device))
         # Every TP rank runs the same steps: one logs them, as SGLang logs its decode stats (without DP
         # attention, which deft refuses, the attention-TP rank is the TP rank).
-        self.logging_rank = model_runner.tp_rank == 0
+        self.tp_rank = model_runner.tp_rank
+        self.logging_rank = self.tp_rank == 0
         if self.window_tokens is not None and self.logging_rank:
             logger.info("deft: sliding-window layers %s attend each query's last %d tokens, with a plan of their own "
                         "per step", windows[self.window_tokens - 1], self.window_tokens)
@@ -397,7 +398,7 @@ class DeftAttnBackend(AttentionBackend):
         check_tree = meta.check_window_tree if windowed else meta.check_tree
         if check_tree is not None and layer.layer_id == 0:
             check_layer(out, q, k_buffer, v_buffer, check_tree, layer.scaling, layer.logit_cap, meta.step, 0,
-                        k_scale, v_scale)
+                        k_scale, v_scale, rank=self.tp_rank)
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

@@ -128,6 +128,13 @@ def _dual_chunk_problem(model: str) -> str:
             "deft attends one query per head over the whole path")
 
 
+def _triton_interprets() -> bool:
+    """TRITON_INTERPRET as Triton reads it (1, true, on, yes, any case), in the processes SGLang spawns too."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
 def decode_impl() -> str:
     """``SGLANG_DEFT_DECODE_IMPL``: auto (the default), reference or triton (``tree_attention.use_triton_kernels``);
     ValueError for anything else."""
@@ -146,7 +153,7 @@ def decode_impl_problem(device: str, decode: bool) -> str | None:
         impl = decode_impl()
     except ValueError as e:
         return str(e)
-    if impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device == "cpu" and not _triton_interprets():
         return ("SGLANG_DEFT_DECODE_IMPL=triton with --device cpu: the Triton kernels run on a CPU only in Triton's "
                 "interpreter; set TRITON_INTERPRET=1 too (slow: for tests), or unset it for the PyTorch reference path")
     return None
@@ -250,7 +257,7 @@ def server_args_problems(server_args) -> list[str]:
             f"--tokenizer-worker-num {a.tokenizer_worker_num} with --device cpu: the CPU compatibility layer does "
             "not reach the tokenizer worker processes"
         )
-    if on_cpu and (a.page_size or 1) > 1 and os.environ.get("TRITON_INTERPRET") != "1":
+    if on_cpu and (a.page_size or 1) > 1 and not _triton_interprets():
         # SGLang's own limitation (its torch_native decode hits it too), named here instead of at the first prefill.
         problems.append(
             f"--page-size {a.page_size} with --device cpu: SGLang's paged KV allocator (alloc_extend, alloc_decode) "

@@ -44,18 +44,19 @@ def verify_every() -> int:
 
 def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                 tree: KVTree, sm_scale: float, logit_cap: float, step: int, layer_id: int,
-                k_scale: float = 1.0, v_scale: float = 1.0) -> dict:
+                k_scale: float = 1.0, v_scale: float = 1.0, rank: int = 0) -> dict:
     """Compare the kernels' ``out`` [B, Hq, D] with the fp32 reference on the same inputs; logs and
-    returns the figures."""
+    returns the figures. ``rank``: the TP rank (each checks its own heads, so each logs its line)."""
     reference = tree_decode_reference(q, k_buffer, v_buffer, tree, sm_scale, logit_cap,
                                       out=torch.empty(out.shape, dtype=torch.float32, device=out.device),
                                       k_scale=k_scale, v_scale=v_scale)
-    row = {"step": step, "layer": layer_id, "queries": out.shape[0],
+    row = {"step": step, "layer": layer_id, "rank": rank, "queries": out.shape[0],
            "max_abs_diff": (out.float() - reference).abs().max().item() if out.numel() else 0.0,
            "max_abs_out": reference.abs().max().item() if out.numel() else 0.0,
            "dtype": str(out.dtype).removeprefix("torch.")}
-    logger.info("%s step=%d layer=%d queries=%d max_abs_diff=%.6g max_abs_out=%.6g dtype=%s", LOG_PREFIX,
-                row["step"], row["layer"], row["queries"], row["max_abs_diff"], row["max_abs_out"], row["dtype"])
+    logger.info("%s step=%d layer=%d rank=%d queries=%d max_abs_diff=%.6g max_abs_out=%.6g dtype=%s", LOG_PREFIX,
+                row["step"], row["layer"], row["rank"], row["queries"], row["max_abs_diff"], row["max_abs_out"],
+                row["dtype"])
     return row
 
 
@@ -70,6 +71,6 @@ def parse_kernel_check_lines(text: str) -> list[dict]:
             if key == "dtype":
                 row[key] = value
             else:
-                row[key] = int(value) if key in ("step", "layer", "queries") else float(value)
+                row[key] = int(value) if key in ("step", "layer", "rank", "queries") else float(value)
         rows.append(row)
     return rows

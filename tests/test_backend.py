@@ -509,14 +509,16 @@ def test_kernel_check_compares_with_the_reference_of_the_same_layer(logit_cap, c
     exact = attention_reference(q, k, v, tree, d ** -0.5, logit_cap)
     with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
         ok = check_layer(exact, q, k, v, tree, d ** -0.5, logit_cap, step=7, layer_id=0)
-        wrong = check_layer(torch.zeros_like(exact), q, k, v, tree, d ** -0.5, logit_cap, step=8, layer_id=0)
+        wrong = check_layer(torch.zeros_like(exact), q, k, v, tree, d ** -0.5, logit_cap, step=8, layer_id=0,
+                            rank=1)
     assert ok["max_abs_diff"] < 1e-5
     assert ok["max_abs_out"] == pytest.approx(exact.abs().max().item())
     assert wrong["max_abs_diff"] == wrong["max_abs_out"] == pytest.approx(exact.abs().max().item())
     rows = parse_kernel_check_lines(caplog.text)
-    assert [(r["step"], r["layer"], r["queries"], r["dtype"]) for r in rows] == [(7, 0, B, "float32"),
-                                                                                 (8, 0, B, "float32")]
-    assert all(type(r[key]) is int for r in rows for key in ("step", "layer", "queries"))
+    # the TP rank: each rank checks its own heads and logs its line (a summary counted them as checked steps)
+    assert [(r["step"], r["layer"], r["rank"], r["queries"], r["dtype"]) for r in rows] == [
+        (7, 0, 0, B, "float32"), (8, 0, 1, B, "float32")]
+    assert all(type(r[key]) is int for r in rows for key in ("step", "layer", "rank", "queries"))
 
 
 def test_kernel_check_interval_must_be_a_step_count(server_args, model_config, monkeypatch):

@@ -421,8 +421,9 @@ def test_decode_impl_the_scheduler_cannot_use_is_refused_at_launch(deft_args, mo
     with pytest.raises(UnsupportedConfiguration, match="SGLANG_DEFT_DECODE_IMPL=triton with --device cpu"):
         check_server_args(deft_args)
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=True)) == []
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert server_args_problems(deft_args) == []
+    for value in ("1", "true", "On"):  # as Triton reads it
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert server_args_problems(deft_args) == []
     for impl in ("auto", "reference"):
         monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", impl)
         assert server_args_problems(deft_args) == []

@@ -266,6 +266,10 @@ def test_kernel_check_summary_states_its_tolerance():
     line = "[x] DeFT kernel check: step={} layer=0 queries=8 max_abs_diff={} max_abs_out=2.0 dtype=bfloat16"
     ok = g.kernel_check_summary("\n".join([line.format(16, 0.004), "unrelated", line.format(32, 0.01)]))
     assert ok["checks"] == 2 and ok["max_abs_diff"] == 0.01 and ok["dtype"] == "bfloat16"
+    assert (ok["checked_steps"], ok["ranks"]) == (2, 1)  # lines without a rank: rank 0's (before it was logged)
+    tp2 = line.replace("layer=0", "layer=0 rank={}")
+    both = g.kernel_check_summary("\n".join(tp2.format(step, rank, 0.004) for step in (16, 32) for rank in (0, 1)))
+    assert (both["checks"], both["checked_steps"], both["ranks"]) == (4, 2, 2)
     assert ok["allowed"] == pytest.approx(2 * 2 ** -8 * 2.0) and ok["within_tolerance"]
     assert not g.kernel_check_summary(line.format(16, 0.5))["within_tolerance"]  # a wrong attention
     assert g.kernel_check_summary("no check lines") is None
