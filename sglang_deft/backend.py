@@ -81,8 +81,8 @@ from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter
 from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner, StepPlan
 from sglang_deft import tree_attention
-from sglang_deft.tree_attention import (empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step, plan_limits,
-                                        plan_step, run_layer, window_plan_limits, with_padding_queries)
+from sglang_deft.tree_attention import (PlanLimits, empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step,
+                                        plan_limits, plan_step, run_layer, window_plan_limits, with_padding_queries)
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -285,9 +285,11 @@ class DeftAttnBackend(AttentionBackend):
             # After a refused graph plan, or one the step planner just refused, not under the limits again:
             # it refuses only trees past the limits (its buffers take every row count and KV token below
             # them), and padding rows add no items or partials, so they would refuse it again.
+            why = ("its CUDA-graph plan was refused for them" if refused is not None and not window_refused else
+                   "the plan buffers refused it" if tried else None)
             plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
-                             self.head_dim, self.kv_dtype, self.device, self.plan_limits, self.planner,
-                             past_limits=refused is not None or tried)
+                             self.head_dim, self.kv_dtype, self.device, self._eager_limits(rows, self.plan_limits),
+                             self.planner, refused=why)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
         window_plan = check_window_tree = window_counts = window_steady = None
         if self.window_tokens is not None:
@@ -317,7 +319,7 @@ class DeftAttnBackend(AttentionBackend):
         """The step's sliding-window plan, its (attended, unique) tokens, its (unpadded) window tree (None on a
         steady step) and its steady flag (None: not in the window buffers): by the window step planner into the
         window buffers when ``buffers`` and it fits them, else in buffers of its own (or the tree itself, on the
-        reference path); ``past_limits``: the buffers already refused it."""
+        reference path); ``past_limits``: its CUDA-graph plan was refused."""
         if buffers:
             step = self.window_step_planner.plan(reqs, seq_lens, rows)
             if step is not None:
@@ -326,10 +328,17 @@ class DeftAttnBackend(AttentionBackend):
             self.window_step_planner.invalidate()
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
         # The buffers refuse only trees past the limits (as the full plan's), so not under them again.
+        why = ("the plan buffers refused it" if buffers else
+               "its CUDA-graph plan was refused for them" if past_limits else None)
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
-                         self.kv_dtype, self.device, self.window_plan_limits, self.planner,
-                         past_limits=buffers or past_limits)
+                         self.kv_dtype, self.device, self._eager_limits(rows, self.window_plan_limits), self.planner,
+                         refused=why, kind="sliding-window layers")
         return plan, _counts(built), built, None
+
+    def _eager_limits(self, rows: int, limits: PlanLimits) -> PlanLimits | None:
+        """The limits an eager step's own plan keeps: the server's, unless the batch is larger than the plan buffers
+        (``--cuda-graph-max-bs``): no graph replays it, and limits sized for smaller batches would not hold it."""
+        return None if rows > self.max_bs else limits
 
     def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool,
                 window: tuple[int, int] | None) -> None:

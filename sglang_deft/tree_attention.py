@@ -115,32 +115,37 @@ def graph_batch_sizes(cuda_graph_bs: list[int] | None, max_requests: int, multip
     return sorted(size for size in sizes if size % multiple == 0 and size <= max_requests)
 
 
-_warned_unlimited = False
+# The plans whose past-limits warning was logged (once each: "full layers", "sliding-window layers").
+_warned_unlimited: set[str] = set()
 
 
 def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-              device: torch.device, limits: PlanLimits, planner: TreeDecodePlanner | None = None,
-              past_limits: bool = False):
+              device: torch.device, limits: PlanLimits | None, planner: TreeDecodePlanner | None = None,
+              refused: str | None = None, kind: str = "full layers"):
     """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
     take: a batch past their size, a tree past the limits), or its ``ReferencePlan`` on the reference
     path. ``tree``: node/query metadata on the host. ``planner``: the server's
-    ``TreeDecodePlanner`` (it reuses its host buffers; same result as a fresh plan). ``past_limits``:
-    the caller already knows the tree is past ``limits`` (its graph plan was refused for them)."""
+    ``TreeDecodePlanner`` (it reuses its host buffers; same result as a fresh plan). ``limits``: the server's,
+    None for a batch larger than the plan buffers (no graph replays it, so no graph's chunking to keep: it is
+    planned as it comes, without a warning). ``refused``: why the caller already knows the tree is past
+    ``limits`` (its CUDA-graph plan or the plan buffers refused it). ``kind``: which layers' plan, for the
+    warning, logged once per kind."""
     if not use_triton_kernels(device):
         return plan_reference(tree, device)
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
-    reason = "its CUDA-graph plan was refused for them"
-    if not past_limits:
-        try:
-            # Under the server's limits: the chunking is the one the fixed buffers would get.
-            return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
-        except PlanCapacityError as exc:
-            reason = exc
-    global _warned_unlimited
-    if not _warned_unlimited:
-        _warned_unlimited = True
-        logger.warning("deft: a decode step of %d requests exceeds the plan limits %s (%s); such steps are "
-                       "planned without limits (and run without CUDA graphs)", tree.num_queries, limits, reason)
+    if limits is not None:
+        reason = refused
+        if refused is None:
+            try:
+                # Under the server's limits: the chunking is the one the fixed buffers would get.
+                return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
+            except PlanCapacityError as exc:
+                reason = str(exc)
+        if kind not in _warned_unlimited:
+            _warned_unlimited.add(kind)
+            logger.warning("deft: a decode step of %d rows exceeds the %s' plan limits %s (%s); such steps are "
+                           "planned without limits (and run without CUDA graphs)", tree.num_queries, kind, limits,
+                           reason)
     return plan_tree_decode(tree, num_qo_heads, num_kv_heads, head_dim, device, kv_dtype=kv_dtype,
                             graph_batch_sizes=planner.graph_batch_sizes)
 

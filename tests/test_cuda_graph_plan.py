@@ -167,7 +167,7 @@ def test_only_a_tree_past_the_limits_takes_the_unlimited_path(monkeypatch, caplo
     """plan_step's fallback (a plan without limits) and its one warning are for trees past the limits only:
     a malformed call was caught as well, warned about as past the limits (spending the one warning), and
     plan_graph_step took it for a tree that does not fit."""
-    monkeypatch.setattr(tree_attention, "_warned_unlimited", False)
+    monkeypatch.setattr(tree_attention, "_warned_unlimited", set())
     limits = PlanLimits(max_items=40, max_partials=48)
     graph = tree_attention.new_graph_plan(limits, 16, 512, 8, 2, 32, torch.float32, torch.device("cpu"))
     ok = make_tree([-1, 0], [9, 4], [1])
@@ -181,7 +181,7 @@ def test_only_a_tree_past_the_limits_takes_the_unlimited_path(monkeypatch, caplo
         B = 12  # the caterpillar above: past the limits
         tree = make_tree([-1] + list(range(B - 1)) + list(range(B)), [20] * B + [2] * B, list(range(B, 2 * B)))
         plan_step(tree, 8, 2, 32, torch.float32, torch.device("cpu"), limits)
-        assert "a decode step of 12 requests exceeds the plan limits" in caplog.text
+        assert "a decode step of 12 rows exceeds the full layers' plan limits" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,6 +376,24 @@ def test_an_eager_step_the_step_planner_refused_is_not_scheduled_under_the_limit
     eager_step(sim, reqs, layers, kv_pool, backend, decode_forward_batch(sim, reqs, kv_pool),
                step_inputs(len(reqs), layers))  # checked against the reference
     assert tried == [3] and True not in under_limits
+
+
+@needs_interpreter
+def test_a_batch_past_the_buffers_is_planned_without_limits_or_a_warning(server_args, model_config, monkeypatch,
+                                                                       caplog):
+    """9 requests where graphs and buffers hold 8: no graph replays it, so it keeps no graph's chunking. Under limits
+    sized for 8 such ordinary batches were warned about as trees past the plan limits (with --max-running-requests
+    above --cuda-graph-max-bs, the first of them spent the one warning)."""
+    monkeypatch.setattr(tree_attention, "_warned_unlimited", set())
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    backend.plan_limits = PlanLimits(max_items=2, max_partials=64)  # a batch of 9 forks is past these
+    prompt = sim.fresh(40)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(9)])
+    with caplog.at_level(logging.WARNING, logger=tree_attention.__name__):
+        eager_step(sim, reqs, layers, kv_pool, backend, decode_forward_batch(sim, reqs, kv_pool),
+                   step_inputs(len(reqs), layers))  # checked against the reference
+    assert "exceeds" not in caplog.text
 
 
 @needs_interpreter
