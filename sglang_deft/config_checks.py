@@ -238,13 +238,19 @@ def server_args_problems(server_args) -> list[str]:
         problems.append(f"--device {a.device}: the deft backend supports cuda and cpu")
     on_cpu = a.device == "cpu"
     cpu_prefill = backend_names(a)[1]
+    flag = "--prefill-attention-backend" if a.prefill_attention_backend else "--attention-backend"
+    amx_problem = _intel_amx_problem() if on_cpu and decode else None
     if on_cpu and decode and cpu_prefill not in (None, BACKEND_NAME, *_CPU_PREFILL_BACKENDS):
-        flag = "--prefill-attention-backend" if a.prefill_attention_backend else "--attention-backend"
+        usable = [b for b in _CPU_PREFILL_BACKENDS if b != "intel_amx" or amx_problem is None]
         problems.append(
             f"{flag} {cpu_prefill} with --device cpu: SGLang's {cpu_prefill} backend needs a GPU (the server "
-            f"died at its first prefill); on CPU use {' or '.join(_CPU_PREFILL_BACKENDS)} for prefill, or "
+            f"died at its first prefill); on CPU use {' or '.join(usable)} for prefill, or "
             f"--attention-backend {BACKEND_NAME}, which picks torch_native"
         )
+    if cpu_prefill == "intel_amx" and amx_problem is not None:
+        # SGLang falls back to torch_native without AMX only for --attention-backend intel_amx, which deft's split
+        # has made torch_native: a prefill override of intel_amx reached its backend and killed the scheduler.
+        problems.append(f"{flag} intel_amx with --device cpu: {amx_problem}; use torch_native for prefill")
     if on_cpu and a.dp_size > 1:
         problems.append(
             f"--dp-size {a.dp_size} with --device cpu: the CPU compatibility layer does not reach "
@@ -275,6 +281,13 @@ def server_args_problems(server_args) -> list[str]:
         )
     if problem := decode_impl_problem(a.device, decode):
         problems.append(problem)
+    if decode:  # read by the scheduler when it makes the backend, after the model loaded
+        from .kernel_check import verify_every
+
+        try:
+            verify_every()
+        except ValueError as e:
+            problems.append(str(e))
     cuda_graphs = not on_cpu and not a.disable_cuda_graph
     if decode and cuda_graphs and os.environ.get("SGLANG_DEFT_DECODE_IMPL") == "reference":
         problems.append(
@@ -283,6 +296,16 @@ def server_args_problems(server_args) -> list[str]:
             "--disable-cuda-graph or use the Triton kernels (the default on CUDA)"
         )
     return problems
+
+
+def _intel_amx_problem() -> str | None:
+    """Why SGLang's intel_amx backend cannot run here (None if it can): it calls sgl_kernel's native CPU ops."""
+    if cpu_compat.is_installed():
+        return ("SGLang's intel_amx backend calls sgl_kernel's native CPU ops, which this install lacks (deft's CPU "
+                "compatibility layer stands in for sgl_kernel)")
+    from sglang.srt.utils.common import cpu_has_amx_support
+
+    return None if cpu_has_amx_support() else "SGLang's intel_amx backend needs a CPU with Intel AMX, which this lacks"
 
 
 def _cpp_radix_tree() -> bool:

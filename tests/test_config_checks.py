@@ -447,6 +447,27 @@ def test_triton_kernels_on_a_cpu_refuse_a_bf16_model(deft_args, monkeypatch):
     assert model_config_problems(bf16, deft_args) == []
 
 
+def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_launch(deft_args, monkeypatch):
+    """An intel_amx prefill beside deft reached SGLang's intel_amx backend, whose native ops this CPU install lacks
+    (SGLang falls back to torch_native only for --attention-backend intel_amx, which deft's split had replaced); a
+    malformed SGLANG_DEFT_VERIFY_EVERY failed only when the scheduler made the backend."""
+    from sglang_deft import cpu_compat
+
+    monkeypatch.setattr(cpu_compat, "is_installed", lambda: True)
+    amx = with_(deft_args, prefill_attention_backend="intel_amx")
+    assert server_args_problems(amx) == [
+        "--prefill-attention-backend intel_amx with --device cpu: SGLang's intel_amx backend calls sgl_kernel's native "
+        "CPU ops, which this install lacks (deft's CPU compatibility layer stands in for sgl_kernel); use torch_native "
+        "for prefill"]
+    [gpu_prefill] = server_args_problems(with_(deft_args, prefill_attention_backend="flashinfer"))
+    assert "on CPU use torch_native for prefill" in gpu_prefill  # not intel_amx, which cannot run either
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "often")
+    assert server_args_problems(deft_args) == [
+        "SGLANG_DEFT_VERIFY_EVERY='often': expected a number of decode steps >= 0 (0 turns the check off)"]
+    plain = with_(deft_args, attention_backend="torch_native", decode_attention_backend=None)
+    assert server_args_problems(plain) == []  # not a deft server: not its variable
+
+
 def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
     """Its nodes are opaque to Python: the first decode step would have raised in the scheduler."""
     monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")
