@@ -372,6 +372,7 @@ def model_config_problems(model_config, server_args) -> list[str]:
     """Problems of the model (SGLang's ``ModelConfig``); empty when deft is not selected."""
     if not any(deft_roles(server_args)):
         return []
+    import torch
     from sglang.srt.configs.model_config import AttentionArch
 
     arch = ",".join(model_config.hf_config.architectures or ["?"])
@@ -398,6 +399,11 @@ def model_config_problems(model_config, server_args) -> list[str]:
         problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
     if problem := _interpreter_dtype_problem(model_config.dtype, server_args.device, deft_roles(server_args)[0]):
         problems.append(problem)
+    if (deft_roles(server_args)[0] and server_args.kv_cache_dtype in ("bf16", "bfloat16")
+            and model_config.dtype != torch.bfloat16):
+        # Known here, before the weights load (model_runner_problems says it again in the scheduler).
+        problems.append(f"--kv-cache-dtype {server_args.kv_cache_dtype}: a torch.bfloat16 KV cache under a "
+                        f"{model_config.dtype} model; deft reads a KV cache in the model's dtype or in fp8")
     return problems
 
 

@@ -864,7 +864,7 @@ def test_a_bf16_kv_cache_under_another_model_dtype_is_refused(server_args, model
     assert model_runner_problems(runner) == [
         f"--kv-cache-dtype bf16: a torch.bfloat16 KV cache under a {model_config.dtype} model; deft reads a KV "
         "cache in the model's dtype or in fp8"]
-    runner.kv_cache_dtype = model_config.dtype
+    runner.kv_cache_dtype, runner.server_args.kv_cache_dtype = model_config.dtype, "auto"
     assert model_runner_problems(runner) == []
 
 

@@ -468,6 +468,15 @@ def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_l
     assert server_args_problems(plain) == []  # not a deft server: not its variable
 
 
+def test_a_bf16_kv_cache_under_another_dtype_is_refused_before_the_model_loads(deft_args):
+    """It was refused only by the scheduler, after the weights loaded; the model config already tells."""
+    bf16_cache = with_(deft_args, kv_cache_dtype="bf16")
+    assert model_config_problems(ModelConfig(str(MODEL), dtype="float32"), bf16_cache) == [
+        "--kv-cache-dtype bf16: a torch.bfloat16 KV cache under a torch.float32 model; deft reads a KV cache in the "
+        "model's dtype or in fp8"]
+    assert model_config_problems(ModelConfig(str(MODEL), dtype="bfloat16"), bf16_cache) == []
+
+
 def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
     """Its nodes are opaque to Python: the first decode step would have raised in the scheduler."""
     monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")
