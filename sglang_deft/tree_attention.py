@@ -7,7 +7,7 @@ slots and query indices on the device, made once per step), and each layer runs 
 PyTorch, fp32 math). With the Triton kernels it is a ``TreeDecodePlan``.
 
 Triton plans are held to the server's :class:`PlanLimits` (work items, partial results) in every
-step, eager or replayed from a CUDA graph. The limit on work items is also how the planner chunks:
+step a graph could replay (batches up to the plan buffers' size), eager or replayed. The limit on work items is also how the planner chunks:
 it coarsens chunks until they fit ``max_items``, and the chunking fixes the order in which each
 query's partials are merged. Eager steps and graph replays planned under the same limits therefore
 launch the same work items with the same merge lists, and their outputs are bitwise equal. Stage 2's
