@@ -98,6 +98,11 @@ main() {
   export PYTHONPATH="$OVERLAY:${PYTHONPATH:-}"
   COMMIT=${DEFT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
   export DEFT_COMMIT=$COMMIT
+  # The card in result file names (kernels_<tag>.json, e2e_<tag>.json): h200, h100, ... as nvidia-smi names it. A loan
+  # asked as an H200 may come as an H100, whose files were named h200 all the same.
+  GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | grep -oE '\b[A-Z][0-9]{2,4}\b' | head -1 \
+            | tr '[:upper:]' '[:lower:]')
+  GPU_TAG=${GPU_TAG:-cuda}
   (cd "$OVERLAY" && python3 - <<'EOF') || { say "preflight failed"; return 2; }
 import importlib.metadata as md, subprocess, sys
 import torch, triton, sglang_deft.kernels, sglang_deft.patches
@@ -139,7 +144,7 @@ phase_low_concurrency() {
   local rc_bench rc_sweep t
   t=$SECONDS
   timeout -k 10 $(( $(left) - 150 )) python3 benchmarks/bench_kernels.py --cases low_concurrency \
-      --tag h200_low_concurrency --out "$OUT" --commit "$COMMIT"
+      --tag "${GPU_TAG}_low_concurrency" --out "$OUT" --commit "$COMMIT"
   rc_bench=$?
   say "bench_kernels rc=$rc_bench in $((SECONDS - t))s"
   t=$SECONDS
@@ -172,11 +177,11 @@ phase_kernels() {
   local bench_s=$(( $(left) - 20 ))
   if [ "$bench_s" -lt 60 ]; then say "no time left for the benchmark"; return 1; fi
   t=$SECONDS
-  timeout -k 10 "$bench_s" python3 benchmarks/bench_kernels.py --out "$OUT" --commit "$COMMIT"
+  timeout -k 10 "$bench_s" python3 benchmarks/bench_kernels.py --out "$OUT" --commit "$COMMIT" --tag "$GPU_TAG"
   rc_bench=$?
   say "bench_kernels rc=$rc_bench in $((SECONDS - t))s (limit ${bench_s}s; 124: cut, JSON keeps what it measured)"
-  if [ -f "$OUT/kernels_h200.json" ] && [ "$(left)" -gt 15 ]; then
-    timeout 15 python3 benchmarks/plot_kernels.py "$OUT/kernels_h200.json" -o "$OUT/kernels_h200.png" \
+  if [ -f "$OUT/kernels_$GPU_TAG.json" ] && [ "$(left)" -gt 15 ]; then
+    timeout 15 python3 benchmarks/plot_kernels.py "$OUT/kernels_$GPU_TAG.json" -o "$OUT/kernels_$GPU_TAG.png" \
       || say "plot skipped"
   fi
   [ "$rc_pytest" -eq 0 ] && [ "$rc_bench" -eq 0 ]
@@ -246,7 +251,7 @@ EOF
 
 phase_bench_e2e() {
   # Files back: e2e_<tag>.json, e2e_<tag>.md, e2e_<tag>.png, bench_e2e_logs.tar.gz, session_bench-e2e.log.
-  local logs=/tmp/bench_e2e_logs tag=${BENCH_E2E_TAG:-h200} rc budget t=$SECONDS
+  local logs=/tmp/bench_e2e_logs tag=${BENCH_E2E_TAG:-$GPU_TAG} rc budget t=$SECONDS
   rm -rf "$logs" && mkdir -p "$logs"
   budget=$(( $(left) - 45 ))  # leaves time for the cleanup, the plot and the log bundle
   say "bench_e2e.py --budget-s $budget"
