@@ -703,9 +703,7 @@ class Report:
     def save(self, clock) -> None:
         self.data["wall_s"] = round(clock.elapsed(), 1)
         for path, text in ((self.json_path, json.dumps(self.data, indent=2)), (self.md_path, markdown(self.data))):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            gpu_e2e.write_replacing(path, text)
 
 
 def versions() -> dict:

@@ -36,13 +36,23 @@ def path_nodes(tree: KVTree) -> list[list[int]]:
     return paths
 
 
+def _slot_range(kv_indices: torch.Tensor) -> tuple[int, int] | None:
+    """(lowest, highest) slot id of ``kv_indices``; None when empty."""
+    return (int(kv_indices.min()), int(kv_indices.max())) if kv_indices.numel() else None
+
+
+def _check_slot_range(slot_range: tuple[int, int] | None, num_slots: int) -> None:
+    """Every slot must index one of the buffers' ``num_slots``: torch would take a negative id from the end of the
+    buffer without a word. Names the lowest slot if it is negative, else the highest."""
+    if slot_range is not None and (slot_range[0] < 0 or slot_range[1] >= num_slots):
+        bad = slot_range[0] if slot_range[0] < 0 else slot_range[1]
+        raise ValueError(f"KVTree.kv_indices holds slot {bad}, outside the KV buffers' {num_slots} slots")
+
+
 def _slots(tree: KVTree, num_slots: int, device: torch.device) -> torch.Tensor:
-    """``tree.kv_indices`` as int64 on ``device``, each checked to index one of the buffers' ``num_slots``
-    slots: torch would take a negative id from the end of the buffer without a word."""
+    """``tree.kv_indices`` as int64 on ``device``, each checked to index one of the buffers' ``num_slots`` slots."""
     kv_indices = tree.kv_indices.to(device).long()
-    if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= num_slots):
-        bad = kv_indices[(kv_indices < 0) | (kv_indices >= num_slots)]
-        raise ValueError(f"KVTree.kv_indices holds slot {int(bad[0])}, outside the KV buffers' {num_slots} slots")
+    _check_slot_range(_slot_range(kv_indices), num_slots)
     return kv_indices
 
 
@@ -81,7 +91,7 @@ def plan_reference(tree: KVTree, device: torch.device | str) -> ReferencePlan:
     """The step's ``ReferencePlan`` (reads ``kv_indices`` on the host once: it synchronises on a GPU)."""
     indptr = tree.node_indptr.tolist()
     kv_indices = tree.kv_indices.to(device).long()
-    slot_range = (int(kv_indices.min()), int(kv_indices.max())) if kv_indices.numel() else None
+    slot_range = _slot_range(kv_indices)
     users: dict[int, list[int]] = {}
     for b, path in enumerate(path_nodes(tree)):
         for node in path:
@@ -106,10 +116,7 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
     device = q.device
     if isinstance(plan, KVTree):
         plan = plan_reference(plan, device)
-    num_slots = k_buffer.shape[0]
-    if plan.slot_range is not None and (plan.slot_range[0] < 0 or plan.slot_range[1] >= num_slots):
-        bad = plan.slot_range[0] if plan.slot_range[0] < 0 else plan.slot_range[1]
-        raise ValueError(f"KVTree.kv_indices holds slot {bad}, outside the KV buffers' {num_slots} slots")
+    _check_slot_range(plan.slot_range, k_buffer.shape[0])
 
     m = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=device)  # running max
     s = torch.zeros(B, Hq, dtype=torch.float32, device=device)  # running sum of exp

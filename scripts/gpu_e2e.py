@@ -1033,6 +1033,14 @@ def parse_args(argv=None):
     return args
 
 
+def write_replacing(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a file beside it and a rename: a kill mid-write (gpu_session.sh's timeout -k)
+    leaves the last whole file, not a truncated one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the servers
 
@@ -1078,11 +1086,8 @@ def main(argv=None) -> int:
     out_json = args.out / "gpu_e2e.json"
 
     def save():
-        # Written beside and renamed: a kill mid-write (gpu_session.sh's timeout -k) leaves the last whole report.
         report["wall_s"] = round(clock.elapsed(), 1)
-        tmp = out_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out_json)
+        write_replacing(out_json, json.dumps(report, indent=2))
 
     fleet = Fleet(env, cwd, log_dir, clock)
     runs: dict[str, ModelRun] = {}

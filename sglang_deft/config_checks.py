@@ -239,7 +239,9 @@ def server_args_problems(server_args) -> list[str]:
     on_cpu = a.device == "cpu"
     cpu_prefill = backend_names(a)[1]
     flag = "--prefill-attention-backend" if a.prefill_attention_backend else "--attention-backend"
-    amx_problem = _intel_amx_problem() if on_cpu and decode else None
+    # (asked only where a prefill backend other than torch_native is named: it imports SGLang's CPU probe)
+    amx_problem = (_intel_amx_problem() if on_cpu and decode and cpu_prefill not in (None, BACKEND_NAME, "torch_native")
+                   else None)
     if on_cpu and decode and cpu_prefill not in (None, BACKEND_NAME, *_CPU_PREFILL_BACKENDS):
         usable = [b for b in _CPU_PREFILL_BACKENDS if b != "intel_amx" or amx_problem is None]
         problems.append(
@@ -399,12 +401,24 @@ def model_config_problems(model_config, server_args) -> list[str]:
         problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
     if problem := _interpreter_dtype_problem(model_config.dtype, server_args.device, deft_roles(server_args)[0]):
         problems.append(problem)
-    if (deft_roles(server_args)[0] and server_args.kv_cache_dtype in ("bf16", "bfloat16")
-            and model_config.dtype != torch.bfloat16):
-        # Known here, before the weights load (model_runner_problems says it again in the scheduler).
-        problems.append(f"--kv-cache-dtype {server_args.kv_cache_dtype}: a torch.bfloat16 KV cache under a "
-                        f"{model_config.dtype} model; deft reads a KV cache in the model's dtype or in fp8")
+    # Known here, before the weights load (model_runner_problems says it again in the scheduler): the flag's one
+    # dtype that is neither fp8 nor necessarily the model's.
+    if deft_roles(server_args)[0] and server_args.kv_cache_dtype in ("bf16", "bfloat16") and (
+            problem := _kv_dtype_problem(f"--kv-cache-dtype {server_args.kv_cache_dtype}", torch.bfloat16,
+                                         model_config.dtype)):
+        problems.append(problem)
     return problems
+
+
+def _kv_dtype_problem(source: str, kv_dtype, model_dtype) -> str | None:
+    """A KV cache in ``kv_dtype`` (from ``source``: a flag or the checkpoint) that deft cannot read under a model in
+    ``model_dtype``; None when it can."""
+    from .kernels.tree_decode import reads_kv_dtype
+
+    if reads_kv_dtype(kv_dtype, model_dtype):
+        return None
+    return (f"{source}: a {kv_dtype} KV cache under a {model_dtype} model; deft reads a KV cache in the model's dtype "
+            "or in fp8")
 
 
 def _interpreter_dtype_problem(dtype, device: str, decode: bool) -> str | None:
@@ -448,7 +462,7 @@ def model_runner_problems(model_runner) -> list[str]:
     """Problems of the loaded model's attention layers and runner state."""
     import torch
 
-    from .kernels.tree_decode import FP8_KV_DTYPES, kv_dtype_unsupported_on, reads_kv_dtype
+    from .kernels.tree_decode import FP8_KV_DTYPES, kv_dtype_unsupported_on
 
     problems = server_args_problems(model_runner.server_args)
     problems += model_config_problems(model_runner.model_config, model_runner.server_args)
@@ -459,9 +473,8 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
     kv_dtype, model_dtype = model_runner.kv_cache_dtype, model_runner.model_config.dtype
     kv_flag = _kv_cache_dtype_source(model_runner)
-    if kv_dtype is not None and not reads_kv_dtype(kv_dtype, model_dtype):
-        problems.append(f"{kv_flag}: a {kv_dtype} KV cache under a {model_dtype} model; deft reads a KV cache in "
-                        "the model's dtype or in fp8")
+    if kv_dtype is not None and (problem := _kv_dtype_problem(kv_flag, kv_dtype, model_dtype)):
+        problems.append(problem)
     elif kv_dtype is not None and (reason := kv_dtype_unsupported_on(kv_dtype, torch.device(model_runner.device))):
         problems.append(f"{kv_flag}: deft cannot read {reason}")
     a = model_runner.server_args

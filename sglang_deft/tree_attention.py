@@ -7,12 +7,12 @@ slots and query indices on the device, made once per step), and each layer runs 
 PyTorch, fp32 math). With the Triton kernels it is a ``TreeDecodePlan``.
 
 Triton plans are held to the server's :class:`PlanLimits` (work items, partial results) in every
-step a graph could replay (batches up to the plan buffers' size), eager or replayed. The limit on work items is also how the planner chunks:
-it coarsens chunks until they fit ``max_items``, and the chunking fixes the order in which each
-query's partials are merged. Eager steps and graph replays planned under the same limits therefore
-launch the same work items with the same merge lists, and their outputs are bitwise equal. Stage 2's
-launch shape is chosen against a threshold that is one of the captured batch sizes
-(:func:`graph_batch_sizes`), so it is the same for a batch and the graph size it is padded to.
+step a graph could replay (batches up to the plan buffers' size), eager or replayed. The limit on work
+items is also how the planner chunks: it coarsens chunks until they fit ``max_items``, and the chunking
+fixes the order in which each query's partials are merged. Eager steps and graph replays planned under
+the same limits therefore launch the same work items with the same merge lists, and their outputs are
+bitwise equal. Stage 2's launch shape is chosen against a threshold that is one of the captured batch
+sizes (:func:`graph_batch_sizes`), so it is the same for a batch and the graph size it is padded to.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 
 from sglang_deft.config_checks import decode_impl
 from sglang_deft.kernels import (KVTree, PlanCapacity, PlanCapacityError, ReferencePlan, TreeDecodePlan,
-                                 TreeDecodePlanner, plan_reference, plan_tree_decode, tree_decode, tree_decode_reference)
+                                 TreeDecodePlanner, plan_reference, plan_tree_decode, tree_decode,
+                                 tree_decode_reference)
 from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
 
 logger = logging.getLogger(__name__)
