@@ -61,7 +61,7 @@ servers idle (``--sleep-on-idle``); all repetition-1 runs come before any repeti
 skips what would not finish in time (``skipped`` in the JSON). Measured on the H200: startup with
 FlashInfer's JIT 107-146 s, warm-ups ~10 s, each repetition of all cases ~1 min, stop 2 s (~4 min in all).
 
-Writes ``$OUT/e2e_<tag>.json`` and ``$OUT/e2e_<tag>.md`` (tag ``h200``, ``cpu`` with ``--device cpu``) after
+Writes ``$OUT/e2e_<tag>.json`` and ``$OUT/e2e_<tag>.md`` (tag: the GPU's, ``h200``, ``h100`` ...; ``cpu`` with ``--device cpu``) after
 every measurement, so a killed run keeps what it measured; server logs and process-group ids
 (``server_pgids.txt``, for the session script's cleanup) under ``--log-dir``. Exits 1 unless every case
 has a good run on every backend (``complete``; a skipped second repetition alone does not count).
@@ -104,6 +104,14 @@ def _load_gpu_e2e():
 
 
 gpu_e2e = _load_gpu_e2e()
+
+
+def card_tag() -> str:
+    """benchmarks/card_tag.py's tag of this host's GPU (h200, h100, ...), loaded by file as gpu_e2e is."""
+    spec = importlib.util.spec_from_file_location("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.card_tag()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,11 +578,6 @@ def sharing(backend: str, case: Case, new_log: str) -> dict:
             "sharing_ratio_source": "theoretical (case shape)" if ratio else None}
 
 
-def server_info(url: str) -> dict:
-    with urllib.request.urlopen(f"{url}/server_info", timeout=30) as r:
-        return json.loads(r.read())
-
-
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
@@ -776,7 +779,7 @@ class Bench:
         model, backend = key
         try:
             launched = self.wait_ready(key, launched)
-            info = server_info(launched.server.url)
+            info = launched.server.server_info()
             start = time.monotonic()
             # the timed runs' own path (prefix cached, then the streamed batch), on a smaller fork
             measure_batch(launched.server, backend, WARMUP[self.device][model], MODELS[self.device][model].id_range,
@@ -871,12 +874,28 @@ class Bench:
         self.save()
 
 
+def data_parallel_size(launcher_args: str | None) -> int:
+    """The DP size that SGLang's launcher would take from ``launcher_args`` (its last --dp-size / --dp /
+    --data-parallel-size, as ``--flag N`` or ``--flag=N``); 1 without one."""
+    size, words = 1, shlex.split(launcher_args or "")
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag in ("--dp-size", "--dp", "--data-parallel-size"):
+            value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
+            try:
+                size = int(value)
+            except ValueError:
+                raise SystemExit(f"{flag} needs a number, got {value!r} in {launcher_args!r}") from None
+    return size
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="End-to-end decode throughput: deft vs SGLang's flashinfer and "
                                             "triton decode backends, same requests")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
-    p.add_argument("--tag", default=None, help="file names e2e_TAG.* (default h200; cpu with --device cpu)")
+    p.add_argument("--tag", default=None, help="file names e2e_TAG.* (default: the GPU's, h200 or h100 ..., as nvidia-smi names "
+                                                  "it; cpu with --device cpu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of the whole flow on SGLang's CPU engine (needs --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the tiny model only")
@@ -894,14 +913,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.smoke:
         p.error("--device cpu runs the smoke shapes only: add --smoke")
-    args.tag = args.tag or ("h200" if args.device == "cuda" else "cpu")
+    args.tag = args.tag or (card_tag() if args.device == "cuda" else "cpu")
     args.backends = args.backends.split(",") if args.backends else list(BACKENDS[args.device])
     args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
     for backend in ("deft", "flashinfer", "triton", "torch_native"):
         given = getattr(args, f"{backend}_args")
         if given is not None:
             args.backend_args[backend] = given
-        if any(a.split("=", 1)[0] in ("--dp-size", "--dp", "--data-parallel-size") for a in shlex.split(given or "")):
+        if data_parallel_size(given) > 1:
             # Each DP scheduler logs its own share of the batch: no decode line would show the case's batch.
             p.error(f"--{backend.replace('_', '-')}-args with data parallelism: each DP rank logs only its share of "
                     "the batch, which this benchmark's figures (SGLang's decode lines of the whole batch) cannot use")

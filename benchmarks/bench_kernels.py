@@ -3,7 +3,7 @@ decode kernel, with the byte and FLOP floors, on one GPU.
 
     python benchmarks/bench_kernels.py --out $OUT [--commit SHA] [--quick] [--cases p4k_16,spec]
 
-Writes ``$OUT/kernels_<tag>.json`` (tag ``h200`` by default) and ``$OUT/kernels_<tag>.md``, rewritten
+Writes ``$OUT/kernels_<tag>.json`` (tag: the GPU's, ``h200``, ``h100`` ...) and ``$OUT/kernels_<tag>.md``, rewritten
 after every measurement so a crash keeps what was done. ``benchmarks/plot_kernels.py`` draws the PNG
 from the JSON (on any machine). Method, tolerance and layout are described in benchmarks/README.md;
 the short version:
@@ -49,18 +49,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _load_trees():
+def _load_sibling(stem: str):
     # By file, so the benchmark runs as a script from anywhere; shared with tests that load it first.
-    if "deft_bench_trees" in sys.modules:
-        return sys.modules["deft_bench_trees"]
-    spec = importlib.util.spec_from_file_location("deft_bench_trees", HERE / "trees.py")
+    name = f"deft_bench_{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{stem}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-T = _load_trees()
+T = _load_sibling("trees")
 
 
 def _kernels():
@@ -582,7 +583,8 @@ def parse_args(argv=None):
                     help="output folder (default $OUT, else ./bench_kernels_out; results to commit are copied to "
                          "benchmarks/results by hand)")
     ap.add_argument("--tag", default=None,
-                    help="file name tag: kernels_<tag>.json/.md (default h200 on CUDA, cpu with --device cpu)")
+                    help="file name tag: kernels_<tag>.json/.md (default: the GPU's, h200 or h100 ..., as nvidia-smi "
+                         "names it; cpu with --device cpu)")
     ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT/$GIT_COMMIT, else git)")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six), "
@@ -856,7 +858,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--device {args.device}, but torch sees no CUDA device here; for a CPU smoke run pass "
                          "--device cpu --dtype float16 with TRITON_INTERPRET=1 (benchmarks/README.md)")
     if args.tag is None:
-        args.tag = "h200" if want_cuda else "cpu"
+        args.tag = _load_sibling("card_tag").card_tag() if want_cuda else "cpu"
     isolated = not args.child and (args.isolate == "yes" or (args.isolate == "auto" and want_cuda))
     device = torch.device(args.device)  # (an isolating parent never touches it: no context next to the child's)
     dtype = getattr(torch, args.dtype)

@@ -71,7 +71,7 @@ def plot(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="?", type=Path, default=HERE / "results" / "e2e_h200.json")
     p.add_argument("-o", "--out", type=Path, default=None, help="default: the JSON's name with .png")
     args = p.parse_args(argv)

@@ -20,7 +20,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, connect, format_tree, generated, one_line, temperature_arg  # noqa: E402,F401 (one_line: for the demo)
+from tree_view import Node, check_branch, connect, format_tree, generated, one_line, temperature_arg  # noqa: E402,F401 (one_line: for the demo)
 
 QUESTION = (
     "A farmer has 17 sheep, a dog and two fields. Every morning he moves half of the sheep from "
@@ -58,9 +58,8 @@ def tree_of_thought(s, question, widths=(2, 2), max_tokens=8, temp=0.0):
             # often not committed and concurrent branches prefill private copies of it). The
             # wait is for this state alone: the other states of this level keep decoding.
             state.sync()
-            if state.error() is not None:
-                # A failed gen ends the branch's worker thread, and fork() would wait for it forever.
-                generated(state, f"level{level - 1}")  # raises with the server's error
+            # A failed gen ends the branch's worker thread, and fork() would wait for it forever.
+            check_branch(state)
             for i, f in enumerate(state.fork(width)):
                 label = f"{path}{i + 1}"
                 angle = angles[i % len(angles)]

@@ -59,11 +59,17 @@ def format_tree(root: Node, width: int = 72) -> str:
     return "\n".join(lines)
 
 
-def generated(state, var: str) -> str:
-    """The text a branch generated into ``var``; raises if the branch's generation failed."""
+def check_branch(state) -> None:
+    """Raises the server's error if any generation of this branch failed. (sglang.lang keeps one error per
+    state, not which of its gens it came from.)"""
     err = state.error()
     if err is not None:
-        raise RuntimeError(f"generation of {var!r} failed: {err!r}") from err
+        raise RuntimeError(f"a generation in this branch failed: {err!r}") from err
+
+
+def generated(state, var: str) -> str:
+    """The text a branch generated into ``var``; raises if a generation of the branch failed."""
+    check_branch(state)
     return state[var]
 
 

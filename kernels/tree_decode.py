@@ -357,13 +357,28 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != device:
         raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} with a contiguous last dimension on "
                          f"{device}; got {tuple(out.shape)} {out.dtype}, strides {out.stride()}, on {out.device}")
-    elif not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:  # e.g. expanded: rows overwrite
-        raise ValueError(f"out has rows that share memory (strides {out.stride()}): each (query, head) needs its own")
+    elif not out.is_contiguous() and not _elements_apart(out):  # e.g. expanded: rows would overwrite each other
+        raise ValueError(f"out's strides {out.stride()} for shape {tuple(out.shape)} may let (query, head) rows share "
+                         "memory: each needs its own (pass a contiguous out, or a slice of one)")
     _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
     launch_stage2(plan, out, v_scale)
     return out
+
+
+def _elements_apart(t: torch.Tensor) -> bool:
+    """Whether no two elements of ``t`` can share memory, by a layout test that holds for every slice of a contiguous
+    tensor: with the dims of size > 1 taken by increasing stride, each stride must pass the farthest element the
+    smaller dims reach. torch's own overlap check proves only simple cases (a stride of 0) and cannot tell a row that
+    starts inside the one before it. A layout that interleaves its dims fails this test even where it would not
+    overlap; tree_decode's callers pass none."""
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
 
 
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"

@@ -18,12 +18,16 @@ Writes $OUT/graph_bitwise.json and each server's deft/batch log lines ($OUT/<ser
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
 import re
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # --help before the test module's import, which skips without a GPU
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

@@ -98,11 +98,9 @@ main() {
   export PYTHONPATH="$OVERLAY:${PYTHONPATH:-}"
   COMMIT=${DEFT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
   export DEFT_COMMIT=$COMMIT
-  # The card in result file names (kernels_<tag>.json, e2e_<tag>.json): h200, h100, ... as nvidia-smi names it. A loan
-  # asked as an H200 may come as an H100, whose files were named h200 all the same.
-  GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | grep -oE '\b[A-Z][0-9]{2,4}\b' | head -1 \
-            | tr '[:upper:]' '[:lower:]')
-  GPU_TAG=${GPU_TAG:-cuda}
+  # The card in result file names (kernels_<tag>.json, e2e_<tag>.json): h200, h100, ... as nvidia-smi names it (the
+  # benchmarks' own default; named here for the files this script writes beside theirs).
+  GPU_TAG=$(python3 benchmarks/card_tag.py)
   (cd "$OVERLAY" && python3 - <<'EOF') || { say "preflight failed"; return 2; }
 import importlib.metadata as md, subprocess, sys
 import torch, triton, sglang_deft.kernels, sglang_deft.patches

@@ -93,11 +93,61 @@ def test_the_tree_of_thought_asks_another_question_each_repetition():
     assert b.QUESTION in b.lang_question(2)
 
 
+class LangServer:
+    """A server the tree-of-thought case runs against: its log, and what was posted to it."""
+    url = "http://127.0.0.1:1"
+
+    def __init__(self):
+        self.posts = []
+
+    def log(self):
+        return ""
+
+    def post(self, route, payload, timeout_s):
+        self.posts.append(route)
+
+
+def test_the_tree_of_thought_runs_each_repetitions_question_and_a_failed_one_is_aborted(tmp_path, monkeypatch):
+    """Through Bench.run_one: repetition 2 asked repetition 1's question (all found in the radix cache), and a run
+    that failed left its requests decoding beside the next backend's run."""
+    endpoint = type(sys)("sglang.lang.backend.runtime_endpoint")
+    endpoint.RuntimeEndpoint = lambda url: url  # no server to ask for its model
+    monkeypatch.setitem(sys.modules, "sglang.lang.backend.runtime_endpoint", endpoint)
+    monkeypatch.setattr(b, "settled_log", lambda server, **wait: "")
+    asked = []
+
+    class Program:
+        def run(self, question, widths, max_tokens, backend):
+            asked.append(question)
+            if len(asked) == 3:
+                raise TimeoutError("a generation timed out")
+            return type("State", (), {"ret_value": [4, 4]})()
+
+    args = b.parse_args(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--backends", "deft"])
+    case = next(c for c in b.SMOKE_CASES if c.is_lang)
+    report = b.Report(tmp_path, "cpu", {"servers": {"tiny-deft": {"max_total_num_tokens": 10**6}}, "cases": [],
+                                        "baseline": "deft"})
+    bench = b.Bench(args, [case], report, None, b.gpu_e2e.Clock())
+    monkeypatch.setattr(bench, "save", lambda: None)
+    bench.program, server = Program(), LangServer()
+    bench.servers[("tiny", "deft")] = server
+    entry = bench.case_entry(case)
+    for rep in (1, 2, 3):
+        bench.run_one(case, "deft", rep, entry)
+    assert asked == [b.lang_question(1), b.lang_question(2), b.lang_question(3)]
+    assert [r["ok"] for r in entry["runs"]["deft"]] == [True, True, False]
+    assert server.posts == ["/abort_request"]  # after the failed run only
+
+
 def test_data_parallel_servers_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        b.parse_args(["--deft-args=--dp-size 2"])
-    assert "each DP rank logs only its share of the batch" in capsys.readouterr().err
-    assert b.parse_args(["--deft-args=--tp 2"]).backend_args["deft"] == "--tp 2"
+    for given in ("--dp-size 2", "--dp=4", "--tp 2 --data-parallel-size 2"):
+        with pytest.raises(SystemExit):
+            b.parse_args([f"--deft-args={given}"])
+        assert "each DP rank logs only its share of the batch" in capsys.readouterr().err
+    for given in ("--tp 2", "--dp-size 1", "--dp-size=1 --tp 2"):  # one DP rank is no data parallelism
+        assert b.parse_args([f"--deft-args={given}"]).backend_args["deft"] == given
+    with pytest.raises(SystemExit, match="--dp-size needs a number, got 'two'"):
+        b.parse_args(["--deft-args=--dp-size two"])
 
 
 def test_pool_fits_the_largest_case():

@@ -236,3 +236,19 @@ def test_markdown_marks_failed_and_skipped_cells_and_agrees_with_the_json():
     assert cells[:7] == ["c", "5.0", "1.0", "12.5", "30.0 ✗", "skipped", "—"]  # no correct baseline
     assert "c / flashinfer_decode: output check failed (finite: True, max rel err 1.20e-01" in md
     assert "c / sglang_triton: skipped: cannot express it" in md
+
+
+def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
+    """An H100 loan asked for as an H200 wrote kernels_h200.json: the default tag is now the card's."""
+    tags = BENCH._load_sibling("card_tag")
+    assert [tags.tag_from_name(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB",
+                                            "NVIDIA GeForce RTX 4090")] == ["h100", "h200", "a100", None]
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert tags.card_tag() == "h100"
+    smi.write_text("#!/bin/sh\nexit 9\n")  # a host whose driver is gone: the generic tag, not a crash
+    assert tags.card_tag() == "cuda"
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert tags.card_tag() == "cuda"

@@ -117,6 +117,12 @@ def test_matches_grouped_pytorch_path():
     out, _, (q, k, v, plan, scale, cap) = run_case(TREES["random_forest"], 8, 2, 64, torch.float32)
     grouped = tree_decode_reference(q, k, v, TREES["random_forest"], scale, cap)
     torch.testing.assert_close(out, grouped, atol=ATOL[torch.float32], rtol=0)
+    # a padded batch's extra rows get zeros, as from tree_decode; a q short of the plan's queries is refused
+    padded = tree_decode_reference(torch.cat([q, q[:2]]), k, v, TREES["random_forest"], scale, cap)
+    torch.testing.assert_close(padded[:len(q)], grouped, atol=0, rtol=0)
+    assert not padded[len(q):].any()
+    with pytest.raises(ValueError, match=f"q has {len(q) - 1} rows for a plan of {len(q)} queries"):
+        tree_decode_reference(q[1:], k, v, TREES["random_forest"], scale, cap)
 
 
 # fanout_256 takes ~30 s per call in the interpreter, and its 256-query case is in test_tree_shapes;
@@ -232,10 +238,17 @@ def test_arguments_the_kernels_cannot_take_are_refused():
             tree_decode(q.to(dtype), kv.to(dtype), kv.to(dtype), plan, 0.25)
     with pytest.raises(ValueError, match=r"q must be \[queries, heads, head_dim\]"):
         tree_decode(q.view(2, 128), kv, kv, plan, 0.25)
-    with pytest.raises(ValueError, match="out has rows that share memory"):
-        tree_decode(q, kv, kv, plan, 0.25, out=torch.zeros(1, 8, 16, device=DEVICE).expand(2, 8, 16))
-    torch.testing.assert_close(tree_decode(q, kv, kv, plan, 0.25, 30.0, out=q.clone()), ref,
-                               atol=ATOL[torch.float32], rtol=0)
+    # expanded; row 1 starting inside row 0 (torch's own overlap check cannot tell that one); heads overlapping
+    flat = torch.zeros(4096, device=DEVICE)
+    for bad in (flat[:128].view(1, 8, 16).expand(2, 8, 16), flat.as_strided((2, 8, 16), (64, 16, 1)),
+                flat.as_strided((2, 8, 16), (128, 1, 1))):
+        with pytest.raises(ValueError, match="may let .query, head. rows share memory"):
+            tree_decode(q, kv, kv, plan, 0.25, out=bad)
+    # padded rows and a slice of a wider head dim are valid non-contiguous outs
+    for good in (flat.as_strided((2, 8, 16), (256, 16, 1)), torch.zeros(2, 8, 32, device=DEVICE)[..., 8:24],
+                 torch.zeros(8, 2, 16, device=DEVICE).transpose(0, 1)):
+        torch.testing.assert_close(tree_decode(q, kv, kv, plan, 0.25, 30.0, out=good), ref,
+                                   atol=ATOL[torch.float32], rtol=0)
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter's limits, on CPU tensors")
