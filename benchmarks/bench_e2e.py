@@ -894,8 +894,8 @@ def parse_args(argv=None):
                                             "triton decode backends, same requests")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
-    p.add_argument("--tag", default=None, help="file names e2e_TAG.* (default: the GPU's, h200 or h100 ..., as nvidia-smi names "
-                                                  "it; cpu with --device cpu)")
+    p.add_argument("--tag", default=None, help="file names e2e_TAG.* (default: the GPU's, h200 or h100 ..., as "
+                                               "nvidia-smi names it; cpu with --device cpu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of the whole flow on SGLang's CPU engine (needs --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the tiny model only")

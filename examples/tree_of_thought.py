@@ -20,7 +20,8 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, check_branch, connect, format_tree, generated, one_line, temperature_arg  # noqa: E402,F401 (one_line: for the demo)
+from tree_view import (Node, check_branch, connect, format_tree, generated,  # noqa: E402
+                       one_line, temperature_arg)  # noqa: F401 (one_line: for the demo)
 
 QUESTION = (
     "A farmer has 17 sheep, a dog and two fields. Every morning he moves half of the sheep from "

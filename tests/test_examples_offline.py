@@ -215,7 +215,8 @@ def test_a_failed_generation_is_raised_not_waited_for(name):
         t.start()
         t.join(60)
         assert outcome, f"{name} still waiting after 60 s"
-        assert "a generation in this branch failed" in outcome[0] and "temperature must be non-negative" in outcome[0], outcome
+        assert "a generation in this branch failed" in outcome[0], outcome
+        assert "temperature must be non-negative" in outcome[0], outcome
     finally:
         s.httpd.shutdown()
         s.httpd.server_close()
