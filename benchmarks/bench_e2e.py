@@ -621,14 +621,21 @@ def same_outputs(runs: dict[str, list[dict]], backends: tuple[str, ...], baselin
     return {"reference": reference, "requests": len(next(iter(ref.values()))), "equal": counts} if counts else None
 
 
-def tok_s_ratio(entry: dict, backend: str, other: str) -> float | None:
-    """``backend``'s decode tok/s over ``other``'s in a summarized case, by one measure: when one side has
-    SGLang's logged rate and the other only the client's, the client's figures of both; None when either is
-    missing."""
+def compared_tok_s(entry: dict, backend: str, other: str) -> tuple[float | None, float | None, bool]:
+    """(``backend``'s, ``other``'s decode tok/s, whether both are the client's) in a summarized case, by one
+    measure: when one side has SGLang's logged rate and the other only the client's, the client's figures of both."""
     mine, base = entry.get(f"{backend}_tok_s"), entry.get(f"{other}_tok_s")
     m, b = (entry.get("backends", {}).get(x, {}) for x in (backend, other))
+    client = m.get("tok_s_source") == "client"
     if m.get("tok_s_source") and b.get("tok_s_source") and m["tok_s_source"] != b["tok_s_source"]:
-        mine, base = m.get("client_tok_s"), b.get("client_tok_s")
+        mine, base, client = m.get("client_tok_s"), b.get("client_tok_s"), True
+    return mine, base, client
+
+
+def tok_s_ratio(entry: dict, backend: str, other: str) -> float | None:
+    """``backend``'s decode tok/s over ``other``'s by one measure (``compared_tok_s``); None when either is
+    missing."""
+    mine, base, _ = compared_tok_s(entry, backend, other)
     return round(mine / base, 3) if mine and base else None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_e2e import tok_s_ratio  # noqa: E402  (stdlib imports only at its top)
+from bench_e2e import compared_tok_s, tok_s_ratio  # noqa: E402  (stdlib imports only at its top)
 COLOR = {"deft": "#d62728", "flashinfer": "#1f77b4", "triton": "#2ca02c", "torch_native": "#7f7f7f"}
 LABEL = {"deft": "DeFT (ours)", "flashinfer": "SGLang flashinfer decode", "triton": "SGLang triton decode",
          "torch_native": "SGLang torch_native decode"}
@@ -40,16 +40,16 @@ def plot(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(cases) + 2), 6))
     for j, case in enumerate(cases):
         for i, backend in enumerate(backends):
-            tok_s = case.get(f"{backend}_tok_s")
-            # by one measure, as the table's ratio: both client-side where one side has only the client's
+            # by one measure, as the table's ratio: both client-side where one side has only the client's; the
+            # number on the bar is the figure its height was computed from
             ratio = tok_s_ratio(case, backend, compared)
             if ratio is None:  # missing: the markdown table says why
                 continue
+            tok_s, _, client = compared_tok_s(case, backend, compared)
             x = j - 0.4 + width * (i + 0.5)
             ax.bar(x, ratio, width, color=COLOR.get(backend, "#bcbd22"))
-            source = case["backends"][backend].get("tok_s_source")
-            ax.text(x, ratio, f"{tok_s:,.0f}{'*' if source == 'client' else ''}", ha="center",
-                    va="bottom", fontsize=7, rotation=90)
+            ax.text(x, ratio, f"{tok_s:,.0f}{'*' if client else ''}", ha="center", va="bottom", fontsize=7,
+                    rotation=90)
         if case.get("target") and compared == baseline:
             ax.hlines(case["target"], j - 0.45, j + 0.45, colors=COLOR["deft"], linestyles="dashed", linewidth=1)
     ax.axhline(1.0, color="black", linewidth=0.6)

@@ -290,6 +290,9 @@ def server_args_problems(server_args) -> list[str]:
             verify_every()
         except ValueError as e:
             problems.append(str(e))
+        if (trace := os.environ.get("SGLANG_DEFT_TRACE_PLANS", "0")) not in ("0", "1"):  # else silently no trace
+            problems.append(f"SGLANG_DEFT_TRACE_PLANS={trace!r}: expected 1 (log a fingerprint of every decode step's "
+                            "plans) or 0")
     cuda_graphs = not on_cpu and not a.disable_cuda_graph
     if decode and cuda_graphs and os.environ.get("SGLANG_DEFT_DECODE_IMPL") == "reference":
         problems.append(

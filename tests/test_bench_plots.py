@@ -127,3 +127,20 @@ def test_e2e_plot_of_a_run_without_the_baseline_is_relative_to_the_other_backend
     ax = drawn[0].axes[0]
     assert [round(h, 6) for _, h, _, _ in bars(ax)] == [3.0, 1.0]
     assert hlines(ax) == [] and ax.get_ylabel() == "decode tok/s relative to triton"
+
+
+def test_e2e_plot_labels_a_bar_with_the_figure_its_height_came_from(tmp_path, drawn):
+    """deft with SGLang's logged rate against a baseline with only the client's: the bar is the client figures'
+    ratio, and its label said deft's logged 7,000 (no *) over a bar of 6,000 / 2,000."""
+    plot = load("plot_e2e")
+    report = {"backends": ["deft", "flashinfer"], "baseline": "flashinfer", "device_mode": "cuda", "gpu": "H100",
+              "date": "2026-12-05", "commit": "abc", "cuda_graph": {"deft": True, "flashinfer": True},
+              "cases": [{"case": "prefix 4000 x 64", "target": None, "deft_tok_s": 7000.0, "flashinfer_tok_s": 2000.0,
+                         "backends": {"deft": {"tok_s_source": "server_log_median", "client_tok_s": 6000.0},
+                                      "flashinfer": {"tok_s_source": "client", "client_tok_s": 2000.0}}}]}
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps(report))
+    assert plot.main([str(path)]) == 0
+    ax = drawn[0].axes[0]
+    assert [round(h, 6) for _, h, _, _ in bars(ax)] == [3.0, 1.0]
+    assert [t.get_text() for t in ax.texts] == ["6,000*", "2,000*"]

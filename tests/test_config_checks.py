@@ -462,8 +462,10 @@ def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_l
     [gpu_prefill] = server_args_problems(with_(deft_args, prefill_attention_backend="flashinfer"))
     assert "on CPU use torch_native for prefill" in gpu_prefill  # not intel_amx, which cannot run either
     monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "often")
+    monkeypatch.setenv("SGLANG_DEFT_TRACE_PLANS", "true")  # the backend traces on "1" only: nothing was traced
     assert server_args_problems(deft_args) == [
-        "SGLANG_DEFT_VERIFY_EVERY='often': expected a number of decode steps >= 0 (0 turns the check off)"]
+        "SGLANG_DEFT_VERIFY_EVERY='often': expected a number of decode steps >= 0 (0 turns the check off)",
+        "SGLANG_DEFT_TRACE_PLANS='true': expected 1 (log a fingerprint of every decode step's plans) or 0"]
     plain = with_(deft_args, attention_backend="torch_native", decode_attention_backend=None)
     assert server_args_problems(plain) == []  # not a deft server: not its variable
 
