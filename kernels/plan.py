@@ -90,7 +90,9 @@ class PlanBuffers:
     __slots__ = ("num_queries", "max_kv_slot")
 
     def __init__(self) -> None:
-        self.num_queries = 0  # the queries of the plan written last (its device-side counts[2])
+        # The queries of the plan written last (its device-side counts[2]); None while one is being written,
+        # and after a write that failed.
+        self.num_queries: int | None = 0
         self.max_kv_slot: int | None = None  # and its TreeDecodePlan.max_kv_slot
 
 
@@ -149,6 +151,8 @@ class PlanCapacity:
     max_merge: int
 
     def __post_init__(self) -> None:
+        for name, value in vars(self).items():  # ints (numpy's too): a float reached schedule.c's ctypes call
+            object.__setattr__(self, name, operator.index(value))
         bad = {name: value for name, value in vars(self).items() if value < 0}
         if bad:
             raise ValueError(f"PlanCapacity sizes must be >= 0, got {bad}")
@@ -409,12 +413,19 @@ class TreeDecodePlanner:
                 meta, kv_indices = reuse.meta, reuse.kv_indices
                 partial_out, partial_lse = reuse.partial_out, reuse.partial_lse
                 buffers = reuse.buffers
-            buffers.num_queries, buffers.max_kv_slot = B, max_kv_slot  # from here on the buffers hold this step
-            if tree.kv_indices.data_ptr() != kv_indices.data_ptr():
-                kv_indices[:T].copy_(tree.kv_indices, non_blocking=True)
-            # else the tree was built in place (DecodeKVTreeBuilder's kv_out)
+            # Until this step is written whole, the buffers hold no step: a write that fails half-way leaves
+            # every plan of these buffers refused by tree_decode, not reading one step's slots by another's counts.
+            buffers.num_queries = buffers.max_kv_slot = None
+            src = tree.kv_indices
+            if src.data_ptr() != kv_indices.data_ptr() or not src.is_contiguous():  # else built in place (the
+                # DecodeKVTreeBuilder's kv_out); a view of these buffers laid out otherwise is copied out first
+                if src.device == kv_indices.device and (
+                        src.untyped_storage().data_ptr() == kv_indices.untyped_storage().data_ptr()):
+                    src = src.clone()
+                kv_indices[:T].copy_(src, non_blocking=True)
             # The gaps between the fields (entries past this step's sizes) are never read.
             self._upload(host, device, meta)
+            buffers.num_queries, buffers.max_kv_slot = B, max_kv_slot
         # The fields as views of meta, cut by one split (each torch call costs microseconds of host time).
         ends = (cap_b, s.o_items, s.o_items + cap_i * ITEM_FIELDS, s.o_counts, s.o_counts + 3, s.o_indptr,
                 s.o_indptr + cap_b + 1, s.o_slots, meta.numel())

@@ -317,11 +317,16 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if not type(sm_scale) is type(logit_cap) is type(k_scale) is type(v_scale) is float:  # (per layer: the cheap test)
         sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
         k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
+    if not logit_cap < float("inf"):  # (also NaN) cap x tanh(score / cap) would make every score NaN
+        raise ValueError(f"logit_cap {logit_cap}: a finite cap, or 0 for none")
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
     # which is what the kernels read.
     n = plan.buffered_queries
+    if n is None:
+        raise ValueError("the plan's buffers hold no step: the last plan written into them failed half-way; plan the "
+                         "step again (reuse= these buffers)")
     if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not n <= B <= plan.qperm.numel():
         raise ValueError(f"q has shape {tuple(q.shape)} but the plan's buffers hold a step of {n} queries (at most "
                          f"{plan.qperm.numel()} rows), {plan.num_qo_heads} heads of dim {plan.head_dim}")

@@ -246,8 +246,10 @@ def server_args_problems(server_args) -> list[str]:
         usable = [b for b in _CPU_PREFILL_BACKENDS if b != "intel_amx" or amx_problem is None]
         problems.append(
             f"{flag} {cpu_prefill} with --device cpu: SGLang's {cpu_prefill} backend needs a GPU (the server "
-            f"died at its first prefill); on CPU use {' or '.join(usable)} for prefill, or "
-            f"--attention-backend {BACKEND_NAME}, which picks torch_native"
+            f"died at its first prefill); on CPU use {' or '.join(usable)} for prefill"
+            # (an override beside --attention-backend deft is what to change: deft already picks torch_native)
+            + (", or drop --prefill-attention-backend" if a.prefill_attention_backend else
+               f", or --attention-backend {BACKEND_NAME}, which picks torch_native")
         )
     if cpu_prefill == "intel_amx" and amx_problem is not None:
         # SGLang falls back to torch_native without AMX only for --attention-backend intel_amx, which deft's split
@@ -483,6 +485,9 @@ def model_runner_problems(model_runner) -> list[str]:
     a = model_runner.server_args
     fp8_prefill = backend_names(a)[1] if kv_dtype in FP8_KV_DTYPES else None
     layers = attention_layers(model_runner.model)
+    if not layers:  # its layers' windows, caps and heads would go unchecked, and no window plan be made
+        problems.append(f"{type(model_runner.model).__name__} holds no SGLang attention layer (RadixAttention) that "
+                        "deft can find: its per-layer settings cannot be checked")
     layers_with: dict[str, list[int]] = {}  # problem -> layer ids, so 32 identical layers make one line
     for layer in layers:
         for p in _layer_problems(layer) + (_fp8_scale_problems(layer, fp8_prefill) if fp8_prefill else []):
@@ -546,10 +551,21 @@ def sliding_windows(model) -> dict[int, list[int]]:
 
 
 def attention_layers(model) -> list:
-    """The model's attention layers (SGLang's ``RadixAttention`` modules), in module order."""
+    """The model's attention layers (SGLang's ``RadixAttention`` modules), by layer id. Also those a module holds
+    in a plain dict or list: SGLang's Transformers backend (``--model-impl transformers``, and its fallback for an
+    architecture SGLang has no class for) keeps them in ``attention_instances``, a dict that ``modules()`` does not
+    walk; without them every per-layer check passed unseen and a windowed model got no window plan."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    return [module for module in model.modules() if isinstance(module, RadixAttention)]
+    found: dict[int, RadixAttention] = {}
+    for module in model.modules():
+        for value in (module, *vars(module).values()):
+            held = (value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple))
+                    else (value,))
+            for item in held:
+                if isinstance(item, RadixAttention):
+                    found.setdefault(id(item), item)
+    return sorted(found.values(), key=lambda layer: layer.layer_id)
 
 
 def _windows(layers) -> dict[int, list[int]]:

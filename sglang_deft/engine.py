@@ -13,7 +13,6 @@ from sglang_deft.server_setup import prepare_process
 _IMPORT_DEVICE = prepare_process(None)
 
 import sglang.srt.entrypoints.engine as _sglang_engine  # noqa: E402  (after prepare_process)
-from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from sglang_deft import subprocess_entry  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
@@ -31,7 +30,7 @@ class Engine(_sglang_engine.Engine):
             _check_device(device)
             split_deft_backend(kwargs, device)
             kwargs.setdefault("log_level", "error")  # SGLang's Engine default
-            kwargs = {"server_args": ServerArgs(**kwargs)}
+            kwargs = {"server_args": self.server_args_class(**kwargs)}  # SGLang's hook for a ServerArgs subclass
         else:
             _check_device(kwargs["server_args"].device)
         check_startup(kwargs["server_args"])

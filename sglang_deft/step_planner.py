@@ -163,7 +163,8 @@ class DecodeStepPlanner:
         # None past the buffers' capacity (checked before the plan's metadata is written; the KV
         # slots above may be): the caller runs the step eagerly with a plan of its own.
         plan = plan_graph_step(self.buffers, built.tree, num_queries, self.planner.kv_dtype, self.planner)
-        if plan is None:
+        if plan is None:  # the buffers' KV slots are this tree's, their counts the last step's: no step to run
+            self.buffers.buffers.num_queries = self.buffers.buffers.max_kv_slot = None
             return None
         self._state = self._steady_state(built, plan, len(reqs), seq)
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)

@@ -24,7 +24,7 @@ import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
-from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems
+from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems, sliding_windows
 from sglang_deft.kernels import KVTree, attention_reference
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 
@@ -383,6 +383,26 @@ def test_attention_sinks_are_refused_at_startup(server_args, model_config):
     runner.model.append(holder)
     assert model_runner_problems(runner) == ["attention sinks (3.sinks) are not supported: deft's softmax has no "
                                              "sink term"]
+
+
+def test_layers_held_in_a_dict_are_checked_as_the_modules_are(server_args, model_config):
+    """SGLang's Transformers backend (--model-impl transformers, and its fallback for architectures SGLang has no
+    class for) keeps its RadixAttention layers in a plain dict, attention_instances, which modules() does not walk:
+    deft found no layer, so windows, caps and heads went unchecked and a windowed model got no window plan."""
+    layers = windowed_layers(model_config, 64)
+    model = torch.nn.Module()
+    model.attention_instances = {layer.layer_id: layer for layer in reversed(layers)}
+    runner = model_runner(triton_prefill(server_args), model_config, [])
+    runner.model = model
+    assert sliding_windows(model) == {64: [layer.layer_id for layer in layers if layer.sliding_window_size == 64]}
+    args = copy.copy(triton_prefill(server_args))
+    args.prefill_attention_backend = "torch_native"
+    runner.server_args = args
+    [problem] = model_runner_problems(runner)
+    assert problem.startswith("sliding windows (64) with prefill on torch_native")
+    runner.model = torch.nn.Linear(2, 2)  # no attention layer found at all: refused, not passed unchecked
+    assert model_runner_problems(runner) == ["Linear holds no SGLang attention layer (RadixAttention) that deft can "
+                                             "find: its per-layer settings cannot be checked"]
 
 
 def test_layers_of_other_head_shapes_are_refused(server_args, model_config):

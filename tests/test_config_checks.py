@@ -460,7 +460,12 @@ def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_l
         "CPU ops, which this install lacks (deft's CPU compatibility layer stands in for sgl_kernel); use torch_native "
         "for prefill"]
     [gpu_prefill] = server_args_problems(with_(deft_args, prefill_attention_backend="flashinfer"))
-    assert "on CPU use torch_native for prefill" in gpu_prefill  # not intel_amx, which cannot run either
+    # not intel_amx, which cannot run either; not "--attention-backend deft", which was given
+    assert gpu_prefill.endswith("on CPU use torch_native for prefill, or drop --prefill-attention-backend")
+    [gpu_prefill] = server_args_problems(with_(deft_args, attention_backend="flashinfer"))
+    assert gpu_prefill.startswith("--attention-backend flashinfer with --device cpu")
+    assert gpu_prefill.endswith("on CPU use torch_native for prefill, or --attention-backend deft, which picks "
+                                "torch_native")
     monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "often")
     monkeypatch.setenv("SGLANG_DEFT_TRACE_PLANS", "true")  # the backend traces on "1" only: nothing was traced
     assert server_args_problems(deft_args) == [

@@ -50,6 +50,15 @@ SCRIPT = textwrap.dedent("""
                      decode_attention_backend="deft", grammar_backend="none", log_level="warning")
     deft_engine.Engine(server_args=own)
     result["own_args_passed_as_given"] = seen[-1] is own
+
+    class TaggedArgs(ServerArgs):  # SGLang's hook for a ServerArgs subclass: Engine.server_args_class
+        pass
+
+    class TaggedEngine(deft_engine.Engine):
+        server_args_class = TaggedArgs
+
+    TaggedEngine(model_path=model, attention_backend="deft", grammar_backend="none")
+    result["server_args_class"] = type(seen[-1]).__name__
     try:
         deft_engine.Engine(model_path=model, attention_backend="deft", enable_torch_compile=True, grammar_backend="none")
     except UnsupportedConfiguration as e:
@@ -118,9 +127,14 @@ def test_a_callers_server_args_are_passed_on_as_given(engine_args):
     assert engine_args["own_args_passed_as_given"]
 
 
+def test_a_subclass_gets_its_server_args_class(engine_args):
+    """SGLang's Engine makes its ServerArgs by ``server_args_class``; deft's Engine made a plain ServerArgs."""
+    assert engine_args["server_args_class"] == "TaggedArgs"
+
+
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
     assert "--enable-torch-compile" in engine_args.get("refused", "")
-    assert engine_args["calls"] == 3  # the refused Engine never reached SGLang's constructor
+    assert engine_args["calls"] == 4  # the refused Engine never reached SGLang's constructor
 
 
 def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_args):
@@ -132,7 +146,7 @@ def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_
 def test_device_cuda_after_a_cpu_import_is_refused_by_name(engine_args):
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_on_cpu", "")
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_args_on_cpu", "")
-    assert engine_args["calls_at_end"] == 3
+    assert engine_args["calls_at_end"] == 4
 
 
 def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from kernel_trees import make_tree, named_trees, random_forest
+import sglang_deft.kernels.plan as kernel_plan
 from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
 from sglang_deft.kernels.tree_decode import (HOPPER_CONFIG, STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage1_config,
@@ -231,6 +232,11 @@ def test_arguments_the_kernels_cannot_take_are_refused():
     # numpy scalars (SGLang's layers hold floats, but a config may hold numpy's) are taken as Python floats
     out = tree_decode(q, kv, kv, plan, np.float32(0.25), np.float32(30.0))
     torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+    with pytest.raises(ValueError, match="logit_cap inf: a finite cap, or 0 for none"):
+        tree_decode(q, kv, kv, plan, 0.25, float("inf"))
+    with pytest.raises(TypeError):  # a float size reached schedule.c's ctypes call ("wrong type")
+        PlanCapacity(4.0, 64, 32, 64, 64)
+    assert PlanCapacity(np.int64(4), 64, 32, 64, 64).max_queries == 4
     with pytest.raises(TypeError, match="sm_scale must be a Python number, not a tensor"):
         tree_decode(q, kv, kv, plan, torch.tensor(0.25, device=DEVICE))
     for dtype in (torch.int32, torch.float64):
@@ -372,6 +378,31 @@ def test_a_plan_is_checked_against_the_step_its_buffers_hold():
     q = torch.randn(2, 8, 16, device=DEVICE)
     torch.testing.assert_close(tree_decode(q, kv, kv, old, 0.25), attention_reference(q, kv, kv, same_size, 0.25),
                                atol=ATOL[torch.float32], rtol=0)
+
+
+def test_a_tree_given_as_a_view_of_the_plan_buffers_is_read_as_given(monkeypatch):
+    """reuse= with kv_indices that are a strided (or shifted) view of the reused buffers: only their address was
+    compared, so a strided view was taken as the tree built in place and the kernels read the buffer's first T
+    entries (error 0.79); a shifted one failed in copy_ after the buffers were marked as holding the new step, and
+    tree_decode then returned rows nobody wrote. A write that fails half-way now leaves the buffers refused."""
+    cap = PlanCapacity(max_queries=4, max_kv_tokens=64, max_items=32, max_partials=64, max_merge=64)
+    first_tree = one_node_tree(list(range(40)))
+    first = plan_tree_decode(first_tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32, capacity=cap)
+    kv = torch.randn(64, 2, 16, device=DEVICE)
+    q = torch.randn(2, 8, 16, device=DEVICE)
+    planner = kernel_plan.TreeDecodePlanner(8, 2, 16, kv_dtype=torch.float32)
+    for view in (first.kv_indices[:40:2], first.kv_indices[1:33]):  # host-side trees: their values as given
+        tree = KVTree(view.clone().cpu(), torch.tensor([0, view.numel()], dtype=torch.int32),
+                      torch.tensor([-1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32))
+        want = attention_reference(q, kv, kv, tree, 0.25)
+        planner.plan(dataclasses.replace(tree, kv_indices=view), first.meta.device, reuse=first)
+        torch.testing.assert_close(tree_decode(q, kv, kv, first, 0.25), want, atol=ATOL[torch.float32], rtol=0)
+        planner.plan(first_tree, first.meta.device, reuse=first)  # the buffers as the next view expects them
+    monkeypatch.setattr(planner, "_upload", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("copy failed")))
+    with pytest.raises(RuntimeError, match="copy failed"):
+        planner.plan(one_node_tree([5, 6, 7]), first.meta.device, reuse=first)
+    with pytest.raises(ValueError, match="the plan's buffers hold no step: the last plan written into them failed"):
+        tree_decode(q, kv, kv, first, 0.25)
 
 
 def test_q_and_out_are_checked_against_the_plan():
