@@ -76,11 +76,19 @@ def deterministic_inference_problem(enabled: bool, rl_on_policy_target: str | No
             "triton decode)")
 
 
+# Hybrid Mamba models whose ServerArgs assert that the attention backend is not triton, deft's prefill on a GPU.
+_NO_TRITON_HYBRIDS = ("NemotronHForCausalLM", "Lfm2ForCausalLM")
+# Models whose ServerArgs assert, when they have sliding-window layers, an attention backend of these.
+_WINDOW_ASSERTING = {"Exaone4ForCausalLM": ("fa3", "triton", "trtllm_mha"),
+                     "ExaoneMoEForCausalLM": ("fa3", "triton", "trtllm_mha")}
+
+
 def model_file_problems(model_path: str | None, override_args: str | None = None,
-                        revision: str | None = None) -> list[str]:
+                        revision: str | None = None, extend_backend: str | None = None) -> list[str]:
     """Problems of a model's ``config.json`` that SGLang's ServerArgs would otherwise report first, in terms of the
-    prefill backend deft chose for the user: it refuses dual-chunk attention unless the attention backend is
-    dual_chunk_flash_attn, and gpt-oss unless the decode backend is one of its own. Read from the file (before
+    prefill backend deft chose for the user (``extend_backend``): it refuses dual-chunk attention unless the
+    attention backend is dual_chunk_flash_attn, gpt-oss unless the decode backend is one of its own, NemotronH and
+    Lfm2 on triton, and Exaone-4's sliding windows on torch_native. Read from the file (before
     ServerArgs exists) with ``--json-model-override-args`` over it, as SGLang reads it: a local model directory's,
     or a hub model's already in the Hugging Face cache (at ``--revision``); a model not downloaded yet is checked
     later, with the rest of the model, after SGLang fetched it."""
@@ -103,6 +111,15 @@ def model_file_problems(model_path: str | None, override_args: str | None = None
     if "GptOssForCausalLM" in architectures:
         problems.append(f"{model}: attention sinks (gpt-oss passes them to every attention call) are not "
                         "supported: deft's softmax has no sink term")
+    if any(a in _NO_TRITON_HYBRIDS for a in architectures):
+        problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
+    for arch in architectures:
+        backends = _WINDOW_ASSERTING.get(arch)
+        # SGLang's test; the configuration classes' defaults are a pattern of 4 and a window of 4096
+        if backends and extend_backend not in (None, *backends) and config.get("sliding_window_pattern", 4) is not None:
+            problems.append(f"{model}: sliding windows ({config.get('sliding_window', 4096)}) with prefill on "
+                            f"{extend_backend}: SGLang serves {arch}'s windows only on {', '.join(backends)}, and "
+                            f"deft's prefill on this device is {extend_backend}")
     return problems
 
 

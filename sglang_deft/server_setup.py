@@ -90,7 +90,7 @@ def split_deft_backend(args: MutableMapping, device: str) -> None:
     # gpt-oss's backends would blame the extend backend chosen below (torch_native on CPU), which the user never
     # named, or send them to a backend deft then refuses.
     problems = model_file_problems(args.get("model_path"), args.get("json_model_override_args"),
-                                   args.get("revision"))
+                                   args.get("revision"), EXTEND_BACKEND[device])
     if problem := deterministic_inference_problem(args.get("enable_deterministic_inference"),
                                                   args.get("rl_on_policy_target")):
         problems.append(problem)

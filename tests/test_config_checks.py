@@ -361,7 +361,9 @@ def test_deterministic_inference_is_refused_for_deft_before_sglang_blames_torch_
     (dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", sliding_window=64,
           layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_local_experts=4,
           num_experts_per_tok=2), "(GptOssForCausalLM): attention sinks"),
-], ids=["dual_chunk", "gpt_oss"])
+    (dict(architectures=["Exaone4ForCausalLM"], model_type="exaone4", sliding_window=64),
+     "(Exaone4ForCausalLM): sliding windows (64) with prefill on torch_native"),
+], ids=["dual_chunk", "gpt_oss", "exaone4"])
 @pytest.mark.parametrize("backend_flags", [["--attention-backend", "deft"], ["--decode-attention-backend", "deft"]])
 def test_models_sglang_refuses_first_are_refused_for_deft_by_name(tmp_path, overrides, expected, backend_flags):
     """Through the launcher's parser on CPU: SGLang's own checks (in ServerArgs) raised first, telling the user to
@@ -375,7 +377,7 @@ def test_models_sglang_refuses_first_are_refused_for_deft_by_name(tmp_path, over
                            json.dumps({"dual_chunk_attention_config": None})], device="cpu")
     # not a deft server: SGLang's own rules, as before
     with pytest.raises(ValueError, match="dual_chunk_flash_attn") if "dual" in expected else pytest.raises(
-            AssertionError, match="GptOssForCausalLM requires"):
+            AssertionError, match="GptOssForCausalLM requires|required for Exaone4ForCausalLM"):
         parse_server_args(["--model-path", path, *BASE_ARGV[2:], "--attention-backend", "torch_native"], device="cpu")
 
 
@@ -391,6 +393,18 @@ def test_model_file_problems_skip_what_is_not_a_local_model(tmp_path):
     # --json-model-override-args applies first, as SGLang reads the config
     assert model_file_problems(str(tmp_path), '{"dual_chunk_attention_config": null}') == []
     assert model_file_problems(str(MODEL), '{"architectures": ["GptOssForCausalLM"]}') != []
+    # SGLang asserts that these hybrid Mamba models are not on triton, deft's prefill on a GPU
+    for arch in ("NemotronHForCausalLM", "Lfm2ForCausalLM"):
+        [problem] = model_file_problems(str(MODEL), json.dumps({"architectures": [arch]}), extend_backend="triton")
+        assert problem.endswith(f"({arch}): hybrid linear-attention / Mamba models are not supported by the deft "
+                                "backend")
+    # Exaone-4's windows: SGLang takes them on triton (deft's GPU prefill), not on torch_native (its CPU one)
+    exaone = json.dumps({"architectures": ["Exaone4ForCausalLM"]})
+    assert model_file_problems(str(MODEL), exaone, extend_backend="triton") == []
+    assert "sliding windows (4096) with prefill on torch_native" in model_file_problems(
+        str(MODEL), exaone, extend_backend="torch_native")[0]
+    no_windows = json.dumps({"architectures": ["Exaone4ForCausalLM"], "sliding_window_pattern": None})
+    assert model_file_problems(str(MODEL), no_windows, extend_backend="torch_native") == []
 
 
 def test_model_file_problems_read_a_hub_model_in_the_cache(tmp_path, monkeypatch):
