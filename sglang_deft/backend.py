@@ -289,7 +289,7 @@ class DeftAttnBackend(AttentionBackend):
                    "the plan buffers refused it" if tried else None)
             plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
                              self.head_dim, self.kv_dtype, self.device, self._eager_limits(rows, self.plan_limits),
-                             self.planner, refused=why)
+                             self.planner, refused=why, warn=self.logging_rank)
             attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
         window_plan = check_window_tree = window_counts = window_steady = None
         if self.window_tokens is not None:
@@ -332,7 +332,7 @@ class DeftAttnBackend(AttentionBackend):
                "its CUDA-graph plan was refused for them" if past_limits else None)
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                          self.kv_dtype, self.device, self._eager_limits(rows, self.window_plan_limits), self.planner,
-                         refused=why, kind="sliding-window layers")
+                         refused=why, kind="sliding-window layers", warn=self.logging_rank)
         return plan, _counts(built), built, None
 
     def _eager_limits(self, rows: int, limits: PlanLimits) -> PlanLimits | None:
@@ -355,7 +355,8 @@ class DeftAttnBackend(AttentionBackend):
         of placeholder rows and no requests. Its rows attend nothing (zeros), as a CUDA graph's capture batch's
         do; the pass only tunes the model's other kernels."""
         rows = forward_batch.batch_size
-        logger.info("deft: SGLang's warm-up decode batch of %d rows (FlashInfer autotune) attends nothing", rows)
+        if self.logging_rank:
+            logger.info("deft: SGLang's warm-up decode batch of %d rows (FlashInfer autotune) attends nothing", rows)
         self._invalidate_step_planners()
         tree = with_padding_queries(empty_tree(self.device), rows)
         plan = plan_step(tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,

@@ -346,15 +346,20 @@ def main(argv=None) -> int:
         ok = True
     except KeyboardInterrupt:
         say_if_possible("interrupted")
-    # the server exited or did not answer in time (its log says why), or it is not what the demo shows
-    except (RuntimeError, TimeoutError, urllib.error.URLError) as e:
+    except BrokenPipeError:  # stdout closed (`make demo | head`): nothing to say it on; the stop below still runs
+        raise
+    # the server exited or did not answer in time (its log says why), answered with no JSON (it died mid-reply:
+    # OSError, ValueError), or it is not what the demo shows
+    except (RuntimeError, TimeoutError, OSError, ValueError) as e:
         say_if_possible(str(e))
+    except SystemExit as e:  # the examples' connect(): nothing answers at the server's URL any more
+        say_if_possible(f"the server stopped answering: {e}")
     finally:
-        # The stop comes before anything is printed, and a second Ctrl-C, SIGTERM or SIGHUP cannot cut it
-        # short: it sends SIGKILL to whatever outlives SIGTERM's grace, which an interrupted stop would skip.
-        say_if_possible("shutting the server down")
+        # A second Ctrl-C, SIGTERM or SIGHUP cannot cut the stop short (ignored before anything is printed): it
+        # sends SIGKILL to whatever outlives SIGTERM's grace, which an interrupted stop would skip.
         handlers = {signum: signal.signal(signum, signal.SIG_IGN)
                     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        say_if_possible("shutting the server down")
         try:
             # sglang.lang's worker threads report their requests cut off by the stop (an interrupted run).
             warnings.filterwarnings("ignore", message=".*Error in stream_executor.*")

@@ -212,12 +212,17 @@ class ServerProcess:
     def port_taken(self) -> bool:
         """Its port was taken between ``free_port`` and the server's bind (servers starting together
         pick ports at the same time, and each SGLang server opens more)."""
-        return bool(self.bind_failed()) or self.port_held_by_another_process()
+        return bool(self.bind_failed(in_use_only=True)) or self.port_held_by_another_process()
 
-    def bind_failed(self) -> str:
-        """The log's first "address already in use" line ("" if none): uvicorn's on the HTTP port, or another
-        port's (SGLang's own, NCCL's), which a relaunch picks anew too."""
-        return next((line for line in self.log().splitlines() if "address already in use" in line.lower()), "")
+    def bind_failed(self, in_use_only: bool = False) -> str:
+        """The log's first line saying a port could not be bound ("" if none): "address already in use" (uvicorn's on
+        the HTTP port, or another port's, SGLang's own or NCCL's, which a relaunch picks anew too), or, unless
+        ``in_use_only``, uvicorn's "error while attempting to bind" for any other cause (a privileged port, a host
+        this machine does not have), after which SGLang's warm-up thread polled the dead port for two minutes before
+        the server exited."""
+        needles = ("address already in use",) if in_use_only else ("address already in use",
+                                                                    "error while attempting to bind")
+        return next((line for line in self.log().splitlines() if any(n in line.lower() for n in needles)), "")
 
     def port_held_by_another_process(self) -> bool:
         """A process outside this server's process group listens on its port (False where /proc cannot say)."""

@@ -122,7 +122,7 @@ _warned_unlimited: set[str] = set()
 
 def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
               device: torch.device, limits: PlanLimits | None, planner: TreeDecodePlanner | None = None,
-              refused: str | None = None, kind: str = "full layers"):
+              refused: str | None = None, kind: str = "full layers", warn: bool = True):
     """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
     take: a batch past their size, a tree past the limits), or its ``ReferencePlan`` on the reference
     path. ``tree``: node/query metadata on the host. ``planner``: the server's
@@ -130,7 +130,7 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
     None for a batch larger than the plan buffers (no graph replays it, so no graph's chunking to keep: it is
     planned as it comes, without a warning). ``refused``: why the caller already knows the tree is past
     ``limits`` (its CUDA-graph plan or the plan buffers refused it). ``kind``: which layers' plan, for the
-    warning, logged once per kind."""
+    warning, logged once per kind; ``warn``: whether this process logs it (one TP rank does)."""
     if not use_triton_kernels(device):
         return plan_reference(tree, device)
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
@@ -142,7 +142,7 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                 return planner.plan(tree, device, capacity=limits.capacity(tree.num_queries, tree.kv_indices.numel()))
             except PlanCapacityError as exc:
                 reason = str(exc)
-        if kind not in _warned_unlimited:
+        if warn and kind not in _warned_unlimited:
             _warned_unlimited.add(kind)
             logger.warning("deft: a decode step of %d rows exceeds the %s' plan limits %s (%s); such steps are "
                            "planned without limits (and run without CUDA graphs)", tree.num_queries, kind, limits,

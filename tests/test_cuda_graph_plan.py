@@ -180,6 +180,8 @@ def test_only_a_tree_past_the_limits_takes_the_unlimited_path(monkeypatch, caplo
         assert "exceeds the plan limits" not in caplog.text
         B = 12  # the caterpillar above: past the limits
         tree = make_tree([-1] + list(range(B - 1)) + list(range(B)), [20] * B + [2] * B, list(range(B, 2 * B)))
+        plan_step(tree, 8, 2, 32, torch.float32, torch.device("cpu"), limits, warn=False)  # a TP rank above 0
+        assert "exceeds the plan limits" not in caplog.text and not tree_attention._warned_unlimited
         plan_step(tree, 8, 2, 32, torch.float32, torch.device("cpu"), limits)
         assert "a decode step of 12 rows exceeds the full layers' plan limits" in caplog.text
 

@@ -140,11 +140,13 @@ class FakeServer:
     ("ok", ["--keep-log"], 0, True),
     ("interrupted", [], 1, True),
     ("error", [], 1, True),
+    ("reset", [], 1, True),  # the server died mid-reply: a traceback before
 ])
 def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monkeypatch, capsys, tmp_path, outcome,
                                                                          argv, code, log_kept):
     monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))  # a kept log stays in pytest's tmp_path
-    fail = {"ok": None, "interrupted": KeyboardInterrupt(), "error": TimeoutError("not ready")}[outcome]
+    fail = {"ok": None, "interrupted": KeyboardInterrupt(), "error": TimeoutError("not ready"),
+            "reset": ConnectionResetError("not ready: connection reset by peer")}[outcome]
     server = FakeServer(fail)
     monkeypatch.setattr(demo, "ServerProcess", server)
     ran = {}
@@ -156,11 +158,27 @@ def test_main_stops_the_server_and_keeps_the_log_only_when_asked_or_failed(monke
     assert server.args[server.args.index("--attention-backend") + 1] == "torch_native"
     assert server.log_path.parent.exists() is log_kept
     out = capsys.readouterr().out
-    assert ("[demo] not ready" in out) is (outcome == "error")  # the reason, not a traceback
+    assert ("[demo] not ready" in out) is (outcome in ("error", "reset"))  # the reason, not a traceback
     assert ("server log kept at" in out) is log_kept
     assert ("server log removed (--keep-log keeps it)" in out) is not log_kept
     assert "starting SGLang with the bundled tiny Llama" in out
     assert ran == ({"random_model": True} if outcome == "ok" else {})
+
+
+def test_a_server_that_stops_answering_mid_program_is_reported_as_such(monkeypatch, capsys, tmp_path):
+    """The examples' connect() exits with advice to start a server ("or `make demo`"), wrong inside the demo."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    server = FakeServer()
+    monkeypatch.setattr(demo, "ServerProcess", server)
+
+    def run_demo(*args, **kwargs):
+        raise SystemExit("no SGLang server answers at http://127.0.0.1:1 (refused)")
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    assert demo.main(["--cpu"]) == 1
+    assert server.stopped
+    assert "[demo] the server stopped answering: no SGLang server answers" in capsys.readouterr().out
 
 
 def test_main_names_the_model_it_was_given(monkeypatch, capsys, tmp_path):

@@ -35,6 +35,10 @@ FAKE_LAUNCHER = textwrap.dedent('''
 
     if mode == "port_taken":
         port_taken()
+    if mode == "bind_refused":  # uvicorn on a privileged port: not in use, but not this user's to bind
+        print(f"ERROR: [Errno 13] error while attempting to bind on address ('127.0.0.1', {port}): "
+              "permission denied", flush=True)
+        time.sleep(600)
     if mode == "silent":
         time.sleep(600)
     if mode == "stubborn":  # it and its child ignore SIGTERM, as a wedged scheduler would
@@ -120,6 +124,16 @@ def test_a_port_taken_before_the_bind_is_reported_at_once(launcher):
     with pytest.raises(RuntimeError, match=f"could not bind port {server.port}"):
         server.wait_ready(60)
     assert time.monotonic() - started < 30 and server.port_taken()
+
+
+def test_a_port_it_may_not_bind_is_reported_at_once(launcher):
+    """uvicorn's bind failing for another cause than a port in use: the wait ran to SGLang's own exit, two minutes
+    later. It is no port clash, so nothing relaunches on another port."""
+    server = launcher("bind_refused")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"(?s)could not bind port {server.port}:.*permission denied"):
+        server.wait_ready(60)
+    assert time.monotonic() - started < 30 and not server.port_taken()
 
 
 def test_a_server_that_never_answers_times_out(launcher):
