@@ -28,7 +28,6 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.error
 import warnings
 from pathlib import Path
 
