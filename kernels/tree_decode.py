@@ -317,7 +317,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if not type(sm_scale) is type(logit_cap) is type(k_scale) is type(v_scale) is float:  # (per layer: the cheap test)
         sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
         k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
-    if not logit_cap < float("inf"):  # (also NaN) cap x tanh(score / cap) would make every score NaN
+    if not logit_cap < _INF:  # (also NaN) cap x tanh(score / cap) would make every score NaN
         raise ValueError(f"logit_cap {logit_cap}: a finite cap, or 0 for none")
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
@@ -386,6 +386,7 @@ def _elements_apart(t: torch.Tensor) -> bool:
     return True
 
 
+_INF = float("inf")
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
 
 

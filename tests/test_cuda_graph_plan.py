@@ -494,6 +494,8 @@ def test_step_past_the_buffers_runs_eagerly(server_args, model_config):
     assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None
     assert torch.equal(backend.graph_plan.meta, meta_before)
     assert backend.planned_replay_size is None
+    # the refused tree's KV slots went into the buffers before the plan was refused: they hold no step to run
+    assert backend.graph_plan.buffered_queries is None
 
 
 @cpu_only
