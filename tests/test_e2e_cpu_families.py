@@ -54,3 +54,22 @@ def test_family_decodes_as_sglang_decodes_it(tmp_path, name):
         assert entry["divergences"] == 0 and entry["steps_compared"] == entry["steps"] > 0, (workload, entry)
     assert model["context_sensitivity"] >= 0.5
     assert model["sharing"]["ratio"] > 1.5
+
+
+def test_sglangs_transformers_backend_decodes_as_sglang_decodes_it(tmp_path):
+    """``--model-impl transformers`` (also SGLang's fallback for architectures it has no class for) keeps its
+    attention layers in a dict that deft's checks first did not see; end to end it decodes through deft as
+    through torch_native."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_e2e.py"), "--device", "cpu", "--smoke",
+                           "--models", "tiny", "--noise-backends", "", "--server-args=--model-impl transformers",
+                           "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    model = json.loads((out / "gpu_e2e.json").read_text())["models"]["tiny"]
+    assert model["servers"]["deft"]["decode_backend"] == "deft"
+    assert "Using Transformers backend" in (out / "logs" / "tiny-deft.log").read_text()
+    for workload, entry in model["workloads"].items():
+        assert entry["criterion"] == "absolute" and entry["ok"], (workload, entry)
+        assert entry["divergences"] == 0 and entry["steps_compared"] == entry["steps"] > 0, (workload, entry)
+    assert model["sharing"]["ratio"] > 1.5
