@@ -8,6 +8,11 @@ PYTHON_BOOTSTRAP ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
 PYTHON ?= $(VENV_PYTHON)
+# A PYTHON exported by the shell (node-gyp setups export one) is not a request for another SGLang: only
+# `make demo PYTHON=...` on the command line is.
+ifeq ($(origin PYTHON),environment)
+override PYTHON := $(VENV_PYTHON)
+endif
 PYTEST_ARGS ?=
 
 # SGLang imports sgl_kernel even on CPU; its Python files come from this wheel, its native
@@ -20,13 +25,24 @@ VENV_STAMP := $(VENV)/.sglang-deft-venv
 
 venv: $(VENV_STAMP)
 
+# A venv whose pip runs: one that `python -m venv` left half-made (no ensurepip, e.g. Debian without python3-venv)
+# is made again (--clear) instead of failing at its missing pip on every later run.
+VENV_WORKS = $(VENV_PYTHON) -m pip --version >/dev/null 2>&1
+# PyPI's torch 2.13.0 is a CUDA build, whose CUDA libraries --no-deps leaves out: torch's import would then fail
+# far from the cause (libcublasLt not found). Read from its metadata, without importing it.
+TORCH_IS_CPU_BUILD = -c 'import importlib.metadata as m, sys; sys.exit( \
+	  "torch in $(VENV) is a CUDA build (PyPI'"'"'s wheel), whose CUDA libraries this CPU environment does not install: " \
+	  "rm -rf $(VENV), then rerun with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (README)" \
+	  if any(r.startswith("nvidia-") for r in m.requires("torch") or []) else None)'
+
 $(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extract_sgl_kernel.py
-	@test -x $(VENV_PYTHON) || $(PYTHON_BOOTSTRAP) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else \
+	@$(VENV_WORKS) || $(PYTHON_BOOTSTRAP) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else \
 	  f"the CPU environment needs Python 3.11+ (its pins, numpy 2.4 among them); {sys.executable} is " \
 	  f"{sys.version.split()[0]}: run make with PYTHON_BOOTSTRAP=python3.11 (or newer)")'
-	test -x $(VENV_PYTHON) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(VENV_WORKS) || $(PYTHON_BOOTSTRAP) -m venv --clear $(VENV)
 	@echo "installing the CPU environment into $(VENV) (a few minutes the first time)"
 	$(VENV_PYTHON) -m pip install --quiet --no-deps -r requirements-cpu.txt
+	@$(VENV_PYTHON) $(TORCH_IS_CPU_BUILD)
 	$(VENV_PYTHON) -m pip install --quiet --no-deps -e .
 	@test -f $(SGL_KERNEL_WHEEL) || echo "downloading sglang-kernel 0.4.1 (~350 MB; its Python files only are used on CPU)"
 	test -f $(SGL_KERNEL_WHEEL) || $(VENV_PYTHON) -m pip download --quiet --no-deps --dest .whl sglang-kernel==0.4.1
