@@ -70,6 +70,8 @@ def unsupported_reason(device, dtype, head_dim: int, large_rows: int, kv_dtype=N
     not q's ``dtype``."""
     if getattr(device, "type", device) != "cuda":
         return "not a CUDA device"
+    if torch.version.hip is not None:  # ROCm's torch says "cuda" too, and MI200 reports capability (9, 0)
+        return "a ROCm device (the Gluon kernel is written for NVIDIA's Hopper)"
     major_minor = ".".join(triton.__version__.split(".")[:2])
     if major_minor not in TRITON_VERSIONS:
         return f"Triton {triton.__version__} (the Gluon kernel is built for {', '.join(TRITON_VERSIONS)})"

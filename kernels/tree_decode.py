@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .plan import SMALL_ROWS, TreeDecodePlan
 
@@ -271,6 +272,8 @@ def kv_dtype_unsupported_on(kv_dtype: torch.dtype, device: torch.device) -> str 
     float8_e4m3fn (its fp8e4nv) only for sm_89 and newer; before, the first launch would fail to compile."""
     if kv_dtype != torch.float8_e4m3fn or device.type != "cuda":
         return None
+    if torch.version.hip is not None:  # capability there is not NVIDIA's (MI200 says (9, 0), without fp8)
+        return "a float8_e4m3fn KV cache on a ROCm device (deft's fp8 path is written and measured for NVIDIA's)"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) >= (8, 9):
         return None
@@ -431,13 +434,21 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     D = q.shape[2]
     compiled = None
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
-        compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-            q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-            sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
-            v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
-            SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-            IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        try:
+            compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
+                q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+                sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+                v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
+                GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
+                SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
+                IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        except OutOfResources as e:
+            # The shape is chosen from the head dim and tiles, not from the GPU (measured on the H200): a GPU with
+            # less shared memory per block than Hopper's can lack it at the largest head dims in fp32.
+            raise RuntimeError(f"deft's Triton stage-1 kernel ({cfg}) for q in {q.dtype}, head_dim {D} and "
+                               f"{plan.large_rows}-row tiles needs {e.required} of {e.name}, more than this GPU's "
+                               f"{e.limit}: serve the model in float16/bfloat16, or on a GPU with more shared "
+                               "memory per block") from e
     return compiled
 
 

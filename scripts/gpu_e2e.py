@@ -728,18 +728,15 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
 # Kernel check (sglang_deft.kernel_check): the deft server's Triton output against the fp32
 # reference on the same inputs, layer 0 of every N-th eager step. Tolerance: two roundings of the
 # output to the model's dtype (unit roundoff 2^-8 bf16, 2^-11 fp16) at the output's magnitude.
-KERNEL_CHECK_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -20}
-
-
 def kernel_check_summary(deft_log: str) -> dict | None:
     """The deft server's kernel-check lines, summarised; None when it logged none (CPU: reference path)."""
-    from sglang_deft.kernel_check import parse_kernel_check_lines
+    from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines
 
     rows = parse_kernel_check_lines(deft_log)
     if not rows:
         return None
     worst = max(rows, key=lambda r: r["max_abs_diff"] / max(r["max_abs_out"], 1e-30))
-    allowed = 2 * KERNEL_CHECK_ROUNDOFF.get(worst["dtype"], 2.0 ** -8) * max(r["max_abs_out"] for r in rows)
+    allowed = allowed_diff(worst["dtype"], max(r["max_abs_out"] for r in rows))
     # One line per rank and checked step (each TP rank checks its own heads): checks = checked steps x ranks.
     return {"checks": len(rows), "checked_steps": len({r["step"] for r in rows}),
             "ranks": len({r.get("rank", 0) for r in rows}), "max_abs_diff": max(r["max_abs_diff"] for r in rows),

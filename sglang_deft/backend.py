@@ -10,8 +10,9 @@ deft computes decode attention only: the launcher and ``sglang_deft.Engine`` rou
 to SGLang's triton (GPU) or torch_native (CPU) backend through SGLang's HybridAttnBackend, which
 hands decode and the CUDA-graph hooks to deft.
 
-``SGLANG_DEFT_VERIFY_EVERY=N`` checks layer 0 of every N-th eager step against the fp32 reference
-in the same server and logs the error (``sglang_deft.kernel_check``; a diagnostic: it synchronises).
+``SGLANG_DEFT_VERIFY_EVERY=N`` checks the first layer of each kind (full, sliding-window) of every N-th eager step
+against the fp32 reference in the same server and logs the error (``sglang_deft.kernel_check``; a diagnostic: it
+synchronises).
 
 Plans (``sglang_deft.step_planner.DecodeStepPlanner``) go into one fixed-capacity ``TreeDecodePlan``:
 up to ``--cuda-graph-max-bs`` queries (or the largest batch SGLang captures, when it captures less: with
@@ -102,10 +103,10 @@ class DeftDecodeMetadata:
     num_queries: int  # B: requests (one query token each) in the batch; a CUDA graph's padded size
     attended_tokens: int  # sum over requests of seq_len
     unique_tokens: int  # KV tokens in the tree (each read once)
-    check_tree: KVTree | None = None  # set on the steps whose layer 0 is checked (sglang_deft.kernel_check)
+    check_tree: KVTree | None = None  # set on the steps whose layers are checked (sglang_deft.kernel_check)
     step: int = 0  # eager decode steps so far, this one included
     window_plan: Any = None  # the sliding-window layers' plan (models with such layers; see the module doc)
-    check_window_tree: KVTree | None = None  # check_tree's window tree, when layer 0 is a sliding-window layer
+    check_window_tree: KVTree | None = None  # check_tree's window tree, for the first sliding-window layer
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,13 @@ class DeftAttnBackend(AttentionBackend):
         self._refused_batch: _RefusedStep | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
+        # The layers it checks: the first of each kind, so that a model with window layers checks both plans
+        # (Gemma's layer 0 is a window layer: checking layer 0 alone never checked the full-attention plan).
+        window_ids = {i for ids in windows.values() for i in ids}
+        ids = sorted(layer.layer_id for layer in attention_layers(model_runner.model))
+        self._checked_layers = frozenset(x for x in (next((i for i in ids if i in window_ids), None),
+                                                     next((i for i in ids if i not in window_ids), None))
+                                         if x is not None)
         self._check_window_builder: DecodeKVTreeBuilder | None = None  # the checks' window trees on steady steps
         self.eager_steps = 0
         # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager
@@ -406,9 +414,9 @@ class DeftAttnBackend(AttentionBackend):
                                "but the backend was made for a model without one")
         run_layer(q, k_buffer, v_buffer, plan, layer.scaling, layer.logit_cap, out, k_scale, v_scale)
         check_tree = meta.check_window_tree if windowed else meta.check_tree
-        if check_tree is not None and layer.layer_id == 0:
-            check_layer(out, q, k_buffer, v_buffer, check_tree, layer.scaling, layer.logit_cap, meta.step, 0,
-                        k_scale, v_scale, rank=self.tp_rank)
+        if check_tree is not None and layer.layer_id in self._checked_layers:
+            check_layer(out, q, k_buffer, v_buffer, check_tree, layer.scaling, layer.logit_cap, meta.step,
+                        layer.layer_id, k_scale, v_scale, rank=self.tp_rank)
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

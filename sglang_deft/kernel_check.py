@@ -1,14 +1,15 @@
 """Checking the Triton kernels against the fp32 PyTorch reference inside a running server.
 
-``SGLANG_DEFT_VERIFY_EVERY=N`` (default 0: off) makes every N-th eager decode step compute layer 0's
-attention twice, with the Triton kernels (whose output the model uses) and with
-``tree_decode_reference`` (fp32, grouped PyTorch) on the same q and KV pool, and log
+``SGLANG_DEFT_VERIFY_EVERY=N`` (default 0: off) makes every N-th eager decode step compute the first attention
+layer's attention (and, in a model with sliding-window layers, the first of the other kind's too) twice, with
+the Triton kernels (whose output the model uses) and with ``tree_decode_reference`` (fp32, grouped PyTorch) on the same q and KV pool, and log
 
     DeFT kernel check: step=120 layer=0 queries=64 max_abs_diff=0.0039 max_abs_out=0.93 dtype=bfloat16
 
 ``max_abs_diff`` is the kernels' error against the fp32 reference in the model's dtype: expect
 bf16/fp16 rounding of the output (a few 1e-3 at |out| ~ 1 in bf16), where a wrong tree, slot or
-mask gives O(|out|). The check reads the result on the host (a device synchronisation) and costs a
+mask gives O(|out|). A difference past ``2 x ROUNDOFF[dtype] x max_abs_out`` is also logged as a warning
+that says what to do. The check reads the result on the host (a device synchronisation) and costs a
 reference attention, so it is a diagnostic, not a serving mode; CUDA-graph replays are not checked
 (run with ``--disable-cuda-graph`` to check every N-th step). Tools read the lines back with
 :func:`parse_kernel_check_lines`.
@@ -24,6 +25,14 @@ import torch
 from sglang_deft.kernels import KVTree, tree_decode_reference
 
 logger = logging.getLogger(__name__)
+# One rounding of the output in each dtype (its unit roundoff): the kernels' error against the fp32 reference is a
+# few of these times |out|, a wrong tree, slot or mask's is O(|out|). scripts/gpu_e2e.py judges its runs by it too.
+ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -20}
+
+
+def allowed_diff(dtype: str, max_abs_out: float) -> float:
+    """The largest kernel-vs-reference difference that is rounding: twice the dtype's roundoff times |out|."""
+    return 2 * ROUNDOFF.get(dtype, ROUNDOFF["bfloat16"]) * max_abs_out
 
 ENV = "SGLANG_DEFT_VERIFY_EVERY"
 LOG_PREFIX = "DeFT kernel check:"
@@ -57,6 +66,14 @@ def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_bu
     logger.info("%s step=%d layer=%d rank=%d queries=%d max_abs_diff=%.6g max_abs_out=%.6g dtype=%s", LOG_PREFIX,
                 row["step"], row["layer"], row["rank"], row["queries"], row["max_abs_diff"], row["max_abs_out"],
                 row["dtype"])
+    row["within_tolerance"] = row["max_abs_diff"] <= allowed_diff(row["dtype"], row["max_abs_out"])  # (NaN: False)
+    if not row["within_tolerance"]:
+        logger.warning("deft: the kernels' output of layer %d at step %d (rank %d) differs from the fp32 reference by "
+                       "%.4g, more than %s rounding allows (%.4g at |out| %.4g): a wrong plan or kernel for this "
+                       "batch. Serve with SGLANG_DEFT_DECODE_IMPL=reference --disable-cuda-graph to decode by the "
+                       "reference meanwhile, and report the log's 'tree decode stage 1' and kernel-check lines",
+                       layer_id, step, rank, row["max_abs_diff"], row["dtype"],
+                       allowed_diff(row["dtype"], row["max_abs_out"]), row["max_abs_out"])
     return row
 
 

@@ -457,7 +457,8 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
                                                                       monkeypatch, window):
     """Steps 2 (planned in full), 4 (steady) and 6 (steady, with a planted bug) are checked. ``window``: layer 0 a
     sliding-window layer, checked against its window tree, built afresh on the steady steps (the kernels read the
-    plan moved on the device)."""
+    plan moved on the device), and layer 1, the first full-attention layer, against the full tree (only layer 0 was
+    checked: Gemma's full-attention plan never was). The planted bug is also logged as a warning."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
     monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
@@ -470,7 +471,7 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
         window_steps = record_steady(backend, "window_step_planner")
     reqs = forked_batch(sim)
     hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
-    # A planted kernel bug on the last step: the check must see it (and only layer 0 is checked).
+    # A planted kernel bug on the last step: the check must see it (and only the first layer of each kind is checked).
     real_run_layer, broken = backend_module.run_layer, []
 
     def run_layer(q, k_buffer, v_buffer, plan, sm_scale, logit_cap, out, *kv_scales):
@@ -492,10 +493,16 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     from sglang_deft.kernel_check import parse_kernel_check_lines
 
     rows = parse_kernel_check_lines(caplog.text)
+    checked = (0,) if window is None else (0, 1)
     assert [(r["step"], r["layer"], r["queries"], r["dtype"]) for r in rows] == [
-        (2, 0, B, "float32"), (4, 0, B, "float32"), (6, 0, B, "float32")]
-    assert all(r["max_abs_diff"] < 1e-4 < r["max_abs_out"] for r in rows[:2])
-    assert rows[2]["max_abs_diff"] >= 0.2
+        (step, layer, B, "float32") for step in (2, 4, 6) for layer in checked]
+    good, bad = rows[:-len(checked)], rows[-len(checked):]
+    assert all(r["max_abs_diff"] < 1e-4 < r["max_abs_out"] for r in good)
+    assert all(r["max_abs_diff"] >= 0.2 for r in bad)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "fp32 reference" in r.getMessage()]
+    assert [w.split(" at step ")[1][0] for w in warnings] == ["6"] * len(checked)
+    assert "SGLANG_DEFT_DECODE_IMPL=reference" in warnings[0]
     if window is not None:
         assert window_steps == [False, False, True, True, True, True]
 
@@ -531,7 +538,7 @@ def test_kernel_check_compares_with_the_reference_of_the_same_layer(logit_cap, c
         ok = check_layer(exact, q, k, v, tree, d ** -0.5, logit_cap, step=7, layer_id=0)
         wrong = check_layer(torch.zeros_like(exact), q, k, v, tree, d ** -0.5, logit_cap, step=8, layer_id=0,
                             rank=1)
-    assert ok["max_abs_diff"] < 1e-5
+    assert ok["max_abs_diff"] < 1e-5 and ok["within_tolerance"] and not wrong["within_tolerance"]
     assert ok["max_abs_out"] == pytest.approx(exact.abs().max().item())
     assert wrong["max_abs_diff"] == wrong["max_abs_out"] == pytest.approx(exact.abs().max().item())
     rows = parse_kernel_check_lines(caplog.text)

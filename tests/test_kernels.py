@@ -601,6 +601,42 @@ def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability
     reason = stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows, kv_dtype)
     assert reason is None if why is None else why in reason
     assert stage1_hopper.unsupported_reason(torch.device("cpu"), dtype, d, rows, kv_dtype) == "not a CUDA device"
+    # ROCm's torch calls its devices "cuda" too, and an MI200 reports capability (9, 0)
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert "a ROCm device" in stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows, kv_dtype)
+
+
+def test_a_gpu_short_of_shared_memory_is_named_with_what_to_do(monkeypatch):
+    """The Triton kernel's shape comes from the head dim and tiles, not from the GPU: where it needs more shared
+    memory than the GPU has, Triton's bare 'out of resource' reached SGLang's graph capture."""
+    from triton.runtime.errors import OutOfResources
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package's name is the function's
+
+    class ShortOfSharedMemory:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(102720, 101376, "shared memory")
+            return launch
+
+    monkeypatch.setattr(module, "_tree_decode_stage1", ShortOfSharedMemory())
+    tree = one_node_tree([0, 1, 2])
+    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32)
+    q, kv = torch.randn(2, 8, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"needs 102720 of shared memory, more than this GPU's 101376: serve the "
+                                           r"model in float16/bfloat16"):
+        tree_decode(q, kv, kv, plan, 0.25, config=module.Stage1Config(32, 16, 4, 2))
+
+
+def test_an_fp8_e4m3_cache_on_rocm_is_refused(monkeypatch):
+    """An MI200 reports capability (9, 0), which passed the sm_89 test, without fp8 of NVIDIA's kind."""
+    from sglang_deft.kernels.tree_decode import kv_dtype_unsupported_on
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    kv_dtype_unsupported_on.cache_clear()
+    try:
+        assert "on a ROCm device" in kv_dtype_unsupported_on(torch.float8_e4m3fn, torch.device("cuda", 0))
+    finally:
+        kv_dtype_unsupported_on.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
