@@ -737,7 +737,8 @@ def kernel_check_summary(deft_log: str) -> dict | None:
         return None
     worst = max(rows, key=lambda r: r["max_abs_diff"] / max(r["max_abs_out"], 1e-30))
     allowed = allowed_diff(worst["dtype"], max(r["max_abs_out"] for r in rows))
-    # One line per rank and checked step (each TP rank checks its own heads): checks = checked steps x ranks.
+    # One line per rank, checked step and checked layer (each TP rank checks its own heads; a model with window
+    # layers checks the first layer of each kind): checks = checked steps x ranks x kinds.
     return {"checks": len(rows), "checked_steps": len({r["step"] for r in rows}),
             "ranks": len({r.get("rank", 0) for r in rows}), "max_abs_diff": max(r["max_abs_diff"] for r in rows),
             "max_abs_out": max(r["max_abs_out"] for r in rows), "dtype": worst["dtype"], "allowed": allowed,

@@ -2,7 +2,8 @@
 
 ``SGLANG_DEFT_VERIFY_EVERY=N`` (default 0: off) makes every N-th eager decode step compute the first attention
 layer's attention (and, in a model with sliding-window layers, the first of the other kind's too) twice, with
-the Triton kernels (whose output the model uses) and with ``tree_decode_reference`` (fp32, grouped PyTorch) on the same q and KV pool, and log
+the Triton kernels (whose output the model uses) and with ``tree_decode_reference`` (fp32, grouped PyTorch) on the
+same q and KV pool, and log
 
     DeFT kernel check: step=120 layer=0 queries=64 max_abs_diff=0.0039 max_abs_out=0.93 dtype=bfloat16
 
