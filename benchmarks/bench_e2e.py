@@ -61,8 +61,8 @@ servers idle (``--sleep-on-idle``); all repetition-1 runs come before any repeti
 skips what would not finish in time (``skipped`` in the JSON). Measured on the H200: startup with
 FlashInfer's JIT 107-146 s, warm-ups ~10 s, each repetition of all cases ~1 min, stop 2 s (~4 min in all).
 
-Writes ``$OUT/e2e_<tag>.json`` and ``$OUT/e2e_<tag>.md`` (tag: the GPU's, ``h200``, ``h100`` ...; ``cpu`` with ``--device cpu``) after
-every measurement, so a killed run keeps what it measured; server logs and process-group ids
+Writes ``$OUT/e2e_<tag>.json`` and ``$OUT/e2e_<tag>.md`` (tag: the GPU's, ``h200``, ``h100`` ...; ``cpu`` with
+``--device cpu``) after every measurement, so a killed run keeps what it measured; server logs and process-group ids
 (``server_pgids.txt``, for the session script's cleanup) under ``--log-dir``. Exits 1 unless every case
 has a good run on every backend (``complete``; a skipped second repetition alone does not count).
 """
@@ -93,25 +93,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_gpu_e2e():
-    """scripts/gpu_e2e.py as a module: its server fleet (launch, wait, stop by process group, pgid file),
-    package overlay, clock, device info and SIGTERM handler are reused here, not copied."""
-    spec = importlib.util.spec_from_file_location("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
+def _load_by_file(name: str, path: Path):
+    """A repo script as a module, registered under ``name`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_e2e", module)  # its dataclasses look their module up there
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
 
 
-gpu_e2e = _load_gpu_e2e()
+# scripts/gpu_e2e.py's server fleet (launch, wait, stop by process group, pgid file), package overlay, clock, device
+# info and SIGTERM handler are reused here, not copied.
+gpu_e2e = _load_by_file("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
 
 
 def card_tag() -> str:
-    """benchmarks/card_tag.py's tag of this host's GPU (h200, h100, ...), loaded by file as gpu_e2e is."""
-    spec = importlib.util.spec_from_file_location("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.card_tag()
+    """benchmarks/card_tag.py's tag of this host's GPU (h200, h100, ...)."""
+    return _load_by_file("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py").card_tag()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -726,8 +726,8 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
 
 
 # Kernel check (sglang_deft.kernel_check): the deft server's Triton output against the fp32
-# reference on the same inputs, layer 0 of every N-th eager step. Tolerance: two roundings of the
-# output to the model's dtype (unit roundoff 2^-8 bf16, 2^-11 fp16) at the output's magnitude.
+# reference on the same inputs, the first layer of each kind of every N-th eager step. Tolerance
+# (kernel_check.allowed_diff): two roundings of the output to the model's dtype at its magnitude.
 def kernel_check_summary(deft_log: str) -> dict | None:
     """The deft server's kernel-check lines, summarised; None when it logged none (CPU: reference path)."""
     from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines

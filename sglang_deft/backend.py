@@ -71,7 +71,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang.srt.utils import require_gathered_buffer
 
-from sglang_deft.config_checks import attention_layers, check_model_runner, layer_window, sliding_windows
+from sglang_deft.config_checks import attention_layers, check_model_runner, layer_window, windows_of
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import named_device
@@ -130,7 +130,8 @@ class DeftAttnBackend(AttentionBackend):
         self.head_dim = config.head_dim
         self.kv_dtype = model_runner.kv_cache_dtype
         # Tokens a sliding-window layer's query attends (check_model_runner allows one window per model).
-        windows = sliding_windows(model_runner.model)
+        layers = attention_layers(model_runner.model)
+        windows = windows_of(layers)
         self.window_tokens = next(iter(windows)) + 1 if windows else None
         # SGLang's "cuda" is the scheduler's GPU, set current: named, as the plan buffers' device is, so that
         # the planner keeps one staging ring for both (it made a new one whenever they alternated).
@@ -149,8 +150,7 @@ class DeftAttnBackend(AttentionBackend):
         self.window_builder = (DecodeKVTreeBuilder(model_runner.req_to_token_pool.req_to_token)
                                if self.window_tokens is not None else None)
         self.kv_pool_size = model_runner.token_to_kv_pool.size
-        window_share = (len(windows[self.window_tokens - 1]) / len(attention_layers(model_runner.model))
-                        if windows else 0.0)
+        window_share = len(windows[self.window_tokens - 1]) / len(layers) if windows else 0.0
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, window_share=window_share,
                                     log=self.logging_rank)
         self._recorded_batch = None  # a weak reference to the ForwardBatch whose step was last counted
@@ -160,7 +160,7 @@ class DeftAttnBackend(AttentionBackend):
         # The layers it checks: the first of each kind, so that a model with window layers checks both plans
         # (Gemma's layer 0 is a window layer: checking layer 0 alone never checked the full-attention plan).
         window_ids = {i for ids in windows.values() for i in ids}
-        ids = sorted(layer.layer_id for layer in attention_layers(model_runner.model))
+        ids = [layer.layer_id for layer in layers]  # (attention_layers sorts them)
         self._checked_layers = frozenset(x for x in (next((i for i in ids if i in window_ids), None),
                                                      next((i for i in ids if i not in window_ids), None))
                                          if x is not None)

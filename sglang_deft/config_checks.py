@@ -76,6 +76,7 @@ def deterministic_inference_problem(enabled: bool, rl_on_policy_target: str | No
             "triton decode)")
 
 
+HYBRID_LINEAR_ATTENTION = "hybrid linear-attention / Mamba models are not supported by the deft backend"
 # Hybrid Mamba models whose ServerArgs assert that the attention backend is not triton, deft's prefill on a GPU.
 _NO_TRITON_HYBRIDS = ("NemotronHForCausalLM", "Lfm2ForCausalLM")
 # Models whose ServerArgs assert, when they have sliding-window layers, an attention backend of these.
@@ -112,7 +113,7 @@ def model_file_problems(model_path: str | None, override_args: str | None = None
         problems.append(f"{model}: attention sinks (gpt-oss passes them to every attention call) are not "
                         "supported: deft's softmax has no sink term")
     if any(a in _NO_TRITON_HYBRIDS for a in architectures):
-        problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
+        problems.append(f"{model}: {HYBRID_LINEAR_ATTENTION}")
     for arch in architectures:
         backends = _WINDOW_ASSERTING.get(arch)
         # SGLang's test; the configuration classes' defaults are a pattern of 4 and a window of 4096
@@ -420,7 +421,7 @@ def model_config_problems(model_config, server_args) -> list[str]:
     if getattr(model_config.hf_config, "dual_chunk_attention_config", None):
         problems.append(_dual_chunk_problem(model))
     if _linear_attention_config(model_config) is not None:
-        problems.append(f"{model}: hybrid linear-attention / Mamba models are not supported by the deft backend")
+        problems.append(f"{model}: {HYBRID_LINEAR_ATTENTION}")
     if problem := _interpreter_dtype_problem(model_config.dtype, server_args.device, deft_roles(server_args)[0]):
         problems.append(problem)
     # Known here, before the weights load (model_runner_problems says it again in the scheduler): the flag's one
@@ -492,7 +493,7 @@ def model_runner_problems(model_runner) -> list[str]:
         problems.append("the model runner uses an MLA backend; deft needs per-head K/V")
     # model_config_problems above asks SGLang's rules of a main worker; this catches only what they did not.
     if model_runner.mambaish_config is not None and _linear_attention_config(model_runner.model_config) is None:
-        problems.append("hybrid linear-attention / Mamba models are not supported by the deft backend")
+        problems.append(HYBRID_LINEAR_ATTENTION)
     kv_dtype, model_dtype = model_runner.kv_cache_dtype, model_runner.model_config.dtype
     kv_flag = _kv_cache_dtype_source(model_runner)
     if kv_dtype is not None and (problem := _kv_dtype_problem(kv_flag, kv_dtype, model_dtype)):
@@ -519,7 +520,7 @@ def model_runner_problems(model_runner) -> list[str]:
         # else refuses them); forward_decode would raise at the first decode or graph capture
         problems.append(f"attention sinks ({sinks[0]}.sinks{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
                         "are not supported: deft's softmax has no sink term")
-    problems += _sliding_window_problems(_windows(layers), backend_names(a)[1])
+    problems += _sliding_window_problems(windows_of(layers), backend_names(a)[1])
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 
 
@@ -560,13 +561,6 @@ def _layer_problems(layer) -> list[str]:
     return problems
 
 
-def sliding_windows(model) -> dict[int, list[int]]:
-    """The model's sliding windows, as SGLang's attention layers set them (``sliding_window_size``: a query
-    attends its last ``sliding_window_size + 1`` tokens, FlashInfer's ``window_left``), each with its layer ids;
-    empty when every layer attends the whole sequence (-1, or None)."""
-    return _windows(attention_layers(model))
-
-
 def attention_layers(model) -> list:
     """The model's attention layers (SGLang's ``RadixAttention`` modules), by layer id. Also those a module holds
     in a plain dict or list: SGLang's Transformers backend (``--model-impl transformers``, and its fallback for an
@@ -585,7 +579,10 @@ def attention_layers(model) -> list:
     return sorted(found.values(), key=lambda layer: layer.layer_id)
 
 
-def _windows(layers) -> dict[int, list[int]]:
+def windows_of(layers) -> dict[int, list[int]]:
+    """The sliding windows of these attention layers, as SGLang's layers set them (``sliding_window_size``: a query
+    attends its last ``sliding_window_size + 1`` tokens, FlashInfer's ``window_left``), each with its layer ids;
+    empty when every layer attends the whole sequence (-1, or None)."""
     windows: dict[int, list[int]] = {}
     for layer in layers:
         if (window := layer_window(layer)) is not None:

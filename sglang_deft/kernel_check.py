@@ -67,14 +67,14 @@ def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_bu
     logger.info("%s step=%d layer=%d rank=%d queries=%d max_abs_diff=%.6g max_abs_out=%.6g dtype=%s", LOG_PREFIX,
                 row["step"], row["layer"], row["rank"], row["queries"], row["max_abs_diff"], row["max_abs_out"],
                 row["dtype"])
-    row["within_tolerance"] = row["max_abs_diff"] <= allowed_diff(row["dtype"], row["max_abs_out"])  # (NaN: False)
+    allowed = allowed_diff(row["dtype"], row["max_abs_out"])
+    row["within_tolerance"] = row["max_abs_diff"] <= allowed  # (NaN: False)
     if not row["within_tolerance"]:
         logger.warning("deft: the kernels' output of layer %d at step %d (rank %d) differs from the fp32 reference by "
                        "%.4g, more than %s rounding allows (%.4g at |out| %.4g): a wrong plan or kernel for this "
                        "batch. Serve with SGLANG_DEFT_DECODE_IMPL=reference --disable-cuda-graph to decode by the "
                        "reference meanwhile, and report the log's 'tree decode stage 1' and kernel-check lines",
-                       layer_id, step, rank, row["max_abs_diff"], row["dtype"],
-                       allowed_diff(row["dtype"], row["max_abs_out"]), row["max_abs_out"])
+                       layer_id, step, rank, row["max_abs_diff"], row["dtype"], allowed, row["max_abs_out"])
     return row
 
 

@@ -24,7 +24,7 @@ import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
-from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems, sliding_windows
+from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems
 from sglang_deft.kernels import KVTree, attention_reference
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 
@@ -389,12 +389,16 @@ def test_layers_held_in_a_dict_are_checked_as_the_modules_are(server_args, model
     """SGLang's Transformers backend (--model-impl transformers, and its fallback for architectures SGLang has no
     class for) keeps its RadixAttention layers in a plain dict, attention_instances, which modules() does not walk:
     deft found no layer, so windows, caps and heads went unchecked and a windowed model got no window plan."""
+    from sglang_deft.config_checks import attention_layers as model_attention_layers, windows_of
+
     layers = windowed_layers(model_config, 64)
     model = torch.nn.Module()
     model.attention_instances = {layer.layer_id: layer for layer in reversed(layers)}
     runner = model_runner(triton_prefill(server_args), model_config, [])
     runner.model = model
-    assert sliding_windows(model) == {64: [layer.layer_id for layer in layers if layer.sliding_window_size == 64]}
+    found = model_attention_layers(model)
+    assert [layer.layer_id for layer in found] == sorted(layer.layer_id for layer in layers)
+    assert windows_of(found) == {64: [layer.layer_id for layer in layers if layer.sliding_window_size == 64]}
     args = copy.copy(triton_prefill(server_args))
     args.prefill_attention_backend = "torch_native"
     runner.server_args = args
