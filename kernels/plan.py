@@ -390,8 +390,9 @@ class TreeDecodePlanner:
         else:
             cap_b, cap_t, cap_i, cap_p, cap_m = B, T, I, P, P
         if cap_i > MAX_GRID_ITEMS:
+            fix = "give the capacity fewer max_items" if capacity is not None else "plan fewer queries per step"
             raise ValueError(f"{cap_i} work items per KV head: stage 1's launch grid holds at most {MAX_GRID_ITEMS} "
-                             f"(CUDA's limit on a grid's second axis); plan fewer queries per step")
+                             f"(CUDA's limit on a grid's second axis); {fix}")
         # Every field in one host buffer, in its place (schedule.c's layout): one copy moves them all.
         host = self._schedule.out[:s.packed_len]
         items = host[s.o_items:s.o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS)

@@ -61,6 +61,8 @@ def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, lo
     """Per query: gather its path's KV, softmax in fp32. Returns fp32 [B, Hq, D]. K and V stand for their
     values times ``k_scale`` / ``v_scale`` (an fp8 KV cache's scales, as in ``tree_decode``)."""
     B, Hq, D = q.shape
+    if B < tree.num_queries:
+        raise ValueError(f"q has {B} rows for a tree of {tree.num_queries} queries")
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv
     indptr = tree.node_indptr.tolist()
@@ -142,7 +144,8 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
         s[qi] = s[qi] * a_old + node_sum * a_new
         acc[qi] = acc[qi] * a_old[..., None] + node_acc * a_new[..., None]
         m[qi] = new_m
-    result = torch.where(s[..., None] > 0, acc / s.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
+    # Zeros only where a query had no KV (s == 0): a NaN score (NaN in q or K) must stay NaN, as in the kernels.
+    result = torch.where(s[..., None] == 0, torch.zeros_like(acc), acc / s[..., None])
     if out is None:
         out = torch.empty_like(q)
     out.copy_(result.to(out.dtype))

@@ -24,7 +24,7 @@ enum {
     DEFT_TOO_MANY_TILES = -4,  /* more query tiles than cap_items (info[4] says how many) */
     DEFT_BAD_CAPACITY = -5,    /* more queries than cap_queries */
     DEFT_NO_MEMORY = -6,
-    DEFT_BAD_PARAMETER = -7,   /* a count or size the planner divides by, or sizes by, is below 1 */
+    DEFT_BAD_PARAMETER = -7,   /* a count or size the planner divides by, or sizes by, is below 1; FLOP_PER_BYTE not positive */
 };
 
 enum { ITEM_FIELDS = 5 }; /* kv_start, kv_len, q_start, q_count, slot */
@@ -143,7 +143,8 @@ int64_t deft_schedule(const int32_t *node_indptr, const int32_t *node_parent, in
     for (int k = 0; k < INFO_LEN; k++) info[k] = 0;
     /* The planner's constants are module attributes that experiments change: a zero would divide by zero. */
     if (min_chunk_tokens < 1 || group_size < 1 || head_dim < 1 || kv_elem_bytes < 1 || num_kv_heads < 1 ||
-        num_sms < 1 || large_rows < 1 || programs_per_sm < 1 || small_rows < 0)
+        num_sms < 1 || large_rows < 1 || programs_per_sm < 1 || small_rows < 0 ||
+        !(flop_per_byte > 0 && flop_per_byte < 1e300) || program_latency_bytes < 0)  /* (NaN fails too) */
         return DEFT_BAD_PARAMETER;
     if (node_indptr[0] != 0) return DEFT_BAD_INDPTR;
     for (int64_t i = 0; i < N; i++) {

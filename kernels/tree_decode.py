@@ -198,6 +198,11 @@ class Stage1Config:
     separate_launches: bool = False  # large and small tiles in two launches (see _tree_decode_stage1)
     kernel: str = "triton"  # "triton": _tree_decode_stage1 here; "hopper": stage1_hopper's Gluon kernel
 
+    def __post_init__(self):
+        # A misspelt name would otherwise run (and be benchmarked as) the Triton kernel without a word.
+        if self.kernel not in ("triton", "hopper"):
+            raise ValueError(f"Stage1Config.kernel {self.kernel!r}: 'triton' or 'hopper'")
+
 
 HOPPER_CONFIG = Stage1Config(32, 32, 4, 2, kernel="hopper")  # stage1_hopper's fixed shape, for reference
 
@@ -320,8 +325,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if not type(sm_scale) is type(logit_cap) is type(k_scale) is type(v_scale) is float:  # (per layer: the cheap test)
         sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
         k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
-    if not logit_cap < _INF:  # (also NaN) cap x tanh(score / cap) would make every score NaN
-        raise ValueError(f"logit_cap {logit_cap}: a finite cap, or 0 for none")
+    if not logit_cap <= _FP32_MAX:  # (also NaN) the kernels take it in fp32: an infinite cap makes every score NaN
+        raise ValueError(f"logit_cap {logit_cap}: a cap finite in float32 (at most {_FP32_MAX:.4g}), or 0 for none")
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
@@ -389,7 +394,7 @@ def _elements_apart(t: torch.Tensor) -> bool:
     return True
 
 
-_INF = float("inf")
+_FP32_MAX = torch.finfo(torch.float32).max
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
 
 

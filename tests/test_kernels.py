@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from kernel_trees import make_tree, named_trees, random_forest
 import sglang_deft.kernels.plan as kernel_plan
 from sglang_deft.kernels import (KVTree, PlanCapacity, attention_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
-from sglang_deft.kernels.tree_decode import (HOPPER_CONFIG, STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage1_config,
-                                             stage2_shape)
+from sglang_deft.kernels.tree_decode import (HOPPER_CONFIG, STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, Stage1Config,
+                                             stage1_config, stage2_shape)
 
 CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -124,6 +125,22 @@ def test_matches_grouped_pytorch_path():
     assert not padded[len(q):].any()
     with pytest.raises(ValueError, match=f"q has {len(q) - 1} rows for a plan of {len(q)} queries"):
         tree_decode_reference(q[1:], k, v, TREES["random_forest"], scale, cap)
+    with pytest.raises(ValueError, match=f"q has {len(q) - 1} rows for a tree of {len(q)} queries"):
+        attention_reference(q[1:], k, v, TREES["random_forest"], scale, cap)  # (was a bare IndexError)
+
+
+def test_a_nan_score_stays_nan_in_every_path():
+    """The grouped reference (SGLang's CPU decode path) gave zeros to every query whose softmax sum was not above 0,
+    NaN included: a layer that blew up kept decoding plausible tokens, and the kernel check blamed the kernel."""
+    tree = TREES["random_forest"]
+    out, _, (q, k, v, plan, scale, cap) = run_case(tree, 8, 2, 64, torch.float32)
+    q = q.clone()
+    q[1, 0, 0] = float("nan")
+    for name, result in [("tree_decode", tree_decode(q, k, v, plan, scale, cap)),
+                         ("attention_reference", attention_reference(q, k, v, tree, scale, cap)),
+                         ("tree_decode_reference", tree_decode_reference(q, k, v, tree, scale, cap))]:
+        assert result[1, 0].isnan().all(), name
+        assert not result[0].isnan().any(), name
 
 
 # fanout_256 takes ~30 s per call in the interpreter, and its 256-query case is in test_tree_shapes;
@@ -232,8 +249,11 @@ def test_arguments_the_kernels_cannot_take_are_refused():
     # numpy scalars (SGLang's layers hold floats, but a config may hold numpy's) are taken as Python floats
     out = tree_decode(q, kv, kv, plan, np.float32(0.25), np.float32(30.0))
     torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
-    with pytest.raises(ValueError, match="logit_cap inf: a finite cap, or 0 for none"):
-        tree_decode(q, kv, kv, plan, 0.25, float("inf"))
+    for cap in (float("inf"), float("nan"), 1e39):  # 1e39 is finite in Python, inf in the kernels' fp32
+        with pytest.raises(ValueError, match=re.escape(f"logit_cap {cap}: a cap finite in float32")):
+            tree_decode(q, kv, kv, plan, 0.25, cap)
+    with pytest.raises(ValueError, match="Stage1Config.kernel 'Hopper': 'triton' or 'hopper'"):
+        Stage1Config(32, 32, 4, 2, kernel="Hopper")  # a misspelt kernel ran the Triton one
     with pytest.raises(TypeError):  # a float size reached schedule.c's ctypes call ("wrong type")
         PlanCapacity(4.0, 64, 32, 64, 64)
     assert PlanCapacity(np.int64(4), 64, 32, 64, 64).max_queries == 4

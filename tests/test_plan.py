@@ -396,5 +396,5 @@ def test_a_plan_past_the_launch_grid_is_refused_by_name():
     with pytest.raises(ValueError, match=f"{n} work items per KV head.*at most {MAX_GRID_ITEMS}"):
         plan_tree_decode(tree, 8, 8, 64)
     small = KVTree(tree.kv_indices[:8], tree.node_indptr[:9], tree.node_parent[:8], tree.query_node[:8])
-    with pytest.raises(ValueError, match="at most 65535"):
+    with pytest.raises(ValueError, match="at most 65535.*give the capacity fewer max_items"):
         plan_tree_decode(small, 8, 8, 64, capacity=PlanCapacity(8, 8, MAX_GRID_ITEMS + 1, 8, 8))

@@ -371,7 +371,8 @@ def test_the_schedule_itself_refuses_more_queries_than_its_layout_holds():
                        large_rows=64, programs_per_sm=4, cap_queries=2, cap_items=16, kv_tokens=None)
 
 
-@pytest.mark.parametrize("constant, value", [("MIN_CHUNK_TOKENS", 0), ("SMALL_ROWS", -16)])
+@pytest.mark.parametrize("constant, value", [("MIN_CHUNK_TOKENS", 0), ("SMALL_ROWS", -16), ("FLOP_PER_BYTE", 0.0),
+                                             ("FLOP_PER_BYTE", float("nan")), ("PROGRAM_LATENCY_BYTES", -1)])
 def test_a_planner_constant_set_out_of_range_is_a_clear_error(monkeypatch, constant, value):
     """Experiments change the planner's module constants; a zero chunk length divided by zero in C (SIGFPE:
     the process died)."""
