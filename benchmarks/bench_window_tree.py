@@ -20,12 +20,13 @@ every step (``fresh_read_tokens``). Steady steps keep the runs of their full pla
 and each run's shared part shrinks; a fresh tree may then choose other runs.
 
 Run: ``python benchmarks/bench_window_tree.py [--window 512] [--repeats 50] [--steps 130]`` (the CPU's KV slots; on a
-CUDA host the gather of the slots runs on the device: ``--device cuda``; on the CPU the steady steps' update kernel
-runs under ``TRITON_INTERPRET=1``).
+CUDA host the gather of the slots runs on the device: ``--device cuda``; on the CPU it sets ``TRITON_INTERPRET=1`` for
+the steady steps' update kernel).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -116,6 +117,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=0, help="also decode this many steps through a window step planner")
     args = p.parse_args(argv)
+    if torch.device(args.device).type == "cpu":
+        # The steady steps' kernel (kernels/tail_update.py) runs on CPU tensors only in Triton's interpreter, which
+        # Triton chooses as the kernels are defined: before sglang_deft.kernels is imported (by the step planner).
+        os.environ["TRITON_INTERPRET"] = "1"
     if not torch.cuda.is_available():  # SGLang importable without CUDA, as in the tests
         import sglang_deft.cpu_compat
 

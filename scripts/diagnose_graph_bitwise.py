@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import test_cuda_graph_gpu as T  # noqa: E402  (the test's server arguments, workloads and helpers)
-from server_group import serving  # noqa: E402
+from server_group import gpu_package_env, serving  # noqa: E402
 from sglang_deft.server_process import ServerProcess  # noqa: E402
 
 KEEP = re.compile(r"deft trace|deft plan buffers|Prefill batch|Decode batch|DeFT decode sharing|tree decode stage 1")
@@ -69,10 +69,12 @@ VARIANTS = {
 def main() -> int:
     out = Path(os.environ.get("OUT", "graph_bitwise_out"))
     out.mkdir(parents=True, exist_ok=True)
-    env, cwd = T._importable_package_env()
+    env, cwd = gpu_package_env()
     env["SGLANG_DEFT_TRACE_PLANS"] = "1"
     names = os.environ.get("SERVERS", ",".join(VARIANTS)).split(",")
-    servers = {name: ServerProcess(name, T.SERVER_ARGS + VARIANTS[name], out / f"{name}.log", cwd=cwd, env=env)
+    model = ["--model-path", str(T.server_test_model())]  # (the test's fixture adds it to SERVER_ARGS, as here)
+    servers = {name: ServerProcess(name, model + T.SERVER_ARGS + VARIANTS[name], out / f"{name}.log", cwd=cwd,
+                                   env=env)
                for name in names}
     with serving(servers, 600):
         startup = {name: len(T.prefill_batches(s)) for name, s in servers.items()}

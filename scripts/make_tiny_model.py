@@ -311,6 +311,8 @@ def main(argv=None) -> int:
         ap.error("--heads and --out go together")
     if args.architecture != "llama" and args.heads is None:
         ap.error("--architecture makes a variant: give --heads and --out")
+    if args.check and args.heads is not None:  # (it wrote the variant and said nothing of --check)
+        ap.error("--check compares the bundled model (--model-dir); a variant (--heads) has no stored file to check")
     if args.heads is not None:
         try:
             dims = parse_heads(args.heads)

@@ -177,6 +177,10 @@ def decode_impl_problem(device: str, decode: bool) -> str | None:
     return None
 
 
+def device_problem(device: str) -> str | None:
+    return None if device in ("cuda", "cpu") else f"--device {device}: the deft backend supports cuda and cpu"
+
+
 def server_args_problems(server_args) -> list[str]:
     """Problems of the flags alone (no model config needed); empty when deft is not selected."""
     decode, prefill = deft_roles(server_args)
@@ -252,8 +256,8 @@ def server_args_problems(server_args) -> list[str]:
     if a.grpc_mode or a.use_ray or a.encoder_only:
         flag = "--grpc-mode" if a.grpc_mode else "--use-ray" if a.use_ray else "--encoder-only"
         problems.append(f"{flag}: the deft registration reaches only the HTTP server's and Engine's processes")
-    if a.device not in ("cuda", "cpu"):
-        problems.append(f"--device {a.device}: the deft backend supports cuda and cpu")
+    if problem := device_problem(a.device):
+        problems.append(problem)
     on_cpu = a.device == "cpu"
     cpu_prefill = backend_names(a)[1]
     flag = "--prefill-attention-backend" if a.prefill_attention_backend else "--attention-backend"

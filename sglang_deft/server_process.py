@@ -128,8 +128,16 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+# The local addresses (as /proc/net/tcp{,6} write them: hex, in the kernel's byte order) of a listener that would
+# answer a connection to 127.0.0.1, where a ServerProcess polls its server: 127.0.0.1 itself, any IPv4 address,
+# any IPv6 address (dual-stack) and the v4-mapped ::ffff:127.0.0.1. A listener on 127.0.0.2, ::1 or a LAN address
+# at the same port answers nothing there.
+_ANSWERS_LOOPBACK = {"0100007F", "00000000", "0" * 32, "0000000000000000FFFF00000100007F"}
+
+
 def _listening_inodes(port: int) -> set[str] | None:
-    """The inodes of the TCP sockets listening on ``port`` (any address); None where /proc/net is not there."""
+    """The inodes of the TCP sockets listening on ``port`` where they would answer 127.0.0.1; None where
+    /proc/net is not there."""
     inodes, readable = set(), False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -139,7 +147,10 @@ def _listening_inodes(port: int) -> set[str] | None:
         readable = True
         for row in rows:
             fields = row.split()  # sl local_address rem_address st ... inode; st 0A is LISTEN
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if len(fields) <= 9 or fields[3] != "0A":
+                continue
+            address, hex_port = fields[1].rsplit(":", 1)
+            if int(hex_port, 16) == port and address.upper() in _ANSWERS_LOOPBACK:
                 inodes.add(fields[9])
     return inodes if readable else None
 

@@ -14,7 +14,7 @@ import torch
 
 from sglang_deft import cpu_compat
 from sglang_deft.config_checks import (BACKEND_NAME, UnsupportedConfiguration, deterministic_inference_problem,
-                                       model_file_problems)
+                                       device_problem, model_file_problems)
 from sglang_deft.patches.sglang_version import require_supported_sglang
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,13 @@ def split_deft_backend(args: MutableMapping, device: str) -> None:
     instead of SGLang's hardware default (fa3 on Hopper, which the devkit's GPU host lacks).
     ``args`` holds ServerArgs field names (an argparse namespace's ``vars()`` or Engine kwargs).
     """
-    if device not in EXTEND_BACKEND:
-        return  # the config checks refuse the device
     attention, decode = args.get("attention_backend"), args.get("decode_attention_backend")
+    if device not in EXTEND_BACKEND:
+        # Refused by name here: left unsplit, --attention-backend deft would be blamed first for running prefill
+        # on deft, a flag the user never gave.
+        if BACKEND_NAME in (attention, decode):
+            raise UnsupportedConfiguration([device_problem(device)])
+        return
     if attention == BACKEND_NAME and decode in (None, BACKEND_NAME):
         args["decode_attention_backend"] = BACKEND_NAME
     elif not (attention is None and decode == BACKEND_NAME):

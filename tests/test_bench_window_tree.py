@@ -36,3 +36,16 @@ def test_steady_steps_keep_runs_a_fresh_tree_would_split():
     fewer positions with two runs, while the steady steps keep the full plan's one."""
     r = bw.steady_reads([3] * 4 + [13], window=53, steps=24, device=torch.device("cpu"), prompt_len=100)
     assert r["steady_steps"] >= 20 and r["steady_read_tokens"] > r["fresh_read_tokens"]
+
+
+def test_the_script_runs_its_steady_steps_on_a_cpu_without_triton_interpret_set():
+    """Its Run line has no TRITON_INTERPRET: without it the steady steps' Triton kernel found no driver on a CPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_window_tree.py"), "--repeats", "1",
+                             "--steps", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("2 steps (0 steady)") == len(bw.CASES)

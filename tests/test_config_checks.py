@@ -67,10 +67,17 @@ def test_split_on_gpu(given, expected):
     assert (args["attention_backend"], args["decode_attention_backend"]) == expected
 
 
-def test_split_leaves_other_devices_to_the_checks(deft_args):
-    args = {"attention_backend": "deft", "decode_attention_backend": None}
+def test_split_refuses_other_devices_by_name(deft_args):
+    """Left unsplit, --attention-backend deft on an xpu was refused first for running prefill on deft (by
+    --prefill-attention-backend deft, which the user never gave); the device came second."""
+    for given in ({"attention_backend": "deft", "decode_attention_backend": None},
+                  {"attention_backend": None, "decode_attention_backend": "deft"}):
+        with pytest.raises(UnsupportedConfiguration) as refused:
+            split_deft_backend(dict(given), "xpu")
+        assert refused.value.problems == ["--device xpu: the deft backend supports cuda and cpu"]
+    args = {"attention_backend": "triton", "decode_attention_backend": None}  # no deft: not ours to refuse
     split_deft_backend(args, "xpu")
-    assert args == {"attention_backend": "deft", "decode_attention_backend": None}
+    assert args == {"attention_backend": "triton", "decode_attention_backend": None}
     with pytest.raises(UnsupportedConfiguration, match="--device xpu: the deft backend supports cuda and cpu"):
         check_server_args(with_(deft_args, device="xpu"))
 

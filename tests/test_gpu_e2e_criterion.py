@@ -397,8 +397,20 @@ def test_kernel_check_summary_needs_every_check_within_the_tolerance():
     log = "\n".join([line.format(16, 0.0001, 4.0), line.format(32, 0.01, 4.0), line.format(48, 0.0002, 1.0)])
     s = g.kernel_check_summary(log)
     assert s["checks"] == 3 and s["max_abs_out"] == 4.0 and s["dtype"] == "float16"
-    assert s["allowed"] == pytest.approx(2 * 2 ** -11 * 4.0)  # at the largest output's magnitude
+    assert s["allowed"] == pytest.approx(2 * 2 ** -11 * 4.0)  # the worst check's, at its own |out|
+    assert s["worst"]["step"] == 32 and s["outside_tolerance"] == 1
     assert not s["within_tolerance"]  # the second check is 2.5x over
+
+
+def test_kernel_check_summary_judges_each_check_at_its_own_magnitude():
+    """A window layer's small outputs over their own allowance (the server warned) passed the summary, which
+    judged every check at the largest |out| of all of them."""
+    line = "[x] DeFT kernel check: step=16 layer={} queries=8 max_abs_diff={} max_abs_out={} dtype=float16"
+    s = g.kernel_check_summary("\n".join([line.format(0, 0.0005, 4.0), line.format(1, 0.0015, 0.25)]))
+    assert not s["within_tolerance"] and s["outside_tolerance"] == 1 and s["worst"]["layer"] == 1
+    assert s["allowed"] == pytest.approx(2 * 2 ** -11 * 0.25)
+    nan = g.kernel_check_summary("\n".join([line.format(0, 0.0005, 4.0), line.format(1, "nan", "nan")]))
+    assert not nan["within_tolerance"] and nan["worst"]["layer"] == 1
 
 
 class FakeModelServer:

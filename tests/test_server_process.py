@@ -237,6 +237,22 @@ def test_a_port_another_process_answers_on_is_not_taken_for_this_server(launcher
         other.server_close()
 
 
+def test_a_listener_on_another_address_at_the_same_port_is_not_a_rival(launcher, monkeypatch):
+    """free_port binds 127.0.0.1:0, and the kernel may hand out a port some service holds on another address
+    (127.0.0.2 here): nothing answers the server's 127.0.0.1 there, and the wait stopped a healthy server."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.2", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert port_free(port)
+        monkeypatch.setattr(server_process, "free_port", lambda: port)
+        server = launcher("silent")
+        # (a rival on 127.0.0.1 itself: test_a_port_another_process_answers_on_is_not_taken_for_this_server)
+        assert server.port == port and not server.port_held_by_another_process() and not server.port_taken()
+
+
 def test_a_zombie_is_not_a_live_process():
     """Under PID 1 or a subreaper that does not reap, a server's exited children stay zombies in its group:
     counting them, every stop() would wait out its whole grace and still find the group alive."""

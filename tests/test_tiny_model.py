@@ -248,6 +248,11 @@ def test_check_mode_catches_weights_that_differ_from_the_generator(tmp_path, cap
     capsys.readouterr()
     assert make_tiny_model.main(["--check", "--model-dir", str(tmp_path)]) == 1
     assert "differs from the generator in 1 tensors: ['model.layers.1.self_attn.k_proj.weight']" in capsys.readouterr().out
+    # --check with --heads wrote the variant and said nothing of the check: refused, nothing written
+    with pytest.raises(SystemExit):
+        make_tiny_model.main(["--check", "--heads", "32,8,128", "--out", str(tmp_path / "variant")])
+    assert "--check compares the bundled model" in capsys.readouterr().err
+    assert not (tmp_path / "variant").exists()
 
 
 def test_parse_heads():
