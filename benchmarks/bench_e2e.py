@@ -59,7 +59,8 @@ servers use 0.8 too and are kept small by their cap. Each server's ``max_total_n
 a case that would not fit is not run (the JSON says so). Cases run one backend at a time while the other
 servers idle (``--sleep-on-idle``); all repetition-1 runs come before any repetition 2, and ``--budget-s``
 skips what would not finish in time (``skipped`` in the JSON). Measured on the H200: startup with
-FlashInfer's JIT 107-146 s, warm-ups 1-4 s (~10 s with the radix cache off), each repetition of all cases ~1 min, stop 2 s (~4 min in all).
+FlashInfer's JIT 107-146 s, warm-ups 1-4 s (~10 s with the radix cache off), each repetition of all cases
+~1 min, stop 2 s (~4 min in all).
 
 Writes ``$OUT/e2e_<tag>.json`` and ``$OUT/e2e_<tag>.md`` (tag: the GPU's, ``h200``, ``h100`` ...; ``cpu`` with
 ``--device cpu``) after every measurement, so a killed run keeps what it measured; server logs and process-group ids

@@ -24,7 +24,8 @@ enum {
     DEFT_TOO_MANY_TILES = -4,  /* more query tiles than cap_items (info[4] says how many) */
     DEFT_BAD_CAPACITY = -5,    /* more queries than cap_queries */
     DEFT_NO_MEMORY = -6,
-    DEFT_BAD_PARAMETER = -7,   /* a count or size the planner divides by, or sizes by, is below 1; FLOP_PER_BYTE not positive */
+    DEFT_BAD_PARAMETER = -7,   /* a count or size the planner divides by, or sizes by, is below 1 (or
+                                  FLOP_PER_BYTE is not positive and finite) */
 };
 
 enum { ITEM_FIELDS = 5 }; /* kv_start, kv_len, q_start, q_count, slot */
