@@ -339,6 +339,7 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
     reqs = forked_batch(sim)
     B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
     window_steps = record_steady(backend, "window_step_planner") if backend.window_step_planner else None
+    full_steps = record_steady(backend) if backend.window_step_planner else None
     for _ in range(4):
         fb = decode_forward_batch(sim, reqs, kv_pool)
         inputs = step_inputs(B, layers)
@@ -352,8 +353,9 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
                 layer.sliding_window_size = window
                 assert not torch.allclose(out, whole, rtol=1e-3, atol=1e-3)
         sim.finish_decode(reqs)
-    # With the kernels, the window plan's last two steps were steady: moved on the device
+    # With the kernels, both plans' last two steps were steady: updated on the device
     assert window_steps in (None, [False, False, True, True])
+    assert full_steps == window_steps
 
 
 def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, model_config):
@@ -471,6 +473,7 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     if window is not None:
         server_args = triton_prefill(server_args)
     sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    full_steps = record_steady(backend)
     if window is not None:
         window_steps = record_steady(backend, "window_step_planner")
     reqs = forked_batch(sim)
@@ -507,6 +510,7 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
                 if r.levelname == "WARNING" and "fp32 reference" in r.getMessage()]
     assert [w.split(" at step ")[1][0] for w in warnings] == ["6"] * len(checked)
     assert "SGLANG_DEFT_DECODE_IMPL=reference" in warnings[0]
+    assert full_steps == [False, False, True, True, True, True]  # steps 4 and 6 checked on steady full plans too
     if window is not None:
         assert window_steps == [False, False, True, True, True, True]
 

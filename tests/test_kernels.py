@@ -86,12 +86,32 @@ def test_gqa_groups_of_any_size(hq, hkv, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_logit_cap(dtype):
-    out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=1.5)
+@pytest.mark.parametrize("cap", [0.5, 1.5, 30.0])  # (a kernel that ignored caps <= 1 passed with 1.5 alone)
+def test_logit_cap(dtype, cap):
+    out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=cap)
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
-    out_nocap, ref_nocap, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype)
-    # The cap must change the result, or this test could not catch a cap that is ignored.
-    assert (ref - ref_nocap).abs().max() > 10 * ATOL[dtype]
+    if cap < 2:  # scores of N(0, 1) inputs reach ~4: a cap of 30 barely touches them
+        out_nocap, ref_nocap, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype)
+        # The cap must change the result, or this test could not catch a cap that is ignored.
+        assert (ref - ref_nocap).abs().max() > 10 * ATOL[dtype]
+
+
+def test_the_references_cap_scores_as_sglang_defines_it():
+    """Both PyTorch references (the tests' ground truth and SGLang's CPU decode path) share one soft-cap helper, so
+    a wrong cap there would move the kernels' expected values with it: checked here against the definition,
+    cap * tanh(score / cap), on one query over two tokens."""
+    i32 = dict(dtype=torch.int32)
+    tree = KVTree(torch.tensor([0, 1], **i32), torch.tensor([0, 2], **i32), torch.tensor([-1], **i32),
+                  torch.tensor([0], **i32))
+    q = torch.tensor([[[3.0, 0.0]]])  # one head of dim 2
+    k = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]])  # scores 3 and -3 at sm_scale 1
+    v = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    cap = 2.0
+    capped = cap * torch.tanh(torch.tensor([3.0, -3.0]) / cap)
+    want = torch.softmax(capped, 0)  # out = p0 * v0 + p1 * v1 = (p0, p1)
+    for name, got in [("attention_reference", attention_reference(q, k, v, tree, 1.0, cap)),
+                      ("tree_decode_reference", tree_decode_reference(q, k, v, tree, 1.0, cap))]:
+        torch.testing.assert_close(got[0, 0].float(), want, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -564,6 +584,21 @@ def test_e4m3_is_refused_before_sm_89(monkeypatch):
     monkeypatch.setattr(module, "kv_dtype_unsupported_on", lambda kv_dtype, device: "a float8_e4m3fn KV cache on X")
     with pytest.raises(ValueError, match="tree_decode cannot read a float8_e4m3fn KV cache on X"):
         tree_decode(q, k, v, plan, 64 ** -0.5)
+
+
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_the_e4m3_rule_follows_the_gpus_capability(monkeypatch, capability, refused):
+    """The sm_89 rule itself (the test above replaces it), with the capability torch would report."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    rule = module.kv_dtype_unsupported_on.__wrapped__  # (past its per-process cache, which the mocks would fill)
+    why = rule(torch.float8_e4m3fn, torch.device("cuda", 0))
+    assert (why is not None) == refused
+    if refused:
+        assert f"GPU X (sm_{capability[0]}{capability[1]})" in why
+    assert rule(torch.float8_e5m2, torch.device("cuda", 0)) is None
 
 
 def test_both_kernel_modules_take_the_same_fp8_caches():
