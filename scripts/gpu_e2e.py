@@ -731,13 +731,14 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
 # (kernel_check.allowed_diff): two roundings of the output to the model's dtype at its magnitude.
 def kernel_check_summary(deft_log: str) -> dict | None:
     """The deft server's kernel-check lines, summarised; None when it logged none (CPU: reference path)."""
-    from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines
+    from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines, within_tolerance
 
     rows = parse_kernel_check_lines(deft_log)
     if not rows:
         return None
-    # Each check judged at its own |out|, as the server judged it (and warned): a window layer's smaller outputs
-    # must not borrow the allowance of a full layer's larger ones.
+    # Each check judged at its own |out|, by the server's rule (it warned for these): a window layer's smaller
+    # outputs must not borrow the allowance of a full layer's larger ones.
+    within = [within_tolerance(r) for r in rows]
     ratios = [r["max_abs_diff"] / max(allowed_diff(r["dtype"], r["max_abs_out"]), 1e-30) for r in rows]
     worst = rows[max(range(len(rows)), key=lambda i: ratios[i] if ratios[i] == ratios[i] else math.inf)]  # NaN first
     # One line per rank, checked step and checked layer (each TP rank checks its own heads; a model with window
@@ -747,7 +748,7 @@ def kernel_check_summary(deft_log: str) -> dict | None:
             "max_abs_out": max(r["max_abs_out"] for r in rows), "dtype": worst["dtype"],
             "worst": {k: worst[k] for k in ("step", "layer", "max_abs_diff", "max_abs_out")},
             "allowed": allowed_diff(worst["dtype"], worst["max_abs_out"]),  # the worst check's own allowance
-            "within_tolerance": all(x <= 1 for x in ratios), "outside_tolerance": sum(not x <= 1 for x in ratios)}
+            "within_tolerance": all(within), "outside_tolerance": within.count(False)}
 
 
 STAGE1_LINE = re.compile(r"tree decode stage 1 on (\S+), (.*?): (Gluon kernel for Hopper|Triton kernel.*)$", re.M)

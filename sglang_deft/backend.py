@@ -161,9 +161,9 @@ class DeftAttnBackend(AttentionBackend):
         # (Gemma's layer 0 is a window layer: checking layer 0 alone never checked the full-attention plan).
         window_ids = {i for ids in windows.values() for i in ids}
         ids = [layer.layer_id for layer in layers]  # (attention_layers sorts them)
-        self._checked_layers = frozenset(x for x in (next((i for i in ids if i in window_ids), None),
-                                                     next((i for i in ids if i not in window_ids), None))
-                                         if x is not None)
+        first_window = next((i for i in ids if i in window_ids), None)
+        first_full = next((i for i in ids if i not in window_ids), None)
+        self._checked_layers = frozenset({first_window, first_full} - {None})
         self._check_window_builder: DecodeKVTreeBuilder | None = None  # the checks' window trees on steady steps
         self.eager_steps = 0
         # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager

@@ -35,6 +35,12 @@ def allowed_diff(dtype: str, max_abs_out: float) -> float:
     """The largest kernel-vs-reference difference that is rounding: twice the dtype's roundoff times |out|."""
     return 2 * ROUNDOFF.get(dtype, ROUNDOFF["bfloat16"]) * max_abs_out
 
+
+def within_tolerance(row: dict) -> bool:
+    """Whether a check's difference is rounding at its own |out| (NaN: False): the server's verdict, which tools
+    reading the logged lines back apply as it did."""
+    return row["max_abs_diff"] <= allowed_diff(row["dtype"], row["max_abs_out"])
+
 ENV = "SGLANG_DEFT_VERIFY_EVERY"
 LOG_PREFIX = "DeFT kernel check:"
 _FIELD = re.compile(r"(\w+)=([0-9.e+-]+|\w+)")
@@ -67,9 +73,9 @@ def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_bu
     logger.info("%s step=%d layer=%d rank=%d queries=%d max_abs_diff=%.6g max_abs_out=%.6g dtype=%s", LOG_PREFIX,
                 row["step"], row["layer"], row["rank"], row["queries"], row["max_abs_diff"], row["max_abs_out"],
                 row["dtype"])
-    allowed = allowed_diff(row["dtype"], row["max_abs_out"])
-    row["within_tolerance"] = row["max_abs_diff"] <= allowed  # (NaN: False)
+    row["within_tolerance"] = within_tolerance(row)
     if not row["within_tolerance"]:
+        allowed = allowed_diff(row["dtype"], row["max_abs_out"])
         logger.warning("deft: the kernels' output of layer %d at step %d (rank %d) differs from the fp32 reference by "
                        "%.4g, more than %s rounding allows (%.4g at |out| %.4g): a wrong plan or kernel for this "
                        "batch. Serve with SGLANG_DEFT_DECODE_IMPL=reference --disable-cuda-graph to decode by the "

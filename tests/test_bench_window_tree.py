@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -40,10 +43,6 @@ def test_steady_steps_keep_runs_a_fresh_tree_would_split():
 
 def test_the_script_runs_its_steady_steps_on_a_cpu_without_triton_interpret_set():
     """Its Run line has no TRITON_INTERPRET: without it the steady steps' Triton kernel found no driver on a CPU."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_window_tree.py"), "--repeats", "1",
                              "--steps", "2"], capture_output=True, text=True, env=env, timeout=300)

@@ -100,10 +100,8 @@ def test_the_references_cap_scores_as_sglang_defines_it():
     """Both PyTorch references (the tests' ground truth and SGLang's CPU decode path) share one soft-cap helper, so
     a wrong cap there would move the kernels' expected values with it: checked here against the definition,
     cap * tanh(score / cap), on one query over two tokens."""
-    i32 = dict(dtype=torch.int32)
-    tree = KVTree(torch.tensor([0, 1], **i32), torch.tensor([0, 2], **i32), torch.tensor([-1], **i32),
-                  torch.tensor([0], **i32))
-    q = torch.tensor([[[3.0, 0.0]]])  # one head of dim 2
+    tree = one_node_tree([0, 1])  # two queries on it, each given the same q
+    q = torch.tensor([[[3.0, 0.0]]] * 2)  # one head of dim 2
     k = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]])  # scores 3 and -3 at sm_scale 1
     v = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
     cap = 2.0
@@ -111,7 +109,7 @@ def test_the_references_cap_scores_as_sglang_defines_it():
     want = torch.softmax(capped, 0)  # out = p0 * v0 + p1 * v1 = (p0, p1)
     for name, got in [("attention_reference", attention_reference(q, k, v, tree, 1.0, cap)),
                       ("tree_decode_reference", tree_decode_reference(q, k, v, tree, 1.0, cap))]:
-        torch.testing.assert_close(got[0, 0].float(), want, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got[:, 0].float(), want.expand(2, 2), atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
