@@ -144,20 +144,50 @@ def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
                         "set SGLANG_DEFT_CACHE_DIR")
 
 
-def _cached_build(source: Path) -> Path | None:
-    """The newest library in the cache built from ``source`` by any compiler (None: none is): what a machine
-    without a compiler loads, e.g. an image whose compiler was removed after the first start built it."""
+def _cached_builds(source: Path) -> list[Path]:
+    """Every library in the cache built from ``source`` by any compiler, newest first."""
     pattern = f"{source.stem}_{_source_key(source)}_*{_suffix()}"
+    found = []
     for root, must_be_private in _cache_roots():
         try:
-            if not root.is_dir() or (must_be_private and not _private(root)):
-                continue
-            found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+            if root.is_dir() and not (must_be_private and not _private(root)):
+                found += [(p.stat().st_mtime_ns, p) for p in root.glob(pattern)]
         except OSError:
             continue
-        if found:
-            return found[-1]
-    return None
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def _load_cached(source: Path, cannot_build: CLibraryError) -> ctypes.CDLL:
+    """A library built earlier from ``source`` by any compiler, when this process cannot build one: an image whose
+    compiler was removed after its first start built it, or a compiler that no longer works (a missing header)."""
+    failed = []
+    for path in _cached_builds(source):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:  # cut short, say: an older build may still load
+            failed.append(f"{path} ({e})")
+            continue
+        logger.warning("sglang-deft: %s; loading %s, built earlier from this %s", cannot_build, path, source.name)
+        return lib
+    if failed:
+        raise CLibraryError(f"{cannot_build} The builds of {source.name} cached earlier do not load either: "
+                            f"{'; '.join(failed)}") from None
+    raise CLibraryError(f"{cannot_build} No build of {source.name} is cached either ({_cache_dir()}).") from None
+
+
+def _build_and_load(source: Path, cc: list[str]) -> ctypes.CDLL:
+    path = _build(source, cc)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as first:
+        # A cached file that does not load (cut short by a crash before it reached the disk): once more.
+        logger.warning("sglang-deft: %s does not load (%s); building it again", path, first)
+        path = _build(source, cc, rebuild=path)
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as e:
+            raise CLibraryError(f"cannot load {path} ({e}), built again just now; set SGLANG_DEFT_CACHE_DIR "
+                                "to a directory of your own (one not mounted noexec)") from e
 
 
 def load(source_name: str) -> ctypes.CDLL:
@@ -169,30 +199,8 @@ def load(source_name: str) -> ctypes.CDLL:
                 raise CLibraryError("sglang-deft's C planner is built for Linux and macOS only")
             source = HERE / source_name
             try:
-                cc = _compiler()
-            except CLibraryError as no_compiler:
-                path = _cached_build(source)
-                if path is None:
-                    raise CLibraryError(f"{no_compiler} No build of {source_name} is cached either "
-                                        f"({_cache_dir()}).") from None
-                logger.info("sglang-deft: no C compiler; loading %s, built earlier from this %s", path, source_name)
-                try:
-                    lib = _LOADED[source_name] = ctypes.CDLL(str(path))
-                except OSError as e:
-                    raise CLibraryError(f"cannot load {path} ({e}) and there is no C compiler to build "
-                                        f"{source_name} again: {no_compiler}") from e
-                return lib
-            path = _build(source, cc)
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as first:
-                # A cached file that does not load (cut short by a crash before it reached the disk): once more.
-                logger.warning("sglang-deft: %s does not load (%s); building it again", path, first)
-                path = _build(source, cc, rebuild=path)
-                try:
-                    lib = ctypes.CDLL(str(path))
-                except OSError as e:
-                    raise CLibraryError(f"cannot load {path} ({e}), built again just now; set SGLANG_DEFT_CACHE_DIR "
-                                        "to a directory of your own (one not mounted noexec)") from e
+                lib = _build_and_load(source, _compiler())
+            except CLibraryError as cannot_build:
+                lib = _load_cached(source, cannot_build)
             _LOADED[source_name] = lib
         return lib

@@ -169,8 +169,6 @@ def _plan_schedule(schedule: Schedule, tree: KVTree, *, group_size: int, head_di
     if indptr.numel() != num_nodes + 1:
         raise ValueError(f"KVTree.node_indptr has {indptr.numel()} entries for {num_nodes} nodes "
                          f"(needs {num_nodes + 1})")
-    if int(indptr[0]) != 0:  # items address kv_indices from node_indptr: a shifted start would misplace them
-        raise ValueError("KVTree.node_indptr must start at 0 and never decrease")
     # Items index kv_indices up to indptr[-1]: past its end the kernels would gather from wild slot ids.
     if kv_tokens is not None and int(indptr[-1]) != kv_tokens:
         raise ValueError(f"KVTree.node_indptr ends at {int(indptr[-1])} but kv_indices has {kv_tokens} slots")
@@ -189,8 +187,8 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
     """The host half of planning, unpacked: returns (qperm, items [I,5], num_large, merge_indptr,
     merge_slots, num_partials), the arrays as int64. For tests and experiments: the planner itself
     uploads the packed layout."""
-    tree = KVTree(torch.empty(0, dtype=torch.int32), *(torch.from_numpy(np.asarray(a, np.int32))
-                                                       for a in (node_indptr, node_parent, query_node)))
+    tree = KVTree(torch.empty(0, dtype=torch.int32), *(torch.from_numpy(_int32_array(a, name)) for a, name in (
+        (node_indptr, "node_indptr"), (node_parent, "node_parent"), (query_node, "query_node"))))
     schedule = Schedule()
     s = _plan_schedule(schedule, tree, group_size=group_size, head_dim=head_dim, kv_elem_bytes=kv_elem_bytes,
                        num_kv_heads=num_kv_heads, num_sms=num_sms, large_rows=large_rows,
@@ -199,6 +197,14 @@ def build_schedule(node_indptr: np.ndarray, node_parent: np.ndarray, query_node:
     items = out[s.o_items:s.o_items + s.items * ITEM_FIELDS].reshape(s.items, ITEM_FIELDS)
     return (out[:B], items, s.large_items, out[s.o_indptr:s.o_indptr + B + 1], out[s.o_slots:s.o_slots + s.partials],
             s.partials)
+
+
+def _int32_array(a, name: str) -> np.ndarray:
+    """``a`` as int32, refusing values int32 cannot hold (a cast would wrap them into other, valid-looking ids)."""
+    a = np.asarray(a)
+    if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} holds values past int32's range")
+    return a.astype(np.int32)
 
 
 _THREAD_SCHEDULES = threading.local()
@@ -351,6 +357,18 @@ class TreeDecodePlanner:
             self._staging = PinnedStagingRing(device)
         return self._staging.upload(host, out)
 
+    def _upload_host_kv(self, kv_indices: torch.Tensor, device: torch.device,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """Host slot ids copied for the plan, never held by reference: the plan's slot bound is checked on these
+        values, which the caller may change once ``plan`` returns. To a GPU through the staging ring, because a
+        plain ``.to()`` waits for the stream (a copy from pageable memory) and an asynchronous copy from the
+        caller's memory would read it after ``plan`` returned."""
+        if device.type == "cpu":
+            if out is None:
+                return kv_indices.clone(memory_format=torch.contiguous_format)
+            return out[:kv_indices.numel()].copy_(kv_indices)
+        return self._upload(kv_indices.numpy(), device, out)
+
     def plan(self, tree: KVTree, device: torch.device | str | None = None, *, capacity: PlanCapacity | None = None,
              reuse: TreeDecodePlan | None = None) -> TreeDecodePlan:
         """Plan one decode step over ``tree``; arguments as in ``plan_tree_decode``."""
@@ -360,11 +378,11 @@ class TreeDecodePlanner:
         if reuse is not None:
             if reuse.meta.device != named_device(device):
                 raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {named_device(device)}")
-            # Its buffers are written in place: they must be a plan's own (not a caller's kv_indices,
+            # Its buffers are written in place: they must be a plan's own (not a caller's device kv_indices,
             # which a plan made without capacity holds), and their sizes are the capacity.
             if not reuse.fixed_buffers:
-                raise ValueError("reuse= takes a plan made with capacity= (one without holds the caller's "
-                                 "kv_indices, which would be overwritten)")
+                raise ValueError("reuse= takes a plan made with capacity= (one without holds a caller's "
+                                 "device kv_indices, which would be overwritten)")
             # A graph captured with reuse's buffers keeps its tile shape: a plan cut for other tiles
             # would leave rows uncomputed.
             if (reuse.num_qo_heads, reuse.num_kv_heads, reuse.head_dim, reuse.large_rows) != (
@@ -399,8 +417,10 @@ class TreeDecodePlanner:
         self._item_start, self._item_end = items[:, 0].copy(), items[:, 0] + items[:, 1]
         if capacity is None:
             meta = self._upload(host, device)
-            # The kernels index it as contiguous int32 (.to returns the tensor itself when it already is).
-            kv_indices = tree.kv_indices.to(device=device, dtype=torch.int32).contiguous()
+            if tree.kv_indices.device.type == "cpu":
+                kv_indices = self._upload_host_kv(tree.kv_indices, device)
+            else:  # held where it is (the kernels index it as contiguous int32)
+                kv_indices = tree.kv_indices.to(device=device).contiguous()
             partial_out = torch.empty(max(cap_p, 1), Hq, D, dtype=torch.float32, device=device)
             partial_lse = torch.empty(max(cap_p, 1), Hq, dtype=torch.float32, device=device)
         else:
@@ -420,10 +440,13 @@ class TreeDecodePlanner:
             src = tree.kv_indices
             if src.data_ptr() != kv_indices.data_ptr() or not src.is_contiguous():  # else built in place (the
                 # DecodeKVTreeBuilder's kv_out); a view of these buffers laid out otherwise is copied out first
-                if src.device == kv_indices.device and (
-                        src.untyped_storage().data_ptr() == kv_indices.untyped_storage().data_ptr()):
-                    src = src.clone()
-                kv_indices[:T].copy_(src, non_blocking=True)
+                if src.device.type == "cpu":
+                    self._upload_host_kv(src, kv_indices.device, kv_indices)
+                else:
+                    if src.device == kv_indices.device and (
+                            src.untyped_storage().data_ptr() == kv_indices.untyped_storage().data_ptr()):
+                        src = src.clone()
+                    kv_indices[:T].copy_(src, non_blocking=True)
             # The gaps between the fields (entries past this step's sizes) are never read.
             self._upload(host, device, meta)
             buffers.num_queries, buffers.max_kv_slot = B, max_kv_slot
@@ -453,7 +476,9 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
 
     ``device`` defaults to the device of ``reuse``'s buffers, else of ``tree.kv_indices``. Node and
     query metadata are read on the host (pass them as CPU tensors to avoid a device sync);
-    ``kv_indices`` is used where it is.
+    ``kv_indices`` on the plan's device is used where it is (without ``capacity`` the plan holds the caller's
+    tensor: change it and the plan reads the new ids); host ``kv_indices`` are checked (slot ids >= 0, the
+    largest against the KV buffer at each ``tree_decode``) and copied, without waiting for the device.
     With ``capacity``, buffers have fixed sizes and launch grids cover the capacity (programs past
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any
     later plan written into the same buffers via ``reuse=plan`` (which keeps that plan's capacity and

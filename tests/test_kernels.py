@@ -343,6 +343,24 @@ def test_kv_slot_ids_outside_the_buffers_are_refused():
                                 kv_dtype=torch.float32).max_kv_slot is None
 
 
+@pytest.mark.parametrize("with_capacity", [False, True])
+def test_host_kv_indices_are_copied_when_planned(with_capacity):
+    """Host slot ids are the plan's own once planned: a CPU plan held the caller's tensor (its slot bound, checked at
+    plan time, then covered ids the caller wrote later: slot 10**6 was gathered from a 12-slot buffer), and a CUDA
+    plan copied them later than plan() returned (non_blocking from the caller's memory) or with a wait for the device."""
+    tree = one_node_tree([0, 1, 11])
+    original = tree.kv_indices.clone()
+    cap = PlanCapacity(max_queries=4, max_kv_tokens=16, max_items=32, max_partials=64, max_merge=64)
+    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32, capacity=cap if with_capacity else None)
+    tree.kv_indices[2] = 10**6  # the caller reuses its tensor for the next step at once
+    assert plan.kv_indices.untyped_storage().data_ptr() != tree.kv_indices.untyped_storage().data_ptr()
+    assert plan.kv_indices[:3].tolist() == original.tolist()
+    q = torch.randn(2, 8, 16, device=DEVICE)
+    kv = torch.randn(12, 2, 16, device=DEVICE)
+    expected = attention_reference(q, kv, kv, one_node_tree(original.tolist()), 0.25)
+    torch.testing.assert_close(tree_decode(q, kv, kv, plan, 0.25), expected, atol=ATOL[torch.float32], rtol=0)
+
+
 def test_head_offsets_past_int32_are_refused():
     """A head's offset (head x head stride) is int32 in the kernels: a head-major view of a buffer past 2^31
     elements would wrap it. Meta tensors stand for such buffers (8 GiB each) without their memory."""

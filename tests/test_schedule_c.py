@@ -3,6 +3,7 @@ C library is built (tests/test_plan_reference.py holds its plans to the specific
 from __future__ import annotations
 
 import ctypes
+import os
 import dataclasses
 
 import numpy as np
@@ -107,6 +108,30 @@ def test_without_a_compiler_a_build_cached_earlier_is_loaded(tmp_path, monkeypat
     monkeypatch.setattr(c_library, "_LOADED", {})
     (tmp_path / "one.c").write_text("int one(void) { return 2 - 1; }\n")
     with pytest.raises(c_library.CLibraryError, match="found no C compiler.*No build of one.c is cached either"):
+        c_library.load("one.c")
+
+
+def test_a_compiler_that_fails_falls_back_to_a_build_cached_earlier(tmp_path, monkeypatch):
+    """A compiler that is there but cannot build (no libc headers, a $CC naming a missing program) is no worse than
+    none: a build cached earlier is loaded, the newest that loads. Before, only a machine without any compiler
+    looked in the cache, and it gave up at a newest file cut short."""
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    monkeypatch.setattr(c_library, "HERE", tmp_path)
+    (tmp_path / "one.c").write_text("int one(void) { return 1; }\n")
+    assert c_library.load("one.c").one() == 1
+    (built,) = (tmp_path / "cache").iterdir()
+    # A newer build from another compiler, cut short: skipped for the older one that loads.
+    cut_short = built.with_name(built.name.replace(built.name.split("_")[-1], "deadbeef" + c_library._suffix()))
+    cut_short.write_bytes(b"")
+    os.utime(cut_short, ns=(built.stat().st_mtime_ns + 10**9,) * 2)
+    for cc in ("false", str(tmp_path / "no-such-cc")):
+        monkeypatch.setenv("CC", cc)
+        monkeypatch.setattr(c_library, "_LOADED", {})
+        assert c_library.load("one.c").one() == 1
+    built.unlink()
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="(?s)building one.c failed.*cached earlier do not load either"):
         c_library.load("one.c")
 
 
@@ -382,3 +407,11 @@ def test_a_planner_constant_set_out_of_range_is_a_clear_error(monkeypatch, const
     tree = make_tree([-1, 0, 0], [300, 5, 7], [1, 2])
     with pytest.raises(ValueError, match="must be positive"):
         plan.plan_tree_decode(tree, 32, 8, 128)
+
+
+def test_build_schedule_refuses_ids_past_int32():
+    """build_schedule (tests' and experiments' entry) cast with np.asarray(a, np.int32): a query node 2**32 + 1 wrapped
+    to node 1 and was planned as that, where the planner itself refuses int64 metadata."""
+    with pytest.raises(ValueError, match="query_node holds values past int32's range"):
+        build_schedule(np.array([0, 5, 8]), np.array([-1, 0]), np.array([2**32 + 1]), group_size=4, head_dim=128,
+                       kv_elem_bytes=2, num_kv_heads=8, num_sms=8)
