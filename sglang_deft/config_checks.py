@@ -524,7 +524,7 @@ def model_runner_problems(model_runner) -> list[str]:
         # else refuses them); forward_decode would raise at the first decode or graph capture
         problems.append(f"attention sinks ({sinks[0]}.sinks{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
                         "are not supported: deft's softmax has no sink term")
-    problems += _sliding_window_problems(windows_of(layers), backend_names(a)[1])
+    problems += _sliding_window_problems(windows_of(layers), backend_names(a)[1], model_runner.sliding_window_size)
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 
 
@@ -614,13 +614,24 @@ def _head_shape_problems(layers) -> list[str]:
             "layers of one shape"]
 
 
-def _sliding_window_problems(windows: dict[int, list[int]], prefill_backend: str | None) -> list[str]:
+def _sliding_window_problems(windows: dict[int, list[int]], prefill_backend: str | None,
+                             runner_window: int | None) -> list[str]:
+    """``runner_window``: the model runner's ``sliding_window_size``, which SGLang's triton prefill cuts each windowed
+    layer's KV by (its layers' own window only masks)."""
     if not windows:
         return []
     problems = []
     if len(windows) > 1:
         sizes = ", ".join(f"{w} in layers {ids}" for w, ids in sorted(windows.items()))
         problems.append(f"sliding windows of {len(windows)} sizes ({sizes}): deft plans one window per decode step")
+    elif prefill_backend == "triton" and runner_window != next(iter(windows)):
+        # Set from the model class's get_attention_sliding_window_size (Gemma's); Cohere2's, ExaoneMoE's and
+        # --model-impl transformers' windowed layers have none, and the triton prefill then reads window KV
+        # indices it never built (None) at the first prompt
+        problems.append(f"sliding windows ({next(iter(windows))}) with prefill on triton, whose window the model "
+                        f"runner sets to {runner_window} (the model class has no get_attention_sliding_window_size "
+                        "giving its layers' window): SGLang's triton prefill would fail or cut the windows wrong; "
+                        "prefill on fa3 (--prefill-attention-backend fa3), which reads each layer's window")
     if prefill_backend not in _WINDOW_PREFILL_BACKENDS:
         problems.append(f"sliding windows ({', '.join(map(str, sorted(windows)))}) with prefill on {prefill_backend}: "
                         f"SGLang's {prefill_backend} backend does not apply them (it attends every prompt token), so "

@@ -17,6 +17,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from sglang_deft.patches.sglang_version import require_supported_sglang
+
+    # Before SGLang's modules are imported: another release may lack them, which would fail as a bare ImportError
+    require_supported_sglang("sglang_deft.registration")
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 

@@ -24,7 +24,7 @@ import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
-from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems
+from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems, windows_of
 from sglang_deft.kernels import KVTree, attention_reference
 from sglang_deft.kv_tree_builder import DecodeKVTreeBuilder, build_decode_kv_tree
 
@@ -55,10 +55,12 @@ def kv_pool_for(layers, size: int, dtype: torch.dtype = torch.float32) -> MHATok
 
 def model_runner(server_args, model_config, layers, sim=None, kv_pool=None, **overrides):
     """The ModelRunner fields the backend and its checks read."""
+    windows = list(windows_of(layers))  # as Gemma's get_attention_sliding_window_size sets it
     fields = dict(server_args=server_args, model_config=model_config, model=torch.nn.ModuleList(layers),
                   device="cpu", kv_cache_dtype=kv_pool.dtype if kv_pool else None,
                   req_to_token_pool=sim.req_to_token_pool if sim else None, token_to_kv_pool=kv_pool,
-                  use_mla_backend=False, sliding_window_size=None, mambaish_config=None, tp_rank=0)
+                  use_mla_backend=False, sliding_window_size=windows[0] if len(windows) == 1 else None,
+                  mambaish_config=None, tp_rank=0)
     return SimpleNamespace(**{**fields, **overrides})
 
 
@@ -370,6 +372,16 @@ def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, mo
         problems = model_runner_problems(model_runner(args, model_config, layers))
         assert len(problems) == 1 and problems[0].startswith(
             f"sliding windows (64) with prefill on {prefill}: SGLang's {prefill} backend does not apply them"), problems
+    # Windowed layers in a model class without get_attention_sliding_window_size (Cohere2's, ExaoneMoE's): SGLang's
+    # triton prefill builds no window KV indices and failed at the first prompt; fa3's reads each layer's window
+    for runner_window in (None, 32):
+        [problem] = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers,
+                                                       sliding_window_size=runner_window))
+        assert problem.startswith(f"sliding windows (64) with prefill on triton, whose window the model runner sets to "
+                                  f"{runner_window}") and "--prefill-attention-backend fa3" in problem, problem
+    args = copy.copy(triton_prefill(server_args))
+    args.prefill_attention_backend = "fa3"
+    assert model_runner_problems(model_runner(args, model_config, layers, sliding_window_size=None)) == []
     layers[2].sliding_window_size = 32
     problems = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers))
     assert problems == ["sliding windows of 2 sizes (32 in layers [2], 64 in layers [0]): deft plans one window per "

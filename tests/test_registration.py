@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 import sglang_deft.backend as backend_module
 from sglang_deft import registration
 from sglang_deft.patches import forward_batch_reqs
@@ -76,3 +78,24 @@ def test_forward_batch_carries_the_batch_requests(monkeypatch):
     assert fb.deft_reqs is reqs  # the live requests, not a copy
     assert (fb.cls, fb.model_runner) == (ForwardBatch, "runner")
     assert ForwardBatch.init_new(SimpleNamespace(reqs=None), "runner").deft_reqs is None
+
+
+def test_register_refuses_another_sglang_release_before_importing_it(monkeypatch):
+    """register() imported SGLang's registry before any version check: called directly under another release it
+    failed as a bare ImportError or AttributeError instead of naming the release it needs."""
+    import builtins
+
+    from sglang_deft.patches import sglang_version
+
+    monkeypatch.setattr(registration, "_registered", False)
+    monkeypatch.setattr(sglang_version, "version", lambda name: "0.5.11")
+    real_import = builtins.__import__
+
+    def no_sglang(name, *args, **kwargs):
+        if name.startswith("sglang.srt"):
+            raise ImportError(f"no module named {name}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sglang)
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match="SGLang 0.5.11 is installed"):
+        registration.register()
