@@ -539,8 +539,8 @@ def markdown(report: dict) -> str:
            f"{meta.get('deft_stage1_kernel', 'triton')}.", ""]
     out += lines
     if gm:
-        out += ["", f"Geomean deft speedup over the best baseline on DESIGN.md's shared trees "
-                    f"({n_design} of 5 run): {gm:.2f}x"]
+        out += ["", f"Geomean deft speedup on DESIGN.md's shared trees ({n_design} of 5 run), per tree "
+                    f"{geomean_label(report)}: {gm:.2f}x"]
     elif n_design:
         out += ["", "Geomean speedup: not available (a shared DESIGN.md tree without a correct deft and "
                     "baseline pair)."]
@@ -558,10 +558,29 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def geomean_baselines(report: dict) -> tuple[list[str], list[str]]:
+    """The baselines the shared trees' geomean is over: those correct on every shared tree that ran, and the others
+    of BASELINES (not run, or failed or skipped on some tree), against which the geomean says nothing."""
+    design = [r for r in report["cases"] if r.get("design_shared")]
+    every = [p for p in BASELINES if design and all(r["providers"].get(p, {}).get("status") == "ok" for r in design)]
+    return every, [p for p in BASELINES if p not in every]
+
+
+def geomean_label(report: dict) -> str:
+    """What the geomean is over, for the report and the console: the baselines, and those it leaves out."""
+    every, missing = geomean_baselines(report)
+    label = "over the best of " + (", ".join(PROVIDER_LABEL[p] for p in every) or "no baseline on every tree")
+    if missing:
+        label += (f" (partial: without {', '.join(PROVIDER_LABEL[p] for p in missing)}, not run or not correct on "
+                  "every shared tree)")
+    return label
+
+
 def write_report(report: dict, out_dir: Path, tag: str) -> None:
     design = [r.get("speedup_vs_best") for r in report["cases"] if r.get("design_shared")]
     # Only when every shared tree that ran has a speedup: a partial geomean would flatter.
     report["geomean_speedup_design_shared"] = geomean(design) if design and all(design) else None
+    report["geomean_baselines"], report["geomean_baselines_missing"] = geomean_baselines(report)
     (out_dir / f"kernels_{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / f"kernels_{tag}.md").write_text(markdown(report))
 
@@ -935,7 +954,9 @@ def main(argv=None) -> int:
         print(f"[bench] wrote {args.out / f'kernels_{args.tag}.json'} and .md in {meta['wall_s']} s", flush=True)
         gm = report.get("geomean_speedup_design_shared")
         if gm:
-            print(f"[bench] geomean speedup over best baseline, 5 shared DESIGN trees: {gm:.2f}x", flush=True)
+            n = sum(1 for r in report["cases"] if r.get("design_shared"))
+            print(f"[bench] geomean speedup on {n} of DESIGN.md's 5 shared trees, {geomean_label(report)}: {gm:.2f}x",
+                  flush=True)
     return 0
 
 
