@@ -14,7 +14,7 @@ is SGLang's triton backend everywhere and only decode differs (flashinfer decode
 ``--deft-args=...``, ``--flashinfer-args=...`` and ``--triton-args=...`` (default none: SGLang's
 defaults, CUDA graphs on, up to ``--cuda-graph-max-bs 256``, for every backend;
 ``--deft-args=--disable-cuda-graph`` measures deft's eager steps).
-Models: ``8b`` (``.kit/models/llama3-8b-shape``, dummy weights, bfloat16, ``--skip-tokenizer-init``) and
+Models: ``8b`` (``models/llama3-8b-shape``, dummy weights, bfloat16, ``--skip-tokenizer-init``) and
 ``tiny`` (``models/tiny-llama-deft``, float16, with its tokenizer, for the sglang.lang program); by name only,
 ``8b_d256`` (the 8b shape with 16 q / 8 kv heads of 256) and ``gemma3_12b`` (Gemma-3-12B's text model with dummy
 weights: sliding-window layers at their real size; ``--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3``).
@@ -151,13 +151,13 @@ GEMMA3_12B_CONFIG = {
 
 MODELS = {
     "cuda": {
-        "8b": ModelSpec(REPO / ".kit" / "models" / "llama3-8b-shape",
+        "8b": ModelSpec(REPO / "models" / "llama3-8b-shape",
                         ("--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init"),
                         (1000, 128000), 16384),
         "tiny": ModelSpec(REPO / "models" / "tiny-llama-deft", ("--dtype", "float16"), (3, 300), 16384),
         # The 8b shape with 16 q / 8 kv heads of 256 (Gemma-2-9B's attention; the same hidden size, 4096;
         # 256 KB of KV per token, so that two servers' pools fit one H200 beside each other).
-        "8b_d256": ModelSpec(REPO / ".kit" / "models" / "llama3-8b-shape",
+        "8b_d256": ModelSpec(REPO / "models" / "llama3-8b-shape",
                              ("--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init",
                               "--json-model-override-args",
                               json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256})),

@@ -20,7 +20,7 @@ default, see below), its variants with real models' attention heads (``TINY_VARI
 ``tiny-d64``, ``tiny-d256``, ``tiny-gqa7``; everything said of ``tiny`` holds for them), the same under other
 model families' code (``FAMILY_VARIANTS``: ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-qwen3-moe``, ``tiny-mixtral``,
 ``tiny-phi3``), with sliding windows (``WINDOW_VARIANTS``: ``tiny-gemma2``, ``tiny-gemma3``, each with a ``-full``
-control; ``tiny-gemma3-global``) and ``8b`` (``.kit/models/llama3-8b-shape``, ``--load-format dummy
+control; ``tiny-gemma3-global``) and ``8b`` (``models/llama3-8b-shape``, ``--load-format dummy
 --skip-tokenizer-init``, bfloat16). Requests (token ids, greedy, chosen-token logprobs and top-10):
 a fork (prefix cached first, then k branches in one batch, as ``fork()`` does), a nested fork (each
 branch's prompt plus triton's output, forked 2 ways), and an ``n > 1`` request; on ``tiny`` also a
@@ -114,7 +114,7 @@ MODELS = {
     "tiny": dict(path=REPO / "models" / "tiny-llama-deft", extra=[], vocab=300, prefix=300, branches=8,
                  new_tokens=32, nested_tokens=16, tokenizer=True, max_total_tokens=16384, min_budget_s=100,
                  sharp=True),
-    "8b": dict(path=REPO / ".kit" / "models" / "llama3-8b-shape",
+    "8b": dict(path=REPO / "models" / "llama3-8b-shape",
                extra=["--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init"], vocab=128000,
                prefix=2000, branches=16, new_tokens=32, nested_tokens=16, tokenizer=False,
                max_total_tokens=32768, min_budget_s=210),
