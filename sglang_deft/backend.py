@@ -71,7 +71,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang.srt.utils import require_gathered_buffer
 
-from sglang_deft.config_checks import attention_layers, check_model_runner, layer_window, windows_of
+from sglang_deft.config_checks import attention_layers, check_model_runner, decode_impl, layer_window, windows_of
 from sglang_deft.kernel_check import check_layer, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import named_device
@@ -107,6 +107,15 @@ class DeftDecodeMetadata:
     step: int = 0  # eager decode steps so far, this one included
     window_plan: Any = None  # the sliding-window layers' plan (models with such layers; see the module doc)
     check_window_tree: KVTree | None = None  # check_tree's window tree, for the first sliding-window layer
+
+
+def unchecked_replays(every: int, kernels: bool, device: torch.device, server_args) -> str | None:
+    """What a server's kernel checks miss: only eager steps are checked, so under CUDA graphs (nearly every step a
+    replay) a user who asked for them saw almost no check lines and could take the silence for kernels verified."""
+    if every and kernels and device.type == "cuda" and not server_args.disable_cuda_graph:
+        return (f"deft: SGLANG_DEFT_VERIFY_EVERY={every} checks eager decode steps only; with CUDA graphs nearly every "
+                "step is a replay and goes unchecked: add --disable-cuda-graph to check every step it names")
+    return None
 
 
 @dataclass(frozen=True)
@@ -189,7 +198,16 @@ class DeftAttnBackend(AttentionBackend):
         self.step_planner: DecodeStepPlanner | None = None
         self.window_step_planner: DecodeStepPlanner | None = None  # the sliding-window layers' (window buffers)
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
-        if tree_attention.use_triton_kernels(self.device):
+        kernels = tree_attention.use_triton_kernels(self.device)
+        if self.logging_rank:
+            impl = decode_impl()
+            why = f"SGLANG_DEFT_DECODE_IMPL={impl}" if impl != "auto" else f"on {self.device.type}"
+            logger.info("deft: decode attention by %s (%s)", "the Triton tree-decode kernels" if kernels else
+                        "the PyTorch reference (kernels/reference.py, grouped by KV segment as the kernels are)", why)
+        if self.logging_rank and (warning := unchecked_replays(self.verify_every, kernels, self.device,
+                                                               model_runner.server_args)):
+            logger.warning(warning)
+        if kernels:
             # Made here, with or without CUDA graphs, before SGLang captures any graph: made at the first
             # decode step instead (after SGLang 0.5.10 has captured its piecewise CUDA graphs for prefill,
             # on by default), a --disable-cuda-graph server's prefill outputs changed from then on

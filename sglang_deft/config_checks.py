@@ -542,7 +542,7 @@ def _kv_cache_dtype_source(model_runner) -> str:
 def _layer_problems(layer) -> list[str]:
     from sglang.srt.layers.radix_attention import AttentionType
 
-    from .kernels.plan import MAX_HEAD_DIM
+    from .kernels.plan import LARGE_ROWS, MAX_HEAD_DIM
 
     problems = []
     # DECODER_BIDIRECTIONAL (every Gemma-3 layer) changes extend only: SGLang's triton prefill drops the causal
@@ -556,6 +556,11 @@ def _layer_problems(layer) -> list[str]:
         problems.append(f"Q/K head dim {layer.qk_head_dim} != V head dim {layer.v_head_dim} is not supported")
     elif layer.qk_head_dim > MAX_HEAD_DIM:
         problems.append(f"head dim {layer.qk_head_dim} is not supported (deft's kernels serve up to {MAX_HEAD_DIM})")
+    group = layer.tp_q_head_num // max(layer.tp_k_head_num, 1)
+    if group > LARGE_ROWS:  # the planner refused it when the backend was made, naming neither model nor flag
+        problems.append(f"{group} query heads per KV head on each rank ({layer.tp_q_head_num} / "
+                        f"{layer.tp_k_head_num}): deft computes a KV head's query heads as rows of one {LARGE_ROWS}-row "
+                        "tile (with one KV head replicated on every rank, a larger --tp-size gives each rank fewer)")
     if layer.logit_cap > 0 and layer.logit_capping_method != "tanh":
         problems.append(f"logit capping method {layer.logit_capping_method!r} is not supported (tanh only)")
     if layer.use_irope:

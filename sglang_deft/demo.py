@@ -266,8 +266,13 @@ def describe_server(info: dict) -> str:
             f"decode on {info.get('decode_attention_backend')}")
 
 
+class Signalled(SystemExit):
+    """The demo was sent SIGTERM or SIGHUP: it stops the server and exits 128 + the signal, as a shell reports a
+    process the signal ended (not 1 with "the server stopped answering", the examples' SystemExit)."""
+
+
 def _raise_on_sigterm(signum, frame):  # SIGTERM, SIGHUP
-    raise SystemExit(128 + signum)
+    raise Signalled(128 + signum)
 
 
 def main(argv=None) -> int:
@@ -318,7 +323,7 @@ def main(argv=None) -> int:
         shutil.rmtree(log_dir, ignore_errors=True)
         say(f"could not start the server: {e}")
         return 1
-    ok = False
+    ok, signalled = False, None
     try:  # from here on every way out stops the server
         say(f"command: {' '.join(server.command)}")
         say(f"server log: {log_path}")
@@ -345,6 +350,9 @@ def main(argv=None) -> int:
         ok = True
     except KeyboardInterrupt:
         say_if_possible("interrupted")
+    except Signalled as e:
+        signalled = e
+        say_if_possible(f"stopped by signal {e.code - 128} ({signal.Signals(e.code - 128).name})")
     except BrokenPipeError:  # stdout closed (`make demo | head`): nothing to say it on; the stop below still runs
         raise
     # the server exited or did not answer in time (its log says why), answered with no JSON (it died mid-reply:
@@ -371,6 +379,8 @@ def main(argv=None) -> int:
             shutil.rmtree(log_dir, ignore_errors=True)
         say_if_possible(f"server stopped; total {time.monotonic() - t_start:.1f} s"
                         + (f"; server log kept at {log_path}" if kept else "; server log removed (--keep-log keeps it)"))
+    if signalled is not None:
+        raise signalled
     return 0 if ok else 1
 
 

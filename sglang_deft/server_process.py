@@ -171,7 +171,10 @@ def _group_socket_inodes(pgid: int) -> set[str]:
 
 class ServerProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None, python: str = sys.executable, port: int | None = None):
+                 env: dict[str, str] | None = None, python: str = sys.executable, port: int | None = None,
+                 append_log: bool = False):
+        """``append_log``: add to ``log_path`` after a line naming the new port (a relaunch), instead of
+        starting it afresh."""
         self.name, self.args, self._cwd, self._env, self._python = name, list(args), cwd, env, python
         if port and not port_free(port):
             # SGLang binds its HTTP port only once the model is loaded, so until then wait_ready would take
@@ -181,7 +184,10 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a" if append_log else "w")
+        if append_log:
+            self._log.write(f"\n----- {name} relaunched on port {self.port} -----\n")
+            self._log.flush()  # before the child's writes, which go to the same file
         self.command = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
         # The parent-death signal comes when the *thread* that forked ends: only the main thread's end is the
         # process's (bench_e2e relaunches servers from pool threads that end before their servers should).
@@ -241,9 +247,11 @@ class ServerProcess:
         return bool(listening) and not listening & _group_socket_inodes(self.proc.pid)
 
     def relaunched(self) -> ServerProcess:
-        """Stops this server and starts the same command on a new port (same log path)."""
+        """Stops this server and starts the same command on a new port, its output after this one's in the same
+        log (an earlier attempt's error stays readable)."""
         self.stop()
-        return ServerProcess(self.name, self.args, self.log_path, cwd=self._cwd, env=self._env, python=self._python)
+        return ServerProcess(self.name, self.args, self.log_path, cwd=self._cwd, env=self._env, python=self._python,
+                             append_log=True)
 
     def post(self, route: str, payload: dict, timeout_s: float = 600):
         """The route's JSON answer; None for an empty one (e.g. ``/close_session``)."""
@@ -285,5 +293,9 @@ class ServerProcess:
                 if not process_group_alive(self.proc.pid):
                     break
         if self.proc.poll() is None:
-            self.proc.wait()
+            try:  # SIGKILL sent: only a launcher stuck in the kernel (a GPU driver's teardown) is still here
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                print(f"[{self.name}] launcher pid {self.proc.pid} survived SIGKILL for 60 s; not waiting for it",
+                      file=sys.stderr, flush=True)
         self._log.close()

@@ -388,6 +388,18 @@ def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, mo
                         "decode step"]
 
 
+def test_more_query_heads_per_kv_head_than_a_tile_holds_are_refused_by_model(server_args, model_config):
+    """128 query heads on one KV head (MQA) were refused by the planner as the backend was made, a bare ValueError
+    naming neither the layers nor what to change."""
+    layers = [RadixAttention(128, 32, 32 ** -0.5, 1, layer_id=i) for i in range(2)]
+    assert model_runner_problems(model_runner(server_args, model_config, layers)) == [
+        "attention layers [0, 1]: 128 query heads per KV head on each rank (128 / 1): deft computes a KV head's query "
+        "heads as rows of one 64-row tile (with one KV head replicated on every rank, a larger --tp-size gives each "
+        "rank fewer)"]
+    layers = [RadixAttention(64, 32, 32 ** -0.5, 1, layer_id=i) for i in range(2)]
+    assert model_runner_problems(model_runner(server_args, model_config, layers)) == []
+
+
 def test_attention_sinks_are_refused_at_startup(server_args, model_config):
     """gpt-oss's and MiMo-V2-Flash's attention modules hold sinks they pass to every attention call; with
     --disable-hybrid-swa-memory nothing else refuses those models, and forward_decode would raise mid-capture."""
@@ -525,6 +537,31 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     assert full_steps == [False, False, True, True, True, True]  # steps 4 and 6 checked on steady full plans too
     if window is not None:
         assert window_steps == [False, False, True, True, True, True]
+
+
+def test_kernel_checks_under_cuda_graphs_are_said_to_miss_the_replays(server_args):
+    """SGLANG_DEFT_VERIFY_EVERY checks eager steps: under CUDA graphs a server logged no check and no word why."""
+    from sglang_deft.backend import unchecked_replays
+
+    graphs, eager = copy.copy(server_args), copy.copy(server_args)
+    graphs.disable_cuda_graph, eager.disable_cuda_graph = False, True
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    warning = unchecked_replays(3, True, cuda, graphs)
+    assert "SGLANG_DEFT_VERIFY_EVERY=3 checks eager decode steps only" in warning and "--disable-cuda-graph" in warning
+    # Checked every step as asked: no checks asked for, graphs off, no graphs on a CPU, or the reference decoding
+    assert [unchecked_replays(*a) for a in ((0, True, cuda, graphs), (3, True, cuda, eager), (3, True, cpu, graphs),
+                                            (3, False, cuda, graphs))] == [None] * 4
+
+
+@cpu_only
+def test_the_server_log_names_what_computes_decode_attention(server_args, model_config, implementation, caplog):
+    """Nothing said whether the Triton kernels or the PyTorch reference decoded (SGLANG_DEFT_DECODE_IMPL=reference on a
+    GPU, any CPU server): only the absence of the stage-1 kernel's line told."""
+    layers = attention_layers(model_config)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.backend"):
+        random_kv_setup(server_args, model_config, layers, 64)
+    what = "the Triton tree-decode kernels" if implementation == "triton" else "the PyTorch reference"
+    assert f"deft: decode attention by {what}" in caplog.text and "(on cpu)" in caplog.text
 
 
 @pytest.mark.parametrize("raw, every", [(None, 0), ("0", 0), ("3", 3), ("often", None), ("-2", None), ("1.5", None)])

@@ -181,6 +181,26 @@ def test_a_server_that_stops_answering_mid_program_is_reported_as_such(monkeypat
     assert "[demo] the server stopped answering: no SGLang server answers" in capsys.readouterr().out
 
 
+def test_a_signal_stops_the_server_and_exits_as_signalled(monkeypatch, capsys, tmp_path):
+    """SIGTERM (a `kill`, CI cancelling the job) or SIGHUP (a closed terminal) was caught as the examples' SystemExit:
+    "the server stopped answering: 143" and exit 1, so a caller could not tell a killed demo from a failed one."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    server = FakeServer()
+    monkeypatch.setattr(demo, "ServerProcess", server)
+
+    def run_demo(*args, **kwargs):
+        demo._raise_on_sigterm(demo.signal.SIGTERM, None)
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--cpu"])
+    assert exit_.value.code == 128 + demo.signal.SIGTERM and server.stopped
+    out = capsys.readouterr().out
+    assert "[demo] stopped by signal 15 (SIGTERM)" in out and "stopped answering" not in out
+    assert "server log kept at" in out
+
+
 def test_main_names_the_model_it_was_given(monkeypatch, capsys, tmp_path):
     """--model-path: the start line names that model, and the answers are not called random."""
     monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))

@@ -145,12 +145,22 @@ def test_a_server_that_never_answers_times_out(launcher):
 
 def test_relaunched_stops_the_old_server_and_starts_the_same_command_on_another_port(launcher):
     server = launcher("silent")
+    deadline = time.monotonic() + 30
+    while "fake launcher silent" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
     again = server.relaunched()
     try:
         assert server.proc.poll() is not None and not process_group_alive(server.proc.pid)
         assert again.port != server.port and again.args == server.args and again.log_path == server.log_path
         assert again.command[:-1] == server.command[:-1]  # the same python, launcher and arguments
         assert again.proc.poll() is None
+        # The first attempt's output stays in the log, before the relaunch's (it was overwritten)
+        deadline = time.monotonic() + 30
+        while again.log().count("fake launcher silent") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = again.log()
+        assert log.count("fake launcher silent") == 2, log
+        assert log.index(f"relaunched on port {again.port}") < log.rindex("fake launcher silent")
     finally:
         again.stop(grace_s=1)
 
