@@ -386,6 +386,10 @@ def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, mo
     problems = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers))
     assert problems == ["sliding windows of 2 sizes (32 in layers [2], 64 in layers [0]): deft plans one window per "
                         "decode step"]
+    args = copy.copy(triton_prefill(server_args))  # both problems at once, not the second after the first is fixed
+    args.prefill_attention_backend = "torch_native"
+    problems = model_runner_problems(model_runner(args, model_config, layers))
+    assert len(problems) == 2 and problems[1].startswith("sliding windows (32, 64) with prefill on torch_native")
 
 
 def test_more_query_heads_per_kv_head_than_a_tile_holds_are_refused_by_model(server_args, model_config):
@@ -562,6 +566,21 @@ def test_the_server_log_names_what_computes_decode_attention(server_args, model_
         random_kv_setup(server_args, model_config, layers, 64)
     what = "the Triton tree-decode kernels" if implementation == "triton" else "the PyTorch reference"
     assert f"deft: decode attention by {what}" in caplog.text and "(on cpu)" in caplog.text
+
+
+def test_kernel_check_reads_the_cache_as_the_kernels_do():
+    """An fp8 cache's V scale goes into the check's reference too (a reference without it flagged a right kernel as
+    wrong), and no difference at no output is within tolerance (an all-zero output was judged outside it)."""
+    from sglang_deft.kernel_check import check_layer, within_tolerance
+
+    torch.manual_seed(0)
+    tree = KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
+                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    q, k, v = torch.randn(3, 8, 32), torch.randn(30, 2, 32), torch.randn(30, 2, 32)
+    exact = attention_reference(q, k, v, tree, 32 ** -0.5, 0.0, 0.5, 2.0)
+    row = check_layer(exact, q, k, v, tree, 32 ** -0.5, 0.0, step=1, layer_id=0, k_scale=0.5, v_scale=2.0)
+    assert row["max_abs_diff"] < 1e-5 and row["within_tolerance"]
+    assert within_tolerance({"max_abs_diff": 0.0, "max_abs_out": 0.0, "dtype": "bfloat16"})
 
 
 @pytest.mark.parametrize("raw, every", [(None, 0), ("0", 0), ("3", 3), ("often", None), ("-2", None), ("1.5", None)])

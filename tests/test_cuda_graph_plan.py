@@ -28,7 +28,7 @@ from cpu_only import cpu_only
 from kernel_trees import make_tree
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.kernels import KVTree, attention_reference, plan_tree_decode, tree_decode
-from sglang_deft.kernels.plan import build_schedule, few_merges_max_queries
+from sglang_deft.kernels.plan import TreeDecodePlanner, build_schedule, few_merges_max_queries
 from sglang_deft.kernels.tree_decode import STAGE2_SHAPE, STAGE2_SHAPE_FEW_MERGES, stage2_shape
 from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_version, warmup_dummy_run
 from sglang_deft.sharing_metrics import parse_sharing_lines
@@ -160,6 +160,27 @@ def test_a_tree_past_the_limits_is_refused_untouched_and_planned_eagerly():
     q, k, v = qkv(tree, B)
     torch.testing.assert_close(tree_decode(q, k, v, eager, 0.2), attention_reference(q, k, v, tree, 0.2),
                                atol=2e-5, rtol=0)
+
+
+def test_window_limits_add_a_tile_and_a_partial_per_query():
+    """The window plan's buffers budget one more item and partial per query than the full plan's (each query's
+    private window node): without the partials, large window batches were refused by the buffers and ran eagerly."""
+    assert tree_attention.window_plan_limits(PlanLimits(max_items=10, max_partials=20), 4) == PlanLimits(14, 24)
+
+
+@needs_interpreter
+def test_an_unlimited_plan_keeps_the_reason_and_the_graphs_merge_shape(monkeypatch, caplog):
+    """A step past the limits says why it was refused, and plans its stage 2 against the captured batch sizes (as a
+    graph of its size would), not against powers of two."""
+    monkeypatch.setattr(tree_attention, "_warned_unlimited", set())
+    planner = TreeDecodePlanner(2, 2, 32, kv_dtype=torch.float32, graph_batch_sizes=[1, 3, 8])
+    B = 12
+    tree = make_tree([-1] + list(range(B - 1)) + list(range(B)), [20] * B + [2] * B, list(range(B, 2 * B)))
+    with caplog.at_level(logging.WARNING, logger=tree_attention.__name__):
+        plan = plan_step(tree, 2, 2, 32, torch.float32, torch.device("cpu"), PlanLimits(2, 4), planner,
+                         refused="the CUDA-graph plan buffers refused it")
+    assert "(the CUDA-graph plan buffers refused it)" in caplog.text
+    assert plan.few_merges_max_queries == 3
 
 
 @needs_interpreter

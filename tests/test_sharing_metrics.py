@@ -63,6 +63,18 @@ def test_a_windowed_models_counts_are_per_layer_over_its_layers(caplog):
                                      total_unique_kv_tokens=40))
 
 
+def test_a_windowed_models_lines_each_count_their_own_window(caplog):
+    """Every line's window counts are its own steps': the window tokens restart with the line (they piled up, and a
+    Gemma-like model's per-layer counts grew without end) and window_ratio is the line's (not the run's)."""
+    meter = SharingMeter(interval=1, window_share=0.5)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        meter.record(10, 10, window=(8, 2))
+        meter.record(10, 10, window=(4, 4))
+    second = parse_sharing_lines(caplog.text)[1]
+    assert (second["window_ratio"], second["attended_kv_tokens"], second["unique_kv_tokens"]) == (1.0, 7, 7)
+    assert (second["total_attended_kv_tokens"], second["total_unique_kv_tokens"]) == (16, 13)
+
+
 def test_window_counts_go_with_window_layers_only():
     with pytest.raises(ValueError, match="window counts None for a model whose window layers are 0.500"):
         SharingMeter(interval=2, window_share=0.5).record(10, 5)

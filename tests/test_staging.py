@@ -128,3 +128,18 @@ def test_a_pinned_buffer_is_not_rewritten_before_its_copy_is_done(monkeypatch):
         got = out.as_subclass(torch.Tensor).numpy()
         np.testing.assert_array_equal(got[:len(host)], host)
         assert (got[len(host):] == -1).all()
+
+
+def test_an_odd_int32_upload_that_grows_a_pinned_buffer_arrives_whole(monkeypatch):
+    """A buffer grown to exactly an odd int32 upload's bytes: its int32 view must cover every element (one cut to
+    8-byte multiples was an element short, and the upload raised in the scheduler)."""
+    stream = Stream(2)
+    empty = torch.empty
+    monkeypatch.setattr(staging.torch, "empty", lambda *a, pin_memory=False, **kw: empty(*a, **kw))
+    monkeypatch.setattr(staging.torch.cuda, "Event", stream.Event)
+    monkeypatch.setattr(staging.torch.cuda, "current_stream", lambda device=None: stream.device_stream)
+    ring = PinnedStagingRing("cuda:1", slots=2)
+    host = np.arange(70_001, dtype=np.int32)
+    out = ring.upload(host, stream.out(70_001, torch.int32))
+    stream.drain()
+    np.testing.assert_array_equal(out.as_subclass(torch.Tensor).numpy(), host)

@@ -20,7 +20,8 @@ def reference(req_to_token: np.ndarray, operands: np.ndarray, kv_indices: np.nda
     return np.concatenate([nxt + inc, end + inc, field, inc]), kv, it
 
 
-@pytest.mark.parametrize("cap, tails", [(1, 1), (16, 5), (BLOCK + 3, BLOCK)])  # the last: two programs
+# (BLOCK + 3, BLOCK): two programs; (BLOCK + 3, BLOCK + 3): entries in the second (a grid rounded down skipped them)
+@pytest.mark.parametrize("cap, tails", [(1, 1), (16, 5), (BLOCK + 3, BLOCK), (BLOCK + 3, BLOCK + 3)])
 def test_advance_tails_matches_reference(cap, tails):
     rng = np.random.default_rng(cap)
     rows, width, kv_len, n_items = cap, 64, 4 * cap + 8, 8 * cap
@@ -51,7 +52,7 @@ def test_advance_tails_matches_reference(cap, tails):
     np.testing.assert_array_equal(np.delete(got_kv, scratch), np.delete(want_kv, scratch))
 
 
-@pytest.mark.parametrize("cap, moving", [(1, 1), (16, 5), (BLOCK + 3, BLOCK)])  # the last: two programs
+@pytest.mark.parametrize("cap, moving", [(1, 1), (16, 5), (BLOCK + 3, BLOCK), (BLOCK + 3, BLOCK + 3)])
 def test_advance_starts_matches_reference(cap, moving):
     """Each moving item's kv_start + 1 and kv_len - 1; unused entries (field 0, + 0) name item 0, which may itself
     move: its change must survive theirs."""
