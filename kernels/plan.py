@@ -363,10 +363,10 @@ class TreeDecodePlanner:
         values, which the caller may change once ``plan`` returns. To a GPU through the staging ring, because a
         plain ``.to()`` waits for the stream (a copy from pageable memory) and an asynchronous copy from the
         caller's memory would read it after ``plan`` returned."""
-        if device.type == "cpu":
-            if out is None:
-                return kv_indices.clone(memory_format=torch.contiguous_format)
-            return out[:kv_indices.numel()].copy_(kv_indices)
+        if device.type == "cpu":  # (a plan of its own; fixed buffers on the CPU are written by a plain copy)
+            # numpy's copy, not torch's: past 32K elements torch splits a copy over its OpenMP threads, which beside
+            # another busy process (two pytest workers on two cores) took 11.5 ms a plan instead of 0.2
+            return torch.from_numpy(np.array(kv_indices.numpy(), order="C"))
         return self._upload(kv_indices.numpy(), device, out)
 
     def plan(self, tree: KVTree, device: torch.device | str | None = None, *, capacity: PlanCapacity | None = None,
@@ -440,12 +440,12 @@ class TreeDecodePlanner:
             src = tree.kv_indices
             if src.data_ptr() != kv_indices.data_ptr() or not src.is_contiguous():  # else built in place (the
                 # DecodeKVTreeBuilder's kv_out); a view of these buffers laid out otherwise is copied out first
-                if src.device.type == "cpu":
+                if src.device == kv_indices.device and (
+                        src.untyped_storage().data_ptr() == kv_indices.untyped_storage().data_ptr()):
+                    src = src.clone()
+                if src.device.type == "cpu" and kv_indices.device.type != "cpu":
                     self._upload_host_kv(src, kv_indices.device, kv_indices)
                 else:
-                    if src.device == kv_indices.device and (
-                            src.untyped_storage().data_ptr() == kv_indices.untyped_storage().data_ptr()):
-                        src = src.clone()
                     kv_indices[:T].copy_(src, non_blocking=True)
             # The gaps between the fields (entries past this step's sizes) are never read.
             self._upload(host, device, meta)

@@ -17,6 +17,8 @@ from .kv_tree import KVTree
 
 def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
     # SGLang's definition: logit_cap * tanh(scores / logit_cap), applied after sm_scale.
+    if logit_cap != logit_cap:  # NaN would read as no cap below (tree_decode refuses it)
+        raise ValueError("logit_cap is NaN")
     return logit_cap * torch.tanh(scores / logit_cap) if logit_cap > 0 else scores
 
 
@@ -114,6 +116,10 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
     """
     B, Hq, D = q.shape
     Hkv = k_buffer.shape[1]
+    # einsum broadcasts a size-1 head or head_dim: a one-head V beside two-head K was read as V's head 0 twice
+    if k_buffer.dim() != 3 or k_buffer.shape[1:] != v_buffer.shape[1:] or k_buffer.shape[2] != D or Hq % Hkv:
+        raise ValueError(f"q {tuple(q.shape)}, k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)}: K and V "
+                         f"need [slots, kv heads, {D}] with the query heads a multiple of the KV heads")
     group = Hq // Hkv
     device = q.device
     if isinstance(plan, KVTree):

@@ -202,6 +202,9 @@ class Stage1Config:
         # A misspelt name would otherwise run (and be benchmarked as) the Triton kernel without a word.
         if self.kernel not in ("triton", "hopper"):
             raise ValueError(f"Stage1Config.kernel {self.kernel!r}: 'triton' or 'hopper'")
+        for name in ("block_n_large", "block_n_small"):  # tl.arange's power of two, tl.dot's least dim on a GPU
+            if (n := getattr(self, name)) < 16 or n & (n - 1):
+                raise ValueError(f"Stage1Config.{name} {n}: a power of two >= 16")
 
 
 HOPPER_CONFIG = Stage1Config(32, 32, 4, 2, kernel="hopper")  # stage1_hopper's fixed shape, for reference
@@ -327,6 +330,11 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
     if not logit_cap <= _FP32_MAX:  # (also NaN) the kernels take it in fp32: an infinite cap makes every score NaN
         raise ValueError(f"logit_cap {logit_cap}: a cap finite in float32 (at most {_FP32_MAX:.4g}), or 0 for none")
+    # (also NaN) The kernels scale scores in fp32, and the Hopper one masks past-the-end tokens to -inf before: a
+    # scale <= 0 turned those into NaN or +inf, one past fp32's range failed to compile.
+    if not _FP32_TINY <= sm_scale * k_scale <= _FP32_MAX or not _FP32_TINY <= v_scale <= _FP32_MAX:
+        raise ValueError(f"sm_scale {sm_scale} (x k_scale {k_scale}) and v_scale {v_scale}: positive and normal in "
+                         f"float32 ({_FP32_TINY:.4g} to {_FP32_MAX:.4g})")
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
@@ -375,6 +383,12 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                          "memory: each needs its own (pass a contiguous out, or a slice of one)")
     _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device and its stream: tensors on another GPU were read from this one
+        with torch.cuda.device(device):
+            launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
+            launch_stage2(plan, out, v_scale)
+        return out
     launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
     launch_stage2(plan, out, v_scale)
     return out
@@ -395,6 +409,7 @@ def _elements_apart(t: torch.Tensor) -> bool:
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+_FP32_TINY = torch.finfo(torch.float32).tiny  # the least normal float32
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
 
 

@@ -72,11 +72,11 @@ from sglang.srt.layers.dp_attention import get_attention_tp_size
 from sglang.srt.utils import require_gathered_buffer
 
 from sglang_deft.config_checks import attention_layers, check_model_runner, decode_impl, layer_window, windows_of
-from sglang_deft.kernel_check import check_layer, verify_every
+from sglang_deft.kernel_check import check_layer, request_tree, verify_every
 from sglang_deft.kernels import KVTree, TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import named_device
 from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
-from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder, build_decode_kv_tree
+from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter
@@ -173,7 +173,6 @@ class DeftAttnBackend(AttentionBackend):
         first_window = next((i for i in ids if i in window_ids), None)
         first_full = next((i for i in ids if i not in window_ids), None)
         self._checked_layers = frozenset({first_window, first_full} - {None})
-        self._check_window_builder: DecodeKVTreeBuilder | None = None  # the checks' window trees on steady steps
         self.eager_steps = 0
         # Sized by --cuda-graph-max-bs, which SGLang sets with or without --disable-cuda-graph: eager
         # steps and graph replays are held to the same limits (see the module docstring).
@@ -299,9 +298,6 @@ class DeftAttnBackend(AttentionBackend):
             step = self.step_planner.plan(reqs, seq_lens, rows)
         if step is not None:
             plan, attended, unique = step.plan, step.attended_tokens, step.unique_tokens
-            check_tree = None
-            if check:  # the reference needs the tree, which a steady step does not build
-                check_tree = (step.built or build_decode_kv_tree(reqs, self.tree_builder.req_to_token, seq_lens)).tree
         else:
             # The reference path (CPU), a batch past the buffers or a tree past the plan limits: a
             # plan of its own, under the same limits where they hold.
@@ -316,25 +312,19 @@ class DeftAttnBackend(AttentionBackend):
             plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
                              self.head_dim, self.kv_dtype, self.device, self._eager_limits(rows, self.plan_limits),
                              self.planner, refused=why, warn=self.logging_rank)
-            attended, unique, check_tree = built.attended_tokens, built.unique_tokens, built.tree
-        window_plan = check_window_tree = window_counts = window_steady = None
+            attended, unique = built.attended_tokens, built.unique_tokens
+        window_plan = window_counts = window_steady = None
         if self.window_tokens is not None:
             # Into the window buffers where the full plan went into its buffers (as before a replay), unless
             # they already refused this step's window plan: it is past the limits.
-            window_plan, window_counts, window_built, window_steady = self._window_plan(
+            window_plan, window_counts, window_steady = self._window_plan(
                 reqs, seq_lens, rows, buffers=step is not None and not window_refused, past_limits=window_refused)
-            if check:  # as the full layers' check: a steady step built no tree
-                if window_built is None:
-                    if self._check_window_builder is None:  # its own: the step planner's keeps its batch
-                        self._check_window_builder = DecodeKVTreeBuilder(self.window_builder.req_to_token)
-                    window_built = self._check_window_builder.build_window(reqs, seq_lens, self.window_tokens)
-                check_window_tree = window_built.tree
-        if check and isinstance(plan, TreeDecodePlan):
-            check_tree = with_padding_queries(check_tree, rows)
-            if check_window_tree is not None:
-                check_window_tree = with_padding_queries(check_window_tree, rows)
-        else:
-            check_tree = check_window_tree = None
+        check_tree = check_window_tree = None
+        if check and isinstance(plan, TreeDecodePlan):  # (the reference path has nothing to check)
+            pool, lens = [req.req_pool_idx for req in reqs], seq_lens.tolist()
+            check_tree = request_tree(self.tree_builder.req_to_token, pool, lens, rows)
+            if self.window_tokens is not None:
+                check_window_tree = request_tree(self.tree_builder.req_to_token, pool, lens, rows, self.window_tokens)
         if TRACE_PLANS and step is not None:
             self._trace_plan("eager", step.steady, seq_lens, window_steady)
         self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps,
@@ -342,14 +332,14 @@ class DeftAttnBackend(AttentionBackend):
         self._record(forward_batch, attended, unique, started, step is not None and step.steady, window_counts)
 
     def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
-        """The step's sliding-window plan, its (attended, unique) tokens, its (unpadded) window tree (None on a
-        steady step) and its steady flag (None: not in the window buffers): by the window step planner into the
+        """The step's sliding-window plan, its (attended, unique) tokens and its steady flag (None: not in the
+        window buffers): by the window step planner into the
         window buffers when ``buffers`` and it fits them, else in buffers of its own (or its ReferencePlan, on the
         reference path); ``past_limits``: its CUDA-graph plan was refused."""
         if buffers:
             step = self.window_step_planner.plan(reqs, seq_lens, rows)
             if step is not None:
-                return step.plan, _counts(step), step.built, step.steady
+                return step.plan, _counts(step), step.steady
         if self.window_step_planner is not None:
             self.window_step_planner.invalidate()
         built = self.window_builder.build_window(reqs, seq_lens, self.window_tokens)
@@ -359,7 +349,7 @@ class DeftAttnBackend(AttentionBackend):
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                          self.kv_dtype, self.device, self._eager_limits(rows, self.window_plan_limits), self.planner,
                          refused=why, kind="sliding-window layers", warn=self.logging_rank)
-        return plan, _counts(built), built, None
+        return plan, _counts(built), None
 
     def _eager_limits(self, rows: int, limits: PlanLimits) -> PlanLimits | None:
         """The limits an eager step's own plan keeps: the server's, unless the batch is larger than the plan buffers

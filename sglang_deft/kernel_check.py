@@ -7,6 +7,9 @@ same q and KV pool, and log
 
     DeFT kernel check: step=120 layer=0 queries=64 max_abs_diff=0.0039 max_abs_out=0.93 dtype=bfloat16
 
+The reference reads each request's KV on its own, straight from SGLang's ``req_to_token`` and ``seq_lens``
+(:func:`request_tree`; a window layer's last ``window`` tokens of it), not through the radix tree or deft's tree
+builder: a KV tree that drops, repeats or borrows a token is caught as a kernel error is.
 ``max_abs_diff`` is the kernels' error against the fp32 reference in the model's dtype: expect
 bf16/fp16 rounding of the output (a few 1e-3 at |out| ~ 1 in bf16), where a wrong tree, slot or
 mask gives O(|out|). A difference past ``2 x ROUNDOFF[dtype] x max_abs_out`` is also logged as a warning
@@ -56,6 +59,25 @@ def verify_every() -> int:
     if every < 0:
         raise ValueError(f"{ENV}={raw!r}: expected a number of decode steps >= 0 (0 turns the check off)")
     return every
+
+
+def request_tree(req_to_token: torch.Tensor, pool_indices: list[int], seq_lens: list[int], rows: int,
+                 window_tokens: int | None = None) -> KVTree:
+    """The check's ground truth: one root per request holding its KV slots as SGLang's ``req_to_token`` row has them
+    (its last ``window_tokens`` with a window), and an empty root for the ``rows`` past the requests (a padded batch's
+    rows, which attend nothing). Nothing shared, nothing from the radix tree."""
+    starts = [0 if window_tokens is None else max(0, n - window_tokens) for n in seq_lens]
+    lens = [n - s for s, n in zip(starts, seq_lens)]
+    B = len(seq_lens)
+    kv = (torch.cat([req_to_token[i, s:n] for i, s, n in zip(pool_indices, starts, seq_lens)]) if B else
+          torch.zeros(0, dtype=torch.int32, device=req_to_token.device))
+    indptr = [0]
+    for n in lens + ([0] if rows > B else []):
+        indptr.append(indptr[-1] + n)
+    nodes = len(indptr) - 1
+    return KVTree(kv.to(torch.int32), torch.tensor(indptr, dtype=torch.int32),
+                  torch.full((nodes,), -1, dtype=torch.int32),
+                  torch.tensor(list(range(B)) + [B] * (rows - B), dtype=torch.int32))
 
 
 def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

@@ -568,6 +568,37 @@ def test_the_server_log_names_what_computes_decode_attention(server_args, model_
     assert f"deft: decode attention by {what}" in caplog.text and "(on cpu)" in caplog.text
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_check_catches_a_wrong_kv_tree(server_args, model_config, caplog, monkeypatch, window):
+    """The check's reference reads each request's KV from req_to_token, not the tree the plan was made from: a tree
+    that reads another token in place of a request's newest (a builder bug) was checked against itself and passed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "1")
+    layers = attention_layers(model_config) if window is None else windowed_layers(model_config, window)
+    if window is not None:
+        server_args = triton_prefill(server_args)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    reqs = forked_batch(sim)
+    real_plan = backend.planner.plan
+
+    def plan_a_borrowed_token(tree, *args, **kwargs):
+        tree.kv_indices[tree.kv_indices.numel() - 1] = tree.kv_indices[0]  # the last node's newest token
+        return real_plan(tree, *args, **kwargs)
+
+    monkeypatch.setattr(backend.planner, "plan", plan_a_borrowed_token)
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
+        backend.init_forward_metadata(fb)
+        for layer in layers:
+            backend.forward(torch.randn(len(reqs), hq * d), torch.randn(len(reqs), hkv, d),
+                            torch.randn(len(reqs), hkv, d), layer, fb)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and all("differs from the fp32 reference" in w for w in warnings), caplog.text
+
+
 def test_kernel_check_reads_the_cache_as_the_kernels_do():
     """An fp8 cache's V scale goes into the check's reference too (a reference without it flagged a right kernel as
     wrong), and no difference at no output is within tolerance (an all-zero output was judged outside it)."""

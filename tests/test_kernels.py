@@ -96,6 +96,41 @@ def test_logit_cap(dtype, cap):
         assert (ref - ref_nocap).abs().max() > 10 * ATOL[dtype]
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA devices")
+def test_tensors_off_the_current_device_run_on_theirs(monkeypatch):
+    """Triton launches on the current device: tensors on another GPU were read from it (an illegal address, or a race
+    with their own stream). With one GPU here, the current device is made to read as another."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")
+    tree = one_node_tree([0, 1, 2])
+    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float16)
+    q = torch.randn(2, 8, 16, device=DEVICE, dtype=torch.float16)
+    kv = torch.randn(3, 2, 16, device=DEVICE, dtype=torch.float16)
+    entered = []
+    real_device = torch.cuda.device
+
+    def device(d):
+        entered.append(d)
+        return real_device(d)
+
+    monkeypatch.setattr(module.torch.cuda, "current_device", lambda: 7)
+    monkeypatch.setattr(module.torch.cuda, "device", device)
+    out = tree_decode(q, kv, kv, plan, 0.25)
+    assert entered == [plan.meta.device]
+    torch.testing.assert_close(out.float(), attention_reference(q, kv, kv, tree, 0.25).float(), atol=2e-3, rtol=0)
+
+
+def test_the_grouped_reference_refuses_what_einsum_would_broadcast():
+    """SGLang's CPU decode path and the kernel check's ground truth: a one-head V beside two-head K was read as V's head
+    0 for both KV heads (einsum broadcasts a size-1 dim), and a NaN cap as no cap, where tree_decode refuses both."""
+    tree = one_node_tree([0, 1, 2])
+    q, k = torch.randn(2, 4, 16), torch.randn(3, 2, 16)
+    for v in (torch.randn(3, 1, 16), torch.randn(3, 2, 1)):
+        with pytest.raises(ValueError, match="K and V need .slots, kv heads, 16."):
+            tree_decode_reference(q, k, v, tree, 0.25)
+    with pytest.raises(ValueError, match="logit_cap is NaN"):
+        tree_decode_reference(q, k, k, tree, 0.25, float("nan"))
+
+
 def test_the_references_cap_scores_as_sglang_defines_it():
     """Both PyTorch references (the tests' ground truth and SGLang's CPU decode path) share one soft-cap helper, so
     a wrong cap there would move the kernels' expected values with it: checked here against the definition,
@@ -272,6 +307,16 @@ def test_arguments_the_kernels_cannot_take_are_refused():
             tree_decode(q, kv, kv, plan, 0.25, cap)
     with pytest.raises(ValueError, match="Stage1Config.kernel 'Hopper': 'triton' or 'hopper'"):
         Stage1Config(32, 32, 4, 2, kernel="Hopper")  # a misspelt kernel ran the Triton one
+    for n in (0, 8, 24):  # failed inside Triton (arange's power of two; tl.dot's least dim on a GPU)
+        with pytest.raises(ValueError, match=f"Stage1Config.block_n_small {n}: a power of two >= 16"):
+            Stage1Config(32, n, 4, 2)
+    # The Hopper kernel masks past-the-end tokens to -inf before it scales: a scale of 0 made them NaN, a negative
+    # one +inf; scales past fp32's range failed to compile
+    for scale in (0.0, -0.25, float("nan"), float("inf"), 1e-45, 1e39):
+        with pytest.raises(ValueError, match=re.escape(f"sm_scale {scale} (x k_scale 1.0) and v_scale 1.0: positive")):
+            tree_decode(q, kv, kv, plan, scale)
+    with pytest.raises(ValueError, match="and v_scale 0.0: positive"):
+        tree_decode(q, kv, kv, plan, 0.25, v_scale=0.0)
     with pytest.raises(TypeError):  # a float size reached schedule.c's ctypes call ("wrong type")
         PlanCapacity(4.0, 64, 32, 64, 64)
     assert PlanCapacity(np.int64(4), 64, 32, 64, 64).max_queries == 4
