@@ -383,7 +383,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                          "memory: each needs its own (pass a contiguous out, or a slice of one)")
     _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
+    if device.type == "cuda" and device.index != _current_device():
         # Triton launches on the current device and its stream: tensors on another GPU were read from this one
         with torch.cuda.device(device):
             launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
@@ -409,6 +409,7 @@ def _elements_apart(t: torch.Tensor) -> bool:
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+_current_device = torch.cuda.current_device  # (the GPU tests make another read as current)
 _FP32_TINY = torch.finfo(torch.float32).tiny  # the least normal float32
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
 

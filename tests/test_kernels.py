@@ -106,16 +106,16 @@ def test_tensors_off_the_current_device_run_on_theirs(monkeypatch):
     q = torch.randn(2, 8, 16, device=DEVICE, dtype=torch.float16)
     kv = torch.randn(3, 2, 16, device=DEVICE, dtype=torch.float16)
     entered = []
-    real_device = torch.cuda.device
 
-    def device(d):
-        entered.append(d)
-        return real_device(d)
+    class Recorded(torch.cuda.device):  # (a subclass: torch checks isinstance against torch.cuda.device)
+        def __enter__(self):
+            entered.append(self.idx)
+            return super().__enter__()
 
-    monkeypatch.setattr(module.torch.cuda, "current_device", lambda: 7)
-    monkeypatch.setattr(module.torch.cuda, "device", device)
+    monkeypatch.setattr(module, "_current_device", lambda: 7)
+    monkeypatch.setattr(module.torch.cuda, "device", Recorded)
     out = tree_decode(q, kv, kv, plan, 0.25)
-    assert entered == [plan.meta.device]
+    assert entered == [plan.meta.device.index]
     torch.testing.assert_close(out.float(), attention_reference(q, kv, kv, tree, 0.25).float(), atol=2e-3, rtol=0)
 
 
