@@ -480,8 +480,9 @@ def test_run_workloads_context_sensitivity_of_a_model_that_ignores_its_prefix():
     assert report["context_sensitivity"] == 0.0
 
 
+STAGE1 = "[x] tree decode stage 1 on cuda:0, torch.float16, head_dim 32, 64-row large tiles: Triton kernel (head_dim)\n"
 SHARING = ("[x] DeFT decode sharing: steps=8 attended_kv_tokens=800 unique_kv_tokens=200 ratio=4.000 "
-           "plan_host_us=10.0 total_steps=24 total_attended_kv_tokens=3000 total_unique_kv_tokens=1000\n")
+           "plan_host_us=10.0 total_steps=24 total_attended_kv_tokens=3000 total_unique_kv_tokens=1000\n" + STAGE1)
 
 
 class FakeFleet:
@@ -492,14 +493,14 @@ class FakeFleet:
         self.stopped.extend(items)
 
 
-def model_run(tmp_path, deft, ref=None, noise=True, argv=(), deadline_s=600):
+def model_run(tmp_path, deft, ref=None, noise=True, argv=(), deadline_s=600, sharp=True):
     """ModelRun.run over servers that are already up (what run() does after the startup waits); ``noise``: the
-    default noise server (True), none (False) or this one."""
+    default noise server (True), none (False) or this one; ``sharp``: a model whose tokens follow its attention."""
     args = g.parse_args(["--out", str(tmp_path), *argv])
     if args.noise_backends is None:
         args.noise_backends = "flashinfer,torch_native"  # main's default on a GPU
     fleet, result = FakeFleet(), {}
-    run = g.ModelRun("tiny", SMALL, fleet, args, result)
+    run = g.ModelRun("tiny", dict(SMALL, sharp=sharp), fleet, args, result)
     servers = {"triton": ref or FakeModelServer(), "deft": deft}
     if noise:
         servers["noise"] = FakeModelServer(shift=0.004) if noise is True else noise
@@ -528,6 +529,22 @@ def test_model_run_verdict(tmp_path):
     assert alone["criterion_mode"] == "absolute" and not alone["ok"] and "no noise server" in alone["not_ok_because"]
     assert model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING), noise=False,
                      argv=["--noise-backends", ""])["ok"]
+    # On a GPU the Triton kernels must have decoded: SGLANG_DEFT_DECODE_IMPL=reference in the caller's environment
+    # had the servers decode by the reference, checked against itself, and pass
+    unkerneled = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING.replace(STAGE1, "")))
+    assert not unkerneled["ok"] and "logged no stage-1 kernel" in unkerneled["not_ok_because"]
+
+
+def test_a_model_whose_tokens_cannot_tell_is_judged_by_its_kernel_check(tmp_path):
+    """The 8b shape's dummy weights give attention outputs of ~1e-7: every logprob is the same whatever deft attends,
+    so its workloads passed a deft returning zeros. Its kernel check (relative to |out|) decides."""
+    check = "[x] DeFT kernel check: step=16 layer=0 rank=0 queries=4 max_abs_diff={} max_abs_out=3.7e-07 dtype=bfloat16\n"
+    run = lambda log: model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING + log), sharp=False)  # noqa: E731
+    assert run(check.format("9.0e-10"))["ok"]
+    for log, why in ((check.format("3.0e-07"), "found a difference past rounding"), ("", "logged nothing")):
+        result = run(log)
+        assert all(w["ok"] for w in result["workloads"].values()) and not result["ok"]
+        assert why in result["not_ok_because"], result["not_ok_because"]
 
 
 class FlakyOnPrompt(FakeModelServer):
@@ -604,6 +621,11 @@ def test_repeated_requests_count_once_in_the_model_wide_noise():
     assert pooled["requests"] == 9 and pooled["divergences"] == 1  # not 16 and 8
     assert entries["a"]["relative"]["allowed_divergences"] == pytest.approx(2 * 8 / 9 + 1, abs=1e-3)
     assert entries["b"]["relative"]["noise_divergences"] == 8  # the workload's own count is its own
+    # deft's repeats too: one near-tie flip on the one prompt, 8 times over, was 8 divergences against 1 allowed
+    flipped = [diverge(jitter(ref_b[:1], 0.01, seed=46)[0], ref_b[0], t=6, gap=0.01)] * 8
+    clean = jitter(ref_b[:1], 0.01, seed=47) * 8
+    entry = g.judge_workload(flipped, ref_b, clean, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["ok"] and entry["relative"]["deft_divergences"] == 1 and entry["divergences"] == 8, entry["failures"]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="SGLang's Triton index kernel on CPU needs "
