@@ -229,6 +229,11 @@ def server_args_problems(server_args) -> list[str]:
                                                               a.rl_on_policy_target)):
         # SGLang checks only --attention-backend here (triton passes), not the decode backend.
         problems.append(problem)
+    if decode and backend_names(a)[1] == "fa3" and a.kv_cache_dtype == "fp8_e5m2":
+        # SGLang moves fa3 to triton under fp8_e5m2 only for --attention-backend fa3, which deft's split has made
+        # triton: the fa3 prefill would run on an e5m2 cache it does not read
+        problems.append("--prefill-attention-backend fa3 with --kv-cache-dtype fp8_e5m2: SGLang's fa3 reads fp8_e4m3 "
+                        "caches only; prefill on triton, or use fp8_e4m3")
     if a.enable_double_sparsity:
         # SGLang then allocates a DoubleSparseTokenToKVPool, whose set_kv_buffer takes a label buffer and no
         # KV scales: the first decode step raised in the scheduler.
@@ -422,6 +427,8 @@ def model_config_problems(model_config, server_args) -> list[str]:
                         "of their own, with slot ids of their own) is not supported; deft reads one KV pool")
     if model_config.attention_chunk_size is not None:
         problems.append(f"{model}: chunked local attention is not supported; deft attends every token of the path")
+    if getattr(model_config, "use_alibi", False):  # Baichuan-13B's: no RoPE, and the slopes reach no CUDA backend
+        problems.append(f"{model}: ALiBi position biases are not supported; deft's attention adds no bias to a score")
     if getattr(model_config.hf_config, "dual_chunk_attention_config", None):
         problems.append(_dual_chunk_problem(model))
     if _linear_attention_config(model_config) is not None:
@@ -517,12 +524,13 @@ def model_runner_problems(model_runner) -> list[str]:
     problems += [f"attention layers {ids}: {p}" for p, ids in layers_with.items()]
     if not layers_with:  # (a layer refused for its own heads already says what differs)
         problems += _head_shape_problems(layers)
-    sinks = [name for name, module in model_runner.model.named_modules() if isinstance(getattr(module, "sinks", None),
-                                                                                      torch.Tensor)]
+    # (gpt-oss names them sinks, MiMo-V2 attention_sink_bias)
+    sinks = [f"{name}.{attr}" for name, module in model_runner.model.named_modules()
+             for attr in ("sinks", "attention_sink_bias") if isinstance(getattr(module, attr, None), torch.Tensor)]
     if sinks:
         # gpt-oss and MiMo-V2-Flash pass them to every attention call (with --disable-hybrid-swa-memory nothing
         # else refuses them); forward_decode would raise at the first decode or graph capture
-        problems.append(f"attention sinks ({sinks[0]}.sinks{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
+        problems.append(f"attention sinks ({sinks[0]}{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
                         "are not supported: deft's softmax has no sink term")
     problems += _sliding_window_problems(windows_of(layers), backend_names(a)[1], model_runner.sliding_window_size)
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
@@ -629,14 +637,20 @@ def _sliding_window_problems(windows: dict[int, list[int]], prefill_backend: str
     if len(windows) > 1:
         sizes = ", ".join(f"{w} in layers {ids}" for w, ids in sorted(windows.items()))
         problems.append(f"sliding windows of {len(windows)} sizes ({sizes}): deft plans one window per decode step")
-    elif prefill_backend == "triton" and runner_window != next(iter(windows)):
+    elif runner_window is not None and runner_window != next(iter(windows)):
+        # Gemma-3n's class gives sliding_window - 1, its layers sliding_window: which one the model means, deft
+        # (following the layers) and SGLang's triton prefill (cutting by the runner's) would disagree by a token
+        problems.append(f"sliding windows: the model's layers set {next(iter(windows))} and its class "
+                        f"{runner_window} (get_attention_sliding_window_size); deft reads the layers' window, SGLang's "
+                        "triton prefill cuts by the class's, and the two would attend different tokens")
+    elif prefill_backend == "triton" and runner_window is None:
         # Set from the model class's get_attention_sliding_window_size (Gemma's); Cohere2's, ExaoneMoE's and
         # --model-impl transformers' windowed layers have none, and the triton prefill then reads window KV
         # indices it never built (None) at the first prompt
-        problems.append(f"sliding windows ({next(iter(windows))}) with prefill on triton, whose window the model "
-                        f"runner sets to {runner_window} (the model class has no get_attention_sliding_window_size "
-                        "giving its layers' window): SGLang's triton prefill would fail or cut the windows wrong; "
-                        "prefill on fa3 (--prefill-attention-backend fa3), which reads each layer's window")
+        problems.append(f"sliding windows ({next(iter(windows))}) with prefill on triton, which takes the window from "
+                        "the model class's get_attention_sliding_window_size, which this one has not: SGLang's triton "
+                        "prefill would fail at the first prompt; prefill on fa3 (--prefill-attention-backend fa3), "
+                        "which reads each layer's window")
     if prefill_backend not in _WINDOW_PREFILL_BACKENDS:
         problems.append(f"sliding windows ({', '.join(map(str, sorted(windows)))}) with prefill on {prefill_backend}: "
                         f"SGLang's {prefill_backend} backend does not apply them (it attends every prompt token), so "

@@ -374,14 +374,18 @@ def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, mo
             f"sliding windows (64) with prefill on {prefill}: SGLang's {prefill} backend does not apply them"), problems
     # Windowed layers in a model class without get_attention_sliding_window_size (Cohere2's, ExaoneMoE's): SGLang's
     # triton prefill builds no window KV indices and failed at the first prompt; fa3's reads each layer's window
-    for runner_window in (None, 32):
-        [problem] = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers,
-                                                       sliding_window_size=runner_window))
-        assert problem.startswith(f"sliding windows (64) with prefill on triton, whose window the model runner sets to "
-                                  f"{runner_window}") and "--prefill-attention-backend fa3" in problem, problem
+    [problem] = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers,
+                                                   sliding_window_size=None))
+    assert problem.startswith("sliding windows (64) with prefill on triton, which takes the window from the model "
+                              "class's get_attention_sliding_window_size") and "--prefill-attention-backend fa3" in problem
     args = copy.copy(triton_prefill(server_args))
     args.prefill_attention_backend = "fa3"
     assert model_runner_problems(model_runner(args, model_config, layers, sliding_window_size=None)) == []
+    # Gemma-3n's class gives sliding_window - 1, its layers sliding_window: refused on any prefill, the two windows
+    # named (it was told to prefill on fa3, which served a window one token wider than the class's)
+    for prefill_args in (triton_prefill(server_args), args):
+        [problem] = model_runner_problems(model_runner(prefill_args, model_config, layers, sliding_window_size=63))
+        assert problem.startswith("sliding windows: the model's layers set 64 and its class 63"), problem
     layers[2].sliding_window_size = 32
     problems = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers))
     assert problems == ["sliding windows of 2 sizes (32 in layers [2], 64 in layers [0]): deft plans one window per "
@@ -413,6 +417,10 @@ def test_attention_sinks_are_refused_at_startup(server_args, model_config):
     runner.model.append(holder)
     assert model_runner_problems(runner) == ["attention sinks (3.sinks) are not supported: deft's softmax has no "
                                              "sink term"]
+    del holder.sinks  # MiMo-V2's name for them, which the check missed
+    holder.attention_sink_bias = torch.nn.Parameter(torch.zeros(8), requires_grad=False)
+    assert model_runner_problems(runner) == ["attention sinks (3.attention_sink_bias) are not supported: deft's "
+                                             "softmax has no sink term"]
 
 
 def test_layers_held_in_a_dict_are_checked_as_the_modules_are(server_args, model_config):

@@ -220,6 +220,17 @@ def test_config_file_is_read_in_either_form(tmp_path, form):
     assert any("--enable-torch-compile" in p for p in server_args_problems(args))
 
 
+def test_fa3_prefill_on_an_e5m2_cache_is_refused(deft_args):
+    """SGLang moves fa3 to triton under fp8_e5m2 only for --attention-backend fa3, which deft's split has made
+    triton: an fa3 prefill override ran on a cache it does not read."""
+    fa3 = with_(deft_args, device="cuda", attention_backend="triton", decode_attention_backend="deft",
+                prefill_attention_backend="fa3")
+    assert server_args_problems(with_(fa3, kv_cache_dtype="fp8_e5m2")) == [
+        "--prefill-attention-backend fa3 with --kv-cache-dtype fp8_e5m2: SGLang's fa3 reads fp8_e4m3 caches only; "
+        "prefill on triton, or use fp8_e4m3"]
+    assert server_args_problems(with_(fa3, kv_cache_dtype="fp8_e4m3")) == []
+
+
 def test_supported_configuration_passes(deft_args):
     assert server_args_problems(deft_args) == []
     assert server_args_problems(with_(deft_args, device="cuda", disable_cuda_graph=False)) == []  # CUDA graphs
@@ -592,6 +603,8 @@ def test_unsupported_model_is_refused_by_name(deft_args, tmp_path, overrides, ex
         (dict(attention_chunk_size=8192), "chunked local attention is not supported"),
         (dict(is_hybrid_swa=True), "hybrid sliding-window memory (SGLang keeps the sliding-window layers' KV in a "
                                    "pool of their own, with slot ids of their own) is not supported"),
+        # Baichuan-13B: no RoPE, and its slopes reach no CUDA backend; it was accepted, positions ignored
+        (dict(use_alibi=True), "ALiBi position biases are not supported"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
