@@ -91,8 +91,9 @@ def model_file_problems(model_path: str | None, override_args: str | None = None
     attention backend is dual_chunk_flash_attn, gpt-oss unless the decode backend is one of its own, NemotronH and
     Lfm2 on triton, and Exaone-4's sliding windows on torch_native. Read from the file (before
     ServerArgs exists) with ``--json-model-override-args`` over it, as SGLang reads it: a local model directory's,
-    or a hub model's already in the Hugging Face cache (at ``--revision``); a model not downloaded yet is checked
-    later, with the rest of the model, after SGLang fetched it."""
+    or a hub model's already in the Hugging Face cache (at ``--revision``). A model not downloaded yet is read again
+    if SGLang's ServerArgs, which fetches it, refuses it (``server_setup.make_server_args``), and otherwise checked
+    with the rest of the model."""
     if not model_path:
         return []
     try:

@@ -16,7 +16,7 @@ import sglang.srt.entrypoints.engine as _sglang_engine  # noqa: E402  (after pre
 
 from sglang_deft import subprocess_entry  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
-from sglang_deft.server_setup import check_startup, split_deft_backend  # noqa: E402
+from sglang_deft.server_setup import check_startup, make_server_args, split_deft_backend  # noqa: E402
 
 
 class Engine(_sglang_engine.Engine):
@@ -30,7 +30,8 @@ class Engine(_sglang_engine.Engine):
             _check_device(device)
             split_deft_backend(kwargs, device)
             kwargs.setdefault("log_level", "error")  # SGLang's Engine default
-            kwargs = {"server_args": self.server_args_class(**kwargs)}  # SGLang's hook for a ServerArgs subclass
+            # (server_args_class: SGLang's hook for a ServerArgs subclass)
+            kwargs = {"server_args": make_server_args(lambda: self.server_args_class(**kwargs), kwargs, device)}
         else:
             _check_device(kwargs["server_args"].device)
         check_startup(kwargs["server_args"])

@@ -76,7 +76,7 @@ def parse_server_args(argv: list[str], device: str):
     from sglang.srt.server_args import ServerArgs
 
     from sglang_deft.registration import register
-    from sglang_deft.server_setup import split_deft_backend
+    from sglang_deft.server_setup import make_server_args, split_deft_backend
 
     register()
     parser = argparse.ArgumentParser(prog="python -m sglang_deft.launch_server")
@@ -89,7 +89,7 @@ def parse_server_args(argv: list[str], device: str):
         argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
     raw_args = parser.parse_args(argv)
     split_deft_backend(vars(raw_args), device)
-    return ServerArgs.from_cli_args(raw_args)
+    return make_server_args(lambda: ServerArgs.from_cli_args(raw_args), vars(raw_args), device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,6 +68,21 @@ def prepare_process(device: str | None) -> str:
     return device
 
 
+def make_server_args(make, args: dict, device: str):
+    """``make()`` (a ServerArgs built from ``args``, split by ``split_deft_backend``), with SGLang's own refusal of a
+    model deft cannot serve either told in deft's terms: for a hub model not in the cache yet, ServerArgs fetches its
+    config.json and refuses it first, naming the prefill backend deft chose (NemotronH "does not support triton"),
+    a flag the user never gave. The config is cached by then: ``model_file_problems`` reads it."""
+    try:
+        return make()
+    except (AssertionError, ValueError):
+        if args.get("decode_attention_backend") == BACKEND_NAME and device in EXTEND_BACKEND and (
+                problems := model_file_problems(args.get("model_path"), args.get("json_model_override_args"),
+                                                args.get("revision"), EXTEND_BACKEND[device])):
+            raise UnsupportedConfiguration(problems) from None
+        raise
+
+
 def split_deft_backend(args: MutableMapping, device: str) -> None:
     """Give deft decode SGLang's triton (GPU) or torch_native (CPU) backend for prefill/extend.
 

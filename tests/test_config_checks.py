@@ -399,6 +399,28 @@ def test_models_sglang_refuses_first_are_refused_for_deft_by_name(tmp_path, over
         parse_server_args(["--model-path", path, *BASE_ARGV[2:], "--attention-backend", "torch_native"], device="cpu")
 
 
+def test_a_model_sglang_fetches_and_refuses_first_is_refused_in_deft_terms(tmp_path, monkeypatch):
+    """A hub model not in the cache yet (every first launch): deft's early check found no config.json, and SGLang's
+    ServerArgs, which fetches it, refused it naming the prefill backend deft chose ("required for Exaone4ForCausalLM"
+    under torch_native), a flag the user never gave. The config is there once SGLang fails: deft reads it then."""
+    from sglang_deft import config_checks
+
+    path = model_dir(tmp_path, architectures=["Exaone4ForCausalLM"], model_type="exaone4", sliding_window=64)
+    real, calls = config_checks._config_file, []
+
+    def fetched_by_sglang(model_path, revision):
+        calls.append(model_path)
+        if len(calls) == 1:  # the split's early read: not downloaded yet
+            raise FileNotFoundError(model_path)
+        return real(model_path, revision)
+
+    monkeypatch.setattr(config_checks, "_config_file", fetched_by_sglang)
+    with pytest.raises(UnsupportedConfiguration, match=re.escape("(Exaone4ForCausalLM): sliding windows (64) with "
+                                                                 "prefill on torch_native")):
+        parse_server_args(["--model-path", path, *BASE_ARGV[2:], "--attention-backend", "deft"], device="cpu")
+    assert len(calls) == 2
+
+
 def test_model_file_problems_skip_what_is_not_a_local_model(tmp_path):
     from sglang_deft.config_checks import model_file_problems
 
