@@ -169,6 +169,7 @@ def check_window_tree(sim: RadixSim, reqs, seq_lens: torch.Tensor, window: int, 
     kv = tree.kv_indices.tolist()
     paths = path_nodes(tree)
     children, ends = children_and_ends(tree)
+    assert all(indptr[n + 1] > indptr[n] for n in range(tree.num_nodes)), f"window {window}: an empty node"
     private = [0] * len(reqs)  # the length of each query's private first slots
     for b, path in enumerate(paths):
         read = [s for n in path for s in kv[indptr[n]:indptr[n + 1]]]
@@ -932,3 +933,35 @@ def test_build_into_a_buffer_writes_only_the_trees_entries(tail_slack):
             assert (backing[1 + T:] == -7).all() and backing[0] == -7
         else:
             assert (backing == -7).all()  # not used at all
+
+
+def test_a_window_starting_at_a_fork_point_keeps_no_empty_node():
+    """Two 2-token branches on a 10-token prompt, 13 tokens each: 3-token windows start exactly where the prompt
+    ends. The prompt is then outside every window: no node of it (not an empty one), and the roots are the
+    tails, which move and grow, so the shape holds for all the slack."""
+    sim = RadixSim()
+    prompt = sim.fresh(10)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(2)) for _ in range(2)])
+    seq = sim.prepare_decode(reqs)
+    assert seq.tolist() == [13, 13]
+    d = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq, 3)
+    assert torch.diff(d.tree.node_indptr).tolist() == [3, 3]
+    slack = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq, 3, tail_slack=4)
+    assert (torch.diff(slack.tree.node_indptr) > 0).all() and slack.moving.room == 4
+
+
+def test_requests_that_swap_rows_are_another_batch():
+    """Same requests, same radix nodes, same retraction counts, but each now in the other's req_to_token row:
+    the kept shape (whose segments are read from those rows) must not be reused (its row was not compared: a
+    mutation review; SGLang 0.5.10 moves a row only with a retraction, which the count catches)."""
+    sim = RadixSim()
+    p = sim.tokens(20)
+    sim.run_to_cache(p)
+    batch = sim.prefill([sim.new_req(p + sim.fresh(2 + i)) for i in range(2)])
+    seq_lens = sim.prepare_decode(batch)
+    builder = DecodeKVTreeBuilder(sim.req_to_token)
+    builder.build(batch, seq_lens)
+    a, b = batch
+    a.req_pool_idx, b.req_pool_idx = b.req_pool_idx, a.req_pool_idx
+    assert not builder.same_batch_as_last(batch, seq_lens.numpy())

@@ -456,3 +456,36 @@ def test_window_steps_on_random_schedules(window, page):
             steady.append(run_window(sim, sp, running, rows))
         retire_random(sim, rng, running, finished=0.2)
     assert sum(steady) >= 5 and not all(steady)
+
+
+def test_window_steps_starting_at_a_fork_point_are_steady():
+    """A window that starts where the prompt ends leaves no empty root behind (which made the steady step a full one)."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4, window=3)
+    prompt = sim.fresh(10)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(1)) for _ in range(2)])  # 12, then 13: cut 10 on step 2
+    assert [run_window(sim, sp, reqs) for _ in range(4)] == [False, False, True, True]
+
+
+def test_a_step_the_buffers_refused_keeps_no_steady_state():
+    """plan() returning None has written the refused tree's KV slots into the buffers: the same step asked for again
+    (at a row count that fits) must be planned in full, not advanced from the last plan."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    reqs = fork(sim, 3)
+    assert [run(sim, sp, reqs) for _ in range(3)] == [False, False, True]
+    seq_lens = sim.prepare_decode(reqs)
+    assert sp.plan(reqs, seq_lens, 17) is None  # more rows than the buffers hold
+    assert sp._state is None
+    step = sp.plan(reqs, seq_lens, 3)
+    check(sim, reqs, seq_lens, step, 3)
+    assert not step.steady
+
+
+def test_a_batch_filling_the_buffers_takes_steady_steps():
+    """As many requests as the buffers have query rows: one growing node per row, and every one fits the update."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=4, max_queries=3)
+    reqs = fork(sim, 3)
+    assert [run(sim, sp, reqs) for _ in range(4)] == [False, False, True, True]
