@@ -15,6 +15,7 @@ atomics, deterministic.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -383,14 +384,11 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                          "memory: each needs its own (pass a contiguous out, or a slice of one)")
     _check_head_offsets(q, k_buffer, v_buffer, out)
     cfg = config or stage1_config(D, plan.large_rows, q.dtype, k_buffer.device, k_buffer.dtype)
-    if device.type == "cuda" and device.index != _current_device():
-        # Triton launches on the current device and its stream: tensors on another GPU were read from this one
-        with torch.cuda.device(device):
-            launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
-            launch_stage2(plan, out, v_scale)
-        return out
-    launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
-    launch_stage2(plan, out, v_scale)
+    # Triton launches on the current device and its stream: tensors on another GPU were read from this one
+    off_current = device.type == "cuda" and device.index != _current_device()
+    with torch.cuda.device(device) if off_current else contextlib.nullcontext():
+        launch_stage1(q, k_buffer, v_buffer, plan, sm_scale * k_scale, logit_cap, cfg)
+        launch_stage2(plan, out, v_scale)
     return out
 
 

@@ -333,9 +333,9 @@ class DeftAttnBackend(AttentionBackend):
 
     def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
         """The step's sliding-window plan, its (attended, unique) tokens and its steady flag (None: not in the
-        window buffers): by the window step planner into the
-        window buffers when ``buffers`` and it fits them, else in buffers of its own (or its ReferencePlan, on the
-        reference path); ``past_limits``: its CUDA-graph plan was refused."""
+        window buffers): by the window step planner into the window buffers when ``buffers`` and it fits them, else
+        in buffers of its own (or its ReferencePlan, on the reference path); ``past_limits``: its CUDA-graph plan
+        was refused."""
         if buffers:
             step = self.window_step_planner.plan(reqs, seq_lens, rows)
             if step is not None:

@@ -67,7 +67,6 @@ class StepPlan:
     attended_tokens: int
     unique_tokens: int
     steady: bool  # an in-place update of the last plan
-    built: DecodeKVTree | None  # the step's KV tree (full plans only)
 
 
 @dataclass
@@ -147,7 +146,7 @@ class DecodeStepPlanner:
                 st.plan = _with_rows(st.plan, len(reqs), num_queries)
             self._advance(st, seq)
             attended = seq if self.window is None else np.minimum(seq, self.window)
-            return StepPlan(st.plan, int(attended.sum()), st.unique, True, None)
+            return StepPlan(st.plan, int(attended.sum()), st.unique, True)
         self._state = None
         # Room costs a full plan ~1.6x the host time (twice the nodes), so it is laid out only for a
         # batch that already stayed the same for a step: a batch that changes every step (requests
@@ -167,7 +166,7 @@ class DecodeStepPlanner:
             self.buffers.buffers.num_queries = self.buffers.buffers.max_kv_slot = None
             return None
         self._state = self._steady_state(built, plan, len(reqs), seq)
-        return StepPlan(plan, built.attended_tokens, built.unique_tokens, False, built)
+        return StepPlan(plan, built.attended_tokens, built.unique_tokens, False)
 
     def _advance(self, st: _SteadyState, seq: np.ndarray) -> None:
         self._advance_tails()

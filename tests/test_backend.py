@@ -494,6 +494,20 @@ def test_decode_over_an_fp8_kv_cache_matches_per_request_attention(server_args, 
         torch.testing.assert_close(out.view(B, hq, d), expected, rtol=1e-5, atol=1e-5 * max(v_scale, 1.0))
 
 
+def kernel_check_setup(server_args, model_config, monkeypatch, window: int | None, every: int):
+    """A backend on the Triton kernels (under the interpreter) checking every ``every``-th eager step, over the
+    model's layers (every other one a ``window`` layer, prefilled on triton, unless None): (layers, sim, kv_pool,
+    backend)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", str(every))
+    layers = attention_layers(model_config) if window is None else windowed_layers(model_config, window)
+    if window is not None:
+        server_args = triton_prefill(server_args)
+    return (layers, *random_kv_setup(server_args, model_config, layers, 2048))
+
+
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window"])
 def test_kernel_check_reports_the_kernels_error_against_the_reference(server_args, model_config, caplog,
                                                                       monkeypatch, window):
@@ -501,14 +515,7 @@ def test_kernel_check_reports_the_kernels_error_against_the_reference(server_arg
     sliding-window layer, checked against its window tree, built afresh on the steady steps (the kernels read the
     plan moved on the device), and layer 1, the first full-attention layer, against the full tree (only layer 0 was
     checked: Gemma's full-attention plan never was). The planted bug is also logged as a warning."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
-    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
-    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "2")
-    layers = attention_layers(model_config) if window is None else windowed_layers(model_config, window)
-    if window is not None:
-        server_args = triton_prefill(server_args)
-    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    layers, sim, kv_pool, backend = kernel_check_setup(server_args, model_config, monkeypatch, window, every=2)
     full_steps = record_steady(backend)
     if window is not None:
         window_steps = record_steady(backend, "window_step_planner")
@@ -580,14 +587,7 @@ def test_the_server_log_names_what_computes_decode_attention(server_args, model_
 def test_kernel_check_catches_a_wrong_kv_tree(server_args, model_config, caplog, monkeypatch, window):
     """The check's reference reads each request's KV from req_to_token, not the tree the plan was made from: a tree
     that reads another token in place of a request's newest (a builder bug) was checked against itself and passed."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1 (make test sets it)")
-    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
-    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "1")
-    layers = attention_layers(model_config) if window is None else windowed_layers(model_config, window)
-    if window is not None:
-        server_args = triton_prefill(server_args)
-    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048)
+    layers, sim, kv_pool, backend = kernel_check_setup(server_args, model_config, monkeypatch, window, every=1)
     reqs = forked_batch(sim)
     real_plan = backend.planner.plan
 

@@ -221,18 +221,25 @@ def test_windows_starting_at_different_places_of_a_prompt_share_it_in_runs(suffi
     assert d.unique_tokens == want < d.attended_tokens
 
 
-@pytest.mark.parametrize("window, room", [(4, 0), (5, 1), (7, 3), (9, 5)])
-def test_window_room_keeps_every_moving_root_a_position(window, room):
-    """Two branches of 2 tokens on a 10-token prompt, 13 tokens each with this step's: windows of 4-9 start in
-    the prompt, the two together, so the window tree's root is the prompt from there (window - 3 positions).
-    It moves a position a step and does not grow, so the shape holds for one step less than its length
-    (``MovingStarts.room``), whatever slack the tails get."""
+def two_branches_on_a_prompt():
+    """Two branches of 2 tokens on a cached 10-token prompt, each at 13 tokens with this step's: (sim, reqs,
+    seq_lens)."""
     sim = RadixSim()
     prompt = sim.fresh(10)
     sim.run_to_cache(prompt)
     reqs = sim.prefill([sim.new_req(prompt + sim.fresh(2)) for _ in range(2)])
     seq_lens = sim.prepare_decode(reqs)
     assert seq_lens.tolist() == [13, 13]
+    return sim, reqs, seq_lens
+
+
+@pytest.mark.parametrize("window, room", [(4, 0), (5, 1), (7, 3), (9, 5)])
+def test_window_room_keeps_every_moving_root_a_position(window, room):
+    """Two branches of 2 tokens on a 10-token prompt, 13 tokens each with this step's: windows of 4-9 start in
+    the prompt, the two together, so the window tree's root is the prompt from there (window - 3 positions).
+    It moves a position a step and does not grow, so the shape holds for one step less than its length
+    (``MovingStarts.room``), whatever slack the tails get."""
+    sim, reqs, seq_lens = two_branches_on_a_prompt()
     d = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq_lens, window)
     check_window_tree(sim, reqs, seq_lens, window, d)
     assert roots(d) == [0] and node_lengths(d)[0] == window - 3
@@ -939,12 +946,7 @@ def test_a_window_starting_at_a_fork_point_keeps_no_empty_node():
     """Two 2-token branches on a 10-token prompt, 13 tokens each: 3-token windows start exactly where the prompt
     ends. The prompt is then outside every window: no node of it (not an empty one), and the roots are the
     tails, which move and grow, so the shape holds for all the slack."""
-    sim = RadixSim()
-    prompt = sim.fresh(10)
-    sim.run_to_cache(prompt)
-    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(2)) for _ in range(2)])
-    seq = sim.prepare_decode(reqs)
-    assert seq.tolist() == [13, 13]
+    sim, reqs, seq = two_branches_on_a_prompt()
     d = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq, 3)
     assert torch.diff(d.tree.node_indptr).tolist() == [3, 3]
     slack = DecodeKVTreeBuilder(sim.req_to_token).build_window(reqs, seq, 3, tail_slack=4)
