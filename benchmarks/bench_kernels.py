@@ -19,7 +19,9 @@ the short version:
   NaN first) is compared with ``attention_reference`` (fp32) in the same run. A cell fails when any
   value is non-finite, or max |err| > 2e-2, or any query's relative L2 error
   ||out_b - ref_b|| / ||ref_b|| > 1e-2 (bf16 rounding alone gives ~2.3e-3; dropping one 256-token
-  leaf from a 16k path gives ~0.12 but a max |err| of only ~7e-3, hence the relative criterion).
+  leaf from a 16k path gives ~0.12 but a max |err| of only ~7e-3, hence the relative criterion). deft's
+  plan is also read back: every query's partials must cover exactly its path's KV slots once each, which
+  the output check cannot see for one token of a 16k path.
   Failed cells are still timed, flagged ``ok: false``, and never count as the best baseline.
 * Floors: ``floor_us`` = unique bytes (K and V of every attended node once, plus q and out) / the
   device-to-device copy bandwidth measured in this run (read + write bytes of a 2 GiB copy);
@@ -128,6 +130,9 @@ class Prepared:
     out_buffers: tuple = ()
     info: dict | None = None
     capturable: bool = True
+    # What a provider's own check of its metadata found wrong (deft: a query whose partials do not read exactly
+    # its path's KV slots); a cell with one fails, whatever its output's error.
+    metadata_error: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +152,23 @@ def setup_deft(ctx: Ctx) -> Prepared:
         c.head_dim, plan.large_rows, q.dtype, ctx.device, k.dtype).kernel
     return Prepared(fn=lambda: K.tree_decode(q, k, v, plan, s, out=out),
                     out_buffers=(out, plan.partial_out, plan.partial_lse),
-                    info={"plan_us": plan_us, "stage1_kernel": kernel})
+                    info={"plan_us": plan_us, "stage1_kernel": kernel},
+                    metadata_error=plan_coverage_error(K, plan, ctx.tree))
+
+
+def plan_coverage_error(K, plan, tree) -> str | None:
+    """None when every query's partials, read back from the plan, cover exactly its path's KV slots once
+    each; else the first query that differs. The output check cannot see one token dropped or read twice on a
+    16k-token path (a ~1e-4 change, under bf16's rounding); this check sees any."""
+    reads = importlib.import_module(K.__name__ + ".reference").plan_kv_reads(plan)
+    for b, want in enumerate(T.query_slots(tree)):
+        got = sorted(reads[b]) if b < len(reads) else []
+        if got != sorted(want.tolist()):
+            return (f"query {b}: the plan reads {len(got)} KV slots ({len(set(got))} distinct), its path has "
+                    f"{want.numel()}")
+    if len(reads) != tree.num_queries:
+        return f"the plan merges {len(reads)} queries, the tree has {tree.num_queries}"
+    return None
 
 
 def time_plan(K, tree, c, device, reps: int, warmup: int = 20, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -387,6 +408,8 @@ def run_provider(name: str, ctx: Ctx, ref: torch.Tensor) -> dict:
                 out = prep.fn()
                 _sync(device)
         cell.update(check(prep.to_original(out), ref))
+        if prep.metadata_error:
+            cell.update(ok=False, metadata_error=prep.metadata_error)
         cell.update(bench(timed, device, args))
         cell["status"] = "ok" if cell["ok"] else "failed_check"
         if args.hot and device.type == "cuda":
@@ -514,7 +537,8 @@ def markdown(report: dict) -> str:
             elif st == "failed_check":
                 txt = f"{_fmt(c.get('median_us'))} ✗"
                 notes.append(f"{r['case']} / {p}: output check failed (finite: {c.get('finite')}, max rel err "
-                             f"{_fmt_err(c.get('max_rel_err'))}, max abs err {_fmt_err(c.get('max_abs_err'))})")
+                             f"{_fmt_err(c.get('max_rel_err'))}, max abs err {_fmt_err(c.get('max_abs_err'))}"
+                             + (f"; plan: {c['metadata_error']}" if c.get("metadata_error") else "") + ")")
             elif st in ("skipped", "error"):
                 txt = st
                 notes.append(f"{r['case']} / {p}: {st}: {c.get('reason', '')}")

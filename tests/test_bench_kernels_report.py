@@ -83,6 +83,37 @@ def test_run_provider_puts_a_permuted_output_back_before_the_check(ctx, monkeypa
     assert not BENCH.run_provider("permuted", c, ref)["ok"]
 
 
+def test_deft_plan_check_sees_one_token_the_output_check_cannot(ctx, monkeypatch):
+    """deft's plan, read back, must give every query exactly its path's slots: one slot of a shared node
+    pointed at another slot (an error far under the output check's bounds on a long path) is named, and the
+    cell fails even though its output is exact."""
+    from sglang_deft import kernels as K
+
+    c, ref = ctx
+    plan = K.plan_tree_decode(K.KVTree(c.tree.kv_indices, c.tree.node_indptr, c.tree.node_parent,
+                                       c.tree.query_node), 8, 2, 16)
+    assert BENCH.plan_coverage_error(K, plan, c.tree) is None
+    slot = plan.kv_indices[0].item()
+    plan.kv_indices[0] = plan.kv_indices[1]
+    err = BENCH.plan_coverage_error(K, plan, c.tree)
+    assert err is not None and err.startswith("query 0:") and "distinct" in err
+    plan.kv_indices[0] = slot
+    plan.counts[2] -= 1  # the last query merged by no one
+    assert BENCH.plan_coverage_error(K, plan, c.tree) is not None
+    monkeypatch.setitem(BENCH.SETUP, "exact", lambda ctx: BENCH.Prepared(fn=lambda: ref.clone(),
+                                                                         metadata_error="query 0: ..."))
+    cell = BENCH.run_provider("exact", c, ref)
+    assert cell["max_abs_err"] == 0 and cell["ok"] is False and cell["status"] == "failed_check"
+    assert cell["metadata_error"] == "query 0: ..."
+
+
+def test_deft_cell_passes_its_plan_check(ctx):
+    c, ref = ctx
+    c.args.plan_reps = 1
+    cell = BENCH.run_provider("deft", c, ref)
+    assert cell["status"] == "ok" and "metadata_error" not in cell, cell
+
+
 def test_torch_cascade_provider_runs_the_permuted_path():
     """A speculative-style tree, whose cascade layout orders the queries otherwise than the batch (ctx's fork
     tree keeps them in order): the torch providers' outputs, put back through to_original, pass the check."""
