@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -547,6 +548,11 @@ def markdown(report: dict) -> str:
             cells.append(txt)
         bb = r.get("best_baseline")
         cells.append(f"{PROVIDER_LABEL.get(bb, bb)} {_fmt(r['best_baseline_us'])}" if bb else "—")
+        if bb and "eager" in r["providers"][bb].get("timing", "") and "eager" not in r["providers"]["deft"].get(
+                "timing", "eager"):
+            notes.append(f"{r['case']}: the best baseline ({PROVIDER_LABEL.get(bb, bb)}) could not be captured in a "
+                         "CUDA graph and was timed eagerly, launch overhead included, against deft's graph replay: "
+                         "the speedup is against a slower figure than its kernel's")
         cells.append(f"{r['speedup_vs_best']:.2f}x" if r.get("speedup_vs_best") else "—")
         cells.append(f"{r['deft_over_floor']:.2f}x" if r.get("deft_over_floor") else "—")
         cells.append(_fmt(r.get("deft_plan_us")))
@@ -605,8 +611,16 @@ def write_report(report: dict, out_dir: Path, tag: str) -> None:
     # Only when every shared tree that ran has a speedup: a partial geomean would flatter.
     report["geomean_speedup_design_shared"] = geomean(design) if design and all(design) else None
     report["geomean_baselines"], report["geomean_baselines_missing"] = geomean_baselines(report)
-    (out_dir / f"kernels_{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / f"kernels_{tag}.md").write_text(markdown(report))
+    _write_replacing(out_dir / f"kernels_{tag}.json", json.dumps(report, indent=1) + "\n")
+    _write_replacing(out_dir / f"kernels_{tag}.md", markdown(report))
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Through a file beside ``path`` and a rename: a process killed mid-write (gpu_session.sh's timeout, the
+    parent stopping its child) leaves the last whole report, which the parent can still read."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,12 +823,16 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
         tag = f"part{attempt}"
         argv = child_argv(args, ",".join(c.key for c in remaining), tmp, tag, meta, providers)
         print(f"[bench] child process {attempt}: {', '.join(c.key for c in remaining)}", flush=True)
+        stopped = None
         try:
             # The child's watchdog enforces the per-case limit; this one is a backstop.
             rc = subprocess.run(argv, timeout=args.case_timeout * len(remaining) + 120).returncode
         except subprocess.TimeoutExpired:
             rc = -1
+        except (SystemExit, KeyboardInterrupt) as e:  # stopped (SIGTERM, ^C): subprocess.run has killed the child
+            stopped, rc = e, -2
         why = (f"the case ran past --case-timeout ({args.case_timeout} s)" if rc in (_Watchdog.EXIT_CODE, -1) else
+               "the benchmark was stopped during this case" if stopped is not None else
                f"the benchmark process exited with code {rc} during this case (a CUDA error poisons a process)")
         path = tmp / f"kernels_{tag}.json"
         child = json.loads(path.read_text()) if path.exists() else {"cases": [], "metadata": {}}
@@ -839,6 +857,8 @@ def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:
             report["cases"].append(row)
             write_report(report, args.out, args.tag)
             _print_case(row)
+        if stopped is not None:  # what the child measured is in the report; the cases it never began are not
+            raise stopped
 
 
 DEVICE_FIELDS = ("gpu", "sm_count", "deft_stage1_kernel", "copy_gbps", "matmul_tflops", "plan_300node_256q_us",
@@ -969,7 +989,13 @@ def main(argv=None) -> int:
         write_report(report, args.out, args.tag)  # the rates reach the parent even if a case crashes
         run_cases_here(args, cases, shapes, providers, device, dtype, report)
     else:
-        run_cases_isolated(args, cases, shapes, providers, device, report)
+        # gpu_session.sh's timeout stops the parent with SIGTERM: as SystemExit, so that run_cases_isolated writes
+        # what the child measured before the process ends (the child's report is in a temporary folder).
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        try:
+            run_cases_isolated(args, cases, shapes, providers, device, report)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     meta["complete"] = True
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -981,7 +1007,19 @@ def main(argv=None) -> int:
             n = sum(1 for r in report["cases"] if r.get("design_shared"))
             print(f"[bench] geomean speedup on {n} of DESIGN.md's 5 shared trees, {geomean_label(report)}: {gm:.2f}x",
                   flush=True)
-    return 0
+    if args.child:  # 0: the parent reads the child's exit status as whether it died mid-case
+        return 0
+    failed = failed_deft_cells(report)
+    if failed:
+        print(f"[bench] deft did not pass on {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+def failed_deft_cells(report: dict) -> list[str]:
+    """``case (status)`` for every case whose deft cell did not end checked and correct: the run's exit status says
+    so (1), for scripts that keep going on a benchmark's success."""
+    return [f"{r['key']} ({r['providers']['deft'].get('status')})" for r in report["cases"]
+            if "deft" in r["providers"] and r["providers"]["deft"].get("status") != "ok"]
 
 
 if __name__ == "__main__":

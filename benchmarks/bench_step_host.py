@@ -166,6 +166,9 @@ def main(argv=None) -> int:
 
         sglang_deft.cpu_compat.install()
     rows = []
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": os.environ.get("DEFT_COMMIT"), "complete": False,
+              "rows": rows}
     for key in args.cases.split(","):
         for busy in ([False, True] if device.type == "cuda" else [False]):
             r = run_case(key, device, args.steps, args.warmup, busy, args.window)
@@ -175,13 +178,21 @@ def main(argv=None) -> int:
                   + (f"; window plan: steady {r['window_steady_us']} us x{r['window_steady_steps']}, full "
                      f"{r['window_full_us']} us x{r['window_full_steps']}, mean {r['window_mean_us']} us, planned "
                      f"in full every step {r['window_replan_us']} us" if args.window else ""), flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        (args.out / f"step_host_{device.type}.json").write_text(json.dumps(
-            {"device": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": os.environ.get("DEFT_COMMIT"),
-             "rows": rows}, indent=1))
+            _write(args.out, device, report)  # after every row: gpu_session.sh's timeout keeps what was measured
+    report["complete"] = True
+    _write(args.out, device, report)
     return 0
+
+
+def _write(out: Path | None, device: torch.device, report: dict) -> None:
+    """``step_host_<device>.json`` in ``out`` (if given), through a file beside it and a rename: a kill mid-write
+    leaves the last whole report."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_host_{device.type}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(report, indent=1))
+    path.with_suffix(".tmp").replace(path)
 
 
 if __name__ == "__main__":

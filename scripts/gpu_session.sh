@@ -63,7 +63,7 @@
 #            bench_e2e.py gets the rest of SESSION_S as --budget-s and skips what would not fit (JSON
 #            says so, exit 1).
 #            Gemma-3-12B's shape (sliding windows at a real size) on its own, ~4.5 min (3 servers ready in ~190 s,
-#            2026-12-05): BENCH_E2E_TAG=h200_gemma3 BENCH_E2E_ARGS="--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3
+#            2026-12-05): BENCH_E2E_TAG="$(python3 benchmarks/card_tag.py)_gemma3" BENCH_E2E_ARGS="--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3
 #            --repeats 1". Three 24 GB servers starting together can leave the last one's KV pool too small for the
 #            16k and no-sharing cases (29,562 of 40,960 tokens once): the JSON then says so per case.
 # Every command has a timeout under SESSION_S=565 s; server process groups left behind by a killed run
@@ -96,7 +96,9 @@ main() {
   fi
   OVERLAY=$(python3 scripts/gpu_e2e.py --make-overlay /tmp/sglang_deft_overlay) || return 2
   export PYTHONPATH="$OVERLAY:${PYTHONPATH:-}"
-  COMMIT=${DEFT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+  # The device's copy of the tree has no .git: pass DEFT_COMMIT as `git describe --always --dirty` prints it in the
+  # checkout, so that uncommitted code is recorded as such (<sha>-dirty) in every result.
+  COMMIT=${DEFT_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
   export DEFT_COMMIT=$COMMIT
   # The card in result file names (kernels_<tag>.json, e2e_<tag>.json): h200, h100, ... as nvidia-smi names it (the
   # benchmarks' own default; named here for the files this script writes beside theirs).
@@ -162,22 +164,24 @@ phase_kernels() {
   # test_backend_gpu.py: padded eager batches and SGLang's warm-up batch on the GPU kernels.
   # -rfEs lists skip reasons: a Triton other than the Gluon kernel's (3.6) skips every Hopper test, and that
   # must show in the log, not as a count.
+  # Every pytest here is stopped by SIGINT (timeout -s INT): pytest then still prints its summary and writes the
+  # junit XML, which SIGTERM's default ending loses.
   # test_plan_cpu_time_256_queries_300_nodes bounds the planner's time on the 2-core CI box; here it
   # would time a VM's CPU under the other pytest workers (440 us at 58e450f): bench_kernels.py measures
   # the GPU host's planning time alone instead (plan_300node_256q_us).
-  (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
+  (cd "$OVERLAY" && timeout -s INT -k 10 "${PYTEST_S:-240}" python3 -m pytest "$REPO/tests/test_kernels.py" \
       "$REPO/tests/test_plan.py" "$REPO/tests/test_plan_reference.py" "$REPO/tests/test_schedule_c.py" \
       "$REPO/tests/test_staging.py" "$REPO/tests/test_cuda_graph_gpu.py" "$REPO/tests/test_backend_gpu.py" \
       -k "not servers_with_and_without and not plan_cpu_time_256_queries" \
       -q -rfEs -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
   rc_pytest=$?
-  say "pytest rc=$rc_pytest in $((SECONDS - t))s (124: cut at PYTEST_S)"
+  say "pytest rc=$rc_pytest in $((SECONDS - t))s (124: cut at PYTEST_S; the summary and XML keep what ran)"
   local bench_s=$(( $(left) - 20 ))
   if [ "$bench_s" -lt 60 ]; then say "no time left for the benchmark"; return 1; fi
   t=$SECONDS
   timeout -k 10 "$bench_s" python3 benchmarks/bench_kernels.py --out "$OUT" --commit "$COMMIT" --tag "$GPU_TAG"
   rc_bench=$?
-  say "bench_kernels rc=$rc_bench in $((SECONDS - t))s (limit ${bench_s}s; 124: cut, JSON keeps what it measured)"
+  say "bench_kernels rc=$rc_bench in $((SECONDS - t))s (limit ${bench_s}s; 1: a deft cell failed; 124: cut, JSON keeps what it measured)"
   if [ -f "$OUT/kernels_$GPU_TAG.json" ] && [ "$(left)" -gt 15 ]; then
     timeout 15 python3 benchmarks/plot_kernels.py "$OUT/kernels_$GPU_TAG.json" -o "$OUT/kernels_$GPU_TAG.png" \
       || say "plot skipped"
@@ -286,7 +290,7 @@ phase_graphs() {
   # servers (deft and triton, each with and without CUDA graphs; ~2-3 min) compared bitwise. Then the
   # e2e criterion with graphs on in every server (tiny: its servers start together, ~2-3 min).
   local rc_pytest rc_e2e t=$SECONDS
-  (cd "$OVERLAY" && timeout -k 10 "${PYTEST_S:-300}" python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" -v -rs \
+  (cd "$OVERLAY" && timeout -s INT -k 10 "${PYTEST_S:-300}" python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" -v -rs \
       -p no:cacheprovider --junitxml="$OUT/pytest_cuda_graph.xml")
   rc_pytest=$?
   say "pytest cuda graphs rc=$rc_pytest in $((SECONDS - t))s"
@@ -305,7 +309,7 @@ phase_step_host() {
   rc_bench=$?
   say "bench_step_host rc=$rc_bench in $((SECONDS - t))s"
   t=$SECONDS
-  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" \
+  (cd "$OVERLAY" && timeout -s INT -k 10 $(( $(left) - 10 )) python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" \
       -k "not servers_with_and_without" -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda_graph_backend.xml")
   rc_pytest=$?
   say "pytest cuda graphs (backend) rc=$rc_pytest in $((SECONDS - t))s"
@@ -319,7 +323,7 @@ phase_features() {
   # FEATURES_K=<pytest -k expression> runs some of them (FEATURES_K=paged: the --page-size 16 servers only).
   local rc t=$SECONDS tmp=/tmp/deft_features
   rm -rf "$tmp"
-  (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -k 10 $(( $(left) - 20 )) python3 -m pytest \
+  (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -s INT -k 10 $(( $(left) - 20 )) python3 -m pytest \
       "$REPO/tests/test_e2e_cpu.py" "$REPO/tests/test_e2e_cpu_robustness.py" "$REPO/tests/test_e2e_cpu_preemption.py" \
       -v -rs -p no:cacheprovider ${FEATURES_K:+-k "$FEATURES_K"} \
       --durations=10 --basetemp="$tmp" --junitxml="$OUT/pytest_features.xml")
@@ -334,7 +338,7 @@ phase_demo() {
   # server log kept and brought back (demo_server.log: where a first start's minute or two goes).
   local rc f
   rm -rf /tmp/sglang-deft-demo-*  # kept logs of earlier runs on a warm machine: the copy below takes this run's
-  (cd "$OVERLAY" && timeout -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo --keep-log)
+  (cd "$OVERLAY" && timeout -s INT -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo --keep-log)
   rc=$?
   for f in /tmp/sglang-deft-demo-*/server.log; do
     [ -f "$f" ] && { cp "$f" "$OUT/demo_server.log"; [ "$rc" -ne 0 ] && { say "tail of $f"; tail -n 120 "$f"; }; }

@@ -280,6 +280,16 @@ def test_markdown_marks_failed_and_skipped_cells_and_agrees_with_the_json():
     assert "c / sglang_triton: skipped: cannot express it" in md
 
 
+def test_markdown_says_when_the_speedup_is_against_an_eagerly_timed_baseline():
+    graph, eager = "cuda graph replay, do_bench (L2 flushed)", "eager, do_bench (L2 flushed)"
+    for base_timing, said in ((eager, True), (graph, False)):
+        row = _row({"deft": {**_cell(12.5), "timing": graph}, "flashinfer_decode": {**_cell(30.0), "timing": base_timing}})
+        BENCH.summarize(row, ["deft", "flashinfer_decode"])
+        row["flop_floor_us"] = 1.0
+        md = BENCH.markdown(_report([row], ("deft", "flashinfer_decode")))
+        assert ("c: the best baseline (" in md and "timed eagerly" in md) is said, md
+
+
 def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
     """An H100 loan asked for as an H200 wrote kernels_h200.json: the default tag is now the card's."""
     tags = BENCH._load_sibling("card_tag")

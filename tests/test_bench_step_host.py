@@ -4,6 +4,7 @@ measured steps, and the check of what the plans read fails when a plan reads the
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,3 +104,21 @@ def test_window_plans_are_timed_apart_and_checked(small, monkeypatch):
     monkeypatch.setattr(reference, "plan_kv_reads", reads)
     with pytest.raises(AssertionError, match="query 2 does not read its window once"):
         sh.run_case(small, torch.device("cpu"), steps=3, warmup=0, busy=False, window=10)
+
+
+def test_the_report_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypatch):
+    """The JSON was written only at the end, so a run cut by gpu_session.sh's timeout left none: now after every
+    row, marked complete only at the end."""
+    def run_case(key, *args):
+        if key == "second":
+            raise KeyboardInterrupt  # what a stop looks like from here
+        return {"case": key, "batch": 4, "mode": "idle", "steady_us": 1.0, "steady_steps": 3, "full_us": 2.0,
+                "full_steps": 1, "mean_us": 1.2}
+
+    monkeypatch.setattr(sh, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        sh.main(["--device", "cpu", "--cases", "first,second", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "step_host_cpu.json").read_text())
+    assert [r["case"] for r in report["rows"]] == ["first"] and report["complete"] is False
+    assert sh.main(["--device", "cpu", "--cases", "first", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "step_host_cpu.json").read_text())["complete"] is True

@@ -300,6 +300,45 @@ def test_bench_script_runs_on_cpu(tmp_path):
     assert "| spec: prefix 2k" in (tmp_path / "kernels_cpu.md").read_text()
 
 
+def _child_stopped_after_one_case(monkeypatch, stop: BaseException):
+    """subprocess.run as an isolated child that wrote its first case's row and was then stopped with the parent
+    (gpu_session.sh's timeout signals the whole process group)."""
+    def run(argv, timeout):
+        out, tag = Path(argv[argv.index("--out") + 1]), argv[argv.index("--tag") + 1]
+        case = BENCH.select_cases(argv[argv.index("--cases") + 1])[0]
+        row = BENCH.make_row(case, case.shape, {"copy_gbps": 1.0, "matmul_tflops": 1.0}, 2, 2)
+        row["providers"]["torch_paged"] = {"provider": "torch_paged", "status": "ok", "ok": True, "median_us": 5.0}
+        (out / f"kernels_{tag}.json").write_text(json.dumps({"cases": [row], "metadata": {}}))
+        raise stop
+
+    monkeypatch.setattr(BENCH.subprocess, "run", run)
+
+
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()])
+def test_a_stopped_isolated_run_keeps_what_its_child_measured(tmp_path, monkeypatch, stop):
+    """The parent wrote its report only after its child exited, so a benchmark cut by gpu_session.sh's timeout left
+    no JSON at all. Stopped, it writes the child's finished case and the one it was on, then stops."""
+    _child_stopped_after_one_case(monkeypatch, stop)
+    with pytest.raises(type(stop)):
+        BENCH.main(["--device", "cpu", "--dtype", "float32", "--isolate", "yes", "--providers", "torch_paged",
+                    "--cases", "spec,p4k_16", "--out", str(tmp_path), "--commit", "test"])
+    report = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    assert not report["metadata"]["complete"]
+    assert [r["key"] for r in report["cases"]] == ["p4k_16"]  # the first case; spec, never begun, is left out
+    assert report["cases"][0]["providers"]["torch_paged"]["median_us"] == 5.0
+
+
+def test_bench_exits_1_when_deft_fails_its_check(tmp_path, monkeypatch):
+    """The run's status says whether deft passed: gpu_session.sh's phase went on reporting success."""
+    monkeypatch.setitem(BENCH.SETUP, "deft", lambda ctx: BENCH.Prepared(fn=lambda: torch.zeros_like(ctx.q)))
+    rc = BENCH.main(["--device", "cpu", "--dtype", "float32", "--shrink", "64", "--isolate", "no",
+                     "--providers", "deft,torch_paged", "--cases", "spec", "--cpu-reps", "1",
+                     "--out", str(tmp_path), "--commit", "test"])
+    assert rc == 1
+    report = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    assert BENCH.failed_deft_cells(report) == ["spec (failed_check)"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bench_script_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
     """It ran on the CPU instead and, with its default output folder then benchmarks/results, rewrote the committed

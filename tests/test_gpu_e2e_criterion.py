@@ -547,6 +547,16 @@ def test_a_model_whose_tokens_cannot_tell_is_judged_by_its_kernel_check(tmp_path
         assert why in result["not_ok_because"], result["not_ok_because"]
 
 
+def test_a_kernel_check_past_rounding_fails_a_model_whose_tokens_passed(tmp_path):
+    """A sharp model's tokens can stay inside the logprob band with one token missing from a long prefix; the
+    server's kernel check cannot miss it, and its warning used to leave the verdict ok."""
+    check = "[x] DeFT kernel check: step=16 layer=0 rank=0 queries=4 max_abs_diff={} max_abs_out=2.0 dtype=bfloat16\n"
+    assert model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING + check.format("0.001")))["ok"]
+    result = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING + check.format("0.5")))
+    assert all(w["ok"] for w in result["workloads"].values()) and not result["ok"]
+    assert "kernel check found 1 checks past rounding" in result["not_ok_because"], result["not_ok_because"]
+
+
 class FlakyOnPrompt(FakeModelServer):
     """deft's tokens part from the reference's on every prompt whose first token is ``bad_first`` (one seed's
     prompts), at a step no near-tie could explain."""
@@ -620,12 +630,18 @@ def test_repeated_requests_count_once_in_the_model_wide_noise():
                                     atol=0.05, tie_tol=0.1)
     assert pooled["requests"] == 9 and pooled["divergences"] == 1  # not 16 and 8
     assert entries["a"]["relative"]["allowed_divergences"] == pytest.approx(2 * 8 / 9 + 1, abs=1e-3)
-    assert entries["b"]["relative"]["noise_divergences"] == 8  # the workload's own count is its own
+    assert entries["b"]["relative"]["noise_divergences"] == 1  # the workload's own count: its repeats once too
     # deft's repeats too: one near-tie flip on the one prompt, 8 times over, was 8 divergences against 1 allowed
     flipped = [diverge(jitter(ref_b[:1], 0.01, seed=46)[0], ref_b[0], t=6, gap=0.01)] * 8
     clean = jitter(ref_b[:1], 0.01, seed=47) * 8
     entry = g.judge_workload(flipped, ref_b, clean, CRIT, atol=0.05, tie_tol=0.1)
     assert entry["ok"] and entry["relative"]["deft_divergences"] == 1 and entry["divergences"] == 8, entry["failures"]
+    # and the noise server's: its one flip, 8 times over, allowed deft 8 times 2 + 1 divergences, so 7 different
+    # ones (each copy its own step) passed
+    scattered = [diverge(jitter(ref_b[:1], 0.01, seed=48 + i)[0], ref_b[0], t=4 + i, gap=0.01) for i in range(7)]
+    entry = g.judge_workload(scattered + clean[:1], ref_b, noise_b, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["relative"]["deft_divergences"] == 7 and entry["relative"]["allowed_divergences"] == 3
+    assert not entry["ok"] and "7 divergences > allowed 3" in entry["failures"][0], entry["failures"]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="SGLang's Triton index kernel on CPU needs "
