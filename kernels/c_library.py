@@ -137,8 +137,14 @@ def _build(source: Path, cc: list[str], rebuild: Path | None = None) -> Path:
             raise CLibraryError(f"building {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()}")
         # mkstemp made the file 0600 and the linker adds only execute bits: readable by all, as a library
         # the linker writes itself, so that other users sharing the cache directory can load it.
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
+        try:
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+        except OSError as e:  # a cache on a filesystem that refuses them: the next place, as for an unwritable one
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            logger.warning("sglang-deft: cannot install %s in %s (%s); trying the next place", target.name, root, e)
+            continue
         return target
     raise CLibraryError(f"no writable cache directory for {source.name} (tried {_cache_dir()} and the temp dir); "
                         "set SGLANG_DEFT_CACHE_DIR")

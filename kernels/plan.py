@@ -15,13 +15,14 @@ Each query tile reads the group's KV again: the cost is that KV's bytes once mor
 Tiles of one chunk are launched next to each other so the repeat reads mostly hit L2.
 
 Chunks. Each (group, query tile) segment is cut into chunks of near-equal cost, from the model
-    cost(chunk) = tokens * (KV_BYTES + padded_rows * 4 * head_dim / FLOP_PER_BYTE) + fixed(rows)
-in "bytes of HBM traffic" units: KV_BYTES is the chunk's K and V for one head; the math term
+    cost(tile) = tokens * (KV_BYTES + padded_rows * 4 * head_dim / FLOP_PER_BYTE)
+in "bytes of HBM traffic" units: KV_BYTES is a token's K and V for one head; the math term
 converts the tile's tensor-core FLOPs (padded rows count: the hardware computes them) at the rate
-the stage-1 kernel sustains relative to HBM bandwidth on Hopper; ``fixed`` is the Q tile load, the
-partial result written and read back by stage 2, and a per-program start-up latency. Chunks are
-sized so that the whole step makes about ``PROGRAMS_PER_SM`` programs per SM (of all KV heads), and
-never shorter than ``MIN_CHUNK_TOKENS``. Each segment's chunk count is its cost over the target,
+the stage-1 kernel sustains relative to HBM bandwidth on Hopper. The step's cost adds, once per tile,
+``fixed(rows)``: the Q tile load, the partial result written and read back by stage 2, and a per-program
+start-up latency. The target cost per chunk is the step's cost over about ``PROGRAMS_PER_SM`` programs per
+SM (of all KV heads); a tile is cut by its own cost over that target, so a chunk's fixed cost is paid in the
+target, not per chunk, and chunks are never shorter than ``MIN_CHUNK_TOKENS``. Each segment's chunk count is its cost over the target,
 rounded up; when that passes one wave (``PROGRAMS_PER_SM`` x SMs programs) but rounding down fits,
 the segments with the largest remainders get the spare chunks instead, so that the step does not
 end with a few programs in a second wave (4 requests of 8k tokens: 68 items per KV head where 66
@@ -245,9 +246,10 @@ def named_device(device: torch.device) -> torch.device:
 
 def _plan_device(device: torch.device | str | None, tree: KVTree, reuse: TreeDecodePlan | None) -> torch.device:
     """The device a plan is made for: the one given, else the buffers' when writing into ``reuse``'s (the
-    tree's metadata may well be on the host), else that of ``tree.kv_indices``."""
+    tree's metadata may well be on the host), else that of ``tree.kv_indices``; with its index (``named_device``), so
+    that "cuda" and "cuda:0" find the same staging ring instead of a new one each (page-locked memory and events)."""
     if device is not None:
-        return torch.device(device)
+        return named_device(torch.device(device))
     return reuse.meta.device if reuse is not None else tree.kv_indices.device
 
 
@@ -376,8 +378,8 @@ class TreeDecodePlanner:
         device = _plan_device(device, tree, reuse)
         _check_int32_vector(tree, "kv_indices")
         if reuse is not None:
-            if reuse.meta.device != named_device(device):
-                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {named_device(device)}")
+            if reuse.meta.device != device:
+                raise ValueError(f"reuse= plan's buffers are on {reuse.meta.device}, not on {device}")
             # Its buffers are written in place: they must be a plan's own (not a caller's device kv_indices,
             # which a plan made without capacity holds), and their sizes are the capacity.
             if not reuse.fixed_buffers:
@@ -477,7 +479,7 @@ def plan_tree_decode(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_di
     ``device`` defaults to the device of ``reuse``'s buffers, else of ``tree.kv_indices``. Node and
     query metadata are read on the host (pass them as CPU tensors to avoid a device sync);
     ``kv_indices`` on the plan's device is used where it is (without ``capacity`` the plan holds the caller's
-    tensor: change it and the plan reads the new ids); host ``kv_indices`` are checked (slot ids >= 0, the
+    tensor if it is contiguous int32 there: change it and the plan reads the new ids; otherwise a copy); host ``kv_indices`` are checked (slot ids >= 0, the
     largest against the KV buffer at each ``tree_decode``) and copied, without waiting for the device.
     With ``capacity``, buffers have fixed sizes and launch grids cover the capacity (programs past
     the device-side counts exit at once), so a CUDA graph captured with the plan replays with any

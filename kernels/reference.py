@@ -124,7 +124,7 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
     device = q.device
     if isinstance(plan, KVTree):
         plan = plan_reference(plan, device)
-    if B < plan.num_queries:  # (more rows are a padded batch's: they get zeros, as tree_decode gives them)
+    if B < plan.num_queries:  # (more rows are a padded batch's: they get zeros, as in an out tree_decode allocates)
         raise ValueError(f"q has {B} rows for a plan of {plan.num_queries} queries")
     _check_slot_range(plan.slot_range, k_buffer.shape[0])
 

@@ -19,8 +19,9 @@ _ERRORS = {
     -1: "KVTree.node_indptr must start at 0 and never decrease",
     -2: "KVTree.node_parent[i] must be -1 (a root) or a node index smaller than i",
     -3: "KVTree.query_node must index a node of the tree",
-    -7: ("the planner's sizes and constants (MIN_CHUNK_TOKENS, SMALL_ROWS, FLOP_PER_BYTE, programs per SM, ...) "
-         "must be positive"),
+    -7: ("the planner's sizes and constants must be in range: MIN_CHUNK_TOKENS, programs per SM, the tile rows, "
+         "head_dim, KV heads, SMs at least 1; SMALL_ROWS and PROGRAM_LATENCY_BYTES at least 0; FLOP_PER_BYTE "
+         "positive and finite"),
 }
 _TOO_MANY_TILES, _BAD_CAPACITY, _NO_MEMORY = -4, -5, -6
 

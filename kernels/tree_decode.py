@@ -342,7 +342,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     # which is what the kernels read.
     n = plan.buffered_queries
     if n is None:
-        raise ValueError("the plan's buffers hold no step: the last plan written into them failed half-way; plan the "
+        raise ValueError("the plan's buffers hold no step: the last plan written into them failed half-way or was "
+                         "refused (past their capacity); plan the "
                          "step again (reuse= these buffers)")
     if (Hq, D) != (plan.num_qo_heads, plan.head_dim) or not n <= B <= plan.qperm.numel():
         raise ValueError(f"q has shape {tuple(q.shape)} but the plan's buffers hold a step of {n} queries (at most "

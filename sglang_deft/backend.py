@@ -101,8 +101,6 @@ class DeftDecodeMetadata:
 
     plan: Any  # ReferencePlan (reference path) or TreeDecodePlan (Triton path): device tensors; see tree_attention
     num_queries: int  # B: requests (one query token each) in the batch; a CUDA graph's padded size
-    attended_tokens: int  # sum over requests of seq_len
-    unique_tokens: int  # KV tokens in the tree (each read once)
     check_tree: KVTree | None = None  # set on the steps whose layers are checked (sglang_deft.kernel_check)
     step: int = 0  # eager decode steps so far, this one included
     window_plan: Any = None  # the sliding-window layers' plan (models with such layers; see the module doc)
@@ -319,17 +317,22 @@ class DeftAttnBackend(AttentionBackend):
             # they already refused this step's window plan: it is past the limits.
             window_plan, window_counts, window_steady = self._window_plan(
                 reqs, seq_lens, rows, buffers=step is not None and not window_refused, past_limits=window_refused)
+        # The step's host time is its planning: not the kernel check's reference tree, nor the trace's device wait.
+        host_s = time.perf_counter() - started
         check_tree = check_window_tree = None
         if check and isinstance(plan, TreeDecodePlan):  # (the reference path has nothing to check)
             pool, lens = [req.req_pool_idx for req in reqs], seq_lens.tolist()
             check_tree = request_tree(self.tree_builder.req_to_token, pool, lens, rows)
             if self.window_tokens is not None:
                 check_window_tree = request_tree(self.tree_builder.req_to_token, pool, lens, rows, self.window_tokens)
-        if TRACE_PLANS and step is not None:
-            self._trace_plan("eager", step.steady, seq_lens, window_steady)
-        self.forward_metadata = DeftDecodeMetadata(plan, rows, attended, unique, check_tree, self.eager_steps,
-                                                   window_plan, check_window_tree)
-        self._record(forward_batch, attended, unique, started, step is not None and step.steady, window_counts)
+        if TRACE_PLANS and isinstance(plan, TreeDecodePlan):
+            # "own": a plan in buffers of its own (a batch past the plan buffers or their limits), traced as well, so
+            # that two servers' traces stay step for step.
+            self._trace_plan("eager" if step is not None else "own", step is not None and step.steady, seq_lens, plan,
+                             window_plan, window_steady)
+        self.forward_metadata = DeftDecodeMetadata(plan, rows, check_tree, self.eager_steps, window_plan,
+                                                   check_window_tree)
+        self._record(forward_batch, attended, unique, host_s, step is not None and step.steady, window_counts)
 
     def _window_plan(self, reqs, seq_lens: torch.Tensor, rows: int, buffers: bool, past_limits: bool):
         """The step's sliding-window plan, its (attended, unique) tokens and its steady flag (None: not in the
@@ -356,15 +359,16 @@ class DeftAttnBackend(AttentionBackend):
         (``--cuda-graph-max-bs``): no graph replays it, and limits sized for smaller batches would not hold it."""
         return None if rows > self.max_bs else limits
 
-    def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, started: float, steady: bool,
+    def _record(self, forward_batch: ForwardBatch, attended: int, unique: int, host_s: float, steady: bool,
                 window: tuple[int, int] | None) -> None:
         """Count the step in the sharing metrics once: after a rank fault under elastic expert parallelism,
         ``ModelRunner.forward`` runs the same ForwardBatch again (planned again, rightly, but one step).
-        ``window``: the window layers' attended and unique tokens (models with such layers)."""
+        ``host_s``: its planning's host time; ``window``: the window layers' attended and unique tokens (models with
+        such layers)."""
         if self._recorded_batch is not None and self._recorded_batch() is forward_batch:
             return
         self._recorded_batch = weakref.ref(forward_batch)  # the backend keeps no batch alive
-        self.sharing.record(attended, unique, time.perf_counter() - started, steady, window)
+        self.sharing.record(attended, unique, host_s, steady, window)
 
     def _plan_warmup_batch(self, forward_batch: ForwardBatch) -> None:
         """SGLang's warm-up forward pass (FlashInfer's autotune, ``patches.warmup_dummy_run``): a decode batch
@@ -378,7 +382,7 @@ class DeftAttnBackend(AttentionBackend):
         plan = plan_step(tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
                          self.plan_limits, self.planner)
         # No KV at all: the sliding-window layers' tree is the same tree.
-        self.forward_metadata = DeftDecodeMetadata(plan, rows, 0, 0, window_plan=plan)
+        self.forward_metadata = DeftDecodeMetadata(plan, rows, window_plan=plan)
 
     def forward_decode(
         self,
@@ -438,6 +442,9 @@ class DeftAttnBackend(AttentionBackend):
         if max_num_tokens != max_bs:
             raise RuntimeError(f"deft: CUDA graphs of {max_num_tokens} tokens for {max_bs} requests; deft decodes "
                                "one token per request")
+        if not tree_attention.use_triton_kernels(self.device):  # (config_checks refuses it first)
+            raise RuntimeError("deft: CUDA graphs with decode attention by the PyTorch reference: its plans are host "
+                               "objects a graph cannot replay; graph buffers would switch the server to the kernels")
         if self.graph_plan is None or self.graph_plan.qperm.numel() != max_bs:
             self._make_plan_buffers(max_bs)
 
@@ -464,7 +471,7 @@ class DeftAttnBackend(AttentionBackend):
         if self.window_graph_plan is not None:
             window_plan = plan_graph_step(self.window_graph_plan, empty_tree(self.device), bs, self.kv_dtype,
                                           self.planner)
-        self.forward_metadata = DeftDecodeMetadata(plan, bs, 0, 0, window_plan=window_plan)
+        self.forward_metadata = DeftDecodeMetadata(plan, bs, window_plan=window_plan)
         self.planned_replay_size = None  # whatever was planned is overwritten
         self._invalidate_step_planners()
 
@@ -498,10 +505,12 @@ class DeftAttnBackend(AttentionBackend):
         if step is None:
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)
             return False
+        host_s = time.perf_counter() - started
         if TRACE_PLANS:
-            self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu, window_steady)
+            self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu, self.graph_plan, self.window_graph_plan,
+                             window_steady)
         self.planned_replay_size = padded_bs
-        self._record(forward_batch, step.attended_tokens, step.unique_tokens, started, step.steady, window_counts)
+        self._record(forward_batch, step.attended_tokens, step.unique_tokens, host_s, step.steady, window_counts)
         return True
 
     def init_forward_metadata_replay_cuda_graph(
@@ -524,17 +533,18 @@ class DeftAttnBackend(AttentionBackend):
                 "through it, or SGLang padded the batch differently."
             )
 
-    def _trace_plan(self, mode: str, steady: bool, seq_lens_cpu: torch.Tensor, window_steady: bool | None = None
-                    ) -> None:
+    @staticmethod
+    def _trace_plan(mode: str, steady: bool, seq_lens_cpu: torch.Tensor, plan: TreeDecodePlan,
+                    window_plan: TreeDecodePlan | None = None, window_steady: bool | None = None) -> None:
         """One log line per planned decode step with a fingerprint of what stage 1 and stage 2 will
         read (items, merge lists, and the KV slots of every item's range), so that two servers'
-        steps can be compared line by line; ``window_steady``: the window plan's steady flag, when it is in the
-        window buffers (fingerprinted too). Waits for the device: a debugging aid only."""
-        n_q = int(self.graph_plan.counts[2])
+        steps can be compared line by line: ``plan`` and ``window_plan`` (models with sliding-window layers), whose
+        steady flag ``window_steady`` is (None: in buffers of its own). Waits for the device: a debugging aid only."""
+        n_q = int(plan.counts[2])
         line = (f"deft trace {mode}: queries={n_q} steady={int(steady)} seq_lens={seq_lens_cpu.tolist()} "
-                f"{_fingerprint(self.graph_plan)}")
-        if window_steady is not None:  # not "steady=": tests and tools count the full plan's steady steps by it
-            line += f" window_in_place={int(window_steady)} window_{_fingerprint(self.window_graph_plan)}"
+                f"{_fingerprint(plan)}")
+        if window_plan is not None:  # not "steady=": tests and tools count the full plan's steady steps by it
+            line += f" window_in_place={int(bool(window_steady))} window_{_fingerprint(window_plan)}"
         logger.info(line)
 
     def get_cuda_graph_seq_len_fill_value(self):
@@ -573,6 +583,9 @@ def _counts(built: DecodeKVTree | StepPlan) -> tuple[int, int]:
 
 
 def _extend_not_routed_away(mode) -> RuntimeError:
+    if mode.is_target_verify() or mode.is_draft_extend():
+        return RuntimeError(f"deft got a {mode.name} batch: speculative decoding, which deft does not serve (its "
+                            "draft tokens would need a tree of their own per request); start without --speculative-*")
     return RuntimeError(
         f"deft computes decode attention only, but got a {mode.name} batch. Start SGLang through "
         "sglang_deft.launch_server or sglang_deft.Engine (they route --attention-backend deft's "

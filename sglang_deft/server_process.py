@@ -188,6 +188,8 @@ class ServerProcess:
         if append_log:
             self._log.write(f"\n----- {name} relaunched on port {self.port} -----\n")
             self._log.flush()  # before the child's writes, which go to the same file
+        # Where this attempt's output starts: an earlier attempt's "address already in use" is not this one's.
+        self._log_start = self.log_path.stat().st_size
         self.command = [python, "-m", "sglang_deft.launch_server", *args, "--port", str(self.port)]
         # The parent-death signal comes when the *thread* that forked ends: only the main thread's end is the
         # process's (bench_e2e relaunches servers from pool threads that end before their servers should).
@@ -239,7 +241,7 @@ class ServerProcess:
         the server exited."""
         needles = ("address already in use",) if in_use_only else ("address already in use",
                                                                     "error while attempting to bind")
-        return next((line for line in self.log().splitlines() if any(n in line.lower() for n in needles)), "")
+        return next((line for line in self.attempt_log().splitlines() if any(n in line.lower() for n in needles)), "")
 
     def port_held_by_another_process(self) -> bool:
         """A process outside this server's process group listens on its port (False where /proc cannot say)."""
@@ -273,6 +275,12 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def attempt_log(self) -> str:
+        """The log of this launch only (``log()`` also holds the attempts before a ``relaunched()`` one)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if any of it lingers

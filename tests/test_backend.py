@@ -246,9 +246,8 @@ def test_decode_matches_per_request_attention(server_args, model_config, logit_c
 
     fb = decode_forward_batch(sim, reqs, kv_pool)
     backend.init_forward_metadata(fb)
-    meta = backend.forward_metadata
-    assert meta.attended_tokens == int(fb.seq_lens_cpu.sum())
-    assert meta.unique_tokens < meta.attended_tokens  # the forked prompt is in the tree once
+    assert backend.sharing.total_attended == int(fb.seq_lens_cpu.sum())
+    assert backend.sharing.total_unique < backend.sharing.total_attended  # the forked prompt is in the tree once
 
     B = len(reqs)
     for layer in layers:
@@ -695,15 +694,16 @@ def test_decode_step_logs_sharing(server_args, model_config, caplog):
     layers = attention_layers(model_config)
     kv_pool = kv_pool_for(layers, 2048)
     backend = make_backend(sim, server_args, model_config, layers, kv_pool)  # decode_log_interval=1
+    fb = decode_forward_batch(sim, reqs, kv_pool)
     with caplog.at_level("INFO", logger="sglang_deft.sharing_metrics"):
-        backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
+        backend.init_forward_metadata(fb)
     from sglang_deft.sharing_metrics import parse_sharing_lines
 
     (row,) = parse_sharing_lines(caplog.text)
-    meta = backend.forward_metadata
-    assert row["attended_kv_tokens"] == meta.attended_tokens
-    assert row["unique_kv_tokens"] == meta.unique_tokens
-    assert row["ratio"] == pytest.approx(meta.attended_tokens / meta.unique_tokens, abs=1e-3)
+    built = build_decode_kv_tree(reqs, sim.req_to_token, fb.seq_lens_cpu)
+    assert row["attended_kv_tokens"] == built.attended_tokens
+    assert row["unique_kv_tokens"] == built.unique_tokens < built.attended_tokens
+    assert row["ratio"] == pytest.approx(built.attended_tokens / built.unique_tokens, abs=1e-3)
     assert 0 < row["plan_host_us"] < 1e6  # the step's tree build + plan, timed on the host
 
 
@@ -767,6 +767,10 @@ def test_extend_batch_is_refused_with_routing_hint(server_args, model_config):
     backend = make_backend(sim, server_args, model_config, layers, kv_pool)
     with pytest.raises(RuntimeError, match="decode attention only.*--decode-attention-backend deft"):
         backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.EXTEND))
+    # a speculative batch: routing would not help, speculative decoding is what deft does not serve
+    for mode in (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND):
+        with pytest.raises(RuntimeError, match=f"deft got a {mode.name} batch: speculative decoding"):
+            backend.init_forward_metadata(SimpleNamespace(forward_mode=mode))
 
 
 def test_decode_batch_without_requests_is_refused(server_args, model_config):

@@ -13,6 +13,7 @@ import bisect
 import copy
 import logging
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -688,7 +689,7 @@ def test_plan_trace_fingerprints_what_the_kernels_read(caplog):
         plan.kv_indices[10:].fill_(unread)  # past every item's range
         caplog.clear()
         with caplog.at_level("INFO", logger="sglang_deft.backend"):
-            DeftAttnBackend._trace_plan(SimpleNamespace(graph_plan=plan), "eager", False, torch.tensor([7, 8]))
+            DeftAttnBackend._trace_plan("eager", False, torch.tensor([7, 8]), plan)
         (line,) = [r.getMessage() for r in caplog.records if "deft trace" in r.getMessage()]
         return line
 
@@ -705,8 +706,7 @@ def test_plan_trace_fingerprints_what_the_kernels_read(caplog):
                             8, 2, 64)
     caplog.clear()
     with caplog.at_level("INFO", logger="sglang_deft.backend"):
-        DeftAttnBackend._trace_plan(SimpleNamespace(graph_plan=plan, window_graph_plan=plan), "graph", True,
-                                    torch.tensor([7, 8]), window_steady=True)
+        DeftAttnBackend._trace_plan("graph", True, torch.tensor([7, 8]), plan, plan, window_steady=True)
     line = caplog.records[-1].getMessage()
     full, window = line.split(" window_in_place=1 window_")
     assert full.endswith(window) and window.startswith("items=")
@@ -734,6 +734,33 @@ def test_eager_steps_up_to_max_bs_use_the_plan_buffers_and_steady_steps(server_a
 
 
 @needs_interpreter
+def test_every_eager_step_is_traced_and_its_host_time_leaves_the_trace_out(server_args, model_config, caplog,
+                                                                          monkeypatch):
+    """SGLANG_DEFT_TRACE_PLANS traced only the steps in the plan buffers: a batch past them (planned in buffers of its
+    own) left a gap where two servers' traces are compared step for step. And the trace's device wait was counted
+    in the step's plan_host_us."""
+    import sglang_deft.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "TRACE_PLANS", True)
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    prompt = sim.fresh(60)
+    sim.run_to_cache(prompt)
+    traced, host_s, record = [], [], backend.sharing.record
+    monkeypatch.setattr(backend_module, "_fingerprint", lambda plan: (traced.append(plan), time.sleep(0.05))[0] or "fp")
+    monkeypatch.setattr(backend.sharing, "record", lambda *a: (host_s.append(a[2]), record(*a)))
+    for batch in (3, server_args.cuda_graph_max_bs + 1):
+        reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(batch)])
+        with caplog.at_level("INFO", logger="sglang_deft.backend"):
+            backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
+        assert traced[-1] is backend.forward_metadata.plan
+        sim.finish_decode(reqs)
+    lines = [r.getMessage() for r in caplog.records if "deft trace" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["deft trace eager", "deft trace own"], lines
+    assert "queries=9 steady=0" in lines[1]
+    assert len(host_s) == 2 and max(host_s) < 0.05  # each step waited 50 ms in its trace
+
+
+@needs_interpreter
 def test_a_capture_after_steady_steps_makes_the_next_step_a_full_plan(server_args, model_config):
     """Capture writes padding-only plans into the buffers: a step right after it must not update the
     overwritten plan in place as if it were the last step's."""
@@ -749,6 +776,17 @@ def test_a_capture_after_steady_steps_makes_the_next_step_a_full_plan(server_arg
         backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
         sim.finish_decode(reqs)
     assert log == [False, False, True, False]
+
+
+def test_graph_state_on_the_reference_path_is_refused(server_args, model_config, monkeypatch):
+    """The reference path has no plan buffers: making them for a graph would switch its eager steps to the kernels
+    while the log said the reference decodes (config_checks refuses the pair first; this keeps it refused)."""
+    import sglang_deft.tree_attention as tree_attention
+
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: False)
+    with pytest.raises(RuntimeError, match="CUDA graphs with decode attention by the PyTorch reference"):
+        backend.init_cuda_graph_state(16, 16)
 
 
 @cpu_only

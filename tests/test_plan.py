@@ -398,3 +398,22 @@ def test_a_plan_past_the_launch_grid_is_refused_by_name():
     small = KVTree(tree.kv_indices[:8], tree.node_indptr[:9], tree.node_parent[:8], tree.query_node[:8])
     with pytest.raises(ValueError, match="at most 65535.*give the capacity fewer max_items"):
         plan_tree_decode(small, 8, 8, 64, capacity=PlanCapacity(8, 8, MAX_GRID_ITEMS + 1, 8, 8))
+
+
+def test_an_unindexed_cuda_device_is_planned_for_by_its_index(monkeypatch):
+    """"cuda" and "cuda:0" are unequal devices: a capacity plan's two uploads (its KV slots for kv_indices' device,
+    its metadata for the one given) made a new staging ring, page-locked memory and events, twice a plan."""
+    tree = make_tree([-1], [4], [0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert plan_module._plan_device("cuda", tree, None) == torch.device("cuda", 3)
+    assert plan_module._plan_device(None, tree, None) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_plans_for_cuda_keep_one_staging_ring():
+    tree = make_tree([-1, 0, 0], [40, 3, 5], [1, 2])
+    planner = TreeDecodePlanner(8, 2, 64)
+    planner.plan(tree, "cuda", capacity=dataclasses.replace(CAP, max_kv_tokens=64))
+    ring = planner._staging
+    planner.plan(tree, "cuda", capacity=dataclasses.replace(CAP, max_kv_tokens=64))
+    assert planner._staging is ring and ring.device == torch.device("cuda", torch.cuda.current_device())

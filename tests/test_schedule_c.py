@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,6 +323,31 @@ def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatc
         c_library.load("schedule.c")
 
 
+def test_a_cache_dir_that_refuses_the_rename_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    """The build's chmod and rename sat outside the fallback: their OSError reached the caller raw, past the next
+    cache place, and left the .building- file behind."""
+    import os
+    import tempfile
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent == cache:
+            raise OSError(18, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(c_library.os, "replace", replace)
+    assert c_library.load("schedule.c").deft_schedule is not None
+    assert list(cache.iterdir()) == []  # its temporary file is gone
+    (built,) = (tmp_path / "tmp" / f"sglang_deft_{os.getuid()}").iterdir()
+    assert built.name.startswith("schedule_")
+
+
 @pytest.mark.parametrize("cap_queries, cap_items", [(5, 9), (8, 16), (13, 30), (None, None)])
 def test_packed_layout_is_tight_and_queries_past_the_step_merge_nothing(cap_queries, cap_items):
     """Each field starts at the previous one's end rounded up to 16 bytes (4 int32), no further; the
@@ -405,7 +431,7 @@ def test_a_planner_constant_set_out_of_range_is_a_clear_error(monkeypatch, const
 
     monkeypatch.setattr(plan, constant, value)
     tree = make_tree([-1, 0, 0], [300, 5, 7], [1, 2])
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="must be in range: MIN_CHUNK_TOKENS"):
         plan.plan_tree_decode(tree, 32, 8, 128)
 
 

@@ -35,6 +35,11 @@ FAKE_LAUNCHER = textwrap.dedent('''
 
     if mode == "port_taken":
         port_taken()
+    if mode == "port_taken_once":  # the first launch's port was taken; a relaunch's is free
+        marker = sys.argv[0] + ".launched"
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            port_taken()
     if mode == "bind_refused":  # uvicorn on a privileged port: not in use, but not this user's to bind
         print(f"ERROR: [Errno 13] error while attempting to bind on address ('127.0.0.1', {port}): "
               "permission denied", flush=True)
@@ -198,6 +203,21 @@ def test_serving_relaunches_a_server_whose_port_was_taken(launcher, monkeypatch)
             assert server is not first and server.port != port
             assert first.proc.poll() is not None  # the first launch was stopped
             assert server.generate({"text": "a"}) == [{"text": "a!"}]
+
+
+def test_a_relaunch_is_not_failed_by_the_first_attempts_bind_error(launcher):
+    """The relaunch's output goes after the first attempt's in one log: its wait found the first attempt's "address
+    already in use" and failed at once, naming the old port."""
+    first = launcher("port_taken_once")
+    with pytest.raises(RuntimeError, match=f"could not bind port {first.port}"):
+        first.wait_ready(60)
+    again = first.relaunched()
+    try:
+        again.wait_ready(60)
+        assert again.generate({"text": "a"}) == [{"text": "a!"}] and not again.port_taken()
+        assert "Address already in use" in again.log() and "Address already in use" not in again.attempt_log()
+    finally:
+        again.stop(grace_s=1)
 
 
 def test_a_port_in_use_is_refused_before_launching(tmp_path):
