@@ -32,8 +32,11 @@ VENV_WORKS = $(VENV_PYTHON) -m pip --version >/dev/null 2>&1
 # far from the cause (libcublasLt not found). Read from its metadata, without importing it.
 TORCH_IS_CPU_BUILD = -c 'import importlib.metadata as m, sys; sys.exit( \
 	  "torch in $(VENV) is a CUDA build (PyPI'"'"'s wheel), whose CUDA libraries this CPU environment does not install: " \
-	  "rm -rf $(VENV), then rerun with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (README)" \
+	  "rm -rf $(VENV), then rerun with PIP_EXTRA_INDEX_URL=$(TORCH_CPU_INDEX) (README)" \
 	  if any(r.startswith("nvidia-") for r in m.requires("torch") or []) else None)'
+
+# Where a machine without a local CPU wheel gets one (only then: the CPU index is not reached otherwise).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 $(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extract_sgl_kernel.py
 	@$(VENV_WORKS) || $(PYTHON_BOOTSTRAP) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else \
@@ -42,6 +45,9 @@ $(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extrac
 	$(VENV_WORKS) || $(PYTHON_BOOTSTRAP) -m venv --clear $(VENV)
 	@echo "installing the CPU environment into $(VENV) (a few minutes the first time)"
 	$(VENV_PYTHON) -m pip install --quiet --no-deps -r requirements-cpu.txt
+	@$(VENV_PYTHON) $(TORCH_IS_CPU_BUILD) 2>/dev/null || { \
+	  echo "torch 2.13.0 came as PyPI's CUDA build: installing PyTorch's CPU build from $(TORCH_CPU_INDEX)"; \
+	  $(VENV_PYTHON) -m pip install --quiet --no-deps --force-reinstall --index-url $(TORCH_CPU_INDEX) torch==2.13.0; }
 	@$(VENV_PYTHON) $(TORCH_IS_CPU_BUILD)
 	$(VENV_PYTHON) -m pip install --quiet --no-deps -e .
 	@test -f $(SGL_KERNEL_WHEEL) || echo "downloading sglang-kernel 0.4.1 (~350 MB; its Python files only are used on CPU)"

@@ -12,6 +12,7 @@ the model property and why. None of them does anything when deft is not selected
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -678,8 +679,19 @@ def _fp8_scale_problems(layer, prefill_backend: str) -> list[str]:
     return []
 
 
+# Set by sglang_deft.Engine for the processes SGLang spawns: a scheduler writes its refusal there as JSON. SGLang's
+# scheduler only logs an exception and signals its parent, which then knows that a child died, not why.
+REFUSAL_FILE_ENV = "SGLANG_DEFT_REFUSAL_FILE"
+
+
 def check_model_runner(model_runner) -> None:
-    _raise_if(model_runner_problems(model_runner))
+    try:
+        _raise_if(model_runner_problems(model_runner))
+    except UnsupportedConfiguration as e:
+        if path := os.environ.get(REFUSAL_FILE_ENV):
+            with contextlib.suppress(OSError):  # the refusal is logged and raised either way
+                Path(path).write_text(json.dumps(e.problems))
+        raise
     _warn_of_bidirectional_prefill(model_runner)
     _warn_of_uncapped_prefill(model_runner)
 

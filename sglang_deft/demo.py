@@ -267,8 +267,9 @@ def describe_server(info: dict) -> str:
 
 
 class Signalled(SystemExit):
-    """The demo was sent SIGTERM or SIGHUP: it stops the server and exits 128 + the signal, as a shell reports a
-    process the signal ended (not 1 with "the server stopped answering", the examples' SystemExit)."""
+    """The demo was sent SIGTERM or SIGHUP (or interrupted: SIGINT): it stops the server and exits 128 + the signal,
+    as a shell reports a process the signal ended (not 1 with "the server stopped answering", the examples'
+    SystemExit)."""
 
 
 def _raise_on_sigterm(signum, frame):  # SIGTERM, SIGHUP
@@ -348,8 +349,9 @@ def main(argv=None) -> int:
         if args.show_server_log:
             print(server.log())
         ok = True
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # exits 130 below, as a shell reports a process SIGINT ended
         say_if_possible("interrupted")
+        signalled = Signalled(128 + signal.SIGINT)
     except Signalled as e:
         signalled = e
         say_if_possible(f"stopped by signal {e.code - 128} ({signal.Signals(e.code - 128).name})")

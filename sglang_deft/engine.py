@@ -4,9 +4,20 @@ Import it as ``from sglang_deft import Engine`` (or ``import sglang_deft.engine`
 the process up before SGLang loads (``server_setup.prepare_process``: on a machine without CUDA,
 SGLang's CPU engine and ``sglang_deft.cpu_compat``). Constructor arguments are SGLang's Engine /
 ServerArgs keywords; ``attention_backend="deft"`` and ``decode_attention_backend="deft"`` are valid,
-and unsupported configurations raise ``sglang_deft.config_checks.UnsupportedConfiguration``.
+and unsupported configurations raise ``sglang_deft.config_checks.UnsupportedConfiguration``: those of the flags
+and the model's config before anything starts, those of the loaded model's layers (heads, windows, sinks: found
+in SGLang's scheduler process) once SGLang reports its scheduler gone, with the Engine's other processes ended.
 """
 from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
 
 from sglang_deft.server_setup import prepare_process
 
@@ -15,8 +26,11 @@ _IMPORT_DEVICE = prepare_process(None)
 import sglang.srt.entrypoints.engine as _sglang_engine  # noqa: E402  (after prepare_process)
 
 from sglang_deft import subprocess_entry  # noqa: E402
+from sglang_deft.config_checks import REFUSAL_FILE_ENV, UnsupportedConfiguration  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
 from sglang_deft.server_setup import check_startup, make_server_args, split_deft_backend  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 class Engine(_sglang_engine.Engine):
@@ -35,7 +49,83 @@ class Engine(_sglang_engine.Engine):
         else:
             _check_device(kwargs["server_args"].device)
         check_startup(kwargs["server_args"])
-        super().__init__(**kwargs)
+        with _refusals_raised(kwargs["server_args"]):
+            super().__init__(**kwargs)
+
+
+@contextlib.contextmanager
+def _refusals_raised(server_args):
+    """A refusal of the loaded model (``config_checks.check_model_runner``, in the scheduler process) raised in the
+    caller as ``UnsupportedConfiguration``. SGLang's launch-phase SIGQUIT handler, which a failing child signals,
+    ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
+    137). While the Engine starts, a failing child is left to SGLang's start-up wait, which raises when the
+    scheduler is gone; the processes the Engine started are then ended and the refusal the scheduler wrote (to the file
+    ``REFUSAL_FILE_ENV`` names) is raised, or SGLang's error where there is none. A handler of the caller's own
+    (``custom_sigquit_handler``) is left as it is."""
+    import psutil  # (an SGLang dependency)
+
+    # The processes this Engine starts are the ones that were not there before: only those are ended on failure
+    # (another Engine of the caller's, or any process of its own, is left running).
+    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    fd, path = tempfile.mkstemp(prefix="sglang_deft_refusal_")
+    os.close(fd)
+    env_before = os.environ.get(REFUSAL_FILE_ENV)
+    os.environ[REFUSAL_FILE_ENV] = path  # the spawned processes inherit it
+    # (SGLang sets signal handlers from the main thread only)
+    own = server_args.custom_sigquit_handler is None and threading.current_thread() is threading.main_thread()
+    quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
+    if own:
+        handler_before = signal.getsignal(signal.SIGQUIT)
+        server_args.custom_sigquit_handler = _child_failed_while_starting
+        _sglang_engine.logger.addFilter(quiet)
+    try:
+        yield
+    except Exception as e:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
+        for child in started:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
+        if own:
+            signal.signal(signal.SIGQUIT, handler_before)
+        text = Path(path).read_text()
+        if text:
+            raise UnsupportedConfiguration(json.loads(text)) from e
+        raise
+    else:
+        if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
+            signal.signal(signal.SIGQUIT, _end_process_tree)
+    finally:
+        if own:
+            server_args.custom_sigquit_handler = None
+            _sglang_engine.logger.removeFilter(quiet)
+        if env_before is None:
+            os.environ.pop(REFUSAL_FILE_ENV, None)
+        else:
+            os.environ[REFUSAL_FILE_ENV] = env_before
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _child_failed_while_starting(signum, frame):
+    logger.error("deft: a process of the Engine failed while it started (its log says why); the Engine raises as "
+                 "soon as SGLang's start-up wait sees it")
+
+
+def _end_process_tree(signum, frame):  # SGLang's launch-phase handler, as SGLang's Engine installs it
+    logger.error("Received sigquit from a child process. It usually means the child failed.")
+    _sglang_engine.kill_process_tree(os.getpid())
+
+
+class _Without(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _check_device(device: str) -> None:

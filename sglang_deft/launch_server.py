@@ -103,8 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.utils.common import suppress_noisy_warnings
 
     suppress_noisy_warnings()  # as sglang.launch_server does
-    server_args = parse_server_args(argv, device)
-    check_startup(server_args)
+    from sglang_deft.config_checks import UnsupportedConfiguration
+
+    try:
+        server_args = parse_server_args(argv, device)
+        check_startup(server_args)
+    except UnsupportedConfiguration as e:  # the user's flags or model: the reasons, not a traceback; 2 as argparse
+        print(f"sglang_deft.launch_server: {e}", file=sys.stderr)
+        sys.exit(2)
     from sglang_deft.server_process import port_free
 
     if not (server_args.grpc_mode or server_args.use_ray or server_args.encoder_only) and not port_free(

@@ -162,3 +162,39 @@ def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):
     assert kwargs == {"model_path": "models/tiny-llama-deft", "attention_backend": "deft", "grammar_backend": "none",
                       "max_total_tokens": 16384}
     assert engine_args["max_total_tokens"] == 16384
+
+
+REFUSED_IN_THE_SCHEDULER = textwrap.dedent("""
+    import json, sys, psutil
+    from sglang_deft import Engine
+    from sglang_deft.config_checks import UnsupportedConfiguration
+
+    if __name__ == "__main__":  # SGLang's Engine spawns its scheduler process
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            Engine(model_path=sys.argv[1], attention_backend="deft", grammar_backend="none", load_format="dummy",
+                   max_total_tokens=1024, log_level="error")
+        except UnsupportedConfiguration as e:
+            left = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            print("RESULT " + json.dumps({"problems": e.problems, "cause": type(e.__cause__).__name__, "left": left}))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU Engine: the GPU host's runs cover the GPU's")
+def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
+    """Head dims past 256 are refused by layer, in SGLang's scheduler process, which logs the error and sends its
+    parent SIGQUIT: SGLang's handler then killed the whole process tree, the caller's process included (exit 137, a
+    Jupyter kernel gone). Now the Engine raises the refusal and ends only the processes it started."""
+    from tiny_models import with_config
+
+    (tmp_path / "model").mkdir()
+    model = with_config(tmp_path / "model", MODEL, head_dim=512)  # dummy weights: any shape loads
+    script = tmp_path / "engine_refused.py"
+    script.write_text(REFUSED_IN_THE_SCHEDULER)
+    run = subprocess.run([sys.executable, str(script), str(model)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
+    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert any("head dim 512 is not supported" in p for p in result["problems"]), result
+    assert result["cause"] == "RuntimeError" and result["left"] == []  # SGLang's start-up error; nothing left running
+    assert "Using custom SIGQUIT handler" not in run.stderr
