@@ -37,6 +37,7 @@ TORCH_IS_CPU_BUILD = -c 'import importlib.metadata as m, sys; sys.exit( \
 
 # Where a machine without a local CPU wheel gets one (only then: the CPU index is not reached otherwise).
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_PIN := $(shell grep -m1 '^torch==' requirements-cpu.txt)
 
 $(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extract_sgl_kernel.py
 	@$(VENV_WORKS) || $(PYTHON_BOOTSTRAP) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else \
@@ -46,8 +47,8 @@ $(VENV_STAMP): requirements-cpu.txt pyproject.toml sglang_deft/cpu_compat/extrac
 	@echo "installing the CPU environment into $(VENV) (a few minutes the first time)"
 	$(VENV_PYTHON) -m pip install --quiet --no-deps -r requirements-cpu.txt
 	@$(VENV_PYTHON) $(TORCH_IS_CPU_BUILD) 2>/dev/null || { \
-	  echo "torch 2.13.0 came as PyPI's CUDA build: installing PyTorch's CPU build from $(TORCH_CPU_INDEX)"; \
-	  $(VENV_PYTHON) -m pip install --quiet --no-deps --force-reinstall --index-url $(TORCH_CPU_INDEX) torch==2.13.0; }
+	  echo "$(TORCH_PIN) came as PyPI's CUDA build: installing PyTorch's CPU build from $(TORCH_CPU_INDEX)"; \
+	  $(VENV_PYTHON) -m pip install --quiet --no-deps --force-reinstall --index-url $(TORCH_CPU_INDEX) $(TORCH_PIN); }
 	@$(VENV_PYTHON) $(TORCH_IS_CPU_BUILD)
 	$(VENV_PYTHON) -m pip install --quiet --no-deps -e .
 	@test -f $(SGL_KERNEL_WHEEL) || echo "downloading sglang-kernel 0.4.1 (~350 MB; its Python files only are used on CPU)"

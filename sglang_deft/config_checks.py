@@ -689,8 +689,12 @@ def check_model_runner(model_runner) -> None:
         _raise_if(model_runner_problems(model_runner))
     except UnsupportedConfiguration as e:
         if path := os.environ.get(REFUSAL_FILE_ENV):
-            with contextlib.suppress(OSError):  # the refusal is logged and raised either way
-                Path(path).write_text(json.dumps(e.problems))
+            # Through a file of this process's and a rename: every TP rank writes it, and the Engine must never read
+            # one half-written. (The refusal is logged and raised either way.)
+            with contextlib.suppress(OSError):
+                tmp = Path(f"{path}.{os.getpid()}")
+                tmp.write_text(json.dumps(e.problems))
+                tmp.replace(path)
         raise
     _warn_of_bidirectional_prefill(model_runner)
     _warn_of_uncapped_prefill(model_runner)

@@ -10,6 +10,7 @@ in SGLang's scheduler process) once SGLang reports its scheduler gone, with the 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -49,24 +50,25 @@ class Engine(_sglang_engine.Engine):
         else:
             _check_device(kwargs["server_args"].device)
         check_startup(kwargs["server_args"])
-        with _refusals_raised(kwargs["server_args"]):
+        with _refusals_raised(self, kwargs["server_args"]):
             super().__init__(**kwargs)
 
 
 @contextlib.contextmanager
-def _refusals_raised(server_args):
+def _refusals_raised(engine: Engine, server_args):
     """A refusal of the loaded model (``config_checks.check_model_runner``, in the scheduler process) raised in the
     caller as ``UnsupportedConfiguration``. SGLang's launch-phase SIGQUIT handler, which a failing child signals,
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
     137). While the Engine starts, a failing child is left to SGLang's start-up wait, which raises when the
-    scheduler is gone; the processes the Engine started are then ended and the refusal the scheduler wrote (to the file
-    ``REFUSAL_FILE_ENV`` names) is raised, or SGLang's error where there is none. A handler of the caller's own
-    (``custom_sigquit_handler``) is left as it is."""
+    scheduler is gone; the processes the Engine started are then ended (also on ^C during the start) and the
+    refusal the scheduler wrote (to the file ``REFUSAL_FILE_ENV`` names) is raised, or SGLang's error where there
+    is none. A handler of the caller's own (``custom_sigquit_handler``) is left as it is."""
     import psutil  # (an SGLang dependency)
 
-    # The processes this Engine starts are the ones that were not there before: only those are ended on failure
-    # (another Engine of the caller's, or any process of its own, is left running).
-    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    # The processes this Engine starts are the caller's children that were not there before, with their own
+    # children: only those are ended on failure (another Engine's processes, or any of the caller's, are left
+    # running; so is multiprocessing's resource tracker, which the first spawn starts and later ones reuse).
+    children_before = {p.pid for p in psutil.Process().children()}
     fd, path = tempfile.mkstemp(prefix="sglang_deft_refusal_")
     os.close(fd)
     env_before = os.environ.get(REFUSAL_FILE_ENV)
@@ -74,23 +76,22 @@ def _refusals_raised(server_args):
     # (SGLang sets signal handlers from the main thread only)
     own = server_args.custom_sigquit_handler is None and threading.current_thread() is threading.main_thread()
     quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
+    handler_before = None
     if own:
         handler_before = signal.getsignal(signal.SIGQUIT)
-        server_args.custom_sigquit_handler = _child_failed_while_starting
+        # In subprocess_entry: the handler is pickled into every spawned process, which imports its module.
+        server_args.custom_sigquit_handler = subprocess_entry.child_failed_while_starting
         _sglang_engine.logger.addFilter(quiet)
     try:
         yield
-    except Exception as e:
-        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
-        for child in started:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
-        if own:
-            signal.signal(signal.SIGQUIT, handler_before)
-        text = Path(path).read_text()
-        if text:
-            raise UnsupportedConfiguration(json.loads(text)) from e
+    except BaseException as e:
+        _end_started_processes(psutil, children_before)
+        atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller
+        if own:  # None: a handler not set from Python
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
+        problems = _read_refusal(path) if isinstance(e, Exception) else None
+        if problems:
+            raise UnsupportedConfiguration(problems) from e
         raise
     else:
         if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
@@ -107,9 +108,27 @@ def _refusals_raised(server_args):
             os.unlink(path)
 
 
-def _child_failed_while_starting(signum, frame):
-    logger.error("deft: a process of the Engine failed while it started (its log says why); the Engine raises as "
-                 "soon as SGLang's start-up wait sees it")
+def _end_started_processes(psutil, children_before: set[int]) -> None:
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    started = [p for p in psutil.Process().children() if p.pid not in children_before and p.pid != tracker]
+    for child in list(started):
+        with contextlib.suppress(psutil.Error):
+            started += child.children(recursive=True)
+    for process in started:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
+
+
+def _read_refusal(path: str) -> list[str] | None:
+    """The problems a scheduler wrote (None if none did, or if what is there cannot be read)."""
+    with contextlib.suppress(OSError, ValueError):
+        problems = json.loads(Path(path).read_text() or "null")
+        if isinstance(problems, list) and problems:
+            return [str(p) for p in problems]
+    return None
 
 
 def _end_process_tree(signum, frame):  # SGLang's launch-phase handler, as SGLang's Engine installs it

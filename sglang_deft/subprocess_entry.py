@@ -7,9 +7,12 @@ it re-activates the CPU compatibility layer when the parent did (``cpu_compat.in
 before any SGLang module loads, and the scheduler entry registers the backend before the model
 runner looks it up. Nothing here imports SGLang at module level.
 """
+import logging
+
 from sglang_deft import cpu_compat
 
 cpu_compat.install_if_requested()
+logger = logging.getLogger(__name__)
 
 
 def run_scheduler_process(*args, **kwargs):
@@ -28,3 +31,10 @@ def run_detokenizer_process(*args, **kwargs):
     from sglang.srt.managers.detokenizer_manager import run_detokenizer_process as run
 
     return run(*args, **kwargs)
+
+
+def child_failed_while_starting(signum, frame):
+    """sglang_deft.Engine's SIGQUIT handler while it starts (``engine._refusals_raised``). Here because SGLang pickles
+    it into the processes it spawns, which import this module anyway."""
+    logger.error("deft: a process of the Engine failed while it started (its log says why); the Engine raises as "
+                 "soon as SGLang's start-up wait sees it")

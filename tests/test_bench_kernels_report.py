@@ -288,6 +288,10 @@ def test_markdown_says_when_the_speedup_is_against_an_eagerly_timed_baseline():
         row["flop_floor_us"] = 1.0
         md = BENCH.markdown(_report([row], ("deft", "flashinfer_decode")))
         assert ("c: the best baseline (" in md and "timed eagerly" in md) is said, md
+    row = _row({"flashinfer_decode": {**_cell(30.0), "timing": eager}})  # a run of the baselines alone
+    BENCH.summarize(row, ["flashinfer_decode"])
+    row["flop_floor_us"] = 1.0
+    assert "c: the best baseline (" not in BENCH.markdown(_report([row], ("flashinfer_decode",)))
 
 
 def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):

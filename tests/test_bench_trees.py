@@ -10,9 +10,11 @@ import ast
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -300,32 +302,40 @@ def test_bench_script_runs_on_cpu(tmp_path):
     assert "| spec: prefix 2k" in (tmp_path / "kernels_cpu.md").read_text()
 
 
-def _child_stopped_after_one_case(monkeypatch, stop: BaseException):
+def _child_stopped_after_one_case(monkeypatch, stop: str):
     """subprocess.run as an isolated child that wrote its first case's row and was then stopped with the parent
-    (gpu_session.sh's timeout signals the whole process group)."""
+    (gpu_session.sh's timeout signals the whole process group): ``stop`` "sigterm" (the signal itself, through the
+    parent's handler) or "interrupt" (^C)."""
     def run(argv, timeout):
         out, tag = Path(argv[argv.index("--out") + 1]), argv[argv.index("--tag") + 1]
         case = BENCH.select_cases(argv[argv.index("--cases") + 1])[0]
         row = BENCH.make_row(case, case.shape, {"copy_gbps": 1.0, "matmul_tflops": 1.0}, 2, 2)
         row["providers"]["torch_paged"] = {"provider": "torch_paged", "status": "ok", "ok": True, "median_us": 5.0}
         (out / f"kernels_{tag}.json").write_text(json.dumps({"cases": [row], "metadata": {}}))
-        raise stop
+        if stop == "interrupt":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the parent")
 
     monkeypatch.setattr(BENCH.subprocess, "run", run)
 
 
-@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()])
-def test_a_stopped_isolated_run_keeps_what_its_child_measured(tmp_path, monkeypatch, stop):
+@pytest.mark.parametrize("stop, raised", [("sigterm", SystemExit), ("interrupt", KeyboardInterrupt)])
+def test_a_stopped_isolated_run_keeps_what_its_child_measured(tmp_path, monkeypatch, stop, raised):
     """The parent wrote its report only after its child exited, so a benchmark cut by gpu_session.sh's timeout left
-    no JSON at all. Stopped, it writes the child's finished case and the one it was on, then stops."""
+    no JSON at all. Stopped, it writes the child's finished case and the one it was on, then stops; its SIGTERM
+    handler is the caller's again afterwards."""
     _child_stopped_after_one_case(monkeypatch, stop)
-    with pytest.raises(type(stop)):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(raised):
         BENCH.main(["--device", "cpu", "--dtype", "float32", "--isolate", "yes", "--providers", "torch_paged",
                     "--cases", "spec,p4k_16", "--out", str(tmp_path), "--commit", "test"])
     report = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert not report["metadata"]["complete"]
     assert [r["key"] for r in report["cases"]] == ["p4k_16"]  # the first case; spec, never begun, is left out
     assert report["cases"][0]["providers"]["torch_paged"]["median_us"] == 5.0
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_bench_exits_1_when_deft_fails_its_check(tmp_path, monkeypatch):

@@ -746,7 +746,7 @@ def test_every_eager_step_is_traced_and_its_host_time_leaves_the_trace_out(serve
     prompt = sim.fresh(60)
     sim.run_to_cache(prompt)
     traced, host_s, record = [], [], backend.sharing.record
-    monkeypatch.setattr(backend_module, "_fingerprint", lambda plan: (traced.append(plan), time.sleep(0.05))[0] or "fp")
+    monkeypatch.setattr(backend_module, "_fingerprint", lambda plan: (traced.append(plan), time.sleep(1.0))[0] or "fp")
     monkeypatch.setattr(backend.sharing, "record", lambda *a: (host_s.append(a[2]), record(*a)))
     for batch in (3, server_args.cuda_graph_max_bs + 1):
         reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(batch)])
@@ -757,7 +757,7 @@ def test_every_eager_step_is_traced_and_its_host_time_leaves_the_trace_out(serve
     lines = [r.getMessage() for r in caplog.records if "deft trace" in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == ["deft trace eager", "deft trace own"], lines
     assert "queries=9 steady=0" in lines[1]
-    assert len(host_s) == 2 and max(host_s) < 0.05  # each step waited 50 ms in its trace
+    assert len(host_s) == 2 and max(host_s) < 1.0  # each step waited a second in its trace
 
 
 @needs_interpreter

@@ -165,18 +165,26 @@ def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):
 
 
 REFUSED_IN_THE_SCHEDULER = textwrap.dedent("""
-    import json, sys, psutil
+    import json, signal, subprocess, sys, psutil
+    from multiprocessing import resource_tracker
     from sglang_deft import Engine
     from sglang_deft.config_checks import UnsupportedConfiguration
 
     if __name__ == "__main__":  # SGLang's Engine spawns its scheduler process
+        # a process of the caller's own: it must outlive the refusal (not holding the test's output pipes open)
+        mine = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             Engine(model_path=sys.argv[1], attention_backend="deft", grammar_backend="none", load_format="dummy",
                    max_total_tokens=1024, log_level="error")
         except UnsupportedConfiguration as e:
-            left = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-            print("RESULT " + json.dumps({"problems": e.problems, "cause": type(e.__cause__).__name__, "left": left}))
+            tracker = resource_tracker._resource_tracker._pid  # started by the first spawn, kept for the next
+            left = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before | {tracker}]
+            print("RESULT " + json.dumps({"problems": e.problems, "cause": type(e.__cause__).__name__, "left": left,
+                                          "mine_alive": mine.poll() is None, "tracker_alive": psutil.pid_exists(tracker),
+                                          "sigquit_default": signal.getsignal(signal.SIGQUIT) == signal.SIG_DFL,
+                                          "mine": mine.pid}))
+        # left running: SGLang's atexit shutdown, had it stayed registered, would end it as this process exits
 """)
 
 
@@ -197,4 +205,14 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
     assert any("head dim 512 is not supported" in p for p in result["problems"]), result
     assert result["cause"] == "RuntimeError" and result["left"] == []  # SGLang's start-up error; nothing left running
+    # ... but what the caller had, and multiprocessing's resource tracker, which a retry reuses; SIGQUIT as it was;
+    # SGLang's atexit shutdown (it ends every child of the caller at exit) unregistered
+    assert result["mine_alive"] and result["tracker_alive"] and result["sigquit_default"]
+    import psutil
+
+    mine = psutil.Process(result["mine"])
+    try:
+        assert mine.status() != psutil.STATUS_ZOMBIE and "sleep" in mine.name()
+    finally:
+        mine.kill()
     assert "Using custom SIGQUIT handler" not in run.stderr
