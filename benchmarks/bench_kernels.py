@@ -804,6 +804,7 @@ def run_cases_here(args, cases, shapes, providers, device, dtype, report) -> Non
             torch.cuda.empty_cache()
         if not args.child:  # the parent prints the merged row
             _print_case(row)
+    watchdog.deadline = None  # every case done: nothing left to time out (a caller may go on in this process)
 
 
 def run_cases_isolated(args, cases, shapes, providers, device, report) -> None:

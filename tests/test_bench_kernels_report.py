@@ -107,11 +107,27 @@ def test_deft_plan_check_sees_one_token_the_output_check_cannot(ctx, monkeypatch
     assert cell["metadata_error"] == "query 0: ..."
 
 
-def test_deft_cell_passes_its_plan_check(ctx):
+def test_deft_cell_passes_its_plan_check_and_fails_a_plan_that_reads_a_slot_twice(ctx, monkeypatch):
+    """A correct plan passes; one that reads a slot twice with none missing (which a comparison as sets would pass),
+    or merges a query the tree does not have, fails the deft cell whose output is otherwise within bounds."""
+    import sglang_deft.kernels.reference as reference
+
     c, ref = ctx
     c.args.plan_reps = 1
     cell = BENCH.run_provider("deft", c, ref)
     assert cell["status"] == "ok" and "metadata_error" not in cell, cell
+    real = reference.plan_kv_reads
+    monkeypatch.setattr(reference, "plan_kv_reads", lambda plan: [r + r[:1] if b == 0 else r
+                                                                  for b, r in enumerate(real(plan))])
+    cell = BENCH.run_provider("deft", c, ref)
+    assert cell["status"] == "failed_check" and cell["metadata_error"].startswith("query 0:"), cell
+    assert cell["max_rel_err"] < BENCH.MAX_REL_ERR  # the output itself passed
+    monkeypatch.setattr(reference, "plan_kv_reads", lambda plan: real(plan) + [[]])
+    from sglang_deft import kernels as K
+
+    plan = K.plan_tree_decode(K.KVTree(c.tree.kv_indices, c.tree.node_indptr, c.tree.node_parent,
+                                       c.tree.query_node), 8, 2, 16)
+    assert BENCH.plan_coverage_error(K, plan, c.tree).startswith("the plan merges 7 queries, the tree has 6")
 
 
 def test_torch_cascade_provider_runs_the_permuted_path():
@@ -308,3 +324,29 @@ def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
     assert tags.card_tag() == "cuda"
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert tags.card_tag() == "cuda"
+
+
+def test_a_report_cut_mid_write_leaves_the_last_whole_one(tmp_path, monkeypatch):
+    """Written in place, a kill mid-write (gpu_session.sh's timeout) left a truncated JSON that the isolating parent
+    then failed to read; by a file beside it and a rename, the last whole report stays."""
+    from pathlib import Path
+
+    row = _row({"deft": _cell(12.5), "flashinfer_decode": _cell(30.0)})
+    BENCH.summarize(row, ["deft", "flashinfer_decode"])
+    row["flop_floor_us"] = 1.0
+    report = _report([row])
+    BENCH.write_report(report, tmp_path, "t")
+    first = (tmp_path / "kernels_t.json").read_text()
+    real = Path.write_text
+
+    def cut(self, text, *a, **kw):
+        if self.suffix == ".tmp":
+            real(self, text[:10], *a, **kw)
+            raise OSError("killed mid-write")
+        return real(self, text, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", cut)
+    report["cases"].append(dict(row, case="d"))
+    with pytest.raises(OSError, match="killed mid-write"):
+        BENCH.write_report(report, tmp_path, "t")
+    assert (tmp_path / "kernels_t.json").read_text() == first

@@ -347,6 +347,11 @@ def test_bench_exits_1_when_deft_fails_its_check(tmp_path, monkeypatch):
     assert rc == 1
     report = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert BENCH.failed_deft_cells(report) == ["spec (failed_check)"]
+    # an isolated run's child exits 0 all the same: its parent reads any other status as a death mid-case
+    assert BENCH.main(["--child", "--device", "cpu", "--dtype", "float32", "--shrink", "64", "--isolate", "no",
+                       "--providers", "deft,torch_paged", "--cases", "spec", "--cpu-reps", "1",
+                       "--out", str(tmp_path), "--tag", "part1", "--commit", "test", "--case-timeout", "5"]) == 0
+    time.sleep(7)  # its watchdog, disarmed at the end, must not end this process past the case timeout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

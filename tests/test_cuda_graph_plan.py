@@ -754,10 +754,16 @@ def test_every_eager_step_is_traced_and_its_host_time_leaves_the_trace_out(serve
             backend.init_forward_metadata(decode_forward_batch(sim, reqs, kv_pool))
         assert traced[-1] is backend.forward_metadata.plan
         sim.finish_decode(reqs)
+    # and a step planned for a graph replay
+    emulator = GraphEmulator(backend, kv_pool)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    with caplog.at_level("INFO", logger="sglang_deft.backend"):
+        assert emulator.prepare(decode_forward_batch(sim, reqs, kv_pool)) is not None
+    assert traced[-1] is backend.graph_plan
     lines = [r.getMessage() for r in caplog.records if "deft trace" in r.getMessage()]
-    assert [line.split(":")[0] for line in lines] == ["deft trace eager", "deft trace own"], lines
+    assert [line.split(":")[0] for line in lines] == ["deft trace eager", "deft trace own", "deft trace graph"], lines
     assert "queries=9 steady=0" in lines[1]
-    assert len(host_s) == 2 and max(host_s) < 1.0  # each step waited a second in its trace
+    assert len(host_s) == 3 and max(host_s) < 1.0  # each step waited a second in its trace
 
 
 @needs_interpreter

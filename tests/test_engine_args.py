@@ -30,8 +30,9 @@ SCRIPT = textwrap.dedent("""
     from sglang.srt.server_args import ServerArgs
     from sglang_deft.config_checks import UnsupportedConfiguration
 
-    seen = []
-    sglang_engine.Engine.__init__ = lambda self, **kw: seen.append(kw["server_args"])
+    seen, handlers = [], []
+    sglang_engine.Engine.__init__ = lambda self, **kw: (seen.append(kw["server_args"]),
+                                                        handlers.append(kw["server_args"].custom_sigquit_handler))
     model = sys.argv[1]
     result = {"import_device": deft_engine._IMPORT_DEVICE, "cpu_engine": os.environ.get("SGLANG_USE_CPU_ENGINE")}
 
@@ -40,8 +41,19 @@ SCRIPT = textwrap.dedent("""
                                            "log_level", "device")}
 
     result["registered_before"] = "deft" in ATTENTION_BACKENDS
+    import glob, signal, tempfile
+    from sglang_deft import subprocess_entry
+    from sglang_deft.config_checks import REFUSAL_FILE_ENV
+    refusal_files = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "sglang_deft_refusal_*")))
+    files_before = refusal_files()
     deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none", max_total_tokens=16384)
     result["registered_after"] = "deft" in ATTENTION_BACKENDS
+    # started: SGLang's own handling of a failing child from here; nothing of the start-up's left behind
+    result["started_state"] = {
+        "handler_while_starting": handlers[-1] is subprocess_entry.child_failed_while_starting,
+        "sigquit_after": signal.getsignal(signal.SIGQUIT) is deft_engine._end_process_tree,
+        "custom_handler_after": seen[-1].custom_sigquit_handler is None,
+        "refusal_env_after": os.environ.get(REFUSAL_FILE_ENV), "refusal_files_left": sorted(refusal_files() - files_before)}
     result["split"] = args(seen[-1])
     result["max_total_tokens"] = seen[-1].max_total_tokens
     deft_engine.Engine(model_path=model, decode_attention_backend="deft", grammar_backend="none", log_level="info")
@@ -59,6 +71,9 @@ SCRIPT = textwrap.dedent("""
 
     TaggedEngine(model_path=model, attention_backend="deft", grammar_backend="none")
     result["server_args_class"] = type(seen[-1]).__name__
+    mine = lambda signum, frame: None  # the caller's own SIGQUIT handler: the Engine leaves it as it is
+    deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none", custom_sigquit_handler=mine)
+    result["started_state"]["callers_handler_kept"] = handlers[-1] is mine and seen[-1].custom_sigquit_handler is mine
     try:
         deft_engine.Engine(model_path=model, attention_backend="deft", enable_torch_compile=True, grammar_backend="none")
     except UnsupportedConfiguration as e:
@@ -132,9 +147,18 @@ def test_a_subclass_gets_its_server_args_class(engine_args):
     assert engine_args["server_args_class"] == "TaggedArgs"
 
 
+def test_a_started_engine_leaves_sigquit_to_sglangs_handling_and_nothing_of_its_start_behind(engine_args):
+    """While it starts, a failing child only logs (the Engine raises its refusal); once started, SIGQUIT ends the
+    process tree as SGLang's Engine has it; the refusal file and its variable are gone; a caller's own handler is
+    used as given."""
+    assert engine_args["started_state"] == {"handler_while_starting": True, "sigquit_after": True,
+                                            "custom_handler_after": True, "refusal_env_after": None,
+                                            "refusal_files_left": [], "callers_handler_kept": True}
+
+
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
     assert "--enable-torch-compile" in engine_args.get("refused", "")
-    assert engine_args["calls"] == 4  # the refused Engine never reached SGLang's constructor
+    assert engine_args["calls"] == 5  # the refused Engine never reached SGLang's constructor
 
 
 def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_args):
@@ -146,7 +170,7 @@ def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_
 def test_device_cuda_after_a_cpu_import_is_refused_by_name(engine_args):
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_on_cpu", "")
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_args_on_cpu", "")
-    assert engine_args["calls_at_end"] == 4
+    assert engine_args["calls_at_end"] == 5
 
 
 def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):
