@@ -85,7 +85,7 @@ def _refusals_raised(engine: Engine, server_args):
     try:
         yield
     except BaseException as e:
-        _end_started_processes(psutil, children_before)
+        _end_started_processes(children_before)
         atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller
         if own:  # None: a handler not set from Python
             signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
@@ -108,8 +108,10 @@ def _refusals_raised(engine: Engine, server_args):
             os.unlink(path)
 
 
-def _end_started_processes(psutil, children_before: set[int]) -> None:
+def _end_started_processes(children_before: set[int]) -> None:
     from multiprocessing import resource_tracker
+
+    import psutil
 
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
     started = [p for p in psutil.Process().children() if p.pid not in children_before and p.pid != tracker]

@@ -348,10 +348,19 @@ def test_bench_exits_1_when_deft_fails_its_check(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert BENCH.failed_deft_cells(report) == ["spec (failed_check)"]
     # an isolated run's child exits 0 all the same: its parent reads any other status as a death mid-case
+    watchdogs = []
+
+    class Recorded(BENCH._Watchdog):
+        def __init__(self, enabled):
+            super().__init__(enabled)
+            watchdogs.append(self)
+
+    monkeypatch.setattr(BENCH, "_Watchdog", Recorded)
     assert BENCH.main(["--child", "--device", "cpu", "--dtype", "float32", "--shrink", "64", "--isolate", "no",
                        "--providers", "deft,torch_paged", "--cases", "spec", "--cpu-reps", "1",
-                       "--out", str(tmp_path), "--tag", "part1", "--commit", "test", "--case-timeout", "5"]) == 0
-    time.sleep(7)  # its watchdog, disarmed at the end, must not end this process past the case timeout
+                       "--out", str(tmp_path), "--tag", "part1", "--commit", "test", "--case-timeout", "600"]) == 0
+    # its watchdog disarmed once the cases are done: armed, it would end this process (a pytest worker) later
+    assert len(watchdogs) == 1 and watchdogs[0].deadline is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
