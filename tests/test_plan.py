@@ -119,8 +119,10 @@ def fork_300(step: int = 0):
 def test_plan_cpu_time_256_queries_300_nodes():
     """Issue 3's target (<= 300 us) is measured on the GPU host (``gpu_session.sh step-host``). Here
     the whole plan is timed against the numpy schedule it replaced (the schedule alone, no tensors),
-    in turns within one test: this 2-core box's speed drifts 3x between runs (50 to 230 us for the
-    plan), so an absolute bound fails on a slow day while the ratio (0.3-0.5) holds."""
+    in turns within one test: this 2-core box's speed drifts 3x between runs (50 to 310 us for the
+    plan), so an absolute bound fails on a slow day while the ratio holds: 0.3-0.5 once, 0.54-0.60 since the
+    plan copies host slot ids and checks their bound (session 53; 0.60 in a CI run at 6c80d0d, beside another
+    worker's servers), so the bound is 0.75: the whole plan still well under the numpy schedule alone."""
     from test_plan_reference import build_schedule_reference
 
     tree = fork_300()
@@ -138,7 +140,7 @@ def test_plan_cpu_time_256_queries_300_nodes():
                 times[fn].append(time.perf_counter() - t)
     plan_us, numpy_us = (sorted(t)[len(t) // 2] * 1e6 for t in times.values())
     print(f"plan_tree_decode 256 queries / 300 nodes: {plan_us:.0f} us; numpy schedule alone {numpy_us:.0f} us")
-    assert plan_us < 0.6 * numpy_us
+    assert plan_us < 0.75 * numpy_us
 
 
 # ------------------------------------------------------------------------ a planner over decode steps
