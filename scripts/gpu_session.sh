@@ -32,6 +32,9 @@
 #                                                                 # preemption (tiny model, fp16, CUDA graphs;
 #                                                                 # SGLANG_DEFT_E2E_HEADS=32,8,128 for its variant with those heads,
 #                                                                 # which runs the Hopper kernel)
+#   bash scripts/gpu_session.sh engine                            # sglang_deft.Engine and the launcher on the GPU:
+#                                                                 # their arguments, refusals (by flag, and by model in
+#                                                                 # SGLang's scheduler), and an Engine that generates
 #
 # Everything lands in $OUT (at most 5 files per phase: the device tool brings back 8). The repo is not
 # pip-installed there, so `sglang_deft.kernels` imports through a symlink overlay built by
@@ -72,8 +75,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features" >&2
+  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features|engine) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features|engine" >&2
      exit 2 ;;
 esac
 
@@ -137,6 +140,7 @@ EOF
     graphs) phase_graphs ;;
     step-host) phase_step_host ;;
     features) phase_features ;;
+    engine) phase_engine ;;
   esac
 }
 
@@ -330,6 +334,18 @@ phase_features() {
   rc=$?
   say "pytest features rc=$rc in $((SECONDS - t))s"
   (cd "$tmp" && find . -name '*.log' | tar -czf "$OUT/features_server_logs.tar.gz" -T -) && say "server logs packed"
+  return "$rc"
+}
+
+phase_engine() {
+  # tests/test_engine_args.py and tests/test_launcher.py with CUDA present (~2-3 min): the Engine then picks the GPU
+  # and SGLang's triton prefill, as a user's would.
+  local rc t=$SECONDS
+  (cd "$OVERLAY" && timeout -s INT -k 10 $(( $(left) - 20 )) python3 -m pytest \
+      "$REPO/tests/test_engine_args.py" "$REPO/tests/test_launcher.py" -v -rs -p no:cacheprovider --durations=10 \
+      --basetemp=/tmp/deft_engine --junitxml="$OUT/pytest_engine.xml")
+  rc=$?
+  say "pytest engine rc=$rc in $((SECONDS - t))s"
   return "$rc"
 }
 

@@ -212,7 +212,6 @@ REFUSED_IN_THE_SCHEDULER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU Engine: the GPU host's runs cover the GPU's")
 def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     """Head dims past 256 are refused by layer, in SGLang's scheduler process, which logs the error and sends its
     parent SIGQUIT: SGLang's handler then killed the whole process tree, the caller's process included (exit 137, a
