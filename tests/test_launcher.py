@@ -1,4 +1,5 @@
-"""The launcher and sglang_deft.Engine as a user runs them: in their own processes, on CPU."""
+"""The launcher and sglang_deft.Engine as a user runs them: in their own processes, on CPU (on the GPU host,
+``scripts/gpu_session.sh engine``, on the GPU)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,22 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
 from tiny_models import with_config
+
+import sglang_deft
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The children run from the directory that holds the sglang_deft this process imported: `-m` and `-c` put the cwd
+# first on sys.path, and on the GPU host, where the repo is not installed, the repo root's sglang_deft lacks the
+# kernels and patches that the overlay (scripts/gpu_e2e.py --make-overlay) puts beside it.
+PACKAGE_ROOT = Path(sglang_deft.__file__).parent.parent
 
 
 def run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_deft_for_both_backend_flags():
@@ -28,7 +37,7 @@ def test_help_lists_deft_for_both_backend_flags():
 
 
 def test_unsupported_flag_stops_the_launcher_before_any_server_starts():
-    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", "cpu",
+    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", DEVICE,
                   "--attention-backend", "deft", "--enable-torch-compile", "--grammar-backend", "none"])
     assert result.returncode == 2 and "Traceback" not in result.stderr  # the reasons, as an argument error
     assert "sglang_deft.launch_server: the `deft` attention backend cannot serve this configuration" in result.stderr
@@ -43,7 +52,7 @@ def test_a_port_in_use_stops_the_launcher_before_any_server_starts():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", "cpu",
+        result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", DEVICE,
                       "--attention-backend", "deft", "--grammar-backend", "none", "--port", str(port)], timeout=120)
     assert result.returncode == 1
     assert f"127.0.0.1:{port} is in use (another server?); pass --port with a free port" in result.stderr
@@ -52,7 +61,7 @@ def test_a_port_in_use_stops_the_launcher_before_any_server_starts():
 
 def test_unsupported_model_stops_the_launcher(tmp_path):
     with_config(tmp_path, MODEL, architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next")
-    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", "cpu",
+    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", DEVICE,
                   "--decode-attention-backend", "deft", "--grammar-backend", "none"])
     assert result.returncode != 0
     assert ("Qwen3NextForCausalLM" in result.stderr
@@ -64,17 +73,19 @@ ENGINE_SCRIPT = textwrap.dedent("""
     from sglang_deft import Engine
     from sglang_deft.config_checks import UnsupportedConfiguration
 
+    device = sys.argv[2]
     try:
-        Engine(model_path=sys.argv[1], device="cpu", attention_backend="deft", enable_torch_compile=True)
+        Engine(model_path=sys.argv[1], device=device, attention_backend="deft", enable_torch_compile=True)
     except UnsupportedConfiguration as e:
         refused = str(e)
     from sglang.srt.server_args import ServerArgs
     try:  # a ServerArgs of the caller's own is not split: SGLang would prefill on deft
-        Engine(server_args=ServerArgs(model_path=sys.argv[1], device="cpu", attention_backend="deft",
+        Engine(server_args=ServerArgs(model_path=sys.argv[1], device=device, attention_backend="deft",
                                       grammar_backend="none"))
     except UnsupportedConfiguration as e:
         unsplit = str(e)
-    engine = Engine(model_path=sys.argv[1], device="cpu", dtype="float32", attention_backend="deft",
+    engine = Engine(model_path=sys.argv[1], device=device, dtype="float32" if device == "cpu" else "auto",
+                    attention_backend="deft",
                     grammar_backend="none", max_total_tokens=4096, decode_log_interval=1, log_level="info")
     try:
         outs = engine.generate("The lighthouse keeper wrote", {"temperature": 0, "max_new_tokens": 6, "n": 3})
@@ -85,7 +96,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
 
 def test_engine_registers_deft_in_its_scheduler_and_refuses_unsupported_flags():
-    result = run(["-c", ENGINE_SCRIPT, str(MODEL)], timeout=300)
+    result = run(["-c", ENGINE_SCRIPT, str(MODEL), DEVICE], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     payload = json.loads(line[len("RESULT "):])
