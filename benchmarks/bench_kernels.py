@@ -65,6 +65,7 @@ def _load_sibling(stem: str):
 
 
 T = _load_sibling("trees")
+write_replacing = _load_sibling("report_files").write_replacing
 
 
 def _kernels():
@@ -611,16 +612,8 @@ def write_report(report: dict, out_dir: Path, tag: str) -> None:
     # Only when every shared tree that ran has a speedup: a partial geomean would flatter.
     report["geomean_speedup_design_shared"] = geomean(design) if design and all(design) else None
     report["geomean_baselines"], report["geomean_baselines_missing"] = geomean_baselines(report)
-    _write_replacing(out_dir / f"kernels_{tag}.json", json.dumps(report, indent=1) + "\n")
-    _write_replacing(out_dir / f"kernels_{tag}.md", markdown(report))
-
-
-def _write_replacing(path: Path, text: str) -> None:
-    """Through a file beside ``path`` and a rename: a process killed mid-write (gpu_session.sh's timeout, the
-    parent stopping its child) leaves the last whole report, which the parent can still read."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_replacing(out_dir / f"kernels_{tag}.json", json.dumps(report, indent=1) + "\n")
+    write_replacing(out_dir / f"kernels_{tag}.md", markdown(report))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # radix_sim: real SGLang memory objects on the host
+sys.path.insert(0, str(REPO / "benchmarks"))
+from report_files import write_replacing  # noqa: E402  (after the path it is found on)
+
 
 CASES = {  # key: (shared prefix tokens, branches, private tokens per branch) as in bench_e2e.py
     "p16k_64": (16000, 64, 8),
@@ -190,9 +193,7 @@ def _write(out: Path | None, device: torch.device, report: dict) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step_host_{device.type}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(report, indent=1))
-    path.with_suffix(".tmp").replace(path)
+    write_replacing(out / f"step_host_{device.type}.json", json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

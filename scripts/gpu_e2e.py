@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -107,6 +108,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_report_files():
+    """benchmarks/report_files.py by file (this script runs from anywhere; the benchmarks are no package)."""
+    name = "deft_bench_report_files"  # the name bench_kernels registers it under: one module per process
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "report_files.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+write_replacing = _load_report_files().write_replacing
+
+
 TOP_K = 10
 # The prompts' seed; more seeds (--workload-seeds) run the same workloads on other prompts against the same servers,
 # so that a divergence count of a few requests (the fork's 8) can be read against more of them.
@@ -1065,14 +1081,6 @@ def parse_args(argv=None):
         if any(a == "--dtype" or a.startswith("--dtype=") for a in shlex.split(value)):
             p.error(f"{flag} --dtype: the tiny models' dtype is --tiny-dtype (the report's tolerances follow it)")
     return args
-
-
-def write_replacing(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a file beside it and a rename: a kill mid-write (gpu_session.sh's timeout -k)
-    leaves the last whole file, not a truncated one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _sigterm(signum, frame):
