@@ -433,25 +433,33 @@ def judge_workload(deft: list[Seq], ref: list[Seq], noise: list[Seq] | None, cri
     # Repeats count once on both sides (n > 1 greedy samples are one request k times): one near-tie flip of deft's on
     # the one prompt counted k times against an allowance of 1, and one of the noise server's counted k times gave
     # deft k times the allowance.
-    verdict = relative_verdict([compare_pair(x, r) for x, r in distinct_pairs(deft, ref)],
-                               [compare_pair(x, r) for x, r in distinct_pairs(noise, ref)], crit, pooled)
+    verdict = relative_verdict(distinct_stats(deft, ref), distinct_stats(noise, ref), crit, pooled)
     entry.update(criterion="relative", ok=verdict["ok"] and not counts, failures=counts + verdict["failures"],
                  relative=verdict, noise=summarize(ns), common_horizon=common_horizon(ds, ns))
     return entry
 
 
-def distinct_pairs(noise: list[Seq], ref: list[Seq]) -> list[tuple[Seq, Seq]]:
-    """The (server, reference) pairs less those that repeat an earlier pair token for token: the ``n_gt_1``
-    workload's k greedy samples of one prompt are one request k times, and counted k times they made the
-    model-wide rate of divergences per request (``pooled_noise``) k times what one request adds, and one near-tie
-    flip of deft's k divergences against an allowance of 1."""
-    seen, out = set(), []
-    for x, r in zip(noise, ref):
-        key = (tuple(x.ids), tuple(r.ids))
-        if key not in seen:
-            seen.add(key)
-            out.append((x, r))
-    return out
+def distinct_stats(server: list[Seq], ref: list[Seq]) -> list[PairStats]:
+    """One :class:`PairStats` per distinct (server, reference) pair of token sequences, a repeat merged into its
+    first: the ``n_gt_1`` workload's k greedy samples of one prompt are one request k times, and counted k times
+    they made the model-wide rate of divergences per request (``pooled_noise``) k times what one request adds, and
+    one near-tie flip of deft's k divergences against an allowance of 1. Merged, not dropped: copies with the same
+    tokens can still differ in logprobs (each is its own row of the batch), so the merged pair keeps each step's
+    largest difference and the widest near-tie gap of them all."""
+    groups: dict[tuple, list[PairStats]] = {}
+    for x, r in zip(server, ref):
+        groups.setdefault((tuple(x.ids), tuple(r.ids)), []).append(compare_pair(x, r))
+    return [_worst_of(g) for g in groups.values()]
+
+
+def _worst_of(copies: list[PairStats]) -> PairStats:
+    """Copies of one pair (the same tokens, so the same steps and divergence) as one, at their worst."""
+    first = copies[0]
+    gaps = [s.tie_gap for s in copies if s.tie_gap is not None]
+    return PairStats(steps=first.steps, diverged_at=first.diverged_at,
+                     diffs=[max(step) for step in zip(*(s.diffs for s in copies))],
+                     tie_gap=max(gaps) if gaps else None,
+                     tie_in_top_k=None if first.tie_in_top_k is None else all(s.tie_in_top_k for s in copies))
 
 
 def judge_model(workloads: dict[str, tuple[list[Seq], list[Seq], list[Seq] | None]], crit: Criterion,
@@ -460,8 +468,7 @@ def judge_model(workloads: dict[str, tuple[list[Seq], list[Seq], list[Seq] | Non
     ``crit.noise_pool == "model"``; returns (entries, pooled noise or None)."""
     pooled = None
     if crit.noise_pool == "model" and all(n is not None for _, _, n in workloads.values()) and workloads:
-        pooled = pooled_noise([[compare_pair(x, r) for x, r in distinct_pairs(n, ref)]
-                               for _, ref, n in workloads.values()])
+        pooled = pooled_noise([distinct_stats(n, ref) for _, ref, n in workloads.values()])
     return {name: judge_workload(d, r, n, crit, atol, tie_tol, pooled)
             for name, (d, r, n) in workloads.items()}, pooled
 

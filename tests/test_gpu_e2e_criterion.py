@@ -644,6 +644,27 @@ def test_repeated_requests_count_once_in_the_model_wide_noise():
     assert not entry["ok"] and "7 divergences > allowed 3" in entry["failures"][0], entry["failures"]
 
 
+def test_repeats_merge_at_their_worst_not_at_their_first():
+    """Counting repeats once kept only the first copy, so the copies after it went unchecked: deft 0.002 off on its
+    first of 4 samples and 0.5 off on the other 3 passed (allowed 0.01), and so did a copy's divergence that no
+    near-tie explains behind a first copy's that one does."""
+    ref = reference(n_requests=1, seed=60) * 4
+    clean = jitter(ref[:1], 0.001, seed=61) * 4
+    first_close = jitter(ref[:1], 0.002, seed=62) + jitter(ref[:1], 0.5, seed=63) * 3
+    entry = g.judge_workload(first_close, ref, clean, CRIT, atol=0.02, tie_tol=0.1)
+    assert not entry["ok"] and entry["relative"]["deft_max_abs_logprob_diff"] > 0.4, entry["relative"]
+    assert any(f.startswith("logprob diff 0.") for f in entry["failures"]), entry["failures"]
+    near = diverge(jitter(ref[:1], 0.001, seed=64)[0], ref[0], t=6, gap=0.001)
+    far = g.Seq(near.ids, near.lps, [dict(t) for t in near.tops])
+    far.tops[6][ref[0].ids[6]] = near.lps[6] - 0.9  # the same tokens, but deft's own gap is no near-tie
+    entry = g.judge_workload([near, far, near, near], ref, clean, CRIT, atol=0.02, tie_tol=0.1)
+    assert entry["relative"]["deft_divergences"] == 1  # still one request
+    assert not entry["ok"] and any("not a near-tie" in f for f in entry["failures"]), entry["failures"]
+    merged = g.distinct_stats([near, far], ref[:2])
+    assert len(merged) == 1 and merged[0].tie_gap == pytest.approx(0.9)
+    assert g.judge_workload([near] * 4, ref, clean, CRIT, atol=0.02, tie_tol=0.1)["ok"]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="SGLang's Triton index kernel on CPU needs "
                     "TRITON_INTERPRET=1 (make test sets it)")
 def test_reference_window_patch_gives_triton_decode_the_prefills_window(monkeypatch):
