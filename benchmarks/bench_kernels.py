@@ -65,7 +65,8 @@ def _load_sibling(stem: str):
 
 
 T = _load_sibling("trees")
-write_replacing = _load_sibling("report_files").write_replacing
+REPORT_FILES = _load_sibling("report_files")
+write_replacing = REPORT_FILES.write_replacing
 
 
 def _kernels():
@@ -465,21 +466,6 @@ def _version(mod: str) -> str | None:
         return None
 
 
-def _commit(arg: str | None) -> str:
-    if arg:
-        return arg
-    for var in ("DEFT_COMMIT", "GIT_COMMIT", "COMMIT"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def summarize(row: dict, providers: list[str]) -> None:
     """Fill the flat per-case fields: <provider>_us, best_baseline, speedup."""
     cells = row["providers"]
@@ -635,7 +621,7 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None,
                     help="file name tag: kernels_<tag>.json/.md (default: the GPU's, h200 or h100 ..., as nvidia-smi "
                          "names it; cpu with --device cpu)")
-    ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT/$GIT_COMMIT, else git)")
+    ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT, else git describe --always --dirty)")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six), "
                          "or 'low_concurrency' (batches of 1-16 queries) or 'head_dims' (head dims 64, 96, 256), "
@@ -922,7 +908,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     shapes = {c.key: shrink_shape(c.shape, args.shrink) for c in cases}
-    args.commit = _commit(args.commit)
+    args.commit = REPORT_FILES.commit_label(args.commit)
 
     if not args.child:
         print(f"[bench] device {device}, {len(cases)} cases, providers {providers}", flush=True)

@@ -41,8 +41,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # radix_sim: real SGLang memory objects on the host
-sys.path.insert(0, str(REPO / "benchmarks"))
-from report_files import write_replacing  # noqa: E402  (after the path it is found on)
+sys.path.insert(0, str(REPO / "benchmarks"))  # card_tag, report_files
+from card_tag import card_tag  # noqa: E402
+from report_files import commit_label, write_replacing  # noqa: E402  (after the path it is found on)
 
 
 CASES = {  # key: (shared prefix tokens, branches, private tokens per branch) as in bench_e2e.py
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="sliding-window layers attending W tokens: also time each step's window plan, and a replan")
-    p.add_argument("--out", type=Path, default=None, help="writes step_host_<device>.json there")
+    p.add_argument("--out", type=Path, default=None,
+                   help="writes step_host[_window]_<card>.json there (the card as card_tag.py names it: h200, ...; "
+                        "cpu)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -168,9 +171,10 @@ def main(argv=None) -> int:
         import sglang_deft.cpu_compat
 
         sglang_deft.cpu_compat.install()
+    name = f"step_host{'_window' if args.window else ''}_{card_tag() if device.type == 'cuda' else 'cpu'}.json"
     rows = []
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": os.environ.get("DEFT_COMMIT"), "complete": False,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit_label(), "complete": False,
               "rows": rows}
     for key in args.cases.split(","):
         for busy in ([False, True] if device.type == "cuda" else [False]):
@@ -181,19 +185,18 @@ def main(argv=None) -> int:
                   + (f"; window plan: steady {r['window_steady_us']} us x{r['window_steady_steps']}, full "
                      f"{r['window_full_us']} us x{r['window_full_steps']}, mean {r['window_mean_us']} us, planned "
                      f"in full every step {r['window_replan_us']} us" if args.window else ""), flush=True)
-            _write(args.out, device, report)  # after every row: gpu_session.sh's timeout keeps what was measured
+            _write(args.out, name, report)  # after every row: gpu_session.sh's timeout keeps what was measured
     report["complete"] = True
-    _write(args.out, device, report)
+    _write(args.out, name, report)
     return 0
 
 
-def _write(out: Path | None, device: torch.device, report: dict) -> None:
-    """``step_host_<device>.json`` in ``out`` (if given), through a file beside it and a rename: a kill mid-write
-    leaves the last whole report."""
+def _write(out: Path | None, name: str, report: dict) -> None:
+    """The report as ``name`` in ``out`` (if given), whole or not at all (``report_files.write_replacing``)."""
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_replacing(out / f"step_host_{device.type}.json", json.dumps(report, indent=1))
+    write_replacing(out / name, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

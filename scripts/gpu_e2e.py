@@ -996,7 +996,7 @@ class ModelRun:
 
 
 def device_info(commit: str | None) -> dict:
-    info: dict = {"torch": None, "gpu": None, "commit": commit}
+    info: dict = {"torch": None, "gpu": None, "commit": None}
     try:
         import torch
 
@@ -1009,12 +1009,7 @@ def device_info(commit: str | None) -> dict:
         info["gpu"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         pass
-    if not info["commit"]:
-        try:
-            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            info["commit"] = None
+    info["commit"] = _load_report_files().commit_label(commit)
     return info
 
 

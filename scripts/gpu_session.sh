@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-host session step, each well inside a 10-minute device call. From the repo root, with .kit
-# carried (the devkit; see ../shared/devkit/README.md):
+# carried (the devkit; see ../shared/devkit/README.md), <short sha> being what `git describe --always --dirty` prints
+# in the checkout (phases that write results refuse to run without it):
 #
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh kernels   # pytest kernels+plan on the GPU, kernel benchmark
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e       # gpu_e2e.py, tiny then 8b
-#   bash scripts/gpu_session.sh e2e-tiny | e2e-8b                 # one model (if `e2e` had to skip 8b)
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-tiny | e2e-8b  # one model (if `e2e` had to skip 8b)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh e2e-heads # gpu_e2e.py on the tiny model's variants with real
 #                                                                 # models' heads (64, 128, 256; GQA 2, 4, 7): the Hopper
 #                                                                 # kernel under the context-sensitive check
@@ -16,14 +17,14 @@
 #                                                                 # and Gemma-3's code (gpu_e2e.py WINDOW_VARIANTS)
 #                                                                 # against SGLang's triton decode given its prefill's
 #                                                                 # window (E2E_MODELS=tiny-gemma2,... for some of them)
-#   bash scripts/gpu_session.sh sweep                             # stage-1 launch-parameter sweep
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh sweep     # stage-1 launch-parameter sweep
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh bench-e2e # end-to-end decode tok/s, benchmarks/bench_e2e.py
 #   bash scripts/gpu_session.sh demo                              # `make demo`'s program on the GPU (CUDA graphs on)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh graphs    # deft with CUDA graphs: whole servers bitwise with/without
 #                                                                 # graphs, then gpu_e2e.py --cuda-graph on tiny
-#   bash scripts/gpu_session.sh step-host                         # per-step host time outside a server
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh step-host # per-step host time outside a server
 #                                                                 # (benchmarks/bench_step_host.py), then the backend's
 #                                                                 # CUDA-graph replays vs eager steps (no servers)
 #   bash scripts/gpu_session.sh features                          # the CPU end-to-end tests on the GPU: forks, overlap
@@ -92,6 +93,19 @@ say() { echo "[session +$((SECONDS - START))s] $*"; }
 
 main() {
   say "phase $PHASE, OUT=$OUT, budget ${SESSION_S}s"
+  # Every result names the commit it measured, and only the checkout knows it: the GPU host's copy of the tree can
+  # carry a .git of an earlier state (its `git describe --dirty` named the session's first commit, -dirty, for a tree
+  # three commits on). So the phases that write results take DEFT_COMMIT as `git describe --always --dirty` prints it
+  # in the checkout (uncommitted code is then <sha>-dirty) and do not run without it.
+  case "$PHASE" in
+    demo|features|engine) COMMIT=${DEFT_COMMIT:-unlabelled} ;;
+    *) if [ -z "${DEFT_COMMIT:-}" ]; then
+         say "DEFT_COMMIT is not set: pass DEFT_COMMIT=\$(git describe --always --dirty) from your checkout, so that the" \
+             "results name what they measured (the GPU host's .git may be older than its tree)"
+         return 2
+       fi
+       COMMIT=$DEFT_COMMIT ;;
+  esac
   if [ -z "${SKIP_BOOTSTRAP:-}" ]; then  # SKIP_BOOTSTRAP=1: an environment that has SGLang (CPU dry runs)
     # shellcheck disable=SC1091
     source .kit/bootstrap.sh || { say "bootstrap failed (is .kit carried?)"; return 2; }
@@ -99,9 +113,6 @@ main() {
   fi
   OVERLAY=$(python3 scripts/gpu_e2e.py --make-overlay /tmp/sglang_deft_overlay) || return 2
   export PYTHONPATH="$OVERLAY:${PYTHONPATH:-}"
-  # The device's copy of the tree has no .git: pass DEFT_COMMIT as `git describe --always --dirty` prints it in the
-  # checkout, so that uncommitted code is recorded as such (<sha>-dirty) in every result.
-  COMMIT=${DEFT_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
   export DEFT_COMMIT=$COMMIT
   # The card in result file names (kernels_<tag>.json, e2e_<tag>.json): h200, h100, ... as nvidia-smi names it (the
   # benchmarks' own default; named here for the files this script writes beside theirs).
@@ -305,7 +316,7 @@ phase_graphs() {
 
 phase_step_host() {
   # ~1 min: the backend's per-step planning (DecodeStepPlanner: full plans and steady steps) on
-  # bench_e2e's cases, device idle and busy (step_host_cuda.json; some steps' plans are read back:
+  # bench_e2e's cases, device idle and busy (step_host_<card>.json; some steps' plans are read back:
   # each query must read its row once), then test_cuda_graph_gpu's backend-level part (captured
   # graphs replayed vs eager steps, bitwise). STEP_HOST_ARGS="--window 1024": with a sliding-window plan.
   local rc_bench rc_pytest t=$SECONDS
