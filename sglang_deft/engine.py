@@ -59,10 +59,12 @@ def _refusals_raised(engine: Engine, server_args):
     """A refusal of the loaded model (``config_checks.check_model_runner``, in the scheduler process) raised in the
     caller as ``UnsupportedConfiguration``. SGLang's launch-phase SIGQUIT handler, which a failing child signals,
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
-    137). While the Engine starts, a failing child is left to SGLang's start-up wait, which raises when the
-    scheduler is gone; the processes the Engine started are then ended (also on ^C during the start) and the
-    refusal the scheduler wrote (to the file ``REFUSAL_FILE_ENV`` names) is raised, or SGLang's error where there
-    is none. A handler of the caller's own (``custom_sigquit_handler``) is left as it is."""
+    137). While the Engine starts, its handler only notes the failure: SGLang's start-up wait raises when the
+    scheduler is gone, and a failure it does not watch for (the detokenizer's) is raised once the wait returns. The
+    processes the Engine started are then ended (also on ^C during the start) and the refusal the scheduler wrote
+    (to the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the
+    caller's own (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing
+    child's SIGQUIT ends the caller as with SGLang's Engine (warned)."""
     import psutil  # (an SGLang dependency)
 
     # The processes this Engine starts are the caller's children that were not there before, with their own
@@ -73,8 +75,15 @@ def _refusals_raised(engine: Engine, server_args):
     os.close(fd)
     env_before = os.environ.get(REFUSAL_FILE_ENV)
     os.environ[REFUSAL_FILE_ENV] = path  # the spawned processes inherit it
-    # (SGLang sets signal handlers from the main thread only)
-    own = server_args.custom_sigquit_handler is None and threading.current_thread() is threading.main_thread()
+    # (Python sets signal handlers from the main thread only, and so does SGLang)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    own = server_args.custom_sigquit_handler is None and on_main_thread
+    if not on_main_thread and server_args.custom_sigquit_handler is None and \
+            signal.getsignal(signal.SIGQUIT) == signal.SIG_DFL:
+        logger.warning("sglang_deft.Engine started off the main thread: a process of it that fails while it starts "
+                       "(a model refused in SGLang's scheduler, say) sends this process SIGQUIT, whose default action "
+                       "ends it, as with SGLang's own Engine. Start the Engine on the main thread to get the refusal "
+                       "raised here instead, or install a SIGQUIT handler first.")
     quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
     handler_before = None
     if own:
@@ -82,8 +91,12 @@ def _refusals_raised(engine: Engine, server_args):
         # In subprocess_entry: the handler is pickled into every spawned process, which imports its module.
         server_args.custom_sigquit_handler = subprocess_entry.child_failed_while_starting
         _sglang_engine.logger.addFilter(quiet)
+        subprocess_entry.failed_while_starting.clear()
     try:
         yield
+        if own and subprocess_entry.failed_while_starting.is_set():  # e.g. the detokenizer: see subprocess_entry
+            raise RuntimeError("a process of sglang_deft.Engine failed while it started (its log above says why); "
+                               "SGLang's start-up wait did not see it, so the Engine would have hung")
     except BaseException as e:
         _end_started_processes(children_before)
         atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller

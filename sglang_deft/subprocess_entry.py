@@ -8,6 +8,7 @@ before any SGLang module loads, and the scheduler entry registers the backend be
 runner looks it up. Nothing here imports SGLang at module level.
 """
 import logging
+import threading
 
 from sglang_deft import cpu_compat
 
@@ -33,8 +34,14 @@ def run_detokenizer_process(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+# Set by child_failed_while_starting in the Engine's process: SGLang's start-up wait watches the scheduler only, and a
+# detokenizer that fails signals and then exits with status 0, which SGLang's watchdog ignores too.
+failed_while_starting = threading.Event()
+
+
 def child_failed_while_starting(signum, frame):
     """sglang_deft.Engine's SIGQUIT handler while it starts (``engine._refusals_raised``). Here because SGLang pickles
     it into the processes it spawns, which import this module anyway."""
-    logger.error("deft: a process of the Engine failed while it started (its log says why); the Engine raises as "
-                 "soon as SGLang's start-up wait sees it")
+    failed_while_starting.set()
+    logger.error("deft: a process of the Engine failed while it started (its log says why); the Engine raises once "
+                 "SGLang's start-up wait returns")

@@ -100,6 +100,35 @@ SCRIPT = textwrap.dedent("""
     except ValueError as e:
         result["cuda_args_on_cpu"] = str(e)
     result["calls_at_end"] = len(seen)
+    deft_engine._IMPORT_DEVICE = result["import_device"]
+    # SGLang's start-up wait watches the scheduler only: a detokenizer that fails signals SIGQUIT and exits with
+    # status 0, and SGLang's constructor returned as if started
+    started = sglang_engine.Engine.__init__
+
+    def detokenizer_fails(self, **kw):
+        signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)  # as SGLang's constructor does
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    sglang_engine.Engine.__init__ = detokenizer_fails
+    before = signal.getsignal(signal.SIGQUIT)
+    try:
+        deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
+    except RuntimeError as e:
+        result["detokenizer_failed"] = str(e)
+    result["sigquit_after_failed_start"] = signal.getsignal(signal.SIGQUIT) is before
+    sglang_engine.Engine.__init__ = started
+    import logging, threading
+
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    deft_engine.logger.addHandler(handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    worker = threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
+                                                                grammar_backend="none"))
+    worker.start()
+    worker.join()
+    result["off_main_thread_warned"] = [w for w in warned if "off the main thread" in w]
     print("RESULT " + json.dumps(result))
 """)
 
@@ -154,6 +183,18 @@ def test_a_started_engine_leaves_sigquit_to_sglangs_handling_and_nothing_of_its_
     assert engine_args["started_state"] == {"handler_while_starting": True, "sigquit_after": True,
                                             "custom_handler_after": True, "refusal_env_after": None,
                                             "refusal_files_left": [], "callers_handler_kept": True}
+
+
+def test_a_child_that_fails_unseen_by_sglangs_start_up_wait_is_raised(engine_args):
+    """A detokenizer that failed while the Engine started signalled, exited 0, and the Engine came up without one:
+    its first generate() would have hung."""
+    assert "failed while it started" in engine_args.get("detokenizer_failed", "")
+    assert engine_args["sigquit_after_failed_start"]
+
+
+def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_process(engine_args):
+    """No SIGQUIT handler can be set there, and a refusal in the scheduler then ends the caller (exit 131)."""
+    assert len(engine_args["off_main_thread_warned"]) == 1
 
 
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
