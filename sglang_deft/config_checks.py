@@ -691,10 +691,13 @@ def check_model_runner(model_runner) -> None:
         if path := os.environ.get(REFUSAL_FILE_ENV):
             # Through a file of this process's and a rename: every TP rank writes it, and the Engine must never read
             # one half-written. (The refusal is logged and raised either way.)
-            with contextlib.suppress(OSError):
-                tmp = Path(f"{path}.{os.getpid()}")
+            tmp = Path(f"{path}.{os.getpid()}")
+            try:
                 tmp.write_text(json.dumps(e.problems))
                 tmp.replace(path)
+            except OSError:  # (the refusal is raised below all the same)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
         raise
     _warn_of_bidirectional_prefill(model_runner)
     _warn_of_uncapped_prefill(model_runner)

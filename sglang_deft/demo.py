@@ -305,9 +305,17 @@ def main(argv=None) -> int:
 
     t_start = time.monotonic()
     # The server runs in a process group of its own, which a closed terminal's SIGHUP does not reach: the
-    # demo must stop it then too.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_on_sigterm)
+    # demo must stop it then too. The caller's handlers come back at the end (main() called from Python).
+    callers = {signum: signal.signal(signum, _raise_on_sigterm) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(args, t_start)
+    finally:
+        for signum, handler in callers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+
+
+def _run(args, t_start: float) -> int:
+    """The server started, the program run against it, the server stopped (main's arguments, checked)."""
     gpu = use_gpu(args.cpu)
     log_dir = Path(tempfile.mkdtemp(prefix="sglang-deft-demo-"))
     log_path = log_dir / "server.log"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -50,8 +51,13 @@ class Engine(_sglang_engine.Engine):
         else:
             _check_device(kwargs["server_args"].device)
         check_startup(kwargs["server_args"])
-        with _refusals_raised(self, kwargs["server_args"]):
+        # One Engine starts at a time: the refusal file's variable and the set of the caller's children that a
+        # failed start ends are the process's, so Engines started together from two threads took each other's.
+        with _STARTING, _refusals_raised(self, kwargs["server_args"]):
             super().__init__(**kwargs)
+
+
+_STARTING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -117,8 +123,10 @@ def _refusals_raised(engine: Engine, server_args):
             os.environ.pop(REFUSAL_FILE_ENV, None)
         else:
             os.environ[REFUSAL_FILE_ENV] = env_before
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        # with the files the TP ranks write it through (``<path>.<pid>``), where a rank was ended before its rename
+        for leftover in [path, *glob.glob(glob.escape(path) + ".*")]:
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
 
 
 def _end_started_processes(children_before: set[int]) -> None:

@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> None:
 
     end_with_parent_process()  # started by a ServerProcess: end with that process, from whichever thread it came
     argv = list(sys.argv[1:] if argv is None else argv)
-    device = prepare_process(_device_arg(argv))
+    from sglang_deft.patches.sglang_version import UnsupportedSGLangVersion
+
+    try:
+        device = prepare_process(_device_arg(argv))
+    except (ValueError, UnsupportedSGLangVersion) as e:  # --device against this machine, or SGLang's release
+        print(f"sglang_deft.launch_server: {e}", file=sys.stderr)
+        sys.exit(2)
     from sglang.srt.utils.common import suppress_noisy_warnings
 
     suppress_noisy_warnings()  # as sglang.launch_server does
@@ -111,13 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     except UnsupportedConfiguration as e:  # the user's flags or model: the reasons, not a traceback; 2 as argparse
         print(f"sglang_deft.launch_server: {e}", file=sys.stderr)
         sys.exit(2)
-    from sglang_deft.server_process import port_free
+    from sglang_deft.server_process import PORT_IN_USE, port_free
 
     if not (server_args.grpc_mode or server_args.use_ray or server_args.encoder_only) and not port_free(
             server_args.port, server_args.host):
         # SGLang binds its HTTP port only after loading the model, and on failure its launcher then polls the
         # port it could not bind for minutes (120 tries of 5 s) before it exits.
-        sys.exit(f"sglang_deft.launch_server: {server_args.host}:{server_args.port} is in use (another server?); "
+        sys.exit(f"sglang_deft.launch_server: {server_args.host}:{server_args.port} {PORT_IN_USE}; "
                  "pass --port with a free port")
 
     from sglang.srt.entrypoints.http_server import launch_server

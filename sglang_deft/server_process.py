@@ -114,6 +114,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What sglang_deft.launch_server says when its HTTP port is taken before SGLang starts (read by bind_failed)
+PORT_IN_USE = "is in use (another server?)"
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether ``port`` can be bound on ``host`` (127.0.0.1: where the launcher's server listens by default)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -235,12 +239,13 @@ class ServerProcess:
 
     def bind_failed(self, in_use_only: bool = False) -> str:
         """The log's first line saying a port could not be bound ("" if none): "address already in use" (uvicorn's on
-        the HTTP port, or another port's, SGLang's own or NCCL's, which a relaunch picks anew too), or, unless
+        the HTTP port, or another port's, SGLang's own or NCCL's, which a relaunch picks anew too), the launcher's
+        own check of the HTTP port (``PORT_IN_USE``: a client connection can hold a port ``free_port`` drew), or, unless
         ``in_use_only``, uvicorn's "error while attempting to bind" for any other cause (a privileged port, a host
         this machine does not have), after which SGLang's warm-up thread polled the dead port for two minutes before
         the server exited."""
-        needles = ("address already in use",) if in_use_only else ("address already in use",
-                                                                    "error while attempting to bind")
+        in_use = ("address already in use", PORT_IN_USE)
+        needles = in_use if in_use_only else (*in_use, "error while attempting to bind")
         return next((line for line in self.attempt_log().splitlines() if any(n in line.lower() for n in needles)), "")
 
     def port_held_by_another_process(self) -> bool:

@@ -39,20 +39,27 @@ def prepare_process(device: str | None) -> str:
     # Before anything imports SGLang's modules by their 0.5.10.post1 names (the CPU layer among them): another
     # release fails here, by name, not on a moved module.
     require_supported_sglang("sglang_deft (its launcher, Engine, CPU layer and patches)")
+    asked = "--device cpu" if device == "cpu" else "SGLANG_USE_CPU_ENGINE=1"  # what a CPU refusal names
     device = device or default_device()
     # SGLang's CPU engine on a host with a GPU picks CUDA kernels all the same: its layers choose their code at
     # import by is_cuda() (torch.cuda.is_available()), whatever SGLANG_USE_CPU_ENGINE says, and e.g. RMSNorm's
     # CUDA kernel then gets CPU tensors. So the CPU hides the GPUs (inherited by the scheduler) before CUDA is
     # first looked at; a process that already uses CUDA cannot unsee it (refused below).
-    hiding = device == "cpu" and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    visible_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hiding = device == "cpu" and visible_before != ""
     if hiding:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     has_cuda = torch.cuda.is_available()
     if device == "cpu" and has_cuda:
+        if hiding:  # as it was: the caller's later processes (its own, not SGLang's) keep their GPUs
+            if visible_before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES")
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible_before
         raise ValueError(
-            "--device cpu in a process that has already initialised CUDA: SGLang would run its CUDA kernels "
-            "on CPU tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, or with "
-            "CUDA_VISIBLE_DEVICES= set (for sglang_deft.Engine: SGLANG_USE_CPU_ENGINE=1 before importing it)")
+            f"{asked} in a process that has already initialised CUDA: SGLang would run its CUDA kernels on CPU "
+            "tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, before anything uses "
+            "CUDA, or with CUDA_VISIBLE_DEVICES= set")
     if hiding:
         logger.info("--device cpu: CUDA devices hidden (CUDA_VISIBLE_DEVICES=) from SGLang's CPU engine")
     if device == "cuda" and not has_cuda:

@@ -111,15 +111,25 @@ def test_prepare_process(monkeypatch, device, has_cuda, expected, cpu_engine, co
     assert (os.environ["CUDA_VISIBLE_DEVICES"] == "") == (expected == "cpu")
 
 
-def test_prepare_process_refuses_the_cpu_where_cuda_is_already_in_use(monkeypatch):
+@pytest.mark.parametrize("device, env, visible, named", [
+    ("cpu", "", "0", "--device cpu"),
+    # sglang_deft.Engine imported with the variable set, after a notebook cell used CUDA: no --device was given
+    (None, "1", None, "SGLANG_USE_CPU_ENGINE=1"),
+])
+def test_prepare_process_refuses_the_cpu_where_cuda_is_already_in_use(monkeypatch, device, env, visible, named):
     """A process that has looked at its GPU keeps seeing it whatever CUDA_VISIBLE_DEVICES says later; SGLang's
-    layers would then pick CUDA kernels for CPU tensors."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")
+    layers would then pick CUDA kernels for CPU tensors. The refusal names what asked for the CPU, and leaves
+    CUDA_VISIBLE_DEVICES as it was (hidden, the caller's later processes had no GPU)."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", env)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr(cpu_compat, "install", lambda: pytest.fail("set up for the CPU"))
-    with pytest.raises(ValueError, match="--device cpu in a process that has already initialised CUDA"):
-        prepare_process("cpu")
+    with pytest.raises(ValueError, match=f"^{re.escape(named)} in a process that has already initialised CUDA"):
+        prepare_process(device)
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible
 
 
 @pytest.mark.parametrize("has_cuda, env, message", [
@@ -693,6 +703,15 @@ def test_servers_other_than_http_start_as_sglang_starts_them(flag, monkeypatch):
     monkeypatch.setattr(sglang.srt.entrypoints.http_server, "launch_server",
                         lambda args, **kw: started.append(("http", args)))
     monkeypatch.setattr(sglang.srt.utils, "kill_process_tree", lambda *a, **kw: None)  # pytest's workers
+    # nor the worker's state: its parent-watch variable, warning filters, and SGLang's default port 30000, which
+    # a server of the user's may hold
+    from sglang.srt.utils import common as sglang_common
+
+    from sglang_deft import server_process
+
+    monkeypatch.setattr(server_process, "end_with_parent_process", lambda: None)
+    monkeypatch.setattr(sglang_common, "suppress_noisy_warnings", lambda: None)
+    monkeypatch.setattr(server_process, "port_free", lambda port, host: True)
     launch_server.main(BASE_ARGV + ["--attention-backend", "torch_native", flag])
     (how, args), = started
     assert how == "sglang" and getattr(args, flag[2:].replace("-", "_"))

@@ -106,6 +106,8 @@ SCRIPT = textwrap.dedent("""
     started = sglang_engine.Engine.__init__
 
     def detokenizer_fails(self, **kw):
+        # and a TP rank ended between writing its refusal's temporary file and the rename
+        open(os.environ[REFUSAL_FILE_ENV] + ".999999", "w").close()
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)  # as SGLang's constructor does
         os.kill(os.getpid(), signal.SIGQUIT)
 
@@ -116,6 +118,22 @@ SCRIPT = textwrap.dedent("""
     except RuntimeError as e:
         result["detokenizer_failed"] = str(e)
     result["sigquit_after_failed_start"] = signal.getsignal(signal.SIGQUIT) is before
+    result["refusal_files_left_after_failure"] = sorted(refusal_files() - files_before)
+    import threading, time
+
+    starts = []
+
+    def slow_start(self, **kw):  # two Engines started from two threads: each with its own refusal file, in turn
+        starts.append(("in", os.environ[REFUSAL_FILE_ENV]))
+        time.sleep(0.3)
+        starts.append(("out", os.environ[REFUSAL_FILE_ENV]))
+
+    sglang_engine.Engine.__init__ = slow_start
+    both = [threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
+                                                              grammar_backend="none")) for _ in range(2)]
+    [t.start() for t in both]
+    [t.join() for t in both]
+    result["concurrent_starts"] = starts
     sglang_engine.Engine.__init__ = started
     import logging, threading
 
@@ -190,6 +208,19 @@ def test_a_child_that_fails_unseen_by_sglangs_start_up_wait_is_raised(engine_arg
     its first generate() would have hung."""
     assert "failed while it started" in engine_args.get("detokenizer_failed", "")
     assert engine_args["sigquit_after_failed_start"]
+
+
+def test_a_failed_start_leaves_no_refusal_file_behind(engine_args):
+    """Nor the temporary file a TP rank writes its refusal to before renaming it, where the rank was ended first."""
+    assert engine_args["refusal_files_left_after_failure"] == []
+
+
+def test_engines_started_together_start_in_turn_each_with_its_own_refusal_file(engine_args):
+    """The refusal file's variable and the children a failed start ends are the process's: two Engines starting at
+    once from two threads took each other's (a failure of one ended the other's processes)."""
+    (in1, path1), (out1, path1b), (in2, path2), (out2, path2b) = engine_args["concurrent_starts"]
+    assert (in1, out1, in2, out2) == ("in", "out", "in", "out")
+    assert path1 == path1b and path2 == path2b and path1 != path2
 
 
 def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_process(engine_args):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,8 +24,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PACKAGE_ROOT = Path(sglang_deft.__file__).parent.parent
 
 
-def run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=timeout)
+def run(args: list[str], timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_help_lists_deft_for_both_backend_flags():
@@ -63,9 +65,19 @@ def test_unsupported_model_stops_the_launcher(tmp_path):
     with_config(tmp_path, MODEL, architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next")
     result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", DEVICE,
                   "--decode-attention-backend", "deft", "--grammar-backend", "none"])
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert ("Qwen3NextForCausalLM" in result.stderr
             and "hybrid linear-attention / Mamba models are not supported" in result.stderr)
+
+
+def test_a_device_this_process_cannot_set_up_stops_the_launcher_as_an_argument_error():
+    """--device cuda without a GPU, or with SGLANG_USE_CPU_ENGINE=1 left in the shell, ended in a traceback and exit
+    1, where the launcher's other refusals print the reason and exit 2."""
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
+    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", "cuda",
+                  "--attention-backend", "deft", "--grammar-backend", "none"], env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "sglang_deft.launch_server: --device cuda" in result.stderr
 
 
 ENGINE_SCRIPT = textwrap.dedent("""

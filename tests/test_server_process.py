@@ -40,6 +40,9 @@ FAKE_LAUNCHER = textwrap.dedent('''
         if not os.path.exists(marker):
             open(marker, "w").close()
             port_taken()
+    if mode == "launcher_port_check":  # sglang_deft.launch_server's own check found the port taken
+        from sglang_deft.server_process import PORT_IN_USE
+        sys.exit(f"sglang_deft.launch_server: 127.0.0.1:{port} {PORT_IN_USE}; pass --port with a free port")
     if mode == "bind_refused":  # uvicorn on a privileged port: not in use, but not this user's to bind
         print(f"ERROR: [Errno 13] error while attempting to bind on address ('127.0.0.1', {port}): "
               "permission denied", flush=True)
@@ -129,6 +132,15 @@ def test_a_port_taken_before_the_bind_is_reported_at_once(launcher):
     with pytest.raises(RuntimeError, match=f"could not bind port {server.port}"):
         server.wait_ready(60)
     assert time.monotonic() - started < 30 and server.port_taken()
+
+
+def test_a_port_the_launcher_finds_taken_is_a_port_clash(launcher):
+    """The launcher's own check exits before SGLang's bind: its message was no bind error to port_taken(), so the
+    callers that relaunch on a fresh port (gpu_e2e, bench_e2e) gave up on a clash they retry for uvicorn's."""
+    server = launcher("launcher_port_check")
+    with pytest.raises(RuntimeError):
+        server.wait_ready(60)
+    assert server.port_taken()
 
 
 def test_a_port_it_may_not_bind_is_reported_at_once(launcher):
