@@ -347,6 +347,11 @@ def test_bench_exits_1_when_deft_fails_its_check(tmp_path, monkeypatch):
     assert rc == 1
     report = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert BENCH.failed_deft_cells(report) == ["spec (failed_check)"]
+    # a case whose deft cell is not there at all (the isolating parent rebuilds a row the child never wrote) fails too
+    del report["cases"][0]["providers"]["deft"]
+    assert BENCH.failed_deft_cells(report) == ["spec (missing)"]
+    report["metadata"]["providers"].remove("deft")  # a run not asked for deft checks none
+    assert BENCH.failed_deft_cells(report) == []
     # an isolated run's child exits 0 all the same: its parent reads any other status as a death mid-case
     watchdogs = []
 
