@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import importlib
 import importlib.util
 import json
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # The benchmark's trees, kernel import, output check and --cases names.
 from bench_kernels import T, _kernels, check, select_cases  # noqa: E402
+from report_files import commit_label, write_replacing  # noqa: E402
 
 K = _kernels()
 PLAN = importlib.import_module(K.__name__ + ".plan")
@@ -179,6 +181,13 @@ def measure(case: Case, cfg: Config, rep: int, split: bool) -> dict:
     return cell
 
 
+def run_metadata() -> dict:
+    """What a sweep's report names: the GPU, the UTC date and the commit (``report_files.commit_label``)."""
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit_label()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -192,8 +201,12 @@ def main(argv=None) -> int:
     if len(head_dims) != 1:
         raise SystemExit(f"one head dim per sweep (its default config depends on it): {sorted(head_dims)}")
     default = default_config(head_dims.pop())
-    report = {"default": default.key(), "configs": {}}
+    report = {"metadata": run_metadata(), "default": default.key(), "configs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every config, whole or not at all: gpu_session.sh's timeout keeps what was measured
+        write_replacing(args.out / "sweep_stage1.json", json.dumps(report, indent=1))
+        write_replacing(args.out / "sweep_stage1.md", markdown(report))
 
     def run(cfg: Config) -> None:
         if cfg.key() in report["configs"]:
@@ -201,8 +214,7 @@ def main(argv=None) -> int:
         cells = {key: measure(case, cfg, args.rep, split=cfg == default) for key, case in cases.items()}
         report["configs"][cfg.key()] = cells
         print(cfg.key(), {k: round(c.get("median_us", float("nan")), 1) for k, c in cells.items()}, flush=True)
-        (args.out / "sweep_stage1.json").write_text(json.dumps(report, indent=1))
-        (args.out / "sweep_stage1.md").write_text(markdown(report))
+        save()
 
     run(default)
     best = default
@@ -212,8 +224,7 @@ def main(argv=None) -> int:
         best = min((c for c in [best, *GRIDS[name](best)]), key=lambda c: _geo(report, c.key(), default.key()))
         print(f"best after {name}: {best.key()} ({_geo(report, best.key(), default.key()):.3f})", flush=True)
     report["best"] = best.key()
-    (args.out / "sweep_stage1.json").write_text(json.dumps(report, indent=1))
-    (args.out / "sweep_stage1.md").write_text(markdown(report))
+    save()
     print(markdown(report))
     return 0
 
@@ -232,7 +243,9 @@ def _geo(report, key: str, default_key: str) -> float:
 def markdown(report) -> str:
     default = report["default"]
     keys = list(report["configs"][default])
-    lines = [f"Default: {default}. Best: {report.get('best')}", "",
+    meta = report.get("metadata", {})
+    lines = [f"{meta.get('gpu', '?')}, {meta.get('date', '?')}, commit {meta.get('commit', '?')}", "",
+             f"Default: {default}. Best: {report.get('best')}", "",
              "| config | " + " | ".join(keys) + " | geomean vs default | smem KB |",
              "|---|" + "---|" * (len(keys) + 2)]
     for cfg in sorted(report["configs"], key=lambda c: _geo(report, c, default)):
