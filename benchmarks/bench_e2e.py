@@ -602,6 +602,19 @@ def summarize_case(entry: dict, backends: tuple[str, ...], baseline: str) -> Non
     target = entry.get("target")
     entry["meets_target"] = (ratio >= target) if ratio is not None and target is not None else None
     entry["same_outputs"] = same_outputs(entry["runs"], backends, baseline)
+    entry["deft_outputs_ok"] = deft_outputs_ok(entry["same_outputs"])
+
+
+def deft_outputs_ok(same: dict | None) -> bool | None:
+    """Whether deft passes the output check (None where nothing was compared): a backend that decodes garbage or
+    nothing agrees with no one, so deft fails with under half of the requests equal to the reference's while the
+    other backends compared (if any) have at least half. On dummy weights a near-tie flips a few requests, not
+    half; where every backend is that far off, the check says nothing of deft."""
+    if not same or "deft" not in same["equal"]:
+        return None
+    half = same["requests"] / 2
+    others = [n for b, n in same["equal"].items() if b != "deft"]
+    return not (same["equal"]["deft"] < half and (not others or max(others) >= half))
 
 
 def same_outputs(runs: dict[str, list[dict]], backends: tuple[str, ...], baseline: str) -> dict | None:
@@ -661,7 +674,8 @@ def markdown(report: dict) -> str:
              "µs/step: over the deft sharing lines logged during the batch but its first (one per "
              "--decode-log-interval steps: 16 on the GPU), so not over the same steps as the shape, which covers "
              "all of them: either may be the higher. CUDA graphs: "
-             + ", ".join(f"{b} {'on' if cuda_graph[b] else 'off'}" for b in backends) + "."
+             + ", ".join(f"{b} {cuda_graph[b] if cuda_graph[b] == 'mixed' else 'on' if cuda_graph[b] else 'off'}"
+                         for b in backends) + "."
              + "".join(f" {b} launched with `{a}`." for b, a in report.get("backend_extra_args", {}).items()
                        if a and b in backends), "",
              "| case | " + " | ".join(f"{b} tok/s" for b in backends) + f" | deft / {compared}{' (target)' if targets else ''} | "
@@ -686,7 +700,7 @@ def markdown(report: dict) -> str:
         host = _num(deft.get("plan_host_us"), 0) + (f" ({100 * host_share:.1f}%)" if host_share else "")
         lines.append(f"| {c['case']}{' (skipped: ' + c['skipped'][-1] + ')' if c.get('skipped') else ''} | "
                      + " | ".join(cells) + f" | {_num(ratio, 2)}{target}{verdict} | " + " | ".join(tpots)
-                     + f" | {share} | {host} | {_same_outputs_cell(c.get('same_outputs'))} |")
+                     + f" | {share} | {host} | {_same_outputs_cell(c.get('same_outputs'))}{' ✗ (deft fails the output check)' if c.get('deft_outputs_ok') is False else ''} |")
     if not radix_cache_on(report.get("backend_extra_args", {}).get("deft")):
         lines += ["", "deft's server ran without the radix cache: nothing is shared, so the cases' targets (set for "
                   "their shared prefixes) do not apply; the sharing ratio's shape is what the radix cache would share."]
@@ -695,6 +709,19 @@ def markdown(report: dict) -> str:
         lines += ["", "**Incomplete run**: not every case has a good run on every backend"
                   + (f"; servers that did not start: {', '.join(failed)}" if failed else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+def case_complete(case: dict, backends) -> bool:
+    """Every backend measured, and deft not failing the output check (it made the run complete, exit 0, with deft's
+    tokens equal to the reference's on none of the requests)."""
+    return all(case["backends"].get(b, {}).get("ok") for b in backends) and case.get("deft_outputs_ok") is not False
+
+
+def graphs_on(servers: list[bool | None]) -> bool | str:
+    """A backend's CUDA graphs over its servers (one per model): True or False where all agree, else "mixed" (a
+    tiny server eager beside an 8B one with graphs read "on")."""
+    on = [bool(x) for x in servers]
+    return "mixed" if len(set(on)) > 1 else bool(on and on[0])
 
 
 def _same_outputs_cell(same: dict | None) -> str:
@@ -775,9 +802,8 @@ class Bench:
             self.report.data["servers"][f"{model}-{backend}"] = result
             if server is not None:
                 self.servers[(model, backend)] = server
-        self.report.data["cuda_graph"] = {
-            b: any(result.get("cuda_graph") for (_, backend), (result, _) in results.items() if backend == b)
-            for b in self.backends}
+        self.report.data["cuda_graph"] = {b: graphs_on([result.get("cuda_graph") for (_, backend), (result, _)
+                                                        in results.items() if backend == b]) for b in self.backends}
         self.save()
 
     def ready_and_warm(self, key: tuple[str, str], launched) -> tuple[dict, object]:
@@ -984,7 +1010,7 @@ def main(argv=None) -> int:
         fleet.stop_all()
         clock.note("servers stopped", time.monotonic() - start)
         report.save(clock)
-    done = [c for c in report.data["cases"] if all(c["backends"].get(b, {}).get("ok") for b in args.backends)]
+    done = [c for c in report.data["cases"] if case_complete(c, args.backends)]
     report.data["complete"] = len(done) == len(cases)
     report.save(clock)
     print(markdown(report.data))

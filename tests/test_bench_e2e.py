@@ -243,6 +243,26 @@ def test_same_outputs_counts_requests_equal_to_the_reference_in_each_backends_wo
     assert b.same_outputs({"deft": runs["deft"]}, ("deft",), "flashinfer") is None  # nothing to compare with
 
 
+@pytest.mark.parametrize("equal, ok", [
+    ({"deft": 64}, True), ({"deft": 60, "triton": 64}, True),  # a few near-tie flips
+    ({"deft": 0}, False), ({"deft": 31, "triton": 64}, False),  # garbage or nothing, beside a backend that agrees
+    ({"deft": 20, "triton": 25}, True),  # every backend that far off: the check says nothing of deft
+])
+def test_deft_fails_the_output_check_with_under_half_its_requests_equal(equal, ok):
+    """The check was reported but decided nothing: deft equal on 0 of 64 requests gave a complete run, exit 0."""
+    same = {"reference": "flashinfer", "requests": 64, "equal": equal}
+    assert b.deft_outputs_ok(same) is ok
+    case = {"backends": {x: {"ok": True} for x in ("deft", "flashinfer", "triton")}, "deft_outputs_ok": ok}
+    assert b.case_complete(case, ("deft", "flashinfer", "triton")) is ok
+    assert b.deft_outputs_ok(None) is None and b.deft_outputs_ok({**same, "equal": {"triton": 64}}) is None
+
+
+def test_a_backends_graphs_over_its_servers_are_on_off_or_mixed():
+    """An eager tiny server beside an 8B one with graphs read "on"."""
+    assert b.graphs_on([True, True]) is True and b.graphs_on([False, None]) is False and b.graphs_on([]) is False
+    assert b.graphs_on([True, False]) == "mixed"
+
+
 def gpu_like_report() -> dict:
     entry = {"case": "prefix 16000 x 64", "target": 2.5, "theoretical_sharing_ratio": 48.1,
              "runs": {"deft": [run(1, 7000.0, sharing_ratio=47.9)], "flashinfer": [run(1, 2800.0)],
