@@ -718,9 +718,9 @@ def case_complete(case: dict, backends) -> bool:
 
 
 def graphs_on(servers: list[bool | None]) -> bool | str:
-    """A backend's CUDA graphs over its servers (one per model): True or False where all agree, else "mixed" (a
-    tiny server eager beside an 8B one with graphs read "on")."""
-    on = [bool(x) for x in servers]
+    """A backend's CUDA graphs over its servers (one per model): True or False where all that came up agree, else
+    "mixed" (a tiny server eager beside an 8B one with graphs read "on"). None: a server that did not come up."""
+    on = [x for x in servers if x is not None]
     return "mixed" if len(set(on)) > 1 else bool(on and on[0])
 
 

@@ -66,7 +66,8 @@ def _refusals_raised(engine: Engine, server_args):
     caller as ``UnsupportedConfiguration``. SGLang's launch-phase SIGQUIT handler, which a failing child signals,
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
     137). While the Engine starts, its handler only notes the failure: SGLang's start-up wait raises when the
-    scheduler is gone, and a failure it does not watch for (the detokenizer's) is raised once the wait returns. The
+    scheduler is gone, and a failure it does not watch for (the detokenizer's) is raised once the wait returns, if
+    it came by then (the detokenizer loads only a tokenizer; one failing later meets SGLang's handling). The
     processes the Engine started are then ended (also on ^C during the start) and the refusal the scheduler wrote
     (to the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the
     caller's own (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing

@@ -247,6 +247,8 @@ def test_same_outputs_counts_requests_equal_to_the_reference_in_each_backends_wo
     ({"deft": 64}, True), ({"deft": 60, "triton": 64}, True),  # a few near-tie flips
     ({"deft": 0}, False), ({"deft": 31, "triton": 64}, False),  # garbage or nothing, beside a backend that agrees
     ({"deft": 20, "triton": 25}, True),  # every backend that far off: the check says nothing of deft
+    ({"deft": 10, "triton": 64, "torch_native": 10}, False),  # one other backend agreeing is enough
+    ({"deft": 32, "triton": 64}, True), ({"deft": 0, "triton": 32}, False),  # half is enough, on either side
 ])
 def test_deft_fails_the_output_check_with_under_half_its_requests_equal(equal, ok):
     """The check was reported but decided nothing: deft equal on 0 of 64 requests gave a complete run, exit 0."""
@@ -260,7 +262,7 @@ def test_deft_fails_the_output_check_with_under_half_its_requests_equal(equal, o
 def test_a_backends_graphs_over_its_servers_are_on_off_or_mixed():
     """An eager tiny server beside an 8B one with graphs read "on"."""
     assert b.graphs_on([True, True]) is True and b.graphs_on([False, None]) is False and b.graphs_on([]) is False
-    assert b.graphs_on([True, False]) == "mixed"
+    assert b.graphs_on([True, False]) == "mixed" and b.graphs_on([True, None]) is True  # None: a server not up
 
 
 def gpu_like_report() -> dict:
@@ -565,9 +567,11 @@ def test_output_digests_refuse_a_short_output():
         b.output_digests(timing, batch=2, new_tokens=3)
 
 
-def main_without_servers(tmp_path, monkeypatch, argv, ok=lambda backend: True) -> tuple[int, dict, str]:
+def main_without_servers(tmp_path, monkeypatch, argv, ok=lambda backend: True,
+                         digests=lambda backend: None) -> tuple[int, dict, str]:
     """main() with Bench's phases replaced by their results: every backend's run of every case at 100 tok/s
-    (a failed run where ``ok`` says so); (exit code, JSON report, markdown)."""
+    (a failed run where ``ok`` says so; its requests' output digests as ``digests`` says, if any); (exit code,
+    JSON report, markdown)."""
     class Fleet:
         def __init__(self, *a):
             pass
@@ -579,7 +583,9 @@ def main_without_servers(tmp_path, monkeypatch, argv, ok=lambda backend: True) -
         for case in self.cases:
             entry = self.case_entry(case)
             for backend in self.backends:
-                entry["runs"][backend] = [run(1, 100.0) if ok(backend) else {"rep": 1, "ok": False, "error": "boom"}]
+                extra = {"output_digests": digests(backend)} if digests(backend) else {}
+                entry["runs"][backend] = [run(1, 100.0, **extra) if ok(backend)
+                                          else {"rep": 1, "ok": False, "error": "boom"}]
             b.summarize_case(entry, self.backends, self.report.data["baseline"])
 
     monkeypatch.setattr(b.gpu_e2e, "Fleet", Fleet)
@@ -597,6 +603,21 @@ def test_main_is_complete_only_when_every_backend_has_a_good_run(tmp_path, monke
                                          ok=lambda backend: backend != "torch_native" or triton_ok)
     assert report["complete"] is triton_ok and rc == (0 if triton_ok else 1)
     assert len(report["cases"]) == 2
+
+
+@pytest.mark.parametrize("deft_tokens", ["a b c d", "x y z w"], ids=["same", "garbage"])
+def test_main_is_not_complete_when_deft_fails_the_output_check(tmp_path, monkeypatch, deft_tokens):
+    rc, report, md = main_without_servers(tmp_path, monkeypatch, ["--cases", "fork_smoke"],
+                                          digests=lambda backend: deft_tokens if backend == "deft" else "a b c d")
+    ok = deft_tokens == "a b c d"
+    assert report["cases"][0]["deft_outputs_ok"] is ok and report["complete"] is ok and rc == (0 if ok else 1)
+    assert ("✗ (deft fails the output check)" in md) is not ok
+
+
+def test_the_table_says_when_a_backends_servers_differ_in_cuda_graphs():
+    report = gpu_like_report()
+    report["cuda_graph"]["deft"] = "mixed"
+    assert "deft mixed" in b.markdown(report)
 
 
 @pytest.mark.parametrize("radix_off", [False, True], ids=["radix", "radix_off"])

@@ -122,3 +122,21 @@ def test_the_report_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypatch):
     assert [r["case"] for r in report["rows"]] == ["first"] and report["complete"] is False
     assert sh.main(["--device", "cpu", "--cases", "first", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "step_host_cpu.json").read_text())["complete"] is True
+
+
+def test_the_report_is_named_by_card_and_window_and_labelled_with_the_commit(tmp_path, monkeypatch):
+    """step_host_cuda.json whatever the card (a loan asked as an H200 may be an H100) and the same name with
+    --window: the committed names were given by hand."""
+    row = {"case": "first", "batch": 4, "mode": "idle", "steady_us": 1.0, "steady_steps": 3, "full_us": 2.0,
+           "full_steps": 1, "mean_us": 1.2, "window_steady_us": 1.0, "window_steady_steps": 3, "window_full_us": 2.0,
+           "window_full_steps": 1, "window_mean_us": 1.2, "window_replan_us": 3.0}
+    monkeypatch.setattr(sh, "run_case", lambda *a: row)
+    monkeypatch.setenv("DEFT_COMMIT", "abc1234-dirty")
+    assert sh.main(["--device", "cpu", "--cases", "first", "--window", "64", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "step_host_window_cpu.json").read_text())
+    assert report["commit"] == "abc1234-dirty" and report["date"].endswith("Z")
+    monkeypatch.setattr(sh, "card_tag", lambda: "h100")
+    monkeypatch.setattr(sh.torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(sh.torch.cuda, "is_available", lambda: True)
+    assert sh.main(["--device", "cuda", "--cases", "first", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "step_host_h100.json").exists()

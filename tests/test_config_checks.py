@@ -759,3 +759,47 @@ def test_prepare_process_refuses_another_sglang_release_first(monkeypatch):
                        match=r"launcher, Engine.*0\.5\.10\.post1 internals, but SGLang 0\.5\.9 is installed"):
         prepare_process("cpu")
     assert "SGLANG_USE_CPU_ENGINE" not in os.environ
+
+
+@pytest.mark.parametrize("rename_fails", [False, True])
+def test_a_refusal_in_the_scheduler_is_written_whole_for_the_engine_and_raised(monkeypatch, tmp_path, rename_fails):
+    """Each TP rank writes the refusal through a file of its own and a rename; a rename that fails leaves neither
+    that file behind nor the refusal unraised."""
+    import json
+    from pathlib import Path
+
+    from sglang_deft import config_checks
+
+    path = tmp_path / "refusal"
+    monkeypatch.setenv(config_checks.REFUSAL_FILE_ENV, str(path))
+    monkeypatch.setattr(config_checks, "model_runner_problems", lambda runner: ["head dim 512 is not supported"])
+    if rename_fails:
+        def replace(self, target):
+            raise OSError("read-only file system")
+
+        monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(config_checks.UnsupportedConfiguration, match="head dim 512"):
+        config_checks.check_model_runner(object())
+    assert [p.name for p in tmp_path.iterdir()] == ([] if rename_fails else ["refusal"])
+    if not rename_fails:
+        assert json.loads(path.read_text()) == ["head dim 512 is not supported"]
+
+
+@pytest.mark.parametrize("error", ["version", "device"])
+def test_the_launcher_reports_a_process_it_cannot_set_up_as_an_argument_error(monkeypatch, capsys, error):
+    """Another SGLang release, or --device against this machine: the reason and exit 2, as the launcher's other
+    refusals, not a traceback."""
+    from sglang_deft import launch_server, server_process, server_setup
+    from sglang_deft.patches.sglang_version import UnsupportedSGLangVersion
+
+    def prepare(device):
+        raise (UnsupportedSGLangVersion("sglang 0.5.11 is installed; sglang_deft supports 0.5.10.post1") if
+               error == "version" else ValueError("--device cuda: torch finds no CUDA device here"))
+
+    monkeypatch.setattr(server_setup, "prepare_process", prepare)
+    monkeypatch.setattr(server_process, "end_with_parent_process", lambda: None)
+    with pytest.raises(SystemExit) as exit_:
+        launch_server.main(BASE_ARGV)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("sglang_deft.launch_server: " + ("sglang 0.5.11" if error == "version"
+                                                                             else "--device cuda"))

@@ -210,19 +210,20 @@ def test_a_signal_stops_the_server_and_exits_as_signalled(monkeypatch, capsys, t
 def test_main_gives_the_callers_signal_handlers_back(monkeypatch, tmp_path, outcome):
     """main() called from Python left SIGTERM and SIGHUP raising the demo's Signalled in the caller afterwards."""
     monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
-    handlers = {signum: f"caller's {signum}" for signum in (demo.signal.SIGINT, demo.signal.SIGTERM,
-                                                             demo.signal.SIGHUP)}
-    before = dict(handlers)
+    handlers = {signum: f"caller's {signum}" for signum in (demo.signal.SIGINT, demo.signal.SIGTERM)}
+    handlers[demo.signal.SIGHUP] = None  # a handler not set from Python: its default comes back
+    before = {**handlers, demo.signal.SIGHUP: demo.signal.SIG_DFL}
 
     def fake_signal(signum, handler):
         old, handlers[signum] = handlers[signum], handler
         return old
 
     monkeypatch.setattr(demo.signal, "signal", fake_signal)
-    server = FakeServer(TimeoutError("not ready") if outcome == "error" else None)
-    if outcome == "no_start":
-        def server(*a, **kw):
-            raise OSError("no launcher")
+    def no_launcher(*a, **kw):
+        raise OSError("no launcher")
+
+    server = no_launcher if outcome == "no_start" else FakeServer(TimeoutError("not ready") if outcome == "error"
+                                                                  else None)
     monkeypatch.setattr(demo, "ServerProcess", server)
     monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: None)
     assert demo.main(["--cpu"]) == (0 if outcome == "ok" else 1)

@@ -7,6 +7,7 @@ SGLang's ``Engine.__init__`` is replaced by one that records its ``server_args``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,9 @@ SCRIPT = textwrap.dedent("""
     from sglang.srt.server_args import ServerArgs
     from sglang_deft.config_checks import UnsupportedConfiguration
 
+    import threading
+    thread_errors = []  # a constructor that raised in a thread: a start that failed there
+    threading.excepthook = lambda a: thread_errors.append(repr(a.exc_value))
     seen, handlers = [], []
     sglang_engine.Engine.__init__ = lambda self, **kw: (seen.append(kw["server_args"]),
                                                         handlers.append(kw["server_args"].custom_sigquit_handler))
@@ -119,6 +123,9 @@ SCRIPT = textwrap.dedent("""
         result["detokenizer_failed"] = str(e)
     result["sigquit_after_failed_start"] = signal.getsignal(signal.SIGQUIT) is before
     result["refusal_files_left_after_failure"] = sorted(refusal_files() - files_before)
+    sglang_engine.Engine.__init__ = started
+    deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")  # a retry that starts
+    result["retry_started"] = True
     import threading, time
 
     starts = []
@@ -147,17 +154,26 @@ SCRIPT = textwrap.dedent("""
     worker.start()
     worker.join()
     result["off_main_thread_warned"] = [w for w in warned if "off the main thread" in w]
+    signal.signal(signal.SIGQUIT, lambda signum, frame: None)  # the caller's own handler: nothing to warn of
+    worker = threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
+                                                                grammar_backend="none"))
+    worker.start()
+    worker.join()
+    result["warned_with_a_handler"] = len([w for w in warned if "off the main thread" in w]) - 1
+    result["thread_errors"] = thread_errors
     print("RESULT " + json.dumps(result))
 """)
 
 
 @pytest.fixture(scope="module")
-def engine_args():
+def engine_args(tmp_path_factory):
     # Run where this process imports sglang_deft from (the installed repo, or the GPU host's overlay:
-    # scripts/gpu_e2e.py --make-overlay), so that the child imports the same package.
+    # scripts/gpu_e2e.py --make-overlay), so that the child imports the same package. A temporary directory of its
+    # own: it counts the refusal files there, which another process's Engine (a second pytest) would add to.
     package_root = Path(sglang_deft.__file__).parent.parent  # not resolved: the overlay is symlinks
+    env = dict(os.environ, TMPDIR=str(tmp_path_factory.mktemp("engine_tmp")))
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=package_root,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -210,6 +226,15 @@ def test_a_child_that_fails_unseen_by_sglangs_start_up_wait_is_raised(engine_arg
     assert engine_args["sigquit_after_failed_start"]
 
 
+def test_a_failed_start_is_forgotten_by_the_next_start(engine_args):
+    assert engine_args["retry_started"]
+
+
+def test_engines_started_off_the_main_thread_start(engine_args):
+    """Their constructors raised nothing in their threads (no SIGQUIT handler is set there: it would raise)."""
+    assert engine_args["thread_errors"] == []
+
+
 def test_a_failed_start_leaves_no_refusal_file_behind(engine_args):
     """Nor the temporary file a TP rank writes its refusal to before renaming it, where the rank was ended first."""
     assert engine_args["refusal_files_left_after_failure"] == []
@@ -226,6 +251,7 @@ def test_engines_started_together_start_in_turn_each_with_its_own_refusal_file(e
 def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_process(engine_args):
     """No SIGQUIT handler can be set there, and a refusal in the scheduler then ends the caller (exit 131)."""
     assert len(engine_args["off_main_thread_warned"]) == 1
+    assert engine_args["warned_with_a_handler"] == 0  # a handler of the caller's: SIGQUIT does not end it
 
 
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
@@ -299,7 +325,7 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
     result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
     assert any("head dim 512 is not supported" in p for p in result["problems"]), result
-    assert result["cause"] == "RuntimeError" and result["left"] == []  # SGLang's start-up error; nothing left running
+    assert result["cause"] == "RuntimeError" and result["left"] == [], result  # SGLang's start-up error; none left
     # ... but what the caller had, and multiprocessing's resource tracker, which a retry reuses; SIGQUIT as it was;
     # SGLang's atexit shutdown (it ends every child of the caller at exit) unregistered
     assert result["mine_alive"] and result["tracker_alive"] and result["sigquit_default"]

@@ -662,6 +662,16 @@ def test_repeats_merge_at_their_worst_not_at_their_first():
     assert not entry["ok"] and any("not a near-tie" in f for f in entry["failures"]), entry["failures"]
     merged = g.distinct_stats([near, far], ref[:2])
     assert len(merged) == 1 and merged[0].tie_gap == pytest.approx(0.9)
+    # a copy whose other token is outside its top-k (the gap only a lower bound) keeps the merged pair unknown
+    outside = g.Seq(near.ids, near.lps, [dict(t) for t in near.tops])
+    del outside.tops[6][ref[0].ids[6]]
+    merged, = g.distinct_stats([near, outside], ref[:2])
+    assert merged.tie_in_top_k is False
+    entry = g.judge_workload([near, outside, near, near], ref, clean, CRIT, atol=0.02, tie_tol=0.1)
+    assert not entry["ok"] and any("outside the top-k" in f for f in entry["failures"]), entry["failures"]
+    # the same tokens against two different references are two pairs
+    other_ref = reference(n_requests=1, seed=65)[0]
+    assert len(g.distinct_stats([clean[0], clean[0]], [ref[0], other_ref])) == 2
     assert g.judge_workload([near] * 4, ref, clean, CRIT, atol=0.02, tie_tol=0.1)["ok"]
 
 

@@ -47,3 +47,34 @@ def test_every_report_writer_uses_it(script):
 
 def test_bench_kernels_uses_it():
     assert Path(BENCH.write_replacing.__code__.co_filename) == REPO / "benchmarks" / "report_files.py"
+
+
+def test_the_commit_label_is_the_callers_then_deft_commit_then_git_describe(monkeypatch):
+    """gpu_session.sh passes the checkout's `git describe --dirty` as DEFT_COMMIT because the GPU host's .git can be
+    older than its tree; only a run without it asks git, as `describe --dirty` (uncommitted code shows)."""
+    import subprocess
+
+    monkeypatch.setenv("DEFT_COMMIT", "abc1234-dirty")
+    assert report_files.commit_label("given") == "given"
+    assert report_files.commit_label() == "abc1234-dirty"
+    monkeypatch.delenv("DEFT_COMMIT")
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    assert report_files.commit_label() == (described.stdout.strip() if described.returncode == 0 else "unknown")
+    gpu_e2e = _by_file("report_writer_gpu_e2e_info", REPO / "scripts" / "gpu_e2e.py")
+    assert gpu_e2e.device_info("x")["commit"] == "x"
+    monkeypatch.setenv("DEFT_COMMIT", "abc1234")
+    assert gpu_e2e.device_info(None)["commit"] == "abc1234"
+
+
+def test_a_sweeps_report_names_its_gpu_date_and_commit(monkeypatch):
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # sweep_stage1 imports the kernels
+    import sweep_stage1
+
+    monkeypatch.setenv("DEFT_COMMIT", "abc1234")
+    meta = sweep_stage1.run_metadata()
+    assert meta["commit"] == "abc1234" and meta["date"].endswith("+00:00") and meta["gpu"]
+    cells = {"x": {"median_us": 1.0, "ok": True, "stage1_us": 0.5, "stage2_us": 0.5}}
+    md = sweep_stage1.markdown({"metadata": meta, "default": "a", "configs": {"a": cells}})
+    assert md.startswith(f"{meta['gpu']}, {meta['date']}, commit abc1234")
