@@ -37,8 +37,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # The benchmark's trees, kernel import, output check and --cases names.
-from bench_kernels import T, _kernels, check, select_cases  # noqa: E402
-from report_files import commit_label, write_replacing  # noqa: E402
+# (report_files as bench_kernels loaded it, not a second copy)
+from bench_kernels import REPORT_FILES, T, _kernels, check, select_cases, write_replacing  # noqa: E402
 
 K = _kernels()
 PLAN = importlib.import_module(K.__name__ + ".plan")
@@ -185,7 +185,7 @@ def run_metadata() -> dict:
     """What a sweep's report names: the GPU, the UTC date and the commit (``report_files.commit_label``)."""
     return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit_label()}
+            "commit": REPORT_FILES.commit_label()}
 
 
 def main(argv=None) -> int:

@@ -120,7 +120,8 @@ def _load_report_files():
     return sys.modules[name]
 
 
-write_replacing = _load_report_files().write_replacing
+REPORT_FILES = _load_report_files()
+write_replacing = REPORT_FILES.write_replacing  # (bench_e2e writes through it too)
 
 
 TOP_K = 10
@@ -1009,7 +1010,7 @@ def device_info(commit: str | None) -> dict:
         info["gpu"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         pass
-    info["commit"] = _load_report_files().commit_label(commit)
+    info["commit"] = REPORT_FILES.commit_label(commit)
     return info
 
 

@@ -12,7 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
+def load_module(name: str, path: Path):
+    """A repo file as the module ``name`` (once per process; registered, as dataclasses need)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -22,8 +23,8 @@ def _load(name: str, path: Path):
     return mod
 
 
-T = _load("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
-BENCH = _load("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+T = load_module("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
+BENCH = load_module("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 
 
 def random_qkv(num_queries: int, slots: int, seed: int, q_heads: int = 8, kv_heads: int = 2, dim: int = 16,

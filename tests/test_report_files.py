@@ -1,7 +1,6 @@
 """benchmarks/report_files.py: the one way the GPU host's scripts write their reports."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,15 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import report_files  # noqa: E402
-from bench_modules import BENCH  # noqa: E402
-
-
-def _by_file(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from bench_modules import BENCH, load_module  # noqa: E402
 
 
 def test_a_write_killed_midway_leaves_the_last_whole_file_and_a_finished_one_no_temporary(tmp_path, monkeypatch):
@@ -41,7 +32,7 @@ def test_a_write_killed_midway_leaves_the_last_whole_file_and_a_finished_one_no_
 @pytest.mark.parametrize("script", ["scripts/gpu_e2e.py", "benchmarks/bench_step_host.py"])
 def test_every_report_writer_uses_it(script):
     """bench_e2e writes through gpu_e2e's; a copy of its own per script is how in-place writes came back before."""
-    module = _by_file(f"report_writer_{Path(script).stem}", REPO / script)
+    module = load_module(f"report_writer_{Path(script).stem}", REPO / script)
     assert Path(module.write_replacing.__code__.co_filename) == REPO / "benchmarks" / "report_files.py"
 
 
@@ -60,7 +51,7 @@ def test_the_commit_label_is_the_callers_then_deft_commit_then_git_describe(monk
     monkeypatch.delenv("DEFT_COMMIT")
     described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     assert report_files.commit_label() == (described.stdout.strip() if described.returncode == 0 else "unknown")
-    gpu_e2e = _by_file("report_writer_gpu_e2e_info", REPO / "scripts" / "gpu_e2e.py")
+    gpu_e2e = load_module("report_writer_gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
     assert gpu_e2e.device_info("x")["commit"] == "x"
     monkeypatch.setenv("DEFT_COMMIT", "abc1234")
     assert gpu_e2e.device_info(None)["commit"] == "abc1234"

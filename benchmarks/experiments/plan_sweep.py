@@ -17,7 +17,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import sweep_stage1 as S  # noqa: E402
-from report_files import write_replacing  # noqa: E402
 
 K, PLAN, check = S.K, S.PLAN, S.check
 
@@ -49,4 +48,4 @@ for bench_case in cases:
     PLAN.MIN_CHUNK_TOKENS, PLAN.FLOP_PER_BYTE, PLAN.PROGRAM_LATENCY_BYTES = DEFAULTS
     res.update(S.alternating_graph_times(fns))
     print(key, {n: round(res[n], 1) for n in fns}, flush=True)
-    write_replacing(out, json.dumps(report, indent=1))  # after every case: a run cut by a timeout keeps them
+    S.write_replacing(out, json.dumps(report, indent=1))  # after every case: a run cut by a timeout keeps them
