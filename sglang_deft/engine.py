@@ -19,6 +19,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from sglang_deft.server_setup import prepare_process
@@ -67,11 +68,12 @@ def _refusals_raised(engine: Engine, server_args):
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
     137). While the Engine starts, its handler only notes the failure: SGLang's start-up wait raises when the
     scheduler is gone, and a failure it does not watch for (the detokenizer's) is raised once the wait returns, if
-    it came by then (the detokenizer loads only a tokenizer; one failing later meets SGLang's handling). The
+    it came by then (the detokenizer loads only a tokenizer; one failing later meets SGLang's handling) and a process
+    of this Engine's ended (a SIGQUIT from an earlier Engine's process goes on to the handler it would have met). The
     processes the Engine started are then ended (also on ^C during the start) and the refusal the scheduler wrote
     (to the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the
     caller's own (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing
-    child's SIGQUIT ends the caller as with SGLang's Engine (warned)."""
+    child's SIGQUIT ends the caller as with SGLang's Engine (warned, unless the caller's own handler is in place)."""
     import psutil  # (an SGLang dependency)
 
     # The processes this Engine starts are the caller's children that were not there before, with their own
@@ -86,7 +88,7 @@ def _refusals_raised(engine: Engine, server_args):
     on_main_thread = threading.current_thread() is threading.main_thread()
     own = server_args.custom_sigquit_handler is None and on_main_thread
     if not on_main_thread and server_args.custom_sigquit_handler is None and \
-            signal.getsignal(signal.SIGQUIT) == signal.SIG_DFL:
+            _ends_the_process(signal.getsignal(signal.SIGQUIT)):
         logger.warning("sglang_deft.Engine started off the main thread: a process of it that fails while it starts "
                        "(a model refused in SGLang's scheduler, say) sends this process SIGQUIT, whose default action "
                        "ends it, as with SGLang's own Engine. Start the Engine on the main thread to get the refusal "
@@ -99,12 +101,19 @@ def _refusals_raised(engine: Engine, server_args):
         server_args.custom_sigquit_handler = subprocess_entry.child_failed_while_starting
         _sglang_engine.logger.addFilter(quiet)
         subprocess_entry.failed_while_starting.clear()
+    not_ours = False  # a SIGQUIT that came while this Engine started, from a process of an earlier one
     try:
         yield
         if own and subprocess_entry.failed_while_starting.is_set():  # e.g. the detokenizer: see subprocess_entry
-            raise RuntimeError("a process of sglang_deft.Engine failed while it started (its log above says why); "
-                               "SGLang's start-up wait did not see it, so the Engine would have hung")
+            not_ours = not _a_started_process_failed(engine)
+            if not not_ours:
+                raise RuntimeError("a process of sglang_deft.Engine failed while it started (its log above says "
+                                   "why); SGLang's start-up wait did not see it, so the Engine would have hung")
     except BaseException as e:
+        # SGLang's watchdog of the processes that did start: polling on, it would signal their ends below as failures
+        watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
         _end_started_processes(children_before)
         atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller
         if own:  # None: a handler not set from Python
@@ -128,6 +137,38 @@ def _refusals_raised(engine: Engine, server_args):
         for leftover in [path, *glob.glob(glob.escape(path) + ".*")]:
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
+    if not_ours:
+        # An earlier Engine's watchdog signals once, for a process of its that died: that SIGQUIT goes where it would
+        # have gone had this Engine not been starting (SGLang's handling: the process tree ended), not lost.
+        logger.error("deft: the SIGQUIT received while the Engine started came from a process of another Engine")
+        if callable(handler_before):
+            handler_before(signal.SIGQUIT, None)
+        elif handler_before in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGQUIT)
+
+
+def _a_started_process_failed(engine: Engine, wait_s: float = 5.0) -> bool:
+    """Whether a process this Engine started has ended (the one whose SIGQUIT came while it started: a detokenizer
+    signals, then exits), waiting up to ``wait_s`` for it to exit. The processes are those SGLang's watchdog watches;
+    where there are none to look at, the failure is taken as this Engine's (its start refused: nothing hangs)."""
+    watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
+    processes = getattr(watchdog, "_processes", None)
+    if not processes:
+        return True
+    deadline = time.monotonic() + wait_s
+    while not any(not p.is_alive() for p in processes):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _ends_the_process(handler) -> bool:
+    """Whether SIGQUIT under ``handler`` ends this process: the default action, deft's handler of a started Engine,
+    or SGLang's launch-phase handler (an SGLang Engine started before); not a handler of the caller's own."""
+    return handler in (signal.SIG_DFL, _end_process_tree) or \
+        getattr(handler, "__name__", None) == "launch_phase_sigquit_handler"
 
 
 def _end_started_processes(children_before: set[int]) -> None:

@@ -126,6 +126,42 @@ SCRIPT = textwrap.dedent("""
     sglang_engine.Engine.__init__ = started
     deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")  # a retry that starts
     result["retry_started"] = True
+    # A SIGQUIT while the Engine starts, with SGLang's watchdog (which ends its polling on a failed start) watching
+    # this Engine's processes: from one of them that ended (a failure of this start), or from another Engine's
+    # process while all of this one's run (passed on to the handler it would have reached, this start unharmed)
+    import types
+    watchdogs = []
+
+    class Watchdog:
+        def __init__(self, alive):
+            self._processes = [types.SimpleNamespace(is_alive=lambda: alive)]
+            self.stopped = False
+            watchdogs.append(self)
+
+        def stop(self):
+            self.stopped = True
+
+    def signalled_while_starting(alive):
+        def start(self, **kw):
+            self.tokenizer_manager = types.SimpleNamespace(_subprocess_watchdog=Watchdog(alive))
+            signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
+            os.kill(os.getpid(), signal.SIGQUIT)
+        return start
+
+    deft_engine._a_started_process_failed.__defaults__ = (0.2,)  # the wait for a signalling process to end
+    passed_on = []
+    signal.signal(signal.SIGQUIT, lambda signum, frame: passed_on.append(signum))  # the caller's, as if an Engine's
+    sglang_engine.Engine.__init__ = signalled_while_starting(alive=False)
+    try:
+        deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
+    except RuntimeError as e:
+        result["own_process_failed"] = {"error": str(e), "watchdog_stopped": watchdogs[-1].stopped,
+                                        "passed_on": list(passed_on)}
+    sglang_engine.Engine.__init__ = signalled_while_starting(alive=True)
+    deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
+    result["other_engines_process_failed"] = {"passed_on": passed_on, "watchdog_stopped": watchdogs[-1].stopped,
+                                              "sigquit_after": signal.getsignal(signal.SIGQUIT).__name__}
+    sglang_engine.Engine.__init__ = started
     import threading, time
 
     starts = []
@@ -148,18 +184,24 @@ SCRIPT = textwrap.dedent("""
     handler = logging.Handler()
     handler.emit = lambda record: warned.append(record.getMessage())
     deft_engine.logger.addHandler(handler)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    worker = threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
-                                                                grammar_backend="none"))
-    worker.start()
-    worker.join()
+
+    def launch_phase_sigquit_handler(signum, frame):  # named as SGLang's Engine's, which ends the process tree
+        pass
+
+    # SIGQUIT's default action, the handler a started deft Engine leaves, SGLang's Engine's: each ends the caller
+    for ends_the_process in (signal.SIG_DFL, deft_engine._end_process_tree, launch_phase_sigquit_handler):
+        signal.signal(signal.SIGQUIT, ends_the_process)
+        worker = threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
+                                                                    grammar_backend="none"))
+        worker.start()
+        worker.join()
     result["off_main_thread_warned"] = [w for w in warned if "off the main thread" in w]
     signal.signal(signal.SIGQUIT, lambda signum, frame: None)  # the caller's own handler: nothing to warn of
     worker = threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
                                                                 grammar_backend="none"))
     worker.start()
     worker.join()
-    result["warned_with_a_handler"] = len([w for w in warned if "off the main thread" in w]) - 1
+    result["warned_with_a_handler"] = len([w for w in warned if "off the main thread" in w]) - 3
     result["thread_errors"] = thread_errors
     print("RESULT " + json.dumps(result))
 """)
@@ -226,6 +268,22 @@ def test_a_child_that_fails_unseen_by_sglangs_start_up_wait_is_raised(engine_arg
     assert engine_args["sigquit_after_failed_start"]
 
 
+def test_a_failure_of_a_started_process_is_raised_with_sglangs_watchdog_stopped(engine_args):
+    """The watchdog, left polling, would have signalled the processes the failed start ends as failures."""
+    failed = engine_args["own_process_failed"]
+    assert "failed while it started" in failed["error"]
+    assert failed["watchdog_stopped"] and failed["passed_on"] == []
+
+
+def test_a_sigquit_from_another_engines_process_is_passed_on_and_this_engine_starts(engine_args):
+    """An earlier Engine's watchdog signals once for its process that died while this one started: raised here, it
+    blamed the wrong Engine and was lost (the earlier Engine's next generate() hung)."""
+    other = engine_args["other_engines_process_failed"]
+    assert other["passed_on"] == [3]  # SIGQUIT, to the handler it would have reached
+    assert not other["watchdog_stopped"]
+    assert other["sigquit_after"] == "_end_process_tree"
+
+
 def test_a_failed_start_is_forgotten_by_the_next_start(engine_args):
     assert engine_args["retry_started"]
 
@@ -250,7 +308,8 @@ def test_engines_started_together_start_in_turn_each_with_its_own_refusal_file(e
 
 def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_process(engine_args):
     """No SIGQUIT handler can be set there, and a refusal in the scheduler then ends the caller (exit 131)."""
-    assert len(engine_args["off_main_thread_warned"]) == 1
+    # under SIGQUIT's default action, after a deft Engine started on the main thread, after an SGLang Engine did
+    assert len(engine_args["off_main_thread_warned"]) == 3
     assert engine_args["warned_with_a_handler"] == 0  # a handler of the caller's: SIGQUIT does not end it
 
 
