@@ -674,7 +674,7 @@ def markdown(report: dict) -> str:
              "µs/step: over the deft sharing lines logged during the batch but its first (one per "
              "--decode-log-interval steps: 16 on the GPU), so not over the same steps as the shape, which covers "
              "all of them: either may be the higher. CUDA graphs: "
-             + ", ".join(f"{b} {cuda_graph[b] if cuda_graph[b] == 'mixed' else 'on' if cuda_graph[b] else 'off'}"
+             + ", ".join(f"{b} {graphs_label(cuda_graph[b])}"
                          for b in backends) + "."
              + "".join(f" {b} launched with `{a}`." for b, a in report.get("backend_extra_args", {}).items()
                        if a and b in backends), "",
@@ -717,11 +717,16 @@ def case_complete(case: dict, backends) -> bool:
     return all(case["backends"].get(b, {}).get("ok") for b in backends) and case.get("deft_outputs_ok") is not False
 
 
-def graphs_on(servers: list[bool | None]) -> bool | str:
+def graphs_on(servers: list[bool | None]) -> bool | str | None:
     """A backend's CUDA graphs over its servers (one per model): True or False where all that came up agree, else
-    "mixed" (a tiny server eager beside an 8B one with graphs read "on"). None: a server that did not come up."""
+    "mixed" (a tiny server eager beside an 8B one with graphs read "on"). None in and out: no server came up, so
+    nothing says whether graphs were on."""
     on = [x for x in servers if x is not None]
-    return "mixed" if len(set(on)) > 1 else bool(on and on[0])
+    return "mixed" if len(set(on)) > 1 else on[0] if on else None
+
+
+def graphs_label(on: bool | str | None) -> str:
+    return {True: "on", False: "off", None: "unknown (no server came up)"}.get(on, on)
 
 
 def _same_outputs_cell(same: dict | None) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_e2e import compared_tok_s, tok_s_ratio  # noqa: E402  (stdlib imports only at its top)
+from bench_e2e import compared_tok_s, graphs_label, tok_s_ratio  # noqa: E402  (stdlib imports only at its top)
 COLOR = {"deft": "#d62728", "flashinfer": "#1f77b4", "triton": "#2ca02c", "torch_native": "#7f7f7f"}
 LABEL = {"deft": "DeFT (ours)", "flashinfer": "SGLang flashinfer decode", "triton": "SGLang triton decode",
          "torch_native": "SGLang torch_native decode"}
@@ -58,7 +58,7 @@ def plot(report: dict, out: Path) -> None:
     ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the rotated tok/s labels
     cuda_graph = report.get("cuda_graph", {})
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOR.get(b, "#bcbd22")) for b in backends]
-    labels = [f"{LABEL.get(b, b)} (CUDA graphs {'on' if cuda_graph.get(b) else 'off'})" for b in backends]
+    labels = [f"{LABEL.get(b, b)} (CUDA graphs {graphs_label(cuda_graph.get(b))})" for b in backends]
     handles.append(plt.Line2D([0], [0], color=COLOR["deft"], linestyle="dashed"))
     labels.append("target for deft")
     ax.legend(handles, labels, fontsize=8, loc="upper right")

@@ -14,10 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_replacing(path: Path, text: str) -> None:
-    """``text`` into ``path`` through ``<path>.tmp`` and a rename (atomic within one file system)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """``text`` into ``path`` through ``<path>.<pid>.tmp`` and a rename (atomic within one file system). A write that
+    fails or is interrupted removes its temporary file: in $OUT it would count against the files a device call
+    brings back."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def commit_label(given: str | None = None) -> str:

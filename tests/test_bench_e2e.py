@@ -261,8 +261,11 @@ def test_deft_fails_the_output_check_with_under_half_its_requests_equal(equal, o
 
 def test_a_backends_graphs_over_its_servers_are_on_off_or_mixed():
     """An eager tiny server beside an 8B one with graphs read "on"."""
-    assert b.graphs_on([True, True]) is True and b.graphs_on([False, None]) is False and b.graphs_on([]) is False
+    assert b.graphs_on([True, True]) is True and b.graphs_on([False, None]) is False
     assert b.graphs_on([True, False]) == "mixed" and b.graphs_on([True, None]) is True  # None: a server not up
+    assert b.graphs_on([None, None]) is None and b.graphs_on([]) is None  # no server up: not "off"
+    assert [b.graphs_label(x) for x in (True, False, "mixed")] == ["on", "off", "mixed"]
+    assert b.graphs_label(None).startswith("unknown")
 
 
 def gpu_like_report() -> dict:

@@ -27,6 +27,7 @@ def test_a_write_killed_midway_leaves_the_last_whole_file_and_a_finished_one_no_
     with pytest.raises(KeyboardInterrupt):
         report_files.write_replacing(path, '{"cases": [1, 2, 3]}')
     assert path.read_text() == '{"cases": [1, 2]}'
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file went with the failed write
 
 
 @pytest.mark.parametrize("script", ["scripts/gpu_e2e.py", "benchmarks/bench_step_host.py"])
@@ -58,10 +59,7 @@ def test_the_commit_label_is_the_callers_then_deft_commit_then_git_describe(monk
 
 
 def test_a_sweeps_report_names_its_gpu_date_and_commit(monkeypatch):
-    import os
-
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # sweep_stage1 imports the kernels
-    import sweep_stage1
+    import sweep_stage1  # (its kernels: on the CPU under the TRITON_INTERPRET=1 that conftest.py sets)
 
     monkeypatch.setenv("DEFT_COMMIT", "abc1234")
     meta = sweep_stage1.run_metadata()
