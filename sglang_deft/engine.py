@@ -19,7 +19,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from sglang_deft.server_setup import prepare_process
@@ -66,14 +65,15 @@ def _refusals_raised(engine: Engine, server_args):
     """A refusal of the loaded model (``config_checks.check_model_runner``, in the scheduler process) raised in the
     caller as ``UnsupportedConfiguration``. SGLang's launch-phase SIGQUIT handler, which a failing child signals,
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
-    137). While the Engine starts, its handler only notes the failure: SGLang's start-up wait raises when the
-    scheduler is gone, and a failure it does not watch for (the detokenizer's) is raised once the wait returns, if
-    it came by then (the detokenizer loads only a tokenizer; one failing later meets SGLang's handling) and a process
-    of this Engine's ended (a SIGQUIT from an earlier Engine's process goes on to the handler it would have met). The
-    processes the Engine started are then ended (also on ^C during the start) and the refusal the scheduler wrote
-    (to the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the
-    caller's own (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing
-    child's SIGQUIT ends the caller as with SGLang's Engine (warned, unless the caller's own handler is in place)."""
+    137). While the Engine starts, a child's SIGQUIT raises in the caller instead (``_FailedWhileStarting``, from
+    wherever the start is: SGLang's start-up wait, which returns only once a failed scheduler has exited, or past it
+    for a failure it does not watch, the detokenizer's), unless it came from a process of an Engine started earlier
+    (one of the caller's children that ran when this start began has ended): that one goes on to the handler it
+    would have met. The processes the Engine started are then ended (also on ^C during the start, and a scheduler
+    that failed but did not exit) and the refusal the scheduler wrote (to the file ``REFUSAL_FILE_ENV`` names) is
+    raised, or the error where there is none. A handler of the caller's own (``custom_sigquit_handler``) is left as
+    it is; off the main thread none can be set, and a failing child's SIGQUIT ends the caller as with SGLang's Engine
+    (warned, unless the caller's own handler is in place)."""
     import psutil  # (an SGLang dependency)
 
     # The processes this Engine starts are the caller's children that were not there before, with their own
@@ -99,17 +99,13 @@ def _refusals_raised(engine: Engine, server_args):
         handler_before = signal.getsignal(signal.SIGQUIT)
         # In subprocess_entry: the handler is pickled into every spawned process, which imports its module.
         server_args.custom_sigquit_handler = subprocess_entry.child_failed_while_starting
+        subprocess_entry.while_starting = _Start(children_before, handler_before)
         _sglang_engine.logger.addFilter(quiet)
-        subprocess_entry.failed_while_starting.clear()
-    not_ours = False  # a SIGQUIT that came while this Engine started, from a process of an earlier one
     try:
         yield
-        if own and subprocess_entry.failed_while_starting.is_set():  # e.g. the detokenizer: see subprocess_entry
-            not_ours = not _a_started_process_failed(engine)
-            if not not_ours:
-                raise RuntimeError("a process of sglang_deft.Engine failed while it started (its log above says "
-                                   "why); SGLang's start-up wait did not see it, so the Engine would have hung")
+        subprocess_entry.while_starting = None  # (in the try: a signal just before this raised into the except)
     except BaseException as e:
+        subprocess_entry.while_starting = None
         # SGLang's watchdog of the processes that did start: polling on, it would signal their ends below as failures
         watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
         if watchdog is not None:
@@ -137,31 +133,46 @@ def _refusals_raised(engine: Engine, server_args):
         for leftover in [path, *glob.glob(glob.escape(path) + ".*")]:
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
-    if not_ours:
-        # An earlier Engine's watchdog signals once, for a process of its that died: that SIGQUIT goes where it would
-        # have gone had this Engine not been starting (SGLang's handling: the process tree ended), not lost.
-        logger.error("deft: the SIGQUIT received while the Engine started came from a process of another Engine")
-        if callable(handler_before):
-            handler_before(signal.SIGQUIT, None)
-        elif handler_before in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGQUIT)
 
 
-def _a_started_process_failed(engine: Engine, wait_s: float = 5.0) -> bool:
-    """Whether a process this Engine started has ended (the one whose SIGQUIT came while it started: a detokenizer
-    signals, then exits), waiting up to ``wait_s`` for it to exit. The processes are those SGLang's watchdog watches;
-    where there are none to look at, the failure is taken as this Engine's (its start refused: nothing hangs)."""
-    watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
-    processes = getattr(watchdog, "_processes", None)
-    if not processes:
-        return True
-    deadline = time.monotonic() + wait_s
-    while not any(not p.is_alive() for p in processes):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
+class _FailedWhileStarting(RuntimeError):
+    pass
+
+
+class _Start:
+    """The SIGQUIT handling of an Engine's start: raise where one of its own processes failed (only once: every TP
+    rank signals), pass the signal on where a process of an Engine started earlier did (its watchdog signals once,
+    for a process that has ended: one of the caller's children that ran when this start began)."""
+
+    def __init__(self, children_before: set[int], handler_before):
+        import psutil
+
+        self.running_before = {pid for pid in children_before if _running(psutil, pid)}
+        self.handler_before = handler_before
+        self.failed = False
+
+    def __call__(self, signum, frame):
+        import psutil
+
+        if self.failed:
+            return
+        if not all(_running(psutil, pid) for pid in self.running_before):
+            logger.error("deft: a SIGQUIT came while the Engine started, from a process of another Engine: passed on")
+            if callable(self.handler_before):
+                self.handler_before(signum, frame)
+            elif self.handler_before in (signal.SIG_DFL, None):  # what it would have done: end this process
+                signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGQUIT)
+            return
+        self.failed = True
+        raise _FailedWhileStarting("a process of sglang_deft.Engine failed while it started (its log above says why)")
+
+
+def _running(psutil, pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _ends_the_process(handler) -> bool:

@@ -7,13 +7,9 @@ it re-activates the CPU compatibility layer when the parent did (``cpu_compat.in
 before any SGLang module loads, and the scheduler entry registers the backend before the model
 runner looks it up. Nothing here imports SGLang at module level.
 """
-import logging
-import threading
-
 from sglang_deft import cpu_compat
 
 cpu_compat.install_if_requested()
-logger = logging.getLogger(__name__)
 
 
 def run_scheduler_process(*args, **kwargs):
@@ -34,14 +30,12 @@ def run_detokenizer_process(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-# Set by child_failed_while_starting in the Engine's process: SGLang's start-up wait watches the scheduler only, and a
-# detokenizer that fails signals and then exits with status 0, which SGLang's watchdog ignores too.
-failed_while_starting = threading.Event()
+# While an sglang_deft.Engine starts in this process: what a child's SIGQUIT does (``engine._refusals_raised``).
+while_starting = None
 
 
 def child_failed_while_starting(signum, frame):
     """sglang_deft.Engine's SIGQUIT handler while it starts (``engine._refusals_raised``). Here because SGLang pickles
     it into the processes it spawns, which import this module anyway."""
-    failed_while_starting.set()
-    logger.error("deft: a process of the Engine failed while it started (its log says why); the Engine raises once "
-                 "SGLang's start-up wait returns")
+    if while_starting is not None:
+        while_starting(signum, frame)
