@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import copy
 import logging
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -69,6 +70,17 @@ def test_limits_of_the_documented_example(monkeypatch):
     assert limits.partial_bytes(32, 128) / 1e6 == pytest.approx(51.3, abs=0.05)
     cap = limits.capacity(256, 1000)
     assert (cap.max_queries, cap.max_kv_tokens, cap.max_merge) == (256, 1000, 3104)
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(32, 8), (28, 4), (40, 8)])
+def test_limits_round_the_large_tiles_up(monkeypatch, q_heads, kv_heads):
+    """Items: 2B (a tile per node of the builder's 2B - 1 and a tail each) + the large tiles of PATH_NODES * B rows of
+    queries, rounded up (GQA 7: 9 queries a tile, which do not divide 8 x 10), + the schedule's target."""
+    B = 10
+    limits = plan_limits(B, q_heads, kv_heads, h200(monkeypatch))
+    tile = 64 // (q_heads // kv_heads)
+    target = 4 * 132 // kv_heads
+    assert limits.max_items == 2 * B + math.ceil(tree_attention.PATH_NODES * B / tile) + target
 
 
 def fork_trees(B: int) -> dict:
@@ -182,6 +194,8 @@ def test_an_unlimited_plan_keeps_the_reason_and_the_graphs_merge_shape(monkeypat
                          refused="the CUDA-graph plan buffers refused it")
     assert "(the CUDA-graph plan buffers refused it)" in caplog.text
     assert plan.few_merges_max_queries == 3
+    plan_step(tree, 2, 2, 32, torch.float32, torch.device("cpu"), PlanLimits(2, 4), planner, refused="again")
+    assert caplog.text.count("exceeds the") == 1  # once per kind of layers: not a line per step of a busy server
 
 
 @needs_interpreter

@@ -799,6 +799,21 @@ def test_random_schedules_paged(page, seed):
 # ------------------------------------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize("table", [torch.zeros(2, 8, dtype=torch.int64), torch.zeros(8, dtype=torch.int32)],
+                         ids=["int64", "1-D"])
+def test_a_table_that_is_not_2d_int32_is_refused(table):
+    with pytest.raises(ValueError, match="req_to_token must be a 2-D int32 tensor"):
+        DecodeKVTreeBuilder(table)
+
+
+def test_a_table_past_int32_positions_is_refused_and_one_entry_fewer_is_taken():
+    """The gather's flat positions are int32 (cast with numpy's astype, which wraps silently): a table of 2^31
+    entries would read other requests' slots. Meta tensors: the shapes without the memory."""
+    with pytest.raises(ValueError, match="lower --max-running-requests or --context-length"):
+        DecodeKVTreeBuilder(torch.empty(2 ** 16, 2 ** 15, dtype=torch.int32, device="meta"))  # 2^31
+    DecodeKVTreeBuilder(torch.empty(1, 2 ** 31 - 1, dtype=torch.int32, device="meta"))
+
+
 def test_path_longer_than_sequence_raises():
     sim = RadixSim()
     prompt = sim.tokens(10)
@@ -930,7 +945,7 @@ def test_build_into_a_buffer_writes_only_the_trees_entries(tail_slack):
     seq_lens = sim.prepare_decode(reqs)
     fresh = DecodeKVTreeBuilder(sim.req_to_token).build(reqs, seq_lens, tail_slack=tail_slack)
     T = fresh.tree.kv_indices.numel()
-    for size in (T + 7, T - 1):
+    for size in (T + 7, T, T - 1):
         backing = torch.full((size + 2,), -7, dtype=torch.int32)
         kv_out = backing[1:-1]
         built = DecodeKVTreeBuilder(sim.req_to_token).build(reqs, seq_lens, kv_out=kv_out, tail_slack=tail_slack)

@@ -45,6 +45,10 @@ def test_thread_rings_are_per_thread_and_per_device():
     t.start()
     t.join()
     assert other[0] is not mine
+    # per device, not per device type: a ring of one GPU's stream and events must not serve another's uploads
+    # (making a ring calls no CUDA; its pinned buffers come at the first upload)
+    assert thread_staging_ring("cuda:0") is not thread_staging_ring("cuda:1")
+    assert thread_staging_ring("cuda:1") is thread_staging_ring(torch.device("cuda", 1))
 
 
 class Stream:
