@@ -6,7 +6,7 @@ SGLang's CPU engine and ``sglang_deft.cpu_compat``). Constructor arguments are S
 ServerArgs keywords; ``attention_backend="deft"`` and ``decode_attention_backend="deft"`` are valid,
 and unsupported configurations raise ``sglang_deft.config_checks.UnsupportedConfiguration``: those of the flags
 and the model's config before anything starts, those of the loaded model's layers (heads, windows, sinks: found
-in SGLang's scheduler process) once SGLang reports its scheduler gone, with the Engine's other processes ended.
+in SGLang's scheduler process) once the scheduler signals its failure, with the Engine's processes ended.
 """
 from __future__ import annotations
 
@@ -65,15 +65,16 @@ def _refusals_raised(engine: Engine, server_args):
     """A refusal of the loaded model (``config_checks.check_model_runner``, in the scheduler process) raised in the
     caller as ``UnsupportedConfiguration``. SGLang's launch-phase SIGQUIT handler, which a failing child signals,
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
-    137). While the Engine starts, a child's SIGQUIT raises in the caller instead (``_FailedWhileStarting``, from
-    wherever the start is: SGLang's start-up wait, which returns only once a failed scheduler has exited, or past it
-    for a failure it does not watch, the detokenizer's), unless it came from a process of an Engine started earlier
-    (one of the caller's children that ran when this start began has ended): that one goes on to the handler it
-    would have met. The processes the Engine started are then ended (also on ^C during the start, and a scheduler
-    that failed but did not exit) and the refusal the scheduler wrote (to the file ``REFUSAL_FILE_ENV`` names) is
-    raised, or the error where there is none. A handler of the caller's own (``custom_sigquit_handler``) is left as
-    it is; off the main thread none can be set, and a failing child's SIGQUIT ends the caller as with SGLang's Engine
-    (warned, unless the caller's own handler is in place)."""
+    137). While the Engine starts, a SIGQUIT from one of its processes (each marks its signals:
+    ``subprocess_entry.mark_failures_signalled``) ends the processes the start began instead, so that SGLang's
+    start-up wait raises at once (it returns only once a failed scheduler has exited, which on the GPU one did not),
+    and the Engine raises once the start returns, for a failure that wait does not watch (the detokenizer's). A
+    SIGQUIT not from its processes (an earlier Engine's, or its watchdog's) goes on to the handler it would have met.
+    Nothing is raised from the handler: it could land in any ``except Exception`` of the start's code. On failure
+    (also on ^C during the start) the processes the Engine started are ended and the refusal the scheduler wrote (to
+    the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the caller's own
+    (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing child's SIGQUIT
+    ends the caller as with SGLang's Engine (warned, unless the caller's own handler is in place)."""
     import psutil  # (an SGLang dependency)
 
     # The processes this Engine starts are the caller's children that were not there before, with their own
@@ -95,32 +96,36 @@ def _refusals_raised(engine: Engine, server_args):
                        "raised here instead, or install a SIGQUIT handler first.")
     quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
     handler_before = None
+    start = None
     if own:
         handler_before = signal.getsignal(signal.SIGQUIT)
         # In subprocess_entry: the handler is pickled into every spawned process, which imports its module.
         server_args.custom_sigquit_handler = subprocess_entry.child_failed_while_starting
-        subprocess_entry.while_starting = _Start(children_before, handler_before)
+        start = subprocess_entry.while_starting = _Start(path, children_before, handler_before)
         _sglang_engine.logger.addFilter(quiet)
     try:
         yield
-        subprocess_entry.while_starting = None  # (in the try: a signal just before this raised into the except)
+        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
+            raise _FailedWhileStarting("a process of sglang_deft.Engine failed while it started (its log above says "
+                                       "why)")
+        if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
+            signal.signal(signal.SIGQUIT, _end_process_tree)
+            subprocess_entry.while_starting = None
     except BaseException as e:
-        subprocess_entry.while_starting = None
-        # SGLang's watchdog of the processes that did start: polling on, it would signal their ends below as failures
+        # SGLang's watchdog of the processes that did start: polling on, it would signal their ends (the handler's
+        # kills, or those below) as failures, to the caller's handler once it is back
         watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
         if watchdog is not None:
             watchdog.stop()
-        _end_started_processes(children_before)
-        atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller
         if own:  # None: a handler not set from Python
             signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
+            subprocess_entry.while_starting = None
+        _end_started_processes(children_before)
+        atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller
         problems = _read_refusal(path) if isinstance(e, Exception) else None
         if problems:
             raise UnsupportedConfiguration(problems) from e
         raise
-    else:
-        if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
-            signal.signal(signal.SIGQUIT, _end_process_tree)
     finally:
         if own:
             server_args.custom_sigquit_handler = None
@@ -140,24 +145,20 @@ class _FailedWhileStarting(RuntimeError):
 
 
 class _Start:
-    """The SIGQUIT handling of an Engine's start: raise where one of its own processes failed (only once: every TP
-    rank signals), pass the signal on where a process of an Engine started earlier did (its watchdog signals once,
-    for a process that has ended: one of the caller's children that ran when this start began)."""
+    """The SIGQUIT handling of an Engine's start. A signal from one of its processes (marked beside the refusal file
+    ``path``) ends the processes the start began, once (every TP rank signals): SGLang's start-up wait then sees its
+    scheduler gone at once, and the Engine raises after it (``failed``). Any other goes on to the handler it would
+    have met without the start: an earlier Engine's process or watchdog signals once, and that Engine must hear it."""
 
-    def __init__(self, children_before: set[int], handler_before):
-        import psutil
-
-        self.running_before = {pid for pid in children_before if _running(psutil, pid)}
-        self.handler_before = handler_before
+    def __init__(self, path: str, children_before: set[int], handler_before):
+        self.path, self.children_before, self.handler_before = path, children_before, handler_before
         self.failed = False
 
     def __call__(self, signum, frame):
-        import psutil
-
         if self.failed:
             return
-        if not all(_running(psutil, pid) for pid in self.running_before):
-            logger.error("deft: a SIGQUIT came while the Engine started, from a process of another Engine: passed on")
+        if not glob.glob(glob.escape(self.path) + ".sigquit.*"):
+            logger.error("deft: a SIGQUIT came while the Engine started, not from its processes: passed on")
             if callable(self.handler_before):
                 self.handler_before(signum, frame)
             elif self.handler_before in (signal.SIG_DFL, None):  # what it would have done: end this process
@@ -165,14 +166,8 @@ class _Start:
                 os.kill(os.getpid(), signal.SIGQUIT)
             return
         self.failed = True
-        raise _FailedWhileStarting("a process of sglang_deft.Engine failed while it started (its log above says why)")
-
-
-def _running(psutil, pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        logger.error("deft: a process of the Engine failed while it started (its log says why): ending its processes")
+        _end_started_processes(self.children_before, wait=False)  # reaped once the start has returned
 
 
 def _ends_the_process(handler) -> bool:
@@ -182,7 +177,7 @@ def _ends_the_process(handler) -> bool:
         getattr(handler, "__name__", None) == "launch_phase_sigquit_handler"
 
 
-def _end_started_processes(children_before: set[int]) -> None:
+def _end_started_processes(children_before: set[int], wait: bool = True) -> None:
     from multiprocessing import resource_tracker
 
     import psutil
@@ -195,7 +190,8 @@ def _end_started_processes(children_before: set[int]) -> None:
     for process in started:
         with contextlib.suppress(psutil.Error):
             process.kill()
-    psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
+    if wait:
+        psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
 
 
 def _read_refusal(path: str) -> list[str] | None:

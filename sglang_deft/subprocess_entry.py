@@ -17,6 +17,7 @@ def run_scheduler_process(*args, **kwargs):
     from sglang_deft.registration import register
 
     register()
+    mark_failures_signalled()
     from sglang.srt.managers.scheduler import run_scheduler_process as run
 
     return run(*args, **kwargs)
@@ -27,7 +28,37 @@ def run_detokenizer_process(*args, **kwargs):
     is all it adds (the CPU compatibility layer where the parent had it)."""
     from sglang.srt.managers.detokenizer_manager import run_detokenizer_process as run
 
+    mark_failures_signalled()
     return run(*args, **kwargs)
+
+
+def mark_failures_signalled() -> None:
+    """In a process sglang_deft.Engine spawns while it starts: SGLang's processes report a failure by SIGQUIT to their
+    parent (``psutil.Process.send_signal``, from their ``except`` blocks); each such signal now first leaves a marker
+    beside the start's refusal file (``<file>.sigquit.<pid>``), so that the Engine tells its own processes' signals
+    from others' (an earlier Engine's, which go where they would have gone: ``engine._Start``). Only while that start
+    lasts: once it has ended its file is gone, and a failure later meets SGLang's handling unmarked."""
+    import os
+    import signal
+
+    from sglang_deft.config_checks import REFUSAL_FILE_ENV
+
+    path = os.environ.get(REFUSAL_FILE_ENV)
+    if not path:
+        return
+    import psutil
+
+    send = psutil.Process.send_signal
+
+    def send_signal(self, sig):
+        if sig == signal.SIGQUIT and self.pid == os.getppid() and os.path.exists(path):
+            try:
+                open(f"{path}.sigquit.{os.getpid()}", "w").close()
+            except OSError:
+                pass
+        return send(self, sig)
+
+    psutil.Process.send_signal = send_signal
 
 
 # While an sglang_deft.Engine starts in this process: what a child's SIGQUIT does (``engine._refusals_raised``).

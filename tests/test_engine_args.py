@@ -113,6 +113,7 @@ SCRIPT = textwrap.dedent("""
         # and a TP rank ended between writing its refusal's temporary file and the rename
         open(os.environ[REFUSAL_FILE_ENV] + ".999999", "w").close()
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)  # as SGLang's constructor does
+        open(os.environ[REFUSAL_FILE_ENV] + ".sigquit.999998", "w").close()  # as the detokenizer marks its signal
         os.kill(os.getpid(), signal.SIGQUIT)
 
     sglang_engine.Engine.__init__ = detokenizer_fails
@@ -126,11 +127,11 @@ SCRIPT = textwrap.dedent("""
     sglang_engine.Engine.__init__ = started
     deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")  # a retry that starts
     result["retry_started"] = True
-    # A SIGQUIT while the Engine starts raises there and then, wherever the start is, so that a scheduler that failed
-    # but does not exit (SGLang's start-up wait returns only once it has) cannot hold the caller; SGLang's watchdog,
-    # where it was started, is stopped (it would signal the ends of the processes the failed start ends)
+    # A SIGQUIT from one of the Engine's processes (marked beside its refusal file: subprocess_entry) ends the
+    # processes the start began, so that SGLang's start-up wait (it returns only once a failed scheduler has exited)
+    # raises at once; nothing is raised from the handler, which could land in an `except` of the start's code
     import subprocess, time, types
-    watchdogs, reached = [], []
+    watchdogs = []
 
     class Watchdog:
         stopped = False
@@ -138,36 +139,37 @@ SCRIPT = textwrap.dedent("""
         def stop(self):
             self.stopped = True
 
-    def fails_and_waits(self, **kw):
+    def scheduler_fails_and_stays(self, **kw):
         self.tokenizer_manager = types.SimpleNamespace(_subprocess_watchdog=Watchdog())
         watchdogs.append(self.tokenizer_manager._subprocess_watchdog)
+        scheduler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # it does not exit
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
-        os.kill(os.getpid(), signal.SIGQUIT)
-        os.kill(os.getpid(), signal.SIGQUIT)  # a second TP rank's
-        reached.append("past the signal")
-        time.sleep(30)  # SGLang's start-up wait for a scheduler that does not exit
+        try:
+            open(os.environ[REFUSAL_FILE_ENV] + f".sigquit.{scheduler.pid}", "w").close()  # its send_signal's mark
+            os.kill(os.getpid(), signal.SIGQUIT)
+            os.kill(os.getpid(), signal.SIGQUIT)  # a second TP rank's
+        except Exception as e:  # the start's code
+            return handler_raised.append(repr(e))
+        scheduler.wait(timeout=30)  # SGLang's start-up wait: until the scheduler is gone
+        raise RuntimeError("Rank 0 scheduler died during initialization")
 
-    passed_on = []
+    handler_raised, passed_on = [], []
     signal.signal(signal.SIGQUIT, lambda signum, frame: passed_on.append(signum))  # the caller's, as if an Engine's
-    sglang_engine.Engine.__init__ = fails_and_waits
+    sglang_engine.Engine.__init__ = scheduler_fails_and_stays
     t0 = time.monotonic()
     try:
         deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
     except RuntimeError as e:
         result["own_process_failed"] = {"error": str(e), "watchdog_stopped": watchdogs[-1].stopped,
-                                        "passed_on": list(passed_on), "reached": reached,
-                                        "raised_at_once": time.monotonic() - t0 < 10}
-    # A process of an Engine started earlier (one of the caller's children) ends, and its watchdog signals while this
-    # Engine starts: passed on to the handler it would have met, this start unharmed
-    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-
-    def earlier_engines_process_fails(self, **kw):
+                                        "passed_on": list(passed_on), "handler_raised": handler_raised,
+                                        "at_once": time.monotonic() - t0 < 10}
+    # An unmarked SIGQUIT while the Engine starts: an earlier Engine's (its process's, whose start is over, or its
+    # watchdog's, in this process), passed on to the handler it would have met, this start unharmed
+    def unmarked_signal(self, **kw):
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
-        earlier.kill()
-        earlier.wait()  # (SGLang's watchdog reaps it: Process.is_alive)
         os.kill(os.getpid(), signal.SIGQUIT)
 
-    sglang_engine.Engine.__init__ = earlier_engines_process_fails
+    sglang_engine.Engine.__init__ = unmarked_signal
     deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
     result["other_engines_process_failed"] = {"passed_on": passed_on,
                                               "sigquit_after": signal.getsignal(signal.SIGQUIT).__name__}
@@ -278,18 +280,18 @@ def test_a_child_that_fails_unseen_by_sglangs_start_up_wait_is_raised(engine_arg
     assert engine_args["sigquit_after_failed_start"]
 
 
-def test_a_failure_signalled_while_starting_is_raised_at_once_with_sglangs_watchdog_stopped(engine_args):
-    """Not after SGLang's start-up wait, which waits for a failed scheduler to exit: on the H100 a refused scheduler
-    held the test below past 250 s (3801efa). The watchdog, left polling, would signal the processes the failed start
-    ends as failures; a second rank's signal does not raise again."""
+def test_a_failure_signalled_while_starting_ends_the_start_at_once_with_sglangs_watchdog_stopped(engine_args):
+    """Not once SGLang's start-up wait sees the failed scheduler exit: on the H100 a refused scheduler held the test
+    below past 250 s (3801efa). The handler raises nothing (it could land in any `except` of the start's code); the
+    watchdog, left polling, would signal the processes the failed start ends as failures."""
     failed = engine_args["own_process_failed"]
-    assert "failed while it started" in failed["error"] and failed["raised_at_once"] and failed["reached"] == []
+    assert failed["at_once"] and failed["handler_raised"] == [] and "scheduler died" in failed["error"]
     assert failed["watchdog_stopped"] and failed["passed_on"] == []
 
 
 def test_a_sigquit_from_another_engines_process_is_passed_on_and_this_engine_starts(engine_args):
-    """An earlier Engine's watchdog signals once for its process that died while this one started: raised here, it
-    blamed the wrong Engine and was lost (the earlier Engine's next generate() hung)."""
+    """An earlier Engine's process or watchdog signals once: taken as this start's failure, it blamed the wrong Engine
+    and was lost to the earlier one."""
     other = engine_args["other_engines_process_failed"]
     assert other["passed_on"] == [3]  # SIGQUIT, to the handler it would have reached
     assert other["sigquit_after"] == "_end_process_tree"
@@ -356,6 +358,37 @@ def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):
     assert engine_args["max_total_tokens"] == 16384
 
 
+MARKS_ITS_SIGNALS = textwrap.dedent("""
+    import os, signal, subprocess, sys, glob, json, tempfile
+    from sglang_deft.config_checks import REFUSAL_FILE_ENV
+    got = []
+    signal.signal(signal.SIGQUIT, lambda signum, frame: got.append(signum))
+    fd, path = tempfile.mkstemp(prefix="sglang_deft_refusal_")
+    os.close(fd)
+    child = ("import signal, psutil; from sglang_deft.subprocess_entry import mark_failures_signalled; "
+             "mark_failures_signalled(); psutil.Process().parent().send_signal(signal.SIGQUIT)")
+    marks = []
+    for start_on in (True, False):  # while the Engine's start lasts (its refusal file there), then after it
+        if not start_on:
+            os.unlink(path)
+        subprocess.run([sys.executable, "-c", child], env=dict(os.environ, **{REFUSAL_FILE_ENV: path}), check=True)
+        marks.append(len(glob.glob(glob.escape(path) + ".sigquit.*")))
+    [os.unlink(m) for m in glob.glob(glob.escape(path) + ".sigquit.*")]
+    print("RESULT " + json.dumps({"marks": marks, "signals": len(got)}))
+""")
+
+
+def test_the_engines_processes_mark_the_failures_they_signal_while_it_starts():
+    """SGLang's scheduler and detokenizer report a failure by SIGQUIT to their parent: during the start each leaves a
+    marker beside the refusal file first, so that the Engine tells its own processes' signals from an earlier
+    Engine's; after it, none (the file is gone), and the signal is sent either way."""
+    run = subprocess.run([sys.executable, "-c", MARKS_ITS_SIGNALS], cwd=Path(sglang_deft.__file__).parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert result == {"marks": [1, 1], "signals": 2}  # one marker, from the first; both signals arrived
+
+
 REFUSED_IN_THE_SCHEDULER = textwrap.dedent("""
     import json, signal, subprocess, sys, psutil
     from multiprocessing import resource_tracker
@@ -395,8 +428,8 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
     result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
     assert any("head dim 512 is not supported" in p for p in result["problems"]), result
-    # raised on the scheduler's signal, not after SGLang's start-up wait saw it exit; none of its processes left
-    assert result["cause"] == "_FailedWhileStarting" and result["left"] == [], result
+    # SGLang's start-up error (its scheduler gone: ended on its signal); none of the Engine's processes left
+    assert result["cause"] == "RuntimeError" and result["left"] == [], result
     # ... but what the caller had, and multiprocessing's resource tracker, which a retry reuses; SIGQUIT as it was;
     # SGLang's atexit shutdown (it ends every child of the caller at exit) unregistered
     assert result["mine_alive"] and result["tracker_alive"] and result["sigquit_default"]
