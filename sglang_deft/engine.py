@@ -105,26 +105,29 @@ def _refusals_raised(engine: Engine, server_args):
         _sglang_engine.logger.addFilter(quiet)
     try:
         yield
-        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
-            raise _FailedWhileStarting("a process of sglang_deft.Engine failed while it started (its log above says "
-                                       "why)")
         if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
             signal.signal(signal.SIGQUIT, _end_process_tree)
             subprocess_entry.while_starting = None
+        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
+            raise _FailedWhileStarting(FAILED_WHILE_STARTING)
     except BaseException as e:
         # SGLang's watchdog of the processes that did start: polling on, it would signal their ends (the handler's
-        # kills, or those below) as failures, to the caller's handler once it is back
+        # kills, or those below) as failures. Both before the caller's handler is back: a rank that fails as its peers
+        # are ended signals too
         watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
         if watchdog is not None:
             watchdog.stop()
+        _end_started_processes(children_before)
         if own:  # None: a handler not set from Python
             signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
             subprocess_entry.while_starting = None
-        _end_started_processes(children_before)
         atexit.unregister(engine.shutdown)  # SGLang's: at exit it would end every child of the caller
         problems = _read_refusal(path) if isinstance(e, Exception) else None
         if problems:
             raise UnsupportedConfiguration(problems) from e
+        if start is not None and start.failed and isinstance(e, Exception) and not isinstance(e, _FailedWhileStarting):
+            # SGLang's error then is its scheduler's death by the handler's SIGKILL, which it blames on the OOM killer
+            raise _FailedWhileStarting(FAILED_WHILE_STARTING + "; its processes were ended") from e
         raise
     finally:
         if own:
@@ -142,6 +145,9 @@ def _refusals_raised(engine: Engine, server_args):
 
 class _FailedWhileStarting(RuntimeError):
     pass
+
+
+FAILED_WHILE_STARTING = "a process of sglang_deft.Engine failed while it started (its log above says why)"
 
 
 class _Start:
@@ -166,8 +172,11 @@ class _Start:
                 os.kill(os.getpid(), signal.SIGQUIT)
             return
         self.failed = True
-        logger.error("deft: a process of the Engine failed while it started (its log says why): ending its processes")
         _end_started_processes(self.children_before, wait=False)  # reaped once the start has returned
+        # (after the kill: a log record written while the main thread was writing one can raise)
+        with contextlib.suppress(Exception):
+            logger.error("deft: a process of the Engine failed while it started (its log says why): its processes "
+                         "were ended")
 
 
 def _ends_the_process(handler) -> bool:

@@ -17,7 +17,6 @@ def run_scheduler_process(*args, **kwargs):
     from sglang_deft.registration import register
 
     register()
-    mark_failures_signalled()
     from sglang.srt.managers.scheduler import run_scheduler_process as run
 
     return run(*args, **kwargs)
@@ -28,7 +27,6 @@ def run_detokenizer_process(*args, **kwargs):
     is all it adds (the CPU compatibility layer where the parent had it)."""
     from sglang.srt.managers.detokenizer_manager import run_detokenizer_process as run
 
-    mark_failures_signalled()
     return run(*args, **kwargs)
 
 
@@ -37,18 +35,23 @@ def mark_failures_signalled() -> None:
     parent (``psutil.Process.send_signal``, from their ``except`` blocks); each such signal now first leaves a marker
     beside the start's refusal file (``<file>.sigquit.<pid>``), so that the Engine tells its own processes' signals
     from others' (an earlier Engine's, which go where they would have gone: ``engine._Start``). Only while that start
-    lasts: once it has ended its file is gone, and a failure later meets SGLang's handling unmarked."""
+    lasts: once it has ended its file is gone, and a failure later meets SGLang's handling unmarked. Called as this
+    module loads (below): every process the Engine spawns imports it while unpickling its arguments (the Engine's
+    SIGQUIT handler is in its ServerArgs), the scheduler ranks and the detokenizer, whose entries are here, and
+    SGLang's DP controller, whose is not."""
     import os
     import signal
 
     from sglang_deft.config_checks import REFUSAL_FILE_ENV
 
-    path = os.environ.get(REFUSAL_FILE_ENV)
+    path = os.environ.get(REFUSAL_FILE_ENV)  # (not set in the Engine's own process as it imports this)
     if not path:
         return
     import psutil
 
     send = psutil.Process.send_signal
+    if getattr(send, "marks_failures", False):
+        return
 
     def send_signal(self, sig):
         if sig == signal.SIGQUIT and self.pid == os.getppid() and os.path.exists(path):
@@ -58,7 +61,11 @@ def mark_failures_signalled() -> None:
                 pass
         return send(self, sig)
 
+    send_signal.marks_failures = True
     psutil.Process.send_signal = send_signal
+
+
+mark_failures_signalled()
 
 
 # While an sglang_deft.Engine starts in this process: what a child's SIGQUIT does (``engine._refusals_raised``).
