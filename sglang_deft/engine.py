@@ -164,7 +164,8 @@ class _Start:
         if self.failed:
             return
         if not glob.glob(glob.escape(self.path) + ".sigquit.*"):
-            logger.error("deft: a SIGQUIT came while the Engine started, not from its processes: passed on")
+            with contextlib.suppress(Exception):  # (see below)
+                logger.error("deft: a SIGQUIT came while the Engine started, not from its processes: passed on")
             if callable(self.handler_before):
                 self.handler_before(signum, frame)
             elif self.handler_before in (signal.SIG_DFL, None):  # what it would have done: end this process
