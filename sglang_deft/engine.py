@@ -163,7 +163,7 @@ class _Start:
     def __call__(self, signum, frame):
         if self.failed:
             return
-        if not glob.glob(glob.escape(self.path) + ".sigquit.*"):
+        if not subprocess_entry.failure_marks(self.path):
             with contextlib.suppress(Exception):  # (see below)
                 logger.error("deft: a SIGQUIT came while the Engine started, not from its processes: passed on")
             if callable(self.handler_before):

@@ -7,6 +7,9 @@ it re-activates the CPU compatibility layer when the parent did (``cpu_compat.in
 before any SGLang module loads, and the scheduler entry registers the backend before the model
 runner looks it up. Nothing here imports SGLang at module level.
 """
+import glob
+import os
+
 from sglang_deft import cpu_compat
 
 cpu_compat.install_if_requested()
@@ -30,16 +33,26 @@ def run_detokenizer_process(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def failure_mark(refusal_file: str, pid: int) -> str:
+    """The marker process ``pid`` leaves for a failure it signals while the Engine whose start wrote ``refusal_file``
+    starts (``mark_failures_signalled``)."""
+    return f"{refusal_file}.sigquit.{pid}"
+
+
+def failure_marks(refusal_file: str) -> list[str]:
+    """The markers of that start's processes so far."""
+    return glob.glob(glob.escape(refusal_file) + ".sigquit.*")
+
+
 def mark_failures_signalled() -> None:
     """In a process sglang_deft.Engine spawns while it starts: SGLang's processes report a failure by SIGQUIT to their
     parent (``psutil.Process.send_signal``, from their ``except`` blocks); each such signal now first leaves a marker
-    beside the start's refusal file (``<file>.sigquit.<pid>``), so that the Engine tells its own processes' signals
+    beside the start's refusal file (``failure_mark``), so that the Engine tells its own processes' signals
     from others' (an earlier Engine's, which go where they would have gone: ``engine._Start``). Only while that start
     lasts: once it has ended its file is gone, and a failure later meets SGLang's handling unmarked. Called as this
     module loads (below): every process the Engine spawns imports it while unpickling its arguments (the Engine's
     SIGQUIT handler is in its ServerArgs), the scheduler ranks and the detokenizer, whose entries are here, and
     SGLang's DP controller, whose is not."""
-    import os
     import signal
 
     from sglang_deft.config_checks import REFUSAL_FILE_ENV
@@ -56,7 +69,7 @@ def mark_failures_signalled() -> None:
     def send_signal(self, sig):
         if sig == signal.SIGQUIT and self.pid == os.getppid() and os.path.exists(path):
             try:
-                open(f"{path}.sigquit.{os.getpid()}", "w").close()
+                open(failure_mark(path, os.getpid()), "w").close()
             except OSError:
                 pass
         return send(self, sig)

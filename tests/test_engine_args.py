@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
 # Where Engine runs when not told: CUDA when there is one, prefill on SGLang's backend for that device.
 DEVICE, PREFILL = ("cuda", "triton") if torch.cuda.is_available() else ("cpu", "torch_native")
+# The children run where this process imports sglang_deft from (the installed repo, or the GPU host's overlay:
+# scripts/gpu_e2e.py --make-overlay), so that they import the same package. Not resolved: the overlay is symlinks.
+PACKAGE_ROOT = Path(sglang_deft.__file__).parent.parent
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -113,7 +116,7 @@ SCRIPT = textwrap.dedent("""
         # and a TP rank ended between writing its refusal's temporary file and the rename
         open(os.environ[REFUSAL_FILE_ENV] + ".999999", "w").close()
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)  # as SGLang's constructor does
-        open(os.environ[REFUSAL_FILE_ENV] + ".sigquit.999998", "w").close()  # as the detokenizer marks its signal
+        open(subprocess_entry.failure_mark(os.environ[REFUSAL_FILE_ENV], 999998), "w").close()  # the detokenizer's mark
         os.kill(os.getpid(), signal.SIGQUIT)
 
     sglang_engine.Engine.__init__ = detokenizer_fails
@@ -145,7 +148,7 @@ SCRIPT = textwrap.dedent("""
         scheduler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # it does not exit
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
         try:
-            open(os.environ[REFUSAL_FILE_ENV] + f".sigquit.{scheduler.pid}", "w").close()  # its send_signal's mark
+            open(subprocess_entry.failure_mark(os.environ[REFUSAL_FILE_ENV], scheduler.pid), "w").close()  # its mark
             os.kill(os.getpid(), signal.SIGQUIT)
             os.kill(os.getpid(), signal.SIGQUIT)  # a second TP rank's
         except Exception as e:  # the start's code
@@ -221,12 +224,10 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def engine_args(tmp_path_factory):
-    # Run where this process imports sglang_deft from (the installed repo, or the GPU host's overlay:
-    # scripts/gpu_e2e.py --make-overlay), so that the child imports the same package. A temporary directory of its
-    # own: it counts the refusal files there, which another process's Engine (a second pytest) would add to.
-    package_root = Path(sglang_deft.__file__).parent.parent  # not resolved: the overlay is symlinks
+    # A temporary directory of its own: it counts the refusal files there, which another process's Engine (a second
+    # pytest) would add to.
     env = dict(os.environ, TMPDIR=str(tmp_path_factory.mktemp("engine_tmp")))
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=package_root,
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=PACKAGE_ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
@@ -360,8 +361,9 @@ def test_the_readmes_engine_snippet_passes_what_this_test_passes(engine_args):
 
 
 MARKS_ITS_SIGNALS = textwrap.dedent("""
-    import os, signal, subprocess, sys, glob, json, tempfile
+    import os, signal, subprocess, sys, json, tempfile
     from sglang_deft.config_checks import REFUSAL_FILE_ENV
+    from sglang_deft.subprocess_entry import failure_marks
     got = []
     signal.signal(signal.SIGQUIT, lambda signum, frame: got.append(signum))
     fd, path = tempfile.mkstemp(prefix="sglang_deft_refusal_")
@@ -374,8 +376,8 @@ MARKS_ITS_SIGNALS = textwrap.dedent("""
         if not start_on:
             os.unlink(path)
         subprocess.run([sys.executable, "-c", child], env=dict(os.environ, **{REFUSAL_FILE_ENV: path}), check=True)
-        marks.append(len(glob.glob(glob.escape(path) + ".sigquit.*")))
-    [os.unlink(m) for m in glob.glob(glob.escape(path) + ".sigquit.*")]
+        marks.append(len(failure_marks(path)))
+    [os.unlink(m) for m in failure_marks(path)]
     print("RESULT " + json.dumps({"marks": marks, "signals": len(got)}))
 """)
 
@@ -384,7 +386,7 @@ def test_the_engines_processes_mark_the_failures_they_signal_while_it_starts():
     """SGLang's scheduler and detokenizer report a failure by SIGQUIT to their parent: during the start each leaves a
     marker beside the refusal file first, so that the Engine tells its own processes' signals from an earlier
     Engine's; after it, none (the file is gone), and the signal is sent either way."""
-    run = subprocess.run([sys.executable, "-c", MARKS_ITS_SIGNALS], cwd=Path(sglang_deft.__file__).parent.parent,
+    run = subprocess.run([sys.executable, "-c", MARKS_ITS_SIGNALS], cwd=PACKAGE_ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
