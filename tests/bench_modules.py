@@ -3,28 +3,11 @@ file that reads them (bench_kernels imports trees under the same registered name
 q / K / V their small cases run on."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from repo_modules import REPO, load_module
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_module(name: str, path: Path):
-    """A repo file as the module ``name`` (once per process; registered, as dataclasses need)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-T = load_module("deft_bench_trees", ROOT / "benchmarks" / "trees.py")
-BENCH = load_module("deft_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+T = load_module("deft_bench_trees", REPO / "benchmarks" / "trees.py")
+BENCH = load_module("deft_bench_kernels", REPO / "benchmarks" / "bench_kernels.py")
 
 
 def random_qkv(num_queries: int, slots: int, seed: int, q_heads: int = 8, kv_heads: int = 2, dim: int = 16,

@@ -2,24 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 from sglang_deft.server_process import ServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_modules import REPO, load_module
 
 
 def gpu_package_env() -> tuple[dict[str, str], Path]:
     """(env, cwd) for servers on the GPU host, where the repo is not installed: scripts/gpu_e2e.py's
     overlay, under which they import ``sglang_deft.kernels``."""
-    spec = importlib.util.spec_from_file_location("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_e2e", module)
-    spec.loader.exec_module(module)
-    return module.importable_package_env()
+    return load_module("gpu_e2e", REPO / "scripts" / "gpu_e2e.py").importable_package_env()
 
 
 @contextlib.contextmanager

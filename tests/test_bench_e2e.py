@@ -4,7 +4,6 @@ whole flow on the CPU (``--device cpu --smoke``: a deft and a torch_native serve
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import subprocess
@@ -14,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
-b = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench_e2e", b)  # dataclasses look their module up there
-_spec.loader.exec_module(b)
+from repo_modules import REPO, load_module
+
+b = load_module("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
 
 # Lines as SGLang 0.5.10.post1 and the deft backend write them (GPU and CPU engine).
 GPU_LOG = """\
@@ -315,9 +312,7 @@ def test_markdown_without_the_baseline_compares_with_the_other_backend():
 def test_plot_writes_a_png(tmp_path, script):
     """The README's plots, from a report like the GPU host's (e2e) and from the committed kernel table
     (matplotlib is in requirements-cpu.txt: the plots are made here from the GPU host's JSON)."""
-    spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_module(script, REPO / "benchmarks" / f"{script}.py")
     path = tmp_path / "report.json"
     report = (gpu_like_report() if script == "plot_e2e"
               else json.loads((REPO / "benchmarks" / "results" / "kernels_h200.json").read_text()))

@@ -4,23 +4,18 @@ floor_us / flop_floor_us, the speedup label is the row's; the e2e plot's bars ar
 baseline, the target line is the case's, the legend says which backends ran CUDA graphs."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 import matplotlib.figure  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_modules import REPO, load_module
 
 
 def load(script):
-    spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(script, REPO / "benchmarks" / f"{script}.py")
 
 
 @pytest.fixture

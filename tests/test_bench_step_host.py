@@ -3,10 +3,8 @@ measured step is counted once as a full plan or a steady step, warm-up steps are
 measured steps, and the check of what the plans read fails when a plan reads the wrong slots."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,10 +12,9 @@ import torch
 
 from sglang_deft.step_planner import SLACK_TOKENS
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_step_host", REPO / "benchmarks" / "bench_step_host.py")
-sh = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sh)
+from repo_modules import REPO, load_module
+
+sh = load_module("bench_step_host", REPO / "benchmarks" / "bench_step_host.py")
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("the steady steps' Triton kernel needs TRITON_INTERPRET=1 on the CPU", allow_module_level=True)

@@ -1,18 +1,15 @@
 """benchmarks/bench_window_tree.py on a small fork: the counts it reports are the window tree's."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_window_tree", REPO / "benchmarks" / "bench_window_tree.py")
-bw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bw)
+from repo_modules import REPO, load_module
+
+bw = load_module("bench_window_tree", REPO / "benchmarks" / "bench_window_tree.py")
 
 
 def test_a_fork_of_different_lengths_is_reported_with_its_sharing():

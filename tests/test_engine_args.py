@@ -11,20 +11,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-import sglang_deft
+from repo_modules import PACKAGE_ROOT, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
 # Where Engine runs when not told: CUDA when there is one, prefill on SGLang's backend for that device.
 DEVICE, PREFILL = ("cuda", "triton") if torch.cuda.is_available() else ("cpu", "torch_native")
-# The children run where this process imports sglang_deft from (the installed repo, or the GPU host's overlay:
-# scripts/gpu_e2e.py --make-overlay), so that they import the same package. Not resolved: the overlay is symlinks.
-PACKAGE_ROOT = Path(sglang_deft.__file__).parent.parent
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys

@@ -7,16 +7,13 @@ import math
 import random
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
-g = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("gpu_e2e", g)  # dataclasses look their module up there
-_spec.loader.exec_module(g)
+from repo_modules import REPO, load_module
+
+g = load_module("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
 
 CRIT = g.Criterion()  # k 2, floor 0.01, divergence floor max(1, ceil(requests / 8)), tie factor 2, pooled
 

@@ -8,20 +8,14 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import torch
 from tiny_models import with_config
 
-import sglang_deft
+from repo_modules import PACKAGE_ROOT, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-llama-deft"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The children run from the directory that holds the sglang_deft this process imported: `-m` and `-c` put the cwd
-# first on sys.path, and on the GPU host, where the repo is not installed, the repo root's sglang_deft lacks the
-# kernels and patches that the overlay (scripts/gpu_e2e.py --make-overlay) puts beside it.
-PACKAGE_ROOT = Path(sglang_deft.__file__).parent.parent
 
 
 def run(args: list[str], timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:

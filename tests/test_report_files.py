@@ -9,7 +9,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import report_files  # noqa: E402
-from bench_modules import BENCH, load_module  # noqa: E402
+from bench_modules import BENCH  # noqa: E402
+from repo_modules import load_module  # noqa: E402
 
 
 def test_a_write_killed_midway_leaves_the_last_whole_file_and_a_finished_one_no_temporary(tmp_path, monkeypatch):
