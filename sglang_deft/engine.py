@@ -95,6 +95,11 @@ def _refusals_raised(engine: Engine, server_args):
                        "ends it, as with SGLang's own Engine. Start the Engine on the main thread to get the refusal "
                        "raised here instead, or install a SIGQUIT handler first.")
     quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
+    # The tokenizer manager SGLang makes in this process before its start-up wait: on a failed start nothing holds it,
+    # and its zmq context's finalizer, at whatever garbage collection comes next, waits for the messages queued to the
+    # ended scheduler (zmq's default linger: forever). On the GPU host that held a caller's exit for 1.5-4 minutes.
+    made = []
+    engine.init_tokenizer_manager_func = _recording(engine.init_tokenizer_manager_func, made)
     handler_before = None
     start = None
     if own:
@@ -118,6 +123,8 @@ def _refusals_raised(engine: Engine, server_args):
         if watchdog is not None:
             watchdog.stop()
         _end_started_processes(children_before)
+        for tokenizer_manager, _ in made:
+            _close_sockets(tokenizer_manager)
         if own:  # None: a handler not set from Python
             signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
             subprocess_entry.while_starting = None
@@ -130,6 +137,7 @@ def _refusals_raised(engine: Engine, server_args):
             raise _FailedWhileStarting(FAILED_WHILE_STARTING + "; its processes were ended") from e
         raise
     finally:
+        del engine.init_tokenizer_manager_func  # back to the class's
         if own:
             server_args.custom_sigquit_handler = None
             _sglang_engine.logger.removeFilter(quiet)
@@ -202,6 +210,27 @@ def _end_started_processes(children_before: set[int], wait: bool = True) -> None
             process.kill()
     if wait:
         psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
+
+
+def _recording(init_tokenizer_manager, made: list):
+    """SGLang's ``init_tokenizer_manager_func``, appending what it returns to ``made``."""
+    def init(*args, **kwargs):
+        made.append(init_tokenizer_manager(*args, **kwargs))
+        return made[-1]
+    return init
+
+
+def _close_sockets(owner) -> None:
+    """Closes, without waiting for what they queued, the zmq sockets in ``owner``'s attributes and the rest of their
+    contexts' sockets."""
+    import zmq  # (an SGLang dependency)
+
+    contexts = []
+    for value in vars(owner).values():
+        if isinstance(value, zmq.Socket) and not any(value.context is c for c in contexts):
+            contexts.append(value.context)
+    for context in contexts:
+        context.destroy(linger=0)
 
 
 def _read_refusal(path: str) -> list[str] | None:

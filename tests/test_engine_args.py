@@ -389,7 +389,7 @@ def test_the_engines_processes_mark_the_failures_they_signal_while_it_starts():
 
 
 REFUSED_IN_THE_SCHEDULER = textwrap.dedent("""
-    import json, signal, subprocess, sys, psutil
+    import gc, json, signal, subprocess, sys, psutil, zmq
     from multiprocessing import resource_tracker
     from sglang_deft import Engine
     from sglang_deft.config_checks import UnsupportedConfiguration
@@ -403,11 +403,12 @@ REFUSED_IN_THE_SCHEDULER = textwrap.dedent("""
                    max_total_tokens=1024, log_level="error")
         except UnsupportedConfiguration as e:
             tracker = resource_tracker._resource_tracker._pid  # started by the first spawn, kept for the next
+            open_sockets = [s for s in gc.get_objects() if isinstance(s, zmq.Socket) and not s.closed]
             left = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before | {tracker}]
             print("RESULT " + json.dumps({"problems": e.problems, "cause": type(e.__cause__).__name__, "left": left,
                                           "mine_alive": mine.poll() is None, "tracker_alive": psutil.pid_exists(tracker),
                                           "sigquit_default": signal.getsignal(signal.SIGQUIT) == signal.SIG_DFL,
-                                          "mine": mine.pid}))
+                                          "mine": mine.pid, "open_zmq_sockets": len(open_sockets)}))
         # left running: SGLang's atexit shutdown, had it stayed registered, would end it as this process exits
 """)
 
@@ -432,6 +433,8 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     # ... but what the caller had, and multiprocessing's resource tracker, which a retry reuses; SIGQUIT as it was;
     # SGLang's atexit shutdown (it ends every child of the caller at exit) unregistered
     assert result["mine_alive"] and result["tracker_alive"] and result["sigquit_default"]
+    # SGLang's tokenizer manager's sockets closed: their context's finalizer would wait for what they queued
+    assert result["open_zmq_sockets"] == 0, result
     import psutil
 
     mine = psutil.Process(result["mine"])
@@ -440,3 +443,23 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     finally:
         mine.kill()
     assert "Using custom SIGQUIT handler" not in run.stderr
+
+
+def test_a_failed_starts_sockets_are_closed_without_waiting_for_what_they_queued(tmp_path):
+    """A message queued to a peer that is gone (the ended scheduler): zmq's default linger waits for it forever, in
+    whichever garbage collection finalizes the context. Closed by the Engine on a failed start, it is dropped."""
+    import threading
+    from types import SimpleNamespace
+
+    import zmq
+
+    from sglang_deft import engine
+
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(f"ipc://{tmp_path}/no_scheduler")  # no one binds it: the message stays queued
+    push.send(b"request", zmq.NOBLOCK)
+    done = threading.Thread(target=engine._close_sockets, args=(SimpleNamespace(send_to_scheduler=push),), daemon=True)
+    done.start()
+    done.join(timeout=10)
+    assert not done.is_alive() and context.closed and push.closed
