@@ -95,11 +95,6 @@ def _refusals_raised(engine: Engine, server_args):
                        "ends it, as with SGLang's own Engine. Start the Engine on the main thread to get the refusal "
                        "raised here instead, or install a SIGQUIT handler first.")
     quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
-    # The tokenizer manager SGLang makes in this process before its start-up wait: on a failed start nothing holds it,
-    # and its zmq context's finalizer, at whatever garbage collection comes next, waits for the messages queued to the
-    # ended scheduler (zmq's default linger: forever). On the GPU host that held a caller's exit for 1.5-4 minutes.
-    made = []
-    engine.init_tokenizer_manager_func = _recording(engine.init_tokenizer_manager_func, made)
     handler_before = None
     start = None
     if own:
@@ -110,11 +105,11 @@ def _refusals_raised(engine: Engine, server_args):
         _sglang_engine.logger.addFilter(quiet)
     try:
         yield
+        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
+            raise _FailedWhileStarting(FAILED_WHILE_STARTING)
         if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
             signal.signal(signal.SIGQUIT, _end_process_tree)
             subprocess_entry.while_starting = None
-        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
-            raise _FailedWhileStarting(FAILED_WHILE_STARTING)
     except BaseException as e:
         # SGLang's watchdog of the processes that did start: polling on, it would signal their ends (the handler's
         # kills, or those below) as failures. Both before the caller's handler is back: a rank that fails as its peers
@@ -123,8 +118,9 @@ def _refusals_raised(engine: Engine, server_args):
         if watchdog is not None:
             watchdog.stop()
         _end_started_processes(children_before)
-        for tokenizer_manager, _ in made:
-            _close_sockets(tokenizer_manager)
+        # (what the caller must see is the refusal or the start's error, not a failure to close)
+        with contextlib.suppress(Exception):
+            _close_sockets(_sockets_left_by(engine, e))
         if own:  # None: a handler not set from Python
             signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
             subprocess_entry.while_starting = None
@@ -137,7 +133,6 @@ def _refusals_raised(engine: Engine, server_args):
             raise _FailedWhileStarting(FAILED_WHILE_STARTING + "; its processes were ended") from e
         raise
     finally:
-        del engine.init_tokenizer_manager_func  # back to the class's
         if own:
             server_args.custom_sigquit_handler = None
             _sglang_engine.logger.removeFilter(quiet)
@@ -212,23 +207,38 @@ def _end_started_processes(children_before: set[int], wait: bool = True) -> None
         psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
 
 
-def _recording(init_tokenizer_manager, made: list):
-    """SGLang's ``init_tokenizer_manager_func``, appending what it returns to ``made``."""
-    def init(*args, **kwargs):
-        made.append(init_tokenizer_manager(*args, **kwargs))
-        return made[-1]
-    return init
+def _sockets_left_by(engine, error: BaseException) -> list:
+    """The zmq sockets a failed start opened in this process: the Engine's, its tokenizer manager's, and those that
+    the frames ``error`` passed through hold in their locals or one attribute down (the tokenizer manager SGLang made
+    before its start-up wait, or one whose ``__init__`` or template set-up raised).
 
-
-def _close_sockets(owner) -> None:
-    """Closes, without waiting for what they queued, the zmq sockets in ``owner``'s attributes and the rest of their
-    contexts' sockets."""
+    They must be closed while they can still be found. Nothing holds them once the error is dropped, and the tokenizer
+    manager is in a reference cycle (its dispatcher holds its bound methods), so a garbage collection frees it: one
+    that clears the context's weak set of sockets before running its finalizer, whose ``term()`` then waits forever
+    for sockets still open. On the GPU host the caller's exit (torch's atexit hook collects) hung there for minutes."""
     import zmq  # (an SGLang dependency)
 
+    holders = [engine, getattr(engine, "tokenizer_manager", None)]
+    tb = error.__traceback__
+    while tb is not None:
+        holders += tb.tb_frame.f_locals.values()
+        tb = tb.tb_next
+    sockets = []
+    for holder in holders:
+        with contextlib.suppress(Exception):  # (a local's attributes may be anything)
+            for value in [holder, *vars(holder).values()] if hasattr(holder, "__dict__") else [holder]:
+                if isinstance(value, zmq.Socket) and not any(value is s for s in sockets):
+                    sockets.append(value)
+    return sockets
+
+
+def _close_sockets(sockets: list) -> None:
+    """Closes ``sockets`` and the rest of their contexts' sockets, and ends the contexts, without waiting for anything
+    queued (the peers are the ended processes)."""
     contexts = []
-    for value in vars(owner).values():
-        if isinstance(value, zmq.Socket) and not any(value.context is c for c in contexts):
-            contexts.append(value.context)
+    for socket in sockets:
+        if not any(socket.context is c for c in contexts):
+            contexts.append(socket.context)
     for context in contexts:
         context.destroy(linger=0)
 

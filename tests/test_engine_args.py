@@ -445,21 +445,74 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     assert "Using custom SIGQUIT handler" not in run.stderr
 
 
-def test_a_failed_starts_sockets_are_closed_without_waiting_for_what_they_queued(tmp_path):
-    """A message queued to a peer that is gone (the ended scheduler): zmq's default linger waits for it forever, in
-    whichever garbage collection finalizes the context. Closed by the Engine on a failed start, it is dropped."""
+def test_a_failed_starts_sockets_are_closed_so_that_collecting_them_does_not_hang(tmp_path):
+    """SGLang's tokenizer manager, made in the caller before the start-up wait, is in a reference cycle with its bound
+    sockets. Left to a garbage collection, its context's finalizer ran with the weak set of sockets already cleared,
+    closed none and waited for them forever (this holder, unclosed, hung gc.collect() 3 times in 3). The Engine finds
+    the sockets through the failed start's frames and closes them first."""
+    import gc
     import threading
-    from types import SimpleNamespace
 
     import zmq
+    import zmq.asyncio
 
     from sglang_deft import engine
 
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    push.connect(f"ipc://{tmp_path}/no_scheduler")  # no one binds it: the message stays queued
-    push.send(b"request", zmq.NOBLOCK)
-    done = threading.Thread(target=engine._close_sockets, args=(SimpleNamespace(send_to_scheduler=push),), daemon=True)
-    done.start()
-    done.join(timeout=10)
-    assert not done.is_alive() and context.closed and push.closed
+    class TokenizerManagerLike:
+        def __init__(self):
+            context = zmq.asyncio.Context(2)
+            self.recv_from_detokenizer = context.socket(zmq.PULL)
+            self.recv_from_detokenizer.bind(f"ipc://{tmp_path}/tokenizer")
+            self.send_to_scheduler = context.socket(zmq.PUSH)
+            self.send_to_scheduler.bind(f"ipc://{tmp_path}/scheduler")
+            self.dispatch = self.handle  # the cycle
+
+        def handle(self):
+            pass
+
+    def start():
+        tokenizer_manager = TokenizerManagerLike()
+        raise RuntimeError(f"the scheduler died ({tokenizer_manager})")
+
+    with pytest.raises(RuntimeError) as failed:
+        start()
+    sockets = engine._sockets_left_by(None, failed.value)
+    assert len(sockets) == 2
+    engine._close_sockets(sockets)
+    assert all(s.closed for s in sockets) and sockets[0].context.closed
+    del failed, sockets
+    collecting = threading.Thread(target=gc.collect, daemon=True)
+    collecting.start()
+    collecting.join(timeout=30)
+    assert not collecting.is_alive()
+
+
+FAILS_IN_THE_TOKENIZER_MANAGER = textwrap.dedent("""
+    import gc, json, sys, threading, zmq
+    from sglang_deft import Engine
+
+    if __name__ == "__main__":
+        try:
+            Engine(model_path=sys.argv[1], attention_backend="deft", grammar_backend="none", load_format="dummy",
+                   max_total_tokens=1024, log_level="error", chat_template="no-such-template")
+        except Exception as e:
+            error = type(e).__name__
+        open_sockets = sum(isinstance(s, zmq.Socket) and not s.closed for s in gc.get_objects())
+        collecting = threading.Thread(target=gc.collect, daemon=True)
+        collecting.start()
+        collecting.join(timeout=60)
+        print("RESULT " + json.dumps({"error": error, "open_sockets": open_sockets,
+                                      "collected": not collecting.is_alive()}))
+""")
+
+
+def test_a_start_failing_as_sglang_makes_its_tokenizer_manager_leaves_no_socket_open(tmp_path):
+    """A chat template SGLang does not know fails the start after the tokenizer manager opened its sockets, inside
+    the call that makes it: they are closed too, and a garbage collection afterwards returns."""
+    script = tmp_path / "engine_bad_template.py"
+    script.write_text(FAILS_IN_THE_TOKENIZER_MANAGER)
+    run = subprocess.run([sys.executable, str(script), str(MODEL)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
+    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert result == {"error": result["error"], "open_sockets": 0, "collected": True}, result
