@@ -507,6 +507,15 @@ def kernel_check_setup(server_args, model_config, monkeypatch, window: int | Non
     return (layers, *random_kv_setup(server_args, model_config, layers, 2048))
 
 
+def test_the_kernel_checks_ground_truth_gives_a_padded_batchs_rows_an_empty_root():
+    """The rows past the requests attend nothing (the kernels write zeros there): one more root without tokens."""
+    from sglang_deft.kernel_check import request_tree
+
+    tree = request_tree(torch.arange(40, dtype=torch.int32).view(2, 20), [0, 1], [5, 3], rows=4)
+    assert tree.kv_indices.tolist() == [0, 1, 2, 3, 4, 20, 21, 22]
+    assert tree.node_indptr.tolist() == [0, 5, 8, 8] and tree.query_node.tolist() == [0, 1, 2, 2]
+
+
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window"])
 def test_kernel_check_reports_the_kernels_error_against_the_reference(server_args, model_config, caplog,
                                                                       monkeypatch, window):

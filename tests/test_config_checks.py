@@ -457,11 +457,10 @@ def test_model_file_problems_skip_what_is_not_a_local_model(tmp_path):
     assert model_file_problems(str(MODEL), no_windows, extend_backend="torch_native") == []
 
 
-def test_model_file_problems_read_a_hub_model_in_the_cache(tmp_path, monkeypatch):
-    """A hub model already downloaded is checked from its cached config.json, at the revision asked for; one not in
-    the cache is left to SGLang (no download here)."""
+def cached_hub_model(tmp_path, monkeypatch) -> str:
+    """A hub model in a Hugging Face cache under ``tmp_path``: its main revision (abc123) has dual-chunk attention,
+    and no other revision is cached."""
     import huggingface_hub.constants
-    from sglang_deft.config_checks import model_file_problems
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     repo = tmp_path / "models--org--long-context"
@@ -469,10 +468,45 @@ def test_model_file_problems_read_a_hub_model_in_the_cache(tmp_path, monkeypatch
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "config.json").write_text('{"dual_chunk_attention_config": {}}')
+    return "org/long-context"
+
+
+def test_model_file_problems_read_a_hub_model_in_the_cache(tmp_path, monkeypatch):
+    """A hub model already downloaded is checked from its cached config.json, at the revision asked for; one not in
+    the cache is left to SGLang (no download here)."""
+    from sglang_deft.config_checks import model_file_problems
+
+    cached_hub_model(tmp_path, monkeypatch)
     assert "dual-chunk attention" in model_file_problems("org/long-context")[0]
     assert model_file_problems("org/long-context", revision="abc123") != []
     assert model_file_problems("org/long-context", revision="v2") == []  # that revision is not cached
     assert model_file_problems("org/not-downloaded") == []
+
+
+def test_the_split_checks_the_model_at_the_revision_asked_for(tmp_path, monkeypatch):
+    """--revision names the config.json the early check reads: another revision's would refuse a model it serves."""
+    model = cached_hub_model(tmp_path, monkeypatch)
+
+    def args(revision):
+        return {"model_path": model, "revision": revision, "attention_backend": "deft", "decode_attention_backend": None}
+
+    split_deft_backend(args("v2"), "cpu")  # not cached: left to SGLang
+    with pytest.raises(UnsupportedConfiguration, match="dual-chunk attention"):
+        split_deft_backend(args("abc123"), "cpu")
+
+
+def test_the_default_device_is_cuda_unless_sglangs_cpu_engine_is_asked_for(monkeypatch):
+    """SGLANG_USE_CPU_ENGINE asks for the CPU only as "1" (as SGLang reads it): a 0 left in the shell keeps the GPU."""
+    import torch
+
+    from sglang_deft.server_setup import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for value, device in (("1", "cpu"), ("0", "cuda"), ("", "cuda")):
+        monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", value)
+        assert default_device() == device, value
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    assert default_device() == "cuda"
 
 
 def test_decode_impl_the_scheduler_cannot_use_is_refused_at_launch(deft_args, monkeypatch):

@@ -513,6 +513,7 @@ def test_graph_batch_sizes_as_sglang_captures_them():
     assert tree_attention.graph_batch_sizes([1, 2, 4, 8, 12, 16], 10) == [1, 2, 4, 8, 10]
     assert tree_attention.graph_batch_sizes([1, 2, 4, 8, 12, 16], 64) == [1, 2, 4, 8, 12, 16]
     assert tree_attention.graph_batch_sizes([1, 2, 4, 6, 8], 5, multiple=2) == [2, 4, 6]
+    assert tree_attention.graph_batch_sizes([1, 2, 4, 8], 7) == [1, 2, 4, 7]  # the largest one past the pool
 
 
 @needs_interpreter

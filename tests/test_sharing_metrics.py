@@ -27,7 +27,9 @@ def test_each_window_restarts_and_the_totals_run_on(caplog):
 
 def test_an_empty_window_reads_as_no_sharing():
     (row,) = parse_sharing_lines(SharingMeter(interval=8).format_line())
-    assert (row["steps"], row["ratio"], row["plan_host_us"]) == (0, 1.0, 0.0)
+    assert (row["steps"], row["ratio"], row["plan_host_us"]) == (0, 1.0, 0.0) and "window_ratio" not in row
+    (row,) = parse_sharing_lines(SharingMeter(interval=8, window_share=0.5).format_line())  # a windowed model's
+    assert (row["ratio"], row["window_ratio"]) == (1.0, 1.0)
 
 
 def test_parse_reads_bare_and_decorated_lines_only():
@@ -45,8 +47,9 @@ def test_a_line_cut_short_is_left_out_and_dp_ranks_are_read():
                         total_unique=3).format_line()
     cut = line[:line.index("total_unique_kv_tokens")]
     assert parse_sharing_lines(f"{line}\n{cut}") == parse_sharing_lines(line)
-    rows = parse_sharing_lines(f"[2026-01-01 00:00:00 DP1 TP0] {line}\n[2026-01-01 00:00:00] {line}")
-    assert rows[0]["dp_rank"] == 1 and "dp_rank" not in rows[1]
+    rows = parse_sharing_lines(f"[2026-01-01 00:00:00 DP1 TP0] {line}\n[2026-01-01 00:00:00] {line}\n"
+                               f"[2026-01-01 00:00:00 DP12 TP0] {line}")
+    assert rows[0]["dp_rank"] == 1 and "dp_rank" not in rows[1] and rows[2]["dp_rank"] == 12
 
 
 def test_a_windowed_models_counts_are_per_layer_over_its_layers(caplog):
