@@ -67,11 +67,12 @@ def _refusals_raised(engine: Engine, server_args):
     ends the whole process tree, the caller's own process included (a script or a Jupyter kernel killed, exit
     137). While the Engine starts, a SIGQUIT from one of its processes (each marks its signals:
     ``subprocess_entry.mark_failures_signalled``) ends the processes the start began instead, so that SGLang's
-    start-up wait raises at once (it returns only once a failed scheduler has exited, which on the GPU one did not),
-    and the Engine raises once the start returns, for a failure that wait does not watch (the detokenizer's). A
+    start-up wait raises at once (it returns only once a failed scheduler has exited), and the Engine raises once
+    the start returns, for a failure that wait does not watch (the detokenizer's). A
     SIGQUIT not from its processes (an earlier Engine's, or its watchdog's) goes on to the handler it would have met.
     Nothing is raised from the handler: it could land in any ``except Exception`` of the start's code. On failure
-    (also on ^C during the start) the processes the Engine started are ended and the refusal the scheduler wrote (to
+    (also on ^C during the start) the processes the Engine started are ended, the zmq sockets the start opened here
+    are closed (``_sockets_left_by``), and the refusal the scheduler wrote (to
     the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the caller's own
     (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing child's SIGQUIT
     ends the caller as with SGLang's Engine (warned, unless the caller's own handler is in place)."""

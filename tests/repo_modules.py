@@ -1,8 +1,10 @@
-"""The repo's scripts and benchmarks (not packages) as modules for the tests, and where the tests' children
-import sglang_deft from."""
+"""The repo's scripts and benchmarks (not packages) as modules for the tests, where the tests' children import
+sglang_deft from, and the result a child prints."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +32,13 @@ def load_module(name: str, path: Path):
         del sys.modules[name]  # a half-run module must not be handed to the next caller
         raise
     return mod
+
+
+def child_result(args: list[str], cwd: Path = PACKAGE_ROOT, timeout: float = 300,
+                 env: dict | None = None) -> tuple[dict, subprocess.CompletedProcess]:
+    """Runs ``python *args`` (a test's child), asserts that it exited 0, and returns what it printed as
+    ``RESULT <json>``, with the finished run."""
+    run = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
+    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]), run

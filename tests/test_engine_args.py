@@ -6,16 +6,13 @@ SGLang's ``Engine.__init__`` is replaced by one that records its ``server_args``
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from repo_modules import PACKAGE_ROOT, REPO
+from repo_modules import REPO, child_result
 
 MODEL = REPO / "models" / "tiny-llama-deft"
 # Where Engine runs when not told: CUDA when there is one, prefill on SGLang's backend for that device.
@@ -222,11 +219,7 @@ def engine_args(tmp_path_factory):
     # A temporary directory of its own: it counts the refusal files there, which another process's Engine (a second
     # pytest) would add to.
     env = dict(os.environ, TMPDIR=str(tmp_path_factory.mktemp("engine_tmp")))
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(MODEL), DEVICE, PREFILL], cwd=PACKAGE_ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return child_result(["-c", SCRIPT, str(MODEL), DEVICE, PREFILL], env=env)[0]
 
 
 def test_the_import_chooses_the_device_and_sglangs_engine_for_it(engine_args):
@@ -381,10 +374,7 @@ def test_the_engines_processes_mark_the_failures_they_signal_while_it_starts():
     """SGLang's scheduler and detokenizer report a failure by SIGQUIT to their parent: during the start each leaves a
     marker beside the refusal file first, so that the Engine tells its own processes' signals from an earlier
     Engine's; after it, none (the file is gone), and the signal is sent either way."""
-    run = subprocess.run([sys.executable, "-c", MARKS_ITS_SIGNALS], cwd=PACKAGE_ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    result, _ = child_result(["-c", MARKS_ITS_SIGNALS], timeout=120)
     assert result == {"marks": [1, 1], "signals": 2}  # one marker, from the first; both signals arrived
 
 
@@ -423,10 +413,7 @@ def test_a_model_refused_in_the_scheduler_raises_in_the_caller(tmp_path):
     model = with_config(tmp_path / "model", MODEL, head_dim=512)  # dummy weights: any shape loads
     script = tmp_path / "engine_refused.py"
     script.write_text(REFUSED_IN_THE_SCHEDULER)
-    run = subprocess.run([sys.executable, str(script), str(model)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
-    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    result, run = child_result([str(script), str(model)], cwd=tmp_path)
     assert any("head dim 512 is not supported" in p for p in result["problems"]), result
     # SGLang's start-up error (its scheduler gone: ended on its signal); none of the Engine's processes left
     assert result["cause"] == "RuntimeError" and result["left"] == [], result
@@ -511,8 +498,5 @@ def test_a_start_failing_as_sglang_makes_its_tokenizer_manager_leaves_no_socket_
     the call that makes it: they are closed too, and a garbage collection afterwards returns."""
     script = tmp_path / "engine_bad_template.py"
     script.write_text(FAILS_IN_THE_TOKENIZER_MANAGER)
-    run = subprocess.run([sys.executable, str(script), str(MODEL)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, (run.returncode, run.stderr[-4000:])
-    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    result, _ = child_result([str(script), str(MODEL)], cwd=tmp_path)
     assert result == {"error": result["error"], "open_sockets": 0, "collected": True}, result

@@ -2,7 +2,6 @@
 ``scripts/gpu_session.sh engine``, on the GPU)."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import textwrap
 import torch
 from tiny_models import with_config
 
-from repo_modules import PACKAGE_ROOT, REPO
+from repo_modules import PACKAGE_ROOT, REPO, child_result
 
 MODEL = REPO / "models" / "tiny-llama-deft"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,10 +101,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
 
 def test_engine_registers_deft_in_its_scheduler_and_refuses_unsupported_flags():
-    result = run(["-c", ENGINE_SCRIPT, str(MODEL), DEVICE], timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    payload = json.loads(line[len("RESULT "):])
+    payload, result = child_result(["-c", ENGINE_SCRIPT, str(MODEL), DEVICE])
     assert "--enable-torch-compile" in payload["refused"]
     assert "prefill/extend as well as decode" in payload["unsplit"]
     outputs = payload["outputs"]
