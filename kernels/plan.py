@@ -253,7 +253,8 @@ def _plan_device(device: torch.device | str | None, tree: KVTree, reuse: TreeDec
     return reuse.meta.device if reuse is not None else tree.kv_indices.device
 
 
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The SMs the planner balances its items over (``plan_limits`` sizes a server's plan buffers by the same)."""
     if device.type != "cuda":
         return 8  # CPU / interpreter: only the shape of the plan matters
     device = named_device(device)
@@ -394,9 +395,9 @@ class TreeDecodePlanner:
             if capacity is not None and capacity != own:
                 raise ValueError(f"capacity={capacity} differs from the reused plan's buffers {own}; pass one of them")
             capacity = own
-        num_sms = _num_sms(device)
+        sms = sm_count(device)
         s = _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
-                           kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=num_sms,
+                           kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=sms,
                            large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
                            cap_queries=capacity.max_queries if capacity else None,
                            cap_items=capacity.max_items if capacity else None,
@@ -464,7 +465,7 @@ class TreeDecodePlanner:
             # Written into reuse's buffers, the plan keeps their threshold too: a graph captured with
             # them merges in that shape whatever graph sizes this planner was given.
             few_merges_max_queries=(reuse.few_merges_max_queries if reuse is not None
-                                    else self._few_merges_max_queries(num_sms)),
+                                    else self._few_merges_max_queries(sms)),
             fixed_buffers=capacity is not None, buffers=buffers if capacity is not None else None,
             max_kv_slot=max_kv_slot)
 

@@ -26,6 +26,7 @@ from sglang_deft.config_checks import decode_impl
 from sglang_deft.kernels import (KVTree, PlanCapacity, PlanCapacityError, ReferencePlan, TreeDecodePlan,
                                  TreeDecodePlanner, plan_reference, plan_tree_decode, tree_decode,
                                  tree_decode_reference)
+from sglang_deft.kernels import plan as kernel_plan
 from sglang_deft.kernels.plan import LARGE_ROWS, PROGRAMS_PER_SM
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ def plan_limits(max_batch: int, num_qo_heads: int, num_kv_heads: int, device: to
     default ``--cuda-graph-max-bs`` there: target 66, max_items 706, max_partials 3104, which is
     51.3 MB of partial results per plan.
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    target = max(1, PROGRAMS_PER_SM * sms // num_kv_heads)  # build_schedule's item target
+    # The planner's own SM count, looked up through its module, so that limits and plans agree wherever it is set.
+    target = max(1, PROGRAMS_PER_SM * kernel_plan.sm_count(device) // num_kv_heads)  # build_schedule's item target
     tile = max(LARGE_ROWS // (num_qo_heads // num_kv_heads), 1)  # queries per large query tile
     return PlanLimits(max_items=2 * max_batch + -(-PATH_NODES * max_batch // tile) + target,
                       max_partials=PATH_NODES * max_batch + tile * target)

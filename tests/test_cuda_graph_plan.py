@@ -60,7 +60,7 @@ def single_rank_triton(monkeypatch, single_rank):
 # Plan limits
 # --------------------------------------------------------------------------------------------------
 def h200(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(kernel_plan, "sm_count", lambda device: 132)
     return torch.device("cuda")
 
 
@@ -459,7 +459,7 @@ def test_stage2_shape_is_the_graphs_in_eager_steps(server_args, model_config, mo
     batch of 5 replays in the graph of 8. The threshold for stage 2's shape for few merges is therefore 4,
     and eager steps of 3 and 5 queries merge as their graphs of 4 and 8 do, bitwise. (With the threshold
     at 6, the step of 5 took the wide shape eagerly and the narrow one in its graph, and differed.)"""
-    monkeypatch.setattr(kernel_plan, "_num_sms", lambda device: 48)
+    monkeypatch.setattr(kernel_plan, "sm_count", lambda device: 48)
     monkeypatch.setattr(kernel_plan, "MIN_CHUNK_TOKENS", 16)  # more partials per query than one load takes
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
     emulator = GraphEmulator(backend, kv_pool)
@@ -938,7 +938,7 @@ def test_replays_are_metered_and_logged_as_the_eager_steps_they_stand_for(server
 def test_the_plan_buffers_take_stage2s_threshold_from_the_servers_graph_sizes(server_args, model_config, monkeypatch):
     """On 48 SMs at 8 heads one merge per SM fits 6 queries: with graphs of 1, 3 and 8 requests the
     threshold is 3, not the 4 of the default powers of two (a batch of 4 replays in the graph of 8)."""
-    monkeypatch.setattr(kernel_plan, "_num_sms", lambda device: 48)
+    monkeypatch.setattr(kernel_plan, "sm_count", lambda device: 48)
     args = copy.copy(server_args)
     args.cuda_graph_bs = [1, 3, 8]
     sim, layers, kv_pool, backend = graph_setup(args, model_config, kv_slots=256)

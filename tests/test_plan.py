@@ -191,7 +191,7 @@ def test_planner_plans_every_step_as_a_fresh_plan(seed, monkeypatch):
     """A planner reuses its host buffers from step to step (growing them for bigger trees): steps that
     keep the shape, steps that change the chunking (an H200's 132 SMs make the chunk counts follow the
     growing tails), and new shapes all plan as fresh plans do."""
-    monkeypatch.setattr(plan_module, "_num_sms", lambda device: [8, 132][seed % 2])
+    monkeypatch.setattr(plan_module, "sm_count", lambda device: [8, 132][seed % 2])
     group, large_rows = [(1, 16), (4, 64), (8, 128), (4, 32)][seed % 4]
     planner = TreeDecodePlanner(8 * group, 8, 64, kv_dtype=torch.float16, large_rows=large_rows)
     for tree in decode_steps(seed):
