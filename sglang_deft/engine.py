@@ -50,6 +50,7 @@ class Engine(_sglang_engine.Engine):
             kwargs = {"server_args": make_server_args(lambda: self.server_args_class(**kwargs), kwargs, device)}
         else:
             _check_device(kwargs["server_args"].device)
+        _check_offline(kwargs["server_args"])
         check_startup(kwargs["server_args"])
         # One Engine starts at a time: the refusal file's variable and the set of the caller's children that a
         # failed start ends are the process's, so Engines started together from two threads took each other's.
@@ -267,6 +268,17 @@ class _Without(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.prefix)
+
+
+def _check_offline(server_args) -> None:
+    """What an offline Engine cannot serve, refused before anything starts. With tokenizer workers SGLang 0.5.10's
+    Engine starts a MultiTokenizerRouter in place of its tokenizer manager: the router serves the HTTP server's
+    workers and has no ``generate_request``, so the Engine came up and every generate() raised AttributeError."""
+    if server_args.tokenizer_worker_num > 1:
+        raise ValueError(
+            f"tokenizer_worker_num={server_args.tokenizer_worker_num} in an offline Engine: SGLang's Engine then "
+            "routes requests for HTTP tokenizer workers and cannot generate itself; leave it at 1, or serve with "
+            f"python -m sglang_deft.launch_server --tokenizer-worker-num {server_args.tokenizer_worker_num}")
 
 
 def _check_device(device: str) -> None:

@@ -77,6 +77,10 @@ SCRIPT = textwrap.dedent("""
         deft_engine.Engine(model_path=model, attention_backend="deft", enable_torch_compile=True, grammar_backend="none")
     except UnsupportedConfiguration as e:
         result["refused"] = str(e)
+    try:  # (SGLang's own Engine starts, and then none of its generate() calls can run)
+        deft_engine.Engine(model_path=model, attention_backend="deft", tokenizer_worker_num=2, grammar_backend="none")
+    except ValueError as e:
+        result["tokenizer_workers_refused"] = str(e)
     result["calls"] = len(seen)
     deft_engine._IMPORT_DEVICE = "cuda"  # as imported on a machine with CUDA
     try:
@@ -318,6 +322,7 @@ def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_proce
 
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
     assert "--enable-torch-compile" in engine_args.get("refused", "")
+    assert "tokenizer_worker_num=2 in an offline Engine" in engine_args.get("tokenizer_workers_refused", "")
     assert engine_args["calls"] == 5  # the refused Engine never reached SGLang's constructor
 
 
