@@ -15,11 +15,25 @@ import torch
 from .kv_tree import KVTree
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
     # SGLang's definition: logit_cap * tanh(scores / logit_cap), applied after sm_scale.
-    if logit_cap != logit_cap:  # NaN would read as no cap below (tree_decode refuses it)
-        raise ValueError("logit_cap is NaN")
+    # As tree_decode refuses them: NaN would read as no cap below, and a cap past fp32's range gives inf x 0 = NaN.
+    if not logit_cap <= _FP32_MAX:
+        raise ValueError(f"logit_cap {logit_cap}: a cap finite in float32 (at most {_FP32_MAX:.4g}), or 0 for none")
     return logit_cap * torch.tanh(scores / logit_cap) if logit_cap > 0 else scores
+
+
+def _check_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> None:
+    """q [B, Hq, D], K and V [slots, Hkv, D] with Hq a multiple of Hkv. einsum broadcasts a size-1 head or head_dim:
+    a one-head V beside a two-head K was read as V's head 0 twice, a head_dim-1 V gave every output column alike."""
+    if q.dim() != 3 or k_buffer.dim() != 3 or k_buffer.shape[1:] != v_buffer.shape[1:] or \
+            k_buffer.shape[2] != q.shape[2] or q.shape[1] % k_buffer.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)}: q needs "
+                         "[queries, heads, head_dim], K and V [slots, kv heads, head_dim] with q's head_dim, and the "
+                         "query heads a multiple of the KV heads")
 
 
 def path_nodes(tree: KVTree) -> list[list[int]]:
@@ -62,6 +76,7 @@ def attention_reference(q, k_buffer, v_buffer, tree: KVTree, sm_scale: float, lo
                         k_scale: float = 1.0, v_scale: float = 1.0):
     """Per query: gather its path's KV, softmax in fp32. Returns fp32 [B, Hq, D]. K and V stand for their
     values times ``k_scale`` / ``v_scale`` (an fp8 KV cache's scales, as in ``tree_decode``)."""
+    _check_shapes(q, k_buffer, v_buffer)
     B, Hq, D = q.shape
     if B < tree.num_queries:
         raise ValueError(f"q has {B} rows for a tree of {tree.num_queries} queries")
@@ -114,12 +129,13 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
     Computes in fp32 and writes ``out`` (allocated in q's dtype when None). Queries with an empty
     path get zeros. K and V stand for their values times ``k_scale`` / ``v_scale`` (an fp8 KV cache).
     """
+    _check_shapes(q, k_buffer, v_buffer)
+    # (copy_ would broadcast one query's rows over a larger out, and cast to another dtype without a word)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} on {q.device}; got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
     B, Hq, D = q.shape
     Hkv = k_buffer.shape[1]
-    # einsum broadcasts a size-1 head or head_dim: a one-head V beside two-head K was read as V's head 0 twice
-    if k_buffer.dim() != 3 or k_buffer.shape[1:] != v_buffer.shape[1:] or k_buffer.shape[2] != D or Hq % Hkv:
-        raise ValueError(f"q {tuple(q.shape)}, k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)}: K and V "
-                         f"need [slots, kv heads, {D}] with the query heads a multiple of the KV heads")
     group = Hq // Hkv
     device = q.device
     if isinstance(plan, KVTree):

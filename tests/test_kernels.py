@@ -119,16 +119,32 @@ def test_tensors_off_the_current_device_run_on_theirs(monkeypatch):
     torch.testing.assert_close(out.float(), attention_reference(q, kv, kv, tree, 0.25).float(), atol=2e-3, rtol=0)
 
 
-def test_the_grouped_reference_refuses_what_einsum_would_broadcast():
-    """SGLang's CPU decode path and the kernel check's ground truth: a one-head V beside two-head K was read as V's head
-    0 for both KV heads (einsum broadcasts a size-1 dim), and a NaN cap as no cap, where tree_decode refuses both."""
+@pytest.mark.parametrize("reference", [attention_reference, tree_decode_reference])
+def test_the_references_refuse_what_einsum_would_broadcast(reference):
+    """SGLang's CPU decode path, the kernel check's ground truth (grouped) and the tests' (per query): a one-head V
+    beside two-head K was read as V's head 0 for both KV heads (einsum broadcasts a size-1 dim), a head_dim-1 V or K
+    gave numbers too, and a NaN or infinite cap no cap or NaN, where tree_decode refuses them all."""
     tree = one_node_tree([0, 1, 2])
     q, k = torch.randn(2, 4, 16), torch.randn(3, 2, 16)
-    for v in (torch.randn(3, 1, 16), torch.randn(3, 2, 1)):
-        with pytest.raises(ValueError, match="K and V need .slots, kv heads, 16."):
-            tree_decode_reference(q, k, v, tree, 0.25)
-    with pytest.raises(ValueError, match="logit_cap is NaN"):
-        tree_decode_reference(q, k, k, tree, 0.25, float("nan"))
+    for kk, v in ((k, torch.randn(3, 1, 16)), (k, torch.randn(3, 2, 1)), (torch.randn(3, 2, 1), k),
+                  (torch.randn(3, 3, 16), torch.randn(3, 3, 16))):
+        with pytest.raises(ValueError, match="K and V .slots, kv heads, head_dim. with q's head_dim"):
+            reference(q, kk, v, tree, 0.25)
+    for cap in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match="a cap finite in float32"):
+            reference(q, k, k, tree, 0.25, cap)
+
+
+def test_the_grouped_reference_writes_only_an_out_like_q():
+    """copy_ broadcast a one-query result over every row of a larger out, and cast to another dtype silently."""
+    tree = one_node_tree([0, 1, 2])
+    q, k = torch.randn(2, 4, 16), torch.randn(3, 2, 16)
+    for out in (torch.full((4, 4, 16), 7.0), torch.full((4, 2, 4, 16), 7.0), torch.empty(2, 4, 16, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="out must be like q"):
+            tree_decode_reference(q, k, k, tree, 0.25, out=out)
+    out = torch.full((2, 4, 16), 7.0)
+    assert tree_decode_reference(q, k, k, tree, 0.25, out=out) is out
+    torch.testing.assert_close(out, attention_reference(q, k, k, tree, 0.25))
 
 
 def test_the_references_cap_scores_as_sglang_defines_it():
