@@ -982,3 +982,24 @@ def test_requests_that_swap_rows_are_another_batch():
     a, b = batch
     a.req_pool_idx, b.req_pool_idx = b.req_pool_idx, a.req_pool_idx
     assert not builder.same_batch_as_last(batch, seq_lens.numpy())
+
+
+def test_a_window_of_no_tokens_is_refused():
+    sim = RadixSim()
+    reqs = sim.prefill([sim.new_req(sim.tokens(6))])
+    seq_lens = sim.prepare_decode(reqs)
+    builder = DecodeKVTreeBuilder(sim.req_to_token)
+    with pytest.raises(ValueError, match="a sliding window of 0 tokens"):
+        builder.build_window(reqs, seq_lens, 0)
+    builder.build_window(reqs, seq_lens, 1).tree.validate()  # one token: the query's own
+
+
+@pytest.mark.parametrize("cache", ["radix", "disabled"])
+def test_a_query_of_no_tokens_is_refused(cache):
+    """A request with seq_len 0 and nothing shared has no node to end at: refused by name, not planned with
+    query_node -1."""
+    sim = RadixSim(cache=cache)
+    reqs = sim.prefill([sim.new_req(sim.fresh(6))], overlap=True)  # last_node: the root (radix) or None
+    sim.prepare_decode(reqs)
+    with pytest.raises(KVTreeBuildError, match="has seq_len 0: a decode query attends at least its own token"):
+        build_decode_kv_tree(reqs, sim.req_to_token, torch.tensor([0]))

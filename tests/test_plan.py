@@ -5,6 +5,7 @@ import dataclasses
 import random
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from sglang_deft.kernels import KVTree, PlanCapacity, TreeDecodePlan, plan_tree_
 from sglang_deft.kernels import plan as plan_module
 from sglang_deft.kernels.plan import MAX_GRID_ITEMS, MIN_CHUNK_TOKENS, SMALL_ROWS, TreeDecodePlanner, build_schedule
 from sglang_deft.kernels.reference import path_nodes
-from sglang_deft.kernels.schedule import Schedule
+from sglang_deft.kernels.schedule import PlanCapacityError, Schedule
 
 
 def schedule(tree, group=4, head_dim=128, num_sms=132, hkv=8, large_rows=64):
@@ -419,3 +420,84 @@ def test_plans_for_cuda_keep_one_staging_ring():
     ring = planner._staging
     planner.plan(tree, "cuda", capacity=dataclasses.replace(CAP, max_kv_tokens=64))
     assert planner._staging is ring and ring.device == torch.device("cuda", torch.cuda.current_device())
+
+
+# Mutation review (session 58): each test below fails on a mutant of kernels/plan.py that the rest let through.
+
+@pytest.mark.parametrize("args, kw, match", [
+    ((8, 2, 0), {}, "must be >= 1"),  # head_dim 0: refused by the planner, not only later by schedule.c
+    ((6, 4, 32), {}, "num_qo_heads=6 is not a multiple of num_kv_heads=4"),  # group 6 // 4 = 1 left heads unread
+    ((8, 2, 32), {"large_rows": 48}, "large_rows must be a power of two >= 16, got 48"),
+])
+def test_a_planner_refuses_a_bad_head_configuration(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        TreeDecodePlanner(*args, **kw)
+
+
+def test_a_planner_takes_the_limits_themselves():
+    TreeDecodePlanner(8, 2, plan_module.MAX_HEAD_DIM)  # head_dim 256 is served
+    TreeDecodePlanner(16, 1, 32, large_rows=16)  # a group exactly as large as the large tile
+    PlanCapacity(0, 0, 0, 0, 0)  # sizes >= 0: zero is a size
+
+
+@pytest.mark.parametrize("field, what", [("max_partials", "partials"), ("max_merge", "merge entries")])
+def test_capacity_refuses_too_few_partials_or_merge_entries(field, what):
+    """Partials and merge entries are checked each against its own buffer: partial_out (stage 1 writes past it)
+    and merge_slots (the packed metadata would not fit meta)."""
+    need = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu").merge_slots.numel()
+    cap = dataclasses.replace(CAP, **{field: need - 1})
+    with pytest.raises(PlanCapacityError, match=f"needs {need} {what}, more than the plan capacity {need - 1}"):
+        plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=cap)
+
+
+def test_reuse_with_its_own_capacity_is_accepted_when_partials_and_merge_differ():
+    cap = dataclasses.replace(CAP, max_partials=48, max_merge=80)
+    graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=cap)
+    again = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=cap, reuse=graph)
+    assert again.meta.data_ptr() == graph.meta.data_ptr()
+    assert plan_module._capacity_of(again) == cap
+
+
+def test_a_reused_plan_is_planned_for_its_buffers_device():
+    """The tree's kv_indices may be on the host while the buffers are on the GPU: reuse's device wins."""
+    reuse = SimpleNamespace(meta=torch.empty(0, device="meta"))
+    assert plan_module._plan_device(None, make_tree([-1], [4], [0]), reuse) == torch.device("meta")
+
+
+@pytest.mark.parametrize("view", ["strided", "shifted"])
+def test_kv_indices_that_view_the_buffers_are_copied_in(view):
+    """A tree whose kv_indices view the reused buffers' own kv_indices, but not as their first T entries."""
+    graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+    graph.kv_indices.copy_(torch.arange(100, 116, dtype=torch.int32))
+    src = graph.kv_indices[::2][:6] if view == "strided" else graph.kv_indices[1:7]
+    want = src.clone()
+    tree = KVTree(src, torch.tensor([0, 4, 6], dtype=torch.int32), torch.tensor([-1, 0], dtype=torch.int32),
+                  torch.tensor([1, 0], dtype=torch.int32))
+    plan = plan_tree_decode(tree, 8, 2, 32, "cpu", reuse=graph)
+    assert torch.equal(plan.kv_indices[:6], want)
+    assert plan.max_kv_slot == int(want.max())
+
+
+def test_a_write_that_fails_leaves_the_buffers_holding_no_step(monkeypatch):
+    graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+    assert graph.buffered_queries == 2 and graph.buffered_max_kv_slot == 5
+    planner = TreeDecodePlanner(8, 2, 32)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("upload failed")
+
+    monkeypatch.setattr(planner, "_upload", fail)
+    with pytest.raises(RuntimeError, match="upload failed"):
+        planner.plan(_tiny_tree(), "cpu", reuse=graph)
+    assert graph.buffered_queries is None and graph.buffered_max_kv_slot is None
+
+
+def test_node_indptr_must_end_exactly_at_the_kv_slots():
+    with pytest.raises(ValueError, match="ends at 4 but kv_indices has 6 slots"):
+        plan_tree_decode(_tiny_tree((0, 2, 4)), 8, 2, 32, "cpu")
+
+
+def test_an_empty_tree_has_max_kv_slot_minus_one():
+    empty = KVTree(*(torch.zeros(0, dtype=torch.int32),) * 1, torch.zeros(1, dtype=torch.int32),
+                   torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+    assert plan_tree_decode(empty, 8, 2, 32, "cpu").max_kv_slot == -1

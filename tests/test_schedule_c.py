@@ -441,3 +441,24 @@ def test_build_schedule_refuses_ids_past_int32():
     with pytest.raises(ValueError, match="query_node holds values past int32's range"):
         build_schedule(np.array([0, 5, 8]), np.array([-1, 0]), np.array([2**32 + 1]), group_size=4, head_dim=128,
                        kv_elem_bytes=2, num_kv_heads=8, num_sms=8)
+
+
+def test_build_schedule_refuses_ids_below_int32_and_keeps_int32_max():
+    kw = dict(group_size=4, head_dim=128, kv_elem_bytes=2, num_kv_heads=8, num_sms=8)
+    with pytest.raises(ValueError, match="node_parent holds values past int32's range"):
+        build_schedule(np.array([0, 5, 8]), np.array([-1, -2**32]), np.array([1]), **kw)  # wrapped to parent 0
+    with pytest.raises(ValueError, match="query_node must index a node"):  # int32's largest value is int32
+        build_schedule(np.array([0, 5, 8]), np.array([-1, 0]), np.array([2**31 - 1]), **kw)
+
+
+@pytest.mark.parametrize("status, error, match", [(-6, MemoryError, "could not allocate its host scratch memory"),
+                                                  (-99, RuntimeError, "unknown status -99")])
+def test_a_status_other_than_a_tree_error_raises_its_own_error(status, error, match):
+    from sglang_deft.kernels.plan import _plan_schedule
+
+    schedule = Schedule()
+    schedule._fn = lambda *args: status
+    with pytest.raises(error, match=match):
+        _plan_schedule(schedule, make_tree([-1, 0, 0], [300, 5, 7], [1, 2]), group_size=4, head_dim=32,
+                       kv_elem_bytes=2, num_kv_heads=2, num_sms=8, large_rows=64, programs_per_sm=4,
+                       cap_queries=None, cap_items=None, kv_tokens=None)

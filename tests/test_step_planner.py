@@ -489,3 +489,16 @@ def test_a_batch_filling_the_buffers_takes_steady_steps():
     sp = step_planner(sim, slack=4, max_queries=3)
     reqs = fork(sim, 3)
     assert [run(sim, sp, reqs) for _ in range(4)] == [False, False, True, True]
+
+
+def test_a_step_where_not_every_request_is_one_token_on_is_planned_in_full():
+    """Steady steps grow every tail by one: the batch's lengths must each be one more than the plan's, not only some."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    reqs = fork(sim, 2)
+    assert [run(sim, sp, reqs) for _ in range(2)] == [False, False]  # the second lays out room
+    seq_lens = sim.prepare_decode(reqs).clone()
+    seq_lens[1] -= 1  # request 1 is where the plan left it, request 0 one token on
+    step = sp.plan(reqs, seq_lens, 2)
+    check(sim, reqs, seq_lens, step, 2)
+    assert not step.steady
