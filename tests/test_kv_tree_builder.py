@@ -1003,3 +1003,33 @@ def test_a_query_of_no_tokens_is_refused(cache):
     sim.prepare_decode(reqs)
     with pytest.raises(KVTreeBuildError, match="has seq_len 0: a decode query attends at least its own token"):
         build_decode_kv_tree(reqs, sim.req_to_token, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("spare", [-1, 0])
+def test_window_room_counts_the_private_nodes_against_max_kv_tokens(spare):
+    """A window tree's room is laid out for its tails and its private nodes alike: counting the tails alone, the tree
+    and its room passed max_kv_tokens, the scratch entry a steady update writes."""
+    sim = RadixSim(kv_slots=4096)
+    prompt = sim.tokens(150)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.fresh(n)) for n in (3, 4, 5, 6)])
+    seq_lens = sim.prepare_decode(reqs)
+    builder, slack = DecodeKVTreeBuilder(sim.req_to_token), 4
+    plain = builder.build_window(reqs, seq_lens, 41)
+    grown = builder.build_window(reqs, seq_lens, 41, tail_slack=slack)
+    growing = len(grown.tails.req)
+    assert growing == 7 and grown.tails.num_tails == 4  # 4 tails and 3 private nodes
+    limit = plain.unique_tokens + slack * growing + spare
+    d = builder.build_window(reqs, seq_lens, 41, tail_slack=slack, max_kv_tokens=limit)
+    assert (d.tails is not None) == (spare >= 0) and d.tree.kv_indices.numel() <= limit
+
+
+def test_one_other_request_in_a_finished_ones_row_and_node_makes_another_batch():
+    """The kept shape is the same batch only if every request is: replacing the last one alone, in the row and at the
+    node of the one it replaces, must not reuse the shape (a check of the first request let it through)."""
+    sim, batch, seq_lens, builder = kept_shape(3)
+    r = batch[2]
+    other = SimpleNamespace(last_node=r.last_node, req_pool_idx=r.req_pool_idx,
+                            retraction_count=r.retraction_count, rid="other")
+    assert not builder.same_batch_as_last(batch[:2] + [other], seq_lens.numpy())
+    assert not builder.build(batch[:2] + [other], seq_lens).reused_shape
