@@ -15,14 +15,19 @@ import torch
 from .kv_tree import KVTree
 
 
-_FP32_MAX = torch.finfo(torch.float32).max
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def cap_refusal(logit_cap: float) -> ValueError:
+    """The error for a cap that is not finite in float32 (NaN included): NaN would read as no cap, and a cap past
+    fp32's range gives inf x 0 = NaN scores, in the kernels (which take it in fp32) and here alike."""
+    return ValueError(f"logit_cap {logit_cap}: a cap finite in float32 (at most {FP32_MAX:.4g}), or 0 for none")
 
 
 def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
     # SGLang's definition: logit_cap * tanh(scores / logit_cap), applied after sm_scale.
-    # As tree_decode refuses them: NaN would read as no cap below, and a cap past fp32's range gives inf x 0 = NaN.
-    if not logit_cap <= _FP32_MAX:
-        raise ValueError(f"logit_cap {logit_cap}: a cap finite in float32 (at most {_FP32_MAX:.4g}), or 0 for none")
+    if not logit_cap <= FP32_MAX:
+        raise cap_refusal(logit_cap)
     return logit_cap * torch.tanh(scores / logit_cap) if logit_cap > 0 else scores
 
 

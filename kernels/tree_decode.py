@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .plan import SMALL_ROWS, TreeDecodePlan
+from .reference import FP32_MAX as _FP32_MAX, cap_refusal
 
 logger = logging.getLogger(__name__)
 LOG2E = tl.constexpr(1.4426950408889634)  # scores move to base 2 so the kernels use exp2/log2
@@ -329,8 +330,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if not type(sm_scale) is type(logit_cap) is type(k_scale) is type(v_scale) is float:  # (per layer: the cheap test)
         sm_scale, logit_cap = _scalar("sm_scale", sm_scale), _scalar("logit_cap", logit_cap)
         k_scale, v_scale = _scalar("k_scale", k_scale), _scalar("v_scale", v_scale)
-    if not logit_cap <= _FP32_MAX:  # (also NaN) the kernels take it in fp32: an infinite cap makes every score NaN
-        raise ValueError(f"logit_cap {logit_cap}: a cap finite in float32 (at most {_FP32_MAX:.4g}), or 0 for none")
+    if not logit_cap <= _FP32_MAX:
+        raise cap_refusal(logit_cap)
     # (also NaN) The kernels scale scores in fp32, and the Hopper one masks past-the-end tokens to -inf before: a
     # scale <= 0 turned those into NaN or +inf, one past fp32's range failed to compile.
     if not _FP32_TINY <= sm_scale * k_scale <= _FP32_MAX or not _FP32_TINY <= v_scale <= _FP32_MAX:
@@ -407,7 +408,6 @@ def _elements_apart(t: torch.Tensor) -> bool:
     return True
 
 
-_FP32_MAX = torch.finfo(torch.float32).max
 _current_device = torch.cuda.current_device  # (the GPU tests make another read as current)
 _FP32_TINY = torch.finfo(torch.float32).tiny  # the least normal float32
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
