@@ -7,7 +7,7 @@ bench-e2e`` wraps this with the time limits, cleanup and log bundle a 10-minute 
     python3 benchmarks/plot_e2e.py "$OUT/e2e_h200.json"                        # -> e2e_h200.png
     .venv/bin/python benchmarks/bench_e2e.py --device cpu --smoke --out /tmp/e2e_cpu   # CPU dry run, ~1 min
 
-Servers (``python -m sglang_deft.launch_server``, one per model and decode backend, all started at once):
+Servers (``python -m sglang_deft.launch_server``, one per model and decode backend, started together where they fit):
 ``--attention-backend triton --decode-attention-backend {deft,flashinfer,triton}``, so prefill/extend
 is SGLang's triton backend everywhere and only decode differs (flashinfer decode runs in SGLang's
 ``HybridAttnBackend``; triton decode is the plain triton backend). Per-backend extra arguments:
@@ -50,11 +50,15 @@ Measures (per case and backend; each case is run ``--repeats`` times, the best r
   is ``scripts/gpu_e2e.py``'s; this one catches a backend that decodes garbage or nothing.
 
 Time and memory: the servers start concurrently (startup is imports, CUDA-graph capture and FlashInfer's
-JIT; caches are file-locked), each with a capped KV pool (``--max-total-tokens``, the largest case's
+JIT; caches are file-locked) where they fit the card together, as on the H200; else in waves, each started once the
+last one's cases ran and its servers stopped (``server_waves``: each server's memory estimated from its model's
+config and KV pool, ``server_memory_gib``, against 90% of the card's, ``--gpu-memory-gib``; on an 80 GB H100 the
+default run is three waves, one 8b server at a time and the tiny servers beside the last; the JSON's ``memory`` says
+what was estimated). Each server has a capped KV pool (``--max-total-tokens``, the largest case's
 tokens + 10%: ~150k tokens, 19 GiB on 8b) and ``--mem-fraction-static 0.8``. SGLang sizes the pool as
 free-after-weights - (1 - fraction) x free-before-weights, capped at ``--max-total-tokens``; other servers'
 allocations shrink both terms, and 0.8 keeps the result above the cap (3 x (15 GiB weights + 19 GiB KV +
-~3 GiB) + 3 tiny servers ~ 115 GiB of the H200's 139). A low fraction would make it negative: the tiny
+~6 GiB) + 3 tiny servers ~ 123 GiB of the H200's 140). A low fraction would make it negative: the tiny
 servers use 0.8 too and are kept small by their cap. Each server's ``max_total_num_tokens`` is read back and
 a case that would not fit is not run (the JSON says so). Cases run one backend at a time while the other
 servers idle (``--sleep-on-idle``); all repetition-1 runs come before any repetition 2, and ``--budget-s``
@@ -82,6 +86,7 @@ import re
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -282,6 +287,75 @@ def pool_tokens(model: str, spec: ModelSpec, cases: list[Case], radix_cache: boo
     prompt and max_new_tokens fit), rounded up to 1024."""
     need = max([c.kv_tokens_held(radix_cache) for c in cases if c.model == model and not c.is_lang], default=0)
     return max(spec.min_pool_tokens, math.ceil(need * 1.1 / 1024) * 1024)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU memory: the servers start in waves that fit the card
+# --------------------------------------------------------------------------------------------------
+# A server's memory beyond its weights and KV pool (CUDA context, activations, CUDA graphs up to batch 256, what
+# --mem-fraction-static leaves free): 1 GiB + a third of its weights' size. Set from two runs of the default servers:
+# on the H200 (140 GiB) all six (3 x 8b, 3 x tiny) start together and every KV pool gets the tokens asked for; on an
+# H100 (80 GB; e2e_h100_43154c5.md) they do not (two failed to start), and two 8b servers alone left the second's
+# pool 5.7 GiB short of its 18.75. An 8b server is then 15 + 18.75 + 6 GiB: two of them need 79.4 GiB, above the
+# H100's usable 71.6, and the default run needs 123 of the H200's 126.
+SERVER_OVERHEAD_GIB = 1.0
+SERVER_OVERHEAD_PER_WEIGHT = 1 / 3
+# A later wave starts only with this much of --budget-s left: a start takes about a minute on the H200 (more with
+# FlashInfer's JIT), and a wave that cannot also run a case only costs the time it takes to stop.
+WAVE_MIN_S = 120
+USABLE_MEMORY_SHARE = 0.9  # of the card's total: the rest for fragmentation and what the estimate misses
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
+
+def model_config(spec: ModelSpec) -> dict:
+    """The model's config as its servers load it: ``spec.config`` or its config.json, with the
+    ``--json-model-override-args`` of its arguments applied."""
+    config = dict(spec.config) if spec.config is not None else json.loads((spec.path / "config.json").read_text())
+    args = list(spec.args)
+    if "--json-model-override-args" in args:
+        config.update(json.loads(args[args.index("--json-model-override-args") + 1]))
+    return config
+
+
+def server_memory_gib(spec: ModelSpec, pool_tokens: int) -> float:
+    """What one server of this model with a KV pool of ``pool_tokens`` takes on the GPU, estimated: the weights of a
+    dense decoder (attention, gated MLP, embeddings: the benchmark's models), the KV pool and ``SERVER_OVERHEAD_*``."""
+    c = model_config(spec)
+    args = list(spec.args)
+    nbytes = _DTYPE_BYTES[args[args.index("--dtype") + 1]] if "--dtype" in args else 2
+    hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    kv_heads, head_dim = c.get("num_key_value_heads", heads), c.get("head_dim") or hidden // heads
+    per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * c["intermediate_size"]
+    embeddings = c["vocab_size"] * hidden * (1 if c.get("tie_word_embeddings") else 2)
+    weights = (layers * per_layer + embeddings) * nbytes / 2 ** 30
+    kv = pool_tokens * layers * kv_heads * head_dim * 2 * nbytes / 2 ** 30
+    return weights + kv + SERVER_OVERHEAD_GIB + SERVER_OVERHEAD_PER_WEIGHT * weights
+
+
+def gpu_memory_gib() -> float | None:
+    """The first GPU's total memory as nvidia-smi reports it (not torch: the client must not hold a CUDA context);
+    None where it cannot be read."""
+    try:
+        mib = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(mib.split()[0]) / 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def server_waves(servers: list[tuple[str, str]], need_gib: dict, usable_gib: float | None) -> list[list[tuple[str, str]]]:
+    """The servers (in launch order) as consecutive groups whose estimated memory fits ``usable_gib`` together; one
+    group without a limit. A server that does not fit alone gets a group of its own (its start says whether it fits)."""
+    waves: list[list[tuple[str, str]]] = []
+    used = 0.0
+    for key in servers:
+        if waves and (usable_gib is None or used + need_gib[key] <= usable_gib):
+            waves[-1].append(key)
+            used += need_gib[key]
+        else:
+            waves.append([key])
+            used = need_gib[key]
+    return waves
 
 
 def radix_cache_on(extra_args: str | None) -> bool:
@@ -775,7 +849,8 @@ class Bench:
         self.device = args.device
         self.backends = tuple(args.backends)
         self.models = sorted({c.model for c in cases})
-        self.servers: dict[tuple[str, str], object] = {}  # (model, backend) -> ServerProcess, once ready
+        self.servers: dict[tuple[str, str], object] = {}  # (model, backend) -> ServerProcess, while its wave runs
+        self.graphs: dict[tuple[str, str], bool | None] = {}  # (model, backend) -> CUDA graphs on, per server started
         self.budget = Budget(args.budget_s, reserve_s=30)
         self.program = make_tree_of_thought() if any(c.is_lang for c in cases) else None
 
@@ -786,15 +861,63 @@ class Bench:
         """Seconds one request may take: the budget's rest, but never unbounded (a hung server)."""
         return max(30.0, min(600.0, self.budget.left()))
 
-    def start_servers(self) -> None:
-        """All servers at once; each is awaited, checked and warmed up in its own thread."""
+    def run(self) -> None:
+        """Every case on every backend: the servers start in waves that fit the GPU (``server_waves``; one wave where
+        all fit, as on the H200), each wave's cases run, then its servers stop before the next wave starts."""
+        waves = self.plan_waves()
+        for i, wave in enumerate(waves, 1):
+            if len(waves) > 1:
+                self.clock.note(f"wave {i} of {len(waves)}", extra=", ".join(f"{m}-{b}" for m, b in wave))
+            if i > 1 and self.budget.left() < WAVE_MIN_S:
+                self.skip_wave(wave)
+                continue
+            first = len(self.fleet.running)
+            self.start_servers(wave)
+            self.run_all(wave)
+            if i < len(waves):  # (main stops the last wave's with everything else)
+                start = time.monotonic()
+                self.fleet.stop(self.fleet.running[first:])
+                for key in wave:
+                    self.servers.pop(key, None)
+                self.clock.note(f"wave {i} stopped", time.monotonic() - start)
+
+    def skip_wave(self, wave: list[tuple[str, str]]) -> None:
+        """A wave not started (the budget's rest would not start and run it): each of its cases says so."""
+        why = f"servers {', '.join(f'{m}-{b}' for m, b in wave)} not started: {self.budget.left():.0f}s of the budget left"
+        self.clock.note("wave skipped", extra=why)
+        for case in self.cases:
+            if any(model == case.model for model, _ in wave):
+                entry = self.case_entry(case)
+                entry.setdefault("skipped", []).append(why)
+                summarize_case(entry, self.backends, self.report.data["baseline"])
+        self.save()
+
+    def plan_waves(self) -> list[list[tuple[str, str]]]:
+        """The servers in launch order (per model, per backend), grouped by ``server_waves`` on the card's memory
+        (``--gpu-memory-gib``; the JSON's ``memory`` says what was estimated and how the servers were grouped)."""
+        keys = [(model, backend) for model in self.models for backend in self.backends]
+        usable = None
+        if self.device == "cuda" and self.args.gpu_memory_gib:
+            usable = USABLE_MEMORY_SHARE * self.args.gpu_memory_gib
+        need = {(model, backend): server_memory_gib(MODELS[self.device][model], pool_tokens(
+                    model, MODELS[self.device][model], self.cases,
+                    radix_cache_on(self.args.backend_args.get(backend))))
+                for model, backend in keys}
+        waves = server_waves(keys, need, usable)
+        self.report.data["memory"] = {
+            "gpu_gib": self.args.gpu_memory_gib, "usable_gib": usable and round(usable, 1),
+            "server_gib": {f"{m}-{b}": round(gib, 1) for (m, b), gib in need.items()},
+            "waves": [[f"{m}-{b}" for m, b in wave] for wave in waves]}
+        return waves
+
+    def start_servers(self, wave: list[tuple[str, str]]) -> None:
+        """The wave's servers at once; each is awaited, checked and warmed up in its own thread."""
         launched = {}
-        for model in self.models:
+        for model, backend in wave:
             materialize_model(MODELS[self.device][model])
-            for backend in self.backends:
-                cmd = server_args(self.device, model, backend, self.cases, self.args.backend_args)
-                self.report.data["server_args"].setdefault(model, {})[backend] = cmd
-                launched[(model, backend)] = self.fleet.launch(model, backend, backend, cmd)
+            cmd = server_args(self.device, model, backend, self.cases, self.args.backend_args)
+            self.report.data["server_args"].setdefault(model, {})[backend] = cmd
+            launched[(model, backend)] = self.fleet.launch(model, backend, backend, cmd)
         self.save()
         pool = ThreadPoolExecutor(max_workers=len(launched))
         try:
@@ -805,10 +928,11 @@ class Bench:
             pool.shutdown(wait=False, cancel_futures=True)
         for (model, backend), (result, server) in results.items():
             self.report.data["servers"][f"{model}-{backend}"] = result
+            self.graphs[(model, backend)] = result.get("cuda_graph")
             if server is not None:
                 self.servers[(model, backend)] = server
-        self.report.data["cuda_graph"] = {b: graphs_on([result.get("cuda_graph") for (_, backend), (result, _)
-                                                        in results.items() if backend == b]) for b in self.backends}
+        self.report.data["cuda_graph"] = {b: graphs_on([on for (_, backend), on in self.graphs.items() if backend == b])
+                                          for b in self.backends}
         self.save()
 
     def ready_and_warm(self, key: tuple[str, str], launched) -> tuple[dict, object]:
@@ -862,22 +986,27 @@ class Bench:
         entries.append(entry)
         return entry
 
-    def run_all(self) -> None:
-        """Repetition 1 of every case before any repetition 2; within a case, one backend at a time."""
+    def run_all(self, wave: list[tuple[str, str]]) -> None:
+        """The cases of the wave's servers: repetition 1 of every case before any repetition 2; within a case, one
+        backend at a time."""
         spent: dict[str, float] = {}
         for rep in range(1, self.args.repeats + 1):
             for case in self.cases:
+                backends = [backend for model, backend in wave if model == case.model]
+                if not backends:
+                    continue
                 entry = self.case_entry(case)
-                need = spent.get(case.key, case.est_s)
+                need = spent.get(case.key, case.est_s * len(backends) / len(self.backends))
                 if self.budget.left() < need:
                     entry.setdefault("skipped", []).append(
-                        f"repetition {rep}: {self.budget.left():.0f}s of the budget left, about {need:.0f}s needed")
+                        f"repetition {rep} ({', '.join(backends)}): {self.budget.left():.0f}s of the budget left, "
+                        f"about {need:.0f}s needed")
                     self.clock.note(f"{case.key} rep {rep} skipped", extra=entry["skipped"][-1])
                     summarize_case(entry, self.backends, self.report.data["baseline"])
                     self.save()
                     continue
                 start = time.monotonic()
-                for backend in self.backends:
+                for backend in backends:
                     self.run_one(case, backend, rep, entry)
                 spent[case.key] = 1.1 * (time.monotonic() - start)
 
@@ -941,6 +1070,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="runs per case and backend; the best is reported")
     p.add_argument("--budget-s", type=float, default=0, help="wall-clock budget; skip what would overrun (0: none)")
     p.add_argument("--startup-timeout", type=float, default=420)
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="the GPU memory the servers share, for starting them in waves that fit it (default: the first "
+                        "GPU's total, from nvidia-smi; 0: every server at once)")
     p.add_argument("--commit", default=os.environ.get("DEFT_COMMIT"))
     for backend in ("deft", "flashinfer", "triton", "torch_native"):
         p.add_argument(f"--{backend.replace('_', '-')}-args", default=None, metavar="ARGS",
@@ -951,6 +1083,8 @@ def parse_args(argv=None):
     if args.device == "cpu" and not args.smoke:
         p.error("--device cpu runs the smoke shapes only: add --smoke")
     args.tag = args.tag or (card_tag() if args.device == "cuda" else "cpu")
+    if args.gpu_memory_gib is None and args.device == "cuda":
+        args.gpu_memory_gib = gpu_memory_gib()
     args.backends = args.backends.split(",") if args.backends else list(BACKENDS[args.device])
     args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
     for backend in ("deft", "flashinfer", "triton", "torch_native"):
@@ -1004,8 +1138,7 @@ def main(argv=None) -> int:
     fleet = gpu_e2e.Fleet(env, cwd, log_dir, clock)
     bench = Bench(args, cases, report, fleet, clock)
     try:
-        bench.start_servers()
-        bench.run_all()
+        bench.run()
     except BaseException as e:  # SIGTERM (SystemExit) or Ctrl-C: keep what was measured, say why it stopped
         report.data["interrupted"] = f"{type(e).__name__}: {e}"
         report.save(clock)  # before the servers' stop, which may outlast the caller's grace

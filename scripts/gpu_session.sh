@@ -66,10 +66,11 @@
 #            startup ran long.
 #            bench_e2e.py gets the rest of SESSION_S as --budget-s and skips what would not fit (JSON
 #            says so, exit 1).
-#            On an 80 GB H100 the six servers do not fit (two fail to start, out of memory): run pairs, e.g.
-#            BENCH_E2E_ARGS="--backends deft,flashinfer --cases p16k_64,p4k_64,p1k_256" (~2.7 min), then the no-sharing
-#            case with "--flashinfer-args=--mem-fraction-static=0.9" (its pool needs 139k tokens; ~2.2 min), each with
-#            its own BENCH_E2E_TAG (2026-12-06, e2e_h100_43154c5.md).
+#            On an 80 GB H100 the six servers do not fit together (two failed to start, 2026-12-06,
+#            e2e_h100_43154c5.md): bench_e2e.py then starts them in waves (one 8b server at a time, the tiny ones beside
+#            the last), which takes longer than one call: run a part per call, e.g.
+#            BENCH_E2E_ARGS="--backends deft,flashinfer --cases p16k_64,p4k_64,p1k_256,nosharing_64x2k", each with its
+#            own BENCH_E2E_TAG.
 #            Gemma-3-12B's shape (sliding windows at a real size) on its own, ~4.5 min (3 servers ready in ~190 s,
 #            2026-12-05): BENCH_E2E_TAG="$(python3 benchmarks/card_tag.py)_gemma3" BENCH_E2E_ARGS="--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3
 #            --repeats 1". Three 24 GB servers starting together can leave the last one's KV pool too small for the

@@ -589,8 +589,7 @@ def main_without_servers(tmp_path, monkeypatch, argv, ok=lambda backend: True,
     monkeypatch.setattr(b.gpu_e2e, "Fleet", Fleet)
     monkeypatch.setattr(b.gpu_e2e, "importable_package_env", lambda: ({}, tmp_path))
     monkeypatch.setattr(b.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(b.Bench, "start_servers", lambda self: None)
-    monkeypatch.setattr(b.Bench, "run_all", run_all)
+    monkeypatch.setattr(b.Bench, "run", run_all)
     rc = b.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), *argv])
     return rc, json.loads((tmp_path / "e2e_cpu.json").read_text()), (tmp_path / "e2e_cpu.md").read_text()
 
@@ -680,3 +679,110 @@ def test_theoretical_sharing_ratio_with_windows():
     assert gemma == pytest.approx(9.77, abs=0.01)  # the H200 run's deft log: 9.98 (all but its first line)
     assert 1.0 < gemma < b.theoretical_sharing_ratio(dataclasses.replace(p4k, model="8b"))
     assert b.sharing("flashinfer", p4k, "")["sharing_ratio"] == gemma
+
+
+# nvidia-smi's totals (MiB) of the two cards the benchmark ran on
+H100_GIB, H200_GIB = 81559 / 1024, 143771 / 1024
+
+
+def test_server_memory_of_the_8b_shape():
+    """15.0 GiB of bf16 weights, 18.75 GiB of KV for the default run's 153,600-token pool (128 KiB a token), and the
+    overhead of 1 GiB + a third of the weights; the head-dim-256 variant's KV is twice as large a token."""
+    spec = b.MODELS["cuda"]["8b"]
+    pool = b.pool_tokens("8b", spec, list(b.FULL_CASES))
+    assert pool == 153600
+    weights = 8_030_261_248 * 2 / 2 ** 30  # Llama-3-8B's parameters (the estimate leaves out the norms' 266k)
+    assert b.server_memory_gib(spec, pool) == pytest.approx(weights + 18.75 + 1 + weights / 3, rel=1e-4)
+    d256 = b.server_memory_gib(b.MODELS["cuda"]["8b_d256"], pool)
+    kv_projections = 32 * 2 * 4096 * 1024 * 2 / 2 ** 30  # 8 more KV heads' worth of K and V projections
+    assert d256 - b.server_memory_gib(spec, pool) == pytest.approx(18.75 + kv_projections * 4 / 3)
+    assert b.server_memory_gib(b.MODELS["cuda"]["tiny"], 16384) < 1.1  # overhead, nearly all of it
+
+
+@pytest.mark.parametrize("gib, waves", [
+    (H200_GIB, [["8b-deft", "8b-flashinfer", "8b-triton", "tiny-deft", "tiny-flashinfer", "tiny-triton"]]),
+    (H100_GIB, [["8b-deft"], ["8b-flashinfer"], ["8b-triton", "tiny-deft", "tiny-flashinfer", "tiny-triton"]]),
+    (0, [["8b-deft", "8b-flashinfer", "8b-triton", "tiny-deft", "tiny-flashinfer", "tiny-triton"]]),
+    (20, [["8b-deft"], ["8b-flashinfer"], ["8b-triton"], ["tiny-deft", "tiny-flashinfer", "tiny-triton"]]),
+], ids=["h200", "h100", "no_limit", "too_small"])
+def test_the_default_servers_start_in_waves_that_fit_the_card(tmp_path, gib, waves):
+    """On the H200 all six together, as measured; on an 80 GB H100 one 8b server at a time (two left the second's KV
+    pool short), the tiny ones beside the last; a server too large for the card still starts, alone."""
+    args = b.parse_args(["--out", str(tmp_path), "--tag", "x", "--gpu-memory-gib", str(gib)])
+    report = b.Report(tmp_path, "x", {})
+    bench = b.Bench(args, list(b.FULL_CASES), report, None, b.gpu_e2e.Clock())
+    assert [[f"{m}-{k}" for m, k in w] for w in bench.plan_waves()] == waves
+    assert report.data["memory"]["waves"] == waves
+    if gib:
+        assert report.data["memory"]["usable_gib"] == round(0.9 * gib, 1)
+
+
+class WaveFleet:
+    """Fleet's interface, recording which servers run when."""
+
+    def __init__(self):
+        self.running, self.alive, self.events = [], set(), []
+
+    def launch(self, model, role, backend, args):
+        launched = b.gpu_e2e.Launched(role, backend, FakeServer(f"{model}-{role}", "ready"), t0=0.0)
+        self.running.append(launched)
+        self.alive.add(launched.server.name)
+        self.events.append(("start", launched.server.name))
+        return launched
+
+    def stop(self, items):
+        for x in items:
+            self.alive.discard(x.server.name)
+            self.events.append(("stop", x.server.name))
+
+
+@pytest.mark.parametrize("budget_s", [0, 200])
+def test_waves_run_their_cases_then_stop_before_the_next_starts(tmp_path, monkeypatch, budget_s):
+    """Each case runs on each backend once per repetition, while that backend's server is up and no server of an
+    earlier wave is; the next wave starts after the last stopped. A wave that the budget's rest would not start is
+    skipped, and its cases say so."""
+    args = b.parse_args(["--out", str(tmp_path), "--tag", "x", "--gpu-memory-gib", str(H100_GIB), "--repeats", "2",
+                         "--cases", "p4k_64,nosharing_64x2k,tot_3level", "--budget-s", str(budget_s)])
+    report = b.Report(tmp_path, "x", {"servers": {}, "server_args": {}, "cases": [], "baseline": "flashinfer"})
+    fleet = WaveFleet()
+    bench = b.Bench(args, b.select_cases(args), report, fleet, b.gpu_e2e.Clock())
+    monkeypatch.setattr(bench, "save", lambda: None)
+    monkeypatch.setattr(b, "materialize_model", lambda spec: None)
+    clock = [0.0]
+    monkeypatch.setattr(b.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench.budget, "deadline", 200 + 30 if budget_s else 10 ** 9)
+
+    def ready_and_warm(key, launched):
+        clock[0] += 60  # a server's start
+        return {"ok": True, "max_total_num_tokens": 10 ** 6, "cuda_graph": True}, launched.server
+
+    def run_one(case, backend, rep, entry):
+        name = f"{case.model}-{backend}"
+        assert name in fleet.alive and bench.servers[(case.model, backend)].name == name
+        fleet.events.append(("run", name, case.key, rep))
+        clock[0] += 1
+
+    monkeypatch.setattr(bench, "ready_and_warm", ready_and_warm)
+    monkeypatch.setattr(bench, "run_one", run_one)
+    bench.run()
+    starts = [e[1] for e in fleet.events if e[0] == "start"]
+    runs = [e[1:] for e in fleet.events if e[0] == "run"]
+    if not budget_s:
+        assert starts == ["8b-deft", "8b-flashinfer", "8b-triton", "tiny-deft", "tiny-flashinfer", "tiny-triton"]
+        assert sorted(runs) == sorted([(f"8b-{k}", c, r) for k in ("deft", "flashinfer", "triton")
+                                       for c in ("p4k_64", "nosharing_64x2k") for r in (1, 2)]
+                                      + [(f"tiny-{k}", "tot_3level", r) for k in ("deft", "flashinfer", "triton")
+                                         for r in (1, 2)])
+        # Each wave stopped before the next started (the last is main's to stop)
+        order = [e[:2] for e in fleet.events if e[0] != "run"]
+        assert order.index(("stop", "8b-deft")) < order.index(("start", "8b-flashinfer"))
+        assert order.index(("stop", "8b-flashinfer")) < order.index(("start", "8b-triton"))
+        assert fleet.alive == {"8b-triton", "tiny-deft", "tiny-flashinfer", "tiny-triton"}
+        assert not any("skipped" in c for c in report.data["cases"])
+    else:  # 200 s: the first wave's start and runs leave 136 s, the second's 72: the third is not started
+        assert starts == ["8b-deft", "8b-flashinfer"]
+        assert sorted(runs) == sorted((f"8b-{k}", c, r) for k in ("deft", "flashinfer")
+                                      for c in ("p4k_64", "nosharing_64x2k") for r in (1, 2))
+        skipped = {c["key"]: c["skipped"] for c in report.data["cases"]}
+        assert set(skipped) == {"p4k_64", "nosharing_64x2k", "tot_3level"}
+        assert all("8b-triton, tiny-deft, tiny-flashinfer, tiny-triton not started" in s[0] for s in skipped.values())
