@@ -16,7 +16,8 @@ defaults, CUDA graphs on, up to ``--cuda-graph-max-bs 256``, for every backend;
 ``--deft-args=--disable-cuda-graph`` measures deft's eager steps).
 Models: ``8b`` (``models/llama3-8b-shape``, dummy weights, bfloat16, ``--skip-tokenizer-init``) and
 ``tiny`` (``models/tiny-llama-deft``, float16, with its tokenizer, for the sglang.lang program); by name only,
-``8b_d256`` (the 8b shape with 16 q / 8 kv heads of 256) and ``gemma3_12b`` (Gemma-3-12B's text model with dummy
+``8b_d256`` (the 8b shape with 16 q / 8 kv heads of 256), ``8b_text`` (the 8b shape with its stand-in tokenizer on,
+for the tree of thought at that size: ``--cases tot_3level_8b``) and ``gemma3_12b`` (Gemma-3-12B's text model with dummy
 weights: sliding-window layers at their real size; ``--cases p16k_64_gemma3,p4k_64_gemma3,nosharing_gemma3``).
 
 Cases (same request contents for every backend; token ids from a RNG seeded by case and repetition):
@@ -167,6 +168,10 @@ MODELS = {
                               "--json-model-override-args",
                               json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256})),
                              (1000, 128000), 16384),
+        # The 8b shape with its stand-in tokenizer on, for the sglang.lang program at a real model's size (the
+        # random model's tokens past that tokenizer's 326 decode to nothing, so the branches' text is the prompt's).
+        "8b_text": ModelSpec(REPO / "models" / "llama3-8b-shape", ("--dtype", "bfloat16", "--load-format", "dummy"),
+                             (1000, 128000), 16384),
         # A sliding-window model at its real size (Gemma-3-12B's text model, above). The config is written to a
         # temporary directory; the servers read no tokenizer (--skip-tokenizer-init: prompts are token ids).
         "gemma3_12b": ModelSpec(Path(tempfile.gettempdir()) / "sglang_deft_bench_models" / "gemma3-12b-shape",
@@ -267,6 +272,14 @@ GEMMA3_CASES = (
 LOW_CONCURRENCY_CASES = (
     Case("single_32k", "one request, 32000 prompt x 256 new", "8b", 256, 0, 1, 32000, est_s=40),
 )
+# The tree of thought at a real model's size (`--cases tot_3level_8b`; not in the default run): whether deft's
+# per-step host work, which the tiny model's short steps expose, shows beside an 8B step. ``prefix``: characters of a
+# document before the question (the stand-in tokenizer is byte-level: a token a character), so that the branches
+# share a context worth reading once.
+LANG_8B_CASES = (
+    Case("tot_3level_8b", "tree of thought (sglang.lang), 4 x 4 x 4 forks x 32 tokens after a 2000-token document, "
+         "8B shape", "8b_text", 32, prefix=2000, widths=(4, 4, 4), est_s=30),
+)
 SMOKE_CASES = (
     Case("fork_smoke", "prefix 64 x 4 branches x 8 new (smoke)", "tiny", 8, 64, 4, 8),
     Case("nosharing_smoke", "no sharing, 4 x 48 prompt x 8 new (smoke)", "tiny", 8, 0, 4, 48),
@@ -277,6 +290,7 @@ SMOKE_CASES = (
 # (deft's kernels, SGLang's triton backend) and FlashInfer JIT happen on first use.
 WARMUP = {"cuda": {"8b": Case("warmup", "warm-up", "8b", 32, 2048, 64, 8),
                    "8b_d256": Case("warmup", "warm-up", "8b_d256", 32, 2048, 64, 8),
+                   "8b_text": Case("warmup", "warm-up", "8b_text", 32, 2048, 64, 8),
                    "gemma3_12b": Case("warmup", "warm-up", "gemma3_12b", 32, 2048, 64, 8),
                    "tiny": Case("warmup", "warm-up", "tiny", 8, 128, 8, 8)},
           "cpu": {"tiny": Case("warmup", "warm-up", "tiny", 4, 16, 2, 4)}}
@@ -620,10 +634,17 @@ def measure_batch(server, backend: str, case: Case, id_range: tuple[int, int], s
     return figures
 
 
-def lang_question(rep: int) -> str:
+def lang_question(rep: int, document_chars: int = 0) -> str:
     """The tree of thought's question in repetition ``rep``: the same for every backend, another for every repetition
-    (as the batch cases' prompts), so that no repetition finds its prompts in the server's radix cache."""
-    return f"Puzzle {rep}. {QUESTION}"
+    (as the batch cases' prompts), so that no repetition finds its prompts in the server's radix cache; after a
+    document of ``document_chars`` characters (the question's words in a random order) where asked for."""
+    document = ""
+    if document_chars:
+        rng, words = random.Random(f"document {rep}"), QUESTION.split()
+        while len(document) < document_chars:
+            document += rng.choice(words) + " "
+        document = "Document: " + document[:document_chars - len("Document: ") - 1] + "\n"
+    return f"Puzzle {rep}. {document}{QUESTION}"
 
 
 def measure_lang(server, backend: str, case: Case, program, rep: int) -> dict:
@@ -632,7 +653,7 @@ def measure_lang(server, backend: str, case: Case, program, rep: int) -> dict:
     endpoint = RuntimeEndpoint(server.url)
     before = settled_log(server)
     start = time.monotonic()
-    counts = program.run(question=lang_question(rep), widths=case.widths, max_tokens=case.new_tokens,
+    counts = program.run(question=lang_question(rep, case.prefix), widths=case.widths, max_tokens=case.new_tokens,
                          backend=endpoint).ret_value
     wall = time.monotonic() - start
     after = settled_log(server)
@@ -1103,7 +1124,7 @@ def select_cases(args) -> list[Case]:
     if not args.cases:
         return list(profile)
     if not args.smoke:
-        profile += HEAD_DIM_CASES + GEMMA3_CASES + LOW_CONCURRENCY_CASES
+        profile += HEAD_DIM_CASES + GEMMA3_CASES + LOW_CONCURRENCY_CASES + LANG_8B_CASES
     keys = args.cases.split(",")
     unknown = sorted(set(keys) - {c.key for c in profile})
     if unknown:

@@ -88,6 +88,10 @@ def test_the_tree_of_thought_asks_another_question_each_repetition():
     """The same one for every backend; the second repetition found the first's prompts in the radix cache."""
     assert b.lang_question(1) == b.lang_question(1) != b.lang_question(2)
     assert b.QUESTION in b.lang_question(2)
+    # with a document before the question: of the length asked for, the same for every backend, another per repetition
+    with_document = b.lang_question(1, 2000)
+    assert len(with_document) == len(b.lang_question(1)) + 2000 and with_document.endswith(b.QUESTION)
+    assert with_document == b.lang_question(1, 2000) and with_document[20:2000] != b.lang_question(2, 2000)[20:2000]
 
 
 class LangServer:
@@ -786,3 +790,16 @@ def test_waves_run_their_cases_then_stop_before_the_next_starts(tmp_path, monkey
         skipped = {c["key"]: c["skipped"] for c in report.data["cases"]}
         assert set(skipped) == {"p4k_64", "nosharing_64x2k", "tot_3level"}
         assert all("8b-triton, tiny-deft, tiny-flashinfer, tiny-triton not started" in s[0] for s in skipped.values())
+
+
+def test_the_8b_tree_of_thought_by_name_with_the_tokenizer_on_and_its_servers_in_one_wave(tmp_path):
+    """sglang.lang sends text: the 8b servers of the tree of thought load the stand-in tokenizer; their pools are the
+    minimum (a program's KV is a few thousand tokens), so the three fit an H100 together."""
+    args = b.parse_args(["--out", str(tmp_path), "--tag", "x", "--gpu-memory-gib", str(H100_GIB),
+                         "--cases", "tot_3level_8b"])
+    cases = b.select_cases(args)
+    assert [c.key for c in cases] == ["tot_3level_8b"] and "tot_3level_8b" not in {c.key for c in b.FULL_CASES}
+    cmd = b.server_args("cuda", "8b_text", "deft", cases, {})
+    assert "--skip-tokenizer-init" not in cmd and cmd[cmd.index("--max-total-tokens") + 1] == "16384"
+    bench = b.Bench(args, cases, b.Report(tmp_path, "x", {}), None, b.gpu_e2e.Clock())
+    assert bench.plan_waves() == [[("8b_text", "deft"), ("8b_text", "flashinfer"), ("8b_text", "triton")]]
