@@ -59,7 +59,7 @@ what was estimated). Each server has a capped KV pool (``--max-total-tokens``, t
 tokens + 10%: ~150k tokens, 19 GiB on 8b) and ``--mem-fraction-static 0.8``. SGLang sizes the pool as
 free-after-weights - (1 - fraction) x free-before-weights, capped at ``--max-total-tokens``; other servers'
 allocations shrink both terms, and 0.8 keeps the result above the cap (3 x (15 GiB weights + 19 GiB KV +
-~6 GiB) + 3 tiny servers ~ 123 GiB of the H200's 140). A low fraction would make it negative: the tiny
+~6 GiB) + 3 tiny servers ~ 122 GiB of the H200's 140). A low fraction would make it negative: the tiny
 servers use 0.8 too and are kept small by their cap. Each server's ``max_total_num_tokens`` is read back and
 a case that would not fit is not run (the JSON says so). Cases run one backend at a time while the other
 servers idle (``--sleep-on-idle``); all repetition-1 runs come before any repetition 2, and ``--budget-s``
@@ -311,7 +311,7 @@ def pool_tokens(model: str, spec: ModelSpec, cases: list[Case], radix_cache: boo
 # on the H200 (140 GiB) all six (3 x 8b, 3 x tiny) start together and every KV pool gets the tokens asked for; on an
 # H100 (80 GB; e2e_h100_43154c5.md) they do not (two failed to start), and two 8b servers alone left the second's
 # pool 5.7 GiB short of its 18.75. An 8b server is then 15 + 18.75 + 6 GiB: two of them need 79.4 GiB, above the
-# H100's usable 71.6, and the default run needs 123 of the H200's 126.
+# H100's usable 71.7, and the default run needs 122 of the H200's 126.
 SERVER_OVERHEAD_GIB = 1.0
 SERVER_OVERHEAD_PER_WEIGHT = 1 / 3
 # A later wave starts only with this much of --budget-s left: a start takes about a minute on the H200 (more with
