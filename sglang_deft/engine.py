@@ -116,9 +116,11 @@ def _refusals_raised(engine: Engine, server_args):
         # SGLang's watchdog of the processes that did start: polling on, it would signal their ends (the handler's
         # kills, or those below) as failures. Both before the caller's handler is back: a rank that fails as its peers
         # are ended signals too
-        watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
+        tokenizer_manager = getattr(engine, "tokenizer_manager", None)
+        watchdog = getattr(tokenizer_manager, "_subprocess_watchdog", None)
         if watchdog is not None:
             watchdog.stop()
+        _quiet_soft_watchdog(getattr(tokenizer_manager, "soft_watchdog", None))
         _end_started_processes(children_before)
         # (what the caller must see is the refusal or the start's error, not a failure to close)
         with contextlib.suppress(Exception):
@@ -146,6 +148,16 @@ def _refusals_raised(engine: Engine, server_args):
         for leftover in [path, *glob.glob(glob.escape(path) + ".*")]:
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
+
+
+def _quiet_soft_watchdog(watchdog) -> None:
+    """The failed start's tokenizer manager's soft watchdog (``--soft-watchdog-timeout``), made inactive. SGLang gives
+    it no stop: its daemon thread, which nothing feeds once the start failed, would log a timeout and dump the ended
+    schedulers' stacks every timeout for as long as the caller's process runs. Inactive, the thread only sleeps
+    (SGLang's ``_WatchdogReal`` asks ``_active`` before each check; without a timeout the watchdog is a no-op that
+    has none)."""
+    if watchdog is not None and hasattr(watchdog, "_active"):
+        watchdog._active = False
 
 
 class _FailedWhileStarting(RuntimeError):

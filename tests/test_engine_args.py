@@ -138,8 +138,17 @@ SCRIPT = textwrap.dedent("""
         def stop(self):
             self.stopped = True
 
+    import logging
+    from sglang.srt.utils.watchdog import Watchdog as SoftWatchdog
+    timeouts = []  # what SGLang's soft watchdog logs when nothing feeds it
+    timeout_log = logging.Handler()
+    timeout_log.emit = lambda record: timeouts.append(record.getMessage())
+    logging.getLogger("sglang.srt.utils.watchdog").addHandler(timeout_log)
+
     def scheduler_fails_and_stays(self, **kw):
-        self.tokenizer_manager = types.SimpleNamespace(_subprocess_watchdog=Watchdog())
+        # with --soft-watchdog-timeout, as SGLang's TokenizerManager makes it (a thread from here on)
+        self.tokenizer_manager = types.SimpleNamespace(_subprocess_watchdog=Watchdog(), soft_watchdog=SoftWatchdog.create(
+            debug_name="TokenizerManager", watchdog_timeout=0.2, soft=True))
         watchdogs.append(self.tokenizer_manager._subprocess_watchdog)
         scheduler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # it does not exit
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
@@ -159,9 +168,12 @@ SCRIPT = textwrap.dedent("""
     try:
         deft_engine.Engine(model_path=model, attention_backend="deft", grammar_backend="none")
     except RuntimeError as e:
+        at_once = time.monotonic() - t0 < 10
+        time.sleep(1.0)  # five soft-watchdog timeouts, none fed
         result["own_process_failed"] = {"error": str(e), "watchdog_stopped": watchdogs[-1].stopped,
+                                        "soft_watchdog_timeouts": [m for m in timeouts if "watchdog timeout" in m],
                                         "passed_on": list(passed_on), "handler_raised": handler_raised,
-                                        "at_once": time.monotonic() - t0 < 10}
+                                        "at_once": at_once}
     # An unmarked SIGQUIT while the Engine starts: an earlier Engine's (its process's, whose start is over, or its
     # watchdog's, in this process), passed on to the handler it would have met, this start unharmed
     def unmarked_signal(self, **kw):
@@ -273,7 +285,7 @@ def test_a_child_that_fails_unseen_by_sglangs_start_up_wait_is_raised(engine_arg
     assert engine_args["sigquit_after_failed_start"]
 
 
-def test_a_failure_signalled_while_starting_ends_the_start_at_once_with_sglangs_watchdog_stopped(engine_args):
+def test_a_failure_signalled_while_starting_ends_the_start_at_once_with_sglangs_watchdogs_stopped(engine_args):
     """Not once SGLang's start-up wait sees the failed scheduler exit: on the H100 a refused scheduler held the test
     below past 250 s (3801efa). The handler raises nothing (it could land in any `except` of the start's code); the
     watchdog, left polling, would signal the processes the failed start ends as failures."""
@@ -281,6 +293,9 @@ def test_a_failure_signalled_while_starting_ends_the_start_at_once_with_sglangs_
     # (SGLang's error, its scheduler's death by SIGKILL, blames the OOM killer: the cause, not the message)
     assert failed["at_once"] and failed["handler_raised"] == [] and "failed while it started" in failed["error"]
     assert failed["watchdog_stopped"] and failed["passed_on"] == []
+    # SGLang's soft watchdog (--soft-watchdog-timeout) has no stop: active, it logged a timeout (and dumped the ended
+    # schedulers' stacks) every 0.2 s from here on, in the caller's process
+    assert failed["soft_watchdog_timeouts"] == []
 
 
 def test_a_sigquit_from_another_engines_process_is_passed_on_and_this_engine_starts(engine_args):
