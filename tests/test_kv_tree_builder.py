@@ -1033,3 +1033,17 @@ def test_one_other_request_in_a_finished_ones_row_and_node_makes_another_batch()
                             retraction_count=r.retraction_count, rid="other")
     assert not builder.same_batch_as_last(batch[:2] + [other], seq_lens.numpy())
     assert not builder.build(batch[:2] + [other], seq_lens).reused_shape
+
+
+def test_a_batch_without_private_tails_gets_no_room():
+    """Every query ends on its radix node (seq_len = the cached prompt's 12 tokens): there is no tail to grow, so a
+    build asked for room lays out none: ``tails`` None, the tree of a build without room (a mutation review: with
+    ``tails >= 0`` it returned an entry of no tails, which the step planner then had to refuse itself)."""
+    sim = RadixSim()
+    prompt = sim.tokens(12)
+    reqs = sim.prefill([sim.new_req(prompt) for _ in range(2)])
+    sim.prepare_decode(reqs)
+    lens = torch.tensor([12, 12])
+    room = DecodeKVTreeBuilder(sim.req_to_token).build(reqs, lens, tail_slack=8)
+    assert room.tails is None
+    assert_same_tree(room, DecodeKVTreeBuilder(sim.req_to_token).build(reqs, lens))
