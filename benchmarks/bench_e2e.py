@@ -87,7 +87,6 @@ import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,9 +113,14 @@ def _load_by_file(name: str, path: Path):
 gpu_e2e = _load_by_file("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
 
 
+def _card():
+    """benchmarks/card_tag.py: what nvidia-smi says of this host's first GPU."""
+    return _load_by_file("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py")
+
+
 def card_tag() -> str:
-    """benchmarks/card_tag.py's tag of this host's GPU (h200, h100, ...)."""
-    return _load_by_file("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py").card_tag()
+    """This host's GPU's tag (h200, h100, ...)."""
+    return _card().card_tag()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,17 +348,6 @@ def server_memory_gib(spec: ModelSpec, pool_tokens: int) -> float:
     weights = (layers * per_layer + embeddings) * nbytes / 2 ** 30
     kv = pool_tokens * layers * kv_heads * head_dim * 2 * nbytes / 2 ** 30
     return weights + kv + SERVER_OVERHEAD_GIB + SERVER_OVERHEAD_PER_WEIGHT * weights
-
-
-def gpu_memory_gib() -> float | None:
-    """The first GPU's total memory as nvidia-smi reports it (not torch: the client must not hold a CUDA context);
-    None where it cannot be read."""
-    try:
-        mib = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        return float(mib.split()[0]) / 1024
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
 
 
 def server_waves(servers: list[tuple[str, str]], need_gib: dict, usable_gib: float | None) -> list[list[tuple[str, str]]]:
@@ -1105,7 +1098,7 @@ def parse_args(argv=None):
         p.error("--device cpu runs the smoke shapes only: add --smoke")
     args.tag = args.tag or (card_tag() if args.device == "cuda" else "cpu")
     if args.gpu_memory_gib is None and args.device == "cuda":
-        args.gpu_memory_gib = gpu_memory_gib()
+        args.gpu_memory_gib = _card().memory_gib()
     args.backends = args.backends.split(",") if args.backends else list(BACKENDS[args.device])
     args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
     for backend in ("deft", "flashinfer", "triton", "torch_native"):

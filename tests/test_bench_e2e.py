@@ -803,3 +803,14 @@ def test_the_8b_tree_of_thought_by_name_with_the_tokenizer_on_and_its_servers_in
     assert "--skip-tokenizer-init" not in cmd and cmd[cmd.index("--max-total-tokens") + 1] == "16384"
     bench = b.Bench(args, cases, b.Report(tmp_path, "x", {}), None, b.gpu_e2e.Clock())
     assert bench.plan_waves() == [[("8b_text", "deft"), ("8b_text", "flashinfer"), ("8b_text", "triton")]]
+
+
+def test_the_cards_memory_comes_from_nvidia_smi(monkeypatch, tmp_path):
+    """--gpu-memory-gib's default: the first GPU's total as nvidia-smi gives it (MiB), none where it cannot say."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 81559\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert b.parse_args(["--out", str(tmp_path), "--tag", "x"]).gpu_memory_gib == H100_GIB
+    smi.write_text("#!/bin/sh\nexit 9\n")
+    assert b.parse_args(["--out", str(tmp_path), "--tag", "x"]).gpu_memory_gib is None
