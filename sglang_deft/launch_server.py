@@ -92,6 +92,33 @@ def parse_server_args(argv: list[str], device: str):
     return make_server_args(lambda: ServerArgs.from_cli_args(raw_args), vars(raw_args), device)
 
 
+# Tests on CPU only: SGLang's scheduler and detokenizer forked from the launcher instead of spawned. A spawned
+# process is a fresh interpreter that imports SGLang again (~15 s of CPU each on the 2-core CI machine, two thirds
+# of a tiny server's start; forked, it inherits the launcher's imports), and the suite starts ~40 servers. The
+# spawned path, which is what users run (``subprocess_entry`` registers deft there), stays covered by the servers
+# started without it (conftest's tiny_servers).
+FORK_CHILDREN_ENV = "SGLANG_DEFT_FORK_CHILDREN"
+
+
+def fork_sglang_children(device: str) -> None:
+    """Make SGLang's ``mp.set_start_method("spawn", force=True)`` (its launch sets it before starting the scheduler
+    and detokenizer) choose fork in this process. Refused on CUDA: a process that has initialised CUDA cannot fork
+    children that use it."""
+    if device != "cpu":
+        raise ValueError(f"{FORK_CHILDREN_ENV}=1 is for servers on the CPU (tests); this one runs on {device}, whose "
+                         "children must be spawned")
+    import multiprocessing
+
+    set_start_method = multiprocessing.set_start_method
+
+    def fork_instead_of_spawn(method, force=False):
+        set_start_method("fork" if method == "spawn" else method, force=force)
+
+    multiprocessing.set_start_method = fork_instead_of_spawn
+    print(f"sglang_deft.launch_server: SGLang's scheduler and detokenizer are forked from the launcher, not spawned "
+          f"({FORK_CHILDREN_ENV}=1)", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from sglang_deft.server_setup import check_startup, prepare_process
 
@@ -103,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         device = prepare_process(_device_arg(argv))
-    except (ValueError, UnsupportedSGLangVersion) as e:  # --device against this machine, or SGLang's release
+        if os.environ.get(FORK_CHILDREN_ENV) == "1":
+            fork_sglang_children(device)
+    except (ValueError, UnsupportedSGLangVersion) as e:  # --device against this machine (or forking), SGLang's release
         print(f"sglang_deft.launch_server: {e}", file=sys.stderr)
         sys.exit(2)
     from sglang.srt.utils.common import suppress_noisy_warnings

@@ -16,6 +16,11 @@ if not torch.cuda.is_available():
     import sglang_deft.cpu_compat
 
     sglang_deft.cpu_compat.install()
+    from sglang_deft.launch_server import FORK_CHILDREN_ENV
+
+    # Every server the tests start (here, in scripts they run) forks SGLang's children: ~30 s less CPU a server
+    # (launch_server.fork_sglang_children). tiny_servers below spawn them, as users' servers do.
+    os.environ.setdefault(FORK_CHILDREN_ENV, "1")
 
 import pytest  # noqa: E402  (after the compatibility layer: nothing here imports sglang at load)
 
@@ -41,7 +46,9 @@ def tiny_servers(tmp_path_factory):
     """test_e2e_cpu's three servers (deft, deft_no_overlap, reference), started once per session: the
     Triton-path and TP modules compare against them too. A server start costs ~37 s of CPU (three
     processes that each import SGLang; measured on the 2-core dev machine), and server starts are
-    most of what ``make test`` takes."""
+    most of what ``make test`` takes. These spawn SGLang's scheduler and detokenizer as a user's server does
+    (the other tests' servers fork them to save those imports), so that deft's registration in spawned
+    processes (``sglang_deft.subprocess_entry``) is what the main end-to-end tests run on."""
     from test_e2e_cpu import serving_tiny_servers  # test_e2e_cpu imports SGLang: only once it is needed
 
     with serving_tiny_servers(tmp_path_factory.mktemp("tiny_servers")) as running:

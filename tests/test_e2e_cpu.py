@@ -31,6 +31,7 @@ import pytest
 import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
+from sglang_deft.launch_server import FORK_CHILDREN_ENV
 from sglang_deft.server_process import ServerProcess
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from server_group import gpu_package_env, serving
@@ -97,8 +98,8 @@ def serving_servers(log_dir: Path, servers: dict[str, list[str]], base: list[str
 
 
 def serving_tiny_servers(log_dir: Path):
-    """The three SERVERS, started side by side; stopped on exit."""
-    return serving_servers(log_dir, SERVERS)
+    """The three SERVERS, started side by side, spawning SGLang's children as users' servers do; stopped on exit."""
+    return serving_servers(log_dir, SERVERS, env={name: {FORK_CHILDREN_ENV: "0"} for name in SERVERS})
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +395,19 @@ def test_paged_kv_cache_decodes_as_sglang_decodes_it(paged_servers):
         assert f"page_size={PAGE_SIZE}" in server.log()
     rows = parse_sharing_lines(deft.log())
     assert rows and rows[-1]["total_unique_kv_tokens"] < rows[-1]["total_attended_kv_tokens"]
+
+
+FORKED = "SGLang's scheduler and detokenizer are forked from the launcher, not spawned"
+
+
+@pytest.mark.skipif(ON_GPU, reason="servers on the GPU spawn SGLang's children: only the CPU tests fork them")
+def test_the_tiny_servers_spawn_sglangs_children_and_the_others_fork_them(tiny_servers, paged_servers):
+    """The main servers run as users' servers do (spawned children, deft registered in them by
+    ``subprocess_entry``); the feature tests' servers fork theirs (conftest), which saves their imports."""
+    for server in tiny_servers.values():
+        assert FORKED not in server.log() and "Load weight end" in server.log()
+    for server in paged_servers.values():
+        assert FORKED in server.log() and "Load weight end" in server.log()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="HiCache's host KV pool needs CUDA (pinned memory, copy streams): "

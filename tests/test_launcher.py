@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from tiny_models import with_config
 
@@ -109,3 +110,21 @@ def test_engine_registers_deft_in_its_scheduler_and_refuses_unsupported_flags():
     log = result.stdout + result.stderr
     assert "decode_backend=deft" in log  # the scheduler process built the deft backend
     assert "DeFT decode sharing:" in log
+
+
+def test_forked_children_are_for_the_cpu_only(monkeypatch):
+    """SGLANG_DEFT_FORK_CHILDREN=1 (the tests' servers): SGLang's later ``set_start_method("spawn")`` picks fork;
+    refused on CUDA, whose state a forked child cannot use."""
+    import multiprocessing
+
+    from sglang_deft.launch_server import fork_sglang_children
+
+    chosen = []
+    monkeypatch.setattr(multiprocessing, "set_start_method", lambda method, force=False: chosen.append(method))
+    with pytest.raises(ValueError, match="children must be spawned"):
+        fork_sglang_children("cuda")
+    multiprocessing.set_start_method("spawn", force=True)
+    fork_sglang_children("cpu")
+    multiprocessing.set_start_method("spawn", force=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    assert chosen == ["spawn", "fork", "forkserver"]
