@@ -113,14 +113,8 @@ def _load_by_file(name: str, path: Path):
 gpu_e2e = _load_by_file("gpu_e2e", REPO / "scripts" / "gpu_e2e.py")
 
 
-def _card():
-    """benchmarks/card_tag.py: what nvidia-smi says of this host's first GPU."""
-    return _load_by_file("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py")
-
-
-def card_tag() -> str:
-    """This host's GPU's tag (h200, h100, ...)."""
-    return _card().card_tag()
+# benchmarks/card_tag.py: what nvidia-smi says of this host's first GPU (its tag, h200 or h100 ..., and its memory).
+card = _load_by_file("deft_bench_card_tag", REPO / "benchmarks" / "card_tag.py")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1096,9 +1090,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.smoke:
         p.error("--device cpu runs the smoke shapes only: add --smoke")
-    args.tag = args.tag or (card_tag() if args.device == "cuda" else "cpu")
+    args.tag = args.tag or (card.card_tag() if args.device == "cuda" else "cpu")
     if args.gpu_memory_gib is None and args.device == "cuda":
-        args.gpu_memory_gib = _card().memory_gib()
+        args.gpu_memory_gib = card.memory_gib()
     args.backends = args.backends.split(",") if args.backends else list(BACKENDS[args.device])
     args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
     for backend in ("deft", "flashinfer", "triton", "torch_native"):

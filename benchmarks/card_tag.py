@@ -42,5 +42,6 @@ def memory_gib() -> float | None:
     except (TypeError, ValueError):
         return None
 
+
 if __name__ == "__main__":
     print(card_tag())
