@@ -49,7 +49,11 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+try:
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError:  # Triton 3.5's Gluon has no mma.sync: small tiles then run on the large tiles' wgmma
+    mma_v2 = None
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
@@ -57,7 +61,7 @@ LARGE_ROWS = 64  # one warpgroup's wgmma tile
 BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
 NUM_WARPS = 4
-TRITON_VERSIONS = ("3.6",)
+TRITON_VERSIONS = ("3.5", "3.6")
 # fp8 KV caches read as stored and converted to q's dtype (SGLang's fp8_e4m3 / fp8_e5m2): tree_decode's
 # FP8_KV_DTYPES (a test checks), repeated so that this module loads on its own, as the experiments load it.
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -291,7 +295,7 @@ def _tree_decode_stage1_hopper(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, LARGE_M: gl.constexpr,
     SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
-    CONVERT: gl.constexpr,
+    CONVERT: gl.constexpr, SMALL_WGMMA: gl.constexpr,
 ):
     kv_head = gl.program_id(0)
     item = gl.program_id(1)
@@ -302,15 +306,23 @@ def _tree_decode_stage1_hopper(
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
-                     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS, CONVERT)
+        if SMALL_WGMMA:  # a small item's rows in a large tile, the rows past its queries masked
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale,
+                         logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp,
+                         stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS,
+                         CONVERT)
+        else:
+            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale,
+                         logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp,
+                         stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS,
+                         CONVERT)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
-           stages: int = RING):
+           stages: int = RING, small_wgmma: bool = mma_v2 is None):
     """One launch over every work item of ``plan`` (``block`` tokens per KV block in a ring of ``stages``:
-    the shipped shape unless an experiment asks for another); returns the compiled kernel."""
+    the shipped shape unless an experiment asks for another; ``small_wgmma``: small tiles on wgmma, where
+    Gluon has no mma.sync, or to compare the two); returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
@@ -319,4 +331,4 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
         GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
         LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=block,
         STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, CONVERT=k_buffer.dtype != q.dtype,
-        num_warps=NUM_WARPS)
+        SMALL_WGMMA=small_wgmma, num_warps=NUM_WARPS)

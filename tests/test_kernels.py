@@ -582,14 +582,43 @@ HOPPER = CUDA and stage1_config(128, 64, torch.bfloat16, torch.device(DEVICE)).k
 
 
 def test_h200_runs_the_hopper_kernel():
-    """On an H200 with the Triton it was built for, the default path must be the Gluon kernel, so
+    """On an H200 with a Triton it was built for, the default path must be the Gluon kernel, so
     that the GPU run of this file tests it rather than silently the Triton one."""
-    if not CUDA or torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
-        pytest.skip("needs sm_90 and Triton 3.6")
+    if not CUDA or torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(("3.5.", "3.6.")):
+        pytest.skip("needs sm_90 and Triton 3.5 or 3.6")
     assert HOPPER
 
 
-@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.6)")
+@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.5 or 3.6)")
+@pytest.mark.parametrize("small_wgmma", [False, True], ids=["mma_sync", "wgmma"])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float16, None), (torch.bfloat16, None),
+                                            (torch.bfloat16, torch.float8_e4m3fn)], ids=["fp16", "bf16", "bf16_e4m3"])
+@pytest.mark.parametrize("name,hq,hkv,d,cap", [("random_forest", 8, 2, 128, 0.0), ("odd_lengths", 16, 2, 128, 2.0),
+                                               ("inner_queries", 4, 4, 64, 0.0), ("fanout_256", 28, 4, 128, 0.0),
+                                               ("random_forest", 8, 4, 256, 0.0), ("odd_lengths", 32, 32, 96, 0.0)])
+def test_hopper_small_tiles_on_either_mma(name, hq, hkv, d, cap, dtype, kv_dtype, small_wgmma):
+    """The Hopper kernel's small tiles (16 rows) run on mma.sync where Gluon has it (Triton 3.6) and, where it
+    has not (Triton 3.5, what ``pip install sglang==0.5.10.post1`` brings), as a large tile's wgmma with the rows
+    past the item's queries masked. Both paths, wherever this Triton compiles them, against the fp32 reference."""
+    from sglang_deft.kernels import stage1_hopper
+    from sglang_deft.kernels.tree_decode import launch_stage2
+    if not small_wgmma and stage1_hopper.mma_v2 is None:
+        pytest.skip(f"Triton {triton.__version__}'s Gluon has no mma.sync")
+    tree = TREES[name]
+    if kv_dtype is None:
+        _, ref, (q, k, v, plan, scale, cap) = run_case(tree, hq, hkv, d, dtype, logit_cap=cap, seed=7)
+    else:
+        q, k, v, plan = fp8_case(tree, hq, hkv, d, dtype, kv_dtype, seed=7)
+        scale = d ** -0.5
+        ref = attention_reference(q, k, v, tree, scale, cap)
+    assert int(plan.counts[1]) > 0  # the tree has small items
+    out = torch.full_like(q, float("nan"))
+    stage1_hopper.launch(q, k, v, plan, scale, cap, 16, small_wgmma=small_wgmma)
+    launch_stage2(plan, out)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.5 or 3.6)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,hq,hkv,d,cap", [("random_forest", 8, 2, 128, 0.0), ("fanout_256", 32, 8, 128, 0.0),
                                                ("deep_chain_64", 16, 2, 64, 0.0), ("inner_queries", 4, 4, 128, 2.0),
@@ -623,7 +652,7 @@ def test_hopper_kernel_refuses_what_it_does_not_serve():
         assert stage1_config(64, plan.large_rows, torch.float16, q.device, fp8.dtype).kernel == "hopper"
 
 
-@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.6)")
+@pytest.mark.skipif(not HOPPER, reason="needs the Hopper stage-1 kernel (sm_90, Triton 3.5 or 3.6)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("name,hq,hkv,d,cap,scales", [("random_forest", 8, 2, 128, 0.0, (1.0, 1.0)),
@@ -716,6 +745,8 @@ def test_fp8_kv_cache(name, hq, hkv, d, cap, scales, kv_dtype, dtype):
     ((9, 0), "3.6.0", (torch.bfloat16, torch.float16), 128, 64, "float16 KV cache for torch.bfloat16 queries"),
     ((9, 0), "3.6.0", (torch.float32, torch.float8_e4m3fn), 128, 64, "float16 or bfloat16"),
     ((9, 0), "3.6.1", torch.float16, 64, 64, None),
+    ((9, 0), "3.5.1", torch.bfloat16, 128, 64, None),  # pip's sglang==0.5.10.post1 (torch 2.9.1)
+    ((9, 0), "3.4.0", torch.bfloat16, 128, 64, "Triton 3.4.0"),
     ((9, 0), "3.9.0", torch.bfloat16, 128, 64, "Triton 3.9.0"),
     ((8, 0), "3.6.0", torch.bfloat16, 128, 64, "needs sm_90"),
     ((10, 0), "3.6.0", torch.bfloat16, 128, 64, "needs sm_90"),

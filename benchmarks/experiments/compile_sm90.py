@@ -37,8 +37,11 @@ def main() -> None:
     path = sys.argv[1]
     args = sys.argv[2:]
     name = args.pop(0) if args and "=" not in args[0] else "_tree_decode_stage1_hopper"
-    fn = getattr(load_module(path), name)
+    module = load_module(path)
+    fn = getattr(module, name)
     consts, options, pointers = dict(CONSTEXPRS), {}, dict(POINTERS)
+    # Small tiles on wgmma where this Triton's Gluon has no mma.sync (stage1_hopper.launch's default).
+    consts["SMALL_WGMMA"] = int(getattr(module, "mma_v2", True) is None)
     for a in args:
         k, v = a.split("=")
         if k == "KV":
