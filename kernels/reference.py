@@ -131,14 +131,16 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
     """Grouped KV-tree attention: every node's KV is read once for all queries below it. ``plan``: the tree, or
     its ``plan_reference`` (made once for all of a step's layers).
 
-    Computes in fp32 and writes ``out`` (allocated in q's dtype when None). Queries with an empty
-    path get zeros. K and V stand for their values times ``k_scale`` / ``v_scale`` (an fp8 KV cache).
+    Computes in fp32 and writes ``out``: q's shape and device, in q's dtype (allocated so when None) or float32,
+    which holds the fp32 result unrounded (the kernel check compares a kernel's output with it). Queries with an
+    empty path get zeros. K and V stand for their values times ``k_scale`` / ``v_scale`` (an fp8 KV cache).
     """
     _check_shapes(q, k_buffer, v_buffer)
-    # (copy_ would broadcast one query's rows over a larger out, and cast to another dtype without a word)
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} on {q.device}; got {tuple(out.shape)} "
-                         f"{out.dtype} on {out.device}")
+    # (copy_ would broadcast one query's rows over a larger out, and round to another dtype without a word)
+    if out is not None and (out.shape != q.shape or out.dtype not in (q.dtype, torch.float32)
+                            or out.device != q.device):
+        raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} (or float32) on {q.device}; got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     B, Hq, D = q.shape
     Hkv = k_buffer.shape[1]
     group = Hq // Hkv

@@ -615,6 +615,24 @@ def test_kernel_check_catches_a_wrong_kv_tree(server_args, model_config, caplog,
     assert warnings and all("differs from the fp32 reference" in w for w in warnings), caplog.text
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kernel_check_takes_a_half_precision_layer(dtype):
+    """A float16/bfloat16 model's layer (every GPU server's): the check's fp32 reference went into an out the
+    grouped reference refused as unlike q, and the ValueError stopped the scheduler at the first checked step."""
+    from sglang_deft.kernel_check import check_layer
+
+    torch.manual_seed(0)
+    tree = KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
+                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    q, k, v = (torch.randn(shape).to(dtype) for shape in ((3, 8, 32), (30, 2, 32), (30, 2, 32)))
+    out = attention_reference(q, k, v, tree, 32 ** -0.5, 0.0).to(dtype)
+    row = check_layer(out, q, k, v, tree, 32 ** -0.5, 0.0, step=1, layer_id=0)
+    assert row["dtype"] == str(dtype).removeprefix("torch.") and row["within_tolerance"]
+    assert 0 < row["max_abs_diff"] < 1e-2  # out's own rounding, against an unrounded reference
+    assert not check_layer(torch.zeros_like(out), q, k, v, tree, 32 ** -0.5, 0.0, step=2, layer_id=0)[
+        "within_tolerance"]
+
+
 def test_kernel_check_reads_the_cache_as_the_kernels_do():
     """An fp8 cache's V scale goes into the check's reference too (a reference without it flagged a right kernel as
     wrong), and no difference at no output is within tolerance (an all-zero output was judged outside it)."""

@@ -136,7 +136,8 @@ def test_the_references_refuse_what_einsum_would_broadcast(reference):
 
 
 def test_the_grouped_reference_writes_only_an_out_like_q():
-    """copy_ broadcast a one-query result over every row of a larger out, and cast to another dtype silently."""
+    """copy_ broadcast a one-query result over every row of a larger out, and rounded to another dtype silently.
+    A float32 out is taken for any q: it holds the fp32 result as computed (the kernel check's, on fp16 models)."""
     tree = one_node_tree([0, 1, 2])
     q, k = torch.randn(2, 4, 16), torch.randn(3, 2, 16)
     for out in (torch.full((4, 4, 16), 7.0), torch.full((4, 2, 4, 16), 7.0), torch.empty(2, 4, 16, dtype=torch.float16)):
@@ -145,6 +146,9 @@ def test_the_grouped_reference_writes_only_an_out_like_q():
     out = torch.full((2, 4, 16), 7.0)
     assert tree_decode_reference(q, k, k, tree, 0.25, out=out) is out
     torch.testing.assert_close(out, attention_reference(q, k, k, tree, 0.25))
+    wide = torch.full((2, 4, 16), 7.0)
+    assert tree_decode_reference(q.half(), k.half(), k.half(), tree, 0.25, out=wide) is wide
+    torch.testing.assert_close(wide, attention_reference(q.half(), k.half(), k.half(), tree, 0.25))
 
 
 def test_the_references_cap_scores_as_sglang_defines_it():
