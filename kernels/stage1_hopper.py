@@ -40,7 +40,12 @@ warpgroup with wgmma, Q in shared memory; small tiles (16 rows: a private tail) 
 four warps splitting the block's tokens. Both run in one launch, large items first.
 
 Gluon's API changes between Triton releases (3.9 renamed the async copy this uses), so the kernel
-is used only where it was built and measured: sm_90, Triton 3.6 (``unsupported_reason``).
+is used only where it was built and measured: sm_90, Triton 3.5 and 3.6 (``unsupported_reason``). Triton 3.5
+(what ``pip install sglang==0.5.10.post1`` brings with torch 2.9.1) has no mma.sync in Gluon: there a small
+tile runs as a large tile's wgmma, the rows past its queries masked (``launch``'s ``small_wgmma``). On the H100
+under 3.5.1 the kernel took 0.92x the Triton kernel's step over the shared trees in bf16 and 0.85x over an fp8
+cache; under 3.6 the wgmma small tiles are even with mma.sync in bf16 and 7% slower over an fp8 cache, whose
+blocks they convert through shared memory (`benchmarks/results/triton35_h100.md`).
 """
 from __future__ import annotations
 

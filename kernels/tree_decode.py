@@ -5,7 +5,7 @@ of the queries that attend it (TreeDecodePlan). The tile's rows are (query, GQA 
 load of a KV block feeds every query and every query head sharing that KV head through one
 tensor-core product. It writes each row's output normalised by its own softmax sum and the base-2
 log-sum-exp of its scores. This module's Triton kernel runs everywhere (the CPU interpreter
-included); on Hopper with Triton 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
+included); on Hopper with Triton 3.5 or 3.6, ``stage1_hopper``'s Gluon kernel does the same work with a
 deeper KV pipeline (``stage1_config`` chooses).
 
 Stage 2, one program per (query, head) on one warp (four when the step has at most one merge per
@@ -222,7 +222,7 @@ def stage1_config(head_dim: int, large_rows: int, dtype: torch.dtype | None = No
                   device: torch.device | None = None, kv_dtype: torch.dtype | None = None) -> Stage1Config:
     """Which stage-1 kernel runs, with its KV block lengths, warps and pipeline depth.
 
-    On an H200 with Triton 3.6, for float16/bfloat16 (over a KV cache in q's dtype or in fp8), head_dim
+    On Hopper with Triton 3.5 or 3.6, for float16/bfloat16 (over a KV cache in q's dtype or in fp8), head_dim
     64/80/96/128/256 and the default 64-row large tiles: the Gluon kernel of ``stage1_hopper`` (0.83-0.96x
     the Triton kernel's step time on every benchmark tree, `benchmarks/results/ab_hopper_stage1_h200.json`;
     0.63-0.69x at head_dim 256, `ab_head_dim_256_h200.json`). Elsewhere (CPU interpreter, other GPUs or

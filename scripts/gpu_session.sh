@@ -182,7 +182,7 @@ phase_kernels() {
   # test_cuda_graph_gpu.py: the backend's graph capture/replay against eager steps, bitwise (its
   # server comparison starts four servers: run that one on its own, it is deselected here);
   # test_backend_gpu.py: padded eager batches and SGLang's warm-up batch on the GPU kernels.
-  # -rfEs lists skip reasons: a Triton other than the Gluon kernel's (3.6) skips every Hopper test, and that
+  # -rfEs lists skip reasons: a Triton other than the Gluon kernel's (3.5, 3.6) skips every Hopper test, and that
   # must show in the log, not as a count.
   # Every pytest here is stopped by SIGINT (timeout -s INT): pytest then still prints its summary and writes the
   # junit XML, which SIGTERM's default ending loses.
