@@ -311,16 +311,11 @@ def _tree_decode_stage1_hopper(
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
-        if SMALL_WGMMA:  # a small item's rows in a large tile, the rows past its queries masked
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale,
-                         logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp,
-                         stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS,
-                         CONVERT)
-        else:
-            _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale,
-                         logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp,
-                         stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, BLOCK, STAGES, False, USE_CAP, WARPS,
-                         CONVERT)
+        # On wgmma a small item's rows fill a large tile, the rows past its queries masked.
+        SMALL_TILE: gl.constexpr = LARGE_M if SMALL_WGMMA else SMALL_M
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
+                     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
+                     GROUP, HEAD_DIM, BLOCK_D, SMALL_TILE, BLOCK, STAGES, SMALL_WGMMA, USE_CAP, WARPS, CONVERT)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
