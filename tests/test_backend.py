@@ -36,7 +36,7 @@ def cpu_server_args(**overrides) -> ServerArgs:
     """The tiny model on SGLang's CPU engine, prefill torch_native and decode deft: what the backend's
     unit tests build it under."""
     return ServerArgs(model_path=str(MODEL), device="cpu", attention_backend="torch_native",
-                      decode_attention_backend="deft", grammar_backend="none", dtype="float32", **overrides)
+                      decode_attention_backend="deft", grammar_backend="none", **{"dtype": "float32", **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -631,6 +631,38 @@ def test_kernel_check_takes_a_half_precision_layer(dtype):
     assert 0 < row["max_abs_diff"] < 1e-2  # out's own rounding, against an unrounded reference
     assert not check_layer(torch.zeros_like(out), q, k, v, tree, 32 ** -0.5, 0.0, step=2, layer_id=0)[
         "within_tolerance"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_steps_with_the_kernel_check(implementation, monkeypatch, caplog, dtype):
+    """A float16/bfloat16 model's decode steps through the backend with the kernel check asked for on every step (a
+    GPU server's precision; the CPU servers run float32, which hid a check that stopped every half-precision server):
+    outputs in the layer's dtype, and on the kernels the check's lines within rounding."""
+    from sglang_deft.kernel_check import parse_kernel_check_lines
+
+    if implementation == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bfloat16 tl.dot is wrong (bf16 runs on the GPU host)")
+    from sglang.srt.configs.model_config import ModelConfig
+
+    monkeypatch.setenv("SGLANG_DEFT_VERIFY_EVERY", "1")
+    server_args = cpu_server_args(decode_log_interval=1, dtype=str(dtype).removeprefix("torch."))
+    model_config = ModelConfig.from_server_args(server_args)
+    layers = attention_layers(model_config)
+    sim, kv_pool, backend = random_kv_setup(server_args, model_config, layers, 2048, dtype)
+    reqs = forked_batch(sim)
+    hq, hkv, d = layers[0].tp_q_head_num, layers[0].tp_k_head_num, layers[0].head_dim
+    with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):
+        for _ in range(2):
+            fb = decode_forward_batch(sim, reqs, kv_pool)
+            backend.init_forward_metadata(fb)
+            for layer in layers:
+                q, k, v = (torch.randn(len(reqs), *shape).to(dtype) for shape in ((hq * d,), (hkv, d), (hkv, d)))
+                assert backend.forward(q, k, v, layer, fb).dtype == dtype
+            sim.finish_decode(reqs)
+    rows = parse_kernel_check_lines(caplog.text)
+    checked = (1, 2) if implementation == "triton" else ()  # the reference path is what the check compares with
+    assert [(r["step"], r["dtype"]) for r in rows] == [(step, str(dtype).removeprefix("torch.")) for step in checked]
+    assert all(0 < r["max_abs_diff"] < 0.05 for r in rows), rows
 
 
 def test_kernel_check_reads_the_cache_as_the_kernels_do():
