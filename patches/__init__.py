@@ -6,5 +6,6 @@
 - ``warmup_dummy_run``: ``ModelRunner._dummy_run`` (FlashInfer's autotune at startup) is marked, so that the
   decode backend can tell its request-less decode batch from a real one.
 
-Each installs its wrapper with ``wrapping.wrap_once``.
+Each first checks the installed SGLang: its release, and the source of each function it wraps or relies on
+(``sglang_version``); then installs its wrapper with ``wrapping.wrap_once``.
 """

@@ -19,16 +19,25 @@ from __future__ import annotations
 
 import bisect
 
-from .sglang_version import require_supported_sglang
+from .sglang_version import require_source, require_supported_sglang
 from .wrapping import wrap_once
 
 HOOK = "deft_prepare_graph_replay"
+# SGLang 0.5.10.post1's source of what this patch wraps (can_run) and mirrors (replay_prepare's padding to a captured
+# batch size): sglang_version.require_source.
+SOURCE_SHA256 = {
+    "can_run": "a4d897cae6b2c7e830917b64990eee06ffd3d2e2c884f959b54a2421d106b0b0",
+    "replay_prepare": "2bf5fbc02fd7b06754e28c83fa64515135d914f5ebb4bdc175b30c8fcc6e95ca",
+}
 
 
 def apply() -> None:
     """Idempotent; raises UnsupportedSGLangVersion on another SGLang release."""
     require_supported_sglang(__name__)
     from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    for name, sha256 in SOURCE_SHA256.items():
+        require_source(__name__, CudaGraphRunner, name, sha256)
 
     def wrap(original):
         def can_run(self, forward_batch):

@@ -11,16 +11,20 @@ through ``cuda_graph_replay``), and two-batch-overlap splits are refused by the 
 """
 from __future__ import annotations
 
-from .sglang_version import require_supported_sglang
+from .sglang_version import require_source, require_supported_sglang
 from .wrapping import wrap_once
 
 ATTRIBUTE = "deft_reqs"
+# SGLang 0.5.10.post1's source of ForwardBatch.init_new (sglang_version.require_source)
+SOURCE_SHA256 = "63ea6ba68a547da02ba58b64f3c40a96920a8fee450b354bc2d6ae729f754601"
 
 
 def apply() -> None:
     """Idempotent; raises UnsupportedSGLangVersion on another SGLang release."""
     require_supported_sglang(__name__)
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    require_source(__name__, ForwardBatch, "init_new", SOURCE_SHA256)
 
     def wrap(original):
         def init_new(cls, batch, model_runner):

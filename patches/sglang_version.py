@@ -1,5 +1,8 @@
-"""The SGLang release every patch here was written against, and the check each patch runs first."""
+"""The SGLang release every patch here was written against, and the checks each patch runs first: the release, and
+the source of each SGLang function it wraps or relies on."""
+import hashlib
 import importlib.util
+import inspect
 from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
@@ -44,4 +47,27 @@ def require_supported_sglang(patch_name: str) -> None:
             f"`{patch_name}` is written against SGLang {SUPPORTED_SGLANG} internals, and that release is "
             f"installed, but `import sglang` loads {elsewhere} (PYTHONPATH?), whose release is not known: "
             "import the installed one."
+        )
+
+
+def require_source(patch_name: str, owner: type, name: str, sha256: str) -> None:
+    """Raise unless ``owner.name``, an SGLang function ``patch_name`` wraps or relies on, has the source it has in
+    the release the patch was written against (``sha256`` of ``inspect.getsource``). The version string does not tell
+    a modified copy of that release (a local fix, a vendor's backport) whose internals the patch would misread.
+    Follows ``__wrapped__`` to the function itself: a patch applied again sees SGLang's own code under its wrapper."""
+    function = inspect.getattr_static(owner, name)
+    function = inspect.unwrap(getattr(function, "__func__", function))
+    where = f"{owner.__module__}.{owner.__qualname__}.{name}"
+    try:
+        digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+    except (OSError, TypeError) as e:
+        raise UnsupportedSGLangVersion(
+            f"`{patch_name}` relies on SGLang {SUPPORTED_SGLANG}'s {where}, whose source cannot be read here ({e}), "
+            "so it cannot be checked against that release's: install SGLang with its .py files") from None
+    if digest != sha256:
+        raise UnsupportedSGLangVersion(
+            f"`{patch_name}` relies on SGLang {SUPPORTED_SGLANG}'s {where}, but the one installed here "
+            f"({inspect.getsourcefile(function)}) differs from that release's (source sha256 {digest[:16]}..., "
+            f"expected {sha256[:16]}...): a modified SGLang. Install sglang=={SUPPORTED_SGLANG} unmodified, or "
+            "re-check the patch against this code and update its hash."
         )

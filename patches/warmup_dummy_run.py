@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextvars
 
-from .sglang_version import require_supported_sglang
+from .sglang_version import require_source, require_supported_sglang
 from .wrapping import wrap_once
+
+# SGLang 0.5.10.post1's source of ModelRunner._dummy_run (sglang_version.require_source)
+SOURCE_SHA256 = "8393d14f445b5866a4a00213ecab8f991868c1879bd5504dac0ae7b26d190570"
 
 _IN_DUMMY_RUN = contextvars.ContextVar("sglang_deft_in_warmup_dummy_run", default=False)
 
@@ -28,6 +31,8 @@ def apply() -> None:
     """Idempotent; raises UnsupportedSGLangVersion on another SGLang release."""
     require_supported_sglang(__name__)
     from sglang.srt.model_executor.model_runner import ModelRunner
+
+    require_source(__name__, ModelRunner, "_dummy_run", SOURCE_SHA256)
 
     def wrap(original):
         def _dummy_run(self, *args, **kwargs):

@@ -611,6 +611,32 @@ def test_patch_refuses_another_sglang_version(monkeypatch, patch, installed):
         patch.apply()
 
 
+@pytest.mark.parametrize("patch", [cuda_graph_replay, forward_batch_reqs, warmup_dummy_run],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[1])
+def test_patch_refuses_a_modified_sglang_of_the_same_release(monkeypatch, patch):
+    """The version string names the release; a modified copy of it (a local fix, a backport) is told by the source of
+    what the patch wraps or relies on. A patch applied again checks SGLang's function under its own wrapper."""
+    import inspect
+
+    name = patch.__name__.rsplit(".", 1)[1]
+    patch.apply()
+    patch.apply()  # the installed release, unmodified, with the patch already in place
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda function: real(function) + "    # a local fix\n")
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion,
+                       match=rf"{name}` relies on SGLang 0.5.10.post1's sglang\.srt\.model_executor\..* but the one "
+                             r"installed here \(.*\.py\) differs from that release's"):
+        patch.apply()
+
+    def unreadable(function):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", unreadable)
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match=f"{name}` relies on .* whose source cannot be "
+                                                                      "read here .could not get source code."):
+        patch.apply()
+
+
 def graphs_and_eager(graphs, server_args, model_config, layers, sim, kv_pool):
     """Beside ``graphs`` (a backend whose steps SGLang replays from CUDA graphs: the emulator), a backend of
     another server over the same requests and KV pool that runs every step eagerly (--disable-cuda-graph); both

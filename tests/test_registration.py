@@ -7,9 +7,19 @@ import pytest
 
 import sglang_deft.backend as backend_module
 from sglang_deft import registration
-from sglang_deft.patches import forward_batch_reqs
+from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, warmup_dummy_run
 
 
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """Tests that put a stand-in in place of the SGLang function a patch wraps: the patch takes it without checking
+    its source against SGLang's (that check has its own test, test_cuda_graph_plan's
+    test_patch_refuses_a_modified_sglang_of_the_same_release)."""
+    for patch in (cuda_graph_replay, forward_batch_reqs, warmup_dummy_run):
+        monkeypatch.setattr(patch, "require_source", lambda *args: None)
+
+
+@pytest.mark.usefixtures("stand_ins")
 def test_register_adds_the_backend_the_cli_choice_and_the_forward_batch_patch(monkeypatch):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -35,6 +45,7 @@ def test_register_adds_the_backend_the_cli_choice_and_the_forward_batch_patch(mo
     assert patched.__wrapped__ is unpatched  # one layer: wrapped once
 
 
+@pytest.mark.usefixtures("stand_ins")
 def test_creating_the_backend_patches_cuda_graph_replays(monkeypatch):
     from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
@@ -44,12 +55,11 @@ def test_creating_the_backend_patches_cuda_graph_replays(monkeypatch):
     assert getattr(CudaGraphRunner.can_run, "_sglang_deft_patched", False)
 
 
+@pytest.mark.usefixtures("stand_ins")
 def test_creating_the_backend_marks_sglangs_warmup_dummy_run(monkeypatch):
     """ModelRunner._dummy_run (FlashInfer's autotune at startup) runs with in_warmup_dummy_run() true, and only
     it: the decode backend tells its request-less batch from a real one by that."""
     from sglang.srt.model_executor.model_runner import ModelRunner
-
-    from sglang_deft.patches import warmup_dummy_run
 
     seen = []
     monkeypatch.setattr(ModelRunner, "_dummy_run",
@@ -63,6 +73,7 @@ def test_creating_the_backend_marks_sglangs_warmup_dummy_run(monkeypatch):
     assert seen == [True] and not warmup_dummy_run.in_warmup_dummy_run()
 
 
+@pytest.mark.usefixtures("stand_ins")
 def test_forward_batch_carries_the_batch_requests(monkeypatch):
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
