@@ -57,7 +57,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 try:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError:  # Triton 3.5's Gluon has no mma.sync: small tiles then run on the large tiles' wgmma
+except ImportError:  # Triton 3.5's Gluon has no mma.sync
     mma_v2 = None
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
@@ -66,6 +66,8 @@ LARGE_ROWS = 64  # one warpgroup's wgmma tile
 BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
 NUM_WARPS = 4
+# Small tiles on the large tiles' wgmma where this Triton's Gluon has no mma.sync (``launch``'s default).
+SMALL_TILES_ON_WGMMA = mma_v2 is None
 TRITON_VERSIONS = ("3.5", "3.6")
 # fp8 KV caches read as stored and converted to q's dtype (SGLang's fp8_e4m3 / fp8_e5m2): tree_decode's
 # FP8_KV_DTYPES (a test checks), repeated so that this module loads on its own, as the experiments load it.
@@ -319,7 +321,7 @@ def _tree_decode_stage1_hopper(
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
-           stages: int = RING, small_wgmma: bool = mma_v2 is None):
+           stages: int = RING, small_wgmma: bool = SMALL_TILES_ON_WGMMA):
     """One launch over every work item of ``plan`` (``block`` tokens per KV block in a ring of ``stages``:
     the shipped shape unless an experiment asks for another; ``small_wgmma``: small tiles on wgmma, where
     Gluon has no mma.sync, or to compare the two); returns the compiled kernel."""

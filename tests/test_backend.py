@@ -615,6 +615,12 @@ def test_kernel_check_catches_a_wrong_kv_tree(server_args, model_config, caplog,
     assert warnings and all("differs from the fp32 reference" in w for w in warnings), caplog.text
 
 
+def three_query_tree() -> KVTree:
+    """The kernel-check tests' tree: a 20-token root, two 5-token children; queries end at both children and the root."""
+    return KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
+                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_kernel_check_takes_a_half_precision_layer(dtype):
     """A float16/bfloat16 model's layer (every GPU server's): the check's fp32 reference went into an out the
@@ -622,8 +628,7 @@ def test_kernel_check_takes_a_half_precision_layer(dtype):
     from sglang_deft.kernel_check import check_layer
 
     torch.manual_seed(0)
-    tree = KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
-                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    tree = three_query_tree()
     q, k, v = (torch.randn(shape).to(dtype) for shape in ((3, 8, 32), (30, 2, 32), (30, 2, 32)))
     out = attention_reference(q, k, v, tree, 32 ** -0.5, 0.0).to(dtype)
     row = check_layer(out, q, k, v, tree, 32 ** -0.5, 0.0, step=1, layer_id=0)
@@ -671,8 +676,7 @@ def test_kernel_check_reads_the_cache_as_the_kernels_do():
     from sglang_deft.kernel_check import check_layer, within_tolerance
 
     torch.manual_seed(0)
-    tree = KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
-                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    tree = three_query_tree()
     q, k, v = torch.randn(3, 8, 32), torch.randn(30, 2, 32), torch.randn(30, 2, 32)
     exact = attention_reference(q, k, v, tree, 32 ** -0.5, 0.0, 0.5, 2.0)
     row = check_layer(exact, q, k, v, tree, 32 ** -0.5, 0.0, step=1, layer_id=0, k_scale=0.5, v_scale=2.0)
@@ -703,8 +707,7 @@ def test_kernel_check_compares_with_the_reference_of_the_same_layer(logit_cap, c
 
     torch.manual_seed(0)
     B, hq, hkv, d = 3, 8, 2, 32
-    tree = KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
-                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    tree = three_query_tree()
     q, k, v = torch.randn(B, hq, d) * 3, torch.randn(30, hkv, d), torch.randn(30, hkv, d)
     exact = attention_reference(q, k, v, tree, d ** -0.5, logit_cap)
     with caplog.at_level("INFO", logger="sglang_deft.kernel_check"):

@@ -606,7 +606,7 @@ def test_hopper_small_tiles_on_either_mma(name, hq, hkv, d, cap, dtype, kv_dtype
     past the item's queries masked. Both paths, wherever this Triton compiles them, against the fp32 reference."""
     from sglang_deft.kernels import stage1_hopper
     from sglang_deft.kernels.tree_decode import launch_stage2
-    if not small_wgmma and stage1_hopper.mma_v2 is None:
+    if not small_wgmma and stage1_hopper.SMALL_TILES_ON_WGMMA:
         pytest.skip(f"Triton {triton.__version__}'s Gluon has no mma.sync")
     tree = TREES[name]
     if kv_dtype is None:

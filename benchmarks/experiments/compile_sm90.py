@@ -40,8 +40,7 @@ def main() -> None:
     module = load_module(path)
     fn = getattr(module, name)
     consts, options, pointers = dict(CONSTEXPRS), {}, dict(POINTERS)
-    # Small tiles on wgmma where this Triton's Gluon has no mma.sync (stage1_hopper.launch's default).
-    consts["SMALL_WGMMA"] = int(getattr(module, "mma_v2", True) is None)
+    consts["SMALL_WGMMA"] = int(getattr(module, "SMALL_TILES_ON_WGMMA", False))  # stage1_hopper.launch's default
     for a in args:
         k, v = a.split("=")
         if k == "KV":

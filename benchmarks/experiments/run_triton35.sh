@@ -28,13 +28,13 @@ if python3 -c "import xdist" 2>/dev/null; then xdist=(-n 4); fi
 
 if [ "$WHAT" = t351 ] || [ "$WHAT" = all ]; then
   mkdir -p /tmp/t351 && tar xJf .t351/triton351.tar.xz -C /tmp/t351 || exit 2
-  export_path="/tmp/t351:$OVERLAY"
-  say "triton $(PYTHONPATH=$export_path python3 -c 'import triton; print(triton.__version__, triton.__file__)')"
-  (cd "$OVERLAY" && PYTHONPATH=$export_path timeout -s INT -k 10 "${PYTEST_S:-200}" python3 -m pytest \
+  path351="/tmp/t351:$OVERLAY"
+  say "triton $(PYTHONPATH=$path351 python3 -c 'import triton; print(triton.__version__, triton.__file__)')"
+  (cd "$OVERLAY" && PYTHONPATH=$path351 timeout -s INT -k 10 "${PYTEST_S:-200}" python3 -m pytest \
       "$REPO/tests/test_kernels.py" "$REPO/tests/test_plan.py" -k "not plan_cpu_time_256_queries" \
       -q -rfEs -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_t351.xml") > "$OUT/pytest_t351.log" 2>&1
   say "pytest (Triton 3.5.1) rc=$?: $(tail -1 "$OUT/pytest_t351.log")"
-  (cd "$OVERLAY" && PYTHONPATH=$export_path OUT=/tmp VARIANTS="triton=triton:64:4,hopper=main:64:4" \
+  (cd "$OVERLAY" && PYTHONPATH=$path351 OUT=/tmp VARIANTS="triton=triton:64:4,hopper=main:64:4" \
       timeout -k 10 "${AB_S:-170}" python3 "$REPO/benchmarks/experiments/ab_stage1.py") >> "$OUT/run_triton35.log" 2>&1
   say "ab_stage1 (Triton 3.5.1) rc=$?"
   cp /tmp/ab_stage1.json "$OUT/ab_triton351.json"
@@ -42,7 +42,7 @@ fi
 
 if [ "$WHAT" = t36 ] || [ "$WHAT" = all ]; then
   # A copy of the module whose launch puts small tiles on wgmma by default, as under Triton 3.5.
-  sed 's/small_wgmma: bool = mma_v2 is None/small_wgmma: bool = True/' kernels/stage1_hopper.py > /tmp/stage1_wgmma.py
+  sed 's/small_wgmma: bool = SMALL_TILES_ON_WGMMA/small_wgmma: bool = True/' kernels/stage1_hopper.py > /tmp/stage1_wgmma.py
   grep -q "small_wgmma: bool = True" /tmp/stage1_wgmma.py || { say "the copy did not change"; exit 2; }
   say "triton $(PYTHONPATH=$OVERLAY python3 -c 'import triton; print(triton.__version__)')"
   (cd "$OVERLAY" && PYTHONPATH=$OVERLAY OUT=/tmp VARIANTS="mma=main:64:4,wgmma=/tmp/stage1_wgmma.py:64:4" \
