@@ -22,6 +22,7 @@ from sglang.srt.server_args import ServerArgs
 import sglang_deft.backend as backend_module
 import sglang_deft.tree_attention as tree_attention
 from cpu_only import cpu_only
+from kernel_trees import make_tree
 from radix_sim import RadixSim
 from sglang_deft.backend import DeftAttnBackend
 from sglang_deft.config_checks import UnsupportedConfiguration, layer_window, model_runner_problems, windows_of
@@ -616,9 +617,9 @@ def test_kernel_check_catches_a_wrong_kv_tree(server_args, model_config, caplog,
 
 
 def three_query_tree() -> KVTree:
-    """The kernel-check tests' tree: a 20-token root, two 5-token children; queries end at both children and the root."""
-    return KVTree(torch.arange(30, dtype=torch.int32), torch.tensor([0, 20, 25, 30], dtype=torch.int32),
-                  torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32))
+    """The kernel-check tests' tree: a 20-token root, two 5-token children over all 30 slots of the tests' KV
+    buffers; queries end at both children and the root."""
+    return make_tree([-1, 0, 0], [20, 5, 5], [1, 2, 0], pool=30)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
