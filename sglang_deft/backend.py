@@ -79,7 +79,7 @@ from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
 from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
-from sglang_deft.sharing_metrics import SharingMeter
+from sglang_deft.sharing_metrics import SharingMeter, sharing_idle_s
 from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner, StepPlan
 from sglang_deft import tree_attention
 from sglang_deft.tree_attention import (PlanLimits, empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step,
@@ -159,7 +159,7 @@ class DeftAttnBackend(AttentionBackend):
         self.kv_pool_size = model_runner.token_to_kv_pool.size
         window_share = len(windows[self.window_tokens - 1]) / len(layers) if windows else 0.0
         self.sharing = SharingMeter(interval=model_runner.server_args.decode_log_interval, window_share=window_share,
-                                    log=self.logging_rank)
+                                    log=self.logging_rank, idle_s=sharing_idle_s())
         self._recorded_batch = None  # a weak reference to the ForwardBatch whose step was last counted
         self._refused_batch: _RefusedStep | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None

@@ -316,11 +316,13 @@ def server_args_problems(server_args) -> list[str]:
         problems.append(problem)
     if decode:  # read by the scheduler when it makes the backend, after the model loaded
         from .kernel_check import verify_every
+        from .sharing_metrics import sharing_idle_s
 
-        try:
-            verify_every()
-        except ValueError as e:
-            problems.append(str(e))
+        for read in (verify_every, sharing_idle_s):
+            try:
+                read()
+            except ValueError as e:
+                problems.append(str(e))
         if (trace := os.environ.get("SGLANG_DEFT_TRACE_PLANS", "0")) not in ("0", "1"):  # else silently no trace
             problems.append(f"SGLANG_DEFT_TRACE_PLANS={trace!r}: expected 1 (log a fingerprint of every decode step's "
                             "plans) or 0")

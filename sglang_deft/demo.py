@@ -187,7 +187,7 @@ def sharing_summary(log_before: str, log_after: str) -> dict | None:
 def print_sharing(m: dict | None) -> None:
     if m is None:
         say("no 'DeFT decode sharing' line was logged during the program (is the decode backend "
-            "deft? lines come every --decode-log-interval steps)")
+            "deft? lines come every --decode-log-interval steps, and when decoding pauses)")
         return
     say(f"sharing metrics logged by the deft backend over the program's {m['steps']} decode steps:")
     print(f"  KV tokens attended (summed over requests): {m['attended_kv_tokens']:>8}   "

@@ -20,8 +20,11 @@ backend logs one line in the scheduler's log (TP rank 0's, as SGLang logs its de
 - ``steady_steps``: steps of the window whose plan was the last one updated on the device, not
   planned on the host (``sglang_deft.step_planner``; the plan of the layers without a sliding window: the window
   layers' plan takes steady steps of its own, which this line does not count);
-- ``total_*``: the same from the server's start to the end of this line's window (steps after the last
-  line are in no line yet).
+- ``total_*``: the same from the server's start to the end of this line's window.
+
+When decoding pauses for ``SGLANG_DEFT_SHARING_IDLE_S`` seconds (1 by default; 0 turns it off) with steps not yet
+logged, the backend's meter logs them as a shorter window (``steps`` under the interval), so that a run shorter
+than the interval, and a run's last steps, show up too.
 
 With data parallelism (``--dp-size``) every DP rank's scheduler keeps its own meter; SGLang prefixes its lines
 with ``DPn``. Tests and tools read the lines with :func:`parse_sharing_lines`.
@@ -29,12 +32,17 @@ with ``DPn``. Tests and tools read the lines with :func:`parse_sharing_lines`.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from dataclasses import dataclass
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
 LOG_PREFIX = "DeFT decode sharing:"
+IDLE_ENV = "SGLANG_DEFT_SHARING_IDLE_S"
 _FIELD = re.compile(r"(\w+)=([0-9.]+)")
 
 
@@ -57,6 +65,12 @@ class SharingMeter:
     host_s: float = 0.0  # per-step host time of the steps in the window, summed
     steady: int = 0  # steady steps in the window
     log: bool = True  # this process logs the lines (one TP rank of several does)
+    # Seconds without a step after which the steps not yet logged are (None: only every ``interval`` steps). A
+    # watcher thread waits for it while steps are pending; the scheduler's thread records, so both hold the lock.
+    idle_s: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _last_step: float = field(default=0.0, init=False, repr=False, compare=False)
+    _watching: bool = field(default=False, init=False, repr=False, compare=False)  # a watcher thread runs
 
     def record(self, attended_tokens: int, unique_tokens: int, host_s: float = 0.0, steady: bool = False,
                window: tuple[int, int] | None = None) -> None:
@@ -67,23 +81,47 @@ class SharingMeter:
             raise ValueError(f"a step's window counts {window} for a model whose window layers are "
                              f"{self.window_share:.3f} of its layers")
         window_attended, window_unique = window or (0, 0)
-        self.steps += 1
-        self.steady += steady
-        self.attended += attended_tokens
-        self.unique += unique_tokens
-        self.window_attended += window_attended
-        self.window_unique += window_unique
-        self.host_s += host_s
-        self.total_steps += 1
-        self.total_attended += attended_tokens
-        self.total_unique += unique_tokens
-        self.total_window_attended += window_attended
-        self.total_window_unique += window_unique
-        if self.steps >= self.interval:
-            if self.log:
-                logger.info(self.format_line())
-            self.steps = self.attended = self.unique = self.window_attended = self.window_unique = self.steady = 0
-            self.host_s = 0.0
+        with self._lock:
+            self.steps += 1
+            self.steady += steady
+            self.attended += attended_tokens
+            self.unique += unique_tokens
+            self.window_attended += window_attended
+            self.window_unique += window_unique
+            self.host_s += host_s
+            self.total_steps += 1
+            self.total_attended += attended_tokens
+            self.total_unique += unique_tokens
+            self.total_window_attended += window_attended
+            self.total_window_unique += window_unique
+            self._last_step = time.monotonic()
+            if self.steps >= self.interval:
+                self._log_window()
+            elif self.log and self.idle_s is not None and not self._watching:
+                # One thread per pause to wait for, not one per step: it ends once nothing is pending, and says so
+                # under the lock, so that a step recorded as it ends starts the next one.
+                self._watching = True
+                threading.Thread(target=_log_when_idle, args=(weakref.ref(self),), name="deft-sharing-idle",
+                                 daemon=True).start()
+
+    def _log_window(self) -> None:
+        """Log the window (on the logging rank) and restart it; the caller holds the lock."""
+        if self.log:
+            logger.info(self.format_line())
+        self.steps = self.attended = self.unique = self.window_attended = self.window_unique = self.steady = 0
+        self.host_s = 0.0
+
+    def log_if_idle(self, now: float) -> float | None:
+        """The watcher's turn: log the pending steps if none came for ``idle_s`` by ``now``. Returns the seconds
+        until the pause would be long enough, or None when nothing is pending any more (the watcher then ends)."""
+        with self._lock:
+            if self.steps:
+                wait = self._last_step + self.idle_s - now
+                if wait > 0:
+                    return wait
+                self._log_window()
+            self._watching = False
+            return None
 
     def _per_layer(self, tokens: int, window_tokens: int) -> float:
         return (1 - self.window_share) * tokens + self.window_share * window_tokens
@@ -103,6 +141,32 @@ class SharingMeter:
             f"total_attended_kv_tokens={self._per_layer(self.total_attended, self.total_window_attended):.0f} "
             f"total_unique_kv_tokens={self._per_layer(self.total_unique, self.total_window_unique):.0f}"
         )
+
+
+def sharing_idle_s() -> float | None:
+    """The pause after which a meter logs its pending steps, from ``SGLANG_DEFT_SHARING_IDLE_S`` (seconds, 1 by
+    default; 0: never, lines only every ``--decode-log-interval`` steps)."""
+    raw = os.environ.get(IDLE_ENV, "1")
+    try:
+        idle = float(raw)
+    except ValueError:
+        idle = -1.0
+    if not 0 <= idle < float("inf"):
+        raise ValueError(f"{IDLE_ENV}={raw!r}: expected seconds >= 0 without a decode step after which the sharing "
+                         "line logs the steps not yet logged (0 turns it off)")
+    return idle or None
+
+
+def _log_when_idle(meter_ref: weakref.ref) -> None:
+    """The watcher thread: sleeps until the meter's steps pause for its ``idle_s``, logs them, ends. It holds the
+    meter weakly, so a backend that goes away takes its meter with it."""
+    while True:
+        meter = meter_ref()
+        wait = meter.log_if_idle(time.monotonic()) if meter is not None else None
+        del meter
+        if wait is None:
+            return
+        time.sleep(wait)
 
 
 _DP_RANK = re.compile(r"\bDP(\d+)\b")

@@ -22,6 +22,10 @@ if not torch.cuda.is_available():
     # (launch_server.fork_sglang_children). tiny_servers below spawn them, as users' servers do.
     os.environ.setdefault(FORK_CHILDREN_ENV, "1")
 
+# A sharing line logged when decoding pauses (sglang_deft.sharing_metrics) would cut the windows that in-process
+# tests count whenever a step takes longer than the pause on a loaded machine; the tests of that pause set it.
+os.environ.setdefault("SGLANG_DEFT_SHARING_IDLE_S", "0")
+
 import pytest  # noqa: E402  (after the compatibility layer: nothing here imports sglang at load)
 
 

@@ -793,6 +793,21 @@ def test_a_windowed_models_sharing_counts_its_window_layers(server_args, model_c
     assert row["window_ratio"] == pytest.approx(windowed.attended_tokens / windowed.unique_tokens, abs=1e-3)
 
 
+def test_the_sharing_meter_logs_a_pause_after_the_seconds_the_server_was_given(server_args, model_config,
+                                                                               monkeypatch):
+    """SGLANG_DEFT_SHARING_IDLE_S reaches the backend's meter (tests/conftest.py sets 0 for the in-process tests,
+    whose windows must not be cut by a slow step)."""
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    monkeypatch.setenv("SGLANG_DEFT_SHARING_IDLE_S", "2.5")
+    assert make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256)).sharing.idle_s == 2.5
+    monkeypatch.setenv("SGLANG_DEFT_SHARING_IDLE_S", "0")
+    assert make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256)).sharing.idle_s is None
+    monkeypatch.setenv("SGLANG_DEFT_SHARING_IDLE_S", "-1")
+    with pytest.raises(ValueError, match="SGLANG_DEFT_SHARING_IDLE_S='-1'"):
+        make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256))
+
+
 def test_one_tp_rank_logs_sharing(server_args, model_config, caplog):
     """Every TP rank runs the same steps; only rank 0 logs them (each rank did: N lines per interval at TP=N)."""
     sim = RadixSim(kv_slots=2048)

@@ -33,7 +33,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 from sglang_deft.launch_server import FORK_CHILDREN_ENV
 from sglang_deft.server_process import ServerProcess
-from sglang_deft.sharing_metrics import parse_sharing_lines
+from sglang_deft.sharing_metrics import IDLE_ENV, parse_sharing_lines
 from server_group import gpu_package_env, serving
 from tiny_models import server_test_model, with_config
 
@@ -99,7 +99,8 @@ def serving_servers(log_dir: Path, servers: dict[str, list[str]], base: list[str
 
 def serving_tiny_servers(log_dir: Path):
     """The three SERVERS, started side by side, spawning SGLang's children as users' servers do; stopped on exit."""
-    return serving_servers(log_dir, SERVERS, env={name: {FORK_CHILDREN_ENV: "0"} for name in SERVERS})
+    # The sharing line's pause as users' servers have it (tests/conftest.py turns it off for the tests' own).
+    return serving_servers(log_dir, SERVERS, env={name: {FORK_CHILDREN_ENV: "0", IDLE_ENV: "1"} for name in SERVERS})
 
 
 @pytest.fixture(scope="module")
@@ -468,6 +469,26 @@ def test_sharing_metrics_show_shared_kv(tiny_servers, name):
     assert max(r["ratio"] for r in rows) > 2.0  # 4 branches over a ~300-token prompt share most of it
     assert "decode_backend=deft" in tiny_servers[name].log()
     assert parse_sharing_lines(tiny_servers["reference"].log()) == []  # only deft decodes produce them
+
+
+def test_a_run_shorter_than_the_log_interval_is_logged_once_decoding_pauses(tiny_servers):
+    """Lines came every --decode-log-interval steps (2 here) only: the last step of an odd run was in no line."""
+    server = tiny_servers["deft_no_overlap"]  # without the overlap scheduler a request of 4 tokens decodes 3 steps
+
+    def lines_once_quiet(quiet_s: float = 2.5) -> list[dict]:  # the pause is 1 s: wait until no line came for 2.5
+        rows, since = parse_sharing_lines(server.log()), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            time.sleep(0.1)
+            if len(now := parse_sharing_lines(server.log())) != len(rows):
+                rows, since = now, time.monotonic()
+        return rows
+
+    before = lines_once_quiet()
+    [out] = server.generate({"text": CONTEXT, "sampling_params": greedy(4, ignore_eos=True)})
+    assert out["meta_info"]["completion_tokens"] == 4
+    new = lines_once_quiet()[len(before):]
+    base = before[-1]["total_steps"] if before else 0
+    assert [r["steps"] for r in new] == [2, 1] and new[-1]["total_steps"] == base + 3, new
 
 
 @pytest.mark.parametrize("name, overlap", [("deft", True), ("deft_no_overlap", False)])

@@ -1,11 +1,13 @@
-"""The decode-sharing log line: windows of ``--decode-log-interval`` steps, running totals, parsed back."""
+"""The decode-sharing log line: windows of ``--decode-log-interval`` steps (or up to a pause in decoding), running
+totals, parsed back."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
-from sglang_deft.sharing_metrics import LOG_PREFIX, SharingMeter, parse_sharing_lines
+from sglang_deft.sharing_metrics import IDLE_ENV, LOG_PREFIX, SharingMeter, parse_sharing_lines, sharing_idle_s
 
 
 def test_each_window_restarts_and_the_totals_run_on(caplog):
@@ -84,3 +86,74 @@ def test_window_counts_go_with_window_layers_only():
     with pytest.raises(ValueError, match=r"window counts \(4, 2\) for a model whose window layers are 0.000"):
         SharingMeter(interval=2).record(10, 5, window=(4, 2))
     assert "window_ratio" not in SharingMeter(interval=2).format_line()
+
+
+def _lines_once_logged(caplog, count: int, timeout_s: float = 20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while len(rows := parse_sharing_lines(caplog.text)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return rows
+
+
+def test_a_pause_logs_the_steps_the_interval_has_not(caplog):
+    """A run shorter than --decode-log-interval logged no line at all, and a run's last steps none either."""
+    meter = SharingMeter(interval=40, idle_s=0.3)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        for step in [(100, 10), (100, 10), (40, 40)]:
+            meter.record(*step)
+        assert parse_sharing_lines(caplog.text) == []  # not before the pause
+        (row,) = _lines_once_logged(caplog, 1)
+        assert (row["steps"], row["attended_kv_tokens"], row["unique_kv_tokens"], row["total_steps"]) == (3, 240, 60, 3)
+        meter.record(30, 10)  # decoding again: a new watcher for the next pause
+        meter.record(30, 10)
+        rows = _lines_once_logged(caplog, 2)
+        assert [(r["steps"], r["total_steps"], r["total_attended_kv_tokens"]) for r in rows] == [(3, 3, 240),
+                                                                                                (2, 5, 300)]
+        deadline = time.monotonic() + 20
+        while meter._watching and time.monotonic() < deadline:  # the watcher ends once nothing is pending
+            time.sleep(0.02)
+        assert not meter._watching
+
+
+def test_a_window_the_interval_logged_is_not_logged_again(caplog):
+    meter = SharingMeter(interval=2, idle_s=0.05)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        meter.record(10, 5)
+        meter.record(10, 5)
+        time.sleep(0.3)
+    assert [r["steps"] for r in parse_sharing_lines(caplog.text)] == [2]
+
+
+def test_the_watcher_waits_for_the_whole_pause(caplog):
+    meter = SharingMeter(interval=40, idle_s=60)  # its thread sleeps past the test; the steps are logged here
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        meter.record(10, 5)
+        now = time.monotonic()
+        assert 50 < meter.log_if_idle(now + 5) <= 55  # 5 s into a 60 s pause: nothing yet, 55 s to wait
+        assert parse_sharing_lines(caplog.text) == []
+        assert meter.log_if_idle(now + 60) is None
+        (row,) = parse_sharing_lines(caplog.text)
+        assert row["steps"] == 1 and not meter._watching
+
+
+@pytest.mark.parametrize("idle_s, log", [(None, True), (0.01, False)])
+def test_no_pause_line_without_a_pause_or_on_a_rank_that_does_not_log(caplog, idle_s, log):
+    meter = SharingMeter(interval=40, idle_s=idle_s, log=log)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.sharing_metrics"):
+        meter.record(10, 5)
+        time.sleep(0.2)
+    assert parse_sharing_lines(caplog.text) == [] and not meter._watching and meter.steps == 1
+
+
+@pytest.mark.parametrize("raw, idle_s", [(None, 1.0), ("0", None), ("2.5", 2.5), ("-1", ValueError),
+                                         ("soon", ValueError), ("nan", ValueError), ("inf", ValueError)])
+def test_the_pause_comes_from_the_environment(monkeypatch, raw, idle_s):
+    if raw is None:
+        monkeypatch.delenv(IDLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(IDLE_ENV, raw)
+    if idle_s is ValueError:
+        with pytest.raises(ValueError, match=f"{IDLE_ENV}={raw!r}: expected seconds >= 0"):
+            sharing_idle_s()
+    else:
+        assert sharing_idle_s() == idle_s
