@@ -434,6 +434,11 @@ def _check_head_offsets(*tensors: torch.Tensor) -> None:
                              "(heads - 1) x head stride < 2^31 (make it contiguous, [rows, heads, dim])")
 
 
+# Stage-1 shapes (device, q and KV dtypes, head dim, large rows, config) whose pipeline did not fit the GPU's shared
+# memory: launched with one stage from then on (launch_stage1).
+_SHALLOW_STAGES: dict[tuple, int] = {}
+
+
 def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, logit_cap: float,
                   cfg: Stage1Config):
     """Partial attention of every work item into the plan's partial buffers; returns Triton's
@@ -453,22 +458,35 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
     po, pl = plan.partial_out, plan.partial_lse
     D = q.shape[2]
     compiled = None
+    shape = (q.device, q.dtype, k_buffer.dtype, D, plan.large_rows, cfg)
+    stages = _SHALLOW_STAGES.get(shape, cfg.num_stages)
     for tiles in ((1, 2) if cfg.separate_launches else (0,)):
-        try:
-            compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
-                q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-                sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
-                v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
-                GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
-                SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
-                IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        except OutOfResources as e:
-            # The shape is chosen from the head dim and tiles, not from the GPU (measured on the H200): a GPU with
-            # less shared memory per block than Hopper's can lack it at the largest head dims in fp32.
-            raise RuntimeError(f"deft's Triton stage-1 kernel ({cfg}) for q in {q.dtype}, head_dim {D} and "
-                               f"{plan.large_rows}-row tiles needs {e.required} of {e.name}, more than this GPU's "
-                               f"{e.limit}: serve the model in float16/bfloat16, or on a GPU with more shared "
-                               "memory per block") from e
+        while True:
+            try:
+                compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
+                    q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
+                    sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+                    v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
+                    GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
+                    SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
+                    IEEE=q.dtype == torch.float32, TILES=tiles, num_warps=cfg.num_warps, num_stages=stages)
+                break
+            except OutOfResources as e:
+                # The shape is chosen from the head dim and tiles, not from the GPU (measured on the H200). Compiled
+                # for sm_80/86/89 (benchmarks/results/stage1_shared_memory_triton36.md) every 16-bit and fp8 shape
+                # fits, and in fp32 head_dim 256 needs 100.3 KB, 1.3 KB past the 99 KB of sm_86/sm_89; with one stage
+                # (84.2 KB) each block is loaded as it is used, the same arithmetic without the next block's loads in
+                # flight. Once per shape and process: Triton would raise again at every launch.
+                if stages > 1:
+                    logger.warning("deft's Triton stage-1 kernel (%s) for q in %s, head_dim %d needs %d of %s, more "
+                                   "than this GPU's %d: it runs with one pipeline stage instead of %d (the same "
+                                   "arithmetic, slower)", cfg, q.dtype, D, e.required, e.name, e.limit, stages)
+                    stages = _SHALLOW_STAGES[shape] = 1
+                    continue
+                raise RuntimeError(f"deft's Triton stage-1 kernel ({cfg}) for q in {q.dtype}, head_dim {D} and "
+                                   f"{plan.large_rows}-row tiles needs {e.required} of {e.name}, more than this GPU's "
+                                   f"{e.limit} even with one pipeline stage: serve the model in float16/bfloat16, or "
+                                   "on a GPU with more shared memory per block") from e
     return compiled
 
 

@@ -773,25 +773,81 @@ def test_hopper_kernel_serves_only_what_it_was_built_for(monkeypatch, capability
     assert "a ROCm device" in stage1_hopper.unsupported_reason(torch.device("cuda", 0), dtype, d, rows, kv_dtype)
 
 
-def test_a_gpu_short_of_shared_memory_is_named_with_what_to_do(monkeypatch):
-    """The Triton kernel's shape comes from the head dim and tiles, not from the GPU: where it needs more shared
-    memory than the GPU has, Triton's bare 'out of resource' reached SGLang's graph capture."""
-    from triton.runtime.errors import OutOfResources
-    module = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package's name is the function's
+class ShortOfSharedMemory:
+    """Stands in for the Triton stage-1 kernel on a GPU whose shared memory holds the kernel's shape with at most
+    ``fits_stages`` pipeline stages (0: none), as fp32 at head_dim 256 on sm_86/sm_89 (100.3 KB of their 99 KB with
+    the default 3 stages, 86.2 KB with one: benchmarks/results/stage1_shared_memory_triton36.md); launches that fit
+    run the real kernel."""
 
-    class ShortOfSharedMemory:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
+    def __init__(self, kernel, fits_stages: int):
+        self.kernel, self.fits_stages, self.stages = kernel, fits_stages, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args, **kwargs):
+            self.stages.append(kwargs["num_stages"])
+            if kwargs["num_stages"] > self.fits_stages:
                 raise OutOfResources(102720, 101376, "shared memory")
-            return launch
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
-    monkeypatch.setattr(module, "_tree_decode_stage1", ShortOfSharedMemory())
+
+def test_a_gpu_short_of_shared_memory_for_the_pipeline_runs_one_stage(monkeypatch, caplog):
+    """The Triton kernel's shape comes from the head dim and tiles, not from the GPU: fp32 at head_dim 256 failed at
+    its first launch on a GPU with 99 KB of shared memory per block. One stage fits there, once per shape."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package's name is the function's
+    short = ShortOfSharedMemory(module._tree_decode_stage1, fits_stages=1)
+    monkeypatch.setattr(module, "_tree_decode_stage1", short)
+    monkeypatch.setattr(module, "_SHALLOW_STAGES", {})
     tree = one_node_tree([0, 1, 2])
     plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32)
     q, kv = torch.randn(2, 8, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE)
-    with pytest.raises(RuntimeError, match=r"needs 102720 of shared memory, more than this GPU's 101376: serve the "
-                                           r"model in float16/bfloat16"):
+    config = module.Stage1Config(32, 16, 4, 3)
+    with caplog.at_level("WARNING", logger=module.__name__):
+        out = tree_decode(q, kv, kv, plan, 0.25, config=config)
+        again = tree_decode(q, kv, kv, plan, 0.25, config=config)
+    assert short.stages == [3, 1, 1]  # tried once as configured; then one stage for this shape
+    assert caplog.text.count("runs with one pipeline stage instead of 3") == 1
+    assert "needs 102720 of shared memory, more than this GPU's 101376" in caplog.text
+    torch.testing.assert_close(out, attention_reference(q, kv, kv, tree, 0.25), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA devices")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_one_pipeline_stage_gives_the_same_output(dtype, head_dim):
+    """What the warning above says: the one-stage kernel a GPU short of shared memory runs computes what the
+    configured pipeline does, bitwise (the stages only move the loads)."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")
+    # a 700-token prefix under 24 queries (large tiles) and their tails of 1-47 tokens (small ones)
+    tree = make_tree([-1] + [0] * 24, [700] + [1 + 2 * i for i in range(24)], list(range(1, 25)))
+    plan = plan_tree_decode(tree, 16, 4, head_dim, DEVICE, kv_dtype=dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    S = int(tree.kv_indices.max()) + 1
+    q = torch.randn(tree.num_queries, 16, head_dim, device=DEVICE, generator=g).to(dtype)
+    k = torch.randn(S, 4, head_dim, device=DEVICE, generator=g).to(dtype)
+    v = torch.randn(S, 4, head_dim, device=DEVICE, generator=g).to(dtype)
+    base = module.stage1_config(head_dim, plan.large_rows)
+    outs = [tree_decode(q, k, v, plan, head_dim ** -0.5, config=dataclasses.replace(base, num_stages=n))
+            for n in (base.num_stages, 1)]
+    assert base.num_stages > 1 and torch.equal(outs[0], outs[1])
+
+
+def test_a_gpu_short_of_shared_memory_even_for_one_stage_is_named_with_what_to_do(monkeypatch):
+    """Triton's bare 'out of resource' reached SGLang's graph capture."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")
+    short = ShortOfSharedMemory(module._tree_decode_stage1, fits_stages=0)
+    monkeypatch.setattr(module, "_tree_decode_stage1", short)
+    monkeypatch.setattr(module, "_SHALLOW_STAGES", {})
+    tree = one_node_tree([0, 1, 2])
+    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32)
+    q, kv = torch.randn(2, 8, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"needs 102720 of shared memory, more than this GPU's 101376 even with "
+                                           r"one pipeline stage: serve the model in float16/bfloat16"):
         tree_decode(q, kv, kv, plan, 0.25, config=module.Stage1Config(32, 16, 4, 2))
+    assert short.stages == [2, 1]
 
 
 def test_an_fp8_e4m3_cache_on_rocm_is_refused(monkeypatch):
