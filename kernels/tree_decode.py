@@ -475,12 +475,13 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
                 # The shape is chosen from the head dim and tiles, not from the GPU (measured on the H200). Compiled
                 # for sm_80/86/89 (benchmarks/results/stage1_shared_memory_triton36.md) every 16-bit and fp8 shape
                 # fits, and in fp32 head_dim 256 needs 100.3 KB, 1.3 KB past the 99 KB of sm_86/sm_89; with one stage
-                # (84.2 KB) each block is loaded as it is used, the same arithmetic without the next block's loads in
-                # flight. Once per shape and process: Triton would raise again at every launch.
+                # (84.2 KB) each block is loaded as it is used, without the next block's loads in flight: the same
+                # arithmetic, and bitwise the same output on an H100 (test_one_pipeline_stage_gives_the_same_output).
+                # Once per shape and process: Triton would raise again at every launch.
                 if stages > 1:
                     logger.warning("deft's Triton stage-1 kernel (%s) for q in %s, head_dim %d needs %d of %s, more "
                                    "than this GPU's %d: it runs with one pipeline stage instead of %d (the same "
-                                   "arithmetic, slower)", cfg, q.dtype, D, e.required, e.name, e.limit, stages)
+                                   "output, slower)", cfg, q.dtype, D, e.required, e.name, e.limit, stages)
                     stages = _SHALLOW_STAGES[shape] = 1
                     continue
                 raise RuntimeError(f"deft's Triton stage-1 kernel ({cfg}) for q in {q.dtype}, head_dim {D} and "
