@@ -793,13 +793,20 @@ class ShortOfSharedMemory:
         return launch
 
 
+def short_of_shared_memory(monkeypatch, fits_stages: int):
+    """(the tree_decode module, its stage-1 kernel replaced by a ShortOfSharedMemory), with no shape yet known to
+    need one stage."""
+    module = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package's name is the function's
+    short = ShortOfSharedMemory(module._tree_decode_stage1, fits_stages)
+    monkeypatch.setattr(module, "_tree_decode_stage1", short)
+    monkeypatch.setattr(module, "_SHALLOW_STAGES", {})
+    return module, short
+
+
 def test_a_gpu_short_of_shared_memory_for_the_pipeline_runs_one_stage(monkeypatch, caplog):
     """The Triton kernel's shape comes from the head dim and tiles, not from the GPU: fp32 at head_dim 256 failed at
     its first launch on a GPU with 99 KB of shared memory per block. One stage fits there, once per shape."""
-    module = importlib.import_module("sglang_deft.kernels.tree_decode")  # the package's name is the function's
-    short = ShortOfSharedMemory(module._tree_decode_stage1, fits_stages=1)
-    monkeypatch.setattr(module, "_tree_decode_stage1", short)
-    monkeypatch.setattr(module, "_SHALLOW_STAGES", {})
+    module, short = short_of_shared_memory(monkeypatch, fits_stages=1)
     tree = one_node_tree([0, 1, 2])
     plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32)
     q, kv = torch.randn(2, 8, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE)
@@ -837,12 +844,8 @@ def test_one_pipeline_stage_gives_the_same_output(dtype, head_dim):
 
 def test_a_gpu_short_of_shared_memory_even_for_one_stage_is_named_with_what_to_do(monkeypatch):
     """Triton's bare 'out of resource' reached SGLang's graph capture."""
-    module = importlib.import_module("sglang_deft.kernels.tree_decode")
-    short = ShortOfSharedMemory(module._tree_decode_stage1, fits_stages=0)
-    monkeypatch.setattr(module, "_tree_decode_stage1", short)
-    monkeypatch.setattr(module, "_SHALLOW_STAGES", {})
-    tree = one_node_tree([0, 1, 2])
-    plan = plan_tree_decode(tree, 8, 2, 16, DEVICE, kv_dtype=torch.float32)
+    module, short = short_of_shared_memory(monkeypatch, fits_stages=0)
+    plan = plan_tree_decode(one_node_tree([0, 1, 2]), 8, 2, 16, DEVICE, kv_dtype=torch.float32)
     q, kv = torch.randn(2, 8, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"needs 102720 of shared memory, more than this GPU's 101376 even with "
                                            r"one pipeline stage: serve the model in float16/bfloat16"):
