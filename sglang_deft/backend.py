@@ -80,7 +80,7 @@ from sglang_deft.kv_tree_builder import DecodeKVTree, DecodeKVTreeBuilder
 from sglang_deft.patches.forward_batch_reqs import ATTRIBUTE as REQS_ATTRIBUTE
 from sglang_deft.patches.warmup_dummy_run import in_warmup_dummy_run
 from sglang_deft.sharing_metrics import SharingMeter, sharing_idle_s
-from sglang_deft.step_planner import SLACK_TOKENS, DecodeStepPlanner, StepPlan
+from sglang_deft.step_planner import SLACK_TOKENS, STEADY_ENV, DecodeStepPlanner, StepPlan, steady_steps
 from sglang_deft import tree_attention
 from sglang_deft.tree_attention import (PlanLimits, empty_tree, graph_batch_sizes, new_graph_plan, plan_graph_step,
                                         plan_limits, plan_step, run_layer, window_plan_limits, with_padding_queries)
@@ -164,6 +164,11 @@ class DeftAttnBackend(AttentionBackend):
         self._refused_batch: _RefusedStep | None = None
         self.forward_metadata: DeftDecodeMetadata | None = None
         self.verify_every = verify_every()  # SGLANG_DEFT_VERIFY_EVERY: kernels vs reference, every N eager steps
+        self.steady_steps = steady_steps()  # SGLANG_DEFT_STEADY_STEPS: room for steady steps after a full plan
+        if self.steady_steps != SLACK_TOKENS and self.logging_rank:
+            logger.info("deft: %s=%d: %s", STEADY_ENV, self.steady_steps,
+                        "every decode step is planned in full on the host" if not self.steady_steps else
+                        f"a full plan leaves room for {self.steady_steps} steady steps (default {SLACK_TOKENS})")
         # The layers it checks: the first of each kind, so that a model with window layers checks both plans
         # (Gemma's layer 0 is a window layer: checking layer 0 alone never checked the full-attention plan).
         window_ids = {i for ids in windows.values() for i in ids}
@@ -220,18 +225,19 @@ class DeftAttnBackend(AttentionBackend):
         self.graph_plan = new_graph_plan(self.plan_limits, max_bs, self.kv_pool_size, self.num_qo_heads,
                                          self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
                                          self.planner.graph_batch_sizes)
-        self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan)
+        self.step_planner = DecodeStepPlanner(self.tree_builder, self.planner, self.graph_plan,
+                                              slack=self.steady_steps)
         if self.window_tokens is not None:
             # A window tree holds at most every query's window: max_bs x window tokens (a slot may appear
             # under two different window starts, so the pool's size does not bound it), plus the room for steady
             # steps after its tails and its queries' private nodes (one each at most) and the steady update's
             # scratch entry.
             self.window_graph_plan = new_graph_plan(self.window_plan_limits, max_bs,
-                                                    max_bs * (self.window_tokens + 2 * SLACK_TOKENS) + 1,
+                                                    max_bs * (self.window_tokens + 2 * self.steady_steps) + 1,
                                                     self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype,
                                                     self.device, self.planner.graph_batch_sizes)
             self.window_step_planner = DecodeStepPlanner(self.window_builder, self.planner, self.window_graph_plan,
-                                                         window=self.window_tokens)
+                                                         slack=self.steady_steps, window=self.window_tokens)
         if not self.logging_rank:
             return
         logger.info(

@@ -317,8 +317,9 @@ def server_args_problems(server_args) -> list[str]:
     if decode:  # read by the scheduler when it makes the backend, after the model loaded
         from .kernel_check import verify_every
         from .sharing_metrics import sharing_idle_s
+        from .step_planner import steady_steps
 
-        for read in (verify_every, sharing_idle_s):
+        for read in (verify_every, sharing_idle_s, steady_steps):
             try:
                 read()
             except ValueError as e:

@@ -21,11 +21,11 @@ reference attention, so it is a diagnostic, not a serving mode; CUDA-graph repla
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 import torch
 
+from sglang_deft.env_numbers import env_number
 from sglang_deft.kernels import KVTree, tree_decode_reference
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,7 @@ _FIELD = re.compile(r"(\w+)=([0-9.e+-]+|\w+)")
 
 def verify_every() -> int:
     """Decode steps between two checks (0: never), from ``SGLANG_DEFT_VERIFY_EVERY``."""
-    raw = os.environ.get(ENV, "0")
-    try:
-        every = int(raw)
-    except ValueError:
-        every = -1
-    if every < 0:
-        raise ValueError(f"{ENV}={raw!r}: expected a number of decode steps >= 0 (0 turns the check off)")
-    return every
+    return env_number(ENV, "0", int, lambda every: every >= 0, "a number of decode steps >= 0 (0 turns the check off)")
 
 
 def request_tree(req_to_token: torch.Tensor, pool_indices: list[int], seq_lens: list[int], rows: int,

@@ -32,12 +32,13 @@ with ``DPn``. Tests and tools read the lines with :func:`parse_sharing_lines`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+
+from sglang_deft.env_numbers import env_number
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +147,9 @@ class SharingMeter:
 def sharing_idle_s() -> float | None:
     """The pause after which a meter logs its pending steps, from ``SGLANG_DEFT_SHARING_IDLE_S`` (seconds, 1 by
     default; 0: never, lines only every ``--decode-log-interval`` steps)."""
-    raw = os.environ.get(IDLE_ENV, "1")
-    try:
-        idle = float(raw)
-    except ValueError:
-        idle = -1.0
-    if not 0 <= idle < float("inf"):
-        raise ValueError(f"{IDLE_ENV}={raw!r}: expected seconds >= 0 without a decode step after which the sharing "
-                         "line logs the steps not yet logged (0 turns it off)")
+    idle = env_number(IDLE_ENV, "1", float, lambda s: 0 <= s < float("inf"),
+                      "seconds >= 0 without a decode step after which the sharing line logs the steps not yet logged "
+                      "(0 turns it off)")
     return idle or None
 
 

@@ -14,9 +14,9 @@ of a KV-tree build and a plan on the host:
     items[tail_last_item].kv_len += 1
     tail_end += 1; next position += 1
 
-until a tail's room runs out (``SLACK_TOKENS`` steps) or the batch changes; then the next step is
-planned in full. The update has a fixed shape (one entry per possible request; unused entries add
-zero and write a scratch position past the plan's KV) and is one kernel launch
+until a tail's room runs out (``SLACK_TOKENS`` steps; ``SGLANG_DEFT_STEADY_STEPS`` for a server) or the
+batch changes; then the next step is planned in full. The update has a fixed shape (one entry per
+possible request; unused entries add zero and write a scratch position past the plan's KV) and is one kernel launch
 (``kernels/tail_update.py``; as four eager tensor ops it cost ~100-200 us of Python and launches
 per step on the H200 host). The chunking of a steady step is the full plan's with the tails' last
 chunks longer: still exact attention (every query reads its whole path once), a slightly different
@@ -47,6 +47,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sglang_deft.env_numbers import env_number
 from sglang_deft.kernels import TreeDecodePlan, TreeDecodePlanner
 from sglang_deft.kernels.plan import ITEM_FIELDS
 from sglang_deft.kernels.staging import PinnedStagingRing
@@ -57,8 +58,20 @@ from sglang_deft.tree_attention import plan_graph_step
 # Steady steps a full plan leaves room for: a full plan every 65 steps of one batch. More room
 # amortises the full plans (~1.2 ms each on the H200 host, with room) over more steps; the cost is
 # B x SLACK_TOKENS unused entries in the plan's KV buffer and tails' last chunks up to that much
-# longer than a fresh plan would cut them.
+# longer than a fresh plan would cut them. SGLANG_DEFT_STEADY_STEPS sets it for a server (steady_steps).
 SLACK_TOKENS = 64
+STEADY_ENV = "SGLANG_DEFT_STEADY_STEPS"
+# Its largest value: the sliding-window layers' plan buffers hold two rooms per request (max_bs x (window +
+# 2 x room) KV entries), and past a few hundred steps the full plans it saves are a few per thousand steps.
+MAX_STEADY_STEPS = 1024
+
+
+def steady_steps() -> int:
+    """Steady steps a full plan leaves room for, from ``SGLANG_DEFT_STEADY_STEPS`` (``SLACK_TOKENS`` by default;
+    0: every decode step planned in full, a diagnostic that takes the steady update out of the way)."""
+    return env_number(STEADY_ENV, str(SLACK_TOKENS), int, lambda n: 0 <= n <= MAX_STEADY_STEPS,
+                      f"a number of decode steps from 0 to {MAX_STEADY_STEPS} that a full plan leaves room for "
+                      f"(default {SLACK_TOKENS}; 0 plans every step in full)")
 
 
 @dataclass(frozen=True)

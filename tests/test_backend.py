@@ -360,6 +360,40 @@ def test_sliding_window_layers_attend_each_querys_window(server_args, model_conf
     assert full_steps == window_steps
 
 
+@cpu_only
+@pytest.mark.parametrize("steady", ["0", "2"])
+def test_steady_steps_come_from_the_environment(server_args, model_config, monkeypatch, caplog, steady):
+    """SGLANG_DEFT_STEADY_STEPS=0 plans every step in full, both plans (a diagnostic: the steady update out of the
+    way); 2 leaves room for two steady steps after each full plan, and sizes the window buffers' room by it."""
+    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: True)
+    monkeypatch.setenv("SGLANG_DEFT_STEADY_STEPS", steady)
+    layers = windowed_layers(model_config, 4)
+    with caplog.at_level(logging.INFO, logger="sglang_deft.backend"):
+        sim, kv_pool, backend = random_kv_setup(triton_prefill(server_args), model_config, layers, 2048)
+    assert backend.step_planner.slack == backend.window_step_planner.slack == int(steady)
+    assert backend.window_graph_plan.kv_indices.numel() == backend.max_bs * (backend.window_tokens + 2 * int(steady)) + 1
+    assert (f"SGLANG_DEFT_STEADY_STEPS={steady}: " + ("every decode step is planned in full on the host" if steady == "0"
+            else "a full plan leaves room for 2 steady steps (default 64)")) in caplog.text
+    reqs = forked_batch(sim)
+    window_steps, full_steps = record_steady(backend, "window_step_planner"), record_steady(backend)
+    for _ in range(6):
+        fb = decode_forward_batch(sim, reqs, kv_pool)
+        eager_step(sim, reqs, layers, kv_pool, backend, fb, step_inputs(len(reqs), layers))  # checked
+        sim.finish_decode(reqs)
+    # With room: a full plan without room (the batch is new), one with room, two steady steps, and again
+    assert full_steps == window_steps == ([False] * 6 if steady == "0" else [False, False, True, True, False, True])
+
+
+@pytest.mark.parametrize("raw", ["-1", "1025", "often", "1.5"])
+def test_steady_steps_must_be_a_step_count(server_args, model_config, monkeypatch, raw):
+    monkeypatch.setenv("SGLANG_DEFT_STEADY_STEPS", raw)
+    sim = RadixSim(kv_slots=256)
+    layers = attention_layers(model_config)
+    with pytest.raises(ValueError, match=f"SGLANG_DEFT_STEADY_STEPS={raw!r}: expected a number of decode steps "
+                                         "from 0 to 1024"):
+        make_backend(sim, server_args, model_config, layers, kv_pool_for(layers, 256))
+
+
 def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, model_config):
     """One window per model (a plan per window per step would be needed for more), and a prefill backend that
     applies it: SGLang's torch_native prefill attends every prompt token, its flashinfer prefill does outside
