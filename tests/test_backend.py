@@ -719,21 +719,6 @@ def test_kernel_check_reads_the_cache_as_the_kernels_do():
     assert within_tolerance({"max_abs_diff": 0.0, "max_abs_out": 0.0, "dtype": "bfloat16"})
 
 
-@pytest.mark.parametrize("raw, every", [(None, 0), ("0", 0), ("3", 3), ("often", None), ("-2", None), ("1.5", None)])
-def test_kernel_check_interval(monkeypatch, raw, every):
-    from sglang_deft.kernel_check import ENV, verify_every
-
-    if raw is None:
-        monkeypatch.delenv(ENV, raising=False)
-    else:
-        monkeypatch.setenv(ENV, raw)
-    if every is None:
-        with pytest.raises(ValueError, match=f"{ENV}={raw!r}: expected a number of decode steps >= 0"):
-            verify_every()
-    else:
-        assert verify_every() == every
-
-
 @pytest.mark.parametrize("logit_cap", [0.0, 5.0], ids=["plain", "logit_cap"])
 def test_kernel_check_compares_with_the_reference_of_the_same_layer(logit_cap, caplog):
     """check_layer's reference attends with the layer's scale and logit cap: an exact ``out`` shows no

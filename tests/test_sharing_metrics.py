@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sglang_deft.sharing_metrics import IDLE_ENV, LOG_PREFIX, SharingMeter, parse_sharing_lines, sharing_idle_s
+from sglang_deft.sharing_metrics import LOG_PREFIX, SharingMeter, parse_sharing_lines
 
 
 def test_each_window_restarts_and_the_totals_run_on(caplog):
@@ -143,17 +143,3 @@ def test_no_pause_line_without_a_pause_or_on_a_rank_that_does_not_log(caplog, id
         meter.record(10, 5)
         time.sleep(0.2)
     assert parse_sharing_lines(caplog.text) == [] and not meter._watching and meter.steps == 1
-
-
-@pytest.mark.parametrize("raw, idle_s", [(None, 1.0), ("0", None), ("2.5", 2.5), ("-1", ValueError),
-                                         ("soon", ValueError), ("nan", ValueError), ("inf", ValueError)])
-def test_the_pause_comes_from_the_environment(monkeypatch, raw, idle_s):
-    if raw is None:
-        monkeypatch.delenv(IDLE_ENV, raising=False)
-    else:
-        monkeypatch.setenv(IDLE_ENV, raw)
-    if idle_s is ValueError:
-        with pytest.raises(ValueError, match=f"{IDLE_ENV}={raw!r}: expected seconds >= 0"):
-            sharing_idle_s()
-    else:
-        assert sharing_idle_s() == idle_s
