@@ -395,6 +395,8 @@ class TreeDecodePlanner:
             if capacity is not None and capacity != own:
                 raise ValueError(f"capacity={capacity} differs from the reused plan's buffers {own}; pass one of them")
             capacity = own
+        if capacity is not None:  # before the schedule lays out host buffers of that many items
+            _check_grid(capacity.max_items, "give the capacity fewer max_items")
         sms = sm_count(device)
         s = _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
                            kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=sms,
@@ -410,10 +412,7 @@ class TreeDecodePlanner:
             cap_p, cap_m = capacity.max_partials, capacity.max_merge
         else:
             cap_b, cap_t, cap_i, cap_p, cap_m = B, T, I, P, P
-        if cap_i > MAX_GRID_ITEMS:
-            fix = "give the capacity fewer max_items" if capacity is not None else "plan fewer queries per step"
-            raise ValueError(f"{cap_i} work items per KV head: stage 1's launch grid holds at most {MAX_GRID_ITEMS} "
-                             f"(CUDA's limit on a grid's second axis); {fix}")
+            _check_grid(I, "plan fewer queries per step")
         # Every field in one host buffer, in its place (schedule.c's layout): one copy moves them all.
         host = self._schedule.out[:s.packed_len]
         items = host[s.o_items:s.o_items + I * ITEM_FIELDS].reshape(I, ITEM_FIELDS)
@@ -518,6 +517,12 @@ def _host_max_slot(kv_indices: torch.Tensor) -> int | None:
     if low < 0:
         raise ValueError(f"KVTree.kv_indices holds slot {low}: KV slot ids must be >= 0")
     return int(ids.max())
+
+
+def _check_grid(items: int, fix: str) -> None:
+    if items > MAX_GRID_ITEMS:
+        raise ValueError(f"{items} work items per KV head: stage 1's launch grid holds at most {MAX_GRID_ITEMS} "
+                         f"(CUDA's limit on a grid's second axis); {fix}")
 
 
 def _check_capacity(cap: PlanCapacity, B: int, T: int, M: int, P: int) -> None:

@@ -401,6 +401,9 @@ def test_a_plan_past_the_launch_grid_is_refused_by_name():
     small = KVTree(tree.kv_indices[:8], tree.node_indptr[:9], tree.node_parent[:8], tree.query_node[:8])
     with pytest.raises(ValueError, match="at most 65535.*give the capacity fewer max_items"):
         plan_tree_decode(small, 8, 8, 64, capacity=PlanCapacity(8, 8, MAX_GRID_ITEMS + 1, 8, 8))
+    # Refused before the schedule lays out host buffers for that many items (18 TiB: a MemoryError, not this).
+    with pytest.raises(ValueError, match="1000000000000 work items per KV head.*give the capacity fewer max_items"):
+        plan_tree_decode(small, 8, 8, 64, capacity=PlanCapacity(8, 8, 10**12, 8, 8))
 
 
 def test_an_unindexed_cuda_device_is_planned_for_by_its_index(monkeypatch):
