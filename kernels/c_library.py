@@ -71,9 +71,12 @@ def _cache_dir() -> Path:
 
 
 def _private(root: Path) -> bool:
-    """Whether ``root`` is this user's and no one else can write to it (or replace what it holds)."""
-    st = root.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    """Whether ``root`` is this user's and no one else can write to it (or replace what it holds). A symlink is
+    not: in the shared temp dir another user could make the name a link to a directory of ours that passes, then
+    point it at one of theirs between this check and the build or load."""
+    st = root.lstat()
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def _cache_roots() -> list[tuple[Path, bool]]:

@@ -225,6 +225,25 @@ def test_a_temp_dir_others_can_write_is_not_used(tmp_path, monkeypatch):
     assert list(shared.iterdir()) == []
 
 
+def test_a_temp_dir_name_that_is_a_symlink_is_not_used(tmp_path, monkeypatch):
+    """A link passes as its target: another user could point the predictable name at a private directory of
+    ours, then at one of theirs between the check and the build or load."""
+    import os
+    import tempfile
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("SGLANG_DEFT_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    (tmp_path / f"sglang_deft_{os.getuid()}").symlink_to(ours)
+    monkeypatch.setattr(c_library, "_LOADED", {})
+    with pytest.raises(c_library.CLibraryError, match="no writable cache directory"):
+        c_library.load("schedule.c")
+    assert list(ours.iterdir()) == []
+
+
 VALUE_SOURCE = "#ifndef VALUE\n#define VALUE 1\n#endif\nint deft_value(void) { return VALUE; }\n"
 
 
