@@ -213,8 +213,11 @@ def server_args_problems(server_args) -> list[str]:
         return problems
     a = server_args
     if a.speculative_algorithm is not None:
+        # SGLang's ServerArgs has already rewritten NEXTN to EAGLE: name both, so a NEXTN user sees theirs.
+        algorithm = ("EAGLE (or NEXTN, which SGLang runs as EAGLE)" if a.speculative_algorithm == "EAGLE"
+                     else a.speculative_algorithm)
         problems.append(
-            f"--speculative-algorithm {a.speculative_algorithm}: verify and draft steps attend several "
+            f"--speculative-algorithm {algorithm}: verify and draft steps attend several "
             "tokens per request with a tree mask; the deft path computes one query token per request"
         )
     if getattr(a, "dllm_algorithm", None) is not None:

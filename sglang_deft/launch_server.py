@@ -41,6 +41,11 @@ class _PreParseError(Exception):
     pass
 
 
+class ConfigFileError(ValueError):
+    """A ``--config`` file SGLang's merger cannot use (none given, not YAML, missing, not a mapping, an option it
+    cannot set): a usage error, reported as one instead of the merger's traceback."""
+
+
 class _PreParser(argparse.ArgumentParser):
     def error(self, message):  # a malformed command line is SGLang's parser's to report, with its usage
         raise _PreParseError(message)
@@ -84,9 +89,13 @@ def parse_server_args(argv: list[str], device: str):
     # sglang.launch_server parses "--config=FILE" and "--conf FILE" and ignores their files.
     argv = config_flag_spelled_out(argv)
     if "--config" in argv:  # as sglang.srt.server_args.prepare_server_args does
+        import yaml
         from sglang.srt.server_args_config_parser import ConfigArgumentMerger
 
-        argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+        try:
+            argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise ConfigFileError(f"--config: {e}") from e
     raw_args = parser.parse_args(argv)
     split_deft_backend(vars(raw_args), device)
     return make_server_args(lambda: ServerArgs.from_cli_args(raw_args), vars(raw_args), device)
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server_args = parse_server_args(argv, device)
         check_startup(server_args)
-    except UnsupportedConfiguration as e:  # the user's flags or model: the reasons, not a traceback; 2 as argparse
+    except (UnsupportedConfiguration, ConfigFileError) as e:  # the user's flags, file or model: the reasons, not a
+        # traceback; 2 as argparse
         print(f"sglang_deft.launch_server: {e}", file=sys.stderr)
         sys.exit(2)
     from sglang_deft.server_process import PORT_IN_USE, port_free

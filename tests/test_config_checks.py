@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.utils import common as sglang_common
 
 from sglang_deft.config_checks import (
     UnsupportedConfiguration,
@@ -22,7 +23,8 @@ from sglang_deft.config_checks import (
     server_args_problems,
 )
 from sglang_deft import cpu_compat
-from sglang_deft.launch_server import _device_arg, config_flag_spelled_out, parse_server_args
+from sglang_deft import launch_server
+from sglang_deft.launch_server import ConfigFileError, _device_arg, config_flag_spelled_out, parse_server_args
 from sglang_deft.server_setup import check_startup, prepare_process, split_deft_backend
 from tiny_models import with_config
 
@@ -199,6 +201,32 @@ def test_launcher_leaves_a_config_file_sglang_refuses_to_its_merger(tmp_path):
     assert _device_arg(["--config", str(path)]) is None
 
 
+@pytest.mark.parametrize("flag, content, message", [
+    (["--config"], None, "No config file specified after --config flag!"),
+    # Spelled out as --config for the merger, a bare abbreviation reached it as one too.
+    (["--conf"], None, "No config file specified after --config flag!"),
+    (["--config", "server.json"], "device: cpu\n", "Config file must be YAML format, got: .json"),
+    (["--config", "missing.yaml"], None, "Config file not found"),
+    (["--config=server.yaml"], "- device\n", "Config file must contain a dictionary at root level"),
+    (["--config", "server.yaml"], "device: [cpu\n", "while parsing"),
+])
+def test_a_config_file_sglangs_merger_refuses_is_a_usage_error(tmp_path, flag, content, message, monkeypatch, capsys):
+    """SGLang's merger raises ValueError for these (a YAML error for a file it cannot parse), which reached the
+    user as a traceback with exit code 1; the launcher reports it as the other argument errors: one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / flag[-1].rpartition("=")[2]).write_text(content)
+    with pytest.raises(ConfigFileError, match=re.escape(message)):
+        parse_server_args(BASE_ARGV + flag, device="cpu")
+    monkeypatch.setattr(sglang_common, "suppress_noisy_warnings", lambda: None)  # process-wide filters, not ours
+    with pytest.raises(SystemExit) as exited:
+        launch_server.main(BASE_ARGV + flag)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"sglang_deft.launch_server: --config: {message}" in err
+    assert "Traceback" not in err
+
+
 def test_launcher_leaves_an_sglang_without_the_merger_to_the_version_check(monkeypatch):
     """Imported before prepare_process checks SGLang's version: a release without the module must not end the
     launcher with a bare ModuleNotFoundError instead of the version deft was written against."""
@@ -306,7 +334,9 @@ def test_a_grammar_backend_whose_package_is_missing_is_refused_by_name(deft_args
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE"),
+        # SGLang rewrites NEXTN to EAGLE before deft sees it: the message names both.
+        (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm EAGLE (or NEXTN, which SGLang runs as EAGLE)"),
+        (dict(speculative_algorithm="NGRAM"), "--speculative-algorithm NGRAM: verify and draft steps"),
         # Reached deft's CUDA-graph setup, which named the graphs' token count, not the flag.
         (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm LowConfidence: diffusion LLM decoding"),
         (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1: deft reads KV caches in the model's dtype or in fp8"),
