@@ -23,7 +23,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, connect, format_tree, generated, temperature_arg  # noqa: E402
+from tree_view import Node, connect, format_tree, generated, run_as_command, temperature_arg  # noqa: E402
 
 QUESTION = ("Tom has 3 boxes with 12 apples each. He gives away 9 apples and buys 5 more. "
             "How many apples does he have now?")
@@ -88,5 +88,5 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if min(a.n, a.max_tokens, a.answer_tokens) < 1:
         ap.error("-n, --max-tokens and --answer-tokens must be at least 1")
-    main(a.url, n=a.n, max_tokens=a.max_tokens, answer_tokens=a.answer_tokens,
-         temperature=a.temperature)
+    run_as_command(main, url=a.url, n=a.n, max_tokens=a.max_tokens, answer_tokens=a.answer_tokens,
+                   temperature=a.temperature)

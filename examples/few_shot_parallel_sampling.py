@@ -20,7 +20,7 @@ from pathlib import Path
 import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tree_view import Node, connect, format_tree, generated, temperature_arg  # noqa: E402
+from tree_view import Node, connect, format_tree, generated, run_as_command, temperature_arg  # noqa: E402
 
 INSTRUCTIONS = "Answer each arithmetic question with a number. Think step by step if needed.\n\n"
 
@@ -70,4 +70,4 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if min(a.n, a.max_tokens) < 1 or a.shots < 0:
         ap.error("-n and --max-tokens must be at least 1, --shots at least 0")
-    main(a.url, n=a.n, shots=a.shots, max_tokens=a.max_tokens, temperature=a.temperature)
+    run_as_command(main, url=a.url, n=a.n, shots=a.shots, max_tokens=a.max_tokens, temperature=a.temperature)

@@ -21,7 +21,7 @@ import sglang as sgl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tree_view import (Node, check_branch, connect, format_tree, generated,  # noqa: E402
-                       one_line, temperature_arg)  # noqa: F401 (one_line: for the demo)
+                       one_line, run_as_command, temperature_arg)  # noqa: F401 (one_line: for the demo)
 
 QUESTION = (
     "A farmer has 17 sheep, a dog and two fields. Every morning he moves half of the sheep from "
@@ -116,4 +116,4 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")
-    main(a.url, widths=a.widths, max_tokens=a.max_tokens, temperature=a.temperature)
+    run_as_command(main, url=a.url, widths=a.widths, max_tokens=a.max_tokens, temperature=a.temperature)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+import traceback
 import urllib.error
 from dataclasses import dataclass, field
 
@@ -96,3 +99,26 @@ def temperature_arg(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text}: the temperature must be a finite number >= 0")
     return value
+
+
+def run_as_command(main, **kwargs) -> None:
+    """Run an example's ``main`` as its command line does, ending the process on Ctrl-C (exit 130) or an error
+    (exit 1) instead of hanging there. sglang.lang gives every fork() branch a worker thread that is not a daemon
+    and ends only when its state is garbage-collected or one of its own generations fails; after an uncaught
+    exception the traceback (kept for the interpreter's exit) keeps the states alive, and the exit waits on their
+    threads forever (a second Ctrl-C was needed). So the error is printed here and the process ends at once."""
+    try:
+        main(**kwargs)
+        return
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except RuntimeError as e:  # a failed generation (check_branch), as sglang.lang reports it
+        code, message = 1, f"error: {e}"
+    except Exception:  # anything else: its traceback, which says where
+        code, message = 1, traceback.format_exc().rstrip()
+    name = os.path.basename(sys.argv[0]) or "example"
+    try:
+        sys.stdout.flush()
+        print(f"{name}: {message}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)  # not sys.exit: the interpreter's exit would wait on the branches' threads

@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import signal
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,8 +40,11 @@ def fake_completion(text: str, n_tokens: int) -> str:
 
 
 class FakeServer:
-    def __init__(self, refuse_generations: bool = False, scored_answers: list[tuple[str, float]] | None = None):
-        """``scored_answers``: (text, logprob) for the requests that ask for logprobs, in the order they come."""
+    def __init__(self, refuse_generations: bool = False, scored_answers: list[tuple[str, float]] | None = None,
+                 delay_s: float = 0.0, refuse_every_second: bool = False):
+        """``scored_answers``: (text, logprob) for the requests that ask for logprobs, in the order they come;
+        ``delay_s``: each generation's wait before its answer; ``refuse_every_second``: refuse the second, fourth, ...
+        generation only (some branches fail, the others go on)."""
         self.requests: list[dict] = []
         scored = list(scored_answers or [])
         self.lock = threading.Lock()
@@ -66,8 +72,12 @@ class FakeServer:
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.requests.append(req)
+                    count = len(outer.generations())
                 n = req["sampling_params"].get("max_new_tokens", 8)
-                if refuse_generations and n:  # what SGLang answers to, e.g., a negative temperature
+                if n:
+                    time.sleep(delay_s)
+                if n and (refuse_generations or (refuse_every_second and count % 2 == 0)):
+                    # what SGLang answers to, e.g., a negative temperature
                     body = json.dumps({"error": {"message": "temperature must be non-negative"}}).encode()
                     self.send_response(400)
                     self.send_header("Content-Type", "application/json")
@@ -220,6 +230,50 @@ def test_a_failed_generation_is_raised_not_waited_for(name):
     finally:
         s.httpd.shutdown()
         s.httpd.server_close()
+
+
+def _run_example_command(name: str, s: FakeServer, interrupt: bool) -> tuple[int, str]:
+    """The example run as its command line, against ``s``; with ``interrupt``, SIGINT once a generation is under way.
+    Its exit code and stderr, or a failure if it is still running 60 s later."""
+    s.thread.start()
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / f"{name}.py"), "--url", s.url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        if interrupt:
+            deadline = time.monotonic() + 60
+            while not s.generations() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert s.generations(), f"{name} sent no generation in 60 s"
+            proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"{name} still running 60 s later (sglang.lang's fork threads kept it): {err[-2000:]}")
+        return proc.returncode, err
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+
+
+@pytest.mark.parametrize("name", ["tree_of_thought", "best_of_n", "few_shot_parallel_sampling"])
+def test_ctrl_c_ends_an_example_at_once(name):
+    """sglang.lang's fork() threads are not daemons: after Ctrl-C the traceback kept their states alive and the
+    interpreter's exit waited on them forever (a second Ctrl-C ended it, with another traceback)."""
+    rc, err = _run_example_command(name, FakeServer(delay_s=3.0), interrupt=True)
+    assert rc == 130, err
+    assert err.strip().endswith(f"{name}.py: interrupted"), err
+
+
+@pytest.mark.parametrize("name", ["tree_of_thought", "best_of_n", "few_shot_parallel_sampling"])
+def test_an_example_whose_other_branches_go_on_ends_at_a_failed_one(name):
+    """A refused generation in one branch, with the others answered: the error printed, then the same endless wait
+    on the branches' threads as after Ctrl-C (only a refusal of every branch ended every thread)."""
+    rc, err = _run_example_command(name, FakeServer(refuse_every_second=True), interrupt=False)
+    assert rc == 1, err
+    assert f"{name}.py: error: a generation in this branch failed" in err, err
+    assert "Traceback" not in err.split(f"{name}.py: error:")[-1], err
 
 
 def test_no_server_and_a_negative_temperature_are_clear_errors():
