@@ -662,6 +662,11 @@ def parse_args(argv=None):
     ap.add_argument("--rates", default=None, help=argparse.SUPPRESS)  # "copy_gbps,matmul_tflops" from the parent
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for flag in ("run_len", "shrink", "cpu_reps", "plan_reps", "rep", "case_timeout"):
+        if getattr(args, flag) < 1:  # each divides, or is a count of timings a median is taken over
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be at least 0")
     if args.quick:
         args.warmup, args.rep, args.plan_reps = 5, 20, 10
         if args.cases == "all":
@@ -884,6 +889,8 @@ def select_cases(spec: str) -> list:
             keys.add(key)
         else:
             raise SystemExit(f"unknown case {key!r}; --list shows them")
+    if not keys:  # an empty --cases (an unset variable in a script) wrote a "complete" report of no cases over the last
+        raise SystemExit(f"--cases {spec!r} names no case; --list shows them")
     return [c for c in known if c.key in keys]
 
 

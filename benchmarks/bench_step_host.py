@@ -162,6 +162,15 @@ def main(argv=None) -> int:
                    help="writes step_host[_window]_<card>.json there (the card as card_tag.py names it: h200, ...; "
                         "cpu)")
     args = p.parse_args(argv)
+    keys = [key.strip() for key in args.cases.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in CASES]
+    if unknown or not keys:  # checked before any case runs, not at the first unknown one after the others
+        p.error(f"--cases {args.cases!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no case'}; "
+                f"the cases are {', '.join(CASES)}")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
+    if args.window is not None and args.window < 1:
+        p.error("--window must be at least 1 token")
     device = torch.device(args.device)
     if device.type == "cpu":
         # The steady steps' kernel (kernels/tail_update.py) runs on CPU tensors only in Triton's interpreter, which
@@ -176,7 +185,7 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit_label(), "complete": False,
               "rows": rows}
-    for key in args.cases.split(","):
+    for key in keys:
         for busy in ([False, True] if device.type == "cuda" else [False]):
             r = run_case(key, device, args.steps, args.warmup, busy, args.window)
             rows.append(r)

@@ -113,6 +113,7 @@ def test_the_report_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypatch):
                 "full_steps": 1, "mean_us": 1.2}
 
     monkeypatch.setattr(sh, "run_case", run_case)
+    monkeypatch.setattr(sh, "CASES", dict.fromkeys(["first", "second"]))
     with pytest.raises(KeyboardInterrupt):
         sh.main(["--device", "cpu", "--cases", "first,second", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "step_host_cpu.json").read_text())
@@ -128,6 +129,7 @@ def test_the_report_is_named_by_card_and_window_and_labelled_with_the_commit(tmp
            "full_steps": 1, "mean_us": 1.2, "window_steady_us": 1.0, "window_steady_steps": 3, "window_full_us": 2.0,
            "window_full_steps": 1, "window_mean_us": 1.2, "window_replan_us": 3.0}
     monkeypatch.setattr(sh, "run_case", lambda *a: row)
+    monkeypatch.setattr(sh, "CASES", dict.fromkeys(["first"]))
     monkeypatch.setenv("DEFT_COMMIT", "abc1234-dirty")
     assert sh.main(["--device", "cpu", "--cases", "first", "--window", "64", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "step_host_window_cpu.json").read_text())
@@ -137,3 +139,21 @@ def test_the_report_is_named_by_card_and_window_and_labelled_with_the_commit(tmp
     monkeypatch.setattr(sh.torch.cuda, "is_available", lambda: True)
     assert sh.main(["--device", "cuda", "--cases", "first", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "step_host_h100.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "first, nope"], "--cases 'first, nope': unknown nope; the cases are first, second"),
+    (["--cases", ","], "--cases ',': no case"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--window", "0"], "--window must be at least 1 token"),
+])
+def test_bad_arguments_are_refused_before_any_case_runs(tmp_path, monkeypatch, capsys, argv, message):
+    """An unknown key (or one after ", ") ran every case before it and then raised KeyError; --steps 0 ran the
+    cases and divided by zero steps; --window 0 or below raised from the tree builder or PlanCapacity."""
+    ran = []
+    monkeypatch.setattr(sh, "run_case", lambda key, *a: ran.append(key))
+    monkeypatch.setattr(sh, "CASES", dict.fromkeys(["first", "second"]))
+    with pytest.raises(SystemExit) as exited:
+        sh.main(["--device", "cpu", "--out", str(tmp_path), *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert ran == [] and list(tmp_path.iterdir()) == []

@@ -280,6 +280,18 @@ def test_case_selection():
     assert len(design) == 6 and "nosharing" in design
     with pytest.raises(SystemExit, match="b1_5k"):
         BENCH.select_cases("p4k_16,b1_5k")
+    # An empty selection (an unset variable in a script) wrote a "complete" report of no cases over the last one.
+    for empty in ("", ",", " "):
+        with pytest.raises(SystemExit, match="names no case"):
+            BENCH.select_cases(empty)
+
+
+@pytest.mark.parametrize("flag", ["--run-len", "--cpu-reps", "--plan-reps", "--shrink", "--rep", "--case-timeout"])
+def test_counts_below_one_are_refused_by_the_kernel_benchmark(flag, capsys):
+    """--cpu-reps 0 took a median of no timings (IndexError), --run-len 0 divided by zero, after the setup."""
+    with pytest.raises(SystemExit) as exited:
+        BENCH.parse_args([flag, "0"])
+    assert exited.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_script_runs_on_cpu(tmp_path):
