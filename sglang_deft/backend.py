@@ -280,13 +280,8 @@ class DeftAttnBackend(AttentionBackend):
         else:
             refused = None
         reqs = self._requests(forward_batch)
-        # Rows past the requests are padding: SGLang pads an eager decode batch to a multiple of the
-        # attention-TP size when its MLP gathers across ranks (--moe-a2a-backend, --moe-dense-tp-size 1 at
-        # --tp > 1), seq_lens_cpu included. They attend nothing, as a CUDA graph's padding rows.
         rows = forward_batch.seq_lens_cpu.numel()
-        if rows < len(reqs):
-            raise RuntimeError(f"deft: decode batch of {len(reqs)} requests with {rows} seq_lens")
-        seq_lens = forward_batch.seq_lens_cpu[:len(reqs)]
+        seq_lens = _request_seq_lens(forward_batch, reqs)
         # The batch is one deft plans: the last step's plan goes now, not when this one is made, or a plan in buffers
         # of its own (a batch past the graph buffers) would stay allocated beside this step's.
         self.forward_metadata = None
@@ -498,23 +493,24 @@ class DeftAttnBackend(AttentionBackend):
             return False
         started = time.perf_counter()
         reqs = self._requests(forward_batch)
+        # Padded already where this batch ran eagerly and is run again (a rerun under elastic expert parallelism).
+        seq_lens = _request_seq_lens(forward_batch, reqs)
         # The window plan first: one that does not fit leaves the step planner untouched, so that the eager step
         # plans the full layers as a server without CUDA graphs does (up to the row count: the module doc).
         window_counts = window_steady = None
         if self.window_tokens is not None:
-            window_step = self.window_step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
+            window_step = self.window_step_planner.plan(reqs, seq_lens, padded_bs)
             if window_step is None:
                 self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=True)
                 return False
             window_counts, window_steady = _counts(window_step), window_step.steady
-        step = self.step_planner.plan(reqs, forward_batch.seq_lens_cpu, padded_bs)
+        step = self.step_planner.plan(reqs, seq_lens, padded_bs)
         if step is None:
             self._refused_batch = _RefusedStep(weakref.ref(forward_batch), started, window_only=False)
             return False
         host_s = time.perf_counter() - started
         if TRACE_PLANS:
-            self._trace_plan("graph", step.steady, forward_batch.seq_lens_cpu, self.graph_plan, self.window_graph_plan,
-                             window_steady)
+            self._trace_plan("graph", step.steady, seq_lens, self.graph_plan, self.window_graph_plan, window_steady)
         self.planned_replay_size = padded_bs
         self._record(forward_batch, step.attended_tokens, step.unique_tokens, host_s, step.steady, window_counts)
         return True
@@ -586,6 +582,16 @@ def _fingerprint(plan: TreeDecodePlan) -> str:
 def _counts(built: DecodeKVTree | StepPlan) -> tuple[int, int]:
     """A KV tree's (or a planned step's) attended and unique tokens, as the sharing metrics count them."""
     return built.attended_tokens, built.unique_tokens
+
+
+def _request_seq_lens(forward_batch: ForwardBatch, reqs: list) -> torch.Tensor:
+    """The requests' sequence lengths: rows of ``seq_lens_cpu`` past the requests are padding. SGLang pads an eager
+    decode batch to a multiple of the attention-TP size when its MLP gathers across ranks (--moe-a2a-backend,
+    --moe-dense-tp-size 1 at --tp > 1), seq_lens_cpu included; they attend nothing, as a CUDA graph's padding rows."""
+    rows = forward_batch.seq_lens_cpu.numel()
+    if rows < len(reqs):
+        raise RuntimeError(f"deft: decode batch of {len(reqs)} requests with {rows} seq_lens")
+    return forward_batch.seq_lens_cpu[:len(reqs)]
 
 
 def _extend_not_routed_away(mode) -> RuntimeError:

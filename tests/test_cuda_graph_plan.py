@@ -36,7 +36,7 @@ from sglang_deft.patches import cuda_graph_replay, forward_batch_reqs, sglang_ve
 from sglang_deft.sharing_metrics import parse_sharing_lines
 from sglang_deft.tree_attention import PlanLimits, plan_graph_step, plan_limits, plan_step, with_padding_queries
 from test_backend import (ForwardBatchStub, attention_layers, cpu_server_args, decode_forward_batch, eager_step,
-                          make_backend, per_request_reference, random_kv_setup, record_steady, step_inputs,
+                          make_backend, padded, per_request_reference, random_kv_setup, record_steady, step_inputs,
                           triton_prefill, windowed_layers)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -323,6 +323,30 @@ def test_replays_match_eager_steps_bitwise(server_args, model_config):
         sizes.append(step_both_ways(sim, reqs, layers, kv_pool, backend, emulator))
     assert sizes == [4, 4, 8, 8, 4, 8]
     assert backend.planned_replay_size is None  # every plan was consumed by its replay
+
+
+@needs_interpreter
+def test_a_rerun_of_a_padded_eager_batch_replays_its_requests(server_args, model_config):
+    """After a rank fault under elastic expert parallelism, ModelRunner.forward runs the same batch again; if it ran
+    eagerly, SGLang had padded its seq_lens_cpu in place to the attention-TP size (prepare_mlp_sync_batch), and the
+    rerun's can_run asked deft to plan that padded batch for a graph: the padding rows reached the step planner as
+    requests' lengths (a numpy broadcast error out of can_run). They are padding there too."""
+    sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
+    emulator = GraphEmulator(backend, kv_pool)
+    prompt = sim.fresh(40)
+    sim.run_to_cache(prompt)
+    reqs = sim.prefill([sim.new_req(prompt + sim.tokens(2 + i)) for i in range(3)])
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    padded_fb = padded(fb, 1, backend.get_cuda_graph_seq_len_fill_value())
+    backend.init_forward_metadata(padded_fb)  # the first, eager pass
+    assert emulator.prepare(padded_fb) == 4  # the rerun, as a replay of the graph of 4
+    B, hq, d = len(reqs), layers[0].tp_q_head_num, layers[0].head_dim
+    inputs = step_inputs(B, layers)
+    replayed = [emulator.forward(4, fb, q.view(B, hq, d), k, v, layer).view(4, hq, d)
+                for layer, (q, k, v) in zip(layers, inputs)]
+    for i, eager in enumerate(eager_step(sim, reqs, layers, kv_pool, backend, fb, inputs)):
+        assert torch.equal(replayed[i][:B], eager)
+        assert torch.equal(replayed[i][B:], torch.zeros_like(replayed[i][B:]))
 
 
 @needs_interpreter
