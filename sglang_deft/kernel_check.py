@@ -102,7 +102,9 @@ def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_bu
 
 
 def parse_kernel_check_lines(text: str) -> list[dict]:
-    """Every kernel-check line in a log, as dicts (numbers as int/float, dtype as str)."""
+    """Every kernel-check line in a log, as dicts (numbers as int/float, dtype as str). A line cut short before its
+    last field (a log read while the server writes it) is left out, as ``parse_sharing_lines`` leaves it: its row
+    had no dtype, and ``within_tolerance`` raised KeyError on it."""
     rows = []
     for line in text.splitlines():
         if LOG_PREFIX not in line:
@@ -113,5 +115,6 @@ def parse_kernel_check_lines(text: str) -> list[dict]:
                 row[key] = value
             else:
                 row[key] = int(value) if key in ("step", "layer", "rank", "queries") else float(value)
-        rows.append(row)
+        if "dtype" in row:
+            rows.append(row)
     return rows

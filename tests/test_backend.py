@@ -1164,3 +1164,15 @@ def test_the_kernel_check_is_off_on_the_reference_path(server_args, model_config
 
     assert parse_kernel_check_lines(caplog.text) == []
     assert "this server decodes with the PyTorch reference on cpu, so neither logs anything" in caplog.text
+
+
+def test_a_kernel_check_line_cut_short_is_left_out():
+    """gpu_e2e reads the log of a server that may still be writing it: a line cut before its dtype gave a row
+    that within_tolerance raised KeyError on."""
+    from sglang_deft.kernel_check import parse_kernel_check_lines, within_tolerance
+
+    whole = ("INFO DeFT kernel check: step=4 layer=0 rank=0 queries=8 max_abs_diff=0.000244 max_abs_out=1.5 "
+             "dtype=float16")
+    rows = parse_kernel_check_lines(f"{whole}\n{whole.replace('step=4', 'step=8').split(' max_abs_out')[0]}")
+    assert [r["step"] for r in rows] == [4] and rows[0]["dtype"] == "float16"
+    assert within_tolerance(rows[0])
