@@ -1093,7 +1093,17 @@ def parse_args(argv=None):
     args.tag = args.tag or (card.card_tag() if args.device == "cuda" else "cpu")
     if args.gpu_memory_gib is None and args.device == "cuda":
         args.gpu_memory_gib = card.memory_gib()
-    args.backends = args.backends.split(",") if args.backends else list(BACKENDS[args.device])
+    if args.repeats < 1:  # 0 started every server and wrote an empty report
+        p.error("--repeats must be at least 1")
+    if args.backends is None:
+        args.backends = list(BACKENDS[args.device])
+    else:  # checked before any server starts: a typo was a decode backend SGLang refused after the others' start-up
+        args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        known = ("deft", "flashinfer", "triton", "torch_native")
+        wrong = [b for b in args.backends if b not in known]
+        if wrong or not args.backends or len(set(args.backends)) < len(args.backends):
+            p.error(f"--backends: {', '.join(wrong) + ' unknown; ' if wrong else ''}a comma-separated list of "
+                    f"distinct backends out of {', '.join(known)}")
     args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
     for backend in ("deft", "flashinfer", "triton", "torch_native"):
         given = getattr(args, f"{backend}_args")

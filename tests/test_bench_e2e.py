@@ -180,6 +180,22 @@ def test_head_dim_cases_only_by_name():
         b.select_cases(b.parse_args(["--smoke", "--cases", "p4k_64_d256"]))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "deft,trition"], "--backends: trition unknown;"),
+    (["--backends", ","], "--backends: a comma-separated list"),
+    (["--backends", "deft,deft"], "--backends: a comma-separated list of distinct backends"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bad_backends_and_repeats_are_refused_before_any_server_starts(argv, message, capsys):
+    """A misspelt backend reached SGLang as a decode backend after the other servers had started; --repeats 0
+    started every server and wrote an empty report."""
+    with pytest.raises(SystemExit) as exited:
+        b.parse_args(["--device", "cpu", "--smoke", *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert b.parse_args(["--device", "cpu", "--smoke", "--backends", " deft, torch_native"]).backends == [
+        "deft", "torch_native"]
+
+
 def test_server_args_per_backend():
     cases = list(b.FULL_CASES)
     deft = b.server_args("cuda", "8b", "deft", cases, b.DEFAULT_BACKEND_ARGS["cuda"])
