@@ -200,9 +200,13 @@ class ServerProcess:
         # The launcher's own watch of this process (end_with_parent_process) covers every thread.
         in_main_thread = threading.current_thread() is threading.main_thread()
         child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=cwd, env=child_env, start_new_session=True,
-                                     preexec_fn=_end_with_parent if _prctl is not None and in_main_thread else None)
+        try:
+            self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=cwd, env=child_env, start_new_session=True,
+                                         preexec_fn=_end_with_parent if _prctl is not None and in_main_thread else None)
+        except BaseException:  # e.g. no such python: the log file is not left open with no process to write it
+            self._log.close()
+            raise
 
     def wait_ready(self, timeout_s: float, on_poll=None) -> float:
         """Block until ``/health_generate`` answers 200; returns the seconds waited. ``on_poll(elapsed)``

@@ -388,3 +388,19 @@ def test_the_launcher_starts_its_parent_watch_first(monkeypatch):
     before = {t.name for t in threading.enumerate()}
     server_process.end_with_parent_process()
     assert "end-with-parent" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_a_python_that_cannot_start_leaves_no_log_file_open(tmp_path, monkeypatch):
+    """Popen's failure (no such program) left the server's log open, with no process to write it."""
+    opened = []
+    real_open = open
+
+    def tracking_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr("builtins.open", tracking_open)
+    with pytest.raises(FileNotFoundError):
+        ServerProcess("missing-python", [], tmp_path / "server.log", python=str(tmp_path / "no-such-python"))
+    assert opened and all(f.closed for f in opened)
