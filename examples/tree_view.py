@@ -81,6 +81,8 @@ def connect(url: str):
     import sglang as sgl
 
     url = url.rstrip("/")  # SGLang appends "/get_model_info": a trailing slash would ask for "//get_model_info"
+    if "://" not in url:  # host:port, as curl takes it (urllib said "unknown url type", as if no server were there)
+        url = f"http://{url}"
     try:
         return sgl.RuntimeEndpoint(url)
     except (urllib.error.URLError, ConnectionError) as e:

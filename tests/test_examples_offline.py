@@ -292,6 +292,8 @@ def test_no_server_and_a_negative_temperature_are_clear_errors():
     s.thread.start()
     try:
         assert tree_view.connect(s.url + "/") is not None  # a trailing slash asked for //get_model_info
+        # host:port without http:// was "unknown url type", reported as no server answering there
+        assert tree_view.connect(s.url.removeprefix("http://")).base_url == s.url
     finally:
         s.httpd.shutdown()
         s.httpd.server_close()
