@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import shutil
 import signal
@@ -317,14 +318,13 @@ def main(argv=None) -> int:
 def _run(args, t_start: float) -> int:
     """The server started, the program run against it, the server stopped (main's arguments, checked)."""
     gpu = use_gpu(args.cpu)
-    log_dir = Path(tempfile.mkdtemp(prefix="sglang-deft-demo-"))
-    log_path = log_dir / "server.log"
-
     where = ("GPU: prefill/extend on triton" if gpu
              else "CPU: prefill/extend on torch_native, float32")
     model = "the bundled tiny Llama" if _is_bundled(args.model_path) else f"model {args.model_path}"
     extra = f"; then the arguments after --: {' '.join(args.server_args)}" if args.server_args else ""
     say(f"starting SGLang with {model}, decode attention 'deft' ({where}{extra})")
+    log_dir = Path(tempfile.mkdtemp(prefix="sglang-deft-demo-"))  # after the first print, which may fail
+    log_path = log_dir / "server.log"
     try:
         server = ServerProcess("demo", server_args(args.model_path, gpu, args.server_args), log_path,
                                port=args.port or None)
@@ -332,7 +332,10 @@ def _run(args, t_start: float) -> int:
         shutil.rmtree(log_dir, ignore_errors=True)
         say(f"could not start the server: {e}")
         return 1
-    ok, signalled = False, None
+    ok, signalled, piped_away = False, None, False
+    # sglang.lang's worker threads report a generation the server refused, or one cut off by the stop (an interrupted
+    # run), as a warning with its traceback per branch; the demo says the reason in one line.
+    warnings.filterwarnings("ignore", message=".*Error in stream_executor.*")
     try:  # from here on every way out stops the server
         say(f"command: {' '.join(server.command)}")
         say(f"server log: {log_path}")
@@ -364,6 +367,7 @@ def _run(args, t_start: float) -> int:
         signalled = e
         say_if_possible(f"stopped by signal {e.code - 128} ({signal.Signals(e.code - 128).name})")
     except BrokenPipeError:  # stdout closed (`make demo | head`): nothing to say it on; the stop below still runs
+        piped_away = True
         raise
     # the server exited or did not answer in time (its log says why), answered with no JSON (it died mid-reply:
     # OSError, ValueError), or it is not what the demo shows
@@ -378,13 +382,12 @@ def _run(args, t_start: float) -> int:
                     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         say_if_possible("shutting the server down")
         try:
-            # sglang.lang's worker threads report their requests cut off by the stop (an interrupted run).
-            warnings.filterwarnings("ignore", message=".*Error in stream_executor.*")
             server.stop()
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
-        kept = not ok or args.keep_log
+        # A log kept for a failure is named on stdout; with stdout closed no line could say where it is.
+        kept = (not ok and not piped_away) or args.keep_log
         if not kept:
             shutil.rmtree(log_dir, ignore_errors=True)
         say_if_possible(f"server stopped; total {time.monotonic() - t_start:.1f} s"
@@ -394,5 +397,16 @@ def _run(args, t_start: float) -> int:
     return 0 if ok else 1
 
 
+def command_line() -> int:
+    """``main`` as ``python -m sglang_deft.demo`` runs it: a stdout closed by its reader (``make demo | head``) ends
+    the demo with exit code 1 and no traceback (the server is stopped by then)."""
+    try:
+        return main()
+    except BrokenPipeError:
+        # Python's recipe: stdout pointed at devnull, so that the interpreter's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_line())

@@ -349,3 +349,16 @@ def test_main_stops_the_server_when_stdout_is_a_closed_pipe(monkeypatch, tmp_pat
         demo.main(["--cpu"])
     started = hasattr(server, "args")  # the first line is printed before the server starts
     assert started is (lines_out > 0) and server.stopped is started
+    # No line could say where a kept log is: it was left behind, unnamed (and an empty folder when the first line failed).
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_ends_without_a_traceback_when_stdout_is_closed(monkeypatch, capfd):
+    """``make demo | head``: python -m sglang_deft.demo printed BrokenPipeError's traceback, exit 1."""
+    def closed(argv=None):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(demo, "main", closed)
+    monkeypatch.setattr(demo.os, "dup2", lambda fd, fd2: None)  # pytest's captured stdout stays as it is
+    assert demo.command_line() == 1
+    assert "Traceback" not in capfd.readouterr().err
