@@ -62,6 +62,13 @@ except ImportError:  # Triton 3.5's Gluon has no mma.sync
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
+# The soft cap's tanh series and where it applies: kernels/tree_decode.py's, repeated so that this module loads on
+# its own, as the experiments load it (a test checks they agree).
+TANH_SERIES_BELOW = gl.constexpr(0.2)
+TANH_C3 = gl.constexpr(-1.0 / 3.0)
+TANH_C5 = gl.constexpr(2.0 / 15.0)
+TANH_C7 = gl.constexpr(-17.0 / 315.0)
+TANH_C9 = gl.constexpr(62.0 / 2835.0)
 LARGE_ROWS = 64  # one warpgroup's wgmma tile
 BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
@@ -137,8 +144,12 @@ def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK
                     USE_CAP: gl.constexpr):
     """Block j's scores -> (P, alpha, running max, running sum), all in base 2."""
     if USE_CAP:
-        # SGLang's cap, logit_cap * tanh(x / logit_cap), written as the Triton kernel writes it.
-        s = logit_cap * (1.0 - 2.0 / (1.0 + gl.exp(2.0 * (s * sm_scale) / logit_cap))) * LOG2E
+        # SGLang's cap, logit_cap * tanh(x / logit_cap), written as the Triton kernel's _soft_cap writes it (its
+        # comment says why the series below TANH_SERIES_BELOW).
+        x = (s * sm_scale) / logit_cap
+        x2 = x * x
+        series = x * (1.0 + x2 * (TANH_C3 + x2 * (TANH_C5 + x2 * (TANH_C7 + x2 * TANH_C9))))
+        s = logit_cap * gl.where(gl.abs(x) < TANH_SERIES_BELOW, series, 1.0 - 2.0 / (1.0 + gl.exp(2.0 * x))) * LOG2E
         s_mul = 1.0
     else:
         s_mul = sm_scale * LOG2E  # folded into exp2's argument: one FFMA per score, not FMUL + FADD

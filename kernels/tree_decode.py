@@ -35,11 +35,25 @@ STAGE2_SHAPE = (8, 1)
 STAGE2_SHAPE_FEW_MERGES = (32, 4)
 
 
+# tanh(x) = x (1 + x^2 (-1/3 + x^2 (2/15 + x^2 (-17/315 + x^2 62/2835)))) + O(x^11) where |x| < TANH_SERIES_BELOW: the
+# next term is under 2e-10 x there. Past it, 1 - 2 / (1 + e^{2x}) loses at most ~3e-7 of tanh (one float32 ulp of
+# 1 against tanh >= 0.197); below it that subtraction would lose all of tanh's digits as x -> 0, an error of about
+# cap x 6e-8 on every score: a cap in the thousands moved scores by 1e-4, one of 1e8 made every score 0.
+TANH_SERIES_BELOW = tl.constexpr(0.2)
+TANH_C3 = tl.constexpr(-1.0 / 3.0)
+TANH_C5 = tl.constexpr(2.0 / 15.0)
+TANH_C7 = tl.constexpr(-17.0 / 315.0)
+TANH_C9 = tl.constexpr(62.0 / 2835.0)
+
+
 @triton.jit
 def _soft_cap(scores, logit_cap):
-    # SGLang's cap: logit_cap * tanh(scores / logit_cap); tanh from exp so the CPU interpreter
+    # SGLang's cap: logit_cap * tanh(scores / logit_cap); tanh from exp and a series so the CPU interpreter
     # and every GPU back end agree. 2 / (1 + e^{2x}) saturates cleanly to 0 or 2.
-    return logit_cap * (1.0 - 2.0 / (1.0 + tl.exp(2.0 * scores / logit_cap)))
+    x = scores / logit_cap
+    x2 = x * x
+    series = x * (1.0 + x2 * (TANH_C3 + x2 * (TANH_C5 + x2 * (TANH_C7 + x2 * TANH_C9))))
+    return logit_cap * tl.where(tl.abs(x) < TANH_SERIES_BELOW, series, 1.0 - 2.0 / (1.0 + tl.exp(2.0 * x)))
 
 
 @triton.jit
@@ -334,9 +348,11 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise cap_refusal(logit_cap)
     # (also NaN) The kernels scale scores in fp32, and the Hopper one masks past-the-end tokens to -inf before: a
     # scale <= 0 turned those into NaN or +inf, one past fp32's range failed to compile.
-    if not _FP32_TINY <= sm_scale * k_scale <= _FP32_MAX or not _FP32_TINY <= v_scale <= _FP32_MAX:
+    # The kernels multiply the scale by log2(e) in float32: past _FP32_MAX / log2(e) that product overflowed.
+    if not _FP32_TINY <= sm_scale * k_scale <= _MAX_SCALE or not _FP32_TINY <= v_scale <= _FP32_MAX:
         raise ValueError(f"sm_scale {sm_scale} (x k_scale {k_scale}) and v_scale {v_scale}: positive and normal in "
-                         f"float32 ({_FP32_TINY:.4g} to {_FP32_MAX:.4g})")
+                         f"float32 ({_FP32_TINY:.4g} to {_FP32_MAX:.4g}; the scale times log2(e) too, so at most "
+                         f"{_MAX_SCALE:.4g})")
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,
@@ -410,6 +426,7 @@ def _elements_apart(t: torch.Tensor) -> bool:
 
 _current_device = torch.cuda.current_device  # (the GPU tests make another read as current)
 _FP32_TINY = torch.finfo(torch.float32).tiny  # the least normal float32
+_MAX_SCALE = _FP32_MAX / 1.4426950408889634  # the largest sm_scale whose product with log2(e) stays finite
 INTERPRETER_BF16 = "Triton's interpreter computes a bf16 tl.dot wrongly; use float16 or float32 on a CPU"
 
 

@@ -86,7 +86,9 @@ def test_gqa_groups_of_any_size(hq, hkv, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cap", [0.5, 1.5, 30.0])  # (a kernel that ignored caps <= 1 passed with 1.5 alone)
+# (a kernel that ignored caps <= 1 passed with 1.5 alone; tanh as 1 - 2 / (1 + e^{2x}) lost its digits at caps far
+# above the scores: 1.9e-4 off at 5000 in float32, every score 0 at 1e8)
+@pytest.mark.parametrize("cap", [0.5, 1.5, 30.0, 5000.0, 1e8])
 def test_logit_cap(dtype, cap):
     out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=cap)
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
@@ -332,7 +334,8 @@ def test_arguments_the_kernels_cannot_take_are_refused():
             Stage1Config(32, n, 4, 2)
     # The Hopper kernel masks past-the-end tokens to -inf before it scales: a scale of 0 made them NaN, a negative
     # one +inf; scales past fp32's range failed to compile
-    for scale in (0.0, -0.25, float("nan"), float("inf"), 1e-45, 1e39):
+    # 2.5e38 is finite in fp32, but not times log2(e), as the kernels scale (the interpreter failed on fp64 x fp32)
+    for scale in (0.0, -0.25, float("nan"), float("inf"), 1e-45, 1e39, 2.5e38):
         with pytest.raises(ValueError, match=re.escape(f"sm_scale {scale} (x k_scale 1.0) and v_scale 1.0: positive")):
             tree_decode(q, kv, kv, plan, scale)
     with pytest.raises(ValueError, match="and v_scale 0.0: positive"):
@@ -633,7 +636,9 @@ def test_hopper_small_tiles_on_either_mma(name, hq, hkv, d, cap, dtype, kv_dtype
                                                # GQA groups that do not divide the tiles: 7 (Qwen2.5-7B's 28 / 4
                                                # heads), 5 (40 / 8), and 64 (large tiles only: above 16 rows)
                                                ("random_forest", 28, 4, 128, 0.0), ("odd_lengths", 40, 8, 128, 2.0),
-                                               ("fanout_256", 64, 1, 64, 0.0)])
+                                               ("fanout_256", 64, 1, 64, 0.0),
+                                               # a cap far above the scores: tanh by its series
+                                               ("inner_queries", 8, 2, 128, 1e6)])
 def test_hopper_kernel_matches_triton_kernel(name, hq, hkv, d, cap, dtype):
     hopper, ref, (q, k, v, plan, scale, cap) = run_case(TREES[name], hq, hkv, d, dtype, logit_cap=cap)
     assert stage1_config(d, plan.large_rows, dtype, q.device).kernel == "hopper"
@@ -715,6 +720,15 @@ def test_both_kernel_modules_take_the_same_fp8_caches():
     from sglang_deft.kernels import stage1_hopper
     from sglang_deft.kernels.tree_decode import FP8_KV_DTYPES
     assert stage1_hopper.FP8_KV_DTYPES == FP8_KV_DTYPES
+
+
+def test_both_kernel_modules_cap_scores_by_the_same_tanh():
+    import importlib
+
+    from sglang_deft.kernels import stage1_hopper
+    portable = importlib.import_module("sglang_deft.kernels.tree_decode")  # the module: the package's name is the call
+    names = ("TANH_SERIES_BELOW", "TANH_C3", "TANH_C5", "TANH_C7", "TANH_C9")
+    assert [getattr(stage1_hopper, n).value for n in names] == [getattr(portable, n).value for n in names]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
