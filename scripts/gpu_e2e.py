@@ -246,6 +246,8 @@ class PairStats:
     diffs: list[float]                 # |logprob - reference logprob| at each step before diverged_at
     tie_gap: float | None = None       # at diverged_at: max over both servers of (own top - other's token)
     tie_in_top_k: bool | None = None   # both tokens in both top-k lists (else tie_gap is a lower bound)
+    # at diverged_at, both tokens in both top-k: the larger |logprob - reference logprob| of either token
+    tie_lp_diff: float | None = None
 
     @property
     def steps_compared(self) -> int:
@@ -264,6 +266,14 @@ def _gap(lp_chosen: float, top: dict[int, float], other_token: int) -> tuple[flo
     return (lp_chosen - min(top.values()) if top else math.inf), False
 
 
+def _lp_diff(a: float | None, b: float | None) -> float:
+    """|a - b|, or inf where either is no finite logprob (None: JSON's null, which SGLang writes for NaN; NaN): every
+    check is 'diff > limit', which a NaN passed, and max() kept a NaN that came first and hid the errors after it."""
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a - b)
+
+
 def compare_pair(x: Seq, ref: Seq) -> PairStats:
     steps = min(len(x.ids), len(ref.ids))
     diffs = []
@@ -271,8 +281,13 @@ def compare_pair(x: Seq, ref: Seq) -> PairStats:
         if x.ids[t] != ref.ids[t]:
             gap_ref, in_ref = _gap(ref.lps[t], ref.tops[t], x.ids[t])
             gap_x, in_x = _gap(x.lps[t], x.tops[t], ref.ids[t])
-            return PairStats(steps, t, diffs, max(gap_ref, gap_x), in_ref and in_x)
-        diffs.append(abs(x.lps[t] - ref.lps[t]))
+            # The same context until here: each server's logprob of either token is the other's, within what a
+            # near-tie allows (_tie_problem). Only the gap between the two tokens was checked, which a server whose
+            # whole distribution was off at this step passed as long as its own two tokens were close.
+            tie_lp = (max(_lp_diff(x.tops[t][ref.ids[t]], ref.lps[t]), _lp_diff(x.lps[t], ref.tops[t][x.ids[t]]))
+                      if in_ref and in_x else None)
+            return PairStats(steps, t, diffs, max(gap_ref, gap_x), in_ref and in_x, tie_lp)
+        diffs.append(_lp_diff(x.lps[t], ref.lps[t]))
     return PairStats(steps, None, diffs)
 
 
@@ -298,10 +313,8 @@ def absolute_failures(stats: list[PairStats], atol: float, tie_tol: float) -> li
         if s.max_diff > atol:
             t = s.diffs.index(s.max_diff)
             out.append(f"request {i} step {t}: |logprob diff| {s.max_diff:.4f} > atol {atol}")
-        if _no_near_tie(s, tie_tol):  # as the relative criterion's rule: outside a top-k the gap is unknown
-            out.append(f"request {i} step {s.diverged_at}: "
-                       + (f"divergence gap {s.tie_gap:.4f} > tie_tol {tie_tol}" if s.tie_in_top_k else
-                          f"not a near-tie (a token outside the top-k; gap at least {s.tie_gap:.4f})"))
+        if problem := _tie_problem(s, tie_tol):  # as the relative criterion's rule: outside a top-k the gap is unknown
+            out.append(f"request {i} step {s.diverged_at}: not a near-tie ({problem}; tie_tol {tie_tol})")
     return out
 
 
@@ -324,8 +337,9 @@ class Criterion:
                 f"max({self.k:g} x flashinfer-vs-triton's, {self.lp_floor:g}); (2) requests that diverge <= "
                 f"{self.k:g} x flashinfer's count + max(1, ceil({self.div_floor_frac:g} x requests)); (3) at each "
                 f"divergence both tokens within {self.tie_factor:g} x the allowed logprob diff of each other in "
-                f"both servers (near-tie; a token outside either server's top-k is no near-tie: its gap is "
-                f"unknown). The noise pair must itself pass (3) at its own scale and differ by at most "
+                f"both servers, and each token's logprob within that of the other server's (near-tie; a token "
+                f"outside either server's top-k is no near-tie: its gap is unknown). A logprob that is no finite "
+                f"number fails (1). The noise pair must itself pass (3) at its own scale and differ by at most "
                 f"{self.noise_lp_max:g}, else the noise floor is unusable and the workload fails. "
                 f"'flashinfer' is the noise server: SGLang's flashinfer decode backend "
                 f"(or the next of --noise-backends, see noise_backend) on the same requests, the measured "
@@ -343,10 +357,20 @@ def pooled_noise(noise_by_workload: list[list[PairStats]]) -> dict:
             "requests": len(flat), "divergence_rate": z["divergences"] / max(1, len(flat))}
 
 
-def _no_near_tie(s: PairStats, allowed_gap: float) -> bool:
-    """A divergence whose two tokens are not known to be within ``allowed_gap`` in both servers (outside a
-    top-k, tie_gap is only a lower bound: in a flat top-k any token would pass)."""
-    return s.diverged_at is not None and not (s.tie_in_top_k and s.tie_gap <= allowed_gap)
+def _tie_problem(s: PairStats, allowed_gap: float) -> str | None:
+    """Why a divergence is no near-tie at ``allowed_gap`` (None: it is one, or there is no divergence): its two
+    tokens not known to be within ``allowed_gap`` of each other in both servers (outside a top-k, tie_gap is only a
+    lower bound: in a flat top-k any token would pass), or the two servers' logprobs of those tokens further apart
+    than that (a distribution off at that step, however close its own two tokens). NaN is never within a bound."""
+    if s.diverged_at is None:
+        return None
+    if not s.tie_in_top_k:
+        return f"a token outside the top-k: its gap is at least {s.tie_gap:.4f}, not known"
+    if not s.tie_gap <= allowed_gap:
+        return f"gap {s.tie_gap:.4f} > {allowed_gap:.4f}"
+    if not s.tie_lp_diff <= allowed_gap:
+        return f"the servers' logprobs of its two tokens differ by {s.tie_lp_diff:.4f} > {allowed_gap:.4f}"
+    return None
 
 
 def relative_verdict(deft: list[PairStats], noise: list[PairStats], crit: Criterion,
@@ -371,19 +395,16 @@ def relative_verdict(deft: list[PairStats], noise: list[PairStats], crit: Criter
         failures.append(f"noise floor unusable: the noise server's logprob diff {z['max_abs_logprob_diff']:.4f} > "
                         f"{crit.noise_lp_max:g}")
     for i, s in enumerate(noise):
-        if _no_near_tie(s, allowed_gap):
-            failures.append(f"noise floor unusable: noise request {i} step {s.diverged_at} is no near-tie "
-                            f"(gap {s.tie_gap:.4f} > {allowed_gap:.4f}{'' if s.tie_in_top_k else ', outside the top-k'})")
+        if problem := _tie_problem(s, allowed_gap):
+            failures.append(f"noise floor unusable: noise request {i} step {s.diverged_at} is no near-tie ({problem})")
     if d["max_abs_logprob_diff"] > allowed_lp:
         failures.append(f"logprob diff {d['max_abs_logprob_diff']:.4f} > allowed {allowed_lp:.4f} "
                         f"(noise {z['max_abs_logprob_diff']:.4f})")
     if d["divergences"] > allowed_div:
         failures.append(f"{d['divergences']} divergences > allowed {allowed_div:g} (noise {z['divergences']})")
     for i, s in enumerate(deft):
-        if _no_near_tie(s, allowed_gap):
-            failures.append(f"request {i} step {s.diverged_at}: not a near-tie ("
-                            + (f"gap {s.tie_gap:.4f} > {allowed_gap:.4f})" if s.tie_in_top_k else
-                               f"a token outside the top-k: its gap is at least {s.tie_gap:.4f}, not known)"))
+        if problem := _tie_problem(s, allowed_gap):
+            failures.append(f"request {i} step {s.diverged_at}: not a near-tie ({problem})")
     return {"ok": not failures, "failures": failures, "allowed_logprob_diff": allowed_lp,
             "allowed_divergences": allowed_div, "allowed_tie_gap": allowed_gap,
             "deft_max_abs_logprob_diff": d["max_abs_logprob_diff"],
@@ -457,10 +478,12 @@ def _worst_of(copies: list[PairStats]) -> PairStats:
     """Copies of one pair (the same tokens, so the same steps and divergence) as one, at their worst."""
     first = copies[0]
     gaps = [s.tie_gap for s in copies if s.tie_gap is not None]
+    tie_lps = [s.tie_lp_diff for s in copies if s.tie_lp_diff is not None]
+    in_top_k = None if first.tie_in_top_k is None else all(s.tie_in_top_k for s in copies)
     return PairStats(steps=first.steps, diverged_at=first.diverged_at,
                      diffs=[max(step) for step in zip(*(s.diffs for s in copies))],
-                     tie_gap=max(gaps) if gaps else None,
-                     tie_in_top_k=None if first.tie_in_top_k is None else all(s.tie_in_top_k for s in copies))
+                     tie_gap=max(gaps) if gaps else None, tie_in_top_k=in_top_k,
+                     tie_lp_diff=max(tie_lps) if in_top_k and tie_lps else None)
 
 
 def judge_model(workloads: dict[str, tuple[list[Seq], list[Seq], list[Seq] | None]], crit: Criterion,

@@ -164,7 +164,45 @@ def test_a_divergence_to_a_token_outside_the_top_k_is_no_near_tie():
     # gap's lower bound (0.3 here, the reference's k-th entry) for the gap, within a tie_tol of 0.5
     entry = g.judge_workload(deft, ref, None, CRIT, atol=0.05, tie_tol=0.5)
     assert entry["criterion"] == "absolute" and not entry["ok"]
-    assert entry["failures"] == ["request 2 step 4: not a near-tie (a token outside the top-k; gap at least 0.3000)"]
+    assert entry["failures"] == ["request 2 step 4: not a near-tie (a token outside the top-k: its gap is at least "
+                                 "0.3000, not known; tie_tol 0.5)"]
+
+
+def test_a_divergence_whose_tokens_the_servers_score_apart_is_no_near_tie():
+    """At a divergence only the gap between its two tokens was checked: a server whose whole distribution was off at
+    that step (the reference's token 2.5 nats lower in it) passed, its own two tokens being 0.01 apart. The same
+    context leads there, so each token's logprob must agree between the servers as a near-tie's gap does."""
+    ref = reference()
+    noise = jitter(ref, 0.015, seed=11)
+    deft = jitter(ref, 0.015, seed=12)
+    deft[2] = diverge(deft[2], ref[2], t=4, gap=0.01)
+    assert g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)["ok"]
+    lp = ref[2].lps[4] - 2.5  # deft's own choice 0.01 above the reference's token, both far below the reference's
+    deft[2].lps[4] = lp
+    deft[2].tops[4] = {7: lp, ref[2].ids[4]: lp - 0.01}
+    for noise_run, tie_tol in ((noise, 0.1), (None, 0.1)):
+        entry = g.judge_workload(deft, ref, noise_run, CRIT, atol=0.05, tie_tol=tie_tol)
+        assert not entry["ok"], entry
+        assert any("request 2 step 4: not a near-tie (the servers' logprobs of its two tokens differ by" in f
+                   for f in entry["failures"]), entry["failures"]
+
+
+def test_a_logprob_that_is_not_a_number_fails():
+    """Every check is 'diff > limit', which NaN passed, and max() kept a NaN that came first and hid the rest: an
+    all-NaN deft passed, a NaN in the noise server made any difference allowed. None is JSON's null, which SGLang's
+    responses hold for a NaN."""
+    ref = reference()
+    noise = jitter(ref, 0.015, seed=11)
+    for bad in (math.nan, None):
+        deft = jitter(ref, 0.015, seed=12)
+        deft[0].lps[0] = bad
+        entry = g.judge_workload(deft, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+        assert not entry["ok"] and "logprob diff inf > allowed" in entry["failures"][0], entry["failures"]
+        deft = jitter(ref, 0.015, seed=12)
+        broken_noise = jitter(ref, 0.015, seed=11)
+        broken_noise[0].lps[0] = bad
+        entry = g.judge_workload(deft, ref, broken_noise, CRIT, atol=0.05, tie_tol=0.1)
+        assert not entry["ok"] and "noise floor unusable" in entry["failures"][0], entry["failures"]
 
 
 def test_a_noise_server_that_is_itself_wrong_sets_no_band():
