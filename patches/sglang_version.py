@@ -54,12 +54,17 @@ def require_source(patch_name: str, owner: type, name: str, sha256: str) -> None
     """Raise unless ``owner.name``, an SGLang function ``patch_name`` wraps or relies on, has the source it has in
     the release the patch was written against (``sha256`` of ``inspect.getsource``). The version string does not tell
     a modified copy of that release (a local fix, a vendor's backport) whose internals the patch would misread.
-    Follows ``__wrapped__`` to the function itself: a patch applied again sees SGLang's own code under its wrapper."""
+    Follows ``__wrapped__`` through deft's own wrappers only (``wrapping.wrap_once``'s mark): a patch applied again sees
+    SGLang's own code under its wrapper, while another replacement made with ``functools.wraps`` (another plugin's)
+    is what runs, so its source is what is checked (followed, it hid the replacement behind SGLang's source)."""
+    from .wrapping import is_deft_wrapper
+
     function = inspect.getattr_static(owner, name)
-    function = inspect.unwrap(getattr(function, "__func__", function))
+    function = inspect.unwrap(getattr(function, "__func__", function), stop=lambda f: not is_deft_wrapper(f))
     where = f"{owner.__module__}.{owner.__qualname__}.{name}"
     try:
-        digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+        # Of its code object: getsource(function) unwraps __wrapped__ all the way itself.
+        digest = hashlib.sha256(inspect.getsource(getattr(function, "__code__", function)).encode()).hexdigest()
     except (OSError, TypeError) as e:
         raise UnsupportedSGLangVersion(
             f"`{patch_name}` relies on SGLang {SUPPORTED_SGLANG}'s {where}, whose source cannot be read here ({e}), "

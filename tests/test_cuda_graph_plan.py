@@ -661,6 +661,28 @@ def test_patch_refuses_a_modified_sglang_of_the_same_release(monkeypatch, patch)
         patch.apply()
 
 
+def test_a_replacement_made_with_functools_wraps_is_checked_as_what_runs(monkeypatch):
+    """The source check followed every __wrapped__: another plugin's replacement made with functools.wraps was looked
+    through to SGLang's source underneath, passed, and the patch then wrapped code it had never checked. It follows
+    deft's own wrappers only."""
+    import functools
+    import inspect
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    forward_batch_reqs.apply()
+    installed = inspect.getattr_static(ForwardBatch, "init_new").__func__  # deft's wrapper: checked through
+    sglang_version.require_source("forward_batch_reqs", ForwardBatch, "init_new", forward_batch_reqs.SOURCE_SHA256)
+
+    @functools.wraps(installed)
+    def replaced(*args, **kwargs):
+        return installed(*args, **kwargs)
+
+    monkeypatch.setattr(ForwardBatch, "init_new", classmethod(replaced))
+    with pytest.raises(sglang_version.UnsupportedSGLangVersion, match="differs from that release's"):
+        sglang_version.require_source("forward_batch_reqs", ForwardBatch, "init_new", forward_batch_reqs.SOURCE_SHA256)
+
+
 def graphs_and_eager(graphs, server_args, model_config, layers, sim, kv_pool):
     """Beside ``graphs`` (a backend whose steps SGLang replays from CUDA graphs: the emulator), a backend of
     another server over the same requests and KV pool that runs every step eagerly (--disable-cuda-graph); both
