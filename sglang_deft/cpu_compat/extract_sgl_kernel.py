@@ -4,30 +4,61 @@
 ``sgl_kernel`` (and reads data such as ``scalar_type`` from it) even on CPU, but the wheel's 1.4 GB of
 CUDA libraries cannot load without a CUDA driver. ``sglang_deft.cpu_compat`` supplies the stand-in
 for the native library. Writes a ``.dist-info`` (METADATA only) so that the files are known to pip.
+
+Only a sglang-kernel wheel of ``VERSION`` (what SGLang 0.5.10.post1 pins) is taken, checked before anything is
+written; its files land in a scratch folder first and replace an earlier extraction only once all are out (a corrupt
+member leaves nothing behind).
 """
 from __future__ import annotations
 
 import argparse
+import email.parser
+import shutil
 import sysconfig
+import tempfile
 import zipfile
 from pathlib import Path
 
 _NATIVE_SUFFIXES = (".so", ".a", ".pyd", ".dll")
+PACKAGE = "sgl_kernel"
+DISTRIBUTION = "sglang-kernel"
+VERSION = "0.4.1"
+
+
+def _check(zf: zipfile.ZipFile, wheel: Path) -> str:
+    """The wheel's ``.dist-info`` folder name, or SystemExit where it is not sglang-kernel VERSION."""
+    names = zf.namelist()
+    if f"{PACKAGE}/__init__.py" not in names:
+        raise SystemExit(f"{wheel} holds no {PACKAGE}/__init__.py: not a {DISTRIBUTION} wheel")
+    metadata = [n for n in names if n.endswith(".dist-info/METADATA") and n.count("/") == 1]
+    if len(metadata) != 1:
+        raise SystemExit(f"{wheel} holds {len(metadata)} .dist-info/METADATA files, not one: not a wheel")
+    fields = email.parser.Parser().parsestr(zf.read(metadata[0]).decode("utf-8", "replace"), headersonly=True)
+    name, version = (fields.get("Name") or "").strip(), (fields.get("Version") or "").strip()
+    if name.lower().replace("_", "-") != DISTRIBUTION or version != VERSION:
+        raise SystemExit(f"{wheel} is {name or '?'} {version or '?'}: the CPU environment takes {DISTRIBUTION} "
+                         f"{VERSION}, whose Python files SGLang 0.5.10.post1 imports")
+    return metadata[0].split("/")[0]
 
 
 def extract(wheel: Path, site_packages: Path) -> list[str]:
     """Extract ``sgl_kernel/**`` (no native files) and the wheel's METADATA; returns the written names."""
     written = []
+    site_packages.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
-        for name in zf.namelist():
-            keep = name.startswith("sgl_kernel/") and not name.endswith(_NATIVE_SUFFIXES)
-            if name.endswith(".dist-info/METADATA"):
-                keep = True
-            if keep and not name.endswith("/"):
-                zf.extract(name, site_packages)
-                written.append(name)
-    if not any(n.startswith("sgl_kernel/__init__.py") for n in written):
-        raise SystemExit(f"{wheel} holds no sgl_kernel/__init__.py: not a sglang-kernel wheel")
+        dist_info = _check(zf, wheel)
+        with tempfile.TemporaryDirectory(prefix=".sgl_kernel-", dir=site_packages) as scratch:
+            for name in zf.namelist():
+                keep = (name.startswith(f"{PACKAGE}/") and not name.endswith(_NATIVE_SUFFIXES)) or \
+                    name == f"{dist_info}/METADATA"
+                if keep and not name.endswith("/"):
+                    zf.extract(name, scratch)  # raises on a member whose CRC does not match
+                    written.append(name)
+            # Every file is out: replace an earlier extraction (of this or another release) by this one.
+            for old in [site_packages / PACKAGE, *site_packages.glob("sglang_kernel-*.dist-info")]:
+                shutil.rmtree(old, ignore_errors=True)
+            for folder in (PACKAGE, dist_info):
+                (Path(scratch) / folder).rename(site_packages / folder)
     return written
 
 
