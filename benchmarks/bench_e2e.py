@@ -200,6 +200,8 @@ COMMON_ARGS = {
 BACKENDS = {"cuda": ("deft", "flashinfer", "triton"), "cpu": ("deft", "torch_native")}
 BASELINE = {"cuda": "flashinfer", "cpu": "torch_native"}
 DEFAULT_BACKEND_ARGS = {"cuda": {}, "cpu": {}}
+# The decode backends a run may compare (--backends), each with its --<backend>-args.
+KNOWN_BACKENDS = ("deft", "flashinfer", "triton", "torch_native")
 
 
 @dataclass(frozen=True)
@@ -1082,7 +1084,7 @@ def parse_args(argv=None):
                    help="the GPU memory the servers share, for starting them in waves that fit it (default: the first "
                         "GPU's total, from nvidia-smi; 0: every server at once)")
     p.add_argument("--commit", default=os.environ.get("DEFT_COMMIT"))
-    for backend in ("deft", "flashinfer", "triton", "torch_native"):
+    for backend in KNOWN_BACKENDS:
         p.add_argument(f"--{backend.replace('_', '-')}-args", default=None, metavar="ARGS",
                        help=f"extra launcher arguments for the {backend} servers, one string; write "
                             f"--{backend.replace('_', '-')}-args='...' (an empty one: --{backend.replace('_', '-')}"
@@ -1099,13 +1101,12 @@ def parse_args(argv=None):
         args.backends = list(BACKENDS[args.device])
     else:  # checked before any server starts: a typo was a decode backend SGLang refused after the others' start-up
         args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        known = ("deft", "flashinfer", "triton", "torch_native")
-        wrong = [b for b in args.backends if b not in known]
+        wrong = [b for b in args.backends if b not in KNOWN_BACKENDS]
         if wrong or not args.backends or len(set(args.backends)) < len(args.backends):
             p.error(f"--backends: {', '.join(wrong) + ' unknown; ' if wrong else ''}a comma-separated list of "
-                    f"distinct backends out of {', '.join(known)}")
+                    f"distinct backends out of {', '.join(KNOWN_BACKENDS)}")
     args.backend_args = dict(DEFAULT_BACKEND_ARGS[args.device])
-    for backend in ("deft", "flashinfer", "triton", "torch_native"):
+    for backend in KNOWN_BACKENDS:
         given = getattr(args, f"{backend}_args")
         if given is not None:
             args.backend_args[backend] = given

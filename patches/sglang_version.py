@@ -54,7 +54,8 @@ def require_source(patch_name: str, owner: type, name: str, sha256: str) -> None
     """Raise unless ``owner.name``, an SGLang function ``patch_name`` wraps or relies on, has the source it has in
     the release the patch was written against (``sha256`` of ``inspect.getsource``). The version string does not tell
     a modified copy of that release (a local fix, a vendor's backport) whose internals the patch would misread.
-    Follows ``__wrapped__`` through deft's own wrappers only (``wrapping.wrap_once``'s mark): a patch applied again sees
+    Follows ``__wrapped__`` through deft's own wrappers only (those ``wrapping.wrap_once`` made, known by identity:
+    ``functools.wraps`` copies its mark to any function that wraps them): a patch applied again sees
     SGLang's own code under its wrapper, while another replacement made with ``functools.wraps`` (another plugin's)
     is what runs, so its source is what is checked (followed, it hid the replacement behind SGLang's source)."""
     from .wrapping import is_deft_wrapper
