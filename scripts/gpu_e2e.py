@@ -294,6 +294,7 @@ def compare_pair(x: Seq, ref: Seq) -> PairStats:
 def summarize(stats: list[PairStats]) -> dict:
     diffs = [d for s in stats for d in s.diffs]
     gaps = [s.tie_gap for s in stats if s.diverged_at is not None]
+    tie_lps = [s.tie_lp_diff for s in stats if s.tie_lp_diff is not None]
     return {
         "requests": len(stats), "steps": sum(s.steps for s in stats),
         "steps_compared": sum(s.steps_compared for s in stats),
@@ -302,6 +303,8 @@ def summarize(stats: list[PairStats]) -> dict:
         "max_abs_logprob_diff": max(diffs, default=0.0),
         "mean_abs_logprob_diff": sum(diffs) / len(diffs) if diffs else 0.0,
         "max_tie_gap": max(gaps, default=None),
+        # what the near-tie rule's second half measured: the servers' logprobs of a divergence's two tokens
+        "max_tie_logprob_diff": max(tie_lps, default=None),
         "diverged_at": [s.diverged_at for s in stats],
     }
 
