@@ -114,6 +114,7 @@ class Ctx:
     device: torch.device
     args: argparse.Namespace
     workspace: torch.Tensor | None
+    logit_cap: float = 0.0  # SGLang's tanh soft cap (cap * tanh(score / cap)); 0 = none
     _paged: tuple | None = None
 
     def paged(self):
@@ -153,7 +154,8 @@ def setup_deft(ctx: Ctx) -> Prepared:
     q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
     kernel = importlib.import_module(K.__name__ + ".tree_decode").stage1_config(
         c.head_dim, plan.large_rows, q.dtype, ctx.device, k.dtype).kernel
-    return Prepared(fn=lambda: K.tree_decode(q, k, v, plan, s, out=out),
+    cap = ctx.logit_cap
+    return Prepared(fn=lambda: K.tree_decode(q, k, v, plan, s, logit_cap=cap, out=out),
                     out_buffers=(out, plan.partial_out, plan.partial_lse),
                     info={"plan_us": plan_us, "stage1_kernel": kernel},
                     metadata_error=plan_coverage_error(K, plan, ctx.tree))
@@ -204,7 +206,8 @@ def setup_flashinfer_decode(ctx: Ctx, tensor_cores: bool = True) -> Prepared:
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ctx.workspace, "NHD", use_tensor_cores=tensor_cores)
     w.plan(indptr.to(ctx.device), idx.to(ctx.device), torch.ones(B, dtype=torch.int32, device=ctx.device),
            c.num_qo_heads, c.num_kv_heads, c.head_dim, 1, pos_encoding_mode="NONE",
-           q_data_type=ctx.q.dtype, kv_data_type=ctx.k_buffer.dtype, sm_scale=ctx.sm_scale)
+           q_data_type=ctx.q.dtype, kv_data_type=ctx.k_buffer.dtype, sm_scale=ctx.sm_scale,
+           logits_soft_cap=ctx.logit_cap or None)
     out = torch.empty_like(ctx.q)
     q, kv = ctx.q, (ctx.k_buffer, ctx.v_buffer)
     return Prepared(fn=lambda: w.run(q, kv, out=out), out_buffers=(out,),
@@ -227,7 +230,7 @@ def setup_flashinfer_cascade(ctx: Ctx) -> Prepared:
     w.plan([lv.qo_indptr.to(d) for lv in layout.levels], [lv.kv_indptr.to(d) for lv in layout.levels],
            [lv.kv_indices.to(d) for lv in layout.levels], [lv.last_page_len.to(d) for lv in layout.levels],
            c.num_qo_heads, c.num_kv_heads, c.head_dim, 1, causal=False, sm_scale=ctx.sm_scale,
-           q_data_type=ctx.q.dtype, kv_data_type=ctx.k_buffer.dtype)
+           q_data_type=ctx.q.dtype, kv_data_type=ctx.k_buffer.dtype, logits_soft_cap=ctx.logit_cap or None)
     perm = layout.perm.to(d)
     qp = ctx.q[perm].contiguous()  # queries in tree preorder; a server would batch them that way
     kv = (ctx.k_buffer, ctx.v_buffer)
@@ -275,23 +278,30 @@ def setup_sglang_triton(ctx: Ctx) -> Prepared:
     attn_logits = torch.empty(B, Hq, SGLANG_MAX_KV_SPLITS, D, dtype=torch.float32, device=d)
     attn_lse = torch.empty(B, Hq, SGLANG_MAX_KV_SPLITS, dtype=torch.float32, device=d)
     out = torch.empty_like(ctx.q)
-    q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
+    q, k, v, s, cap = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale, ctx.logit_cap
 
     def fn():
         decode_attention_fwd(q, k, v, out, kv_indptr, kv_indices, attn_logits, attn_lse, num_kv_splits,
-                             SGLANG_MAX_KV_SPLITS, s, 1.0, 1.0)
+                             SGLANG_MAX_KV_SPLITS, s, 1.0, 1.0, cap)
         return out
 
     return Prepared(fn=fn, out_buffers=(out, attn_logits, attn_lse), info=info)
 
 
+def _no_logit_cap(ctx: Ctx) -> None:
+    if ctx.logit_cap:
+        raise Skip("plain PyTorch debug provider: no logit cap (--logit-cap)")
+
+
 def setup_torch_paged(ctx: Ctx) -> Prepared:
+    _no_logit_cap(ctx)
     indptr, idx = ctx.paged()
     q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
     return Prepared(fn=lambda: T.paged_attention_torch(q, k, v, indptr, idx, s), capturable=False)
 
 
 def setup_torch_cascade(ctx: Ctx) -> Prepared:
+    _no_logit_cap(ctx)
     layout = T.cascade_layout(ctx.tree)
     q, k, v, s = ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.sm_scale
     return Prepared(fn=lambda: T.cascade_attention_torch(q, k, v, layout, s), capturable=False)
@@ -547,6 +557,7 @@ def markdown(report: dict) -> str:
     gm = report.get("geomean_speedup_design_shared")
     n_design = sum(1 for r in rows if r.get("design_shared"))
     kv = "" if meta.get("kv_dtype", "same") == "same" else f", KV cache {meta['kv_dtype']}"
+    kv += f", logit cap {meta['logit_cap']:g}" if meta.get("logit_cap") else ""
     out = [f"# Tree decode attention, {meta['gpu']} ({meta['dtype']}{kv}), {meta['date']}, commit {meta['commit']}", "",
            "Median µs of one decode-attention step (p20/p80 in the JSON). floor = unique KV bytes (+q, out) / "
            f"measured copy rate {_fmt(meta['copy_gbps'], 0)} GB/s; FLOP floor = FLOPs / measured {meta['dtype']} "
@@ -641,6 +652,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-dtype", default="same", choices=["same", "fp8_e4m3", "fp8_e5m2"],
                     help="the KV pool's dtype: the benchmark dtype, or an fp8 cache (--kv-cache-dtype's names) "
                          "that every provider reads with scales 1.0")
+    ap.add_argument("--logit-cap", type=float, default=0.0,
+                    help="SGLang's tanh soft cap on the scores, for every provider (Gemma-2 uses 50, Grok 30); "
+                         "0 = none (default)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--run-len", type=int, default=T.DEFAULT_RUN, help="KV slot run length (1 = fully random slots)")
     ap.add_argument("--seed", type=int, default=0)
@@ -667,6 +681,8 @@ def parse_args(argv=None):
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         ap.error("--warmup must be at least 0")
+    if not (math.isfinite(args.logit_cap) and args.logit_cap >= 0):
+        ap.error(f"--logit-cap must be a finite number >= 0 (0 = none), not {args.logit_cap}")
     if args.quick:
         args.warmup, args.rep, args.plan_reps = 5, 20, 10
         if args.cases == "all":
@@ -678,7 +694,7 @@ def child_argv(args, case_keys: str, out_dir: Path, tag: str, meta: dict, provid
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--isolate", "no", "--cases", case_keys,
             "--out", str(out_dir), "--tag", tag,
             "--providers", ",".join(providers), "--dtype", args.dtype, "--kv-dtype", args.kv_dtype,
-            "--device", args.device,
+            "--device", args.device, "--logit-cap", repr(args.logit_cap),
             "--run-len", str(args.run_len), "--seed", str(args.seed), "--shrink", str(args.shrink),
             "--warmup", str(args.warmup), "--rep", str(args.rep), "--cpu-reps", str(args.cpu_reps),
             "--plan-reps", str(args.plan_reps), "--cascade-empty-levels", args.cascade_empty_levels,
@@ -773,13 +789,14 @@ def run_cases_here(args, cases, shapes, providers, device, dtype, report) -> Non
             k_buffer, v_buffer = k_buffer.contiguous(), v_buffer.contiguous()
         q = torch.randn(shape.num_queries, case.num_qo_heads, case.head_dim, dtype=dtype, device=device)
         sm_scale = 1.0 / math.sqrt(case.head_dim)
-        ref = K.attention_reference(q, k_buffer, v_buffer, tree, sm_scale)
+        ref = K.attention_reference(q, k_buffer, v_buffer, tree, sm_scale, logit_cap=args.logit_cap)
         # The floors count the KV cache's bytes and q's and out's (the model's dtype; they differ over fp8).
         row = make_row(case, shape, meta, k_buffer.element_size(), q.element_size())
         report["cases"].append(row)
         write_report(report, args.out, args.tag)  # the parent learns which case a crash hit
         watchdog.arm(args.case_timeout)
-        ctx = Ctx(case, tree, tree.kv_indices.to(device), q, k_buffer, v_buffer, sm_scale, device, args, workspace)
+        ctx = Ctx(case, tree, tree.kv_indices.to(device), q, k_buffer, v_buffer, sm_scale, device, args, workspace,
+                  args.logit_cap)
         for p in providers:
             cell = run_provider(p, ctx, ref)
             row["providers"][p] = cell
@@ -938,6 +955,7 @@ def main(argv=None) -> int:
         "sglang": _version("sglang"),
         "dtype": args.dtype,
         "kv_dtype": args.kv_dtype,
+        "logit_cap": args.logit_cap,
         "deft_stage1_kernel": None,
         "providers": providers,
         "argv": sys.argv[1:] if argv is None else list(argv),

@@ -18,6 +18,9 @@
 #                                                                 # against SGLang's triton decode given its prefill's
 #                                                                 # window (E2E_MODELS=tiny-gemma2,... for some of them)
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh sweep     # stage-1 launch-parameter sweep
+#   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh logit-cap # the kernel benchmark's DESIGN.md cases without a cap,
+#                                                                 # then with LOGIT_CAP (default 50, Gemma-2's) for every
+#                                                                 # provider: what a capped model's soft cap costs
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh low-concurrency  # kernel benchmark on batches of 1-16
 #                                                                 # queries, then the planner's knobs on them
 #   DEFT_COMMIT=<short sha> bash scripts/gpu_session.sh bench-e2e # end-to-end decode tok/s, benchmarks/bench_e2e.py
@@ -81,8 +84,8 @@ set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features|engine) ;;
-  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features|engine" >&2
+  kernels|sweep|logit-cap|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features|engine) ;;
+  *) echo "usage: bash scripts/gpu_session.sh kernels|sweep|logit-cap|low-concurrency|e2e|e2e-tiny|e2e-8b|e2e-heads|e2e-families|e2e-windows|bench-e2e|demo|graphs|step-host|features|engine" >&2
      exit 2 ;;
 esac
 
@@ -144,6 +147,7 @@ EOF
   case "$PHASE" in
     kernels) phase_kernels ;;
     sweep) phase_sweep ;;
+    logit-cap) phase_logit_cap ;;
     low-concurrency) phase_low_concurrency ;;
     e2e) phase_e2e tiny,8b ;;
     e2e-tiny) phase_e2e tiny ;;
@@ -158,6 +162,23 @@ EOF
     features) phase_features ;;
     engine) phase_engine ;;
   esac
+}
+
+phase_logit_cap() {
+  # Both runs in one call, on one machine: the cap's cost is their ratio (timings differ between machines).
+  local cap=${LOGIT_CAP:-50} rc_plain rc_cap t each
+  each=$(( ($(left) - 20) / 2 ))
+  t=$SECONDS
+  timeout -k 10 "$each" python3 benchmarks/bench_kernels.py --cases design --out "$OUT" --commit "$COMMIT" \
+      --tag "${GPU_TAG}_design"
+  rc_plain=$?
+  say "bench_kernels (no cap) rc=$rc_plain in $((SECONDS - t))s"
+  t=$SECONDS
+  timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/bench_kernels.py --cases design --logit-cap "$cap" \
+      --out "$OUT" --commit "$COMMIT" --tag "${GPU_TAG}_design_cap${cap}"
+  rc_cap=$?
+  say "bench_kernels (logit cap $cap) rc=$rc_cap in $((SECONDS - t))s"
+  [ "$rc_plain" -eq 0 ] && [ "$rc_cap" -eq 0 ]
 }
 
 phase_low_concurrency() {

@@ -359,3 +359,34 @@ def test_a_report_cut_mid_write_leaves_the_last_whole_one(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="killed mid-write"):
         BENCH.write_report(report, tmp_path, "t")
     assert (tmp_path / "kernels_t.json").read_text() == first
+
+
+def test_logit_cap_reaches_deft_and_the_reference_and_the_report(ctx, tmp_path):
+    """--logit-cap (a capped model's cost) must reach the timed call and the reference it is checked against: with a
+    cap that binds (scores ~ N(0, 1), cap 0.5) deft's cell passes against the capped reference and fails against the
+    uncapped one, the plain-PyTorch providers (which have no cap) are skipped rather than checked against it, the
+    child process gets the cap, and the table's title names it."""
+    c, ref = ctx
+    c.args.plan_reps = 1
+    c.logit_cap = 0.5
+    capped = attention_reference(c.q, c.k_buffer, c.v_buffer, c.tree, c.sm_scale, logit_cap=0.5)
+    assert (capped - ref).abs().max() > 10 * BENCH.MAX_ABS_ERR  # the cap binds
+    assert BENCH.run_provider("deft", c, capped)["status"] == "ok"
+    assert BENCH.run_provider("deft", c, ref)["status"] == "failed_check"
+    skipped = BENCH.run_provider("torch_paged", c, capped)
+    assert skipped["status"] == "skipped" and "logit cap" in skipped["reason"]
+
+    args = BENCH.parse_args(["--logit-cap", "0.5", "--device", "cpu"])
+    argv = BENCH.child_argv(args, "spec", tmp_path, "cpu", {}, ["deft"])
+    assert BENCH.parse_args(argv[2:]).logit_cap == 0.5
+    assert BENCH.parse_args([]).logit_cap == 0.0
+    report = _report([])
+    report["metadata"]["logit_cap"] = 30.0
+    assert BENCH.markdown(report).splitlines()[0].startswith("# Tree decode attention, cpu (float32, logit cap 30)")
+
+
+@pytest.mark.parametrize("cap", ["-1", "nan", "inf"])
+def test_a_logit_cap_that_is_no_cap_is_refused(cap, capsys):
+    with pytest.raises(SystemExit) as exited:
+        BENCH.parse_args(["--logit-cap", cap])
+    assert exited.value.code == 2 and "--logit-cap must be a finite number >= 0" in capsys.readouterr().err
