@@ -62,13 +62,21 @@ except ImportError:  # Triton 3.5's Gluon has no mma.sync
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
-# The soft cap's tanh series and where it applies: kernels/tree_decode.py's, repeated so that this module loads on
-# its own, as the experiments load it (a test checks they agree).
-TANH_SERIES_BELOW = gl.constexpr(0.2)
-TANH_C3 = gl.constexpr(-1.0 / 3.0)
-TANH_C5 = gl.constexpr(2.0 / 15.0)
-TANH_C7 = gl.constexpr(-17.0 / 315.0)
-TANH_C9 = gl.constexpr(62.0 / 2835.0)
+# The soft cap's tanh: kernels/tree_decode.py's (TANH_CLAMP says why this form), repeated so that this module loads
+# on its own, as the experiments load it (a test checks they agree).
+TANH_CLAMP = gl.constexpr(7.90531110763549805)
+TANH_A1 = gl.constexpr(4.89352455891786e-03)
+TANH_A3 = gl.constexpr(6.37261928875436e-04)
+TANH_A5 = gl.constexpr(1.48572235717979e-05)
+TANH_A7 = gl.constexpr(5.12229709037114e-08)
+TANH_A9 = gl.constexpr(-8.60467152213735e-11)
+TANH_A11 = gl.constexpr(2.00018790482477e-13)
+TANH_A13 = gl.constexpr(-2.76076847742355e-16)
+TANH_B0 = gl.constexpr(4.89352518554385e-03)
+TANH_B2 = gl.constexpr(2.26843463243900e-03)
+TANH_B4 = gl.constexpr(1.18534705686654e-04)
+TANH_B6 = gl.constexpr(1.19825839466702e-06)
+FP32_MAX = float(torch.finfo(torch.float32).max)
 LARGE_ROWS = 64  # one warpgroup's wgmma tile
 BLOCK_N = 32  # KV tokens per block, both tile kinds
 RING = 2  # K/V blocks in shared memory: one computed, one landing (48 KB with Q at head_dim 128: 4 programs per SM)
@@ -140,16 +148,22 @@ def _in_dtype(x, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK: gl.constexpr,
+def _soft_cap(y, cap_inv, cap_clamp):
+    """The Triton kernel's _soft_cap (kernels/tree_decode.py): cap * tanh(y / cap), given 1 / cap and
+    cap x TANH_CLAMP, the cap in the scores' base."""
+    y = gl.minimum(gl.maximum(y, -cap_clamp), cap_clamp)
+    x2 = (y * cap_inv) * (y * cap_inv)
+    num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
+    return y * (num / (TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))))
+
+
+@gluon.jit
+def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_inv, cap_clamp, BLOCK: gl.constexpr,
                     USE_CAP: gl.constexpr):
     """Block j's scores -> (P, alpha, running max, running sum), all in base 2."""
     if USE_CAP:
-        # SGLang's cap, logit_cap * tanh(x / logit_cap), written as the Triton kernel's _soft_cap writes it (its
-        # comment says why the series below TANH_SERIES_BELOW).
-        x = (s * sm_scale) / logit_cap
-        x2 = x * x
-        series = x * (1.0 + x2 * (TANH_C3 + x2 * (TANH_C5 + x2 * (TANH_C7 + x2 * TANH_C9))))
-        s = logit_cap * gl.where(gl.abs(x) < TANH_SERIES_BELOW, series, 1.0 - 2.0 / (1.0 + gl.exp(2.0 * x))) * LOG2E
+        # SGLang's cap, logit_cap * tanh(score * sm_scale / logit_cap), in base 2 (_cap_scalars).
+        s = _soft_cap(s * (sm_scale * LOG2E), cap_inv, cap_clamp)
         s_mul = 1.0
     else:
         s_mul = sm_scale * LOG2E  # folded into exp2's argument: one FFMA per score, not FMUL + FADD
@@ -198,7 +212,7 @@ def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_
 
 
 @gluon.jit
-def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
+def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
                  stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK: gl.constexpr, STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr,
@@ -293,7 +307,8 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
             # A small tile's warps each load their own slice of the block into registers: converted there.
             kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
             s = mma_v2(q_op, _in_dtype(kt, dtype), s_zero)
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, logit_cap, BLOCK, USE_CAP)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_inv, cap_clamp, BLOCK,
+                                             USE_CAP)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
         if WGMMA:
@@ -309,7 +324,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
 
 @gluon.jit
 def _tree_decode_stage1_hopper(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, logit_cap,
+    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, LARGE_M: gl.constexpr,
     SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
@@ -320,15 +335,24 @@ def _tree_decode_stage1_hopper(
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
     num_large = gl.load(counts)
     if item < num_large:
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
         # On wgmma a small item's rows fill a large tile, the rows past its queries masked.
         SMALL_TILE: gl.constexpr = LARGE_M if SMALL_WGMMA else SMALL_M
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, logit_cap,
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, BLOCK_D, SMALL_TILE, BLOCK, STAGES, SMALL_WGMMA, USE_CAP, WARPS, CONVERT)
+
+
+def _cap_scalars(logit_cap: float) -> tuple[float, float]:
+    """kernels/tree_decode.py's soft_cap_scalars (which says why), repeated as the constants are (a test checks they
+    agree)."""
+    if logit_cap <= 0:
+        return 0.0, 0.0
+    cap = logit_cap * LOG2E.value
+    return (1.0 / cap if cap < 2.0 ** 126 else 0.0), min(cap * TANH_CLAMP.value, FP32_MAX)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
@@ -338,7 +362,8 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
     Gluon has no mma.sync, or to compare the two); returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
-        q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale, logit_cap,
+        q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale,
+        *_cap_scalars(logit_cap),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
         GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),

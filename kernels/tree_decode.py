@@ -35,31 +35,54 @@ STAGE2_SHAPE = (8, 1)
 STAGE2_SHAPE_FEW_MERGES = (32, 4)
 
 
-# tanh(x) = x (1 + x^2 (-1/3 + x^2 (2/15 + x^2 (-17/315 + x^2 62/2835)))) + O(x^11) where |x| < TANH_SERIES_BELOW: the
-# next term is under 2e-10 x there. Past it, 1 - 2 / (1 + e^{2x}) loses at most ~3e-7 of tanh (one float32 ulp of
-# 1 against tanh >= 0.197); below it that subtraction would lose all of tanh's digits as x -> 0, an error of about
-# cap x 6e-8 on every score: a cap in the thousands moved scores by 1e-4, one of 1e8 made every score 0.
-TANH_SERIES_BELOW = tl.constexpr(0.2)
-TANH_C3 = tl.constexpr(-1.0 / 3.0)
-TANH_C5 = tl.constexpr(2.0 / 15.0)
-TANH_C7 = tl.constexpr(-17.0 / 315.0)
-TANH_C9 = tl.constexpr(62.0 / 2835.0)
+# The soft cap, cap * tanh(y / cap) on y = score x sm_scale, is computed as y * R(x^2) with x = y / cap clamped to
+# +-TANH_CLAMP (past it tanh rounds to +-1 in float32) and R(x^2) = tanh(x) / x Eigen's float32 tanh (a [13/6]
+# rational in x; XLA's too): within 6 ulp (3.5e-7) of tanh over all of float32, measured against float64 on 2.1M
+# points. One division per score, no exponential, and no 1 - ... subtraction: 1 - 2 / (1 + e^{2x}) lost all of
+# tanh's digits as x -> 0 (at a cap of 1e8 every score became 0), and with a series below |x| = 0.2 and a division by
+# the cap it took three MUFU operations per score beside the softmax's exp2, which made capped 16k x 64 35% slower than
+# uncapped on an H100 (benchmarks/results/kernels_h100_logit_cap.md). A cap past float32's range is no cap: 1 / cap is 0, R(0) = A1 / B0.
+TANH_CLAMP = tl.constexpr(7.90531110763549805)
+TANH_A1 = tl.constexpr(4.89352455891786e-03)
+TANH_A3 = tl.constexpr(6.37261928875436e-04)
+TANH_A5 = tl.constexpr(1.48572235717979e-05)
+TANH_A7 = tl.constexpr(5.12229709037114e-08)
+TANH_A9 = tl.constexpr(-8.60467152213735e-11)
+TANH_A11 = tl.constexpr(2.00018790482477e-13)
+TANH_A13 = tl.constexpr(-2.76076847742355e-16)
+TANH_B0 = tl.constexpr(4.89352518554385e-03)
+TANH_B2 = tl.constexpr(2.26843463243900e-03)
+TANH_B4 = tl.constexpr(1.18534705686654e-04)
+TANH_B6 = tl.constexpr(1.19825839466702e-06)
+TANH_CONSTANTS = ("TANH_CLAMP", "TANH_A1", "TANH_A3", "TANH_A5", "TANH_A7", "TANH_A9", "TANH_A11", "TANH_A13",
+                  "TANH_B0", "TANH_B2", "TANH_B4", "TANH_B6")
+
+
+def soft_cap_scalars(logit_cap: float) -> tuple[float, float]:
+    """_soft_cap's 1 / cap and cap x TANH_CLAMP for SGLang's ``logit_cap`` (0: none), the cap in base 2 as the kernels'
+    scores, computed here in float64 and each kept within float32's normal range, which the kernels take them in: a cap
+    past 2^126 gives 1 / cap = 0 (and R(0) = 1 - 1.3e-7: no cap), where float32 would make it a subnormal that a GPU
+    flushes to 0 anyway and the CPU interpreter would take in float64."""
+    if logit_cap <= 0:
+        return 0.0, 0.0
+    cap = logit_cap * LOG2E.value
+    return (1.0 / cap if cap < 2.0 ** 126 else 0.0), min(cap * TANH_CLAMP.value, _FP32_MAX)
 
 
 @triton.jit
-def _soft_cap(scores, logit_cap):
-    # SGLang's cap: logit_cap * tanh(scores / logit_cap); tanh from exp and a series so the CPU interpreter
-    # and every GPU back end agree. 2 / (1 + e^{2x}) saturates cleanly to 0 or 2.
-    x = scores / logit_cap
-    x2 = x * x
-    series = x * (1.0 + x2 * (TANH_C3 + x2 * (TANH_C5 + x2 * (TANH_C7 + x2 * TANH_C9))))
-    return logit_cap * tl.where(tl.abs(x) < TANH_SERIES_BELOW, series, 1.0 - 2.0 / (1.0 + tl.exp(2.0 * x)))
+def _soft_cap(y, cap_inv, cap_clamp):
+    """cap * tanh(y / cap) for y = score x sm_scale, given 1 / cap and cap x TANH_CLAMP (see TANH_CLAMP). Scores in
+    base 2 take cap x log2(e) for the cap: cap' tanh(y' / cap') with y' = y log2(e) is log2(e) cap tanh(y / cap)."""
+    y = tl.minimum(tl.maximum(y, -cap_clamp), cap_clamp)
+    x2 = (y * cap_inv) * (y * cap_inv)
+    num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
+    return y * (num / (TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))))
 
 
 @triton.jit
 def _attend_item(
     Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-    sm_scale, logit_cap,
+    sm_scale, cap_inv, cap_clamp,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
@@ -84,7 +107,7 @@ def _attend_item(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    qk_scale = sm_scale * LOG2E  # without a cap, one multiply per score scales and moves it to base 2
+    qk_scale = sm_scale * LOG2E  # one multiply per score scales and moves it to base 2
     for start in range(0, kv_len, BLOCK_N):
         n_ok = start + offs_n < kv_len
         kv_slot = tl.load(kv_indices + kv_start + start + offs_n, mask=n_ok, other=0).to(tl.int64)
@@ -98,7 +121,7 @@ def _attend_item(
         else:
             s = tl.dot(q, tl.trans(k))
         if USE_CAP:
-            s = _soft_cap(s * sm_scale, logit_cap) * LOG2E
+            s = _soft_cap(s * qk_scale, cap_inv, cap_clamp)
         else:
             s = s * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -125,7 +148,7 @@ def _attend_item(
 @triton.jit
 def _tree_decode_stage1(
     Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse,
-    sm_scale, logit_cap,
+    sm_scale, cap_inv, cap_clamp,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
@@ -150,11 +173,11 @@ def _tree_decode_stage1(
     if in_range:
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         sm_scale, cap_inv, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, logit_cap, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         sm_scale, cap_inv, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
 
@@ -482,7 +505,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             try:
                 compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
                     q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-                    sm_scale, logit_cap, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+                    sm_scale, *soft_cap_scalars(logit_cap), q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
                     v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
                     GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
                     SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,

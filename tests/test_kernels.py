@@ -87,8 +87,9 @@ def test_gqa_groups_of_any_size(hq, hkv, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 # (a kernel that ignored caps <= 1 passed with 1.5 alone; tanh as 1 - 2 / (1 + e^{2x}) lost its digits at caps far
-# above the scores: 1.9e-4 off at 5000 in float32, every score 0 at 1e8)
-@pytest.mark.parametrize("cap", [0.5, 1.5, 30.0, 5000.0, 1e8])
+# above the scores: 1.9e-4 off at 5000 in float32, every score 0 at 1e8; 3e38, near float32's largest, overflows the
+# kernels' cap in base 2 to inf: no cap, as it is for the reference)
+@pytest.mark.parametrize("cap", [0.5, 1.5, 30.0, 5000.0, 1e8, 3e38])
 def test_logit_cap(dtype, cap):
     out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=cap)
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
@@ -727,8 +728,15 @@ def test_both_kernel_modules_cap_scores_by_the_same_tanh():
 
     from sglang_deft.kernels import stage1_hopper
     portable = importlib.import_module("sglang_deft.kernels.tree_decode")  # the module: the package's name is the call
-    names = ("TANH_SERIES_BELOW", "TANH_C3", "TANH_C5", "TANH_C7", "TANH_C9")
+    names = portable.TANH_CONSTANTS
     assert [getattr(stage1_hopper, n).value for n in names] == [getattr(portable, n).value for n in names]
+    assert sorted(n for n in vars(stage1_hopper) if n.startswith("TANH_")) == sorted(names)
+    for cap in (0.0, 1e-30, 0.5, 50.0, 1e8, 2.0 ** 126, 3e38, float(torch.finfo(torch.float32).max)):
+        assert stage1_hopper._cap_scalars(cap) == portable.soft_cap_scalars(cap)
+        cap_inv, cap_clamp = portable.soft_cap_scalars(cap)
+        # Both reach the kernels as float32 scalars: normal ones (or 0), never past its range.
+        assert cap_inv == 0.0 or 2.0 ** -126 <= cap_inv <= portable._FP32_MAX
+        assert 0.0 <= cap_clamp <= portable._FP32_MAX
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
