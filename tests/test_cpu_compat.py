@@ -41,6 +41,19 @@ def test_install_is_idempotent_and_marks_child_processes():
     assert os.environ[cpu_compat.ENV_FLAG] == "1"
 
 
+def test_install_refuses_a_process_that_sees_cuda(monkeypatch):
+    """SGLANG_DEFT_CPU_COMPAT=1 left exported on a GPU host: the stand-in common_ops would hide a missing or broken
+    native sgl_kernel until its first operator. install() refuses, before it changes anything."""
+    monkeypatch.setattr(cpu_compat, "is_installed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv(cpu_compat.ENV_FLAG, raising=False)
+    finders = list(sys.meta_path)
+    with pytest.raises(RuntimeError, match=r"torch sees 1 CUDA device\(s\) here.*Unset SGLANG_DEFT_CPU_COMPAT"):
+        cpu_compat.install()
+    assert sys.meta_path == finders and cpu_compat.ENV_FLAG not in os.environ
+
+
 IMPORT_RADIX_CACHE = "import sglang_deft.subprocess_entry; from sglang.srt.mem_cache.radix_cache import RadixCache"
 
 

@@ -126,11 +126,21 @@ def is_installed() -> bool:
 def install() -> None:
     """Activate the compatibility layer in this process and in the processes SGLang spawns from it.
 
-    Idempotent. Raises RuntimeError when sgl_kernel's Python files are missing, or when
-    ``sglang.srt.utils.common`` was already imported without it (too late to stand in).
+    Idempotent. Raises RuntimeError where torch sees a CUDA device, when sgl_kernel's Python files are missing, or
+    when ``sglang.srt.utils.common`` was already imported without it (too late to stand in).
     """
     if is_installed():
         return
+    import torch
+
+    if torch.cuda.is_available():
+        # The stand-in serves common_ops whenever sgl_kernel finds no native library for this GPU: a missing or
+        # broken sgl_kernel would then surface as NativeOpUnavailable at its first operator, mid-serving, not here.
+        raise RuntimeError(
+            f"sglang_deft.cpu_compat is for machines without CUDA, and torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s) here: its stand-in for sgl_kernel's native library would hide a missing or broken one. "
+            f"Unset {ENV_FLAG} (a spawned process installs the layer when it finds {ENV_FLAG}=1), or hide the GPUs "
+            "with CUDA_VISIBLE_DEVICES= for a CPU run.")
     if importlib.util.find_spec("sgl_kernel") is None:
         raise RuntimeError(
             "sglang_deft.cpu_compat needs sgl_kernel's Python files (without its native library): "
