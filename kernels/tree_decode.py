@@ -412,8 +412,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     device = plan.meta.device
     if q.device != device or k_buffer.device != v_buffer.device or k_buffer.device != device:
         raise ValueError(f"q on {q.device}, k/v buffers on {k_buffer.device}/{v_buffer.device}, the plan on {device}")
-    if device.type == "cpu" and (reason := interpreter_problem(q.dtype)):
-        raise ValueError(f"tree_decode on CPU tensors: {reason}")
+    if reason := interpreter_refusal(device, q.dtype):
+        raise ValueError(reason)
     if out is None:
         # Stage 2 writes the step's rows only: rows past them (a smaller step in a graph's buffers) are zeros.
         out = torch.empty_like(q) if n == B else torch.zeros_like(q)
@@ -461,6 +461,19 @@ def interpreter_problem(dtype: torch.dtype) -> str | None:
                 "sglang_deft (slow: for tests)")
     if dtype == torch.bfloat16:
         return INTERPRETER_BF16
+    return None
+
+
+def interpreter_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why tree_decode refuses ``dtype`` tensors on ``device`` (None: it does not): on the CPU, interpreter_problem;
+    on a GPU under TRITON_INTERPRET=1 the interpreter runs the kernels too (on host copies), its bf16 tl.dot as wrong."""
+    if device.type == "cpu":
+        reason = interpreter_problem(dtype)
+        return f"tree_decode on CPU tensors: {reason}" if reason else None
+    if dtype == torch.bfloat16 and interpreted():
+        return (f"tree_decode on {device} tensors under TRITON_INTERPRET=1, which runs the kernels in Triton's CPU "
+                "interpreter: its bf16 tl.dot is wrong. Unset TRITON_INTERPRET (before importing sglang_deft) to run "
+                "them on the GPU, or use float16 or float32")
     return None
 
 

@@ -375,7 +375,12 @@ def test_what_the_interpreter_cannot_compute_is_refused(monkeypatch):
     kv = torch.randn(3, 2, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="interpreter computes a bf16 tl.dot wrongly; use float16 or float32"):
         tree_decode(q, kv, kv, plan, 0.25)
+    # GPU tensors under the interpreter (TRITON_INTERPRET=1 left set on a GPU host) run on host copies, as wrong.
+    gpu = torch.device("cuda", 0)
+    assert "cuda:0 tensors under TRITON_INTERPRET=1" in module.interpreter_refusal(gpu, torch.bfloat16)
+    assert module.interpreter_refusal(gpu, torch.float16) is None
     monkeypatch.setattr(module, "interpreted", lambda: False)
+    assert module.interpreter_refusal(gpu, torch.bfloat16) is None
     with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 before importing sglang_deft"):
         tree_decode(q.float(), kv.float(), kv.float(), plan, 0.25)
 
