@@ -229,6 +229,20 @@ def test_without_a_noise_server_the_absolute_check_decides():
     assert entry["failures"] == entry["absolute_failures"]
 
 
+def test_without_a_noise_server_the_divergences_are_counted_too():
+    """The absolute verdict (a windowed model, no usable noise server) checked each divergence for a near-tie but not
+    their number: every request of 8 flipping at a near-tie passed. k x the relative floor now: 2 of 8."""
+    ref = reference()
+    deft = jitter(ref, 0.001, seed=80)
+    for n_flipped, ok in ((2, True), (3, False), (8, False)):
+        flipped = [diverge(x, r, t=6, gap=0.01) if i < n_flipped else x for i, (x, r) in enumerate(zip(deft, ref))]
+        entry = g.judge_workload(flipped, ref, None, CRIT, atol=0.02, tie_tol=0.1)
+        assert entry["criterion"] == "absolute" and entry["allowed_divergences"] == 2
+        assert entry["ok"] is ok and entry["absolute_failures"] == [], entry
+        if not ok:
+            assert entry["failures"] == [f"{n_flipped} divergences > allowed 2 without a noise server"]
+
+
 def test_common_horizon_stops_at_the_first_divergence_of_either_pair():
     ref = reference(n_requests=1, steps=6)
     deft = [seq(ref[0].ids, [lp + 0.01 * t for t, lp in enumerate(ref[0].lps)])]
@@ -709,6 +723,32 @@ def test_repeats_merge_at_their_worst_not_at_their_first():
     other_ref = reference(n_requests=1, seed=65)[0]
     assert len(g.distinct_stats([clean[0], clean[0]], [ref[0], other_ref])) == 2
     assert g.judge_workload([near] * 4, ref, clean, CRIT, atol=0.02, tie_tol=0.1)["ok"]
+
+
+def test_two_prompts_that_answer_alike_are_two_requests():
+    """Repeats were merged by their tokens alone: two fork branches (different prompts) that answered alike, as a dummy
+    model's repeated token does, and flipped alike counted as one divergence. Keyed by the prompt as well they are
+    two; the n > 1 samples of one prompt stay one."""
+    ref = reference(n_requests=1, seed=70) * 2
+    flipped = [diverge(jitter(ref[:1], 0.001, seed=71)[0], ref[0], t=6, gap=0.001)] * 2
+    assert len(g.distinct_stats(flipped, ref)) == 1  # prompts unknown: merged by tokens, as before
+    payload = g.logprob_request([[5, 6, 7], [5, 6, 8]], 4)
+    prompts = g.request_prompts(payload)
+    assert prompts == [(5, 6, 7), (5, 6, 8)]
+    tagged = [g.Seq(x.ids, x.lps, x.tops, prompt=p) for x, p in zip(flipped, prompts)]
+    tagged_ref = [g.Seq(r.ids, r.lps, r.tops, prompt=p) for r, p in zip(ref, prompts)]
+    assert len(g.distinct_stats(tagged, tagged_ref)) == 2
+    entry = g.judge_workload(tagged, tagged_ref, jitter(ref, 0.001, seed=72), CRIT, atol=0.02, tie_tol=0.1)
+    assert entry["relative"]["deft_divergences"] == 2
+    one = g.request_prompts(g.logprob_request([5, 6, 7], 4, n=3))
+    assert one == [(5, 6, 7)] * 3
+    same = [g.Seq(x.ids, x.lps, x.tops, prompt=p) for x, p in zip(flipped + flipped[:1], one)]
+    assert len(g.distinct_stats(same, [g.Seq(r.ids, r.lps, r.tops, prompt=p) for r, p in zip(ref * 2, one)])) == 1
+    with pytest.raises(ValueError, match="a batch of prompts with n > 1"):
+        g.request_prompts(g.logprob_request([[5], [6]], 4, n=2))
+    resp = {"output_ids": [1], "meta_info": {"output_token_logprobs": [[-0.1, 1, None]],
+                                             "output_top_logprobs": [[[-0.1, 1, None]]]}}
+    assert g.parse_response(resp, (5, 6)).prompt == (5, 6)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="SGLang's Triton index kernel on CPU needs "
