@@ -148,25 +148,28 @@ def _in_dtype(x, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _soft_cap(y, cap_inv, cap_clamp):
-    """The Triton kernel's _soft_cap (kernels/tree_decode.py): cap * tanh(y / cap), given 1 / cap and
-    cap x TANH_CLAMP, the cap in the scores' base."""
-    y = gl.minimum(gl.maximum(y, -cap_clamp), cap_clamp)
-    x2 = (y * cap_inv) * (y * cap_inv)
+def _soft_cap(s, cap_scale, cap_clamp):
+    """The Triton kernel's _soft_cap (kernels/tree_decode.py): cap * tanh(s sm_scale / cap) / sm_scale on a raw score
+    s, given sm_scale / cap and the raw score where tanh is 1."""
+    s = gl.minimum(gl.maximum(s, -cap_clamp), cap_clamp)
+    x2 = (s * cap_scale) * (s * cap_scale)
     num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
-    return y * (num / (TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))))
+    den = TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))
+    # den stays within [B0, 0.91] (x2 <= TANH_CLAMP^2): div.approx (MUFU.RCP and a multiply, within 2 ulp there), where
+    # `/` compiles to div.full, which adds range checks den never needs. The large tiles are bound by arithmetic per
+    # score (kernels_h100_logit_cap.md).
+    r = gl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=f,f,f", [num, den], dtype=gl.float32, is_pure=True,
+                                  pack=1)
+    return s * r
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_inv, cap_clamp, BLOCK: gl.constexpr,
+def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_scale, cap_clamp, BLOCK: gl.constexpr,
                     USE_CAP: gl.constexpr):
     """Block j's scores -> (P, alpha, running max, running sum), all in base 2."""
     if USE_CAP:
-        # SGLang's cap, logit_cap * tanh(score * sm_scale / logit_cap), in base 2 (_cap_scalars).
-        s = _soft_cap(s * (sm_scale * LOG2E), cap_inv, cap_clamp)
-        s_mul = 1.0
-    else:
-        s_mul = sm_scale * LOG2E  # folded into exp2's argument: one FFMA per score, not FMUL + FADD
+        s = _soft_cap(s, cap_scale, cap_clamp)  # SGLang's cap, still in raw scores' units (_soft_cap)
+    s_mul = sm_scale * LOG2E  # folded into exp2's argument: one FFMA per score, not FMUL + FADD
     if (j + 1) * BLOCK > kv_len:  # only an item's last block has tokens past its end
         s = gl.where((j * BLOCK + offs_n_s < kv_len)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * s_mul)
@@ -212,7 +215,7 @@ def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_
 
 
 @gluon.jit
-def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
+def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
                  stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK: gl.constexpr, STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr,
@@ -307,7 +310,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
             # A small tile's warps each load their own slice of the block into registers: converted there.
             kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
             s = mma_v2(q_op, _in_dtype(kt, dtype), s_zero)
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_inv, cap_clamp, BLOCK,
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_scale, cap_clamp, BLOCK,
                                              USE_CAP)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
@@ -324,7 +327,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
 
 @gluon.jit
 def _tree_decode_stage1_hopper(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
+    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, LARGE_M: gl.constexpr,
     SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
@@ -335,24 +338,25 @@ def _tree_decode_stage1_hopper(
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
     num_large = gl.load(counts)
     if item < num_large:
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
         # On wgmma a small item's rows fill a large tile, the rows past its queries masked.
         SMALL_TILE: gl.constexpr = LARGE_M if SMALL_WGMMA else SMALL_M
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_inv, cap_clamp,
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
                      stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
                      GROUP, HEAD_DIM, BLOCK_D, SMALL_TILE, BLOCK, STAGES, SMALL_WGMMA, USE_CAP, WARPS, CONVERT)
 
 
-def _cap_scalars(logit_cap: float) -> tuple[float, float]:
+def _cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
     """kernels/tree_decode.py's soft_cap_scalars (which says why), repeated as the constants are (a test checks they
     agree)."""
     if logit_cap <= 0:
         return 0.0, 0.0
-    cap = logit_cap * LOG2E.value
-    return (1.0 / cap if cap < 2.0 ** 126 else 0.0), min(cap * TANH_CLAMP.value, FP32_MAX)
+    scale = sm_scale / logit_cap
+    return (min(scale, FP32_MAX) if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale,
+                                                                        FP32_MAX)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
@@ -363,7 +367,7 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
     po, pl = plan.partial_out, plan.partial_lse
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale,
-        *_cap_scalars(logit_cap),
+        *_cap_scalars(logit_cap, sm_scale),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
         GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),

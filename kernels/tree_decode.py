@@ -35,13 +35,14 @@ STAGE2_SHAPE = (8, 1)
 STAGE2_SHAPE_FEW_MERGES = (32, 4)
 
 
-# The soft cap, cap * tanh(y / cap) on y = score x sm_scale, is computed as y * R(x^2) with x = y / cap clamped to
-# +-TANH_CLAMP (past it tanh rounds to +-1 in float32) and R(x^2) = tanh(x) / x Eigen's float32 tanh (a [13/6]
-# rational in x; XLA's too): within 6 ulp (3.5e-7) of tanh over all of float32, measured against float64 on 2.1M
-# points. One division per score, no exponential, and no 1 - ... subtraction: 1 - 2 / (1 + e^{2x}) lost all of
-# tanh's digits as x -> 0 (at a cap of 1e8 every score became 0), and with a series below |x| = 0.2 and a division by
-# the cap it took three MUFU operations per score beside the softmax's exp2, which made capped 16k x 64 35% slower than
-# uncapped on an H100 (benchmarks/results/kernels_h100_logit_cap.md). A cap past float32's range is no cap: 1 / cap is 0, R(0) = A1 / B0.
+# The soft cap, cap * tanh(x) with x = score x sm_scale / cap, is computed as score x R(x^2) (sm_scale then applied as
+# without a cap), the score clamped where |x| reaches TANH_CLAMP (past it tanh rounds to +-1 in float32), and
+# R(x^2) = tanh(x) / x Eigen's float32 tanh (a [13/6] rational in x; XLA's too): within 6 ulp (3.5e-7) of tanh over
+# all of float32, measured against float64 on 2.1M points. One division per score, no exponential, and no 1 - ...
+# subtraction: 1 - 2 / (1 + e^{2x}) lost all of tanh's digits as x -> 0 (at a cap of 1e8 every score became 0), and
+# with a series below |x| = 0.2 and a division by the cap it took three MUFU operations per score beside the softmax's
+# exp2; capped 16k x 64 ran 35% slower than uncapped on an H100 (benchmarks/results/kernels_h100_logit_cap.md). A cap
+# too large for float32's sm_scale / cap is no cap: the scale is 0 and R(0) = A1 / B0 = 1 - 1.3e-7.
 TANH_CLAMP = tl.constexpr(7.90531110763549805)
 TANH_A1 = tl.constexpr(4.89352455891786e-03)
 TANH_A3 = tl.constexpr(6.37261928875436e-04)
@@ -58,31 +59,34 @@ TANH_CONSTANTS = ("TANH_CLAMP", "TANH_A1", "TANH_A3", "TANH_A5", "TANH_A7", "TAN
                   "TANH_B0", "TANH_B2", "TANH_B4", "TANH_B6")
 
 
-def soft_cap_scalars(logit_cap: float) -> tuple[float, float]:
-    """_soft_cap's 1 / cap and cap x TANH_CLAMP for SGLang's ``logit_cap`` (0: none), the cap in base 2 as the kernels'
-    scores, computed here in float64 and each kept within float32's normal range, which the kernels take them in: a cap
-    past 2^126 gives 1 / cap = 0 (and R(0) = 1 - 1.3e-7: no cap), where float32 would make it a subnormal that a GPU
-    flushes to 0 anyway and the CPU interpreter would take in float64."""
+def soft_cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
+    """_soft_cap's scalars for SGLang's ``logit_cap`` (0: none): sm_scale / cap, which takes a raw score q.k to tanh's
+    argument, and cap x TANH_CLAMP / sm_scale, the raw score past which tanh is 1 in float32. Computed in float64 and
+    kept within float32's normal range, which the kernels take them in: a scale under 2^-126 is 0 (no cap: R(0) =
+    1 - 1.3e-7), where float32 would make it a subnormal that a GPU flushes to 0 anyway and the CPU interpreter would
+    take in float64."""
     if logit_cap <= 0:
         return 0.0, 0.0
-    cap = logit_cap * LOG2E.value
-    return (1.0 / cap if cap < 2.0 ** 126 else 0.0), min(cap * TANH_CLAMP.value, _FP32_MAX)
+    scale = sm_scale / logit_cap
+    return (min(scale, _FP32_MAX) if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale,
+                                                                         _FP32_MAX)
 
 
 @triton.jit
-def _soft_cap(y, cap_inv, cap_clamp):
-    """cap * tanh(y / cap) for y = score x sm_scale, given 1 / cap and cap x TANH_CLAMP (see TANH_CLAMP). Scores in
-    base 2 take cap x log2(e) for the cap: cap' tanh(y' / cap') with y' = y log2(e) is log2(e) cap tanh(y / cap)."""
-    y = tl.minimum(tl.maximum(y, -cap_clamp), cap_clamp)
-    x2 = (y * cap_inv) * (y * cap_inv)
+def _soft_cap(s, cap_scale, cap_clamp):
+    """SGLang's cap on a raw score s = q.k, divided by sm_scale again: cap * tanh(s sm_scale / cap) / sm_scale, which
+    is s R(x^2) with x = s sm_scale / cap, s clamped where tanh is 1 (see TANH_CLAMP; scalars from
+    soft_cap_scalars). sm_scale and the move to base 2 then stay one multiply per score, as without a cap."""
+    s = tl.minimum(tl.maximum(s, -cap_clamp), cap_clamp)
+    x2 = (s * cap_scale) * (s * cap_scale)
     num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
-    return y * (num / (TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))))
+    return s * (num / (TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))))
 
 
 @triton.jit
 def _attend_item(
     Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-    sm_scale, cap_inv, cap_clamp,
+    sm_scale, cap_scale, cap_clamp,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, IEEE: tl.constexpr,
@@ -121,9 +125,8 @@ def _attend_item(
         else:
             s = tl.dot(q, tl.trans(k))
         if USE_CAP:
-            s = _soft_cap(s * qk_scale, cap_inv, cap_clamp)
-        else:
-            s = s * qk_scale
+            s = _soft_cap(s, cap_scale, cap_clamp)
+        s = s * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -148,7 +151,7 @@ def _attend_item(
 @triton.jit
 def _tree_decode_stage1(
     Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse,
-    sm_scale, cap_inv, cap_clamp,
+    sm_scale, cap_scale, cap_clamp,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LARGE_M: tl.constexpr,
     SMALL_M: tl.constexpr, LARGE_N: tl.constexpr, SMALL_N: tl.constexpr, USE_CAP: tl.constexpr,
@@ -173,11 +176,11 @@ def _tree_decode_stage1(
     if in_range:
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, cap_inv, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         sm_scale, cap_scale, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, cap_inv, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                         sm_scale, cap_scale, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                          stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
 
 
@@ -518,7 +521,7 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             try:
                 compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
                     q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-                    sm_scale, *soft_cap_scalars(logit_cap), q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+                    sm_scale, *soft_cap_scalars(logit_cap, sm_scale), q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
                     v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
                     GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
                     SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,

@@ -737,11 +737,12 @@ def test_both_kernel_modules_cap_scores_by_the_same_tanh():
     assert [getattr(stage1_hopper, n).value for n in names] == [getattr(portable, n).value for n in names]
     assert sorted(n for n in vars(stage1_hopper) if n.startswith("TANH_")) == sorted(names)
     for cap in (0.0, 1e-30, 0.5, 50.0, 1e8, 2.0 ** 126, 3e38, float(torch.finfo(torch.float32).max)):
-        assert stage1_hopper._cap_scalars(cap) == portable.soft_cap_scalars(cap)
-        cap_inv, cap_clamp = portable.soft_cap_scalars(cap)
-        # Both reach the kernels as float32 scalars: normal ones (or 0), never past its range.
-        assert cap_inv == 0.0 or 2.0 ** -126 <= cap_inv <= portable._FP32_MAX
-        assert 0.0 <= cap_clamp <= portable._FP32_MAX
+        for sm_scale in (1e-30, 0.088, 1.0, 1e30):
+            assert stage1_hopper._cap_scalars(cap, sm_scale) == portable.soft_cap_scalars(cap, sm_scale)
+            cap_scale, cap_clamp = portable.soft_cap_scalars(cap, sm_scale)
+            # Both reach the kernels as float32 scalars: normal ones (or 0), never past its range.
+            assert cap_scale == 0.0 or 2.0 ** -126 <= cap_scale <= portable._FP32_MAX
+            assert 0.0 <= cap_clamp <= portable._FP32_MAX
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
