@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -151,7 +152,8 @@ def _in_dtype(x, dtype: gl.constexpr):
 def _soft_cap(s, cap_scale, cap_clamp):
     """The Triton kernel's _soft_cap (kernels/tree_decode.py): cap * tanh(s sm_scale / cap) / sm_scale on a raw score
     s, given sm_scale / cap and the raw score where tanh is 1."""
-    s = gl.minimum(gl.maximum(s, -cap_clamp), cap_clamp)
+    s = gl.minimum(gl.maximum(s, -cap_clamp, propagate_nan=tl.PropagateNan.ALL), cap_clamp,
+                   propagate_nan=tl.PropagateNan.ALL)  # (NaN stays NaN, as in the Triton kernel)
     x2 = (s * cap_scale) * (s * cap_scale)
     num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
     den = TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))
@@ -355,8 +357,10 @@ def _cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
     if logit_cap <= 0:
         return 0.0, 0.0
     scale = sm_scale / logit_cap
-    return (min(scale, FP32_MAX) if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale,
-                                                                        FP32_MAX)
+    if not scale <= FP32_MAX:
+        raise ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap in "
+                         f"float32, at most {FP32_MAX:.4g}")
+    return (scale if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale, FP32_MAX)
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,

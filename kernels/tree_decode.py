@@ -36,9 +36,10 @@ STAGE2_SHAPE_FEW_MERGES = (32, 4)
 
 
 # The soft cap, cap * tanh(x) with x = score x sm_scale / cap, is computed as score x R(x^2) (sm_scale then applied as
-# without a cap), the score clamped where |x| reaches TANH_CLAMP (past it tanh rounds to +-1 in float32), and
-# R(x^2) = tanh(x) / x Eigen's float32 tanh (a [13/6] rational in x; XLA's too): within 6 ulp (3.5e-7) of tanh over
-# all of float32, measured against float64 on 2.1M points. One division per score, no exponential, and no 1 - ...
+# without a cap), the score clamped where |x| reaches TANH_CLAMP (where the rational reaches 1 within its error; tanh
+# itself is 1 - 2.7e-7 there), and R(x^2) = tanh(x) / x Eigen's float32 tanh (a [13/6] rational in x; XLA's too): the
+# capped score within 7 ulp (4.3e-7) of float64's, evaluated in float32 with and without FMA over caps 0.5-1e8 and
+# sm_scales 1e-30-1e30 (Eigen's tanh alone within 6.5 ulp on 2.1M points). One division per score, no exponential, and no 1 - ...
 # subtraction: 1 - 2 / (1 + e^{2x}) lost all of tanh's digits as x -> 0 (at a cap of 1e8 every score became 0), and
 # with a series below |x| = 0.2 and a division by the cap it took three MUFU operations per score beside the softmax's
 # exp2; capped 16k x 64 ran 35% slower than uncapped on an H100 (benchmarks/results/kernels_h100_logit_cap.md). A cap
@@ -61,15 +62,22 @@ TANH_CONSTANTS = ("TANH_CLAMP", "TANH_A1", "TANH_A3", "TANH_A5", "TANH_A7", "TAN
 
 def soft_cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
     """_soft_cap's scalars for SGLang's ``logit_cap`` (0: none): sm_scale / cap, which takes a raw score q.k to tanh's
-    argument, and cap x TANH_CLAMP / sm_scale, the raw score past which tanh is 1 in float32. Computed in float64 and
-    kept within float32's normal range, which the kernels take them in: a scale under 2^-126 is 0 (no cap: R(0) =
-    1 - 1.3e-7), where float32 would make it a subnormal that a GPU flushes to 0 anyway and the CPU interpreter would
-    take in float64."""
+    argument, and cap x TANH_CLAMP / sm_scale, the raw score where the clamp starts. Computed in float64 and kept
+    within float32's normal range, which the kernels take them in: a scale under 2^-126 is 0 (no cap, but for raw
+    scores near float32's largest: R(0) = 1 - 1.3e-7), where float32 would make it a subnormal that a GPU flushes to 0
+    anyway and the CPU interpreter would take in float64; the clamp is then at most float32's largest. A scale past
+    float32's range is refused (tree_decode refuses it first): the clamp would be subnormal."""
     if logit_cap <= 0:
         return 0.0, 0.0
     scale = sm_scale / logit_cap
-    return (min(scale, _FP32_MAX) if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale,
-                                                                         _FP32_MAX)
+    if not scale <= _FP32_MAX:
+        raise cap_scale_refusal(logit_cap, sm_scale)
+    return (scale if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale, _FP32_MAX)
+
+
+def cap_scale_refusal(logit_cap: float, sm_scale: float) -> ValueError:
+    return ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap in float32, "
+                      f"at most {_FP32_MAX:.4g}")
 
 
 @triton.jit
@@ -77,7 +85,10 @@ def _soft_cap(s, cap_scale, cap_clamp):
     """SGLang's cap on a raw score s = q.k, divided by sm_scale again: cap * tanh(s sm_scale / cap) / sm_scale, which
     is s R(x^2) with x = s sm_scale / cap, s clamped where tanh is 1 (see TANH_CLAMP; scalars from
     soft_cap_scalars). sm_scale and the move to base 2 then stay one multiply per score, as without a cap."""
-    s = tl.minimum(tl.maximum(s, -cap_clamp), cap_clamp)
+    # NaN propagates (max.NaN): by default min/max return the other operand, and a NaN score (an inf in K) became
+    # -cap, a finite score, where the uncapped path and the reference give NaN.
+    s = tl.minimum(tl.maximum(s, -cap_clamp, propagate_nan=tl.PropagateNan.ALL), cap_clamp,
+                   propagate_nan=tl.PropagateNan.ALL)
     x2 = (s * cap_scale) * (s * cap_scale)
     num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
     return s * (num / (TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))))
@@ -295,9 +306,11 @@ Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+@functools.cache
 def interpreted() -> bool:
     """Whether the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 when this module was imported (Triton
-    decides as it decorates a kernel, so setting the variable later changes nothing)."""
+    decides as it decorates a kernel, so setting the variable later changes nothing; cached: tree_decode asks on
+    every bf16 call, and the import took ~1.5 us a layer)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_tree_decode_stage2, InterpretedFunction)
@@ -379,6 +392,8 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise ValueError(f"sm_scale {sm_scale} (x k_scale {k_scale}) and v_scale {v_scale}: positive and normal in "
                          f"float32 ({_FP32_TINY:.4g} to {_FP32_MAX:.4g}; the scale times log2(e) too, so at most "
                          f"{_MAX_SCALE:.4g})")
+    if logit_cap > 0 and not sm_scale * k_scale / logit_cap <= _FP32_MAX:
+        raise cap_scale_refusal(logit_cap, sm_scale * k_scale)
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,

@@ -87,8 +87,8 @@ def test_gqa_groups_of_any_size(hq, hkv, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 # (a kernel that ignored caps <= 1 passed with 1.5 alone; tanh as 1 - 2 / (1 + e^{2x}) lost its digits at caps far
-# above the scores: 1.9e-4 off at 5000 in float32, every score 0 at 1e8; 3e38, near float32's largest, overflows the
-# kernels' cap in base 2 to inf: no cap, as it is for the reference)
+# above the scores: 1.9e-4 off at 5000 in float32, every score 0 at 1e8; at 3e38, near float32's largest, sm_scale / cap
+# is under float32's normal range and the kernels take it as 0: no cap, as it is for the reference)
 @pytest.mark.parametrize("cap", [0.5, 1.5, 30.0, 5000.0, 1e8, 3e38])
 def test_logit_cap(dtype, cap):
     out, ref, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype, logit_cap=cap)
@@ -97,6 +97,27 @@ def test_logit_cap(dtype, cap):
         out_nocap, ref_nocap, _ = run_case(TREES["inner_queries"], 8, 2, 64, dtype)
         # The cap must change the result, or this test could not catch a cap that is ignored.
         assert (ref - ref_nocap).abs().max() > 10 * ATOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_capped_score_that_is_not_a_number_stays_one(dtype, bad):
+    """A NaN score (a NaN in K, or inf - inf from an inf) went through the cap's clamp as -cap, a finite score, and
+    the output came back finite where the uncapped path and the reference give NaN."""
+    tree = TREES["inner_queries"]
+    out, ref, (q, k, v, plan, sm_scale, cap) = run_case(tree, 8, 2, 64, dtype, logit_cap=30.0)
+    k[int(tree.kv_indices[0]), 0, :] = bad  # the first node's first token, in every query's path
+    out = tree_decode(q, k, v, plan, sm_scale, cap)
+    ref = attention_reference(q, k, v, tree, sm_scale, cap)
+    assert ref.isnan().any()
+    assert torch.equal(out.float().isnan(), ref.isnan())
+
+
+def test_a_cap_the_scale_cannot_reach_in_float32_is_refused():
+    """sm_scale / logit_cap past float32's range (2e38 / 0.5) left the clamp subnormal: the output was 0.039 off."""
+    out, ref, (q, k, v, plan, _, _) = run_case(TREES["inner_queries"], 8, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"logit_cap 0.5 with sm_scale 2e\+38: the kernels take sm_scale / logit_cap"):
+        tree_decode(q, k, v, plan, 2e38, 0.5)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA devices")
@@ -736,13 +757,19 @@ def test_both_kernel_modules_cap_scores_by_the_same_tanh():
     names = portable.TANH_CONSTANTS
     assert [getattr(stage1_hopper, n).value for n in names] == [getattr(portable, n).value for n in names]
     assert sorted(n for n in vars(stage1_hopper) if n.startswith("TANH_")) == sorted(names)
-    for cap in (0.0, 1e-30, 0.5, 50.0, 1e8, 2.0 ** 126, 3e38, float(torch.finfo(torch.float32).max)):
+    for cap in (1e-30, 0.5, 50.0, 1e8, 2.0 ** 126, 3e38, float(torch.finfo(torch.float32).max)):
         for sm_scale in (1e-30, 0.088, 1.0, 1e30):
+            if sm_scale / cap > portable._FP32_MAX:  # (the clamp would be subnormal: refused, by both)
+                for scalars in (stage1_hopper._cap_scalars, portable.soft_cap_scalars):
+                    with pytest.raises(ValueError, match="sm_scale / logit_cap in float32"):
+                        scalars(cap, sm_scale)
+                continue
             assert stage1_hopper._cap_scalars(cap, sm_scale) == portable.soft_cap_scalars(cap, sm_scale)
             cap_scale, cap_clamp = portable.soft_cap_scalars(cap, sm_scale)
-            # Both reach the kernels as float32 scalars: normal ones (or 0), never past its range.
+            # Both reach the kernels as float32 scalars: normal ones (or a scale of 0), never past its range.
             assert cap_scale == 0.0 or 2.0 ** -126 <= cap_scale <= portable._FP32_MAX
-            assert 0.0 <= cap_clamp <= portable._FP32_MAX
+            assert 2.0 ** -126 <= cap_clamp <= portable._FP32_MAX
+    assert portable.soft_cap_scalars(0.0, 0.088) == stage1_hopper._cap_scalars(0.0, 0.088) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -20,6 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+FLOATS = ("sm_scale", "logit_cap", "cap_scale", "cap_clamp")  # the kernels' float scalars (compile_sm90.py's)
+
 td = importlib.import_module("sglang_deft.kernels.tree_decode")  # the module (the package exports a function of its name)
 
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float8_e5m2: "*fp8e5",
@@ -36,7 +38,7 @@ def compile_config(sm: int, q_dtype, kv_dtype, head_dim: int, large_rows: int, s
     pointers = dict(Q=POINTER[q_dtype], K=POINTER[kv_dtype], V=POINTER[kv_dtype], kv_indices="*i32", qperm="*i32",
                     items="*i32", counts="*i32", partial_out="*fp32", partial_lse="*fp32")
     params = td._tree_decode_stage1.arg_names
-    sig = {p: "constexpr" if p in consts else pointers.get(p, "fp32" if p in ("sm_scale", "logit_cap") else "i32")
+    sig = {p: "constexpr" if p in consts else pointers.get(p, "fp32" if p in FLOATS else "i32")
            for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
              if sig[p].startswith("*") or (sig[p] == "i32" and p.startswith("stride"))}
