@@ -347,11 +347,12 @@ class Criterion:
     def div_floor(self, requests: int) -> int:
         return max(1, math.ceil(self.div_floor_frac * requests))
 
-    def absolute_div_allowed(self, requests: int) -> float:
-        """Distinct requests that may diverge where no noise server ran (the absolute verdict): the relative
-        allowance with the noise server's count taken as the floor's, k x the floor. Without it any number of
-        near-tie flips passed; the windowed models' runs (no usable noise server) diverged in at most 2 of 8."""
-        return self.k * self.div_floor(requests)
+    def absolute_div_allowed(self, requests: int) -> int:
+        """Distinct requests that may diverge where no noise server ran (the absolute verdict): k x the floor, where
+        the relative verdict allows k x the noise server's count + the floor (with no count measured, the floor
+        counted k times: a choice). Without it any number of near-tie flips passed; the windowed models' committed
+        runs (no usable noise server) diverged in at most 2 of 8 requests."""
+        return math.ceil(self.k * self.div_floor(requests))
 
     def describe(self) -> str:
         return (f"per workload, against triton decode: (1) max |chosen-token logprob diff| while tokens agree <= "
@@ -470,11 +471,14 @@ def judge_workload(deft: list[Seq], ref: list[Seq], noise: list[Seq] | None, cri
     abs_fail = counts + absolute_failures(ds, atol, tie_tol)
     entry.update(absolute_ok=not abs_fail, absolute_failures=abs_fail)
     if noise is None:
-        distinct = sum(s.diverged_at is not None for s in distinct_stats(deft, ref))
-        allowed = crit.absolute_div_allowed(len(ref))
-        fails = abs_fail + ([f"{distinct} divergences > allowed {allowed:g} without a noise server"]
+        # Counted as the relative verdict counts: each distinct request once (n > 1 samples of a prompt are one).
+        pairs = distinct_stats(deft, ref)
+        distinct = sum(s.diverged_at is not None for s in pairs)
+        allowed = crit.absolute_div_allowed(len(pairs))
+        fails = abs_fail + ([f"{distinct} divergences > allowed {allowed} without a noise server"]
                             if distinct > allowed else [])
-        entry.update(criterion="absolute", ok=not fails, failures=fails, allowed_divergences=allowed)
+        entry.update(criterion="absolute", ok=not fails, failures=fails, distinct_divergences=distinct,
+                     allowed_divergences=allowed)
         return entry
     ns = [compare_pair(x, r) for x, r in zip(noise, ref)]
     # Repeats count once on both sides (n > 1 greedy samples are one request k times): one near-tie flip of deft's on
@@ -676,6 +680,8 @@ def _line(entry: dict) -> str:
         text += (f" (distinct {rel['deft_divergences']})"
                  f" | noise diff {rel['noise_max_abs_logprob_diff']:.4f} div {rel['noise_divergences']}"
                  f" | allowed {rel['allowed_logprob_diff']:.4f} / {rel['allowed_divergences']}")
+    elif "allowed_divergences" in entry:  # the absolute verdict's count, beside its allowance
+        text += f" (distinct {entry['distinct_divergences']}) | allowed {entry['allowed_divergences']}"
     return text + "".join(f"\n    {f}" for f in entry["failures"][:5])
 
 

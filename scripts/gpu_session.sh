@@ -168,6 +168,7 @@ phase_logit_cap() {
   # Both runs in one call, on one machine: the cap's cost is their ratio (timings differ between machines).
   local cap=${LOGIT_CAP:-50} rc_plain rc_cap t each
   each=$(( ($(left) - 20) / 2 ))
+  if [ "$each" -lt 60 ]; then say "too little time left for two benchmark runs (${each}s each)"; return 1; fi
   t=$SECONDS
   timeout -k 10 "$each" python3 benchmarks/bench_kernels.py --cases design --out "$OUT" --commit "$COMMIT" \
       --tag "${GPU_TAG}_design"

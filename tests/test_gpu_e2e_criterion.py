@@ -239,8 +239,15 @@ def test_without_a_noise_server_the_divergences_are_counted_too():
         entry = g.judge_workload(flipped, ref, None, CRIT, atol=0.02, tie_tol=0.1)
         assert entry["criterion"] == "absolute" and entry["allowed_divergences"] == 2
         assert entry["ok"] is ok and entry["absolute_failures"] == [], entry
+        assert entry["distinct_divergences"] == n_flipped and f"(distinct {n_flipped}) | allowed 2" in g._line(entry)
         if not ok:
             assert entry["failures"] == [f"{n_flipped} divergences > allowed 2 without a noise server"]
+    # n > 1 samples of one prompt are one request, as in the relative verdict: 16 copies flipping alike are one
+    # divergence of one request (allowed 2), where counting rows allowed 2 x ceil(16 / 8) = 4 for one prompt
+    copies = reference(n_requests=1, seed=81) * 16
+    same = [diverge(jitter(copies[:1], 0.001, seed=82)[0], copies[0], t=6, gap=0.01)] * 16
+    entry = g.judge_workload(same, copies, None, CRIT, atol=0.02, tie_tol=0.1)
+    assert entry["ok"] and entry["distinct_divergences"] == 1 and entry["allowed_divergences"] == 2, entry
 
 
 def test_common_horizon_stops_at_the_first_divergence_of_either_pair():
