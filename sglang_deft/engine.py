@@ -4,9 +4,11 @@ Import it as ``from sglang_deft import Engine`` (or ``import sglang_deft.engine`
 the process up before SGLang loads (``server_setup.prepare_process``: on a machine without CUDA,
 SGLang's CPU engine and ``sglang_deft.cpu_compat``). Constructor arguments are SGLang's Engine /
 ServerArgs keywords; ``attention_backend="deft"`` and ``decode_attention_backend="deft"`` are valid,
-and unsupported configurations raise ``sglang_deft.config_checks.UnsupportedConfiguration``: those of the flags
-and the model's config before anything starts, those of the loaded model's layers (heads, windows, sinks: found
-in SGLang's scheduler process) once the scheduler signals its failure, with the Engine's processes ended.
+and configurations deft cannot serve raise ``sglang_deft.config_checks.UnsupportedConfiguration`` (a ValueError):
+those of the flags and the model's config before anything starts, those of the loaded model's layers (heads,
+windows, sinks: found in SGLang's scheduler process) once the scheduler signals its failure, with the Engine's
+processes ended. What an offline Engine in this process cannot do whatever its backend (tokenizer workers; a device
+other than the one this import set the process up for) raises a plain ValueError, before anything starts.
 """
 from __future__ import annotations
 
@@ -80,8 +82,10 @@ def _refusals_raised(engine: Engine, server_args):
     import psutil  # (an SGLang dependency)
 
     # The processes this Engine starts are the caller's children that were not there before, with their own
-    # children: only those are ended on failure (another Engine's processes, or any of the caller's, are left
-    # running; so is multiprocessing's resource tracker, which the first spawn starts and later ones reuse).
+    # children: only those are ended on failure (another Engine's processes, or any of the caller's from before, are
+    # left running; so is multiprocessing's resource tracker, which the first spawn starts and later ones reuse). A
+    # child that another thread of the caller starts while this Engine starts cannot be told from the Engine's, and is
+    # ended with them if the start fails.
     children_before = {p.pid for p in psutil.Process().children()}
     fd, path = tempfile.mkstemp(prefix="sglang_deft_refusal_")
     os.close(fd)
@@ -107,11 +111,13 @@ def _refusals_raised(engine: Engine, server_args):
         _sglang_engine.logger.addFilter(quiet)
     try:
         yield
-        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
-            raise _FailedWhileStarting(FAILED_WHILE_STARTING)
         if own:  # started: from here a failing child ends the process tree, as SGLang's Engine has it
             signal.signal(signal.SIGQUIT, _end_process_tree)
             subprocess_entry.while_starting = None
+        # After the switch: a failure signalled up to it has set ``failed`` (asked first, one landing between the
+        # question and the switch was ended by the start's handler and the Engine returned as started, dead).
+        if start is not None and start.failed:  # e.g. the detokenizer's, which SGLang's start-up wait does not watch
+            raise _FailedWhileStarting(FAILED_WHILE_STARTING)
     except BaseException as e:
         # SGLang's watchdog of the processes that did start: polling on, it would signal their ends (the handler's
         # kills, or those below) as failures. Both before the caller's handler is back: a rank that fails as its peers

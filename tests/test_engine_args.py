@@ -520,3 +520,49 @@ def test_a_start_failing_as_sglang_makes_its_tokenizer_manager_leaves_no_socket_
     script.write_text(FAILS_IN_THE_TOKENIZER_MANAGER)
     result, _ = child_result([str(script), str(MODEL)], cwd=tmp_path)
     assert result == {"error": result["error"], "open_sockets": 0, "collected": True}, result
+
+
+RACE_SCRIPT = textwrap.dedent("""
+    import inspect, json, os, signal, sys
+    import sglang_deft.engine as deft_engine
+    import sglang.srt.entrypoints.engine as sglang_engine
+    from sglang_deft import subprocess_entry
+    from sglang_deft.config_checks import REFUSAL_FILE_ENV
+
+    def started(self, **kw):  # SGLang's start returns, with the handler set as SGLang sets it
+        signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
+
+    sglang_engine.Engine.__init__ = started
+    body = deft_engine._refusals_raised.__wrapped__
+    lines, first = inspect.getsourcelines(body)
+    switch = first + next(i for i, text in enumerate(lines) if "signal.signal(signal.SIGQUIT, _end_process_tree)" in text)
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not body.__code__:
+            return None
+
+        def local(frame, event, arg):  # a process of the Engine fails just before the start hands SIGQUIT on
+            if event == "line" and frame.f_lineno == switch and not fired:
+                fired.append(True)
+                open(subprocess_entry.failure_mark(os.environ[REFUSAL_FILE_ENV], 999998), "w").close()
+                os.kill(os.getpid(), signal.SIGQUIT)
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        deft_engine.Engine(model_path=sys.argv[1], attention_backend="deft", grammar_backend="none")
+        outcome = "started"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    sys.settrace(None)
+    print("RESULT " + json.dumps({"fired": bool(fired), "outcome": outcome}))
+""")
+
+
+def test_a_failure_signalled_as_the_start_returns_is_raised(tmp_path):
+    """The start asked whether a process had failed, then handed SIGQUIT on: a failure signalled between the two was
+    ended by the start's handler (the Engine's processes killed) and the Engine returned as started, dead."""
+    result, _ = child_result(["-c", RACE_SCRIPT, str(MODEL)], env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert result["fired"] and "failed while it started" in result["outcome"], result
