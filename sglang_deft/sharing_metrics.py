@@ -144,12 +144,16 @@ class SharingMeter:
         )
 
 
+MAX_IDLE_S = 86400
+
+
 def sharing_idle_s() -> float | None:
     """The pause after which a meter logs its pending steps, from ``SGLANG_DEFT_SHARING_IDLE_S`` (seconds, 1 by
-    default; 0: never, lines only every ``--decode-log-interval`` steps)."""
-    idle = env_number(IDLE_ENV, "1", float, lambda s: 0 <= s < float("inf"),
-                      "seconds >= 0 without a decode step after which the sharing line logs the steps not yet logged "
-                      "(0 turns it off)")
+    default; 0: never, lines only every ``--decode-log-interval`` steps; at most a day: past ~9e9 s the watcher's
+    sleep raised OverflowError, which ended its thread and every pause line after)."""
+    idle = env_number(IDLE_ENV, "1", float, lambda s: 0 <= s <= MAX_IDLE_S,
+                      f"seconds from 0 to {MAX_IDLE_S} without a decode step after which the sharing line logs the "
+                      "steps not yet logged (0 turns it off)")
     return idle or None
 
 

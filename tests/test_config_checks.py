@@ -600,8 +600,8 @@ def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_l
     monkeypatch.setenv("SGLANG_DEFT_STEADY_STEPS", "-1")
     assert server_args_problems(deft_args) == [
         "SGLANG_DEFT_VERIFY_EVERY='often': expected a number of decode steps >= 0 (0 turns the check off)",
-        "SGLANG_DEFT_SHARING_IDLE_S='soon': expected seconds >= 0 without a decode step after which the sharing line "
-        "logs the steps not yet logged (0 turns it off)",
+        "SGLANG_DEFT_SHARING_IDLE_S='soon': expected seconds from 0 to 86400 without a decode step after which the "
+        "sharing line logs the steps not yet logged (0 turns it off)",
         "SGLANG_DEFT_STEADY_STEPS='-1': expected a number of decode steps from 0 to 1024 that a full plan leaves room "
         "for (default 64; 0 plans every step in full)",
         "SGLANG_DEFT_TRACE_PLANS='true': expected 1 (log a fingerprint of every decode step's plans) or 0"]
