@@ -5,7 +5,7 @@ layer's attention (and, in a model with sliding-window layers, the first of the 
 the Triton kernels (whose output the model uses) and with ``tree_decode_reference`` (fp32, grouped PyTorch) on the
 same q and KV pool, and log
 
-    DeFT kernel check: step=120 layer=0 queries=64 max_abs_diff=0.0039 max_abs_out=0.93 dtype=bfloat16
+    DeFT kernel check: step=120 layer=0 rank=0 queries=64 max_abs_diff=0.0039 max_abs_out=0.93 dtype=bfloat16
 
 The reference reads each request's KV on its own, straight from SGLang's ``req_to_token`` and ``seq_lens``
 (:func:`request_tree`; a window layer's last ``window`` tokens of it), not through the radix tree or deft's tree
@@ -37,8 +37,12 @@ ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -20}
 
 
 def allowed_diff(dtype: str, max_abs_out: float) -> float:
-    """The largest kernel-vs-reference difference that is rounding: twice the dtype's roundoff times |out|."""
-    return 2 * ROUNDOFF.get(dtype, ROUNDOFF["bfloat16"]) * max_abs_out
+    """The largest kernel-vs-reference difference that is rounding: twice the dtype's roundoff times |out|. A dtype
+    other than the kernels' three is an error, not bf16's looser bound (a line cut inside ``dtype=float16`` read as
+    ``float`` passed an fp16 check 2x past its rounding)."""
+    if dtype not in ROUNDOFF:
+        raise ValueError(f"kernel check of dtype {dtype!r}: the kernels compute in {', '.join(ROUNDOFF)}")
+    return 2 * ROUNDOFF[dtype] * max_abs_out
 
 
 def within_tolerance(row: dict) -> bool:
@@ -102,9 +106,9 @@ def check_layer(out: torch.Tensor, q: torch.Tensor, k_buffer: torch.Tensor, v_bu
 
 
 def parse_kernel_check_lines(text: str) -> list[dict]:
-    """Every kernel-check line in a log, as dicts (numbers as int/float, dtype as str). A line cut short before its
-    last field (a log read while the server writes it) is left out, as ``parse_sharing_lines`` leaves it: its row
-    had no dtype, and ``within_tolerance`` raised KeyError on it."""
+    """Every kernel-check line in a log, as dicts (numbers as int/float, dtype as str). A line cut short (a log read
+    while the server writes it) is left out, as ``parse_sharing_lines`` leaves it: one cut before its last field
+    had no dtype, and ``within_tolerance`` raised KeyError on it; one cut inside it has no dtype the kernels know."""
     rows = []
     for line in text.splitlines():
         if LOG_PREFIX not in line:
@@ -115,6 +119,6 @@ def parse_kernel_check_lines(text: str) -> list[dict]:
                 row[key] = value
             else:
                 row[key] = int(value) if key in ("step", "layer", "rank", "queries") else float(value)
-        if "dtype" in row:
+        if row.get("dtype") in ROUNDOFF:
             rows.append(row)
     return rows

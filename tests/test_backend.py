@@ -1176,3 +1176,9 @@ def test_a_kernel_check_line_cut_short_is_left_out():
     rows = parse_kernel_check_lines(f"{whole}\n{whole.replace('step=4', 'step=8').split(' max_abs_out')[0]}")
     assert [r["step"] for r in rows] == [4] and rows[0]["dtype"] == "float16"
     assert within_tolerance(rows[0])
+    # cut inside its dtype: "float" was read as a dtype, judged at bf16's rounding, and a failed fp16 check passed
+    failed = whole.replace("max_abs_diff=0.000244", "max_abs_diff=0.002")
+    assert not within_tolerance(parse_kernel_check_lines(failed)[0])
+    assert parse_kernel_check_lines(failed[:-2]) == []
+    with pytest.raises(ValueError, match="kernel check of dtype 'float'"):
+        within_tolerance({"max_abs_diff": 0.002, "max_abs_out": 1.0, "dtype": "float"})
