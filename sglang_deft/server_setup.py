@@ -34,13 +34,17 @@ def default_device() -> str:
 def prepare_process(device: str | None) -> str:
     """Set up this process (and the processes it spawns) for ``device`` (None: :func:`default_device`);
     returns the device. On the CPU, SGLang runs its CPU engine and imports through ``sglang_deft.cpu_compat``,
-    with the GPUs hidden from this process and those it spawns.
+    with the GPUs hidden from this process and those it spawns. ValueError where it cannot; the environment is then
+    as it was.
     """
     # Before anything imports SGLang's modules by their 0.5.10.post1 names (the CPU layer among them): another
     # release fails here, by name, not on a moved module.
     require_supported_sglang("sglang_deft (its launcher, Engine, CPU layer and patches)")
     asked = "--device cpu" if device == "cpu" else "SGLANG_USE_CPU_ENGINE=1"  # what a CPU refusal names
+    if device is None and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        asked = "no --device and no CUDA device"  # (only a default to the CPU reaches the log line below)
     device = device or default_device()
+    engine_before = os.environ.get("SGLANG_USE_CPU_ENGINE")
     # SGLang's CPU engine on a host with a GPU picks CUDA kernels all the same: its layers choose their code at
     # import by is_cuda() (torch.cuda.is_available()), whatever SGLANG_USE_CPU_ENGINE says, and e.g. RMSNorm's
     # CUDA kernel then gets CPU tensors. So the CPU hides the GPUs (inherited by the scheduler) before CUDA is
@@ -52,16 +56,14 @@ def prepare_process(device: str | None) -> str:
     has_cuda = torch.cuda.is_available()
     if device == "cpu" and has_cuda:
         if hiding:  # as it was: the caller's later processes (its own, not SGLang's) keep their GPUs
-            if visible_before is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES")
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = visible_before
+            _restore("CUDA_VISIBLE_DEVICES", visible_before)
         raise ValueError(
             f"{asked} in a process that has already initialised CUDA: SGLang would run its CUDA kernels on CPU "
             "tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, before anything uses "
             "CUDA, or with CUDA_VISIBLE_DEVICES= set")
     if hiding:
-        logger.info("--device cpu: CUDA devices hidden (CUDA_VISIBLE_DEVICES=) from SGLang's CPU engine")
+        logger.info("%s: CUDA_VISIBLE_DEVICES= set, so that SGLang's CPU engine and the processes it starts see no GPU",
+                    asked)
     if device == "cuda" and not has_cuda:
         raise ValueError("--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False); "
                          "leave --device out for SGLang's CPU engine")
@@ -70,9 +72,22 @@ def prepare_process(device: str | None) -> str:
                          "and would pick its CPU kernels; unset it for the GPU")
     if device == "cpu":
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # inherited by the spawned scheduler
-    if not has_cuda:
-        cpu_compat.install()
+        # Only for the CPU: for another device without CUDA (xpu, npu) the stand-in for sgl_kernel's native library
+        # would hide a missing one (cpu_compat.install says why).
+        try:
+            cpu_compat.install()
+        except RuntimeError as e:  # (the launcher reports ValueErrors in one line)
+            _restore("CUDA_VISIBLE_DEVICES", visible_before)
+            _restore("SGLANG_USE_CPU_ENGINE", engine_before)
+            raise ValueError(f"{asked}: {e}") from e
     return device
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def make_server_args(make, args: dict, device: str):

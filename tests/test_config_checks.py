@@ -134,6 +134,46 @@ def test_prepare_process_refuses_the_cpu_where_cuda_is_already_in_use(monkeypatc
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible
 
 
+def test_prepare_process_leaves_the_environment_as_it_was_when_the_cpu_layer_cannot_install(monkeypatch, caplog):
+    """cpu_compat.install() refused (SGLang's torchvision importers imported first, say): CUDA_VISIBLE_DEVICES stayed
+    empty (the caller's later processes lost their GPUs) and SGLANG_USE_CPU_ENGINE=1 set, and the launcher, which
+    reports ValueErrors, printed a traceback."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: os.environ["CUDA_VISIBLE_DEVICES"] != "")
+
+    def refused():
+        raise RuntimeError("sglang_deft.cpu_compat.install() must run before X is imported")
+
+    monkeypatch.setattr(cpu_compat, "install", refused)
+    with caplog.at_level("INFO"), pytest.raises(ValueError, match="^--device cpu: sglang_deft.cpu_compat.install"):
+        prepare_process("cpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0" and "SGLANG_USE_CPU_ENGINE" not in os.environ
+    assert "--device cpu: CUDA_VISIBLE_DEVICES= set" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["xpu", "npu"])
+def test_prepare_process_installs_the_cpu_layer_for_the_cpu_only(monkeypatch, device):
+    """Any device without CUDA got the CPU layer, whose stand-in for sgl_kernel's native library hides a missing one."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(cpu_compat, "install", lambda: pytest.fail("the CPU layer for " + device))
+    assert prepare_process(device) == device
+
+
+def test_prepare_process_names_why_it_hides_the_gpus(monkeypatch, caplog):
+    """The log said '--device cpu' when no --device was given (a machine without CUDA defaults to the CPU)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(cpu_compat, "install", lambda: None)
+    with caplog.at_level("INFO"):
+        assert prepare_process(None) == "cpu"
+    assert "no --device and no CUDA device: CUDA_VISIBLE_DEVICES= set" in caplog.text and "--device cpu" not in caplog.text
+
+
 @pytest.mark.parametrize("has_cuda, env, message", [
     (False, None, r"--device cuda: torch finds no CUDA device here"),
     # left over in the shell: SGLang's import-time constants would pick CPU kernels under a GPU setup
