@@ -200,7 +200,8 @@ class DeftAttnBackend(AttentionBackend):
         self.step_planner: DecodeStepPlanner | None = None
         self.window_step_planner: DecodeStepPlanner | None = None  # the sliding-window layers' (window buffers)
         self.planned_replay_size: int | None = None  # padded batch size planned into graph_plan, not yet replayed
-        kernels = tree_attention.use_triton_kernels(self.device)
+        # The decode path, chosen once: the plan buffers below and every step's plan follow it.
+        self.kernels = kernels = tree_attention.use_triton_kernels(self.device)
         if self.logging_rank:
             impl = decode_impl()
             why = f"SGLANG_DEFT_DECODE_IMPL={impl}" if impl != "auto" else f"on {self.device.type}"
@@ -310,7 +311,7 @@ class DeftAttnBackend(AttentionBackend):
                    "the plan buffers refused it" if tried else None)
             plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads,
                              self.head_dim, self.kv_dtype, self.device, self._eager_limits(rows, self.plan_limits),
-                             self.planner, refused=why, warn=self.logging_rank)
+                             self.planner, refused=why, warn=self.logging_rank, kernels=self.kernels)
             attended, unique = built.attended_tokens, built.unique_tokens
         window_plan = window_counts = window_steady = None
         if self.window_tokens is not None:
@@ -352,7 +353,7 @@ class DeftAttnBackend(AttentionBackend):
                "its CUDA-graph plan was refused for them" if past_limits else None)
         plan = plan_step(with_padding_queries(built.tree, rows), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                          self.kv_dtype, self.device, self._eager_limits(rows, self.window_plan_limits), self.planner,
-                         refused=why, kind="sliding-window layers", warn=self.logging_rank)
+                         refused=why, kind="sliding-window layers", warn=self.logging_rank, kernels=self.kernels)
         return plan, _counts(built), None
 
     def _eager_limits(self, rows: int, limits: PlanLimits) -> PlanLimits | None:
@@ -381,7 +382,7 @@ class DeftAttnBackend(AttentionBackend):
         self._invalidate_step_planners()
         tree = with_padding_queries(empty_tree(self.device), rows)
         plan = plan_step(tree, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
-                         self.plan_limits, self.planner)
+                         self.plan_limits, self.planner, kernels=self.kernels)
         # No KV at all: the sliding-window layers' tree is the same tree.
         self.forward_metadata = DeftDecodeMetadata(plan, rows, window_plan=plan)
 
@@ -443,7 +444,7 @@ class DeftAttnBackend(AttentionBackend):
         if max_num_tokens != max_bs:
             raise RuntimeError(f"deft: CUDA graphs of {max_num_tokens} tokens for {max_bs} requests; deft decodes "
                                "one token per request")
-        if not tree_attention.use_triton_kernels(self.device):  # (config_checks refuses it first)
+        if not self.kernels:  # (config_checks refuses it first)
             raise RuntimeError("deft: CUDA graphs with decode attention by the PyTorch reference: its plans are host "
                                "objects a graph cannot replay; graph buffers would switch the server to the kernels")
         if self.graph_plan is None or self.graph_plan.qperm.numel() != max_bs:

@@ -117,13 +117,13 @@ def graph_batch_sizes(cuda_graph_bs: list[int] | None, max_requests: int, multip
     return sorted(size for size in sizes if size % multiple == 0 and size <= max_requests)
 
 
-# The plans whose past-limits warning was logged (once each: "full layers", "sliding-window layers").
+# The plans whose past-limits warning was logged (once each per process: "full layers", "sliding-window layers").
 _warned_unlimited: set[str] = set()
 
 
 def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
               device: torch.device, limits: PlanLimits | None, planner: TreeDecodePlanner | None = None,
-              refused: str | None = None, kind: str = "full layers", warn: bool = True):
+              refused: str | None = None, kind: str = "full layers", warn: bool = True, kernels: bool | None = None):
     """A decode step's plan in buffers of its own (steps the backend's fixed plan buffers do not
     take: a batch past their size, a tree past the limits), or its ``ReferencePlan`` on the reference
     path. ``tree``: node/query metadata on the host. ``planner``: the server's
@@ -131,8 +131,11 @@ def plan_step(tree: KVTree, num_qo_heads: int, num_kv_heads: int, head_dim: int,
     None for a batch larger than the plan buffers (no graph replays it, so no graph's chunking to keep: it is
     planned as it comes, without a warning). ``refused``: why the caller already knows the tree is past
     ``limits`` (its CUDA-graph plan or the plan buffers refused it). ``kind``: which layers' plan, for the
-    warning, logged once per kind; ``warn``: whether this process logs it (one TP rank does)."""
-    if not use_triton_kernels(device):
+    warning, logged once per kind and process; ``warn``: whether this process logs it (one TP rank does).
+    ``kernels``: the decode path, the backend's choice at its setup (None: :func:`use_triton_kernels` now; read per
+    step, a process that changed ``SGLANG_DEFT_DECODE_IMPL`` after making a backend got reference plans for the
+    kernels' buffers)."""
+    if not (use_triton_kernels(device) if kernels is None else kernels):
         return plan_reference(tree, device)
     planner = planner or TreeDecodePlanner(num_qo_heads, num_kv_heads, head_dim, kv_dtype=kv_dtype)
     if limits is not None:

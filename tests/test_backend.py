@@ -770,6 +770,25 @@ def test_plan_buffers_exist_before_the_first_step_where_the_kernels_run(server_a
         assert backend.graph_plan is None
 
 
+@cpu_only
+def test_the_decode_path_is_chosen_once_with_the_backend(server_args, model_config, monkeypatch):
+    """The backend chose the kernels or the reference at its setup, and made its buffers for that choice, but every
+    step's plan read SGLANG_DEFT_DECODE_IMPL again: a process that changed it after making a backend got reference
+    plans beside the kernels' buffers."""
+    from sglang_deft.kernels import ReferencePlan
+
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "triton")
+    sim = RadixSim(kv_slots=2048)
+    reqs = forked_batch(sim)
+    layers = attention_layers(model_config)
+    kv_pool = kv_pool_for(layers, 2048)
+    backend = make_backend(sim, server_args, model_config, layers, kv_pool)
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "reference")
+    fb = decode_forward_batch(sim, reqs, kv_pool)
+    backend.init_forward_metadata(fb)
+    assert backend.kernels and not isinstance(backend.forward_metadata.plan, ReferencePlan)
+
+
 def test_decode_step_logs_sharing(server_args, model_config, caplog):
     sim = RadixSim(kv_slots=2048)
     reqs = forked_batch(sim)

@@ -874,10 +874,8 @@ def test_a_capture_after_steady_steps_makes_the_next_step_a_full_plan(server_arg
 def test_graph_state_on_the_reference_path_is_refused(server_args, model_config, monkeypatch):
     """The reference path has no plan buffers: making them for a graph would switch its eager steps to the kernels
     while the log said the reference decodes (config_checks refuses the pair first; this keeps it refused)."""
-    import sglang_deft.tree_attention as tree_attention
-
     sim, layers, kv_pool, backend = graph_setup(server_args, model_config)
-    monkeypatch.setattr(tree_attention, "use_triton_kernels", lambda device: False)
+    backend.kernels = False  # as a backend set up on the reference path chose (the choice is made once, at setup)
     with pytest.raises(RuntimeError, match="CUDA graphs with decode attention by the PyTorch reference"):
         backend.init_cuda_graph_state(16, 16)
 
