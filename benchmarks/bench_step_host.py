@@ -180,11 +180,15 @@ def main(argv=None) -> int:
         import sglang_deft.cpu_compat
 
         sglang_deft.cpu_compat.install()
-    name = f"step_host{'_window' if args.window else ''}_{card_tag() if device.type == 'cuda' else 'cpu'}.json"
+    # A run of some cases is named for them: it replaced a whole run's file under the same name.
+    subset = "" if keys == list(CASES) else "_" + "_".join(keys)
+    name = (f"step_host{'_window' if args.window else ''}{subset}_"
+            f"{card_tag() if device.type == 'cuda' else 'cpu'}.json")
     rows = []
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit_label(), "complete": False,
-              "rows": rows}
+              "argv": sys.argv[1:] if argv is None else list(argv), "cases": keys, "steps": args.steps,
+              "warmup": args.warmup, "window": args.window, "rows": rows}
     for key in keys:
         for busy in ([False, True] if device.type == "cuda" else [False]):
             r = run_case(key, device, args.steps, args.warmup, busy, args.window)

@@ -73,12 +73,22 @@ def run_case(branch_tokens: list[int], window: int, repeats: int, device: torch.
     built = builder.build_window(reqs, seq_lens, window)  # the radix part is kept from here on, as in a server
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         built = builder.build_window(reqs, seq_lens, window)
+        _sync(device)  # the build's gathers on a GPU are asynchronous: host and device time, both
         times.append(1e6 * (time.perf_counter() - t0))
-    return {"branches": len(reqs), "starts": len({n for n in branch_tokens}), "window": window,
+    # Where the requests' windows start (a request shorter than the window from its first token): the branches'
+    # lengths counted these only while every window began inside its branch.
+    starts = {max(0, int(n) - window) for n in seq_lens}
+    return {"branches": len(reqs), "starts": len(starts), "window": window,
             "build_us": round(statistics.median(times), 1), "attended_tokens": built.attended_tokens,
             "unique_tokens": built.unique_tokens, "ratio": round(built.attended_tokens / built.unique_tokens, 3)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def steady_reads(branch_tokens: list[int], window: int, steps: int, device: torch.device,
@@ -117,6 +127,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=0, help="also decode this many steps through a window step planner")
     args = p.parse_args(argv)
+    # (each failed only after the first case was built: no median of 0 repeats, a division by 0 steps, the
+    # builder's own error for a window under 1)
+    if args.window < 1:
+        p.error("--window must be at least 1 token")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if args.steps < 0:
+        p.error("--steps must be at least 0")
     if torch.device(args.device).type == "cpu":
         # The steady steps' kernel (kernels/tail_update.py) runs on CPU tensors only in Triton's interpreter, which
         # Triton chooses as the kernels are defined: before sglang_deft.kernels is imported (by the step planner).

@@ -7,10 +7,12 @@ nvidia-smi, not torch: asking torch would create a CUDA context in processes tha
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
-_MODEL = re.compile(r"\b[A-Z][0-9]{2,4}\b")  # H200, H100, A100, L40, B200; not the "80GB" of "H100 80GB HBM3"
+# H200, H100, A100, B200, L40S, GH200, A10G, T4; not the "80GB" or "HBM3" of "H100 80GB HBM3"
+_MODEL = re.compile(r"\b[A-Z]{1,2}[0-9]{1,4}[A-Z]?\b")
 
 
 def tag_from_name(name: str) -> str | None:
@@ -20,10 +22,12 @@ def tag_from_name(name: str) -> str | None:
 
 
 def first_gpu(field: str) -> str | None:
-    """nvidia-smi's ``field`` (``--query-gpu``, no header, no units) of the first GPU; None where nvidia-smi is missing
-    or fails."""
+    """nvidia-smi's ``field`` (``--query-gpu``, no header, no units) of the first GPU this process sees (the first of
+    ``CUDA_VISIBLE_DEVICES``, an index or UUID, which nvidia-smi ignores; a ``--device cuda:N`` is not followed);
+    None where nvidia-smi is missing or fails."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
     try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+        return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", first],
                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -114,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", type=Path, default=None, help="PNG path (default: next to the JSON)")
     args = ap.parse_args(argv)
     report = json.loads(args.json.read_text())
+    if not (isinstance(report, dict) and "metadata" in report and "cases" in report):  # (a summary, say)
+        print(f"{args.json}: not a bench_kernels.py report (no metadata and cases)", file=sys.stderr)
+        return 2
     out = args.out or args.json.with_suffix(".png")
     plot(report, out)
     print(f"wrote {out}")

@@ -343,7 +343,7 @@ phase_graphs() {
 
 phase_step_host() {
   # ~1 min: the backend's per-step planning (DecodeStepPlanner: full plans and steady steps) on
-  # bench_e2e's cases, device idle and busy (step_host_<card>.json; some steps' plans are read back:
+  # bench_e2e's cases, device idle and busy (step_host_<card>.json, step_host_<cases>_<card>.json for some; some steps' plans are read back:
   # each query must read its row once), then test_cuda_graph_gpu's backend-level part (captured
   # graphs replayed vs eager steps, bitwise). STEP_HOST_ARGS="--window 1024": with a sliding-window plan.
   local rc_bench rc_pytest t=$SECONDS

@@ -322,13 +322,19 @@ def test_markdown_says_when_the_speedup_is_against_an_eagerly_timed_baseline():
 def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
     """An H100 loan asked for as an H200 wrote kernels_h200.json: the default tag is now the card's."""
     tags = BENCH._load_sibling("card_tag")
-    assert [tags.tag_from_name(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB",
-                                            "NVIDIA GeForce RTX 4090")] == ["h100", "h200", "a100", None]
+    names = ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "NVIDIA L40S",
+             "NVIDIA GH200 480GB", "NVIDIA A10G", "Tesla T4")
+    assert [tags.tag_from_name(n) for n in names] == ["h100", "h200", "a100", None, "l40s", "gh200", "a10g", "t4"]
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\n")
+    # the card nvidia-smi is asked for: the first of CUDA_VISIBLE_DEVICES (it ignores the variable itself)
+    smi.write_text("#!/bin/sh\n[ \"$3 $4\" = '-i 3' ] && echo 'NVIDIA A100-SXM4-80GB' || echo 'NVIDIA H100 80GB HBM3'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert tags.card_tag() == "h100"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert tags.card_tag() == "a100"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     smi.write_text("#!/bin/sh\nexit 9\n")  # a host whose driver is gone: the generic tag, not a crash
     assert tags.card_tag() == "cuda"
     monkeypatch.setenv("PATH", str(tmp_path / "none"))

@@ -78,6 +78,14 @@ def test_kernel_plot_draws_the_json(tmp_path, drawn):
     assert "3.00x" in texts and "skipped" in texts and sum(t.endswith("x") and t[0].isdigit() for t in texts) == 1
 
 
+def test_kernel_plot_refuses_a_json_that_is_no_report(tmp_path, capsys):
+    """benchmarks/results/kernels_h100_logit_cap.json, a summary, matches the plot's file names: a bare KeyError."""
+    path = tmp_path / "kernels_summary.json"
+    path.write_text(json.dumps({"gpu": "H100", "runs": []}))
+    assert load("plot_kernels").main([str(path)]) == 2
+    assert "not a bench_kernels.py report" in capsys.readouterr().err
+
+
 def test_e2e_plot_draws_relative_tok_s_and_targets(tmp_path, drawn):
     plot = load("plot_e2e")
     report = {"backends": ["deft", "flashinfer", "triton"], "baseline": "flashinfer", "device_mode": "cuda",

@@ -118,13 +118,14 @@ def test_the_report_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypatch):
         sh.main(["--device", "cpu", "--cases", "first,second", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "step_host_cpu.json").read_text())
     assert [r["case"] for r in report["rows"]] == ["first"] and report["complete"] is False
-    assert sh.main(["--device", "cpu", "--cases", "first", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(sh, "run_case", lambda key, *args: {**run_case("first"), "case": key})
+    assert sh.main(["--device", "cpu", "--cases", "first,second", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "step_host_cpu.json").read_text())["complete"] is True
 
 
 def test_the_report_is_named_by_card_and_window_and_labelled_with_the_commit(tmp_path, monkeypatch):
-    """step_host_cuda.json whatever the card (a loan asked as an H200 may be an H100) and the same name with
-    --window: the committed names were given by hand."""
+    """step_host_<card>.json, named by the card it ran on (a loan asked as an H200 may be an H100), and
+    step_host_window_<card>.json with --window: the committed names were given by hand."""
     row = {"case": "first", "batch": 4, "mode": "idle", "steady_us": 1.0, "steady_steps": 3, "full_us": 2.0,
            "full_steps": 1, "mean_us": 1.2, "window_steady_us": 1.0, "window_steady_steps": 3, "window_full_us": 2.0,
            "window_full_steps": 1, "window_mean_us": 1.2, "window_replan_us": 3.0}
@@ -157,3 +158,18 @@ def test_bad_arguments_are_refused_before_any_case_runs(tmp_path, monkeypatch, c
         sh.main(["--device", "cpu", "--out", str(tmp_path), *argv])
     assert exited.value.code == 2 and message in capsys.readouterr().err
     assert ran == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_of_some_cases_is_named_for_them_and_records_its_arguments(tmp_path, monkeypatch):
+    """A --cases run wrote step_host_<card>.json, the whole run's name, and replaced it; nor did the report say which
+    cases, steps or warm-up it ran."""
+    row = {"case": "first", "batch": 4, "mode": "idle", "steady_us": 1.0, "steady_steps": 3, "full_us": 2.0,
+           "full_steps": 1, "mean_us": 1.2}
+    monkeypatch.setattr(sh, "run_case", lambda *a: row)
+    monkeypatch.setattr(sh, "CASES", dict.fromkeys(["first", "second"]))
+    assert sh.main(["--device", "cpu", "--cases", "first", "--steps", "5", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "step_host_cpu.json").exists()
+    report = json.loads((tmp_path / "step_host_first_cpu.json").read_text())
+    assert report["cases"] == ["first"] and report["steps"] == 5 and "--steps" in report["argv"]
+    assert sh.main(["--device", "cpu", "--cases", "first,second", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "step_host_cpu.json").read_text())["cases"] == ["first", "second"]

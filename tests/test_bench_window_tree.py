@@ -45,3 +45,22 @@ def test_the_script_runs_its_steady_steps_on_a_cpu_without_triton_interpret_set(
                              "--steps", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("2 steps (0 steady)") == len(bw.CASES)
+
+
+def test_starts_counts_where_the_windows_start_not_the_branch_lengths():
+    """'starts' was the number of distinct branch lengths: with a window longer than every request all windows start
+    at 0, and it said 4."""
+    assert bw.run_case([3, 4, 5, 6], window=5000, repeats=1, device=torch.device("cpu"))["starts"] == 1
+    # two branches of one length, and windows inside the prompt: two lengths, two starts
+    assert bw.run_case([3, 3, 6, 6], window=41, repeats=1, device=torch.device("cpu"))["starts"] == 2
+
+
+def test_arguments_that_cannot_run_are_refused_before_any_case(capsys):
+    import pytest
+
+    for flag, value, says in (("--repeats", "0", "--repeats must be at least 1"),
+                              ("--steps", "-1", "--steps must be at least 0"),
+                              ("--window", "0", "--window must be at least 1 token")):
+        with pytest.raises(SystemExit) as exited:
+            bw.main([flag, value])
+        assert exited.value.code == 2 and says in capsys.readouterr().err
