@@ -217,9 +217,9 @@ def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_
 
 
 @gluon.jit
-def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
-                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                 GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale,
+                 cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
+                 stride_lp, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK: gl.constexpr, STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr,
                  WARPS: gl.constexpr, CONVERT: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -340,15 +340,15 @@ def _tree_decode_stage1_hopper(
     # Counts live on the device, so a captured launch covers whatever a later plan writes.
     num_large = gl.load(counts)
     if item < num_large:
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
-                     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale,
+                     cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
+                     stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
         # On wgmma a small item's rows fill a large tile, the rows past its queries masked.
         SMALL_TILE: gl.constexpr = LARGE_M if SMALL_WGMMA else SMALL_M
-        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
-                     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, BLOCK_D, SMALL_TILE, BLOCK, STAGES, SMALL_WGMMA, USE_CAP, WARPS, CONVERT)
+        _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale,
+                     cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
+                     stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_TILE, BLOCK, STAGES, SMALL_WGMMA, USE_CAP, WARPS, CONVERT)
 
 
 def _cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:

@@ -39,11 +39,12 @@ STAGE2_SHAPE_FEW_MERGES = (32, 4)
 # without a cap), the score clamped where |x| reaches TANH_CLAMP (where the rational reaches 1 within its error; tanh
 # itself is 1 - 2.7e-7 there), and R(x^2) = tanh(x) / x Eigen's float32 tanh (a [13/6] rational in x; XLA's too): the
 # capped score within 7 ulp (4.3e-7) of float64's, evaluated in float32 with and without FMA over caps 0.5-1e8 and
-# sm_scales 1e-30-1e30 (Eigen's tanh alone within 6.5 ulp on 2.1M points). One division per score, no exponential, and no 1 - ...
-# subtraction: 1 - 2 / (1 + e^{2x}) lost all of tanh's digits as x -> 0 (at a cap of 1e8 every score became 0), and
-# with a series below |x| = 0.2 and a division by the cap it took three MUFU operations per score beside the softmax's
-# exp2; capped 16k x 64 ran 35% slower than uncapped on an H100 (benchmarks/results/kernels_h100_logit_cap.md). A cap
-# too large for float32's sm_scale / cap is no cap: the scale is 0 and R(0) = A1 / B0 = 1 - 1.3e-7.
+# sm_scales 1e-30-1e30 (Eigen's tanh alone within 6.5 ulp on 2.1M points). One division per score, no exponential, and
+# no 1 - ... subtraction: 1 - 2 / (1 + e^{2x}) lost all of tanh's digits as x -> 0 (at a cap of 1e8 every score became
+# 0), and with a series below |x| = 0.2 and a division by the cap it took three MUFU operations per score beside the
+# softmax's exp2; capped 16k x 64 ran 35% slower than uncapped on an H100
+# (benchmarks/results/kernels_h100_logit_cap.md). A cap too large for float32's sm_scale / cap is no cap: the scale is
+# 0 and R(0) = A1 / B0 = 1 - 1.3e-7.
 TANH_CLAMP = tl.constexpr(7.90531110763549805)
 TANH_A1 = tl.constexpr(4.89352455891786e-03)
 TANH_A3 = tl.constexpr(6.37261928875436e-04)
@@ -76,8 +77,8 @@ def soft_cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
 
 
 def cap_scale_refusal(logit_cap: float, sm_scale: float) -> ValueError:
-    return ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap in float32, "
-                      f"at most {_FP32_MAX:.4g}")
+    return ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap in "
+                      f"float32, at most {_FP32_MAX:.4g}")
 
 
 @triton.jit
@@ -187,12 +188,14 @@ def _tree_decode_stage1(
     if in_range:
         if is_large:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, cap_scale, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N, USE_CAP, IEEE)
+                         sm_scale, cap_scale, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn,
+                         stride_vh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, LARGE_N,
+                         USE_CAP, IEEE)
         elif TILES != 1:
             _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse,
-                         sm_scale, cap_scale, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N, USE_CAP, IEEE)
+                         sm_scale, cap_scale, cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn,
+                         stride_vh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_M, SMALL_N,
+                         USE_CAP, IEEE)
 
 
 @triton.jit
@@ -536,7 +539,8 @@ def launch_stage1(q, k_buffer, v_buffer, plan: TreeDecodePlan, sm_scale: float, 
             try:
                 compiled = _tree_decode_stage1[(plan.num_kv_heads, plan.grid_items)](
                     q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl,
-                    sm_scale, *soft_cap_scalars(logit_cap, sm_scale), q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+                    sm_scale, *soft_cap_scalars(logit_cap, sm_scale), q.stride(0), q.stride(1), k_buffer.stride(0),
+                    k_buffer.stride(1),
                     v_buffer.stride(0), v_buffer.stride(1), po.stride(0), po.stride(1), pl.stride(0),
                     GROUP=plan.group_size, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), LARGE_M=plan.large_rows,
                     SMALL_M=SMALL_ROWS, LARGE_N=cfg.block_n_large, SMALL_N=cfg.block_n_small, USE_CAP=logit_cap > 0,
