@@ -350,8 +350,8 @@ class Criterion:
     def absolute_div_allowed(self, requests: int) -> int:
         """Distinct requests that may diverge where no noise server ran (the absolute verdict): k x the floor, where
         the relative verdict allows k x the noise server's count + the floor (with no count measured, the floor
-        counted k times: a choice). Without it any number of near-tie flips passed; the windowed models' committed
-        runs (no usable noise server) diverged in at most 2 of 8 requests."""
+        counted k times: a choice). Without it any number of near-tie flips passed; in the windowed models' committed
+        runs (no usable noise server) a workload's passes had at most 2 divergences (2 of 8 fork requests)."""
         return math.ceil(self.k * self.div_floor(requests))
 
     def describe(self) -> str:
@@ -492,8 +492,8 @@ def judge_workload(deft: list[Seq], ref: list[Seq], noise: list[Seq] | None, cri
 
 def distinct_stats(server: list[Seq], ref: list[Seq]) -> list[PairStats]:
     """One :class:`PairStats` per distinct request (its prompt, where the sequences know it) and (server, reference)
-    pair of token sequences, a repeat merged into its first: the ``n_gt_1`` workload's k greedy samples of one prompt are one request k times, and counted k times
-    they made the model-wide rate of divergences per request (``pooled_noise``) k times what one request adds, and
+    pair of token sequences, a repeat merged into its first: the ``n_gt_1`` workload's k greedy samples of one prompt
+    are one request k times, and counted k times they made the model-wide rate of divergences per request (``pooled_noise``) k times what one request adds, and
     one near-tie flip of deft's k divergences against an allowance of 1. Merged, not dropped: copies with the same
     tokens can still differ in logprobs (each is its own row of the batch), so the merged pair keeps each step's
     largest difference and the widest near-tie gap of them all. Two prompts are two requests whatever their tokens:
