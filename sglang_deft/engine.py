@@ -32,7 +32,7 @@ import sglang.srt.entrypoints.engine as _sglang_engine  # noqa: E402  (after pre
 from sglang_deft import subprocess_entry  # noqa: E402
 from sglang_deft.config_checks import REFUSAL_FILE_ENV, UnsupportedConfiguration  # noqa: E402
 from sglang_deft.registration import register  # noqa: E402
-from sglang_deft.server_setup import check_startup, make_server_args, split_deft_backend  # noqa: E402
+from sglang_deft.server_setup import check_startup, make_server_args, restore_env, split_deft_backend  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,7 @@ def _refusals_raised(engine: Engine, server_args):
         if own:
             server_args.custom_sigquit_handler = None
             _sglang_engine.logger.removeFilter(quiet)
-        if env_before is None:
-            os.environ.pop(REFUSAL_FILE_ENV, None)
-        else:
-            os.environ[REFUSAL_FILE_ENV] = env_before
+        restore_env(REFUSAL_FILE_ENV, env_before)
         # with the files the TP ranks write it through (``<path>.<pid>``), where a rank was ended before its rename
         for leftover in [path, *glob.glob(glob.escape(path) + ".*")]:
             with contextlib.suppress(OSError):

@@ -56,7 +56,7 @@ def prepare_process(device: str | None) -> str:
     has_cuda = torch.cuda.is_available()
     if device == "cpu" and has_cuda:
         if hiding:  # as it was: the caller's later processes (its own, not SGLang's) keep their GPUs
-            _restore("CUDA_VISIBLE_DEVICES", visible_before)
+            restore_env("CUDA_VISIBLE_DEVICES", visible_before)
         raise ValueError(
             f"{asked} in a process that has already initialised CUDA: SGLang would run its CUDA kernels on CPU "
             "tensors (it picks them wherever torch sees a GPU). Start it in a fresh process, before anything uses "
@@ -77,13 +77,14 @@ def prepare_process(device: str | None) -> str:
         try:
             cpu_compat.install()
         except RuntimeError as e:  # (the launcher reports ValueErrors in one line)
-            _restore("CUDA_VISIBLE_DEVICES", visible_before)
-            _restore("SGLANG_USE_CPU_ENGINE", engine_before)
+            restore_env("CUDA_VISIBLE_DEVICES", visible_before)
+            restore_env("SGLANG_USE_CPU_ENGINE", engine_before)
             raise ValueError(f"{asked}: {e}") from e
     return device
 
 
-def _restore(name: str, value: str | None) -> None:
+def restore_env(name: str, value: str | None) -> None:
+    """``name`` back to ``value``, as ``os.environ.get`` read it before (None: unset)."""
     if value is None:
         os.environ.pop(name, None)
     else:
