@@ -3,7 +3,8 @@
 Each variant is ``name=module:large_rows:programs_per_sm[:block]``; ``module`` is ``main`` (the package's
 kernels/stage1_hopper.py), a path to a copy of it (a baseline kept beside the change measured) or
 ``triton`` (the portable Triton stage 1 in its default shape); ``block`` is the Gluon kernel's KV tokens
-per block (its default otherwise). ``KV=fp8_e4m3`` / ``fp8_e5m2`` stores the KV pool in fp8.
+per block (its default otherwise). ``KV=fp8_e4m3`` / ``fp8_e5m2`` stores the KV pool in fp8; ``CAP=50``
+runs every variant with that logit cap, checked against the capped reference.
 On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
     VARIANTS="base=/path/old.py:64:4,new=main:64:4" OUT=$OUT python3 benchmarks/experiments/ab_stage1.py
 Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
@@ -52,13 +53,15 @@ for item in os.environ["VARIANTS"].split(","):
 cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tree3,nosharing,spec"))
 kv = os.environ.get("KV", "bf16")
 kv_dtype = {"bf16": torch.bfloat16, **KV_DTYPES}[kv]
-report = {"variants": os.environ["VARIANTS"], "kv_dtype": kv}
+cap = float(os.environ.get("CAP", "0"))
+report = {"variants": os.environ["VARIANTS"], "kv_dtype": kv, "logit_cap": cap}
 for bench_case in cases:
     key = bench_case.key
     case = S.Case(bench_case, torch.device("cuda"), kv_dtype)
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
     res = report.setdefault(key, {})
+    ref = K.attention_reference(q, k, v, case.tree, scale, logit_cap=cap) if cap else case.ref
     fns, first, eager = {}, None, {}
     for name, (mod, nums) in variants.items():
         lr, pps, *block = nums
@@ -68,7 +71,7 @@ for bench_case in cases:
         shape = {"block": block[0]} if block else {}
 
         def step(o=o, plan=plan, mod=mod, shape=shape):
-            mod.launch(q, k, v, plan, scale, 0.0, 16, **shape)
+            mod.launch(q, k, v, plan, scale, cap, 16, **shape)
             STAGES.launch_stage2(plan, o)
         try:
             step()
@@ -77,7 +80,7 @@ for bench_case in cases:
             res[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(key, name, res[name + "_error"], flush=True)
             continue
-        res[name + "_check"] = check(o, case.ref)
+        res[name + "_check"] = check(o, ref)
         first = first if fns else o
         res[name + "_bitwise_first"] = bool(torch.equal(o, first))
         fns[name] = step
