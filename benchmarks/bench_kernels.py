@@ -931,7 +931,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--device {args.device}, but torch sees no CUDA device here; for a CPU smoke run pass "
                          "--device cpu --dtype float16 with TRITON_INTERPRET=1 (benchmarks/README.md)")
     if args.tag is None:
-        args.tag = _load_sibling("card_tag").card_tag() if want_cuda else "cpu"
+        # torch.device parses "cuda:1" without a CUDA context (an isolating parent must not create one)
+        args.tag = _load_sibling("card_tag").card_tag(index=torch.device(args.device).index or 0) if want_cuda else "cpu"
     isolated = not args.child and (args.isolate == "yes" or (args.isolate == "auto" and want_cuda))
     device = torch.device(args.device)  # (an isolating parent never touches it: no context next to the child's)
     dtype = getattr(torch, args.dtype)

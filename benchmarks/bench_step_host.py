@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # radix_sim: real SGLang memory objects on the host
 sys.path.insert(0, str(REPO / "benchmarks"))  # card_tag, report_files
-from card_tag import card_tag  # noqa: E402
+from card_tag import tag_from_name  # noqa: E402
 from report_files import commit_label, write_replacing  # noqa: E402  (after the path it is found on)
 
 
@@ -182,10 +182,12 @@ def main(argv=None) -> int:
         sglang_deft.cpu_compat.install()
     # A run of some cases is named for them: it replaced a whole run's file under the same name.
     subset = "" if keys == list(CASES) else "_" + "_".join(keys)
+    # This process times on the GPU, so torch names the card --device picked (nvidia-smi may count GPUs otherwise).
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     name = (f"step_host{'_window' if args.window else ''}{subset}_"
-            f"{card_tag() if device.type == 'cuda' else 'cpu'}.json")
+            f"{(tag_from_name(gpu_name) or 'cuda') if device.type == 'cuda' else 'cpu'}.json")
     rows = []
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    report = {"device": gpu_name,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit_label(), "complete": False,
               "argv": sys.argv[1:] if argv is None else list(argv), "cases": keys, "steps": args.steps,
               "warmup": args.warmup, "window": args.window, "rows": rows}

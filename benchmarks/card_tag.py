@@ -21,28 +21,51 @@ def tag_from_name(name: str) -> str | None:
     return found.group(0).lower() if found else None
 
 
-def first_gpu(field: str) -> str | None:
-    """nvidia-smi's ``field`` (``--query-gpu``, no header, no units) of the first GPU this process sees (the first of
-    ``CUDA_VISIBLE_DEVICES``, an index or UUID, which nvidia-smi ignores; a ``--device cuda:N`` is not followed);
-    None where nvidia-smi is missing or fails."""
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+def _smi(field: str, ident: str | None = None) -> list[str] | None:
+    """nvidia-smi's ``field`` (no header, no units), one line per GPU (of ``ident`` alone, an index or UUID, when
+    given); None where nvidia-smi is missing or fails."""
+    cmd = ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"] + (["-i", ident] if ident else [])
     try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", first],
-                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    return [line.strip() for line in out.splitlines() if line.strip()] or None
 
 
-def card_tag(default: str = "cuda") -> str:
-    """The first GPU's tag, or ``default`` where nvidia-smi is missing or names no model number."""
-    return tag_from_name(first_gpu("name") or "") or default
+def gpu_field(field: str, index: int = 0) -> str | None:
+    """nvidia-smi's ``field`` of the GPU that torch calls ``cuda:index`` in this process; None where nvidia-smi is
+    missing or fails, or where it cannot tell which GPU that is.
+
+    nvidia-smi ignores ``CUDA_VISIBLE_DEVICES``, so its ``index``-th entry (an index or UUID) is asked for by ``-i``.
+    Without the variable, torch's index is nvidia-smi's only where both count in PCI order
+    (``CUDA_DEVICE_ORDER=PCI_BUS_ID``; CUDA's default puts the fastest first); otherwise the answer stands only when
+    every GPU gives the same one (a host of one model, as every GPU host here)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        if index >= len(entries):
+            return None
+        one = _smi(field, entries[index])
+        return one[0] if one else None
+    every = _smi(field)
+    if not every or index >= len(every):
+        return None
+    if len(set(every)) == 1 or os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+        return every[index]
+    return None
+
+
+def card_tag(default: str = "cuda", index: int = 0) -> str:
+    """The tag of the GPU torch calls ``cuda:index`` here, or ``default`` where nvidia-smi is missing, cannot tell
+    which GPU that is, or names no model number."""
+    return tag_from_name(gpu_field("name", index) or "") or default
 
 
 def memory_gib() -> float | None:
     """The first GPU's total memory in GiB (bench_e2e starts its servers in waves that fit it); None where nvidia-smi
     does not say."""
     try:
-        return float(first_gpu("memory.total")) / 1024  # MiB
+        return float(gpu_field("memory.total")) / 1024  # MiB
     except (TypeError, ValueError):
         return None
 

@@ -331,10 +331,19 @@ def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     assert tags.card_tag() == "h100"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
     assert tags.card_tag() == "a100"
+    assert tags.card_tag(index=1) == "h100"  # --device cuda:1: the second visible GPU, nvidia-smi's 1
+    assert tags.card_tag(index=2) == "cuda"  # not visible: no name rather than another GPU's
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    # two models and no CUDA_VISIBLE_DEVICES: CUDA counts the fastest first unless told PCI order, as nvidia-smi counts
+    smi.write_text("#!/bin/sh\n[ \"$3\" = '-i' ] && exit 9 || printf 'NVIDIA A100-SXM4-80GB\\nNVIDIA H100 80GB HBM3\\n'\n")
+    assert tags.card_tag(index=1) == "cuda"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert [tags.card_tag(index=i) for i in range(3)] == ["a100", "h100", "cuda"]
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
     smi.write_text("#!/bin/sh\nexit 9\n")  # a host whose driver is gone: the generic tag, not a crash
     assert tags.card_tag() == "cuda"
     monkeypatch.setenv("PATH", str(tmp_path / "none"))

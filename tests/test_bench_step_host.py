@@ -135,11 +135,13 @@ def test_the_report_is_named_by_card_and_window_and_labelled_with_the_commit(tmp
     assert sh.main(["--device", "cpu", "--cases", "first", "--window", "64", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "step_host_window_cpu.json").read_text())
     assert report["commit"] == "abc1234-dirty" and report["date"].endswith("Z")
-    monkeypatch.setattr(sh, "card_tag", lambda: "h100")
-    monkeypatch.setattr(sh.torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    # named by the card --device picks, as torch names it (cuda:1 here), not nvidia-smi's first
+    names = {0: "NVIDIA A100-SXM4-80GB", 1: "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(sh.torch.cuda, "get_device_name", lambda device: names[sh.torch.device(device).index])
     monkeypatch.setattr(sh.torch.cuda, "is_available", lambda: True)
-    assert sh.main(["--device", "cuda", "--cases", "first", "--out", str(tmp_path)]) == 0
+    assert sh.main(["--device", "cuda:1", "--cases", "first", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "step_host_h100.json").exists()
+    assert json.loads((tmp_path / "step_host_h100.json").read_text())["device"] == "NVIDIA H100 80GB HBM3"
 
 
 @pytest.mark.parametrize("argv, message", [
