@@ -787,16 +787,26 @@ def test_plan_trace_fingerprints_what_the_kernels_read(caplog):
     other = kv.clone()
     other[7] = 42
     assert traced(other).split(" kv=")[0] == first.split(" kv=")[0] and traced(other) != first
-    # With a sliding-window plan in its buffers, its fingerprint follows (here the same plan's)
-    plan = plan_tree_decode(KVTree(kv, torch.tensor([0, 6, 8, 10], dtype=torch.int32),
-                                   torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32)),
-                            8, 2, 64)
-    caplog.clear()
-    with caplog.at_level("INFO", logger="sglang_deft.backend"):
-        DeftAttnBackend._trace_plan("graph", True, torch.tensor([7, 8]), plan, plan, window_steady=True)
-    line = caplog.records[-1].getMessage()
-    full, window = line.split(" window_in_place=1 window_")
-    assert full.endswith(window) and window.startswith("items=")
+    # With a sliding-window plan in its buffers, its fingerprint follows: the window plan's own, not the full plan's
+    def plain_plan(kv):
+        return plan_tree_decode(KVTree(kv, torch.tensor([0, 6, 8, 10], dtype=torch.int32),
+                                       torch.tensor([-1, 0, 0], dtype=torch.int32),
+                                       torch.tensor([1, 2], dtype=torch.int32)), 8, 2, 64)
+
+    plan, window_plan = plain_plan(kv), plain_plan(other)
+    alone = {}
+    for name, one in (("plan", plan), ("window", window_plan)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sglang_deft.backend"):
+            DeftAttnBackend._trace_plan("graph", True, torch.tensor([7, 8]), one)
+        alone[name] = caplog.records[-1].getMessage().split("seq_lens=[7, 8] ")[1]
+    assert alone["plan"] != alone["window"]
+    for steady in (True, False):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sglang_deft.backend"):
+            DeftAttnBackend._trace_plan("graph", True, torch.tensor([7, 8]), plan, window_plan, window_steady=steady)
+        full, window = caplog.records[-1].getMessage().split(f" window_in_place={int(steady)} window_")
+        assert full.endswith(alone["plan"]) and window == alone["window"]
 
 
 @needs_interpreter

@@ -63,6 +63,26 @@ def test_tree_shapes(name, dtype):
     torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("strided", ["k", "v"])
+@pytest.mark.parametrize("d", [64, 128])  # 128: the Hopper kernel on an H100/H200
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_k_and_v_each_read_by_their_own_strides(strided, d, dtype):
+    """The kernels take K's and V's strides apart: one of them head-major (a head's slots contiguous), the other as
+    SGLang's pool lays it out. Every other test passes K and V alike, where reading V by K's strides went unseen."""
+    tree = TREES["odd_lengths"]
+    g = torch.Generator().manual_seed(0)
+    slots = int(tree.kv_indices.max()) + 1
+    q = torch.randn(tree.num_queries, 8, d, generator=g).to(DEVICE, dtype)
+    pool = torch.randn(slots, 2, d, generator=g).to(DEVICE, dtype)
+    head_major = torch.randn(2, slots, d, generator=g).to(DEVICE, dtype).transpose(0, 1)
+    k, v = (head_major, pool) if strided == "k" else (pool, head_major)
+    assert k.stride() != v.stride()
+    plan = plan_tree_decode(tree, 8, 2, d, device=DEVICE, kv_dtype=dtype)
+    out = tree_decode(q, k, v, plan, d ** -0.5)
+    ref = attention_reference(q, k.contiguous(), v.contiguous(), tree, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)], ids=["gqa1", "gqa4", "gqa8"])
 # 80 and 96: Phi-2's and Phi-3-mini's head dims, which the kernels pad to 128 and mask; 192 pads to 256, and 8
 # to 16 (the least inner dim of tl.dot for 16-bit types on NVIDIA GPUs).

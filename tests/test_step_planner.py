@@ -478,6 +478,8 @@ def test_a_step_the_buffers_refused_keeps_no_steady_state():
     seq_lens = sim.prepare_decode(reqs)
     assert sp.plan(reqs, seq_lens, 17) is None  # more rows than the buffers hold
     assert sp._state is None
+    # and the buffers say they hold no step, so that a launch from them (a captured graph's) is refused
+    assert sp.buffers.buffers.num_queries is None and sp.buffers.buffers.max_kv_slot is None
     step = sp.plan(reqs, seq_lens, 3)
     check(sim, reqs, seq_lens, step, 3)
     assert not step.steady
