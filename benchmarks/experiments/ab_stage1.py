@@ -4,7 +4,8 @@ Each variant is ``name=module:large_rows:programs_per_sm[:block]``; ``module`` i
 kernels/stage1_hopper.py), a path to a copy of it (a baseline kept beside the change measured) or
 ``triton`` (the portable Triton stage 1 in its default shape); ``block`` is the Gluon kernel's KV tokens
 per block (its default otherwise). ``KV=fp8_e4m3`` / ``fp8_e5m2`` stores the KV pool in fp8; ``CAP=50``
-runs every variant with that logit cap, checked against the capped reference.
+runs every variant with that logit cap, checked against the capped reference; ``QSCALE=8`` multiplies q
+(scores 8x as large: near a cap of 50, where the cap's tanh is tested hardest).
 On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
     VARIANTS="base=/path/old.py:64:4,new=main:64:4" OUT=$OUT python3 benchmarks/experiments/ab_stage1.py
 Writes $OUT/ab_stage1.json: per case, each variant's median us of one step (stage 1 + main's stage 2,
@@ -60,8 +61,11 @@ for bench_case in cases:
     case = S.Case(bench_case, torch.device("cuda"), kv_dtype)
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
+    qscale = float(os.environ.get("QSCALE", "1"))
+    if qscale != 1:
+        q = case.q * qscale
     res = report.setdefault(key, {})
-    ref = K.attention_reference(q, k, v, case.tree, scale, logit_cap=cap) if cap else case.ref
+    ref = K.attention_reference(q, k, v, case.tree, scale, logit_cap=cap) if cap or qscale != 1 else case.ref
     fns, first, eager = {}, None, {}
     for name, (mod, nums) in variants.items():
         lr, pps, *block = nums
