@@ -827,6 +827,8 @@ def test_the_cards_memory_comes_from_nvidia_smi(monkeypatch, tmp_path):
     smi.write_text("#!/bin/sh\necho 81559\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
+    # (a test before this one in the worker may have hidden the GPUs: "" leaves no card to ask about)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert b.parse_args(["--out", str(tmp_path), "--tag", "x"]).gpu_memory_gib == H100_GIB
     smi.write_text("#!/bin/sh\nexit 9\n")
     assert b.parse_args(["--out", str(tmp_path), "--tag", "x"]).gpu_memory_gib is None

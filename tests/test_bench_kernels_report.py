@@ -337,6 +337,8 @@ def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
     assert tags.card_tag() == "a100"
     assert tags.card_tag(index=1) == "h100"  # --device cuda:1: the second visible GPU, nvidia-smi's 1
     assert tags.card_tag(index=2) == "cuda"  # not visible: no name rather than another GPU's
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert tags.card_tag() == "cuda"  # none visible
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     # two models and no CUDA_VISIBLE_DEVICES: CUDA counts the fastest first unless told PCI order, as nvidia-smi counts
     smi.write_text("#!/bin/sh\n[ \"$3\" = '-i' ] && exit 9 || printf 'NVIDIA A100-SXM4-80GB\\nNVIDIA H100 80GB HBM3\\n'\n")
