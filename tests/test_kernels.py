@@ -140,6 +140,22 @@ def test_a_cap_the_scale_cannot_reach_in_float32_is_refused():
         tree_decode(q, k, v, plan, 2e38, 0.5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_logit_cap_on_scores_near_the_cap(dtype, d):
+    """Scores of q x 8 (|score| up to ~30) under Gemma-2's cap of 50, where the cap's tanh is far from 0 and 1 and
+    an error in it moves the softmax's weights. The capped score 2^-11 off relative to itself (tanh.approx.f32's
+    bound, FlashInfer's cap), made so in the Triton kernel's rational on the CPU, fails the float32 cases."""
+    tree = TREES["random_forest"]
+    _, _, (q, k, v, plan, sm_scale, _) = run_case(tree, 8, 2, d, dtype)
+    q = q * 8
+    out = tree_decode(q, k, v, plan, sm_scale, 50.0)
+    ref = attention_reference(q, k, v, tree, sm_scale, 50.0)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    scores = torch.einsum("qhd,khd->qhk", q[:, ::4].float(), k.float()) * sm_scale  # (q heads of KV head 0, 1)
+    assert scores.abs().max() > 20
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA devices")
 def test_tensors_off_the_current_device_run_on_theirs(monkeypatch):
     """Triton launches on the current device: tensors on another GPU were read from it (an illegal address, or a race
