@@ -36,23 +36,26 @@ def gpu_field(field: str, index: int = 0) -> str | None:
     """nvidia-smi's ``field`` of the GPU that torch calls ``cuda:index`` in this process; None where nvidia-smi is
     missing or fails, or where it cannot tell which GPU that is.
 
-    nvidia-smi ignores ``CUDA_VISIBLE_DEVICES``, so its ``index``-th entry (an index or UUID) is asked for by ``-i``.
-    Without the variable, torch's index is nvidia-smi's only where both count in PCI order
-    (``CUDA_DEVICE_ORDER=PCI_BUS_ID``; CUDA's default puts the fastest first); otherwise the answer stands only when
+    nvidia-smi ignores ``CUDA_VISIBLE_DEVICES``, so its ``index``-th entry is asked for by ``-i``: a UUID names one
+    GPU; a number, like torch's index without the variable, is CUDA's count, which is nvidia-smi's only in PCI order
+    (``CUDA_DEVICE_ORDER=PCI_BUS_ID``; CUDA's default puts the fastest first). Otherwise the answer stands only when
     every GPU gives the same one (a host of one model, as every GPU host here)."""
+    pci_order = os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         entries = [e.strip() for e in visible.split(",") if e.strip()]
         if index >= len(entries):
             return None
-        one = _smi(field, entries[index])
-        return one[0] if one else None
+        ident = entries[index]
+        if not ident.isdigit() or pci_order:
+            one = _smi(field, ident)
+            return one[0] if one else None
     every = _smi(field)
-    if not every or index >= len(every):
+    if not every or (visible is None and index >= len(every)):
         return None
-    if len(set(every)) == 1 or os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
-        return every[index]
-    return None
+    if len(set(every)) == 1:
+        return every[0]
+    return every[index] if pci_order and visible is None else None
 
 
 def card_tag(default: str = "cuda", index: int = 0) -> str:

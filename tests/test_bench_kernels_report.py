@@ -334,14 +334,24 @@ def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     assert tags.card_tag() == "h100"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # (numbers in CUDA's default order are not nvidia-smi's)
     assert tags.card_tag() == "a100"
     assert tags.card_tag(index=1) == "h100"  # --device cuda:1: the second visible GPU, nvidia-smi's 1
     assert tags.card_tag(index=2) == "cuda"  # not visible: no name rather than another GPU's
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert tags.card_tag() == "cuda"  # none visible
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")  # fastest first: which is "3" is known only on a one-model host
+    two_models = "#!/bin/sh\n[ \"$3\" = '-i' ] && exit 9 || printf 'NVIDIA A100-SXM4-80GB\\nNVIDIA H100 80GB HBM3\\n'\n"
+    smi.write_text(two_models)
+    assert tags.card_tag() == "cuda"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c6d,1")  # a UUID names its GPU whatever the order
+    smi.write_text("#!/bin/sh\n[ \"$4\" = 'GPU-8c6d' ] && echo 'NVIDIA L40S' || echo 'NVIDIA H100 80GB HBM3'\n")
+    assert tags.card_tag() == "l40s"
+    assert tags.card_tag(index=1) == "h100"  # one model in nvidia-smi's list (this stand-in's): that one
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     # two models and no CUDA_VISIBLE_DEVICES: CUDA counts the fastest first unless told PCI order, as nvidia-smi counts
-    smi.write_text("#!/bin/sh\n[ \"$3\" = '-i' ] && exit 9 || printf 'NVIDIA A100-SXM4-80GB\\nNVIDIA H100 80GB HBM3\\n'\n")
+    smi.write_text(two_models)
     assert tags.card_tag(index=1) == "cuda"
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     assert [tags.card_tag(index=i) for i in range(3)] == ["a100", "h100", "cuda"]
