@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 import urllib.error
+import warnings
 from dataclasses import dataclass, field
 
 
@@ -119,6 +120,10 @@ def run_as_command(main, **kwargs) -> None:
     except Exception:  # anything else: its traceback, which says where
         code, message = 1, traceback.format_exc().rstrip()
     name = os.path.basename(sys.argv[0]) or "example"
+    # The other branches' threads go on until the exit: sglang.lang's warning for each failed one ("Error in
+    # stream_executor: Traceback ...") came after this message, which is then not the last line. (Warning filters
+    # are the process's, so this silences those threads too.)
+    warnings.simplefilter("ignore")
     try:
         sys.stdout.flush()
         print(f"{name}: {message}", file=sys.stderr, flush=True)
