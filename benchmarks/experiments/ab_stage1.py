@@ -55,13 +55,13 @@ cases = S.select_cases(os.environ.get("CASES", "p4k_16,p4k_64,p16k_64,p1k_256,tr
 kv = os.environ.get("KV", "bf16")
 kv_dtype = {"bf16": torch.bfloat16, **KV_DTYPES}[kv]
 cap = float(os.environ.get("CAP", "0"))
-report = {"variants": os.environ["VARIANTS"], "kv_dtype": kv, "logit_cap": cap}
+qscale = float(os.environ.get("QSCALE", "1"))
+report = {"variants": os.environ["VARIANTS"], "kv_dtype": kv, "logit_cap": cap, "q_scale": qscale}
 for bench_case in cases:
     key = bench_case.key
     case = S.Case(bench_case, torch.device("cuda"), kv_dtype)
     c = case.case
     q, k, v, scale = case.q, case.k, case.v, case.scale
-    qscale = float(os.environ.get("QSCALE", "1"))
     if qscale != 1:
         q = case.q * qscale
     res = report.setdefault(key, {})

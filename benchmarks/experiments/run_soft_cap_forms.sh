@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# soft_cap_forms.py's three tanh forms on the GPU host, one call (carry .kit):
+# soft_cap_forms.py's tanh forms on the GPU host, one call (carry .kit):
 #   source .kit/bootstrap.sh; OUT=$OUT bash benchmarks/experiments/run_soft_cap_forms.sh
 # Writes $OUT/soft_cap_accuracy.json (each form against float64's tanh), $OUT/ab_soft_cap.json (ab_stage1.py with
-# CAP=50: main's rational against the two variants, each checked against the capped reference),
+# CAP=50: main's rational against the three variants, each checked against the capped reference),
 # $OUT/ab_soft_cap_q8.json (the same with q x 8), $OUT/ab_uncapped.json (main without a cap, for the cap's cost) and,
 # with TESTS=1, the capped GPU tests.
 set -uo pipefail

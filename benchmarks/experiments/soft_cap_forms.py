@@ -1,4 +1,4 @@
-"""The soft cap's tanh in three forms: what each costs the Hopper stage 1 and how far each is from tanh.
+"""The soft cap's tanh in four forms: what each costs the Hopper stage 1 and how far each is from tanh.
 
 (rational) main's: Eigen's float32 [13/6] rational with one div.approx, the score clamped where tanh is 1;
 (approx) PTX's ``tanh.approx.f32`` (one MUFU op, max relative error about 2^-11, as FlashInfer's soft cap);
@@ -6,7 +6,7 @@
       its absolute error (~2e-7) is all of tanh's digits where x -> 0 (a cap far above the scores);
 (ex2s) ex2, and below |x| = 0.1 tanh's series to x^5 (relative error under 6e-8 there; ex2's under ~2e-6 above).
 
-    python3 benchmarks/experiments/soft_cap_forms.py variants DIR   # writes DIR/stage1_hopper_{approx,ex2}.py
+    python3 benchmarks/experiments/soft_cap_forms.py variants DIR   # writes DIR/stage1_hopper_{approx,ex2,ex2s}.py
     python3 benchmarks/experiments/soft_cap_forms.py accuracy OUT.json  # GPU: each form against float64's tanh
 
 The variants are kernels/stage1_hopper.py with ``_soft_cap``'s body replaced (the result divided by
