@@ -290,10 +290,13 @@ def _check_offline(server_args) -> None:
     Engine starts a MultiTokenizerRouter in place of its tokenizer manager: the router serves the HTTP server's
     workers and has no ``generate_request``, so the Engine came up and every generate() raised AttributeError."""
     if server_args.tokenizer_worker_num > 1:
+        n = server_args.tokenizer_worker_num
+        # On the CPU the launcher refuses them too (config_checks: its CPU layer does not reach their processes).
+        serve = "" if _IMPORT_DEVICE == "cpu" else f", or serve with python -m sglang_deft.launch_server " \
+                                                   f"--tokenizer-worker-num {n}"
         raise ValueError(
-            f"tokenizer_worker_num={server_args.tokenizer_worker_num} in an offline Engine: SGLang's Engine then "
-            "routes requests for HTTP tokenizer workers and cannot generate itself; leave it at 1, or serve with "
-            f"python -m sglang_deft.launch_server --tokenizer-worker-num {server_args.tokenizer_worker_num}")
+            f"tokenizer_worker_num={n} in an offline Engine: SGLang's Engine then routes requests for HTTP tokenizer "
+            f"workers and cannot generate itself; leave it at 1{serve}")
 
 
 def _check_device(device: str) -> None:
@@ -309,3 +312,9 @@ def _check_device(device: str) -> None:
             "device='cuda', but sglang_deft.Engine was imported for the CPU (no CUDA device, or "
             "SGLANG_USE_CPU_ENGINE=1 set; SGLang reads it at import time)"
         )
+    if device.partition(":")[0] != _IMPORT_DEVICE:
+        # e.g. xpu on a host without CUDA: the import installed the CPU layer's stand-in for sgl_kernel and SGLang's
+        # is_cpu() answers True, so the other device's kernels would be chosen against a stubbed library.
+        raise ValueError(
+            f"device={device!r}, but sglang_deft.Engine was imported for {_IMPORT_DEVICE!r} (SGLang chooses its "
+            "kernels at import time); use python -m sglang_deft.launch_server --device " + device)

@@ -89,6 +89,9 @@ def parse_server_args(argv: list[str], device: str):
     # sglang.launch_server parses "--config=FILE" and "--conf FILE" and ignores their files.
     argv = config_flag_spelled_out(argv)
     if "--config" in argv:  # as sglang.srt.server_args.prepare_server_args does
+        given = argv[argv.index("--config") + 1:][:1]
+        if given == [""]:  # (--config= or --config ""): the merger takes an empty path for no --config at all
+            raise ConfigFileError("--config: No config file specified (an empty path)")
         import yaml
         from sglang.srt.server_args_config_parser import ConfigArgumentMerger
 

@@ -249,6 +249,9 @@ def test_launcher_leaves_a_config_file_sglang_refuses_to_its_merger(tmp_path):
     (["--config", "missing.yaml"], None, "Config file not found"),
     (["--config=server.yaml"], "- device\n", "Config file must contain a dictionary at root level"),
     (["--config", "server.yaml"], "device: [cpu\n", "while parsing"),
+    # an empty path: the merger takes it for no --config, and the server started without the file
+    (["--config="], None, "No config file specified (an empty path)"),
+    (["--config", ""], None, "No config file specified (an empty path)"),
 ])
 def test_a_config_file_sglangs_merger_refuses_is_a_usage_error(tmp_path, flag, content, message, monkeypatch, capsys):
     """SGLang's merger raises ValueError for these (a YAML error for a file it cannot parse), which reached the

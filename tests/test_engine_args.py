@@ -102,6 +102,10 @@ SCRIPT = textwrap.dedent("""
                                                   decode_attention_backend="deft", grammar_backend="none"))
     except ValueError as e:
         result["cuda_args_on_cpu"] = str(e)
+    try:  # not deft's (it refuses xpu itself): the CPU import's stand-in for sgl_kernel would be under it
+        deft_engine.Engine(model_path=model, device="xpu", attention_backend="triton", grammar_backend="none")
+    except ValueError as e:
+        result["xpu_on_cpu"] = str(e)
     result["calls_at_end"] = len(seen)
     deft_engine._IMPORT_DEVICE = result["import_device"]
     # SGLang's start-up wait watches the scheduler only: a detokenizer that fails signals SIGQUIT and exits with
@@ -338,6 +342,9 @@ def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_proce
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
     assert "--enable-torch-compile" in engine_args.get("refused", "")
     assert "tokenizer_worker_num=2 in an offline Engine" in engine_args.get("tokenizer_workers_refused", "")
+    # the launcher refuses tokenizer workers on the CPU too: no advice to use it there
+    assert ("sglang_deft.launch_server" in engine_args["tokenizer_workers_refused"]) == (
+        engine_args["import_device"] != "cpu")
     assert engine_args["calls"] == 5  # the refused Engine never reached SGLang's constructor
 
 
@@ -350,6 +357,7 @@ def test_device_cpu_after_a_cuda_import_says_to_set_the_cpu_engine_first(engine_
 def test_device_cuda_after_a_cpu_import_is_refused_by_name(engine_args):
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_on_cpu", "")
     assert "device='cuda', but sglang_deft.Engine was imported for the CPU" in engine_args.get("cuda_args_on_cpu", "")
+    assert "device='xpu', but sglang_deft.Engine was imported for 'cpu'" in engine_args.get("xpu_on_cpu", "")
     assert engine_args["calls_at_end"] == 5
 
 
