@@ -58,12 +58,18 @@ DEMO_LOGGING = {"--decode-log-interval": "1", "--log-level": "info"}
 # abbreviation: "--decode-l" is no other option's, while any "--log-level" shorter than itself is also
 # "--log-level-http"'s).
 DEMO_LOGGING_SHORTEST = {"--decode-log-interval": "--decode-l", "--log-level": "--log-level"}
+# Where the demo reaches its server, set by it too: after --, --host moved the server off 127.0.0.1, where the demo
+# kept waiting for it until --timeout, and --port was overridden by the port ServerProcess appends. (Their shortest
+# spellings: "--h" is also "--help"'s, "--p" many options'.)
+DEMO_ADDRESS = {"--host": "the demo's server listens on 127.0.0.1, where the demo waits for it and sends its program",
+                "--port": "the demo's own --port (before --) picks the server's port"}
+SHORTEST = {**DEMO_LOGGING_SHORTEST, "--host": "--ho", "--port": "--po"}
 
 
 def names_flag(arg: str, flag: str) -> bool:
     """Whether the command-line word ``arg`` gives SGLang's ``flag`` (also abbreviated, also as ``--flag=value``)."""
     option = arg.split("=", 1)[0]
-    return flag.startswith(option) and option.startswith(DEMO_LOGGING_SHORTEST[flag])
+    return flag.startswith(option) and option.startswith(SHORTEST[flag])
 
 
 def use_gpu(force_cpu: bool) -> bool:
@@ -303,11 +309,16 @@ def main(argv=None) -> int:
         if any(names_flag(a, flag) for a in args.server_args):
             ap.error(f"{flag} after --: the demo sets {flag} {DEMO_LOGGING[flag]}, as it reads the server's "
                      "per-step sharing lines from its log")
+    for flag, why in DEMO_ADDRESS.items():
+        if any(names_flag(a, flag) for a in args.server_args):
+            ap.error(f"{flag} after --: {why}")
 
     t_start = time.monotonic()
     # The server runs in a process group of its own, which a closed terminal's SIGHUP does not reach: the
     # demo must stop it then too. The caller's handlers come back at the end (main() called from Python).
-    callers = {signum: signal.signal(signum, _raise_on_sigterm) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal the caller ignores stays ignored: under nohup a closed terminal's SIGHUP ended the demo.
+    callers = {signum: signal.signal(signum, _raise_on_sigterm) for signum in (signal.SIGTERM, signal.SIGHUP)
+               if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         return _run(args, t_start)
     finally:

@@ -295,6 +295,12 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     # argparse takes an unambiguous abbreviation: SGLang's parser read this one as --decode-log-interval 40
     (["--", "--decode-log", "40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
     (["--", "--decode-l=40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
+    # the server moved off 127.0.0.1: the demo waited for it there until --timeout
+    (["--", "--host", "::1"], "--host after --: the demo's server listens on 127.0.0.1"),
+    (["--", "--ho=0.0.0.0"], "--host after --: the demo's server listens on 127.0.0.1"),
+    # overridden by the port ServerProcess appends, without a word
+    (["--", "--port", "40000"], "--port after --: the demo's own --port (before --)"),
+    (["--", "--po=40000"], "--port after --: the demo's own --port (before --)"),
 ])
 def test_main_refuses_arguments_it_cannot_run_with_before_starting_anything(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(demo, "ServerProcess", lambda *a, **k: pytest.fail("a server was started"))
@@ -304,10 +310,35 @@ def test_main_refuses_arguments_it_cannot_run_with_before_starting_anything(monk
 
 
 @pytest.mark.parametrize("arg", ["--decode", "--decode-attention-backend", "--log-level-http", "--log-lev",
-                                 "--log-requests", "--dec=3"])
-def test_other_flags_are_not_taken_for_the_demos_logging_flags(arg):
+                                 "--log-requests", "--dec=3", "--h", "--p", "--port-x", "--hostname"])
+def test_other_flags_are_not_taken_for_the_demos_own_flags(arg):
     """Words that are other SGLang options, or ambiguous prefixes its parser refuses itself."""
-    assert not any(demo.names_flag(arg, flag) for flag in demo.DEMO_LOGGING)
+    assert not any(demo.names_flag(arg, flag) for flag in demo.SHORTEST)
+
+
+def test_a_signal_the_caller_ignores_stays_ignored(monkeypatch, tmp_path):
+    """Under nohup (SIGHUP ignored) the demo set its own handler, and a closed terminal stopped it (exit 129)."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    handlers = {demo.signal.SIGTERM: demo.signal.SIG_DFL, demo.signal.SIGHUP: demo.signal.SIG_IGN}
+    seen = {}
+    real_signal, real_getsignal = demo.signal.signal, demo.signal.getsignal  # (pytest's own signals pass through)
+
+    def fake_signal(signum, handler):
+        if signum not in handlers:
+            return real_signal(signum, handler)
+        old, handlers[signum] = handlers[signum], handler
+        seen.setdefault(signum, []).append(handler)
+        return old
+
+    monkeypatch.setattr(demo.signal, "signal", fake_signal)
+    monkeypatch.setattr(demo.signal, "getsignal", lambda signum: handlers.get(signum) or real_getsignal(signum))
+    monkeypatch.setattr(demo, "ServerProcess", FakeServer())
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: None)
+    assert demo.main(["--cpu"]) == 0
+    # (the server's stop ignores both while it runs, then gives back what was there)
+    assert demo._raise_on_sigterm not in seen[demo.signal.SIGHUP]
+    assert demo._raise_on_sigterm in seen[demo.signal.SIGTERM]
+    assert handlers == {demo.signal.SIGTERM: demo.signal.SIG_DFL, demo.signal.SIGHUP: demo.signal.SIG_IGN}
 
 
 def test_main_reports_a_port_in_use_and_leaves_no_log_dir(monkeypatch, capsys, tmp_path):
