@@ -305,6 +305,10 @@ def main(argv=None) -> int:
         ap.error(f"--port {args.port}: a TCP port is 1-65535 (0 or none: a free one)")
     if not args.timeout > 0:
         ap.error(f"--timeout {args.timeout}: seconds to wait for the server, more than 0")
+    if args.model_path.is_absolute() and not args.model_path.exists():
+        # (a relative one may be a Hugging Face id, which SGLang fetches) Otherwise transformers' traceback about repo ids came
+        # after the server's start, ~10 s on the CPU.
+        ap.error(f"--model-path {args.model_path}: no such directory")
     for flag in DEMO_LOGGING:
         if any(names_flag(a, flag) for a in args.server_args):
             ap.error(f"{flag} after --: the demo sets {flag} {DEMO_LOGGING[flag]}, as it reads the server's "

@@ -238,6 +238,7 @@ def test_main_names_the_model_it_was_given(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(demo, "run_demo", lambda url, widths, max_tokens, read_log, random_model: ran.update(
         random_model=random_model))
     monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    (tmp_path / "my-model").mkdir()  # (an absolute path that does not exist is refused before the start)
     assert demo.main(["--cpu", "--model-path", str(tmp_path / "my-model")]) == 0
     assert server.args[server.args.index("--model-path") + 1] == str(tmp_path / "my-model")
     out = capsys.readouterr().out
@@ -290,6 +291,7 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     (["--port", "70000"], "--port 70000: a TCP port is 1-65535"),
     (["--port", "-3"], "--port -3: a TCP port is 1-65535"),
     (["--timeout", "0"], "--timeout 0.0: seconds to wait for the server"),
+    (["--model-path", "/nonexistent/model"], "--model-path /nonexistent/model: no such directory"),
     (["--", "--decode-log-interval", "40"], "--decode-log-interval after --: the demo sets --decode-log-interval 1"),
     (["--", "--log-level=warning"], "--log-level after --: the demo sets --log-level info"),
     # argparse takes an unambiguous abbreviation: SGLang's parser read this one as --decode-log-interval 40
