@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -63,20 +62,9 @@ except ImportError:  # Triton 3.5's Gluon has no mma.sync
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
-# The soft cap's tanh: kernels/tree_decode.py's (TANH_CLAMP says why this form), repeated so that this module loads
-# on its own, as the experiments load it (a test checks they agree).
-TANH_CLAMP = gl.constexpr(7.90531110763549805)
-TANH_A1 = gl.constexpr(4.89352455891786e-03)
-TANH_A3 = gl.constexpr(6.37261928875436e-04)
-TANH_A5 = gl.constexpr(1.48572235717979e-05)
-TANH_A7 = gl.constexpr(5.12229709037114e-08)
-TANH_A9 = gl.constexpr(-8.60467152213735e-11)
-TANH_A11 = gl.constexpr(2.00018790482477e-13)
-TANH_A13 = gl.constexpr(-2.76076847742355e-16)
-TANH_B0 = gl.constexpr(4.89352518554385e-03)
-TANH_B2 = gl.constexpr(2.26843463243900e-03)
-TANH_B4 = gl.constexpr(1.18534705686654e-04)
-TANH_B6 = gl.constexpr(1.19825839466702e-06)
+# The soft cap's tanh below |x| = TANH_SERIES_BELOW: its series to x^5, within 6e-8 (relative) there; above it
+# 1 - 2 / (1 + e^{2x}), within ~2e-7 (absolute), which alone lost every digit as x -> 0 (a cap far above the scores).
+TANH_SERIES_BELOW = gl.constexpr(0.1)
 FP32_MAX = float(torch.finfo(torch.float32).max)
 LARGE_ROWS = 64  # one warpgroup's wgmma tile
 BLOCK_N = 32  # KV tokens per block, both tile kinds
@@ -149,29 +137,35 @@ def _in_dtype(x, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _soft_cap(s, cap_scale, cap_clamp):
-    """The Triton kernel's _soft_cap (kernels/tree_decode.py): cap * tanh(s sm_scale / cap) / sm_scale on a raw score
-    s, given sm_scale / cap and the raw score where tanh is 1."""
-    s = gl.minimum(gl.maximum(s, -cap_clamp, propagate_nan=tl.PropagateNan.ALL), cap_clamp,
-                   propagate_nan=tl.PropagateNan.ALL)  # (NaN stays NaN, as in the Triton kernel)
-    x2 = (s * cap_scale) * (s * cap_scale)
-    num = TANH_A1 + x2 * (TANH_A3 + x2 * (TANH_A5 + x2 * (TANH_A7 + x2 * (TANH_A9 + x2 * (TANH_A11 + x2 * TANH_A13)))))
-    den = TANH_B0 + x2 * (TANH_B2 + x2 * (TANH_B4 + x2 * TANH_B6))
-    # den stays within [B0, 0.91] (x2 <= TANH_CLAMP^2): div.approx (MUFU.RCP and a multiply, within 2 ulp there), where
-    # `/` compiles to div.full, which adds range checks den never needs. The large tiles are bound by arithmetic per
-    # score (kernels_h100_logit_cap.md).
-    r = gl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=f,f,f", [num, den], dtype=gl.float32, is_pure=True,
+def _soft_cap(s, cap_scale):
+    """tanh(s sm_scale / cap) for a raw score s = q.k, given sm_scale / cap: SGLang's capped score divided by the cap,
+    which _online_softmax's one multiply per score takes back to cap x log2(e) units.
+
+    Not kernels/tree_decode.py's rational (one division and 15 FMA-pipe operations per score): the large tiles are
+    bound by arithmetic per score, and this form, two MUFU operations (ex2, rcp) and ~8 others, took prefix 16k x 64
+    from +21% over uncapped to +N% on an H100 (benchmarks/experiments/soft_cap_forms.py). Within 2e-6 of tanh
+    relative to it over float32's range (tanh.approx.f32, one MUFU operation, costs nothing measurable but is only
+    within 2^-11). NaN stays NaN; +-inf and |x| past ~44 give +-1 (e^{2x} is inf or 0 there)."""
+    x = s * cap_scale
+    e = gl.exp2(x * (2.0 * LOG2E))
+    # rcp.approx: 1 + e >= 1, where it is within 1 ulp; `/` compiles to div.full, range checks this never needs.
+    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=gl.float32, is_pure=True,
                                   pack=1)
-    return s * r
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0)))
+    return gl.where(gl.abs(x) < TANH_SERIES_BELOW, series, 1.0 - 2.0 * r)
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_scale, cap_clamp, BLOCK: gl.constexpr,
+def _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_scale, cap_mul, BLOCK: gl.constexpr,
                     USE_CAP: gl.constexpr):
     """Block j's scores -> (P, alpha, running max, running sum), all in base 2."""
     if USE_CAP:
-        s = _soft_cap(s, cap_scale, cap_clamp)  # SGLang's cap, still in raw scores' units (_soft_cap)
-    s_mul = sm_scale * LOG2E  # folded into exp2's argument: one FFMA per score, not FMUL + FADD
+        s = _soft_cap(s, cap_scale)  # capped / cap
+        s_mul = cap_mul  # cap x log2(e)
+    else:
+        s_mul = sm_scale * LOG2E
+    # s_mul folded into exp2's argument: one FFMA per score, not FMUL + FADD
     if (j + 1) * BLOCK > kv_len:  # only an item's last block has tokens past its end
         s = gl.where((j * BLOCK + offs_n_s < kv_len)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * s_mul)
@@ -218,7 +212,7 @@ def _store_partials(acc, m_i, l_i, q_count, slot, kv_head, partial_out, partial_
 
 @gluon.jit
 def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale,
-                 cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
+                 cap_mul, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
                  stride_lp, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK: gl.constexpr, STAGES: gl.constexpr, WGMMA: gl.constexpr, USE_CAP: gl.constexpr,
                  WARPS: gl.constexpr, CONVERT: gl.constexpr):
@@ -312,7 +306,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
             # A small tile's warps each load their own slice of the block into registers: converted there.
             kt = k_bufs.index(cur).permute((1, 0)).load(gl.DotOperandLayout(operand_index=1, parent=s_l, k_width=2))
             s = mma_v2(q_op, _in_dtype(kt, dtype), s_zero)
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_scale, cap_clamp, BLOCK,
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, j, kv_len, offs_n_s, sm_scale, cap_scale, cap_mul, BLOCK,
                                              USE_CAP)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_l)
@@ -329,7 +323,7 @@ def _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, 
 
 @gluon.jit
 def _tree_decode_stage1_hopper(
-    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, cap_scale, cap_clamp,
+    Q, K, V, kv_indices, qperm, items, counts, partial_out, partial_lse, sm_scale, cap_scale, cap_mul,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph, stride_lp,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, LARGE_M: gl.constexpr,
     SMALL_M: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, USE_CAP: gl.constexpr, WARPS: gl.constexpr,
@@ -341,26 +335,31 @@ def _tree_decode_stage1_hopper(
     num_large = gl.load(counts)
     if item < num_large:
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale,
-                     cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
+                     cap_mul, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
                      stride_lp, GROUP, HEAD_DIM, BLOCK_D, LARGE_M, BLOCK, STAGES, True, USE_CAP, WARPS, CONVERT)
     elif item < num_large + gl.load(counts + 1):
         # On wgmma a small item's rows fill a large tile, the rows past its queries masked.
         SMALL_TILE: gl.constexpr = LARGE_M if SMALL_WGMMA else SMALL_M
         _attend_item(Q, K, V, kv_indices, qperm, items, item, kv_head, partial_out, partial_lse, sm_scale, cap_scale,
-                     cap_clamp, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
+                     cap_mul, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_pp, stride_ph,
                      stride_lp, GROUP, HEAD_DIM, BLOCK_D, SMALL_TILE, BLOCK, STAGES, SMALL_WGMMA, USE_CAP, WARPS, CONVERT)
 
 
 def _cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
-    """kernels/tree_decode.py's soft_cap_scalars (which says why), repeated as the constants are (a test checks they
-    agree)."""
+    """(sm_scale / cap, cap x log2(e)), which _soft_cap and _online_softmax take the cap by; (0, 0) for no cap, and
+    for a cap whose scale is under float32's normal range (a GPU would flush it to 0: tanh(0) = 0 for every score),
+    where the capped score is the score within (s x scale)^2 / 3 of itself: run uncapped. tree_decode refuses the
+    rest of what float32 cannot hold (``cap_scale_refusal``)."""
     if logit_cap <= 0:
         return 0.0, 0.0
     scale = sm_scale / logit_cap
-    if not scale <= FP32_MAX:
-        raise ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap in "
-                         f"float32, at most {FP32_MAX:.4g}")
-    return (scale if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale, FP32_MAX)
+    if scale < 2.0 ** -126:
+        return 0.0, 0.0
+    mul = logit_cap * LOG2E.value
+    if not (scale <= FP32_MAX and mul <= FP32_MAX):
+        raise ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: sm_scale / logit_cap and logit_cap x "
+                         f"log2(e) must be finite in float32 (at most {FP32_MAX:.4g})")
+    return scale, mul
 
 
 def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small_rows: int, block: int = BLOCK_N,
@@ -369,12 +368,13 @@ def launch(q, k_buffer, v_buffer, plan, sm_scale: float, logit_cap: float, small
     the shipped shape unless an experiment asks for another; ``small_wgmma``: small tiles on wgmma, where
     Gluon has no mma.sync, or to compare the two); returns the compiled kernel."""
     po, pl = plan.partial_out, plan.partial_lse
+    cap_scale, cap_mul = _cap_scalars(logit_cap, sm_scale)
     return _tree_decode_stage1_hopper[(plan.num_kv_heads, plan.grid_items)](
         q, k_buffer, v_buffer, plan.kv_indices, plan.qperm, plan.items, plan.counts, po, pl, sm_scale,
-        *_cap_scalars(logit_cap, sm_scale),
+        cap_scale, cap_mul,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         po.stride(0), po.stride(1), pl.stride(0),
         GROUP=plan.group_size, HEAD_DIM=q.shape[2], BLOCK_D=triton.next_power_of_2(q.shape[2]),
         LARGE_M=plan.large_rows, SMALL_M=small_rows, BLOCK=block,
-        STAGES=stages, USE_CAP=logit_cap > 0, WARPS=NUM_WARPS, CONVERT=k_buffer.dtype != q.dtype,
+        STAGES=stages, USE_CAP=cap_scale > 0, WARPS=NUM_WARPS, CONVERT=k_buffer.dtype != q.dtype,
         SMALL_WGMMA=small_wgmma, num_warps=NUM_WARPS)

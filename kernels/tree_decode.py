@@ -44,7 +44,8 @@ STAGE2_SHAPE_FEW_MERGES = (32, 4)
 # 0), and with a series below |x| = 0.2 and a division by the cap it took three MUFU operations per score beside the
 # softmax's exp2; capped 16k x 64 ran 35% slower than uncapped on an H100
 # (benchmarks/results/kernels_h100_logit_cap.md). A cap too large for float32's sm_scale / cap is no cap: the scale is
-# 0 and R(0) = A1 / B0 = 1 - 1.3e-7.
+# 0 and R(0) = A1 / B0 = 1 - 1.3e-7. The Hopper kernel computes tanh otherwise (stage1_hopper._soft_cap: the same
+# function within 2e-6, cheaper where its large tiles are bound by arithmetic per score).
 TANH_CLAMP = tl.constexpr(7.90531110763549805)
 TANH_A1 = tl.constexpr(4.89352455891786e-03)
 TANH_A3 = tl.constexpr(6.37261928875436e-04)
@@ -76,9 +77,17 @@ def soft_cap_scalars(logit_cap: float, sm_scale: float) -> tuple[float, float]:
     return (scale if scale >= 2.0 ** -126 else 0.0), min(logit_cap * TANH_CLAMP.value / sm_scale, _FP32_MAX)
 
 
-def cap_scale_refusal(logit_cap: float, sm_scale: float) -> ValueError:
-    return ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap in "
-                      f"float32, at most {_FP32_MAX:.4g}")
+def cap_scale_refusal(logit_cap: float, sm_scale: float) -> ValueError | None:
+    """The error for a cap the kernels cannot take with this ``sm_scale`` (None where they can): sm_scale / cap past
+    float32's range, or a cap x log2(e) past it (the Hopper kernel's capped scores in base 2) where the cap acts
+    (sm_scale / cap not under float32's normal range, where a cap is no cap)."""
+    if logit_cap <= 0:
+        return None
+    scale = sm_scale / logit_cap
+    if scale <= _FP32_MAX and (logit_cap * LOG2E.value <= _FP32_MAX or scale < 2.0 ** -126):
+        return None
+    return ValueError(f"logit_cap {logit_cap} with sm_scale {sm_scale}: the kernels take sm_scale / logit_cap and "
+                      f"logit_cap x log2(e) in float32, at most {_FP32_MAX:.4g}")
 
 
 @triton.jit
@@ -395,8 +404,9 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise ValueError(f"sm_scale {sm_scale} (x k_scale {k_scale}) and v_scale {v_scale}: positive and normal in "
                          f"float32 ({_FP32_TINY:.4g} to {_FP32_MAX:.4g}; the scale times log2(e) too, so at most "
                          f"{_MAX_SCALE:.4g})")
-    if logit_cap > 0 and not sm_scale * k_scale / logit_cap <= _FP32_MAX:
-        raise cap_scale_refusal(logit_cap, sm_scale * k_scale)
+    refusal = cap_scale_refusal(logit_cap, sm_scale * k_scale) if logit_cap > 0 else None
+    if refusal is not None:
+        raise refusal
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them
     # (a CUDA graph's padding up to the plan's capacity) are left as they are in a given out, zeros in one
     # made here. The buffers' queries, not the plan's: after reuse= the buffers hold a later plan's step,

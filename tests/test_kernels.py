@@ -134,10 +134,32 @@ def test_a_capped_score_that_is_not_a_number_stays_one(dtype, bad):
 
 
 def test_a_cap_the_scale_cannot_reach_in_float32_is_refused():
-    """sm_scale / logit_cap past float32's range (2e38 / 0.5) left the clamp subnormal: the output was 0.039 off."""
+    """sm_scale / logit_cap past float32's range (2e38 / 0.5) left the clamp subnormal: the output was 0.039 off. And
+    the Hopper kernel takes capped scores in base 2, cap x log2(e): past float32's range where the cap acts."""
     out, ref, (q, k, v, plan, _, _) = run_case(TREES["inner_queries"], 8, 2, 64, torch.float32)
     with pytest.raises(ValueError, match=r"logit_cap 0.5 with sm_scale 2e\+38: the kernels take sm_scale / logit_cap"):
         tree_decode(q, k, v, plan, 2e38, 0.5)
+    with pytest.raises(ValueError, match=r"logit_cap 3e\+38 with sm_scale 10.0: the kernels take .* logit_cap x log2"):
+        tree_decode(q, k, v, plan, 10.0, 3e38)
+    # the same cap where sm_scale / cap is under float32's normal range: no cap (as the reference computes it)
+    torch.testing.assert_close(tree_decode(q, k, v, plan, 0.125, 3e38).float(),
+                               attention_reference(q, k, v, TREES["inner_queries"], 0.125), atol=ATOL[q.dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_logit_cap_on_scores_near_the_cap(dtype, d):
+    """Scores of q x 8 (|score| up to ~30) under Gemma-2's cap of 50, where the cap's tanh is far from 0 and 1 and
+    an error in it moves the softmax's weights: tanh.approx.f32 (within 2^-11, FlashInfer's cap) put fp16 outputs
+    ~1e-2 off; the kernels' forms are within 2e-6."""
+    tree = TREES["random_forest"]
+    _, _, (q, k, v, plan, sm_scale, _) = run_case(tree, 8, 2, d, dtype)
+    q = q * 8
+    out = tree_decode(q, k, v, plan, sm_scale, 50.0)
+    ref = attention_reference(q, k, v, tree, sm_scale, 50.0)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    scores = torch.einsum("qhd,khd->qhk", q[:, ::4].float(), k.float()) * sm_scale  # (q heads of KV head 0, 1)
+    assert scores.abs().max() > 20
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -799,26 +821,31 @@ def test_both_kernel_modules_take_the_same_fp8_caches():
     assert stage1_hopper.FP8_KV_DTYPES == FP8_KV_DTYPES
 
 
-def test_both_kernel_modules_cap_scores_by_the_same_tanh():
+def test_both_kernels_take_the_caps_float32_can_hold():
+    """Each kernel's cap scalars reach it as normal float32 numbers (or 0: no cap), for every cap and scale
+    tree_decode lets through; the Hopper kernel's refusal is tree_decode's (``cap_scale_refusal``)."""
     import importlib
 
     from sglang_deft.kernels import stage1_hopper
     portable = importlib.import_module("sglang_deft.kernels.tree_decode")  # the module: the package's name is the call
-    names = portable.TANH_CONSTANTS
-    assert [getattr(stage1_hopper, n).value for n in names] == [getattr(portable, n).value for n in names]
-    assert sorted(n for n in vars(stage1_hopper) if n.startswith("TANH_")) == sorted(names)
-    for cap in (1e-30, 0.5, 50.0, 1e8, 2.0 ** 126, 3e38, float(torch.finfo(torch.float32).max)):
-        for sm_scale in (1e-30, 0.088, 1.0, 1e30):
-            if sm_scale / cap > portable._FP32_MAX:  # (the clamp would be subnormal: refused, by both)
-                for scalars in (stage1_hopper._cap_scalars, portable.soft_cap_scalars):
-                    with pytest.raises(ValueError, match="sm_scale / logit_cap in float32"):
-                        scalars(cap, sm_scale)
+    fp32_max, tiny = portable._FP32_MAX, 2.0 ** -126
+    refused = 0
+    for cap in (1e-30, 0.5, 50.0, 1e8, 2.0 ** 126, 3e38, fp32_max):
+        for sm_scale in (1e-30, 0.088, 1.0, 10.0, 1e30):
+            if portable.cap_scale_refusal(cap, sm_scale) is not None:
+                refused += 1
+                with pytest.raises(ValueError, match="logit_cap .* with sm_scale .*: .* in float32"):
+                    stage1_hopper._cap_scalars(cap, sm_scale)
                 continue
-            assert stage1_hopper._cap_scalars(cap, sm_scale) == portable.soft_cap_scalars(cap, sm_scale)
             cap_scale, cap_clamp = portable.soft_cap_scalars(cap, sm_scale)
-            # Both reach the kernels as float32 scalars: normal ones (or a scale of 0), never past its range.
-            assert cap_scale == 0.0 or 2.0 ** -126 <= cap_scale <= portable._FP32_MAX
-            assert 2.0 ** -126 <= cap_clamp <= portable._FP32_MAX
+            assert cap_scale == 0.0 or tiny <= cap_scale <= fp32_max
+            assert tiny <= cap_clamp <= fp32_max
+            scale, mul = stage1_hopper._cap_scalars(cap, sm_scale)
+            if sm_scale / cap < tiny:
+                assert (scale, mul) == (0.0, 0.0)  # launched uncapped
+            else:
+                assert (scale, mul) == (sm_scale / cap, cap * 1.4426950408889634) and mul <= fp32_max
+    assert refused == 5  # past float32: sm_scale / cap (1e30 / 1e-30) or cap x log2(e) (3e38, max; at 10 and 1e30)
     assert portable.soft_cap_scalars(0.0, 0.088) == stage1_hopper._cap_scalars(0.0, 0.088) == (0.0, 0.0)
 
 

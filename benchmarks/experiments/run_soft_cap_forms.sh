@@ -2,9 +2,9 @@
 # soft_cap_forms.py's tanh forms on the GPU host, one call (carry .kit):
 #   source .kit/bootstrap.sh; OUT=$OUT bash benchmarks/experiments/run_soft_cap_forms.sh
 # Writes $OUT/soft_cap_accuracy.json (each form against float64's tanh), $OUT/ab_soft_cap.json (ab_stage1.py with
-# CAP=50: main's rational against the three variants and the portable Triton stage 1, each checked against the
-# capped reference), $OUT/ab_soft_cap_q8.json (the same with q x 8), $OUT/ab_uncapped.json (main and the portable
-# stage 1 without a cap, for the cap's cost) and,
+# CAP=50: main's ex2s against the three variants and the portable Triton stage 1, each checked against the capped
+# reference), $OUT/ab_soft_cap_q8.json (the same with q x 8), $OUT/ab_uncapped.json (main and the portable stage 1
+# without a cap, for the cap's cost) and,
 # with TESTS=1, the capped GPU tests.
 set -uo pipefail
 REPO=$(pwd)
@@ -17,8 +17,8 @@ say "$(nvidia-smi --query-gpu=name --format=csv,noheader)"
 timeout -k 10 "${ACC_S:-120}" python3 benchmarks/experiments/soft_cap_forms.py accuracy "$OUT/soft_cap_accuracy.json" \
   >> "$OUT/soft_cap_forms.log" 2>&1
 say "accuracy rc=$?"
-V="rational=main:64:4"
-for f in approx ex2 ex2s; do V="$V,$f=/tmp/cap_forms/stage1_hopper_$f.py:64:4"; done
+V="ex2s=main:64:4"
+for f in rational approx ex2; do V="$V,$f=/tmp/cap_forms/stage1_hopper_$f.py:64:4"; done
 V="$V,triton=triton:64:4"  # the portable Triton stage 1 (off-Hopper GPUs, fp32): its cap's cost too
 mkdir -p /tmp/ab_cap /tmp/ab_cap_q8 /tmp/ab_uncapped
 (cd "$OVERLAY" && CAP=50 OUT=/tmp/ab_cap VARIANTS="$V" timeout -k 10 "${AB_S:-200}" \
@@ -36,6 +36,6 @@ say "ab uncapped rc=$?"
 cp /tmp/ab_uncapped/ab_stage1.json "$OUT/ab_uncapped.json"
 if [ -n "${TESTS:-}" ]; then  # TESTS=1
   (cd "$OVERLAY" && timeout -s INT -k 10 "${PYTEST_S:-200}" python3 -m pytest "$REPO/tests/test_kernels.py" \
-    -k "cap or nan or refus or matches_triton" -q -rfEs -p no:cacheprovider) > "$OUT/pytest_cap.log" 2>&1
+    -k "cap or nan or refus or own_strides or matches_triton" -q -rfEs -p no:cacheprovider) > "$OUT/pytest_cap.log" 2>&1
   say "pytest -k 'cap or nan or refus' rc=$?: $(tail -1 "$OUT/pytest_cap.log")"
 fi

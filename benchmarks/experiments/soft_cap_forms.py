@@ -1,16 +1,17 @@
 """The soft cap's tanh in four forms: what each costs the Hopper stage 1 and how far each is from tanh.
 
-(rational) main's: Eigen's float32 [13/6] rational with one div.approx, the score clamped where tanh is 1;
+(rational) Eigen's float32 [13/6] rational with one div.approx, x clamped where tanh is 1 (kernels/tree_decode.py's,
+      the Hopper kernel's until 2026-12-07);
 (approx) PTX's ``tanh.approx.f32`` (one MUFU op, max relative error about 2^-11, as FlashInfer's soft cap);
 (ex2) 1 - 2 / (1 + 2^(2 x log2 e)): two MUFU ops (ex2, rcp) and two FMA-pipe ops, no clamp (saturates to +-1);
       its absolute error (~2e-7) is all of tanh's digits where x -> 0 (a cap far above the scores);
-(ex2s) ex2, and below |x| = 0.1 tanh's series to x^5 (relative error under 6e-8 there; ex2's under ~2e-6 above).
+(ex2s) ex2, and below |x| = 0.1 tanh's series to x^5: the Hopper kernel's (kernels/stage1_hopper.py's _soft_cap).
 
-    python3 benchmarks/experiments/soft_cap_forms.py variants DIR   # writes DIR/stage1_hopper_{approx,ex2,ex2s}.py
+    python3 benchmarks/experiments/soft_cap_forms.py variants DIR   # DIR/stage1_hopper_{rational,approx,ex2}.py
     python3 benchmarks/experiments/soft_cap_forms.py accuracy OUT.json  # GPU: each form against float64's tanh
 
-The variants are kernels/stage1_hopper.py with ``_soft_cap``'s body replaced (the result divided by
-sm_scale / cap by one multiply, as main's ``s * r`` is one), timed by ``ab_stage1.py`` with ``CAP=50``.
+The variants are kernels/stage1_hopper.py with ``_soft_cap``'s body (tanh of x = score x sm_scale / cap) replaced,
+timed against it by ``ab_stage1.py`` with ``CAP=50`` (``run_soft_cap_forms.sh``).
 """
 import importlib
 import json
@@ -20,30 +21,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-APPROX = '''    x = s * cap_scale
-    t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
-    return t * (1.0 / cap_scale)
+# Eigen's float32 tanh: tanh(x) = x R(x^2) for |x| <= 7.905 (kernels/tree_decode.py's constants)
+RATIONAL = '''    x = gl.minimum(gl.maximum(s * cap_scale, -7.90531110763549805), 7.90531110763549805)
+    x2 = x * x
+    num = 4.89352455891786e-03 + x2 * (6.37261928875436e-04 + x2 * (1.48572235717979e-05 + x2 * (
+        5.12229709037114e-08 + x2 * (-8.60467152213735e-11 + x2 * (2.00018790482477e-13 + x2 * -2.76076847742355e-16)))))
+    den = 4.89352518554385e-03 + x2 * (2.26843463243900e-03 + x2 * (1.18534705686654e-04 + x2 * 1.19825839466702e-06))
+    r = gl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=f,f,f", [num, den], dtype=gl.float32, is_pure=True,
+                                  pack=1)
+    return x * r
+'''
+APPROX = '''    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * cap_scale], dtype=gl.float32,
+                                     is_pure=True, pack=1)
 '''
 EX2 = '''    e = gl.exp2(s * (cap_scale * (2.0 * LOG2E)))
     r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=gl.float32, is_pure=True,
                                   pack=1)
-    return (1.0 - 2.0 * r) * (1.0 / cap_scale)
+    return 1.0 - 2.0 * r
 '''
-EX2S = '''    x = s * cap_scale
-    e = gl.exp2(x * (2.0 * LOG2E))
-    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=gl.float32, is_pure=True,
-                                  pack=1)
-    x2 = x * x
-    t = gl.where(gl.abs(x) < 0.1, x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0))), 1.0 - 2.0 * r)
-    return t * (1.0 / cap_scale)
-'''
-FORMS = {"approx": APPROX, "ex2": EX2, "ex2s": EX2S}
+FORMS = {"rational": RATIONAL, "approx": APPROX, "ex2": EX2}
 
 
 def write_variants(out_dir: Path) -> None:
     src = (ROOT / "kernels" / "stage1_hopper.py").read_text()
     # _soft_cap's body: from the end of its docstring to the blank lines before the next decorator.
-    pat = re.compile(r'(def _soft_cap\(s, cap_scale, cap_clamp\):\n    """.*?"""\n)(.*?)(\n\n@gluon\.jit)', re.S)
+    pat = re.compile(r'(def _soft_cap\(s, cap_scale\):\n    """.*?"""\n)(.*?)(\n\n@gluon\.jit)', re.S)
     if len(pat.findall(src)) != 1:
         raise SystemExit("kernels/stage1_hopper.py: _soft_cap not found once; update this script")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +68,7 @@ def accuracy(out: Path) -> None:
     def forms(X, Y, n, FORM: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < n)
-        if FORM == 0:  # main's rational on x = s * cap_scale, with cap_scale 1 (tanh(x) itself)
+        if FORM == 0:  # the rational on x = s * cap_scale, with cap_scale 1 (tanh(x) itself)
             y = _rational(x, 1.0, _CLAMP)
         elif FORM == 1:
             y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
