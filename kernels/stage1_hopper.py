@@ -62,7 +62,8 @@ except ImportError:  # Triton 3.5's Gluon has no mma.sync
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
-# The soft cap's tanh below |x| = TANH_SERIES_BELOW: its series to x^5, within 6e-8 (relative) there; above it
+# The soft cap's tanh below |x| = TANH_SERIES_BELOW: its series to x^5, within 1.2e-7 (relative; 5.4e-8
+# of it truncation, the rest float32 rounding) there; above it
 # 1 - 2 / (1 + e^{2x}), within ~2e-7 (absolute), which alone lost every digit as x -> 0 (a cap far above the scores).
 TANH_SERIES_BELOW = gl.constexpr(0.1)
 FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -143,7 +144,7 @@ def _soft_cap(s, cap_scale):
 
     Not kernels/tree_decode.py's rational (one division and 15 FMA-pipe operations per score): the large tiles are
     bound by arithmetic per score, and this form, two MUFU operations (ex2, rcp) and ~8 others, took prefix 16k x 64
-    from +21% over uncapped to +N% on an H100 (benchmarks/experiments/soft_cap_forms.py). Within 2e-6 of tanh
+    from +21% over uncapped to +N% on an H100 (benchmarks/experiments/soft_cap_forms.py). Within 4e-6 of tanh
     relative to it over float32's range (tanh.approx.f32, one MUFU operation, costs nothing measurable but is only
     within 2^-11). NaN stays NaN; +-inf and |x| past ~44 give +-1 (e^{2x} is inf or 0 there)."""
     x = s * cap_scale

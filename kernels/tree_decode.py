@@ -45,7 +45,7 @@ STAGE2_SHAPE_FEW_MERGES = (32, 4)
 # softmax's exp2; capped 16k x 64 ran 35% slower than uncapped on an H100
 # (benchmarks/results/kernels_h100_logit_cap.md). A cap too large for float32's sm_scale / cap is no cap: the scale is
 # 0 and R(0) = A1 / B0 = 1 - 1.3e-7. The Hopper kernel computes tanh otherwise (stage1_hopper._soft_cap: the same
-# function within 2e-6, cheaper where its large tiles are bound by arithmetic per score).
+# function within 4e-6, cheaper where its large tiles are bound by arithmetic per score).
 TANH_CLAMP = tl.constexpr(7.90531110763549805)
 TANH_A1 = tl.constexpr(4.89352455891786e-03)
 TANH_A3 = tl.constexpr(6.37261928875436e-04)

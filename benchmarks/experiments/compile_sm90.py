@@ -28,7 +28,7 @@ from sweep_stage1 import load_module  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "kv_indices": "*i32", "qperm": "*i32", "items": "*i32",
             "counts": "*i32", "partial_out": "*fp32", "partial_lse": "*fp32"}
-FLOATS = ("sm_scale", "logit_cap", "cap_scale", "cap_clamp")  # (the Hopper kernel takes the cap as its two scalars)
+FLOATS = ("sm_scale", "logit_cap", "cap_scale", "cap_clamp", "cap_mul")  # (the Hopper kernel takes the cap as its two scalars)
 # stage1_hopper's launch for Llama-3-8B's attention shape (32 q / 8 kv heads of 128).
 CONSTEXPRS = dict(GROUP=4, HEAD_DIM=128, LARGE_M=64, SMALL_M=16, BLOCK=32, STAGES=2, USE_CAP=0, WARPS=4, CONVERT=0)
 
