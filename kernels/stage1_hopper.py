@@ -144,8 +144,9 @@ def _soft_cap(s, cap_scale):
 
     Not kernels/tree_decode.py's rational (one division and 15 FMA-pipe operations per score): the large tiles are
     bound by arithmetic per score, and this form, two MUFU operations (ex2, rcp) and ~8 others, took prefix 16k x 64
-    from +21% over uncapped to +N% on an H100 (benchmarks/experiments/soft_cap_forms.py). Within 4e-6 of tanh
-    relative to it over float32's range (tanh.approx.f32, one MUFU operation, costs nothing measurable but is only
+    from +20% over uncapped to +10% on an H100 (100.2 and 91.5 against 83.2 µs;
+    benchmarks/results/ab_soft_cap_ex2s_h100.json). Within 4e-6 of tanh relative to it over float32's range (a bound
+    from ex2's and rcp's documented errors; 1.4e-6 measured there) (tanh.approx.f32, one MUFU operation, costs nothing measurable but is only
     within 2^-11). NaN stays NaN; +-inf and |x| past ~44 give +-1 (e^{2x} is inf or 0 there)."""
     x = s * cap_scale
     e = gl.exp2(x * (2.0 * LOG2E))
