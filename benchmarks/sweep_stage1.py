@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import datetime
+import functools
 import importlib
 import importlib.util
 import json

@@ -62,9 +62,9 @@ except ImportError:  # Triton 3.5's Gluon has no mma.sync
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 LOG2E = gl.constexpr(1.4426950408889634)  # scores in base 2: the kernel uses exp2/log2
-# The soft cap's tanh below |x| = TANH_SERIES_BELOW: its series to x^5, within 1.2e-7 (relative; 5.4e-8
-# of it truncation, the rest float32 rounding) there; above it
-# 1 - 2 / (1 + e^{2x}), within ~2e-7 (absolute), which alone lost every digit as x -> 0 (a cap far above the scores).
+# The soft cap's tanh below |x| = TANH_SERIES_BELOW: its series to x^5, within 1.2e-7 (relative; 5.4e-8 of it
+# truncation, the rest float32 rounding) there; above it 1 - 2 / (1 + e^{2x}), within ~2e-7 (absolute), which alone
+# lost every digit as x -> 0 (a cap far above the scores).
 TANH_SERIES_BELOW = gl.constexpr(0.1)
 FP32_MAX = float(torch.finfo(torch.float32).max)
 LARGE_ROWS = 64  # one warpgroup's wgmma tile
@@ -145,9 +145,9 @@ def _soft_cap(s, cap_scale):
     Not kernels/tree_decode.py's rational (one division and 15 FMA-pipe operations per score): the large tiles are
     bound by arithmetic per score, and this form, two MUFU operations (ex2, rcp) and ~8 others, took prefix 16k x 64
     from +20% over uncapped to +10% on an H100 (100.2 and 91.5 against 83.2 µs;
-    benchmarks/results/ab_soft_cap_ex2s_h100.json). Within 4e-6 of tanh relative to it over float32's range (a bound
-    from ex2's and rcp's documented errors; 1.4e-6 measured there) (tanh.approx.f32, one MUFU operation, costs nothing measurable but is only
-    within 2^-11). NaN stays NaN; +-inf and |x| past ~44 give +-1 (e^{2x} is inf or 0 there)."""
+    benchmarks/results/ab_soft_cap_ex2s_h100.json). Within 4e-6 of tanh relative to it over float32's range, a bound
+    from ex2's and rcp's documented errors (1.4e-6 measured there); tanh.approx.f32, one MUFU operation, costs nothing
+    measurable but is only within 2^-11. NaN stays NaN; +-inf and |x| past ~44 give +-1 (e^{2x} is inf or 0 there)."""
     x = s * cap_scale
     e = gl.exp2(x * (2.0 * LOG2E))
     # rcp.approx: 1 + e >= 1, where it is within 1 ulp; `/` compiles to div.full, range checks this never needs.

@@ -64,6 +64,9 @@ DEMO_LOGGING_SHORTEST = {"--decode-log-interval": "--decode-l", "--log-level": "
 DEMO_ADDRESS = {"--host": "the demo's server listens on 127.0.0.1, where the demo waits for it and sends its program",
                 "--port": "the demo's own --port (before --) picks the server's port"}
 SHORTEST = {**DEMO_LOGGING_SHORTEST, "--host": "--ho", "--port": "--po"}
+# Every flag the demo refuses after --, and why.
+REFUSED_AFTER_DASHES = {**{flag: f"the demo sets {flag} {value}, as it reads the server's per-step sharing lines from "
+                                 "its log" for flag, value in DEMO_LOGGING.items()}, **DEMO_ADDRESS}
 
 
 def names_flag(arg: str, flag: str) -> bool:
@@ -306,14 +309,10 @@ def main(argv=None) -> int:
     if not args.timeout > 0:
         ap.error(f"--timeout {args.timeout}: seconds to wait for the server, more than 0")
     if args.model_path.is_absolute() and not args.model_path.exists():
-        # (a relative one may be a Hugging Face id, which SGLang fetches) Otherwise transformers' traceback about repo ids came
-        # after the server's start, ~10 s on the CPU.
+        # (a relative one may be a Hugging Face id, which SGLang fetches) Otherwise transformers' traceback about
+        # repo ids came after the server's start, ~10 s on the CPU.
         ap.error(f"--model-path {args.model_path}: no such directory")
-    for flag in DEMO_LOGGING:
-        if any(names_flag(a, flag) for a in args.server_args):
-            ap.error(f"{flag} after --: the demo sets {flag} {DEMO_LOGGING[flag]}, as it reads the server's "
-                     "per-step sharing lines from its log")
-    for flag, why in DEMO_ADDRESS.items():
+    for flag, why in REFUSED_AFTER_DASHES.items():
         if any(names_flag(a, flag) for a in args.server_args):
             ap.error(f"{flag} after --: {why}")
 

@@ -146,18 +146,25 @@ def test_a_cap_the_scale_cannot_reach_in_float32_is_refused():
                                attention_reference(q, k, v, TREES["inner_queries"], 0.125), atol=ATOL[q.dtype], rtol=0)
 
 
+def check_capped_scores(dtype, d, q_scale, logit_cap):
+    """tree_decode against the reference on the random forest with q x ``q_scale`` under ``logit_cap``; returns the
+    scaled q, k and sm_scale (for a check of the scores' size)."""
+    tree = TREES["random_forest"]
+    _, _, (q, k, v, plan, sm_scale, _) = run_case(tree, 8, 2, d, dtype)
+    q = q * q_scale
+    out = tree_decode(q, k, v, plan, sm_scale, logit_cap)
+    ref = attention_reference(q, k, v, tree, sm_scale, logit_cap)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    return q, k, sm_scale
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 def test_logit_cap_on_scores_near_the_cap(dtype, d):
     """Scores of q x 8 (|score| up to ~30) under Gemma-2's cap of 50, where the cap's tanh is far from 0 and 1 and
     an error in it moves the softmax's weights. The capped score 2^-11 off relative to itself (tanh.approx.f32's
     bound, FlashInfer's cap), made so in the Triton kernel's rational on the CPU, fails the float32 cases."""
-    tree = TREES["random_forest"]
-    _, _, (q, k, v, plan, sm_scale, _) = run_case(tree, 8, 2, d, dtype)
-    q = q * 8
-    out = tree_decode(q, k, v, plan, sm_scale, 50.0)
-    ref = attention_reference(q, k, v, tree, sm_scale, 50.0)
-    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    q, k, sm_scale = check_capped_scores(dtype, d, q_scale=8, logit_cap=50.0)
     scores = torch.einsum("qhd,khd->qhk", q[:, ::4].float(), k.float()) * sm_scale  # (q heads of KV head 0, 1)
     assert scores.abs().max() > 20
 
@@ -168,12 +175,7 @@ def test_logit_cap_on_scores_in_the_series_range(dtype, d):
     """Scores of q x 3 (|score| up to ~12) under a cap of 100: x = score / cap under ~0.12, where a tanh form's
     small-x branch (a series, or a rational's low terms) decides the capped score. Tanh's series with +1/3 for -1/3
     puts fp16 outputs 7-14 x ATOL off (the reference with that series, on the CPU); bf16's tolerance is too coarse."""
-    tree = TREES["random_forest"]
-    _, _, (q, k, v, plan, sm_scale, _) = run_case(tree, 8, 2, d, dtype)
-    q = q * 3
-    out = tree_decode(q, k, v, plan, sm_scale, 100.0)
-    ref = attention_reference(q, k, v, tree, sm_scale, 100.0)
-    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+    check_capped_scores(dtype, d, q_scale=3, logit_cap=100.0)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA devices")
