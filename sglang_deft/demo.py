@@ -63,7 +63,10 @@ DEMO_LOGGING_SHORTEST = {"--decode-log-interval": "--decode-l", "--log-level": "
 # spellings: "--h" is also "--help"'s, "--p" many options'.)
 DEMO_ADDRESS = {"--host": "the demo's server listens on 127.0.0.1, where the demo waits for it and sends its program",
                 "--port": "the demo's own --port (before --) picks the server's port"}
-SHORTEST = {**DEMO_LOGGING_SHORTEST, "--host": "--ho", "--port": "--po"}
+# The demo shows deft's decode: another decode backend after -- was refused only once the server had started (~10 s
+# on the CPU). ("--decode-" is also --decode-log-interval's.)
+DECODE_BACKEND = "--decode-attention-backend"
+SHORTEST = {**DEMO_LOGGING_SHORTEST, "--host": "--ho", "--port": "--po", DECODE_BACKEND: "--decode-a"}
 # Every flag the demo refuses after --, and why.
 REFUSED_AFTER_DASHES = {**{flag: f"the demo sets {flag} {value}, as it reads the server's per-step sharing lines from "
                                  "its log" for flag, value in DEMO_LOGGING.items()}, **DEMO_ADDRESS}
@@ -73,6 +76,12 @@ def names_flag(arg: str, flag: str) -> bool:
     """Whether the command-line word ``arg`` gives SGLang's ``flag`` (also abbreviated, also as ``--flag=value``)."""
     option = arg.split("=", 1)[0]
     return flag.startswith(option) and option.startswith(SHORTEST[flag])
+
+
+def flag_values(args: list[str], flag: str) -> list[str | None]:
+    """The values ``args`` give SGLang's ``flag`` (None: the flag ends the list, SGLang's parser refuses it)."""
+    return [a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else None)
+            for i, a in enumerate(args) if names_flag(a, flag)]
 
 
 def use_gpu(force_cpu: bool) -> bool:
@@ -315,6 +324,9 @@ def main(argv=None) -> int:
     for flag, why in REFUSED_AFTER_DASHES.items():
         if any(names_flag(a, flag) for a in args.server_args):
             ap.error(f"{flag} after --: {why}")
+    for backend in flag_values(args.server_args, DECODE_BACKEND):
+        if backend not in (None, "deft"):  # (None: SGLang's parser refuses the flag without a value itself)
+            ap.error(f"{DECODE_BACKEND} {backend} after --: the demo shows deft's decode, which that would replace")
 
     t_start = time.monotonic()
     # The server runs in a process group of its own, which a closed terminal's SIGHUP does not reach: the

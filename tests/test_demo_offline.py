@@ -262,8 +262,9 @@ def test_main_reports_what_the_server_runs_and_refuses_a_server_without_deft(mon
     assert f"serving {tmp_path} on cpu in float32: prefill/extend on torch_native, decode on deft" in out
     assert ran == {"random_model": False}
     ran.clear()
-    monkeypatch.setattr(demo, "ServerProcess", FakeServer())
-    assert demo.main(["--cpu", "--", "--decode-attention-backend", "torch_native"]) == 1
+    # (a decode backend after -- is refused before the start; a --config file may still change it)
+    monkeypatch.setattr(demo, "ServerProcess", FakeServer(decode_attention_backend="torch_native"))
+    assert demo.main(["--cpu", "--", "--config", str(tmp_path / "c.yaml")]) == 1
     out = capsys.readouterr().out
     assert "decode on torch_native" in out and "the server does not decode with deft" in out and ran == {}
 
@@ -303,6 +304,11 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     # overridden by the port ServerProcess appends, without a word
     (["--", "--port", "40000"], "--port after --: the demo's own --port (before --)"),
     (["--", "--po=40000"], "--port after --: the demo's own --port (before --)"),
+    # refused only after the server's start (~10 s on the CPU)
+    (["--", "--decode-attention-backend", "torch_native"],
+     "--decode-attention-backend torch_native after --: the demo shows deft's decode"),
+    (["--", "--decode-a=triton", "--decode-attention-backend", "deft"],
+     "--decode-attention-backend triton after --: the demo shows deft's decode"),
 ])
 def test_main_refuses_arguments_it_cannot_run_with_before_starting_anything(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(demo, "ServerProcess", lambda *a, **k: pytest.fail("a server was started"))
@@ -311,7 +317,25 @@ def test_main_refuses_arguments_it_cannot_run_with_before_starting_anything(monk
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arg", ["--decode", "--decode-attention-backend", "--log-level-http", "--log-lev",
+@pytest.mark.parametrize("argv", [["--decode-attention-backend", "deft"], ["--decode-a=deft"]],
+                         ids=["deft", "deft-abbreviated"])
+def test_a_decode_backend_after_dashes_that_keeps_deft_starts_the_server(monkeypatch, tmp_path, argv):
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: None)
+    server = FakeServer(decode_attention_backend="deft")
+    monkeypatch.setattr(demo, "ServerProcess", server)
+    assert demo.main(["--cpu", "--", *argv]) == 0
+    assert server.args[-len(argv):] == argv
+
+
+def test_flag_values_reads_both_spellings_and_a_missing_value():
+    """(A missing value is SGLang's parser's to refuse, in the server's log; the demo lets it through.)"""
+    args = ["--decode-a=triton", "--x", "--decode-attention-backend", "deft", "--decode-attention-backend"]
+    assert demo.flag_values(args, demo.DECODE_BACKEND) == ["triton", "deft", None]
+
+
+@pytest.mark.parametrize("arg", ["--decode", "--decode-", "--log-level-http", "--log-lev",
                                  "--log-requests", "--dec=3", "--h", "--p", "--port-x", "--hostname"])
 def test_other_flags_are_not_taken_for_the_demos_own_flags(arg):
     """Words that are other SGLang options, or ambiguous prefixes its parser refuses itself."""
