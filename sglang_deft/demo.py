@@ -311,6 +311,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-log", action="store_true", help="keep the server log after a success")
     ap.add_argument("server_args", nargs="*", help="extra launcher arguments (after --)")
     args = ap.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    after_dashes = raw[raw.index("--") + 1:] if "--" in raw else []
+    if len(args.server_args) > len(after_dashes):  # argparse gave the launcher a word before --, e.g. a typo
+        stray = args.server_args[:len(args.server_args) - len(after_dashes)]
+        ap.error(f"unrecognized arguments: {' '.join(stray)} (the launcher's arguments go after --)")
     if args.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")
     if not 0 <= args.port <= 65535:

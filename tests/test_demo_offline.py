@@ -304,6 +304,10 @@ def test_startup_progress_reads_the_last_rewrite_of_a_progress_line_and_its_limi
     # overridden by the port ServerProcess appends, without a word
     (["--", "--port", "40000"], "--port after --: the demo's own --port (before --)"),
     (["--", "--po=40000"], "--port after --: the demo's own --port (before --)"),
+    # a word before -- went to the launcher, whose parser refused it in the server's log
+    (["extra"], "unrecognized arguments: extra (the launcher's arguments go after --)"),
+    (["--widths", "2,2", "extra", "--", "--max-running-requests", "4"],
+     "unrecognized arguments: extra (the launcher's arguments go after --)"),
     # refused only after the server's start (~10 s on the CPU)
     (["--", "--decode-attention-backend", "torch_native"],
      "--decode-attention-backend torch_native after --: the demo shows deft's decode"),
