@@ -19,6 +19,7 @@ Nothing here imports SGLang at module level: spawned processes re-import this mo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -51,6 +52,18 @@ class _PreParser(argparse.ArgumentParser):
         raise _PreParseError(message)
 
 
+def merge_config_quietly(merger, argv: list[str]) -> list[str]:
+    """``merger.merge_config_with_args(argv)`` without its log line on a file YAML cannot read: the launcher's
+    error says the same, after the line had come twice (once per merge) amid SGLang's startup warnings."""
+    log = logging.getLogger(type(merger).__module__)
+    was = log.disabled
+    log.disabled = True
+    try:
+        return merger.merge_config_with_args(argv)
+    finally:
+        log.disabled = was
+
+
 def _device_arg(argv: list[str]) -> str | None:
     """``--device`` from the command line, else from a ``--config`` file (SGLang's merge lets the command
     line override the file); read before SGLang loads, so without its parser. argparse takes the file
@@ -68,7 +81,7 @@ def _device_arg(argv: list[str]) -> str | None:
     parser = _PreParser(add_help=False)
     parser.add_argument("--device", default=None)
     try:
-        argv = ConfigArgumentMerger().merge_config_with_args(config_flag_spelled_out(argv))
+        argv = merge_config_quietly(ConfigArgumentMerger(), config_flag_spelled_out(argv))
         return parser.parse_known_args(argv)[0].device
     except (OSError, ValueError, yaml.YAMLError, _PreParseError):
         return None
@@ -96,7 +109,7 @@ def parse_server_args(argv: list[str], device: str):
         from sglang.srt.server_args_config_parser import ConfigArgumentMerger
 
         try:
-            argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+            argv = merge_config_quietly(ConfigArgumentMerger(parser), argv)
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise ConfigFileError(f"--config: {e}") from e
     raw_args = parser.parse_args(argv)

@@ -253,9 +253,11 @@ def test_launcher_leaves_a_config_file_sglang_refuses_to_its_merger(tmp_path):
     (["--config="], None, "No config file specified (an empty path)"),
     (["--config", ""], None, "No config file specified (an empty path)"),
 ])
-def test_a_config_file_sglangs_merger_refuses_is_a_usage_error(tmp_path, flag, content, message, monkeypatch, capsys):
+def test_a_config_file_sglangs_merger_refuses_is_a_usage_error(tmp_path, flag, content, message, monkeypatch, capsys,
+                                                                caplog):
     """SGLang's merger raises ValueError for these (a YAML error for a file it cannot parse), which reached the
-    user as a traceback with exit code 1; the launcher reports it as the other argument errors: one line, exit 2."""
+    user as a traceback with exit code 1; the launcher reports it as the other argument errors: one line, exit 2.
+    The merger's own log line for a YAML error, which said it twice before that line, stays out."""
     monkeypatch.chdir(tmp_path)
     if content is not None:
         (tmp_path / flag[-1].rpartition("=")[2]).write_text(content)
@@ -268,6 +270,7 @@ def test_a_config_file_sglangs_merger_refuses_is_a_usage_error(tmp_path, flag, c
     err = capsys.readouterr().err
     assert f"sglang_deft.launch_server: --config: {message}" in err
     assert "Traceback" not in err
+    assert [r.getMessage() for r in caplog.records if r.name == "sglang.srt.server_args_config_parser"] == []
 
 
 def test_launcher_leaves_an_sglang_without_the_merger_to_the_version_check(monkeypatch):
