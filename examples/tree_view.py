@@ -109,7 +109,13 @@ def run_as_command(main, **kwargs) -> None:
     (exit 1) instead of hanging there. sglang.lang gives every fork() branch a worker thread that is not a daemon
     and ends only when its state is garbage-collected or one of its own generations fails; after an uncaught
     exception the traceback (kept for the interpreter's exit) keeps the states alive, and the exit waits on their
-    threads forever (a second Ctrl-C was needed). So the error is printed here and the process ends at once."""
+    threads forever (a second Ctrl-C was needed). So the error is printed here and the process ends at once.
+
+    sglang.lang also warns of each failed generation with its traceback ("Error in stream_executor: Traceback
+    ..."), which came before that one line; every example reads its branches through ``check_branch``, whose error
+    names the server's reply, so those warnings are left out unless Python's -W asks for warnings."""
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", message="Error in stream_executor")
     try:
         main(**kwargs)
         return
