@@ -413,6 +413,11 @@ class DeftAttnBackend(AttentionBackend):
                 f"deft: decode metadata is for {meta.num_queries} requests but q has "
                 f"{q.shape[0]} tokens (one query token per request)"
             )
+        windowed = layer_window(layer) is not None
+        plan = meta.window_plan if windowed else meta.plan
+        if plan is None:
+            raise RuntimeError(f"deft: layer {layer.layer_id} has a sliding window of {layer.sliding_window_size} "
+                               "but the backend was made for a model without one")
         if save_kv_cache:
             # As SGLang's triton backend stores it: an fp8 pool divides by the layer's scales (None: a cast).
             forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale,
@@ -421,11 +426,6 @@ class DeftAttnBackend(AttentionBackend):
         k_buffer = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id)
         k_scale, v_scale = kv_scales(layer, k_buffer.dtype)
-        windowed = layer_window(layer) is not None
-        plan = meta.window_plan if windowed else meta.plan
-        if plan is None:
-            raise RuntimeError(f"deft: layer {layer.layer_id} has a sliding window of {layer.sliding_window_size} "
-                               "but the backend was made for a model without one")
         run_layer(q, k_buffer, v_buffer, plan, layer.scaling, layer.logit_cap, out, k_scale, v_scale)
         check_tree = meta.check_window_tree if windowed else meta.check_tree
         if check_tree is not None and layer.layer_id in self._checked_layers:

@@ -1163,6 +1163,12 @@ def test_queries_other_than_the_planned_requests_are_refused(server_args, model_
                                layer, fb)
     # Refused before the KV write: the cache holds what it held.
     assert torch.equal(pool.get_key_buffer(0), before[0]) and torch.equal(pool.get_value_buffer(0), before[1])
+    windowed = copy.copy(layer)
+    windowed.sliding_window_size = 64  # a layer the backend (made for a model without windows) has no plan for
+    with pytest.raises(RuntimeError, match="layer 0 has a sliding window of 64 but the backend was made for a model "
+                                           "without one"):
+        backend.forward_decode(torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d), windowed, fb)
+    assert torch.equal(pool.get_key_buffer(0), before[0]) and torch.equal(pool.get_value_buffer(0), before[1])
     backend.init_forward_metadata(SimpleNamespace(forward_mode=ForwardMode.IDLE))  # an idle batch plans nothing
     with pytest.raises(RuntimeError, match=r"forward_decode without decode metadata .* or ran for an idle batch"):
         backend.forward_decode(torch.randn(B, hq * d), torch.randn(B, hkv, d), torch.randn(B, hkv, d), layer, fb)
