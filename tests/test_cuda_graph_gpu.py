@@ -191,7 +191,23 @@ def test_replayed_steps_over_an_fp8_kv_cache_equal_eager_steps_bitwise(heads, kv
     replay_and_compare(setup)
 
 
-def replay_and_compare(setup: CudaDecodeSetup):
+# Steady steps per step of replay_and_compare's batches: full plans on a change and the step after it (room laid out),
+# steady steps while nothing changes; with room for 2 (SGLANG_DEFT_STEADY_STEPS=2) step 4 is a full plan too.
+STEADY_DEFAULT = [False, False, True, True, True, False, False, True, True, False, False, True, False, False]
+STEADY_ROOM_2 = STEADY_DEFAULT[:4] + [False] + STEADY_DEFAULT[5:]
+
+
+# A server's SGLANG_DEFT_STEADY_STEPS other than the default: the device-side steady update runs out of room and the
+# next full plan lays room out again, in graph replays and eager steps alike.
+@pytest.mark.parametrize("heads", [None, (32, 8, 128)], ids=["tiny", "h128"])
+def test_replayed_steps_with_room_for_two_steady_steps_equal_eager_steps(heads, monkeypatch):
+    monkeypatch.setenv("SGLANG_DEFT_STEADY_STEPS", "2")
+    setup = CudaDecodeSetup(torch.bfloat16, monkeypatch, heads)
+    assert setup.backend.step_planner.slack == 2
+    replay_and_compare(setup, STEADY_ROOM_2)
+
+
+def replay_and_compare(setup: CudaDecodeSetup, steady: list[bool] = STEADY_DEFAULT):
     dtype = setup.dtype
     graphs = Graphs(setup)
     sim, backend = setup.sim, setup.backend
@@ -231,9 +247,7 @@ def replay_and_compare(setup: CudaDecodeSetup):
                                        atol=atol * max(1.0, v_scale),
                                        msg=lambda m: f"step {step} (steady: {logs[1][-1]}): {m}")
         sim.finish_decode(reqs)
-    # Full plans on a change and the step after it (room laid out), steady steps while nothing changes.
-    assert logs[0] == logs[1] == [False, False, True, True, True, False, False, True, True, False, False, True,
-                                  False, False]
+    assert logs[0] == logs[1] == steady
 
 
 def test_stage2_shape_is_the_graphs_in_eager_steps(monkeypatch):
