@@ -164,12 +164,16 @@ def _group_socket_inodes(pgid: int) -> set[str]:
     inodes = set()
     for pid, _ in _group_members(pgid) or []:
         try:
-            for fd in os.scandir(f"/proc/{pid}/fd"):
-                target = os.readlink(fd.path)
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
+            fds = list(os.scandir(f"/proc/{pid}/fd"))
         except OSError:  # exited meanwhile, or not ours to read
             continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd.path)
+            except OSError:  # closed since the listing: one descriptor, not the process's others (its listener)
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
     return inodes
 
 
@@ -293,7 +297,16 @@ class ServerProcess:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if any of it lingers
-        after ``grace_s``: a scheduler that outlives its launcher would keep its GPU memory."""
+        after ``grace_s``: a scheduler that outlives its launcher would keep its GPU memory. Once stopped, a later
+        call does nothing: the group's id, free once the launcher is reaped, may be another session's by then."""
+        if self._log.closed:  # (closed by the first stop)
+            return
+        try:
+            self._stop(grace_s)
+        finally:
+            self._log.close()
+
+    def _stop(self, grace_s: float) -> None:
         if self.proc.poll() is None or process_group_alive(self.proc.pid):
             for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
                 try:
@@ -315,4 +328,3 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 print(f"[{self.name}] launcher pid {self.proc.pid} survived SIGKILL for 60 s; not waiting for it",
                       file=sys.stderr, flush=True)
-        self._log.close()

@@ -120,6 +120,19 @@ def test_wait_query_and_stop(launcher):
     assert server.proc.poll() is not None and not process_group_alive(server.proc.pid)
 
 
+def test_a_second_stop_signals_nothing(launcher, monkeypatch):
+    """The group's id is free once the launcher is reaped: a second stop() (a fixture's, after a test's) must not
+    signal whatever session has it by then."""
+    server = launcher("serve")
+    server.wait_ready(60)
+    server.stop()
+    signalled = []
+    monkeypatch.setattr(server_process.os, "killpg", lambda *a: signalled.append(a))
+    monkeypatch.setattr(server_process, "process_group_alive", lambda pgid: True)  # the id taken again
+    server.stop(grace_s=0.1)
+    assert signalled == []
+
+
 def test_a_launcher_that_exits_is_reported_with_its_log(launcher):
     server = launcher("exit")
     with pytest.raises(RuntimeError, match=r"(?s)exit server exited with 3:.*fake launcher exit"):
@@ -293,6 +306,28 @@ def test_a_listener_on_another_address_at_the_same_port_is_not_a_rival(launcher,
         server = launcher("silent")
         # (a rival on 127.0.0.1 itself: test_a_port_another_process_answers_on_is_not_taken_for_this_server)
         assert server.port == port and not server.port_held_by_another_process() and not server.port_taken()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="no /proc")
+def test_a_descriptor_closed_during_the_scan_hides_none_of_the_others(monkeypatch):
+    """A descriptor closed between the listing and its readlink (a launcher's connections come and go) ended the
+    scan of that process: its listener went unseen, and wait_ready called the server's own port another's."""
+    import os
+
+    real_readlink, mine, failed = os.readlink, f"/proc/{os.getpid()}/fd/", []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def closed_meanwhile(path):
+            if path.startswith(mine) and path != f"{mine}{listener.fileno()}" and not failed:
+                failed.append(path)
+                raise FileNotFoundError(path)
+            return real_readlink(path)
+
+        monkeypatch.setattr(server_process.os, "readlink", closed_meanwhile)
+        inodes = server_process._group_socket_inodes(os.getpgid(0))
+        assert failed and str(os.fstat(listener.fileno()).st_ino) in inodes
 
 
 def test_a_zombie_is_not_a_live_process():
