@@ -114,11 +114,14 @@ def parse_kernel_check_lines(text: str) -> list[dict]:
         if LOG_PREFIX not in line:
             continue
         row = {}
-        for key, value in _FIELD.findall(line.split(LOG_PREFIX, 1)[1]):
-            if key == "dtype":
-                row[key] = value
-            else:
-                row[key] = int(value) if key in ("step", "layer", "rank", "queries") else float(value)
+        try:
+            for key, value in _FIELD.findall(line.split(LOG_PREFIX, 1)[1]):
+                if key == "dtype":
+                    row[key] = value
+                else:
+                    row[key] = int(value) if key in ("step", "layer", "rank", "queries") else float(value)
+        except ValueError:  # cut inside a number ("3.8147e"): a cut line, left out as the others are
+            continue
         if row.get("dtype") in ROUNDOFF:
             rows.append(row)
     return rows

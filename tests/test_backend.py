@@ -1205,5 +1205,9 @@ def test_a_kernel_check_line_cut_short_is_left_out():
     failed = whole.replace("max_abs_diff=0.000244", "max_abs_diff=0.002")
     assert not within_tolerance(parse_kernel_check_lines(failed)[0])
     assert parse_kernel_check_lines(failed[:-2]) == []
+    # cut inside a number's exponent (%.6g writes 3.8147e-06): float() raised on "3.8147e"
+    small = whole.replace("max_abs_diff=0.000244", "max_abs_diff=3.8147e-06")
+    assert [parse_kernel_check_lines(small.split("e-06")[0] + cut) for cut in ("e", "e-")] == [[], []]
+    assert parse_kernel_check_lines(small)[0]["max_abs_diff"] == 3.8147e-06
     with pytest.raises(ValueError, match="kernel check of dtype 'float'"):
         within_tolerance({"max_abs_diff": 0.002, "max_abs_out": 1.0, "dtype": "float"})
