@@ -310,7 +310,9 @@ def server_args_problems(server_args) -> list[str]:
             "--enable-hierarchical-cache with --device cpu: SGLang's host KV pool is pinned memory filled by CUDA "
             "copy streams; the hierarchical cache needs a GPU"
         )
-    if decode and _cpp_radix_tree():
+    # (With --disable-radix-cache SGLang's scheduler builds a ChunkCache instead, whatever the variable says: only a
+    # multimodal model under --model-impl transformers would still get the C++ tree, and multimodal is refused.)
+    if decode and _cpp_radix_tree() and not a.disable_radix_cache:
         problems.append(
             "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE: the C++ radix tree's nodes are opaque to Python, and the deft "
             "path reads each request's shared prefix from its radix nodes"
@@ -378,7 +380,9 @@ def user_flag_problems(server_args) -> list[str]:
             "quantization config carries the KV scales, or leave the flag out (scales 1.0)"
         )
     grammar = server_args.grammar_backend
-    if grammar in _GRAMMAR_PACKAGES and importlib.util.find_spec(_GRAMMAR_PACKAGES[grammar]) is None:
+    # (--skip-tokenizer-init: the scheduler makes no grammar backend, so it imports no package for one)
+    if (grammar in _GRAMMAR_PACKAGES and not server_args.skip_tokenizer_init
+            and importlib.util.find_spec(_GRAMMAR_PACKAGES[grammar]) is None):
         from sglang.srt.constrained.base_grammar_backend import GRAMMAR_BACKEND_REGISTRY
 
         if grammar not in GRAMMAR_BACKEND_REGISTRY:  # a registered backend of that name brings its own
@@ -540,7 +544,8 @@ def model_runner_problems(model_runner) -> list[str]:
         # else refuses them); forward_decode would raise at the first decode or graph capture
         problems.append(f"attention sinks ({sinks[0]}{f' and {len(sinks) - 1} more' if len(sinks) > 1 else ''}) "
                         "are not supported: deft's softmax has no sink term")
-    problems += _sliding_window_problems(windows_of(layers), backend_names(a)[1], model_runner.sliding_window_size)
+    problems += _sliding_window_problems(windows_of(layers), backend_names(a)[1], model_runner.sliding_window_size,
+                                         on_cpu=a.device == "cpu")
     return list(dict.fromkeys(problems))  # a problem found twice is reported once
 
 
@@ -636,9 +641,10 @@ def _head_shape_problems(layers) -> list[str]:
 
 
 def _sliding_window_problems(windows: dict[int, list[int]], prefill_backend: str | None,
-                             runner_window: int | None) -> list[str]:
+                             runner_window: int | None, on_cpu: bool = False) -> list[str]:
     """``runner_window``: the model runner's ``sliding_window_size``, which SGLang's triton prefill cuts each windowed
-    layer's KV by (its layers' own window only masks)."""
+    layer's KV by (its layers' own window only masks). ``on_cpu``: a --device cpu server, where neither prefill that
+    applies windows runs."""
     if not windows:
         return []
     problems = []
@@ -662,8 +668,10 @@ def _sliding_window_problems(windows: dict[int, list[int]], prefill_backend: str
     if prefill_backend not in _WINDOW_PREFILL_BACKENDS:
         problems.append(f"sliding windows ({', '.join(map(str, sorted(windows)))}) with prefill on {prefill_backend}: "
                         f"SGLang's {prefill_backend} backend does not apply them (it attends every prompt token), so "
-                        f"prompts longer than the window would be prefilled wrong; prefill on "
-                        f"{' or '.join(_WINDOW_PREFILL_BACKENDS)}")
+                        "prompts longer than the window would be prefilled wrong; "
+                        + (f"the prefills that apply them ({', '.join(_WINDOW_PREFILL_BACKENDS)}) need a GPU, so "
+                           "this model is not served on the CPU" if on_cpu else
+                           f"prefill on {' or '.join(_WINDOW_PREFILL_BACKENDS)}"))
     return problems
 
 

@@ -406,6 +406,11 @@ def test_sliding_windows_are_refused_where_they_cannot_be_served(server_args, mo
         problems = model_runner_problems(model_runner(args, model_config, layers))
         assert len(problems) == 1 and problems[0].startswith(
             f"sliding windows (64) with prefill on {prefill}: SGLang's {prefill} backend does not apply them"), problems
+        assert problems[0].endswith("; prefill on triton or fa3")
+    # On the CPU neither prefill that applies them runs: advice to switch to one would be refused in turn
+    [problem] = model_runner_problems(model_runner(server_args, model_config, layers))
+    assert server_args.device == "cpu" and problem.endswith(
+        "wrong; the prefills that apply them (triton, fa3) need a GPU, so this model is not served on the CPU")
     # Windowed layers in a model class without get_attention_sliding_window_size (Cohere2's, ExaoneMoE's): SGLang's
     # triton prefill builds no window KV indices and failed at the first prompt; fa3's reads each layer's window
     [problem] = model_runner_problems(model_runner(triton_prefill(server_args), model_config, layers,

@@ -375,6 +375,8 @@ def test_a_grammar_backend_whose_package_is_missing_is_refused_by_name(deft_args
     with pytest.raises(UnsupportedConfiguration, match=f"--grammar-backend {backend}.* needs the {backend} package"):
         check_server_args(with_(deft_args, grammar_backend=backend))
     check_server_args(deft_args)  # none
+    # --skip-tokenizer-init: SGLang's scheduler makes no grammar backend, so the package is not needed
+    check_server_args(with_(deft_args, grammar_backend=backend, skip_tokenizer_init=True))
 
 
 @pytest.mark.parametrize(
@@ -668,6 +670,8 @@ def test_cpp_radix_tree_is_refused(deft_args, monkeypatch):
     """Its nodes are opaque to Python: the first decode step would have raised in the scheduler."""
     monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")
     assert any("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE" in p for p in server_args_problems(deft_args))
+    # --disable-radix-cache: SGLang's scheduler builds its ChunkCache instead, whatever the variable says
+    assert server_args_problems(with_(deft_args, disable_radix_cache=True)) == []
     monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "0")
     assert server_args_problems(deft_args) == []
 
