@@ -468,20 +468,27 @@ def _kv_dtype_problem(source: str, kv_dtype, model_dtype) -> str | None:
 
 
 def _interpreter_dtype_problem(dtype, device: str, decode: bool) -> str | None:
-    """The Triton kernels on a CPU (SGLANG_DEFT_DECODE_IMPL=triton, in Triton's interpreter) in a dtype the
-    interpreter computes wrongly: the first decode step would fail (``tree_decode`` refuses it)."""
+    """The Triton kernels in Triton's interpreter (on a CPU with SGLANG_DEFT_DECODE_IMPL=triton; on a GPU under
+    TRITON_INTERPRET=1, which runs them on host copies) in a dtype the interpreter computes wrongly: the first decode
+    step or CUDA-graph capture would fail in the scheduler (``tree_decode`` refuses it)."""
+    import torch
+
     try:
         impl = decode_impl()
     except ValueError:
         return None  # server_args_problems reports the value
-    if not decode or device != "cpu" or impl != "triton":
+    if not decode or dtype != torch.bfloat16:
         return None
-    import torch
-
     from .kernels.tree_decode import INTERPRETER_BF16
 
-    if dtype == torch.bfloat16:
-        return f"SGLANG_DEFT_DECODE_IMPL=triton with --device cpu and a bfloat16 model: {INTERPRETER_BF16} (--dtype)"
+    if device == "cpu":
+        if impl == "triton":
+            return (f"SGLANG_DEFT_DECODE_IMPL=triton with --device cpu and a bfloat16 model: {INTERPRETER_BF16} "
+                    "(--dtype)")
+    elif impl != "reference" and _triton_interprets():
+        return (f"TRITON_INTERPRET=1 with --device {device} and a bfloat16 model: Triton's interpreter runs deft's "
+                "kernels (on host copies) and computes a bf16 tl.dot wrongly; unset TRITON_INTERPRET, or --dtype "
+                "float16")
     return None
 
 

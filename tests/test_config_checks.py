@@ -618,9 +618,22 @@ def test_triton_kernels_on_a_cpu_refuse_a_bf16_model(deft_args, monkeypatch):
         "SGLANG_DEFT_DECODE_IMPL=triton with --device cpu and a bfloat16 model: Triton's interpreter computes a bf16 "
         "tl.dot wrongly; use float16 or float32 on a CPU (--dtype)"]
     assert model_config_problems(fp32, deft_args) == []
-    assert model_config_problems(bf16, with_(deft_args, device="cuda")) == []
     monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "auto")  # the PyTorch reference path on a CPU
     assert model_config_problems(bf16, deft_args) == []
+    # On a GPU the kernels run under auto too, and TRITON_INTERPRET=1 puts them in the interpreter there as well
+    # (the first decode step or graph capture raised in the scheduler)
+    on_gpu = with_(deft_args, device="cuda")
+    for impl in ("auto", "triton"):
+        monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", impl)
+        assert model_config_problems(bf16, on_gpu) == [
+            "TRITON_INTERPRET=1 with --device cuda and a bfloat16 model: Triton's interpreter runs deft's kernels (on "
+            "host copies) and computes a bf16 tl.dot wrongly; unset TRITON_INTERPRET, or --dtype float16"]
+        assert model_config_problems(fp32, on_gpu) == []
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "reference")
+    assert model_config_problems(bf16, on_gpu) == []
+    monkeypatch.setenv("SGLANG_DEFT_DECODE_IMPL", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert model_config_problems(bf16, on_gpu) == []
 
 
 def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_launch(deft_args, monkeypatch):
