@@ -10,9 +10,10 @@ private-tail node per request under its last radix node.
 
 Facts this relies on (SGLang 0.5.10.post1, any ``--page-size``, no speculative decoding):
 
-* ``req.last_node`` is the root when nothing matched, and stays the root with
-  ``--disable-radix-cache --chunked-prefill-size -1`` (``RadixCache(disable=True)``); it is ``None``
-  with ``--disable-radix-cache`` and chunked prefill on, the default (``ChunkCache``). No sharing then.
+* ``req.last_node`` is the root when nothing matched. With ``--disable-radix-cache`` (chunked prefill on
+  or off: the scheduler builds a ``ChunkCache`` for any ``--chunked-prefill-size``) it is ``None``; a
+  ``RadixCache(disable=True)`` (the root) serves only a multimodal model under ``--model-impl
+  transformers``, which deft refuses. No sharing then.
   A streaming session's later turns (``--enable-streaming-session``) carry a ``_VirtualNode`` and
   continue in the session's own row: no sharing for them either.
 * Every running request's ``req_to_token`` row holds its whole context (SGLang's own decode
