@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 import urllib.error
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 
@@ -84,6 +85,14 @@ def connect(url: str):
     url = url.rstrip("/")  # SGLang appends "/get_model_info": a trailing slash would ask for "//get_model_info"
     if "://" not in url:  # host:port, as curl takes it (urllib said "unknown url type", as if no server were there)
         url = f"http://{url}"
+    host = urllib.parse.urlsplit(url).hostname
+    if host in ("127.0.0.1", "localhost", "::1"):
+        # A server on this machine is reached directly: with http_proxy set (and it not in no_proxy) sglang.lang's
+        # requests went to the proxy, and "no SGLang server answers" was said of a running one.
+        for key in ("no_proxy", "NO_PROXY"):
+            hosts = [h.strip() for h in os.environ.get(key, "").split(",") if h.strip()]
+            if host not in hosts:
+                os.environ[key] = ",".join(hosts + [host])
     try:
         return sgl.RuntimeEndpoint(url)
     except (urllib.error.URLError, ConnectionError) as e:

@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from sglang_deft.server_process import ServerProcess
+from sglang_deft.server_process import NO_PROXY_KEYS, ServerProcess, with_local_hosts_unproxied
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-llama-deft"
@@ -339,11 +339,20 @@ def main(argv=None) -> int:
     # A signal the caller ignores stays ignored: under nohup a closed terminal's SIGHUP ended the demo.
     callers = {signum: signal.signal(signum, _raise_on_sigterm) for signum in (signal.SIGTERM, signal.SIGHUP)
                if signal.getsignal(signum) is not signal.SIG_IGN}
+    # The program's requests (sglang.lang's, in this process) go to 127.0.0.1 past any proxy the environment names,
+    # as ServerProcess's own do: with http_proxy set they reached the proxy instead.
+    proxy_env = {key: os.environ.get(key) for key in NO_PROXY_KEYS}
+    os.environ.update({key: with_local_hosts_unproxied(os.environ)[key] for key in NO_PROXY_KEYS})
     try:
         return _run(args, t_start)
     finally:
         for signum, handler in callers.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        for key, value in proxy_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _run(args, t_start: float) -> int:

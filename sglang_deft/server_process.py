@@ -177,6 +177,23 @@ def _group_socket_inodes(pgid: int) -> set[str]:
     return inodes
 
 
+# The hosts a ServerProcess and its server talk to each other on. Proxy variables (http_proxy, ...) without them in
+# no_proxy sent those requests to the proxy: wait_ready never saw the server answer (a demo waited out its --timeout)
+# and SGLang's own warm-up request failed too.
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+NO_PROXY_KEYS = ("no_proxy", "NO_PROXY")
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, whatever the environment says
+
+
+def with_local_hosts_unproxied(env) -> dict[str, str]:
+    """``env`` (a mapping) with ``LOCAL_HOSTS`` added to no_proxy and NO_PROXY (both: libraries read either)."""
+    out = dict(env)
+    for key in NO_PROXY_KEYS:
+        hosts = [h.strip() for h in out.get(key, "").split(",") if h.strip()]
+        out[key] = ",".join(hosts + [h for h in LOCAL_HOSTS if h not in hosts])
+    return out
+
+
 class ServerProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, *, cwd: Path | None = None,
                  env: dict[str, str] | None = None, python: str = sys.executable, port: int | None = None,
@@ -203,7 +220,8 @@ class ServerProcess:
         # process's (bench_e2e relaunches servers from pool threads that end before their servers should).
         # The launcher's own watch of this process (end_with_parent_process) covers every thread.
         in_main_thread = threading.current_thread() is threading.main_thread()
-        child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+        child_env = {**with_local_hosts_unproxied(os.environ if env is None else env),
+                     PARENT_PID_ENV: str(os.getpid())}
         try:
             self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=cwd, env=child_env, start_new_session=True,
@@ -232,7 +250,7 @@ class ServerProcess:
                 raise RuntimeError(f"{self.name} server's port {self.port} is held by a process outside its own "
                                    "process group, which would answer for it")
             try:
-                with urllib.request.urlopen(f"{self.url}/health_generate", timeout=10) as r:
+                with _LOCAL.open(f"{self.url}/health_generate", timeout=10) as r:
                     if r.status == 200:
                         return time.monotonic() - start
             except (urllib.error.URLError, OSError):
@@ -272,13 +290,13 @@ class ServerProcess:
         """The route's JSON answer; None for an empty one (e.g. ``/close_session``)."""
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+        with _LOCAL.open(request, timeout=timeout_s) as r:
             body = r.read()
         return json.loads(body) if body else None
 
     def server_info(self, timeout_s: float = 30) -> dict:
         """SGLang's ``/server_info``: the ServerArgs the server runs with (after its launcher's rewrites) and more."""
-        with urllib.request.urlopen(f"{self.url}/server_info", timeout=timeout_s) as r:
+        with _LOCAL.open(f"{self.url}/server_info", timeout=timeout_s) as r:
             return json.loads(r.read())
 
     def generate(self, payload: dict, timeout_s: float = 600) -> list[dict]:

@@ -333,6 +333,22 @@ def test_a_decode_backend_after_dashes_that_keeps_deft_starts_the_server(monkeyp
     assert server.args[-len(argv):] == argv
 
 
+def test_the_program_reaches_its_server_past_a_proxy_and_the_environment_is_given_back(monkeypatch, tmp_path):
+    """sglang.lang's requests (in the demo's process) went to http_proxy's proxy, as ServerProcess's did."""
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(demo.signal, "signal", lambda *a: None)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "corp.example")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.update(
+        {key: demo.os.environ.get(key) for key in ("no_proxy", "NO_PROXY")}))
+    monkeypatch.setattr(demo, "ServerProcess", FakeServer())
+    assert demo.main(["--cpu"]) == 0
+    assert seen == {"no_proxy": "corp.example,127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+    assert demo.os.environ["no_proxy"] == "corp.example" and "NO_PROXY" not in demo.os.environ
+
+
 def test_flag_values_reads_both_spellings_and_a_missing_value():
     """(A missing value is SGLang's parser's to refuse, in the server's log; the demo lets it through.)"""
     args = ["--decode-a=triton", "--x", "--decode-attention-backend", "deft", "--decode-attention-backend"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -276,6 +277,24 @@ def test_an_example_whose_other_branches_go_on_ends_at_a_failed_one(name):
     assert f"{name}.py: error: a generation in this branch failed" in err, err
     assert "temperature must be non-negative" in err, err
     assert "Traceback" not in err, err
+
+
+def test_a_local_server_is_reached_past_a_proxy(monkeypatch):
+    """With http_proxy set, sglang.lang's requests to 127.0.0.1 went to the proxy (a closed port here)."""
+    load_example("tree_of_thought")
+    import tree_view
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "corp.example")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    s = FakeServer()
+    s.thread.start()
+    try:
+        assert tree_view.connect(s.url) is not None
+        assert load_example("few_shot_parallel_sampling").main(s.url, n=2, quiet=True)
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+    assert os.environ["no_proxy"] == "corp.example,127.0.0.1" and os.environ["NO_PROXY"] == "127.0.0.1"
 
 
 def test_no_server_and_a_negative_temperature_are_clear_errors():

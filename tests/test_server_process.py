@@ -120,6 +120,27 @@ def test_wait_query_and_stop(launcher):
     assert server.proc.poll() is not None and not process_group_alive(server.proc.pid)
 
 
+def test_a_proxy_in_the_environment_is_bypassed_for_the_server(launcher, monkeypatch):
+    """With http_proxy set and no no_proxy, wait_ready's polls went to the proxy (a closed port here): a server that
+    was up never answered, and a demo waited out its --timeout. Its launcher gets the local hosts in no_proxy too (for
+    SGLang's own warm-up request), the caller's entries kept."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "corp.example")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    server = launcher("serve")
+    assert server.wait_ready(30) < 30
+    assert server.generate({"text": "a"}) == [{"text": "a!"}]
+    environ = Path(f"/proc/{server.proc.pid}/environ")
+    if environ.exists():
+        child = dict(e.split("=", 1) for e in environ.read_text().split("\0") if "=" in e)
+        assert (child["no_proxy"], child["NO_PROXY"]) == ("corp.example,127.0.0.1,localhost", "127.0.0.1,localhost")
+
+
+def test_local_hosts_are_added_to_no_proxy_once():
+    assert server_process.with_local_hosts_unproxied({"no_proxy": " 127.0.0.1 ,a", "X": "1"}) == {
+        "no_proxy": "127.0.0.1,a,localhost", "NO_PROXY": "127.0.0.1,localhost", "X": "1"}
+
+
 def test_a_second_stop_signals_nothing(launcher, monkeypatch):
     """The group's id is free once the launcher is reaped: a second stop() (a fixture's, after a test's) must not
     signal whatever session has it by then."""
