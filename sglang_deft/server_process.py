@@ -66,13 +66,18 @@ PARENT_PID_ENV = "SGLANG_DEFT_PARENT_PID"
 
 
 def _pid_alive(pid: int) -> bool:
+    """A zombie is not alive (as in ``process_group_alive``): an owner that exited stays one until its parent reaps
+    it, which a parent that does not (PID 1 in a container) never does."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, not ours to signal
-        return True
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone since the signal check, or no /proc at all (then that check's answer stands)
+        return not Path("/proc/self/stat").exists()
 
 
 def end_with_parent_process(poll_s: float = 0.5) -> None:
@@ -201,6 +206,8 @@ class ServerProcess:
         """``append_log``: add to ``log_path`` after a line naming the new port (a relaunch), instead of
         starting it afresh."""
         self.name, self.args, self._cwd, self._env, self._python = name, list(args), cwd, env, python
+        if port is not None and not 0 <= port <= 65535:  # (bind raised OverflowError)
+            raise ValueError(f"port {port}: a TCP port is 1-65535 (0 or None: a free one)")
         if port and not port_free(port):
             # SGLang binds its HTTP port only once the model is loaded, so until then wait_ready would take
             # whatever already answers there for this server.

@@ -141,6 +141,12 @@ def test_local_hosts_are_added_to_no_proxy_once():
         "no_proxy": "127.0.0.1,a,localhost", "NO_PROXY": "127.0.0.1,localhost", "X": "1"}
 
 
+@pytest.mark.parametrize("port", [70000, -3])
+def test_a_port_out_of_range_is_a_clear_error(port, tmp_path):
+    with pytest.raises(ValueError, match=f"port {port}: a TCP port is 1-65535"):
+        ServerProcess("x", [], tmp_path / "x.log", port=port)
+
+
 def test_a_second_stop_signals_nothing(launcher, monkeypatch):
     """The group's id is free once the launcher is reaped: a second stop() (a fixture's, after a test's) must not
     signal whatever session has it by then."""
@@ -366,6 +372,8 @@ def test_a_zombie_is_not_a_live_process():
     try:
         os.killpg(child.pid, 0)  # the signal check alone would call the group alive
         assert not process_group_alive(child.pid)
+        # nor a launcher's owner that exited (its parent not reaping it): the launcher outlived it
+        assert not server_process._pid_alive(child.pid) and server_process._pid_alive(os.getpid())
     finally:
         child.wait()
 
