@@ -11,8 +11,10 @@ PYTHON ?= $(VENV_PYTHON)
 # A PYTHON exported by the shell (node-gyp setups export one) is not a request for another SGLang: only
 # `make demo PYTHON=...` on the command line is.
 ifeq ($(origin PYTHON),environment)
-ifneq ($(PYTHON),$(VENV_PYTHON))
+ifneq ($(filter demo,$(MAKECMDGOALS)),)
+ifneq ($(abspath $(PYTHON)),$(abspath $(VENV_PYTHON)))
 $(info PYTHON=$(PYTHON) from the environment is not used: $(VENV_PYTHON) is (another SGLang: make demo PYTHON=$(PYTHON)))
+endif
 endif
 override PYTHON := $(VENV_PYTHON)
 endif

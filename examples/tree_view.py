@@ -88,11 +88,11 @@ def connect(url: str):
     host = urllib.parse.urlsplit(url).hostname
     if host in ("127.0.0.1", "localhost", "::1"):
         # A server on this machine is reached directly: with http_proxy set (and it not in no_proxy) sglang.lang's
-        # requests went to the proxy, and "no SGLang server answers" was said of a running one.
-        for key in ("no_proxy", "NO_PROXY"):
-            hosts = [h.strip() for h in os.environ.get(key, "").split(",") if h.strip()]
-            if host not in hosts:
-                os.environ[key] = ",".join(hosts + [host])
+        # requests went to the proxy, and "no SGLang server answers" was said of a running one. Both variables get
+        # the entries of either (libraries read the lowercase one first); "*" already bypasses every host.
+        hosts = [h.strip() for key in ("no_proxy", "NO_PROXY") for h in os.environ.get(key, "").split(",") if h.strip()]
+        if "*" not in hosts:
+            os.environ["no_proxy"] = os.environ["NO_PROXY"] = ",".join(dict.fromkeys(hosts + [host]))
     try:
         return sgl.RuntimeEndpoint(url)
     except (urllib.error.URLError, ConnectionError) as e:

@@ -76,8 +76,8 @@ def _pid_alive(pid: int) -> bool:
         pass
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # gone since the signal check, or no /proc at all (then that check's answer stands)
-        return not Path("/proc/self/stat").exists()
+    except OSError:  # not readable (no /proc, hidepid) or gone meanwhile: the signal check's answer; a next poll sees
+        return True  # an exit
 
 
 def end_with_parent_process(poll_s: float = 0.5) -> None:
@@ -190,13 +190,15 @@ NO_PROXY_KEYS = ("no_proxy", "NO_PROXY")
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, whatever the environment says
 
 
-def with_local_hosts_unproxied(env) -> dict[str, str]:
-    """``env`` (a mapping) with ``LOCAL_HOSTS`` added to no_proxy and NO_PROXY (both: libraries read either)."""
-    out = dict(env)
-    for key in NO_PROXY_KEYS:
-        hosts = [h.strip() for h in out.get(key, "").split(",") if h.strip()]
-        out[key] = ",".join(hosts + [h for h in LOCAL_HOSTS if h not in hosts])
-    return out
+def with_local_hosts_unproxied(env, local_hosts=LOCAL_HOSTS) -> dict[str, str]:
+    """``env`` (a mapping) with ``local_hosts`` in no_proxy and NO_PROXY: both set to the entries of either (libraries
+    read the lowercase one first, so a NO_PROXY alone must not be hidden by it), the local hosts added. Unchanged where
+    an entry is ``*`` (no proxy for any host; "*,127.0.0.1" is no longer that to urllib or requests)."""
+    hosts = [h.strip() for key in NO_PROXY_KEYS for h in env.get(key, "").split(",") if h.strip()]
+    if "*" in hosts:
+        return dict(env)
+    merged = ",".join(dict.fromkeys(hosts + list(local_hosts)))
+    return {**env, **{key: merged for key in NO_PROXY_KEYS}}
 
 
 class ServerProcess:
@@ -206,6 +208,7 @@ class ServerProcess:
         """``append_log``: add to ``log_path`` after a line naming the new port (a relaunch), instead of
         starting it afresh."""
         self.name, self.args, self._cwd, self._env, self._python = name, list(args), cwd, env, python
+        self._stopped = False
         if port is not None and not 0 <= port <= 65535:  # (bind raised OverflowError)
             raise ValueError(f"port {port}: a TCP port is 1-65535 (0 or None: a free one)")
         if port and not port_free(port):
@@ -324,10 +327,11 @@ class ServerProcess:
         """SIGTERM to the whole group (launcher, scheduler, detokenizer), SIGKILL if any of it lingers
         after ``grace_s``: a scheduler that outlives its launcher would keep its GPU memory. Once stopped, a later
         call does nothing: the group's id, free once the launcher is reaped, may be another session's by then."""
-        if self._log.closed:  # (closed by the first stop)
+        if self._stopped:
             return
         try:
             self._stop(grace_s)
+            self._stopped = True  # (not after an interrupted stop: a second one still ends the group)
         finally:
             self._log.close()
 

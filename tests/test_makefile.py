@@ -39,6 +39,14 @@ def test_environment_python_is_set_aside_and_said_so():
     assert notices == [f"PYTHON=python3 {NOTICE}: {VENV_PYTHON} is (another SGLang: make demo PYTHON=python3)"]
 
 
-@pytest.mark.parametrize("env_python", [None, VENV_PYTHON], ids=["unset", "the-venvs"])
+@pytest.mark.parametrize("env_python", [None, VENV_PYTHON, str(REPO / VENV_PYTHON)],
+                         ids=["unset", "the-venvs", "the-venvs-absolute"])
 def test_default_python_is_the_venvs_without_a_notice(env_python):
     assert dry_run_demo(env_python=env_python) == (VENV_PYTHON, [])
+
+
+def test_other_targets_say_nothing_of_an_environment_python():
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}, "PYTHON": "python3"}
+    out = subprocess.run(["make", "-n", "test"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert NOTICE not in out and f"{VENV_PYTHON} -m pytest" in out

@@ -125,20 +125,53 @@ def test_a_proxy_in_the_environment_is_bypassed_for_the_server(launcher, monkeyp
     was up never answered, and a demo waited out its --timeout. Its launcher gets the local hosts in no_proxy too (for
     SGLang's own warm-up request), the caller's entries kept."""
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
-    monkeypatch.setenv("no_proxy", "corp.example")
-    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "corp.example")
     server = launcher("serve")
     assert server.wait_ready(30) < 30
     assert server.generate({"text": "a"}) == [{"text": "a!"}]
     environ = Path(f"/proc/{server.proc.pid}/environ")
     if environ.exists():
         child = dict(e.split("=", 1) for e in environ.read_text().split("\0") if "=" in e)
-        assert (child["no_proxy"], child["NO_PROXY"]) == ("corp.example,127.0.0.1,localhost", "127.0.0.1,localhost")
+        assert child["no_proxy"] == child["NO_PROXY"] == "corp.example,127.0.0.1,localhost"
 
 
 def test_local_hosts_are_added_to_no_proxy_once():
-    assert server_process.with_local_hosts_unproxied({"no_proxy": " 127.0.0.1 ,a", "X": "1"}) == {
-        "no_proxy": "127.0.0.1,a,localhost", "NO_PROXY": "127.0.0.1,localhost", "X": "1"}
+    """Both variables get the entries of either: a NO_PROXY alone was hidden by the lowercase one (read first), and
+    "*" (every host) stays alone, which "*,127.0.0.1" is not to urllib or requests."""
+    merge = server_process.with_local_hosts_unproxied
+    assert merge({"no_proxy": " 127.0.0.1 ,a", "NO_PROXY": "b,a", "X": "1"}) == {
+        "no_proxy": "127.0.0.1,a,b,localhost", "NO_PROXY": "127.0.0.1,a,b,localhost", "X": "1"}
+    assert merge({}) == {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+    for star in ({"no_proxy": "*"}, {"NO_PROXY": "*"}, {"no_proxy": "a", "NO_PROXY": "*"}):
+        assert merge(star) == star
+
+
+def test_an_interrupted_stop_is_finished_by_the_next(launcher, monkeypatch):
+    server = launcher("serve")
+    server.wait_ready(60)
+    finish = server._stop
+
+    def interrupted(grace_s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "_stop", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.stop()
+    assert process_group_alive(server.proc.pid)
+    monkeypatch.setattr(server, "_stop", finish)
+    server.stop(grace_s=1)
+    assert not process_group_alive(server.proc.pid)
+
+
+def test_an_owner_whose_proc_entry_cannot_be_read_is_alive(monkeypatch):
+    """(/proc mounted with hidepid, the owner another user's: the signal check's answer stands.)"""
+    import os
+
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(FileNotFoundError(self))
+                        if str(self) == f"/proc/{os.getpid()}/stat" else real(self, *a, **k))
+    assert server_process._pid_alive(os.getpid())
 
 
 @pytest.mark.parametrize("port", [70000, -3])
