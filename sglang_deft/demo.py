@@ -342,7 +342,8 @@ def main(argv=None) -> int:
     # The program's requests (sglang.lang's, in this process) go to 127.0.0.1 past any proxy the environment names,
     # as ServerProcess's own do: with http_proxy set they reached the proxy instead.
     proxy_env = {key: os.environ.get(key) for key in NO_PROXY_KEYS}
-    os.environ.update({key: with_local_hosts_unproxied(os.environ)[key] for key in NO_PROXY_KEYS})
+    unproxied = with_local_hosts_unproxied(os.environ)
+    os.environ.update({key: unproxied[key] for key in NO_PROXY_KEYS if key in unproxied})  # (no_proxy=*: as it was)
     try:
         return _run(args, t_start)
     finally:

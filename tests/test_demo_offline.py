@@ -348,6 +348,9 @@ def test_the_program_reaches_its_server_past_a_proxy_and_the_environment_is_give
     assert demo.main(["--cpu"]) == 0
     assert seen == {"no_proxy": "corp.example,127.0.0.1,localhost", "NO_PROXY": "corp.example,127.0.0.1,localhost"}
     assert demo.os.environ["no_proxy"] == "corp.example" and "NO_PROXY" not in demo.os.environ
+    monkeypatch.setenv("no_proxy", "*")  # every host already: left as it is (the merge raised KeyError on it)
+    assert demo.main(["--cpu"]) == 0
+    assert seen == {"no_proxy": "*", "NO_PROXY": None} and demo.os.environ["no_proxy"] == "*"
 
 
 def test_flag_values_reads_both_spellings_and_a_missing_value():
