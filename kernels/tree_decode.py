@@ -404,7 +404,7 @@ def tree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         raise ValueError(f"sm_scale {sm_scale} (x k_scale {k_scale}) and v_scale {v_scale}: positive and normal in "
                          f"float32 ({_FP32_TINY:.4g} to {_FP32_MAX:.4g}; the scale times log2(e) too, so at most "
                          f"{_MAX_SCALE:.4g})")
-    refusal = cap_scale_refusal(logit_cap, sm_scale * k_scale) if logit_cap > 0 else None
+    refusal = cap_scale_refusal(logit_cap, sm_scale * k_scale)
     if refusal is not None:
         raise refusal
     # Stage 1 reads q's rows of the buffers' queries and stage 2 writes those rows of out; rows past them

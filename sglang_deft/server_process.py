@@ -190,14 +190,14 @@ NO_PROXY_KEYS = ("no_proxy", "NO_PROXY")
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, whatever the environment says
 
 
-def with_local_hosts_unproxied(env, local_hosts=LOCAL_HOSTS) -> dict[str, str]:
-    """``env`` (a mapping) with ``local_hosts`` in no_proxy and NO_PROXY: both set to the entries of either (libraries
+def with_local_hosts_unproxied(env) -> dict[str, str]:
+    """``env`` (a mapping) with ``LOCAL_HOSTS`` in no_proxy and NO_PROXY: both set to the entries of either (libraries
     read the lowercase one first, so a NO_PROXY alone must not be hidden by it), the local hosts added. Unchanged where
     an entry is ``*`` (no proxy for any host; "*,127.0.0.1" is no longer that to urllib or requests)."""
     hosts = [h.strip() for key in NO_PROXY_KEYS for h in env.get(key, "").split(",") if h.strip()]
     if "*" in hosts:
         return dict(env)
-    merged = ",".join(dict.fromkeys(hosts + list(local_hosts)))
+    merged = ",".join(dict.fromkeys(hosts + list(LOCAL_HOSTS)))
     return {**env, **{key: merged for key in NO_PROXY_KEYS}}
 
 

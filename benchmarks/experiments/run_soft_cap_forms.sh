@@ -35,7 +35,8 @@ cp /tmp/ab_cap_q8/ab_stage1.json "$OUT/ab_soft_cap_q8.json"
 say "ab uncapped rc=$?"
 cp /tmp/ab_uncapped/ab_stage1.json "$OUT/ab_uncapped.json"
 if [ -n "${TESTS:-}" ]; then  # TESTS=1
+  K="cap or nan or refus or own_strides or matches_triton"
   (cd "$OVERLAY" && timeout -s INT -k 10 "${PYTEST_S:-200}" python3 -m pytest "$REPO/tests/test_kernels.py" \
-    -k "cap or nan or refus or own_strides or matches_triton" -q -rfEs -p no:cacheprovider) > "$OUT/pytest_cap.log" 2>&1
-  say "pytest -k 'cap or nan or refus' rc=$?: $(tail -1 "$OUT/pytest_cap.log")"
+    -k "$K" -q -rfEs -p no:cacheprovider) > "$OUT/pytest_cap.log" 2>&1
+  say "pytest -k '$K' rc=$?: $(tail -1 "$OUT/pytest_cap.log")"
 fi
