@@ -96,6 +96,16 @@ class _SteadyState:
     num_moving: int  # a window plan's roots and private nodes that move one position a step (MovingStarts)
 
 
+@dataclass(frozen=True)
+class _RefusedBatch:
+    # A batch whose tree the buffers refused (past the plan limits or their KV capacity, not past their rows): its
+    # next steps grow every tail and keep every path's nodes, so they would be refused too. They are not built and
+    # scheduled here to find that out (the caller plans each in buffers of its own, a second build and schedule)
+    # for up to ``skips`` steps, then tried again: chunking changes as tails grow, and a tree on the limit may fit.
+    seq: np.ndarray  # [B] the lengths of the last step refused (or skipped)
+    skips: int
+
+
 class DecodeStepPlanner:
     """Plans decode steps into ``buffers`` (a fixed-capacity ``TreeDecodePlan``); see the module doc.
     ``window``: the plan of a sliding-window layer whose queries attend their last ``window`` tokens."""
@@ -127,6 +137,7 @@ class DecodeStepPlanner:
         self._start_cap = buffers.items.shape[0]
         self._start_operands = torch.zeros(2 * self._start_cap, dtype=torch.int64, device=self.device)
         self._state: _SteadyState | None = None
+        self._refused: _RefusedBatch | None = None
         # Compiled here (Triton's JIT: about a second on a fresh host) rather than at a server's first
         # steady step; on the idle operands the updates write only the scratch entry and add zeros.
         self._advance_tails()
@@ -138,7 +149,7 @@ class DecodeStepPlanner:
 
     def invalidate(self) -> None:
         """Something else wrote the buffers: the next step is planned in full."""
-        self._state = None
+        self._state = self._refused = None
 
     def plan(self, reqs: Sequence, seq_lens_cpu: torch.Tensor, num_queries: int) -> StepPlan | None:
         """The step's plan in the buffers, for ``num_queries`` rows (the batch, plus a CUDA graph's
@@ -146,15 +157,22 @@ class DecodeStepPlanner:
         not fit them. Then the buffers hold no valid plan (the
         tree's KV slots may already be written into them) and no steady state is kept: the step runs
         eagerly with a plan of its own, and whatever step comes next is planned in full before any
-        replay reads the buffers."""
+        replay reads the buffers. The next steps of a batch whose tree they refused are refused without a build
+        (``_RefusedBatch``)."""
         reqs = list(reqs)
         # A copy: the steady state keeps these lengths, and SGLang without the overlap scheduler
         # advances the batch's seq_lens_cpu in place (a view would already hold the next step's).
         seq = np.array(seq_lens_cpu.numpy(), dtype=np.int64)
         same_batch = self.builder.same_batch_as_last(reqs, seq)
+        fits_rows = num_queries <= self.buffers.qperm.numel()
+        refused = self._refused
+        if (refused is not None and refused.skips > 0 and same_batch and fits_rows
+                and np.array_equal(seq, refused.seq + 1)):
+            self._refused = _RefusedBatch(seq, refused.skips - 1)
+            return None
+        self._refused = None
         st = self._state
-        if (st is not None and same_batch and st.room > 0 and np.array_equal(seq, st.seq + 1)
-                and num_queries <= self.buffers.qperm.numel()):
+        if st is not None and same_batch and st.room > 0 and np.array_equal(seq, st.seq + 1) and fits_rows:
             if num_queries != st.plan.num_queries:
                 st.plan = _with_rows(st.plan, len(reqs), num_queries)
             self._advance(st, seq)
@@ -177,6 +195,8 @@ class DecodeStepPlanner:
         plan = plan_graph_step(self.buffers, built.tree, num_queries, self.planner.kv_dtype, self.planner)
         if plan is None:  # the buffers' KV slots are this tree's, their counts the last step's: no step to run
             self.buffers.buffers.num_queries = self.buffers.buffers.max_kv_slot = None
+            if fits_rows:
+                self._refused = _RefusedBatch(seq, self.slack)
             return None
         self._state = self._steady_state(built, plan, len(reqs), seq)
         return StepPlan(plan, built.attended_tokens, built.unique_tokens, False)

@@ -504,3 +504,42 @@ def test_a_step_where_not_every_request_is_one_token_on_is_planned_in_full():
     step = sp.plan(reqs, seq_lens, 2)
     check(sim, reqs, seq_lens, step, 2)
     assert not step.steady
+
+
+def test_the_next_steps_of_a_batch_past_the_buffers_are_refused_without_a_build():
+    """A tree past the buffers' KV capacity (or the plan limits) stays past them as its tails grow: its next steps are
+    refused without building and scheduling it again (the backend then builds and plans it in buffers of its own, so
+    a build here would be the step's second), until ``slack`` steps on it is tried again; another batch is tried at
+    once."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=2, kv_capacity=64)
+    built = []
+    build = sp.builder.build
+    sp.builder.build = lambda *a, **k: built.append(1) or build(*a, **k)
+    reqs = fork(sim, 3, prompt_len=60)  # 60 shared + 3 tails: past 64 KV entries
+    outcomes = []
+    for _ in range(7):
+        seq_lens = sim.prepare_decode(reqs)
+        before = len(built)
+        outcomes.append((sp.plan(reqs, seq_lens, len(reqs)), len(built) - before))
+        sp.builder.build(reqs, seq_lens)  # the backend's plan of its own, with the same builder
+        sim.finish_decode(reqs)
+    assert outcomes == [(None, 1), (None, 0), (None, 0), (None, 1), (None, 0), (None, 0), (None, 1)]
+    other = sim.prefill([sim.new_req(sim.fresh(5))])  # a batch that fits, right after a refused one
+    step = sp.plan(other, sim.prepare_decode(other), 1)
+    assert step is not None and not step.steady
+
+
+def test_a_batch_refused_for_its_rows_only_is_tried_at_its_next_step():
+    """More rows than the buffers hold (a graph's padded size past them) says nothing about the tree: the same batch's
+    next step at a row count that fits is planned."""
+    sim = RadixSim(kv_slots=4096)
+    sp = step_planner(sim, slack=8)
+    reqs = fork(sim, 3)
+    seq_lens = sim.prepare_decode(reqs)
+    assert sp.plan(reqs, seq_lens, 17) is None
+    sp.builder.build(reqs, seq_lens)
+    sim.finish_decode(reqs)
+    seq_lens = sim.prepare_decode(reqs)
+    step = sp.plan(reqs, seq_lens, 3)
+    check(sim, reqs, seq_lens, step, 3)
