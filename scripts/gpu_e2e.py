@@ -91,6 +91,7 @@ script to clean up after a hard kill). Exits 1 if a model fails or is skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -340,9 +341,17 @@ class Criterion:
     div_floor_frac: float = 0.125
     tie_factor: float = 2.0
     noise_pool: str = "model"  # "model": noise = max(this workload's, all workloads' of the model)
-    # The largest logprob difference a noise server may show and still set the band: two correct built-in
-    # backends measured at most 0.204 (bf16, the tiny variants, e2e_correctness_heads_bf16_*), 0.058 in fp16.
-    noise_lp_max: float = 0.3
+    # The largest logprob difference a noise server may show and still set the band, by the model's dtype: two
+    # correct built-in backends measured at most 0.204 in bf16 (the tiny variants, e2e_correctness_heads_bf16_*) and
+    # 0.094 in fp16 (tiny-mixtral, e2e_correctness_families_h200_f152b1c.json; tiny-phi3 0.084). One ceiling for both
+    # let a noise server 0.23 off in fp16 (FlashInfer on Gemma-2, which parts from triton and deft there) set the band.
+    # fp32 (the CPU smoke runs) takes fp16's.
+    noise_lp_max: float = 0.3  # bfloat16
+    noise_lp_max_fp16: float = 0.15
+
+    def for_dtype(self, dtype: str) -> "Criterion":
+        """This criterion for a model served in ``dtype``: its noise ceiling (``noise_lp_max``) is that dtype's."""
+        return self if dtype == "bfloat16" else dataclasses.replace(self, noise_lp_max=self.noise_lp_max_fp16)
 
     def div_floor(self, requests: int) -> int:
         return max(1, math.ceil(self.div_floor_frac * requests))
@@ -362,7 +371,9 @@ class Criterion:
                 f"both servers, and each token's logprob within that of the other server's (near-tie; a token "
                 f"outside either server's top-k is no near-tie: its gap is unknown). A logprob that is no finite "
                 f"number fails (1). The noise pair must itself pass (3) at its own scale and differ by at most "
-                f"{self.noise_lp_max:g}, else the noise floor is unusable and the workload fails. "
+                f"{self.noise_lp_max:g} in bfloat16, {self.noise_lp_max_fp16:g} in float16 or float32 (the model's "
+                f"dtype), else the noise floor is unusable and the workload fails. A workload with no step compared "
+                f"fails. "
                 f"'flashinfer' is the noise server: SGLang's flashinfer decode backend "
                 f"(or the next of --noise-backends, see noise_backend) on the same requests, the measured "
                 f"difference between two correct built-in backends. "
@@ -431,7 +442,7 @@ def relative_verdict(deft: list[PairStats], noise: list[PairStats], crit: Criter
             "allowed_divergences": allowed_div, "allowed_tie_gap": allowed_gap,
             "deft_max_abs_logprob_diff": d["max_abs_logprob_diff"],
             "noise_max_abs_logprob_diff": z["max_abs_logprob_diff"],
-            "deft_divergences": d["divergences"], "noise_divergences": z["divergences"],
+            "distinct_requests": d["requests"], "deft_divergences": d["divergences"], "noise_divergences": z["divergences"],
             "noise_level_used": {"max_abs_logprob_diff": noise_lp, "divergences": round(noise_div, 3),
                                  "pooled": pooled is not None},
             "ratio_logprob_diff": (d["max_abs_logprob_diff"] / noise_lp if noise_lp > 0 else None)}
@@ -468,6 +479,8 @@ def judge_workload(deft: list[Seq], ref: list[Seq], noise: list[Seq] | None, cri
     ds = [compare_pair(x, r) for x, r in zip(deft, ref)]
     entry = summarize(ds)
     counts = count_failures(deft, ref, ds)
+    if deft and not entry["steps_compared"]:  # every request empty: nothing was compared, which passes nothing
+        counts.append("no step compared: every request's answer (or the reference's) is empty")
     abs_fail = counts + absolute_failures(ds, atol, tie_tol)
     entry.update(absolute_ok=not abs_fail, absolute_failures=abs_fail)
     if noise is None:
@@ -477,8 +490,8 @@ def judge_workload(deft: list[Seq], ref: list[Seq], noise: list[Seq] | None, cri
         allowed = crit.absolute_div_allowed(len(pairs))
         fails = abs_fail + ([f"{distinct} divergences > allowed {allowed} without a noise server"]
                             if distinct > allowed else [])
-        entry.update(criterion="absolute", ok=not fails, failures=fails, distinct_divergences=distinct,
-                     allowed_divergences=allowed)
+        entry.update(criterion="absolute", ok=not fails, failures=fails, distinct_requests=len(pairs),
+                     distinct_divergences=distinct, allowed_divergences=allowed)
         return entry
     ns = [compare_pair(x, r) for x, r in zip(noise, ref)]
     # Repeats count once on both sides (n > 1 greedy samples are one request k times): one near-tie flip of deft's on
@@ -755,19 +768,28 @@ def decode_context_sensitivity(changed: list[dict], base: list[dict]) -> dict:
 
 def seed_totals(result: dict) -> dict:
     """Per workload, over the primary seed (``result``'s own workloads) and ``result["extra_seeds"]``: requests,
-    deft's and the noise server's divergences from the reference, and how many seeds passed the criterion."""
+    deft's and the noise server's divergences from the reference, and how many seeds passed the criterion. Requests
+    and divergences count each distinct request once (``distinct_stats``), as the verdicts do: the ``n_gt_1``
+    workload's copies of one prompt counted per copy for deft but once for the noise server read as 8 against 1."""
     runs = {str(result["workload_seed"]): result, **result["extra_seeds"]}
     out = {}
     for name in result["workloads"]:
         entries = [r["workloads"][name] for r in runs.values() if name in r.get("workloads", {})]
         out[name] = {"seeds": len(entries), "seeds_ok": sum(e["ok"] for e in entries),
-                     "requests": sum(e["requests"] for e in entries),
-                     "deft_divergences": sum(e["divergences"] for e in entries),
+                     "requests": sum(_distinct(e)[0] for e in entries),
+                     "deft_divergences": sum(_distinct(e)[1] for e in entries),
                      "noise_divergences": sum(e["relative"]["noise_divergences"] for e in entries
                                               if "relative" in e) if all("relative" in e for e in entries) else None,
                      "failed_seeds": [seed for seed, r in runs.items()
                                       if name in r.get("workloads", {}) and not r["workloads"][name]["ok"]]}
     return out
+
+
+def _distinct(entry: dict) -> tuple[int, int]:
+    """A workload entry's distinct requests and deft's divergences among them."""
+    if "relative" in entry:
+        return entry["relative"]["distinct_requests"], entry["relative"]["deft_divergences"]
+    return entry["distinct_requests"], entry["distinct_divergences"]
 
 
 def run_lang_program(servers: dict) -> dict:
@@ -804,6 +826,17 @@ def run_lang_program(servers: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Orchestration
 # --------------------------------------------------------------------------------------------------
+def model_dtype(spec: dict, args) -> str:
+    """The dtype the model's servers run in: the tiny models' --tiny-dtype (float32 on the CPU), else the model's own
+    --dtype argument."""
+    if args.device == "cpu":
+        return "float32"
+    if spec.get("sharp"):
+        return args.tiny_dtype
+    extra = list(spec["extra"])
+    return extra[extra.index("--dtype") + 1] if "--dtype" in extra else "auto"
+
+
 def model_base_args(name: str, spec: dict, args) -> list[str]:
     common = CPU_ARGS if args.device == "cpu" else GPU_ARGS
     if args.cuda_graph:
@@ -971,6 +1004,9 @@ class ModelRun:
             atol = self.args.atol if self.args.atol is not None else (
                 0.02 if (spec.get("sharp") and self.args.tiny_dtype == "float16") else 0.05)
             result["atol"], result["tie_tol"] = atol, self.args.tie_tol
+            result["dtype"] = dtype = model_dtype(spec, self.args)
+            crit = self.args.criterion.for_dtype(dtype)
+            result["noise_lp_max"] = crit.noise_lp_max
 
             def save_partial(partial):
                 result.update(partial)
@@ -978,7 +1014,7 @@ class ModelRun:
 
             start = time.monotonic()
             seeds = self.args.workload_seeds
-            result.update(run_workloads(servers, spec, self.args.criterion, atol, self.args.tie_tol, clock,
+            result.update(run_workloads(servers, spec, crit, atol, self.args.tie_tol, clock,
                                         self.name, save_partial, seeds[0]))
             if len(seeds) > 1:
                 result["workload_seed"], extra = seeds[0], result.setdefault("extra_seeds", {})
@@ -992,7 +1028,7 @@ class ModelRun:
                         extra[key] = partial
                         save()
 
-                    extra[str(seed)] = run_workloads(servers, spec, self.args.criterion, atol, self.args.tie_tol,
+                    extra[str(seed)] = run_workloads(servers, spec, crit, atol, self.args.tie_tol,
                                                      clock, self.name, save_seed, seed)
                 result["seed_totals"] = seed_totals(result)
             clock.note(f"{self.name} workloads", time.monotonic() - start)
@@ -1141,6 +1177,19 @@ def parse_args(argv=None):
                         ("--noise-args", args.noise_args)):
         if any(a == "--dtype" or a.startswith("--dtype=") for a in shlex.split(value)):
             p.error(f"{flag} --dtype: the tiny models' dtype is --tiny-dtype (the report's tolerances follow it)")
+    # The reference and noise servers stand for correct built-in decoding: one that decoded with deft would judge deft
+    # by itself (a noise server equal to deft widens the band by whatever deft is off).
+    if "deft" in args.noise_backends.split(","):
+        p.error("--noise-backends deft: the noise server must be another backend than the one it judges")
+    for flag, value in (("--server-args", args.server_args), ("--noise-args", args.noise_args)):
+        words = shlex.split(value)
+        for i, word in enumerate(words):
+            name, _, inline = word.partition("=")
+            if name == "--decode-attention-backend":
+                p.error(f"{flag} {name}: each role's decode backend is this script's (the reference's triton, "
+                        "--noise-backends for the noise server)")
+            if name == "--attention-backend" and (inline or (words[i + 1] if i + 1 < len(words) else "")) == "deft":
+                p.error(f"{flag} --attention-backend deft: that server would decode with deft")
     return args
 
 
@@ -1176,7 +1225,9 @@ def main(argv=None) -> int:
         "criterion": args.criterion.describe(),
         "criterion_params": {"k": args.k, "lp_floor": args.lp_floor, "div_floor_frac": args.div_floor_frac,
                              "tie_factor": args.tie_factor, "noise_pool": args.noise_pool, "top_k": TOP_K,
-                             "noise_lp_max": args.criterion.noise_lp_max,
+                             "noise_lp_max": {"bfloat16": args.criterion.noise_lp_max,
+                                              "float16": args.criterion.noise_lp_max_fp16,
+                                              "float32": args.criterion.noise_lp_max_fp16},
                              "reference": REFERENCE, "noise_backends": args.noise_backends},
         "absolute_check": ("while tokens agree |logprob diff| <= atol; at a divergence both tokens within tie_tol, "
                            "in both servers' top-k; where it decides (no noise server), at most k x max(1, "

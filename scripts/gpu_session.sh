@@ -92,11 +92,15 @@ esac
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 : "${OUT:=$REPO/gpu_out}"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd) || exit 2  # absolute: phases run commands from other directories
 : "${SESSION_S:=565}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 left() { echo $(( SESSION_S - (SECONDS - START) )); }
+# A command's time limit: what is left less $1 seconds, at least 1 (timeout 0 would mean no limit at all, a negative
+# one an error, and gpu_e2e.py reads a --budget-s of 0 or less as none).
+limit() { local s=$(( $(left) - $1 )); [ "$s" -ge 1 ] || s=1; echo "$s"; }
 say() { echo "[session +$((SECONDS - START))s] $*"; }
 
 main() {
@@ -175,7 +179,7 @@ phase_logit_cap() {
   rc_plain=$?
   say "bench_kernels (no cap) rc=$rc_plain in $((SECONDS - t))s"
   t=$SECONDS
-  timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/bench_kernels.py --cases design --logit-cap "$cap" \
+  timeout -k 10 $(limit 10) python3 benchmarks/bench_kernels.py --cases design --logit-cap "$cap" \
       --out "$OUT" --commit "$COMMIT" --tag "${GPU_TAG}_design_cap${cap}"
   rc_cap=$?
   say "bench_kernels (logit cap $cap) rc=$rc_cap in $((SECONDS - t))s"
@@ -185,13 +189,13 @@ phase_logit_cap() {
 phase_low_concurrency() {
   local rc_bench rc_sweep t
   t=$SECONDS
-  timeout -k 10 $(( $(left) - 150 )) python3 benchmarks/bench_kernels.py --cases low_concurrency \
+  timeout -k 10 $(limit 150) python3 benchmarks/bench_kernels.py --cases low_concurrency \
       --tag "${GPU_TAG}_low_concurrency" --out "$OUT" --commit "$COMMIT"
   rc_bench=$?
   say "bench_kernels rc=$rc_bench in $((SECONDS - t))s"
   t=$SECONDS
   (cd "$OVERLAY" && OUT="$OUT" CASES=low_concurrency COMBOS="${COMBOS:-4:256,4:128,4:64,8:128,8:64,2:256}" \
-      timeout -k 10 $(( $(left) - 10 )) python3 "$REPO/benchmarks/experiments/plan_sweep.py")
+      timeout -k 10 $(limit 10) python3 "$REPO/benchmarks/experiments/plan_sweep.py")
   rc_sweep=$?
   say "plan_sweep rc=$rc_sweep in $((SECONDS - t))s"
   [ "$rc_bench" -eq 0 ] && [ "$rc_sweep" -eq 0 ]
@@ -218,7 +222,7 @@ phase_kernels() {
       -q -rfEs -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest_kernels.xml")
   rc_pytest=$?
   say "pytest rc=$rc_pytest in $((SECONDS - t))s (124: cut at PYTEST_S; the summary and XML keep what ran)"
-  local bench_s=$(( $(left) - 20 ))
+  local bench_s=$(limit 20)
   if [ "$bench_s" -lt 60 ]; then say "no time left for the benchmark"; return 1; fi
   t=$SECONDS
   timeout -k 10 "$bench_s" python3 benchmarks/bench_kernels.py --out "$OUT" --commit "$COMMIT" --tag "$GPU_TAG"
@@ -236,7 +240,7 @@ phase_sweep() {
   # grids and cases): ~14 configs x 7 cases, 1-3 min with compiles; the JSON and table are rewritten
   # after every config, so a cut run keeps what it measured.
   local t=$SECONDS
-  timeout -k 10 $(( $(left) - 10 )) python3 benchmarks/sweep_stage1.py --out "$OUT" ${SWEEP_ARGS:-}
+  timeout -k 10 $(limit 10) python3 benchmarks/sweep_stage1.py --out "$OUT" ${SWEEP_ARGS:-}
   local rc=$?
   say "sweep_stage1 rc=$rc in $((SECONDS - t))s"
   return $rc
@@ -250,8 +254,9 @@ end_servers_and_bundle_logs() {
     while read -r pgid name; do
       # still alive, and still ours (an SGLang process; setsid made pgid == session id). Zombies do not count:
       # this host's PID 1 (process_api) does not reap, so a stopped server's exited children stay (python3,
-      # sglang::detoken: seen after the demo at ccabf0e) and kill -0 still finds their group.
-      if [ -n "$pgid" ] && ps -o stat=,args= -s "$pgid" | awk '$1 !~ /^Z/' | grep -q sglang; then
+      # sglang::detoken: seen after the demo at ccabf0e) and kill -0 still finds their group. Not grep -q: it exits at
+      # its first match, awk then dies of SIGPIPE on a long listing, and pipefail read that as no server left.
+      if [ -n "$pgid" ] && ps -o stat=,args= -s "$pgid" | awk '$1 !~ /^Z/' | grep sglang > /dev/null; then
         say "ending leftover server $name (process group $pgid)"
         kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null
       fi
@@ -263,7 +268,7 @@ end_servers_and_bundle_logs() {
 phase_e2e() {
   local models=$1 logs=/tmp/gpu_e2e_logs rc budget
   rm -rf "$logs" && mkdir -p "$logs"
-  budget=$(( $(left) - 30 ))  # leaves time for the cleanup and the log bundle
+  budget=$(limit 30)  # leaves time for the cleanup and the log bundle
   say "gpu_e2e.py --models $models --budget-s $budget"
   timeout -k 15 $(( budget + 15 )) python3 scripts/gpu_e2e.py --out "$OUT" --log-dir "$logs" --models "$models" \
       --budget-s "$budget" --parallel "${E2E_PARALLEL:-all}" --commit "$COMMIT" ${E2E_ARGS:-}
@@ -280,11 +285,15 @@ for name, m in r.get("models", {}).items():
           f"error={'yes' if m.get('error') else 'no'} context_sensitivity={m.get('context_sensitivity')} "
           f"decode_context_sensitivity={m.get('decode_context_sensitivity')}")
     for w, e in m.get("workloads", {}).items():
+        # divergences per distinct request (n > 1 copies of a prompt are one), as the verdict counts them
         rel = e.get("relative", {})
-        print(f"    {w}: ok={e['ok']} deft diff {e['max_abs_logprob_diff']:.4f} div {e['divergences']}/{e['requests']}"
+        div = rel.get("deft_divergences", e.get("distinct_divergences"))
+        requests = rel.get("distinct_requests", e.get("distinct_requests"))
+        allowed = rel.get("allowed_divergences", e.get("allowed_divergences"))
+        print(f"    {w}: ok={e['ok']} ({e.get('criterion')}) deft diff {e['max_abs_logprob_diff']:.4f} div {div}/{requests}"
               f" | noise diff {rel.get('noise_max_abs_logprob_diff', float('nan')):.4f}"
               f" div {rel.get('noise_divergences')}"
-              f" | allowed {rel.get('allowed_logprob_diff', float('nan')):.4f} / {rel.get('allowed_divergences')}")
+              f" | allowed {rel.get('allowed_logprob_diff', m.get('atol', float('nan'))):.4f} / {allowed}")
     for w, t in m.get("seed_totals", {}).items():
         print(f"    {w}, {t['seeds']} seeds: {t['seeds_ok']} ok, divergences deft {t['deft_divergences']} /"
               f" noise {t['noise_divergences']} of {t['requests']} requests, failed seeds {t['failed_seeds']}")
@@ -297,7 +306,7 @@ phase_bench_e2e() {
   # Files back: e2e_<tag>.json, e2e_<tag>.md, e2e_<tag>.png, bench_e2e_logs.tar.gz, session_bench-e2e.log.
   local logs=/tmp/bench_e2e_logs tag=${BENCH_E2E_TAG:-$GPU_TAG} rc budget t=$SECONDS
   rm -rf "$logs" && mkdir -p "$logs"
-  budget=$(( $(left) - 45 ))  # leaves time for the cleanup, the plot and the log bundle
+  budget=$(limit 45)  # leaves time for the cleanup, the plot and the log bundle
   say "bench_e2e.py --budget-s $budget"
   timeout -k 15 $(( budget + 15 )) python3 benchmarks/bench_e2e.py --out "$OUT" --log-dir "$logs" --tag "$tag" \
       --budget-s "$budget" --commit "$COMMIT" ${BENCH_E2E_ARGS:-}
@@ -351,7 +360,7 @@ phase_step_host() {
   rc_bench=$?
   say "bench_step_host rc=$rc_bench in $((SECONDS - t))s"
   t=$SECONDS
-  (cd "$OVERLAY" && timeout -s INT -k 10 $(( $(left) - 10 )) python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" \
+  (cd "$OVERLAY" && timeout -s INT -k 10 $(limit 10) python3 -m pytest "$REPO/tests/test_cuda_graph_gpu.py" \
       -k "not servers_with_and_without" -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda_graph_backend.xml")
   rc_pytest=$?
   say "pytest cuda graphs (backend) rc=$rc_pytest in $((SECONDS - t))s"
@@ -365,7 +374,7 @@ phase_features() {
   # FEATURES_K=<pytest -k expression> runs some of them (FEATURES_K=paged: the --page-size 16 servers only).
   local rc t=$SECONDS tmp=/tmp/deft_features
   rm -rf "$tmp"
-  (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -s INT -k 10 $(( $(left) - 20 )) python3 -m pytest \
+  (cd "$OVERLAY" && SGLANG_DEFT_E2E_DEVICE=cuda timeout -s INT -k 10 $(limit 20) python3 -m pytest \
       "$REPO/tests/test_e2e_cpu.py" "$REPO/tests/test_e2e_cpu_robustness.py" "$REPO/tests/test_e2e_cpu_preemption.py" \
       -v -rs -p no:cacheprovider ${FEATURES_K:+-k "$FEATURES_K"} \
       --durations=10 --basetemp="$tmp" --junitxml="$OUT/pytest_features.xml")
@@ -379,7 +388,7 @@ phase_engine() {
   # tests/test_engine_args.py and tests/test_launcher.py with CUDA present (~2-3 min): the Engine then picks the GPU
   # and SGLang's triton prefill, as a user's would.
   local rc t=$SECONDS
-  (cd "$OVERLAY" && timeout -s INT -k 10 $(( $(left) - 20 )) python3 -m pytest \
+  (cd "$OVERLAY" && timeout -s INT -k 10 $(limit 20) python3 -m pytest \
       "$REPO/tests/test_engine_args.py" "$REPO/tests/test_launcher.py" -v -rs -p no:cacheprovider --durations=10 \
       --basetemp=/tmp/deft_engine --junitxml="$OUT/pytest_engine.xml")
   rc=$?
@@ -392,7 +401,7 @@ phase_demo() {
   # server log kept and brought back (demo_server.log: where a first start's minute or two goes).
   local rc f
   rm -rf /tmp/sglang-deft-demo-*  # kept logs of earlier runs on a warm machine: the copy below takes this run's
-  (cd "$OVERLAY" && timeout -s INT -k 10 $(( $(left) - 10 )) python3 -m sglang_deft.demo --keep-log)
+  (cd "$OVERLAY" && timeout -s INT -k 10 $(limit 10) python3 -m sglang_deft.demo --keep-log)
   rc=$?
   for f in /tmp/sglang-deft-demo-*/server.log; do
     [ -f "$f" ] && { cp "$f" "$OUT/demo_server.log"; [ "$rc" -ne 0 ] && { say "tail of $f"; tail -n 120 "$f"; }; }

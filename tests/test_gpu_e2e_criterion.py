@@ -818,3 +818,60 @@ def test_a_windowed_models_reference_runs_eagerly_with_the_patch_and_alone(tmp_p
     launched.clear()
     g.ModelRun("tiny-gemma2-full", g.MODELS["tiny-gemma2-full"], Fleet(), args, {}).launch_all()
     assert launched["noise"][0] == "torch_native" and launched["triton"][2] is None
+
+
+def test_the_noise_ceiling_follows_the_models_dtype(tmp_path):
+    """Two correct backends part by at most ~0.2 in bf16 but ~0.09 in fp16: under one 0.3 ceiling a noise server 0.23
+    off in fp16 (FlashInfer on Gemma-2) set a band twice that wide for deft."""
+    ref = reference()
+    noise, deft = jitter(ref, 0.22, seed=60), jitter(ref, 0.22, seed=61)
+    fp16, bf16 = CRIT.for_dtype("float16"), CRIT.for_dtype("bfloat16")
+    assert fp16.noise_lp_max == 0.15 and bf16.noise_lp_max == 0.3 and CRIT.for_dtype("float32") == fp16
+    assert g.judge_workload(deft, ref, noise, bf16, atol=0.05, tie_tol=0.1)["ok"]
+    entry = g.judge_workload(deft, ref, noise, fp16, atol=0.05, tie_tol=0.1)
+    assert not entry["ok"] and "noise floor unusable: the noise server's logprob diff" in entry["failures"][0]
+    # a model run records the ceiling it judged by, from the dtype its servers ran in
+    assert model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING))["noise_lp_max"] == 0.15
+    bf = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING), argv=["--tiny-dtype", "bfloat16"])
+    assert bf["noise_lp_max"] == 0.3 and bf["dtype"] == "bfloat16"
+    assert g.model_dtype(g.MODELS["8b"], g.parse_args([])) == "bfloat16"
+    assert g.model_dtype(g.MODELS["tiny"], g.parse_args(["--device", "cpu"])) == "float32"
+
+
+@pytest.mark.parametrize("argv", [["--noise-backends", "flashinfer,deft"],
+                                  ["--server-args=--decode-attention-backend deft"],
+                                  ["--server-args=--attention-backend deft"],
+                                  ["--server-args=--attention-backend=deft"],
+                                  ["--noise-args=--decode-attention-backend=flashinfer"],
+                                  ["--noise-args=--attention-backend deft"]])
+def test_no_server_that_judges_deft_decodes_with_deft(argv):
+    """A noise (or reference) server decoding with deft judges deft by itself: refused, not run."""
+    with pytest.raises(SystemExit):
+        g.parse_args(argv)
+
+
+def test_other_backend_arguments_for_every_server_are_taken():
+    assert g.parse_args(["--server-args=--attention-backend flashinfer"]).server_args == "--attention-backend flashinfer"
+    assert g.parse_args(["--deft-args=--decode-attention-backend deft"]).deft_args
+
+
+@pytest.mark.parametrize("with_noise", [True, False], ids=["relative", "absolute"])
+def test_a_workload_with_no_step_compared_fails(with_noise):
+    empty = [seq([], []) for _ in range(8)]
+    entry = g.judge_workload(empty, empty, empty if with_noise else None, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["steps_compared"] == 0 and not entry["ok"]
+    assert "no step compared" in entry["failures"][0]
+
+
+@pytest.mark.parametrize("with_noise", [True, False], ids=["relative", "absolute"])
+def test_seed_totals_count_repeated_requests_once_on_both_sides(with_noise):
+    """n > 1 copies of one prompt are one request in the verdict: the totals counted deft's divergences per copy and
+    the noise server's once (8 against 1 for the same behaviour)."""
+    ref = reference(n_requests=1, seed=70) * 8
+    flipped = [diverge(jitter(ref[:1], 0.01, seed=71)[0], ref[0], t=6, gap=0.01)] * 8
+    noise = flipped if with_noise else None
+    entry = g.judge_workload(flipped, ref, noise, CRIT, atol=0.05, tie_tol=0.1)
+    assert entry["divergences"] == 8  # per copy, as compared
+    totals = g.seed_totals({"workload_seed": 1, "workloads": {"n_gt_1": entry}, "extra_seeds": {}})["n_gt_1"]
+    assert totals["requests"] == 1 and totals["deft_divergences"] == 1
+    assert totals["noise_divergences"] == (1 if with_noise else None)

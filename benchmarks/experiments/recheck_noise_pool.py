@@ -44,15 +44,19 @@ def main() -> int:
                 requests += len(at)
                 divergences += sum(x is not None for x in at)
             rate = divergences / max(1, requests)
+            # The ceiling of the model's dtype (since 2026-12-07): the JSON's own, else the 8b shape's bf16 or the
+            # tiny models' --tiny-dtype.
+            dtype = m.get("dtype") or ("bfloat16" if model.startswith("8b") else report.get("tiny_dtype", "float16"))
+            noise_lp_max = Criterion().for_dtype(dtype).noise_lp_max
             for name, w in workloads.items():
                 rel, n = w["relative"], w["requests"]
                 allowed = round(k * max(rel["noise_divergences"], rate * n) + max(1, math.ceil(frac * n)), 3)
                 ok = rel["deft_divergences"] <= allowed
                 # Session 39's noise-floor check, as far as the JSON shows it: the noise pair's difference at
-                # most noise_lp_max and its widest divergence a near-tie at the workload's scale (whether its
+                # most the dtype's noise_lp_max and its widest divergence a near-tie at the workload's scale (whether its
                 # tokens were in the top-k is not recorded before session 39).
                 noise_gap = w["noise"].get("max_tie_gap")
-                noise_ok = (w["noise"]["max_abs_logprob_diff"] <= Criterion.noise_lp_max
+                noise_ok = (w["noise"]["max_abs_logprob_diff"] <= noise_lp_max
                             and (noise_gap is None or noise_gap <= rel["allowed_tie_gap"]))
                 if not noise_ok:
                     lines.append(f"  {model}/{name}: noise floor unusable (diff {w['noise']['max_abs_logprob_diff']:.4f},"
