@@ -71,7 +71,8 @@ the first attention layer (and the first sliding-window one, in a model with bot
 kernels and with the fp32 PyTorch reference on the same inputs and logs the difference
 (``sglang_deft.kernel_check``; its reference reads each request's KV from SGLang's ``req_to_token``, so a wrong
 KV tree shows as a kernel error does). Reported with its tolerance, two roundings of the output to the
-model's dtype at each check's magnitude (``within_tolerance``). It decides ``ok`` for models whose tokens cannot
+model's dtype at each check's magnitude and ``ROW_FACTOR`` roundings of each (query, head) row's at its own
+(``within_tolerance``). It decides ``ok`` for models whose tokens cannot
 (the 8b shape's dummy weights: attention outputs of ~1e-7, every logprob the same whatever the attention); on a GPU
 a model is also not ok if the deft server logged no stage-1 kernel (the Triton kernels did not decode).
 
@@ -855,7 +856,7 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
 # (kernel_check.allowed_diff): two roundings of the output to the model's dtype at its magnitude.
 def kernel_check_summary(deft_log: str) -> dict | None:
     """The deft server's kernel-check lines, summarised; None when it logged none (CPU: reference path)."""
-    from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines, within_tolerance
+    from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines, tolerance_ratio, within_tolerance
 
     rows = parse_kernel_check_lines(deft_log)
     if not rows:
@@ -863,14 +864,17 @@ def kernel_check_summary(deft_log: str) -> dict | None:
     # Each check judged at its own |out|, by the server's rule (it warned for these): a window layer's smaller
     # outputs must not borrow the allowance of a full layer's larger ones.
     within = [within_tolerance(r) for r in rows]
-    ratios = [r["max_abs_diff"] / max(allowed_diff(r["dtype"], r["max_abs_out"]), 1e-30) for r in rows]
-    worst = rows[max(range(len(rows)), key=lambda i: ratios[i] if ratios[i] == ratios[i] else math.inf)]  # NaN first
+    ratios = [tolerance_ratio(r) for r in rows]  # NaN: inf, first
+    worst = rows[max(range(len(rows)), key=lambda i: ratios[i])]
     # One line per rank, checked step and checked layer (each TP rank checks its own heads; a model with window
     # layers checks the first layer of each kind): checks = checked steps x ranks x kinds.
     return {"checks": len(rows), "checked_steps": len({r["step"] for r in rows}),
             "ranks": len({r.get("rank", 0) for r in rows}), "max_abs_diff": max(r["max_abs_diff"] for r in rows),
             "max_abs_out": max(r["max_abs_out"] for r in rows), "dtype": worst["dtype"],
-            "worst": {k: worst[k] for k in ("step", "layer", "max_abs_diff", "max_abs_out")},
+            "max_row_rel_diff": max((r["max_row_rel_diff"] for r in rows if "max_row_rel_diff" in r), default=None),
+            "worst": {k: worst[k] for k in ("step", "layer", "max_abs_diff", "max_abs_out", "max_row_rel_diff")
+                      if k in worst},
+            "worst_tolerance_ratio": ratios[rows.index(worst)],  # its difference over its allowance, batch's or row's
             "allowed": allowed_diff(worst["dtype"], worst["max_abs_out"]),  # the worst check's own allowance
             "within_tolerance": all(within), "outside_tolerance": within.count(False)}
 

@@ -7,6 +7,7 @@ the ForwardBatch are stand-ins carrying the fields the backend reads.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -1216,3 +1217,32 @@ def test_a_kernel_check_line_cut_short_is_left_out():
     assert parse_kernel_check_lines(small)[0]["max_abs_diff"] == 3.8147e-06
     with pytest.raises(ValueError, match="kernel check of dtype 'float'"):
         within_tolerance({"max_abs_diff": 0.002, "max_abs_out": 1.0, "dtype": "float"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kernel_check_judges_each_row_at_its_own_size(dtype):
+    """One batch-wide |out| let a long request's small outputs be far off unseen: a short request's sharp attention
+    (|out| ~3) next to a 4000-token near-uniform one (|out| ~0.04) whose last 150 tokens came from the wrong slots is
+    outside the tolerance, the same batch with every row only rounded within it."""
+    from sglang_deft.kernels import KVTree
+    from sglang_deft.kernel_check import ROUNDOFF, ROW_FACTOR, check_layer
+
+    torch.manual_seed(1)
+    n_long, d = 4000, 64
+    k, v = torch.randn(n_long + 8, 1, d) * 0.01, torch.randn(n_long + 8, 1, d)
+    k[n_long:] = torch.randn(8, 1, d) * 3  # the short request's keys: sharp attention
+    q = torch.randn(2, 1, d) * 3
+    slots = torch.cat([torch.arange(n_long), torch.arange(n_long, n_long + 8)]).to(torch.int32)
+    tree = KVTree(slots, torch.tensor([0, n_long, n_long + 8], dtype=torch.int32),
+                  torch.full((2,), -1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32))
+    exact = attention_reference(q, k, v, tree, d ** -0.5, 0.0)
+    assert exact[1].abs().max() > 30 * exact[0].abs().max()
+    rounded = check_layer(exact.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), tree, d ** -0.5, 0.0, 1, 0)
+    assert rounded["within_tolerance"] and rounded["max_row_rel_diff"] <= 2 * ROUNDOFF[rounded["dtype"]]
+    wrong_slots = slots.clone()
+    wrong_slots[n_long - 150:n_long] = torch.arange(150, dtype=torch.int32)  # read the request's first 150 again
+    wrong = attention_reference(q, k, v, dataclasses.replace(tree, kv_indices=wrong_slots), d ** -0.5, 0.0)
+    row = check_layer(wrong.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), tree, d ** -0.5, 0.0, 2, 0)
+    if dtype == torch.bfloat16:  # the batch-wide bound alone passes it: below bf16 rounding at the short one's |out|
+        assert row["max_abs_diff"] <= 2 * ROUNDOFF[row["dtype"]] * row["max_abs_out"]
+    assert row["max_row_rel_diff"] > ROW_FACTOR * ROUNDOFF[row["dtype"]] and not row["within_tolerance"]

@@ -875,3 +875,17 @@ def test_seed_totals_count_repeated_requests_once_on_both_sides(with_noise):
     totals = g.seed_totals({"workload_seed": 1, "workloads": {"n_gt_1": entry}, "extra_seeds": {}})["n_gt_1"]
     assert totals["requests"] == 1 and totals["deft_divergences"] == 1
     assert totals["noise_divergences"] == (1 if with_noise else None)
+
+
+def test_kernel_check_summary_judges_each_checks_worst_row_too():
+    """A check within the batch-wide bound whose worst (query, head) row is off by more than ROW_FACTOR roundings of its
+    own |out| (a long request's small outputs next to a short one's) is outside the tolerance."""
+    line = ("[x] DeFT kernel check: step=16 layer=0 queries=8 max_abs_diff=0.01 max_abs_out=2.0 max_row_rel_diff={} "
+            "dtype=bfloat16")
+    ok = g.kernel_check_summary(line.format(0.01))
+    assert ok["within_tolerance"] and ok["max_row_rel_diff"] == 0.01
+    bad = g.kernel_check_summary(line.format(0.4))
+    assert not bad["within_tolerance"] and bad["worst"]["max_row_rel_diff"] == 0.4
+    assert bad["worst_tolerance_ratio"] == pytest.approx(0.4 / (8 * 2 ** -8))
+    old = g.kernel_check_summary(line.replace(" max_row_rel_diff={}", ""))  # a server from before the row check
+    assert old["within_tolerance"] and old["max_row_rel_diff"] is None
