@@ -1071,7 +1071,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
     p.add_argument("--tag", default=None, help="file names e2e_TAG.* (default: the GPU's, h200 or h100 ..., as "
-                                               "nvidia-smi names it; cpu with --device cpu)")
+                                               "nvidia-smi names it; cpu with --device cpu; then the --cases asked "
+                                               "for, if any)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of the whole flow on SGLang's CPU engine (needs --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the tiny model only")
@@ -1092,7 +1093,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.smoke:
         p.error("--device cpu runs the smoke shapes only: add --smoke")
-    args.tag = args.tag or (card.card_tag() if args.device == "cuda" else "cpu")
+    if args.tag is None:
+        args.tag = card.card_tag() if args.device == "cuda" else "cpu"
+        if args.cases:  # a run of some cases replaced a whole run's e2e_<card>.* under the same name
+            args.tag += "_" + "_".join(k for k in args.cases.split(",") if k)
     if args.gpu_memory_gib is None and args.device == "cuda":
         args.gpu_memory_gib = card.memory_gib()
     if args.repeats < 1:  # 0 started every server and wrote an empty report

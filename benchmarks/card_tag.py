@@ -15,10 +15,18 @@ import subprocess
 _MODEL = re.compile(r"\b[A-Z]{1,2}[0-9]{1,4}[A-Z]?\b")
 
 
+# Forms of one model whose memory and clocks differ (H100 NVL's 3.9 TB/s, PCIe's 2 TB/s against SXM's 3.35): named apart,
+# so that their results do not land in one file name. The SXM form keeps the bare model ("NVIDIA H100 80GB HBM3").
+_FORMS = (("NVL", "nvl"), ("PCIe", "pcie"))
+
+
 def tag_from_name(name: str) -> str | None:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``; None for a name without a model number."""
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``, ``"NVIDIA H100 NVL"`` -> ``"h100nvl"``; None for a name without a
+    model number."""
     found = _MODEL.search(name)
-    return found.group(0).lower() if found else None
+    if not found:
+        return None
+    return found.group(0).lower() + "".join(suffix for form, suffix in _FORMS if re.search(rf"\b{form}\b", name))
 
 
 def _smi(field: str, ident: str | None = None) -> list[str] | None:

@@ -611,7 +611,11 @@ def main_without_servers(tmp_path, monkeypatch, argv, ok=lambda backend: True,
     monkeypatch.setattr(b.signal, "signal", lambda *a: None)
     monkeypatch.setattr(b.Bench, "run", run_all)
     rc = b.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), *argv])
-    return rc, json.loads((tmp_path / "e2e_cpu.json").read_text()), (tmp_path / "e2e_cpu.md").read_text()
+    # a run of some --cases is named for them (e2e_cpu_fork_smoke.json): it never replaces a whole run's e2e_cpu.json
+    cases = b.parse_args(["--device", "cpu", "--smoke", *argv]).cases
+    stem = "e2e_cpu" + ("_" + cases.replace(",", "_") if cases else "")
+    assert not cases or not (tmp_path / "e2e_cpu.json").exists()
+    return rc, json.loads((tmp_path / f"{stem}.json").read_text()), (tmp_path / f"{stem}.md").read_text()
 
 
 @pytest.mark.parametrize("triton_ok", [True, False])
