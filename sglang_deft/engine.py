@@ -75,10 +75,11 @@ def _refusals_raised(engine: Engine, server_args):
     SIGQUIT not from its processes (an earlier Engine's, or its watchdog's) goes on to the handler it would have met.
     Nothing is raised from the handler: it could land in any ``except Exception`` of the start's code. On failure
     (also on ^C during the start) the processes the Engine started are ended, the zmq sockets the start opened here
-    are closed (``_sockets_left_by``), and the refusal the scheduler wrote (to
+    are closed (``_sockets_in``), and the refusal the scheduler wrote (to
     the file ``REFUSAL_FILE_ENV`` names) is raised, or the error where there is none. A handler of the caller's own
-    (``custom_sigquit_handler``) is left as it is; off the main thread none can be set, and a failing child's SIGQUIT
-    ends the caller as with SGLang's Engine (warned, unless the caller's own handler is in place)."""
+    (``custom_sigquit_handler``) is left as it is; off the main thread none can be set (SGLang installs no
+    ``custom_sigquit_handler`` there either), and a failing child's SIGQUIT ends the caller as with SGLang's Engine
+    (warned, unless the process already has a SIGQUIT handler of the caller's own)."""
     import psutil  # (an SGLang dependency)
 
     # The processes this Engine starts are the caller's children that were not there before, with their own
@@ -94,12 +95,15 @@ def _refusals_raised(engine: Engine, server_args):
     # (Python sets signal handlers from the main thread only, and so does SGLang)
     on_main_thread = threading.current_thread() is threading.main_thread()
     own = server_args.custom_sigquit_handler is None and on_main_thread
-    if not on_main_thread and server_args.custom_sigquit_handler is None and \
-            _ends_the_process(signal.getsignal(signal.SIGQUIT)):
+    # Off the main thread SGLang installs no handler either, custom_sigquit_handler included: what decides is the
+    # process's handler now.
+    if not on_main_thread and _ends_the_process(signal.getsignal(signal.SIGQUIT)):
         logger.warning("sglang_deft.Engine started off the main thread: a process of it that fails while it starts "
                        "(a model refused in SGLang's scheduler, say) sends this process SIGQUIT, whose default action "
-                       "ends it, as with SGLang's own Engine. Start the Engine on the main thread to get the refusal "
-                       "raised here instead, or install a SIGQUIT handler first.")
+                       "ends it, as with SGLang's own Engine%s. Start the Engine on the main thread to get the refusal "
+                       "raised here instead, or install a SIGQUIT handler (signal.signal) on the main thread first.",
+                       "" if server_args.custom_sigquit_handler is None else
+                       " (custom_sigquit_handler is installed from the main thread only: not this time)")
     quiet = _Without("Using custom SIGQUIT handler")  # SGLang logs that at error level
     handler_before = None
     start = None
@@ -122,15 +126,18 @@ def _refusals_raised(engine: Engine, server_args):
         # SGLang's watchdog of the processes that did start: polling on, it would signal their ends (the handler's
         # kills, or those below) as failures. Both before the caller's handler is back: a rank that fails as its peers
         # are ended signals too
-        tokenizer_manager = getattr(engine, "tokenizer_manager", None)
-        watchdog = getattr(tokenizer_manager, "_subprocess_watchdog", None)
-        if watchdog is not None:
-            watchdog.stop()
-        _quiet_soft_watchdog(getattr(tokenizer_manager, "soft_watchdog", None))
+        # The tokenizer manager is the Engine's only once SGLang's start-up wait returned: one whose scheduler refused
+        # the model is a local of the frames the error passed through (its soft watchdog's thread already running).
+        holders = _left_by(engine, e)
+        for tokenizer_manager in _tokenizer_managers(holders):
+            watchdog = getattr(tokenizer_manager, "_subprocess_watchdog", None)
+            if watchdog is not None:
+                watchdog.stop()
+            _quiet_soft_watchdog(getattr(tokenizer_manager, "soft_watchdog", None))
         _end_started_processes(children_before)
         # (what the caller must see is the refusal or the start's error, not a failure to close)
         with contextlib.suppress(Exception):
-            _close_sockets(_sockets_left_by(engine, e))
+            _close_sockets(_sockets_in(holders))
         if own:  # None: a handler not set from Python
             signal.signal(signal.SIGQUIT, signal.SIG_DFL if handler_before is None else handler_before)
             subprocess_entry.while_starting = None
@@ -224,10 +231,32 @@ def _end_started_processes(children_before: set[int], wait: bool = True) -> None
         psutil.wait_procs(started, timeout=10)  # reaped: no zombies left behind
 
 
-def _sockets_left_by(engine, error: BaseException) -> list:
-    """The zmq sockets a failed start opened in this process: the Engine's, its tokenizer manager's, and those that
-    the frames ``error`` passed through hold in their locals or one attribute down (the tokenizer manager SGLang made
-    before its start-up wait, or one whose ``__init__`` or template set-up raised).
+def _left_by(engine, error: BaseException) -> list:
+    """What a failed start may have left running or open: the Engine, its tokenizer manager, and the locals of the
+    frames ``error`` passed through (the tokenizer manager SGLang made before its start-up wait, or one whose
+    ``__init__`` or template set-up raised)."""
+    holders = [engine, getattr(engine, "tokenizer_manager", None)]
+    tb = error.__traceback__
+    while tb is not None:
+        holders += tb.tb_frame.f_locals.values()
+        tb = tb.tb_next
+    return holders
+
+
+def _tokenizer_managers(holders: list) -> list:
+    """The distinct tokenizer managers among ``holders``: what has a soft or subprocess watchdog to stop."""
+    found = []
+    for holder in holders:
+        with contextlib.suppress(Exception):  # (a local may be anything)
+            if (hasattr(holder, "soft_watchdog") or hasattr(holder, "_subprocess_watchdog")) and \
+                    not any(holder is f for f in found):
+                found.append(holder)
+    return found
+
+
+def _sockets_in(holders: list) -> list:
+    """The zmq sockets among ``holders`` (``_left_by``) and one attribute down: those a failed start opened in this
+    process.
 
     They must be closed while they can still be found. Nothing holds them once the error is dropped, and the tokenizer
     manager is in a reference cycle (its dispatcher holds its bound methods), so a garbage collection frees it: one
@@ -235,11 +264,6 @@ def _sockets_left_by(engine, error: BaseException) -> list:
     for sockets still open. On the GPU host the caller's exit (torch's atexit hook collects) hung there for minutes."""
     import zmq  # (an SGLang dependency)
 
-    holders = [engine, getattr(engine, "tokenizer_manager", None)]
-    tb = error.__traceback__
-    while tb is not None:
-        holders += tb.tb_frame.f_locals.values()
-        tb = tb.tb_next
     sockets = []
     for holder in holders:
         with contextlib.suppress(Exception):  # (a local's attributes may be anything)

@@ -60,6 +60,11 @@ def merge_config_quietly(merger, argv: list[str]) -> list[str]:
     log.disabled = True
     try:
         return merger.merge_config_with_args(argv)
+    except (AttributeError, TypeError) as e:
+        # SGLang's merger calls key.replace(...): a key YAML did not read as a string (``on:``, ``yes:``, ``1:``) raised
+        # AttributeError out of the launcher as a traceback, not the usage error an unusable file is.
+        raise ValueError(f"a key of the config file is no option name ({e}); YAML reads unquoted on/off/yes/no "
+                         "as booleans and digits as numbers: write option names as keys") from e
     finally:
         log.disabled = was
 

@@ -249,6 +249,9 @@ def test_launcher_leaves_a_config_file_sglang_refuses_to_its_merger(tmp_path):
     (["--config", "missing.yaml"], None, "Config file not found"),
     (["--config=server.yaml"], "- device\n", "Config file must contain a dictionary at root level"),
     (["--config", "server.yaml"], "device: [cpu\n", "while parsing"),
+    # keys YAML does not read as strings: SGLang's merger raised AttributeError on key.replace (a traceback, exit 1)
+    (["--config", "server.yaml"], "on: 1\n", "a key of the config file is no option name"),
+    (["--config", "server.yaml"], "1: cpu\n", "a key of the config file is no option name"),
     # an empty path: the merger takes it for no --config, and the server started without the file
     (["--config="], None, "No config file specified (an empty path)"),
     (["--config", ""], None, "No config file specified (an empty path)"),

@@ -150,10 +150,13 @@ SCRIPT = textwrap.dedent("""
     logging.getLogger("sglang.srt.utils.watchdog").addHandler(timeout_log)
 
     def scheduler_fails_and_stays(self, **kw):
-        # with --soft-watchdog-timeout, as SGLang's TokenizerManager makes it (a thread from here on)
-        self.tokenizer_manager = types.SimpleNamespace(_subprocess_watchdog=Watchdog(), soft_watchdog=SoftWatchdog.create(
+        # with --soft-watchdog-timeout, as SGLang's TokenizerManager makes it (a thread from here on). In SGLang's
+        # order: the Engine gets its tokenizer manager only once the start-up wait returned, so here it is a local of
+        # the start's frames alone (set on the Engine, it hid that a refused start left the soft watchdog running)
+        self.tokenizer_manager = None
+        tokenizer_manager = types.SimpleNamespace(_subprocess_watchdog=Watchdog(), soft_watchdog=SoftWatchdog.create(
             debug_name="TokenizerManager", watchdog_timeout=0.2, soft=True))
-        watchdogs.append(self.tokenizer_manager._subprocess_watchdog)
+        watchdogs.append(tokenizer_manager._subprocess_watchdog)
         scheduler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # it does not exit
         signal.signal(signal.SIGQUIT, kw["server_args"].custom_sigquit_handler)
         try:
@@ -229,6 +232,15 @@ SCRIPT = textwrap.dedent("""
     worker.start()
     worker.join()
     result["warned_with_a_handler"] = len([w for w in warned if "off the main thread" in w]) - 3
+    # custom_sigquit_handler off the main thread: SGLang installs it from the main thread only, so SIGQUIT's default
+    # action stays, and the warning must not be left out for it
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    worker = threading.Thread(target=lambda: deft_engine.Engine(model_path=model, attention_backend="deft",
+                                                                grammar_backend="none",
+                                                                custom_sigquit_handler=lambda signum, frame: None))
+    worker.start()
+    worker.join()
+    result["warned_with_a_custom_handler_argument"] = [w for w in warned if "off the main thread" in w][3:]
     result["thread_errors"] = thread_errors
     print("RESULT " + json.dumps(result))
 """)
@@ -337,6 +349,9 @@ def test_an_engine_off_the_main_thread_warns_that_a_failing_child_ends_the_proce
     # under SIGQUIT's default action, after a deft Engine started on the main thread, after an SGLang Engine did
     assert len(engine_args["off_main_thread_warned"]) == 3
     assert engine_args["warned_with_a_handler"] == 0  # a handler of the caller's: SIGQUIT does not end it
+    # a custom_sigquit_handler argument is never installed off the main thread: still warned, and said why
+    [custom] = engine_args["warned_with_a_custom_handler_argument"]
+    assert "installed from the main thread only" in custom
 
 
 def test_unsupported_flags_are_refused_before_sglangs_engine_starts(engine_args):
@@ -491,7 +506,7 @@ def test_a_failed_starts_sockets_are_closed_so_that_collecting_them_does_not_han
 
     with pytest.raises(RuntimeError) as failed:
         start()
-    sockets = engine._sockets_left_by(None, failed.value)
+    sockets = engine._sockets_in(engine._left_by(None, failed.value))
     assert len(sockets) == 2
     engine._close_sockets(sockets)
     assert all(s.closed for s in sockets) and sockets[0].context.closed
