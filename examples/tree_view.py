@@ -89,10 +89,12 @@ def connect(url: str):
     if host in ("127.0.0.1", "localhost", "::1"):
         # A server on this machine is reached directly: with http_proxy set (and it not in no_proxy) sglang.lang's
         # requests went to the proxy, and "no SGLang server answers" was said of a running one. Both variables get
-        # the entries of either (libraries read the lowercase one first); "*" already bypasses every host.
+        # the entries of either (libraries read the lowercase one first); "*" already bypasses every host. An IPv6
+        # host goes in both spellings: urllib matches no_proxy against "[::1]:port", requests against "::1".
         hosts = [h.strip() for key in ("no_proxy", "NO_PROXY") for h in os.environ.get(key, "").split(",") if h.strip()]
         if "*" not in hosts:
-            os.environ["no_proxy"] = os.environ["NO_PROXY"] = ",".join(dict.fromkeys(hosts + [host]))
+            local = [host, f"[{host}]"] if ":" in host else [host]
+            os.environ["no_proxy"] = os.environ["NO_PROXY"] = ",".join(dict.fromkeys(hosts + local))
     try:
         return sgl.RuntimeEndpoint(url)
     except (urllib.error.URLError, ConnectionError) as e:

@@ -54,6 +54,29 @@ def test_install_refuses_a_process_that_sees_cuda(monkeypatch):
     assert sys.meta_path == finders and cpu_compat.ENV_FLAG not in os.environ
 
 
+@pytest.mark.parametrize("distribution, installed, message", [
+    ("sglang", "0.5.9", "but SGLang 0.5.9 is installed"),
+    ("sglang-kernel", "0.4.0", "sglang-kernel 0.4.0 is installed"),
+])
+def test_install_refuses_releases_it_was_not_written_for(monkeypatch, distribution, installed, message):
+    """Its torchvision importers are SGLang 0.5.10.post1's modules and its stand-in answers sgl_kernel 0.4.1's loader:
+    with other releases the failure came later, as a stray torchvision ImportError or a missing op. Refused up front,
+    before it changes anything."""
+    import importlib.metadata
+    from sglang_deft.patches import sglang_version
+
+    real = importlib.metadata.version
+    fake = lambda name: installed if name == distribution else real(name)  # noqa: E731
+    monkeypatch.setattr(importlib.metadata, "version", fake)
+    monkeypatch.setattr(sglang_version, "version", fake)
+    monkeypatch.setattr(cpu_compat, "is_installed", lambda: False)
+    monkeypatch.delenv(cpu_compat.ENV_FLAG, raising=False)
+    finders = list(sys.meta_path)
+    with pytest.raises(Exception, match=message):
+        cpu_compat.install()
+    assert sys.meta_path == finders and cpu_compat.ENV_FLAG not in os.environ
+
+
 IMPORT_RADIX_CACHE = "import sglang_deft.subprocess_entry; from sglang.srt.mem_cache.radix_cache import RadixCache"
 
 

@@ -336,3 +336,19 @@ def test_no_server_and_a_negative_temperature_are_clear_errors():
     for widths in ((), (2, 0)):  # through the Python API, past --widths' parser
         with pytest.raises(ValueError, match="each of at least 1 branch"):
             tot.main("http://127.0.0.1:1", widths=widths)
+
+
+def test_a_local_ipv6_server_is_reached_past_a_proxy_too(monkeypatch):
+    """For http://[::1]:PORT connect() added "::1" to no_proxy, which urllib (sglang.lang's client) matches against
+    "[::1]:PORT" and so never bypassed: the proxy's refusal read as no server there. Both spellings now."""
+    import urllib.request
+
+    load_example("tree_of_thought")
+    import tree_view
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(SystemExit):  # nothing listens there; what matters is how it was asked
+        tree_view.connect("http://[::1]:9")
+    assert urllib.request.proxy_bypass_environment("[::1]:9")  # urllib's spelling
+    assert "::1" in os.environ["no_proxy"].split(",")  # requests'

@@ -34,7 +34,30 @@ def test_the_python_files_and_metadata_replace_an_earlier_extraction(tmp_path):
     written = extract(wheel(tmp_path / "k.whl"), site)
     assert sorted(written) == ["sgl_kernel/__init__.py", "sgl_kernel/ops.py", "sglang_kernel-0.4.1.dist-info/METADATA"]
     assert tree(site) == ["sgl_kernel", "sgl_kernel/__init__.py", "sgl_kernel/ops.py", "sglang_kernel-0.4.1.dist-info",
-                          "sglang_kernel-0.4.1.dist-info/METADATA"]
+                          "sglang_kernel-0.4.1.dist-info/INSTALLER", "sglang_kernel-0.4.1.dist-info/METADATA",
+                          "sglang_kernel-0.4.1.dist-info/RECORD"]
+
+
+def test_the_extraction_has_a_record_pip_can_uninstall_by(tmp_path):
+    """Without a RECORD pip refused to uninstall or replace the files ("RECORD file not found"): every file written,
+    with its sha256 and size as the wheel spec has them, and RECORD itself without either."""
+    import base64
+    import hashlib
+    from importlib.metadata import PathDistribution
+
+    site = tmp_path / "site"
+    extract(wheel(tmp_path / "k.whl"), site)
+    dist = PathDistribution(site / "sglang_kernel-0.4.1.dist-info")
+    files = {str(f): f for f in dist.files}
+    assert set(files) == {"sgl_kernel/__init__.py", "sgl_kernel/ops.py", "sglang_kernel-0.4.1.dist-info/METADATA",
+                          "sglang_kernel-0.4.1.dist-info/INSTALLER", "sglang_kernel-0.4.1.dist-info/RECORD"}
+    for name, f in files.items():
+        if name.endswith("RECORD"):
+            assert f.hash is None and f.size is None
+            continue
+        data = (site / name).read_bytes()
+        assert f.hash.mode == "sha256" and f.size == len(data)
+        assert f.hash.value == base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 @pytest.mark.parametrize("kind, message", [

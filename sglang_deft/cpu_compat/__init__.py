@@ -126,11 +126,20 @@ def is_installed() -> bool:
 def install() -> None:
     """Activate the compatibility layer in this process and in the processes SGLang spawns from it.
 
-    Idempotent. Raises RuntimeError where torch sees a CUDA device, when sgl_kernel's Python files are missing, or
-    when ``sglang.srt.utils.common`` was already imported without it (too late to stand in).
+    Idempotent. Raises RuntimeError where torch sees a CUDA device, when sgl_kernel's Python files are missing or of
+    another release than ``extract_sgl_kernel.VERSION``, or when ``sglang.srt.utils.common`` was already imported
+    without it (too late to stand in); ``UnsupportedSGLangVersion`` for an SGLang other than the one its module names
+    and loader fallback are written against (it failed later as a stray torchvision ImportError or a missing op).
     """
     if is_installed():
         return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sglang_deft.patches.sglang_version import require_supported_sglang
+
+    from .extract_sgl_kernel import DISTRIBUTION, VERSION
+
+    require_supported_sglang("sglang_deft.cpu_compat")
     import torch
 
     if torch.cuda.is_available():
@@ -147,6 +156,15 @@ def install() -> None:
             "run `make venv`, or `python -m sglang_deft.cpu_compat.extract_sgl_kernel "
             "sglang_kernel-0.4.1-*.whl` into this environment."
         )
+    try:
+        kernel_version = version(DISTRIBUTION)
+    except PackageNotFoundError:
+        kernel_version = None  # files without a .dist-info: not what extract_sgl_kernel or pip leave
+    if kernel_version != VERSION:
+        raise RuntimeError(
+            f"sglang_deft.cpu_compat stands in for {DISTRIBUTION} {VERSION}'s native library (its loader's fallback "
+            f"to `import common_ops`), and {DISTRIBUTION} {kernel_version or 'of no known release'} is installed: run "
+            f"`make venv`, or `python -m sglang_deft.cpu_compat.extract_sgl_kernel sglang_kernel-{VERSION}-*.whl`.")
     imported = [name for name in _TORCHVISION_IMPORTERS if name in sys.modules]
     if imported:
         raise RuntimeError(

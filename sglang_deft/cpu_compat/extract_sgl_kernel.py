@@ -3,7 +3,8 @@
 ``python -m sglang_deft.cpu_compat.extract_sgl_kernel WHEEL [SITE_PACKAGES]``: SGLang imports
 ``sgl_kernel`` (and reads data such as ``scalar_type`` from it) even on CPU, but the wheel's 1.4 GB of
 CUDA libraries cannot load without a CUDA driver. ``sglang_deft.cpu_compat`` supplies the stand-in
-for the native library. Writes a ``.dist-info`` (METADATA only) so that the files are known to pip.
+for the native library. Writes a ``.dist-info`` (the wheel's METADATA, a RECORD of the files written and an
+INSTALLER) so that the files are known to pip, which can uninstall or replace them (without a RECORD it refused to).
 
 Only a sglang-kernel wheel of ``VERSION`` (what SGLang 0.5.10.post1 pins) is taken, checked before anything is
 written; its files land in a scratch folder first and replace an earlier extraction only once all are out (a corrupt
@@ -12,7 +13,9 @@ member leaves nothing behind).
 from __future__ import annotations
 
 import argparse
+import base64
 import email.parser
+import hashlib
 import shutil
 import sysconfig
 import tempfile
@@ -54,12 +57,26 @@ def extract(wheel: Path, site_packages: Path) -> list[str]:
                 if keep and not name.endswith("/"):
                     zf.extract(name, scratch)  # raises on a member whose CRC does not match
                     written.append(name)
+            _write_record(Path(scratch), dist_info, written)
             # Every file is out: replace an earlier extraction (of this or another release) by this one.
             for old in [site_packages / PACKAGE, *site_packages.glob("sglang_kernel-*.dist-info")]:
                 shutil.rmtree(old, ignore_errors=True)
             for folder in (PACKAGE, dist_info):
                 (Path(scratch) / folder).rename(site_packages / folder)
     return written
+
+
+def _write_record(root: Path, dist_info: str, written: list[str]) -> None:
+    """``dist_info``'s INSTALLER and RECORD (one line per file: path, sha256 as the wheel spec writes it, size; RECORD
+    itself without either) for the files ``written`` under ``root``."""
+    (root / dist_info / "INSTALLER").write_text("sglang_deft.cpu_compat.extract_sgl_kernel\n")
+    lines = []
+    for name in [*written, f"{dist_info}/INSTALLER"]:
+        data = (root / name).read_bytes()
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        lines.append(f"{name},sha256={digest},{len(data)}")
+    lines.append(f"{dist_info}/RECORD,,")
+    (root / dist_info / "RECORD").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
