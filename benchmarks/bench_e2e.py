@@ -1095,8 +1095,11 @@ def parse_args(argv=None):
         p.error("--device cpu runs the smoke shapes only: add --smoke")
     if args.tag is None:
         args.tag = card.card_tag() if args.device == "cuda" else "cpu"
-        if args.cases:  # a run of some cases replaced a whole run's e2e_<card>.* under the same name
-            args.tag += "_" + "_".join(k for k in args.cases.split(",") if k)
+        # A run of some cases, or of the smoke shapes on a GPU, replaced a whole run's e2e_<card>.* under the same name.
+        if args.smoke and args.device == "cuda":
+            args.tag += "_smoke"
+        if args.cases:
+            args.tag += "".join(f"_{k.strip()}" for k in args.cases.split(",") if k.strip())
     if args.gpu_memory_gib is None and args.device == "cuda":
         args.gpu_memory_gib = card.memory_gib()
     if args.repeats < 1:  # 0 started every server and wrote an empty report

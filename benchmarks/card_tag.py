@@ -26,7 +26,9 @@ def tag_from_name(name: str) -> str | None:
     found = _MODEL.search(name)
     if not found:
         return None
-    return found.group(0).lower() + "".join(suffix for form, suffix in _FORMS if re.search(rf"\b{form}\b", name))
+    # (nvidia-smi spells it "H100 PCIe" but "A100-PCIE-40GB")
+    return found.group(0).lower() + "".join(suffix for form, suffix in _FORMS
+                                            if re.search(rf"\b{form}\b", name, re.IGNORECASE))
 
 
 def _smi(field: str, ident: str | None = None) -> list[str] | None:

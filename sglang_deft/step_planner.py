@@ -148,8 +148,10 @@ class DecodeStepPlanner:
         advance_tails(self.builder.req_to_token, self._operands, self.buffers.kv_indices, self._items)
 
     def invalidate(self) -> None:
-        """Something else wrote the buffers: the next step is planned in full."""
-        self._state = self._refused = None
+        """Something else wrote the buffers: the next step is planned in full. A refused batch stays refused
+        (``_RefusedBatch`` is about its tree, not what the buffers hold): the backend invalidates after every step
+        the buffers refused, and clearing it there had every such step built and scheduled twice again."""
+        self._state = None
 
     def plan(self, reqs: Sequence, seq_lens_cpu: torch.Tensor, num_queries: int) -> StepPlan | None:
         """The step's plan in the buffers, for ``num_queries`` rows (the batch, plus a CUDA graph's

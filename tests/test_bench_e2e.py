@@ -836,3 +836,13 @@ def test_the_cards_memory_comes_from_nvidia_smi(monkeypatch, tmp_path):
     assert b.parse_args(["--out", str(tmp_path), "--tag", "x"]).gpu_memory_gib == H100_GIB
     smi.write_text("#!/bin/sh\nexit 9\n")
     assert b.parse_args(["--out", str(tmp_path), "--tag", "x"]).gpu_memory_gib is None
+
+
+@pytest.mark.parametrize("argv, tag", [([], "h200"), (["--cases", "single_32k"], "h200_single_32k"),
+                                       (["--smoke"], "h200_smoke"), (["--tag", "mine", "--cases", "p4k_64"], "mine"),
+                                       (["--device", "cpu", "--smoke"], "cpu")])
+def test_a_run_of_some_cases_is_named_for_them(argv, tag, monkeypatch):
+    """Without --tag, a run of some cases (or the smoke shapes on a GPU) wrote e2e_<card>.* over a whole run's."""
+    monkeypatch.setattr(b.card, "card_tag", lambda: "h200")
+    monkeypatch.setattr(b.card, "memory_gib", lambda: 141.0)
+    assert b.parse_args(argv).tag == tag

@@ -329,8 +329,8 @@ def test_result_files_are_named_after_the_card(monkeypatch, tmp_path):
              "NVIDIA GH200 480GB", "NVIDIA A10G", "Tesla T4")
     assert [tags.tag_from_name(n) for n in names] == ["h100", "h200", "a100", None, "l40s", "gh200", "a10g", "t4"]
     # H100 forms of other bandwidths are named apart (their results landed in one kernels_h100.json)
-    assert [tags.tag_from_name(n) for n in ("NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3")] == [
-        "h100nvl", "h100pcie", "h100"]
+    assert [tags.tag_from_name(n) for n in ("NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3",
+                                            "NVIDIA A100-PCIE-40GB")] == ["h100nvl", "h100pcie", "h100", "a100pcie"]
     smi = tmp_path / "nvidia-smi"
     # the card nvidia-smi is asked for: the first of CUDA_VISIBLE_DEVICES (it ignores the variable itself)
     smi.write_text("#!/bin/sh\n[ \"$3 $4\" = '-i 3' ] && echo 'NVIDIA A100-SXM4-80GB' || echo 'NVIDIA H100 80GB HBM3'\n")
@@ -439,15 +439,27 @@ def test_an_eager_provider_is_checked_on_what_its_call_wrote(ctx, monkeypatch):
 
 
 @pytest.mark.parametrize("kv_dtype, allowed", [("same", 1e-2), ("fp8_e4m3", 2.0 ** -5), ("fp8_e5m2", 2.0 ** -4)])
-def test_the_relative_bound_follows_the_kv_cache_dtype(ctx, monkeypatch, kv_dtype, allowed):
+def test_sglang_triton_over_an_fp8_cache_is_allowed_its_rounding_of_p(ctx, monkeypatch, kv_dtype, allowed):
     """Over an fp8 cache SGLang's triton decode rounds P to fp8 for P x V (2.4-2.6e-2 per query over e4m3, H200):
-    1e-2 failed it for what its servers do and dropped it from the best baseline."""
+    1e-2 failed it for what its servers do and dropped it from the best baseline. deft (and FlashInfer) keep P in bf16
+    and keep 1e-2: the looser bound would let a deft regression of a few percent pass."""
     c, ref = ctx
     c.args.kv_dtype = kv_dtype
-    assert BENCH.max_rel_err(kv_dtype) == allowed
+    assert BENCH.max_rel_err(kv_dtype, "sglang_triton") == allowed and BENCH.max_rel_err(kv_dtype, "deft") == 1e-2
     # 2% off per query (past 1e-2, within both fp8 bounds), spread evenly: every element within the absolute bound
     rms = ref.flatten(1).norm(dim=1) / ref[0].numel() ** 0.5
     off = ref + 0.02 * rms.view(-1, 1, 1)
     assert (off - ref).abs().max() < BENCH.MAX_ABS_ERR
-    monkeypatch.setitem(BENCH.SETUP, "rounded_p", lambda ctx: BENCH.Prepared(fn=lambda: off.clone()))
-    assert BENCH.run_provider("rounded_p", c, ref)["ok"] == (kv_dtype != "same")
+    for name in ("sglang_triton", "deft"):
+        monkeypatch.setitem(BENCH.SETUP, name, lambda ctx: BENCH.Prepared(fn=lambda: off.clone()))
+    assert BENCH.run_provider("sglang_triton", c, ref)["ok"] == (kv_dtype != "same")
+    assert not BENCH.run_provider("deft", c, ref)["ok"]
+
+
+@pytest.mark.parametrize("argv, suffix", [([], ""), (["--cases", "p16k_64, spec"], "_p16k_64_spec"), (["--quick"], "_quick"),
+                                          (["--quick", "--cases", "p16k_64"], "_quick_p16k_64"),
+                                          (["--cases", "all"], "")])
+def test_a_run_of_some_cases_is_named_for_them(argv, suffix):
+    """Without --tag a run of some cases wrote kernels_<card>.json over a whole run's; --quick with --cases over a whole
+    --quick run's; and a key written with a space gave a file name with one."""
+    assert BENCH.subset_suffix(BENCH.parse_args(argv)) == suffix

@@ -441,6 +441,31 @@ def test_an_eager_step_the_step_planner_refused_is_not_scheduled_under_the_limit
 
 
 @needs_interpreter
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph_refused"])
+def test_the_steps_of_a_batch_past_the_limits_build_its_tree_once_each(server_args, model_config, monkeypatch, graphs):
+    """Each step of a batch past the plan limits was built (and scheduled) twice: by the step planner, to be refused,
+    and on the eager step's own path. After its first step the step planner refuses it without a build, through the
+    backend's invalidate() after each refusal, with and without a graph replay asked for first."""
+    sim, layers, kv_pool, backend, reqs, tried, under_limits = past_limits_setup(server_args, model_config,
+                                                                                 monkeypatch)
+    builds = []
+    build = backend.tree_builder.build
+    monkeypatch.setattr(backend.tree_builder, "build", lambda *a, **kw: builds.append(1) or build(*a, **kw))
+    emulator = GraphEmulator(backend, kv_pool)
+    per_step = []
+    for _ in range(4):
+        before = len(builds)
+        if graphs:
+            assert step_both_ways(sim, reqs, layers, kv_pool, backend, emulator) is None  # eager only, checked
+        else:
+            eager_step(sim, reqs, layers, kv_pool, backend, decode_forward_batch(sim, reqs, kv_pool),
+                       step_inputs(len(reqs), layers))  # checked against the reference
+        sim.finish_decode(reqs)
+        per_step.append(len(builds) - before)
+    assert per_step == [2, 1, 1, 1], per_step
+
+
+@needs_interpreter
 def test_a_batch_past_the_buffers_is_planned_without_limits_or_a_warning(server_args, model_config, monkeypatch,
                                                                        caplog):
     """9 requests where graphs and buffers hold 8: no graph replays it, so it keeps no graph's chunking. Under limits
@@ -1052,6 +1077,12 @@ def test_sliding_window_replays_and_eager_steps_agree_bitwise(server_args, model
     for step in range(8):
         if step == 4:  # an unrelated request joins: 5 queries, padded to 8 in the graphs
             reqs += sim.prefill([sim.new_req(sim.fresh(30))])
+        if refusing[0] and step not in refused_steps:
+            # A tree refused once and fitting at its next step: the step planners remember a refused batch for up to
+            # their room's steps (_RefusedBatch), which a tree past the limits stays past; one that fits again is
+            # tried after that room, which this step stands for.
+            for backend in (graphs, eager):
+                backend.window_step_planner._refused = None
         refusing[0] = step in refused_steps
         fb = decode_forward_batch(sim, reqs, kv_pool)
         window_attended += int(fb.seq_lens_cpu.clamp(max=41).sum())
