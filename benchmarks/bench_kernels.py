@@ -689,10 +689,10 @@ def parse_args(argv=None):
     ap.add_argument("--run-len", type=int, default=T.DEFAULT_RUN, help="KV slot run length (1 = fully random slots)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shrink", type=int, default=1, help="divide every node length by this (CPU smoke runs)")
-    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    ap.add_argument("--warmup", type=int, default=None, help="do_bench warmup, ms (default 25; 5 with --quick)")
+    ap.add_argument("--rep", type=int, default=None, help="do_bench repetition time, ms (default 100; 20 with --quick)")
     ap.add_argument("--cpu-reps", type=int, default=3)
-    ap.add_argument("--plan-reps", type=int, default=30)
+    ap.add_argument("--plan-reps", type=int, default=None, help="timed plans (default 30; 10 with --quick)")
     ap.add_argument("--no-graph", action="store_true", help="time every provider eagerly")
     ap.add_argument("--hot", action="store_true", help="also record L2-warm do_bench_cudagraph medians")
     ap.add_argument("--cascade-empty-levels", choices=["try", "skip"], default="try",
@@ -706,6 +706,10 @@ def parse_args(argv=None):
     ap.add_argument("--rates", default=None, help=argparse.SUPPRESS)  # "copy_gbps,matmul_tflops" from the parent
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # --quick's shorter timing where these are not given (it overrode them when they were)
+    for flag, full, quick in (("warmup", 25, 5), ("rep", 100, 20), ("plan_reps", 30, 10)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, quick if args.quick else full)
     for flag in ("run_len", "shrink", "cpu_reps", "plan_reps", "rep", "case_timeout"):
         if getattr(args, flag) < 1:  # each divides, or is a count of timings a median is taken over
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -713,10 +717,8 @@ def parse_args(argv=None):
         ap.error("--warmup must be at least 0")
     if not (math.isfinite(args.logit_cap) and args.logit_cap >= 0):
         ap.error(f"--logit-cap must be a finite number >= 0 (0 = none), not {args.logit_cap}")
-    if args.quick:
-        args.warmup, args.rep, args.plan_reps = 5, 20, 10
-        if args.cases == "all":
-            args.cases = ",".join(T.quick_cases())
+    if args.quick and args.cases == "all":
+        args.cases = ",".join(T.quick_cases())
     return args
 
 

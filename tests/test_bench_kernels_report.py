@@ -463,3 +463,11 @@ def test_a_run_of_some_cases_is_named_for_them(argv, suffix):
     """Without --tag a run of some cases wrote kernels_<card>.json over a whole run's; --quick with --cases over a whole
     --quick run's; and a key written with a space gave a file name with one."""
     assert BENCH.subset_suffix(BENCH.parse_args(argv)) == suffix
+
+
+def test_quick_keeps_the_timing_asked_for():
+    """--quick set warmup, rep and plan reps whatever the command line said."""
+    assert [getattr(BENCH.parse_args(["--quick"]), f) for f in ("warmup", "rep", "plan_reps")] == [5, 20, 10]
+    assert [getattr(BENCH.parse_args([]), f) for f in ("warmup", "rep", "plan_reps")] == [25, 100, 30]
+    asked = BENCH.parse_args(["--quick", "--rep", "50", "--plan-reps", "7", "--warmup", "0"])
+    assert (asked.warmup, asked.rep, asked.plan_reps) == (0, 50, 7)
