@@ -295,6 +295,15 @@ def _raise_on_sigterm(signum, frame):  # SIGTERM, SIGHUP
     raise Signalled(128 + signum)
 
 
+def looks_local(path: Path) -> bool:
+    """Whether ``--model-path`` names a local path rather than a Hugging Face id ("org/name"): absolute, under ``..``,
+    or under a directory that is here (``models/tiny-llama-deftt``, a typo of the bundled model, is no hub id). A bare
+    name may be a hub id ("gpt2"; argparse's Path already made "./gpt2" that)."""
+    if path.is_absolute() or path.parts[:1] == ("..",):
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
 def main(argv=None) -> int:
     tot = load_example("tree_of_thought")  # fail before starting a server if the checkout lacks it
     ap = argparse.ArgumentParser(prog="python -m sglang_deft.demo",
@@ -322,9 +331,9 @@ def main(argv=None) -> int:
         ap.error(f"--port {args.port}: a TCP port is 1-65535 (0 or none: a free one)")
     if not args.timeout > 0:
         ap.error(f"--timeout {args.timeout}: seconds to wait for the server, more than 0")
-    if args.model_path.is_absolute() and not args.model_path.exists():
+    if looks_local(args.model_path) and not args.model_path.exists():
         # (a relative one may be a Hugging Face id, which SGLang fetches) Otherwise transformers' traceback about
-        # repo ids came after the server's start, ~10 s on the CPU.
+        # repo ids came after the server's start, ~10 s on the CPU, inside the server log's dump.
         ap.error(f"--model-path {args.model_path}: no such directory")
     for flag, why in REFUSED_AFTER_DASHES.items():
         if any(names_flag(a, flag) for a in args.server_args):

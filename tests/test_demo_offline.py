@@ -443,3 +443,21 @@ def test_the_command_ends_without_a_traceback_when_stdout_is_closed(monkeypatch,
     monkeypatch.setattr(demo.os, "dup2", lambda fd, fd2: None)  # pytest's captured stdout stays as it is
     assert demo.command_line() == 1
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["models/tiny-llama-deftt", "./models/typo", "../tiny"])
+def test_a_missing_local_model_path_is_refused_before_the_server_starts(monkeypatch, capsys, tmp_path, path):
+    """Only an absolute path was checked: a typo of the bundled model's relative path started the server, which ended
+    ~40 s later with transformers' traceback about hub repo ids inside the server log's dump."""
+    (tmp_path / "work" / "models").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(demo, "ServerProcess", lambda *a, **k: pytest.fail("a server was started"))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--cpu", "--model-path", path])
+    assert e.value.code == 2 and f"--model-path {path.removeprefix('./')}: no such directory" in capsys.readouterr().err
+
+
+def test_a_hub_id_is_left_to_sglang(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not demo.looks_local(demo.Path("meta-llama/Llama-3.1-8B-Instruct"))  # no meta-llama directory here
+    assert demo.looks_local(demo.Path("/abs/model")) and demo.looks_local(demo.Path("../up"))
