@@ -865,7 +865,8 @@ def kernel_check_summary(deft_log: str) -> dict | None:
     # outputs must not borrow the allowance of a full layer's larger ones.
     within = [within_tolerance(r) for r in rows]
     ratios = [tolerance_ratio(r) for r in rows]  # NaN: inf, first
-    worst = rows[max(range(len(rows)), key=lambda i: ratios[i])]
+    at = max(range(len(rows)), key=ratios.__getitem__)
+    worst = rows[at]
     # One line per rank, checked step and checked layer (each TP rank checks its own heads; a model with window
     # layers checks the first layer of each kind): checks = checked steps x ranks x kinds.
     return {"checks": len(rows), "checked_steps": len({r["step"] for r in rows}),
@@ -874,7 +875,7 @@ def kernel_check_summary(deft_log: str) -> dict | None:
             "max_row_rel_diff": max((r["max_row_rel_diff"] for r in rows if "max_row_rel_diff" in r), default=None),
             "worst": {k: worst[k] for k in ("step", "layer", "max_abs_diff", "max_abs_out", "max_row_rel_diff")
                       if k in worst},
-            "worst_tolerance_ratio": ratios[rows.index(worst)],  # its difference over its allowance, batch's or row's
+            "worst_tolerance_ratio": ratios[at],  # its difference over its allowance, batch's or row's
             "allowed": allowed_diff(worst["dtype"], worst["max_abs_out"]),  # the worst check's own allowance
             "within_tolerance": all(within), "outside_tolerance": within.count(False)}
 

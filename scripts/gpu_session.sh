@@ -94,7 +94,6 @@ cd "$REPO" || exit 2
 : "${OUT:=$REPO/gpu_out}"
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd) || exit 2  # absolute: phases run commands from other directories
 : "${SESSION_S:=565}"
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 left() { echo $(( SESSION_S - (SECONDS - START) )); }
