@@ -33,12 +33,14 @@ def _soft_cap(scores: torch.Tensor, logit_cap: float) -> torch.Tensor:
 
 def _check_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> None:
     """q [B, Hq, D], K and V [slots, Hkv, D] with Hq a multiple of Hkv. einsum broadcasts a size-1 head or head_dim:
-    a one-head V beside a two-head K was read as V's head 0 twice, a head_dim-1 V gave every output column alike."""
-    if q.dim() != 3 or k_buffer.dim() != 3 or k_buffer.shape[1:] != v_buffer.shape[1:] or \
+    a one-head V beside a two-head K was read as V's head 0 twice, a head_dim-1 V gave every output column alike.
+    K and V hold the same slots (one slot id indexes both, as tree_decode requires): slot ids are checked against K's
+    count only, so a shorter V ended in an IndexError with no word of why."""
+    if q.dim() != 3 or k_buffer.dim() != 3 or k_buffer.shape != v_buffer.shape or \
             k_buffer.shape[2] != q.shape[2] or q.shape[1] % k_buffer.shape[1]:
         raise ValueError(f"q {tuple(q.shape)}, k/v buffers {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)}: q needs "
-                         "[queries, heads, head_dim], K and V [slots, kv heads, head_dim] with q's head_dim, and the "
-                         "query heads a multiple of the KV heads")
+                         "[queries, heads, head_dim], K and V both [slots, kv heads, head_dim] with q's head_dim, and "
+                         "the query heads a multiple of the KV heads")
 
 
 def path_nodes(tree: KVTree) -> list[list[int]]:

@@ -205,12 +205,13 @@ def test_tensors_off_the_current_device_run_on_theirs(monkeypatch):
 def test_the_references_refuse_what_einsum_would_broadcast(reference):
     """SGLang's CPU decode path, the kernel check's ground truth (grouped) and the tests' (per query): a one-head V
     beside two-head K was read as V's head 0 for both KV heads (einsum broadcasts a size-1 dim), a head_dim-1 V or K
-    gave numbers too, and a NaN or infinite cap no cap or NaN, where tree_decode refuses them all."""
+    gave numbers too, a V of fewer slots than K an IndexError with no word of why, and a NaN or infinite cap no cap
+    or NaN, where tree_decode refuses them all."""
     tree = one_node_tree([0, 1, 2])
     q, k = torch.randn(2, 4, 16), torch.randn(3, 2, 16)
     for kk, v in ((k, torch.randn(3, 1, 16)), (k, torch.randn(3, 2, 1)), (torch.randn(3, 2, 1), k),
-                  (torch.randn(3, 3, 16), torch.randn(3, 3, 16))):
-        with pytest.raises(ValueError, match="K and V .slots, kv heads, head_dim. with q's head_dim"):
+                  (torch.randn(3, 3, 16), torch.randn(3, 3, 16)), (k, torch.randn(2, 2, 16))):
+        with pytest.raises(ValueError, match="K and V both .slots, kv heads, head_dim. with q's head_dim"):
             reference(q, kk, v, tree, 0.25)
     for cap in (float("nan"), float("inf"), 1e39):
         with pytest.raises(ValueError, match="a cap finite in float32"):
