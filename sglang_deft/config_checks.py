@@ -276,12 +276,15 @@ def server_args_problems(server_args) -> list[str]:
                    else None)
     if on_cpu and decode and cpu_prefill not in (None, BACKEND_NAME, *_CPU_PREFILL_BACKENDS):
         usable = [b for b in _CPU_PREFILL_BACKENDS if b != "intel_amx" or amx_problem is None]
+        if not a.prefill_attention_backend:
+            fix = f"--attention-backend {BACKEND_NAME}, which picks torch_native"
+        elif a.attention_backend in (None, BACKEND_NAME, *_CPU_PREFILL_BACKENDS):
+            fix = "drop --prefill-attention-backend"  # what is left prefills on CPU (deft picks torch_native)
+        else:  # dropping it alone made the GPU-only --attention-backend the prefill backend: refused again
+            fix = f"drop --prefill-attention-backend and pass --attention-backend {BACKEND_NAME}"
         problems.append(
             f"{flag} {cpu_prefill} with --device cpu: SGLang's {cpu_prefill} backend needs a GPU (the server "
-            f"died at its first prefill); on CPU use {' or '.join(usable)} for prefill"
-            # (an override beside --attention-backend deft is what to change: deft already picks torch_native)
-            + (", or drop --prefill-attention-backend" if a.prefill_attention_backend else
-               f", or --attention-backend {BACKEND_NAME}, which picks torch_native")
+            f"died at its first prefill); on CPU use {' or '.join(usable)} for prefill, or {fix}"
         )
     if cpu_prefill == "intel_amx" and amx_problem is not None:
         # SGLang falls back to torch_native without AMX only for --attention-backend intel_amx, which deft's split

@@ -654,6 +654,11 @@ def test_what_the_scheduler_would_fail_on_after_the_model_loaded_is_refused_at_l
     [gpu_prefill] = server_args_problems(with_(deft_args, prefill_attention_backend="flashinfer"))
     # not intel_amx, which cannot run either; not "--attention-backend deft", which was given
     assert gpu_prefill.endswith("on CPU use torch_native for prefill, or drop --prefill-attention-backend")
+    # Beside a GPU-only --attention-backend, dropping the override alone made that the prefill backend: refused again
+    [gpu_prefill] = server_args_problems(with_(deft_args, attention_backend="triton",
+                                               prefill_attention_backend="flashinfer"))
+    assert gpu_prefill.endswith("on CPU use torch_native for prefill, or drop --prefill-attention-backend and pass "
+                                "--attention-backend deft")
     [gpu_prefill] = server_args_problems(with_(deft_args, attention_backend="flashinfer"))
     assert gpu_prefill.startswith("--attention-backend flashinfer with --device cpu")
     assert gpu_prefill.endswith("on CPU use torch_native for prefill, or --attention-backend deft, which picks "
