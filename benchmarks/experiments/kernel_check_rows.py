@@ -2,8 +2,10 @@
 ``ROW_FACTOR`` roundings of its own largest |out|) sits from what the real kernels give, on the benchmark's trees, in
 bf16 and fp16 (also over an fp8 e4m3 cache), so that the bound makes no false alarm on a correct kernel.
 
-On the GPU host (overlay on PYTHONPATH as scripts/gpu_session.sh builds it):
-    OUT=$OUT python3 benchmarks/experiments/kernel_check_rows.py
+On the GPU host, with the overlay first on PYTHONPATH (a script's own directory, not the working one, leads sys.path,
+so running it from inside the overlay alone imports the repository's sglang_deft, which has no ``kernels``):
+    OV=$(python3 scripts/gpu_e2e.py --make-overlay /tmp/sglang_deft_overlay)
+    PYTHONPATH=$OV:$PYTHONPATH OUT=$OUT python3 benchmarks/experiments/kernel_check_rows.py
 Writes $OUT/kernel_check_rows.json: per (case, dtype, KV dtype), check_layer's figures on tree_decode's output and
 ``row_ratio`` (max_row_rel_diff over the bound: 1 is the bound) and ``batch_ratio`` (max_abs_diff over the
 batch-wide bound); the run fails (exit 1) if any check is outside the tolerance.
