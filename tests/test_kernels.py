@@ -210,7 +210,8 @@ def test_the_references_refuse_what_einsum_would_broadcast(reference):
     tree = one_node_tree([0, 1, 2])
     q, k = torch.randn(2, 4, 16), torch.randn(3, 2, 16)
     for kk, v in ((k, torch.randn(3, 1, 16)), (k, torch.randn(3, 2, 1)), (torch.randn(3, 2, 1), k),
-                  (torch.randn(3, 3, 16), torch.randn(3, 3, 16)), (k, torch.randn(2, 2, 16))):
+                  (torch.randn(3, 3, 16), torch.randn(3, 3, 16)), (k, torch.randn(2, 2, 16)),
+                  (torch.randn(3, 2, 1), torch.randn(3, 2, 1))):  # K and V alike, of head_dim 1
         with pytest.raises(ValueError, match="K and V both .slots, kv heads, head_dim. with q's head_dim"):
             reference(q, kk, v, tree, 0.25)
     for cap in (float("nan"), float("inf"), 1e39):
@@ -376,17 +377,30 @@ def test_capacity_too_small_is_refused():
 
 
 def test_bad_shapes_are_refused():
+    """Each check on its own input (one input failing two checks let either go unnoticed): a q of another head dim
+    beside matching K/V was read past its rows (the process died of heap corruption), K/V of twice the plan's heads
+    gave finite wrong numbers, and a strided q's every other element was read as its row."""
     tree = TREES["one_node"]
     plan = plan_tree_decode(tree, 8, 2, 32, device=DEVICE)
-    q = torch.randn(3, 8, 64, device=DEVICE)
-    kv = torch.randn(64, 2, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="plan"):
-        tree_decode(q, kv, kv, plan, 0.1)
+    kv = torch.randn(128, 2, 32, device=DEVICE)
+    q = torch.randn(tree.num_queries, 8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="q has shape .* 8 heads of dim 32"):
+        tree_decode(torch.randn(tree.num_queries, 8, 64, device=DEVICE), torch.randn(128, 2, 64, device=DEVICE),
+                    torch.randn(128, 2, 64, device=DEVICE), plan, 0.1)
+    wide = torch.randn(128, 4, 32, device=DEVICE)
+    for k, v in ((wide, wide), (kv, wide), (wide, kv)):
+        with pytest.raises(ValueError, match="do not match the plan's 2 KV heads of dim 32"):
+            tree_decode(q, k, v, plan, 0.1)
     with pytest.raises(ValueError, match="multiple"):
         plan_tree_decode(tree, 6, 4, 32)
-    q = torch.randn(tree.num_queries, 8, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="k/v buffers of 64 and 32 slots: a KV slot indexes both"):
-        tree_decode(q, kv, kv[:32], plan, 0.1)
+    with pytest.raises(ValueError, match="k/v buffers of 128 and 100 slots: a KV slot indexes both"):
+        tree_decode(q, kv, kv[:100], plan, 0.1)
+    strided = torch.randn(tree.num_queries, 8, 64, device=DEVICE)[..., ::2]
+    skv = torch.randn(128, 2, 64, device=DEVICE)[..., ::2]
+    for args in ((strided, kv, kv), (q, skv, kv), (q, kv, skv)):
+        with pytest.raises(ValueError, match="need a contiguous last dimension"):
+            tree_decode(*args, plan, 0.1)
+    tree_decode(q, kv, kv, plan, 0.1)  # the same inputs, well formed, are taken
 
 
 def test_arguments_the_kernels_cannot_take_are_refused():
