@@ -105,6 +105,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -793,8 +794,35 @@ def _distinct(entry: dict) -> tuple[int, int]:
     return entry["distinct_requests"], entry["distinct_divergences"]
 
 
-def run_lang_program(servers: dict) -> dict:
-    """The nested fork() program through sglang.lang (text); reported, not part of the criterion."""
+# How long the sglang.lang program may take (1-2.5 s on a GPU, a few seconds on the CPU's tiny models).
+LANG_PROGRAM_S = 300.0
+
+
+def run_lang_program(servers: dict, timeout_s: float = LANG_PROGRAM_S) -> dict:
+    """The nested fork() program through sglang.lang (text); reported, not part of the criterion. Run in a thread of
+    its own and given ``timeout_s``: where a server stops answering mid-program, SGLang's interpreter warns, its
+    worker thread ends, and the program's next fork waits for that worker forever (the run hung until the
+    session's timeout, losing the models after this one)."""
+    done: dict = {}
+
+    def program():
+        try:
+            done["out"] = _lang_program(servers)
+        except BaseException as e:  # re-raised in the caller's thread, where the model's error is recorded
+            done["error"] = e
+
+    worker = threading.Thread(target=program, name="sglang.lang program", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"the sglang.lang program did not finish within {timeout_s:g} s: a server stopped "
+                           "answering mid-program (SGLang's interpreter then waits forever); see the servers' logs")
+    if "error" in done:
+        raise done["error"]
+    return done["out"]
+
+
+def _lang_program(servers: dict) -> dict:
     import sglang as sgl
     from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 

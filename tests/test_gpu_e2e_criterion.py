@@ -889,3 +889,42 @@ def test_kernel_check_summary_judges_each_checks_worst_row_too():
     assert bad["worst_tolerance_ratio"] == pytest.approx(0.4 / (8 * 2 ** -8))
     old = g.kernel_check_summary(line.replace(" max_row_rel_diff={}", ""))  # a server from before the row check
     assert old["within_tolerance"] and old["max_row_rel_diff"] is None
+
+
+def test_the_sglang_lang_program_ends_when_a_server_stops_answering_mid_program():
+    """SGLang's interpreter ends its worker thread at a failed request, and the program's next fork then waited for
+    that worker forever: a server dying mid-program hung the run until the session's timeout. Here a server answers
+    the endpoint's model-info request and closes every generate request unanswered."""
+    import json
+    import threading
+    import time
+    import warnings
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Dying(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"model_path": "tiny"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.close_connection = True
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Dying)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_address[1]}")
+        start = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SGLang's "Error in stream_executor" traceback
+            with pytest.raises(TimeoutError, match="did not finish within 2 s: a server stopped answering"):
+                g.run_lang_program({g.REFERENCE: server, "deft": server}, timeout_s=2)
+        assert time.monotonic() - start < 10
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
