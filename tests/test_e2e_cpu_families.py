@@ -10,9 +10,9 @@ under that family's architecture with a real model's heads (``scripts/gpu_e2e.py
 ``scripts/make_tiny_model.py``'s ``ARCHITECTURES``), run through ``gpu_e2e.py``'s CPU smoke run: a deft
 server and one decoding on SGLang's torch_native, both float32 with torch_native prefill, given a fork, a
 nested fork and an ``n > 1`` request. deft's tokens and logprobs must be the reference's (the script's
-absolute check, 0.02 in logprob), the workload must depend on its context (one early prompt token changed
-changes the reference's tokens), and deft's sharing log must show its decode steps read less KV than they
-attended (a ratio above 1.5).
+absolute check, within ``LOGPROB_ATOL`` in logprob: both decode in float32), the workload must depend on its
+context (one early prompt token changed changes the reference's tokens), and deft's sharing log must show its
+decode steps read less KV than they attended (a ratio above 1.5).
 
 On the CPU deft decodes through its plain PyTorch path (``kernels/reference.py``), planned from the
 server's radix tree as the GPU path is; the same families through the Triton kernels are ``gpu_e2e.py
@@ -34,13 +34,16 @@ pytestmark = cpu_only
 REPO = Path(__file__).resolve().parents[1]
 GPU_E2E = script_module("gpu_e2e")
 CPU_FAMILIES = [*GPU_E2E.FAMILY_VARIANTS, "tiny-gemma3-global"]
+# float32 on both sides: the script's own default, 0.02-0.05, is for the GPU's half precision; it passed scores
+# scaled 0.3% too high in deft's decode (gaps of 0.006-0.011), where correct runs differ by 1.3e-5 to 8.3e-5
+LOGPROB_ATOL = 5e-4
 
 
 @pytest.mark.parametrize("name", CPU_FAMILIES)
 def test_family_decodes_as_sglang_decodes_it(tmp_path, name):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_e2e.py"), "--device", "cpu", "--smoke",
-                           "--models", name, "--noise-backends", "", "--out", str(out)],
+                           "--models", name, "--noise-backends", "", "--atol", str(LOGPROB_ATOL), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "gpu_e2e.json").read_text())
@@ -62,7 +65,8 @@ def test_sglangs_transformers_backend_decodes_as_sglang_decodes_it(tmp_path):
     through torch_native."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_e2e.py"), "--device", "cpu", "--smoke",
-                           "--models", "tiny", "--noise-backends", "", "--server-args=--model-impl transformers",
+                           "--models", "tiny", "--noise-backends", "", "--atol", str(LOGPROB_ATOL),
+                           "--server-args=--model-impl transformers",
                            "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
