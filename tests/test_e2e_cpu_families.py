@@ -39,14 +39,19 @@ CPU_FAMILIES = [*GPU_E2E.FAMILY_VARIANTS, "tiny-gemma3-global"]
 LOGPROB_ATOL = 5e-4
 
 
-@pytest.mark.parametrize("name", CPU_FAMILIES)
-def test_family_decodes_as_sglang_decodes_it(tmp_path, name):
-    out = tmp_path / "out"
+def cpu_smoke_run(out: Path, model: str, *extra: str) -> dict:
+    """gpu_e2e.py's CPU smoke run of ``model`` against torch_native at ``LOGPROB_ATOL``, which must pass; its report."""
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_e2e.py"), "--device", "cpu", "--smoke",
-                           "--models", name, "--noise-backends", "", "--atol", str(LOGPROB_ATOL), "--out", str(out)],
+                           "--models", model, "--noise-backends", "", "--atol", str(LOGPROB_ATOL), *extra,
+                           "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    report = json.loads((out / "gpu_e2e.json").read_text())
+    return json.loads((out / "gpu_e2e.json").read_text())
+
+
+@pytest.mark.parametrize("name", CPU_FAMILIES)
+def test_family_decodes_as_sglang_decodes_it(tmp_path, name):
+    report = cpu_smoke_run(tmp_path / "out", name)
     model = report["models"][name]
     assert report["ok"] and model["architecture"] == GPU_E2E.MODELS[name]["architecture"]
     assert model["servers"]["deft"]["decode_backend"] == "deft"
@@ -64,13 +69,7 @@ def test_sglangs_transformers_backend_decodes_as_sglang_decodes_it(tmp_path):
     attention layers in a dict that deft's checks first did not see; end to end it decodes through deft as
     through torch_native."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_e2e.py"), "--device", "cpu", "--smoke",
-                           "--models", "tiny", "--noise-backends", "", "--atol", str(LOGPROB_ATOL),
-                           "--server-args=--model-impl transformers",
-                           "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    model = json.loads((out / "gpu_e2e.json").read_text())["models"]["tiny"]
+    model = cpu_smoke_run(out, "tiny", "--server-args=--model-impl transformers")["models"]["tiny"]
     assert model["servers"]["deft"]["decode_backend"] == "deft"
     assert "Using Transformers backend" in (out / "logs" / "tiny-deft.log").read_text()
     for workload, entry in model["workloads"].items():
