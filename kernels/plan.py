@@ -398,12 +398,19 @@ class TreeDecodePlanner:
         if capacity is not None:  # before the schedule lays out host buffers of that many items
             _check_grid(capacity.max_items, "give the capacity fewer max_items")
         sms = sm_count(device)
-        s = _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
-                           kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=sms,
-                           large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
-                           cap_queries=capacity.max_queries if capacity else None,
-                           cap_items=capacity.max_items if capacity else None,
-                           kv_tokens=tree.kv_indices.numel())
+
+        def schedule(cap_items: int | None) -> ScheduleSizes:
+            return _plan_schedule(self._schedule, tree, group_size=Hq // Hkv, head_dim=D,
+                                  kv_elem_bytes=self.kv_dtype.itemsize, num_kv_heads=Hkv, num_sms=sms,
+                                  large_rows=self.large_rows, programs_per_sm=self.programs_per_sm,
+                                  cap_queries=capacity.max_queries if capacity else None, cap_items=cap_items,
+                                  kv_tokens=tree.kv_indices.numel())
+
+        s = schedule(capacity.max_items if capacity else None)
+        if capacity is None and s.items > MAX_GRID_ITEMS >= s.tiles:
+            # Split chunks took the step past the launch grid, but its query tiles fit: plan it again with
+            # the grid as the cap, which coarsens the chunks (as for a fixed capacity) instead of refusing.
+            s = schedule(MAX_GRID_ITEMS)
         B, T, I, P = tree.num_queries, tree.kv_indices.numel(), s.items, s.partials
         max_kv_slot = _host_max_slot(tree.kv_indices)
         if capacity is not None:

@@ -406,6 +406,27 @@ def test_a_plan_past_the_launch_grid_is_refused_by_name():
         plan_tree_decode(small, 8, 8, 64, capacity=PlanCapacity(8, 8, 10**12, 8, 8))
 
 
+def test_a_step_whose_split_chunks_pass_the_launch_grid_is_planned_with_coarser_chunks():
+    """A step of fewer query tiles than the grid holds, whose long node the cost model splits into enough
+    chunks to pass 65535 items, is planned with coarser chunks (as a fixed capacity would be), not refused.
+    (Many programs per SM make the CPU's 8 "SMs" ask for the chunks a large GPU would.)"""
+    n_short, long_len, pps = MAX_GRID_ITEMS - 10, 50_000, 1000  # one-token roots, each a query's, and one long root
+    indptr = np.concatenate([np.arange(n_short + 1), [n_short + long_len]])
+    split = build_schedule(indptr, np.full(n_short + 1, -1), np.arange(n_short + 1), group_size=1, head_dim=64,
+                           kv_elem_bytes=2, num_kv_heads=1, num_sms=8, programs_per_sm=pps)[1]
+    assert len(split) > MAX_GRID_ITEMS  # what the cost model cuts with no cap on the items
+    tree = KVTree(torch.arange(n_short + long_len, dtype=torch.int32), torch.from_numpy(indptr).to(torch.int32),
+                  torch.full((n_short + 1,), -1, dtype=torch.int32), torch.arange(n_short + 1, dtype=torch.int32))
+    plan = plan_tree_decode(tree, 1, 1, 64, device="cpu", programs_per_sm=pps)
+    num_large, num_small, B = plan.counts.tolist()
+    assert num_large + num_small == plan.grid_items <= MAX_GRID_ITEMS and B == n_short + 1
+    assert (plan.items[:, 1] > 1).sum() > 1  # the long root is still cut into chunks, only fewer
+    sched = (plan.qperm.numpy(), plan.items.numpy(), num_large, plan.merge_indptr.numpy(),
+             plan.merge_slots.numpy(), None)
+    cover = covered_pairs(tree, sched)
+    assert len(cover) == n_short + long_len and set(cover.values()) == {1}
+
+
 def test_an_unindexed_cuda_device_is_planned_for_by_its_index(monkeypatch):
     """"cuda" and "cuda:0" are unequal devices: a capacity plan's two uploads (its KV slots for kv_indices' device,
     its metadata for the one given) made a new staging ring, page-locked memory and events, twice a plan."""
