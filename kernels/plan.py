@@ -395,6 +395,13 @@ class TreeDecodePlanner:
             if capacity is not None and capacity != own:
                 raise ValueError(f"capacity={capacity} differs from the reused plan's buffers {own}; pass one of them")
             capacity = own
+            src = tree.kv_indices
+            if src.device == reuse.kv_indices.device and (
+                    src.untyped_storage().data_ptr() == reuse.kv_indices.untyped_storage().data_ptr()):
+                # The caller built this step's slots into the buffers themselves: from here on they hold no
+                # whole step, even if this plan is refused below (the last step's counts over these slots
+                # would gather K/V rows at ids its slot bound never saw).
+                reuse.buffers.num_queries = reuse.buffers.max_kv_slot = None
         if capacity is not None:  # before the schedule lays out host buffers of that many items
             _check_grid(capacity.max_items, "give the capacity fewer max_items")
         sms = sm_count(device)

@@ -516,6 +516,26 @@ def test_a_write_that_fails_leaves_the_buffers_holding_no_step(monkeypatch):
     assert graph.buffered_queries is None and graph.buffered_max_kv_slot is None
 
 
+def test_slots_built_into_the_buffers_then_refused_leave_them_holding_no_step():
+    """A caller that builds a step's KV slots into the reused buffers (the server's kv_out) has overwritten
+    the last step's: if that step's plan is then refused, the buffers must not still claim the last step,
+    whose counts and slot bound no longer describe the slots they hold."""
+    graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+    graph.kv_indices[:6].copy_(torch.tensor([0, 1, 2, 3, 900, 901], dtype=torch.int32))  # built in place
+    too_many = KVTree(graph.kv_indices[:6], torch.tensor([0, 4, 6], dtype=torch.int32),
+                      torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32))
+    with pytest.raises(PlanCapacityError, match="5 queries, more than the plan capacity 4"):
+        plan_tree_decode(too_many, 8, 2, 32, "cpu", reuse=graph)
+    assert graph.buffered_queries is None and graph.buffered_max_kv_slot is None
+    # Slots copied in from elsewhere leave the buffers as they were until the write itself.
+    graph = plan_tree_decode(_tiny_tree(), 8, 2, 32, "cpu", capacity=CAP)
+    elsewhere = KVTree(torch.arange(6, dtype=torch.int32), too_many.node_indptr, too_many.node_parent,
+                       too_many.query_node)
+    with pytest.raises(PlanCapacityError):
+        plan_tree_decode(elsewhere, 8, 2, 32, "cpu", reuse=graph)
+    assert graph.buffered_queries == 2 and graph.buffered_max_kv_slot == 5
+
+
 def test_node_indptr_must_end_exactly_at_the_kv_slots():
     with pytest.raises(ValueError, match="ends at 4 but kv_indices has 6 slots"):
         plan_tree_decode(_tiny_tree((0, 2, 4)), 8, 2, 32, "cpu")
