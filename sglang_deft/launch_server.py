@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server_args = parse_server_args(argv, device)
         check_startup(server_args)
-    except (UnsupportedConfiguration, ConfigFileError) as e:  # the user's flags, file or model: the reasons, not a
-        # traceback; 2 as argparse
+    except (UnsupportedConfiguration, ConfigFileError, UnsupportedSGLangVersion) as e:  # the user's flags, file or
+        # model, or an SGLang whose patched functions differ from the release's: the reasons, not a traceback; 2 as
+        # argparse
         print(f"sglang_deft.launch_server: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not 0 <= server_args.port <= 65535:  # else the port check below fails with bind()'s OverflowError
+        print(f"sglang_deft.launch_server: --port {server_args.port} is not a TCP port (0-65535)", file=sys.stderr)
         sys.exit(2)
     from sglang_deft.server_process import PORT_IN_USE, port_free
 

@@ -55,6 +55,26 @@ def test_a_port_in_use_stops_the_launcher_before_any_server_starts():
     assert "Load weight" not in result.stdout + result.stderr
 
 
+def test_a_port_out_of_range_is_an_argument_error():
+    result = run(["-m", "sglang_deft.launch_server", "--model-path", str(MODEL), "--device", DEVICE,
+                  "--attention-backend", "deft", "--grammar-backend", "none", "--port", "70000"], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "sglang_deft.launch_server: --port 70000 is not a TCP port (0-65535)" in result.stderr
+
+
+def test_a_changed_sglang_function_stops_the_launcher_as_an_argument_error():
+    """A patched SGLang function whose source is not the release's (a locally edited install) is refused with the
+    patch's reason in one line, as a wrong release is, not a traceback."""
+    code = ("import sglang_deft.patches.forward_batch_reqs as p; p.SOURCE_SHA256 = '0' * 64\n"
+            "from sglang_deft.launch_server import main\n"
+            f"main(['--model-path', {str(MODEL)!r}, '--device', {DEVICE!r}, '--attention-backend', 'deft', "
+            "'--grammar-backend', 'none'])")
+    result = run(["-c", code], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert ("sglang_deft.launch_server: `sglang_deft.patches.forward_batch_reqs` relies on SGLang 0.5.10.post1's "
+            "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new") in result.stderr
+
+
 def test_unsupported_model_stops_the_launcher(tmp_path):
     with_config(tmp_path, MODEL, architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next")
     result = run(["-m", "sglang_deft.launch_server", "--model-path", str(tmp_path), "--device", DEVICE,
