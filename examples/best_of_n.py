@@ -56,6 +56,8 @@ def pick(answers: list[str], scores: list[float]) -> tuple[int, Counter]:
 
 def main(url="http://127.0.0.1:30000", n=4, question=QUESTION, max_tokens=8, answer_tokens=4,
          temperature=0.8, quiet=False):
+    if min(n, max_tokens, answer_tokens) < 1:  # as the command line refuses them (n=0 ended in max() of nothing)
+        raise ValueError(f"n={n}, max_tokens={max_tokens}, answer_tokens={answer_tokens}: each must be at least 1")
     sgl.set_default_backend(connect(url))
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).
     state = self_consistency.run(question=question, branches=n, max_tokens=max_tokens,

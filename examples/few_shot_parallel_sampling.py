@@ -46,6 +46,9 @@ def parallel_sampling(s, prompt, question, branches=4, max_tokens=8, temp=0.8):
 
 def main(url="http://127.0.0.1:30000", n=4, shots=12, question="What is 23 + 41 times 3?",
          max_tokens=8, temperature=0.8, quiet=False):
+    if min(n, max_tokens) < 1 or shots < 0:  # as the command line refuses them
+        raise ValueError(f"n={n}, max_tokens={max_tokens}, shots={shots}: n and max_tokens must be at least 1, "
+                         "shots at least 0")
     sgl.set_default_backend(connect(url))
     prompt = few_shot_prompt(shots)
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).

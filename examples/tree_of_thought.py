@@ -80,6 +80,8 @@ def main(url="http://127.0.0.1:30000", question=QUESTION, widths=(2, 2), max_tok
          temperature=0.0, quiet=False):
     if len(widths) < 1 or min(widths) < 1:
         raise ValueError(f"widths {tuple(widths)}: at least one level, each of at least 1 branch")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be at least 1")
     sgl.set_default_backend(connect(url))
     # Argument names of an sgl.function must not collide with `.run()`'s own (n, temperature, ...).
     state = tree_of_thought.run(question=question, widths=tuple(widths), max_tokens=max_tokens,

@@ -8,6 +8,7 @@ output survives any terminal or CI log.
 from __future__ import annotations
 
 import argparse
+import http.client
 import math
 import os
 import sys
@@ -85,7 +86,10 @@ def connect(url: str):
     url = url.rstrip("/")  # SGLang appends "/get_model_info": a trailing slash would ask for "//get_model_info"
     if "://" not in url:  # host:port, as curl takes it (urllib said "unknown url type", as if no server were there)
         url = f"http://{url}"
-    host = urllib.parse.urlsplit(url).hostname
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError as e:  # an unclosed IPv6 bracket
+        raise SystemExit(f"--url {url}: not a URL ({e})") from None
     if host in ("127.0.0.1", "localhost", "::1"):
         # A server on this machine is reached directly: with http_proxy set (and it not in no_proxy) sglang.lang's
         # requests went to the proxy, and "no SGLang server answers" was said of a running one. Both variables get
@@ -102,6 +106,8 @@ def connect(url: str):
                          "`python -m sglang_deft.launch_server --model-path MODEL --decode-attention-backend deft "
                          "--grammar-backend none` "
                          "(or `make demo`, which starts one and runs tree_of_thought.py), or pass --url") from None
+    except http.client.InvalidURL as e:  # a port that is not a number (not a ValueError)
+        raise SystemExit(f"--url {url}: not a URL ({e})") from None
     except (RuntimeError, ValueError) as e:  # an HTTP error status or a body that is not SGLang's JSON
         raise SystemExit(f"the server at {url} does not answer GET /get_model_info as an SGLang server does "
                          f"({str(e)[:200]}): is --url an SGLang server's address?") from None

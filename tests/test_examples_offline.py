@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -332,10 +333,22 @@ def test_no_server_and_a_negative_temperature_are_clear_errors():
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number >= 0"):
             tree_view.temperature_arg(bad)
+    for url, why in (("http://127.0.0.1:abc", "nonnumeric port"), ("http://[::1", "Invalid IPv6 URL")):
+        with pytest.raises(SystemExit, match=rf"--url {re.escape(url)}: not a URL \({why}"):
+            tree_view.connect(url)  # were tracebacks: http.client's InvalidURL, urlsplit's ValueError
+    # Through the Python API, past the command lines' checks (best_of_n's n=0 ended in max() of nothing).
     tot = load_example("tree_of_thought")
-    for widths in ((), (2, 0)):  # through the Python API, past --widths' parser
+    for widths in ((), (2, 0)):
         with pytest.raises(ValueError, match="each of at least 1 branch"):
             tot.main("http://127.0.0.1:1", widths=widths)
+    with pytest.raises(ValueError, match="max_tokens=0: must be at least 1"):
+        tot.main("http://127.0.0.1:1", max_tokens=0)
+    for kwargs in ({"n": 0}, {"max_tokens": 0}, {"answer_tokens": 0}):
+        with pytest.raises(ValueError, match="each must be at least 1"):
+            load_example("best_of_n").main("http://127.0.0.1:1", **kwargs)
+    for kwargs in ({"n": 0}, {"max_tokens": 0}, {"shots": -3}):
+        with pytest.raises(ValueError, match="n and max_tokens must be at least 1, shots at least 0"):
+            load_example("few_shot_parallel_sampling").main("http://127.0.0.1:1", **kwargs)
 
 
 def test_a_local_ipv6_server_is_reached_past_a_proxy_too(monkeypatch):
