@@ -1130,7 +1130,7 @@ def select_cases(args) -> list[Case]:
         return list(profile)
     if not args.smoke:
         profile += HEAD_DIM_CASES + GEMMA3_CASES + LOW_CONCURRENCY_CASES + LANG_8B_CASES
-    keys = args.cases.split(",")
+    keys = [k.strip() for k in args.cases.split(",") if k.strip()]  # as --tag's and bench_kernels' --cases take them
     unknown = sorted(set(keys) - {c.key for c in profile})
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; known: {[c.key for c in profile]}")

@@ -578,9 +578,8 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     gm = report.get("geomean_speedup_design_shared")
     n_design = sum(1 for r in rows if r.get("design_shared"))
-    kv = "" if meta.get("kv_dtype", "same") == "same" else f", KV cache {meta['kv_dtype']}"
-    kv += f", logit cap {meta['logit_cap']:g}" if meta.get("logit_cap") else ""
-    out = [f"# Tree decode attention, {meta['gpu']} ({meta['dtype']}{kv}), {meta['date']}, commit {meta['commit']}", "",
+    out = [f"# Tree decode attention, {meta['gpu']} ({REPORT_FILES.precision_label(meta)}), {meta['date']}, "
+           f"commit {meta['commit']}", "",
            "Median µs of one decode-attention step (p20/p80 in the JSON). floor = unique KV bytes (+q, out) / "
            f"measured copy rate {_fmt(meta['copy_gbps'], 0)} GB/s; FLOP floor = FLOPs / measured {meta['dtype']} "
            f"matmul rate {_fmt(meta['matmul_tflops'], 0)} TFLOP/s. ᵉ = timed eagerly (not capturable in a CUDA graph); "
@@ -656,13 +655,16 @@ def pool_dtype(args) -> torch.dtype:
     return KV_DTYPES.get(args.kv_dtype, getattr(torch, args.dtype))
 
 
-def subset_suffix(args) -> str:
-    """The default file name's part for a run of some cases (--cases other than 'all', --quick): it replaced a whole
-    run's kernels_<card>.json under the same name."""
+def run_suffix(args) -> str:
+    """The default file name's part for a run other than the whole bf16 one: another --dtype, an fp8 --kv-dtype, a
+    --logit-cap, some cases (--cases other than 'all', --quick). Each of them wrote kernels_<card>.json over a whole
+    run's under the same name."""
     keys = [] if args.cases == "all" else [k.strip() for k in args.cases.split(",") if k.strip()]
     if args.quick and keys == list(T.quick_cases()):  # --quick's own cases (parse_args put them in --cases)
         keys = []
-    return ("_quick" if args.quick else "") + "".join(f"_{k}" for k in keys)
+    settings = ([args.dtype] if args.dtype != "bfloat16" else []) + (
+        [args.kv_dtype] if args.kv_dtype != "same" else []) + ([f"cap{args.logit_cap:g}"] if args.logit_cap else [])
+    return "".join(f"_{s}" for s in settings) + ("_quick" if args.quick else "") + "".join(f"_{k}" for k in keys)
 
 
 def parse_args(argv=None):
@@ -672,7 +674,8 @@ def parse_args(argv=None):
                          "benchmarks/results by hand)")
     ap.add_argument("--tag", default=None,
                     help="file name tag: kernels_<tag>.json/.md (default: the GPU's, h200 or h100 ..., as nvidia-smi "
-                         "names it; cpu with --device cpu; then the --cases asked for, or _quick, unless all)")
+                         "names it; cpu with --device cpu; then --dtype unless bfloat16, --kv-dtype's fp8, _cap<--logit-cap>, and "
+                         "the --cases asked for, or _quick, unless all)")
     ap.add_argument("--commit", default=None, help="git commit to record (else $DEFT_COMMIT, else git describe --always --dirty)")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case keys (see --list), or 'all', or 'design' (DESIGN.md's six), "
@@ -970,7 +973,7 @@ def main(argv=None) -> int:
     if args.tag is None:
         # torch.device parses "cuda:1" without a CUDA context (an isolating parent must not create one)
         args.tag = _load_sibling("card_tag").card_tag(index=torch.device(args.device).index or 0) if want_cuda else "cpu"
-        args.tag += subset_suffix(args)
+        args.tag += run_suffix(args)
     isolated = not args.child and (args.isolate == "yes" or (args.isolate == "auto" and want_cuda))
     device = torch.device(args.device)  # (an isolating parent never touches it: no context next to the child's)
     dtype = getattr(torch, args.dtype)

@@ -20,6 +20,9 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report_files import precision_label  # noqa: E402  (stdlib imports only at its top)
+
 ORDER = ["deft", "flashinfer_decode", "flashinfer_decode_cc", "flashinfer_cascade", "sglang_triton", "torch_paged", "torch_cascade"]
 LABEL = {
     "deft": "DeFT (ours)",
@@ -91,7 +94,7 @@ def plot(report: dict, out: Path) -> None:
     ymin = min([x for x in lows if x] or [1.0])
     ax.set_ylim(max(ymin / 2, 1e-3), ymax * 3)
     gm = report.get("geomean_speedup_design_shared")
-    title = (f"Tree decode attention on {meta['gpu']} ({meta['dtype']}, "
+    title = (f"Tree decode attention on {meta['gpu']} ({precision_label(meta)}, "
              f"{rows[0]['num_qo_heads'] if rows else '?'} q / {rows[0]['num_kv_heads'] if rows else '?'} kv heads "
              f"unless noted), {meta['date'][:10]}, {str(meta['commit'])[:12]}")
     sub = "red numbers: DeFT speedup over the best correct baseline"

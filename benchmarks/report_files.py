@@ -41,3 +41,14 @@ def commit_label(given: str | None = None) -> str:
                               timeout=30, check=True).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def precision_label(meta: dict) -> str:
+    """A kernel report's precision as its table and plot title name it: the dtype, and an fp8 KV cache and a logit cap
+    where the run had them (a plot that named only the dtype read as the plain bf16 run)."""
+    label = meta["dtype"]
+    if meta.get("kv_dtype", "same") != "same":
+        label += f", KV cache {meta['kv_dtype']}"
+    if meta.get("logit_cap"):
+        label += f", logit cap {meta['logit_cap']:g}"
+    return label

@@ -178,6 +178,8 @@ def test_head_dim_cases_only_by_name():
     assert args[args.index("--model-path") + 1] == str(b.MODELS["cuda"]["8b"].path)
     with pytest.raises(SystemExit, match="unknown cases"):
         b.select_cases(b.parse_args(["--smoke", "--cases", "p4k_64_d256"]))
+    # Spaces and a trailing comma, as the other benchmarks' --cases take them (were "unknown cases [' ...']")
+    assert b.select_cases(b.parse_args(["--cases", "p4k_64_d256, nosharing_d256,"])) == cases
 
 
 @pytest.mark.parametrize("argv, message", [

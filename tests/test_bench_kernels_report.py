@@ -458,11 +458,15 @@ def test_sglang_triton_over_an_fp8_cache_is_allowed_its_rounding_of_p(ctx, monke
 
 @pytest.mark.parametrize("argv, suffix", [([], ""), (["--cases", "p16k_64, spec"], "_p16k_64_spec"), (["--quick"], "_quick"),
                                           (["--quick", "--cases", "p16k_64"], "_quick_p16k_64"),
-                                          (["--cases", "all"], "")])
-def test_a_run_of_some_cases_is_named_for_them(argv, suffix):
+                                          (["--cases", "all"], ""), (["--kv-dtype", "fp8_e4m3"], "_fp8_e4m3"),
+                                          (["--logit-cap", "50"], "_cap50"), (["--dtype", "float16"], "_float16"),
+                                          (["--dtype", "float16", "--logit-cap", "30.5", "--cases", "spec"],
+                                           "_float16_cap30.5_spec")])
+def test_a_run_other_than_the_whole_bf16_one_is_named_for_what_differs(argv, suffix):
     """Without --tag a run of some cases wrote kernels_<card>.json over a whole run's; --quick with --cases over a whole
-    --quick run's; and a key written with a space gave a file name with one."""
-    assert BENCH.subset_suffix(BENCH.parse_args(argv)) == suffix
+    --quick run's; a key written with a space gave a file name with one; and an fp8, capped or fp16 run wrote the
+    bf16 run's file."""
+    assert BENCH.run_suffix(BENCH.parse_args(argv)) == suffix
 
 
 def test_quick_keeps_the_timing_asked_for():

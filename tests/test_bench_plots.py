@@ -78,6 +78,16 @@ def test_kernel_plot_draws_the_json(tmp_path, drawn):
     assert "3.00x" in texts and "skipped" in texts and sum(t.endswith("x") and t[0].isdigit() for t in texts) == 1
 
 
+def test_kernel_plot_title_names_an_fp8_cache_and_a_logit_cap(tmp_path, drawn):
+    """An fp8 or capped run's plot was titled with the dtype alone, as if it were the plain bf16 run."""
+    report = kernel_report()
+    report["metadata"].update(kv_dtype="fp8_e4m3", logit_cap=50.0)
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(report))
+    assert load("plot_kernels").main([str(path)]) == 0
+    assert "(bfloat16, KV cache fp8_e4m3, logit cap 50, " in drawn[0].axes[0].get_title()
+
+
 def test_kernel_plot_refuses_a_json_that_is_no_report(tmp_path, capsys):
     """benchmarks/results/kernels_h100_logit_cap.json, a summary, matches the plot's file names: a bare KeyError."""
     path = tmp_path / "kernels_summary.json"

@@ -303,7 +303,7 @@ def test_bench_script_runs_on_cpu(tmp_path):
     assert not (tmp_path / "kernels_h200.json").exists()  # a CPU run is tagged cpu: it never replaces the GPU's
     # a run of some cases is named for them: it never replaces a whole run's file
     assert not (tmp_path / "kernels_cpu.json").exists()
-    report = json.loads((tmp_path / "kernels_cpu_spec.json").read_text())
+    report = json.loads((tmp_path / "kernels_cpu_float32_spec.json").read_text())
     assert report["metadata"]["complete"] and report["metadata"]["commit"] == "test"
     rows = {r["key"]: r for r in report["cases"]}
     assert set(rows) == {"spec"}
@@ -313,7 +313,7 @@ def test_bench_script_runs_on_cpu(tmp_path):
             assert field in r
         assert r["floor_us"] > 0 and r["torch_paged_ok"] and r["torch_cascade_ok"]
         assert r["best_baseline"] is None  # debug providers are never a baseline
-    assert "| spec: prefix 2k" in (tmp_path / "kernels_cpu_spec.md").read_text()
+    assert "| spec: prefix 2k" in (tmp_path / "kernels_cpu_float32_spec.md").read_text()
 
 
 def _child_stopped_after_one_case(monkeypatch, stop: str):
@@ -345,7 +345,7 @@ def test_a_stopped_isolated_run_keeps_what_its_child_measured(tmp_path, monkeypa
     with pytest.raises(raised):
         BENCH.main(["--device", "cpu", "--dtype", "float32", "--isolate", "yes", "--providers", "torch_paged",
                     "--cases", "spec,p4k_16", "--out", str(tmp_path), "--commit", "test"])
-    report = json.loads((tmp_path / "kernels_cpu_spec_p4k_16.json").read_text())
+    report = json.loads((tmp_path / "kernels_cpu_float32_spec_p4k_16.json").read_text())
     assert not report["metadata"]["complete"]
     assert [r["key"] for r in report["cases"]] == ["p4k_16"]  # the first case; spec, never begun, is left out
     assert report["cases"][0]["providers"]["torch_paged"]["median_us"] == 5.0
@@ -359,7 +359,7 @@ def test_bench_exits_1_when_deft_fails_its_check(tmp_path, monkeypatch):
                      "--providers", "deft,torch_paged", "--cases", "spec", "--cpu-reps", "1",
                      "--out", str(tmp_path), "--commit", "test"])
     assert rc == 1
-    report = json.loads((tmp_path / "kernels_cpu_spec.json").read_text())
+    report = json.loads((tmp_path / "kernels_cpu_float32_spec.json").read_text())
     assert BENCH.failed_deft_cells(report) == ["spec (failed_check)"]
     # a case whose deft cell is not there at all (the isolating parent rebuilds a row the child never wrote) fails too
     del report["cases"][0]["providers"]["deft"]
