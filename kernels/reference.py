@@ -144,8 +144,6 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
         raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} (or float32) on {q.device}; got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     B, Hq, D = q.shape
-    Hkv = k_buffer.shape[1]
-    group = Hq // Hkv
     device = q.device
     if isinstance(plan, KVTree):
         plan = plan_reference(plan, device)
@@ -156,13 +154,9 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
     m = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=device)  # running max
     s = torch.zeros(B, Hq, dtype=torch.float32, device=device)  # running sum of exp
     acc = torch.zeros(B, Hq, D, dtype=torch.float32, device=device)
-    qf = q.float()
-    for slots, qi in plan.groups:
+    for slots, qi, scores in _group_scores(q, k_buffer, plan, sm_scale, logit_cap, k_scale):
         n = qi.numel()
-        k = k_buffer[slots].float() * k_scale  # [L, Hkv, D], loaded once for the whole group
         v = v_buffer[slots].float() * v_scale
-        qg = qf[qi].view(n, Hkv, group, D)
-        scores = _soft_cap(torch.einsum("nhgd,lhd->nhgl", qg, k) * sm_scale, logit_cap)
         node_max = scores.amax(dim=-1)  # [n, Hkv, G]
         p = torch.exp(scores - node_max[..., None])
         node_sum = p.sum(-1).view(n, Hq)
@@ -181,6 +175,32 @@ def tree_decode_reference(q, k_buffer, v_buffer, plan: KVTree | ReferencePlan, s
         out = torch.empty_like(q)
     out.copy_(result.to(out.dtype))
     return out
+
+
+def _group_scores(q, k_buffer, plan: ReferencePlan, sm_scale: float, logit_cap: float, k_scale: float):
+    """Per node with KV: its slots, the queries below it and their fp32 scores [n, Hkv, group, L] (capped), each
+    node's K loaded once for all of them."""
+    Hkv, D = k_buffer.shape[1], q.shape[2]
+    qf = q.float()
+    for slots, qi in plan.groups:
+        k = k_buffer[slots].float() * k_scale  # [L, Hkv, D]
+        qg = qf[qi].view(qi.numel(), Hkv, -1, D)
+        yield slots, qi, _soft_cap(torch.einsum("nhgd,lhd->nhgl", qg, k) * sm_scale, logit_cap)
+
+
+def max_abs_score(q, k_buffer, plan: KVTree | ReferencePlan, sm_scale: float, logit_cap: float = 0.0,
+                  k_scale: float = 1.0) -> torch.Tensor:
+    """The largest |score| (scaled, capped) any query gives a token of its path, a 0-dim fp32 tensor on q's device (0
+    without KV). Rounding a score s in float32 moves its softmax weight by about |s| roundoffs, so a float32 kernel's
+    (and this reference's) error grows with it: the kernel check's float32 bound does."""
+    _check_shapes(q, k_buffer, k_buffer)
+    if isinstance(plan, KVTree):
+        plan = plan_reference(plan, q.device)
+    _check_slot_range(plan.slot_range, k_buffer.shape[0])
+    best = torch.zeros((), dtype=torch.float32, device=q.device)
+    for _, _, scores in _group_scores(q, k_buffer, plan, sm_scale, logit_cap, k_scale):
+        best = torch.maximum(best, scores.abs().amax())
+    return best
 
 
 def plan_kv_reads(plan) -> list[list[int]]:

@@ -881,7 +881,8 @@ def model_base_args(name: str, spec: dict, args) -> list[str]:
 
 # Kernel check (sglang_deft.kernel_check): the deft server's Triton output against the fp32
 # reference on the same inputs, the first layer of each kind of every N-th eager step. Tolerance
-# (kernel_check.allowed_diff): two roundings of the output to the model's dtype at its magnitude.
+# (kernel_check.allowed_diff): two roundings of the output to the model's dtype at its magnitude (and, in float32, of
+# the step's largest score).
 def kernel_check_summary(deft_log: str) -> dict | None:
     """The deft server's kernel-check lines, summarised; None when it logged none (CPU: reference path)."""
     from sglang_deft.kernel_check import allowed_diff, parse_kernel_check_lines, tolerance_ratio, within_tolerance
@@ -901,10 +902,11 @@ def kernel_check_summary(deft_log: str) -> dict | None:
             "ranks": len({r.get("rank", 0) for r in rows}), "max_abs_diff": max(r["max_abs_diff"] for r in rows),
             "max_abs_out": max(r["max_abs_out"] for r in rows), "dtype": worst["dtype"],
             "max_row_rel_diff": max((r["max_row_rel_diff"] for r in rows if "max_row_rel_diff" in r), default=None),
-            "worst": {k: worst[k] for k in ("step", "layer", "max_abs_diff", "max_abs_out", "max_row_rel_diff")
-                      if k in worst},
+            "worst": {k: worst[k] for k in ("step", "layer", "max_abs_diff", "max_abs_out", "max_row_rel_diff",
+                                            "max_abs_score") if k in worst},
             "worst_tolerance_ratio": ratios[at],  # its difference over its allowance, batch's or row's
-            "allowed": allowed_diff(worst["dtype"], worst["max_abs_out"]),  # the worst check's own allowance
+            # the worst check's own allowance
+            "allowed": allowed_diff(worst["dtype"], worst["max_abs_out"], worst.get("max_abs_score", 0.0)),
             "within_tolerance": all(within), "outside_tolerance": within.count(False)}
 
 

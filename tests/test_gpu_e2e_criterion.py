@@ -330,6 +330,13 @@ def test_kernel_check_summary_states_its_tolerance():
     assert ok["allowed"] == pytest.approx(2 * 2 ** -8 * 2.0) and ok["within_tolerance"]
     assert not g.kernel_check_summary(line.format(16, 0.5))["within_tolerance"]  # a wrong attention
     assert g.kernel_check_summary("no check lines") is None
+    # A float32 check's allowance grows with the step's largest |score| (its rounding moves the weights by |s|
+    # roundoffs): 3x past 2^-20 of |out| alone, within it at scores to 60.
+    fp32 = "DeFT kernel check: step=1 layer=0 queries=4 max_abs_diff=1.2e-5 max_abs_out=2.0 {}dtype=float32"
+    assert not g.kernel_check_summary(fp32.format(""))["within_tolerance"]
+    scored = g.kernel_check_summary(fp32.format("max_abs_score=60 "))
+    assert scored["within_tolerance"] and scored["worst"]["max_abs_score"] == 60
+    assert scored["allowed"] == pytest.approx(2 * (2 ** -20 + 60 * 2 ** -22) * 2.0)
 
 
 def test_stage1_kernels_reads_the_kernels_own_log_line(caplog, monkeypatch):
