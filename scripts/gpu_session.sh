@@ -267,6 +267,8 @@ end_servers_and_bundle_logs() {
 phase_e2e() {
   local models=$1 logs=/tmp/gpu_e2e_logs rc budget
   rm -rf "$logs" && mkdir -p "$logs"
+  # An earlier run's JSON in $OUT would be summarised below as this run's if this one stopped before its first save.
+  rm -f "$OUT/gpu_e2e.json"
   budget=$(limit 30)  # leaves time for the cleanup and the log bundle
   say "gpu_e2e.py --models $models --budget-s $budget"
   timeout -k 15 $(( budget + 15 )) python3 scripts/gpu_e2e.py --out "$OUT" --log-dir "$logs" --models "$models" \
@@ -305,6 +307,7 @@ phase_bench_e2e() {
   # Files back: e2e_<tag>.json, e2e_<tag>.md, e2e_<tag>.png, bench_e2e_logs.tar.gz, session_bench-e2e.log.
   local logs=/tmp/bench_e2e_logs tag=${BENCH_E2E_TAG:-$GPU_TAG} rc budget t=$SECONDS
   rm -rf "$logs" && mkdir -p "$logs"
+  rm -f "$OUT/e2e_$tag.json" "$OUT/e2e_$tag.md" "$OUT/e2e_$tag.png"  # (as phase_e2e's: never an earlier run's)
   budget=$(limit 45)  # leaves time for the cleanup, the plot and the log bundle
   say "bench_e2e.py --budget-s $budget"
   timeout -k 15 $(( budget + 15 )) python3 benchmarks/bench_e2e.py --out "$OUT" --log-dir "$logs" --tag "$tag" \
