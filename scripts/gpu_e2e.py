@@ -1147,8 +1147,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="deft vs SGLang's triton and flashinfer decode on the GPU, same requests")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_e2e_out")))
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default OUT/logs)")
-    p.add_argument("--models", default="tiny,8b",
-                   help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--models", default=None,
+                   help="comma-separated: " + ", ".join(MODELS) + " (default tiny,8b; tiny with --device cpu, which "
+                        "runs the tiny models only)")
     p.add_argument("--tiny-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="float16 (default) rounds 8x finer than bfloat16: a narrower noise band (module docstring)")
     p.add_argument("--noise-backends", default=None,
@@ -1237,10 +1238,15 @@ def main(argv=None) -> int:
     if args.make_overlay is not None:
         print(make_overlay(args.make_overlay))
         return 0
-    names = [n for n in args.models.split(",") if n]
+    names = [n for n in (args.models or ("tiny" if args.device == "cpu" else "tiny,8b")).split(",") if n]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         print(f"gpu_e2e.py: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    too_large = [n for n in names if args.device == "cpu" and not MODELS[n].get("sharp")]
+    if too_large:  # (were left out without a word, and the run reported complete)
+        print(f"gpu_e2e.py: --device cpu runs the tiny models only, not {', '.join(too_large)} (Llama-3-8B's shape: "
+              "16 GB of dummy bfloat16 weights, GPU-sized); drop it from --models", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
     clock = Clock()
@@ -1251,8 +1257,6 @@ def main(argv=None) -> int:
     (log_dir / "server_pgids.txt").write_text("")
     env, cwd = importable_package_env()
     env["SGLANG_DEFT_VERIFY_EVERY"] = str(args.kernel_check_every)  # read by the deft server only
-    if args.device == "cpu":
-        names = [n for n in names if MODELS[n].get("sharp")]
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **device_info(args.commit),

@@ -660,13 +660,18 @@ def test_model_run_workload_seeds(tmp_path):
             g.parse_args(argv)
 
 
-def test_a_run_that_checks_no_model_is_not_ok(tmp_path, monkeypatch):
-    """--device cpu keeps only the tiny models: asked for 8b alone, nothing runs, and that must not pass."""
+def test_a_run_that_checks_no_model_is_not_ok(tmp_path, monkeypatch, capsys):
+    """A run with no model to check must not pass; --device cpu runs the tiny models only, and a GPU-sized one asked
+    for there is refused by name (it was left out without a word, and tiny,8b reported ok and complete)."""
     monkeypatch.setattr(g.signal, "signal", lambda *a: None)  # main's SIGTERM handler: not in pytest's process
     monkeypatch.setattr(g, "importable_package_env", lambda: (dict(g.os.environ), tmp_path))
-    assert g.main(["--out", str(tmp_path), "--device", "cpu", "--models", "8b"]) == 1
+    assert g.main(["--out", str(tmp_path), "--device", "cpu", "--models", ","]) == 1
     report = g.json.loads((tmp_path / "gpu_e2e.json").read_text())
     assert report["models"] == {} and report["complete"] is False and report["ok"] is False
+    (tmp_path / "gpu_e2e.json").unlink()
+    assert g.main(["--out", str(tmp_path), "--device", "cpu", "--models", "tiny,8b"]) == 2
+    assert "--device cpu runs the tiny models only, not 8b" in capsys.readouterr().err
+    assert not (tmp_path / "gpu_e2e.json").exists()
 
 
 @pytest.mark.parametrize("with_noise", [True, False], ids=["relative", "absolute"])
