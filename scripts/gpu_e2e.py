@@ -604,6 +604,9 @@ class Launched:
     ready_s: float | None = None
 
 
+KILLED_WAIT_S = 60  # as ServerProcess.stop waits for a launcher after its SIGKILL
+
+
 @dataclass
 class Fleet:
     """Every server this run started, so that all are stopped on any exit (SIGTERM included)."""
@@ -654,7 +657,10 @@ class Fleet:
                     os.killpg(x.server.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                x.server.proc.wait()
+                try:  # only a launcher stuck in the kernel (a GPU driver's teardown) is still here: not forever
+                    x.server.proc.wait(timeout=KILLED_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    self.clock.note(f"{x.server.name} survived SIGKILL for {KILLED_WAIT_S:.0f}s; not waiting for it")
         # The launcher's children (scheduler, detokenizer) share its process group and may outlive it by a
         # moment; the next model's servers should not start beside them.
         groups = [x.server.proc.pid for x in alive]

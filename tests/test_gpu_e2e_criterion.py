@@ -940,3 +940,39 @@ def test_the_sglang_lang_program_ends_when_a_server_stops_answering_mid_program(
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_stopping_a_launcher_that_survives_sigkill_does_not_wait_forever(tmp_path, monkeypatch):
+    """Fleet.stop waited on a SIGKILLed launcher without a limit: one stuck in a GPU driver's teardown hung the run
+    until the session's timeout, and the models after it never ran. It waits KILLED_WAIT_S, as ServerProcess does."""
+    import subprocess
+
+    # A real process group for the signals: a sleep left behind by a shell that has exited (and been reaped), so
+    # that the group ends when the sleep does.
+    shell = subprocess.Popen(["sh", "-c", "sleep 600 &"], start_new_session=True)
+    shell.wait()
+
+    class StuckProc:  # the launcher's Popen, never reaped: SIGTERM and SIGKILL leave it "running"
+        pid = shell.pid
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            if timeout is None:
+                raise AssertionError("an unbounded wait on a launcher that survived SIGKILL")
+            raise subprocess.TimeoutExpired("launcher", timeout)
+
+    monkeypatch.setattr(g, "KILLED_WAIT_S", 0.1)
+    fleet = g.Fleet(env={}, cwd=tmp_path, log_dir=tmp_path, clock=g.Clock())
+    fleet.running.append(g.Launched("deft", "deft", SimpleNamespace(name="tiny-deft", proc=StuckProc(),
+                                                                    stop=lambda: None), 0.0))
+    t0 = g.time.monotonic()
+    try:
+        fleet.stop_all()
+    finally:
+        try:
+            os.killpg(shell.pid, g.signal.SIGKILL)  # (whatever stop_all did not end)
+        except ProcessLookupError:
+            pass
+    assert fleet.running == [] and g.time.monotonic() - t0 < 10
