@@ -1018,6 +1018,8 @@ class ModelRun:
                     return False
 
     def run(self, deadline: float, save) -> None:
+        """Wait for the servers, run the workloads, judge; ``save(interrupted=None)`` writes the report (partial
+        results as they come; with the exception that stopped the run, the report marked interrupted first)."""
         clock, spec, result = self.fleet.clock, self.spec, self.result
         remaining = lambda: deadline - time.monotonic()  # noqa: E731
         try:
@@ -1125,6 +1127,11 @@ class ModelRun:
                                                  "model and was not started)")
         except Exception:
             result.update(ok=False, error=traceback.format_exc())
+        except BaseException as e:  # SIGTERM (SystemExit) or Ctrl-C mid-model: saved before this model's servers
+            # stop below (up to 30 s, past gpu_session.sh's 15 s grace), not after, as main's handler alone did
+            result.update(ok=False, interrupted=f"{type(e).__name__}: {e}")
+            save(e)
+            raise
         finally:
             start = time.monotonic()
             self.fleet.stop(list(self.launched.values()))
@@ -1285,7 +1292,11 @@ def main(argv=None) -> int:
     }
     out_json = args.out / "gpu_e2e.json"
 
-    def save():
+    def save(interrupted: BaseException | None = None):
+        """The report as it stands; with ``interrupted`` (SIGTERM's SystemExit, Ctrl-C), first marked as stopped by it."""
+        if interrupted is not None and not report.get("interrupted"):
+            report.update(ok=False, complete=False, interrupted=f"{type(interrupted).__name__}: {interrupted}")
+            clock.note(f"interrupted ({type(interrupted).__name__})")
         report["wall_s"] = round(clock.elapsed(), 1)
         write_replacing(out_json, json.dumps(report, indent=2))
 
@@ -1320,9 +1331,7 @@ def main(argv=None) -> int:
             run.run(deadline, save)
             save()
     except BaseException as e:  # SIGTERM (SystemExit) or Ctrl-C: keep what was measured, say why it stopped
-        report.update(ok=False, complete=False, interrupted=f"{type(e).__name__}: {e}")
-        clock.note(f"interrupted ({type(e).__name__})")
-        save()  # before the servers' stop, which may outlast the caller's grace (up to 30 s)
+        save(e)  # before the servers' stop, which may outlast the caller's grace (up to 30 s)
         raise
     finally:
         fleet.stop_all()

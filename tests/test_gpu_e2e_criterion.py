@@ -574,6 +574,36 @@ def model_run(tmp_path, deft, ref=None, noise=True, argv=(), deadline_s=600, sha
     return result
 
 
+def test_a_model_interrupted_mid_workload_is_saved_as_such_before_its_servers_stop(tmp_path):
+    """SIGTERM (gpu_session.sh's timeout) mid-model: the report was marked interrupted only by main's handler, after
+    this model's servers had stopped (up to 30 s, past the caller's 15 s grace before SIGKILL), so a killed run's
+    JSON said nothing of it."""
+    class Terminated(FakeModelServer):
+        def generate(self, payload, timeout_s=None):
+            raise SystemExit(143)
+
+    events, report = [], {}
+
+    class Fleet(FakeFleet):
+        def stop(self, items):
+            events.append("stop")
+            super().stop(items)
+
+    def save(interrupted=None):
+        events.append(("save", type(interrupted).__name__ if interrupted else None))
+        report.update(result)
+
+    args = g.parse_args(["--out", str(tmp_path)])
+    result = {}
+    run = g.ModelRun("tiny", SMALL, Fleet(), args, result)
+    run.launched = {role: g.Launched(role, role, Terminated() if role == "deft" else FakeModelServer(), t0=0.0,
+                                     ready_s=1.0) for role in ("triton", "noise", "deft")}
+    with pytest.raises(SystemExit):
+        run.run(deadline=g.time.monotonic() + 600, save=save)
+    assert events[-2:] == [("save", "SystemExit"), "stop"]
+    assert report["ok"] is False and report["interrupted"] == "SystemExit: 143"
+
+
 def test_model_run_verdict(tmp_path):
     good = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING))
     assert good["ok"], good.get("error") or good["workloads"]
