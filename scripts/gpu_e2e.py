@@ -1006,6 +1006,9 @@ class ModelRun:
                 self.result.setdefault("server_errors", []).append(
                     {"role": role, "decode_backend": launched.backend, "error": str(e)[-3000:]})
                 self.fleet.clock.note(f"{launched.server.name} FAILED", time.monotonic() - launched.t0)
+                if deadline - time.monotonic() < 1:  # no retry or fallback started past the wait's budget
+                    self.result["server_errors"][-1]["budget_spent"] = True
+                    port_taken, self.noise_queue = False, []
                 if port_taken and role not in self.retried:
                     self.retried.add(role)
                     self.launch(role, launched.backend)
@@ -1029,6 +1032,14 @@ class ModelRun:
             for role in ("triton", "noise", "deft"):
                 if role in self.launched:
                     timeout = min(self.args.startup_timeout, remaining() - 30)
+                    if timeout < 1 and self.launched[role].ready_s is None:
+                        # Waits of a second each (and fallback noise servers started past the deadline) failed it
+                        # as "no noise server served", the budget unnamed: it is skipped for the budget, by name.
+                        result.update(ok=False, skipped=(
+                            f"{remaining():.0f}s of the budget left with its {role} server still starting: run it "
+                            f"on its own (--models {self.name})"))
+                        clock.note(f"{self.name} skipped", extra=result["skipped"])
+                        return
                     if role == "noise" and not self.wait_role(role, timeout):
                         clock.note(f"{self.name}: no noise server; absolute criterion only")
                     elif role != "noise":
@@ -1122,6 +1133,8 @@ class ModelRun:
                 # starting when the budget's timeout came): the absolute check alone is not what the run is for.
                 result["ok"] = False
                 result["not_ok_because"] = "no noise server served: the relative criterion was not applied"
+                if any(e.get("budget_spent") for e in result.get("server_errors", [])):
+                    result["not_ok_because"] += " (the run's budget ran out while it started)"
                 if result.get("noise_not_queued"):
                     result["not_ok_because"] += (f" ({', '.join(result['noise_not_queued'])} cannot serve this "
                                                  "model and was not started)")

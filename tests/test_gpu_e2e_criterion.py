@@ -604,6 +604,41 @@ def test_a_model_interrupted_mid_workload_is_saved_as_such_before_its_servers_st
     assert report["ok"] is False and report["interrupted"] == "SystemExit: 143"
 
 
+def test_a_model_whose_servers_are_still_starting_when_the_budget_ends_is_skipped_for_it(tmp_path):
+    """With --parallel all no model was skipped for the budget: a late one got waits of 1 s, its noise server failed
+    "not ready after 1s", the next noise backend was started past the deadline, and the model failed as "no noise
+    server served", the budget unnamed. Now it is skipped (the run incomplete), its servers stopped, none started."""
+    class Starting(FakeModelServer):
+        def wait_ready(self, timeout_s):
+            raise AssertionError("waited on a server with the budget spent")
+
+    args = g.parse_args(["--out", str(tmp_path), "--noise-backends", "flashinfer,torch_native"])
+    fleet, result = FakeFleet(), {}
+    fleet.launch = lambda *a, **k: pytest.fail("a server started past the deadline")
+    run = g.ModelRun("tiny", SMALL, fleet, args, result)
+    run.launched = {role: g.Launched(role, role, Starting(), t0=0.0) for role in ("triton", "noise", "deft")}
+    run.run(deadline=g.time.monotonic() + 10, save=lambda interrupted=None: None)
+    assert result["ok"] is False and "budget left with its triton server still starting" in result["skipped"]
+    assert len(fleet.stopped) == 3 and "workloads" not in result
+
+
+def test_no_fallback_noise_server_starts_once_the_wait_is_spent(tmp_path):
+    class Failing(FakeModelServer):
+        name = "tiny-noise-flashinfer"
+
+        def port_taken(self):
+            return False
+
+    args = g.parse_args(["--out", str(tmp_path), "--noise-backends", "flashinfer,torch_native"])
+    fleet, result = FakeFleet(), {}
+    fleet.wait = lambda launched, timeout_s: (_ for _ in ()).throw(TimeoutError("not ready after 1s"))
+    fleet.launch = lambda *a, **k: pytest.fail("a fallback noise server started past the deadline")
+    run = g.ModelRun("tiny", SMALL, fleet, args, result)
+    run.launched = {"noise": g.Launched("noise", "flashinfer", Failing(), t0=0.0)}
+    assert run.wait_role("noise", 0.5) is False
+    assert result["server_errors"][-1]["budget_spent"] is True
+
+
 def test_model_run_verdict(tmp_path):
     good = model_run(tmp_path, FakeModelServer(shift=0.006, log=SHARING))
     assert good["ok"], good.get("error") or good["workloads"]
