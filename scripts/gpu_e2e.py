@@ -35,7 +35,7 @@ Criterion (``relative_verdict``; stated in the report), per workload, against th
   3. every deft divergence is a near-tie at that noise scale: at the first differing step, the two
      tokens' logprobs differ by <= TIE_FACTOR * (the allowed logprob difference of 1.) in both servers
      (two tokens can swap order when each moves by the allowed difference; a token outside the other
-     server's top-10 counts with the smallest gap it could have).
+     server's top-10 is no near-tie there: its gap is unknown, so the divergence fails).
   "flashinfer's" numbers are max(the workload's own, the model's over all its workloads, divergences
   as a rate per request) (``--noise-pool model``): a max over 8-16 requests rests on a handful of rare
   rounding flips, and the model-wide figure is the steadier estimate; it never tightens a workload's.
