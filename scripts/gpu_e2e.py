@@ -1006,13 +1006,13 @@ class ModelRun:
                 self.result.setdefault("server_errors", []).append(
                     {"role": role, "decode_backend": launched.backend, "error": str(e)[-3000:]})
                 self.fleet.clock.note(f"{launched.server.name} FAILED", time.monotonic() - launched.t0)
-                if deadline - time.monotonic() < 1:  # no retry or fallback started past the wait's budget
+                in_time = deadline - time.monotonic() >= 1  # no retry or fallback started past the wait's budget
+                if not in_time:
                     self.result["server_errors"][-1]["budget_spent"] = True
-                    port_taken, self.noise_queue = False, []
-                if port_taken and role not in self.retried:
+                if in_time and port_taken and role not in self.retried:
                     self.retried.add(role)
                     self.launch(role, launched.backend)
-                elif role == "noise" and self.noise_queue:
+                elif in_time and role == "noise" and self.noise_queue:
                     self.launch(role, self.noise_queue.pop(0))
                 else:
                     del self.launched[role]
